@@ -1,0 +1,78 @@
+"""selftune: a PyTorch optimizer wrapper that tunes its own learning rate and momentum.
+
+>>> opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+>>> opt.zero_grad(); loss.backward(); opt.step(loss=loss.detach())
+>>> opt.hyperparams()
+[{'lr': 0.0123, 'momentum': 0.9}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftune.controllers import CONTROLLERS, Controller, Proposal
+from selftune.errors import ConfigError, GuardError, SelfTuneError
+from selftune.guard import GuardConfig
+from selftune.policy import Policy
+from selftune.tuner import Decision, SelfTuned, StepEvent
+
+try:
+    __version__ = metadata.version("selftune")
+except metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+
+def wrap(
+    optimizer: torch.optim.Optimizer,
+    controller: str | Controller = "auto",
+    *,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    max_change: Mapping[str, float] | None = None,
+    frozen: Iterable[str] | None = None,
+    lr_bounds_absolute: bool = False,
+    guard: bool | GuardConfig = True,
+    log_dir: str | Path | None = None,
+    seed: int | None = None,
+    **controller_options: Any,
+) -> SelfTuned:
+    """Wrap ``optimizer`` so that it tunes its own learning rate and momentum while it trains.
+
+    ``controller``: one of :data:`CONTROLLERS` (``"auto"``, ``"hypergradient"``, ``"stability"``,
+    ``"off"``) or a :class:`Controller` instance; ``controller_options`` go to its constructor.
+    ``bounds``, ``max_change`` and ``frozen`` build the :class:`Policy` every decision passes
+    (``bounds["lr"]`` is a pair of factors of the starting rate unless ``lr_bounds_absolute``).
+    ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it).
+    ``log_dir``: write the run's manifest, hash-chained decision log and trace there.
+    """
+    policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
+    return SelfTuned(
+        optimizer,
+        controller,
+        policy=policy,
+        guard=guard,
+        log_dir=log_dir,
+        seed=seed,
+        **controller_options,
+    )
+
+
+__all__ = [
+    "CONTROLLERS",
+    "ConfigError",
+    "Controller",
+    "Decision",
+    "GuardConfig",
+    "GuardError",
+    "Policy",
+    "Proposal",
+    "SelfTuneError",
+    "SelfTuned",
+    "StepEvent",
+    "__version__",
+    "wrap",
+]

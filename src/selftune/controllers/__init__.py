@@ -1,0 +1,37 @@
+"""Controllers, selectable by name.  A new controller is one module and one entry below."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from selftune.controllers.auto import AutoController
+from selftune.controllers.base import Controller, Knobs, Proposal
+from selftune.controllers.hypergradient import HypergradientController
+from selftune.controllers.off import OffController
+from selftune.controllers.stability import StabilityController
+from selftune.errors import ConfigError
+
+CONTROLLERS: dict[str, Callable[..., Controller]] = {
+    "auto": AutoController,
+    "hypergradient": HypergradientController,
+    "stability": StabilityController,
+    "off": OffController,
+}
+
+
+def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
+    """A controller from its registry name (or an instance, returned as is)."""
+    if not isinstance(name, str):
+        if isinstance(name, Controller):
+            return name
+        raise ConfigError(f"controller must be a name or a Controller, got {type(name).__name__}")
+    if name not in CONTROLLERS:
+        raise ConfigError(f"unknown controller {name!r}; choose one of {sorted(CONTROLLERS)}")
+    try:
+        return CONTROLLERS[name](**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad options for controller {name!r}: {err}") from None
+
+
+__all__ = ["CONTROLLERS", "Controller", "Knobs", "Proposal", "make_controller"]

@@ -1,0 +1,43 @@
+"""The controller protocol: what every controller implements, and the record it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from selftune.signals import Signals
+
+#: knob values per param group, e.g. ``[{"lr": 0.01, "momentum": 0.9}]`` (effective values)
+Knobs = list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A controller's wish for one knob of one param group, with the reason in words."""
+
+    group: int
+    knob: str
+    value: float
+    reason: str
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """Turns one step's :class:`~selftune.signals.Signals` into proposed knob values.
+
+    ``propose`` is called once per optimizer step that will be applied, before the update, with
+    the knobs now in force; it returns only the knobs it wants to change.  The policy then clips
+    each proposal.  ``on_backoff`` tells the controller that the guard rolled the run back and cut
+    the rate, so that it does not undo the cut at once.  State must be plain JSON-able values:
+    ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
+    """
+
+    name: str
+
+    def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]: ...
+
+    def on_backoff(self, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

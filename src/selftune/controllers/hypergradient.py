@@ -1,0 +1,99 @@
+"""``hypergradient``: learning rate and momentum by normalised, multiplicative hypergradient descent.
+
+Baydin et al. 2018 ("Online learning rate adaptation with hypergradient descent") update the rate
+additively with ``∂L/∂lr = ⟨g_t, Δθ_{t-1}⟩ / lr``; that step depends on the scale of the loss and
+can drive the rate negative.  Here, as in Chandra et al. 2022 ("Gradient descent: the ultimate
+optimizer") and in the multiplicative variant of Baydin et al., the rate moves in log space by the
+*cosine* of the hypergradient, averaged over about ten steps:
+
+    lr ← lr · exp(κ · ρ),   ρ = EMA⟨−g_t, Δθ_{t-1}⟩ / EMA(‖g_t‖‖Δθ_{t-1}‖) ∈ [−1, 1]
+
+which is free of every scale and stays positive.  A step that reversed the gradient outright
+(instantaneous cosine below −½) is an overshoot that the average would see too late, so it halves
+the rate at once.  Momentum (SGD, RMSprop) and Adam's β1 move the same way in ``1 − μ``, from the
+alignment of the new gradient with the momentum buffer: agreement lengthens the memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from selftune.controllers.base import Knobs, Proposal
+from selftune.controllers.evidence import RatioEMA
+from selftune.signals import Signals
+
+#: an instantaneous cosine below this means the last step jumped across a valley
+REVERSAL = -0.5
+
+
+class HypergradientController:
+    """Normalised multiplicative hypergradient descent on ``lr`` and on momentum / β1.
+
+    ``gain``: log-rate change per step at full agreement (0.05: ×100 in about 90 steps of
+    consistent evidence).  ``momentum_gain``: the same for ``log(1 − μ)``.  ``decay``: memory of
+    the averaged evidence (0.9: about 10 steps).
+    """
+
+    name = "hypergradient"
+
+    def __init__(self, gain: float = 0.05, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
+        self.gain, self.momentum_gain, self.decay = gain, momentum_gain, decay
+        self._lr: list[RatioEMA] = []
+        self._mom: list[RatioEMA] = []
+
+    def _ensure(self, n: int) -> None:
+        while len(self._lr) < n:
+            self._lr.append(RatioEMA(self.decay))
+            self._mom.append(RatioEMA(self.decay))
+
+    def evidence(self, signals: Signals, group: int) -> tuple[float, float]:
+        """Fold this step into the averages; return (ρ for lr, ρ for momentum)."""
+        self._ensure(group + 1)
+        g = signals.groups[group]
+        rho = self._lr[group].update(g.dot_update, g.grad_norm * g.update_norm)
+        rho_m = self._mom[group].update(g.cos_buffer, 1.0)
+        return rho, rho_m
+
+    def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
+        out: list[Proposal] = []
+        for i, k in enumerate(knobs):
+            rho, rho_m = self.evidence(signals, i)
+            g = signals.groups[i]
+            if g.update_norm == 0.0:
+                continue  # no previous update yet: no evidence
+            out.append(self.lr_proposal(i, k["lr"], rho, g.cos_update, self.gain))
+            for name in ("momentum", "beta1"):
+                if name in k and math.isfinite(g.cos_buffer):
+                    out.append(momentum_proposal(i, name, k[name], rho_m, self.momentum_gain))
+        return out
+
+    @staticmethod
+    def lr_proposal(group: int, lr: float, rho: float, cos_now: float, gain: float) -> Proposal:
+        """The hypergradient step on ``lr``, halving at once on an outright reversal."""
+        if cos_now < REVERSAL:
+            return Proposal(
+                group, "lr", lr * 0.5, f"overshoot: the step reversed the gradient (cos {cos_now:.2f})"
+            )
+        verb = "raise" if rho > 0 else "lower"
+        return Proposal(
+            group, "lr", lr * math.exp(gain * rho), f"hypergradient: {verb} (averaged cos {rho:+.3f})"
+        )
+
+    def on_backoff(self, step: int) -> None:
+        for ema in self._lr:
+            ema.num = min(ema.num, 0.0)  # forget the evidence that led into trouble
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": [e.state() for e in self._lr], "momentum": [e.state() for e in self._mom]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._lr = [RatioEMA(**s) for s in state["lr"]]
+        self._mom = [RatioEMA(**s) for s in state["momentum"]]
+
+
+def momentum_proposal(group: int, name: str, value: float, rho: float, gain: float) -> Proposal:
+    """Move ``1 − μ`` multiplicatively: agreement with the buffer lengthens the memory."""
+    new = 1.0 - (1.0 - value) * math.exp(-gain * rho)
+    verb = "lengthen" if rho > 0 else "shorten"
+    return Proposal(group, name, new, f"buffer alignment: {verb} memory (averaged cos {rho:+.3f})")

@@ -1,0 +1,89 @@
+"""The one place that reads and writes hyperparameters in an optimizer's ``param_groups``.
+
+A *knob* is a scalar hyperparameter of one param group: ``lr`` always; ``momentum`` for optimizers
+that keep one (SGD with momentum, RMSprop); ``beta1`` and ``beta2`` for the Adam family, stored by
+torch as ``betas``.  Values may be Python floats or 0-dim tensors (``capturable`` optimizers and
+``torch.compile`` use tensors); a tensor is always written in place with ``fill_`` so that a
+compiled step sees the same tensor and does not recompile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from selftune.errors import ConfigError
+
+#: knobs selftune knows how to read and write, in display order
+ALL_KNOBS = ("lr", "momentum", "beta1", "beta2")
+
+
+def knob_names(group: dict[str, Any]) -> tuple[str, ...]:
+    """The knobs this param group has.
+
+    SGD with ``momentum=0`` has no momentum knob: switching momentum on would change the algorithm
+    the user chose, not tune it.
+    """
+    names = ["lr"]
+    momentum = group.get("momentum")
+    if momentum is not None and float(momentum) > 0.0:
+        names.append("momentum")
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        names += ["beta1", "beta2"]
+    return tuple(names)
+
+
+def check_group(index: int, group: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if a param group cannot be tuned (no ``lr``, non-finite knobs)."""
+    if "lr" not in group:
+        raise ConfigError(
+            f"param group {index} has no 'lr' (keys: {sorted(k for k in group if k != 'params')}); "
+            "selftune tunes optimizers whose param groups hold a learning rate"
+        )
+    for name in knob_names(group):
+        value = read(group, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"param group {index}: {name}={value} is not finite; pass a finite value")
+    if read(group, "lr") <= 0.0:
+        raise ConfigError(f"param group {index}: lr={read(group, 'lr')} must be > 0")
+
+
+def _as_float(value: Any) -> float:
+    # A tensor knob on an accelerator makes this a host sync; knobs are read once per step.
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def read(group: dict[str, Any], name: str) -> float:
+    """The current value of knob ``name`` in ``group`` as a float."""
+    if name in ("beta1", "beta2"):
+        return _as_float(group["betas"][0 if name == "beta1" else 1])
+    return _as_float(group[name])
+
+
+def raw(group: dict[str, Any], name: str) -> Any:
+    """The stored object of a knob (float or tensor), for callers that must not sync."""
+    if name in ("beta1", "beta2"):
+        return group["betas"][0 if name == "beta1" else 1]
+    return group[name]
+
+
+def write(group: dict[str, Any], name: str, value: float) -> None:
+    """Set knob ``name`` to ``value``, in place for tensors, keeping ``betas`` a tuple."""
+    if name in ("beta1", "beta2"):
+        i = 0 if name == "beta1" else 1
+        betas = group["betas"]
+        if isinstance(betas[i], torch.Tensor):
+            betas[i].fill_(value)
+        else:
+            new = list(betas)
+            new[i] = value
+            group["betas"] = tuple(new)
+        return
+    current = group[name]
+    if isinstance(current, torch.Tensor):
+        current.fill_(value)
+    else:
+        group[name] = value

@@ -1,0 +1,114 @@
+"""The user's limits, applied to every proposal a controller makes.
+
+A controller proposes; the policy disposes.  Every proposal is clipped to the knob's bounds and to
+the largest change allowed in one step, and knobs the user froze never move.  A clipped decision
+says so in its reason, so the audit log shows both what the controller wanted and what happened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from selftune.errors import ConfigError
+from selftune.knobs import ALL_KNOBS
+
+#: Default bounds.  ``lr`` is bounded *relative to the rate the run started with*, three decades
+#: either way, so that a rate set 100x too small or too large can be corrected with room to spare.
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
+    "lr": (1e-3, 1e3),
+    "momentum": (0.0, 0.995),
+    "beta1": (0.5, 0.995),
+    "beta2": (0.9, 0.99999),
+}
+#: Largest change per step: a factor for ``lr`` (multiplicative, so scale-free), an absolute
+#: amount for the momentum-like knobs (which live in [0, 1)).
+DEFAULT_MAX_CHANGE: dict[str, float] = {"lr": 4.0, "momentum": 0.02, "beta1": 0.02, "beta2": 0.001}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Bounds per knob, the largest change per step, and the knobs that must not move.
+
+    ``bounds["lr"]`` is a pair of factors applied to each group's starting learning rate unless
+    ``lr_bounds_absolute`` is set, in which case it is a pair of learning rates.  ``beta2`` is frozen
+    by default: changing Adam's second-moment horizon mid-run rescales every past step size.
+    """
+
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
+    max_change: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_CHANGE))
+    frozen: frozenset[str] = frozenset({"beta2"})
+    lr_bounds_absolute: bool = False
+
+    def __post_init__(self) -> None:
+        bounds = {**DEFAULT_BOUNDS, **dict(self.bounds)}
+        max_change = {**DEFAULT_MAX_CHANGE, **dict(self.max_change)}
+        object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "max_change", max_change)
+        object.__setattr__(self, "frozen", frozenset(self.frozen))
+        for name in [*bounds, *max_change, *self.frozen]:
+            if name not in ALL_KNOBS:
+                raise ConfigError(f"unknown knob {name!r} in policy; knobs are {list(ALL_KNOBS)}")
+        for name, (lo, hi) in bounds.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ConfigError(f"bounds for {name} must be finite, got ({lo}, {hi})")
+            if not lo < hi:
+                raise ConfigError(f"bounds for {name} are out of order: ({lo}, {hi}); pass (low, high)")
+            if name == "lr" and lo <= 0:
+                raise ConfigError(f"bounds for lr must be > 0, got ({lo}, {hi})")
+            if name != "lr" and not (0.0 <= lo and hi < 1.0):
+                raise ConfigError(f"bounds for {name} must lie in [0, 1), got ({lo}, {hi})")
+        for name, limit in max_change.items():
+            floor = 1.0 if name == "lr" else 0.0
+            if not (math.isfinite(limit) and limit > floor):
+                raise ConfigError(
+                    f"max_change for {name} must be finite and > {floor}, got {limit}"
+                    + (" (it is a factor per step, e.g. 2.0)" if name == "lr" else "")
+                )
+
+    @classmethod
+    def build(
+        cls,
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        max_change: Mapping[str, float] | None = None,
+        frozen: Iterable[str] | None = None,
+        *,
+        lr_bounds_absolute: bool = False,
+    ) -> Policy:
+        """The policy :func:`selftune.wrap` builds from its keyword arguments."""
+        return cls(
+            bounds=dict(bounds or {}),
+            max_change=dict(max_change or {}),
+            frozen=frozenset({"beta2"} if frozen is None else frozen),
+            lr_bounds_absolute=lr_bounds_absolute,
+        )
+
+    def limits(self, knob: str, start: float) -> tuple[float, float]:
+        """The absolute bounds of ``knob`` for a group whose starting value was ``start``."""
+        lo, hi = self.bounds[knob]
+        if knob == "lr" and not self.lr_bounds_absolute:
+            lo, hi = lo * start, hi * start
+        # a run that starts outside the bounds may stay where the user put it
+        return min(lo, start), max(hi, start)
+
+    def clip(self, knob: str, old: float, proposed: float, start: float) -> tuple[float, str | None]:
+        """Return the value allowed and, if it differs from the proposal, why."""
+        if knob in self.frozen:
+            return old, f"{knob} is frozen by the policy"
+        if not math.isfinite(proposed):
+            return old, f"proposal {proposed} is not finite; kept {old:.6g}"
+        value, notes = proposed, []
+        limit = self.max_change[knob]
+        if knob == "lr":
+            lo_step, hi_step = old / limit, old * limit
+        else:
+            lo_step, hi_step = old - limit, old + limit
+        if not lo_step <= value <= hi_step:
+            value = min(max(value, lo_step), hi_step)
+            notes.append(f"step limited to {'x' if knob == 'lr' else '+-'}{limit:g}")
+        lo, hi = self.limits(knob, start)
+        if not lo <= value <= hi:
+            value = min(max(value, lo), hi)
+            notes.append(f"bounded to [{lo:.3g}, {hi:.3g}]")
+        return value, ("clipped: " + ", ".join(notes)) if notes else None

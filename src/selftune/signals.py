@@ -1,0 +1,226 @@
+"""What selftune reads at every optimizer step, computed once with batched tensor ops.
+
+The central signal is the alignment of the new gradient ``g_t`` with the previous *applied update*
+``Δθ_{t-1} = θ_t − θ_{t-1}``.  For any optimizer whose update scales with the learning rate,
+``∂L(θ_t)/∂lr_{t-1} = ⟨g_t, Δθ_{t-1}⟩ / lr_{t-1}`` (Baydin et al. 2018, "Online learning rate
+adaptation with hypergradient descent"), so its sign says whether the last step was too short
+(positive ``cos_update``: the loss still falls along it) or too long (negative: it overshot).
+Normalising it to a cosine makes it free of the scale of the loss, the gradient and the rate.
+
+Cost per step: one copy of the parameters kept as the previous update, two fused passes over the
+parameters, and exactly one host sync (``tolist`` on a stacked tensor of scalars).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: state keys of the running average of gradients that acts as a momentum buffer
+_BUFFER_KEYS = ("momentum_buffer", "exp_avg")
+_FAST, _SLOW = 0.9, 0.98  # loss EMA decay rates: about 10 and 50 steps of memory
+
+
+@dataclass(frozen=True)
+class GroupSignals:
+    """Per-param-group signals of one step."""
+
+    grad_norm: float
+    update_norm: float  #: ‖Δθ_{t-1}‖, 0 before the first update
+    cos_update: float  #: cos(−g_t, Δθ_{t-1}): > 0 the last step was too short, < 0 it overshot
+    dot_update: float  #: ⟨−g_t, Δθ_{t-1}⟩, the unnormalised form (= −lr·∂L/∂lr)
+    cos_buffer: float  #: cos(g_t, momentum buffer), NaN when the optimizer keeps none
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Everything a controller or the guard may read about one optimizer step."""
+
+    step: int
+    loss: float | None  #: the loss passed to ``step``, if any
+    loss_ema: float | None  #: bias-corrected EMA of the loss (about 10 steps)
+    loss_ema_slow: float | None  #: bias-corrected EMA of the loss (about 50 steps)
+    loss_std: float | None  #: running standard deviation of the loss about its fast EMA
+    loss_slope: float | None  #: (fast − slow) / |slow|: < 0 while the loss falls
+    grad_norm: float  #: over all groups
+    groups: tuple[GroupSignals, ...]
+    finite: bool  #: loss and every gradient finite
+
+    def summary(self, group: int) -> dict[str, float]:
+        """The scalars that drove a decision for ``group``, for the audit log."""
+        g = self.groups[group]
+        out = {
+            "grad_norm": g.grad_norm,
+            "update_norm": g.update_norm,
+            "cos_update": g.cos_update,
+            "cos_buffer": g.cos_buffer,
+        }
+        for name in ("loss", "loss_ema", "loss_std", "loss_slope"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+class SignalTracker:
+    """Measures :class:`Signals` each step and keeps what that needs between steps.
+
+    Call :meth:`measure` after ``backward`` (before the update), :meth:`before_update` right before
+    the inner optimizer's step and :meth:`after_update` right after it.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
+        self._groups = param_groups
+        # previous update per param, stored negated (θ_{t-1} − θ_t) to save a pass; None until set
+        self._prev: list[list[torch.Tensor]] | None = None
+        self._n = 0  # loss observations so far
+        self._fast = self._slow = self._var = 0.0
+
+    # -- per step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, step: int, loss: torch.Tensor | float | None, state: dict) -> Signals:
+        """Compute this step's signals from the gradients now in ``.grad``."""
+        scalars: list[torch.Tensor] = []
+        for gi, group in enumerate(self._groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            scalars.extend(self._group_scalars(gi, group, params, grads, state))
+        device = scalars[0].device if scalars else torch.device("cpu")
+        if isinstance(loss, torch.Tensor):
+            scalars.append(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
+        values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()  # the host sync
+        loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
+        return self._assemble(step, loss_value, values)
+
+    def _group_scalars(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[Any],
+        state: dict,
+    ) -> list[torch.Tensor]:
+        zero = torch.zeros((), dtype=torch.float64, device=_device_of(group))
+        if not grads:
+            return [zero] * 5
+        gg = _sumsq(torch._foreach_norm(grads))
+        if self._prev is not None:
+            prev = [d for p, d in zip(group["params"], self._prev[gi], strict=True) if p.grad is not None]
+            dd = _sumsq(torch._foreach_norm(prev))
+            # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update anyway
+            torch._foreach_mul_(prev, grads)
+            gd = _total(prev)
+        else:
+            dd = gd = zero
+        buffers = [state.get(p, {}).get(k) for p in params for k in _BUFFER_KEYS if k in state.get(p, {})]
+        if len(buffers) == len(grads) and all(b is not None for b in buffers):
+            bb = _sumsq(torch._foreach_norm(buffers))
+            gb = _total(torch._foreach_mul(buffers, grads))
+        else:
+            bb = gb = torch.full((), math.nan, dtype=torch.float64, device=gg.device)
+        return [gg, dd, gd, bb, gb]
+
+    def _assemble(self, step: int, loss: float | None, values: list[float]) -> Signals:
+        groups = []
+        total_sq = 0.0
+        for gi in range(len(self._groups)):
+            gg, dd, gd, bb, gb = values[5 * gi : 5 * gi + 5]
+            total_sq += gg
+            gn, dn, bn = math.sqrt(max(gg, 0.0)), math.sqrt(max(dd, 0.0)), math.sqrt(max(bb, 0.0))
+            groups.append(
+                GroupSignals(
+                    grad_norm=gn if math.isfinite(gg) else gg,
+                    update_norm=dn,
+                    cos_update=gd / (gn * dn) if gn * dn > 0 else 0.0,
+                    dot_update=gd,
+                    cos_buffer=gb / (gn * bn) if gn * bn > 0 else math.nan,
+                )
+            )
+        finite = math.isfinite(total_sq) and (loss is None or math.isfinite(loss))
+        return Signals(
+            step=step,
+            loss=loss,
+            **self._loss_stats(loss if finite else None),
+            grad_norm=math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq,
+            groups=tuple(groups),
+            finite=finite,
+        )
+
+    def _loss_stats(self, loss: float | None) -> dict[str, float | None]:
+        """Update and return the loss EMAs.  A non-finite loss is not folded in."""
+        if loss is not None:
+            if self._n > 0:
+                self._var = _FAST * self._var + (1 - _FAST) * (loss - self._fast_ema()) ** 2
+            self._n += 1
+            self._fast = _FAST * self._fast + (1 - _FAST) * loss
+            self._slow = _SLOW * self._slow + (1 - _SLOW) * loss
+        if self._n == 0:
+            return {"loss_ema": None, "loss_ema_slow": None, "loss_std": None, "loss_slope": None}
+        fast, slow = self._fast_ema(), self._slow / (1 - _SLOW**self._n)
+        std = math.sqrt(self._var / (1 - _FAST ** max(self._n - 1, 1)))
+        slope = (fast - slow) / abs(slow) if slow != 0 else 0.0
+        return {"loss_ema": fast, "loss_ema_slow": slow, "loss_std": std, "loss_slope": slope}
+
+    def _fast_ema(self) -> float:
+        return self._fast / (1 - _FAST**self._n)
+
+    @torch.no_grad()
+    def before_update(self) -> None:
+        """Remember θ_t so that the update this step applies can be measured."""
+        params = [list(g["params"]) for g in self._groups]
+        if self._prev is None:
+            self._prev = [[p.detach().clone() for p in ps] for ps in params]
+        else:
+            for prev, ps in zip(self._prev, params, strict=True):
+                torch._foreach_copy_(prev, [p.detach() for p in ps])
+
+    @torch.no_grad()
+    def after_update(self) -> None:
+        """Turn the remembered θ_t into −Δθ_t = θ_t − θ_{t+1}."""
+        assert self._prev is not None, "before_update must run first"
+        for prev, g in zip(self._prev, self._groups, strict=True):
+            torch._foreach_sub_(prev, [p.detach() for p in g["params"]])
+
+    def forget_update(self) -> None:
+        """Drop the previous update (after a rollback it no longer describes the last step)."""
+        self._prev = None
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prev": None if self._prev is None else [[t.clone() for t in ts] for ts in self._prev],
+            "n": self._n,
+            "fast": self._fast,
+            "slow": self._slow,
+            "var": self._var,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        prev = sd["prev"]
+        if prev is None:
+            self._prev = None
+        else:
+            self._prev = [
+                [t.to(device=p.device, dtype=p.dtype).clone() for t, p in zip(ts, g["params"], strict=True)]
+                for ts, g in zip(prev, self._groups, strict=True)
+            ]
+        self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
+
+
+def _sumsq(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+
+
+def _total(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
+
+
+def _device_of(group: dict[str, Any]) -> torch.device:
+    return group["params"][0].device if group["params"] else torch.device("cpu")
+
+
+def _maybe_float(loss: float | None) -> float | None:
+    return None if loss is None else float(loss)

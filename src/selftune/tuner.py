@@ -1,0 +1,436 @@
+"""``SelfTuned``: the optimizer users hold.  It owns signals, controller, policy, guard and log.
+
+The learning rate is tuned as a per-group *scale* that selftune keeps and applies only while the
+wrapped optimizer steps: ``param_groups[i]["lr"]`` stays the value the user or a scheduler set, so
+``LambdaLR`` (which overwrites the rate from ``base_lrs``) and chainable schedulers (which multiply
+it) both compose with selftune instead of erasing or compounding its adjustment.  The *effective*
+rate, ``lr × scale``, is what ``hyperparams()`` returns and what the log records.  Momentum and the
+Adam betas belong to selftune outright and are written into ``param_groups`` directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftune import knobs as knobs_io
+from selftune.controllers import Controller, Knobs, Proposal, make_controller
+from selftune.errors import ConfigError
+from selftune.guard import Guard, GuardConfig, Trouble
+from selftune.policy import Policy
+from selftune.signals import Signals, SignalTracker
+
+_WRAPPED = "_selftune_wrapped"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A knob change that was applied, with the reason in words and the signals behind it."""
+
+    step: int
+    group: int
+    knob: str
+    old: float
+    new: float
+    reason: str
+    signals: dict[str, float] = field(default_factory=dict)
+    clipped: bool = False
+    source: str = "controller"  #: "controller" or "guard"
+    value: float = 0.0  #: the stored value replay sets (the scale for ``lr``)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What listeners receive after every optimizer step (applied or skipped)."""
+
+    step: int
+    loss: float | None
+    hyperparams: list[dict[str, float]]
+    decisions: list[Decision]
+    guard: dict[str, Any] | None
+    signals: Signals | None
+
+
+class SelfTuned(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that tunes the optimizer it wraps while it trains.
+
+    Build it with :func:`selftune.wrap`.  ``param_groups`` and ``state`` are the wrapped
+    optimizer's own objects, so schedulers, gradient clipping and checkpoint code that reach into
+    them keep working.  Call ``step(loss=loss.detach())``; the loss is optional.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        controller: str | Controller = "auto",
+        *,
+        policy: Policy | None = None,
+        guard: bool | GuardConfig = True,
+        log_dir: str | Path | None = None,
+        seed: int | None = None,
+        log_enabled: bool | None = None,
+        **controller_options: Any,
+    ) -> None:
+        if isinstance(optimizer, SelfTuned):
+            raise ConfigError("this optimizer is already wrapped by selftune; wrap the inner one once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"selftune.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if getattr(optimizer, _WRAPPED, False):
+            raise ConfigError(
+                f"this {type(optimizer).__name__} was already passed to selftune.wrap; "
+                "two wrappers would both tune it. Keep the first wrapper, or build a new optimizer"
+            )
+        for i, group in enumerate(optimizer.param_groups):
+            knobs_io.check_group(i, group)
+        self.optimizer = optimizer
+        saved_state = optimizer.state
+        # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
+        # below, i.e. into the wrapped optimizer itself; it also resets ``state``, put back after.
+        super().__init__(list(optimizer.param_groups), optimizer.defaults)
+        optimizer.state = saved_state
+        setattr(optimizer, _WRAPPED, True)
+
+        self.controller = make_controller(controller, **controller_options)
+        self.policy = policy if policy is not None else Policy()
+        if guard is True:
+            guard = GuardConfig()
+        self.guard: Guard | None = Guard(guard) if isinstance(guard, GuardConfig) else None
+        self.step_count = 0
+        self._scales = [1.0] * len(self.param_groups)
+        self._start = [self._effective(i) for i in range(len(self.param_groups))]
+        self._tracker = SignalTracker(self.param_groups)
+        self._listeners: list[Callable[[StepEvent], None]] = []
+        self.last_signals: Signals | None = None
+        self._seed = seed
+        self._log = None
+        self._trace = None
+        if log_dir is not None:
+            self._open_log(Path(log_dir), log_enabled)
+
+    # -- the wrapped optimizer's containers, shared rather than copied -----------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    # -- public API ---------------------------------------------------------------------------
+    def hyperparams(self) -> list[dict[str, float]]:
+        """The knobs in force, one dict per param group, with the *effective* learning rate."""
+        return [self._knobs(i) for i in range(len(self.param_groups))]
+
+    def add_listener(self, fn: Callable[[StepEvent], None]) -> None:
+        """Call ``fn(event)`` after every step (used by the TensorBoard and MLflow writers)."""
+        self._listeners.append(fn)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
+    ) -> Any:
+        """Read the signals, let the controller and guard act, then step the wrapped optimizer."""
+        inner_closure = closure
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+            loss = result if loss is None else loss
+            inner_closure = _replay_once(closure, result)
+        t = self.step_count + 1
+        signals = self._tracker.measure(t, loss, self.optimizer.state)
+        self.last_signals = signals
+        trouble = self.guard.check(signals) if self.guard is not None else None
+        if trouble is not None:
+            decisions, event = self._roll_back(trouble, signals)
+            self.step_count = t
+            self._after(t, signals, decisions, event)
+            return loss
+        if self.guard is not None and self.guard.wants_snapshot(t):
+            self.guard.keep(t, self._capture())
+        decisions = self._decide(t, signals)
+        self._tracker.before_update()
+        with self._effective_lr():
+            self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
+        self._tracker.after_update()
+        self.step_count = t
+        self._after(t, signals, decisions, None)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus selftune's own under the key ``"selftune"``."""
+        sd = self.optimizer.state_dict()
+        sd["selftune"] = {
+            "step": self.step_count,
+            "scales": list(self._scales),
+            "start": list(self._start),
+            "controller": copy.deepcopy(self.controller.state_dict()),
+            "tracker": self._tracker.state_dict(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
+            "log": None if self._log is None else self._log.position(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        own = sd.pop("selftune", None)
+        self.optimizer.load_state_dict(sd)
+        if own is None:
+            return
+        if len(own["scales"]) != len(self.param_groups):
+            raise ConfigError(
+                f"state dict has {len(own['scales'])} param groups, this optimizer "
+                f"{len(self.param_groups)}; load a state dict saved from the same model setup"
+            )
+        self.step_count = own["step"]
+        self._scales, self._start = list(own["scales"]), list(own["start"])
+        self.controller.load_state_dict(copy.deepcopy(own["controller"]))
+        self._tracker.load_state_dict(own["tracker"])
+        if self.guard is not None and own["guard"] is not None:
+            self.guard.load_state_dict(own["guard"])
+        if self._log is not None and own["log"] is not None:
+            self._log.truncate_to(own["log"])
+
+    def close(self) -> None:
+        """Close the run folder's files (they are flushed after every write anyway)."""
+        if self._log is not None:
+            self._log.close()
+        if self._trace is not None:
+            self._trace.close()
+
+    def __repr__(self) -> str:
+        return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
+
+    # -- knobs --------------------------------------------------------------------------------
+    def _effective(self, i: int) -> float:
+        return knobs_io.read(self.param_groups[i], "lr") * self._scales[i]
+
+    def _knobs(self, i: int) -> dict[str, float]:
+        group = self.param_groups[i]
+        return {
+            name: self._effective(i) if name == "lr" else knobs_io.read(group, name)
+            for name in knobs_io.knob_names(group)
+        }
+
+    def _set(self, i: int, knob: str, value: float) -> None:
+        if knob == "lr":
+            self._scales[i] = value
+        else:
+            knobs_io.write(self.param_groups[i], knob, value)
+
+    @contextmanager
+    def _effective_lr(self) -> Iterator[None]:
+        """Apply the scales for the duration of the wrapped step, then put the base rates back."""
+        saved = []
+        for group, scale in zip(self.param_groups, self._scales, strict=True):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                saved.append(lr.clone())
+                lr.mul_(scale)
+            else:
+                saved.append(lr)
+                group["lr"] = lr * scale
+        try:
+            yield
+        finally:
+            for group, base in zip(self.param_groups, saved, strict=True):
+                if isinstance(base, torch.Tensor):
+                    group["lr"].copy_(base)
+                else:
+                    group["lr"] = base
+
+    def _decide(self, t: int, signals: Signals) -> list[Decision]:
+        current: Knobs = self.hyperparams()
+        decisions = []
+        for p in self.controller.propose(signals, current):
+            decision = self._apply(t, p, current[p.group], signals, "controller")
+            if decision is not None:
+                decisions.append(decision)
+        return decisions
+
+    def _apply(
+        self, t: int, p: Proposal, current: dict[str, float], signals: Signals | None, source: str
+    ) -> Decision | None:
+        """Clip a proposal by the policy and write it; the returned decision says what happened."""
+        if p.knob not in current:
+            return None
+        old = current[p.knob]
+        new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
+        if new == old:
+            return None
+        base = knobs_io.read(self.param_groups[p.group], "lr")
+        value = new / base if p.knob == "lr" else new
+        self._set(p.group, p.knob, value)
+        if p.knob == "lr":
+            new = self._effective(p.group)
+        reason = p.reason if note is None else f"{p.reason} ({note})"
+        sig = signals.summary(p.group) if signals is not None else {}
+        return Decision(t, p.group, p.knob, old, new, reason, sig, note is not None, source, value)
+
+    # -- guard --------------------------------------------------------------------------------
+    def _capture(self) -> dict[str, Any]:
+        return {
+            "params": [[p.detach().clone() for p in g["params"]] for g in self.param_groups],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "controller": copy.deepcopy(self.controller.state_dict()),
+            "knobs": self.hyperparams(),
+        }
+
+    def _roll_back(self, trouble: Trouble, signals: Signals) -> tuple[list[Decision], dict]:
+        assert self.guard is not None
+        snap, factor = self.guard.rollback(trouble)
+        payload = snap.payload
+        for group, saved in zip(self.param_groups, payload["params"], strict=True):
+            torch._foreach_copy_([p.data for p in group["params"]], saved)
+        self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        self.controller.load_state_dict(copy.deepcopy(payload["controller"]))
+        self.controller.on_backoff(trouble.step)
+        self._tracker.forget_update()
+        self.optimizer.zero_grad(set_to_none=True)
+        decisions = []
+        reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
+        for i, saved in enumerate(payload["knobs"]):
+            current = self._knobs(i)
+            for knob, value in saved.items():
+                target = value * factor if knob == "lr" else value
+                p = Proposal(i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason)
+                decision = self._apply_exact(trouble.step, p, current)
+                if decision is not None:
+                    decisions.append(decision)
+        event = {
+            "event": "rollback",
+            "signal": trouble.signal,
+            "value": trouble.value,
+            "reason": trouble.reason,
+            "restored_step": snap.step,
+            "lr_factor": factor,
+        }
+        return decisions, event
+
+    def _apply_exact(self, t: int, p: Proposal, current: dict[str, float]) -> Decision | None:
+        """Write a guard decision: bounded like any other, but not limited per step."""
+        old = current[p.knob]
+        lo, hi = self.policy.limits(p.knob, self._start[p.group])
+        new = min(max(p.value, lo), hi)
+        if new == old:
+            return None
+        base = knobs_io.read(self.param_groups[p.group], "lr")
+        value = new / base if p.knob == "lr" else new
+        self._set(p.group, p.knob, value)
+        if p.knob == "lr":
+            new = self._effective(p.group)
+        return Decision(t, p.group, p.knob, old, new, p.reason, {}, False, "guard", value)
+
+    # -- logging ------------------------------------------------------------------------------
+    def _open_log(self, log_dir: Path, enabled: bool | None) -> None:
+        from selftune import audit
+
+        if enabled is None:
+            enabled = _is_rank_zero()
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [
+            {
+                "index": i,
+                "knobs": list(knobs_io.knob_names(g)),
+                "num_params": sum(p.numel() for p in g["params"]),
+            }
+            for i, g in enumerate(self.param_groups)
+        ]
+        manifest = audit.build_manifest(
+            controller=self.controller.name,
+            config={
+                "optimizer": type(self.optimizer).__name__,
+                "start": self.hyperparams(),
+                "policy": _policy_json(self.policy),
+                "guard": None if self.guard is None else vars(self.guard.config),
+            },
+            seed=self._seed,
+            param_groups=groups,
+            initial_params_sha256=audit.params_sha256(params),
+        )
+        self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
+        if enabled:
+            self._trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def _after(
+        self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
+    ) -> None:
+        hp = self.hyperparams()
+        if self._log is not None:
+            if guard is not None:
+                self._log.append({"kind": "guard", "step": t, **guard})
+            for d in decisions:
+                self._log.append(
+                    {
+                        "kind": "decision",
+                        "step": d.step,
+                        "group": d.group,
+                        "knob": d.knob,
+                        "old": d.old,
+                        "new": d.new,
+                        "value": d.value,
+                        "source": d.source,
+                        "signals": d.signals,
+                        "reason": d.reason,
+                        "clipped": d.clipped,
+                    }
+                )
+        if self._trace is not None:
+            loss = signals.loss
+            row = {"step": t, "loss": loss if loss is None or math.isfinite(loss) else str(loss)}
+            self._trace.write(json.dumps({**row, "hp": hp}) + "\n")
+            self._trace.flush()
+        if self._listeners:
+            event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
+            for fn in self._listeners:
+                fn(event)
+
+
+def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
+    """A closure whose first call returns the loss already computed (the gradients are in place);
+    later calls (L-BFGS line searches) evaluate the real closure."""
+    calls = 0
+
+    def wrapped() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return result
+        with torch.enable_grad():
+            return closure()
+
+    return wrapped
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _policy_json(policy: Policy) -> dict[str, Any]:
+    return {
+        "bounds": {k: list(v) for k, v in policy.bounds.items()},
+        "max_change": dict(policy.max_change),
+        "frozen": sorted(policy.frozen),
+        "lr_bounds_absolute": policy.lr_bounds_absolute,
+    }
