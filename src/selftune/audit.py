@@ -1,0 +1,719 @@
+"""The audit log of a run: ``manifest.json`` plus a hash-chained ``decisions.jsonl``.
+
+Every change selftune makes to a hyperparameter, and every guard event, becomes one line of
+``decisions.jsonl``. Each line carries ``seq`` (its position), ``prev`` (the hash of the line
+before) and ``hash`` (sha256 of its own canonical JSON), so changing, deleting, inserting or
+reordering any record breaks the chain at that record and :func:`verify` names the line.
+A crash can tear the final line; readers accept and report that, writers cut it away and go on.
+The format is described in ``docs/audit-log.md``.
+
+The module is plain Python: ``selftune verify`` imports it to build its parser, so torch is only
+imported inside the two helpers that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import numbers
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from selftune.errors import SelfTuneError
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "manifest.json"
+DECISIONS = "decisions.jsonl"
+#: ``prev`` of the first record: there is nothing before it.
+GENESIS = "0" * 64
+#: Written into every manifest so that a later reader can tell which rules the log follows.
+FORMAT = "selftune-audit/1"
+REQUIRED_MANIFEST_KEYS = (
+    "selftune",
+    "torch",
+    "python",
+    "controller",
+    "config",
+    "param_count",
+    "param_groups",
+    "initial_params_sha256",
+)
+#: Manifest keys that identify a run: equal ones mean "the same run, resumed".
+RUN_IDENTITY_KEYS = ("param_groups", "param_count", "initial_params_sha256")
+#: Fields each kind of record must have (besides seq, prev and hash, which the log fills).
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "decision": ("step", "group", "knob", "old", "new", "value", "signals", "reason", "clipped"),
+    "guard": ("step", "event", "signal", "value", "reason"),
+    "note": ("reason",),
+}
+GUARD_EVENTS = ("skip", "rollback", "escalate")
+CHAIN_FIELDS = ("seq", "prev", "hash")
+
+
+class LogError(SelfTuneError):
+    """A run folder or its audit log is missing, damaged or does not belong to this run."""
+
+
+# --------------------------------------------------------------------------- canonical JSON
+
+
+def _finite_or_name(value: float) -> float | str:
+    """JSON has no NaN or infinity, and signals can be either: store them as names."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Return ``value`` as plain JSON data (dict, list, str, int, float, bool, None).
+
+    Non-finite floats become "nan"/"inf"/"-inf"; numpy-style scalars become int/float. Anything
+    else is refused here, naming where it sits, rather than deep inside ``json.dumps``.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _finite_or_name(float(value))
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise LogError(
+                    f"cannot store key {key!r} in {where or 'a record'}: "
+                    "audit records need string keys"
+                )
+            out[key] = _plain(item, f"{where}.{key}" if where else key)
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return _finite_or_name(float(value))
+    raise LogError(
+        f"cannot store a {type(value).__name__} ({value!r:.60}) at {where or 'the top level'} "
+        "of an audit record: convert it to a number or string first (float(x) or x.item())"
+    )
+
+
+def _dumps(plain: Any) -> bytes:
+    """The one serialisation that hashes and lines are made of; floats round-trip exactly."""
+    text = json.dumps(
+        plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LogError(
+            f"cannot store text that is not valid Unicode in an audit record: {exc}"
+        ) from None
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """Return the canonical UTF-8 JSON of ``record``: sorted keys, no spaces, NaN as "nan"."""
+    return _dumps(_plain(record, ""))
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """Return the sha256 hex digest of ``record`` without its own ``hash`` field."""
+    body = {key: value for key, value in record.items() if key != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What one pass over ``decisions.jsonl`` found; the chain of ``records`` is intact."""
+
+    records: list[dict[str, Any]]
+    #: byte offset just past the newline of each record, for checkpoints and truncation
+    ends: list[int]
+    #: length of a torn final line (no newline: a crash mid-write), 0 when there is none
+    torn_bytes: int
+
+    @property
+    def valid_bytes(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+
+def _looks_torn(tail: bytes) -> bool:
+    """A final line without its newline is a torn write if it starts like a record.
+
+    The writer puts a whole line, newline included, in one ``write()``, so a crash can leave a
+    prefix of a record (or, after a power cut on some file systems, NUL bytes) but nothing else.
+    """
+    return tail.startswith(b"{") or not tail.strip(b"\0")
+
+
+def _is_hex64(value: Any) -> bool:
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def _parse_line(line: bytes, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise LogError(
+            f"{where}: not valid UTF-8 at byte {exc.start} — the line was damaged"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise LogError(
+            f"{where}: not valid JSON ({exc.msg} at column {exc.colno}) — the line was damaged, "
+            "or the file is not a selftune audit log"
+        ) from None
+    if not isinstance(record, dict):
+        raise LogError(f"{where}: a JSON {type(record).__name__}, not a record (an object)")
+    return record
+
+
+def _check_link(record: dict[str, Any], line: bytes, lineno: int, prev: str, where: str) -> None:
+    """Check one record against its own hash and against the record before it."""
+    seq = record.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise LogError(f"{where}: no integer 'seq' field — this is not a selftune audit record")
+    where = f"{where} (seq {seq})"
+    for name in ("prev", "hash"):
+        if not _is_hex64(record.get(name)):
+            raise LogError(f"{where}: '{name}' is not a 64-digit sha256 hex digest")
+    if record_hash(record) != record["hash"]:
+        raise LogError(
+            f"{where}: hash does not match its content — the record was changed after it was "
+            "written"
+        )
+    if canonical(record) != line:
+        raise LogError(
+            f"{where}: not in canonical form — the line was rewritten after it was written"
+        )
+    if seq != lineno - 1:
+        raise LogError(
+            f"{where}: seq should be {lineno - 1} on this line — a record was deleted, inserted "
+            "or reordered here"
+        )
+    if record["prev"] != prev:
+        before = f"the hash of line {lineno - 1}" if lineno > 1 else "64 zeros (the first record)"
+        raise LogError(
+            f"{where}: prev does not match {before} — a record was deleted, inserted or "
+            "reordered before it"
+        )
+
+
+def _scan(path: Path) -> _Scan:
+    """Read ``decisions.jsonl`` and check its chain, accepting only a torn final line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LogError(
+            f"no {DECISIONS} in {path.parent}: the folder is not a selftune run folder (a run "
+            f"with no decisions still has an empty {DECISIONS})"
+        ) from None
+    except OSError as exc:
+        raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+    records: list[dict[str, Any]] = []
+    ends: list[int] = []
+    prev = GENESIS
+    start = 0
+    while start < len(data):
+        lineno = len(records) + 1
+        where = f"{path} line {lineno}"
+        newline = data.find(b"\n", start)
+        if newline == -1:
+            tail = data[start:]
+            if _looks_torn(tail):
+                return _Scan(records, ends, len(tail))
+            raise LogError(
+                f"{where}: not a record (it does not start with '{{') — the file is damaged or "
+                "is not a selftune audit log"
+            )
+        line = data[start:newline]
+        record = _parse_line(line, where)
+        _check_link(record, line, lineno, prev, where)
+        records.append(record)
+        prev = record["hash"]
+        start = newline + 1
+        ends.append(start)
+    return _Scan(records, ends, 0)
+
+
+def _run_folder(log_dir: str | os.PathLike[str]) -> Path:
+    folder = Path(log_dir)
+    if not folder.exists():
+        raise LogError(f"no run folder at {folder}: pass the log_dir the run was started with")
+    if not folder.is_dir():
+        raise LogError(f"{folder} is a file, not a run folder: pass the run's log_dir")
+    return folder
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LogError(
+            f"no {MANIFEST} in {folder}: the folder is not a selftune run folder, or its "
+            "manifest was deleted"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LogError(f"cannot read {path}: {exc}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LogError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): the file was damaged"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise LogError(f"{path} holds a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A run folder as read back: its manifest and the records of an intact chain."""
+
+    manifest: dict[str, Any]
+    records: list[dict[str, Any]]
+    #: True when the final line was torn by a crash mid-write; it is not in ``records``
+    torn_tail: bool = False
+    torn_bytes: int = 0
+
+
+def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
+    """Read a run folder, checking the whole chain; raise :class:`LogError` naming any damage."""
+    folder = _run_folder(log_dir)
+    manifest = _read_manifest(folder)
+    scan = _scan(folder / DECISIONS)
+    return RunLog(manifest, scan.records, scan.torn_bytes > 0, scan.torn_bytes)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _schema_problem(record: Mapping[str, Any]) -> str | None:
+    """Say what is wrong with a record's kind or fields, or return None when it is complete."""
+    kind = record.get("kind")
+    if kind not in RECORD_FIELDS:
+        return f"kind is {kind!r}; expected one of {', '.join(sorted(RECORD_FIELDS))}"
+    missing = [name for name in RECORD_FIELDS[kind] if name not in record]
+    if missing:
+        return f"the {kind} record lacks {', '.join(missing)}"
+    if kind == "guard" and record["event"] not in GUARD_EVENTS:
+        return f"guard event is {record['event']!r}; expected one of {', '.join(GUARD_EVENTS)}"
+    return None
+
+
+def _group_knobs(manifest: Mapping[str, Any], path: Path) -> list[set[str]]:
+    """Check the manifest's required keys and return each param group's knob names."""
+    for key in REQUIRED_MANIFEST_KEYS:
+        if key not in manifest:
+            raise LogError(f"{path} lacks the required key {key!r}: the manifest is incomplete")
+    groups = manifest["param_groups"]
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("knobs"), list) for g in groups
+    ):
+        raise LogError(f"{path}: 'param_groups' must be a list of objects with a 'knobs' list")
+    return [{str(knob) for knob in group["knobs"]} for group in groups]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found in a run folder whose log and manifest are intact."""
+
+    path: str
+    records: int
+    #: sorted names of the knobs that decisions changed
+    knobs: list[str] = field(default_factory=list)
+    guard_events: int = 0
+    torn_tail: bool = False
+    torn_bytes: int = 0
+
+    def summary(self) -> str:
+        """One line for a terminal or a CI log."""
+        knobs = " ".join(self.knobs) if self.knobs else "none"
+        tail = (
+            f"torn tail of {self.torn_bytes} bytes (a crash mid-write; dropped)"
+            if self.torn_tail
+            else "no torn tail"
+        )
+        return (
+            f"{self.path}: OK, {self.records} records, knobs {knobs}, "
+            f"{self.guard_events} guard events, {tail}"
+        )
+
+
+def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
+    """Check a run folder's manifest, hash chain and records; raise :class:`LogError` on damage.
+
+    A torn final line is accepted and reported (``torn_tail``); anything else that is wrong is an
+    error naming the file, the line and the record.
+    """
+    run = read_log(log_dir)
+    folder = Path(log_dir)
+    group_knobs = _group_knobs(run.manifest, folder / MANIFEST)
+    knobs: set[str] = set()
+    guard_events = 0
+    for lineno, record in enumerate(run.records, start=1):
+        where = f"{folder / DECISIONS} line {lineno} (seq {record['seq']})"
+        problem = _schema_problem(record)
+        if problem is None and record["kind"] == "decision":
+            group, knob = record["group"], record["knob"]
+            if not isinstance(group, int) or not 0 <= group < len(group_knobs):
+                problem = f"group {group!r} is not one of the manifest's {len(group_knobs)} groups"
+            elif knob not in group_knobs[group]:
+                problem = f"knob {knob!r} is not a knob of group {group} in the manifest"
+            knobs.add(str(knob))
+        if problem is not None:
+            raise LogError(f"{where}: {problem}")
+        guard_events += record["kind"] == "guard"
+    return VerifyResult(
+        path=str(log_dir),
+        records=len(run.records),
+        knobs=sorted(knobs),
+        guard_events=guard_events,
+        torn_tail=run.torn_tail,
+        torn_bytes=run.torn_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old one or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    # The rename itself is only durable once the folder is synced; not every platform allows it.
+    with contextlib.suppress(OSError):
+        folder_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
+
+
+def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
+    """Write the manifest if the folder has none; otherwise check the folder is this run's.
+
+    Returns a note for the log when a resumed run's manifest differs in more than its start time.
+    """
+    given = _plain(manifest, "manifest")
+    path = folder / MANIFEST
+    if not path.exists():
+        text = json.dumps(given, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        _write_atomic(path, text.encode("utf-8") + b"\n")
+        return None
+    existing = _read_manifest(folder)
+    clashes = [key for key in RUN_IDENTITY_KEYS if existing.get(key) != given.get(key)]
+    if clashes:
+        raise LogError(
+            f"{folder} already holds the log of another run (its {', '.join(clashes)} differ "
+            "from this run's): pass a new log_dir, or delete that folder to start over"
+        )
+    changed = sorted(
+        key
+        for key in existing.keys() | given.keys()
+        if key != "created" and existing.get(key) != given.get(key)
+    )
+    if not changed:
+        return None
+    return f"resumed with a changed manifest ({', '.join(changed)}); {MANIFEST} keeps the first"
+
+
+def _parse_position(position: Mapping[str, Any]) -> tuple[int, str, int]:
+    seq, head, size = position.get("seq"), position.get("head"), position.get("bytes")
+    if (
+        isinstance(seq, int)
+        and isinstance(size, int)
+        and isinstance(head, str)
+        and _is_hex64(head)
+        and min(seq, size) >= 0
+    ):
+        return seq, head, size
+    raise LogError(
+        f"{dict(position)!r} is not a log position: expected "
+        "{'seq': int, 'head': sha256 hex, 'bytes': int} from AuditLog.position()"
+    )
+
+
+class AuditLog:
+    """Appends hash-chained records to ``<log_dir>/decisions.jsonl``; one writer per folder.
+
+    Opening a folder that already has a log checks its chain and continues it (a resumed run);
+    a torn final line is cut away and noted. Each record goes to disk as one whole line in one
+    ``write()``, so a crash can only tear the last line. ``fsync=True`` also survives a power cut,
+    at the cost of one disk flush per record. ``enabled=False`` (ranks other than 0 under
+    ``torch.distributed``) makes every method a no-op.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        manifest: Mapping[str, Any] | None = None,
+        *,
+        enabled: bool = True,
+        fsync: bool = False,
+    ) -> None:
+        self.path = Path(log_dir)
+        self.enabled = enabled
+        self.fsync = fsync
+        self._file = self.path / DECISIONS
+        self._fd: int | None = None
+        self._seq = 0
+        self._head = GENESIS
+        self._bytes = 0
+        if not enabled:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LogError(
+                f"cannot create the run folder {self.path}: {exc.strerror or exc}"
+            ) from None
+        note = _settle_manifest(self.path, manifest) if manifest is not None else None
+        torn = 0
+        if self._file.exists():
+            scan = _scan(self._file)
+            torn = scan.torn_bytes
+            if torn:
+                os.truncate(self._file, scan.valid_bytes)
+            self._seq = len(scan.records)
+            self._head = scan.records[-1]["hash"] if scan.records else GENESIS
+            self._bytes = scan.valid_bytes
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(self._file, flags, 0o644)
+        if torn:
+            self.append({"kind": "note", "reason": f"dropped a torn final line of {torn} bytes"})
+        if note is not None:
+            self.append({"kind": "note", "reason": note})
+
+    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Chain ``record`` to the log and write it; return it as stored (with seq, prev, hash)."""
+        if not self.enabled:
+            return dict(record)
+        fd = self._open_fd()
+        reserved = [name for name in CHAIN_FIELDS if name in record]
+        if reserved:
+            raise LogError(
+                f"a record passed to append() has {', '.join(reserved)}: the log fills seq, prev "
+                "and hash itself, so leave them out"
+            )
+        problem = _schema_problem(record)
+        if problem is not None:
+            raise LogError(f"cannot append to {self._file}: {problem}")
+        stored: dict[str, Any] = _plain(record, "")
+        stored["seq"] = self._seq
+        stored["prev"] = self._head
+        stored["hash"] = hashlib.sha256(_dumps(stored)).hexdigest()
+        line = _dumps(stored) + b"\n"
+        self._write(fd, line)
+        self._seq += 1
+        self._head = stored["hash"]
+        self._bytes += len(line)
+        return stored
+
+    def _write(self, fd: int, line: bytes) -> None:
+        try:
+            view = memoryview(line)
+            while view:  # one write() unless the OS returns short (a full disk, a signal)
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            # A partial line left in place would break the chain for every later record.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._bytes)
+            raise LogError(
+                f"could not append to {self._file}: {exc.strerror or exc}; the log still ends "
+                f"with seq {self._seq - 1}"
+            ) from exc
+
+    def position(self) -> dict[str, Any]:
+        """Where the log ends now, for a checkpoint: next seq, last hash, file size in bytes."""
+        return {"seq": self._seq, "head": self._head, "bytes": self._bytes}
+
+    def truncate_to(self, position: Mapping[str, Any]) -> int:
+        """Cut the log back to a checkpoint's :meth:`position`; return how many records went.
+
+        Used when a run resumes from a checkpoint older than the log's end (it crashed after
+        saving): the records written after the checkpoint describe steps that will be redone.
+        """
+        if not self.enabled:
+            return 0
+        fd = self._open_fd()
+        seq, head, size = _parse_position(position)
+        scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
+        if seq > len(scan.records):
+            raise LogError(
+                f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
+                f"{len(scan.records)} — the log was cut short or belongs to another run"
+            )
+        end = scan.ends[seq - 1] if seq else 0
+        hash_there = scan.records[seq - 1]["hash"] if seq else GENESIS
+        if (size, head) != (end, hash_there):
+            raise LogError(
+                f"the checkpoint does not match {self._file}: record seq {seq - 1} there ends at "
+                f"byte {end} with hash {hash_there[:12]}…, the checkpoint says byte {size} and "
+                f"{head[:12]}… — the checkpoint belongs to another run folder"
+            )
+        dropped = len(scan.records) - seq
+        os.ftruncate(fd, size)
+        self._seq, self._head, self._bytes = seq, head, size
+        self.append(
+            {
+                "kind": "note",
+                "reason": f"resumed: dropped {dropped} records written after the checkpoint",
+            }
+        )
+        return dropped
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise LogError(f"the audit log at {self._file} is closed: open a new AuditLog")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file; records already appended are on disk (or in the OS's cache)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- manifest helpers
+
+
+def params_sha256(params: Iterable[torch.Tensor]) -> str:
+    """Return a sha256 over each tensor's dtype, shape and raw bytes, in order.
+
+    Lets a replay or a resumed run prove it starts from the same weights. Copies each tensor to
+    the CPU (a device sync; call it once, at the start of a run).
+    """
+    import ctypes
+
+    import torch
+
+    digest = hashlib.sha256()
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            raise LogError(f"parameter {index} is a {type(param).__name__}, not a torch.Tensor")
+        if param.device.type == "meta" or param.layout != torch.strided:
+            raise LogError(
+                f"cannot hash parameter {index}: it is a {param.layout} tensor on the "
+                f"{param.device.type} device; hash the parameters once they hold real values"
+            )
+        tensor = param.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|{nbytes}\n".encode())
+        if nbytes:
+            digest.update(ctypes.string_at(tensor.data_ptr(), nbytes))
+    return digest.hexdigest()
+
+
+def _selftune_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("selftune")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def _checked_group(index: int, group: Mapping[str, Any]) -> dict[str, Any]:
+    knobs, num_params = group.get("knobs"), group.get("num_params")
+    if (
+        group.get("index") != index
+        or not isinstance(knobs, list | tuple)
+        or not all(isinstance(knob, str) for knob in knobs)
+        or not isinstance(num_params, int)
+        or num_params < 0
+    ):
+        raise LogError(
+            f"param group {index} is described as {dict(group)!r}: expected "
+            f"{{'index': {index}, 'knobs': [str, ...], 'num_params': int >= 0}}"
+        )
+    return {"index": index, "knobs": list(knobs), "num_params": num_params}
+
+
+def build_manifest(
+    *,
+    controller: str,
+    config: Mapping[str, Any],
+    seed: int | None,
+    param_groups: Sequence[Mapping[str, Any]],
+    initial_params_sha256: str | None,
+) -> dict[str, Any]:
+    """Describe a run for ``manifest.json``: versions, controller, config, seed and model size.
+
+    ``param_groups`` holds ``{"index": i, "knobs": [...], "num_params": n}`` per group, and
+    ``initial_params_sha256`` comes from :func:`params_sha256` (None when the weights cannot be
+    read yet); both identify the run when a folder is reopened.
+    """
+    import torch
+
+    groups = [_checked_group(i, group) for i, group in enumerate(param_groups)]
+    manifest = {
+        "format": FORMAT,
+        "selftune": _selftune_version(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "controller": controller,
+        "config": dict(config),
+        "seed": seed,
+        "param_count": sum(group["num_params"] for group in groups),
+        "param_groups": groups,
+        "initial_params_sha256": initial_params_sha256,
+    }
+    result: dict[str, Any] = _plain(manifest, "manifest")  # refuse what JSON cannot hold, now
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``selftune verify``."""
+    parser.add_argument("run", metavar="RUN", help="the run folder (the log_dir of the run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``selftune verify RUN``: print a one-line summary and return 0, or the problem and 1."""
+    try:
+        result = verify(args.run)
+    except LogError as exc:
+        print(f"selftune verify: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0

@@ -1,0 +1,506 @@
+"""The audit log: writer and reader agree, any damage is named, a torn tail is survived."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selftune import audit, cli
+from selftune.audit import AuditLog, LogError, read_log, verify
+
+IDENTITY = {
+    "param_count": 12,
+    "param_groups": [
+        {"index": 0, "knobs": ["lr", "momentum"], "num_params": 10},
+        {"index": 1, "knobs": ["lr", "momentum"], "num_params": 2},
+    ],
+    "initial_params_sha256": "ab" * 32,
+}
+
+
+def manifest(**changes: Any) -> dict[str, Any]:
+    base = {
+        "selftune": "0.1.0",
+        "torch": "2.13.0",
+        "python": "3.11.0",
+        "controller": "auto",
+        "config": {"max_step": 2.0},
+        "seed": 0,
+        **IDENTITY,
+    }
+    return {**base, **changes}
+
+
+def decision(step: int, knob: str = "lr", **changes: Any) -> dict[str, Any]:
+    record = {
+        "kind": "decision",
+        "step": step,
+        "group": step % 2,
+        "knob": knob,
+        "old": 0.1 * step,
+        "new": 0.1 * step + 1 / 3,
+        "value": 1.0 + step / 7,
+        "signals": {"cos": 0.25, "grad_norm": 1.5},
+        "reason": "gradient aligned with the last update",
+        "clipped": False,
+    }
+    return {**record, **changes}
+
+
+def guard(step: int) -> dict[str, Any]:
+    return {
+        "kind": "guard",
+        "step": step,
+        "event": "rollback",
+        "signal": "loss",
+        "value": float("inf"),
+        "reason": "loss is not finite",
+        "restored_step": step - 1,
+    }
+
+
+def write_run(folder: Path, n: int = 5) -> list[dict[str, Any]]:
+    """Write a run of n records (decisions on lr and momentum, one guard event)."""
+    records = [guard(i) if i == 3 else decision(i, "lr" if i % 2 else "momentum") for i in range(n)]
+    with AuditLog(folder, manifest()) as log:
+        return [log.append(record) for record in records]
+
+
+def lines(folder: Path) -> list[bytes]:
+    return (folder / audit.DECISIONS).read_bytes().splitlines(keepends=True)
+
+
+def set_lines(folder: Path, new: list[bytes]) -> None:
+    (folder / audit.DECISIONS).write_bytes(b"".join(new))
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_reader_returns_what_the_writer_stored(tmp_path: Path) -> None:
+    stored = write_run(tmp_path)
+    run = read_log(tmp_path)
+    assert run.records == stored
+    assert [r["seq"] for r in run.records] == list(range(5))
+    assert run.records[0]["prev"] == audit.GENESIS
+    assert all(b["prev"] == a["hash"] for a, b in zip(run.records, run.records[1:], strict=False))
+    assert run.manifest == manifest()
+    assert not run.torn_tail
+
+    result = verify(tmp_path)
+    assert (result.records, result.knobs, result.guard_events) == (5, ["lr", "momentum"], 1)
+    assert result.summary() == (
+        f"{tmp_path}: OK, 5 records, knobs lr momentum, 1 guard events, no torn tail"
+    )
+
+
+def test_floats_round_trip_bit_exactly(tmp_path: Path) -> None:
+    values = [0.1 + 0.2, 1 / 3, 5e-324, 1e-300, 1.7976931348623157e308, -0.0, 2.0**-1074 * 3]
+    with AuditLog(tmp_path, manifest()) as log:
+        for i, value in enumerate(values):
+            log.append(decision(i, old=value, new=-value, value=value))
+    for value, record in zip(values, read_log(tmp_path).records, strict=True):
+        assert record["old"] == value and record["value"] == value
+        assert math.copysign(1.0, record["old"]) == math.copysign(1.0, value)
+
+
+def test_non_finite_signals_are_stored_as_names(tmp_path: Path) -> None:
+    signals = {
+        "cos": float("nan"),
+        "up": float("inf"),
+        "down": float("-inf"),
+        "ok": [1.0, math.nan],
+    }
+    with AuditLog(tmp_path, manifest()) as log:
+        stored = log.append(decision(0, signals=signals))
+    expected = {"cos": "nan", "up": "inf", "down": "-inf", "ok": [1.0, "nan"]}
+    assert stored["signals"] == expected
+    assert read_log(tmp_path).records[0]["signals"] == expected
+    assert b'"cos":"nan"' in lines(tmp_path)[0]
+    assert verify(tmp_path).records == 1
+
+
+def test_canonical_form_is_sorted_and_compact() -> None:
+    assert audit.canonical({"b": 1, "a": [float("nan"), "é"]}) == '{"a":["nan","é"],"b":1}'.encode()
+    with pytest.raises(LogError, match=r"signals\.x"):
+        audit.canonical({"signals": {"x": object()}})
+
+
+def test_reopening_continues_the_chain(tmp_path: Path) -> None:
+    write_run(tmp_path, 3)
+    with AuditLog(tmp_path, manifest()) as log:
+        assert log.position()["seq"] == 3
+        log.append(decision(3))
+    assert [r["seq"] for r in read_log(tmp_path).records] == [0, 1, 2, 3]
+    assert verify(tmp_path).records == 4
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+def _change(folder: Path, index: int) -> None:
+    """Edit one record's reason in place, keeping the line canonical."""
+    edited = lines(folder)
+    record = json.loads(edited[index])
+    record["reason"] = "edited afterwards"
+    edited[index] = audit.canonical(record) + b"\n"
+    set_lines(folder, edited)
+
+
+def _rehash(folder: Path, index: int) -> None:
+    """Edit one record and give it a correct hash of its new content."""
+    edited = lines(folder)
+    record = json.loads(edited[index])
+    record["new"] = 123.0
+    record["hash"] = audit.record_hash(record)
+    edited[index] = audit.canonical(record) + b"\n"
+    set_lines(folder, edited)
+
+
+def _delete(folder: Path, index: int) -> None:
+    edited = lines(folder)
+    del edited[index]
+    set_lines(folder, edited)
+
+
+def _insert(folder: Path, index: int) -> None:
+    """Insert a copy of a record from elsewhere in the log."""
+    edited = lines(folder)
+    edited.insert(index, edited[(index + 2) % len(edited)])
+    set_lines(folder, edited)
+
+
+def _swap(folder: Path, index: int) -> None:
+    edited = lines(folder)
+    edited[index], edited[index + 1] = edited[index + 1], edited[index]
+    set_lines(folder, edited)
+
+
+def _reformat(folder: Path, index: int) -> None:
+    """Rewrite a record with the same content but spaces: the hash still matches."""
+    edited = lines(folder)
+    edited[index] = json.dumps(json.loads(edited[index]), sort_keys=True).encode() + b"\n"
+    set_lines(folder, edited)
+
+
+# (tamper, index of the record touched, line the error must name, words it must contain)
+TAMPERING = [
+    *[(_change, i, i + 1, "hash does not match its content") for i in (0, 2, 4)],
+    *[(_rehash, i, i + 2, "prev does not match the hash of line") for i in (0, 2, 3)],
+    *[(_delete, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 3)],
+    *[(_insert, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 5)],
+    *[(_swap, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 3)],
+    *[(_reformat, i, i + 1, "not in canonical form") for i in (0, 4)],
+]
+
+
+@pytest.mark.parametrize(("tamper", "index", "line", "words"), TAMPERING)
+def test_tampering_with_any_record_is_named(
+    tmp_path: Path, tamper: Any, index: int, line: int, words: str
+) -> None:
+    write_run(tmp_path)
+    tamper(tmp_path, index)
+    with pytest.raises(LogError) as caught:
+        verify(tmp_path)
+    message = str(caught.value)
+    assert f"{audit.DECISIONS} line {line} (seq " in message
+    assert words in message
+    with pytest.raises(LogError, match=f"line {line} "):
+        AuditLog(tmp_path)  # a writer refuses to continue a damaged chain
+
+
+def test_prev_of_the_first_record_must_be_zeros(tmp_path: Path) -> None:
+    write_run(tmp_path, 2)
+    edited = lines(tmp_path)
+    record = json.loads(edited[0])
+    record["prev"] = "1" * 64
+    record["hash"] = audit.record_hash(record)
+    set_lines(tmp_path, [audit.canonical(record) + b"\n", *edited[1:]])
+    with pytest.raises(LogError, match=r"line 1 \(seq 0\): prev does not match 64 zeros"):
+        verify(tmp_path)
+
+
+# --------------------------------------------------------------------------- torn tails
+
+
+def test_a_cut_at_every_byte_is_read_and_then_repaired_by_the_writer(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_run(source)
+    data = (source / audit.DECISIONS).read_bytes()
+    boundaries = {0} | {i + 1 for i, byte in enumerate(data) if byte == ord("\n")}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / audit.MANIFEST).write_bytes((source / audit.MANIFEST).read_bytes())
+    for cut in range(len(data) + 1):
+        (run / audit.DECISIONS).write_bytes(data[:cut])
+        complete = data[:cut].count(b"\n")
+        result = verify(run)
+        assert result.records == complete
+        assert result.torn_tail == (cut not in boundaries)
+        assert result.torn_bytes == cut - data[:cut].rfind(b"\n") - 1
+
+        with AuditLog(run, manifest()) as log:
+            for step in range(3):
+                log.append(decision(10 + step))
+        repaired = verify(run)
+        assert not repaired.torn_tail
+        assert repaired.records == complete + result.torn_tail + 3
+        if result.torn_tail:
+            note = read_log(run).records[complete]
+            assert note["reason"] == f"dropped a torn final line of {result.torn_bytes} bytes"
+
+
+def test_nul_bytes_after_a_power_cut_count_as_a_torn_tail(tmp_path: Path) -> None:
+    write_run(tmp_path, 2)
+    set_lines(tmp_path, [*lines(tmp_path), b"\0" * 40])
+    result = verify(tmp_path)
+    assert (result.records, result.torn_tail, result.torn_bytes) == (2, True, 40)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _manifest_only(folder: Path, text: str = "") -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / audit.MANIFEST).write_text(text or json.dumps(manifest()))
+    return folder
+
+
+def test_a_run_without_decisions_is_valid(tmp_path: Path) -> None:
+    AuditLog(tmp_path, manifest()).close()
+    assert (tmp_path / audit.DECISIONS).read_bytes() == b""
+    result = verify(tmp_path)
+    assert (result.records, result.knobs, result.torn_tail) == (0, [], False)
+    assert "0 records, knobs none" in result.summary()
+
+
+@pytest.mark.parametrize(
+    ("prepare", "words"),
+    [
+        (lambda d: d / "absent", "no run folder at"),
+        (lambda d: _manifest_only(d) / audit.MANIFEST, "is a file, not a run folder"),
+        (lambda d: _manifest_only(d), f"no {audit.DECISIONS} in"),
+        (lambda d: _manifest_only(d, "{not json"), "manifest.json is not valid JSON"),
+        (lambda d: _manifest_only(d, "[1, 2]"), "holds a JSON list, not an object"),
+    ],
+)
+def test_bad_folders_are_named(tmp_path: Path, prepare: Any, words: str) -> None:
+    with pytest.raises(LogError, match=words):
+        verify(prepare(tmp_path))
+
+
+def test_missing_manifest_is_named(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    (tmp_path / audit.MANIFEST).unlink()
+    with pytest.raises(LogError, match=f"no {audit.MANIFEST} in {tmp_path}"):
+        verify(tmp_path)
+
+
+@pytest.mark.parametrize("key", audit.REQUIRED_MANIFEST_KEYS)
+def test_manifest_missing_a_key_is_named(tmp_path: Path, key: str) -> None:
+    write_run(tmp_path, 1)
+    incomplete = {k: v for k, v in manifest().items() if k != key}
+    (tmp_path / audit.MANIFEST).write_text(json.dumps(incomplete))
+    with pytest.raises(LogError, match=f"lacks the required key '{key}'"):
+        verify(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"hello world", b"\x89PNG\r\n\x1a\n\x00\x00", b"\xff\xfe{}\n", b"[1, 2]\n", b'{"a": 1}\n'],
+)
+def test_garbage_decisions_are_rejected_at_line_1(tmp_path: Path, garbage: bytes) -> None:
+    _manifest_only(tmp_path)
+    (tmp_path / audit.DECISIONS).write_bytes(garbage)
+    with pytest.raises(LogError, match=f"{audit.DECISIONS} line 1"):
+        verify(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"kind": "surprise", "reason": "x"}, "kind is 'surprise'"),
+        (decision(0, knob="beta2"), "knob 'beta2' is not a knob of group 0"),
+        (decision(0, group=5), "group 5 is not one of the manifest's 2 groups"),
+    ],
+)
+def test_records_that_do_not_fit_the_manifest_are_named(
+    tmp_path: Path, record: dict[str, Any], words: str
+) -> None:
+    """Chain intact, content wrong: written by hand, since append() refuses the first."""
+    write_run(tmp_path, 2)
+    stored = {**record, "seq": 2, "prev": read_log(tmp_path).records[-1]["hash"]}
+    stored["hash"] = audit.record_hash(stored)
+    set_lines(tmp_path, [*lines(tmp_path), audit.canonical(stored) + b"\n"])
+    with pytest.raises(LogError, match=rf"line 3 \(seq 2\): {words}"):
+        verify(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"kind": "decision", "step": 1}, "the decision record lacks group, knob"),
+        ({**guard(2), "event": "panic"}, "guard event is 'panic'"),
+        ({"reason": "no kind"}, "kind is None"),
+        ({"kind": "note", "reason": "x", "seq": 4}, "the log fills seq, prev and hash"),
+        (decision(1, signals={"g": object()}), r"at signals\.g of an audit record"),
+        (decision(1, signals={1: 2.0}), "cannot store key 1"),
+    ],
+)
+def test_append_refuses_incomplete_records(
+    tmp_path: Path, record: dict[str, Any], words: str
+) -> None:
+    with AuditLog(tmp_path, manifest()) as log:
+        with pytest.raises(LogError, match=words):
+            log.append(record)
+        assert log.position()["seq"] == 0
+    assert verify(tmp_path).records == 0
+
+
+def test_a_folder_of_another_run_is_refused(tmp_path: Path) -> None:
+    write_run(tmp_path, 1)
+    with pytest.raises(LogError, match=r"another run .*param_count.*pass a new log_dir"):
+        AuditLog(tmp_path, manifest(param_count=13))
+
+
+def test_a_resumed_run_may_change_its_config_and_says_so(tmp_path: Path) -> None:
+    write_run(tmp_path, 1)
+    AuditLog(tmp_path, manifest(created="later")).close()
+    assert verify(tmp_path).records == 1  # a new start time alone is not worth a note
+    AuditLog(tmp_path, manifest(config={"max_step": 3.0})).close()
+    note = read_log(tmp_path).records[-1]
+    assert note["kind"] == "note" and "(config)" in note["reason"]
+    assert read_log(tmp_path).manifest == manifest()
+
+
+def test_a_closed_or_disabled_log_writes_nothing(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "run", manifest())
+    log.close()
+    with pytest.raises(LogError, match="is closed"):
+        log.append(decision(0))
+
+    off = AuditLog(tmp_path / "rank1", manifest(), enabled=False)
+    assert off.append(decision(0)) == decision(0)
+    assert off.truncate_to({"seq": 0, "head": audit.GENESIS, "bytes": 0}) == 0
+    assert off.position() == {"seq": 0, "head": audit.GENESIS, "bytes": 0}
+    assert not (tmp_path / "rank1").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_truncate_to_drops_records_after_a_checkpoint(tmp_path: Path) -> None:
+    with AuditLog(tmp_path, manifest(), fsync=True) as log:
+        for step in range(3):
+            log.append(decision(step))
+        checkpoint = log.position()
+        for step in range(3, 7):
+            log.append(decision(step))
+    with AuditLog(tmp_path, manifest()) as log:  # a new process, resuming after a crash
+        assert log.truncate_to(checkpoint) == 4
+        log.append(decision(3, reason="redone"))
+    records = read_log(tmp_path).records
+    assert [r["kind"] for r in records] == ["decision"] * 3 + ["note", "decision"]
+    assert records[3]["reason"] == "resumed: dropped 4 records written after the checkpoint"
+    assert records[3]["prev"] == checkpoint["head"]
+    assert records[4]["reason"] == "redone"
+    assert verify(tmp_path).records == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"head": "f" * 64}, "belongs to another run folder"),
+        ({"bytes": 5}, "belongs to another run folder"),
+        ({"seq": 9}, "the checkpoint is ahead of"),
+        ({"head": "short"}, "is not a log position"),
+        ({"seq": -1}, "is not a log position"),
+    ],
+)
+def test_truncate_to_refuses_a_foreign_checkpoint(
+    tmp_path: Path, change: dict[str, Any], words: str
+) -> None:
+    write_run(tmp_path, 3)
+    with AuditLog(tmp_path) as log:
+        position = {**log.position(), "seq": 2, **change}
+        with pytest.raises(LogError, match=words):
+            log.truncate_to(position)
+    assert verify(tmp_path).records == 3
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def verify_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the real ``main`` to this command only, whatever other commands need to import."""
+    monkeypatch.setattr(cli, "COMMANDS", {"verify": cli.COMMANDS["verify"]})
+
+
+@pytest.mark.usefixtures("verify_only")
+def test_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path)
+    assert cli.main(["verify", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == verify(tmp_path).summary() and err == ""
+
+
+@pytest.mark.usefixtures("verify_only")
+def test_cli_reports_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path)
+    _swap(tmp_path, 1)
+    assert cli.main(["verify", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("selftune verify: ") and "line 2 (seq 2)" in err
+    assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "no run folder at" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- manifest helpers
+
+
+def test_params_sha256_sees_values_dtype_and_shape() -> None:
+    torch = pytest.importorskip("torch")
+    weights = [torch.arange(6.0).reshape(2, 3), torch.ones(3)]
+    base = audit.params_sha256(weights)
+    assert audit.params_sha256([w.clone() for w in weights]) == base
+    assert audit.params_sha256([weights[0].t().contiguous().t(), weights[1]]) == base
+    nudged = weights[0].clone()
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(100.0))
+    assert audit.params_sha256([nudged, weights[1]]) != base
+    assert audit.params_sha256([weights[0].reshape(3, 2), weights[1]]) != base
+    assert audit.params_sha256([weights[0].double(), weights[1]]) != base
+    assert audit.params_sha256(weights[::-1]) != base
+    with pytest.raises(LogError, match=r"parameter 0: .* on the meta device"):
+        audit.params_sha256([torch.empty(2, device="meta")])
+
+
+def test_build_manifest_describes_the_run(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    groups = IDENTITY["param_groups"]
+    built = audit.build_manifest(
+        controller="auto",
+        config={"bounds": (1e-5, float("inf"))},
+        seed=None,
+        param_groups=groups,
+        initial_params_sha256="cd" * 32,
+    )
+    assert set(audit.REQUIRED_MANIFEST_KEYS) <= built.keys()
+    assert built["param_count"] == 12 and built["param_groups"] == groups
+    assert built["config"] == {"bounds": [1e-5, "inf"]}
+    AuditLog(tmp_path, built).close()
+    assert verify(tmp_path).records == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([audit.MANIFEST, audit.DECISIONS])
+    with pytest.raises(LogError, match="param group 0 is described as"):
+        audit.build_manifest(
+            controller="auto",
+            config={},
+            seed=0,
+            param_groups=[{"index": 0, "knobs": "lr", "num_params": 3}],
+            initial_params_sha256=None,
+        )
