@@ -432,6 +432,16 @@ def test_truncate_to_refuses_a_foreign_checkpoint(
     assert verify(tmp_path).records == 3
 
 
+def test_a_new_folder_may_continue_from_another_runs_checkpoint(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", 3)
+    with AuditLog(tmp_path / "a") as log:
+        checkpoint = log.position()
+    with AuditLog(tmp_path / "b", manifest()) as log:
+        assert log.truncate_to(checkpoint) == 0
+    (note,) = read_log(tmp_path / "b").records
+    assert note["reason"].endswith(f"at seq 2, hash {checkpoint['head']}")
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -558,12 +558,24 @@ class AuditLog:
 
         Used when a run resumes from a checkpoint older than the log's end (it crashed after
         saving): the records written after the checkpoint describe steps that will be redone.
+        An empty log (a new folder for a run continued from another one's checkpoint) is kept,
+        with a note naming the checkpoint's place in the other log.
         """
         if not self.enabled:
             return 0
         fd = self._open_fd()
         seq, head, size = _parse_position(position)
         scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
+        if seq and not scan.records:
+            # A new folder for a run that continues from another folder's checkpoint.
+            self.append(
+                {
+                    "kind": "note",
+                    "reason": f"continued from a checkpoint of another log at seq {seq - 1}, "
+                    f"hash {head}",
+                }
+            )
+            return 0
         if seq > len(scan.records):
             raise LogError(
                 f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
