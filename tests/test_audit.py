@@ -45,7 +45,7 @@ def decision(step: int, knob: str = "lr", **changes: Any) -> dict[str, Any]:
         "new": 0.1 * step + 1 / 3,
         "value": 1.0 + step / 7,
         "signals": {"cos": 0.25, "grad_norm": 1.5},
-        "reason": "gradient aligned with the last update",
+        "reason": "gradient aligned with the last update — grow",
         "clipped": False,
     }
     return {**record, **changes}
@@ -161,6 +161,16 @@ def _rehash(folder: Path, index: int) -> None:
     set_lines(folder, edited)
 
 
+def _reseq(folder: Path, index: int) -> None:
+    """Renumber one record and rehash it: only its seq betrays it when it is the last."""
+    edited = lines(folder)
+    record = json.loads(edited[index])
+    record["seq"] += 2
+    record["hash"] = audit.record_hash(record)
+    edited[index] = audit.canonical(record) + b"\n"
+    set_lines(folder, edited)
+
+
 def _delete(folder: Path, index: int) -> None:
     edited = lines(folder)
     del edited[index]
@@ -191,6 +201,7 @@ def _reformat(folder: Path, index: int) -> None:
 TAMPERING = [
     *[(_change, i, i + 1, "hash does not match its content") for i in (0, 2, 4)],
     *[(_rehash, i, i + 2, "prev does not match the hash of line") for i in (0, 2, 3)],
+    (_reseq, 4, 5, "seq should be 4 on this line"),
     *[(_delete, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 3)],
     *[(_insert, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 5)],
     *[(_swap, i, i + 1, "deleted, inserted or reordered") for i in (0, 2, 3)],
