@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from selftune.audit import LogError, verify
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
 from selftune.policy import Policy
+from selftune.replay import replay
 from selftune.tuner import Decision, SelfTuned, StepEvent
 
 try:
@@ -68,11 +70,14 @@ __all__ = [
     "Decision",
     "GuardConfig",
     "GuardError",
+    "LogError",
     "Policy",
     "Proposal",
     "SelfTuneError",
     "SelfTuned",
     "StepEvent",
     "__version__",
+    "replay",
+    "verify",
     "wrap",
 ]

@@ -111,7 +111,14 @@ class Guard:
     snapshots: list[Snapshot] = field(default_factory=list)
 
     def check(self, s: Signals) -> Trouble | None:
-        """Judge this step; learn from it if it is healthy."""
+        """Judge this step; on a healthy one, count it towards forgiving earlier rollbacks."""
+        trouble = self.judge(s)
+        if trouble is None and self.retries and s.step - self.healthy_since >= self.config.interval:
+            self.retries = 0
+        return trouble
+
+    def judge(self, s: Signals) -> Trouble | None:
+        """Is this step trouble?  Learn the running statistics from it if not."""
         c = self.config
         if s.loss is not None and not math.isfinite(s.loss):
             return Trouble(s.step, "loss", s.loss, f"loss is {s.loss}")
@@ -124,13 +131,13 @@ class Guard:
                 return Trouble(s.step, "loss", s.loss, why)
         score = self.grad.spike(s.grad_norm, c.z, c.grad_ratio, c.warmup)
         if score is not None:
-            why = f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
+            why = (
+                f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
+            )
             return Trouble(s.step, "grad_norm", s.grad_norm, why)
         if s.loss is not None:
             self.loss.learn(s.loss)
         self.grad.learn(s.grad_norm)
-        if self.retries and s.step - self.healthy_since >= c.interval:
-            self.retries = 0
         return None
 
     def wants_snapshot(self, step: int) -> bool:

@@ -46,7 +46,9 @@ def check_group(index: int, group: dict[str, Any]) -> None:
     for name in knob_names(group):
         value = read(group, name)
         if not math.isfinite(value):
-            raise ConfigError(f"param group {index}: {name}={value} is not finite; pass a finite value")
+            raise ConfigError(
+                f"param group {index}: {name}={value} is not finite; pass a finite value"
+            )
     if read(group, "lr") <= 0.0:
         raise ConfigError(f"param group {index}: lr={read(group, 'lr')} must be > 0")
 

@@ -32,8 +32,8 @@ class Policy:
     """Bounds per knob, the largest change per step, and the knobs that must not move.
 
     ``bounds["lr"]`` is a pair of factors applied to each group's starting learning rate unless
-    ``lr_bounds_absolute`` is set, in which case it is a pair of learning rates.  ``beta2`` is frozen
-    by default: changing Adam's second-moment horizon mid-run rescales every past step size.
+    ``lr_bounds_absolute`` is set, in which case it is a pair of learning rates.  ``beta2`` is
+    frozen by default: changing Adam's second-moment horizon mid-run rescales every past step size.
     """
 
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
@@ -54,10 +54,12 @@ class Policy:
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ConfigError(f"bounds for {name} must be finite, got ({lo}, {hi})")
             if not lo < hi:
-                raise ConfigError(f"bounds for {name} are out of order: ({lo}, {hi}); pass (low, high)")
+                raise ConfigError(
+                    f"bounds for {name} are out of order: ({lo}, {hi}); pass (low, high)"
+                )
             if name == "lr" and lo <= 0:
                 raise ConfigError(f"bounds for lr must be > 0, got ({lo}, {hi})")
-            if name != "lr" and not (0.0 <= lo and hi < 1.0):
+            if name != "lr" and not (lo >= 0.0 and hi < 1.0):
                 raise ConfigError(f"bounds for {name} must lie in [0, 1), got ({lo}, {hi})")
         for name, limit in max_change.items():
             floor = 1.0 if name == "lr" else 0.0
@@ -92,7 +94,9 @@ class Policy:
         # a run that starts outside the bounds may stay where the user put it
         return min(lo, start), max(hi, start)
 
-    def clip(self, knob: str, old: float, proposed: float, start: float) -> tuple[float, str | None]:
+    def clip(
+        self, knob: str, old: float, proposed: float, start: float
+    ) -> tuple[float, str | None]:
         """Return the value allowed and, if it differs from the proposal, why."""
         if knob in self.frozen:
             return old, f"{knob} is frozen by the policy"

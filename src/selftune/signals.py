@@ -91,7 +91,9 @@ class SignalTracker:
         device = scalars[0].device if scalars else torch.device("cpu")
         if isinstance(loss, torch.Tensor):
             scalars.append(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
-        values = torch.stack([s.to(torch.float64) for s in scalars]).tolist()  # the host sync
+        stacked = torch.stack([s.to(torch.float64) for s in scalars])
+        _average_across_ranks(stacked)
+        values = stacked.tolist()  # the one host sync of the step
         loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         return self._assemble(step, loss_value, values)
 
@@ -108,14 +110,20 @@ class SignalTracker:
             return [zero] * 5
         gg = _sumsq(torch._foreach_norm(grads))
         if self._prev is not None:
-            prev = [d for p, d in zip(group["params"], self._prev[gi], strict=True) if p.grad is not None]
+            prev = [
+                d
+                for p, d in zip(group["params"], self._prev[gi], strict=True)
+                if p.grad is not None
+            ]
             dd = _sumsq(torch._foreach_norm(prev))
             # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update anyway
             torch._foreach_mul_(prev, grads)
             gd = _total(prev)
         else:
             dd = gd = zero
-        buffers = [state.get(p, {}).get(k) for p in params for k in _BUFFER_KEYS if k in state.get(p, {})]
+        buffers = [
+            state.get(p, {}).get(k) for p in params for k in _BUFFER_KEYS if k in state.get(p, {})
+        ]
         if len(buffers) == len(grads) and all(b is not None for b in buffers):
             bb = _sumsq(torch._foreach_norm(buffers))
             gb = _total(torch._foreach_mul(buffers, grads))
@@ -204,10 +212,27 @@ class SignalTracker:
             self._prev = None
         else:
             self._prev = [
-                [t.to(device=p.device, dtype=p.dtype).clone() for t, p in zip(ts, g["params"], strict=True)]
+                [
+                    t.to(device=p.device, dtype=p.dtype).clone()
+                    for t, p in zip(ts, g["params"], strict=True)
+                ]
                 for ts, g in zip(prev, self._groups, strict=True)
             ]
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
+
+
+def _average_across_ranks(stacked: torch.Tensor) -> None:
+    """Under ``torch.distributed``, average the step's scalars over ranks, in place.
+
+    One collective per step, called on every rank in the same order, so that every rank sees the
+    same signals and takes the same decisions even when per-rank losses differ.  With DDP the
+    gradients are already averaged, so only the loss (and its statistics) change.  Every rank must
+    pass a loss, or none must: the stacked sizes have to match.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked.div_(dist.get_world_size())
 
 
 def _sumsq(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:

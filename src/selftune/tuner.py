@@ -17,16 +17,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
 from selftune import knobs as knobs_io
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
-from selftune.errors import ConfigError
+from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Trouble
 from selftune.policy import Policy
 from selftune.signals import Signals, SignalTracker
+
+if TYPE_CHECKING:
+    from selftune.audit import AuditLog
 
 _WRAPPED = "_selftune_wrapped"
 
@@ -80,7 +83,9 @@ class SelfTuned(torch.optim.Optimizer):
         **controller_options: Any,
     ) -> None:
         if isinstance(optimizer, SelfTuned):
-            raise ConfigError("this optimizer is already wrapped by selftune; wrap the inner one once")
+            raise ConfigError(
+                "this optimizer is already wrapped by selftune; wrap the inner one once"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
                 f"selftune.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -112,13 +117,13 @@ class SelfTuned(torch.optim.Optimizer):
         self._listeners: list[Callable[[StepEvent], None]] = []
         self.last_signals: Signals | None = None
         self._seed = seed
-        self._log = None
-        self._trace = None
+        self._log: AuditLog | None = None
+        self._trace: TextIO | None = None
         if log_dir is not None:
             self._open_log(Path(log_dir), log_enabled)
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -126,7 +131,7 @@ class SelfTuned(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -147,9 +152,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
-    ) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """Read the signals, let the controller and guard act, then step the wrapped optimizer."""
         inner_closure = closure
         if closure is not None:
@@ -275,11 +278,15 @@ class SelfTuned(torch.optim.Optimizer):
         if p.knob not in current:
             return None
         old = current[p.knob]
-        new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
+        base = knobs_io.read(self.param_groups[p.group], "lr")
+        if p.raw:
+            value, note = p.value, None
+            new = value * base if p.knob == "lr" else value
+        else:
+            new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
+            value = new / base if p.knob == "lr" else new
         if new == old:
             return None
-        base = knobs_io.read(self.param_groups[p.group], "lr")
-        value = new / base if p.knob == "lr" else new
         self._set(p.group, p.knob, value)
         if p.knob == "lr":
             new = self._effective(p.group)
@@ -298,7 +305,12 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _roll_back(self, trouble: Trouble, signals: Signals) -> tuple[list[Decision], dict]:
         assert self.guard is not None
-        snap, factor = self.guard.rollback(trouble)
+        try:
+            snap, factor = self.guard.rollback(trouble)
+        except GuardError as err:
+            event = {"event": "escalate", "signal": trouble.signal, "value": trouble.value}
+            self._after(trouble.step, signals, [], {**event, "reason": str(err)})
+            raise
         payload = snap.payload
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             torch._foreach_copy_([p.data for p in group["params"]], saved)
@@ -313,7 +325,9 @@ class SelfTuned(torch.optim.Optimizer):
             current = self._knobs(i)
             for knob, value in saved.items():
                 target = value * factor if knob == "lr" else value
-                p = Proposal(i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason)
+                p = Proposal(
+                    i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
+                )
                 decision = self._apply_exact(trouble.step, p, current)
                 if decision is not None:
                     decisions.append(decision)

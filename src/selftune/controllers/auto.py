@@ -15,11 +15,12 @@ Momentum and β1 follow the hypergradient controller's buffer-alignment rule thr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from selftune.controllers.base import Knobs, Proposal
 from selftune.controllers.evidence import RatioEMA
-from selftune.controllers.hypergradient import HypergradientController
+from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
 from selftune.signals import Signals
 
@@ -35,9 +36,18 @@ class AutoController:
         settle: float = 0.5,
         blowup: float = 2.0,
         min_ramp_steps: int = 3,
-        cruise_gain: float = 0.0125,
+        cruise_gain: float = 0.05,
+        deadband: float = 0.2,
+        overshoot: float = 0.1,
     ) -> None:
-        self.ramp, self.settle, self.blowup, self.min_ramp_steps = ramp, settle, blowup, min_ramp_steps
+        self.overshoot = overshoot
+        self.deadband = deadband
+        self.ramp, self.settle, self.blowup, self.min_ramp_steps = (
+            ramp,
+            settle,
+            blowup,
+            min_ramp_steps,
+        )
         self.cruise_gain = cruise_gain
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
@@ -60,43 +70,47 @@ class AutoController:
         for i, k in enumerate(knobs):
             g = signals.groups[i]
             rho_fast = self._ramp_ema[i].update(g.dot_update, g.grad_norm * g.update_norm)
-            rho, rho_m = self.hyper.evidence(signals, i)  # keep every average current
+            rho, _ = self.hyper.evidence(signals, i)  # keep every average current
             trouble = self.stability.trouble(signals, i)
             if g.update_norm == 0.0:
                 continue
             if self._phase[i] != "cruise":
                 out.extend(self._range_test(signals, i, k, rho_fast))
                 continue
-            if trouble is not None:
+            if trouble is not None and not trouble.startswith("noisy"):
                 out.append(self.stability.cut_proposal(i, k["lr"], trouble))
-            else:
+            elif abs(rho) > self.deadband or g.cos_update < REVERSAL:
                 out.append(self.hyper.lr_proposal(i, k["lr"], rho, g.cos_update, self.cruise_gain))
-            for name in ("momentum", "beta1"):
-                if name in k and g.cos_buffer == g.cos_buffer:  # not NaN
-                    from selftune.controllers.hypergradient import momentum_proposal
-
-                    out.append(momentum_proposal(i, name, k[name], rho_m, self.hyper.momentum_gain))
         return out
 
     def _range_test(self, s: Signals, i: int, k: dict[str, float], rho: float) -> list[Proposal]:
+        """One step of the in-run range test for group ``i``; moves to "cruise" when done."""
         self._ramp_steps[i] += 1
-        lr, phase = k["lr"], self._phase[i]
+        n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
+
+        def to_cruise(factor: float, why: str) -> list[Proposal]:
+            self._phase[i] = "cruise"
+            return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
+
         blown = s.loss_ema is not None and s.loss_ema > self.blowup * self._best_loss
-        if blown and phase == "ramp" and self._ramp_steps[i] >= 10:
-            self._phase[i] = "cruise"
-            return [Proposal(i, "lr", lr / 4, f"range test: loss rose {s.loss_ema / self._best_loss:.2f}x above its best at lr {lr:.3g}; settle at 1/4")]
-        if self._ramp_steps[i] < self.min_ramp_steps:
+        if phase == "ramp" and blown and n >= 10:
+            ratio = s.loss_ema / self._best_loss if s.loss_ema is not None else math.inf
+            return to_cruise(0.25, f"loss rose {ratio:.2f}x above its best at lr {lr:.3g}; settle")
+        if n < self.min_ramp_steps:
             return []
-        if rho < 0:
-            if phase == "ramp" and self._ramp_steps[i] > self.min_ramp_steps:
-                self._phase[i] = "cruise"
-                return [Proposal(i, "lr", lr * self.settle, f"range test: steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f}); settle")]
-            self._phase[i] = "shrink"
-            return [Proposal(i, "lr", lr * self.settle, f"range test: rate too high (cos {rho:+.3f}); shrink")]
+        if n == self.min_ramp_steps and rho < -self.deadband:
+            phase = self._phase[i] = "shrink"  # started above the edge: come down first
         if phase == "shrink":
-            self._phase[i] = "cruise"
-            return []
-        return [Proposal(i, "lr", lr * self.ramp, f"range test: steps still too short (cos {rho:+.3f}); grow")]
+            if rho >= -self.deadband:
+                return to_cruise(1.0, "")
+            why = f"rate too high (cos {rho:+.3f}); shrink"
+            return [Proposal(i, "lr", lr * self.settle, f"range test: {why}")]
+        if rho < -self.overshoot:
+            return to_cruise(
+                self.settle, f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
+            )
+        why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
+        return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
 
     def on_backoff(self, step: int) -> None:
         self._phase = ["cruise"] * len(self._phase)

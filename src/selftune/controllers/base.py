@@ -19,6 +19,9 @@ class Proposal:
     knob: str
     value: float
     reason: str
+    #: ``value`` is the stored value itself (the scale, for ``lr``) and bypasses the policy:
+    #: only replay, which re-applies values the policy already passed, sets it
+    raw: bool = False
 
 
 @runtime_checkable

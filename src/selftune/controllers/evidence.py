@@ -32,4 +32,3 @@ class RatioEMA:
 
     def state(self) -> dict[str, Any]:
         return asdict(self)
-

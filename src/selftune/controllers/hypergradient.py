@@ -1,4 +1,4 @@
-"""``hypergradient``: learning rate and momentum by normalised, multiplicative hypergradient descent.
+"""``hypergradient``: learning rate and momentum by normalised multiplicative hypergradients.
 
 Baydin et al. 2018 ("Online learning rate adaptation with hypergradient descent") update the rate
 additively with ``∂L/∂lr = ⟨g_t, Δθ_{t-1}⟩ / lr``; that step depends on the scale of the loss and
@@ -9,7 +9,8 @@ optimizer") and in the multiplicative variant of Baydin et al., the rate moves i
     lr ← lr · exp(κ · ρ),   ρ = EMA⟨−g_t, Δθ_{t-1}⟩ / EMA(‖g_t‖‖Δθ_{t-1}‖) ∈ [−1, 1]
 
 which is free of every scale and stays positive.  A step that reversed the gradient outright
-(instantaneous cosine below −½) is an overshoot that the average would see too late, so it halves
+(instantaneous cosine below −0.9: noise alone almost never
+reaches it) is an overshoot that the average would see too late, so it halves
 the rate at once.  Momentum (SGD, RMSprop) and Adam's β1 move the same way in ``1 − μ``, from the
 alignment of the new gradient with the momentum buffer: agreement lengthens the memory.
 """
@@ -24,7 +25,7 @@ from selftune.controllers.evidence import RatioEMA
 from selftune.signals import Signals
 
 #: an instantaneous cosine below this means the last step jumped across a valley
-REVERSAL = -0.5
+REVERSAL = -0.9
 
 
 class HypergradientController:
@@ -73,11 +74,17 @@ class HypergradientController:
         """The hypergradient step on ``lr``, halving at once on an outright reversal."""
         if cos_now < REVERSAL:
             return Proposal(
-                group, "lr", lr * 0.5, f"overshoot: the step reversed the gradient (cos {cos_now:.2f})"
+                group,
+                "lr",
+                lr * 0.5,
+                f"overshoot: the step reversed the gradient (cos {cos_now:.2f})",
             )
         verb = "raise" if rho > 0 else "lower"
         return Proposal(
-            group, "lr", lr * math.exp(gain * rho), f"hypergradient: {verb} (averaged cos {rho:+.3f})"
+            group,
+            "lr",
+            lr * math.exp(gain * rho),
+            f"hypergradient: {verb} (averaged cos {rho:+.3f})",
         )
 
     def on_backoff(self, step: int) -> None:

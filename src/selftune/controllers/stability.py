@@ -7,8 +7,8 @@ corrected within a few hundred steps.  Three kinds of trouble cut it:
 
 - a *spike*: the loss more than ``spike_sigma`` running deviations above its fast EMA and 50%
   above it in relative terms (both, because minibatch losses have heavy tails);
-- *noise*: the loss's running deviation grows past ``noise_ratio`` of its level, i.e. the steps
-  make the loss jump more than they lower it;
+- *noise*: the loss's relative deviation (deviation over level) grows to ``noise_ratio`` times what
+  it was after the warm-up or the last cut: the steps now shake the loss more than they lower it;
 - a *plateau*: the smoothed loss has not improved by ``min_improvement`` in ``patience`` steps.
 
 Without a loss (``step()`` called without one), only the gradient-based parts act.
@@ -28,6 +28,7 @@ class _GroupState:
     best: float = float("inf")  #: best fast EMA of the loss so far
     since_best: int = 0  #: steps since ``best`` improved by ``min_improvement``
     cooldown: int = 0  #: steps left during which no growth happens after a cut
+    noise_ref: float = 0.0  #: relative loss deviation after the warm-up or the last cut
 
 
 class StabilityController:
@@ -40,13 +41,17 @@ class StabilityController:
         growth: float = 1.02,
         cut: float = 0.5,
         spike_sigma: float = 6.0,
-        noise_ratio: float = 0.5,
+        noise_ratio: float = 3.0,
         patience: int = 100,
         min_improvement: float = 0.01,
         warmup: int = 20,
     ) -> None:
         self.growth, self.cut, self.spike_sigma = growth, cut, spike_sigma
-        self.noise_ratio, self.patience, self.min_improvement = noise_ratio, patience, min_improvement
+        self.noise_ratio, self.patience, self.min_improvement = (
+            noise_ratio,
+            patience,
+            min_improvement,
+        )
         self.warmup = warmup
         self._groups: list[_GroupState] = []
 
@@ -66,8 +71,14 @@ class StabilityController:
         level = abs(s.loss_ema)
         if s.loss > s.loss_ema + self.spike_sigma * s.loss_std and s.loss > 1.5 * level:
             return f"loss spike: {s.loss:.4g} vs smoothed {s.loss_ema:.4g} (std {s.loss_std:.3g})"
-        if level > 0 and s.loss_std > self.noise_ratio * level:
-            return f"noisy: loss deviation {s.loss_std:.3g} exceeds {self.noise_ratio:g} x its level"
+        noise = s.loss_std / level if level > 0 else 0.0
+        if st.noise_ref == 0.0:
+            st.noise_ref = noise
+        elif noise > self.noise_ratio * st.noise_ref:
+            st.noise_ref = noise
+            return (
+                f"noisy: relative loss deviation {noise:.3g} is {self.noise_ratio:g}x its reference"
+            )
         if st.since_best >= self.patience:
             st.since_best = 0
             st.best = s.loss_ema
