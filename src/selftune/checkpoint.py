@@ -1,0 +1,248 @@
+"""Checkpoints that survive a crash at any moment and resume a run exactly.
+
+>>> save_checkpoint("runs/a/ckpt.pt", model=model, optimizer=opt, step=step)
+>>> step = load_checkpoint("runs/a/ckpt.pt", model=model, optimizer=opt)["step"]
+
+A checkpoint holds the model's weights, the optimizer's state dict (for a selftune optimizer that
+includes the controller, the guard, the signal tracker and the audit log's position), the guard's
+in-memory snapshots, the random number generators (torch CPU, CUDA when it is in use, Python's
+``random``, numpy's global generator when numpy is installed) and the step.
+
+**Atomic.** The file is written to a temporary file in the same folder, flushed, fsynced and
+renamed over the old one, and the folder is fsynced, so a crash (or a power cut) at any moment
+leaves either the previous checkpoint or the new one, never a mix.  One writer per path: under
+``torch.distributed`` save on rank 0 only (every rank holds the same weights and optimizer state)
+and load on every rank.
+
+**Resuming after a crash** is loading the last checkpoint into a freshly built model and a freshly
+wrapped optimizer with the *same* ``log_dir``: the optimizer's ``load_state_dict`` cuts
+``decisions.jsonl`` back to the checkpoint's position (the records of steps that will be redone
+go, and a note says how many), so the hash chain stays valid and the log ends up holding each
+decision once.  Build the model from the same seed and wrap it *before* loading the weights: the
+run folder recognises its run by the hash of the initial weights.  Save a checkpoint before the
+first step too, so that a crash before the first periodic checkpoint also resumes cleanly.
+
+**Exactly.** With a deterministic model on the CPU and data that depends only on the step (or on
+a generator restored from ``extra``), a resumed run ends bit-identical to an uninterrupted one:
+weights, optimizer state and log records.  That is why the guard's snapshots are saved too: they
+live in memory only, and without them a rollback after resuming would restore a different step
+than the uninterrupted run (and than ``selftune.replay``) restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftune.errors import SelfTuneError
+from selftune.guard import Snapshot
+
+#: Written into every checkpoint so that a later reader can tell which layout it follows.
+FORMAT = "selftune-checkpoint/1"
+_REQUIRED = ("format", "step", "model", "optimizer", "rng", "extra")
+
+
+class CheckpointError(SelfTuneError):
+    """A checkpoint file is missing, damaged, or does not fit the model and optimizer given."""
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint of the run at ``step`` to ``path`` atomically; return the path.
+
+    ``extra`` holds anything else the training loop needs to resume (a data generator's state, an
+    epoch counter); it must be made of tensors and plain Python values, because loading refuses
+    to unpickle arbitrary objects.  A ``DistributedDataParallel`` model is saved unwrapped, so the
+    checkpoint loads into a plain model too.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"step must be an int >= 0, got {step!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise CheckpointError(
+            f"{target} is a folder: pass a file path such as {target / 'ckpt.pt'}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "step": step,
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "guard_snapshots": _guard_snapshots(optimizer),
+        "rng": _rng_states(),
+        "extra": dict(extra) if extra is not None else None,
+    }
+    _remove_stale_temporaries(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_folder(target.parent)
+    return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    map_location: str | torch.device | None = "cpu",
+) -> dict[str, Any]:
+    """Restore ``model``, ``optimizer`` and the random generators from ``path``.
+
+    Returns ``{"step": int, "extra": dict | None}``: continue the loop at ``step + 1``.  Raises
+    :class:`CheckpointError` naming the file when it is missing, damaged, not a selftune
+    checkpoint, or saved from a different model.  The file is read with ``weights_only=True``:
+    a checkpoint cannot run code on load.
+    """
+    source = Path(path)
+    payload = _read(source, map_location)
+    try:
+        _unwrap(model).load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{source} does not fit this model: {exc}. Build the model the run was saved from"
+        ) from None
+    optimizer.load_state_dict(payload["optimizer"])
+    _restore_guard_snapshots(optimizer, payload.get("guard_snapshots"))
+    _set_rng_states(payload["rng"])
+    return {"step": payload["step"], "extra": payload["extra"]}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read(source: Path, map_location: str | torch.device | None) -> dict[str, Any]:
+    if not source.exists():
+        raise CheckpointError(
+            f"no checkpoint at {source}: pass the path save_checkpoint wrote (a run that crashed "
+            "before its first checkpoint starts from the beginning)"
+        )
+    if source.is_dir():
+        raise CheckpointError(f"{source} is a folder, not a checkpoint file")
+    try:
+        payload = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a damaged file fails deep in the unpickler, in many ways
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{source} is damaged or is not a checkpoint ({first[:200]}); resume from an older "
+            "checkpoint or start over"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{source} is not a selftune checkpoint (no format {FORMAT!r}); "
+            "write it with selftune.checkpoint.save_checkpoint"
+        )
+    missing = [key for key in _REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}: the checkpoint is incomplete")
+    return payload
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel`` (and ``DataParallel``), else the model."""
+    wrapped = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrapped) else model
+
+
+def _guard_snapshots(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
+    """The guard's in-memory snapshots as plain data (``Snapshot`` itself is not loadable)."""
+    guard = getattr(optimizer, "guard", None)
+    if guard is None:
+        return None
+    return [{"step": s.step, "payload": s.payload} for s in guard.snapshots]
+
+
+def _restore_guard_snapshots(
+    optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]] | None
+) -> None:
+    """Put the snapshots back after ``load_state_dict`` (which clears them)."""
+    guard = getattr(optimizer, "guard", None)
+    if guard is not None and saved is not None:
+        guard.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved]
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": None,
+        "numpy": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    np = _numpy()
+    if np is not None:
+        # a plain form: weights_only loading refuses numpy arrays
+        name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+        states["numpy"] = {
+            "name": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np = _numpy()
+    saved = states.get("numpy")
+    if np is not None and saved is not None:
+        key = saved["key"].numpy().astype(np.uint32)
+        np.random.set_state((saved["name"], key, saved["pos"], saved["has_gauss"], saved["gauss"]))
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries that writers killed mid-save left behind (one writer per path)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable; not every platform lets a folder be opened for this."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
