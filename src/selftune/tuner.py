@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -191,6 +192,8 @@ class SelfTuned(torch.optim.Optimizer):
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
+            # trace.jsonl's size: resuming cuts it back so that no step appears twice
+            "trace": None if self._trace is None else os.fstat(self._trace.fileno()).st_size,
         }
         return sd
 
@@ -211,8 +214,15 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
             self.guard.load_state_dict(own["guard"])
-        if self._log is not None and own["log"] is not None:
+        # At the log's own end there is nothing to drop: no note, so a run stopped at a checkpoint
+        # and resumed writes the same log as one that never stopped.
+        if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
             self._log.truncate_to(own["log"])
+        if self._trace is not None and own.get("trace") is not None:
+            self._trace.flush()
+            os.truncate(
+                self._trace.fileno(), min(own["trace"], os.fstat(self._trace.fileno()).st_size)
+            )
 
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway)."""
