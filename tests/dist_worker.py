@@ -1,0 +1,235 @@
+"""The toy training run the distributed, resume and crash tests share, and the script torchrun runs.
+
+Each step's batch is drawn from a generator seeded by ``(step, rank)`` alone, so the data order
+needs no RNG state to resume and every rank sees different data (so per-rank losses differ).
+
+As a script, under ``torchrun --nproc_per_node=2`` (gloo, CPU), it runs in one process group:
+
+- ``ref-<opt>``: an uninterrupted run of ``--steps`` steps, for SGD and AdamW;
+- ``res-<opt>``: the same run, checkpointed by rank 0 at ``--ckpt-step``, carried on to
+  ``--crash-step`` (the steps a crash loses), then rebuilt from fresh objects, resumed from the
+  checkpoint and finished;
+- ``nan``: an SGD run in which rank 1 alone reports a NaN loss at ``--nan-step``.
+
+Each rank writes ``rank<r>.json`` (its hyperparameters after every step and the steps at which its
+guard acted, per run) and ``rank<r>-<run>.pt`` (final weights and optimizer state) into ``--out``;
+rank 0's run folders are ``--out/<run>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import selftune
+from selftune.audit import read_log
+from selftune.checkpoint import load_checkpoint, save_checkpoint
+from selftune.tuner import SelfTuned, StepEvent
+
+SEED = 1234
+DIM, HIDDEN, BATCH = 8, 16, 32
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_model() -> torch.nn.Module:
+    """The same initial weights in every process: the run folder checks their hash on resume."""
+    gen = torch.Generator().manual_seed(SEED)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    return model
+
+
+def make_optimizer(name: str, model: torch.nn.Module, log_dir: Path | None) -> SelfTuned:
+    inner: torch.optim.Optimizer
+    if name == "sgd":
+        inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    elif name == "adamw":
+        inner = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    else:
+        raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
+    return selftune.wrap(inner, log_dir=log_dir, seed=SEED)
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step`` on ``rank``: a function of both, never of the global RNG.
+
+    The ranks' targets pull apart (amplitude 3 on even ranks, -0.5 on odd ones): as the shared
+    model fits their average, rank 0's loss falls while rank 1's rises, so a controller that read
+    its own rank's loss would decide differently on each rank.
+    """
+    target = torch.Generator().manual_seed(SEED)
+    w = torch.randn(DIM, 1, generator=target)
+    gen = torch.Generator().manual_seed(SEED + 7919 * step + 104729 * rank)
+    x = torch.randn(BATCH, DIM, generator=gen)
+    amplitude = 3.0 if rank % 2 == 0 else -0.5
+    y = amplitude * torch.sin(x @ w) + 0.1 * torch.randn(BATCH, 1, generator=gen)
+    return x, y
+
+
+def train_step(
+    model: torch.nn.Module, opt: SelfTuned, step: int, rank: int, nan: bool = False
+) -> None:
+    """One optimizer step; ``nan`` reports a NaN loss (the gradients stay finite)."""
+    x, y = batch(step, rank)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    reported = loss.detach()
+    if nan:
+        reported = torch.full_like(reported, math.nan)
+    opt.step(loss=reported)
+
+
+def final_state(model: torch.nn.Module, opt: SelfTuned) -> dict[str, Any]:
+    """Weights and optimizer state, less the run folder's file positions (rank 0's alone)."""
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    sd = opt.state_dict()
+    sd["selftune"] = {k: v for k, v in sd["selftune"].items() if k not in ("log", "trace")}
+    return {
+        "model": {k: v.clone() for k, v in module.state_dict().items()},
+        "optimizer": sd,
+    }
+
+
+def log_body(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records without the chain fields and without the notes resuming leaves."""
+    chain = ("seq", "prev", "hash")
+    return [
+        {k: v for k, v in r.items() if k not in chain}
+        for r in read_log(run_dir).records
+        if r["kind"] != "note"
+    ]
+
+
+def dropped_on_resume(run_dir: Path) -> list[int]:
+    """How many records each resume dropped, from its note; no other kind of note is expected."""
+    dropped = []
+    for r in read_log(run_dir).records:
+        if r["kind"] == "note":
+            match = re.fullmatch(
+                r"resumed: dropped (\d+) records written after the checkpoint", r["reason"]
+            )
+            assert match is not None, f"unexpected note in {run_dir}: {r['reason']}"
+            dropped.append(int(match.group(1)))
+    return dropped
+
+
+def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Bit-identical nested state: tensors by bytes (NaN included), everything else by ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {a.keys()} != {b.keys()}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
+
+
+# --------------------------------------------------------------------------- torchrun script
+
+
+class _Recorder:
+    """Keeps this rank's hyperparameters after every step and the steps its guard acted at."""
+
+    def __init__(self) -> None:
+        self.hp: list[list[dict[str, float]]] = []
+        self.guard_steps: list[int] = []
+
+    def __call__(self, event: StepEvent) -> None:
+        self.hp.append(event.hyperparams)
+        if event.guard is not None:
+            self.guard_steps.append(event.step)
+
+    def json(self) -> dict[str, Any]:
+        return {"hp": self.hp, "guard_steps": self.guard_steps}
+
+
+def _build(name: str, log_dir: Path, rank: int) -> tuple[torch.nn.Module, SelfTuned, _Recorder]:
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = make_optimizer(name, model, log_dir)
+    recorder = _Recorder()
+    opt.add_listener(recorder)
+    return model, opt, recorder
+
+
+def _run(
+    out: Path, run: str, name: str, steps: int, rank: int, nan_step: int | None = None
+) -> dict[str, Any]:
+    model, opt, rec = _build(name, out / run, rank)
+    for t in range(1, steps + 1):
+        train_step(model, opt, t, rank, nan=t == nan_step and rank == 1)
+    torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
+    opt.close()
+    return rec.json()
+
+
+def _resumed_run(
+    out: Path, run: str, name: str, steps: int, rank: int, half: int, crash: int
+) -> dict[str, Any]:
+    ckpt = out / f"{run}.ckpt"
+    model, opt, first = _build(name, out / run, rank)
+    for t in range(1, crash + 1):
+        train_step(model, opt, t, rank)
+        if t == half:
+            if rank == 0:
+                save_checkpoint(ckpt, model=model, optimizer=opt, step=t)
+            dist.barrier()  # the file exists before any rank could need it
+    opt.close()
+    # fresh objects, as after a crash: the records of steps half+1..crash are dropped on load
+    model, opt, second = _build(name, out / run, rank)
+    start = load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
+    for t in range(start, steps + 1):
+        train_step(model, opt, t, rank)
+    torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
+    opt.close()
+    guard_steps = [s for s in first.guard_steps if s <= half] + second.guard_steps
+    return {"hp": first.hp[:half] + second.hp, "guard_steps": guard_steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--nan-step", type=int, default=40)
+    # early, so that the controller still changes knobs between the checkpoint and the "crash"
+    parser.add_argument("--ckpt-step", type=int, default=5)
+    parser.add_argument("--crash-step", type=int, default=30)
+    args = parser.parse_args()
+    # short timeouts: a rank that misses a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {"world_size": dist.get_world_size()}
+    for name in OPTIMIZERS:
+        results[f"ref-{name}"] = _run(args.out, f"ref-{name}", name, args.steps, rank)
+        results[f"res-{name}"] = _resumed_run(
+            args.out, f"res-{name}", name, args.steps, rank, args.ckpt_step, args.crash_step
+        )
+    results["nan"] = _run(args.out, "nan", "sgd", args.steps, rank, nan_step=args.nan_step)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
