@@ -120,6 +120,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._seed = seed
         self._log: AuditLog | None = None
         self._trace: TextIO | None = None
+        self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         if log_dir is not None:
             self._open_log(Path(log_dir), log_enabled)
 
@@ -193,7 +194,7 @@ class SelfTuned(torch.optim.Optimizer):
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
-            "trace": None if self._trace is None else os.fstat(self._trace.fileno()).st_size,
+            "trace": None if self._trace is None else self._trace_bytes,
         }
         return sd
 
@@ -220,9 +221,8 @@ class SelfTuned(torch.optim.Optimizer):
             self._log.truncate_to(own["log"])
         if self._trace is not None and own.get("trace") is not None:
             self._trace.flush()
-            os.truncate(
-                self._trace.fileno(), min(own["trace"], os.fstat(self._trace.fileno()).st_size)
-            )
+            self._trace_bytes = min(own["trace"], self._trace_bytes)
+            os.truncate(self._trace.fileno(), self._trace_bytes)
 
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway)."""
@@ -395,6 +395,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
             self._trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._trace_bytes = os.fstat(self._trace.fileno()).st_size
 
     def _after(
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
@@ -422,8 +423,10 @@ class SelfTuned(torch.optim.Optimizer):
         if self._trace is not None:
             loss = signals.loss
             row = {"step": t, "loss": loss if loss is None or math.isfinite(loss) else str(loss)}
-            self._trace.write(json.dumps({**row, "hp": hp}) + "\n")
+            line = json.dumps({**row, "hp": hp}) + "\n"
+            self._trace.write(line)
             self._trace.flush()
+            self._trace_bytes += len(line.encode("utf-8"))
         if self._listeners:
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:

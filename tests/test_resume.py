@@ -1,0 +1,187 @@
+"""A run resumed from a checkpoint ends bit-identical to one that never stopped; checkpoints fail
+loudly when they are missing or damaged and are never left half-written.
+
+The 2-rank DDP version of the resume check is in ``test_distributed.py``; killing real processes
+at random moments is in ``test_crash.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from dist_worker import (
+    OPTIMIZERS,
+    assert_same_state,
+    dropped_on_resume,
+    final_state,
+    log_body,
+    make_model,
+    make_optimizer,
+    train_step,
+)
+
+from selftune import checkpoint
+from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selftune.tuner import SelfTuned
+
+STEPS = 60
+NAN_STEP = 40  # after the guard's snapshot at step 25 and a checkpoint at step 30
+
+
+def train(
+    model: torch.nn.Module, opt: SelfTuned, steps: range, nan_step: int | None = None
+) -> None:
+    for t in steps:
+        train_step(model, opt, t, rank=0, nan=t == nan_step)
+
+
+def reference(name: str, log_dir: Path, nan_step: int | None = None) -> dict[str, Any]:
+    model = make_model()
+    opt = make_optimizer(name, model, log_dir)
+    train(model, opt, range(1, STEPS + 1), nan_step)
+    opt.close()
+    return final_state(model, opt)
+
+
+def interrupted(
+    name: str, log_dir: Path, ckpt_step: int, stop_step: int, nan_step: int | None = None
+) -> dict[str, Any]:
+    """Checkpoint at ``ckpt_step``, go on to ``stop_step`` and drop everything (a crash), then
+    resume from the checkpoint with fresh objects and the same folder and finish the run."""
+    ckpt = log_dir.parent / f"{log_dir.name}.ckpt"
+    model = make_model()
+    opt = make_optimizer(name, model, log_dir)
+    for t in range(1, stop_step + 1):
+        train_step(model, opt, t, rank=0, nan=t == nan_step)
+        if t == ckpt_step:
+            save_checkpoint(ckpt, model=model, optimizer=opt, step=t)
+    opt.close()
+    torch.manual_seed(999)  # the resumed run must not depend on the generator it finds
+    model = make_model()
+    opt = make_optimizer(name, model, log_dir)
+    start = load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
+    assert start == ckpt_step + 1
+    train(model, opt, range(start, STEPS + 1), nan_step)
+    opt.close()
+    return final_state(model, opt)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_stopped_at_a_checkpoint_and_resumed_writes_the_same_bytes(
+    tmp_path: Path, name: str
+) -> None:
+    ref = reference(name, tmp_path / "ref")
+    res = interrupted(name, tmp_path / "res", ckpt_step=STEPS // 2, stop_step=STEPS // 2)
+    assert_same_state(ref, res)
+    for file in ("decisions.jsonl", "trace.jsonl"):
+        assert (tmp_path / "res" / file).read_bytes() == (tmp_path / "ref" / file).read_bytes()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_crashed_after_a_checkpoint_and_resumed_redoes_the_lost_steps(
+    tmp_path: Path, name: str
+) -> None:
+    ref = reference(name, tmp_path / "ref")
+    res = interrupted(name, tmp_path / "res", ckpt_step=5, stop_step=30)
+    assert_same_state(ref, res)
+    (dropped,) = dropped_on_resume(tmp_path / "res")
+    assert dropped > 0, "no decisions between checkpoint and crash: the test lost its power"
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_rollback_after_resuming_restores_the_same_snapshot(tmp_path: Path, name: str) -> None:
+    """The guard's snapshots live in memory: the checkpoint must carry them, or the resumed
+    run rolls back to a snapshot taken at its first step instead of the one from step 25."""
+    ref = reference(name, tmp_path / "ref", nan_step=NAN_STEP)
+    res = interrupted(name, tmp_path / "res", ckpt_step=30, stop_step=30, nan_step=NAN_STEP)
+    body = log_body(tmp_path / "ref")
+    (rollback,) = [r for r in body if r["kind"] == "guard"]
+    assert (rollback["step"], rollback["restored_step"]) == (NAN_STEP, 25)
+    assert log_body(tmp_path / "res") == body
+    assert_same_state(ref, res)
+
+
+def test_without_the_snapshots_the_rollback_goes_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control for the test above: it detects a checkpoint that drops the snapshots."""
+    monkeypatch.setattr(checkpoint, "_restore_guard_snapshots", lambda opt, saved: None)
+    reference("sgd", tmp_path / "ref", nan_step=NAN_STEP)
+    interrupted("sgd", tmp_path / "res", ckpt_step=30, stop_step=30, nan_step=NAN_STEP)
+    (rollback,) = [r for r in log_body(tmp_path / "res") if r["kind"] == "guard"]
+    assert rollback["restored_step"] == 31
+    assert log_body(tmp_path / "res") != log_body(tmp_path / "ref")
+
+
+# --------------------------------------------------------------------------- the file itself
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[torch.nn.Module, SelfTuned]:
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "run")
+    train(model, opt, range(1, 4))
+    return model, opt
+
+
+def test_random_generators_and_extra_come_back(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    model, opt = trained
+    path = save_checkpoint(
+        tmp_path / "c.pt", model=model, optimizer=opt, step=3, extra={"epoch": 2}
+    )
+    expected = (torch.rand(3), random.random(), np.random.rand(3))
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    assert load_checkpoint(path, model=model, optimizer=opt) == {"step": 3, "extra": {"epoch": 2}}
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    assert np.array_equal(np.random.rand(3), expected[2])
+
+
+def test_missing_damaged_and_foreign_files_are_named(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    model, opt = trained
+    good = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3).read_bytes()
+    cases = {
+        "missing.pt": (None, "no checkpoint at"),
+        "torn.pt": (good[: len(good) // 2], "is damaged or is not a checkpoint"),
+        "junk.pt": (b"\x80\x02junk", "is damaged or is not a checkpoint"),
+        "empty.pt": (b"", "is damaged or is not a checkpoint"),
+    }
+    for name, (data, words) in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=words) as err:
+            load_checkpoint(tmp_path / name, model=model, optimizer=opt)
+        assert name in str(err.value)
+    torch.save({"model": model.state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="is not a selftune checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt", model=model, optimizer=opt)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(tmp_path / "c.pt", model=torch.nn.Linear(2, 2), optimizer=opt)
+    with pytest.raises(CheckpointError, match="step must be an int >= 0"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=-1)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    before = path.read_bytes()
+    (tmp_path / ".c.pt.12345.tmp").write_bytes(b"left by a writer killed mid-save")
+    with pytest.raises(Exception, match=r"pickle|lambda"):
+        save_checkpoint(path, model=model, optimizer=opt, step=4, extra={"bad": lambda: 0})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
+    assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
