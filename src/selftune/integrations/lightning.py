@@ -1,0 +1,198 @@
+"""Lightning: ``Trainer(callbacks=[SelfTuneCallback()])`` tunes the module's optimizers.
+
+>>> trainer = lightning.pytorch.Trainer(callbacks=[SelfTuneCallback(log_dir="runs/a")])
+>>> trainer.fit(model)                        # configure_optimizers stays as it is
+
+What the callback does, and when:
+
+* ``on_fit_start`` (after Lightning built the optimizers and schedulers): wraps every optimizer
+  with :func:`selftune.wrap` (an optimizer that ``configure_optimizers`` already wrapped is kept),
+  puts the wrapper in ``trainer.strategy.optimizers`` and points every LR scheduler's
+  ``scheduler.optimizer`` at it.  Schedulers keep writing ``param_groups[i]["lr"]``; selftune's
+  adjustment is a scale on top of it, so both compose.
+* ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
+  the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
+  path where Lightning calls ``scaler.step(optimizer)`` without a closure.
+* Checkpoints: Lightning saves ``optimizer.state_dict()``, which carries selftune's controller,
+  guard, signal and log state under ``"selftune"``; the callback's own state adds the guard's
+  in-memory snapshots.  ``trainer.fit(model, ckpt_path=...)`` continues with the same knobs.
+  With a ``log_dir`` the run folder recognises its run by the hash of the *initial* weights, and
+  Lightning loads the checkpoint's weights before ``on_fit_start``; the callback therefore keeps
+  the freshly initialised weights from ``setup`` while resuming and wraps with those in place,
+  which requires the resumed module to be built the same way (same seed) as the first one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import selftune
+from selftune.guard import Snapshot
+from selftune.integrations._feed import FedSelfTuned, LossFeed, feed_from
+from selftune.tuner import SelfTuned
+
+
+class SelfTuneCallback(Callback):
+    """Wrap the LightningModule's optimizers with selftune and feed them the training loss.
+
+    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`; with several
+    optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  ``log_knobs``: log the effective
+    knobs (``selftune/group{g}/lr`` ...) through ``pl_module.log`` every step, for the Lightning
+    logger (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
+    """
+
+    def __init__(
+        self,
+        controller: str | selftune.Controller = "auto",
+        log_dir: str | Path | None = None,
+        *,
+        log_knobs: bool = True,
+        **wrap_kwargs: Any,
+    ) -> None:
+        self.controller = controller
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.log_knobs = log_knobs
+        self.wrap_kwargs = wrap_kwargs
+        self.optimizers: list[FedSelfTuned] = []
+        self._feed = LossFeed()
+        self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
+        self._initial: list[torch.Tensor] | None = None
+
+    # -- wrapping ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Runs before Lightning restores a checkpoint's weights (``trainer.ckpt_path`` is not
+        # known yet): when the log folder already holds a run, this may be its resumption, so
+        # keep the initial weights for the folder to recognise its run (module docstring).
+        # That costs one copy of the weights, until on_fit_start.
+        if stage == "fit" and self.log_dir is not None and _holds_a_run(self.log_dir):
+            self._initial = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        originals = list(strategy.optimizers)
+        if not originals:
+            raise selftune.ConfigError(
+                "SelfTuneCallback found no optimizer: configure_optimizers returned none"
+            )
+        with _weights_swapped(list(pl_module.parameters()), self._initial):
+            wrapped = [self._wrap(i, opt, len(originals)) for i, opt in enumerate(originals)]
+        self._initial = None
+        strategy.optimizers = list(wrapped)  # the setter also rebuilds the LightningOptimizers
+        for config in strategy.lr_scheduler_configs:
+            target = getattr(config.scheduler, "optimizer", None)
+            for original, new in zip(originals, wrapped, strict=True):
+                if target is original or target is new.optimizer:
+                    config.scheduler.optimizer = new
+        self.optimizers = wrapped
+
+    def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> FedSelfTuned:
+        if isinstance(optimizer, SelfTuned):
+            return feed_from(optimizer, self._feed)  # already wrapped in configure_optimizers
+        log_dir = self.log_dir
+        if log_dir is not None and count > 1:
+            log_dir = log_dir / f"opt{index}"
+        opt = selftune.wrap(optimizer, self.controller, log_dir=log_dir, **self.wrap_kwargs)
+        # torch's LR schedulers mark the step method they watch; keep the mark on the wrapper so
+        # the scheduler does not warn that ``optimizer.step()`` was overridden.
+        return _keep_scheduler_mark(feed_from(opt, self._feed))
+
+    # -- the loss -----------------------------------------------------------------------------
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # Lightning scales the loss before this hook under 16-bit AMP; undo it (one sync).
+            loss = loss.detach() / scaler.get_scale()
+        self._feed.add(loss)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if not self.log_knobs or not self.optimizers:
+            return
+        values: dict[str, float] = {}
+        for k, opt in enumerate(self.optimizers):
+            prefix = "selftune/" if len(self.optimizers) == 1 else f"selftune/opt{k}/"
+            for g, knobs in enumerate(opt.hyperparams()):
+                values.update({f"{prefix}group{g}/{name}": v for name, v in knobs.items()})
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=trainer.logger is not None)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning loads the optimizer state (selftune's included) after on_fit_start;
+        # load_state_dict clears the guard's snapshots, so they go back only now.
+        if self._pending_snapshots is not None:
+            for opt, saved in zip(self.optimizers, self._pending_snapshots, strict=False):
+                if opt.guard is not None and saved is not None:
+                    opt.guard.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved]
+            self._pending_snapshots = None
+        self._feed.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's in-memory snapshots; the rest of selftune's state is in the optimizer's."""
+        return {
+            "guard_snapshots": [
+                None
+                if opt.guard is None
+                else [{"step": s.step, "payload": s.payload} for s in opt.guard.snapshots]
+                for opt in self.optimizers
+            ]
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_snapshots = list(state_dict.get("guard_snapshots", []))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for opt in self.optimizers:
+                opt.close()
+
+
+@contextmanager
+def _weights_swapped(
+    params: list[torch.Tensor], initial: list[torch.Tensor] | None
+) -> Iterator[None]:
+    """Put ``initial`` into ``params`` for the duration of the block, then restore them."""
+    if initial is None:
+        yield
+        return
+    if len(initial) != len(params):
+        raise selftune.ConfigError(
+            f"the module has {len(params)} parameters at fit start but had {len(initial)} at "
+            "setup; SelfTuneCallback cannot resume its log"
+        )
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, initial)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+
+
+def _holds_a_run(log_dir: Path) -> bool:
+    return (log_dir / "manifest.json").exists() or (log_dir / "opt0" / "manifest.json").exists()
+
+
+def _keep_scheduler_mark(opt: FedSelfTuned) -> FedSelfTuned:
+    """Mark the wrapper's ``step`` the way torch's LR schedulers mark the optimizer they watch."""
+    inner_step = opt.optimizer.step
+    if getattr(inner_step, "_wrapped_by_lr_sched", False):
+        bound = opt.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            opt._opt_called = True  # type: ignore[attr-defined]
+            return bound(*args, **kwargs)
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        opt.step = step  # type: ignore[method-assign]
+    return opt
