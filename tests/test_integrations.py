@@ -151,3 +151,90 @@ def test_lightning_checkpoint_resume_continues_with_the_same_knobs(tmp_path: Pat
     assert [(r["step"], r["knob"], r["new"]) for r in decisions] == [
         (r["step"], r["knob"], r["new"]) for r in reference
     ]
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_trainer(out: Path, max_steps: int, **args: Any) -> Any:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(0)
+    # Sequences that repeat a short random pattern: learnable within a few dozen steps.
+    base = torch.randint(0, 64, (256, 4), generator=gen)
+    ids = base.repeat(1, 4)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    targs = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        lr_scheduler_type="constant_with_warmup",  # a LambdaLR, like every Trainer schedule
+        report_to=[],
+        use_cpu=True,
+        logging_steps=5,
+        disable_tqdm=True,
+        seed=0,
+        **args,
+    )
+    return transformers.Trainer(model=model, args=targs, train_dataset=data)
+
+
+def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import find_selftuned, wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 30, save_strategy="no")
+    losses: list[float] = []
+    opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    opt.add_listener(lambda event: losses.append(event.loss))
+    trainer.train()
+    assert opt.step_count == 30
+    # The LambdaLR is built on accelerate's wrapper around selftune's.
+    assert find_selftuned(trainer.lr_scheduler.optimizer) is opt
+    assert all(loss is not None for loss in losses)
+    # The Trainer's logged loss every 5 steps is the mean of the losses selftune saw.
+    logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logged[0] == pytest.approx(sum(losses[:5]) / 5, rel=1e-3)
+    # The schedule is back at 1e-3 after its warm-up; selftune's scale sits on top of it.
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    knobs = opt.hyperparams()[0]
+    assert knobs["lr"] != pytest.approx(1e-3, rel=1e-3)
+    assert "lr" in selftune.verify(tmp_path / "run").knobs
+    records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
+    assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
+
+
+def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    first = _hf_trainer(tmp_path / "out", 20, save_strategy="steps", save_steps=10)
+    opt = wrap_trainer_optimizer(first, log_dir=tmp_path / "run")
+    hp_at: dict[int, list[dict[str, float]]] = {}
+    opt.add_listener(lambda event: hp_at.__setitem__(event.step, event.hyperparams))
+    first.train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-10" / "optimizer.pt", weights_only=True)
+    assert saved["selftune"]["step"] == 10
+
+    second = _hf_trainer(tmp_path / "out", 20, save_strategy="no")
+    resumed = wrap_trainer_optimizer(second, log_dir=tmp_path / "run")
+    seen: dict[int, list[dict[str, float]]] = {}
+    resumed.add_listener(lambda event: seen.__setitem__(event.step, event.hyperparams))
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
+    assert min(seen) == 11 and resumed.step_count == 20
+    for step in (11, 20):
+        assert seen[step][0] == pytest.approx(hp_at[step][0], rel=1e-6)
+    assert "lr" in selftune.verify(tmp_path / "run").knobs

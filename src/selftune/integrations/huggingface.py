@@ -1,0 +1,160 @@
+"""Hugging Face ``transformers``: tune the ``Trainer``'s optimizer with selftune.
+
+>>> trainer = Trainer(model=model, args=args, train_dataset=ds)
+>>> wrap_trainer_optimizer(trainer, log_dir="runs/a")   # before trainer.train()
+>>> trainer.train()
+
+The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and calls
+``optimizer.step()`` without a loss.  :func:`wrap_trainer_optimizer` therefore
+
+* builds the optimizer the ``TrainingArguments`` ask for (``trainer.create_optimizer()``, weight
+  decay groups included) and wraps it with :func:`selftune.wrap`; the ``Trainer`` keeps an
+  optimizer it already has and builds its schedule on the wrapper.  The schedule writes
+  ``param_groups[i]["lr"]`` and selftune multiplies it by its own scale at step time, so warm-up
+  and decay compose with the tuning;
+* feeds the loss: ``trainer.training_step`` returns each micro-batch's loss already divided for
+  gradient accumulation, and the sum over the micro-batches of one step is the step's loss (the
+  same number the ``Trainer`` logs);
+* adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record.
+
+Checkpoints need nothing more: the ``Trainer`` saves ``optimizer.state_dict()``, which carries
+selftune's state under ``"selftune"``, and ``trainer.train(resume_from_checkpoint=...)`` loads it.
+The guard's in-memory snapshots are not saved: after resuming, a rollback can only go back to a
+snapshot taken since.  An optimizer passed as ``Trainer(optimizers=(selftune.wrap(opt), None))``
+works with the callback too, but steps on gradient signals alone: no loss reaches it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+import selftune
+from selftune.integrations._feed import FedSelfTuned, feed_from
+from selftune.tuner import SelfTuned
+
+
+def find_selftuned(optimizer: Any) -> SelfTuned | None:
+    """The :class:`SelfTuned` inside ``optimizer`` (accelerate wraps it), or ``None``."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, SelfTuned):
+            return optimizer
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
+
+
+class SelfTuneTrainerCallback(TrainerCallback):
+    """Log selftune's effective knobs with the ``Trainer``'s metrics (``selftune/group0/lr`` ...).
+
+    Added by :func:`wrap_trainer_optimizer`.  At the start of training it checks that the
+    optimizer is a selftune one and says what to do if it is not.
+    """
+
+    def __init__(self) -> None:
+        self.optimizer: SelfTuned | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.optimizer = find_selftuned(optimizer)
+        if self.optimizer is None:
+            raise selftune.ConfigError(
+                f"SelfTuneTrainerCallback found a {type(optimizer).__name__}, not a selftune "
+                "optimizer: call selftune.integrations.huggingface.wrap_trainer_optimizer(trainer) "
+                "before trainer.train()"
+            )
+        if not isinstance(self.optimizer, FedSelfTuned):
+            warnings.warn(
+                "the Trainer steps its selftune optimizer without a loss, so it tunes on gradient "
+                "signals alone; wrap_trainer_optimizer(trainer) also feeds it the training loss",
+                stacklevel=2,
+            )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A step the AMP scaler skipped never took its loss; do not add it to the next one's.
+        if isinstance(self.optimizer, FedSelfTuned):
+            self.optimizer.loss_feed.clear()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.optimizer is None or logs is None:
+            return
+        values = {
+            f"selftune/group{g}/{name}": value
+            for g, knobs in enumerate(self.optimizer.hyperparams())
+            for name, value in knobs.items()
+        }
+        # ``logs`` goes on to the reporters (TensorBoard, MLflow, ...) that come after this
+        # callback; the Trainer appended a copy to ``log_history`` before calling it.
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+
+def wrap_trainer_optimizer(
+    trainer: Trainer,
+    controller: str | selftune.Controller = "auto",
+    log_dir: str | Path | None = None,
+    **wrap_kwargs: Any,
+) -> SelfTuned:
+    """Wrap ``trainer``'s optimizer with selftune and feed it the loss; call before ``train()``.
+
+    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`.  An optimizer
+    passed to the ``Trainer`` is wrapped as it is (or only fed, if it is already a selftune
+    one); otherwise the one the ``TrainingArguments`` describe is built first.  Returns the
+    wrapper, whose ``hyperparams()`` give the knobs in force.
+    """
+    if find_selftuned(trainer.optimizer) is not None and not isinstance(
+        trainer.optimizer, SelfTuned
+    ):
+        raise selftune.ConfigError("call wrap_trainer_optimizer(trainer) before trainer.train()")
+    if trainer.optimizer is None:
+        trainer.create_optimizer()
+    if isinstance(trainer.optimizer, SelfTuned):
+        opt = feed_from(trainer.optimizer)
+    else:
+        opt = feed_from(
+            selftune.wrap(trainer.optimizer, controller, log_dir=log_dir, **wrap_kwargs)
+        )
+    trainer.optimizer = opt
+    if getattr(trainer.training_step, "_selftune_feed", None) is None:
+        trainer.training_step = _feeding(trainer.training_step, opt)  # type: ignore[method-assign]
+    else:
+        trainer.training_step._selftune_feed[0] = opt  # type: ignore[attr-defined]
+    callbacks = trainer.callback_handler.callbacks
+    if not any(isinstance(cb, SelfTuneTrainerCallback) for cb in callbacks):
+        # First in line, so that the reporters called after it log the knobs it adds.
+        callbacks.insert(0, SelfTuneTrainerCallback())
+    return opt
+
+
+def _feeding(training_step: Any, opt: FedSelfTuned) -> Any:
+    """``training_step`` that also adds the loss it returns to ``opt``'s feed."""
+    target = [opt]
+
+    @functools.wraps(training_step)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        loss = training_step(*args, **kwargs)
+        target[0].loss_feed.add(loss)
+        return loss
+
+    step._selftune_feed = target  # type: ignore[attr-defined]
+    return step
