@@ -1,0 +1,650 @@
+"""``selftune report RUN``: one self-contained HTML page that shows what a run tuned, and why.
+
+The page holds plots of the loss, the learning rate and momentum/β per param group, with every
+decision and guard event marked, a table of the decisions with their reasons, and the manifest.
+Plots are PNGs embedded as base64 data URIs and the CSS is inline, so the file can be mailed,
+attached to a CI run or opened offline; the same PNGs are also written to ``RUN/plots/``.
+
+Decisions come from the audit log (:func:`selftune.audit.read_log`, which checks the hash chain);
+the per-step loss and knobs come from ``trace.jsonl`` when the run wrote one. Without a trace the
+knob curves are rebuilt from the decisions as step functions and no loss is drawn.
+
+matplotlib is imported only inside the plotting helpers: ``selftune report --help`` and
+``selftune watch`` (which reuses the readers here) must not pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from selftune.audit import LogError, read_log
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+TRACE = "trace.jsonl"
+PLOTS = "plots"
+#: knobs drawn on the second knob plot, in legend order; "lr" has a plot of its own
+MOMENTUM_KNOBS = ("momentum", "beta1", "beta2")
+GUARD_RED = "#d62728"
+#: one colour per param group (matplotlib's tab10, so groups look the same in every plot)
+GROUP_COLOURS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b",
+    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+def as_float(value: Any) -> float | None:
+    """A logged number as a float: the log writes NaN and infinities as "nan", "inf", "-inf"."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
+    """Parse one ``trace.jsonl`` row: ``{"step": int, "loss": float|null, "hp": [{...}, ...]}``."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LogError(f"{where}: not a JSON line — the trace was damaged") from None
+    if not (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("hp"), list)
+        and all(isinstance(group, dict) for group in row["hp"])
+    ):
+        raise LogError(
+            f"{where}: expected {{'step': int, 'loss': ..., 'hp': [...]}}, got {row!r:.80}"
+        )
+    return row
+
+
+def read_trace(folder: Path) -> list[dict[str, Any]]:
+    """Every complete row of ``trace.jsonl`` (empty when the run wrote none).
+
+    A torn final line (a crash mid-write, or a run still writing) is left out, as in the audit log.
+    """
+    path = folder / TRACE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+    lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    return [
+        parse_trace_line(line, f"{path} line {number}")
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder as the report sees it."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    #: every audit record (decisions, guard events, notes) in log order
+    records: list[dict[str, Any]]
+    #: the audit log's last line was torn by a crash and is not in ``records``
+    torn_tail: bool
+    trace: list[dict[str, Any]]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [record for record in self.records if record.get("kind") == kind]
+
+    @property
+    def last_step(self) -> int | None:
+        steps = [row["step"] for row in self.trace[-1:]]
+        steps += [r["step"] for r in self.records if isinstance(r.get("step"), int)]
+        return max(steps) if steps else None
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
+    folder = Path(run_dir)
+    log = read_log(folder)
+    return Run(folder, log.manifest, log.records, log.torn_tail, read_trace(folder))
+
+
+# --------------------------------------------------------------------------- series to plot
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve: x are optimizer steps; ``stepwise`` curves hold their value until the next x."""
+
+    steps: list[int]
+    values: list[float]
+    stepwise: bool = False
+
+
+def loss_series(run: Run) -> Series:
+    """The loss of every traced step; NaN where the loss was missing or not finite."""
+    steps, values = [], []
+    for row in run.trace:
+        loss = as_float(row.get("loss"))
+        steps.append(row["step"])
+        values.append(math.nan if loss is None else loss)
+    return Series(steps, values)
+
+
+def ema(values: Sequence[float], span: float) -> list[float]:
+    """Bias-corrected exponential moving average that steps over NaN and infinities.
+
+    Bias correction (as in Adam) keeps the first points at the data's level instead of near zero;
+    non-finite points repeat the last average so that one blown-up step does not poison the rest.
+    """
+    alpha = 2.0 / (span + 1.0)
+    average, weight, out = 0.0, 0.0, []
+    for value in values:
+        if math.isfinite(value):
+            average = (1 - alpha) * average + alpha * value
+            weight = (1 - alpha) * weight + alpha
+        out.append(average / weight if weight else math.nan)
+    return out
+
+
+def knob_series(run: Run) -> dict[tuple[int, str], Series]:
+    """Each (group, knob)'s value over the steps, from the trace or, without one, the decisions."""
+    series: dict[tuple[int, str], Series] = {}
+    if run.trace:
+        for row in run.trace:
+            for group, knobs in enumerate(row["hp"]):
+                for knob, value in knobs.items():
+                    number = as_float(value)
+                    curve = series.setdefault((group, knob), Series([], []))
+                    curve.steps.append(row["step"])
+                    curve.values.append(math.nan if number is None else number)
+        return series
+    first = min((r["step"] for r in run.records if isinstance(r.get("step"), int)), default=0)
+    for record in run.of_kind("decision"):
+        old, new = as_float(record["old"]), as_float(record["new"])
+        key = (int(record["group"]), str(record["knob"]))
+        if key not in series:  # the value before the first change held from the first step
+            series[key] = Series([first], [math.nan if old is None else old], stepwise=True)
+        series[key].steps.append(int(record["step"]))
+        series[key].values.append(math.nan if new is None else new)
+    last = run.last_step
+    for curve in series.values():  # hold the last value to the end of the run
+        if last is not None and curve.steps[-1] < last:
+            curve.steps.append(last)
+            curve.values.append(curve.values[-1])
+    return series
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(height: float) -> Figure:
+    # A bare Figure renders with Agg and leaves pyplot's global state (and a user's interactive
+    # backend) alone, which matters when write_report is called from a notebook or a training job.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, height), dpi=110, layout="constrained")
+    fig.patch.set_facecolor("white")
+    return fig
+
+
+def _style(ax: Axes, title: str, ylabel: str) -> None:
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _mark_guards(ax: Axes, guards: Sequence[dict[str, Any]]) -> None:
+    """Red dashed lines at guard events, labelled G1, G2, ... as in the page's guard table."""
+    for number, guard in enumerate(guards, start=1):
+        ax.axvline(guard["step"], color=GUARD_RED, linestyle="--", linewidth=1.2, alpha=0.8)
+        if len(guards) <= 30:  # beyond that the labels only overlap
+            ax.annotate(
+                f"G{number}",
+                (guard["step"], 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                color=GUARD_RED,
+                fontsize=8,
+                fontweight="bold",
+            )
+    if guards:
+        ax.plot([], [], color=GUARD_RED, linestyle="--", label="guard event")
+
+
+def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
+    loss = loss_series(run)
+    finite = [v for v in loss.values if math.isfinite(v)]
+    if not finite:
+        return None
+    fig = _figure(3.4)
+    ax = fig.add_subplot()
+    span = min(max(len(finite) / 30, 10), 200)
+    ax.plot(loss.steps, loss.values, color="#1f77b4", alpha=0.3, linewidth=0.8, label="loss")
+    ax.plot(
+        loss.steps,
+        ema(loss.values, span),
+        color="#1f77b4",
+        linewidth=2,
+        label=f"EMA (span {span:.0f})",
+    )
+    if min(finite) > 0 and max(finite) / min(finite) > 30:
+        ax.set_yscale("log")  # a spike before a rollback would flatten everything on a linear axis
+    bad = [step for step, v in zip(loss.steps, loss.values, strict=True) if not math.isfinite(v)]
+    if bad:
+        ax.plot(
+            bad,
+            [0.97] * len(bad),
+            "x",
+            color=GUARD_RED,
+            transform=ax.get_xaxis_transform(),
+            label="loss not finite",
+        )
+    decision_steps = sorted({r["step"] for r in run.of_kind("decision")})
+    if decision_steps:  # a rug along the bottom: where the controller acted
+        ax.plot(
+            decision_steps,
+            [0.0] * len(decision_steps),
+            "|",
+            color="#555",
+            markersize=8,
+            alpha=0.6,
+            transform=ax.get_xaxis_transform(),
+            label="decision",
+        )
+    _mark_guards(ax, guards)
+    _style(ax, "Loss", "loss")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def _knob_plot(
+    run: Run,
+    series: dict[tuple[int, str], Series],
+    knobs: Sequence[str],
+    title: str,
+    log_y: bool,
+    guards: Sequence[dict[str, Any]],
+) -> Figure | None:
+    curves = {key: s for key, s in series.items() if key[1] in knobs}
+    if not curves:
+        return None
+    fig = _figure(3.0)
+    ax = fig.add_subplot()
+    groups = sorted({group for group, _ in curves})
+    styles = dict(zip(knobs, ("-", "--", ":"), strict=False))
+    for (group, knob), curve in sorted(curves.items()):
+        colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+        label = f"group {group}" if len(knobs) == 1 else f"{knob}, group {group}"
+        ax.plot(
+            curve.steps,
+            curve.values,
+            color=colour,
+            linestyle=styles[knob],
+            linewidth=1.6,
+            label=label,
+            drawstyle="steps-post" if curve.stepwise else "default",
+        )
+    for clipped in (False, True):  # decisions on their curves; the policy's clips drawn hollow
+        marks = [
+            r
+            for r in run.of_kind("decision")
+            if r["knob"] in knobs and bool(r["clipped"]) is clipped and r["group"] in groups
+        ]
+        for group in groups:
+            points = [(r["step"], as_float(r["new"])) for r in marks if r["group"] == group]
+            if points:
+                colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+                ax.plot(
+                    *zip(*points, strict=True),
+                    "o",
+                    markersize=3.5,
+                    color=colour,
+                    markerfacecolor="white" if clipped else colour,
+                    linestyle="none",
+                )
+    ax.plot([], [], "o", color="#555", markersize=3.5, label="decision")
+    if any(r["clipped"] for r in run.of_kind("decision") if r["knob"] in knobs):
+        ax.plot(
+            [],
+            [],
+            "o",
+            color="#555",
+            markerfacecolor="white",
+            markersize=3.5,
+            label="decision (clipped by policy)",
+        )
+    if log_y:
+        ax.set_yscale("log")
+    _mark_guards(ax, guards)
+    _style(ax, title, " / ".join(knobs) if len(knobs) > 1 else knobs[0])
+    ax.legend(loc="best", fontsize=8, framealpha=0.9, ncols=2 if len(curves) > 4 else 1)
+    return fig
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str
+    caption: str
+    png: bytes
+
+
+def make_plots(run: Run) -> list[Plot]:
+    """Render the run's plots as PNG bytes (a plot with nothing to draw is left out)."""
+    guards = run.of_kind("guard")
+    series = knob_series(run)
+    momentum_knobs = [k for k in MOMENTUM_KNOBS if any(k == key[1] for key in series)]
+    figures = [
+        (
+            "loss",
+            "Loss per step (faint) and its moving average; red dashes: guard events.",
+            _loss_plot(run, guards),
+        ),
+        (
+            "lr",
+            "Effective learning rate per param group (log scale); dots: decisions.",
+            _knob_plot(run, series, ["lr"], "Learning rate", True, guards),
+        ),
+        (
+            "momentum",
+            "Momentum / β per param group; dots: decisions.",
+            _knob_plot(run, series, momentum_knobs, "Momentum / β", False, guards)
+            if momentum_knobs
+            else None,
+        ),
+    ]
+    plots = []
+    for name, caption, fig in figures:
+        if fig is not None:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            plots.append(Plot(name, caption, buffer.getvalue()))
+    return plots
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ color:#1d2327;background:#f4f5f7;margin:0}
+main{max-width:1120px;margin:0 auto;padding:24px 28px 48px}
+h1{font-size:26px;margin:0 0 2px}h2{font-size:19px;margin:32px 0 10px}
+.sub{color:#5f6b76;margin:0 0 18px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px 16px;min-width:120px}
+.card b{display:block;font-size:22px}.card span{color:#5f6b76;font-size:13px}
+.card.alert{border-color:#e8a7a7;background:#fff5f5}.card.alert b{color:#b42318}
+.banner{background:#fff4e5;border:1px solid #f0c36d;border-radius:8px;padding:8px 14px;
+ margin:14px 0}
+figure{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:0 0 14px;padding:8px}
+figure img{width:100%;height:auto;display:block}
+figcaption{color:#5f6b76;font-size:13px;padding:2px 8px}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #dde1e6;font-size:13.5px}
+th,td{padding:5px 10px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
+th{background:#eef0f3;font-weight:600}
+td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.guard td{background:#fdecec;color:#8a1c1c}tr.guard td:first-child{border-left:4px solid #d62728}
+tr.note td{color:#5f6b76;font-style:italic}
+tr.gap td{text-align:center;color:#5f6b76;background:#fafbfc}
+.tag{display:inline-block;border-radius:4px;padding:0 6px;font-size:12px;font-weight:600}
+.tag.guard{background:#d62728;color:#fff}.tag.clip{background:#f0c36d;color:#5a3d00}
+code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    number = as_float(value)
+    return _e(value) if number is None else f"{number:.4g}"
+
+
+def _change(record: dict[str, Any]) -> str:
+    old, new = as_float(record["old"]), as_float(record["new"])
+    text = f"{_num(record['old'])} → {_num(record['new'])}"
+    if old and new is not None and math.isfinite(old) and math.isfinite(new):
+        text += f" <span class=sub>(×{new / old:.3g})</span>"
+    return text
+
+
+def _signals(record: dict[str, Any]) -> str:
+    signals = record.get("signals") or {}
+    return ", ".join(f"{key} {_num(value)}" for key, value in sorted(signals.items()))
+
+
+def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
+    kind = record.get("kind")
+    if kind == "decision":
+        clipped = "<span class='tag clip'>clipped</span>" if record["clipped"] else ""
+        return (
+            f"<tr class=decision><td class=num>{_e(record['step'])}</td>"
+            f"<td class=num>{_e(record['group'])}</td><td>{_e(record['knob'])}</td>"
+            f"<td class=num>{_change(record)}</td>"
+            f"<td title='{_e(_signals(record))}'>{_e(record['reason'])}</td><td>{clipped}</td></tr>"
+        )
+    if kind == "guard":
+        number = guard_numbers[record["seq"]]
+        return (
+            f"<tr class=guard><td class=num>{_e(record['step'])}</td><td colspan=3>"
+            f"<span class='tag guard'>G{number} {_e(record['event'])}</span> "
+            f"{_e(record['signal'])} = {_num(record['value'])}</td>"
+            f"<td colspan=2>{_e(record['reason'])}</td></tr>"
+        )
+    return (
+        "<tr class=note><td></td><td colspan=3>note</td>"
+        f"<td colspan=2>{_e(record.get('reason'))}</td></tr>"
+    )
+
+
+def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[dict[str, Any] | int]:
+    """The records the table shows, with the number of decisions left out where they were.
+
+    Every guard event and note is shown; of the decisions, the first and the last ``rows``.
+    """
+    decisions = [i for i, r in enumerate(records) if r.get("kind") == "decision"]
+    hidden = set(decisions[rows:-rows]) if len(decisions) > 2 * rows else set()
+    skipped = 0
+    for index, record in enumerate(records):
+        if index in hidden:
+            skipped += 1
+            continue
+        if skipped:
+            yield skipped
+            skipped = 0
+        yield record
+    if skipped:
+        yield skipped
+
+
+def _decisions_table(run: Run, rows: int) -> str:
+    numbers = {g["seq"]: n for n, g in enumerate(run.of_kind("guard"), start=1)}
+    body = []
+    for item in _shown_records(run.records, rows):
+        if isinstance(item, int):
+            body.append(f"<tr class=gap><td colspan=6>… {item} decisions not shown …</td></tr>")
+        else:
+            body.append(_record_row(item, numbers))
+    total = len(run.of_kind("decision"))
+    shown = min(total, 2 * rows)
+    count = f"{total} decisions" + (f", first and last {rows} shown" if shown < total else "")
+    return (
+        f"<p class=sub id=decision-count>{count}; guard events in red. "
+        "Hover over a reason to see the signals behind it.</p>"
+        "<table id=decisions><thead><tr><th>step</th><th>group</th><th>knob</th>"
+        "<th>old → new</th><th>reason</th><th></th></tr></thead><tbody>"
+        + "".join(body)
+        + "</tbody></table>"
+    )
+
+
+def _guard_table(run: Run) -> str:
+    guards = run.of_kind("guard")
+    if not guards:
+        return "<p class=sub>No guard events: no step was skipped or rolled back.</p>"
+    rows = "".join(
+        f"<tr class=guard><td><span class='tag guard'>G{n}</span></td>"
+        f"<td class=num>{_e(g['step'])}</td><td>{_e(g['event'])}</td><td>{_e(g['signal'])}</td>"
+        f"<td class=num>{_num(g['value'])}</td><td>{_e(g['reason'])}</td>"
+        f"<td class=num>{_e(g.get('restored_step', ''))}</td></tr>"
+        for n, g in enumerate(guards, start=1)
+    )
+    return (
+        "<table id=guards><thead><tr><th></th><th>step</th><th>event</th><th>signal</th>"
+        "<th>value</th><th>reason</th><th>restored step</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested manifest entries as (dotted key, leaf) pairs, so one table can show them all."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        for index, item in enumerate(value):
+            yield from _flatten(item, f"{prefix}[{index}]")
+    else:
+        yield prefix, value
+
+
+def _manifest_table(manifest: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th>{_e(key)}</th><td><code>{_e(json.dumps(value))}</code></td></tr>"
+        for key, value in _flatten(manifest)
+    )
+    return f"<table id=manifest><tbody>{rows}</tbody></table>"
+
+
+def _cards(run: Run) -> str:
+    losses = [v for v in loss_series(run).values if math.isfinite(v)]
+    guards = len(run.of_kind("guard"))
+    cards = [
+        ("steps", "—" if run.last_step is None else f"{run.last_step:,}", ""),
+        ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
+        ("decisions", f"{len(run.of_kind('decision')):,}", ""),
+        ("guard events", f"{guards:,}", " alert" if guards else ""),
+        ("param groups", str(len(run.manifest.get("param_groups") or [])), ""),
+    ]
+    return (
+        "<div class=cards>"
+        + "".join(
+            f"<div class='card{extra}'><b>{value}</b><span>{label}</span></div>"
+            for label, value, extra in cards
+        )
+        + "</div>"
+    )
+
+
+def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
+    """The whole page as one string: inline CSS, plots as data URIs, no external resources."""
+    m = run.manifest
+    optimizer = (m.get("config") or {}).get("optimizer", "optimizer")
+    subtitle = (
+        f"{_e(run.folder.resolve().name)} · {_e(optimizer)} with controller "
+        f"<b>{_e(m.get('controller', '?'))}</b> · selftune {_e(m.get('selftune', '?'))}, "
+        f"torch {_e(m.get('torch', '?'))} · started {_e(m.get('created', '?'))}"
+    )
+    banners = []
+    if run.torn_tail:
+        banners.append("The audit log's last line was torn (a crash mid-write); it is not shown.")
+    if not run.trace:
+        banners.append(
+            f"No {TRACE} in this run folder: knob curves are rebuilt from the decisions and the "
+            "loss is not drawn."
+        )
+    figures = (
+        "".join(
+            f"<figure id=plot-{p.name}><img alt='{_e(p.caption)}' "
+            f"src='data:image/png;base64,{base64.b64encode(p.png).decode('ascii')}'>"
+            f"<figcaption>{_e(p.caption)}</figcaption></figure>"
+            for p in plots
+        )
+        or "<p class=sub>Nothing to plot yet: the run has recorded no steps.</p>"
+    )
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>selftune report: {_e(run.folder.resolve().name)}</title>"
+        f"<style>{CSS}</style></head><body><main>"
+        f"<h1>selftune run report</h1><p class=sub>{subtitle}</p>{_cards(run)}"
+        + "".join(f"<div class=banner>{_e(text)}</div>" for text in banners)
+        + f"<h2>Guard events</h2>{_guard_table(run)}"
+        f"<h2>Trajectories</h2>{figures}"
+        f"<h2>Decisions</h2>{_decisions_table(run, rows)}"
+        f"<h2>Manifest</h2>{_manifest_table(m)}"
+        "</main></body></html>\n"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
+    """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
+
+    ``rows``: how many decisions to list from each end of a long log (guard events are all shown).
+    Raises :class:`selftune.audit.LogError` when the folder is not a readable run folder.
+    """
+    if rows < 1:
+        raise ValueError(f"rows={rows!r}: pass at least 1 decision to show from each end")
+    run = read_run(run_dir)
+    plots = make_plots(run)
+    plot_dir = run.folder / PLOTS
+    plot_dir.mkdir(exist_ok=True)
+    for plot in plots:
+        (plot_dir / f"{plot.name}.png").write_bytes(plot.png)
+    page = Path(out) if out is not None else run.folder / "report.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_html(run, plots, rows), encoding="utf-8")
+    return page
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``selftune report``."""
+    parser.add_argument("run", metavar="RUN", help="the run folder (the log_dir of the run)")
+    parser.add_argument(
+        "--out", metavar="FILE.html", help="where to write the page (default: RUN/report.html)"
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=50,
+        metavar="N",
+        help="list the first and last N decisions of a long log (default 50; guard events: all)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``selftune report RUN``: write the page and print its path; 1 with the problem on error."""
+    try:
+        page = write_report(args.run, args.out, rows=args.rows)
+    except (LogError, ValueError, OSError) as exc:
+        print(f"selftune report: {exc}", file=sys.stderr)
+        return 1
+    print(page)
+    return 0
