@@ -1,0 +1,118 @@
+"""``selftune bench``: run a suite (resumably) and regenerate the benchmark report.
+
+Heavy imports (torch, the workloads, matplotlib) happen inside :func:`run`, so building the
+command-line parser stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selftune.bench.workloads import Workload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--suite",
+        choices=("smoke", "full", "overhead"),
+        default="full",
+        help="smoke: every method family on tiny data in about a minute; full: every method "
+        "with 3-5 seeds (long; resumable); overhead: per-step cost of wrapping",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="results folder (results.jsonl, overhead.json); default %(default)s",
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("docs"),
+        help="where benchmarks.md and bench/*.png go; default %(default)s",
+    )
+    parser.add_argument(
+        "--seeds",
+        help="a count (3: seeds 0-2) or a list (0,4,7); "
+        "default: the suite's (smoke 1; full 5 for headline rows, 3 for others)",
+    )
+    parser.add_argument("--workloads", help="comma-separated globs, e.g. 'mnist1d-*,digits-mlp'")
+    parser.add_argument("--methods", help="comma-separated globs, e.g. 'adamw-*,selftune-auto-*'")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="parallel runs, one thread each (default: number of CPUs)",
+    )
+    parser.add_argument(
+        "--overhead-steps",
+        type=int,
+        default=None,
+        help="steps per side in the overhead measurement (default 300; smoke 40)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="run, but leave the report")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only regenerate the report from the results folder",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from selftune.bench import overhead, report, suites
+    from selftune.bench.runner import run_all
+
+    if args.no_report and args.report_only:
+        print("--no-report and --report-only exclude each other; pick one", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    if not args.report_only:
+        jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+        try:
+            seeds = suites.parse_seeds(args.seeds)
+            workloads = _patterns(args.workloads)
+            start = time.perf_counter()
+            if args.suite in ("smoke", "full"):
+                specs = suites.plan(args.suite, workloads, _patterns(args.methods), seeds)
+                done = run_all(specs, out, jobs=jobs, progress=not args.quiet)
+                print(
+                    f"{args.suite}: {done.ran} runs done, {done.skipped} already in "
+                    f"{out / 'results.jsonl'}, {len(specs)} planned"
+                )
+            if args.suite in ("smoke", "overhead"):
+                steps = args.overhead_steps or (40 if args.suite == "smoke" else 300)
+                names = [w.name for w in _overhead_workloads(workloads)]
+                path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
+                print(f"overhead: {path}")
+            print(f"{args.suite} suite took {time.perf_counter() - start:.0f} s")
+        except ValueError as exc:
+            print(f"selftune bench: {exc}", file=sys.stderr)
+            return 2
+    if args.no_report:
+        return 0
+    try:
+        path = report.write_report(out, args.report_dir)
+    except ValueError as exc:
+        print(f"selftune bench: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+def _overhead_workloads(patterns: list[str] | None) -> list[Workload]:
+    from selftune.bench.overhead import OVERHEAD_WORKLOADS
+    from selftune.bench.workloads import WORKLOADS, select
+
+    chosen = {w.name for w in select(patterns)} if patterns else set(WORKLOADS)
+    return [WORKLOADS[n] for n in OVERHEAD_WORKLOADS if n in chosen]

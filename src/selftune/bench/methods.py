@@ -1,0 +1,307 @@
+"""The benchmark's methods: how each one builds its optimizer, and how the loop must drive it.
+
+A :class:`Method` is a name (the report's row label), a family, the base optimizer it is compared
+against (``sgd`` or ``adamw``: its default and its grid's oracle), and a builder that returns a
+:class:`Handle`.  The handle hides what differs between methods from the training loop: selftune
+wants the loss at ``step``, Schedule-Free wants ``train()``/``eval()`` around evaluation,
+ReduceLROnPlateau wants the evaluation metric, schedulers step after the optimizer, and the
+*effective* learning rate is read differently by each (Prodigy and D-Adaptation: ``lr × d``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Learning-rate grids, 3x apart, wide enough that the best member lies inside on every workload.
+ADAMW_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+SGD_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+#: selftune's start sweep: its default controller started far from a good rate, both ways.
+ADAMW_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SGD_SWEEP = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+SGD_DEFAULT = {"lr": 0.01, "momentum": 0.9}
+ADAMW_DEFAULT = {"lr": 1e-3}
+#: Seeds in the full suite: headline methods need 5 to resolve 20-30% differences; grid and
+#: ablation rows 3, which is enough to pick the oracle and keeps the suite within its time.
+HEADLINE_SEEDS = 5
+OTHER_SEEDS = 3
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a builder may know about the run: its budget, the metric's direction, the seed."""
+
+    steps: int
+    higher_is_better: bool
+    seed: int
+
+
+class Handle:
+    """An optimizer as the training loop drives it (see the module docstring for why)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+        pass_loss: bool = False,
+        mode_switch: bool = False,
+        lr_of: Callable[[torch.optim.Optimizer], float] | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.plateau = plateau
+        self.pass_loss = pass_loss
+        self.mode_switch = mode_switch
+        self._lr_of = lr_of or _group_lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step (the selftune wrapper gets the loss), then the scheduler's."""
+        if self.pass_loss:
+            self.optimizer.step(loss=loss.detach())  # type: ignore[call-overload]
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def train_mode(self) -> None:
+        """Before training steps: Schedule-Free moves the weights back to its training point."""
+        if self.mode_switch:
+            self.optimizer.train()  # type: ignore[attr-defined]
+
+    def eval_mode(self) -> None:
+        """Before evaluation: Schedule-Free moves the weights to its averaged point."""
+        if self.mode_switch:
+            self.optimizer.eval()  # type: ignore[attr-defined]
+
+    def observe(self, metric: float) -> None:
+        """Tell ReduceLROnPlateau the evaluation metric."""
+        if self.plateau is not None:
+            self.plateau.step(metric)
+
+    def lr(self) -> float:
+        """The effective learning rate of the first parameter group."""
+        return float(self._lr_of(self.optimizer))
+
+
+def _group_lr(opt: torch.optim.Optimizer) -> float:
+    return float(opt.param_groups[0]["lr"])
+
+
+def _d_adapted_lr(opt: torch.optim.Optimizer) -> float:
+    group = opt.param_groups[0]
+    return float(group["lr"]) * float(group["d"])
+
+
+def _scheduled_lr(opt: torch.optim.Optimizer) -> float:
+    group = opt.param_groups[0]
+    return float(group.get("scheduled_lr", group["lr"]))
+
+
+def _selftune_lr(opt: torch.optim.Optimizer) -> float:
+    return float(opt.hyperparams()[0]["lr"])  # type: ignore[attr-defined]
+
+
+Builder = Callable[[Iterable[torch.nn.Parameter], Setting], Handle]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmark row: ``family`` groups rows in the report, ``base`` names the comparison."""
+
+    name: str
+    family: str  #: default, grid, plateau, published, hypergradient, selftune, sweep
+    base: str  #: "sgd" or "adamw": whose default and oracle this row is compared with
+    build: Builder
+    seeds: int  #: seeds in the full suite
+    lr0: float | None = None  #: the starting (or constant) learning rate, where there is one
+
+
+def _base(base: str, lr: float) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
+    if base == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=SGD_DEFAULT["momentum"])
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+def lr_label(lr: float) -> str:
+    """``3e-4``, ``1e-2``, ``1e0``: the compact form used in method names."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent)
+    return f"{mantissa}e{exponent}"
+
+
+def _plain(base: str, lr: float, schedule: str) -> Builder:
+    make = _base(base, lr)
+
+    def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+        opt = make(params)
+        sched = None
+        if schedule == "cos":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
+        return Handle(opt, scheduler=sched)
+
+    return build
+
+
+def _plateau(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    # Starts at the default rate (anything else would borrow the grid's knowledge) and halves it
+    # after 3 evaluations without improvement: patience in evaluations, not steps.
+    opt = torch.optim.AdamW(params, lr=ADAMW_DEFAULT["lr"])
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max" if s.higher_is_better else "min", factor=0.5, patience=3
+    )
+    return Handle(opt, plateau=plateau)
+
+
+def _prodigy(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    from prodigyopt import Prodigy
+
+    return Handle(Prodigy(params, lr=1.0), lr_of=_d_adapted_lr)
+
+
+def _dadapt_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    from dadaptation import DAdaptAdam
+
+    return Handle(DAdaptAdam(params, lr=1.0), lr_of=_d_adapted_lr)
+
+
+def _schedulefree(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    from schedulefree import AdamWScheduleFree
+
+    return Handle(AdamWScheduleFree(params), mode_switch=True, lr_of=_scheduled_lr)
+
+
+def _hd_sgd(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    from selftune.bench.hd import SGDHD
+
+    return Handle(SGDHD(params, lr=SGD_DEFAULT["lr"], momentum=SGD_DEFAULT["momentum"]))
+
+
+def _hd_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    from selftune.bench.hd import AdamHD
+
+    return Handle(AdamHD(params, lr=ADAMW_DEFAULT["lr"]))
+
+
+def _selftune(base: str, lr: float, controller: str) -> Builder:
+    make = _base(base, lr)
+
+    def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+        import selftune
+
+        opt = selftune.wrap(make(params), controller=controller, seed=s.seed)
+        return Handle(opt, pass_loss=True, lr_of=_selftune_lr)
+
+    return build
+
+
+def _controllers() -> list[str]:
+    import selftune
+
+    return list(selftune.CONTROLLERS)
+
+
+def _registry() -> dict[str, Method]:
+    base_lr = {"sgd": SGD_DEFAULT["lr"], "adamw": ADAMW_DEFAULT["lr"]}
+    grids = {"sgd": SGD_GRID, "adamw": ADAMW_GRID}
+    sweeps = {"sgd": SGD_SWEEP, "adamw": ADAMW_SWEEP}
+    rows: list[Method] = []
+    for b in ("sgd", "adamw"):
+        rows.append(
+            Method(
+                f"{b}-default",
+                "default",
+                b,
+                _plain(b, base_lr[b], "const"),
+                HEADLINE_SEEDS,
+                base_lr[b],
+            )
+        )
+    for b in ("sgd", "adamw"):
+        for schedule in ("const", "cos"):
+            for lr in grids[b]:
+                rows.append(
+                    Method(
+                        f"{b}-grid-{schedule}-{lr_label(lr)}",
+                        "grid",
+                        b,
+                        _plain(b, lr, schedule),
+                        OTHER_SEEDS,
+                        lr,
+                    )
+                )
+    rows += [
+        Method("adamw-plateau", "plateau", "adamw", _plateau, HEADLINE_SEEDS, ADAMW_DEFAULT["lr"]),
+        Method("prodigy", "published", "adamw", _prodigy, HEADLINE_SEEDS),
+        Method("dadapt-adam", "published", "adamw", _dadapt_adam, HEADLINE_SEEDS),
+        Method("schedulefree-adamw", "published", "adamw", _schedulefree, HEADLINE_SEEDS),
+        Method("hd-sgd", "hypergradient", "sgd", _hd_sgd, HEADLINE_SEEDS, SGD_DEFAULT["lr"]),
+        Method("hd-adam", "hypergradient", "adamw", _hd_adam, HEADLINE_SEEDS, ADAMW_DEFAULT["lr"]),
+    ]
+    for controller in _controllers():
+        seeds = HEADLINE_SEEDS if controller == "auto" else OTHER_SEEDS
+        for b in ("sgd", "adamw"):
+            rows.append(
+                Method(
+                    f"selftune-{controller}-{b}",
+                    "selftune",
+                    b,
+                    _selftune(b, base_lr[b], controller),
+                    seeds,
+                    base_lr[b],
+                )
+            )
+    for b in ("adamw", "sgd"):
+        for lr in sweeps[b]:
+            rows.append(
+                Method(
+                    f"selftune-auto-{b}-lr{lr_label(lr)}",
+                    "sweep",
+                    b,
+                    _selftune(b, lr, "auto"),
+                    OTHER_SEEDS,
+                    lr,
+                )
+            )
+    return {m.name: m for m in rows}
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def methods() -> dict[str, Method]:
+    """Every method by name (built on first use, since it asks selftune for its controllers)."""
+    if not _METHODS:
+        _METHODS.update(_registry())
+    return _METHODS
+
+
+def select(patterns: list[str] | None) -> list[Method]:
+    """The methods whose names match any of the glob ``patterns`` (all when none are given)."""
+    every = methods()
+    if not patterns:
+        return list(every.values())
+    chosen = [m for m in every.values() if any(fnmatch.fnmatch(m.name, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(
+            f"no method matches {', '.join(map(repr, patterns))}; names look like "
+            f"'adamw-default', 'sgd-grid-cos-1e-1', 'selftune-auto-*' (see docs/benchmarks.md)"
+        )
+    return chosen
+
+
+def method_info(name: str) -> dict[str, Any]:
+    """The registry facts the report needs about a row, even for a name no longer registered."""
+    m = methods().get(name)
+    if m is None:
+        return {"family": "unknown", "base": "adamw", "lr0": None}
+    return {"family": m.family, "base": m.base, "lr0": m.lr0}

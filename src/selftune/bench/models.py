@@ -1,0 +1,75 @@
+"""The benchmark's models: small enough that one training step takes milliseconds on one core."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+
+class Cnn1d(nn.Module):
+    """Three strided 1-D convolutions and a linear head, the shape of MNIST-1D's reference CNN."""
+
+    def __init__(self, length: int = 40, channels: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            width = self.features(torch.zeros(1, 1, length)).shape[1]
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (and optionally after the last)."""
+    if len(sizes) < 2:
+        raise ValueError(f"mlp sizes={sizes!r}: give at least an input and an output width")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if out_activation is not None:
+        layers.append(out_activation)
+    return nn.Sequential(*layers)
+
+
+class CharTransformer(nn.Module):
+    """A decoder-only transformer over characters (pre-norm blocks, causal mask, no dropout).
+
+    No dropout so that a run is a deterministic function of its seed and the optimizer alone.
+    """
+
+    def __init__(
+        self, vocab: int, width: int = 64, layers: int = 2, heads: int = 4, context: int = 64
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        self.mask: torch.Tensor
+        mask = torch.triu(torch.full((context, context), float("-inf")), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        pos = torch.arange(t, device=ids.device)
+        h = self.tokens(ids) + self.positions(pos)
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))

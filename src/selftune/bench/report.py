@@ -1,0 +1,480 @@
+"""Turns ``results.jsonl`` (and ``overhead.json``) into ``docs/benchmarks.md`` and its plots.
+
+Everything is computed from the one results file: medians and spread over seeds, the oracle (per
+workload and base optimizer, the grid member with the fewest median steps to target), ratios to
+the default and to the oracle, and the section on where selftune falls short, which checks the
+numbers against the bars in :data:`BARS` and prints every miss.
+
+A run that never reached the target counts as infinitely slow, so a median over seeds is finite
+only when at least half the seeds (for an even count, more than half) reached the target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selftune.bench.overhead import OVERHEAD
+from selftune.bench.runner import RESULTS, read_results
+
+INF = math.inf
+#: The families whose rows are the published self-tuning methods selftune is measured against.
+PUBLISHED = ("published", "hypergradient", "plateau")
+#: The bars selftune's default controller is held to; the report lists every one it misses.
+BARS: dict[str, str] = {
+    "reliable": "reaches the target in every seed on every workload",
+    "oracle": "needs no more median steps to target than the best grid member (the oracle)",
+    "default": "needs fewer median steps to target than the base optimizer at its default rate",
+    "published": "needs fewer median steps to target than every published self-tuning method",
+    "sweep": "reaches the target in every seed from every starting rate of the sweep",
+    "stable": "has no diverged run",
+    "overhead": "costs at most 10% more time per step than the unwrapped optimizer",
+}
+OVERHEAD_BAR = 1.10
+#: Order of families in the tables: the rows a reader looks for first come first.
+FAMILY_ORDER = ("default", "selftune", "sweep", "published", "hypergradient", "plateau", "grid")
+#: Families drawn in the curve plots (grid rows would bury the rest; the oracle is added).
+PLOTTED = ("default", "selftune", "published", "hypergradient", "plateau")
+
+
+@dataclass
+class Row:
+    """One method on one workload, summarised over its seeds."""
+
+    workload: str
+    method: str
+    family: str
+    base: str
+    lr0: float | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return len(self.records)
+
+    @property
+    def hits(self) -> int:
+        return sum(r["steps_to_target"] is not None for r in self.records)
+
+    def _to_target(self, key: str) -> list[float]:
+        return [INF if r[key] is None else float(r[key]) for r in self.records]
+
+    @property
+    def steps(self) -> float:
+        """Median steps to target, a miss counting as infinitely many."""
+        return statistics.median(self._to_target("steps_to_target"))
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self._to_target("seconds_to_target"))
+
+    @property
+    def hit_steps(self) -> list[float]:
+        return [s for s in self._to_target("steps_to_target") if s < INF]
+
+    @property
+    def diverged(self) -> int:
+        return sum(bool(r["diverged"]) for r in self.records)
+
+    @property
+    def errors(self) -> list[str]:
+        return [r["error"] for r in self.records if r.get("error")]
+
+    def metric(self, key: str) -> list[float]:
+        return [r[key] for r in self.records if r[key] is not None]
+
+    @property
+    def ms_per_step(self) -> float | None:
+        values = [r["ms_per_step"] for r in self.records if r["ms_per_step"] is not None]
+        return statistics.median(values) if values else None
+
+
+@dataclass
+class Workload:
+    """What the records say about one workload, and its rows."""
+
+    name: str
+    metric: str
+    target: float
+    higher_is_better: bool
+    steps: int
+    eval_every: int
+    held_out: bool
+    rows: dict[str, Row] = field(default_factory=dict)
+
+    def default(self, base: str) -> Row | None:
+        return self.rows.get(f"{base}-default")
+
+    def oracle(self, base: str) -> Row | None:
+        """The grid member of ``base`` with the fewest median steps (ties: fewer seconds)."""
+        grid = [r for r in self.rows.values() if r.family == "grid" and r.base == base]
+        reached = [r for r in grid if r.steps < INF]
+        return min(reached, key=lambda r: (r.steps, r.seconds)) if reached else None
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
+    """Group records by workload and method (the last record of a workload sets its rules)."""
+    out: dict[str, Workload] = {}
+    for r in records:
+        w = out.setdefault(
+            r["workload"],
+            Workload(
+                r["workload"],
+                r["metric_name"],
+                r["target"],
+                r["higher_is_better"],
+                r["steps_budget"],
+                r["eval_every"],
+                bool(r.get("held_out")),
+            ),
+        )
+        row = w.rows.setdefault(
+            r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
+        )
+        row.records.append(r)
+    return out
+
+
+def ratio(row: Row | None, ref: Row | None) -> float | None:
+    """Median steps of ``row`` over those of ``ref`` (inf: row missed; None: nothing to compare)."""
+    if row is None or ref is None or ref.steps == INF:
+        return None
+    return row.steps / ref.steps
+
+
+def _fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "miss" if x == INF else f"{x:.2f}x"
+
+
+def _fmt_steps(row: Row) -> str:
+    hits = row.hit_steps
+    if row.steps == INF:
+        return f"miss ({row.hits}/{row.seeds} hit)"
+    spread = f" [{min(hits):.0f}–{max(hits):.0f}]" if len(hits) > 1 else ""
+    return f"{row.steps:.0f}{spread}"
+
+
+def _fmt_metric(values: list[float]) -> str:
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.4g}"
+    return f"{med:.4g} [{min(values):.4g}–{max(values):.4g}]"
+
+
+def _sorted_rows(w: Workload) -> list[Row]:
+    def key(r: Row) -> tuple[int, str, float, str]:
+        fam = FAMILY_ORDER.index(r.family) if r.family in FAMILY_ORDER else len(FAMILY_ORDER)
+        return (fam, r.base, r.lr0 or 0.0, r.method)
+
+    return sorted(w.rows.values(), key=key)
+
+
+def _table(w: Workload) -> list[str]:
+    oracles = {b: w.oracle(b) for b in ("sgd", "adamw")}
+    head = (
+        "| method | base | hits | steps to target, median [min–max] | seconds to target | "
+        "× default | × oracle | final metric, median [min–max] | diverged | ms/step |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for row in _sorted_rows(w):
+        name = row.method
+        if oracles.get(row.base) is row:
+            name += " **(oracle)**"
+        seconds = "–" if row.seconds == INF else f"{row.seconds:.1f}"
+        ms = "–" if row.ms_per_step is None else f"{row.ms_per_step:.2f}"
+        lines.append(
+            f"| {name} | {row.base} | {row.hits}/{row.seeds} | {_fmt_steps(row)} | {seconds} | "
+            f"{_fmt_ratio(ratio(row, w.default(row.base)))} | "
+            f"{_fmt_ratio(ratio(row, oracles.get(row.base)))} | "
+            f"{_fmt_metric(row.metric('final_metric'))} | {row.diverged} | {ms} |"
+        )
+    return lines
+
+
+def _headline(workloads: dict[str, Workload]) -> list[str]:
+    lines = [
+        "| workload | base | default | oracle | selftune-auto | × oracle | best published | "
+        "× oracle |",
+        "|" + "---|" * 8,
+    ]
+    for w in workloads.values():
+        for base in ("sgd", "adamw"):
+            oracle, auto = w.oracle(base), w.rows.get(f"selftune-auto-{base}")
+            default = w.default(base)
+            published = _best_published(w, base)
+            if oracle is None and auto is None and default is None:
+                continue
+            name = w.name + (" (held out)" if w.held_out else "")
+            lines.append(
+                f"| {name} | {base} | {_fmt_steps(default) if default else '–'} | "
+                f"{_label(oracle)} | {_fmt_steps(auto) if auto else '–'} | "
+                f"{_fmt_ratio(ratio(auto, oracle))} | {_label(published)} | "
+                f"{_fmt_ratio(ratio(published, oracle))} |"
+            )
+    return lines
+
+
+def _label(row: Row | None) -> str:
+    return "–" if row is None else f"{row.method}: {_fmt_steps(row)}"
+
+
+def _best_published(w: Workload, base: str | None = None) -> Row | None:
+    rows = [r for r in w.rows.values() if r.family in PUBLISHED]
+    if base is not None:
+        rows = [r for r in rows if r.base == base]
+    return min(rows, key=lambda r: (r.steps, r.seconds)) if rows else None
+
+
+def shortfalls(
+    workloads: dict[str, Workload], overhead: list[dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """Each bar of :data:`BARS` checked per workload and base: (misses, passes), in words."""
+    short: list[str] = []
+    met: list[str] = []
+    for w in workloads.values():
+        tag = w.name + (" (held out)" if w.held_out else "")
+        for base in ("sgd", "adamw"):
+            auto = w.rows.get(f"selftune-auto-{base}")
+            if auto is None:
+                continue
+            who = f"{tag}, selftune-auto-{base}"
+
+            def check(ok: bool, bar: str, detail: str, who: str = who) -> None:
+                (met if ok else short).append(f"{who}: {BARS[bar]} — {detail}")
+
+            check(auto.hits == auto.seeds, "reliable", f"{auto.hits}/{auto.seeds} seeds hit")
+            oracle = w.oracle(base)
+            if oracle is not None:
+                r = ratio(auto, oracle)
+                check(
+                    r is not None and r <= 1.0,
+                    "oracle",
+                    f"{_fmt_ratio(r)} the oracle {oracle.method} ({oracle.steps:.0f} steps)",
+                )
+            default = w.default(base)
+            if default is not None:
+                r = ratio(auto, default)
+                detail = f"{_fmt_ratio(r)} the default ({_fmt_steps(default)})"
+                check(auto.steps < default.steps, "default", detail)
+            published = _best_published(w)
+            if published is not None:
+                detail = f"best published {published.method}: {_fmt_steps(published)}"
+                check(
+                    auto.steps < published.steps,
+                    "published",
+                    f"{_fmt_steps(auto)} steps vs {detail}",
+                )
+            sweep = [r for r in w.rows.values() if r.family == "sweep" and r.base == base]
+            if sweep:
+                missed = [f"{r.method} {r.hits}/{r.seeds}" for r in sweep if r.hits < r.seeds]
+                worst = max(sweep, key=lambda r: r.steps)
+                slowest = f"slowest start {worst.method}: {_fmt_ratio(ratio(worst, oracle))}"
+                detail = ("missed: " + ", ".join(missed)) if missed else slowest + " the oracle"
+                check(not missed, "sweep", detail)
+            tuned = [
+                r for r in w.rows.values() if r.family in ("selftune", "sweep") and r.base == base
+            ]
+            diverged = [f"{r.method} {r.diverged}/{r.seeds}" for r in tuned if r.diverged]
+            check(
+                not diverged,
+                "stable",
+                ("diverged: " + ", ".join(diverged)) if diverged else "no divergence",
+            )
+    for o in overhead:
+        ok = o["ratio"] <= OVERHEAD_BAR
+        line = (
+            f"{o['workload']}, {o['base']}: {BARS['overhead']} — {o['ratio']:.2f}x "
+            f"({o['plain_ms']:.2f} → {o['selftune_ms']:.2f} ms/step)"
+        )
+        (met if ok else short).append(line)
+    return short, met
+
+
+def _median_curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """The per-step median over seeds of a recorded curve (missing and None values skipped)."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        for step, value in zip(r["curves"]["step"], r["curves"][key], strict=True):
+            if value is not None and math.isfinite(value):
+                by_step[step].append(value)
+    steps = sorted(by_step)
+    return [float(s) for s in steps], [statistics.median(by_step[s]) for s in steps]
+
+
+def _plots(w: Workload, fig_dir: Path) -> list[str]:
+    """Write the workload's PNGs; return their names (relative to ``fig_dir``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    oracles = [o for o in (w.oracle("sgd"), w.oracle("adamw")) if o is not None]
+    shown = [r for r in _sorted_rows(w) if r.family in PLOTTED] + oracles
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = (
+        ("metric", w.metric, False),
+        ("loss_ema", "training loss (EMA)", False),
+        ("lr", "effective learning rate", True),
+    )
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for row in shown:
+            xs, ys = _median_curve(row.records, key)
+            if xs:
+                style = "--" if row.family == "grid" else "-"
+                ax.plot(xs, ys, style, label=row.method, linewidth=1.2)
+        if key == "metric":
+            ax.axhline(w.target, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{w.name}: median over seeds (dotted line: target)")
+    fig.tight_layout()
+    names.append(f"{w.name}-curves.png")
+    fig.savefig(fig_dir / names[-1], dpi=90)
+    plt.close(fig)
+
+    ranked = [r for r in _sorted_rows(w) if r.family != "grid"] + oracles
+    ranked = list({r.method: r for r in ranked if r.hit_steps}.values())
+    if ranked:
+        ranked.sort(key=lambda r: r.steps)
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(ranked) + 1.2))
+        for i, row in enumerate(ranked):
+            hits = row.hit_steps
+            med = row.steps if row.steps < INF else max(hits)
+            ax.barh(
+                i,
+                med,
+                color="tab:green" if row.family in ("selftune", "sweep") else "tab:gray",
+                alpha=0.8 if row.steps < INF else 0.3,
+            )
+            ax.plot([min(hits), max(hits)], [i, i], color="black", linewidth=1)
+        ax.set_yticks(
+            range(len(ranked)), [f"{r.method} ({r.hits}/{r.seeds})" for r in ranked], fontsize=7
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel("steps to target: median (bar), min–max of seeds that hit (line)")
+        ax.set_title(
+            f"{w.name}: steps to {w.metric} {'≥' if w.higher_is_better else '≤'} {w.target:g}"
+        )
+        fig.tight_layout()
+        names.append(f"{w.name}-time-to-target.png")
+        fig.savefig(fig_dir / names[-1], dpi=90)
+        plt.close(fig)
+    return names
+
+
+def write_report(results_dir: Path, report_dir: Path) -> Path:
+    """Write ``report_dir/benchmarks.md`` and ``report_dir/bench/*.png`` from ``results_dir``."""
+    records = read_results(results_dir / RESULTS)
+    if not records:
+        raise ValueError(
+            f"{results_dir / RESULTS} holds no runs; run `selftune bench` (without "
+            "--report-only) first, or point --out at a folder that holds results"
+        )
+    overhead_path = results_dir / OVERHEAD
+    overhead = (
+        json.loads(overhead_path.read_text(encoding="utf-8")) if overhead_path.exists() else []
+    )
+    workloads = summarise(records)
+    fig_dir = report_dir / "bench"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    short, met = shortfalls(workloads, overhead)
+    versions = sorted(
+        {f"selftune {r['versions']['selftune']}, torch {r['versions']['torch']}" for r in records}
+    )
+    suites = sorted({r.get("suite", "?") for r in records})
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `selftune bench` from `{results_dir.name}/{RESULTS}` "
+        f"({len(records)} runs, suite {', '.join(suites)}; {'; '.join(versions)}). "
+        "Regenerate with `selftune bench --report-only --out "
+        f"{results_dir.name}`.",
+        "",
+        "Each run trains one method on one workload from one seed, on one CPU thread, and "
+        "evaluates the held-out metric every few steps on a fixed set. *Steps to target* is the "
+        "first evaluation step at which the metric meets the workload's target; a run that never "
+        "does counts as infinitely slow, so a median over seeds is a *miss* unless at least half "
+        "of the seeds hit. *Seconds* are training time without evaluation. The *oracle* is, per "
+        "workload and base optimizer, the member of the learning-rate grid (constant and cosine) "
+        "with the fewest median steps: the best a user who ran the whole grid could have picked. "
+        "Ratios divide median steps by those of the default or the oracle of the same base "
+        "optimizer, all from this one results file. Times were measured with runs in parallel "
+        "on a shared machine: compare them within a table, not across machines.",
+        "",
+        "## Headline",
+        "",
+        *_headline(workloads),
+        "",
+        "## Where selftune falls short",
+        "",
+        "The default controller (`selftune-auto-<base>`) against each bar, per workload:",
+        "",
+        *(f"- {b}" for b in BARS.values()),
+        "",
+    ]
+    if short:
+        lines += ["Misses, from the numbers below:", "", *(f"- {s}" for s in short), ""]
+    else:
+        lines += ["No bar was missed in these results.", ""]
+    if met:
+        lines += [
+            "<details><summary>Bars met</summary>",
+            "",
+            *(f"- {m}" for m in met),
+            "",
+            "</details>",
+            "",
+        ]
+    for w in workloads.values():
+        lines += [
+            f"## {w.name}" + (" (held out)" if w.held_out else ""),
+            "",
+            f"Target: {w.metric} {'≥' if w.higher_is_better else '≤'} {w.target:g}; budget "
+            f"{w.steps} steps, evaluated every {w.eval_every}."
+            + (
+                " Held out: no default or controller was tuned on this workload."
+                if w.held_out
+                else ""
+            ),
+            "",
+            *_table(w),
+            "",
+        ]
+        lines += [f"![{name}](bench/{name})" for name in _plots(w, fig_dir)]
+        errors = [f"{row.method}: {e}" for row in _sorted_rows(w) for e in row.errors]
+        if errors:
+            lines += ["", "Runs that stopped with an error:", "", *(f"- {e}" for e in errors)]
+        lines.append("")
+    if overhead:
+        lines += [
+            "## Per-step overhead",
+            "",
+            'Plain and wrapped (`controller="auto"`) steps interleaved in one process; medians of '
+            "per-step times (batch, forward, backward, step).",
+            "",
+            "| workload | base | steps | plain ms/step | selftune ms/step | ratio |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {o['workload']} | {o['base']} | {o['steps']} | {o['plain_ms']:.2f} | "
+                f"{o['selftune_ms']:.2f} | {o['ratio']:.2f}x |"
+                for o in overhead
+            ),
+            "",
+        ]
+    report_dir.mkdir(parents=True, exist_ok=True)
+    path = report_dir / "benchmarks.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,305 @@
+"""Runs workload x method x seed, one JSON line per finished run, resumable, one torch thread each.
+
+A run is a function of its seed: the model is initialised after ``torch.manual_seed(seed)`` and
+every minibatch comes from a generator seeded the same way, on one intra-op thread (more threads
+make float reductions order-dependent).  Runs go to worker processes (``jobs``) and only the parent
+writes ``results.jsonl``, one line per run, flushed as each finishes; on start, runs already in
+the file are skipped, so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selftune.bench.methods import Method, Setting, methods
+from selftune.bench.workloads import WORKLOADS, Workload
+
+RESULTS = "results.jsonl"
+#: A loss above this multiple of the first step's loss counts as a divergence.
+DIVERGE_FACTOR = 10.0
+#: A run whose last this-many losses were all bad cannot recover; stop it to save the budget.
+HOPELESS_STEPS = 20
+#: Weight of the newest loss in the training-loss EMA recorded in the curves.
+EMA_WEIGHT = 0.05
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to do; plain values only, so it crosses to a worker process by pickling."""
+
+    workload: str
+    method: str
+    seed: int
+    smoke_steps: int | None = None  #: the smoke suite's tiny budget (tiny data too); None: full
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.workload, self.method, self.seed)
+
+    def resolve(self) -> tuple[Workload, Method]:
+        workload = WORKLOADS[self.workload]
+        if self.smoke_steps is not None:
+            workload = workload.smoke(self.smoke_steps)
+        return workload, methods()[self.method]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, restoring the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
+    """Train once and return the run's record (see ``docs/benchmarks.md`` for the fields)."""
+    import selftune
+
+    task = workload.task()
+    torch.manual_seed(seed)
+    model = workload.make_model(task)
+    gen = torch.Generator().manual_seed(seed)
+    handle = method.build(
+        model.parameters(), Setting(workload.steps, workload.higher_is_better, seed)
+    )
+    curves: dict[str, list[float | None]] = {"step": [], "metric": [], "loss_ema": [], "lr": []}
+    step_ms: list[float] = []
+    train_seconds = 0.0
+    ema: float | None = None
+    initial: float | None = None
+    hit_step: int | None = None
+    hit_seconds: float | None = None
+    diverged = False
+    bad_streak = 0
+    error: str | None = None
+    step = 0
+
+    def evaluate() -> float:
+        model.eval()
+        handle.eval_mode()
+        with torch.no_grad():
+            value = task.evaluate(model)
+        handle.train_mode()
+        model.train()
+        handle.observe(value)
+        curves["step"].append(step)
+        curves["metric"].append(_finite_or_none(value))
+        curves["loss_ema"].append(ema)
+        curves["lr"].append(_finite_or_none(handle.lr()))
+        return value
+
+    evaluate()
+    for step in range(1, workload.steps + 1):
+        start = time.perf_counter()
+        try:
+            loss = task.loss(model, task.batch(workload.batch_size, gen))
+            handle.zero_grad()
+            loss.backward()
+            handle.step(loss)
+        except Exception as exc:  # a method that breaks is a result, not a crash of the suite
+            error = f"step {step}: {type(exc).__name__}: {exc}"
+            diverged = isinstance(exc, selftune.GuardError)
+            break
+        value = loss.item()  # host sync, as every real loop that logs its loss has
+        elapsed = time.perf_counter() - start
+        train_seconds += elapsed
+        step_ms.append(elapsed * 1000.0)
+        if initial is None:
+            initial = value
+        bad = not math.isfinite(value) or value > DIVERGE_FACTOR * abs(initial)
+        diverged = diverged or bad
+        bad_streak = bad_streak + 1 if bad else 0
+        if math.isfinite(value):
+            ema = value if ema is None else (1 - EMA_WEIGHT) * ema + EMA_WEIGHT * value
+        if step % workload.eval_every == 0 or step == workload.steps:
+            metric = evaluate()
+            if hit_step is None and math.isfinite(metric) and workload.met(metric):
+                hit_step, hit_seconds = step, train_seconds
+        if bad_streak >= HOPELESS_STEPS:
+            break
+
+    metrics = [m for m in curves["metric"] if m is not None]
+    best = (max if workload.higher_is_better else min)(metrics) if metrics else None
+    return {
+        "workload": workload.name,
+        "method": method.name,
+        "seed": seed,
+        "family": method.family,
+        "base": method.base,
+        "lr0": method.lr0,
+        "held_out": workload.held_out,
+        "metric_name": workload.metric,
+        "higher_is_better": workload.higher_is_better,
+        "target": workload.target,
+        "steps_budget": workload.steps,
+        "steps_run": step,
+        "eval_every": workload.eval_every,
+        "steps_to_target": hit_step,
+        "seconds_to_target": hit_seconds,
+        "final_metric": curves["metric"][-1],
+        "best_metric": best,
+        "diverged": diverged,
+        "error": error,
+        "train_seconds": train_seconds,
+        "ms_per_step": statistics.median(step_ms) if step_ms else None,
+        "curves": curves,
+        "versions": {"selftune": selftune.__version__, "torch": torch.__version__},
+    }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def run_spec(spec: RunSpec) -> dict[str, Any]:
+    """Resolve and train one spec on one thread (the worker processes' entry point)."""
+    workload, method = spec.resolve()
+    with one_thread():
+        record = train(workload, method, spec.seed)
+    record["suite"] = "smoke" if spec.smoke_steps is not None else "full"
+    return record
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records in a results file; a torn last line (an interrupted write) is skipped.
+
+    A damaged line anywhere else is an error naming the line: silently dropping a run would bias
+    the medians.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number >= len(lines) - 1:  # the last non-empty line: a torn tail
+                print(f"{path}:{number}: skipping a torn last line", file=sys.stderr)
+                continue
+            raise ValueError(
+                f"{path}:{number} is not valid JSON ({exc}); remove or fix that line and rerun"
+            ) from exc
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a+", encoding="utf-8") as f:
+        f.seek(0, 2)
+        if f.tell() > 0:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":  # a torn tail from an earlier crash: start a fresh line
+                f.write("\n")
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+
+
+@dataclass
+class Outcome:
+    """What a call of :func:`run_all` did."""
+
+    ran: int = 0
+    skipped: int = 0
+    unavailable: dict[str, str] | None = None  #: workload -> why its data could not be had
+
+
+def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = True) -> Outcome:
+    """Run every spec not already in ``out/results.jsonl`` and append each record as it finishes.
+
+    ``jobs`` > 1 runs that many worker processes (spawned, so no thread pool is inherited).  A
+    workload whose data cannot be had (no network and no cache) is skipped with its reason.
+    """
+    from selftune.bench.data import DataUnavailable
+
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs!r}: use 1 or more worker processes")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    done = {(r["workload"], r["method"], r["seed"]) for r in read_results(path)}
+    todo = [s for s in specs if s.key not in done]
+    outcome = Outcome(skipped=len(specs) - len(todo), unavailable={})
+    todo = _drop_unavailable(todo, outcome)
+    with _progress(len(todo), progress) as advance:
+        if jobs == 1 or len(todo) <= 1:
+            for spec in todo:
+                try:
+                    _append(path, run_spec(spec))
+                except DataUnavailable as exc:  # found only when the task is first built
+                    _mark_unavailable(outcome, spec.workload, str(exc))
+                    continue
+                outcome.ran += 1
+                advance(spec)
+            return outcome
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures: dict[Future[dict[str, Any]], RunSpec] = {
+                pool.submit(run_spec, s): s for s in todo
+            }
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    record = future.result()
+                except DataUnavailable as exc:
+                    _mark_unavailable(outcome, spec.workload, str(exc))
+                    continue
+                _append(path, record)
+                outcome.ran += 1
+                advance(spec)
+    return outcome
+
+
+def _drop_unavailable(todo: list[RunSpec], outcome: Outcome) -> list[RunSpec]:
+    """Build each workload's task once up front, so missing data is reported before any run."""
+    from selftune.bench.data import DataUnavailable
+
+    assert outcome.unavailable is not None
+    for name in sorted({(s.workload, s.smoke_steps is not None) for s in todo}):
+        workload = WORKLOADS[name[0]].smoke() if name[1] else WORKLOADS[name[0]]
+        try:
+            workload.task()
+        except DataUnavailable as exc:
+            _mark_unavailable(outcome, name[0], str(exc))
+    return [s for s in todo if s.workload not in outcome.unavailable]
+
+
+def _mark_unavailable(outcome: Outcome, workload: str, why: str) -> None:
+    assert outcome.unavailable is not None
+    if workload not in outcome.unavailable:
+        print(f"skipping {workload}: {why}", file=sys.stderr)
+    outcome.unavailable[workload] = why
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Any]:
+    """A rich progress bar over runs (a no-op when disabled or when there is nothing to run)."""
+    if not enabled or total == 0:
+        yield lambda spec: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress("[progress.description]{task.description}", *columns) as bar:
+        task = bar.add_task("bench", total=total)
+
+        def advance(spec: RunSpec) -> None:
+            bar.update(task, advance=1, description=f"{spec.workload} {spec.method} s{spec.seed}")
+
+        yield advance

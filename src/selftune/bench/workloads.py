@@ -1,0 +1,238 @@
+"""The benchmark's workloads: data, model, batch size, step budget, and the target to reach.
+
+A :class:`Workload` is a plain record; what differs between kinds of data (how a minibatch is drawn,
+what the loss is, what the held-out metric is) lives in three small task classes.  Every minibatch
+is drawn from a ``torch.Generator`` that the runner seeds, and every evaluation uses the same fixed
+held-out set, so a run is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selftune.bench import data
+from selftune.bench.models import CharTransformer, Cnn1d, mlp
+
+
+class Task(Protocol):
+    """How to draw a minibatch, score it, and measure the held-out metric."""
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random minibatch (inputs, targets) drawn from the training part with ``gen``."""
+        ...
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one minibatch (a scalar with a graph)."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> float:
+        """The metric on the fixed held-out set (the model is in eval mode, gradients off)."""
+        ...
+
+
+class ClassifyTask:
+    """Cross-entropy training; the metric is test accuracy."""
+
+    def __init__(self, split: data.Supervised) -> None:
+        self.split = split
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.split.y_train), (size,), generator=gen)
+        return self.split.x_train[idx], self.split.y_train[idx]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def evaluate(self, model: nn.Module) -> float:
+        pred = model(self.split.x_test).argmax(dim=1)
+        return float((pred == self.split.y_test).float().mean())
+
+
+class ReconstructTask:
+    """An autoencoder's mean squared reconstruction error, trained and measured on the inputs."""
+
+    def __init__(self, split: data.Supervised) -> None:
+        self.split = split
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.split.x_train), (size,), generator=gen)
+        x = self.split.x_train[idx]
+        return x, x
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    def evaluate(self, model: nn.Module) -> float:
+        return float(F.mse_loss(model(self.split.x_test), self.split.x_test))
+
+
+class LanguageTask:
+    """Next-character prediction; the metric is the mean loss on fixed validation windows."""
+
+    def __init__(self, text: data.CharText, context: int, eval_windows: int) -> None:
+        if len(text.val) < context + 2:
+            raise ValueError(
+                f"the validation text has {len(text.val)} characters, fewer than the context "
+                f"{context} + 2; use more text"
+            )
+        self.text = text
+        self.context = context
+        # Evenly spaced windows: the same ones at every evaluation of every run.
+        last = len(text.val) - context - 1
+        starts = torch.linspace(0, last, eval_windows).long()
+        self.val_x = torch.stack([text.val[s : s + context] for s in starts])
+        self.val_y = torch.stack([text.val[s + 1 : s + 1 + context] for s in starts])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.text.vocab)
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.text.train) - self.context - 1, (size,), generator=gen)
+        offsets = torch.arange(self.context)
+        x = self.text.train[starts[:, None] + offsets]
+        y = self.text.train[starts[:, None] + offsets + 1]
+        return x, y
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch[0])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
+
+    def evaluate(self, model: nn.Module) -> float:
+        return float(self.loss(model, (self.val_x, self.val_y)))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark problem and the rules of its race.
+
+    ``steps_to_target`` is the first evaluation step (every ``eval_every`` steps) at which the
+    held-out metric meets ``target``; ``steps`` is the budget every method gets.  ``held_out``
+    marks a workload that no default was tuned on.  ``small`` selects the smoke suite's tiny data.
+    """
+
+    name: str
+    description: str
+    make_task: Callable[[bool], Task]  #: small -> task
+    make_model: Callable[[Any], nn.Module]  #: task -> freshly initialised model
+    batch_size: int
+    steps: int
+    eval_every: int
+    metric: str
+    target: float
+    higher_is_better: bool
+    held_out: bool = False
+    small: bool = False
+
+    def met(self, value: float) -> bool:
+        """Whether a metric value reaches the target."""
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+    def task(self) -> Task:
+        """The task, built once per process (data generation and encoding are not free)."""
+        return _task(self.name, self.small)
+
+    def smoke(self, steps: int = 60) -> Workload:
+        """The same workload on tiny data with a tiny budget, for the smoke suite and tests."""
+        return replace(
+            self, steps=steps, eval_every=max(1, min(self.eval_every, steps // 3)), small=True
+        )
+
+
+@lru_cache(maxsize=16)
+def _task(name: str, small: bool) -> Task:
+    return WORKLOADS[name].make_task(small)
+
+
+def _mnist1d_task(small: bool) -> Task:
+    return ClassifyTask(data.mnist1d(num_samples=1_000 if small else 10_000, seed=42))
+
+
+def _digits_task(small: bool) -> Task:
+    return ClassifyTask(data.digits())
+
+
+def _digits_reconstruct_task(small: bool) -> Task:
+    return ReconstructTask(data.digits())
+
+
+def _shakespeare_task(small: bool) -> Task:
+    text = data.shakespeare(max_chars=50_000 if small else 1_000_000)
+    return LanguageTask(text, context=64, eval_windows=32 if small else 256)
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload(
+            name="mnist1d-cnn",
+            description="MNIST-1D (10,000 generated samples, 80/20 split), 3-layer 1-D CNN",
+            make_task=_mnist1d_task,
+            make_model=lambda task: Cnn1d(),
+            batch_size=128,
+            steps=2000,
+            eval_every=25,
+            metric="test accuracy",
+            target=0.93,
+            higher_is_better=True,
+        ),
+        Workload(
+            name="digits-mlp",
+            description="scikit-learn digits (1,797 images, 80/20 split), MLP 64-128-128-10",
+            make_task=_digits_task,
+            make_model=lambda task: mlp([64, 128, 128, 10]),
+            batch_size=64,
+            steps=500,
+            eval_every=10,
+            metric="test accuracy",
+            target=0.97,
+            higher_is_better=True,
+        ),
+        Workload(
+            name="shakespeare-char",
+            description="Shakespeare's plays (first 1 MB), character transformer 2x64, context 64",
+            make_task=_shakespeare_task,
+            make_model=lambda task: CharTransformer(task.vocab_size),
+            batch_size=32,
+            steps=600,
+            eval_every=25,
+            metric="val loss",
+            target=2.2,
+            higher_is_better=False,
+        ),
+        Workload(
+            name="digits-autoencoder",
+            description="scikit-learn digits, MLP autoencoder 64-128-16-128-64 (held out)",
+            make_task=_digits_reconstruct_task,
+            make_model=lambda task: mlp([64, 128, 16, 128, 64], out_activation=nn.Sigmoid()),
+            batch_size=64,
+            steps=1000,
+            eval_every=25,
+            metric="test MSE",
+            target=0.02,
+            higher_is_better=False,
+            held_out=True,
+        ),
+    ]
+}
+
+
+def select(patterns: list[str] | None) -> list[Workload]:
+    """The workloads whose names match any of the glob ``patterns`` (all when none are given)."""
+    if not patterns:
+        return list(WORKLOADS.values())
+    chosen = [w for w in WORKLOADS.values() if any(fnmatch.fnmatch(w.name, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(
+            f"no workload matches {', '.join(map(repr, patterns))}; "
+            f"choose from {', '.join(WORKLOADS)}"
+        )
+    return chosen
