@@ -238,3 +238,92 @@ def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -
     for step in (11, 20):
         assert seen[step][0] == pytest.approx(hp_at[step][0], rel=1e-6)
     assert "lr" in selftune.verify(tmp_path / "run").knobs
+
+
+# --------------------------------------------------------------------------- TensorBoard, MLflow
+
+
+def _plain_loop(opt: selftune.SelfTuned, model: torch.nn.Module, steps: int) -> None:
+    x, y = _data()
+    for t in range(steps):
+        i = (t * 32) % len(x)
+        loss = torch.nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+def _tuned(steps: int, *listeners: Any) -> tuple[selftune.SelfTuned, list[selftune.StepEvent]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    events: list[selftune.StepEvent] = []
+    opt.add_listener(events.append)
+    for fn in listeners:
+        opt.add_listener(fn)
+    _plain_loop(opt, model, steps)
+    return opt, events
+
+
+def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    _, events = _tuned(40, writer)
+    writer.close()
+    decisions = [d for e in events for d in e.decisions]
+    assert decisions, "the run must make decisions for this test to mean anything"
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    lr = acc.Scalars("selftune/group0/lr")
+    assert [s.step for s in lr] == list(range(1, 41))
+    assert [s.value for s in lr] == pytest.approx([e.hyperparams[0]["lr"] for e in events])
+    assert [s.value for s in acc.Scalars("selftune/loss")] == pytest.approx(
+        [e.loss for e in events]
+    )
+    assert "selftune/group0/beta1" in acc.Tags()["scalars"]
+    texts = acc.Tensors("selftune/decisions/text_summary")
+    assert sorted({t.step for t in texts}) == sorted({d.step for d in decisions})
+    written = " ".join(t.tensor_proto.string_val[0].decode() for t in texts)
+    for d in decisions:
+        assert d.reason in written
+
+
+def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database otherwise
+    mlflow.set_tracking_uri(uri)
+    writer = MLflowWriter(flush_every=5)  # no active run: the writer starts one and ends it
+    _, events = _tuned(30, writer)
+    writer.close()
+    assert mlflow.active_run() is None
+
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(writer.run_id, "selftune/group0/lr")
+    assert [m.step for m in history] == list(range(1, 31))
+    assert [m.value for m in history] == pytest.approx([e.hyperparams[0]["lr"] for e in events])
+    losses = client.get_metric_history(writer.run_id, "selftune/loss")
+    assert [m.value for m in losses] == pytest.approx([e.loss for e in events])
+
+    decisions = [d for e in events for d in e.decisions]
+    assert decisions
+    local = client.download_artifacts(writer.run_id, "selftune/decisions.jsonl", str(tmp_path))
+    rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    assert [(r["step"], r["knob"], r["reason"]) for r in rows] == [
+        (d.step, d.knob, d.reason) for d in decisions
+    ]
+    run = client.get_run(writer.run_id)
+    assert decisions[-1].reason in run.data.tags["selftune.last_decision"]

@@ -128,6 +128,8 @@ def wrap_trainer_optimizer(
         raise selftune.ConfigError("call wrap_trainer_optimizer(trainer) before trainer.train()")
     if trainer.optimizer is None:
         trainer.create_optimizer()
+    if trainer.optimizer is None:
+        raise selftune.ConfigError("trainer.create_optimizer() built no optimizer")
     if isinstance(trainer.optimizer, SelfTuned):
         opt = feed_from(trainer.optimizer)
     else:

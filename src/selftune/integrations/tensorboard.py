@@ -1,0 +1,83 @@
+"""TensorBoard: write selftune's knobs, loss and decisions with ``opt.add_listener``.
+
+>>> opt.add_listener(TensorBoardWriter("runs/tb"))          # or an existing SummaryWriter
+
+Scalars ``selftune/group{i}/{knob}`` (the *effective* values: the learning rate includes
+selftune's scale on top of any scheduler) and ``selftune/loss`` every step; each decision and
+guard event as text under ``selftune/decisions`` and ``selftune/guard``, with the reason in
+words, at the step it was made.  Uses ``torch.utils.tensorboard``, which needs the
+``tensorboard`` package.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+from selftune.tuner import Decision, StepEvent
+
+
+def describe(decision: Decision) -> str:
+    """One line for a person: what changed, from what to what, who decided and why."""
+    clipped = " (clipped by the policy)" if decision.clipped else ""
+    return (
+        f"step {decision.step}, group {decision.group}: {decision.knob} "
+        f"{decision.old:.6g} → {decision.new:.6g} by the {decision.source}{clipped}: "
+        f"{decision.reason}"
+    )
+
+
+def describe_guard(step: int, guard: dict[str, Any]) -> str:
+    """One line for a guard event (skip, roll back, escalate) and its reason."""
+    return f"step {step}: guard {guard.get('event', '?')}: {guard.get('reason', '')}"
+
+
+class TensorBoardWriter:
+    """A listener that writes every step's knobs and loss, and every decision, to TensorBoard.
+
+    ``writer_or_logdir``: a ``SummaryWriter`` (shared with the rest of the training's scalars)
+    or a folder for a new one, which this writer then owns and closes in :meth:`close`.
+    ``every``: write scalars every this many steps (decisions are always written).
+    """
+
+    def __init__(
+        self,
+        writer_or_logdir: SummaryWriter | str | Path,
+        *,
+        prefix: str = "selftune",
+        every: int = 1,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if isinstance(writer_or_logdir, SummaryWriter):
+            self.writer, self._owned = writer_or_logdir, False
+        else:
+            self.writer, self._owned = SummaryWriter(str(writer_or_logdir)), True
+        self.prefix, self.every = prefix, every
+
+    def __call__(self, event: StepEvent) -> None:
+        w, step = self.writer, event.step
+        if step % self.every == 0 or event.decisions:
+            for i, knobs in enumerate(event.hyperparams):
+                for name, value in knobs.items():
+                    w.add_scalar(f"{self.prefix}/group{i}/{name}", value, step)
+            if event.loss is not None and math.isfinite(event.loss):
+                w.add_scalar(f"{self.prefix}/loss", event.loss, step)
+        if event.decisions:
+            w.add_text(
+                f"{self.prefix}/decisions", "  \n".join(describe(d) for d in event.decisions), step
+            )
+        if event.guard is not None:
+            w.add_text(f"{self.prefix}/guard", describe_guard(step, event.guard), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush; close the ``SummaryWriter`` too if this writer made it."""
+        self.writer.flush()
+        if self._owned:
+            self.writer.close()
