@@ -25,21 +25,24 @@ from selftune.tuner import SelfTuned
 
 
 class ReplayController:
-    """Proposes, at each step, exactly the controller decisions the log holds for that step."""
+    """Proposes, at each step, exactly the controller decisions the log holds for that step.
+
+    The proposals are built when the log is read, so that a record whose step or value is not a
+    number is refused up front, naming the record, not halfway through the replayed run.
+    """
 
     name = "replay"
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
-        self._by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        self._by_step: dict[int, list[Proposal]] = defaultdict(list)
         for r in records:
             if r.get("kind") == "decision" and r.get("source", "controller") == "controller":
-                self._by_step[int(r["step"])].append(r)
+                step, value = _number(r, "step", int), _number(r, "value", float)
+                why = f"replay: {r['reason']}"
+                self._by_step[step].append(Proposal(r["group"], r["knob"], value, why, raw=True))
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
-        return [
-            Proposal(r["group"], r["knob"], float(r["value"]), f"replay: {r['reason']}", raw=True)
-            for r in self._by_step.get(signals.step, [])
-        ]
+        return list(self._by_step.get(signals.step, []))
 
     def on_backoff(self, step: int) -> None:
         return None
@@ -57,17 +60,18 @@ class ReplayGuard(Guard):
     def __init__(self, config: GuardConfig, records: list[dict[str, Any]]) -> None:
         super().__init__(config)
         self._events = {
-            int(r["step"]): r
+            _number(r, "step", int): Trouble(
+                _number(r, "step", int),
+                str(r["signal"]),
+                _number(r, "value", float),
+                f"replay: {r['reason']}",
+            )
             for r in records
             if r.get("kind") == "guard" and r.get("event") == "rollback"
         }
 
     def judge(self, s: Signals) -> Trouble | None:
-        r = self._events.get(s.step)
-        if r is None:
-            return None
-        value = r["value"]
-        return Trouble(s.step, r["signal"], float(value), f"replay: {r['reason']}")
+        return self._events.get(s.step)
 
 
 def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) -> SelfTuned:
@@ -76,15 +80,29 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     Refuses (with :class:`~selftune.audit.LogError` or :class:`~selftune.SelfTuneError`) a log
     whose chain is broken or whose manifest does not match ``optimizer``'s param groups and knobs.
     """
+    # verify first: besides the chain it checks the manifest's keys and every record's fields,
+    # which replay reads below; a damaged log must be refused as such, not fail as a KeyError
+    audit.verify(log_dir)
     run = audit.read_log(log_dir)
     _check_matches(run.manifest, optimizer, log_dir)
-    config = run.manifest.get("config", {})
-    policy = _policy_from(config.get("policy"))
-    guard_cfg = config.get("guard")
+    config = run.manifest["config"]
+    where = os.path.join(os.fspath(log_dir), audit.MANIFEST)
+    if not isinstance(config, dict):
+        raise audit.LogError(f"{where}: 'config' is a {type(config).__name__}, not an object")
+    try:
+        policy = _policy_from(config.get("policy"))
+        guard_cfg = config.get("guard")
+        guard_config = None if guard_cfg is None else GuardConfig(**guard_cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise audit.LogError(
+            f"{where}: the policy or guard settings in 'config' cannot be read back ({exc}); "
+            "the manifest was damaged or written by another version"
+        ) from None
+    controller = ReplayController(run.records)
     guard: Any = False
-    if guard_cfg is not None:
-        guard = ReplayGuard(GuardConfig(**guard_cfg), run.records)
-    tuned = SelfTuned(optimizer, ReplayController(run.records), policy=policy, guard=False)
+    if guard_config is not None:
+        guard = ReplayGuard(guard_config, run.records)
+    tuned = SelfTuned(optimizer, controller, policy=policy, guard=False)
     tuned.guard = guard if guard is not False else None
     return tuned
 
@@ -100,12 +118,26 @@ def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, w
     for i, (entry, group) in enumerate(zip(logged, groups, strict=True)):
         knobs = list(knobs_io.knob_names(group))
         count = sum(p.numel() for p in group["params"])
-        if list(entry.get("knobs", [])) != knobs or int(entry.get("num_params", -1)) != count:
+        if list(entry.get("knobs", [])) != knobs or entry.get("num_params") != count:
             raise SelfTuneError(
                 f"{where}: param group {i} does not match the log (logged knobs "
                 f"{entry.get('knobs')} and {entry.get('num_params')} parameters; this optimizer "
                 f"{knobs} and {count}); replay needs the same model and optimizer"
             )
+
+
+def _number(record: dict[str, Any], key: str, kind: type[int] | type[float]) -> Any:
+    """``record[key]`` as an int or float ("nan" and "inf" are how the log stores those)."""
+    value = record[key]
+    try:
+        if isinstance(value, bool) or (kind is int and not isinstance(value, int)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise audit.LogError(
+            f"record seq {record.get('seq')}: {key} is {value!r}, not a number; the log was "
+            "damaged or written by another version"
+        ) from None
 
 
 def _policy_from(saved: dict[str, Any] | None) -> Policy:

@@ -1,0 +1,230 @@
+"""Replay: a logged run re-applied gives bit-identical weights; a bad log is refused, by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from faults import (
+    DECISIONS,
+    MANIFEST,
+    edit_record,
+    final_weights,
+    guard_records,
+    make_optimizer,
+    make_task,
+    train,
+    write_garbage,
+)
+
+import selftune
+from selftune.audit import GENESIS, LogError, canonical, read_log, record_hash
+
+STEPS = 150
+#: a NaN loss and a loss 100x too large: two guard rollbacks inside the replayed run
+FAULTS = {40: "nan_loss", 90: "loss_x100"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def logged_run(folder: Path, optimizer: str, controller: str) -> list[torch.Tensor]:
+    task = make_task()
+    opt = selftune.wrap(
+        make_optimizer(optimizer, task.model.parameters()), controller, log_dir=folder
+    )
+    train(task, opt, STEPS, faults=FAULTS, evaluate=False)
+    opt.close()
+    return final_weights(task.model)
+
+
+def replayed_run(folder: Path, optimizer: str) -> list[torch.Tensor]:
+    """The same script, data and faults, with the optimizer rebuilt from the log."""
+    task = make_task()
+    opt = selftune.replay(make_optimizer(optimizer, task.model.parameters()), folder)
+    train(task, opt, STEPS, faults=FAULTS, evaluate=False)
+    return final_weights(task.model)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "controller"),
+    [("sgd", "auto"), ("adamw", "auto"), ("sgd", "hypergradient"), ("adamw", "hypergradient")],
+)
+def test_replay_is_bit_identical_through_rollbacks(
+    optimizer: str, controller: str, tmp_path: Path
+) -> None:
+    original = logged_run(tmp_path, optimizer, controller)
+    rollbacks = [r["step"] for r in guard_records(tmp_path) if r["event"] == "rollback"]
+    assert rollbacks == sorted(FAULTS), rollbacks
+    changes = [
+        r
+        for r in read_log(tmp_path).records
+        if r["kind"] == "decision" and r["source"] == "controller"
+    ]
+    assert len(changes) >= 5, "the controller barely acted: replay would prove little"
+    replayed = replayed_run(tmp_path, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(original, replayed, strict=True))
+    # and the trajectory matters: the same run without selftune's changes ends elsewhere
+    task = make_task()
+    train(task, make_optimizer(optimizer, task.model.parameters()), STEPS, evaluate=False)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short logged AdamW run with controller decisions and one guard rollback."""
+    folder = tmp_path_factory.mktemp("run")
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), log_dir=folder)
+    train(task, opt, 60, faults={40: "nan_loss"}, evaluate=False)
+    opt.close()
+    assert len(read_log(folder).records) >= 3
+    return folder
+
+
+@pytest.fixture
+def copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder that a test may damage."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def adamw(hidden: int = 16) -> torch.optim.Optimizer:
+    return make_optimizer("adamw", make_task(hidden=hidden).model.parameters())
+
+
+def refused(folder: Path, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """The messages of ``replay`` and ``verify`` on ``folder``; both must raise SelfTuneError."""
+    messages = []
+    with pytest.raises(selftune.SelfTuneError) as info:
+        selftune.replay(optimizer if optimizer is not None else adamw(), folder)
+    messages.append(str(info.value))
+    with pytest.raises(LogError) as info:
+        selftune.verify(folder)
+    messages.append(str(info.value))
+    return messages
+
+
+def test_an_intact_log_is_accepted(run_dir: Path) -> None:
+    assert selftune.verify(run_dir).guard_events == 1
+    assert isinstance(selftune.replay(adamw(), run_dir), selftune.SelfTuned)
+
+
+def test_refuses_an_edited_record(copy: Path) -> None:
+    edit_record(copy, 2, reason="edited afterwards")
+    for message in refused(copy):
+        assert "line 2" in message and "hash does not match" in message
+
+
+def test_refuses_a_record_rewritten_with_a_fresh_hash(copy: Path) -> None:
+    lines = (copy / DECISIONS).read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["value"] = 2.0
+    record["hash"] = record_hash(record)
+    lines[0] = canonical(record) + b"\n"
+    (copy / DECISIONS).write_bytes(b"".join(lines))
+    for message in refused(copy):
+        assert "line 2" in message and "prev does not match" in message
+
+
+def test_refuses_a_missing_folder(tmp_path: Path) -> None:
+    for message in refused(tmp_path / "nowhere"):
+        assert "no run folder" in message and "nowhere" in message
+
+
+def test_refuses_a_folder_without_a_decision_log(copy: Path) -> None:
+    (copy / DECISIONS).unlink()
+    for message in refused(copy):
+        assert f"no {DECISIONS}" in message
+
+
+def test_refuses_garbage_in_the_decision_log(copy: Path) -> None:
+    write_garbage(copy / DECISIONS)
+    for message in refused(copy):
+        assert DECISIONS in message and "line 1" in message
+
+
+def test_refuses_a_blank_decision_log_line(copy: Path) -> None:
+    (copy / DECISIONS).write_bytes(b"\n")
+    for message in refused(copy):
+        assert "line 1" in message and "not valid JSON" in message
+
+
+def test_refuses_garbage_and_empty_manifests(copy: Path) -> None:
+    write_garbage(copy / MANIFEST)
+    for message in refused(copy):
+        assert MANIFEST in message
+    (copy / MANIFEST).write_bytes(b"")
+    for message in refused(copy):
+        assert MANIFEST in message and "not valid JSON" in message
+
+
+def test_refuses_a_manifest_with_wrong_types(copy: Path) -> None:
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "param_groups": 5}))
+    for message in refused(copy):
+        assert "param_groups" in message
+
+
+def test_refuses_unreadable_guard_settings(copy: Path) -> None:
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["config"]["guard"] = {"interval": 25, "unknown": 1}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LogError, match="guard settings"):
+        selftune.replay(adamw(), copy)
+
+
+def test_refuses_a_chained_record_with_missing_fields(tmp_path: Path) -> None:
+    """A record chained correctly but lacking the value replay needs (hand-written logs)."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), log_dir=tmp_path)
+    opt.close()
+    record = {"kind": "decision", "step": 3, "group": 0, "knob": "lr", "seq": 0, "prev": GENESIS}
+    record["hash"] = record_hash(record)
+    (tmp_path / DECISIONS).write_bytes(canonical(record) + b"\n")
+    for message in refused(tmp_path):
+        assert "lacks" in message and "value" in message
+
+
+def test_refuses_a_log_of_a_different_model(run_dir: Path) -> None:
+    with pytest.raises(selftune.SelfTuneError, match="param group 0 does not match") as info:
+        selftune.replay(adamw(hidden=20), run_dir)
+    assert "parameters" in str(info.value)
+    # an SGD optimizer has other knobs (momentum, not betas)
+    with pytest.raises(selftune.SelfTuneError, match="param group 0 does not match"):
+        selftune.replay(make_optimizer("sgd", make_task().model.parameters()), run_dir)
+    model = make_task().model
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    with pytest.raises(selftune.SelfTuneError, match="1 param groups, this optimizer has 2"):
+        selftune.replay(torch.optim.AdamW(groups, lr=0.01), run_dir)
+
+
+def test_an_empty_decision_log_is_a_run_without_changes(tmp_path: Path) -> None:
+    """Documented: a run in which nothing changed has an empty decisions.jsonl.  Replaying it
+    (controller ``off``, no trouble) re-applies nothing and still matches the run exactly."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    train(task, opt, 50, evaluate=False)
+    opt.close()
+    assert (tmp_path / DECISIONS).read_bytes() == b""
+    assert selftune.verify(tmp_path).records == 0
+    again = make_task()
+    replayed = selftune.replay(make_optimizer("sgd", again.model.parameters()), tmp_path)
+    train(again, replayed, 50, evaluate=False)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(final_weights(task.model), final_weights(again.model), strict=True)
+    )
