@@ -178,7 +178,7 @@ def realistic_run(folder: Path, steps: int = 300, seed: int = 0) -> FakeRun:
                     cos_update=cos,
                     grad_norm=rng.uniform(1, 3),
                 )
-        elif step % 50 == 30:
+        elif step % 50 == 30 and hp[0]["momentum"] < 0.98:
             old = hp[0]["momentum"]
             hp[0]["momentum"] = round(min(old + 0.02, 0.98), 4)
             run.decision(

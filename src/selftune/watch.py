@@ -1,0 +1,299 @@
+"""``selftune watch RUN``: follow a run in progress in the terminal.
+
+It tails ``decisions.jsonl`` and ``trace.jsonl`` as the run appends to them and redraws one frame:
+the step, the loss, each param group's knobs, sparklines of the recent loss and learning rate, and
+the latest decisions and guard events with their reasons. Only complete lines are read: the run
+may be halfway through writing the last one, and that part is kept until its newline arrives.
+
+Watching is read-only and cheap: each refresh reads only the bytes appended since the last one and
+does not check the hash chain (``selftune verify`` does that). rich is imported only to draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from selftune.audit import DECISIONS, MANIFEST
+from selftune.report import TRACE, as_float
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+SPARK = "▁▂▃▄▅▆▇█"
+#: how many recent steps the sparklines cover
+HISTORY = 60
+#: how many recent decisions and guard events the frame lists
+RECENT = 8
+
+
+class LineTail:
+    """Follow a file that another process appends to, returning only its complete lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0  # bytes of the file consumed so far, the partial line included
+        self.partial = b""  # the start of a line whose newline has not been written yet
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """Return the complete lines appended since the last call, and whether the file restarted.
+
+        A file that got shorter was cut back (a run resumed from a checkpoint truncates both
+        files): it is read again from the start, and the caller drops what it had from it.
+        """
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return [], False
+        restarted = size < self.offset
+        if restarted:
+            self.offset, self.partial = 0, b""
+        if size == self.offset:
+            return [], restarted
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            data = file.read(size - self.offset)  # not past size: the writer may be mid-line
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [line for line in lines if line.strip()], restarted
+
+
+@dataclass
+class WatchState:
+    """What the frame shows, updated from the lines the run appended since the last poll."""
+
+    folder: Path
+    manifest: dict[str, Any] | None = None
+    step: int | None = None
+    loss: float | None = None
+    hp: list[dict[str, Any]] = field(default_factory=list)
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    #: recent learning rates of each param group
+    rates: list[deque[float]] = field(default_factory=list)
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    decisions: int = 0
+    guards: int = 0
+    #: complete lines that were not JSON objects (damage; ``selftune verify`` names them)
+    bad_lines: int = 0
+
+    def __post_init__(self) -> None:
+        self._decisions = LineTail(self.folder / DECISIONS)
+        self._trace = LineTail(self.folder / TRACE)
+
+    def poll(self) -> None:
+        """Read what the run appended since the last poll."""
+        if self.manifest is None:
+            # not written yet, or being written: try again next time
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        lines, restarted = self._decisions.read()
+        if restarted:
+            self.recent.clear()
+            self.decisions = self.guards = 0
+        for record in self._parse(lines):
+            kind = record.get("kind")
+            self.decisions += kind == "decision"
+            self.guards += kind == "guard"
+            if kind in ("decision", "guard"):
+                self.recent.append(record)
+        lines, restarted = self._trace.read()
+        if restarted:
+            self.losses.clear()
+            self.rates.clear()
+        for row in self._parse(lines):
+            self._add_row(row)
+
+    def _parse(self, lines: Iterable[bytes]) -> list[dict[str, Any]]:
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                self.bad_lines += 1
+        return rows
+
+    def _add_row(self, row: dict[str, Any]) -> None:
+        hp = row.get("hp")
+        if not isinstance(hp, list):
+            self.bad_lines += 1
+            return
+        self.step = row.get("step")
+        self.loss = as_float(row.get("loss"))
+        self.hp = [group for group in hp if isinstance(group, dict)]
+        self.losses.append(math.nan if self.loss is None else self.loss)
+        while len(self.rates) < len(self.hp):
+            self.rates.append(deque(maxlen=HISTORY))
+        for rates, group in zip(self.rates, self.hp, strict=False):
+            rate = as_float(group.get("lr"))
+            rates.append(math.nan if rate is None else rate)
+
+
+def sparkline(values: Iterable[float], log: bool = False) -> str:
+    """One character per value, from ▁ (lowest shown) to █ (highest); a gap for non-finite ones.
+
+    ``log`` scales by the logarithm, for learning rates that move by factors.
+    """
+    points = [math.log10(v) if log and v > 0 else (v if not log else math.nan) for v in values]
+    finite = [p for p in points if math.isfinite(p)]
+    if not finite:
+        return " " * len(points)
+    low, high = min(finite), max(finite)
+    scale = (len(SPARK) - 1) / (high - low) if high > low else 0.0
+    return "".join(SPARK[round((p - low) * scale)] if math.isfinite(p) else " " for p in points)
+
+
+def _fmt(value: Any) -> str:
+    number = as_float(value)
+    return "—" if number is None else f"{number:.4g}"
+
+
+def render(state: WatchState) -> RenderableType:
+    """One frame: a header, the knobs table, sparklines and the recent decisions."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    manifest = state.manifest or {}
+    optimizer = (manifest.get("config") or {}).get("optimizer", "")
+    header = Text.assemble(
+        (f"{state.folder} ", "bold"),
+        f"{optimizer} · controller {manifest.get('controller', '?')}   ",
+        ("step ", "dim"),
+        (str(state.step) if state.step is not None else "—", "bold"),
+        ("   loss ", "dim"),
+        (_fmt(state.loss), "bold"),
+        ("   decisions ", "dim"),
+        str(state.decisions),
+        ("   guard events ", "dim"),
+        (str(state.guards), "bold red" if state.guards else ""),
+    )
+    parts: list[RenderableType] = [header]
+    if state.step is None:
+        parts.append(Text("waiting for the first step…", style="dim"))
+    else:
+        knobs = Table(box=None, padding=(0, 2), header_style="bold")
+        names = [
+            name
+            for name in ("lr", "momentum", "beta1", "beta2")
+            if any(name in group for group in state.hp)
+        ]
+        for column in ("group", *names, "lr, recent steps"):
+            knobs.add_column(column)
+        for index, group in enumerate(state.hp):
+            rates = state.rates[index] if index < len(state.rates) else ()
+            knobs.add_row(
+                str(index),
+                *(_fmt(group.get(name)) for name in names),
+                Text(sparkline(rates, log=True), style="cyan"),
+            )
+        parts.append(knobs)
+        parts.append(
+            Text.assemble(("loss, recent steps  ", "dim"), (sparkline(state.losses), "green"))
+        )
+    parts.append(
+        Panel(_recent_table(state), title="latest decisions and guard events", title_align="left")
+    )
+    if state.bad_lines:
+        parts.append(
+            Text(
+                f"{state.bad_lines} damaged lines skipped: run `selftune verify {state.folder}`",
+                style="yellow",
+            )
+        )
+    return Group(*parts)
+
+
+def _recent_table(state: WatchState) -> RenderableType:
+    from rich.table import Table
+
+    table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
+    for column, kwargs in (
+        ("step", {"justify": "right"}),
+        ("what", {}),
+        ("change", {}),
+        ("reason", {"ratio": 1}),
+    ):
+        table.add_column(column, **kwargs)
+    if not state.recent:
+        table.add_row("", "none yet", "", "")
+    for record in state.recent:
+        if record.get("kind") == "guard":
+            table.add_row(
+                str(record.get("step")),
+                f"GUARD {record.get('event')}",
+                f"{record.get('signal')} = {_fmt(record.get('value'))}",
+                str(record.get("reason")),
+                style="bold red",
+            )
+        else:
+            clipped = " (clipped)" if record.get("clipped") else ""
+            table.add_row(
+                str(record.get("step")),
+                f"g{record.get('group')} {record.get('knob')}",
+                f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}",
+                str(record.get("reason")),
+            )
+    return table
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``selftune watch``."""
+    parser.add_argument("run", metavar="RUN", help="the run folder (the log_dir of the run)")
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 1)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input."""
+    folder = Path(args.run)
+    problem = None
+    if not folder.exists():
+        problem = f"no run folder at {folder}: pass the log_dir the run was started with"
+    elif not folder.is_dir():
+        problem = f"{folder} is a file, not a run folder: pass the run's log_dir"
+    elif not math.isfinite(args.interval) or args.interval <= 0:
+        problem = f"--interval {args.interval!r}: pass a number of seconds above 0, e.g. 0.5"
+    if problem:
+        print(f"selftune watch: {problem}", file=sys.stderr)
+        return 1
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    state = WatchState(folder)
+    state.poll()
+    if args.once:
+        console.print(render(state))
+        return 0
+    with Live(render(state), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                state.poll()
+                live.update(render(state), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    return 0

@@ -1,0 +1,236 @@
+"""``selftune report``: a self-contained page that shows every guard event and the decisions."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from browser import IMAGES_JS, FakeRun, chromium, chromium_missing, realistic_run
+
+from selftune import cli
+from selftune.report import ema, knob_series, read_run, write_report
+
+
+class Page(HTMLParser):
+    """What the tests look at in a page: links to resources, images, and table rows by table id."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.links: list[str] = []  # every src and href
+        self.images: list[str] = []
+        self.rows: dict[str, list[tuple[str, str]]] = {}  # table id -> [(row class, row text)]
+        self._table: str | None = None
+        self._row: list[str] | None = None
+        self._row_class = ""
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.links += [value or "" for name, value in attrs if name in ("src", "href")]
+        if tag == "img":
+            self.images.append(found.get("src") or "")
+        elif tag == "table":
+            self._table = found.get("id") or ""
+        elif tag == "tr" and self._table is not None:
+            self._row, self._row_class = [], found.get("class") or ""
+        elif tag in ("td", "th") and self._row is not None:
+            self._row.append(" ")  # cells read as words apart
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr" and self._row is not None and self._table is not None:
+            text = " ".join("".join(self._row).split())
+            self.rows.setdefault(self._table, []).append((self._row_class, text))
+            self._row = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._row is not None:
+            self._row.append(data)
+
+    def of_class(self, table: str, cls: str) -> list[str]:
+        return [text for row_class, text in self.rows.get(table, []) if row_class == cls]
+
+
+def records(folder: Path, kind: str) -> list[dict]:
+    lines = (folder / "decisions.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A realistic run folder and its report, written once for the tests that only read them."""
+    folder = tmp_path_factory.mktemp("runs") / "sgd"
+    realistic_run(folder)
+    return folder, write_report(folder)
+
+
+def test_page_is_self_contained_and_embeds_every_plot(realistic: tuple[Path, Path]) -> None:
+    folder, page_path = realistic
+    assert page_path == folder / "report.html"
+    text = page_path.read_text()
+    page = Page(text)
+    assert not [link for link in page.links if not link.startswith("data:")]
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    plots = sorted(path.name for path in (folder / "plots").iterdir())
+    assert plots == ["loss.png", "lr.png", "momentum.png"]
+    embedded = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
+    assert embedded == [
+        (folder / "plots" / name).read_bytes() for name in ("loss.png", "lr.png", "momentum.png")
+    ]
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in embedded)
+
+
+def test_page_lists_every_guard_event_with_its_reason(realistic: tuple[Path, Path]) -> None:
+    folder, page_path = realistic
+    page = Page(page_path.read_text())
+    guards = records(folder, "guard")
+    assert len(guards) == 2
+    listed = page.of_class("guards", "guard")
+    in_decisions = page.of_class("decisions", "guard")
+    assert len(listed) == len(in_decisions) == len(guards)
+    for n, (guard, row, inline) in enumerate(zip(guards, listed, in_decisions, strict=True), 1):
+        assert row.startswith(f"G{n} {guard['step']} {guard['event']} {guard['signal']}")
+        assert guard["reason"] in row and guard["reason"] in inline
+
+
+def test_decisions_table_has_one_row_per_decision(realistic: tuple[Path, Path]) -> None:
+    folder, page_path = realistic
+    page = Page(page_path.read_text())
+    decisions = records(folder, "decision")
+    rows = page.of_class("decisions", "decision")
+    assert 20 < len(decisions) <= 100  # all shown at the default of 50 from each end
+    assert len(rows) == len(decisions)
+    first = decisions[0]
+    assert rows[0].startswith(f"{first['step']} {first['group']} {first['knob']} ")
+    assert first["reason"] in rows[0]
+    clipped = [row for row in rows if row.endswith("clipped")]
+    assert len(clipped) == sum(d["clipped"] for d in decisions) > 0
+
+
+def test_long_log_shows_both_ends_every_guard_event_and_a_count(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "long")
+    lr = 0.1
+    for step in range(300):
+        run.decision(step, 0, "lr", lr, lr * 0.99, f"decision at step {step}")
+        lr *= 0.99
+        if step in (7, 150):  # among the decisions left out: shown in place, splitting the gap
+            run.guard(step, "skip", "loss", "nan", f"loss is nan at step {step}")
+    page = Page(write_report(run.folder, rows=5).read_text())
+    rows = page.of_class("decisions", "decision")
+    assert [row.split()[0] for row in rows] == [str(s) for s in (0, 1, 2, 3, 4, *range(295, 300))]
+    gaps = [f"… {n} decisions not shown …" for n in (3, 143, 144)]  # 5-7, 8-150, 151-294
+    assert page.of_class("decisions", "gap") == gaps
+    assert "300 decisions, first and last 5 shown" in page.text
+    guards = page.of_class("decisions", "guard")
+    assert [g.split()[0] for g in guards] == ["7", "150"]
+    assert "loss is nan at step 150" in guards[1]
+
+
+def test_without_a_trace_knobs_are_rebuilt_from_the_decisions(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "no-trace", knobs=(("lr", "beta1", "beta2"),))
+    run.decision(10, 0, "lr", 0.001, 0.002, "grow")
+    run.decision(20, 0, "beta1", 0.9, 0.85, "less momentum")
+    run.decision(30, 0, "lr", 0.002, 0.0015, "shrink")
+    run.guard(40, "skip", "grad_norm", 1e4, "gradient spike")
+    series = knob_series(read_run(run.folder))
+    lr = series[(0, "lr")]
+    assert lr.stepwise
+    assert (lr.steps, lr.values) == ([10, 10, 30, 40], [0.001, 0.002, 0.0015, 0.0015])
+    assert series[(0, "beta1")].values == [0.9, 0.85, 0.85]
+    text = write_report(run.folder).read_text()
+    page = Page(text)
+    assert len(page.images) == 2  # the knob plots; no loss without a trace
+    assert not (run.folder / "plots" / "loss.png").exists()
+    assert "No trace.jsonl" in text
+
+
+def test_torn_final_line_is_reported_not_shown(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "torn")
+    run.trace(0, 1.0, [{"lr": 0.1, "momentum": 0.9}])
+    run.decision(0, 0, "lr", 0.1, 0.2, "grow")
+    line = run.record_line({"kind": "guard", "step": 1, "event": "skip", "signal": "loss",
+                            "value": "inf", "reason": "torn away"})  # fmt: skip
+    with open(run.folder / "decisions.jsonl", "ab") as file:
+        file.write(line[: len(line) // 2])
+    with open(run.folder / "trace.jsonl", "a") as file:
+        file.write('{"step": 1, "lo')
+    text = write_report(run.folder).read_text()
+    assert "last line was torn" in text and "torn away" not in text
+    assert len(Page(text).of_class("decisions", "decision")) == 1
+    assert len(read_run(run.folder).trace) == 1
+
+
+def test_ema_is_bias_corrected_and_steps_over_non_finite_values() -> None:
+    assert ema([2.0, 2.0, 2.0], span=10) == pytest.approx([2.0, 2.0, 2.0])
+    smoothed = ema([1.0, math.inf, math.nan, 3.0], span=3)  # alpha 0.5
+    assert smoothed[:3] == pytest.approx([1.0, 1.0, 1.0])
+    assert smoothed[3] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    assert math.isnan(ema([math.nan], span=3)[0])
+
+
+def test_cli_writes_the_page_where_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "run"
+    run = FakeRun(folder)
+    run.trace(0, 0.5, [{"lr": 0.1, "momentum": 0.9}])
+    out = tmp_path / "pages" / "mine.html"
+    assert cli.main(["report", str(folder), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.exists() and not (folder / "report.html").exists()
+    assert (folder / "plots" / "lr.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: None, "no run folder at"),
+        (lambda p: p.mkdir(), "no manifest.json in"),
+        (lambda p: p.write_text("x"), "is a file, not a run folder"),
+    ],
+    ids=["missing", "empty", "file"],
+)
+def test_cli_explains_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, make, expected: str
+) -> None:
+    path = tmp_path / "runs" / "x"
+    path.parent.mkdir()
+    make(path)
+    assert cli.main(["report", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("selftune report: ") and expected in err and str(path) in err
+    assert not (path / "report.html").exists()
+
+
+def test_cli_refuses_rows_below_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    FakeRun(tmp_path / "run")
+    assert cli.main(["report", str(tmp_path / "run"), "--rows", "0"]) == 1
+    assert "rows=0" in capsys.readouterr().err
+
+
+def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) -> None:
+    """Open the page in a real headless browser: no console errors, every plot decoded, pixels."""
+    reason = chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    _, page_path = realistic
+    shot = tmp_path / "page.png"
+    with tempfile.TemporaryDirectory() as profile, chromium(Path(profile)) as driver:
+        driver.get(page_path.resolve().as_uri())
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        images = driver.execute_script(IMAGES_JS)
+        assert driver.save_screenshot(str(shot))
+    assert severe == []
+    assert len(images) == 3
+    assert all(image["complete"] and image["width"] > 0 for image in images), images
+    from PIL import Image
+
+    with Image.open(shot) as screenshot:
+        assert screenshot.format == "PNG" and screenshot.width >= 1000
+        colours = screenshot.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50  # None: more distinct colours than that
