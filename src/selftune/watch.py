@@ -146,13 +146,16 @@ def sparkline(values: Iterable[float], log: bool = False) -> str:
 
     ``log`` scales by the logarithm, for learning rates that move by factors.
     """
-    points = [math.log10(v) if log and v > 0 else (v if not log else math.nan) for v in values]
+    points = [(math.log10(v) if v > 0 else math.nan) if log else v for v in values]
     finite = [p for p in points if math.isfinite(p)]
     if not finite:
         return " " * len(points)
     low, high = min(finite), max(finite)
     scale = (len(SPARK) - 1) / (high - low) if high > low else 0.0
-    return "".join(SPARK[round((p - low) * scale)] if math.isfinite(p) else " " for p in points)
+    floor = 0 if high > low else len(SPARK) // 2  # a flat line sits mid-height, not at the bottom
+    return "".join(
+        SPARK[floor + round((p - low) * scale)] if math.isfinite(p) else " " for p in points
+    )
 
 
 def _fmt(value: Any) -> str:

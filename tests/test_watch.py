@@ -1,0 +1,215 @@
+"""``selftune watch``: follows a run that is being written, and never shows a half-written line."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from browser import FakeRun
+
+from selftune import cli
+from selftune.watch import LineTail, WatchState, sparkline
+
+HP = [{"lr": 0.1, "momentum": 0.9}]
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich sizes its output to COLUMNS: wide enough that a reason is never folded in two."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def watch_once(folder: Path, capsys: pytest.CaptureFixture) -> str:
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    return capsys.readouterr().out
+
+
+def shown_count(frame: str, what: str) -> int:
+    match = re.search(rf"{what} (\d+)", frame)
+    assert match, frame
+    return int(match.group(1))
+
+
+def test_tail_returns_only_complete_lines_and_restarts_after_a_cut(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    tail = LineTail(path)
+    assert tail.read() == ([], False)  # not created yet
+    path.write_bytes(b'{"a": 1}\n{"b"')
+    assert tail.read() == ([b'{"a": 1}'], False)
+    assert tail.read() == ([], False)
+    with open(path, "ab") as file:
+        file.write(b': 2}\n\n{"c": 3}\n')
+    assert tail.read() == ([b'{"b": 2}', b'{"c": 3}'], False)
+    path.write_bytes(b'{"a": 1}\n')  # cut back, as a resumed run does
+    assert tail.read() == ([b'{"a": 1}'], True)
+
+
+def test_half_written_record_is_read_once_when_its_newline_arrives(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "run")
+    run.decision(1, 0, "lr", 0.1, 0.2, "first")
+    line = run.record_line({"kind": "guard", "step": 2, "event": "skip", "signal": "loss",
+                            "value": "nan", "reason": "second, σ above"})  # fmt: skip
+    cut = line.index("σ".encode()) + 1  # inside the two bytes of σ
+    with open(run.folder / "decisions.jsonl", "ab") as file:
+        file.write(line[:cut])
+    state = WatchState(run.folder)
+    state.poll()
+    assert [r["reason"] for r in state.recent] == ["first"]
+    with open(run.folder / "decisions.jsonl", "ab") as file:
+        file.write(line[cut:])
+    state.poll()
+    state.poll()
+    assert [r["reason"] for r in state.recent] == ["first", "second, σ above"]
+    assert (state.decisions, state.guards, state.bad_lines) == (1, 1, 0)
+
+
+def test_watch_once_shows_what_a_background_writer_has_completed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The writer stops halfway through each line; each frame must show exactly what is complete."""
+    run = FakeRun(tmp_path / "run")
+    half_written, go_on = threading.Event(), threading.Event()
+    lines: list[tuple[str, bytes]] = []
+    for step in range(1, 5):
+        lines.append(("trace", json.dumps({"step": step, "loss": 1 / step, "hp": HP}).encode()))
+        lines.append(("decisions", run.record_line({
+            "kind": "decision", "step": step, "group": 0, "knob": "lr", "old": 0.1, "new": 0.1,
+            "value": 0.1, "signals": {}, "reason": f"reason-{step}", "clipped": False,
+        })))  # fmt: skip
+    lines.append(("decisions", run.record_line({"kind": "guard", "step": 4, "event": "rollback",
+                  "signal": "grad_norm", "value": "inf", "reason": "guard-reason"})))  # fmt: skip
+
+    def writer() -> None:
+        for name, line in lines:
+            path = run.folder / f"{name}.jsonl"
+            with open(path, "ab") as file:
+                file.write(line[: len(line) // 2])
+            half_written.set()
+            go_on.wait(timeout=30)
+            go_on.clear()
+            with open(path, "ab") as file:
+                file.write(line[len(line) // 2 :].rstrip(b"\n") + b"\n")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    for done in range(len(lines)):
+        assert half_written.wait(timeout=30)
+        half_written.clear()
+        frame = watch_once(run.folder, capsys)
+        complete = lines[:done]
+        steps = [json.loads(line)["step"] for name, line in complete if name == "trace"]
+        assert (f"step {steps[-1]} " if steps else "step — ") in frame
+        if steps:
+            assert f"loss {1 / steps[-1]:.4g}" in frame
+        reasons = [json.loads(line)["reason"] for name, line in complete if name == "decisions"]
+        assert shown_count(frame, "decisions") == sum(r.startswith("reason") for r in reasons)
+        for step in range(1, 5):  # only completed records, and all of them
+            assert (f"reason-{step}" in frame) == (f"reason-{step}" in reasons)
+        assert "guard-reason" not in frame and "damaged" not in frame
+        go_on.set()
+    thread.join(timeout=30)
+    frame = watch_once(run.folder, capsys)
+    assert "guard events 1" in frame and "GUARD rollback" in frame and "guard-reason" in frame
+    assert "grad_norm = inf" in frame
+
+
+def test_frames_never_run_ahead_of_a_fast_writer(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Lines arrive in random pieces, cut anywhere (even inside a character), while frames show."""
+    run = FakeRun(tmp_path / "run")
+    total = 120
+    data = b"".join(
+        run.record_line({"kind": "decision", "step": i, "group": 0, "knob": "lr", "old": 0.1,
+                         "new": 0.1, "value": 0.1, "signals": {"grad_norm": 1.0},
+                         "reason": f"σ step {i}", "clipped": False})
+        for i in range(total)
+    )  # fmt: skip
+    completed = [0]
+
+    def writer() -> None:
+        rng = random.Random(0)
+        start = 0
+        with open(run.folder / "decisions.jsonl", "ab", buffering=0) as file:
+            while start < len(data):
+                piece = data[start : start + rng.randint(1, 300)]
+                file.write(piece)
+                start += len(piece)
+                completed[0] = data[:start].count(b"\n")
+                time.sleep(0.001)  # let frames be drawn between pieces
+
+    live = WatchState(run.folder)  # one state polled all along, as the live view does
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    seen, frames = 0, 0
+    while thread.is_alive():
+        frames += 1
+        live.poll()
+        frame = watch_once(run.folder, capsys)
+        shown = shown_count(frame, "decisions")
+        assert seen <= shown <= completed[0] and live.decisions <= completed[0]
+        assert "damaged" not in frame
+        seen = shown
+    thread.join()
+    assert frames > 1, "the writer finished before a frame was drawn mid-write"
+    live.poll()
+    assert shown_count(watch_once(run.folder, capsys), "decisions") == live.decisions == total
+    assert [r["step"] for r in live.recent] == list(range(total - len(live.recent), total))
+    assert live.bad_lines == 0
+
+
+def test_a_run_cut_back_on_resume_is_read_again(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "run")
+    for step in range(3):
+        run.trace(step, 1.0, HP)
+        run.decision(step, 0, "lr", 0.1, 0.1, f"r{step}")
+    state = WatchState(run.folder)
+    state.poll()
+    assert (state.step, state.decisions, len(state.losses)) == (2, 3, 3)
+    for name in ("decisions", "trace"):  # keep the first line, as a resume from step 0 would
+        path = run.folder / f"{name}.jsonl"
+        path.write_text(path.read_text().splitlines(keepends=True)[0])
+    state.poll()
+    assert (state.step, state.decisions, len(state.losses)) == (0, 1, 1)
+    assert [r["reason"] for r in state.recent] == ["r0"]
+
+
+def test_damaged_lines_are_counted_not_fatal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, "nan", HP)
+    with open(run.folder / "decisions.jsonl", "a") as file:
+        file.write("not json\n[1, 2]\n")
+    frame = watch_once(run.folder, capsys)
+    assert "2 damaged lines skipped" in frame and "selftune verify" in frame
+    assert "loss nan" in frame and "step 0 " in frame
+
+
+def test_sparkline_scales_to_the_range_shown() -> None:
+    assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([1e-4, 1e-3, 1e-2], log=True) == "▁▅█"
+    assert sparkline([2.0, float("nan"), 2.0]) == "▅ ▅"
+    assert sparkline([0.0, -1.0], log=True) == "  "  # no log of a rate that is not positive
+    assert sparkline([]) == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["missing"], "no run folder at"),
+        (["file"], "is a file, not a run folder"),
+        (["run", "--interval", "0"], "--interval 0.0: pass a number of seconds above 0"),
+    ],
+)
+def test_bad_input_is_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], expected: str
+) -> None:
+    FakeRun(tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["watch", str(tmp_path / args[0]), *args[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("selftune watch: ") and expected in err
