@@ -32,3 +32,47 @@ class RatioEMA:
 
     def state(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class PlateauDetector:
+    """Says when the loss has stopped falling by more than its own noise.
+
+    It compares the mean minibatch loss of each window of ``window`` steps with that of the window
+    before.  Each mean has a standard error of ``σ/√window`` (σ: the running deviation of the
+    minibatch loss), so a fall of less than one standard error is no real improvement:
+    a plateau.  After it fires it waits ``cooldown`` steps, or a quarter of the steps so far if
+    that is longer, so that successive cuts slow down as the run goes on (a schedule in 1/t).
+    """
+
+    window: int = 25
+    cooldown: int = 50
+    prev: float | None = None  #: mean loss of the previous window
+    total: float = 0.0  #: sum of the losses in the current window
+    count: int = 0
+    wait: int = 0
+
+    def update(self, step: int, loss: float | None, std: float | None) -> bool:
+        if loss is None or std is None:
+            return False
+        self.wait = max(self.wait - 1, 0)
+        self.total += loss
+        self.count += 1
+        if self.count < self.window:
+            return False
+        mean, prev = self.total / self.count, self.prev
+        self.prev, self.total, self.count = mean, 0.0, 0
+        if prev is None or self.wait > 0:
+            return False
+        if prev - mean < std / math.sqrt(self.window):
+            self.hold(step)
+            return True
+        return False
+
+    def hold(self, step: int = 0) -> None:
+        """Start the wait (after any cut, so that cuts do not pile up)."""
+        self.prev, self.total, self.count = None, 0.0, 0
+        self.wait = max(self.cooldown, step // 4)
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,128 @@
+"""Small, real training problems shared by the tests: a noisy quadratic and an MLP regression.
+
+Each problem is deterministic for a seed and cheap (a few hundred steps in well under a second),
+and comes with a reference learning rate per optimizer: a rate at which the plain optimizer
+trains well.  The contract tests start 100x below and 10x above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "sgd-momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "sgd-nesterov": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr),
+    "rmsprop": lambda p, lr: torch.optim.RMSprop(p, lr=lr, momentum=0.5),
+}
+
+
+@dataclass
+class Problem:
+    """A model, a way to draw one minibatch loss, and a way to measure the full loss."""
+
+    model: torch.nn.Module
+    batch_loss: Callable[[int], torch.Tensor]  #: loss of the minibatch drawn for step t
+    full_loss: Callable[[], float]
+
+
+def noisy_quadratic(seed: int = 0, dim: int = 20) -> Problem:
+    """0.5·Σ hᵢ(xᵢ − cᵢ)² with curvatures hᵢ from 0.1 to 10 and noisy centres cᵢ per step.
+
+    The noisy quadratic model of Zhang et al. 2019 ("Which algorithmic choices matter at which
+    batch sizes?"): curvature spread and gradient noise, the two things a rate must balance.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.logspace(-1, 1, dim)
+    x = torch.nn.Parameter(torch.randn(dim, generator=gen) * 3)
+    model = torch.nn.Module()
+    model.x = x  # type: ignore[assignment]
+    noise = torch.Generator().manual_seed(seed + 1)
+
+    def batch_loss(t: int) -> torch.Tensor:
+        c = torch.randn(dim, generator=noise) * 0.1 / h.sqrt()
+        return 0.5 * (h * (x - c) ** 2).sum()
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(0.5 * (h * x**2).sum())
+
+    return Problem(model, batch_loss, full_loss)
+
+
+def mlp_regression(seed: int = 0) -> Problem:
+    """A two-layer tanh MLP fitting a smooth function of 8 inputs from minibatches of 32."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, 8, generator=gen)
+    w = torch.randn(8, 1, generator=gen) / 8**0.5
+    Y = torch.sin(2 * X @ w) + 0.05 * torch.randn(512, 1, generator=gen)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    order = torch.Generator().manual_seed(seed + 1)
+
+    def batch_loss(t: int) -> torch.Tensor:
+        idx = torch.randint(0, 512, (32,), generator=order)
+        return torch.nn.functional.mse_loss(model(X[idx]), Y[idx])
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(X), Y))
+
+    return Problem(model, batch_loss, full_loss)
+
+
+PROBLEMS: dict[str, Callable[[int], Problem]] = {
+    "quadratic": noisy_quadratic,
+    "mlp": mlp_regression,
+}
+
+#: a rate at which each plain optimizer trains each problem well (found by a coarse sweep)
+REFERENCE_LR: dict[str, dict[str, float]] = {
+    "quadratic": {
+        "sgd": 0.1,
+        "sgd-momentum": 0.02,
+        "sgd-nesterov": 0.02,
+        "adam": 0.1,
+        "adamw": 0.1,
+        "rmsprop": 0.03,
+    },
+    "mlp": {
+        "sgd": 0.1,
+        "sgd-momentum": 0.03,
+        "sgd-nesterov": 0.03,
+        "adam": 0.03,
+        "adamw": 0.03,
+        "rmsprop": 0.01,
+    },
+}
+
+
+def train(
+    problem: Problem,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    *,
+    pass_loss: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Train for ``steps`` steps; return the full loss after each step (inf once non-finite)."""
+    curve = []
+    for t in range(1, steps + 1):
+        loss = problem.batch_loss(t)
+        optimizer.zero_grad()
+        loss.backward()
+        if pass_loss:
+            optimizer.step(loss=loss.detach())  # type: ignore[call-arg]
+        else:
+            optimizer.step()
+        if on_step is not None:
+            on_step(t)
+        value = problem.full_loss()
+        curve.append(value if math.isfinite(value) else math.inf)
+    return curve
