@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -162,3 +163,32 @@ def test_a_resumed_ddp_run_is_bit_identical(
     assert dropped > 0, "no decisions between checkpoint and crash: the test lost its power"
     assert log_body(res_dir) == log_body(ref_dir)
     assert (res_dir / "trace.jsonl").read_bytes() == (ref_dir / "trace.jsonl").read_bytes()
+
+
+def test_the_shakespeare_example_trains_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example's own code, in one process (its torchrun launch is what the worker above
+    covers, and two more interpreters importing torch would double this file's time)."""
+    from selftune.bench import data
+
+    if not (
+        data.cache_dir() / "shakespeare" / f"shakespeare-{data.SHAKESPEARE_VERSION}.tar.gz"
+    ).exists():
+        pytest.skip("the Shakespeare text is not cached (the example would download it)")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    example = Path(__file__).parents[1] / "examples" / "ddp_shakespeare.py"
+    tiny = ["--max-chars=20000", "--width=16", "--layers=1", "--batch=4", "--eval-every=2"]
+    for steps in (2, 4):
+        argv = [str(example), f"--run-dir={tmp_path}", f"--steps={steps}", *tiny]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 3" in out
+    evaluated = [line.split()[1] for line in out.splitlines() if line.startswith("step")]
+    assert evaluated == ["2", "4"]
+    assert verify(tmp_path).records == len(read_log(tmp_path).records)
+    trace = [
+        json.loads(line)["step"] for line in (tmp_path / "trace.jsonl").read_text().splitlines()
+    ]
+    assert trace == [1, 2, 3, 4]
