@@ -257,6 +257,7 @@ def screenshot_report(page: Path, out: Path, max_height: int = 2600) -> None:
         driver.get(page.resolve().as_uri())
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1280, min(int(height), max_height))
+        driver.execute_script("document.documentElement.style.overflow = 'hidden'")  # scrollbar
         driver.save_screenshot(str(out))
 
 

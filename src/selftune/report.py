@@ -257,7 +257,7 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     if bad:
         ax.plot(
             bad,
-            [0.97] * len(bad),
+            [0.9] * len(bad),
             "x",
             color=GUARD_RED,
             transform=ax.get_xaxis_transform(),
@@ -267,7 +267,7 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     if decision_steps:  # a rug along the bottom: where the controller acted
         ax.plot(
             decision_steps,
-            [0.0] * len(decision_steps),
+            [0.02] * len(decision_steps),
             "|",
             color="#555",
             markersize=8,
@@ -544,7 +544,7 @@ def _cards(run: Run) -> str:
     losses = [v for v in loss_series(run).values if math.isfinite(v)]
     guards = len(run.of_kind("guard"))
     cards = [
-        ("steps", "—" if run.last_step is None else f"{run.last_step:,}", ""),
+        ("last step", "—" if run.last_step is None else f"{run.last_step:,}", ""),
         ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
         ("decisions", f"{len(run.of_kind('decision')):,}", ""),
         ("guard events", f"{guards:,}", " alert" if guards else ""),
