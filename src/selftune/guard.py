@@ -5,8 +5,9 @@ Every optimizer step, before the update, the guard checks the step's signals:
 - *non-finite*: the loss or any gradient is NaN or infinite;
 - *spike*: the loss (or the gradient norm) jumped far above its running level.  Minibatch losses
   have heavy tails, so a spike must be both ``z`` running deviations above the running mean *of
-  the logarithm* and a factor ``ratio`` above the running level; the statistics only start to
-  judge after ``warmup`` healthy steps and only learn from healthy steps.
+  the logarithm* and a factor ``ratio`` above the running level; the statistics only learn from
+  healthy steps, and during the first ``warmup`` of them only a jump of ``early_ratio`` above
+  the lowest value seen counts (gradient norms: ten times that, since they swing more early).
 
 On trouble the step is skipped, the model parameters, optimizer state, controller state and knobs
 are restored from the newest snapshot, and the learning rate is cut by ``backoff`` (compounded
@@ -38,6 +39,7 @@ class GuardConfig:
     z: float = 6.0
     ratio: float = 3.0
     grad_ratio: float = 10.0
+    early_ratio: float = 10.0
     backoff: float = 0.5
     max_retries: int = 6
 
@@ -64,16 +66,32 @@ class Trouble:
 
 @dataclass
 class _LogStats:
-    """EMA of a positive signal's logarithm and of its squared deviation."""
+    """EMA of a positive signal's logarithm, and of its step-to-step noise.
+
+    The spread is measured from the change between consecutive healthy values, not from the
+    deviation about the mean: while the loss falls fast (early training) the mean lags behind it,
+    and a spread taken about a lagging mean is the lag, not the noise; it hid a loss 100x too
+    large.  For independent noise the variance of a difference is twice the noise's, hence ``/2``.
+    """
 
     n: int = 0
     mean: float = 0.0
     var: float = 0.0
+    low: float = 0.0  #: the lowest value seen
+    last: float = 0.0  #: the logarithm of the last healthy value
 
-    def spike(self, value: float, z: float, ratio: float, warmup: int) -> float | None:
-        """The z-score if ``value`` is a spike, else None."""
-        if self.n < warmup or value <= 0:
+    def spike(
+        self, value: float, z: float, ratio: float, warmup: int, early_ratio: float
+    ) -> float | None:
+        """The z-score if ``value`` is a spike, else None.
+
+        Before ``warmup`` healthy steps there is no deviation to judge by, so only a jump of
+        ``early_ratio`` above the lowest value seen counts (reported as an infinite z-score).
+        """
+        if value <= 0 or self.n == 0:
             return None
+        if self.n < warmup:
+            return math.inf if value > early_ratio * self.low else None
         x, std = math.log(value), math.sqrt(self.var)
         score = (x - self.mean) / max(std, 1e-12)
         return score if score > z and x - self.mean > math.log(ratio) else None
@@ -82,12 +100,13 @@ class _LogStats:
         if value <= 0 or not math.isfinite(value):
             return
         x = math.log(value)
+        self.low = min(self.low, value) if self.n else value
         if self.n == 0:
             self.mean = x
         else:
-            d = x - self.mean
-            self.mean += (1 - decay) * d
-            self.var = decay * (self.var + (1 - decay) * d * d)
+            self.mean += (1 - decay) * (x - self.mean)
+            self.var = decay * self.var + (1 - decay) * 0.5 * (x - self.last) ** 2
+        self.last = x
         self.n += 1
 
 
@@ -125,11 +144,11 @@ class Guard:
         if not math.isfinite(s.grad_norm):
             return Trouble(s.step, "grad_norm", s.grad_norm, f"gradient norm is {s.grad_norm}")
         if s.loss is not None:
-            score = self.loss.spike(s.loss, c.z, c.ratio, c.warmup)
+            score = self.loss.spike(s.loss, c.z, c.ratio, c.warmup, c.early_ratio)
             if score is not None:
                 why = f"loss spike: {s.loss:.4g} is {score:.1f} sd above its running level"
                 return Trouble(s.step, "loss", s.loss, why)
-        score = self.grad.spike(s.grad_norm, c.z, c.grad_ratio, c.warmup)
+        score = self.grad.spike(s.grad_norm, c.z, c.grad_ratio, c.warmup, c.early_ratio * 10)
         if score is not None:
             why = (
                 f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
