@@ -56,6 +56,11 @@ _RATE_NOT_REGAINED = (
     "after a one-off fault the guard's lr cut (x0.5) is kept for the rest of the run; "
     "off never grows it back and hypergradient too slowly: the target is missed by a few steps"
 )
+_SPIKE_MISSED = (
+    "the guard misses the x100 loss: while the loss falls fast its running mean lags, the spread "
+    "measured about that mean is the lag (sd 0.88 in log loss), so the spike scores z 3.1 on the "
+    "loss and 5.8 on the gradient norm, under 6"
+)
 #: combinations that miss the slack for a known defect; strict, so a fix shows as XPASS
 KNOWN: dict[tuple[str, str, str], str] = {
     ("sgd", "off", "lr_1e3"): _RATE_NOT_REGAINED,
@@ -63,6 +68,7 @@ KNOWN: dict[tuple[str, str, str], str] = {
     ("adamw", "stability", "lr_1e3"): _STALE_LOSS_STATS,
     ("adamw", "stability", "loss_x100"): _STALE_LOSS_STATS,
     **{("adamw", "hypergradient", f): _RATE_NOT_REGAINED for f in FAULTS},
+    ("adamw", "hypergradient", "loss_x100"): _SPIKE_MISSED,
 }
 
 
@@ -203,7 +209,21 @@ def test_fault_is_caught_logged_and_survived(
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
 
 
-@pytest.mark.parametrize("controller", CONTROLLERS)
+_SLOW_BLOWUP = (
+    "sgd/stability (seed 1) grows the rate until the loss climbs from 1.4 to about 250 over "
+    "2,000 steps; the climb is gradual, the guard's running level follows it and never fires"
+)
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        pytest.param(c, marks=[pytest.mark.xfail(reason=_SLOW_BLOWUP, strict=True)])
+        if c == "stability"
+        else c
+        for c in CONTROLLERS
+    ],
+)
 def test_clean_long_run_raises_no_guard_event(controller: str, tmp_path: Path) -> None:
     """2,000 clean steps per optimizer: heavy-tailed minibatch losses must not look like trouble."""
     for optimizer in OPTIMIZERS:
@@ -293,7 +313,7 @@ def test_gradient_accumulation_acts_once_per_optimizer_step(tmp_path: Path) -> N
         for _ in range(micro):
             loss = task.batch_loss() / micro
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         opt.step(loss=total)
     assert opt.step_count == steps
     assert calls == {"guard": steps, "controller": steps}
