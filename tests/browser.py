@@ -33,6 +33,40 @@ def _canonical(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def decision_record(
+    step: int,
+    group: int,
+    knob: str,
+    old: float,
+    new: float,
+    reason: str,
+    clipped: bool = False,
+    **signals: Any,
+) -> dict[str, Any]:
+    """A decision as the tuner logs it; ``value`` is the new effective value here."""
+    return dict(
+        kind="decision",
+        step=step,
+        group=group,
+        knob=knob,
+        old=old,
+        new=new,
+        value=new,
+        signals=signals,
+        reason=reason,
+        clipped=clipped,
+    )
+
+
+def guard_record(
+    step: int, event: str, signal: str, value: Any, reason: str, **extra: Any
+) -> dict[str, Any]:
+    """A guard event as the tuner logs it (``extra``: restored_step, lr_factor, ...)."""
+    return dict(
+        kind="guard", step=step, event=event, signal=signal, value=value, reason=reason, **extra
+    )
+
+
 class FakeRun:
     """A run folder written record by record, as a training run in progress would write it."""
 
@@ -84,33 +118,10 @@ class FakeRun:
         clipped: bool = False,
         **signals: Any,
     ) -> None:
-        self.append(
-            {
-                "kind": "decision",
-                "step": step,
-                "group": group,
-                "knob": knob,
-                "old": old,
-                "new": new,
-                "value": new,
-                "signals": signals,
-                "reason": reason,
-                "clipped": clipped,
-            }
-        )
+        self.append(decision_record(step, group, knob, old, new, reason, clipped, **signals))
 
     def guard(self, step: int, event: str, signal: str, value: Any, reason: str, **extra: Any):
-        self.append(
-            {
-                "kind": "guard",
-                "step": step,
-                "event": event,
-                "signal": signal,
-                "value": value,
-                "reason": reason,
-                **extra,
-            }
-        )
+        self.append(guard_record(step, event, signal, value, reason, **extra))
 
     def trace(self, step: int, loss: float | str | None, hp: list[dict[str, float]]) -> None:
         line = json.dumps({"step": step, "loss": loss, "hp": hp}) + "\n"

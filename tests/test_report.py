@@ -10,10 +10,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from browser import IMAGES_JS, FakeRun, chromium, chromium_missing, realistic_run
+from browser import IMAGES_JS, FakeRun, chromium, chromium_missing, guard_record, realistic_run
 
 from selftune import cli
 from selftune.report import ema, knob_series, read_run, write_report
+
+HP = [{"lr": 0.1, "momentum": 0.9}]
 
 
 class Page(HTMLParser):
@@ -153,10 +155,9 @@ def test_without_a_trace_knobs_are_rebuilt_from_the_decisions(tmp_path: Path) ->
 
 def test_torn_final_line_is_reported_not_shown(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "torn")
-    run.trace(0, 1.0, [{"lr": 0.1, "momentum": 0.9}])
+    run.trace(0, 1.0, HP)
     run.decision(0, 0, "lr", 0.1, 0.2, "grow")
-    line = run.record_line({"kind": "guard", "step": 1, "event": "skip", "signal": "loss",
-                            "value": "inf", "reason": "torn away"})  # fmt: skip
+    line = run.record_line(guard_record(1, "skip", "loss", "inf", "torn away"))
     with open(run.folder / "decisions.jsonl", "ab") as file:
         file.write(line[: len(line) // 2])
     with open(run.folder / "trace.jsonl", "a") as file:
@@ -178,7 +179,7 @@ def test_ema_is_bias_corrected_and_steps_over_non_finite_values() -> None:
 def test_cli_writes_the_page_where_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = tmp_path / "run"
     run = FakeRun(folder)
-    run.trace(0, 0.5, [{"lr": 0.1, "momentum": 0.9}])
+    run.trace(0, 0.5, HP)
     out = tmp_path / "pages" / "mine.html"
     assert cli.main(["report", str(folder), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
@@ -234,3 +235,14 @@ def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) 
         assert screenshot.format == "PNG" and screenshot.width >= 1000
         colours = screenshot.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50  # None: more distinct colours than that
+
+
+def test_damaged_trace_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 1.0, HP)
+    with open(run.folder / "trace.jsonl", "a") as file:
+        file.write('{"step": 1, "loss": 1.0}\n')  # no "hp": not a trace row
+    run.trace(2, 1.0, HP)
+    assert cli.main(["report", str(run.folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run.folder / 'trace.jsonl'} line 2: expected" in err

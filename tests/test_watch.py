@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import FakeRun
+from browser import FakeRun, decision_record, guard_record
 
 from selftune import cli
 from selftune.watch import LineTail, WatchState, sparkline
@@ -52,8 +52,7 @@ def test_tail_returns_only_complete_lines_and_restarts_after_a_cut(tmp_path: Pat
 def test_half_written_record_is_read_once_when_its_newline_arrives(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "run")
     run.decision(1, 0, "lr", 0.1, 0.2, "first")
-    line = run.record_line({"kind": "guard", "step": 2, "event": "skip", "signal": "loss",
-                            "value": "nan", "reason": "second, σ above"})  # fmt: skip
+    line = run.record_line(guard_record(2, "skip", "loss", "nan", "second, σ above"))
     cut = line.index("σ".encode()) + 1  # inside the two bytes of σ
     with open(run.folder / "decisions.jsonl", "ab") as file:
         file.write(line[:cut])
@@ -77,12 +76,10 @@ def test_watch_once_shows_what_a_background_writer_has_completed(
     lines: list[tuple[str, bytes]] = []
     for step in range(1, 5):
         lines.append(("trace", json.dumps({"step": step, "loss": 1 / step, "hp": HP}).encode()))
-        lines.append(("decisions", run.record_line({
-            "kind": "decision", "step": step, "group": 0, "knob": "lr", "old": 0.1, "new": 0.1,
-            "value": 0.1, "signals": {}, "reason": f"reason-{step}", "clipped": False,
-        })))  # fmt: skip
-    lines.append(("decisions", run.record_line({"kind": "guard", "step": 4, "event": "rollback",
-                  "signal": "grad_norm", "value": "inf", "reason": "guard-reason"})))  # fmt: skip
+        decision = decision_record(step, 0, "lr", 0.1, 0.1, f"reason-{step}")
+        lines.append(("decisions", run.record_line(decision)))
+    guard = guard_record(4, "rollback", "grad_norm", "inf", "guard-reason")
+    lines.append(("decisions", run.record_line(guard)))
 
     def writer() -> None:
         for name, line in lines:
@@ -125,11 +122,9 @@ def test_frames_never_run_ahead_of_a_fast_writer(
     run = FakeRun(tmp_path / "run")
     total = 120
     data = b"".join(
-        run.record_line({"kind": "decision", "step": i, "group": 0, "knob": "lr", "old": 0.1,
-                         "new": 0.1, "value": 0.1, "signals": {"grad_norm": 1.0},
-                         "reason": f"σ step {i}", "clipped": False})
+        run.record_line(decision_record(i, 0, "lr", 0.1, 0.1, f"σ step {i}", grad_norm=1.0))
         for i in range(total)
-    )  # fmt: skip
+    )
     completed = [0]
 
     def writer() -> None:
