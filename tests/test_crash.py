@@ -38,10 +38,10 @@ TIMEOUT_S = 60.0  # for any one message from a worker
 
 def context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
-    # torch.optim imports torch._dynamo on first use: seconds per worker unless preloaded
-    ctx.set_forkserver_preload(
-        ["torch", "torch._dynamo", "selftune", "selftune.checkpoint", "dist_worker", "crash_worker"]
-    )
+    # torch.optim imports torch._dynamo on first use: seconds per worker unless preloaded; and
+    # "__main__" (pytest's script) spares each worker re-running it before it starts
+    modules = ["__main__", "torch", "torch._dynamo", "selftune.checkpoint", "crash_worker"]
+    ctx.set_forkserver_preload(modules)
     return ctx
 
 
