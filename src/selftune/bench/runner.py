@@ -202,13 +202,19 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a+", encoding="utf-8") as f:
-        f.seek(0, 2)
-        if f.tell() > 0:
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":  # a torn tail from an earlier crash: start a fresh line
-                f.write("\n")
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Append one line; a torn tail left by an interrupted write is cut off first.
+
+    The torn run is not in the file as far as :func:`read_results` is concerned, so it runs again;
+    cutting it keeps it from ending up mid-file, where it would count as damage.
+    """
+    with path.open("ab+") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":  # rare: read the whole file once to find the last full line
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
         f.flush()
 
 

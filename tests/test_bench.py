@@ -1,0 +1,294 @@
+"""The benchmark harness: data, determinism, resumability, the baselines, the report, the CLI.
+
+Runs here are real but tiny (digits, tens of steps), so the file stays fast; the smoke suite's
+end-to-end test restricts itself to two workloads and two methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from selftune.bench import data, report, suites
+from selftune.bench.hd import SGDHD, AdamHD
+from selftune.bench.methods import Handle, Method, Setting, methods, select
+from selftune.bench.runner import RunSpec, one_thread, read_results, run_all, run_spec, train
+from selftune.bench.workloads import WORKLOADS
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private cache folder, so generated data never comes from an earlier run."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SELFTUNE_CACHE", str(folder))
+    data.mnist1d.cache_clear()
+    yield folder
+    data.mnist1d.cache_clear()
+
+
+def test_digits_shapes_split_and_content_are_fixed() -> None:
+    a = data.digits.__wrapped__()
+    b = data.digits.__wrapped__()
+    assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64)
+    assert a.y_train.shape == (1438,) and set(a.y_test.tolist()) == set(range(10))
+    assert float(a.x_train.min()) >= 0.0 and float(a.x_train.max()) <= 1.0
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+
+
+def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
+    first = data.mnist1d.__wrapped__(num_samples=200, seed=3)
+    files = list(cache.glob("mnist1d-200-seed3*.npz"))
+    assert len(files) == 1
+    files[0].unlink()  # force a second generation, not a cache read
+    second = data.mnist1d.__wrapped__(num_samples=200, seed=3)
+    assert first.x_train.shape == (160, 1, 40) and first.x_test.shape == (40, 1, 40)
+    assert first.x_train.dtype == torch.float32 and first.y_train.dtype == torch.int64
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(first.y_test, second.y_test)
+    other = data.mnist1d.__wrapped__(num_samples=200, seed=4)
+    assert not torch.equal(first.x_train, other.x_train)
+
+
+def test_mnist1d_rejects_a_sample_count_it_cannot_split_by_class(cache: Path) -> None:
+    with pytest.raises(ValueError, match="num_samples=205"):
+        data.mnist1d.__wrapped__(num_samples=205)
+
+
+def test_shakespeare_text_is_split_and_encoded() -> None:
+    try:
+        text = data.shakespeare(max_chars=20_000)
+    except data.DataUnavailable as exc:
+        pytest.skip(f"Shakespeare text unavailable: {exc}")
+    assert len(text.train) + len(text.val) == 20_000
+    assert len(text.val) == 2_000
+    assert int(text.train.max()) < len(text.vocab) and "e" in text.vocab
+    again = data.shakespeare.__wrapped__(max_chars=20_000)
+    assert torch.equal(text.train, again.train) and text.vocab == again.vocab
+
+
+def _spec(method: str, seed: int = 0, steps: int = 30) -> RunSpec:
+    return RunSpec("digits-mlp", method, seed, smoke_steps=steps)
+
+
+@pytest.mark.parametrize(
+    "method", ["adamw-grid-cos-1e-2", "selftune-auto-adamw", "schedulefree-adamw", "hd-sgd"]
+)
+def test_a_run_is_a_function_of_its_seed(method: str) -> None:
+    a, b = run_spec(_spec(method)), run_spec(_spec(method))
+    assert a["curves"] == b["curves"]
+    assert a["curves"]["step"][-1] == 30 and len(a["curves"]["lr"]) == len(a["curves"]["step"])
+    c = run_spec(_spec(method, seed=1))
+    assert c["curves"]["loss_ema"] != a["curves"]["loss_ema"]
+
+
+def test_cosine_grid_member_records_its_decaying_rate() -> None:
+    lr = run_spec(_spec("adamw-grid-cos-1e-2"))["curves"]["lr"]
+    assert lr[0] == pytest.approx(1e-2)
+    assert lr[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(x >= y for x, y in itertools.pairwise(lr))
+
+
+def test_runs_resume_and_agree_across_worker_processes(tmp_path: Path) -> None:
+    specs = [_spec("adamw-default"), _spec("selftune-auto-sgd")]
+    first = run_all(specs, tmp_path, jobs=2, progress=False)
+    assert (first.ran, first.skipped) == (2, 0)
+    again = run_all(specs, tmp_path, jobs=1, progress=False)
+    assert (again.ran, again.skipped) == (0, 2)
+    records = {r["method"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert len(records) == 2
+    in_process = run_spec(specs[1])
+    assert records["selftune-auto-sgd"]["curves"] == in_process["curves"]
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_run_starts_a_fresh_line(tmp_path: Path) -> None:
+    run_all([_spec("adamw-default")], tmp_path, progress=False)
+    path = tmp_path / "results.jsonl"
+    with path.open("a", encoding="utf-8") as f:
+        f.write('{"workload": "digits-mlp", "meth')  # a write cut off mid-line
+    assert len(read_results(path)) == 1
+    run_all([_spec("sgd-default")], tmp_path, progress=False)
+    assert [r["method"] for r in read_results(path)] == ["adamw-default", "sgd-default"]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines.insert(0, "not json")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"results.jsonl:1 is not valid JSON"):
+        read_results(path)
+
+
+def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:
+    def huge_rate(params: Any, setting: Setting) -> Handle:
+        return Handle(torch.optim.SGD(params, lr=1e6, momentum=0.9))
+
+    method = Method("sgd-lr1e6", "grid", "sgd", huge_rate, seeds=1, lr0=1e6)
+    with one_thread():
+        record = train(WORKLOADS["digits-mlp"].smoke(100), method, seed=0)
+    assert record["diverged"] is True and record["steps_to_target"] is None
+    assert record["steps_run"] < 100  # stopped once 20 losses in a row were bad
+    assert record["curves"]["metric"][-1] is None or record["curves"]["metric"][-1] < 0.5
+
+
+def test_sgd_hd_without_hypergradient_is_sgd_with_momentum() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(a.detach().clone())
+    hd = SGDHD([a], lr=0.1, momentum=0.9, hypergrad_lr=0.0)
+    ref = torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    for _ in range(5):
+        for p, opt in ((a, hd), (b, ref)):
+            opt.zero_grad()
+            (0.5 * (p - 1.0) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_adam_hd_without_hypergradient_is_adam_and_with_it_raises_a_useful_rate() -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    hd = AdamHD([params[0]], lr=1e-2, hypergrad_lr=0.0)
+    tuned = AdamHD([params[1]], lr=1e-2, hypergrad_lr=1e-3)
+    params[1].data.copy_(params[0].data)
+    params[2].data.copy_(params[0].data)
+    ref = torch.optim.Adam([params[2]], lr=1e-2)
+    for _ in range(20):
+        for p, opt in zip(params, (hd, tuned, ref), strict=True):
+            opt.zero_grad()
+            ((p - 3.0) ** 2).sum().backward()
+            opt.step()
+    assert torch.allclose(params[0], params[2], atol=1e-6)
+    # Far from the minimum, successive Adam directions agree, so the hypergradient grows the rate.
+    assert tuned.param_groups[0]["lr"] > 1e-2
+
+
+def test_hd_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="lr=-1"):
+        SGDHD([torch.nn.Parameter(torch.zeros(1))], lr=-1)
+
+
+def test_registry_names_every_family_and_filters_by_glob() -> None:
+    every = methods()
+    families = {m.family for m in every.values()}
+    assert families == {
+        "default",
+        "grid",
+        "plateau",
+        "published",
+        "hypergradient",
+        "selftune",
+        "sweep",
+    }
+    import selftune
+
+    for controller in selftune.CONTROLLERS:
+        assert {f"selftune-{controller}-sgd", f"selftune-{controller}-adamw"} <= set(every)
+    assert len([m for m in every.values() if m.family == "grid" and m.base == "adamw"]) >= 12
+    assert [m.name for m in select(["hd-*"])] == ["hd-sgd", "hd-adam"]
+    with pytest.raises(ValueError, match="'nope-\\*'"):
+        select(["nope-*"])
+
+
+def test_plans_count_seeds_per_row_and_reject_bad_filters() -> None:
+    full = suites.plan("full", ["digits-mlp"], ["adamw-default", "adamw-grid-const-1e-2"])
+    assert sorted((s.method, s.seed) for s in full) == sorted(
+        [("adamw-default", s) for s in range(5)] + [("adamw-grid-const-1e-2", s) for s in range(3)]
+    )
+    smoke = suites.plan("smoke")
+    smoke_families = {methods()[s.method].family for s in smoke}
+    assert smoke_families == {m.family for m in methods().values()}
+    assert {s.workload for s in smoke} == set(WORKLOADS)
+    assert suites.parse_seeds("3") == [0, 1, 2] and suites.parse_seeds("0,4") == [0, 4]
+    with pytest.raises(ValueError, match="'x'"):
+        suites.parse_seeds("x")
+    with pytest.raises(ValueError, match="no workload matches 'cifar'"):
+        suites.plan("full", ["cifar"])
+
+
+def _record(method: str, family: str, steps: int | None, seed: int = 0) -> dict[str, Any]:
+    """A results line as the runner writes it, with a given steps-to-target."""
+    return {
+        "workload": "w", "method": method, "seed": seed, "family": family, "base": "adamw",
+        "lr0": None, "held_out": False, "metric_name": "acc", "higher_is_better": True,
+        "target": 0.9, "steps_budget": 100, "eval_every": 10, "steps_run": 100,
+        "steps_to_target": steps, "seconds_to_target": None if steps is None else steps / 100,
+        "final_metric": 0.9, "best_metric": 0.95, "diverged": False, "error": None,
+        "ms_per_step": 1.0, "versions": {"selftune": "0", "torch": "0"}, "suite": "full",
+        "curves": {"step": [0, 100], "metric": [0.1, 0.9], "loss_ema": [None, 0.5],
+                   "lr": [1e-3, 1e-3]},
+    }  # fmt: skip
+
+
+def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow() -> None:
+    records = [
+        *(_record("adamw-grid-const-1e-2", "grid", s, i) for i, s in enumerate([40, 50, 60])),
+        *(_record("adamw-grid-const-1e-1", "grid", s, i) for i, s in enumerate([20, None, None])),
+        *(_record("adamw-default", "default", s, i) for i, s in enumerate([80, 100, 90])),
+        *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([30, 60, 100])),
+    ]
+    w = report.summarise(records)["w"]
+    oracle = w.oracle("adamw")
+    assert oracle is not None and oracle.method == "adamw-grid-const-1e-2"
+    assert w.rows["adamw-grid-const-1e-1"].steps == float("inf")
+    auto = w.rows["selftune-auto-adamw"]
+    assert report.ratio(auto, oracle) == pytest.approx(60 / 50)
+    assert report.ratio(auto, w.default("adamw")) == pytest.approx(60 / 90)
+    short, met = report.shortfalls({"w": w}, [])
+    assert any("best grid member" in s and "1.20x" in s for s in short)
+    assert any("default rate" in m for m in met)
+
+
+def test_report_from_real_runs_has_ratio_columns_and_plots(tmp_path: Path) -> None:
+    names = ["adamw-default", "adamw-grid-const-1e-2", "adamw-grid-const-1e-3",
+             "selftune-auto-adamw", "prodigy"]  # fmt: skip
+    run_all([_spec(m, steps=150) for m in names], tmp_path / "res", progress=False)
+    path = report.write_report(tmp_path / "res", tmp_path / "docs")
+    text = path.read_text(encoding="utf-8")
+    assert "| × default | × oracle |" in text
+    assert "Where selftune falls short" in text and "## digits-mlp" in text
+    records = read_results(tmp_path / "res" / "results.jsonl")
+    if any(r["steps_to_target"] is not None for r in records if "grid" in r["method"]):
+        assert "**(oracle)**" in text and "1.00x" in text
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "bench").glob("*.png"))
+    assert "digits-mlp-curves.png" in pngs
+    for name in pngs:
+        assert (tmp_path / "docs" / "bench" / name).read_bytes()[:4] == b"\x89PNG"
+        assert f"(bench/{name})" in text
+
+
+def test_smoke_suite_end_to_end_through_the_command_line(tmp_path: Path, cache: Path) -> None:
+    from selftune.cli import main
+
+    out, docs = tmp_path / "smoke", tmp_path / "docs"
+    argv = ["bench", "--suite", "smoke", "--out", str(out), "--report-dir", str(docs),
+            "--workloads", "digits-mlp,mnist1d-cnn", "--methods", "adamw-default,hd-adam",
+            "--jobs", "1", "--quiet", "--overhead-steps", "20"]  # fmt: skip
+    assert main(argv) == 0
+    records = read_results(out / "results.jsonl")
+    assert sorted((r["workload"], r["method"]) for r in records) == [
+        ("digits-mlp", "adamw-default"), ("digits-mlp", "hd-adam"),
+        ("mnist1d-cnn", "adamw-default"), ("mnist1d-cnn", "hd-adam"),
+    ]  # fmt: skip
+    assert all(r["steps_budget"] == suites.SMOKE_STEPS for r in records)
+    overhead = json.loads((out / "overhead.json").read_text(encoding="utf-8"))
+    assert {(o["workload"], o["base"]) for o in overhead} == {
+        ("mnist1d-cnn", "sgd"),
+        ("mnist1d-cnn", "adamw"),
+    }
+    assert all(o["ratio"] > 0 for o in overhead)
+    text = (docs / "benchmarks.md").read_text(encoding="utf-8")
+    assert "## Per-step overhead" in text and "## mnist1d-cnn" in text
+
+
+def test_command_line_reports_bad_filters_and_empty_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from selftune.cli import main
+
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), "--methods", "nope"]) == 2
+    assert "no method matches 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "holds no runs" in capsys.readouterr().err
