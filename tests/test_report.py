@@ -246,3 +246,13 @@ def test_damaged_trace_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli.main(["report", str(run.folder)]) == 1
     err = capsys.readouterr().err
     assert f"{run.folder / 'trace.jsonl'} line 2: expected" in err
+
+
+def test_a_run_without_losses_or_steps_still_gets_a_page(tmp_path: Path) -> None:
+    run = FakeRun(tmp_path / "run")
+    assert "Nothing to plot yet" in write_report(run.folder).read_text()
+    run.trace(1, None, HP)  # the loss was not passed to step()
+    run.trace(2, None, HP)
+    page = Page(write_report(run.folder).read_text())
+    assert len(page.images) == 2
+    assert sorted(p.name for p in (run.folder / "plots").iterdir()) == ["lr.png", "momentum.png"]

@@ -235,6 +235,10 @@ def _mark_guards(ax: Axes, guards: Sequence[dict[str, Any]]) -> None:
         ax.plot([], [], color=GUARD_RED, linestyle="--", label="guard event")
 
 
+def _not_finite(value: float | None) -> bool:
+    return value is not None and not math.isfinite(value)
+
+
 def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     loss = loss_series(run)
     finite = [v for v in loss.values if math.isfinite(v)]
@@ -253,7 +257,8 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     )
     if min(finite) > 0 and max(finite) / min(finite) > 30:
         ax.set_yscale("log")  # a spike before a rollback would flatten everything on a linear axis
-    bad = [step for step, v in zip(loss.steps, loss.values, strict=True) if not math.isfinite(v)]
+    # Steps whose loss was given but not finite (a step without a loss is just left blank).
+    bad = [row["step"] for row in run.trace if _not_finite(as_float(row.get("loss")))]
     if bad:
         ax.plot(
             bad,
