@@ -6,9 +6,10 @@ depend on the tuner or on the audit module they check against. :func:`realistic_
 with a few hundred steps that look like real training: a falling loss, a learning rate that
 grows then settles, momentum changes, a clipped decision and a guard rollback.
 
-Run as a script to regenerate the screenshot in the docs from such a run::
+Run as a script to regenerate the screenshot in the docs from such a run, or from a real run
+folder given after it (its report.html and plots/ are rewritten)::
 
-    .venv/bin/python tests/browser.py docs/report-screenshot.png
+    .venv/bin/python tests/browser.py docs/report-screenshot.png [RUN]
 """
 
 from __future__ import annotations
@@ -273,9 +274,9 @@ def screenshot_report(page: Path, out: Path, max_height: int = 2600) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Write the screenshot for the docs from a realistic fake run."""
-    if len(argv) != 1:
-        print("usage: python tests/browser.py OUT.png", file=sys.stderr)
+    """Write the screenshot for the docs from a real run folder, or else a realistic fake run."""
+    if len(argv) not in (1, 2):
+        print("usage: python tests/browser.py OUT.png [RUN]", file=sys.stderr)
         return 2
     reason = chromium_missing()
     if reason:
@@ -283,12 +284,12 @@ def main(argv: list[str]) -> int:
         return 1
     from selftune.report import write_report
 
+    out = Path(argv[0])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "mnist1d-sgd"
-        realistic_run(folder)
-        page = write_report(folder)
-        out = Path(argv[0])
-        screenshot_report(page, out)
+        folder = Path(argv[1]) if len(argv) == 2 else Path(tmp) / "mnist1d-sgd"
+        if len(argv) == 1:
+            realistic_run(folder)
+        screenshot_report(write_report(folder), out)
     print(out)
     return 0
 
