@@ -1,0 +1,47 @@
+"""``selftune demo`` end to end, on a short budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import selftune
+from selftune import cli
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("rich")
+
+
+def test_demo_runs_prints_the_table_and_writes_a_verifiable_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "100", "--out", str(out), "--eval-every", "25", "--no-live"]
+    assert cli.main([*argv, "--target", "0.3"]) == 0
+    text = capsys.readouterr().out
+    assert "steps to target" in text and "selftune(AdamW lr=1e-3)" in text
+    assert "speed-up" in text
+
+    summary = json.loads((out / "summary.json").read_text())
+    plain, tuned = summary["results"]
+    assert plain["curve"] != tuned["curve"]  # same start and batches, different optimizers
+    assert [s for s, _ in tuned["curve"]] == [25, 50, 75, 100]
+    assert 0.0 < tuned["final_accuracy"] <= 1.0
+    result = selftune.verify(out / "selftune")  # raises on a damaged log
+    assert f"{out / 'selftune'}: OK" in text
+    assert result.records >= 1  # the tuned run changed something and logged why
+    trace = (out / "selftune" / "trace.jsonl").read_text().splitlines()
+    assert len(trace) == 100
+
+    # A second demo into the same folder replaces the run it made, rather than appending to it.
+    assert cli.main([*argv, "--steps", "50", "--optimizer", "sgd"]) == 0
+    assert len((out / "selftune" / "trace.jsonl").read_text().splitlines()) == 50
+    assert "SGD" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "selftune").mkdir()
+    with pytest.raises(SystemExit, match="not written by a demo"):
+        cli.main(["demo", "--steps", "5", "--out", str(tmp_path), "--no-live"])
