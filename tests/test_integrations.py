@@ -327,3 +327,72 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     ]
     run = client.get_run(writer.run_id)
     assert decisions[-1].reason in run.data.tags["selftune.last_decision"]
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _compiled_run(backend: str, steps: int) -> tuple[list[float], int]:
+    """A tensor-lr Adam whose inner step is compiled, wrapped by selftune; the rates it applied."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    inner = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), foreach=False)
+    opt = selftune.wrap(inner)
+    inner.step = torch.compile(inner.step, backend=backend)  # type: ignore[method-assign]
+    applied: list[float] = []
+    opt.add_listener(lambda e: applied.append(e.hyperparams[0]["lr"]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _plain_loop(opt, model, steps)
+    assert isinstance(inner.param_groups[0]["lr"], torch.Tensor)  # still the same tensor
+    return applied, int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_compiled_inner_step_does_not_recompile_when_selftune_changes_the_rate() -> None:
+    applied, graphs = _compiled_run("eager", 20)
+    assert len(set(applied)) > 3, "selftune must change the rate for this test to mean anything"
+    assert graphs <= 2  # the first step's graph (state init) and the steady one, nothing more
+
+
+# --------------------------------------------------------------------------- AMP, accumulation
+
+
+def _example(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grad_scaler_with_accumulation_steps_once_per_step_with_the_mean_loss() -> None:
+    example = _example("amp_accumulation")
+    opt, _, losses = example.train(steps=40, accumulate=4)
+    assert opt.step_count == 40  # one selftune step per 4 micro-batches
+    assert opt.last_signals.loss == pytest.approx(losses[-1], rel=1e-6)
+    assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3, rel=1e-3)
+    assert losses[-1] < losses[0]
+
+
+def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    events: list[selftune.StepEvent] = []
+    opt.add_listener(events.append)
+    for t in range(6):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        scaler.scale(loss).backward()
+        if t == 3:  # what an overflow leaves behind
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt, loss=loss.detach())
+        scaler.update()
+    assert opt.step_count == 5 and [e.step for e in events] == [1, 2, 3, 4, 5]
+    assert scaler.get_scale() < 2.0**8  # the scaler did see the overflow and backed off
