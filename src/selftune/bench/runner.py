@@ -104,7 +104,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
         curves["lr"].append(_finite_or_none(handle.lr()))
         return value
 
-    evaluate()
+    evaluate()  # the starting point; also leaves Schedule-Free in train mode for the first step
     for step in range(1, workload.steps + 1):
         start = time.perf_counter()
         try:
