@@ -26,12 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(cmd)
+        try:
+            importlib.import_module(module).add_arguments(cmd)
+        except ImportError as err:  # one command's missing extra must not break the others
+            cmd.set_defaults(unavailable=f"selftune {name} is unavailable: {err}")
+            cmd.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "unavailable", None):
+        print(
+            f"{args.unavailable}; install the extras: pip install 'selftune[cli,bench]'",
+            file=sys.stderr,
+        )
+        return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

@@ -124,6 +124,14 @@ def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, w
                 f"{entry.get('knobs')} and {entry.get('num_params')} parameters; this optimizer "
                 f"{knobs} and {count}); replay needs the same model and optimizer"
             )
+    params = [p for g in groups for p in g["params"]]
+    logged_hash = manifest.get("initial_params_sha256")
+    if logged_hash is not None and audit.params_sha256(params) != logged_hash:
+        raise SelfTuneError(
+            f"{where}: the model's parameters differ from those the logged run started from "
+            "(initial_params_sha256); replay the run from the same initialisation (same seed, "
+            "same checkpoint) and call replay before the first step"
+        )
 
 
 def _number(record: dict[str, Any], key: str, kind: type[int] | type[float]) -> Any:

@@ -192,14 +192,11 @@ class SignalTracker:
         for prev, g in zip(self._prev, self._groups, strict=True):
             torch._foreach_sub_(prev, [p.detach() for p in g["params"]])
 
-    def forget_update(self) -> None:
-        """Drop the previous update (after a rollback it no longer describes the last step)."""
-        self._prev = None
-
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, include_update: bool = True) -> dict[str, Any]:
+        prev = self._prev if include_update else None
         return {
-            "prev": None if self._prev is None else [[t.clone() for t in ts] for ts in self._prev],
+            "prev": None if prev is None else [[t.clone() for t in ts] for ts in prev],
             "n": self._n,
             "fast": self._fast,
             "slow": self._slow,

@@ -310,6 +310,8 @@ class SelfTuned(torch.optim.Optimizer):
             "params": [[p.detach().clone() for p in g["params"]] for g in self.param_groups],
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "controller": copy.deepcopy(self.controller.state_dict()),
+            # the loss statistics, but not the previous update: after a rollback there is none
+            "tracker": {**self._tracker.state_dict(include_update=False), "prev": None},
             "knobs": self.hyperparams(),
         }
 
@@ -327,7 +329,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
         self.controller.load_state_dict(copy.deepcopy(payload["controller"]))
         self.controller.on_backoff(trouble.step)
-        self._tracker.forget_update()
+        self._tracker.load_state_dict(payload["tracker"])
         self.optimizer.zero_grad(set_to_none=True)
         decisions = []
         reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"

@@ -1,0 +1,114 @@
+"""The contract of ``selftune.wrap``: every controller, every optimizer, bad starts, round trips.
+
+Each row trains a real small problem from ``tests/problems.py``.  "Reaches" means: the wrapped run
+gets the full loss below a target that the plain optimizer, started at the same bad rate, never
+reaches in the same number of steps (half the best loss the plain run ever saw).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import cache
+
+import pytest
+import torch
+
+import selftune
+from problems import OPTIMIZERS, PROBLEMS, REFERENCE_LR, noisy_quadratic, train
+
+STEPS = 600
+CONTROLLERS = [c for c in selftune.CONTROLLERS if c != "off"]
+#: rows where a controller falls short within STEPS; strict, so a fix shows up as XPASS
+KNOWN_SHORT = {
+    ("stability", "quadratic", "adam", 10.0),
+    ("hypergradient", "mlp", "sgd", 0.01),
+    ("stability", "mlp", "sgd", 0.01),
+    ("hypergradient", "mlp", "adam", 10.0),
+    ("stability", "mlp", "adam", 10.0),
+    ("hypergradient", "mlp", "adamw", 10.0),
+    ("stability", "mlp", "adamw", 10.0),
+}
+
+
+@cache
+def plain_best(problem: str, optimizer: str, factor: float) -> float:
+    pr = PROBLEMS[problem](0)
+    lr = REFERENCE_LR[problem][optimizer] * factor
+    return min(train(pr, OPTIMIZERS[optimizer](pr.model.parameters(), lr), STEPS, pass_loss=False))
+
+
+def _rows() -> list[object]:
+    rows: list[object] = []
+    for controller in CONTROLLERS:
+        for problem in PROBLEMS:
+            for optimizer in OPTIMIZERS:
+                for factor in (0.01, 10.0):
+                    marks = []
+                    if (controller, problem, optimizer, factor) in KNOWN_SHORT:
+                        marks.append(pytest.mark.xfail(strict=True, reason="falls short in 600 steps"))
+                    rows.append(pytest.param(controller, problem, optimizer, factor, marks=marks))
+    return rows
+
+
+@pytest.mark.parametrize(("controller", "problem", "optimizer", "factor"), _rows())
+def test_recovers_from_a_bad_starting_rate(
+    controller: str, problem: str, optimizer: str, factor: float
+) -> None:
+    target = 0.5 * plain_best(problem, optimizer, factor)
+    pr = PROBLEMS[problem](0)
+    lr = REFERENCE_LR[problem][optimizer] * factor
+    opt = selftune.wrap(OPTIMIZERS[optimizer](pr.model.parameters(), lr), controller)
+    lo, hi = opt.policy.limits("lr", lr)
+
+    def check_knobs(event: selftune.StepEvent) -> None:
+        for knobs in event.hyperparams:
+            assert all(math.isfinite(v) for v in knobs.values()), knobs
+            assert lo <= knobs["lr"] <= hi, (knobs["lr"], lo, hi)
+            for name in ("momentum", "beta1", "beta2"):
+                if name in knobs:
+                    assert 0.0 <= knobs[name] < 1.0
+
+    opt.add_listener(check_knobs)
+    curve = train(pr, opt, STEPS)
+    assert min(curve) <= target, f"best {min(curve):.4g} vs target {target:.4g}"
+
+
+def _run_with_round_trip(controller: str, optimizer: str, split: int | None, steps: int = 240):
+    """Train; if ``split``, rebuild everything from state dicts at that step and go on."""
+    pr = noisy_quadratic(seed=3)
+    lr = REFERENCE_LR["quadratic"][optimizer] * 0.1
+    opt = selftune.wrap(OPTIMIZERS[optimizer](pr.model.parameters(), lr), controller)
+    decisions: list[tuple[int, int, str, float]] = []
+
+    def record(event: selftune.StepEvent) -> None:
+        decisions.extend((d.step, d.group, d.knob, d.new) for d in event.decisions)
+
+    opt.add_listener(record)
+    for t in range(1, steps + 1):
+        if t == split:
+            model_state = copy.deepcopy(pr.model.state_dict())
+            opt_state = copy.deepcopy(opt.state_dict())
+            with torch.no_grad():
+                for p in pr.model.parameters():
+                    p.add_(1.0)  # make sure the restore is what brings the weights back
+            pr.model.load_state_dict(model_state)
+            opt = selftune.wrap(OPTIMIZERS[optimizer](pr.model.parameters(), lr), controller)
+            opt.load_state_dict(opt_state)
+            opt.add_listener(record)
+        loss = pr.batch_loss(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    return pr.model.x.detach().clone(), decisions
+
+
+@pytest.mark.parametrize("controller", list(selftune.CONTROLLERS))
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
+def test_state_dict_round_trip_gives_the_same_future(controller: str, optimizer: str) -> None:
+    weights, decisions = _run_with_round_trip(controller, optimizer, split=None)
+    resumed_weights, resumed_decisions = _run_with_round_trip(controller, optimizer, split=120)
+    assert torch.equal(weights, resumed_weights)
+    assert resumed_decisions == decisions
+    if controller != "off":
+        assert any(step > 120 for step, *_ in decisions), "no decision after the split to compare"
