@@ -306,3 +306,10 @@ def test_command_line_reports_bad_filters_and_empty_results(
     assert "no method matches 'nope'" in capsys.readouterr().err
     assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
     assert "holds no runs" in capsys.readouterr().err
+
+
+def test_report_refuses_a_folder_that_mixes_budgets() -> None:
+    other = _record("adamw-default", "default", 50, seed=1)
+    other["steps_budget"] = 60
+    with pytest.raises(ValueError, match="budgets 100 and 60 steps"):
+        report.summarise([_record("adamw-default", "default", 50), other])

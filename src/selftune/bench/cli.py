@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from selftune.bench.runner import RunSpec
     from selftune.bench.workloads import Workload
 
 
@@ -63,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only regenerate the report from the results folder",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the planned runs per workload (and how many are already done), run nothing",
+    )
 
 
 def _patterns(text: str | None) -> list[str] | None:
@@ -85,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             if args.suite in ("smoke", "full"):
                 specs = suites.plan(args.suite, workloads, _patterns(args.methods), seeds)
+                if args.list:
+                    _print_plan(specs, out)
+                    return 0
                 done = run_all(specs, out, jobs=jobs, progress=not args.quiet)
                 print(
                     f"{args.suite}: {done.ran} runs done, {done.skipped} already in "
@@ -108,6 +117,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"report: {path}")
     return 0
+
+
+def _print_plan(specs: list[RunSpec], out: Path) -> None:
+    from collections import Counter
+
+    from selftune.bench.runner import RESULTS, done_keys
+
+    done = done_keys(out / RESULTS)
+    planned = Counter(s.workload for s in specs)
+    finished = Counter(s.workload for s in specs if s.key in done)
+    for name, n in planned.items():
+        print(f"{name}: {n} runs planned, {finished[name]} already in {out / RESULTS}")
 
 
 def _overhead_workloads(patterns: list[str] | None) -> list[Workload]:

@@ -133,6 +133,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
                 bool(r.get("held_out")),
             ),
         )
+        if r["steps_budget"] != w.steps:
+            raise ValueError(
+                f"{r['workload']} has runs with budgets {w.steps} and {r['steps_budget']} steps in "
+                "one results folder (smoke and full mixed?); give each suite its own --out"
+            )
         row = w.rows.setdefault(
             r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
         )

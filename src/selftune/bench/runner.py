@@ -46,8 +46,10 @@ class RunSpec:
     smoke_steps: int | None = None  #: the smoke suite's tiny budget (tiny data too); None: full
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.workload, self.method, self.seed)
+    def key(self) -> tuple[str, str, int, int]:
+        """What identifies a run in the results file: the budget too, so suites never mix."""
+        steps = self.smoke_steps if self.smoke_steps is not None else WORKLOADS[self.workload].steps
+        return (self.workload, self.method, self.seed, steps)
 
     def resolve(self) -> tuple[Workload, Method]:
         workload = WORKLOADS[self.workload]
@@ -201,6 +203,11 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def done_keys(path: Path) -> set[tuple[str, str, int, int]]:
+    """The keys (see :attr:`RunSpec.key`) of the runs already in a results file."""
+    return {(r["workload"], r["method"], r["seed"], r["steps_budget"]) for r in read_results(path)}
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
     """Append one line; a torn tail left by an interrupted write is cut off first.
 
@@ -239,7 +246,7 @@ def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = Tru
         raise ValueError(f"jobs={jobs!r}: use 1 or more worker processes")
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
-    done = {(r["workload"], r["method"], r["seed"]) for r in read_results(path)}
+    done = done_keys(path)
     todo = [s for s in specs if s.key not in done]
     outcome = Outcome(skipped=len(specs) - len(todo), unavailable={})
     todo = _drop_unavailable(todo, outcome)
