@@ -46,7 +46,9 @@ def _rows() -> list[object]:
                 for factor in (0.01, 10.0):
                     marks = []
                     if (controller, problem, optimizer, factor) in KNOWN_SHORT:
-                        marks.append(pytest.mark.xfail(strict=True, reason="falls short in 600 steps"))
+                        marks.append(
+                            pytest.mark.xfail(strict=True, reason="falls short in 600 steps")
+                        )
                     rows.append(pytest.param(controller, problem, optimizer, factor, marks=marks))
     return rows
 

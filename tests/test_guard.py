@@ -46,29 +46,14 @@ SIGNALS = {
 
 SUMMARY: list[dict[str, Any]] = []
 
-_STALE_LOSS_STATS = (
-    "a rollback restores weights, optimizer and controller but not the signal tracker's loss "
-    "EMA and variance, which keep the blown-up loss of the step after lr=1e3; the controller "
-    "then reads noise and cuts the rate again and again (fix: roll the loss statistics back in "
-    "SelfTuned._capture/_roll_back)"
-)
 _RATE_NOT_REGAINED = (
     "after a one-off fault the guard's lr cut (x0.5) is kept for the rest of the run; "
     "off never grows it back and hypergradient too slowly: the target is missed by a few steps"
 )
-_SPIKE_MISSED = (
-    "the guard misses the x100 loss: while the loss falls fast its running mean lags, the spread "
-    "measured about that mean is the lag (sd 0.88 in log loss), so the spike scores z 3.1 on the "
-    "loss and 5.8 on the gradient norm, under 6"
-)
 #: combinations that miss the slack for a known defect; strict, so a fix shows as XPASS
 KNOWN: dict[tuple[str, str, str], str] = {
     ("sgd", "off", "lr_1e3"): _RATE_NOT_REGAINED,
-    ("sgd", "stability", "lr_1e3"): _STALE_LOSS_STATS,
-    ("adamw", "stability", "lr_1e3"): _STALE_LOSS_STATS,
-    ("adamw", "stability", "loss_x100"): _STALE_LOSS_STATS,
     **{("adamw", "hypergradient", f): _RATE_NOT_REGAINED for f in FAULTS},
-    ("adamw", "hypergradient", "loss_x100"): _SPIKE_MISSED,
 }
 
 
