@@ -62,21 +62,22 @@ class Row:
     def hits(self) -> int:
         return sum(r["steps_to_target"] is not None for r in self.records)
 
-    def _to_target(self, key: str) -> list[float]:
+    def to_target(self, key: str) -> list[float]:
+        """Per seed, ``steps_to_target`` or ``seconds_to_target``; a miss is infinity."""
         return [INF if r[key] is None else float(r[key]) for r in self.records]
 
     @property
     def steps(self) -> float:
         """Median steps to target, a miss counting as infinitely many."""
-        return statistics.median(self._to_target("steps_to_target"))
+        return statistics.median(self.to_target("steps_to_target"))
 
     @property
     def seconds(self) -> float:
-        return statistics.median(self._to_target("seconds_to_target"))
+        return statistics.median(self.to_target("seconds_to_target"))
 
     @property
     def hit_steps(self) -> list[float]:
-        return [s for s in self._to_target("steps_to_target") if s < INF]
+        return [s for s in self.to_target("steps_to_target") if s < INF]
 
     @property
     def diverged(self) -> int:
@@ -366,24 +367,27 @@ def _plots(w: Workload, fig_dir: Path) -> list[str]:
     ranked = list({r.method: r for r in ranked if r.hit_steps}.values())
     if ranked:
         ranked.sort(key=lambda r: r.steps)
-        fig, ax = plt.subplots(figsize=(8, 0.3 * len(ranked) + 1.2))
-        for i, row in enumerate(ranked):
-            hits = row.hit_steps
-            med = row.steps if row.steps < INF else max(hits)
-            ax.barh(
-                i,
-                med,
-                color="tab:green" if row.family in ("selftune", "sweep") else "tab:gray",
-                alpha=0.8 if row.steps < INF else 0.3,
-            )
-            ax.plot([min(hits), max(hits)], [i, i], color="black", linewidth=1)
-        ax.set_yticks(
+        fig, axes = plt.subplots(1, 2, figsize=(13, 0.3 * len(ranked) + 1.4), sharey=True)
+        for ax, key, unit in zip(
+            axes, ("steps_to_target", "seconds_to_target"), ("steps", "seconds"), strict=True
+        ):
+            for i, row in enumerate(ranked):
+                hits = [float(r[key]) for r in row.records if r[key] is not None]
+                med = statistics.median(row.to_target(key))
+                ax.barh(
+                    i,
+                    med if med < INF else max(hits),
+                    color="tab:green" if row.family in ("selftune", "sweep") else "tab:gray",
+                    alpha=0.8 if med < INF else 0.3,  # pale: fewer than half the seeds hit
+                )
+                ax.plot([min(hits), max(hits)], [i, i], color="black", linewidth=1)
+            ax.set_xlabel(f"{unit} to target: median (bar), min–max of seeds that hit (line)")
+        axes[0].set_yticks(
             range(len(ranked)), [f"{r.method} ({r.hits}/{r.seeds})" for r in ranked], fontsize=7
         )
-        ax.invert_yaxis()
-        ax.set_xlabel("steps to target: median (bar), min–max of seeds that hit (line)")
-        ax.set_title(
-            f"{w.name}: steps to {w.metric} {'≥' if w.higher_is_better else '≤'} {w.target:g}"
+        axes[0].invert_yaxis()
+        fig.suptitle(
+            f"{w.name}: time to {w.metric} {'≥' if w.higher_is_better else '≤'} {w.target:g}"
         )
         fig.tight_layout()
         names.append(f"{w.name}-time-to-target.png")
