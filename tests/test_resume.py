@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from dist_worker import (
@@ -135,6 +134,7 @@ def trained(tmp_path: Path) -> tuple[torch.nn.Module, SelfTuned]:
 def test_random_generators_and_extra_come_back(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:
+    np = pytest.importorskip("numpy")  # optional: checkpoints cover it when it is installed
     model, opt = trained
     path = save_checkpoint(
         tmp_path / "c.pt", model=model, optimizer=opt, step=3, extra={"epoch": 2}

@@ -12,7 +12,9 @@ in-memory snapshots, the random number generators (torch CPU, CUDA when it is in
 renamed over the old one, and the folder is fsynced, so a crash (or a power cut) at any moment
 leaves either the previous checkpoint or the new one, never a mix.  One writer per path: under
 ``torch.distributed`` save on rank 0 only (every rank holds the same weights and optimizer state)
-and load on every rank.
+and load on every rank.  Every rank then gets rank 0's random generator states: draw per-rank
+randomness (data order, dropout) from generators seeded by ``(seed, step, rank)``, or keep it in
+``extra`` per rank.
 
 **Resuming after a crash** is loading the last checkpoint into a freshly built model and a freshly
 wrapped optimizer with the *same* ``log_dir``: the optimizer's ``load_state_dict`` cuts
