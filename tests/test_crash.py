@@ -5,8 +5,8 @@ run that was never killed.
 The moments are drawn from a fixed seed: inside an optimizer step, in the middle of a log append,
 inside a checkpoint save (before and after its rename), and at random times while every such moment
 is widened.  Workers are real processes, forked from a server that has imported torch once
-(``forkserver`` with preloading), because starting 22 interpreters that each import torch would
-take most of a minute.
+(``forkserver`` with preloading), because 22 interpreters that each import torch would cost far
+more than all the training they do.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TIMEOUT_S = 60.0  # for any one message from a worker
 
 def context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
-    # torch.optim imports torch._dynamo on first use: seconds per worker unless preloaded; and
+    # torch.optim imports torch._dynamo on first use, the costliest import of all; and
     # "__main__" (pytest's script) spares each worker re-running it before it starts
     modules = ["__main__", "torch", "torch._dynamo", "selftune.checkpoint", "crash_worker"]
     ctx.set_forkserver_preload(modules)
