@@ -321,3 +321,16 @@ def test_report_refuses_a_folder_that_mixes_budgets() -> None:
     other["steps_budget"] = 60
     with pytest.raises(ValueError, match="budgets 100 and 60 steps"):
         report.summarise([_record("adamw-default", "default", 50), other])
+
+
+def test_every_registered_method_trains_and_reports_its_starting_rate() -> None:
+    workload = WORKLOADS["digits-mlp"].smoke(6)
+    with one_thread():
+        for method in methods().values():
+            record = train(workload, method, seed=0)
+            lr = record["curves"]["lr"]
+            assert record["error"] is None, (method.name, record["error"])
+            assert record["steps_run"] == 6 and record["curves"]["loss_ema"][-1] is not None
+            assert all(x is not None and x >= 0 for x in lr), (method.name, lr)
+            if method.lr0 is not None:
+                assert lr[0] == pytest.approx(method.lr0), method.name

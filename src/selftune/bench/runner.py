@@ -70,7 +70,17 @@ def one_thread() -> Iterator[None]:
 
 
 def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
-    """Train once and return the run's record (see ``docs/benchmarks.md`` for the fields)."""
+    """Train once and return the run's record, one line of ``results.jsonl``.
+
+    Fields: the run (``workload``, ``method``, ``seed``, ``family``, ``base``, ``lr0``) and the
+    race's rules (``metric_name``, ``higher_is_better``, ``target``, ``steps_budget``,
+    ``eval_every``, ``held_out``); ``steps_to_target`` and ``seconds_to_target`` (training time
+    only, evaluation excluded; null when never reached); ``final_metric``, ``best_metric``;
+    ``diverged`` (a non-finite loss, a loss above 10x the first, or the guard giving up);
+    ``error`` (what stopped a run early, if anything); ``steps_run``, ``train_seconds``,
+    ``ms_per_step`` (median); ``curves`` (at every evaluation: ``step``, ``metric``, the
+    training-loss EMA ``loss_ema`` and the effective ``lr``); ``versions``.
+    """
     import selftune
 
     task = workload.task()
