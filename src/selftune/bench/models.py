@@ -1,4 +1,4 @@
-"""The benchmark's models: small enough that one training step takes milliseconds on one core."""
+"""The benchmark's models: small enough to train on one CPU core per run."""
 
 from __future__ import annotations
 
