@@ -38,11 +38,13 @@ class RatioEMA:
 class PlateauDetector:
     """Says when the loss has stopped falling by more than its own noise.
 
-    It compares the mean minibatch loss of each window of ``window`` steps with that of the window
-    before.  Each mean has a standard error of ``σ/√window`` (σ: the running deviation of the
-    minibatch loss), so a fall of less than one standard error is no real improvement:
-    a plateau.  After it fires it waits ``cooldown`` steps, or a quarter of the steps so far if
-    that is longer, so that successive cuts slow down as the run goes on (a schedule in 1/t).
+    It compares the mean minibatch loss of each window with that of the window before.  A window
+    lasts ``window`` steps or a quarter of the steps so far, whichever is longer, so that a slow
+    descent late in a run is judged over a horizon as long as its pace.  Each mean has a standard
+    error of ``σ/√n`` (σ: the running deviation of the minibatch loss, n: the window's length),
+    so a fall of less than one standard error is no real improvement: a plateau.  After it fires
+    it waits ``cooldown`` steps, or a quarter of the steps so far if that is longer, so that cuts
+    slow down as the run goes on (a schedule in 1/t).
     """
 
     window: int = 25
@@ -58,13 +60,13 @@ class PlateauDetector:
         self.wait = max(self.wait - 1, 0)
         self.total += loss
         self.count += 1
-        if self.count < self.window:
+        if self.count < max(self.window, step // 4):
             return False
-        mean, prev = self.total / self.count, self.prev
+        mean, prev, n = self.total / self.count, self.prev, self.count
         self.prev, self.total, self.count = mean, 0.0, 0
         if prev is None or self.wait > 0:
             return False
-        if prev - mean < std / math.sqrt(self.window):
+        if prev - mean < std / math.sqrt(n):
             self.hold(step)
             return True
         return False
