@@ -1,0 +1,6 @@
+"""selftune's benchmark: workloads x methods x seeds, run resumably, reported with ratios.
+
+Data flows ``data`` → ``workloads`` (with ``models``) → ``methods`` (with ``hd``) → ``runner`` →
+``results.jsonl`` → ``report``; ``suites`` says which runs make a suite, ``overhead`` measures the
+per-step cost of wrapping, and ``cli`` is ``selftune bench``.  The core never imports this package.
+"""
