@@ -32,6 +32,7 @@ class ReplayController:
     """
 
     name = "replay"
+    reads_buffer = False
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self._by_step: dict[int, list[Proposal]] = defaultdict(list)

@@ -81,68 +81,78 @@ class SignalTracker:
 
     # -- per step ---------------------------------------------------------------------------
     @torch.no_grad()
-    def measure(self, step: int, loss: torch.Tensor | float | None, state: dict) -> Signals:
-        """Compute this step's signals from the gradients now in ``.grad``."""
-        scalars: list[torch.Tensor] = []
+    def measure(
+        self, step: int, loss: torch.Tensor | float | None, state: dict, buffers: bool = True
+    ) -> Signals:
+        """Compute this step's signals from the gradients now in ``.grad``.
+
+        Every per-tensor scalar goes into one stacked vector, so the step costs a few fused
+        passes over the parameters and exactly one host sync; the sums over tensors and groups
+        are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
+        for controllers that do not read it.
+        """
+        parts: list[torch.Tensor] = []
+        layout: list[tuple[int, bool, bool]] = []  # per group: tensors, has update, has buffer
         for gi, group in enumerate(self._groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
-            scalars.extend(self._group_scalars(gi, group, params, grads, state))
-        device = scalars[0].device if scalars else torch.device("cpu")
+            with_grad = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            grads = [group["params"][i].grad for i in with_grad]
+            if not grads:
+                layout.append((0, False, False))
+                continue
+            parts.extend(torch._foreach_norm(grads))
+            has_prev = self._prev is not None
+            if self._prev is not None:
+                prev = [self._prev[gi][i] for i in with_grad]
+                parts.extend(torch._foreach_norm(prev))
+                # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
+                torch._foreach_mul_(prev, grads)
+                parts.extend(t.sum() for t in prev)
+            bufs = _buffers([group["params"][i] for i in with_grad], state) if buffers else None
+            if bufs is not None:
+                parts.extend(torch._foreach_norm(bufs))
+                parts.extend(t.sum() for t in torch._foreach_mul(bufs, grads))
+            layout.append((len(grads), has_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
-            scalars.append(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
-        stacked = torch.stack([s.to(torch.float64) for s in scalars])
-        _average_across_ranks(stacked)
-        values = stacked.tolist()  # the one host sync of the step
+            parts.append(loss.detach().reshape(()))
+        if parts:
+            device = parts[0].device
+            stacked = torch.stack([_as_f32(t, device) for t in parts])
+            _average_across_ranks(stacked)
+            values = stacked.tolist()  # the one host sync of the step
+        else:
+            values = []
         loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
-        return self._assemble(step, loss_value, values)
+        return self._assemble(step, loss_value, values, layout)
 
-    def _group_scalars(
+    def _assemble(
         self,
-        gi: int,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[Any],
-        state: dict,
-    ) -> list[torch.Tensor]:
-        zero = torch.zeros((), dtype=torch.float64, device=_device_of(group))
-        if not grads:
-            return [zero] * 5
-        gg = _sumsq(torch._foreach_norm(grads))
-        if self._prev is not None:
-            prev = [
-                d
-                for p, d in zip(group["params"], self._prev[gi], strict=True)
-                if p.grad is not None
-            ]
-            dd = _sumsq(torch._foreach_norm(prev))
-            # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update anyway
-            torch._foreach_mul_(prev, grads)
-            gd = _total(prev)
-        else:
-            dd = gd = zero
-        buffers = [
-            state.get(p, {}).get(k) for p in params for k in _BUFFER_KEYS if k in state.get(p, {})
-        ]
-        if len(buffers) == len(grads) and all(b is not None for b in buffers):
-            bb = _sumsq(torch._foreach_norm(buffers))
-            gb = _total(torch._foreach_mul(buffers, grads))
-        else:
-            bb = gb = torch.full((), math.nan, dtype=torch.float64, device=gg.device)
-        return [gg, dd, gd, bb, gb]
-
-    def _assemble(self, step: int, loss: float | None, values: list[float]) -> Signals:
+        step: int,
+        loss: float | None,
+        values: list[float],
+        layout: list[tuple[int, bool, bool]],
+    ) -> Signals:
         groups = []
         total_sq = 0.0
-        for gi in range(len(self._groups)):
-            gg, dd, gd, bb, gb = values[5 * gi : 5 * gi + 5]
+        at = 0
+
+        def take(n: int) -> list[float]:
+            nonlocal at
+            at += n
+            return values[at - n : at]
+
+        for n, has_prev, has_buf in layout:
+            gg = sum(x * x for x in take(n))
+            dd = sum(x * x for x in take(n)) if has_prev else 0.0
+            gd = sum(take(n)) if has_prev else 0.0
+            bb = sum(x * x for x in take(n)) if has_buf else math.nan
+            gb = sum(take(n)) if has_buf else math.nan
             total_sq += gg
-            gn, dn, bn = math.sqrt(max(gg, 0.0)), math.sqrt(max(dd, 0.0)), math.sqrt(max(bb, 0.0))
+            gn, dn, bn = math.sqrt(gg), math.sqrt(dd), math.sqrt(bb)
             groups.append(
                 GroupSignals(
-                    grad_norm=gn if math.isfinite(gg) else gg,
-                    update_norm=dn,
-                    cos_update=gd / (gn * dn) if gn * dn > 0 else 0.0,
+                    grad_norm=gn,
+                    update_norm=dn if math.isfinite(dn) else 0.0,
+                    cos_update=gd / (gn * dn) if gn * dn > 0 and math.isfinite(gn * dn) else 0.0,
                     dot_update=gd,
                     cos_buffer=gb / (gn * bn) if gn * bn > 0 else math.nan,
                 )
@@ -152,7 +162,7 @@ class SignalTracker:
             step=step,
             loss=loss,
             **self._loss_stats(loss if finite else None),
-            grad_norm=math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq,
+            grad_norm=math.sqrt(total_sq),
             groups=tuple(groups),
             finite=finite,
         )
@@ -183,14 +193,14 @@ class SignalTracker:
             self._prev = [[p.detach().clone() for p in ps] for ps in params]
         else:
             for prev, ps in zip(self._prev, params, strict=True):
-                torch._foreach_copy_(prev, [p.detach() for p in ps])
+                torch._foreach_copy_(prev, ps)
 
     @torch.no_grad()
     def after_update(self) -> None:
         """Turn the remembered θ_t into −Δθ_t = θ_t − θ_{t+1}."""
         assert self._prev is not None, "before_update must run first"
         for prev, g in zip(self._prev, self._groups, strict=True):
-            torch._foreach_sub_(prev, [p.detach() for p in g["params"]])
+            torch._foreach_sub_(prev, g["params"])
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, include_update: bool = True) -> dict[str, Any]:
@@ -232,16 +242,24 @@ def _average_across_ranks(stacked: torch.Tensor) -> None:
         stacked.div_(dist.get_world_size())
 
 
-def _sumsq(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | None:
+    """The optimizer's running average of gradients for each param, or None if any lacks one."""
+    out = []
+    for p in params:
+        st = state.get(p)
+        buf = None if not st else next((st[k] for k in _BUFFER_KEYS if k in st), None)
+        if not isinstance(buf, torch.Tensor):
+            return None
+        out.append(buf)
+    return out
 
 
-def _total(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()
-
-
-def _device_of(group: dict[str, Any]) -> torch.device:
-    return group["params"][0].device if group["params"] else torch.device("cpu")
+def _as_f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # a no-op for the usual float32 scalars; half-precision norms and a loss on another device
+    # are brought to one dtype and device so that a single stack (and sync) holds them all
+    if t.dtype != torch.float32 or t.device != device:
+        return t.to(device=device, dtype=torch.float32)
+    return t
 
 
 def _maybe_float(loss: float | None) -> float | None:

@@ -163,7 +163,8 @@ class SelfTuned(torch.optim.Optimizer):
             loss = result if loss is None else loss
             inner_closure = _replay_once(closure, result)
         t = self.step_count + 1
-        signals = self._tracker.measure(t, loss, self.optimizer.state)
+        reads_buffer = getattr(self.controller, "reads_buffer", True)
+        signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         if trouble is not None:

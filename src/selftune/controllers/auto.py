@@ -35,6 +35,7 @@ class AutoController:
     """Range test, then hold / correct / anneal on evidence."""
 
     name = "auto"
+    reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class HypergradientController:
     """
 
     name = "hypergradient"
+    reads_buffer = True  #: whether it needs the momentum-buffer alignment signal
 
     def __init__(self, gain: float = 0.1, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
         self.gain, self.momentum_gain, self.decay = gain, momentum_gain, decay

@@ -15,6 +15,7 @@ class OffController:
     """Proposes nothing."""
 
     name = "off"
+    reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         return []

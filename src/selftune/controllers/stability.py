@@ -36,6 +36,7 @@ class StabilityController:
     """Geometric growth in calm phases; multiplicative cuts on spike, noise or plateau."""
 
     name = "stability"
+    reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
 
     def __init__(
         self,
