@@ -13,9 +13,9 @@ from functools import cache
 
 import pytest
 import torch
+from problems import OPTIMIZERS, PROBLEMS, REFERENCE_LR, noisy_quadratic, train
 
 import selftune
-from problems import OPTIMIZERS, PROBLEMS, REFERENCE_LR, noisy_quadratic, train
 
 STEPS = 600
 CONTROLLERS = [c for c in selftune.CONTROLLERS if c != "off"]

@@ -5,6 +5,9 @@ every minibatch comes from a generator seeded the same way, on one intra-op thre
 make float reductions order-dependent).  Runs go to worker processes (``jobs``) and only the parent
 writes ``results.jsonl``, one line per run, flushed as each finishes; on start, runs already in
 the file are skipped, so an interrupted suite resumes where it stopped.
+
+A run is a race to the workload's target: it ends at the first evaluation that meets it (as in
+time-to-target benchmarks), or at the step budget.  ``final_metric`` is the metric where it ended.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
             metric = evaluate()
             if hit_step is None and math.isfinite(metric) and workload.met(metric):
                 hit_step, hit_seconds = step, train_seconds
+                break  # a race to the target: the run ends where it is reached
         if bad_streak >= HOPELESS_STEPS:
             break
 
