@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from selftune.audit import LogError, verify
+from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
@@ -65,6 +66,7 @@ def wrap(
 
 __all__ = [
     "CONTROLLERS",
+    "CheckpointError",
     "ConfigError",
     "Controller",
     "Decision",
@@ -77,7 +79,9 @@ __all__ = [
     "SelfTuned",
     "StepEvent",
     "__version__",
+    "load_checkpoint",
     "replay",
+    "save_checkpoint",
     "verify",
     "wrap",
 ]

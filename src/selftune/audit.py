@@ -592,12 +592,13 @@ class AuditLog:
         dropped = len(scan.records) - seq
         os.ftruncate(fd, size)
         self._seq, self._head, self._bytes = seq, head, size
-        self.append(
-            {
-                "kind": "note",
-                "reason": f"resumed: dropped {dropped} records written after the checkpoint",
-            }
-        )
+        if dropped:  # a log that already ends at the checkpoint stays byte-identical
+            self.append(
+                {
+                    "kind": "note",
+                    "reason": f"resumed: dropped {dropped} records written after the checkpoint",
+                }
+            )
         return dropped
 
     def _open_fd(self) -> int:
