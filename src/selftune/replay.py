@@ -17,6 +17,7 @@ import torch
 from selftune import audit
 from selftune import knobs as knobs_io
 from selftune.controllers.base import Knobs, Proposal
+from selftune.controllers.off import OffController
 from selftune.errors import SelfTuneError
 from selftune.guard import Guard, GuardConfig, Trouble
 from selftune.policy import Policy
@@ -24,7 +25,7 @@ from selftune.signals import Signals
 from selftune.tuner import SelfTuned
 
 
-class ReplayController:
+class ReplayController(OffController):
     """Proposes, at each step, exactly the controller decisions the log holds for that step.
 
     The proposals are built when the log is read, so that a record whose step or value is not a
@@ -32,7 +33,6 @@ class ReplayController:
     """
 
     name = "replay"
-    reads_buffer = False
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self._by_step: dict[int, list[Proposal]] = defaultdict(list)
@@ -44,15 +44,6 @@ class ReplayController:
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         return list(self._by_step.get(signals.step, []))
-
-    def on_backoff(self, step: int) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
 
 
 class ReplayGuard(Guard):
