@@ -245,18 +245,24 @@ def _best_published(w: Workload, base: str | None = None) -> Row | None:
     return min(rows, key=lambda r: (r.steps, r.seconds)) if rows else None
 
 
-def _floor_ratio(workloads: dict[str, Workload], base: str) -> float | None:
-    """Median over workloads of auto's steps over the default's (a default miss counts as 0)."""
-    ratios = []
+def _floor_ratio(workloads: dict[str, Workload], base: str) -> tuple[float, str] | None:
+    """Median over workloads of auto's steps over the default's, and the ratios in words.
+
+    Where the default never reaches the target and auto does, the ratio counts as 0 (any finite
+    number of steps is less than 0.7 of infinitely many); where both miss, as 1.
+    """
+    ratios, words = [], []
     for w in workloads.values():
         auto, default = w.rows.get(f"selftune-auto-{base}"), w.default(base)
         if auto is None or default is None:
             continue
         if default.steps == INF:
             ratios.append(0.0 if auto.steps < INF else 1.0)
+            words.append(f"{w.name} default missed" + ("" if auto.steps < INF else ", auto too"))
         else:
             ratios.append(auto.steps / default.steps)
-    return statistics.median(ratios) if ratios else None
+            words.append(f"{w.name} {_fmt_ratio(ratios[-1])}")
+    return (statistics.median(ratios), "; ".join(words)) if ratios else None
 
 
 def _versus(row: Row, ref: Row, what: str) -> str:
@@ -311,8 +317,9 @@ def shortfalls(
     for base in ("sgd", "adamw"):
         floor = _floor_ratio(workloads, base)
         if floor is not None:
-            line = f"selftune-auto-{base}: {BARS['floor']} — median {_fmt_ratio(floor)}"
-            (met if floor <= FLOOR else short).append(line)
+            median, words = floor
+            line = f"selftune-auto-{base}: {BARS['floor']} — median {median:.2f} ({words})"
+            (met if median <= FLOOR else short).append(line)
     for o in overhead:
         line = (
             f"{o['workload']}, {o['base']}: {BARS['overhead']} — {o['ratio']:.2f}x "
