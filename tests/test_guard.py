@@ -29,6 +29,8 @@ from faults import (
 import selftune
 from selftune.audit import read_log
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONTROLLERS = sorted(selftune.CONTROLLERS)
 OPTIMIZERS = ("sgd", "adamw")
 #: full-data loss every clean run reaches in 80-180 steps (the start is about 2.5)
@@ -55,15 +57,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
     ("sgd", "off", "lr_1e3"): _RATE_NOT_REGAINED,
     **{("adamw", "hypergradient", f): _RATE_NOT_REGAINED for f in FAULTS},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: the runs are tiny, and the cores are shared."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True, scope="module")
