@@ -285,16 +285,25 @@ class SelfTuned(torch.optim.Optimizer):
     def _apply(
         self, t: int, p: Proposal, current: dict[str, float], signals: Signals | None, source: str
     ) -> Decision | None:
-        """Clip a proposal by the policy and write it; the returned decision says what happened."""
+        """Clip a proposal by the policy and write it; the returned decision says what happened.
+
+        Guard decisions are bounded like any other but not limited per step (a rollback restores
+        the snapshot's knobs at once); replayed ones (``raw``) are set exactly as logged.
+        """
         if p.knob not in current:
             return None
         old = current[p.knob]
         base = knobs_io.read(self.param_groups[p.group], "lr")
+        note: str | None = None
         if p.raw:
-            value, note = p.value, None
+            value = p.value
             new = value * base if p.knob == "lr" else value
         else:
-            new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
+            if source == "guard":
+                lo, hi = self.policy.limits(p.knob, self._start[p.group])
+                new = min(max(p.value, lo), hi)
+            else:
+                new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
             value = new / base if p.knob == "lr" else new
         if new == old:
             return None
@@ -341,7 +350,7 @@ class SelfTuned(torch.optim.Optimizer):
                 p = Proposal(
                     i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
                 )
-                decision = self._apply_exact(trouble.step, p, current)
+                decision = self._apply(trouble.step, p, current, None, "guard")
                 if decision is not None:
                     decisions.append(decision)
         event = {
@@ -353,20 +362,6 @@ class SelfTuned(torch.optim.Optimizer):
             "lr_factor": factor,
         }
         return decisions, event
-
-    def _apply_exact(self, t: int, p: Proposal, current: dict[str, float]) -> Decision | None:
-        """Write a guard decision: bounded like any other, but not limited per step."""
-        old = current[p.knob]
-        lo, hi = self.policy.limits(p.knob, self._start[p.group])
-        new = min(max(p.value, lo), hi)
-        if new == old:
-            return None
-        base = knobs_io.read(self.param_groups[p.group], "lr")
-        value = new / base if p.knob == "lr" else new
-        self._set(p.group, p.knob, value)
-        if p.knob == "lr":
-            new = self._effective(p.group)
-        return Decision(t, p.group, p.knob, old, new, p.reason, {}, False, "guard", value)
 
     # -- logging ------------------------------------------------------------------------------
     def _open_log(self, log_dir: Path, enabled: bool | None) -> None:
