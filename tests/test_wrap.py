@@ -1,0 +1,142 @@
+"""The optimizer contract of ``selftune.wrap``: schedulers, tensor rates, groups, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from problems import noisy_quadratic, train
+
+import selftune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sgd(lr: float = 0.002, **kw: float) -> tuple[torch.optim.Optimizer, object]:
+    pr = noisy_quadratic(seed=1)
+    return torch.optim.SGD(pr.model.parameters(), lr=lr, momentum=0.9, **kw), pr
+
+
+def test_wrap_is_an_optimizer_that_shares_the_inner_state() -> None:
+    inner, _ = _sgd()
+    opt = selftune.wrap(inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+
+
+def test_a_scheduler_composes_with_the_scale() -> None:
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** (step // 50))
+    for t in range(1, 201):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        sched.step()
+        scheduled = sched.get_last_lr()[0]
+        # the group keeps the scheduler's rate; the effective one is that times selftune's scale
+        assert opt.param_groups[0]["lr"] == scheduled
+        assert opt.hyperparams()[0]["lr"] == pytest.approx(scheduled * opt._scales[0])
+    assert opt._scales[0] != 1.0, "selftune never adjusted the rate"
+
+
+def test_a_tensor_rate_is_written_in_place() -> None:
+    pr = noisy_quadratic(seed=1)
+    opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3)))
+    lr = opt.param_groups[0]["lr"]
+    start = lr.clone()
+    train(pr, opt, 60)
+    # the same tensor, holding the user's rate again after every step (compile sees no new input)
+    assert opt.param_groups[0]["lr"] is lr and torch.equal(lr, start)
+    assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3), "the effective rate never moved"
+
+
+def test_each_param_group_is_tuned_on_its_own() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    groups = [
+        {"params": model[0].parameters(), "lr": 1e-4},
+        {"params": model[2].parameters(), "lr": 1e-1},
+    ]
+    opt = selftune.wrap(torch.optim.SGD(groups, momentum=0.9))
+    x, y = torch.randn(256, 8), torch.randn(256, 1)
+    for _ in range(80):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    first, second = (g["lr"] for g in opt.hyperparams())
+    assert first / 1e-4 != pytest.approx(second / 1e-1), "both groups moved by the same factor"
+
+
+def test_step_without_a_loss_tunes_on_gradients_alone() -> None:
+    inner, pr = _sgd(lr=2e-5)
+    opt = selftune.wrap(inner)
+    curve = train(pr, opt, 200, pass_loss=False)  # type: ignore[arg-type]
+    assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())
+    assert opt.hyperparams()[0]["lr"] > 2e-5 and curve[-1] < curve[0]
+
+
+def test_a_closure_supplies_the_loss() -> None:
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = pr.batch_loss(0)  # type: ignore[attr-defined]
+        loss.backward()
+        return loss
+
+    for _ in range(30):
+        opt.step(closure)
+    assert opt.last_signals is not None and opt.last_signals.loss is not None
+
+
+def test_frozen_knobs_do_not_move_and_clipped_decisions_say_so() -> None:
+    inner, pr = _sgd(lr=2e-5)
+    opt = selftune.wrap(inner, "hypergradient", frozen={"momentum"}, max_change={"lr": 1.01})
+    reasons: list[str] = []
+    opt.add_listener(lambda e: reasons.extend(d.reason for d in e.decisions))
+    train(pr, opt, 100)  # type: ignore[arg-type]
+    assert opt.hyperparams()[0]["momentum"] == 0.9
+    assert any("clipped" in r for r in reasons)
+
+
+class _NoLr(torch.optim.Optimizer):
+    def __init__(self, params: object) -> None:
+        super().__init__(params, {"rho": 0.9})  # type: ignore[arg-type]
+
+    def step(self, closure: object = None) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: selftune.wrap(_NoLr([torch.nn.Parameter(torch.zeros(2))])), "has no 'lr'"),
+        (lambda: selftune.wrap(_sgd()[0], "fastest"), "unknown controller 'fastest'"),
+        (lambda: selftune.wrap(_sgd()[0], bounds={"lr": (10.0, 0.1)}), "out of order"),
+        (lambda: selftune.wrap(_sgd()[0], bounds={"lr": (0.1, math.inf)}), "must be finite"),
+        (lambda: selftune.wrap(_sgd()[0], max_change={"lr": 0.5}), "max_change for lr"),
+        (lambda: selftune.wrap(_sgd()[0], frozen={"gamma"}), "unknown knob 'gamma'"),
+        (lambda: selftune.wrap(object()), "needs a torch.optim.Optimizer"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_input_names_the_problem(make: object, words: str) -> None:
+    with pytest.raises(selftune.ConfigError, match=words):
+        make()  # type: ignore[operator]
+
+
+def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
+    inner, _ = _sgd()
+    inner.param_groups[0]["lr"] = math.nan
+    with pytest.raises(selftune.ConfigError, match="lr=nan is not finite"):
+        selftune.wrap(inner)
+    inner.param_groups[0]["lr"] = 0.01
+    opt = selftune.wrap(inner)
+    with pytest.raises(selftune.ConfigError, match="already"):
+        selftune.wrap(inner)
+    with pytest.raises(selftune.ConfigError, match="already wrapped"):
+        selftune.wrap(opt)
