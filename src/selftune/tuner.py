@@ -398,6 +398,8 @@ class SelfTuned(torch.optim.Optimizer):
     def _after(
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
+        if self._log is None and self._trace is None and not self._listeners:
+            return  # nothing records the step: keep the hot path free of it
         hp = self.hyperparams()
         if self._log is not None:
             if guard is not None:
