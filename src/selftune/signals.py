@@ -47,7 +47,6 @@ class Signals:
     loss_slope: float | None  #: (fast − slow) / |slow|: < 0 while the loss falls
     grad_norm: float  #: over all groups
     groups: tuple[GroupSignals, ...]
-    finite: bool  #: loss and every gradient finite
 
     def summary(self, group: int) -> dict[str, float]:
         """The scalars that drove a decision for ``group``, for the audit log."""
@@ -164,7 +163,6 @@ class SignalTracker:
             **self._loss_stats(loss if finite else None),
             grad_norm=math.sqrt(total_sq),
             groups=tuple(groups),
-            finite=finite,
         )
 
     def _loss_stats(self, loss: float | None) -> dict[str, float | None]:

@@ -80,7 +80,6 @@ class SelfTuned(torch.optim.Optimizer):
         guard: bool | GuardConfig = True,
         log_dir: str | Path | None = None,
         seed: int | None = None,
-        log_enabled: bool | None = None,
         **controller_options: Any,
     ) -> None:
         if isinstance(optimizer, SelfTuned):
@@ -122,7 +121,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._trace: TextIO | None = None
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         if log_dir is not None:
-            self._open_log(Path(log_dir), log_enabled)
+            self._open_log(Path(log_dir))
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
     @property
@@ -364,11 +363,10 @@ class SelfTuned(torch.optim.Optimizer):
         return decisions, event
 
     # -- logging ------------------------------------------------------------------------------
-    def _open_log(self, log_dir: Path, enabled: bool | None) -> None:
+    def _open_log(self, log_dir: Path) -> None:
         from selftune import audit
 
-        if enabled is None:
-            enabled = _is_rank_zero()
+        enabled = _is_rank_zero()  # under torch.distributed only rank 0 writes the run folder
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [
             {
