@@ -30,6 +30,26 @@ class Cnn1d(nn.Module):
         return self.head(self.features(x))
 
 
+class GruClassifier(nn.Module):
+    """A one-layer GRU over a ``(N, 1, L)`` signal read as L steps of one feature; a linear head.
+
+    A recurrent workload unlike the others: its gradients flow back through every time step
+    (backpropagation through time), so saturating gates and long products of Jacobians shape the
+    loss landscape, and the rate that trains it well differs from the convolutional, MLP and
+    transformer workloads'.  The head reads only the last hidden state, so the whole signal must
+    pass through the recurrence.
+    """
+
+    def __init__(self, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, last = self.rnn(x.transpose(1, 2))  # (N, 1, L) -> (N, L, 1): L steps of one feature
+        return self.head(last[-1])
+
+
 def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequential:
     """Linear layers of the given widths with ReLU between them (and optionally after the last)."""
     if len(sizes) < 2:

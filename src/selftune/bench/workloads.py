@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selftune.bench import data
-from selftune.bench.models import CharTransformer, Cnn1d, mlp
+from selftune.bench.models import CharTransformer, Cnn1d, GruClassifier, mlp
 
 
 class Task(Protocol):
@@ -219,6 +219,19 @@ WORKLOADS: dict[str, Workload] = {
             metric="test MSE",
             target=0.02,
             higher_is_better=False,
+            held_out=True,
+        ),
+        Workload(
+            name="mnist1d-gru",
+            description="MNIST-1D read as 40 steps of 1 feature, GRU 64, linear head (held out)",
+            make_task=_mnist1d_task,
+            make_model=lambda task: GruClassifier(),
+            batch_size=128,
+            steps=500,
+            eval_every=25,
+            metric="test accuracy",
+            target=0.94,
+            higher_is_better=True,
             held_out=True,
         ),
     ]
