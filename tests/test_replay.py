@@ -64,7 +64,8 @@ def test_replay_is_bit_identical_through_rollbacks(
 ) -> None:
     original = logged_run(tmp_path, optimizer, controller)
     rollbacks = [r["step"] for r in guard_records(tmp_path) if r["event"] == "rollback"]
-    assert rollbacks == sorted(FAULTS), rollbacks
+    # every injected fault is caught at its step (a range test that overshoots may add one)
+    assert set(FAULTS) <= set(rollbacks), rollbacks
     changes = [
         r
         for r in read_log(tmp_path).records
@@ -79,6 +80,25 @@ def test_replay_is_bit_identical_through_rollbacks(
     assert not all(
         torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True)
     )
+
+
+def test_replay_is_bit_identical_through_a_range_test_restart(tmp_path: Path) -> None:
+    """AdamW started 30x too high: auto's range test shrinks, then restarts from a snapshot."""
+    task = make_task()
+    opt = selftune.wrap(
+        make_optimizer("adamw", task.model.parameters(), lr=0.3), "auto", log_dir=tmp_path
+    )
+    train(task, opt, STEPS, evaluate=False)
+    opt.close()
+    original = final_weights(task.model)
+    restarts = [r for r in guard_records(tmp_path) if r["event"] == "restart"]
+    assert len(restarts) == 1, guard_records(tmp_path)
+    assert restarts[0]["restored_step"] < restarts[0]["step"]
+    assert opt.hyperparams()[0]["lr"] < 0.3 / 3, "the restart kept the rate the test found"
+    task = make_task()
+    replayed = selftune.replay(make_optimizer("adamw", task.model.parameters(), lr=0.3), tmp_path)
+    train(task, replayed, STEPS, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))
 
 
 # --------------------------------------------------------------------------- refusals

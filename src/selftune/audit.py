@@ -58,7 +58,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "guard": ("step", "event", "signal", "value", "reason"),
     "note": ("reason",),
 }
-GUARD_EVENTS = ("skip", "rollback", "escalate")
+GUARD_EVENTS = ("skip", "rollback", "escalate", "restart")
 CHAIN_FIELDS = ("seq", "prev", "hash")
 
 

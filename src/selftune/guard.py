@@ -186,16 +186,26 @@ class Guard:
         self.healthy_since = trouble.step
         return snap, self.config.backoff**self.retries
 
+    def statistics(self) -> dict[str, Any]:
+        """The running levels of loss and gradient norm, which a snapshot keeps with the state.
+
+        A rollback restores them with the state: levels learnt on the abandoned trajectory
+        (a loss that had fallen 20x) would call the restored state's own loss a spike.
+        """
+        return {"loss": asdict(self.loss), "grad": asdict(self.grad)}
+
+    def load_statistics(self, stats: dict[str, Any]) -> None:
+        self.loss = _LogStats(**stats["loss"])
+        self.grad = _LogStats(**stats["grad"])
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "loss": asdict(self.loss),
-            "grad": asdict(self.grad),
+            **self.statistics(),
             "healthy_since": self.healthy_since,
             "retries": self.retries,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss = _LogStats(**state["loss"])
-        self.grad = _LogStats(**state["grad"])
+        self.load_statistics(state)
         self.healthy_since, self.retries = state["healthy_since"], state["retries"]
         self.snapshots = []  # snapshots live in memory only; a fresh one is taken at once

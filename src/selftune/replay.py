@@ -36,6 +36,12 @@ class ReplayController(OffController):
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self._by_step: dict[int, list[Proposal]] = defaultdict(list)
+        self._restarts = {
+            _number(r, "step", int): f"replay: {r['reason']}"
+            for r in records
+            if r.get("kind") == "guard" and r.get("event") == "restart"
+        }
+        self._step = 0
         for r in records:
             if r.get("kind") == "decision" and r.get("source", "controller") == "controller":
                 step, value = _number(r, "step", int), _number(r, "value", float)
@@ -43,7 +49,12 @@ class ReplayController(OffController):
                 self._by_step[step].append(Proposal(r["group"], r["knob"], value, why, raw=True))
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
+        self._step = signals.step
         return list(self._by_step.get(signals.step, []))
+
+    def take_restart(self) -> str | None:
+        """The logged restart of this step, if there was one."""
+        return self._restarts.pop(self._step, None)
 
 
 class ReplayGuard(Guard):

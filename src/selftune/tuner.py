@@ -174,6 +174,11 @@ class SelfTuned(torch.optim.Optimizer):
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         decisions = self._decide(t, signals)
+        restart = self._restart()
+        if restart is not None:
+            self.step_count = t
+            self._after(t, signals, decisions, restart)
+            return loss
         self._tracker.before_update()
         with self._effective_lr():
             self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
@@ -322,6 +327,7 @@ class SelfTuned(torch.optim.Optimizer):
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": {**self._tracker.state_dict(include_update=False), "prev": None},
             "knobs": self.hyperparams(),
+            "guard": None if self.guard is None else self.guard.statistics(),
         }
 
     def _roll_back(self, trouble: Trouble, signals: Signals) -> tuple[list[Decision], dict]:
@@ -333,13 +339,9 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             raise
         payload = snap.payload
-        for group, saved in zip(self.param_groups, payload["params"], strict=True):
-            torch._foreach_copy_([p.data for p in group["params"]], saved)
-        self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        self._restore(payload)
         self.controller.load_state_dict(copy.deepcopy(payload["controller"]))
         self.controller.on_backoff(trouble.step)
-        self._tracker.load_state_dict(payload["tracker"])
-        self.optimizer.zero_grad(set_to_none=True)
         decisions = []
         reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
         for i, saved in enumerate(payload["knobs"]):
@@ -361,6 +363,45 @@ class SelfTuned(torch.optim.Optimizer):
             "lr_factor": factor,
         }
         return decisions, event
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        """Put the parameters, optimizer state and loss statistics of a snapshot back."""
+        for group, saved in zip(self.param_groups, payload["params"], strict=True):
+            torch._foreach_copy_([p.data for p in group["params"]], saved)
+        self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        self._tracker.load_state_dict(payload["tracker"])
+        if self.guard is not None and payload.get("guard") is not None:
+            self.guard.load_statistics(payload["guard"])
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _restart(self) -> dict[str, Any] | None:
+        """Restart from the oldest snapshot if the controller asks to, keeping its new knobs.
+
+        A controller asks when its own probing damaged the run (``auto``'s range test found the
+        starting rate past the edge of stability): the probe's findings, i.e. the knobs it has
+        just set and its own state, are kept; the weights it damaged are not.  Newer snapshots
+        belong to the abandoned trajectory and are dropped.  Without a guard there are no
+        snapshots, and the request is ignored.
+        """
+        take = getattr(self.controller, "take_restart", None)
+        reason = take() if take is not None else None
+        if reason is None or self.guard is None or not self.guard.snapshots:
+            return None
+        knobs = [self._knobs(i) for i in range(len(self.param_groups))]
+        snap = self.guard.snapshots[0]
+        self._restore(snap.payload)
+        self.guard.snapshots = [snap]
+        for group, saved in zip(self.param_groups, knobs, strict=True):
+            for knob, value in saved.items():
+                if knob != "lr":  # the lr lives in the scales, which the optimizer state lacks
+                    knobs_io.write(group, knob, value)
+        return {
+            "event": "restart",
+            "signal": "lr",
+            "value": knobs[0]["lr"],
+            "reason": reason,
+            "restored_step": snap.step,
+        }
 
     # -- logging ------------------------------------------------------------------------------
     def _open_log(self, log_dir: Path) -> None:

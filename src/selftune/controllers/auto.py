@@ -2,12 +2,18 @@
 
 1. **Range test** (Smith 2017, "Cyclical learning rates for training neural networks", done
    inside the run).  The rate grows by ``ramp`` per step while the averaged hypergradient cosine
-   ρ (see :mod:`~selftune.controllers.hypergradient`) says the steps do not overshoot.  When ρ
-   falls below ``−overshoot`` the rate has passed the greedy optimum; the average lags a few
-   steps, so the rate settles at ``settle`` times the value there.  If the smoothed loss instead
-   blows up (``blowup`` times its best), it settles at a quarter.  A rate that starts clearly too
-   high (ρ below ``−deadband`` at the first look) shrinks by ``shrink`` per step instead, until
-   the evidence is no longer clearly negative.
+   ρ (see :mod:`~selftune.controllers.hypergradient`) is positive, i.e. the steps are still too
+   short.  Only the *sign* of ρ is read: past the edge, Adam's steps give cosines of only -0.01
+   to -0.1 on a 100k-parameter model while SGD's give far larger ones, so a threshold on the
+   size of ρ is not scale-free (one at -0.1 let Adam ramp 50x past the best rate).  The first
+   negative average ends the ramp; the rate is kept there (``settle``), which is about
+   ``ramp**3`` past the zero crossing because the average lags: one-step evidence is biased
+   towards short steps (below), so the crossing itself is too cautious a rate.  A start already
+   past the crossing (ρ < 0 at the first look) shrinks until ρ turns positive, then ramps back
+   up to it.  If the smoothed loss instead blows up (``blowup`` times its best), it settles at a
+   quarter.  Either way the probe's steps overshot and may have damaged the weights (dead ReLUs,
+   wrecked embeddings): the controller then asks the wrapper to *restart* from the oldest guard
+   snapshot with the rate it found, as an offline learning-rate finder restores the weights.
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
@@ -40,10 +46,9 @@ class AutoController:
     def __init__(
         self,
         ramp: float = 1.2,
-        settle: float = 0.5,
+        settle: float = 1.0,
         blowup: float = 2.0,
         min_ramp_steps: int = 3,
-        overshoot: float = 0.1,
         deadband: float = 0.2,
         cruise_gain: float = 0.05,
         strong: float = 0.5,
@@ -52,15 +57,17 @@ class AutoController:
         self.shrink = shrink
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
-        self.min_ramp_steps, self.overshoot, self.deadband = min_ramp_steps, overshoot, deadband
+        self.min_ramp_steps, self.deadband = min_ramp_steps, deadband
         self.cruise_gain = cruise_gain
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
         self._phase: list[str] = []  # "ramp" | "shrink" | "cruise" per group
         self._ramp_ema: list[RatioEMA] = []  # faster evidence for the range test
         self._ramp_steps: list[int] = []
+        self._last_lr: list[float | None] = []  # the rate at the last growth step of the ramp
         self._best_loss = math.inf
         self._backed_off = False  # the guard cut the rate: no range test after that
+        self._restart: str | None = None  # set when the range test asks for a restart
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
@@ -69,6 +76,7 @@ class AutoController:
             self._phase.append("cruise" if self._backed_off else "ramp")
             self._ramp_ema.append(RatioEMA(0.7))
             self._ramp_steps.append(0)
+            self._last_lr.append(None)
             self._trial.append(None)
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
@@ -124,33 +132,57 @@ class AutoController:
         return Proposal(i, "lr", max(before, lr), why)
 
     def _range_test(self, s: Signals, i: int, k: dict[str, float], rho: float) -> list[Proposal]:
-        """One step of the in-run range test for group ``i``; moves to "cruise" when done."""
+        """One step of the in-run range test for group ``i``; moves to "cruise" when done.
+
+        The greedy optimum is where ρ crosses zero: below it the steps are too short (ρ > 0),
+        above it they overshoot (ρ < 0).  Only the sign is read, because the size of ρ depends on
+        the optimizer and the model (Adam's steps past the edge give cosines of only -0.01 to
+        -0.1 in high dimension, SGD's much larger ones), while the sign does not.  The ramp stops
+        at the first negative average; the average lags about ``1 / (1 - 0.7)`` steps, i.e. a
+        factor ``ramp**3`` ≈ 1.7 past the crossing, so ``settle`` = 1/2 lands just below it.
+        A start already past it (ρ < 0 at the first look) shrinks until ρ turns positive and
+        then ramps again, so that both directions end at the same crossing.
+        """
         self._ramp_steps[i] += 1
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
 
-        def to_cruise(factor: float, why: str) -> list[Proposal]:
+        def to_cruise(factor: float, why: str, restart: bool = False) -> list[Proposal]:
             self._phase[i] = "cruise"
+            if restart and self._restart is None:
+                self._restart = f"range test: {why}; the probe's steps damaged the weights"
             return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
 
-        if phase == "ramp" and n >= self.min_ramp_steps and s.loss_ema is not None:
+        if phase != "shrink" and n >= self.min_ramp_steps and s.loss_ema is not None:
             ratio = s.loss_ema / self._best_loss if self._best_loss > 0 else 1.0
             if ratio > self.blowup:
-                return to_cruise(0.25, f"loss rose {ratio:.2f}x above its best at lr {lr:.3g}")
+                why = f"loss rose {ratio:.2f}x above its best at lr {lr:.3g}"
+                return to_cruise(0.25, why, restart=True)
         if n < self.min_ramp_steps:
             return []
-        if n == self.min_ramp_steps and rho < -self.deadband:
-            phase = self._phase[i] = "shrink"  # started above the edge: come down first
+        if n == self.min_ramp_steps and rho < 0:
+            phase = self._phase[i] = "shrink"  # started past the crossing: come down first
+            self._last_lr[i] = None
         if phase == "shrink":
-            if rho >= -self.deadband:
-                return to_cruise(1.0, "")
-            why = f"rate too high (cos {rho:+.3f}); shrink"
-            return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
-        if rho < -self.overshoot:
-            return to_cruise(
-                self.settle, f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
-            )
+            if rho >= 0:
+                phase = self._phase[i] = "ramp_up"  # below the crossing now: ramp back up to it
+            else:
+                why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
+                return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
+        if rho < 0:
+            why = f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
+            return to_cruise(self.settle, why, restart=phase == "ramp_up")
+        last = self._last_lr[i]
+        if last is not None and lr <= last:  # the policy's bound stopped the growth
+            why = f"the rate reached its upper bound {lr:.3g}"
+            return to_cruise(1.0, why, restart=phase == "ramp_up")
+        self._last_lr[i] = lr
         why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
         return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
+
+    def take_restart(self) -> str | None:
+        """Asked by the wrapper after each ``propose``: restart from the first snapshot?"""
+        reason, self._restart = self._restart, None
+        return reason
 
     def on_backoff(self, step: int) -> None:
         self._backed_off = True
@@ -163,6 +195,7 @@ class AutoController:
             "phase": list(self._phase),
             "ramp_ema": [e.state() for e in self._ramp_ema],
             "ramp_steps": list(self._ramp_steps),
+            "last_lr": list(self._last_lr),
             "best_loss": self._best_loss,
             "backed_off": self._backed_off,
             "trial": [None if t is None else list(t) for t in self._trial],
@@ -174,6 +207,7 @@ class AutoController:
         self._phase = list(state["phase"])
         self._ramp_ema = [RatioEMA(**e) for e in state["ramp_ema"]]
         self._ramp_steps = list(state["ramp_steps"])
+        self._last_lr = list(state["last_lr"])
         self._best_loss = state["best_loss"]
         self._backed_off = state["backed_off"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]

@@ -35,6 +35,9 @@ class Controller(Protocol):
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
     A controller may set ``reads_buffer = False`` to spare the step the momentum-buffer
     alignment signal (one more fused pass over the parameters) when it does not read it.
+    A controller may also define ``take_restart() -> str | None``, asked once per applied step
+    after ``propose``: a reason asks the wrapper to restart from the oldest guard snapshot with
+    the knobs just proposed (``auto`` does so when its range test damaged the run).
     """
 
     name: str
