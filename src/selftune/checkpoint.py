@@ -174,7 +174,20 @@ def _guard_snapshots(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] |
     guard = getattr(optimizer, "guard", None)
     if guard is None:
         return None
-    return [{"step": s.step, "payload": s.payload} for s in guard.snapshots]
+    extra = (
+        [guard.initial]
+        if guard.initial is not None and guard.initial not in guard.snapshots
+        else []
+    )
+    return [
+        {
+            "step": s.step,
+            "payload": s.payload,
+            "held": s in guard.snapshots,  # among the newest two (else only the first one)
+            "initial": s is guard.initial,
+        }
+        for s in [*extra, *guard.snapshots]
+    ]
 
 
 def _restore_guard_snapshots(
@@ -182,8 +195,11 @@ def _restore_guard_snapshots(
 ) -> None:
     """Put the snapshots back after ``load_state_dict`` (which clears them)."""
     guard = getattr(optimizer, "guard", None)
-    if guard is not None and saved is not None:
-        guard.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved]
+    if guard is None or saved is None:
+        return
+    snaps = [(Snapshot(int(s["step"]), s["payload"]), s) for s in saved]
+    guard.snapshots = [snap for snap, s in snaps if s.get("held", True)]
+    guard.initial = next((snap for snap, s in snaps if s.get("initial")), None)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -15,9 +15,11 @@ while trouble repeats).  Trouble again before ``interval`` healthy steps have pa
 snapshot further; ``max_retries`` consecutive rollbacks raise :class:`GuardError`.
 
 Snapshots are taken every ``interval`` healthy steps (default 25), of a state whose loss the guard
-has just checked, and the newest two are kept.  25 steps bounds the work lost per rollback to a
-few percent of a short run, while a snapshot (one copy of parameters and optimizer state) costs
-about one optimizer step of memory traffic, i.e. under 4% per step amortised.
+has just checked, and the newest two are kept; the first one is also kept for ``keep_initial``
+steps, so that a controller whose early probing damaged the run can restart from the beginning.
+25 steps bounds the work lost per rollback to a few percent of a short run, while a snapshot (one
+copy of parameters and optimizer state) costs about one optimizer step of memory traffic, i.e.
+under 4% per step amortised.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class GuardConfig:
     early_ratio: float = 10.0
     backoff: float = 0.5
     max_retries: int = 6
+    #: the first snapshot is also kept this many steps, for a controller's restart (``auto``'s
+    #: range test probes in the first tens of steps and may need to undo all of them)
+    keep_initial: int = 100
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.warmup < 0 or self.max_retries < 1:
@@ -128,6 +133,12 @@ class Guard:
     healthy_since: int = 0  #: step of the last rollback (or 0): trouble within ``interval`` repeats
     retries: int = 0  #: consecutive rollbacks without ``interval`` healthy steps in between
     snapshots: list[Snapshot] = field(default_factory=list)
+    initial: Snapshot | None = None  #: the first snapshot, for ``keep_initial`` steps
+
+    @property
+    def restart_point(self) -> Snapshot | None:
+        """The oldest snapshot held: where a controller's restart goes back to."""
+        return self.initial or (self.snapshots[0] if self.snapshots else None)
 
     def check(self, s: Signals) -> Trouble | None:
         """Judge this step; on a healthy one, count it towards forgiving earlier rollbacks."""
@@ -164,7 +175,12 @@ class Guard:
         return not self.snapshots or step % self.config.interval == 0
 
     def keep(self, step: int, payload: dict[str, Any]) -> None:
-        self.snapshots = [*self.snapshots[-1:], Snapshot(step, payload)]
+        snap = Snapshot(step, payload)
+        if self.initial is None and not self.snapshots and step <= self.config.keep_initial:
+            self.initial = snap
+        elif self.initial is not None and step > self.config.keep_initial:
+            self.initial = None
+        self.snapshots = [*self.snapshots[-1:], snap]
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot, float]:
         """The snapshot to restore and the factor to cut the learning rate by.
@@ -209,3 +225,4 @@ class Guard:
         self.load_statistics(state)
         self.healthy_since, self.retries = state["healthy_since"], state["retries"]
         self.snapshots = []  # snapshots live in memory only; a fresh one is taken at once
+        self.initial = None

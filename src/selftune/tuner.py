@@ -375,7 +375,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _restart(self) -> dict[str, Any] | None:
-        """Restart from the oldest snapshot if the controller asks to, keeping its new knobs.
+        """Restart from the guard's oldest snapshot if the controller asks, keeping its new knobs.
 
         A controller asks when its own probing damaged the run (``auto``'s range test found the
         starting rate past the edge of stability): the probe's findings, i.e. the knobs it has
@@ -385,10 +385,10 @@ class SelfTuned(torch.optim.Optimizer):
         """
         take = getattr(self.controller, "take_restart", None)
         reason = take() if take is not None else None
-        if reason is None or self.guard is None or not self.guard.snapshots:
+        snap = None if self.guard is None else self.guard.restart_point
+        if reason is None or self.guard is None or snap is None:
             return None
         knobs = [self._knobs(i) for i in range(len(self.param_groups))]
-        snap = self.guard.snapshots[0]
         self._restore(snap.payload)
         self.guard.snapshots = [snap]
         for group, saved in zip(self.param_groups, knobs, strict=True):

@@ -10,10 +10,12 @@
    ``ramp**3`` past the zero crossing because the average lags: one-step evidence is biased
    towards short steps (below), so the crossing itself is too cautious a rate.  A start already
    past the crossing (ρ < 0 at the first look) shrinks until ρ turns positive, then ramps back
-   up to it.  If the smoothed loss instead blows up (``blowup`` times its best), it settles at a
-   quarter.  Either way the probe's steps overshot and may have damaged the weights (dead ReLUs,
-   wrecked embeddings): the controller then asks the wrapper to *restart* from the oldest guard
-   snapshot with the rate it found, as an offline learning-rate finder restores the weights.
+   up to it; a guard rollback during the ramp starts the same downward probe from the halved
+   rate.  If the smoothed loss instead blows up (``blowup`` times its best), it settles at a
+   quarter.  In these cases the probe's steps overshot; if the loss also rose above where the
+   run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
+   controller asks the wrapper to *restart* from the first guard snapshot with the rate it
+   found, as an offline learning-rate finder restores the weights after its test.
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
@@ -62,18 +64,27 @@ class AutoController:
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
         self._phase: list[str] = []  # "ramp" | "shrink" | "cruise" per group
-        self._ramp_ema: list[RatioEMA] = []  # faster evidence for the range test
+        #: faster evidence for the range test: a plain EMA of the per-step cosine.  Not weighted
+        #: by step size as the cruise's is: while the rate shrinks, a size-weighted average stays
+        #: dominated by the large early steps and kept shrinking 50x past the crossing.
+        self._ramp_ema: list[RatioEMA] = []
         self._ramp_steps: list[int] = []
         self._last_lr: list[float | None] = []  # the rate at the last growth step of the ramp
         self._best_loss = math.inf
-        self._backed_off = False  # the guard cut the rate: no range test after that
+        #: the first smoothed loss and the highest since: a probe whose loss rose above where
+        #: the run started did harm, not just little good, and is worth a restart
+        self._first_loss: float | None = None
+        self._peak_loss = -math.inf
+        #: the phase a group starts in: "ramp"; "shrink" after a guard rollback during the first
+        #: ramp; "cruise" after any later one
+        self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
-            self._phase.append("cruise" if self._backed_off else "ramp")
+            self._phase.append(self._start_phase)
             self._ramp_ema.append(RatioEMA(0.7))
             self._ramp_steps.append(0)
             self._last_lr.append(None)
@@ -83,10 +94,13 @@ class AutoController:
         self._ensure(len(knobs))
         if signals.loss_ema is not None:
             self._best_loss = min(self._best_loss, signals.loss_ema)
+            self._peak_loss = max(self._peak_loss, signals.loss_ema)
+            if self._first_loss is None:
+                self._first_loss = signals.loss_ema
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
-            rho_fast = self._ramp_ema[i].update(g.dot_update, g.grad_norm * g.update_norm)
+            rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0) if g.update_norm else 0.0
             rho, _ = self.hyper.evidence(signals, i)  # every average stays current
             trouble = self.stability.trouble(signals, i)
             if g.update_norm == 0.0:
@@ -148,7 +162,8 @@ class AutoController:
 
         def to_cruise(factor: float, why: str, restart: bool = False) -> list[Proposal]:
             self._phase[i] = "cruise"
-            if restart and self._restart is None:
+            harmed = self._first_loss is not None and self._peak_loss > self._first_loss
+            if restart and harmed and self._restart is None:
                 self._restart = f"range test: {why}; the probe's steps damaged the weights"
             return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
 
@@ -163,8 +178,8 @@ class AutoController:
             phase = self._phase[i] = "shrink"  # started past the crossing: come down first
             self._last_lr[i] = None
         if phase == "shrink":
-            if rho >= 0:
-                phase = self._phase[i] = "ramp_up"  # below the crossing now: ramp back up to it
+            if rho >= 0:  # below the crossing (now, or already at the first look): ramp up
+                phase = self._phase[i] = "ramp_up" if n > self.min_ramp_steps else "ramp"
             else:
                 why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
                 return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
@@ -185,8 +200,19 @@ class AutoController:
         return reason
 
     def on_backoff(self, step: int) -> None:
-        self._backed_off = True
-        self._phase = ["cruise"] * len(self._phase)
+        """The guard rolled back and halved the rate.
+
+        During the first ramp that means the start (or the ramp) was past the edge: probe
+        downwards from the halved rate (shrink, then ramp back up to the crossing) instead of
+        cruising at a rate only known to be half of one that failed.  Trouble during that
+        second probe, or after it, ends the range test for good.
+        """
+        self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
+        for i, phase in enumerate(self._phase):
+            if phase == "ramp" and self._start_phase == "shrink":
+                self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
+            else:
+                self._phase[i] = "cruise"
         self.hyper.on_backoff(step)
         self.stability.on_backoff(step)
 
@@ -197,7 +223,9 @@ class AutoController:
             "ramp_steps": list(self._ramp_steps),
             "last_lr": list(self._last_lr),
             "best_loss": self._best_loss,
-            "backed_off": self._backed_off,
+            "first_loss": self._first_loss,
+            "peak_loss": self._peak_loss,
+            "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
@@ -209,7 +237,8 @@ class AutoController:
         self._ramp_steps = list(state["ramp_steps"])
         self._last_lr = list(state["last_lr"])
         self._best_loss = state["best_loss"]
-        self._backed_off = state["backed_off"]
+        self._first_loss, self._peak_loss = state["first_loss"], state["peak_loss"]
+        self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
