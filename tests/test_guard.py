@@ -309,3 +309,31 @@ def test_guard_off_lets_a_nan_through(tmp_path: Path) -> None:
     assert not all(torch.isfinite(p).all() for p in task.model.parameters())
     assert guard_records(tmp_path) == []
     assert opt.step_count == 40
+
+
+@pytest.mark.parametrize("restore_levels", [True, False])
+def test_a_rollback_restores_the_loss_levels_of_its_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_levels: bool
+) -> None:
+    """A NaN at step 15, while the loss has fallen over 10x since step 1, rolls back to step 1.
+
+    The guard's running levels must go back with the state: kept from the abandoned trajectory,
+    they call the restored state's own loss (10x the lowest seen) a spike at every step after the
+    rollback, until the guard gives up.  ``restore_levels=False`` is the control that shows it.
+    """
+    if not restore_levels:
+        monkeypatch.setattr(selftune.guard.Guard, "load_statistics", lambda self, stats: None)
+    task = make_task()
+    opt = selftune.wrap(
+        make_optimizer("sgd", task.model.parameters(), lr=0.03), "off", log_dir=tmp_path
+    )
+    losses: list[float] = []
+    opt.add_listener(lambda event: losses.append(event.loss))
+    at = 15
+    if restore_levels:
+        train(task, opt, 40, faults={at: "nan_loss"}, evaluate=False)
+        assert [(r["step"], r["event"]) for r in guard_records(tmp_path)] == [(at, "rollback")]
+    else:
+        with pytest.raises(selftune.GuardError):
+            train(task, opt, 40, faults={at: "nan_loss"}, evaluate=False)
+    assert losses[0] > 10 * min(losses[: at - 1]), "the loss did not fall enough to test this"

@@ -108,6 +108,32 @@ def test_a_rollback_after_resuming_restores_the_same_snapshot(tmp_path: Path, na
     assert_same_state(ref, res)
 
 
+@pytest.mark.parametrize(("ckpt_step", "initial"), [(60, 1), (130, None)])
+def test_the_checkpoint_carries_the_first_snapshot_while_the_guard_keeps_it(
+    tmp_path: Path, ckpt_step: int, initial: int | None
+) -> None:
+    """The first snapshot (a controller's restart point) is kept for 100 steps besides the newest
+    two; at step 60 only the checkpoint can bring it back; the snapshot at step 125 drops it."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, None)
+    train(model, opt, range(1, ckpt_step + 1))
+    assert opt.guard is not None and [s.step for s in opt.guard.snapshots] == [
+        ckpt_step // 25 * 25 - 25,
+        ckpt_step // 25 * 25,
+    ]
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=opt, step=ckpt_step)
+    fresh = make_optimizer("sgd", make_model(), None)
+    load_checkpoint(tmp_path / "ckpt", model=make_model(), optimizer=fresh)
+    assert fresh.guard is not None
+    for guard in (opt.guard, fresh.guard):
+        assert (guard.initial.step if guard.initial else None) == initial
+        assert [s.step for s in guard.snapshots] == [s.step for s in opt.guard.snapshots]
+    if initial is not None:
+        saved = [p for g in opt.guard.initial.payload["params"] for p in g]
+        loaded = [p for g in fresh.guard.initial.payload["params"] for p in g]
+        assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))
+
+
 def test_without_the_snapshots_the_rollback_goes_elsewhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

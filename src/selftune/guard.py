@@ -44,8 +44,9 @@ class GuardConfig:
     early_ratio: float = 10.0
     backoff: float = 0.5
     max_retries: int = 6
-    #: the first snapshot is also kept this many steps, for a controller's restart (``auto``'s
-    #: range test probes in the first tens of steps and may need to undo all of them)
+    #: the first snapshot is also kept until the first snapshot after this many steps, for a
+    #: controller's restart (``auto``'s range test probes in the first tens of steps and may
+    #: need to undo all of them)
     keep_initial: int = 100
 
     def __post_init__(self) -> None:
