@@ -250,6 +250,24 @@ def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow()
     assert any("default rate" in m for m in met)
 
 
+@pytest.mark.parametrize(("sweep_steps", "listed"), [([60, 70, 80], False), ([70, 80, 90], True)])
+def test_a_sweep_start_slower_than_1_5x_the_oracle_is_a_shortfall(
+    sweep_steps: list[int], listed: bool
+) -> None:
+    records = [
+        *(_record("adamw-grid-const-1e-2", "grid", s, i) for i, s in enumerate([40, 50, 60])),
+        *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([50, 50, 50])),
+        *(_record("selftune-auto-adamw-lr1e-5", "sweep", s, i) for i, s in enumerate(sweep_steps)),
+    ]
+    short, met = report.shortfalls(report.summarise(records), [])
+    sweep_short = [s for s in short if "starting rate" in s]
+    assert bool(sweep_short) == listed
+    if listed:  # median 80 steps against the oracle's 50
+        assert "selftune-auto-adamw-lr1e-5 1.60x" in sweep_short[0]
+    else:
+        assert any("starting rate" in m for m in met)
+
+
 def test_report_from_real_runs_has_ratio_columns_and_plots(tmp_path: Path) -> None:
     # A target every row below reaches within the budget, so each ratio cell has a number.
     workload = replace(WORKLOADS["digits-mlp"].smoke(120), target=0.9)
