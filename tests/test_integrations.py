@@ -118,13 +118,31 @@ def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> 
     assert seen == pytest.approx(means, rel=1e-5)
 
 
-def test_lightning_checkpoint_resume_continues_with_the_same_knobs(tmp_path: Path) -> None:
+_LIGHTNING_INEXACT = (
+    "resumed through Lightning, hypergradient (which moves lr and beta1 at every step) ends "
+    "0.2% away from the uninterrupted run after 32 more steps, so some state is restored only "
+    "to float precision on that path; auto, which holds its rate after the range test, hid it"
+)
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        "auto",
+        pytest.param(
+            "hypergradient", marks=pytest.mark.xfail(reason=_LIGHTNING_INEXACT, strict=True)
+        ),
+    ],
+)
+def test_lightning_checkpoint_resume_continues_with_the_same_knobs(
+    tmp_path: Path, controller: str
+) -> None:
     from selftune.integrations.lightning import SelfTuneCallback
 
     def run(steps: int, ckpt: Path | None, out: str) -> tuple[Any, SelfTuneCallback]:
         torch.manual_seed(0)
         model = _TinyModule()
-        cb = SelfTuneCallback(log_dir=tmp_path / out)
+        cb = SelfTuneCallback(controller, log_dir=tmp_path / out)
         trainer = _trainer(steps, cb, tmp_path / out, enable_checkpointing=False)
         trainer.fit(model, _loader(), ckpt_path=ckpt)
         return trainer, cb
@@ -144,7 +162,8 @@ def test_lightning_checkpoint_resume_continues_with_the_same_knobs(tmp_path: Pat
     _, straight = run(64, None, "b")
     ref = straight.optimizers[0]
     assert opt.hyperparams()[0] == pytest.approx(ref.hyperparams()[0], rel=1e-6)
-    assert opt.hyperparams()[0]["lr"] != pytest.approx(hp_mid[0]["lr"])
+    if controller != "auto":  # auto holds the rate its range test found (by step 32 here)
+        assert opt.hyperparams()[0]["lr"] != pytest.approx(hp_mid[0]["lr"])
     assert "lr" in selftune.verify(tmp_path / "a").knobs
     decisions = [r for r in read_log(tmp_path / "a").records if r["kind"] == "decision"]
     reference = [r for r in read_log(tmp_path / "b").records if r["kind"] == "decision"]
