@@ -63,7 +63,7 @@ class AutoController:
         self.cruise_gain = cruise_gain
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
-        self._phase: list[str] = []  # "ramp" | "shrink" | "cruise" per group
+        self._phase: list[str] = []  # "ramp" | "shrink" | "ramp_up" | "cruise" per group
         #: faster evidence for the range test: a plain EMA of the per-step cosine.  Not weighted
         #: by step size as the cruise's is: while the rate shrinks, a size-weighted average stays
         #: dominated by the large early steps and kept shrinking 50x past the crossing.
@@ -153,9 +153,11 @@ class AutoController:
         the optimizer and the model (Adam's steps past the edge give cosines of only -0.01 to
         -0.1 in high dimension, SGD's much larger ones), while the sign does not.  The ramp stops
         at the first negative average; the average lags about ``1 / (1 - 0.7)`` steps, i.e. a
-        factor ``ramp**3`` ≈ 1.7 past the crossing, so ``settle`` = 1/2 lands just below it.
-        A start already past it (ρ < 0 at the first look) shrinks until ρ turns positive and
-        then ramps again, so that both directions end at the same crossing.
+        factor ``ramp**3`` ≈ 1.7 past the crossing, and ``settle`` = 1 keeps that rate (1/2
+        would land on the crossing: slower for AdamW on every tuning workload, faster for SGD on
+        MNIST-1D; bench-results/pilots).  A start already past it (ρ < 0 at the first look)
+        shrinks until ρ turns positive and then ramps again, so that both directions end at the
+        same crossing.
         """
         self._ramp_steps[i] += 1
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
