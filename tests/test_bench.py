@@ -352,3 +352,13 @@ def test_every_registered_method_trains_and_reports_its_starting_rate() -> None:
             assert all(x is not None and x >= 0 for x in lr), (method.name, lr)
             if method.lr0 is not None:
                 assert lr[0] == pytest.approx(method.lr0), method.name
+
+
+def test_committed_results_agree_with_the_workloads_on_rules_and_held_out() -> None:
+    """The page reads a workload's target, budget and held-out status from the result records:
+    they must be what the workload definitions say, or the page describes other rules."""
+    path = Path(__file__).parent.parent / "bench-results" / "results.jsonl"
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    seen = {(r["workload"], r["target"], r["steps_budget"], bool(r["held_out"])) for r in records}
+    expected = {(w.name, w.target, w.steps, w.held_out) for w in WORKLOADS.values()}
+    assert seen == expected

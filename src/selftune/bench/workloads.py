@@ -232,6 +232,7 @@ WORKLOADS: dict[str, Workload] = {
             metric="test accuracy",
             target=0.94,
             higher_is_better=True,
+            held_out=True,
         ),
     ]
 }
