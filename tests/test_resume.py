@@ -211,3 +211,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+
+
+def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:
+    from selftune.guard import Guard
+
+    guard = Guard()
+    guard.load_snapshots_state([{"step": 25, "payload": {"knobs": []}}])
+    assert [s.step for s in guard.snapshots] == [25] and guard.initial is None
+    state = guard.snapshots_state()
+    fresh = Guard()
+    fresh.load_snapshots_state(state)
+    assert [s.step for s in fresh.snapshots] == [25] and fresh.initial is None

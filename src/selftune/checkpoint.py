@@ -43,7 +43,6 @@ from typing import Any
 import torch
 
 from selftune.errors import SelfTuneError
-from selftune.guard import Snapshot
 
 #: Written into every checkpoint so that a later reader can tell which layout it follows.
 FORMAT = "selftune-checkpoint/1"
@@ -169,37 +168,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, wrapped) else model
 
 
-def _guard_snapshots(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
+def _guard_snapshots(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """The guard's in-memory snapshots as plain data (``Snapshot`` itself is not loadable)."""
     guard = getattr(optimizer, "guard", None)
-    if guard is None:
-        return None
-    extra = (
-        [guard.initial]
-        if guard.initial is not None and guard.initial not in guard.snapshots
-        else []
-    )
-    return [
-        {
-            "step": s.step,
-            "payload": s.payload,
-            "held": s in guard.snapshots,  # among the newest two (else only the first one)
-            "initial": s is guard.initial,
-        }
-        for s in [*extra, *guard.snapshots]
-    ]
+    return None if guard is None else guard.snapshots_state()
 
 
 def _restore_guard_snapshots(
-    optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]] | None
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any] | list[dict[str, Any]] | None
 ) -> None:
     """Put the snapshots back after ``load_state_dict`` (which clears them)."""
     guard = getattr(optimizer, "guard", None)
-    if guard is None or saved is None:
-        return
-    snaps = [(Snapshot(int(s["step"]), s["payload"]), s) for s in saved]
-    guard.snapshots = [snap for snap, s in snaps if s.get("held", True)]
-    guard.initial = next((snap for snap, s in snaps if s.get("initial")), None)
+    if guard is not None and saved is not None:
+        guard.load_snapshots_state(saved)
 
 
 def _rng_states() -> dict[str, Any]:

@@ -203,6 +203,28 @@ class Guard:
         self.healthy_since = trouble.step
         return snap, self.config.backoff**self.retries
 
+    def snapshots_state(self) -> dict[str, Any]:
+        """The snapshots as plain data, for a checkpoint: they live in memory only."""
+
+        def plain(s: Snapshot) -> dict[str, Any]:
+            return {"step": s.step, "payload": s.payload}
+
+        initial = None if self.initial is None else plain(self.initial)
+        return {"held": [plain(s) for s in self.snapshots], "initial": initial}
+
+    def load_snapshots_state(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Put the snapshots back after ``load_state_dict`` (which clears them).
+
+        A list is the format of checkpoints written before the first snapshot was kept apart.
+        """
+        if isinstance(saved, list):
+            saved = {"held": saved, "initial": None}
+        self.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved["held"]]
+        initial = saved.get("initial")
+        self.initial = (
+            None if initial is None else Snapshot(int(initial["step"]), initial["payload"])
+        )
+
     def statistics(self) -> dict[str, Any]:
         """The running levels of loss and gradient norm, which a snapshot keeps with the state.
 

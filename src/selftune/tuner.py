@@ -325,7 +325,7 @@ class SelfTuned(torch.optim.Optimizer):
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "controller": copy.deepcopy(self.controller.state_dict()),
             # the loss statistics, but not the previous update: after a rollback there is none
-            "tracker": {**self._tracker.state_dict(include_update=False), "prev": None},
+            "tracker": self._tracker.state_dict(include_update=False),
             "knobs": self.hyperparams(),
             "guard": None if self.guard is None else self.guard.statistics(),
         }
@@ -385,12 +385,13 @@ class SelfTuned(torch.optim.Optimizer):
         """
         take = getattr(self.controller, "take_restart", None)
         reason = take() if take is not None else None
-        snap = None if self.guard is None else self.guard.restart_point
-        if reason is None or self.guard is None or snap is None:
+        guard = self.guard
+        snap = None if guard is None else guard.restart_point
+        if reason is None or guard is None or snap is None:
             return None
         knobs = [self._knobs(i) for i in range(len(self.param_groups))]
         self._restore(snap.payload)
-        self.guard.snapshots = [snap]
+        guard.snapshots = [snap]
         for group, saved in zip(self.param_groups, knobs, strict=True):
             for knob, value in saved.items():
                 if knob != "lr":  # the lr lives in the scales, which the optimizer state lacks

@@ -34,7 +34,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import selftune
-from selftune.guard import Snapshot
 from selftune.integrations._feed import FedSelfTuned, LossFeed, feed_from
 from selftune.tuner import SelfTuned
 
@@ -132,7 +131,7 @@ class SelfTuneCallback(Callback):
         if self._pending_snapshots is not None:
             for opt, saved in zip(self.optimizers, self._pending_snapshots, strict=False):
                 if opt.guard is not None and saved is not None:
-                    opt.guard.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved]
+                    opt.guard.load_snapshots_state(saved)
             self._pending_snapshots = None
         self._feed.clear()
 
@@ -140,9 +139,7 @@ class SelfTuneCallback(Callback):
         """The guard's in-memory snapshots; the rest of selftune's state is in the optimizer's."""
         return {
             "guard_snapshots": [
-                None
-                if opt.guard is None
-                else [{"step": s.step, "payload": s.payload} for s in opt.guard.snapshots]
+                None if opt.guard is None else opt.guard.snapshots_state()
                 for opt in self.optimizers
             ]
         }
