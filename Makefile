@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/selftune demo
 
 bench: $(STAMP)
-	$(BIN)/selftune bench --suite full
+	$(BIN)/selftune bench --suite full --readme README.md
 
 bench-smoke: $(STAMP)
 	$(BIN)/selftune bench --suite smoke --out bench-results-smoke --no-report

@@ -362,3 +362,15 @@ def test_committed_results_agree_with_the_workloads_on_rules_and_held_out() -> N
     seen = {(r["workload"], r["target"], r["steps_budget"], bool(r["held_out"])) for r in records}
     expected = {(w.name, w.target, w.steps, w.held_out) for w in WORKLOADS.values()}
     assert seen == expected
+
+
+def test_the_readme_headline_table_is_the_one_the_committed_results_make(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+    assert block.strip().splitlines() == report.headline_block(root / "bench-results")
+    # and update_readme writes exactly that block, leaving the rest of the file alone
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(block, "\nstale\n"), encoding="utf-8")
+    assert report.update_readme(copy, root / "bench-results")
+    assert copy.read_text(encoding="utf-8") == readme

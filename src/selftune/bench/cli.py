@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="steps per side in the overhead measurement (default 300; smoke 40)",
     )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also rewrite this file's headline block (between bench-headline markers), e.g. "
+        "README.md (make bench does)",
+    )
     parser.add_argument("--no-report", action="store_true", help="run, but leave the report")
     parser.add_argument(
         "--report-only",
@@ -112,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         path = report.write_report(out, args.report_dir)
+        if args.readme is not None and report.update_readme(args.readme, out):
+            print(f"headline table: {args.readme}")
     except ValueError as exc:
         print(f"selftune bench: {exc}", file=sys.stderr)
         return 2

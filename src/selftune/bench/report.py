@@ -465,6 +465,32 @@ def _methods_section() -> list[str]:
     ]
 
 
+#: The block of README.md that :func:`update_readme` rewrites with the headline table.
+README_START, README_END = "<!-- bench-headline:start -->", "<!-- bench-headline:end -->"
+
+
+def headline_block(results_dir: Path) -> list[str]:
+    """The headline table of the results in ``results_dir``, as README.md embeds it."""
+    return _headline(summarise(read_results(results_dir / RESULTS)))
+
+
+def update_readme(readme: Path, results_dir: Path) -> bool:
+    """Rewrite the headline block of ``readme`` from the results; False if it has no block.
+
+    So that the figures the README quotes are generated from the committed results, never typed.
+    """
+    if not readme.is_file():
+        raise ValueError(f"--readme {readme}: no such file; give the README to update")
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    block = "\n".join(["", *headline_block(results_dir), ""])
+    readme.write_text(f"{head}{README_START}{block}\n{README_END}{tail}", encoding="utf-8")
+    return True
+
+
 def write_report(results_dir: Path, report_dir: Path) -> Path:
     """Write ``report_dir/benchmarks.md`` and ``report_dir/bench/*.png`` from ``results_dir``."""
     records = read_results(results_dir / RESULTS)
