@@ -39,7 +39,10 @@ def oracles() -> dict[tuple[str, str], float]:
 
 def main() -> None:
     best = oracles()
-    pilots = sorted(p for p in HERE.iterdir() if (p / "results.jsonl").exists())
+    pilots = sorted(
+        (p for p in HERE.iterdir() if (p / "results.jsonl").exists()),
+        key=lambda p: int(p.name.split("-")[0]),  # in the order tried: 10 after 9
+    )
     cells: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for p in pilots:
         for r in load(p / "results.jsonl"):

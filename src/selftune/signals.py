@@ -21,7 +21,7 @@ import torch
 
 #: state keys of the running average of gradients that acts as a momentum buffer
 _BUFFER_KEYS = ("momentum_buffer", "exp_avg")
-_FAST, _SLOW = 0.9, 0.98  # loss EMA decay rates: about 10 and 50 steps of memory
+FAST_DECAY, SLOW_DECAY = 0.9, 0.98  # loss EMA decay rates: about 10 and 50 steps of memory
 
 
 @dataclass(frozen=True)
@@ -169,19 +169,21 @@ class SignalTracker:
         """Update and return the loss EMAs.  A non-finite loss is not folded in."""
         if loss is not None:
             if self._n > 0:
-                self._var = _FAST * self._var + (1 - _FAST) * (loss - self._fast_ema()) ** 2
+                self._var = (
+                    FAST_DECAY * self._var + (1 - FAST_DECAY) * (loss - self._fast_ema()) ** 2
+                )
             self._n += 1
-            self._fast = _FAST * self._fast + (1 - _FAST) * loss
-            self._slow = _SLOW * self._slow + (1 - _SLOW) * loss
+            self._fast = FAST_DECAY * self._fast + (1 - FAST_DECAY) * loss
+            self._slow = SLOW_DECAY * self._slow + (1 - SLOW_DECAY) * loss
         if self._n == 0:
             return {"loss_ema": None, "loss_ema_slow": None, "loss_std": None, "loss_slope": None}
-        fast, slow = self._fast_ema(), self._slow / (1 - _SLOW**self._n)
-        std = math.sqrt(self._var / (1 - _FAST ** max(self._n - 1, 1)))
+        fast, slow = self._fast_ema(), self._slow / (1 - SLOW_DECAY**self._n)
+        std = math.sqrt(self._var / (1 - FAST_DECAY ** max(self._n - 1, 1)))
         slope = (fast - slow) / abs(slow) if slow != 0 else 0.0
         return {"loss_ema": fast, "loss_ema_slow": slow, "loss_std": std, "loss_slope": slope}
 
     def _fast_ema(self) -> float:
-        return self._fast / (1 - _FAST**self._n)
+        return self._fast / (1 - FAST_DECAY**self._n)
 
     @torch.no_grad()
     def before_update(self) -> None:

@@ -8,14 +8,27 @@
    size of ρ is not scale-free (one at -0.1 let Adam ramp 50x past the best rate).  The first
    negative average ends the ramp; the rate is kept there (``settle``), which is about
    ``ramp**3`` past the zero crossing because the average lags: one-step evidence is biased
-   towards short steps (below), so the crossing itself is too cautious a rate.  A start already
-   past the crossing (ρ < 0 at the first look) shrinks until ρ turns positive, then ramps back
-   up to it; a guard rollback during the ramp starts the same downward probe from the halved
-   rate.  If the smoothed loss instead blows up (``blowup`` times its best), it settles at a
-   quarter.  In these cases the probe's steps overshot; if the loss also rose above where the
-   run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
-   controller asks the wrapper to *restart* from the first guard snapshot with the rate it
-   found, as an offline learning-rate finder restores the weights after its test.
+   towards short steps (below), so the crossing itself is too cautious a rate.
+
+   Once the ramp has grown, a sign change is read only once there was a sign: the mean of the
+   last few cosines must first have stood ``clear`` standard errors above zero
+   (:class:`~selftune.controllers.evidence.SignTest`).  On a flat start (a recurrent model on
+   its initial plateau) the cosines are noise around zero, and the short average changes sign
+   by chance within a few steps; there the ramp goes on growing, as the offline finder does,
+   until the evidence arrives, the recent cosines turn clearly negative (probe downwards), or
+   the *loss* says it: the smoothed loss rising ``clear`` standard errors above its starting
+   level (the finder's own criterion), or a guard rollback, sets the rate to ``retreat`` of the
+   rate that did it.
+
+   A start already past the crossing (ρ < 0 at the first look: the sign alone, since a start
+   30x too high can give cosines too noisy to be clear, and growing from there is the costlier
+   error) shrinks until ρ turns positive, then ramps back up to it; a guard rollback during an
+   informed ramp starts the same downward probe from the halved rate.  If the smoothed loss
+   blows up (``blowup`` times its best), it retreats as above.  In
+   these cases the probe's steps overshot; if the loss also rose above where the run started,
+   they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the controller asks the
+   wrapper to *restart* from the first guard snapshot with the rate it found, as an offline
+   learning-rate finder restores the weights after its test.
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
@@ -33,10 +46,10 @@ import math
 from typing import Any
 
 from selftune.controllers.base import Knobs, Proposal
-from selftune.controllers.evidence import RatioEMA
+from selftune.controllers.evidence import RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
-from selftune.signals import Signals
+from selftune.signals import FAST_DECAY, Signals
 
 
 class AutoController:
@@ -55,30 +68,40 @@ class AutoController:
         cruise_gain: float = 0.05,
         strong: float = 0.5,
         shrink: float = 0.7,
+        clear: float = 3.0,
+        retreat: float = 0.25,
     ) -> None:
-        self.shrink = shrink
+        self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
         self.min_ramp_steps, self.deadband = min_ramp_steps, deadband
         self.cruise_gain = cruise_gain
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
-        self._phase: list[str] = []  # "ramp" | "shrink" | "ramp_up" | "cruise" per group
+        self._phase: list[str] = []  # "ramp" | "shrink" | "ramp_up" | "drop" | "cruise" per group
         #: faster evidence for the range test: a plain EMA of the per-step cosine.  Not weighted
         #: by step size as the cruise's is: while the rate shrinks, a size-weighted average stays
         #: dominated by the large early steps and kept shrinking 50x past the crossing.
         self._ramp_ema: list[RatioEMA] = []
         self._ramp_steps: list[int] = []
+        #: whether the range test's cosines have yet stood ``clear`` standard errors above zero:
+        #: a sign change is read as the crossing only once there was a sign to change from
+        self._evidence: list[SignTest] = []
+        self._informed: list[bool] = []
         self._last_lr: list[float | None] = []  # the rate at the last growth step of the ramp
         self._best_loss = math.inf
         #: the first smoothed loss and the highest since: a probe whose loss rose above where
         #: the run started did harm, not just little good, and is worth a restart
         self._first_loss: float | None = None
+        #: the minibatch losses of the first steps: the level (and noise) a flat start sits at
+        self._start_level = SignTest()
         self._peak_loss = -math.inf
         #: the phase a group starts in: "ramp"; "shrink" after a guard rollback during the first
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
+        self._step = 0  # the last step proposed for (a rollback restores an older one)
+        self._failed: list[float | None] = []  # per group, the rate an uninformed ramp failed at
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
@@ -87,20 +110,30 @@ class AutoController:
             self._phase.append(self._start_phase)
             self._ramp_ema.append(RatioEMA(0.7))
             self._ramp_steps.append(0)
+            self._evidence.append(SignTest())
+            self._informed.append(False)
             self._last_lr.append(None)
             self._trial.append(None)
+            self._failed.append(None)
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._ensure(len(knobs))
+        self._step = signals.step
         if signals.loss_ema is not None:
             self._best_loss = min(self._best_loss, signals.loss_ema)
             self._peak_loss = max(self._peak_loss, signals.loss_ema)
             if self._first_loss is None:
                 self._first_loss = signals.loss_ema
+        level = self._start_level
+        if signals.loss is not None and len(level.samples) < level.min_samples:
+            level.update(signals.loss)
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
-            rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0) if g.update_norm else 0.0
+            rho_fast = 0.0
+            if g.update_norm:
+                rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
+                self._evidence[i].update(g.cos_update)
             rho, _ = self.hyper.evidence(signals, i)  # every average stays current
             trouble = self.stability.trouble(signals, i)
             if g.update_norm == 0.0:
@@ -155,9 +188,11 @@ class AutoController:
         at the first negative average; the average lags about ``1 / (1 - 0.7)`` steps, i.e. a
         factor ``ramp**3`` ≈ 1.7 past the crossing, and ``settle`` = 1 keeps that rate (1/2
         would land on the crossing: slower for AdamW on every tuning workload, faster for SGD on
-        MNIST-1D; bench-results/pilots).  A start already past it (ρ < 0 at the first look)
-        shrinks until ρ turns positive and then ramps again, so that both directions end at the
-        same crossing.
+        MNIST-1D; bench-results/pilots).  A start already past it (ρ < 0 at the first look, or
+        the recent cosines clearly negative before they were ever clearly positive) shrinks
+        until ρ turns positive and then ramps again, so that both directions end at the same
+        crossing.  A ramp with no
+        clear sign either way ends on the loss instead (see the module docstring).
         """
         self._ramp_steps[i] += 1
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
@@ -169,23 +204,35 @@ class AutoController:
                 self._restart = f"range test: {why}; the probe's steps damaged the weights"
             return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
 
+        failed = self._failed[i]
+        if phase == "drop" and failed is not None:  # see on_backoff
+            why = f"lr {failed:.3g} failed before the cosines showed a sign"
+            return to_cruise(self.retreat * failed / lr, why)
         if phase != "shrink" and n >= self.min_ramp_steps and s.loss_ema is not None:
             ratio = s.loss_ema / self._best_loss if self._best_loss > 0 else 1.0
             if ratio > self.blowup:
                 why = f"loss rose {ratio:.2f}x above its best at lr {lr:.3g}"
-                return to_cruise(0.25, why, restart=True)
+                return to_cruise(self.retreat, why, restart=True)
         if n < self.min_ramp_steps:
             return []
-        if n == self.min_ramp_steps and rho < 0:
-            phase = self._phase[i] = "shrink"  # started past the crossing: come down first
-            self._last_lr[i] = None
+        evidence = self._evidence[i].sign(self.clear)
+        self._informed[i] = self._informed[i] or evidence > 0
+        if phase == "ramp" and not self._informed[i] and self._rose_from_start(s):
+            why = f"the loss rose off its flat start at lr {lr:.3g}"
+            return to_cruise(self.retreat, why, restart=True)
+        overshoot = rho < 0
+        if phase == "ramp" and overshoot and not self._informed[i]:
+            overshoot = False  # no sign yet for this one to change from: explore upwards
+            if n == self.min_ramp_steps or evidence < 0:  # past the crossing: come down first
+                phase = self._phase[i] = "shrink"
+                self._last_lr[i] = None
         if phase == "shrink":
             if rho >= 0:  # below the crossing (now, or already at the first look): ramp up
                 phase = self._phase[i] = "ramp_up" if n > self.min_ramp_steps else "ramp"
             else:
                 why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
                 return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
-        if rho < 0:
+        if overshoot:
             why = f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
             return to_cruise(self.settle, why, restart=phase == "ramp_up")
         last = self._last_lr[i]
@@ -195,6 +242,19 @@ class AutoController:
         self._last_lr[i] = lr
         why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
         return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
+
+    def _rose_from_start(self, s: Signals) -> bool:
+        """Whether the smoothed loss stands ``clear`` standard errors above its starting level.
+
+        The error combines the smoothed loss's own (an EMA of ~10 steps of minibatch losses with
+        the deviation of the first ones) and that of the level (the mean of the first few).
+        """
+        level = self._start_level
+        n = len(level.samples)
+        if s.loss_ema is None or n < level.min_samples:
+            return False
+        error = level.deviation * math.sqrt((1 - FAST_DECAY) / (1 + FAST_DECAY) + 1 / n)
+        return s.loss_ema > level.mean + self.clear * error
 
     def take_restart(self) -> str | None:
         """Asked by the wrapper after each ``propose``: restart from the first snapshot?"""
@@ -211,8 +271,15 @@ class AutoController:
         """
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         for i, phase in enumerate(self._phase):
-            if phase == "ramp" and self._start_phase == "shrink":
+            last = self._last_lr[i]
+            if phase == "ramp" and not self._informed[i] and last is not None:
+                # restored to the snapshot's state: the ramp grew once a step since, up to the
+                # update before the failing step
+                self._failed[i] = last * self.ramp ** (step - self._step)
+                self._phase[i] = "drop"
+            elif phase == "ramp" and self._start_phase == "shrink":
                 self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
+                self._evidence[i] = SignTest()
             else:
                 self._phase[i] = "cruise"
         self.hyper.on_backoff(step)
@@ -223,12 +290,17 @@ class AutoController:
             "phase": list(self._phase),
             "ramp_ema": [e.state() for e in self._ramp_ema],
             "ramp_steps": list(self._ramp_steps),
+            "evidence": [e.state() for e in self._evidence],
+            "informed": list(self._informed),
             "last_lr": list(self._last_lr),
             "best_loss": self._best_loss,
             "first_loss": self._first_loss,
+            "start_level": self._start_level.state(),
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
+            "step": self._step,
+            "failed": list(self._failed),
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
         }
@@ -237,10 +309,14 @@ class AutoController:
         self._phase = list(state["phase"])
         self._ramp_ema = [RatioEMA(**e) for e in state["ramp_ema"]]
         self._ramp_steps = list(state["ramp_steps"])
+        self._evidence = [SignTest(**e) for e in state["evidence"]]
+        self._informed = list(state["informed"])
         self._last_lr = list(state["last_lr"])
         self._best_loss = state["best_loss"]
         self._first_loss, self._peak_loss = state["first_loss"], state["peak_loss"]
+        self._start_level = SignTest(**state["start_level"])
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
+        self._step, self._failed = state["step"], list(state["failed"])
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])

@@ -8,7 +8,8 @@ the cosine separately over a window gives a longer-horizon, still scale-free est
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -75,6 +76,54 @@ class PlateauDetector:
         """Start the wait (after any cut, so that cuts do not pile up)."""
         self.prev, self.total, self.count = None, 0.0, 0
         self.wait = max(self.cooldown, step // 4)
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SignTest:
+    """Whether the recent mean of a noisy per-step signal stands clear of zero, and on which side.
+
+    A sign read from an average of noisy per-step cosines means something only when the average
+    stands clear of its own noise: on a flat start (a recurrent model at its initial plateau) the
+    per-step cosines scatter ±0.05 around zero and a short EMA of them changes sign by chance.
+    The test reads the mean of the last ``window`` samples against its standard error from the
+    same samples, and says nothing until ``min_samples`` give a deviation worth the name.  A
+    window, not the mean of every sample, because the sign it looks for can change: a ramp's
+    first cosines are positive and its later ones negative.  It is asked once per step, so the
+    band is ``clear`` = 3 standard errors, not 2: on 25 steps of pure noise that gives a false
+    sign about one time in five, where 2 errors give three in five (tests/test_auto.py measures
+    both).  Four samples are the fewest whose deviation says anything; more delayed the verdict
+    past a ramp's whole climb on a small model (its cosines fell from 0.65 to below zero within
+    six steps).
+    """
+
+    window: int = 8
+    min_samples: int = 4
+    samples: list[float] = field(default_factory=list)
+
+    def update(self, x: float) -> None:
+        if math.isfinite(x):
+            self.samples = [*self.samples[1 - self.window :], x]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+    @property
+    def deviation(self) -> float:
+        """The samples' standard deviation (infinite below two samples)."""
+        return statistics.stdev(self.samples) if len(self.samples) >= 2 else math.inf
+
+    def sign(self, clear: float) -> int:
+        """+1 or -1 when the mean is more than ``clear`` standard errors from zero, else 0."""
+        if len(self.samples) < max(2, self.min_samples):
+            return 0
+        error = self.deviation / math.sqrt(len(self.samples))
+        if self.mean > clear * error:
+            return 1
+        return -1 if self.mean < -clear * error else 0
 
     def state(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,149 @@
+"""``auto``'s range test on controlled evidence: what it reads as a crossing and what as noise.
+
+The controller is driven with synthetic per-step signals, so that each case has a known truth: a
+flat start whose cosines are pure noise around zero, a clear run of short steps that then
+overshoot, and a start clearly past the crossing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from selftune.controllers.auto import AutoController
+from selftune.controllers.evidence import SignTest
+from selftune.signals import GroupSignals, Signals
+
+
+def _signals(step: int, cos: float, loss: float = 2.3, ema: float | None = None) -> Signals:
+    """One step's signals: the cosine, the minibatch loss and its smoothed value (default: same)."""
+    group = GroupSignals(
+        grad_norm=1.0, update_norm=1.0, cos_update=cos, dot_update=cos, cos_buffer=math.nan
+    )
+    smooth = loss if ema is None else ema
+    return Signals(
+        step=step, loss=loss, loss_ema=smooth, loss_ema_slow=smooth, loss_std=0.01,
+        loss_slope=0.0, grad_norm=1.0, groups=(group,),
+    )  # fmt: skip
+
+
+def _drive(ctl: AutoController, cosines: list[float], lr: float = 1e-3) -> tuple[float, list[str]]:
+    """Feed one cosine per step, apply the proposals, return the final rate and the phases."""
+    knobs = [{"lr": lr, "momentum": 0.9}]
+    phases = []
+    for t, cos in enumerate(cosines):
+        for p in ctl.propose(_signals(t, cos), knobs):
+            knobs[p.group][p.knob] = p.value
+        phases.append(ctl.state_dict()["phase"][0])
+    return knobs[0]["lr"], phases
+
+
+def _noise(n: int, mean: float, sd: float, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [mean + rng.gauss(0.0, sd) for _ in range(n)]
+
+
+def test_sign_test_reads_the_recent_mean_against_its_standard_error() -> None:
+    test = SignTest()
+    for x in [0.3, 0.5, 0.4]:
+        test.update(x)
+    assert test.sign(3.0) == 0  # three samples: too few to trust a deviation
+    test.update(0.4)
+    assert test.sign(3.0) == 1  # mean 0.4, standard error 0.041
+    flat = SignTest()
+    for x in [0.05, -0.04, 0.03, -0.05, 0.04, -0.02, 0.06, -0.03, float("nan")]:
+        flat.update(x)
+    assert len(flat.samples) == 8 and flat.sign(3.0) == 0  # mean 0.005, standard error 0.016
+    for x in [-0.05, -0.03, -0.06, -0.04, -0.05]:
+        flat.update(x)
+    # the window holds the last 8: three of the flat ones and five clearly negative
+    assert flat.samples[:3] == [-0.02, 0.06, -0.03] and flat.sign(3.0) == 0
+    for x in [-0.04, -0.06]:
+        flat.update(x)
+    assert flat.sign(3.0) == -1  # the sign changed; the whole history's mean would still be ~0
+
+
+def _null_false_signs(clear: float, runs: int = 400) -> float:
+    """How often the test gives a sign within 25 steps of pure noise (no sign at all)."""
+    fired = 0
+    for seed in range(runs):
+        test = SignTest()
+        for x in _noise(25, 0.0, 0.05, seed):
+            test.update(x)
+            if test.sign(clear) != 0:
+                fired += 1
+                break
+    return fired / runs
+
+
+def test_the_noise_band_keeps_false_signs_rare() -> None:
+    assert _null_false_signs(3.0) < 0.25
+    assert _null_false_signs(2.0) > 2 * _null_false_signs(3.0)  # why the band is 3 errors wide
+
+
+def _no_sign(n: int) -> list[float]:
+    """Cosines with no sign at all: ±0.05 in turn."""
+    return [0.05 * (-1) ** t for t in range(n)]
+
+
+def test_a_flat_start_keeps_the_range_test_growing() -> None:
+    # cosines that alternate around zero carry no sign: the ramp must not end on one
+    lr, phases = _drive(AutoController(), _no_sign(20))
+    assert phases == ["ramp"] * 20
+    assert lr == pytest.approx(1e-3 * 1.2**18)  # grew every step from the third on
+    # control: reading the bare sign of the average (no noise band) ends the ramp
+    _, bare = _drive(AutoController(clear=0.0), _no_sign(20))
+    assert bare[-1] == "cruise"
+
+
+def test_a_clear_positive_run_ends_at_its_first_negative_average() -> None:
+    cosines = _noise(10, 0.4, 0.05) + [-0.3] * 5
+    lr, phases = _drive(AutoController(), cosines)
+    ended = phases.index("cruise")
+    assert 10 <= ended <= 12  # the EMA turns negative within a couple of steps of the change
+    assert lr == pytest.approx(1e-3 * 1.2 ** (ended - 2))  # grew every step from the third on
+
+
+def test_a_start_past_the_crossing_shrinks_from_the_first_look() -> None:
+    lr, phases = _drive(AutoController(), _noise(10, -0.3, 0.05))
+    assert phases == ["ramp"] * 2 + ["shrink"] * 8  # from the first look (the third step)
+    assert lr == pytest.approx(1e-3 * 0.7**8)
+
+
+def test_a_flat_start_ends_where_the_loss_rises_and_restarts() -> None:
+    # no sign from the cosines; the noisy loss sits at its level for 20 steps, then climbs
+    ctl, knobs, rng = AutoController(), [{"lr": 1e-3, "momentum": 0.9}], random.Random(3)
+    used, ema = [], 2.3
+    for t in range(40):
+        loss = 2.3 + rng.gauss(0.0, 0.01) + (0.02 * (t - 20) if t > 20 else 0.0)
+        ema = 0.9 * ema + 0.1 * loss  # as the wrapper smooths it
+        for p in ctl.propose(_signals(t, 0.05 * (-1) ** t, loss=loss, ema=ema), knobs):
+            knobs[p.group][p.knob] = p.value
+        used.append(knobs[0]["lr"])
+        if ctl.state_dict()["phase"][0] == "cruise":
+            break
+    assert 21 < t < 30, t  # within a few steps of the climb, never on the flat
+    assert knobs[0]["lr"] == pytest.approx(used[-2] * 0.25)
+    assert ctl.take_restart() is not None  # the climb took the loss above where it started
+
+
+def test_a_guard_rollback_in_a_flat_start_retreats_from_the_rate_that_failed() -> None:
+    # the wrapper's order: snapshot (controller state) at step S before proposing, trouble at T
+    ctl, knobs = AutoController(), [{"lr": 1e-3, "momentum": 0.9}]
+    cosines = _no_sign(30)
+    snapshot, used = None, {}
+    for t in range(20):
+        if t == 10:
+            snapshot = ctl.state_dict()
+        for p in ctl.propose(_signals(t, cosines[t]), knobs):
+            knobs[p.group][p.knob] = p.value
+        used[t] = knobs[0]["lr"]  # the rate of update t
+    assert snapshot is not None and ctl.state_dict()["phase"][0] == "ramp"
+    ctl.load_state_dict(snapshot)  # trouble at step 20: the loss after update 19
+    ctl.on_backoff(20)
+    knobs[0]["lr"] = used[9] * 0.5  # the guard restores the snapshot's rate and halves it
+    proposals = ctl.propose(_signals(20, 0.0), knobs)
+    assert [p.value for p in proposals] == [pytest.approx(0.25 * used[19])]
+    assert ctl.state_dict()["phase"][0] == "cruise"
