@@ -147,3 +147,17 @@ def test_a_guard_rollback_in_a_flat_start_retreats_from_the_rate_that_failed() -
     proposals = ctl.propose(_signals(20, 0.0), knobs)
     assert [p.value for p in proposals] == [pytest.approx(0.25 * used[19])]
     assert ctl.state_dict()["phase"][0] == "cruise"
+
+
+def test_a_state_saved_before_the_sign_test_loads_and_reads_the_bare_sign() -> None:
+    old = AutoController()
+    _drive(old, _noise(5, 0.02, 0.05))  # no clear sign yet
+    state = old.state_dict()
+    for key in ("evidence", "informed", "start_level", "step", "failed"):
+        del state[key]  # what a checkpoint written before them holds
+    resumed = AutoController()
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["informed"] == [True]
+    # as before the sign test: the first negative average ends the ramp
+    _, phases = _drive(resumed, [-0.3] * 3)
+    assert phases[-1] == "cruise"

@@ -24,10 +24,10 @@
    30x too high can give cosines too noisy to be clear, and growing from there is the costlier
    error) shrinks until ρ turns positive, then ramps back up to it; a guard rollback during an
    informed ramp starts the same downward probe from the halved rate.  If the smoothed loss
-   blows up (``blowup`` times its best), it retreats as above.  In
-   these cases the probe's steps overshot; if the loss also rose above where the run started,
-   they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the controller asks the
-   wrapper to *restart* from the first guard snapshot with the rate it found, as an offline
+   blows up (``blowup`` times its best), it retreats as above.  In these cases the probe's
+   steps overshot; if the loss also rose above where the run started, they did harm (dead
+   ReLUs, wrecked embeddings, Adam's moments), and the controller asks the wrapper to
+   *restart* from the first guard snapshot with the rate it found, as an offline
    learning-rate finder restores the weights after its test.
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
@@ -191,8 +191,8 @@ class AutoController:
         MNIST-1D; bench-results/pilots).  A start already past it (ρ < 0 at the first look, or
         the recent cosines clearly negative before they were ever clearly positive) shrinks
         until ρ turns positive and then ramps again, so that both directions end at the same
-        crossing.  A ramp with no
-        clear sign either way ends on the loss instead (see the module docstring).
+        crossing.  A ramp with no clear sign either way ends on the loss instead (see the module
+        docstring).
         """
         self._ramp_steps[i] += 1
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
@@ -267,7 +267,10 @@ class AutoController:
         During the first ramp that means the start (or the ramp) was past the edge: probe
         downwards from the halved rate (shrink, then ramp back up to the crossing) instead of
         cruising at a rate only known to be half of one that failed.  Trouble during that
-        second probe, or after it, ends the range test for good.
+        second probe, or after it, ends the range test for good.  A ramp that never saw a
+        clear sign (a flat start) has no crossing to probe for: it retreats to ``retreat`` of
+        the rate that failed, which the wrapper's rollback has just replaced with the older
+        snapshot's, so it is recomputed from the steps the ramp grew since that snapshot.
         """
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         for i, phase in enumerate(self._phase):
@@ -309,14 +312,16 @@ class AutoController:
         self._phase = list(state["phase"])
         self._ramp_ema = [RatioEMA(**e) for e in state["ramp_ema"]]
         self._ramp_steps = list(state["ramp_steps"])
-        self._evidence = [SignTest(**e) for e in state["evidence"]]
-        self._informed = list(state["informed"])
+        # checkpoints from before the sign test read the bare sign, i.e. were always informed
+        groups = len(self._phase)
+        self._evidence = [SignTest(**e) for e in state.get("evidence", [{}] * groups)]
+        self._informed = list(state.get("informed", [True] * groups))
         self._last_lr = list(state["last_lr"])
         self._best_loss = state["best_loss"]
         self._first_loss, self._peak_loss = state["first_loss"], state["peak_loss"]
-        self._start_level = SignTest(**state["start_level"])
+        self._start_level = SignTest(**state.get("start_level", {}))
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
-        self._step, self._failed = state["step"], list(state["failed"])
+        self._step, self._failed = state.get("step", 0), list(state.get("failed", [None] * groups))
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
