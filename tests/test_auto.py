@@ -161,3 +161,19 @@ def test_a_state_saved_before_the_sign_test_loads_and_reads_the_bare_sign() -> N
     # as before the sign test: the first negative average ends the ramp
     _, phases = _drive(resumed, [-0.3] * 3)
     assert phases[-1] == "cruise"
+
+
+def test_a_start_whose_loss_clearly_falls_reads_the_sign_change() -> None:
+    # cosines with no sign, but the loss falls step after step: progress, so not a flat start,
+    # and the first negative average ends the ramp (control: the same cosines on a flat loss)
+    cosines = [0.05, -0.04, 0.05, -0.04, 0.05, -0.3, -0.3]
+    ctl, knobs = AutoController(), [{"lr": 1e-3, "momentum": 0.9}]
+    phases = []
+    for t, cos in enumerate(cosines):
+        loss = 0.2 * 0.9**t
+        for p in ctl.propose(_signals(t, cos, loss=loss), knobs):
+            knobs[p.group][p.knob] = p.value
+        phases.append(ctl.state_dict()["phase"][0])
+    assert phases[-1] == "cruise" and ctl.state_dict()["informed"] == [True]
+    _, flat = _drive(AutoController(), cosines)
+    assert flat[-1] == "ramp"

@@ -12,9 +12,12 @@
 
    Once the ramp has grown, a sign change is read only once there was a sign: the mean of the
    last few cosines must first have stood ``clear`` standard errors above zero
-   (:class:`~selftune.controllers.evidence.SignTest`).  On a flat start (a recurrent model on
-   its initial plateau) the cosines are noise around zero, and the short average changes sign
-   by chance within a few steps; there the ramp goes on growing, as the offline finder does,
+   (:class:`~selftune.controllers.evidence.SignTest`), or the minibatch loss must have been
+   falling by more than its noise (progress: a start near the crossing, whose cosines are
+   near zero because its rate is about right).  On a flat start (a recurrent model on its
+   initial plateau) the cosines are noise around zero and the loss does not move; the short
+   average changes sign by chance within a few steps, so the ramp goes on growing, as the
+   offline finder does,
    until the evidence arrives, the recent cosines turn clearly negative (probe downwards), or
    the *loss* says it: the smoothed loss rising ``clear`` standard errors above its starting
    level (the finder's own criterion), or a guard rollback, sets the rate to ``retreat`` of the
@@ -95,6 +98,10 @@ class AutoController:
         self._first_loss: float | None = None
         #: the minibatch losses of the first steps: the level (and noise) a flat start sits at
         self._start_level = SignTest()
+        #: the recent step-to-step changes of the minibatch loss: a loss clearly falling is
+        #: progress, and a start that makes progress is not flat, whatever its cosines say
+        self._descent = SignTest()
+        self._prev_loss: float | None = None
         self._peak_loss = -math.inf
         #: the phase a group starts in: "ramp"; "shrink" after a guard rollback during the first
         #: ramp; "cruise" after any later one
@@ -125,8 +132,12 @@ class AutoController:
             if self._first_loss is None:
                 self._first_loss = signals.loss_ema
         level = self._start_level
-        if signals.loss is not None and len(level.samples) < level.min_samples:
-            level.update(signals.loss)
+        if signals.loss is not None:
+            if len(level.samples) < level.min_samples:
+                level.update(signals.loss)
+            if self._prev_loss is not None:
+                self._descent.update(signals.loss - self._prev_loss)
+            self._prev_loss = signals.loss
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
@@ -215,9 +226,10 @@ class AutoController:
                 return to_cruise(self.retreat, why, restart=True)
         if n < self.min_ramp_steps:
             return []
-        evidence = self._evidence[i].sign(self.clear)
-        self._informed[i] = self._informed[i] or evidence > 0
-        if phase == "ramp" and not self._informed[i] and self._rose_from_start(s):
+        evidence, moved = self._evidence[i].sign(self.clear), self._left_start(s)
+        progress = moved < 0 or self._descent.sign(self.clear) < 0
+        self._informed[i] = self._informed[i] or evidence > 0 or progress
+        if phase == "ramp" and not self._informed[i] and moved > 0:
             why = f"the loss rose off its flat start at lr {lr:.3g}"
             return to_cruise(self.retreat, why, restart=True)
         overshoot = rho < 0
@@ -243,8 +255,9 @@ class AutoController:
         why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
         return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
 
-    def _rose_from_start(self, s: Signals) -> bool:
-        """Whether the smoothed loss stands ``clear`` standard errors above its starting level.
+    def _left_start(self, s: Signals) -> int:
+        """+1 or -1 when the smoothed loss stands ``clear`` standard errors above or below its
+        starting level, else 0.
 
         The error combines the smoothed loss's own (an EMA of ~10 steps of minibatch losses with
         the deviation of the first ones) and that of the level (the mean of the first few).
@@ -252,9 +265,11 @@ class AutoController:
         level = self._start_level
         n = len(level.samples)
         if s.loss_ema is None or n < level.min_samples:
-            return False
+            return 0
         error = level.deviation * math.sqrt((1 - FAST_DECAY) / (1 + FAST_DECAY) + 1 / n)
-        return s.loss_ema > level.mean + self.clear * error
+        if abs(s.loss_ema - level.mean) <= self.clear * error:
+            return 0
+        return 1 if s.loss_ema > level.mean else -1
 
     def take_restart(self) -> str | None:
         """Asked by the wrapper after each ``propose``: restart from the first snapshot?"""
@@ -299,6 +314,8 @@ class AutoController:
             "best_loss": self._best_loss,
             "first_loss": self._first_loss,
             "start_level": self._start_level.state(),
+            "descent": self._descent.state(),
+            "prev_loss": self._prev_loss,
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
@@ -320,6 +337,8 @@ class AutoController:
         self._best_loss = state["best_loss"]
         self._first_loss, self._peak_loss = state["first_loss"], state["peak_loss"]
         self._start_level = SignTest(**state.get("start_level", {}))
+        self._descent = SignTest(**state.get("descent", {}))
+        self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
         self._step, self._failed = state.get("step", 0), list(state.get("failed", [None] * groups))
