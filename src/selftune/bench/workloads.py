@@ -237,7 +237,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             name="mnist1d-gru",
-            # held out until issue 7's pilots 8-10, which looked at it to mend auto's flat start
+            # held out until issue 7's pilots 8-16, which looked at it to mend auto's flat start
             description="MNIST-1D read as 40 steps of 1 feature, GRU 64, linear head",
             make_task=_mnist1d_task,
             make_model=lambda task: GruClassifier(),

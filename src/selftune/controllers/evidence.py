@@ -94,9 +94,8 @@ class SignTest:
     first cosines are positive and its later ones negative.  It is asked once per step, so the
     band is ``clear`` = 3 standard errors, not 2: on 25 steps of pure noise that gives a false
     sign about one time in five, where 2 errors give three in five (tests/test_auto.py measures
-    both).  Four samples are the fewest whose deviation says anything; more delayed the verdict
-    past a ramp's whole climb on a small model (its cosines fell from 0.65 to below zero within
-    six steps).
+    both).  The verdict waits for four samples, not six: six delayed it past a ramp's whole
+    climb on a small model, whose cosines fell from 0.65 to below zero within six steps.
     """
 
     window: int = 8
