@@ -123,6 +123,14 @@ class Snapshot:
     step: int
     payload: dict[str, Any]
 
+    def plain(self) -> dict[str, Any]:
+        """As plain data, for a checkpoint (a dataclass instance is not loadable there)."""
+        return {"step": self.step, "payload": self.payload}
+
+    @classmethod
+    def from_plain(cls, saved: dict[str, Any]) -> Snapshot:
+        return cls(int(saved["step"]), saved["payload"])
+
 
 @dataclass
 class Guard:
@@ -205,12 +213,8 @@ class Guard:
 
     def snapshots_state(self) -> dict[str, Any]:
         """The snapshots as plain data, for a checkpoint: they live in memory only."""
-
-        def plain(s: Snapshot) -> dict[str, Any]:
-            return {"step": s.step, "payload": s.payload}
-
-        initial = None if self.initial is None else plain(self.initial)
-        return {"held": [plain(s) for s in self.snapshots], "initial": initial}
+        initial = None if self.initial is None else self.initial.plain()
+        return {"held": [s.plain() for s in self.snapshots], "initial": initial}
 
     def load_snapshots_state(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Put the snapshots back after ``load_state_dict`` (which clears them).
@@ -219,11 +223,9 @@ class Guard:
         """
         if isinstance(saved, list):
             saved = {"held": saved, "initial": None}
-        self.snapshots = [Snapshot(int(s["step"]), s["payload"]) for s in saved["held"]]
+        self.snapshots = [Snapshot.from_plain(s) for s in saved["held"]]
         initial = saved.get("initial")
-        self.initial = (
-            None if initial is None else Snapshot(int(initial["step"]), initial["payload"])
-        )
+        self.initial = None if initial is None else Snapshot.from_plain(initial)
 
     def statistics(self) -> dict[str, Any]:
         """The running levels of loss and gradient norm, which a snapshot keeps with the state.
