@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -141,7 +142,8 @@ def test_a_guard_rollback_in_a_flat_start_retreats_from_the_rate_that_failed() -
             knobs[p.group][p.knob] = p.value
         used[t] = knobs[0]["lr"]  # the rate of update t
     assert snapshot is not None and ctl.state_dict()["phase"][0] == "ramp"
-    ctl.load_state_dict(snapshot)  # trouble at step 20: the loss after update 19
+    ctl.before_rollback(knobs)  # trouble at step 20: the loss after update 19
+    ctl.load_state_dict(snapshot)
     ctl.on_backoff(20)
     knobs[0]["lr"] = used[9] * 0.5  # the guard restores the snapshot's rate and halves it
     proposals = ctl.propose(_signals(20, 0.0), knobs)
@@ -153,7 +155,7 @@ def test_a_state_saved_before_the_sign_test_loads_and_reads_the_bare_sign() -> N
     old = AutoController()
     _drive(old, _noise(5, 0.02, 0.05))  # no clear sign yet
     state = old.state_dict()
-    for key in ("evidence", "informed", "start_level", "step", "failed"):
+    for key in ("evidence", "informed", "start_level", "failed"):
         del state[key]  # what a checkpoint written before them holds
     resumed = AutoController()
     resumed.load_state_dict(state)
@@ -177,3 +179,37 @@ def test_a_start_whose_loss_clearly_falls_reads_the_sign_change() -> None:
     assert phases[-1] == "cruise" and ctl.state_dict()["informed"] == [True]
     _, flat = _drive(AutoController(), cosines)
     assert flat[-1] == "ramp"
+
+
+def _rollback(ctl: AutoController, cosines: list[float], at: int) -> tuple[list[Any], float]:
+    """Drive ``cosines`` with the wrapper's rollback order (snapshot at step 5, trouble at
+    ``at``); return the proposals of the step after the rollback and the rate that failed."""
+    knobs, snapshot = [{"lr": 1e-3, "momentum": 0.9}], None
+    for t in range(at):
+        if t == 5:
+            snapshot = ctl.state_dict()
+        for p in ctl.propose(_signals(t, cosines[t]), knobs):
+            knobs[p.group][p.knob] = p.value
+    assert snapshot is not None and ctl.state_dict()["phase"][0] == "ramp"
+    failed = knobs[0]["lr"]
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(snapshot)
+    ctl.on_backoff(at)
+    knobs[0]["lr"] = 0.5 * 1e-3 * 1.2**3  # the snapshot's rate, halved
+    return ctl.propose(_signals(at, cosines[at]), knobs), failed
+
+
+def test_a_rollback_while_the_cosines_still_say_grow_retreats_from_the_rate_that_failed() -> None:
+    # heavy-ball SGD's cosines stay clearly positive up to the spike: the sign is blind to it
+    proposals, failed = _rollback(AutoController(), _noise(30, 0.4, 0.05), at=20)
+    assert [p.value for p in proposals] == [pytest.approx(0.25 * failed)]
+    assert "still said grow" in proposals[0].reason
+
+
+def test_a_rollback_as_the_cosines_reach_zero_probes_down_for_the_crossing() -> None:
+    # the control: cosines that fell to about zero before the spike saw the crossing coming
+    cosines = _noise(12, 0.4, 0.05) + _noise(18, 0.0, 0.05, seed=1)
+    ctl = AutoController()
+    proposals, _ = _rollback(ctl, cosines, at=16)
+    assert ctl.state_dict()["phase"][0] == "shrink"
+    assert proposals == [] or "shrink" in proposals[0].reason

@@ -339,6 +339,9 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             raise
         payload = snap.payload
+        note_failure = getattr(self.controller, "before_rollback", None)
+        if note_failure is not None:  # what failed, before the restore erases it
+            note_failure(self.hyperparams())
         self._restore(payload)
         self.controller.load_state_dict(copy.deepcopy(payload["controller"]))
         self.controller.on_backoff(trouble.step)

@@ -107,8 +107,10 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
-        self._step = 0  # the last step proposed for (a rollback restores an older one)
-        self._failed: list[float | None] = []  # per group, the rate an uninformed ramp failed at
+        self._failed: list[float | None] = []  # per group, the rate a blind ramp failed at
+        #: per group, set just before a rollback restores an older state and read by
+        #: ``on_backoff``: (the rate that failed, whether the ramp was blind to its edge)
+        self._at_failure: list[tuple[float, bool]] = []
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
@@ -125,7 +127,6 @@ class AutoController:
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._ensure(len(knobs))
-        self._step = signals.step
         if signals.loss_ema is not None:
             self._best_loss = min(self._best_loss, signals.loss_ema)
             self._peak_loss = max(self._peak_loss, signals.loss_ema)
@@ -217,7 +218,7 @@ class AutoController:
 
         failed = self._failed[i]
         if phase == "drop" and failed is not None:  # see on_backoff
-            why = f"lr {failed:.3g} failed before the cosines showed a sign"
+            why = f"lr {failed:.3g} failed while the cosines still said grow"
             return to_cruise(self.retreat * failed / lr, why)
         if phase != "shrink" and n >= self.min_ramp_steps and s.loss_ema is not None:
             ratio = s.loss_ema / self._best_loss if self._best_loss > 0 else 1.0
@@ -276,24 +277,38 @@ class AutoController:
         reason, self._restart = self._restart, None
         return reason
 
+    def before_rollback(self, knobs: Knobs) -> None:
+        """The guard is about to restore an older state: keep what failed, which it would erase.
+
+        Per group: the rate in force when the run failed, and whether the range test was blind
+        to that edge, i.e. had no sign yet (a flat start) or its recent cosines still stood
+        clearly above zero.  The second is what SGD with heavy-ball momentum shows on the
+        benchmark's CNN and MLPs: its cosines stay at +0.3 to +0.5 right up to a gradient-norm
+        spike, since the update is a long average of gradients, while Adam's had fallen to
+        about zero when a spike came (bench-results/pilots, 17-18).
+        """
+        self._ensure(len(knobs))
+        self._at_failure = [
+            (k["lr"], not self._informed[i] or self._evidence[i].sign(self.clear) > 0)
+            for i, k in enumerate(knobs)
+        ]
+
     def on_backoff(self, step: int) -> None:
         """The guard rolled back and halved the rate.
 
-        During the first ramp that means the start (or the ramp) was past the edge: probe
-        downwards from the halved rate (shrink, then ramp back up to the crossing) instead of
-        cruising at a rate only known to be half of one that failed.  Trouble during that
-        second probe, or after it, ends the range test for good.  A ramp that never saw a
-        clear sign (a flat start) has no crossing to probe for: it retreats to ``retreat`` of
-        the rate that failed, which the wrapper's rollback has just replaced with the older
-        snapshot's, so it is recomputed from the steps the ramp grew since that snapshot.
+        A range test that was blind to the edge it hit (see :meth:`before_rollback`) has no
+        crossing to probe for: it retreats to ``retreat`` of the rate that failed, the offline
+        finder's rule of a rate well below the one where the loss broke.  One that saw the
+        crossing coming (the start, or the ramp, was past the edge) probes downwards from the
+        halved rate: shrink, then ramp back up to the crossing, instead of cruising at a rate
+        only known to be half of one that failed.  Trouble during that second probe, or after
+        it, ends the range test for good.
         """
+        failure, self._at_failure = self._at_failure, []
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         for i, phase in enumerate(self._phase):
-            last = self._last_lr[i]
-            if phase == "ramp" and not self._informed[i] and last is not None:
-                # restored to the snapshot's state: the ramp grew once a step since, up to the
-                # update before the failing step
-                self._failed[i] = last * self.ramp ** (step - self._step)
+            if phase in ("ramp", "ramp_up") and i < len(failure) and failure[i][1]:
+                self._failed[i] = failure[i][0]
                 self._phase[i] = "drop"
             elif phase == "ramp" and self._start_phase == "shrink":
                 self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
@@ -319,7 +334,6 @@ class AutoController:
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
-            "step": self._step,
             "failed": list(self._failed),
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
@@ -341,6 +355,6 @@ class AutoController:
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
-        self._step, self._failed = state.get("step", 0), list(state.get("failed", [None] * groups))
+        self._failed = list(state.get("failed", [None] * groups))
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
