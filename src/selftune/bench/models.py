@@ -105,7 +105,9 @@ class ResNet2d(nn.Module):
     normalisation, added to their input), global average pooling and a linear head.
     """
 
-    def __init__(self, side: int = 8, channels: int = 32, blocks: int = 2, classes: int = 10) -> None:
+    def __init__(
+        self, side: int = 8, channels: int = 32, blocks: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         self.side = side
         self.stem = nn.Sequential(
