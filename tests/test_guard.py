@@ -344,3 +344,43 @@ def test_a_rollback_restores_the_loss_levels_of_its_snapshot(
         with pytest.raises(selftune.GuardError):
             train(task, opt, 40, faults={at: "nan_loss"}, evaluate=False)
     assert losses[0] > 10 * min(losses[: at - 1]), "the loss did not fall enough to test this"
+
+
+class _Ramp(selftune.controllers.off.OffController):
+    """Grows the rate 2% a step and counts its steps; records what each rollback hook saw."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seen: list[tuple[str, Any]] = []
+
+    def propose(self, signals: Any, knobs: Any) -> list[Any]:
+        self.count += 1
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 1.02, "ramp")]
+
+    def before_rollback(self, knobs: Any) -> None:
+        self.seen.append(("before_rollback", (self.count, knobs[0]["lr"])))
+
+    def on_backoff(self, step: int) -> None:
+        self.seen.append(("on_backoff", (self.count, step)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+
+
+def test_a_controller_sees_the_knobs_that_failed_before_its_state_is_restored() -> None:
+    """``before_rollback`` gets the rate in force at the failing step and the controller's own
+    state from before the restore; ``on_backoff`` then sees the snapshot's state."""
+    task, ctl = make_task(), _Ramp()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters(), lr=0.01), ctl)
+    rates: list[float] = []
+    opt.add_listener(lambda event: rates.append(opt.hyperparams()[0]["lr"]))
+    at = 15
+    train(task, opt, at, faults={at: "nan_loss"}, evaluate=False)
+    assert [name for name, _ in ctl.seen] == ["before_rollback", "on_backoff"]
+    (count, lr), (restored_count, step) = ctl.seen[0][1], ctl.seen[1][1]
+    assert count == at - 1 and lr == pytest.approx(rates[at - 2])  # the rate of update at - 1
+    assert lr == pytest.approx(0.01 * 1.02 ** (at - 1), rel=1e-6)
+    assert step == at and restored_count < count  # the snapshot's state, from before the ramp

@@ -26,7 +26,10 @@
    A start already past the crossing (ρ < 0 at the first look: the sign alone, since a start
    30x too high can give cosines too noisy to be clear, and growing from there is the costlier
    error) shrinks until ρ turns positive, then ramps back up to it; a guard rollback during an
-   informed ramp starts the same downward probe from the halved rate.  If the smoothed loss
+   informed ramp starts the same downward probe from the halved rate, unless the recent cosines
+   still stood clearly above zero when it came: then the sign was blind to that edge (SGD with
+   heavy-ball momentum, whose cosines stay high up to a gradient spike) and the rate retreats
+   as on a flat start.  If the smoothed loss
    blows up (``blowup`` times its best), it retreats as above.  In these cases the probe's
    steps overshot; if the loss also rose above where the run started, they did harm (dead
    ReLUs, wrecked embeddings, Adam's moments), and the controller asks the wrapper to
