@@ -29,12 +29,11 @@
    informed ramp starts the same downward probe from the halved rate, unless the recent cosines
    still stood clearly above zero when it came: then the sign was blind to that edge (SGD with
    heavy-ball momentum, whose cosines stay high up to a gradient spike) and the rate retreats
-   as on a flat start.  If the smoothed loss
-   blows up (``blowup`` times its best), it retreats as above.  In these cases the probe's
-   steps overshot; if the loss also rose above where the run started, they did harm (dead
-   ReLUs, wrecked embeddings, Adam's moments), and the controller asks the wrapper to
-   *restart* from the first guard snapshot with the rate it found, as an offline
-   learning-rate finder restores the weights after its test.
+   as on a flat start.  If the smoothed loss blows up (``blowup`` times its best), it retreats
+   as above.  In these cases the probe's steps overshot; if the loss also rose above where the
+   run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
+   controller asks the wrapper to *restart* from the first guard snapshot with the rate it
+   found, as an offline learning-rate finder restores the weights after its test.
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
@@ -221,7 +220,7 @@ class AutoController:
 
         failed = self._failed[i]
         if phase == "drop" and failed is not None:  # see on_backoff
-            why = f"lr {failed:.3g} failed while the cosines still said grow"
+            why = f"lr {failed:.3g} failed before the cosines turned; retreat"
             return to_cruise(self.retreat * failed / lr, why)
         if phase != "shrink" and n >= self.min_ramp_steps and s.loss_ema is not None:
             ratio = s.loss_ema / self._best_loss if self._best_loss > 0 else 1.0
@@ -286,9 +285,11 @@ class AutoController:
         Per group: the rate in force when the run failed, and whether the range test was blind
         to that edge, i.e. had no sign yet (a flat start) or its recent cosines still stood
         clearly above zero.  The second is what SGD with heavy-ball momentum shows on the
-        benchmark's CNN and MLPs: its cosines stay at +0.3 to +0.5 right up to a gradient-norm
-        spike, since the update is a long average of gradients, while Adam's had fallen to
-        about zero when a spike came (bench-results/pilots, 17-18).
+        benchmark's CNN and MLP: its cosines stay at +0.3 to +0.5 right up to a gradient-norm
+        spike, since the update is a long average of gradients, while Adam's had mostly fallen
+        to about zero when a spike came (bench-results/pilots, 17-18).  Not always: AdamW from
+        1e-4 on MNIST-1D, in two seeds of the full suite, met a spike while its cosines were
+        falling but still clear, and the retreat left it slower.
         """
         self._ensure(len(knobs))
         self._at_failure = [
