@@ -213,3 +213,32 @@ def test_a_rollback_as_the_cosines_reach_zero_probes_down_for_the_crossing() -> 
     proposals, _ = _rollback(ctl, cosines, at=16)
     assert ctl.state_dict()["phase"][0] == "shrink"
     assert proposals == [] or "shrink" in proposals[0].reason
+
+
+def test_a_second_failure_retreats_even_when_the_restore_predates_the_first() -> None:
+    # a first rollback as the cosines reached zero probes down; the guard's second rollback
+    # restores the same old snapshot, from before either failure: the first must not be lost,
+    # or the range test starts over (a loop seen on digits, SGD from 0.1: three full ramps)
+    cosines = _noise(12, 0.4, 0.05) + _noise(18, 0.0, 0.05, seed=1)
+    ctl = AutoController()
+    snapshot = _state_at(cosines, 5)
+    _, first = _rollback(ctl, cosines, at=16)
+    assert ctl.state_dict()["phase"][0] == "shrink" and snapshot["failed"] == [None]
+    knobs = [{"lr": 0.5 * first, "momentum": 0.9}]  # as if the probe got there and failed again
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(snapshot)
+    ctl.on_backoff(20)
+    knobs[0]["lr"] = 0.5 * 1e-3 * 1.2**3
+    (proposal,) = ctl.propose(_signals(20, 0.0), knobs)
+    assert proposal.value == pytest.approx(0.25 * 0.5 * first)
+    assert ctl.state_dict()["phase"][0] == "cruise"
+
+
+def _state_at(cosines: list[float], step: int) -> dict[str, Any]:
+    """The state a fresh controller fed the same cosines has at ``step`` (the guard's copy)."""
+    twin = AutoController()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    for t in range(step):
+        for p in twin.propose(_signals(t, cosines[t]), knobs):
+            knobs[p.group][p.knob] = p.value
+    return twin.state_dict()

@@ -109,10 +109,13 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
-        self._failed: list[float | None] = []  # per group, the rate a blind ramp failed at
+        #: per group, the lowest rate the guard has seen fail during the range test: kept across
+        #: rollbacks (which restore older states, perhaps from before any failure)
+        self._failed: list[float | None] = []
         #: per group, set just before a rollback restores an older state and read by
-        #: ``on_backoff``: (the rate that failed, whether the ramp was blind to its edge)
-        self._at_failure: list[tuple[float, bool]] = []
+        #: ``on_backoff``: (the rate that failed, whether the ramp was blind to its edge, the
+        #: lowest rate that had failed before)
+        self._at_failure: list[tuple[float, bool, float | None]] = []
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
@@ -220,7 +223,7 @@ class AutoController:
 
         failed = self._failed[i]
         if phase == "drop" and failed is not None:  # see on_backoff
-            why = f"lr {failed:.3g} failed before the cosines turned; retreat"
+            why = f"lr {failed:.3g} failed before the cosines turned, or twice; retreat"
             return to_cruise(self.retreat * failed / lr, why)
         if phase != "shrink" and n >= self.min_ramp_steps and s.loss_ema is not None:
             ratio = s.loss_ema / self._best_loss if self._best_loss > 0 else 1.0
@@ -293,8 +296,8 @@ class AutoController:
         """
         self._ensure(len(knobs))
         self._at_failure = [
-            (k["lr"], not self._informed[i] or self._evidence[i].sign(self.clear) > 0)
-            for i, k in enumerate(knobs)
+            (k["lr"], not self._informed[i] or self._evidence[i].sign(self.clear) > 0, failed)
+            for i, (k, failed) in enumerate(zip(knobs, self._failed, strict=False))
         ]
 
     def on_backoff(self, step: int) -> None:
@@ -302,17 +305,23 @@ class AutoController:
 
         A range test that was blind to the edge it hit (see :meth:`before_rollback`) has no
         crossing to probe for: it retreats to ``retreat`` of the rate that failed, the offline
-        finder's rule of a rate well below the one where the loss broke.  One that saw the
-        crossing coming (the start, or the ramp, was past the edge) probes downwards from the
-        halved rate: shrink, then ramp back up to the crossing, instead of cruising at a rate
-        only known to be half of one that failed.  Trouble during that second probe, or after
-        it, ends the range test for good.
+        finder's rule of a rate well below the one where the loss broke.  So does one that has
+        failed before: the rollback may restore a state from before the first failure, and
+        probing again from there loops (digits, SGD from 0.1: three full ramps, pilot 21); the
+        lowest rate that failed is kept across restores.  One that saw the crossing coming (the
+        start, or the ramp, was past the edge) probes downwards from the halved rate: shrink,
+        then ramp back up to the crossing, instead of cruising at a rate only known to be half
+        of one that failed.  Trouble after the range test cuts as the guard does.
         """
         failure, self._at_failure = self._at_failure, []
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         for i, phase in enumerate(self._phase):
-            if phase in ("ramp", "ramp_up") and i < len(failure) and failure[i][1]:
-                self._failed[i] = failure[i][0]
+            known = failure[i] if i < len(failure) else None
+            if known is not None:
+                lr, _, before = known
+                self._failed[i] = lr if before is None else min(lr, before)
+            testing = phase in ("ramp", "ramp_up", "shrink")
+            if testing and known is not None and (known[1] or known[2] is not None):
                 self._phase[i] = "drop"
             elif phase == "ramp" and self._start_phase == "shrink":
                 self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
