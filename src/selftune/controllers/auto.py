@@ -109,8 +109,8 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
-        #: per group, the lowest rate the guard has seen fail during the range test: kept across
-        #: rollbacks (which restore older states, perhaps from before any failure)
+        #: per group, the lowest rate the guard has seen fail (read only by the range test):
+        #: kept across rollbacks, which restore older states, perhaps from before any failure
         self._failed: list[float | None] = []
         #: per group, set just before a rollback restores an older state and read by
         #: ``on_backoff``: (the rate that failed, whether the ramp was blind to its edge, the
