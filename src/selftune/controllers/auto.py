@@ -113,9 +113,9 @@ class AutoController:
         #: kept across rollbacks, which restore older states, perhaps from before any failure
         self._failed: list[float | None] = []
         #: per group, set just before a rollback restores an older state and read by
-        #: ``on_backoff``: (the rate that failed, whether the ramp was blind to its edge, the
-        #: lowest rate that had failed before)
-        self._at_failure: list[tuple[float, bool, float | None]] = []
+        #: ``on_backoff``: (the lowest rate that has failed, this one included; whether the
+        #: range test should retreat rather than probe)
+        self._at_failure: list[tuple[float, bool]] = []
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
 
@@ -285,20 +285,24 @@ class AutoController:
     def before_rollback(self, knobs: Knobs) -> None:
         """The guard is about to restore an older state: keep what failed, which it would erase.
 
-        Per group: the rate in force when the run failed, and whether the range test was blind
-        to that edge, i.e. had no sign yet (a flat start) or its recent cosines still stood
-        clearly above zero.  The second is what SGD with heavy-ball momentum shows on the
-        benchmark's CNN and MLP: its cosines stay at +0.3 to +0.5 right up to a gradient-norm
-        spike, since the update is a long average of gradients, while Adam's had mostly fallen
-        to about zero when a spike came (bench-results/pilots, 17-18).  Not always: AdamW from
-        1e-4 on MNIST-1D, in two seeds of the full suite, met a spike while its cosines were
-        falling but still clear, and the retreat left it slower.
+        Per group: the lowest rate that has failed, this one included, and whether the range
+        test should retreat rather than probe: it failed before, or it was blind to this edge,
+        i.e. had no sign yet (a flat start) or its recent cosines still stood clearly above
+        zero.  The latter is what SGD with heavy-ball momentum shows on the benchmark's CNN and
+        MLP: its averaged cosine stays at +0.3 to +0.5 until a few steps before a gradient-norm
+        spike, and at +0.18 to +0.31 at it, since the update is a long average of gradients,
+        while Adam's had mostly fallen to about zero when a spike came (bench-results/pilots,
+        17-18, read with ``trace.py`` there).  Not always: AdamW from 1e-4 on MNIST-1D, in two
+        seeds of the full suite, met a spike with its cosines at +0.17 and +0.22, falling but
+        still clear, and the retreat left it slower.
         """
         self._ensure(len(knobs))
-        self._at_failure = [
-            (k["lr"], not self._informed[i] or self._evidence[i].sign(self.clear) > 0, failed)
-            for i, (k, failed) in enumerate(zip(knobs, self._failed, strict=False))
-        ]
+        self._at_failure = []
+        for i, k in enumerate(knobs):
+            before = self._failed[i]
+            blind = not self._informed[i] or self._evidence[i].sign(self.clear) > 0
+            lowest = k["lr"] if before is None else min(k["lr"], before)
+            self._at_failure.append((lowest, blind or before is not None))
 
     def on_backoff(self, step: int) -> None:
         """The guard rolled back and halved the rate.
@@ -316,12 +320,10 @@ class AutoController:
         failure, self._at_failure = self._at_failure, []
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         for i, phase in enumerate(self._phase):
-            known = failure[i] if i < len(failure) else None
-            if known is not None:
-                lr, _, before = known
-                self._failed[i] = lr if before is None else min(lr, before)
-            testing = phase in ("ramp", "ramp_up", "shrink")
-            if testing and known is not None and (known[1] or known[2] is not None):
+            retreat = False
+            if i < len(failure):
+                self._failed[i], retreat = failure[i]
+            if retreat and phase in ("ramp", "ramp_up", "shrink"):
                 self._phase[i] = "drop"
             elif phase == "ramp" and self._start_phase == "shrink":
                 self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
