@@ -267,7 +267,7 @@ WORKLOADS: dict[str, Workload] = {
             # at their defaults only (bench-results/held-out-choice), before auto first ran on it
             name="digits-resnet",
             description="scikit-learn digits as 8x8 images, residual CNN with batch norm "
-            "(2 blocks, 32 channels) (held out)",
+            "(2 blocks, 32 channels)",
             make_task=_digits_task,
             make_model=lambda task: ResNet2d(),
             batch_size=64,
