@@ -242,3 +242,55 @@ def _state_at(cosines: list[float], step: int) -> dict[str, Any]:
         for p in twin.propose(_signals(t, cosines[t]), knobs):
             knobs[p.group][p.knob] = p.value
     return twin.state_dict()
+
+
+def test_a_restore_to_the_first_snapshot_keeps_what_failed() -> None:
+    # the guard's first snapshot is taken before the controller's first proposal and holds no
+    # groups at all; a rollback to it must still keep the rate that failed (a flat start: the
+    # retreat), or the range test starts over and ramps past it (friedman-mlp, SGD: to 1.8x)
+    ctl = AutoController()
+    first = ctl.state_dict()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    for t, cos in enumerate(_no_sign(12)):
+        for p in ctl.propose(_signals(t, cos), knobs):
+            knobs[p.group][p.knob] = p.value
+    failed = knobs[0]["lr"]
+    assert failed > 1e-3 and first["phase"] == []
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(first)
+    ctl.on_backoff(12)
+    knobs[0]["lr"] = 0.5e-3  # the first snapshot's rate, halved
+    (proposal,) = ctl.propose(_signals(12, 0.0), knobs)
+    assert proposal.value == pytest.approx(0.25 * failed)
+    assert ctl.state_dict()["phase"] == ["cruise"]
+
+
+def _cruise_then(cosines: list[float]) -> list[tuple[float, Any]]:
+    """Bring a controller to its cruise (a clear ramp that then overshoots), feed ``cosines``
+    with a falling loss, and return every proposal made during them, with the rate before it."""
+    ctl = AutoController()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    _, phases = _drive(ctl, _noise(10, 0.4, 0.05) + [-0.3] * 5)
+    assert phases[-1] == "cruise"
+    out = []
+    for t, cos in enumerate(cosines, 15):
+        loss = 2.3 - 0.01 * t  # falling steadily: no plateau
+        for p in ctl.propose(_signals(t, cos, loss=loss), knobs):
+            out.append((knobs[p.group][p.knob], p))
+            knobs[p.group][p.knob] = p.value
+    return out
+
+
+def test_a_reversal_after_clear_progress_halves_the_rate() -> None:
+    before, last = _cruise_then([*_noise(10, 0.1, 0.02), -0.95])[-1]
+    assert "reversed the gradient" in last.reason
+    assert last.value == pytest.approx(0.5 * before)
+
+
+def test_reversals_amid_cosines_of_no_clear_sign_are_noise() -> None:
+    # a gradient confined to one direction (a network reduced to its output bias, friedman-mlp
+    # with SGD) gives cosines of +-1 at random, whatever the rate: halving on each -1 took the
+    # rate from 8e-3 to the floor of 1e-5 within 35 steps
+    rng = random.Random(0)
+    proposals = _cruise_then([rng.choice([1.0, -1.0]) for _ in range(40)])
+    assert not any("reversed" in p.reason for _, p in proposals)

@@ -39,7 +39,12 @@
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
    ``deadband`` (the noise-dominated zone), follows the hypergradient only on clear evidence, and
    anneals by halving when the smoothed loss stops falling by more than its own noise
-   (:class:`~selftune.controllers.evidence.PlateauDetector`) or on a loss spike.
+   (:class:`~selftune.controllers.evidence.PlateauDetector`) or on a loss spike.  A single
+   step that reversed the gradient (cosine below -0.9) halves the rate at once only when the
+   cosines before it stood clearly positive: a turn after progress.  Amid cosines of no clear
+   sign it is noise: on ``friedman-mlp`` with SGD the network was reduced to a gradient in one
+   direction, whose cosines are +1 or -1 at random, and a cut on each -1 took the rate from
+   8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).
 
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
@@ -148,6 +153,9 @@ class AutoController:
         for i, k in enumerate(knobs):
             g = signals.groups[i]
             rho_fast = 0.0
+            #: whether the steps were clearly going forward before this one: then a reversal
+            #: is a turn, an overshoot; amid cosines of no clear sign it is what noise gives
+            going = self._evidence[i].sign(self.clear) > 0
             if g.update_norm:
                 rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
                 self._evidence[i].update(g.cos_update)
@@ -163,8 +171,9 @@ class AutoController:
                 out.append(self._plateau(signals, i, k["lr"], rho, trouble))
             elif (undo := self._judge_trial(signals, i, k["lr"])) is not None:
                 out.append(undo)
-            elif rho > self.deadband or rho < -self.strong or g.cos_update < REVERSAL:
-                out.append(self.hyper.lr_proposal(i, k["lr"], rho, g.cos_update, self.cruise_gain))
+            elif rho > self.deadband or rho < -self.strong or (g.cos_update < REVERSAL and going):
+                cos = g.cos_update if going else max(g.cos_update, REVERSAL)
+                out.append(self.hyper.lr_proposal(i, k["lr"], rho, cos, self.cruise_gain))
         return out
 
     def _plateau(
@@ -287,20 +296,24 @@ class AutoController:
 
         Per group: the lowest rate that has failed, this one included, and whether the range
         test should retreat rather than probe: it failed before, or it was blind to this edge,
-        i.e. had no sign yet (a flat start) or its recent cosines still stood clearly above
-        zero.  The latter is what SGD with heavy-ball momentum shows on the benchmark's CNN and
-        MLP: its averaged cosine stays at +0.3 to +0.5 until a few steps before a gradient-norm
-        spike, and at +0.18 to +0.31 at it, since the update is a long average of gradients,
-        while Adam's had mostly fallen to about zero when a spike came (bench-results/pilots,
-        17-18, read with ``trace.py`` there).  Not always: AdamW from 1e-4 on MNIST-1D, in two
-        seeds of the full suite, met a spike with its cosines at +0.17 and +0.22, falling but
-        still clear, and the retreat left it slower.
+        i.e. had grown the rate with no sign yet (a flat start) or its recent cosines still
+        stood clearly above zero.  The latter is what SGD with heavy-ball momentum shows on the
+        benchmark's CNN and MLP: its averaged cosine stays at +0.3 to +0.5 until a few steps
+        before a gradient-norm spike, and at +0.18 to +0.31 at it, since the update is a long
+        average of gradients, while Adam's had mostly fallen to about zero when a spike came
+        (bench-results/pilots, 17-18, read with ``trace.py`` there).  Not always: AdamW from
+        1e-4 on MNIST-1D, in two seeds of the full suite, met a spike with its cosines at +0.17
+        and +0.22, falling but still clear, and the retreat left it slower.  A failure before
+        the test's first look is the start's, not the ramp's: the user's rate was past the edge,
+        and the probe looks for it from below (a retreat cost AdamW from 0.1 on MNIST-1D its
+        target, pilot 23).
         """
         self._ensure(len(knobs))
         self._at_failure = []
         for i, k in enumerate(knobs):
             before = self._failed[i]
-            blind = not self._informed[i] or self._evidence[i].sign(self.clear) > 0
+            grown = self._ramp_steps[i] >= self.min_ramp_steps  # else the start rate failed
+            blind = (grown and not self._informed[i]) or self._evidence[i].sign(self.clear) > 0
             lowest = k["lr"] if before is None else min(k["lr"], before)
             self._at_failure.append((lowest, blind or before is not None))
 
@@ -312,19 +325,24 @@ class AutoController:
         finder's rule of a rate well below the one where the loss broke.  So does one that has
         failed before: the rollback may restore a state from before the first failure, and
         probing again from there loops (digits, SGD from 0.1: three full ramps, pilot 21); the
-        lowest rate that failed is kept across restores.  One that saw the crossing coming (the
+        lowest rate that failed is kept across restores, even one to the guard's first snapshot,
+        which predates the controller's groups.  One that saw the crossing coming (the
         start, or the ramp, was past the edge) probes downwards from the halved rate: shrink,
         then ramp back up to the crossing, instead of cruising at a rate only known to be half
         of one that failed.  Trouble after the range test cuts as the guard does.
         """
         failure, self._at_failure = self._at_failure, []
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
+        known = len(self._phase)
+        self._ensure(len(failure))  # the guard's first snapshot predates the groups
         for i, phase in enumerate(self._phase):
             retreat = False
             if i < len(failure):
                 self._failed[i], retreat = failure[i]
             if retreat and phase in ("ramp", "ramp_up", "shrink"):
                 self._phase[i] = "drop"
+            elif i >= known:
+                continue  # restored from before its first step: it starts as any group would
             elif phase == "ramp" and self._start_phase == "shrink":
                 self._phase[i], self._ramp_steps[i], self._last_lr[i] = "shrink", 0, None
                 self._evidence[i] = SignTest()

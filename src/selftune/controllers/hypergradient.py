@@ -9,10 +9,12 @@ optimizer") and in the multiplicative variant of Baydin et al., the rate moves i
     lr ← lr · exp(κ · ρ),   ρ = EMA⟨−g_t, Δθ_{t-1}⟩ / EMA(‖g_t‖‖Δθ_{t-1}‖) ∈ [−1, 1]
 
 which is free of every scale and stays positive.  A step that reversed the gradient outright
-(instantaneous cosine below −0.9: noise alone almost never
-reaches it) is an overshoot that the average would see too late, so it halves
-the rate at once.  Momentum (SGD, RMSprop) and Adam's β1 move the same way in ``1 − μ``, from the
-alignment of the new gradient with the momentum buffer: agreement lengthens the memory.
+(instantaneous cosine below −0.9: noise spread over many directions almost never reaches it)
+is an overshoot that the average would see too late, so it halves the rate at once.  A
+gradient confined to one direction reaches it by chance (see ``auto``, which reads a reversal
+only after clear progress).  Momentum (SGD, RMSprop) and Adam's β1 move the same way in
+``1 − μ``, from the alignment of the new gradient with the momentum buffer: agreement lengthens
+the memory.
 """
 
 from __future__ import annotations
