@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from typing import Any
 
 import pytest
@@ -64,6 +65,9 @@ def test_sign_test_reads_the_recent_mean_against_its_standard_error() -> None:
     for x in [-0.04, -0.06]:
         flat.update(x)
     assert flat.sign(3.0) == -1  # the sign changed; the whole history's mean would still be ~0
+    # the deviation is the sample standard deviation, in floats
+    assert flat.deviation == pytest.approx(statistics.stdev(flat.samples), rel=1e-12)
+    assert SignTest(samples=[0.4]).deviation == math.inf
 
 
 def _null_false_signs(clear: float, runs: int = 400) -> float:

@@ -133,9 +133,10 @@ def test_frames_never_run_ahead_of_a_fast_writer(
         with open(run.folder / "decisions.jsonl", "ab", buffering=0) as file:
             while start < len(data):
                 piece = data[start : start + rng.randint(1, 300)]
-                file.write(piece)
                 start += len(piece)
+                # counted before the write: a frame read just after it may already show them
                 completed[0] = data[:start].count(b"\n")
+                file.write(piece)
                 time.sleep(0.001)  # let frames be drawn between pieces
 
     live = WatchState(run.folder)  # one state polled all along, as the live view does

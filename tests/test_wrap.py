@@ -94,6 +94,16 @@ def test_a_closure_supplies_the_loss() -> None:
     assert opt.last_signals is not None and opt.last_signals.loss is not None
 
 
+def test_a_loss_passed_where_a_closure_goes_is_refused_by_name() -> None:
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    loss = pr.batch_loss(0)  # type: ignore[attr-defined]
+    loss.backward()
+    with pytest.raises(selftune.ConfigError, match=r"got a Tensor .* step\(loss=loss\)"):
+        opt.step(loss)  # type: ignore[arg-type]
+    assert opt.step_count == 0
+
+
 def test_frozen_knobs_do_not_move_and_clipped_decisions_say_so() -> None:
     inner, pr = _sgd(lr=2e-5)
     opt = selftune.wrap(inner, "hypergradient", frozen={"momentum"}, max_change={"lr": 1.01})

@@ -155,6 +155,11 @@ class SelfTuned(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """Read the signals, let the controller and guard act, then step the wrapped optimizer."""
+        if closure is not None and not callable(closure):
+            raise ConfigError(
+                f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
+                "pass the loss by name: step(loss=loss)"
+            )
         inner_closure = closure
         if closure is not None:
             with torch.enable_grad():
