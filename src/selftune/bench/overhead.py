@@ -2,8 +2,9 @@
 
 Two identical models train side by side in one process, one with the plain optimizer and one with
 ``selftune.wrap(..., controller="auto")``; blocks of steps alternate between them (and which goes
-first alternates too), so a change in machine load hits both alike.  The ratio of the median
-per-step times is the overhead.  A step here is what a user pays: batch, forward, backward, step.
+first alternates too), so a change in machine load hits both alike.  The overhead is the median
+over rounds of the ratio of a round's two block medians.  A step here is what a user pays:
+batch, forward, backward, step.
 """
 
 from __future__ import annotations
@@ -80,13 +81,20 @@ def measure(
                     one_step(name)
     plain = statistics.median(times["plain"])
     tuned = statistics.median(times["selftune"])
+    # paired: each round's two blocks ran back to back, so load that drifts between rounds
+    # cancels in their ratio (the ratio of whole-run medians swung 1.15-1.28 on a shared machine)
+    pairs = [
+        statistics.median(times["selftune"][i : i + block])
+        / statistics.median(times["plain"][i : i + block])
+        for i in range(0, len(times["plain"]), block)
+    ]
     return {
         "workload": workload_name,
         "base": base,
         "steps": len(times["plain"]),
         "plain_ms": plain,
         "selftune_ms": tuned,
-        "ratio": tuned / plain,
+        "ratio": statistics.median(pairs),
         "selftune_version": selftune.__version__,
         "torch_version": torch.__version__,
     }

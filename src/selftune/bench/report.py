@@ -578,8 +578,10 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         lines += [
             "## Per-step overhead",
             "",
-            'Plain and wrapped (`controller="auto"`) steps interleaved in one process; medians of '
-            "per-step times (batch, forward, backward, step).",
+            'Plain and wrapped (`controller="auto"`) steps interleaved in one process, in blocks '
+            "of 10 that alternate; medians of per-step times (batch, forward, backward, step). "
+            "The ratio is the median over rounds of each round's two block medians, so that load "
+            "which drifts between rounds cancels.",
             "",
             "| workload | base | steps | plain ms/step | selftune ms/step | ratio |",
             "|---|---|---|---|---|---|",
