@@ -298,3 +298,41 @@ def test_reversals_amid_cosines_of_no_clear_sign_are_noise() -> None:
     rng = random.Random(0)
     proposals = _cruise_then([rng.choice([1.0, -1.0]) for _ in range(40)])
     assert not any("reversed" in p.reason for _, p in proposals)
+
+
+def _plateau_cut_then(after: float) -> list[str]:
+    """A cruise whose smoothed loss falls by 0.003 every 40 steps (0.3 of the minibatch loss's
+    deviation) while its window means say plateau; after the plateau cut it falls ``after``
+    times as fast.  Returns the reasons of the proposals made after the cut."""
+    ctl = AutoController()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    _drive(ctl, [*_noise(10, 0.4, 0.05), *[-0.3] * 5])
+    cut_at, reasons, slow = None, [], 2.3
+    for t in range(15, 400):
+        slow -= 0.003 / 40 * (after if cut_at is not None else 1.0)
+        group = GroupSignals(
+            grad_norm=1.0, update_norm=1.0, cos_update=-0.3, dot_update=-0.3, cos_buffer=math.nan
+        )
+        signals = Signals(
+            step=t, loss=2.3, loss_ema=2.3, loss_ema_slow=slow, loss_std=0.01, loss_slope=0.0,
+            grad_norm=1.0, groups=(group,),
+        )  # fmt: skip
+        for p in ctl.propose(signals, knobs):
+            knobs[p.group][p.knob] = p.value
+            if cut_at is not None:
+                reasons.append(p.reason)
+            elif p.reason.startswith("plateau"):
+                cut_at = t
+        if cut_at is not None and t > cut_at + 45:
+            return reasons
+    raise AssertionError("no plateau cut")
+
+
+def test_a_plateau_cut_is_judged_against_the_fall_it_interrupted() -> None:
+    # the loss went on falling after the cut as it fell before: the cut did nothing; undo it
+    # (friedman-mlp, AdamW, seed 1: a slow descent through a plateau passed the old test, which
+    # asked only for a fall; two cuts took the rate to 0.0039, an eighth of the grid's best
+    # constant rate, and the run took 1350 steps; judged against the trend, 900)
+    assert any("undo" in r for r in _plateau_cut_then(1.0))
+    # control: a cut after which the loss falls three times as fast is kept
+    assert not any("undo" in r for r in _plateau_cut_then(3.0))
