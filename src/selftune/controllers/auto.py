@@ -39,10 +39,7 @@
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
    ``deadband`` (the noise-dominated zone), follows the hypergradient only on clear evidence, and
    anneals by halving when the smoothed loss stops falling by more than its own noise
-   (:class:`~selftune.controllers.evidence.PlateauDetector`) or on a loss spike.  A plateau cut
-   is a trial, undone unless the smoothed loss then falls faster than it did before the cut: a
-   slow descent through a plateau (``friedman-mlp``) goes on at any rate, and credited to the
-   cut it held the rate at an eighth of the grid's best.  A single
+   (:class:`~selftune.controllers.evidence.PlateauDetector`) or on a loss spike.  A single
    step that reversed the gradient (cosine below -0.9) halves the rate at once only when the
    cosines before it stood clearly positive: a turn after progress.  Amid cosines of no clear
    sign it is noise: on ``friedman-mlp`` with SGD the network was reduced to a gradient in one
@@ -124,16 +121,8 @@ class AutoController:
         #: ``on_backoff``: (the lowest rate that has failed, this one included; whether the
         #: range test should retreat rather than probe)
         self._at_failure: list[tuple[float, bool]] = []
-        # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age, the fall
-        # of the slow EMA over the trial's length before the cut] or None
+        # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
-        #: the slow loss EMA of the last steps, as long as a trial: the trend a cut is judged by
-        self._slow: list[float] = []
-
-    @property
-    def _trial_steps(self) -> int:
-        """How long a plateau cut is on trial: until the next plateau check could fire."""
-        return self.stability.warmup * 2
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
@@ -153,8 +142,6 @@ class AutoController:
             self._peak_loss = max(self._peak_loss, signals.loss_ema)
             if self._first_loss is None:
                 self._first_loss = signals.loss_ema
-        if signals.loss_ema_slow is not None:
-            self._slow = [*self._slow[1 - self._trial_steps :], signals.loss_ema_slow]
         level = self._start_level
         if signals.loss is not None:
             if len(level.samples) < level.min_samples:
@@ -194,16 +181,13 @@ class AutoController:
     ) -> Proposal:
         """A flat loss: bouncing at the noise floor (ρ < 0: cut) or steps too short (grow).
 
-        A cut is a trial: if the smoothed loss has not fallen significantly faster than it did
-        over as many steps before the cut by the time the next plateau check could fire,
-        :meth:`_judge_trial` undoes it.
+        A cut is a trial: if the smoothed loss has not fallen significantly by the time the next
+        plateau check could fire, :meth:`_judge_trial` undoes it.
         """
         if rho >= 0:
             why = f"plateau with steps still too short (cos {rho:+.3f}); grow x2"
             return Proposal(i, "lr", lr * 2.0, why)
-        slow = s.loss_ema_slow or 0.0
-        trend = self._slow[0] - slow if len(self._slow) == self._trial_steps else 0.0
-        self._trial[i] = [lr, slow, s.loss_std or 0.0, 0, trend]
+        self._trial[i] = [lr, s.loss_ema_slow or 0.0, s.loss_std or 0.0, 0]
         return self.stability.cut_proposal(i, lr, trouble, s.step)
 
     def _judge_trial(self, s: Signals, i: int, lr: float) -> Proposal | None:
@@ -211,14 +195,13 @@ class AutoController:
         if trial is None or s.loss_ema_slow is None:
             return None
         trial[3] += 1
-        if trial[3] < self._trial_steps:
+        if trial[3] < self.stability.warmup * 2:
             return None
         self._trial[i] = None
-        before, loss, std, _, *rest = trial
-        trend = rest[0] if rest else 0.0  # a trial saved before the trend was kept
-        if loss - s.loss_ema_slow - max(trend, 0.0) >= 0.2 * std:
+        before, loss, std, _ = trial
+        if loss - s.loss_ema_slow >= 0.2 * std:
             return None  # the cut helped: keep it
-        why = "the last plateau cut did not lower the loss faster than before: undo it"
+        why = "the last plateau cut did not lower the loss: not a noise floor; undo it"
         return Proposal(i, "lr", max(before, lr), why)
 
     def _range_test(self, s: Signals, i: int, k: dict[str, float], rho: float) -> list[Proposal]:
@@ -384,7 +367,6 @@ class AutoController:
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
-            "slow": list(self._slow),
             "failed": list(self._failed),
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
@@ -406,7 +388,6 @@ class AutoController:
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
-        self._slow = list(state.get("slow", []))
         self._failed = list(state.get("failed", [None] * groups))
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
