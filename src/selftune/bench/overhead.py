@@ -82,7 +82,7 @@ def measure(
     plain = statistics.median(times["plain"])
     tuned = statistics.median(times["selftune"])
     # paired: each round's two blocks ran back to back, so load that drifts between rounds
-    # cancels in their ratio (the ratio of whole-run medians swung 1.15-1.28 on a shared machine)
+    # cancels in their ratio, where it shifts the two whole-run medians apart
     pairs = [
         statistics.median(times["selftune"][i : i + block])
         / statistics.median(times["plain"][i : i + block])

@@ -153,9 +153,9 @@ class AutoController:
         for i, k in enumerate(knobs):
             g = signals.groups[i]
             rho_fast = 0.0
-            #: whether the steps were clearly going forward before this one: then a reversal
-            #: is a turn, an overshoot; amid cosines of no clear sign it is what noise gives
-            going = self._evidence[i].sign(self.clear) > 0
+            # a reversal is a turn, an overshoot, only after steps clearly going forward (read
+            # before this one joins them); amid cosines of no clear sign it is what noise gives
+            turned = g.cos_update < REVERSAL and self._evidence[i].sign(self.clear) > 0
             if g.update_norm:
                 rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
                 self._evidence[i].update(g.cos_update)
@@ -171,9 +171,9 @@ class AutoController:
                 out.append(self._plateau(signals, i, k["lr"], rho, trouble))
             elif (undo := self._judge_trial(signals, i, k["lr"])) is not None:
                 out.append(undo)
-            elif rho > self.deadband or rho < -self.strong or (g.cos_update < REVERSAL and going):
-                cos = g.cos_update if going else max(g.cos_update, REVERSAL)
-                out.append(self.hyper.lr_proposal(i, k["lr"], rho, cos, self.cruise_gain))
+            elif rho > self.deadband or rho < -self.strong or turned:
+                reversal = g.cos_update if turned else None
+                out.append(self.hyper.lr_proposal(i, k["lr"], rho, self.cruise_gain, reversal))
         return out
 
     def _plateau(

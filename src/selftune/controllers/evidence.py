@@ -114,8 +114,8 @@ class SignTest:
     def deviation(self) -> float:
         """The samples' standard deviation (infinite below two samples).
 
-        In plain floats: ``statistics.stdev`` computes exactly, in fractions, and cost more than
-        the rest of ``auto``'s step together on the benchmark's CNN.
+        In plain floats: ``statistics.stdev`` computes exactly, in fractions, far slower than a
+        float sum, and this runs several times a step.
         """
         n = len(self.samples)
         if n < 2:

@@ -66,21 +66,28 @@ class HypergradientController:
             g = signals.groups[i]
             if g.update_norm == 0.0:
                 continue  # no previous update yet: no evidence
-            out.append(self.lr_proposal(i, k["lr"], rho, g.cos_update, self.gain))
+            reversal = g.cos_update if g.cos_update < REVERSAL else None
+            out.append(self.lr_proposal(i, k["lr"], rho, self.gain, reversal))
             for name in ("momentum", "beta1"):
                 if name in k and math.isfinite(g.cos_buffer):
                     out.append(momentum_proposal(i, name, k[name], rho_m, self.momentum_gain))
         return out
 
     @staticmethod
-    def lr_proposal(group: int, lr: float, rho: float, cos_now: float, gain: float) -> Proposal:
-        """The hypergradient step on ``lr``, halving at once on an outright reversal."""
-        if cos_now < REVERSAL:
+    def lr_proposal(
+        group: int, lr: float, rho: float, gain: float, reversal: float | None = None
+    ) -> Proposal:
+        """The hypergradient step on ``lr``, or a halving at once on an outright reversal.
+
+        ``reversal``: the cosine of a step that reversed the gradient and is to be acted on
+        (the caller decides which count), else None.
+        """
+        if reversal is not None:
             return Proposal(
                 group,
                 "lr",
                 lr * 0.5,
-                f"overshoot: the step reversed the gradient (cos {cos_now:.2f})",
+                f"overshoot: the step reversed the gradient (cos {reversal:.2f})",
             )
         verb = "raise" if rho > 0 else "lower"
         return Proposal(
