@@ -30,6 +30,42 @@ class Cnn1d(nn.Module):
         return self.head(self.features(x))
 
 
+class ConvAutoencoder1d(nn.Module):
+    """A 1-D convolutional autoencoder: strided convolutions down to a small code, transposed
+    convolutions back up.
+
+    A kind of model unlike the other workloads': the decoder's transposed convolutions and the
+    linear bottleneck between two convolutional stacks make a deep, narrow regression with no
+    normalisation, whose output is unbounded (real-valued signals, no sigmoid), so the loss
+    surface's sharpness and the safe rate differ from the MLP autoencoder's.
+    """
+
+    def __init__(self, length: int = 40, channels: int = 32, code: int = 16) -> None:
+        super().__init__()
+        if length % 4:
+            raise ValueError(f"length={length}: use a multiple of 4 (two stride-2 stages)")
+        half = channels // 2
+        self.shape = (channels, length // 4)
+        self.encoder = nn.Sequential(
+            nn.Conv1d(1, half, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(half, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(channels * length // 4, code),
+        )
+        self.expand = nn.Sequential(nn.Linear(code, channels * length // 4), nn.ReLU())
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose1d(channels, half, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose1d(half, 1, 4, stride=2, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.expand(self.encoder(x)).view(-1, *self.shape)
+        return self.decoder(h)
+
+
 class GruClassifier(nn.Module):
     """A one-layer GRU over a ``(N, 1, L)`` signal read as L steps of one feature; a linear head.
 
