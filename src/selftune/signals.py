@@ -7,8 +7,10 @@ adaptation with hypergradient descent"), so its sign says whether the last step 
 (positive ``cos_update``: the loss still falls along it) or too long (negative: it overshot).
 Normalising it to a cosine makes it free of the scale of the loss, the gradient and the rate.
 
-Cost per step: one copy of the parameters kept as the previous update, two fused passes over the
-parameters, and exactly one host sync (``tolist`` on a stacked tensor of scalars).
+Cost per step: one copy of the parameters kept as the previous update (one flat buffer per param
+group, so that its norm and its dot product with the gradient are one reduction each), a few
+fused passes over the parameters, and exactly one host sync (``tolist`` on a stacked tensor of
+scalars).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class SignalTracker:
         self._groups = param_groups
         # previous update per param, stored negated (θ_{t-1} − θ_t) to save a pass; None until set
         self._prev: list[list[torch.Tensor]] | None = None
+        # per group, the flat buffer those tensors are views of (None: params of mixed kinds)
+        self._flat: list[torch.Tensor | None] = []
         self._n = 0  # loss observations so far
         self._fast = self._slow = self._var = 0.0
 
@@ -91,28 +95,38 @@ class SignalTracker:
         for controllers that do not read it.
         """
         parts: list[torch.Tensor] = []
-        layout: list[tuple[int, bool, bool]] = []  # per group: tensors, has update, has buffer
+        layout: list[tuple[int, int, bool]] = []  # per group: gradients, update parts, buffer
         for gi, group in enumerate(self._groups):
-            with_grad = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            grads = [group["params"][i].grad for i in with_grad]
+            params = group["params"]
+            with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+            grads = [params[i].grad for i in with_grad]
             if not grads:
-                layout.append((0, False, False))
+                layout.append((0, 0, False))
                 continue
             parts.extend(torch._foreach_norm(grads))
-            has_prev = self._prev is not None
+            n_prev = 0
             if self._prev is not None:
                 prev = [self._prev[gi][i] for i in with_grad]
-                parts.extend(torch._foreach_norm(prev))
+                flat = self._flat[gi] if len(grads) == len(params) else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
-                torch._foreach_mul_(prev, grads)
-                parts.extend(t.sum() for t in prev)
-            bufs = _buffers([group["params"][i] for i in with_grad], state) if buffers else None
+                if flat is not None:  # one reduction each over the whole group
+                    parts.append(torch.linalg.vector_norm(flat))
+                    torch._foreach_mul_(prev, grads)
+                    parts.append(flat.sum())
+                    n_prev = 1
+                else:
+                    parts.extend(torch._foreach_norm(prev))
+                    torch._foreach_mul_(prev, grads)
+                    parts.extend(t.sum() for t in prev)
+                    n_prev = len(grads)
+            bufs = _buffers([params[i] for i in with_grad], state) if buffers else None
             if bufs is not None:
                 parts.extend(torch._foreach_norm(bufs))
                 parts.extend(t.sum() for t in torch._foreach_mul(bufs, grads))
-            layout.append((len(grads), has_prev, bufs is not None))
+            layout.append((len(grads), n_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
-            parts.append(loss.detach().reshape(()))
+            scalar = loss.detach()
+            parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
             device = parts[0].device
             stacked = torch.stack([_as_f32(t, device) for t in parts])
@@ -128,7 +142,7 @@ class SignalTracker:
         step: int,
         loss: float | None,
         values: list[float],
-        layout: list[tuple[int, bool, bool]],
+        layout: list[tuple[int, int, bool]],
     ) -> Signals:
         groups = []
         total_sq = 0.0
@@ -139,10 +153,10 @@ class SignalTracker:
             at += n
             return values[at - n : at]
 
-        for n, has_prev, has_buf in layout:
+        for n, n_prev, has_buf in layout:
             gg = sum(x * x for x in take(n))
-            dd = sum(x * x for x in take(n)) if has_prev else 0.0
-            gd = sum(take(n)) if has_prev else 0.0
+            dd = sum(x * x for x in take(n_prev))
+            gd = sum(take(n_prev))
             bb = sum(x * x for x in take(n)) if has_buf else math.nan
             gb = sum(take(n)) if has_buf else math.nan
             total_sq += gg
@@ -190,10 +204,27 @@ class SignalTracker:
         """Remember θ_t so that the update this step applies can be measured."""
         params = [list(g["params"]) for g in self._groups]
         if self._prev is None:
-            self._prev = [[p.detach().clone() for p in ps] for ps in params]
-        else:
-            for prev, ps in zip(self._prev, params, strict=True):
-                torch._foreach_copy_(prev, ps)
+            self._allocate()
+        assert self._prev is not None
+        for prev, ps in zip(self._prev, params, strict=True):
+            torch._foreach_copy_(prev, ps)
+
+    def _allocate(self) -> None:
+        """Storage for the previous update: per group, views into one flat buffer when its
+        params share a dtype and device (the usual case), else a tensor per param."""
+        self._prev, self._flat = [], []
+        for group in self._groups:
+            ps = [p.detach() for p in group["params"]]
+            if ps and all(p.dtype == ps[0].dtype and p.device == ps[0].device for p in ps):
+                flat = torch.empty(
+                    sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device
+                )
+                chunks = flat.split([p.numel() for p in ps])
+                self._prev.append([c.view(p.shape) for c, p in zip(chunks, ps, strict=True)])
+                self._flat.append(flat)
+            else:
+                self._prev.append([torch.empty_like(p) for p in ps])
+                self._flat.append(None)
 
     @torch.no_grad()
     def after_update(self) -> None:
@@ -218,13 +249,12 @@ class SignalTracker:
         if prev is None:
             self._prev = None
         else:
-            self._prev = [
-                [
-                    t.to(device=p.device, dtype=p.dtype).clone()
-                    for t, p in zip(ts, g["params"], strict=True)
-                ]
-                for ts, g in zip(prev, self._groups, strict=True)
-            ]
+            if len(prev) != len(self._groups):
+                raise ValueError(f"saved updates for {len(prev)} groups, not {len(self._groups)}")
+            self._allocate()
+            assert self._prev is not None
+            for saved, own in zip(prev, self._prev, strict=True):
+                torch._foreach_copy_(own, list(saved))
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
 
 

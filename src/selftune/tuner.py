@@ -199,7 +199,7 @@ class SelfTuned(torch.optim.Optimizer):
             "step": self.step_count,
             "scales": list(self._scales),
             "start": list(self._start),
-            "controller": copy.deepcopy(self.controller.state_dict()),
+            "controller": _clone(self.controller.state_dict()),
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
@@ -221,7 +221,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
-        self.controller.load_state_dict(copy.deepcopy(own["controller"]))
+        self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
             self.guard.load_state_dict(own["guard"])
@@ -327,8 +327,8 @@ class SelfTuned(torch.optim.Optimizer):
     def _capture(self) -> dict[str, Any]:
         return {
             "params": [[p.detach().clone() for p in g["params"]] for g in self.param_groups],
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "controller": copy.deepcopy(self.controller.state_dict()),
+            "optimizer": _clone(self.optimizer.state_dict()),
+            "controller": _clone(self.controller.state_dict()),
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": self._tracker.state_dict(include_update=False),
             "knobs": self.hyperparams(),
@@ -348,7 +348,7 @@ class SelfTuned(torch.optim.Optimizer):
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(self.hyperparams())
         self._restore(payload)
-        self.controller.load_state_dict(copy.deepcopy(payload["controller"]))
+        self.controller.load_state_dict(_clone(payload["controller"]))
         self.controller.on_backoff(trouble.step)
         decisions = []
         reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
@@ -376,7 +376,7 @@ class SelfTuned(torch.optim.Optimizer):
         """Put the parameters, optimizer state and loss statistics of a snapshot back."""
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             torch._foreach_copy_([p.data for p in group["params"]], saved)
-        self.optimizer.load_state_dict(copy.deepcopy(payload["optimizer"]))
+        self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
             self.guard.load_statistics(payload["guard"])
@@ -479,6 +479,27 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
+
+
+def _clone(tree: Any) -> Any:
+    """A deep copy of a state dict, fast: the guard snapshots one every 25 steps.
+
+    ``copy.deepcopy`` spends most of its time on bookkeeping (the memo, ``__reduce_ex__``) for
+    what is only nested dicts, lists and tuples of tensors and numbers; this walks those
+    directly, clones tensors, keeps immutable leaves and deep-copies anything else.
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    kind = type(tree)  # exact types: a subclass (OrderedDict, a named tuple) is deep-copied
+    if kind is dict:
+        return {k: _clone(v) for k, v in tree.items()}
+    if kind is list:
+        return [_clone(v) for v in tree]
+    if kind is tuple:
+        return tuple(_clone(v) for v in tree)
+    if tree is None or isinstance(tree, (bool, int, float, str, bytes)):
+        return tree
+    return copy.deepcopy(tree)
 
 
 def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:

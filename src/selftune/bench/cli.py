@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overhead-steps",
         type=int,
         default=None,
-        help="steps per side in the overhead measurement (default 300; smoke 40)",
+        help="steps per side in the overhead measurement (default 400; smoke 40)",
     )
     parser.add_argument(
         "--readme",
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{out / 'results.jsonl'}, {len(specs)} planned"
                 )
             if args.suite in ("smoke", "overhead"):
-                steps = args.overhead_steps or (40 if args.suite == "smoke" else 300)
+                steps = args.overhead_steps or (40 if args.suite == "smoke" else 400)
                 names = [w.name for w in _overhead_workloads(workloads)]
                 path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
                 print(f"overhead: {path}")

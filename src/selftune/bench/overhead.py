@@ -3,8 +3,12 @@
 Two identical models train side by side in one process, one with the plain optimizer and one with
 ``selftune.wrap(..., controller="auto")``; blocks of steps alternate between them (and which goes
 first alternates too), so a change in machine load hits both alike.  The overhead is the median
-over rounds of the ratio of a round's two block medians.  A step here is what a user pays:
+over rounds of the ratio of a round's two block means.  A step here is what a user pays:
 batch, forward, backward, step.
+
+A block is as long as the guard's snapshot interval, so every selftune block holds exactly one
+snapshot and its mean counts that step's extra cost; a median over a block's steps would drop it
+as an outlier and understate what a run pays.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from selftune.bench.runner import one_thread
 from selftune.bench.workloads import WORKLOADS
+from selftune.guard import GuardConfig
 
 OVERHEAD = "overhead.json"
 #: The CNN and the transformer: the two architectures whose step costs differ most.
@@ -33,14 +38,17 @@ def _optimizer(base: str, params: Any) -> torch.optim.Optimizer:
 
 
 def measure(
-    workload_name: str, base: str, steps: int = 300, block: int = 10, small: bool = False
+    workload_name: str, base: str, steps: int = 400, block: int | None = None, small: bool = False
 ) -> dict[str, Any]:
-    """Median per-step milliseconds plain and wrapped, and their ratio, over ``steps`` each.
+    """Mean per-step milliseconds plain and wrapped, and their ratio, over ``steps`` each.
 
+    ``block`` defaults to the guard's snapshot interval (fewer when ``steps`` is short).
     ``small``: the smoke suite's tiny data (same models, so the same per-step cost).
     """
     import selftune
 
+    if block is None:
+        block = min(GuardConfig().interval, max(1, steps // 2))
     if steps < 2 * block or block < 1:
         raise ValueError(f"steps={steps!r}, block={block!r}: use block >= 1 and steps >= 2*block")
     workload = WORKLOADS[workload_name].smoke() if small else WORKLOADS[workload_name]
@@ -79,13 +87,13 @@ def measure(
             for name in order:
                 for _ in range(block):
                     one_step(name)
-    plain = statistics.median(times["plain"])
-    tuned = statistics.median(times["selftune"])
+    plain = statistics.fmean(times["plain"])
+    tuned = statistics.fmean(times["selftune"])
     # paired: each round's two blocks ran back to back, so load that drifts between rounds
-    # cancels in their ratio, where it shifts the two whole-run medians apart
+    # cancels in their ratio, where it shifts the two whole-run means apart
     pairs = [
-        statistics.median(times["selftune"][i : i + block])
-        / statistics.median(times["plain"][i : i + block])
+        statistics.fmean(times["selftune"][i : i + block])
+        / statistics.fmean(times["plain"][i : i + block])
         for i in range(0, len(times["plain"]), block)
     ]
     return {
@@ -101,7 +109,7 @@ def measure(
 
 
 def run_overhead(
-    out: Path, steps: int = 300, workloads: list[str] | None = None, small: bool = False
+    out: Path, steps: int = 400, workloads: list[str] | None = None, small: bool = False
 ) -> Path:
     """Measure each overhead workload with SGD and AdamW; write ``out/overhead.json``."""
     names = workloads if workloads is not None else list(OVERHEAD_WORKLOADS)

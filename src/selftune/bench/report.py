@@ -579,9 +579,10 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
             "## Per-step overhead",
             "",
             'Plain and wrapped (`controller="auto"`) steps interleaved in one process, in blocks '
-            "of 10 that alternate; medians of per-step times (batch, forward, backward, step). "
-            "The ratio is the median over rounds of each round's two block medians, so that load "
-            "which drifts between rounds cancels.",
+            "that alternate, each as long as the guard's snapshot interval (25 steps), so that "
+            "every wrapped block pays for one snapshot; mean per-step times (batch, forward, "
+            "backward, step). The ratio is the median over rounds of each round's two block "
+            "means, so that load which drifts between rounds cancels.",
             "",
             "| workload | base | steps | plain ms/step | selftune ms/step | ratio |",
             "|---|---|---|---|---|---|",
