@@ -22,6 +22,8 @@ from selftune.bench.methods import Handle, Method, Setting, methods, select
 from selftune.bench.runner import RunSpec, one_thread, read_results, run_all, run_spec, train
 from selftune.bench.workloads import WORKLOADS
 
+SIDES = ("plain", "selftune")
+
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -319,8 +321,11 @@ def test_smoke_suite_end_to_end_through_the_command_line(tmp_path: Path, cache: 
         ("mnist1d-cnn", "adamw"),
     }
     assert all(o["ratio"] > 0 for o in overhead)
+    # the optimizer step, timed apart, is part of the whole step on both sides
+    assert all(0 < o[f"{side}_step_ms"] < o[f"{side}_ms"] for o in overhead for side in SIDES)
     text = (docs / "benchmarks.md").read_text(encoding="utf-8")
     assert "## Per-step overhead" in text and "## mnist1d-cnn" in text
+    assert "optimizer step alone" in text
 
 
 def test_command_line_reports_bad_filters_and_empty_results(

@@ -64,24 +64,29 @@ def measure(
     }
     gens = {name: torch.Generator().manual_seed(0) for name in models}
     times: dict[str, list[float]] = {name: [] for name in models}
+    step_times: dict[str, list[float]] = {name: [] for name in models}
 
     def one_step(name: str) -> None:
         start = time.perf_counter()
         loss = task.loss(models[name], task.batch(workload.batch_size, gens[name]))
         opts[name].zero_grad()
         loss.backward()
+        stepping = time.perf_counter()
         if name == "selftune":
             opts[name].step(loss=loss.detach())
         else:
             opts[name].step()
         loss.item()  # the host sync a logging loop has; both sides pay it
-        times[name].append((time.perf_counter() - start) * 1000.0)
+        end = time.perf_counter()
+        times[name].append((end - start) * 1000.0)
+        step_times[name].append((end - stepping) * 1000.0)
 
     with one_thread():
         for name in models:  # warm-up: first-call allocations and lazy state, not timed
             for _ in range(block):
                 one_step(name)
         times = {name: [] for name in models}
+        step_times = {name: [] for name in models}
         for round_ in range(steps // block):
             order = ["plain", "selftune"] if round_ % 2 == 0 else ["selftune", "plain"]
             for name in order:
@@ -103,6 +108,11 @@ def measure(
         "plain_ms": plain,
         "selftune_ms": tuned,
         "ratio": statistics.median(pairs),
+        # the optimizer step alone (CPU: no asynchronous work left outside it): selftune's own
+        # cost, apart from any change in the forward and backward passes' speed that the tuned
+        # model's different weights bring (denormal floats, on the transformer)
+        "plain_step_ms": statistics.fmean(step_times["plain"]),
+        "selftune_step_ms": statistics.fmean(step_times["selftune"]),
         "selftune_version": selftune.__version__,
         "torch_version": torch.__version__,
     }
