@@ -118,3 +118,49 @@ def test_state_dict_round_trip_gives_the_same_future(controller: str, optimizer:
     assert resumed_decisions == decisions
     if controller != "off":
         assert any(step > 10 for step, *_ in decisions), "no decision after the split to compare"
+
+
+def test_signals_match_a_direct_computation_on_every_storage_path() -> None:
+    """The per-group gradient norm, update norm and update cosine equal the textbook formulas.
+
+    Group 0 shares one dtype (its previous update lives in one flat buffer); group 1 mixes
+    float32 and float64 (one tensor per parameter); at the third step group 0 has a parameter
+    without a gradient, which takes the per-tensor path through the flat buffer's views.
+    """
+    torch.manual_seed(0)
+    a, b, frozen = (torch.randn(5, 3, requires_grad=True) for _ in range(3))
+    c = torch.randn(4, requires_grad=True)
+    d = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    params = [[a, b, frozen], [c, d]]
+    groups = [{"params": ps} for ps in params]
+    opt = selftune.wrap(torch.optim.SGD(groups, lr=0.1, momentum=0.9), "off", guard=False)
+    update: list[list[torch.Tensor]] | None = None
+    for step, with_frozen in enumerate((True, True, False)):
+        if step == 1:  # both storage kinds are in use
+            flat = opt._tracker._flat
+            assert flat[0] is not None and flat[1] is None
+        opt.zero_grad()
+        total = (a * b).sum() ** 2 + (c**3).sum() + (d.sin() * 2).sum().float()
+        (total + frozen.square().sum() if with_frozen else total).backward()
+        before = [[p.detach().clone() for p in ps] for ps in params]
+        opt.step()
+        s = opt.last_signals
+        assert s is not None
+        for gi, ps in enumerate(params):
+            got = s.groups[gi]
+            grads = [(i, p.grad.double()) for i, p in enumerate(ps) if p.grad is not None]
+            g_norm = math.sqrt(sum(float(g.square().sum()) for _, g in grads))
+            assert got.grad_norm == pytest.approx(g_norm, rel=1e-5)
+            if update is None:
+                assert got.update_norm == 0.0
+                continue
+            u = [update[gi][i].double() for i, _ in grads]
+            u_norm = math.sqrt(sum(float(x.square().sum()) for x in u))
+            dot = -sum(float((g * x).sum()) for (_, g), x in zip(grads, u, strict=True))
+            assert got.update_norm == pytest.approx(u_norm, rel=1e-5)
+            assert got.dot_update == pytest.approx(dot, rel=1e-4)
+            assert got.cos_update == pytest.approx(dot / (g_norm * u_norm), rel=1e-4)
+        update = [
+            [p.detach() - q for p, q in zip(ps, qs, strict=True)]
+            for ps, qs in zip(params, before, strict=True)
+        ]

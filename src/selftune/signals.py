@@ -109,10 +109,10 @@ class SignalTracker:
                 prev = [self._prev[gi][i] for i in with_grad]
                 flat = self._flat[gi] if len(grads) == len(params) else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
-                if flat is not None:  # one reduction each over the whole group
-                    parts.append(torch.linalg.vector_norm(flat))
+                if flat is not None:  # one reduction each over the whole group, in float32
+                    parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32))
                     torch._foreach_mul_(prev, grads)
-                    parts.append(flat.sum())
+                    parts.append(flat.sum(dtype=torch.float32))
                     n_prev = 1
                 else:
                     parts.extend(torch._foreach_norm(prev))
