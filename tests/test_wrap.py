@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from problems import noisy_quadratic, train
 
 import selftune
+from selftune import audit, report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,3 +152,49 @@ def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
         selftune.wrap(inner)
     with pytest.raises(selftune.ConfigError, match="already wrapped"):
         selftune.wrap(opt)
+
+
+def _unfreezing_run(folder: Path, controller: str, *, replay: bool = False) -> list[torch.Tensor]:
+    """A head trained alone for 10 steps, then the body's group added (gradual unfreezing), with
+    a non-finite loss at step 30 that the guard must roll back across the new group."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    inner = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
+    opt = (
+        selftune.replay(inner, folder)
+        if replay
+        else selftune.wrap(inner, controller, log_dir=folder, seed=0)
+    )
+    for step in range(1, 41):
+        if step == 11:
+            opt.add_param_group({"params": list(body.parameters()), "lr": 0.02})
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(head(torch.tanh(body(x))), y)
+        loss.backward()
+        opt.step(loss=torch.tensor(float("nan")) if step == 30 else loss.detach())
+    opt.close()
+    return [p.detach().clone() for p in [*body.parameters(), *head.parameters()]]
+
+
+@pytest.mark.parametrize("controller", selftune.CONTROLLERS)
+def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
+    controller: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    initial_body = torch.nn.Linear(4, 8).weight.detach().clone()
+    weights = _unfreezing_run(tmp_path / "run", controller)
+    assert not torch.equal(weights[0], initial_body)  # the added group trained
+    records = audit.read_log(tmp_path / "run").records
+    added = [r for r in records if r["kind"] == "group"]
+    assert [(r["step"], r["group"], r["knobs"]) for r in added] == [(10, 1, ["lr", "momentum"])]
+    rollbacks = [r for r in records if r["kind"] == "guard" and r["event"] == "rollback"]
+    # the rollback restored a snapshot that holds the new group, taken after it was added
+    assert [r["step"] for r in rollbacks] == [30]
+    assert rollbacks[0]["restored_step"] > 10
+    assert audit.verify(tmp_path / "run").records == len(records)
+    assert report.write_report(tmp_path / "run").exists()
+    if controller != "off":
+        assert any(r["kind"] == "decision" and r["group"] == 1 for r in records)
+    replayed = _unfreezing_run(tmp_path / "run", controller, replay=True)
+    assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))

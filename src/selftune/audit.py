@@ -56,6 +56,7 @@ RUN_IDENTITY_KEYS = ("param_groups", "param_count", "initial_params_sha256")
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "decision": ("step", "group", "knob", "old", "new", "value", "signals", "reason", "clipped"),
     "guard": ("step", "event", "signal", "value", "reason"),
+    "group": ("step", "group", "knobs", "num_params", "reason"),
     "note": ("reason",),
 }
 GUARD_EVENTS = ("skip", "rollback", "escalate", "restart")
@@ -373,6 +374,14 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
     for lineno, record in enumerate(run.records, start=1):
         where = f"{folder / DECISIONS} line {lineno} (seq {record['seq']})"
         problem = _schema_problem(record)
+        if problem is None and record["kind"] == "group":
+            if record["group"] != len(group_knobs) or not isinstance(record["knobs"], list):
+                problem = (
+                    f"group {record['group']!r} added, but the run had {len(group_knobs)} groups "
+                    "(a group is added at the next index, with a list of knobs)"
+                )
+            else:
+                group_knobs.append({str(knob) for knob in record["knobs"]})
         if problem is None and record["kind"] == "decision":
             group, knob = record["group"], record["knob"]
             if not isinstance(group, int) or not 0 <= group < len(group_knobs):

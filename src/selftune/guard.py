@@ -219,6 +219,11 @@ class Guard:
             self.initial = None
         self.snapshots = [*self.snapshots[-1:], snap]
 
+    def forget_snapshots(self) -> None:
+        """Drop every snapshot: the param groups changed, and one taken before could not restore
+        the new group.  The next healthy step takes a fresh one."""
+        self.snapshots, self.initial = [], None
+
     def rollback(self, trouble: Trouble) -> tuple[Snapshot, float]:
         """The snapshot to restore and the factor to cut the learning rate by.
 

@@ -460,6 +460,12 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
             f"{_e(record['signal'])} = {_num(record['value'])}</td>"
             f"<td colspan=2>{_e(record['reason'])}</td></tr>"
         )
+    if kind == "group":
+        return (
+            f"<tr class=note><td class=num>{_e(record['step'])}</td>"
+            f"<td class=num>{_e(record['group'])}</td><td colspan=2>group added</td>"
+            f"<td colspan=2>{_e(record['reason'])}</td></tr>"
+        )
     return (
         "<tr class=note><td></td><td colspan=3>note</td>"
         f"<td colspan=2>{_e(record.get('reason'))}</td></tr>"

@@ -210,21 +210,30 @@ class SignalTracker:
             torch._foreach_copy_(prev, ps)
 
     def _allocate(self) -> None:
-        """Storage for the previous update: per group, views into one flat buffer when its
-        params share a dtype and device (the usual case), else a tensor per param."""
+        """Storage for the previous update of every group."""
         self._prev, self._flat = [], []
         for group in self._groups:
-            ps = [p.detach() for p in group["params"]]
-            if ps and all(p.dtype == ps[0].dtype and p.device == ps[0].device for p in ps):
-                flat = torch.empty(
-                    sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device
-                )
-                chunks = flat.split([p.numel() for p in ps])
-                self._prev.append([c.view(p.shape) for c, p in zip(chunks, ps, strict=True)])
-                self._flat.append(flat)
-            else:
-                self._prev.append([torch.empty_like(p) for p in ps])
-                self._flat.append(None)
+            self._add_storage(group)
+
+    def _add_storage(self, group: dict[str, Any]) -> None:
+        """Zeroed storage for one group's previous update: views into one flat buffer when its
+        params share a dtype and device (the usual case), else a tensor per param."""
+        assert self._prev is not None
+        ps = [p.detach() for p in group["params"]]
+        if ps and all(p.dtype == ps[0].dtype and p.device == ps[0].device for p in ps):
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+            chunks = flat.split([p.numel() for p in ps])
+            self._prev.append([c.view(p.shape) for c, p in zip(chunks, ps, strict=True)])
+            self._flat.append(flat)
+        else:
+            self._prev.append([torch.zeros_like(p) for p in ps])
+            self._flat.append(None)
+
+    def group_added(self) -> None:
+        """A param group was appended mid-run: it has no previous update (zero), so its first
+        step gives no update signal, and the next update is measured as for any other."""
+        if self._prev is not None:
+            self._add_storage(self._groups[-1])
 
     @torch.no_grad()
     def after_update(self) -> None:

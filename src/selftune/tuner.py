@@ -149,6 +149,45 @@ class SelfTuned(torch.optim.Optimizer):
         """Call ``fn(event)`` after every step (used by the TensorBoard and MLflow writers)."""
         self._listeners.append(fn)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group mid-run (gradual unfreezing): it is tuned from its next step on.
+
+        It goes into the wrapped optimizer, starts at its own rate, and its first step has no
+        previous update to read.  The guard's snapshots, which lack it and could not restore
+        it, are dropped; the next healthy step takes a fresh one.  The audit log gets a
+        ``group`` record (its index, knobs and size), which ``verify`` reads before the new
+        group's decisions.
+        """
+        if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        i = len(self.param_groups) - 1
+        try:
+            knobs_io.check_group(i, self.param_groups[i])
+        except ConfigError:
+            self.param_groups.pop()
+            raise
+        self._scales.append(1.0)
+        self._start.append(self._effective(i))
+        self._tracker.group_added()
+        if self.guard is not None:
+            self.guard.forget_snapshots()
+        if self._log is not None:
+            knobs = self._knobs(i)
+            self._log.append(
+                {
+                    "kind": "group",
+                    "step": self.step_count,
+                    "group": i,
+                    "knobs": list(knobs),
+                    "num_params": sum(p.numel() for p in self.param_groups[i]["params"]),
+                    "reason": "param group added ("
+                    + ", ".join(f"{k} {v:g}" for k, v in knobs.items())
+                    + "); the guard's older snapshots were dropped",
+                }
+            )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
