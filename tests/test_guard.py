@@ -410,3 +410,30 @@ def test_the_early_level_is_the_recent_median_not_the_lowest_loss() -> None:
     assert _judge_all([228.0, 73.0, 18528.0]) == [3]
     # and so is a jump of 10x over a level the loss has held for a few steps
     assert _judge_all([228.0, 100.0, 20.0, 18.0, 16.0, 15.0, 14.0, 190.0]) == [8]
+
+
+def test_a_snapshot_is_not_changed_by_the_training_that_follows_its_restore() -> None:
+    """A rollback hands the optimizer copies of the snapshot's tensors, not the tensors
+    themselves: the steps after it update momentum buffers and weights in place, and a snapshot
+    that shared them would restore that later state the next time it is used."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters(), lr=0.03), "off")
+    assert opt.guard is not None
+    train(task, opt, 30, evaluate=False)
+    snap = opt.guard.snapshots[-1]
+    kept = copy.deepcopy(snap.payload)
+    train(task, opt, 3, faults={2: "nan_loss"}, evaluate=False)  # rolls back to ``snap``
+    assert opt.guard.snapshots[-1] is snap
+    train(task, opt, 5, evaluate=False)
+
+    def tensors(tree: Any) -> list[torch.Tensor]:
+        if isinstance(tree, torch.Tensor):
+            return [tree]
+        items = tree.values() if isinstance(tree, dict) else tree
+        if isinstance(items, (list, tuple)) or isinstance(tree, dict):
+            return [t for item in items for t in tensors(item)]
+        return []
+
+    now, then = tensors(snap.payload), tensors(kept)
+    assert len(now) == len(then) > 0
+    assert all(torch.equal(a, b) for a, b in zip(now, then, strict=True))
