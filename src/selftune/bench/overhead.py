@@ -109,8 +109,8 @@ def measure(
         "selftune_ms": tuned,
         "ratio": statistics.median(pairs),
         # the optimizer step alone (CPU: no asynchronous work left outside it): selftune's own
-        # cost, apart from any change in the forward and backward passes' speed that the tuned
-        # model's different weights bring (denormal floats, on the transformer)
+        # cost, steadier than the whole step, whose forward and backward passes differed by up
+        # to 7% between two identical sides on the transformer (bench-results/overhead-split)
         "plain_step_ms": statistics.fmean(step_times["plain"]),
         "selftune_step_ms": statistics.fmean(step_times["selftune"]),
         "selftune_version": selftune.__version__,

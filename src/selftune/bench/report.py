@@ -589,10 +589,10 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
             "that alternate, each as long as the guard's snapshot interval (25 steps), so that "
             "every wrapped block pays for one snapshot; mean per-step times (batch, forward, "
             "backward, step). The ratio is the median over rounds of each round's two block "
-            "means, so that load which drifts between rounds cancels. The two models' "
-            "trajectories differ (selftune changes the rate), so their forward and backward "
-            "passes may run at different speeds; the optimizer step alone, timed apart, is "
-            "selftune's own cost.",
+            "means, so that load which drifts between rounds cancels. The forward and backward "
+            "passes, which selftune does not touch, still differ between the two sides by a few "
+            "percent on the transformer, in either direction (`bench-results/overhead-split/`); "
+            "the optimizer step alone, timed apart, is selftune's own cost.",
             "",
             "| workload | base | steps | plain ms/step | selftune ms/step | ratio "
             "| optimizer step alone, ms: plain → selftune |",
