@@ -198,3 +198,45 @@ def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
         assert any(r["kind"] == "decision" and r["group"] == 1 for r in records)
     replayed = _unfreezing_run(tmp_path / "run", controller, replay=True)
     assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
+
+
+def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:
+    """Stopped at a checkpoint after the body's group was added, and resumed the documented way
+    (build the optimizer, add the group again, load the checkpoint): the weights and the audit
+    log are byte for byte those of the run that never stopped."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, 1, generator=gen)
+
+    def build(folder: Path) -> tuple[torch.nn.Sequential, selftune.SelfTuned]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        inner = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+        return model, selftune.wrap(inner, "auto", log_dir=folder, seed=0)
+
+    def run(model: torch.nn.Sequential, opt: selftune.SelfTuned, steps: range) -> None:
+        for t in steps:
+            if t == 11:
+                opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.02})
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+    model, opt = build(tmp_path / "ref")
+    run(model, opt, range(1, 41))
+    opt.close()
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    ckpt = tmp_path / "ckpt.pt"
+    model, opt = build(tmp_path / "res")
+    run(model, opt, range(1, 21))
+    selftune.save_checkpoint(ckpt, model=model, optimizer=opt, step=20)
+    opt.close()
+    model, opt = build(tmp_path / "res")
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.02})
+    start = selftune.load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
+    run(model, opt, range(start, 41))
+    opt.close()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference, strict=True))
+    for name in ("decisions.jsonl", "trace.jsonl"):
+        assert (tmp_path / "res" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

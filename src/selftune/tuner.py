@@ -120,6 +120,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._log: AuditLog | None = None
         self._trace: TextIO | None = None
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
+        #: ``group`` records of groups added since the last step, written with the next one
+        self._added: list[dict[str, Any]] = []
         if log_dir is not None:
             self._open_log(Path(log_dir))
 
@@ -156,7 +158,9 @@ class SelfTuned(torch.optim.Optimizer):
         previous update to read.  The guard's snapshots, which lack it and could not restore
         it, are dropped; the next healthy step takes a fresh one.  The audit log gets a
         ``group`` record (its index, knobs and size), which ``verify`` reads before the new
-        group's decisions.
+        group's decisions.  The record is written with the next step, not here: a run resumed
+        from a checkpoint adds its groups again before loading it, and a checkpoint that
+        already holds a group drops its record, so the resumed log is the uninterrupted one.
         """
         if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
             super().add_param_group(param_group)
@@ -175,7 +179,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.guard.forget_snapshots()
         if self._log is not None:
             knobs = self._knobs(i)
-            self._log.append(
+            self._added.append(
                 {
                     "kind": "group",
                     "step": self.step_count,
@@ -260,6 +264,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
+        self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
@@ -276,6 +281,7 @@ class SelfTuned(torch.optim.Optimizer):
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway)."""
         if self._log is not None:
+            self._write_added()
             self._log.close()
         if self._trace is not None:
             self._trace.close()
@@ -482,6 +488,12 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             self._trace_bytes = os.fstat(self._trace.fileno()).st_size
 
+    def _write_added(self) -> None:
+        assert self._log is not None
+        for record in self._added:
+            self._log.append(record)
+        self._added = []
+
     def _after(
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
@@ -489,6 +501,7 @@ class SelfTuned(torch.optim.Optimizer):
             return  # nothing records the step: keep the hot path free of it
         hp = self.hyperparams()
         if self._log is not None:
+            self._write_added()
             if guard is not None:
                 self._log.append({"kind": "guard", "step": t, **guard})
             for d in decisions:
