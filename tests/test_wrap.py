@@ -154,36 +154,50 @@ def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
         selftune.wrap(opt)
 
 
-def _unfreezing_run(folder: Path, controller: str, *, replay: bool = False) -> list[torch.Tensor]:
-    """A head trained alone for 10 steps, then the body's group added (gradual unfreezing), with
-    a non-finite loss at step 30 that the guard must roll back across the new group."""
+#: the unfreezing runs' data, fixed apart from the global generator
+_GEN = torch.Generator().manual_seed(1)
+_X, _Y = torch.randn(64, 4, generator=_GEN), torch.randn(64, 1, generator=_GEN)
+
+
+def _unfreezing(
+    folder: Path, controller: str = "auto", *, replay: bool = False
+) -> tuple[torch.nn.Sequential, selftune.SelfTuned]:
+    """A body and a head, with only the head's group in the optimizer at first."""
     torch.manual_seed(0)
-    body, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
-    x, y = torch.randn(64, 4), torch.randn(64, 1)
-    inner = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
-    opt = (
-        selftune.replay(inner, folder)
-        if replay
-        else selftune.wrap(inner, controller, log_dir=folder, seed=0)
-    )
-    for step in range(1, 41):
-        if step == 11:
-            opt.add_param_group({"params": list(body.parameters()), "lr": 0.02})
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    inner = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+    if replay:
+        return model, selftune.replay(inner, folder)
+    return model, selftune.wrap(inner, controller, log_dir=folder, seed=0)
+
+
+def _unfreeze(model: torch.nn.Sequential, opt: selftune.SelfTuned) -> None:
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.02})
+
+
+def _train_unfreezing(
+    model: torch.nn.Sequential, opt: selftune.SelfTuned, steps: range, nan_step: int = 0
+) -> None:
+    """Train over ``steps``, adding the body's group before step 11 (gradual unfreezing), with a
+    non-finite loss at ``nan_step`` for the guard to roll back."""
+    for t in steps:
+        if t == 11:
+            _unfreeze(model, opt)
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(head(torch.tanh(body(x))), y)
+        loss = torch.nn.functional.mse_loss(model(_X), _Y)
         loss.backward()
-        opt.step(loss=torch.tensor(float("nan")) if step == 30 else loss.detach())
-    opt.close()
-    return [p.detach().clone() for p in [*body.parameters(), *head.parameters()]]
+        opt.step(loss=torch.tensor(float("nan")) if t == nan_step else loss.detach())
 
 
 @pytest.mark.parametrize("controller", selftune.CONTROLLERS)
 def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
     controller: str, tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    initial_body = torch.nn.Linear(4, 8).weight.detach().clone()
-    weights = _unfreezing_run(tmp_path / "run", controller)
+    model, opt = _unfreezing(tmp_path / "run", controller)
+    initial_body = model[0].weight.detach().clone()
+    _train_unfreezing(model, opt, range(1, 41), nan_step=30)
+    opt.close()
+    weights = [p.detach().clone() for p in model.parameters()]
     assert not torch.equal(weights[0], initial_body)  # the added group trained
     records = audit.read_log(tmp_path / "run").records
     added = [r for r in records if r["kind"] == "group"]
@@ -196,46 +210,29 @@ def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
     assert report.write_report(tmp_path / "run").exists()
     if controller != "off":
         assert any(r["kind"] == "decision" and r["group"] == 1 for r in records)
-    replayed = _unfreezing_run(tmp_path / "run", controller, replay=True)
-    assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
+    model, opt = _unfreezing(tmp_path / "run", replay=True)
+    _train_unfreezing(model, opt, range(1, 41), nan_step=30)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
 def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:
     """Stopped at a checkpoint after the body's group was added, and resumed the documented way
     (build the optimizer, add the group again, load the checkpoint): the weights and the audit
     log are byte for byte those of the run that never stopped."""
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 4, generator=gen), torch.randn(64, 1, generator=gen)
-
-    def build(folder: Path) -> tuple[torch.nn.Sequential, selftune.SelfTuned]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        inner = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
-        return model, selftune.wrap(inner, "auto", log_dir=folder, seed=0)
-
-    def run(model: torch.nn.Sequential, opt: selftune.SelfTuned, steps: range) -> None:
-        for t in steps:
-            if t == 11:
-                opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.02})
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step(loss=loss.detach())
-
-    model, opt = build(tmp_path / "ref")
-    run(model, opt, range(1, 41))
+    model, opt = _unfreezing(tmp_path / "ref")
+    _train_unfreezing(model, opt, range(1, 41))
     opt.close()
     reference = [p.detach().clone() for p in model.parameters()]
 
     ckpt = tmp_path / "ckpt.pt"
-    model, opt = build(tmp_path / "res")
-    run(model, opt, range(1, 21))
+    model, opt = _unfreezing(tmp_path / "res")
+    _train_unfreezing(model, opt, range(1, 21))
     selftune.save_checkpoint(ckpt, model=model, optimizer=opt, step=20)
     opt.close()
-    model, opt = build(tmp_path / "res")
-    opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.02})
+    model, opt = _unfreezing(tmp_path / "res")
+    _unfreeze(model, opt)
     start = selftune.load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
-    run(model, opt, range(start, 41))
+    _train_unfreezing(model, opt, range(start, 41))
     opt.close()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference, strict=True))
     for name in ("decisions.jsonl", "trace.jsonl"):

@@ -106,8 +106,9 @@ class SignalTracker:
             parts.extend(torch._foreach_norm(grads))
             n_prev = 0
             if self._prev is not None:
-                prev = [self._prev[gi][i] for i in with_grad]
-                flat = self._flat[gi] if len(grads) == len(params) else None
+                every = len(grads) == len(params)  # the usual case: the whole flat buffer
+                prev = self._prev[gi] if every else [self._prev[gi][i] for i in with_grad]
+                flat = self._flat[gi] if every else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
                 if flat is not None:  # one reduction each over the whole group, in float32
                     parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32))

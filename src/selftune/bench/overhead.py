@@ -38,12 +38,18 @@ def _optimizer(base: str, params: Any) -> torch.optim.Optimizer:
 
 
 def measure(
-    workload_name: str, base: str, steps: int = 400, block: int | None = None, small: bool = False
+    workload_name: str,
+    base: str,
+    steps: int = 400,
+    block: int | None = None,
+    small: bool = False,
+    controller: str = "auto",
 ) -> dict[str, Any]:
     """Mean per-step milliseconds plain and wrapped, and their ratio, over ``steps`` each.
 
     ``block`` defaults to the guard's snapshot interval (fewer when ``steps`` is short).
     ``small``: the smoke suite's tiny data (same models, so the same per-step cost).
+    ``controller``: what the wrapped side runs (``"off"`` keeps the plain side's trajectory).
     """
     import selftune
 
@@ -59,7 +65,7 @@ def measure(
     opts: dict[str, Any] = {
         "plain": _optimizer(base, models["plain"].parameters()),
         "selftune": selftune.wrap(
-            _optimizer(base, models["selftune"].parameters()), controller="auto", seed=0
+            _optimizer(base, models["selftune"].parameters()), controller=controller, seed=0
         ),
     }
     gens = {name: torch.Generator().manual_seed(0) for name in models}
@@ -109,8 +115,8 @@ def measure(
         "selftune_ms": tuned,
         "ratio": statistics.median(pairs),
         # the optimizer step alone (CPU: no asynchronous work left outside it): selftune's own
-        # cost, steadier than the whole step, whose forward and backward passes differed by up
-        # to 7% between two identical sides on the transformer (bench-results/overhead-split)
+        # cost, steadier than the whole step, whose forward and backward passes differ by a few
+        # percent between two identical sides on the transformer (bench-results/overhead-split)
         "plain_step_ms": statistics.fmean(step_times["plain"]),
         "selftune_step_ms": statistics.fmean(step_times["selftune"]),
         "selftune_version": selftune.__version__,

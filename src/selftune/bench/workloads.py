@@ -169,12 +169,16 @@ def _task(name: str, small: bool) -> Task:
     return WORKLOADS[name].make_task(small)
 
 
+def _mnist1d(small: bool) -> data.Supervised:
+    return data.mnist1d(num_samples=1_000 if small else 10_000, seed=42)
+
+
 def _mnist1d_task(small: bool) -> Task:
-    return ClassifyTask(data.mnist1d(num_samples=1_000 if small else 10_000, seed=42))
+    return ClassifyTask(_mnist1d(small))
 
 
 def _mnist1d_reconstruct_task(small: bool) -> Task:
-    return ReconstructTask(data.mnist1d(num_samples=1_000 if small else 10_000, seed=42))
+    return ReconstructTask(_mnist1d(small))
 
 
 def _digits_task(small: bool) -> Task:
