@@ -114,6 +114,13 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
+        #: per group, the rate where a shrink from a start past the crossing turned positive
+        self._low: list[float | None] = []
+        #: whether a start past the crossing has been re-tested (once per run: it survives
+        #: rollbacks, whose snapshots may predate it, as ``_failed`` does)
+        self._retested = self._kept_retested = False
+        #: per group, the re-test's ceiling: the rate the first test found (None: no re-test)
+        self._cap: list[float | None] = []
         #: per group, the lowest rate the guard has seen fail (read only by the range test):
         #: kept across rollbacks, which restore older states, perhaps from before any failure
         self._failed: list[float | None] = []
@@ -134,6 +141,8 @@ class AutoController:
             self._last_lr.append(None)
             self._trial.append(None)
             self._failed.append(None)
+            self._low.append(None)
+            self._cap.append(None)
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._ensure(len(knobs))
@@ -252,23 +261,66 @@ class AutoController:
             overshoot = False  # no sign yet for this one to change from: explore upwards
             if n == self.min_ramp_steps or evidence < 0:  # past the crossing: come down first
                 phase = self._phase[i] = "shrink"
-                self._last_lr[i] = None
+                self._last_lr[i], self._low[i] = None, lr
         if phase == "shrink":
             if rho >= 0:  # below the crossing (now, or already at the first look): ramp up
                 phase = self._phase[i] = "ramp_up" if n > self.min_ramp_steps else "ramp"
+                top = self._low[i]
+                # deeper than the average's lag of about three steps: see _retest
+                deep = phase == "ramp_up" and top is not None and top * self.shrink**3 > lr
+                self._low[i] = lr if deep else None
             else:
                 why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
                 return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
+        last = self._last_lr[i]
+        bound = last is not None and lr <= last  # the policy's bound stopped the growth
+        cap = self._cap[i]
+        if cap is not None and lr * self.ramp > cap:
+            why = f"the re-test reached the rate the first test found, {cap:.3g}"
+            return to_cruise(cap / lr, why)
+        deep = self._low[i] is not None
+        if (overshoot or bound) and phase == "ramp_up" and deep and not self._retested:
+            return self._retest(i, lr)
         if overshoot:
             why = f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
             return to_cruise(self.settle, why, restart=phase == "ramp_up")
-        last = self._last_lr[i]
-        if last is not None and lr <= last:  # the policy's bound stopped the growth
+        if bound:
             why = f"the rate reached its upper bound {lr:.3g}"
             return to_cruise(1.0, why, restart=phase == "ramp_up")
         self._last_lr[i] = lr
         why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
         return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
+
+    def _retest(self, i: int, lr: float) -> list[Proposal]:
+        """A start far past the crossing: test again, from below, on restored weights.
+
+        Adam from 100x its default moves every weight by about the rate in each of its first
+        steps, before the test's first look; the shrink and the climb back that follow read the
+        crossing of the network those steps harmed, which can sit far above the one of the
+        network they started from (the char transformer: 0.041 against about 0.026; the
+        residual CNN: 0.22, where the grid's best constant rate is 3e-3), and a restart there
+        missed the target.  So the wrapper restarts from the first snapshot and the test runs
+        again on the restored weights, the offline finder's way: growing from ``retreat`` of
+        the rate where the shrink turned positive, and never past the rate the first test found
+        (the ceiling it gave), ending at the first negative average as an informed ramp does.
+
+        Only a start *far* past: one whose shrink went deeper than the average's lag of about
+        three steps (``shrink**3``; on the way up the same lag is the ``ramp**3`` that
+        ``settle`` keeps).  A start just past the crossing is where the test settles anyway, and
+        on a flat start a noisy first look can shrink once (the GRU with AdamW from 1e-2: a
+        re-test left it at 6e-3 and missing its target).  Once per run.
+        """
+        self._retested = True
+        low = self._low[i] if self._low[i] is not None else lr
+        self._restart = "range test: the start was past the crossing; test again from below"
+        self._phase[i], self._ramp_steps[i], self._last_lr[i] = "ramp", 0, None
+        self._ramp_ema[i], self._evidence[i], self._informed[i] = RatioEMA(0.7), SignTest(), True
+        self._cap[i] = lr
+        self._best_loss, self._first_loss, self._peak_loss = math.inf, None, -math.inf
+        self._start_level, self._descent, self._prev_loss = SignTest(), SignTest(), None
+        new = self.retreat * low
+        why = f"range test: the start was past the crossing (positive below {low:.3g}); re-test"
+        return [Proposal(i, "lr", new, why)]
 
     def _left_start(self, s: Signals) -> int:
         """+1 or -1 when the smoothed loss stands ``clear`` standard errors above or below its
@@ -309,7 +361,7 @@ class AutoController:
         target, pilot 23).
         """
         self._ensure(len(knobs))
-        self._at_failure = []
+        self._at_failure, self._kept_retested = [], self._retested
         for i, k in enumerate(knobs):
             before = self._failed[i]
             grown = self._ramp_steps[i] >= self.min_ramp_steps  # else the start rate failed
@@ -332,6 +384,7 @@ class AutoController:
         of one that failed.  Trouble after the range test cuts as the guard does.
         """
         failure, self._at_failure = self._at_failure, []
+        self._retested = self._retested or self._kept_retested  # one re-test per run, as above
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         known = len(self._phase)
         self._ensure(len(failure))  # the guard's first snapshot predates the groups
@@ -368,6 +421,9 @@ class AutoController:
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
             "failed": list(self._failed),
+            "low": list(self._low),
+            "cap": list(self._cap),
+            "retested": self._retested,
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
         }
@@ -389,5 +445,8 @@ class AutoController:
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
         self._failed = list(state.get("failed", [None] * groups))
+        self._low = list(state.get("low", [None] * groups))
+        self._cap = list(state.get("cap", [None] * groups))
+        self._retested = state.get("retested", False)
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
