@@ -278,9 +278,9 @@ class AutoController:
         if cap is not None and lr * self.ramp > cap:
             why = f"the re-test reached the rate the first test found, {cap:.3g}"
             return to_cruise(cap / lr, why)
-        deep = self._low[i] is not None
-        if (overshoot or bound) and phase == "ramp_up" and deep and not self._retested:
-            return self._retest(i, lr)
+        low = self._low[i]  # set only after a deep shrink
+        if (overshoot or bound) and phase == "ramp_up" and low is not None and not self._retested:
+            return self._retest(i, lr, low)
         if overshoot:
             why = f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
             return to_cruise(self.settle, why, restart=phase == "ramp_up")
@@ -291,7 +291,7 @@ class AutoController:
         why = f"steps not yet overshooting (cos {rho:+.3f}); grow"
         return [Proposal(i, "lr", lr * self.ramp, f"range test: {why}")]
 
-    def _retest(self, i: int, lr: float) -> list[Proposal]:
+    def _retest(self, i: int, lr: float, low: float) -> list[Proposal]:
         """A start far past the crossing: test again, from below, on restored weights.
 
         Adam from 100x its default moves every weight by about the rate in each of its first
@@ -311,7 +311,6 @@ class AutoController:
         re-test left it at 6e-3 and missing its target).  Once per run.
         """
         self._retested = True
-        low = self._low[i] if self._low[i] is not None else lr
         self._restart = "range test: the start was past the crossing; test again from below"
         self._phase[i], self._ramp_steps[i], self._last_lr[i] = "ramp", 0, None
         self._ramp_ema[i], self._evidence[i], self._informed[i] = RatioEMA(0.7), SignTest(), True
