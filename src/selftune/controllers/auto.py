@@ -33,7 +33,10 @@
    as above.  In these cases the probe's steps overshot; if the loss also rose above where the
    run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
    controller asks the wrapper to *restart* from the first guard snapshot with the rate it
-   found, as an offline learning-rate finder restores the weights after its test.
+   found, as an offline learning-rate finder restores the weights after its test.  A start *far*
+   past the crossing (its shrink went deeper than the average's lag) read that crossing on the
+   weights its first steps harmed: it restarts once and tests again from below on the restored
+   weights, never past the rate it found (:meth:`AutoController._retest`).
 2. **Cruise**.  One-step hypergradients are biased towards short steps under gradient noise
    (Wu et al. 2018, "Understanding short-horizon bias in stochastic meta-optimization"): followed
    blindly they anneal far too early.  So the cruise *holds* the rate while |ρ| is within
