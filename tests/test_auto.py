@@ -2,7 +2,8 @@
 
 The controller is driven with synthetic per-step signals, so that each case has a known truth: a
 flat start whose cosines are pure noise around zero, a clear run of short steps that then
-overshoot, and a start clearly past the crossing.
+overshoot, and a start clearly past the crossing.  The last test is a real run: the start far
+past the crossing that the re-test was made for, on the benchmark's transformer.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import selftune
+from selftune.audit import read_log
+from selftune.bench.workloads import WORKLOADS
 from selftune.controllers.auto import AutoController
 from selftune.controllers.evidence import SignTest
 from selftune.signals import GroupSignals, Signals
@@ -350,3 +356,50 @@ def test_the_re_test_happens_once_even_across_a_rollback_to_the_first_snapshot()
     ctl.load_state_dict(first)  # a snapshot from before the re-test
     ctl.on_backoff(60)
     assert ctl.state_dict()["retested"] is True
+
+
+def test_every_group_far_past_its_crossing_re_tests_with_the_same_restart() -> None:
+    # the restart restores every group's weights: a group that stopped re-testing because
+    # another asked first would cruise at the crossing of weights that are gone
+    ctl, knobs = AutoController(), [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.1, "momentum": 0.9}]
+    asked = []
+    for t in range(30):
+        cos = [0.4 if k["lr"] < 0.03 else -0.4 for k in knobs]
+        signals = _signals(t, cos[0])
+        group = signals.groups[0]
+        other = GroupSignals(group.grad_norm, group.update_norm, cos[1], cos[1], math.nan)
+        signals = Signals(**{**vars(signals), "groups": (group, other)})
+        for p in ctl.propose(signals, knobs):
+            knobs[p.group][p.knob] = p.value
+        if ctl.take_restart() is not None:
+            asked.append(t)
+            assert ctl.state_dict()["phase"] == ["ramp", "ramp"]
+            assert ctl.state_dict()["cap"][0] == ctl.state_dict()["cap"][1] is not None
+    assert len(asked) == 1
+
+
+def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights(
+    tmp_path: Path,
+) -> None:
+    """The real case the re-test was made for: AdamW from 0.1 on the benchmark's transformer."""
+    workload = WORKLOADS["shakespeare-char"]
+    task = workload.task()
+    torch.manual_seed(0)
+    model = workload.make_model(task)
+    gen = torch.Generator().manual_seed(0)
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=0.1), log_dir=tmp_path)
+    for _ in range(30):
+        loss = task.loss(model, task.batch(workload.batch_size, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss)
+    opt.close()
+    records = read_log(tmp_path).records
+    (restart,) = [r for r in records if r["kind"] == "guard" and r["event"] == "restart"]
+    assert "test again from below" in restart["reason"]
+    assert restart["restored_step"] <= 1  # the weights no probe had touched
+    rates = [(r["step"], r["old"], r["new"]) for r in records if r["kind"] == "decision"]
+    found = next(old for step, old, _ in rates if step == restart["step"])
+    settled = rates[-1][2]
+    assert settled < 0.75 * found, "the re-test settled below the harmed network's crossing"
+    assert settled > 0.01  # and above where it began: it grew on the restored weights

@@ -122,6 +122,7 @@ class AutoController:
         #: whether a start past the crossing has been re-tested (once per run: it survives
         #: rollbacks, whose snapshots may predate it, as ``_failed`` does)
         self._retested = self._kept_retested = False
+        self._retesting = False  # a re-test asked for at this step (every deep group joins it)
         #: per group, the re-test's ceiling: the rate the first test found (None: no re-test)
         self._cap: list[float | None] = []
         #: per group, the lowest rate the guard has seen fail (read only by the range test):
@@ -186,6 +187,8 @@ class AutoController:
             elif rho > self.deadband or rho < -self.strong or turned:
                 reversal = g.cos_update if turned else None
                 out.append(self.hyper.lr_proposal(i, k["lr"], rho, self.cruise_gain, reversal))
+        if self._retesting:  # the restart is the run's: every group that needs one joined it
+            self._retested, self._retesting = True, False
         return out
 
     def _plateau(
@@ -311,9 +314,10 @@ class AutoController:
         three steps (``shrink**3``; on the way up the same lag is the ``ramp**3`` that
         ``settle`` keeps).  A start just past the crossing is where the test settles anyway, and
         on a flat start a noisy first look can shrink once (the GRU with AdamW from 1e-2: a
-        re-test left it at 6e-3 and missing its target).  Once per run.
+        re-test left it at 6e-3 and missing its target).  Once per run, since the restart
+        restores every group: each group whose test ends at the same step re-tests with it.
         """
-        self._retested = True
+        self._retesting = True
         self._restart = "range test: the start was past the crossing; test again from below"
         self._phase[i], self._ramp_steps[i], self._last_lr[i] = "ramp", 0, None
         self._ramp_ema[i], self._evidence[i], self._informed[i] = RatioEMA(0.7), SignTest(), True
