@@ -378,21 +378,31 @@ def test_every_group_far_past_its_crossing_re_tests_with_the_same_restart() -> N
     assert len(asked) == 1
 
 
-def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights(
-    tmp_path: Path,
-) -> None:
-    """The real case the re-test was made for: AdamW from 0.1 on the benchmark's transformer."""
+def _train_char_transformer(make: Any, steps: int = 30) -> tuple[Any, list[torch.Tensor]]:
+    """``steps`` steps of the benchmark's transformer at seed 0 with the optimizer ``make`` builds
+    from its parameters; returns it and the final weights."""
     workload = WORKLOADS["shakespeare-char"]
     task = workload.task()
     torch.manual_seed(0)
     model = workload.make_model(task)
     gen = torch.Generator().manual_seed(0)
-    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=0.1), log_dir=tmp_path)
-    for _ in range(30):
+    opt = make(model.parameters())
+    for _ in range(steps):
         loss = task.loss(model, task.batch(workload.batch_size, gen))
         opt.zero_grad()
         loss.backward()
         opt.step(loss=loss)
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights(
+    tmp_path: Path,
+) -> None:
+    """The real case the re-test was made for: AdamW from 0.1 on the benchmark's transformer.
+    The restart and the re-test are in the log like any decision, and replay through them."""
+    opt, weights = _train_char_transformer(
+        lambda ps: selftune.wrap(torch.optim.AdamW(ps, lr=0.1), log_dir=tmp_path)
+    )
     opt.close()
     records = read_log(tmp_path).records
     (restart,) = [r for r in records if r["kind"] == "guard" and r["event"] == "restart"]
@@ -403,3 +413,7 @@ def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights
     settled = rates[-1][2]
     assert settled < 0.75 * found, "the re-test settled below the harmed network's crossing"
     assert settled > 0.01  # and above where it began: it grew on the restored weights
+    _, replayed = _train_char_transformer(
+        lambda ps: selftune.replay(torch.optim.AdamW(ps, lr=0.1), tmp_path)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
