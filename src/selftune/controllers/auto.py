@@ -47,7 +47,12 @@
    cosines before it stood clearly positive: a turn after progress.  Amid cosines of no clear
    sign it is noise: on ``friedman-mlp`` with SGD the network was reduced to a gradient in one
    direction, whose cosines are +1 or -1 at random, and a cut on each -1 took the rate from
-   8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).
+   8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).  The same bias leaves
+   the range test's rate itself short on some models (the GRU with AdamW settled at 3e-3, where
+   the grid's best starts at 3e-2), which no one-step signal can show; so, while the smoothed
+   loss clearly falls, the cruise now and then *tries* a doubled rate for 50 steps and keeps it
+   only if the loss fell faster under it (:class:`~selftune.controllers.evidence.DoublingTrial`):
+   a hypergradient over a horizon of 50 steps, from two rates compared in time.
 
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
@@ -217,12 +222,14 @@ class AutoController:
         DoublingTrial`): start it, or undo it when the loss did not fall faster under it."""
         if s.loss_ema is None or s.loss_std is None or self._trial[i] is not None:
             return None
-        verdict = self._doubling[i].update(s.loss_ema, s.loss_std, FAST_DECAY)
+        trial = self._doubling[i]
+        verdict = trial.update(s.loss_ema, s.loss_std, FAST_DECAY, lr)
         if verdict == "start":
             return Proposal(i, "lr", lr * 2.0, "trial: the loss falls; does it fall faster at x2?")
-        if verdict == "undo":
+        if verdict == "undo":  # halve back, keeping what the hypergradient did meanwhile, but
+            # never below the rate before (a doubling that the policy's bound clipped)
             why = "the trial of x2 did not make the loss fall faster; undo it"
-            return Proposal(i, "lr", lr * 0.5, why)
+            return Proposal(i, "lr", max(trial.before, lr * 0.5), why)
         return None
 
     def _judge_trial(self, s: Signals, i: int, lr: float) -> Proposal | None:

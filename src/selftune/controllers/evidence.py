@@ -160,17 +160,20 @@ class DoublingTrial:
     window: int = 50
     clear: float = 2.0
     history: list[float] = field(default_factory=list)  #: the smoothed loss, last window+1 steps
-    running: list[float] | None = None  #: [smoothed loss at the start, fall before it, age]
+    #: [smoothed loss at the start, its fall over the window before, age, the rate before it]
+    running: list[float] | None = None
     wait: int = 50  #: steps until the next trial may start
     gap: int = 100  #: the wait after the next undo (doubles with each)
+    before: float = 0.0  #: the rate before the last trial
 
-    def update(self, loss_ema: float, loss_std: float, decay: float) -> str | None:
-        """Feed one step; "start" (double now), "undo" (halve back), "keep" or None."""
+    def update(self, loss_ema: float, loss_std: float, decay: float, lr: float) -> str | None:
+        """Feed one step at rate ``lr``: "start" (double it now), "undo" (go back to
+        :attr:`before`), "keep" or None."""
         self.history = [*self.history[-self.window :], loss_ema]
         self.wait = max(self.wait - 1, 0)
         noise = loss_std * math.sqrt((1 - decay) / (1 + decay))
         if self.running is not None:
-            start, before, age = self.running
+            start, before, age, _ = self.running
             self.running[2] = age = age + 1
             if age < self.window:
                 return None
@@ -185,7 +188,8 @@ class DoublingTrial:
         fall = self.history[0] - loss_ema
         if fall <= self.clear * math.sqrt(2.0) * noise:  # not clearly falling: the plateau's case
             return None
-        self.running = [loss_ema, fall, 0.0]
+        self.running = [loss_ema, fall, 0.0, lr]
+        self.before = lr
         return "start"
 
     def cancel(self) -> None:
