@@ -134,3 +134,74 @@ class SignTest:
 
     def state(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class DoublingTrial:
+    """A long-horizon test of a doubled rate: does the smoothed loss fall faster under it?
+
+    One-step hypergradients are biased towards short steps (Wu et al. 2018): the crossing of their
+    cosine, where ``auto``'s range test settles, can sit well below the rate that is best over
+    hundreds of steps (the GRU with AdamW settled at 3e-3 and crept towards its target, which the
+    grid reaches from 3e-2).  So, while the smoothed loss clearly falls, the cruise now and then
+    doubles the rate for ``window`` steps and compares the fall of the smoothed loss over them with
+    its fall over the ``window`` steps before: the doubling is kept when the fall is faster by
+    ``clear`` standard errors of that difference, and undone otherwise.  A loss falls ever more
+    slowly, so the comparison leans towards undoing: a kept doubling has earned it.  After an undo
+    the next trial waits twice as long as the last wait, so that on a workload whose rate is
+    already right the trials' cost falls geometrically; after a keep the next comes one window
+    later, and the rate grows while doubling still pays.
+
+    The error: the smoothed loss is an EMA (decay ``FAST_DECAY``) of minibatch losses of deviation
+    σ, so its own noise is ``σ·√((1−β)/(1+β))``; the difference of the two falls combines three
+    of its values a window apart (weights 1, −2, 1), hence ``√6`` of it.
+    """
+
+    window: int = 50
+    clear: float = 2.0
+    history: list[float] = field(default_factory=list)  #: the smoothed loss, last window+1 steps
+    #: [smoothed loss at the start, its fall over the window before, age, the rate before it]
+    running: list[float] | None = None
+    wait: int = 50  #: steps until the next trial may start
+    gap: int = 100  #: the wait after the next undo (doubles with each)
+    before: float = 0.0  #: the rate before the last trial
+
+    def update(
+        self, loss_ema: float, loss_std: float, decay: float, lr: float, ceiling: float = math.inf
+    ) -> str | None:
+        """Feed one step at rate ``lr``: "start" (double it now), "undo" (go back to
+        :attr:`before`), "keep" or None.  No trial starts that would reach ``ceiling``."""
+        self.history = [*self.history[-self.window :], loss_ema]
+        self.wait = max(self.wait - 1, 0)
+        noise = loss_std * math.sqrt((1 - decay) / (1 + decay))
+        if self.running is not None:
+            start, before, age, _ = self.running
+            self.running[2] = age = age + 1
+            if age < self.window:
+                return None
+            self.running = None
+            if (start - loss_ema) - before > self.clear * math.sqrt(6.0) * noise:
+                self.wait = self.window
+                return "keep"
+            self.wait, self.gap = self.gap, self.gap * 2
+            return "undo"
+        if self.wait > 0 or len(self.history) <= self.window or 2.0 * lr >= ceiling:
+            return None
+        fall = self.history[0] - loss_ema
+        if fall <= self.clear * math.sqrt(2.0) * noise:  # not clearly falling: the plateau's case
+            return None
+        self.running = [loss_ema, fall, 0.0, lr]
+        self.before = lr
+        return "start"
+
+    def cancel(self) -> bool:
+        """Trouble or a rollback came during the trial: no verdict, wait longer.  Returns whether
+        a trial was running (then the doubling is the first suspect)."""
+        if self.running is None:
+            return False
+        self.running = None
+        self.wait, self.gap = self.gap, self.gap * 2
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
