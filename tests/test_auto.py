@@ -21,7 +21,7 @@ import selftune
 from selftune.audit import read_log
 from selftune.bench.workloads import WORKLOADS
 from selftune.controllers.auto import AutoController
-from selftune.controllers.evidence import DoublingTrial, SignTest
+from selftune.controllers.evidence import SignTest
 from selftune.signals import GroupSignals, Signals
 
 
@@ -417,67 +417,3 @@ def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights
         lambda ps: selftune.replay(torch.optim.AdamW(ps, lr=0.1), tmp_path)
     )
     assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
-
-
-def _doubling_verdicts(fall_before: float, fall_during: float, sd: float = 0.01) -> list[str]:
-    """Feed a :class:`DoublingTrial` a smoothed loss that falls by ``fall_before`` per step until
-    a trial starts and by ``fall_during`` per step while it runs; return its verdicts."""
-    trial, loss, verdicts, running = DoublingTrial(), 3.0, [], False
-    for _ in range(400):
-        loss -= fall_during if running else fall_before
-        verdict = trial.update(loss, sd, 0.9, 1.0)
-        if verdict is not None:
-            verdicts.append(verdict)
-            running = verdict == "start"
-    return verdicts
-
-
-def test_a_doubling_that_speeds_the_fall_is_kept_and_tried_again_a_window_later() -> None:
-    verdicts = _doubling_verdicts(0.001, 0.002)  # twice as fast: 0.05 more over 50 steps
-    assert verdicts[:4] == ["start", "keep", "start", "keep"]
-
-
-def test_a_doubling_that_does_not_speed_the_fall_is_undone_and_tried_ever_more_rarely() -> None:
-    trial, loss, starts = DoublingTrial(), 3.0, []
-    for t in range(1000):
-        loss -= 0.001  # the same fall at either rate
-        verdict = trial.update(loss, 0.01, 0.9, 1.0)
-        if verdict == "start":
-            starts.append(t)
-        elif verdict is not None:
-            assert verdict == "undo"
-    # the first after 50 steps; each undo 50 steps later, then waits of 100, 200, 400 steps
-    assert starts == [50, 200, 450, 900]
-
-
-def test_no_doubling_is_tried_while_the_loss_is_flat_or_the_fall_is_within_its_noise() -> None:
-    assert _doubling_verdicts(0.0, 0.0) == []
-    # a fall of 0.01 over 50 steps against a minibatch deviation of 0.1: not clear of the
-    # smoothed loss's noise (2 * sqrt(2) * 0.1 * 0.23 = 0.065)
-    assert _doubling_verdicts(0.0002, 0.0004, sd=0.1) == []
-
-
-def test_a_cut_during_a_doubling_cancels_it_and_waits_longer() -> None:
-    trial, loss = DoublingTrial(), 3.0
-    while trial.update(loss := loss - 0.001, 0.01, 0.9, 1.0) != "start":
-        pass
-    gap = trial.gap
-    trial.cancel()
-    assert trial.running is None and trial.wait == gap and trial.gap == 2 * gap
-
-
-def test_a_doubling_clipped_by_the_bound_is_undone_to_the_rate_before_not_below() -> None:
-    ctl = AutoController()
-    knobs = [{"lr": 1e-3, "momentum": 0.9}]
-    _, phases = _drive(ctl, _noise(10, 0.4, 0.05) + [-0.3] * 5)
-    assert phases[-1] == "cruise"
-    rate = knobs[0]["lr"] = 0.01
-    reasons: list[str] = []
-    for t in range(15, 400):
-        loss = 2.3 - 0.002 * t  # falling steadily, the same at any rate: every trial fails
-        for p in ctl.propose(_signals(t, 0.0, loss=loss), knobs):
-            reasons.append(p.reason)
-            if not p.reason.startswith("trial"):  # the policy's bound clips the doubling
-                knobs[p.group][p.knob] = p.value
-    assert any(r.startswith("trial") for r in reasons) and any("undo" in r for r in reasons)
-    assert knobs[0]["lr"] == rate

@@ -47,12 +47,7 @@
    cosines before it stood clearly positive: a turn after progress.  Amid cosines of no clear
    sign it is noise: on ``friedman-mlp`` with SGD the network was reduced to a gradient in one
    direction, whose cosines are +1 or -1 at random, and a cut on each -1 took the rate from
-   8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).  The same bias leaves
-   the range test's rate itself short on some models (the GRU with AdamW settled at 3e-3, where
-   the grid's best starts at 3e-2), which no one-step signal can show; so, while the smoothed
-   loss clearly falls, the cruise now and then *tries* a doubled rate for 50 steps and keeps it
-   only if the loss fell faster under it (:class:`~selftune.controllers.evidence.DoublingTrial`):
-   a hypergradient over a horizon of 50 steps, from two rates compared in time.
+   8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).
 
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
@@ -64,7 +59,7 @@ import math
 from typing import Any
 
 from selftune.controllers.base import Knobs, Proposal
-from selftune.controllers.evidence import DoublingTrial, RatioEMA, SignTest
+from selftune.controllers.evidence import RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
 from selftune.signals import FAST_DECAY, Signals
@@ -139,8 +134,6 @@ class AutoController:
         self._at_failure: list[tuple[float, bool]] = []
         # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
         self._trial: list[list[float] | None] = []
-        #: per group, the cruise's trials of a doubled rate
-        self._doubling: list[DoublingTrial] = []
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
@@ -151,7 +144,6 @@ class AutoController:
             self._informed.append(False)
             self._last_lr.append(None)
             self._trial.append(None)
-            self._doubling.append(DoublingTrial())
             self._failed.append(None)
             self._low.append(None)
             self._cap.append(None)
@@ -186,18 +178,12 @@ class AutoController:
                 continue
             if self._phase[i] != "cruise":
                 out.extend(self._range_test(signals, i, k, rho_fast))
-            elif trouble is not None and self._doubling[i].cancel():
-                self.stability.cut_proposal(i, k["lr"], trouble, signals.step)  # its bookkeeping
-                why = f"{trouble[1]} during the trial of x2: undo it"
-                out.append(Proposal(i, "lr", self._doubling[i].before, why))
             elif trouble is not None and trouble[0] == "spike":
                 out.append(self.stability.cut_proposal(i, k["lr"], trouble, signals.step))
             elif trouble is not None and trouble[0] == "plateau":
                 out.append(self._plateau(signals, i, k["lr"], rho, trouble))
             elif (undo := self._judge_trial(signals, i, k["lr"])) is not None:
                 out.append(undo)
-            elif (doubled := self._double(signals, i, k["lr"])) is not None:
-                out.append(doubled)
             elif rho > self.deadband or rho < -self.strong or turned:
                 reversal = g.cos_update if turned else None
                 out.append(self.hyper.lr_proposal(i, k["lr"], rho, self.cruise_gain, reversal))
@@ -218,22 +204,6 @@ class AutoController:
             return Proposal(i, "lr", lr * 2.0, why)
         self._trial[i] = [lr, s.loss_ema_slow or 0.0, s.loss_std or 0.0, 0]
         return self.stability.cut_proposal(i, lr, trouble, s.step)
-
-    def _double(self, s: Signals, i: int, lr: float) -> Proposal | None:
-        """The cruise's trial of a doubled rate (:class:`~selftune.controllers.evidence.
-        DoublingTrial`): start it, or undo it when the loss did not fall faster under it."""
-        if s.loss_ema is None or s.loss_std is None or self._trial[i] is not None:
-            return None
-        trial = self._doubling[i]
-        failed = self._failed[i]  # never double into a rate the guard has seen fail
-        verdict = trial.update(s.loss_ema, s.loss_std, FAST_DECAY, lr, failed or math.inf)
-        if verdict == "start":
-            return Proposal(i, "lr", lr * 2.0, "trial: the loss falls; does it fall faster at x2?")
-        if verdict == "undo":  # halve back, keeping what the hypergradient did meanwhile, but
-            # never below the rate before (a doubling that the policy's bound clipped)
-            why = "the trial of x2 did not make the loss fall faster; undo it"
-            return Proposal(i, "lr", max(trial.before, lr * 0.5), why)
-        return None
 
     def _judge_trial(self, s: Signals, i: int, lr: float) -> Proposal | None:
         trial = self._trial[i]
@@ -437,8 +407,6 @@ class AutoController:
                 self._evidence[i] = SignTest()
             else:
                 self._phase[i] = "cruise"
-        for trial in self._doubling:
-            trial.cancel()
         self.hyper.on_backoff(step)
         self.stability.on_backoff(step)
 
@@ -458,7 +426,6 @@ class AutoController:
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
-            "doubling": [t.state() for t in self._doubling],
             "failed": list(self._failed),
             "low": list(self._low),
             "cap": list(self._cap),
@@ -483,20 +450,9 @@ class AutoController:
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
         self._trial = [None if t is None else list(t) for t in state["trial"]]
-        saved = state.get("doubling", [{}] * len(self._trial))
-        self._doubling = [_doubling_trial(t) for t in saved]
         self._failed = list(state.get("failed", [None] * groups))
         self._low = list(state.get("low", [None] * groups))
         self._cap = list(state.get("cap", [None] * groups))
         self._retested = state.get("retested", False)
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])
-
-
-def _doubling_trial(saved: dict[str, Any]) -> DoublingTrial:
-    """A trial from its state (copied: the lists must not be shared with a guard's snapshot)."""
-    running = saved.get("running")
-    return DoublingTrial(
-        **{**saved, "history": list(saved.get("history", [])),
-           "running": None if running is None else list(running)}
-    )  # fmt: skip
