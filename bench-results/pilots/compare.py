@@ -4,9 +4,15 @@ Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl
 Every run of NEW (workload, method, seed) that OLD also holds is compared on steps to target (a
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
 how many reached the target in each, and the geometric mean of NEW's steps over OLD's on the runs
-that reached it in both (below 1: faster).
+that reached it in both (below 1: faster).  When NEW also holds the grid's rows (a full suite),
+it then gives, per workload and base, the median steps of `auto` at the default rate in each, as
+a multiple of the oracle (the grid member with the lowest median in NEW, a miss counting as
+infinite), with the seeds that hit; and how many cells of the start sweep (1e-5 to 1e-1) met the
+issue's bar (every seed hit, median within 1.5x the oracle) in OLD and in NEW.
 The full suite before pilot 24 is ``git show a5035cf~1:bench-results/results.jsonl``; pilot 26's
-is ``bench-results/pilots/26-trial-against-the-trend/full-suite.jsonl``.
+is ``bench-results/pilots/26-trial-against-the-trend/full-suite.jsonl``; the suite before pilot 31
+is ``git show 28930a4:bench-results/results.jsonl``, and pilot 31's, which 34's and 35's
+``full-suite.jsonl`` were compared with, ``git show e2d4626:bench-results/results.jsonl``.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 
-def runs(path: Path) -> dict[tuple[str, str, int], dict]:
+def runs(path: Path, prefix: str = "selftune-auto-") -> dict[tuple[str, str, int], dict]:
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {
         (r["workload"], r["method"], r["seed"]): r
         for r in records
-        if r["method"].startswith("selftune-auto-")
+        if r["method"].startswith(prefix)
     }
 
 
@@ -51,6 +59,53 @@ def main() -> None:
     mean = math.exp(sum(logs) / len(logs)) if logs else math.nan
     print(f"reached the target: {hits[0]} -> {hits[1]}; geometric mean ratio {mean:.3f} on the")
     print(f"{len(both)} runs that reached it in both")
+    oracle = _oracles(runs(args.new, prefix=""))
+    if oracle:
+        _against_the_oracle(old, new, oracle)
+
+
+def _medians(rs: dict[tuple[str, str, int], dict]) -> dict[tuple[str, str], list[float]]:
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (workload, method, _), r in rs.items():
+        out[workload, method].append(steps(r))
+    return out
+
+
+def _oracles(every: dict[tuple[str, str, int], dict]) -> dict[tuple[str, str], float]:
+    """Per (workload, base): the lowest median steps of a grid member (finite ones only)."""
+    best: dict[tuple[str, str], float] = {}
+    for (workload, method), v in _medians(every).items():
+        base, _, rest = method.partition("-")
+        median = statistics.median(v)
+        if rest.startswith("grid-") and math.isfinite(median):
+            best[workload, base] = min(best.get((workload, base), math.inf), median)
+    return best
+
+
+def _against_the_oracle(old: dict, new: dict, oracle: dict[tuple[str, str], float]) -> None:
+    a, b = _medians(old), _medians(new)
+    print("auto at the default rate, median steps (x the oracle) [seeds hit]: OLD -> NEW")
+    gained = lost = total = 0
+    for (workload, base), o in sorted(oracle.items()):
+        for method in (m for w, m in sorted(b) if w == workload and m.split("-")[2] == base):
+            start = method.removeprefix(f"selftune-auto-{base}")
+            if start == "":
+                row = [_median_text(d[workload, method], o) for d in (a, b)]
+                print(f"  {workload} {base}: {row[0]} -> {row[1]}")
+            if start != "-lr1e0":  # the default rate and the sweep's 1e-5 to 1e-1
+                met = [_at_the_bar(d[workload, method], o) for d in (a, b)]
+                gained, lost, total = gained + (met == [0, 1]), lost + (met == [1, 0]), total + 1
+    print(f"cells (default and sweep starts) at the issue's bar: {gained} gained, {lost} lost")
+    print(f"of {total}")
+
+
+def _median_text(v: list[float], oracle: float) -> str:
+    m = statistics.median(v)
+    return f"{m:g} ({m / oracle:.2f}x) [{sum(map(math.isfinite, v))}]"
+
+
+def _at_the_bar(v: list[float], oracle: float) -> int:
+    return int(all(map(math.isfinite, v)) and statistics.median(v) <= 1.5 * oracle)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ RUNS = [  # workload, base, constant rate (the committed grid's best, and one 10
 DECAY = 0.95  # of the EMAs of M and S
 
 
-def _average(opt: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+def _average(
+    opt: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor
+) -> torch.Tensor | None:
     """The optimizer's running average of ``p``'s gradients, as an EMA of them (or None)."""
     st = opt.state.get(p, {})
     if st.get("momentum_buffer") is not None:  # SGD, dampening 0: buf = Σ μ^k g

@@ -117,7 +117,9 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
-        #: per group, the rate where a shrink from a start past the crossing turned positive
+        #: per group, while a shrink from the first look runs, the rate it began at; once it has
+        #: turned positive, the rate where it did if it went deeper than the lag (what the
+        #: re-test grows from), else None
         self._low: list[float | None] = []
         #: whether a start past the crossing has been re-tested (once per run: it survives
         #: rollbacks, whose snapshots may predate it, as ``_failed`` does)
@@ -321,7 +323,7 @@ class AutoController:
         self._restart = "range test: the start was past the crossing; test again from below"
         self._phase[i], self._ramp_steps[i], self._last_lr[i] = "ramp", 0, None
         self._ramp_ema[i], self._evidence[i], self._informed[i] = RatioEMA(0.7), SignTest(), True
-        self._cap[i] = lr
+        self._cap[i], self._low[i] = lr, None
         self._best_loss, self._first_loss, self._peak_loss = math.inf, None, -math.inf
         self._start_level, self._descent, self._prev_loss = SignTest(), SignTest(), None
         new = self.retreat * low
