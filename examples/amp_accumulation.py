@@ -1,6 +1,7 @@
 """A plain training loop with mixed precision, a ``GradScaler`` and gradient accumulation.
 
-    python examples/amp_accumulation.py
+    python examples/amp_accumulation.py            # bfloat16 on the CPU
+    python examples/amp_accumulation.py cuda       # float16 on a GPU
 
 The three rules that keep selftune's signals right in such a loop:
 
@@ -14,31 +15,43 @@ The three rules that keep selftune's signals right in such a loop:
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import selftune
 
 
 def train(
-    steps: int = 200, accumulate: int = 4, micro_batch: int = 16, seed: int = 0
+    steps: int = 200,
+    accumulate: int = 4,
+    micro_batch: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[selftune.SelfTuned, torch.amp.GradScaler, list[float]]:
-    """Train a small MLP on a synthetic task; return the optimizer, the scaler and step losses."""
+    """Train a small MLP on a synthetic task; return the optimizer, the scaler and step losses.
+
+    On the CPU autocast runs in bfloat16, which has float32's range, so the scaler rarely has
+    anything to do; on a GPU (``device="cuda"``) it runs in float16, whose overflows the scaler
+    finds and skips.  The loop is the same.
+    """
     torch.manual_seed(seed)
     x = torch.randn(4096, 16)
     y = (x @ torch.randn(16, 4)).argmax(dim=1)
+    x, y = x.to(device), y.to(device)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    # bfloat16 has float32's range, so on the CPU the scaler rarely has anything to do; the loop
-    # is the same as with float16 on a GPU (device "cuda", dtype torch.float16).
-    scaler = torch.amp.GradScaler("cpu")
-    gen = torch.Generator().manual_seed(seed)
+    opt = selftune.wrap(torch.optim.AdamW(model.to(device).parameters(), lr=1e-3))
+    kind = torch.device(device).type
+    dtype = torch.bfloat16 if kind == "cpu" else torch.float16
+    scaler = torch.amp.GradScaler(kind)
+    gen = torch.Generator(device=device).manual_seed(seed)
     step_losses: list[float] = []
     for _ in range(steps):
         opt.zero_grad()
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for _ in range(accumulate):
-            idx = torch.randint(0, len(x), (micro_batch,), generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            idx = torch.randint(0, len(x), (micro_batch,), generator=gen, device=device)
+            with torch.autocast(kind, dtype=dtype):
                 loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             # Divide so that the accumulated gradient is the mean over the step's micro-batches.
             scaler.scale(loss / accumulate).backward()
@@ -50,5 +63,5 @@ def train(
 
 
 if __name__ == "__main__":
-    opt, _, losses = train()
+    opt, _, losses = train(device=sys.argv[1] if len(sys.argv) > 1 else "cpu")
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; knobs now {opt.hyperparams()}")

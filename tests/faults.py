@@ -53,7 +53,9 @@ class Task:
 
     def batch_loss(self) -> torch.Tensor:
         """The loss of the next minibatch (advances the data order by one step)."""
-        idx = torch.randint(0, self.x.shape[0], (self.batch,), generator=self.order)
+        idx = torch.randint(
+            0, self.x.shape[0], (self.batch,), generator=self.order, device=self.order.device
+        )
         return torch.nn.functional.mse_loss(self.model(self.x[idx]), self.y[idx])
 
     @torch.no_grad()
@@ -63,12 +65,15 @@ class Task:
         return value if math.isfinite(value) else math.inf
 
 
-def make_task(seed: int = 0, hidden: int = 16, n: int = 256, inputs: int = 8) -> Task:
+def make_task(
+    seed: int = 0, hidden: int = 16, n: int = 256, inputs: int = 8, device: str = "cpu"
+) -> Task:
     """Fit a random tanh network (the teacher) from noisy samples with a smaller tanh MLP.
 
     Small enough that a step costs well under a millisecond of arithmetic, so a test can afford
     thousands of them; nonlinear and noisy enough that the loss falls over a few hundred steps
-    and minibatch losses scatter the way real ones do.
+    and minibatch losses scatter the way real ones do.  ``device``: where the data, the model
+    and the minibatch order live (the same data and initial weights on every device).
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, inputs, generator=gen)
@@ -79,7 +84,8 @@ def make_task(seed: int = 0, hidden: int = 16, n: int = 256, inputs: int = 8) ->
     model = torch.nn.Sequential(
         torch.nn.Linear(inputs, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
     )
-    return Task(model, x, y, torch.Generator().manual_seed(seed + 1))
+    order = torch.Generator(device=device).manual_seed(seed + 1)
+    return Task(model.to(device), x.to(device), y.to(device), order)
 
 
 @dataclass

@@ -9,6 +9,11 @@ batch, forward, backward, step.
 A block is as long as the guard's snapshot interval, so every selftune block holds exactly one
 snapshot and its mean counts that step's extra cost; a median over a block's steps would drop it
 as an outlier and understate what a run pays.
+
+On an accelerator a block is timed whole and ends with a device synchronize, so its time counts
+the work it queued.  There the loop's own per-step read of the loss matters: without it the plain
+side queues steps ahead of the device, while selftune's one read per step waits for each backward
+pass to finish.  ``sync=False`` measures that loop, the one where the cost shows.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selftune.bench.runner import one_thread
-from selftune.bench.workloads import WORKLOADS
+from selftune.bench.workloads import WORKLOADS, Task, Workload
 from selftune.guard import GuardConfig
 
 OVERHEAD = "overhead.json"
@@ -38,18 +44,24 @@ def _optimizer(base: str, params: Any) -> torch.optim.Optimizer:
 
 
 def measure(
-    workload_name: str,
+    workload_name: str | Workload,
     base: str,
     steps: int = 400,
     block: int | None = None,
     small: bool = False,
     controller: str = "auto",
+    device: str | torch.device = "cpu",
+    sync: bool = True,
 ) -> dict[str, Any]:
     """Mean per-step milliseconds plain and wrapped, and their ratio, over ``steps`` each.
 
+    ``workload_name``: a benchmark workload's name, or a :class:`Workload` (a larger model, say).
     ``block`` defaults to the guard's snapshot interval (fewer when ``steps`` is short).
     ``small``: the smoke suite's tiny data (same models, so the same per-step cost).
     ``controller``: what the wrapped side runs (``"off"`` keeps the plain side's trajectory).
+    ``device``: where the models train; off the CPU the minibatches are drawn and moved there
+    before the clock starts (a data loader's copy is neither side's cost).
+    ``sync``: whether the loop reads the loss every step, as a loop that logs it does.
     """
     import selftune
 
@@ -57,10 +69,14 @@ def measure(
         block = min(GuardConfig().interval, max(1, steps // 2))
     if steps < 2 * block or block < 1:
         raise ValueError(f"steps={steps!r}, block={block!r}: use block >= 1 and steps >= 2*block")
-    workload = WORKLOADS[workload_name].smoke() if small else WORKLOADS[workload_name]
+    workload = WORKLOADS[workload_name] if isinstance(workload_name, str) else workload_name
+    if small:
+        workload = workload.smoke()
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
     task = workload.task()
     torch.manual_seed(0)
-    models = {"plain": workload.make_model(task)}
+    models = {"plain": workload.make_model(task).to(device)}
     models["selftune"] = copy.deepcopy(models["plain"])
     opts: dict[str, Any] = {
         "plain": _optimizer(base, models["plain"].parameters()),
@@ -68,60 +84,74 @@ def measure(
             _optimizer(base, models["selftune"].parameters()), controller=controller, seed=0
         ),
     }
+    rounds = steps // block
     gens = {name: torch.Generator().manual_seed(0) for name in models}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    step_times: dict[str, list[float]] = {name: [] for name in models}
+    draw = {
+        name: _batches(task, workload.batch_size, gens[name], device, block * (rounds + 1))
+        for name in models
+    }
+    block_ms: dict[str, list[float]] = {name: [] for name in models}
+    step_ms: dict[str, list[float]] = {name: [] for name in models}
 
-    def one_step(name: str) -> None:
+    def one_block(name: str) -> None:
         start = time.perf_counter()
-        loss = task.loss(models[name], task.batch(workload.batch_size, gens[name]))
-        opts[name].zero_grad()
-        loss.backward()
-        stepping = time.perf_counter()
-        if name == "selftune":
-            opts[name].step(loss=loss.detach())
-        else:
-            opts[name].step()
-        loss.item()  # the host sync a logging loop has; both sides pay it
-        end = time.perf_counter()
-        times[name].append((end - start) * 1000.0)
-        step_times[name].append((end - stepping) * 1000.0)
+        for _ in range(block):
+            loss = task.loss(models[name], next(draw[name]))
+            opts[name].zero_grad()
+            loss.backward()
+            stepping = time.perf_counter()
+            if name == "selftune":
+                opts[name].step(loss=loss.detach())
+            else:
+                opts[name].step()
+            if sync:
+                loss.item()  # the host sync a logging loop has; both sides pay it
+            step_ms[name].append((time.perf_counter() - stepping) * 1000.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        block_ms[name].append((time.perf_counter() - start) * 1000.0 / block)
 
     with one_thread():
         for name in models:  # warm-up: first-call allocations and lazy state, not timed
-            for _ in range(block):
-                one_step(name)
-        times = {name: [] for name in models}
-        step_times = {name: [] for name in models}
-        for round_ in range(steps // block):
+            one_block(name)
+        block_ms = {name: [] for name in models}
+        step_ms = {name: [] for name in models}
+        for round_ in range(rounds):
             order = ["plain", "selftune"] if round_ % 2 == 0 else ["selftune", "plain"]
             for name in order:
-                for _ in range(block):
-                    one_step(name)
-    plain = statistics.fmean(times["plain"])
-    tuned = statistics.fmean(times["selftune"])
+                one_block(name)
     # paired: each round's two blocks ran back to back, so load that drifts between rounds
     # cancels in their ratio, where it shifts the two whole-run means apart
-    pairs = [
-        statistics.fmean(times["selftune"][i : i + block])
-        / statistics.fmean(times["plain"][i : i + block])
-        for i in range(0, len(times["plain"]), block)
-    ]
-    return {
-        "workload": workload_name,
+    pairs = [s / p for s, p in zip(block_ms["selftune"], block_ms["plain"], strict=True)]
+    row: dict[str, Any] = {
+        "workload": workload.name,
         "base": base,
-        "steps": len(times["plain"]),
-        "plain_ms": plain,
-        "selftune_ms": tuned,
+        "steps": rounds * block,
+        "plain_ms": statistics.fmean(block_ms["plain"]),
+        "selftune_ms": statistics.fmean(block_ms["selftune"]),
         "ratio": statistics.median(pairs),
-        # the optimizer step alone (CPU: no asynchronous work left outside it): selftune's own
+    }
+    if on_cpu and sync:
+        # the optimizer step alone (no asynchronous work left outside it): selftune's own
         # cost, steadier than the whole step, whose forward and backward passes differ by a few
         # percent between two identical sides on the transformer (bench-results/overhead-split)
-        "plain_step_ms": statistics.fmean(step_times["plain"]),
-        "selftune_step_ms": statistics.fmean(step_times["selftune"]),
-        "selftune_version": selftune.__version__,
-        "torch_version": torch.__version__,
-    }
+        row["plain_step_ms"] = statistics.fmean(step_ms["plain"])
+        row["selftune_step_ms"] = statistics.fmean(step_ms["selftune"])
+    else:
+        row.update(device=str(device), sync=sync)
+    row.update(selftune_version=selftune.__version__, torch_version=torch.__version__)
+    return row
+
+
+def _batches(
+    task: Task, size: int, gen: torch.Generator, device: torch.device, count: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Minibatches drawn with ``gen``: on the CPU as the step asks (a step's real cost), on a
+    device all ``count`` of them drawn and moved there now, before the clock starts."""
+    if device.type == "cpu":
+        return iter(lambda: task.batch(size, gen), None)
+    drawn = (task.batch(size, gen) for _ in range(count))
+    return iter([(x.to(device), y.to(device)) for x, y in drawn])
 
 
 def run_overhead(
