@@ -211,7 +211,8 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     python = states["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # a map_location of "cuda" moved the saved states there; torch takes them on the host
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
     np = _numpy()
     saved = states.get("numpy")
     if np is not None and saved is not None:
