@@ -135,7 +135,7 @@ def test_a_checkpoint_resumes_bit_identically_on_the_device_and_loads_on_the_cpu
     resumed = make_task(device=DEVICE)
     opt = _wrapped("adamw", resumed)
     extra = selftune.load_checkpoint(ckpt, model=resumed.model, optimizer=opt, map_location=DEVICE)
-    resumed.order.set_state(extra["extra"]["order"])
+    resumed.order.set_state(extra["extra"]["order"].cpu())  # map_location moved it
     train(resumed, opt, 60, evaluate=False)
     weights = zip(final_weights(whole.model), final_weights(resumed.model), strict=True)
     assert all(torch.equal(a, b) for a, b in weights)

@@ -207,17 +207,30 @@ def _rng_states() -> dict[str, Any]:
 
 
 def _set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"].cpu())
+    # a map_location such as "cuda" moved the saved states to the device; torch's generators and
+    # numpy take them on the host
+    states = _on_host(states)
+    torch.set_rng_state(states["torch"])
     python = states["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     if states.get("cuda") is not None and torch.cuda.is_available():
-        # a map_location of "cuda" moved the saved states there; torch takes them on the host
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+        torch.cuda.set_rng_state_all(states["cuda"])
     np = _numpy()
     saved = states.get("numpy")
     if np is not None and saved is not None:
         key = saved["key"].numpy().astype(np.uint32)
         np.random.set_state((saved["name"], key, saved["pos"], saved["has_gauss"], saved["gauss"]))
+
+
+def _on_host(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples of tensors and plain values), every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, Mapping):
+        return {key: _on_host(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_on_host(value) for value in tree)
+    return tree
 
 
 def _numpy() -> Any:
