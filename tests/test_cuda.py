@@ -26,6 +26,7 @@ from faults import (
 )
 
 import selftune
+from selftune import GuardConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,7 +56,40 @@ def test_auto_raises_the_rate_and_trains_with_all_its_state_on_the_device(base: 
     assert run.final < plain.final, (run.final, plain.final)
     assert opt.guard is not None and opt.guard.snapshots
     saved = opt.guard.snapshots[-1].payload["params"]
-    assert all(p.device.type == DEVICE for group in saved for p in group)
+    assert all(p.device.type == "cpu" for group in saved for p in group), "not offloaded"
+
+
+def _peak_bytes(guard: GuardConfig | None, steps: int = 60) -> tuple[int, int]:
+    """Peak device memory over ``steps`` of AdamW on a 4M-parameter MLP, beyond what the model
+    held before the first step, plain (``guard`` None) or wrapped; and the parameters' bytes."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(1024, 1024) for _ in range(4)]
+    model = torch.nn.Sequential(*layers).to(DEVICE)
+    x = torch.randn(64, 1024, device=DEVICE)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if guard is not None:
+        opt = selftune.wrap(opt, "auto", guard=guard)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(steps):  # three snapshots are held by step 50: the first, 25 and 50
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach()) if guard is not None else opt.step()
+    torch.cuda.synchronize()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return torch.cuda.max_memory_allocated() - before, params
+
+
+def test_offloaded_snapshots_cost_no_device_memory() -> None:
+    """Wrapped, the only extra device memory is the previous update (one parameter-size)."""
+    plain, params = _peak_bytes(None)
+    offloaded, _ = _peak_bytes(GuardConfig())
+    on_device, _ = _peak_bytes(GuardConfig(offload=False))
+    assert offloaded - plain <= 1.2 * params, (plain, offloaded, params)
+    # the measurement sees snapshots when they are there: 3 of (weights + Adam's 2 moments)
+    assert on_device - plain >= 6 * params, (plain, on_device, params)
 
 
 @pytest.mark.parametrize("base", BASES)

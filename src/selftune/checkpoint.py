@@ -76,6 +76,8 @@ def save_checkpoint(
             f"{target} is a folder: pass a file path such as {target / 'ckpt.pt'}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the guard's last snapshot may still be on its way to the host
     payload = {
         "format": FORMAT,
         "step": step,
@@ -180,7 +182,8 @@ def _restore_guard_snapshots(
     """Put the snapshots back after ``load_state_dict`` (which clears them)."""
     guard = getattr(optimizer, "guard", None)
     if guard is not None and saved is not None:
-        guard.load_snapshots_state(saved)
+        # back to the host if the guard offloads (map_location may have put them on a device)
+        guard.load_snapshots_state(_on_host(saved) if guard.config.offload else saved)
 
 
 def _rng_states() -> dict[str, Any]:

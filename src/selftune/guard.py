@@ -21,6 +21,12 @@ steps, so that a controller whose early probing damaged the run can restart from
 25 steps bounds the work lost per rollback to a few percent of a short run, while a snapshot (one
 copy of parameters and optimizer state) costs about one optimizer step of memory traffic, i.e.
 under 4% per step amortised.
+
+Snapshots are kept in host memory (``offload``): on an accelerator the two or three held would
+otherwise take two or three more copies of the parameters and of the optimizer's state (with
+Adam, up to 9 parameter-sizes of device memory).  The copy to the host is queued without waiting
+for it, in the device's stream order, so a step does not wait for it either; a rollback copies
+back.  ``offload=False`` keeps them next to the parameters: faster rollbacks, more device memory.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class GuardConfig:
     #: controller's restart (``auto``'s range test probes in the first tens of steps and may
     #: need to undo all of them)
     keep_initial: int = 100
+    #: keep the snapshots in host memory, not next to the parameters (no difference on the CPU)
+    offload: bool = True
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.warmup < 0 or self.max_retries < 1:

@@ -370,9 +370,11 @@ class SelfTuned(torch.optim.Optimizer):
 
     # -- guard --------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:
+        assert self.guard is not None
+        to = torch.device("cpu") if self.guard.config.offload else None
         return {
-            "params": [[p.detach().clone() for p in g["params"]] for g in self.param_groups],
-            "optimizer": _clone(self.optimizer.state_dict()),
+            "params": [[_clone(p, to) for p in g["params"]] for g in self.param_groups],
+            "optimizer": _clone(self.optimizer.state_dict(), to),
             "controller": _clone(self.controller.state_dict()),
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": self._tracker.state_dict(include_update=False),
@@ -420,7 +422,9 @@ class SelfTuned(torch.optim.Optimizer):
     def _restore(self, payload: dict[str, Any]) -> None:
         """Put the parameters, optimizer state and loss statistics of a snapshot back."""
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
-            torch._foreach_copy_([p.data for p in group["params"]], saved)
+            for p, kept in zip(group["params"], saved, strict=True):
+                p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
+        # torch's load_state_dict moves the state to each parameter's device
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
@@ -533,22 +537,27 @@ class SelfTuned(torch.optim.Optimizer):
                 fn(event)
 
 
-def _clone(tree: Any) -> Any:
+def _clone(tree: Any, to: torch.device | None = None) -> Any:
     """A deep copy of a state dict, fast: the guard snapshots one every 25 steps.
 
     ``copy.deepcopy`` spends most of its time on bookkeeping (the memo, ``__reduce_ex__``) for
     what is only nested dicts, lists and tuples of tensors and numbers; this walks those
-    directly, clones tensors, keeps immutable leaves and deep-copies anything else.
+    directly, clones tensors, keeps immutable leaves and deep-copies anything else.  ``to``: the
+    device the tensors are copied to (None: where each is).  A copy from an accelerator to the
+    host is queued, not waited for (torch gives it pinned memory); what reads it later (a
+    rollback's copy back, :func:`~selftune.checkpoint.save_checkpoint`) is ordered after it.
     """
     if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
+        if to is None:
+            return tree.detach().clone()
+        return tree.detach().to(to, copy=True, non_blocking=True)
     kind = type(tree)  # exact types: a subclass (OrderedDict, a named tuple) is deep-copied
     if kind is dict:
-        return {k: _clone(v) for k, v in tree.items()}
+        return {k: _clone(v, to) for k, v in tree.items()}
     if kind is list:
-        return [_clone(v) for v in tree]
+        return [_clone(v, to) for v in tree]
     if kind is tuple:
-        return tuple(_clone(v) for v in tree)
+        return tuple(_clone(v, to) for v in tree)
     if tree is None or isinstance(tree, (bool, int, float, str, bytes)):
         return tree
     return copy.deepcopy(tree)

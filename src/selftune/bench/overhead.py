@@ -37,7 +37,8 @@ OVERHEAD = "overhead.json"
 OVERHEAD_WORKLOADS = ("mnist1d-cnn", "shakespeare-char")
 
 
-def _optimizer(base: str, params: Any) -> torch.optim.Optimizer:
+def make_optimizer(base: str, params: Any) -> torch.optim.Optimizer:
+    """The base optimizer at the benchmark's default settings (SGD with momentum 0.9, or AdamW)."""
     if base == "sgd":
         return torch.optim.SGD(params, lr=0.01, momentum=0.9)
     return torch.optim.AdamW(params, lr=1e-3)
@@ -79,9 +80,9 @@ def measure(
     models = {"plain": workload.make_model(task).to(device)}
     models["selftune"] = copy.deepcopy(models["plain"])
     opts: dict[str, Any] = {
-        "plain": _optimizer(base, models["plain"].parameters()),
+        "plain": make_optimizer(base, models["plain"].parameters()),
         "selftune": selftune.wrap(
-            _optimizer(base, models["selftune"].parameters()), controller=controller, seed=0
+            make_optimizer(base, models["selftune"].parameters()), controller=controller, seed=0
         ),
     }
     rounds = steps // block
