@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import cache
+from typing import Any
 
 import pytest
 import torch
@@ -164,3 +165,39 @@ def test_signals_match_a_direct_computation_on_every_storage_path() -> None:
             [p.detach() - q for p, q in zip(ps, qs, strict=True)]
             for ps, qs in zip(params, before, strict=True)
         ]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # a sparse momentum buffer
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    ],
+    ids=["sgd-momentum", "adagrad"],
+)
+def test_sparse_gradients_give_the_signals_their_dense_equivalents_give(make: Any) -> None:
+    """``nn.Embedding(sparse=True)``: the norms and alignments are those of the same run with
+    dense gradients (before, the fused norm refused sparse tensors deep inside ``step``)."""
+    runs = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 4, sparse=sparse), torch.nn.Linear(4, 1))
+        opt = selftune.wrap(make(list(model.parameters())), "hypergradient", guard=False)
+        gen = torch.Generator().manual_seed(1)
+        signals = []
+        for _ in range(4):
+            ids = torch.randint(0, 50, (8,), generator=gen)
+            loss = model(ids).sub(1).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            assert opt.last_signals is not None
+            signals.append(opt.last_signals.groups[0])
+        runs.append(signals)
+    for got, want in zip(*runs, strict=True):
+        assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
+        assert got.update_norm == pytest.approx(want.update_norm, rel=1e-5)
+        assert got.cos_update == pytest.approx(want.cos_update, rel=1e-4, abs=1e-6)
+        if not math.isnan(want.cos_buffer):
+            assert got.cos_buffer == pytest.approx(want.cos_buffer, rel=1e-4, abs=1e-6)
+    assert any(s.cos_update != 0.0 for s in runs[0]), "the alignment was never measured"

@@ -103,18 +103,24 @@ class SignalTracker:
             if not grads:
                 layout.append((0, 0, False))
                 continue
-            parts.extend(torch._foreach_norm(grads))
+            # sparse gradients (nn.Embedding(sparse=True)) have no fused kernels: per tensor
+            sparse = any(g.is_sparse for g in grads)
+            parts.extend([_norm(g) for g in grads] if sparse else torch._foreach_norm(grads))
             n_prev = 0
             if self._prev is not None:
                 every = len(grads) == len(params)  # the usual case: the whole flat buffer
                 prev = self._prev[gi] if every else [self._prev[gi][i] for i in with_grad]
-                flat = self._flat[gi] if every else None
+                flat = self._flat[gi] if every and not sparse else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
                 if flat is not None:  # one reduction each over the whole group, in float32
                     parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32))
                     torch._foreach_mul_(prev, grads)
                     parts.append(flat.sum(dtype=torch.float32))
                     n_prev = 1
+                elif sparse:
+                    parts.extend(torch._foreach_norm(prev))
+                    parts.extend(_dot(t, g) for t, g in zip(prev, grads, strict=True))
+                    n_prev = len(grads)
                 else:
                     parts.extend(torch._foreach_norm(prev))
                     torch._foreach_mul_(prev, grads)
@@ -122,8 +128,12 @@ class SignalTracker:
                     n_prev = len(grads)
             bufs = _buffers([params[i] for i in with_grad], state) if buffers else None
             if bufs is not None:
-                parts.extend(torch._foreach_norm(bufs))
-                parts.extend(t.sum() for t in torch._foreach_mul(bufs, grads))
+                sparse = sparse or any(b.is_sparse for b in bufs)
+                parts.extend([_norm(b) for b in bufs] if sparse else torch._foreach_norm(bufs))
+                if sparse:
+                    parts.extend(_dot(b, g) for b, g in zip(bufs, grads, strict=True))
+                else:
+                    parts.extend(t.sum() for t in torch._foreach_mul(bufs, grads))
             layout.append((len(grads), n_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
@@ -292,6 +302,24 @@ def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | No
             return None
         out.append(buf)
     return out
+
+
+def _norm(g: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of a gradient, dense or sparse (the norm of its coalesced values)."""
+    return torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩, either or both sparse (SGD's momentum buffer of a sparse gradient is sparse too):
+    a sparse one contributes only the entries it holds."""
+    if a.is_sparse and b.is_sparse:
+        return torch.sparse.sum(a * b)
+    if a.is_sparse:
+        a, b = b, a
+    if not b.is_sparse:
+        return (a * b).sum()
+    b = b.coalesce()
+    return (a[tuple(b.indices())] * b.values()).sum()
 
 
 def _as_f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
