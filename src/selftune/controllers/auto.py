@@ -201,8 +201,8 @@ class AutoController:
         A cut is a trial: if the smoothed loss has not fallen significantly by the time the next
         plateau check could fire, :meth:`_judge_trial` undoes it.
         """
-        if rho >= 0:
-            why = f"plateau with steps still too short (cos {rho:+.3f}); grow x2"
+        if self._evidence[i].sign(self.clear) > 0:
+            why = f"plateau with steps clearly too short (cos {rho:+.3f}); grow x2"
             return Proposal(i, "lr", lr * 2.0, why)
         self._trial[i] = [lr, s.loss_ema_slow or 0.0, s.loss_std or 0.0, 0]
         return self.stability.cut_proposal(i, lr, trouble, s.step)
