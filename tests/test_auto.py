@@ -417,3 +417,29 @@ def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights
         lambda ps: selftune.replay(torch.optim.AdamW(ps, lr=0.1), tmp_path)
     )
     assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
+
+
+def _plateau_proposals(cosines: list[float]) -> list[Any]:
+    """Bring a controller to its cruise, then hold the loss flat (a plateau) while feeding
+    ``cosines``; return the plateau's proposals."""
+    ctl = AutoController()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    _, phases = _drive(ctl, _noise(10, 0.4, 0.05) + [-0.3] * 5)
+    assert phases[-1] == "cruise"
+    out = []
+    for t, cos in enumerate(cosines, 15):
+        for p in ctl.propose(_signals(t, cos), knobs):
+            knobs[p.group][p.knob] = p.value
+            if "plateau" in p.reason:
+                out.append(p)
+    return out
+
+
+def test_a_plateau_doubles_the_rate_only_on_clearly_short_steps() -> None:
+    # the residual CNN with AdamW: at a plateau the averaged cosine stood at +0.006, and the
+    # doubling on any non-negative average took the rate to 0.053 (425 steps to the target,
+    # against 150 once it was cut instead)
+    noisy = _plateau_proposals(_noise(120, 0.02, 0.05))
+    assert noisy and all("cut" in p.reason for p in noisy), [p.reason for p in noisy]
+    short = _plateau_proposals(_noise(120, 0.3, 0.02))
+    assert short and all("grow x2" in p.reason for p in short), [p.reason for p in short]
