@@ -275,13 +275,18 @@ def test_a_restore_to_the_first_snapshot_keeps_what_failed() -> None:
     assert ctl.state_dict()["phase"] == ["cruise"]
 
 
-def _cruise_then(cosines: list[float]) -> list[tuple[float, Any]]:
-    """Bring a controller to its cruise (a clear ramp that then overshoots), feed ``cosines``
-    with a falling loss, and return every proposal made during them, with the rate before it."""
+def _in_cruise() -> tuple[AutoController, list[dict[str, float]]]:
+    """A controller brought to its cruise by a clear ramp that then overshoots (15 steps)."""
     ctl = AutoController()
-    knobs = [{"lr": 1e-3, "momentum": 0.9}]
     _, phases = _drive(ctl, _noise(10, 0.4, 0.05) + [-0.3] * 5)
     assert phases[-1] == "cruise"
+    return ctl, [{"lr": 1e-3, "momentum": 0.9}]
+
+
+def _cruise_then(cosines: list[float]) -> list[tuple[float, Any]]:
+    """Bring a controller to its cruise, feed ``cosines`` with a falling loss, and return every
+    proposal made during them, with the rate before it."""
+    ctl, knobs = _in_cruise()
     out = []
     for t, cos in enumerate(cosines, 15):
         loss = 2.3 - 0.01 * t  # falling steadily: no plateau
@@ -422,10 +427,7 @@ def test_adamw_far_too_high_on_the_char_transformer_re_tests_on_restored_weights
 def _plateau_proposals(cosines: list[float]) -> list[Any]:
     """Bring a controller to its cruise, then hold the loss flat (a plateau) while feeding
     ``cosines``; return the plateau's proposals."""
-    ctl = AutoController()
-    knobs = [{"lr": 1e-3, "momentum": 0.9}]
-    _, phases = _drive(ctl, _noise(10, 0.4, 0.05) + [-0.3] * 5)
-    assert phases[-1] == "cruise"
+    ctl, knobs = _in_cruise()
     out = []
     for t, cos in enumerate(cosines, 15):
         for p in ctl.propose(_signals(t, cos), knobs):
