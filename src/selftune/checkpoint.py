@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from selftune.errors import SelfTuneError
+from selftune.tuner import finish_offload
 
 #: Written into every checkpoint so that a later reader can tell which layout it follows.
 FORMAT = "selftune-checkpoint/1"
@@ -76,8 +77,7 @@ def save_checkpoint(
             f"{target} is a folder: pass a file path such as {target / 'ckpt.pt'}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()  # the guard's last snapshot may still be on its way to the host
+    finish_offload()  # the guard's last snapshot may still be on its way to the host
     payload = {
         "format": FORMAT,
         "step": step,

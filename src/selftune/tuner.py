@@ -421,6 +421,7 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _restore(self, payload: dict[str, Any]) -> None:
         """Put the parameters, optimizer state and loss statistics of a snapshot back."""
+        finish_offload()  # the clone below reads the snapshot on the host
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             for p, kept in zip(group["params"], saved, strict=True):
                 p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
@@ -537,6 +538,17 @@ class SelfTuned(torch.optim.Optimizer):
                 fn(event)
 
 
+def finish_offload() -> None:
+    """Wait for the copies of snapshots to the host that are still queued on the GPU.
+
+    Before anything reads a snapshot on the host: a rollback (rare) or a checkpoint.  Usually
+    they are long done, since each step's read of its signals waits for the device, but a
+    restart in the step that took its snapshot would read it before the copy had landed.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _clone(tree: Any, to: torch.device | None = None) -> Any:
     """A deep copy of a state dict, fast: the guard snapshots one every 25 steps.
 
@@ -544,8 +556,8 @@ def _clone(tree: Any, to: torch.device | None = None) -> Any:
     what is only nested dicts, lists and tuples of tensors and numbers; this walks those
     directly, clones tensors, keeps immutable leaves and deep-copies anything else.  ``to``: the
     device the tensors are copied to (None: where each is).  A copy from an accelerator to the
-    host is queued, not waited for (torch gives it pinned memory); what reads it later (a
-    rollback's copy back, :func:`~selftune.checkpoint.save_checkpoint`) is ordered after it.
+    host is queued, not waited for (torch gives it pinned memory); what reads it on the host
+    later waits for it first (:func:`finish_offload`).
     """
     if isinstance(tree, torch.Tensor):
         if to is None:
