@@ -140,7 +140,7 @@ def main() -> None:
     opt.close()
     if rank == 0:
         print(selftune.verify(args.run_dir).summary())
-    if world > 1:
+    if dist.is_initialized():  # torchrun with one process joins a group of one, too
         dist.destroy_process_group()
 
 
