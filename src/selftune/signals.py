@@ -117,23 +117,15 @@ class SignalTracker:
                     torch._foreach_mul_(prev, grads)
                     parts.append(flat.sum(dtype=torch.float32))
                     n_prev = 1
-                elif sparse:
-                    parts.extend(torch._foreach_norm(prev))
-                    parts.extend(_dot(t, g) for t, g in zip(prev, grads, strict=True))
-                    n_prev = len(grads)
                 else:
                     parts.extend(torch._foreach_norm(prev))
-                    torch._foreach_mul_(prev, grads)
-                    parts.extend(t.sum() for t in prev)
+                    parts.extend(_dots(prev, grads, sparse, in_place=True))
                     n_prev = len(grads)
             bufs = _buffers([params[i] for i in with_grad], state) if buffers else None
             if bufs is not None:
-                sparse = sparse or any(b.is_sparse for b in bufs)
+                # SGD's momentum buffer of a sparse gradient is sparse too
                 parts.extend([_norm(b) for b in bufs] if sparse else torch._foreach_norm(bufs))
-                if sparse:
-                    parts.extend(_dot(b, g) for b, g in zip(bufs, grads, strict=True))
-                else:
-                    parts.extend(t.sum() for t in torch._foreach_mul(bufs, grads))
+                parts.extend(_dots(bufs, grads, sparse, in_place=False))
             layout.append((len(grads), n_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
@@ -309,9 +301,24 @@ def _norm(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
 
 
+def _dots(
+    tensors: list[torch.Tensor], grads: list[torch.Tensor], sparse: bool, in_place: bool
+) -> list[torch.Tensor]:
+    """⟨t, g⟩ per tensor: one fused multiply when all are dense (``in_place``: into ``tensors``,
+    whose contents are not needed after), else one product at a time over a sparse one's
+    entries."""
+    if sparse:
+        return [_dot(t, g) for t, g in zip(tensors, grads, strict=True)]
+    if in_place:
+        torch._foreach_mul_(tensors, grads)
+        products = tensors
+    else:
+        products = list(torch._foreach_mul(tensors, grads))
+    return [t.sum() for t in products]
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩, either or both sparse (SGD's momentum buffer of a sparse gradient is sparse too):
-    a sparse one contributes only the entries it holds."""
+    """⟨a, b⟩, either or both sparse: a sparse one contributes only the entries it holds."""
     if a.is_sparse and b.is_sparse:
         return torch.sparse.sum(a * b)
     if a.is_sparse:
