@@ -1,6 +1,7 @@
 """Compare two sets of ``selftune-auto-*`` runs, run by run: the counts the README quotes.
 
-Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl NEW.jsonl``.
+Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl NEW.jsonl``
+(``--prefix ''`` compares every row, not only ``auto``'s).
 Every run of NEW (workload, method, seed) that OLD also holds is compared on steps to target (a
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
 how many reached the target in each, and the geometric mean of NEW's steps over OLD's on the runs
@@ -42,8 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
+    parser.add_argument(
+        "--prefix", default="selftune-auto-", help="compare the methods named so ('': every row)"
+    )
     args = parser.parse_args()
-    old, new = runs(args.old), runs(args.new)
+    old, new = runs(args.old, args.prefix), runs(args.new, args.prefix)
     shared = sorted(set(old) & set(new))
     faster = slower = 0
     for key in shared:
@@ -87,8 +91,9 @@ def _against_the_oracle(old: dict, new: dict, oracle: dict[tuple[str, str], floa
     print("auto at the default rate, median steps (x the oracle) [seeds hit]: OLD -> NEW")
     gained = lost = total = 0
     for (workload, base), o in sorted(oracle.items()):
-        for method in (m for w, m in sorted(b) if w == workload and m.split("-")[2] == base):
-            start = method.removeprefix(f"selftune-auto-{base}")
+        auto = f"selftune-auto-{base}"
+        for method in (m for w, m in sorted(b) if w == workload and m.startswith(auto)):
+            start = method.removeprefix(auto)
             if start == "":
                 row = [_median_text(d[workload, method], o) for d in (a, b)]
                 print(f"  {workload} {base}: {row[0]} -> {row[1]}")
