@@ -1,0 +1,119 @@
+"""Does the hypergradient over a longer horizon tell a rate too low from the best one?
+
+Run from the repository root: ``python bench-results/pilots/horizon.py`` (about ten minutes on
+two cores); it writes ``horizon.json`` next to itself.
+
+The one-step hypergradient ``⟨−g_t, Δθ_{t-1}⟩`` is the derivative of the loss with respect to
+the *last* step's rate.  Summed over the last H updates, ``⟨−g_t, θ_t − θ_{t−H}⟩`` is the
+derivative with respect to a rate held over those H steps (the Jacobian of later updates on
+earlier ones left out).  On a noisy quadratic at its noise floor both are negative, but the
+one-step noise term is ``−a·σ²/(2−a)`` per direction (``a = lr·curvature``) while the H-step
+one saturates at ``−σ²/(2−a)`` once ``H > 1/a``: stiff directions at their floor weigh less
+against the drift ``~H·|∇L|²`` of the flat ones still moving, which is Wu et al.'s short-horizon
+bias read the other way.  This script measures both cosines along plain runs at constant rates
+(the committed grid's best constant rate for each pair, 10x and 3x below and 3x above), with the
+H-step displacement kept as an EMA of the updates (decay ``γ``, about ``1/(1−γ)`` steps), in
+global optimizer-step hooks; nothing in selftune is changed.  Recorded at every evaluation: the
+metric, and the mean of each cosine over the steps since the previous evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from selftune.bench import runner
+from selftune.bench.methods import Method, _plain
+from selftune.bench.workloads import WORKLOADS
+
+BEST = {  # the committed grid's best constant rate (bench-results/results.jsonl, median of 3)
+    ("digits-mlp", "sgd"): 0.1,
+    ("digits-mlp", "adamw"): 0.01,
+    ("mnist1d-cnn", "adamw"): 0.01,
+    ("friedman-mlp", "sgd"): 3e-3,
+    ("friedman-mlp", "adamw"): 3e-2,
+    ("mnist1d-gru", "adamw"): 3e-2,
+}
+FACTORS = (0.1, 1 / 3, 1.0, 3.0)
+DECAYS = (0.0, 0.9, 0.97)  # γ = 0: the one-step cosine
+
+
+def _measure(workload: str, base: str, lr: float) -> dict[str, Any]:
+    params: list[torch.Tensor] = []
+    before: list[torch.Tensor] = []
+    disp: dict[float, list[torch.Tensor]] = {}
+    sums: dict[float, list[float]] = {d: [] for d in DECAYS}
+    trace: dict[int, dict[str, float]] = {}
+    t = {"step": 0}
+
+    def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not params:
+            params.extend(p for g in opt.param_groups for p in g["params"])
+            disp.update({d: [torch.zeros_like(p) for p in params] for d in DECAYS})
+        t["step"] += 1
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        gn = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        for d in DECAYS:
+            dn = math.sqrt(sum(float(x.pow(2).sum()) for x in disp[d]))
+            if gn > 0 and dn > 0:
+                dot = sum(float((x * g).sum()) for x, g in zip(disp[d], grads, strict=True))
+                sums[d].append(-dot / (gn * dn))
+        before[:] = [p.detach().clone() for p in params]
+
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for d in DECAYS:
+            for x, p, b in zip(disp[d], params, before, strict=True):
+                x.mul_(d).add_(p.detach() - b)
+        if t["step"] % 5 == 0:
+            trace[t["step"]] = {f"cos_{d:g}": _mean(sums[d]) for d in DECAYS}
+
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    method = Method(f"{base}-const-{lr:g}", "grid", base, _plain(base, lr, "const"), 1, lr)
+    try:
+        with runner.one_thread():
+            record = runner.train(WORKLOADS[workload], method, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    curves = record["curves"]
+    rows = []
+    last = 0
+    for s, m in zip(curves["step"], curves["metric"], strict=True):
+        window = {d: sums[d][last:s] for d in DECAYS}
+        rows.append({"step": s, "metric": m, **{f"cos_{d:g}": _mean(window[d]) for d in DECAYS}})
+        last = s
+    return {"workload": workload, "base": base, "lr": lr, "seed": 0,
+            "steps_to_target": record["steps_to_target"], "evaluations": rows}  # fmt: skip
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def main() -> None:
+    runs = [(w, b, best * f) for (w, b), best in BEST.items() for f in FACTORS]
+    jobs = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    with ProcessPoolExecutor(jobs) as pool:
+        out = list(pool.map(_measure, *zip(*runs, strict=True)))
+    path = Path(__file__).with_name("horizon.json")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    for run in out:
+        ev = run["evaluations"]
+        print(f"{run['workload']} {run['base']} {run['lr']:.3g}: target {run['steps_to_target']}")
+        for d in DECAYS:
+            key = f"cos_{d:g}"
+            print(f"  {key:8}", " ".join(f"{e[key]:+.2f}" for e in ev[:20]))
+
+
+if __name__ == "__main__":
+    main()
