@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -445,3 +446,35 @@ def test_a_plateau_doubles_the_rate_only_on_clearly_short_steps() -> None:
     assert noisy and all("cut" in p.reason for p in noisy), [p.reason for p in noisy]
     short = _plateau_proposals(_noise(120, 0.3, 0.02))
     assert short and all("grow x2" in p.reason for p in short), [p.reason for p in short]
+
+
+def _plateau_trial(loss_at: Callable[[int, float], float]) -> tuple[list[str], float]:
+    """Drive a cruise whose minibatch loss is ``loss_at(step, rate)`` plus noise (sd 0.05), with
+    its EMAs kept as the signal tracker keeps them; return the plateau and trial decisions and
+    the final rate."""
+    ctl, knobs = _in_cruise()
+    rng = random.Random(1)
+    fast = slow = loss_at(15, knobs[0]["lr"])
+    out = []
+    for t in range(15, 260):
+        loss = loss_at(t, knobs[0]["lr"]) + rng.gauss(0.0, 0.05)
+        fast, slow = 0.9 * fast + 0.1 * loss, 0.98 * slow + 0.02 * loss
+        group = GroupSignals(1.0, 1.0, -0.05, -0.05, math.nan)
+        signals = Signals(t, loss, fast, slow, 0.05, 0.0, 1.0, (group,))
+        for p in ctl.propose(signals, knobs):
+            knobs[p.group][p.knob] = p.value
+            out.append(p.reason)
+    return out, knobs[0]["lr"]
+
+
+def test_a_plateau_cut_is_kept_only_if_the_loss_falls_below_the_plateau() -> None:
+    # a descent that pauses (friedman-mlp with AdamW falls in steps between flat stretches): the
+    # cut does not lower the flat stretch, and the slow loss EMA, still catching up with the
+    # descent before it, fell anyway: judged by that EMA the cut was kept, and the next one too
+    reasons, lr = _plateau_trial(lambda t, _: max(3.0 - 0.02 * (t - 15), 2.0))
+    assert any("plateau" in r for r in reasons)
+    assert any("undo" in r for r in reasons) and lr >= 1e-3, reasons
+    # a noise floor that the rate sets: the cut lowers it at once and is kept
+    reasons, lr = _plateau_trial(lambda t, lr: 2.0 + 500.0 * lr)
+    assert any("plateau" in r for r in reasons)
+    assert not any("undo" in r for r in reasons) and lr < 1e-3, reasons

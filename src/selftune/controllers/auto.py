@@ -134,7 +134,8 @@ class AutoController:
         #: ``on_backoff``: (the lowest rate that has failed, this one included; whether the
         #: range test should retreat rather than probe)
         self._at_failure: list[tuple[float, bool]] = []
-        # per group, a plateau cut on trial: [rate before, slow loss EMA, loss sd, age] or None
+        #: per group, a plateau cut on trial: [rate before, the plateau's mean loss, its window's
+        #: length, steps since the cut, sum of their losses] or None
         self._trial: list[list[float] | None] = []
 
     def _ensure(self, n: int) -> None:
@@ -200,28 +201,41 @@ class AutoController:
 
         "Clearly" as in the range test: the recent cosines stand ``clear`` standard errors above
         zero.  A non-negative average alone is what noise gives half the time: on the residual
-        CNN with AdamW one of +0.006 doubled the rate to 0.053 (pilot 37).  A cut is a trial: if
-        the smoothed loss has not fallen significantly by the time the next plateau check could
-        fire, :meth:`_judge_trial` undoes it.
+        CNN with AdamW one of +0.006 doubled the rate to 0.053 (pilot 37).  A cut is a trial
+        that :meth:`_judge_trial` undoes unless the loss falls clearly below the plateau's level.
         """
         if self._evidence[i].sign(self.clear) > 0:
             why = f"plateau with steps clearly too short (cos {rho:+.3f}); grow x2"
             return Proposal(i, "lr", lr * 2.0, why)
-        self._trial[i] = [lr, s.loss_ema_slow or 0.0, s.loss_std or 0.0, 0]
+        level = self.stability.plateau_level(i)
+        if level is not None:
+            self._trial[i] = [lr, level[0], float(level[1]), 0, 0.0]
         return self.stability.cut_proposal(i, lr, trouble, s.step)
 
     def _judge_trial(self, s: Signals, i: int, lr: float) -> Proposal | None:
+        """Keep a plateau cut only if it lowered the loss: at a noise floor a smaller rate lowers
+        the floor within a few tens of steps; on a slow stretch of a descent (``friedman-mlp``
+        with AdamW, whose loss falls in steps between long flat stretches) it only slows it.
+
+        The mean minibatch loss of the ``2 * warmup`` steps after the cut is compared with the
+        mean of the window that signalled the plateau, against the standard error of their
+        difference (σ: the minibatch loss's running deviation): both are means of minibatch
+        losses, so the comparison has no lag.  Before, the slow loss EMA was compared with its
+        value at the cut; that EMA lags about 50 steps, so after any descent it went on falling
+        towards the plateau's level and every cut looked as if it had helped.
+        """
         trial = self._trial[i]
-        if trial is None or s.loss_ema_slow is None:
+        if trial is None or s.loss is None or s.loss_std is None:
             return None
         trial[3] += 1
+        trial[4] += s.loss
         if trial[3] < self.stability.warmup * 2:
             return None
         self._trial[i] = None
-        before, loss, std, _ = trial
-        if loss - s.loss_ema_slow >= 0.2 * std:
+        before, level, n, age, total = trial
+        if level - total / age >= s.loss_std * math.sqrt(1 / n + 1 / age):
             return None  # the cut helped: keep it
-        why = "the last plateau cut did not lower the loss: not a noise floor; undo it"
+        why = "the last plateau cut did not lower the loss below the plateau's; undo it"
         return Proposal(i, "lr", max(before, lr), why)
 
     def _range_test(self, s: Signals, i: int, k: dict[str, float], rho: float) -> list[Proposal]:
@@ -454,7 +468,8 @@ class AutoController:
         self._descent = SignTest(**state.get("descent", {}))
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
-        self._trial = [None if t is None else list(t) for t in state["trial"]]
+        # a trial saved before it kept the plateau's level (four fields) is dropped: kept
+        self._trial = [None if t is None or len(t) != 5 else list(t) for t in state["trial"]]
         self._failed = list(state.get("failed", [None] * groups))
         self._low = list(state.get("low", [None] * groups))
         self._cap = list(state.get("cap", [None] * groups))

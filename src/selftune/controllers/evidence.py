@@ -54,6 +54,9 @@ class PlateauDetector:
     total: float = 0.0  #: sum of the losses in the current window
     count: int = 0
     wait: int = 0
+    #: the mean loss and length of the window that last fired: the level a cut is judged against
+    level: float | None = None
+    level_count: int = 0
 
     def update(self, step: int, loss: float | None, std: float | None) -> bool:
         if loss is None or std is None:
@@ -68,6 +71,7 @@ class PlateauDetector:
         if prev is None or self.wait > 0:
             return False
         if prev - mean < std / math.sqrt(n):
+            self.level, self.level_count = mean, n
             self.hold(step)
             return True
         return False

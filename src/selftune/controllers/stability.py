@@ -98,6 +98,11 @@ class StabilityController:
                 out.append(Proposal(i, "lr", k["lr"] * self.growth, "calm: loss falling steadily"))
         return out
 
+    def plateau_level(self, group: int) -> tuple[float, int] | None:
+        """The mean minibatch loss of the window that last signalled a plateau, and its length."""
+        plateau = self._groups[group].plateau
+        return None if plateau.level is None else (plateau.level, plateau.level_count)
+
     def on_backoff(self, step: int) -> None:
         for st in self._groups:
             st.cooldown = self.warmup
