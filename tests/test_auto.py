@@ -471,10 +471,41 @@ def test_a_plateau_cut_is_kept_only_if_the_loss_falls_below_the_plateau() -> Non
     # a descent that pauses (friedman-mlp with AdamW falls in steps between flat stretches): the
     # cut does not lower the flat stretch, and the slow loss EMA, still catching up with the
     # descent before it, fell anyway: judged by that EMA the cut was kept, and the next one too
-    reasons, lr = _plateau_trial(lambda t, _: max(3.0 - 0.02 * (t - 15), 2.0))
+    reasons, lr = _plateau_trial(lambda t, _: max(2.2 - 0.02 * (t - 15), 1.2))
     assert any("plateau" in r for r in reasons)
     assert any("undo" in r for r in reasons) and lr >= 1e-3, reasons
     # a noise floor that the rate sets: the cut lowers it at once and is kept
-    reasons, lr = _plateau_trial(lambda t, lr: 2.0 + 500.0 * lr)
+    reasons, lr = _plateau_trial(lambda t, lr: 1.5 + 500.0 * lr)
     assert any("plateau" in r for r in reasons)
     assert not any("undo" in r for r in reasons) and lr < 1e-3, reasons
+
+
+def _ramp_then(loss_after: float) -> tuple[list[str], list[str], float]:
+    """A ramp from below with clearly positive cosines and a falling loss that overshoots at
+    step 12; from step 15 the minibatch loss is ``loss_after``.  Returns the decisions' reasons,
+    the restarts asked for, and the final rate."""
+    ctl, knobs = AutoController(), [{"lr": 0.1, "momentum": 0.9}]
+    rng = random.Random(0)
+    fast = None
+    reasons, restarts = [], []
+    for t in range(40):
+        cos = 0.4 + rng.gauss(0.0, 0.05) if t < 12 else -0.3
+        loss = 2.3 - 0.03 * min(t, 14) + rng.gauss(0.0, 0.01) if t < 15 else loss_after
+        fast = loss if fast is None else 0.9 * fast + 0.1 * loss
+        for p in ctl.propose(_signals(t, cos, loss=loss, ema=fast), knobs):
+            knobs[p.group][p.knob] = p.value
+            reasons.append(p.reason)
+        if (restart := ctl.take_restart()) is not None:
+            restarts.append(restart)
+    return reasons, restarts, knobs[0]["lr"]
+
+
+def test_a_loss_that_rises_above_its_start_after_the_ramp_retreats_and_restarts() -> None:
+    # the digits MLP with SGD from 0.1: the ramp's cosines stayed positive up to the step that
+    # wrecked the network, and its smoothed loss rose above the start only after the ramp ended
+    calm, calm_restarts, calm_lr = _ramp_then(1.8)
+    assert any("overshoot" in r for r in calm) and not calm_restarts
+    wrecked, restarts, lr = _ramp_then(3.5)
+    assert any("rose above its start after the ramp" in r for r in wrecked), wrecked
+    assert len(restarts) == 1 and "damaged the weights" in restarts[0]
+    assert lr == pytest.approx(calm_lr * 0.25)

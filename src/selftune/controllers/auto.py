@@ -29,8 +29,9 @@
    informed ramp starts the same downward probe from the halved rate, unless the recent cosines
    still stood clearly above zero when it came: then the sign was blind to that edge (SGD with
    heavy-ball momentum, whose cosines stay high up to a gradient spike) and the rate retreats
-   as on a flat start.  If the smoothed loss blows up (``blowup`` times its best), it retreats
-   as above.  In these cases the probe's steps overshot; if the loss also rose above where the
+   as on a flat start.  If the smoothed loss blows up (``blowup`` times its best), or stands
+   clearly above its start within ten steps after a ramp from below ended (the cosines'
+   average lags the step that wrecked the network), it retreats as above.  In these cases the probe's steps overshot; if the loss also rose above where the
    run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
    controller asks the wrapper to *restart* from the first guard snapshot with the rate it
    found, as an offline learning-rate finder restores the weights after its test.  A start *far*
@@ -63,6 +64,10 @@ from selftune.controllers.evidence import RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
 from selftune.signals import FAST_DECAY, Signals
+
+#: steps after a ramp from below ends in which a loss above its start is blamed on the ramp:
+#: the fast loss EMA's memory
+WATCH = round(1 / (1 - FAST_DECAY))
 
 
 class AutoController:
@@ -134,6 +139,9 @@ class AutoController:
         #: ``on_backoff``: (the lowest rate that has failed, this one included; whether the
         #: range test should retreat rather than probe)
         self._at_failure: list[tuple[float, bool]] = []
+        #: per group, the cruise steps left in which a rise of the loss above its start is
+        #: blamed on the range test's last steps (see _harmed_after_ramp)
+        self._watch: list[int] = []
         #: per group, a plateau cut on trial: [rate before, the plateau's mean loss, its window's
         #: length, steps since the cut, sum of their losses] or None
         self._trial: list[list[float] | None] = []
@@ -147,6 +155,7 @@ class AutoController:
             self._informed.append(False)
             self._last_lr.append(None)
             self._trial.append(None)
+            self._watch.append(0)
             self._failed.append(None)
             self._low.append(None)
             self._cap.append(None)
@@ -181,6 +190,8 @@ class AutoController:
                 continue
             if self._phase[i] != "cruise":
                 out.extend(self._range_test(signals, i, k, rho_fast))
+            elif self._harmed_after_ramp(signals, i):
+                out.append(self._retreat_after_harm(i, k["lr"]))
             elif trouble is not None and trouble[0] == "spike":
                 out.append(self.stability.cut_proposal(i, k["lr"], trouble, signals.step))
             elif trouble is not None and trouble[0] == "plateau":
@@ -193,6 +204,32 @@ class AutoController:
         if self._retesting:  # the restart is the run's: every group that needs one joined it
             self._retested, self._retesting = True, False
         return out
+
+    def _harmed_after_ramp(self, s: Signals, i: int) -> bool:
+        """Whether the smoothed loss rose clearly above its start just after the ramp ended.
+
+        The ramp ends at the first negative average of the cosines, and that average lags about
+        three steps; heavy-ball SGD's stay positive up to the step that wrecks the network.  On
+        the digits MLP from 0.1 the ramp ended at 0.74 with the minibatch loss leaping from 1.7
+        to 3.8 in that step, while the smoothed loss, ten steps of memory, still stood below
+        the start; it rose to 2.9 within five steps and the network never left chance level,
+        cruising at 0.37-0.74.  So for the fast EMA's memory (``WATCH`` steps) after a ramp
+        from below ends, a smoothed loss ``clear`` errors above the start level is the offline
+        finder's stop, read late: the ramp's last steps did harm.
+        """
+        if not self._watch[i]:
+            return False
+        self._watch[i] -= 1
+        return self._left_start(s) > 0
+
+    def _retreat_after_harm(self, i: int, lr: float) -> Proposal:
+        """Retreat to ``retreat`` of the rate and restart from the first snapshot, as for a
+        ramp whose loss blew up."""
+        self._watch[i] = 0
+        why = f"range test: the loss rose above its start after the ramp ended at lr {lr:.3g}"
+        if self._restart is None:
+            self._restart = f"{why}; the probe's steps damaged the weights"
+        return Proposal(i, "lr", lr * self.retreat, f"{why}; retreat")
 
     def _plateau(
         self, s: Signals, i: int, lr: float, rho: float, trouble: tuple[str, str]
@@ -307,6 +344,8 @@ class AutoController:
         if (overshoot or bound) and phase == "ramp_up" and low is not None and not self._retested:
             return self._retest(i, lr, low)
         if overshoot:
+            if phase == "ramp":  # see _harmed_after_ramp
+                self._watch[i] = WATCH
             why = f"steps began to overshoot at lr {lr:.3g} (cos {rho:+.3f})"
             return to_cruise(self.settle, why, restart=phase == "ramp_up")
         if bound:
@@ -445,6 +484,7 @@ class AutoController:
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
             "trial": [None if t is None else list(t) for t in self._trial],
+            "watch": list(self._watch),
             "failed": list(self._failed),
             "low": list(self._low),
             "cap": list(self._cap),
@@ -470,6 +510,7 @@ class AutoController:
         self._start_phase = state["start_phase"]
         # a trial saved before it kept the plateau's level (four fields) is dropped: kept
         self._trial = [None if t is None or len(t) != 5 else list(t) for t in state["trial"]]
+        self._watch = list(state.get("watch", [0] * groups))
         self._failed = list(state.get("failed", [None] * groups))
         self._low = list(state.get("low", [None] * groups))
         self._cap = list(state.get("cap", [None] * groups))
