@@ -31,10 +31,11 @@
    heavy-ball momentum, whose cosines stay high up to a gradient spike) and the rate retreats
    as on a flat start.  If the smoothed loss blows up (``blowup`` times its best), or stands
    clearly above its start within ten steps after a ramp from below ended (the cosines'
-   average lags the step that wrecked the network), it retreats as above.  In these cases the probe's steps overshot; if the loss also rose above where the
-   run started, they did harm (dead ReLUs, wrecked embeddings, Adam's moments), and the
-   controller asks the wrapper to *restart* from the first guard snapshot with the rate it
-   found, as an offline learning-rate finder restores the weights after its test.  A start *far*
+   average lags the step that wrecked the network), it retreats as above.  In these cases the
+   probe's steps overshot; if the loss also rose above where the run started, they did harm
+   (dead ReLUs, wrecked embeddings, Adam's moments), and the controller asks the wrapper to
+   *restart* from the first guard snapshot with the rate it found, as an offline
+   learning-rate finder restores the weights after its test.  A start *far*
    past the crossing (its shrink went deeper than the average's lag) read that crossing on the
    weights its first steps harmed: it restarts once and tests again from below on the restored
    weights, never past the rate it found (:meth:`AutoController._retest`).
