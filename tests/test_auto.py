@@ -509,3 +509,24 @@ def test_a_loss_that_rises_above_its_start_after_the_ramp_retreats_and_restarts(
     assert any("rose above its start after the ramp" in r for r in wrecked), wrecked
     assert len(restarts) == 1 and "damaged the weights" in restarts[0]
     assert lr == pytest.approx(calm_lr * 0.25)
+
+
+def test_a_deep_shrink_after_a_rollback_before_the_first_look_re_tests() -> None:
+    # the digits autoencoder with AdamW from 0.1, seed 1: the guard rolled the second step back,
+    # the shrink from the halved rate went 6x deep and the run cruised on the weights that rate
+    # had harmed (a miss); a shrink from the first look re-tested in that case
+    ctl, knobs = AutoController(), [{"lr": 0.1, "momentum": 0.9}]
+    first = ctl.state_dict()  # the guard's first snapshot predates the controller's groups
+    for t in range(2):
+        ctl.propose(_signals(t, -0.2), knobs)
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(first)
+    ctl.on_backoff(2)
+    knobs[0]["lr"] = 0.05
+    restarts = []
+    for t, cos in enumerate([-0.2] * 10 + [0.2] * 4 + [-0.2] * 4, 3):
+        for p in ctl.propose(_signals(t, cos), knobs):
+            knobs[p.group][p.knob] = p.value
+        if (restart := ctl.take_restart()) is not None:
+            restarts.append(restart)
+    assert len(restarts) == 1 and "test again from below" in restarts[0], restarts

@@ -123,9 +123,9 @@ class AutoController:
         #: ramp; "cruise" after any later one
         self._start_phase = "ramp"
         self._restart: str | None = None  # set when the range test asks for a restart
-        #: per group, while a shrink from the first look runs, the rate it began at; once it has
-        #: turned positive, the rate where it did if it went deeper than the lag (what the
-        #: re-test grows from), else None
+        #: per group, while a shrink runs (from the first look or after a rollback), the rate
+        #: it began at; once it has turned positive, the rate where it did if it went deeper
+        #: than the lag (what the re-test grows from), else None
         self._low: list[float | None] = []
         #: whether a start past the crossing has been re-tested (once per run: it survives
         #: rollbacks, whose snapshots may predate it, as ``_failed`` does)
@@ -326,6 +326,8 @@ class AutoController:
                 phase = self._phase[i] = "shrink"
                 self._last_lr[i], self._low[i] = None, lr
         if phase == "shrink":
+            if self._low[i] is None:  # a shrink begun by a rollback (on_backoff) starts here
+                self._low[i] = lr
             if rho >= 0:  # below the crossing (now, or already at the first look): ramp up
                 phase = self._phase[i] = "ramp_up" if n > self.min_ramp_steps else "ramp"
                 top = self._low[i]
