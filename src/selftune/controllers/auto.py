@@ -511,7 +511,7 @@ class AutoController:
         self._descent = SignTest(**state.get("descent", {}))
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
-        # a trial saved before it kept the plateau's level (four fields) is dropped: kept
+        # a trial saved before it held the plateau's level (four fields) is dropped, its cut kept
         self._trial = [None if t is None or len(t) != 5 else list(t) for t in state["trial"]]
         self._watch = list(state.get("watch", [0] * groups))
         self._failed = list(state.get("failed", [None] * groups))
