@@ -1,7 +1,8 @@
 """Does the hypergradient over a longer horizon tell a rate too low from the best one?
 
-Run from the repository root: ``python bench-results/pilots/horizon.py`` (about ten minutes on
-two cores); it writes ``horizon.json`` next to itself.
+Run from the repository root: ``python bench-results/pilots/horizon.py`` (about a minute on two
+cores); it writes ``horizon.json`` next to itself and prints the table of medians the pilots
+README quotes (``--table`` prints it from the committed ``horizon.json`` without running).
 
 The one-step hypergradient ``⟨−g_t, Δθ_{t-1}⟩`` is the derivative of the loss with respect to
 the *last* step's rate.  Summed over the last H updates, ``⟨−g_t, θ_t − θ_{t−H}⟩`` is the
@@ -14,14 +15,17 @@ bias read the other way.  This script measures both cosines along plain runs at 
 (the committed grid's best constant rate for each pair, 10x and 3x below and 3x above), with the
 H-step displacement kept as an EMA of the updates (decay ``γ``, about ``1/(1−γ)`` steps), in
 global optimizer-step hooks; nothing in selftune is changed.  Recorded at every evaluation: the
-metric, and the mean of each cosine over the steps since the previous evaluation.
+metric, and the mean of each cosine over the steps since the previous evaluation.  The table
+gives, per pair and rate, the median of those means from step ``FROM`` on, for the 33-step
+cosine and (in brackets) the one-step one, and the steps to the target.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,8 @@ BEST = {  # the committed grid's best constant rate (bench-results/results.jsonl
 }
 FACTORS = (0.1, 1 / 3, 1.0, 3.0)
 DECAYS = (0.0, 0.9, 0.97)  # γ = 0: the one-step cosine
+FROM = 30  # the table's medians skip the first evaluations, before the runs have settled
+JSON = Path(__file__).with_name("horizon.json")
 
 
 def _measure(workload: str, base: str, lr: float) -> dict[str, Any]:
@@ -53,14 +59,11 @@ def _measure(workload: str, base: str, lr: float) -> dict[str, Any]:
     before: list[torch.Tensor] = []
     disp: dict[float, list[torch.Tensor]] = {}
     sums: dict[float, list[float]] = {d: [] for d in DECAYS}
-    trace: dict[int, dict[str, float]] = {}
-    t = {"step": 0}
 
     def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not params:
             params.extend(p for g in opt.param_groups for p in g["params"])
             disp.update({d: [torch.zeros_like(p) for p in params] for d in DECAYS})
-        t["step"] += 1
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         gn = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
         for d in DECAYS:
@@ -74,8 +77,6 @@ def _measure(workload: str, base: str, lr: float) -> dict[str, Any]:
         for d in DECAYS:
             for x, p, b in zip(disp[d], params, before, strict=True):
                 x.mul_(d).add_(p.detach() - b)
-        if t["step"] % 5 == 0:
-            trace[t["step"]] = {f"cos_{d:g}": _mean(sums[d]) for d in DECAYS}
 
     handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
     method = Method(f"{base}-const-{lr:g}", "grid", base, _plain(base, lr, "const"), 1, lr)
@@ -100,19 +101,32 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def table(out: list[dict[str, Any]]) -> str:
+    """The pilots README's table: per pair, per rate factor, ``33-step (one-step), steps``."""
+    head = " | ".join(f"{f:.3g}x" for f in FACTORS)
+    lines = [f"| pair | {head} |", "|---" * (len(FACTORS) + 1) + "|"]
+    for (workload, base), _ in BEST.items():
+        cells = []
+        for run in (r for r in out if (r["workload"], r["base"]) == (workload, base)):
+            late = [e for e in run["evaluations"] if e["step"] >= FROM]
+            long, one = (statistics.median(e[k] for e in late) for k in ("cos_0.97", "cos_0"))
+            steps = run["steps_to_target"] or "miss"
+            cells.append(f"{long:+.3f} ({one:+.3f}), {steps}")
+        lines.append(f"| {workload} {base} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    runs = [(w, b, best * f) for (w, b), best in BEST.items() for f in FACTORS]
-    jobs = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    with ProcessPoolExecutor(jobs) as pool:
-        out = list(pool.map(_measure, *zip(*runs, strict=True)))
-    path = Path(__file__).with_name("horizon.json")
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    for run in out:
-        ev = run["evaluations"]
-        print(f"{run['workload']} {run['base']} {run['lr']:.3g}: target {run['steps_to_target']}")
-        for d in DECAYS:
-            key = f"cos_{d:g}"
-            print(f"  {key:8}", " ".join(f"{e[key]:+.2f}" for e in ev[:20]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the committed table")
+    args = parser.parse_args()
+    if not args.table:
+        runs = [(w, b, best * f) for (w, b), best in BEST.items() for f in FACTORS]
+        with ProcessPoolExecutor(args.jobs) as pool:
+            out = list(pool.map(_measure, *zip(*runs, strict=True)))
+        JSON.write_text(json.dumps(out, indent=1) + "\n")
+    print(table(json.loads(JSON.read_text())))
 
 
 if __name__ == "__main__":
