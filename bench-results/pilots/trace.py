@@ -6,11 +6,17 @@ budget); its audit log goes to a temporary folder, and every guard event and kno
 printed with its step, the rate before and after, and its reason (a range-test step's reason
 carries the averaged cosine it read).  To trace a rejected pilot, apply its ``candidate.patch``
 first.
+
+``--range-test`` also prints what the range test read at each of its steps, before its decision
+(the minibatch and smoothed loss, the start level and its error, the ``_left_start`` verdict, the
+averaged cosine and the phase): the figures of pilots 39-41, some of whose steps end the test
+without a decision and so leave no record in the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from typing import Any
 
@@ -19,6 +25,8 @@ from selftune.audit import read_log
 from selftune.bench import runner
 from selftune.bench.methods import methods
 from selftune.bench.workloads import WORKLOADS
+from selftune.controllers.auto import AutoController
+from selftune.signals import FAST_DECAY, Signals
 
 
 def main() -> None:
@@ -26,7 +34,10 @@ def main() -> None:
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("method", help="a selftune-* method of the registry")
     parser.add_argument("seed", type=int)
+    parser.add_argument("--range-test", action="store_true", help="print the test's reads")
     args = parser.parse_args()
+    if args.range_test:
+        _print_range_test_reads()
     log_dir = tempfile.mkdtemp(prefix="selftune-trace-")
     wrap = selftune.wrap
 
@@ -42,6 +53,24 @@ def main() -> None:
             print(f"{r['step']:5d}  guard {r['event']}: {r['reason']}")
         elif r["kind"] == "decision" and r["knob"] == "lr":
             print(f"{r['step']:5d}  lr {r['old']:.4g} -> {r['new']:.4g}: {r['reason']}")
+
+
+def _print_range_test_reads() -> None:
+    """Wrap ``AutoController._range_test`` (a diagnostic: the controller is not changed)."""
+    test = AutoController._range_test
+
+    def reading(ctl: AutoController, s: Signals, i: int, k: dict, rho: float) -> Any:
+        level = ctl._start_level
+        n = len(level.samples)
+        error = level.deviation * math.sqrt((1 - FAST_DECAY) / (1 + FAST_DECAY) + 1 / max(n, 1))
+        print(
+            f"{s.step:5d}  read at lr {k['lr']:.3g}: loss {s.loss:.3f}, smoothed {s.loss_ema:.3f},"
+            f" start {level.mean:.3f} (error {error:.3f}), left start {ctl._left_start(s):+d},"
+            f" cos {rho:+.3f}, phase {ctl._phase[i]}"
+        )
+        return test(ctl, s, i, k, rho)
+
+    AutoController._range_test = reading  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
