@@ -192,7 +192,7 @@ class AutoController:
             if self._phase[i] != "cruise":
                 out.extend(self._range_test(signals, i, k, rho_fast))
             elif self._harmed_after_ramp(signals, i):
-                out.append(self._retreat_after_harm(i, k["lr"]))
+                out.extend(self._retreat_after_harm(i, k["lr"]))
             elif trouble is not None and trouble[0] == "spike":
                 out.append(self.stability.cut_proposal(i, k["lr"], trouble, signals.step))
             elif trouble is not None and trouble[0] == "plateau":
@@ -206,6 +206,18 @@ class AutoController:
             self._retested, self._retesting = True, False
         return out
 
+    def _end_test(
+        self, i: int, lr: float, factor: float, why: str, restart: bool = False
+    ) -> list[Proposal]:
+        """End group ``i``'s range test: to the cruise at ``lr * factor``.  ``restart``: if the
+        probe raised the smoothed loss above its first value (it did harm), ask the wrapper to
+        restart from the first snapshot."""
+        self._phase[i] = "cruise"
+        harmed = self._first_loss is not None and self._peak_loss > self._first_loss
+        if restart and harmed and self._restart is None:
+            self._restart = f"range test: {why}; the probe's steps damaged the weights"
+        return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
+
     def _harmed_after_ramp(self, s: Signals, i: int) -> bool:
         """Whether the smoothed loss rose clearly above its start just after the ramp ended.
 
@@ -216,21 +228,21 @@ class AutoController:
         the start; it rose to 2.9 within five steps and the network never left chance level,
         cruising at 0.37-0.74.  So for the fast EMA's memory (``WATCH`` steps) after a ramp
         from below ends, a smoothed loss ``clear`` errors above the start level is the offline
-        finder's stop, read late: the ramp's last steps did harm.
+        finder's stop, read late: the ramp's last steps did harm.  Each call counts one step
+        of the watch down.
         """
         if not self._watch[i]:
             return False
         self._watch[i] -= 1
         return self._left_start(s) > 0
 
-    def _retreat_after_harm(self, i: int, lr: float) -> Proposal:
+    def _retreat_after_harm(self, i: int, lr: float) -> list[Proposal]:
         """Retreat to ``retreat`` of the rate and restart from the first snapshot, as for a
-        ramp whose loss blew up."""
+        ramp whose loss blew up.  The loss standing ``clear`` errors above its start level (the
+        mean of the first four) also stands above the first loss, so the test counts as harm."""
         self._watch[i] = 0
-        why = f"range test: the loss rose above its start after the ramp ended at lr {lr:.3g}"
-        if self._restart is None:
-            self._restart = f"{why}; the probe's steps damaged the weights"
-        return Proposal(i, "lr", lr * self.retreat, f"{why}; retreat")
+        why = f"the loss rose above its start after the ramp ended at lr {lr:.3g}; retreat"
+        return self._end_test(i, lr, self.retreat, why, restart=True)
 
     def _plateau(
         self, s: Signals, i: int, lr: float, rho: float, trouble: tuple[str, str]
@@ -296,11 +308,7 @@ class AutoController:
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
 
         def to_cruise(factor: float, why: str, restart: bool = False) -> list[Proposal]:
-            self._phase[i] = "cruise"
-            harmed = self._first_loss is not None and self._peak_loss > self._first_loss
-            if restart and harmed and self._restart is None:
-                self._restart = f"range test: {why}; the probe's steps damaged the weights"
-            return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
+            return self._end_test(i, lr, factor, why, restart)
 
         failed = self._failed[i]
         if phase == "drop" and failed is not None:  # see on_backoff
