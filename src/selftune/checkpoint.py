@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from selftune.errors import SelfTuneError
-from selftune.tuner import finish_offload
+from selftune.tuner import finish_offload, on_host
 
 #: Written into every checkpoint so that a later reader can tell which layout it follows.
 FORMAT = "selftune-checkpoint/1"
@@ -183,7 +183,7 @@ def _restore_guard_snapshots(
     guard = getattr(optimizer, "guard", None)
     if guard is not None and saved is not None:
         # back to the host if the guard offloads (map_location may have put them on a device)
-        guard.load_snapshots_state(_on_host(saved) if guard.config.offload else saved)
+        guard.load_snapshots_state(on_host(saved) if guard.config.offload else saved)
 
 
 def _rng_states() -> dict[str, Any]:
@@ -212,7 +212,7 @@ def _rng_states() -> dict[str, Any]:
 def _set_rng_states(states: Mapping[str, Any]) -> None:
     # a map_location such as "cuda" moved the saved states to the device; torch's generators and
     # numpy take them on the host
-    states = _on_host(states)
+    states = on_host(states)
     torch.set_rng_state(states["torch"])
     python = states["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
@@ -223,17 +223,6 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     if np is not None and saved is not None:
         key = saved["key"].numpy().astype(np.uint32)
         np.random.set_state((saved["name"], key, saved["pos"], saved["has_gauss"], saved["gauss"]))
-
-
-def _on_host(tree: Any) -> Any:
-    """``tree`` (dicts, lists, tuples of tensors and plain values), every tensor on the CPU."""
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, Mapping):
-        return {key: _on_host(value) for key, value in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_on_host(value) for value in tree)
-    return tree
 
 
 def _numpy() -> Any:

@@ -549,6 +549,13 @@ def finish_offload() -> None:
         torch.cuda.synchronize()
 
 
+def on_host(tree: Any) -> Any:
+    """A copy of ``tree`` (a state dict, say) with every tensor on the CPU, ready to read."""
+    out = _clone(tree, torch.device("cpu"))
+    finish_offload()  # the copies from a device were queued, not waited for
+    return out
+
+
 def _clone(tree: Any, to: torch.device | None = None) -> Any:
     """A deep copy of a state dict, fast: the guard snapshots one every 25 steps.
 
