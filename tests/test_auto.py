@@ -26,14 +26,23 @@ from selftune.controllers.evidence import SignTest
 from selftune.signals import GroupSignals, Signals
 
 
-def _signals(step: int, cos: float, loss: float = 2.3, ema: float | None = None) -> Signals:
-    """One step's signals: the cosine, the minibatch loss and its smoothed value (default: same)."""
+def _signals(
+    step: int,
+    cos: float,
+    loss: float = 2.3,
+    ema: float | None = None,
+    slow: float | None = None,
+    std: float = 0.01,
+) -> Signals:
+    """One step's signals: the cosine, the minibatch loss, its smoothed values (default: the
+    loss; the slow one: the fast one) and its running deviation."""
     group = GroupSignals(
         grad_norm=1.0, update_norm=1.0, cos_update=cos, dot_update=cos, cos_buffer=math.nan
     )
     smooth = loss if ema is None else ema
     return Signals(
-        step=step, loss=loss, loss_ema=smooth, loss_ema_slow=smooth, loss_std=0.01,
+        step=step, loss=loss, loss_ema=smooth, loss_ema_slow=smooth if slow is None else slow,
+        loss_std=std,
         loss_slope=0.0, grad_norm=1.0, groups=(group,),
     )  # fmt: skip
 
@@ -459,9 +468,7 @@ def _plateau_trial(loss_at: Callable[[int, float], float]) -> tuple[list[str], f
     for t in range(15, 260):
         loss = loss_at(t, knobs[0]["lr"]) + rng.gauss(0.0, 0.05)
         fast, slow = 0.9 * fast + 0.1 * loss, 0.98 * slow + 0.02 * loss
-        group = GroupSignals(1.0, 1.0, -0.05, -0.05, math.nan)
-        signals = Signals(t, loss, fast, slow, 0.05, 0.0, 1.0, (group,))
-        for p in ctl.propose(signals, knobs):
+        for p in ctl.propose(_signals(t, -0.05, loss, fast, slow, std=0.05), knobs):
             knobs[p.group][p.knob] = p.value
             out.append(p.reason)
     return out, knobs[0]["lr"]
