@@ -385,6 +385,37 @@ def test_a_controller_sees_the_knobs_that_failed_before_its_state_is_restored() 
     assert step == at and restored_count < count  # the snapshot's state, from before the ramp
 
 
+class _Restarter(selftune.controllers.off.OffController):
+    """At step ``at``, asks for a restart with a rate 100x below the one in force."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.asked = at, False
+
+    def propose(self, signals: Any, knobs: Any) -> list[Any]:
+        self.asked = signals.step == self.at
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] / 100, "drop")] if self.asked else []
+
+    def take_restart(self) -> str | None:
+        return "test restart" if self.asked else None
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_rate_set_with_a_restart_is_not_limited_per_step(guard: bool) -> None:
+    """A restart sets the rate for the restored weights at once, within the bounds; without a
+    guard there is no snapshot, no restart, and the per-step limit (x4) holds as for any
+    decision.  (auto's re-test from a quarter of the rate its shrink found was held to a quarter
+    of the rate it was leaving: 0.054 instead of 0.0042 on the residual CNN.)"""
+    task, at = make_task(), 5
+    sgd = make_optimizer("sgd", task.model.parameters(), lr=0.01)
+    opt = selftune.wrap(sgd, _Restarter(at), guard=guard)
+    decisions: list[Any] = []
+    opt.add_listener(lambda event: decisions.extend(event.decisions))
+    train(task, opt, at + 1, evaluate=False)
+    (decision,) = decisions
+    assert decision.new == pytest.approx(1e-4 if guard else 0.01 / 4)
+    assert decision.clipped is not guard
+
+
 def _judge_all(losses: list[float]) -> list[int]:
     """Feed minibatch losses to a fresh guard; return the steps it calls trouble."""
     guard, flagged = selftune.guard.Guard(), []

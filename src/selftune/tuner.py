@@ -221,8 +221,10 @@ class SelfTuned(torch.optim.Optimizer):
             return loss
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
-        decisions = self._decide(t, signals)
-        restart = self._restart()
+        proposals = self.controller.propose(signals, self.hyperparams())
+        restarting = self._take_restart()
+        decisions = self._decide(t, signals, proposals, limited=restarting is None)
+        restart = None if restarting is None else self._restart(restarting)
         if restart is not None:
             self.step_count = t
             self._after(t, signals, decisions, restart)
@@ -327,22 +329,35 @@ class SelfTuned(torch.optim.Optimizer):
                 else:
                     group["lr"] = base
 
-    def _decide(self, t: int, signals: Signals) -> list[Decision]:
+    def _decide(
+        self, t: int, signals: Signals, proposals: list[Proposal], limited: bool
+    ) -> list[Decision]:
         current: Knobs = self.hyperparams()
         decisions = []
-        for p in self.controller.propose(signals, current):
-            decision = self._apply(t, p, current[p.group], signals, "controller")
+        for p in proposals:
+            decision = self._apply(t, p, current[p.group], signals, "controller", limited)
             if decision is not None:
                 decisions.append(decision)
         return decisions
 
     def _apply(
-        self, t: int, p: Proposal, current: dict[str, float], signals: Signals | None, source: str
+        self,
+        t: int,
+        p: Proposal,
+        current: dict[str, float],
+        signals: Signals | None,
+        source: str,
+        limited: bool = True,
     ) -> Decision | None:
         """Clip a proposal by the policy and write it; the returned decision says what happened.
 
         Guard decisions are bounded like any other but not limited per step (a rollback restores
-        the snapshot's knobs at once); replayed ones (``raw``) are set exactly as logged.
+        the snapshot's knobs at once), and so are the controller's in a step that restarts from a
+        snapshot (``limited`` False): the limit protects the trajectory from one decision's
+        harm, and a restart abandons that trajectory, setting the rate for the restored weights
+        (``auto``'s re-test from a quarter of the rate its shrink found was held to a quarter
+        of the rate it was leaving, 13x above the one it meant on the residual CNN).  Replayed
+        decisions (``raw``) are set exactly as logged.
         """
         if p.knob not in current:
             return None
@@ -353,7 +368,7 @@ class SelfTuned(torch.optim.Optimizer):
             value = p.value
             new = value * base if p.knob == "lr" else value
         else:
-            if source == "guard":
+            if source == "guard" or not limited:
                 lo, hi = self.policy.limits(p.knob, self._start[p.group])
                 new = min(max(p.value, lo), hi)
             else:
@@ -432,21 +447,30 @@ class SelfTuned(torch.optim.Optimizer):
             self.guard.load_statistics(payload["guard"])
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _restart(self) -> dict[str, Any] | None:
-        """Restart from the guard's oldest snapshot if the controller asks, keeping its new knobs.
+    def _take_restart(self) -> str | None:
+        """The controller's reason to restart at this step, if it asked and a snapshot can serve.
 
         A controller asks when its own probing damaged the run (``auto``'s range test found the
-        starting rate past the edge of stability): the probe's findings, i.e. the knobs it has
-        just set and its own state, are kept; the weights it damaged are not.  Newer snapshots
-        belong to the abandoned trajectory and are dropped.  Without a guard there are no
-        snapshots, and the request is ignored.
+        starting rate past the edge of stability).  Without a guard there are no snapshots, and
+        the request is ignored.
         """
         take = getattr(self.controller, "take_restart", None)
         reason = take() if take is not None else None
         guard = self.guard
-        snap = None if guard is None else guard.restart_point
-        if reason is None or guard is None or snap is None:
+        if reason is None or guard is None or guard.restart_point is None:
             return None
+        return reason
+
+    def _restart(self, reason: str) -> dict[str, Any]:
+        """Restart from the guard's oldest snapshot, keeping the controller's new knobs.
+
+        The probe's findings, i.e. the knobs the controller has just set and its own state, are
+        kept; the weights it damaged are not.  Newer snapshots belong to the abandoned
+        trajectory and are dropped.
+        """
+        guard = self.guard
+        assert guard is not None and guard.restart_point is not None  # see _take_restart
+        snap = guard.restart_point
         knobs = [self._knobs(i) for i in range(len(self.param_groups))]
         self._restore(snap.payload)
         guard.snapshots = [snap]
