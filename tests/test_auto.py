@@ -8,6 +8,7 @@ past the crossing that the re-test was made for, on the benchmark's transformer.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -485,6 +486,30 @@ def test_a_plateau_cut_is_kept_only_if_the_loss_falls_below_the_plateau() -> Non
     reasons, lr = _plateau_trial(lambda t, lr: 1.5 + 500.0 * lr)
     assert any("plateau" in r for r in reasons)
     assert not any("undo" in r for r in reasons) and lr < 1e-3, reasons
+
+
+def test_a_trial_on_hold_survives_a_checkpoint_in_either_of_its_saved_forms() -> None:
+    """A plateau cut on trial is saved with the controller's state and judged the same way after
+    a resume, whether saved as a dict (now) or as the five-field list of older checkpoints."""
+    ctl, knobs = _in_cruise()
+    t = 15
+    while ctl.state_dict()["trial"][0] is None:  # a flat loss: a plateau, then a cut on trial
+        for p in ctl.propose(_signals(t, -0.05, loss=2.0), knobs):
+            knobs[p.group][p.knob] = p.value
+        t += 1
+    saved = json.loads(json.dumps(ctl.state_dict()))
+    trial = saved["trial"][0]
+    old = {**saved, "trial": [[trial[k] for k in ("before", "level", "count", "age", "total")]]}
+    copies = [AutoController(), AutoController()]
+    for copy, state in zip(copies, (saved, old), strict=True):
+        copy.load_state_dict(state)
+    for step in range(t, t + 60):
+        signals = _signals(step, -0.05, loss=2.0)
+        proposals = [c.propose(signals, [dict(knobs[0])]) for c in (ctl, *copies)]
+        assert proposals[0] == proposals[1] == proposals[2]
+        for p in proposals[0]:
+            knobs[p.group][p.knob] = p.value
+    assert ctl.state_dict() == copies[0].state_dict() == copies[1].state_dict()
 
 
 def _ramp_then(loss_after: float) -> tuple[list[str], list[str], float]:

@@ -58,6 +58,7 @@ lengthened the memory whenever the rate was small, which trades one knob for the
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from selftune.controllers.base import Knobs, Proposal
@@ -69,6 +70,25 @@ from selftune.signals import FAST_DECAY, Signals
 #: steps after a ramp from below ends in which a loss above its start is blamed on the ramp:
 #: the fast loss EMA's memory
 WATCH = round(1 / (1 - FAST_DECAY))
+
+
+@dataclass
+class _Trial:
+    """A plateau cut on trial: what :meth:`AutoController._judge_trial` weighs it by."""
+
+    before: float  #: the rate before the cut, which an undo restores
+    level: float  #: the mean minibatch loss of the window that signalled the plateau
+    count: int  #: that window's length
+    age: int = 0  #: steps since the cut
+    total: float = 0.0  #: the sum of their minibatch losses
+
+    @classmethod
+    def load(cls, saved: Any) -> _Trial | None:
+        """From a state dict: a dict, or the list of five older checkpoints hold; a trial saved
+        before it held the plateau's level (four fields) is dropped, its cut kept."""
+        if isinstance(saved, dict):
+            return cls(**saved)
+        return cls(*saved) if isinstance(saved, list) and len(saved) == 5 else None
 
 
 class AutoController:
@@ -143,9 +163,8 @@ class AutoController:
         #: per group, the cruise steps left in which a rise of the loss above its start is
         #: blamed on the range test's last steps (see _harmed_after_ramp)
         self._watch: list[int] = []
-        #: per group, a plateau cut on trial: [rate before, the plateau's mean loss, its window's
-        #: length, steps since the cut, sum of their losses] or None
-        self._trial: list[list[float] | None] = []
+        #: per group, the plateau cut on trial, if any
+        self._trial: list[_Trial | None] = []
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
@@ -259,7 +278,7 @@ class AutoController:
             return Proposal(i, "lr", lr * 2.0, why)
         level = self.stability.plateau_level(i)
         if level is not None:
-            self._trial[i] = [lr, level[0], float(level[1]), 0, 0.0]
+            self._trial[i] = _Trial(lr, level[0], level[1])
         return self.stability.cut_proposal(i, lr, trouble, s.step)
 
     def _judge_trial(self, s: Signals, i: int, lr: float) -> Proposal | None:
@@ -277,16 +296,16 @@ class AutoController:
         trial = self._trial[i]
         if trial is None or s.loss is None or s.loss_std is None:
             return None
-        trial[3] += 1
-        trial[4] += s.loss
-        if trial[3] < self.stability.warmup * 2:
+        trial.age += 1
+        trial.total += s.loss
+        if trial.age < self.stability.warmup * 2:
             return None
         self._trial[i] = None
-        before, level, n, age, total = trial
-        if level - total / age >= s.loss_std * math.sqrt(1 / n + 1 / age):
+        error = s.loss_std * math.sqrt(1 / trial.count + 1 / trial.age)
+        if trial.level - trial.total / trial.age >= error:
             return None  # the cut helped: keep it
         why = "the last plateau cut did not lower the loss below the plateau's; undo it"
-        return Proposal(i, "lr", max(before, lr), why)
+        return Proposal(i, "lr", max(trial.before, lr), why)
 
     def _range_test(self, s: Signals, i: int, k: dict[str, float], rho: float) -> list[Proposal]:
         """One step of the in-run range test for group ``i``; moves to "cruise" when done.
@@ -494,7 +513,7 @@ class AutoController:
             "prev_loss": self._prev_loss,
             "peak_loss": self._peak_loss,
             "start_phase": self._start_phase,
-            "trial": [None if t is None else list(t) for t in self._trial],
+            "trial": [None if t is None else asdict(t) for t in self._trial],
             "watch": list(self._watch),
             "failed": list(self._failed),
             "low": list(self._low),
@@ -519,8 +538,7 @@ class AutoController:
         self._descent = SignTest(**state.get("descent", {}))
         self._prev_loss = state.get("prev_loss")
         self._start_phase = state["start_phase"]
-        # a trial saved before it held the plateau's level (four fields) is dropped, its cut kept
-        self._trial = [None if t is None or len(t) != 5 else list(t) for t in state["trial"]]
+        self._trial = [_Trial.load(t) for t in state["trial"]]
         self._watch = list(state.get("watch", [0] * groups))
         self._failed = list(state.get("failed", [None] * groups))
         self._low = list(state.get("low", [None] * groups))
