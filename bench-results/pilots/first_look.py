@@ -1,6 +1,6 @@
 """What does the range test's first look read on a flat start: the rate, or the batch order?
 
-Run from the repository root: ``python bench-results/pilots/first_look.py`` (about two minutes
+Run from the repository root: ``python bench-results/pilots/first_look.py`` (about 15 seconds
 on one core); it writes ``first_look.json`` next to itself and prints the table the pilots README
 quotes (``--table`` prints it from the committed ``first_look.json`` without running).
 
