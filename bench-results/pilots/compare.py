@@ -1,7 +1,9 @@
 """Compare two sets of ``selftune-auto-*`` runs, run by run: the counts the README quotes.
 
 Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl NEW.jsonl``
-(``--prefix ''`` compares every row, not only ``auto``'s).
+(``--prefix ''`` compares every row, not only ``auto``'s; ``--rename FROM=TO``, e.g.
+``selftune-autocos=selftune-auto``, reads a variant's rows, named apart, as the rows they are
+compared with).
 Every run of NEW (workload, method, seed) that OLD also holds is compared on steps to target (a
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
 how many reached the target in each, and the geometric mean of NEW's steps over OLD's on the runs
@@ -26,13 +28,18 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def runs(path: Path, prefix: str = "selftune-auto-") -> dict[tuple[str, str, int], dict]:
+def runs(
+    path: Path, prefix: str = "selftune-auto-", rename: tuple[str, str] = ("", "")
+) -> dict[tuple[str, str, int], dict]:
+    """The runs of ``path`` by (workload, method, seed), method names with ``rename[0]`` replaced
+    by ``rename[1]`` (a variant's rows read as the rows they are compared with)."""
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {
-        (r["workload"], r["method"], r["seed"]): r
-        for r in records
-        if r["method"].startswith(prefix)
-    }
+    out = {}
+    for r in records:
+        method = r["method"].replace(*rename) if rename[0] else r["method"]
+        if method.startswith(prefix):
+            out[r["workload"], method, r["seed"]] = r
+    return out
 
 
 def steps(r: dict) -> float:
@@ -46,8 +53,14 @@ def main() -> None:
     parser.add_argument(
         "--prefix", default="selftune-auto-", help="compare the methods named so ('': every row)"
     )
+    parser.add_argument(
+        "--rename",
+        default="",
+        help="FROM=TO: read NEW's method names with FROM replaced by TO (a variant's own rows)",
+    )
     args = parser.parse_args()
-    old, new = runs(args.old, args.prefix), runs(args.new, args.prefix)
+    rename = tuple(args.rename.split("=", 1)) if args.rename else ("", "")
+    old, new = runs(args.old, args.prefix), runs(args.new, args.prefix, rename)
     shared = sorted(set(old) & set(new))
     faster = slower = 0
     for key in shared:
@@ -63,7 +76,8 @@ def main() -> None:
     mean = math.exp(sum(logs) / len(logs)) if logs else math.nan
     print(f"reached the target: {hits[0]} -> {hits[1]}; geometric mean ratio {mean:.3f} on the")
     print(f"{len(both)} runs that reached it in both")
-    oracle = _oracles(runs(args.new, prefix=""))
+    # the oracle of NEW's grid; of OLD's when NEW holds a variant's rows only
+    oracle = _oracles(runs(args.new, prefix="")) or _oracles(runs(args.old, prefix=""))
     if oracle:
         _against_the_oracle(old, new, oracle)
 
