@@ -221,9 +221,10 @@ class SelfTuned(torch.optim.Optimizer):
             return loss
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
-        proposals = self.controller.propose(signals, self.hyperparams())
+        current = self.hyperparams()
+        proposals = self.controller.propose(signals, current)
         restarting = self._take_restart()
-        decisions = self._decide(t, signals, proposals, limited=restarting is None)
+        decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
         restart = None if restarting is None else self._restart(restarting)
         if restart is not None:
             self.step_count = t
@@ -330,9 +331,9 @@ class SelfTuned(torch.optim.Optimizer):
                     group["lr"] = base
 
     def _decide(
-        self, t: int, signals: Signals, proposals: list[Proposal], limited: bool
+        self, t: int, signals: Signals, proposals: list[Proposal], current: Knobs, limited: bool
     ) -> list[Decision]:
-        current: Knobs = self.hyperparams()
+        """Apply the controller's proposals to the knobs ``current`` they were made from."""
         decisions = []
         for p in proposals:
             decision = self._apply(t, p, current[p.group], signals, "controller", limited)
