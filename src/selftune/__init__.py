@@ -48,7 +48,8 @@ def wrap(
     ``controller``: one of :data:`CONTROLLERS` (``"auto"``, ``"hypergradient"``, ``"stability"``,
     ``"off"``) or a :class:`Controller` instance; ``controller_options`` go to its constructor.
     ``bounds``, ``max_change`` and ``frozen`` build the :class:`Policy` every decision passes
-    (``bounds["lr"]`` is a pair of factors of the starting rate unless ``lr_bounds_absolute``).
+    (``bounds["lr"]`` is a pair of factors of the starting rate unless ``lr_bounds_absolute``;
+    ``max_change`` does not hold a rollback or a restart from a snapshot, only the bounds do).
     ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it).
     ``log_dir``: write the run's manifest, hash-chained decision log and trace there.
     """

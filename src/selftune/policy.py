@@ -3,6 +3,9 @@
 A controller proposes; the policy disposes.  Every proposal is clipped to the knob's bounds and to
 the largest change allowed in one step, and knobs the user froze never move.  A clipped decision
 says so in its reason, so the audit log shows both what the controller wanted and what happened.
+The per-step limit guards a trajectory against one decision's harm, so what abandons the
+trajectory is held to the bounds only: a guard rollback's knobs, and the decisions of a step in
+which the controller restarts from a snapshot.
 """
 
 from __future__ import annotations
