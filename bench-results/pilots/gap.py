@@ -1,0 +1,57 @@
+"""Where does ``auto`` lose its steps to the oracle: in the training loss, or in the metric?
+
+Run from the repository root: ``python bench-results/pilots/gap.py`` (reads
+``bench-results/results.jsonl``, trains nothing).  For each pair (workload, base) with an
+oracle (the grid member with the lowest median steps to the target), and each seed the oracle's
+run and ``auto``'s at the default rate share, it reads both runs' curves at the step where the
+oracle's run reached the target: the training loss (the runner's smoothed minibatch loss) and
+the evaluation metric (when ``auto``'s run reached the target first, only its step: the runs
+stop there).  A ratio of training losses near 1 with the metric short of the target says that
+``auto`` optimises as fast and the steps are lost in what the evaluation sees (the noise of a
+rate not yet annealed); a ratio well above 1 says the optimisation itself is slower.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selftune.bench.report import Workload, summarise
+
+RESULTS = Path(__file__).parents[1] / "results.jsonl"
+
+
+def main() -> None:
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    print("| pair | oracle | seed: step, training loss auto / oracle, metric auto vs oracle |")
+    print("|---|---|---|")
+    for workload in summarise(records).values():
+        for base in ("sgd", "adamw"):
+            _pair(workload, base)
+
+
+def _pair(workload: Workload, base: str) -> None:
+    """One row: the oracle the report names, and per seed both runs hold, their curves."""
+    oracle, auto = workload.oracle(base), workload.rows.get(f"selftune-auto-{base}")
+    if oracle is None or auto is None:
+        return
+    by_seed = {r["seed"]: r for r in auto.records}
+    cells = []
+    for o in sorted(oracle.records, key=lambda r: r["seed"]):
+        seed, a = o["seed"], by_seed.get(o["seed"])
+        if a is None or o["steps_to_target"] is None:
+            continue
+        step = o["steps_to_target"]
+        if step not in a["curves"]["step"]:  # the runs stop at the target
+            cells.append(f"{seed}: auto hit first, at {a['steps_to_target']}")
+            continue
+        i, j = a["curves"]["step"].index(step), o["curves"]["step"].index(step)
+        ratio = a["curves"]["loss_ema"][i] / o["curves"]["loss_ema"][j]
+        metric = f"{a['curves']['metric'][i]:.3g} vs {o['curves']['metric'][j]:.3g}"
+        cells.append(f"{seed}: {step}, {ratio:.2f}, {metric}")
+    if cells:
+        print(f"| {workload.name} {base} | {oracle.method} | {'; '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
