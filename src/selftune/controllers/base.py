@@ -37,7 +37,8 @@ class Controller(Protocol):
     alignment signal (one more fused pass over the parameters) when it does not read it.
     A controller may also define ``take_restart() -> str | None``, asked once per applied step
     after ``propose``: a reason asks the wrapper to restart from the oldest guard snapshot with
-    the knobs just proposed (``auto`` does so when its range test damaged the run).  And it may
+    the knobs just proposed, held to the policy's bounds but not to its per-step limit (``auto``
+    does so when its range test damaged the run).  And it may
     define ``before_rollback(knobs)``, called when the guard rolls back, with the knobs that
     failed, before its state is restored to the snapshot's: what it learnt there (which rate
     broke the run) would otherwise be lost with the restore; ``on_backoff`` follows.
