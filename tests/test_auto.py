@@ -503,12 +503,15 @@ def test_a_trial_on_hold_survives_a_checkpoint_in_either_of_its_saved_forms() ->
     copies = [AutoController(), AutoController()]
     for copy, state in zip(copies, (saved, old), strict=True):
         copy.load_state_dict(state)
+    reasons = []
     for step in range(t, t + 60):
         signals = _signals(step, -0.05, loss=2.0)
         proposals = [c.propose(signals, [dict(knobs[0])]) for c in (ctl, *copies)]
         assert proposals[0] == proposals[1] == proposals[2]
         for p in proposals[0]:
             knobs[p.group][p.knob] = p.value
+            reasons.append(p.reason)
+    assert any("undo" in r for r in reasons), reasons  # the trial was judged: the cut undone
     assert ctl.state_dict() == copies[0].state_dict() == copies[1].state_dict()
 
 
