@@ -352,12 +352,12 @@ class SelfTuned(torch.optim.Optimizer):
     ) -> Decision | None:
         """Clip a proposal by the policy and write it; the returned decision says what happened.
 
-        Guard decisions are bounded like any other but not limited per step (a rollback restores
-        the snapshot's knobs at once), and so are the controller's in a step that restarts from a
-        snapshot (``limited`` False): the limit protects the trajectory from one decision's
-        harm, and a restart abandons that trajectory, setting the rate for the restored weights
-        (``auto``'s re-test from a quarter of the rate its shrink found was held to a quarter
-        of the rate it was leaving, 13x above the one it meant on the residual CNN).  Replayed
+        ``limited`` False holds a decision to the bounds only, not to the per-step limit, which
+        protects a trajectory from one decision's harm: so for what abandons the trajectory, a
+        guard rollback (it restores the snapshot's knobs at once) and the controller's decisions
+        in a step that restarts from a snapshot (they set the rate for the restored weights:
+        ``auto``'s re-test from a quarter of the rate its shrink found was held to a quarter of
+        the rate it was leaving, 13x above the one it meant on the residual CNN).  Replayed
         decisions (``raw``) are set exactly as logged.
         """
         if p.knob not in current:
@@ -369,7 +369,7 @@ class SelfTuned(torch.optim.Optimizer):
             value = p.value
             new = value * base if p.knob == "lr" else value
         else:
-            if source == "guard" or not limited:
+            if not limited:
                 lo, hi = self.policy.limits(p.knob, self._start[p.group])
                 new = min(max(p.value, lo), hi)
             else:
@@ -422,7 +422,7 @@ class SelfTuned(torch.optim.Optimizer):
                 p = Proposal(
                     i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
                 )
-                decision = self._apply(trouble.step, p, current, None, "guard")
+                decision = self._apply(trouble.step, p, current, None, "guard", limited=False)
                 if decision is not None:
                     decisions.append(decision)
         event = {
