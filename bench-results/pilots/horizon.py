@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -116,17 +117,26 @@ def table(out: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_or_read(
+    doc: str, path: Path, work: Callable[..., dict[str, Any]], runs: list[tuple[Any, ...]]
+) -> list[dict[str, Any]]:
+    """A measurement script's command line: run ``work`` on each of ``runs`` in ``--jobs``
+    processes and write the records to ``path``, or with ``--table`` only read what it wrote."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only print the committed table")
     args = parser.parse_args()
     if not args.table:
-        runs = [(w, b, best * f) for (w, b), best in BEST.items() for f in FACTORS]
         with ProcessPoolExecutor(args.jobs) as pool:
-            out = list(pool.map(_measure, *zip(*runs, strict=True)))
-        JSON.write_text(json.dumps(out, indent=1) + "\n")
-    print(table(json.loads(JSON.read_text())))
+            out = list(pool.map(work, *zip(*runs, strict=True)))
+        path.write_text(json.dumps(out, indent=1) + "\n")
+    records: list[dict[str, Any]] = json.loads(path.read_text())
+    return records
+
+
+def main() -> None:
+    runs = [(w, b, best * f) for (w, b), best in BEST.items() for f in FACTORS]
+    print(table(run_or_read(__doc__, JSON, _measure, runs)))
 
 
 if __name__ == "__main__":

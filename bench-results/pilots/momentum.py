@@ -1,6 +1,6 @@
 """Is there anything to gain from tuning momentum (SGD) or β1 (AdamW) beside the rate?
 
-Run from the repository root: ``python bench-results/pilots/momentum.py`` (about ten minutes on
+Run from the repository root: ``python bench-results/pilots/momentum.py`` (about five minutes on
 two cores); it writes ``momentum.json`` next to itself and prints the table the pilots README
 quotes (``--table`` prints it from the committed ``momentum.json`` without running).
 
@@ -16,17 +16,14 @@ paired with a smaller rate.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from horizon import BEST
+from horizon import BEST, run_or_read
 
 from selftune.bench import runner
 from selftune.bench.methods import Handle, Method, Setting
@@ -76,22 +73,14 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--table", action="store_true", help="only print the committed table")
-    args = parser.parse_args()
-    if not args.table:
-        runs = [
-            (w, b, best * f, m, s)
-            for (w, b), best in BEST.items()
-            for f in FACTORS
-            for m in MOMENTA
-            for s in SEEDS
-        ]
-        with ProcessPoolExecutor(args.jobs) as pool:
-            out = list(pool.map(_run, *zip(*runs, strict=True)))
-        JSON.write_text(json.dumps(out, indent=1) + "\n")
-    print(table(json.loads(JSON.read_text())))
+    runs = [
+        (w, b, best * f, m, s)
+        for (w, b), best in BEST.items()
+        for f in FACTORS
+        for m in MOMENTA
+        for s in SEEDS
+    ]
+    print(table(run_or_read(__doc__, JSON, _run, runs)))
 
 
 if __name__ == "__main__":
