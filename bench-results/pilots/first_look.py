@@ -1,7 +1,7 @@
 """What does the range test's first look read on a flat start: the rate, or the batch order?
 
 Run from the repository root: ``python bench-results/pilots/first_look.py`` (about 15 seconds
-on one core); it writes ``first_look.json`` next to itself and prints the table the pilots README
+on two cores); it writes ``first_look.json`` next to itself and prints the table the pilots README
 quotes (``--table`` prints it from the committed ``first_look.json`` without running).
 
 ``auto`` decides at its first look (the fourth step) whether the start is past the crossing, on
@@ -16,12 +16,11 @@ order), and records each step's cosine, minibatch loss and the range test's phas
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from horizon import run_or_read
 
 from selftune.bench.methods import methods
 from selftune.bench.runner import Setting, one_thread
@@ -43,14 +42,15 @@ def first_steps(workload: str, method: str, seed: int) -> dict[str, Any]:
     handle = methods()[method].build(model.parameters(), Setting(w.steps, w.higher_is_better, seed))
     opt = handle.optimizer
     cosines, losses, phases = [], [], []
-    for _ in range(STEPS):
-        loss = task.loss(model, task.batch(w.batch_size, gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach())
-        cosines.append(opt.last_signals.groups[0].cos_update)
-        losses.append(loss.item())
-        phases.append(opt.controller.state_dict()["phase"][0])
+    with one_thread():
+        for _ in range(STEPS):
+            loss = task.loss(model, task.batch(w.batch_size, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            cosines.append(opt.last_signals.groups[0].cos_update)
+            losses.append(loss.item())
+            phases.append(opt.controller.state_dict()["phase"][0])
     return {"workload": workload, "method": method, "seed": seed, "cos": cosines,
             "loss": losses, "phase": phases}  # fmt: skip
 
@@ -71,14 +71,9 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="print the committed table only")
-    if not parser.parse_args().table:
-        starts = sorted(m for m in methods() if m.startswith("selftune-auto-"))
-        with one_thread():
-            records = [first_steps(w, m, s) for w in WORKLOAD_NAMES for m in starts for s in SEEDS]
-        OUT.write_text(json.dumps(records, indent=1) + "\n")
-    print(table(json.loads(OUT.read_text())))
+    starts = sorted(m for m in methods() if m.startswith("selftune-auto-"))
+    runs = [(w, m, s) for w in WORKLOAD_NAMES for m in starts for s in SEEDS]
+    print(table(run_or_read(__doc__, OUT, first_steps, runs)))
 
 
 if __name__ == "__main__":
