@@ -9,7 +9,9 @@ As a script, under ``torchrun --nproc_per_node=2`` (gloo, CPU), it runs in one p
 - ``res-<opt>``: the same run, checkpointed by rank 0 at ``--ckpt-step``, carried on to
   ``--crash-step`` (the steps a crash loses), then rebuilt from fresh objects, resumed from the
   checkpoint and finished;
-- ``nan``: an SGD run in which rank 1 alone reports a NaN loss at ``--nan-step``.
+- ``nan``: an SGD run in which rank 1 alone reports a NaN loss at ``--nan-step``;
+- ``metric``: an AdamW run in which each rank gives ``observe`` its own metric every
+  ``EVALUATE`` steps (:func:`metric`).
 
 Each rank writes ``rank<r>.json`` (its hyperparameters after every step and the steps at which its
 guard acted, per run) and ``rank<r>-<run>.pt`` (final weights and optimizer state) into ``--out``;
@@ -38,6 +40,15 @@ from selftune.tuner import SelfTuned, StepEvent
 SEED = 1234
 DIM, HIDDEN, BATCH = 8, 16, 32
 OPTIMIZERS = ("sgd", "adamw")
+EVALUATE = 5  #: the ``metric`` run evaluates every this many steps
+
+
+def metric(step: int, rank: int) -> float:
+    """What rank ``rank`` evaluates after ``step``: flat on rank 0, falling and then flat on
+    rank 1, so that a rank reading its own would see a stall three evaluations before the
+    other, and the mean over the ranks (1.4, 1.3, 1.2, then 1.2) stalls in between."""
+    n = step // EVALUATE
+    return 1.0 if rank == 0 else max(2.0 - 0.2 * n, 1.4)
 
 
 def make_model() -> torch.nn.Module:
@@ -172,11 +183,19 @@ def _build(name: str, log_dir: Path, rank: int) -> tuple[torch.nn.Module, SelfTu
 
 
 def _run(
-    out: Path, run: str, name: str, steps: int, rank: int, nan_step: int | None = None
+    out: Path,
+    run: str,
+    name: str,
+    steps: int,
+    rank: int,
+    nan_step: int | None = None,
+    evaluate: bool = False,
 ) -> dict[str, Any]:
     model, opt, rec = _build(name, out / run, rank)
     for t in range(1, steps + 1):
         train_step(model, opt, t, rank, nan=t == nan_step and rank == 1)
+        if evaluate and t % EVALUATE == 0:
+            opt.observe(metric(t, rank))
     torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
     opt.close()
     return rec.json()
@@ -225,6 +244,7 @@ def main() -> None:
             args.out, f"res-{name}", name, args.steps, rank, args.ckpt_step, args.crash_step
         )
     results["nan"] = _run(args.out, "nan", "sgd", args.steps, rank, nan_step=args.nan_step)
+    results["metric"] = _run(args.out, "metric", "adamw", args.steps, rank, evaluate=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -8,6 +8,7 @@ past the crossing that the re-test was made for, on the benchmark's transformer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -565,3 +566,71 @@ def test_a_deep_shrink_after_a_rollback_before_the_first_look_re_tests() -> None
         if (restart := ctl.take_restart()) is not None:
             restarts.append(restart)
     assert len(restarts) == 1 and "test again from below" in restarts[0], restarts
+
+
+def _cruise_with_metric(
+    metrics: dict[int, float], mode: str = "min", steps: int = 200
+) -> list[tuple[int, float, Any]]:
+    """A cruise with a steadily falling loss (no plateau, no trial) whose evaluation metric is
+    ``metrics[step]`` at the steps it names; every proposal, with its step and the rate before."""
+    ctl, knobs = _in_cruise()
+    out = []
+    for t in range(15, 15 + steps):
+        signals = _signals(t, 0.0, loss=2.3 - 0.005 * t)
+        if t in metrics:
+            signals = dataclasses.replace(signals, metric=metrics[t], metric_mode=mode)
+        for p in ctl.propose(signals, knobs):
+            out.append((t, knobs[p.group][p.knob], p))
+            knobs[p.group][p.knob] = p.value
+    return out
+
+
+def test_a_metric_without_a_new_best_in_four_evaluations_halves_the_rate_once() -> None:
+    # a validation loss that improves for four evaluations, then stands at its best
+    values = [1.0, 0.8, 0.7, 0.65] + [0.66] * 5
+    proposals = _cruise_with_metric({20 + 25 * n: v for n, v in enumerate(values)})
+    cuts = [(t, before, p) for t, before, p in proposals if "metric" in p.reason]
+    assert len(cuts) == 1, [p.reason for _, _, p in proposals]
+    t, before, cut = cuts[0]
+    assert t == 20 + 25 * 7  # the fourth evaluation without a new best (a patience of 3)
+    assert cut.value == pytest.approx(0.5 * before) and "0.65" in cut.reason
+    # an accuracy, higher being better: rising steadily, it never stalls
+    rising = {20 + 25 * n: 0.5 + 0.05 * n for n in range(8)}
+    assert not [p for _, _, p in _cruise_with_metric(rising, "max") if "metric" in p.reason]
+    assert [p for _, _, p in _cruise_with_metric(rising, "min") if "metric" in p.reason]
+
+
+def test_evaluations_during_the_range_test_do_not_count_towards_a_stall() -> None:
+    ctl, knobs = AutoController(), [{"lr": 1e-3, "momentum": 0.9}]
+    cosines = _noise(10, 0.4, 0.05) + [-0.3] * 5
+    for t, cos in enumerate(cosines):  # a flat metric at steps 3, 6 and 9, all in the ramp
+        signals = _signals(t, cos)
+        if t in (3, 6, 9):
+            signals = dataclasses.replace(signals, metric=1.0)
+        for p in ctl.propose(signals, knobs):
+            knobs[p.group][p.knob] = p.value
+    assert ctl.state_dict()["phase"] == ["cruise"] and ctl.state_dict()["metric"]["bad"] == 0
+    for t in (15, 16):  # two more, in the cruise: four in all, but two count
+        signals = dataclasses.replace(_signals(t, 0.0), metric=1.0)
+        assert not [p for p in ctl.propose(signals, knobs) if "metric" in p.reason]
+
+
+def test_the_metrics_count_survives_a_rollback_and_a_metric_cut_ends_a_trial() -> None:
+    ctl, knobs = _in_cruise()
+    older = ctl.state_dict()  # the guard's snapshot, from before the evaluations
+    t = 15
+    for value in (1.0, 1.0, 1.0, 1.0):  # a best, then three evaluations without a new one
+        ctl.propose(dataclasses.replace(_signals(t, 0.0, loss=2.0), metric=value), knobs)
+        t += 1
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(older)
+    ctl.on_backoff(t)
+    assert ctl.state_dict()["metric"]["bad"] == 3
+    while ctl.state_dict()["trial"][0] is None:  # a flat loss: a plateau cut, on trial
+        for p in ctl.propose(_signals(t, -0.05, loss=2.0), knobs):
+            knobs[p.group][p.knob] = p.value
+        t += 1
+    signals = dataclasses.replace(_signals(t, -0.05, loss=2.0), metric=1.0)
+    (cut,) = ctl.propose(signals, knobs)
+    assert "metric plateau" in cut.reason
+    assert ctl.state_dict()["trial"] == [None]  # no undo will restore the rate it judged

@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from dist_worker import OPTIMIZERS, assert_same_state, dropped_on_resume, log_body
+from dist_worker import (
+    EVALUATE,
+    OPTIMIZERS,
+    assert_same_state,
+    dropped_on_resume,
+    log_body,
+    metric,
+)
 
 from selftune.audit import read_log, verify
 
@@ -101,7 +108,7 @@ def hyperparams_from_log(run_dir: Path, steps: int) -> list[list[dict[str, float
     return out
 
 
-RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan"]
+RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan", "metric"]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -146,6 +153,25 @@ def test_a_nan_loss_on_one_rank_rolls_back_every_rank(
     assert after < before and math.isfinite(after)
     # up to the NaN the run is the reference run: the rollback is the only difference
     assert ranks[0]["nan"]["hp"][: NAN_STEP - 1] == ranks[0]["ref-sgd"]["hp"][: NAN_STEP - 1]
+
+
+def test_every_rank_reads_the_mean_of_the_ranks_metrics(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    out, ranks = ddp
+    trace = [json.loads(line) for line in (out / "metric" / "trace.jsonl").read_text().splitlines()]
+    observed = [(row["step"], row["metric"]) for row in trace if "metric" in row]
+    evaluated = range(EVALUATE, STEPS, EVALUATE)
+    assert observed == [(t + 1, (metric(t, 0) + metric(t, 1)) / 2) for t in evaluated]
+    cuts = [
+        r
+        for r in read_log(out / "metric").records
+        if r["kind"] == "decision" and r["reason"].startswith("metric plateau")
+    ]
+    # the mean stands at 1.2 from the third evaluation; the range test still ran at the fourth
+    # (step 20), which did not count, so the cut comes after the eighth, the fourth that does
+    assert [(r["step"], r["signals"]["metric"]) for r in cuts] == [(41, 1.2)]
+    assert ranks[0]["metric"]["hp"] == ranks[1]["metric"]["hp"]
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -118,6 +118,44 @@ def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> 
     assert seen == pytest.approx(means, rel=1e-5)
 
 
+class _ValidatedModule(_TinyModule):
+    """The tiny module with a validation loss, logged as ``val_loss`` after every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(scheduler=False)
+        self.validations: list[float] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validations.append(float(self.trainer.callback_metrics["val_loss"]))
+
+
+def test_lightning_gives_the_monitored_metric_after_each_validation(tmp_path: Path) -> None:
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _ValidatedModule()
+    cb = SelfTuneCallback(log_dir=tmp_path / "run", monitor="val_loss")
+    trainer = _trainer(64, cb, tmp_path, enable_checkpointing=False)  # 4 epochs of 16 steps
+    trainer.fit(model, _loader(), _loader())
+    assert len(model.validations) == 4
+    observed = [(row["step"], row["metric"]) for row in _trace(tmp_path / "run") if "metric" in row]
+    # each validation reaches the optimizer's next step (the last one has none)
+    assert observed == [
+        (17 + 16 * i, pytest.approx(value, rel=1e-6))
+        for i, value in enumerate(model.validations[:-1])
+    ]
+    torch.manual_seed(0)
+    misnamed = SelfTuneCallback(monitor="val_acc")
+    trainer = _trainer(32, misnamed, tmp_path, enable_checkpointing=False)
+    with pytest.raises(selftune.ConfigError, match=r"monitor='val_acc'.*logged: .*val_loss"):
+        trainer.fit(_ValidatedModule(), _loader(), _loader())
+
+
 _LIGHTNING_INEXACT = (
     "resumed through Lightning, hypergradient (which moves lr and beta1 at every step) ends "
     "0.2% away from the uninterrupted run after 32 more steps, so some state is restored only "
@@ -175,7 +213,7 @@ def test_lightning_checkpoint_resume_continues_with_the_same_knobs(
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def _hf_trainer(out: Path, max_steps: int, **args: Any) -> Any:
+def _hf_trainer(out: Path, max_steps: int, evaluate: bool = False, **args: Any) -> Any:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -210,7 +248,8 @@ def _hf_trainer(out: Path, max_steps: int, **args: Any) -> Any:
         seed=0,
         **args,
     )
-    return transformers.Trainer(model=model, args=targs, train_dataset=data)
+    held_out = data[:64] if evaluate else None
+    return transformers.Trainer(model=model, args=targs, train_dataset=data, eval_dataset=held_out)
 
 
 def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> None:
@@ -235,6 +274,26 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     assert "lr" in selftune.verify(tmp_path / "run").knobs
     records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
+
+
+def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(
+        tmp_path / "out",
+        30,
+        evaluate=True,
+        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    trainer.train()
+    evaluated = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+    assert len(evaluated) == 3
+    observed = [(row["step"], row["metric"]) for row in _trace(tmp_path / "run") if "metric" in row]
+    assert observed == [(11, pytest.approx(evaluated[0])), (21, pytest.approx(evaluated[1]))]
+    assert opt.step_count == 30
 
 
 def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Both trainings start from the same weights and see the same minibatches; they ru
 one step each in turn, in one process, so that both get the same share of a busy machine and the
 seconds to target compare fairly.  The plain optimizer uses its usual defaults (AdamW at 1e-3, or
 SGD with momentum 0.9 at 0.01); the tuned one is the same optimizer wrapped by
-``selftune.wrap(..., controller="auto")`` and logs to ``<out>/selftune``, the run folder that
+``selftune.wrap(..., controller="auto")``, given the loss at every step and the test accuracy
+after every evaluation (``observe``), and logs to ``<out>/selftune``, the run folder that
 ``selftune report`` and ``selftune verify`` read.
 """
 
@@ -177,6 +178,8 @@ def _train(trainees: list[Trainee], data: Any, args: argparse.Namespace) -> None
                 if step % args.eval_every == 0 or step == args.steps:
                     t.accuracy = _accuracy(t.model, data)
                     t.curve.append((step, t.accuracy))
+                    if isinstance(t.optimizer, SelfTuned):  # as a loop that evaluates can
+                        t.optimizer.observe(t.accuracy, mode="max")
                 t.seconds += time.perf_counter() - start
                 evaluated = bool(t.curve) and t.curve[-1][0] == step
                 if t.hit_step is None and evaluated and t.accuracy >= args.target:

@@ -49,6 +49,10 @@ class Signals:
     loss_slope: float | None  #: (fast − slow) / |slow|: < 0 while the loss falls
     grad_norm: float  #: over all groups
     groups: tuple[GroupSignals, ...]
+    #: the evaluation metric given to ``observe`` since the last step, if any (averaged over
+    #: ranks), and whether lower ("min") or higher ("max") is better
+    metric: float | None = None
+    metric_mode: str = "min"
 
     def summary(self, group: int) -> dict[str, float]:
         """The scalars that drove a decision for ``group``, for the audit log."""
@@ -59,7 +63,7 @@ class Signals:
             "cos_update": g.cos_update,
             "cos_buffer": g.cos_buffer,
         }
-        for name in ("loss", "loss_ema", "loss_std", "loss_slope"):
+        for name in ("loss", "loss_ema", "loss_std", "loss_slope", "metric"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -174,16 +178,22 @@ class SignalTracker:
                 )
             )
         finite = math.isfinite(total_sq) and (loss is None or math.isfinite(loss))
+        ema, slow, std, slope = self._loss_stats(loss if finite else None)
         return Signals(
             step=step,
             loss=loss,
-            **self._loss_stats(loss if finite else None),
+            loss_ema=ema,
+            loss_ema_slow=slow,
+            loss_std=std,
+            loss_slope=slope,
             grad_norm=math.sqrt(total_sq),
             groups=tuple(groups),
         )
 
-    def _loss_stats(self, loss: float | None) -> dict[str, float | None]:
-        """Update and return the loss EMAs.  A non-finite loss is not folded in."""
+    def _loss_stats(self, loss: float | None) -> tuple[float | None, ...]:
+        """Update the loss EMAs and return the fast and slow ones, the deviation and the slope.
+
+        A non-finite loss is not folded in."""
         if loss is not None:
             if self._n > 0:
                 self._var = (
@@ -193,11 +203,11 @@ class SignalTracker:
             self._fast = FAST_DECAY * self._fast + (1 - FAST_DECAY) * loss
             self._slow = SLOW_DECAY * self._slow + (1 - SLOW_DECAY) * loss
         if self._n == 0:
-            return {"loss_ema": None, "loss_ema_slow": None, "loss_std": None, "loss_slope": None}
+            return None, None, None, None
         fast, slow = self._fast_ema(), self._slow / (1 - SLOW_DECAY**self._n)
         std = math.sqrt(self._var / (1 - FAST_DECAY ** max(self._n - 1, 1)))
         slope = (fast - slow) / abs(slow) if slow != 0 else 0.0
-        return {"loss_ema": fast, "loss_ema_slow": slow, "loss_std": std, "loss_slope": slope}
+        return fast, slow, std, slope
 
     def _fast_ema(self) -> float:
         return self._fast / (1 - FAST_DECAY**self._n)

@@ -11,6 +11,7 @@ Adam betas belong to selftune outright and are written into ``param_groups`` dir
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -122,6 +123,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         #: ``group`` records of groups added since the last step, written with the next one
         self._added: list[dict[str, Any]] = []
+        #: the metric given to ``observe`` and not yet read by a step, and its mode
+        self._metric: float | None = None
+        self._metric_mode: str | None = None
         if log_dir is not None:
             self._open_log(Path(log_dir))
 
@@ -192,6 +196,41 @@ class SelfTuned(torch.optim.Optimizer):
                 }
             )
 
+    def observe(self, metric: float | torch.Tensor, *, mode: str = "min") -> None:
+        """Give the controller an evaluation metric (validation loss, accuracy) after evaluating.
+
+        Optional: a loop that evaluates every so often can pass what it measured, as it would to
+        ``ReduceLROnPlateau``.  ``auto`` halves the rate once the metric has gone more than three
+        evaluations without a new best, a decay read off held-out evidence that the training
+        loss cannot give; the other controllers ignore it.  ``mode``: "min" when lower is better
+        (a loss), "max" when higher is (an accuracy); it must not change within a run.  The
+        metric reaches the controller with the next step, is recorded with the decisions it
+        drives, and, under ``torch.distributed``, is averaged over the ranks here (one
+        collective): call it on every rank, with each rank's own value or the same one.
+        """
+        if mode not in ("min", "max"):
+            raise ConfigError(f'observe(mode={mode!r}): use "min" (lower is better) or "max"')
+        if self._metric_mode is not None and mode != self._metric_mode:
+            raise ConfigError(
+                f"observe(mode={mode!r}) after observe(mode={self._metric_mode!r}): a run has one "
+                "metric; pass the same mode every time"
+            )
+        try:
+            value = torch.as_tensor(
+                metric.detach() if isinstance(metric, torch.Tensor) else metric,
+                dtype=torch.float64,
+            )
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(
+                f"observe() needs one number, got {type(metric).__name__}: pass the metric's value"
+            ) from err
+        if value.numel() != 1:
+            raise ConfigError(
+                f"observe() needs one number, got a tensor of shape {tuple(value.shape)}: "
+                "reduce it first (its mean, say)"
+            )
+        self._metric, self._metric_mode = _mean_over_ranks(value.reshape(())), mode
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -212,6 +251,10 @@ class SelfTuned(torch.optim.Optimizer):
         t = self.step_count + 1
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
+        if self._metric is not None:  # held until a step whose proposals are made reads it
+            signals = dataclasses.replace(
+                signals, metric=self._metric, metric_mode=self._metric_mode or "min"
+            )
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         if trouble is not None:
@@ -223,6 +266,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.guard.keep(t, self._capture())
         current = self.hyperparams()
         proposals = self.controller.propose(signals, current)
+        self._metric = None
         restarting = self._take_restart()
         decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
         restart = None if restarting is None else self._restart(restarting)
@@ -251,6 +295,7 @@ class SelfTuned(torch.optim.Optimizer):
             "log": None if self._log is None else self._log.position(),
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
             "trace": None if self._trace is None else self._trace_bytes,
+            "metric": [self._metric, self._metric_mode],
         }
         return sd
 
@@ -268,6 +313,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
+        self._metric, self._metric_mode = own.get("metric", [None, None])
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
@@ -552,7 +598,12 @@ class SelfTuned(torch.optim.Optimizer):
                 )
         if self._trace is not None:
             loss = signals.loss
-            row = {"step": t, "loss": loss if loss is None or math.isfinite(loss) else str(loss)}
+            row: dict[str, Any] = {
+                "step": t,
+                "loss": loss if loss is None or math.isfinite(loss) else str(loss),
+            }
+            if signals.metric is not None:
+                row["metric"] = signals.metric
             line = json.dumps({**row, "hp": hp}) + "\n"
             self._trace.write(line)
             self._trace.flush()
@@ -621,6 +672,18 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as a float."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        value = value.to(device=device).clone()  # float64: the mean of equal values is exact
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return float(value) / dist.get_world_size()
+    return float(value)
 
 
 def _is_rank_zero() -> bool:

@@ -4,8 +4,9 @@ A :class:`Method` is a name (the report's row label), a family, the base optimiz
 against (``sgd`` or ``adamw``: its default and its grid's oracle), and a builder that returns a
 :class:`Handle`.  The handle hides what differs between methods from the training loop: selftune
 wants the loss at ``step``, Schedule-Free wants ``train()``/``eval()`` around evaluation,
-ReduceLROnPlateau wants the evaluation metric, schedulers step after the optimizer, and the
-*effective* learning rate is read differently by each (Prodigy and D-Adaptation: ``lr × d``).
+ReduceLROnPlateau and selftune's ``observe`` want the evaluation metric, schedulers step after
+the optimizer, and the *effective* learning rate is read differently by each (Prodigy and
+D-Adaptation: ``lr × d``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Handle:
         pass_loss: bool = False,
         mode_switch: bool = False,
         lr_of: Callable[[torch.optim.Optimizer], float] | None = None,
+        metric_to: Callable[[float], None] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -59,6 +61,7 @@ class Handle:
         self.pass_loss = pass_loss
         self.mode_switch = mode_switch
         self._lr_of = lr_of or _group_lr
+        self._metric_to = metric_to
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,9 +86,11 @@ class Handle:
             self.optimizer.eval()  # type: ignore[attr-defined]
 
     def observe(self, metric: float) -> None:
-        """Tell ReduceLROnPlateau the evaluation metric."""
+        """Tell ReduceLROnPlateau, or selftune, the evaluation metric."""
         if self.plateau is not None:
             self.plateau.step(metric)
+        if self._metric_to is not None:
+            self._metric_to(metric)
 
     def lr(self) -> float:
         """The effective learning rate of the first parameter group."""
@@ -191,14 +196,18 @@ def _hd_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
     return Handle(AdamHD(params, lr=ADAMW_DEFAULT["lr"]))
 
 
-def _selftune(base: str, lr: float, controller: str) -> Builder:
+def _selftune(base: str, lr: float, controller: str, metric: bool = True) -> Builder:
+    """selftune given the loss at every step and, unless ``metric`` is False, the evaluation
+    metric after every evaluation (``observe``), as a loop that evaluates can give it."""
     make = _base(base, lr)
 
     def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
         import selftune
 
         opt = selftune.wrap(make(params), controller=controller, seed=s.seed)
-        return Handle(opt, pass_loss=True, lr_of=_selftune_lr)
+        mode = "max" if s.higher_is_better else "min"
+        to = (lambda value: opt.observe(value, mode=mode)) if metric else None
+        return Handle(opt, pass_loss=True, lr_of=_selftune_lr, metric_to=to)
 
     return build
 
@@ -259,6 +268,17 @@ def _registry() -> dict[str, Method]:
                     base_lr[b],
                 )
             )
+    for b in ("sgd", "adamw"):  # auto as a loop that never evaluates drives it: the loss alone
+        rows.append(
+            Method(
+                f"selftune-auto-blind-{b}",
+                "selftune",
+                b,
+                _selftune(b, base_lr[b], "auto", metric=False),
+                HEADLINE_SEEDS,
+                base_lr[b],
+            )
+        )
     for b in ("adamw", "sgd"):
         for lr in sweeps[b]:
             rows.append(

@@ -465,9 +465,12 @@ def _methods_section() -> list[str]:
         "plotted rate is `lr × d` (Prodigy, D-Adaptation) or the scheduled rate.",
         "- `hd-sgd`, `hd-adam`: hypergradient descent as published (Baydin et al. 2018), from "
         "the defaults, hypergradient rate 1e-3 (SGD-HD) and 1e-7 (Adam-HD), no bounds.",
-        "- `selftune-<controller>-<base>`: `selftune.wrap` around the default optimizer; "
-        "`selftune-auto-<base>-lr<x>`: the default controller started at rate x "
-        f"(AdamW {rates(m.ADAMW_SWEEP)}; SGD {rates(m.SGD_SWEEP)}).",
+        "- `selftune-<controller>-<base>`: `selftune.wrap` around the default optimizer, given "
+        "the loss at every step and the held-out metric after every evaluation (`observe`, "
+        "which only `auto` reads); `selftune-auto-<base>-lr<x>`: the default controller "
+        f"started at rate x (AdamW {rates(m.ADAMW_SWEEP)}; SGD {rates(m.SGD_SWEEP)}); "
+        "`selftune-auto-blind-<base>`: the default controller given the loss alone, as a loop "
+        "that never evaluates drives it.",
         "",
     ]
 

@@ -51,6 +51,13 @@
    direction, whose cosines are +1 or -1 at random, and a cut on each -1 took the rate from
    8e-3 to its floor of 1e-5 within 35 steps (bench-results/pilots, 23).
 
+3. **The metric**, when the loop gives one (``SelfTuned.observe``: a validation loss or an
+   accuracy after each evaluation).  Once it has gone more than three evaluations without a new
+   best while every group cruises, the rate is halved, as ``ReduceLROnPlateau(patience=3,
+   factor=0.5)`` would halve it (:meth:`AutoController._metric_stalled`).  Held-out evidence
+   that no training signal gives: on several benchmark workloads the training loss had fallen
+   as low as the best grid member's while the metric still stood short of the target.
+
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
 """
@@ -62,7 +69,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from selftune.controllers.base import Knobs, Proposal
-from selftune.controllers.evidence import RatioEMA, SignTest
+from selftune.controllers.evidence import MetricPlateau, RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
 from selftune.signals import FAST_DECAY, Signals
@@ -109,12 +116,13 @@ class AutoController:
         shrink: float = 0.7,
         clear: float = 3.0,
         retreat: float = 0.25,
+        metric_patience: int = 3,
     ) -> None:
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
         self.min_ramp_steps, self.deadband = min_ramp_steps, deadband
-        self.cruise_gain = cruise_gain
+        self.cruise_gain, self.metric_patience = cruise_gain, metric_patience
         self.hyper = HypergradientController(gain=cruise_gain, decay=0.9)
         self.stability = StabilityController()
         self._phase: list[str] = []  # "ramp" | "shrink" | "ramp_up" | "drop" | "cruise" per group
@@ -165,6 +173,10 @@ class AutoController:
         self._watch: list[int] = []
         #: per group, the plateau cut on trial, if any
         self._trial: list[_Trial | None] = []
+        #: the evaluation metric's plateau test (see ``SelfTuned.observe``): one metric for the
+        #: run, kept across rollbacks (``_metric_kept`` carries it over the restore)
+        self._metric = MetricPlateau(metric_patience)
+        self._metric_kept: dict[str, Any] | None = None
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
@@ -194,6 +206,7 @@ class AutoController:
             if self._prev_loss is not None:
                 self._descent.update(signals.loss - self._prev_loss)
             self._prev_loss = signals.loss
+        stalled = self._metric_stalled(signals)
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
@@ -212,6 +225,8 @@ class AutoController:
                 out.extend(self._range_test(signals, i, k, rho_fast))
             elif self._harmed_after_ramp(signals, i):
                 out.extend(self._retreat_after_harm(i, k["lr"]))
+            elif stalled:
+                out.append(self._metric_cut(signals, i, k["lr"]))
             elif trouble is not None and trouble[0] == "spike":
                 out.append(self.stability.cut_proposal(i, k["lr"], trouble, signals.step))
             elif trouble is not None and trouble[0] == "plateau":
@@ -262,6 +277,41 @@ class AutoController:
         self._watch[i] = 0
         why = f"the loss rose above its start after the ramp ended at lr {lr:.3g}; retreat"
         return self._end_test(i, lr, self.retreat, why, restart=True)
+
+    def _metric_stalled(self, s: Signals) -> bool:
+        """Count an evaluation of the metric, if one came; True when it stalls in the cruise.
+
+        A stall is more than ``metric_patience`` evaluations without a new best, as in
+        ``ReduceLROnPlateau``.  Only evaluations that find every group cruising count towards
+        it: during the range test the rate itself is moving, and a metric standing still then
+        says nothing about the rate the cruise will hold, so the count starts again (the best
+        is kept).  The cut is final, not a trial as a plateau cut of the loss is: a test of it
+        against the best (kept on a new best within as many evaluations again, else undone)
+        undid the cuts that helped on the digits MLP, whose test accuracy swings by 0.01-0.05
+        between evaluations, so that a lucky best is seldom beaten soon (pilot 45).
+        """
+        if s.metric is None:
+            return False
+        stalled = self._metric.update(s.metric, s.metric_mode == "max")
+        cruising = all(phase == "cruise" for phase in self._phase)
+        if stalled or not cruising:
+            self._metric.bad = 0
+        return stalled and cruising
+
+    def _metric_cut(self, s: Signals, i: int, lr: float) -> Proposal:
+        """Halve the rate: the metric the loop evaluates stopped improving.
+
+        A decay read off held-out evidence, which the training loss cannot give: on the digits
+        MLP and MNIST-1D ``auto``'s training loss fell as low as the best grid member's while
+        its accuracy stood short of it (bench-results/pilots, ``gap.py``), and halving on the
+        metric as ``ReduceLROnPlateau`` does closed part of that gap (pilot 44).  A plateau
+        cut of the loss on trial is dropped, so that its undo cannot restore the rate the
+        metric has just judged.
+        """
+        self._trial[i] = None
+        m = self._metric
+        why = f"the metric has not bettered its best ({m.best:.4g}) in {m.patience + 1} evaluations"
+        return self.stability.cut_proposal(i, lr, ("metric plateau", why), s.step)
 
     def _plateau(
         self, s: Signals, i: int, lr: float, rho: float, trouble: tuple[str, str]
@@ -456,6 +506,7 @@ class AutoController:
         """
         self._ensure(len(knobs))
         self._at_failure, self._kept_retested = [], self._retested
+        self._metric_kept = self._metric.state()  # evaluations are not undone by a restore
         for i, k in enumerate(knobs):
             before = self._failed[i]
             grown = self._ramp_steps[i] >= self.min_ramp_steps  # else the start rate failed
@@ -478,6 +529,8 @@ class AutoController:
         of one that failed.  Trouble after the range test cuts as the guard does.
         """
         failure, self._at_failure = self._at_failure, []
+        if self._metric_kept is not None:
+            self._metric, self._metric_kept = MetricPlateau(**self._metric_kept), None
         self._retested = self._retested or self._kept_retested  # one re-test per run, as above
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         known = len(self._phase)
@@ -519,6 +572,7 @@ class AutoController:
             "low": list(self._low),
             "cap": list(self._cap),
             "retested": self._retested,
+            "metric": self._metric.state(),
             "hyper": self.hyper.state_dict(),
             "stability": self.stability.state_dict(),
         }
@@ -544,5 +598,8 @@ class AutoController:
         self._low = list(state.get("low", [None] * groups))
         self._cap = list(state.get("cap", [None] * groups))
         self._retested = state.get("retested", False)
+        self._metric = MetricPlateau(
+            **{"patience": self.metric_patience, **state.get("metric", {})}
+        )
         self.hyper.load_state_dict(state["hyper"])
         self.stability.load_state_dict(state["stability"])

@@ -86,6 +86,42 @@ class PlateauDetector:
 
 
 @dataclass
+class MetricPlateau:
+    """Says when an evaluation metric has gone more than ``patience`` evaluations without a new
+    best.
+
+    ReduceLROnPlateau's test (a new best must beat the old by a relative ``threshold``), read off
+    the metric the training loop already evaluates.  That metric is held-out evidence the
+    training loss lacks: on several benchmark workloads ``auto``'s training loss fell as low as
+    the best grid member's while its accuracy stood short of it (bench-results/pilots, ``gap.py``),
+    a sign of a rate still too high for the last stretch that no signal of the training steps
+    shows.  Evaluations are few and each averages a whole held-out set, so a plain count of
+    evaluations without improvement is the evidence, as in the scheduler.
+    """
+
+    patience: int = 3
+    threshold: float = 1e-4
+    best: float | None = None
+    bad: int = 0  #: evaluations since the best
+
+    def update(self, value: float, higher_is_better: bool) -> bool:
+        """Count one evaluation; True when it makes more than ``patience`` without a new best
+        (``ReduceLROnPlateau``'s rule: with a patience of 3, the fourth)."""
+        sign = 1.0 if higher_is_better else -1.0
+        best = self.best
+        if math.isfinite(value) and (
+            best is None or sign * (value - best) > self.threshold * abs(best)
+        ):
+            self.best, self.bad = value, 0
+            return False
+        self.bad += 1
+        return self.bad > self.patience
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class SignTest:
     """Whether the recent mean of a noisy per-step signal stands clear of zero, and on which side.
 

@@ -15,7 +15,10 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
 * feeds the loss: ``trainer.training_step`` returns each micro-batch's loss already divided for
   gradient accumulation, and the sum over the micro-batches of one step is the step's loss (the
   same number the ``Trainer`` logs);
-* adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record.
+* adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record
+  and gives the optimizer each evaluation's metric (:meth:`~selftune.SelfTuned.observe`): the
+  one the ``Trainer`` picks its best model by, ``metric_for_best_model`` (default: the
+  evaluation loss), in the direction ``greater_is_better`` says.
 
 Checkpoints need nothing more: the ``Trainer`` saves ``optimizer.state_dict()``, which carries
 selftune's state under ``"selftune"``, and ``trainer.train(resume_from_checkpoint=...)`` loads it.
@@ -52,11 +55,13 @@ class SelfTuneTrainerCallback(TrainerCallback):
     """Log selftune's effective knobs with the ``Trainer``'s metrics (``selftune/group0/lr`` ...).
 
     Added by :func:`wrap_trainer_optimizer`.  At the start of training it checks that the
-    optimizer is a selftune one and says what to do if it is not.
+    optimizer is a selftune one and says what to do if it is not.  ``observe_eval``: after each
+    evaluation, give the optimizer the metric the ``Trainer`` judges its best model by.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, observe_eval: bool = True) -> None:
         self.optimizer: SelfTuned | None = None
+        self.observe_eval = observe_eval
 
     def on_train_begin(
         self,
@@ -87,6 +92,26 @@ class SelfTuneTrainerCallback(TrainerCallback):
         if isinstance(self.optimizer, FedSelfTuned):
             self.optimizer.loss_feed.clear()
 
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.optimizer is None or not self.observe_eval or metrics is None:
+            return
+        name = args.metric_for_best_model or "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise selftune.ConfigError(
+                f"the evaluation gave no {key!r} (it gave {', '.join(sorted(metrics))}): set "
+                "TrainingArguments(metric_for_best_model=...) to one of them, or pass "
+                "observe_eval=False to wrap_trainer_optimizer"
+            )
+        self.optimizer.observe(metrics[key], mode="max" if args.greater_is_better else "min")
+
     def on_log(
         self,
         args: TrainingArguments,
@@ -113,14 +138,17 @@ def wrap_trainer_optimizer(
     trainer: Trainer,
     controller: str | selftune.Controller = "auto",
     log_dir: str | Path | None = None,
+    *,
+    observe_eval: bool = True,
     **wrap_kwargs: Any,
 ) -> SelfTuned:
     """Wrap ``trainer``'s optimizer with selftune and feed it the loss; call before ``train()``.
 
-    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`.  An optimizer
-    passed to the ``Trainer`` is wrapped as it is (or only fed, if it is already a selftune
-    one); otherwise the one the ``TrainingArguments`` describe is built first.  Returns the
-    wrapper, whose ``hyperparams()`` give the knobs in force.
+    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`;
+    ``observe_eval``: give the optimizer each evaluation's metric (see the module docstring).
+    An optimizer passed to the ``Trainer`` is wrapped as it is (or only fed, if it is already a
+    selftune one); otherwise the one the ``TrainingArguments`` describe is built first.  Returns
+    the wrapper, whose ``hyperparams()`` give the knobs in force.
     """
     if find_selftuned(trainer.optimizer) is not None and not isinstance(
         trainer.optimizer, SelfTuned
@@ -142,9 +170,12 @@ def wrap_trainer_optimizer(
     else:
         trainer.training_step._selftune_feed[0] = opt  # type: ignore[attr-defined]
     callbacks = trainer.callback_handler.callbacks
-    if not any(isinstance(cb, SelfTuneTrainerCallback) for cb in callbacks):
+    ours = [cb for cb in callbacks if isinstance(cb, SelfTuneTrainerCallback)]
+    if ours:
+        ours[0].observe_eval = observe_eval
+    else:
         # First in line, so that the reporters called after it log the knobs it adds.
-        callbacks.insert(0, SelfTuneTrainerCallback())
+        callbacks.insert(0, SelfTuneTrainerCallback(observe_eval))
     return opt
 
 

@@ -13,6 +13,9 @@ What the callback does, and when:
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
   path where Lightning calls ``scaler.step(optimizer)`` without a closure.
+* ``on_validation_end``, with ``monitor`` set: gives every optimizer that logged metric
+  (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
+  halves the rate once it has gone more than three validations without a new best.
 * Checkpoints: Lightning saves ``optimizer.state_dict()``, which carries selftune's controller,
   guard, signal and log state under ``"selftune"``; the callback's own state adds the guard's
   in-memory snapshots.  ``trainer.fit(model, ckpt_path=...)`` continues with the same knobs.
@@ -45,6 +48,8 @@ class SelfTuneCallback(Callback):
     optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  ``log_knobs``: log the effective
     knobs (``selftune/group{g}/lr`` ...) through ``pl_module.log`` every step, for the Lightning
     logger (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
+    ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
+    the optimizers after each validation; ``mode``: "min" if lower is better, "max" if higher.
     """
 
     def __init__(
@@ -53,8 +58,13 @@ class SelfTuneCallback(Callback):
         log_dir: str | Path | None = None,
         *,
         log_knobs: bool = True,
+        monitor: str | None = None,
+        mode: str = "min",
         **wrap_kwargs: Any,
     ) -> None:
+        if mode not in ("min", "max"):
+            raise selftune.ConfigError(f'SelfTuneCallback(mode={mode!r}): use "min" or "max"')
+        self.monitor, self.mode = monitor, mode
         self.controller = controller
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
@@ -123,6 +133,20 @@ class SelfTuneCallback(Callback):
             for g, knobs in enumerate(opt.hyperparams()):
                 values.update({f"{prefix}group{g}/{name}": v for name, v in knobs.items()})
         pl_module.log_dict(values, on_step=True, on_epoch=False, logger=trainer.logger is not None)
+
+    # -- the metric ---------------------------------------------------------------------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or not self.optimizers:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            raise selftune.ConfigError(
+                f"SelfTuneCallback(monitor={self.monitor!r}) found no such metric after "
+                f"validation (logged: {logged}); log it with self.log in validation_step"
+            )
+        for opt in self.optimizers:
+            opt.observe(value, mode=self.mode)
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,111 @@
+"""``observe``: an evaluation metric fed to the run reaches ``auto``, the log, replay and resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from faults import final_weights, make_optimizer, make_task, train
+
+import selftune
+from selftune.audit import read_log
+
+STEPS = 400
+EVERY = 10  #: evaluate every this many steps, as a training loop does
+
+
+def _observing(task: Any, opt: selftune.SelfTuned) -> Callable[[int], None]:
+    """After every ``EVERY`` steps, give the optimizer the full-data loss, as a loop that
+    evaluates would give its validation loss."""
+
+    def on_step(t: int) -> None:
+        if t % EVERY == 0:
+            opt.observe(task.full_loss())
+
+    return on_step
+
+
+def _run(folder: Path | None, observe: bool) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), log_dir=folder)
+    trail: list[dict[str, Any]] = []
+    opt.add_listener(lambda e: trail.extend({"step": e.step, **d.__dict__} for d in e.decisions))
+    train(task, opt, STEPS, evaluate=False, on_step=_observing(task, opt) if observe else None)
+    opt.close()
+    return final_weights(task.model), trail
+
+
+def test_a_stalled_metric_halves_the_rate_in_a_logged_run_that_replays_exactly(
+    tmp_path: Path,
+) -> None:
+    weights, trail = _run(tmp_path, observe=True)
+    cuts = [d for d in trail if d["reason"].startswith("metric plateau")]
+    assert cuts, [d["reason"] for d in trail]
+    first = cuts[0]
+    assert first["step"] % EVERY == 1  # read at the step after the evaluation
+    assert first["new"] == pytest.approx(first["old"] / 2)
+    # the log records the metric among the signals of the decision it drove
+    logged = [r for r in read_log(tmp_path).records if r["kind"] == "decision"]
+    assert any("metric" in r["signals"] and "metric plateau" in r["reason"] for r in logged)
+    # before the first cut the run is the one that never evaluated; after it, it is not
+    blind_weights, blind = _run(None, observe=False)
+
+    def before_cut(decisions: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        keys = ("step", "knob", "old", "new", "reason")
+        return [tuple(d[k] for k in keys) for d in decisions if d["step"] < first["step"]]
+
+    assert before_cut(blind) == before_cut(trail)
+    assert not all(torch.equal(a, b) for a, b in zip(weights, blind_weights, strict=True))
+    # replay re-applies the logged decisions: it needs no metric
+    task = make_task()
+    replayed = selftune.replay(make_optimizer("adamw", task.model.parameters()), tmp_path)
+    train(task, replayed, STEPS, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, final_weights(task.model), strict=True))
+
+
+def test_a_metric_not_yet_read_survives_a_checkpoint() -> None:
+    """A run checkpointed between an evaluation and the next step resumes to the same future."""
+
+    def run(split: int | None) -> list[torch.Tensor]:
+        task = make_task()
+        opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()))
+        for t in range(1, STEPS + 1):
+            loss = task.batch_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            if t % EVERY == 0:
+                opt.observe(task.full_loss())
+            if t == split:  # just after an evaluation: its metric is still pending
+                state = opt.state_dict()
+                opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()))
+                opt.load_state_dict(state)
+        return final_weights(task.model)
+
+    whole = run(None)
+    split = run(EVERY * 20)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "words"),
+    [
+        (0.5, "minimize", 'use "min"'),
+        ("0.5", "min", "needs one number, got str"),
+        (torch.ones(3), "min", r"shape \(3,\)"),
+    ],
+)
+def test_a_bad_metric_is_refused_by_name(metric: Any, mode: str, words: str) -> None:
+    opt = selftune.wrap(make_optimizer("adamw", make_task().model.parameters()))
+    with pytest.raises(selftune.ConfigError, match=words):
+        opt.observe(metric, mode=mode)
+
+
+def test_a_run_keeps_one_metric_direction() -> None:
+    opt = selftune.wrap(make_optimizer("adamw", make_task().model.parameters()))
+    opt.observe(torch.tensor(0.9), mode="max")  # a tensor of one element is a number
+    with pytest.raises(selftune.ConfigError, match="one metric"):
+        opt.observe(0.5)
