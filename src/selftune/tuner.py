@@ -251,10 +251,6 @@ class SelfTuned(torch.optim.Optimizer):
         t = self.step_count + 1
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
-        if self._metric is not None:  # held until a step whose proposals are made reads it
-            signals = dataclasses.replace(
-                signals, metric=self._metric, metric_mode=self._metric_mode or "min"
-            )
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         if trouble is not None:
@@ -262,6 +258,10 @@ class SelfTuned(torch.optim.Optimizer):
             self.step_count = t
             self._after(t, signals, decisions, event)
             return loss
+        if self._metric is not None:  # held until a step whose proposals are made reads it
+            signals = self.last_signals = dataclasses.replace(
+                signals, metric=self._metric, metric_mode=self._metric_mode or "min"
+            )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         current = self.hyperparams()
@@ -602,8 +602,9 @@ class SelfTuned(torch.optim.Optimizer):
                 "step": t,
                 "loss": loss if loss is None or math.isfinite(loss) else str(loss),
             }
-            if signals.metric is not None:
-                row["metric"] = signals.metric
+            metric = signals.metric
+            if metric is not None:
+                row["metric"] = metric if math.isfinite(metric) else str(metric)
             line = json.dumps({**row, "hp": hp}) + "\n"
             self._trace.write(line)
             self._trace.flush()
