@@ -12,6 +12,7 @@ from faults import final_weights, make_optimizer, make_task, train
 
 import selftune
 from selftune.audit import read_log
+from selftune.report import metric_series, read_run, write_report
 
 STEPS = 400
 EVERY = 10  #: evaluate every this many steps, as a training loop does
@@ -59,6 +60,11 @@ def test_a_stalled_metric_halves_the_rate_in_a_logged_run_that_replays_exactly(
 
     assert before_cut(blind) == before_cut(trail)
     assert not all(torch.equal(a, b) for a, b in zip(weights, blind_weights, strict=True))
+    # the report plots the metric at the steps that read it
+    series = metric_series(read_run(tmp_path))
+    assert series.steps == list(range(EVERY + 1, STEPS, EVERY))
+    write_report(tmp_path)
+    assert (tmp_path / "plots" / "metric.png").exists()
     # replay re-applies the logged decisions: it needs no metric
     task = make_task()
     replayed = selftune.replay(make_optimizer("adamw", task.model.parameters()), tmp_path)

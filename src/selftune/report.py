@@ -151,6 +151,17 @@ def loss_series(run: Run) -> Series:
     return Series(steps, values)
 
 
+def metric_series(run: Run) -> Series:
+    """The metric given to ``observe``, at the steps that read it; NaN where it was not finite."""
+    steps, values = [], []
+    for row in run.trace:
+        if "metric" in row:
+            value = as_float(row["metric"])
+            steps.append(row["step"])
+            values.append(math.nan if value is None else value)
+    return Series(steps, values)
+
+
 def ema(values: Sequence[float], span: float) -> list[float]:
     """Bias-corrected exponential moving average that steps over NaN and infinities.
 
@@ -255,8 +266,7 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
         linewidth=2,
         label=f"EMA (span {span:.0f})",
     )
-    if min(finite) > 0 and max(finite) / min(finite) > 30:
-        ax.set_yscale("log")  # a spike before a rollback would flatten everything on a linear axis
+    _log_scale_if_wide(ax, finite)
     # Steps whose loss was given but not finite (a step without a loss is just left blank).
     bad = [row["step"] for row in run.trace if _not_finite(as_float(row.get("loss")))]
     if bad:
@@ -283,6 +293,33 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     _mark_guards(ax, guards)
     _style(ax, "Loss", "loss")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def _log_scale_if_wide(ax: Axes, finite: Sequence[float]) -> None:
+    """A log axis for positive values spanning more than 30x: a spike before a rollback, or a
+    validation loss falling by orders of magnitude, would flatten the rest on a linear one."""
+    if min(finite) > 0 and max(finite) / min(finite) > 30:
+        ax.set_yscale("log")
+
+
+def _metric_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
+    """The evaluation metric, one point per evaluation, and the steps that decided on one."""
+    metric = metric_series(run)
+    if not any(math.isfinite(v) for v in metric.values):
+        return None
+    fig = _figure(3.0)
+    ax = fig.add_subplot()
+    ax.plot(metric.steps, metric.values, "o-", color="#2ca02c", markersize=3, label="metric")
+    _log_scale_if_wide(ax, [v for v in metric.values if math.isfinite(v)])
+    read = sorted({r["step"] for r in run.of_kind("decision") if "metric" in r.get("signals", {})})
+    for step in read:
+        ax.axvline(step, color="#555", alpha=0.4, linewidth=1)
+    if read:
+        ax.plot([], [], color="#555", alpha=0.4, label="decision on reading it")
+    _mark_guards(ax, guards)
+    _style(ax, "Evaluation metric", "metric")
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     return fig
 
 
@@ -367,6 +404,12 @@ def make_plots(run: Run) -> list[Plot]:
             "loss",
             "Loss per step (faint) and its moving average; red dashes: guard events.",
             _loss_plot(run, guards),
+        ),
+        (
+            "metric",
+            "The evaluation metric given to observe(), at the step that read it; grey lines: "
+            "decisions taken at those steps.",
+            _metric_plot(run, guards),
         ),
         (
             "lr",
