@@ -8,7 +8,10 @@ oracle's run reached the target: the training loss (the runner's smoothed miniba
 the evaluation metric (when ``auto``'s run reached the target first, only its step: the runs
 stop there).  A ratio of training losses near 1 with the metric short of the target says that
 ``auto`` optimises as fast and the steps are lost in what the evaluation sees (the noise of a
-rate not yet annealed); a ratio well above 1 says the optimisation itself is slower.
+rate not yet annealed); a ratio well above 1 says the optimisation itself is slower.  The last
+figure is the ratio of the two runs' effective learning rates at that step (``auto``'s over the
+oracle's, the scheduled rate for a cosine member): whether a slower optimisation comes with a
+rate too low or too high.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ RESULTS = Path(__file__).parents[1] / "results.jsonl"
 
 def main() -> None:
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    print("| pair | oracle | seed: step, training loss auto / oracle, metric auto vs oracle |")
+    print(
+        "| pair | oracle | seed: step, training loss auto / oracle, metric auto vs oracle, "
+        "rate auto / oracle |"
+    )
     print("|---|---|---|")
     for workload in summarise(records).values():
         for base in ("sgd", "adamw"):
@@ -48,7 +54,8 @@ def _pair(workload: Workload, base: str) -> None:
         i, j = a["curves"]["step"].index(step), o["curves"]["step"].index(step)
         ratio = a["curves"]["loss_ema"][i] / o["curves"]["loss_ema"][j]
         metric = f"{a['curves']['metric'][i]:.3g} vs {o['curves']['metric'][j]:.3g}"
-        cells.append(f"{seed}: {step}, {ratio:.2f}, {metric}")
+        rate = a["curves"]["lr"][i] / o["curves"]["lr"][j]
+        cells.append(f"{seed}: {step}, {ratio:.2f}, {metric}, {rate:.2g}")
     if cells:
         print(f"| {workload.name} {base} | {oracle.method} | {'; '.join(cells)} |")
 
