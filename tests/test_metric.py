@@ -11,6 +11,7 @@ import torch
 from faults import final_weights, make_optimizer, make_task, train
 
 import selftune
+from selftune import cli
 from selftune.audit import read_log
 from selftune.report import metric_series, read_run, write_report
 
@@ -40,8 +41,9 @@ def _run(folder: Path | None, observe: bool) -> tuple[list[torch.Tensor], list[d
 
 
 def test_a_stalled_metric_halves_the_rate_in_a_logged_run_that_replays_exactly(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds a frame narrower than its header
     weights, trail = _run(tmp_path, observe=True)
     cuts = [d for d in trail if d["reason"].startswith("metric plateau")]
     assert cuts, [d["reason"] for d in trail]
@@ -65,6 +67,10 @@ def test_a_stalled_metric_halves_the_rate_in_a_logged_run_that_replays_exactly(
     assert series.steps == list(range(EVERY + 1, STEPS, EVERY))
     write_report(tmp_path)
     assert (tmp_path / "plots" / "metric.png").exists()
+    # watch shows the last one, at the step that read it
+    assert cli.main(["watch", str(tmp_path), "--once"]) == 0
+    last = read_run(tmp_path).trace[-1 - (STEPS - 1) % EVERY]
+    assert f"metric {last['metric']:.4g} (step {last['step']})" in capsys.readouterr().out
     # replay re-applies the logged decisions: it needs no metric
     task = make_task()
     replayed = selftune.replay(make_optimizer("adamw", task.model.parameters()), tmp_path)

@@ -1,7 +1,8 @@
 """``selftune watch RUN``: follow a run in progress in the terminal.
 
 It tails ``decisions.jsonl`` and ``trace.jsonl`` as the run appends to them and redraws one frame:
-the step, the loss, each param group's knobs, sparklines of the recent loss and learning rate, and
+the step, the loss (and the last evaluation metric given to ``observe``, at the step that read
+it), each param group's knobs, sparklines of the recent loss and learning rate, and
 the latest decisions and guard events with their reasons. Only complete lines are read: the run
 may be halfway through writing the last one, and that part is kept until its newline arrives.
 
@@ -75,6 +76,9 @@ class WatchState:
     manifest: dict[str, Any] | None = None
     step: int | None = None
     loss: float | None = None
+    #: the last metric given to ``observe`` and the step that read it
+    metric: float | None = None
+    metric_step: int | None = None
     hp: list[dict[str, Any]] = field(default_factory=list)
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     #: recent learning rates of each param group
@@ -109,6 +113,7 @@ class WatchState:
         if restarted:
             self.losses.clear()
             self.rates.clear()
+            self.metric = self.metric_step = None
         for row in self._parse(lines):
             self._add_row(row)
 
@@ -132,6 +137,8 @@ class WatchState:
             return
         self.step = row.get("step")
         self.loss = as_float(row.get("loss"))
+        if "metric" in row:
+            self.metric, self.metric_step = as_float(row["metric"]), self.step
         self.hp = [group for group in hp if isinstance(group, dict)]
         self.losses.append(math.nan if self.loss is None else self.loss)
         while len(self.rates) < len(self.hp):
@@ -179,6 +186,11 @@ def render(state: WatchState) -> RenderableType:
         (str(state.step) if state.step is not None else "—", "bold"),
         ("   loss ", "dim"),
         (_fmt(state.loss), "bold"),
+        *(
+            (("   metric ", "dim"), (_fmt(state.metric), "bold"), f" (step {state.metric_step})")
+            if state.metric_step is not None
+            else ()
+        ),
         ("   decisions ", "dim"),
         str(state.decisions),
         ("   guard events ", "dim"),
