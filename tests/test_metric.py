@@ -116,6 +116,14 @@ def test_a_bad_metric_is_refused_by_name(metric: Any, mode: str, words: str) -> 
         opt.observe(metric, mode=mode)
 
 
+@pytest.mark.parametrize(("patience", "words"), [(-1, "use 0 or more"), (2.5, "whole number")])
+def test_a_bad_metric_patience_is_refused_by_name(patience: Any, words: str) -> None:
+    with pytest.raises(selftune.ConfigError, match=words):
+        selftune.wrap(
+            make_optimizer("adamw", make_task().model.parameters()), metric_patience=patience
+        )
+
+
 def test_a_run_keeps_one_metric_direction() -> None:
     opt = selftune.wrap(make_optimizer("adamw", make_task().model.parameters()))
     opt.observe(torch.tensor(0.9), mode="max")  # a tensor of one element is a number

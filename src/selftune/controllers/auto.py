@@ -72,6 +72,7 @@ from selftune.controllers.base import Knobs, Proposal
 from selftune.controllers.evidence import MetricPlateau, RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
+from selftune.errors import ConfigError
 from selftune.signals import FAST_DECAY, Signals
 
 #: steps after a ramp from below ends in which a loss above its start is blamed on the ramp:
@@ -118,6 +119,13 @@ class AutoController:
         retreat: float = 0.25,
         metric_patience: int = 3,
     ) -> None:
+        if isinstance(metric_patience, bool) or not isinstance(metric_patience, int):
+            raise ConfigError(f"metric_patience={metric_patience!r}: give a whole number, e.g. 3")
+        if metric_patience < 0:
+            raise ConfigError(
+                f"metric_patience={metric_patience}: the evaluations without a new best to wait "
+                "through before a cut; use 0 or more"
+            )
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
