@@ -216,9 +216,11 @@ class SelfTuned(torch.optim.Optimizer):
                 "metric; pass the same mode every time"
             )
         try:
-            value = torch.as_tensor(
-                metric.detach() if isinstance(metric, torch.Tensor) else metric,
-                dtype=torch.float64,
+            # on the host, in float64 (which not every device has): one number, once an evaluation
+            value = (
+                metric.detach().to(device="cpu", dtype=torch.float64)
+                if isinstance(metric, torch.Tensor)
+                else torch.as_tensor(metric, dtype=torch.float64)
             )
         except (TypeError, ValueError, RuntimeError) as err:
             raise ConfigError(
@@ -680,7 +682,8 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        on_gpu = backend == "nccl"  # NCCL reduces device tensors only; gloo and MPI host ones
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else value.device
         value = value.to(device=device).clone()  # float64: the mean of equal values is exact
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return float(value) / dist.get_world_size()

@@ -13,7 +13,7 @@ What the callback does, and when:
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
   path where Lightning calls ``scaler.step(optimizer)`` without a closure.
-* ``on_validation_end``, with ``monitor`` set: gives every optimizer that logged metric
+* ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
   halves the rate once it has gone more than three validations without a new best.
 * Checkpoints: Lightning saves ``optimizer.state_dict()``, which carries selftune's controller,
