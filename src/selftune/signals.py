@@ -137,7 +137,7 @@ class SignalTracker:
         if parts:
             device = parts[0].device
             stacked = torch.stack([_as_f32(t, device) for t in parts])
-            _average_across_ranks(stacked)
+            average_across_ranks(stacked)
             values = stacked.tolist()  # the one host sync of the step
         else:
             values = []
@@ -280,8 +280,8 @@ class SignalTracker:
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
 
 
-def _average_across_ranks(stacked: torch.Tensor) -> None:
-    """Under ``torch.distributed``, average the step's scalars over ranks, in place.
+def average_across_ranks(stacked: torch.Tensor) -> None:
+    """Under ``torch.distributed``, average the step's scalars (or a metric) over ranks, in place.
 
     One collective per step, called on every rank in the same order, so that every rank sees the
     same signals and takes the same decisions even when per-rank losses differ.  With DDP the

@@ -28,7 +28,7 @@ from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Trouble
 from selftune.policy import Policy
-from selftune.signals import Signals, SignalTracker
+from selftune.signals import Signals, SignalTracker, average_across_ranks
 
 if TYPE_CHECKING:
     from selftune.audit import AuditLog
@@ -678,15 +678,16 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
-    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as a float."""
+    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as a float.
+
+    A copy goes through the signals' collective; NCCL reduces device tensors only, gloo and MPI
+    host ones.  In float64, so that the mean of equal values is exact.
+    """
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend = dist.get_backend()
-        on_gpu = backend == "nccl"  # NCCL reduces device tensors only; gloo and MPI host ones
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else value.device
-        value = value.to(device=device).clone()  # float64: the mean of equal values is exact
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return float(value) / dist.get_world_size()
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else value.device
+    value = value.to(device=device, copy=True)
+    average_across_ranks(value)
     return float(value)
 
 

@@ -165,7 +165,7 @@ class AutoController:
         self._low: list[float | None] = []
         #: whether a start past the crossing has been re-tested (once per run: it survives
         #: rollbacks, whose snapshots may predate it, as ``_failed`` does)
-        self._retested = self._kept_retested = False
+        self._retested = False
         self._retesting = False  # a re-test asked for at this step (every deep group joins it)
         #: per group, the re-test's ceiling: the rate the first test found (None: no re-test)
         self._cap: list[float | None] = []
@@ -182,9 +182,11 @@ class AutoController:
         #: per group, the plateau cut on trial, if any
         self._trial: list[_Trial | None] = []
         #: the evaluation metric's plateau test (see ``SelfTuned.observe``): one metric for the
-        #: run, kept across rollbacks (``_metric_kept`` carries it over the restore)
+        #: run, kept across rollbacks, whose restores would undo evaluations
         self._metric = MetricPlateau(metric_patience)
-        self._metric_kept: dict[str, Any] | None = None
+        #: the run-wide state a rollback's restore must not erase (the re-test done, the
+        #: metric's test), set by ``before_rollback`` and put back by ``on_backoff``
+        self._kept: dict[str, Any] = {}
 
     def _ensure(self, n: int) -> None:
         while len(self._phase) < n:
@@ -299,7 +301,7 @@ class AutoController:
         (the best is kept).  The cut is final, not a trial as a plateau cut of the loss is: a
         test of it against the best (kept on a new best within as many evaluations again, else
         undone) undid the cuts that helped on the digits MLP, whose test accuracy swings by
-        0.01-0.05 between evaluations, so that a lucky best is seldom beaten soon (pilot 45).
+        up to 0.07 between evaluations, so that a lucky best is seldom beaten soon (pilot 45).
         """
         if s.metric is None:
             return False
@@ -518,8 +520,8 @@ class AutoController:
         target, pilot 23).
         """
         self._ensure(len(knobs))
-        self._at_failure, self._kept_retested = [], self._retested
-        self._metric_kept = self._metric.state()  # evaluations are not undone by a restore
+        self._at_failure = []
+        self._kept = {"retested": self._retested, "metric": self._metric.state()}
         for i, k in enumerate(knobs):
             before = self._failed[i]
             grown = self._ramp_steps[i] >= self.min_ramp_steps  # else the start rate failed
@@ -542,9 +544,10 @@ class AutoController:
         of one that failed.  Trouble after the range test cuts as the guard does.
         """
         failure, self._at_failure = self._at_failure, []
-        if self._metric_kept is not None:
-            self._metric, self._metric_kept = MetricPlateau(**self._metric_kept), None
-        self._retested = self._retested or self._kept_retested  # one re-test per run, as above
+        kept, self._kept = self._kept, {}
+        self._retested = self._retested or kept.get("retested", False)  # one re-test per run
+        if "metric" in kept:
+            self._metric = MetricPlateau(**kept["metric"])
         self._start_phase = "shrink" if self._start_phase == "ramp" else "cruise"
         known = len(self._phase)
         self._ensure(len(failure))  # the guard's first snapshot predates the groups
