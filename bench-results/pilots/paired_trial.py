@@ -1,0 +1,158 @@
+"""Would a trial of another rate, judged on the evaluation metric from a restored state, pick right?
+
+Run from the repository root: ``python bench-results/pilots/paired_trial.py`` (several minutes
+on two cores); it writes ``paired_trial.json`` next to itself and prints the table the pilots
+README quotes (``--table`` prints it from the committed ``paired_trial.json`` without running).
+
+Pilots 33-35 and 47 compared the loss under a doubled rate with the loss before it, and time
+confounds that comparison (a loss falls ever more slowly) while 50 steps of minibatch losses
+are too few to outweigh its noise.  A loop that evaluates (``SelfTuned.observe``) gives a
+measurement on a fixed held-out set, and the guard can restore a state: so a controller could
+run one evaluation interval at its rate, restore the state it started from, run the same
+interval at another rate, and keep the better.  The two arms see different minibatches (the
+loop's data moves on), so what separates them is the rate plus the noise of two different batch
+sequences.  This script measures how often that comparison points the right way, before any
+controller is built on it: along plain runs at the committed grid's best constant rate and at
+1/4 and 4 times it (seeds 0-2, the runner's model, data and batch order; the 12 pairs where a
+constant rate reaches the target), at steps ``PROBES`` it copies the run and trains each copy
+for one evaluation interval at 1/2, 1 and 2 times the run's rate, on two batch streams (the
+same two for every arm), and evaluates the metric.  The table gives, per pair and run rate,
+over seeds and probes, how often 2x beat 1x and 1/2x beat 1x when the arms came from different
+streams (what a controller would see), and the median of the arm effect (2x against 1x, same
+stream) over the stream noise (same arm, two streams).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from same_batch import best_constant_rates
+
+from selftune.bench import runner
+from selftune.bench.methods import _base
+from selftune.bench.workloads import WORKLOADS
+
+JSON = Path(__file__).with_name("paired_trial.json")
+RUNS = (0.25, 1.0, 4.0)  #: the runs' rates, as factors of the best constant rate
+ARMS = (0.5, 1.0, 2.0)  #: each arm's rate, as a factor of the run's
+STREAMS = 2  #: batch streams per arm
+PROBES = (50, 100, 200)  #: the steps after which the run is copied
+
+
+def _measure(workload_name: str, base: str, best: float, run: float, seed: int) -> dict[str, Any]:
+    workload = WORKLOADS[workload_name]
+    lr = best * run
+    with runner.one_thread():
+        task = workload.task()
+        torch.manual_seed(seed)
+        model = workload.make_model(task)
+        gen = torch.Generator().manual_seed(seed)
+        opt = _base(base, lr)(model.parameters())
+        probes = []
+        for step in range(1, max(PROBES) + 1):
+            loss = task.loss(model, task.batch(workload.batch_size, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in PROBES:
+                probes.append({"step": step, **_arms(workload, task, model, opt, lr, seed, step)})
+    return {
+        "workload": workload_name,
+        "base": base,
+        "best": best,
+        "run": run,
+        "seed": seed,
+        "higher_is_better": workload.higher_is_better,
+        "probes": probes,
+    }
+
+
+def _arms(
+    workload: Any, task: Any, model: torch.nn.Module, opt: Any, lr: float, seed: int, step: int
+) -> dict[str, Any]:
+    """The metric after one evaluation interval from this state, per arm and stream."""
+    out: dict[str, list[float]] = {}
+    for factor in ARMS:
+        metrics = []
+        for stream in range(STREAMS):
+            arm_model, arm_opt = copy.deepcopy((model, opt))  # one copy: the params stay shared
+            for group in arm_opt.param_groups:
+                group["lr"] = lr * factor
+            gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + 1009 * step + stream)
+            with torch.random.fork_rng():
+                torch.manual_seed(stream)
+                for _ in range(workload.eval_every):
+                    loss = task.loss(arm_model, task.batch(workload.batch_size, gen))
+                    arm_opt.zero_grad()
+                    loss.backward()
+                    arm_opt.step()
+            arm_model.eval()
+            with torch.no_grad():
+                value = task.evaluate(arm_model)
+            metrics.append(value if math.isfinite(value) else math.nan)
+        out[f"{factor:g}"] = metrics
+    model.train()
+    return {"metric": out}
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    """Whether metric ``a`` beats ``b`` (a non-finite one never does)."""
+    if not math.isfinite(a):
+        return False
+    if not math.isfinite(b):
+        return True
+    return a > b if higher else a < b
+
+
+def table(out: list[dict[str, Any]]) -> str:
+    """Per pair and run rate: how often 2x and 1/2x beat 1x across streams, and the 2x arm's
+    effect over the stream noise (median of |2x - 1x| same stream / |stream 0 - stream 1| at 1x)."""
+    head = " | ".join(f"run at {r:g}x best: 2x wins; 1/2x wins; effect/noise" for r in RUNS)
+    lines = [f"| pair | {head} |", "|---" * (len(RUNS) + 1) + "|"]
+    pairs: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in out:
+        pairs[(run["workload"], run["base"])][run["run"]].append(run)
+    for (workload, base), by_rate in pairs.items():
+        cells = []
+        for rate in RUNS:
+            up = down = total = 0
+            ratios = []
+            for run in by_rate[rate]:
+                higher = run["higher_is_better"]
+                for probe in run["probes"]:
+                    m = probe["metric"]
+                    for s in range(STREAMS):
+                        other = (s + 1) % STREAMS
+                        up += _better(m["2"][s], m["1"][other], higher)
+                        down += _better(m["0.5"][s], m["1"][other], higher)
+                        total += 1
+                    noise = abs(m["1"][0] - m["1"][1])
+                    effect = statistics.fmean(abs(m["2"][s] - m["1"][s]) for s in range(STREAMS))
+                    if math.isfinite(effect) and noise > 0:
+                        ratios.append(effect / noise)
+            ratio = f"{statistics.median(ratios):.2g}" if ratios else "-"
+            cells.append(f"{up}/{total}; {down}/{total}; {ratio}")
+        lines.append(f"| {workload} {base} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from horizon import run_or_read  # the measurement scripts' shared command line
+
+    best = best_constant_rates()
+    runs = [
+        (w, b, lr, run, seed) for (w, b), lr in best.items() for run in RUNS for seed in (0, 1, 2)
+    ]
+    print(table(run_or_read(__doc__, JSON, _measure, runs)))
+
+
+if __name__ == "__main__":
+    main()
