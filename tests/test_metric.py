@@ -116,7 +116,9 @@ def test_a_bad_metric_is_refused_by_name(metric: Any, mode: str, words: str) -> 
         opt.observe(metric, mode=mode)
 
 
-@pytest.mark.parametrize(("patience", "words"), [(-1, "use 0 or more"), (2.5, "whole number")])
+@pytest.mark.parametrize(
+    ("patience", "words"), [(-1, r"outside \[0, inf\)"), (2.5, "whole number")]
+)
 def test_a_bad_metric_patience_is_refused_by_name(patience: Any, words: str) -> None:
     with pytest.raises(selftune.ConfigError, match=words):
         selftune.wrap(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,12 @@ from problems import noisy_quadratic, train
 
 import selftune
 from selftune import audit, report
+from selftune.controllers.auto import OPTIONS as auto_options
+from selftune.controllers.auto import AutoController
+from selftune.controllers.hypergradient import OPTIONS as hypergradient_options
+from selftune.controllers.hypergradient import HypergradientController
+from selftune.controllers.stability import OPTIONS as stability_options
+from selftune.controllers.stability import StabilityController
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,6 +147,50 @@ class _NoLr(torch.optim.Optimizer):
 def test_bad_input_names_the_problem(make: object, words: str) -> None:
     with pytest.raises(selftune.ConfigError, match=words):
         make()  # type: ignore[operator]
+
+
+def _option_cases() -> list[tuple[str, str, Any, str]]:
+    """Per controller option: a value just below its range (or at an open end) and a string."""
+    cases = []
+    for controller, table in [("auto", auto_options), ("stability", stability_options)]:
+        for name, r in table.items():
+            below = r.low if r.open_low else r.low - 1
+            cases += [(controller, name, below, " is outside"), (controller, name, "x", ": give a")]
+    for name, r in hypergradient_options.items():
+        below = r.low if r.open_low else r.low - 1
+        cases += [("hypergradient", name, below, " is outside")]
+    return cases
+
+
+@pytest.mark.parametrize(("controller", "name", "value", "words"), _option_cases())
+def test_a_controller_option_out_of_range_is_refused_by_name(
+    controller: str, name: str, value: Any, words: str
+) -> None:
+    with pytest.raises(selftune.ConfigError, match=rf"^{name}=\S+ \(.+\){words}"):
+        selftune.wrap(_sgd()[0], controller, **{name: value})
+
+
+@pytest.mark.parametrize(
+    ("make", "table"),
+    [
+        (AutoController, auto_options),
+        (StabilityController, stability_options),
+        (HypergradientController, hypergradient_options),
+    ],
+)
+def test_every_controller_option_has_a_range_and_its_example_is_accepted(
+    make: Any, table: dict[str, Any]
+) -> None:
+    assert set(inspect.signature(make).parameters) == set(table)
+    for name, r in table.items():
+        make(**{name: int(r.example) if r.whole else float(r.example)})
+    # the upper ends: a deadband above 1 (a cosine never exceeds it) and a retreat above 1
+    with pytest.raises(selftune.ConfigError, match=r"deadband=1.5 .* outside \[0, 1\]"):
+        AutoController(deadband=1.5)
+    with pytest.raises(selftune.ConfigError, match=r"retreat=2 .* outside \(0, 1\]"):
+        AutoController(retreat=2)
+    with pytest.raises(selftune.ConfigError, match="give a whole number"):
+        AutoController(min_ramp_steps=True)
 
 
 def test_non_finite_settings_and_double_wrapping_are_refused() -> None:

@@ -68,16 +68,46 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from selftune.controllers.base import Knobs, Proposal
+from selftune.controllers.base import Knobs, Option, Proposal, check_options
 from selftune.controllers.evidence import MetricPlateau, RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
-from selftune.errors import ConfigError
 from selftune.signals import FAST_DECAY, Signals
 
 #: steps after a ramp from below ends in which a loss above its start is blamed on the ramp:
 #: the fast loss EMA's memory
 WATCH = round(1 / (1 - FAST_DECAY))
+
+#: the range of each option (:func:`~selftune.controllers.base.check_options`)
+OPTIONS = {
+    "ramp": Option("the range test's growth of the rate per step", "1.2", 1.0, open_low=True),
+    "settle": Option("the factor on the rate where the range test ends", "1.0", 0.0, open_low=True),
+    "blowup": Option("the loss's rise over its best that ends the test", "2.0", 1.0, open_low=True),
+    "min_ramp_steps": Option("steps before the range test's first look", "3", 1, whole=True),
+    "deadband": Option(
+        "the cosine within which the cruise holds", "0.2", 0.0, high=1.0, open_high=False
+    ),
+    "cruise_gain": Option("the cruise's hypergradient step", "0.05", 0.0, open_low=True),
+    "strong": Option(
+        "the negative cosine at which the cruise cuts",
+        "0.5",
+        0.0,
+        high=1.0,
+        open_low=True,
+        open_high=False,
+    ),
+    "shrink": Option("the shrink per step past the crossing", "0.7", 0.0, high=1.0, open_low=True),
+    "clear": Option("standard errors a sign must stand clear of zero", "3.0", 0.0),
+    "retreat": Option(
+        "the share of a failed rate the test retreats to",
+        "0.25",
+        0.0,
+        high=1.0,
+        open_low=True,
+        open_high=False,
+    ),
+    "metric_patience": Option("evaluations without a new best before a cut", "3", 0, whole=True),
+}
 
 
 @dataclass
@@ -119,13 +149,22 @@ class AutoController:
         retreat: float = 0.25,
         metric_patience: int = 3,
     ) -> None:
-        if isinstance(metric_patience, bool) or not isinstance(metric_patience, int):
-            raise ConfigError(f"metric_patience={metric_patience!r}: give a whole number, e.g. 3")
-        if metric_patience < 0:
-            raise ConfigError(
-                f"metric_patience={metric_patience}: the evaluations without a new best to wait "
-                "through before a cut; use 0 or more"
-            )
+        check_options(
+            OPTIONS,
+            {
+                "ramp": ramp,
+                "settle": settle,
+                "blowup": blowup,
+                "min_ramp_steps": min_ramp_steps,
+                "deadband": deadband,
+                "cruise_gain": cruise_gain,
+                "strong": strong,
+                "shrink": shrink,
+                "clear": clear,
+                "retreat": retreat,
+                "metric_patience": metric_patience,
+            },
+        )
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from selftune.errors import ConfigError
 from selftune.signals import Signals
 
 #: knob values per param group, e.g. ``[{"lr": 0.01, "momentum": 0.9}]`` (effective values)
@@ -53,3 +55,44 @@ class Controller(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Option:
+    """The range of one controller option: a real number (a whole one if ``whole``) from ``low``
+    to ``high``, each end excluded when ``open_low`` / ``open_high``; ``what`` it sets and an
+    ``example`` of a good value, both quoted when a value is refused."""
+
+    what: str
+    example: str
+    low: float
+    _: KW_ONLY
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = True
+    whole: bool = False
+
+
+def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
+    """Refuse any of ``values`` outside its range in ``ranges`` with a :class:`ConfigError` that
+    names the option, what it sets, its range and a good value.
+
+    An option out of range does not fail where it is given but steps later, or never: a ramp of
+    0.9 shrinks the rate where the range test should grow it, a retreat above 1 climbs after a
+    failure.  So each controller's constructor checks all of its options here, at once.
+    """
+    for name, value in values.items():
+        r = ranges[name]
+        kind = "a whole number" if r.whole else "a number"
+        number = isinstance(value, int) if r.whole else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number or not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} ({r.what}): give {kind}, e.g. {r.example}")
+        too_low = value <= r.low if r.open_low else value < r.low
+        too_high = value >= r.high if r.open_high else value > r.high
+        if too_low or too_high:
+            bounds = (
+                f"{'(' if r.open_low else '['}{r.low:g}, {r.high:g}{')' if r.open_high else ']'}"
+            )
+            raise ConfigError(
+                f"{name}={value!r} ({r.what}) is outside {bounds}: use, e.g., {r.example}"
+            )

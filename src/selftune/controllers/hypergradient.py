@@ -22,12 +22,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from selftune.controllers.base import Knobs, Proposal
+from selftune.controllers.base import Knobs, Option, Proposal, check_options
 from selftune.controllers.evidence import RatioEMA
 from selftune.signals import Signals
 
 #: an instantaneous cosine below this means the last step jumped across a valley
 REVERSAL = -0.9
+
+#: the range of each option (:func:`~selftune.controllers.base.check_options`)
+OPTIONS = {
+    "gain": Option("the hypergradient step on the rate", "0.1", 0.0, open_low=True),
+    "momentum_gain": Option("the hypergradient step on momentum", "0.02", 0.0),
+    "decay": Option("the decay of the averaged cosines", "0.9", 0.0, high=1.0),
+}
 
 
 class HypergradientController:
@@ -42,6 +49,8 @@ class HypergradientController:
     reads_buffer = True  #: whether it needs the momentum-buffer alignment signal
 
     def __init__(self, gain: float = 0.1, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
+        values = {"gain": gain, "momentum_gain": momentum_gain, "decay": decay}
+        check_options(OPTIONS, values)
         self.gain, self.momentum_gain, self.decay = gain, momentum_gain, decay
         self._lr: list[RatioEMA] = []
         self._mom: list[RatioEMA] = []

@@ -20,9 +20,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from selftune.controllers.base import Knobs, Proposal
+from selftune.controllers.base import Knobs, Option, Proposal, check_options
 from selftune.controllers.evidence import PlateauDetector
 from selftune.signals import Signals
+
+#: the range of each option (:func:`~selftune.controllers.base.check_options`)
+OPTIONS = {
+    "growth": Option("the rate's growth per calm step", "1.05", 1.0),
+    "cut": Option("the factor a cut applies to the rate", "0.5", 0.0, high=1.0, open_low=True),
+    "spike_sigma": Option(
+        "deviations above the smoothed loss that make a spike", "6.0", 0.0, open_low=True
+    ),
+    "noise_ratio": Option(
+        "the rise of the loss's relative deviation read as noise", "3.0", 1.0, open_low=True
+    ),
+    "warmup": Option("steps before trouble is read", "20", 0, whole=True),
+}
 
 
 @dataclass
@@ -46,6 +59,8 @@ class StabilityController:
         noise_ratio: float = 3.0,
         warmup: int = 20,
     ) -> None:
+        values = {"growth": growth, "cut": cut, "spike_sigma": spike_sigma}
+        check_options(OPTIONS, {**values, "noise_ratio": noise_ratio, "warmup": warmup})
         self.growth, self.cut, self.spike_sigma = growth, cut, spike_sigma
         self.noise_ratio, self.warmup = noise_ratio, warmup
         self._groups: list[_GroupState] = []
