@@ -13,16 +13,16 @@ of the update ``u`` the optimizer takes is 1 for short steps, 1/2 at the batch's
 optimum along ``u`` and 0 where the step undoes its own gain.  SGD's and AdamW's updates are
 linear in the rate, so one trial step at the best rate gives ``u``, and ``θ + f·u`` is the step
 at ``f`` times that rate.  This script measures ``a(f)`` for ``f = 2^-6 ... 2^6`` along plain
-runs at the committed grid's best constant rate (seeds 0-2, the runner's model, data and batch
-order), at a few steps, together with the loss after the step on four fresh batches (the
-one-step effect a held-out batch would show); nothing in selftune is changed.  The table gives,
-per pair, the median over seeds and steps of two rates as factors of the best constant rate:
-the largest ``f`` before ``a`` first falls below 1/2 (the Armijo edge), and the ``f`` that
-lowers the fresh batches' loss most in one step.  Read along the best rate's run alone, the edge
-could be the run's own doing (at the edge of stability the sharpness settles at about 2/lr,
-wherever lr is), so runs at 1/4 and 4 times the best rate are probed too, and the table gives,
-per run rate, both factors of the run's own rate: a test worth building on would read above 1
-at 1/4x and about 1 at the best.
+runs (seeds 0-2, the runner's model, data and batch order) at a few steps, together with the
+loss after the step on four fresh batches (the one-step effect a held-out batch would show);
+nothing in selftune is changed.  Two rates are read off each probe: the largest ``f`` before
+``a`` first falls below 1/2 (the Armijo edge), and the ``f`` that lowers the fresh batches' loss
+most in one step.  Read along the best constant rate's run alone, the edge could be the run's
+own doing (at the edge of stability the sharpness settles at about 2/lr, wherever lr is), so
+the runs are at the committed grid's best constant rate and at 1/4 and 4 times it, and the
+table gives, per pair and run rate, the median [min-max] over seeds and steps of both, as
+factors of the run's own rate: a test worth building on would read above 1 at 1/4x and about 1
+at the best.
 """
 
 from __future__ import annotations
