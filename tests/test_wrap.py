@@ -191,6 +191,10 @@ def test_every_controller_option_has_a_range_and_its_example_is_accepted(
         AutoController(retreat=2)
     with pytest.raises(selftune.ConfigError, match="give a whole number"):
         AutoController(min_ramp_steps=True)
+    np = pytest.importorskip("numpy")  # a value read off a config or a sweep: numpy's scalars
+    AutoController(ramp=np.float32(1.3), metric_patience=np.int64(2))
+    with pytest.raises(selftune.ConfigError, match="give a whole number"):
+        AutoController(metric_patience=np.float64(2.0))
 
 
 def test_non_finite_settings_and_double_wrapping_are_refused() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,7 +85,8 @@ def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
     for name, value in values.items():
         r = ranges[name]
         kind = "a whole number" if r.whole else "a number"
-        number = isinstance(value, int) if r.whole else isinstance(value, (int, float))
+        # numbers.Real / Integral: numpy's scalars too (a value read off a config or a sweep)
+        number = isinstance(value, numbers.Integral if r.whole else numbers.Real)
         if isinstance(value, bool) or not number or not math.isfinite(value):
             raise ConfigError(f"{name}={value!r} ({r.what}): give {kind}, e.g. {r.example}")
         too_low = value <= r.low if r.open_low else value < r.low
