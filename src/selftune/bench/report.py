@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.bench.overhead import OVERHEAD
-from selftune.bench.runner import RESULTS, read_results
+from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 
 INF = math.inf
 #: The families whose rows are the published self-tuning methods selftune is measured against
@@ -532,7 +532,10 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         "evaluates the held-out metric every few steps on a fixed set. *Steps to target* is the "
         "first evaluation step at which the metric meets the workload's target; a run that never "
         "does counts as infinitely slow, so a median over seeds is a *miss* unless at least half "
-        "of the seeds hit. *Seconds* are training time without evaluation. The *oracle* is, per "
+        "of the seeds hit. *Seconds* are training time without evaluation. A run *diverged* if "
+        f"any step's minibatch loss was not finite or above {DIVERGE_FACTOR:g}x its first (for a "
+        "selftune run, a step its guard then rolled back counts too) or the guard gave up. "
+        "The *oracle* is, per "
         "workload and base optimizer, the member of the learning-rate grid (constant and cosine) "
         "with the fewest median steps: the best a user who ran the whole grid could have picked. "
         "Ratios divide median steps by those of the default or the oracle of the same base "
