@@ -12,20 +12,34 @@ rate not yet annealed); a ratio well above 1 says the optimisation itself is slo
 figure is the ratio of the two runs' effective learning rates at that step (``auto``'s over the
 oracle's, the scheduled rate for a cosine member): whether a slower optimisation comes with a
 rate too low or too high.
+
+``--start`` prints instead where the range test left the rate: ``auto``'s effective rate at its
+first evaluation from step 50 on (the range test is over by then at the default rate), over the
+committed grid's best constant rate, per seed, on every workload with one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 from pathlib import Path
 
+from same_batch import best_constant_rates
+
 from selftune.bench.report import Workload, summarise
+from selftune.bench.workloads import WORKLOADS
 
 RESULTS = Path(__file__).parents[1] / "results.jsonl"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--start", action="store_true", help="where the range test left the rate")
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    if parser.parse_args().start:
+        _start(records)
+        return
     print(
         "| pair | oracle | seed: step, training loss auto / oracle, metric auto vs oracle, "
         "rate auto / oracle |"
@@ -58,6 +72,23 @@ def _pair(workload: Workload, base: str) -> None:
         cells.append(f"{seed}: {step}, {ratio:.2f}, {metric}, {rate:.2g}")
     if cells:
         print(f"| {workload.name} {base} | {oracle.method} | {'; '.join(cells)} |")
+
+
+def _start(records: list[dict]) -> None:
+    """Per pair: ``auto``'s rate at its first evaluation from step 50 on over the best constant
+    rate, per seed (sorted), and their median."""
+    print("| pair | best constant rate | auto's rate at step 50 / best, per seed | median |")
+    print("|---|---:|---|---:|")
+    for (workload, base), best in best_constant_rates(tuple(WORKLOADS)).items():
+        ratios = []
+        for r in records:
+            if r["workload"] == workload and r["method"] == f"selftune-auto-{base}":
+                curves = r["curves"]
+                late = [lr for s, lr in zip(curves["step"], curves["lr"], strict=True) if s >= 50]
+                if late and late[0]:
+                    ratios.append(late[0] / best)
+        cells = ", ".join(f"{x:.2g}" for x in sorted(ratios))
+        print(f"| {workload} {base} | {best:g} | {cells} | {statistics.median(ratios):.2g} |")
 
 
 if __name__ == "__main__":

@@ -63,13 +63,13 @@ RUNS = (0.25, 1.0, 4.0)
 FROM = 5  # the table's medians skip the very first step (Adam's first update is its sign)
 
 
-def best_constant_rates() -> dict[tuple[str, str], float]:
+def best_constant_rates(workloads: tuple[str, ...] = TUNING) -> dict[tuple[str, str], float]:
     """Per (workload, base): the committed grid's constant rate with the fewest median steps to
     the target (3 seeds; a miss counts as never); pairs where no constant rate hits are left out."""
     steps: dict[tuple[str, str, float], list[float]] = defaultdict(list)
     for line in RESULTS.read_text().splitlines():
         r = json.loads(line)
-        if "-grid-const-" in r["method"] and r["workload"] in TUNING:
+        if "-grid-const-" in r["method"] and r["workload"] in workloads:
             hit = r["steps_to_target"]
             steps[(r["workload"], r["base"], r["lr0"])].append(math.inf if hit is None else hit)
     best: dict[tuple[str, str], tuple[float, float]] = {}
