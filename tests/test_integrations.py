@@ -322,6 +322,7 @@ def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -
 
 
 def _plain_loop(opt: selftune.SelfTuned, model: torch.nn.Module, steps: int) -> None:
+    """Train on the fixed data; every 10 steps, evaluate the loss on all of it and observe it."""
     x, y = _data()
     for t in range(steps):
         i = (t * 32) % len(x)
@@ -329,6 +330,9 @@ def _plain_loop(opt: selftune.SelfTuned, model: torch.nn.Module, steps: int) -> 
         opt.zero_grad()
         loss.backward()
         opt.step(loss=loss.detach())
+        if (t + 1) % 10 == 0:
+            with torch.no_grad():
+                opt.observe(torch.nn.functional.cross_entropy(model(x), y))
 
 
 def _tuned(steps: int, *listeners: Any) -> tuple[selftune.SelfTuned, list[selftune.StepEvent]]:
@@ -364,6 +368,11 @@ def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> N
         [e.loss for e in events]
     )
     assert "selftune/group0/beta1" in acc.Tags()["scalars"]
+    # the metric given to observe, at the step whose controller read it (every 10th, from 11)
+    metrics = [(e.step, e.signals.metric) for e in events if e.signals and e.signals.metric]
+    assert [m[0] for m in metrics] == [11, 21, 31]
+    read = acc.Scalars("selftune/metric")
+    assert [(s.step, s.value) for s in read] == [(t, pytest.approx(m)) for t, m in metrics]
     texts = acc.Tensors("selftune/decisions/text_summary")
     assert sorted({t.step for t in texts}) == sorted({d.step for d in decisions})
     written = " ".join(t.tensor_proto.string_val[0].decode() for t in texts)
@@ -395,6 +404,10 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     assert [m.value for m in history] == pytest.approx([e.hyperparams[0]["lr"] for e in events])
     losses = client.get_metric_history(writer.run_id, "selftune/loss")
     assert [m.value for m in losses] == pytest.approx([e.loss for e in events])
+    metrics = [(e.step, e.signals.metric) for e in events if e.signals and e.signals.metric]
+    read = client.get_metric_history(writer.run_id, "selftune/metric")
+    assert [(m.step, m.value) for m in read] == [(t, pytest.approx(v)) for t, v in metrics]
+    assert [m[0] for m in metrics] == [11, 21]
 
     decisions = [d for e in events for d in e.decisions]
     assert decisions

@@ -6,8 +6,9 @@
 ...     train()
 ...     writer.close()
 
-Metrics ``selftune/group{i}/{knob}`` (effective values) and ``selftune/loss`` every step, in one
-``log_batch`` call per step, plus ``selftune/decisions``, the running count of decisions.  The
+Metrics ``selftune/group{i}/{knob}`` (effective values) and ``selftune/loss`` every step, and
+``selftune/metric`` at each step that read a metric given to ``observe``, in one ``log_batch``
+call per step, plus ``selftune/decisions``, the running count of decisions.  The
 decisions themselves, with their reasons and signals, go to the artifact
 ``selftune/decisions.jsonl`` (rewritten every ``flush_every`` new decisions and at
 :meth:`MLflowWriter.close`), and the latest one to the tag ``selftune.last_decision``.
@@ -25,7 +26,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from selftune.integrations.tensorboard import describe
+from selftune.integrations.events import describe, event_metric
 from selftune.tuner import StepEvent
 
 
@@ -71,6 +72,8 @@ class MLflowWriter:
                 ]
             if event.loss is not None and math.isfinite(event.loss):
                 metrics.append(Metric(f"{self.prefix}/loss", float(event.loss), now, event.step))
+        if (metric := event_metric(event)) is not None:
+            metrics.append(Metric(f"{self.prefix}/metric", metric, now, event.step))
         tags: list[RunTag] = []
         for d in event.decisions:
             self.decisions.append({**dataclasses.asdict(d), "text": describe(d)})

@@ -3,7 +3,8 @@
 >>> opt.add_listener(TensorBoardWriter("runs/tb"))          # or an existing SummaryWriter
 
 Scalars ``selftune/group{i}/{knob}`` (the *effective* values: the learning rate includes
-selftune's scale on top of any scheduler) and ``selftune/loss`` every step; each decision and
+selftune's scale on top of any scheduler) and ``selftune/loss`` every step, and
+``selftune/metric`` at each step that read a metric given to ``observe``; each decision and
 guard event as text under ``selftune/decisions`` and ``selftune/guard``, with the reason in
 words, at the step it was made.  Uses ``torch.utils.tensorboard``, which needs the
 ``tensorboard`` package.
@@ -13,26 +14,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from selftune.tuner import Decision, StepEvent
-
-
-def describe(decision: Decision) -> str:
-    """One line for a person: what changed, from what to what, who decided and why."""
-    clipped = " (clipped by the policy)" if decision.clipped else ""
-    return (
-        f"step {decision.step}, group {decision.group}: {decision.knob} "
-        f"{decision.old:.6g} → {decision.new:.6g} by the {decision.source}{clipped}: "
-        f"{decision.reason}"
-    )
-
-
-def describe_guard(step: int, guard: dict[str, Any]) -> str:
-    """One line for a guard event (skip, roll back, escalate) and its reason."""
-    return f"step {step}: guard {guard.get('event', '?')}: {guard.get('reason', '')}"
+from selftune.integrations.events import describe, describe_guard, event_metric
+from selftune.tuner import StepEvent
 
 
 class TensorBoardWriter:
@@ -66,6 +52,8 @@ class TensorBoardWriter:
                     w.add_scalar(f"{self.prefix}/group{i}/{name}", value, step)
             if event.loss is not None and math.isfinite(event.loss):
                 w.add_scalar(f"{self.prefix}/loss", event.loss, step)
+        if (metric := event_metric(event)) is not None:
+            w.add_scalar(f"{self.prefix}/metric", metric, step)
         if event.decisions:
             w.add_text(
                 f"{self.prefix}/decisions", "  \n".join(describe(d) for d in event.decisions), step

@@ -1,0 +1,35 @@
+"""What the TensorBoard and MLflow writers record of a step, in one place for both.
+
+Kept apart from either writer so that each imports only its own package: the MLflow writer must
+not need TensorBoard installed to describe a decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from selftune.tuner import Decision, StepEvent
+
+
+def describe(decision: Decision) -> str:
+    """One line for a person: what changed, from what to what, who decided and why."""
+    clipped = " (clipped by the policy)" if decision.clipped else ""
+    return (
+        f"step {decision.step}, group {decision.group}: {decision.knob} "
+        f"{decision.old:.6g} → {decision.new:.6g} by the {decision.source}{clipped}: "
+        f"{decision.reason}"
+    )
+
+
+def event_metric(event: StepEvent) -> float | None:
+    """The evaluation metric the controller read at this step (given to ``observe`` before it,
+    averaged over ranks), if one came and is finite: written whatever ``every`` is, since an
+    evaluation is rare and a cut on the metric is read against it."""
+    metric = None if event.signals is None else event.signals.metric
+    return metric if metric is not None and math.isfinite(metric) else None
+
+
+def describe_guard(step: int, guard: dict[str, Any]) -> str:
+    """One line for a guard event (skip, roll back, escalate) and its reason."""
+    return f"step {step}: guard {guard.get('event', '?')}: {guard.get('reason', '')}"
