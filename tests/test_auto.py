@@ -489,6 +489,40 @@ def test_a_plateau_cut_is_kept_only_if_the_loss_falls_below_the_plateau() -> Non
     assert not any("undo" in r for r in reasons) and lr < 1e-3, reasons
 
 
+def _trial_with(event: str) -> list[str]:
+    """Bring a cruise to a plateau cut on trial on a flat loss, let ``event`` come during the
+    trial ("spike": a loss 5x its level; "reversal": a step that reverses the gradient after
+    clearly positive cosines; "none"), then hold the loss flat through the trial's window;
+    return the reasons of every proposal from the cut on."""
+    ctl, knobs = _in_cruise()
+    t, reasons = 15, []
+    while ctl.state_dict()["trial"][0] is None:  # a flat loss: a plateau, then a cut on trial
+        for p in ctl.propose(_signals(t, -0.05, loss=2.0), knobs):
+            knobs[p.group][p.knob] = p.value
+        t += 1
+    for u in range(t, t + 60):
+        cos, loss = -0.05, 2.0
+        if event == "spike" and u == t + 10:
+            loss = 10.0  # the smoothed loss (2.0) and its deviation (0.01) make it a spike
+        if event == "reversal" and t + 2 <= u < t + 12:
+            cos = 0.4 if u < t + 11 else -0.95  # clear progress, then the step turns back
+        for p in ctl.propose(_signals(u, cos, loss=loss, ema=2.0), knobs):
+            knobs[p.group][p.knob] = p.value
+            reasons.append(p.reason)
+    return reasons
+
+
+@pytest.mark.parametrize("event", ["spike", "reversal"])
+def test_a_cut_during_a_plateau_trial_ends_it_and_stands(event: str) -> None:
+    # friedman-mlp with SGD, seed 4 of the full suite: a reversal halved the rate on trial and
+    # the trial's undo then took it back to the rate before the plateau, six times the best
+    reasons = _trial_with(event)
+    assert any(("loss" in r and "vs smoothed" in r) or "reversed" in r for r in reasons), reasons
+    assert not any("undo" in r for r in reasons), reasons
+    # control: the same flat loss with nothing during the trial undoes the cut
+    assert any("undo" in r for r in _trial_with("none"))
+
+
 def test_a_trial_on_hold_survives_a_checkpoint_in_either_of_its_saved_forms() -> None:
     """A plateau cut on trial is saved with the controller's state and judged the same way after
     a resume, whether saved as a dict (now) or as the five-field list of older checkpoints."""
