@@ -89,7 +89,7 @@ OPTIONS = {
     ),
     "cruise_gain": Option("the cruise's hypergradient step", "0.05", 0.0, open_low=True),
     "strong": Option(
-        "the negative cosine at which the cruise cuts",
+        "the cosine below minus which the cruise lowers the rate",
         "0.5",
         0.0,
         high=1.0,
@@ -405,7 +405,8 @@ class AutoController:
         the rate is too high, which an undo to the rate before the trial would throw away.  On
         ``friedman-mlp`` with SGD (seed 4 of the full suite) a reversal at step 115 halved a rate
         on trial, 0.0095, to 0.0047, and the undo at 134 took it back to 0.019, six times the
-        grid's best constant rate, where the run stayed and missed its target.
+        grid's best constant rate (that run misses either way: its network had died before,
+        bench-results/pilots, 48).
         """
         trial = self._trial[i]
         if trial is None or s.loss is None or s.loss_std is None:
