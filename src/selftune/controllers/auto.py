@@ -149,22 +149,7 @@ class AutoController:
         retreat: float = 0.25,
         metric_patience: int = 3,
     ) -> None:
-        check_options(
-            OPTIONS,
-            {
-                "ramp": ramp,
-                "settle": settle,
-                "blowup": blowup,
-                "min_ramp_steps": min_ramp_steps,
-                "deadband": deadband,
-                "cruise_gain": cruise_gain,
-                "strong": strong,
-                "shrink": shrink,
-                "clear": clear,
-                "retreat": retreat,
-                "metric_patience": metric_patience,
-            },
-        )
+        check_options(OPTIONS, locals())
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup

@@ -75,15 +75,16 @@ class Option:
 
 
 def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
-    """Refuse any of ``values`` outside its range in ``ranges`` with a :class:`ConfigError` that
-    names the option, what it sets, its range and a good value.
+    """Refuse the value in ``values`` of any option of ``ranges`` that lies outside its range,
+    with a :class:`ConfigError` that names the option, what it sets, its range and a good value.
 
     An option out of range does not fail where it is given but steps later, or never: a ramp of
     0.9 shrinks the rate where the range test should grow it, a retreat above 1 climbs after a
-    failure.  So each controller's constructor checks all of its options here, at once.
+    failure.  So each controller's constructor checks all of its options here, at once, passing
+    its ``locals()`` (other names in ``values`` are not read).
     """
-    for name, value in values.items():
-        r = ranges[name]
+    for name, r in ranges.items():
+        value = values[name]
         kind = "a whole number" if r.whole else "a number"
         # numbers.Real / Integral: numpy's scalars too (a value read off a config or a sweep)
         number = isinstance(value, numbers.Integral if r.whole else numbers.Real)

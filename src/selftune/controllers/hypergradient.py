@@ -49,8 +49,7 @@ class HypergradientController:
     reads_buffer = True  #: whether it needs the momentum-buffer alignment signal
 
     def __init__(self, gain: float = 0.1, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
-        values = {"gain": gain, "momentum_gain": momentum_gain, "decay": decay}
-        check_options(OPTIONS, values)
+        check_options(OPTIONS, locals())
         self.gain, self.momentum_gain, self.decay = gain, momentum_gain, decay
         self._lr: list[RatioEMA] = []
         self._mom: list[RatioEMA] = []

@@ -59,8 +59,7 @@ class StabilityController:
         noise_ratio: float = 3.0,
         warmup: int = 20,
     ) -> None:
-        values = {"growth": growth, "cut": cut, "spike_sigma": spike_sigma}
-        check_options(OPTIONS, {**values, "noise_ratio": noise_ratio, "warmup": warmup})
+        check_options(OPTIONS, locals())
         self.growth, self.cut, self.spike_sigma = growth, cut, spike_sigma
         self.noise_ratio, self.warmup = noise_ratio, warmup
         self._groups: list[_GroupState] = []
