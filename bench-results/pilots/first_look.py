@@ -56,16 +56,20 @@ def first_steps(workload: str, method: str, seed: int) -> dict[str, Any]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Per run: the cosines of steps 2-4 (the first look's), the losses of steps 1-4, and the
-    phase after the first look."""
-    lines = ["| workload | start | seed | cosines, steps 2-4 | losses, steps 1-4 | phase |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    """Per run: the cosines of steps 2-4 (the first look's), the losses of steps 1-4 and their
+    spread (largest less smallest, over their mean: how far the first steps moved the loss),
+    and the phase after the first look."""
+    head = "| workload | start | seed | cosines, steps 2-4 | losses, steps 1-4 | spread | phase |"
+    lines = [head, "|---|---|---|---|---|---:|---|"]
     for r in records:
         start = r["method"].removeprefix("selftune-auto-")
         cos = " ".join(f"{c:+.3f}" for c in r["cos"][1:4])
-        loss = " ".join(f"{v:.4g}" for v in r["loss"][:4])
+        first = r["loss"][:4]
+        loss = " ".join(f"{v:.4g}" for v in first)
+        spread = (max(first) - min(first)) / (sum(first) / len(first))
         lines.append(
-            f"| {r['workload']} | {start} | {r['seed']} | {cos} | {loss} | {r['phase'][3]} |"
+            f"| {r['workload']} | {start} | {r['seed']} | {cos} | {loss} | {spread:.1%} "
+            f"| {r['phase'][3]} |"
         )
     return "\n".join(lines)
 
