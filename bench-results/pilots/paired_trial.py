@@ -27,50 +27,29 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from same_batch import best_constant_rates
+from same_batch import RUNS, by_pair_and_rate, grid_runs, probed_run
 
-from selftune.bench import runner
-from selftune.bench.methods import _base
 from selftune.bench.workloads import WORKLOADS
 
 JSON = Path(__file__).with_name("paired_trial.json")
-RUNS = (0.25, 1.0, 4.0)  #: the runs' rates, as factors of the best constant rate
 ARMS = (0.5, 1.0, 2.0)  #: each arm's rate, as a factor of the run's
 STREAMS = 2  #: batch streams per arm
 PROBES = (50, 100, 200)  #: the steps after which the run is copied
 
 
 def _measure(workload_name: str, base: str, best: float, run: float, seed: int) -> dict[str, Any]:
+    """The arms' metrics along one run, after each of ``PROBES``."""
     workload = WORKLOADS[workload_name]
-    lr = best * run
-    with runner.one_thread():
-        task = workload.task()
-        torch.manual_seed(seed)
-        model = workload.make_model(task)
-        gen = torch.Generator().manual_seed(seed)
-        opt = _base(base, lr)(model.parameters())
-        probes = []
-        for step in range(1, max(PROBES) + 1):
-            loss = task.loss(model, task.batch(workload.batch_size, gen))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step in PROBES:
-                probes.append({"step": step, **_arms(workload, task, model, opt, lr, seed, step)})
-    return {
-        "workload": workload_name,
-        "base": base,
-        "best": best,
-        "run": run,
-        "seed": seed,
-        "higher_is_better": workload.higher_is_better,
-        "probes": probes,
-    }
+
+    def probe(step: int, task: Any, model: torch.nn.Module, opt: Any, batch: Any) -> dict:
+        return _arms(workload, task, model, opt, best * run, seed, step)
+
+    record = probed_run(workload_name, base, best, run, seed, PROBES, probe, after_step=True)
+    return {**record, "higher_is_better": workload.higher_is_better}
 
 
 def _arms(
@@ -115,25 +94,17 @@ def table(out: list[dict[str, Any]]) -> str:
     effect over the stream noise (median of |2x - 1x| same stream / |stream 0 - stream 1| at 1x)."""
     head = " | ".join(f"run at {r:g}x best: 2x wins; 1/2x wins; effect/noise" for r in RUNS)
     lines = [f"| pair | {head} |", "|---" * (len(RUNS) + 1) + "|"]
-    pairs: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for run in out:
-        pairs[(run["workload"], run["base"])][run["run"]].append(run)
-    for (workload, base), by_rate in pairs.items():
+    for (workload, base), by_rate in by_pair_and_rate(out).items():
         cells = []
         for rate in RUNS:
             up = down = total = 0
             ratios = []
             for run in by_rate[rate]:
-                higher = run["higher_is_better"]
                 for probe in run["probes"]:
                     m = probe["metric"]
-                    for s in range(STREAMS):
-                        other = (s + 1) % STREAMS
-                        up += _better(m["2"][s], m["1"][other], higher)
-                        down += _better(m["0.5"][s], m["1"][other], higher)
-                        total += 1
+                    up += _wins(run, probe, "2")
+                    down += _wins(run, probe, "0.5")
+                    total += STREAMS
                     noise = abs(m["1"][0] - m["1"][1])
                     effect = statistics.fmean(abs(m["2"][s] - m["1"][s]) for s in range(STREAMS))
                     if math.isfinite(effect) and noise > 0:
@@ -144,14 +115,45 @@ def table(out: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _wins(run: dict[str, Any], probe: dict[str, Any], arm: str) -> int:
+    """How often ``arm`` beat 1x across the two ways of pairing different streams."""
+    m = probe["metric"]
+    higher = run["higher_is_better"]
+    return sum(_better(m[arm][s], m["1"][(s + 1) % STREAMS], higher) for s in range(STREAMS))
+
+
+def by_step(out: list[dict[str, Any]]) -> str:
+    """Per pair and run rate, at each probe's step: how often 2x, and in brackets 1/2x, beat 1x
+    across streams (of 6: three seeds, two pairings); the last row sums every pair."""
+    head = " | ".join(f"run at {r:g}x best: steps {', '.join(map(str, PROBES))}" for r in RUNS)
+    lines = [f"| pair | {head} |", "|---" * (len(RUNS) + 1) + "|"]
+    total: dict[tuple[float, int], list[int]] = {(r, s): [0, 0, 0] for r in RUNS for s in PROBES}
+    for (workload, base), by_rate in by_pair_and_rate(out).items():
+        cells = []
+        for rate in RUNS:
+            parts = []
+            for step in PROBES:
+                cases = [(r, p) for r in by_rate[rate] for p in r["probes"] if p["step"] == step]
+                up = sum(_wins(r, p, "2") for r, p in cases)
+                down = sum(_wins(r, p, "0.5") for r, p in cases)
+                n = STREAMS * len(cases)
+                counts = total[(rate, step)]
+                counts[0], counts[1], counts[2] = counts[0] + up, counts[1] + down, counts[2] + n
+                parts.append(f"{up} ({down})/{n}")
+            cells.append(", ".join(parts))
+        lines.append(f"| {workload} {base} | {' | '.join(cells)} |")
+    sums = [", ".join("{} ({})/{}".format(*total[(r, s)]) for s in PROBES) for r in RUNS]
+    lines.append(f"| all pairs | {' | '.join(sums)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from horizon import run_or_read  # the measurement scripts' shared command line
 
-    best = best_constant_rates()
-    runs = [
-        (w, b, lr, run, seed) for (w, b), lr in best.items() for run in RUNS for seed in (0, 1, 2)
-    ]
-    print(table(run_or_read(__doc__, JSON, _measure, runs)))
+    out = run_or_read(__doc__, JSON, _measure, grid_runs())
+    print(table(out))
+    print()
+    print(by_step(out))
 
 
 if __name__ == "__main__":

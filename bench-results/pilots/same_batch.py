@@ -32,6 +32,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,35 +132,57 @@ def trial_model_at(
     return model
 
 
-def _measure(workload_name: str, base: str, best: float, run: float, seed: int) -> dict[str, Any]:
-    """One plain run at ``run`` times the best constant rate ``best``, probed at ``PROBES``."""
-    lr = best * run
+def probed_run(
+    workload_name: str,
+    base: str,
+    best: float,
+    run: float,
+    seed: int,
+    probes: tuple[int, ...],
+    probe: Callable[[int, Task, torch.nn.Module, torch.optim.Optimizer, Any], dict[str, Any]],
+    after_step: bool = False,
+) -> dict[str, Any]:
+    """One plain run at ``run`` times the best constant rate ``best`` (the runner's model, data
+    and batch order for ``seed``), with ``probe(step, task, model, optimizer, batch)`` recorded
+    at each of ``probes``: after the backward pass and before the step, or after the step."""
     workload = WORKLOADS[workload_name]
     with runner.one_thread():
         task = workload.task()
         torch.manual_seed(seed)
         model = workload.make_model(task)
         gen = torch.Generator().manual_seed(seed)
-        fresh_gen = torch.Generator().manual_seed(10_000 + seed)
-        opt = _base(base, lr)(model.parameters())
-        probes = []
-        for step in range(1, max(PROBES) + 1):
+        opt = _base(base, best * run)(model.parameters())
+        out = []
+        for step in range(1, max(probes) + 1):
             batch = task.batch(workload.batch_size, gen)
             loss = task.loss(model, batch)
             opt.zero_grad()
             loss.backward()
-            if step in PROBES:
-                fresh = [task.batch(workload.batch_size, fresh_gen) for _ in range(FRESH)]
-                probes.append({"step": step, **_probe(task, model, opt, batch, fresh)})
+            if step in probes and not after_step:
+                out.append({"step": step, **probe(step, task, model, opt, batch)})
             opt.step()
+            if step in probes and after_step:
+                out.append({"step": step, **probe(step, task, model, opt, batch)})
     return {
         "workload": workload_name,
         "base": base,
         "best": best,
         "run": run,
         "seed": seed,
-        "probes": probes,
+        "probes": out,
     }
+
+
+def _measure(workload_name: str, base: str, best: float, run: float, seed: int) -> dict[str, Any]:
+    """The trial step's Armijo ratios and fresh-batch losses along one run, at ``PROBES``."""
+    fresh_gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def probe(step: int, task: Task, model: torch.nn.Module, opt: Any, batch: Any) -> dict:
+        size = WORKLOADS[workload_name].batch_size
+        fresh = [task.batch(size, fresh_gen) for _ in range(FRESH)]
+        return _probe(task, model, opt, batch, fresh)
+
+    return probed_run(workload_name, base, best, run, seed, PROBES, probe)
 
 
 def armijo_edge(armijo: list[float], c: float = 0.5) -> float:
@@ -177,12 +200,7 @@ def table(out: list[dict[str, Any]]) -> str:
     (what a controller reading them would compare its rate with)."""
     head = " | ".join(f"run at {r:g}x best: edge; fresh" for r in RUNS)
     lines = [f"| pair | best rate | {head} |", "|---|---:" + "|---" * len(RUNS) + "|"]
-    pairs: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for run in out:
-        pairs[(run["workload"], run["base"])][run["run"]].append(run)
-    for (workload, base), by_rate in pairs.items():
+    for (workload, base), by_rate in by_pair_and_rate(out).items():
         cells = []
         for rate in RUNS:
             probes = [p for r in by_rate[rate] for p in r["probes"] if p["step"] >= FROM]
@@ -192,6 +210,37 @@ def table(out: list[dict[str, Any]]) -> str:
         best = next(iter(by_rate.values()))[0]["best"]
         lines.append(f"| {workload} {base} | {best:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def by_step(out: list[dict[str, Any]]) -> str:
+    """Per pair, along the best constant rate's runs: the Armijo edge at each probe's step, as
+    a factor of that rate, median [min-max] over the seeds (the first step included)."""
+    lines = [
+        "| pair | " + " | ".join(f"step {s}" for s in PROBES) + " |",
+        "|---" * (len(PROBES) + 1) + "|",
+    ]
+    for (workload, base), by_rate in by_pair_and_rate(out).items():
+        cells = []
+        for step in PROBES:
+            probes = [p for r in by_rate[1.0] for p in r["probes"] if p["step"] == step]
+            edges = [armijo_edge(p["armijo"]) for p in probes]
+            cells.append(_spread(edges))
+        lines.append(f"| {workload} {base} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def by_pair_and_rate(out: list[dict[str, Any]]) -> dict[tuple[str, str], dict[float, list]]:
+    """The measured runs grouped by (workload, base), then by run rate."""
+    pairs: dict[tuple[str, str], dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    for run in out:
+        pairs[(run["workload"], run["base"])][run["run"]].append(run)
+    return pairs
+
+
+def grid_runs() -> list[tuple[str, str, float, float, int]]:
+    """Every run to measure: (workload, base, best constant rate, run rate, seed)."""
+    best = best_constant_rates().items()
+    return [(w, b, lr, run, seed) for (w, b), lr in best for run in RUNS for seed in (0, 1, 2)]
 
 
 def _argmin(xs: list[float]) -> int:
@@ -205,11 +254,10 @@ def _spread(xs: list[float]) -> str:
 def main() -> None:
     from horizon import run_or_read  # the measurement scripts' shared command line
 
-    best = best_constant_rates()
-    runs = [
-        (w, b, lr, run, seed) for (w, b), lr in best.items() for run in RUNS for seed in (0, 1, 2)
-    ]
-    print(table(run_or_read(__doc__, JSON, _measure, runs)))
+    out = run_or_read(__doc__, JSON, _measure, grid_runs())
+    print(table(out))
+    print()
+    print(by_step(out))
 
 
 if __name__ == "__main__":
