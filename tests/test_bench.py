@@ -252,6 +252,25 @@ def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow()
     assert any("default rate" in m for m in met)
 
 
+@pytest.mark.parametrize(("auto_steps", "paid"), [([30, 40, 50], True), ([50, 60, 70], False)])
+def test_overhead_over_the_bar_is_met_only_when_fewer_seconds_to_target_pay_for_it(
+    auto_steps: list[int], paid: bool
+) -> None:
+    # the oracle's median is 50 steps: 40 x 1.2 = 48 pays for the cost, 60 x 1.2 does not
+    records = [
+        *(_record("adamw-grid-const-1e-2", "grid", s, i) for i, s in enumerate([40, 50, 60])),
+        *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate(auto_steps)),
+    ]
+    over = {"workload": "w", "base": "adamw", "ratio": 1.2, "plain_ms": 1.0, "selftune_ms": 1.2}
+    short, met = report.shortfalls(report.summarise(records), [over])
+    line = next(x for x in (met if paid else short) if "time per step" in x)
+    cost = f"x 1.20 = {auto_steps[1] * 1.2:.0f}, against the oracle adamw-grid-const-1e-2 50"
+    assert cost in line and f"selftune-auto-adamw {auto_steps[1] / 100:.2f} s" in line
+    under = dict(over, ratio=1.04)
+    _, met = report.shortfalls(report.summarise(records), [under])
+    assert any("1.04x" in m for m in met)
+
+
 @pytest.mark.parametrize(("sweep_steps", "listed"), [([60, 70, 80], False), ([70, 80, 90], True)])
 def test_a_sweep_start_slower_than_1_5x_the_oracle_is_a_shortfall(
     sweep_steps: list[int], listed: bool

@@ -37,7 +37,8 @@ BARS: dict[str, str] = {
     "sweep": "reaches the target in every seed from every starting rate of the sweep, in at "
     "most 1.5x the oracle's median steps",
     "stable": "no run of selftune (any controller, any start) diverges",
-    "overhead": "costs at most 5% more time per step than the unwrapped optimizer",
+    "overhead": "costs at most 5% more time per step than the unwrapped optimizer, or pays "
+    "for it: its median steps to target times that per-step ratio are fewer than the oracle's",
 }
 OVERHEAD_BAR = 1.05
 DO_NO_HARM, FLOOR, SWEEP_SLACK = 1.1, 0.7, 1.5
@@ -331,13 +332,40 @@ def shortfalls(
             line = f"selftune-auto-{base}: {BARS['floor']} — median {median:.2f} ({words})"
             (met if median <= FLOOR else short).append(line)
     for o in overhead:
+        paid, seconds = _paid_for(workloads.get(o["workload"]), o["base"], o["ratio"])
         line = (
             f"{o['workload']}, {o['base']}: {BARS['overhead']} — {o['ratio']:.2f}x "
             f"({o['plain_ms']:.2f} → {o['selftune_ms']:.2f} ms/step; the optimizer step alone "
-            f"{_step_alone(o)} ms)"
+            f"{_step_alone(o)} ms){seconds}"
         )
-        (met if o["ratio"] <= OVERHEAD_BAR else short).append(line)
+        (met if o["ratio"] <= OVERHEAD_BAR or paid else short).append(line)
     return short, met
+
+
+def _paid_for(w: Workload | None, base: str, per_step: float) -> tuple[bool, str]:
+    """Whether ``auto``'s median steps to target, each costing ``per_step`` times a plain one,
+    come to fewer than the oracle's steps, and the figures in words.
+
+    The issue's other way to meet the per-step bar: the time to target counts the per-step cost
+    and the steps saved alike.  It is judged on steps times the paired per-step ratio, not on
+    the runs' own seconds, which were timed with runs in parallel and vary by more than the
+    cost in question; those are given beside it."""
+    auto = None if w is None else w.rows.get(f"selftune-auto-{base}")
+    if w is None or auto is None:
+        return False, ""
+    oracle, default = w.oracle(base), w.default(base)
+    cost = auto.steps * per_step
+    words = [f"{_fmt_steps(auto)} steps x {per_step:.2f} = {cost:.0f}" if cost < INF else "a miss"]
+    words += [f"the oracle {oracle.method} {oracle.steps:.0f}"] if oracle else []
+    seconds = [f"selftune-auto-{base} {_fmt_seconds(auto)}"]
+    seconds += [f"the oracle {_fmt_seconds(oracle)}"] if oracle else []
+    seconds += [f"the default {_fmt_seconds(default)}"] if default else []
+    paid = oracle is not None and cost < oracle.steps
+    return paid, f"; {', against '.join(words)} (seconds to target: {', '.join(seconds)})"
+
+
+def _fmt_seconds(row: Row) -> str:
+    return "miss" if row.seconds == INF else f"{row.seconds:.2f} s"
 
 
 def _median_curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
