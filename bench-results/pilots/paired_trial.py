@@ -20,6 +20,14 @@ same two for every arm), and evaluates the metric.  The table gives, per pair an
 over seeds and probes, how often 2x beat 1x and 1/2x beat 1x when the arms came from different
 streams (what a controller would see), and the median of the arm effect (2x against 1x, same
 stream) over the stream noise (same arm, two streams).
+
+Each arm is also judged at the average of its iterates over the interval's second half
+(``metric_avg``; Polyak's tail average, batch-norm statistics recomputed for the averaged
+weights): the last iterate's metric carries a noise floor that grows with the rate, which any
+short comparison credits to the lower rate (a decay's instant drop), while the average of the
+iterates removes much of that floor and keeps most of the drift. If the averaged comparison
+stops leaning low at the best rate and still points up from 1/4 of it, a trial judged that way
+would be a long-horizon test that the last iterate cannot give (``--table`` prints both).
 """
 
 from __future__ import annotations
@@ -55,29 +63,69 @@ def _measure(workload_name: str, base: str, best: float, run: float, seed: int) 
 def _arms(
     workload: Any, task: Any, model: torch.nn.Module, opt: Any, lr: float, seed: int, step: int
 ) -> dict[str, Any]:
-    """The metric after one evaluation interval from this state, per arm and stream."""
+    """The metric after one evaluation interval from this state, per arm and stream, at the
+    last iterate and at the average of the interval's second half."""
     out: dict[str, list[float]] = {}
+    averaged: dict[str, list[float]] = {}
+    tail = workload.eval_every - workload.eval_every // 2  # the iterates averaged
     for factor in ARMS:
-        metrics = []
+        metrics, at_mean = [], []
         for stream in range(STREAMS):
             arm_model, arm_opt = copy.deepcopy((model, opt))  # one copy: the params stay shared
             for group in arm_opt.param_groups:
                 group["lr"] = lr * factor
             gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + 1009 * step + stream)
+            mean: list[torch.Tensor] = []
             with torch.random.fork_rng():
                 torch.manual_seed(stream)
-                for _ in range(workload.eval_every):
+                for i in range(workload.eval_every):
                     loss = task.loss(arm_model, task.batch(workload.batch_size, gen))
                     arm_opt.zero_grad()
                     loss.backward()
                     arm_opt.step()
-            arm_model.eval()
+                    if i >= workload.eval_every - tail:
+                        _running_mean(mean, arm_model, i - (workload.eval_every - tail))
+            average = copy.deepcopy(arm_model)
             with torch.no_grad():
-                value = task.evaluate(arm_model)
-            metrics.append(value if math.isfinite(value) else math.nan)
-        out[f"{factor:g}"] = metrics
+                torch._foreach_copy_(list(average.parameters()), mean)
+            _recompute_batch_norm(average, task, workload.batch_size, seed)
+            metrics.append(_evaluate(task, arm_model))
+            at_mean.append(_evaluate(task, average))
+        out[f"{factor:g}"], averaged[f"{factor:g}"] = metrics, at_mean
     model.train()
-    return {"metric": out}
+    return {"metric": out, "metric_avg": averaged}
+
+
+def _running_mean(mean: list[torch.Tensor], model: torch.nn.Module, seen: int) -> None:
+    """Fold the model's parameters into ``mean``, the average of the ``seen`` folded before."""
+    params = [p.detach() for p in model.parameters()]
+    if not mean:
+        mean.extend(p.clone() for p in params)
+    else:
+        torch._foreach_lerp_(mean, params, 1.0 / (seen + 1))
+
+
+def _recompute_batch_norm(model: torch.nn.Module, task: Any, size: int, seed: int) -> None:
+    """Batch-norm statistics for averaged weights (those of the last iterate do not fit them),
+    from a few fixed training batches, as SWA's ``update_bn`` does; a no-op without batch norm."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    gen = torch.Generator().manual_seed(77 + seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            task.loss(model, task.batch(size, gen))
+
+
+def _evaluate(task: Any, model: torch.nn.Module) -> float:
+    model.eval()
+    with torch.no_grad():
+        value = task.evaluate(model)
+    return value if math.isfinite(value) else math.nan
 
 
 def _better(a: float, b: float, higher: bool) -> bool:
@@ -89,7 +137,7 @@ def _better(a: float, b: float, higher: bool) -> bool:
     return a > b if higher else a < b
 
 
-def table(out: list[dict[str, Any]]) -> str:
+def table(out: list[dict[str, Any]], key: str = "metric") -> str:
     """Per pair and run rate: how often 2x and 1/2x beat 1x across streams, and the 2x arm's
     effect over the stream noise (median of |2x - 1x| same stream / |stream 0 - stream 1| at 1x)."""
     head = " | ".join(f"run at {r:g}x best: 2x wins; 1/2x wins; effect/noise" for r in RUNS)
@@ -101,9 +149,9 @@ def table(out: list[dict[str, Any]]) -> str:
             ratios = []
             for run in by_rate[rate]:
                 for probe in run["probes"]:
-                    m = probe["metric"]
-                    up += _wins(run, probe, "2")
-                    down += _wins(run, probe, "0.5")
+                    m = probe[key]
+                    up += _wins(run, probe, "2", key)
+                    down += _wins(run, probe, "0.5", key)
                     total += STREAMS
                     noise = abs(m["1"][0] - m["1"][1])
                     effect = statistics.fmean(abs(m["2"][s] - m["1"][s]) for s in range(STREAMS))
@@ -115,14 +163,14 @@ def table(out: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _wins(run: dict[str, Any], probe: dict[str, Any], arm: str) -> int:
+def _wins(run: dict[str, Any], probe: dict[str, Any], arm: str, key: str = "metric") -> int:
     """How often ``arm`` beat 1x across the two ways of pairing different streams."""
-    m = probe["metric"]
+    m = probe[key]
     higher = run["higher_is_better"]
     return sum(_better(m[arm][s], m["1"][(s + 1) % STREAMS], higher) for s in range(STREAMS))
 
 
-def by_step(out: list[dict[str, Any]]) -> str:
+def by_step(out: list[dict[str, Any]], key: str = "metric") -> str:
     """Per pair and run rate, at each probe's step: how often 2x, and in brackets 1/2x, beat 1x
     across streams (of 6: three seeds, two pairings); the last row sums every pair."""
     head = " | ".join(f"run at {r:g}x best: steps {', '.join(map(str, PROBES))}" for r in RUNS)
@@ -134,8 +182,8 @@ def by_step(out: list[dict[str, Any]]) -> str:
             parts = []
             for step in PROBES:
                 cases = [(r, p) for r in by_rate[rate] for p in r["probes"] if p["step"] == step]
-                up = sum(_wins(r, p, "2") for r, p in cases)
-                down = sum(_wins(r, p, "0.5") for r, p in cases)
+                up = sum(_wins(r, p, "2", key) for r, p in cases)
+                down = sum(_wins(r, p, "0.5", key) for r, p in cases)
                 n = STREAMS * len(cases)
                 counts = total[(rate, step)]
                 counts[0], counts[1], counts[2] = counts[0] + up, counts[1] + down, counts[2] + n
@@ -151,9 +199,8 @@ def main() -> None:
     from horizon import run_or_read  # the measurement scripts' shared command line
 
     out = run_or_read(__doc__, JSON, _measure, grid_runs())
-    print(table(out))
-    print()
-    print(by_step(out))
+    for key, what in (("metric", "the last iterate"), ("metric_avg", "the tail average")):
+        print(f"Judged at {what} ({key}):\n\n{table(out, key)}\n\n{by_step(out, key)}\n")
 
 
 if __name__ == "__main__":
