@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from selftune.errors import ConfigError
 from selftune.knobs import ALL_KNOBS
 
-#: Default bounds.  ``lr`` is bounded *relative to the rate the run started with*, three decades
-#: either way, so that a rate set 100x too small or too large can be corrected with room to spare.
+#: Default bounds.  ``lr`` is bounded *relative to the rate the run started with*: three decades
+#: below, since a rate driven towards zero stalls the run silently and no guard sees it; five
+#: above, since a rate too high shows as a spike the guard rolls back, and a start as low as
+#: 1e-5 must be able to reach the rates SGD trains at (0.1-3).  The bound is a safety limit, not
+#: a tuner: at three decades above it had stopped ramps at the good rate by coincidence in some
+#: runs and below it in others (pilot 49 in ``bench-results/pilots``).
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
-    "lr": (1e-3, 1e3),
+    "lr": (1e-3, 1e5),
     "momentum": (0.0, 0.995),
     "beta1": (0.5, 0.995),
     "beta2": (0.9, 0.99999),
