@@ -253,7 +253,7 @@ def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow()
 
 
 @pytest.mark.parametrize(("auto_steps", "paid"), [([30, 40, 50], True), ([50, 60, 70], False)])
-def test_overhead_over_the_bar_is_met_only_when_fewer_seconds_to_target_pay_for_it(
+def test_overhead_over_the_bar_is_met_only_when_fewer_steps_to_target_pay_for_it(
     auto_steps: list[int], paid: bool
 ) -> None:
     # the oracle's median is 50 steps: 40 x 1.2 = 48 pays for the cost, 60 x 1.2 does not

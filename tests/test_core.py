@@ -80,6 +80,19 @@ def test_recovers_from_a_bad_starting_rate(
     assert min(curve) <= target, f"best {min(curve):.4g} vs target {target:.4g}"
 
 
+def test_a_start_five_decades_low_climbs_past_1000x_to_the_default_bound() -> None:
+    # the noisy quadratic trains SGD well at 0.1: from 2e-7 the rate must rise past 1000x the
+    # start (the bound before pilot 49) and stop at the default bound, 1e5x, not beyond it
+    pr = noisy_quadratic(seed=0)
+    start = REFERENCE_LR["quadratic"]["sgd"] * 2e-6
+    opt = selftune.wrap(OPTIMIZERS["sgd"](pr.model.parameters(), start), "auto")
+    rates: list[float] = []
+    train(pr, opt, 150, on_step=lambda t: rates.append(opt.hyperparams()[0]["lr"]))
+    assert max(rates) == pytest.approx(start * 1e5)
+    assert rates[-1] == pytest.approx(start * 1e5)  # held at the bound: steps still too short
+    assert opt.policy.limits("lr", start) == pytest.approx((start * 1e-3, start * 1e5))
+
+
 def _run_with_round_trip(controller: str, optimizer: str, split: int | None, steps: int = 240):
     """Train; if ``split``, rebuild everything from state dicts at that step and go on."""
     pr = noisy_quadratic(seed=3)

@@ -20,9 +20,9 @@ from selftune.knobs import ALL_KNOBS
 #: Default bounds.  ``lr`` is bounded *relative to the rate the run started with*: three decades
 #: below, since a rate driven towards zero stalls the run silently and no guard sees it; five
 #: above, since a rate too high shows as a spike the guard rolls back, and a start as low as
-#: 1e-5 must be able to reach the rates SGD trains at (0.1-3).  The bound is a safety limit, not
-#: a tuner: at three decades above it had stopped ramps at the good rate by coincidence in some
-#: runs and below it in others (pilot 49 in ``bench-results/pilots``).
+#: 1e-5 must be able to reach the rates SGD trains at (up to 3 in the benchmark).  The bound is a
+#: safety limit, not a tuner: at three decades above it had stopped ramps at the good rate by
+#: coincidence in some runs and below it in others (pilot 49 in ``bench-results/pilots``).
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "lr": (1e-3, 1e5),
     "momentum": (0.0, 0.995),

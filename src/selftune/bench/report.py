@@ -332,11 +332,11 @@ def shortfalls(
             line = f"selftune-auto-{base}: {BARS['floor']} — median {median:.2f} ({words})"
             (met if median <= FLOOR else short).append(line)
     for o in overhead:
-        paid, seconds = _paid_for(workloads.get(o["workload"]), o["base"], o["ratio"])
+        paid, detail = _paid_for(workloads.get(o["workload"]), o["base"], o["ratio"])
         line = (
             f"{o['workload']}, {o['base']}: {BARS['overhead']} — {o['ratio']:.2f}x "
             f"({o['plain_ms']:.2f} → {o['selftune_ms']:.2f} ms/step; the optimizer step alone "
-            f"{_step_alone(o)} ms){seconds}"
+            f"{_step_alone(o)} ms){detail}"
         )
         (met if o["ratio"] <= OVERHEAD_BAR or paid else short).append(line)
     return short, met
@@ -350,8 +350,7 @@ def _paid_for(w: Workload | None, base: str, per_step: float) -> tuple[bool, str
     and the steps saved alike.  It is judged on steps times the paired per-step ratio, not on
     the runs' own seconds, which were timed with runs in parallel and vary by more than the
     cost in question; those are given beside it."""
-    auto = None if w is None else w.rows.get(f"selftune-auto-{base}")
-    if w is None or auto is None:
+    if w is None or (auto := w.rows.get(f"selftune-auto-{base}")) is None:
         return False, ""
     oracle, default = w.oracle(base), w.default(base)
     cost = auto.steps * per_step
