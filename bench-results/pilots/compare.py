@@ -10,7 +10,7 @@ how many reached the target in each, and the geometric mean of NEW's steps over 
 that reached it in both (below 1: faster).  When NEW also holds the grid's rows (a full suite),
 it then gives, per workload and base, the median steps of `auto` at the default rate in each, as
 a multiple of the oracle (the grid member with the lowest median in NEW, a miss counting as
-infinite), with the seeds that hit; and how many cells of the start sweep (1e-5 to 1e-1) met the
+infinite), with the seeds that hit; and which cells of the start sweep (1e-5 to 1e-1) met the
 issue's bar (every seed hit, median within 1.5x the oracle) in OLD and in NEW.
 The full suite before pilot 24 is ``git show a5035cf~1:bench-results/results.jsonl``; pilot 26's
 is ``bench-results/pilots/26-trial-against-the-trend/full-suite.jsonl``; the suite before pilot 31
@@ -103,7 +103,9 @@ def _oracles(every: dict[tuple[str, str, int], dict]) -> dict[tuple[str, str], f
 def _against_the_oracle(old: dict, new: dict, oracle: dict[tuple[str, str], float]) -> None:
     a, b = _medians(old), _medians(new)
     print("auto at the default rate, median steps (x the oracle) [seeds hit]: OLD -> NEW")
-    gained = lost = total = 0
+    gained: list[str] = []
+    lost: list[str] = []
+    total = 0
     for (workload, base), o in sorted(oracle.items()):
         auto = f"selftune-auto-{base}"
         for method in (m for w, m in sorted(b) if w == workload and m.startswith(auto)):
@@ -113,9 +115,13 @@ def _against_the_oracle(old: dict, new: dict, oracle: dict[tuple[str, str], floa
                 print(f"  {workload} {base}: {row[0]} -> {row[1]}")
             if start != "-lr1e0":  # the default rate and the sweep's 1e-5 to 1e-1
                 met = [_at_the_bar(d[workload, method], o) for d in (a, b)]
-                gained, lost, total = gained + (met == [0, 1]), lost + (met == [1, 0]), total + 1
-    print(f"cells (default and sweep starts) at the issue's bar: {gained} gained, {lost} lost")
-    print(f"of {total}")
+                cell = f"{workload} {method}"
+                gained += [cell] if met == [0, 1] else []
+                lost += [cell] if met == [1, 0] else []
+                total += 1
+    counts = f"{len(gained)} gained, {len(lost)} lost of {total}"
+    print(f"cells (default and sweep starts) at the issue's bar: {counts}")
+    print(f"  gained: {', '.join(gained) or '-'}\n  lost: {', '.join(lost) or '-'}")
 
 
 def _median_text(v: list[float], oracle: float) -> str:

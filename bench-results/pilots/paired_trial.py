@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from same_batch import RUNS, by_pair_and_rate, grid_runs, probed_run
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from selftune.bench.workloads import WORKLOADS
 
@@ -75,7 +76,7 @@ def _arms(
             for group in arm_opt.param_groups:
                 group["lr"] = lr * factor
             gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + 1009 * step + stream)
-            mean: list[torch.Tensor] = []
+            average: AveragedModel | None = None  # Polyak's equal weights over the tail
             with torch.random.fork_rng():
                 torch.manual_seed(stream)
                 for i in range(workload.eval_every):
@@ -84,41 +85,18 @@ def _arms(
                     loss.backward()
                     arm_opt.step()
                     if i >= workload.eval_every - tail:
-                        _running_mean(mean, arm_model, i - (workload.eval_every - tail))
-            average = copy.deepcopy(arm_model)
-            with torch.no_grad():
-                torch._foreach_copy_(list(average.parameters()), mean)
-            _recompute_batch_norm(average, task, workload.batch_size, seed)
+                        if average is None:
+                            average = AveragedModel(arm_model)
+                        average.update_parameters(arm_model)
+            assert average is not None
+            # batch-norm statistics for the averaged weights, from a few fixed training batches
+            fixed = torch.Generator().manual_seed(77 + seed)
+            update_bn([task.batch(workload.batch_size, fixed) for _ in range(4)], average.module)
             metrics.append(_evaluate(task, arm_model))
-            at_mean.append(_evaluate(task, average))
+            at_mean.append(_evaluate(task, average.module))
         out[f"{factor:g}"], averaged[f"{factor:g}"] = metrics, at_mean
     model.train()
     return {"metric": out, "metric_avg": averaged}
-
-
-def _running_mean(mean: list[torch.Tensor], model: torch.nn.Module, seen: int) -> None:
-    """Fold the model's parameters into ``mean``, the average of the ``seen`` folded before."""
-    params = [p.detach() for p in model.parameters()]
-    if not mean:
-        mean.extend(p.clone() for p in params)
-    else:
-        torch._foreach_lerp_(mean, params, 1.0 / (seen + 1))
-
-
-def _recompute_batch_norm(model: torch.nn.Module, task: Any, size: int, seed: int) -> None:
-    """Batch-norm statistics for averaged weights (those of the last iterate do not fit them),
-    from a few fixed training batches, as SWA's ``update_bn`` does; a no-op without batch norm."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    gen = torch.Generator().manual_seed(77 + seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            task.loss(model, task.batch(size, gen))
 
 
 def _evaluate(task: Any, model: torch.nn.Module) -> float:

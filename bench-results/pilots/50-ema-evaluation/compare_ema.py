@@ -1,9 +1,10 @@
 """Pilot 50's table: `auto` and two grid members, each evaluated at an EMA of its weights.
 
-Run from the repository root: ``python bench-results/pilots/50-ema-evaluation/compare_ema.py``.
-Per pair: the committed `auto` row and oracle (evaluated at the last iterate, from
+Run from the repository root: ``python bench-results/pilots/50-ema-evaluation/compare_ema.py
+[AUTO]``.  Per pair: the committed `auto` row and oracle (evaluated at the last iterate, from
 ``bench-results/results.jsonl``), then `auto` evaluated at the EMA (``results.jsonl`` here,
-written by the benchmark with ``candidate.patch`` applied) against the faster of the two grid
+written by the benchmark with ``candidate.patch`` applied, or the ``results.jsonl`` of pilot 54
+given as ``AUTO``, a variant of `auto` run the same way) against the faster of the two grid
 members run with the EMA: the committed oracle and the next rate of its grid above it, with the
 same schedule. Only two members were run, so the EMA column's best is an upper bound on the
 steps of the EMA grid's true best, and the last ratio a lower bound on `auto`'s.
@@ -12,6 +13,7 @@ steps of the EMA grid's true best, and the last ratio a lower bound on `auto`'s.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from selftune.bench import report
@@ -27,11 +29,12 @@ def _steps(x: float) -> str:
 def main() -> None:
     plain = report.summarise(read_results(HERE.parents[1] / "results.jsonl"))
     ema = report.summarise(read_results(HERE / "results.jsonl"))
+    variant = report.summarise(read_results(Path(sys.argv[1]))) if len(sys.argv) > 1 else ema
     print("| pair | auto | oracle | auto x oracle | auto, EMA | EMA grid | auto, EMA x its best |")
     print("|---|---|---|---|---|---|---|")
     for name, w in ema.items():
         for base in ("sgd", "adamw"):
-            averaged = w.rows.get(f"selftune-auto-{base}-ema")
+            averaged = variant[name].rows.get(f"selftune-auto-{base}-ema")
             oracle = plain[name].oracle(base)
             if averaged is None or oracle is None:
                 continue
