@@ -41,6 +41,7 @@ def wrap(
     guard: bool | GuardConfig = True,
     log_dir: str | Path | None = None,
     seed: int | None = None,
+    average: bool | float = False,
     **controller_options: Any,
 ) -> SelfTuned:
     """Wrap ``optimizer`` so that it tunes its own learning rate and momentum while it trains.
@@ -52,6 +53,8 @@ def wrap(
     ``max_change`` does not hold a rollback or a restart from a snapshot, only the bounds do).
     ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it).
     ``log_dir``: write the run's manifest, hash-chained decision log and trace there.
+    ``average``: keep an exponential moving average of the weights to evaluate in their place
+    (``with opt.averaged(): ...``); True means decay 0.9, a float is the decay.
     """
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
     return SelfTuned(
@@ -61,6 +64,7 @@ def wrap(
         guard=guard,
         log_dir=log_dir,
         seed=seed,
+        average=average,
         **controller_options,
     )
 

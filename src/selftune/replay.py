@@ -16,6 +16,7 @@ import torch
 
 from selftune import audit
 from selftune import knobs as knobs_io
+from selftune.average import check_decay
 from selftune.controllers.base import Knobs, Proposal
 from selftune.controllers.off import OffController
 from selftune.errors import SelfTuneError
@@ -96,16 +97,18 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
         policy = _policy_from(config.get("policy"))
         guard_cfg = config.get("guard")
         guard_config = None if guard_cfg is None else GuardConfig(**guard_cfg)
+        average = check_decay(config.get("average"))  # absent in logs from before averages
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise audit.LogError(
-            f"{where}: the policy or guard settings in 'config' cannot be read back ({exc}); "
+            f"{where}: the policy, guard or average settings in 'config' cannot be read back "
+            f"({exc}); "
             "the manifest was damaged or written by another version"
         ) from None
     controller = ReplayController(run.records)
     guard: Any = False
     if guard_config is not None:
         guard = ReplayGuard(guard_config, run.records)
-    tuned = SelfTuned(optimizer, controller, policy=policy, guard=False)
+    tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     tuned.guard = guard if guard is not False else None
     return tuned
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from selftune import knobs as knobs_io
+from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Trouble
@@ -81,6 +82,7 @@ class SelfTuned(torch.optim.Optimizer):
         guard: bool | GuardConfig = True,
         log_dir: str | Path | None = None,
         seed: int | None = None,
+        average: bool | float = False,
         **controller_options: Any,
     ) -> None:
         if isinstance(optimizer, SelfTuned):
@@ -98,6 +100,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
+        decay = check_decay(average)
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -115,6 +118,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales = [1.0] * len(self.param_groups)
         self._start = [self._effective(i) for i in range(len(self.param_groups))]
         self._tracker = SignalTracker(self.param_groups)
+        #: the weight average evaluated in the weights' place (``averaged``), if one is kept
+        self.average = None if decay is None else WeightAverage(self.param_groups, decay)
         self._listeners: list[Callable[[StepEvent], None]] = []
         self.last_signals: Signals | None = None
         self._seed = seed
@@ -179,6 +184,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales.append(1.0)
         self._start.append(self._effective(i))
         self._tracker.group_added()
+        if self.average is not None:
+            self.average.group_added(self.param_groups[i])
         if self.guard is not None:
             self.guard.forget_snapshots()
         if self._log is not None:
@@ -195,6 +202,22 @@ class SelfTuned(torch.optim.Optimizer):
                     + "); the guard's older snapshots were dropped",
                 }
             )
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Evaluate at the weight average: ``with opt.averaged(): val = evaluate(model)``.
+
+        Inside the block the parameters hold the average that ``wrap(..., average=True)`` keeps;
+        the training weights come back when it ends, even on an error.  Pass what you measured
+        there to :meth:`observe`: ``auto`` then reads the metric of the weights you would keep.
+        Batch norm's running statistics are the live ones (see :mod:`selftune.average`).
+        """
+        if self.average is None:
+            raise ConfigError(
+                "averaged() needs a weight average: wrap the optimizer with average=True"
+            )
+        with self.average.swapped_in(self.param_groups):
+            yield
 
     def observe(self, metric: float | torch.Tensor, *, mode: str = "min") -> None:
         """Give the controller an evaluation metric (validation loss, accuracy) after evaluating.
@@ -280,6 +303,8 @@ class SelfTuned(torch.optim.Optimizer):
         with self._effective_lr():
             self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
         self._tracker.after_update()
+        if self.average is not None:
+            self.average.update(self.param_groups)
         self.step_count = t
         self._after(t, signals, decisions, None)
         return loss
@@ -298,6 +323,7 @@ class SelfTuned(torch.optim.Optimizer):
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
             "trace": None if self._trace is None else self._trace_bytes,
             "metric": [self._metric, self._metric_mode],
+            "average": None if self.average is None else _clone(self.average.state_dict()),
         }
         return sd
 
@@ -320,6 +346,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
             self.guard.load_state_dict(own["guard"])
+        if self.average is not None and own.get("average") is not None:
+            self.average.load_state_dict(own["average"])
         # At the log's own end there is nothing to drop: no note, so a run stopped at a checkpoint
         # and resumed writes the same log as one that never stopped.
         if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
@@ -444,6 +472,7 @@ class SelfTuned(torch.optim.Optimizer):
             "tracker": self._tracker.state_dict(include_update=False),
             "knobs": self.hyperparams(),
             "guard": None if self.guard is None else self.guard.statistics(),
+            "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
 
     def _roll_back(self, trouble: Trouble, signals: Signals) -> tuple[list[Decision], dict]:
@@ -484,7 +513,8 @@ class SelfTuned(torch.optim.Optimizer):
         return decisions, event
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        """Put the parameters, optimizer state and loss statistics of a snapshot back."""
+        """Put the parameters, optimizer state, loss statistics and weight average of a snapshot
+        back."""
         finish_offload()  # the clone below reads the snapshot on the host
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             for p, kept in zip(group["params"], saved, strict=True):
@@ -494,6 +524,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
             self.guard.load_statistics(payload["guard"])
+        if self.average is not None and payload.get("average") is not None:
+            self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
 
     def _take_restart(self) -> str | None:
@@ -556,6 +588,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "start": self.hyperparams(),
                 "policy": _policy_json(self.policy),
                 "guard": None if self.guard is None else vars(self.guard.config),
+                "average": None if self.average is None else self.average.decay,
             },
             seed=self._seed,
             param_groups=groups,

@@ -1,0 +1,166 @@
+"""The weight average (`wrap(..., average=...)`): what it holds, and that the trust layer keeps it.
+
+The average is evaluated in the weights' place, so it must be exactly the average of the applied
+steps' weights: never of steps the guard rolled back, the same after a checkpoint's resume and
+in a replay, and it must earn its place by being better than the iterate it replaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from faults import guard_records, make_optimizer, make_task, train
+from problems import noisy_quadratic
+
+import selftune
+from selftune.checkpoint import load_checkpoint, save_checkpoint
+
+
+def average_of(opt: selftune.SelfTuned) -> list[torch.Tensor]:
+    assert opt.average is not None
+    return [t.clone() for group in opt.average.tensors for t in group]
+
+
+def test_the_average_is_the_running_mean_then_the_ema_of_the_applied_steps() -> None:
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), "off", average=0.8)
+    iterates = [[p.detach().clone() for p in task.model.parameters()]]
+    train(
+        task,
+        opt,
+        12,
+        evaluate=False,
+        on_step=lambda t: iterates.append([p.detach().clone() for p in task.model.parameters()]),
+    )
+    expected = [t.clone() for t in iterates[0]]
+    for k, weights in enumerate(iterates[1:], start=1):
+        weight = max(0.2, 1.0 / (k + 1))  # the running mean until 1/(k+1) falls to 1 - decay
+        expected = [(1 - weight) * e + weight * w for e, w in zip(expected, weights, strict=True)]
+    for got, want in zip(average_of(opt), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # one update per applied step (the first four a plain mean of the iterates so far)
+    assert opt.average is not None and opt.average.updates == 12
+
+
+def test_averaged_swaps_the_average_in_and_the_weights_back_even_on_error() -> None:
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), average=True)
+    train(task, opt, 30, evaluate=False)
+    weights = [p.detach().clone() for p in task.model.parameters()]
+    with opt.averaged():
+        inside = [p.detach().clone() for p in task.model.parameters()]
+    for got, want in zip(inside, average_of(opt), strict=True):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(a, w) for a, w in zip(inside, weights, strict=True))
+    with pytest.raises(RuntimeError, match="evaluation failed"), opt.averaged():
+        raise RuntimeError("evaluation failed")
+    for p, w in zip(task.model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+
+
+def test_bad_settings_are_named() -> None:
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()))
+    with pytest.raises(selftune.ConfigError, match="average=True"), opt.averaged():
+        pass
+    for bad in (1.0, 0.0, -0.5, "0.9"):
+        with pytest.raises(selftune.ConfigError, match="a decay in"):
+            selftune.wrap(make_optimizer("sgd", make_task().model.parameters()), average=bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_average_of_a_noisy_descent_is_closer_to_the_minimum_than_its_last_iterate(
+    seed: int,
+) -> None:
+    """At a fixed rate, SGD ends in a noise ball about the minimum; the average sits nearer its
+    centre.  The noisy quadratic's full loss measures exactly that distance."""
+    problem = noisy_quadratic(seed)
+    opt = selftune.wrap(
+        torch.optim.SGD(problem.model.parameters(), lr=0.15), "off", guard=False, average=True
+    )
+    for t in range(1, 301):
+        opt.zero_grad()
+        problem.batch_loss(t).backward()
+        opt.step()
+    last = problem.full_loss()
+    with opt.averaged():
+        averaged = problem.full_loss()
+    assert averaged < 0.7 * last, (averaged, last)
+
+
+def test_a_rollback_restores_the_average_its_snapshot_held(tmp_path: Path) -> None:
+    """A rate overwritten with 1e3 (a scheduler gone wrong) takes one applied step that wrecks the
+    weights; the guard sees the loss it leads to and rolls back.  The average had taken the wrecked
+    weights in; after the rollback it must be the snapshot's, or it would evaluate them."""
+    task = make_task()
+    opt = selftune.wrap(
+        make_optimizer("sgd", task.model.parameters()), "off", log_dir=tmp_path, average=True
+    )
+    after = {0: average_of(opt)}
+    train(
+        task,
+        opt,
+        40,
+        faults={33: "lr_1e3"},
+        evaluate=False,
+        on_step=lambda t: after.__setitem__(t, average_of(opt)),
+    )
+    opt.close()
+    (rollback, *_) = [r for r in guard_records(tmp_path) if r["event"] == "rollback"]
+    assert rollback["step"] > 33, "the fault was caught before its step was applied"
+    # a snapshot is taken before its step's update: it holds the average after the step before
+    held = after[rollback["restored_step"] - 1]
+    for got, want in zip(after[rollback["step"]], held, strict=True):
+        assert torch.equal(got, want)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(after[rollback["step"] - 1], held, strict=True)
+    ), "the average had not moved since the snapshot: the test lost its power"
+
+
+def test_a_resumed_run_and_a_replay_end_with_the_same_average(tmp_path: Path) -> None:
+    def run(
+        folder: Path, stop: int | None = None, resume: Path | None = None
+    ) -> selftune.SelfTuned:
+        task = make_task()
+        base = make_optimizer("adamw", task.model.parameters(), lr=1e-3)
+        opt = selftune.wrap(base, log_dir=folder, average=0.95)
+        first = 1
+        if resume is not None:
+            first = load_checkpoint(resume, model=task.model, optimizer=opt)["step"] + 1
+            for _ in range(first - 1):
+                task.batch_loss()  # the data order of the steps already taken
+        for t in range(first, (stop or 80) + 1):
+            train(task, opt, 1, faults={1: "nan_loss"} if t == 40 else None, evaluate=False)
+            if t == 50 and stop is not None:
+                save_checkpoint(folder / "ckpt.pt", model=task.model, optimizer=opt, step=t)
+        opt.close()
+        return opt
+
+    reference = average_of(run(tmp_path / "ref"))
+    run(tmp_path / "res", stop=55)
+    resumed = average_of(run(tmp_path / "res", resume=tmp_path / "res" / "ckpt.pt"))
+    task = make_task()
+    replay = selftune.replay(
+        make_optimizer("adamw", task.model.parameters(), lr=1e-3), tmp_path / "ref"
+    )
+    train(task, replay, 80, faults={40: "nan_loss"}, evaluate=False)
+    for ref, res, rep in zip(reference, resumed, average_of(replay), strict=True):
+        assert torch.equal(ref, res)
+        assert torch.equal(ref, rep)
+
+
+def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
+    task = make_task()
+    first, _, second = task.model.children()
+    opt = selftune.wrap(torch.optim.SGD(first.parameters(), lr=0.05), "off", average=True)
+    train(task, opt, 10, evaluate=False)
+    start = [p.detach().clone() for p in second.parameters()]
+    opt.add_param_group({"params": list(second.parameters())})
+    train(task, opt, 10, evaluate=False)
+    assert opt.average is not None and len(opt.average.tensors) == 2
+    with opt.averaged():
+        inside = [p.detach().clone() for p in second.parameters()]
+    for avg, begin, now in zip(inside, start, second.parameters(), strict=True):
+        assert not torch.equal(avg, begin) and not torch.equal(avg, now)
