@@ -105,6 +105,18 @@ def test_cosine_grid_member_records_its_decaying_rate() -> None:
     assert all(x >= y for x, y in itertools.pairwise(lr))
 
 
+def test_an_averaged_grid_member_trains_as_the_plain_one_and_is_evaluated_at_the_average() -> None:
+    plain, averaged = (
+        run_spec(_spec("sgd-grid-const-1e-1")),
+        run_spec(_spec("sgd-grid-const-1e-1-avg")),
+    )
+    assert averaged["curves"]["loss_ema"] == plain["curves"]["loss_ema"]
+    assert averaged["curves"]["lr"] == plain["curves"]["lr"]
+    first, *rest = zip(plain["curves"]["metric"], averaged["curves"]["metric"], strict=True)
+    assert first[0] == first[1]  # before any step the average is the initial weights
+    assert all(a != b for a, b in rest), rest
+
+
 def test_runs_resume_and_agree_across_worker_processes(tmp_path: Path) -> None:
     specs = [_spec("adamw-default"), _spec("selftune-auto-sgd")]
     first = run_all(specs, tmp_path, jobs=2, progress=False)
@@ -192,6 +204,8 @@ def test_registry_names_every_family_and_filters_by_glob() -> None:
         "hypergradient",
         "selftune",
         "sweep",
+        "averaged",
+        "grid-avg",
     }
     import selftune
 
@@ -250,6 +264,27 @@ def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow()
     short, met = report.shortfalls({"w": w}, [])
     assert any("best grid member" in s and "1.20x" in s for s in short)
     assert any("default rate" in m for m in met)
+
+
+def test_averaged_auto_is_held_to_the_averaged_grid_and_shown_against_both_oracles() -> None:
+    records = [
+        *(_record("adamw-grid-const-1e-2", "grid", s, i) for i, s in enumerate([40, 50, 60])),
+        *(_record("adamw-grid-const-1e-2-avg", "grid-avg", s, i) for i, s in enumerate([30, 30])),
+        *(_record("adamw-grid-const-1e-1-avg", "grid-avg", s, i) for i, s in enumerate([20, 30])),
+        *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([50, 50])),
+        *(_record("selftune-auto-adamw-avg", "averaged", s, i) for i, s in enumerate([35, 35])),
+    ]
+    w = report.summarise(records)["w"]
+    averaged = w.oracle("adamw", "grid-avg")
+    assert averaged is not None and averaged.method == "adamw-grid-const-1e-1-avg"
+    plain = w.oracle("adamw")
+    assert plain is not None and plain.method == "adamw-grid-const-1e-2"
+    short, _ = report.shortfalls({"w": w}, [])
+    (line,) = [s for s in short if "same average" in s]
+    assert "selftune-auto-adamw-avg" in line and "(1.40x)" in line  # 35 against 25
+    table = "\n".join(report._averaged_headline({"w": w}))
+    assert "| 1.40x | adamw-grid-const-1e-2: 50 [40–60] | 0.70x |" in table
+    assert "adamw-grid-const-1e-1-avg **(oracle)**" in "\n".join(report._table(w))
 
 
 @pytest.mark.parametrize(("auto_steps", "paid"), [([30, 40, 50], True), ([50, 60, 70], False)])

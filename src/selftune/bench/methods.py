@@ -5,18 +5,24 @@ against (``sgd`` or ``adamw``: its default and its grid's oracle), and a builder
 :class:`Handle`.  The handle hides what differs between methods from the training loop: selftune
 wants the loss at ``step``, Schedule-Free wants ``train()``/``eval()`` around evaluation,
 ReduceLROnPlateau and selftune's ``observe`` want the evaluation metric, schedulers step after
-the optimizer, and the *effective* learning rate is read differently by each (Prodigy and
-D-Adaptation: ``lr × d``).
+the optimizer, the *effective* learning rate is read differently by each (Prodigy and
+D-Adaptation: ``lr × d``), and the averaged rows (``-avg``) evaluate at an average of the weights:
+selftune's own (``wrap(..., average=True)``), or for the plain optimizers of the grid the same
+:class:`~selftune.average.WeightAverage` kept beside them, so both sides of a comparison are
+averaged alike.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from selftune.average import DEFAULT_DECAY, WeightAverage
 
 #: Learning-rate grids, 3x apart, wide enough that the best member lies inside on every workload.
 ADAMW_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -54,6 +60,7 @@ class Handle:
         mode_switch: bool = False,
         lr_of: Callable[[torch.optim.Optimizer], float] | None = None,
         metric_to: Callable[[float], None] | None = None,
+        average: WeightAverage | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -62,6 +69,8 @@ class Handle:
         self.mode_switch = mode_switch
         self._lr_of = lr_of or _group_lr
         self._metric_to = metric_to
+        #: a weight average the handle keeps for a plain optimizer (selftune keeps its own)
+        self._average = average
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -74,16 +83,25 @@ class Handle:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self._average is not None:
+            self._average.update(self.optimizer.param_groups)
 
-    def train_mode(self) -> None:
-        """Before training steps: Schedule-Free moves the weights back to its training point."""
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The weights to evaluate: Schedule-Free's averaged point, or a weight average."""
+        if self.mode_switch:
+            self.optimizer.eval()  # type: ignore[attr-defined]
+        with self._averaged():
+            yield
         if self.mode_switch:
             self.optimizer.train()  # type: ignore[attr-defined]
 
-    def eval_mode(self) -> None:
-        """Before evaluation: Schedule-Free moves the weights to its averaged point."""
-        if self.mode_switch:
-            self.optimizer.eval()  # type: ignore[attr-defined]
+    def _averaged(self) -> AbstractContextManager[None]:
+        if self._average is not None:
+            return self._average.swapped_in(self.optimizer.param_groups)
+        if getattr(self.optimizer, "average", None) is not None:
+            return self.optimizer.averaged()  # type: ignore[attr-defined]
+        return nullcontext()
 
     def observe(self, metric: float) -> None:
         """Tell ReduceLROnPlateau, or selftune, the evaluation metric."""
@@ -143,7 +161,7 @@ def lr_label(lr: float) -> str:
     return f"{mantissa}e{exponent}"
 
 
-def _plain(base: str, lr: float, schedule: str) -> Builder:
+def _plain(base: str, lr: float, schedule: str, average: bool = False) -> Builder:
     make = _base(base, lr)
 
     def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
@@ -151,7 +169,8 @@ def _plain(base: str, lr: float, schedule: str) -> Builder:
         sched = None
         if schedule == "cos":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
-        return Handle(opt, scheduler=sched)
+        kept = WeightAverage(opt.param_groups, DEFAULT_DECAY) if average else None
+        return Handle(opt, scheduler=sched, average=kept)
 
     return build
 
@@ -196,15 +215,18 @@ def _hd_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
     return Handle(AdamHD(params, lr=ADAMW_DEFAULT["lr"]))
 
 
-def _selftune(base: str, lr: float, controller: str, metric: bool = True) -> Builder:
+def _selftune(
+    base: str, lr: float, controller: str, metric: bool = True, average: bool = False
+) -> Builder:
     """selftune given the loss at every step and, unless ``metric`` is False, the evaluation
-    metric after every evaluation (``observe``), as a loop that evaluates can give it."""
+    metric after every evaluation (``observe``), as a loop that evaluates can give it;
+    ``average``: evaluated at its weight average (the metric it reads being the average's)."""
     make = _base(base, lr)
 
     def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
         import selftune
 
-        opt = selftune.wrap(make(params), controller=controller, seed=s.seed)
+        opt = selftune.wrap(make(params), controller=controller, seed=s.seed, average=average)
         mode = "max" if s.higher_is_better else "min"
         to = (lambda value: opt.observe(value, mode=mode)) if metric else None
         return Handle(opt, pass_loss=True, lr_of=_selftune_lr, metric_to=to)
@@ -237,16 +259,17 @@ def _registry() -> dict[str, Method]:
     for b in ("sgd", "adamw"):
         for schedule in ("const", "cos"):
             for lr in grids[b]:
-                rows.append(
-                    Method(
-                        f"{b}-grid-{schedule}-{lr_label(lr)}",
-                        "grid",
-                        b,
-                        _plain(b, lr, schedule),
-                        OTHER_SEEDS,
-                        lr,
+                for average, suffix, family in ((False, "", "grid"), (True, "-avg", "grid-avg")):
+                    rows.append(
+                        Method(
+                            f"{b}-grid-{schedule}-{lr_label(lr)}{suffix}",
+                            family,
+                            b,
+                            _plain(b, lr, schedule, average),
+                            OTHER_SEEDS,
+                            lr,
+                        )
                     )
-                )
     rows += [
         Method("adamw-plateau", "plateau", "adamw", _plateau, HEADLINE_SEEDS, ADAMW_DEFAULT["lr"]),
         Method("prodigy", "published", "adamw", _prodigy, HEADLINE_SEEDS),
@@ -268,6 +291,17 @@ def _registry() -> dict[str, Method]:
                     base_lr[b],
                 )
             )
+    for b in ("sgd", "adamw"):  # auto evaluated at its weight average, against the averaged grid
+        rows.append(
+            Method(
+                f"selftune-auto-{b}-avg",
+                "averaged",
+                b,
+                _selftune(b, base_lr[b], "auto", average=True),
+                HEADLINE_SEEDS,
+                base_lr[b],
+            )
+        )
     for b in ("sgd", "adamw"):  # auto as a loop that never evaluates drives it: the loss alone
         rows.append(
             Method(

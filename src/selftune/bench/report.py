@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selftune.average import DEFAULT_DECAY
 from selftune.bench.overhead import OVERHEAD
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 
@@ -39,13 +40,27 @@ BARS: dict[str, str] = {
     "stable": "no run of selftune (any controller, any start) diverges",
     "overhead": "costs at most 5% more time per step than the unwrapped optimizer, or pays "
     "for it: its median steps to target times that per-step ratio are fewer than the oracle's",
+    "averaged": "evaluated at its weight average (`selftune-auto-<base>-avg`), needs no more "
+    "median steps to target than the best grid member evaluated at the same average",
 }
 OVERHEAD_BAR = 1.05
 DO_NO_HARM, FLOOR, SWEEP_SLACK = 1.1, 0.7, 1.5
 #: Order of families in the tables: the rows a reader looks for first come first.
-FAMILY_ORDER = ("default", "selftune", "sweep", "published", "hypergradient", "plateau", "grid")
+FAMILY_ORDER = (
+    "default",
+    "selftune",
+    "averaged",
+    "sweep",
+    "published",
+    "hypergradient",
+    "plateau",
+    "grid",
+    "grid-avg",
+)
 #: Families drawn in the curve plots (grid rows would bury the rest; the oracle is added).
-PLOTTED = ("default", "selftune", "published", "hypergradient", "plateau")
+PLOTTED = ("default", "selftune", "averaged", "published", "hypergradient", "plateau")
+#: The rows evaluated at a weight average, and the grid they are compared with.
+AVERAGED = {"averaged": "grid-avg", "grid-avg": "grid-avg"}
 
 
 @dataclass
@@ -117,9 +132,10 @@ class Workload:
     def default(self, base: str) -> Row | None:
         return self.rows.get(f"{base}-default")
 
-    def oracle(self, base: str) -> Row | None:
-        """The grid member of ``base`` with the fewest median steps (ties: fewer seconds)."""
-        grid = [r for r in self.rows.values() if r.family == "grid" and r.base == base]
+    def oracle(self, base: str, grid_family: str = "grid") -> Row | None:
+        """The grid member of ``base`` with the fewest median steps (ties: fewer seconds);
+        ``grid_family`` "grid-avg": of the grid evaluated at a weight average."""
+        grid = [r for r in self.rows.values() if r.family == grid_family and r.base == base]
         reached = [r for r in grid if r.steps < INF]
         return min(reached, key=lambda r: (r.steps, r.seconds)) if reached else None
 
@@ -190,8 +206,12 @@ def _sorted_rows(w: Workload) -> list[Row]:
     return sorted(w.rows.values(), key=key)
 
 
+def _own_oracle(w: Workload, row: Row) -> Row | None:
+    """The oracle ``row`` is compared with: the averaged grid's for an averaged row."""
+    return w.oracle(row.base, AVERAGED.get(row.family, "grid"))
+
+
 def _table(w: Workload) -> list[str]:
-    oracles = {b: w.oracle(b) for b in ("sgd", "adamw")}
     head = (
         "| method | base | hits | steps to target, median [min–max] | seconds to target | "
         "× default | × oracle | final metric, median [min–max] | diverged | ms/step |"
@@ -199,14 +219,15 @@ def _table(w: Workload) -> list[str]:
     lines = [head, "|" + "---|" * 10]
     for row in _sorted_rows(w):
         name = row.method
-        if oracles.get(row.base) is row:
+        oracle = _own_oracle(w, row)
+        if oracle is row:
             name += " **(oracle)**"
         seconds = "–" if row.seconds == INF else f"{row.seconds:.1f}"
         ms = "–" if row.ms_per_step is None else f"{row.ms_per_step:.2f}"
         lines.append(
             f"| {name} | {row.base} | {row.hits}/{row.seeds} | {_fmt_steps(row)} | {seconds} | "
             f"{_fmt_ratio(ratio(row, w.default(row.base)))} | "
-            f"{_fmt_ratio(ratio(row, oracles.get(row.base)))} | "
+            f"{_fmt_ratio(ratio(row, oracle))} | "
             f"{_fmt_metric(row.metric('final_metric'))} | {row.diverged} | {ms} |"
         )
     return lines
@@ -234,6 +255,30 @@ def _headline(workloads: dict[str, Workload]) -> list[str]:
                 f"{_fmt_ratio(ratio(published, oracle))} |"
             )
     return lines
+
+
+def _averaged_headline(workloads: dict[str, Workload]) -> list[str]:
+    """``auto`` evaluated at its weight average against the grid evaluated at the same average,
+    and against the plain oracle (empty when no averaged rows were run)."""
+    lines = [
+        "| workload | base | oracle, averaged | selftune-auto, averaged | × averaged oracle | "
+        "oracle | × oracle |",
+        "|" + "---|" * 7,
+    ]
+    for w in workloads.values():
+        for base in ("sgd", "adamw"):
+            auto = w.rows.get(f"selftune-auto-{base}-avg")
+            averaged = w.oracle(base, "grid-avg")
+            if auto is None and averaged is None:
+                continue
+            oracle = w.oracle(base)
+            name = w.name + (" (held out)" if w.held_out else "")
+            lines.append(
+                f"| {name} | {base} | {_label(averaged)} | {_fmt_steps(auto) if auto else '–'} | "
+                f"{_fmt_ratio(ratio(auto, averaged))} | {_label(oracle)} | "
+                f"{_fmt_ratio(ratio(auto, oracle))} |"
+            )
+    return lines if len(lines) > 2 else []
 
 
 def _label(row: Row | None) -> str:
@@ -320,8 +365,16 @@ def shortfalls(
                 slowest = f"slowest start {worst.method}: {_fmt_steps(worst)} steps"
                 check(not problems, "sweep", "; ".join(problems) or slowest)
             tuned = [
-                r for r in w.rows.values() if r.family in ("selftune", "sweep") and r.base == base
+                r
+                for r in w.rows.values()
+                if r.family in ("selftune", "averaged", "sweep") and r.base == base
             ]
+            averaged = w.rows.get(f"selftune-auto-{base}-avg")
+            oracle_avg = w.oracle(base, "grid-avg")
+            if averaged is not None and oracle_avg is not None:
+                r = ratio(averaged, oracle_avg)
+                detail = _versus(averaged, oracle_avg, "the averaged oracle")
+                check(r is not None and r <= 1.0, "averaged", detail, f"{tag}, {averaged.method}")
             diverged = [f"{r.method} {r.diverged}/{r.seeds}" for r in tuned if r.diverged]
             detail = ("diverged: " + ", ".join(diverged)) if diverged else "no divergence"
             check(not diverged, "stable", detail, f"{tag}, selftune rows on {base}")
@@ -399,7 +452,7 @@ def _curves_png(w: Workload, rows: list[Row], title: str, path: Path) -> None:
                     "--" if row.family == "grid" else "-",
                     color=colors[i % len(colors)],
                     label=row.method,
-                    linewidth=2.0 if row.family in ("selftune", "sweep") else 1.0,
+                    linewidth=2.0 if row.family in ("selftune", "averaged", "sweep") else 1.0,
                 )
         if key == "metric":
             ax.axhline(w.target, color="black", linewidth=0.8, linestyle=":")
@@ -452,7 +505,9 @@ def _plots(w: Workload, fig_dir: Path) -> list[str]:
                 ax.barh(
                     i,
                     med if med < INF else max(hits),
-                    color="tab:green" if row.family in ("selftune", "sweep") else "tab:gray",
+                    color="tab:green"
+                    if row.family in ("selftune", "averaged", "sweep")
+                    else "tab:gray",
                     alpha=0.8 if med < INF else 0.3,  # pale: fewer than half the seeds hit
                 )
                 ax.plot([min(hits), max(hits)], [i, i], color="black", linewidth=1)
@@ -498,6 +553,11 @@ def _methods_section() -> list[str]:
         f"started at rate x (AdamW {rates(m.ADAMW_SWEEP)}; SGD {rates(m.SGD_SWEEP)}); "
         "`selftune-auto-blind-<base>`: the default controller given the loss alone, as a loop "
         "that never evaluates drives it.",
+        "- `-avg` rows (`<base>-grid-<schedule>-<lr>-avg`, `selftune-auto-<base>-avg`): the same "
+        "runs evaluated at an exponential moving average of the weights (decay "
+        f"{DEFAULT_DECAY:g}, `selftune.wrap(..., average=True)`; the grid keeps the same "
+        "`WeightAverage` beside its optimizer), swapped in for each evaluation; `auto` reads "
+        "the average's metric. Their *× oracle* is against the best averaged grid member.",
         "",
     ]
 
@@ -506,9 +566,31 @@ def _methods_section() -> list[str]:
 README_START, README_END = "<!-- bench-headline:start -->", "<!-- bench-headline:end -->"
 
 
+def _averaged_section(workloads: dict[str, Workload]) -> list[str]:
+    table = _averaged_headline(workloads)
+    if not table:
+        return []
+    return [
+        "### Evaluated at a weight average",
+        "",
+        "The same race with every evaluation read at an exponential moving average of the "
+        f"weights (decay {DEFAULT_DECAY:g}, about {1 / (1 - DEFAULT_DECAY):.0f} steps): "
+        "`selftune-auto` with `average=True` against the grid evaluated at the same average "
+        "(a fair oracle: the average helps a fixed rate too), and against the plain oracle "
+        "above.",
+        "",
+        *table,
+        "",
+    ]
+
+
 def headline_block(results_dir: Path) -> list[str]:
-    """The headline table of the results in ``results_dir``, as README.md embeds it."""
-    return _headline(summarise(read_results(results_dir / RESULTS)))
+    """The headline tables of the results in ``results_dir``, as README.md embeds them."""
+    workloads = summarise(read_results(results_dir / RESULTS))
+    lines = [*_headline(workloads), "", *_averaged_section(workloads)]
+    while not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def update_readme(readme: Path, results_dir: Path) -> bool:
@@ -573,6 +655,7 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         "",
         *_headline(workloads),
         "",
+        *_averaged_section(workloads),
         "## Where selftune falls short",
         "",
         "The default controller (`selftune-auto-<base>`) against each bar, per workload:",

@@ -107,10 +107,8 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
 
     def evaluate() -> float:
         model.eval()
-        handle.eval_mode()
-        with torch.no_grad():
+        with handle.evaluating(), torch.no_grad():
             value = task.evaluate(model)
-        handle.train_mode()
         model.train()
         handle.observe(value)
         curves["step"].append(step)

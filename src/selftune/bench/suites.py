@@ -15,7 +15,8 @@ from selftune.bench.runner import RunSpec
 
 SUITES = ("smoke", "full", "overhead")
 SMOKE_STEPS = 60
-#: One member per family, each base, each selftune controller, and one start of the sweep.
+#: One member per family, each base, each selftune controller, one start of the sweep, and the
+#: averaged rows (a grid member with a scheduler, ``auto``).
 SMOKE_METHODS = (
     "sgd-default",
     "adamw-default",
@@ -30,6 +31,8 @@ SMOKE_METHODS = (
     "selftune-*-adamw",
     "selftune-auto-sgd",
     "selftune-auto-adamw-lr1e-5",
+    "sgd-grid-cos-1e-1-avg",
+    "selftune-auto-adamw-avg",
 )
 
 
