@@ -156,6 +156,40 @@ def test_lightning_gives_the_monitored_metric_after_each_validation(tmp_path: Pa
         trainer.fit(_ValidatedModule(), _loader(), _loader())
 
 
+class _AveragedModule(_ValidatedModule):
+    """Records, at each validation, whether its weights were the optimizer's weight average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_average: list[bool] = []
+        self.trained: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self) -> None:
+        opt = self.trainer.strategy.optimizers[0]
+        average = [a for group in opt.average.tensors for a in group]
+        self.at_average.append(
+            all(torch.equal(p, a) for p, a in zip(self.parameters(), average, strict=True))
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trained = [p.detach().clone() for p in self.parameters()]
+
+
+def test_lightning_validates_at_the_weight_average_and_trains_on(tmp_path: Path) -> None:
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _AveragedModule()
+    cb = SelfTuneCallback(monitor="val_loss", average=True)
+    trainer = _trainer(48, cb, tmp_path, enable_checkpointing=False)  # 3 epochs of 16 steps
+    trainer.fit(model, _loader(), _loader())
+    assert model.at_average == [True] * 4  # the sanity check and three validations
+    # the last validation came after the last step: the training weights came back after it
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), model.trained, strict=True))
+    average = [a for group in cb.optimizers[0].average.tensors for a in group]
+    assert not all(torch.equal(p, a) for p, a in zip(model.parameters(), average, strict=True))
+
+
 _LIGHTNING_INEXACT = (
     "resumed through Lightning, hypergradient (which moves lr and beta1 at every step) ends "
     "0.2% away from the uninterrupted run after 32 more steps, so some state is restored only "
@@ -294,6 +328,46 @@ def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None
     observed = [(row["step"], row["metric"]) for row in _trace(tmp_path / "run") if "metric" in row]
     assert observed == [(11, pytest.approx(evaluated[0])), (21, pytest.approx(evaluated[1]))]
     assert opt.step_count == 30
+
+
+def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(
+        tmp_path / "out",
+        30,
+        evaluate=True,
+        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run", average=True)
+    at_average: list[bool] = []
+
+    class Probe(pytest.importorskip("transformers").TrainerCallback):
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            pairs = zip(opt.param_groups, opt.average.tensors, strict=True)
+            at_average.append(
+                all(
+                    torch.equal(p, a)
+                    for g, avg in pairs
+                    for p, a in zip(g["params"], avg, strict=True)
+                )
+            )
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert at_average and all(at_average)  # every batch of the three evaluations in training
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    averaged = trainer.evaluate()["eval_loss"]
+    plain = trainer.evaluate.__wrapped__()["eval_loss"]  # the Trainer's own, at the weights
+    with opt.averaged():
+        by_hand = trainer.evaluate.__wrapped__()["eval_loss"]
+    assert averaged == pytest.approx(by_hand, rel=1e-6) and averaged != pytest.approx(plain)
+    assert all(torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights, strict=True))
+    evaluated = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r][:3]
+    observed = [row["metric"] for row in _trace(tmp_path / "run") if "metric" in row]
+    assert observed == [pytest.approx(v) for v in evaluated[:2]]
 
 
 def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -> None:

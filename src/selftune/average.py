@@ -22,7 +22,7 @@ the running mean) until that reaches ``decay``, so the initial weights do not li
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +45,23 @@ def check_decay(average: bool | float | None) -> float | None:
             "as 0.9 (about ten steps) or 0.99 (about a hundred)"
         )
     return float(average)
+
+
+@contextmanager
+def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+    """Copy ``values`` into ``params``, and the weights back when the block ends, even on error.
+
+    Copies, not a swap of ``.data``: whatever holds the parameters' storage (a DDP bucket, a
+    flattened view) keeps seeing it.  Costs one copy of the weights while the block runs.
+    """
+    with torch.no_grad():
+        kept = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, values)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, kept)
 
 
 class WeightAverage:
@@ -70,19 +87,10 @@ class WeightAverage:
             if avg:
                 torch._foreach_lerp_(avg, [p.detach() for p in group["params"]], weight)
 
-    @contextmanager
-    def swapped_in(self, groups: list[dict[str, Any]]) -> Iterator[None]:
-        """Copy the average into the parameters, and the weights back afterwards, even on error."""
+    def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[None]:
+        """The average in the parameters for the duration of a block (see :func:`swapped`)."""
         params = [p for group in groups for p in group["params"]]
-        avg = [a for group in self.tensors for a in group]
-        with torch.no_grad():
-            kept = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, avg)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, kept)
+        return swapped(params, [a for group in self.tensors for a in group])
 
     def state_dict(self) -> dict[str, Any]:
         """The average as plain data; the caller clones it where it must outlive the run."""

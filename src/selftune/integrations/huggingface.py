@@ -15,6 +15,10 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
 * feeds the loss: ``trainer.training_step`` returns each micro-batch's loss already divided for
   gradient accumulation, and the sum over the micro-batches of one step is the step's loss (the
   same number the ``Trainer`` logs);
+* with ``average=True`` (a ``wrap_kwargs``), runs ``trainer.evaluate`` at the optimizer's weight
+  average (:meth:`~selftune.SelfTuned.averaged`), so that the evaluation's metrics, and what
+  ``auto`` reads of them, are the average's; checkpoints still hold the training weights, with
+  the average in the optimizer's state;
 * adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record
   and gives the optimizer each evaluation's metric (:meth:`~selftune.SelfTuned.observe`): the
   one the ``Trainer`` picks its best model by, ``metric_for_best_model`` (default: the
@@ -169,6 +173,10 @@ def wrap_trainer_optimizer(
         trainer.training_step = _feeding(trainer.training_step, opt)  # type: ignore[method-assign]
     else:
         trainer.training_step._selftune_feed[0] = opt  # type: ignore[attr-defined]
+    if getattr(trainer.evaluate, "_selftune_average", None) is None:
+        trainer.evaluate = _averaging(trainer.evaluate, opt)  # type: ignore[method-assign]
+    else:
+        trainer.evaluate._selftune_average[0] = opt  # type: ignore[attr-defined]
     callbacks = trainer.callback_handler.callbacks
     ours = [cb for cb in callbacks if isinstance(cb, SelfTuneTrainerCallback)]
     if ours:
@@ -191,3 +199,18 @@ def _feeding(training_step: Any, opt: FedSelfTuned) -> Any:
 
     step._selftune_feed = target  # type: ignore[attr-defined]
     return step
+
+
+def _averaging(evaluate: Any, opt: SelfTuned) -> Any:
+    """``evaluate`` run at ``opt``'s weight average when it keeps one (``average=True``)."""
+    target = [opt]
+
+    @functools.wraps(evaluate)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if target[0].average is None:
+            return evaluate(*args, **kwargs)
+        with target[0].averaged():
+            return evaluate(*args, **kwargs)
+
+    run._selftune_average = target  # type: ignore[attr-defined]
+    return run

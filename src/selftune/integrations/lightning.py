@@ -13,6 +13,9 @@ What the callback does, and when:
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
   path where Lightning calls ``scaler.step(optimizer)`` without a closure.
+* ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap_kwargs``), the
+  module is validated at each optimizer's weight average (:meth:`~selftune.SelfTuned.averaged`)
+  and its training weights come back afterwards.
 * ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
   halves the rate once it has gone more than three validations without a new best.
@@ -28,7 +31,7 @@ What the callback does, and when:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import selftune
+from selftune.average import swapped
 from selftune.integrations._feed import FedSelfTuned, LossFeed, feed_from
 from selftune.tuner import SelfTuned
 
@@ -73,6 +77,8 @@ class SelfTuneCallback(Callback):
         self._feed = LossFeed()
         self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
         self._initial: list[torch.Tensor] | None = None
+        #: the weight averages swapped in for the validation under way
+        self._averaged = ExitStack()
 
     # -- wrapping ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,7 +141,15 @@ class SelfTuneCallback(Callback):
         pl_module.log_dict(values, on_step=True, on_epoch=False, logger=trainer.logger is not None)
 
     # -- the metric ---------------------------------------------------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validate at the weight average of every optimizer that keeps one (average=True), so
+        # that the monitored metric, and what auto reads of it, is the average's.
+        for opt in self.optimizers:
+            if opt.average is not None:
+                self._averaged.enter_context(opt.averaged())
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._averaged.close()  # the training weights back
         if self.monitor is None or trainer.sanity_checking or not self.optimizers:
             return
         value = trainer.callback_metrics.get(self.monitor)
@@ -171,7 +185,13 @@ class SelfTuneCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_snapshots = list(state_dict.get("guard_snapshots", []))
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._averaged.close()  # a validation that failed must not leave the average in place
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._averaged.close()
         if stage == "fit":
             for opt in self.optimizers:
                 opt.close()
@@ -190,14 +210,8 @@ def _weights_swapped(
             f"the module has {len(params)} parameters at fit start but had {len(initial)} at "
             "setup; SelfTuneCallback cannot resume its log"
         )
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        torch._foreach_copy_(params, initial)
-    try:
+    with swapped(params, initial):
         yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, saved)
 
 
 def _holds_a_run(log_dir: Path) -> bool:
