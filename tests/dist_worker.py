@@ -71,7 +71,8 @@ def make_optimizer(name: str, model: torch.nn.Module, log_dir: Path | None) -> S
         inner = torch.optim.AdamW(model.parameters(), lr=2e-3)
     else:
         raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
-    return selftune.wrap(inner, log_dir=log_dir, seed=SEED)
+    # with a weight average: the states compared across ranks and across resumes include it
+    return selftune.wrap(inner, log_dir=log_dir, seed=SEED, average=True)
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,11 +204,17 @@ def test_refuses_a_manifest_with_wrong_types(copy: Path) -> None:
         assert "param_groups" in message
 
 
-def test_refuses_unreadable_guard_settings(copy: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [("guard", {"interval": 25, "unknown": 1}, "unknown"), ("average", 2.0, "average=2.0")],
+)
+def test_refuses_unreadable_guard_or_average_settings(
+    copy: Path, key: str, value: Any, named: str
+) -> None:
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["config"]["guard"] = {"interval": 25, "unknown": 1}
+    manifest["config"][key] = value
     (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(LogError, match="guard settings"):
+    with pytest.raises(LogError, match=f"settings in 'config' cannot be read back.*{named}"):
         selftune.replay(adamw(), copy)
 
 
