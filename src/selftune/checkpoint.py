@@ -4,7 +4,8 @@
 >>> step = load_checkpoint("runs/a/ckpt.pt", model=model, optimizer=opt)["step"]
 
 A checkpoint holds the model's weights, the optimizer's state dict (for a selftune optimizer that
-includes the controller, the guard, the signal tracker and the audit log's position), the guard's
+includes the controller, the guard, the signal tracker, the weight average if one is kept and the
+audit log's position), the guard's
 in-memory snapshots, the random number generators (torch CPU, CUDA when it is in use, Python's
 ``random``, numpy's global generator when numpy is installed) and the step.
 
