@@ -5,9 +5,9 @@
 
 A checkpoint holds the model's weights, the optimizer's state dict (for a selftune optimizer that
 includes the controller, the guard, the signal tracker, the weight average if one is kept and the
-audit log's position), the guard's
-in-memory snapshots, the random number generators (torch CPU, CUDA when it is in use, Python's
-``random``, numpy's global generator when numpy is installed) and the step.
+audit log's position), the guard's in-memory snapshots, the random number generators (torch CPU,
+CUDA when it is in use, Python's ``random``, numpy's global generator when numpy is installed)
+and the step.
 
 **Atomic.** The file is written to a temporary file in the same folder, flushed, fsynced and
 renamed over the old one, and the folder is fsynced, so a crash (or a power cut) at any moment
