@@ -97,7 +97,11 @@ class WeightAverage:
         return {"decay": self.decay, "updates": self.updates, "tensors": self.tensors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy a saved average into this one (the tensors stay where the parameters are)."""
+        """Copy a saved average into this one (the tensors stay where the parameters are).
+
+        The decay stays the one this average was built with: a run resumed with another
+        ``average=`` goes on with the decay it asks for, from the average it had.
+        """
         saved = state["tensors"]
         shapes = [[tuple(t.shape) for t in g] for g in saved]
         if shapes != [[tuple(t.shape) for t in g] for g in self.tensors]:
@@ -109,4 +113,4 @@ class WeightAverage:
             for mine, theirs in zip(self.tensors, saved, strict=True):
                 for a, b in zip(mine, theirs, strict=True):
                     a.copy_(b)
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        self.updates = int(state["updates"])
