@@ -206,6 +206,7 @@ def test_registry_names_every_family_and_filters_by_glob() -> None:
         "sweep",
         "averaged",
         "grid-avg",
+        "sweep-avg",
     }
     import selftune
 
@@ -273,6 +274,7 @@ def test_averaged_auto_is_held_to_the_averaged_grid_and_shown_against_both_oracl
         *(_record("adamw-grid-const-1e-1-avg", "grid-avg", s, i) for i, s in enumerate([20, 30])),
         *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([50, 50])),
         *(_record("selftune-auto-adamw-avg", "averaged", s, i) for i, s in enumerate([35, 35])),
+        *(_record("selftune-auto-adamw-lr1e-5-avg", "sweep-avg", 40, i) for i in range(2)),
     ]
     w = report.summarise(records)["w"]
     averaged = w.oracle("adamw", "grid-avg")
@@ -282,6 +284,8 @@ def test_averaged_auto_is_held_to_the_averaged_grid_and_shown_against_both_oracl
     short, _ = report.shortfalls({"w": w}, [])
     (line,) = [s for s in short if "same average" in s]
     assert "selftune-auto-adamw-avg" in line and "(1.40x)" in line  # 35 against 25
+    (sweep,) = [s for s in short if "averaged oracle's median" in s]
+    assert "selftune-auto-adamw-lr1e-5-avg 1.60x" in sweep  # 40 against 25, not 50
     table = "\n".join(report._averaged_headline({"w": w}))
     assert "| 1.40x | adamw-grid-const-1e-2: 50 [40–60] | 0.70x |" in table
     assert "adamw-grid-const-1e-1-avg **(oracle)**" in "\n".join(report._table(w))

@@ -315,16 +315,17 @@ def _registry() -> dict[str, Method]:
         )
     for b in ("adamw", "sgd"):
         for lr in sweeps[b]:
-            rows.append(
-                Method(
-                    f"selftune-auto-{b}-lr{lr_label(lr)}",
-                    "sweep",
-                    b,
-                    _selftune(b, lr, "auto"),
-                    OTHER_SEEDS,
-                    lr,
+            for average, suffix, family in ((False, "", "sweep"), (True, "-avg", "sweep-avg")):
+                rows.append(
+                    Method(
+                        f"selftune-auto-{b}-lr{lr_label(lr)}{suffix}",
+                        family,
+                        b,
+                        _selftune(b, lr, "auto", average=average),
+                        OTHER_SEEDS,
+                        lr,
+                    )
                 )
-            )
     return {m.name: m for m in rows}
 
 

@@ -16,7 +16,7 @@ from selftune.bench.runner import RunSpec
 SUITES = ("smoke", "full", "overhead")
 SMOKE_STEPS = 60
 #: One member per family, each base, each selftune controller, one start of the sweep, and the
-#: averaged rows (a grid member with a scheduler, ``auto``).
+#: averaged rows (a grid member with a scheduler, ``auto``, one start of its sweep).
 SMOKE_METHODS = (
     "sgd-default",
     "adamw-default",
@@ -33,6 +33,7 @@ SMOKE_METHODS = (
     "selftune-auto-adamw-lr1e-5",
     "sgd-grid-cos-1e-1-avg",
     "selftune-auto-adamw-avg",
+    "selftune-auto-adamw-lr1e-5-avg",
 )
 
 
