@@ -53,6 +53,7 @@ def measure(
     controller: str = "auto",
     device: str | torch.device = "cpu",
     sync: bool = True,
+    average: bool = False,
 ) -> dict[str, Any]:
     """Mean per-step milliseconds plain and wrapped, and their ratio, over ``steps`` each.
 
@@ -63,6 +64,7 @@ def measure(
     ``device``: where the models train; off the CPU the minibatches are drawn and moved there
     before the clock starts (a data loader's copy is neither side's cost).
     ``sync``: whether the loop reads the loss every step, as a loop that logs it does.
+    ``average``: the wrapped side also keeps a weight average (``wrap(..., average=True)``).
     """
     import selftune
 
@@ -82,7 +84,10 @@ def measure(
     opts: dict[str, Any] = {
         "plain": make_optimizer(base, models["plain"].parameters()),
         "selftune": selftune.wrap(
-            make_optimizer(base, models["selftune"].parameters()), controller=controller, seed=0
+            make_optimizer(base, models["selftune"].parameters()),
+            controller=controller,
+            seed=0,
+            average=average,
         ),
     }
     rounds = steps // block
