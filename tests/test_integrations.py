@@ -310,10 +310,9 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
 
 
-def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None:
-    from selftune.integrations.huggingface import wrap_trainer_optimizer
-
-    trainer = _hf_trainer(
+def _hf_evaluating_trainer(tmp_path: Path) -> Any:
+    """30 steps, evaluated every 10, nothing saved."""
+    return _hf_trainer(
         tmp_path / "out",
         30,
         evaluate=True,
@@ -321,6 +320,12 @@ def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None
         eval_strategy="steps",
         eval_steps=10,
     )
+
+
+def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_evaluating_trainer(tmp_path)
     opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
     trainer.train()
     evaluated = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
@@ -333,14 +338,7 @@ def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None
 def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> None:
     from selftune.integrations.huggingface import wrap_trainer_optimizer
 
-    trainer = _hf_trainer(
-        tmp_path / "out",
-        30,
-        evaluate=True,
-        save_strategy="no",
-        eval_strategy="steps",
-        eval_steps=10,
-    )
+    trainer = _hf_evaluating_trainer(tmp_path)
     opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run", average=True)
     at_average: list[bool] = []
 
