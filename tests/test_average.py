@@ -164,3 +164,16 @@ def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
         inside = [p.detach().clone() for p in second.parameters()]
     for avg, begin, now in zip(inside, start, second.parameters(), strict=True):
         assert not torch.equal(avg, begin) and not torch.equal(avg, now)
+
+
+def test_a_state_saved_without_an_average_starts_one_from_the_loaded_weights() -> None:
+    task = make_task()
+    plain = selftune.wrap(make_optimizer("sgd", task.model.parameters()), "off")
+    train(task, plain, 20, evaluate=False)
+    saved = {"model": task.model.state_dict(), "optimizer": plain.state_dict()}
+    fresh = make_task()  # the initial weights, which a stale average would still hold
+    opt = selftune.wrap(make_optimizer("sgd", fresh.model.parameters()), "off", average=True)
+    fresh.model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    for avg, p in zip(average_of(opt), fresh.model.parameters(), strict=True):
+        assert torch.equal(avg, p)

@@ -79,6 +79,15 @@ class WeightAverage:
         self.tensors.append([p.detach().clone() for p in group["params"]])
 
     @torch.no_grad()
+    def restart(self, groups: list[dict[str, Any]]) -> None:
+        """Start again from the weights as they are (a state saved without an average was
+        loaded: the weights it brought are the only history there is)."""
+        for group, avg in zip(groups, self.tensors, strict=True):
+            for p, a in zip(group["params"], avg, strict=True):
+                a.copy_(p.detach())
+        self.updates = 0
+
+    @torch.no_grad()
     def update(self, groups: list[dict[str, Any]]) -> None:
         """Fold the weights after an applied step into the average (one fused op per group)."""
         self.updates += 1

@@ -346,8 +346,11 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
             self.guard.load_state_dict(own["guard"])
-        if self.average is not None and own.get("average") is not None:
-            self.average.load_state_dict(own["average"])
+        if self.average is not None:
+            if own.get("average") is not None:
+                self.average.load_state_dict(own["average"])
+            else:  # saved without one: the loaded weights (the model loads first) start it
+                self.average.restart(self.param_groups)
         # At the log's own end there is nothing to drop: no note, so a run stopped at a checkpoint
         # and resumed writes the same log as one that never stopped.
         if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
