@@ -7,7 +7,9 @@ all-reduce per step), so every rank takes the same decisions, and only rank 0 wr
 folder (``manifest.json``, ``decisions.jsonl``, ``trace.jsonl``) and the checkpoint
 ``RUN/checkpoint.pt``, saved every ``--checkpoint-every`` steps.  After a crash or Ctrl-C, run the
 same command again: it resumes from the checkpoint, and the log is cut back to it, so the finished
-run is the one an uninterrupted run would have been (on the CPU, bit for bit).  Then::
+run is the one an uninterrupted run would have been (on the CPU, bit for bit).  The validation
+loss is measured at a weight average of the parameters (``average=True``) and given to
+selftune (``observe``), whose default controller halves the rate when it stalls.  Then::
 
     selftune verify runs/shakespeare      # the log's hash chain is intact
     selftune report runs/shakespeare      # what selftune changed, when and why
@@ -107,6 +109,7 @@ def main() -> None:
         torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01),
         log_dir=args.run_dir,
         seed=args.seed,
+        average=True,  # evaluated at a weight average, which checkpoints and rollbacks keep too
     )
     ckpt = args.run_dir / "checkpoint.pt"
     if ckpt.exists():
@@ -127,7 +130,9 @@ def main() -> None:
         loss.backward()
         opt.step(loss=loss.detach())
         if step % args.eval_every == 0 or step == args.steps:
-            val = val_loss(model, text.val, args, device)
+            with opt.averaged():
+                val = val_loss(model, text.val, args, device)
+            opt.observe(val)  # on every rank: auto reads the ranks' mean
             if rank == 0:
                 hp = opt.hyperparams()[0]
                 knobs = f"lr {hp['lr']:.3g}  beta1 {hp['beta1']:.3g}"

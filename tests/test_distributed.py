@@ -214,7 +214,8 @@ def test_the_shakespeare_example_trains_and_resumes(
     evaluated = [line.split()[1] for line in out.splitlines() if line.startswith("step")]
     assert evaluated == ["2", "4"]
     assert verify(tmp_path).records == len(read_log(tmp_path).records)
-    trace = [
-        json.loads(line)["step"] for line in (tmp_path / "trace.jsonl").read_text().splitlines()
-    ]
-    assert trace == [1, 2, 3, 4]
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in trace] == [1, 2, 3, 4]
+    # the validation loss at step 2, measured at the average, reached the step after it
+    (read,) = [row for row in trace if "metric" in row]
+    assert read["step"] == 3 and f"val loss {read['metric']:.3f}" in out
