@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from selftune.average import DEFAULT_DECAY, WeightAverage
+from selftune.tuner import SelfTuned
 
 #: Learning-rate grids, 3x apart, wide enough that the best member lies inside on every workload.
 ADAMW_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -99,8 +100,8 @@ class Handle:
     def _averaged(self) -> AbstractContextManager[None]:
         if self._average is not None:
             return self._average.swapped_in(self.optimizer.param_groups)
-        if getattr(self.optimizer, "average", None) is not None:
-            return self.optimizer.averaged()  # type: ignore[attr-defined]
+        if isinstance(self.optimizer, SelfTuned) and self.optimizer.average is not None:
+            return self.optimizer.averaged()
         return nullcontext()
 
     def observe(self, metric: float) -> None:
