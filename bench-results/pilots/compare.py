@@ -3,7 +3,7 @@
 Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl NEW.jsonl``
 (``--prefix ''`` compares every row, not only ``auto``'s; ``--rename FROM=TO``, e.g.
 ``selftune-autocos=selftune-auto``, reads a variant's rows, named apart, as the rows they are
-compared with).
+compared with; ``--methods`` keeps only the runs of the methods its globs name).
 Every run of NEW (workload, method, seed) that OLD also holds is compared on steps to target (a
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
 how many reached the target in each, and the geometric mean of NEW's steps over OLD's on the runs
@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from fnmatch import fnmatch
 from pathlib import Path
 
 
@@ -58,10 +59,18 @@ def main() -> None:
         default="",
         help="FROM=TO: read NEW's method names with FROM replaced by TO (a variant's own rows)",
     )
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated globs: compare only the runs of these methods (after --rename)",
+    )
     args = parser.parse_args()
     rename = tuple(args.rename.split("=", 1)) if args.rename else ("", "")
     old, new = runs(args.old, args.prefix), runs(args.new, args.prefix, rename)
-    shared = sorted(set(old) & set(new))
+    globs = [g for g in args.methods.split(",") if g]
+    shared = sorted(
+        k for k in set(old) & set(new) if not globs or any(fnmatch(k[1], g) for g in globs)
+    )
     faster = slower = 0
     for key in shared:
         a, b = old[key], new[key]
