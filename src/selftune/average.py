@@ -21,6 +21,7 @@ the running mean) until that reaches ``decay``, so the initial weights do not li
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -39,7 +40,7 @@ def check_decay(average: bool | float | None) -> float | None:
         return None
     if average is True:
         return DEFAULT_DECAY
-    if not isinstance(average, (int, float)) or not 0.0 < float(average) < 1.0:
+    if not isinstance(average, numbers.Real) or not 0.0 < float(average) < 1.0:
         raise ConfigError(
             f"average={average!r}: pass True (decay {DEFAULT_DECAY}), or a decay in (0, 1) such "
             "as 0.9 (about ten steps) or 0.99 (about a hundred)"
@@ -83,8 +84,8 @@ class WeightAverage:
         """Start again from the weights as they are (a state saved without an average was
         loaded: the weights it brought are the only history there is)."""
         for group, avg in zip(groups, self.tensors, strict=True):
-            for p, a in zip(group["params"], avg, strict=True):
-                a.copy_(p.detach())
+            if avg:
+                torch._foreach_copy_(avg, group["params"])
         self.updates = 0
 
     @torch.no_grad()
@@ -93,8 +94,8 @@ class WeightAverage:
         self.updates += 1
         weight = max(1.0 - self.decay, 1.0 / (self.updates + 1))
         for group, avg in zip(groups, self.tensors, strict=True):
-            if avg:
-                torch._foreach_lerp_(avg, [p.detach() for p in group["params"]], weight)
+            if avg:  # under no_grad the parameters are read as they are: no detached list
+                torch._foreach_lerp_(avg, group["params"], weight)
 
     def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[None]:
         """The average in the parameters for the duration of a block (see :func:`swapped`)."""
@@ -102,14 +103,15 @@ class WeightAverage:
         return swapped(params, [a for group in self.tensors for a in group])
 
     def state_dict(self) -> dict[str, Any]:
-        """The average as plain data; the caller clones it where it must outlive the run."""
-        return {"decay": self.decay, "updates": self.updates, "tensors": self.tensors}
+        """The average as plain data; the caller clones it where it must outlive the run.  The
+        decay is not in it: it is the wrapper's setting (and the manifest's, for replay)."""
+        return {"updates": self.updates, "tensors": self.tensors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy a saved average into this one (the tensors stay where the parameters are).
 
-        The decay stays the one this average was built with: a run resumed with another
-        ``average=`` goes on with the decay it asks for, from the average it had.
+        A run resumed with another ``average=`` goes on with the decay it asks for, from the
+        average it had.
         """
         saved = state["tensors"]
         shapes = [[tuple(t.shape) for t in g] for g in saved]
