@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ FAMILY_ORDER = (
     "grid",
     "grid-avg",
 )
+#: The families whose rows are selftune's own (drawn bold, checked for divergence).
+SELFTUNE_FAMILIES = ("selftune", "averaged", "sweep", "sweep-avg")
 #: Families drawn in the curve plots (grid rows would bury the rest; the oracle is added).
 PLOTTED = ("default", "selftune", "averaged", "published", "hypergradient", "plateau")
 #: The rows evaluated at a weight average, and the grid they are compared with.
@@ -131,6 +134,11 @@ class Workload:
     eval_every: int
     held_out: bool
     rows: dict[str, Row] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The name as the tables give it, marked when the workload is held out."""
+        return self.name + (" (held out)" if self.held_out else "")
 
     def default(self, base: str) -> Row | None:
         return self.rows.get(f"{base}-default")
@@ -242,22 +250,27 @@ def _headline(workloads: dict[str, Workload]) -> list[str]:
         "best published | × oracle |",
         "|" + "---|" * 9,
     ]
+    for w, base in _pairs(workloads):
+        oracle, auto = w.oracle(base), w.rows.get(f"selftune-auto-{base}")
+        default = w.default(base)
+        published = _best_published(w, base)
+        if oracle is None and auto is None and default is None:
+            continue
+        lines.append(
+            f"| {w.label} | {base} | {_fmt_steps(default) if default else '–'} | "
+            f"{_label(oracle)} | {_fmt_steps(auto) if auto else '–'} | "
+            f"{_fmt_ratio(ratio(auto, default))} | "
+            f"{_fmt_ratio(ratio(auto, oracle))} | {_label(published)} | "
+            f"{_fmt_ratio(ratio(published, oracle))} |"
+        )
+    return lines
+
+
+def _pairs(workloads: dict[str, Workload]) -> Iterator[tuple[Workload, str]]:
+    """Each workload with each base optimizer, in the tables' order."""
     for w in workloads.values():
         for base in ("sgd", "adamw"):
-            oracle, auto = w.oracle(base), w.rows.get(f"selftune-auto-{base}")
-            default = w.default(base)
-            published = _best_published(w, base)
-            if oracle is None and auto is None and default is None:
-                continue
-            name = w.name + (" (held out)" if w.held_out else "")
-            lines.append(
-                f"| {name} | {base} | {_fmt_steps(default) if default else '–'} | "
-                f"{_label(oracle)} | {_fmt_steps(auto) if auto else '–'} | "
-                f"{_fmt_ratio(ratio(auto, default))} | "
-                f"{_fmt_ratio(ratio(auto, oracle))} | {_label(published)} | "
-                f"{_fmt_ratio(ratio(published, oracle))} |"
-            )
-    return lines
+            yield w, base
 
 
 def _averaged_headline(workloads: dict[str, Workload]) -> list[str]:
@@ -268,19 +281,17 @@ def _averaged_headline(workloads: dict[str, Workload]) -> list[str]:
         "oracle | × oracle |",
         "|" + "---|" * 7,
     ]
-    for w in workloads.values():
-        for base in ("sgd", "adamw"):
-            auto = w.rows.get(f"selftune-auto-{base}-avg")
-            averaged = w.oracle(base, "grid-avg")
-            if auto is None and averaged is None:
-                continue
-            oracle = w.oracle(base)
-            name = w.name + (" (held out)" if w.held_out else "")
-            lines.append(
-                f"| {name} | {base} | {_label(averaged)} | {_fmt_steps(auto) if auto else '–'} | "
-                f"{_fmt_ratio(ratio(auto, averaged))} | {_label(oracle)} | "
-                f"{_fmt_ratio(ratio(auto, oracle))} |"
-            )
+    for w, base in _pairs(workloads):
+        auto = w.rows.get(f"selftune-auto-{base}-avg")
+        averaged = w.oracle(base, "grid-avg")
+        if auto is None and averaged is None:
+            continue
+        oracle = w.oracle(base)
+        lines.append(
+            f"| {w.label} | {base} | {_label(averaged)} | {_fmt_steps(auto) if auto else '–'} | "
+            f"{_fmt_ratio(ratio(auto, averaged))} | {_label(oracle)} | "
+            f"{_fmt_ratio(ratio(auto, oracle))} |"
+        )
     return lines if len(lines) > 2 else []
 
 
@@ -330,7 +341,7 @@ def shortfalls(
     short: list[str] = []
     met: list[str] = []
     for w in workloads.values():
-        tag = w.name + (" (held out)" if w.held_out else "")
+        tag = w.label
         for base in ("sgd", "adamw"):
             auto = w.rows.get(f"selftune-auto-{base}")
             if auto is None:
@@ -355,11 +366,7 @@ def shortfalls(
             sweep = [r for r in w.rows.values() if r.family == "sweep" and r.base == base]
             if sweep:
                 check(*_sweep_check(sweep, oracle, "sweep"))
-            tuned = [
-                r
-                for r in w.rows.values()
-                if r.family in ("selftune", "averaged", "sweep", "sweep-avg") and r.base == base
-            ]
+            tuned = [r for r in w.rows.values() if r.family in SELFTUNE_FAMILIES and r.base == base]
             averaged = w.rows.get(f"selftune-auto-{base}-avg")
             oracle_avg = w.oracle(base, "grid-avg")
             if averaged is not None and oracle_avg is not None:
@@ -465,7 +472,7 @@ def _curves_png(w: Workload, rows: list[Row], title: str, path: Path) -> None:
                     "--" if row.family == "grid" else "-",
                     color=colors[i % len(colors)],
                     label=row.method,
-                    linewidth=2.0 if row.family in ("selftune", "averaged", "sweep") else 1.0,
+                    linewidth=2.0 if row.family in SELFTUNE_FAMILIES else 1.0,
                 )
         if key == "metric":
             ax.axhline(w.target, color="black", linewidth=0.8, linestyle=":")
@@ -518,9 +525,7 @@ def _plots(w: Workload, fig_dir: Path) -> list[str]:
                 ax.barh(
                     i,
                     med if med < INF else max(hits),
-                    color="tab:green"
-                    if row.family in ("selftune", "averaged", "sweep")
-                    else "tab:gray",
+                    color="tab:green" if row.family in SELFTUNE_FAMILIES else "tab:gray",
                     alpha=0.8 if med < INF else 0.3,  # pale: fewer than half the seeds hit
                 )
                 ax.plot([min(hits), max(hits)], [i, i], color="black", linewidth=1)
@@ -692,7 +697,7 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         ]
     for w in workloads.values():
         lines += [
-            f"## {w.name}" + (" (held out)" if w.held_out else ""),
+            f"## {w.label}",
             "",
             f"Target: {w.metric} {'≥' if w.higher_is_better else '≤'} {w.target:g}; budget "
             f"{w.steps} steps, evaluated every {w.eval_every}."
