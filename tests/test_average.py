@@ -60,6 +60,35 @@ def test_averaged_swaps_the_average_in_and_the_weights_back_even_on_error() -> N
         assert torch.equal(p, w)
 
 
+def test_the_controller_is_told_whether_the_metric_was_measured_at_the_average() -> None:
+    """``auto`` stops cutting the rate on a plateau of the loss once the metric is read at the
+    average (its noise floor is the average's to lower), so the wrapper must say which weights
+    the metric came from: the average when an ``averaged()`` block ran since the last step."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), average=True)
+    train(task, opt, 5, evaluate=False)
+
+    def step_after(evaluation: str) -> bool:
+        if evaluation == "average":
+            with opt.averaged():
+                metric = task.full_loss()
+        else:
+            metric = task.full_loss()
+        opt.observe(metric)
+        if evaluation == "checkpoint":  # a metric given, then the run saved and resumed
+            state = opt.state_dict()
+            opt.load_state_dict(state)
+        train(task, opt, 1, evaluate=False)
+        assert opt.last_signals is not None and opt.last_signals.metric is not None
+        return opt.last_signals.metric_at_average
+
+    assert step_after("average")
+    assert not step_after("weights")  # the flag is the last evaluation's, not the run's
+    with opt.averaged():  # an averaged evaluation, then a checkpoint before the next step
+        pass
+    assert step_after("checkpoint")
+
+
 def test_bad_settings_are_named() -> None:
     task = make_task()
     opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()))

@@ -53,6 +53,9 @@ class Signals:
     #: ranks), and whether lower ("min") or higher ("max") is better
     metric: float | None = None
     metric_mode: str = "min"
+    #: whether that metric was measured at the weight average (an ``averaged()`` block ran since
+    #: the last step): the evaluation then sees no noise floor of the last iterate's
+    metric_at_average: bool = False
 
     def summary(self, group: int) -> dict[str, float]:
         """The scalars that drove a decision for ``group``, for the audit log."""

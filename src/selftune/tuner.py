@@ -131,6 +131,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: the metric given to ``observe`` and not yet read by a step, and its mode
         self._metric: float | None = None
         self._metric_mode: str | None = None
+        self._at_average = False  #: whether ``averaged()`` ran since the last step
         if log_dir is not None:
             self._open_log(Path(log_dir))
 
@@ -209,13 +210,16 @@ class SelfTuned(torch.optim.Optimizer):
 
         Inside the block the parameters hold the average that ``wrap(..., average=True)`` keeps;
         the training weights come back when it ends, even on an error.  Pass what you measured
-        there to :meth:`observe`: ``auto`` then reads the metric of the weights you would keep.
+        there to :meth:`observe`: ``auto`` then reads the metric of the weights you would keep,
+        and, told that the metric came from the average (a block ran since the last step),
+        leaves the noise floor to it: a plateau of the training loss no longer cuts the rate.
         Batch norm's running statistics are the live ones (see :mod:`selftune.average`).
         """
         if self.average is None:
             raise ConfigError(
                 "averaged() needs a weight average: wrap the optimizer with average=True"
             )
+        self._at_average = True
         with self.average.swapped_in(self.param_groups):
             yield
 
@@ -285,13 +289,16 @@ class SelfTuned(torch.optim.Optimizer):
             return loss
         if self._metric is not None:  # held until a step whose proposals are made reads it
             signals = self.last_signals = dataclasses.replace(
-                signals, metric=self._metric, metric_mode=self._metric_mode or "min"
+                signals,
+                metric=self._metric,
+                metric_mode=self._metric_mode or "min",
+                metric_at_average=self._at_average,
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         current = self.hyperparams()
         proposals = self.controller.propose(signals, current)
-        self._metric = None
+        self._metric, self._at_average = None, False
         restarting = self._take_restart()
         decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
         restart = None if restarting is None else self._restart(restarting)
@@ -322,7 +329,7 @@ class SelfTuned(torch.optim.Optimizer):
             "log": None if self._log is None else self._log.position(),
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
             "trace": None if self._trace is None else self._trace_bytes,
-            "metric": [self._metric, self._metric_mode],
+            "metric": [self._metric, self._metric_mode, self._at_average],
             "average": None if self.average is None else _clone(self.average.state_dict()),
         }
         return sd
@@ -341,7 +348,11 @@ class SelfTuned(torch.optim.Optimizer):
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
-        self._metric, self._metric_mode = own.get("metric", [None, None])
+        # older states hold [metric, mode]: no evaluation at an average pending
+        self._metric, self._metric_mode, self._at_average = [
+            *own.get("metric", [None, None]),
+            False,
+        ][:3]
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
