@@ -163,6 +163,7 @@ class _AveragedModule(_ValidatedModule):
         super().__init__()
         self.at_average: list[bool] = []
         self.trained: list[torch.Tensor] = []
+        self.restored: list[bool] = []  #: at each epoch's end, after its validation
 
     def on_validation_epoch_start(self) -> None:
         opt = self.trainer.strategy.optimizers[0]
@@ -174,6 +175,10 @@ class _AveragedModule(_ValidatedModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.trained = [p.detach().clone() for p in self.parameters()]
 
+    def on_train_epoch_end(self) -> None:
+        pairs = zip(self.parameters(), self.trained, strict=True)
+        self.restored.append(all(torch.equal(p, t) for p, t in pairs))
+
 
 def test_lightning_validates_at_the_weight_average_and_trains_on(tmp_path: Path) -> None:
     from selftune.integrations.lightning import SelfTuneCallback
@@ -184,10 +189,12 @@ def test_lightning_validates_at_the_weight_average_and_trains_on(tmp_path: Path)
     trainer = _trainer(48, cb, tmp_path, enable_checkpointing=False)  # 3 epochs of 16 steps
     trainer.fit(model, _loader(), _loader())
     assert model.at_average == [True] * 4  # the sanity check and three validations
-    # the last validation came after the last step: the training weights came back after it
-    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), model.trained, strict=True))
+    # each validation came after the epoch's last step: the training weights came back after it
+    assert model.restored == [True] * 3
+    # and the fit ends at the average, which differs from the training weights it last had
     average = [a for group in cb.optimizers[0].average.tensors for a in group]
-    assert not all(torch.equal(p, a) for p, a in zip(model.parameters(), average, strict=True))
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average, strict=True))
+    assert not all(torch.equal(a, t) for a, t in zip(average, model.trained, strict=True))
 
 
 _LIGHTNING_INEXACT = (
@@ -356,6 +363,9 @@ def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> 
     trainer.add_callback(Probe())
     trainer.train()
     assert at_average and all(at_average)  # every batch of the three evaluations in training
+    with torch.no_grad():  # the run ended at the average: move the weights off it
+        for p in trainer.model.parameters():
+            p.mul_(1.01)
     weights = [p.detach().clone() for p in trainer.model.parameters()]
     averaged = trainer.evaluate()["eval_loss"]
     plain = trainer.evaluate.__wrapped__()["eval_loss"]  # the Trainer's own, at the weights
@@ -366,6 +376,61 @@ def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> 
     evaluated = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r][:3]
     observed = [row["metric"] for row in _trace(tmp_path / "run") if "metric" in row]
     assert observed == [pytest.approx(v) for v in evaluated[:2]]
+
+
+def _hf_checkpointing_trainer(tmp_path: Path, steps: int, load_best: bool, **args: Any) -> Any:
+    """Evaluated and checkpointed every 5 steps."""
+    return _hf_trainer(
+        tmp_path / "out",
+        steps,
+        evaluate=True,
+        eval_strategy="steps",
+        eval_steps=5,
+        save_strategy="steps",
+        save_steps=5,
+        load_best_model_at_end=load_best,
+        **args,
+    )
+
+
+@pytest.mark.parametrize("load_best", [True, False])
+def test_huggingface_trainer_ends_at_the_average_it_evaluated(
+    tmp_path: Path, load_best: bool
+) -> None:
+    """The model a run leaves is the one its evaluations measured: the average, and with
+    ``load_best_model_at_end`` the average of the best checkpoint, not its training weights."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    # The loss counted as "greater is better" makes the first checkpoint the best: not the last
+    trainer = _hf_checkpointing_trainer(
+        tmp_path, 20, load_best, metric_for_best_model="loss", greater_is_better=True
+    )
+    opt = wrap_trainer_optimizer(trainer, "off", average=True)
+    trainer.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if load_best:
+        assert trainer.state.best_model_checkpoint.endswith("checkpoint-5")
+        saved = torch.load(
+            Path(trainer.state.best_model_checkpoint) / "optimizer.pt", weights_only=True
+        )
+        wanted = [t for g in saved["selftune"]["average"]["tensors"] for t in g]
+        # the metric the Trainer chose it by is what the model now scores
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric)
+    else:
+        wanted = [a for g in opt.average.tensors for a in g]
+    assert all(torch.equal(p, w) for p, w in zip(params, wanted, strict=True))
+    scores = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+    assert scores[0] != pytest.approx(scores[3])  # the first and the last differ
+
+
+def test_huggingface_best_checkpoint_without_an_optimizer_state_warns(tmp_path: Path) -> None:
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    # the checkpoints hold no optimizer state, so no average
+    trainer = _hf_checkpointing_trainer(tmp_path, 10, True, save_only_model=True)
+    wrap_trainer_optimizer(trainer, "off", average=True)
+    with pytest.warns(UserWarning, match="holds no selftune weight average"):
+        trainer.train()
 
 
 def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -> None:

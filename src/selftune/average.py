@@ -97,6 +97,14 @@ class WeightAverage:
             if avg:  # under no_grad the parameters are read as they are: no detached list
                 torch._foreach_lerp_(avg, group["params"], weight)
 
+    @torch.no_grad()
+    def copy_into(self, groups: list[dict[str, Any]]) -> None:
+        """Put the average into the parameters for good: the end of a run whose evaluations read
+        it, so that the model it leaves is the one they measured."""
+        for group, avg in zip(groups, self.tensors, strict=True):
+            if avg:
+                torch._foreach_copy_(group["params"], avg)
+
     def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[None]:
         """The average in the parameters for the duration of a block (see :func:`swapped`)."""
         params = [p for group in groups for p in group["params"]]

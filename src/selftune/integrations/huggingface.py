@@ -17,8 +17,12 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
   same number the ``Trainer`` logs);
 * with ``average=True`` (a ``wrap_kwargs``), runs ``trainer.evaluate`` at the optimizer's weight
   average (:meth:`~selftune.SelfTuned.averaged`), so that the evaluation's metrics, and what
-  ``auto`` reads of them, are the average's; checkpoints still hold the training weights, with
-  the average in the optimizer's state;
+  ``auto`` reads of them, are the average's; checkpoints still hold the training weights (what
+  a resume needs), with the average in the optimizer's state.  At the end of training the model
+  is left holding the weights the evaluations measured: the average of the best checkpoint's
+  optimizer state when ``load_best_model_at_end`` (the ``Trainer`` itself would load that
+  checkpoint's training weights, which were never evaluated), else the last average, as
+  ``torch.optim.swa_utils`` users end with theirs; ``trainer.save_model()`` then saves it;
 * adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record
   and gives the optimizer each evaluation's metric (:meth:`~selftune.SelfTuned.observe`): the
   one the ``Trainer`` picks its best model by, ``metric_for_best_model`` (default: the
@@ -38,7 +42,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME
 
 import selftune
 from selftune.integrations._feed import FedSelfTuned, feed_from
@@ -115,6 +121,34 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 "observe_eval=False to wrap_trainer_optimizer"
             )
         self.optimizer.observe(metrics[key], mode="max" if args.greater_is_better else "min")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """With a weight average, leave the model at the weights the evaluations measured (see
+        the module docstring).  After ``load_best_model_at_end`` the ``Trainer`` has loaded the
+        best checkpoint's *training* weights, chosen by the metric of its average; that average
+        is in the checkpoint's optimizer state, so it is read back from there."""
+        opt = self.optimizer
+        if opt is None or opt.average is None:
+            return
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best is not None:
+            path = Path(best) / OPTIMIZER_NAME
+            saved = (
+                torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+            )
+            average = saved.get("selftune", {}).get("average")
+            if average is None:
+                warnings.warn(
+                    f"{path} holds no selftune weight average (an optimizer state saved with "
+                    "save_only_model, or by a sharded strategy): the model keeps the best "
+                    "checkpoint's training weights, not the average its metric was measured at",
+                    stacklevel=2,
+                )
+                return
+            opt.average.load_state_dict(average)
+        opt.average.copy_into(opt.param_groups)
 
     def on_log(
         self,

@@ -16,6 +16,11 @@ What the callback does, and when:
 * ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap_kwargs``), the
   module is validated at each optimizer's weight average (:meth:`~selftune.SelfTuned.averaged`)
   and its training weights come back afterwards.
+* ``on_fit_end``: with ``average=True``, the module is left at the average, the weights its
+  validations measured, so that ``trainer.test(model)`` and a model saved after ``fit`` are
+  those weights.  Checkpoints saved during the run hold the training weights (what a resume
+  needs) with the average in the optimizer state: one that ``ModelCheckpoint`` kept as the best
+  was chosen by its average's metric.
 * ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
   halves the rate once it has gone more than three validations without a new best.
@@ -161,6 +166,12 @@ class SelfTuneCallback(Callback):
             )
         for opt in self.optimizers:
             opt.observe(value, mode=self.mode)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._averaged.close()
+        for opt in self.optimizers:
+            if opt.average is not None:  # end at the weights the validations measured
+                opt.average.copy_into(opt.param_groups)
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
