@@ -295,14 +295,18 @@ def _in_cruise() -> tuple[AutoController, list[dict[str, float]]]:
     return ctl, [{"lr": 1e-3, "momentum": 0.9}]
 
 
-def _cruise_then(cosines: list[float]) -> list[tuple[float, Any]]:
+def _cruise_then(cosines: list[float], at_average: bool = False) -> list[tuple[float, Any]]:
     """Bring a controller to its cruise, feed ``cosines`` with a falling loss, and return every
-    proposal made during them, with the rate before it."""
+    proposal made during them, with the rate before it.  ``at_average``: the loop gave a metric
+    measured at the weight average at the first of them."""
     ctl, knobs = _in_cruise()
     out = []
     for t, cos in enumerate(cosines, 15):
         loss = 2.3 - 0.01 * t  # falling steadily: no plateau
-        for p in ctl.propose(_signals(t, cos, loss=loss), knobs):
+        signals = _signals(t, cos, loss=loss)
+        if t == 15 and at_average:
+            signals = dataclasses.replace(signals, metric=1.0, metric_at_average=True)
+        for p in ctl.propose(signals, knobs):
             out.append((knobs[p.group][p.knob], p))
             knobs[p.group][p.knob] = p.value
     return out
@@ -321,6 +325,23 @@ def test_reversals_amid_cosines_of_no_clear_sign_are_noise() -> None:
     rng = random.Random(0)
     proposals = _cruise_then([rng.choice([1.0, -1.0]) for _ in range(40)])
     assert not any("reversed" in p.reason for _, p in proposals)
+
+
+def test_with_the_metric_at_the_average_the_cruise_moves_the_rate_on_clear_evidence_only() -> None:
+    # the average absorbs the bounce of steps that overshoot, which the one-step hypergradient
+    # would cut for (the held-out autoencoder's SGD: its rate fell to 0.14x the grid's best)
+    overshoot = _noise(40, -0.7, 0.05)
+    assert any("lower" in p.reason for _, p in _cruise_then(overshoot))
+    assert not _cruise_then(overshoot, at_average=True)
+    assert not _cruise_then([*_noise(10, 0.1, 0.02), -0.95], at_average=True)  # nor a reversal
+    # a raise needs the recent cosines clearly above zero, as a plateau's doubling does: cosines
+    # that alternate in sign (friedman-mlp's SGD) gave a cruise that raised and never lowered
+    # a ratchet upwards that took the rate to where the network died
+    alternating = [0.9, -0.5] * 20
+    assert any("raise" in p.reason for _, p in _cruise_then(alternating))
+    assert not _cruise_then(alternating, at_average=True)
+    clear = _cruise_then(_noise(40, 0.4, 0.05), at_average=True)
+    assert clear and all("raise" in p.reason for _, p in clear)
 
 
 def _start_far_past(damaged: float, pristine: float, lr: float) -> tuple[AutoController, list]:

@@ -61,6 +61,9 @@
    ``averaged()``), a plateau of the training loss no longer cuts the rate (it still doubles
    it on clearly short steps): the average lowers the evaluated noise floor, which is what that
    cut was for, and the cut slowed a descent that falls in stages (:meth:`AutoController._plateau`).
+   For the same reason the cruise then follows the hypergradient only upwards, on clearly
+   positive cosines: the bounce of steps that overshoot is what the average absorbs
+   (:meth:`AutoController._follows`).
 
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
@@ -257,8 +260,13 @@ class AutoController:
             g = signals.groups[i]
             rho_fast = 0.0
             # a reversal is a turn, an overshoot, only after steps clearly going forward (read
-            # before this one joins them); amid cosines of no clear sign it is what noise gives
-            turned = g.cos_update < REVERSAL and self._evidence[i].sign(self.clear) > 0
+            # before this one joins them); amid cosines of no clear sign it is what noise gives;
+            # and the weight average absorbs it (see _follows)
+            turned = (
+                not self._at_average
+                and g.cos_update < REVERSAL
+                and self._evidence[i].sign(self.clear) > 0
+            )
             if g.update_norm:
                 rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
                 self._evidence[i].update(g.cos_update)
@@ -280,7 +288,7 @@ class AutoController:
                     out.append(change)
             elif (undo := self._judge_trial(signals, i, k["lr"])) is not None:
                 out.append(undo)
-            elif rho > self.deadband or rho < -self.strong or turned:
+            elif self._follows(i, rho, turned):
                 if rho < -self.strong or turned:
                     self._trial[i] = None  # an overshoot's cut stands (see _judge_trial)
                 reversal = g.cos_update if turned else None
@@ -300,6 +308,24 @@ class AutoController:
         if restart and harmed and self._restart is None:
             self._restart = f"range test: {why}; the probe's steps damaged the weights"
         return [Proposal(i, "lr", lr * factor, f"range test: {why}")] if factor != 1 else []
+
+    def _follows(self, i: int, rho: float, turned: bool) -> bool:
+        """Whether the cruise follows the hypergradient at this step: out of the deadband, up
+        past ``deadband`` or down past ``-strong`` (or on a reversal after progress).
+
+        Once the metric comes from the weight average, only up, and only when the recent
+        cosines also stand ``clear`` standard errors above zero, the evidence a plateau's
+        doubling needs.  Steps that overshoot (negative cosines) bounce across a valley, and the
+        average of the iterates sits inside it: the bounce the rate was lowered for is what the
+        average absorbs, and lowered on it, the held-out autoencoder's SGD cruised at 0.14x the
+        grid's best constant rate.  Raises then need clear evidence, or cosines that alternate
+        in sign (``friedman-mlp``'s SGD) raise the rate and never lower it: a ratchet, under
+        which two of its runs missed, one traced to a network that died at 7x the grid's best
+        constant rate (bench-results/pilots, 57; this rule is 59).
+        """
+        if self._at_average:
+            return rho > self.deadband and self._evidence[i].sign(self.clear) > 0
+        return rho > self.deadband or rho < -self.strong or turned
 
     def _harmed_after_ramp(self, s: Signals, i: int) -> bool:
         """Whether the smoothed loss rose clearly above its start just after the ramp ended.
