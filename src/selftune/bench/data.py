@@ -105,6 +105,22 @@ def friedman1(num_samples: int = 10_000, noise: float = 1.0, seed: int = 7) -> S
     return Supervised(xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:])
 
 
+def moons(num_samples: int = 10_000, noise: float = 0.25, seed: int = 11) -> Supervised:
+    """Two interleaving half circles from scikit-learn's generator, 80/20 split.
+
+    ``(N, 2)`` inputs (standardised by the training half's mean and deviation) and 2 classes;
+    the noise blurs the boundary, so no model reaches an accuracy of 1.
+    """
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=num_samples, noise=noise, random_state=seed)
+    n_train = round(num_samples * 0.8)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+    mean, std = xt[:n_train].mean(0), xt[:n_train].std(0)
+    xt = (xt - mean) / std
+    return Supervised(xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:])
+
+
 @lru_cache(maxsize=2)
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Supervised:
     """scikit-learn's 8x8 digits: ``(N, 64)`` inputs scaled to [0, 1], 10 classes, fixed split."""

@@ -86,15 +86,20 @@ class GruClassifier(nn.Module):
         return self.head(last[-1])
 
 
-def mlp(sizes: list[int], out_activation: nn.Module | None = None) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them (and optionally after the last)."""
+def mlp(
+    sizes: list[int],
+    out_activation: nn.Module | None = None,
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Sequential:
+    """Linear layers of the given widths with ``activation`` (ReLU) between them (and optionally
+    ``out_activation`` after the last)."""
     if len(sizes) < 2:
         raise ValueError(f"mlp sizes={sizes!r}: give at least an input and an output width")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     if out_activation is not None:
         layers.append(out_activation)
     return nn.Sequential(*layers)
