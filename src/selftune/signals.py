@@ -53,8 +53,9 @@ class Signals:
     #: ranks), and whether lower ("min") or higher ("max") is better
     metric: float | None = None
     metric_mode: str = "min"
-    #: whether that metric was measured at the weight average (an ``averaged()`` block ran since
-    #: the last step): the evaluation then sees no noise floor of the last iterate's
+    #: whether that metric was measured at the weight average (``observe`` came after an
+    #: ``averaged()`` block, on every rank): the evaluation then sees no noise floor of the last
+    #: iterate's
     metric_at_average: bool = False
 
     def summary(self, group: int) -> dict[str, float]:

@@ -132,6 +132,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric: float | None = None
         self._metric_mode: str | None = None
         self._at_average = False  #: whether ``averaged()`` ran since the last step
+        #: whether the metric held for the next step was measured at the average (``observe``
+        #: after an ``averaged()`` block, on every rank)
+        self._metric_at_average = False
         if log_dir is not None:
             self._open_log(Path(log_dir))
 
@@ -211,8 +214,9 @@ class SelfTuned(torch.optim.Optimizer):
         Inside the block the parameters hold the average that ``wrap(..., average=True)`` keeps;
         the training weights come back when it ends, even on an error.  Pass what you measured
         there to :meth:`observe`: ``auto`` then reads the metric of the weights you would keep,
-        and, told that the metric came from the average (a block ran since the last step),
-        leaves the noise floor to it: a plateau of the training loss no longer cuts the rate.
+        and, told that the metric came from the average (``observe`` after a block, on every
+        rank), leaves the noise floor to it: a plateau of the loss no longer cuts the rate, and
+        the cruise lowers it on no hypergradient.
         Batch norm's running statistics are the live ones (see :mod:`selftune.average`).
         """
         if self.average is None:
@@ -258,7 +262,11 @@ class SelfTuned(torch.optim.Optimizer):
                 f"observe() needs one number, got a tensor of shape {tuple(value.shape)}: "
                 "reduce it first (its mean, say)"
             )
-        self._metric, self._metric_mode = _mean_over_ranks(value.reshape(())), mode
+        # with the flag of the weights it came from: every rank must read the same, so that
+        # every rank's controller takes the same decisions
+        at_average = torch.tensor(float(self._at_average), dtype=torch.float64)
+        metric, share = _mean_over_ranks(torch.stack([value.reshape(()), at_average]))
+        self._metric, self._metric_mode, self._metric_at_average = metric, mode, share == 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -292,13 +300,13 @@ class SelfTuned(torch.optim.Optimizer):
                 signals,
                 metric=self._metric,
                 metric_mode=self._metric_mode or "min",
-                metric_at_average=self._at_average,
+                metric_at_average=self._metric_at_average,
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         current = self.hyperparams()
         proposals = self.controller.propose(signals, current)
-        self._metric, self._at_average = None, False
+        self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
         decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
         restart = None if restarting is None else self._restart(restarting)
@@ -329,7 +337,7 @@ class SelfTuned(torch.optim.Optimizer):
             "log": None if self._log is None else self._log.position(),
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
             "trace": None if self._trace is None else self._trace_bytes,
-            "metric": [self._metric, self._metric_mode, self._at_average],
+            "metric": [self._metric, self._metric_mode, self._metric_at_average, self._at_average],
             "average": None if self.average is None else _clone(self.average.state_dict()),
         }
         return sd
@@ -349,10 +357,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         # older states hold [metric, mode]: no evaluation at an average pending
-        self._metric, self._metric_mode, self._at_average = [
-            *own.get("metric", [None, None]),
-            False,
-        ][:3]
+        saved = [*own.get("metric", [None, None]), False, False]
+        self._metric, self._metric_mode = saved[0], saved[1]
+        self._metric_at_average, self._at_average = bool(saved[2]), bool(saved[3])
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
@@ -724,8 +731,8 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
     return wrapped
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as a float.
+def _mean_over_ranks(value: torch.Tensor) -> list[float]:
+    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as floats.
 
     A copy goes through the signals' collective; NCCL reduces device tensors only, gloo and MPI
     host ones.  In float64, so that the mean of equal values is exact.
@@ -735,7 +742,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else value.device
     value = value.to(device=device, copy=True)
     average_across_ranks(value)
-    return float(value)
+    return [float(v) for v in value.reshape(-1)]
 
 
 def _is_rank_zero() -> bool:

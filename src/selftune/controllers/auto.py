@@ -317,7 +317,7 @@ class AutoController:
         cosines also stand ``clear`` standard errors above zero, the evidence a plateau's
         doubling needs.  Steps that overshoot (negative cosines) bounce across a valley, and the
         average of the iterates sits inside it: the bounce the rate was lowered for is what the
-        average absorbs, and lowered on it, the held-out autoencoder's SGD cruised at 0.14x the
+        average absorbs, and lowered on it, the convolutional autoencoder's SGD cruised at 0.14x the
         grid's best constant rate.  Raises then need clear evidence, or cosines that alternate
         in sign (``friedman-mlp``'s SGD) raise the rate and never lower it: a ratchet, under
         which two of its runs missed, one traced to a network that died at 7x the grid's best
