@@ -63,7 +63,8 @@ def test_averaged_swaps_the_average_in_and_the_weights_back_even_on_error() -> N
 def test_the_controller_is_told_whether_the_metric_was_measured_at_the_average() -> None:
     """``auto`` stops cutting the rate on a plateau of the loss once the metric is read at the
     average (its noise floor is the average's to lower), so the wrapper must say which weights
-    the metric came from: the average when an ``averaged()`` block ran since the last step."""
+    the metric came from: the average when ``observe`` follows an ``averaged()`` block run since
+    the last step; a metric still waiting for its step keeps that flag across a checkpoint."""
     task = make_task()
     opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), average=True)
     train(task, opt, 5, evaluate=False)
@@ -84,7 +85,7 @@ def test_the_controller_is_told_whether_the_metric_was_measured_at_the_average()
 
     assert step_after("average")
     assert not step_after("weights")  # the flag is the last evaluation's, not the run's
-    with opt.averaged():  # an averaged evaluation, then a checkpoint before the next step
+    with opt.averaged():  # an averaged evaluation; its metric then waits through a checkpoint
         pass
     assert step_after("checkpoint")
 

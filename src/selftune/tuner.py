@@ -742,7 +742,7 @@ def _mean_over_ranks(value: torch.Tensor) -> list[float]:
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else value.device
     value = value.to(device=device, copy=True)
     average_across_ranks(value)
-    return [float(v) for v in value.reshape(-1)]
+    return value.reshape(-1).tolist()  # one read from the device for every value
 
 
 def _is_rank_zero() -> bool:
