@@ -98,6 +98,14 @@ def test_a_run_is_a_function_of_its_seed(method: str) -> None:
     assert c["curves"]["loss_ema"] != a["curves"]["loss_ema"]
 
 
+def test_schedule_free_is_back_in_train_mode_after_an_evaluation_that_raised() -> None:
+    model = torch.nn.Linear(3, 1)
+    handle = methods()["schedulefree-adamw"].build(model.parameters(), Setting(10, False, 0))
+    with pytest.raises(RuntimeError, match="evaluation failed"), handle.evaluating():
+        raise RuntimeError("evaluation failed")
+    assert all(g["train_mode"] for g in handle.optimizer.param_groups)
+
+
 def test_cosine_grid_member_records_its_decaying_rate() -> None:
     lr = run_spec(_spec("adamw-grid-cos-1e-2"))["curves"]["lr"]
     assert lr[0] == pytest.approx(1e-2)

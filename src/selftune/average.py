@@ -130,6 +130,5 @@ class WeightAverage:
             )
         with torch.no_grad():
             for mine, theirs in zip(self.tensors, saved, strict=True):
-                for a, b in zip(mine, theirs, strict=True):
-                    a.copy_(b)
+                torch._foreach_copy_(mine, list(theirs))
         self.updates = int(state["updates"])

@@ -92,10 +92,12 @@ class Handle:
         """The weights to evaluate: Schedule-Free's averaged point, or a weight average."""
         if self.mode_switch:
             self.optimizer.eval()  # type: ignore[attr-defined]
-        with self._averaged():
-            yield
-        if self.mode_switch:
-            self.optimizer.train()  # type: ignore[attr-defined]
+        try:
+            with self._averaged():
+                yield
+        finally:  # an evaluation that raises must not leave the next steps at the eval point
+            if self.mode_switch:
+                self.optimizer.train()  # type: ignore[attr-defined]
 
     def _averaged(self) -> AbstractContextManager[None]:
         if self._average is not None:
