@@ -23,9 +23,9 @@ import torch
 import selftune
 from selftune.audit import read_log
 from selftune.bench.workloads import WORKLOADS
-from selftune.controllers.auto import AutoController
+from selftune.controllers.auto import TREND_NOISE, AutoController
 from selftune.controllers.evidence import SignTest
-from selftune.signals import GroupSignals, Signals
+from selftune.signals import FAST_DECAY, SLOW_DECAY, GroupSignals, Signals
 
 
 def _signals(
@@ -325,6 +325,19 @@ def test_reversals_amid_cosines_of_no_clear_sign_are_noise() -> None:
     rng = random.Random(0)
     proposals = _cruise_then([rng.choice([1.0, -1.0]) for _ in range(40)])
     assert not any("reversed" in p.reason for _, p in proposals)
+
+
+def test_the_trend_yardstick_is_what_noise_gives_the_two_loss_emas() -> None:
+    rng, fast, slow, gaps = random.Random(0), 0.0, 0.0, []
+    for t in range(60_000):
+        x = rng.gauss(0.0, 1.0)
+        fast, slow = (
+            FAST_DECAY * fast + (1 - FAST_DECAY) * x,
+            SLOW_DECAY * slow + (1 - SLOW_DECAY) * x,
+        )
+        if t > 1000:
+            gaps.append(fast - slow)
+    assert statistics.pstdev(gaps) == pytest.approx(TREND_NOISE, rel=0.05)
 
 
 def _overshoot_with_trend(lag: float) -> list[Any]:

@@ -88,12 +88,18 @@ from selftune.signals import FAST_DECAY, SLOW_DECAY, Signals
 #: the fast loss EMA's memory
 WATCH = round(1 / (1 - FAST_DECAY))
 
-#: the standard deviation of the fast loss EMA minus the slow one, per unit of the minibatch
-#: loss's own, for independent losses about a constant level: what noise alone gives the trend
-_A, _B = FAST_DECAY, SLOW_DECAY
-TREND_NOISE = math.sqrt(
-    (1 - _A) / (1 + _A) + (1 - _B) / (1 + _B) - 2 * (1 - _A) * (1 - _B) / (1 - _A * _B)
-)
+
+def _ema_gap_deviation(fast: float, slow: float) -> float:
+    """The standard deviation of an EMA of decay ``fast`` minus one of decay ``slow`` over the
+    same independent unit-variance samples: each EMA's variance is ``(1-a)/(1+a)``, their
+    covariance ``(1-a)(1-b)/(1-ab)``."""
+    var = (1 - fast) / (1 + fast) + (1 - slow) / (1 + slow)
+    return math.sqrt(var - 2 * (1 - fast) * (1 - slow) / (1 - fast * slow))
+
+
+#: what minibatch noise alone gives the fast loss EMA minus the slow one, per unit of the
+#: minibatch loss's deviation (about 0.17): the yardstick of a clear trend
+TREND_NOISE = _ema_gap_deviation(FAST_DECAY, SLOW_DECAY)
 
 #: the range of each option (:func:`~selftune.controllers.base.check_options`)
 OPTIONS = {
@@ -321,7 +327,8 @@ class AutoController:
 
     def _follows(self, s: Signals, i: int, rho: float, turned: bool) -> bool:
         """Whether the cruise follows the hypergradient at this step: out of the deadband, up
-        past ``deadband`` or down past ``-strong`` (or on a reversal after progress).
+        past ``deadband`` or down past ``-strong`` while the loss is not clearly falling (see
+        :meth:`_descending`), or on a reversal after progress.
 
         Once the metric comes from the weight average, only up, and only when the recent
         cosines also stand ``clear`` standard errors above zero, the evidence a plateau's
