@@ -8,6 +8,7 @@ in a replay, and it must earn its place by being better than the iterate it repl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -207,3 +208,26 @@ def test_a_state_saved_without_an_average_starts_one_from_the_loaded_weights() -
     opt.load_state_dict(saved["optimizer"])
     for avg, p in zip(average_of(opt), fresh.model.parameters(), strict=True):
         assert torch.equal(avg, p)
+
+
+def test_a_param_group_with_no_params_is_stepped_rolled_back_saved_and_averaged(
+    tmp_path: Path,
+) -> None:
+    # torch.optim accepts a group with an empty list (one a model fills later, say); torch's
+    # fused ops refuse empty lists, so every per-group fused op must pass it by
+    def make(task: Any, log_dir: Path | None = None) -> selftune.SelfTuned:
+        inner = torch.optim.SGD(
+            [{"params": list(task.model.parameters())}, {"params": []}], lr=0.05, momentum=0.9
+        )
+        return selftune.wrap(inner, average=True, log_dir=log_dir)
+
+    task = make_task()
+    opt = make(task, tmp_path / "run")
+    train(task, opt, 40, faults={30: "nan_loss"}, evaluate=False)  # a rollback restores state
+    assert [r["event"] for r in guard_records(tmp_path / "run")] == ["rollback"]
+    fresh = make(make_task())
+    fresh.load_state_dict(opt.state_dict())
+    with fresh.averaged():
+        inside = [p.detach().clone() for group in fresh.param_groups for p in group["params"]]
+    for got, want in zip(inside, average_of(opt), strict=True):
+        assert torch.equal(got, want)

@@ -130,5 +130,6 @@ class WeightAverage:
             )
         with torch.no_grad():
             for mine, theirs in zip(self.tensors, saved, strict=True):
-                torch._foreach_copy_(mine, list(theirs))
+                if mine:  # a group with no params: torch's fused ops refuse empty lists
+                    torch._foreach_copy_(mine, list(theirs))
         self.updates = int(state["updates"])

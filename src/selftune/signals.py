@@ -224,7 +224,8 @@ class SignalTracker:
             self._allocate()
         assert self._prev is not None
         for prev, ps in zip(self._prev, params, strict=True):
-            torch._foreach_copy_(prev, ps)
+            if prev:  # a group may hold no params; torch's fused ops refuse empty lists
+                torch._foreach_copy_(prev, ps)
 
     def _allocate(self) -> None:
         """Storage for the previous update of every group."""
@@ -257,7 +258,8 @@ class SignalTracker:
         """Turn the remembered θ_t into −Δθ_t = θ_t − θ_{t+1}."""
         assert self._prev is not None, "before_update must run first"
         for prev, g in zip(self._prev, self._groups, strict=True):
-            torch._foreach_sub_(prev, g["params"])
+            if prev:
+                torch._foreach_sub_(prev, g["params"])
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, include_update: bool = True) -> dict[str, Any]:
@@ -280,7 +282,8 @@ class SignalTracker:
             self._allocate()
             assert self._prev is not None
             for saved, own in zip(prev, self._prev, strict=True):
-                torch._foreach_copy_(own, list(saved))
+                if own:
+                    torch._foreach_copy_(own, list(saved))
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
 
 
