@@ -10,7 +10,9 @@ first.
 ``--range-test`` also prints what the range test read at each of its steps, before its decision
 (the minibatch and smoothed loss, the start level and its error, the ``_left_start`` verdict, the
 averaged cosine and the phase): the figures of pilots 39-41, some of whose steps end the test
-without a decision and so leave no record in the log.
+without a decision and so leave no record in the log.  ``--signals`` prints under each rate
+decision the loss statistics it read (the smoothed loss, its deviation, the slope of the fast EMA
+against the slow one): the figures of pilot 61.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("method", help="a selftune-* method of the registry")
     parser.add_argument("seed", type=int)
     parser.add_argument("--range-test", action="store_true", help="print the test's reads")
+    parser.add_argument(
+        "--signals", action="store_true", help="print the loss statistics each decision read"
+    )
     args = parser.parse_args()
     if args.range_test:
         _print_range_test_reads()
@@ -53,6 +58,14 @@ def main() -> None:
             print(f"{r['step']:5d}  guard {r['event']}: {r['reason']}")
         elif r["kind"] == "decision" and r["knob"] == "lr":
             print(f"{r['step']:5d}  lr {r['old']:.4g} -> {r['new']:.4g}: {r['reason']}")
+            if args.signals:
+                print("       " + _loss_read(r.get("signals") or {}))
+
+
+def _loss_read(signals: dict[str, float]) -> str:
+    """The smoothed loss, its deviation and its slope ((fast - slow) / |slow|) a decision read."""
+    keys = ("loss_ema", "loss_std", "loss_slope", "cos_update")
+    return ", ".join(f"{k} {signals[k]:+.4f}" for k in keys if k in signals)
 
 
 def _print_range_test_reads() -> None:

@@ -352,7 +352,7 @@ class AutoController:
         Steps that overshoot while the loss falls this clearly bounce across a valley while they
         descend along it, and the bounce is not costing the descent: on the convolutional
         autoencoder with SGD, averaged cosines of -0.5 to -0.9 lowered the rate from 0.07 to
-        0.021 within 35 steps while the fast EMA stood 23% below the slow one (the grid's best
+        0.021 within 35 steps while the fast EMA stood 23-28% below the slow one (the grid's best
         constant rate is 0.3).  The overshoot is then left to the plateau's and the guard's cuts.
         Over the benchmark's plain runs this made 29 of 320 faster and 8 slower, every changed
         one SGD's (bench-results/pilots, 61).
