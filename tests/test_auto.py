@@ -295,15 +295,18 @@ def _in_cruise() -> tuple[AutoController, list[dict[str, float]]]:
     return ctl, [{"lr": 1e-3, "momentum": 0.9}]
 
 
-def _cruise_then(cosines: list[float], at_average: bool = False) -> list[tuple[float, Any]]:
+def _cruise_then(
+    cosines: list[float], at_average: bool = False, lag: float = 0.0
+) -> list[tuple[float, Any]]:
     """Bring a controller to its cruise, feed ``cosines`` with a falling loss, and return every
     proposal made during them, with the rate before it.  ``at_average``: the loop gave a metric
-    measured at the weight average at the first of them."""
+    measured at the weight average at the first of them.  ``lag``: how far the slow loss EMA
+    stands above the fast one (the minibatch loss's deviation is 0.01)."""
     ctl, knobs = _in_cruise()
     out = []
     for t, cos in enumerate(cosines, 15):
         loss = 2.3 - 0.01 * t  # falling steadily: no plateau
-        signals = _signals(t, cos, loss=loss)
+        signals = _signals(t, cos, loss=loss, slow=loss + lag)
         if t == 15 and at_average:
             signals = dataclasses.replace(signals, metric=1.0, metric_at_average=True)
         for p in ctl.propose(signals, knobs):
@@ -341,16 +344,8 @@ def test_the_trend_yardstick_is_what_noise_gives_the_two_loss_emas() -> None:
 
 
 def _overshoot_with_trend(lag: float) -> list[Any]:
-    """Proposals over 30 cruise steps of cosines about -0.7, the slow loss EMA standing ``lag``
-    above the fast one (the minibatch loss's deviation: 0.01)."""
-    ctl, knobs = _in_cruise()
-    out = []
-    for t, cos in enumerate(_noise(30, -0.7, 0.05), 15):
-        loss = 2.3 - 0.01 * t
-        for p in ctl.propose(_signals(t, cos, loss=loss, slow=loss + lag), knobs):
-            out.append(p)
-            knobs[p.group][p.knob] = p.value
-    return out
+    """Proposals over 30 cruise steps of cosines about -0.7, the slow loss EMA ``lag`` above."""
+    return [p for _, p in _cruise_then(_noise(30, -0.7, 0.05), lag=lag)]
 
 
 def test_steps_that_overshoot_while_the_loss_clearly_falls_keep_the_rate() -> None:

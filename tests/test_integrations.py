@@ -410,8 +410,10 @@ def test_huggingface_trainer_ends_at_the_average_it_evaluated(
     params = [p for g in opt.param_groups for p in g["params"]]
     if load_best:
         assert trainer.state.best_model_checkpoint.endswith("checkpoint-5")
+        from transformers.trainer import OPTIMIZER_NAME
+
         saved = torch.load(
-            Path(trainer.state.best_model_checkpoint) / "optimizer.pt", weights_only=True
+            Path(trainer.state.best_model_checkpoint) / OPTIMIZER_NAME, weights_only=True
         )
         wanted = [t for g in saved["selftune"]["average"]["tensors"] for t in g]
         # the metric the Trainer chose it by is what the model now scores

@@ -105,6 +105,7 @@ def friedman1(num_samples: int = 10_000, noise: float = 1.0, seed: int = 7) -> S
     return Supervised(xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:])
 
 
+@lru_cache(maxsize=2)
 def moons(num_samples: int = 10_000, noise: float = 0.25, seed: int = 11) -> Supervised:
     """Two interleaving half circles from scikit-learn's generator, 80/20 split.
 
