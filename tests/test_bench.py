@@ -273,6 +273,9 @@ def test_oracle_is_the_fastest_grid_member_and_misses_count_as_infinitely_slow()
     short, met = report.shortfalls({"w": w}, [])
     assert any("best grid member" in s and "1.20x" in s for s in short)
     assert any("default rate" in m for m in met)
+    counts = report.tally(short, met)  # the page's count of checks per bar
+    assert counts[report.BARS["oracle"]] == (0, 1) and counts[report.BARS["default"]] == (1, 1)
+    assert sum(m for _, m in counts.values()) == len(short) + len(met)  # every check counted
 
 
 def test_averaged_auto_is_held_to_the_averaged_grid_and_shown_against_both_oracles() -> None:

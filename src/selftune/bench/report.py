@@ -334,6 +334,17 @@ def _versus(row: Row, ref: Row, what: str) -> str:
     return f"{_fmt_steps(row)}{unit} vs {_fmt_steps(ref)} for {what} {ref.method}{tail}"
 
 
+def tally(short: list[str], met: list[str]) -> dict[str, tuple[int, int]]:
+    """Per bar of :data:`BARS` (its words), how many of :func:`shortfalls`' checks met it, of how
+    many: each check's line names its bar's words between ": " and " — "."""
+    out = {}
+    for words in BARS.values():
+        mark = f": {words} — "
+        passed, missed = sum(mark in m for m in met), sum(mark in s for s in short)
+        out[words] = (passed, passed + missed)
+    return out
+
+
 def shortfalls(
     workloads: dict[str, Workload], overhead: list[dict[str, Any]]
 ) -> tuple[list[str], list[str]]:
@@ -677,9 +688,10 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         *_averaged_section(workloads),
         "## Where selftune falls short",
         "",
-        "The default controller (`selftune-auto-<base>`) against each bar, per workload:",
+        "The default controller (`selftune-auto-<base>`) against each bar, per workload and "
+        "base optimizer (how many of the checks below meet it):",
         "",
-        *(f"- {b}" for b in BARS.values()),
+        *(f"- {b} — {n} of {m}" for b, (n, m) in tally(short, met).items()),
         "",
     ]
     if short:
