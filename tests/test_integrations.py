@@ -63,13 +63,13 @@ def _loader() -> torch.utils.data.DataLoader:
 
 
 def _trainer(max_steps: int, callback: Any, root: Path, **kw: Any) -> Any:
+    kw.setdefault("callbacks", [callback])
     return pl.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
         default_root_dir=root,
         **kw,
     )
@@ -195,6 +195,45 @@ def test_lightning_validates_at_the_weight_average_and_trains_on(tmp_path: Path)
     average = [a for group in cb.optimizers[0].average.tensors for a in group]
     assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average, strict=True))
     assert not all(torch.equal(a, t) for a, t in zip(average, model.trained, strict=True))
+
+
+def test_lightning_evaluates_a_best_checkpoint_at_the_average_that_chose_it(
+    tmp_path: Path,
+) -> None:
+    """``ModelCheckpoint`` keeps the checkpoint whose validation (at the average) was best; an
+    evaluation of it reads that average, not the training weights saved beside it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from selftune.integrations.lightning import SelfTuneCallback, averaged_state_dict
+
+    torch.manual_seed(0)
+    model = _ValidatedModule()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
+    cb = SelfTuneCallback("off", monitor="val_loss", average=True)
+    trainer = _trainer(64, cb, tmp_path, callbacks=[cb, best])  # 4 epochs of 16 steps
+    trainer.fit(model, _loader(), _loader())
+    assert float(best.best_model_score) == min(model.validations)
+    # Lightning loads the checkpoint's training weights into the module; the callback then
+    # puts the checkpoint's average in their place
+    (score,) = trainer.validate(model, _loader(), ckpt_path="best", verbose=False)
+    assert score["val_loss"] == pytest.approx(float(best.best_model_score), rel=1e-6)
+
+    saved = torch.load(best.best_model_path, weights_only=False)
+    fresh = _ValidatedModule()
+    fresh.load_state_dict(saved["state_dict"])  # the training weights: never validated
+    (trained,) = _trainer(1, SelfTuneCallback(), tmp_path).validate(fresh, _loader(), verbose=False)
+    assert trained["val_loss"] != pytest.approx(score["val_loss"], rel=1e-3)
+    fresh.load_state_dict(averaged_state_dict(saved))
+    (averaged,) = _trainer(1, SelfTuneCallback(), tmp_path).validate(
+        fresh, _loader(), verbose=False
+    )
+    assert averaged["val_loss"] == pytest.approx(score["val_loss"], rel=1e-6)
+
+    # a weights-only checkpoint has no optimizer state, so no average: asked for, it is refused
+    weights = tmp_path / "weights.ckpt"
+    trainer.save_checkpoint(weights, weights_only=True)
+    with pytest.raises(selftune.ConfigError, match="no selftune weight average"):
+        averaged_state_dict(torch.load(weights, weights_only=False))
 
 
 _LIGHTNING_INEXACT = (

@@ -19,8 +19,12 @@ What the callback does, and when:
 * ``on_fit_end``: with ``average=True``, the module is left at the average, the weights its
   validations measured, so that ``trainer.test(model)`` and a model saved after ``fit`` are
   those weights.  Checkpoints saved during the run hold the training weights (what a resume
-  needs) with the average in the optimizer state: one that ``ModelCheckpoint`` kept as the best
-  was chosen by its average's metric.
+  needs) with the average in the optimizer state, and the callback names each averaged
+  parameter in them (``on_save_checkpoint``).  So ``trainer.test(ckpt_path="best")`` (or
+  ``validate``, ``predict``) through a trainer with the callback evaluates the average of the
+  checkpoint that ``ModelCheckpoint`` chose by that average's metric, not training weights no
+  validation measured (``on_load_checkpoint``), and :func:`averaged_state_dict` gives the same
+  weights to a module loaded without a trainer.  A weights-only checkpoint holds no average.
 * ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
   halves the rate once it has gone more than three validations without a new best.
@@ -48,6 +52,9 @@ import selftune
 from selftune.average import swapped
 from selftune.integrations._feed import FedSelfTuned, LossFeed, feed_from
 from selftune.tuner import SelfTuned
+
+#: The checkpoint key naming each averaged parameter, per optimizer and param group.
+AVERAGED = "selftune_averaged_parameters"
 
 
 class SelfTuneCallback(Callback):
@@ -148,7 +155,11 @@ class SelfTuneCallback(Callback):
     # -- the metric ---------------------------------------------------------------------------
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validate at the weight average of every optimizer that keeps one (average=True), so
-        # that the monitored metric, and what auto reads of it, is the average's.
+        # that the monitored metric, and what auto reads of it, is the average's.  Only while
+        # fitting: a later ``validate`` reads the module as it is (the average the fit ended at,
+        # or a checkpoint's, on_load_checkpoint).
+        if trainer.state.fn != "fit":
+            return
         for opt in self.optimizers:
             if opt.average is not None:
                 self._averaged.enter_context(opt.averaged())
@@ -196,6 +207,28 @@ class SelfTuneCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_snapshots = list(state_dict.get("guard_snapshots", []))
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Name each averaged parameter as the module's state dict does, for an evaluation of
+        # this checkpoint to find its average (the optimizer state lists parameters by position).
+        # A weights-only checkpoint holds no optimizer state, so no average to name.
+        if "optimizer_states" in checkpoint and any(o.average is not None for o in self.optimizers):
+            checkpoint[AVERAGED] = _averaged_names(pl_module, self.optimizers)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning loaded the module's (training) weights just before this hook.  A fit resumes
+        # from them; an evaluation reads the average the checkpoint's validations measured.
+        # (Lightning calls no callback for a weights-only checkpoint: it holds no average.)
+        if trainer.state.fn == "fit" or AVERAGED not in checkpoint:
+            return
+        averaged = averaged_state_dict(checkpoint)
+        with torch.no_grad():
+            for name, param in pl_module.named_parameters():
+                param.copy_(averaged[name])
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -206,6 +239,47 @@ class SelfTuneCallback(Callback):
         if stage == "fit":
             for opt in self.optimizers:
                 opt.close()
+
+
+def averaged_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's module state dict with every averaged parameter at its weight average.
+
+    Those are the weights the checkpoint's validations measured with ``average=True``, and so the
+    weights ``ModelCheckpoint`` chose a best checkpoint by; its ``state_dict`` holds the training
+    weights, which a resume needs.  For a module loaded without a trainer::
+
+        ckpt = torch.load(path, weights_only=False)
+        model.load_state_dict(averaged_state_dict(ckpt))
+    """
+    names = checkpoint.get(AVERAGED)
+    if names is None:
+        raise selftune.ConfigError(
+            "the checkpoint holds no selftune weight average: it was saved without "
+            "SelfTuneCallback(average=True), or with its weights only; its 'state_dict' holds "
+            "the training weights"
+        )
+    out = dict(checkpoint["state_dict"])
+    for opt_names, state in zip(names, checkpoint["optimizer_states"], strict=True):
+        if opt_names is None:  # an optimizer without an average
+            continue
+        tensors = state["selftune"]["average"]["tensors"]
+        for group_names, group in zip(opt_names, tensors, strict=True):
+            out.update((n, t) for n, t in zip(group_names, group, strict=True) if n is not None)
+    return out
+
+
+def _averaged_names(
+    module: torch.nn.Module, optimizers: list[FedSelfTuned]
+) -> list[list[list[str | None]] | None]:
+    """Per optimizer that keeps an average (else None), per group, each parameter's name in the
+    module's state dict (None for one the module does not hold)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [
+        None
+        if opt.average is None
+        else [[names.get(id(p)) for p in group["params"]] for group in opt.param_groups]
+        for opt in optimizers
+    ]
 
 
 @contextmanager
