@@ -208,11 +208,12 @@ def test_lightning_evaluates_a_best_checkpoint_at_the_average_that_chose_it(
 
     torch.manual_seed(0)
     model = _ValidatedModule()
+    model.lr = 0.3  # high enough that the last validation is not the best
     best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
     cb = SelfTuneCallback("off", monitor="val_loss", average=True)
     trainer = _trainer(64, cb, tmp_path, callbacks=[cb, best])  # 4 epochs of 16 steps
     trainer.fit(model, _loader(), _loader())
-    assert float(best.best_model_score) == min(model.validations)
+    assert float(best.best_model_score) == min(model.validations) != model.validations[-1]
     # Lightning loads the checkpoint's training weights into the module; the callback then
     # puts the checkpoint's average in their place
     (score,) = trainer.validate(model, _loader(), ckpt_path="best", verbose=False)
