@@ -78,8 +78,10 @@ def test_a_stalled_metric_halves_the_rate_in_a_logged_run_that_replays_exactly(
     assert all(torch.equal(a, b) for a, b in zip(weights, final_weights(task.model), strict=True))
 
 
-def test_a_metric_not_yet_read_survives_a_checkpoint() -> None:
-    """A run checkpointed between an evaluation and the next step resumes to the same future."""
+@pytest.mark.parametrize("saved_as", ["dict", "list"])
+def test_a_metric_not_yet_read_survives_a_checkpoint(saved_as: str) -> None:
+    """A run checkpointed between an evaluation and the next step resumes to the same future,
+    also from a state saved when the pending metric was a list ``[value, mode, ...]``."""
 
     def run(split: int | None) -> list[torch.Tensor]:
         task = make_task()
@@ -93,6 +95,10 @@ def test_a_metric_not_yet_read_survives_a_checkpoint() -> None:
                 opt.observe(task.full_loss())
             if t == split:  # just after an evaluation: its metric is still pending
                 state = opt.state_dict()
+                pending = state["selftune"]["metric"]
+                assert pending["value"] is not None
+                if saved_as == "list":
+                    state["selftune"]["metric"] = [pending["value"], pending["mode"]]
                 opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()))
                 opt.load_state_dict(state)
         return final_weights(task.model)

@@ -337,7 +337,13 @@ class SelfTuned(torch.optim.Optimizer):
             "log": None if self._log is None else self._log.position(),
             # trace.jsonl's size: resuming cuts it back so that no step appears twice
             "trace": None if self._trace is None else self._trace_bytes,
-            "metric": [self._metric, self._metric_mode, self._metric_at_average, self._at_average],
+            # an observed metric the next step has yet to read, and where it was measured
+            "metric": {
+                "value": self._metric,
+                "mode": self._metric_mode,
+                "at_average": self._metric_at_average,
+                "evaluating_average": self._at_average,
+            },
             "average": None if self.average is None else _clone(self.average.state_dict()),
         }
         return sd
@@ -356,10 +362,10 @@ class SelfTuned(torch.optim.Optimizer):
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
-        # older states hold [metric, mode]: no evaluation at an average pending
-        saved = [*own.get("metric", [None, None]), False, False]
-        self._metric, self._metric_mode = saved[0], saved[1]
-        self._metric_at_average, self._at_average = bool(saved[2]), bool(saved[3])
+        metric = _pending_metric(own.get("metric"))
+        self._metric, self._metric_mode = metric["value"], metric["mode"]
+        self._metric_at_average = bool(metric["at_average"])
+        self._at_average = bool(metric["evaluating_average"])
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
@@ -669,6 +675,20 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
+
+
+def _pending_metric(saved: Any) -> dict[str, Any]:
+    """The saved pending metric as a dict; states saved before it was one hold a list,
+    ``[value, mode]`` or ``[value, mode, at_average, evaluating_average]``, or nothing."""
+    if isinstance(saved, dict):
+        return saved
+    value, mode, at_average, evaluating = [*(saved or [None, None]), False, False][:4]
+    return {
+        "value": value,
+        "mode": mode,
+        "at_average": at_average,
+        "evaluating_average": evaluating,
+    }
 
 
 def finish_offload() -> None:
