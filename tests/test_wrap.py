@@ -52,6 +52,67 @@ def test_a_scheduler_composes_with_the_scale() -> None:
     assert opt._scales[0] != 1.0, "selftune never adjusted the rate"
 
 
+def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> None:
+    """The rollback restores the snapshot's weights and selftune's scale (backed off) on the
+    rate the scheduler has set since: put back from before a chained scheduler's decay, the
+    rate stayed 10x too high for the rest of the run."""
+    inner, pr = _sgd(lr=0.01)
+    opt = selftune.wrap(inner, "off")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
+    events = []
+    opt.add_listener(lambda e: events.append(e.guard) if e.guard else None)
+    for t in range(1, 61):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach() * (math.nan if t == 35 else 1.0))  # snapshot at 25
+        sched.step()
+    assert [(e["event"], e["restored_step"]) for e in events] == [("rollback", 25)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4) == sched.get_last_lr()[0]
+    assert opt.hyperparams()[0]["lr"] == pytest.approx(0.5e-4)
+
+
+def test_a_restart_keeps_the_rate_a_warmup_has_reached() -> None:
+    """``auto``'s restart restores its first snapshot's weights, not the base rate of that
+    step: a chained warmup goes on from the rate it had reached, to the optimizer's own."""
+    gen = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.8, momentum=0.9), "auto")
+    restarts = []
+    opt.add_listener(lambda e: restarts.append(e.step) if e.guard else None)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=40)
+    for t in range(1, 61):
+        batch = torch.Generator().manual_seed(100 + t)
+        x = torch.randn(32, 6, generator=batch)
+        loss = torch.nn.functional.mse_loss(model(x), torch.sin(x.sum(1, keepdim=True)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        sched.step()
+    assert restarts, "the range test did not restart: the test no longer covers the path"
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.8)
+
+
+def test_float64_parameters_are_measured_in_float64() -> None:
+    """Norms of float64 tensors cannot be taken in float32 (torch refuses to narrow them): the
+    second step, the first with a previous update, failed.  The loss keeps its digits."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64, generator=gen))
+    x = torch.randn(8, 5, dtype=torch.float64, generator=gen)
+    opt = selftune.wrap(torch.optim.SGD([w], lr=0.01, momentum=0.9))
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (x @ w.T).pow(2).mean() + 1 / 3
+        loss.backward()
+        opt.step(loss=loss.detach())
+        assert opt.last_signals is not None and opt.last_signals.loss == float(loss)
+    assert -1.0 <= opt.last_signals.groups[0].cos_update <= 1.0
+    assert opt.last_signals.groups[0].update_norm > 0
+
+
 def test_a_tensor_rate_is_written_in_place() -> None:
     pr = noisy_quadratic(seed=1)
     opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3)))
@@ -199,6 +260,18 @@ def test_every_controller_option_has_a_range_and_its_example_is_accepted(
         AutoController(metric_patience=np.float64(2.0))
 
 
+def test_a_refused_wrap_leaves_the_optimizer_free_to_wrap() -> None:
+    """Every argument is checked before the optimizer is marked as wrapped: a typo, a bad guard
+    setting or a run folder of another run, once corrected, wraps."""
+    inner, _ = _sgd()
+    with pytest.raises(selftune.ConfigError, match="unknown controller 'autoo'"):
+        selftune.wrap(inner, "autoo")
+    for guard in ({"interval": 10}, "on", 1, selftune.GuardConfig):
+        with pytest.raises(selftune.ConfigError, match=r"guard=.*GuardConfig\(\.\.\.\)"):
+            selftune.wrap(inner, guard=guard)  # type: ignore[arg-type]
+    assert selftune.wrap(inner, guard=None).guard is None  # None is "no guard", as False
+
+
 def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
     inner, _ = _sgd()
     inner.param_groups[0]["lr"] = math.nan
@@ -271,6 +344,29 @@ def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
     model, opt = _unfreezing(tmp_path / "run", replay=True)
     _train_unfreezing(model, opt, range(1, 41), nan_step=30)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_a_group_added_after_a_rollback_is_measured_and_guarded_at_once() -> None:
+    """A rollback's restore (torch's ``load_state_dict``) replaces the param-group list; a group
+    added after it is still measured, so trouble in it alone is caught, and the add keeps a
+    snapshot, so that trouble in the very next step has one to go back to."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = selftune.wrap(torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9), "off")
+    events: list[tuple[int, str]] = []
+    opt.add_listener(lambda e: events.append((e.step, e.guard["event"])) if e.guard else None)
+    for t in range(1, 33):
+        if t == 31:
+            _unfreeze(model, opt)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(_X), _Y)
+        loss.backward()
+        if t == 31:
+            model[0].weight.grad.fill_(math.nan)  # trouble in the new group only
+        opt.step(loss=torch.tensor(math.nan) if t == 30 else loss.detach())
+    assert events == [(30, "rollback"), (31, "rollback")]
+    assert opt.last_signals is not None and len(opt.last_signals.groups) == 2
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def wrap(
     max_change: Mapping[str, float] | None = None,
     frozen: Iterable[str] | None = None,
     lr_bounds_absolute: bool = False,
-    guard: bool | GuardConfig = True,
+    guard: bool | GuardConfig | None = True,
     log_dir: str | Path | None = None,
     seed: int | None = None,
     average: bool | float = False,
@@ -51,7 +51,8 @@ def wrap(
     ``bounds``, ``max_change`` and ``frozen`` build the :class:`Policy` every decision passes
     (``bounds["lr"]`` is a pair of factors of the starting rate unless ``lr_bounds_absolute``;
     ``max_change`` does not hold a rollback or a restart from a snapshot, only the bounds do).
-    ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it).
+    ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it;
+    False or None: no guard).
     ``log_dir``: write the run's manifest, hash-chained decision log and trace there.
     ``average``: keep an exponential moving average of the weights to evaluate in their place
     (``with opt.averaged(): ...``); True means decay 0.9, a float is the decay.

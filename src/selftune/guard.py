@@ -238,7 +238,14 @@ class Guard:
         Raises :class:`GuardError` when trouble keeps coming back.
         """
         self.retries += 1
-        if self.retries > self.config.max_retries or not self.snapshots:
+        if not self.snapshots:
+            raise GuardError(
+                f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value}), "
+                "and no snapshot to roll back to. Lower the starting learning rate or check the "
+                "data and loss for this step; the run folder's decisions.jsonl lists every guard "
+                "event."
+            )
+        if self.retries > self.config.max_retries:
             raise GuardError(
                 f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value}); "
                 f"{self.retries - 1} rollbacks with the learning rate cut each time did not help. "

@@ -16,6 +16,7 @@ scalars).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,14 +82,20 @@ class SignalTracker:
     the inner optimizer's step and :meth:`after_update` right after it.
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]]) -> None:
-        self._groups = param_groups
+    def __init__(self, param_groups: Callable[[], list[dict[str, Any]]]) -> None:
+        #: the optimizer's param groups, read afresh each time: torch's ``load_state_dict``
+        #: (a rollback's, a resume's) replaces the list, and a group added after it must count
+        self._param_groups = param_groups
         # previous update per param, stored negated (θ_{t-1} − θ_t) to save a pass; None until set
         self._prev: list[list[torch.Tensor]] | None = None
         # per group, the flat buffer those tensors are views of (None: params of mixed kinds)
         self._flat: list[torch.Tensor | None] = []
         self._n = 0  # loss observations so far
         self._fast = self._slow = self._var = 0.0
+
+    @property
+    def _groups(self) -> list[dict[str, Any]]:
+        return self._param_groups()
 
     # -- per step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -120,10 +127,12 @@ class SignalTracker:
                 prev = self._prev[gi] if every else [self._prev[gi][i] for i in with_grad]
                 flat = self._flat[gi] if every and not sparse else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
-                if flat is not None:  # one reduction each over the whole group, in float32
-                    parts.append(torch.linalg.vector_norm(flat, dtype=torch.float32))
+                if flat is not None:  # one reduction each over the whole group
+                    # accumulated in float32 at least (float64 stays: norms refuse to narrow)
+                    acc = torch.promote_types(flat.dtype, torch.float32)
+                    parts.append(torch.linalg.vector_norm(flat, dtype=acc))
                     torch._foreach_mul_(prev, grads)
-                    parts.append(flat.sum(dtype=torch.float32))
+                    parts.append(flat.sum(dtype=acc))
                     n_prev = 1
                 else:
                     parts.extend(torch._foreach_norm(prev))
@@ -140,7 +149,10 @@ class SignalTracker:
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
             device = parts[0].device
-            stacked = torch.stack([_as_f32(t, device) for t in parts])
+            # float32, or float64 where the model's own scalars are (its loss keeps its digits)
+            wide = any(t.dtype == torch.float64 for t in parts)
+            dtype = torch.float64 if wide else torch.float32
+            stacked = torch.stack([_as(t, device, dtype) for t in parts])
             average_across_ranks(stacked)
             values = stacked.tolist()  # the one host sync of the step
         else:
@@ -346,11 +358,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[tuple(b.indices())] * b.values()).sum()
 
 
-def _as_f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _as(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # a no-op for the usual float32 scalars; half-precision norms and a loss on another device
     # are brought to one dtype and device so that a single stack (and sync) holds them all
-    if t.dtype != torch.float32 or t.device != device:
-        return t.to(device=device, dtype=torch.float32)
+    if t.dtype != dtype or t.device != device:
+        return t.to(device=device, dtype=dtype)
     return t
 
 

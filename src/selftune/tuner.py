@@ -79,7 +79,7 @@ class SelfTuned(torch.optim.Optimizer):
         controller: str | Controller = "auto",
         *,
         policy: Policy | None = None,
-        guard: bool | GuardConfig = True,
+        guard: bool | GuardConfig | None = True,
         log_dir: str | Path | None = None,
         seed: int | None = None,
         average: bool | float = False,
@@ -101,23 +101,30 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
         decay = check_decay(average)
+        # every argument is checked before the optimizer is touched: a refused wrap leaves it
+        # as it was, free to be wrapped again
+        self.controller = make_controller(controller, **controller_options)
+        config = GuardConfig() if guard is True else guard
+        if config is False or config is None:
+            config = None
+        elif not isinstance(config, GuardConfig):
+            raise ConfigError(
+                f"guard={guard!r}: pass True (the defaults), False (no guard) or a "
+                "selftune.GuardConfig(...) instance"
+            )
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
         # below, i.e. into the wrapped optimizer itself; it also resets ``state``, put back after.
         super().__init__(list(optimizer.param_groups), optimizer.defaults)
         optimizer.state = saved_state
-        setattr(optimizer, _WRAPPED, True)
 
-        self.controller = make_controller(controller, **controller_options)
         self.policy = policy if policy is not None else Policy()
-        if guard is True:
-            guard = GuardConfig()
-        self.guard: Guard | None = Guard(guard) if isinstance(guard, GuardConfig) else None
+        self.guard: Guard | None = None if config is None else Guard(config)
         self.step_count = 0
         self._scales = [1.0] * len(self.param_groups)
         self._start = [self._effective(i) for i in range(len(self.param_groups))]
-        self._tracker = SignalTracker(self.param_groups)
+        self._tracker = SignalTracker(lambda: self.param_groups)
         #: the weight average evaluated in the weights' place (``averaged``), if one is kept
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
         self._listeners: list[Callable[[StepEvent], None]] = []
@@ -137,6 +144,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric_at_average = False
         if log_dir is not None:
             self._open_log(Path(log_dir))
+        setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
     @property
@@ -169,7 +177,7 @@ class SelfTuned(torch.optim.Optimizer):
 
         It goes into the wrapped optimizer, starts at its own rate, and its first step has no
         previous update to read.  The guard's snapshots, which lack it and could not restore
-        it, are dropped; the next healthy step takes a fresh one.  The audit log gets a
+        it, are dropped, and a fresh one is taken at once.  The audit log gets a
         ``group`` record (its index, knobs and size), which ``verify`` reads before the new
         group's decisions.  The record is written with the next step, not here: a run resumed
         from a checkpoint adds its groups again before loading it, and a checkpoint that
@@ -190,8 +198,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.group_added()
         if self.average is not None:
             self.average.group_added(self.param_groups[i])
-        if self.guard is not None:
+        if self.guard is not None:  # a fresh one, at once: trouble in the next step has one
             self.guard.forget_snapshots()
+            self.guard.keep(self.step_count, self._capture())
         if self._log is not None:
             knobs = self._knobs(i)
             self._added.append(
@@ -498,6 +507,7 @@ class SelfTuned(torch.optim.Optimizer):
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": self._tracker.state_dict(include_update=False),
             "knobs": self.hyperparams(),
+            "scales": list(self._scales),
             "guard": None if self.guard is None else self.guard.statistics(),
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
@@ -514,7 +524,7 @@ class SelfTuned(torch.optim.Optimizer):
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(self.hyperparams())
-        self._restore(payload)
+        self._restore(payload, lower_rates=True)
         self.controller.load_state_dict(_clone(payload["controller"]))
         self.controller.on_backoff(trouble.step)
         decisions = []
@@ -522,6 +532,10 @@ class SelfTuned(torch.optim.Optimizer):
         for i, saved in enumerate(payload["knobs"]):
             current = self._knobs(i)
             for knob, value in saved.items():
+                if knob == "lr":  # selftune's scale as it was, on the rate a scheduler set now
+                    scales = payload.get("scales")  # (older snapshots: the rate as it was)
+                    base = knobs_io.read(self.param_groups[i], "lr")
+                    value = value if scales is None else scales[i] * base
                 target = value * factor if knob == "lr" else value
                 p = Proposal(
                     i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
@@ -539,15 +553,26 @@ class SelfTuned(torch.optim.Optimizer):
         }
         return decisions, event
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: dict[str, Any], lower_rates: bool) -> None:
         """Put the parameters, optimizer state, loss statistics and weight average of a snapshot
-        back."""
+        back; ``lower_rates``: and each group's base rate where the snapshot's was lower."""
         finish_offload()  # the clone below reads the snapshot on the host
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             for p, kept in zip(group["params"], saved, strict=True):
                 p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
-        # torch's load_state_dict moves the state to each parameter's device
+        # torch's load_state_dict moves the state to each parameter's device; it also puts back
+        # the groups' settings as they were.  The settings in force now stay instead (the caller
+        # sets the knobs the snapshot held): a chained LR scheduler builds on the rate it finds,
+        # and one put back from before its decay would stay that much too high for the rest of
+        # the run.  Only the base rate of a rollback is the lower of the two: a rate written
+        # since the snapshot may be what failed (a scheduler or user code gone wrong).
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
+        for group, kept in zip(self.param_groups, settings, strict=True):
+            then = knobs_io.read(group, "lr")
+            group.update(kept)
+            if lower_rates and then < knobs_io.read(group, "lr"):
+                knobs_io.write(group, "lr", then)
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
             self.guard.load_statistics(payload["guard"])
@@ -580,12 +605,8 @@ class SelfTuned(torch.optim.Optimizer):
         assert guard is not None and guard.restart_point is not None  # see _take_restart
         snap = guard.restart_point
         knobs = [self._knobs(i) for i in range(len(self.param_groups))]
-        self._restore(snap.payload)
+        self._restore(snap.payload, lower_rates=False)  # the knobs and scales stay as they are
         guard.snapshots = [snap]
-        for group, saved in zip(self.param_groups, knobs, strict=True):
-            for knob, value in saved.items():
-                if knob != "lr":  # the lr lives in the scales, which the optimizer state lacks
-                    knobs_io.write(group, knob, value)
         return {
             "event": "restart",
             "signal": "lr",
