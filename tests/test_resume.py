@@ -7,6 +7,7 @@ at random moments is in ``test_crash.py``.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from dist_worker import (
     train_step,
 )
 
+import selftune
 from selftune import checkpoint
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.tuner import SelfTuned
@@ -199,6 +201,40 @@ def test_missing_damaged_and_foreign_files_are_named(
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=-1)
 
 
+def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    """Another optimizer, another controller or other param groups: refused by name, and the
+    model keeps its weights (torch's own errors came from deep inside, after the model had
+    been overwritten).  An unwrapped optimizer loads, with a warning that it runs untuned."""
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    fresh = make_model()
+    before = [p.detach().clone() for p in fresh.parameters()]
+    params = list(fresh.parameters())
+    cases = {
+        "was saved from a AdamW, this optimizer is a SGD": selftune.wrap(
+            torch.optim.SGD(params, lr=0.1)
+        ),
+        "was saved by controller 'auto', this optimizer runs 'off'": selftune.wrap(
+            torch.optim.AdamW(params), "off"
+        ),
+        r"param groups of \[4\] tensors, this optimizer has \[2, 2\]": selftune.wrap(
+            torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}])
+        ),
+    }
+    for words, other in cases.items():
+        with pytest.raises(CheckpointError, match=words):
+            load_checkpoint(path, model=fresh, optimizer=other)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), before, strict=True))
+    with pytest.warns(UserWarning, match="not wrapped: it resumes at its base rates, untuned"):
+        load_checkpoint(path, model=fresh, optimizer=torch.optim.AdamW(params))
+    # the state dict alone (Lightning's and the Trainer's checkpoints) is refused the same way
+    other = selftune.wrap(torch.optim.AdamW(params), "off")
+    with pytest.raises(selftune.ConfigError, match="saved by controller 'auto'"):
+        other.load_state_dict(opt.state_dict())
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:
@@ -211,6 +247,28 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+
+
+def test_a_checkpoint_forces_the_log_it_points_into_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint holds the log's position and resuming refuses a log that ends before it:
+    after a power cut, an unsynced log tail would make the one checkpoint unusable."""
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "run")
+    train(model, opt, range(1, 11))
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(f"/proc/self/fd/{fd}").resolve().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)  # the one module the log, trace and file share
+    save_checkpoint(tmp_path / "ckpt.pt", model=model, optimizer=opt, step=10)
+    assert {"decisions.jsonl", "trace.jsonl"} <= set(synced)
+    assert synced.index("decisions.jsonl") < len(synced) - 2  # before the checkpoint's own
+    opt.close()
 
 
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:

@@ -391,3 +391,41 @@ def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference, strict=True))
     for name in ("decisions.jsonl", "trace.jsonl"):
         assert (tmp_path / "res" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_a_state_saved_between_an_add_and_the_next_step_resumes_to_a_log_that_verifies(
+    tmp_path: Path,
+) -> None:
+    """The added group's record waits for the next step; a state saved before it (Lightning's
+    and the Trainer's checkpoints call ``state_dict``) writes it first, so that the position it
+    saves counts it, and the resumed run, which adds the group again, drops its own copy."""
+
+    def steps(model: torch.nn.Sequential, opt: selftune.SelfTuned, span: range) -> None:
+        for _ in span:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(_X), _Y).backward()
+            opt.step()
+
+    model, opt = _unfreezing(tmp_path / "ref")
+    steps(model, opt, range(10))
+    _unfreeze(model, opt)
+    steps(model, opt, range(10))
+    opt.close()
+
+    model, opt = _unfreezing(tmp_path / "res")
+    steps(model, opt, range(10))
+    _unfreeze(model, opt)
+    state = opt.state_dict()
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.close()
+    model, opt = _unfreezing(tmp_path / "res")
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights, strict=True):
+            p.copy_(w)
+    _unfreeze(model, opt)
+    opt.load_state_dict(state)
+    steps(model, opt, range(10))
+    opt.close()
+    assert audit.verify(tmp_path / "res").records == audit.verify(tmp_path / "ref").records
+    for name in ("decisions.jsonl", "trace.jsonl"):
+        assert (tmp_path / "res" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

@@ -615,6 +615,12 @@ class AuditLog:
             raise LogError(f"the audit log at {self._file} is closed: open a new AuditLog")
         return self._fd
 
+    def sync(self) -> None:
+        """Force the records appended so far to disk (a checkpoint that points into the log
+        must not outlive, after a power cut, the records it points at)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
     def close(self) -> None:
         """Close the file; records already appended are on disk (or in the OS's cache)."""
         if self._fd is not None:

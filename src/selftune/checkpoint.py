@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from selftune.errors import SelfTuneError
-from selftune.tuner import finish_offload, on_host
+from selftune.tuner import SelfTuned, finish_offload, on_host
 
 #: Written into every checkpoint so that a later reader can tell which layout it follows.
 FORMAT = "selftune-checkpoint/1"
@@ -79,11 +80,14 @@ def save_checkpoint(
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     finish_offload()  # the guard's last snapshot may still be on its way to the host
+    optimizer_state = optimizer.state_dict()
+    if isinstance(optimizer, SelfTuned):  # the log on disk before a checkpoint that points in it
+        optimizer.sync()
     payload = {
         "format": FORMAT,
         "step": step,
         "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "guard_snapshots": _guard_snapshots(optimizer),
         "rng": _rng_states(),
         "extra": dict(extra) if extra is not None else None,
@@ -120,6 +124,7 @@ def load_checkpoint(
     """
     source = Path(path)
     payload = _read(source, map_location)
+    _check_fits(source, payload["optimizer"], optimizer)  # before the model is overwritten
     try:
         _unwrap(model).load_state_dict(payload["model"])
     except RuntimeError as exc:
@@ -133,6 +138,45 @@ def load_checkpoint(
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _check_fits(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer state that does not fit ``optimizer``, naming the difference."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        return  # not torch's layout: the optimizer's own load_state_dict judges it
+    theirs = [len(g.get("params", ())) for g in groups]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs != ours:
+        raise CheckpointError(
+            f"{source} holds an optimizer state for param groups of {theirs} tensors, this "
+            f"optimizer has {ours}: build the optimizer the run was saved from (and add the "
+            "groups a run added mid-way again) before loading"
+        )
+    own = saved.get("selftune")
+    if not isinstance(own, dict):
+        return
+    if not isinstance(optimizer, SelfTuned):
+        warnings.warn(
+            f"{source} holds selftune's state (the tuned rates among it), and this optimizer is "
+            "not wrapped: it resumes at its base rates, untuned. Wrap it with selftune.wrap "
+            "before loading to resume the tuning",
+            stacklevel=3,
+        )
+        return
+    kind, inner = own.get("optimizer_type"), getattr(optimizer, "optimizer", optimizer)
+    if kind is not None and kind != type(inner).__name__:
+        raise CheckpointError(
+            f"{source} was saved from a {kind}, this optimizer is a {type(inner).__name__}: "
+            f"build a {kind}, wrapped as the run was, to resume it"
+        )
+    name = own.get("controller_name")
+    controller = getattr(optimizer, "controller", None)
+    if name is not None and controller is not None and name != controller.name:
+        raise CheckpointError(
+            f"{source} was saved by controller {name!r}, this optimizer runs "
+            f"{controller.name!r}: wrap with controller={name!r} to resume it"
+        )
 
 
 def _read(source: Path, map_location: str | torch.device | None) -> dict[str, Any]:

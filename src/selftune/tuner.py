@@ -334,13 +334,22 @@ class SelfTuned(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus selftune's own under the key ``"selftune"``."""
+        """The wrapped optimizer's state dict plus selftune's own under the key ``"selftune"``.
+
+        The records of groups added since the last step are written first: the log's position
+        saved here then counts them, as the state counts their groups (a resumed run adds the
+        groups again and drops their records, since the log holds them).
+        """
+        if self._log is not None:
+            self._write_added()
         sd = self.optimizer.state_dict()
         sd["selftune"] = {
             "step": self.step_count,
             "scales": list(self._scales),
             "start": list(self._start),
             "controller": _clone(self.controller.state_dict()),
+            "controller_name": self.controller.name,
+            "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
@@ -360,14 +369,28 @@ class SelfTuned(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
+        # checked before anything loads: a refused state leaves this optimizer as it was
+        if own is not None:
+            if len(own["scales"]) != len(self.param_groups):
+                raise ConfigError(
+                    f"state dict has {len(own['scales'])} param groups, this optimizer "
+                    f"{len(self.param_groups)}; load a state dict saved from the same model setup"
+                )
+            kind = own.get("optimizer_type", type(self.optimizer).__name__)  # older: unnamed
+            if kind != type(self.optimizer).__name__:
+                raise ConfigError(
+                    f"the state dict was saved from a {kind}, this optimizer wraps a "
+                    f"{type(self.optimizer).__name__}: wrap a {kind} to resume it"
+                )
+            name = own.get("controller_name", self.controller.name)
+            if name != self.controller.name:
+                raise ConfigError(
+                    f"the state dict was saved by controller {name!r}, this optimizer runs "
+                    f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
+                )
         self.optimizer.load_state_dict(sd)
         if own is None:
             return
-        if len(own["scales"]) != len(self.param_groups):
-            raise ConfigError(
-                f"state dict has {len(own['scales'])} param groups, this optimizer "
-                f"{len(self.param_groups)}; load a state dict saved from the same model setup"
-            )
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
@@ -392,6 +415,16 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace.flush()
             self._trace_bytes = min(own["trace"], self._trace_bytes)
             os.truncate(self._trace.fileno(), self._trace_bytes)
+
+    def sync(self) -> None:
+        """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
+        does before it writes a checkpoint: the checkpoint holds their positions, and resuming
+        refuses a log that ends before the position its checkpoint holds."""
+        if self._log is not None:
+            self._log.sync()
+        if self._trace is not None:
+            self._trace.flush()
+            os.fsync(self._trace.fileno())
 
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway)."""
