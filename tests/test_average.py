@@ -182,6 +182,30 @@ def test_a_resumed_run_and_a_replay_end_with_the_same_average(tmp_path: Path) ->
         assert torch.equal(ref, rep)
 
 
+def test_a_checkpoint_saved_at_the_average_holds_the_training_weights(tmp_path: Path) -> None:
+    """ "Validate at the average, save if best": a save inside ``averaged()`` stores the weights
+    the run trains on, so that the resumed run is the uninterrupted one (it held the average,
+    and the resumed run trained on from it)."""
+
+    def run(resume: bool) -> list[torch.Tensor]:
+        task = make_task()
+        opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), average=True)
+        for t in range(1, 41):
+            train(task, opt, 1, evaluate=False)
+            if t == 20:
+                with opt.averaged():
+                    task.full_loss()
+                    save_checkpoint(tmp_path / "c.pt", model=task.model, optimizer=opt, step=t)
+                    inside = [p.detach().clone() for p in task.model.parameters()]
+                if resume:
+                    load_checkpoint(tmp_path / "c.pt", model=task.model, optimizer=opt)
+                    resumed = [p.detach().clone() for p in task.model.parameters()]
+                    assert not all(map(torch.equal, resumed, inside))  # not the average
+        return [p.detach().clone() for p in task.model.parameters()]
+
+    assert all(map(torch.equal, run(resume=False), run(resume=True)))
+
+
 def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
     task = make_task()
     first, _, second = task.model.children()

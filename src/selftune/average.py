@@ -49,17 +49,18 @@ def check_decay(average: bool | float | None) -> float | None:
 
 
 @contextmanager
-def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[None]:
+def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """Copy ``values`` into ``params``, and the weights back when the block ends, even on error.
 
     Copies, not a swap of ``.data``: whatever holds the parameters' storage (a DDP bucket, a
-    flattened view) keeps seeing it.  Costs one copy of the weights while the block runs.
+    flattened view) keeps seeing it.  Costs one copy of the weights while the block runs: the
+    block gets that copy (the weights it swapped out), in the order of ``params``.
     """
     with torch.no_grad():
         kept = [p.detach().clone() for p in params]
         torch._foreach_copy_(params, values)
     try:
-        yield
+        yield kept
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, kept)
@@ -105,7 +106,9 @@ class WeightAverage:
             if avg:
                 torch._foreach_copy_(group["params"], avg)
 
-    def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[None]:
+    def swapped_in(
+        self, groups: list[dict[str, Any]]
+    ) -> AbstractContextManager[list[torch.Tensor]]:
         """The average in the parameters for the duration of a block (see :func:`swapped`)."""
         params = [p for group in groups for p in group["params"]]
         return swapped(params, [a for group in self.tensors for a in group])

@@ -86,7 +86,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "step": step,
-        "model": _unwrap(model).state_dict(),
+        "model": _model_state(model, optimizer),
         "optimizer": optimizer_state,
         "guard_snapshots": _guard_snapshots(optimizer),
         "rng": _rng_states(),
@@ -135,6 +135,20 @@ def load_checkpoint(
     _restore_guard_snapshots(optimizer, payload.get("guard_snapshots"))
     _set_rng_states(payload["rng"])
     return {"step": payload["step"], "extra": payload["extra"]}
+
+
+def _model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's state dict, with its training weights where ``optimizer.averaged()`` has the
+    weight average in their place (a save inside the block, after validating the average): a
+    resume trains on from the training weights, as the run that saved it does."""
+    module = _unwrap(model)
+    state = module.state_dict()
+    training = optimizer.training_weights() if isinstance(optimizer, SelfTuned) else {}
+    if training:
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) in training and name in state:
+                state[name] = training[id(param)]
+    return state
 
 
 # --------------------------------------------------------------------------- reading

@@ -139,6 +139,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric: float | None = None
         self._metric_mode: str | None = None
         self._at_average = False  #: whether ``averaged()`` ran since the last step
+        #: inside ``averaged()``: the training weights swapped out, by id of their parameter
+        self._swapped_out: dict[int, torch.Tensor] = {}
         #: whether the metric held for the next step was measured at the average (``observe``
         #: after an ``averaged()`` block, on every rank)
         self._metric_at_average = False
@@ -233,8 +235,19 @@ class SelfTuned(torch.optim.Optimizer):
                 "averaged() needs a weight average: wrap the optimizer with average=True"
             )
         self._at_average = True
-        with self.average.swapped_in(self.param_groups):
-            yield
+        with self.average.swapped_in(self.param_groups) as kept:
+            params = [p for group in self.param_groups for p in group["params"]]
+            self._swapped_out = dict(zip(map(id, params), kept, strict=True))
+            try:
+                yield
+            finally:
+                self._swapped_out = {}
+
+    def training_weights(self) -> dict[int, torch.Tensor]:
+        """Inside :meth:`averaged`, the training weights the average took the place of, by
+        ``id`` of their parameter (empty outside): what a checkpoint saved there must hold, since
+        a resume trains on from them (:func:`selftune.save_checkpoint` reads it)."""
+        return dict(self._swapped_out)
 
     def observe(self, metric: float | torch.Tensor, *, mode: str = "min") -> None:
         """Give the controller an evaluation metric (validation loss, accuracy) after evaluating.

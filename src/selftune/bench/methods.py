@@ -99,7 +99,7 @@ class Handle:
             if self.mode_switch:
                 self.optimizer.train()  # type: ignore[attr-defined]
 
-    def _averaged(self) -> AbstractContextManager[None]:
+    def _averaged(self) -> AbstractContextManager[object]:
         if self._average is not None:
             return self._average.swapped_in(self.optimizer.param_groups)
         if isinstance(self.optimizer, SelfTuned) and self.optimizer.average is not None:
