@@ -206,6 +206,24 @@ def test_a_checkpoint_saved_at_the_average_holds_the_training_weights(tmp_path: 
     assert all(map(torch.equal, run(resume=False), run(resume=True)))
 
 
+def test_a_half_precision_average_is_kept_in_float32() -> None:
+    """In bfloat16 each update of the average rounds away once it is within about 2**-8 /
+    (1 - decay) of the weights: one of weights that jumped to 4.0 and stayed stopped at 3.86
+    (decay 0.99).  Kept in float32 it reaches them; swapped in, it is their dtype again."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = selftune.wrap(torch.optim.SGD([w], lr=3.0), "off", guard=False, average=0.99)
+    for t in range(1, 1001):
+        opt.zero_grad()
+        w.grad = torch.full_like(w, -1.0 if t == 1 else 0.0)  # one step to 4.0, then none
+        opt.step()
+    ((average,),) = opt.average.tensors
+    assert average.dtype == torch.float32
+    assert average.tolist() == pytest.approx([4.0] * 4, abs=1e-3)
+    with opt.averaged():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, average.to(torch.bfloat16))
+    assert w.tolist() == [4.0] * 4
+
+
 def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
     task = make_task()
     first, _, second = task.model.children()
