@@ -193,6 +193,13 @@ class _NoLr(torch.optim.Optimizer):
         return None
 
 
+def _stepped(loss: Any) -> None:
+    opt, pr = _sgd()
+    wrapped = selftune.wrap(opt)
+    pr.batch_loss(1).backward()  # type: ignore[attr-defined]
+    wrapped.step(loss=loss)
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [
@@ -203,6 +210,14 @@ class _NoLr(torch.optim.Optimizer):
         (lambda: selftune.wrap(_sgd()[0], max_change={"lr": 0.5}), "max_change for lr"),
         (lambda: selftune.wrap(_sgd()[0], frozen={"gamma"}), "unknown knob 'gamma'"),
         (lambda: selftune.wrap(object()), "needs a torch.optim.Optimizer"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], bounds={"lr": 5}), r"give a pair \(low, high\)"),
+        (lambda: selftune.wrap(_sgd()[0], max_change={"lr": "2"}), "give a number, got '2'"),
+        (lambda: selftune.wrap(_sgd()[0], log_dir=123), "give a folder path"),  # type: ignore[arg-type]
+        (lambda: selftune.GuardConfig(interval="5"), r"interval='5' \(steps between"),  # type: ignore[arg-type]
+        (lambda: selftune.GuardConfig(z=math.nan), "z=nan .*give a number"),
+        (lambda: selftune.GuardConfig(early_ratio=0.5), r"early_ratio=0.5 .* outside \(1, inf\)"),
+        (lambda: _stepped(torch.ones(2)), r"needs one number, got a tensor of shape \(2,\)"),
+        (lambda: _stepped("0.5"), "needs a number or a one-element tensor, got str"),
     ],
 )
 def test_bad_input_names_the_problem(make: object, words: str) -> None:

@@ -36,6 +36,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from selftune.controllers.base import Option, check_options
 from selftune.errors import ConfigError, GuardError
 from selftune.signals import Signals
 
@@ -63,14 +64,25 @@ class GuardConfig:
     offload: bool = True
 
     def __post_init__(self) -> None:
-        if self.interval < 1 or self.warmup < 0 or self.max_retries < 1:
-            raise ConfigError(
-                f"guard interval, warmup and max_retries must be >= 1, >= 0, >= 1; got {self}"
-            )
-        if not 0.0 < self.backoff < 1.0:
-            raise ConfigError(f"guard backoff must lie in (0, 1), got {self.backoff}")
-        if self.z <= 0 or self.ratio <= 1 or self.grad_ratio <= 1:
-            raise ConfigError(f"guard z must be > 0 and ratios > 1; got {self}")
+        check_options(GUARD_OPTIONS, vars(self))
+        if not isinstance(self.offload, bool):
+            raise ConfigError(f"offload={self.offload!r}: give True or False")
+
+
+#: the range of each GuardConfig setting (a NaN or infinite threshold would switch its check off)
+GUARD_OPTIONS = {
+    "interval": Option("steps between snapshots", "25", 1, whole=True),
+    "warmup": Option("healthy steps before spikes are judged by z-score", "20", 0, whole=True),
+    "z": Option("standard deviations above its level that make a spike", "6.0", 0, open_low=True),
+    "ratio": Option("the loss's rise over its level that a spike needs", "3.0", 1, open_low=True),
+    "grad_ratio": Option(
+        "the gradient norm's rise over its level that a spike needs", "10.0", 1, open_low=True
+    ),
+    "early_ratio": Option("the jump that is a spike before warmup", "10.0", 1, open_low=True),
+    "backoff": Option("the factor on the rate after a rollback", "0.5", 0, high=1, open_low=True),
+    "max_retries": Option("rollbacks in a row before the run stops", "6", 1, whole=True),
+    "keep_initial": Option("steps the first snapshot is kept for", "100", 0, whole=True),
+}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ which the controller restarts from a snapshot.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -49,6 +50,14 @@ class Policy:
     lr_bounds_absolute: bool = False
 
     def __post_init__(self) -> None:
+        for name, pair in dict(self.bounds).items():
+            if not (
+                isinstance(pair, tuple | list) and len(pair) == 2 and all(map(_is_number, pair))
+            ):
+                raise ConfigError(f"bounds for {name}: give a pair (low, high), got {pair!r}")
+        for name, limit in dict(self.max_change).items():
+            if not _is_number(limit):
+                raise ConfigError(f"max_change for {name}: give a number, got {limit!r}")
         bounds = {**DEFAULT_BOUNDS, **dict(self.bounds)}
         max_change = {**DEFAULT_MAX_CHANGE, **dict(self.max_change)}
         object.__setattr__(self, "bounds", bounds)
@@ -89,7 +98,10 @@ class Policy:
         return cls(
             bounds=dict(bounds or {}),
             max_change=dict(max_change or {}),
-            frozen=frozenset({"beta2"} if frozen is None else frozen),
+            # one name is one knob, not the letters of one
+            frozen=frozenset(
+                {"beta2"} if frozen is None else [frozen] if isinstance(frozen, str) else frozen
+            ),
             lr_bounds_absolute=lr_bounds_absolute,
         )
 
@@ -123,3 +135,8 @@ class Policy:
             value = min(max(value, lo), hi)
             notes.append(f"bounded to [{lo:.3g}, {hi:.3g}]")
         return value, ("clipped: " + ", ".join(notes)) if notes else None
+
+
+def _is_number(value: object) -> bool:
+    """A real number (numpy's scalars too), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -16,11 +16,14 @@ scalars).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from selftune.errors import ConfigError
 
 #: state keys of the running average of gradients that acts as a momentum buffer
 _BUFFER_KEYS = ("momentum_buffer", "exp_avg")
@@ -146,7 +149,16 @@ class SignalTracker:
             layout.append((len(grads), n_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
+            if scalar.numel() != 1:
+                raise ConfigError(
+                    f"step(loss=...) needs one number, got a tensor of shape "
+                    f"{tuple(scalar.shape)}: reduce it first (its mean, say)"
+                )
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
+        elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
+            raise ConfigError(
+                f"step(loss=...) needs a number or a one-element tensor, got {type(loss).__name__}"
+            )
         if parts:
             device = parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits)

@@ -104,6 +104,10 @@ class SelfTuned(torch.optim.Optimizer):
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
         self.controller = make_controller(controller, **controller_options)
+        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+            raise ConfigError(
+                f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
+            )
         config = GuardConfig() if guard is True else guard
         if config is False or config is None:
             config = None
