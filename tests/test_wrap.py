@@ -113,6 +113,76 @@ def test_float64_parameters_are_measured_in_float64() -> None:
     assert opt.last_signals.groups[0].update_norm > 0
 
 
+def test_a_scheduler_at_zero_holds_the_rate_there_and_a_rollback_survives_it() -> None:
+    """A warm-up from zero, a decay to zero: the rate is the scheduler's to hold at zero, and no
+    decision divides by it (a ZeroDivisionError in every controller's step at the zero, and in
+    a rollback to a snapshot taken there)."""
+    for controller in selftune.CONTROLLERS:
+        inner, pr = _sgd(lr=0.01)
+        opt = selftune.wrap(inner, controller)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)
+        for t in range(1, 41):
+            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach() * (math.nan if t == 12 else 1.0))  # back to step 1's
+            sched.step()
+        assert opt.param_groups[0]["lr"] == 0.01 and opt.hyperparams()[0]["lr"] > 0
+        decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, end_factor=0.0, total_iters=5)
+        for t in range(41, 51):
+            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            decay.step()
+        assert opt.param_groups[0]["lr"] == 0.0 == opt.hyperparams()[0]["lr"]
+
+
+class _Push:
+    """A controller that pushes one knob by ``delta`` at every step."""
+
+    name = "push"
+    reads_buffer = False
+
+    def __init__(self, knob: str, delta: float) -> None:
+        self.knob, self.delta = knob, delta
+
+    def propose(self, signals: Any, knobs: Any) -> list[Any]:
+        value = knobs[0][self.knob] + self.delta
+        return [selftune.controllers.Proposal(0, self.knob, value, "push")]
+
+    def on_backoff(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("make", "knob", "delta", "bound"),
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "beta1", -0.02, 0.5),
+        (lambda p: torch.optim.SGD(p, lr=2.0, momentum=0.9), "momentum", 0.02, 0.995),
+    ],
+)
+def test_a_knob_other_than_the_rate_is_held_to_its_own_bounds(
+    make: Any, knob: str, delta: float, bound: float
+) -> None:
+    """Not to bounds widened to the starting *rate*: beta1 went down to Adam's 1e-3, momentum up
+    to SGD's 2.0."""
+    pr = noisy_quadratic(seed=1)
+    opt = selftune.wrap(make(pr.model.parameters()), _Push(knob, delta), guard=False)
+    for t in range(1, 61):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert opt.hyperparams()[0][knob] == pytest.approx(bound)
+
+
 def test_a_tensor_rate_is_written_in_place() -> None:
     pr = noisy_quadratic(seed=1)
     opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3)))

@@ -526,16 +526,21 @@ class SelfTuned(torch.optim.Optimizer):
             return None
         old = current[p.knob]
         base = knobs_io.read(self.param_groups[p.group], "lr")
+        if p.knob == "lr" and base <= 0.0:
+            return None  # a scheduler holds the rate at zero (a warm-up's start): no scale moves it
         note: str | None = None
         if p.raw:
             value = p.value
             new = value * base if p.knob == "lr" else value
         else:
+            # the rate's bounds are factors of its start; another knob's own bounds are widened
+            # only to where the user put it (the start of the rate has nothing to say there)
+            start = self._start[p.group] if p.knob == "lr" else old
             if not limited:
-                lo, hi = self.policy.limits(p.knob, self._start[p.group])
+                lo, hi = self.policy.limits(p.knob, start)
                 new = min(max(p.value, lo), hi)
             else:
-                new, note = self.policy.clip(p.knob, old, p.value, self._start[p.group])
+                new, note = self.policy.clip(p.knob, old, p.value, start)
             value = new / base if p.knob == "lr" else new
         if new == old:
             return None
@@ -612,16 +617,19 @@ class SelfTuned(torch.optim.Optimizer):
                 p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
         # torch's load_state_dict moves the state to each parameter's device; it also puts back
         # the groups' settings as they were.  The settings in force now stay instead (the caller
-        # sets the knobs the snapshot held): a chained LR scheduler builds on the rate it finds,
-        # and one put back from before its decay would stay that much too high for the rest of
-        # the run.  Only the base rate of a rollback is the lower of the two: a rate written
-        # since the snapshot may be what failed (a scheduler or user code gone wrong).
+        # sets the knobs the snapshot held): the base rate is the LR scheduler's, and a chained
+        # one builds on the rate it finds, so one put back from before its decay stayed that
+        # much too high for the rest of the run.  A rollback (``lower_rates``) still takes the
+        # snapshot's base rate where it was lower, but not zero: a rate written since the
+        # snapshot may be what failed (a scheduler or user code gone wrong; the guard's fault
+        # tests write 1e3), and a guard errs on the low side.  The price: a chained warm-up
+        # rolled back goes on from the lower rate, below its schedule by that factor.
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         for group, kept in zip(self.param_groups, settings, strict=True):
             then = knobs_io.read(group, "lr")
             group.update(kept)
-            if lower_rates and then < knobs_io.read(group, "lr"):
+            if lower_rates and 0.0 < then < knobs_io.read(group, "lr"):
                 knobs_io.write(group, "lr", then)
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
