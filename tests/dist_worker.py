@@ -92,9 +92,15 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(
-    model: torch.nn.Module, opt: SelfTuned, step: int, rank: int, nan: bool = False
+    model: torch.nn.Module,
+    opt: SelfTuned,
+    step: int,
+    rank: int,
+    nan: bool = False,
+    as_float: bool = False,
 ) -> None:
-    """One optimizer step; ``nan`` reports a NaN loss (the gradients stay finite)."""
+    """One optimizer step; ``nan`` reports a NaN loss (the gradients stay finite);
+    ``as_float`` reports it as a Python number (``loss.item()``), not a tensor."""
     x, y = batch(step, rank)
     loss = torch.nn.functional.mse_loss(model(x), y)
     opt.zero_grad()
@@ -102,7 +108,7 @@ def train_step(
     reported = loss.detach()
     if nan:
         reported = torch.full_like(reported, math.nan)
-    opt.step(loss=reported)
+    opt.step(loss=reported.item() if as_float else reported)
 
 
 def final_state(model: torch.nn.Module, opt: SelfTuned) -> dict[str, Any]:
@@ -191,10 +197,11 @@ def _run(
     rank: int,
     nan_step: int | None = None,
     evaluate: bool = False,
+    as_float: bool = False,
 ) -> dict[str, Any]:
     model, opt, rec = _build(name, out / run, rank)
     for t in range(1, steps + 1):
-        train_step(model, opt, t, rank, nan=t == nan_step and rank == 1)
+        train_step(model, opt, t, rank, nan=t == nan_step and rank == 1, as_float=as_float)
         if evaluate and t % EVALUATE == 0:
             opt.observe(metric(t, rank))
     torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
@@ -246,6 +253,7 @@ def main() -> None:
         )
     results["nan"] = _run(args.out, "nan", "sgd", args.steps, rank, nan_step=args.nan_step)
     results["metric"] = _run(args.out, "metric", "adamw", args.steps, rank, evaluate=True)
+    results["float-loss"] = _run(args.out, "float-loss", "sgd", args.steps, rank, as_float=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -108,7 +108,7 @@ def hyperparams_from_log(run_dir: Path, steps: int) -> list[list[dict[str, float
     return out
 
 
-RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan", "metric"]
+RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan", "metric", "float-loss"]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -153,6 +153,16 @@ def test_a_nan_loss_on_one_rank_rolls_back_every_rank(
     assert after < before and math.isfinite(after)
     # up to the NaN the run is the reference run: the rollback is the only difference
     assert ranks[0]["nan"]["hp"][: NAN_STEP - 1] == ranks[0]["ref-sgd"]["hp"][: NAN_STEP - 1]
+
+
+def test_a_loss_given_as_a_number_is_averaged_over_the_ranks_as_a_tensor_is(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """``step(loss=loss.item())``: a number stayed out of the ranks' average, so each rank read
+    its own loss and decided differently (or one rank's guard rolled back alone and the ranks'
+    next collectives no longer matched: a hang)."""
+    _, ranks = ddp
+    assert ranks[0]["float-loss"]["hp"] == ranks[0]["ref-sgd"]["hp"]
 
 
 def test_every_rank_reads_the_mean_of_the_ranks_metrics(

@@ -155,10 +155,15 @@ class SignalTracker:
                     f"{tuple(scalar.shape)}: reduce it first (its mean, say)"
                 )
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
-        elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
-            raise ConfigError(
-                f"step(loss=...) needs a number or a one-element tensor, got {type(loss).__name__}"
-            )
+        elif loss is not None:
+            if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+                raise ConfigError(
+                    "step(loss=...) needs a number or a one-element tensor, got "
+                    f"{type(loss).__name__}"
+                )
+            if _across_ranks():  # a number joins the stack too: every rank reads their mean
+                loss = torch.tensor(float(loss), dtype=torch.float32)
+                parts.append(loss)
         if parts:
             device = parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits)
@@ -319,10 +324,15 @@ def average_across_ranks(stacked: torch.Tensor) -> None:
     gradients are already averaged, so only the loss (and its statistics) change.  Every rank must
     pass a loss, or none must: the stacked sizes have to match.
     """
+    if _across_ranks():
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
+        stacked.div_(torch.distributed.get_world_size())
+
+
+def _across_ranks() -> bool:
+    """Whether this process is one of several ranks of ``torch.distributed``."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        stacked.div_(dist.get_world_size())
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | None:
