@@ -183,6 +183,45 @@ def test_a_knob_other_than_the_rate_is_held_to_its_own_bounds(
     assert opt.hyperparams()[0][knob] == pytest.approx(bound)
 
 
+def test_the_knobs_are_those_the_group_came_with() -> None:
+    """Adam with beta1 = 0 keeps no first moment and SGD with momentum 0 no buffer: neither is
+    switched on; and a momentum pushed down to its floor of zero stays a knob (it vanished from
+    the knobs, and no later proposal could raise it again)."""
+    pr = noisy_quadratic(seed=1)
+    adam = torch.optim.Adam(pr.model.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    assert list(selftune.wrap(adam, "hypergradient").hyperparams()[0]) == ["lr", "beta2"]
+    pr = noisy_quadratic(seed=1)
+    sgd = torch.optim.SGD(pr.model.parameters(), lr=0.01, momentum=0.1)
+    opt = selftune.wrap(sgd, _Push("momentum", -0.1), guard=False)
+    for t in range(1, 13):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        if t == 6:  # at +-0.02 a step, down from 0.1
+            assert opt.hyperparams()[0]["momentum"] == 0.0
+            opt.controller.delta = 0.05  # type: ignore[attr-defined]
+    assert opt.hyperparams()[0]["momentum"] == pytest.approx(0.12)
+
+
+def test_a_warm_up_built_before_the_wrap_starts_from_the_rate_it_was_given() -> None:
+    """A scheduler built first (Lightning's configure_optimizers, the Trainer's warm-up) may
+    have written zero into ``lr`` already: the wrap accepts it, and bounds the rate by the
+    ``initial_lr`` the scheduler recorded, not by that zero."""
+    inner, pr = _sgd(lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: min(1.0, s / 5))
+    assert inner.param_groups[0]["lr"] == 0.0
+    opt = selftune.wrap(inner, _Push("lr", -1.0), guard=False)
+    for t in range(1, 61):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        sched.step()
+    floor, _ = opt.policy.limits("lr", 0.01)
+    assert floor > 0 and opt.hyperparams()[0]["lr"] == pytest.approx(floor)
+
+
 def test_a_tensor_rate_is_written_in_place() -> None:
     pr = noisy_quadratic(seed=1)
     opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3)))

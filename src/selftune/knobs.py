@@ -10,6 +10,7 @@ compiled step sees the same tensor and does not recompile.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -32,8 +33,21 @@ def knob_names(group: dict[str, Any]) -> tuple[str, ...]:
         names.append("momentum")
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and len(betas) == 2:
-        names += ["beta1", "beta2"]
+        # Adam with beta1 = 0 keeps no first moment, as SGD with momentum 0 keeps no buffer
+        names += ["beta1", "beta2"] if _as_float(betas[0]) > 0.0 else ["beta2"]
     return tuple(names)
+
+
+def start_rate(group: dict[str, Any]) -> float:
+    """The rate the user gave the group: the ``initial_lr`` an LR scheduler records when it is
+    built (a warm-up may already have written its first rate, zero even, into ``lr``), else
+    ``lr``."""
+    initial = group.get("initial_lr")
+    if isinstance(initial, numbers.Real | torch.Tensor) and not isinstance(initial, bool):
+        value = _as_float(initial)
+        if math.isfinite(value) and value > 0.0:
+            return value
+    return read(group, "lr")
 
 
 def check_group(index: int, group: dict[str, Any]) -> None:
@@ -49,7 +63,7 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             raise ConfigError(
                 f"param group {index}: {name}={value} is not finite; pass a finite value"
             )
-    if read(group, "lr") <= 0.0:
+    if start_rate(group) <= 0.0:  # zero only where a scheduler's warm-up starts from it
         raise ConfigError(f"param group {index}: lr={read(group, 'lr')} must be > 0")
 
 

@@ -127,7 +127,9 @@ class SelfTuned(torch.optim.Optimizer):
         self.guard: Guard | None = None if config is None else Guard(config)
         self.step_count = 0
         self._scales = [1.0] * len(self.param_groups)
-        self._start = [self._effective(i) for i in range(len(self.param_groups))]
+        #: each group's knobs, fixed when it joins: a momentum clipped to zero stays a knob
+        self._names = [knobs_io.knob_names(g) for g in self.param_groups]
+        self._start = [knobs_io.start_rate(g) for g in self.param_groups]
         self._tracker = SignalTracker(lambda: self.param_groups)
         #: the weight average evaluated in the weights' place (``averaged``), if one is kept
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
@@ -200,7 +202,8 @@ class SelfTuned(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._scales.append(1.0)
-        self._start.append(self._effective(i))
+        self._names.append(knobs_io.knob_names(self.param_groups[i]))
+        self._start.append(knobs_io.start_rate(self.param_groups[i]))
         self._tracker.group_added()
         if self.average is not None:
             self.average.group_added(self.param_groups[i])
@@ -462,7 +465,7 @@ class SelfTuned(torch.optim.Optimizer):
         group = self.param_groups[i]
         return {
             name: self._effective(i) if name == "lr" else knobs_io.read(group, name)
-            for name in knobs_io.knob_names(group)
+            for name in self._names[i]
         }
 
     def _set(self, i: int, knob: str, value: float) -> None:
@@ -682,7 +685,7 @@ class SelfTuned(torch.optim.Optimizer):
         groups = [
             {
                 "index": i,
-                "knobs": list(knobs_io.knob_names(g)),
+                "knobs": list(self._names[i]),
                 "num_params": sum(p.numel() for p in g["params"]),
             }
             for i, g in enumerate(self.param_groups)
