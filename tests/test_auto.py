@@ -716,6 +716,29 @@ def test_a_metric_without_a_new_best_in_four_evaluations_halves_the_rate_once() 
     assert [p for _, _, p in _cruise_with_metric(rising, "min") if "metric" in p.reason]
 
 
+def test_a_group_that_never_steps_does_not_hold_back_a_metric_cut() -> None:
+    """A frozen backbone's group (no gradient, in the optimizer for a later unfreezing) never
+    starts its range test; a stalled metric still halves the trainable group's rate (it never
+    did: the cut waited for every group to cruise)."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    head, backbone = torch.nn.Linear(4, 1), torch.nn.Linear(4, 4).requires_grad_(False)
+    groups = [{"params": head.parameters()}, {"params": backbone.parameters(), "lr": 1e-4}]
+    opt = selftune.wrap(torch.optim.SGD(groups, lr=0.01))
+    cuts: list[int] = []
+    opt.add_listener(lambda e: cuts.extend(d.step for d in e.decisions if "metric" in d.reason))
+    for t in range(1, 401):
+        x = torch.randn(32, 4, generator=gen)
+        y = x.sum(1, keepdim=True) + torch.randn(32, 1, generator=gen)
+        loss = torch.nn.functional.mse_loss(head(backbone(x).tanh()), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        if t % 20 == 0:
+            opt.observe(1.0)  # a metric that has stopped improving
+    assert cuts
+
+
 def test_evaluations_during_the_range_test_do_not_count_towards_a_stall() -> None:
     ctl, knobs = AutoController(), [{"lr": 1e-3, "momentum": 0.9}]
     cosines = _noise(10, 0.4, 0.05) + [-0.3] * 5

@@ -397,7 +397,8 @@ class AutoController:
         before a new best; pilot 45).  Only evaluations that find every group cruising count
         towards it: during the range test the rate itself is moving, and a metric standing
         still then says nothing about the rate the cruise will hold, so the count starts again
-        (the best is kept).  The cut is final, not a trial as a plateau cut of the loss is: a
+        (the best is kept); a group that has never stepped, with no gradient yet, does not hold
+        the count back.  The cut is final, not a trial as a plateau cut of the loss is: a
         test of it against the best (kept on a new best within as many evaluations again, else
         undone) undid the cuts that helped on the digits MLP, whose test accuracy swings by
         up to 0.07 between evaluations, so that a lucky best is seldom beaten soon (pilot 45).
@@ -405,7 +406,11 @@ class AutoController:
         if s.metric is None:
             return False
         stalled = self._metric.update(s.metric, s.metric_mode == "max")
-        cruising = all(phase == "cruise" for phase in self._phase)
+        # a group that has never stepped (a frozen backbone's) is no range test under way
+        cruising = all(
+            phase == "cruise" or steps == 0
+            for phase, steps in zip(self._phase, self._ramp_steps, strict=True)
+        )
         if stalled or not cruising:
             self._metric.bad = 0
         return stalled and cruising
