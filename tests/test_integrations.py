@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,67 @@ def test_lightning_evaluates_a_best_checkpoint_at_the_average_that_chose_it(
         averaged_state_dict(torch.load(weights, weights_only=False))
 
 
+class _Manual(_TinyModule):
+    """Two optimizers, stepped by hand (manual optimization)."""
+
+    def __init__(self) -> None:
+        super().__init__(scheduler=False)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.AdamW(self.net[0].parameters(), lr=1e-3),
+            torch.optim.AdamW(self.net[2].parameters(), lr=1e-3),
+        ]
+
+
+def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Path) -> None:
+    """A backward does not say whose loss it is: the one feed for all gave one optimizer the
+    sum of every loss and the other none."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    cb = SelfTuneCallback("off")
+    with pytest.warns(UserWarning, match="with 2 optimizers a backward does not say"):
+        _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_Manual(), _loader())
+    assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
+
+
+def test_lightning_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(tmp_path: Path) -> None:
+    """The scaler skips the first steps of 16-bit training as it backs off; a skipped step's
+    loss stayed in the feed and was added to the next step's."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _TinyModule(scheduler=False)
+    seen: list[float | None] = []
+
+    class Listen(pl.Callback):
+        def on_fit_start(self, trainer: Any, module: Any) -> None:
+            trainer.strategy.optimizers[0].add_listener(lambda e: seen.append(e.loss))
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # far too high: it backs off
+    precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    callbacks = [SelfTuneCallback("off"), Listen()]
+    trainer = _trainer(16, None, tmp_path, callbacks=callbacks, plugins=[precision])
+    trainer.fit(model, _loader())
+    assert 0 < len(seen) < len(model.losses)  # some steps were skipped
+    # each applied step read its own batch's loss (in fp16), not the sum with skipped ones
+    assert all(any(abs(s - m) < 0.02 * m for m in model.losses) for s in seen if s is not None)
+    assert max(s for s in seen if s is not None) < 1.1 * max(model.losses)
+
+
 _LIGHTNING_INEXACT = (
     "resumed through Lightning, hypergradient (which moves lr and beta1 at every step) ends "
     "0.2% away from the uninterrupted run after 32 more steps, so some state is restored only "
@@ -291,10 +353,42 @@ def test_lightning_checkpoint_resume_continues_with_the_same_knobs(
     ]
 
 
+def test_an_optimizer_wrapped_before_its_scheduler_is_fed_the_loss() -> None:
+    """A scheduler built on the wrapper (``Trainer(optimizers=(selftune.wrap(opt), sched))``, or
+    ``configure_optimizers`` returning both) replaced its ``step`` with one that called
+    ``SelfTuned.step``: once fed, the loss never reached it."""
+    from selftune.integrations._feed import LossFeed, feed_from
+
+    model = torch.nn.Linear(16, 4)
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters()))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    feed = LossFeed()
+    fed = feed_from(opt, feed)
+    x, y = _data(32)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        fed.zero_grad()
+        loss.backward()
+        feed.add(loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the scheduler still finds its mark on step
+            fed.step()
+            sched.step()
+        assert fed.last_signals is not None and fed.last_signals.loss == float(loss)
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def _hf_trainer(out: Path, max_steps: int, evaluate: bool = False, **args: Any) -> Any:
+def _hf_trainer(
+    out: Path,
+    max_steps: int,
+    evaluate: bool = False,
+    held_out: Callable[[list[Any]], Any] | None = None,
+    **args: Any,
+) -> Any:
+    """A tiny GPT-2 ``Trainer``; ``evaluate``: held out are the first 64 sequences, or what
+    ``held_out`` makes of the data."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -329,8 +423,10 @@ def _hf_trainer(out: Path, max_steps: int, evaluate: bool = False, **args: Any) 
         seed=0,
         **args,
     )
-    held_out = data[:64] if evaluate else None
-    return transformers.Trainer(model=model, args=targs, train_dataset=data, eval_dataset=held_out)
+    evaluation = (held_out or (lambda d: d[:64]))(data) if evaluate else None
+    return transformers.Trainer(
+        model=model, args=targs, train_dataset=data, eval_dataset=evaluation
+    )
 
 
 def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> None:
@@ -380,6 +476,39 @@ def test_huggingface_trainer_gives_each_evaluations_loss(tmp_path: Path) -> None
     observed = [(row["step"], row["metric"]) for row in _trace(tmp_path / "run") if "metric" in row]
     assert observed == [(11, pytest.approx(evaluated[0])), (21, pytest.approx(evaluated[1]))]
     assert opt.step_count == 30
+
+
+def test_huggingface_evaluations_named_otherwise_are_neither_observed_nor_polluted(
+    tmp_path: Path,
+) -> None:
+    """Several evaluation sets (keys ``eval_<name>_loss``) train on, reading the one named by
+    ``metric_for_best_model``; an ``evaluate()`` after training, with its own prefix, is not
+    observed (it raised that it gave no 'eval_loss') and returns only its own metrics (it
+    returned selftune's knobs among them, which ``hyperparameter_search`` then summed)."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(
+        tmp_path / "out",
+        20,
+        evaluate=True,
+        held_out=lambda d: {"a": d[:32], "b": d[32:64]},
+        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=10,
+        metric_for_best_model="eval_a_loss",
+    )
+    data = trainer.train_dataset
+    opt = wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    with pytest.warns(UserWarning, match="gave no 'eval_a_loss'"):  # dataset b's, said once
+        trainer.train()
+    observed = [row["metric"] for row in _trace(tmp_path / "run") if "metric" in row]
+    evaluated = [r["eval_a_loss"] for r in trainer.state.log_history if "eval_a_loss" in r]
+    assert observed == [pytest.approx(evaluated[0])]  # step 11 read step 10's; 20 was the last
+    pending = opt._metric  # step 20's evaluation, which no step read
+    metrics = trainer.evaluate(data[:32], metric_key_prefix="test")
+    assert not [k for k in metrics if k.startswith("selftune/")]
+    assert opt._metric == pending  # the evaluation after training was not observed
+    assert [r for r in trainer.state.log_history if "loss" in r and "selftune/group0/lr" in r]
 
 
 def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> None:

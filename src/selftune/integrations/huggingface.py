@@ -72,6 +72,8 @@ class SelfTuneTrainerCallback(TrainerCallback):
     def __init__(self, observe_eval: bool = True) -> None:
         self.optimizer: SelfTuned | None = None
         self.observe_eval = observe_eval
+        self._training = False  #: between on_train_begin and on_train_end
+        self._missing: set[str] = set()  #: metric keys an evaluation lacked (warned once)
 
     def on_train_begin(
         self,
@@ -82,6 +84,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self.optimizer = find_selftuned(optimizer)
+        self._training = True
         if self.optimizer is None:
             raise selftune.ConfigError(
                 f"SelfTuneTrainerCallback found a {type(optimizer).__name__}, not a selftune "
@@ -110,16 +113,24 @@ class SelfTuneTrainerCallback(TrainerCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self.optimizer is None or not self.observe_eval or metrics is None:
+        # during training only: an evaluate() after it has no step left to read the metric
+        if self.optimizer is None or not self.observe_eval or metrics is None or not self._training:
             return
         name = args.metric_for_best_model or "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
-            raise selftune.ConfigError(
-                f"the evaluation gave no {key!r} (it gave {', '.join(sorted(metrics))}): set "
-                "TrainingArguments(metric_for_best_model=...) to one of them, or pass "
-                "observe_eval=False to wrap_trainer_optimizer"
-            )
+            # one of several evaluation sets, whose keys carry its name, may not hold it; say
+            # so once, and go on (the Trainer's own best-model choice also reads this key)
+            if key not in self._missing:
+                self._missing.add(key)
+                warnings.warn(
+                    f"an evaluation gave no {key!r} (it gave {', '.join(sorted(metrics))}), so "
+                    "selftune did not read it; set TrainingArguments(metric_for_best_model=...) "
+                    "to the metric to tune by, or pass observe_eval=False to "
+                    "wrap_trainer_optimizer",
+                    stacklevel=2,
+                )
+            return
         self.optimizer.observe(metrics[key], mode="max" if args.greater_is_better else "min")
 
     def on_train_end(
@@ -129,6 +140,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
         the module docstring).  After ``load_best_model_at_end`` the ``Trainer`` has loaded the
         best checkpoint's *training* weights, chosen by the metric of its average; that average
         is in the checkpoint's optimizer state, so it is read back from there."""
+        self._training = False
         opt = self.optimizer
         if opt is None or opt.average is None:
             return
@@ -158,7 +170,8 @@ class SelfTuneTrainerCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self.optimizer is None or logs is None:
+        # a training log only: an evaluation's logs are the dict that evaluate() returns
+        if self.optimizer is None or logs is None or "loss" not in logs:
             return
         values = {
             f"selftune/group{g}/{name}": value

@@ -12,7 +12,10 @@ What the callback does, and when:
   adjustment is a scale on top of it, so both compose.
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
-  path where Lightning calls ``scaler.step(optimizer)`` without a closure.
+  path where Lightning calls ``scaler.step(optimizer)`` without a closure; ``on_before_zero_grad``
+  drops what a step the scaler skipped left there.  With several optimizers (manual
+  optimization) a backward does not say whose loss it is: none is fed (a warning says so), and
+  ``training_step`` may pass each its own, ``opt.step(loss=loss.detach())``.
 * ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap_kwargs``), the
   module is validated at each optimizer's weight average (:meth:`~selftune.SelfTuned.averaged`)
   and its training weights come back afterwards.
@@ -39,6 +42,7 @@ What the callback does, and when:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -50,7 +54,7 @@ from lightning.pytorch.callbacks import Callback
 
 import selftune
 from selftune.average import swapped
-from selftune.integrations._feed import FedSelfTuned, LossFeed, feed_from
+from selftune.integrations._feed import LossFeed, feed_from
 from selftune.tuner import SelfTuned
 
 #: The checkpoint key naming each averaged parameter, per optimizer and param group.
@@ -85,7 +89,7 @@ class SelfTuneCallback(Callback):
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
         self.wrap_kwargs = wrap_kwargs
-        self.optimizers: list[FedSelfTuned] = []
+        self.optimizers: list[SelfTuned] = []
         self._feed = LossFeed()
         self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
         self._initial: list[torch.Tensor] | None = None
@@ -108,6 +112,13 @@ class SelfTuneCallback(Callback):
             raise selftune.ConfigError(
                 "SelfTuneCallback found no optimizer: configure_optimizers returned none"
             )
+        if len(originals) > 1:
+            warnings.warn(
+                f"SelfTuneCallback: with {len(originals)} optimizers a backward does not say "
+                "which optimizer's loss it is, so none is fed one: each tunes on its gradient "
+                "signals, unless training_step passes its own, opt.step(loss=loss.detach())",
+                stacklevel=2,
+            )
         with _weights_swapped(list(pl_module.parameters()), self._initial):
             wrapped = [self._wrap(i, opt, len(originals)) for i, opt in enumerate(originals)]
         self._initial = None
@@ -119,16 +130,14 @@ class SelfTuneCallback(Callback):
                     config.scheduler.optimizer = new
         self.optimizers = wrapped
 
-    def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> FedSelfTuned:
-        if isinstance(optimizer, SelfTuned):
-            return feed_from(optimizer, self._feed)  # already wrapped in configure_optimizers
-        log_dir = self.log_dir
-        if log_dir is not None and count > 1:
-            log_dir = log_dir / f"opt{index}"
-        opt = selftune.wrap(optimizer, self.controller, log_dir=log_dir, **self.wrap_kwargs)
-        # torch's LR schedulers mark the step method they watch; keep the mark on the wrapper so
-        # the scheduler does not warn that ``optimizer.step()`` was overridden.
-        return _keep_scheduler_mark(feed_from(opt, self._feed))
+    def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> SelfTuned:
+        opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
+        if not isinstance(opt, SelfTuned):
+            log_dir = self.log_dir
+            if log_dir is not None and count > 1:
+                log_dir = log_dir / f"opt{index}"
+            opt = selftune.wrap(optimizer, self.controller, log_dir=log_dir, **self.wrap_kwargs)
+        return feed_from(opt, self._feed) if count == 1 else opt
 
     # -- the loss -----------------------------------------------------------------------------
     def on_before_backward(
@@ -139,6 +148,13 @@ class SelfTuneCallback(Callback):
             # Lightning scales the loss before this hook under 16-bit AMP; undo it (one sync).
             loss = loss.detach() / scaler.get_scale()
         self._feed.add(loss)
+
+    def on_before_zero_grad(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        # Before each step's first backward (or after a step, in manual optimization): a loss
+        # still in the feed belongs to a step the AMP scaler skipped, not to the next one.
+        self._feed.clear()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
@@ -269,7 +285,7 @@ def averaged_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _averaged_names(
-    module: torch.nn.Module, optimizers: list[FedSelfTuned]
+    module: torch.nn.Module, optimizers: list[SelfTuned]
 ) -> list[list[list[str | None]] | None]:
     """Per optimizer that keeps an average (else None), per group, each parameter's name in the
     module's state dict (None for one the module does not hold)."""
@@ -301,18 +317,3 @@ def _weights_swapped(
 
 def _holds_a_run(log_dir: Path) -> bool:
     return (log_dir / "manifest.json").exists() or (log_dir / "opt0" / "manifest.json").exists()
-
-
-def _keep_scheduler_mark(opt: FedSelfTuned) -> FedSelfTuned:
-    """Mark the wrapper's ``step`` the way torch's LR schedulers mark the optimizer they watch."""
-    inner_step = opt.optimizer.step
-    if getattr(inner_step, "_wrapped_by_lr_sched", False):
-        bound = opt.step
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            opt._opt_called = True  # type: ignore[attr-defined]
-            return bound(*args, **kwargs)
-
-        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-        opt.step = step  # type: ignore[method-assign]
-    return opt
