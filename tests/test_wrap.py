@@ -302,6 +302,13 @@ class _NoLr(torch.optim.Optimizer):
         return None
 
 
+def _without_rate() -> torch.optim.Optimizer:
+    """An optimizer that sets its own rate, as Adafactor with ``lr=None`` does."""
+    opt, _ = _sgd()
+    opt.param_groups[0]["lr"] = None
+    return opt
+
+
 def _stepped(loss: Any) -> None:
     opt, pr = _sgd()
     wrapped = selftune.wrap(opt)
@@ -327,6 +334,9 @@ def _stepped(loss: Any) -> None:
         (lambda: selftune.GuardConfig(early_ratio=0.5), r"early_ratio=0.5 .* outside \(1, inf\)"),
         (lambda: _stepped(torch.ones(2)), r"needs one number, got a tensor of shape \(2,\)"),
         (lambda: _stepped("0.5"), "needs a number or a one-element tensor, got str"),
+        (lambda: selftune.wrap(_without_rate()), "lr=None is not a number"),
+        (lambda: selftune.wrap(_sgd()[0], AutoController), "is a class: pass an instance"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], AutoController(), ramp=1.5), "go with a controller's"),
     ],
 )
 def test_bad_input_names_the_problem(make: object, words: str) -> None:

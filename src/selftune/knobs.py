@@ -57,6 +57,13 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             f"param group {index} has no 'lr' (keys: {sorted(k for k in group if k != 'params')}); "
             "selftune tunes optimizers whose param groups hold a learning rate"
         )
+    rate = group["lr"]
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real | torch.Tensor):
+        raise ConfigError(
+            f"param group {index}: lr={rate!r} is not a number; selftune scales a rate the "
+            "optimizer holds (an optimizer that sets its own, as Adafactor with lr=None and "
+            "relative_step=True, has none to tune: give it an lr, relative_step=False)"
+        )
     for name in knob_names(group):
         value = read(group, name)
         if not math.isfinite(value):

@@ -705,7 +705,9 @@ class SelfTuned(torch.optim.Optimizer):
         )
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
-            self._trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            # newline "\n": the byte count that resuming truncates to is the file's on every OS
+            trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+            self._trace = trace
             self._trace_bytes = os.fstat(self._trace.fileno()).st_size
 
     def _write_added(self) -> None:

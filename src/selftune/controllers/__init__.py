@@ -23,7 +23,17 @@ CONTROLLERS: dict[str, Callable[..., Controller]] = {
 def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
     """A controller from its registry name (or an instance, returned as is)."""
     if not isinstance(name, str):
+        if isinstance(name, type):  # the protocol's check passes a class, whose methods exist
+            raise ConfigError(
+                f"controller={name.__name__} is a class: pass an instance, "
+                f"{name.__name__}(...), or a name such as 'auto'"
+            )
         if isinstance(name, Controller):
+            if kwargs:  # they would be dropped silently
+                raise ConfigError(
+                    f"controller options {sorted(kwargs)} go with a controller's name; an "
+                    f"instance is built with its own: {type(name).__name__}(...)"
+                )
             return name
         raise ConfigError(f"controller must be a name or a Controller, got {type(name).__name__}")
     if name not in CONTROLLERS:
