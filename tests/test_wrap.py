@@ -563,3 +563,21 @@ def test_a_state_saved_between_an_add_and_the_next_step_resumes_to_a_log_that_ve
     assert audit.verify(tmp_path / "res").records == audit.verify(tmp_path / "ref").records
     for name in ("decisions.jsonl", "trace.jsonl"):
         assert (tmp_path / "res" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_a_run_started_again_into_its_own_folder_is_refused(tmp_path: Path) -> None:
+    """The same seeded script run twice into one folder: the folder knows the run (its initial
+    weights) and took the second for a resume, but no state was loaded, so the log went on at
+    step 1 again, steps 1-20 twice over, and verified."""
+
+    def run() -> None:
+        inner, pr = _sgd()
+        opt = selftune.wrap(inner, log_dir=tmp_path / "run", seed=0)
+        train(pr, opt, 20)  # type: ignore[arg-type]
+        opt.close()
+
+    run()
+    with pytest.raises(selftune.ConfigError, match="already holds steps of this run"):
+        run()
+    trace = (tmp_path / "run" / "trace.jsonl").read_text().splitlines()
+    assert len(trace) == 20

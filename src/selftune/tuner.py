@@ -315,6 +315,14 @@ class SelfTuned(torch.optim.Optimizer):
             loss = result if loss is None else loss
             inner_closure = _replay_once(closure, result)
         t = self.step_count + 1
+        if t == 1 and self._trace_bytes > 0:
+            assert self._log is not None
+            raise ConfigError(
+                f"{self._log.path} already holds steps of this run (its trace.jsonl is not "
+                "empty), and this one starts from step 1: to resume it, load its checkpoint "
+                "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
+                "start again, log to a new folder"
+            )
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
         self.last_signals = signals
