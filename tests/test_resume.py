@@ -16,6 +16,7 @@ import pytest
 import torch
 from dist_worker import (
     OPTIMIZERS,
+    SEED,
     assert_same_state,
     dropped_on_resume,
     final_state,
@@ -27,6 +28,7 @@ from dist_worker import (
 
 import selftune
 from selftune import checkpoint
+from selftune.audit import read_log
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.tuner import SelfTuned
 
@@ -269,6 +271,27 @@ def test_a_checkpoint_forces_the_log_it_points_into_to_disk(
     assert {"decisions.jsonl", "trace.jsonl"} <= set(synced)
     assert synced.index("decisions.jsonl") < len(synced) - 2  # before the checkpoint's own
     opt.close()
+
+
+def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -> None:
+    """Reopened with other settings, the folder notes that its manifest changed; loading the
+    checkpoint cut that note away with the steps after the checkpoint, and counted it among
+    them, so the log no longer said that the rest of the run ran otherwise."""
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "run")
+    train(model, opt, range(1, 11))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=10)
+    train(model, opt, range(11, 16))
+    opt.close()
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    guard = selftune.GuardConfig(interval=10)  # not the run's: a changed manifest
+    opt = selftune.wrap(inner, log_dir=tmp_path / "run", seed=SEED, average=True, guard=guard)
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    opt.close()
+    notes = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
+    assert len(notes) == 2 and notes[0].startswith("resumed: dropped ")
+    assert "changed manifest" in notes[1]
 
 
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:

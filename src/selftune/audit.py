@@ -492,6 +492,9 @@ class AuditLog:
         self._seq = 0
         self._head = GENESIS
         self._bytes = 0
+        #: the notes written when the log was opened, and the seq of the first of them
+        self._opening: list[str] = []
+        self._opened_at = 0
         if not enabled:
             return
         try:
@@ -513,9 +516,12 @@ class AuditLog:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
         self._fd = os.open(self._file, flags, 0o644)
         if torn:
-            self.append({"kind": "note", "reason": f"dropped a torn final line of {torn} bytes"})
+            self._opening.append(f"dropped a torn final line of {torn} bytes")
         if note is not None:
-            self.append({"kind": "note", "reason": note})
+            self._opening.append(note)
+        self._opened_at = self._seq
+        for reason in self._opening:
+            self.append({"kind": "note", "reason": reason})
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Chain ``record`` to the log and write it; return it as stored (with seq, prev, hash)."""
@@ -598,7 +604,12 @@ class AuditLog:
                 f"byte {end} with hash {hash_there[:12]}…, the checkpoint says byte {size} and "
                 f"{head[:12]}… — the checkpoint belongs to another run folder"
             )
-        dropped = len(scan.records) - seq
+        # the notes written when this log was opened (a changed manifest, a torn line) say how
+        # the rest of the run was made: they go back after the cut, not counted as dropped
+        after = scan.records[seq:]
+        opened = range(self._opened_at, self._opened_at + len(self._opening))
+        kept = [r["reason"] for r in after if r["kind"] == "note" and r["seq"] in opened]
+        dropped = len(after) - len(kept)
         os.ftruncate(fd, size)
         self._seq, self._head, self._bytes = seq, head, size
         if dropped:  # a log that already ends at the checkpoint stays byte-identical
@@ -608,6 +619,8 @@ class AuditLog:
                     "reason": f"resumed: dropped {dropped} records written after the checkpoint",
                 }
             )
+        for reason in kept:
+            self.append({"kind": "note", "reason": reason})
         return dropped
 
     def _open_fd(self) -> int:
