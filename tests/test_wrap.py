@@ -480,6 +480,19 @@ def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
+def test_a_replay_without_the_added_group_names_the_step_that_needs_it(tmp_path: Path) -> None:
+    """It failed with an IndexError from inside the wrapper."""
+    model, opt = _unfreezing(tmp_path / "run", "hypergradient")
+    _train_unfreezing(model, opt, range(1, 21))
+    opt.close()
+    model, opt = _unfreezing(tmp_path / "run", replay=True)
+    with pytest.raises(selftune.SelfTuneError, match=r"param group 1.*added it after step 10"):
+        for _ in range(20):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(_X), _Y).backward()
+            opt.step()
+
+
 def test_a_group_added_after_a_rollback_is_measured_and_guarded_at_once() -> None:
     """A rollback's restore (torch's ``load_state_dict``) replaces the param-group list; a group
     added after it is still measured, so trouble in it alone is caught, and the add keeps a

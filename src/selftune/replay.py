@@ -43,6 +43,12 @@ class ReplayController(OffController):
             if r.get("kind") == "guard" and r.get("event") == "restart"
         }
         self._step = 0
+        #: the step after which the logged run added each param group beyond its first ones
+        self._added = {
+            _number(r, "group", int): _number(r, "step", int)
+            for r in records
+            if r.get("kind") == "group"
+        }
         for r in records:
             if r.get("kind") == "decision" and r.get("source", "controller") == "controller":
                 step, value = _number(r, "step", int), _number(r, "value", float)
@@ -51,7 +57,17 @@ class ReplayController(OffController):
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._step = signals.step
-        return list(self._by_step.get(signals.step, []))
+        proposals = list(self._by_step.get(signals.step, []))
+        for p in proposals:
+            if p.group >= len(knobs):
+                added = self._added.get(p.group)
+                when = "" if added is None else f"; the logged run added it after step {added}"
+                raise SelfTuneError(
+                    f"replay: step {signals.step} holds a decision for param group {p.group}, "
+                    f"and this optimizer has {len(knobs)} groups{when}: add it with "
+                    "add_param_group where the run did"
+                )
+        return proposals
 
     def take_restart(self) -> str | None:
         """The logged restart of this step, if there was one."""
