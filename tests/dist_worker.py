@@ -201,14 +201,25 @@ def _run(
     nan_step: int | None = None,
     evaluate: bool = False,
     as_float: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
+    """``tensorboard``: every rank also adds a TensorBoard writer on ``out/<run>-tb``, as a DDP
+    script does; only rank 0's writes."""
     model, opt, rec = _build(name, out / run, rank)
+    writer = None
+    if tensorboard:
+        from selftune.integrations.tensorboard import TensorBoardWriter
+
+        writer = TensorBoardWriter(out / f"{run}-tb")
+        opt.add_listener(writer)
     for t in range(1, steps + 1):
         train_step(model, opt, t, rank, nan=t == nan_step and rank == 1, as_float=as_float)
         if evaluate and t % EVALUATE == 0:
             opt.observe(metric(t, rank))
     torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
     opt.close()
+    if writer is not None:
+        writer.close()
     return rec.json()
 
 
@@ -256,7 +267,9 @@ def main() -> None:
         )
     results["nan"] = _run(args.out, "nan", "sgd", args.steps, rank, nan_step=args.nan_step)
     results["metric"] = _run(args.out, "metric", "adamw", args.steps, rank, evaluate=True)
-    results["float-loss"] = _run(args.out, "float-loss", "sgd", args.steps, rank, as_float=True)
+    results["float-loss"] = _run(
+        args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
+    )
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -165,6 +165,15 @@ def test_a_loss_given_as_a_number_is_averaged_over_the_ranks_as_a_tensor_is(
     assert ranks[0]["float-loss"]["hp"] == ranks[0]["ref-sgd"]["hp"]
 
 
+def test_a_writer_every_rank_adds_writes_on_rank_0_only(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Every rank holds the same knobs and decisions: two writers wrote the run twice."""
+    out, _ = ddp
+    (events,) = list((out / "float-loss-tb").iterdir())
+    assert events.name.startswith("events.out.tfevents") and events.stat().st_size > 1000
+
+
 def test_every_rank_reads_the_mean_of_the_ranks_metrics(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

@@ -26,7 +26,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from selftune.integrations.events import describe, event_metric
+from selftune.integrations.events import describe, event_metric, writes_here
 from selftune.tuner import StepEvent
 
 
@@ -50,7 +50,11 @@ class MLflowWriter:
         if every < 1 or flush_every < 1:
             raise ValueError(f"every and flush_every must be >= 1, got {every}, {flush_every}")
         self._owned = False
-        if run is None:
+        #: False on a rank other than 0 under torch.distributed: no run, nothing logged
+        self.active = writes_here()
+        if run is None and not self.active:
+            run = ""
+        elif run is None:
             active = mlflow.active_run()
             if active is None:
                 active, self._owned = mlflow.start_run(), True
@@ -62,6 +66,8 @@ class MLflowWriter:
         self._unflushed = 0
 
     def __call__(self, event: StepEvent) -> None:
+        if not self.active:
+            return
         now = int(time.time() * 1000)
         metrics: list[Metric] = []
         if event.step % self.every == 0 or event.decisions:
@@ -94,6 +100,8 @@ class MLflowWriter:
 
     def flush(self) -> None:
         """Write every decision so far to the artifact ``<prefix>/decisions.jsonl``."""
+        if not self.active:
+            return
         text = "".join(json.dumps(r, default=str, allow_nan=True) + "\n" for r in self.decisions)
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions.jsonl")
         self._unflushed = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from selftune.integrations.events import describe, describe_guard, event_metric
+from selftune.integrations.events import describe, describe_guard, event_metric, writes_here
 from selftune.tuner import StepEvent
 
 
@@ -38,14 +38,18 @@ class TensorBoardWriter:
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        self.writer: SummaryWriter | None = None  #: None on a rank other than 0 (writes_here)
+        self._owned = False
         if isinstance(writer_or_logdir, SummaryWriter):
-            self.writer, self._owned = writer_or_logdir, False
-        else:
+            self.writer = writer_or_logdir
+        elif writes_here():
             self.writer, self._owned = SummaryWriter(str(writer_or_logdir)), True
         self.prefix, self.every = prefix, every
 
     def __call__(self, event: StepEvent) -> None:
         w, step = self.writer, event.step
+        if w is None or not writes_here():
+            return
         if step % self.every == 0 or event.decisions:
             for i, knobs in enumerate(event.hyperparams):
                 for name, value in knobs.items():
@@ -62,10 +66,13 @@ class TensorBoardWriter:
             w.add_text(f"{self.prefix}/guard", describe_guard(step, event.guard), step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         """Flush; close the ``SummaryWriter`` too if this writer made it."""
+        if self.writer is None:
+            return
         self.writer.flush()
         if self._owned:
             self.writer.close()
