@@ -49,6 +49,17 @@ def test_tail_returns_only_complete_lines_and_restarts_after_a_cut(tmp_path: Pat
     assert tail.read() == ([b'{"a": 1}'], True)
 
 
+def test_tail_restarts_after_a_cut_the_file_has_grown_back_past(tmp_path: Path) -> None:
+    """A resumed run may append past the point read to before the next poll: only the size
+    was checked, so the cut went unseen and the tail read on from the middle of a line."""
+    path = tmp_path / "log.jsonl"
+    tail = LineTail(path)
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n')
+    assert tail.read() == ([b'{"a": 1}', b'{"b": 2}'], False)
+    path.write_bytes(b'{"a": 1}\n{"note": "resumed"}\n{"b": 2}\n')  # cut, then longer
+    assert tail.read() == ([b'{"a": 1}', b'{"note": "resumed"}', b'{"b": 2}'], True)
+
+
 def test_half_written_record_is_read_once_when_its_newline_arrives(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "run")
     run.decision(1, 0, "lr", 0.1, 0.2, "first")

@@ -44,26 +44,33 @@ class LineTail:
         self.path = path
         self.offset = 0  # bytes of the file consumed so far, the partial line included
         self.partial = b""  # the start of a line whose newline has not been written yet
+        self.last = b""  # the last bytes consumed: still there, or the file was rewritten
 
     def read(self) -> tuple[list[bytes], bool]:
         """Return the complete lines appended since the last call, and whether the file restarted.
 
-        A file that got shorter was cut back (a run resumed from a checkpoint truncates both
-        files): it is read again from the start, and the caller drops what it had from it.
+        A file that was cut back (a run resumed from a checkpoint truncates both files) is read
+        again from the start, and the caller drops what it had from it: one that got shorter,
+        or one that has grown back past the point read to by the next poll, whose last bytes
+        read are no longer those (a resume writes a note where the cut was).
         """
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             return [], False
-        restarted = size < self.offset
-        if restarted:
-            self.offset, self.partial = 0, b""
-        if size == self.offset:
-            return [], restarted
         with open(self.path, "rb") as file:
+            restarted = size < self.offset
+            if not restarted and self.last:
+                file.seek(self.offset - len(self.last))
+                restarted = file.read(len(self.last)) != self.last
+            if restarted:
+                self.offset, self.partial, self.last = 0, b"", b""
+            if size == self.offset:
+                return [], restarted
             file.seek(self.offset)
             data = file.read(size - self.offset)  # not past size: the writer may be mid-line
         self.offset += len(data)
+        self.last = (self.last + data)[-64:]
         *lines, self.partial = (self.partial + data).split(b"\n")
         return [line for line in lines if line.strip()], restarted
 
