@@ -311,6 +311,14 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         verify(tmp_path)
 
 
+def test_a_folder_of_run_folders_names_them(tmp_path: Path) -> None:
+    """Lightning's callback with several optimizers logs each to ``log_dir/opt{i}``."""
+    for name in ("opt0", "opt1"):
+        write_run(tmp_path / name)
+    with pytest.raises(LogError, match=r"holds the run folders opt0, opt1 .*: name one"):
+        verify(tmp_path)
+
+
 @pytest.mark.parametrize("key", audit.REQUIRED_MANIFEST_KEYS)
 def test_manifest_missing_a_key_is_named(tmp_path: Path, key: str) -> None:
     write_run(tmp_path, 1)

@@ -269,9 +269,15 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        runs = sorted(p.parent.name for p in folder.glob(f"*/{MANIFEST}"))
+        inside = (
+            f"; it holds the run folders {', '.join(runs)} (one per optimizer): name one"
+            if runs
+            else ""
+        )
         raise LogError(
             f"no {MANIFEST} in {folder}: the folder is not a selftune run folder, or its "
-            "manifest was deleted"
+            f"manifest was deleted{inside}"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LogError(f"cannot read {path}: {exc}") from None
