@@ -112,6 +112,7 @@ class SignalTracker:
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
         for controllers that do not read it.
         """
+        _check_loss(loss)  # before anything below overwrites the previous update
         parts: list[torch.Tensor] = []
         layout: list[tuple[int, int, bool]] = []  # per group: gradients, update parts, buffer
         for gi, group in enumerate(self._groups):
@@ -149,21 +150,10 @@ class SignalTracker:
             layout.append((len(grads), n_prev, bufs is not None))
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
-            if scalar.numel() != 1:
-                raise ConfigError(
-                    f"step(loss=...) needs one number, got a tensor of shape "
-                    f"{tuple(scalar.shape)}: reduce it first (its mean, say)"
-                )
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
-        elif loss is not None:
-            if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
-                raise ConfigError(
-                    "step(loss=...) needs a number or a one-element tensor, got "
-                    f"{type(loss).__name__}"
-                )
-            if _across_ranks():  # a number joins the stack too: every rank reads their mean
-                loss = torch.tensor(float(loss), dtype=torch.float32)
-                parts.append(loss)
+        elif loss is not None and _across_ranks():  # a number joins the stack too: every rank
+            loss = torch.tensor(float(loss), dtype=torch.float32)  # reads the ranks' mean
+            parts.append(loss)
         if parts:
             device = parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits)
@@ -333,6 +323,20 @@ def _across_ranks() -> bool:
     """Whether this process is one of several ranks of ``torch.distributed``."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_loss(loss: Any) -> None:
+    """Refuse a loss that is not one number, by name (an unreduced loss failed in a reshape)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ConfigError(
+                f"step(loss=...) needs one number, got a tensor of shape {tuple(loss.shape)}: "
+                "reduce it first (its mean, say)"
+            )
+    elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
+        raise ConfigError(
+            f"step(loss=...) needs a number or a one-element tensor, got {type(loss).__name__}"
+        )
 
 
 def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | None:
