@@ -180,7 +180,7 @@ def _plain(base: str, lr: float, schedule: str, average: bool = False) -> Builde
 
 def _plateau(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
     # Starts at the default rate (anything else would borrow the grid's knowledge) and halves it
-    # after 3 evaluations without improvement: patience in evaluations, not steps.
+    # at the fourth evaluation in a row without improvement (patience 3, in evaluations).
     opt = torch.optim.AdamW(params, lr=ADAMW_DEFAULT["lr"])
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max" if s.higher_is_better else "min", factor=0.5, patience=3

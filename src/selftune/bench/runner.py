@@ -199,6 +199,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -206,7 +207,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            if number >= len(lines) - 1:  # the last non-empty line: a torn tail
+            if number == last:  # the last non-empty line: a torn tail
                 print(f"{path}:{number}: skipping a torn last line", file=sys.stderr)
                 continue
             raise ValueError(
