@@ -156,7 +156,8 @@ class Workload:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
-    """Group records by workload and method (the last record of a workload sets its rules)."""
+    """Group records by workload and method (the first record of a workload sets its rules;
+    one with another budget is refused)."""
     out: dict[str, Workload] = {}
     for r in records:
         w = out.setdefault(
