@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from selftune.errors import SelfTuneError
+from selftune.errors import ConfigError, SelfTuneError
 from selftune.tuner import SelfTuned, finish_offload, on_host
 
 #: Written into every checkpoint so that a later reader can tell which layout it follows.
@@ -178,19 +178,10 @@ def _check_fits(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> N
             stacklevel=3,
         )
         return
-    kind, inner = own.get("optimizer_type"), getattr(optimizer, "optimizer", optimizer)
-    if kind is not None and kind != type(inner).__name__:
-        raise CheckpointError(
-            f"{source} was saved from a {kind}, this optimizer is a {type(inner).__name__}: "
-            f"build a {kind}, wrapped as the run was, to resume it"
-        )
-    name = own.get("controller_name")
-    controller = getattr(optimizer, "controller", None)
-    if name is not None and controller is not None and name != controller.name:
-        raise CheckpointError(
-            f"{source} was saved by controller {name!r}, this optimizer runs "
-            f"{controller.name!r}: wrap with controller={name!r} to resume it"
-        )
+    try:
+        optimizer.check_fits(saved)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def _read(source: Path, map_location: str | torch.device | None) -> dict[str, Any]:

@@ -395,27 +395,9 @@ class SelfTuned(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
-        # checked before anything loads: a refused state leaves this optimizer as it was
-        if own is not None:
-            if len(own["scales"]) != len(self.param_groups):
-                raise ConfigError(
-                    f"state dict has {len(own['scales'])} param groups, this optimizer "
-                    f"{len(self.param_groups)}; load a state dict saved from the same model setup"
-                )
-            kind = own.get("optimizer_type", type(self.optimizer).__name__)  # older: unnamed
-            if kind != type(self.optimizer).__name__:
-                raise ConfigError(
-                    f"the state dict was saved from a {kind}, this optimizer wraps a "
-                    f"{type(self.optimizer).__name__}: wrap a {kind} to resume it"
-                )
-            name = own.get("controller_name", self.controller.name)
-            if name != self.controller.name:
-                raise ConfigError(
-                    f"the state dict was saved by controller {name!r}, this optimizer runs "
-                    f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
-                )
         self.optimizer.load_state_dict(sd)
         if own is None:
             return
@@ -443,6 +425,31 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace.flush()
             self._trace_bytes = min(own["trace"], self._trace_bytes)
             os.truncate(self._trace.fileno(), self._trace_bytes)
+
+    def check_fits(self, state_dict: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
+        another number of param groups, another optimizer class or another controller (older
+        states name neither: only the groups are checked)."""
+        own = state_dict.get("selftune")
+        if own is None:
+            return
+        if len(own["scales"]) != len(self.param_groups):
+            raise ConfigError(
+                f"state dict has {len(own['scales'])} param groups, this optimizer "
+                f"{len(self.param_groups)}; load a state dict saved from the same model setup"
+            )
+        kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
+        if kind is not None and kind != ours:
+            raise ConfigError(
+                f"the state dict was saved from a {kind}, this optimizer is a {ours}: "
+                f"build a {kind}, wrapped as the run was, to resume it"
+            )
+        name = own.get("controller_name")
+        if name is not None and name != self.controller.name:
+            raise ConfigError(
+                f"the state dict was saved by controller {name!r}, this optimizer runs "
+                f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
+            )
 
     def sync(self) -> None:
         """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
@@ -673,13 +680,12 @@ class SelfTuned(torch.optim.Optimizer):
         guard = self.guard
         assert guard is not None and guard.restart_point is not None  # see _take_restart
         snap = guard.restart_point
-        knobs = [self._knobs(i) for i in range(len(self.param_groups))]
         self._restore(snap.payload, lower_rates=False)  # the knobs and scales stay as they are
         guard.snapshots = [snap]
         return {
             "event": "restart",
             "signal": "lr",
-            "value": knobs[0]["lr"],
+            "value": self._effective(0),
             "reason": reason,
             "restored_step": snap.step,
         }
