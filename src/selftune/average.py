@@ -66,12 +66,15 @@ def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[
             torch._foreach_copy_(params, kept)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _wide_copy(p: torch.Tensor) -> torch.Tensor:
     """A parameter's starting average: in float32 for a half-precision parameter, whose own
     precision rounds away an update once the weights are within about ``2**-8 / (1 - decay)``
     of the average (bfloat16's; a bfloat16 average of weights at 4.0 stopped at 3.94 with decay
     0.9, at 2.0 of 3.83 with 0.999).  Costs twice the parameter's memory there."""
-    if p.dtype in (torch.float16, torch.bfloat16):
+    if p.dtype in _HALF:
         return p.detach().to(torch.float32)
     return p.detach().clone()
 
@@ -83,12 +86,15 @@ class WeightAverage:
         self.decay = decay
         self.updates = 0  #: applied steps averaged so far
         self.tensors: list[list[torch.Tensor]] = []
+        #: per group, whether some average is kept wider than its parameter (see _wide_copy)
+        self.widened: list[bool] = []
         for group in groups:
             self.group_added(group)
 
     def group_added(self, group: dict[str, Any]) -> None:
         """A param group joined the optimizer: its average starts at its current weights."""
         self.tensors.append([_wide_copy(p) for p in group["params"]])
+        self.widened.append(any(p.dtype in _HALF for p in group["params"]))
 
     @torch.no_grad()
     def restart(self, groups: list[dict[str, Any]]) -> None:
@@ -104,13 +110,12 @@ class WeightAverage:
         """Fold the weights after an applied step into the average (one fused op per group)."""
         self.updates += 1
         weight = max(1.0 - self.decay, 1.0 / (self.updates + 1))
-        for group, avg in zip(groups, self.tensors, strict=True):
-            params = group["params"]
-            if any(a.dtype != p.dtype for a, p in zip(avg, params, strict=True)):
-                for a, p in zip(avg, params, strict=True):  # one widened copy at a time
+        for group, avg, wide in zip(groups, self.tensors, self.widened, strict=True):
+            if wide:
+                for a, p in zip(avg, group["params"], strict=True):  # one wide copy at a time
                     a.lerp_(p.to(a.dtype), weight)
             elif avg:  # under no_grad the parameters are read as they are: no detached list
-                torch._foreach_lerp_(avg, params, weight)
+                torch._foreach_lerp_(avg, group["params"], weight)
 
     @torch.no_grad()
     def copy_into(self, groups: list[dict[str, Any]]) -> None:

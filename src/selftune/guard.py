@@ -40,6 +40,11 @@ from selftune.controllers.base import Option, check_options
 from selftune.errors import ConfigError, GuardError
 from selftune.signals import Signals
 
+#: what a GuardError tells the user to do
+_ADVICE = (
+    "Lower the starting learning rate or check the data and loss for this step; the run "
+    "folder's decisions.jsonl lists every guard event."
+)
 #: how many healthy losses the early level is the median of
 RECENT = 5
 
@@ -250,19 +255,13 @@ class Guard:
         Raises :class:`GuardError` when trouble keeps coming back.
         """
         self.retries += 1
+        what = f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value})"
         if not self.snapshots:
-            raise GuardError(
-                f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value}), "
-                "and no snapshot to roll back to. Lower the starting learning rate or check the "
-                "data and loss for this step; the run folder's decisions.jsonl lists every guard "
-                "event."
-            )
+            raise GuardError(f"{what}, and no snapshot to roll back to. {_ADVICE}")
         if self.retries > self.config.max_retries:
             raise GuardError(
-                f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value}); "
-                f"{self.retries - 1} rollbacks with the learning rate cut each time did not help. "
-                "Lower the starting learning rate or check the data and loss for this step; "
-                "the run folder's decisions.jsonl lists every guard event."
+                f"{what}; {self.retries - 1} rollbacks with the learning rate cut each time did "
+                f"not help. {_ADVICE}"
             )
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1

@@ -11,10 +11,10 @@ which the controller restarts from a snapshot.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from selftune.controllers.base import is_number
 from selftune.errors import ConfigError
 from selftune.knobs import ALL_KNOBS
 
@@ -52,11 +52,11 @@ class Policy:
     def __post_init__(self) -> None:
         for name, pair in dict(self.bounds).items():
             if not (
-                isinstance(pair, tuple | list) and len(pair) == 2 and all(map(_is_number, pair))
+                isinstance(pair, tuple | list) and len(pair) == 2 and all(map(is_number, pair))
             ):
                 raise ConfigError(f"bounds for {name}: give a pair (low, high), got {pair!r}")
         for name, limit in dict(self.max_change).items():
-            if not _is_number(limit):
+            if not is_number(limit):
                 raise ConfigError(f"max_change for {name}: give a number, got {limit!r}")
         bounds = {**DEFAULT_BOUNDS, **dict(self.bounds)}
         max_change = {**DEFAULT_MAX_CHANGE, **dict(self.max_change)}
@@ -135,8 +135,3 @@ class Policy:
             value = min(max(value, lo), hi)
             notes.append(f"bounded to [{lo:.3g}, {hi:.3g}]")
         return value, ("clipped: " + ", ".join(notes)) if notes else None
-
-
-def _is_number(value: object) -> bool:
-    """A real number (numpy's scalars too), not a bool or a string."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -694,7 +694,7 @@ class SelfTuned(torch.optim.Optimizer):
     def _open_log(self, log_dir: Path) -> None:
         from selftune import audit
 
-        enabled = _is_rank_zero()  # under torch.distributed only rank 0 writes the run folder
+        enabled = is_rank_zero()  # under torch.distributed only rank 0 writes the run folder
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [
             {
@@ -863,7 +863,9 @@ def _mean_over_ranks(value: torch.Tensor) -> list[float]:
     return value.reshape(-1).tolist()  # one read from the device for every value
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process writes a run's records: rank 0 under torch.distributed, where
+    every rank holds the same knobs and decisions (and the only process otherwise)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

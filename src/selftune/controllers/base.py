@@ -86,9 +86,8 @@ def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
     for name, r in ranges.items():
         value = values[name]
         kind = "a whole number" if r.whole else "a number"
-        # numbers.Real / Integral: numpy's scalars too (a value read off a config or a sweep)
-        number = isinstance(value, numbers.Integral if r.whole else numbers.Real)
-        if isinstance(value, bool) or not number or not math.isfinite(value):
+        number = is_number(value) and (not r.whole or isinstance(value, numbers.Integral))
+        if not number or not math.isfinite(value):
             raise ConfigError(f"{name}={value!r} ({r.what}): give {kind}, e.g. {r.example}")
         too_low = value <= r.low if r.open_low else value < r.low
         too_high = value >= r.high if r.open_high else value > r.high
@@ -99,3 +98,8 @@ def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{name}={value!r} ({r.what}) is outside {bounds}: use, e.g., {r.example}"
             )
+
+
+def is_number(value: object) -> bool:
+    """A real number, numpy's scalars too (a value read off a config or a sweep), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

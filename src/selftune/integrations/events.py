@@ -9,15 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from selftune.tuner import Decision, StepEvent, _is_rank_zero
-
-
-def writes_here() -> bool:
-    """Whether a writer built in this process writes: on rank 0 only under torch.distributed,
-    as the run folder is written.  Every rank holds the same knobs and decisions, and a DDP
-    script builds its writers on every rank: each wrote the whole run again (and an MLflow
-    writer with no active run started one run per rank)."""
-    return _is_rank_zero()
+from selftune.tuner import Decision, StepEvent
 
 
 def describe(decision: Decision) -> str:

@@ -26,8 +26,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from selftune.integrations.events import describe, event_metric, writes_here
-from selftune.tuner import StepEvent
+from selftune.integrations.events import describe, event_metric
+from selftune.tuner import StepEvent, is_rank_zero
 
 
 class MLflowWriter:
@@ -50,8 +50,9 @@ class MLflowWriter:
         if every < 1 or flush_every < 1:
             raise ValueError(f"every and flush_every must be >= 1, got {every}, {flush_every}")
         self._owned = False
-        #: False on a rank other than 0 under torch.distributed: no run, nothing logged
-        self.active = writes_here()
+        #: False on a rank other than 0 under torch.distributed, as the run folder is written:
+        #: no run started (one per rank, before), nothing logged
+        self.active = is_rank_zero()
         if run is None and not self.active:
             run = ""
         elif run is None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from selftune.integrations.events import describe, describe_guard, event_metric, writes_here
-from selftune.tuner import StepEvent
+from selftune.integrations.events import describe, describe_guard, event_metric
+from selftune.tuner import StepEvent, is_rank_zero
 
 
 class TensorBoardWriter:
@@ -38,17 +38,19 @@ class TensorBoardWriter:
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.writer: SummaryWriter | None = None  #: None on a rank other than 0 (writes_here)
+        # on rank 0 only under torch.distributed, as the run folder is written: a DDP script
+        # adds its writers on every rank, and each wrote the whole run again
+        self.writer: SummaryWriter | None = None
         self._owned = False
         if isinstance(writer_or_logdir, SummaryWriter):
-            self.writer = writer_or_logdir
-        elif writes_here():
+            self.writer = writer_or_logdir if is_rank_zero() else None
+        elif is_rank_zero():
             self.writer, self._owned = SummaryWriter(str(writer_or_logdir)), True
         self.prefix, self.every = prefix, every
 
     def __call__(self, event: StepEvent) -> None:
         w, step = self.writer, event.step
-        if w is None or not writes_here():
+        if w is None:
             return
         if step % self.every == 0 or event.decisions:
             for i, knobs in enumerate(event.hyperparams):
