@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,24 @@ def test_a_scheduler_composes_with_the_scale() -> None:
     assert opt._scales[0] != 1.0, "selftune never adjusted the rate"
 
 
+def _steps(
+    pr: Any,
+    opt: selftune.SelfTuned,
+    span: range,
+    nan_at: int | None = None,
+    after: Callable[[], Any] | None = None,
+) -> None:
+    """Train over the steps of ``span``, the loss reported as NaN at ``nan_at`` (the guard's
+    trouble); ``after`` each step (a scheduler's step)."""
+    for t in span:
+        loss = pr.batch_loss(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach() * (math.nan if t == nan_at else 1.0))
+        if after is not None:
+            after()
+
+
 def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> None:
     """The rollback restores the snapshot's weights and selftune's scale (backed off) on the
     rate the scheduler has set since: put back from before a chained scheduler's decay, the
@@ -61,12 +80,7 @@ def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> Non
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
     events = []
     opt.add_listener(lambda e: events.append(e.guard) if e.guard else None)
-    for t in range(1, 61):
-        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach() * (math.nan if t == 35 else 1.0))  # snapshot at 25
-        sched.step()
+    _steps(pr, opt, range(1, 61), nan_at=35, after=sched.step)  # the snapshot: at 25
     assert [(e["event"], e["restored_step"]) for e in events] == [("rollback", 25)]
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4) == sched.get_last_lr()[0]
     assert opt.hyperparams()[0]["lr"] == pytest.approx(0.5e-4)
@@ -121,20 +135,10 @@ def test_a_scheduler_at_zero_holds_the_rate_there_and_a_rollback_survives_it() -
         inner, pr = _sgd(lr=0.01)
         opt = selftune.wrap(inner, controller)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)
-        for t in range(1, 41):
-            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss=loss.detach() * (math.nan if t == 12 else 1.0))  # back to step 1's
-            sched.step()
+        _steps(pr, opt, range(1, 41), nan_at=12, after=sched.step)  # back to step 1's
         assert opt.param_groups[0]["lr"] == 0.01 and opt.hyperparams()[0]["lr"] > 0
         decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, end_factor=0.0, total_iters=5)
-        for t in range(41, 51):
-            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss=loss.detach())
-            decay.step()
+        _steps(pr, opt, range(41, 51), after=decay.step)
         assert opt.param_groups[0]["lr"] == 0.0 == opt.hyperparams()[0]["lr"]
 
 
@@ -175,11 +179,7 @@ def test_a_knob_other_than_the_rate_is_held_to_its_own_bounds(
     to SGD's 2.0."""
     pr = noisy_quadratic(seed=1)
     opt = selftune.wrap(make(pr.model.parameters()), _Push(knob, delta), guard=False)
-    for t in range(1, 61):
-        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach())
+    _steps(pr, opt, range(1, 61))
     assert opt.hyperparams()[0][knob] == pytest.approx(bound)
 
 
@@ -193,14 +193,10 @@ def test_the_knobs_are_those_the_group_came_with() -> None:
     pr = noisy_quadratic(seed=1)
     sgd = torch.optim.SGD(pr.model.parameters(), lr=0.01, momentum=0.1)
     opt = selftune.wrap(sgd, _Push("momentum", -0.1), guard=False)
-    for t in range(1, 13):
-        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach())
-        if t == 6:  # at +-0.02 a step, down from 0.1
-            assert opt.hyperparams()[0]["momentum"] == 0.0
-            opt.controller.delta = 0.05  # type: ignore[attr-defined]
+    _steps(pr, opt, range(1, 7))  # at +-0.02 a step, down from 0.1
+    assert opt.hyperparams()[0]["momentum"] == 0.0
+    opt.controller.delta = 0.05  # type: ignore[attr-defined]
+    _steps(pr, opt, range(7, 13))
     assert opt.hyperparams()[0]["momentum"] == pytest.approx(0.12)
 
 
@@ -212,12 +208,7 @@ def test_a_warm_up_built_before_the_wrap_starts_from_the_rate_it_was_given() -> 
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: min(1.0, s / 5))
     assert inner.param_groups[0]["lr"] == 0.0
     opt = selftune.wrap(inner, _Push("lr", -1.0), guard=False)
-    for t in range(1, 61):
-        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach())
-        sched.step()
+    _steps(pr, opt, range(1, 61), after=sched.step)
     floor, _ = opt.policy.limits("lr", 0.01)
     assert floor > 0 and opt.hyperparams()[0]["lr"] == pytest.approx(floor)
 
