@@ -164,6 +164,26 @@ def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:
     assert record["curves"]["metric"][-1] is None or record["curves"]["metric"][-1] < 0.5
 
 
+def test_an_error_after_a_divergence_leaves_the_run_marked_diverged() -> None:
+    class BreaksAtStep5(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure: Any = None) -> Any:
+            self.calls += 1
+            if self.calls == 5:
+                raise RuntimeError("broken")
+            return super().step(closure)
+
+    def huge_rate(params: Any, setting: Setting) -> Handle:
+        return Handle(BreaksAtStep5(params, lr=1e6, momentum=0.9))
+
+    method = Method("sgd-breaks", "grid", "sgd", huge_rate, seeds=1, lr0=1e6)
+    with one_thread():
+        record = train(WORKLOADS["digits-mlp"].smoke(100), method, seed=0)
+    assert record["error"] == "step 5: RuntimeError: broken"
+    assert record["diverged"] is True  # the losses before the error had blown up
+
+
 def test_sgd_hd_without_hypergradient_is_sgd_with_momentum() -> None:
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5))

@@ -127,7 +127,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
             handle.step(loss)
         except Exception as exc:  # a method that breaks is a result, not a crash of the suite
             error = f"step {step}: {type(exc).__name__}: {exc}"
-            diverged = isinstance(exc, selftune.GuardError)
+            diverged = diverged or isinstance(exc, selftune.GuardError)  # keep an earlier one
             break
         value = loss.item()  # host sync, as every real loop that logs its loss has
         elapsed = time.perf_counter() - start
