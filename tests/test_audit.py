@@ -345,6 +345,11 @@ def test_garbage_decisions_are_rejected_at_line_1(tmp_path: Path, garbage: bytes
         ({"kind": "surprise", "reason": "x"}, "kind is 'surprise'"),
         (decision(0, knob="beta2"), "knob 'beta2' is not a knob of group 0"),
         (decision(0, group=5), "group 5 is not one of the manifest's 2 groups"),
+        # a list or object where a name goes: a TypeError (unhashable) escaped verify
+        ({**decision(0), "kind": ["decision"]}, r"kind is \['decision'\]; expected one of"),
+        (decision(0, knob=["lr"]), r"knob \['lr'\] is not a knob of group 0"),
+        ({**decision(0), "step": None}, "step is None, not a whole number >= 0"),
+        (decision(0, signals=[1.0]), r"signals is \[1.0\], not an object"),
     ],
 )
 def test_records_that_do_not_fit_the_manifest_are_named(

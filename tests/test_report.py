@@ -5,12 +5,21 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from browser import IMAGES_JS, FakeRun, chromium, chromium_missing, guard_record, realistic_run
+from browser import (
+    IMAGES_JS,
+    FakeRun,
+    chromium,
+    chromium_missing,
+    decision_record,
+    guard_record,
+    realistic_run,
+)
 
 from selftune import cli
 from selftune.report import ema, knob_series, read_run, write_report
@@ -246,6 +255,31 @@ def test_damaged_trace_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli.main(["report", str(run.folder)]) == 1
     err = capsys.readouterr().err
     assert f"{run.folder / 'trace.jsonl'} line 2: expected" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"clipped": None}, "the decision record lacks clipped"),
+        ({"signals": [0.5]}, r"signals is \[0.5\], not an object"),
+        ({"step": "12"}, "step is '12', not a whole number >= 0"),
+    ],
+)
+def test_a_chained_record_the_page_cannot_show_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, words: str
+) -> None:
+    """A record with an intact chain but a field missing or of the wrong type (written by
+    another tool, or edited and rehashed) ended the report in a KeyError or TypeError."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 1.0, HP)
+    run.decision(0, 0, "lr", 0.1, 0.2, "grow")
+    record = {**decision_record(1, 0, "lr", 0.2, 0.3, "grow again"), **change}
+    run.append({key: value for key, value in record.items() if value is not None})
+    assert cli.main(["report", str(run.folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("selftune report: ")
+    assert f"{run.folder / 'decisions.jsonl'} line 2 (seq 1): " in err
+    assert re.search(words, err), err
 
 
 def test_a_run_without_losses_or_steps_still_gets_a_page(tmp_path: Path) -> None:

@@ -251,6 +251,22 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
 
 
+def test_extra_that_loading_would_refuse_is_refused_at_save(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    """A numpy scalar in ``extra`` (a best validation loss) pickles fine, but the
+    ``weights_only`` load refuses it: the save replaced the good checkpoint with one that
+    could never be loaded, and loading called it damaged."""
+    np = pytest.importorskip("numpy")
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"extra\['best'\].*numpy.*float\(x\)"):
+        save_checkpoint(path, model=model, optimizer=opt, step=4, extra={"best": np.float64(0.3)})
+    assert path.read_bytes() == before
+    assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+
+
 def test_a_checkpoint_forces_the_log_it_points_into_to_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

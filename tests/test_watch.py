@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from browser import FakeRun, decision_record, guard_record
 
+import selftune
 from selftune import cli
 from selftune.watch import LineTail, WatchState, sparkline
 
@@ -202,6 +204,25 @@ def test_sparkline_scales_to_the_range_shown() -> None:
     assert sparkline([2.0, float("nan"), 2.0]) == "▅ ▅"
     assert sparkline([0.0, -1.0], log=True) == "  "  # no log of a rate that is not positive
     assert sparkline([]) == ""
+
+
+def test_a_folder_of_run_folders_names_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two optimizers log to ``log_dir/opt0`` and ``log_dir/opt1`` (the Lightning callback):
+    watching ``log_dir`` itself waited for a first step that never came, with exit 0."""
+    model = torch.nn.Linear(3, 1)
+    for index in range(2):
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = selftune.wrap(inner, log_dir=tmp_path / "gan" / f"opt{index}")
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.ones(4, 3)).pow(2).mean()
+            loss.backward()
+            opt.step(loss=loss)
+        opt.close()
+    assert cli.main(["watch", str(tmp_path / "gan"), "--once"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("selftune watch: ") and "opt0, opt1" in err
+    assert watch_once(tmp_path / "gan" / "opt0", capsys).count("step 3 ") == 1
 
 
 @pytest.mark.parametrize(

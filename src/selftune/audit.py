@@ -315,13 +315,23 @@ def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
 
 
 def _schema_problem(record: Mapping[str, Any]) -> str | None:
-    """Say what is wrong with a record's kind or fields, or return None when it is complete."""
+    """Say what is wrong with a record's kind or fields, or return None when it is complete.
+
+    Besides the fields' presence it checks the types that readers index, sort and compare by
+    (``kind``, ``step``, ``signals``): a record whose chain is intact but whose step is text
+    must be named here, not end ``verify`` or ``selftune report`` in a TypeError.
+    """
     kind = record.get("kind")
-    if kind not in RECORD_FIELDS:
+    if not isinstance(kind, str) or kind not in RECORD_FIELDS:
         return f"kind is {kind!r}; expected one of {', '.join(sorted(RECORD_FIELDS))}"
     missing = [name for name in RECORD_FIELDS[kind] if name not in record]
     if missing:
         return f"the {kind} record lacks {', '.join(missing)}"
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        return f"step is {step!r}, not a whole number >= 0"
+    if kind == "decision" and not isinstance(record["signals"], Mapping):
+        return f"signals is {record['signals']!r}, not an object"
     if kind == "guard" and record["event"] not in GUARD_EVENTS:
         return f"guard event is {record['event']!r}; expected one of {', '.join(GUARD_EVENTS)}"
     return None
@@ -392,7 +402,7 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
             group, knob = record["group"], record["knob"]
             if not isinstance(group, int) or not 0 <= group < len(group_knobs):
                 problem = f"group {group!r} is not one of the manifest's {len(group_knobs)} groups"
-            elif knob not in group_knobs[group]:
+            elif not isinstance(knob, str) or knob not in group_knobs[group]:
                 problem = f"knob {knob!r} is not a knob of group {group} in the manifest"
             knobs.add(str(knob))
         if problem is not None:

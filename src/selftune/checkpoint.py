@@ -35,9 +35,11 @@ than the uninterrupted run (and than ``selftune.replay``) restores.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,8 @@ def save_checkpoint(
 
     ``extra`` holds anything else the training loop needs to resume (a data generator's state, an
     epoch counter); it must be made of tensors and plain Python values, because loading refuses
-    to unpickle arbitrary objects.  A ``DistributedDataParallel`` model is saved unwrapped, so the
+    to unpickle arbitrary objects: anything else raises :class:`CheckpointError` naming it, and
+    the previous checkpoint is kept.  A ``DistributedDataParallel`` model is saved unwrapped, so the
     checkpoint loads into a plain model too.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -93,6 +96,7 @@ def save_checkpoint(
         "extra": dict(extra) if extra is not None else None,
     }
     _remove_stale_temporaries(target)
+    _refuse_unloadable(payload, target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -149,6 +153,52 @@ def _model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
             if id(param) in training and name in state:
                 state[name] = training[id(param)]
     return state
+
+
+#: containers walked entry by entry, and leaves a ``weights_only`` load always accepts
+_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _refuse_unloadable(payload: dict[str, Any], target: Path) -> None:
+    """Raise :class:`CheckpointError` naming an entry that ``load_checkpoint`` could not read.
+
+    Loading uses ``weights_only=True``, whose unpickler refuses what plain ``pickle`` writes
+    happily (a numpy scalar, a Namespace, a dataclass): without this check such a checkpoint
+    would replace the last good one and then be refused as damaged.  Tensors and plain values
+    pass unexamined; any other value is saved and loaded on its own, in memory.
+    """
+    pending: list[tuple[str, Any]] = list(payload.items())
+    seen: set[int] = set()  # a container met again (shared, or holding itself) is walked once
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, torch.Tensor) or type(value) in _PLAIN or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict) and type(value) in _CONTAINERS:
+            for key, item in value.items():
+                pending += [(f"a key of {where}", key), (f"{where}[{key!r}]", item)]
+            continue
+        if type(value) in _CONTAINERS:
+            named = not isinstance(value, set)  # a set's items have no place to name
+            pending += [
+                (f"{where}[{i}]" if named else f"an item of {where}", item)
+                for i, item in enumerate(value)
+            ]
+            continue
+        try:
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception:  # refused when pickled (a lambda) or when loaded (a numpy scalar)
+            kind = f"{type(value).__module__}.{type(value).__qualname__}"
+            raise CheckpointError(
+                f"cannot save {where} (a {kind}) in {target}: load_checkpoint reads with "
+                "weights_only=True, whose unpickler refuses it, so the checkpoint could never "
+                "be loaded. Store tensors and plain Python values instead (float(x), x.item(), "
+                "torch.from_numpy(x), vars(namespace)); the previous checkpoint is kept"
+            ) from None
 
 
 # --------------------------------------------------------------------------- reading

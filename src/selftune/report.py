@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selftune.audit import LogError, read_log
+from selftune.audit import LogError, read_log, verify
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -125,6 +125,10 @@ class Run:
 def read_run(run_dir: str | Path) -> Run:
     """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
     folder = Path(run_dir)
+    # verify first, as replay does: besides the chain it checks every record's fields, which
+    # the page reads; a record with an intact chain but a field missing or of the wrong type
+    # must be named by its line, not end the report in a KeyError
+    verify(folder)
     log = read_log(folder)
     return Run(folder, log.manifest, log.records, log.torn_tail, read_trace(folder))
 

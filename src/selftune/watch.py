@@ -288,6 +288,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_folders_inside(folder: Path) -> list[str]:
+    """The run folders one level down, when ``folder`` is not a run folder itself.
+
+    With several optimizers each logs to a folder of its own inside ``log_dir`` (``opt0``,
+    ``opt1``, ...): watching ``log_dir`` would wait forever for a first step. A folder with
+    nothing in it yet may be a run about to start, and is watched.
+    """
+    if (folder / MANIFEST).exists() or (folder / DECISIONS).exists():
+        return []
+    return sorted(path.parent.name for path in folder.glob(f"*/{MANIFEST}"))
+
+
 def run(args: argparse.Namespace) -> int:
     """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input."""
     folder = Path(args.run)
@@ -298,6 +310,11 @@ def run(args: argparse.Namespace) -> int:
         problem = f"{folder} is a file, not a run folder: pass the run's log_dir"
     elif not math.isfinite(args.interval) or args.interval <= 0:
         problem = f"--interval {args.interval!r}: pass a number of seconds above 0, e.g. 0.5"
+    elif runs := _run_folders_inside(folder):
+        problem = (
+            f"no {MANIFEST} in {folder}: it holds the run folders {', '.join(runs)} (one per "
+            f"optimizer): watch one of them, e.g. {folder / runs[0]}"
+        )
     if problem:
         print(f"selftune watch: {problem}", file=sys.stderr)
         return 1
