@@ -259,3 +259,23 @@ def test_an_empty_decision_log_is_a_run_without_changes(tmp_path: Path) -> None:
         torch.equal(a, b)
         for a, b in zip(final_weights(task.model), final_weights(again.model), strict=True)
     )
+
+
+def test_replay_stops_where_the_guard_gave_up(tmp_path: Path) -> None:
+    """A run that ended in a guard "escalate" (GuardError) replays to the same end: the same
+    error at the same step, with the weights as the original left them, not trained on past it."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    with pytest.raises(selftune.GuardError) as info:
+        train(task, opt, 200, fault_from=(40, "nan_loss"), evaluate=False)
+    opt.close()
+    original, message, steps = final_weights(task.model), str(info.value), opt.step_count
+    last = guard_records(tmp_path)[-1]
+    assert last["event"] == "escalate" and last["reason"] == message, last
+    task = make_task()
+    replayed = selftune.replay(make_optimizer("sgd", task.model.parameters()), tmp_path)
+    with pytest.raises(selftune.GuardError) as again:
+        train(task, replayed, 200, fault_from=(40, "nan_loss"), evaluate=False)
+    assert f"step {last['step']}" in str(again.value) and message in str(again.value)
+    assert replayed.step_count == steps
+    assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))

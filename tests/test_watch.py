@@ -241,3 +241,31 @@ def test_bad_input_is_explained(
     assert cli.main(["watch", str(tmp_path / args[0]), *args[1:]]) == 1
     err = capsys.readouterr().err
     assert err.startswith("selftune watch: ") and expected in err
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (b"\xff\xfe not text", "it is not UTF-8 text"),
+        (b"[1, 2]", "it holds a JSON list, not an object"),
+        (b'{"controller": "auto", "config": "SGD"}', "its 'config' is a str, not an object"),
+    ],
+)
+def test_a_damaged_manifest_is_explained_not_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture, damage: bytes, expected: str
+) -> None:
+    """Bytes that are not UTF-8 raised UnicodeDecodeError, and a manifest (or its 'config')
+    that is not an object raised AttributeError in render: a traceback instead of a frame."""
+    model = torch.nn.Linear(3, 1)
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path / "run")
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()
+        opt.step(loss=loss)
+    opt.close()
+    (tmp_path / "run" / "manifest.json").write_bytes(damage)
+    frame = " ".join(watch_once(tmp_path / "run", capsys).split())  # unfold wrapped lines
+    assert "manifest.json is damaged" in frame and expected in frame
+    assert "restore it from a copy of the run folder" in frame
+    assert frame.count("step 3 ") == 1  # the trace is still shown

@@ -3,7 +3,9 @@
 Given the same seed, data order and code, the replayed run's final weights are bit-identical to the
 original's: logged values are stored exactly (JSON floats round-trip), the learning rate's *scale*
 is logged as well as its effective value, and guard rollbacks are re-executed from snapshots taken
-on the same schedule, with the same configuration, read back from the manifest.
+on the same schedule, with the same configuration, read back from the manifest.  A run the guard
+gave up on (an "escalate" record) ends the same way: the replay raises the logged
+:class:`~selftune.GuardError` at that step, leaving the weights as the original left them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from selftune import knobs as knobs_io
 from selftune.average import check_decay
 from selftune.controllers.base import Knobs, Proposal
 from selftune.controllers.off import OffController
-from selftune.errors import SelfTuneError
-from selftune.guard import Guard, GuardConfig, Trouble
+from selftune.errors import GuardError, SelfTuneError
+from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
 from selftune.signals import Signals
 from selftune.tuner import SelfTuned
@@ -75,7 +77,7 @@ class ReplayController(OffController):
 
 
 class ReplayGuard(Guard):
-    """Declares trouble exactly at the logged rollback steps, and nowhere else."""
+    """Declares trouble exactly at the logged rollback and escalate steps, and nowhere else."""
 
     def __init__(self, config: GuardConfig, records: list[dict[str, Any]]) -> None:
         super().__init__(config)
@@ -87,11 +89,28 @@ class ReplayGuard(Guard):
                 f"replay: {r['reason']}",
             )
             for r in records
-            if r.get("kind") == "guard" and r.get("event") == "rollback"
+            if r.get("kind") == "guard" and r.get("event") in ("rollback", "escalate")
+        }
+        #: the logged GuardError message of each step where the guard gave up
+        self._escalations = {
+            _number(r, "step", int): str(r["reason"])
+            for r in records
+            if r.get("kind") == "guard" and r.get("event") == "escalate"
         }
 
     def judge(self, s: Signals) -> Trouble | None:
         return self._events.get(s.step)
+
+    def rollback(self, trouble: Trouble) -> tuple[Snapshot, float]:
+        """Raise the logged GuardError where the original run gave up, else roll back as it did.
+
+        The original stopped there; a replay that rolled back instead (or trained on, as when
+        only rollbacks were replayed) would go past the end of the run it reproduces.
+        """
+        message = self._escalations.get(trouble.step)
+        if message is not None:
+            raise GuardError(message)
+        return super().rollback(trouble)
 
 
 def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) -> SelfTuned:

@@ -13,7 +13,6 @@ does not check the hash chain (``selftune verify`` does that). rich is imported 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -95,6 +94,8 @@ class WatchState:
     guards: int = 0
     #: complete lines that were not JSON objects (damage; ``selftune verify`` names them)
     bad_lines: int = 0
+    #: why the manifest could not be used (damage), while it cannot
+    manifest_problem: str | None = None
 
     def __post_init__(self) -> None:
         self._decisions = LineTail(self.folder / DECISIONS)
@@ -103,9 +104,7 @@ class WatchState:
     def poll(self) -> None:
         """Read what the run appended since the last poll."""
         if self.manifest is None:
-            # not written yet, or being written: try again next time
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                self.manifest = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+            self.manifest, self.manifest_problem = _read_manifest(self.folder / MANIFEST)
         lines, restarted = self._decisions.read()
         if restarted:
             self.recent.clear()
@@ -153,6 +152,28 @@ class WatchState:
         for rates, group in zip(self.rates, self.hp, strict=False):
             rate = as_float(group.get("lr"))
             rates.append(math.nan if rate is None else rate)
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest, or None and why it cannot be used (None when it may just not be there yet).
+
+    A damaged manifest must not stop the watch (the trace and decisions are still worth seeing),
+    nor reach ``render`` in a shape it cannot read: it is set aside, and the frame says so.
+    """
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None, None  # not written yet, or being written: try again next time
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
+    except OSError as exc:
+        return None, f"it cannot be read: {exc.strerror or exc}"
+    if not isinstance(manifest, dict):
+        return None, f"it holds a JSON {type(manifest).__name__}, not an object"
+    config = manifest.get("config")
+    if config is not None and not isinstance(config, dict):
+        return None, f"its 'config' is a {type(config).__name__}, not an object"
+    return manifest, None
 
 
 def sparkline(values: Iterable[float], log: bool = False) -> str:
@@ -229,6 +250,15 @@ def render(state: WatchState) -> RenderableType:
     parts.append(
         Panel(_recent_table(state), title="latest decisions and guard events", title_align="left")
     )
+    if state.manifest_problem:
+        parts.append(
+            Text(
+                f"{state.folder / MANIFEST} is damaged ({state.manifest_problem}), so the run's "
+                "settings are not shown: restore it from a copy of the run folder, or start the "
+                "run again in a new log_dir",
+                style="yellow",
+            )
+        )
     if state.bad_lines:
         parts.append(
             Text(
