@@ -196,6 +196,17 @@ def test_cli_writes_the_page_where_asked(tmp_path: Path, capsys: pytest.CaptureF
     assert (folder / "plots" / "lr.png").exists()
 
 
+def test_a_run_folder_the_plots_cannot_be_written_to_still_gets_its_page(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    run = FakeRun(folder)
+    run.trace(0, 0.5, HP)
+    (folder / "plots").write_text("not a folder")  # as a read-only folder refuses it
+    out = tmp_path / "pages" / "mine.html"
+    with pytest.warns(UserWarning, match="the plots were not written to"):
+        assert cli.main(["report", str(folder), "--out", str(out)]) == 0
+    assert "data:image/png;base64," in out.read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize(
     ("make", "expected"),
     [

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -662,6 +663,8 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
 
+    PNGs that cannot be written (the run folder is read-only) are only warned about.
+
     ``rows``: how many decisions to list from each end of a long log (guard events are all shown).
     Raises :class:`selftune.audit.LogError` when the folder is not a readable run folder.
     """
@@ -669,13 +672,22 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         raise ValueError(f"rows={rows!r}: pass at least 1 decision to show from each end")
     run = read_run(run_dir)
     plots = make_plots(run)
-    plot_dir = run.folder / PLOTS
-    plot_dir.mkdir(exist_ok=True)
-    for plot in plots:
-        (plot_dir / f"{plot.name}.png").write_bytes(plot.png)
     page = Path(out) if out is not None else run.folder / "report.html"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_html(run, plots, rows), encoding="utf-8")
+    # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be
+    # written to (a read-only copy of a CI artefact, with --out elsewhere) costs only them.
+    plot_dir = run.folder / PLOTS
+    try:
+        plot_dir.mkdir(exist_ok=True)
+        for plot in plots:
+            (plot_dir / f"{plot.name}.png").write_bytes(plot.png)
+    except OSError as exc:
+        warnings.warn(
+            f"the plots were not written to {plot_dir} ({exc.strerror or exc}); the page {page} "
+            "holds them",
+            stacklevel=2,
+        )
     return page
 
 
