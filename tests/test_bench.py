@@ -463,10 +463,18 @@ def test_command_line_reports_bad_filters_and_empty_results(
     assert "holds no runs" in capsys.readouterr().err
 
 
-def test_report_refuses_a_folder_that_mixes_budgets() -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("steps_budget", 60, "budgets 100 and 60"),
+        ("target", 0.8, "targets 0.9 and 0.8"),
+        ("eval_every", 5, "evaluation intervals 10 and 5"),
+    ],
+)
+def test_report_refuses_a_folder_that_mixes_rules(key: str, value: float, says: str) -> None:
     other = _record("adamw-default", "default", 50, seed=1)
-    other["steps_budget"] = 60
-    with pytest.raises(ValueError, match="budgets 100 and 60 steps"):
+    other[key] = value
+    with pytest.raises(ValueError, match=says):
         report.summarise([_record("adamw-default", "default", 50), other])
 
 

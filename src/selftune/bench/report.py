@@ -161,7 +161,7 @@ def _fastest(rows: list[Row]) -> Row:
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
     """Group records by workload and method (the first record of a workload sets its rules;
-    one with another budget is refused)."""
+    one with another budget, target or evaluation interval is refused)."""
     out: dict[str, Workload] = {}
     for r in records:
         w = out.setdefault(
@@ -176,11 +176,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
                 bool(r.get("held_out")),
             ),
         )
-        if r["steps_budget"] != w.steps:
-            raise ValueError(
-                f"{r['workload']} has runs with budgets {w.steps} and {r['steps_budget']} steps in "
-                "one results folder (smoke and full mixed?); give each suite its own --out"
-            )
+        rules = (("steps_budget", "budgets", w.steps), ("target", "targets", w.target))
+        for key, what, first in (*rules, ("eval_every", "evaluation intervals", w.eval_every)):
+            if r[key] != first:  # steps to target would not compare across the two
+                raise ValueError(
+                    f"{r['workload']} has runs with {what} {first} and {r[key]} in one results "
+                    "folder (smoke and full mixed, or a workload changed?); give each suite its "
+                    "own --out, and run a changed workload again"
+                )
         row = w.rows.setdefault(
             r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
         )
