@@ -304,10 +304,13 @@ def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -
     guard = selftune.GuardConfig(interval=10)  # not the run's: a changed manifest
     opt = selftune.wrap(inner, log_dir=tmp_path / "run", seed=SEED, average=True, guard=guard)
     load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
-    opt.close()
     notes = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
     assert len(notes) == 2 and notes[0].startswith("resumed: dropped ")
     assert "changed manifest" in notes[1]
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)  # again, in this process
+    opt.close()
+    again = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
+    assert len(again) == 2 and again[1] == notes[1]
 
 
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:

@@ -635,6 +635,8 @@ class AuditLog:
                     "reason": f"resumed: dropped {dropped} records written after the checkpoint",
                 }
             )
+        if kept:  # where they are now, for a later cut (a second resume in this process)
+            self._opened_at, self._opening = self._seq, kept
         for reason in kept:
             self.append({"kind": "note", "reason": reason})
         return dropped
