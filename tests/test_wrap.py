@@ -142,6 +142,32 @@ def test_a_scheduler_at_zero_holds_the_rate_there_and_a_rollback_survives_it() -
         assert opt.param_groups[0]["lr"] == 0.0 == opt.hyperparams()[0]["lr"]
 
 
+@pytest.mark.parametrize("controller", ["off", "hypergradient"])
+def test_a_scheduler_that_decays_below_the_floor_is_not_pushed_back_up(controller: str) -> None:
+    """A decay the user scheduled below the floor (``1e-3`` of the start) is the user's rate, as
+    a start outside the bounds is: a bound stops a move of selftune's, it never makes one.  The
+    floor raised the rate to itself: a rollback meant to halve the rate multiplied it by 100,
+    and a controller lowering it by 1% held it 100x above the schedule."""
+    inner, pr = _sgd(lr=0.01)
+    opt = selftune.wrap(inner, controller)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, end_factor=1e-5, total_iters=80)
+    decisions: list[selftune.Decision] = []
+    events: list[str] = []
+    opt.add_listener(lambda e: decisions.extend(d for d in e.decisions if d.knob == "lr"))
+    opt.add_listener(lambda e: events.append(e.guard["event"]) if e.guard else None)
+    _steps(pr, opt, range(1, 101), nan_at=95, after=sched.step)
+    assert events == ["rollback"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7)  # the schedule's, below 1e-5
+    late = [d for d in decisions if d.step > 80]  # the base rate at 1e-7 all along
+    for d in late:  # none raised the rate past the controller's step limit: none went 100x
+        assert d.new <= 4 * d.old, (d.step, d.old, d.new, d.reason)
+        assert d.source == "controller" or d.new <= d.old, (d.step, d.old, d.new, d.reason)
+    assert bool(late) == (controller != "off"), "the test no longer covers the path"
+    assert opt.hyperparams()[0]["lr"] < 1e-5
+    if controller == "off":  # the floor held the halving back, and kept the schedule's rate
+        assert opt.hyperparams()[0]["lr"] == opt.param_groups[0]["lr"]
+
+
 class _Push:
     """A controller that pushes one knob by ``delta`` at every step."""
 
@@ -224,6 +250,59 @@ def test_a_tensor_rate_is_written_in_place() -> None:
     assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3), "the effective rate never moved"
 
 
+def _tensor_knob_run(shared: bool, how: str) -> tuple[Any, ...]:
+    """Adam on two groups with tensor knobs, given once as the optimizer's defaults (which
+    torch hands every group as the same tensor objects) or to each group as its own; ``how``
+    the groups get there: at the wrap, with a load mid-run of the state dict of a plain Adam
+    built the same way ("resume"), or the second added mid-run ("add")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    parts = [list(model[0].parameters()), list(model[2].parameters())]
+    knobs = {"lr": torch.tensor(0.01), "betas": (torch.tensor(0.9), torch.tensor(0.999))}
+
+    def group(params: list[torch.Tensor]) -> dict[str, Any]:
+        return {"params": params} if shared else {"params": params, **_copy(knobs)}
+
+    def adam(n: int = 2) -> torch.optim.Optimizer:
+        return torch.optim.Adam([group(p) for p in parts[:n]], **_copy(knobs))
+
+    opt = selftune.wrap(adam(1 if how == "add" else 2), "hypergradient")
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    for t in range(1, 41):
+        if how == "add" and t == 11:
+            opt.add_param_group(group(parts[1]))
+        if how == "resume" and t == 21:  # torch's load deep-copies the groups as one
+            opt.load_state_dict(adam().state_dict())
+        loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if t == 30 else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    rates = [float(g["lr"]) for g in opt.param_groups]
+    return rates, opt.hyperparams(), [p.detach().clone() for p in model.parameters()]
+
+
+def _copy(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Tensor knobs (and pairs of them) copied: a group's own."""
+    return {
+        k: tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()
+        for k, v in knobs.items()
+    }
+
+
+@pytest.mark.parametrize("how", ["wrap", "resume", "add"])
+def test_tensor_knobs_shared_by_the_groups_are_tuned_per_group(how: str) -> None:
+    """An optimizer given ``lr=torch.tensor(...)`` (the way to compile its step) hands every
+    group that one tensor.  Each group's scale was applied to it in place in turn, so every
+    group stepped at the product of all the scales, and the user's rate came back as the first
+    scale times itself: after 40 steps it was 1e-8, not 0.01.  A group's beta1 moved every
+    group's."""
+    rates, knobs, weights = _tensor_knob_run(shared=True, how=how)
+    own_rates, own_knobs, own_weights = _tensor_knob_run(shared=False, how=how)
+    assert rates == own_rates == [pytest.approx(0.01)] * 2
+    assert knobs == own_knobs and knobs[0]["beta1"] != knobs[1]["beta1"]
+    assert all(torch.equal(a, b) for a, b in zip(weights, own_weights, strict=True))
+
+
 def test_each_param_group_is_tuned_on_its_own() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -240,6 +319,35 @@ def test_each_param_group_is_tuned_on_its_own() -> None:
         opt.step(loss=loss.detach())
     first, second = (g["lr"] for g in opt.hyperparams())
     assert first / 1e-4 != pytest.approx(second / 1e-1), "both groups moved by the same factor"
+
+
+@pytest.mark.parametrize("controller", ["auto", "hypergradient"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p, **kw: torch.optim.SGD(p, lr=0.003, momentum=0.9, **kw),
+        lambda p, **kw: torch.optim.Adam(p, lr=0.003, **kw),
+    ],
+    ids=["sgd", "adam"],
+)
+def test_maximize_is_tuned_as_the_descent_it_mirrors(controller: str, make: Any) -> None:
+    """``maximize=True`` ascends the gradient it is given: ascending ``-loss`` is descending
+    ``loss`` step for step, and must be tuned the same.  The update was read against the raw
+    gradient, so every step looked like an overshoot (cosine -1) and ``auto`` drove the rate
+    to its floor, 1000x below the start, where the run stalled."""
+    runs = []
+    for maximize in (False, True):
+        pr = noisy_quadratic(seed=1)
+        opt = selftune.wrap(make(pr.model.parameters(), maximize=maximize), controller)
+        for t in range(1, 81):
+            loss = pr.batch_loss(t)
+            opt.zero_grad()
+            (-loss if maximize else loss).backward()
+            opt.step(loss=loss.detach())  # the loss the ascent lowers
+        assert opt.last_signals is not None
+        runs.append((opt.hyperparams(), opt.last_signals.groups[0], pr.full_loss()))
+    assert runs[1] == runs[0]
+    assert runs[0][0][0]["lr"] != pytest.approx(0.003), "the rate never moved"
 
 
 def test_step_without_a_loss_tunes_on_gradients_alone() -> None:

@@ -38,6 +38,39 @@ def knob_names(group: dict[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def unshare(defaults: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Give each param group its own copy of a tensor knob it shares with the optimizer's
+    ``defaults`` or with an earlier group.
+
+    torch hands every group that takes a default the default's own object, so an optimizer
+    given ``lr=torch.tensor(...)`` (or tensor ``betas``) holds one tensor in all its groups.
+    selftune writes each group's knobs in place, and applies each group's scale to its rate in
+    place for the step: through one shared tensor every group stepped at the product of all
+    the scales, the rate left behind drifted, one group's beta1 moved every group's, and a
+    group added later took the tuned value as its default.  The copies are made once, when
+    the groups join, so that a compiled step sees them stay put.
+    """
+    seen: set[int] = set()
+
+    def own(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in seen:
+            value = value.clone()
+        seen.add(id(value))
+        return value
+
+    for group in [defaults, *groups]:  # the defaults keep their own objects
+        for name in ("lr", "momentum"):
+            if name in group:
+                group[name] = own(group[name])
+        betas = group.get("betas")
+        if isinstance(betas, (tuple, list)):
+            copies = [own(b) for b in betas]
+            if any(c is not b for c, b in zip(copies, betas, strict=True)):
+                group["betas"] = type(betas)(copies)
+
+
 def start_rate(group: dict[str, Any]) -> float:
     """The rate the user gave the group: the ``initial_lr`` an LR scheduler records when it is
     built (a warm-up may already have written its first rate, zero even, into ``lr``), else

@@ -105,18 +105,25 @@ class Policy:
             lr_bounds_absolute=lr_bounds_absolute,
         )
 
-    def limits(self, knob: str, start: float) -> tuple[float, float]:
-        """The absolute bounds of ``knob`` for a group whose starting value was ``start``."""
+    def limits(self, knob: str, start: float, within: Iterable[float] = ()) -> tuple[float, float]:
+        """The absolute bounds of ``knob`` for a group whose starting value was ``start``,
+        widened to the values of ``within``.
+
+        A run that starts outside the bounds may stay where the user put it; so may a value a
+        bound did not put there (``within``: the rate now in force, and the rate an LR scheduler
+        set, which may decay below the floor): a bound stops a move, it never makes one.
+        """
         lo, hi = self.bounds[knob]
         if knob == "lr" and not self.lr_bounds_absolute:
             lo, hi = lo * start, hi * start
-        # a run that starts outside the bounds may stay where the user put it
-        return min(lo, start), max(hi, start)
+        kept = (start, *within)
+        return min(lo, *kept), max(hi, *kept)
 
     def clip(
-        self, knob: str, old: float, proposed: float, start: float
+        self, knob: str, old: float, proposed: float, start: float, within: Iterable[float] = ()
     ) -> tuple[float, str | None]:
-        """Return the value allowed and, if it differs from the proposal, why."""
+        """Return the value allowed and, if it differs from the proposal, why (``within``: see
+        :meth:`limits`)."""
         if knob in self.frozen:
             return old, f"{knob} is frozen by the policy"
         if not math.isfinite(proposed):
@@ -130,7 +137,7 @@ class Policy:
         if not lo_step <= value <= hi_step:
             value = min(max(value, lo_step), hi_step)
             notes.append(f"step limited to {'x' if knob == 'lr' else '+-'}{limit:g}")
-        lo, hi = self.limits(knob, start)
+        lo, hi = self.limits(knob, start, within)
         if not lo <= value <= hi:
             value = min(max(value, lo), hi)
             notes.append(f"bounded to [{lo:.3g}, {hi:.3g}]")

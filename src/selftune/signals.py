@@ -36,7 +36,9 @@ class GroupSignals:
 
     grad_norm: float
     update_norm: float  #: ‖Δθ_{t-1}‖, 0 before the first update
-    cos_update: float  #: cos(−g_t, Δθ_{t-1}): > 0 the last step was too short, < 0 it overshot
+    #: cos(−g_t, Δθ_{t-1}): > 0 the last step was too short, < 0 it overshot.  ``g_t`` is the
+    #: gradient of what the optimizer lowers: with ``maximize=True``, minus the one in ``.grad``
+    cos_update: float
     dot_update: float  #: ⟨−g_t, Δθ_{t-1}⟩, the unnormalised form (= −lr·∂L/∂lr)
     cos_buffer: float  #: cos(g_t, momentum buffer), NaN when the optimizer keeps none
 
@@ -114,13 +116,17 @@ class SignalTracker:
         """
         _check_loss(loss)  # before anything below overwrites the previous update
         parts: list[torch.Tensor] = []
-        layout: list[tuple[int, int, bool]] = []  # per group: gradients, update parts, buffer
+        # per group: gradients, update parts, buffer, and the sign of the gradient it descends
+        layout: list[tuple[int, int, bool, float]] = []
         for gi, group in enumerate(self._groups):
             params = group["params"]
             with_grad = [i for i, p in enumerate(params) if p.grad is not None]
             grads = [params[i].grad for i in with_grad]
+            # torch's ``maximize=True`` steps along +g (its momentum buffers hold −g): the
+            # alignments are read against −g, or every step of an ascent reads as an overshoot
+            sign = -1.0 if group.get("maximize", False) else 1.0
             if not grads:
-                layout.append((0, 0, False))
+                layout.append((0, 0, False, sign))
                 continue
             # sparse gradients (nn.Embedding(sparse=True)) have no fused kernels: per tensor
             sparse = any(g.is_sparse for g in grads)
@@ -147,7 +153,7 @@ class SignalTracker:
                 # SGD's momentum buffer of a sparse gradient is sparse too
                 parts.extend([_norm(b) for b in bufs] if sparse else torch._foreach_norm(bufs))
                 parts.extend(_dots(bufs, grads, sparse, in_place=False))
-            layout.append((len(grads), n_prev, bufs is not None))
+            layout.append((len(grads), n_prev, bufs is not None, sign))
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
@@ -172,7 +178,7 @@ class SignalTracker:
         step: int,
         loss: float | None,
         values: list[float],
-        layout: list[tuple[int, int, bool]],
+        layout: list[tuple[int, int, bool, float]],
     ) -> Signals:
         groups = []
         total_sq = 0.0
@@ -183,12 +189,12 @@ class SignalTracker:
             at += n
             return values[at - n : at]
 
-        for n, n_prev, has_buf in layout:
+        for n, n_prev, has_buf, sign in layout:
             gg = sum(x * x for x in take(n))
             dd = sum(x * x for x in take(n_prev))
-            gd = sum(take(n_prev))
+            gd = sign * sum(take(n_prev))
             bb = sum(x * x for x in take(n)) if has_buf else math.nan
-            gb = sum(take(n)) if has_buf else math.nan
+            gb = sign * sum(take(n)) if has_buf else math.nan
             total_sq += gg
             gn, dn, bn = math.sqrt(gg), math.sqrt(dd), math.sqrt(bb)
             groups.append(

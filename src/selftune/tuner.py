@@ -122,6 +122,8 @@ class SelfTuned(torch.optim.Optimizer):
         # below, i.e. into the wrapped optimizer itself; it also resets ``state``, put back after.
         super().__init__(list(optimizer.param_groups), optimizer.defaults)
         optimizer.state = saved_state
+        # one scale per group needs one rate per group (torch shares a default tensor's)
+        knobs_io.unshare(optimizer.defaults, self.param_groups)
 
         self.policy = policy if policy is not None else Policy()
         self.guard: Guard | None = None if config is None else Guard(config)
@@ -201,6 +203,7 @@ class SelfTuned(torch.optim.Optimizer):
         except ConfigError:
             self.param_groups.pop()
             raise
+        knobs_io.unshare(self.optimizer.defaults, self.param_groups)  # it took the defaults
         self._scales.append(1.0)
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
@@ -302,7 +305,11 @@ class SelfTuned(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
-        """Read the signals, let the controller and guard act, then step the wrapped optimizer."""
+        """Read the signals, let the controller and guard act, then step the wrapped optimizer.
+
+        ``loss``: what the optimizer lowers, lower being better (for an optimizer built with
+        ``maximize=True``, the negated objective it raises).
+        """
         if closure is not None and not callable(closure):
             raise ConfigError(
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
@@ -399,6 +406,8 @@ class SelfTuned(torch.optim.Optimizer):
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
         self.optimizer.load_state_dict(sd)
+        # torch deep-copies the saved groups as one: tensors they shared are shared again
+        knobs_io.unshare(self.optimizer.defaults, self.param_groups)
         if own is None:
             return
         self.step_count = own["step"]
@@ -552,13 +561,16 @@ class SelfTuned(torch.optim.Optimizer):
             new = value * base if p.knob == "lr" else value
         else:
             # the rate's bounds are factors of its start; another knob's own bounds are widened
-            # only to where the user put it (the start of the rate has nothing to say there)
+            # only to where the user put it (the start of the rate has nothing to say there).
+            # The rate's are widened to the rate in force and the one a scheduler set: a decay
+            # scheduled below the floor was raised to it (a rollback's halving went x100 up)
             start = self._start[p.group] if p.knob == "lr" else old
+            within = (old, base) if p.knob == "lr" else ()
             if not limited:
-                lo, hi = self.policy.limits(p.knob, start)
+                lo, hi = self.policy.limits(p.knob, start, within)
                 new = min(max(p.value, lo), hi)
             else:
-                new, note = self.policy.clip(p.knob, old, p.value, start)
+                new, note = self.policy.clip(p.knob, old, p.value, start, within)
             value = new / base if p.knob == "lr" else new
         if new == old:
             return None
