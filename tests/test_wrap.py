@@ -16,8 +16,10 @@ import selftune
 from selftune import audit, report
 from selftune.controllers.auto import OPTIONS as auto_options
 from selftune.controllers.auto import AutoController
+from selftune.controllers.base import Proposal
 from selftune.controllers.hypergradient import OPTIONS as hypergradient_options
 from selftune.controllers.hypergradient import HypergradientController
+from selftune.controllers.off import OffController
 from selftune.controllers.stability import OPTIONS as stability_options
 from selftune.controllers.stability import StabilityController
 
@@ -393,6 +395,44 @@ def test_frozen_knobs_do_not_move_and_clipped_decisions_say_so() -> None:
     assert any("clipped" in r for r in reasons)
 
 
+class _RestartsAt(OffController):
+    """Asks at step ``at`` to restart from the first snapshot with a quarter of every knob."""
+
+    name = "restarts"
+
+    def __init__(self, at: int) -> None:
+        self.at, self.t = at, 0
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        self.t = signals.step
+        if signals.step != self.at:
+            return []
+        return [Proposal(0, k, v / 4, "test") for k, v in knobs[0].items()]
+
+    def take_restart(self) -> str | None:
+        return "a test restart" if self.t == self.at else None
+
+
+def test_a_restart_moves_no_frozen_knob() -> None:
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _RestartsAt(10), frozen={"lr"})
+    events: list[Any] = []
+    opt.add_listener(events.append)
+    train(pr, opt, 20)  # type: ignore[arg-type]
+    assert any(e.guard and e.guard["event"] == "restart" for e in events)
+    assert opt.hyperparams()[0] == {"lr": 0.002, "momentum": 0.9 / 4}  # momentum was free
+
+
+def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
+    import copy
+    import pickle
+
+    opt = selftune.wrap(_sgd()[0])
+    for attempt in (lambda: copy.deepcopy(opt), lambda: pickle.dumps(opt)):
+        with pytest.raises(TypeError, match=r"save opt.state_dict\(\)"):
+            attempt()
+
+
 class _NoLr(torch.optim.Optimizer):
     def __init__(self, params: object) -> None:
         super().__init__(params, {"rho": 0.9})  # type: ignore[arg-type]
@@ -424,6 +464,10 @@ def _stepped(loss: Any) -> None:
         (lambda: selftune.wrap(_sgd()[0], bounds={"lr": (0.1, math.inf)}), "must be finite"),
         (lambda: selftune.wrap(_sgd()[0], max_change={"lr": 0.5}), "max_change for lr"),
         (lambda: selftune.wrap(_sgd()[0], frozen={"gamma"}), "unknown knob 'gamma'"),
+        (
+            lambda: selftune.wrap(torch.optim.Rprop([torch.nn.Parameter(torch.ones(2))])),
+            "Rprop keeps a step size per parameter",
+        ),
         (lambda: selftune.wrap(object()), "needs a torch.optim.Optimizer"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], bounds={"lr": 5}), r"give a pair \(low, high\)"),
         (lambda: selftune.wrap(_sgd()[0], max_change={"lr": "2"}), "give a number, got '2'"),

@@ -93,6 +93,12 @@ class SelfTuned(torch.optim.Optimizer):
             raise ConfigError(
                 f"selftune.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if isinstance(optimizer, torch.optim.Rprop):
+            raise ConfigError(
+                "Rprop keeps a step size per parameter and reads lr only to start them, on its "
+                "first step: a rate selftune set later would be logged and change nothing. Wrap "
+                "another optimizer (SGD, Adam, ...), or use Rprop unwrapped"
+            )
         if getattr(optimizer, _WRAPPED, False):
             raise ConfigError(
                 f"this {type(optimizer).__name__} was already passed to selftune.wrap; "
@@ -481,6 +487,15 @@ class SelfTuned(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's own keeps only defaults, state and param_groups: a copy would lack the wrapped
+        # optimizer, the controller and the log, and fail far from here on its first use
+        raise TypeError(
+            "a selftune optimizer cannot be copied or pickled (it holds the wrapped optimizer, "
+            "the controller and open log files): save opt.state_dict() or "
+            "selftune.save_checkpoint(...), and load it into a fresh selftune.wrap(...)"
+        )
+
     # -- knobs --------------------------------------------------------------------------------
     def _effective(self, i: int) -> float:
         return knobs_io.read(self.param_groups[i], "lr") * self._scales[i]
@@ -567,6 +582,8 @@ class SelfTuned(torch.optim.Optimizer):
             start = self._start[p.group] if p.knob == "lr" else old
             within = (old, base) if p.knob == "lr" else ()
             if not limited:
+                if p.knob in self.policy.frozen and source == "controller":
+                    return None  # a restart's knobs skip the step limit, not the freeze
                 lo, hi = self.policy.limits(p.knob, start, within)
                 new = min(max(p.value, lo), hi)
             else:
