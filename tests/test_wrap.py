@@ -423,6 +423,25 @@ def test_a_restart_moves_no_frozen_knob() -> None:
     assert opt.hyperparams()[0] == {"lr": 0.002, "momentum": 0.9 / 4}  # momentum was free
 
 
+class _Halves(OffController):
+    """Proposes half the rate at every step."""
+
+    name = "halves"
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        return [Proposal(0, "lr", knobs[0]["lr"] / 2, "test")]
+
+
+def test_a_plain_optimizers_state_sets_the_rate_the_bounds_are_factors_of() -> None:
+    inner, pr = _sgd(lr=0.1)
+    plain = torch.optim.SGD(pr.model.parameters(), lr=1e-4, momentum=0.9)  # a run gone before
+    opt = selftune.wrap(inner, _Halves(), guard=False)
+    opt.load_state_dict(plain.state_dict())
+    train(pr, opt, 5)  # type: ignore[arg-type]
+    # the floor is 1e-3 of the loaded rate, 1e-7: 1e-4 was the floor of the rate built with
+    assert opt.hyperparams()[0]["lr"] == pytest.approx(1e-4 / 32)
+
+
 def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
     import copy
     import pickle

@@ -415,6 +415,11 @@ class SelfTuned(torch.optim.Optimizer):
         # torch deep-copies the saved groups as one: tensors they shared are shared again
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)
         if own is None:
+            # a plain optimizer's state: a run continued under selftune starts from its rates
+            # (the bounds are factors of them, not of the rates this wrapper was built with)
+            self._start = [knobs_io.start_rate(g) for g in self.param_groups]
+            if self.average is not None:  # and its weights (the model loads first) start it
+                self.average.restart(self.param_groups)
             return
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
