@@ -206,19 +206,23 @@ def test_sparkline_scales_to_the_range_shown() -> None:
     assert sparkline([]) == ""
 
 
+def _three_steps(model: torch.nn.Module, opt: selftune.SelfTuned) -> None:
+    """Train ``model`` three real steps with the wrapped ``opt``, then close its run folder."""
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()
+        opt.step(loss=loss)
+    opt.close()
+
+
 def test_a_folder_of_run_folders_names_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Two optimizers log to ``log_dir/opt0`` and ``log_dir/opt1`` (the Lightning callback):
     watching ``log_dir`` itself waited for a first step that never came, with exit 0."""
     model = torch.nn.Linear(3, 1)
     for index in range(2):
         inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        opt = selftune.wrap(inner, log_dir=tmp_path / "gan" / f"opt{index}")
-        for _ in range(3):
-            opt.zero_grad()
-            loss = model(torch.ones(4, 3)).pow(2).mean()
-            loss.backward()
-            opt.step(loss=loss)
-        opt.close()
+        _three_steps(model, selftune.wrap(inner, log_dir=tmp_path / "gan" / f"opt{index}"))
     assert cli.main(["watch", str(tmp_path / "gan"), "--once"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("selftune watch: ") and "opt0, opt1" in err
@@ -257,13 +261,9 @@ def test_a_damaged_manifest_is_explained_not_fatal(
     """Bytes that are not UTF-8 raised UnicodeDecodeError, and a manifest (or its 'config')
     that is not an object raised AttributeError in render: a traceback instead of a frame."""
     model = torch.nn.Linear(3, 1)
-    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path / "run")
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(torch.ones(4, 3)).pow(2).mean()
-        loss.backward()
-        opt.step(loss=loss)
-    opt.close()
+    _three_steps(
+        model, selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path / "run")
+    )
     (tmp_path / "run" / "manifest.json").write_bytes(damage)
     frame = " ".join(watch_once(tmp_path / "run", capsys).split())  # unfold wrapped lines
     assert "manifest.json is damaged" in frame and expected in frame
