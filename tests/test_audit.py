@@ -466,6 +466,28 @@ def test_a_new_folder_may_continue_from_another_runs_checkpoint(tmp_path: Path) 
     assert note["reason"].endswith(f"at seq 2, hash {checkpoint['head']}")
 
 
+def test_a_retried_continuation_is_cut_back_to_its_first_note(tmp_path: Path) -> None:
+    """The continued run crashed in its new folder and is retried from the same checkpoint:
+    its records go, the note that names the checkpoint stays, and a later record chains on."""
+    write_run(tmp_path / "a", 3)
+    with AuditLog(tmp_path / "a") as log:
+        checkpoint = log.position()
+    with AuditLog(tmp_path / "b", manifest()) as log:
+        log.truncate_to(checkpoint)
+        for step in range(3, 7):
+            log.append(decision(step))
+    with AuditLog(tmp_path / "b", manifest()) as log:
+        assert log.truncate_to(checkpoint) == 4
+        log.append(decision(3, reason="redone"))
+    first, note, redone = read_log(tmp_path / "b").records
+    assert first["reason"].endswith(f"at seq 2, hash {checkpoint['head']}")
+    assert note["reason"] == "resumed: dropped 4 records written after the checkpoint"
+    assert (note["prev"], redone["reason"]) == (first["hash"], "redone")
+    assert verify(tmp_path / "b").records == 3
+    with AuditLog(tmp_path / "b") as log, pytest.raises(LogError, match="another run folder"):
+        log.truncate_to({**checkpoint, "head": "f" * 64})  # another checkpoint's continuation
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -22,7 +22,8 @@ from browser import (
 )
 
 from selftune import cli
-from selftune.report import ema, knob_series, read_run, write_report
+from selftune.audit import LogError
+from selftune.report import ema, knob_series, read_run, trace_size_through, write_report
 
 HP = [{"lr": 0.1, "momentum": 0.9}]
 
@@ -301,3 +302,22 @@ def test_a_run_without_losses_or_steps_still_gets_a_page(tmp_path: Path) -> None
     page = Page(write_report(run.folder).read_text())
     assert len(page.images) == 2
     assert sorted(p.name for p in (run.folder / "plots").iterdir()) == ["lr.png", "momentum.png"]
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 16])
+def test_the_trace_is_cut_after_the_last_row_through_a_step(tmp_path: Path, block: int) -> None:
+    """A resume cuts ``trace.jsonl`` after its checkpoint's step, reading rows from the end in
+    blocks (a row may straddle them); a torn final line is cut with the rows after the step."""
+    rows = [
+        json.dumps({"step": t, "loss": 1.0 / t, "hp": [{"lr": 0.1}]}) + "\n" for t in range(1, 9)
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(rows) + '{"step": 9, "lo', encoding="utf-8")
+    ends = [len("".join(rows[:t]).encode()) for t in range(len(rows) + 1)]
+    for step in (0, 1, 4, 8, 20):
+        assert trace_size_through(path, step, block) == ends[min(step, 8)], step
+    path.write_text("", encoding="utf-8")
+    assert trace_size_through(path, 3, block) == 0
+    path.write_text(rows[0] + "not json\n" + rows[2], encoding="utf-8")
+    with pytest.raises(LogError, match="not a JSON line"):
+        trace_size_through(path, 1, block)

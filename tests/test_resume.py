@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,40 @@ def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -
     opt.close()
     again = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
     assert len(again) == 2 and again[1] == notes[1]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_continued_run_that_crashed_is_retried_from_the_same_checkpoint(
+    tmp_path: Path, name: str
+) -> None:
+    """A run continued into a new folder from another folder's checkpoint crashes before a
+    checkpoint of its own and is retried from the same one: the retry refused the folder (the
+    checkpoint's log position is the other folder's), and would have traced steps twice."""
+    model = make_model()
+    opt = make_optimizer(name, model, tmp_path / "first")
+    train(model, opt, range(1, 6))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=5)
+    opt.close()
+
+    def continue_into(folder: Path, stop: int) -> dict[str, Any]:
+        model = make_model()
+        opt = make_optimizer(name, model, folder)
+        start = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] + 1
+        train(model, opt, range(start, stop + 1))
+        opt.close()
+        return final_state(model, opt)
+
+    ref = continue_into(tmp_path / "ref", STEPS)
+    continue_into(tmp_path / "res", 30)  # the crash
+    res = continue_into(tmp_path / "res", STEPS)
+    assert_same_state(ref, res)
+    notes = [r["reason"] for r in read_log(tmp_path / "res").records if r["kind"] == "note"]
+    assert len(notes) == 2 and notes[0].startswith("continued from a checkpoint of another log")
+    dropped = re.fullmatch(r"resumed: dropped (\d+) records written after the checkpoint", notes[1])
+    assert dropped is not None and int(dropped.group(1)) > 0
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
 
 
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:

@@ -466,6 +466,11 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     return f"resumed with a changed manifest ({', '.join(changed)}); {MANIFEST} keeps the first"
 
 
+def _continued_note(seq: int, head: str) -> str:
+    """The note that opens a log continuing from the checkpoint at ``seq``/``head`` of another."""
+    return f"continued from a checkpoint of another log at seq {seq - 1}, hash {head}"
+
+
 def _parse_position(position: Mapping[str, Any]) -> tuple[int, str, int]:
     seq, head, size = position.get("seq"), position.get("head"), position.get("bytes")
     if (
@@ -590,23 +595,24 @@ class AuditLog:
         Used when a run resumes from a checkpoint older than the log's end (it crashed after
         saving): the records written after the checkpoint describe steps that will be redone.
         An empty log (a new folder for a run continued from another one's checkpoint) is kept,
-        with a note naming the checkpoint's place in the other log.
+        with a note naming the checkpoint's place in the other log; a log that holds that note
+        (the continued run crashed and is retried from the same checkpoint) is cut back to it.
         """
         if not self.enabled:
             return 0
         fd = self._open_fd()
         seq, head, size = _parse_position(position)
         scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
+        continued = _continued_note(seq, head)
         if seq and not scan.records:
             # A new folder for a run that continues from another folder's checkpoint.
-            self.append(
-                {
-                    "kind": "note",
-                    "reason": f"continued from a checkpoint of another log at seq {seq - 1}, "
-                    f"hash {head}",
-                }
-            )
+            self.append({"kind": "note", "reason": continued})
             return 0
+        where = [r["seq"] for r in scan.records if r["kind"] == "note" and r["reason"] == continued]
+        if seq and where:
+            # this log began as that checkpoint's continuation: the checkpoint stands at the note
+            at = where[0] + 1
+            seq, head, size = at, scan.records[at - 1]["hash"], scan.ends[at - 1]
         if seq > len(scan.records):
             raise LogError(
                 f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "

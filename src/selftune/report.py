@@ -101,6 +101,39 @@ def read_trace(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
+def trace_size_through(path: Path, step: int, block: int = 1 << 16) -> int:
+    """The size ``trace.jsonl`` has when it holds its rows up to ``step`` and no later one.
+
+    A resumed run cuts its trace there, so that no step appears twice. Steps only grow along a
+    trace (a step the guard rolled back is traced too), so the rows are read from the end: a
+    resume after a crash reads only the rows it drops. The step, not a size saved with the
+    checkpoint, marks the cut, since a folder that continues another run's checkpoint holds none
+    of that run's rows (a retried continuation kept its first attempt's steps).
+    """
+    with open(path, "rb") as f:
+        start = f.seek(0, io.SEEK_END)
+        data = b""
+        hi: int | None = None  # end of the next row to judge (past its newline), in ``data``
+        while True:
+            if hi is None:
+                last = data.rfind(b"\n")
+                hi = last + 1 if last >= 0 else None  # what follows the last newline is torn
+            lo = data.rfind(b"\n", 0, hi - 1) + 1 if hi else 0
+            if start > 0 and (hi is None or lo == 0):  # the row may begin before what was read
+                more = min(block, start)
+                start -= more
+                f.seek(start)
+                data = f.read(more) + data
+                hi = None if hi is None else hi + more
+                continue
+            if not hi:
+                return 0
+            row = parse_trace_line(data[lo : hi - 1], f"{path} at byte {start + lo}")
+            if row["step"] <= step:
+                return start + hi
+            hi = lo
+
+
 @dataclass(frozen=True)
 class Run:
     """A run folder as the report sees it."""

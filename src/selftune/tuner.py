@@ -394,8 +394,6 @@ class SelfTuned(torch.optim.Optimizer):
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
-            # trace.jsonl's size: resuming cuts it back so that no step appears twice
-            "trace": None if self._trace is None else self._trace_bytes,
             # an observed metric the next step has yet to read, and where it was measured
             "metric": {
                 "value": self._metric,
@@ -441,9 +439,11 @@ class SelfTuned(torch.optim.Optimizer):
         # and resumed writes the same log as one that never stopped.
         if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
             self._log.truncate_to(own["log"])
-        if self._trace is not None and own.get("trace") is not None:
+        if self._trace is not None:
+            from selftune.report import trace_size_through
+
             self._trace.flush()
-            self._trace_bytes = min(own["trace"], self._trace_bytes)
+            self._trace_bytes = trace_size_through(Path(self._trace.name), self.step_count)
             os.truncate(self._trace.fileno(), self._trace_bytes)
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
