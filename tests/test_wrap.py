@@ -756,3 +756,53 @@ def test_a_run_started_again_into_its_own_folder_is_refused(tmp_path: Path) -> N
         run()
     trace = (tmp_path / "run" / "trace.jsonl").read_text().splitlines()
     assert len(trace) == 20
+
+
+def _one_cycle_run(tmp_path: Path, cycle: bool) -> tuple[selftune.SelfTuned, list[Any], list]:
+    """The hypergradient controller (which tunes momentum) under OneCycleLR, a NaN loss at
+    step 40 for a rollback; the momentum each step used is read inside the wrapped step."""
+    inner, pr = _sgd(lr=0.01)
+    used: list[float] = []
+    inner_step = inner.step
+
+    def step(*args: Any, **kw: Any) -> Any:
+        used.append(inner.param_groups[0]["momentum"])
+        return inner_step(*args, **kw)
+
+    inner.step = step  # type: ignore[method-assign]
+    opt = selftune.wrap(inner, "hypergradient", log_dir=tmp_path / f"cycle-{cycle}")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.02, total_steps=200, cycle_momentum=cycle
+    )
+    scheduled: list[float] = []
+
+    def after() -> None:
+        sched.step()
+        scheduled.append(opt.param_groups[0]["momentum"])
+
+    scheduled.append(opt.param_groups[0]["momentum"])
+    _steps(pr, opt, range(1, 81), nan_at=40, after=after)
+    opt.close()
+    records = audit.read_log(tmp_path / f"cycle-{cycle}").records
+    return opt, records, [used, scheduled]
+
+
+def test_a_scheduler_that_cycles_momentum_takes_it_over(tmp_path: Path) -> None:
+    """OneCycleLR writes momentum after every step (cycle_momentum is its default): a value
+    selftune tuned, or a rollback restored, was overwritten before any step used it, and the
+    log held momentum decisions that never took effect.  The knob is handed to the scheduler
+    at once, with a note and a warning, and the log holds only what the steps used."""
+    with pytest.warns(UserWarning, match="momentum was changed outside selftune before step 2"):
+        opt, records, (used, scheduled) = _one_cycle_run(tmp_path, cycle=True)
+    (note,) = [r for r in records if r["kind"] == "note"]
+    assert note["step"] == 2 and "cycle_momentum=False" in note["reason"]
+    assert not [r for r in records if r["kind"] == "decision" and r["knob"] == "momentum"]
+    assert [r["event"] for r in records if r["kind"] == "guard"] == ["rollback"]
+    skipped = 40  # the rolled-back step does not step the optimizer
+    assert used == scheduled[: skipped - 1] + scheduled[skipped : len(used) + 1]
+    assert opt.state_dict()["selftune"]["outside"] == [["momentum"]]
+    # the control: without the cycle, selftune tunes momentum and the steps use its values
+    opt, records, (used, scheduled) = _one_cycle_run(tmp_path, cycle=False)
+    assert not [r for r in records if r["kind"] == "note"]
+    tuned = [r for r in records if r["kind"] == "decision" and r["knob"] == "momentum"]
+    assert tuned and used[-1] == tuned[-1]["new"] != scheduled[0]

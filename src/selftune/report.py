@@ -548,7 +548,7 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
             f"<td colspan=2>{_e(record['reason'])}</td></tr>"
         )
     return (
-        "<tr class=note><td></td><td colspan=3>note</td>"
+        f"<tr class=note><td class=num>{_e(record.get('step', ''))}</td><td colspan=3>note</td>"
         f"<td colspan=2>{_e(record.get('reason'))}</td></tr>"
     )
 

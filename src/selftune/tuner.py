@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -138,6 +140,13 @@ class SelfTuned(torch.optim.Optimizer):
         #: each group's knobs, fixed when it joins: a momentum clipped to zero stays a knob
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
+        #: the knobs other than the rate as the last step left them, and those found changed
+        #: since by someone else (a scheduler's cycle_momentum, the training loop): theirs from
+        #: then on, neither tuned nor restored (the rate composes with a scheduler's instead)
+        self._left: list[dict[str, float]] | None = None
+        self._outside: list[set[str]] = [set() for _ in self.param_groups]
+        #: notes for the log's next step (a knob found set outside selftune)
+        self._notes: list[str] = []
         self._tracker = SignalTracker(lambda: self.param_groups)
         #: the weight average evaluated in the weights' place (``averaged``), if one is kept
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
@@ -213,6 +222,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales.append(1.0)
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
+        self._outside.append(set())
         self._tracker.group_added()
         if self.average is not None:
             self.average.group_added(self.param_groups[i])
@@ -336,12 +346,15 @@ class SelfTuned(torch.optim.Optimizer):
                 "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
                 "start again, log to a new folder"
             )
+        current = self.hyperparams()
+        self._find_outside(t, current)
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         if trouble is not None:
             decisions, event = self._roll_back(trouble, signals)
+            self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
             return loss
@@ -354,12 +367,12 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
-        current = self.hyperparams()
         proposals = self.controller.propose(signals, current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
         decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
         restart = None if restarting is None else self._restart(restarting)
+        self._leave(current, decisions)
         if restart is not None:
             self.step_count = t
             self._after(t, signals, decisions, restart)
@@ -402,6 +415,8 @@ class SelfTuned(torch.optim.Optimizer):
                 "evaluating_average": self._at_average,
             },
             "average": None if self.average is None else _clone(self.average.state_dict()),
+            "left": copy.deepcopy(self._left),
+            "outside": [sorted(knobs) for knobs in self._outside],
         }
         return sd
 
@@ -416,11 +431,14 @@ class SelfTuned(torch.optim.Optimizer):
             # a plain optimizer's state: a run continued under selftune starts from its rates
             # (the bounds are factors of them, not of the rates this wrapper was built with)
             self._start = [knobs_io.start_rate(g) for g in self.param_groups]
+            self._left = None  # its knobs were loaded, not changed by a scheduler
             if self.average is not None:  # and its weights (the model loads first) start it
                 self.average.restart(self.param_groups)
             return
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
+        self._left = copy.deepcopy(own.get("left"))
+        self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         metric = _pending_metric(own.get("metric"))
         self._metric, self._metric_mode = metric["value"], metric["mode"]
@@ -512,6 +530,41 @@ class SelfTuned(torch.optim.Optimizer):
             for name in self._names[i]
         }
 
+    def _find_outside(self, t: int, current: Knobs) -> None:
+        """Hand a knob other than the rate to whoever changed it since the last step.
+
+        OneCycleLR and CyclicLR cycle momentum (or β1) by default, writing it after every step:
+        a value selftune then tuned or a rollback restored was overwritten before it was used,
+        and the log held decisions that never took effect.  The rate composes with a scheduler
+        (a scale on its rate); another knob cannot, so it becomes theirs, with a note and a
+        warning.
+        """
+        if self._left is None:
+            return
+        for i, (now, left) in enumerate(zip(current, self._left, strict=False)):
+            for knob, value in left.items():
+                if knob in self._outside[i] or now.get(knob, value) == value:
+                    continue
+                self._outside[i].add(knob)
+                why = (
+                    f"group {i}'s {knob} was changed outside selftune before step {t} "
+                    f"({value:.6g} -> {now[knob]:.6g}), by a scheduler (OneCycleLR and CyclicLR "
+                    "cycle momentum unless given cycle_momentum=False) or by the training loop: "
+                    "it is theirs from now on, and selftune neither tunes it nor restores it on "
+                    "a rollback"
+                )
+                self._notes.append(why)
+                warnings.warn(why, stacklevel=_outside_frames())
+
+    def _leave(self, current: Knobs, decisions: list[Decision]) -> None:
+        """Remember the knobs other than the rate as this step leaves them (read back where a
+        decision wrote one: a float32 tensor holds a value rounded from the one written)."""
+        left = [{k: v for k, v in g.items() if k != "lr"} for g in current]
+        for d in decisions:
+            if d.knob != "lr":
+                left[d.group][d.knob] = knobs_io.read(self.param_groups[d.group], d.knob)
+        self._left = left
+
     def _set(self, i: int, knob: str, value: float) -> None:
         if knob == "lr":
             self._scales[i] = value
@@ -569,7 +622,7 @@ class SelfTuned(torch.optim.Optimizer):
         the rate it was leaving, 13x above the one it meant on the residual CNN).  Replayed
         decisions (``raw``) are set exactly as logged.
         """
-        if p.knob not in current:
+        if p.knob not in current or p.knob in self._outside[p.group]:
             return None
         old = current[p.knob]
         base = knobs_io.read(self.param_groups[p.group], "lr")
@@ -767,11 +820,14 @@ class SelfTuned(torch.optim.Optimizer):
     def _after(
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
+        notes, self._notes = self._notes, []
         if self._log is None and self._trace is None and not self._listeners:
             return  # nothing records the step: keep the hot path free of it
         hp = self.hyperparams()
         if self._log is not None:
             self._write_added()
+            for reason in notes:
+                self._log.append({"kind": "note", "step": t, "reason": reason})
             if guard is not None:
                 self._log.append({"kind": "guard", "step": t, **guard})
             for d in decisions:
@@ -881,6 +937,18 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
+
+
+def _outside_frames() -> int:
+    """The ``stacklevel`` of the training loop's call: past selftune and the wrappers torch
+    puts around ``step()`` (no_grad, the optimizer's hooks, each scheduler's counter)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals["__name__"].split(".")[0] in _OURS:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_OURS = ("selftune", "torch")
 
 
 def _mean_over_ranks(value: torch.Tensor) -> list[float]:
