@@ -106,6 +106,22 @@ def test_replay_is_bit_identical_through_a_range_test_restart(tmp_path: Path) ->
     assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))
 
 
+def test_replay_is_bit_identical_through_a_skipped_first_step(tmp_path: Path) -> None:
+    """Trouble at step 1, before the guard holds any snapshot: the step is skipped and the rate
+    cut (the run used to stop there with a GuardError), and the replay skips it too."""
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), "auto", log_dir=tmp_path)
+    train(task, opt, STEPS, faults={1: "nan_loss"}, evaluate=False)
+    opt.close()
+    original = final_weights(task.model)
+    skip, *_ = guard_records(tmp_path)
+    assert (skip["step"], skip["event"], skip["lr_factor"]) == (1, "skip", 0.5)
+    task = make_task()
+    replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
+    train(task, replayed, STEPS, faults={1: "nan_loss"}, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -348,6 +348,31 @@ def test_a_continued_run_that_crashed_is_retried_from_the_same_checkpoint(
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
 
 
+def test_trouble_right_after_loading_a_plain_state_dict_skips_the_step(tmp_path: Path) -> None:
+    """``opt.state_dict()`` (what Lightning and the Trainer save) holds no guard snapshots, so
+    none is held until the next healthy step: a NaN loss in the first step after the load
+    stopped the run with a GuardError.  The step is skipped and the rate cut instead."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, None)
+    train(model, opt, range(1, 31))
+    saved, weights = opt.state_dict(), model.state_dict()
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "run")
+    model.load_state_dict(weights)
+    opt.load_state_dict(saved)
+    before, rate = [p.clone() for p in model.parameters()], opt.hyperparams()[0]["lr"]
+    train_step(model, opt, 31, rank=0, nan=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.hyperparams()[0]["lr"] == pytest.approx(rate / 2)
+    train(model, opt, range(32, 61), nan_step=45)  # a snapshot since: a rollback to it
+    opt.close()
+    events = [r for r in read_log(tmp_path / "run").records if r["kind"] == "guard"]
+    assert [(r["step"], r["event"], r.get("restored_step")) for r in events] == [
+        (31, "skip", None),
+        (45, "rollback", 32),
+    ]
+
+
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:
     from selftune.guard import Guard
 

@@ -12,8 +12,10 @@ Every optimizer step, before the update, the guard checks the step's signals:
 
 On trouble the step is skipped, the model parameters, optimizer state, controller state and knobs
 are restored from the newest snapshot, and the learning rate is cut by ``backoff`` (compounded
-while trouble repeats).  Trouble again before ``interval`` healthy steps have passed goes back one
-snapshot further; ``max_retries`` consecutive rollbacks raise :class:`GuardError`.
+while trouble repeats); with no snapshot held yet (the first step, or the first after loading a
+state dict) the step is only skipped and the rate cut (a ``skip`` event).  Trouble again before
+``interval`` healthy steps have passed goes back one snapshot further; ``max_retries``
+consecutive rollbacks raise :class:`GuardError`.
 
 Snapshots are taken every ``interval`` healthy steps (default 25), of a state whose loss the guard
 has just checked, and the newest two are kept; the first one is also kept for ``keep_initial``
@@ -249,20 +251,24 @@ class Guard:
         the new group.  The next healthy step takes a fresh one."""
         self.snapshots, self.initial = [], None
 
-    def rollback(self, trouble: Trouble) -> tuple[Snapshot, float]:
+    def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:
         """The snapshot to restore and the factor to cut the learning rate by.
 
-        Raises :class:`GuardError` when trouble keeps coming back.
+        With no snapshot held (trouble in the first step, or in the first after loading a
+        state dict, which carries none) there is nothing to restore: the troubled step is
+        skipped (its update was never made) and the rate cut, as a rollback would.  Raises
+        :class:`GuardError` when trouble keeps coming back.
         """
         self.retries += 1
         what = f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value})"
-        if not self.snapshots:
-            raise GuardError(f"{what}, and no snapshot to roll back to. {_ADVICE}")
         if self.retries > self.config.max_retries:
             raise GuardError(
                 f"{what}; {self.retries - 1} rollbacks with the learning rate cut each time did "
                 f"not help. {_ADVICE}"
             )
+        if not self.snapshots:
+            self.healthy_since = trouble.step
+            return None, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
         snap = self.snapshots[index]

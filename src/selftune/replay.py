@@ -77,7 +77,8 @@ class ReplayController(OffController):
 
 
 class ReplayGuard(Guard):
-    """Declares trouble exactly at the logged rollback and escalate steps, and nowhere else."""
+    """Declares trouble exactly at the logged skip, rollback and escalate steps, and nowhere
+    else."""
 
     def __init__(self, config: GuardConfig, records: list[dict[str, Any]]) -> None:
         super().__init__(config)
@@ -89,7 +90,7 @@ class ReplayGuard(Guard):
                 f"replay: {r['reason']}",
             )
             for r in records
-            if r.get("kind") == "guard" and r.get("event") in ("rollback", "escalate")
+            if r.get("kind") == "guard" and r.get("event") in ("skip", "rollback", "escalate")
         }
         #: the logged GuardError message of each step where the guard gave up
         self._escalations = {
@@ -101,7 +102,7 @@ class ReplayGuard(Guard):
     def judge(self, s: Signals) -> Trouble | None:
         return self._events.get(s.step)
 
-    def rollback(self, trouble: Trouble) -> tuple[Snapshot, float]:
+    def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:
         """Raise the logged GuardError where the original run gave up, else roll back as it did.
 
         The original stopped there; a replay that rolled back instead (or trained on, as when

@@ -680,22 +680,29 @@ class SelfTuned(torch.optim.Optimizer):
             event = {"event": "escalate", "signal": trouble.signal, "value": trouble.value}
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             raise
-        payload = snap.payload
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(self.hyperparams())
-        self._restore(payload, lower_rates=True)
-        self.controller.load_state_dict(_clone(payload["controller"]))
+        if snap is None:  # nothing held yet: the step's update was never made, only skip it
+            saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
+            scales: list[float] | None = None
+            reason = f"guard: {trouble.reason}; no snapshot held yet, step skipped"
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            payload = snap.payload
+            self._restore(payload, lower_rates=True)
+            self.controller.load_state_dict(_clone(payload["controller"]))
+            # selftune's scale as it was, on the rate a scheduler set now (older snapshots
+            # hold no scales: the rate as it was)
+            saved_knobs, scales = payload["knobs"], payload.get("scales")
+            reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
         self.controller.on_backoff(trouble.step)
         decisions = []
-        reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
-        for i, saved in enumerate(payload["knobs"]):
+        for i, saved in enumerate(saved_knobs):
             current = self._knobs(i)
             for knob, value in saved.items():
-                if knob == "lr":  # selftune's scale as it was, on the rate a scheduler set now
-                    scales = payload.get("scales")  # (older snapshots: the rate as it was)
-                    base = knobs_io.read(self.param_groups[i], "lr")
-                    value = value if scales is None else scales[i] * base
+                if knob == "lr" and scales is not None:
+                    value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
                 target = value * factor if knob == "lr" else value
                 p = Proposal(
                     i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
@@ -704,11 +711,11 @@ class SelfTuned(torch.optim.Optimizer):
                 if decision is not None:
                     decisions.append(decision)
         event = {
-            "event": "rollback",
+            "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
             "value": trouble.value,
             "reason": trouble.reason,
-            "restored_step": snap.step,
+            **({} if snap is None else {"restored_step": snap.step}),
             "lr_factor": factor,
         }
         return decisions, event
