@@ -554,3 +554,16 @@ def test_the_published_bar_skips_a_check_where_auto_and_every_published_method_m
     hit = [_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([70, 80, 90])]
     short, met = report.shortfalls(report.summarise([*published, *grid, *hit]), [])
     assert report.tally(short, met)[report.BARS["published"]] == (1, 1)
+
+
+def test_a_median_curve_holds_a_run_that_stopped_at_its_target() -> None:
+    """Runs end where they reach the target, so past a run's last evaluation it holds its last
+    value: the median over the runs still going was the slowest seed alone, at 0.5 here."""
+
+    def run(metrics: list[float | None]) -> dict[str, Any]:
+        return {"curves": {"step": [10 * i for i in range(len(metrics))], "metric": metrics}}
+
+    rows = [run([0.1, 0.6, 0.9]), run([0.1, 0.5, 0.9, 0.95]), run([0.1, 0.4, None, 0.5, 0.6])]
+    steps, medians = report._median_curve(rows, "metric")
+    assert steps == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert medians == [0.1, 0.5, 0.9, 0.9, 0.9]

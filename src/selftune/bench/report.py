@@ -495,14 +495,25 @@ def _fmt_seconds(row: Row) -> str:
 
 
 def _median_curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """The per-step median over seeds of a recorded curve (missing and None values skipped)."""
+    """The per-step median over seeds of a recorded curve (missing and None values skipped).
+
+    A run ends where it reaches the target (a race), so past its last evaluation it holds its
+    last value: a median over the runs still going would be one of the slower seeds alone,
+    and the line would turn away from the target just where the faster seeds reached it.
+    """
+    steps = sorted({s for r in rows for s in r["curves"]["step"]})
     by_step: dict[int, list[float]] = defaultdict(list)
     for r in rows:
-        for step, value in zip(r["curves"]["step"], r["curves"][key], strict=True):
+        curve = dict(zip(r["curves"]["step"], r["curves"][key], strict=True))
+        end = max(curve, default=-1)
+        held: float | None = None
+        for step in steps:
+            value = curve.get(step) if step <= end else held
             if value is not None and math.isfinite(value):
                 by_step[step].append(value)
-    steps = sorted(by_step)
-    return [float(s) for s in steps], [statistics.median(by_step[s]) for s in steps]
+                held = value
+    kept = sorted(by_step)
+    return [float(s) for s in kept], [statistics.median(by_step[s]) for s in kept]
 
 
 def _curves_png(w: Workload, rows: list[Row], title: str, path: Path) -> None:
