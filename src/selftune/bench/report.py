@@ -733,7 +733,9 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         "workload and base optimizer, the member of the learning-rate grid (constant and cosine) "
         "with the fewest median steps: the best a user who ran the whole grid could have picked. "
         "Ratios divide median steps by those of the default or the oracle of the same base "
-        "optimizer, all from this one results file. Times were measured with runs in parallel "
+        "optimizer, all from this one results file; for a row evaluated at a weight average "
+        "(`-avg`) the oracle is the averaged grid's, and the default is the plain one (no "
+        "default was run with an average). Times were measured with runs in parallel "
         "on a shared machine: compare them within a table, not across machines.",
         "",
         "## Headline",
