@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from browser import FakeRun, decision_record, guard_record
 
 import selftune
-from selftune import cli
+from selftune import cli, watch
 from selftune.watch import LineTail, WatchState, sparkline
 
 HP = [{"lr": 0.1, "momentum": 0.9}]
@@ -269,3 +271,56 @@ def test_a_damaged_manifest_is_explained_not_fatal(
     assert "manifest.json is damaged" in frame and expected in frame
     assert "restore it from a copy of the run folder" in frame
     assert frame.count("step 3 ") == 1  # the trace is still shown
+
+
+def _frame_state(state: WatchState) -> tuple:
+    return (
+        state.step,
+        state.loss,
+        state.metric,
+        state.metric_step,
+        state.hp,
+        list(state.losses),
+        [list(r) for r in state.rates],
+        state.decisions,
+        state.guards,
+        list(state.recent),
+    )
+
+
+def test_a_first_look_at_a_long_run_reads_its_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first poll parsed every line of both files: a million-step trace took 9 s and
+    1.3 GB before the first frame.  It now starts at the rows the frame shows, counts the
+    decisions before them and sets the last evaluation aside; the frame is the same."""
+    monkeypatch.setattr(watch, "BLOCK", 97)  # rows straddle the blocks of the backward scans
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = selftune.wrap(inner, "hypergradient", log_dir=tmp_path / "run")  # decides every step
+    for step in range(1, 301):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 3)).pow(2).mean() * (math.nan if step == 150 else 1.0)
+        loss.backward()
+        opt.step(loss=loss)
+        if step == 120:
+            opt.observe(0.5)  # the last evaluation, long before the rows the frame shows
+    opt.close()
+    parsed: list[int] = []
+    parse = WatchState._parse
+
+    def counted(self: WatchState, lines: Any) -> list[dict[str, Any]]:
+        rows = parse(self, lines)
+        parsed.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(WatchState, "_parse", counted)
+    tail = WatchState(tmp_path / "run")
+    tail.poll()
+    assert sum(parsed) < 200, parsed  # of 300 trace rows and some 300 records
+    whole = WatchState(tmp_path / "run")
+    whole._decisions, whole._trace = (LineTail(t.path) for t in (whole._decisions, whole._trace))
+    whole.poll()
+    assert _frame_state(tail) == _frame_state(whole)
+    assert (tail.metric_step, tail.guards) == (121, 1) and tail.decisions > 250

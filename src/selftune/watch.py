@@ -7,7 +7,10 @@ the latest decisions and guard events with their reasons. Only complete lines ar
 may be halfway through writing the last one, and that part is kept until its newline arrives.
 
 Watching is read-only and cheap: each refresh reads only the bytes appended since the last one and
-does not check the hash chain (``selftune verify`` does that). rich is imported only to draw.
+does not check the hash chain (``selftune verify`` does that). The first read of a long run starts
+near the end of each file, at the rows the frame shows (the decisions before them are counted,
+not parsed): a million-step trace took 9 s and 1.3 GB to parse whole. rich is imported only to
+draw.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import json
 import math
 import sys
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,16 +37,36 @@ SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 60
 #: how many recent decisions and guard events the frame lists
 RECENT = 8
+#: how far a backward scan reads at a time
+BLOCK = 1 << 16
+#: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
+#: canonical form has no spaces, and a quote inside a string value is escaped)
+KINDS = (b'"kind":"decision"', b'"kind":"guard"')
 
 
 class LineTail:
-    """Follow a file that another process appends to, returning only its complete lines."""
+    """Follow a file that another process appends to, returning only its complete lines.
 
-    def __init__(self, path: Path) -> None:
+    ``lines``: a first read (and the first after a restart) starts at the last ``lines`` complete
+    lines; the last line before them that holds ``keep`` is set aside in ``kept``, and the
+    occurrences of each of ``count`` before them are counted into ``skipped`` (both reset by
+    every read).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        lines: int | None = None,
+        keep: bytes | None = None,
+        count: Sequence[bytes] = (),
+    ) -> None:
         self.path = path
+        self.lines, self.keep, self.count = lines, keep, tuple(count)
         self.offset = 0  # bytes of the file consumed so far, the partial line included
         self.partial = b""  # the start of a line whose newline has not been written yet
         self.last = b""  # the last bytes consumed: still there, or the file was rewritten
+        self.skipped: Counter[bytes] = Counter()
+        self.kept: bytes | None = None
 
     def read(self) -> tuple[list[bytes], bool]:
         """Return the complete lines appended since the last call, and whether the file restarted.
@@ -64,6 +87,9 @@ class LineTail:
                 restarted = file.read(len(self.last)) != self.last
             if restarted:
                 self.offset, self.partial, self.last = 0, b"", b""
+            self.skipped, self.kept = Counter(), None
+            if self.offset == 0 and self.lines is not None:
+                self._skip_to_tail(file, size)
             if size == self.offset:
                 return [], restarted
             file.seek(self.offset)
@@ -72,6 +98,79 @@ class LineTail:
         self.last = (self.last + data)[-64:]
         *lines, self.partial = (self.partial + data).split(b"\n")
         return [line for line in lines if line.strip()], restarted
+
+    def _skip_to_tail(self, file: Any, size: int) -> None:
+        """Start at the last ``lines`` complete lines; set the last line before them that holds
+        ``keep`` aside, and count ``count`` in what comes before them."""
+        assert self.lines is not None
+        start = _line_start(file, _nth_newline_back(file, size, self.lines + 1))
+        at = None if self.keep is None else _last_match(file, size, self.keep)
+        if at is not None and at < start:
+            begin = _line_start(file, at)
+            file.seek(begin)
+            self.kept = file.read(start - begin).split(b"\n")[0]
+        for pattern in self.count:
+            self.skipped[pattern] = _count(file, start, pattern)
+        if start > 0:
+            file.seek(start - min(start, 64))
+            self.last = file.read(min(start, 64))
+        self.offset = start
+
+
+def _blocks_back(file: Any, end: int) -> Iterable[tuple[int, bytes]]:
+    """The bytes before ``end``, as (offset, block) pairs from the last block to the first."""
+    while end > 0:
+        lo = max(0, end - BLOCK)
+        file.seek(lo)
+        yield lo, file.read(end - lo)
+        end = lo
+
+
+def _nth_newline_back(file: Any, size: int, n: int) -> int | None:
+    """The offset of the ``n``-th newline counted from the end, or None if there are fewer."""
+    for lo, block in _blocks_back(file, size):
+        at = len(block)
+        while n > 0:
+            at = block.rfind(b"\n", 0, at)
+            if at < 0:
+                break
+            n -= 1
+        if n == 0:
+            return lo + at
+    return None
+
+
+def _line_start(file: Any, position: int | None) -> int:
+    """The offset where the line holding ``position`` begins (0 for None: the file's start)."""
+    if position is None:
+        return 0
+    for lo, block in _blocks_back(file, position):
+        at = block.rfind(b"\n")
+        if at >= 0:
+            return lo + at + 1
+    return 0
+
+
+def _last_match(file: Any, end: int, pattern: bytes) -> int | None:
+    """The offset of the last ``pattern`` that ends by ``end``, or None (the whole file read,
+    one block at a time)."""
+    after = b""  # the next block's first bytes: a match may straddle the boundary
+    for lo, block in _blocks_back(file, end):
+        at = (block + after).rfind(pattern)
+        if at >= 0:
+            return lo + at
+        after = block[: len(pattern) - 1]
+    return None
+
+
+def _count(file: Any, end: int, pattern: bytes) -> int:
+    """How often ``pattern`` occurs in the bytes before ``end``."""
+    total, after = 0, b""
+    for _, block in _blocks_back(file, end):
+        # a match inside ``after`` alone is too short to exist: none is counted twice
+        total += (block + after).count(pattern)
+        after = block[: len(pattern) - 1]
+    return total
 
 
 @dataclass
@@ -98,8 +197,10 @@ class WatchState:
     manifest_problem: str | None = None
 
     def __post_init__(self) -> None:
-        self._decisions = LineTail(self.folder / DECISIONS)
-        self._trace = LineTail(self.folder / TRACE)
+        # enough lines for the recent decisions among notes, and the rows of the sparklines
+        # back to the last metric (json.dumps writes its key as below)
+        self._decisions = LineTail(self.folder / DECISIONS, lines=8 * RECENT, count=KINDS)
+        self._trace = LineTail(self.folder / TRACE, lines=HISTORY, keep=b'"metric": ')
 
     def poll(self) -> None:
         """Read what the run appended since the last poll."""
@@ -109,6 +210,8 @@ class WatchState:
         if restarted:
             self.recent.clear()
             self.decisions = self.guards = 0
+        self.decisions += self._decisions.skipped[KINDS[0]]
+        self.guards += self._decisions.skipped[KINDS[1]]
         for record in self._parse(lines):
             kind = record.get("kind")
             self.decisions += kind == "decision"
@@ -120,6 +223,9 @@ class WatchState:
             self.losses.clear()
             self.rates.clear()
             self.metric = self.metric_step = None
+        kept = self._trace.kept  # the last evaluation, from before the rows read
+        for row in self._parse([] if kept is None else [kept]):
+            self.metric, self.metric_step = as_float(row.get("metric")), row.get("step")
         for row in self._parse(lines):
             self._add_row(row)
 
