@@ -946,16 +946,17 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
     return wrapped
 
 
+#: the packages whose frames stand between a warning and the training loop's call
+_OURS = ("selftune", "torch")
+
+
 def _outside_frames() -> int:
     """The ``stacklevel`` of the training loop's call: past selftune and the wrappers torch
     puts around ``step()`` (no_grad, the optimizer's hooks, each scheduler's counter)."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals["__name__"].split(".")[0] in _OURS:
+    while frame.f_back is not None and str(frame.f_globals.get("__name__")).split(".")[0] in _OURS:
         frame, level = frame.f_back, level + 1
     return level
-
-
-_OURS = ("selftune", "torch")
 
 
 def _mean_over_ranks(value: torch.Tensor) -> list[float]:
