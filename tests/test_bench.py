@@ -567,3 +567,17 @@ def test_a_median_curve_holds_a_run_that_stopped_at_its_target() -> None:
     steps, medians = report._median_curve(rows, "metric")
     assert steps == [0.0, 10.0, 20.0, 30.0, 40.0]
     assert medians == [0.1, 0.5, 0.9, 0.9, 0.9]
+
+
+def test_auto_reaching_a_target_that_no_grid_member_reaches_meets_the_oracle_bar() -> None:
+    """With no oracle (every grid member missed) the oracle check was skipped even where auto
+    reached the target: it needs fewer steps than any member, so the bar is met; where auto
+    misses too, nothing is counted."""
+    grid = [_record("adamw-grid-const-1e-2", "grid", None, i) for i in range(3)]
+    reached = [_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([70, 80])]
+    short, met = report.shortfalls({"w": report.summarise([*grid, *reached])["w"]}, [])
+    assert report.tally(short, met)[report.BARS["oracle"]] == (1, 1)
+    assert any("no grid member reaches it" in m for m in met)
+    missed = [_record("selftune-auto-adamw", "selftune", None, i) for i in range(2)]
+    short, met = report.shortfalls({"w": report.summarise([*grid, *missed])["w"]}, [])
+    assert report.tally(short, met)[report.BARS["oracle"]] == (0, 0)

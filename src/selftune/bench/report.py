@@ -143,6 +143,10 @@ class Workload:
     def default(self, base: str) -> Row | None:
         return self.rows.get(f"{base}-default")
 
+    def has_grid(self, base: str, grid_family: str = "grid") -> bool:
+        """Whether a learning-rate grid of ``base`` ran here (an oracle needs one that hit)."""
+        return any(r.family == grid_family and r.base == base for r in self.rows.values())
+
     def oracle(self, base: str, grid_family: str = "grid") -> Row | None:
         """The grid member of ``base`` with the fewest median steps (ties as :func:`_fastest`
         breaks them); ``grid_family`` "grid-avg": of the grid evaluated at a weight average."""
@@ -407,6 +411,8 @@ def shortfalls(
             if oracle is not None:
                 r = ratio(auto, oracle)
                 check(r is not None and r <= 1.0, "oracle", _versus(auto, oracle, "the oracle"))
+            elif auto.steps < INF and w.has_grid(base):  # faster than a grid that never arrives
+                check(True, "oracle", f"{_fmt_steps(auto)} steps; no grid member reaches it")
             default = w.default(base)
             # both missing says nothing either way: skipped, as a miss of the oracle is
             if default is not None and not default.steps == auto.steps == INF:
@@ -427,6 +433,9 @@ def shortfalls(
                 r = ratio(averaged, oracle_avg)
                 detail = _versus(averaged, oracle_avg, "the averaged oracle")
                 check(r is not None and r <= 1.0, "averaged", detail, f"{tag}, {averaged.method}")
+            elif averaged is not None and averaged.steps < INF and w.has_grid(base, "grid-avg"):
+                detail = f"{_fmt_steps(averaged)} steps; no averaged grid member reaches it"
+                check(True, "averaged", detail, f"{tag}, {averaged.method}")
             sweep = [r for r in w.rows.values() if r.family == "sweep-avg" and r.base == base]
             if sweep:
                 check(
