@@ -324,3 +324,21 @@ def test_a_first_look_at_a_long_run_reads_its_tail(
     whole.poll()
     assert _frame_state(tail) == _frame_state(whole)
     assert (tail.metric_step, tail.guards) == (121, 1) and tail.decisions > 250
+
+
+@pytest.mark.parametrize("block", [3, 11, 1 << 16])
+def test_a_tail_starts_at_its_last_lines_and_keeps_one_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr(watch, "BLOCK", block)
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"k":1}\n{"m":2}\n{"k":3}\n{"x":4}\n{"x":5}\n{"x"')
+    tail = LineTail(path, lines=2, keep=b'"m"', count=[b'"k"'])
+    assert tail.read() == ([b'{"x":4}', b'{"x":5}'], False)
+    assert (tail.kept, tail.skipped[b'"k"']) == (b'{"m":2}', 2)
+    with open(path, "ab") as file:
+        file.write(b":6}\n")
+    assert tail.read() == ([b'{"x":6}'], False)  # then it follows as before
+    assert (tail.kept, tail.skipped[b'"k"']) == (None, 0)
+    short = LineTail(path, lines=9, keep=b'"m"')  # fewer lines than asked: from the start
+    assert len(short.read()[0]) == 6 and short.kept is None

@@ -103,12 +103,13 @@ class LineTail:
         """Start at the last ``lines`` complete lines; set the last line before them that holds
         ``keep`` aside, and count ``count`` in what comes before them."""
         assert self.lines is not None
-        start = _line_start(file, _nth_newline_back(file, size, self.lines + 1))
+        # just past the newline that ends the line before them (the file's start if none does)
+        before = _nth_newline_back(file, size, self.lines + 1)
+        start = 0 if before is None else before + 1
         at = None if self.keep is None else _last_match(file, size, self.keep)
         if at is not None and at < start:
-            begin = _line_start(file, at)
-            file.seek(begin)
-            self.kept = file.read(start - begin).split(b"\n")[0]
+            file.seek(_line_start(file, at))
+            self.kept = file.readline().rstrip(b"\n")
         for pattern in self.count:
             self.skipped[pattern] = _count(file, start, pattern)
         if start > 0:
@@ -140,10 +141,8 @@ def _nth_newline_back(file: Any, size: int, n: int) -> int | None:
     return None
 
 
-def _line_start(file: Any, position: int | None) -> int:
-    """The offset where the line holding ``position`` begins (0 for None: the file's start)."""
-    if position is None:
-        return 0
+def _line_start(file: Any, position: int) -> int:
+    """The offset where the line holding ``position`` begins."""
     for lo, block in _blocks_back(file, position):
         at = block.rfind(b"\n")
         if at >= 0:
