@@ -364,7 +364,10 @@ def test_trouble_right_after_loading_a_plain_state_dict_skips_the_step(tmp_path:
     train_step(model, opt, 31, rank=0, nan=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert opt.hyperparams()[0]["lr"] == pytest.approx(rate / 2)
-    train(model, opt, range(32, 61), nan_step=45)  # a snapshot since: a rollback to it
+    train_step(model, opt, 32, rank=0)
+    # no previous update read after the skip (the skipped read had multiplied it in place)
+    assert opt.last_signals is not None and opt.last_signals.groups[0].update_norm == 0.0
+    train(model, opt, range(33, 61), nan_step=45)  # a snapshot since: a rollback to it
     opt.close()
     events = [r for r in read_log(tmp_path / "run").records if r["kind"] == "guard"]
     assert [(r["step"], r["event"], r.get("restored_step")) for r in events] == [

@@ -349,11 +349,18 @@ class SelfTuned(torch.optim.Optimizer):
         current = self.hyperparams()
         self._find_outside(t, current)
         reads_buffer = getattr(self.controller, "reads_buffer", True)
+        # with no snapshot held, trouble can only skip the step, and no snapshot then restores
+        # what reading it changed: the loss statistics, and the previous update it multiplies
+        unread = (
+            self._tracker.state_dict(include_update=False)
+            if self.guard is not None and not self.guard.snapshots
+            else None
+        )
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         if trouble is not None:
-            decisions, event = self._roll_back(trouble, signals)
+            decisions, event = self._roll_back(trouble, signals, unread)
             self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
@@ -672,7 +679,9 @@ class SelfTuned(torch.optim.Optimizer):
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
 
-    def _roll_back(self, trouble: Trouble, signals: Signals) -> tuple[list[Decision], dict]:
+    def _roll_back(
+        self, trouble: Trouble, signals: Signals, unread: dict[str, Any] | None
+    ) -> tuple[list[Decision], dict]:
         assert self.guard is not None
         try:
             snap, factor = self.guard.rollback(trouble)
@@ -687,6 +696,8 @@ class SelfTuned(torch.optim.Optimizer):
             saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
             scales: list[float] | None = None
             reason = f"guard: {trouble.reason}; no snapshot held yet, step skipped"
+            assert unread is not None  # taken whenever no snapshot is held
+            self._tracker.load_state_dict(unread)  # as a snapshot's: no previous update
             self.optimizer.zero_grad(set_to_none=True)
         else:
             payload = snap.payload
