@@ -63,16 +63,18 @@ def make_model() -> torch.nn.Module:
     return model
 
 
-def make_optimizer(name: str, model: torch.nn.Module, log_dir: Path | None) -> SelfTuned:
-    inner: torch.optim.Optimizer
+def make_inner(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The plain optimizer that :func:`make_optimizer` wraps (a replay wraps it too)."""
     if name == "sgd":
-        inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    elif name == "adamw":
-        inner = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    else:
-        raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
+        return torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=2e-3)
+    raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
+
+
+def make_optimizer(name: str, model: torch.nn.Module, log_dir: Path | None) -> SelfTuned:
     # with a weight average: the states compared across ranks and across resumes include it
-    return selftune.wrap(inner, log_dir=log_dir, seed=SEED, average=True)
+    return selftune.wrap(make_inner(name, model), log_dir=log_dir, seed=SEED, average=True)
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ at random moments is in ``test_crash.py``.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from dist_worker import (
     dropped_on_resume,
     final_state,
     log_body,
+    make_inner,
     make_model,
     make_optimizer,
     train_step,
@@ -374,6 +376,39 @@ def test_trouble_right_after_loading_a_plain_state_dict_skips_the_step(tmp_path:
         (31, "skip", None),
         (45, "rollback", 32),
     ]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_run_resumed_from_a_plain_state_dict_replays_exactly(tmp_path: Path, name: str) -> None:
+    """Resumed from ``opt.state_dict()`` (the Trainer's checkpoints), the guard starts its
+    snapshots again, and a later rollback goes to one taken after the resume: a replay, which
+    runs straight through and still held the one from step 25, rolled back there instead and
+    ended elsewhere.  The rollback's record now says where the snapshots started again, and
+    the replay drops its own at that step."""
+    model = make_model()
+    opt = make_optimizer(name, model, tmp_path / "run")
+    train(model, opt, range(1, 31))
+    # copied, as a checkpoint file would hold them: torch's state dicts share the live tensors
+    saved, weights = copy.deepcopy((opt.state_dict(), model.state_dict()))
+    train(model, opt, range(31, 41))  # then the crash
+    opt.close()
+    model = make_model()
+    opt = make_optimizer(name, model, tmp_path / "run")
+    model.load_state_dict(weights)
+    opt.load_state_dict(saved)
+    train(model, opt, range(31, 61), nan_step=45)
+    opt.close()
+    (rollback,) = [r for r in read_log(tmp_path / "run").records if r["kind"] == "guard"]
+    assert (rollback["step"], rollback["restored_step"], rollback["snapshots_since"]) == (
+        45,
+        31,
+        31,
+    )
+    replayed_model = make_model()
+    replayed = selftune.replay(make_inner(name, replayed_model), tmp_path / "run")
+    train(replayed_model, replayed, range(1, 61), nan_step=45)
+    for a, b in zip(model.parameters(), replayed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> None:

@@ -29,7 +29,9 @@ first step too, so that a crash before the first periodic checkpoint also resume
 a generator restored from ``extra``), a resumed run ends bit-identical to an uninterrupted one:
 weights, optimizer state and log records.  That is why the guard's snapshots are saved too: they
 live in memory only, and without them a rollback after resuming would restore a different step
-than the uninterrupted run (and than ``selftune.replay``) restores.
+than the uninterrupted run restores (a run resumed from a plain ``state_dict``, which holds none,
+says in its next guard record where its snapshots started again, so that ``selftune.replay``
+follows it).
 """
 
 from __future__ import annotations

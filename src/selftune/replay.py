@@ -92,6 +92,14 @@ class ReplayGuard(Guard):
             for r in records
             if r.get("kind") == "guard" and r.get("event") in ("skip", "rollback", "escalate")
         }
+        #: the steps where the logged run's guard started its snapshots again after a state
+        #: dict loaded without them: the replay drops its own there, so that its rollbacks and
+        #: restarts go where the logged run's did
+        self._resets = {
+            _number(r, "snapshots_since", int)
+            for r in records
+            if r.get("kind") == "guard" and "snapshots_since" in r
+        }
         #: the logged GuardError message of each step where the guard gave up
         self._escalations = {
             _number(r, "step", int): str(r["reason"])
@@ -100,6 +108,8 @@ class ReplayGuard(Guard):
         }
 
     def judge(self, s: Signals) -> Trouble | None:
+        if s.step in self._resets:
+            self.forget_snapshots()
         return self._events.get(s.step)
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:

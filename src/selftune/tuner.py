@@ -146,7 +146,12 @@ class SelfTuned(torch.optim.Optimizer):
         self._left: list[dict[str, float]] | None = None
         self._outside: list[set[str]] = [set() for _ in self.param_groups]
         #: notes for the log's next step (a knob found set outside selftune)
-        self._notes: list[str] = []
+        self._notes: list[dict[str, Any]] = []
+        #: a state dict was loaded mid-run: its next step sees whether snapshots came with it
+        self._loaded = False
+        #: the step where the guard's snapshots started again after a state dict loaded without
+        #: them, until a guard record has said so (see ``_note_lost_snapshots``)
+        self._snapshots_since: int | None = None
         self._tracker = SignalTracker(lambda: self.param_groups)
         #: the weight average evaluated in the weights' place (``averaged``), if one is kept
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
@@ -348,6 +353,8 @@ class SelfTuned(torch.optim.Optimizer):
             )
         current = self.hyperparams()
         self._find_outside(t, current)
+        if self._loaded:
+            self._note_lost_snapshots(t)
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         # with no snapshot held, trouble can only skip the step, and no snapshot then restores
         # what reading it changed: the loss statistics, and the previous update it multiplies
@@ -423,6 +430,8 @@ class SelfTuned(torch.optim.Optimizer):
             },
             "average": None if self.average is None else _clone(self.average.state_dict()),
             "left": copy.deepcopy(self._left),
+            # where the snapshots started again, if no guard record has said so yet
+            "snapshots_since": self._snapshots_since,
             "outside": [sorted(knobs) for knobs in self._outside],
         }
         return sd
@@ -445,6 +454,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
         self._left = copy.deepcopy(own.get("left"))
+        self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         metric = _pending_metric(own.get("metric"))
@@ -455,6 +465,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
             self.guard.load_state_dict(own["guard"])
+            self._loaded = self.step_count > 0
         if self.average is not None:
             if own.get("average") is not None:
                 self.average.load_state_dict(own["average"])
@@ -560,8 +571,22 @@ class SelfTuned(torch.optim.Optimizer):
                     "it is theirs from now on, and selftune neither tunes it nor restores it on "
                     "a rollback"
                 )
-                self._notes.append(why)
+                self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
+
+    def _note_lost_snapshots(self, t: int) -> None:
+        """Remember that the guard starts its snapshots again at step ``t``, if the state dict
+        loaded mid-run came without them (``opt.state_dict()`` holds none; ``save_checkpoint``
+        and the Lightning callback put them back).
+
+        A rollback or restart then goes to a snapshot taken since, not to the one the
+        uninterrupted run held, so the next guard record says where they started again
+        (``snapshots_since``), and a replay drops its own at that step.  Until a guard event
+        comes, the snapshots change nothing, and the log stays the uninterrupted run's.
+        """
+        self._loaded = False
+        if self.guard is not None and not self.guard.snapshots:
+            self._snapshots_since = t
 
     def _leave(self, current: Knobs, decisions: list[Decision]) -> None:
         """Remember the knobs other than the rate as this step leaves them (read back where a
@@ -839,15 +864,19 @@ class SelfTuned(torch.optim.Optimizer):
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
         notes, self._notes = self._notes, []
+        since = None
+        if guard is not None:  # the first guard event since the snapshots started again
+            since, self._snapshots_since = self._snapshots_since, None
         if self._log is None and self._trace is None and not self._listeners:
             return  # nothing records the step: keep the hot path free of it
         hp = self.hyperparams()
         if self._log is not None:
             self._write_added()
-            for reason in notes:
-                self._log.append({"kind": "note", "step": t, "reason": reason})
+            for note in notes:
+                self._log.append({"kind": "note", "step": t, **note})
             if guard is not None:
-                self._log.append({"kind": "guard", "step": t, **guard})
+                where = {} if since is None else {"snapshots_since": since}
+                self._log.append({"kind": "guard", "step": t, **guard, **where})
             for d in decisions:
                 self._log.append(
                     {

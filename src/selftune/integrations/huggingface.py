@@ -31,7 +31,8 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
 Checkpoints need nothing more: the ``Trainer`` saves ``optimizer.state_dict()``, which carries
 selftune's state under ``"selftune"``, and ``trainer.train(resume_from_checkpoint=...)`` loads it.
 The guard's in-memory snapshots are not saved: after resuming, a rollback can only go back to a
-snapshot taken since (trouble before the first is skipped, with the rate cut).  An optimizer
+snapshot taken since (trouble before the first is skipped, with the rate cut), and the first
+guard record after the resume says where they started again, for a replay.  An optimizer
 passed as ``Trainer(optimizers=(selftune.wrap(opt), None))`` works with the callback too, but
 steps on gradient signals alone: no loss reaches it.
 """
