@@ -342,3 +342,21 @@ def test_a_tail_starts_at_its_last_lines_and_keeps_one_before(
     assert (tail.kept, tail.skipped[b'"k"']) == (None, 0)
     short = LineTail(path, lines=9, keep=b'"m"')  # fewer lines than asked: from the start
     assert len(short.read()[0]) == 6 and short.kept is None
+
+
+def test_a_note_is_listed_with_the_decisions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A scheduler that cycles momentum takes it over, with a note in the log: the frame lists
+    it beside the decisions (it showed decisions and guard events only)."""
+    model = torch.nn.Linear(3, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = selftune.wrap(inner, log_dir=tmp_path / "run")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    with pytest.warns(UserWarning, match="changed outside selftune"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(4, 3)).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+    opt.close()
+    frame = watch_once(tmp_path / "run", capsys)
+    assert re.search(r"2 +note +group 0's momentum was changed outside selftune", frame), frame

@@ -2,9 +2,9 @@
 
 It tails ``decisions.jsonl`` and ``trace.jsonl`` as the run appends to them and redraws one frame:
 the step, the loss (and the last evaluation metric given to ``observe``, at the step that read
-it), each param group's knobs, sparklines of the recent loss and learning rate, and
-the latest decisions and guard events with their reasons. Only complete lines are read: the run
-may be halfway through writing the last one, and that part is kept until its newline arrives.
+it), each param group's knobs, sparklines of the recent loss and learning rate, and the latest
+decisions, guard events and notes with their reasons. Only complete lines are read: the run may
+be halfway through writing the last one, and that part is kept until its newline arrives.
 
 Watching is read-only and cheap: each refresh reads only the bytes appended since the last one and
 does not check the hash chain (``selftune verify`` does that). The first read of a long run starts
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 SPARK = "▁▂▃▄▅▆▇█"
 #: how many recent steps the sparklines cover
 HISTORY = 60
-#: how many recent decisions and guard events the frame lists
+#: how many recent decisions, guard events and notes the frame lists
 RECENT = 8
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
@@ -215,7 +215,7 @@ class WatchState:
             kind = record.get("kind")
             self.decisions += kind == "decision"
             self.guards += kind == "guard"
-            if kind in ("decision", "guard"):
+            if kind in ("decision", "guard", "note"):
                 self.recent.append(record)
         lines, restarted = self._trace.read()
         if restarted:
@@ -353,7 +353,11 @@ def render(state: WatchState) -> RenderableType:
             Text.assemble(("loss, recent steps  ", "dim"), (sparkline(state.losses), "green"))
         )
     parts.append(
-        Panel(_recent_table(state), title="latest decisions and guard events", title_align="left")
+        Panel(
+            _recent_table(state),
+            title="latest decisions, guard events and notes",
+            title_align="left",
+        )
     )
     if state.manifest_problem:
         parts.append(
@@ -396,6 +400,8 @@ def _recent_table(state: WatchState) -> RenderableType:
                 str(record.get("reason")),
                 style="bold red",
             )
+        elif record.get("kind") == "note":  # a resume's cut, a knob a scheduler took over
+            table.add_row(str(record.get("step", "")), "note", "", str(record.get("reason")))
         else:
             clipped = " (clipped)" if record.get("clipped") else ""
             table.add_row(
