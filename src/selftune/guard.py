@@ -196,6 +196,10 @@ class Guard:
         """The oldest snapshot held: where a controller's restart goes back to."""
         return self.initial or (self.snapshots[0] if self.snapshots else None)
 
+    def begin_step(self, step: int) -> None:
+        """Called before a step's signals are read; a replay's guard drops its snapshots here
+        where the logged run's started again (:class:`selftune.replay.ReplayGuard`)."""
+
     def check(self, s: Signals) -> Trouble | None:
         """Judge this step; on a healthy one, count it towards forgiving earlier rollbacks."""
         trouble = self.judge(s)

@@ -107,9 +107,11 @@ class ReplayGuard(Guard):
             if r.get("kind") == "guard" and r.get("event") == "escalate"
         }
 
-    def judge(self, s: Signals) -> Trouble | None:
-        if s.step in self._resets:
+    def begin_step(self, step: int) -> None:
+        if step in self._resets:
             self.forget_snapshots()
+
+    def judge(self, s: Signals) -> Trouble | None:
         return self._events.get(s.step)
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:

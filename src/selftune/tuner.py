@@ -356,6 +356,8 @@ class SelfTuned(torch.optim.Optimizer):
         if self._loaded:
             self._note_lost_snapshots(t)
         reads_buffer = getattr(self.controller, "reads_buffer", True)
+        if self.guard is not None:
+            self.guard.begin_step(t)
         # with no snapshot held, trouble can only skip the step, and no snapshot then restores
         # what reading it changed: the loss statistics, and the previous update it multiplies
         unread = (
