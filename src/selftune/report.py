@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from selftune.audit import LogError, read_log, verify
 
@@ -101,6 +101,36 @@ def read_trace(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
+def blocks_back(file: BinaryIO, end: int, block: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+    """The bytes of ``file`` before ``end`` as (offset, bytes) blocks, the last block first."""
+    while end > 0:
+        lo = max(0, end - block)
+        file.seek(lo)
+        yield lo, file.read(end - lo)
+        end = lo
+
+
+def lines_back(file: BinaryIO, end: int, block: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+    """The complete lines of ``file`` before ``end`` as (offset, line without its newline), the
+    last line first; what follows the last newline is torn (a writer mid-line), not a line."""
+    carry, torn = b"", True  # carry: the start of a line that may begin in an earlier block
+    for lo, data in blocks_back(file, end, block):
+        *pieces, last = (data + carry).split(b"\n")
+        if not pieces:  # no newline in this block: the line goes on before it
+            carry = last
+            continue
+        at = lo + len(data) + len(carry) - len(last)  # where ``last`` begins
+        if not torn:
+            yield at, last
+        torn = False
+        for piece in reversed(pieces[1:]):
+            at -= len(piece) + 1
+            yield at, piece
+        carry = pieces[0]
+    if carry and not torn:  # the file's first line
+        yield 0, carry
+
+
 def trace_size_through(path: Path, step: int, block: int = 1 << 16) -> int:
     """The size ``trace.jsonl`` has when it holds its rows up to ``step`` and no later one.
 
@@ -111,27 +141,10 @@ def trace_size_through(path: Path, step: int, block: int = 1 << 16) -> int:
     of that run's rows (a retried continuation kept its first attempt's steps).
     """
     with open(path, "rb") as f:
-        start = f.seek(0, io.SEEK_END)
-        data = b""
-        hi: int | None = None  # end of the next row to judge (past its newline), in ``data``
-        while True:
-            if hi is None:
-                last = data.rfind(b"\n")
-                hi = last + 1 if last >= 0 else None  # what follows the last newline is torn
-            lo = data.rfind(b"\n", 0, hi - 1) + 1 if hi else 0
-            if start > 0 and (hi is None or lo == 0):  # the row may begin before what was read
-                more = min(block, start)
-                start -= more
-                f.seek(start)
-                data = f.read(more) + data
-                hi = None if hi is None else hi + more
-                continue
-            if not hi:
-                return 0
-            row = parse_trace_line(data[lo : hi - 1], f"{path} at byte {start + lo}")
-            if row["step"] <= step:
-                return start + hi
-            hi = lo
+        for start, line in lines_back(f, f.seek(0, io.SEEK_END), block):
+            if parse_trace_line(line, f"{path} at byte {start}")["step"] <= step:
+                return start + len(line) + 1
+    return 0
 
 
 @dataclass(frozen=True)

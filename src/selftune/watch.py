@@ -9,8 +9,8 @@ be halfway through writing the last one, and that part is kept until its newline
 Watching is read-only and cheap: each refresh reads only the bytes appended since the last one and
 does not check the hash chain (``selftune verify`` does that). The first read of a long run starts
 near the end of each file, at the rows the frame shows (the decisions before them are counted,
-not parsed): a million-step trace took 9 s and 1.3 GB to parse whole. rich is imported only to
-draw.
+not parsed): parsing a long run's files whole took seconds and a memory the size of several
+copies of them before the first frame. rich is imported only to draw.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selftune.audit import DECISIONS, MANIFEST
-from selftune.report import TRACE, as_float
+from selftune.report import TRACE, as_float, blocks_back, lines_back
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -103,9 +103,11 @@ class LineTail:
         """Start at the last ``lines`` complete lines; set the last line before them that holds
         ``keep`` aside, and count ``count`` in what comes before them."""
         assert self.lines is not None
-        # just past the newline that ends the line before them (the file's start if none does)
-        before = _nth_newline_back(file, size, self.lines + 1)
-        start = 0 if before is None else before + 1
+        start = 0  # the file's start, if it holds no more lines than that
+        for n, (offset, _) in enumerate(lines_back(file, size, BLOCK), start=1):
+            if n == self.lines:
+                start = offset
+                break
         at = None if self.keep is None else _last_match(file, size, self.keep)
         if at is not None and at < start:
             file.seek(_line_start(file, at))
@@ -118,32 +120,9 @@ class LineTail:
         self.offset = start
 
 
-def _blocks_back(file: Any, end: int) -> Iterable[tuple[int, bytes]]:
-    """The bytes before ``end``, as (offset, block) pairs from the last block to the first."""
-    while end > 0:
-        lo = max(0, end - BLOCK)
-        file.seek(lo)
-        yield lo, file.read(end - lo)
-        end = lo
-
-
-def _nth_newline_back(file: Any, size: int, n: int) -> int | None:
-    """The offset of the ``n``-th newline counted from the end, or None if there are fewer."""
-    for lo, block in _blocks_back(file, size):
-        at = len(block)
-        while n > 0:
-            at = block.rfind(b"\n", 0, at)
-            if at < 0:
-                break
-            n -= 1
-        if n == 0:
-            return lo + at
-    return None
-
-
 def _line_start(file: Any, position: int) -> int:
     """The offset where the line holding ``position`` begins."""
-    for lo, block in _blocks_back(file, position):
+    for lo, block in blocks_back(file, position, BLOCK):
         at = block.rfind(b"\n")
         if at >= 0:
             return lo + at + 1
@@ -154,7 +133,7 @@ def _last_match(file: Any, end: int, pattern: bytes) -> int | None:
     """The offset of the last ``pattern`` that ends by ``end``, or None (the whole file read,
     one block at a time)."""
     after = b""  # the next block's first bytes: a match may straddle the boundary
-    for lo, block in _blocks_back(file, end):
+    for lo, block in blocks_back(file, end, BLOCK):
         at = (block + after).rfind(pattern)
         if at >= 0:
             return lo + at
@@ -165,7 +144,7 @@ def _last_match(file: Any, end: int, pattern: bytes) -> int | None:
 def _count(file: Any, end: int, pattern: bytes) -> int:
     """How often ``pattern`` occurs in the bytes before ``end``."""
     total, after = 0, b""
-    for _, block in _blocks_back(file, end):
+    for _, block in blocks_back(file, end, BLOCK):
         # a match inside ``after`` alone is too short to exist: none is counted twice
         total += (block + after).count(pattern)
         after = block[: len(pattern) - 1]
