@@ -143,15 +143,15 @@ class Workload:
     def default(self, base: str) -> Row | None:
         return self.rows.get(f"{base}-default")
 
-    def has_grid(self, base: str, grid_family: str = "grid") -> bool:
-        """Whether a learning-rate grid of ``base`` ran here (an oracle needs one that hit)."""
-        return any(r.family == grid_family and r.base == base for r in self.rows.values())
+    def grid(self, base: str, grid_family: str = "grid") -> list[Row]:
+        """The learning-rate grid of ``base`` (``grid_family`` "grid-avg": the one evaluated at
+        a weight average)."""
+        return [r for r in self.rows.values() if r.family == grid_family and r.base == base]
 
     def oracle(self, base: str, grid_family: str = "grid") -> Row | None:
         """The grid member of ``base`` with the fewest median steps (ties as :func:`_fastest`
-        breaks them); ``grid_family`` "grid-avg": of the grid evaluated at a weight average."""
-        grid = [r for r in self.rows.values() if r.family == grid_family and r.base == base]
-        reached = [r for r in grid if r.steps < INF]
+        breaks them)."""
+        reached = [r for r in self.grid(base, grid_family) if r.steps < INF]
         return _fastest(reached) if reached else None
 
 
@@ -371,6 +371,20 @@ def _floor_ratio(workloads: dict[str, Workload], base: str) -> tuple[float, str]
     return (statistics.median(ratios), "; ".join(words)) if ratios else None
 
 
+def _against_oracle(
+    row: Row, oracle: Row | None, grid: list[Row], grid_name: str
+) -> tuple[bool, str] | None:
+    """Whether ``row`` needs no more median steps than ``oracle``, the best of ``grid``, and the
+    figures in words; with no oracle (no member reached the target) a row that reaches it
+    does, and a row that misses too (or no grid that ran) says nothing either way."""
+    if oracle is not None:
+        r, what = ratio(row, oracle), "the " + grid_name.replace("grid", "oracle")
+        return r is not None and r <= 1.0, _versus(row, oracle, what)
+    if row.steps < INF and grid:
+        return True, f"{_fmt_steps(row)} steps; no {grid_name} member reaches it"
+    return None
+
+
 def _versus(row: Row, ref: Row, what: str) -> str:
     """``412 [380–450] steps vs 350 [...] for the oracle adamw-grid-cos-1e-2 (1.18x)``."""
     r = ratio(row, ref)
@@ -408,11 +422,9 @@ def shortfalls(
 
             check(auto.hits == auto.seeds, "reliable", f"{auto.hits}/{auto.seeds} seeds hit")
             oracle = w.oracle(base)
-            if oracle is not None:
-                r = ratio(auto, oracle)
-                check(r is not None and r <= 1.0, "oracle", _versus(auto, oracle, "the oracle"))
-            elif auto.steps < INF and w.has_grid(base):  # faster than a grid that never arrives
-                check(True, "oracle", f"{_fmt_steps(auto)} steps; no grid member reaches it")
+            verdict = _against_oracle(auto, oracle, w.grid(base), "grid")
+            if verdict is not None:
+                check(verdict[0], "oracle", verdict[1])
             default = w.default(base)
             # both missing says nothing either way: skipped, as a miss of the oracle is
             if default is not None and not default.steps == auto.steps == INF:
@@ -429,13 +441,11 @@ def shortfalls(
             tuned = [r for r in w.rows.values() if r.family in SELFTUNE_FAMILIES and r.base == base]
             averaged = w.rows.get(f"selftune-auto-{base}-avg")
             oracle_avg = w.oracle(base, "grid-avg")
-            if averaged is not None and oracle_avg is not None:
-                r = ratio(averaged, oracle_avg)
-                detail = _versus(averaged, oracle_avg, "the averaged oracle")
-                check(r is not None and r <= 1.0, "averaged", detail, f"{tag}, {averaged.method}")
-            elif averaged is not None and averaged.steps < INF and w.has_grid(base, "grid-avg"):
-                detail = f"{_fmt_steps(averaged)} steps; no averaged grid member reaches it"
-                check(True, "averaged", detail, f"{tag}, {averaged.method}")
+            if averaged is not None:
+                grid_avg = w.grid(base, "grid-avg")
+                verdict = _against_oracle(averaged, oracle_avg, grid_avg, "averaged grid")
+                if verdict is not None:
+                    check(verdict[0], "averaged", verdict[1], f"{tag}, {averaged.method}")
             sweep = [r for r in w.rows.values() if r.family == "sweep-avg" and r.base == base]
             if sweep:
                 check(
