@@ -608,11 +608,11 @@ class AuditLog:
             # A new folder for a run that continues from another folder's checkpoint.
             self.append({"kind": "note", "reason": continued})
             return 0
-        where = [r["seq"] for r in scan.records if r["kind"] == "note" and r["reason"] == continued]
-        if seq and where:
+        notes = (r for r in scan.records if r["kind"] == "note" and r["reason"] == continued)
+        note = next(notes, None)
+        if seq and note is not None:
             # this log began as that checkpoint's continuation: the checkpoint stands at the note
-            at = where[0] + 1
-            seq, head, size = at, scan.records[at - 1]["hash"], scan.ends[at - 1]
+            seq, head, size = note["seq"] + 1, note["hash"], scan.ends[note["seq"]]
         if seq > len(scan.records):
             raise LogError(
                 f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
