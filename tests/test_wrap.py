@@ -806,3 +806,15 @@ def test_a_scheduler_that_cycles_momentum_takes_it_over(tmp_path: Path) -> None:
     assert not [r for r in records if r["kind"] == "note"]
     tuned = [r for r in records if r["kind"] == "decision" and r["knob"] == "momentum"]
     assert tuned and used[-1] == tuned[-1]["new"] != scheduled[0]
+
+
+def test_a_tensor_beta_selftune_tuned_is_not_taken_for_a_scheduler_s() -> None:
+    """A float32 tensor holds a rounded copy of the beta1 a decision wrote: compared with the
+    unrounded value, the next step took selftune's own change for someone else's."""
+    pr = noisy_quadratic(seed=1)
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    inner = torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-2), betas=betas)
+    opt = selftune.wrap(inner, "hypergradient")
+    train(pr, opt, 40)
+    assert opt.hyperparams()[0]["beta1"] != pytest.approx(0.9), "beta1 was never tuned"
+    assert opt.state_dict()["selftune"]["outside"] == [[]]

@@ -126,6 +126,15 @@ def raw(group: dict[str, Any], name: str) -> Any:
     return group[name]
 
 
+def stored(group: dict[str, Any], name: str, value: float) -> float:
+    """The value knob ``name`` holds once ``value`` is written: rounded to its tensor's dtype,
+    worked out on the host (reading the knob back would wait for the device)."""
+    held = raw(group, name)
+    if isinstance(held, torch.Tensor):
+        return float(torch.tensor(value, dtype=held.dtype))
+    return value
+
+
 def write(group: dict[str, Any], name: str, value: float) -> None:
     """Set knob ``name`` to ``value``, in place for tensors, keeping ``betas`` a tuple."""
     if name in ("beta1", "beta2"):

@@ -591,12 +591,13 @@ class SelfTuned(torch.optim.Optimizer):
             self._snapshots_since = t
 
     def _leave(self, current: Knobs, decisions: list[Decision]) -> None:
-        """Remember the knobs other than the rate as this step leaves them (read back where a
-        decision wrote one: a float32 tensor holds a value rounded from the one written)."""
+        """Remember the knobs other than the rate as this step leaves them (a float32 tensor
+        holds a value rounded from the one a decision wrote)."""
         left = [{k: v for k, v in g.items() if k != "lr"} for g in current]
         for d in decisions:
             if d.knob != "lr":
-                left[d.group][d.knob] = knobs_io.read(self.param_groups[d.group], d.knob)
+                group = self.param_groups[d.group]
+                left[d.group][d.knob] = knobs_io.stored(group, d.knob, d.value)
         self._left = left
 
     def _set(self, i: int, knob: str, value: float) -> None:
