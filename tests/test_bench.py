@@ -100,7 +100,7 @@ def test_a_run_is_a_function_of_its_seed(method: str) -> None:
 
 def test_schedule_free_is_back_in_train_mode_after_an_evaluation_that_raised() -> None:
     model = torch.nn.Linear(3, 1)
-    handle = methods()["schedulefree-adamw"].build(model.parameters(), Setting(10, False, 0))
+    handle = methods()["schedulefree-adamw"].build(model, Setting(10, False, 0))
     with pytest.raises(RuntimeError, match="evaluation failed"), handle.evaluating():
         raise RuntimeError("evaluation failed")
     assert all(g["train_mode"] for g in handle.optimizer.param_groups)
@@ -153,8 +153,8 @@ def test_a_torn_last_line_is_skipped_and_the_next_run_starts_a_fresh_line(tmp_pa
 
 
 def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:
-    def huge_rate(params: Any, setting: Setting) -> Handle:
-        return Handle(torch.optim.SGD(params, lr=1e6, momentum=0.9))
+    def huge_rate(model: torch.nn.Module, setting: Setting) -> Handle:
+        return Handle(torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9))
 
     method = Method("sgd-lr1e6", "grid", "sgd", huge_rate, seeds=1, lr0=1e6)
     with one_thread():
@@ -174,14 +174,42 @@ def test_an_error_after_a_divergence_leaves_the_run_marked_diverged() -> None:
                 raise RuntimeError("broken")
             return super().step(closure)
 
-    def huge_rate(params: Any, setting: Setting) -> Handle:
-        return Handle(BreaksAtStep5(params, lr=1e6, momentum=0.9))
+    def huge_rate(model: torch.nn.Module, setting: Setting) -> Handle:
+        return Handle(BreaksAtStep5(model.parameters(), lr=1e6, momentum=0.9))
 
     method = Method("sgd-breaks", "grid", "sgd", huge_rate, seeds=1, lr0=1e6)
     with one_thread():
         record = train(WORKLOADS["digits-mlp"].smoke(100), method, seed=0)
     assert record["error"] == "step 5: RuntimeError: broken"
     assert record["diverged"] is True  # the losses before the error had blown up
+
+
+def test_dog_is_evaluated_at_its_polynomial_average_and_reports_its_own_step_size() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)
+    )
+    handle = methods()["dog-sgd"].build(model, Setting(10, False, 0))
+    group = handle.optimizer.param_groups[0]
+    assert group["reps_rel"] == 1e-4  # the package's advice for batch norm, read off the model
+    assert handle.lr() == 0.0  # DoG has no step size before its first gradient
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(5):
+        handle.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        handle.step(loss)
+    assert handle.lr() == pytest.approx(float(group["eta"][0])) and handle.lr() > 0
+    iterate = {k: v.clone() for k, v in model.state_dict().items()}
+    averaged = handle._average.averager.averaged_model.state_dict()  # type: ignore[union-attr]
+    with handle.evaluating():
+        seen = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(seen[k], averaged[k]) for k in seen)
+    assert not torch.equal(seen["0.weight"], iterate["0.weight"])
+    assert not torch.equal(seen["1.running_mean"], iterate["1.running_mean"])  # buffers too
+    assert all(torch.equal(v, iterate[k]) for k, v in model.state_dict().items())
+    plain = methods()["dog-sgd"].build(torch.nn.Linear(4, 1), Setting(10, False, 0))
+    assert plain.optimizer.param_groups[0]["reps_rel"] == 1e-6  # the package's default
 
 
 def test_sgd_hd_without_hypergradient_is_sgd_with_momentum() -> None:
@@ -242,6 +270,7 @@ def test_registry_names_every_family_and_filters_by_glob() -> None:
         assert {f"selftune-{controller}-sgd", f"selftune-{controller}-adamw"} <= set(every)
     assert len([m for m in every.values() if m.family == "grid" and m.base == "adamw"]) >= 12
     assert [m.name for m in select(["hd-*"])] == ["hd-sgd", "hd-adam"]
+    assert every["dog-sgd"].family == "published" and every["dog-sgd"].base == "sgd"
     with pytest.raises(ValueError, match="'nope-\\*'"):
         select(["nope-*"])
 

@@ -39,7 +39,7 @@ def first_steps(workload: str, method: str, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = w.make_model(task)
     gen = torch.Generator().manual_seed(seed)
-    handle = methods()[method].build(model.parameters(), Setting(w.steps, w.higher_is_better, seed))
+    handle = methods()[method].build(model, Setting(w.steps, w.higher_is_better, seed))
     opt = handle.optimizer
     cosines, losses, phases = [], [], []
     with one_thread():

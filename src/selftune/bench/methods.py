@@ -6,10 +6,12 @@ against (``sgd`` or ``adamw``: its default and its grid's oracle), and a builder
 wants the loss at ``step``, Schedule-Free wants ``train()``/``eval()`` around evaluation,
 ReduceLROnPlateau and selftune's ``observe`` want the evaluation metric, schedulers step after
 the optimizer, the *effective* learning rate is read differently by each (Prodigy and
-D-Adaptation: ``lr × d``), and the averaged rows (``-avg``) evaluate at an average of the weights:
-selftune's own (``wrap(..., average=True)``), or for the plain optimizers of the grid the same
-:class:`~selftune.average.WeightAverage` kept beside them, so both sides of a comparison are
-averaged alike.
+D-Adaptation: ``lr × d``; DoG: its ``eta``), and the averaged rows (``-avg``) evaluate at an
+average of the weights: selftune's own (``wrap(..., average=True)``), or for the plain optimizers
+of the grid the same :class:`~selftune.average.WeightAverage` kept beside them, so both sides of
+a comparison are averaged alike.  DoG is evaluated at the polynomial-decay average its authors'
+package keeps (they state that DoG without it is not the method they published); that average
+needs the model, which is why a builder is given the model rather than its parameters.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from selftune.average import DEFAULT_DECAY, WeightAverage
+from selftune.average import DEFAULT_DECAY, WeightAverage, swapped
 from selftune.tuner import SelfTuned
 
 #: Learning-rate grids, 3x apart, meant to hold the best member inside; the report names any
@@ -49,6 +52,32 @@ class Setting:
     seed: int
 
 
+class Average(Protocol):
+    """An average of the weights kept beside an optimizer, to evaluate in their place."""
+
+    def update(self, groups: list[dict[str, Any]]) -> None: ...
+
+    def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[object]: ...
+
+
+class _PolynomialAverage:
+    """The DoG package's ``PolynomialDecayAverager`` (Shamir and Zhang's average, weights and
+    buffers alike) seen as an :class:`Average`: evaluation copies its model's state in."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from dog import PolynomialDecayAverager
+
+        self.model = model
+        self.averager = PolynomialDecayAverager(model)
+
+    def update(self, groups: list[dict[str, Any]]) -> None:
+        self.averager.step()
+
+    def swapped_in(self, groups: list[dict[str, Any]]) -> AbstractContextManager[object]:
+        state, averaged = self.model.state_dict(), self.averager.averaged_model.state_dict()
+        return swapped(list(state.values()), [averaged[k] for k in state])
+
+
 class Handle:
     """An optimizer as the training loop drives it (see the module docstring for why)."""
 
@@ -62,7 +91,7 @@ class Handle:
         mode_switch: bool = False,
         lr_of: Callable[[torch.optim.Optimizer], float] | None = None,
         metric_to: Callable[[float], None] | None = None,
-        average: WeightAverage | None = None,
+        average: Average | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -128,6 +157,12 @@ def _d_adapted_lr(opt: torch.optim.Optimizer) -> float:
     return float(group["lr"]) * float(group["d"])
 
 
+def _dog_lr(opt: torch.optim.Optimizer) -> float:
+    """DoG's step size, which it sets at each step from the gradients: none before the first."""
+    eta = opt.param_groups[0].get("eta")
+    return float(eta[0]) if eta else 0.0
+
+
 def _scheduled_lr(opt: torch.optim.Optimizer) -> float:
     group = opt.param_groups[0]
     return float(group.get("scheduled_lr", group["lr"]))
@@ -137,7 +172,7 @@ def _selftune_lr(opt: torch.optim.Optimizer) -> float:
     return float(opt.hyperparams()[0]["lr"])  # type: ignore[attr-defined]
 
 
-Builder = Callable[[Iterable[torch.nn.Parameter], Setting], Handle]
+Builder = Callable[[torch.nn.Module, Setting], Handle]
 
 
 @dataclass(frozen=True)
@@ -168,8 +203,8 @@ def lr_label(lr: float) -> str:
 def _plain(base: str, lr: float, schedule: str, average: bool = False) -> Builder:
     make = _base(base, lr)
 
-    def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
-        opt = make(params)
+    def build(model: torch.nn.Module, s: Setting) -> Handle:
+        opt = make(model.parameters())
         sched = None
         if schedule == "cos":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
@@ -179,44 +214,56 @@ def _plain(base: str, lr: float, schedule: str, average: bool = False) -> Builde
     return build
 
 
-def _plateau(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _plateau(model: torch.nn.Module, s: Setting) -> Handle:
     # Starts at the default rate (anything else would borrow the grid's knowledge) and halves it
     # at the fourth evaluation in a row without improvement (patience 3, in evaluations).
-    opt = torch.optim.AdamW(params, lr=ADAMW_DEFAULT["lr"])
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAMW_DEFAULT["lr"])
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max" if s.higher_is_better else "min", factor=0.5, patience=3
     )
     return Handle(opt, plateau=plateau)
 
 
-def _prodigy(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _prodigy(model: torch.nn.Module, s: Setting) -> Handle:
     from prodigyopt import Prodigy
 
-    return Handle(Prodigy(params, lr=1.0), lr_of=_d_adapted_lr)
+    return Handle(Prodigy(model.parameters(), lr=1.0), lr_of=_d_adapted_lr)
 
 
-def _dadapt_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _dadapt_adam(model: torch.nn.Module, s: Setting) -> Handle:
     from dadaptation import DAdaptAdam
 
-    return Handle(DAdaptAdam(params, lr=1.0), lr_of=_d_adapted_lr)
+    return Handle(DAdaptAdam(model.parameters(), lr=1.0), lr_of=_d_adapted_lr)
 
 
-def _schedulefree(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _schedulefree(model: torch.nn.Module, s: Setting) -> Handle:
     from schedulefree import AdamWScheduleFree
 
-    return Handle(AdamWScheduleFree(params), mode_switch=True, lr_of=_scheduled_lr)
+    return Handle(AdamWScheduleFree(model.parameters()), mode_switch=True, lr_of=_scheduled_lr)
 
 
-def _hd_sgd(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _dog(model: torch.nn.Module, s: Setting) -> Handle:
+    # At the package's defaults, with the one exception its README makes: ``reps_rel`` 1e-4, not
+    # 1e-6, for a model with batch normalization (read off the model, not tuned on any run).
+    from dog import DoG
+
+    nn = torch.nn
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    batch_norm = any(isinstance(m, kinds) for m in model.modules())
+    opt = DoG(model.parameters(), reps_rel=1e-4 if batch_norm else 1e-6)
+    return Handle(opt, lr_of=_dog_lr, average=_PolynomialAverage(model))
+
+
+def _hd_sgd(model: torch.nn.Module, s: Setting) -> Handle:
     from selftune.bench.hd import SGDHD
 
-    return Handle(SGDHD(params, lr=SGD_DEFAULT["lr"], momentum=SGD_DEFAULT["momentum"]))
+    return Handle(SGDHD(model.parameters(), lr=SGD_DEFAULT["lr"], momentum=SGD_DEFAULT["momentum"]))
 
 
-def _hd_adam(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+def _hd_adam(model: torch.nn.Module, s: Setting) -> Handle:
     from selftune.bench.hd import AdamHD
 
-    return Handle(AdamHD(params, lr=ADAMW_DEFAULT["lr"]))
+    return Handle(AdamHD(model.parameters(), lr=ADAMW_DEFAULT["lr"]))
 
 
 def _selftune(
@@ -227,10 +274,12 @@ def _selftune(
     ``average``: evaluated at its weight average (the metric it reads being the average's)."""
     make = _base(base, lr)
 
-    def build(params: Iterable[torch.nn.Parameter], s: Setting) -> Handle:
+    def build(model: torch.nn.Module, s: Setting) -> Handle:
         import selftune
 
-        opt = selftune.wrap(make(params), controller=controller, seed=s.seed, average=average)
+        opt = selftune.wrap(
+            make(model.parameters()), controller=controller, seed=s.seed, average=average
+        )
         mode = "max" if s.higher_is_better else "min"
         to = (lambda value: opt.observe(value, mode=mode)) if metric else None
         return Handle(opt, pass_loss=True, lr_of=_selftune_lr, metric_to=to)
@@ -279,6 +328,7 @@ def _registry() -> dict[str, Method]:
         Method("prodigy", "published", "adamw", _prodigy, HEADLINE_SEEDS),
         Method("dadapt-adam", "published", "adamw", _dadapt_adam, HEADLINE_SEEDS),
         Method("schedulefree-adamw", "published", "adamw", _schedulefree, HEADLINE_SEEDS),
+        Method("dog-sgd", "published", "sgd", _dog, HEADLINE_SEEDS),
         Method("hd-sgd", "hypergradient", "sgd", _hd_sgd, HEADLINE_SEEDS, SGD_DEFAULT["lr"]),
         Method("hd-adam", "hypergradient", "adamw", _hd_adam, HEADLINE_SEEDS, ADAMW_DEFAULT["lr"]),
     ]

@@ -648,6 +648,10 @@ def _methods_section() -> list[str]:
         "- `prodigy` (prodigyopt), `dadapt-adam` (dadaptation) at lr 1.0, `schedulefree-adamw` "
         "(schedulefree) at its defaults, with `train()`/`eval()` around evaluation; their "
         "plotted rate is `lr × d` (Prodigy, D-Adaptation) or the scheduled rate.",
+        "- `dog-sgd`: DoG (dog-optimizer, Ivgi et al. 2023) at its defaults (`reps_rel` 1e-6, "
+        "1e-4 for a model with batch norm, as its README advises), evaluated at the polynomial-"
+        "decay average of its package (weights and buffers), which its authors publish it with; "
+        "its plotted rate is its step size `eta`.",
         "- `hd-sgd`, `hd-adam`: hypergradient descent as published (Baydin et al. 2018), from "
         "the defaults, hypergradient rate 1e-3 (SGD-HD) and 1e-7 (Adam-HD), no bounds.",
         "- `selftune-<controller>-<base>`: `selftune.wrap` around the default optimizer, given "

@@ -90,9 +90,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = workload.make_model(task)
     gen = torch.Generator().manual_seed(seed)
-    handle = method.build(
-        model.parameters(), Setting(workload.steps, workload.higher_is_better, seed)
-    )
+    handle = method.build(model, Setting(workload.steps, workload.higher_is_better, seed))
     curves: dict[str, list[float | None]] = {"step": [], "metric": [], "loss_ema": [], "lr": []}
     step_ms: list[float] = []
     train_seconds = 0.0

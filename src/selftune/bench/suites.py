@@ -26,6 +26,7 @@ SMOKE_METHODS = (
     "prodigy",
     "dadapt-adam",
     "schedulefree-adamw",
+    "dog-sgd",
     "hd-sgd",
     "hd-adam",
     "selftune-*-adamw",
