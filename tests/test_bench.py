@@ -45,6 +45,23 @@ def test_digits_shapes_split_and_content_are_fixed() -> None:
         assert torch.equal(getattr(a, field), getattr(b, field))
 
 
+def test_image_pixels_are_the_photograph_fixed_split_with_fourier_features() -> None:
+    a = data.image_pixels.__wrapped__(factor=8)
+    b = data.image_pixels.__wrapped__(factor=8)
+    assert a.x_train.shape == (3392, 128) and a.x_test.shape == (848, 128)  # 53x80 pixels
+    assert a.y_train.shape == (3392, 3) and a.y_test.shape == (848, 3)
+    assert float(a.y_train.min()) >= 0.0 and float(a.y_train.max()) <= 1.0
+    assert float(a.x_train.abs().max()) <= 1.0  # sines and cosines
+    # each frequency's sine and cosine: a point on the unit circle
+    sines, cosines = a.x_train[:, :64], a.x_train[:, 64:]
+    assert torch.allclose(sines**2 + cosines**2, torch.ones_like(sines), atol=1e-5)
+    assert a.y_test.var(0).mean() > 0.05  # a photograph, not a flat colour
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    train_rows = {tuple(r) for r in a.x_train[:, :4].tolist()}
+    assert not any(tuple(r) in train_rows for r in a.x_test[:, :4].tolist())  # pixels held out
+
+
 def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
     first = data.mnist1d.__wrapped__(num_samples=200, seed=3)
     files = list(cache.glob("mnist1d-200-seed3*.npz"))
