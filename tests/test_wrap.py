@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,45 @@ def test_float64_parameters_are_measured_in_float64() -> None:
         assert opt.last_signals is not None and opt.last_signals.loss == float(loss)
     assert -1.0 <= opt.last_signals.groups[0].cos_update <= 1.0
     assert opt.last_signals.groups[0].update_norm > 0
+
+
+def test_float16_parameters_under_an_eps_that_rounds_to_zero_are_warned_of_at_wrap() -> None:
+    """float16 AdamW at eps=1e-8 turns its weights non-finite at any rate (its moments are
+    float16 and the eps is zero there), so the guard cuts the rate in vain: wrap says so, where
+    the user wrapped, and the guard's last error names the cut that did not help."""
+
+    def wrap_here(inner: torch.optim.Optimizer) -> tuple[selftune.SelfTuned, list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = selftune.wrap(inner, "off")
+        return opt, [str(w.message) for w in caught if w.filename == __file__]
+
+    def run(eps: float) -> tuple[list[str], BaseException | None]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+        ).half()
+        x = torch.randn(64, 8, dtype=torch.float16)
+        y = (x.sum(1, keepdim=True) > 0).half()
+        opt, messages = wrap_here(torch.optim.AdamW(model.parameters(), eps=eps))
+        try:
+            for _ in range(30):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step(loss=loss.detach())
+        except selftune.GuardError as err:
+            return messages, err
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return messages, None
+
+    messages, error = run(1e-8)
+    assert len(messages) == 1 and "eps=1e-08 is zero in float16" in messages[0], messages
+    assert "eps=1e-4" in messages[0] and "of its parameters" in messages[0]
+    assert isinstance(error, selftune.GuardError) and "x the rate its snapshot held" in str(error)
+    assert run(1e-4) == ([], None)  # an eps float16 holds: no warning, and it trains
+    half = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]
+    assert wrap_here(torch.optim.AdamW(half, fused=True))[1] == []  # fused: float32 inside
 
 
 def test_a_scheduler_at_zero_holds_the_rate_there_and_a_rollback_survives_it() -> None:

@@ -44,7 +44,9 @@ from selftune.signals import Signals
 
 #: what a GuardError tells the user to do
 _ADVICE = (
-    "Lower the starting learning rate or check the data and loss for this step; the run "
+    "Trouble that comes back at a rate cut that far seldom comes from the rate: check the data "
+    "and the loss of this step, and the parameters' dtype (float16 under an optimizer whose eps "
+    "is zero in float16; wrap warns of it); else lower the starting learning rate. The run "
     "folder's decisions.jsonl lists every guard event."
 )
 #: how many healthy losses the early level is the median of
@@ -266,9 +268,10 @@ class Guard:
         self.retries += 1
         what = f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value})"
         if self.retries > self.config.max_retries:
+            cut = self.config.backoff ** (self.retries - 1)
             raise GuardError(
-                f"{what}; {self.retries - 1} rollbacks with the learning rate cut each time did "
-                f"not help. {_ADVICE}"
+                f"{what}; {self.retries - 1} rollbacks did not help, the last with the learning "
+                f"rate cut to {cut:.3g}x the rate its snapshot held. {_ADVICE}"
             )
         if not self.snapshots:
             self.healthy_since = trouble.step

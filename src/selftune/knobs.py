@@ -107,6 +107,27 @@ def check_group(index: int, group: dict[str, Any]) -> None:
         raise ConfigError(f"param group {index}: lr={read(group, 'lr')} must be > 0")
 
 
+def eps_lost_in_half(index: int, group: dict[str, Any]) -> str | None:
+    """Why a group's ``eps`` does nothing, or None: float16 parameters keep the Adam family's (and
+    RMSprop's, Adagrad's) second moments in float16, where an eps below about 3e-8 rounds to zero,
+    so a step divides by zero wherever a gradient entry is zero (a dead ReLU, an unused row) and
+    the weights turn non-finite at any learning rate.  A guard that cuts the rate cannot mend
+    that, so it is said at wrap time.  A fused step computes in float32 and is spared."""
+    eps = group.get("eps")
+    if group.get("fused") or isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        return None
+    half = sum(p.dtype == torch.float16 for p in group["params"])
+    if not half or float(torch.tensor(float(eps), dtype=torch.float16)) != 0.0:
+        return None
+    return (
+        f"param group {index}: eps={eps} is zero in float16, the dtype of {half} of its "
+        "parameters and of the optimizer's moments for them: its steps divide by zero wherever "
+        "a gradient entry is zero, and the weights turn non-finite at any learning rate (the "
+        "guard's rollbacks cannot help). Keep float32 parameters and train under "
+        "torch.autocast, or give the optimizer eps=1e-4"
+    )
+
+
 def _as_float(value: Any) -> float:
     # A tensor knob on an accelerator makes this a host sync; knobs are read once per step.
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -109,6 +109,10 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
         decay = check_decay(average)
+        for i, group in enumerate(optimizer.param_groups):
+            lost = knobs_io.eps_lost_in_half(i, group)
+            if lost is not None:
+                warnings.warn(lost, stacklevel=_outside_frames())
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
         self.controller = make_controller(controller, **controller_options)
