@@ -295,3 +295,36 @@ def test_replay_stops_where_the_guard_gave_up(tmp_path: Path) -> None:
     assert f"step {last['step']}" in str(again.value) and message in str(again.value)
     assert replayed.step_count == steps
     assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))
+
+
+def test_an_unwrapped_run_goes_on_at_the_rate_it_found_and_replays_to_the_same_weights(
+    tmp_path: Path,
+) -> None:
+    """``unwrap`` writes the rate selftune found into the wrapped optimizer (selftune keeps it as
+    a scale apart, which a plain optimizer or a state dict loaded into one would not carry), and
+    notes it in the log: the replay of the whole script, the plain steps after the hand-over
+    included, ends on the same weights."""
+    task = make_task()
+    inner = start("adamw", task.model.parameters())
+    opt = selftune.wrap(inner, "auto", log_dir=tmp_path)
+    train(task, opt, 60, evaluate=False)
+    found = opt.hyperparams()
+    assert found[0]["lr"] > 2 * inner.param_groups[0]["lr"]  # the range test climbed
+    back = opt.unwrap()
+    assert back is inner and back.param_groups[0]["lr"] == found[0]["lr"]
+    assert opt.hyperparams() == found and opt.unwrap() is back
+    with pytest.raises(selftune.ConfigError, match="unwrapped after step 60"):
+        opt.step()
+    train(task, back, 40, evaluate=False)  # plain AdamW steps at the rate found
+    original = final_weights(task.model)
+    last = read_log(tmp_path).records[-1]
+    assert last["kind"] == "note" and last["step"] == 60 and "unwrapped" in last["reason"]
+
+    again = make_task()
+    replayed = selftune.replay(start("adamw", again.model.parameters()), tmp_path)
+    train(again, replayed, 100, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(original, final_weights(again.model), strict=True))
+    plain = torch.optim.AdamW(task.model.parameters())
+    plain.load_state_dict(back.state_dict())  # a state dict of it carries the rate found
+    assert plain.param_groups[0]["lr"] == found[0]["lr"]
+    selftune.wrap(back)  # handed back whole: it can be wrapped again

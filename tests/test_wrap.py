@@ -74,6 +74,21 @@ def _steps(
             after()
 
 
+def test_unwrap_hands_a_chained_scheduler_the_rate_found_and_refuses_inside_averaged() -> None:
+    inner, pr = _sgd(lr=0.002)
+    opt = selftune.wrap(inner, average=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=40, gamma=0.5)
+    _steps(pr, opt, range(1, 41), after=sched.step)  # the decay at step 40 is the scheduler's
+    found = opt.hyperparams()[0]["lr"]
+    assert found != pytest.approx(inner.param_groups[0]["lr"])  # a scale of selftune's own
+    with opt.averaged(), pytest.raises(selftune.ConfigError, match="averaged"):
+        opt.unwrap()
+    assert opt.unwrap() is inner and inner.param_groups[0]["lr"] == found
+    for _ in range(40):
+        sched.step()  # StepLR multiplies the rate it finds: it goes on from the one found
+    assert inner.param_groups[0]["lr"] == pytest.approx(found / 2)
+
+
 def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> None:
     """The rollback restores the snapshot's weights and selftune's scale (backed off) on the
     rate the scheduler has set since: put back from before a chained scheduler's decay, the

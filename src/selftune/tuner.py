@@ -176,6 +176,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: whether the metric held for the next step was measured at the average (``observe``
         #: after an ``averaged()`` block, on every rank)
         self._metric_at_average = False
+        self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         if log_dir is not None:
             self._open_log(Path(log_dir))
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
@@ -335,6 +336,11 @@ class SelfTuned(torch.optim.Optimizer):
         ``loss``: what the optimizer lowers, lower being better (for an optimizer built with
         ``maximize=True``, the negated objective it raises).
         """
+        if self._unwrapped:
+            raise ConfigError(
+                f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
+                f"{type(self.optimizer).__name__} that unwrap() returned"
+            )
         if closure is not None and not callable(closure):
             raise ConfigError(
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
@@ -522,6 +528,47 @@ class SelfTuned(torch.optim.Optimizer):
         if self._trace is not None:
             self._trace.flush()
             os.fsync(self._trace.fileno())
+
+    def unwrap(self) -> torch.optim.Optimizer:
+        """Hand the wrapped optimizer back with the rates selftune found written into its param
+        groups, and stop tuning: the way out for a run that tuned early and trains on at the
+        settings found, or that moves to a loop without selftune.
+
+        selftune keeps its rate as a scale on the rate in ``param_groups`` (so that a scheduler
+        composes with it), so neither that rate nor a state dict loaded into a plain optimizer
+        carries what it found; ``unwrap`` writes the effective rate (``hyperparams()``) into each
+        group, leaves momentum and the betas as they are, notes the hand-over in the run
+        folder's log and closes it.  This wrapper refuses further steps; the returned optimizer
+        can be wrapped again.  A scheduler that multiplies the rate it finds (StepLR,
+        ExponentialLR, CosineAnnealingLR) goes on from the rate handed over; one that sets it
+        from its base rates (LambdaLR, OneCycleLR) writes over it.  A weight average is not
+        put into the weights: evaluate or copy it (``averaged()``) before.
+        """
+        if self._swapped_out:
+            raise ConfigError(
+                "unwrap() inside an averaged() block would hand over the average as the training "
+                "weights; call it after the block"
+            )
+        if self._unwrapped:
+            return self.optimizer
+        handed = self.hyperparams()
+        for i, group in enumerate(self.param_groups):
+            knobs_io.write(group, "lr", handed[i]["lr"])
+            self._scales[i] = 1.0
+        if self._log is not None:
+            self._write_added()
+            self._log.append(
+                {
+                    "kind": "note",
+                    "step": self.step_count,
+                    "reason": f"unwrapped after step {self.step_count}: the "
+                    f"{type(self.optimizer).__name__} goes on untuned from {handed}",
+                }
+            )
+        self.close()
+        self._unwrapped = True
+        delattr(self.optimizer, _WRAPPED)
+        return self.optimizer
 
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway)."""
