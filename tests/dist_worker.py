@@ -248,6 +248,19 @@ def _resumed_run(
     return {"hp": first.hp[:half] + second.hp, "guard_steps": guard_steps}
 
 
+def _sharded_refused() -> str:
+    """What wrapping the optimizer of an FSDP2 model (``fully_shard``: DTensor shards) says."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    fully_shard(model)
+    try:
+        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    except selftune.ConfigError as err:
+        return str(err)
+    return "wrapped"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -272,6 +285,7 @@ def main() -> None:
     results["float-loss"] = _run(
         args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
     )
+    results["sharded"] = _sharded_refused()
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -238,3 +238,15 @@ def test_the_shakespeare_example_trains_and_resumes(
     # the validation loss at step 2, measured at the average, reached the step after it
     (read,) = [row for row in trace if "metric" in row]
     assert read["step"] == 3 and f"val loss {read['metric']:.3f}" in out
+
+
+def test_parameters_sharded_by_fsdp2_are_refused_by_name_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """FSDP2 shards each parameter across the ranks (DTensor); selftune's signals and snapshots
+    are whole-parameter ones, and the first step failed deep inside a collective."""
+    _, ranks = ddp
+    for rank in ranks:
+        assert "sharded across ranks (DTensor" in rank["sharded"], rank["sharded"]
+        assert "DistributedDataParallel" in rank["sharded"]
+

@@ -108,6 +108,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
+            _refuse_sharded(i, group)
         decay = check_decay(average)
         for i, group in enumerate(optimizer.param_groups):
             lost = knobs_io.eps_lost_in_half(i, group)
@@ -1038,6 +1039,34 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
+
+
+def _refuse_sharded(index: int, group: dict[str, Any]) -> None:
+    """Refuse, by name, parameters split across ranks: FSDP2's ``fully_shard`` and tensor
+    parallelism hold DTensors, FSDP's flat parameters are each rank's shard.  selftune's signals
+    are norms and alignments of whole parameters averaged over ranks, and its snapshots and
+    checkpoints hold whole parameters on each rank; on shards each rank would read a part of
+    every norm and restore only its own part.  Before this check, FSDP2 failed inside the first
+    ``step`` with an error about a collective that DTensor cannot shard."""
+    dtensor = _dtensor_type()
+    for p in group["params"]:
+        kind = type(p).__name__
+        if (dtensor is not None and isinstance(p, dtensor)) or kind == "FlatParameter":
+            raise ConfigError(
+                f"param group {index} holds a parameter sharded across ranks ({kind}: FSDP2's "
+                "fully_shard or tensor parallelism, or FSDP's flat parameters); selftune reads "
+                "whole parameters on every rank. Train with DistributedDataParallel, whose ranks "
+                "each hold the whole model, or without selftune"
+            )
+
+
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, where this build of torch has ``torch.distributed``."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 #: the packages whose frames stand between a warning and the training loop's call
