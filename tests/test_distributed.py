@@ -243,10 +243,26 @@ def test_the_shakespeare_example_trains_and_resumes(
 def test_parameters_sharded_by_fsdp2_are_refused_by_name_on_every_rank(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:
-    """FSDP2 shards each parameter across the ranks (DTensor); selftune's signals and snapshots
-    are whole-parameter ones, and the first step failed deep inside a collective."""
+    """FSDP2's parameters are DTensors, which selftune's copies and fused reads do not handle:
+    the first step failed deep inside a collective."""
     _, ranks = ddp
     for rank in ranks:
-        assert "sharded across ranks (DTensor" in rank["sharded"], rank["sharded"]
+        assert "holds a DTensor parameter (FSDP2" in rank["sharded"], rank["sharded"]
         assert "DistributedDataParallel" in rank["sharded"]
 
+
+def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """FullyShardedDataParallel leaves rank 0 parameters with no elements and no gradient: the
+    ranks' scalars are reduced as per-group sums, so the all-reduce matches (it aborted the
+    process), every rank reads the same alignments and sets the same rate; a checkpoint, one
+    file of rank 0's shard, is refused by name."""
+    _, ranks = ddp
+    zero, one = ranks[0]["fsdp"], ranks[1]["fsdp"]
+    assert any(zero["empty"]) and not any(one["empty"])  # the shards differ in kind
+    assert zero["hp"] == one["hp"] and len(zero["hp"]) == STEPS
+    assert len(set(zero["hp"])) > 1  # auto moved the rate
+    assert zero["cos"] == one["cos"]
+    for rank in ranks:
+        assert "sharded by FullyShardedDataParallel" in rank["fsdp"]["save"], rank["fsdp"]["save"]

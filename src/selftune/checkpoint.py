@@ -78,6 +78,7 @@ def save_checkpoint(
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"step must be an int >= 0, got {step!r}")
+    _refuse_sharded_model(model)
     target = Path(path)
     if target.is_dir():
         raise CheckpointError(
@@ -141,6 +142,22 @@ def load_checkpoint(
     _restore_guard_snapshots(optimizer, payload.get("guard_snapshots"))
     _set_rng_states(payload["rng"])
     return {"step": payload["step"], "extra": payload["extra"]}
+
+
+def _refuse_sharded_model(model: torch.nn.Module) -> None:
+    """A checkpoint is one file written by rank 0, which holds only its shard of a
+    ``FullyShardedDataParallel`` model: refuse it by name rather than save a part."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise CheckpointError(
+            "the model is sharded by FullyShardedDataParallel, and a selftune checkpoint is one "
+            "file from rank 0, which holds only its shard: save the model and optimizer with "
+            "torch.distributed.checkpoint, keeping optimizer.state_dict()['selftune'] (the "
+            "controller, the guard and the log position) beside them"
+        )
 
 
 def _model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

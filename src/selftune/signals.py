@@ -115,10 +115,12 @@ class SignalTracker:
         for controllers that do not read it.
         """
         _check_loss(loss)  # before anything below overwrites the previous update
+        distributed = _across_ranks()
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
         layout: list[tuple[int, int, bool, float]] = []
         for gi, group in enumerate(self._groups):
+            start = len(parts)
             params = group["params"]
             with_grad = [i for i, p in enumerate(params) if p.grad is not None]
             grads = [params[i].grad for i in with_grad]
@@ -127,6 +129,8 @@ class SignalTracker:
             sign = -1.0 if group.get("maximize", False) else 1.0
             if not grads:
                 layout.append((0, 0, False, sign))
+                if distributed:
+                    parts.extend(_group_sums([], layout[-1]))
                 continue
             # sparse gradients (nn.Embedding(sparse=True)) have no fused kernels: per tensor
             sparse = any(g.is_sparse for g in grads)
@@ -154,6 +158,8 @@ class SignalTracker:
                 parts.extend([_norm(b) for b in bufs] if sparse else torch._foreach_norm(bufs))
                 parts.extend(_dots(bufs, grads, sparse, in_place=False))
             layout.append((len(grads), n_prev, bufs is not None, sign))
+            if distributed:
+                parts[start:] = _group_sums(parts[start:], layout[-1])
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
@@ -171,6 +177,8 @@ class SignalTracker:
         else:
             values = []
         loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
+        if distributed:
+            values, layout = _from_group_sums(values, layout)
         return self._assemble(step, loss_value, values, layout)
 
     def _assemble(
@@ -310,6 +318,72 @@ class SignalTracker:
                 if own:
                     torch._foreach_copy_(own, list(saved))
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
+
+
+#: the scalars each group contributes under ``torch.distributed`` (see :func:`_group_sums`)
+_SUMS = 7
+
+
+def _group_sums(
+    parts: list[torch.Tensor], layout: tuple[int, int, bool, float]
+) -> list[torch.Tensor]:
+    """A group's per-tensor scalars as a fixed number of sums, for the ranks' all-reduce.
+
+    Under ``torch.distributed`` every rank must stack as many scalars as every other, or the
+    all-reduce mismatches (gloo aborts the process).  The per-tensor layout does not hold that
+    where a rank's parameters lack a gradient another's have: FSDP's empty shards, a branch one
+    rank did not use.  So each group gives the sums of squared gradient, update and buffer
+    norms, of the two alignments' dot products, and whether it had an update and a buffer.  For
+    replicated parameters (DDP) their mean over ranks is each rank's own; for parameters that
+    are each rank's shard it is the whole's over the number of ranks, so the alignments, ratios
+    of sums, are the whole parameter's exactly.
+    """
+    n, n_prev, has_buf, _ = layout
+    grads, prev, dots = parts[:n], parts[n : n + n_prev], parts[n + n_prev : n + 2 * n_prev]
+    bufs = parts[n + 2 * n_prev : 2 * n + 2 * n_prev]
+    buf_dots = parts[2 * n + 2 * n_prev :]
+    device = parts[0].device if parts else torch.device("cpu")
+    wide = any(t.dtype == torch.float64 for t in parts)
+    dtype = torch.float64 if wide else torch.float32
+
+    def flag(on: bool) -> torch.Tensor:
+        return torch.full((), float(on), device=device, dtype=dtype)
+
+    def total(ts: list[torch.Tensor], squared: bool) -> torch.Tensor:
+        if not ts:
+            return flag(False)
+        stacked = torch.stack([_as(t, device, dtype) for t in ts])
+        return (stacked.square() if squared else stacked).sum()
+
+    return [
+        total(grads, squared=True),
+        total(prev, squared=True),
+        total(dots, squared=False),
+        total(bufs, squared=True),
+        total(buf_dots, squared=False),
+        flag(n_prev > 0),
+        flag(has_buf),
+    ]
+
+
+def _from_group_sums(
+    values: list[float], layout: list[tuple[int, int, bool, float]]
+) -> tuple[list[float], list[tuple[int, int, bool, float]]]:
+    """The ranks' mean sums as values and a layout :meth:`SignalTracker._assemble` reads: one
+    "tensor" per group, whose norm is the root of the sum.  An update counts where some rank had
+    one; a buffer only where every rank had one (a partial buffer has no alignment to read)."""
+    out: list[float] = []
+    merged = []
+    for gi, (_, _, _, sign) in enumerate(layout):
+        gg, dd, gd, bb, gb, had_prev, had_buf = values[gi * _SUMS : (gi + 1) * _SUMS]
+        prev, buf = had_prev > 0, had_buf == 1.0
+        out.append(math.sqrt(gg))
+        if prev:
+            out += [math.sqrt(dd), gd]
+        if buf:
+            out += [math.sqrt(bb), gb]
+        merged.append((1, int(prev), buf, sign))
+    return out + values[len(layout) * _SUMS :], merged
 
 
 def average_across_ranks(stacked: torch.Tensor) -> None:

@@ -1042,21 +1042,19 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 
 
 def _refuse_sharded(index: int, group: dict[str, Any]) -> None:
-    """Refuse, by name, parameters split across ranks: FSDP2's ``fully_shard`` and tensor
-    parallelism hold DTensors, FSDP's flat parameters are each rank's shard.  selftune's signals
-    are norms and alignments of whole parameters averaged over ranks, and its snapshots and
-    checkpoints hold whole parameters on each rank; on shards each rank would read a part of
-    every norm and restore only its own part.  Before this check, FSDP2 failed inside the first
-    ``step`` with an error about a collective that DTensor cannot shard."""
+    """Refuse, by name, DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism):
+    selftune's snapshots, weight average and checkpoints copy whole tensors, and its signals
+    read them with fused ops that DTensor routes through collectives of its own (the first
+    ``step`` failed inside one).  FSDP's shards are plain tensors, which every part of selftune
+    handles (the ranks' scalars are reduced as sums, :func:`selftune.signals._group_sums`)."""
     dtensor = _dtensor_type()
     for p in group["params"]:
-        kind = type(p).__name__
-        if (dtensor is not None and isinstance(p, dtensor)) or kind == "FlatParameter":
+        if dtensor is not None and isinstance(p, dtensor):
             raise ConfigError(
-                f"param group {index} holds a parameter sharded across ranks ({kind}: FSDP2's "
-                "fully_shard or tensor parallelism, or FSDP's flat parameters); selftune reads "
-                "whole parameters on every rank. Train with DistributedDataParallel, whose ranks "
-                "each hold the whole model, or without selftune"
+                f"param group {index} holds a DTensor parameter (FSDP2's fully_shard or tensor "
+                "parallelism), which selftune does not support: train with "
+                "DistributedDataParallel or FullyShardedDataParallel, whose parameters are "
+                "plain tensors on every rank, or without selftune"
             )
 
 
