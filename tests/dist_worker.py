@@ -261,11 +261,12 @@ def _sharded_refused() -> str:
     return "wrapped"
 
 
-def _fsdp(out: Path, rank: int, steps: int) -> dict[str, Any]:
+def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     """``auto`` on a FullyShardedDataParallel model whose flat shard leaves rank 0 three empty
     parameters (no gradient there): the ranks stacked unequal numbers of scalars, and the
-    all-reduce of the first step aborted the process.  The hyperparameters of every step, the
-    last alignment read, and what ``save_checkpoint`` says."""
+    all-reduce of the first step aborted the process.  A NaN loss on rank 1 at ``nan_step``
+    rolls every rank's shard back.  The hyperparameters of every step, the last alignment read,
+    whether the weights are finite, and what ``save_checkpoint`` says."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     torch.manual_seed(0)
@@ -274,20 +275,23 @@ def _fsdp(out: Path, rank: int, steps: int) -> dict[str, Any]:
     opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9))
     gen = torch.Generator().manual_seed(rank)
     hp, empty = [], [p.numel() == 0 for p in model.parameters()]
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         x = torch.randn(32, 16, generator=gen)
         loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
-        opt.step(loss=loss.detach())
+        bad = math.nan if t == nan_step and rank == 1 else 1.0
+        opt.step(loss=loss.detach() * bad)
         hp.append(opt.hyperparams()[0]["lr"])
     assert opt.last_signals is not None
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     try:
         selftune.save_checkpoint(out / f"fsdp-rank{rank}.pt", model=model, optimizer=opt, step=0)
         saved = "saved"
     except selftune.CheckpointError as err:
         saved = str(err)
-    return {"hp": hp, "empty": empty, "cos": opt.last_signals.groups[0].cos_update, "save": saved}
+    cos = opt.last_signals.groups[0].cos_update
+    return {"hp": hp, "empty": empty, "cos": cos, "finite": finite, "save": saved}
 
 
 def main() -> None:
@@ -315,7 +319,7 @@ def main() -> None:
         args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
     )
     results["sharded"] = _sharded_refused()
-    results["fsdp"] = _fsdp(args.out, rank, args.steps)
+    results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -256,13 +256,17 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
 ) -> None:
     """FullyShardedDataParallel leaves rank 0 parameters with no elements and no gradient: the
     ranks' scalars are reduced as per-group sums, so the all-reduce matches (it aborted the
-    process), every rank reads the same alignments and sets the same rate; a checkpoint, one
-    file of rank 0's shard, is refused by name."""
+    process), every rank reads the same alignments and sets the same rate, and a NaN on one
+    rank rolls every shard back at once; a checkpoint, one file of rank 0's shard, is refused
+    by name."""
     _, ranks = ddp
     zero, one = ranks[0]["fsdp"], ranks[1]["fsdp"]
     assert any(zero["empty"]) and not any(one["empty"])  # the shards differ in kind
     assert zero["hp"] == one["hp"] and len(zero["hp"]) == STEPS
     assert len(set(zero["hp"])) > 1  # auto moved the rate
+    # the rollback at the NaN halves the rate on both ranks
+    assert zero["hp"][NAN_STEP - 1] < zero["hp"][NAN_STEP - 2]
+    assert zero["finite"] and one["finite"]
     assert zero["cos"] == one["cos"]
     for rank in ranks:
         assert "sharded by FullyShardedDataParallel" in rank["fsdp"]["save"], rank["fsdp"]["save"]
