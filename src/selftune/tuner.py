@@ -1043,10 +1043,11 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 
 def _refuse_sharded(index: int, group: dict[str, Any]) -> None:
     """Refuse, by name, DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism):
-    selftune's snapshots, weight average and checkpoints copy whole tensors, and its signals
-    read them with fused ops that DTensor routes through collectives of its own (the first
-    ``step`` failed inside one).  FSDP's shards are plain tensors, which every part of selftune
-    handles (the ranks' scalars are reduced as sums, :func:`selftune.signals._group_sums`)."""
+    selftune reads, copies and hashes parameters with fused ops, some of which torch has no
+    DTensor rule for (``_foreach_copy_``), and the signals' all-reduce of DTensor norms failed
+    inside the first ``step``.  FSDP's shards are plain tensors, which the signals, the guard
+    and the log handle (the ranks' scalars are reduced as sums,
+    :func:`selftune.signals._group_sums`); ``save_checkpoint`` refuses their model."""
     dtensor = _dtensor_type()
     for p in group["params"]:
         if dtensor is not None and isinstance(p, dtensor):
