@@ -248,17 +248,62 @@ def _resumed_run(
     return {"hp": first.hp[:half] + second.hp, "guard_steps": guard_steps}
 
 
-def _sharded_refused() -> str:
-    """What wrapping the optimizer of an FSDP2 model (``fully_shard``: DTensor shards) says."""
+def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
+    """``auto`` on an FSDP2 model (``fully_shard``: every parameter a DTensor, which failed inside
+    the first step) with a weight average and a log, a NaN loss on rank 1 at ``nan_step``; then
+    the run replayed from its log on both ranks.  The hyperparameters of every step, whether the
+    weights are finite, whether the replay ended on the same shards, and what
+    ``save_checkpoint`` says."""
     from torch.distributed.fsdp import fully_shard
 
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    fully_shard(model)
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        )
+        fully_shard(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train(model: torch.nn.Module, opt: selftune.SelfTuned) -> list[float]:
+        gen, hp = torch.Generator().manual_seed(rank), []
+        for t in range(1, steps + 1):
+            x = torch.randn(32, 16, generator=gen)
+            loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            bad = math.nan if t == nan_step and rank == 1 else 1.0
+            opt.step(loss=loss.detach() * bad)
+            hp.append(opt.hyperparams()[0]["lr"])
+        return hp
+
+    folder = out / "fully-sharded"
+    model, inner = build()
+    opt = selftune.wrap(inner, average=True, log_dir=folder)
+    hp = train(model, opt)
+    opt.close()
+    shards = [p.to_local().clone() for p in model.parameters()]
+    finite = all(bool(torch.isfinite(s).all()) for s in shards)
+    with opt.averaged():
+        averaged = [p.to_local().clone() for p in model.parameters()]
     try:
-        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    except selftune.ConfigError as err:
-        return str(err)
-    return "wrapped"
+        selftune.save_checkpoint(out / f"fs-rank{rank}.pt", model=model, optimizer=opt, step=0)
+        saved = "saved"
+    except selftune.CheckpointError as err:
+        saved = str(err)
+    dist.barrier()  # the log is complete before any rank replays it
+    again, inner_again = build()
+    replay_hp = train(again, selftune.replay(inner_again, folder))
+    same = all(
+        torch.equal(a.to_local(), b) for a, b in zip(again.parameters(), shards, strict=True)
+    )
+    moved = any(not torch.equal(a, b) for a, b in zip(averaged, shards, strict=True))
+    return {
+        "hp": hp,
+        "finite": finite,
+        "replayed": same and replay_hp == hp,
+        "average_differs": moved,
+        "save": saved,
+    }
 
 
 def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
@@ -318,7 +363,7 @@ def main() -> None:
     results["float-loss"] = _run(
         args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
     )
-    results["sharded"] = _sharded_refused()
+    results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()

@@ -240,15 +240,21 @@ def test_the_shakespeare_example_trains_and_resumes(
     assert read["step"] == 3 and f"val loss {read['metric']:.3f}" in out
 
 
-def test_parameters_sharded_by_fsdp2_are_refused_by_name_on_every_rank(
+def test_fsdp2_trains_rolls_back_averages_and_replays_alike_on_every_rank(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:
-    """FSDP2's parameters are DTensors, which selftune's copies and fused reads do not handle:
-    the first step failed deep inside a collective."""
+    """FSDP2's parameters are DTensors, whose fused ops selftune now runs on each rank's local
+    shard (the first step failed inside a collective): every rank takes the same decisions, a
+    NaN on one rank rolls every shard back, the weight average is kept per shard, the log
+    replays to the same shards, and a checkpoint (one file of rank 0's shard) is refused."""
     _, ranks = ddp
-    for rank in ranks:
-        assert "holds a DTensor parameter (FSDP2" in rank["sharded"], rank["sharded"]
-        assert "DistributedDataParallel" in rank["sharded"]
+    zero, one = ranks[0]["fully-sharded"], ranks[1]["fully-sharded"]
+    assert zero["hp"] == one["hp"] and len(zero["hp"]) == STEPS
+    assert len(set(zero["hp"])) > 1  # auto moved the rate
+    assert zero["hp"][NAN_STEP - 1] < zero["hp"][NAN_STEP - 2]  # the rollback's cut
+    for rank in (zero, one):
+        assert rank["finite"] and rank["replayed"] and rank["average_differs"]
+        assert "sharded by FSDP" in rank["save"], rank["save"]
 
 
 def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
@@ -269,4 +275,4 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
     assert zero["finite"] and one["finite"]
     assert zero["cos"] == one["cos"]
     for rank in ranks:
-        assert "sharded by FullyShardedDataParallel" in rank["fsdp"]["save"], rank["fsdp"]["save"]
+        assert "sharded by FSDP" in rank["fsdp"]["save"], rank["fsdp"]["save"]

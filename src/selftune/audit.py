@@ -689,10 +689,13 @@ def params_sha256(params: Iterable[torch.Tensor]) -> str:
 
     import torch
 
+    from selftune.shards import local
+
     digest = hashlib.sha256()
-    for index, param in enumerate(params):
-        if not isinstance(param, torch.Tensor):
-            raise LogError(f"parameter {index} is a {type(param).__name__}, not a torch.Tensor")
+    for index, whole in enumerate(params):
+        if not isinstance(whole, torch.Tensor):
+            raise LogError(f"parameter {index} is a {type(whole).__name__}, not a torch.Tensor")
+        param = local(whole)  # a DTensor's shard: each rank hashes what it holds
         if param.device.type == "meta" or param.layout != torch.strided:
             raise LogError(
                 f"cannot hash parameter {index}: it is a {param.layout} tensor on the "

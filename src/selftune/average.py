@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from selftune.errors import ConfigError
+from selftune.shards import local_params
 
 #: The decay that ``average=True`` means (see the module docstring for why).
 DEFAULT_DECAY = 0.9
@@ -93,8 +94,9 @@ class WeightAverage:
 
     def group_added(self, group: dict[str, Any]) -> None:
         """A param group joined the optimizer: its average starts at its current weights."""
-        self.tensors.append([_wide_copy(p) for p in group["params"]])
-        self.widened.append(any(p.dtype in _HALF for p in group["params"]))
+        params = local_params(group)
+        self.tensors.append([_wide_copy(p) for p in params])
+        self.widened.append(any(p.dtype in _HALF for p in params))
 
     @torch.no_grad()
     def restart(self, groups: list[dict[str, Any]]) -> None:
@@ -102,7 +104,7 @@ class WeightAverage:
         loaded: the weights it brought are the only history there is)."""
         for group, avg in zip(groups, self.tensors, strict=True):
             if avg:
-                torch._foreach_copy_(avg, group["params"])
+                torch._foreach_copy_(avg, local_params(group))
         self.updates = 0
 
     @torch.no_grad()
@@ -112,10 +114,10 @@ class WeightAverage:
         weight = max(1.0 - self.decay, 1.0 / (self.updates + 1))
         for group, avg, wide in zip(groups, self.tensors, self.widened, strict=True):
             if wide:
-                for a, p in zip(avg, group["params"], strict=True):  # one wide copy at a time
+                for a, p in zip(avg, local_params(group), strict=True):  # one wide copy at a time
                     a.lerp_(p.to(a.dtype), weight)
             elif avg:  # under no_grad the parameters are read as they are: no detached list
-                torch._foreach_lerp_(avg, group["params"], weight)
+                torch._foreach_lerp_(avg, local_params(group), weight)
 
     @torch.no_grad()
     def copy_into(self, groups: list[dict[str, Any]]) -> None:
@@ -123,13 +125,13 @@ class WeightAverage:
         it, so that the model it leaves is the one they measured."""
         for group, avg in zip(groups, self.tensors, strict=True):
             if avg:
-                torch._foreach_copy_(group["params"], avg)
+                torch._foreach_copy_(local_params(group), avg)
 
     def swapped_in(
         self, groups: list[dict[str, Any]]
     ) -> AbstractContextManager[list[torch.Tensor]]:
         """The average in the parameters for the duration of a block (see :func:`swapped`)."""
-        params = [p for group in groups for p in group["params"]]
+        params = [p for group in groups for p in local_params(group)]
         return swapped(params, [a for group in self.tensors for a in group])
 
     def state_dict(self) -> dict[str, Any]:

@@ -145,18 +145,22 @@ def load_checkpoint(
 
 
 def _refuse_sharded_model(model: torch.nn.Module) -> None:
-    """A checkpoint is one file written by rank 0, which holds only its shard of a
-    ``FullyShardedDataParallel`` model: refuse it by name rather than save a part."""
+    """A checkpoint is one file written by rank 0, which holds only its shard of a model that
+    FSDP shards (``FullyShardedDataParallel``, ``fully_shard``): refuse it by name rather than
+    save a part."""
     if not torch.distributed.is_available():
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    kinds = (FullyShardedDataParallel, FSDPModule)
+    if any(isinstance(m, kinds) for m in model.modules()):
         raise CheckpointError(
-            "the model is sharded by FullyShardedDataParallel, and a selftune checkpoint is one "
-            "file from rank 0, which holds only its shard: save the model and optimizer with "
-            "torch.distributed.checkpoint, keeping optimizer.state_dict()['selftune'] (the "
-            "controller, the guard and the log position) beside them"
+            "the model is sharded by FSDP (FullyShardedDataParallel or fully_shard), and a "
+            "selftune checkpoint is one "
+            "file from rank 0, which holds only its shard: save the model and the optimizer's "
+            "own state with torch.distributed.checkpoint, and each rank's "
+            "optimizer.state_dict()['selftune'] (the controller, the guard, the log position, "
+            "a weight average of that rank's shard) in a file of that rank"
         )
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from selftune.errors import ConfigError
+from selftune.shards import local, local_params
 
 #: state keys of the running average of gradients that acts as a momentum buffer
 _BUFFER_KEYS = ("momentum_buffer", "exp_avg")
@@ -123,7 +124,7 @@ class SignalTracker:
             start = len(parts)
             params = group["params"]
             with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-            grads = [params[i].grad for i in with_grad]
+            grads = [local(params[i].grad) for i in with_grad]
             # torch's ``maximize=True`` steps along +g (its momentum buffers hold −g): the
             # alignments are read against −g, or every step of an ascent reads as an overshoot
             sign = -1.0 if group.get("maximize", False) else 1.0
@@ -252,7 +253,7 @@ class SignalTracker:
     @torch.no_grad()
     def before_update(self) -> None:
         """Remember θ_t so that the update this step applies can be measured."""
-        params = [list(g["params"]) for g in self._groups]
+        params = [local_params(g) for g in self._groups]
         if self._prev is None:
             self._allocate()
         assert self._prev is not None
@@ -270,7 +271,7 @@ class SignalTracker:
         """Zeroed storage for one group's previous update: views into one flat buffer when its
         params share a dtype and device (the usual case), else a tensor per param."""
         assert self._prev is not None
-        ps = [p.detach() for p in group["params"]]
+        ps = [p.detach() for p in local_params(group)]
         if ps and all(p.dtype == ps[0].dtype and p.device == ps[0].device for p in ps):
             flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
             chunks = flat.split([p.numel() for p in ps])
@@ -292,7 +293,7 @@ class SignalTracker:
         assert self._prev is not None, "before_update must run first"
         for prev, g in zip(self._prev, self._groups, strict=True):
             if prev:
-                torch._foreach_sub_(prev, g["params"])
+                torch._foreach_sub_(prev, local_params(g))
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self, include_update: bool = True) -> dict[str, Any]:
@@ -427,7 +428,7 @@ def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | No
         buf = None if not st else next((st[k] for k in _BUFFER_KEYS if k in st), None)
         if not isinstance(buf, torch.Tensor):
             return None
-        out.append(buf)
+        out.append(local(buf))
     return out
 
 

@@ -108,7 +108,6 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
-            _refuse_sharded(i, group)
         decay = check_decay(average)
         for i, group in enumerate(optimizer.param_groups):
             lost = knobs_io.eps_lost_in_half(i, group)
@@ -1039,33 +1038,6 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
-
-
-def _refuse_sharded(index: int, group: dict[str, Any]) -> None:
-    """Refuse, by name, DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism):
-    selftune reads, copies and hashes parameters with fused ops, some of which torch has no
-    DTensor rule for (``_foreach_copy_``), and the signals' all-reduce of DTensor norms failed
-    inside the first ``step``.  FSDP's shards are plain tensors, which the signals, the guard
-    and the log handle (the ranks' scalars are reduced as sums,
-    :func:`selftune.signals._group_sums`); ``save_checkpoint`` refuses their model."""
-    dtensor = _dtensor_type()
-    for p in group["params"]:
-        if dtensor is not None and isinstance(p, dtensor):
-            raise ConfigError(
-                f"param group {index} holds a DTensor parameter (FSDP2's fully_shard or tensor "
-                "parallelism), which selftune does not support: train with "
-                "DistributedDataParallel or FullyShardedDataParallel, whose parameters are "
-                "plain tensors on every rank, or without selftune"
-            )
-
-
-def _dtensor_type() -> type | None:
-    """torch's DTensor class, where this build of torch has ``torch.distributed``."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
 
 
 #: the packages whose frames stand between a warning and the training loop's call
