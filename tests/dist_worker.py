@@ -248,6 +248,37 @@ def _resumed_run(
     return {"hp": first.hp[:half] + second.hp, "guard_steps": guard_steps}
 
 
+def _sharded_mlp() -> torch.nn.Module:
+    """The model both FSDP scenarios shard, the same on every rank."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+
+def _sharded_steps(
+    model: torch.nn.Module, opt: selftune.SelfTuned, rank: int, steps: int, nan_step: int
+) -> list[float]:
+    """Train on per-rank batches, a NaN loss on rank 1 at ``nan_step``; the rate of every step."""
+    gen, hp = torch.Generator().manual_seed(rank), []
+    for t in range(1, steps + 1):
+        x = torch.randn(32, 16, generator=gen)
+        loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        bad = math.nan if t == nan_step and rank == 1 else 1.0
+        opt.step(loss=loss.detach() * bad)
+        hp.append(opt.hyperparams()[0]["lr"])
+    return hp
+
+
+def _checkpoint_says(path: Path, model: torch.nn.Module, opt: selftune.SelfTuned) -> str:
+    """What ``save_checkpoint`` says of a sharded model: its refusal, or "saved"."""
+    try:
+        selftune.save_checkpoint(path, model=model, optimizer=opt, step=0)
+    except selftune.CheckpointError as err:
+        return str(err)
+    return "saved"
+
+
 def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     """``auto`` on an FSDP2 model (``fully_shard``: every parameter a DTensor, which failed inside
     the first step) with a weight average and a log, a NaN loss on rank 1 at ``nan_step``; then
@@ -257,42 +288,23 @@ def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str,
     from torch.distributed.fsdp import fully_shard
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
-        )
+        model = _sharded_mlp()
         fully_shard(model)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def train(model: torch.nn.Module, opt: selftune.SelfTuned) -> list[float]:
-        gen, hp = torch.Generator().manual_seed(rank), []
-        for t in range(1, steps + 1):
-            x = torch.randn(32, 16, generator=gen)
-            loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            bad = math.nan if t == nan_step and rank == 1 else 1.0
-            opt.step(loss=loss.detach() * bad)
-            hp.append(opt.hyperparams()[0]["lr"])
-        return hp
 
     folder = out / "fully-sharded"
     model, inner = build()
     opt = selftune.wrap(inner, average=True, log_dir=folder)
-    hp = train(model, opt)
+    hp = _sharded_steps(model, opt, rank, steps, nan_step)
     opt.close()
     shards = [p.to_local().clone() for p in model.parameters()]
     finite = all(bool(torch.isfinite(s).all()) for s in shards)
     with opt.averaged():
         averaged = [p.to_local().clone() for p in model.parameters()]
-    try:
-        selftune.save_checkpoint(out / f"fs-rank{rank}.pt", model=model, optimizer=opt, step=0)
-        saved = "saved"
-    except selftune.CheckpointError as err:
-        saved = str(err)
+    saved = _checkpoint_says(out / f"fs-rank{rank}.pt", model, opt)
     dist.barrier()  # the log is complete before any rank replays it
     again, inner_again = build()
-    replay_hp = train(again, selftune.replay(inner_again, folder))
+    replay_hp = _sharded_steps(again, selftune.replay(inner_again, folder), rank, steps, nan_step)
     same = all(
         torch.equal(a.to_local(), b) for a, b in zip(again.parameters(), shards, strict=True)
     )
@@ -314,29 +326,19 @@ def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     whether the weights are finite, and what ``save_checkpoint`` says."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    torch.manual_seed(0)
-    inner = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-    model = FullyShardedDataParallel(inner, use_orig_params=True, device_id=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model = FullyShardedDataParallel(_sharded_mlp(), use_orig_params=True, device_id=cpu)
     opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9))
-    gen = torch.Generator().manual_seed(rank)
-    hp, empty = [], [p.numel() == 0 for p in model.parameters()]
-    for t in range(1, steps + 1):
-        x = torch.randn(32, 16, generator=gen)
-        loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        bad = math.nan if t == nan_step and rank == 1 else 1.0
-        opt.step(loss=loss.detach() * bad)
-        hp.append(opt.hyperparams()[0]["lr"])
+    empty = [p.numel() == 0 for p in model.parameters()]
+    hp = _sharded_steps(model, opt, rank, steps, nan_step)
     assert opt.last_signals is not None
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    try:
-        selftune.save_checkpoint(out / f"fsdp-rank{rank}.pt", model=model, optimizer=opt, step=0)
-        saved = "saved"
-    except selftune.CheckpointError as err:
-        saved = str(err)
-    cos = opt.last_signals.groups[0].cos_update
-    return {"hp": hp, "empty": empty, "cos": cos, "finite": finite, "save": saved}
+    return {
+        "hp": hp,
+        "empty": empty,
+        "cos": opt.last_signals.groups[0].cos_update,
+        "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        "save": _checkpoint_says(out / f"fsdp-rank{rank}.pt", model, opt),
+    }
 
 
 def main() -> None:

@@ -178,32 +178,13 @@ class SignalTracker:
         else:
             values = []
         loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
-        if distributed:
-            values, layout = _from_group_sums(values, layout)
-        return self._assemble(step, loss_value, values, layout)
+        sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
+        return self._assemble(step, loss_value, sums)
 
-    def _assemble(
-        self,
-        step: int,
-        loss: float | None,
-        values: list[float],
-        layout: list[tuple[int, int, bool, float]],
-    ) -> Signals:
+    def _assemble(self, step: int, loss: float | None, sums: list[GroupSums]) -> Signals:
         groups = []
         total_sq = 0.0
-        at = 0
-
-        def take(n: int) -> list[float]:
-            nonlocal at
-            at += n
-            return values[at - n : at]
-
-        for n, n_prev, has_buf, sign in layout:
-            gg = sum(x * x for x in take(n))
-            dd = sum(x * x for x in take(n_prev))
-            gd = sign * sum(take(n_prev))
-            bb = sum(x * x for x in take(n)) if has_buf else math.nan
-            gb = sign * sum(take(n)) if has_buf else math.nan
+        for gg, dd, gd, bb, gb in sums:
             total_sq += gg
             gn, dn, bn = math.sqrt(gg), math.sqrt(dd), math.sqrt(bb)
             groups.append(
@@ -321,8 +302,11 @@ class SignalTracker:
         self._n, self._fast, self._slow, self._var = sd["n"], sd["fast"], sd["slow"], sd["var"]
 
 
+#: a group's sums: squared gradient norm, squared update norm, the update's dot product with
+#: the descent direction, squared buffer norm and the buffer's dot product (NaN: no buffer)
+GroupSums = tuple[float, float, float, float, float]
 #: the scalars each group contributes under ``torch.distributed`` (see :func:`_group_sums`)
-_SUMS = 7
+_SUMS = 6
 
 
 def _group_sums(
@@ -334,7 +318,7 @@ def _group_sums(
     all-reduce mismatches (gloo aborts the process).  The per-tensor layout does not hold that
     where a rank's parameters lack a gradient another's have: FSDP's empty shards, a branch one
     rank did not use.  So each group gives the sums of squared gradient, update and buffer
-    norms, of the two alignments' dot products, and whether it had an update and a buffer.  For
+    norms, of the two alignments' dot products, and whether it had a buffer.  For
     replicated parameters (DDP) their mean over ranks is each rank's own; for parameters that
     are each rank's shard it is the whole's over the number of ranks, so the alignments, ratios
     of sums, are the whole parameter's exactly.
@@ -362,29 +346,41 @@ def _group_sums(
         total(dots, squared=False),
         total(bufs, squared=True),
         total(buf_dots, squared=False),
-        flag(n_prev > 0),
         flag(has_buf),
     ]
 
 
+def _sum_groups(values: list[float], layout: list[tuple[int, int, bool, float]]) -> list[GroupSums]:
+    """Each group's sums from its per-tensor scalars, in the order :meth:`SignalTracker.measure`
+    stacks them: gradient norms, update norms and dots, buffer norms and dots."""
+    sums, at = [], 0
+
+    def take(n: int) -> list[float]:
+        nonlocal at
+        at += n
+        return values[at - n : at]
+
+    for n, n_prev, has_buf, sign in layout:
+        gg = sum(x * x for x in take(n))
+        dd = sum(x * x for x in take(n_prev))
+        gd = sign * sum(take(n_prev))
+        bb = sum(x * x for x in take(n)) if has_buf else math.nan
+        gb = sign * sum(take(n)) if has_buf else math.nan
+        sums.append((gg, dd, gd, bb, gb))
+    return sums
+
+
 def _from_group_sums(
     values: list[float], layout: list[tuple[int, int, bool, float]]
-) -> tuple[list[float], list[tuple[int, int, bool, float]]]:
-    """The ranks' mean sums as values and a layout :meth:`SignalTracker._assemble` reads: one
-    "tensor" per group, whose norm is the root of the sum.  An update counts where some rank had
-    one; a buffer only where every rank had one (a partial buffer has no alignment to read)."""
-    out: list[float] = []
-    merged = []
+) -> list[GroupSums]:
+    """Each group's sums from the ranks' mean of :func:`_group_sums`.  A buffer counts only
+    where every rank had one (a partial buffer has no alignment to read)."""
+    sums = []
     for gi, (_, _, _, sign) in enumerate(layout):
-        gg, dd, gd, bb, gb, had_prev, had_buf = values[gi * _SUMS : (gi + 1) * _SUMS]
-        prev, buf = had_prev > 0, had_buf == 1.0
-        out.append(math.sqrt(gg))
-        if prev:
-            out += [math.sqrt(dd), gd]
-        if buf:
-            out += [math.sqrt(bb), gb]
-        merged.append((1, int(prev), buf, sign))
-    return out + values[len(layout) * _SUMS :], merged
+        gg, dd, gd, bb, gb, had_buf = values[gi * _SUMS : (gi + 1) * _SUMS]
+        buf = had_buf == 1.0
+        sums.append((gg, dd, sign * gd, bb if buf else math.nan, sign * gb if buf else math.nan))
+    return sums
 
 
 def average_across_ranks(stacked: torch.Tensor) -> None:
