@@ -105,6 +105,20 @@ def test_lightning_callback_tunes_feeds_the_loss_and_logs(tmp_path: Path) -> Non
     )
 
 
+def test_lightning_callback_refuses_bad_wrap_options_when_built(tmp_path: Path) -> None:
+    """Before the fit starts, not inside Lightning's traceback when it does."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    with pytest.raises(selftune.ConfigError, match=r"SelfTuneCallback\(average=True\), not"):
+        SelfTuneCallback(wrap_kwargs={"average": True})
+    with pytest.raises(selftune.ConfigError, match=r"SelfTuneCallback: .*'averge'"):
+        SelfTuneCallback(averge=True)
+    with pytest.raises(selftune.ConfigError, match="SelfTuneCallback: guard="):
+        SelfTuneCallback(guard="yes")
+    assert SelfTuneCallback(average=True, log_dir=tmp_path / "run").wrap_kwargs == {"average": True}
+    assert not (tmp_path / "run").exists()  # the check made no run folder
+
+
 def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> None:
     from selftune.integrations.lightning import SelfTuneCallback
 

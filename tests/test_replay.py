@@ -257,6 +257,11 @@ def test_refuses_a_log_of_a_different_model(run_dir: Path) -> None:
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
     with pytest.raises(selftune.SelfTuneError, match="1 param groups, this optimizer has 2"):
         selftune.replay(torch.optim.AdamW(groups, lr=0.01), run_dir)
+    # the same model and optimizer, at another starting rate: its decisions would replay
+    # onto other rates
+    other = make_optimizer("adamw", make_task().model.parameters(), lr=0.5)
+    with pytest.raises(selftune.SelfTuneError, match=r"started with .*'lr': 0.5"):
+        selftune.replay(other, run_dir)
 
 
 def test_an_empty_decision_log_is_a_run_without_changes(tmp_path: Path) -> None:

@@ -204,6 +204,11 @@ def test_missing_damaged_and_foreign_files_are_named(
         load_checkpoint(tmp_path / "c.pt", model=torch.nn.Linear(2, 2), optimizer=opt)
     with pytest.raises(CheckpointError, match="step must be an int >= 0"):
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=-1)
+    with pytest.raises(CheckpointError, match=r"model= takes the torch.nn.Module .* SelfTuned"):
+        save_checkpoint(tmp_path / "c.pt", model=opt, optimizer=opt, step=3)  # type: ignore[arg-type]
+    kind = type(model).__name__
+    with pytest.raises(CheckpointError, match=rf"optimizer= takes the optimizer .* {kind}"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=model, step=3)  # type: ignore[arg-type]
 
 
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from problems import noisy_quadratic, train
@@ -83,6 +84,14 @@ def test_unwrap_hands_a_chained_scheduler_the_rate_found_and_refuses_inside_aver
     assert found != pytest.approx(inner.param_groups[0]["lr"])  # a scale of selftune's own
     with opt.averaged(), pytest.raises(selftune.ConfigError, match="averaged"):
         opt.unwrap()
+    # a step there would update the average, then be thrown away: refused, nothing changed
+    pr.batch_loss(41).backward()  # type: ignore[attr-defined]
+    params = inner.param_groups[0]["params"]
+    before, steps = [p.clone() for p in params], opt.step_count
+    with opt.averaged(), pytest.raises(selftune.ConfigError, match="inside an averaged"):
+        opt.step()
+    assert opt.step_count == steps
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
     assert opt.unwrap() is inner and inner.param_groups[0]["lr"] == found
     for _ in range(40):
         sched.step()  # StepLR multiplies the rate it finds: it goes on from the one found
@@ -554,6 +563,17 @@ def _stepped(loss: Any) -> None:
         (lambda: selftune.wrap(_without_rate()), "lr=None is not a number"),
         (lambda: selftune.wrap(_sgd()[0], AutoController), "is a class: pass an instance"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], AutoController(), ramp=1.5), "go with a controller's"),
+        (lambda: selftune.wrap(_sgd()[0], max_change=2.0), r"max_change=2.0: give a mapping"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], bounds=0.1), r"bounds=0.1: give a mapping"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], frozen=3), r"frozen=3: give knob names"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], lr_bounds_absolute="yes"), "give True or False"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], seed="abc"), "seed='abc': give a whole number"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], seed=1.5), "seed=1.5: give a whole number"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], log_di="x"), r"'log_di'.*wrap\(\) hands .*ramp"),
+        (lambda: _stepped(torch.tensor(1 + 1j)), "needs a real number, got a torch.complex64"),
+        (lambda: _stepped(np.array([0.5, 1.0])), "needs a number or a one-element tensor"),
+        (lambda: selftune.wrap(_sgd()[0]).load_state_dict(None), "got NoneType"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0]).load_state_dict({"foo": 1}), r"keys \['foo'\]"),
     ],
 )
 def test_bad_input_names_the_problem(make: object, words: str) -> None:

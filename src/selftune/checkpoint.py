@@ -78,6 +78,15 @@ def save_checkpoint(
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"step must be an int >= 0, got {step!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(
+            f"model= takes the torch.nn.Module being trained, got a {type(model).__name__}"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise CheckpointError(
+            f"optimizer= takes the optimizer (the one wrap() returned), got a "
+            f"{type(optimizer).__name__}"
+        )
     _refuse_sharded_model(model)
     target = Path(path)
     if target.is_dir():

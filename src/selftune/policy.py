@@ -95,6 +95,18 @@ class Policy:
         lr_bounds_absolute: bool = False,
     ) -> Policy:
         """The policy :func:`selftune.wrap` builds from its keyword arguments."""
+        for name, given, example in (
+            ("bounds", bounds, '{"lr": (1e-3, 1e5)}'),
+            ("max_change", max_change, '{"lr": 2.0}'),
+        ):
+            if given is not None and not isinstance(given, Mapping):
+                raise ConfigError(
+                    f"{name}={given!r}: give a mapping from knob to value, e.g. {name}={example}"
+                )
+        if frozen is not None and not isinstance(frozen, str | Iterable):
+            raise ConfigError(f"frozen={frozen!r}: give knob names, e.g. frozen={{'beta2'}}")
+        if not isinstance(lr_bounds_absolute, bool):
+            raise ConfigError(f"lr_bounds_absolute={lr_bounds_absolute!r}: give True or False")
         return cls(
             bounds=dict(bounds or {}),
             max_change=dict(max_change or {}),

@@ -157,8 +157,20 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     if guard_config is not None:
         guard = ReplayGuard(guard_config, run.records)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
+    _check_start(config.get("start"), tuned.hyperparams(), where)
     tuned.guard = guard if guard is not False else None
     return tuned
+
+
+def _check_start(logged: Any, own: list[dict[str, float]], where: str) -> None:
+    """Refuse an optimizer built with other starting knobs than the logged run's (logs that
+    record none are not checked): its decisions would replay onto other rates, silently."""
+    if logged is None or logged == own:
+        return
+    raise SelfTuneError(
+        f"{where}: the logged run's optimizer started with {logged}, this one with {own}; "
+        "replay needs the optimizer built as in the logged run (same lr, momentum, betas)"
+    )
 
 
 def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, where: Any) -> None:

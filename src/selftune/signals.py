@@ -115,7 +115,7 @@ class SignalTracker:
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
         for controllers that do not read it.
         """
-        _check_loss(loss)  # before anything below overwrites the previous update
+        loss = _check_loss(loss)  # before anything below overwrites the previous update
         distributed = _across_ranks()
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
@@ -402,18 +402,33 @@ def _across_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _check_loss(loss: Any) -> None:
-    """Refuse a loss that is not one number, by name (an unreduced loss failed in a reshape)."""
+def _check_loss(loss: Any) -> Any:
+    """Refuse a loss that is not one number, by name (an unreduced loss failed in a reshape);
+    return it, a one-element NumPy array as its number."""
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ConfigError(
                 f"step(loss=...) needs one number, got a tensor of shape {tuple(loss.shape)}: "
                 "reduce it first (its mean, say)"
             )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise ConfigError(f"step(loss=...) needs a real number, got a {loss.dtype} tensor")
+    elif _one_numpy_number(loss):
+        value = loss.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"step(loss=...) needs a real number, got a {loss.dtype} array")
+        return value
     elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
         raise ConfigError(
             f"step(loss=...) needs a number or a one-element tensor, got {type(loss).__name__}"
         )
+    return loss
+
+
+def _one_numpy_number(loss: Any) -> bool:
+    """Whether ``loss`` is a one-element NumPy array (``np.array(0.5)``), which reads as its
+    number as a one-element tensor does."""
+    return type(loss).__module__ == "numpy" and getattr(loss, "size", None) == 1
 
 
 def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | None:

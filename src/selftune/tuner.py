@@ -14,10 +14,11 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,9 @@ class SelfTuned(torch.optim.Optimizer):
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
         self._listeners: list[Callable[[StepEvent], None]] = []
         self.last_signals: Signals | None = None
-        self._seed = seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ConfigError(f"seed={seed!r}: give a whole number (it is recorded in the log)")
+        self._seed = None if seed is None else int(seed)
         self._log: AuditLog | None = None
         self._trace: TextIO | None = None
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
@@ -341,6 +344,12 @@ class SelfTuned(torch.optim.Optimizer):
                 f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
+        if self._swapped_out:
+            raise ConfigError(
+                "step() inside an averaged() block would update the average in the training "
+                "weights' place, and the block's end would throw the update away: evaluate "
+                "inside the block, step after it"
+            )
         if closure is not None and not callable(closure):
             raise ConfigError(
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
@@ -497,7 +506,16 @@ class SelfTuned(torch.optim.Optimizer):
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
         another number of param groups, another optimizer class or another controller (older
-        states name neither: only the groups are checked)."""
+        states name neither: only the groups are checked), or if it is no optimizer's state."""
+        keys = {"state", "param_groups"}
+        if not isinstance(state_dict, Mapping) or not keys <= state_dict.keys():
+            got = type(state_dict).__name__
+            if isinstance(state_dict, Mapping):
+                got = f"a dict with keys {sorted(map(str, state_dict))[:6]}"
+            raise ConfigError(
+                f"load_state_dict needs an optimizer's state dict (keys 'state' and "
+                f"'param_groups', as opt.state_dict() returns), got {got}"
+            )
         own = state_dict.get("selftune")
         if own is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,19 @@ from selftune.controllers.hypergradient import HypergradientController
 from selftune.controllers.off import OffController
 from selftune.controllers.stability import StabilityController
 from selftune.errors import ConfigError
+
+#: the keywords :func:`selftune.wrap` takes itself; any other goes to the controller
+WRAP_OPTIONS = (
+    "controller",
+    "bounds",
+    "max_change",
+    "frozen",
+    "lr_bounds_absolute",
+    "guard",
+    "log_dir",
+    "seed",
+    "average",
+)
 
 CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "auto": AutoController,
@@ -41,7 +55,12 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
     try:
         return CONTROLLERS[name](**kwargs)
     except TypeError as err:
-        raise ConfigError(f"bad options for controller {name!r}: {err}") from None
+        takes = [p for p in inspect.signature(CONTROLLERS[name]).parameters if p != "self"]
+        raise ConfigError(
+            f"bad options for controller {name!r}: {err}. wrap() hands every keyword it does "
+            f"not take itself ({', '.join(WRAP_OPTIONS)}) to the controller, which takes "
+            + (", ".join(takes) if takes else "none")
+        ) from None
 
 
 __all__ = ["CONTROLLERS", "Controller", "Knobs", "Proposal", "make_controller"]

@@ -5,3 +5,33 @@
 (``MLflowWriter``).  This package imports none of them, so ``import selftune`` never needs the
 frameworks; import the module you use, e.g. ``from selftune.integrations.lightning import ...``.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_wrap_options(controller: Any, options: dict[str, Any], owner: str) -> None:
+    """Refuse options that :func:`selftune.wrap` would refuse, when an integration is built.
+
+    A callback wraps the optimizers only once the framework hands them over (the fit has
+    started); a misspelt keyword would fail then, deep inside the framework's traceback.  So
+    the options are tried now on a throwaway optimizer (without ``log_dir``: no folder is made).
+    A controller instance is not tried: its state would be bound to the throwaway.
+    """
+    import torch
+
+    import selftune
+
+    if "wrap_kwargs" in options:
+        raise selftune.ConfigError(
+            f"{owner}: pass wrap()'s keywords directly, {owner}(average=True), not "
+            "wrap_kwargs={...}"
+        )
+    if not isinstance(controller, str):
+        return
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    try:
+        selftune.wrap(probe, controller, **options).close()
+    except selftune.ConfigError as err:
+        raise selftune.ConfigError(f"{owner}: {err}") from None

@@ -15,7 +15,7 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
 * feeds the loss: ``trainer.training_step`` returns each micro-batch's loss already divided for
   gradient accumulation, and the sum over the micro-batches of one step is the step's loss (the
   same number the ``Trainer`` logs);
-* with ``average=True`` (a ``wrap_kwargs``), runs ``trainer.evaluate`` at the optimizer's weight
+* with ``average=True`` (a ``wrap`` keyword), runs ``trainer.evaluate`` at the optimizer's weight
   average (:meth:`~selftune.SelfTuned.averaged`), so that the evaluation's metrics, and what
   ``auto`` reads of them, are the average's; checkpoints still hold the training weights (what
   a resume needs), with the average in the optimizer's state.  At the end of training the model
@@ -197,7 +197,7 @@ def wrap_trainer_optimizer(
 ) -> SelfTuned:
     """Wrap ``trainer``'s optimizer with selftune and feed it the loss; call before ``train()``.
 
-    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`;
+    ``controller``, ``log_dir`` and any other keyword go to :func:`selftune.wrap`;
     ``observe_eval``: give the optimizer each evaluation's metric (see the module docstring).
     An optimizer passed to the ``Trainer`` is wrapped as it is (or only fed, if it is already a
     selftune one); otherwise the one the ``TrainingArguments`` describe is built first.  Returns

@@ -16,7 +16,7 @@ What the callback does, and when:
   drops what a step the scaler skipped left there.  With several optimizers (manual
   optimization) a backward does not say whose loss it is: none is fed (a warning says so), and
   ``training_step`` may pass each its own, ``opt.step(loss=loss.detach())``.
-* ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap_kwargs``), the
+* ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap`` keyword), the
   module is validated at each optimizer's weight average (:meth:`~selftune.SelfTuned.averaged`)
   and its training weights come back afterwards.
 * ``on_fit_end``: with ``average=True``, the module is left at the average, the weights its
@@ -54,6 +54,7 @@ from lightning.pytorch.callbacks import Callback
 
 import selftune
 from selftune.average import swapped
+from selftune.integrations import check_wrap_options
 from selftune.integrations._feed import LossFeed, feed_from
 from selftune.tuner import SelfTuned
 
@@ -64,7 +65,8 @@ AVERAGED = "selftune_averaged_parameters"
 class SelfTuneCallback(Callback):
     """Wrap the LightningModule's optimizers with selftune and feed them the training loss.
 
-    ``controller``, ``log_dir`` and ``wrap_kwargs`` go to :func:`selftune.wrap`; with several
+    ``controller``, ``log_dir`` and any other keyword (``average=True``, ``guard=...``) go to
+    :func:`selftune.wrap`, checked here rather than when the fit starts; with several
     optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  ``log_knobs``: log the effective
     knobs (``selftune/group{g}/lr`` ...) through ``pl_module.log`` every step, for the Lightning
     logger (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
@@ -88,6 +90,7 @@ class SelfTuneCallback(Callback):
         self.controller = controller
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
+        check_wrap_options(controller, wrap_kwargs, "SelfTuneCallback")
         self.wrap_kwargs = wrap_kwargs
         self.optimizers: list[SelfTuned] = []
         self._feed = LossFeed()
