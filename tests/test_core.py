@@ -25,8 +25,6 @@ CONTROLLERS = [c for c in selftune.CONTROLLERS if c != "off"]
 #: rows where a controller falls short within STEPS; strict, so a fix shows up as XPASS
 KNOWN_SHORT = {
     ("stability", "quadratic", "adam", 10.0),
-    ("stability", "quadratic", "adamw", 10.0),
-    ("stability", "quadratic", "sgd-momentum", 10.0),
     ("hypergradient", "mlp", "sgd", 0.01),
     ("hypergradient", "mlp", "adam", 10.0),
     ("stability", "mlp", "adam", 10.0),

@@ -469,3 +469,102 @@ def test_a_snapshot_is_not_changed_by_the_training_that_follows_its_restore() ->
     now, then = tensors(snap.payload), tensors(kept)
     assert len(now) == len(then) > 0
     assert all(torch.equal(a, b) for a, b in zip(now, then, strict=True))
+
+
+def _classes(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """256 points in 10 dimensions, labelled by the largest of three random projections."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=gen)
+    return x, (x @ torch.randn(10, 3, generator=gen)).argmax(1)
+
+
+def _switching_run(seed: int, opt_of: Any, log_dir: Path | None = None) -> tuple[float, float]:
+    """160 steps of a small classifier whose task changes at step 80 (a curriculum, a new
+    dataset); the losses on the new task at the switch and at the end, over all its data."""
+    (x1, y1), (x2, y2) = _classes(100 + seed), _classes(200 + seed)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    opt = opt_of(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), log_dir)
+    order, at_switch = torch.Generator().manual_seed(seed), math.nan
+    for step in range(160):
+        x, y = (x1, y1) if step < 80 else (x2, y2)
+        if step == 80:
+            with torch.no_grad():
+                at_switch = float(torch.nn.functional.cross_entropy(net(x2), y2))
+        i = torch.randint(0, 256, (32,), generator=order)
+        loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    with torch.no_grad():
+        return at_switch, float(torch.nn.functional.cross_entropy(net(x2), y2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
+    seed: int, tmp_path: Path
+) -> None:
+    """A lasting change of the data is no fault of the run: the weights a rollback restores
+    show it too, and rolling back again would only repeat until the run stopped (it did, in
+    four seeds of four).  The guard learns the new level, logs it, and the run trains on."""
+    start, end = _switching_run(seed, lambda o, d: selftune.wrap(o, "off", log_dir=d), tmp_path)
+    assert end < 0.5 * start
+    events = {r["event"] for r in guard_records(tmp_path)}
+    assert "relevel" in events and "escalate" not in events
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
+    base: str, tmp_path: Path
+) -> None:
+    """Gradual unfreezing (``add_param_group``) raises the gradient norm for good; the guard
+    called every step after it a spike and rolled back to the snapshot taken with the new
+    group, until the run stopped (6 of these 8 runs)."""
+    for seed in range(4):
+        x, y = _classes(seed)
+        order = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(10, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+            torch.nn.Linear(64, 3),
+        )  # fmt: skip
+        net[0].requires_grad_(False)
+        net[2].requires_grad_(False)
+        inner = (
+            torch.optim.SGD(net[4].parameters(), lr=0.05, momentum=0.9)
+            if base == "sgd"
+            else torch.optim.AdamW(net[4].parameters(), lr=1e-3)
+        )
+        opt = selftune.wrap(inner)
+        for step in range(120):
+            if step == 50:
+                net[2].requires_grad_(True)
+                opt.add_param_group({"params": net[2].parameters()})
+            i = torch.randint(0, 256, (32,), generator=order)
+            loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())  # raised GuardError before
+        assert opt.step_count == 120 and math.isfinite(float(loss.detach()))
+
+
+def test_a_loss_that_regresses_rolls_back_to_the_lowest_level_and_replays(tmp_path: Path) -> None:
+    """``auto`` on the new task of :func:`_switching_run` (seed 0) undid a plateau cut into a
+    rising loss and diverged slowly (2.4 to 27 to 138 over 80 steps: no step a spike); the
+    guard's regression test rolls back to the snapshot of the lowest level it holds, at half
+    the rate, and the run ends trained.  A replay of the log ends on the same weights."""
+    nets = []
+
+    def wrapped(o: torch.optim.Optimizer, d: Path | None) -> torch.optim.Optimizer:
+        nets.append(o.param_groups[0]["params"])
+        return selftune.wrap(o, log_dir=d)
+
+    start, end = _switching_run(0, wrapped, tmp_path)
+    assert end < 0.5 * start
+    regressions = [r for r in guard_records(tmp_path) if r["signal"] == "loss_level"]
+    assert regressions and regressions[0]["event"] == "rollback", regressions
+    _switching_run(
+        0, lambda o, d: (nets.append(o.param_groups[0]["params"]), selftune.replay(o, tmp_path))[1]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(*nets, strict=True))

@@ -51,6 +51,8 @@ _ADVICE = (
 )
 #: how many healthy losses the early level is the median of
 RECENT = 5
+#: the signal of a loss regression's trouble
+REGRESSION = "loss_level"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class GuardConfig:
     early_ratio: float = 10.0
     backoff: float = 0.5
     max_retries: int = 6
+    #: a loss whose running level has stood this factor above the lowest it reached (and
+    #: clear of its noise) for ``interval`` healthy steps has regressed: the run rolls back to
+    #: the snapshot of the lowest level
+    regress: float = 1.5
     #: the first snapshot is also kept until the first snapshot after this many steps, for a
     #: controller's restart (``auto``'s range test probes in the first tens of steps and may
     #: need to undo all of them)
@@ -90,6 +96,12 @@ GUARD_OPTIONS = {
     "early_ratio": Option("the jump that is a spike before warmup", "10.0", 1, open_low=True),
     "backoff": Option("the factor on the rate after a rollback", "0.5", 0, high=1, open_low=True),
     "max_retries": Option("rollbacks in a row before the run stops", "6", 1, whole=True),
+    "regress": Option(
+        "the loss level's rise over its lowest that, sustained, is a regression",
+        "1.5",
+        1,
+        open_low=True,
+    ),
     "keep_initial": Option("steps the first snapshot is kept for", "100", 0, whole=True),
 }
 
@@ -120,6 +132,7 @@ class _LogStats:
     low: float = 0.0  #: the lowest value seen
     last: float = 0.0  #: the logarithm of the last healthy value
     recent: list[float] = field(default_factory=list)  #: the last few healthy values
+    best: float = math.inf  #: the lowest running level (``mean``) reached after the warm-up
 
     @property
     def median(self) -> float:
@@ -150,6 +163,20 @@ class _LogStats:
         score = (x - self.mean) / max(std, 1e-12)
         return score if score > z and x - self.mean > math.log(ratio) else None
 
+    def regressed(self, ratio: float, z: float, warmup: int) -> bool:
+        """Whether the level stands clearly above the lowest it reached (and note the lowest).
+
+        Above means by more than ``ratio`` and by more than ``z`` deviations of the level
+        itself (an EMA of decay 0.95 carries ``sqrt(0.05 / 1.95)`` of the per-step noise): the
+        lowest level of a noisy loss is an extreme of that noise.
+        """
+        if self.n < warmup:
+            return False
+        margin = max(math.log(ratio), z * math.sqrt(self.var * 0.05 / 1.95))
+        above = self.mean - self.best > margin
+        self.best = min(self.best, self.mean)
+        return above
+
     def learn(self, value: float, decay: float = 0.95) -> None:
         if value <= 0 or not math.isfinite(value):
             return
@@ -171,14 +198,15 @@ class Snapshot:
 
     step: int
     payload: dict[str, Any]
+    level: float = math.inf  #: the loss's running level (its log) when taken; inf: not known
 
     def plain(self) -> dict[str, Any]:
         """As plain data, for a checkpoint (a dataclass instance is not loadable there)."""
-        return {"step": self.step, "payload": self.payload}
+        return {"step": self.step, "payload": self.payload, "level": self.level}
 
     @classmethod
     def from_plain(cls, saved: dict[str, Any]) -> Snapshot:
-        return cls(int(saved["step"]), saved["payload"])
+        return cls(int(saved["step"]), saved["payload"], float(saved.get("level", math.inf)))
 
 
 @dataclass
@@ -192,6 +220,15 @@ class Guard:
     retries: int = 0  #: consecutive rollbacks without ``interval`` healthy steps in between
     snapshots: list[Snapshot] = field(default_factory=list)
     initial: Snapshot | None = None  #: the first snapshot, for ``keep_initial`` steps
+    #: the snapshot of the lowest loss level that left the newest two: where a regression goes
+    best: Snapshot | None = None
+    above: int = 0  #: healthy steps in a row with the loss level regressed, since any rollback
+    #: the next step is the first on weights a rollback restored (see :meth:`judge`)
+    fresh: bool = False
+    #: the step of the snapshot the last regression went back to
+    regressed_to: int | None = None
+    #: trouble this step that the guard answered by learning a new level: for the log
+    relevelled: Trouble | None = None
 
     @property
     def restart_point(self) -> Snapshot | None:
@@ -210,7 +247,41 @@ class Guard:
         return trouble
 
     def judge(self, s: Signals) -> Trouble | None:
-        """Is this step trouble?  Learn the running statistics from it if not."""
+        """Is this step trouble?  Learn the running statistics from it if not.
+
+        Trouble is a non-finite value, a spike, or a regression of the loss's level.  The
+        first step after a rollback reads the restored weights, which were healthy when kept:
+        a spike they show too comes from the data or the objective (a new task, a layer just
+        unfrozen), which no rollback mends and rolling back again would only repeat until the
+        run stops.  The guard then learns the new level instead (:attr:`relevelled` says so);
+        so it does when a regression would go back to the snapshot the last one restored.
+        """
+        c = self.config
+        fresh, self.fresh, self.relevelled = self.fresh, False, None
+        trouble = self._spike(s)
+        if trouble is not None:
+            if not (fresh and math.isfinite(trouble.value)):
+                return trouble
+            self._relevel(trouble, "the restored weights show it too")
+        if s.loss is not None:
+            self.loss.learn(s.loss)
+            self.above = self.above + 1 if self.loss.regressed(c.regress, c.z, c.warmup) else 0
+            if self.above >= c.interval:
+                level, best = math.exp(self.loss.mean), math.exp(self.loss.best)
+                why = (
+                    f"loss regression: its running level {level:.4g} has stood above "
+                    f"{c.regress:g}x the lowest it reached ({best:.4g}) for {c.interval} steps"
+                )
+                trouble = Trouble(s.step, REGRESSION, level, why)
+                held = self._held()
+                if held and self._lowest(held).step != self.regressed_to:
+                    return trouble
+                self._relevel(trouble, "it came back from the snapshot the last one restored")
+        self.grad.learn(s.grad_norm)
+        return None
+
+    def _spike(self, s: Signals) -> Trouble | None:
+        """A non-finite loss or gradient norm, or a spike of either."""
         c = self.config
         if s.loss is not None and not math.isfinite(s.loss):
             return Trouble(s.step, "loss", s.loss, f"loss is {s.loss}")
@@ -235,17 +306,30 @@ class Guard:
                 f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
             )
             return Trouble(s.step, "grad_norm", s.grad_norm, why)
-        if s.loss is not None:
-            self.loss.learn(s.loss)
-        self.grad.learn(s.grad_norm)
         return None
+
+    def _relevel(self, trouble: Trouble, why: str) -> None:
+        """Learn the troubled signal's level afresh instead of rolling back."""
+        if trouble.signal == "grad_norm":
+            self.grad = _LogStats()
+        elif trouble.signal == REGRESSION:
+            self.loss.best, self.above = self.loss.mean, 0
+        else:
+            self.loss = _LogStats()
+        reason = f"{trouble.reason}; {why}: the data or the objective changed, not the run"
+        self.relevelled = Trouble(trouble.step, trouble.signal, trouble.value, reason)
 
     def wants_snapshot(self, step: int) -> bool:
         """Snapshot on the first step and every ``interval`` steps after."""
         return not self.snapshots or step % self.config.interval == 0
 
     def keep(self, step: int, payload: dict[str, Any]) -> None:
-        snap = Snapshot(step, payload)
+        level = self.loss.mean if self.loss.n else math.inf
+        snap = Snapshot(step, payload, level)
+        if len(self.snapshots) > 1:  # the older of the two leaves: kept if the lowest so far
+            leaving = self.snapshots[0]
+            if leaving.level < (math.inf if self.best is None else self.best.level):
+                self.best = leaving
         if self.initial is None and not self.snapshots and step <= self.config.keep_initial:
             self.initial = snap
         elif self.initial is not None and step > self.config.keep_initial:
@@ -255,7 +339,7 @@ class Guard:
     def forget_snapshots(self) -> None:
         """Drop every snapshot: the param groups changed, and one taken before could not restore
         the new group.  The next healthy step takes a fresh one."""
-        self.snapshots, self.initial = [], None
+        self.snapshots, self.initial, self.best = [], None, None
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:
         """The snapshot to restore and the factor to cut the learning rate by.
@@ -265,6 +349,12 @@ class Guard:
         skipped (its update was never made) and the rate cut, as a rollback would.  Raises
         :class:`GuardError` when trouble keeps coming back.
         """
+        self.above = 0
+        held = self._held()
+        if trouble.signal == REGRESSION and held:
+            snap = self._regression_point(held, trouble.step)
+            self.regressed_to, self.fresh = snap.step, True
+            return snap, self.config.backoff
         self.retries += 1
         what = f"step {trouble.step}: {trouble.reason} ({trouble.signal}={trouble.value})"
         if self.retries > self.config.max_retries:
@@ -280,13 +370,34 @@ class Guard:
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
         snap = self.snapshots[index]
         self.snapshots = self.snapshots[: len(self.snapshots) + index + 1]
-        self.healthy_since = trouble.step
+        self.healthy_since, self.fresh = trouble.step, True
         return snap, self.config.backoff**self.retries
+
+    def _held(self) -> list[Snapshot]:
+        return [s for s in (self.initial, self.best, *self.snapshots) if s is not None]
+
+    @staticmethod
+    def _lowest(held: list[Snapshot]) -> Snapshot:
+        """The snapshot of the lowest loss level (the oldest if none knows its level)."""
+        known = [s for s in held if s.level < math.inf]
+        return min(known, key=lambda s: (s.level, -s.step)) if known else held[0]
+
+    def _regression_point(self, held: list[Snapshot], step: int) -> Snapshot:
+        """Where a regression goes back to: :meth:`_lowest`; the newer snapshots belong to
+        the trajectory that regressed and are dropped.  A regression never escalates: it comes
+        only after ``interval`` steps, and cuts the rate once."""
+        snap = self._lowest(held)
+        self.snapshots = [*[s for s in self.snapshots if s.step < snap.step][-1:], snap]
+        if self.best is not None and self.best.step > snap.step:
+            self.best = None
+        self.healthy_since = step
+        return snap
 
     def snapshots_state(self) -> dict[str, Any]:
         """The snapshots as plain data, for a checkpoint: they live in memory only."""
         initial = None if self.initial is None else self.initial.plain()
-        return {"held": [s.plain() for s in self.snapshots], "initial": initial}
+        best = None if self.best is None else self.best.plain()
+        return {"held": [s.plain() for s in self.snapshots], "initial": initial, "best": best}
 
     def load_snapshots_state(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Put the snapshots back after ``load_state_dict`` (which clears them).
@@ -298,6 +409,8 @@ class Guard:
         self.snapshots = [Snapshot.from_plain(s) for s in saved["held"]]
         initial = saved.get("initial")
         self.initial = None if initial is None else Snapshot.from_plain(initial)
+        best = saved.get("best")
+        self.best = None if best is None else Snapshot.from_plain(best)
 
     def statistics(self) -> dict[str, Any]:
         """The running levels of loss and gradient norm, which a snapshot keeps with the state.
@@ -316,10 +429,16 @@ class Guard:
             **self.statistics(),
             "healthy_since": self.healthy_since,
             "retries": self.retries,
+            "above": self.above,
+            "fresh": self.fresh,
+            "regressed_to": self.regressed_to,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_statistics(state)
         self.healthy_since, self.retries = state["healthy_since"], state["retries"]
+        # absent from states saved before the guard judged regressions
+        self.above, self.fresh = state.get("above", 0), state.get("fresh", False)
+        self.regressed_to = state.get("regressed_to")
         self.snapshots = []  # snapshots live in memory only; a fresh one is taken at once
-        self.initial = None
+        self.initial = self.best = None

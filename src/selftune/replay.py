@@ -112,6 +112,9 @@ class ReplayGuard(Guard):
             self.forget_snapshots()
 
     def judge(self, s: Signals) -> Trouble | None:
+        # the levels the logged run's guard learnt: its snapshots' levels, and so where its
+        # regressions went back to, follow from them
+        super().judge(s)
         return self._events.get(s.step)
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:

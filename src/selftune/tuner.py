@@ -387,6 +387,7 @@ class SelfTuned(torch.optim.Optimizer):
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
+        self._note_relevel(t)
         if trouble is not None:
             decisions, event = self._roll_back(trouble, signals, unread)
             self._leave(current, decisions)
@@ -618,6 +619,22 @@ class SelfTuned(torch.optim.Optimizer):
             name: self._effective(i) if name == "lr" else knobs_io.read(group, name)
             for name in self._names[i]
         }
+
+    def _note_relevel(self, t: int) -> None:
+        """Log the trouble the guard answered this step by learning a new level (a new task,
+        a layer unfrozen): a guard record, though nothing was rolled back."""
+        relevel = None if self.guard is None else self.guard.relevelled
+        if relevel is not None and self._log is not None:
+            self._log.append(
+                {
+                    "kind": "guard",
+                    "step": t,
+                    "event": "relevel",
+                    "signal": relevel.signal,
+                    "value": relevel.value,
+                    "reason": relevel.reason,
+                }
+            )
 
     def _find_outside(self, t: int, current: Knobs) -> None:
         """Hand a knob other than the rate to whoever changed it since the last step.
@@ -883,7 +900,7 @@ class SelfTuned(torch.optim.Optimizer):
         assert guard is not None and guard.restart_point is not None  # see _take_restart
         snap = guard.restart_point
         self._restore(snap.payload, lower_rates=False)  # the knobs and scales stay as they are
-        guard.snapshots = [snap]
+        guard.snapshots, guard.best = [snap], None
         return {
             "event": "restart",
             "signal": "lr",
