@@ -8,14 +8,22 @@ Every optimizer step, before the update, the guard checks the step's signals:
   the logarithm* and a factor ``ratio`` above the running level; the statistics only learn from
   healthy steps, and during the first ``warmup`` of them only a jump of ``early_ratio`` above
   the median of the last few healthy losses counts, or, for gradient norms, of ten times that
-  above the lowest norm seen.
+  above the lowest norm seen;
+- *regression*: the loss's running level has stood above ``regress`` times the lowest it
+  reached (and clear of the level's own noise) for ``interval`` healthy steps: no step was a
+  spike, but the run got worse and stayed there (a network that died, a rate raised into a
+  rising loss).
 
 On trouble the step is skipped, the model parameters, optimizer state, controller state and knobs
 are restored from the newest snapshot, and the learning rate is cut by ``backoff`` (compounded
 while trouble repeats); with no snapshot held yet (the first step, or the first after loading a
 state dict) the step is only skipped and the rate cut (a ``skip`` event).  Trouble again before
 ``interval`` healthy steps have passed goes back one snapshot further; ``max_retries``
-consecutive rollbacks raise :class:`GuardError`.
+consecutive rollbacks raise :class:`GuardError`.  A regression instead goes back to the snapshot
+of the lowest loss level held (kept beside the newest two for that), once per snapshot.  A
+spike on the first step after a rollback, on weights that were healthy when kept, comes from
+the data or the objective (a new task, a layer unfrozen): the guard learns the new level
+instead of rolling back until the run stops.
 
 Snapshots are taken every ``interval`` healthy steps (default 25), of a state whose loss the guard
 has just checked, and the newest two are kept; the first one is also kept for ``keep_initial``
@@ -24,8 +32,8 @@ steps, so that a controller whose early probing damaged the run can restart from
 copy of parameters and optimizer state) costs about one optimizer step of memory traffic, i.e.
 under 4% per step amortised.
 
-Snapshots are kept in host memory (``offload``): on an accelerator the two or three held would
-otherwise take two or three more copies of the parameters and of the optimizer's state (with
+Snapshots are kept in host memory (``offload``): on an accelerator the two to four held would
+otherwise take as many more copies of the parameters and of the optimizer's state (with
 Adam, up to 9 parameter-sizes of device memory).  The copy to the host is queued without waiting
 for it, in the device's stream order, so a step does not wait for it either; a rollback copies
 back.  ``offload=False`` keeps them next to the parameters: faster rollbacks, more device memory.
