@@ -129,6 +129,8 @@ class SelfTuned(torch.optim.Optimizer):
                 f"guard={guard!r}: pass True (the defaults), False (no guard) or a "
                 "selftune.GuardConfig(...) instance"
             )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ConfigError(f"seed={seed!r}: give a whole number (it is recorded in the log)")
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -162,8 +164,6 @@ class SelfTuned(torch.optim.Optimizer):
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
         self._listeners: list[Callable[[StepEvent], None]] = []
         self.last_signals: Signals | None = None
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise ConfigError(f"seed={seed!r}: give a whole number (it is recorded in the log)")
         self._seed = None if seed is None else int(seed)
         self._log: AuditLog | None = None
         self._trace: TextIO | None = None

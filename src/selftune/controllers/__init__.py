@@ -13,19 +13,6 @@ from selftune.controllers.off import OffController
 from selftune.controllers.stability import StabilityController
 from selftune.errors import ConfigError
 
-#: the keywords :func:`selftune.wrap` takes itself; any other goes to the controller
-WRAP_OPTIONS = (
-    "controller",
-    "bounds",
-    "max_change",
-    "frozen",
-    "lr_bounds_absolute",
-    "guard",
-    "log_dir",
-    "seed",
-    "average",
-)
-
 CONTROLLERS: dict[str, Callable[..., Controller]] = {
     "auto": AutoController,
     "hypergradient": HypergradientController,
@@ -56,9 +43,13 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
         return CONTROLLERS[name](**kwargs)
     except TypeError as err:
         takes = [p for p in inspect.signature(CONTROLLERS[name]).parameters if p != "self"]
+        import selftune  # wrap's own keywords, read off its signature
+
+        own = inspect.signature(selftune.wrap).parameters.values()
+        wraps = [p.name for p in own if p.kind is p.KEYWORD_ONLY or p.name == "controller"]
         raise ConfigError(
             f"bad options for controller {name!r}: {err}. wrap() hands every keyword it does "
-            f"not take itself ({', '.join(WRAP_OPTIONS)}) to the controller, which takes "
+            f"not take itself ({', '.join(wraps)}) to the controller, which takes "
             + (", ".join(takes) if takes else "none")
         ) from None
 
