@@ -59,7 +59,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "group": ("step", "group", "knobs", "num_params", "reason"),
     "note": ("reason",),
 }
-GUARD_EVENTS = ("skip", "rollback", "escalate", "restart", "relevel")
+GUARD_EVENTS = ("skip", "rollback", "escalate", "restart", "relevel", "forward")
 CHAIN_FIELDS = ("seq", "prev", "hash")
 
 

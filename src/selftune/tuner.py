@@ -388,8 +388,15 @@ class SelfTuned(torch.optim.Optimizer):
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         self._note_relevel(t)
-        if trouble is not None:
-            decisions, event = self._roll_back(trouble, signals, unread)
+        forgiven = self._forgive(t)
+        if forgiven:
+            current = self.hyperparams()
+        if trouble is not None or (self.guard is not None and self.guard.forward is not None):
+            if trouble is not None:
+                decisions, event = self._roll_back(trouble, signals, unread)
+            else:
+                decisions, event = self._go_forward(t)
+            decisions = forgiven + decisions
             self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
@@ -406,7 +413,9 @@ class SelfTuned(torch.optim.Optimizer):
         proposals = self.controller.propose(signals, current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
-        decisions = self._decide(t, signals, proposals, current, limited=restarting is None)
+        decisions = forgiven + self._decide(
+            t, signals, proposals, current, limited=restarting is None
+        )
         restart = None if restarting is None else self._restart(restarting)
         self._leave(current, decisions)
         if restart is not None:
@@ -815,26 +824,14 @@ class SelfTuned(torch.optim.Optimizer):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             payload = snap.payload
-            self._restore(payload, lower_rates=True)
+            self._restore(payload, lower_rates=True, taken=snap.step)
             self.controller.load_state_dict(_clone(payload["controller"]))
             # selftune's scale as it was, on the rate a scheduler set now (older snapshots
             # hold no scales: the rate as it was)
             saved_knobs, scales = payload["knobs"], payload.get("scales")
             reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
         self.controller.on_backoff(trouble.step)
-        decisions = []
-        for i, saved in enumerate(saved_knobs):
-            current = self._knobs(i)
-            for knob, value in saved.items():
-                if knob == "lr" and scales is not None:
-                    value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
-                target = value * factor if knob == "lr" else value
-                p = Proposal(
-                    i, knob, target, f"{reason}, lr x{factor:g}" if knob == "lr" else reason
-                )
-                decision = self._apply(trouble.step, p, current, None, "guard", limited=False)
-                if decision is not None:
-                    decisions.append(decision)
+        decisions = self._put_knobs(trouble.step, saved_knobs, scales, factor, reason)
         event = {
             "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
@@ -845,7 +842,70 @@ class SelfTuned(torch.optim.Optimizer):
         }
         return decisions, event
 
-    def _restore(self, payload: dict[str, Any], lower_rates: bool) -> None:
+    def _go_forward(self, t: int) -> tuple[list[Decision], dict]:
+        """Restore the snapshot a regression's rollback left, at the knobs and controller state
+        it held, after the rollback's trial found the older weights no better on the data of
+        now (:meth:`selftune.guard.Guard._judge_trial`); this step's gradient, of the trial's
+        weights, is not applied."""
+        assert self.guard is not None and self.guard.forward is not None
+        snap, restored = self.guard.forward, self.guard.regressed_to
+        self._restore(snap.payload, lower_rates=False, taken=snap.step)
+        self.controller.load_state_dict(_clone(snap.payload["controller"]))
+        self.guard.went_forward(snap)
+        reason = (
+            f"guard: the rollback to step {restored} did not bring the loss back below the "
+            "level that regressed: the data got harder, not the weights worse"
+        )
+        event = {
+            "event": "forward",
+            "signal": "loss_level",
+            "value": math.exp(self.guard.loss.mean),
+            "reason": f"{reason}; back to step {snap.step}",
+            "restored_step": snap.step,
+        }
+        return self._put_knobs(
+            t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason
+        ), event
+
+    def _put_knobs(
+        self,
+        t: int,
+        saved_knobs: list[dict[str, float]],
+        scales: list[float] | None,
+        factor: float,
+        reason: str,
+    ) -> list[Decision]:
+        """Set the knobs a snapshot held, the rate times ``factor``: the guard's decisions."""
+        decisions = []
+        for i, saved in enumerate(saved_knobs):
+            current = self._knobs(i)
+            for knob, value in saved.items():
+                if knob == "lr" and scales is not None:
+                    value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
+                target = value * factor if knob == "lr" else value
+                why = f"{reason}, lr x{factor:g}" if knob == "lr" and factor != 1 else reason
+                decision = self._apply(
+                    t, Proposal(i, knob, target, why), current, None, "guard", False
+                )
+                if decision is not None:
+                    decisions.append(decision)
+        return decisions
+
+    def _forgive(self, t: int) -> list[Decision]:
+        """Undo the rate cut of a rollback that the guard found needless (the weights it
+        restored show the trouble too: the data changed, not the run), and the controller's
+        reaction to it: the knobs and controller state of the restored snapshot, as kept."""
+        snap = None if self.guard is None else self.guard.mistaken
+        if snap is None:
+            return []
+        self.controller.load_state_dict(_clone(snap.payload["controller"]))
+        reason = (
+            f"guard: the weights of step {snap.step} show the trouble too, so the data or the "
+            "objective changed, not the run: the rollback's rate cut is undone"
+        )
+        return self._put_knobs(t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason)
+
+    def _restore(self, payload: dict[str, Any], lower_rates: bool, taken: int) -> None:
         """Put the parameters, optimizer state, loss statistics and weight average of a snapshot
         back; ``lower_rates``: and each group's base rate where the snapshot's was lower."""
         finish_offload()  # the clone below reads the snapshot on the host
@@ -870,7 +930,7 @@ class SelfTuned(torch.optim.Optimizer):
                 knobs_io.write(group, "lr", then)
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
-            self.guard.load_statistics(payload["guard"])
+            self.guard.load_statistics(payload["guard"], taken)
         if self.average is not None and payload.get("average") is not None:
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -899,8 +959,10 @@ class SelfTuned(torch.optim.Optimizer):
         guard = self.guard
         assert guard is not None and guard.restart_point is not None  # see _take_restart
         snap = guard.restart_point
-        self._restore(snap.payload, lower_rates=False)  # the knobs and scales stay as they are
+        # the knobs and scales stay as they are
+        self._restore(snap.payload, lower_rates=False, taken=snap.step)
         guard.snapshots, guard.best = [snap], None
+        guard.end_trial()
         return {
             "event": "restart",
             "signal": "lr",
