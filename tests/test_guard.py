@@ -588,10 +588,18 @@ def test_a_loss_that_regresses_rolls_back_to_the_lowest_level_and_replays(tmp_pa
     assert replays and all(replays), replays
 
 
-def _curriculum_run(seed: int, opt_of: Any, log_dir: Path | None = None) -> float:
+def _curriculum_run(
+    seed: int,
+    opt_of: Any,
+    log_dir: Path | None = None,
+    stop_at: int | None = None,
+    resume: Path | None = None,
+) -> float:
     """A regression MLP fed easy examples (a linear target) for 100 steps, then more and more
     hard ones (a nonlinear target) until step 300, then only those: its minibatch loss rises
-    about 500x by design.  Returns the mean squared error on the hard examples at the end."""
+    about 500x by design.  Returns the mean squared error on the hard examples at the end
+    (NaN when it stops after ``stop_at`` steps, with a checkpoint in ``log_dir``; ``resume``
+    from such a checkpoint)."""
     gen = torch.Generator().manual_seed(seed)
     easy_x, hard_x = torch.randn(1024, 8, generator=gen), torch.randn(1024, 8, generator=gen)
     easy_y = 0.5 * easy_x[:, :1]
@@ -602,7 +610,18 @@ def _curriculum_run(seed: int, opt_of: Any, log_dir: Path | None = None) -> floa
         torch.nn.Linear(48, 1),
     )  # fmt: skip
     opt = opt_of(torch.optim.AdamW(net.parameters(), lr=1e-3), log_dir)
-    for step in range(600):
+    first = 0
+    if resume is not None:
+        saved = selftune.load_checkpoint(resume, model=net, optimizer=opt)
+        first = saved["step"]
+        gen.set_state(saved["extra"]["gen"])
+    for step in range(first, 600):
+        if step == stop_at and log_dir is not None:
+            extra = {"gen": gen.get_state()}
+            selftune.save_checkpoint(
+                log_dir / "ck.pt", model=net, optimizer=opt, step=step, extra=extra
+            )
+            return math.nan
         hard = 0 if step < 100 else min(64, 64 * (step - 100) // 200)
         i = torch.randint(0, 1024, (64,), generator=gen)
         x = torch.cat([easy_x[i[hard:]], hard_x[i[:hard]]])
@@ -644,3 +663,21 @@ def test_a_loss_that_rises_by_design_costs_the_guard_little(tmp_path: Path) -> N
         replayed = _curriculum_run(seed, lambda o, d, f=folder: selftune.replay(o, f))
         assert replayed == guarded  # a forward replays as a rollback does
     assert statistics.median(ratios) < 1.5, ratios  # 2.85 before
+
+
+def test_a_run_resumed_inside_a_regression_trial_is_bit_identical(tmp_path: Path) -> None:
+    """A checkpoint taken while a regression's rollback is on trial holds the trial and the
+    snapshot it left: the resumed run goes forward where the uninterrupted one did, to the
+    same weights, with the same log."""
+
+    def wrapped(o: torch.optim.Optimizer, d: Path | None) -> torch.optim.Optimizer:
+        return selftune.wrap(o, "off", log_dir=d)
+
+    whole = _curriculum_run(1, wrapped, tmp_path / "whole")
+    forward = [r["step"] for r in guard_records(tmp_path / "whole") if r["event"] == "forward"]
+    assert forward, guard_records(tmp_path / "whole")
+    part = tmp_path / "part"
+    _curriculum_run(1, wrapped, part, stop_at=forward[0] - 2)  # steps before it: the trial's
+    assert _curriculum_run(1, wrapped, part, resume=part / "ck.pt") == whole
+    hashes = [[r["hash"] for r in read_log(d).records] for d in (tmp_path / "whole", part)]
+    assert hashes[0] == hashes[1]
