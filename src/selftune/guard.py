@@ -42,9 +42,10 @@ back.  ``offload=False`` keeps them next to the parameters: faster rollbacks, mo
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from selftune.controllers.base import Option, check_options
@@ -290,7 +291,6 @@ class Guard:
         trouble = self._spike(s)
         if trouble is not None:
             if not (fresh and math.isfinite(trouble.value)):
-                self.end_trial()
                 return trouble
             self._relevel(trouble, "the restored weights show it too")
             self._forgive()
@@ -382,8 +382,18 @@ class Guard:
     def went_forward(self, snap: Snapshot) -> None:
         """The wrapper restored ``snap`` after a failed trial: hold it as the newest snapshot
         and take the level its statistics bring as the lowest, as after a relevel."""
-        self.snapshots = [*[s for s in self.snapshots if s.step < snap.step][-1:], snap]
+        self._hold_newest(snap)
         self.loss.best, self.above = self.loss.mean, 0
+
+    def restarted_from(self, snap: Snapshot) -> None:
+        """The wrapper restarted from ``snap``: the newer snapshots, the lowest level's and
+        a regression's trial belong to the trajectory it abandoned."""
+        self.snapshots, self.best = [snap], None
+        self.end_trial()
+
+    def _hold_newest(self, snap: Snapshot) -> None:
+        """Make ``snap`` the newest snapshot held, beside the one before it."""
+        self.snapshots = [*[s for s in self.snapshots if s.step < snap.step][-1:], snap]
 
     def _forgive(self) -> None:
         """Mark the rollback just made as needless: the trouble came from the data, and the
@@ -445,8 +455,7 @@ class Guard:
         :class:`GuardError` when trouble keeps coming back.
         """
         self.above = 0
-        held = self._comparable()
-        if trouble.signal == REGRESSION and held:
+        if trouble.signal == REGRESSION and (held := self._comparable()):
             newest = self.snapshots[-1] if self.snapshots else None
             level = self.loss.mean
             snap = self._regression_point(held, trouble.step)
@@ -494,7 +503,7 @@ class Guard:
         the trajectory that regressed and are dropped.  A regression never escalates: it comes
         only after ``interval`` steps, and cuts the rate once."""
         snap = self._lowest(held)
-        self.snapshots = [*[s for s in self.snapshots if s.step < snap.step][-1:], snap]
+        self._hold_newest(snap)
         if self.best is not None and self.best.step > snap.step:
             self.best = None
         self.healthy_since = step
@@ -502,14 +511,10 @@ class Guard:
 
     def snapshots_state(self) -> dict[str, Any]:
         """The snapshots as plain data, for a checkpoint: they live in memory only."""
-        initial = None if self.initial is None else self.initial.plain()
-        best = None if self.best is None else self.best.plain()
-        abandoned = None if self.abandoned is None else self.abandoned.plain()
+        kept = {name: getattr(self, name) for name in _KEPT_APART}
         return {
             "held": [s.plain() for s in self.snapshots],
-            "initial": initial,
-            "best": best,
-            "abandoned": abandoned,
+            **{name: None if s is None else s.plain() for name, s in kept.items()},
         }
 
     def load_snapshots_state(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -520,12 +525,9 @@ class Guard:
         if isinstance(saved, list):
             saved = {"held": saved, "initial": None}
         self.snapshots = [Snapshot.from_plain(s) for s in saved["held"]]
-        initial = saved.get("initial")
-        self.initial = None if initial is None else Snapshot.from_plain(initial)
-        best = saved.get("best")
-        self.best = None if best is None else Snapshot.from_plain(best)
-        abandoned = saved.get("abandoned")
-        self.abandoned = None if abandoned is None else Snapshot.from_plain(abandoned)
+        for name in _KEPT_APART:  # absent from checkpoints older than the snapshot
+            plain = saved.get(name)
+            setattr(self, name, None if plain is None else Snapshot.from_plain(plain))
 
     def statistics(self) -> dict[str, Any]:
         """The running levels of loss and gradient norm, which a snapshot keeps with the state.
@@ -546,31 +548,31 @@ class Guard:
             self.grad = _LogStats(**stats["grad"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.statistics(),
-            "healthy_since": self.healthy_since,
-            "retries": self.retries,
-            "above": self.above,
-            "fresh": self.fresh,
-            "regressed_to": self.regressed_to,
-            "restored": self.restored,
-            "forgiven": self.forgiven,
-            "loss_since": self.loss_since,
-            "grad_since": self.grad_since,
-            "trial": None if self.trial is None else dict(self.trial),
-            "rises": self.rises,
-        }
+        return {**self.statistics(), **copy.deepcopy({k: getattr(self, k) for k in _SAVED})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_statistics(state)
-        self.healthy_since, self.retries = state["healthy_since"], state["retries"]
-        # absent from states saved before the guard judged regressions
-        self.above, self.fresh = state.get("above", 0), state.get("fresh", False)
-        self.regressed_to = state.get("regressed_to")
-        self.restored, self.forgiven = state.get("restored"), state.get("forgiven")
-        self.loss_since, self.grad_since = state.get("loss_since", 0), state.get("grad_since", 0)
-        trial = state.get("trial")
-        self.trial = None if trial is None else dict(trial)
-        self.rises = state.get("rises", False)
+        defaults = {f.name: f.default for f in fields(self) if f.name in _SAVED}
+        for name, default in defaults.items():  # a state saved by an older version lacks some
+            setattr(self, name, copy.deepcopy(state.get(name, default)))
         self.snapshots = []  # snapshots live in memory only; a fresh one is taken at once
-        self.initial = self.best = self.abandoned = None
+        for name in _KEPT_APART:
+            setattr(self, name, None)
+
+
+#: what :meth:`Guard.state_dict` saves besides the statistics (the snapshots are saved apart)
+_SAVED = (
+    "healthy_since",
+    "retries",
+    "above",
+    "fresh",
+    "regressed_to",
+    "restored",
+    "forgiven",
+    "loss_since",
+    "grad_since",
+    "trial",
+    "rises",
+)
+#: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`
+_KEPT_APART = ("initial", "best", "abandoned")

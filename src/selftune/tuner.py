@@ -30,7 +30,7 @@ from selftune import knobs as knobs_io
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
-from selftune.guard import Guard, GuardConfig, Trouble
+from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
 from selftune.signals import Signals, SignalTracker, average_across_ranks
 
@@ -824,7 +824,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             payload = snap.payload
-            self._restore(payload, lower_rates=True, taken=snap.step)
+            self._restore(snap, lower_rates=True)
             self.controller.load_state_dict(_clone(payload["controller"]))
             # selftune's scale as it was, on the rate a scheduler set now (older snapshots
             # hold no scales: the rate as it was)
@@ -849,8 +849,7 @@ class SelfTuned(torch.optim.Optimizer):
         weights, is not applied."""
         assert self.guard is not None and self.guard.forward is not None
         snap, restored = self.guard.forward, self.guard.regressed_to
-        self._restore(snap.payload, lower_rates=False, taken=snap.step)
-        self.controller.load_state_dict(_clone(snap.payload["controller"]))
+        self._restore(snap, lower_rates=False)
         self.guard.went_forward(snap)
         reason = (
             f"guard: the rollback to step {restored} did not bring the loss back below the "
@@ -863,9 +862,12 @@ class SelfTuned(torch.optim.Optimizer):
             "reason": f"{reason}; back to step {snap.step}",
             "restored_step": snap.step,
         }
-        return self._put_knobs(
-            t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason
-        ), event
+        return self._as_kept(t, snap, reason), event
+
+    def _as_kept(self, t: int, snap: Snapshot, reason: str) -> list[Decision]:
+        """The controller state and knobs ``snap`` holds, with no rollback's cut."""
+        self.controller.load_state_dict(_clone(snap.payload["controller"]))
+        return self._put_knobs(t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason)
 
     def _put_knobs(
         self,
@@ -898,16 +900,16 @@ class SelfTuned(torch.optim.Optimizer):
         snap = None if self.guard is None else self.guard.mistaken
         if snap is None:
             return []
-        self.controller.load_state_dict(_clone(snap.payload["controller"]))
         reason = (
             f"guard: the weights of step {snap.step} show the trouble too, so the data or the "
             "objective changed, not the run: the rollback's rate cut is undone"
         )
-        return self._put_knobs(t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason)
+        return self._as_kept(t, snap, reason)
 
-    def _restore(self, payload: dict[str, Any], lower_rates: bool, taken: int) -> None:
+    def _restore(self, snap: Snapshot, lower_rates: bool) -> None:
         """Put the parameters, optimizer state, loss statistics and weight average of a snapshot
         back; ``lower_rates``: and each group's base rate where the snapshot's was lower."""
+        payload = snap.payload
         finish_offload()  # the clone below reads the snapshot on the host
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             for p, kept in zip(group["params"], saved, strict=True):
@@ -930,7 +932,7 @@ class SelfTuned(torch.optim.Optimizer):
                 knobs_io.write(group, "lr", then)
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
-            self.guard.load_statistics(payload["guard"], taken)
+            self.guard.load_statistics(payload["guard"], snap.step)
         if self.average is not None and payload.get("average") is not None:
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -959,10 +961,8 @@ class SelfTuned(torch.optim.Optimizer):
         guard = self.guard
         assert guard is not None and guard.restart_point is not None  # see _take_restart
         snap = guard.restart_point
-        # the knobs and scales stay as they are
-        self._restore(snap.payload, lower_rates=False, taken=snap.step)
-        guard.snapshots, guard.best = [snap], None
-        guard.end_trial()
+        self._restore(snap, lower_rates=False)  # the knobs and scales stay as they are
+        guard.restarted_from(snap)
         return {
             "event": "restart",
             "signal": "lr",
