@@ -1,8 +1,9 @@
-"""Small, real training problems shared by the tests: a noisy quadratic and an MLP regression.
+"""Small, real training problems shared by the tests: a noisy quadratic, an MLP regression, and
+a GAN on a ring of Gaussians (two players, each lowering a loss the other raises).
 
 Each problem is deterministic for a seed and cheap (a few hundred steps in well under a second),
-and comes with a reference learning rate per optimizer: a rate at which the plain optimizer
-trains well.  The contract tests start 100x below and 10x above it.
+and the first two come with a reference learning rate per optimizer: a rate at which the plain
+optimizer trains well.  The contract tests start 100x below and 10x above it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from selftune.tuner import SelfTuned
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
@@ -126,3 +129,83 @@ def train(
         value = problem.full_loss()
         curve.append(value if math.isfinite(value) else math.inf)
     return curve
+
+
+# -- a two-player problem -------------------------------------------------------------------
+#: the GAN literature's toy data: eight Gaussians on a circle (Metz et al. 2017, "Unrolled
+#: generative adversarial networks"), its noise dimension and minibatch size
+RING_MODES, RING_RADIUS, RING_STD, GAN_NOISE, GAN_BATCH = 8, 2.0, 0.05, 16, 256
+
+
+def ring_centres() -> torch.Tensor:
+    angles = torch.arange(RING_MODES) * (2 * math.pi / RING_MODES)
+    return RING_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def gan_players(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A generator (noise to points) and a discriminator (points to a logit), seeded."""
+
+    def mlp(inputs: int, outputs: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(inputs, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, outputs),
+        )
+
+    torch.manual_seed(seed)
+    return mlp(GAN_NOISE, 2), mlp(2, 1)
+
+
+def gan_adam(player: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam at the settings common for GANs."""
+    return torch.optim.Adam(player.parameters(), lr=1e-3, betas=(0.5, 0.999))
+
+
+def train_gan(
+    players: tuple[torch.nn.Module, torch.nn.Module],
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    seed: int,
+    steps: int,
+    nan_at: int | None = None,
+) -> None:
+    """Train a GAN (non-saturating losses) for ``steps`` rounds of one discriminator step and
+    one generator step.  A selftune optimizer is told its own player's loss.  ``nan_at``: the
+    generator's loss of that round is NaN (a fault for the guard to catch)."""
+    generator, discriminator = players
+    g_opt, d_opt = optimizers
+    gen = torch.Generator().manual_seed(1000 + seed)
+    bce = torch.nn.BCEWithLogitsLoss()
+    ones, zeros = torch.ones(GAN_BATCH, 1), torch.zeros(GAN_BATCH, 1)
+
+    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad()
+        loss.backward()
+        if isinstance(opt, SelfTuned):
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+
+    for t in range(1, steps + 1):
+        angles = torch.randint(0, RING_MODES, (GAN_BATCH,), generator=gen) * (
+            2 * math.pi / RING_MODES
+        )
+        real = RING_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
+        real = real + RING_STD * torch.randn(GAN_BATCH, 2, generator=gen)
+        fake = generator(torch.randn(GAN_BATCH, GAN_NOISE, generator=gen))
+        step(d_opt, bce(discriminator(real), ones) + bce(discriminator(fake.detach()), zeros))
+        g_loss = bce(discriminator(fake), ones)
+        step(g_opt, g_loss * math.nan if t == nan_at else g_loss)
+
+
+def ring_quality(generator: torch.nn.Module, seed: int) -> dict[str, float]:
+    """The measures of Srivastava et al. 2017 (VEEGAN) on 2,500 samples: the share within
+    three standard deviations of a mode, and how many modes hold at least 20 of those."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    with torch.no_grad():
+        samples = generator(torch.randn(2500, GAN_NOISE, generator=gen))
+    distance, nearest = torch.cdist(samples, ring_centres()).min(dim=1)
+    good = distance < 3 * RING_STD
+    counts = torch.bincount(nearest[good], minlength=RING_MODES)
+    return {"high_quality": float(good.float().mean()), "modes": int((counts >= 20).sum())}

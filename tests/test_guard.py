@@ -27,6 +27,7 @@ from faults import (
     make_task,
     train,
 )
+from problems import gan_adam, gan_players, train_gan
 
 import selftune
 from selftune.audit import read_log
@@ -681,3 +682,48 @@ def test_a_run_resumed_inside_a_regression_trial_is_bit_identical(tmp_path: Path
     assert _curriculum_run(1, wrapped, part, resume=part / "ck.pt") == whole
     hashes = [[r["hash"] for r in read_log(d).records] for d in (tmp_path / "whole", part)]
     assert hashes[0] == hashes[1]
+
+
+def _gan(seed: int, wrap: Any, steps: int, nan_at: int | None = None) -> list[torch.Tensor]:
+    """The GAN of ``tests/problems.py`` trained with both players' Adam passed through
+    ``wrap(optimizer, player)``; the generator's and discriminator's weights at the end."""
+    players = gan_players(seed)
+    opts = [wrap(gan_adam(p), name) for p, name in zip(players, ("g", "d"), strict=True)]
+    train_gan(players, (opts[0], opts[1]), seed, steps, nan_at)
+    for opt in opts:
+        if isinstance(opt, SelfTuned):
+            opt.close()
+    return [p.detach().clone() for player in players for p in player.parameters()]
+
+
+def test_a_gan_guarded_for_non_finite_values_only_trains_as_plain_adam(tmp_path: Path) -> None:
+    """A GAN player's loss is no measure of its progress (it rises when the other player gets
+    better), and rolling back one player does not bring it back: the default guard rolls the
+    players back within the first 160 rounds of these seeds, and over 3,000 rounds cost plain
+    Adam modes of the data (``bench-results/gan/``).  ``nonfinite_only`` judges no spike and no
+    regression: the run is plain Adam's to the bit, and a NaN loss still rolls back (plain Adam
+    ends on NaN weights), in a run that replays from its log."""
+    steps, only = 160, selftune.GuardConfig(nonfinite_only=True)
+    for seed in (0, 2, 3):
+        default = tmp_path / f"default-{seed}"
+        _gan(seed, lambda o, who, d=default: selftune.wrap(o, "off", log_dir=d / who), steps)
+        events = [r["event"] for who in ("g", "d") for r in guard_records(default / who)]
+        assert "rollback" in events, events
+        plain = _gan(seed, lambda o, who: o, steps)
+        guarded = _gan(seed, lambda o, who: selftune.wrap(o, "off", guard=only), steps)
+        assert all(torch.equal(a, b) for a, b in zip(plain, guarded, strict=True))
+    folder = tmp_path / "nan"
+    broken = _gan(0, lambda o, who: o, steps, nan_at=100)
+    assert not all(bool(w.isfinite().all()) for w in broken)
+    guarded = _gan(
+        0,
+        lambda o, who: selftune.wrap(o, "off", guard=only, log_dir=folder / who),
+        steps,
+        nan_at=100,
+    )
+    assert all(bool(w.isfinite().all()) for w in guarded)
+    records = guard_records(folder / "g")
+    assert [(r["step"], r["event"], r["signal"]) for r in records] == [(100, "rollback", "loss")]
+    assert guard_records(folder / "d") == []
+    replayed = _gan(0, lambda o, who: selftune.replay(o, folder / who), steps, nan_at=100)
+    assert all(torch.equal(a, b) for a, b in zip(guarded, replayed, strict=True))

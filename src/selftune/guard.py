@@ -15,6 +15,10 @@ Every optimizer step, before the update, the guard checks the step's signals:
   rising loss).  Or the data got harder (a curriculum): the rollback is a trial, and the run
   goes forward again if the restored weights do no better on the data of now.
 
+``GuardConfig(nonfinite_only=True)`` keeps the first check alone, for a loss that is no measure
+of the optimizer's own progress (a GAN's players: each one's loss rises when the other's
+improves, and rolling back one player's state does not bring it back).
+
 On trouble the step is skipped, the model parameters, optimizer state, controller state and knobs
 are restored from the newest snapshot, and the learning rate is cut by ``backoff`` (compounded
 while trouble repeats); with no snapshot held yet (the first step, or the first after loading a
@@ -87,11 +91,17 @@ class GuardConfig:
     keep_initial: int = 100
     #: keep the snapshots in host memory, not next to the parameters (no difference on the CPU)
     offload: bool = True
+    #: act on non-finite values only, judging no spike and no regression: for a loss that is
+    #: no measure of this optimizer's own progress, such as a GAN player's, which rises when
+    #: the other player gets better and which no rollback of this player's state brings back
+    #: (``bench-results/gan/``: the default guard cost plain Adam modes of the data there)
+    nonfinite_only: bool = False
 
     def __post_init__(self) -> None:
         check_options(GUARD_OPTIONS, vars(self))
-        if not isinstance(self.offload, bool):
-            raise ConfigError(f"offload={self.offload!r}: give True or False")
+        for name in ("offload", "nonfinite_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: give True or False")
 
 
 #: the range of each GuardConfig setting (a NaN or infinite threshold would switch its check off)
@@ -298,7 +308,8 @@ class Guard:
             self.loss.learn(s.loss)
             if self._judge_trial(s.loss):
                 return None
-            regressed = self.loss.regressed(c.regress, c.z, c.warmup) and not self.rises
+            judged = not (self.rises or c.nonfinite_only)
+            regressed = self.loss.regressed(c.regress, c.z, c.warmup) and judged
             self.above = self.above + 1 if regressed else 0
             if self.above >= c.interval:
                 level, best = math.exp(self.loss.mean), math.exp(self.loss.best)
@@ -321,6 +332,8 @@ class Guard:
             return Trouble(s.step, "loss", s.loss, f"loss is {s.loss}")
         if not math.isfinite(s.grad_norm):
             return Trouble(s.step, "grad_norm", s.grad_norm, f"gradient norm is {s.grad_norm}")
+        if c.nonfinite_only:
+            return None
         if s.loss is not None:
             # early, against the recent median, not the lowest loss seen: an extreme of noisy
             # minibatch losses, which plain SGD with momentum at the best rate of the
