@@ -93,8 +93,9 @@ class GuardConfig:
     offload: bool = True
     #: act on non-finite values only, judging no spike and no regression: for a loss that is
     #: no measure of this optimizer's own progress, such as a GAN player's, which rises when
-    #: the other player gets better and which no rollback of this player's state brings back
-    #: (``bench-results/gan/``: the default guard cost plain Adam modes of the data there)
+    #: the other player gets better and which no rollback of this player's state brings back,
+    #: or a policy gradient's surrogate (the default guard cost plain Adam modes of the data
+    #: in ``bench-results/gan/`` and slowed two seeds of five in ``policy-gradient/``)
     nonfinite_only: bool = False
 
     def __post_init__(self) -> None:
