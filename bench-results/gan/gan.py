@@ -14,7 +14,10 @@ rounds) with both optimizers wrapped alike, each told its own player's loss:
 - ``guard-only``: ``controller="off"`` (the rates never change) with the default guard: what
   the guard alone does;
 - ``off-nonfinite``: ``controller="off"`` with ``GuardConfig(nonfinite_only=True)``: the audit
-  log and a rollback on a NaN, and nothing else.
+  log and a rollback on a NaN, and nothing else;
+- ``auto-10x-nonfinite``: ``auto`` with that guard and its rate's rise bounded at 10x the start
+  (``bounds={"lr": (1e-3, 10.0)}``), the setting that kept a fine-tune's and a policy
+  gradient's gains (``bench-results/finetune/``, ``policy-gradient/``).
 
 Quality, on 2,500 samples of the last generator (Srivastava et al. 2017, VEEGAN): the share of
 samples within three standard deviations of a mode, and how many of the eight modes hold at
@@ -53,6 +56,7 @@ VARIANTS = (
     "auto-no-guard",
     "guard-only",
     "off-nonfinite",
+    "auto-10x-nonfinite",
 )
 PLAYERS = ("generator", "discriminator")
 
@@ -66,6 +70,10 @@ def wrapped(adam: torch.optim.Optimizer, variant: str, folder: Path) -> Any:
         "guard-only": {"controller": "off"},
         "off-nonfinite": {
             "controller": "off",
+            "guard": selftune.GuardConfig(nonfinite_only=True),
+        },
+        "auto-10x-nonfinite": {
+            "bounds": {"lr": (1e-3, 10.0)},
             "guard": selftune.GuardConfig(nonfinite_only=True),
         },
     }
