@@ -30,23 +30,23 @@ minutes on two cores); writes ``results.json`` and ``table.md`` next to this fil
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "tests"))
+sys.path[:0] = [str(HERE.parents[1] / "tests"), str(HERE.parent)]
 
+from faults import guard_records  # noqa: E402
+from probe_grid import run_grid  # noqa: E402
 from problems import RING_MODES, gan_adam, gan_players, ring_quality, train_gan  # noqa: E402
 
 import selftune  # noqa: E402
-from selftune.audit import read_log  # noqa: E402
 
 STEPS, SEEDS = 3000, range(10)
 VARIANTS = (
@@ -84,11 +84,7 @@ def wrapped(adam: torch.optim.Optimizer, variant: str, folder: Path) -> Any:
 
 def guard_events(folder: Path) -> dict[str, int]:
     """How many guard events of each kind a player's log holds."""
-    counts: dict[str, int] = {}
-    for record in read_log(folder).records:
-        if record.get("kind") == "guard":
-            counts[record["event"]] = counts.get(record["event"], 0) + 1
-    return counts
+    return dict(Counter(r["event"] for r in guard_records(folder)))
 
 
 def run(variant: str, seed: int) -> dict[str, Any]:
@@ -146,13 +142,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    jobs = [(v, s) for s in SEEDS for v in VARIANTS]
     workers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    with ProcessPoolExecutor(workers) as pool:
-        rows = list(pool.map(run, *zip(*jobs, strict=True)))
-    (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (HERE / "table.md").write_text(table(rows), encoding="utf-8")
-    print(table(rows))
+    run_grid(run, VARIANTS, SEEDS, table, HERE, workers)
 
 
 if __name__ == "__main__":

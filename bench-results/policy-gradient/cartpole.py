@@ -18,19 +18,22 @@ and ``table.md`` next to this file.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import selftune
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from probe_grid import run_grid  # noqa: E402
+
+import selftune  # noqa: E402
+
 VARIANTS = ("plain", "auto", "auto-10x", "guard-only", "off-nonfinite")
 SEEDS, UPDATES, EPISODES, HORIZON, GAMMA = range(5), 100, 8, 500, 0.99
 
@@ -139,12 +142,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    jobs = [(v, s) for s in SEEDS for v in VARIANTS]
-    with ProcessPoolExecutor(2) as pool:
-        rows = list(pool.map(run, *zip(*jobs, strict=True)))
-    (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (HERE / "table.md").write_text(table(rows), encoding="utf-8")
-    print(table(rows))
+    run_grid(run, VARIANTS, SEEDS, table, HERE)
 
 
 if __name__ == "__main__":
