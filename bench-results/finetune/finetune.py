@@ -47,28 +47,28 @@ WRAP: dict[str, dict[str, Any]] = {
 }
 SEEDS = range(5)
 PRETRAIN, FINETUNE, BATCH, SHOTS, VALIDATION, EVERY = 600, 300, 20, 10, 200, 25
-SHIFT_NOISE = 0.15
+DOMAIN_NOISE = 0.15  #: the standard deviation of task B's pixel noise
 
 
 def split(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Task A's train and test halves (clean digits); task B's shots, validation and test: the
-    other half under a shift of domain (each image moved one pixel right, with noise)."""
+    other half under a shift of domain (Gaussian pixel noise, drawn once per image)."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16.0
     y = torch.tensor(y)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=gen)
     a, b = order[: len(y) // 2], order[len(y) // 2 :]
-    shifted = x + SHIFT_NOISE * torch.randn(x.shape, generator=gen)
+    noisy = x + DOMAIN_NOISE * torch.randn(x.shape, generator=gen)
     shots = torch.cat([b[y[b] == c][:SHOTS] for c in range(10)])
     rest = b[~torch.isin(b, shots)]
     half = len(a) // 2
     return {
         "a_train": (x[a[:half]], y[a[:half]]),
         "a_test": (x[a[half:]], y[a[half:]]),
-        "b_train": (shifted[shots], y[shots]),
-        "b_val": (shifted[rest[:VALIDATION]], y[rest[:VALIDATION]]),
-        "b_test": (shifted[rest[VALIDATION:]], y[rest[VALIDATION:]]),
+        "b_train": (noisy[shots], y[shots]),
+        "b_val": (noisy[rest[:VALIDATION]], y[rest[:VALIDATION]]),
+        "b_test": (noisy[rest[VALIDATION:]], y[rest[VALIDATION:]]),
     }
 
 
