@@ -138,6 +138,7 @@ RING_MODES, RING_RADIUS, RING_STD, GAN_NOISE, GAN_BATCH = 8, 2.0, 0.05, 16, 256
 
 
 def ring_centres() -> torch.Tensor:
+    """The eight modes' centres, one row each."""
     angles = torch.arange(RING_MODES) * (2 * math.pi / RING_MODES)
     return RING_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
 
@@ -187,11 +188,9 @@ def train_gan(
         else:
             opt.step()
 
+    centres = ring_centres()
     for t in range(1, steps + 1):
-        angles = torch.randint(0, RING_MODES, (GAN_BATCH,), generator=gen) * (
-            2 * math.pi / RING_MODES
-        )
-        real = RING_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
+        real = centres[torch.randint(0, RING_MODES, (GAN_BATCH,), generator=gen)]
         real = real + RING_STD * torch.randn(GAN_BATCH, 2, generator=gen)
         fake = generator(torch.randn(GAN_BATCH, GAN_NOISE, generator=gen))
         step(d_opt, bce(discriminator(real), ones) + bce(discriminator(fake.detach()), zeros))

@@ -22,6 +22,7 @@ import torch
 from faults import (
     FAULTS,
     Task,
+    final_weights,
     guard_records,
     make_optimizer,
     make_task,
@@ -693,7 +694,7 @@ def _gan(seed: int, wrap: Any, steps: int, nan_at: int | None = None) -> list[to
     for opt in opts:
         if isinstance(opt, SelfTuned):
             opt.close()
-    return [p.detach().clone() for player in players for p in player.parameters()]
+    return [w for player in players for w in final_weights(player)]
 
 
 def test_a_gan_guarded_for_non_finite_values_only_trains_as_plain_adam(tmp_path: Path) -> None:
