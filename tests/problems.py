@@ -1,5 +1,6 @@
-"""Small, real training problems shared by the tests: a noisy quadratic, an MLP regression, and
-a GAN on a ring of Gaussians (two players, each lowering a loss the other raises).
+"""Small, real training problems shared by the tests: a noisy quadratic, an MLP regression, a
+Gaussian negative log-likelihood (a loss that goes below zero), and a GAN on a ring of Gaussians
+(two players, each lowering a loss the other raises).
 
 Each problem is deterministic for a seed and cheap (a few hundred steps in well under a second),
 and the first two come with a reference learning rate per optimizer: a rate at which the plain
@@ -76,6 +77,36 @@ def mlp_regression(seed: int = 0) -> Problem:
     def full_loss() -> float:
         with torch.no_grad():
             return float(torch.nn.functional.mse_loss(model(X), Y))
+
+    return Problem(model, batch_loss, full_loss)
+
+
+def gaussian_nll(seed: int, noise: float) -> Problem:
+    """An MLP predicting the mean and the spread of ``sin(2x)`` plus Gaussian noise of spread
+    ``noise``, trained on ``torch.nn.GaussianNLLLoss`` from minibatches of 64: its loss ends
+    near ``log(noise) + 0.5``, below zero for a noise under 0.61.  The mean's bias is the
+    model's last parameter."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.rand(2000, 1, generator=gen) * 6 - 3
+    Y = torch.sin(2 * X) + noise * torch.randn(2000, 1, generator=gen)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 2),
+    )  # fmt: skip
+    order, crit = torch.Generator().manual_seed(seed + 1), torch.nn.GaussianNLLLoss()
+
+    def nll(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        return crit(out[:, :1], y, torch.nn.functional.softplus(out[:, 1:]) + 1e-6)
+
+    def batch_loss(t: int) -> torch.Tensor:
+        idx = torch.randint(0, 2000, (64,), generator=order)
+        return nll(X[idx], Y[idx])
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(nll(X, Y))
 
     return Problem(model, batch_loss, full_loss)
 

@@ -28,7 +28,8 @@ from faults import (
     make_task,
     train,
 )
-from problems import gan_adam, gan_players, train_gan
+from problems import gan_adam, gan_players, gaussian_nll, train_gan
+from problems import train as train_problem
 
 import selftune
 from selftune.audit import read_log
@@ -728,3 +729,40 @@ def test_a_gan_guarded_for_non_finite_values_only_trains_as_plain_adam(tmp_path:
     assert guard_records(folder / "d") == []
     replayed = _gan(0, lambda o, who: selftune.replay(o, folder / who), steps, nan_at=100)
     assert all(torch.equal(a, b) for a, b in zip(guarded, replayed, strict=True))
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.6])
+def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
+    noise: float, tmp_path: Path
+) -> None:
+    """A Gaussian negative log-likelihood crosses zero (noise 0.3: its minibatch losses end
+    near -0.5; 0.6: they straddle zero).  The guard's statistics were learnt on a log scale,
+    from positive losses only: below zero they stood still, and between they were the noise of
+    the logarithms of losses near zero.  The mean prediction moved by 1 (the full loss from
+    -0.5 to 3.5-4.0, or from 0.05-0.09 to 1.1-1.5) went unseen in three runs of these eight,
+    was called a regression 34-39 steps later in three (one of which went forward again, as
+    a loss that rises by design) and a spike at once in two.  Now a loss at zero or below
+    moves them to the loss's own scale: the jump is a spike at once, and clean runs raise
+    nothing."""
+    fault_at, steps = 200, 250
+    for seed in range(4):
+        ends = []
+        for fault in (False, True):
+            problem, folder = gaussian_nll(seed, noise), tmp_path / f"{seed}-{fault}"
+            opt = selftune.wrap(
+                torch.optim.AdamW(problem.model.parameters(), lr=1e-3), "off", log_dir=folder
+            )
+            losses: list[float] = []
+            opt.add_listener(lambda e, out=losses: out.append(e.loss))
+
+            def shift(t: int, model: torch.nn.Module = problem.model, on: bool = fault) -> None:
+                if on and t == fault_at - 1:
+                    with torch.no_grad():
+                        list(model.parameters())[-1][0] += 1.0
+
+            ends.append(train_problem(problem, opt, steps, on_step=shift)[-1])
+            opt.close()
+            assert min(losses[: fault_at - 1]) < 0, min(losses)
+            got = [(r["step"], r["event"], r["signal"]) for r in guard_records(folder)]
+            assert got == ([(fault_at, "rollback", "loss")] if fault else []), (seed, got)
+        assert ends[1] < ends[0] + 0.1, (seed, ends)  # survived: trained on as the clean run

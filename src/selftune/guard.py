@@ -15,6 +15,10 @@ Every optimizer step, before the update, the guard checks the step's signals:
   rising loss).  Or the data got harder (a curriculum): the rollback is a trial, and the run
   goes forward again if the restored weights do no better on the data of now.
 
+A loss at zero or below (a Gaussian negative log-likelihood, a negated score, a hinge loss at
+zero) has no logarithm: from that step on the loss's statistics are kept on its own scale, where
+a factor above a level is a factor above zero (see ``_RunningStats``).
+
 ``GuardConfig(nonfinite_only=True)`` keeps the first check alone, for a loss that is no measure
 of the optimizer's own progress (a GAN's players: each one's loss rises when the other's
 improves, and rolling back one player's state does not bring it back).
@@ -138,27 +142,48 @@ class Trouble:
 
 
 @dataclass
-class _LogStats:
-    """EMA of a positive signal's logarithm, and of its step-to-step noise.
+class _RunningStats:
+    """EMA of a positive signal's logarithm, and of its step-to-step noise; or, for a loss that
+    has gone to zero or below (``signed``), of the loss itself.
 
     The spread is measured from the change between consecutive healthy values, not from the
     deviation about the mean: while the loss falls fast (early training) the mean lags behind it,
     and a spread taken about a lagging mean is the lag, not the noise; it hid a loss 100x too
     large.  For independent noise the variance of a difference is twice the noise's, hence ``/2``.
+
+    A factor above a level is a factor above zero: on the log scale a difference of
+    ``log(factor)``, on the loss's own scale a rise of ``factor - 1`` times the level's distance
+    from zero (the same for a positive level), see :meth:`above`.  A loss whose level stands
+    near zero is then judged by its noise alone.
     """
 
     n: int = 0
     mean: float = 0.0
     var: float = 0.0
     low: float = 0.0  #: the lowest value seen
-    last: float = 0.0  #: the logarithm of the last healthy value
+    last: float = 0.0  #: the last healthy value, as :meth:`scaled`
     recent: list[float] = field(default_factory=list)  #: the last few healthy values
     best: float = math.inf  #: the lowest running level (``mean``) reached after the warm-up
+    signed: bool = False  #: on the loss's own scale, not its logarithm's
 
     @property
     def median(self) -> float:
         """The median of the last few healthy values (infinite before any)."""
         return statistics.median(self.recent) if self.recent else math.inf
+
+    def unscaled(self, x: float) -> float:
+        """A level ``x`` (the mean, the best) on the signal's own scale."""
+        return x if self.signed else math.exp(x)
+
+    def scaled(self, value: float) -> float:
+        """``value`` on the scale the statistics are kept on."""
+        return value if self.signed else math.log(value)
+
+    def above(self, x: float, base: float, factor: float) -> bool:
+        """Whether ``x`` stands more than ``factor`` above ``base`` (both as :meth:`scaled`)."""
+        if self.signed:
+            return x - base > (factor - 1) * abs(base)
+        return x - base > math.log(factor)
 
     def spike(
         self,
@@ -173,16 +198,22 @@ class _LogStats:
 
         Before ``warmup`` healthy steps there is no deviation to judge by, so only a jump of
         ``early_ratio`` above the early level counts (reported as an infinite z-score): the
-        ``"median"`` of the last few healthy values, or the ``"lowest"`` value seen.
+        ``"median"`` of the last few healthy values, or the ``"lowest"`` value seen.  On the
+        loss's own scale the jump is measured from zero or, for a level nearer zero than the
+        last few values spread, in that spread: the only scale of the noise there is yet.
         """
-        if value <= 0 or self.n == 0:
+        if self.n == 0 or (value <= 0 and not self.signed):
             return None
         if self.n < warmup:
             level = self.median if early == "median" else self.low
+            if self.signed:
+                spread = max(self.recent) - min(self.recent)
+                jump = (early_ratio - 1) * max(abs(level), spread)
+                return math.inf if value - level > jump else None
             return math.inf if value > early_ratio * level else None
-        x, std = math.log(value), math.sqrt(self.var)
+        x, std = self.scaled(value), math.sqrt(self.var)
         score = (x - self.mean) / max(std, 1e-12)
-        return score if score > z and x - self.mean > math.log(ratio) else None
+        return score if score > z and self.above(x, self.mean, ratio) else None
 
     def regressed(self, ratio: float, z: float, warmup: int) -> bool:
         """Whether the level stands clearly above the lowest it reached (and note the lowest).
@@ -193,15 +224,15 @@ class _LogStats:
         """
         if self.n < warmup:
             return False
-        margin = max(math.log(ratio), z * math.sqrt(self.var * 0.05 / 1.95))
-        above = self.mean - self.best > margin
+        noise = z * math.sqrt(self.var * 0.05 / 1.95)
+        above = self.mean - self.best > noise and self.above(self.mean, self.best, ratio)
         self.best = min(self.best, self.mean)
         return above
 
     def learn(self, value: float, decay: float = 0.95) -> None:
-        if value <= 0 or not math.isfinite(value):
+        if not math.isfinite(value) or (value <= 0 and not self.signed):
             return
-        x = math.log(value)
+        x = self.scaled(value)
         self.low = min(self.low, value) if self.n else value
         self.recent = [*self.recent[1 - RECENT :], value]
         if self.n == 0:
@@ -211,6 +242,15 @@ class _LogStats:
             self.var = decay * self.var + (1 - decay) * 0.5 * (x - self.last) ** 2
         self.last = x
         self.n += 1
+
+    def on_own_scale(self) -> _RunningStats:
+        """These statistics moved to the loss's own scale, for a loss that went to zero or
+        below: learnt again from the last few healthy values, so that the early check, with
+        their spread for a scale, guards the steps until the warm-up is over again."""
+        stats = _RunningStats(signed=True)
+        for value in self.recent:
+            stats.learn(value)
+        return stats
 
 
 @dataclass
@@ -235,8 +275,8 @@ class Guard:
     """Checks each step and keeps the snapshots a rollback needs."""
 
     config: GuardConfig = field(default_factory=GuardConfig)
-    loss: _LogStats = field(default_factory=_LogStats)
-    grad: _LogStats = field(default_factory=_LogStats)
+    loss: _RunningStats = field(default_factory=_RunningStats)
+    grad: _RunningStats = field(default_factory=_RunningStats)
     healthy_since: int = 0  #: step of the last rollback (or 0): trouble within ``interval`` repeats
     retries: int = 0  #: consecutive rollbacks without ``interval`` healthy steps in between
     snapshots: list[Snapshot] = field(default_factory=list)
@@ -299,6 +339,8 @@ class Guard:
         c = self.config
         fresh, self.fresh, self.relevelled, self.mistaken = self.fresh, False, None, None
         self.forward = None
+        if s.loss is not None and -math.inf < s.loss <= 0 and not self.loss.signed:
+            self._to_own_scale(s.step)
         trouble = self._spike(s)
         if trouble is not None:
             if not (fresh and math.isfinite(trouble.value)):
@@ -313,7 +355,7 @@ class Guard:
             regressed = self.loss.regressed(c.regress, c.z, c.warmup) and judged
             self.above = self.above + 1 if regressed else 0
             if self.above >= c.interval:
-                level, best = math.exp(self.loss.mean), math.exp(self.loss.best)
+                level, best = self.loss.unscaled(self.loss.mean), self.loss.unscaled(self.loss.best)
                 why = (
                     f"loss regression: its running level {level:.4g} has stood above "
                     f"{c.regress:g}x the lowest it reached ({best:.4g}) for {c.interval} steps"
@@ -325,6 +367,17 @@ class Guard:
                 self._relevel(trouble, "it came back from the snapshot the last one restored")
         self.grad.learn(s.grad_norm)
         return None
+
+    def _to_own_scale(self, step: int) -> None:
+        """Judge the loss on its own scale from now on: it went to zero or below, where a log
+        has no value (a Gaussian or a flow's negative log-likelihood, a negated score).  Before,
+        the statistics stopped learning there, and a loss that had stood at -0.65 jumped to
+        4.7 unseen, against a level learnt before it crossed zero.  The snapshots' levels are
+        on the log scale: as after a relevel, none is compared with the new ones."""
+        self.loss, self.loss_since = self.loss.on_own_scale(), step
+        if self.best is not None and self.best.step < step:
+            self.best = None
+        self.end_trial()
 
     def _spike(self, s: Signals) -> Trouble | None:
         """A non-finite loss or gradient norm, or a spike of either."""
@@ -373,17 +426,17 @@ class Guard:
         and half the rate, again at every further rise.
         """
         trial = self.trial
-        if trial is None or loss <= 0 or not math.isfinite(loss):
+        if trial is None or not math.isfinite(loss) or (loss <= 0 and not self.loss.signed):
             return False
         trial["age"] += 1
-        trial["total"] += math.log(loss)
+        trial["total"] += self.loss.scaled(loss)
         mean = trial["total"] / trial["age"]
         if trial["age"] >= RECENT and mean >= trial["level"]:
             helped = False  # no better at all: no need to wait for the rest
         elif trial["age"] < self.config.interval:
             return False
         else:
-            helped = mean < trial["level"] - 0.5 * math.log(self.config.regress)
+            helped = self.loss.above(trial["level"], mean, math.sqrt(self.config.regress))
         self.forward = None if helped else self.abandoned
         self.rises = self.rises or not helped
         self.end_trial()
@@ -425,12 +478,12 @@ class Guard:
     def _relevel(self, trouble: Trouble, why: str) -> None:
         """Learn the troubled signal's level afresh instead of rolling back."""
         if trouble.signal == "grad_norm":
-            self.grad, self.grad_since = _LogStats(), trouble.step
+            self.grad, self.grad_since = _RunningStats(), trouble.step
         else:
             if trouble.signal == REGRESSION:
                 self.loss.best, self.above = self.loss.mean, 0
             else:
-                self.loss = _LogStats()
+                self.loss = _RunningStats(signed=self.loss.signed)
             self.loss_since = trouble.step
             if self.best is not None and self.best.step < trouble.step:
                 self.best = None
@@ -557,9 +610,9 @@ class Guard:
         describes data the run no longer sees, and called the next step a spike: after a task
         switch, ``auto``'s restart and the guard's rollback took turns until the run stopped."""
         if taken is None or taken >= self.loss_since:
-            self.loss = _LogStats(**stats["loss"])
+            self.loss = _RunningStats(**stats["loss"])
         if taken is None or taken >= self.grad_since:
-            self.grad = _LogStats(**stats["grad"])
+            self.grad = _RunningStats(**stats["grad"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.statistics(), **copy.deepcopy({k: getattr(self, k) for k in _SAVED})}

@@ -858,7 +858,7 @@ class SelfTuned(torch.optim.Optimizer):
         event = {
             "event": "forward",
             "signal": "loss_level",
-            "value": math.exp(self.guard.loss.mean),
+            "value": self.guard.loss.unscaled(self.guard.loss.mean),
             "reason": f"{reason}; back to step {snap.step}",
             "restored_step": snap.step,
         }
