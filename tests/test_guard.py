@@ -741,13 +741,14 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
     the logarithms of losses near zero.  The mean prediction moved by 1 (the full loss from
     -0.5 to 3.5-4.0, or from 0.05-0.09 to 1.1-1.5) went unseen in three runs of these eight,
     was called a regression 34-39 steps later in three (one of which went forward again, as
-    a loss that rises by design) and a spike at once in two.  Now a loss at zero or below
-    moves them to the loss's own scale: the jump is a spike at once, and clean runs raise
+    a loss that rises by design) and a spike at once in two; the rate raised 30x was caught
+    at once in one run of eight, 30-45 steps later in the others.  Now a loss at zero or below
+    moves them to the loss's own scale: each fault is a spike at once, and clean runs raise
     nothing."""
     fault_at, steps = 200, 250
     for seed in range(4):
         ends = []
-        for fault in (False, True):
+        for fault in (None, "mean", "rate"):
             problem, folder = gaussian_nll(seed, noise), tmp_path / f"{seed}-{fault}"
             opt = selftune.wrap(
                 torch.optim.AdamW(problem.model.parameters(), lr=1e-3), "off", log_dir=folder
@@ -755,14 +756,23 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
             losses: list[float] = []
             opt.add_listener(lambda e, out=losses: out.append(e.loss))
 
-            def shift(t: int, model: torch.nn.Module = problem.model, on: bool = fault) -> None:
-                if on and t == fault_at - 1:
+            def inject(t: int, model: Any = problem.model, o: Any = opt, f: Any = fault) -> None:
+                if t == fault_at - 1 and f == "mean":
                     with torch.no_grad():
                         list(model.parameters())[-1][0] += 1.0
+                elif t == fault_at - 1 and f == "rate":
+                    o.param_groups[0]["lr"] = 3e-2
 
-            ends.append(train_problem(problem, opt, steps, on_step=shift)[-1])
+            ends.append(train_problem(problem, opt, steps, on_step=inject)[-1])
             opt.close()
             assert min(losses[: fault_at - 1]) < 0, min(losses)
             got = [(r["step"], r["event"], r["signal"]) for r in guard_records(folder)]
-            assert got == ([(fault_at, "rollback", "loss")] if fault else []), (seed, got)
-        assert ends[1] < ends[0] + 0.1, (seed, ends)  # survived: trained on as the clean run
+            if fault is None:
+                assert got == [], (seed, got)
+            else:
+                # the rate fault is in the snapshot of step 200 too: a second rollback may
+                # go back one further
+                first, kinds = got[0][0], {g[1:] for g in got}
+                assert kinds == {("rollback", "loss")}, (seed, fault, got)
+                assert fault_at <= first <= fault_at + (0 if fault == "mean" else 2), got
+        assert max(ends[1:]) < ends[0] + 0.1, (seed, ends)  # survived: trained on as clean
