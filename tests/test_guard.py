@@ -742,7 +742,7 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
     -0.5 to 3.5-4.0, or from 0.05-0.09 to 1.1-1.5) went unseen in three runs of these eight,
     was called a regression 34-39 steps later in three (one of which went forward again, as
     a loss that rises by design) and a spike at once in two; the rate raised 30x was caught
-    at once in one run of eight, 30-45 steps later in the others.  Now a loss at zero or below
+    at once in one run of eight, 30-45 steps later in the others.  Now a loss below zero
     moves them to the loss's own scale: each fault is a spike at once, and clean runs raise
     nothing."""
     fault_at, steps = 200, 250
@@ -776,3 +776,40 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
                 assert kinds == {("rollback", "loss")}, (seed, fault, got)
                 assert fault_at <= first <= fault_at + (0 if fault == "mean" else 2), got
         assert max(ends[1:]) < ends[0] + 0.1, (seed, ends)  # survived: trained on as clean
+
+
+def _one_example_steps(opt: torch.optim.Optimizer, net: torch.nn.Module, steps: int) -> list[float]:
+    """Train ``net`` on the digits one example a step; the losses of those steps."""
+    from selftune.bench.data import digits
+
+    data, order, losses = digits(), torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        i = torch.randint(0, len(data.y_train), (1,), generator=order)
+        loss = torch.nn.functional.cross_entropy(net(data.x_train[i]), data.y_train[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach()) if isinstance(opt, SelfTuned) else opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_a_loss_of_exactly_zero_is_a_loss_at_its_floor_not_below_it(tmp_path: Path) -> None:
+    """A cross-entropy of one example the network is sure of rounds to 0.0 in float32.  The
+    guard took that for a loss below zero and moved its statistics to the loss's own scale,
+    where the losses of 1e-4 to 1e-3 around it gave a level so near zero that the next hard
+    example's 0.05 was a spike: here SGD one example a step rolled back eight times in 200
+    steps, each halving its rate (and on another split of the digits stopped with GuardError
+    in two seeds of three), where plain SGD trains on.  Zero is the floor of such a loss,
+    which stays on the log scale: the run is plain SGD's to the bit."""
+    steps, finals = 2400, []
+    for wrapped in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        opt: Any = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        if wrapped:
+            opt = selftune.wrap(opt, "off", log_dir=tmp_path)
+        losses = _one_example_steps(opt, net, steps)
+        finals.append(final_weights(net))
+        assert 0.0 in losses, min(losses)  # the case: some steps' loss is exactly zero
+    assert guard_records(tmp_path) == []
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))

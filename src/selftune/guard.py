@@ -15,9 +15,11 @@ Every optimizer step, before the update, the guard checks the step's signals:
   rising loss).  Or the data got harder (a curriculum): the rollback is a trial, and the run
   goes forward again if the restored weights do no better on the data of now.
 
-A loss at zero or below (a Gaussian negative log-likelihood, a negated score, a hinge loss at
-zero) has no logarithm: from that step on the loss's statistics are kept on its own scale, where
-a factor above a level is a factor above zero (see ``_RunningStats``).
+A loss below zero (a Gaussian negative log-likelihood, a negated score) has no logarithm: from
+that step on the loss's statistics are kept on its own scale, where a factor above a level is a
+factor above zero (see ``_RunningStats``).  A loss of exactly zero is a non-negative loss at its
+floor (a cross-entropy that rounds to 0.0, a hinge loss with every margin met): it is not learnt
+from, as before, and the log scale stays.
 
 ``GuardConfig(nonfinite_only=True)`` keeps the first check alone, for a loss that is no measure
 of the optimizer's own progress (a GAN's players: each one's loss rises when the other's
@@ -144,7 +146,7 @@ class Trouble:
 @dataclass
 class _RunningStats:
     """EMA of a positive signal's logarithm, and of its step-to-step noise; or, for a loss that
-    has gone to zero or below (``signed``), of the loss itself.
+    has gone below zero (``signed``), of the loss itself.
 
     The spread is measured from the change between consecutive healthy values, not from the
     deviation about the mean: while the loss falls fast (early training) the mean lags behind it,
@@ -244,8 +246,8 @@ class _RunningStats:
         self.n += 1
 
     def on_own_scale(self) -> _RunningStats:
-        """These statistics moved to the loss's own scale, for a loss that went to zero or
-        below: learnt again from the last few healthy values, so that the early check, with
+        """These statistics moved to the loss's own scale, for a loss that went below zero:
+        learnt again from the last few healthy values, so that the early check, with
         their spread for a scale, guards the steps until the warm-up is over again."""
         stats = _RunningStats(signed=True)
         for value in self.recent:
@@ -339,7 +341,7 @@ class Guard:
         c = self.config
         fresh, self.fresh, self.relevelled, self.mistaken = self.fresh, False, None, None
         self.forward = None
-        if s.loss is not None and -math.inf < s.loss <= 0 and not self.loss.signed:
+        if s.loss is not None and -math.inf < s.loss < 0 and not self.loss.signed:
             self._to_own_scale(s.step)
         trouble = self._spike(s)
         if trouble is not None:
@@ -369,11 +371,13 @@ class Guard:
         return None
 
     def _to_own_scale(self, step: int) -> None:
-        """Judge the loss on its own scale from now on: it went to zero or below, where a log
-        has no value (a Gaussian or a flow's negative log-likelihood, a negated score).  Before,
-        the statistics stopped learning there, and a loss that had stood at -0.65 jumped to
-        4.7 unseen, against a level learnt before it crossed zero.  The snapshots' levels are
-        on the log scale: as after a relevel, none is compared with the new ones."""
+        """Judge the loss on its own scale from now on: it went below zero, where a log has no
+        value (a Gaussian or a flow's negative log-likelihood, a negated score).  Before, the
+        statistics stopped learning there, and a Gaussian NLL that stood at -0.5 jumped to 3.5
+        unseen, against a level learnt before it crossed zero (``tests/test_guard.py``).  Not
+        at zero itself: a cross-entropy that rounds to 0.0 is at its floor, and on its own
+        scale the losses of 1e-4 around it made the next 0.05 a spike.  The snapshots' levels
+        are on the log scale: as after a relevel, none is compared with the new ones."""
         self.loss, self.loss_since = self.loss.on_own_scale(), step
         if self.best is not None and self.best.step < step:
             self.best = None
