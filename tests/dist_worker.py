@@ -283,8 +283,8 @@ def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str,
     """``auto`` on an FSDP2 model (``fully_shard``: every parameter a DTensor, which failed inside
     the first step) with a weight average and a log, a NaN loss on rank 1 at ``nan_step``; then
     the run replayed from its log on both ranks.  The hyperparameters of every step, whether the
-    weights are finite, whether the replay ended on the same shards, and what
-    ``save_checkpoint`` says."""
+    weights are finite, whether the replay ended on the same shards, what ``save_checkpoint``
+    says, and what a replay onto weights that differ on rank 1's shard alone says."""
     from torch.distributed.fsdp import fully_shard
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -309,12 +309,22 @@ def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str,
         torch.equal(a.to_local(), b) for a, b in zip(again.parameters(), shards, strict=True)
     )
     moved = any(not torch.equal(a, b) for a, b in zip(averaged, shards, strict=True))
+    other, other_inner = build()  # started from other weights on rank 1 alone
+    if rank == 1:
+        with torch.no_grad():
+            next(iter(other.parameters())).to_local().add_(1.0)
+    try:
+        selftune.replay(other_inner, folder)
+        refused = None
+    except selftune.SelfTuneError as err:
+        refused = str(err)
     return {
         "hp": hp,
         "finite": finite,
         "replayed": same and replay_hp == hp,
         "average_differs": moved,
         "save": saved,
+        "other_start": refused,
     }
 
 

@@ -255,6 +255,9 @@ def test_fsdp2_trains_rolls_back_averages_and_replays_alike_on_every_rank(
     for rank in (zero, one):
         assert rank["finite"] and rank["replayed"] and rank["average_differs"]
         assert "sharded by FSDP" in rank["save"], rank["save"]
+        # the log's hash is the whole model's: a replay onto other weights of rank 1's shard
+        # is refused on every rank (it hashed rank 0's shard, and rank 1's went unchecked)
+        assert "initial_params_sha256" in (rank["other_start"] or ""), rank["other_start"]
 
 
 def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(

@@ -24,8 +24,9 @@ from selftune.controllers.off import OffController
 from selftune.errors import GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
+from selftune.shards import whole_sha256
 from selftune.signals import Signals
-from selftune.tuner import SelfTuned, is_rank_zero
+from selftune.tuner import SelfTuned
 
 
 class ReplayController(OffController):
@@ -195,10 +196,8 @@ def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, w
             )
     params = [p for g in groups for p in g["params"]]
     logged_hash = manifest.get("initial_params_sha256")
-    # rank 0 wrote the log, and the hash of the weights it held: under FSDP another rank holds
-    # other shards, and only rank 0's can be checked
-    mine = logged_hash is not None and is_rank_zero()
-    if mine and audit.params_sha256(params) != logged_hash:
+    # the whole model's hash, from every rank's shard (a collective): every rank refuses alike
+    if logged_hash is not None and whole_sha256(audit.params_sha256(params)) != logged_hash:
         raise SelfTuneError(
             f"{where}: the model's parameters differ from those the logged run started from "
             "(initial_params_sha256); replay the run from the same initialisation (same seed, "

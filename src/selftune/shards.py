@@ -6,11 +6,12 @@ What selftune reads and keeps of a parameter (its signals, the weight average, t
 initial weights) is per rank anyway, so it works on the local shard, which aliases the DTensor's
 storage: an in-place write to it is a write to the parameter.  The ranks' scalars are then
 reduced as sums (:func:`selftune.signals._group_sums`), which makes the alignments the whole
-parameter's.
+parameter's, and the ranks' hashes are combined (:func:`whole_sha256`) into the whole model's.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -25,3 +26,33 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def local_params(group: dict[str, Any]) -> list[torch.Tensor]:
     """The local tensors of a param group's parameters."""
     return [local(p) for p in group["params"]]
+
+
+def _gathered(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` without torch.distributed): a
+    collective, which every rank must call."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
+    return any(_gathered(flag))
+
+
+def whole_sha256(digest: str) -> str:
+    """The hash of the whole model from each rank's ``digest`` of what it holds.
+
+    Where every rank holds the same weights (a single process, DDP) that is their common
+    digest; where they differ (FSDP's shards) it is the sha256 of the ranks' digests in rank
+    order, so that a replay checks every shard, not rank 0's alone.  A collective: every rank
+    calls it.
+    """
+    digests = _gathered(digest)
+    if len(set(digests)) == 1:
+        return digest
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from selftune import knobs as knobs_io
+from selftune import shards
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
@@ -180,8 +181,15 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
-        if log_dir is not None:
-            self._open_log(Path(log_dir))
+        # the hash of the initial weights is the whole model's, from every rank's shard: each
+        # rank hashes if any logs (under torch.distributed only rank 0 may be given a folder)
+        if shards.any_rank(log_dir is not None):
+            from selftune import audit
+
+            params = [p for g in self.param_groups for p in g["params"]]
+            digest = shards.whole_sha256(audit.params_sha256(params))
+            if log_dir is not None:
+                self._open_log(Path(log_dir), digest)
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
@@ -972,11 +980,10 @@ class SelfTuned(torch.optim.Optimizer):
         }
 
     # -- logging ------------------------------------------------------------------------------
-    def _open_log(self, log_dir: Path) -> None:
+    def _open_log(self, log_dir: Path, initial_sha256: str) -> None:
         from selftune import audit
 
         enabled = is_rank_zero()  # under torch.distributed only rank 0 writes the run folder
-        params = [p for g in self.param_groups for p in g["params"]]
         groups = [
             {
                 "index": i,
@@ -996,7 +1003,7 @@ class SelfTuned(torch.optim.Optimizer):
             },
             seed=self._seed,
             param_groups=groups,
-            initial_params_sha256=audit.params_sha256(params),
+            initial_params_sha256=initial_sha256,
         )
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
