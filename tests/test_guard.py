@@ -813,3 +813,32 @@ def test_a_loss_of_exactly_zero_is_a_loss_at_its_floor_not_below_it(tmp_path: Pa
         assert 0.0 in losses, min(losses)  # the case: some steps' loss is exactly zero
     assert guard_records(tmp_path) == []
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def _by_turns(guard: Any, steps: int = 40) -> None:
+    """Two regressions whose losses start 100x apart, trained by turns of one step through a
+    shared trunk (``bench-results/multi-task/``), AdamW wrapped with ``guard``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=gen)
+    targets = (torch.sin(x @ torch.randn(8, 1, generator=gen)), 10 * torch.tanh(x[:, :1]))
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh())
+    heads = torch.nn.ModuleList([torch.nn.Linear(32, 1), torch.nn.Linear(32, 1)])
+    params = [*trunk.parameters(), *heads.parameters()]
+    opt = selftune.wrap(torch.optim.AdamW(params, lr=1e-3), "off", guard=guard)
+    for t in range(steps):
+        i = torch.randint(0, 500, (32,), generator=gen)
+        loss = torch.nn.functional.mse_loss(heads[t % 2](trunk(x[i])), targets[t % 2][i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+def test_tasks_by_turns_stop_with_an_error_that_names_the_setting_that_trains_them() -> None:
+    """The guard judges one loss stream: tasks whose losses differ 100x, trained by turns of a
+    step, read as a spike at each change of task, the step after each rollback is the other
+    task's, and the rollbacks escalate (every run of the probe stopped at step 14).  The error
+    says so and names the setting, with which the same run trains to its end."""
+    with pytest.raises(selftune.GuardError, match=r"GuardConfig\(nonfinite_only=True\)"):
+        _by_turns(True)
+    _by_turns(selftune.GuardConfig(nonfinite_only=True))

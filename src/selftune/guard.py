@@ -66,8 +66,10 @@ from selftune.signals import Signals
 _ADVICE = (
     "Trouble that comes back at a rate cut that far seldom comes from the rate: check the data "
     "and the loss of this step, and the parameters' dtype (float16 under an optimizer whose eps "
-    "is zero in float16; wrap warns of it); else lower the starting learning rate. The run "
-    "folder's decisions.jsonl lists every guard event."
+    "is zero in float16; wrap warns of it); else lower the starting learning rate. A loss that "
+    "takes turns between tasks of different scales is judged as one stream, each change of "
+    "task a spike: give such a run GuardConfig(nonfinite_only=True). The run folder's "
+    "decisions.jsonl lists every guard event."
 )
 #: how many healthy losses the early level is the median of
 RECENT = 5
