@@ -518,6 +518,26 @@ def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     assert "relevel" in events and "escalate" not in events
 
 
+def test_after_a_new_task_the_lowest_level_held_is_the_new_task_s() -> None:
+    """A regression goes back to the snapshot of the lowest loss level held beside the newest
+    two.  After the task switch of :func:`_switching_run` that place went to a snapshot of the
+    old task as it left the newest two (step 75, its easier loss's level below any the new
+    task reached), and kept it for good: no regression may go back to it, so none could go
+    back further than the newest two.  Only a snapshot taken since the relevel takes it now."""
+    wrapped: list[SelfTuned] = []
+
+    def wrap(optimizer: torch.optim.Optimizer, log_dir: Path | None) -> SelfTuned:
+        wrapped.append(selftune.wrap(optimizer, "off", log_dir=log_dir))
+        return wrapped[-1]
+
+    for seed in range(4):
+        _switching_run(seed, wrap)
+        guard = wrapped[-1].guard
+        assert guard is not None and guard.loss_since > 80  # the relevel at the switch
+        best = guard.best
+        assert best is not None and best.step >= guard.loss_since, (best.step, best.level)
+
+
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     base: str, tmp_path: Path

@@ -505,7 +505,10 @@ class Guard:
         snap = Snapshot(step, payload, level)
         if len(self.snapshots) > 1:  # the older of the two leaves: kept if the lowest so far
             leaving = self.snapshots[0]
-            if leaving.level < (math.inf if self.best is None else self.best.level):
+            # not one from before the last relevel: its level is of data the run no longer
+            # sees (a lower one held the place of every later snapshot's for good)
+            comparable = leaving.step >= self.loss_since
+            if comparable and leaving.level < (math.inf if self.best is None else self.best.level):
                 self.best = leaving
         if self.initial is None and not self.snapshots and step <= self.config.keep_initial:
             self.initial = snap
