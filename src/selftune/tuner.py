@@ -182,7 +182,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         # the hash of the initial weights is the whole model's, from every rank's shard: each
-        # rank hashes if any logs (under torch.distributed only rank 0 may be given a folder)
+        # rank hashes if any rank logs (a loop may give the folder to rank 0 alone)
         if shards.any_rank(log_dir is not None):
             from selftune import audit
 
