@@ -1,10 +1,13 @@
 """What the probes of kinds of run selftune was not built for share (``gan/gan.py``,
-``policy-gradient/cartpole.py``): every variant on every seed, on two processes, and the
-results written next to the probe's script as ``results.json`` and ``table.md``."""
+``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
+``multi-task/alternate.py``, ``label-noise/digits.py``): every variant on every seed, on two
+processes, the results written next to the probe's script as ``results.json`` and
+``table.md``, and the pieces of a run's row and of the table that more than one of them has."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,3 +32,35 @@ def run_grid(
     (here / "table.md").write_text(table(rows), encoding="utf-8")
     print(table(rows))
     return rows
+
+
+def count_guard_events(opt: Any, key: Callable[[dict[str, Any]], str] | None = None) -> Counter:
+    """A counter, kept as ``opt`` trains, of its guard's events by ``key`` (default: the
+    event's name)."""
+    events: Counter[str] = Counter()
+    name = key or (lambda guard: guard["event"])
+    opt.add_listener(lambda e: events.update([name(e.guard)]) if e.guard else None)
+    return events
+
+
+def of_variant(rows: list[Row], variant: str) -> list[Row]:
+    """The rows of one variant, in seed order."""
+    return [r for r in rows if r["variant"] == variant]
+
+
+def per_seed(rows: list[Row], cell: Callable[[Row], str]) -> str:
+    """One table cell: ``cell`` of each row, comma-separated."""
+    return ", ".join(cell(r) for r in rows)
+
+
+def rates(rows: list[Row]) -> str:
+    """The rates at the end, ``-`` for a plain run (rate None)."""
+    return per_seed(rows, lambda r: "-" if r["rate"] is None else f"{r['rate']:.2g}")
+
+
+def events_total(rows: list[Row]) -> str:
+    """The guard's events of all the rows, summed by kind (``-`` for none)."""
+    total: Counter[str] = Counter()
+    for r in rows:
+        total.update(r["events"])
+    return ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from selftune.bench.data import digits
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import count_guard_events, events_total, of_variant, per_seed, rates, run_grid  # noqa: E402
 
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -63,10 +62,10 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     opt: Any = BASES[base](net.parameters())
-    events: Counter[str] = Counter()
+    events: dict[str, int] = {}
     if kind != "plain":
         opt = selftune.wrap(opt, controller="off" if kind == "guard-only" else "auto")
-        opt.add_listener(lambda e: events.update([e.guard["event"]]) if e.guard else None)
+        events = count_guard_events(opt)
     for t in range(1, STEPS + 1):
         i = torch.randint(0, len(y), (32,), generator=gen)
         loss = nn.functional.cross_entropy(net(x[i]), y[i])
@@ -91,15 +90,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---|---|",
     ]
     for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
-        acc = ", ".join(f"{r['accuracy']:.3f}" for r in mine)
+        mine = of_variant(rows, v)
+        acc = per_seed(mine, lambda r: f"{r['accuracy']:.3f}")
         med = statistics.median(r["accuracy"] for r in mine)
-        rates = ", ".join("-" if r["rate"] is None else f"{r['rate']:.2g}" for r in mine)
-        total: Counter[str] = Counter()
-        for r in mine:
-            total.update(r["events"])
-        events = ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"
-        lines.append(f"| {v} | {acc} | {med:.3f} | {rates} | {events} |")
+        lines.append(f"| {v} | {acc} | {med:.3f} | {rates(mine)} | {events_total(mine)} |")
     return "\n".join(lines) + "\n"
 
 

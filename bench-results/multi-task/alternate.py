@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import selftune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import count_guard_events, events_total, of_variant, per_seed, rates, run_grid  # noqa: E402
 
 KINDS = ("plain", "guard-only", "auto", "auto-nonfinite")
 BLOCKS = (1, 20, 100)
@@ -53,11 +52,11 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     trunk = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
     heads = nn.ModuleList([nn.Linear(64, 1), nn.Linear(64, 1)])
     opt: Any = torch.optim.AdamW([*trunk.parameters(), *heads.parameters()], lr=1e-3)
-    events: Counter[str] = Counter()
+    events: dict[str, int] = {}
     if kind != "plain":
         guard = selftune.GuardConfig(nonfinite_only=True) if kind == "auto-nonfinite" else True
         opt = selftune.wrap(opt, "off" if kind == "guard-only" else "auto", guard=guard)
-        opt.add_listener(lambda e: events.update([e.guard["event"]]) if e.guard else None)
+        events = count_guard_events(opt)
     stopped = None
     for t in range(STEPS):
         task = (t // block) % 2
@@ -94,17 +93,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---:|---|---|---|",
     ]
     for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
-        a = ", ".join(f"{r['mse_a']:.3g}" for r in mine)
-        b = ", ".join(f"{r['mse_b']:.3g}" for r in mine)
+        mine = of_variant(rows, v)
+        a = per_seed(mine, lambda r: f"{r['mse_a']:.3g}")
+        b = per_seed(mine, lambda r: f"{r['mse_b']:.3g}")
         med = statistics.median(r["mse_b"] for r in mine)
         stopped = ", ".join(str(r["stopped"]) for r in mine if r["stopped"]) or "-"
-        rates = ", ".join("-" if r["rate"] is None else f"{r['rate']:.2g}" for r in mine)
-        total: Counter[str] = Counter()
-        for r in mine:
-            total.update(r["events"])
-        events = ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"
-        lines.append(f"| {v} | {a} | {b} | {med:.3g} | {stopped} | {rates} | {events} |")
+        cells = f"{stopped} | {rates(mine)} | {events_total(mine)}"
+        lines.append(f"| {v} | {a} | {b} | {med:.3g} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

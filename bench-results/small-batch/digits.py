@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ from torch import nn
 
 import selftune
 from selftune.bench.data import digits
+from selftune.tuner import StepEvent
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import count_guard_events, events_total, of_variant, per_seed, rates, run_grid  # noqa: E402
 
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
@@ -51,17 +52,22 @@ VARIANTS = tuple(
 SEEDS, STEPS = range(5), 3000
 
 
-def run(variant: str, seed: int) -> dict[str, Any]:
+def run(
+    variant: str, seed: int, listen: Callable[[StepEvent], None] | None = None
+) -> dict[str, Any]:
+    """One run of the probe; ``listen`` (for ``trace.py``) is told every step of a wrapped run."""
     torch.set_num_threads(1)
     base, batch, kind = variant.split("-", 2)
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt: Any = BASES[base](net.parameters())
-    events: Counter[str] = Counter()
+    events: dict[str, int] = {}
     if kind != "plain":
         options: dict[str, Any] = {"bounds": {"lr": (1e-3, 10.0)}} if kind == "auto-10x" else {}
         opt = selftune.wrap(opt, controller="off" if kind == "guard-only" else "auto", **options)
-        opt.add_listener(lambda e: events.update([e.guard["event"]]) if e.guard else None)
+        events = count_guard_events(opt)
+        if listen is not None:
+            opt.add_listener(listen)
     data, order = digits(), torch.Generator().manual_seed(seed)
     stopped = None
     for t in range(1, STEPS + 1):
@@ -93,16 +99,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---|---|",
     ]
     for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
-        acc = ", ".join(f"{r['accuracy']:.3f}" for r in mine)
+        mine = of_variant(rows, v)
+        acc = per_seed(mine, lambda r: f"{r['accuracy']:.3f}")
         med = statistics.median(r["accuracy"] for r in mine)
         stopped = sum(r["stopped"] is not None for r in mine)
-        rates = ", ".join("-" if r["rate"] is None else f"{r['rate']:.2g}" for r in mine)
-        total: Counter[str] = Counter()
-        for r in mine:
-            total.update(r["events"])
-        events = ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"
-        lines.append(f"| {v} | {acc} | {med:.3f} | {stopped} | {rates} | {events} |")
+        lines.append(
+            f"| {v} | {acc} | {med:.3f} | {stopped} | {rates(mine)} | {events_total(mine)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
