@@ -758,13 +758,13 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
     """A Gaussian negative log-likelihood crosses zero (noise 0.3: its minibatch losses end
     near -0.5; 0.6: they straddle zero).  The guard's statistics were learnt on a log scale,
     from positive losses only: below zero they stood still, and between they were the noise of
-    the logarithms of losses near zero.  The mean prediction moved by 1 (the full loss from
-    -0.5 to 3.5-4.0, or from 0.05-0.09 to 1.1-1.5) went unseen in three runs of these eight,
-    was called a regression 34-39 steps later in three (one of which went forward again, as
-    a loss that rises by design) and a spike at once in two; the rate raised 30x was caught
-    at once in one run of eight, 30-45 steps later in the others.  Now a loss below zero
-    moves them to the loss's own scale: each fault is a spike at once, and clean runs raise
-    nothing."""
+    the logarithms of losses near zero.  On that code (e9fe28a) the mean prediction moved by 1
+    (the full loss from -0.5 to 3.5-4.0, or from 0.05-0.09 to 1.1-1.5) went unseen in three
+    runs of these eight, was called a regression 34-39 steps later in three (one of which went
+    forward again, as a loss that rises by design) and a spike at once in two; the rate
+    raised 30x was caught at once in one run of eight, 30-45 steps later in the others.  Now a
+    loss below zero moves them to the loss's own scale: each fault is a spike at once, and
+    clean runs raise nothing."""
     fault_at, steps = 200, 250
     for seed in range(4):
         ends = []
@@ -815,12 +815,11 @@ def _one_example_steps(opt: torch.optim.Optimizer, net: torch.nn.Module, steps: 
 
 def test_a_loss_of_exactly_zero_is_a_loss_at_its_floor_not_below_it(tmp_path: Path) -> None:
     """A cross-entropy of one example the network is sure of rounds to 0.0 in float32.  The
-    guard took that for a loss below zero and moved its statistics to the loss's own scale,
-    where the losses of 1e-4 to 1e-3 around it gave a level so near zero that the next hard
-    example's 0.05 was a spike: here SGD one example a step rolled back eight times in 200
-    steps, each halving its rate (and on another split of the digits stopped with GuardError
-    in two seeds of three), where plain SGD trains on.  Zero is the floor of such a loss,
-    which stays on the log scale: the run is plain SGD's to the bit."""
+    guard took that for a loss below zero (25a8224) and moved its statistics to the loss's own
+    scale, where the small losses around it gave a level so near zero that a hard example's
+    loss was a spike: this run rolled back eight times in its last 200 steps, each halving its
+    rate, where plain SGD trains on.  Zero is the floor of such a loss, which stays on the log
+    scale: the run is plain SGD's to the bit."""
     steps, finals = 2400, []
     for wrapped in (False, True):
         torch.manual_seed(0)

@@ -16,8 +16,11 @@ batch, Adam at 1e-3 for 3,000 steps, seeds 0-4:
 
 Measured: the loss after 500, 1,000 and 3,000 steps, the first step the loss is below 3e-3
 (a level plain Adam reaches in every seed), the rate at the end and the guard's events by
-signal.  Run from the repository root: ``PYTHONPATH=src python bench-results/full-batch/fit.py``
-(about two minutes on two cores); writes ``results.json`` and ``table.md`` next to this file.
+signal; and, from the gradient norm of every step, its largest rise over 8 steps with the
+loss's change over the same steps, and at each gradient-norm spike the guard called, the norm
+and the loss over their medians of the 20 steps before.  Run from the repository root:
+``PYTHONPATH=src python bench-results/full-batch/fit.py`` (about two minutes on two cores);
+writes ``results.json`` and ``table.md`` next to this file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import selftune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import count_guard_events, of_variant, per_seed, rates, run_grid  # noqa: E402
 
 VARIANTS = ("plain", "guard-only", "auto", "guard-only-no-grad", "auto-no-grad")
 SEEDS, STEPS, TARGET = range(5), 3000, 3e-3
@@ -52,24 +54,29 @@ def run(variant: str, seed: int) -> dict[str, Any]:
         nn.Linear(64, 1),
     )  # fmt: skip
     opt: Any = torch.optim.Adam(net.parameters(), lr=1e-3)
-    events: Counter[str] = Counter()
+    events: dict[str, int] = {}
+    spikes: list[int] = []  # the steps of the guard's gradient-norm spikes
     if variant != "plain":
         guard = selftune.GuardConfig(grad_ratio=1e9) if variant.endswith("no-grad") else True
         controller = "auto" if variant.startswith("auto") else "off"
         opt = selftune.wrap(opt, controller=controller, guard=guard)
+        events = count_guard_events(opt, lambda g: f"{g['event']}:{g['signal']}")
         opt.add_listener(
             lambda e: (
-                events.update([f"{e.guard['event']}:{e.guard['signal']}"]) if e.guard else None
+                spikes.append(e.step) if e.guard and e.guard["signal"] == "grad_norm" else None
             )
         )
-    losses = []
+    losses, norms = [], []
     for _ in range(STEPS):
         loss = nn.functional.mse_loss(net(x), y)
         opt.zero_grad()
         loss.backward()
+        grads = [p.grad.norm() for p in net.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
         opt.step() if variant == "plain" else opt.step(loss=loss.detach())
         losses.append(float(loss.detach()))
     reached = next((t + 1 for t, v in enumerate(losses) if v < TARGET), None)
+    rise = max(range(8, STEPS), key=lambda t: norms[t] / norms[t - 8])
     return {
         "variant": variant,
         "seed": seed,
@@ -77,6 +84,19 @@ def run(variant: str, seed: int) -> dict[str, Any]:
         "reached": reached,
         "rate": opt.hyperparams()[0]["lr"] if variant != "plain" else 1e-3,
         "events": dict(events),
+        "largest_rise_8": {
+            "step": rise + 1,
+            "norm": norms[rise] / norms[rise - 8],
+            "loss": losses[rise] / losses[rise - 8],
+        },
+        "grad_spikes": [
+            {
+                "step": s,
+                "norm": norms[s - 1] / statistics.median(norms[s - 21 : s - 1]),
+                "loss": losses[s - 1] / statistics.median(losses[s - 21 : s - 1]),
+            }
+            for s in spikes
+        ],
     }
 
 
@@ -88,19 +108,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
+        mine = of_variant(rows, v)
         at = " / ".join(
             f"{statistics.median(r['loss'][t] for r in mine):.2e}"
             for t in ("500", "1000", str(STEPS))
         )
-        final = ", ".join(f"{r['loss'][str(STEPS)]:.2e}" for r in mine)
-        reached = ", ".join(str(r["reached"] or "-") for r in mine)
-        rates = ", ".join(f"{r['rate']:.2g}" for r in mine)
+        final = per_seed(mine, lambda r: f"{r['loss'][str(STEPS)]:.2e}")
+        reached = per_seed(mine, lambda r: str(r["reached"] or "-"))
         kinds = sorted({k for r in mine for k in r["events"]})
         counts = ", ".join(
             f"{k} {statistics.median(r['events'].get(k, 0) for r in mine):g}" for k in kinds
         )
-        lines.append(f"| {v} | {at} | {final} | {reached} | {rates} | {counts or '-'} |")
+        lines.append(f"| {v} | {at} | {final} | {reached} | {rates(mine)} | {counts or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -378,7 +378,7 @@ class Guard:
         statistics stopped learning there, and a Gaussian NLL that stood at -0.5 jumped to 3.5
         unseen, against a level learnt before it crossed zero (``tests/test_guard.py``).  Not
         at zero itself: a cross-entropy that rounds to 0.0 is at its floor, and on its own
-        scale the losses of 1e-4 around it made the next 0.05 a spike.  The snapshots' levels
+        scale the small losses around it made a hard example's a spike.  The snapshots' levels
         are on the log scale: as after a relevel, none is compared with the new ones."""
         self.loss, self.loss_since = self.loss.on_own_scale(), step
         if self.best is not None and self.best.step < step:
