@@ -379,6 +379,18 @@ def test_ties_misses_and_a_default_that_misses_too_are_read_as_the_seeds_say() -
     assert report.tally(short, met)[report.BARS["default"]] == (0, 0)
 
 
+def test_a_divergence_the_run_came_back_from_is_told_apart_from_one_it_did_not() -> None:
+    records = [
+        *(_record("adamw-grid-const-1e-2", "grid", 50, i) for i in range(3)),
+        *(_record("selftune-auto-adamw", "selftune", s, i) for i, s in enumerate([40, 60, None])),
+    ]
+    for r in records[3:]:  # the first two seeds spiked past the bar and still hit; the third not
+        r["diverged"] = True
+    short, _ = report.shortfalls(report.summarise(records), [])
+    (line,) = [s for s in short if "diverges" in s]
+    assert "selftune-auto-adamw 3/3 (2 of them reached the target)" in line
+
+
 def test_averaged_auto_is_held_to_the_averaged_grid_and_shown_against_both_oracles() -> None:
     records = [
         *(_record("adamw-grid-const-1e-2", "grid", s, i) for i, s in enumerate([40, 50, 60])),

@@ -451,7 +451,7 @@ def shortfalls(
                 check(
                     *_sweep_check(sweep, oracle_avg, "sweep-avg"), f"{tag}, {auto.method}-lr*-avg"
                 )
-            diverged = [f"{r.method} {r.diverged}/{r.seeds}" for r in tuned if r.diverged]
+            diverged = [_diverged(r) for r in tuned if r.diverged]
             detail = ("diverged: " + ", ".join(diverged)) if diverged else "no divergence"
             check(not diverged, "stable", detail, f"{tag}, selftune rows on {base}")
     for base in ("sgd", "adamw"):
@@ -469,6 +469,14 @@ def shortfalls(
         )
         (met if o["ratio"] <= OVERHEAD_BAR or paid else short).append(line)
     return short, met
+
+
+def _diverged(row: Row) -> str:
+    """How many of a row's seeds diverged, and how many of those still reached the target: a
+    divergence counts a loss above the bar at any step, a spike the guard rolled back too, so
+    one that the run came back from reads apart from a run it lost."""
+    came_back = sum(bool(r["diverged"]) and r["steps_to_target"] is not None for r in row.records)
+    return f"{row.method} {row.diverged}/{row.seeds} ({came_back} of them reached the target)"
 
 
 def _sweep_check(sweep: list[Row], oracle: Row | None, bar: str) -> tuple[bool, str, str]:
