@@ -421,20 +421,53 @@ def test_the_rate_set_with_a_restart_is_not_limited_per_step(guard: bool) -> Non
     assert decision.clipped is not guard
 
 
-def _judge_all(losses: list[float]) -> list[int]:
-    """Feed minibatch losses to a fresh guard; return the steps it calls trouble."""
-    guard, flagged = selftune.guard.Guard(), []
+def _signals(step: int, loss: float) -> Signals:
+    """A step's signals as the guard reads them: the loss, and a steady gradient norm."""
     group = GroupSignals(
         grad_norm=1.0, update_norm=1.0, cos_update=0.0, dot_update=0.0, cos_buffer=math.nan
     )
-    for step, loss in enumerate(losses, 1):
-        signals = Signals(
-            step=step, loss=loss, loss_ema=None, loss_ema_slow=None, loss_std=None,
-            loss_slope=None, grad_norm=1.0, groups=(group,),
-        )  # fmt: skip
-        if guard.check(signals) is not None:
-            flagged.append(step)
-    return flagged
+    return Signals(
+        step=step, loss=loss, loss_ema=None, loss_ema_slow=None, loss_std=None,
+        loss_slope=None, grad_norm=1.0, groups=(group,),
+    )  # fmt: skip
+
+
+def _judge_all(losses: list[float]) -> list[int]:
+    """Feed minibatch losses to a fresh guard; return the steps it calls trouble."""
+    guard = selftune.guard.Guard()
+    return [step for step, loss in enumerate(losses, 1) if guard.check(_signals(step, loss))]
+
+
+@pytest.mark.parametrize(
+    ("restart", "trend", "restored"), [(True, 0.01, 1), (True, -0.02, 25), (False, 0.01, 25)]
+)
+def test_trouble_after_a_restart_before_any_progress_goes_back_to_the_restart(
+    restart: bool, trend: float, restored: int
+) -> None:
+    """Trouble rolls back to the newest snapshot, unless the controller restarted from the first
+    (its probe harmed the weights) and the loss has made no progress on it since: then the newer
+    snapshots hold weights the same rates may have harmed, and the restart point holds none.
+    Found on the small CNN from SGD at 1.0 (seed 1 of the benchmark's sweep): after its restart
+    the loss stood at chance, a spike at step 33 went back to the snapshot of step 25, whose
+    units the rate had killed, and the run ended at chance 2,000 steps later.  Without a
+    restart a loss that has not moved is no sign of harm (a recurrent model's flat start: going
+    back there cost the GRU's AdamW from 1e-4 its target)."""
+    guard = selftune.guard.Guard()
+    trouble = None
+    for step in range(1, 34):
+        loss = 2.3 * math.exp(trend * step) * (1.0 + 0.02 * (-1) ** step)
+        trouble = guard.check(_signals(step, 100.0 if step == 33 else loss))
+        if trouble is None and guard.wants_snapshot(step):
+            guard.keep(step, {"step": step})
+        if restart and step == 8:
+            assert guard.restart_point is not None
+            guard.restarted_from(guard.restart_point)
+    assert trouble is not None and trouble.signal == "loss"
+    snap, _ = guard.rollback(trouble)
+    assert snap is not None and snap.step == restored
+    resumed = selftune.guard.Guard()  # a checkpoint carries the restart
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.restarted is restart
 
 
 def test_the_early_level_is_the_recent_median_not_the_lowest_loss() -> None:

@@ -30,7 +30,10 @@ are restored from the newest snapshot, and the learning rate is cut by ``backoff
 while trouble repeats); with no snapshot held yet (the first step, or the first after loading a
 state dict) the step is only skipped and the rate cut (a ``skip`` event).  Trouble again before
 ``interval`` healthy steps have passed goes back one snapshot further; ``max_retries``
-consecutive rollbacks raise :class:`GuardError`.  A regression instead goes back to the snapshot
+consecutive rollbacks raise :class:`GuardError`.  After a controller's restart from the first
+snapshot (its probe harmed the weights), trouble that comes before the loss's level has got
+below that snapshot's goes back to it, not to a newer one: those hold weights that the
+restart's rate may have harmed in turn.  A regression instead goes back to the snapshot
 of the lowest loss level held (kept beside the newest two for that), once per snapshot.  A
 spike on the first step after a rollback, on weights that were healthy when kept, comes from
 the data or the objective (a new task, a layer unfrozen): the guard learns the new level
@@ -313,6 +316,9 @@ class Guard:
     #: this step: the snapshot whose rollback the restored weights proved needless, whose
     #: knobs and controller state the wrapper puts back without the rollback's cut
     mistaken: Snapshot | None = None
+    #: whether the controller restarted from the first snapshot (its probe harmed the weights):
+    #: trouble before the loss improves on it goes back there (see :meth:`rollback`)
+    restarted: bool = False
 
     @property
     def restart_point(self) -> Snapshot | None:
@@ -461,7 +467,7 @@ class Guard:
     def restarted_from(self, snap: Snapshot) -> None:
         """The wrapper restarted from ``snap``: the newer snapshots, the lowest level's and
         a regression's trial belong to the trajectory it abandoned."""
-        self.snapshots, self.best = [snap], None
+        self.snapshots, self.best, self.restarted = [snap], None, True
         self.end_trial()
 
     def _hold_newest(self, snap: Snapshot) -> None:
@@ -555,6 +561,13 @@ class Guard:
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
         snap = self.snapshots[index]
         self.snapshots = self.snapshots[: len(self.snapshots) + index + 1]
+        # after a restart, no progress on its point: the newer snapshots may hold weights the
+        # restart's rate harmed (dead units at chance level, whose loss no rollback lowers);
+        # the restart point holds none.  Without a restart a loss that has not moved is no sign
+        # of harm (a recurrent model's flat start), and the newest snapshot stands.
+        start = self.initial if self.restarted else None
+        if start is not None and start.step >= self.loss_since and snap.level >= start.level:
+            snap, self.snapshots = start, [start]
         self.healthy_since, self.fresh, self.restored = trouble.step, True, snap.step
         return snap, self.config.backoff**self.retries
 
@@ -649,6 +662,7 @@ _SAVED = (
     "grad_since",
     "trial",
     "rises",
+    "restarted",
 )
 #: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`
 _KEPT_APART = ("initial", "best", "abandoned")
