@@ -421,14 +421,14 @@ def test_the_rate_set_with_a_restart_is_not_limited_per_step(guard: bool) -> Non
     assert decision.clipped is not guard
 
 
-def _signals(step: int, loss: float) -> Signals:
-    """A step's signals as the guard reads them: the loss, and a steady gradient norm."""
+def _signals(step: int, loss: float | None, grad_norm: float = 1.0) -> Signals:
+    """A step's signals as the guard reads them: the loss, and the gradient norm."""
     group = GroupSignals(
-        grad_norm=1.0, update_norm=1.0, cos_update=0.0, dot_update=0.0, cos_buffer=math.nan
+        grad_norm=grad_norm, update_norm=1.0, cos_update=0.0, dot_update=0.0, cos_buffer=math.nan
     )
     return Signals(
         step=step, loss=loss, loss_ema=None, loss_ema_slow=None, loss_std=None,
-        loss_slope=None, grad_norm=1.0, groups=(group,),
+        loss_slope=None, grad_norm=grad_norm, groups=(group,),
     )  # fmt: skip
 
 
@@ -439,10 +439,11 @@ def _judge_all(losses: list[float]) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("restart", "trend", "restored"), [(True, 0.01, 1), (True, -0.02, 25), (False, 0.01, 25)]
+    ("restart", "trend", "restored"),
+    [(True, 0.01, 1), (True, -0.02, 25), (False, 0.01, 25), (True, None, 25)],
 )
 def test_trouble_after_a_restart_before_any_progress_goes_back_to_the_restart(
-    restart: bool, trend: float, restored: int
+    restart: bool, trend: float | None, restored: int
 ) -> None:
     """Trouble rolls back to the newest snapshot, unless the controller restarted from the first
     (its probe harmed the weights) and the loss has made no progress on it since: then the newer
@@ -451,18 +452,22 @@ def test_trouble_after_a_restart_before_any_progress_goes_back_to_the_restart(
     the loss stood at chance, a spike at step 33 went back to the snapshot of step 25, whose
     units the rate had killed, and the run ended at chance 2,000 steps later.  Without a
     restart a loss that has not moved is no sign of harm (a recurrent model's flat start: going
-    back there cost the GRU's AdamW from 1e-4 its target)."""
+    back there cost the GRU's AdamW from 1e-4 its target), nor is a run that gives no loss."""
     guard = selftune.guard.Guard()
     trouble = None
     for step in range(1, 34):
-        loss = 2.3 * math.exp(trend * step) * (1.0 + 0.02 * (-1) ** step)
-        trouble = guard.check(_signals(step, 100.0 if step == 33 else loss))
+        noise = 1.0 + 0.02 * (-1) ** step
+        if trend is None:  # no loss: the trouble is the gradient norm's
+            trouble = guard.check(_signals(step, None, 1e3 if step == 33 else noise))
+        else:
+            loss = 2.3 * math.exp(trend * step) * noise
+            trouble = guard.check(_signals(step, 100.0 if step == 33 else loss))
         if trouble is None and guard.wants_snapshot(step):
             guard.keep(step, {"step": step})
         if restart and step == 8:
             assert guard.restart_point is not None
             guard.restarted_from(guard.restart_point)
-    assert trouble is not None and trouble.signal == "loss"
+    assert trouble is not None and trouble.signal == ("grad_norm" if trend is None else "loss")
     snap, _ = guard.rollback(trouble)
     assert snap is not None and snap.step == restored
     resumed = selftune.guard.Guard()  # a checkpoint carries the restart
