@@ -8,30 +8,47 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
+#: a column of a probe's table: its header, its alignment rule (``---`` or ``---:``), and its
+#: cell from one variant's rows
+Column = tuple[str, str, Callable[[list[Row]], str]]
 
 
 def run_grid(
     run: Callable[[str, int], Row],
-    variants: Iterable[str],
+    variants: Sequence[str],
     seeds: Iterable[int],
-    table: Callable[[list[Row]], str],
+    columns: list[Column],
     here: Path,
     workers: int = 2,
 ) -> list[Row]:
-    """``run(variant, seed)`` for each seed and, within it, each variant; write and print."""
+    """``run(variant, seed)`` for each seed and, within it, each variant; write the rows and
+    their table (:func:`table`), and print the table."""
     jobs = [(v, s) for s in seeds for v in variants]
     with ProcessPoolExecutor(workers) as pool:
         rows = list(pool.map(run, *zip(*jobs, strict=True)))
     (here / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    (here / "table.md").write_text(table(rows), encoding="utf-8")
-    print(table(rows))
+    text = table(rows, variants, columns)
+    (here / "table.md").write_text(text, encoding="utf-8")
+    print(text)
     return rows
+
+
+def table(rows: list[Row], variants: Sequence[str], columns: list[Column]) -> str:
+    """A markdown table, one line per variant: its name, then each column's cell of its rows."""
+    lines = [
+        "| variant | " + " | ".join(head for head, _, _ in columns) + " |",
+        "|---|" + "|".join(rule for _, rule, _ in columns) + "|",
+    ]
+    for v in variants:
+        mine = of_variant(rows, v)
+        lines.append(f"| {v} | " + " | ".join(cell(mine) for _, _, cell in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def count_guard_events(opt: Any, key: Callable[[dict[str, Any]], str] | None = None) -> Counter:

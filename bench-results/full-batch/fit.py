@@ -38,7 +38,7 @@ import selftune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import count_guard_events, of_variant, per_seed, rates, run_grid  # noqa: E402
+from probe_grid import Column, count_guard_events, per_seed, rates, run_grid  # noqa: E402
 
 VARIANTS = ("plain", "guard-only", "auto", "guard-only-no-grad", "auto-no-grad")
 SEEDS, STEPS, TARGET = range(5), 3000, 3e-3
@@ -100,31 +100,35 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        f"| variant | loss at 500 / 1,000 / {STEPS:,} steps (median of {len(SEEDS)} seeds) "
-        f"| final loss per seed | first step below {TARGET:g} per seed | rate at the end "
-        "| guard events per run (median) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for v in VARIANTS:
-        mine = of_variant(rows, v)
-        at = " / ".join(
-            f"{statistics.median(r['loss'][t] for r in mine):.2e}"
-            for t in ("500", "1000", str(STEPS))
-        )
-        final = per_seed(mine, lambda r: f"{r['loss'][str(STEPS)]:.2e}")
-        reached = per_seed(mine, lambda r: str(r["reached"] or "-"))
-        kinds = sorted({k for r in mine for k in r["events"]})
-        counts = ", ".join(
-            f"{k} {statistics.median(r['events'].get(k, 0) for r in mine):g}" for k in kinds
-        )
-        lines.append(f"| {v} | {at} | {final} | {reached} | {rates(mine)} | {counts or '-'} |")
-    return "\n".join(lines) + "\n"
+def _losses_at(rows: list[dict[str, Any]]) -> str:
+    """The median loss at 500, 1,000 and the last step."""
+    return " / ".join(
+        f"{statistics.median(r['loss'][t] for r in rows):.2e}" for t in ("500", "1000", str(STEPS))
+    )
+
+
+def _events_median(rows: list[dict[str, Any]]) -> str:
+    """Each kind of guard event, its median count per run."""
+    kinds = sorted({k for r in rows for k in r["events"]})
+    counts = (f"{k} {statistics.median(r['events'].get(k, 0) for r in rows):g}" for k in kinds)
+    return ", ".join(counts) or "-"
+
+
+COLUMNS: list[Column] = [
+    (f"loss at 500 / 1,000 / {STEPS:,} steps (median of {len(SEEDS)} seeds)", "---", _losses_at),
+    ("final loss per seed", "---", lambda m: per_seed(m, lambda r: f"{r['loss'][str(STEPS)]:.2e}")),
+    (
+        f"first step below {TARGET:g} per seed",
+        "---",
+        lambda m: per_seed(m, lambda r: str(r["reached"] or "-")),
+    ),
+    ("rate at the end", "---", rates),
+    ("guard events per run (median)", "---", _events_median),
+]
 
 
 def main() -> None:
-    run_grid(run, VARIANTS, SEEDS, table, HERE)
+    run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE)
 
 
 if __name__ == "__main__":

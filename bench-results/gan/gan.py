@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1] / "tests"), str(HERE.parent)]
 
 from faults import guard_records  # noqa: E402
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import Column, run_grid  # noqa: E402
 from problems import RING_MODES, gan_adam, gan_players, ring_quality, train_gan  # noqa: E402
 
 import selftune  # noqa: E402
@@ -107,43 +107,48 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     return {**row, **ring_quality(players[0], seed)}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Medians over seeds per variant; runs stopped by the guard; its events summed."""
-    lines = [
-        "| variant | high-quality samples (median) | modes of 8 (median) | runs with all 8 | "
-        "runs stopped by GuardError | rates at the end (median; generator, discriminator) | "
-        "guard events (all seeds; generator, discriminator) |",
-        "|---|---:|---:|---:|---:|---|---|",
-    ]
-    for variant in VARIANTS:
-        mine = [r for r in rows if r["variant"] == variant]
-        hq = statistics.median(r["high_quality"] for r in mine)
-        modes = statistics.median(r["modes"] for r in mine)
-        full = sum(r["modes"] == RING_MODES for r in mine)
-        stopped = sum(r["stopped"] is not None for r in mine)
-        rates, events = "1e-3, 1e-3 (fixed)", "no guard"
-        if variant != "plain":
-            rates = ", ".join(
-                f"{statistics.median(r[f'{p}_lr'] for r in mine):.2g}" for p in PLAYERS
-            )
-            per = []
-            for p in PLAYERS:
-                seen: dict[str, int] = {}
-                for r in mine:
-                    for event, n in r[f"{p}_guard"].items():
-                        seen[event] = seen.get(event, 0) + n
-                per.append(" ".join(f"{k} {v}" for k, v in sorted(seen.items())) or "none")
-            events = "; ".join(per)
-        lines.append(
-            f"| {variant} | {hq:.3f} | {modes:g} | {full} of {len(mine)} | {stopped} | "
-            f"{rates} | {events} |"
-        )
-    return "\n".join(lines) + "\n"
+def _rates(rows: list[dict[str, Any]]) -> str:
+    """Each player's median rate at the end (a plain run's are fixed)."""
+    if rows[0]["variant"] == "plain":
+        return "1e-3, 1e-3 (fixed)"
+    return ", ".join(f"{statistics.median(r[f'{p}_lr'] for r in rows):.2g}" for p in PLAYERS)
+
+
+def _events(rows: list[dict[str, Any]]) -> str:
+    """Each player's guard events over all the rows, summed by kind."""
+    if rows[0]["variant"] == "plain":
+        return "no guard"
+    per = []
+    for p in PLAYERS:
+        seen: Counter[str] = Counter()
+        for r in rows:
+            seen.update(r[f"{p}_guard"])
+        per.append(" ".join(f"{k} {v}" for k, v in sorted(seen.items())) or "none")
+    return "; ".join(per)
+
+
+#: medians over seeds per variant; runs stopped by the guard; its events summed
+COLUMNS: list[Column] = [
+    (
+        "high-quality samples (median)",
+        "---:",
+        lambda m: f"{statistics.median(r['high_quality'] for r in m):.3f}",
+    ),
+    ("modes of 8 (median)", "---:", lambda m: f"{statistics.median(r['modes'] for r in m):g}"),
+    (
+        "runs with all 8",
+        "---:",
+        lambda m: f"{sum(r['modes'] == RING_MODES for r in m)} of {len(m)}",
+    ),
+    ("runs stopped by GuardError", "---:", lambda m: str(sum(r["stopped"] is not None for r in m))),
+    ("rates at the end (median; generator, discriminator)", "---", _rates),
+    ("guard events (all seeds; generator, discriminator)", "---", _events),
+]
 
 
 def main() -> None:
     workers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    run_grid(run, VARIANTS, SEEDS, table, HERE, workers)
+    run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE, workers)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ from selftune.bench.data import digits
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import count_guard_events, events_total, of_variant, per_seed, rates, run_grid  # noqa: E402
+from probe_grid import (  # noqa: E402
+    Column,
+    count_guard_events,
+    events_total,
+    per_seed,
+    rates,
+    run_grid,
+)
 
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -83,22 +90,16 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| variant | test accuracy per seed | median | rate at the end "
-        "| guard events (all seeds) |",
-        "|---|---|---:|---|---|",
-    ]
-    for v in VARIANTS:
-        mine = of_variant(rows, v)
-        acc = per_seed(mine, lambda r: f"{r['accuracy']:.3f}")
-        med = statistics.median(r["accuracy"] for r in mine)
-        lines.append(f"| {v} | {acc} | {med:.3f} | {rates(mine)} | {events_total(mine)} |")
-    return "\n".join(lines) + "\n"
+COLUMNS: list[Column] = [
+    ("test accuracy per seed", "---", lambda m: per_seed(m, lambda r: f"{r['accuracy']:.3f}")),
+    ("median", "---:", lambda m: f"{statistics.median(r['accuracy'] for r in m):.3f}"),
+    ("rate at the end", "---", rates),
+    ("guard events (all seeds)", "---", events_total),
+]
 
 
 def main() -> None:
-    run_grid(run, VARIANTS, SEEDS, table, HERE)
+    run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,14 @@ import selftune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import count_guard_events, events_total, of_variant, per_seed, rates, run_grid  # noqa: E402
+from probe_grid import (  # noqa: E402
+    Column,
+    count_guard_events,
+    events_total,
+    per_seed,
+    rates,
+    run_grid,
+)
 
 KINDS = ("plain", "guard-only", "auto", "auto-nonfinite")
 BLOCKS = (1, 20, 100)
@@ -86,25 +93,22 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| variant | task A MSE per seed | task B MSE per seed | median B | stopped by GuardError "
-        "(step) | rate at the end | guard events (all seeds) |",
-        "|---|---|---|---:|---|---|---|",
-    ]
-    for v in VARIANTS:
-        mine = of_variant(rows, v)
-        a = per_seed(mine, lambda r: f"{r['mse_a']:.3g}")
-        b = per_seed(mine, lambda r: f"{r['mse_b']:.3g}")
-        med = statistics.median(r["mse_b"] for r in mine)
-        stopped = ", ".join(str(r["stopped"]) for r in mine if r["stopped"]) or "-"
-        cells = f"{stopped} | {rates(mine)} | {events_total(mine)}"
-        lines.append(f"| {v} | {a} | {b} | {med:.3g} | {cells} |")
-    return "\n".join(lines) + "\n"
+COLUMNS: list[Column] = [
+    ("task A MSE per seed", "---", lambda m: per_seed(m, lambda r: f"{r['mse_a']:.3g}")),
+    ("task B MSE per seed", "---", lambda m: per_seed(m, lambda r: f"{r['mse_b']:.3g}")),
+    ("median B", "---:", lambda m: f"{statistics.median(r['mse_b'] for r in m):.3g}"),
+    (
+        "stopped by GuardError (step)",
+        "---",
+        lambda m: ", ".join(str(r["stopped"]) for r in m if r["stopped"]) or "-",
+    ),
+    ("rate at the end", "---", rates),
+    ("guard events (all seeds)", "---", events_total),
+]
 
 
 def main() -> None:
-    run_grid(run, VARIANTS, SEEDS, table, HERE)
+    run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from probe_grid import run_grid  # noqa: E402
+from probe_grid import Column, per_seed, run_grid  # noqa: E402
 
 import selftune  # noqa: E402
 
@@ -125,24 +125,25 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| variant | mean return of the last 10 batches, per seed | median | solved at update "
-        "(per seed) | rate at the end |",
-        "|---|---|---:|---|---|",
-    ]
-    for v in VARIANTS:
-        mine = [r for r in rows if r["variant"] == v]
-        last = ", ".join(f"{r['last_10']:.0f}" for r in mine)
-        med = statistics.median(r["last_10"] for r in mine)
-        solved = ", ".join(str(r["solved_at"] or "-") for r in mine)
-        rates = ", ".join(f"{r.get('rate', 1e-2):.2g}" for r in mine)
-        lines.append(f"| {v} | {last} | {med:.0f} | {solved} | {rates} |")
-    return "\n".join(lines) + "\n"
+COLUMNS: list[Column] = [
+    (
+        "mean return of the last 10 batches, per seed",
+        "---",
+        lambda m: per_seed(m, lambda r: f"{r['last_10']:.0f}"),
+    ),
+    ("median", "---:", lambda m: f"{statistics.median(r['last_10'] for r in m):.0f}"),
+    (
+        "solved at update (per seed)",
+        "---",
+        lambda m: per_seed(m, lambda r: str(r["solved_at"] or "-")),
+    ),
+    # a plain run keeps the rate it was given
+    ("rate at the end", "---", lambda m: per_seed(m, lambda r: f"{r.get('rate', 1e-2):.2g}")),
+]
 
 
 def main() -> None:
-    run_grid(run, VARIANTS, SEEDS, table, HERE)
+    run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE)
 
 
 if __name__ == "__main__":
