@@ -561,26 +561,23 @@ class Guard:
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
         snap = self.snapshots[index]
         self.snapshots = self.snapshots[: len(self.snapshots) + index + 1]
-        if self._back_to_restart(snap):
-            snap = self.snapshots[0]
+        start = self._restart_instead_of(snap)
+        if start is not None:
+            snap, self.snapshots = start, [start]
         self.healthy_since, self.fresh, self.restored = trouble.step, True, snap.step
         return snap, self.config.backoff**self.retries
 
-    def _back_to_restart(self, snap: Snapshot) -> bool:
-        """Whether trouble goes back to the controller's restart point instead of ``snap``
-        (and, if so, hold that point alone): the controller restarted from the first snapshot,
-        and the loss has made no progress on it since.  The newer snapshots may then hold
-        weights the restart's rate harmed (dead units at chance level, whose loss no rollback
-        lowers); the restart point holds none.  Without a restart a loss that has not moved is
-        no sign of harm (a recurrent model's flat start), nor is a level not known (no loss
-        given), and ``snap`` stands."""
+    def _restart_instead_of(self, snap: Snapshot) -> Snapshot | None:
+        """The controller's restart point, if trouble goes back there instead of ``snap``: the
+        controller restarted from the first snapshot, and the loss has made no progress on it
+        since.  The newer snapshots may then hold weights the restart's rate harmed (dead units
+        at chance level, whose loss no rollback lowers); the restart point holds none.  Without
+        a restart a loss that has not moved is no sign of harm (a recurrent model's flat
+        start), nor is a level not known (no loss given), and ``snap`` stands (None)."""
         start = self.initial if self.restarted else None
         if start is None or start.step < self.loss_since or not math.isfinite(start.level):
-            return False
-        if snap.level < start.level:
-            return False
-        self.snapshots = [start]
-        return True
+            return None
+        return start if snap.level >= start.level else None
 
     def _held(self) -> list[Snapshot]:
         return [s for s in (self.initial, self.best, *self.snapshots) if s is not None]
