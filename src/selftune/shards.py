@@ -28,14 +28,19 @@ def local_params(group: dict[str, Any]) -> list[torch.Tensor]:
     return [local(p) for p in group["params"]]
 
 
+def across_ranks() -> bool:
+    """Whether this process is one of several ranks of ``torch.distributed``."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _gathered(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (``[value]`` without torch.distributed): a
     collective, which every rank must call."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not across_ranks():
         return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
     return values
 
 

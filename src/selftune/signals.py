@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from selftune.errors import ConfigError
-from selftune.shards import local, local_params
+from selftune.shards import across_ranks, local, local_params
 
 #: state keys of the running average of gradients that acts as a momentum buffer
 _BUFFER_KEYS = ("momentum_buffer", "exp_avg")
@@ -116,7 +116,7 @@ class SignalTracker:
         for controllers that do not read it.
         """
         loss = _check_loss(loss)  # before anything below overwrites the previous update
-        distributed = _across_ranks()
+        distributed = across_ranks()
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
         layout: list[tuple[int, int, bool, float]] = []
@@ -164,7 +164,7 @@ class SignalTracker:
         if isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
-        elif loss is not None and _across_ranks():  # a number joins the stack too: every rank
+        elif loss is not None and distributed:  # a number joins the stack too: every rank
             loss = torch.tensor(float(loss), dtype=torch.float32)  # reads the ranks' mean
             parts.append(loss)
         if parts:
@@ -173,7 +173,8 @@ class SignalTracker:
             wide = any(t.dtype == torch.float64 for t in parts)
             dtype = torch.float64 if wide else torch.float32
             stacked = torch.stack([_as(t, device, dtype) for t in parts])
-            average_across_ranks(stacked)
+            if distributed:
+                average_across_ranks(stacked)
             values = stacked.tolist()  # the one host sync of the step
         else:
             values = []
@@ -391,15 +392,9 @@ def average_across_ranks(stacked: torch.Tensor) -> None:
     gradients are already averaged, so only the loss (and its statistics) change.  Every rank must
     pass a loss, or none must: the stacked sizes have to match.
     """
-    if _across_ranks():
+    if across_ranks():
         torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
         stacked.div_(torch.distributed.get_world_size())
-
-
-def _across_ranks() -> bool:
-    """Whether this process is one of several ranks of ``torch.distributed``."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_loss(loss: Any) -> Any:
