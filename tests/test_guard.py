@@ -33,6 +33,7 @@ from problems import train as train_problem
 
 import selftune
 from selftune.audit import read_log
+from selftune.bench.workloads import WORKLOADS
 from selftune.signals import GroupSignals, Signals
 from selftune.tuner import SelfTuned
 
@@ -899,3 +900,103 @@ def test_tasks_by_turns_stop_with_an_error_that_names_the_setting_that_trains_th
     with pytest.raises(selftune.GuardError, match=r"GuardConfig\(nonfinite_only=True\)"):
         _by_turns(True)
     _by_turns(selftune.GuardConfig(nonfinite_only=True))
+
+
+def _after_a_jump(
+    jump: float, after: float, grad_jump: float = 1.0, steps: int = 80
+) -> tuple[Any, Any]:
+    """A guard fed a loss that falls from 2.3, jumps ``jump`` times its level at step 8 (the
+    gradient norm ``grad_jump`` times its own), then stands at ``after`` with minibatch noise;
+    the first trouble, and the guard."""
+    guard = selftune.guard.Guard()
+    for step in range(1, steps):
+        noise = 1.0 + 0.02 * (-1) ** step
+        level = 2.3 - 0.02 * step if step < 8 else after
+        loss, grad = (level * jump, grad_jump) if step == 8 else (level * noise, noise)
+        trouble = guard.check(_signals(step, loss, grad))
+        if trouble is not None:
+            return trouble, guard
+        if guard.wants_snapshot(step):
+            guard.keep(step, {"step": step})
+    return None, guard
+
+
+@pytest.mark.parametrize(("jump", "grad_jump"), [(4.0, 1.0), (1.0, 84.0)])
+def test_a_warm_up_jump_the_loss_never_comes_back_from_goes_back_before_it(
+    jump: float, grad_jump: float
+) -> None:
+    """A jump of the warm-up too small for its check (under 10x the loss's median, 100x the
+    gradient norm's lowest) but past the factors a spike needs later, after which the loss's
+    level never gets back below where it stood: the jump killed the network (the small CNN
+    from SGD at 1.0: the loss 4x its median and the gradient norm 84x its lowest at step 9,
+    then chance level for 2,000 steps, no spike ever called).  Trouble comes ``interval``
+    steps after the jump, and goes back to the snapshot from before it, not to the newest,
+    which holds the dead weights."""
+    trouble, guard = _after_a_jump(jump, after=2.31, grad_jump=grad_jump)
+    assert trouble is not None and trouble.signal == selftune.guard.DAMAGE
+    assert trouble.step == 8 + guard.config.interval
+    assert "step 8" in trouble.reason
+    snap, factor = guard.rollback(trouble)
+    assert snap is not None and snap.step == 1 and factor == guard.config.backoff
+    assert [s.step for s in guard.snapshots] == [1]
+    _, pending = _after_a_jump(jump, after=2.31, grad_jump=grad_jump, steps=20)
+    resumed = selftune.guard.Guard()  # a checkpoint carries the jump still being judged
+    resumed.load_state_dict(pending.state_dict())
+    assert (
+        resumed.jump
+        == pending.jump
+        == {"step": 8, "level": pytest.approx(math.log(2.19), abs=0.03)}
+    )
+
+
+@pytest.mark.parametrize(("jump", "after"), [(4.0, 1.5), (2.5, 2.31)])
+def test_a_bounce_the_loss_falls_on_from_is_no_trouble(jump: float, after: float) -> None:
+    """A jump the loss comes back from (its level gets below where it stood before) is a
+    bounce of a healthy start, and so is a jump under the factor a later spike needs."""
+    trouble, guard = _after_a_jump(jump, after)
+    assert trouble is None and guard.jump is None
+
+
+def _digits_at_sgd_1(seed: int, wrap: Any = None) -> tuple[float, list[torch.Tensor]]:
+    """The benchmark's digits MLP, SGD (momentum 0.9) at 1.0, a rate past its grid's largest
+    that reaches the target (0.3), through ``wrap`` (None: plain); its test accuracy after the
+    budget of 500 steps, and its weights."""
+    workload = WORKLOADS["digits-mlp"]
+    task = workload.task()
+    torch.manual_seed(seed)
+    model = workload.make_model(task)
+    gen = torch.Generator().manual_seed(seed)
+    opt: Any = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    opt = opt if wrap is None else wrap(opt)
+    for _ in range(workload.steps):
+        loss = task.loss(model, task.batch(workload.batch_size, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step() if wrap is None else opt.step(loss=loss.detach())
+    model.eval()
+    with torch.no_grad():
+        return task.evaluate(model), [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_network_a_warm_up_jump_killed_is_brought_back(tmp_path: Path) -> None:
+    """The guard alone on a rate that kills the network in its first steps: plain SGD ends at
+    chance in every seed (at step 8 or 9 a loss 1.4-1.9x its recent median and a gradient norm
+    16-35x its lowest, neither a spike by the warm-up's factors, then the loss at 2.3 for good).
+    The guard goes back to the snapshot from before the jump at half the rate, as often as it
+    takes; before, two of these three seeds ran at chance to the end with no guard event at
+    all (``bench-results/too-high/``).  The log replays the run to the bit."""
+    plain, guarded = [], []
+    for seed in range(3):
+        folder = tmp_path / str(seed)
+        plain.append(_digits_at_sgd_1(seed)[0])
+        accuracy, weights = _digits_at_sgd_1(
+            seed, lambda o, f=folder: selftune.wrap(o, "off", log_dir=f)
+        )
+        guarded.append(accuracy)
+        jumps = [r for r in guard_records(folder) if r["signal"] == selftune.guard.DAMAGE]
+        assert jumps and all(r["restored_step"] < r["step"] - 25 for r in jumps), jumps
+        if seed == 0:
+            _, replayed = _digits_at_sgd_1(seed, lambda o, f=folder: selftune.replay(o, f))
+            assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
+    assert max(plain) < 0.2, plain
+    assert statistics.median(guarded) > 0.8 and min(guarded) > max(plain), guarded

@@ -13,7 +13,12 @@ Every optimizer step, before the update, the guard checks the step's signals:
   reached (and clear of the level's own noise) for ``interval`` healthy steps: no step was a
   spike, but the run got worse and stayed there (a network that died, a rate raised into a
   rising loss).  Or the data got harder (a curriculum): the rollback is a trial, and the run
-  goes forward again if the restored weights do no better on the data of now.
+  goes forward again if the restored weights do no better on the data of now;
+- *a jump never recovered from*: in the run's warm-up, a jump of the loss (``ratio`` above
+  the recent median) or of the gradient norm (``grad_ratio`` above the lowest) too small for
+  the early check, after which the loss's level has not got back below where it stood before
+  within ``interval`` steps: the jump killed the network (a rate too high for it), whose loss
+  then sits at chance level with no spike to call and no lower level to regress from.
 
 A loss below zero (a Gaussian negative log-likelihood, a negated score) has no logarithm: from
 that step on the loss's statistics are kept on its own scale, where a factor above a level is a
@@ -34,7 +39,8 @@ consecutive rollbacks raise :class:`GuardError`.  After a controller's restart f
 snapshot (its probe harmed the weights), trouble that comes before the loss's level has got
 below that snapshot's goes back to it, not to a newer one: those hold weights that the
 restart's rate may have harmed in turn.  A regression instead goes back to the snapshot
-of the lowest loss level held (kept beside the newest two for that), once per snapshot.  A
+of the lowest loss level held (kept beside the newest two for that), once per snapshot, and
+a jump never recovered from to the newest snapshot taken before the jump.  A
 spike on the first step after a rollback, on weights that were healthy when kept, comes from
 the data or the objective (a new task, a layer unfrozen): the guard learns the new level
 instead of rolling back until the run stops, and the rollback's cut is undone.
@@ -78,6 +84,8 @@ _ADVICE = (
 RECENT = 5
 #: the signal of a loss regression's trouble
 REGRESSION = "loss_level"
+#: the signal of a jump in the warm-up that the loss never came back from
+DAMAGE = "loss_after_jump"
 
 
 @dataclass(frozen=True)
@@ -319,6 +327,9 @@ class Guard:
     #: whether the controller restarted from the first snapshot (its probe harmed the weights):
     #: trouble before the loss improves on it goes back there (see :meth:`rollback`)
     restarted: bool = False
+    #: a jump of the warm-up too small for its check: its step and the loss's log level before
+    #: it, until the level gets back below that (see :meth:`_damaged`)
+    jump: dict[str, float] | None = None
 
     @property
     def restart_point(self) -> Snapshot | None:
@@ -358,9 +369,13 @@ class Guard:
             self._relevel(trouble, "the restored weights show it too")
             self._forgive()
         if s.loss is not None:
+            self._note_jump(s)
             self.loss.learn(s.loss)
             if self._judge_trial(s.loss):
                 return None
+            trouble = self._damaged(s.step)
+            if trouble is not None:
+                return trouble
             judged = not (self.rises or c.nonfinite_only)
             regressed = self.loss.regressed(c.regress, c.z, c.warmup) and judged
             self.above = self.above + 1 if regressed else 0
@@ -386,7 +401,7 @@ class Guard:
         at zero itself: a cross-entropy that rounds to 0.0 is at its floor, and on its own
         scale the small losses around it made a hard example's a spike.  The snapshots' levels
         are on the log scale: as after a relevel, none is compared with the new ones."""
-        self.loss, self.loss_since = self.loss.on_own_scale(), step
+        self.loss, self.loss_since, self.jump = self.loss.on_own_scale(), step, None
         if self.best is not None and self.best.step < step:
             self.best = None
         self.end_trial()
@@ -419,6 +434,47 @@ class Guard:
                 f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
             )
             return Trouble(s.step, "grad_norm", s.grad_norm, why)
+        return None
+
+    def _note_jump(self, s: Signals) -> None:
+        """Remember a jump of the warm-up that its check let pass: the loss above ``ratio``
+        times the recent median, or the gradient norm above ``grad_ratio`` times the lowest,
+        the factors a spike needs after the warm-up.  Early, only ten times that is a spike,
+        since a healthy start bounces nearly that far (heavy-ball SGD at the benchmark
+        regression's best rate, 7.7x); but a jump that far can also be the step that killed
+        the network, after which its loss sits at chance level, no spike ever comes, and the
+        newer snapshots hold the dead weights (the small CNN with SGD at 1.0: the loss 4x its
+        median and the gradient norm 84x its lowest at steps 8-9, chance level for 2,000
+        steps after; ``bench-results/too-high/``).  Only in the run's own warm-up: one after a
+        relevel (or on the loss's own scale) learns new data, whose jumps are its own."""
+        c = self.config
+        if self.jump is not None or self.rises or c.nonfinite_only or self.loss_since:
+            return
+        if not 0 < self.loss.n < c.warmup or s.loss is None:
+            return
+        loss_jump = s.loss > c.ratio * self.loss.median
+        grad_jump = 0 < self.grad.n < c.warmup and s.grad_norm > c.grad_ratio * self.grad.low
+        if loss_jump or grad_jump:
+            self.jump = {"step": s.step, "level": self.loss.mean}
+
+    def _damaged(self, step: int) -> Trouble | None:
+        """Trouble when the loss's level has not got back below where it stood before the
+        warm-up's jump (:meth:`_note_jump`) within ``interval`` steps of it: the jump did
+        harm, which a healthy bounce does not (its loss falls on).  Going back to the snapshot
+        from before the jump (:meth:`rollback`) and halving the rate costs those steps."""
+        jump = self.jump
+        if jump is None:
+            return None
+        if self.loss.mean < jump["level"]:
+            self.jump = None
+        elif step - jump["step"] >= self.config.interval:
+            level, before = self.loss.unscaled(self.loss.mean), self.loss.unscaled(jump["level"])
+            why = (
+                f"loss after a jump: its running level {level:.4g} has not got back below "
+                f"{before:.4g}, where it stood before the jump of step {int(jump['step'])}, "
+                f"in {self.config.interval} steps"
+            )
+            return Trouble(step, DAMAGE, level, why)
         return None
 
     def _judge_trial(self, loss: float) -> bool:
@@ -467,7 +523,7 @@ class Guard:
     def restarted_from(self, snap: Snapshot) -> None:
         """The wrapper restarted from ``snap``: the newer snapshots, the lowest level's and
         a regression's trial belong to the trajectory it abandoned."""
-        self.snapshots, self.best, self.restarted = [snap], None, True
+        self.snapshots, self.best, self.restarted, self.jump = [snap], None, True, None
         self.end_trial()
 
     def _hold_newest(self, snap: Snapshot) -> None:
@@ -496,7 +552,7 @@ class Guard:
                 self.loss.best, self.above = self.loss.mean, 0
             else:
                 self.loss = _RunningStats(signed=self.loss.signed)
-            self.loss_since = trouble.step
+            self.loss_since, self.jump = trouble.step, None
             if self.best is not None and self.best.step < trouble.step:
                 self.best = None
         reason = f"{trouble.reason}; {why}: the data or the objective changed, not the run"
@@ -525,7 +581,7 @@ class Guard:
     def forget_snapshots(self) -> None:
         """Drop every snapshot: the param groups changed, and one taken before could not restore
         the new group.  The next healthy step takes a fresh one."""
-        self.snapshots, self.initial, self.best = [], None, None
+        self.snapshots, self.initial, self.best, self.jump = [], None, None, None
         self.end_trial()
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:
@@ -536,7 +592,7 @@ class Guard:
         skipped (its update was never made) and the rate cut, as a rollback would.  Raises
         :class:`GuardError` when trouble keeps coming back.
         """
-        self.above = 0
+        self.above, jump, self.jump = 0, self.jump, None
         if trouble.signal == REGRESSION and (held := self._comparable()):
             newest = self.snapshots[-1] if self.snapshots else None
             level = self.loss.mean
@@ -557,6 +613,11 @@ class Guard:
         if not self.snapshots:
             self.healthy_since = trouble.step
             return None, self.config.backoff**self.retries
+        before = [] if jump is None else [s for s in self._comparable() if s.step < jump["step"]]
+        if trouble.signal == DAMAGE and before:
+            snap = self._back_to(max(before, key=lambda s: s.step), trouble.step)
+            self.fresh, self.restored = True, snap.step
+            return snap, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
         snap = self.snapshots[index]
@@ -599,7 +660,11 @@ class Guard:
         """Where a regression goes back to: :meth:`_lowest`; the newer snapshots belong to
         the trajectory that regressed and are dropped.  A regression never escalates: it comes
         only after ``interval`` steps, and cuts the rate once."""
-        snap = self._lowest(held)
+        return self._back_to(self._lowest(held), step)
+
+    def _back_to(self, snap: Snapshot, step: int) -> Snapshot:
+        """Go back to ``snap`` at ``step``, past newer snapshots: they belong to the trajectory
+        left behind, and are dropped."""
         self._hold_newest(snap)
         if self.best is not None and self.best.step > snap.step:
             self.best = None
@@ -671,6 +736,7 @@ _SAVED = (
     "trial",
     "rises",
     "restarted",
+    "jump",
 )
 #: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`
 _KEPT_APART = ("initial", "best", "abandoned")
