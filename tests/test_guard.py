@@ -939,6 +939,7 @@ def test_a_warm_up_jump_the_loss_never_comes_back_from_goes_back_before_it(
     snap, factor = guard.rollback(trouble)
     assert snap is not None and snap.step == 1 and factor == guard.config.backoff
     assert [s.step for s in guard.snapshots] == [1]
+    assert guard.abandoned is not None and guard.abandoned.step == 25  # on trial
     _, pending = _after_a_jump(jump, after=2.31, grad_jump=grad_jump, steps=20)
     resumed = selftune.guard.Guard()  # a checkpoint carries the jump still being judged
     resumed.load_state_dict(pending.state_dict())
@@ -1000,3 +1001,25 @@ def test_a_network_a_warm_up_jump_killed_is_brought_back(tmp_path: Path) -> None
             assert all(torch.equal(a, b) for a, b in zip(weights, replayed, strict=True))
     assert max(plain) < 0.2, plain
     assert statistics.median(guarded) > 0.8 and min(guarded) > max(plain), guarded
+
+
+@pytest.mark.parametrize(("restored", "forward"), [(2.0, False), (3.0, True)])
+def test_a_jump_s_rollback_is_undone_when_the_restored_weights_do_no_better(
+    restored: float, forward: bool
+) -> None:
+    """The rollback of a jump never recovered from is on trial, as a regression's: weights
+    that died sit above where the restored ones start, and the rollback stands; but a loss
+    that rises by design in the first steps (a GAN generator's, as the discriminator learns)
+    is as high on the restored weights, and then the run goes forward again to the newest
+    snapshot it left, and judges no jump or rise again.  Without the trial each rollback
+    re-entered the warm-up, met the same rise, and halved a GAN generator's rate up to 246
+    times (``bench-results/gan/``)."""
+    trouble, guard = _after_a_jump(4.0, after=2.31)
+    assert trouble is not None
+    guard.rollback(trouble)
+    went = []
+    for t in range(guard.config.interval):
+        assert guard.check(_signals(34 + t, restored * (1.0 + 0.02 * (-1) ** t))) is None
+        went += [guard.forward.step] if guard.forward is not None else []
+    assert went == ([25] if forward else [])
+    assert guard.rises is forward and guard.trial is None

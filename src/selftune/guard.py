@@ -18,7 +18,9 @@ Every optimizer step, before the update, the guard checks the step's signals:
   the recent median) or of the gradient norm (``grad_ratio`` above the lowest) too small for
   the early check, after which the loss's level has not got back below where it stood before
   within ``interval`` steps: the jump killed the network (a rate too high for it), whose loss
-  then sits at chance level with no spike to call and no lower level to regress from.
+  then sits at chance level with no spike to call and no lower level to regress from.  The
+  rollback is a trial too: a loss that rises by design in the first steps (a GAN player's)
+  is as high on the restored weights, and the run goes forward again.
 
 A loss below zero (a Gaussian negative log-likelihood, a negated score) has no logarithm: from
 that step on the loss's statistics are kept on its own scale, where a factor above a level is a
@@ -492,6 +494,14 @@ class Guard:
         (``tests/test_guard.py``) plain AdamW through the guard ended with 2.6-3.1x the error
         of plain AdamW, each regression's rollback costing the steps since the lowest level
         and half the rate, again at every further rise.
+
+        The rollback of a jump never recovered from (:meth:`_damaged`) is on the same trial,
+        kept if the trial's mean log loss stays below the level the jump left: dead weights'
+        level is above where the restored ones start.  A loss that rises by design in the
+        first steps (a GAN player's, as the other player learns) is as high on the restored
+        weights; without the trial every rollback re-entered the warm-up, met the same rise,
+        and the default guard halved a GAN generator's rate up to 246 times
+        (``bench-results/gan/``).
         """
         trial = self.trial
         if trial is None or not math.isfinite(loss) or (loss <= 0 and not self.loss.signed):
@@ -504,7 +514,8 @@ class Guard:
         elif trial["age"] < self.config.interval:
             return False
         else:
-            helped = self.loss.above(trial["level"], mean, math.sqrt(self.config.regress))
+            factor = trial.get("factor", math.sqrt(self.config.regress))
+            helped = self.loss.above(trial["level"], mean, factor)
         self.forward = None if helped else self.abandoned
         self.rises = self.rises or not helped
         self.end_trial()
@@ -615,8 +626,12 @@ class Guard:
             return None, self.config.backoff**self.retries
         before = [] if jump is None else [s for s in self._comparable() if s.step < jump["step"]]
         if trouble.signal == DAMAGE and before:
+            newest, level = self.snapshots[-1], self.loss.mean
             snap = self._back_to(max(before, key=lambda s: s.step), trouble.step)
             self.fresh, self.restored = True, snap.step
+            # on trial as a regression's rollback, judged against the level the jump left
+            self.abandoned = newest
+            self.trial = {"level": level, "age": 0, "total": 0.0, "factor": 1.0}
             return snap, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1

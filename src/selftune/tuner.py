@@ -851,17 +851,17 @@ class SelfTuned(torch.optim.Optimizer):
         return decisions, event
 
     def _go_forward(self, t: int) -> tuple[list[Decision], dict]:
-        """Restore the snapshot a regression's rollback left, at the knobs and controller state
-        it held, after the rollback's trial found the older weights no better on the data of
-        now (:meth:`selftune.guard.Guard._judge_trial`); this step's gradient, of the trial's
-        weights, is not applied."""
+        """Restore the snapshot a regression's rollback (or a jump's) left, at the knobs and
+        controller state it held, after the rollback's trial found the older weights no better
+        on the data of now (:meth:`selftune.guard.Guard._judge_trial`); this step's gradient,
+        of the trial's weights, is not applied."""
         assert self.guard is not None and self.guard.forward is not None
-        snap, restored = self.guard.forward, self.guard.regressed_to
+        snap, restored = self.guard.forward, self.guard.restored
         self._restore(snap, lower_rates=False)
         self.guard.went_forward(snap)
         reason = (
             f"guard: the rollback to step {restored} did not bring the loss back below the "
-            "level that regressed: the data got harder, not the weights worse"
+            "level it left: the data got harder, not the weights worse"
         )
         event = {
             "event": "forward",
