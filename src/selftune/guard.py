@@ -629,9 +629,9 @@ class Guard:
             newest, level = self.snapshots[-1], self.loss.mean
             snap = self._back_to(max(before, key=lambda s: s.step), trouble.step)
             self.fresh, self.restored = True, snap.step
-            # on trial as a regression's rollback, judged against the level the jump left
-            self.abandoned = newest
-            self.trial = {"level": level, "age": 0, "total": 0.0, "factor": 1.0}
+            if newest.step > snap.step:  # on trial as a regression's, against the level left
+                self.abandoned = newest
+                self.trial = {"level": level, "age": 0, "total": 0.0, "factor": 1.0}
             return snap, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
