@@ -514,6 +514,7 @@ class Guard:
         elif trial["age"] < self.config.interval:
             return False
         else:
+            # a trial saved before it kept its factor is a regression's
             factor = trial.get("factor", math.sqrt(self.config.regress))
             helped = self.loss.above(trial["level"], mean, factor)
         self.forward = None if helped else self.abandoned
@@ -605,12 +606,11 @@ class Guard:
         """
         self.above, jump, self.jump = 0, self.jump, None
         if trouble.signal == REGRESSION and (held := self._comparable()):
-            newest = self.snapshots[-1] if self.snapshots else None
-            level = self.loss.mean
-            snap = self._regression_point(held, trouble.step)
-            self.regressed_to, self.fresh, self.restored = snap.step, True, snap.step
-            if newest is not None and newest.step > snap.step:
-                self.abandoned, self.trial = newest, {"level": level, "age": 0, "total": 0.0}
+            # to the lowest level; a regression never escalates: it comes only after
+            # ``interval`` steps, and cuts the rate once
+            factor = math.sqrt(self.config.regress)
+            snap = self._back_on_trial(self._lowest(held), trouble.step, factor)
+            self.regressed_to = snap.step
             return snap, self.config.backoff
         self.end_trial()
         self.retries += 1
@@ -624,14 +624,8 @@ class Guard:
         if not self.snapshots:
             self.healthy_since = trouble.step
             return None, self.config.backoff**self.retries
-        before = [] if jump is None else [s for s in self._comparable() if s.step < jump["step"]]
-        if trouble.signal == DAMAGE and before:
-            newest, level = self.snapshots[-1], self.loss.mean
-            snap = self._back_to(max(before, key=lambda s: s.step), trouble.step)
-            self.fresh, self.restored = True, snap.step
-            if newest.step > snap.step:  # on trial as a regression's, against the level left
-                self.abandoned = newest
-                self.trial = {"level": level, "age": 0, "total": 0.0, "factor": 1.0}
+        if trouble.signal == DAMAGE and jump is not None and (before := self._before(jump)):
+            snap = self._back_on_trial(before, trouble.step, 1.0)
             return snap, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
@@ -671,19 +665,24 @@ class Guard:
         known = [s for s in held if s.level < math.inf]
         return min(known, key=lambda s: (s.level, -s.step)) if known else held[0]
 
-    def _regression_point(self, held: list[Snapshot], step: int) -> Snapshot:
-        """Where a regression goes back to: :meth:`_lowest`; the newer snapshots belong to
-        the trajectory that regressed and are dropped.  A regression never escalates: it comes
-        only after ``interval`` steps, and cuts the rate once."""
-        return self._back_to(self._lowest(held), step)
+    def _before(self, jump: dict[str, float]) -> Snapshot | None:
+        """The newest snapshot held from before the warm-up's ``jump`` (None if none is)."""
+        taken = [s for s in self._comparable() if s.step < jump["step"]]
+        return max(taken, key=lambda s: s.step) if taken else None
 
-    def _back_to(self, snap: Snapshot, step: int) -> Snapshot:
-        """Go back to ``snap`` at ``step``, past newer snapshots: they belong to the trajectory
-        left behind, and are dropped."""
+    def _back_on_trial(self, snap: Snapshot, step: int, factor: float) -> Snapshot:
+        """Go back to ``snap`` at ``step``, a rollback on trial (:meth:`_judge_trial`): the newer
+        snapshots belong to the trajectory left behind and are dropped, but the newest is kept
+        to go forward to if the restored weights' mean log loss does not stand ``factor`` below
+        the level of now."""
+        newest, level = self.snapshots[-1] if self.snapshots else None, self.loss.mean
         self._hold_newest(snap)
         if self.best is not None and self.best.step > snap.step:
             self.best = None
-        self.healthy_since = step
+        self.healthy_since, self.fresh, self.restored = step, True, snap.step
+        if newest is not None and newest.step > snap.step:
+            self.abandoned = newest
+            self.trial = {"level": level, "age": 0, "total": 0.0, "factor": factor}
         return snap
 
     def snapshots_state(self) -> dict[str, Any]:
