@@ -1023,3 +1023,52 @@ def test_a_jump_s_rollback_is_undone_when_the_restored_weights_do_no_better(
         went += [guard.forward.step] if guard.forward is not None else []
     assert went == ([25] if forward else [])
     assert guard.rises is forward and guard.trial is None
+
+
+def _fall_then_rise(low: float, after: float, **config: float) -> tuple[Any, Any]:
+    """A guard (of ``config``) fed a loss that falls from 2.3 to ``low`` by step 100, then
+    climbs to ``after`` by step 150 and stays there to step 300, with minibatch noise; the
+    first trouble, and the guard."""
+    guard = selftune.guard.Guard(selftune.GuardConfig(**config))
+    for step in range(1, 300):
+        fall, climb = min(step, 100) / 100, min(max(step - 120, 0), 30) / 30
+        level = 2.3 * (low / 2.3) ** fall * (after / low) ** climb
+        trouble = guard.check(_signals(step, level * (1.0 + 0.02 * (-1) ** step)))
+        if trouble is not None:
+            return trouble, guard
+        if guard.wants_snapshot(step):
+            guard.keep(step, {"step": step})
+    return None, guard
+
+
+@pytest.mark.parametrize(("low", "after", "relapse"), [(1.7, 2.3, True), (0.5, 1.0, False)])
+def test_a_loss_that_loses_most_of_its_fall_has_regressed(
+    low: float, after: float, relapse: bool
+) -> None:
+    """A network that learnt a little and then died (the small CNN from SGD at 1.0, after its
+    warm-up jump's rollback: its loss from 2.3 down to 1.7, then back to chance at 2.3 for
+    2,000 steps) rises 1.35x, under the 1.5x a regression needs; it has lost all of its fall,
+    more than the half (``relapse``) that is a regression too.  The rollback goes to the
+    snapshot of the lowest level, on trial; a rise past 1.5x is a regression by that factor
+    as before, whatever the fall."""
+    trouble, guard = _fall_then_rise(low, after)
+    assert trouble is not None and trouble.signal == selftune.guard.REGRESSION
+    assert ("0.5 of its fall" in trouble.reason) is relapse, trouble.reason
+    snap, factor = guard.rollback(trouble)
+    assert snap is not None and snap.step in {100, 125} and factor == guard.config.backoff
+    assert guard.trial is not None and guard.trial["need"] > 0
+
+
+@pytest.mark.parametrize(
+    ("low", "after", "config"),
+    [
+        (1.7, 1.9, {}),  # a third of the fall lost: a slow stretch, not a death
+        (2.25, 2.6, {}),  # a fall within the noise: no progress to lose
+        (1.7, 2.3, {"relapse": 1e9}),  # the rule switched off
+    ],
+)
+def test_a_loss_that_keeps_most_of_its_fall_has_not_regressed(
+    low: float, after: float, config: dict[str, float]
+) -> None:
+    trouble, _ = _fall_then_rise(low, after, **config)
+    assert trouble is None, trouble

@@ -8,8 +8,9 @@ rounds) with both optimizers wrapped alike, each told its own player's loss:
 
 - ``plain``: no selftune;
 - ``auto``: ``selftune.wrap(adam)`` at its defaults (``auto`` and the guard);
-- ``auto-no-regress``: the same with the guard's regression check off
-  (``GuardConfig(regress=1e9)``, the README's advice for a loss that rises by design);
+- ``auto-no-regress``: the same with the guard's regression checks off
+  (``GuardConfig(regress=1e9, relapse=1e9)``, the README's advice for a loss that rises by
+  design);
 - ``auto-no-guard``: ``auto`` without a guard: what the controller alone does;
 - ``guard-only``: ``controller="off"`` (the rates never change) with the default guard: what
   the guard alone does;
@@ -65,7 +66,7 @@ def wrapped(adam: torch.optim.Optimizer, variant: str, folder: Path) -> Any:
     """The optimizer as ``variant`` runs it."""
     settings: dict[str, dict[str, Any]] = {
         "auto": {},
-        "auto-no-regress": {"guard": selftune.GuardConfig(regress=1e9)},
+        "auto-no-regress": {"guard": selftune.GuardConfig(regress=1e9, relapse=1e9)},
         "auto-no-guard": {"guard": False},
         "guard-only": {"controller": "off"},
         "off-nonfinite": {

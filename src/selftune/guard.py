@@ -12,8 +12,11 @@ Every optimizer step, before the update, the guard checks the step's signals:
 - *regression*: the loss's running level has stood above ``regress`` times the lowest it
   reached (and clear of the level's own noise) for ``interval`` healthy steps: no step was a
   spike, but the run got worse and stayed there (a network that died, a rate raised into a
-  rising loss).  Or the data got harder (a curriculum): the rollback is a trial, and the run
-  goes forward again if the restored weights do no better on the data of now;
+  rising loss); or, where that is the smaller rise, above it by ``relapse`` (half) of the
+  fall from the start to it, if that share stands clear of the noise: a network that learnt a
+  little and then died rises less than ``regress`` back to chance.  Or the data got harder
+  (a curriculum): the rollback is a trial, and the run goes forward again if the restored
+  weights do no better on the data of now;
 - *a jump never recovered from*: in the run's warm-up, a jump of the loss (``ratio`` above
   the recent median) or of the gradient norm (``grad_ratio`` above the lowest) too small for
   the early check, after which the loss's level has not got back below where it stood before
@@ -106,6 +109,10 @@ class GuardConfig:
     #: clear of its noise) for ``interval`` healthy steps has regressed: the run rolls back to
     #: the snapshot of the lowest level
     regress: float = 1.5
+    #: so has a loss whose running level has lost this share of its fall from the start (the
+    #: median of its first few values) to the lowest level, when that is less than ``regress``
+    #: and clear of the level's noise: a network that learnt a little, then died
+    relapse: float = 0.5
     #: the first snapshot is also kept until the first snapshot after this many steps, for a
     #: controller's restart (``auto``'s range test probes in the first tens of steps and may
     #: need to undo all of them)
@@ -142,6 +149,12 @@ GUARD_OPTIONS = {
         "the loss level's rise over its lowest that, sustained, is a regression",
         "1.5",
         1,
+        open_low=True,
+    ),
+    "relapse": Option(
+        "the share of the loss's fall from its start that, lost and sustained, is a regression",
+        "0.5",
+        0,
         open_low=True,
     ),
     "keep_initial": Option("steps the first snapshot is kept for", "100", 0, whole=True),
@@ -181,6 +194,8 @@ class _RunningStats:
     last: float = 0.0  #: the last healthy value, as :meth:`scaled`
     recent: list[float] = field(default_factory=list)  #: the last few healthy values
     best: float = math.inf  #: the lowest running level (``mean``) reached after the warm-up
+    #: the median of the first few healthy values, as :meth:`scaled`: where progress starts
+    start: float = math.inf
     signed: bool = False  #: on the loss's own scale, not its logarithm's
 
     @property
@@ -198,9 +213,11 @@ class _RunningStats:
 
     def above(self, x: float, base: float, factor: float) -> bool:
         """Whether ``x`` stands more than ``factor`` above ``base`` (both as :meth:`scaled`)."""
-        if self.signed:
-            return x - base > (factor - 1) * abs(base)
-        return x - base > math.log(factor)
+        return x - base > self.rise(base, factor)
+
+    def rise(self, base: float, factor: float) -> float:
+        """How far above ``base`` (as :meth:`scaled`) is ``factor`` above it."""
+        return (factor - 1) * abs(base) if self.signed else math.log(factor)
 
     def spike(
         self,
@@ -232,19 +249,32 @@ class _RunningStats:
         score = (x - self.mean) / max(std, 1e-12)
         return score if score > z and self.above(x, self.mean, ratio) else None
 
-    def regressed(self, ratio: float, z: float, warmup: int) -> bool:
+    def regressed(self, ratio: float, relapse: float, z: float, warmup: int) -> bool:
         """Whether the level stands clearly above the lowest it reached (and note the lowest).
 
-        Above means by more than ``ratio`` and by more than ``z`` deviations of the level
+        Above means by more than :meth:`margin` and by more than ``z`` deviations of the level
         itself (an EMA of decay 0.95 carries ``sqrt(0.05 / 1.95)`` of the per-step noise): the
         lowest level of a noisy loss is an extreme of that noise.
         """
         if self.n < warmup:
             return False
-        noise = z * math.sqrt(self.var * 0.05 / 1.95)
-        above = self.mean - self.best > noise and self.above(self.mean, self.best, ratio)
+        noise = self.noise(z)
+        above = self.mean - self.best > max(noise, self.margin(ratio, relapse, z))
         self.best = min(self.best, self.mean)
         return above
+
+    def noise(self, z: float) -> float:
+        """``z`` deviations of the level's own noise."""
+        return z * math.sqrt(self.var * 0.05 / 1.95)
+
+    def margin(self, ratio: float, relapse: float, z: float) -> float:
+        """The rise over the lowest level that is a regression: ``ratio`` above it or, when
+        that is less, the share ``relapse`` of the fall from the start level to the lowest, if
+        that share stands clear of the level's noise (a fall within the noise is no progress
+        to lose)."""
+        lost = relapse * (self.start - self.best)
+        by_ratio = self.rise(self.best, ratio)
+        return min(by_ratio, lost) if lost > self.noise(z) else by_ratio
 
     def learn(self, value: float, decay: float = 0.95) -> None:
         if not math.isfinite(value) or (value <= 0 and not self.signed):
@@ -259,6 +289,8 @@ class _RunningStats:
             self.var = decay * self.var + (1 - decay) * 0.5 * (x - self.last) ** 2
         self.last = x
         self.n += 1
+        if self.n == RECENT:
+            self.start = self.scaled(self.median)
 
     def on_own_scale(self) -> _RunningStats:
         """These statistics moved to the loss's own scale, for a loss that went below zero:
@@ -379,21 +411,32 @@ class Guard:
             if trouble is not None:
                 return trouble
             judged = not (self.rises or c.nonfinite_only)
-            regressed = self.loss.regressed(c.regress, c.z, c.warmup) and judged
+            regressed = self.loss.regressed(c.regress, c.relapse, c.z, c.warmup) and judged
             self.above = self.above + 1 if regressed else 0
             if self.above >= c.interval:
-                level, best = self.loss.unscaled(self.loss.mean), self.loss.unscaled(self.loss.best)
-                why = (
-                    f"loss regression: its running level {level:.4g} has stood above "
-                    f"{c.regress:g}x the lowest it reached ({best:.4g}) for {c.interval} steps"
-                )
-                trouble = Trouble(s.step, REGRESSION, level, why)
+                trouble = self._regression(s.step)
                 held = self._comparable()
                 if held and self._lowest(held).step != self.regressed_to:
                     return trouble
                 self._relevel(trouble, "it came back from the snapshot the last one restored")
         self.grad.learn(s.grad_norm)
         return None
+
+    def _regression(self, step: int) -> Trouble:
+        """The trouble of a regression at ``step``, saying which rise called it."""
+        c, stats = self.config, self.loss
+        level, best = stats.unscaled(stats.mean), stats.unscaled(stats.best)
+        if stats.margin(c.regress, c.relapse, c.z) < stats.rise(stats.best, c.regress):
+            start = stats.unscaled(stats.start)
+            above = (
+                f"the lowest it reached ({best:.4g}) by more than {c.relapse:g} of its fall "
+                f"there from its start ({start:.4g}),"
+            )
+        else:
+            above = f"{c.regress:g}x the lowest it reached ({best:.4g})"
+        why = f"loss regression: its running level {level:.4g} has stood above {above} for "
+        why += f"{c.interval} steps"
+        return Trouble(step, REGRESSION, level, why)
 
     def _to_own_scale(self, step: int) -> None:
         """Judge the loss on its own scale from now on: it went below zero, where a log has no
@@ -486,7 +529,7 @@ class Guard:
         A regression says the weights got worse; so does a loss that rises by design (a
         curriculum that mixes harder examples in, a penalty whose weight grows), and there
         the older weights, on the data of now, do no better.  The rollback is kept if the
-        mean log loss of the trial stands below the level that regressed by half the factor
+        mean log loss of the trial stands below the level that regressed by half the rise
         that called it a regression (weights that had died or diverged fall back far below
         it at once); else the newest snapshot the rollback left is restored, at the rate it
         held, and its level accepted as the new normal; no later rise is judged a regression
@@ -513,8 +556,9 @@ class Guard:
             helped = False  # no better at all: no need to wait for the rest
         elif trial["age"] < self.config.interval:
             return False
-        else:
-            # a trial saved before it kept its factor is a regression's
+        elif "need" in trial:
+            helped = trial["level"] - mean > trial["need"]
+        else:  # saved by an older version, with the factor of its rule (none: a regression's)
             factor = trial.get("factor", math.sqrt(self.config.regress))
             helped = self.loss.above(trial["level"], mean, factor)
         self.forward = None if helped else self.abandoned
@@ -608,8 +652,9 @@ class Guard:
         if trouble.signal == REGRESSION and (held := self._comparable()):
             # to the lowest level; a regression never escalates: it comes only after
             # ``interval`` steps, and cuts the rate once
-            factor = math.sqrt(self.config.regress)
-            snap = self._back_on_trial(self._lowest(held), trouble.step, factor)
+            c = self.config
+            need = self.loss.margin(c.regress, c.relapse, c.z) / 2
+            snap = self._back_on_trial(self._lowest(held), trouble.step, need)
             self.regressed_to = snap.step
             return snap, self.config.backoff
         self.end_trial()
@@ -625,7 +670,7 @@ class Guard:
             self.healthy_since = trouble.step
             return None, self.config.backoff**self.retries
         if trouble.signal == DAMAGE and jump is not None and (before := self._before(jump)):
-            snap = self._back_on_trial(before, trouble.step, 1.0)
+            snap = self._back_on_trial(before, trouble.step, 0.0)
             return snap, self.config.backoff**self.retries
         # trouble again soon after a rollback: the newest snapshot may already be on the way down
         index = -2 if self.retries > 1 and len(self.snapshots) > 1 else -1
@@ -670,11 +715,11 @@ class Guard:
         taken = [s for s in self._comparable() if s.step < jump["step"]]
         return max(taken, key=lambda s: s.step) if taken else None
 
-    def _back_on_trial(self, snap: Snapshot, step: int, factor: float) -> Snapshot:
+    def _back_on_trial(self, snap: Snapshot, step: int, need: float) -> Snapshot:
         """Go back to ``snap`` at ``step``, a rollback on trial (:meth:`_judge_trial`): the newer
         snapshots belong to the trajectory left behind and are dropped, but the newest is kept
-        to go forward to if the restored weights' mean log loss does not stand ``factor`` below
-        the level of now."""
+        to go forward to if the restored weights' mean log loss does not stand ``need`` (as
+        :meth:`_RunningStats.scaled`) below the level of now."""
         newest, level = self.snapshots[-1] if self.snapshots else None, self.loss.mean
         self._hold_newest(snap)
         if self.best is not None and self.best.step > snap.step:
@@ -682,7 +727,7 @@ class Guard:
         self.healthy_since, self.fresh, self.restored = step, True, snap.step
         if newest is not None and newest.step > snap.step:
             self.abandoned = newest
-            self.trial = {"level": level, "age": 0, "total": 0.0, "factor": factor}
+            self.trial = {"level": level, "age": 0, "total": 0.0, "need": need}
         return snap
 
     def snapshots_state(self) -> dict[str, Any]:
