@@ -558,6 +558,7 @@ def _stepped(loss: Any) -> None:
         (lambda: selftune.GuardConfig(interval="5"), r"interval='5' \(steps between"),  # type: ignore[arg-type]
         (lambda: selftune.GuardConfig(z=math.nan), "z=nan .*give a number"),
         (lambda: selftune.GuardConfig(early_ratio=0.5), r"early_ratio=0.5 .* outside \(1, inf\)"),
+        (lambda: selftune.GuardConfig(relapse=0), r"relapse=0 \(the share .* outside \(0, inf\)"),
         (lambda: selftune.GuardConfig(nonfinite_only="yes"), "nonfinite_only='yes': give True"),  # type: ignore[arg-type]
         (lambda: _stepped(torch.ones(2)), r"needs one number, got a tensor of shape \(2,\)"),
         (lambda: _stepped("0.5"), "needs a number or a one-element tensor, got str"),
