@@ -6,8 +6,9 @@ Run from the repository root: ``python bench-results/pilots/compare.py OLD.jsonl
 compared with; ``--methods`` keeps only the runs of the methods its globs name).
 Every run of NEW (workload, method, seed) that OLD also holds is compared on steps to target (a
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
-how many reached the target in each, and the geometric mean of NEW's steps over OLD's on the runs
-that reached it in both (below 1: faster).  When NEW also holds the grid's rows (a full suite),
+how many reached the target in each, how many ran identically (every curve the same), and the
+geometric mean of NEW's steps over OLD's on the runs that reached it in both (below 1: faster).
+When NEW also holds the grid's rows (a full suite),
 it then gives, per workload and base, the median steps of `auto` at the default rate in each, as
 a multiple of the oracle (the grid member with the lowest median in NEW, a miss counting as
 infinite), with the seeds that hit; and which cells of the start sweep (1e-5 to 1e-1) met the
@@ -79,6 +80,8 @@ def main() -> None:
         faster += steps(b) < steps(a)
         slower += steps(b) > steps(a)
     print(f"{faster} faster, {slower} slower, of {len(shared)} runs in both")
+    same = sum(old[k]["curves"] == new[k]["curves"] for k in shared)
+    print(f"{same} of them with every curve (loss, rate, metric) identical")
     both = [k for k in shared if math.isfinite(steps(old[k])) and math.isfinite(steps(new[k]))]
     hits = [sum(math.isfinite(steps(side[k])) for k in shared) for side in (old, new)]
     logs = [math.log(steps(new[k]) / steps(old[k])) for k in both]
