@@ -62,6 +62,25 @@ def test_image_pixels_are_the_photograph_fixed_split_with_fourier_features() -> 
     assert not any(tuple(r) in train_rows for r in a.x_test[:, :4].tolist())  # pixels held out
 
 
+def test_ratings_are_a_fixed_low_rank_completion_problem() -> None:
+    a = data.ratings.__wrapped__(num_users=200, num_items=100)
+    b = data.ratings.__wrapped__(num_users=200, num_items=100)
+    assert a.x_train.shape == (3200, 2) and a.x_test.shape == (800, 2)  # a fifth of 20,000 cells
+    assert a.x_train.dtype == torch.int64 and a.y_train.dtype == torch.float32
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    pairs = torch.cat([a.x_train, a.x_test])
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)  # no cell rated twice
+    assert int(pairs[:, 0].max()) < 200 and int(pairs[:, 1].max()) < 100
+    # preferences (unit deviation), two biases (0.5 each) and noise (0.5): about 1.75 in all
+    assert 1.4 < float(a.y_train.var()) < 2.1
+    task = WORKLOADS["ratings-factorization"].smoke().task()
+    model = WORKLOADS["ratings-factorization"].make_model(task)
+    assert model(a.x_test).shape == (800,)
+    with torch.no_grad():  # a fresh model predicts about zero: its error is the ratings' variance
+        assert abs(task.evaluate(model) - float(a.y_test.var())) < 0.2
+
+
 def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
     first = data.mnist1d.__wrapped__(num_samples=200, seed=3)
     files = list(cache.glob("mnist1d-200-seed3*.npz"))
