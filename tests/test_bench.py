@@ -81,6 +81,28 @@ def test_ratings_are_a_fixed_low_rank_completion_problem() -> None:
         assert abs(task.evaluate(model) - float(a.y_test.var())) < 0.2
 
 
+def test_the_vae_scores_a_negative_elbo_that_training_lowers() -> None:
+    """The digits VAE's metric is one fixed draw of noise per evaluation, and its objective a
+    bound in nats: about 64 ln 2 (a Bernoulli coin per pixel) before training, lower after."""
+    workload = WORKLOADS["digits-vae"]
+    task = workload.task()
+    torch.manual_seed(0)
+    model = workload.make_model(task)
+    with torch.no_grad():
+        first = task.evaluate(model)
+        assert task.evaluate(model) == first  # the same noise at every evaluation
+    assert 40.0 < first < 50.0  # 64 ln 2 = 44.4
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = task.loss(model, task.batch(64, gen))
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert task.evaluate(model) < first - 10.0  # learnt the digits' pixels
+
+
 def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
     first = data.mnist1d.__wrapped__(num_samples=200, seed=3)
     files = list(cache.glob("mnist1d-200-seed3*.npz"))
