@@ -259,7 +259,7 @@ class _RunningStats:
         if self.n < warmup:
             return False
         noise = self.noise(z)
-        above = self.mean - self.best > max(noise, self.margin(ratio, relapse, z))
+        above = self.mean - self.best > max(noise, self.margin(ratio, relapse, noise))
         self.best = min(self.best, self.mean)
         return above
 
@@ -267,14 +267,14 @@ class _RunningStats:
         """``z`` deviations of the level's own noise."""
         return z * math.sqrt(self.var * 0.05 / 1.95)
 
-    def margin(self, ratio: float, relapse: float, z: float) -> float:
+    def margin(self, ratio: float, relapse: float, noise: float) -> float:
         """The rise over the lowest level that is a regression: ``ratio`` above it or, when
         that is less, the share ``relapse`` of the fall from the start level to the lowest, if
-        that share stands clear of the level's noise (a fall within the noise is no progress
-        to lose)."""
+        that share stands clear of the level's ``noise`` (:meth:`noise`; a fall within the
+        noise is no progress to lose)."""
         lost = relapse * (self.start - self.best)
         by_ratio = self.rise(self.best, ratio)
-        return min(by_ratio, lost) if lost > self.noise(z) else by_ratio
+        return min(by_ratio, lost) if lost > noise else by_ratio
 
     def learn(self, value: float, decay: float = 0.95) -> None:
         if not math.isfinite(value) or (value <= 0 and not self.signed):
@@ -426,7 +426,7 @@ class Guard:
         """The trouble of a regression at ``step``, saying which rise called it."""
         c, stats = self.config, self.loss
         level, best = stats.unscaled(stats.mean), stats.unscaled(stats.best)
-        if stats.margin(c.regress, c.relapse, c.z) < stats.rise(stats.best, c.regress):
+        if self._margin() < stats.rise(stats.best, c.regress):
             start = stats.unscaled(stats.start)
             above = (
                 f"the lowest it reached ({best:.4g}) by more than {c.relapse:g} of its fall "
@@ -437,6 +437,11 @@ class Guard:
         why = f"loss regression: its running level {level:.4g} has stood above {above} for "
         why += f"{c.interval} steps"
         return Trouble(step, REGRESSION, level, why)
+
+    def _margin(self) -> float:
+        """The rise over the loss's lowest level that is a regression, by this config."""
+        c = self.config
+        return self.loss.margin(c.regress, c.relapse, self.loss.noise(c.z))
 
     def _to_own_scale(self, step: int) -> None:
         """Judge the loss on its own scale from now on: it went below zero, where a log has no
@@ -652,9 +657,7 @@ class Guard:
         if trouble.signal == REGRESSION and (held := self._comparable()):
             # to the lowest level; a regression never escalates: it comes only after
             # ``interval`` steps, and cuts the rate once
-            c = self.config
-            need = self.loss.margin(c.regress, c.relapse, c.z) / 2
-            snap = self._back_on_trial(self._lowest(held), trouble.step, need)
+            snap = self._back_on_trial(self._lowest(held), trouble.step, self._margin() / 2)
             self.regressed_to = snap.step
             return snap, self.config.backoff
         self.end_trial()
