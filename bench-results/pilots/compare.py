@@ -8,11 +8,11 @@ Every run of NEW (workload, method, seed) that OLD also holds is compared on ste
 miss counts as infinitely slow); the changed ones are listed, then how many got faster and slower,
 how many reached the target in each, how many ran identically (every curve the same), and the
 geometric mean of NEW's steps over OLD's on the runs that reached it in both (below 1: faster).
-When NEW also holds the grid's rows (a full suite),
-it then gives, per workload and base, the median steps of `auto` at the default rate in each, as
-a multiple of the oracle (the grid member with the lowest median in NEW, a miss counting as
-infinite), with the seeds that hit; and which cells of the start sweep (1e-5 to 1e-1) met the
-issue's bar (every seed hit, median within 1.5x the oracle) in OLD and in NEW.
+When NEW also holds the grid's rows (a full suite), it then gives, per workload and base, the
+median steps of `auto` at the default rate in each, as a multiple of the oracle (the grid member
+with the lowest median in NEW, a miss counting as infinite), with the seeds that hit; and which
+cells of the start sweep (1e-5 to 1e-1) met the issue's bar (every seed hit, median within 1.5x
+the oracle) in OLD and in NEW.
 The full suite before pilot 24 is ``git show a5035cf~1:bench-results/results.jsonl``; pilot 26's
 is ``bench-results/pilots/26-trial-against-the-trend/full-suite.jsonl``; the suite before pilot 31
 is ``git show 28930a4:bench-results/results.jsonl``, and pilot 31's, which 34's and 35's
