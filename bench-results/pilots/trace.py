@@ -12,7 +12,9 @@ first.
 averaged cosine and the phase): the figures of pilots 39-41, some of whose steps end the test
 without a decision and so leave no record in the log.  ``--signals`` prints under each rate
 decision the loss statistics it read (the smoothed loss, its deviation, the slope of the fast EMA
-against the slow one): the figures of pilot 61.
+against the slow one): the figures of pilot 61.  ``--metric-cuts`` prints at each cut of the
+metric's plateau rule the mean of the last eight per-step cosines, its standard error and the
+sign the range test's ``SignTest`` reads from them (0: no clear sign): the figures of pilot 74.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ def main() -> None:
     parser.add_argument(
         "--signals", action="store_true", help="print the loss statistics each decision read"
     )
+    parser.add_argument(
+        "--metric-cuts", action="store_true", help="print the cosines at each metric cut"
+    )
     args = parser.parse_args()
     if args.range_test:
         _print_range_test_reads()
+    if args.metric_cuts:
+        _print_metric_cut_reads()
     log_dir = tempfile.mkdtemp(prefix="selftune-trace-")
     wrap = selftune.wrap
 
@@ -84,6 +91,23 @@ def _print_range_test_reads() -> None:
         return test(ctl, s, i, k, rho)
 
     AutoController._range_test = reading  # type: ignore[method-assign]
+
+
+def _print_metric_cut_reads() -> None:
+    """Wrap ``AutoController._metric_cut`` (a diagnostic: the controller is not changed)."""
+    cut = AutoController._metric_cut
+
+    def reading(ctl: AutoController, s: Signals, i: int, lr: float) -> Any:
+        ev = ctl._evidence[i]
+        n = len(ev.samples)
+        error = ev.deviation / math.sqrt(n) if n > 1 else math.inf
+        print(
+            f"{s.step:5d}  metric cut at lr {lr:.3g}: cosines' mean {ev.mean:+.3f}, error"
+            f" {error:.3f}, sign {ev.sign(ctl.clear):+d}"
+        )
+        return cut(ctl, s, i, lr)
+
+    AutoController._metric_cut = reading  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
