@@ -20,7 +20,7 @@ from selftune.bench import data, report, suites
 from selftune.bench.hd import SGDHD, AdamHD
 from selftune.bench.methods import Handle, Method, Setting, methods, select
 from selftune.bench.runner import RunSpec, one_thread, read_results, run_all, run_spec, train
-from selftune.bench.workloads import WORKLOADS
+from selftune.bench.workloads import WORKLOADS, PoissonTask
 
 SIDES = ("plain", "selftune")
 
@@ -101,6 +101,32 @@ def test_the_vae_scores_a_negative_elbo_that_training_lowers() -> None:
         opt.step()
     with torch.no_grad():
         assert task.evaluate(model) < first - 10.0  # learnt the digits' pixels
+
+
+def test_the_pinn_loss_is_the_equations_residual_and_its_metric_the_solutions_error() -> None:
+    """The exact solution zeroes the Poisson loss (its Laplacian by double backward is the source,
+    its edge values zero) and the metric; a fresh network misses by about the solution's norm;
+    the collocation points lie inside the square and on its edges."""
+    workload = WORKLOADS["poisson-pinn"]
+    task = workload.task()
+    assert isinstance(task, PoissonTask)
+
+    class Exact(torch.nn.Module):
+        def forward(self, points: torch.Tensor) -> torch.Tensor:
+            return PoissonTask.solution(points)[:, None]
+
+    inside, edge = task.batch(256, torch.Generator().manual_seed(0))
+    assert inside.shape == (256, 2) and edge.shape == (64, 2)
+    assert bool(((inside > 0) & (inside < 1)).all())
+    on_edge = (edge == 0) | (edge == 1)
+    assert bool(on_edge.any(dim=1).all()) and len(edge[:, 0].unique()) > 2
+    assert float(task.loss(Exact(), (inside, edge)).detach()) < 1e-8
+    assert task.evaluate(Exact()) == 0.0
+    torch.manual_seed(0)
+    model = workload.make_model(task)
+    assert float(task.loss(model, (inside, edge)).detach()) > 100.0  # the source's mean square
+    with torch.no_grad():
+        assert 0.9 < task.evaluate(model) < 1.5
 
 
 def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
