@@ -128,22 +128,23 @@ class PoissonTask:
     @classmethod
     def solution(cls, p: torch.Tensor) -> torch.Tensor:
         """``u*`` at points ``p`` (n x 2)."""
-        return sum(
-            a * torch.sin(k * torch.pi * p[:, 0]) * torch.sin(k * torch.pi * p[:, 1])
-            for a, k in cls.MODES
-        )
+        return cls._terms(p, lambda a, k: a)
 
     @classmethod
     def source(cls, p: torch.Tensor) -> torch.Tensor:
         """``f = -Δu*`` at points ``p``: each term's Laplacian is ``-2 (kπ)²`` times the term."""
-        return sum(
-            a
-            * 2
-            * (k * torch.pi) ** 2
-            * torch.sin(k * torch.pi * p[:, 0])
-            * torch.sin(k * torch.pi * p[:, 1])
+        return cls._terms(p, lambda a, k: a * 2 * (k * torch.pi) ** 2)
+
+    @classmethod
+    def _terms(cls, p: torch.Tensor, weight: Callable[[float, float], float]) -> torch.Tensor:
+        """The sum over ``u*``'s terms of ``weight(amplitude, frequency)`` times the term's
+        ``sin(kπx) sin(kπy)``."""
+        x, y = p[:, 0], p[:, 1]
+        terms = [
+            weight(a, k) * torch.sin(k * torch.pi * x) * torch.sin(k * torch.pi * y)
             for a, k in cls.MODES
-        )
+        ]
+        return torch.stack(terms).sum(dim=0)
 
     def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         inside = torch.rand(size, 2, generator=gen)
