@@ -15,12 +15,16 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from selftune.policy import DEFAULT_BOUNDS
+
 RESULTS = Path(__file__).resolve().parents[1] / "results.jsonl"
-FLOOR = 1e-3  #: the policy's default lower bound, as a fraction of the starting rate
+FLOOR = DEFAULT_BOUNDS["lr"][0]  #: the policy's default lower bound, a fraction of the start
 
 
 def main() -> None:
-    runs, missed, at_floor = Counter(), Counter(), Counter()
+    runs: Counter[str] = Counter()
+    missed: Counter[str] = Counter()
+    at_floor: Counter[str] = Counter()
     for line in RESULTS.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         if not r["method"].startswith("selftune-auto-") or r.get("error"):

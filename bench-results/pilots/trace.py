@@ -99,11 +99,9 @@ def _print_metric_cut_reads() -> None:
 
     def reading(ctl: AutoController, s: Signals, i: int, lr: float) -> Any:
         ev = ctl._evidence[i]
-        n = len(ev.samples)
-        error = ev.deviation / math.sqrt(n) if n > 1 else math.inf
         print(
             f"{s.step:5d}  metric cut at lr {lr:.3g}: cosines' mean {ev.mean:+.3f}, error"
-            f" {error:.3f}, sign {ev.sign(ctl.clear):+d}"
+            f" {ev.error:.3f}, sign {ev.sign(ctl.clear):+d}"
         )
         return cut(ctl, s, i, lr)
 

@@ -163,11 +163,16 @@ class SignTest:
         mean = self.mean
         return math.sqrt(math.fsum((x - mean) ** 2 for x in self.samples) / (n - 1))
 
+    @property
+    def error(self) -> float:
+        """The mean's standard error (infinite below two samples)."""
+        return self.deviation / math.sqrt(len(self.samples)) if self.samples else math.inf
+
     def sign(self, clear: float) -> int:
         """+1 or -1 when the mean is more than ``clear`` standard errors from zero, else 0."""
         if len(self.samples) < max(2, self.min_samples):
             return 0
-        error = self.deviation / math.sqrt(len(self.samples))
+        error = self.error
         if self.mean > clear * error:
             return 1
         return -1 if self.mean < -clear * error else 0
