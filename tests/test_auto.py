@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from problems import noisy_quadratic, train
 
 import selftune
 from selftune.audit import read_log
@@ -285,6 +286,50 @@ def test_a_restore_to_the_first_snapshot_keeps_what_failed() -> None:
     (proposal,) = ctl.propose(_signals(12, 0.0), knobs)
     assert proposal.value == pytest.approx(0.25 * failed)
     assert ctl.state_dict()["phase"] == ["cruise"]
+
+
+def test_without_the_range_test_every_group_cruises_from_the_rate_given() -> None:
+    """``range_test=False``: the clear positive cosines that grow the range test's rate 1.2x a
+    step move the cruise's only by its hypergradient's few percent, and a rollback to the
+    guard's first snapshot, which holds no groups yet, brings no range test back."""
+    ramped, _ = _drive(AutoController(), _noise(10, 0.4, 0.05))
+    cruised, phases = _drive(AutoController(range_test=False), _noise(10, 0.4, 0.05))
+    assert set(phases) == {"cruise"} and 1e-3 < cruised < 1.5e-3 < ramped
+    ctl = AutoController(range_test=False)
+    first = ctl.state_dict()
+    knobs = [{"lr": 1e-3, "momentum": 0.9}]
+    for t, cos in enumerate(_no_sign(12)):
+        for p in ctl.propose(_signals(t, cos), knobs):
+            knobs[p.group][p.knob] = p.value
+    ctl.before_rollback(knobs)
+    ctl.load_state_dict(first)
+    ctl.on_backoff(12)
+    assert not ctl.propose(_signals(12, 0.0), knobs) and ctl.state_dict()["phase"] == ["cruise"]
+
+
+def test_a_real_run_without_the_range_test_starts_at_the_rate_given() -> None:
+    """On the noisy quadratic the default range test grows the rate within its first steps; with
+    ``range_test=False`` the log holds no range-test decision and the rate starts where the user
+    set it."""
+    lrs: dict[bool, list[float]] = {}
+    reasons: dict[bool, list[str]] = {}
+    for test in (True, False):
+        pr = noisy_quadratic(seed=3)
+        opt = selftune.wrap(torch.optim.SGD(pr.model.parameters(), lr=0.01, momentum=0.9),
+                            range_test=test)  # fmt: skip
+        seen: list[str] = []
+        opt.add_listener(lambda e, seen=seen: seen.extend(d.reason for d in e.decisions))
+        rates: list[float] = []
+        train(
+            pr, opt, 60, on_step=lambda _t, o=opt, out=rates: out.append(o.hyperparams()[0]["lr"])
+        )
+        lrs[test], reasons[test] = rates, seen
+    assert any(r.startswith("range test") for r in reasons[True]) and lrs[True][9] > 0.02
+    assert not any(r.startswith("range test") for r in reasons[False])
+    # the cruise's raises are a few percent a step, the range test's 1.2x
+    steps = list(zip(lrs[False][:19], lrs[False][1:20], strict=True))
+    assert lrs[False][0] == 0.01 and all(b / a < 1.1 for a, b in steps)
+    assert lrs[False][9] < 0.6 * lrs[True][9]
 
 
 def _in_cruise() -> tuple[AutoController, list[dict[str, float]]]:

@@ -16,6 +16,7 @@ from problems import noisy_quadratic, train
 
 import selftune
 from selftune import audit, report
+from selftune.controllers.auto import FLAGS as auto_flags
 from selftune.controllers.auto import OPTIONS as auto_options
 from selftune.controllers.auto import AutoController
 from selftune.controllers.base import Proposal
@@ -617,7 +618,8 @@ def test_a_controller_option_out_of_range_is_refused_by_name(
 def test_every_controller_option_has_a_range_and_its_example_is_accepted(
     make: Any, table: dict[str, Any]
 ) -> None:
-    assert set(inspect.signature(make).parameters) == set(table)
+    flags = auto_flags if make is AutoController else {}
+    assert set(inspect.signature(make).parameters) == set(table) | set(flags)
     for name, r in table.items():
         make(**{name: int(r.example) if r.whole else float(r.example)})
     # the upper ends: a deadband above 1 (a cosine never exceeds it) and a retreat above 1
@@ -631,6 +633,14 @@ def test_every_controller_option_has_a_range_and_its_example_is_accepted(
     AutoController(ramp=np.float32(1.3), metric_patience=np.int64(2))
     with pytest.raises(selftune.ConfigError, match="give a whole number"):
         AutoController(metric_patience=np.float64(2.0))
+
+
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) -> None:
+    """A string "False" read off a config is truthy: taken as given it would run the range test
+    the user turned off."""
+    with pytest.raises(selftune.ConfigError, match=r"^range_test=.*: give True \(.*\) or False"):
+        selftune.wrap(_sgd()[0], "auto", range_test=value)
 
 
 def test_a_refused_wrap_leaves_the_optimizer_free_to_wrap() -> None:

@@ -68,6 +68,14 @@
    positive cosines: the bounce of steps that overshoot is what the average absorbs
    (:meth:`AutoController._follows`).
 
+With ``range_test=False`` every group starts in the cruise, at the rate it was given: for a rate
+already known to be right (a grid's best, a recipe's), which the range test would leave.  Started
+at the grid's best constant rate on the benchmark's ten workloads not held out, seeds 0-2, the
+cruise needed no more steps than that constant rate on 11 pairs of 18 (0.70-1.00x) and at most
+1.14x on 15, and no more than the oracle's median (constant or cosine over the budget) on 10;
+``auto`` as shipped, started at the same rate, ramped away from it and missed in some seed on 5
+pairs (``bench-results/gap-decomposition/``).
+
 Momentum and β1 are left where the user set them: the evidence tried for them (buffer alignment)
 lengthened the memory whenever the rate was small, which trades one knob for the other.
 """
@@ -78,7 +86,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from selftune.controllers.base import Knobs, Option, Proposal, check_options
+from selftune.controllers.base import Knobs, Option, Proposal, check_flags, check_options
 from selftune.controllers.evidence import MetricPlateau, RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
@@ -132,6 +140,12 @@ OPTIONS = {
     "metric_patience": Option("evaluations without a new best before a cut", "3", 0, whole=True),
 }
 
+#: the switches among the options, and what each choice does (see ``check_flags``)
+FLAGS = {
+    "range_test": "True (test the rate first, the default) or False (start the cruise at the rate "
+    "given, for a rate known to be right)",
+}
+
 
 @dataclass
 class _Trial:
@@ -171,8 +185,10 @@ class AutoController:
         clear: float = 3.0,
         retreat: float = 0.25,
         metric_patience: int = 3,
+        range_test: bool = True,
     ) -> None:
         check_options(OPTIONS, locals())
+        check_flags(FLAGS, locals())
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
@@ -202,9 +218,9 @@ class AutoController:
         self._descent = SignTest()
         self._prev_loss: float | None = None
         self._peak_loss = -math.inf
-        #: the phase a group starts in: "ramp"; "shrink" after a guard rollback during the first
-        #: ramp; "cruise" after any later one
-        self._start_phase = "ramp"
+        #: the phase a group starts in: "ramp" ("cruise" with no range test); "shrink" after a
+        #: guard rollback during the first ramp; "cruise" after any later one
+        self._start_phase = "ramp" if range_test else "cruise"
         self._restart: str | None = None  # set when the range test asks for a restart
         #: per group, while a shrink runs (from the first look or after a rollback), the rate
         #: it began at; once it has turned positive, the rate where it did if it went deeper

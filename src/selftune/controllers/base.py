@@ -100,6 +100,15 @@ def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
             )
 
 
+def check_flags(flags: dict[str, str], values: dict[str, Any]) -> None:
+    """Refuse a value of any of ``flags`` (name: what True and False do) that is not a bool,
+    naming it and both choices: a string "False" from a config file is truthy, and read as
+    True it would do the opposite of what was asked, silently."""
+    for name, choices in flags.items():
+        if not isinstance(values[name], bool):
+            raise ConfigError(f"{name}={values[name]!r}: give {choices}")
+
+
 def is_number(value: object) -> bool:
     """A real number, numpy's scalars too (a value read off a config or a sweep), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -1,0 +1,198 @@
+"""Split `auto`'s gap to the oracle into its parts: the rate it settles on, and what its cruise
+does at a rate that is right.
+
+Run from the repository root: ``python bench-results/gap-decomposition/run.py [--jobs 2]``
+(``--table`` only prints the tables from the committed results).  Two readings:
+
+1. From ``../results.jsonl`` alone (no runs): per pair, the grid's best *constant* rate against
+   the oracle (the best member, constant or cosine over the budget): what knowing the budget's
+   decay is worth on these workloads; and the constant members a factor of 3 below and above
+   it (the grid's step), in multiples of its steps: how near the best rate a settle must land.
+2. Runs, seeds 0-2, on every pair with an oracle of the workloads not held out (the held-out
+   ones are not touched: a rule could be read off them), at that best constant rate ``lr*``:
+   ``const-best`` (the plain optimizer at ``lr*``, re-run here so that the comparison is on one
+   machine), ``cruise-from-best`` (``auto`` with ``range_test=False``: its cruise, guard and
+   metric rule start at ``lr*``) and ``auto-from-best`` (``auto`` as shipped, started at
+   ``lr*``: does its range test leave a rate that is already right?).  Rows go to
+   ``results.jsonl`` here; ``table.md`` is made from them.  The last column sets the cruise
+   against the committed oracle's median, whose rows are of the same seeds (0-2) but were run
+   on another machine (the README of ``../pilots/``, 64: float rounding moves trajectories).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from selftune.bench import methods as m  # noqa: E402
+from selftune.bench.report import INF, Row, Workload, _fastest, summarise  # noqa: E402
+from selftune.bench.runner import one_thread, read_results, train  # noqa: E402
+from selftune.bench.workloads import WORKLOADS  # noqa: E402
+from selftune.controllers.auto import AutoController  # noqa: E402
+
+ARMS = ("const-best", "cruise-from-best", "auto-from-best")
+SEEDS = (0, 1, 2)
+
+
+def best_of(w: Workload, base: str, schedule: str) -> Row | None:
+    """The grid member of ``schedule`` ("const" or "cos") with the fewest median steps (ties
+    broken as the oracle's are)."""
+    rows = [r for r in w.grid(base) if f"-{schedule}-" in r.method and r.steps < INF]
+    return _fastest(rows) if rows else None
+
+
+def pairs(workloads: dict[str, Workload]) -> list[tuple[str, str, float]]:
+    """(workload, base, lr*) for every pair of a workload not held out that has an oracle."""
+    out = []
+    for w in workloads.values():
+        for base in ("sgd", "adamw"):
+            const = best_of(w, base, "const")
+            if not w.held_out and const is not None and const.lr0 is not None:
+                out.append((w.name, base, const.lr0))
+    return out
+
+
+def method(arm: str, base: str, lr: float) -> m.Method:
+    if arm == "const-best":
+        build = m._plain(base, lr, "const")
+    else:
+        build = m._selftune(
+            base, lr, AutoController(range_test=False) if arm == "cruise-from-best" else "auto"
+        )
+    return m.Method(f"{arm}-{base}", arm, base, build, len(SEEDS), lr)
+
+
+def one(job: tuple[str, str, str, float, int]) -> dict[str, Any]:
+    workload, arm, base, lr, seed = job
+    with one_thread():
+        return train(WORKLOADS[workload], method(arm, base, lr), seed)
+
+
+def _member(row: Row | None) -> str:
+    return f"{row.method}: {row.steps:g}" if row else "miss"
+
+
+def _steps(median: float, hits: int) -> str:
+    return f"{median:g} ({hits}/{len(SEEDS)})" if median < INF else f"miss ({hits}/{len(SEEDS)})"
+
+
+def _neighbours(w: Workload, base: str, const: Row | None) -> str:
+    """The constant grid's members a factor of the grid's step (3) below and above ``const``,
+    as multiples of its median steps: how far from the best rate a constant one may be."""
+    if const is None:
+        return "– | –"
+    grid = {r.lr0: r for r in w.grid(base) if "-const-" in r.method}
+    rates = sorted(grid)
+    at = rates.index(const.lr0)
+    cells = []
+    for j in (at - 1, at + 1):
+        row = grid[rates[j]] if 0 <= j < len(rates) else None
+        if row is None:
+            cells.append("–")
+        else:
+            cells.append(f"{row.steps / const.steps:.2f}x" if row.steps < INF else "miss")
+    return " | ".join(cells)
+
+
+def decay_table(workloads: dict[str, Workload]) -> list[str]:
+    lines = [
+        "| workload | base | oracle | best constant | best cosine | constant × oracle | "
+        "constant / 3 | constant × 3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for w in workloads.values():
+        for base in ("sgd", "adamw"):
+            oracle, const, cos = w.oracle(base), best_of(w, base, "const"), best_of(w, base, "cos")
+            if oracle is None:
+                continue
+            ratio = f"{const.steps / oracle.steps:.2f}x" if const else "–"
+            members = " | ".join(_member(r) for r in (oracle, const, cos))
+            near = _neighbours(w, base, const)
+            lines.append(f"| {w.label} | {base} | {members} | {ratio} | {near} |")
+    return lines
+
+
+def _median(records: list[dict[str, Any]]) -> tuple[float, int]:
+    steps = [r["steps_to_target"] or INF for r in records]
+    return statistics.median(steps), sum(s < INF for s in steps)
+
+
+def runs_table(workloads: dict[str, Workload], rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| workload | base | lr* | const-best | cruise-from-best | auto-from-best | "
+        "cruise × const | auto × const | cruise × oracle |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, base, lr in pairs(workloads):
+        got = {}
+        for arm in ARMS:
+            recs = [r for r in rows if r["workload"] == name and r["method"] == f"{arm}-{base}"]
+            got[arm] = _median(recs) if recs else (INF, 0)
+        const = got["const-best"][0]
+        ratios = [
+            f"{got[a][0] / const:.2f}x" if const < INF and got[a][0] < INF else "–"
+            for a in ARMS[1:]
+        ]
+        oracle = workloads[name].oracle(base)
+        cruise = got["cruise-from-best"][0]
+        ratios.append(f"{cruise / oracle.steps:.2f}x" if oracle and cruise < INF else "–")
+        cells = " | ".join(_steps(*got[a]) for a in ARMS)
+        lines.append(f"| {name} | {base} | {lr:g} | {cells} | {' | '.join(ratios)} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only make the tables")
+    args = parser.parse_args()
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    out = HERE / "results.jsonl"
+    if not args.table:
+        done = (
+            {(r["workload"], r["method"], r["seed"]) for r in read_results(out)}
+            if out.exists()
+            else set()
+        )
+        jobs = [
+            (name, arm, base, lr, seed)
+            for name, base, lr in pairs(workloads)
+            for arm in ARMS
+            for seed in SEEDS
+            if (name, f"{arm}-{base}", seed) not in done
+        ]
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            for record in pool.map(one, jobs):
+                with out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(
+                    record["workload"],
+                    record["method"],
+                    record["seed"],
+                    record["steps_to_target"],
+                    flush=True,
+                )
+    rows = read_results(out) if out.exists() else []
+    table = [
+        "## What the budget's decay is worth (the committed grid)",
+        "",
+        *decay_table(workloads),
+    ]
+    table += ["", "## `auto` at the best constant rate (seeds 0-2, this machine)", ""]
+    table += runs_table(workloads, rows)
+    (HERE / "table.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
