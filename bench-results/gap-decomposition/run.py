@@ -13,7 +13,9 @@ Run from the repository root: ``python bench-results/gap-decomposition/run.py [-
    ``const-best`` (the plain optimizer at ``lr*``, re-run here so that the comparison is on one
    machine), ``cruise-from-best`` (``auto`` with ``range_test=False``: its cruise, guard and
    metric rule start at ``lr*``) and ``auto-from-best`` (``auto`` as shipped, started at
-   ``lr*``: does its range test leave a rate that is already right?).  Rows go to
+   ``lr*``: does its range test leave a rate that is already right?); and the cruise started at
+   ``lr*`` times 1/3, 1/sqrt(3), sqrt(3) and 3 (``cruise-at-*``): how near ``lr*`` a settle
+   must land.  Rows go to
    ``results.jsonl`` here; ``table.md`` is made from them.  The last column sets the cruise
    against the committed oracle's median, whose rows are of the same seeds (0-2) but were run
    on another machine (the README of ``../pilots/``, 64: float rounding moves trajectories).
@@ -40,7 +42,16 @@ from selftune.bench.runner import one_thread, read_results, train  # noqa: E402
 from selftune.bench.workloads import WORKLOADS  # noqa: E402
 from selftune.controllers.auto import AutoController  # noqa: E402
 
-ARMS = ("const-best", "cruise-from-best", "auto-from-best")
+MAIN = ("const-best", "cruise-from-best", "auto-from-best")
+#: the cruise started off ``lr*`` by half a grid step and a whole one, each way: how near it
+#: the settle must land for the cruise to meet the bar
+OFF = {
+    "cruise-at-0.33": 1 / 3,
+    "cruise-at-0.58": 3**-0.5,
+    "cruise-at-1.73": 3**0.5,
+    "cruise-at-3": 3.0,
+}
+ARMS = (*MAIN, *OFF)
 SEEDS = (0, 1, 2)
 
 
@@ -63,13 +74,15 @@ def pairs(workloads: dict[str, Workload]) -> list[tuple[str, str, float]]:
 
 
 def method(arm: str, base: str, lr: float) -> m.Method:
+    """The benchmark method of ``arm`` for a pair whose best constant rate is ``lr``."""
+    start = lr * OFF.get(arm, 1.0)
     if arm == "const-best":
-        build = m._plain(base, lr, "const")
+        build = m._plain(base, start, "const")
+    elif arm == "auto-from-best":
+        build = m._selftune(base, start, "auto")
     else:
-        build = m._selftune(
-            base, lr, AutoController(range_test=False) if arm == "cruise-from-best" else "auto"
-        )
-    return m.Method(f"{arm}-{base}", arm, base, build, len(SEEDS), lr)
+        build = m._selftune(base, start, AutoController(range_test=False))
+    return m.Method(f"{arm}-{base}", arm, base, build, len(SEEDS), start)
 
 
 def one(job: tuple[str, str, str, float, int]) -> dict[str, Any]:
@@ -127,6 +140,19 @@ def _median(records: list[dict[str, Any]]) -> tuple[float, int]:
     return statistics.median(steps), sum(s < INF for s in steps)
 
 
+def _arms(rows: list[dict[str, Any]], name: str, base: str) -> dict[str, tuple[float, int]]:
+    """Each arm's median steps and hits on one pair."""
+    got = {}
+    for arm in ARMS:
+        recs = [r for r in rows if r["workload"] == name and r["method"] == f"{arm}-{base}"]
+        got[arm] = _median(recs) if recs else (INF, 0)
+    return got
+
+
+def _times(steps: float, base: float) -> str:
+    return f"{steps / base:.2f}x" if steps < INF and base < INF else "–"
+
+
 def runs_table(workloads: dict[str, Workload], rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| workload | base | lr* | const-best | cruise-from-best | auto-from-best | "
@@ -134,20 +160,47 @@ def runs_table(workloads: dict[str, Workload], rows: list[dict[str, Any]]) -> li
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, base, lr in pairs(workloads):
-        got = {}
-        for arm in ARMS:
-            recs = [r for r in rows if r["workload"] == name and r["method"] == f"{arm}-{base}"]
-            got[arm] = _median(recs) if recs else (INF, 0)
+        got = _arms(rows, name, base)
         const = got["const-best"][0]
-        ratios = [
-            f"{got[a][0] / const:.2f}x" if const < INF and got[a][0] < INF else "–"
-            for a in ARMS[1:]
-        ]
+        ratios = [_times(got[a][0], const) for a in MAIN[1:]]
         oracle = workloads[name].oracle(base)
-        cruise = got["cruise-from-best"][0]
-        ratios.append(f"{cruise / oracle.steps:.2f}x" if oracle and cruise < INF else "–")
-        cells = " | ".join(_steps(*got[a]) for a in ARMS)
+        ratios.append(_times(got["cruise-from-best"][0], oracle.steps if oracle else INF))
+        cells = " | ".join(_steps(*got[a]) for a in MAIN)
         lines.append(f"| {name} | {base} | {lr:g} | {cells} | {' | '.join(ratios)} |")
+    return lines
+
+
+def tolerance_table(workloads: dict[str, Workload], rows: list[dict[str, Any]]) -> list[str]:
+    """The cruise's steps from each start around ``lr*``, as multiples of the oracle's, and how
+    many pairs each start brings within 1.0x and 1.25x of it."""
+    starts = [
+        "cruise-at-0.33",
+        "cruise-at-0.58",
+        "cruise-from-best",
+        "cruise-at-1.73",
+        "cruise-at-3",
+    ]
+    factors = [OFF.get(a, 1.0) for a in starts]
+    lines = [
+        "| workload | base | " + " | ".join(f"lr* × {f:.2g}" for f in factors) + " |",
+        "|---|---|" + "---|" * len(starts),
+    ]
+    within = {a: [0, 0] for a in starts}
+    for name, base, _ in pairs(workloads):
+        got, oracle = _arms(rows, name, base), workloads[name].oracle(base)
+        cells = []
+        for a in starts:
+            ratio = got[a][0] / oracle.steps if oracle else INF
+            within[a][0] += ratio <= 1.0
+            within[a][1] += ratio <= 1.25
+            cells.append(f"{_times(got[a][0], oracle.steps if oracle else INF)} ({got[a][1]}/3)")
+        lines.append(f"| {name} | {base} | {' | '.join(cells)} |")
+    n = len(lines) - 2
+    lines.append(
+        f"| within 1.0x / 1.25x (of {n}) | | "
+        + " | ".join(f"{a} / {b}" for a, b in within.values())
+        + " |"
+    )
     return lines
 
 
@@ -190,6 +243,8 @@ def main() -> None:
     ]
     table += ["", "## `auto` at the best constant rate (seeds 0-2, this machine)", ""]
     table += runs_table(workloads, rows)
+    table += ["", "## The cruise from starts around the best constant rate (× the oracle)", ""]
+    table += tolerance_table(workloads, rows)
     (HERE / "table.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
