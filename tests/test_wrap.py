@@ -635,6 +635,25 @@ def test_every_controller_option_has_a_range_and_its_example_is_accepted(
         AutoController(metric_patience=np.float64(2.0))
 
 
+def test_the_manifest_records_the_options_a_named_controller_was_built_with(
+    tmp_path: Path,
+) -> None:
+    """A run of ``auto`` with no range test, or another settle, is not the default's: its
+    manifest said only "auto".  A numpy scalar read off a sweep is stored as a number."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, log_dir=tmp_path / "run", range_test=False, settle=np.float32(0.5))
+    train(pr, opt, 3)
+    opt.close()
+    run = audit.read_log(tmp_path / "run")
+    assert run.manifest["controller"] == "auto"
+    assert run.manifest["config"]["controller_options"] == {"range_test": False, "settle": 0.5}
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, log_dir=tmp_path / "default")
+    train(pr, opt, 3)
+    opt.close()
+    assert audit.read_log(tmp_path / "default").manifest["config"]["controller_options"] == {}
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) -> None:
     """A string "False" read off a config is truthy: taken as given it would run the range test

@@ -118,6 +118,9 @@ class SelfTuned(torch.optim.Optimizer):
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
         self.controller = make_controller(controller, **controller_options)
+        #: the options a named controller was built with, for the manifest: a run of ``auto``
+        #: with no range test is not the default's, and its log should say so
+        self._controller_options = dict(controller_options)
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
@@ -1000,6 +1003,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "policy": _policy_json(self.policy),
                 "guard": None if self.guard is None else vars(self.guard.config),
                 "average": None if self.average is None else self.average.decay,
+                "controller_options": self._controller_options,
             },
             seed=self._seed,
             param_groups=groups,
