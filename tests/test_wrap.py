@@ -150,7 +150,7 @@ def test_float64_parameters_are_measured_in_float64() -> None:
         loss = (x @ w.T).pow(2).mean() + 1 / 3
         loss.backward()
         opt.step(loss=loss.detach())
-        assert opt.last_signals is not None and opt.last_signals.loss == float(loss)
+        assert opt.last_signals is not None and opt.last_signals.loss == float(loss.detach())
     assert -1.0 <= opt.last_signals.groups[0].cos_update <= 1.0
     assert opt.last_signals.groups[0].update_norm > 0
 
