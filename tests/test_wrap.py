@@ -647,6 +647,10 @@ def test_the_manifest_records_the_options_a_named_controller_was_built_with(
     run = audit.read_log(tmp_path / "run")
     assert run.manifest["controller"] == "auto"
     assert run.manifest["config"]["controller_options"] == {"range_test": False, "settle": 0.5}
+    assert (
+        "<b>auto</b> (range_test=False, settle=0.5)"
+        in report.write_report(tmp_path / "run").read_text()
+    )
     inner, pr = _sgd()
     opt = selftune.wrap(inner, log_dir=tmp_path / "default")
     train(pr, opt, 3)

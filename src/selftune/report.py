@@ -668,10 +668,14 @@ def _cards(run: Run) -> str:
 def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
     """The whole page as one string: inline CSS, plots as data URIs, no external resources."""
     m = run.manifest
-    optimizer = (m.get("config") or {}).get("optimizer", "optimizer")
+    config = m.get("config") or {}
+    optimizer = config.get("optimizer", "optimizer")
+    options = config.get("controller_options") or {}
+    given = ", ".join(f"{k}={v}" for k, v in options.items()) if isinstance(options, dict) else ""
     subtitle = (
         f"{_e(run.folder.resolve().name)} · {_e(optimizer)} with controller "
-        f"<b>{_e(m.get('controller', '?'))}</b> · selftune {_e(m.get('selftune', '?'))}, "
+        f"<b>{_e(m.get('controller', '?'))}</b>{f' ({_e(given)})' if given else ''} · "
+        f"selftune {_e(m.get('selftune', '?'))}, "
         f"torch {_e(m.get('torch', '?'))} · started {_e(m.get('created', '?'))}"
     )
     banners = []
