@@ -42,7 +42,7 @@ from run import SEEDS, pairs  # noqa: E402
 
 from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import one_thread, read_results  # noqa: E402
+from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
 from selftune.bench.workloads import WORKLOADS  # noqa: E402
 
 LOW = {"sgd": 1e-5, "adamw": 1e-6}
@@ -57,10 +57,7 @@ HALF_STEP = math.sqrt(3.0)
 def probe(workload: str, base: str, seed: int) -> dict[str, Any]:
     """One offline range test: the rates and smoothed losses until it stopped."""
     w = WORKLOADS[workload]
-    task = w.task()
-    torch.manual_seed(seed)
-    model = w.make_model(task)
-    gen = torch.Generator().manual_seed(seed)
+    task, model, gen = fresh_run(w, seed)
     low, high = LOW[base], HIGH[base]
     if base == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from selftune.bench.methods import Method, Setting, methods
-from selftune.bench.workloads import WORKLOADS, Workload
+from selftune.bench.workloads import WORKLOADS, Task, Workload
 
 RESULTS = "results.jsonl"
 #: A loss above this multiple of the first step's loss counts as a divergence.
@@ -72,6 +72,15 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def fresh_run(workload: Workload, seed: int) -> tuple[Task, torch.nn.Module, torch.Generator]:
+    """A run's start: the task, the model initialised under ``seed``, and the generator its
+    batches are drawn with; the same for every method, so that runs differ by method alone."""
+    task = workload.task()
+    torch.manual_seed(seed)
+    model = workload.make_model(task)
+    return task, model, torch.Generator().manual_seed(seed)
+
+
 def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
     """Train once and return the run's record, one line of ``results.jsonl``.
 
@@ -86,10 +95,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
     """
     import selftune
 
-    task = workload.task()
-    torch.manual_seed(seed)
-    model = workload.make_model(task)
-    gen = torch.Generator().manual_seed(seed)
+    task, model, gen = fresh_run(workload, seed)
     handle = method.build(model, Setting(workload.steps, workload.higher_is_better, seed))
     curves: dict[str, list[float | None]] = {"step": [], "metric": [], "loss_ema": [], "lr": []}
     step_ms: list[float] = []
