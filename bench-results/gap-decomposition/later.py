@@ -1,0 +1,139 @@
+"""Whether a range test read later in the run lands nearer the best constant rate.
+
+``finder.py`` found that every reading of a short probe from the initial weights errs, and
+that the readings err together: what the probe sees at the start is not what decides the best
+rate over the run. Here the probe starts from weights already trained for ``WARM`` steps at
+the plain optimizer's default rate (SGD 0.01 with momentum 0.9, AdamW 1e-3), the benchmark's
+own batches: ``auto``'s range test (a fresh optimizer at the default rate, wrapped; its rate
+after 50 steps, as ``finder.py`` and ``../pilots/gap.py --start`` read it) and the offline
+finder's ``min/10``. Each as a multiple of the grid's best constant rate ``lr*``, median over
+seeds 0-2, on the workloads not held out; a reading within a factor of ``sqrt(3)`` lands within
+half a grid step.
+
+Run from the repository root: ``python bench-results/gap-decomposition/later.py``; writes
+``later.json`` and ``later.md`` next to this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+
+from finder import HALF_STEP, HIGH, LOW, SMOOTH, STEPS, STOP, readings  # noqa: E402
+from run import SEEDS, pairs  # noqa: E402
+
+import selftune  # noqa: E402
+from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT  # noqa: E402
+from selftune.bench.report import summarise  # noqa: E402
+from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
+from selftune.bench.workloads import WORKLOADS  # noqa: E402
+
+WARM = (0, 25, 50, 100, 200)  #: steps at the default rate before the probe
+AUTO_STEPS = 50  #: steps of ``auto`` whose rate is read
+
+
+def _optimizer(base: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if base == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_DEFAULT["momentum"])
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _default(base: str) -> float:
+    return float(SGD_DEFAULT["lr"] if base == "sgd" else ADAMW_DEFAULT["lr"])
+
+
+def _steps(task: Any, model: Any, opt: Any, gen: torch.Generator, n: int, w: Any) -> list[float]:
+    """``n`` training steps; the minibatch losses (``auto`` is given each)."""
+    losses = []
+    for _ in range(n):
+        loss = task.loss(model, task.batch(w.batch_size, gen))
+        opt.zero_grad()
+        loss.backward()
+        if isinstance(opt, selftune.SelfTuned):
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _warmed(workload: str, base: str, seed: int, warm: int) -> tuple[Any, Any, Any, Any]:
+    w = WORKLOADS[workload]
+    task, model, gen = fresh_run(w, seed)
+    _steps(task, model, _optimizer(base, model.parameters(), _default(base)), gen, warm, w)
+    return w, task, model, gen
+
+
+def auto_rate(workload: str, base: str, seed: int, warm: int) -> float:
+    """``auto``'s rate after its first ``AUTO_STEPS`` steps, started on the warmed weights."""
+    w, task, model, gen = _warmed(workload, base, seed, warm)
+    opt = selftune.wrap(_optimizer(base, model.parameters(), _default(base)), seed=seed)
+    _steps(task, model, opt, gen, AUTO_STEPS, w)
+    return float(opt.hyperparams()[0]["lr"])
+
+
+def finder_rate(workload: str, base: str, seed: int, warm: int) -> float:
+    """The offline finder's ``min/10``, its probe started on the warmed weights."""
+    w, task, model, gen = _warmed(workload, base, seed, warm)
+    low, high = LOW[base], HIGH[base]
+    opt = _optimizer(base, model.parameters(), low)
+    rates, smoothed, avg, lowest = [], [], 0.0, math.inf
+    for i in range(STEPS):
+        lr = low * (high / low) ** (i / (STEPS - 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        (value,) = _steps(task, model, opt, gen, 1, w)
+        if not math.isfinite(value):
+            break
+        avg = SMOOTH * avg + (1 - SMOOTH) * value
+        level = avg / (1 - SMOOTH ** (i + 1))
+        rates.append(lr)
+        smoothed.append(level)
+        lowest = min(lowest, level)
+        if level > STOP * lowest:
+            break
+    return readings(rates, smoothed)["min/10"]
+
+
+def main() -> None:
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    heads = [f"{kind} after {warm}" for warm in WARM for kind in ("auto", "min/10")]
+    lines = [
+        "| workload | base | lr* | " + " | ".join(heads) + " |",
+        "|---|---|---|" + "---|" * len(heads),
+    ]
+    within = dict.fromkeys(heads, 0)
+    raw: list[dict[str, Any]] = []
+    with one_thread():
+        for name, base, best in pairs(workloads):
+            cells = []
+            for warm in WARM:
+                for kind, read in (("auto", auto_rate), ("min/10", finder_rate)):
+                    rates = [read(name, base, seed, warm) for seed in SEEDS]
+                    raw.append({"workload": name, "base": base, "warm": warm, "kind": kind,
+                                "rates": rates})  # fmt: skip
+                    ratio = statistics.median(rates) / best
+                    within[f"{kind} after {warm}"] += 1 / HALF_STEP <= ratio <= HALF_STEP
+                    cells.append(f"{ratio:.2g}x")
+            lines.append(f"| {name} | {base} | {best:g} | {' | '.join(cells)} |")
+            print(lines[-1], flush=True)
+    counts = ", ".join(f"{k} {v}" for k, v in within.items())
+    lines += ["", f"Pairs within half a grid step of lr* (of {len(lines) - 2}): {counts}."]
+    (HERE / "later.json").write_text(json.dumps(raw) + "\n")
+    (HERE / "later.md").write_text("\n".join(lines) + "\n")
+    print(lines[-1])
+
+
+if __name__ == "__main__":
+    main()
