@@ -43,7 +43,7 @@ from run import SEEDS, pairs  # noqa: E402
 from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
-from selftune.bench.workloads import WORKLOADS  # noqa: E402
+from selftune.bench.workloads import WORKLOADS, Task, Workload  # noqa: E402
 
 LOW = {"sgd": 1e-5, "adamw": 1e-6}
 HIGH = {"sgd": 10.0, "adamw": 1.0}
@@ -54,10 +54,11 @@ READINGS = ("min/10", "steep", "valley")
 HALF_STEP = math.sqrt(3.0)
 
 
-def probe(workload: str, base: str, seed: int) -> dict[str, Any]:
-    """One offline range test: the rates and smoothed losses until it stopped."""
-    w = WORKLOADS[workload]
-    task, model, gen = fresh_run(w, seed)
+def sweep(
+    task: Task, model: torch.nn.Module, gen: torch.Generator, workload: Workload, base: str
+) -> tuple[list[float], list[float]]:
+    """The offline range test from the model's present weights: the rates and smoothed losses
+    until it stopped (``later.py`` runs it from trained weights)."""
     low, high = LOW[base], HIGH[base]
     if base == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -70,7 +71,7 @@ def probe(workload: str, base: str, seed: int) -> dict[str, Any]:
         lr = low * (high / low) ** (i / (STEPS - 1))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = task.loss(model, task.batch(w.batch_size, gen))
+        loss = task.loss(model, task.batch(workload.batch_size, gen))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -84,6 +85,13 @@ def probe(workload: str, base: str, seed: int) -> dict[str, Any]:
         lowest = min(lowest, level)
         if level > STOP * lowest:
             break
+    return rates, smoothed
+
+
+def probe(workload: str, base: str, seed: int) -> dict[str, Any]:
+    """One offline range test from the initial weights."""
+    w = WORKLOADS[workload]
+    rates, smoothed = sweep(*fresh_run(w, seed), w, base)
     return {"workload": workload, "base": base, "seed": seed, "lr": rates, "loss": smoothed}
 
 

@@ -17,7 +17,6 @@ Run from the repository root: ``python bench-results/gap-decomposition/later.py`
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-from finder import HALF_STEP, HIGH, LOW, SMOOTH, STEPS, STOP, readings  # noqa: E402
+from finder import HALF_STEP, readings, sweep  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
 import selftune  # noqa: E402
@@ -86,24 +85,7 @@ def auto_rate(workload: str, base: str, seed: int, warm: int) -> float:
 def finder_rate(workload: str, base: str, seed: int, warm: int) -> float:
     """The offline finder's ``min/10``, its probe started on the warmed weights."""
     w, task, model, gen = _warmed(workload, base, seed, warm)
-    low, high = LOW[base], HIGH[base]
-    opt = _optimizer(base, model.parameters(), low)
-    rates, smoothed, avg, lowest = [], [], 0.0, math.inf
-    for i in range(STEPS):
-        lr = low * (high / low) ** (i / (STEPS - 1))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        (value,) = _steps(task, model, opt, gen, 1, w)
-        if not math.isfinite(value):
-            break
-        avg = SMOOTH * avg + (1 - SMOOTH) * value
-        level = avg / (1 - SMOOTH ** (i + 1))
-        rates.append(lr)
-        smoothed.append(level)
-        lowest = min(lowest, level)
-        if level > STOP * lowest:
-            break
-    return readings(rates, smoothed)["min/10"]
+    return readings(*sweep(task, model, gen, w, base))["min/10"]
 
 
 def main() -> None:
