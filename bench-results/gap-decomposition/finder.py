@@ -38,9 +38,9 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-from run import SEEDS, pairs  # noqa: E402
+from run import SEEDS, pairs, rate_after  # noqa: E402
 
-from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
+from selftune.bench.methods import _base as optimizer  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
 from selftune.bench.workloads import WORKLOADS, Task, Workload  # noqa: E402
@@ -60,12 +60,7 @@ def sweep(
     """The offline range test from the model's present weights: the rates and smoothed losses
     until it stopped (``later.py`` runs it from trained weights)."""
     low, high = LOW[base], HIGH[base]
-    if base == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=low, momentum=SGD_DEFAULT["momentum"]
-        )
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=low)
+    opt = optimizer(base, low)(model.parameters())
     rates, smoothed, avg, lowest = [], [], 0.0, math.inf
     for i in range(STEPS):
         lr = low * (high / low) ** (i / (STEPS - 1))
@@ -117,15 +112,13 @@ def readings(rates: list[float], losses: list[float]) -> dict[str, float]:
 
 def auto_settle(records: list[dict[str, Any]], workload: str, base: str) -> list[float]:
     """``auto``'s rate at its first evaluation from step 50 on, at the default rate, per seed."""
-    out = []
     method = f"selftune-auto-{base}"
-    for r in records:
-        if r["workload"] == workload and r["method"] == method and r["seed"] in SEEDS:
-            curves = r["curves"]
-            at = [lr for s, lr in zip(curves["step"], curves["lr"], strict=True) if s >= 50]
-            if at:
-                out.append(at[0])
-    return out
+    return [
+        rate
+        for r in records
+        if r["workload"] == workload and r["method"] == method and r["seed"] in SEEDS
+        if (rate := rate_after(r)) is not None
+    ]
 
 
 def main() -> None:

@@ -33,23 +33,14 @@ from finder import HALF_STEP, readings, sweep  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
 import selftune  # noqa: E402
-from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT  # noqa: E402
+from selftune.bench.methods import DEFAULT_LR  # noqa: E402
+from selftune.bench.methods import _base as optimizer  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
 from selftune.bench.workloads import WORKLOADS  # noqa: E402
 
 WARM = (0, 25, 50, 100, 200)  #: steps at the default rate before the probe
 AUTO_STEPS = 50  #: steps of ``auto`` whose rate is read
-
-
-def _optimizer(base: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    if base == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_DEFAULT["momentum"])
-    return torch.optim.AdamW(params, lr=lr)
-
-
-def _default(base: str) -> float:
-    return float(SGD_DEFAULT["lr"] if base == "sgd" else ADAMW_DEFAULT["lr"])
 
 
 def _steps(task: Any, model: Any, opt: Any, gen: torch.Generator, n: int, w: Any) -> list[float]:
@@ -70,14 +61,14 @@ def _steps(task: Any, model: Any, opt: Any, gen: torch.Generator, n: int, w: Any
 def _warmed(workload: str, base: str, seed: int, warm: int) -> tuple[Any, Any, Any, Any]:
     w = WORKLOADS[workload]
     task, model, gen = fresh_run(w, seed)
-    _steps(task, model, _optimizer(base, model.parameters(), _default(base)), gen, warm, w)
+    _steps(task, model, optimizer(base, DEFAULT_LR[base])(model.parameters()), gen, warm, w)
     return w, task, model, gen
 
 
 def auto_rate(workload: str, base: str, seed: int, warm: int) -> float:
     """``auto``'s rate after its first ``AUTO_STEPS`` steps, started on the warmed weights."""
     w, task, model, gen = _warmed(workload, base, seed, warm)
-    opt = selftune.wrap(_optimizer(base, model.parameters(), _default(base)), seed=seed)
+    opt = selftune.wrap(optimizer(base, DEFAULT_LR[base])(model.parameters()), seed=seed)
     _steps(task, model, opt, gen, AUTO_STEPS, w)
     return float(opt.hyperparams()[0]["lr"])
 

@@ -1,17 +1,18 @@
 """What plain SGD does to `poisson-pinn`'s network: the figures of the held-out choice's notes.
 
 Run from the repository root: ``python bench-results/held-out-choice/pinn_sgd.py``.  Plain SGD at
-its default rate (0.01, momentum 0.9), the workload's batch and its network, seeded with
-``torch.manual_seed(0)`` and a batch generator seeded 0 (a plain loop, not the runner's seeding),
-for 500 steps; at the steps printed, the minibatch loss, the largest output on the evaluation
-grid, the share of the first layer's tanh units saturated there (|tanh| > 0.99), and the norms
-of the four weight matrices.
+its default rate (0.01, momentum 0.9), the workload's batch and its network, started as the
+runner starts seed 0 (``runner.fresh_run``), for 500 steps; at the steps printed, the minibatch
+loss, the largest output on the evaluation grid, the share of the first layer's tanh units
+saturated there (|tanh| > 0.99), and the norms of the four weight matrices.
 """
 
 from __future__ import annotations
 
 import torch
 
+from selftune.bench.methods import DEFAULT_LR, _base
+from selftune.bench.runner import fresh_run
 from selftune.bench.workloads import WORKLOADS
 
 PRINTED = (1, 5, 10, 20, 50, 100, 300, 500)
@@ -19,11 +20,8 @@ PRINTED = (1, 5, 10, 20, 50, 100, 300, 500)
 
 def main() -> None:
     workload = WORKLOADS["poisson-pinn"]
-    task = workload.task()
-    torch.manual_seed(0)
-    model = workload.make_model(task)
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    task, model, gen = fresh_run(workload, 0)
+    opt = _base("sgd", DEFAULT_LR["sgd"])(model.parameters())
     for step in range(1, max(PRINTED) + 1):
         loss = task.loss(model, task.batch(workload.batch_size, gen))
         opt.zero_grad()

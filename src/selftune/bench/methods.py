@@ -37,6 +37,8 @@ ADAMW_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SGD_SWEEP = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SGD_DEFAULT = {"lr": 0.01, "momentum": 0.9}
 ADAMW_DEFAULT = {"lr": 1e-3}
+#: each base's default rate: where its default row, and selftune's rows at the default, start
+DEFAULT_LR = {"sgd": SGD_DEFAULT["lr"], "adamw": ADAMW_DEFAULT["lr"]}
 #: Seeds in the full suite: headline methods need 5 to resolve 20-30% differences; grid and
 #: ablation rows 3, which is enough to pick the oracle and keeps the suite within its time.
 HEADLINE_SEEDS = 5
@@ -294,7 +296,6 @@ def _controllers() -> list[str]:
 
 
 def _registry() -> dict[str, Method]:
-    base_lr = {"sgd": SGD_DEFAULT["lr"], "adamw": ADAMW_DEFAULT["lr"]}
     grids = {"sgd": SGD_GRID, "adamw": ADAMW_GRID}
     sweeps = {"sgd": SGD_SWEEP, "adamw": ADAMW_SWEEP}
     rows: list[Method] = []
@@ -304,9 +305,9 @@ def _registry() -> dict[str, Method]:
                 f"{b}-default",
                 "default",
                 b,
-                _plain(b, base_lr[b], "const"),
+                _plain(b, DEFAULT_LR[b], "const"),
                 HEADLINE_SEEDS,
-                base_lr[b],
+                DEFAULT_LR[b],
             )
         )
     for b in ("sgd", "adamw"):
@@ -340,9 +341,9 @@ def _registry() -> dict[str, Method]:
                     f"selftune-{controller}-{b}",
                     "selftune",
                     b,
-                    _selftune(b, base_lr[b], controller),
+                    _selftune(b, DEFAULT_LR[b], controller),
                     seeds,
-                    base_lr[b],
+                    DEFAULT_LR[b],
                 )
             )
     for b in ("sgd", "adamw"):  # auto evaluated at its weight average, against the averaged grid
@@ -351,9 +352,9 @@ def _registry() -> dict[str, Method]:
                 f"selftune-auto-{b}-avg",
                 "averaged",
                 b,
-                _selftune(b, base_lr[b], "auto", average=True),
+                _selftune(b, DEFAULT_LR[b], "auto", average=True),
                 HEADLINE_SEEDS,
-                base_lr[b],
+                DEFAULT_LR[b],
             )
         )
     for b in ("sgd", "adamw"):  # auto as a loop that never evaluates drives it: the loss alone
@@ -362,9 +363,9 @@ def _registry() -> dict[str, Method]:
                 f"selftune-auto-blind-{b}",
                 "selftune",
                 b,
-                _selftune(b, base_lr[b], "auto", metric=False),
+                _selftune(b, DEFAULT_LR[b], "auto", metric=False),
                 HEADLINE_SEEDS,
-                base_lr[b],
+                DEFAULT_LR[b],
             )
         )
     for b in ("adamw", "sgd"):

@@ -72,7 +72,7 @@ With ``range_test=False`` every group starts in the cruise, at the rate it was g
 already known to be right (a grid's best, a recipe's), which the range test would leave.  Started
 at the grid's best constant rate on the benchmark's ten workloads not held out, seeds 0-2, the
 cruise needed no more steps than that constant rate on 11 pairs of 18 (0.70-1.00x) and at most
-1.14x on 15, and no more than the oracle's median (constant or cosine over the budget) on 10;
+1.15x on 15, and no more than the oracle's median (constant or cosine over the budget) on 10;
 ``auto`` as shipped, started at the same rate, ramped away from it and missed in some seed on 5
 pairs (``bench-results/gap-decomposition/``).
 
