@@ -635,11 +635,12 @@ def test_every_controller_option_has_a_range_and_its_example_is_accepted(
         AutoController(metric_patience=np.float64(2.0))
 
 
-def test_the_manifest_records_the_options_a_named_controller_was_built_with(
+def test_the_manifest_records_the_options_a_controller_was_built_with(
     tmp_path: Path,
 ) -> None:
     """A run of ``auto`` with no range test, or another settle, is not the default's: its
-    manifest said only "auto".  A numpy scalar read off a sweep is stored as a number."""
+    manifest said only "auto".  A numpy scalar read off a sweep is stored as a number, and an
+    instance built with options says them as the name's keywords do."""
     inner, pr = _sgd()
     opt = selftune.wrap(inner, log_dir=tmp_path / "run", range_test=False, settle=np.float32(0.5))
     train(pr, opt, 3)
@@ -651,11 +652,26 @@ def test_the_manifest_records_the_options_a_named_controller_was_built_with(
         "<b>auto</b> (range_test=False, settle=0.5)"
         in report.write_report(tmp_path / "run").read_text()
     )
-    inner, pr = _sgd()
-    opt = selftune.wrap(inner, log_dir=tmp_path / "default")
-    train(pr, opt, 3)
-    opt.close()
-    assert audit.read_log(tmp_path / "default").manifest["config"]["controller_options"] == {}
+    built = {
+        "default": {},
+        "given-default": {"ramp": 1.2},  # at its default: no different from the default's run
+        "instance": AutoController(range_test=False, metric_patience=np.int64(2)),
+        "own": _Halves(),  # a controller of the user's own, with no options dict
+    }
+    recorded = {}
+    for name, how in built.items():
+        inner, pr = _sgd()
+        kwargs = how if isinstance(how, dict) else {"controller": how}
+        opt = selftune.wrap(inner, log_dir=tmp_path / name, **kwargs)
+        train(pr, opt, 3)
+        opt.close()
+        recorded[name] = audit.read_log(tmp_path / name).manifest["config"]["controller_options"]
+    assert recorded == {
+        "default": {},
+        "given-default": {},
+        "instance": {"range_test": False, "metric_patience": 2},
+        "own": {},
+    }
 
 
 @pytest.mark.parametrize("value", ["False", 0, None])

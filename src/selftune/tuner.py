@@ -118,9 +118,10 @@ class SelfTuned(torch.optim.Optimizer):
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
         self.controller = make_controller(controller, **controller_options)
-        #: the options a named controller was built with, for the manifest: a run of ``auto``
-        #: with no range test is not the default's, and its log should say so
-        self._controller_options = dict(controller_options)
+        #: the options the controller was built with off its defaults, for the manifest: a run
+        #: of ``auto`` with no range test is not the default's, and its log should say so (a
+        #: controller of the user's own says what it likes in its ``options``, if anything)
+        self._controller_options = dict(getattr(self.controller, "options", {}))
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"

@@ -86,7 +86,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from selftune.controllers.base import Knobs, Option, Proposal, check_flags, check_options
+from selftune.controllers.base import (
+    Knobs,
+    Option,
+    Proposal,
+    check_flags,
+    check_options,
+    options_set,
+)
 from selftune.controllers.evidence import MetricPlateau, RatioEMA, SignTest
 from selftune.controllers.hypergradient import REVERSAL, HypergradientController
 from selftune.controllers.stability import StabilityController
@@ -188,6 +195,8 @@ class AutoController:
         range_test: bool = True,
     ) -> None:
         check_options(OPTIONS, locals())
+        #: the options set off their defaults, for the run's manifest
+        self.options = options_set(AutoController, locals())
         check_flags(FLAGS, locals())
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import KW_ONLY, dataclass
@@ -45,6 +46,8 @@ class Controller(Protocol):
     define ``before_rollback(knobs)``, called when the guard rolls back, with the knobs that
     failed, before its state is restored to the snapshot's: what it learnt there (which rate
     broke the run) would otherwise be lost with the restore; ``on_backoff`` follows.
+    And a dict ``options``, if it has one, of how it was built (the built-in ones: their
+    options set off the defaults, :func:`options_set`) goes into the run's manifest.
     """
 
     name: str
@@ -107,6 +110,20 @@ def check_flags(flags: dict[str, str], values: dict[str, Any]) -> None:
     for name, choices in flags.items():
         if not isinstance(values[name], bool):
             raise ConfigError(f"{name}={values[name]!r}: give {choices}")
+
+
+def options_set(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``cls``'s constructor that ``values`` (its ``locals()``) sets off their
+    defaults, as plain numbers: the run's manifest records them, so that a log of ``auto`` with
+    no range test says so whether ``wrap`` built the controller by name or was given one."""
+    chosen: dict[str, Any] = {}
+    for p in inspect.signature(cls).parameters.values():
+        value = values[p.name]
+        if p.default is not p.empty and value != p.default:
+            if is_number(value):  # numpy's scalars too, which JSON would refuse
+                value = int(value) if isinstance(value, numbers.Integral) else float(value)
+            chosen[p.name] = value
+    return chosen
 
 
 def is_number(value: object) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from selftune.controllers.base import Knobs, Option, Proposal, check_options
+from selftune.controllers.base import Knobs, Option, Proposal, check_options, options_set
 from selftune.controllers.evidence import RatioEMA
 from selftune.signals import Signals
 
@@ -50,6 +50,8 @@ class HypergradientController:
 
     def __init__(self, gain: float = 0.1, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
         check_options(OPTIONS, locals())
+        #: the options set off their defaults, for the run's manifest
+        self.options = options_set(HypergradientController, locals())
         self.gain, self.momentum_gain, self.decay = gain, momentum_gain, decay
         self._lr: list[RatioEMA] = []
         self._mom: list[RatioEMA] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from selftune.controllers.base import Knobs, Option, Proposal, check_options
+from selftune.controllers.base import Knobs, Option, Proposal, check_options, options_set
 from selftune.controllers.evidence import PlateauDetector
 from selftune.signals import Signals
 
@@ -60,6 +60,8 @@ class StabilityController:
         warmup: int = 20,
     ) -> None:
         check_options(OPTIONS, locals())
+        #: the options set off their defaults, for the run's manifest
+        self.options = options_set(StabilityController, locals())
         self.growth, self.cut, self.spike_sigma = growth, cut, spike_sigma
         self.noise_ratio, self.warmup = noise_ratio, warmup
         self._groups: list[_GroupState] = []
