@@ -229,6 +229,30 @@ def test_cli_explains_a_folder_that_is_not_a_run(
     assert not (path / "report.html").exists()
 
 
+@pytest.mark.parametrize(("command", "module"), [("report", "matplotlib"), ("watch", "rich")])
+def test_a_command_whose_extra_is_missing_says_which_to_install(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    module: str,
+) -> None:
+    """``pip install selftune`` brings torch alone; the commands import their optional
+    dependencies when they first need them, which ended in a traceback from deep inside."""
+    folder = tmp_path / "run"
+    FakeRun(folder).trace(0, 0.5, HP)
+    import sys
+
+    for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if never installed
+    monkeypatch.setitem(sys.modules, module, None)
+    argv = [command, str(folder), *(["--once"] if command == "watch" else [])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selftune {command} needs the module '{module}', which is not")
+    assert "pip install 'selftune[cli]'" in err
+
+
 def test_cli_refuses_rows_below_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     FakeRun(tmp_path / "run")
     assert cli.main(["report", str(tmp_path / "run"), "--rows", "0"]) == 1

@@ -11,39 +11,52 @@ import argparse
 import importlib
 import sys
 
-#: sub-command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("selftune.demo", "train MNIST-1D plain and self-tuned, side by side"),
-    "bench": ("selftune.bench.cli", "run the benchmark and regenerate its report"),
-    "report": ("selftune.report", "write an HTML report of a run folder"),
-    "watch": ("selftune.watch", "follow a run folder live in the terminal"),
-    "verify": ("selftune.audit", "check a run's audit log and manifest"),
+#: sub-command -> (module, the extras its optional dependencies come in, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("selftune.demo", "cli,bench", "train MNIST-1D plain and self-tuned, side by side"),
+    "bench": ("selftune.bench.cli", "cli,bench", "run the benchmark and regenerate its report"),
+    "report": ("selftune.report", "cli", "write an HTML report of a run folder"),
+    "watch": ("selftune.watch", "cli", "follow a run folder live in the terminal"),
+    "verify": ("selftune.audit", "", "check a run's audit log and manifest"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selftune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module, _, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         try:
             importlib.import_module(module).add_arguments(cmd)
         except ImportError as err:  # one command's missing extra must not break the others
-            cmd.set_defaults(unavailable=f"selftune {name} is unavailable: {err}")
+            cmd.set_defaults(unavailable=err)
             cmd.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "unavailable", None):
-        print(
-            f"{args.unavailable}; install the extras: pip install 'selftune[cli,bench]'",
-            file=sys.stderr,
-        )
-        return 2
+    if getattr(args, "unavailable", None) is not None:
+        return _missing(args.command, args.unavailable)
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as err:
+        # the commands import their optional dependencies when they first need them (a plain
+        # ``pip install selftune`` has torch alone); a module of selftune's own is a bug
+        if err.name is None or err.name.partition(".")[0] == "selftune":
+            raise
+        return _missing(args.command, err)
+
+
+def _missing(command: str, err: ImportError) -> int:
+    """Say which module a command lacks and the extra that installs it, instead of a traceback
+    from deep inside the command."""
+    extras = COMMANDS[command][1]
+    what = f"the module {err.name.partition('.')[0]!r}" if err.name else f"a module ({err})"
+    fix = f"pip install 'selftune[{extras}]' installs what it uses" if extras else "reinstall it"
+    print(f"selftune {command} needs {what}, which is not installed: {fix}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
