@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples docs/api.py
+	$(BIN)/ruff format --check src tests examples docs/api.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -72,8 +72,8 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from selftune.controllers.base import Option, check_options
-from selftune.errors import ConfigError, GuardError
+from selftune.controllers.base import Option, check_flags, check_options
+from selftune.errors import GuardError
 from selftune.signals import Signals
 
 #: what a GuardError tells the user to do
@@ -128,9 +128,7 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         check_options(GUARD_OPTIONS, vars(self))
-        for name in ("offload", "nonfinite_only"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: give True or False")
+        check_flags(GUARD_FLAGS, vars(self))
 
 
 #: the range of each GuardConfig setting (a NaN or infinite threshold would switch its check off)
@@ -158,6 +156,15 @@ GUARD_OPTIONS = {
         open_low=True,
     ),
     "keep_initial": Option("steps the first snapshot is kept for", "100", 0, whole=True),
+}
+
+#: the switches among the settings, and what each choice does (see ``check_flags``)
+GUARD_FLAGS = {
+    "offload": "True (snapshots in host memory, the default: no device memory) or False "
+    "(snapshots on the parameters' device, taking device memory)",
+    "nonfinite_only": "True (act on non-finite values only: for a loss that is no measure of "
+    "this optimizer's own progress, a GAN player's, a policy gradient's surrogate) or False "
+    "(also judge spikes and regressions, the default)",
 }
 
 
