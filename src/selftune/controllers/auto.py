@@ -195,9 +195,9 @@ class AutoController:
         range_test: bool = True,
     ) -> None:
         check_options(OPTIONS, locals())
+        check_flags(FLAGS, locals())
         #: the options set off their defaults, for the run's manifest
         self.options = options_set(AutoController, locals())
-        check_flags(FLAGS, locals())
         self.shrink, self.clear, self.retreat = shrink, clear, retreat
         self.strong = strong
         self.ramp, self.settle, self.blowup = ramp, settle, blowup
