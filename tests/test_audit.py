@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import selftune
 from selftune import audit, cli
 from selftune.audit import AuditLog, LogError, read_log, verify
 
@@ -495,6 +496,14 @@ def test_a_retried_continuation_is_cut_back_to_its_first_note(tmp_path: Path) ->
 def verify_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route the real ``main`` to this command only, whatever other commands need to import."""
     monkeypatch.setattr(cli, "COMMANDS", {"verify": cli.COMMANDS["verify"]})
+
+
+def test_cli_says_its_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """What a bug report needs first, as every command line gives it."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"selftune {selftune.__version__}"
 
 
 @pytest.mark.usefixtures("verify_only")

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from selftune import __version__
+
     parser = argparse.ArgumentParser(prog="selftune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"selftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, _, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
