@@ -143,6 +143,53 @@ def controllers() -> str:
     return "\n".join(parts)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment of each field of a dataclass, read off its source as autodoc does:
+    on the field's own line, or on the lines just above it."""
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            above.append(text[2:].strip())
+            continue
+        field = re.match(r"(\w+)\s*:[^=#]*(?:=[^#]*)?(?:#:\s*(.*))?$", text)
+        if field and not text.startswith(("def ", "class ", "@", '"')):
+            docs[field.group(1)] = " ".join([*above, field.group(2) or ""]).strip()
+        above = []
+    return docs
+
+
+def fields_table(cls: type) -> str:
+    """Each field of a dataclass: its type and what it holds."""
+    docs = field_docs(cls)
+    hints = inspect.get_annotations(cls, eval_str=True)
+    rows = ["| field | type | what it holds |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        kind = _short(inspect.formatannotation(hints.get(f.name, f.type)))
+        what = markdown(docs.get(f.name, "")).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{kind.replace('|', chr(92) + '|')}` | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+def signals() -> str:
+    """What a controller of one's own reads at every step."""
+    from selftune.signals import GroupSignals, Signals
+
+    return "\n".join(
+        [
+            "## What a controller reads: `selftune.signals.Signals`",
+            "",
+            markdown(Signals.__doc__),
+            "",
+            fields_table(Signals),
+            f"Each of `Signals.groups`: {markdown(GroupSignals.__doc__)}",
+            "",
+            fields_table(GroupSignals),
+        ]
+    )
+
+
 def guard_settings() -> str:
     defaults = {f.name: f.default for f in dataclasses.fields(selftune.GuardConfig)}
     table = options_table(defaults, GUARD_OPTIONS, GUARD_FLAGS, "setting")
@@ -158,6 +205,7 @@ def render() -> str:
         parts.append(entry(name, getattr(selftune, name)))
     parts.append(guard_settings())
     parts.append(controllers())
+    parts.append(signals())
     parts += ["## Integrations (each imported only when used)", ""]
     for module_name, names in INTEGRATIONS.items():
         module = importlib.import_module(module_name)

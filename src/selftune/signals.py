@@ -35,7 +35,7 @@ FAST_DECAY, SLOW_DECAY = 0.9, 0.98  # loss EMA decay rates: about 10 and 50 step
 class GroupSignals:
     """Per-param-group signals of one step."""
 
-    grad_norm: float
+    grad_norm: float  #: ‖g_t‖ over the group's parameters
     update_norm: float  #: ‖Δθ_{t-1}‖, 0 before the first update
     #: cos(−g_t, Δθ_{t-1}): > 0 the last step was too short, < 0 it overshot.  ``g_t`` is the
     #: gradient of what the optimizer lowers: with ``maximize=True``, minus the one in ``.grad``
@@ -48,18 +48,18 @@ class GroupSignals:
 class Signals:
     """Everything a controller or the guard may read about one optimizer step."""
 
-    step: int
+    step: int  #: the optimizer step, from 1
     loss: float | None  #: the loss passed to ``step``, if any
     loss_ema: float | None  #: bias-corrected EMA of the loss (about 10 steps)
     loss_ema_slow: float | None  #: bias-corrected EMA of the loss (about 50 steps)
     loss_std: float | None  #: running standard deviation of the loss about its fast EMA
     loss_slope: float | None  #: (fast − slow) / |slow|: < 0 while the loss falls
-    grad_norm: float  #: over all groups
-    groups: tuple[GroupSignals, ...]
+    grad_norm: float  #: ‖g_t‖ over all groups
+    groups: tuple[GroupSignals, ...]  #: one per param group
     #: the evaluation metric given to ``observe`` since the last step, if any (averaged over
-    #: ranks), and whether lower ("min") or higher ("max") is better
+    #: ranks)
     metric: float | None = None
-    metric_mode: str = "min"
+    metric_mode: str = "min"  #: "min" if a lower metric is better, "max" if a higher one
     #: whether that metric was measured at the weight average (``observe`` came after an
     #: ``averaged()`` block, on every rank): the evaluation then sees no noise floor of the last
     #: iterate's
