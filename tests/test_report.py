@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import re
+import sys
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -241,8 +242,6 @@ def test_a_command_whose_extra_is_missing_says_which_to_install(
     dependencies when they first need them, which ended in a traceback from deep inside."""
     folder = tmp_path / "run"
     FakeRun(folder).trace(0, 0.5, HP)
-    import sys
-
     for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if never installed
     monkeypatch.setitem(sys.modules, module, None)

@@ -56,9 +56,12 @@ def _missing(command: str, err: ImportError) -> int:
     """Say which module a command lacks and the extra that installs it, instead of a traceback
     from deep inside the command."""
     extras = COMMANDS[command][1]
-    what = f"the module {err.name.partition('.')[0]!r}" if err.name else f"a module ({err})"
     fix = f"pip install 'selftune[{extras}]' installs what it uses" if extras else "reinstall it"
-    print(f"selftune {command} needs {what}, which is not installed: {fix}", file=sys.stderr)
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        what = f"needs the module {err.name.partition('.')[0]!r}, which is not installed"
+    else:  # installed, but not importable as it is (a version too old, a broken install)
+        what = f"cannot import what it needs ({err})"
+    print(f"selftune {command} {what}: {fix}", file=sys.stderr)
     return 2
 
 
