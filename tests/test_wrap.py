@@ -76,6 +76,34 @@ def _steps(
             after()
 
 
+def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Path) -> None:
+    """It moved the weights and then failed writing its trace (a ValueError from the closed
+    file), so the run went on past the end of its log."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, log_dir=tmp_path / "run")
+    _steps(pr, opt, range(1, 6))
+    opt.close()
+    opt.close()  # a second close is harmless
+    pr.batch_loss(6).backward()  # type: ignore[attr-defined]
+    params = inner.param_groups[0]["params"]
+    before = [p.clone() for p in params]
+    with pytest.raises(selftune.ConfigError, match=r"closed after step 5 \(close\(\)\)"):
+        opt.step()
+    assert opt.step_count == 5
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    selftune.verify(tmp_path / "run")  # the log as close left it: undamaged, five steps traced
+    assert (tmp_path / "run" / "trace.jsonl").read_text().count("\n") == 5
+    found = opt.hyperparams()[0]["lr"]
+    assert opt.unwrap() is inner and inner.param_groups[0]["lr"] == found  # the way on
+    inner.step()
+    # with no run folder there is nothing to keep in step with: close does not stop the run
+    inner2, pr2 = _sgd()
+    plain = selftune.wrap(inner2)
+    plain.close()
+    _steps(pr2, plain, range(1, 3))
+    assert plain.step_count == 2
+
+
 def test_unwrap_hands_a_chained_scheduler_the_rate_found_and_refuses_inside_averaged() -> None:
     inner, pr = _sgd(lr=0.002)
     opt = selftune.wrap(inner, average=True)

@@ -185,9 +185,13 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
+        #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
+        #: a step after that would move the weights with no record, so every rank refuses it
+        self._logged = shards.any_rank(log_dir is not None)
+        self._closed_after: int | None = None
         # the hash of the initial weights is the whole model's, from every rank's shard: each
         # rank hashes if any rank logs (a loop may give the folder to rank 0 alone)
-        if shards.any_rank(log_dir is not None):
+        if self._logged:
             from selftune import audit
 
             params = [p for g in self.param_groups for p in g["params"]]
@@ -355,6 +359,14 @@ class SelfTuned(torch.optim.Optimizer):
             raise ConfigError(
                 f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
                 f"{type(self.optimizer).__name__} that unwrap() returned"
+            )
+        if self._closed_after is not None:
+            raise ConfigError(
+                f"this selftune optimizer's run folder was closed after step "
+                f"{self._closed_after} (close()): a step now would move the weights with no "
+                "record in its log. To train on, resume a checkpoint in a new wrapper, or take "
+                "the optimizer back at the rates found with unwrap() and step it plainly or wrap "
+                "it again"
             )
         if self._swapped_out:
             raise ConfigError(
@@ -595,7 +607,7 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             knobs_io.write(group, "lr", handed[i]["lr"])
             self._scales[i] = 1.0
-        if self._log is not None:
+        if self._log is not None and self._closed_after is None:  # a closed log takes no note
             self._write_added()
             self._log.append(
                 {
@@ -611,7 +623,14 @@ class SelfTuned(torch.optim.Optimizer):
         return self.optimizer
 
     def close(self) -> None:
-        """Close the run folder's files (they are flushed after every write anyway)."""
+        """Close the run folder's files (they are flushed after every write anyway).
+
+        The run's log ends here: a later ``step`` is refused, since it would change the
+        weights with no record (``unwrap`` still hands the optimizer back)."""
+        if self._closed_after is not None or self._unwrapped:
+            return
+        if self._logged:
+            self._closed_after = self.step_count
         if self._log is not None:
             self._write_added()
             self._log.close()
