@@ -93,6 +93,17 @@ def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Pat
     assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
     selftune.verify(tmp_path / "run")  # the log as close left it: undamaged, five steps traced
     assert (tmp_path / "run" / "trace.jsonl").read_text().count("\n") == 5
+    with pytest.raises(selftune.ConfigError, match="a param group added now"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    # a checkpoint saved after close (it raised a ValueError from the closed trace) resumes
+    ckpt = selftune.save_checkpoint(tmp_path / "c.pt", model=pr.model, optimizer=opt, step=5)
+    inner_b, pr_b = _sgd()
+    resumed = selftune.wrap(inner_b, log_dir=tmp_path / "run")
+    assert selftune.load_checkpoint(ckpt, model=pr_b.model, optimizer=resumed)["step"] == 5
+    _steps(pr_b, resumed, range(6, 9))
+    resumed.close()
+    assert selftune.verify(tmp_path / "run").records > 0
+    assert (tmp_path / "run" / "trace.jsonl").read_text().count("\n") == 8
     found = opt.hyperparams()[0]["lr"]
     assert opt.unwrap() is inner and inner.param_groups[0]["lr"] == found  # the way on
     inner.step()

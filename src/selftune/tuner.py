@@ -240,6 +240,7 @@ class SelfTuned(torch.optim.Optimizer):
         if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
             super().add_param_group(param_group)
             return
+        self._check_open("a param group added")
         self.optimizer.add_param_group(param_group)
         i = len(self.param_groups) - 1
         try:
@@ -360,14 +361,7 @@ class SelfTuned(torch.optim.Optimizer):
                 f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
-        if self._closed_after is not None:
-            raise ConfigError(
-                f"this selftune optimizer's run folder was closed after step "
-                f"{self._closed_after} (close()): a step now would move the weights with no "
-                "record in its log. To train on, resume a checkpoint in a new wrapper, or take "
-                "the optimizer back at the rates found with unwrap() and step it plainly or wrap "
-                "it again"
-            )
+        self._check_open("a step")
         if self._swapped_out:
             raise ConfigError(
                 "step() inside an averaged() block would update the average in the training "
@@ -574,12 +568,24 @@ class SelfTuned(torch.optim.Optimizer):
     def sync(self) -> None:
         """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
         does before it writes a checkpoint: the checkpoint holds their positions, and resuming
-        refuses a log that ends before the position its checkpoint holds."""
+        refuses a log that ends before the position its checkpoint holds.  (``close`` syncs
+        them last: a checkpoint saved after it has nothing left to force.)"""
         if self._log is not None:
             self._log.sync()
-        if self._trace is not None:
+        if self._trace is not None and not self._trace.closed:
             self._trace.flush()
             os.fsync(self._trace.fileno())
+
+    def _check_open(self, what: str) -> None:
+        """Refuse what would change the run after ``close`` ended its log."""
+        if self._closed_after is not None:
+            raise ConfigError(
+                f"this selftune optimizer's run folder was closed after step "
+                f"{self._closed_after} (close()): {what} now would change the run with no record "
+                "in its log. To train on, resume a checkpoint in a new wrapper, or take the "
+                "optimizer back at the rates found with unwrap() and step it plainly or wrap it "
+                "again"
+            )
 
     def unwrap(self) -> torch.optim.Optimizer:
         """Hand the wrapped optimizer back with the rates selftune found written into its param
@@ -633,6 +639,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._closed_after = self.step_count
         if self._log is not None:
             self._write_added()
+            self.sync()
             self._log.close()
         if self._trace is not None:
             self._trace.close()
