@@ -809,3 +809,28 @@ def test_a_step_the_grad_scaler_skips_is_not_counted() -> None:
         scaler.update()
     assert opt.step_count == 5 and [e.step for e in events] == [1, 2, 3, 4, 5]
     assert scaler.get_scale() < 2.0**8  # the scaler did see the overflow and backed off
+
+
+# ------------------------------------------------------------------ a controller of one's own
+
+
+def test_a_controller_of_ones_own_is_logged_and_replayed_as_the_built_in_ones_are(
+    tmp_path: Path,
+) -> None:
+    """The example's controller, through the wrapper: its options in the manifest, its
+    decisions in the log with their reasons, and the run replayed from the log bit for bit."""
+    example = _example("custom_controller")
+    model, last = example.train(tmp_path / "run", steps=400)
+    run = selftune.audit.read_log(tmp_path / "run")
+    assert run.manifest["controller"] == "plateau-halver"
+    assert run.manifest["config"]["controller_options"] == {"patience": 40, "min_gain": 0.01}
+    cuts = [r for r in run.records if r.get("kind") == "decision"]
+    assert cuts and all(r["new"] == pytest.approx(r["old"] / 2) for r in cuts)
+    assert all("no 1% gain in 40 steps" in r["reason"] for r in cuts)
+    selftune.verify(tmp_path / "run")
+    again = example.replayed(tmp_path / "run", steps=400)
+    pairs = zip(model.parameters(), again.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert last < 0.05  # from 0.55: the run trained
+    with pytest.raises(selftune.ConfigError, match="patience"):
+        example.PlateauHalver(patience=0)
