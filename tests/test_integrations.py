@@ -388,7 +388,7 @@ def test_an_optimizer_wrapped_before_its_scheduler_is_fed_the_loss() -> None:
             warnings.simplefilter("error")  # the scheduler still finds its mark on step
             fed.step()
             sched.step()
-        assert fed.last_signals is not None and fed.last_signals.loss == float(loss)
+        assert fed.last_signals is not None and fed.last_signals.loss == loss.item()
 
 
 # --------------------------------------------------------------------------- Hugging Face
