@@ -95,6 +95,8 @@ def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Pat
     assert (tmp_path / "run" / "trace.jsonl").read_text().count("\n") == 5
     with pytest.raises(selftune.ConfigError, match="a param group added now"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(selftune.ConfigError, match="loading a state now"):
+        opt.load_state_dict(opt.state_dict())  # it failed on the closed trace, half loaded
     # a checkpoint saved after close (it raised a ValueError from the closed trace) resumes
     ckpt = selftune.save_checkpoint(tmp_path / "c.pt", model=pr.model, optimizer=opt, step=5)
     inner_b, pr_b = _sgd()

@@ -486,6 +486,7 @@ class SelfTuned(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_open("loading a state")  # it would cut back a log that is closed
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
