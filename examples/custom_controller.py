@@ -76,6 +76,11 @@ def _problem(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, to
     return model, x, y, torch.Generator().manual_seed(seed)
 
 
+def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a run and its replay both wrap: other settings would not reproduce it."""
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
 def _loop(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -99,8 +104,9 @@ def _loop(
 def train(log_dir: Path, steps: int = 600, seed: int = 0) -> tuple[torch.nn.Module, float]:
     """Train under the controller, logging to ``log_dir``; return the model and the last loss."""
     model, x, y, gen = _problem(seed)
-    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt = selftune.wrap(inner, controller=PlateauHalver(patience=40), log_dir=log_dir, seed=seed)
+    opt = selftune.wrap(
+        _sgd(model), controller=PlateauHalver(patience=40), log_dir=log_dir, seed=seed
+    )
     last = _loop(model, opt, x, y, gen, steps)
     opt.close()
     return model, last
@@ -109,7 +115,7 @@ def train(log_dir: Path, steps: int = 600, seed: int = 0) -> tuple[torch.nn.Modu
 def replayed(log_dir: Path, steps: int = 600, seed: int = 0) -> torch.nn.Module:
     """The same run again from its log alone: the logged decisions re-applied, no controller."""
     model, x, y, gen = _problem(seed)
-    opt = selftune.replay(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), log_dir)
+    opt = selftune.replay(_sgd(model), log_dir)
     _loop(model, opt, x, y, gen, steps)
     opt.close()
     return model

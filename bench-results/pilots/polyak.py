@@ -91,6 +91,8 @@ def table(out: list[dict[str, Any]]) -> str:
     head = " | ".join(f"run at {r:g}x: steps 1-{EARLY}, {EARLY + 1}-{STEPS}" for r in RUNS)
     lines = [f"| workload | lr* | loss floor | {head} |", "|---|---:|---|" + "---|" * len(RUNS)]
     within = {(run, i): 0 for run in RUNS for i in range(len(windows))}
+    #: per run rate, the losses near zero whose later reading lies within half a grid step (√3)
+    half_step = dict.fromkeys(RUNS, 0)
     names = sorted({r["workload"] for r in out})
     for name in names:
         cells = []
@@ -103,6 +105,8 @@ def table(out: list[dict[str, Any]]) -> str:
                     statistics.median(r["gamma"][window]) / (lr * effective) for r in runs
                 )
                 within[(run, i)] += 0.5 <= ratio <= 2.0
+                if i == 1 and name not in FLOOR_ABOVE_ZERO:
+                    half_step[run] += 3**-0.5 <= ratio <= 3**0.5
                 parts.append(f"{ratio:.2g}")
             cells.append(", ".join(parts))
         floor = "above zero" if name in FLOOR_ABOVE_ZERO else "near zero"
@@ -113,6 +117,13 @@ def table(out: list[dict[str, Any]]) -> str:
     lines.append(
         f"\nWithin 2x of lr*'s effective step (of {len(names)}), over steps 1-{EARLY} and "
         f"{EARLY + 1}-{STEPS}: {counts}."
+    )
+    near_zero = sum(n not in FLOOR_ABOVE_ZERO for n in names)
+    lines.append(
+        f"Within half a grid step (√3) over steps {EARLY + 1}-{STEPS}, of the {near_zero} losses "
+        "whose floor is near zero: "
+        + "; ".join(f"run at {run:g}x: {half_step[run]}" for run in RUNS)
+        + "."
     )
     return "\n".join(lines)
 

@@ -76,6 +76,12 @@ class Option:
     open_high: bool = True
     whole: bool = False
 
+    @property
+    def bounds(self) -> str:
+        """The range as an interval, e.g. ``(0, 1]``."""
+        low, high = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"{low}{self.low:g}, {self.high:g}{high}"
+
 
 def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
     """Refuse the value in ``values`` of any option of ``ranges`` that lies outside its range,
@@ -95,11 +101,8 @@ def check_options(ranges: dict[str, Option], values: dict[str, Any]) -> None:
         too_low = value <= r.low if r.open_low else value < r.low
         too_high = value >= r.high if r.open_high else value > r.high
         if too_low or too_high:
-            bounds = (
-                f"{'(' if r.open_low else '['}{r.low:g}, {r.high:g}{')' if r.open_high else ']'}"
-            )
             raise ConfigError(
-                f"{name}={value!r} ({r.what}) is outside {bounds}: use, e.g., {r.example}"
+                f"{name}={value!r} ({r.what}) is outside {r.bounds}: use, e.g., {r.example}"
             )
 
 
