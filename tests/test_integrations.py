@@ -605,7 +605,13 @@ def test_huggingface_best_checkpoint_without_an_optimizer_state_warns(tmp_path: 
         trainer.train()
 
 
-def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -> None:
+def test_huggingface_checkpoint_resume_continues_bit_for_bit(tmp_path: Path) -> None:
+    """Resumed from the ``Trainer``'s checkpoint into its run folder, a run ends with the
+    weights, trace and decisions of one that never stopped.  accelerate loads the optimizer's
+    own state into it before the ``Trainer`` loads the checkpoint's, which once cut the trace
+    back to step 0 and lost every row before the checkpoint."""
+    from dist_worker import log_body
+
     from selftune.integrations.huggingface import wrap_trainer_optimizer
 
     first = _hf_trainer(tmp_path / "out", 20, save_strategy="steps", save_steps=10)
@@ -622,9 +628,17 @@ def test_huggingface_checkpoint_resume_restores_selftune_state(tmp_path: Path) -
     resumed.add_listener(lambda event: seen.__setitem__(event.step, event.hyperparams))
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
     assert min(seen) == 11 and resumed.step_count == 20
-    for step in (11, 20):
-        assert seen[step][0] == pytest.approx(hp_at[step][0], rel=1e-6)
+    assert all(seen[step] == hp_at[step] for step in range(11, 21))
     assert "lr" in selftune.verify(tmp_path / "run").knobs
+
+    straight = _hf_trainer(tmp_path / "straight", 20, save_strategy="no")
+    wrap_trainer_optimizer(straight, log_dir=tmp_path / "ref")
+    straight.train()
+    mine, theirs = second.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    trace = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
+    assert log_body(tmp_path / "run") == log_body(tmp_path / "ref")
 
 
 # --------------------------------------------------------------------------- TensorBoard, MLflow

@@ -55,10 +55,17 @@ def reference(name: str, log_dir: Path, nan_step: int | None = None) -> dict[str
 
 
 def interrupted(
-    name: str, log_dir: Path, ckpt_step: int, stop_step: int, nan_step: int | None = None
+    name: str,
+    log_dir: Path,
+    ckpt_step: int,
+    stop_step: int,
+    nan_step: int | None = None,
+    round_trip: bool = False,
 ) -> dict[str, Any]:
     """Checkpoint at ``ckpt_step``, go on to ``stop_step`` and drop everything (a crash), then
-    resume from the checkpoint with fresh objects and the same folder and finish the run."""
+    resume from the checkpoint with fresh objects and the same folder and finish the run.
+    ``round_trip``: first load the fresh optimizer's own state into it, as accelerate's
+    optimizer wrapper does when the Hugging Face ``Trainer`` prepares it for a resume."""
     ckpt = log_dir.parent / f"{log_dir.name}.ckpt"
     model = make_model()
     opt = make_optimizer(name, model, log_dir)
@@ -70,6 +77,8 @@ def interrupted(
     torch.manual_seed(999)  # the resumed run must not depend on the generator it finds
     model = make_model()
     opt = make_optimizer(name, model, log_dir)
+    if round_trip:
+        opt.load_state_dict(opt.state_dict())
     start = load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
     assert start == ckpt_step + 1
     train(model, opt, range(start, STEPS + 1), nan_step)
@@ -100,6 +109,19 @@ def test_crashed_after_a_checkpoint_and_resumed_redoes_the_lost_steps(
     assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
     trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
+
+
+def test_a_fresh_optimizer_loading_its_own_state_keeps_the_folders_trace(tmp_path: Path) -> None:
+    """Loading a fresh wrapper's own state changes nothing, so it cuts nothing from the folder
+    it reopened: it once cut the trace back to step 0, and the Hugging Face ``Trainer``'s resume
+    (accelerate loads each optimizer's own state when it prepares it) lost every row before
+    the checkpoint."""
+    ref = reference("adamw", tmp_path / "ref")
+    res = interrupted("adamw", tmp_path / "res", ckpt_step=20, stop_step=30, round_trip=True)
+    assert_same_state(ref, res)
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -490,6 +490,13 @@ class SelfTuned(torch.optim.Optimizer):
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
+        # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
+        # when it prepares it, before the Hugging Face Trainer loads the checkpoint to resume
+        unmoved = (
+            own is not None
+            and own["step"] == self.step_count
+            and (self._log is None or own["log"] == self._log.position())
+        )
         self.optimizer.load_state_dict(sd)
         # torch deep-copies the saved groups as one: tensors they shared are shared again
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)
@@ -525,7 +532,10 @@ class SelfTuned(torch.optim.Optimizer):
         # and resumed writes the same log as one that never stopped.
         if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
             self._log.truncate_to(own["log"])
-        if self._trace is not None:
+        # Nor is the trace cut for a state that stands where this wrapper does: a fresh one
+        # over a folder that holds a run's rows would cut them all, and the checkpoint loaded
+        # next finds none left of the steps before it.
+        if self._trace is not None and not unmoved:
             from selftune.report import trace_size_through
 
             self._trace.flush()
