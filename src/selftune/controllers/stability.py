@@ -13,6 +13,12 @@ corrected within a few hundred steps.  Three kinds of trouble cut it:
   (:class:`~selftune.controllers.evidence.PlateauDetector`).
 
 Without a loss (``step()`` called without one), only the gradient-based parts act.
+
+A rate the guard had to roll back from is not grown into again: growth stops at ``cut`` times
+the lowest rate that failed.  Without that ceiling the rate grew back to the failing one within
+``warmup`` steps and a few dozen calm ones, and on the guard tests' classifier SGD with
+momentum met eight regressions of its loss in 2,000 steps, each rolled back
+(``tests/test_guard.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class StabilityController:
         self.growth, self.cut, self.spike_sigma = growth, cut, spike_sigma
         self.noise_ratio, self.warmup = noise_ratio, warmup
         self._groups: list[_GroupState] = []
+        #: per group, the lowest rate the guard rolled back from (None: none yet); kept across
+        #: the rollbacks, which restore this controller's state from before the failure
+        self._failed: list[float | None] = []
+        self._failing: list[float] = []  #: the rates of the rollback under way
 
     def trouble(self, signals: Signals, group: int) -> tuple[str, str] | None:
         """Update the trackers of ``group``; return the trouble seen (kind, reason in words)."""
@@ -111,23 +121,46 @@ class StabilityController:
             if trouble is not None:
                 out.append(self.cut_proposal(i, k["lr"], trouble, signals.step))
             elif signals.step >= self.warmup and self.calm(signals, i):
-                out.append(Proposal(i, "lr", k["lr"] * self.growth, "calm: loss falling steadily"))
+                out.extend(self.grow(i, k["lr"]))
         return out
+
+    def grow(self, group: int, lr: float) -> list[Proposal]:
+        """Grow the rate by ``growth``, up to the ceiling a failure left (none before one)."""
+        why = "calm: loss falling steadily"
+        failed = self._failed[group] if group < len(self._failed) else None
+        if failed is None:
+            return [Proposal(group, "lr", lr * self.growth, why)]
+        ceiling = self.cut * failed
+        if lr >= ceiling:
+            return []
+        why += f", up to {ceiling:.4g} ({self.cut:g}x {failed:.4g}, a rate that was rolled back)"
+        return [Proposal(group, "lr", min(lr * self.growth, ceiling), why)]
 
     def plateau_level(self, group: int) -> tuple[float, int] | None:
         """The mean minibatch loss of the window that last signalled a plateau, and its length."""
         plateau = self._groups[group].plateau
         return None if plateau.level is None else (plateau.level, plateau.level_count)
 
+    def before_rollback(self, knobs: Knobs) -> None:
+        """The guard is about to restore an older state, perhaps one from before any failure:
+        keep the lowest rate that has failed, this one included, for :meth:`on_backoff`."""
+        failed = (self._failed + [None] * len(knobs))[: len(knobs)]
+        self._failing = [
+            k["lr"] if before is None else min(k["lr"], before)
+            for k, before in zip(knobs, failed, strict=True)
+        ]
+
     def on_backoff(self, step: int) -> None:
         for st in self._groups:
             st.cooldown = self.warmup
+        self._failed, self._failing = list(self._failing) or self._failed, []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": [asdict(g) for g in self._groups]}
+        return {"groups": [asdict(g) for g in self._groups], "failed": list(self._failed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._groups = [
             _GroupState(**{**g, "plateau": PlateauDetector(**g["plateau"])})
             for g in state["groups"]
         ]
+        self._failed = list(state.get("failed", []))  # a state saved before the ceiling: none
