@@ -819,3 +819,29 @@ def test_the_metrics_count_survives_a_rollback_and_a_stall_waits_for_a_loss_tria
     signals = dataclasses.replace(_signals(t, -0.05, loss=2.0), metric=1.0)
     assert not [p for p in ctl.propose(signals, knobs) if "metric" in p.reason]
     assert ctl.state_dict()["trial"][0] is not None and ctl.state_dict()["metric"]["bad"] == 0
+
+
+def test_two_networks_trained_by_turns_are_tuned_on_their_own_alignments() -> None:
+    """Each step trains one of two networks (two tasks by turns, separate weights): each
+    gradient is read against that network's own last update.  Read against the whole group's
+    last update, whose share for it was zero, every alignment read zero, and ``auto`` never
+    moved the rate: the run was plain AdamW's to the bit."""
+    torch.manual_seed(0)
+    nets = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        for _ in range(2)
+    )
+    opt = selftune.wrap(torch.optim.AdamW(nets.parameters()))
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 4, generator=gen)
+    cosines = []
+    for t in range(60):
+        x = torch.randn(32, 16, generator=gen)
+        loss = torch.nn.functional.cross_entropy(nets[t % 2](x), (x @ w).argmax(dim=1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        assert opt.last_signals is not None
+        cosines.append(opt.last_signals.groups[0].cos_update)
+    assert all(cos != 0.0 for cos in cosines[2:])  # each net's first step has no update yet
+    assert opt.hyperparams()[0]["lr"] > 1e-3  # the range test grew the rate

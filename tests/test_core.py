@@ -137,24 +137,26 @@ def test_signals_match_a_direct_computation_on_every_storage_path() -> None:
     """The per-group gradient norm, update norm and update cosine equal the textbook formulas.
 
     Group 0 shares one dtype (its previous update lives in one flat buffer); group 1 mixes
-    float32 and float64 (one tensor per parameter); at the third step group 0 has a parameter
-    without a gradient, which takes the per-tensor path through the flat buffer's views.
+    float32 and float64 (one tensor per parameter); at the second and fourth steps group 0 has
+    a parameter without a gradient, which takes the per-tensor path through the flat buffer's
+    views, and at the third and fifth it has one again that the last step did not move: the
+    update it is read against is the last step's, zero for that one.
     """
     torch.manual_seed(0)
-    a, b, frozen = (torch.randn(5, 3, requires_grad=True) for _ in range(3))
+    a, b, sometimes = (torch.randn(5, 3, requires_grad=True) for _ in range(3))
     c = torch.randn(4, requires_grad=True)
     d = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
-    params = [[a, b, frozen], [c, d]]
+    params = [[a, b, sometimes], [c, d]]
     groups = [{"params": ps} for ps in params]
     opt = selftune.wrap(torch.optim.SGD(groups, lr=0.1, momentum=0.9), "off", guard=False)
     update: list[list[torch.Tensor]] | None = None
-    for step, with_frozen in enumerate((True, True, False)):
+    for step, with_sometimes in enumerate((True, False, True, False, True)):
         if step == 1:  # both storage kinds are in use
             flat = opt._tracker._flat
             assert flat[0] is not None and flat[1] is None
         opt.zero_grad()
         total = (a * b).sum() ** 2 + (c**3).sum() + (d.sin() * 2).sum().float()
-        (total + frozen.square().sum() if with_frozen else total).backward()
+        (total + sometimes.square().sum() if with_sometimes else total).backward()
         before = [[p.detach().clone() for p in ps] for ps in params]
         opt.step()
         s = opt.last_signals
@@ -177,6 +179,32 @@ def test_signals_match_a_direct_computation_on_every_storage_path() -> None:
             [p.detach() - q for p, q in zip(ps, qs, strict=True)]
             for ps, qs in zip(params, before, strict=True)
         ]
+
+
+def test_parameters_trained_by_turns_are_read_against_their_own_last_update() -> None:
+    """When no parameter with a gradient moved in the last step (two networks trained by
+    turns), each gradient is read against the update its parameter last received: the
+    one-step alignment is zero by design, and ``auto`` reading it never moved the rate."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, requires_grad=True), torch.randn(3, 2, requires_grad=True)
+    opt = selftune.wrap(torch.optim.SGD([x, y], lr=0.1), "off", guard=False)
+    last: dict[int, torch.Tensor] = {}
+    for step in range(6):
+        p = (x, y)[step % 2]
+        opt.zero_grad()
+        (p.sin().sum() ** 2).backward()
+        before = p.detach().clone()
+        opt.step()
+        assert opt.last_signals is not None and p.grad is not None
+        got = opt.last_signals.groups[0]
+        if step < 2:
+            assert got.update_norm == 0.0 and got.cos_update == 0.0
+        else:
+            g, u = p.grad.double(), last[step % 2].double()
+            dot = -float((g * u).sum())
+            assert got.update_norm == pytest.approx(float(u.norm()), rel=1e-5)
+            assert got.cos_update == pytest.approx(dot / float(g.norm() * u.norm()), rel=1e-4)
+        last[step % 2] = p.detach() - before
 
 
 @pytest.mark.parametrize(
