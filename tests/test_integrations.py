@@ -454,6 +454,22 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
 
 
+def test_huggingface_settings_for_an_optimizer_already_wrapped_are_refused(tmp_path: Path) -> None:
+    """A ``Trainer`` whose optimizer is already a selftune one is only fed: a ``log_dir`` or a
+    controller given then was ignored without a word, and the run wrote no log."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 5, save_strategy="no")
+    opt = wrap_trainer_optimizer(trainer, "off")
+    for kwargs in ({"log_dir": tmp_path / "run"}, {"controller": "auto"}, {"average": True}):
+        with pytest.raises(selftune.ConfigError, match=f"{next(iter(kwargs))} given to"):
+            wrap_trainer_optimizer(trainer, **kwargs)
+    assert not (tmp_path / "run").exists()
+    assert wrap_trainer_optimizer(trainer) is opt  # fed again, with the settings it has
+    trainer.train()
+    assert opt.step_count == 5 and opt.controller.name == "off"
+
+
 def _hf_evaluating_trainer(tmp_path: Path) -> Any:
     """30 steps, evaluated every 10, nothing saved."""
     return _hf_trainer(

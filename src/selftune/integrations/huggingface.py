@@ -189,7 +189,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
 
 def wrap_trainer_optimizer(
     trainer: Trainer,
-    controller: str | selftune.Controller = "auto",
+    controller: str | selftune.Controller | None = None,
     log_dir: str | Path | None = None,
     *,
     observe_eval: bool = True,
@@ -197,11 +197,14 @@ def wrap_trainer_optimizer(
 ) -> SelfTuned:
     """Wrap ``trainer``'s optimizer with selftune and feed it the loss; call before ``train()``.
 
-    ``controller``, ``log_dir`` and any other keyword go to :func:`selftune.wrap`;
-    ``observe_eval``: give the optimizer each evaluation's metric (see the module docstring).
-    An optimizer passed to the ``Trainer`` is wrapped as it is (or only fed, if it is already a
-    selftune one); otherwise the one the ``TrainingArguments`` describe is built first.  Returns
-    the wrapper, whose ``hyperparams()`` give the knobs in force.
+    ``controller`` (default ``"auto"``), ``log_dir`` and any other keyword go to
+    :func:`selftune.wrap`; ``observe_eval``: give the optimizer each evaluation's metric (see
+    the module docstring).  An optimizer passed to the ``Trainer`` is wrapped as it is;
+    otherwise the one the ``TrainingArguments`` describe is built first.  One that is already a
+    selftune optimizer is only fed, and :func:`selftune.wrap`'s settings given here are
+    refused: they would be ignored, and a ``log_dir`` given for a run that writes none is a
+    log lost without a word.  Returns the wrapper, whose ``hyperparams()`` give the knobs in
+    force.
     """
     if find_selftuned(trainer.optimizer) is not None and not isinstance(
         trainer.optimizer, SelfTuned
@@ -212,11 +215,18 @@ def wrap_trainer_optimizer(
     if trainer.optimizer is None:
         raise selftune.ConfigError("trainer.create_optimizer() built no optimizer")
     if isinstance(trainer.optimizer, SelfTuned):
+        named = (("controller", controller), ("log_dir", log_dir))
+        given = [name for name, value in named if value is not None] + list(wrap_kwargs)
+        if given:
+            raise selftune.ConfigError(
+                f"the Trainer's optimizer is already a selftune one, wrapped with its own "
+                f"settings, so {', '.join(given)} given to wrap_trainer_optimizer would be "
+                "ignored: pass them to selftune.wrap, or give the Trainer the plain optimizer"
+            )
         opt = feed_from(trainer.optimizer)
     else:
-        opt = feed_from(
-            selftune.wrap(trainer.optimizer, controller, log_dir=log_dir, **wrap_kwargs)
-        )
+        chosen = "auto" if controller is None else controller
+        opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **wrap_kwargs))
     trainer.optimizer = opt
     if getattr(trainer.training_step, "_selftune_feed", None) is None:
         trainer.training_step = _feeding(trainer.training_step, opt)  # type: ignore[method-assign]
