@@ -119,6 +119,32 @@ def test_lightning_callback_refuses_bad_wrap_options_when_built(tmp_path: Path) 
     assert not (tmp_path / "run").exists()  # the check made no run folder
 
 
+class _WrappedModule(_TinyModule):
+    """Wraps its own optimizer in ``configure_optimizers``."""
+
+    def configure_optimizers(self) -> Any:
+        return selftune.wrap(torch.optim.AdamW(self.parameters(), lr=self.lr), "off")
+
+
+def test_lightning_settings_for_an_optimizer_already_wrapped_are_refused(tmp_path: Path) -> None:
+    """``configure_optimizers`` may return a selftune optimizer, which the callback only
+    feeds: a ``log_dir`` or other wrap setting given to the callback was ignored without a
+    word, and the run wrote no log."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    for kwargs in ({"log_dir": tmp_path / "run"}, {"controller": "auto"}, {"average": True}):
+        trainer = _trainer(4, SelfTuneCallback(**kwargs), tmp_path, enable_checkpointing=False)
+        with pytest.raises(selftune.ConfigError, match=f"{next(iter(kwargs))} given to"):
+            trainer.fit(_WrappedModule(), _loader())
+    assert not (tmp_path / "run").exists()
+    cb = SelfTuneCallback()
+    model = _WrappedModule()
+    _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(model, _loader())
+    (opt,) = cb.optimizers
+    assert opt.step_count == 4 and opt.controller.name == "off"
+    assert opt.last_signals is not None and opt.last_signals.loss == model.losses[-1]
+
+
 def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> None:
     from selftune.integrations.lightning import SelfTuneCallback
 

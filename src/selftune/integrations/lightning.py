@@ -67,9 +67,11 @@ AVERAGED = "selftune_averaged_parameters"
 class SelfTuneCallback(Callback):
     """Wrap the LightningModule's optimizers with selftune and feed them the training loss.
 
-    ``controller``, ``log_dir`` and any other keyword (``average=True``, ``guard=...``) go to
-    :func:`selftune.wrap`, checked here rather than when the fit starts; with several
-    optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  ``log_knobs``: log the effective
+    ``controller`` (default ``"auto"``), ``log_dir`` and any other keyword (``average=True``,
+    ``guard=...``) go to :func:`selftune.wrap`, checked here rather than when the fit starts;
+    with several optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  An optimizer that
+    ``configure_optimizers`` already wrapped is only fed, and those settings are then refused
+    (they would be ignored, a ``log_dir`` without a word).  ``log_knobs``: log the effective
     knobs (``selftune/group{g}/lr`` ...) through ``pl_module.log`` every step, for the Lightning
     logger (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
@@ -78,7 +80,7 @@ class SelfTuneCallback(Callback):
 
     def __init__(
         self,
-        controller: str | selftune.Controller = "auto",
+        controller: str | selftune.Controller | None = None,
         log_dir: str | Path | None = None,
         *,
         log_knobs: bool = True,
@@ -89,10 +91,15 @@ class SelfTuneCallback(Callback):
         if mode not in ("min", "max"):
             raise selftune.ConfigError(f'SelfTuneCallback(mode={mode!r}): use "min" or "max"')
         self.monitor, self.mode = monitor, mode
-        self.controller = controller
+        #: the wrap settings given, by name: refused for an optimizer already wrapped
+        self._given = [
+            n for n, v in (("controller", controller), ("log_dir", log_dir)) if v is not None
+        ]
+        self._given += list(wrap_kwargs)
+        self.controller = "auto" if controller is None else controller
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
-        check_wrap_options(controller, wrap_kwargs, "SelfTuneCallback")
+        check_wrap_options(self.controller, wrap_kwargs, "SelfTuneCallback")
         self.wrap_kwargs = wrap_kwargs
         self.optimizers: list[SelfTuned] = []
         self._feed = LossFeed()
@@ -137,6 +144,12 @@ class SelfTuneCallback(Callback):
 
     def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> SelfTuned:
         opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
+        if isinstance(opt, SelfTuned) and self._given:
+            raise selftune.ConfigError(
+                f"configure_optimizers returned a selftune optimizer, wrapped with its own "
+                f"settings, so {', '.join(self._given)} given to SelfTuneCallback would be "
+                "ignored: pass them to selftune.wrap there, or return the plain optimizer"
+            )
         if not isinstance(opt, SelfTuned):
             log_dir = self.log_dir
             if log_dir is not None and count > 1:
