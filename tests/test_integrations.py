@@ -712,6 +712,21 @@ def _tuned(steps: int, *listeners: Any) -> tuple[selftune.SelfTuned, list[selftu
     return opt, events
 
 
+@pytest.mark.parametrize("value", [0, "10", 2.5])
+def test_a_writers_count_out_of_range_is_refused_by_name(tmp_path: Path, value: Any) -> None:
+    """Before, a ``"10"`` read off a config file failed as a comparison of a str with an int."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from selftune.integrations.mlflow import MLflowWriter
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    with pytest.raises(selftune.ConfigError, match=r"every=.*\(steps between the knobs written\)"):
+        TensorBoardWriter(tmp_path / "tb", every=value)
+    with pytest.raises(selftune.ConfigError, match=r"flush_every=.*\(new decisions between"):
+        MLflowWriter(run="unused", flush_every=value)
+    assert not (tmp_path / "tb").exists()
+
+
 def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

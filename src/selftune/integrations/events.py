@@ -9,7 +9,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from selftune.controllers.base import Option, check_options
 from selftune.tuner import Decision, StepEvent
+
+#: the range of each writer's counts of steps and decisions (see ``check_options``)
+WRITER_OPTIONS = {
+    "every": Option("steps between the knobs written", "1", 1, whole=True),
+    "flush_every": Option(
+        "new decisions between rewrites of the decisions file", "50", 1, whole=True
+    ),
+}
+
+
+def check_writer_options(**values: Any) -> None:
+    """Refuse a writer's count out of range, naming it (a ``"10"`` read off a config file once
+    failed as a comparison of a str with an int)."""
+    check_options({name: WRITER_OPTIONS[name] for name in values}, values)
 
 
 def describe(decision: Decision) -> str:

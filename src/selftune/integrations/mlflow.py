@@ -26,7 +26,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from selftune.integrations.events import describe, event_metric
+from selftune.integrations.events import check_writer_options, describe, event_metric
 from selftune.tuner import StepEvent, is_rank_zero
 
 
@@ -47,8 +47,7 @@ class MLflowWriter:
         flush_every: int = 50,
         client: MlflowClient | None = None,
     ) -> None:
-        if every < 1 or flush_every < 1:
-            raise ValueError(f"every and flush_every must be >= 1, got {every}, {flush_every}")
+        check_writer_options(every=every, flush_every=flush_every)
         self._owned = False
         #: False on a rank other than 0 under torch.distributed, as the run folder is written:
         #: no run started (one per rank, before), nothing logged

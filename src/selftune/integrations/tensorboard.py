@@ -17,7 +17,12 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from selftune.integrations.events import describe, describe_guard, event_metric
+from selftune.integrations.events import (
+    check_writer_options,
+    describe,
+    describe_guard,
+    event_metric,
+)
 from selftune.tuner import StepEvent, is_rank_zero
 
 
@@ -36,8 +41,7 @@ class TensorBoardWriter:
         prefix: str = "selftune",
         every: int = 1,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_writer_options(every=every)
         # on rank 0 only under torch.distributed, as the run folder is written: a DDP script
         # adds its writers on every rank, and each wrote the whole run again
         self.writer: SummaryWriter | None = None
