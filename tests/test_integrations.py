@@ -145,6 +145,19 @@ def test_lightning_settings_for_an_optimizer_already_wrapped_are_refused(tmp_pat
     assert opt.last_signals is not None and opt.last_signals.loss == model.losses[-1]
 
 
+def test_integration_switches_that_are_not_bools_are_refused_by_name() -> None:
+    """A ``"False"`` from a config file is truthy: read as True it did the opposite, silently."""
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    with pytest.raises(selftune.ConfigError, match="log_knobs='False': give True"):
+        SelfTuneCallback(log_knobs="False")
+    with pytest.raises(selftune.ConfigError, match=r"monitor=3\): give the name of a metric"):
+        SelfTuneCallback(monitor=3)
+    with pytest.raises(selftune.ConfigError, match="observe_eval='no': give True"):
+        SelfTuneTrainerCallback(observe_eval="no")
+
+
 def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> None:
     from selftune.integrations.lightning import SelfTuneCallback
 

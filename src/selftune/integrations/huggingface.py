@@ -49,8 +49,12 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer import OPTIMIZER_NAME
 
 import selftune
+from selftune.controllers.base import check_flags
 from selftune.integrations._feed import FedSelfTuned, feed_from
 from selftune.tuner import SelfTuned
+
+#: the switch of the evaluation's metric, and what each choice does (see ``check_flags``)
+OBSERVE_EVAL = {"observe_eval": "True (give the optimizer each evaluation's metric) or False"}
 
 
 def find_selftuned(optimizer: Any) -> SelfTuned | None:
@@ -72,6 +76,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, observe_eval: bool = True) -> None:
+        check_flags(OBSERVE_EVAL, {"observe_eval": observe_eval})
         self.optimizer: SelfTuned | None = None
         self.observe_eval = observe_eval
         self._training = False  #: between on_train_begin and on_train_end
@@ -206,6 +211,7 @@ def wrap_trainer_optimizer(
     log lost without a word.  Returns the wrapper, whose ``hyperparams()`` give the knobs in
     force.
     """
+    check_flags(OBSERVE_EVAL, {"observe_eval": observe_eval})
     if find_selftuned(trainer.optimizer) is not None and not isinstance(
         trainer.optimizer, SelfTuned
     ):

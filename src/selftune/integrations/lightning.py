@@ -56,6 +56,7 @@ from lightning.pytorch.callbacks import Callback
 
 import selftune
 from selftune.average import swapped
+from selftune.controllers.base import check_flags
 from selftune.integrations import check_wrap_options
 from selftune.integrations._feed import LossFeed, feed_from
 from selftune.tuner import SelfTuned
@@ -90,6 +91,15 @@ class SelfTuneCallback(Callback):
     ) -> None:
         if mode not in ("min", "max"):
             raise selftune.ConfigError(f'SelfTuneCallback(mode={mode!r}): use "min" or "max"')
+        check_flags(
+            {"log_knobs": "True (log the effective knobs through pl_module.log) or False"},
+            {"log_knobs": log_knobs},
+        )
+        if monitor is not None and not isinstance(monitor, str):
+            raise selftune.ConfigError(
+                f"SelfTuneCallback(monitor={monitor!r}): give the name of a metric the module "
+                'logs in validation, e.g. "val_loss"'
+            )
         self.monitor, self.mode = monitor, mode
         #: the wrap settings given, by name: refused for an optimizer already wrapped
         self._given = [
