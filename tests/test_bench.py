@@ -575,6 +575,12 @@ def test_smoke_suite_end_to_end_through_the_command_line(tmp_path: Path, cache: 
     text = (docs / "benchmarks.md").read_text(encoding="utf-8")
     assert "## Per-step overhead" in text and "## mnist1d-cnn" in text
     assert "optimizer step alone" in text
+    # measuring another workload keeps the rows of this one (they were lost)
+    argv = ["bench", "--suite", "overhead", "--out", str(out), "--no-report",
+            "--workloads", "shakespeare-char", "--overhead-steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    after = json.loads((out / "overhead.json").read_text(encoding="utf-8"))
+    assert after[:2] == overhead and [o["workload"] for o in after[2:]] == ["shakespeare-char"] * 2
 
 
 def test_command_line_reports_bad_filters_and_empty_results(
@@ -586,6 +592,14 @@ def test_command_line_reports_bad_filters_and_empty_results(
     assert "no method matches 'nope'" in capsys.readouterr().err
     assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
     assert "holds no runs" in capsys.readouterr().err
+    # refused before anything runs or is written: no results, no overhead file
+    argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--overhead-steps", "0"]
+    assert main(argv) == 2
+    assert "--overhead-steps 0: pass at least 1" in capsys.readouterr().err
+    argv = ["bench", "--suite", "overhead", "--out", str(tmp_path), "--workloads", "digits-mlp"]
+    assert main(argv) == 2
+    assert "the overhead suite measures mnist1d-cnn, shakespeare-char" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

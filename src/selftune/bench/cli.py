@@ -95,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             seeds = suites.parse_seeds(args.seeds)
             workloads = _patterns(args.workloads)
+            steps = args.overhead_steps
+            if steps is None:
+                steps = 40 if args.suite == "smoke" else 400
+            if steps < 1:  # before any run: not after an hour of the smoke suite's
+                raise ValueError(f"--overhead-steps {steps}: pass at least 1")
             start = time.perf_counter()
             if args.suite in ("smoke", "full"):
                 specs = suites.plan(args.suite, workloads, _patterns(args.methods), seeds)
@@ -107,10 +112,15 @@ def run(args: argparse.Namespace) -> int:
                     f"{out / 'results.jsonl'}, {len(specs)} planned"
                 )
             if args.suite in ("smoke", "overhead"):
-                steps = args.overhead_steps or (40 if args.suite == "smoke" else 400)
                 names = [w.name for w in _overhead_workloads(workloads)]
-                path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
-                print(f"overhead: {path}")
+                if names:
+                    path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
+                    print(f"overhead: {path}")
+                elif args.suite == "overhead":  # the smoke suite's runs were the point
+                    measured = ", ".join(overhead.OVERHEAD_WORKLOADS)
+                    raise ValueError(
+                        f"no workload to measure: the overhead suite measures {measured}"
+                    )
             print(f"{args.suite} suite took {time.perf_counter() - start:.0f} s")
         except ValueError as exc:
             print(f"selftune bench: {exc}", file=sys.stderr)

@@ -163,10 +163,20 @@ def _batches(
 def run_overhead(
     out: Path, steps: int = 400, workloads: list[str] | None = None, small: bool = False
 ) -> Path:
-    """Measure each overhead workload with SGD and AdamW; write ``out/overhead.json``."""
+    """Measure each overhead workload with SGD and AdamW; write ``out/overhead.json``.
+
+    The rows of workloads not measured now stay as the file held them: measuring one workload
+    again once rewrote the file with its rows alone, and the others' were lost.
+    """
     names = workloads if workloads is not None else list(OVERHEAD_WORKLOADS)
     rows = [measure(name, base, steps, small=small) for name in names for base in ("sgd", "adamw")]
     out.mkdir(parents=True, exist_ok=True)
     path = out / OVERHEAD
+    if path.is_file():
+        kept = [
+            r for r in json.loads(path.read_text(encoding="utf-8")) if r["workload"] not in names
+        ]
+        order = {name: i for i, name in enumerate(OVERHEAD_WORKLOADS)}
+        rows = sorted(kept + rows, key=lambda r: order.get(r["workload"], len(order)))
     path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return path
