@@ -258,6 +258,13 @@ def test_cli_refuses_rows_below_one(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "rows=0" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_folder_for_the_page(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--out`` naming a folder failed with a bare "[Errno 21] Is a directory"."""
+    FakeRun(tmp_path / "run")
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path)]) == 1
+    assert f"{tmp_path} is a folder: give the page's file, e.g." in capsys.readouterr().err
+
+
 def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) -> None:
     """Open the page in a real headless browser: no console errors, every plot decoded, pixels."""
     reason = chromium_missing()

@@ -720,6 +720,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
     """
     if rows < 1:
         raise ValueError(f"rows={rows!r}: pass at least 1 decision to show from each end")
+    if out is not None and Path(out).is_dir():  # before the plots: they take seconds
+        raise ValueError(
+            f"{out} is a folder: give the page's file, e.g. {Path(out) / 'report.html'}"
+        )
     run = read_run(run_dir)
     plots = make_plots(run)
     page = Path(out) if out is not None else run.folder / "report.html"
