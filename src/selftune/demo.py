@@ -97,6 +97,8 @@ def _check(args: argparse.Namespace) -> None:
 def _prepare_out(out: Path) -> Path:
     """The run folder ``<out>/selftune``, emptied if an earlier demo made it (never otherwise)."""
     run = out / "selftune"
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"selftune demo: --out {out} is a file: pass a folder for the demo's runs")
     if run.exists():
         if not (out / _MARKER).exists():
             raise SystemExit(
