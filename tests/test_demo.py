@@ -50,6 +50,6 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
 def test_demo_refuses_a_file_for_its_folder(tmp_path: Path) -> None:
     """It failed with a FileExistsError from deep inside pathlib."""
     (tmp_path / "notes.txt").write_text("kept")
-    with pytest.raises(SystemExit, match="notes.txt is a file: pass a folder"):
+    with pytest.raises(SystemExit, match=r"notes\.txt is a file: pass a folder"):
         cli.main(["demo", "--steps", "5", "--out", str(tmp_path / "notes.txt"), "--no-live"])
     assert (tmp_path / "notes.txt").read_text() == "kept"
