@@ -8,6 +8,7 @@ at random moments is in ``test_crash.py``.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import random
 import re
@@ -276,6 +277,29 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     (tmp_path / ".c.pt.12345.tmp").write_bytes(b"left by a writer killed mid-save")
     with pytest.raises(Exception, match=r"pickle|lambda"):
         save_checkpoint(path, model=model, optimizer=opt, step=4, extra={"bad": lambda: 0})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
+    assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError while writing (here a full disk) was raised as it came, naming the hidden
+    temporary file; it is a CheckpointError naming the checkpoint and the reason."""
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    before = path.read_bytes()
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"cannot write the checkpoint {path} (No space")
+    ):
+        save_checkpoint(path, model=model, optimizer=opt, step=4)
+    monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3

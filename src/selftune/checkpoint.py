@@ -93,7 +93,13 @@ def save_checkpoint(
         raise CheckpointError(
             f"{target} is a folder: pass a file path such as {target / 'ckpt.pt'}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot make the folder {target.parent} for the checkpoint ({exc.strerror or exc}): "
+            "pass a writable path"
+        ) from exc
     finish_offload()  # the guard's last snapshot may still be on its way to the host
     optimizer_state = optimizer.state_dict()
     if isinstance(optimizer, SelfTuned):  # the log on disk before a checkpoint that points in it
@@ -116,9 +122,14 @@ def save_checkpoint(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk, a read-only folder: named, not a temporary
+            raise CheckpointError(
+                f"cannot write the checkpoint {target} ({exc.strerror or exc}); a checkpoint "
+                "already there is kept as it was: free space or pass a writable path"
+            ) from exc
         raise
     _fsync_folder(target.parent)
     return target
