@@ -101,6 +101,9 @@ class SignalTracker:
         self._moving: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         #: per group, which params the last update moved (those with a gradient; None: all)
         self._moved: list[list[bool] | None] = []
+        #: per group, which params hold a gradient this step (None: all), read by ``measure``
+        #: for :meth:`before_update`
+        self._stepping: list[list[bool] | None] = []
         self._n = 0  # loss observations so far
         self._fast = self._slow = self._var = 0.0
 
@@ -125,11 +128,14 @@ class SignalTracker:
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
         layout: list[tuple[int, int, bool, float]] = []
+        self._stepping = []
         for gi, group in enumerate(self._groups):
             start = len(parts)
             params = group["params"]
             with_grad = [i for i, p in enumerate(params) if p.grad is not None]
             grads = [local(params[i].grad) for i in with_grad]
+            every_grad = len(with_grad) == len(params)
+            self._stepping.append(None if every_grad else [p.grad is not None for p in params])
             # torch's ``maximize=True`` steps along +g (its momentum buffers hold −g): the
             # alignments are read against −g, or every step of an ascent reads as an overshoot
             sign = -1.0 if group.get("maximize", False) else 1.0
@@ -145,7 +151,7 @@ class SignalTracker:
             if self._prev is not None:
                 moved = self._moved[gi]  # which params the last update moved (None: all)
                 # the usual case, the whole flat buffer: every param has a gradient and moved
-                every = len(grads) == len(params) and moved is None
+                every = every_grad and moved is None
                 prev, against = self._prev[gi], grads
                 if not every:
                     read = [k for k, i in enumerate(with_grad) if moved is None or moved[i]]
@@ -250,7 +256,8 @@ class SignalTracker:
     def before_update(self) -> None:
         """Remember θ_t so that the update this step applies can be measured.
 
-        Only for the parameters that hold a gradient, the ones torch's optimizers update: a
+        Only for the parameters that hold a gradient (as :meth:`measure` found them this
+        step), the ones torch's optimizers update: a
         parameter without one (a branch this batch did not take) keeps its last update, and
         :meth:`measure` reads a gradient against it when no parameter with a gradient moved
         in the last step.  Two networks trained by turns in one optimizer are such a case:
@@ -265,11 +272,10 @@ class SignalTracker:
             self._allocate()
         assert self._prev is not None
         self._moving = []
-        for gi, (prev, group) in enumerate(zip(self._prev, self._groups, strict=True)):
+        self._moved = list(self._stepping)  # which params have gradients, as measure read them
+        for prev, group, has_grad in zip(self._prev, self._groups, self._moved, strict=True):
             ps = local_params(group)
-            has_grad = [p.grad is not None for p in group["params"]]
-            self._moved[gi] = None if all(has_grad) else has_grad
-            if not all(has_grad):
+            if has_grad is not None:
                 prev = [t for t, h in zip(prev, has_grad, strict=True) if h]
                 ps = [p for p, h in zip(ps, has_grad, strict=True) if h]
             self._moving.append((prev, ps))
