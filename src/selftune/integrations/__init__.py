@@ -35,3 +35,23 @@ def check_wrap_options(controller: Any, options: dict[str, Any], owner: str) -> 
         selftune.wrap(probe, controller, **options).close()
     except selftune.ConfigError as err:
         raise selftune.ConfigError(f"{owner}: {err}") from None
+
+
+def wrap_settings_given(controller: Any, log_dir: Any, options: dict[str, Any]) -> list[str]:
+    """The names of the :func:`selftune.wrap` settings an integration was given (``None``:
+    not given), for :func:`refuse_for_wrapped`."""
+    named = (("controller", controller), ("log_dir", log_dir))
+    return [name for name, value in named if value is not None] + list(options)
+
+
+def refuse_for_wrapped(given: list[str], found: str, owner: str, fix: str) -> None:
+    """Refuse wrap settings ``given`` to ``owner`` for an optimizer the framework hands over
+    already wrapped (``found`` says where), which is only fed: they would be ignored, and a
+    ``log_dir`` so given was a log lost without a word."""
+    import selftune
+
+    if given:
+        raise selftune.ConfigError(
+            f"{found} a selftune optimizer, wrapped with its own settings, so "
+            f"{', '.join(given)} given to {owner} would be ignored: {fix}"
+        )

@@ -50,6 +50,7 @@ from transformers.trainer import OPTIMIZER_NAME
 
 import selftune
 from selftune.controllers.base import check_flags
+from selftune.integrations import refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import FedSelfTuned, feed_from
 from selftune.tuner import SelfTuned
 
@@ -221,14 +222,12 @@ def wrap_trainer_optimizer(
     if trainer.optimizer is None:
         raise selftune.ConfigError("trainer.create_optimizer() built no optimizer")
     if isinstance(trainer.optimizer, SelfTuned):
-        named = (("controller", controller), ("log_dir", log_dir))
-        given = [name for name, value in named if value is not None] + list(wrap_kwargs)
-        if given:
-            raise selftune.ConfigError(
-                f"the Trainer's optimizer is already a selftune one, wrapped with its own "
-                f"settings, so {', '.join(given)} given to wrap_trainer_optimizer would be "
-                "ignored: pass them to selftune.wrap, or give the Trainer the plain optimizer"
-            )
+        refuse_for_wrapped(
+            wrap_settings_given(controller, log_dir, wrap_kwargs),
+            "the Trainer's optimizer is already",
+            "wrap_trainer_optimizer",
+            "pass them to selftune.wrap, or give the Trainer the plain optimizer",
+        )
         opt = feed_from(trainer.optimizer)
     else:
         chosen = "auto" if controller is None else controller

@@ -57,7 +57,7 @@ from lightning.pytorch.callbacks import Callback
 import selftune
 from selftune.average import swapped
 from selftune.controllers.base import check_flags
-from selftune.integrations import check_wrap_options
+from selftune.integrations import check_wrap_options, refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import LossFeed, feed_from
 from selftune.tuner import SelfTuned
 
@@ -102,10 +102,7 @@ class SelfTuneCallback(Callback):
             )
         self.monitor, self.mode = monitor, mode
         #: the wrap settings given, by name: refused for an optimizer already wrapped
-        self._given = [
-            n for n, v in (("controller", controller), ("log_dir", log_dir)) if v is not None
-        ]
-        self._given += list(wrap_kwargs)
+        self._given = wrap_settings_given(controller, log_dir, wrap_kwargs)
         self.controller = "auto" if controller is None else controller
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
@@ -154,11 +151,12 @@ class SelfTuneCallback(Callback):
 
     def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> SelfTuned:
         opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
-        if isinstance(opt, SelfTuned) and self._given:
-            raise selftune.ConfigError(
-                f"configure_optimizers returned a selftune optimizer, wrapped with its own "
-                f"settings, so {', '.join(self._given)} given to SelfTuneCallback would be "
-                "ignored: pass them to selftune.wrap there, or return the plain optimizer"
+        if isinstance(opt, SelfTuned):
+            refuse_for_wrapped(
+                self._given,
+                "configure_optimizers returned",
+                "SelfTuneCallback",
+                "pass them to selftune.wrap there, or return the plain optimizer",
             )
         if not isinstance(opt, SelfTuned):
             log_dir = self.log_dir
