@@ -153,7 +153,7 @@ class StabilityController:
     def on_backoff(self, step: int) -> None:
         for st in self._groups:
             st.cooldown = self.warmup
-        self._failed, self._failing = list(self._failing) or self._failed, []
+        self._failed, self._failing = self._failing or self._failed, []
 
     def state_dict(self) -> dict[str, Any]:
         return {"groups": [asdict(g) for g in self._groups], "failed": list(self._failed)}
