@@ -74,7 +74,7 @@ class StabilityController:
         #: per group, the lowest rate the guard rolled back from (None: none yet); kept across
         #: the rollbacks, which restore this controller's state from before the failure
         self._failed: list[float | None] = []
-        self._failing: list[float] = []  #: the rates of the rollback under way
+        self._failing: list[float | None] = []  #: the rates of the rollback under way
 
     def trouble(self, signals: Signals, group: int) -> tuple[str, str] | None:
         """Update the trackers of ``group``; return the trouble seen (kind, reason in words)."""
