@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 import random
 import re
@@ -303,6 +304,51 @@ def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "run"]
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+
+
+@pytest.mark.parametrize("file", ["trace.jsonl", "decisions.jsonl"])
+def test_a_disk_that_fills_mid_run_leaves_whole_lines_and_a_run_that_resumes(
+    tmp_path: Path, file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills half-way through a line of the run folder's ``file``: the trace's
+    ``OSError`` came bare from deep inside a step, and a torn line was left behind. It is a
+    LogError naming the file, the line is cut back, and the checkpoint resumes the run to the
+    bytes of one that never stopped."""
+    ref = reference("adamw", tmp_path / "ref")
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "res")
+    train(model, opt, range(1, 21))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=20)
+    target = os.stat(tmp_path / "res" / file).st_ino
+    write = os.write
+    torn: list[int] = []
+
+    def fill(fd: int, data: Any) -> int:
+        if os.fstat(fd).st_ino != target:
+            return write(fd, data)
+        if not torn:  # the first write returns short, as a disk that fills does
+            torn.append(write(fd, bytes(data)[: len(data) // 2]))
+            return torn[0]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", fill)
+    with pytest.raises(selftune.LogError, match=rf"{file}: No space left on device") as caught:
+        train(model, opt, range(21, STEPS + 1))
+    monkeypatch.undo()
+    assert torn and "resume from the last checkpoint" in str(caught.value)
+    lines = (tmp_path / "res" / file).read_bytes().split(b"\n")
+    assert lines.pop() == b"", "a torn final line"
+    assert all(json.loads(line) for line in lines)
+    opt.close()
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "res")
+    start = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] + 1
+    train(model, opt, range(start, STEPS + 1))
+    opt.close()
+    assert_same_state(ref, final_state(model, opt))
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
 
 
 def test_extra_that_loading_would_refuse_is_refused_at_save(

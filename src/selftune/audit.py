@@ -487,6 +487,31 @@ def _parse_position(position: Mapping[str, Any]) -> tuple[int, str, int]:
     )
 
 
+def append_line(
+    fd: int, line: bytes, size: int, file: Path, last: str, *, fsync: bool = False
+) -> None:
+    """Append ``line`` to ``file`` (open on ``fd``, ``size`` bytes of whole lines so far).
+
+    On an OSError (a full disk, a quota) the file is cut back to ``size`` before a
+    :class:`LogError` names it: a partial line left in place would break the chain (or the
+    trace's step order) for every later line, and a resume reads the file as it stands.
+    ``last`` names the final line still in place, for the message.
+    """
+    try:
+        view = memoryview(line)
+        while view:  # one write() unless the OS returns short (a full disk, a signal)
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise LogError(
+            f"could not append to {file}: {exc.strerror or exc}; it still ends with {last}. "
+            "Free space, then resume from the last checkpoint"
+        ) from exc
+
+
 class AuditLog:
     """Appends hash-chained records to ``<log_dir>/decisions.jsonl``; one writer per folder.
 
@@ -570,20 +595,8 @@ class AuditLog:
         return stored
 
     def _write(self, fd: int, line: bytes) -> None:
-        try:
-            view = memoryview(line)
-            while view:  # one write() unless the OS returns short (a full disk, a signal)
-                view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
-        except OSError as exc:
-            # A partial line left in place would break the chain for every later record.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, self._bytes)
-            raise LogError(
-                f"could not append to {self._file}: {exc.strerror or exc}; the log still ends "
-                f"with seq {self._seq - 1}"
-            ) from exc
+        last = f"seq {self._seq - 1}" if self._seq else "no record"
+        append_line(fd, line, self._bytes, self._file, last, fsync=self.fsync)
 
     def position(self) -> dict[str, Any]:
         """Where the log ends now, for a checkpoint: next seq, last hash, file size in bytes."""

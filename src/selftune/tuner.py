@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from selftune import knobs as knobs_io
 from selftune import shards
+from selftune.audit import append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
@@ -171,7 +172,8 @@ class SelfTuned(torch.optim.Optimizer):
         self.last_signals: Signals | None = None
         self._seed = None if seed is None else int(seed)
         self._log: AuditLog | None = None
-        self._trace: TextIO | None = None
+        self._trace: int | None = None  # trace.jsonl's fd, written as the log is: whole lines
+        self._trace_file = Path()
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         #: ``group`` records of groups added since the last step, written with the next one
         self._added: list[dict[str, Any]] = []
@@ -538,9 +540,8 @@ class SelfTuned(torch.optim.Optimizer):
         if self._trace is not None and not unmoved:
             from selftune.report import trace_size_through
 
-            self._trace.flush()
-            self._trace_bytes = trace_size_through(Path(self._trace.name), self.step_count)
-            os.truncate(self._trace.fileno(), self._trace_bytes)
+            self._trace_bytes = trace_size_through(self._trace_file, self.step_count)
+            os.ftruncate(self._trace, self._trace_bytes)
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
@@ -583,9 +584,8 @@ class SelfTuned(torch.optim.Optimizer):
         them last: a checkpoint saved after it has nothing left to force.)"""
         if self._log is not None:
             self._log.sync()
-        if self._trace is not None and not self._trace.closed:
-            self._trace.flush()
-            os.fsync(self._trace.fileno())
+        if self._trace is not None:
+            os.fsync(self._trace)
 
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log."""
@@ -653,7 +653,8 @@ class SelfTuned(torch.optim.Optimizer):
             self.sync()
             self._log.close()
         if self._trace is not None:
-            self._trace.close()
+            os.close(self._trace)
+            self._trace = None
 
     def __repr__(self) -> str:
         return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
@@ -1049,10 +1050,10 @@ class SelfTuned(torch.optim.Optimizer):
         )
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
-            # newline "\n": the byte count that resuming truncates to is the file's on every OS
-            trace = open(log_dir / "trace.jsonl", "a", encoding="utf-8", newline="\n")  # noqa: SIM115
-            self._trace = trace
-            self._trace_bytes = os.fstat(self._trace.fileno()).st_size
+            self._trace_file = log_dir / "trace.jsonl"
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+            self._trace = os.open(self._trace_file, flags, 0o644)
+            self._trace_bytes = os.fstat(self._trace).st_size
 
     def _write_added(self) -> None:
         assert self._log is not None
@@ -1102,10 +1103,10 @@ class SelfTuned(torch.optim.Optimizer):
             metric = signals.metric
             if metric is not None:
                 row["metric"] = metric if math.isfinite(metric) else str(metric)
-            line = json.dumps({**row, "hp": hp}) + "\n"
-            self._trace.write(line)
-            self._trace.flush()
-            self._trace_bytes += len(line.encode("utf-8"))
+            line = (json.dumps({**row, "hp": hp}) + "\n").encode("utf-8")
+            last = f"the rows before step {t}"
+            append_line(self._trace, line, self._trace_bytes, self._trace_file, last)
+            self._trace_bytes += len(line)
         if self._listeners:
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
