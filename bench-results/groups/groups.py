@@ -122,7 +122,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(
         f"Split / one group, steps to target, geometric mean over the {len(ratios)} runs that both "
-        f"arms finished: {gm:.3f} (range {min(ratios):.2f}-{max(ratios):.2f}); target missed: "
+        f"arms finished: {gm:.3f} (range {min(ratios):.2f}-{max(ratios):.2f}; faster "
+        f"{sum(r < 1 for r in ratios)}, equal {ratios.count(1.0)}, slower "
+        f"{sum(r > 1 for r in ratios)}); target missed: "
         f"one group {misses['one']}, split {misses['split']} of {len(rows) // 2} runs each."
     )
     return "\n".join(lines)
