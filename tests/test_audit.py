@@ -312,6 +312,14 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         verify(tmp_path)
 
 
+def test_a_run_folder_that_is_a_file_is_named(tmp_path: Path) -> None:
+    """``log_dir`` given a file's path (a checkpoint's, say) said only "File exists"."""
+    (tmp_path / "run.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(LogError, match=r"run\.pt: a file has that name; pass the path of a folder"):
+        AuditLog(tmp_path / "run.pt")
+    assert (tmp_path / "run.pt").read_bytes() == b"a checkpoint"
+
+
 def test_a_folder_of_run_folders_names_them(tmp_path: Path) -> None:
     """Lightning's callback with several optimizers logs each to ``log_dir/opt{i}``."""
     for name in ("opt0", "opt1"):

@@ -546,9 +546,10 @@ class AuditLog:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LogError(
-                f"cannot create the run folder {self.path}: {exc.strerror or exc}"
-            ) from None
+            why = exc.strerror or str(exc)
+            if self.path.exists() and not self.path.is_dir():
+                why = "a file has that name; pass the path of a folder (new or a run's) instead"
+            raise LogError(f"cannot create the run folder {self.path}: {why}") from None
         note = _settle_manifest(self.path, manifest) if manifest is not None else None
         torn = 0
         if self._file.exists():
