@@ -1,0 +1,167 @@
+"""`auto` on top of the schedule a training script already has: does wrapping still pay?
+
+Most scripts that would wrap their optimizer already schedule its rate: the Hugging Face
+``Trainer`` decays it linearly to zero over the run by default, transformer recipes warm it up
+and then follow a cosine.  selftune composes with a scheduler (it keeps a scale on the rate the
+scheduler writes), so `auto`'s range test and cruise act on top of the schedule.  Arms, on six
+of the benchmark's workloads, wrapping AdamW at its defaults and SGD at 0.01 with momentum 0.9
+(the benchmark's default settings), seeds 0-2:
+
+- ``constant``: no schedule (the benchmark's ``*-default`` and ``selftune-auto`` rows);
+- ``linear``: the Trainer's default, ``LambdaLR`` from 1 down to 0 at the workload's budget;
+- ``warmup-cosine``: a linear warm-up over the first 5% of the budget, then a cosine to 0.
+
+each plain and wrapped by ``selftune.wrap`` at its defaults (the scheduler built on the
+wrapper, as a loop that wraps first builds it).  Measured per run: steps to the workload's
+target (the race stops there, as the benchmark's does).  Run from the repository root:
+``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/schedules/schedules.py OUT
+WORKLOAD...`` writes ``OUT.json``; ``schedules.py --table OUT.json`` prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selftune.bench import workloads
+from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
+from selftune.bench.runner import one_thread, train
+
+SEEDS = range(3)
+SCHEDULES = ("constant", "linear", "warmup-cosine")
+HOWS = ("plain", "auto")
+
+
+def factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """The schedule's multiplier of the set rate at step ``t`` (LambdaLR's ``lr_lambda``)."""
+    warmup = max(1, round(0.05 * steps))
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "linear":
+        return lambda t: max(0.0, 1.0 - t / steps)
+
+    def cosine(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup) / (steps - warmup))))
+
+    return cosine
+
+
+def build(base: str, schedule: str, how: str) -> Callable[[nn.Module, Setting], Handle]:
+    def make(model: nn.Module, s: Setting) -> Handle:
+        import selftune
+
+        if base == "sgd":
+            inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **SGD_DEFAULT)
+        else:
+            inner = torch.optim.AdamW(model.parameters(), **ADAMW_DEFAULT)
+        if how == "plain":
+            sched = torch.optim.lr_scheduler.LambdaLR(inner, factor(schedule, s.steps))
+            return Handle(inner, scheduler=sched)
+        opt = selftune.wrap(inner, seed=s.seed)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor(schedule, s.steps))
+        mode = "max" if s.higher_is_better else "min"
+        return Handle(
+            opt,
+            scheduler=sched,
+            pass_loss=True,
+            lr_of=_selftune_lr,
+            metric_to=lambda v: opt.observe(v, mode=mode),
+        )
+
+    return make
+
+
+def one(job: tuple[str, str, str, str, int]) -> dict[str, Any]:
+    name, base, schedule, how, seed = job
+    (workload,) = workloads.select([name])
+    method = Method(f"{how}-{schedule}-{base}", "probe", base, build(base, schedule, how), 3)
+    with one_thread():
+        row = train(workload, method, seed)
+    return {
+        "workload": name,
+        "base": base,
+        "schedule": schedule,
+        "how": how,
+        "seed": seed,
+        "steps_to_target": row["steps_to_target"],
+        "steps_budget": row["steps_budget"],
+        "diverged": row["diverged"],
+        "error": row["error"],
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Median steps to target (misses counted as the budget, and shown) per arm."""
+    runs: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        runs.setdefault((r["workload"], r["base"], r["schedule"], r["how"]), []).append(r)
+    arms = [(s, h) for s in SCHEDULES for h in HOWS]
+    head = " | ".join(f"{s} {h}" for s, h in arms)
+    lines = [
+        "Median steps to target over the seeds (a miss counts as the budget; `n/3`: seeds "
+        "that reached it).",
+        "",
+        f"| workload | base | {head} |",
+        "|---|---|" + "---:|" * len(arms),
+    ]
+    ratios: dict[str, list[float]] = {s: [] for s in SCHEDULES}
+    for w, base in dict.fromkeys((r["workload"], r["base"]) for r in rows):
+        cells = []
+        for s, h in arms:
+            got = runs.get((w, base, s, h), [])
+            steps = [r["steps_to_target"] or r["steps_budget"] for r in got]
+            hits = sum(r["steps_to_target"] is not None for r in got)
+            cells.append(f"{statistics.median(steps):g} ({hits}/{len(got)})" if got else "")
+            if h == "auto" and got:
+                plain = runs[(w, base, s, "plain")]
+                mine = statistics.median(steps)
+                theirs = statistics.median(r["steps_to_target"] or r["steps_budget"] for r in plain)
+                ratios[s].append(mine / theirs)
+        lines.append(f"| {w} | {base} | {' | '.join(cells)} |")
+    lines.append("")
+    for s in SCHEDULES:
+        rs = ratios[s]
+        if rs:
+            gm = math.exp(sum(map(math.log, rs)) / len(rs))
+            lines.append(
+                f"- {s}: auto / plain, median steps, geometric mean over {len(rs)} pairs "
+                f"{gm:.3f}; auto faster in {sum(r < 1 for r in rs)}, slower in "
+                f"{sum(r > 1 for r in rs)}."
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if sys.argv[1] == "--table":
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        return
+    out = Path(sys.argv[1] + ".json")
+    jobs = [
+        (w, base, schedule, how, seed)
+        for w in sys.argv[2:]
+        for base in ("adamw", "sgd")
+        for schedule in SCHEDULES
+        for how in HOWS
+        for seed in SEEDS
+    ]
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(2) as pool:
+        for row in pool.map(one, jobs):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
