@@ -845,3 +845,42 @@ def test_two_networks_trained_by_turns_are_tuned_on_their_own_alignments() -> No
         cosines.append(opt.last_signals.groups[0].cos_update)
     assert all(cos != 0.0 for cos in cosines[2:])  # each net's first step has no update yet
     assert opt.hyperparams()[0]["lr"] > 1e-3  # the range test grew the rate
+
+
+def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None:
+    """A warm-up still climbing after the range test had found its edge took the run past it:
+    selftune's scale composed with the rise.  ``auto`` now holds
+    every rise of the scheduler's rate above the highest it had set, so a run warmed up from
+    1/30 of the rate is, rate for rate, the run started at 1/30 with no schedule; the decay
+    after the warm-up still composes, and a return to a rate set before is no rise."""
+    warm, steps = 30, 80
+
+    def run(schedule: Callable[[int], float] | None, lr: float) -> tuple[list[float], list[str]]:
+        pr = noisy_quadratic(seed=3)
+        opt = selftune.wrap(torch.optim.SGD(pr.model.parameters(), lr=lr, momentum=0.9))
+        sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        seen: list[str] = []
+        opt.add_listener(lambda e: seen.extend(d.reason for d in e.decisions))
+        rates: list[float] = []
+
+        def after(_t: int) -> None:
+            rates.append(opt.hyperparams()[0]["lr"] / opt.param_groups[0]["lr"])
+            if sched is not None:
+                sched.step()
+
+        train(pr, opt, steps, on_step=after)
+        return rates, seen
+
+    plain, _ = run(None, 0.01 / warm)
+    ramp = lambda t: min(1.0, (t + 1) / warm)  # noqa: E731
+    warmed, reasons = run(ramp, 0.01)
+    # the scale: the warmed run's rate over the scheduler's, against the plain run's rate
+    effective = [s * 0.01 * ramp(t) for t, s in enumerate(warmed)]
+    assert effective == pytest.approx([s * 0.01 / warm for s in plain], rel=1e-6)
+    assert sum(r.startswith("held: the scheduler raised its rate") for r in reasons) > 5
+    # a dip composes (the rate falls with the scheduler's), and the return to the top after
+    # it is no rise
+    dip = lambda t: 0.5 if 20 <= t < 40 else 1.0  # noqa: E731
+    dipped, reasons = run(dip, 0.01)
+    assert not any(r.startswith("held") for r in reasons)
+    assert len(dipped) == steps

@@ -113,6 +113,33 @@ def test_crashed_after_a_checkpoint_and_resumed_redoes_the_lost_steps(
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
 
 
+def test_a_run_resumed_mid_warm_up_holds_the_same_rises(tmp_path: Path) -> None:
+    """``auto`` holds a warm-up's rises above the highest rate the scheduler had set (here its
+    range test grows from the rate held): that highest rate is in the checkpoint, or the
+    resumed run reads no rise at its first step and grows from another rate."""
+
+    def run(folder: Path, steps: range, ckpt: Path | None = None) -> dict[str, Any]:
+        model = make_model()
+        opt = make_optimizer("adamw", model, folder)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 30))
+        if ckpt is not None:
+            sched.load_state_dict(load_checkpoint(ckpt, model=model, optimizer=opt)["extra"])
+        for t in steps:
+            train_step(model, opt, t, rank=0)
+            sched.step()
+            if t == 12 and ckpt is None:
+                extra = sched.state_dict()
+                save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=t, extra=extra)
+        opt.close()
+        return final_state(model, opt)
+
+    ref = run(tmp_path / "ref", range(1, 41))
+    run(tmp_path / "res", range(1, 13))
+    res = run(tmp_path / "res", range(13, 41), ckpt=tmp_path / "c.pt")
+    assert_same_state(ref, res)
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+
+
 def test_a_fresh_optimizer_loading_its_own_state_keeps_the_folders_trace(tmp_path: Path) -> None:
     """Loading a fresh wrapper's own state changes nothing, so it cuts nothing from the folder
     it reopened: it once cut the trace back to step 0, and the Hugging Face ``Trainer``'s resume
@@ -519,3 +546,25 @@ def test_guard_snapshots_saved_as_a_list_by_older_checkpoints_still_load() -> No
     fresh = Guard()
     fresh.load_snapshots_state(state)
     assert [s.step for s in fresh.snapshots] == [25] and fresh.initial is None
+
+
+def test_a_state_saved_before_the_warm_up_hold_loads_reading_no_rise_at_once() -> None:
+    """A state saved before the wrapper kept the scheduler's highest rate takes the rates in
+    force as that highest: the first step after loading holds nothing, the next rise is held."""
+    model = make_model()
+    opt = make_optimizer("adamw", model, None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 30))
+    for t in range(1, 6):
+        train_step(model, opt, t, rank=0)
+        sched.step()
+    state = opt.state_dict()
+    del state["selftune"]["peaks"]
+    fresh = make_optimizer("adamw", model, None)
+    fresh.load_state_dict(state)
+    rises = []
+    for t in range(6, 9):
+        train_step(model, fresh, t, rank=0)
+        assert fresh.last_signals is not None
+        rises.append(fresh.last_signals.groups[0].base_rise)
+        fresh.param_groups[0]["lr"] *= 1.25  # the scheduler's next rise, written by hand
+    assert rises == [1.0, pytest.approx(1.25), pytest.approx(1.25)]

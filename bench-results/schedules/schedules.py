@@ -9,13 +9,18 @@ of the benchmark's workloads, wrapping AdamW at its defaults and SGD at 0.01 wit
 
 - ``constant``: no schedule (the benchmark's ``*-default`` and ``selftune-auto`` rows);
 - ``linear``: the Trainer's default, ``LambdaLR`` from 1 down to 0 at the workload's budget;
-- ``warmup-cosine``: a linear warm-up over the first 5% of the budget, then a cosine to 0.
+- ``warmup-cosine``: a linear warm-up over the first 5% of the budget, then a cosine to 0;
+- ``onecycle``: torch's ``OneCycleLR`` at its defaults (up from 1/25 of the rate for 30% of the
+  budget, then down to 1/25e4 of it), ``cycle_momentum=False``;
 
 each plain and wrapped by ``selftune.wrap`` at its defaults (the scheduler built on the
 wrapper, as a loop that wraps first builds it).  Measured per run: steps to the workload's
 target (the race stops there, as the benchmark's does).  Run from the repository root:
 ``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/schedules/schedules.py OUT
-WORKLOAD...`` writes ``OUT.json``; ``schedules.py --table OUT.json`` prints the table.
+WORKLOAD... [--schedules a,b] [--hows plain,auto]`` writes ``OUT.json``; ``schedules.py --table
+OUT.json [NEWER.json]`` prints the table (a run in ``NEWER.json`` replaces the same run in
+``OUT.json``); ``schedules.py --compare BEFORE.json AFTER.json`` compares the ``auto`` runs that
+both hold, pair by pair.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, S
 from selftune.bench.runner import one_thread, train
 
 SEEDS = range(3)
-SCHEDULES = ("constant", "linear", "warmup-cosine")
+SCHEDULES = ("constant", "linear", "warmup-cosine", "onecycle")
 HOWS = ("plain", "auto")
 
 
@@ -57,6 +62,15 @@ def factor(schedule: str, steps: int) -> Callable[[int], float]:
     return cosine
 
 
+def scheduler(
+    opt: torch.optim.Optimizer, schedule: str, steps: int, lr: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if schedule == "onecycle":
+        one = torch.optim.lr_scheduler.OneCycleLR
+        return one(opt, max_lr=lr, total_steps=steps, cycle_momentum=False)
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor(schedule, steps))
+
+
 def build(base: str, schedule: str, how: str) -> Callable[[nn.Module, Setting], Handle]:
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
@@ -65,11 +79,11 @@ def build(base: str, schedule: str, how: str) -> Callable[[nn.Module, Setting], 
             inner: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **SGD_DEFAULT)
         else:
             inner = torch.optim.AdamW(model.parameters(), **ADAMW_DEFAULT)
+        lr = inner.param_groups[0]["lr"]
         if how == "plain":
-            sched = torch.optim.lr_scheduler.LambdaLR(inner, factor(schedule, s.steps))
-            return Handle(inner, scheduler=sched)
+            return Handle(inner, scheduler=scheduler(inner, schedule, s.steps, lr))
         opt = selftune.wrap(inner, seed=s.seed)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor(schedule, s.steps))
+        sched = scheduler(opt, schedule, s.steps, lr)
         mode = "max" if s.higher_is_better else "min"
         return Handle(
             opt,
@@ -106,7 +120,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     runs: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         runs.setdefault((r["workload"], r["base"], r["schedule"], r["how"]), []).append(r)
-    arms = [(s, h) for s in SCHEDULES for h in HOWS]
+    present = {r["schedule"] for r in rows}
+    arms = [(s, h) for s in SCHEDULES if s in present for h in HOWS]
     head = " | ".join(f"{s} {h}" for s, h in arms)
     lines = [
         "Median steps to target over the seeds (a miss counts as the budget; `n/3`: seeds "
@@ -123,7 +138,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             steps = [r["steps_to_target"] or r["steps_budget"] for r in got]
             hits = sum(r["steps_to_target"] is not None for r in got)
             cells.append(f"{statistics.median(steps):g} ({hits}/{len(got)})" if got else "")
-            if h == "auto" and got:
+            if h == "auto" and got and (w, base, s, "plain") in runs:
                 plain = runs[(w, base, s, "plain")]
                 mine = statistics.median(steps)
                 theirs = statistics.median(r["steps_to_target"] or r["steps_budget"] for r in plain)
@@ -142,17 +157,69 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """Per workload, base and schedule: ``auto``'s median steps (and hits) before and after."""
+
+    def medians(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], tuple[float, int]]:
+        runs: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["how"] == "auto":
+                runs.setdefault((r["workload"], r["base"], r["schedule"]), []).append(r)
+        return {
+            k: (
+                statistics.median(r["steps_to_target"] or r["steps_budget"] for r in v),
+                sum(r["steps_to_target"] is not None for r in v),
+            )
+            for k, v in runs.items()
+        }
+
+    old, new = medians(before), medians(after)
+    lines = [
+        "| workload | base | schedule | auto before | auto after | after / before |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    ratios = []
+    for key in [k for k in new if k in old]:
+        (a, ha), (b, hb) = old[key], new[key]
+        ratios.append(b / a)
+        lines.append(f"| {' | '.join(key)} | {a:g} ({ha}) | {b:g} ({hb}) | {b / a:.2f} |")
+    gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    lines += [
+        "",
+        f"After / before, median steps (a miss counts as the budget; in brackets the seeds that "
+        f"reached the target), geometric mean over {len(ratios)} pairs: {gm:.3f}; faster in "
+        f"{sum(r < 1 for r in ratios)}, slower in {sum(r > 1 for r in ratios)}; hits "
+        f"{sum(old[k][1] for k in new if k in old)} -> {sum(new[k][1] for k in new if k in old)}.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    if sys.argv[1] == "--table":
-        print(table(json.loads(Path(sys.argv[2]).read_text())))
+    if sys.argv[1] == "--compare":
+        before, after = (json.loads(Path(p).read_text()) for p in sys.argv[2:4])
+        print(compare(before, after))
         return
+    if sys.argv[1] == "--table":
+        key = ("workload", "base", "schedule", "how", "seed")
+        runs = {}
+        for path in sys.argv[2:]:
+            runs.update({tuple(r[k] for k in key): r for r in json.loads(Path(path).read_text())})
+        print(table(list(runs.values())))
+        return
+    args = sys.argv[2:]
+    chosen = {"--schedules": list(SCHEDULES), "--hows": list(HOWS)}
+    for flag in chosen:
+        if flag in args:
+            at = args.index(flag)
+            chosen[flag] = args[at + 1].split(",")
+            del args[at : at + 2]
     out = Path(sys.argv[1] + ".json")
     jobs = [
         (w, base, schedule, how, seed)
-        for w in sys.argv[2:]
+        for w in args
         for base in ("adamw", "sgd")
-        for schedule in SCHEDULES
-        for how in HOWS
+        for schedule in chosen["--schedules"]
+        for how in chosen["--hows"]
         for seed in SEEDS
     ]
     rows: list[dict[str, Any]] = []

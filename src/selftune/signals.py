@@ -42,6 +42,10 @@ class GroupSignals:
     cos_update: float
     dot_update: float  #: ⟨−g_t, Δθ_{t-1}⟩, the unnormalised form (= −lr·∂L/∂lr)
     cos_buffer: float  #: cos(g_t, momentum buffer), NaN when the optimizer keeps none
+    #: how far a scheduler (or the loop) raised the group's rate since the last step above the
+    #: highest it had set before (a warm-up's rise, not a cycle's return to its top); 1 when
+    #: it did not: the wrapper fills it in, the tracker never sees the rate
+    base_rise: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: each group's knobs, fixed when it joins: a momentum clipped to zero stays a knob
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
+        #: per group, the highest rate a scheduler (or the loop) had set before the last step
+        #: the controller read, None before a positive one: see :meth:`_with_rises`
+        self._peaks: list[float | None] = [None] * len(self.param_groups)
         #: the knobs other than the rate as the last step left them, and those found changed
         #: since by someone else (a scheduler's cycle_momentum, the training loop): theirs from
         #: then on, neither tuned nor restored (the rate composes with a scheduler's instead)
@@ -254,6 +257,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales.append(1.0)
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
+        self._peaks.append(None)
         self._outside.append(set())
         self._tracker.group_added()
         if self.average is not None:
@@ -430,7 +434,12 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
+        signals = self.last_signals = self._with_rises(signals)
         proposals = self.controller.propose(signals, current)
+        self._peaks = [
+            peak if base <= 0.0 or (peak is not None and peak >= base) else base
+            for peak, base in zip(self._peaks, self._bases(), strict=True)
+        ]
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
         decisions = forgiven + self._decide(
@@ -466,6 +475,7 @@ class SelfTuned(torch.optim.Optimizer):
             "step": self.step_count,
             "scales": list(self._scales),
             "start": list(self._start),
+            "peaks": list(self._peaks),
             "controller": _clone(self.controller.state_dict()),
             "controller_name": self.controller.name,
             "optimizer_type": type(self.optimizer).__name__,
@@ -512,6 +522,8 @@ class SelfTuned(torch.optim.Optimizer):
             return
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
+        # a state saved before the peaks: the rates now (no rise is read at the next step)
+        self._peaks = list(own.get("peaks", self._bases()))
         self._left = copy.deepcopy(own.get("left"))
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
@@ -720,6 +732,30 @@ class SelfTuned(torch.optim.Optimizer):
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
+
+    def _bases(self) -> list[float]:
+        """The rate each group holds now: a scheduler's (or the loop's), without the scale."""
+        return [knobs_io.read(g, "lr") for g in self.param_groups]
+
+    def _with_rises(self, signals: Signals) -> Signals:
+        """``signals`` with each group's rise of its rate above the highest set before.
+
+        selftune's scale composes with a scheduler's rate, which suits a decay (a controller
+        that lacks one gains it) but not a rise: a warm-up still climbing after ``auto``'s range
+        test found the edge of stability at the rate of the time took the run past that edge
+        (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm restart's) is no
+        rise: the controller has seen the run at that rate.  Ranks hold the same schedule, so
+        every rank reads the same rises.
+        """
+        rises = [
+            base / peak if peak is not None and base > peak else 1.0
+            for peak, base in zip(self._peaks, self._bases(), strict=True)
+        ]
+        if all(r == 1.0 for r in rises):
+            return signals
+        pairs = zip(signals.groups, rises, strict=True)
+        groups = tuple(dataclasses.replace(g, base_rise=r) for g, r in pairs)
+        return dataclasses.replace(signals, groups=groups)
 
     def _note_lost_snapshots(self, t: int) -> None:
         """Remember that the guard starts its snapshots again at step ``t``, if the state dict

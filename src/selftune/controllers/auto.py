@@ -68,6 +68,14 @@
    positive cosines: the bounce of steps that overshoot is what the average absorbs
    (:meth:`AutoController._follows`).
 
+4. **A scheduler's rise** above the highest rate it had set (a warm-up, ``OneCycleLR``'s climb)
+   is held: the rules above read the rate as it stood, and where none moves it, it is set back
+   (:meth:`AutoController._held`).  selftune's scale composes with a scheduler's rate, which
+   suits a decay (the anneal ``auto`` alone lacks) but not a rise: a range test run during a
+   warm-up found the edge at the rate of that time, and the rest of the warm-up took the run
+   past it (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm
+   restart's) passes: the run has been seen there.
+
 With ``range_test=False`` every group starts in the cruise, at the rate it was given: for a rate
 already known to be right (a grid's best, a recipe's), which the range test would leave.  Started
 at the grid's best constant rate on the benchmark's ten workloads not held out, seeds 0-2, the
@@ -299,6 +307,8 @@ class AutoController:
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
+            if g.base_rise > 1.0:  # every rule below reads the rate as held
+                k = {**k, "lr": k["lr"] / g.base_rise}
             rho_fast = 0.0
             # a reversal is a turn, an overshoot, only after steps clearly going forward (read
             # before this one joins them); amid cosines of no clear sign it is what noise gives;
@@ -336,7 +346,24 @@ class AutoController:
                 out.append(self.hyper.lr_proposal(i, k["lr"], rho, self.cruise_gain, reversal))
         if self._retesting:  # the restart is the run's: every group that needs one joined it
             self._retested, self._retesting = True, False
-        return out
+        return out + self._held(signals, knobs, {p.group for p in out if p.knob == "lr"})
+
+    def _held(self, signals: Signals, knobs: Knobs, moved: set[int]) -> list[Proposal]:
+        """Hold the rate of each group whose scheduler raised it above the highest it had set
+        (a warm-up), where no other rule moved it: ``auto`` chooses the rate, and a rise past
+        the one it chose was never tested (a range test run during a warm-up found the edge
+        at the rate of that time).  Decays pass: they anneal, as ``auto`` alone does not."""
+        return [
+            Proposal(
+                i,
+                "lr",
+                k["lr"] / g.base_rise,
+                f"held: the scheduler raised its rate x{g.base_rise:.4g} above the highest it "
+                "had set (a warm-up), past the rate auto chose",
+            )
+            for i, (g, k) in enumerate(zip(signals.groups, knobs, strict=True))
+            if g.base_rise > 1.0 and i not in moved
+        ]
 
     def _end_test(
         self, i: int, lr: float, factor: float, why: str, restart: bool = False
