@@ -884,3 +884,9 @@ def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None
     dipped, reasons = run(dip, 0.01)
     assert not any(r.startswith("held") for r in reasons)
     assert len(dipped) == steps
+    # without the range test the rate given is the user's: the warm-up climbs to it
+    pr = noisy_quadratic(seed=3)
+    opt = selftune.wrap(torch.optim.SGD(pr.model.parameters(), lr=0.01), range_test=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+    train(pr, opt, warm, on_step=lambda _t: sched.step())
+    assert opt.hyperparams()[0]["lr"] > 0.5 * 0.01

@@ -743,9 +743,9 @@ class SelfTuned(torch.optim.Optimizer):
         selftune's scale composes with a scheduler's rate, which suits a decay (a controller
         that lacks one gains it) but not a rise: a warm-up still climbing after ``auto``'s range
         test found the edge of stability at the rate of the time took the run past that edge
-        (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm restart's) is no
-        rise: the controller has seen the run at that rate.  Ranks hold the same schedule, so
-        every rank reads the same rises.
+        (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm
+        restart's) is no rise: the controller has seen the run at that rate.  Ranks hold the
+        same schedule, so every rank reads the same rises.
         """
         rises = [
             base / peak if peak is not None and base > peak else 1.0

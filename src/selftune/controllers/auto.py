@@ -74,7 +74,8 @@
    suits a decay (the anneal ``auto`` alone lacks) but not a rise: a range test run during a
    warm-up found the edge at the rate of that time, and the rest of the warm-up took the run
    past it (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm
-   restart's) passes: the run has been seen there.
+   restart's) passes: the run has been seen there.  Without the range test the rate is the
+   user's, and a warm-up climbs to it as set.
 
 With ``range_test=False`` every group starts in the cruise, at the rate it was given: for a rate
 already known to be right (a grid's best, a recipe's), which the range test would leave.  Started
@@ -307,7 +308,7 @@ class AutoController:
         out: list[Proposal] = []
         for i, k in enumerate(knobs):
             g = signals.groups[i]
-            if g.base_rise > 1.0:  # every rule below reads the rate as held
+            if g.base_rise > 1.0 and self._holds:  # every rule below reads the rate as held
                 k = {**k, "lr": k["lr"] / g.base_rise}
             rho_fast = 0.0
             # a reversal is a turn, an overshoot, only after steps clearly going forward (read
@@ -362,8 +363,15 @@ class AutoController:
                 "had set (a warm-up), past the rate auto chose",
             )
             for i, (g, k) in enumerate(zip(signals.groups, knobs, strict=True))
-            if g.base_rise > 1.0 and i not in moved
+            if g.base_rise > 1.0 and self._holds and i not in moved
         ]
+
+    @property
+    def _holds(self) -> bool:
+        """Whether rises are held: the rate is auto's only once its range test chose it.
+        Without the test (``range_test=False``) the rate given is the user's, a warm-up's top
+        included, and the warm-up must reach it."""
+        return self._start_phase == "ramp"
 
     def _end_test(
         self, i: int, lr: float, factor: float, why: str, restart: bool = False
