@@ -1,7 +1,8 @@
 """What the probes of kinds of run selftune was not built for share (``gan/gan.py``,
 ``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
-``multi-task/alternate.py``, ``label-noise/digits.py``): every variant on every seed, on two
-processes, the results written next to the probe's script as ``results.json`` and
+``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
+``schedules/schedules.py`` run their jobs with :func:`run_rows`): every variant on every seed, on
+two processes, the results written next to the probe's script as ``results.json`` and
 ``table.md``, and the pieces of a run's row and of the table that more than one of them has."""
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ def run_grid(
     text = table(rows, variants, columns)
     (here / "table.md").write_text(text, encoding="utf-8")
     print(text)
+    return rows
+
+
+def run_rows(run: Callable[[Any], Row], jobs: list[Any], out: Path, workers: int = 2) -> list[Row]:
+    """``run(job)`` for each job on ``workers`` processes; each row is printed and ``out``
+    rewritten as it comes, so a probe of many minutes keeps the runs it finished."""
+    rows: list[Row] = []
+    with ProcessPoolExecutor(workers) as pool:
+        for row in pool.map(run, jobs):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return rows
 
 

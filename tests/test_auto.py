@@ -881,9 +881,8 @@ def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None
     # a dip composes (the rate falls with the scheduler's), and the return to the top after
     # it is no rise
     dip = lambda t: 0.5 if 20 <= t < 40 else 1.0  # noqa: E731
-    dipped, reasons = run(dip, 0.01)
+    _, reasons = run(dip, 0.01)
     assert not any(r.startswith("held") for r in reasons)
-    assert len(dipped) == steps
     # without the range test the rate given is the user's: the warm-up climbs to it
     pr = noisy_quadratic(seed=3)
     opt = selftune.wrap(torch.optim.SGD(pr.model.parameters(), lr=0.01), range_test=False)

@@ -23,7 +23,6 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,9 @@ from torch import nn
 from selftune.bench import workloads
 from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
 from selftune.bench.runner import one_thread, train
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+from probe_grid import run_rows  # noqa: E402
 
 SEEDS = range(3)
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -142,12 +144,7 @@ def main() -> None:
         for arm in ("one", "split")
         for seed in SEEDS
     ]
-    rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(2) as pool:
-        for row in pool.map(one, jobs):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            out.write_text(json.dumps(rows, indent=1) + "\n")
+    run_rows(one, jobs, out)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
         #: per group, the highest rate a scheduler (or the loop) had set before the last step
-        #: the controller read, None before a positive one: see :meth:`_with_rises`
+        #: the controller read, None before a positive one: see :meth:`_read_rises`
         self._peaks: list[float | None] = [None] * len(self.param_groups)
         #: the knobs other than the rate as the last step left them, and those found changed
         #: since by someone else (a scheduler's cycle_momentum, the training loop): theirs from
@@ -434,12 +434,8 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
-        signals = self.last_signals = self._with_rises(signals)
+        signals = self.last_signals = self._read_rises(signals)
         proposals = self.controller.propose(signals, current)
-        self._peaks = [
-            peak if base <= 0.0 or (peak is not None and peak >= base) else base
-            for peak, base in zip(self._peaks, self._bases(), strict=True)
-        ]
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
         decisions = forgiven + self._decide(
@@ -737,8 +733,10 @@ class SelfTuned(torch.optim.Optimizer):
         """The rate each group holds now: a scheduler's (or the loop's), without the scale."""
         return [knobs_io.read(g, "lr") for g in self.param_groups]
 
-    def _with_rises(self, signals: Signals) -> Signals:
-        """``signals`` with each group's rise of its rate above the highest set before.
+    def _read_rises(self, signals: Signals) -> Signals:
+        """``signals`` with each group's rise of its rate above the highest set before, which
+        this step's rate then becomes (one read of the rates a step, on the path where the
+        controller proposes: a rise met in a rollback is read at the next step).
 
         selftune's scale composes with a scheduler's rate, which suits a decay (a controller
         that lacks one gains it) but not a rise: a warm-up still climbing after ``auto``'s range
@@ -747,9 +745,14 @@ class SelfTuned(torch.optim.Optimizer):
         restart's) is no rise: the controller has seen the run at that rate.  Ranks hold the
         same schedule, so every rank reads the same rises.
         """
+        bases = self._bases()
         rises = [
             base / peak if peak is not None and base > peak else 1.0
-            for peak, base in zip(self._peaks, self._bases(), strict=True)
+            for peak, base in zip(self._peaks, bases, strict=True)
+        ]
+        self._peaks = [
+            peak if base <= 0.0 else max(base, peak or 0.0)
+            for peak, base in zip(self._peaks, bases, strict=True)
         ]
         if all(r == 1.0 for r in rises):
             return signals

@@ -306,10 +306,12 @@ class AutoController:
             signals.metric is not None and signals.metric_at_average
         )
         out: list[Proposal] = []
+        held: list[Proposal] = []  # each group's rate set back from a scheduler's rise
         for i, k in enumerate(knobs):
             g = signals.groups[i]
             if g.base_rise > 1.0 and self._holds:  # every rule below reads the rate as held
                 k = {**k, "lr": k["lr"] / g.base_rise}
+                held.append(self._held(i, k["lr"], g.base_rise))
             rho_fast = 0.0
             # a reversal is a turn, an overshoot, only after steps clearly going forward (read
             # before this one joins them); amid cosines of no clear sign it is what noise gives;
@@ -347,24 +349,20 @@ class AutoController:
                 out.append(self.hyper.lr_proposal(i, k["lr"], rho, self.cruise_gain, reversal))
         if self._retesting:  # the restart is the run's: every group that needs one joined it
             self._retested, self._retesting = True, False
-        return out + self._held(signals, knobs, {p.group for p in out if p.knob == "lr"})
+        moved = {p.group for p in out if p.knob == "lr"}  # where no other rule moved it
+        return out + [p for p in held if p.group not in moved]
 
-    def _held(self, signals: Signals, knobs: Knobs, moved: set[int]) -> list[Proposal]:
-        """Hold the rate of each group whose scheduler raised it above the highest it had set
-        (a warm-up), where no other rule moved it: ``auto`` chooses the rate, and a rise past
-        the one it chose was never tested (a range test run during a warm-up found the edge
-        at the rate of that time).  Decays pass: they anneal, as ``auto`` alone does not."""
-        return [
-            Proposal(
-                i,
-                "lr",
-                k["lr"] / g.base_rise,
-                f"held: the scheduler raised its rate x{g.base_rise:.4g} above the highest it "
-                "had set (a warm-up), past the rate auto chose",
-            )
-            for i, (g, k) in enumerate(zip(signals.groups, knobs, strict=True))
-            if g.base_rise > 1.0 and self._holds and i not in moved
-        ]
+    @staticmethod
+    def _held(group: int, lr: float, rise: float) -> Proposal:
+        """Hold a group's rate where its scheduler raised it above the highest it had set (a
+        warm-up): ``auto`` chooses the rate, and a rise past the one it chose was never tested
+        (a range test run during a warm-up found the edge at the rate of that time).  Decays
+        pass: they anneal, as ``auto`` alone does not."""
+        why = (
+            f"held: the scheduler raised its rate x{rise:.4g} above the highest it had set "
+            "(a warm-up), past the rate auto chose"
+        )
+        return Proposal(group, "lr", lr, why)
 
     @property
     def _holds(self) -> bool:
