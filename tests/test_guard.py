@@ -337,6 +337,41 @@ def test_guard_off_lets_a_nan_through(tmp_path: Path) -> None:
     assert opt.step_count == 40
 
 
+@pytest.mark.parametrize(
+    "guard",
+    [False, selftune.GuardConfig(nonfinite_only=True), True],
+    ids=["off", "nonfinite", "on"],
+)
+def test_a_float64_loss_too_large_to_square_goes_on_to_the_guard(guard: Any) -> None:
+    """A float64 run diverging past 1e154, whose loss's square is past float64's range: the
+    loss statistics take it as infinite (a Python ``** 2`` raised OverflowError there), and
+    what follows is each guard's own: none, or a rollback once a value is non-finite; the
+    default guard catches the climb long before."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    y = x @ torch.randn(8, 1, dtype=torch.float64)
+    model = torch.nn.Linear(8, 1).double()
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=5.0), "off", guard=guard)
+    highest = 0.0
+    for _ in range(150):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        highest = max(highest, loss.item()) if loss.isfinite() else highest
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    if guard is True:  # the guard caught the climb long before
+        assert torch.nn.functional.mse_loss(model(x), y).item() < 1e-6
+    else:
+        assert highest > 1e155  # the run went where the square overflows
+    # an integer loss past float64's range is an infinite one: skipped, not a traceback
+    rate = opt.hyperparams()[0]["lr"]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step(loss=10**400)
+    if guard is not False:
+        assert opt.hyperparams()[0]["lr"] == rate / 2
+
+
 def test_a_rollback_restores_the_loss_levels_of_its_snapshot(tmp_path: Path) -> None:
     """A NaN at step 15, after the loss has fallen several times over, rolls back to step 1, and
     the guard's running levels go back with the state.

@@ -114,6 +114,9 @@ def test_a_metric_not_yet_read_survives_a_checkpoint(saved_as: str) -> None:
         (0.5, "minimize", 'use "min"'),
         ("0.5", "min", "needs one number, got str"),
         (torch.ones(3), "min", r"shape \(3,\)"),
+        (10**400, "min", "too large for a float"),
+        (torch.tensor(1 + 2j), "min", "needs a real number, got a torch.complex64"),
+        (True, "max", "needs a real number, got a bool"),
     ],
 )
 def test_a_bad_metric_is_refused_by_name(metric: Any, mode: str, words: str) -> None:
@@ -137,3 +140,23 @@ def test_a_run_keeps_one_metric_direction() -> None:
     opt.observe(torch.tensor(0.9), mode="max")  # a tensor of one element is a number
     with pytest.raises(selftune.ConfigError, match="one metric"):
         opt.observe(0.5)
+
+
+def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
+    """An evaluation metric that is NaN until the model predicts anything (an F1 with no
+    positive prediction) bettered no best: the NaNs before the first number count for no cut
+    (a step once failed formatting the missing best), those after it count as misses."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), metric_patience=1)
+    cuts: list[int] = []
+    opt.add_listener(
+        lambda e: cuts.extend(e.step for d in e.decisions if d.reason.startswith("metric"))
+    )
+
+    def on_step(t: int) -> None:
+        if t % EVERY == 0:  # undefined for the first 150 steps, then defined, then NaN again
+            opt.observe(task.full_loss() if 150 < t <= 250 else float("nan"))
+
+    train(task, opt, 320, evaluate=False, on_step=on_step)
+    assert min(cuts) > 160, cuts  # the first number came at step 160: no cut before it
+    assert any(t > 250 for t in cuts), cuts  # NaNs after a best count as misses

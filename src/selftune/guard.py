@@ -293,7 +293,8 @@ class _RunningStats:
             self.mean = x
         else:
             self.mean += (1 - decay) * (x - self.mean)
-            self.var = decay * self.var + (1 - decay) * 0.5 * (x - self.last) ** 2
+            step = x - self.last  # a product, not ** 2: a float64 loss past 1e154 squares to inf
+            self.var = decay * self.var + (1 - decay) * 0.5 * step * step
         self.last = x
         self.n += 1
         if self.n == RECENT:

@@ -189,7 +189,7 @@ class SignalTracker:
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         elif loss is not None and distributed:  # a number joins the stack too: every rank
-            loss = torch.tensor(float(loss), dtype=torch.float32)  # reads the ranks' mean
+            loss = torch.tensor(_maybe_float(loss), dtype=torch.float32)  # reads their mean
             parts.append(loss)
         if parts:
             device = parts[0].device
@@ -240,9 +240,9 @@ class SignalTracker:
         A non-finite loss is not folded in."""
         if loss is not None:
             if self._n > 0:
-                self._var = (
-                    FAST_DECAY * self._var + (1 - FAST_DECAY) * (loss - self._fast_ema()) ** 2
-                )
+                # a product, not ``** 2``, which raises past 1e154 (a diverging float64 loss)
+                off = loss - self._fast_ema()
+                self._var = FAST_DECAY * self._var + (1 - FAST_DECAY) * off * off
             self._n += 1
             self._fast = FAST_DECAY * self._fast + (1 - FAST_DECAY) * loss
             self._slow = SLOW_DECAY * self._slow + (1 - SLOW_DECAY) * loss
@@ -528,4 +528,10 @@ def _as(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 def _maybe_float(loss: float | None) -> float | None:
-    return None if loss is None else float(loss)
+    """The loss as a float; an integer too large for one is infinite (the guard's to judge)."""
+    if loss is None:
+        return None
+    try:
+        return float(loss)
+    except OverflowError:
+        return math.inf

@@ -330,6 +330,10 @@ class SelfTuned(torch.optim.Optimizer):
                 f"observe(mode={mode!r}) after observe(mode={self._metric_mode!r}): a run has one "
                 "metric; pass the same mode every time"
             )
+        if isinstance(metric, bool):
+            raise ConfigError("observe() needs a real number, got a bool")
+        if isinstance(metric, torch.Tensor) and (metric.is_complex() or metric.dtype == torch.bool):
+            raise ConfigError(f"observe() needs a real number, got a {metric.dtype} tensor")
         try:
             # on the host, in float64 (which not every device has): one number, once an evaluation
             value = (
@@ -337,6 +341,11 @@ class SelfTuned(torch.optim.Optimizer):
                 if isinstance(metric, torch.Tensor)
                 else torch.as_tensor(metric, dtype=torch.float64)
             )
+        except OverflowError as err:
+            raise ConfigError(
+                f"observe() got {type(metric).__name__} {metric!r:.30}, too large for a float: "
+                "pass the metric's value"
+            ) from err
         except (TypeError, ValueError, RuntimeError) as err:
             raise ConfigError(
                 f"observe() needs one number, got {type(metric).__name__}: pass the metric's value"

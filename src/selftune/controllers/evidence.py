@@ -106,9 +106,13 @@ class MetricPlateau:
 
     def update(self, value: float, higher_is_better: bool) -> bool:
         """Count one evaluation; True when it makes more than ``patience`` without a new best
-        (``ReduceLROnPlateau``'s rule: with a patience of 3, the fourth)."""
+        (``ReduceLROnPlateau``'s rule: with a patience of 3, the fourth).  A value that is not
+        finite bettered nothing; before any finite one there is no best to better, and none
+        counts."""
         sign = 1.0 if higher_is_better else -1.0
         best = self.best
+        if best is None and not math.isfinite(value):
+            return False  # undefined so far (an F1 with no positive prediction): no best to miss
         if math.isfinite(value) and (
             best is None or sign * (value - best) > self.threshold * abs(best)
         ):
@@ -161,7 +165,7 @@ class SignTest:
         if n < 2:
             return math.inf
         mean = self.mean
-        return math.sqrt(math.fsum((x - mean) ** 2 for x in self.samples) / (n - 1))
+        return math.sqrt(math.fsum((x - mean) * (x - mean) for x in self.samples) / (n - 1))
 
     @property
     def error(self) -> float:
