@@ -458,6 +458,45 @@ def test_maximize_is_tuned_as_the_descent_it_mirrors(controller: str, make: Any)
     assert runs[0][0][0]["lr"] != pytest.approx(0.003), "the rate never moved"
 
 
+@pytest.mark.parametrize("controller", ["auto", "hypergradient"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.003, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=0.003),
+    ],
+    ids=["sgd", "adam"],
+)
+def test_complex_parameters_are_tuned_as_their_real_pairs(controller: str, make: Any) -> None:
+    """torch's optimizers step a complex parameter as the real pairs of its entries: a complex
+    least-squares fit and the same fit written over those pairs are one run, and must be tuned
+    as one.  The alignments summed the products of the complex entries (Re Σ a·b, not
+    Re Σ conj(a)·b): steps along the gradient read as reversals, and ``auto`` cut the rate to
+    its floor."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.cfloat, generator=gen)
+    y = x @ torch.randn(8, dtype=torch.cfloat, generator=gen)
+    start = torch.randn(8, dtype=torch.cfloat, generator=gen)
+    runs = []
+    for as_pairs in (False, True):
+        w = torch.nn.Parameter(torch.view_as_real(start).clone() if as_pairs else start.clone())
+        opt = selftune.wrap(make([w]), controller)
+        for t in range(80):
+            rows = torch.arange(8 * (t % 8), 8 * (t % 8 + 1))
+            weights = torch.view_as_complex(w) if as_pairs else w
+            loss = (x[rows] @ weights - y[rows]).abs().square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+        assert opt.last_signals is not None
+        g = opt.last_signals.groups[0]
+        knobs = opt.hyperparams()[0]
+        runs.append([*knobs.values(), g.grad_norm, g.update_norm, g.cos_update, g.cos_buffer])
+    # a complex norm is not summed in the order of its pairs' norm: equal to float32's digits
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4, nan_ok=True)
+    assert runs[0][0] > 0.003, "the rate never rose on a clean descent"
+
+
 def test_step_without_a_loss_tunes_on_gradients_alone() -> None:
     inner, pr = _sgd(lr=2e-5)
     opt = selftune.wrap(inner)
@@ -597,6 +636,7 @@ def _stepped(loss: Any) -> None:
         (lambda: selftune.wrap(_sgd()[0], bounds={"lr": 5}), r"give a pair \(low, high\)"),
         (lambda: selftune.wrap(_sgd()[0], max_change={"lr": "2"}), "give a number, got '2'"),
         (lambda: selftune.wrap(_sgd()[0], log_dir=123), "give a folder path"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], log_dir=""), "an empty path"),
         (lambda: selftune.GuardConfig(interval="5"), r"interval='5' \(steps between"),  # type: ignore[arg-type]
         (lambda: selftune.GuardConfig(z=math.nan), "z=nan .*give a number"),
         (lambda: selftune.GuardConfig(early_ratio=0.5), r"early_ratio=0.5 .* outside \(1, inf\)"),

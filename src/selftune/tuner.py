@@ -127,6 +127,11 @@ class SelfTuned(torch.optim.Optimizer):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
             )
+        if log_dir is not None and os.fspath(log_dir) == "":  # Path("") is the working folder
+            raise ConfigError(
+                "log_dir='': an empty path (an unset environment variable?) would log into the "
+                "working folder; give the run's folder, or None for no log"
+            )
         config = GuardConfig() if guard is True else guard
         if config is False or config is None:
             config = None
