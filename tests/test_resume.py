@@ -22,6 +22,7 @@ from dist_worker import (
     OPTIMIZERS,
     SEED,
     assert_same_state,
+    batch,
     dropped_on_resume,
     final_state,
     log_body,
@@ -500,6 +501,45 @@ def test_trouble_right_after_loading_a_plain_state_dict_skips_the_step(tmp_path:
         (31, "skip", None),
         (45, "rollback", 32),
     ]
+
+
+def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> None:
+    """A plain optimizer's state (and its model's weights) loaded into a wrapper that had
+    trained another run: the run goes on from the loaded rate, not that rate times the other
+    run's scale (27x above it in a report), and trouble after the load goes back to the loaded
+    weights, not to a snapshot of the other run's (a rollback put those over the checkpoint)."""
+    model = make_model()
+    plain = make_inner("adamw", model)
+    for t in range(1, 6):
+        x, y = batch(t, 0)
+        plain.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        plain.step()
+    weights, saved = copy.deepcopy((model.state_dict(), plain.state_dict()))
+    model = make_model()
+    opt = make_optimizer("adamw", model, None)
+    train(model, opt, range(1, 41))
+    assert opt.hyperparams()[0]["lr"] != pytest.approx(2e-3)  # auto moved the rate
+    model.load_state_dict(weights)
+    opt.load_state_dict(saved)
+    assert opt.hyperparams()[0]["lr"] == 2e-3
+    loaded = [p.clone() for p in model.parameters()]
+    train_step(model, opt, 41, rank=0, nan=True)  # no snapshot of this run yet: skipped
+    assert all(torch.equal(a, b) for a, b in zip(loaded, model.parameters(), strict=True))
+    assert opt.hyperparams()[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_state_of_parameters_of_other_shapes_is_refused_before_anything_loads() -> None:
+    """Saved from a model of as many parameters of other shapes: torch loads the inner state
+    without a word, and the run failed in the signals' arithmetic with the state half loaded."""
+    model = make_model()
+    opt = make_optimizer("adamw", model, None)
+    train(model, opt, range(1, 31))
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    fresh = selftune.wrap(torch.optim.AdamW(other.parameters(), lr=2e-3))
+    with pytest.raises(selftune.ConfigError, match="parameters of other shapes"):
+        fresh.load_state_dict(opt.state_dict())
+    assert fresh.step_count == 0 and not fresh.state
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,8 @@ class SelfTuned(torch.optim.Optimizer):
         #: them, until a guard record has said so (see ``_note_lost_snapshots``)
         self._snapshots_since: int | None = None
         self._tracker = SignalTracker(lambda: self.param_groups)
+        #: the controller's state before any step, for a plain optimizer's state loaded mid-run
+        self._fresh_controller = _clone(self.controller.state_dict())
         #: the weight average evaluated in the weights' place (``averaged``), if one is kept
         self.average = None if decay is None else WeightAverage(self.param_groups, decay)
         self._listeners: list[Callable[[StepEvent], None]] = []
@@ -523,12 +525,7 @@ class SelfTuned(torch.optim.Optimizer):
         # torch deep-copies the saved groups as one: tensors they shared are shared again
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)
         if own is None:
-            # a plain optimizer's state: a run continued under selftune starts from its rates
-            # (the bounds are factors of them, not of the rates this wrapper was built with)
-            self._start = [knobs_io.start_rate(g) for g in self.param_groups]
-            self._left = None  # its knobs were loaded, not changed by a scheduler
-            if self.average is not None:  # and its weights (the model loads first) start it
-                self.average.restart(self.param_groups)
+            self._start_from_plain_state()
             return
         self.step_count = own["step"]
         self._scales, self._start = list(own["scales"]), list(own["start"])
@@ -565,6 +562,26 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace_bytes = trace_size_through(self._trace_file, self.step_count)
             os.ftruncate(self._trace, self._trace_bytes)
 
+    def _start_from_plain_state(self) -> None:
+        """A plain optimizer's state was loaded: a run continued under selftune starts from its
+        rates (the bounds are factors of them, not of the rates this wrapper was built with) and
+        from nothing of a run this wrapper stepped before: no scale on the loaded rates, no
+        controller's or guard's memory, no snapshot (a rollback went back to the weights of that
+        run, over the ones just loaded), no metric pending.  The step count goes on, as the log
+        does."""
+        n = len(self.param_groups)
+        self._scales, self._peaks = [1.0] * n, [None] * n
+        self._start = [knobs_io.start_rate(g) for g in self.param_groups]
+        self._left = None  # its knobs were loaded, not changed by a scheduler
+        self.controller.load_state_dict(_clone(self._fresh_controller))
+        self._tracker = SignalTracker(lambda: self.param_groups)
+        self._metric = self._metric_mode = None
+        if self.guard is not None:
+            self.guard = Guard(self.guard.config)
+            self._loaded = self.step_count > 0
+        if self.average is not None:  # and its weights (the model loads first) start it
+            self.average.restart(self.param_groups)
+
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
         another number of param groups, another optimizer class or another controller (older
@@ -598,6 +615,18 @@ class SelfTuned(torch.optim.Optimizer):
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
                 f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
             )
+        # the last update, one tensor per parameter: torch loads the inner state of parameters
+        # of other shapes without a word, and the run failed in a later step's arithmetic
+        saved = own["tracker"]["prev"] or []
+        for i, (group, updates) in enumerate(zip(self.param_groups, saved, strict=False)):
+            ps = shards.local_params(group)
+            shapes = [tuple(t.shape) for t in updates]
+            if shapes != [tuple(p.shape) for p in ps]:
+                raise ConfigError(
+                    f"the state dict was saved from parameters of other shapes (group {i}: "
+                    f"{shapes[:4]} against {[tuple(p.shape) for p in ps][:4]}): load it into "
+                    "the model it was saved from"
+                )
 
     def sync(self) -> None:
         """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
