@@ -351,6 +351,29 @@ def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     }
 
 
+def _refusals(rank: int) -> dict[str, str | None]:
+    """What each rank is told when the ranks wrap with different settings, and when one rank
+    steps with a loss and the other without: every rank must raise, none hang."""
+    said: dict[str, str | None] = {}
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    try:  # a guard on rank 0 alone
+        selftune.wrap(make_inner("sgd", model), guard=rank == 0)
+        said["settings"] = None
+    except selftune.ConfigError as err:
+        said["settings"] = str(err)
+    opt = selftune.wrap(make_inner("sgd", model))
+    x, y = batch(1, rank)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    try:
+        opt.step(loss=loss.detach() if rank == 0 else None)
+        said["loss"] = None
+    except selftune.ConfigError as err:
+        said["loss"] = str(err)
+    return said
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -377,6 +400,7 @@ def main() -> None:
     )
     results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
+    results["refusals"] = _refusals(rank)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

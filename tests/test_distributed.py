@@ -193,6 +193,22 @@ def test_every_rank_reads_the_mean_of_the_ranks_metrics(
     assert ranks[0]["metric"]["hp"] == ranks[1]["metric"]["hp"]
 
 
+def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """A guard on rank 0 alone let the ranks' weights drift apart with no error (and a log
+    that verified); a loss given on one rank only made the ranks' all-reduce differ in size
+    (gloo aborts, NCCL waits out its timeout).  Every rank now raises, naming the difference."""
+    _, ranks = ddp
+    settings = [r["refusals"]["settings"] for r in ranks]
+    assert all(
+        s is not None and "rank 1 wrapped its optimizer with other settings" in s for s in settings
+    ), settings
+    assert "guard" in settings[0] and settings[0] == settings[1]
+    losses = [r["refusals"]["loss"] for r in ranks]
+    assert all(s is not None and "given on some ranks and not on others" in s for s in losses)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_resumed_ddp_run_is_bit_identical(
     ddp: tuple[Path, list[dict[str, Any]]], name: str

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from selftune.errors import ConfigError
+
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds of ``t``: its local shard if it is a DTensor."""
@@ -47,6 +49,26 @@ def _gathered(value: Any) -> list[Any]:
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
     return any(_gathered(flag))
+
+
+def check_same_settings(settings: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` on every rank if any rank's ``settings`` differ from rank 0's.
+
+    Every rank reads the same signals and so takes the same decisions only if every rank runs
+    the same controller, bounds and guard from the same rates: ranks given different ones (a
+    guard on rank 0 alone, a controller chosen per rank) drifted apart with no error, and the
+    log rank 0 wrote verified.  A collective: every rank calls it, and every rank raises.
+    """
+    every = _gathered(settings)
+    for rank, theirs in enumerate(every):
+        differ = sorted(k for k in settings if theirs.get(k) != every[0].get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {every[0].get(k)!r} against {theirs.get(k)!r}" for k in differ)
+            raise ConfigError(
+                f"rank {rank} wrapped its optimizer with other settings than rank 0 ({shown}): "
+                "every rank must call wrap with the same settings, or their decisions and "
+                "weights drift apart"
+            )
 
 
 def whole_sha256(digest: str) -> str:

@@ -188,12 +188,14 @@ class SignalTracker:
             layout.append((len(grads), n_prev, bufs is not None, sign))
             if distributed:
                 parts[start:] = _group_sums(parts[start:], layout[-1])
-        if isinstance(loss, torch.Tensor):
+        if distributed:  # every rank stacks a loss and whether it had one (see _ranks_loss)
+            had = loss is not None
+            if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is
+                loss = torch.tensor(_maybe_float(loss) if had else 0.0, dtype=torch.float32)
+            parts += [loss.detach().reshape(()), torch.tensor(float(had))]
+        elif isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
-        elif loss is not None and distributed:  # a number joins the stack too: every rank
-            loss = torch.tensor(_maybe_float(loss), dtype=torch.float32)  # reads their mean
-            parts.append(loss)
         if parts:
             device = parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits)
@@ -205,7 +207,10 @@ class SignalTracker:
             values = stacked.tolist()  # the one host sync of the step
         else:
             values = []
-        loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
+        if distributed:
+            loss_value = _ranks_loss(values[-2], values[-1])
+        else:
+            loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
         return self._assemble(step, loss_value, sums)
 
@@ -440,12 +445,25 @@ def average_across_ranks(stacked: torch.Tensor) -> None:
 
     One collective per step, called on every rank in the same order, so that every rank sees the
     same signals and takes the same decisions even when per-rank losses differ.  With DDP the
-    gradients are already averaged, so only the loss (and its statistics) change.  Every rank must
-    pass a loss, or none must: the stacked sizes have to match.
+    gradients are already averaged, so only the loss (and its statistics) change.  The stacked
+    sizes have to match: every rank stacks a slot for the loss, given or not (:func:`_ranks_loss`).
     """
     if across_ranks():
         torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
         stacked.div_(torch.distributed.get_world_size())
+
+
+def _ranks_loss(mean: float, share: float) -> float | None:
+    """The ranks' mean loss from the mean of each rank's loss (zero where it had none) and the
+    share of ranks that had one; a loss some ranks gave and others did not is refused, on every
+    rank alike.  A fixed pair on every rank: a loss stacked only where given made the ranks'
+    all-reduce differ in size, which gloo aborts on and NCCL waits on until its timeout."""
+    if share not in (0.0, 1.0):
+        raise ConfigError(
+            "step(loss=...) was given on some ranks and not on others: give each rank's loss on "
+            "every rank, or on none"
+        )
+    return mean if share == 1.0 else None
 
 
 def _check_loss(loss: Any) -> Any:

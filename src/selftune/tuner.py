@@ -199,6 +199,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
+        shards.check_same_settings(self._settings())
         self._logged = shards.any_rank(log_dir is not None)
         self._closed_after: int | None = None
         # the hash of the initial weights is the whole model's, from every rank's shard: each
@@ -1116,16 +1117,11 @@ class SelfTuned(torch.optim.Optimizer):
             }
             for i, g in enumerate(self.param_groups)
         ]
+        config = self._settings()
+        del config["controller"]
         manifest = audit.build_manifest(
             controller=self.controller.name,
-            config={
-                "optimizer": type(self.optimizer).__name__,
-                "start": self.hyperparams(),
-                "policy": _policy_json(self.policy),
-                "guard": None if self.guard is None else vars(self.guard.config),
-                "average": None if self.average is None else self.average.decay,
-                "controller_options": self._controller_options,
-            },
+            config=config,
             seed=self._seed,
             param_groups=groups,
             initial_params_sha256=initial_sha256,
@@ -1136,6 +1132,18 @@ class SelfTuned(torch.optim.Optimizer):
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
             self._trace = os.open(self._trace_file, flags, 0o644)
             self._trace_bytes = os.fstat(self._trace).st_size
+
+    def _settings(self) -> dict[str, Any]:
+        """What the run was wrapped with: the manifest's record, and what every rank must share."""
+        return {
+            "controller": self.controller.name,
+            "optimizer": type(self.optimizer).__name__,
+            "start": self.hyperparams(),
+            "policy": _policy_json(self.policy),
+            "guard": None if self.guard is None else vars(self.guard.config),
+            "average": None if self.average is None else self.average.decay,
+            "controller_options": self._controller_options,
+        }
 
     def _write_added(self) -> None:
         assert self._log is not None
