@@ -13,6 +13,7 @@ import torch
 
 import selftune
 from selftune.audit import read_log
+from selftune.controllers.auto import AutoController
 
 # --------------------------------------------------------------------------- helpers
 
@@ -172,6 +173,53 @@ def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> 
     assert seen == pytest.approx(means, rel=1e-5)
 
 
+def test_lightning_an_epoch_s_short_last_window_feeds_its_own_mean(tmp_path: Path) -> None:
+    """Lightning divides every micro-batch's loss by ``accumulate_grad_batches``, also in an
+    epoch's last window when it holds fewer: the sum fed read a fraction of the loss there."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _TinyModule(scheduler=False)
+    cb = SelfTuneCallback("off", log_dir=tmp_path / "run")
+    trainer = _trainer(
+        6,
+        cb,
+        tmp_path,
+        enable_checkpointing=False,
+        accumulate_grad_batches=4,
+        limit_train_batches=10,
+    )
+    trainer.fit(model, _loader())
+    seen = [row["loss"] for row in _trace(tmp_path / "run")]
+    windows = [(0, 4), (4, 8), (8, 10), (10, 14), (14, 18), (18, 20)]  # two epochs of 4, 4, 2
+    means = [sum(model.losses[a:b]) / (b - a) for a, b in windows]
+    assert seen == pytest.approx(means, rel=1e-5)
+
+
+class _HalvingModule(_TinyModule):
+    """The tiny module under a rate halved after every step."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_lightning_logs_the_rate_of_the_step_not_the_next(tmp_path: Path) -> None:
+    """The knobs are logged after the scheduler stepped: ``hyperparams()`` then gives the next
+    step's rate, logged at 0.005 beside ``LearningRateMonitor``'s 0.01 for the same step."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    cb = SelfTuneCallback("off", log_dir=tmp_path / "run")
+    trainer = _trainer(5, cb, tmp_path, enable_checkpointing=False)
+    trainer.fit(_HalvingModule(lr=0.01), _loader())
+    used = _trace(tmp_path / "run")[-1]["hp"][0]["lr"]
+    assert used == pytest.approx(0.01 / 2**4)
+    assert cb.optimizers[0].hyperparams()[0]["lr"] == pytest.approx(used / 2)
+    assert float(trainer.callback_metrics["selftune/group0/lr"]) == pytest.approx(used)
+
+
 class _ValidatedModule(_TinyModule):
     """The tiny module with a validation loss, logged as ``val_loss`` after every epoch."""
 
@@ -326,6 +374,33 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
     assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
 
 
+def test_lightning_copies_a_controller_instance_for_each_optimizer(tmp_path: Path) -> None:
+    """One instance given to the callback tuned both optimizers from one state (each one's
+    signals read into it) and was saved in both checkpoints."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    given = AutoController()
+    cb = SelfTuneCallback(given)
+    with pytest.warns(UserWarning, match="with 2 optimizers"):
+        _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_Manual(), _loader())
+    first, second = (opt.controller for opt in cb.optimizers)
+    assert first is not second and given not in (first, second)
+
+
+def test_lightning_fast_dev_run_writes_no_run_folder(tmp_path: Path) -> None:
+    """Lightning writes no logs under ``fast_dev_run``; a run folder written then made the real
+    run with the same callback refuse its first step (the folder held steps of a run)."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    cb = SelfTuneCallback(log_dir=tmp_path / "run")
+    _trainer(4, cb, tmp_path, fast_dev_run=True).fit(_TinyModule(), _loader())
+    assert cb.optimizers[0].step_count == 1 and not (tmp_path / "run").exists()
+    _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_TinyModule(), _loader())
+    assert len(_trace(tmp_path / "run")) == 4
+
+
 def test_lightning_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(tmp_path: Path) -> None:
     """The scaler skips the first steps of 16-bit training as it backs off; a skipped step's
     loss stayed in the feed and was added to the next step's."""
@@ -449,19 +524,22 @@ def _hf_trainer(
     base = torch.randint(0, 64, (256, 4), generator=gen)
     ids = base.repeat(1, 4)
     data = [{"input_ids": row, "labels": row} for row in ids]
+    settings: dict[str, Any] = {
+        "warmup_steps": 5,
+        "lr_scheduler_type": "constant_with_warmup",  # a LambdaLR, like every Trainer schedule
+        "logging_steps": 5,
+        **args,
+    }
     targs = transformers.TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=16,
         learning_rate=1e-3,
-        warmup_steps=5,
-        lr_scheduler_type="constant_with_warmup",  # a LambdaLR, like every Trainer schedule
         report_to=[],
         use_cpu=True,
-        logging_steps=5,
         disable_tqdm=True,
         seed=0,
-        **args,
+        **settings,
     )
     evaluation = (held_out or (lambda d: d[:64]))(data) if evaluate else None
     return transformers.Trainer(
@@ -491,6 +569,23 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     assert "lr" in selftune.verify(tmp_path / "run").knobs
     records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
+
+
+def test_huggingface_logs_the_rate_of_the_step_beside_the_trainer_s(tmp_path: Path) -> None:
+    """The Trainer logs after its scheduler stepped: ``hyperparams()`` then gives the next
+    step's rate, logged at 0.00075 beside the Trainer's own ``learning_rate`` of 0.001."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(
+        tmp_path / "out", 8, save_strategy="no", logging_steps=1, lr_scheduler_type="linear"
+    )
+    wrap_trainer_optimizer(trainer, "off")
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
+    assert len(records) == 8
+    assert [r["selftune/group0/lr"] for r in records] == pytest.approx(
+        [r["learning_rate"] for r in records]
+    )
 
 
 def test_huggingface_settings_for_an_optimizer_already_wrapped_are_refused(tmp_path: Path) -> None:

@@ -20,24 +20,36 @@ from selftune.tuner import SelfTuned
 
 
 class LossFeed:
-    """The losses added since the last :meth:`take`, summed on their device (no host sync)."""
+    """The losses added since the last :meth:`take`, summed on their device (no host sync).
 
-    def __init__(self) -> None:
+    ``window``: the number of micro-batches the framework divides each loss by, whatever the
+    number in the window at hand (Lightning's ``accumulate_grad_batches``).  An epoch's last
+    window may be shorter: its sum is then rescaled to the mean of the micro-batches it has
+    (it read a fifth of the loss at every epoch's end with 16 batches in windows of 5).
+    """
+
+    def __init__(self, window: int = 1) -> None:
         self._total: torch.Tensor | None = None
+        self._count = 0
+        self.window = window
 
     def add(self, loss: torch.Tensor | float) -> None:
         """Add one micro-batch's (already accumulation-normalised) loss."""
         value = loss.detach().float() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
         self._total = value if self._total is None else self._total + value
+        self._count += 1
 
     def take(self) -> torch.Tensor | None:
-        """The sum since the last call (``None`` if nothing was added), and start again."""
-        total, self._total = self._total, None
+        """The mean loss since the last call (``None`` if nothing was added), and start again."""
+        total, count = self._total, self._count
+        self.clear()
+        if total is not None and 0 < count < self.window:
+            total = total * (self.window / count)
         return total
 
     def clear(self) -> None:
         """Forget what was added (micro-batches whose step never came)."""
-        self._total = None
+        self._total, self._count = None, 0
 
 
 class FedSelfTuned(SelfTuned):

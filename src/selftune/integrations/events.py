@@ -1,4 +1,4 @@
-"""What the TensorBoard and MLflow writers record of a step, in one place for both.
+"""What the integrations record of a step, in one place for all.
 
 Kept apart from either writer so that each imports only its own package: the MLflow writer must
 not need TensorBoard installed to describe a decision.
@@ -48,3 +48,19 @@ def event_metric(event: StepEvent) -> float | None:
 def describe_guard(step: int, guard: dict[str, Any]) -> str:
     """One line for a guard event (skip, roll back, escalate) and its reason."""
     return f"step {step}: guard {guard.get('event', '?')}: {guard.get('reason', '')}"
+
+
+class StepKnobs:
+    """A listener that keeps the knobs in force at the wrapper's last step.
+
+    A framework logs after its LR scheduler has stepped, when ``hyperparams()`` gives the next
+    step's rate (the scheduler's next one times selftune's scale): the Trainer's log showed
+    0.00075 beside its own ``learning_rate`` of 0.001 for one step.  ``knobs`` is ``None``
+    before the first step.
+    """
+
+    def __init__(self) -> None:
+        self.knobs: list[dict[str, float]] | None = None
+
+    def __call__(self, event: StepEvent) -> None:
+        self.knobs = event.hyperparams

@@ -52,6 +52,7 @@ import selftune
 from selftune.controllers.base import check_flags
 from selftune.integrations import refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import FedSelfTuned, feed_from
+from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned
 
 #: the switch of the evaluation's metric, and what each choice does (see ``check_flags``)
@@ -82,6 +83,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
         self.observe_eval = observe_eval
         self._training = False  #: between on_train_begin and on_train_end
         self._missing: set[str] = set()  #: metric keys an evaluation lacked (warned once)
+        self._knobs = StepKnobs()  #: the knobs at the optimizer's last step, for ``on_log``
 
     def on_train_begin(
         self,
@@ -93,6 +95,8 @@ class SelfTuneTrainerCallback(TrainerCallback):
     ) -> None:
         self.optimizer = find_selftuned(optimizer)
         self._training = True
+        if self.optimizer is not None and self._knobs not in self.optimizer._listeners:
+            self.optimizer.add_listener(self._knobs)
         if self.optimizer is None:
             raise selftune.ConfigError(
                 f"SelfTuneTrainerCallback found a {type(optimizer).__name__}, not a selftune "
@@ -181,9 +185,13 @@ class SelfTuneTrainerCallback(TrainerCallback):
         # a training log only: an evaluation's logs are the dict that evaluate() returns
         if self.optimizer is None or logs is None or "loss" not in logs:
             return
+        # the knobs of the last step: the scheduler has stepped since (StepKnobs)
+        in_force = self._knobs.knobs
         values = {
             f"selftune/group{g}/{name}": value
-            for g, knobs in enumerate(self.optimizer.hyperparams())
+            for g, knobs in enumerate(
+                in_force if in_force is not None else self.optimizer.hyperparams()
+            )
             for name, value in knobs.items()
         }
         # ``logs`` goes on to the reporters (TensorBoard, MLflow, ...) that come after this

@@ -44,6 +44,7 @@ What the callback does, and when:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -59,6 +60,7 @@ from selftune.average import swapped
 from selftune.controllers.base import check_flags
 from selftune.integrations import check_wrap_options, refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import LossFeed, feed_from
+from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned
 
 #: The checkpoint key naming each averaged parameter, per optimizer and param group.
@@ -72,9 +74,11 @@ class SelfTuneCallback(Callback):
     ``guard=...``) go to :func:`selftune.wrap`, checked here rather than when the fit starts;
     with several optimizers, optimizer ``i`` logs to ``log_dir/opt{i}``.  An optimizer that
     ``configure_optimizers`` already wrapped is only fed, and those settings are then refused
-    (they would be ignored, a ``log_dir`` without a word).  ``log_knobs``: log the effective
-    knobs (``selftune/group{g}/lr`` ...) through ``pl_module.log`` every step, for the Lightning
-    logger (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
+    (they would be ignored, a ``log_dir`` without a word).  A controller given as an instance
+    is copied for each optimizer it wraps.  Under ``fast_dev_run`` no run folder is written, as
+    Lightning writes no logs.  ``log_knobs``: log the effective knobs of each step
+    (``selftune/group{g}/lr`` ...) through ``pl_module.log``, for the Lightning logger
+    (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
     the optimizers after each validation; ``mode``: "min" if lower is better, "max" if higher.
     """
@@ -109,6 +113,7 @@ class SelfTuneCallback(Callback):
         check_wrap_options(self.controller, wrap_kwargs, "SelfTuneCallback")
         self.wrap_kwargs = wrap_kwargs
         self.optimizers: list[SelfTuned] = []
+        self._knobs: list[StepKnobs] = []  #: each optimizer's knobs at its last step
         self._feed = LossFeed()
         self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
         self._initial: list[torch.Tensor] | None = None
@@ -138,9 +143,18 @@ class SelfTuneCallback(Callback):
                 "signals, unless training_step passes its own, opt.step(loss=loss.detach())",
                 stacklevel=2,
             )
+        # a fast_dev_run writes no run folder, as Lightning writes no logs or checkpoints then:
+        # a folder it wrote made the real run that followed refuse its first step
+        log_dir = None if getattr(trainer, "fast_dev_run", False) else self.log_dir
         with _weights_swapped(list(pl_module.parameters()), self._initial):
-            wrapped = [self._wrap(i, opt, len(originals)) for i, opt in enumerate(originals)]
+            wrapped = [
+                self._wrap(i, opt, len(originals), log_dir) for i, opt in enumerate(originals)
+            ]
         self._initial = None
+        self._feed.window = trainer.accumulate_grad_batches
+        self._knobs = [StepKnobs() for _ in wrapped]
+        for opt, knobs in zip(wrapped, self._knobs, strict=True):
+            opt.add_listener(knobs)
         strategy.optimizers = list(wrapped)  # the setter also rebuilds the LightningOptimizers
         for config in strategy.lr_scheduler_configs:
             target = getattr(config.scheduler, "optimizer", None)
@@ -149,7 +163,9 @@ class SelfTuneCallback(Callback):
                     config.scheduler.optimizer = new
         self.optimizers = wrapped
 
-    def _wrap(self, index: int, optimizer: torch.optim.Optimizer, count: int) -> SelfTuned:
+    def _wrap(
+        self, index: int, optimizer: torch.optim.Optimizer, count: int, log_dir: Path | None
+    ) -> SelfTuned:
         opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
         if isinstance(opt, SelfTuned):
             refuse_for_wrapped(
@@ -159,10 +175,14 @@ class SelfTuneCallback(Callback):
                 "pass them to selftune.wrap there, or return the plain optimizer",
             )
         if not isinstance(opt, SelfTuned):
-            log_dir = self.log_dir
             if log_dir is not None and count > 1:
                 log_dir = log_dir / f"opt{index}"
-            opt = selftune.wrap(optimizer, self.controller, log_dir=log_dir, **self.wrap_kwargs)
+            # a controller given as an instance is copied for each optimizer and each fit: one
+            # instance read every optimizer's signals into one state, saved in each checkpoint
+            controller = self.controller
+            if not isinstance(controller, str):
+                controller = copy.deepcopy(controller)
+            opt = selftune.wrap(optimizer, controller, log_dir=log_dir, **self.wrap_kwargs)
         return feed_from(opt, self._feed) if count == 1 else opt
 
     # -- the loss -----------------------------------------------------------------------------
@@ -188,9 +208,11 @@ class SelfTuneCallback(Callback):
         if not self.log_knobs or not self.optimizers:
             return
         values: dict[str, float] = {}
-        for k, opt in enumerate(self.optimizers):
+        for k, (opt, stepped) in enumerate(zip(self.optimizers, self._knobs, strict=True)):
             prefix = "selftune/" if len(self.optimizers) == 1 else f"selftune/opt{k}/"
-            for g, knobs in enumerate(opt.hyperparams()):
+            # the knobs of the step just taken: the scheduler has stepped since (StepKnobs)
+            in_force = stepped.knobs if stepped.knobs is not None else opt.hyperparams()
+            for g, knobs in enumerate(in_force):
                 values.update({f"{prefix}group{g}/{name}": v for name, v in knobs.items()})
         pl_module.log_dict(values, on_step=True, on_epoch=False, logger=trainer.logger is not None)
 
