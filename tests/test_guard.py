@@ -262,6 +262,11 @@ def test_repeated_trouble_escalates_with_a_clear_error(tmp_path: Path) -> None:
     assert [r["step"] for r in rollbacks] == list(range(at, escalated))
     # the error leaves the model as the last rollback restored it: finite, never NaN
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    # and no step after it: one went on in the log past the escalate record, and its replay,
+    # which raises the error again there, could not follow
+    with pytest.raises(selftune.GuardError, match=f"gave up at step {escalated}"):
+        train(task, opt, 1)
+    assert read_log(tmp_path).records[-1] == last
 
 
 def test_grad_scaler_skipped_steps_are_never_seen(tmp_path: Path) -> None:

@@ -577,6 +577,46 @@ class _Halves(OffController):
         return [Proposal(0, "lr", knobs[0]["lr"] / 2, "test")]
 
 
+class _Proposes(OffController):
+    """Proposes what it is given, at every step."""
+
+    name = "mine"
+
+    def __init__(self, proposals: Any) -> None:
+        self.proposals = proposals
+
+    def propose(self, signals: Any, knobs: Any) -> Any:
+        return self.proposals
+
+
+@pytest.mark.parametrize(
+    ("proposals", "words"),
+    [
+        (None, "propose\\(\\) returned NoneType; return a list"),
+        ([("lr", 0.1)], "returned a tuple in its list"),
+        ([Proposal(1, "lr", 0.1, "")], "group 1, and the optimizer has param groups 0 to 0"),
+        ([Proposal(-1, "lr", 0.1, "")], "group -1"),
+        ([Proposal(0, "beta1", 0.5, "")], "knob 'beta1' of group 0, whose knobs are"),
+        ([Proposal(0, "lr", torch.tensor(0.1), "")], "lr=tensor\\(0.1000\\) .* a finite float"),
+        ([Proposal(0, "lr", math.nan, "")], "lr=nan"),
+    ],
+)
+def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(
+    proposals: Any, words: str, tmp_path: Path
+) -> None:
+    """A controller of one's own that erred failed deep inside the wrapper, applied group -1 to
+    the last group (a log that then failed ``verify``), or stored a tensor as the rate that the
+    log refused after the weights had moved."""
+    inner, pr = _sgd()
+    before = [p.clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
+    opt = selftune.wrap(inner, _Proposes(proposals), log_dir=tmp_path)
+    with pytest.raises(selftune.ConfigError, match=words):
+        train(pr, opt, 1)  # type: ignore[arg-type]
+    assert opt.step_count == 0
+    after = list(pr.model.parameters())  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_a_plain_optimizers_state_sets_the_rate_the_bounds_are_factors_of() -> None:
     inner, pr = _sgd(lr=0.1)
     plain = torch.optim.SGD(pr.model.parameters(), lr=1e-4, momentum=0.9)  # a run gone before

@@ -710,6 +710,10 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
     )
 
 
+#: the endings of a file ``write_report`` may write over
+HTML = (".html", ".htm")
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
 
@@ -723,6 +727,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
     if out is not None and Path(out).is_dir():  # before the plots: they take seconds
         raise ValueError(
             f"{out} is a folder: give the page's file, e.g. {Path(out) / 'report.html'}"
+        )
+    if out is not None and Path(out).exists() and Path(out).suffix.lower() not in HTML:
+        # a slip of the command line wrote the page over the run's manifest or decisions.jsonl
+        raise ValueError(
+            f"{out} exists and is no report (its name does not end in .html): the page is not "
+            "written over it; give a file of its own, e.g. report.html"
         )
     run = read_run(run_dir)
     plots = make_plots(run)

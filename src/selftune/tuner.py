@@ -197,6 +197,8 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
+        #: the step at which the guard raised GuardError: no more steps until a state is loaded
+        self._gave_up_at: int | None = None
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
         shards.check_same_settings(self._settings())
@@ -385,6 +387,14 @@ class SelfTuned(torch.optim.Optimizer):
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
         self._check_open("a step")
+        if self._gave_up_at is not None:
+            # a step after it went on in the log past the escalate record, and a replay,
+            # which raises the GuardError again there, could not follow
+            raise GuardError(
+                f"the guard gave up at step {self._gave_up_at} (GuardError): the run cannot go "
+                "on from here; resume from its last checkpoint (load_checkpoint), with the "
+                "data or the rate seen to, or start again in a new folder"
+            )
         if self._swapped_out:
             raise ConfigError(
                 "step() inside an averaged() block would update the average in the training "
@@ -452,7 +462,7 @@ class SelfTuned(torch.optim.Optimizer):
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         signals = self.last_signals = self._read_rises(signals)
-        proposals = self.controller.propose(signals, current)
+        proposals = _checked(self.controller, self.controller.propose(signals, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart()
         decisions = forgiven + self._decide(
@@ -513,6 +523,7 @@ class SelfTuned(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_open("loading a state")  # it would cut back a log that is closed
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
+        self._gave_up_at = None  # a run resumed from before the guard gave up goes on
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
@@ -944,6 +955,7 @@ class SelfTuned(torch.optim.Optimizer):
         except GuardError as err:
             event = {"event": "escalate", "signal": trouble.signal, "value": trouble.value}
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
+            self._gave_up_at = trouble.step
             raise
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
@@ -1201,6 +1213,50 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
+
+
+def _checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Proposal]:
+    """A controller's proposals, refused by name before any is applied where they are not a
+    list of :class:`Proposal` for the knobs of a group there is, each a finite number.
+
+    A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
+    NoneType not iterable), applied a group of -1 to the last group (and the log then failed
+    ``verify``), or stored a tensor as the rate, refused by the log after the step was taken.
+    """
+    name = getattr(controller, "name", type(controller).__name__)
+    if not isinstance(proposals, list | tuple):
+        raise ConfigError(
+            f"controller {name!r}: propose() returned {type(proposals).__name__}; return a list "
+            "of selftune.Proposal (empty for no change)"
+        )
+    for p in proposals:
+        if not isinstance(p, Proposal):
+            raise ConfigError(
+                f"controller {name!r}: propose() returned a {type(p).__name__} in its list; "
+                "return selftune.Proposal(group, knob, value, reason) for each change"
+            )
+        group = p.group
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(knobs):
+            raise ConfigError(
+                f"controller {name!r}: a proposal for group {group!r}, and the optimizer has "
+                f"param groups 0 to {len(knobs) - 1}"
+            )
+        if p.knob not in knobs[group]:
+            raise ConfigError(
+                f"controller {name!r}: a proposal for knob {p.knob!r} of group {group}, whose "
+                f"knobs are {sorted(knobs[group])}"
+            )
+        value = p.value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(
+                f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
+                "finite float (a tensor's .item())"
+            )
+    return list(proposals)
 
 
 def _pending_metric(saved: Any) -> dict[str, Any]:
