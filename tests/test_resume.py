@@ -154,6 +154,44 @@ def test_a_fresh_optimizer_loading_its_own_state_keeps_the_folders_trace(tmp_pat
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
 
 
+def test_a_run_that_crashed_before_its_first_record_resumes_from_its_step_0_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint saved before the first step, with the log still empty at the crash: the
+    state looked like the fresh wrapper's own (same step, same log position), the trace was not
+    cut, and the resume was refused at step 1 with advice to load the checkpoint just loaded.
+    A script started again without its resume is refused before its step-0 checkpoint replaces
+    the run's last one, which left nothing to resume."""
+
+    def build() -> tuple[torch.nn.Module, SelfTuned]:
+        model = make_model()
+        return model, selftune.wrap(make_inner("sgd", model), "off", log_dir=tmp_path / "run")
+
+    def finish(model: torch.nn.Module, opt: SelfTuned, start: int) -> dict[str, Any]:
+        train(model, opt, range(start, 41))
+        opt.close()
+        return final_state(model, opt)
+
+    model, opt = build()
+    ref = finish(model, opt, 1)
+    reference_trace = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    for name in ("decisions.jsonl", "trace.jsonl"):
+        (tmp_path / "run" / name).unlink()
+    (tmp_path / "run" / "manifest.json").unlink()
+    model, opt = build()
+    save_checkpoint(tmp_path / "ckpt", model=model, optimizer=opt, step=0)
+    train(model, opt, range(1, 21))  # then the crash, before any record
+    opt.close()
+    assert read_log(tmp_path / "run").records == [], "a record: the test lost its power"
+    model, opt = build()
+    with pytest.raises(CheckpointError, match="already holds steps of a run"):
+        save_checkpoint(tmp_path / "other", model=model, optimizer=opt, step=0)
+    assert not (tmp_path / "other").exists()
+    assert load_checkpoint(tmp_path / "ckpt", model=model, optimizer=opt)["step"] == 0
+    assert_same_state(ref, finish(model, opt, 1))
+    assert (tmp_path / "run" / "trace.jsonl").read_bytes() == reference_trace
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_rollback_after_resuming_restores_the_same_snapshot(tmp_path: Path, name: str) -> None:
     """The guard's snapshots live in memory: the checkpoint must carry them, or the resumed

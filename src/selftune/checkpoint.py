@@ -100,6 +100,15 @@ def save_checkpoint(
             f"cannot make the folder {target.parent} for the checkpoint ({exc.strerror or exc}): "
             "pass a writable path"
         ) from exc
+    folder = optimizer.unresumed_folder() if isinstance(optimizer, SelfTuned) else None
+    if folder is not None:
+        # a crashed run started again without its resume: the step-0 checkpoint went over the
+        # run's last one, and the run was refused at its first step, with nothing to resume
+        raise CheckpointError(
+            f"{folder} already holds steps of a run, and this optimizer has taken none: to "
+            "resume that run, load its checkpoint first (selftune.load_checkpoint); to start "
+            f"again, log to a new folder. Nothing was written to {target}"
+        )
     finish_offload()  # the guard's last snapshot may still be on its way to the host
     optimizer_state = optimizer.state_dict()
     if isinstance(optimizer, SelfTuned):  # the log on disk before a checkpoint that points in it

@@ -413,11 +413,11 @@ class SelfTuned(torch.optim.Optimizer):
             loss = result if loss is None else loss
             inner_closure = _replay_once(closure, result)
         t = self.step_count + 1
-        if t == 1 and self._trace_bytes > 0:
-            assert self._log is not None
+        folder = self.unresumed_folder()
+        if folder is not None:
             raise ConfigError(
-                f"{self._log.path} already holds steps of this run (its trace.jsonl is not "
-                "empty), and this one starts from step 1: to resume it, load its checkpoint "
+                f"{folder} already holds steps of this run (its trace.jsonl is not empty), and "
+                "this one starts from step 1: to resume it, load its checkpoint "
                 "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
                 "start again, log to a new folder"
             )
@@ -505,6 +505,7 @@ class SelfTuned(torch.optim.Optimizer):
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
+            "trace": self._trace_bytes,  # trace.jsonl's size (rank 0's; 0 with no run folder)
             # an observed metric the next step has yet to read, and where it was measured
             "metric": {
                 "value": self._metric,
@@ -528,10 +529,13 @@ class SelfTuned(torch.optim.Optimizer):
         own = sd.pop("selftune", None)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
         # when it prepares it, before the Hugging Face Trainer loads the checkpoint to resume
+        # (a step-0 checkpoint of a run that crashed before its first record has the log's
+        # position of the fresh wrapper over its folder, but not its trace's size: it moved)
         unmoved = (
             own is not None
             and own["step"] == self.step_count
             and (self._log is None or own["log"] == self._log.position())
+            and own.get("trace", self._trace_bytes) == self._trace_bytes
         )
         self.optimizer.load_state_dict(sd)
         # torch deep-copies the saved groups as one: tensors they shared are shared again
@@ -639,6 +643,14 @@ class SelfTuned(torch.optim.Optimizer):
                     f"{shapes[:4]} against {[tuple(p.shape) for p in ps][:4]}): load it into "
                     "the model it was saved from"
                 )
+
+    def unresumed_folder(self) -> Path | None:
+        """The run folder, if its trace holds steps and this optimizer has taken none: a run
+        started again over its folder, before (or without) loading its checkpoint."""
+        if self.step_count == 0 and self._trace_bytes > 0:
+            assert self._log is not None
+            return self._log.path
+        return None
 
     def sync(self) -> None:
         """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
