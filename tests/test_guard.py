@@ -269,6 +269,21 @@ def test_repeated_trouble_escalates_with_a_clear_error(tmp_path: Path) -> None:
     assert read_log(tmp_path).records[-1] == last
 
 
+def test_a_rollback_logs_the_rate_it_cut_from(tmp_path: Path) -> None:
+    """A rate of 1e3 written by the loop, rolled back: the guard's decision is from the rate in
+    force at the fault to half the snapshot's.  Read after the restore had lowered the base,
+    its ``old`` was the snapshot's rate, and the report drew the halving as a doubling."""
+    task = make_task()
+    opt = wrapped(task, "sgd", "off", log_dir=tmp_path)
+    train(task, opt, 60, faults={40: "lr_1e3"}, evaluate=False)
+    opt.close()
+    records = read_log(tmp_path).records
+    # the step at 1e3 is taken; the next one's loss is the spike
+    (cut,) = [r for r in records if r["kind"] == "decision" and r["step"] == 41]
+    assert cut["source"] == "guard" and cut["knob"] == "lr"
+    assert (cut["old"], cut["new"]) == (1e3, pytest.approx(0.05 * 0.5))
+
+
 def test_grad_scaler_skipped_steps_are_never_seen(tmp_path: Path) -> None:
     """A step the GradScaler skips (non-finite gradients) is not a step: not counted, not judged."""
     task = make_task()

@@ -264,6 +264,44 @@ def test_refuses_a_log_of_a_different_model(run_dir: Path) -> None:
         selftune.replay(other, run_dir)
 
 
+def test_refuses_another_optimizer_class(run_dir: Path) -> None:
+    """Adam has AdamW's knobs and parameter count: only the manifest's class tells them apart."""
+    other = torch.optim.Adam(make_task().model.parameters(), lr=LR["adamw"])
+    with pytest.raises(selftune.SelfTuneError, match="stepped a AdamW, this optimizer is a Adam"):
+        selftune.replay(other, run_dir)
+
+
+@pytest.mark.parametrize("change", ["scheduler", "nan"])
+def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
+    tmp_path: Path, change: str
+) -> None:
+    """A replay without the run's scheduler, or one whose loss goes NaN where the run's did
+    not, ended on other weights (the latter non-finite ones) with no word; it is stopped at
+    the first step where it and the log disagree, naming what differs."""
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), log_dir=tmp_path)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    train(task, opt, 60, evaluate=False, on_step=lambda t: sched.step())
+    opt.close()
+    task = make_task()
+    replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
+    if change == "scheduler":
+        words = r"group 0's lr stood at .*, not at"
+        with pytest.raises(selftune.SelfTuneError, match=words):
+            train(task, replayed, 60, evaluate=False)
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(replayed, step_size=10, gamma=0.5)
+        with pytest.raises(selftune.SelfTuneError, match="at step 30 its loss is nan"):
+            train(
+                task,
+                replayed,
+                60,
+                faults={30: "nan_loss"},
+                evaluate=False,
+                on_step=lambda t: sched.step(),
+            )
+
+
 def test_an_empty_decision_log_is_a_run_without_changes(tmp_path: Path) -> None:
     """Documented: a run in which nothing changed has an empty decisions.jsonl.  Replaying it
     (controller ``off``, no trouble) re-applies nothing and still matches the run exactly."""

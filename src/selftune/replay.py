@@ -10,6 +10,7 @@ gave up on (an "escalate" record) ends the same way: the replay raises the logge
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -52,16 +53,19 @@ class ReplayController(OffController):
             for r in records
             if r.get("kind") == "group"
         }
+        #: each logged decision's knob as it stood before it, beside its proposal
+        self._olds: dict[int, list[float]] = defaultdict(list)
         for r in records:
             if r.get("kind") == "decision" and r.get("source", "controller") == "controller":
                 step, value = _number(r, "step", int), _number(r, "value", float)
                 why = f"replay: {r['reason']}"
                 self._by_step[step].append(Proposal(r["group"], r["knob"], value, why, raw=True))
+                self._olds[step].append(_number(r, "old", float))
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._step = signals.step
         proposals = list(self._by_step.get(signals.step, []))
-        for p in proposals:
+        for p, old in zip(proposals, self._olds.get(signals.step, []), strict=True):
             if p.group >= len(knobs):
                 added = self._added.get(p.group)
                 when = "" if added is None else f"; the logged run added it after step {added}"
@@ -70,6 +74,9 @@ class ReplayController(OffController):
                     f"and this optimizer has {len(knobs)} groups{when}: add it with "
                     "add_param_group where the run did"
                 )
+            now = knobs[p.group].get(p.knob)
+            if now != old:  # a knob set otherwise since: a scheduler missing, another one
+                _left(signals.step, f"group {p.group}'s {p.knob} stood at {now!r}, not at {old!r}")
         return proposals
 
     def take_restart(self) -> str | None:
@@ -101,6 +108,12 @@ class ReplayGuard(Guard):
             for r in records
             if r.get("kind") == "guard" and "snapshots_since" in r
         }
+        #: the snapshot each logged rollback went back to
+        self._restored = {
+            _number(r, "step", int): _number(r, "restored_step", int)
+            for r in records
+            if r.get("kind") == "guard" and "restored_step" in r
+        }
         #: the logged GuardError message of each step where the guard gave up
         self._escalations = {
             _number(r, "step", int): str(r["reason"])
@@ -115,8 +128,12 @@ class ReplayGuard(Guard):
     def judge(self, s: Signals) -> Trouble | None:
         # the levels the logged run's guard learnt: its snapshots' levels, and so where its
         # regressions went back to, follow from them
-        super().judge(s)
-        return self._events.get(s.step)
+        found, logged = super().judge(s), self._events.get(s.step)
+        if found is not None and logged is None and not math.isfinite(found.value):
+            # the logged run had no trouble here, and every non-finite value is trouble: a
+            # replay that trained on into it ended on non-finite weights without a word
+            _left(s.step, f"its {found.signal} is {found.value}, where the logged run's was finite")
+        return logged
 
     def rollback(self, trouble: Trouble) -> tuple[Snapshot | None, float]:
         """Raise the logged GuardError where the original run gave up, else roll back as it did.
@@ -127,7 +144,11 @@ class ReplayGuard(Guard):
         message = self._escalations.get(trouble.step)
         if message is not None:
             raise GuardError(message)
-        return super().rollback(trouble)
+        snap, factor = super().rollback(trouble)
+        logged = self._restored.get(trouble.step)
+        if snap is not None and logged is not None and snap.step != logged:
+            _left(trouble.step, f"it rolled back to step {snap.step}, the logged run to {logged}")
+        return snap, factor
 
 
 def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) -> SelfTuned:
@@ -145,6 +166,12 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     where = os.path.join(os.fspath(log_dir), audit.MANIFEST)
     if not isinstance(config, dict):
         raise audit.LogError(f"{where}: 'config' is a {type(config).__name__}, not an object")
+    kind, ours = config.get("optimizer"), type(optimizer).__name__
+    if kind is not None and kind != ours:
+        raise SelfTuneError(
+            f"{where}: the logged run stepped a {kind}, this optimizer is a {ours}: replay needs "
+            "the optimizer built as in the logged run"
+        )
     try:
         policy = _policy_from(config.get("policy"))
         guard_cfg = config.get("guard")
@@ -164,6 +191,15 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_start(config.get("start"), tuned.hyperparams(), where)
     tuned.guard = guard if guard is not False else None
     return tuned
+
+
+def _left(step: int, what: str) -> None:
+    """Refuse a replay that has left the logged run, naming the step and what differs."""
+    raise SelfTuneError(
+        f"replay: at step {step} {what}: the replay has left the logged run, and its weights "
+        "would not be the run's. Replay with the code, data order, scheduler and settings of "
+        "the run (a resume with other settings, such as another GuardConfig, is not replayed)"
+    )
 
 
 def _check_start(logged: Any, own: list[dict[str, float]], where: str) -> None:

@@ -969,9 +969,10 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             self._gave_up_at = trouble.step
             raise
+        failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
-            note_failure(self.hyperparams())
+            note_failure(failed)
         if snap is None:  # nothing held yet: the step's update was never made, only skip it
             saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
             scales: list[float] | None = None
@@ -988,7 +989,7 @@ class SelfTuned(torch.optim.Optimizer):
             saved_knobs, scales = payload["knobs"], payload.get("scales")
             reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
         self.controller.on_backoff(trouble.step)
-        decisions = self._put_knobs(trouble.step, saved_knobs, scales, factor, reason)
+        decisions = self._put_knobs(trouble.step, saved_knobs, scales, factor, reason, failed)
         event = {
             "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
@@ -1033,11 +1034,18 @@ class SelfTuned(torch.optim.Optimizer):
         scales: list[float] | None,
         factor: float,
         reason: str,
+        before: Knobs | None = None,
     ) -> list[Decision]:
-        """Set the knobs a snapshot held, the rate times ``factor``: the guard's decisions."""
+        """Set the knobs a snapshot held, the rate times ``factor``: the guard's decisions.
+
+        ``before``: the knobs in force before the restore, each decision's ``old``.  A rollback
+        restores a lower base rate before its knobs are set: read after it, ``old`` was the
+        restored rate (0.01 for a rate of 1e3 the loop had written, a halving that the report
+        drew as a doubling), and a rollback whose restore alone cut the rate logged none.
+        """
         decisions = []
         for i, saved in enumerate(saved_knobs):
-            current = self._knobs(i)
+            current = self._knobs(i) if before is None else before[i]
             for knob, value in saved.items():
                 if knob == "lr" and scales is not None:
                     value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
