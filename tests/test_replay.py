@@ -213,11 +213,20 @@ def test_refuses_garbage_and_empty_manifests(copy: Path) -> None:
         assert MANIFEST in message and "not valid JSON" in message
 
 
-def test_refuses_a_manifest_with_wrong_types(copy: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("param_groups", 5, "param_groups"),
+        ("config", "adamw", "'config' is a str, not an object"),  # report failed on it
+        ("format", "selftune-audit/99", "this selftune reads 'selftune-audit/1'"),
+        ("format", None, "format is None"),
+    ],
+)
+def test_refuses_a_manifest_with_wrong_types(copy: Path, key: str, value: Any, named: str) -> None:
     manifest = json.loads((copy / MANIFEST).read_text())
-    (copy / MANIFEST).write_text(json.dumps({**manifest, "param_groups": 5}))
+    (copy / MANIFEST).write_text(json.dumps({**manifest, key: value}))
     for message in refused(copy):
-        assert "param_groups" in message
+        assert named in message
 
 
 @pytest.mark.parametrize(

@@ -342,6 +342,14 @@ def _group_knobs(manifest: Mapping[str, Any], path: Path) -> list[set[str]]:
     for key in REQUIRED_MANIFEST_KEYS:
         if key not in manifest:
             raise LogError(f"{path} lacks the required key {key!r}: the manifest is incomplete")
+    if manifest.get("format", FORMAT) != FORMAT:  # (a manifest written by hand may lack it)
+        raise LogError(
+            f"{path}: the log's format is {manifest.get('format')!r}, and this selftune reads "
+            f"{FORMAT!r}: read it with the version that wrote it"
+        )
+    if not isinstance(manifest["config"], dict):
+        kind = type(manifest["config"]).__name__
+        raise LogError(f"{path}: 'config' is a {kind}, not an object: the manifest was damaged")
     groups = manifest["param_groups"]
     if not isinstance(groups, list) or not all(
         isinstance(g, dict) and isinstance(g.get("knobs"), list) for g in groups
