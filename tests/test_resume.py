@@ -270,6 +270,25 @@ def test_random_generators_and_extra_come_back(
     assert np.array_equal(np.random.rand(3), expected[2])
 
 
+def test_a_checkpoint_of_another_run_folder_is_refused_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    """Refused by its log position, once the model, the step and the rates were loaded over
+    this run's: a caller who caught the error trained on from the other run, into this log."""
+    other_model = make_model()
+    other = make_optimizer("adamw", other_model, tmp_path / "other")
+    train(other_model, other, range(1, 41))
+    ckpt = save_checkpoint(tmp_path / "other.pt", model=other_model, optimizer=other, step=40)
+    model = make_model()
+    opt = make_optimizer("adamw", model, tmp_path / "run")
+    train(model, opt, range(1, 11))
+    before = (copy.deepcopy(model.state_dict()), opt.step_count, opt.hyperparams())
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        load_checkpoint(ckpt, model=model, optimizer=opt)
+    assert_same_state(before[0], model.state_dict())
+    assert (opt.step_count, opt.hyperparams()) == before[1:]
+
+
 def test_missing_damaged_and_foreign_files_are_named(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

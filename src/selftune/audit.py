@@ -623,31 +623,12 @@ class AuditLog:
         if not self.enabled:
             return 0
         fd = self._open_fd()
-        seq, head, size = _parse_position(position)
-        scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
-        continued = _continued_note(seq, head)
-        if seq and not scan.records:
+        cut = self._cut(position)
+        if cut is None:
             # A new folder for a run that continues from another folder's checkpoint.
-            self.append({"kind": "note", "reason": continued})
+            self.append({"kind": "note", "reason": _continued_note(*_parse_position(position)[:2])})
             return 0
-        notes = (r for r in scan.records if r["kind"] == "note" and r["reason"] == continued)
-        note = next(notes, None)
-        if seq and note is not None:
-            # this log began as that checkpoint's continuation: the checkpoint stands at the note
-            seq, head, size = note["seq"] + 1, note["hash"], scan.ends[note["seq"]]
-        if seq > len(scan.records):
-            raise LogError(
-                f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
-                f"{len(scan.records)} — the log was cut short or belongs to another run"
-            )
-        end = scan.ends[seq - 1] if seq else 0
-        hash_there = scan.records[seq - 1]["hash"] if seq else GENESIS
-        if (size, head) != (end, hash_there):
-            raise LogError(
-                f"the checkpoint does not match {self._file}: record seq {seq - 1} there ends at "
-                f"byte {end} with hash {hash_there[:12]}…, the checkpoint says byte {size} and "
-                f"{head[:12]}… — the checkpoint belongs to another run folder"
-            )
+        seq, head, size, scan = cut
         # the notes written when this log was opened (a changed manifest, a torn line) say how
         # the rest of the run was made: they go back after the cut, not counted as dropped
         after = scan.records[seq:]
@@ -668,6 +649,41 @@ class AuditLog:
         for reason in kept:
             self.append({"kind": "note", "reason": reason})
         return dropped
+
+    def check_position(self, position: Mapping[str, Any]) -> None:
+        """Raise :class:`LogError` where :meth:`truncate_to` would, changing nothing: before a
+        checkpoint's model loads (a refused checkpoint of another folder had replaced the
+        weights, the step and the rates already)."""
+        if self.enabled:
+            self._cut(position)
+
+    def _cut(self, position: Mapping[str, Any]) -> tuple[int, str, int, _Scan] | None:
+        """Where a checkpoint's position stands in this log (None: the log is empty and the
+        checkpoint another folder's), refused where it does not."""
+        seq, head, size = _parse_position(position)
+        scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
+        if seq and not scan.records:
+            return None
+        continued = _continued_note(seq, head)
+        notes = (r for r in scan.records if r["kind"] == "note" and r["reason"] == continued)
+        note = next(notes, None)
+        if seq and note is not None:
+            # this log began as that checkpoint's continuation: the checkpoint stands at the note
+            seq, head, size = note["seq"] + 1, note["hash"], scan.ends[note["seq"]]
+        if seq > len(scan.records):
+            raise LogError(
+                f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
+                f"{len(scan.records)} — the log was cut short or belongs to another run"
+            )
+        end = scan.ends[seq - 1] if seq else 0
+        hash_there = scan.records[seq - 1]["hash"] if seq else GENESIS
+        if (size, head) != (end, hash_there):
+            raise LogError(
+                f"the checkpoint does not match {self._file}: record seq {seq - 1} there ends at "
+                f"byte {end} with hash {hash_there[:12]}…, the checkpoint says byte {size} and "
+                f"{head[:12]}… — the checkpoint belongs to another run folder"
+            )
+        return seq, head, size, scan
 
     def _open_fd(self) -> int:
         if self._fd is None:

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from selftune.audit import LogError
 from selftune.errors import ConfigError, SelfTuneError
 from selftune.tuner import SelfTuned, finish_offload, on_host
 
@@ -282,7 +283,7 @@ def _check_fits(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> N
         return
     try:
         optimizer.check_fits(saved)
-    except ConfigError as err:
+    except (ConfigError, LogError) as err:  # (LogError: a checkpoint of another run folder)
         raise CheckpointError(f"{source}: {err}") from None
 
 

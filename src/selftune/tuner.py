@@ -631,6 +631,9 @@ class SelfTuned(torch.optim.Optimizer):
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
                 f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
             )
+        # a checkpoint of another run folder: refused here, before its weights and step load
+        if self._log is not None and own.get("log") is not None:
+            self._log.check_position(own["log"])
         # the last update, one tensor per parameter: torch loads the inner state of parameters
         # of other shapes without a word, and the run failed in a later step's arithmetic
         saved = own["tracker"]["prev"] or []
