@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -883,13 +884,17 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     mlflow.set_tracking_uri(uri)
     writer = MLflowWriter(flush_every=5)  # no active run: the writer starts one and ends it
     _, events = _tuned(30, writer)
+    # a guard event of a NaN loss: a bare NaN in the tag and the artifact is not JSON
+    nan_loss = {"event": "skip", "signal": "loss", "value": math.nan, "reason": "not finite"}
+    writer(selftune.StepEvent(31, None, events[-1].hyperparams, [], nan_loss, None))
     writer.close()
     assert mlflow.active_run() is None
 
     client = MlflowClient(tracking_uri=uri)
     history = client.get_metric_history(writer.run_id, "selftune/group0/lr")
-    assert [m.step for m in history] == list(range(1, 31))
-    assert [m.value for m in history] == pytest.approx([e.hyperparams[0]["lr"] for e in events])
+    assert [m.step for m in history] == list(range(1, 32))
+    lrs = [e.hyperparams[0]["lr"] for e in events]
+    assert [m.value for m in history] == pytest.approx([*lrs, lrs[-1]])
     losses = client.get_metric_history(writer.run_id, "selftune/loss")
     assert [m.value for m in losses] == pytest.approx([e.loss for e in events])
     metrics = [(e.step, e.signals.metric) for e in events if e.signals and e.signals.metric]
@@ -900,12 +905,18 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     decisions = [d for e in events for d in e.decisions]
     assert decisions
     local = client.download_artifacts(writer.run_id, "selftune/decisions.jsonl", str(tmp_path))
-    rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
-    assert [(r["step"], r["knob"], r["reason"]) for r in rows] == [
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    rows = [strict(line) for line in Path(local).read_text().splitlines()]
+    assert [(r["step"], r["knob"], r["reason"]) for r in rows[:-1]] == [
         (d.step, d.knob, d.reason) for d in decisions
     ]
+    assert rows[-1]["value"] == "nan"
     run = client.get_run(writer.run_id)
     assert decisions[-1].reason in run.data.tags["selftune.last_decision"]
+    assert strict(run.data.tags["selftune.last_guard_event"])["value"] == "nan"
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -627,6 +627,27 @@ def test_a_plain_optimizers_state_sets_the_rate_the_bounds_are_factors_of() -> N
     assert opt.hyperparams()[0]["lr"] == pytest.approx(1e-4 / 32)
 
 
+def test_torch_s_state_dict_hooks_on_the_wrapper_run() -> None:
+    """``wrap`` returns an Optimizer, and checkpoint code registers torch's state-dict hooks on
+    it (a key added on save, taken off on load): its own state_dict and load_state_dict ran
+    none of them."""
+    opt = selftune.wrap(_sgd()[0])
+    called: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: called.append("save, before"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "mine": 1})
+
+    def on_load(o: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        called.append(f"load, before, mine={sd['mine']}")
+        return {k: v for k, v in sd.items() if k != "mine"}
+
+    opt.register_load_state_dict_pre_hook(on_load)
+    opt.register_load_state_dict_post_hook(lambda o: called.append("load, after"))
+    saved = opt.state_dict()
+    assert saved["mine"] == 1
+    opt.load_state_dict(saved)
+    assert called == ["save, before", "load, before, mine=1", "load, after"]
+
+
 def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
     import copy
     import pickle
@@ -671,6 +692,10 @@ def _stepped(loss: Any) -> None:
         (
             lambda: selftune.wrap(torch.optim.Rprop([torch.nn.Parameter(torch.ones(2))])),
             "Rprop keeps a step size per parameter",
+        ),
+        (
+            lambda: selftune.wrap(torch.optim.Adafactor([torch.nn.Parameter(torch.ones(2))])),
+            r"Adafactor steps at min\(lr, 1/sqrt\(step\)\)",
         ),
         (lambda: selftune.wrap(object()), "needs a torch.optim.Optimizer"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], bounds={"lr": 5}), r"give a pair \(low, high\)"),

@@ -104,6 +104,13 @@ class SelfTuned(torch.optim.Optimizer):
                 "first step: a rate selftune set later would be logged and change nothing. Wrap "
                 "another optimizer (SGD, Adam, ...), or use Rprop unwrapped"
             )
+        if isinstance(optimizer, getattr(torch.optim, "Adafactor", ())):
+            raise ConfigError(
+                "torch's Adafactor steps at min(lr, 1/sqrt(step)): a rate selftune set above "
+                "1/sqrt(step) (past step 10,000 its default lr of 0.01 already is) would be "
+                "logged and change only the weight decay. Wrap another optimizer (AdamW, ...), "
+                "or use Adafactor unwrapped"
+            )
         if getattr(optimizer, _WRAPPED, False):
             raise ConfigError(
                 f"this {type(optimizer).__name__} was already passed to selftune.wrap; "
@@ -491,6 +498,8 @@ class SelfTuned(torch.optim.Optimizer):
         saved here then counts them, as the state counts their groups (a resumed run adds the
         groups again and drops their records, since the log holds them).
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
         if self._log is not None:
             self._write_added()
         sd = self.optimizer.state_dict()
@@ -519,9 +528,18 @@ class SelfTuned(torch.optim.Optimizer):
             "snapshots_since": self._snapshots_since,
             "outside": [sorted(knobs) for knobs in self._outside],
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            sd = post_hook(self, sd) or sd
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict  # as Optimizer runs them
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_open("loading a state")  # it would cut back a log that is closed
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         self._gave_up_at = None  # a run resumed from before the guard gave up goes on

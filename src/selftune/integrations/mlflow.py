@@ -17,7 +17,6 @@ decisions themselves, with their reasons and signals, go to the artifact
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -26,6 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
+from selftune.audit import canonical
 from selftune.integrations.events import check_writer_options, describe, event_metric
 from selftune.tuner import StepEvent, is_rank_zero
 
@@ -87,7 +87,8 @@ class MLflowWriter:
         if event.guard is not None:
             record = {"step": event.step, "kind": "guard", **event.guard}
             self.decisions.append(record)
-            tags.append(RunTag(f"{self.prefix}.last_guard_event", json.dumps(record)[:5000]))
+            tag = canonical(record).decode()  # a NaN as "nan", as the log holds it: valid JSON
+            tags.append(RunTag(f"{self.prefix}.last_guard_event", tag[:5000]))
         if event.decisions or event.guard is not None:
             metrics.append(
                 Metric(f"{self.prefix}/decisions", float(len(self.decisions)), now, event.step)
@@ -102,7 +103,7 @@ class MLflowWriter:
         """Write every decision so far to the artifact ``<prefix>/decisions.jsonl``."""
         if not self.active:
             return
-        text = "".join(json.dumps(r, default=str, allow_nan=True) + "\n" for r in self.decisions)
+        text = "".join(canonical(r).decode() + "\n" for r in self.decisions)
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions.jsonl")
         self._unflushed = 0
 
