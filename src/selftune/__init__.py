@@ -54,6 +54,8 @@ def wrap(
     ``guard``: roll back and back off on instability (a :class:`GuardConfig` to tune it;
     False or None: no guard).
     ``log_dir``: write the run's manifest, hash-chained decision log and trace there.
+    ``seed``: recorded in the manifest, for whoever replays the run; selftune draws no random
+    numbers, so it seeds nothing (seed the run's own generators as ever).
     ``average``: keep an exponential moving average of the weights to evaluate in their place
     (``with opt.averaged(): ...``); True means decay 0.9, a float is the decay.
     """

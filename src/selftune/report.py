@@ -68,7 +68,11 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
     try:
         row = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LogError(f"{where}: not a JSON line — the trace was damaged") from None
+        raise LogError(
+            f"{where}: not a JSON line — the trace was damaged (it has no hash chain: the "
+            "decision log, which verify checks, is the record; a copy of the run folder taken "
+            "before the damage gives the page)"
+        ) from None
     if not (
         isinstance(row, dict)
         and isinstance(row.get("step"), int)

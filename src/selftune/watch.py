@@ -350,7 +350,8 @@ def render(state: WatchState) -> RenderableType:
     if state.bad_lines:
         parts.append(
             Text(
-                f"{state.bad_lines} damaged lines skipped: run `selftune verify {state.folder}`",
+                f"{state.bad_lines} damaged lines skipped (`selftune verify {state.folder}` "
+                "checks the decision log; trace.jsonl, the per-step rows, has no chain)",
                 style="yellow",
             )
         )
