@@ -491,7 +491,7 @@ def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -
     load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
     notes = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
     assert len(notes) == 2 and notes[0].startswith("resumed: dropped ")
-    assert "changed manifest" in notes[1]
+    assert "changed manifest (config: guard)" in notes[1]  # the setting named
     load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)  # again, in this process
     opt.close()
     again = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]

@@ -471,6 +471,11 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     )
     if not changed:
         return None
+    # which settings, not just "config": a replay follows the first manifest's (README, Replay)
+    was, now = existing.get("config"), given.get("config")
+    if "config" in changed and isinstance(was, dict) and isinstance(now, dict):
+        keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+        changed[changed.index("config")] = f"config: {', '.join(keys)}"
     return f"resumed with a changed manifest ({', '.join(changed)}); {MANIFEST} keeps the first"
 
 
