@@ -406,7 +406,7 @@ def test_a_resumed_run_may_change_its_config_and_says_so(tmp_path: Path) -> None
     assert verify(tmp_path).records == 1  # a new start time alone is not worth a note
     AuditLog(tmp_path, manifest(config={"max_step": 3.0})).close()
     note = read_log(tmp_path).records[-1]
-    assert note["kind"] == "note" and "(config)" in note["reason"]
+    assert note["kind"] == "note" and "(config: max_step)" in note["reason"]
     assert read_log(tmp_path).manifest == manifest()
 
 
