@@ -74,7 +74,7 @@ from typing import Any, Literal
 
 from selftune.controllers.base import Option, check_flags, check_options
 from selftune.errors import GuardError
-from selftune.signals import Signals
+from selftune.signals import Signals, square
 
 #: what a GuardError tells the user to do
 _ADVICE = (
@@ -293,8 +293,7 @@ class _RunningStats:
             self.mean = x
         else:
             self.mean += (1 - decay) * (x - self.mean)
-            step = x - self.last  # a product, not ** 2: a float64 loss past 1e154 squares to inf
-            self.var = decay * self.var + (1 - decay) * 0.5 * step * step
+            self.var = decay * self.var + (1 - decay) * 0.5 * square(x - self.last)
         self.last = x
         self.n += 1
         if self.n == RECENT:

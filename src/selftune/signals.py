@@ -248,9 +248,8 @@ class SignalTracker:
         A non-finite loss is not folded in."""
         if loss is not None:
             if self._n > 0:
-                # a product, not ``** 2``, which raises past 1e154 (a diverging float64 loss)
-                off = loss - self._fast_ema()
-                self._var = FAST_DECAY * self._var + (1 - FAST_DECAY) * off * off
+                off = square(loss - self._fast_ema())
+                self._var = FAST_DECAY * self._var + (1 - FAST_DECAY) * off
             self._n += 1
             self._fast = FAST_DECAY * self._fast + (1 - FAST_DECAY) * loss
             self._slow = SLOW_DECAY * self._slow + (1 - SLOW_DECAY) * loss
@@ -562,6 +561,16 @@ def _as(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
     if t.dtype != dtype or t.device != device:
         return t.to(device=device, dtype=dtype)
     return t
+
+
+def square(x: float) -> float:
+    """``x ** 2``, infinite where that is past float64's range: Python raises OverflowError
+    there (a float64 loss diverging past 1e154), where a product, which rounds otherwise than
+    ``** 2`` in about one case in a thousand, would move every trajectory."""
+    try:
+        return x**2
+    except OverflowError:
+        return math.inf
 
 
 def _maybe_float(loss: float | None) -> float | None:

@@ -165,7 +165,7 @@ class SignTest:
         if n < 2:
             return math.inf
         mean = self.mean
-        return math.sqrt(math.fsum((x - mean) * (x - mean) for x in self.samples) / (n - 1))
+        return math.sqrt(math.fsum((x - mean) ** 2 for x in self.samples) / (n - 1))
 
     @property
     def error(self) -> float:
