@@ -198,7 +198,8 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
 ) -> None:
     """A guard on rank 0 alone let the ranks' weights drift apart with no error (and a log
     that verified); a loss given on one rank only made the ranks' all-reduce differ in size
-    (gloo aborts, NCCL waits out its timeout).  Every rank now raises, naming the difference."""
+    (gloo aborts, NCCL waits out its timeout); a metric given as "max" on one rank and "min" on
+    the other was judged each rank's way.  Every rank now raises, naming the difference."""
     _, ranks = ddp
     settings = [r["refusals"]["settings"] for r in ranks]
     assert all(
@@ -207,6 +208,8 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert "guard" in settings[0] and settings[0] == settings[1]
     losses = [r["refusals"]["loss"] for r in ranks]
     assert all(s is not None and "given on some ranks and not on others" in s for s in losses)
+    modes = [r["refusals"]["modes"] for r in ranks]
+    assert all(s is not None and 'mode="max" on some ranks' in s for s in modes), modes
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

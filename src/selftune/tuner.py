@@ -374,8 +374,13 @@ class SelfTuned(torch.optim.Optimizer):
             )
         # with the flag of the weights it came from: every rank must read the same, so that
         # every rank's controller takes the same decisions
-        at_average = torch.tensor(float(self._at_average), dtype=torch.float64)
-        metric, share = _mean_over_ranks(torch.stack([value.reshape(()), at_average]))
+        flags = torch.tensor([self._at_average, mode == "max"], dtype=torch.float64)
+        metric, share, high = _mean_over_ranks(torch.cat([value.reshape(1), flags]))
+        if high not in (0.0, 1.0):  # each rank would judge the mean its own way
+            raise ConfigError(
+                'observe() was given mode="max" on some ranks and mode="min" on others: a run '
+                "has one metric; give every rank the same mode"
+            )
         self._metric, self._metric_mode, self._metric_at_average = metric, mode, share == 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
