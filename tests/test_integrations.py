@@ -439,10 +439,14 @@ def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, contr
 
     from selftune.integrations.lightning import SelfTuneCallback
 
+    seen: list[int] = []  # a listener given to the callback, as a writer would be
+
     def run(steps: int, ckpt: Path | None, out: str) -> tuple[Any, SelfTuneCallback]:
         torch.manual_seed(0)
         model = _TinyModule()
-        cb = SelfTuneCallback(controller, log_dir=tmp_path / out)
+        seen.clear()
+        listen = [lambda event: seen.append(event.step)]
+        cb = SelfTuneCallback(controller, log_dir=tmp_path / out, listeners=listen)
         keep = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{out}-{steps}", every_n_train_steps=32)
         trainer = _trainer(steps, None, tmp_path / out, callbacks=[cb, keep])
         trainer.fit(model, _loader(), ckpt_path=ckpt)
@@ -457,6 +461,7 @@ def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, contr
     # Resumed into the same run folder: the knobs continue, the log stays one valid chain.
     model, resumed = run(64, ckpt, "a")
     assert resumed.optimizers[0].step_count == 64
+    assert seen == list(range(33, 65))
     # Uninterrupted reference run in another folder: the resumed run must end where it ends.
     reference, straight = run(64, None, "b")
     mine, theirs = model.state_dict(), reference.state_dict()

@@ -658,6 +658,22 @@ def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
             attempt()
 
 
+class _Nameless:
+    """A controller with the four methods and no name."""
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        return []
+
+    def on_backoff(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
 class _NoLr(torch.optim.Optimizer):
     def __init__(self, params: object) -> None:
         super().__init__(params, {"rho": 0.9})  # type: ignore[arg-type]
@@ -711,6 +727,7 @@ def _stepped(loss: Any) -> None:
         (lambda: _stepped("0.5"), "needs a number or a one-element tensor, got str"),
         (lambda: selftune.wrap(_without_rate()), "lr=None is not a number"),
         (lambda: selftune.wrap(_sgd()[0], AutoController), "is a class: pass an instance"),  # type: ignore[arg-type]
+        (lambda: selftune.wrap(_sgd()[0], _Nameless()), "_Nameless: it lacks name \\(a controller"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], AutoController(), ramp=1.5), "go with a controller's"),
         (lambda: selftune.wrap(_sgd()[0], max_change=2.0), r"max_change=2.0: give a mapping"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], bounds=0.1), r"bounds=0.1: give a mapping"),  # type: ignore[arg-type]

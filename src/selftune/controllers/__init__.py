@@ -36,7 +36,13 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
                     f"instance is built with its own: {type(name).__name__}(...)"
                 )
             return name
-        raise ConfigError(f"controller must be a name or a Controller, got {type(name).__name__}")
+        members = ("name", "propose", "on_backoff", "state_dict", "load_state_dict")
+        missing = [m for m in members if not hasattr(name, m)]
+        lacks = f": it lacks {', '.join(missing)}" if missing else ""
+        raise ConfigError(
+            f"controller must be a name or a Controller, got {type(name).__name__}{lacks} "
+            "(a controller of one's own has a name: str and the four methods of Controller)"
+        )
     if name not in CONTROLLERS:
         raise ConfigError(f"unknown controller {name!r}; choose one of {sorted(CONTROLLERS)}")
     try:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from selftune.controllers.base import check_flags
 from selftune.integrations import check_wrap_options, refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import LossFeed, feed_from
 from selftune.integrations.events import StepKnobs
-from selftune.tuner import SelfTuned
+from selftune.tuner import SelfTuned, StepEvent
 
 #: The checkpoint key naming each averaged parameter, per optimizer and param group.
 AVERAGED = "selftune_averaged_parameters"
@@ -81,6 +81,8 @@ class SelfTuneCallback(Callback):
     (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
     the optimizers after each validation; ``mode``: "min" if lower is better, "max" if higher.
+    ``listeners``: added to every optimizer once it is wrapped (a ``TensorBoardWriter``, an
+    ``MLflowWriter``), since the optimizers exist only when the fit starts.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class SelfTuneCallback(Callback):
         log_knobs: bool = True,
         monitor: str | None = None,
         mode: str = "min",
+        listeners: Sequence[Callable[[StepEvent], None]] = (),
         **wrap_kwargs: Any,
     ) -> None:
         if mode not in ("min", "max"):
@@ -110,6 +113,7 @@ class SelfTuneCallback(Callback):
         self.controller = "auto" if controller is None else controller
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.log_knobs = log_knobs
+        self.listeners = list(listeners)
         check_wrap_options(self.controller, wrap_kwargs, "SelfTuneCallback")
         self.wrap_kwargs = wrap_kwargs
         self.optimizers: list[SelfTuned] = []
@@ -155,6 +159,8 @@ class SelfTuneCallback(Callback):
         self._knobs = [StepKnobs() for _ in wrapped]
         for opt, knobs in zip(wrapped, self._knobs, strict=True):
             opt.add_listener(knobs)
+            for listener in self.listeners:
+                opt.add_listener(listener)
         strategy.optimizers = list(wrapped)  # the setter also rebuilds the LightningOptimizers
         for config in strategy.lr_scheduler_configs:
             target = getattr(config.scheduler, "optimizer", None)
