@@ -198,6 +198,16 @@ def test_refuses_garbage_in_the_decision_log(copy: Path) -> None:
         assert DECISIONS in message and "line 1" in message
 
 
+@pytest.mark.parametrize("name", [DECISIONS, MANIFEST])
+@pytest.mark.parametrize("damage", [b"[" * 200_000, b'{"step": ' + b"9" * 5000 + b"}"])
+def test_refuses_pathological_json_as_damage(copy: Path, name: str, damage: bytes) -> None:
+    """Deep nesting and a number of thousands of digits escaped as RecursionError and a plain
+    ValueError, which `selftune verify` did not catch."""
+    (copy / name).write_bytes(damage + b"\n")
+    for message in refused(copy):
+        assert name in message and "damaged" in message
+
+
 def test_refuses_a_blank_decision_log_line(copy: Path) -> None:
     (copy / DECISIONS).write_bytes(b"\n")
     for message in refused(copy):

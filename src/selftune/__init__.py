@@ -1,4 +1,4 @@
-"""selftune: a PyTorch optimizer wrapper that tunes its own learning rate and momentum.
+"""selftune: a PyTorch optimizer wrapper that tunes its own learning rate (and momentum).
 
 >>> opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
 >>> opt.zero_grad(); loss.backward(); opt.step(loss=loss.detach())
@@ -44,7 +44,8 @@ def wrap(
     average: bool | float = False,
     **controller_options: Any,
 ) -> SelfTuned:
-    """Wrap ``optimizer`` so that it tunes its own learning rate and momentum while it trains.
+    """Wrap ``optimizer`` so that it tunes its own learning rate while it trains (and, with the
+    ``hypergradient`` controller, momentum or β1).
 
     ``controller``: one of :data:`CONTROLLERS` (``"auto"``, ``"hypergradient"``, ``"stability"``,
     ``"off"``) or a :class:`Controller` instance; ``controller_options`` go to its constructor.

@@ -182,6 +182,10 @@ def _parse_line(line: bytes, where: str) -> dict[str, Any]:
             f"{where}: not valid JSON ({exc.msg} at column {exc.colno}) — the line was damaged, "
             "or the file is not a selftune audit log"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits, deep nesting
+        raise LogError(
+            f"{where}: not a record ({type(exc).__name__}) — the line was damaged"
+        ) from None
     if not isinstance(record, dict):
         raise LogError(f"{where}: a JSON {type(record).__name__}, not a record (an object)")
     return record
@@ -286,6 +290,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise LogError(
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): the file was damaged"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits, deep nesting
+        raise LogError(
+            f"{path} is no manifest ({type(exc).__name__}): the file was damaged"
         ) from None
     if not isinstance(manifest, dict):
         raise LogError(f"{path} holds a JSON {type(manifest).__name__}, not an object")

@@ -743,8 +743,9 @@ class SelfTuned(torch.optim.Optimizer):
     def close(self) -> None:
         """Close the run folder's files (they are flushed after every write anyway).
 
-        The run's log ends here: a later ``step`` is refused, since it would change the
-        weights with no record (``unwrap`` still hands the optimizer back)."""
+        The run's log ends here: in a run that logs (on any rank) a later ``step`` is refused,
+        since it would change the weights with no record (``unwrap`` still hands the optimizer
+        back); without a run folder, ``close`` does nothing."""
         if self._closed_after is not None or self._unwrapped:
             return
         if self._logged:

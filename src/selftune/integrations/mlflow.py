@@ -35,7 +35,10 @@ class MLflowWriter:
 
     ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the active run (one is
     started, and ended in :meth:`close`, if none is active).  ``every``: log the knob metrics
-    every this many steps (steps with decisions are always logged).
+    every this many steps (steps with decisions are always logged).  ``prefix``: the first
+    part of every metric's, tag's and artifact's name.  ``flush_every``: rewrite the decisions
+    artifact after this many new decisions (and at :meth:`close`): a run that dies before
+    ``close`` loses up to that many from the artifact (the run folder's log keeps them all).
     """
 
     def __init__(
