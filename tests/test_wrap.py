@@ -661,17 +661,8 @@ def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
 class _Nameless:
     """A controller with the four methods and no name."""
 
-    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
-        return []
-
-    def on_backoff(self, step: int) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+    propose = on_backoff = load_state_dict = staticmethod(lambda *args: None)
+    state_dict = staticmethod(dict)
 
 
 class _NoLr(torch.optim.Optimizer):
