@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -236,6 +237,31 @@ def test_a_torn_last_line_is_skipped_and_the_next_run_starts_a_fresh_line(tmp_pa
         read_results(path)
 
 
+def test_a_whole_last_record_without_its_newline_stays_done(tmp_path: Path) -> None:
+    """A last record whose newline an edit removed counted as done, was cut off by the next
+    append, and never ran again; a line that is JSON but no run's record is named."""
+    run_all([_spec("adamw-default")], tmp_path, progress=False)
+    path = tmp_path / "results.jsonl"
+    path.write_text(path.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")
+    run_all([_spec("adamw-default"), _spec("sgd-default")], tmp_path, progress=False)
+    assert [r["method"] for r in read_results(path)] == ["adamw-default", "sgd-default"]
+    path.write_text("{}\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"results.jsonl:1 is no run's record"):
+        read_results(path)
+
+
+def test_a_failed_run_in_parallel_keeps_the_runs_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that raised (a package missing, a worker killed) left the pool, which ran every
+    queued run to its end and then threw their results away with the error."""
+    specs = [_spec("no-such-method")] + [_spec("adamw-default", seed) for seed in range(3)]
+    with pytest.raises(KeyError, match="no-such-method"):
+        run_all(specs, tmp_path, jobs=2, progress=False)
+    kept = {r["seed"] for r in read_results(tmp_path / "results.jsonl")}
+    assert kept and kept <= {0, 1, 2}  # what finished before or beside it, none lost
+
+
 def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:
     def huge_rate(model: torch.nn.Module, setting: Setting) -> Handle:
         return Handle(torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9))
@@ -369,8 +395,10 @@ def test_plans_count_seeds_per_row_and_reject_bad_filters() -> None:
     assert smoke_families == {m.family for m in methods().values()}
     assert {s.workload for s in smoke} == set(WORKLOADS)
     assert suites.parse_seeds("3") == [0, 1, 2] and suites.parse_seeds("0,4") == [0, 4]
-    with pytest.raises(ValueError, match="'x'"):
-        suites.parse_seeds("x")
+    assert suites.parse_seeds("0,0") == [0]  # run twice and counted as two seeds, before
+    for bad in ("x", "100000000000", "0,18446744073709551616"):  # a MemoryError, an overflow
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            suites.parse_seeds(bad)
     with pytest.raises(ValueError, match="no workload matches 'cifar'"):
         suites.plan("full", ["cifar"])
 
@@ -595,11 +623,26 @@ def test_command_line_reports_bad_filters_and_empty_results(
     # refused before anything runs or is written: no results, no overhead file
     argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--overhead-steps", "0"]
     assert main(argv) == 2
-    assert "--overhead-steps 0: pass at least 1" in capsys.readouterr().err
+    assert "--overhead-steps 0: pass at least 2" in capsys.readouterr().err
     argv = ["bench", "--suite", "overhead", "--out", str(tmp_path), "--workloads", "digits-mlp"]
     assert main(argv) == 2
     assert "the overhead suite measures mnist1d-cnn, shakespeare-char" in capsys.readouterr().err
+    argv = ["bench", "--suite", "overhead", "--out", str(tmp_path), "--list"]  # measured, before
+    assert main(argv) == 0
+    assert "overhead: mnist1d-cnn, shakespeare-char, 400 steps a side" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", "--report-only", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    # a smoke run into a folder of full runs is refused before it writes there
+    full = _record("adamw-default", "default", 50)
+    full.update(workload="digits-mlp", steps_budget=500)
+    (tmp_path / "results.jsonl").write_text(json.dumps(full) + "\n", encoding="utf-8")
+    argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--workloads", "digits-mlp"]
+    assert main([*argv, "--methods", "sgd-default"]) == 2
+    assert "give each suite its own --out" in capsys.readouterr().err
+    assert len(read_results(tmp_path / "results.jsonl")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "results.jsonl"]
 
 
 @pytest.mark.parametrize(
@@ -650,6 +693,19 @@ def test_the_readme_headline_table_is_the_one_the_committed_results_make(tmp_pat
     copy.write_text(readme.replace(block, "\nstale\n"), encoding="utf-8")
     assert report.update_readme(copy, root / "bench-results")
     assert copy.read_text(encoding="utf-8") == readme
+
+
+def test_the_headline_does_not_depend_on_the_order_of_the_records(tmp_path: Path) -> None:
+    """Parallel and resumed runs write records in the order runs finish: a tie between grid
+    members went to the first record, and the committed results shuffled changed 8 rows."""
+    import random
+
+    root = Path(__file__).parent.parent / "bench-results"
+    lines = (root / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    random.Random(0).shuffle(lines)
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copy(root / "overhead.json", tmp_path / "overhead.json")
+    assert report.headline_block(tmp_path) == report.headline_block(root)
 
 
 def test_the_best_published_method_is_picked_as_the_oracle_is_not_by_seconds() -> None:

@@ -29,14 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("bench-results"),
+        default=RESULTS_DIR,
         help="results folder (results.jsonl, overhead.json); default %(default)s",
     )
     parser.add_argument(
         "--report-dir",
         type=Path,
-        default=Path("docs"),
-        help="where benchmarks.md and bench/*.png go; default %(default)s",
+        default=None,
+        help="where benchmarks.md and bench/*.png go; default docs for the default --out, "
+        "else OUT/docs (a run into a folder of its own left the checkout's page alone)",
     )
     parser.add_argument(
         "--seeds",
@@ -78,18 +79,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: the results folder and report folder of the committed benchmark (``make bench``)
+RESULTS_DIR, DOCS = Path("bench-results"), Path("docs")
+
+
 def _patterns(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
 def run(args: argparse.Namespace) -> int:
     from selftune.bench import overhead, report, suites
-    from selftune.bench.runner import run_all
+    from selftune.bench.runner import check_budgets, run_all
 
     if args.no_report and args.report_only:
         print("--no-report and --report-only exclude each other; pick one", file=sys.stderr)
         return 2
     out: Path = args.out
+    report_dir: Path = args.report_dir or (DOCS if out == RESULTS_DIR else out / "docs")
+    for name, folder in (("--out", out), ("--report-dir", report_dir)):
+        if folder.exists() and not folder.is_dir():
+            print(f"selftune bench: {name} {folder} is a file; give a folder", file=sys.stderr)
+            return 2
     if not args.report_only:
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
         try:
@@ -98,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
             steps = args.overhead_steps
             if steps is None:
                 steps = 40 if args.suite == "smoke" else 400
-            if steps < 1:  # before any run: not after an hour of the smoke suite's
-                raise ValueError(f"--overhead-steps {steps}: pass at least 1")
+            if steps < 2:  # before any run: not after an hour of the smoke suite's
+                raise ValueError(f"--overhead-steps {steps}: pass at least 2 (one a side)")
             start = time.perf_counter()
             if args.suite in ("smoke", "full"):
                 specs = suites.plan(args.suite, workloads, _patterns(args.methods), seeds)
                 if args.list:
                     _print_plan(specs, out)
                     return 0
+                check_budgets(specs, out)  # a smoke run into a full folder, before it writes
                 done = run_all(specs, out, jobs=jobs, progress=not args.quiet)
                 print(
                     f"{args.suite}: {done.ran} runs done, {done.skipped} already in "
@@ -113,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             if args.suite in ("smoke", "overhead"):
                 names = [w.name for w in _overhead_workloads(workloads)]
+                if names and args.list:
+                    print(f"overhead: {', '.join(names)}, {steps} steps a side, into {out}")
+                    return 0
                 if names:
                     path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
                     print(f"overhead: {path}")
@@ -128,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
     if args.no_report:
         return 0
     try:
-        path = report.write_report(out, args.report_dir)
-        if args.readme is not None and report.update_readme(args.readme, out):
+        path = report.write_report(out, report_dir)
+        if args.readme is not None:
+            if not report.update_readme(args.readme, out):
+                raise ValueError(
+                    f"--readme {args.readme} has no headline block to rewrite (the lines "
+                    f"{report.README_START} and {report.README_END}); add them where it goes"
+                )
             print(f"headline table: {args.readme}")
     except ValueError as exc:
         print(f"selftune bench: {exc}", file=sys.stderr)

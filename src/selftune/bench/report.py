@@ -23,6 +23,7 @@ from typing import Any
 from selftune.average import DEFAULT_DECAY
 from selftune.bench.overhead import OVERHEAD
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
+from selftune.bench.workloads import WORKLOADS
 
 INF = math.inf
 #: The families whose rows are the published self-tuning methods selftune is measured against
@@ -157,10 +158,17 @@ class Workload:
 
 def _fastest(rows: list[Row]) -> Row:
     """The row with the fewest median steps; ties go to more seeds that hit, then to the slowest
-    seed's steps.  Never to seconds: those measured beside other runs do not compare (the same
-    computation took up to 2.4x longer in one run than in another), and among rows that all
-    miss they are all infinite, which left the pick to the order of the records."""
-    return min(rows, key=lambda r: (r.steps, -r.hits, max(r.to_target("steps_to_target"))))
+    seed's steps, then to the fastest seed's, then to the method's name.  Never to seconds:
+    those measured beside other runs do not compare (the same computation took up to 2.4x
+    longer in one run than in another), and among rows that all miss they are all infinite;
+    nor to the order of the records, which a parallel or resumed run writes in the order runs
+    finish (shuffled, the committed results changed 8 headline rows)."""
+
+    def rank(r: Row) -> tuple[float, int, float, float, str]:
+        steps = r.to_target("steps_to_target")
+        return r.steps, -r.hits, max(steps), min(steps), r.method
+
+    return min(rows, key=rank)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
@@ -191,8 +199,15 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
         row = w.rows.setdefault(
             r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
         )
+        if any(other["seed"] == r["seed"] for other in row.records):
+            raise ValueError(
+                f"{r['workload']}: {r['method']} seed {r['seed']} is in the results twice (two "
+                "runs into one --out at once?); remove one of the two lines"
+            )
         row.records.append(r)
-    return out
+    # the workloads in the suite's order, whatever order the runs finished in
+    order = {name: i for i, name in enumerate(WORKLOADS)}
+    return dict(sorted(out.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
 def ratio(row: Row | None, ref: Row | None) -> float | None:
@@ -719,6 +734,8 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         return False
+    if text.index(README_START) > text.index(README_END):
+        raise ValueError(f"--readme {readme}: its bench-headline markers are in the wrong order")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     block = "\n".join(["", *headline_block(results_dir), ""])

@@ -202,14 +202,19 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     """
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.start}): it was damaged; restore it from a copy"
+        ) from None
     last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             if number == last:  # the last non-empty line: a torn tail
                 print(f"{path}:{number}: skipping a torn last line", file=sys.stderr)
@@ -217,7 +222,34 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             raise ValueError(
                 f"{path}:{number} is not valid JSON ({exc}); remove or fix that line and rerun"
             ) from exc
+        if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
+            keys = ", ".join(sorted(_RECORD_KEYS))
+            raise ValueError(
+                f"{path}:{number} is no run's record (a run's has {keys}); remove or fix that "
+                "line and rerun"
+            )
+        records.append(record)
     return records
+
+
+#: what every run's record holds, and what resuming and the report read first
+_RECORD_KEYS = frozenset(
+    ("workload", "method", "seed", "steps_budget", "target", "eval_every", "metric_name")
+)
+
+
+def check_budgets(specs: list[RunSpec], out: Path) -> None:
+    """Refuse, before any run, runs whose budget differs from the runs of the same workload
+    already in ``out`` (the smoke suite's into the full suite's folder): the report refused the
+    folder only after they were written into it."""
+    budgets = {(r["workload"], r["steps_budget"]) for r in read_results(out / RESULTS)}
+    for spec in specs:
+        other = next((b for w, b in budgets if w == spec.workload and b != spec.key[3]), None)
+        if other is not None:
+            raise ValueError(
+                f"{out / RESULTS} holds {spec.workload} runs with a budget of {other} steps, and "
+                f"these have {spec.key[3]} (smoke and full mixed?): give each suite its own --out"
+            )
 
 
 def done_keys(path: Path) -> set[tuple[str, str, int, int]]:
@@ -237,9 +269,22 @@ def _append(path: Path, record: dict[str, Any]) -> None:
             f.seek(size - 1)
             if f.read(1) != b"\n":  # rare: read the whole file once to find the last full line
                 f.seek(0)
-                f.truncate(f.read().rfind(b"\n") + 1)
+                data = f.read()
+                cut = data.rfind(b"\n") + 1
+                if _whole(data[cut:]):  # a record whose newline went (an edit): it counted as
+                    f.write(b"\n")  # done, and was cut and never run again
+                else:
+                    f.truncate(cut)
         f.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
         f.flush()
+
+
+def _whole(line: bytes) -> bool:
+    """Whether ``line`` is a whole record (JSON), not a write cut off."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 @dataclass
@@ -264,8 +309,9 @@ def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     done = done_keys(path)
-    todo = [s for s in specs if s.key not in done]
-    outcome = Outcome(skipped=len(specs) - len(todo), unavailable={})
+    unique = list({s.key: s for s in specs}.values())  # a seed given twice runs once
+    todo = [s for s in unique if s.key not in done]
+    outcome = Outcome(skipped=len(unique) - len(todo), unavailable={})
     todo = _drop_unavailable(todo, outcome)
     with _progress(len(todo), progress) as advance:
         if jobs == 1 or len(todo) <= 1:
@@ -283,6 +329,7 @@ def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = Tru
             futures: dict[Future[dict[str, Any]], RunSpec] = {
                 pool.submit(run_spec, s): s for s in todo
             }
+            kept: set[Future[dict[str, Any]]] = set()
             for future in as_completed(futures):
                 spec = futures[future]
                 try:
@@ -290,10 +337,30 @@ def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = Tru
                 except DataUnavailable as exc:
                     _mark_unavailable(outcome, spec.workload, str(exc))
                     continue
+                except BaseException:
+                    _keep_finished(pool, futures, kept, path)
+                    raise
                 _append(path, record)
+                kept.add(future)
                 outcome.ran += 1
                 advance(spec)
     return outcome
+
+
+def _keep_finished(
+    pool: ProcessPoolExecutor,
+    futures: dict[Future[dict[str, Any]], RunSpec],
+    kept: set[Future[dict[str, Any]]],
+    path: Path,
+) -> None:
+    """A run failed: start no more, let those under way finish, and record every run that
+    did, as a resume expects.  Leaving the pool ran every queued run to its end and then threw
+    all their results away with the error."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if future in kept or future.cancelled() or future.exception() is not None:
+            continue
+        _append(path, future.result())
 
 
 def _drop_unavailable(todo: list[RunSpec], outcome: Outcome) -> list[RunSpec]:

@@ -46,15 +46,20 @@ def parse_seeds(text: str | None) -> list[int] | None:
         if "," in text:
             seeds = [int(part) for part in text.split(",") if part.strip()]
         else:
-            seeds = list(range(int(text)))
+            count = int(text)  # not a list of billions
+            seeds = list(range(count)) if count <= MAX_COUNT else []
     except ValueError:
         seeds = []
-    if not seeds or any(s < 0 for s in seeds):
+    if not seeds or any(not 0 <= s < MAX_SEED for s in seeds):
         raise ValueError(
-            f"--seeds {text!r}: give a count (e.g. 3 for seeds 0-2) or a comma-separated list of "
-            "non-negative seeds (e.g. 0,4,7)"
+            f"--seeds {text!r}: give a count up to {MAX_COUNT} (e.g. 3 for seeds 0-2) or a "
+            f"comma-separated list of seeds from 0 to {MAX_SEED - 1} (e.g. 0,4,7)"
         )
-    return seeds
+    return list(dict.fromkeys(seeds))  # a seed given twice runs once
+
+
+#: seeds are below this; a count of seeds is at most MAX_COUNT
+MAX_SEED, MAX_COUNT = 2**32, 1000
 
 
 def plan(
