@@ -53,3 +53,12 @@ def test_demo_refuses_a_file_for_its_folder(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"notes\.txt is a file: pass a folder"):
         cli.main(["demo", "--steps", "5", "--out", str(tmp_path / "notes.txt"), "--no-live"])
     assert (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def test_demo_refuses_a_seed_past_torch_s_range_before_it_writes(tmp_path: Path) -> None:
+    """It failed after wrap had made the run folder and before the demo's marker: every later
+    demo into that folder was refused as "not written by a demo"."""
+    argv = ["demo", "--steps", "5", "--out", str(tmp_path / "d"), "--no-live"]
+    with pytest.raises(SystemExit, match=r"--seed 18446744073709551615: pass one from"):
+        cli.main([*argv, "--seed", str(2**64 - 1)])
+    assert not (tmp_path / "d").exists()

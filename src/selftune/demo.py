@@ -92,6 +92,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"selftune demo: --target {args.target}: pass an accuracy in (0, 1]")
     if args.eval_every < 1 or args.batch_size < 1:
         raise SystemExit("selftune demo: --eval-every and --batch-size must be at least 1")
+    if not -(2**63) <= args.seed <= 2**64 - 2:  # torch's range; a generator takes seed + 1
+        raise SystemExit(f"selftune demo: --seed {args.seed}: pass one from -2**63 to 2**64 - 2")
 
 
 def _prepare_out(out: Path) -> Path:
