@@ -37,19 +37,27 @@ from selftune.bench.models import CharTransformer
 from selftune.checkpoint import load_checkpoint, save_checkpoint
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1, or argparse's error naming the option."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: pass at least 1")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     # not --run: torchrun would take it for an abbreviation of its own --run-path
     p.add_argument("--run-dir", type=Path, default=Path("runs/shakespeare"), help="run folder")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=32, help="sequences per rank and step")
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=_positive, default=600)
+    p.add_argument("--batch", type=_positive, default=32, help="sequences per rank and step")
+    p.add_argument("--context", type=_positive, default=64)
+    p.add_argument("--width", type=_positive, default=64)
+    p.add_argument("--layers", type=_positive, default=2)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW's starting rate")
-    p.add_argument("--max-chars", type=int, default=1_000_000)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--max-chars", type=_positive, default=1_000_000)
+    p.add_argument("--checkpoint-every", type=_positive, default=100)
+    p.add_argument("--eval-every", type=_positive, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU per rank")
     return p.parse_args()
