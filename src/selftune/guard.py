@@ -76,15 +76,27 @@ from selftune.controllers.base import Option, check_flags, check_options
 from selftune.errors import GuardError
 from selftune.signals import Signals, square
 
-#: what a GuardError tells the user to do
-_ADVICE = (
-    "Trouble that comes back at a rate cut that far seldom comes from the rate: check the data "
-    "and the loss of this step, and the parameters' dtype (float16 under an optimizer whose eps "
-    "is zero in float16; wrap warns of it); else lower the starting learning rate. A loss that "
-    "takes turns between tasks of different scales is judged as one stream, each change of "
-    "task a spike: give such a run GuardConfig(nonfinite_only=True). The run folder's "
-    "decisions.jsonl lists every guard event."
-)
+
+def _advice(trouble: Trouble, cut: float) -> str:
+    """What a GuardError tells the user to do, for the trouble that came back.
+
+    The turns-between-tasks setting only where it can help: it still acts on a non-finite value.
+    """
+    advice = (
+        f"Trouble that survives a rate cut to {cut:.3g}x may not come from the rate: check the "
+        "data and the loss of this step, and the parameters' dtype (float16 under an optimizer "
+        "whose eps is zero in float16; wrap warns of it); else lower the starting learning rate."
+    )
+    if math.isfinite(trouble.value):
+        advice += (
+            " A loss that takes turns between tasks of different scales is judged as one stream, "
+            "each change of task a spike: give such a run GuardConfig(nonfinite_only=True)."
+        )
+    return (
+        f"{advice} A run folder's decisions.jsonl, where the run logs one, lists every guard event."
+    )
+
+
 #: how many healthy losses the early level is the median of
 RECENT = 5
 #: the signal of a loss regression's trouble
@@ -674,7 +686,7 @@ class Guard:
             cut = self.config.backoff ** (self.retries - 1)
             raise GuardError(
                 f"{what}; {self.retries - 1} rollbacks did not help, the last with the learning "
-                f"rate cut to {cut:.3g}x the rate its snapshot held. {_ADVICE}"
+                f"rate cut to {cut:.3g}x the rate its snapshot held. {_advice(trouble, cut)}"
             )
         if not self.snapshots:
             self.healthy_since = trouble.step
