@@ -138,6 +138,69 @@ def test_unwrap_hands_a_chained_scheduler_the_rate_found_and_refuses_inside_aver
     for _ in range(40):
         sched.step()  # StepLR multiplies the rate it finds: it goes on from the one found
     assert inner.param_groups[0]["lr"] == pytest.approx(found / 2)
+    with pytest.raises(selftune.ConfigError, match="after unwrap"), opt.averaged():
+        pass  # an average stopped 40 steps ago, served as if current
+
+
+def test_inside_averaged_a_load_or_a_group_is_refused_and_a_block_inside_is_the_outer() -> None:
+    """The block's end put the training weights back over a state loaded inside it; a group
+    added there was snapshotted with the average as its weights; an evaluate() with a block of
+    its own ended the outer one's protections (a step inside was taken and thrown away)."""
+    inner, pr = _sgd(lr=0.002)
+    opt = selftune.wrap(inner, average=True)
+    _steps(pr, opt, range(1, 21))
+    saved, extra = opt.state_dict(), torch.nn.Parameter(torch.zeros(3))
+    with opt.averaged():
+        with pytest.raises(selftune.ConfigError, match="loading a state inside an averaged"):
+            opt.load_state_dict(saved)
+        with pytest.raises(selftune.ConfigError, match="a param group added inside an averaged"):
+            opt.add_param_group({"params": [extra]})
+        with opt.averaged():
+            pass
+        assert opt.training_weights(), "the inner block's end cleared the outer one's"
+        with pytest.raises(selftune.ConfigError, match="inside an averaged"):
+            opt.step()
+    assert len(opt.param_groups) == 1 and opt.step_count == 20
+
+
+def test_a_frozen_rate_is_never_restarted_from_the_first_snapshot() -> None:
+    """With the rate frozen no probe moved it, yet auto's range test restarted the run from its
+    first snapshot at the same rate, throwing 24 steps of progress away."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    opt = selftune.wrap(torch.optim.Adam(model.parameters(), lr=0.3), frozen={"lr", "beta2"})
+    events: list[str] = []
+    opt.add_listener(lambda e: events.append(e.guard["event"]) if e.guard else None)
+    x = torch.randn(256, 8)
+    y = (x[:, :4] @ torch.randn(4, 3)).argmax(1)
+    for _ in range(60):
+        i = torch.randint(0, 256, (32,))
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert "restart" not in events
+
+
+def test_lr_bounds_absolute_without_bounds_is_refused() -> None:
+    """The default factors (1e-3, 1e5) read as rates: a start of 1e-4 was its own floor, and no
+    rollback could cut it."""
+    with pytest.raises(selftune.ConfigError, match=r"needs bounds=\{\"lr\""):
+        selftune.wrap(_sgd()[0], lr_bounds_absolute=True)
+
+
+def test_a_rollback_restores_a_momentum_the_user_set_outside_the_bounds() -> None:
+    """A beta1 of 0.3 (below the default floor) that hypergradient moved went back to the
+    floor, 0.5, on a rollback: a value the run never had at the restored weights."""
+    pr = noisy_quadratic(seed=1)
+    opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=3e-3, betas=(0.3, 0.999)),
+                        "hypergradient")  # fmt: skip
+    _steps(pr, opt, range(1, 22))  # before the second snapshot: a rollback goes to step 1's
+    assert opt.hyperparams()[0]["beta1"] > 0.5
+    opt.zero_grad()
+    pr.batch_loss(22).backward()  # type: ignore[attr-defined]
+    opt.step(loss=float("nan"))
+    assert opt.hyperparams()[0]["beta1"] == 0.3
 
 
 def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> None:

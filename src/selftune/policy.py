@@ -107,6 +107,12 @@ class Policy:
             raise ConfigError(f"frozen={frozen!r}: give knob names, e.g. frozen={{'beta2'}}")
         if not isinstance(lr_bounds_absolute, bool):
             raise ConfigError(f"lr_bounds_absolute={lr_bounds_absolute!r}: give True or False")
+        if lr_bounds_absolute and "lr" not in (bounds or {}):
+            # the default factors read as rates: (1e-3, 1e5) put the floor above most starts
+            raise ConfigError(
+                'lr_bounds_absolute=True needs bounds={"lr": (low, high)}, the rates it makes '
+                "absolute; without it the rate's bounds are factors of its start"
+            )
         return cls(
             bounds=dict(bounds or {}),
             max_change=dict(max_change or {}),

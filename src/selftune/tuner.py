@@ -263,6 +263,7 @@ class SelfTuned(torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         self._check_open("a param group added")
+        self._check_outside_average("a param group added")
         self.optimizer.add_param_group(param_group)
         i = len(self.param_groups) - 1
         try:
@@ -307,13 +308,24 @@ class SelfTuned(torch.optim.Optimizer):
         and, told that the metric came from the average (``observe`` after a block, on every
         rank), leaves the noise floor to it: a plateau of the loss no longer cuts the rate, and
         the cruise lowers it on no hypergradient.
-        Batch norm's running statistics are the live ones (see :mod:`selftune.average`).
+        Batch norm's running statistics are the live ones (see :mod:`selftune.average`): the
+        block swaps parameters, not buffers, so statistics recomputed inside it stay after it.
+        A block inside a block is the outer one; a step, a state loaded or a group added
+        inside one is refused (the block's end would put the training weights back over it).
         """
         if self.average is None:
             raise ConfigError(
                 "averaged() needs a weight average: wrap the optimizer with average=True"
             )
+        if self._unwrapped:
+            raise ConfigError(
+                "averaged() after unwrap(): the average stopped at the step unwrap handed the "
+                "optimizer back; evaluate or copy it before unwrapping"
+            )
         self._at_average = True
+        if self._swapped_out:  # a block inside a block (an evaluate() of its own): at it already
+            yield
+            return
         with self.average.swapped_in(self.param_groups) as kept:
             params = [p for group in self.param_groups for p in group["params"]]
             self._swapped_out = dict(zip(map(id, params), kept, strict=True))
@@ -407,12 +419,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "on from here; resume from its last checkpoint (load_checkpoint), with the "
                 "data or the rate seen to, or start again in a new folder"
             )
-        if self._swapped_out:
-            raise ConfigError(
-                "step() inside an averaged() block would update the average in the training "
-                "weights' place, and the block's end would throw the update away: evaluate "
-                "inside the block, step after it"
-            )
+        self._check_outside_average("a step")
         if closure is not None and not callable(closure):
             raise ConfigError(
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
@@ -476,7 +483,7 @@ class SelfTuned(torch.optim.Optimizer):
         signals = self.last_signals = self._read_rises(signals)
         proposals = _checked(self.controller, self.controller.propose(signals, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
-        restarting = self._take_restart()
+        restarting = self._take_restart(proposals)
         decisions = forgiven + self._decide(
             t, signals, proposals, current, limited=restarting is None
         )
@@ -546,6 +553,7 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_open("loading a state")  # it would cut back a log that is closed
+        self._check_outside_average("loading a state")
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         self._gave_up_at = None  # a run resumed from before the guard gave up goes on
         sd = dict(state_dict)
@@ -687,6 +695,17 @@ class SelfTuned(torch.optim.Optimizer):
             self._log.sync()
         if self._trace is not None:
             os.fsync(self._trace)
+
+    def _check_outside_average(self, what: str) -> None:
+        """Refuse what the end of an ``averaged()`` block would undo or spoil: it puts the
+        training weights back over the parameters (a state loaded there lost its weights to
+        the ones of before), and what reads the parameters there reads the average."""
+        if self._swapped_out:
+            raise ConfigError(
+                f"{what} inside an averaged() block: the parameters hold the average there, and "
+                "the block's end puts the training weights back over them; evaluate inside the "
+                "block, and do this after it"
+            )
 
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log."""
@@ -951,7 +970,9 @@ class SelfTuned(torch.optim.Optimizer):
             # The rate's are widened to the rate in force and the one a scheduler set: a decay
             # scheduled below the floor was raised to it (a rollback's halving went x100 up)
             start = self._start[p.group] if p.knob == "lr" else old
-            within = (old, base) if p.knob == "lr" else ()
+            # another knob a rollback restores is a value the run had, where the user may have
+            # put it outside the bounds (a beta1 of 0.3 went back as 0.5)
+            within = (old, base) if p.knob == "lr" else (p.value,) if source == "guard" else ()
             if not limited:
                 if p.knob in self.policy.frozen and source == "controller":
                     return None  # a restart's knobs skip the step limit, not the freeze
@@ -1129,19 +1150,23 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _take_restart(self) -> str | None:
+    def _take_restart(self, proposals: list[Proposal]) -> str | None:
         """The controller's reason to restart at this step, if it asked and a snapshot can serve.
 
         A controller asks when its own probing damaged the run (``auto``'s range test found the
         starting rate past the edge of stability).  Without a guard there are no snapshots, and
-        the request is ignored.
+        the request is ignored; so is one with the rate frozen whose ``proposals`` set no knob
+        the policy leaves free.
         """
         take = getattr(self.controller, "take_restart", None)
         reason = take() if take is not None else None
         guard = self.guard
         if reason is None or guard is None or guard.restart_point is None:
             return None
-        return reason
+        frozen = self.policy.frozen
+        if "lr" in frozen and all(p.knob in frozen for p in proposals):
+            return None  # no probe moved the rate, and the restart would set no knob: it would
+        return reason  # only throw the steps since away (auto's range test, its rate frozen)
 
     def _restart(self, reason: str) -> dict[str, Any]:
         """Restart from the guard's oldest snapshot, keeping the controller's new knobs.
