@@ -285,6 +285,36 @@ def test_a_rollback_logs_the_rate_it_cut_from(tmp_path: Path) -> None:
     assert (cut["old"], cut["new"]) == (1e3, pytest.approx(0.05 * 0.5))
 
 
+def test_a_regression_s_rollback_cuts_below_the_rate_that_regressed(tmp_path: Path) -> None:
+    """A regression goes back to the snapshot of the lowest level, older than a spike's cut
+    since: half its rate was the rate that regressed (0.75 x 0.5 = 0.375), no decision was
+    logged, and the run went on at it (a run of auto unfrozen mid-way ended at a loss of
+    3,609).  The cut is now below the rate that failed too."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=gen)
+    y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.0), torch.nn.Linear(32, 4)
+    )
+    opt = selftune.wrap(
+        torch.optim.SGD(model.parameters(), lr=1.5, momentum=0.9), "off", log_dir=tmp_path
+    )
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        rows = torch.randint(0, len(x), (32,), generator=batches)
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    records = read_log(tmp_path).records
+    steps = [r["step"] for r in records if r["kind"] == "guard" and r["signal"] == "loss_level"]
+    assert steps, "no regression: the test lost its power"
+    cut = [r for r in records if r["kind"] == "decision" and r["step"] == steps[0]]
+    assert cut and cut[0]["new"] == pytest.approx(cut[0]["old"] / 2), cut
+
+
 def test_grad_scaler_skipped_steps_are_never_seen(tmp_path: Path) -> None:
     """A step the GradScaler skips (non-finite gradients) is not a step: not counted, not judged."""
     task = make_task()

@@ -1099,6 +1099,14 @@ class SelfTuned(torch.optim.Optimizer):
                     value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
                 target = value * factor if knob == "lr" else value
                 why = f"{reason}, lr x{factor:g}" if knob == "lr" and factor != 1 else reason
+                if knob == "lr" and before is not None and self.guard is not None:
+                    # and below the rate that failed: a snapshot older than a cut since (a
+                    # regression's, of the lowest level) held a rate whose half was the rate
+                    # that regressed, and the run went on at it
+                    below = current["lr"] * self.guard.config.backoff
+                    if below < target:
+                        target = below
+                        why = f"{reason}, lr x{self.guard.config.backoff:g} of the rate that failed"
                 decision = self._apply(
                     t, Proposal(i, knob, target, why), current, None, "guard", False
                 )
