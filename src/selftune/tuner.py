@@ -623,8 +623,8 @@ class SelfTuned(torch.optim.Optimizer):
         self.controller.load_state_dict(_clone(self._fresh_controller))
         self._tracker = SignalTracker(lambda: self.param_groups)
         self._metric = self._metric_mode = None
-        if self.guard is not None:
-            self.guard = Guard(self.guard.config)
+        if self.guard is not None:  # in place: a replay's guard stays the replay's
+            self.guard.load_state_dict(Guard(self.guard.config).state_dict())
             self._loaded = self.step_count > 0
         if self.average is not None:  # and its weights (the model loads first) start it
             self.average.restart(self.param_groups)
