@@ -586,6 +586,37 @@ def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> Non
     assert opt.hyperparams()[0]["lr"] == pytest.approx(1e-3)
 
 
+def test_a_run_that_loads_a_plain_state_mid_way_replays_exactly(tmp_path: Path) -> None:
+    """The load starts the wrapper afresh (its scale, controller, guard and snapshots): the
+    replay, which loads the same state at the same step, starts afresh alike and rolls back
+    where the run did, to a snapshot taken since the load."""
+
+    def script(make: Any) -> tuple[list[torch.Tensor], SelfTuned]:
+        plain_model = make_model()
+        plain = make_inner("adamw", plain_model)
+        for t in range(1, 6):
+            x, y = batch(t, 0)
+            plain.zero_grad()
+            torch.nn.functional.mse_loss(plain_model(x), y).backward()
+            plain.step()
+        saved = copy.deepcopy((plain_model.state_dict(), plain.state_dict()))
+        model = make_model()
+        opt = make(make_inner("adamw", model))
+        for t in range(1, 61):
+            if t == 31:
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+            train_step(model, opt, t, rank=0, nan=t == 45)
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    logged, opt = script(lambda inner: selftune.wrap(inner, log_dir=tmp_path))
+    opt.close()
+    (rollback,) = [r for r in read_log(tmp_path).records if r["kind"] == "guard"]
+    assert (rollback["step"], rollback["restored_step"]) == (45, 31)
+    replayed, _ = script(lambda inner: selftune.replay(inner, tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(logged, replayed, strict=True))
+
+
 def test_a_state_of_parameters_of_other_shapes_is_refused_before_anything_loads() -> None:
     """Saved from a model of as many parameters of other shapes: torch loads the inner state
     without a word, and the run failed in the signals' arithmetic with the state half loaded."""
