@@ -560,11 +560,9 @@ def test_trouble_right_after_loading_a_plain_state_dict_skips_the_step(tmp_path:
     ]
 
 
-def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> None:
-    """A plain optimizer's state (and its model's weights) loaded into a wrapper that had
-    trained another run: the run goes on from the loaded rate, not that rate times the other
-    run's scale (27x above it in a report), and trouble after the load goes back to the loaded
-    weights, not to a snapshot of the other run's (a rollback put those over the checkpoint)."""
+def plain_checkpoint() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The weights and optimizer state of five steps of plain AdamW (a checkpoint of a run
+    that never used selftune), copied as a file would hold them."""
     model = make_model()
     plain = make_inner("adamw", model)
     for t in range(1, 6):
@@ -572,7 +570,15 @@ def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> Non
         plain.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         plain.step()
-    weights, saved = copy.deepcopy((model.state_dict(), plain.state_dict()))
+    return copy.deepcopy((model.state_dict(), plain.state_dict()))
+
+
+def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> None:
+    """A plain optimizer's state (and its model's weights) loaded into a wrapper that had
+    trained another run: the run goes on from the loaded rate, not that rate times the other
+    run's scale (27x above it in a report), and trouble after the load goes back to the loaded
+    weights, not to a snapshot of the other run's (a rollback put those over the checkpoint)."""
+    weights, saved = plain_checkpoint()
     model = make_model()
     opt = make_optimizer("adamw", model, None)
     train(model, opt, range(1, 41))
@@ -592,14 +598,7 @@ def test_a_run_that_loads_a_plain_state_mid_way_replays_exactly(tmp_path: Path) 
     where the run did, to a snapshot taken since the load."""
 
     def script(make: Any) -> tuple[list[torch.Tensor], SelfTuned]:
-        plain_model = make_model()
-        plain = make_inner("adamw", plain_model)
-        for t in range(1, 6):
-            x, y = batch(t, 0)
-            plain.zero_grad()
-            torch.nn.functional.mse_loss(plain_model(x), y).backward()
-            plain.step()
-        saved = copy.deepcopy((plain_model.state_dict(), plain.state_dict()))
+        saved = plain_checkpoint()
         model = make_model()
         opt = make(make_inner("adamw", model))
         for t in range(1, 61):
