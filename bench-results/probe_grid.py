@@ -1,9 +1,10 @@
 """What the probes of kinds of run selftune was not built for share (``gan/gan.py``,
 ``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
 ``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
-``schedules/schedules.py`` run their jobs with :func:`run_rows`): every variant on every seed, on
-two processes, the results written next to the probe's script as ``results.json`` and
-``table.md``, and the pieces of a run's row and of the table that more than one of them has."""
+``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`): every
+variant on every seed, on two processes, the results written next to the probe's script as
+``results.json`` and ``table.md``, and the pieces of a run's row and of the table that more
+than one of them has."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def run_rows(run: Callable[[Any], Row], jobs: list[Any], out: Path, workers: int
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return rows
+
+
+def train_row(name: str, method: Any, seed: int, key: Row, fields: Sequence[str]) -> Row:
+    """Train ``method`` on the workload ``name`` from ``seed`` on one thread, as the benchmark
+    does; the row is ``key`` and the run record's ``fields``."""
+    from selftune.bench import workloads
+    from selftune.bench.runner import one_thread, train
+
+    (workload,) = workloads.select([name])
+    with one_thread():
+        record = train(workload, method, seed)
+    return {**key, **{field: record[field] for field in fields}}
 
 
 def table(rows: list[Row], variants: Sequence[str], columns: list[Column]) -> str:

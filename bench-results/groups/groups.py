@@ -29,12 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench import workloads
 from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
-from selftune.bench.runner import one_thread, train
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from probe_grid import run_rows  # noqa: E402
+from probe_grid import run_rows, train_row  # noqa: E402
 
 SEEDS = range(3)
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -70,7 +68,6 @@ def build(base: str, arm: str) -> Callable[[nn.Module, Setting], Handle]:
 
 def one(job: tuple[str, str, str, int]) -> dict[str, Any]:
     name, base, arm, seed = job
-    (workload,) = workloads.select([name])
     method = Method(f"{arm}-{base}", "probe", base, build(base, arm), 3)
     rates: list[float] = []
     orig = Handle.step
@@ -80,18 +77,9 @@ def one(job: tuple[str, str, str, int]) -> dict[str, Any]:
         rates[:] = [h["lr"] for h in self.optimizer.hyperparams()]  # type: ignore[attr-defined]
 
     Handle.step = step  # type: ignore[method-assign]
-    with one_thread():
-        row = train(workload, method, seed)
-    return {
-        "workload": name,
-        "base": base,
-        "arm": arm,
-        "seed": seed,
-        "steps_to_target": row["steps_to_target"],
-        "steps_run": row["steps_run"],
-        "diverged": row["diverged"],
-        "final_rates": rates,
-    }
+    key = {"workload": name, "base": base, "arm": arm, "seed": seed}
+    row = train_row(name, method, seed, key, ("steps_to_target", "steps_run", "diverged"))
+    return {**row, "final_rates": rates}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

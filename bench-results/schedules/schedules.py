@@ -36,12 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench import workloads
 from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
-from selftune.bench.runner import one_thread, train
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from probe_grid import run_rows  # noqa: E402
+from probe_grid import run_rows, train_row  # noqa: E402
 
 SEEDS = range(3)
 SCHEDULES = ("constant", "linear", "warmup-cosine", "onecycle")
@@ -100,21 +98,10 @@ def build(base: str, schedule: str, how: str) -> Callable[[nn.Module, Setting], 
 
 def one(job: tuple[str, str, str, str, int]) -> dict[str, Any]:
     name, base, schedule, how, seed = job
-    (workload,) = workloads.select([name])
     method = Method(f"{how}-{schedule}-{base}", "probe", base, build(base, schedule, how), 3)
-    with one_thread():
-        row = train(workload, method, seed)
-    return {
-        "workload": name,
-        "base": base,
-        "schedule": schedule,
-        "how": how,
-        "seed": seed,
-        "steps_to_target": row["steps_to_target"],
-        "steps_budget": row["steps_budget"],
-        "diverged": row["diverged"],
-        "error": row["error"],
-    }
+    key = {"workload": name, "base": base, "schedule": schedule, "how": how, "seed": seed}
+    fields = ("steps_to_target", "steps_budget", "diverged", "error")
+    return train_row(name, method, seed, key, fields)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
