@@ -697,7 +697,7 @@ def test_the_readme_headline_table_is_the_one_the_committed_results_make(tmp_pat
 
 def test_the_headline_does_not_depend_on_the_order_of_the_records(tmp_path: Path) -> None:
     """Parallel and resumed runs write records in the order runs finish: a tie between grid
-    members went to the first record, and the committed results shuffled changed 8 rows."""
+    members went to the first record, and the committed results, shuffled, made other rows."""
     import random
 
     root = Path(__file__).parent.parent / "bench-results"

@@ -288,8 +288,7 @@ def test_a_rollback_logs_the_rate_it_cut_from(tmp_path: Path) -> None:
 def test_a_regression_s_rollback_cuts_below_the_rate_that_regressed(tmp_path: Path) -> None:
     """A regression goes back to the snapshot of the lowest level, older than a spike's cut
     since: half its rate was the rate that regressed (0.75 x 0.5 = 0.375), no decision was
-    logged, and the run went on at it (a run of auto unfrozen mid-way ended at a loss of
-    3,609).  The cut is now below the rate that failed too."""
+    logged, and the run went on at it.  The cut is now below the rate that failed too."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 16, generator=gen)
     y = (x @ torch.randn(16, 4, generator=gen)).argmax(1)

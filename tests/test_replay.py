@@ -201,8 +201,9 @@ def test_refuses_garbage_in_the_decision_log(copy: Path) -> None:
 @pytest.mark.parametrize("name", [DECISIONS, MANIFEST])
 @pytest.mark.parametrize("damage", [b"[" * 200_000, b'{"step": ' + b"9" * 5000 + b"}"])
 def test_refuses_pathological_json_as_damage(copy: Path, name: str, damage: bytes) -> None:
-    """Deep nesting and a number of thousands of digits escaped as RecursionError and a plain
-    ValueError, which `selftune verify` did not catch."""
+    """A number of thousands of digits in the manifest escaped as a plain ValueError, which
+    `selftune verify` did not catch; the same damage in the decision log, and deep nesting in
+    either file, is refused by name as well."""
     (copy / name).write_bytes(damage + b"\n")
     for message in refused(copy):
         assert name in message and "damaged" in message

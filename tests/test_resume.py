@@ -576,7 +576,7 @@ def plain_checkpoint() -> tuple[dict[str, Any], dict[str, Any]]:
 def test_a_plain_state_loaded_into_a_wrapper_that_stepped_starts_afresh() -> None:
     """A plain optimizer's state (and its model's weights) loaded into a wrapper that had
     trained another run: the run goes on from the loaded rate, not that rate times the other
-    run's scale (27x above it in a report), and trouble after the load goes back to the loaded
+    run's scale, and trouble after the load goes back to the loaded
     weights, not to a snapshot of the other run's (a rollback put those over the checkpoint)."""
     weights, saved = plain_checkpoint()
     model = make_model()

@@ -165,7 +165,7 @@ def test_inside_averaged_a_load_or_a_group_is_refused_and_a_block_inside_is_the_
 
 def test_a_frozen_rate_is_never_restarted_from_the_first_snapshot() -> None:
     """With the rate frozen no probe moved it, yet auto's range test restarted the run from its
-    first snapshot at the same rate, throwing 24 steps of progress away."""
+    first snapshot at the same rate, throwing the steps since away."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
     opt = selftune.wrap(torch.optim.Adam(model.parameters(), lr=0.3), frozen={"lr", "beta2"})

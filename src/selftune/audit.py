@@ -636,12 +636,11 @@ class AuditLog:
         if not self.enabled:
             return 0
         fd = self._open_fd()
-        cut = self._cut(position)
-        if cut is None:
+        seq, head, size, scan = self._cut(position)
+        if seq and not scan.records:
             # A new folder for a run that continues from another folder's checkpoint.
-            self.append({"kind": "note", "reason": _continued_note(*_parse_position(position)[:2])})
+            self.append({"kind": "note", "reason": _continued_note(seq, head)})
             return 0
-        seq, head, size, scan = cut
         # the notes written when this log was opened (a changed manifest, a torn line) say how
         # the rest of the run was made: they go back after the cut, not counted as dropped
         after = scan.records[seq:]
@@ -670,13 +669,14 @@ class AuditLog:
         if self.enabled:
             self._cut(position)
 
-    def _cut(self, position: Mapping[str, Any]) -> tuple[int, str, int, _Scan] | None:
-        """Where a checkpoint's position stands in this log (None: the log is empty and the
-        checkpoint another folder's), refused where it does not."""
+    def _cut(self, position: Mapping[str, Any]) -> tuple[int, str, int, _Scan]:
+        """Where a checkpoint's position stands in this log, and the log's scan; refused where
+        it does not stand in it (a checkpoint past the start of an empty log is another
+        folder's, which a new folder may continue)."""
         seq, head, size = _parse_position(position)
         scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
         if seq and not scan.records:
-            return None
+            return seq, head, size, scan
         continued = _continued_note(seq, head)
         notes = (r for r in scan.records if r["kind"] == "note" and r["reason"] == continued)
         note = next(notes, None)

@@ -532,8 +532,8 @@ def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
     torch's optimizers step a complex parameter as the real pairs of its entries, where the
     inner product of two updates is Re Σ conj(a)·b.  The product of the complex entries summed
-    is Re Σ a·b instead, which turns with the phases: on steps along the gradient it read
-    cosines of -0.78 where the true one was 1, and ``auto`` cut the rate to its floor.  A sum
+    is Re Σ a·b instead, which turns with the phases: steps along the gradient read as
+    reversals, and ``auto`` cut the rate to its floor.  A sum
     of products of the real views is the true inner product, and a norm of them the same norm.
     """
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]

@@ -1037,7 +1037,9 @@ class SelfTuned(torch.optim.Optimizer):
             saved_knobs, scales = payload["knobs"], payload.get("scales")
             reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
         self.controller.on_backoff(trouble.step)
-        decisions = self._put_knobs(trouble.step, saved_knobs, scales, factor, reason, failed)
+        decisions = self._put_knobs(
+            trouble.step, saved_knobs, scales, factor, reason, failed=failed
+        )
         event = {
             "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
@@ -1082,24 +1084,25 @@ class SelfTuned(torch.optim.Optimizer):
         scales: list[float] | None,
         factor: float,
         reason: str,
-        before: Knobs | None = None,
+        failed: Knobs | None = None,
     ) -> list[Decision]:
         """Set the knobs a snapshot held, the rate times ``factor``: the guard's decisions.
 
-        ``before``: the knobs in force before the restore, each decision's ``old``.  A rollback
-        restores a lower base rate before its knobs are set: read after it, ``old`` was the
-        restored rate (0.01 for a rate of 1e3 the loop had written, a halving that the report
-        drew as a doubling), and a rollback whose restore alone cut the rate logged none.
+        ``failed``, for a rollback: the knobs in force when the trouble came, read before the
+        restore lowers a base rate.  They are each decision's ``old`` (read after the restore,
+        ``old`` was the snapshot's rate for a rate of 1e3 the loop had written, a halving the
+        report drew as a doubling, and a restore that alone cut the rate logged none), and the
+        rate is set at most ``backoff`` times the one that failed.
         """
         decisions = []
         for i, saved in enumerate(saved_knobs):
-            current = self._knobs(i) if before is None else before[i]
+            current = self._knobs(i) if failed is None else failed[i]
             for knob, value in saved.items():
                 if knob == "lr" and scales is not None:
                     value = scales[i] * knobs_io.read(self.param_groups[i], "lr")
                 target = value * factor if knob == "lr" else value
                 why = f"{reason}, lr x{factor:g}" if knob == "lr" and factor != 1 else reason
-                if knob == "lr" and before is not None and self.guard is not None:
+                if knob == "lr" and failed is not None and self.guard is not None:
                     # and below the rate that failed: a snapshot older than a cut since (a
                     # regression's, of the lowest level) held a rate whose half was the rate
                     # that regressed, and the run went on at it

@@ -162,7 +162,7 @@ def _fastest(rows: list[Row]) -> Row:
     those measured beside other runs do not compare (the same computation took up to 2.4x
     longer in one run than in another), and among rows that all miss they are all infinite;
     nor to the order of the records, which a parallel or resumed run writes in the order runs
-    finish (shuffled, the committed results changed 8 headline rows)."""
+    finish (shuffled, the committed results made other headline rows)."""
 
     def rank(r: Row) -> tuple[float, int, float, float, str]:
         steps = r.to_target("steps_to_target")

@@ -25,7 +25,7 @@ class LossFeed:
     ``window``: the number of micro-batches the framework divides each loss by, whatever the
     number in the window at hand (Lightning's ``accumulate_grad_batches``).  An epoch's last
     window may be shorter: its sum is then rescaled to the mean of the micro-batches it has
-    (it read a fifth of the loss at every epoch's end with 16 batches in windows of 5).
+    (it read only that share of the loss at every epoch's end).
     """
 
     def __init__(self, window: int = 1) -> None:

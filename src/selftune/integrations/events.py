@@ -55,7 +55,7 @@ class StepKnobs:
 
     A framework logs after its LR scheduler has stepped, when ``hyperparams()`` gives the next
     step's rate (the scheduler's next one times selftune's scale): the Trainer's log showed
-    0.00075 beside its own ``learning_rate`` of 0.001 for one step.  ``knobs`` is ``None``
+    the next step's rate beside its own ``learning_rate`` of the step.  ``knobs`` is ``None``
     before the first step.
     """
 
