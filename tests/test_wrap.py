@@ -339,6 +339,42 @@ def test_a_scheduler_that_decays_below_the_floor_is_not_pushed_back_up(controlle
         assert opt.hyperparams()[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("controller", ["stability", "hypergradient"])
+def test_a_rising_scheduler_is_held_to_the_upper_bound_and_replays(
+    controller: str, tmp_path: Path
+) -> None:
+    """A scale raised under a warm-up composed with the rates the warm-up went on to set: the
+    optimizer stepped above the bound the user gave (``stability``: 92 of 150 steps, at up to
+    1.5x the bound).  The cut that holds it is logged, and a replay makes it again."""
+    cap = 0.01
+
+    def run(make: Callable[[torch.optim.Optimizer], selftune.SelfTuned]) -> list[float]:
+        inner, pr = _sgd(lr=cap)
+        applied: list[float] = []
+        inner.register_step_pre_hook(lambda o, a, k: applied.append(o.param_groups[0]["lr"]))
+        opt = make(inner)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.05, total_iters=100)
+        _steps(pr, opt, range(1, 151), after=sched.step)
+        opt.close()
+        return [*applied, *(p.detach().clone() for p in inner.param_groups[0]["params"])]
+
+    bounds = {"lr": (1e-5, cap)}
+    kw: dict[str, Any] = {"bounds": bounds, "lr_bounds_absolute": True, "guard": False}
+    logged = run(lambda o: selftune.wrap(o, controller, log_dir=tmp_path, **kw))
+    rates, weights = logged[:150], logged[150:]
+    assert max(rates) <= cap * (1 + 1e-15), [r for r in rates if r > cap][:5]
+    cuts = [
+        r
+        for r in audit.read_log(tmp_path).records
+        if r["kind"] == "decision" and r["source"] == "bound"
+    ]
+    assert cuts, "the scale never rose above 1 under the warm-up: the test covers nothing"
+    assert all(c["old"] > cap and c["new"] <= cap * (1 + 1e-15) for c in cuts), cuts
+    replayed = run(lambda o: selftune.replay(o, tmp_path))
+    assert replayed[:150] == rates
+    assert all(torch.equal(a, b) for a, b in zip(weights, replayed[150:], strict=True))
+
+
 class _Push:
     """A controller that pushes one knob by ``delta`` at every step."""
 

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from selftune.audit import AuditLog
 
 _WRAPPED = "_selftune_wrapped"
+#: the relative rounding a rate stored as a scale times a base rate may carry
+_ROUNDING = 1.0 + 4 * sys.float_info.epsilon
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class Decision:
     reason: str
     signals: dict[str, float] = field(default_factory=dict)
     clipped: bool = False
-    source: str = "controller"  #: "controller" or "guard"
+    #: "controller", "guard", or "bound" (a scheduler's rise cut back to the upper bound)
+    source: str = "controller"
     value: float = 0.0  #: the stored value replay sets (the scale for ``lr``)
 
 
@@ -487,6 +490,8 @@ class SelfTuned(torch.optim.Optimizer):
         decisions = forgiven + self._decide(
             t, signals, proposals, current, limited=restarting is None
         )
+        if restarting is None:
+            decisions += self._hold_ceiling(t, signals)
         restart = None if restarting is None else self._restart(restarting)
         self._leave(current, decisions)
         if restart is not None:
@@ -872,6 +877,37 @@ class SelfTuned(torch.optim.Optimizer):
         pairs = zip(signals.groups, rises, strict=True)
         groups = tuple(dataclasses.replace(g, base_rise=r) for g, r in pairs)
         return dataclasses.replace(signals, groups=groups)
+
+    def _hold_ceiling(self, t: int, signals: Signals) -> list[Decision]:
+        """Cut each scale that a scheduler's rise took the rate above its upper bound with.
+
+        The policy holds selftune's moves to the bounds, and a scale is checked when a decision
+        sets it; but a scale above 1 composes with a rate a scheduler then raises (a warm-up)
+        into a rate no decision set, and a bound the user gave is a promise about the rate the
+        optimizer steps at.  The floor is left alone: a scheduler's decay below it stays where
+        the scheduler put it (a bound stops a move, it never makes one).  A replay computes the
+        same cuts from the same schedule and policy, so they are logged (source ``"bound"``)
+        but not replayed from the log.
+        """
+        decisions = []
+        for i, base in enumerate(self._bases()):
+            if base <= 0.0 or self._scales[i] <= 1.0:
+                continue  # a scale of at most 1 keeps the rate at or below the scheduler's
+            _, cap = self.policy.limits("lr", self._start[i], (base,))
+            old = self._effective(i)
+            if old <= cap * _ROUNDING:
+                continue  # a scale is a quotient: a rate set at the bound may round 1 ulp over
+            self._scales[i] = cap / base
+            reason = (
+                f"the scheduler raised the rate under a scale of {old / base:.4g} to {old:.6g}, "
+                f"above its upper bound {cap:.6g}: scale cut to hold the bound"
+            )
+            summary = signals.summary(i)
+            new = self._effective(i)
+            decisions.append(
+                Decision(t, i, "lr", old, new, reason, summary, True, "bound", self._scales[i])
+            )
+        return decisions
 
     def _note_lost_snapshots(self, t: int) -> None:
         """Remember that the guard starts its snapshots again at step ``t``, if the state dict
