@@ -446,15 +446,25 @@ def test_a_warm_up_built_before_the_wrap_starts_from_the_rate_it_was_given() -> 
     assert floor > 0 and opt.hyperparams()[0]["lr"] == pytest.approx(floor)
 
 
-def test_a_tensor_rate_is_written_in_place() -> None:
+def test_a_tensor_rate_is_written_in_place_and_logged_as_stepped() -> None:
+    """The rate ``hyperparams()`` (and so the log) gave, and the one ``unwrap`` handed over,
+    were the float64 product of the base rate and the scale: a float32 ulp off the rate the
+    step's ``mul_`` made, in a quarter of scales."""
     pr = noisy_quadratic(seed=1)
-    opt = selftune.wrap(torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3)))
+    inner = torch.optim.Adam(pr.model.parameters(), lr=torch.tensor(1e-3))
+    stepped: list[float] = []
+    inner.register_step_pre_hook(lambda o, a, k: stepped.append(float(o.param_groups[0]["lr"])))
+    opt = selftune.wrap(inner)
+    logged: list[float] = []
+    opt.add_listener(lambda e: logged.append(e.hyperparams[0]["lr"]))
     lr = opt.param_groups[0]["lr"]
     start = lr.clone()
     train(pr, opt, 60)
     # the same tensor, holding the user's rate again after every step (compile sees no new input)
     assert opt.param_groups[0]["lr"] is lr and torch.equal(lr, start)
-    assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3), "the effective rate never moved"
+    assert len(set(stepped)) > 10, "the effective rate barely moved"
+    assert logged == stepped
+    assert float(opt.unwrap().param_groups[0]["lr"]) == stepped[-1]
 
 
 def _tensor_knob_run(shared: bool, how: str) -> tuple[Any, ...]:

@@ -796,7 +796,13 @@ class SelfTuned(torch.optim.Optimizer):
 
     # -- knobs --------------------------------------------------------------------------------
     def _effective(self, i: int) -> float:
-        return knobs_io.read(self.param_groups[i], "lr") * self._scales[i]
+        """The rate group ``i`` steps at: for a tensor rate, the product the step's ``mul_``
+        holds in the tensor's dtype (the float64 product was a float32 ulp off it in a quarter
+        of scales, so the log, ``hyperparams()`` and ``unwrap`` each gave another rate)."""
+        lr = self.param_groups[i]["lr"]
+        if isinstance(lr, torch.Tensor):
+            return float((lr * self._scales[i]).item())
+        return float(lr) * self._scales[i]
 
     def _knobs(self, i: int) -> dict[str, float]:
         group = self.param_groups[i]
