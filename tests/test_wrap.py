@@ -218,6 +218,62 @@ def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> Non
     assert opt.hyperparams()[0]["lr"] == pytest.approx(0.5e-4)
 
 
+@pytest.mark.parametrize("controller", ["off", "auto"])
+def test_a_rollback_under_a_closed_form_warmup_stays_below_the_rate_that_failed(
+    controller: str,
+) -> None:
+    """A rollback lowers the base rate to its snapshot's and sets the scale on it; LambdaLR
+    writes its own rate back at its next step, and the scale multiplied that: ``auto``, whose
+    scale the warm-up's hold had cut since the snapshot, stepped on above half the rate that
+    failed (and, after a rollback, stopped holding the rest of the warm-up).  Under ``off``
+    the rate goes on from the snapshot's rate halved, moved by the schedule since the failure,
+    as under a chained warm-up.  A state dict saved between the rollback and the next step
+    resumes to the same rates."""
+
+    def run(resume_at: int | None = None) -> tuple[list[float], list[float], list[dict], list]:
+        _, pr = _sgd()
+        stepped: list[float] = []
+
+        def wrap() -> tuple[selftune.SelfTuned, Any]:
+            inner = torch.optim.SGD(pr.model.parameters(), lr=0.05, momentum=0.9)
+            inner.register_step_pre_hook(lambda o, a, k: stepped.append(o.param_groups[0]["lr"]))
+            opt = selftune.wrap(inner, controller)
+            opt.add_listener(lambda e: events.append(e.guard) if e.guard else None)
+            opt.add_listener(
+                lambda e: held.extend(d.step for d in e.decisions if "held:" in d.reason)
+            )
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+        events: list[dict] = []
+        held: list[int] = []  # the steps where auto held a rise of the warm-up
+        bases: list[float] = []
+        opt, sched = wrap()
+        for t in range(1, 91):
+            bases.append(opt.param_groups[0]["lr"])
+            _steps(pr, opt, range(t, t + 1), nan_at=45)
+            sched.step()
+            if t == resume_at:
+                state, sched_state = opt.state_dict(), sched.state_dict()
+                opt, sched = wrap()
+                opt.load_state_dict(state)
+                sched.load_state_dict(sched_state)
+        return stepped, bases, events, held
+
+    stepped, bases, events, held = run()
+    assert [e["event"] for e in events] == ["rollback"]
+    failed = stepped[43] * bases[44] / bases[43]  # the rate of step 45, whose update was not made
+    after = stepped[44:54]  # steps 46 to 55
+    for k, rate in enumerate(after):
+        assert rate <= 0.5 * failed * bases[45 + k] / bases[44] * (1 + 1e-9), (46 + k, rate)
+    if controller == "off":
+        snapshot = bases[events[0]["restored_step"] - 1]  # the base rate the snapshot held
+        expected = [0.5 * snapshot * b / bases[44] for b in bases[45:55]]
+        assert after == pytest.approx(expected, rel=1e-9)
+    else:
+        assert any(step > 46 for step in held), held
+    assert run(resume_at=45)[0] == stepped
+
+
 def test_a_restart_keeps_the_rate_a_warmup_has_reached() -> None:
     """``auto``'s restart restores its first snapshot's weights, not the base rate of that
     step: a chained warmup goes on from the rate it had reached, to the optimizer's own."""

@@ -171,6 +171,10 @@ class SelfTuned(torch.optim.Optimizer):
         #: per group, the highest rate a scheduler (or the loop) had set before the last step
         #: the controller read, None before a positive one: see :meth:`_read_rises`
         self._peaks: list[float | None] = [None] * len(self.param_groups)
+        #: per group, after a rollback that lowered its base rate to the snapshot's, the base
+        #: rate that failed and the rate the rollback set, until the next step that trains:
+        #: see :meth:`_hold_rollback_rates`
+        self._lowered: list[tuple[float, float] | None] = [None] * len(self.param_groups)
         #: the knobs other than the rate as the last step left them, and those found changed
         #: since by someone else (a scheduler's cycle_momentum, the training loop): theirs from
         #: then on, neither tuned nor restored (the rate composes with a scheduler's instead)
@@ -279,6 +283,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
         self._peaks.append(None)
+        self._lowered.append(None)
         self._outside.append(set())
         self._tracker.group_added()
         if self.average is not None:
@@ -464,6 +469,7 @@ class SelfTuned(torch.optim.Optimizer):
         forgiven = self._forgive(t)
         if forgiven:
             current = self.hyperparams()
+            self._lowered = [None] * len(self._lowered)
         if trouble is not None or (self.guard is not None and self.guard.forward is not None):
             if trouble is not None:
                 decisions, event = self._roll_back(trouble, signals, unread)
@@ -484,6 +490,9 @@ class SelfTuned(torch.optim.Optimizer):
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         signals = self.last_signals = self._read_rises(signals)
+        held = self._hold_rollback_rates(t, signals)
+        if held:
+            forgiven, current = forgiven + held, self.hyperparams()
         proposals = _checked(self.controller, self.controller.propose(signals, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart(proposals)
@@ -525,6 +534,7 @@ class SelfTuned(torch.optim.Optimizer):
             "scales": list(self._scales),
             "start": list(self._start),
             "peaks": list(self._peaks),
+            "lowered": [None if w is None else list(w) for w in self._lowered],
             "controller": _clone(self.controller.state_dict()),
             "controller_name": self.controller.name,
             "optimizer_type": type(self.optimizer).__name__,
@@ -583,6 +593,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales, self._start = list(own["scales"]), list(own["start"])
         # a state saved before the peaks: the rates now (no rise is read at the next step)
         self._peaks = list(own.get("peaks", self._bases()))
+        lowered = own.get("lowered", [None] * len(self._scales))
+        self._lowered = [None if w is None else (float(w[0]), float(w[1])) for w in lowered]
         self._left = copy.deepcopy(own.get("left"))
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
@@ -622,7 +634,7 @@ class SelfTuned(torch.optim.Optimizer):
         run, over the ones just loaded), no metric pending.  The step count goes on, as the log
         does."""
         n = len(self.param_groups)
-        self._scales, self._peaks = [1.0] * n, [None] * n
+        self._scales, self._peaks, self._lowered = [1.0] * n, [None] * n, [None] * n
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
         self._left = None  # its knobs were loaded, not changed by a scheduler
         self.controller.load_state_dict(_clone(self._fresh_controller))
@@ -884,6 +896,45 @@ class SelfTuned(torch.optim.Optimizer):
         groups = tuple(dataclasses.replace(g, base_rise=r) for g, r in pairs)
         return dataclasses.replace(signals, groups=groups)
 
+    def _hold_rollback_rates(self, t: int, signals: Signals) -> list[Decision]:
+        """Hold the rate a rollback set against a scheduler that wrote its own rate back since.
+
+        A rollback that lowers a group's base rate to its snapshot's sets the scale on that
+        lower rate; a scheduler that sets its rate from the step count (LambdaLR, OneCycleLR's
+        climb) writes its own back at its next step, which the scale then multiplied: a run
+        whose scale was cut since the snapshot (``auto`` holding a warm-up's rises) stepped on
+        above half the rate that failed.  So at the first step
+        that trains after the rollback, the rate is held to the one the rollback set, times
+        the scheduler's change since the rate that failed where it rose (a scheduler that
+        multiplies the rate it finds goes on from the lower one and is held by no more than
+        its one step's rise).  A replay makes the same cut from the same schedule.
+        """
+        decisions = []
+        for i, pending in enumerate(self._lowered):
+            if pending is None:
+                continue
+            failed_base, rate = pending
+            base = knobs_io.read(self.param_groups[i], "lr")
+            allowed = rate * max(1.0, base / failed_base)
+            old = self._effective(i)
+            if old <= allowed * _ROUNDING or base <= 0.0:
+                continue
+            why = (
+                f"guard: the scheduler wrote the rate back up to {base:.6g} since the "
+                f"rollback lowered it; held at the rate the rollback set, {rate:.6g}"
+                + (
+                    f", x{base / failed_base:.4g} as the schedule rose"
+                    if base > failed_base
+                    else ""
+                )
+            )
+            proposal = Proposal(i, "lr", allowed, why)
+            decision = self._apply(t, proposal, self._knobs(i), signals, "guard", False)
+            if decision is not None:
+                decisions.append(decision)
+        self._lowered = [None] * len(self._lowered)
+        return decisions
+
     def _hold_ceiling(self, t: int, signals: Signals) -> list[Decision]:
         """Cut each scale that a scheduler's rise took the rate above its upper bound with.
 
@@ -1072,7 +1123,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             payload = snap.payload
-            self._restore(snap, lower_rates=True)
+            lowered = self._restore(snap, lower_rates=True)
             self.controller.load_state_dict(_clone(payload["controller"]))
             # selftune's scale as it was, on the rate a scheduler set now (older snapshots
             # hold no scales: the rate as it was)
@@ -1082,6 +1133,10 @@ class SelfTuned(torch.optim.Optimizer):
         decisions = self._put_knobs(
             trouble.step, saved_knobs, scales, factor, reason, failed=failed
         )
+        self._lowered = [None] * len(self._lowered)
+        if snap is not None:
+            for i, base in lowered.items():
+                self._lowered[i] = (base, self._effective(i))
         event = {
             "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
@@ -1100,6 +1155,7 @@ class SelfTuned(torch.optim.Optimizer):
         assert self.guard is not None and self.guard.forward is not None
         snap, restored = self.guard.forward, self.guard.restored
         self._restore(snap, lower_rates=False)
+        self._lowered = [None] * len(self._lowered)
         self.guard.went_forward(snap)
         reason = (
             f"guard: the rollback to step {restored} did not bring the loss back below the "
@@ -1172,9 +1228,10 @@ class SelfTuned(torch.optim.Optimizer):
         )
         return self._as_kept(t, snap, reason)
 
-    def _restore(self, snap: Snapshot, lower_rates: bool) -> None:
+    def _restore(self, snap: Snapshot, lower_rates: bool) -> dict[int, float]:
         """Put the parameters, optimizer state, loss statistics and weight average of a snapshot
-        back; ``lower_rates``: and each group's base rate where the snapshot's was lower."""
+        back; ``lower_rates``: and each group's base rate where the snapshot's was lower.
+        Returns the base rate in force before, of each group whose base rate it lowered."""
         payload = snap.payload
         finish_offload()  # the clone below reads the snapshot on the host
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
@@ -1188,20 +1245,24 @@ class SelfTuned(torch.optim.Optimizer):
         # snapshot's base rate where it was lower, but not zero: a rate written since the
         # snapshot may be what failed (a scheduler or user code gone wrong; the guard's fault
         # tests write 1e3), and a guard errs on the low side.  The price: a chained warm-up
-        # rolled back goes on from the lower rate, below its schedule by that factor.
+        # rolled back goes on from the lower rate, below its schedule by that factor (and one
+        # that writes its own rate back is held to that, see ``_hold_rollback_rates``).
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
-        for group, kept in zip(self.param_groups, settings, strict=True):
+        lowered = {}
+        for i, (group, kept) in enumerate(zip(self.param_groups, settings, strict=True)):
             then = knobs_io.read(group, "lr")
             group.update(kept)
-            if lower_rates and 0.0 < then < knobs_io.read(group, "lr"):
+            if lower_rates and 0.0 < then < (now := knobs_io.read(group, "lr")):
                 knobs_io.write(group, "lr", then)
+                lowered[i] = now
         self._tracker.load_state_dict(payload["tracker"])
         if self.guard is not None and payload.get("guard") is not None:
             self.guard.load_statistics(payload["guard"], snap.step)
         if self.average is not None and payload.get("average") is not None:
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
+        return lowered
 
     def _take_restart(self, proposals: list[Proposal]) -> str | None:
         """The controller's reason to restart at this step, if it asked and a snapshot can serve.

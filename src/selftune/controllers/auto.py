@@ -239,6 +239,7 @@ class AutoController:
         #: the phase a group starts in: "ramp" ("cruise" with no range test); "shrink" after a
         #: guard rollback during the first ramp; "cruise" after any later one
         self._start_phase = "ramp" if range_test else "cruise"
+        self._tests_range = range_test  # a setting: it holds a scheduler's rises (see _holds)
         self._restart: str | None = None  # set when the range test asks for a restart
         #: per group, while a shrink runs (from the first look or after a rollback), the rate
         #: it began at; once it has turned positive, the rate where it did if it went deeper
@@ -368,8 +369,10 @@ class AutoController:
     def _holds(self) -> bool:
         """Whether rises are held: the rate is auto's only once its range test chose it.
         Without the test (``range_test=False``) the rate given is the user's, a warm-up's top
-        included, and the warm-up must reach it."""
-        return self._start_phase == "ramp"
+        included, and the warm-up must reach it.  Read from the setting, not from the phase a
+        group starts in, which a rollback moves on (the rest of a warm-up went unheld after
+        any rollback, and the run stepped above the rate that failed)."""
+        return self._tests_range
 
     def _end_test(
         self, i: int, lr: float, factor: float, why: str, restart: bool = False
