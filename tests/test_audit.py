@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -394,9 +396,45 @@ def test_append_refuses_incomplete_records(
     assert verify(tmp_path).records == 0
 
 
+def test_a_full_disk_or_read_only_folder_at_the_start_is_a_log_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk full as the manifest was written, or a run folder that cannot be written, came
+    as a bare OSError from deep inside ``wrap``, and the manifest's temporary stayed."""
+    real_fsync, real_open = os.fsync, os.open
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LogError, match=r"manifest.json: No space left on device"):
+        AuditLog(tmp_path / "a", manifest())
+    assert list((tmp_path / "a").iterdir()) == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    write_run(tmp_path / "b", 2)
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(audit.DECISIONS) and flags & os.O_WRONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(LogError, match=r"decisions.jsonl to append to it: Read-only file system"):
+        AuditLog(tmp_path / "b", manifest())
+
+
 def test_a_folder_of_another_run_is_refused(tmp_path: Path) -> None:
+    """The refusal said "delete that folder to start over", to a resume that had built the
+    model with other initial weights (the run's own log) and to a second optimizer pointed at
+    a folder this process logs to; each hears what it needs."""
     write_run(tmp_path, 1)
-    with pytest.raises(LogError, match=r"another run .*param_count.*pass a new log_dir"):
+    with pytest.raises(LogError, match=r"another run .*param_count.*pass a new log_dir") as err:
+        AuditLog(tmp_path, manifest(param_count=13))
+    assert "to resume that run" in str(err.value) and "delete" not in str(err.value)
+    open_here = "another optimizer in this process logs there"
+    with AuditLog(tmp_path, manifest()), pytest.raises(LogError, match=open_here):
+        AuditLog(tmp_path, manifest(param_count=13))  # the run is open: a second optimizer
+    with pytest.raises(LogError, match="to resume that run"):  # closed: no longer
         AuditLog(tmp_path, manifest(param_count=13))
 
 

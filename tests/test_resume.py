@@ -436,6 +436,42 @@ def test_a_disk_that_fills_mid_run_leaves_whole_lines_and_a_run_that_resumes(
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
 
 
+def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_loads(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C inside ``step`` after the wrapped optimizer moved the weights, then the usual
+    ``except KeyboardInterrupt: save_checkpoint(...)``: the checkpoint held step 23's weights
+    with step 22's count, and the run resumed from it ended elsewhere than the run, its log a
+    step short, with nothing said.  Both are refused; the last checkpoint, loaded in place,
+    resumes the run to the bytes of one never interrupted."""
+    ref = reference("sgd", tmp_path / "ref")
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "res")
+    train(model, opt, range(1, 21))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=20)
+    train(model, opt, range(21, 23))
+
+    def interrupt(optimizer: Any, args: Any, kwargs: Any) -> None:
+        raise KeyboardInterrupt  # where a Ctrl-C can land: the update made, not recorded
+
+    hook = opt.optimizer.register_step_post_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, opt, range(23, 24))
+    hook.remove()
+    with pytest.raises(selftune.ConfigError, match="step 23 raised part-way"):
+        save_checkpoint(tmp_path / "broken.pt", model=model, optimizer=opt, step=23)
+    assert not (tmp_path / "broken.pt").exists()
+    with pytest.raises(selftune.ConfigError, match="Resume from the last checkpoint"):
+        train(model, opt, range(23, 24))
+    start = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] + 1
+    train(model, opt, range(start, STEPS + 1))
+    opt.close()
+    assert_same_state(ref, final_state(model, opt))
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
+
+
 def test_extra_that_loading_would_refuse_is_refused_at_save(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

@@ -22,6 +22,7 @@ import numbers
 import os
 import platform
 import sys
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -440,11 +441,16 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old one or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only folder: no temporary left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise LogError(f"cannot write {path}: {exc.strerror or exc}") from None
     # The rename itself is only durable once the folder is synced; not every platform allows it.
     with contextlib.suppress(OSError):
         folder_fd = os.open(path.parent, os.O_RDONLY)
@@ -452,6 +458,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.fsync(folder_fd)
         finally:
             os.close(folder_fd)
+
+
+#: the run folders whose logs this process holds open: a clash with one of them is a second
+#: optimizer pointed at the folder (a GAN's other player), not a run to resume or start over
+_OPEN_LOGS: weakref.WeakValueDictionary[Path, AuditLog] = weakref.WeakValueDictionary()
 
 
 def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
@@ -468,9 +479,17 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     existing = _read_manifest(folder)
     clashes = [key for key in RUN_IDENTITY_KEYS if existing.get(key) != given.get(key)]
     if clashes:
+        if folder.resolve() in _OPEN_LOGS:
+            advice = "another optimizer in this process logs there: give each its own log_dir"
+        else:
+            advice = (
+                "to resume that run, build its model with the run's initial weights (seed their "
+                "initialisation) and wrap its optimizer before loading any weights; to start "
+                "another, pass a new log_dir"
+            )
         raise LogError(
             f"{folder} already holds the log of another run (its {', '.join(clashes)} differ "
-            "from this run's): pass a new log_dir, or delete that folder to start over"
+            f"from this run's): {advice}"
         )
     changed = sorted(
         key
@@ -576,13 +595,20 @@ class AuditLog:
         if self._file.exists():
             scan = _scan(self._file)
             torn = scan.torn_bytes
-            if torn:
-                os.truncate(self._file, scan.valid_bytes)
             self._seq = len(scan.records)
             self._head = scan.records[-1]["hash"] if scan.records else GENESIS
             self._bytes = scan.valid_bytes
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-        self._fd = os.open(self._file, flags, 0o644)
+        try:
+            if torn:
+                os.truncate(self._file, self._bytes)
+            self._fd = os.open(self._file, flags, 0o644)
+        except OSError as exc:  # a read-only run folder, a full disk
+            raise LogError(
+                f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
+                "folder must be writable (to read a log, use read_log or verify)"
+            ) from None
+        _OPEN_LOGS[self.path.resolve()] = self
         if torn:
             self._opening.append(f"dropped a torn final line of {torn} bytes")
         if note is not None:
@@ -714,6 +740,8 @@ class AuditLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            if _OPEN_LOGS.get(self.path.resolve()) is self:
+                del _OPEN_LOGS[self.path.resolve()]
 
     def __enter__(self) -> AuditLog:
         return self

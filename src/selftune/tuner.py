@@ -213,6 +213,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: the step at which the guard raised GuardError: no more steps until a state is loaded
         self._gave_up_at: int | None = None
+        #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
+        #: weights may have moved with no record, so no step or state until a state is loaded
+        self._broken_at: int | None = None
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
         shards.check_same_settings(self._settings())
@@ -427,6 +430,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "on from here; resume from its last checkpoint (load_checkpoint), with the "
                 "data or the rate seen to, or start again in a new folder"
             )
+        self._check_whole("a step")
         self._check_outside_average("a step")
         if closure is not None and not callable(closure):
             raise ConfigError(
@@ -448,6 +452,16 @@ class SelfTuned(torch.optim.Optimizer):
                 "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
                 "start again, log to a new folder"
             )
+        try:
+            return self._step(t, loss, inner_closure)
+        except GuardError:
+            raise  # the guard gave up, and said so in the log: see _gave_up_at
+        except BaseException:
+            self._broken_at = t
+            raise
+
+    def _step(self, t: int, loss: Any, inner_closure: Callable[[], Any] | None) -> Any:
+        """Step ``t`` from the signals on: what a failure part-way leaves unfinished."""
         current = self.hyperparams()
         self._find_outside(t, current)
         if self._loaded:
@@ -524,6 +538,7 @@ class SelfTuned(torch.optim.Optimizer):
         saved here then counts them, as the state counts their groups (a resumed run adds the
         groups again and drops their records, since the log holds them).
         """
+        self._check_whole("saving a state")
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
         if self._log is not None:
@@ -571,6 +586,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._check_outside_average("loading a state")
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         self._gave_up_at = None  # a run resumed from before the guard gave up goes on
+        self._broken_at = None  # as does one resumed from before a step that broke off
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
@@ -723,6 +739,19 @@ class SelfTuned(torch.optim.Optimizer):
                 "the block's end puts the training weights back over them; evaluate inside the "
                 "block, and do this after it"
             )
+
+    def _check_whole(self, what: str) -> None:
+        """Refuse ``what`` after a step that raised part-way: the wrapper stands between that
+        step's update and its record (a Ctrl-C inside the step, a log write that failed), and
+        a state saved there held the step's weights with the step before's count: resumed, it
+        ended elsewhere than the run, and the log lacked the step."""
+        if self._broken_at is None:
+            return
+        raise ConfigError(
+            f"{what} is refused: step {self._broken_at} raised part-way, and its update may "
+            "have been made without its record. Resume from the last checkpoint "
+            "(selftune.load_checkpoint, or load_state_dict), which cuts the log back to it"
+        )
 
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log."""
