@@ -291,6 +291,15 @@ def test_refuses_another_optimizer_class(run_dir: Path) -> None:
         selftune.replay(other, run_dir)
 
 
+def test_refuses_an_optimizer_built_with_other_settings(run_dir: Path) -> None:
+    """A replay through an AdamW of another weight decay ran to the end on other weights with
+    no word: the manifest held only the starting knobs."""
+    params = make_task().model.parameters()
+    other = torch.optim.AdamW(params, lr=LR["adamw"], weight_decay=0.5)
+    with pytest.raises(selftune.SelfTuneError, match=r"group 0 .*weight_decay 0.01 -> 0.5"):
+        selftune.replay(other, run_dir)
+
+
 @pytest.mark.parametrize("change", ["scheduler", "nan"])
 def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
     tmp_path: Path, change: str

@@ -27,7 +27,7 @@ from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
-from selftune.tuner import SelfTuned
+from selftune.tuner import SelfTuned, group_options
 
 
 class ReplayController(OffController):
@@ -189,6 +189,7 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
         guard = ReplayGuard(guard_config, run.records)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     _check_start(config.get("start"), tuned.hyperparams(), where)
+    _check_options(config.get("options"), [group_options(g) for g in optimizer.param_groups], where)
     tuned.guard = guard if guard is not False else None
     return tuned
 
@@ -211,6 +212,21 @@ def _check_start(logged: Any, own: list[dict[str, float]], where: str) -> None:
         f"{where}: the logged run's optimizer started with {logged}, this one with {own}; "
         "replay needs the optimizer built as in the logged run (same lr, momentum, betas)"
     )
+
+
+def _check_options(logged: Any, own: list[dict[str, Any]], where: str) -> None:
+    """Refuse an optimizer built with other settings than the logged run's (weight decay, eps,
+    nesterov, ...; logs that record none are not checked): it ends on other weights, silently."""
+    if not isinstance(logged, list) or logged == own:
+        return
+    for i, (then, now) in enumerate(zip(logged, own, strict=False)):
+        differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        if differ:
+            pairs = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            raise SelfTuneError(
+                f"{where}: param group {i} was built with other settings than the logged run's "
+                f"({pairs}); replay needs the optimizer built as in the logged run"
+            )
 
 
 def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, where: Any) -> None:

@@ -1366,6 +1366,7 @@ class SelfTuned(torch.optim.Optimizer):
             "controller": self.controller.name,
             "optimizer": type(self.optimizer).__name__,
             "start": self.hyperparams(),
+            "options": [group_options(g) for g in self.param_groups],
             "policy": _policy_json(self.policy),
             "guard": None if self.guard is None else vars(self.guard.config),
             "average": None if self.average is None else self.average.decay,
@@ -1580,6 +1581,28 @@ def is_rank_zero() -> bool:
     every rank holds the same knobs and decisions (and the only process otherwise)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def group_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's settings other than its parameters and the knobs ``start`` records
+    (weight decay, eps, nesterov, amsgrad, foreach, ...), as plain JSON values: a replay
+    through an optimizer built with another weight decay ended on other weights, silently."""
+    options: dict[str, Any] = {}
+    for key, value in group.items():
+        if key in ("params", "lr", "momentum", "betas"):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)  # as the log writes one
+        if isinstance(value, tuple):
+            value = list(value)
+        plain = (bool, int, float, str, type(None))
+        if isinstance(value, plain) or (
+            isinstance(value, list) and all(isinstance(v, plain) for v in value)
+        ):
+            options[key] = value
+    return options
 
 
 def _policy_json(policy: Policy) -> dict[str, Any]:
