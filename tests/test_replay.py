@@ -291,6 +291,17 @@ def test_refuses_another_optimizer_class(run_dir: Path) -> None:
         selftune.replay(other, run_dir)
 
 
+def test_refuses_a_model_or_a_wrapped_optimizer_by_name(run_dir: Path) -> None:
+    """A model came back as an AttributeError on ``param_groups``, and a selftune optimizer as
+    "the logged run stepped a AdamW, this optimizer is a SelfTuned"."""
+    model = make_task().model
+    with pytest.raises(selftune.ConfigError, match="needs a torch.optim.Optimizer, got Sequential"):
+        selftune.replay(model, run_dir)  # type: ignore[arg-type]
+    wrapped = selftune.wrap(make_optimizer("adamw", model.parameters()), guard=False)
+    with pytest.raises(selftune.ConfigError, match="pass the plain one it wraps"):
+        selftune.replay(wrapped, run_dir)
+
+
 def test_refuses_an_optimizer_built_with_other_settings(run_dir: Path) -> None:
     """A replay through an AdamW of another weight decay ran to the end on other weights with
     no word: the manifest held only the starting knobs."""

@@ -265,24 +265,29 @@ def test_cli_refuses_a_folder_for_the_page(tmp_path: Path, capsys: pytest.Captur
     assert f"{tmp_path} is a folder: give the page's file, e.g." in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "decisions.jsonl", "checkpoint.pt"])
+@pytest.mark.parametrize(
+    "name", ["manifest.json", "decisions.jsonl", "checkpoint.pt", "index.html"]
+)
 def test_cli_writes_no_page_over_a_file_of_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture, name: str
 ) -> None:
     """``--out run/decisions.jsonl``, a slip of the command line, wrote the page over the audit
-    log; a page over an earlier page is still written."""
+    log, and any page of the user's own was replaced; a report over an earlier report is still
+    written."""
     FakeRun(tmp_path / "run")
     target = tmp_path / "run" / name
     if not target.exists():
-        target.write_bytes(b"a checkpoint")
+        target.write_bytes(b"<html>a page of the user's own</html>")
     kept = target.read_bytes()
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(target)]) == 1
-    assert "exists and is no report" in capsys.readouterr().err
+    assert "exists and is no selftune report" in capsys.readouterr().err
     assert target.read_bytes() == kept
     page = tmp_path / "old.html"
-    page.write_text("an earlier page")
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(page)]) == 0
-    assert page.read_text() != "an earlier page"
+    first = page.read_text()
+    page.write_text(first + "<!-- an older report -->")
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(page)]) == 0
+    assert page.read_text() == first
 
 
 def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) -> None:

@@ -731,3 +731,25 @@ def test_a_state_saved_before_the_warm_up_hold_loads_reading_no_rise_at_once() -
         rises.append(fresh.last_signals.groups[0].base_rise)
         fresh.param_groups[0]["lr"] *= 1.25  # the scheduler's next rise, written by hand
     assert rises == [1.0, pytest.approx(1.25), pytest.approx(1.25)]
+
+
+def test_a_path_under_the_home_folder_is_expanded_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``log_dir="~/runs/a"`` made a folder named ``~`` in the working folder, which ``verify
+    ~/runs/a`` (the shell expands it) then could not find."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = make_model()
+    opt = make_optimizer("sgd", model, Path("~/runs/a"))
+    train(model, opt, range(1, 11))
+    save_checkpoint("~/c.pt", model=model, optimizer=opt, step=10)
+    opt.close()
+    assert (tmp_path / "home" / "runs" / "a" / "manifest.json").exists()
+    assert (tmp_path / "home" / "c.pt").exists() and not (tmp_path / "~").exists()
+    assert selftune.verify("~/runs/a").records == len(read_log("~/runs/a").records)
+    model = make_model()
+    opt = make_optimizer("sgd", model, Path("~/runs/a"))
+    assert load_checkpoint("~/c.pt", model=model, optimizer=opt)["step"] == 10
+    replayed = selftune.replay(make_inner("sgd", make_model()), "~/runs/a")
+    assert replayed.step_count == 0

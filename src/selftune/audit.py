@@ -261,7 +261,7 @@ def _scan(path: Path) -> _Scan:
 
 
 def _run_folder(log_dir: str | os.PathLike[str]) -> Path:
-    folder = Path(log_dir)
+    folder = Path(log_dir).expanduser()
     if not folder.exists():
         raise LogError(f"no run folder at {folder}: pass the log_dir the run was started with")
     if not folder.is_dir():
@@ -400,7 +400,7 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
     error naming the file, the line and the record.
     """
     run = read_log(log_dir)
-    folder = Path(log_dir)
+    folder = Path(log_dir).expanduser()
     group_knobs = _group_knobs(run.manifest, folder / MANIFEST)
     knobs: set[str] = set()
     guard_events = 0
@@ -570,7 +570,7 @@ class AuditLog:
         enabled: bool = True,
         fsync: bool = False,
     ) -> None:
-        self.path = Path(log_dir)
+        self.path = Path(log_dir).expanduser()
         self.enabled = enabled
         self.fsync = fsync
         self._file = self.path / DECISIONS

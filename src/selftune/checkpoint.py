@@ -89,7 +89,7 @@ def save_checkpoint(
             f"{type(optimizer).__name__}"
         )
     _refuse_sharded_model(model)
-    target = Path(path)
+    target = Path(path).expanduser()
     if target.is_dir():
         raise CheckpointError(
             f"{target} is a folder: pass a file path such as {target / 'ckpt.pt'}"
@@ -159,7 +159,7 @@ def load_checkpoint(
     checkpoint, or saved from a different model.  The file is read with ``weights_only=True``:
     a checkpoint cannot run code on load.
     """
-    source = Path(path)
+    source = Path(path).expanduser()
     payload = _read(source, map_location)
     _check_fits(source, payload["optimizer"], optimizer)  # before the model is overwritten
     try:

@@ -22,7 +22,7 @@ from selftune import knobs as knobs_io
 from selftune.average import check_decay
 from selftune.controllers.base import Knobs, Proposal
 from selftune.controllers.off import OffController
-from selftune.errors import GuardError, SelfTuneError
+from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
 from selftune.shards import whole_sha256
@@ -157,13 +157,23 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     Refuses (with :class:`~selftune.audit.LogError` or :class:`~selftune.SelfTuneError`) a log
     whose chain is broken or whose manifest does not match ``optimizer``'s param groups and knobs.
     """
+    if isinstance(optimizer, SelfTuned):
+        raise ConfigError(
+            "replay got a selftune optimizer: pass the plain one it wraps (replay wraps it "
+            "itself, with the logged run's settings)"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"replay needs a torch.optim.Optimizer, got {type(optimizer).__name__}: build the "
+            "optimizer as the logged run did, over the model's parameters"
+        )
     # verify first: besides the chain it checks the manifest's keys and every record's fields,
     # which replay reads below; a damaged log must be refused as such, not fail as a KeyError
     audit.verify(log_dir)
     run = audit.read_log(log_dir)
     _check_matches(run.manifest, optimizer, log_dir)
     config = run.manifest["config"]
-    where = os.path.join(os.fspath(log_dir), audit.MANIFEST)
+    where = os.path.join(os.path.expanduser(os.fspath(log_dir)), audit.MANIFEST)
     if not isinstance(config, dict):
         raise audit.LogError(f"{where}: 'config' is a {type(config).__name__}, not an object")
     kind, ours = config.get("optimizer"), type(optimizer).__name__

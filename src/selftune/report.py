@@ -718,6 +718,18 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
 HTML = (".html", ".htm")
 
 
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a page :func:`write_report` wrote (its title says so)."""
+    if path.suffix.lower() not in HTML:
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return b"<title>selftune report: " in head
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
 
@@ -732,11 +744,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         raise ValueError(
             f"{out} is a folder: give the page's file, e.g. {Path(out) / 'report.html'}"
         )
-    if out is not None and Path(out).exists() and Path(out).suffix.lower() not in HTML:
-        # a slip of the command line wrote the page over the run's manifest or decisions.jsonl
+    if out is not None and Path(out).exists() and not _is_report(Path(out)):
+        # a slip of the command line wrote the page over the run's manifest or decisions.jsonl,
+        # or over a page of the user's own
         raise ValueError(
-            f"{out} exists and is no report (its name does not end in .html): the page is not "
-            "written over it; give a file of its own, e.g. report.html"
+            f"{out} exists and is no selftune report: the page is not written over it; give "
+            "a file of its own, e.g. report.html"
         )
     run = read_run(run_dir)
     plots = make_plots(run)

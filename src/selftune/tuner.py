@@ -229,7 +229,7 @@ class SelfTuned(torch.optim.Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             digest = shards.whole_sha256(audit.params_sha256(params))
             if log_dir is not None:
-                self._open_log(Path(log_dir), digest)
+                self._open_log(Path(log_dir).expanduser(), digest)
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
