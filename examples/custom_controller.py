@@ -15,6 +15,7 @@ smoothed loss has not fallen by ``min_gain`` (relative) for ``patience`` steps.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,19 @@ def replayed(log_dir: Path, steps: int = 600, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def fresh(folder: Path) -> Path:
+    """``folder``, emptied if it holds this example's own earlier run (run it again and again);
+    a folder of anything else is left alone, and refused by ``wrap`` if it holds a run."""
+    manifest = folder / selftune.audit.MANIFEST
+    if manifest.exists() and selftune.audit.read_log(folder).manifest.get("controller") == (
+        PlateauHalver.name
+    ):
+        shutil.rmtree(folder)
+    return folder
+
+
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/custom-controller")
+    folder = fresh(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/custom-controller"))
     model, last = train(folder)
     run = selftune.audit.read_log(folder)
     print(f"final loss {last:.4f}; manifest: {run.manifest['config']['controller_options']}")

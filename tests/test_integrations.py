@@ -1016,3 +1016,11 @@ def test_a_controller_of_ones_own_is_logged_and_replayed_as_the_built_in_ones_ar
     assert last < 0.05  # from 0.55: the run trained
     with pytest.raises(selftune.ConfigError, match="patience"):
         example.PlateauHalver(patience=0)
+    # run again into its own folder (its second run was refused: the folder held steps)
+    example.train(example.fresh(tmp_path / "run"), steps=50)
+    other = tmp_path / "other"
+    example.train(other, steps=5)
+    (other / "manifest.json").write_text(
+        (other / "manifest.json").read_text().replace("plateau-halver", "auto")
+    )
+    assert example.fresh(other).exists(), "a folder of another run was emptied"
