@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,17 @@ def test_demo_refuses_a_seed_past_torch_s_range_before_it_writes(tmp_path: Path)
     with pytest.raises(SystemExit, match=r"--seed 18446744073709551615: pass one from"):
         cli.main([*argv, "--seed", str(2**64 - 1)])
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_without_matplotlib_says_so_before_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It trained both runs and printed the table, and only then failed on the report's
+    plots."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if never installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["demo", "--steps", "5", "--out", str(tmp_path / "demo"), "--no-live"]
+    assert cli.main(argv) == 2
+    assert "needs the module 'matplotlib'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     import selftune
 
     _check(args)
+    import matplotlib  # noqa: F401  (the report at the end draws with it: missing, say so now)
+
     out = Path(args.out)
     run_dir = _prepare_out(out)
     data = load_data()
