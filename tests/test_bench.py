@@ -630,6 +630,9 @@ def test_command_line_reports_bad_filters_and_empty_results(
     argv = ["bench", "--suite", "overhead", "--out", str(tmp_path), "--list"]  # measured, before
     assert main(argv) == 0
     assert "overhead: mnist1d-cnn, shakespeare-char, 400 steps a side" in capsys.readouterr().out
+    argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--list", "--seeds", "0,1"]
+    assert main(argv) == 0  # the methods by the names --methods matches, not counts alone
+    assert "\n  adamw-default: 2 seeds\n" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
     (tmp_path / "afile").write_text("")
     assert main(["bench", "--report-only", "--out", str(tmp_path / "afile")]) == 2

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--list",
         action="store_true",
-        help="print the planned runs per workload (and how many are already done), run nothing",
+        help="print the planned runs per workload and method (and how many are already done), "
+        "run nothing",
     )
 
 
@@ -167,6 +168,9 @@ def _print_plan(specs: list[RunSpec], out: Path) -> None:
     finished = Counter(s.workload for s in specs if s.key in done)
     for name, n in planned.items():
         print(f"{name}: {n} runs planned, {finished[name]} already in {out / RESULTS}")
+        methods = Counter(s.method for s in specs if s.workload == name)
+        for method, count in methods.items():  # the names --methods matches its globs against
+            print(f"  {method}: {count} seed{'s' if count > 1 else ''}")
 
 
 def _overhead_workloads(patterns: list[str] | None) -> list[Workload]:
