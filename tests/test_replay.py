@@ -295,7 +295,9 @@ def test_refuses_a_model_or_a_wrapped_optimizer_by_name(run_dir: Path) -> None:
     """A model came back as an AttributeError on ``param_groups``, and a selftune optimizer as
     "the logged run stepped a AdamW, this optimizer is a SelfTuned"."""
     model = make_task().model
-    with pytest.raises(selftune.ConfigError, match="needs a torch.optim.Optimizer, got Sequential"):
+    with pytest.raises(
+        selftune.ConfigError, match=r"needs a torch\.optim\.Optimizer, got Sequential"
+    ):
         selftune.replay(model, run_dir)  # type: ignore[arg-type]
     wrapped = selftune.wrap(make_optimizer("adamw", model.parameters()), guard=False)
     with pytest.raises(selftune.ConfigError, match="pass the plain one it wraps"):
