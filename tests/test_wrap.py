@@ -218,6 +218,20 @@ def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> Non
     assert opt.hyperparams()[0]["lr"] == pytest.approx(0.5e-4)
 
 
+def test_auto_holds_a_warmup_that_rises_past_the_step_limit_in_one_step() -> None:
+    """LinearLR from a thousandth of the rate over 5 steps rises 200x in its first: the hold,
+    a controller proposal, was clipped to a quarter of that by the per-step limit, and the
+    run stepped at the rest of the rise.  Held, the rate moves as the range test grows it."""
+    inner, pr = _sgd(lr=0.05)
+    stepped: list[float] = []
+    inner.register_step_pre_hook(lambda o, a, k: stepped.append(o.param_groups[0]["lr"]))
+    opt = selftune.wrap(inner, "auto")
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.001, total_iters=5)
+    _steps(pr, opt, range(1, 13), after=sched.step)
+    ratios = [b / a for a, b in zip(stepped, stepped[1:], strict=False)]
+    assert max(ratios) <= opt.controller.ramp * (1 + 1e-9), ratios
+
+
 @pytest.mark.parametrize("controller", ["off", "auto"])
 def test_a_rollback_under_a_closed_form_warmup_stays_below_the_rate_that_failed(
     controller: str,

@@ -138,10 +138,22 @@ class Policy:
         return min(lo, *kept), max(hi, *kept)
 
     def clip(
-        self, knob: str, old: float, proposed: float, start: float, within: Iterable[float] = ()
+        self,
+        knob: str,
+        old: float,
+        proposed: float,
+        start: float,
+        within: Iterable[float] = (),
+        since: float | None = None,
     ) -> tuple[float, str | None]:
         """Return the value allowed and, if it differs from the proposal, why (``within``: see
-        :meth:`limits`)."""
+        :meth:`limits`).
+
+        ``since``: the rate the last step took, where a scheduler has raised it since to
+        ``old``.  A move back between the two is no step at all for the run, so the per-step
+        limit is counted from whichever is nearer (``auto``'s hold of a warm-up that rose more
+        than the limit in one step was clipped, and the run stepped at the rest of the rise).
+        """
         if knob in self.frozen:
             return old, f"{knob} is frozen by the policy"
         if not math.isfinite(proposed):
@@ -149,7 +161,8 @@ class Policy:
         value, notes = proposed, []
         limit = self.max_change[knob]
         if knob == "lr":
-            lo_step, hi_step = old / limit, old * limit
+            low, high = (old, old) if since is None else (min(old, since), max(old, since))
+            lo_step, hi_step = low / limit, high * limit
         else:
             lo_step, hi_step = old - limit, old + limit
         if not lo_step <= value <= hi_step:

@@ -1101,7 +1101,11 @@ class SelfTuned(torch.optim.Optimizer):
                 lo, hi = self.policy.limits(p.knob, start, within)
                 new = min(max(p.value, lo), hi)
             else:
-                new, note = self.policy.clip(p.knob, old, p.value, start, within)
+                rise = (
+                    1.0 if signals is None or p.knob != "lr" else signals.groups[p.group].base_rise
+                )
+                since = old / rise if rise > 1.0 else None  # the rate the last step took
+                new, note = self.policy.clip(p.knob, old, p.value, start, within, since)
             value = new / base if p.knob == "lr" else new
         if new == old:
             return None
