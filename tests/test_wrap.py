@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -228,7 +229,7 @@ def test_auto_holds_a_warmup_that_rises_past_the_step_limit_in_one_step() -> Non
     opt = selftune.wrap(inner, "auto")
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.001, total_iters=5)
     _steps(pr, opt, range(1, 13), after=sched.step)
-    ratios = [b / a for a, b in zip(stepped, stepped[1:], strict=False)]
+    ratios = [b / a for a, b in itertools.pairwise(stepped)]
     assert max(ratios) <= opt.controller.ramp * (1 + 1e-9), ratios
 
 
