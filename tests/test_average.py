@@ -252,6 +252,18 @@ def test_a_state_saved_without_an_average_starts_one_from_the_loaded_weights() -
         assert torch.equal(avg, p)
 
 
+def test_a_state_with_an_average_loaded_without_one_says_it_is_dropped() -> None:
+    """A checkpoint of a run with ``average=True`` loaded into a wrapper without one dropped
+    the average with no word (``averaged()`` then refused)."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), "off", average=True)
+    train(task, opt, 5, evaluate=False)
+    saved = opt.state_dict()
+    bare = selftune.wrap(make_optimizer("sgd", make_task().model.parameters()), "off")
+    with pytest.warns(UserWarning, match="the average is dropped"):
+        bare.load_state_dict(saved)
+
+
 def test_a_param_group_with_no_params_is_stepped_rolled_back_saved_and_averaged(
     tmp_path: Path,
 ) -> None:

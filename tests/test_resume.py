@@ -532,6 +532,8 @@ def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -
     opt.close()
     again = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
     assert len(again) == 2 and again[1] == notes[1]
+    # the second cut took the first one's note with it, and the log no longer told of it
+    assert again[0].endswith(f"(among them notes that said: {notes[0]})"), again[0]
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

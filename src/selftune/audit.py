@@ -673,15 +673,22 @@ class AuditLog:
         opened = range(self._opened_at, self._opened_at + len(self._opening))
         kept = [r["reason"] for r in after if r["kind"] == "note" and r["seq"] in opened]
         dropped = len(after) - len(kept)
+        # and what earlier cuts past the checkpoint said of the log (a second resume from the
+        # same checkpoint cut the first one's note away, and the log no longer told of it)
+        earlier = [
+            r["reason"]
+            for r in after
+            if r["kind"] == "note"
+            and r["seq"] not in opened
+            and str(r["reason"]).startswith(("resumed: dropped", "dropped a torn"))
+        ]
         os.ftruncate(fd, size)
         self._seq, self._head, self._bytes = seq, head, size
         if dropped:  # a log that already ends at the checkpoint stays byte-identical
-            self.append(
-                {
-                    "kind": "note",
-                    "reason": f"resumed: dropped {dropped} records written after the checkpoint",
-                }
-            )
+            reason = f"resumed: dropped {dropped} records written after the checkpoint"
+            if earlier:
+                reason += f" (among them notes that said: {'; '.join(earlier)})"
+            self.append({"kind": "note", "reason": reason})
         if kept:  # where they are now, for a later cut (a second resume in this process)
             self._opened_at, self._opening = self._seq, kept
         for reason in kept:

@@ -629,6 +629,13 @@ class SelfTuned(torch.optim.Optimizer):
                 self.average.load_state_dict(own["average"])
             else:  # saved without one: the loaded weights (the model loads first) start it
                 self.average.restart(self.param_groups)
+        elif own.get("average") is not None:
+            warnings.warn(
+                "the state loaded holds a weight average, and this optimizer was wrapped "
+                "without one (average=...): the average is dropped, and the run goes on "
+                "without it. Wrap with the run's average to keep it",
+                stacklevel=_outside_frames(),
+            )
         # At the log's own end there is nothing to drop: no note, so a run stopped at a checkpoint
         # and resumed writes the same log as one that never stopped.
         if self._log is not None and own["log"] is not None and own["log"] != self._log.position():
