@@ -142,8 +142,9 @@ def dropped_on_resume(run_dir: Path) -> list[int]:
         if r["kind"] == "note" and not re.fullmatch(
             r"dropped a torn final line of \d+ bytes", r["reason"]
         ):
-            match = re.fullmatch(
-                r"resumed: dropped (\d+) records written after the checkpoint", r["reason"]
+            match = re.fullmatch(  # with what the notes of earlier resumes it dropped said
+                r"resumed: dropped (\d+) records written after the checkpoint( \(among .*\))?",
+                r["reason"],
             )
             assert match is not None, f"unexpected note in {run_dir}: {r['reason']}"
             dropped.append(int(match.group(1)))
