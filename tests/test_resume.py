@@ -755,3 +755,37 @@ def test_a_path_under_the_home_folder_is_expanded_everywhere(
     assert load_checkpoint("~/c.pt", model=model, optimizer=opt)["step"] == 10
     replayed = selftune.replay(make_inner("sgd", make_model()), "~/runs/a")
     assert replayed.step_count == 0
+
+
+def test_a_checkpoint_of_an_attempt_cut_back_since_says_what_the_trace_lacks(
+    tmp_path: Path,
+) -> None:
+    """Run to 40 (checkpoints at 30 and 40), crash; resume from 30, crash at 35; load the step
+    40 checkpoint of the first attempt. No record fell between them, so the log's position
+    matched, and the trace lost the rows of steps 36-40 with no word."""
+
+    def wrapped(model: torch.nn.Module) -> SelfTuned:
+        return selftune.wrap(make_inner("sgd", model), "off", log_dir=tmp_path / "run")
+
+    model = make_model()
+    opt = wrapped(model)
+    for t in range(1, 41):
+        train_step(model, opt, t, rank=0)
+        if t in (30, 40):
+            save_checkpoint(tmp_path / f"c{t}.pt", model=model, optimizer=opt, step=t)
+    opt.close()
+    model = make_model()
+    opt = wrapped(model)
+    load_checkpoint(tmp_path / "c30.pt", model=model, optimizer=opt)
+    train(model, opt, range(31, 36))
+    opt.close()
+    model = make_model()
+    opt = wrapped(model)
+    with pytest.warns(UserWarning, match="rows of steps 36-40 were cut"):
+        load_checkpoint(tmp_path / "c40.pt", model=model, optimizer=opt)
+    train(model, opt, range(41, 43))
+    opt.close()
+    notes = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
+    assert any("trace.jsonl ends at step 35" in n for n in notes), notes
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "trace.jsonl").open()]
+    assert steps == [*range(1, 36), 41, 42]

@@ -144,11 +144,17 @@ def trace_size_through(path: Path, step: int, block: int = 1 << 16) -> int:
     checkpoint, marks the cut, since a folder that continues another run's checkpoint holds none
     of that run's rows (a retried continuation kept its first attempt's steps).
     """
+    return trace_cut(path, step, block)[0]
+
+
+def trace_cut(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int | None]:
+    """:func:`trace_size_through`, and the step of the last row it keeps (None: no row)."""
     with open(path, "rb") as f:
         for start, line in lines_back(f, f.seek(0, io.SEEK_END), block):
-            if parse_trace_line(line, f"{path} at byte {start}")["step"] <= step:
-                return start + len(line) + 1
-    return 0
+            row = parse_trace_line(line, f"{path} at byte {start}")
+            if row["step"] <= step:
+                return start + len(line) + 1, row["step"]
+    return 0, None
 
 
 @dataclass(frozen=True)

@@ -644,10 +644,21 @@ class SelfTuned(torch.optim.Optimizer):
         # over a folder that holds a run's rows would cut them all, and the checkpoint loaded
         # next finds none left of the steps before it.
         if self._trace is not None and not unmoved:
-            from selftune.report import trace_size_through
+            from selftune.report import trace_cut
 
-            self._trace_bytes = trace_size_through(self._trace_file, self.step_count)
+            self._trace_bytes, last = trace_cut(self._trace_file, self.step_count)
             os.ftruncate(self._trace, self._trace_bytes)
+            if last is not None and last < self.step_count:
+                # a checkpoint of an attempt that a resume from an older one has since cut back
+                # (its log position still matched: no record between the two): said, not hidden
+                why = (
+                    f"trace.jsonl ends at step {last}, before this checkpoint's step "
+                    f"{self.step_count}: the rows of steps {last + 1}-{self.step_count} were cut "
+                    "by a resume from an older checkpoint since; the audit log and the weights "
+                    "are whole"
+                )
+                self._notes.append({"reason": why})
+                warnings.warn(why, stacklevel=_outside_frames())
 
     def _start_from_plain_state(self) -> None:
         """A plain optimizer's state was loaded: a run continued under selftune starts from its
