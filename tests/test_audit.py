@@ -438,6 +438,20 @@ def test_a_folder_of_another_run_is_refused(tmp_path: Path) -> None:
         AuditLog(tmp_path, manifest(param_count=13))
 
 
+def test_a_log_closed_after_a_chdir_is_no_longer_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed after a chdir, a log opened by a relative path resolved it anew and stayed
+    counted open: a later clash there blamed a second optimizer."""
+    monkeypatch.chdir(tmp_path)
+    log = AuditLog(Path("runs/x"), manifest())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    log.close()
+    with pytest.raises(LogError, match="to resume that run"):
+        AuditLog(tmp_path / "runs" / "x", manifest(param_count=13))
+
+
 def test_a_resumed_run_may_change_its_config_and_says_so(tmp_path: Path) -> None:
     write_run(tmp_path, 1)
     AuditLog(tmp_path, manifest(created="later")).close()

@@ -306,11 +306,31 @@ def test_refuses_a_model_or_a_wrapped_optimizer_by_name(run_dir: Path) -> None:
 
 def test_refuses_an_optimizer_built_with_other_settings(run_dir: Path) -> None:
     """A replay through an AdamW of another weight decay ran to the end on other weights with
-    no word: the manifest held only the starting knobs."""
-    params = make_task().model.parameters()
+    no word: the manifest held only the starting knobs.  Refused, the optimizer is not left
+    marked wrapped: built right, it replays."""
+    params = list(make_task().model.parameters())
     other = torch.optim.AdamW(params, lr=LR["adamw"], weight_decay=0.5)
     with pytest.raises(selftune.SelfTuneError, match=r"group 0 .*weight_decay 0.01 -> 0.5"):
         selftune.replay(other, run_dir)
+    with pytest.raises(selftune.SelfTuneError, match=r"started with"):
+        selftune.replay(torch.optim.AdamW(params, lr=1.0), run_dir)
+    other.param_groups[0]["weight_decay"] = 0.01
+    selftune.replay(other, run_dir)
+
+
+def test_keys_no_setting_of_the_optimizer_s_own_need_not_match(tmp_path: Path) -> None:
+    """A scheduler built before the wrap adds ``initial_lr`` to the groups, and an optimizer
+    built from ``named_parameters()`` holds the names: a replay that builds either otherwise
+    ends on the same weights, and was refused."""
+    task = make_task()
+    inner = torch.optim.SGD(task.model.named_parameters(), lr=0.05, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(inner, step_size=1000)  # adds initial_lr before the wrap
+    opt = selftune.wrap(inner, log_dir=tmp_path)
+    train(task, opt, 30, evaluate=False)
+    opt.close()
+    task = make_task()
+    plain = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    train(task, selftune.replay(plain, tmp_path), 30, evaluate=False)
 
 
 @pytest.mark.parametrize("change", ["scheduler", "nan"])

@@ -426,7 +426,14 @@ def test_a_disk_that_fills_mid_run_leaves_whole_lines_and_a_run_that_resumes(
     assert all(json.loads(line) for line in lines)
     opt.close()
     model = make_model()
-    opt = make_optimizer("adamw", model, tmp_path / "res")
+    finish_from_checkpoint(ref, model, make_optimizer("adamw", model, tmp_path / "res"), tmp_path)
+
+
+def finish_from_checkpoint(
+    ref: dict[str, Any], model: torch.nn.Module, opt: SelfTuned, tmp_path: Path
+) -> None:
+    """Load ``tmp_path/c.pt`` into ``opt``, train to the end, and check that the weights, the
+    log and the trace in ``tmp_path/res`` are those of the reference run in ``tmp_path/ref``."""
     start = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] + 1
     train(model, opt, range(start, STEPS + 1))
     opt.close()
@@ -463,13 +470,30 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
     assert not (tmp_path / "broken.pt").exists()
     with pytest.raises(selftune.ConfigError, match="Resume from the last checkpoint"):
         train(model, opt, range(23, 24))
-    start = load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] + 1
-    train(model, opt, range(start, STEPS + 1))
-    opt.close()
-    assert_same_state(ref, final_state(model, opt))
-    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
-    trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
-    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
+    finish_from_checkpoint(ref, model, opt, tmp_path)  # loaded in place
+
+
+def test_a_refused_loss_or_a_listener_s_error_leaves_the_run_whole(tmp_path: Path) -> None:
+    """A loss refused by name changes nothing, and a listener that raises (a writer's error, a
+    user's early stop) does so after the step is written: neither is a step broken off, and
+    both were taken for one, so that the run could neither go on nor be saved."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "run")
+    train(model, opt, range(1, 4))
+    with pytest.raises(selftune.ConfigError, match="needs one number"):
+        opt.step(loss=torch.ones(3))
+
+    def stop(event: selftune.StepEvent) -> None:
+        if event.step == 5:
+            raise RuntimeError("a writer failed")
+
+    opt.add_listener(stop)
+    train(model, opt, range(4, 5))
+    with pytest.raises(RuntimeError, match="a writer failed"):
+        train(model, opt, range(5, 6))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=5)
+    train(model, opt, range(6, 8))
+    assert opt.step_count == 7
 
 
 def test_extra_that_loading_would_refuse_is_refused_at_save(

@@ -608,7 +608,8 @@ class AuditLog:
                 f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
                 "folder must be writable (to read a log, use read_log or verify)"
             ) from None
-        _OPEN_LOGS[self.path.resolve()] = self
+        self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
+        _OPEN_LOGS[self._key] = self
         if torn:
             self._opening.append(f"dropped a torn final line of {torn} bytes")
         if note is not None:
@@ -747,8 +748,8 @@ class AuditLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            if _OPEN_LOGS.get(self.path.resolve()) is self:
-                del _OPEN_LOGS[self.path.resolve()]
+            if _OPEN_LOGS.get(self._key) is self:
+                del _OPEN_LOGS[self._key]
 
     def __enter__(self) -> AuditLog:
         return self

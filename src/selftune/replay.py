@@ -197,9 +197,14 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     guard: Any = False
     if guard_config is not None:
         guard = ReplayGuard(guard_config, run.records)
+    # before the wrap, which marks the optimizer wrapped: one refused, then built right, could
+    # not be passed again
+    groups = optimizer.param_groups
+    knobs = [{n: knobs_io.read(g, n) for n in knobs_io.knob_names(g)} for g in groups]
+    _check_start(config.get("start"), knobs, where)
+    options = [group_options(g, optimizer.defaults) for g in groups]
+    _check_options(config.get("options"), options, where)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
-    _check_start(config.get("start"), tuned.hyperparams(), where)
-    _check_options(config.get("options"), [group_options(g) for g in optimizer.param_groups], where)
     tuned.guard = guard if guard is not False else None
     return tuned
 

@@ -127,7 +127,7 @@ class SignalTracker:
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
         for controllers that do not read it.
         """
-        loss = _check_loss(loss)  # before anything below overwrites the previous update
+        loss = check_loss(loss)  # before anything below overwrites the previous update
         distributed = across_ranks()
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
@@ -465,7 +465,7 @@ def _ranks_loss(mean: float, share: float) -> float | None:
     return mean if share == 1.0 else None
 
 
-def _check_loss(loss: Any) -> Any:
+def check_loss(loss: Any) -> Any:
     """Refuse a loss that is not one number, by name (an unreduced loss failed in a reshape);
     return it, a one-element NumPy array as its number."""
     if isinstance(loss, torch.Tensor):

@@ -34,7 +34,7 @@ from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
-from selftune.signals import Signals, SignalTracker, average_across_ranks
+from selftune.signals import Signals, SignalTracker, average_across_ranks, check_loss
 
 if TYPE_CHECKING:
     from selftune.audit import AuditLog
@@ -171,10 +171,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: per group, the highest rate a scheduler (or the loop) had set before the last step
         #: the controller read, None before a positive one: see :meth:`_read_rises`
         self._peaks: list[float | None] = [None] * len(self.param_groups)
-        #: per group, after a rollback that lowered its base rate to the snapshot's, the base
-        #: rate that failed and the rate the rollback set, until the next step that trains:
-        #: see :meth:`_hold_rollback_rates`
-        self._lowered: list[tuple[float, float] | None] = [None] * len(self.param_groups)
+        #: per group, after a rollback that lowered its base rate to the snapshot's, until the
+        #: next step that trains: see :meth:`_hold_rollback_rates`
+        self._lowered: list[tuple[float, float, float] | None] = [None] * len(self.param_groups)
         #: the knobs other than the rate as the last step left them, and those found changed
         #: since by someone else (a scheduler's cycle_momentum, the training loop): theirs from
         #: then on, neither tuned nor restored (the rate composes with a scheduler's instead)
@@ -216,6 +215,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
         #: weights may have moved with no record, so no step or state until a state is loaded
         self._broken_at: int | None = None
+        #: the last step whose log and trace are written (a listener's error after that leaves
+        #: nothing half-done)
+        self._recorded = 0
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
         shards.check_same_settings(self._settings())
@@ -452,12 +454,14 @@ class SelfTuned(torch.optim.Optimizer):
                 "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
                 "start again, log to a new folder"
             )
+        loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
         try:
             return self._step(t, loss, inner_closure)
         except GuardError:
             raise  # the guard gave up, and said so in the log: see _gave_up_at
         except BaseException:
-            self._broken_at = t
+            if self._recorded != t:  # not a listener's error after the step was written
+                self._broken_at = t
             raise
 
     def _step(self, t: int, loss: Any, inner_closure: Callable[[], Any] | None) -> Any:
@@ -610,7 +614,7 @@ class SelfTuned(torch.optim.Optimizer):
         # a state saved before the peaks: the rates now (no rise is read at the next step)
         self._peaks = list(own.get("peaks", self._bases()))
         lowered = own.get("lowered", [None] * len(self._scales))
-        self._lowered = [None if w is None else (float(w[0]), float(w[1])) for w in lowered]
+        self._lowered = [None if w is None else (w[0], w[1], w[2]) for w in lowered]
         self._left = copy.deepcopy(own.get("left"))
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
@@ -944,36 +948,33 @@ class SelfTuned(torch.optim.Optimizer):
         return dataclasses.replace(signals, groups=groups)
 
     def _hold_rollback_rates(self, t: int, signals: Signals) -> list[Decision]:
-        """Hold the rate a rollback set against a scheduler that wrote its own rate back since.
+        """Hold a rollback's cap against a scheduler that wrote its own rate back since.
 
         A rollback that lowers a group's base rate to its snapshot's sets the scale on that
-        lower rate; a scheduler that sets its rate from the step count (LambdaLR, OneCycleLR's
-        climb) writes its own back at its next step, which the scale then multiplied: a run
-        whose scale was cut since the snapshot (``auto`` holding a warm-up's rises) stepped on
-        above half the rate that failed.  So at the first step
-        that trains after the rollback, the rate is held to the one the rollback set, times
-        the scheduler's change since the rate that failed where it rose (a scheduler that
-        multiplies the rate it finds goes on from the lower one and is held by no more than
-        its one step's rise).  A replay makes the same cut from the same schedule.
+        lower rate, at most ``backoff`` times the rate that failed; a scheduler that sets its
+        rate from the step count (LambdaLR, OneCycleLR's climb) writes its own back at its
+        next step, which the scale then multiplied: a run whose scale was cut since the
+        snapshot (``auto`` holding a warm-up's rises) stepped on above half the rate that
+        failed.  So at the first step that trains after it, a base rate written back nearer
+        the one that failed than the lowered one (a scheduler that multiplies the rate it
+        finds goes on from the lower one, and a rate the loop wrote once stays lowered) holds
+        the rate to that cap, moved by the schedule since the failure.  A replay makes the
+        same cut from the same schedule.
         """
         decisions = []
         for i, pending in enumerate(self._lowered):
             if pending is None:
                 continue
-            failed_base, rate = pending
+            failed_base, lowered_base, cap = pending
             base = knobs_io.read(self.param_groups[i], "lr")
-            allowed = rate * max(1.0, base / failed_base)
-            old = self._effective(i)
-            if old <= allowed * _ROUNDING or base <= 0.0:
+            if base * base <= failed_base * lowered_base:
+                continue  # nearer the lowered rate: the schedule went on from it
+            allowed = cap * base / failed_base
+            if self._effective(i) <= allowed * _ROUNDING:
                 continue
             why = (
-                f"guard: the scheduler wrote the rate back up to {base:.6g} since the "
-                f"rollback lowered it; held at the rate the rollback set, {rate:.6g}"
-                + (
-                    f", x{base / failed_base:.4g} as the schedule rose"
-                    if base > failed_base
-                    else ""
-                )
+                f"guard: the scheduler wrote the rate back up to {base:.6g} since the rollback "
+                f"lowered it; held at the rollback's cap, {cap:.6g}, moved by the schedule"
             )
             proposal = Proposal(i, "lr", allowed, why)
             decision = self._apply(t, proposal, self._knobs(i), signals, "guard", False)
@@ -999,8 +1000,11 @@ class SelfTuned(torch.optim.Optimizer):
                 continue  # a scale of at most 1 keeps the rate at or below the scheduler's
             _, cap = self.policy.limits("lr", self._start[i], (base,))
             old = self._effective(i)
-            if old <= cap * _ROUNDING:
-                continue  # a scale is a quotient: a rate set at the bound may round 1 ulp over
+            # a scale is a quotient: a rate set at the bound may round 1 ulp over (of a float32
+            # tensor rate's, where the bound itself rounds up)
+            held = max(cap, knobs_io.stored(self.param_groups[i], "lr", cap))
+            if old <= held * _ROUNDING:
+                continue
             self._scales[i] = cap / base
             reason = (
                 f"the scheduler raised the rate under a scale of {old / base:.4g} to {old:.6g}, "
@@ -1008,6 +1012,8 @@ class SelfTuned(torch.optim.Optimizer):
             )
             summary = signals.summary(i)
             new = self._effective(i)
+            if new == old:
+                continue
             decisions.append(
                 Decision(t, i, "lr", old, new, reason, summary, True, "bound", self._scales[i])
             )
@@ -1158,13 +1164,14 @@ class SelfTuned(torch.optim.Optimizer):
             snap, factor = self.guard.rollback(trouble)
         except GuardError as err:
             event = {"event": "escalate", "signal": trouble.signal, "value": trouble.value}
+            self._gave_up_at = trouble.step  # first: a listener that raises below replaces err
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
-            self._gave_up_at = trouble.step
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(failed)
+        lowered: dict[int, float] = {}
         if snap is None:  # nothing held yet: the step's update was never made, only skip it
             saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
             scales: list[float] | None = None
@@ -1184,10 +1191,11 @@ class SelfTuned(torch.optim.Optimizer):
         decisions = self._put_knobs(
             trouble.step, saved_knobs, scales, factor, reason, failed=failed
         )
-        self._lowered = [None] * len(self._lowered)
-        if snap is not None:
-            for i, base in lowered.items():
-                self._lowered[i] = (base, self._effective(i))
+        self._lowered = [None] * len(self.param_groups)
+        backoff = self.guard.config.backoff if self.guard is not None else 1.0
+        for i, base in lowered.items():  # (base that failed, base now, rate it may not pass)
+            now = knobs_io.read(self.param_groups[i], "lr")
+            self._lowered[i] = (base, now, failed[i]["lr"] * backoff)
         event = {
             "event": "rollback" if snap is not None else "skip",
             "signal": trouble.signal,
@@ -1241,7 +1249,8 @@ class SelfTuned(torch.optim.Optimizer):
         restore lowers a base rate.  They are each decision's ``old`` (read after the restore,
         ``old`` was the snapshot's rate for a rate of 1e3 the loop had written, a halving the
         report drew as a doubling, and a restore that alone cut the rate logged none), and the
-        rate is set at most ``backoff`` times the one that failed.
+        rate is set at most ``backoff`` times the one that failed (and so held, at the next
+        step, where a scheduler writes its own rate back: :meth:`_hold_rollback_rates`).
         """
         decisions = []
         for i, saved in enumerate(saved_knobs):
@@ -1296,8 +1305,7 @@ class SelfTuned(torch.optim.Optimizer):
         # snapshot's base rate where it was lower, but not zero: a rate written since the
         # snapshot may be what failed (a scheduler or user code gone wrong; the guard's fault
         # tests write 1e3), and a guard errs on the low side.  The price: a chained warm-up
-        # rolled back goes on from the lower rate, below its schedule by that factor (and one
-        # that writes its own rate back is held to that, see ``_hold_rollback_rates``).
+        # rolled back goes on from the lower rate, below its schedule by that factor.
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         lowered = {}
@@ -1388,7 +1396,7 @@ class SelfTuned(torch.optim.Optimizer):
             "controller": self.controller.name,
             "optimizer": type(self.optimizer).__name__,
             "start": self.hyperparams(),
-            "options": [group_options(g) for g in self.param_groups],
+            "options": [group_options(g, self.optimizer.defaults) for g in self.param_groups],
             "policy": _policy_json(self.policy),
             "guard": None if self.guard is None else vars(self.guard.config),
             "average": None if self.average is None else self.average.decay,
@@ -1409,6 +1417,7 @@ class SelfTuned(torch.optim.Optimizer):
         if guard is not None:  # the first guard event since the snapshots started again
             since, self._snapshots_since = self._snapshots_since, None
         if self._log is None and self._trace is None and not self._listeners:
+            self._recorded = t
             return  # nothing records the step: keep the hot path free of it
         hp = self.hyperparams()
         if self._log is not None:
@@ -1447,6 +1456,7 @@ class SelfTuned(torch.optim.Optimizer):
             last = f"the rows before step {t}"
             append_line(self._trace, line, self._trace_bytes, self._trace_file, last)
             self._trace_bytes += len(line)
+        self._recorded = t
         if self._listeners:
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
@@ -1605,12 +1615,15 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def group_options(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group's settings other than its parameters and the knobs ``start`` records
-    (weight decay, eps, nesterov, amsgrad, foreach, ...), as plain JSON values: a replay
-    through an optimizer built with another weight decay ended on other weights, silently."""
+def group_options(group: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group's settings of the optimizer's own (the keys of its ``defaults``: weight
+    decay, eps, nesterov, amsgrad, foreach, ...) other than the knobs ``start`` records, as
+    plain JSON values: a replay through an optimizer built with another weight decay ended on
+    other weights, silently.  Keys a scheduler adds (``initial_lr``) or parameter names are
+    no setting, and may differ in a replay that ends on the same weights."""
     options: dict[str, Any] = {}
-    for key, value in group.items():
+    for key in defaults:
+        value = group.get(key)
         if key in ("params", "lr", "momentum", "betas"):
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
