@@ -352,6 +352,10 @@ def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     }
 
 
+def _raise(err: BaseException) -> None:
+    raise err
+
+
 def _refusals(rank: int) -> dict[str, str | None]:
     """What each rank is told when the ranks wrap with different settings, and when one rank
     steps with a loss and the other without: every rank must raise, none hang."""
@@ -372,6 +376,25 @@ def _refusals(rank: int) -> dict[str, str | None]:
         said["loss"] = None
     except selftune.ConfigError as err:
         said["loss"] = str(err)
+
+    def once(step: int) -> str | None:
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        try:
+            opt.step(loss=loss.detach())
+            return None
+        except (selftune.ConfigError, RuntimeError) as err:
+            return str(err)
+
+    said["retried"] = once(2)  # that refusal changed nothing: the run goes on
+    if rank == 1:  # a step that raises part-way on one rank (an error in its update)
+        hook = opt.optimizer.register_step_post_hook(lambda *a: _raise(RuntimeError("lost")))
+    said["part_way"] = once(3)
+    if rank == 1:
+        hook.remove()
+    said["after"] = once(4)  # refused on every rank alike, the collectives still paired
     try:  # each rank would judge the mean metric its own way
         selftune.wrap(make_inner("sgd", model)).observe(0.5, mode="max" if rank else "min")
         said["modes"] = None

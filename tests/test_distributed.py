@@ -210,6 +210,13 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert all(s is not None and "given on some ranks and not on others" in s for s in losses)
     modes = [r["refusals"]["modes"] for r in ranks]
     assert all(s is not None and 'mode="max" on some ranks' in s for s in modes), modes
+    # the refused loss changed nothing: the same optimizer steps on (it was taken for broken)
+    assert [r["refusals"]["retried"] for r in ranks] == [None, None]
+    # a step that raised part-way on rank 1 alone: the next is refused on every rank alike (it
+    # was refused on rank 1 before the collective, which the other rank's then paired wrongly)
+    assert [r["refusals"]["part_way"] for r in ranks] == [None, "lost"]
+    after = [r["refusals"]["after"] for r in ranks]
+    assert all(s is not None and "refused on every rank" in s for s in after), after
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

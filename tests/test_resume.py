@@ -468,6 +468,11 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
     with pytest.raises(selftune.ConfigError, match="step 23 raised part-way"):
         save_checkpoint(tmp_path / "broken.pt", model=model, optimizer=opt, step=23)
     assert not (tmp_path / "broken.pt").exists()
+    with pytest.warns(UserWarning, match="will not load"):  # a framework's save goes on
+        state = opt.state_dict()
+    other = make_optimizer("sgd", make_model(), None)
+    with pytest.raises(selftune.ConfigError, match="saved after step 23 raised part-way"):
+        other.load_state_dict(state)
     with pytest.raises(selftune.ConfigError, match="Resume from the last checkpoint"):
         train(model, opt, range(23, 24))
     finish_from_checkpoint(ref, model, opt, tmp_path)  # loaded in place

@@ -89,6 +89,9 @@ def save_checkpoint(
             f"{type(optimizer).__name__}"
         )
     _refuse_sharded_model(model)
+    check_whole = getattr(optimizer, "check_whole", None)
+    if check_whole is not None:  # refused at once, not at the load
+        check_whole("saving a checkpoint")
     target = Path(path).expanduser()
     if target.is_dir():
         raise CheckpointError(

@@ -118,14 +118,21 @@ class SignalTracker:
     # -- per step ---------------------------------------------------------------------------
     @torch.no_grad()
     def measure(
-        self, step: int, loss: torch.Tensor | float | None, state: dict, buffers: bool = True
+        self,
+        step: int,
+        loss: torch.Tensor | float | None,
+        state: dict,
+        buffers: bool = True,
+        broken: bool = False,
     ) -> Signals:
         """Compute this step's signals from the gradients now in ``.grad``.
 
         Every per-tensor scalar goes into one stacked vector, so the step costs a few fused
         passes over the parameters and exactly one host sync; the sums over tensors and groups
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
-        for controllers that do not read it.
+        for controllers that do not read it.  ``broken``: this rank's last step raised
+        part-way; under torch.distributed every rank then refuses this one alike (a rank that
+        refused alone, before the collective, left the others' paired with its next one).
         """
         loss = check_loss(loss)  # before anything below overwrites the previous update
         distributed = across_ranks()
@@ -192,7 +199,11 @@ class SignalTracker:
             had = loss is not None
             if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is
                 loss = torch.tensor(_maybe_float(loss) if had else 0.0, dtype=torch.float32)
-            parts += [loss.detach().reshape(()), torch.tensor(float(had))]
+            parts += [
+                loss.detach().reshape(()),
+                torch.tensor(float(had)),
+                torch.tensor(broken * 1.0),
+            ]
         elif isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
@@ -208,7 +219,10 @@ class SignalTracker:
         else:
             values = []
         if distributed:
-            loss_value = _ranks_loss(values[-2], values[-1])
+            _ranks_whole(values[-1])
+            if values[-2] not in (0.0, 1.0):
+                self._prev = None  # read into: the next step reads no previous update
+            loss_value = _ranks_loss(values[-3], values[-2])
         else:
             loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
@@ -452,13 +466,28 @@ def average_across_ranks(stacked: torch.Tensor) -> None:
         stacked.div_(torch.distributed.get_world_size())
 
 
+class RefusedStep(ConfigError):
+    """A step refused before anything that a record would have to follow changed: the run
+    stays whole and goes on from the next call."""
+
+
+def _ranks_whole(share: float) -> None:
+    """Refuse the step on every rank if any rank's last step raised part-way."""
+    if share > 0.0:
+        raise ConfigError(
+            "a step is refused on every rank: a step raised part-way on a rank, and its update "
+            "may have been made without its record. Resume every rank from the last "
+            "checkpoint (selftune.load_checkpoint, or load_state_dict)"
+        )
+
+
 def _ranks_loss(mean: float, share: float) -> float | None:
     """The ranks' mean loss from the mean of each rank's loss (zero where it had none) and the
     share of ranks that had one; a loss some ranks gave and others did not is refused, on every
     rank alike.  A fixed pair on every rank: a loss stacked only where given made the ranks'
     all-reduce differ in size, which gloo aborts on and NCCL waits on until its timeout."""
     if share not in (0.0, 1.0):
-        raise ConfigError(
+        raise RefusedStep(
             "step(loss=...) was given on some ranks and not on others: give each rank's loss on "
             "every rank, or on none"
         )

@@ -34,7 +34,13 @@ from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
-from selftune.signals import Signals, SignalTracker, average_across_ranks, check_loss
+from selftune.signals import (
+    RefusedStep,
+    Signals,
+    SignalTracker,
+    average_across_ranks,
+    check_loss,
+)
 
 if TYPE_CHECKING:
     from selftune.audit import AuditLog
@@ -432,7 +438,8 @@ class SelfTuned(torch.optim.Optimizer):
                 "on from here; resume from its last checkpoint (load_checkpoint), with the "
                 "data or the rate seen to, or start again in a new folder"
             )
-        self._check_whole("a step")
+        if not shards.across_ranks():  # else every rank refuses alike, in measure
+            self.check_whole("a step")
         self._check_outside_average("a step")
         if closure is not None and not callable(closure):
             raise ConfigError(
@@ -457,10 +464,10 @@ class SelfTuned(torch.optim.Optimizer):
         loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
         try:
             return self._step(t, loss, inner_closure)
-        except GuardError:
-            raise  # the guard gave up, and said so in the log: see _gave_up_at
+        except (GuardError, RefusedStep):
+            raise  # the guard gave up, and said so in the log; or nothing changed
         except BaseException:
-            if self._recorded != t:  # not a listener's error after the step was written
+            if self._recorded != t and self._broken_at is None:  # not a listener's error
                 self._broken_at = t
             raise
 
@@ -480,7 +487,8 @@ class SelfTuned(torch.optim.Optimizer):
             if self.guard is not None and not self.guard.snapshots
             else None
         )
-        signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer)
+        broken = self._broken_at is not None
+        signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, broken)
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         self._note_relevel(t)
@@ -542,7 +550,12 @@ class SelfTuned(torch.optim.Optimizer):
         saved here then counts them, as the state counts their groups (a resumed run adds the
         groups again and drops their records, since the log holds them).
         """
-        self._check_whole("saving a state")
+        if self._broken_at is not None:  # saved (a framework's save on an exception goes on),
+            warnings.warn(  # but refused where it would load
+                f"the state saved after step {self._broken_at} raised part-way will not load: "
+                "resume from a checkpoint saved before it",
+                stacklevel=_outside_frames(),
+            )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
         if self._log is not None:
@@ -573,6 +586,7 @@ class SelfTuned(torch.optim.Optimizer):
             # where the snapshots started again, if no guard record has said so yet
             "snapshots_since": self._snapshots_since,
             "outside": [sorted(knobs) for knobs in self._outside],
+            "broken_at": self._broken_at,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = post_hook(self, sd) or sd
@@ -705,6 +719,12 @@ class SelfTuned(torch.optim.Optimizer):
                 f"state dict has {len(own['scales'])} param groups, this optimizer "
                 f"{len(self.param_groups)}; load a state dict saved from the same model setup"
             )
+        if own.get("broken_at") is not None:
+            raise ConfigError(
+                f"this state was saved after step {own['broken_at']} raised part-way (its "
+                "update may have been made without its record): resume from a checkpoint "
+                "saved before that step"
+            )
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
@@ -762,11 +782,13 @@ class SelfTuned(torch.optim.Optimizer):
                 "block, and do this after it"
             )
 
-    def _check_whole(self, what: str) -> None:
+    def check_whole(self, what: str) -> None:
         """Refuse ``what`` after a step that raised part-way: the wrapper stands between that
-        step's update and its record (a Ctrl-C inside the step, a log write that failed), and
-        a state saved there held the step's weights with the step before's count: resumed, it
-        ended elsewhere than the run, and the log lacked the step."""
+        step's update and its record (a Ctrl-C inside the step, a log write that failed).  A
+        state saved there held the step's weights with the step before's count: resumed, it
+        ended elsewhere than the run, and the log lacked the step.  ``save_checkpoint`` and
+        ``step`` call this; ``state_dict`` saves such a state with a warning (a framework's
+        save on an exception goes on) and loading it is refused."""
         if self._broken_at is None:
             return
         raise ConfigError(
