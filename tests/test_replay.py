@@ -318,6 +318,15 @@ def test_refuses_an_optimizer_built_with_other_settings(run_dir: Path) -> None:
     selftune.replay(other, run_dir)
 
 
+def test_a_setting_the_logging_torch_lacked_is_no_difference(copy: Path) -> None:
+    """A log written under a torch whose AdamW had no ``decoupled_weight_decay`` was refused
+    by a torch that has it ("None -> True")."""
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["config"]["options"][0]["decoupled_weight_decay"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    selftune.replay(adamw(), copy)
+
+
 def test_keys_no_setting_of_the_optimizer_s_own_need_not_match(tmp_path: Path) -> None:
     """A scheduler built before the wrap adds ``initial_lr`` to the groups, and an optimizer
     built from ``named_parameters()`` holds the names: a replay that builds either otherwise

@@ -456,7 +456,9 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
     opt = make_optimizer("sgd", model, tmp_path / "res")
     train(model, opt, range(1, 21))
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=20)
-    train(model, opt, range(21, 23))
+    train(model, opt, range(21, 22))
+    save_checkpoint(tmp_path / "c21.pt", model=model, optimizer=opt, step=21)
+    train(model, opt, range(22, 23))
 
     def interrupt(optimizer: Any, args: Any, kwargs: Any) -> None:
         raise KeyboardInterrupt  # where a Ctrl-C can land: the update made, not recorded
@@ -475,6 +477,15 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
         other.load_state_dict(state)
     with pytest.raises(selftune.ConfigError, match="Resume from the last checkpoint"):
         train(model, opt, range(23, 24))
+    with pytest.raises(selftune.ConfigError, match="unwrap"):
+        opt.unwrap()  # its note would name step 22, the weights past it
+    load_checkpoint(tmp_path / "c21.pt", model=model, optimizer=opt)
+    hook = opt.optimizer.register_step_post_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):  # step 22, the last one recorded before the load:
+        train(model, opt, range(22, 23))  # read as recorded, and the run went on a step short
+    hook.remove()
+    with pytest.raises(selftune.ConfigError, match="step 22 raised part-way"):
+        save_checkpoint(tmp_path / "broken.pt", model=model, optimizer=opt, step=22)
     finish_from_checkpoint(ref, model, opt, tmp_path)  # loaded in place
 
 

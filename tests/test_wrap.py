@@ -219,6 +219,26 @@ def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> Non
     assert opt.hyperparams()[0]["lr"] == pytest.approx(0.5e-4)
 
 
+def test_a_second_rollback_before_a_training_step_keeps_the_first_one_s_cap() -> None:
+    """Trouble again at the step after a rollback: the rate that failed was read before the
+    first rollback's cap had been applied (no step had trained), from the rate LambdaLR had
+    written back under the rollback's scale, and the run stepped on above two backoffs of the
+    rate that failed first."""
+    inner, pr = _sgd(lr=0.05)
+    stepped: list[float] = []
+    inner.register_step_pre_hook(lambda o, a, k: stepped.append(o.param_groups[0]["lr"]))
+    opt = selftune.wrap(inner, "auto")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    bases: list[float] = []
+    for t in range(1, 61):
+        bases.append(opt.param_groups[0]["lr"])
+        _steps(pr, opt, range(t, t + 1), nan_at=45 if t == 45 else 46)
+        sched.step()
+    failed = stepped[43] * bases[44] / bases[43]  # the rate of step 45
+    for k, rate in enumerate(stepped[44:54]):  # steps 47 to 56
+        assert rate <= 0.25 * failed * bases[46 + k] / bases[44] * (1 + 1e-9), (47 + k, rate)
+
+
 def test_auto_holds_a_warmup_that_rises_past_the_step_limit_in_one_step() -> None:
     """LinearLR from a thousandth of the rate over 5 steps rises 200x in its first: the hold,
     a controller proposal, was clipped to a quarter of that by the per-step limit, and the

@@ -235,7 +235,8 @@ def _check_options(logged: Any, own: list[dict[str, Any]], where: str) -> None:
     if not isinstance(logged, list) or logged == own:
         return
     for i, (then, now) in enumerate(zip(logged, own, strict=False)):
-        differ = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        # keys both torch versions have: a setting a newer torch added is no difference
+        differ = sorted(k for k in then.keys() & now.keys() if then[k] != now[k])
         if differ:
             pairs = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in differ)
             raise SelfTuneError(

@@ -473,6 +473,7 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _step(self, t: int, loss: Any, inner_closure: Callable[[], Any] | None) -> Any:
         """Step ``t`` from the signals on: what a failure part-way leaves unfinished."""
+        self._recorded = self.step_count  # this step is not: a stale count read as recorded
         current = self.hyperparams()
         self._find_outside(t, current)
         if self._loaded:
@@ -628,7 +629,8 @@ class SelfTuned(torch.optim.Optimizer):
         # a state saved before the peaks: the rates now (no rise is read at the next step)
         self._peaks = list(own.get("peaks", self._bases()))
         lowered = own.get("lowered", [None] * len(self._scales))
-        self._lowered = [None if w is None else (w[0], w[1], w[2]) for w in lowered]
+        # (a two-value entry, of a state saved by an earlier version, holds nothing)
+        self._lowered = [None if w is None or len(w) != 3 else (w[0], w[1], w[2]) for w in lowered]
         self._left = copy.deepcopy(own.get("left"))
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
@@ -791,9 +793,10 @@ class SelfTuned(torch.optim.Optimizer):
         save on an exception goes on) and loading it is refused."""
         if self._broken_at is None:
             return
+        where = " (here, or on another rank)" if shards.across_ranks() else ""
         raise ConfigError(
-            f"{what} is refused: step {self._broken_at} raised part-way, and its update may "
-            "have been made without its record. Resume from the last checkpoint "
+            f"{what} is refused: step {self._broken_at} raised part-way{where}, and its update "
+            "may have been made without its record. Resume from the last checkpoint "
             "(selftune.load_checkpoint, or load_state_dict), which cuts the log back to it"
         )
 
@@ -830,6 +833,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self._unwrapped:
             return self.optimizer
+        self.check_whole("unwrap()")  # its note would name the step before, the weights past it
         handed = self.hyperparams()
         for i, group in enumerate(self.param_groups):
             knobs_io.write(group, "lr", handed[i]["lr"])
@@ -984,19 +988,14 @@ class SelfTuned(torch.optim.Optimizer):
         same cut from the same schedule.
         """
         decisions = []
-        for i, pending in enumerate(self._lowered):
-            if pending is None:
+        for i in range(len(self._lowered)):
+            allowed = self._rollback_cap(i)
+            if allowed is None or self._effective(i) <= allowed * _ROUNDING:
                 continue
-            failed_base, lowered_base, cap = pending
             base = knobs_io.read(self.param_groups[i], "lr")
-            if base * base <= failed_base * lowered_base:
-                continue  # nearer the lowered rate: the schedule went on from it
-            allowed = cap * base / failed_base
-            if self._effective(i) <= allowed * _ROUNDING:
-                continue
             why = (
                 f"guard: the scheduler wrote the rate back up to {base:.6g} since the rollback "
-                f"lowered it; held at the rollback's cap, {cap:.6g}, moved by the schedule"
+                f"lowered it; held at the rollback's cap moved by the schedule, {allowed:.6g}"
             )
             proposal = Proposal(i, "lr", allowed, why)
             decision = self._apply(t, proposal, self._knobs(i), signals, "guard", False)
@@ -1004,6 +1003,18 @@ class SelfTuned(torch.optim.Optimizer):
                 decisions.append(decision)
         self._lowered = [None] * len(self._lowered)
         return decisions
+
+    def _rollback_cap(self, i: int) -> float | None:
+        """The rate a pending rollback's cap allows group ``i`` now (see
+        :meth:`_hold_rollback_rates`), or None where it holds nothing."""
+        pending = self._lowered[i]
+        if pending is None:
+            return None
+        failed_base, lowered_base, cap = pending
+        base = knobs_io.read(self.param_groups[i], "lr")
+        if base * base <= failed_base * lowered_base:
+            return None  # nearer the lowered rate: the schedule went on from it
+        return cap * base / failed_base
 
     def _hold_ceiling(self, t: int, signals: Signals) -> list[Decision]:
         """Cut each scale that a scheduler's rise took the rate above its upper bound with.
@@ -1190,6 +1201,10 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
+        for i, knobs in enumerate(failed):  # a rollback's cap no training step has applied yet
+            allowed = self._rollback_cap(i)  # (trouble again at once): the rate that failed
+            if allowed is not None and allowed < knobs["lr"]:  # is the one it would have set
+                knobs["lr"] = allowed
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(failed)
