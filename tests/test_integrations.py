@@ -797,6 +797,36 @@ def test_huggingface_checkpoint_resume_continues_bit_for_bit(tmp_path: Path) -> 
     assert log_body(tmp_path / "run") == log_body(tmp_path / "ref")
 
 
+def test_huggingface_resume_with_the_same_trainer_after_an_interrupt(tmp_path: Path) -> None:
+    """An interrupt after a step's loss was fed and before its optimizer step, then a resume
+    with the same ``Trainer``: the fed loss stayed, and the first resumed step's loss held
+    the abandoned step's too (its trace row, the rates after it, the weights went elsewhere)."""
+    transformers = pytest.importorskip("transformers")
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    class Interrupt(transformers.TrainerCallback):  # type: ignore[misc]
+        armed = True
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.armed and state.global_step == 11:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    trainer = _hf_trainer(tmp_path / "out", 20, save_strategy="steps", save_steps=10)
+    trainer.add_callback(Interrupt())
+    wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
+    straight = _hf_trainer(tmp_path / "straight", 20, save_strategy="no")
+    wrap_trainer_optimizer(straight, log_dir=tmp_path / "ref")
+    straight.train()
+    trace = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
+    mine, theirs = trainer.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 # --------------------------------------------------------------------------- TensorBoard, MLflow
 
 
@@ -1024,3 +1054,14 @@ def test_a_controller_of_ones_own_is_logged_and_replayed_as_the_built_in_ones_ar
         (other / "manifest.json").read_text().replace("plateau-halver", "auto")
     )
     assert example.fresh(other).exists(), "a folder of another run was emptied"
+
+
+def test_a_writer_s_line_names_the_bound_and_the_guard_once() -> None:
+    """A bound's cut read "by the bound (clipped by the policy)", and a guard's decision "by
+    the guard: guard: ...", in TensorBoard's and MLflow's text."""
+    from selftune.integrations.events import describe
+
+    bound = selftune.Decision(5, 0, "lr", 0.011, 0.01, "cut", {}, True, "bound", 1.0)
+    guard = selftune.Decision(6, 0, "lr", 0.01, 0.005, "guard: loss is nan", {}, False, "guard")
+    assert describe(bound) == "step 5, group 0: lr 0.011 → 0.01 by the bound: cut"
+    assert describe(guard) == "step 6, group 0: lr 0.01 → 0.005 by the guard: loss is nan"

@@ -146,6 +146,20 @@ def test_long_log_shows_both_ends_every_guard_event_and_a_count(tmp_path: Path) 
     assert "loss is nan at step 150" in guards[1]
 
 
+def test_the_decision_table_says_who_decided_where_not_the_controller(tmp_path: Path) -> None:
+    """A bound's cut showed as a decision "clipped by policy" and a guard's as a controller's:
+    the table had no word of the source the log holds."""
+    run = FakeRun(tmp_path / "run")
+    run.decision(10, 0, "lr", 0.001, 0.002, "grow")
+    run.append({**decision_record(20, 0, "lr", 0.0021, 0.002, "held", True), "source": "bound"})
+    run.append({**decision_record(30, 0, "lr", 0.002, 0.001, "guard: x", False), "source": "guard"})
+    rows = [r for r in write_report(run.folder).read_text().split("<tr") if "class=decision" in r]
+    assert len(rows) == 3
+    assert "tag bound" not in rows[0] and "tag guard" not in rows[0]
+    assert "<span class='tag bound'>bound</span>" in rows[1]
+    assert "<span class='tag guard'>guard</span>" in rows[2]
+
+
 def test_without_a_trace_knobs_are_rebuilt_from_the_decisions(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "no-trace", knobs=(("lr", "beta1", "beta2"),))
     run.decision(10, 0, "lr", 0.001, 0.002, "grow")
@@ -282,6 +296,11 @@ def test_cli_writes_no_page_over_a_file_of_the_run(
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(target)]) == 1
     assert "exists and is no selftune report" in capsys.readouterr().err
     assert target.read_bytes() == kept
+    own = tmp_path / "run" / "report.html"  # and where no --out is given
+    own.write_text("<html>a page of the user's own</html>")
+    assert cli.main(["report", str(tmp_path / "run")]) == 1
+    assert own.read_text() == "<html>a page of the user's own</html>"
+    own.unlink()
     page = tmp_path / "old.html"
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(page)]) == 0
     first = page.read_text()

@@ -519,7 +519,7 @@ tr.guard td{background:#fdecec;color:#8a1c1c}tr.guard td:first-child{border-left
 tr.note td{color:#5f6b76;font-style:italic}
 tr.gap td{text-align:center;color:#5f6b76;background:#fafbfc}
 .tag{display:inline-block;border-radius:4px;padding:0 6px;font-size:12px;font-weight:600}
-.tag.guard{background:#d62728;color:#fff}.tag.clip{background:#f0c36d;color:#5a3d00}
+.tag.guard{background:#d62728;color:#fff}.tag.clip{background:#f0c36d;color:#5a3d00}.tag.bound{background:#9467bd;color:#fff}
 code{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
 """
 
@@ -550,6 +550,9 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
     kind = record.get("kind")
     if kind == "decision":
         clipped = "<span class='tag clip'>clipped</span>" if record["clipped"] else ""
+        source = record.get("source", "controller")  # who decided, where not the controller
+        if source != "controller":
+            clipped = f"<span class='tag {_e(source)}'>{_e(source)}</span> {clipped}"
         return (
             f"<tr class=decision><td class=num>{_e(record['step'])}</td>"
             f"<td class=num>{_e(record['group'])}</td><td>{_e(record['knob'])}</td>"
@@ -758,8 +761,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             "a file of its own, e.g. report.html"
         )
     run = read_run(run_dir)
-    plots = make_plots(run)
     page = Path(out) if out is not None else run.folder / "report.html"
+    if out is None and page.exists() and not _is_report(page):
+        raise ValueError(
+            f"{page} exists and is no selftune report: the page is not written over it; give "
+            "--out a file of its own"
+        )
+    plots = make_plots(run)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_html(run, plots, rows), encoding="utf-8")
     # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be

@@ -29,11 +29,11 @@ def check_writer_options(**values: Any) -> None:
 
 def describe(decision: Decision) -> str:
     """One line for a person: what changed, from what to what, who decided and why."""
-    clipped = " (clipped by the policy)" if decision.clipped else ""
+    clipped = " (clipped by the policy)" if decision.clipped and decision.source != "bound" else ""
+    reason = decision.reason.removeprefix(f"{decision.source}: ")  # "by the guard: guard: ..."
     return (
         f"step {decision.step}, group {decision.group}: {decision.knob} "
-        f"{decision.old:.6g} → {decision.new:.6g} by the {decision.source}{clipped}: "
-        f"{decision.reason}"
+        f"{decision.old:.6g} → {decision.new:.6g} by the {decision.source}{clipped}: {reason}"
     )
 
 

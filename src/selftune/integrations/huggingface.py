@@ -103,7 +103,11 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 "optimizer: call selftune.integrations.huggingface.wrap_trainer_optimizer(trainer) "
                 "before trainer.train()"
             )
-        if not isinstance(self.optimizer, FedSelfTuned):
+        if isinstance(self.optimizer, FedSelfTuned):
+            # the losses of a step an interrupt cut short before its optimizer step: a resume
+            # with the same Trainer added them to its first step's
+            self.optimizer.loss_feed.clear()
+        else:
             warnings.warn(
                 "the Trainer steps its selftune optimizer without a loss, so it tunes on gradient "
                 "signals alone; wrap_trainer_optimizer(trainer) also feeds it the training loss",
