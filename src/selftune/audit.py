@@ -460,6 +460,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.close(folder_fd)
 
 
+#: how the notes about the log itself begin, which a later cut past them carries forward
+_RESUMED, _TORN = "resumed: dropped", "dropped a torn final line"
+
 #: the run folders whose logs this process holds open: a clash with one of them is a second
 #: optimizer pointed at the folder (a GAN's other player), not a run to resume or start over
 _OPEN_LOGS: weakref.WeakValueDictionary[Path, AuditLog] = weakref.WeakValueDictionary()
@@ -611,7 +614,7 @@ class AuditLog:
         self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
         _OPEN_LOGS[self._key] = self
         if torn:
-            self._opening.append(f"dropped a torn final line of {torn} bytes")
+            self._opening.append(f"{_TORN} of {torn} bytes")
         if note is not None:
             self._opening.append(note)
         self._opened_at = self._seq
@@ -681,12 +684,12 @@ class AuditLog:
             for r in after
             if r["kind"] == "note"
             and r["seq"] not in opened
-            and str(r["reason"]).startswith(("resumed: dropped", "dropped a torn"))
+            and str(r["reason"]).startswith((_RESUMED, _TORN))
         ]
         os.ftruncate(fd, size)
         self._seq, self._head, self._bytes = seq, head, size
         if dropped:  # a log that already ends at the checkpoint stays byte-identical
-            reason = f"resumed: dropped {dropped} records written after the checkpoint"
+            reason = f"{_RESUMED} {dropped} records written after the checkpoint"
             if earlier:
                 reason += f" (among them notes that said: {'; '.join(earlier)})"
             self.append({"kind": "note", "reason": reason})

@@ -130,11 +130,11 @@ class SignalTracker:
         Every per-tensor scalar goes into one stacked vector, so the step costs a few fused
         passes over the parameters and exactly one host sync; the sums over tensors and groups
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
-        for controllers that do not read it.  ``broken``: this rank's last step raised
+        for controllers that do not read it.  ``loss`` is one passed by :func:`check_loss`,
+        which the wrapper calls before the step starts.  ``broken``: this rank's last step raised
         part-way; under torch.distributed every rank then refuses this one alike (a rank that
         refused alone, before the collective, left the others' paired with its next one).
         """
-        loss = check_loss(loss)  # before anything below overwrites the previous update
         distributed = across_ranks()
         parts: list[torch.Tensor] = []
         # per group: gradients, update parts, buffer, and the sign of the gradient it descends
@@ -220,9 +220,11 @@ class SignalTracker:
             values = []
         if distributed:
             _ranks_whole(values[-1])
-            if values[-2] not in (0.0, 1.0):
-                self._prev = None  # read into: the next step reads no previous update
-            loss_value = _ranks_loss(values[-3], values[-2])
+            try:
+                loss_value = _ranks_loss(values[-3], values[-2])
+            except RefusedStep:
+                self._prev = None  # read into above: the next step reads no previous update
+                raise
         else:
             loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)

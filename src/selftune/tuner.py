@@ -516,8 +516,9 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
-        signals = self.last_signals = self._read_rises(signals)
-        held = self._hold_rollback_rates(t, signals)
+        bases = self._bases()  # one read of the rates a step: the rises, the holds, the ceiling
+        signals = self.last_signals = self._read_rises(signals, bases)
+        held = self._hold_rollback_rates(t, signals, bases)
         if held:
             forgiven, current = forgiven + held, self.hyperparams()
         proposals = _checked(self.controller, self.controller.propose(signals, current), current)
@@ -527,7 +528,7 @@ class SelfTuned(torch.optim.Optimizer):
             t, signals, proposals, current, limited=restarting is None
         )
         if restarting is None:
-            decisions += self._hold_ceiling(t, signals)
+            decisions += self._hold_ceiling(t, signals, bases)
         restart = None if restarting is None else self._restart(restarting)
         self._leave(current, decisions)
         if restart is not None:
@@ -886,8 +887,8 @@ class SelfTuned(torch.optim.Optimizer):
     # -- knobs --------------------------------------------------------------------------------
     def _effective(self, i: int) -> float:
         """The rate group ``i`` steps at: for a tensor rate, the product the step's ``mul_``
-        holds in the tensor's dtype (the float64 product was a float32 ulp off it in a quarter
-        of scales, so the log, ``hyperparams()`` and ``unwrap`` each gave another rate)."""
+        holds in the tensor's dtype (the float64 product could be a float32 ulp off it, so the
+        log, ``hyperparams()`` and ``unwrap`` each gave another rate)."""
         lr = self.param_groups[i]["lr"]
         if isinstance(lr, torch.Tensor):
             return float((lr * self._scales[i]).item())
@@ -946,7 +947,7 @@ class SelfTuned(torch.optim.Optimizer):
         """The rate each group holds now: a scheduler's (or the loop's), without the scale."""
         return [knobs_io.read(g, "lr") for g in self.param_groups]
 
-    def _read_rises(self, signals: Signals) -> Signals:
+    def _read_rises(self, signals: Signals, bases: list[float]) -> Signals:
         """``signals`` with each group's rise of its rate above the highest set before, which
         this step's rate then becomes (one read of the rates a step, on the path where the
         controller proposes: a rise met in a rollback is read at the next step).
@@ -956,9 +957,8 @@ class SelfTuned(torch.optim.Optimizer):
         test found the edge of stability at the rate of the time took the run past that edge
         (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm
         restart's) is no rise: the controller has seen the run at that rate.  Ranks hold the
-        same schedule, so every rank reads the same rises.
+        same schedule, so every rank reads the same rises.  ``bases``: :meth:`_bases`.
         """
-        bases = self._bases()
         rises = [
             base / peak if peak is not None and base > peak else 1.0
             for peak, base in zip(self._peaks, bases, strict=True)
@@ -973,7 +973,7 @@ class SelfTuned(torch.optim.Optimizer):
         groups = tuple(dataclasses.replace(g, base_rise=r) for g, r in pairs)
         return dataclasses.replace(signals, groups=groups)
 
-    def _hold_rollback_rates(self, t: int, signals: Signals) -> list[Decision]:
+    def _hold_rollback_rates(self, t: int, signals: Signals, bases: list[float]) -> list[Decision]:
         """Hold a rollback's cap against a scheduler that wrote its own rate back since.
 
         A rollback that lowers a group's base rate to its snapshot's sets the scale on that
@@ -985,14 +985,15 @@ class SelfTuned(torch.optim.Optimizer):
         the one that failed than the lowered one (a scheduler that multiplies the rate it
         finds goes on from the lower one, and a rate the loop wrote once stays lowered) holds
         the rate to that cap, moved by the schedule since the failure.  A replay makes the
-        same cut from the same schedule.
+        same cut from the same schedule.  ``bases``: :meth:`_bases`.
         """
+        if not any(self._lowered):
+            return []  # no rollback pending: the step's usual path
         decisions = []
-        for i in range(len(self._lowered)):
-            allowed = self._rollback_cap(i)
+        for i, base in enumerate(bases):
+            allowed = self._rollback_cap(i, base)
             if allowed is None or self._effective(i) <= allowed * _ROUNDING:
                 continue
-            base = knobs_io.read(self.param_groups[i], "lr")
             why = (
                 f"guard: the scheduler wrote the rate back up to {base:.6g} since the rollback "
                 f"lowered it; held at the rollback's cap moved by the schedule, {allowed:.6g}"
@@ -1004,19 +1005,18 @@ class SelfTuned(torch.optim.Optimizer):
         self._lowered = [None] * len(self._lowered)
         return decisions
 
-    def _rollback_cap(self, i: int) -> float | None:
-        """The rate a pending rollback's cap allows group ``i`` now (see
+    def _rollback_cap(self, i: int, base: float) -> float | None:
+        """The rate a pending rollback's cap allows group ``i`` at base rate ``base`` (see
         :meth:`_hold_rollback_rates`), or None where it holds nothing."""
         pending = self._lowered[i]
         if pending is None:
             return None
         failed_base, lowered_base, cap = pending
-        base = knobs_io.read(self.param_groups[i], "lr")
         if base * base <= failed_base * lowered_base:
             return None  # nearer the lowered rate: the schedule went on from it
         return cap * base / failed_base
 
-    def _hold_ceiling(self, t: int, signals: Signals) -> list[Decision]:
+    def _hold_ceiling(self, t: int, signals: Signals, bases: list[float]) -> list[Decision]:
         """Cut each scale that a scheduler's rise took the rate above its upper bound with.
 
         The policy holds selftune's moves to the bounds, and a scale is checked when a decision
@@ -1025,13 +1025,17 @@ class SelfTuned(torch.optim.Optimizer):
         optimizer steps at.  The floor is left alone: a scheduler's decay below it stays where
         the scheduler put it (a bound stops a move, it never makes one).  A replay computes the
         same cuts from the same schedule and policy, so they are logged (source ``"bound"``)
-        but not replayed from the log.
+        but not replayed from the log.  ``bases``: :meth:`_bases`, read before the decisions,
+        which set scales only.
         """
         decisions = []
-        for i, base in enumerate(self._bases()):
+        for i, base in enumerate(bases):
             if base <= 0.0 or self._scales[i] <= 1.0:
                 continue  # a scale of at most 1 keeps the rate at or below the scheduler's
             _, cap = self.policy.limits("lr", self._start[i], (base,))
+            if base * self._scales[i] <= cap * (1 - 1e-6):
+                continue  # clear of the bound by more than a float32 tensor rate's rounding:
+                # no need of the exact product (a device sync for a tensor rate)
             old = self._effective(i)
             # a scale is a quotient: a rate set at the bound may round 1 ulp over (of a float32
             # tensor rate's, where the bound itself rounds up)
@@ -1201,10 +1205,11 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(trouble.step, signals, [], {**event, "reason": str(err)})
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
-        for i, knobs in enumerate(failed):  # a rollback's cap no training step has applied yet
-            allowed = self._rollback_cap(i)  # (trouble again at once): the rate that failed
-            if allowed is not None and allowed < knobs["lr"]:  # is the one it would have set
-                knobs["lr"] = allowed
+        if any(self._lowered):  # a rollback's cap no training step has applied yet (trouble
+            for i, base in enumerate(self._bases()):  # again at once): the rate that failed is
+                allowed = self._rollback_cap(i, base)  # the one it would have set
+                if allowed is not None and allowed < failed[i]["lr"]:
+                    failed[i]["lr"] = allowed
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
             note_failure(failed)
@@ -1658,18 +1663,18 @@ def group_options(group: dict[str, Any], defaults: Mapping[str, Any]) -> dict[st
     plain JSON values: a replay through an optimizer built with another weight decay ended on
     other weights, silently.  Keys a scheduler adds (``initial_lr``) or parameter names are
     no setting, and may differ in a replay that ends on the same weights."""
+    plain = (bool, int, float, str, type(None))
     options: dict[str, Any] = {}
     for key in defaults:
-        value = group.get(key)
         if key in ("params", "lr", "momentum", "betas"):
             continue
+        value = group.get(key)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             value = str(value)  # as the log writes one
         if isinstance(value, tuple):
             value = list(value)
-        plain = (bool, int, float, str, type(None))
         if isinstance(value, plain) or (
             isinstance(value, list) and all(isinstance(v, plain) for v in value)
         ):

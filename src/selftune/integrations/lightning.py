@@ -35,7 +35,7 @@ What the callback does, and when:
   guard, signal and log state under ``"selftune"``; the callback's own state adds the guard's
   in-memory snapshots.  ``trainer.fit(model, ckpt_path=...)`` from a ``ModelCheckpoint``'s
   checkpoint taken at an epoch's end continues bit for bit: the weights, trace and log end as
-  the run's that never stopped (tested at an epoch's end).
+  the run's that never stopped (tested).
   With a ``log_dir`` the run folder recognises its run by the hash of the *initial* weights, and
   Lightning loads the checkpoint's weights before ``on_fit_start``; the callback therefore keeps
   the freshly initialised weights from ``setup`` while resuming and wraps with those in place,

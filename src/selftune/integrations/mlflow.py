@@ -10,8 +10,7 @@ Metrics ``selftune/group{i}/{knob}`` (effective values) and ``selftune/loss`` ev
 ``selftune/metric`` at each step that read a metric given to ``observe``, in one ``log_batch``
 call per step, plus ``selftune/decisions``, the running count of decisions and guard events
 (the artifact's rows).  The decisions themselves, with their reasons and signals, go to the
-artifact
-``selftune/decisions.jsonl`` (rewritten every ``flush_every`` new decisions and at
+artifact ``selftune/decisions.jsonl`` (rewritten every ``flush_every`` new decisions and at
 :meth:`MLflowWriter.close`), and the latest one to the tag ``selftune.last_decision``.
 """
 
