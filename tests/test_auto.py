@@ -889,3 +889,45 @@ def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
     train(pr, opt, warm, on_step=lambda _t: sched.step())
     assert opt.hyperparams()[0]["lr"] > 0.5 * 0.01
+
+
+def _reported_loss_run(
+    controller: str, loss: Callable[[torch.Tensor, int], torch.Tensor], adam: bool = False
+) -> tuple[list[dict[str, float]], list[Any]]:
+    """A small regression trained 120 steps on minibatches, its loop reporting (and stepping
+    on) ``loss(true_loss, step)``; the knobs after each step, and the guard events."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 8)
+    y = x[:, :1] * x[:, 1:2] + torch.sin(x[:, 2:3])
+    params = model.parameters()
+    inner = torch.optim.AdamW(params) if adam else torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    opt = selftune.wrap(inner, controller)
+    events: list[Any] = []
+    opt.add_listener(lambda e: events.append(e.guard) if e.guard else None)
+    knobs = []
+    for t in range(1, 121):
+        batch = torch.randint(0, 1024, (64,), generator=gen)
+        reported = loss(torch.nn.functional.mse_loss(model(x[batch]), y[batch]), t)
+        opt.zero_grad()
+        reported.backward()
+        opt.step(loss=reported.detach())
+        knobs.append(opt.hyperparams()[0])
+    return knobs, events
+
+
+def test_a_loss_reported_as_a_constant_restarts_nothing() -> None:
+    """A loop that reports a loss that never varies: the start's level had no deviation, and
+    the smoothed loss, an ulp above it by rounding, read as a rise after the range test and
+    restarted the run from its first step with the rate cut."""
+    _, events = _reported_loss_run("auto", lambda true, t: true - true.detach() + 0.7, adam=True)
+    assert [e for e in events if e["event"] == "restart"] == [], events
+
+
+def test_hypergradient_moves_nothing_without_a_gradient() -> None:
+    """A loss multiplied by 0 from step 60 on (momentum still moves the weights): the averaged
+    evidence, which skips such steps, stood still, and the rate moved on it at every step."""
+    knobs, _ = _reported_loss_run("hypergradient", lambda true, t: true * (0.0 if t > 60 else 1))
+    assert knobs[58] != knobs[59]  # tuned while there was a gradient
+    assert all(k == knobs[60] for k in knobs[60:]), (knobs[60], knobs[-1])

@@ -224,6 +224,27 @@ def test_a_half_precision_average_is_kept_in_float32() -> None:
     assert w.tolist() == [4.0] * 4
 
 
+@pytest.mark.parametrize("when", [0, 5])
+def test_the_average_follows_a_model_converted_after_wrap(when: int) -> None:
+    """``model.to(torch.bfloat16)`` after ``wrap`` (before the first step, which plain torch's
+    optimizers allow, or mid-run with SGD): the fused update mixed a float32 average with
+    bfloat16 weights and raised after the step had moved them, which broke the run."""
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = selftune.wrap(torch.optim.SGD([w], lr=1.0), "off", guard=False, average=0.5)
+    for t in range(1, 11):
+        if t == when + 1:
+            w.data = w.data.to(torch.bfloat16)  # what model.to(torch.bfloat16) does
+        opt.zero_grad()
+        w.grad = torch.full_like(w, -1.0)
+        opt.step()
+    ((average,),) = opt.average.tensors
+    assert w.dtype == torch.bfloat16 and average.dtype == torch.float32  # kept wide
+    assert w.tolist() == [11.0] * 4
+    assert average.tolist() == pytest.approx([10.0] * 4, abs=2e-3)  # the ema: 1 step behind
+    with opt.averaged():
+        assert torch.equal(w, average.to(torch.bfloat16))
+
+
 def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
     task = make_task()
     first, _, second = task.model.children()

@@ -569,11 +569,15 @@ def test_the_notes_a_reopened_folder_writes_survive_the_resume(tmp_path: Path) -
     assert len(notes) == 2 and notes[0].startswith("resumed: dropped ")
     assert "changed manifest (config: guard)" in notes[1]  # the setting named
     load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)  # again, in this process
-    opt.close()
     again = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
     assert len(again) == 2 and again[1] == notes[1]
     # the second cut took the first one's note with it, and the log no longer told of it
     assert again[0].endswith(f"(among them notes that said: {notes[0]})"), again[0]
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)  # a third time: flat
+    third = [r["reason"] for r in read_log(tmp_path / "run").records if r["kind"] == "note"]
+    head = again[0].partition(" (among")[0]
+    assert third[0].endswith(f"(among them notes that said: {notes[0]}; {head})"), third[0]
+    opt.close()
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

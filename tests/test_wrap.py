@@ -1156,6 +1156,30 @@ def test_a_group_added_after_a_rollback_is_measured_and_guarded_at_once() -> Non
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_a_group_removed_behind_the_wrapper_is_refused_before_the_step(tmp_path: Path) -> None:
+    """``param_groups.pop(0)``: the per-group scales were read against the wrong groups (the
+    second group's rate times the first one's scale), then a step failed deep inside on the
+    previous update's shape, after it had moved the weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.2}]
+    opt = selftune.wrap(torch.optim.SGD(groups, lr=0.05), log_dir=tmp_path / "run")
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(_X), _Y).backward()
+        opt.step()
+    opt.param_groups.pop(0)
+    before = [p.clone() for p in model.parameters()]
+    for refused in (opt.step, opt.hyperparams):
+        with pytest.raises(
+            selftune.ConfigError, match="holds 1 param groups where selftune tunes 2"
+        ):
+            refused()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    opt.close()
+    selftune.verify(tmp_path / "run")
+
+
 def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:
     """Stopped at a checkpoint after the body's group was added, and resumed the documented way
     (build the optimizer, add the group again, load the checkpoint): the weights and the audit

@@ -555,6 +555,32 @@ def append_line(
         ) from exc
 
 
+def open_append(file: Path, owner: object) -> tuple[int, weakref.finalize]:
+    """Open ``file`` to append whole lines with ``os.write``; return its descriptor and the
+    finalizer that closes it (call it to close the file).
+
+    A raw descriptor, unlike a file object, is not closed when its holder is collected: a
+    notebook that makes run after run without ``close()`` would leak two per run. The
+    finalizer closes it when ``owner`` goes, and at most once.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    fd = os.open(file, flags, 0o644)
+    return fd, weakref.finalize(owner, os.close, fd)
+
+
+#: how a resume's note carries the notes of earlier cuts it dropped
+_AMONG = " (among them notes that said: "
+
+
+def _unnested(reason: str) -> list[str]:
+    """A dropped note, and the earlier notes it carried, in the order they were written: a
+    retry from the same checkpoint carries them flat, not a note quoting a note quoting one."""
+    head, among, carried = reason.partition(_AMONG)
+    if not among or not carried.endswith(")"):
+        return [reason]
+    return [*carried[:-1].split("; "), head]
+
+
 class AuditLog:
     """Appends hash-chained records to ``<log_dir>/decisions.jsonl``; one writer per folder.
 
@@ -578,6 +604,7 @@ class AuditLog:
         self.fsync = fsync
         self._file = self.path / DECISIONS
         self._fd: int | None = None
+        self._closer: weakref.finalize | None = None
         self._seq = 0
         self._head = GENESIS
         self._bytes = 0
@@ -601,11 +628,10 @@ class AuditLog:
             self._seq = len(scan.records)
             self._head = scan.records[-1]["hash"] if scan.records else GENESIS
             self._bytes = scan.valid_bytes
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
             if torn:
                 os.truncate(self._file, self._bytes)
-            self._fd = os.open(self._file, flags, 0o644)
+            self._fd, self._closer = open_append(self._file, self)
         except OSError as exc:  # a read-only run folder, a full disk
             raise LogError(
                 f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
@@ -680,18 +706,19 @@ class AuditLog:
         # and what earlier cuts past the checkpoint said of the log (a second resume from the
         # same checkpoint cut the first one's note away, and the log no longer told of it)
         earlier = [
-            r["reason"]
+            note
             for r in after
             if r["kind"] == "note"
             and r["seq"] not in opened
             and str(r["reason"]).startswith((_RESUMED, _TORN))
+            for note in _unnested(str(r["reason"]))
         ]
         os.ftruncate(fd, size)
         self._seq, self._head, self._bytes = seq, head, size
         if dropped:  # a log that already ends at the checkpoint stays byte-identical
             reason = f"{_RESUMED} {dropped} records written after the checkpoint"
             if earlier:
-                reason += f" (among them notes that said: {'; '.join(earlier)})"
+                reason += f"{_AMONG}{'; '.join(earlier)})"
             self.append({"kind": "note", "reason": reason})
         if kept:  # where they are now, for a later cut (a second resume in this process)
             self._opened_at, self._opening = self._seq, kept
@@ -748,9 +775,9 @@ class AuditLog:
 
     def close(self) -> None:
         """Close the file; records already appended are on disk (or in the OS's cache)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._closer is not None:
+            self._closer()
+            self._fd = self._closer = None
             if _OPEN_LOGS.get(self._key) is self:
                 del _OPEN_LOGS[self._key]
 

@@ -70,14 +70,18 @@ def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's average is kept in: float32 for a half-precision parameter,
+    whose own precision rounds away an update once the weights are within about
+    ``2**-8 / (1 - decay)`` of the average (bfloat16's; a bfloat16 average of weights at 4.0
+    stopped at 3.94 with decay 0.9, at 2.0 of 3.83 with 0.999).  Costs twice the parameter's
+    memory there."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
 def _wide_copy(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's starting average: in float32 for a half-precision parameter, whose own
-    precision rounds away an update once the weights are within about ``2**-8 / (1 - decay)``
-    of the average (bfloat16's; a bfloat16 average of weights at 4.0 stopped at 3.94 with decay
-    0.9, at 2.0 of 3.83 with 0.999).  Costs twice the parameter's memory there."""
-    if p.dtype in _HALF:
-        return p.detach().to(torch.float32)
-    return p.detach().clone()
+    """A parameter's starting average (see :func:`_wide`)."""
+    return p.detach().to(_wide(p.dtype), copy=True)
 
 
 class WeightAverage:
@@ -108,8 +112,33 @@ class WeightAverage:
         self.updates = 0
 
     @torch.no_grad()
+    def follow(self, groups: list[dict[str, Any]]) -> None:
+        """Bring each group's average to its parameters' device and dtype where a model moved
+        or converted after ``wrap`` (``model.to(torch.bfloat16)`` before the first step, which
+        plain torch's optimizers allow) left them apart: the fused update mixes neither, and
+        raised after the step had moved the weights.
+
+        One look per group, at its first parameter (``model.to`` moves and converts every
+        one): a look at every parameter would be a Python loop over them at every step.
+        """
+        for i, (group, avg) in enumerate(zip(groups, self.tensors, strict=True)):
+            params = local_params(group)
+            if not avg:
+                continue
+            first, kept = params[0], avg[0]
+            wide_path = self.widened[i] or first.dtype not in _HALF  # the update a half takes
+            if kept.device == first.device and kept.dtype == _wide(first.dtype) and wide_path:
+                continue
+            self.tensors[i] = [
+                a.to(device=p.device, dtype=_wide(p.dtype))
+                for a, p in zip(avg, params, strict=True)
+            ]
+            self.widened[i] = any(p.dtype in _HALF for p in params)
+
+    @torch.no_grad()
     def update(self, groups: list[dict[str, Any]]) -> None:
         """Fold the weights after an applied step into the average (one fused op per group)."""
+        self.follow(groups)
         self.updates += 1
         weight = max(1.0 - self.decay, 1.0 / (self.updates + 1))
         for group, avg, wide in zip(groups, self.tensors, self.widened, strict=True):

@@ -18,6 +18,7 @@ import numbers
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -202,6 +203,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._seed = None if seed is None else int(seed)
         self._log: AuditLog | None = None
         self._trace: int | None = None  # trace.jsonl's fd, written as the log is: whole lines
+        self._trace_closer: weakref.finalize | None = None
         self._trace_file = Path()
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         #: ``group`` records of groups added since the last step, written with the next one
@@ -260,6 +262,7 @@ class SelfTuned(torch.optim.Optimizer):
     # -- public API ---------------------------------------------------------------------------
     def hyperparams(self) -> list[dict[str, float]]:
         """The knobs in force, one dict per param group, with the *effective* learning rate."""
+        self._check_groups()
         return [self._knobs(i) for i in range(len(self.param_groups))]
 
     def add_listener(self, fn: Callable[[StepEvent], None]) -> None:
@@ -430,6 +433,7 @@ class SelfTuned(torch.optim.Optimizer):
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
         self._check_open("a step")
+        self._check_groups()
         if self._gave_up_at is not None:
             # a step after it went on in the log past the escalate record, and a replay,
             # which raises the GuardError again there, could not follow
@@ -801,6 +805,20 @@ class SelfTuned(torch.optim.Optimizer):
             "(selftune.load_checkpoint, or load_state_dict), which cuts the log back to it"
         )
 
+    def _check_groups(self) -> None:
+        """Refuse param groups removed behind selftune's back (``param_groups.pop``): its
+        per-group scales, start rates and previous updates would be read against the wrong
+        groups, a silently wrong rate and then a shape error deep inside a step."""
+        now, known = len(self.param_groups), len(self._scales)
+        if now != known:
+            raise ConfigError(
+                f"the wrapped optimizer holds {now} param groups where selftune tunes {known}: "
+                "a group was removed, or added to the wrapped optimizer itself, and selftune "
+                "cannot tell which group is which. Keep the groups (a group set to lr 0 "
+                "mid-run stops training), add new ones with add_param_group, or unwrap() and "
+                "wrap again in a new run folder"
+            )
+
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log."""
         if self._closed_after is not None:
@@ -868,9 +886,9 @@ class SelfTuned(torch.optim.Optimizer):
             self._write_added()
             self.sync()
             self._log.close()
-        if self._trace is not None:
-            os.close(self._trace)
-            self._trace = None
+        if self._trace_closer is not None:
+            self._trace_closer()
+            self._trace = self._trace_closer = None
 
     def __repr__(self) -> str:
         return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
@@ -1428,8 +1446,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
             self._trace_file = log_dir / "trace.jsonl"
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
-            self._trace = os.open(self._trace_file, flags, 0o644)
+            self._trace, self._trace_closer = audit.open_append(self._trace_file, self)
             self._trace_bytes = os.fstat(self._trace).st_size
 
     def _settings(self) -> dict[str, Any]:

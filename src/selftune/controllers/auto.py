@@ -121,6 +121,9 @@ def _ema_gap_deviation(fast: float, slow: float) -> float:
     return math.sqrt(var - 2 * (1 - fast) * (1 - slow) / (1 - fast * slow))
 
 
+#: the least relative difference from the start's level read as one: a few float32 ulps
+_ROUNDING = 1e-6
+
 #: what minibatch noise alone gives the fast loss EMA minus the slow one, per unit of the
 #: minibatch loss's deviation (about 0.17): the yardstick of a clear trend
 TREND_NOISE = _ema_gap_deviation(FAST_DECAY, SLOW_DECAY)
@@ -671,13 +674,17 @@ class AutoController:
         starting level, else 0.
 
         The error combines the smoothed loss's own (an EMA of ~10 steps of minibatch losses with
-        the deviation of the first ones) and that of the level (the mean of the first few).
+        the deviation of the first ones) and that of the level (the mean of the first few). It
+        is at least a millionth of the level, a few float32 ulps: a loss that never varies
+        (one the loop reports as a constant) has no deviation, and the EMA's rounding, an ulp
+        off the level, read as a rise and restarted the run.
         """
         level = self._start_level
         n = len(level.samples)
         if s.loss_ema is None or n < level.min_samples:
             return 0
         error = level.deviation * math.sqrt((1 - FAST_DECAY) / (1 + FAST_DECAY) + 1 / n)
+        error = max(error, _ROUNDING * abs(level.mean))
         if abs(s.loss_ema - level.mean) <= self.clear * error:
             return 0
         return 1 if s.loss_ema > level.mean else -1

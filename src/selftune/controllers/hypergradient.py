@@ -74,8 +74,11 @@ class HypergradientController:
         for i, k in enumerate(knobs):
             rho, rho_m = self.evidence(signals, i)
             g = signals.groups[i]
-            if g.update_norm == 0.0:
-                continue  # no previous update yet: no evidence
+            if g.update_norm == 0.0 or g.grad_norm == 0.0:
+                # no previous update yet, or no gradient (a loss multiplied by 0): no evidence,
+                # and the averages, which skip such a step, would move the rate again on the
+                # last one's at every step while momentum alone moves the weights
+                continue
             reversal = g.cos_update if g.cos_update < REVERSAL else None
             out.append(self.lr_proposal(i, k["lr"], rho, self.gain, reversal))
             for name in ("momentum", "beta1"):
