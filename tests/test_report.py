@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
@@ -395,3 +396,24 @@ def test_the_trace_is_cut_after_the_last_row_through_a_step(tmp_path: Path, bloc
     path.write_text(rows[0] + "not json\n" + rows[2], encoding="utf-8")
     with pytest.raises(LogError, match="not a JSON line"):
         trace_size_through(path, 1, block)
+
+
+@pytest.mark.parametrize(("groups", "bar"), [(3, False), (40, True)])
+def test_many_groups_get_a_colour_bar_not_a_legend_entry_each(
+    tmp_path: Path, groups: int, bar: bool
+) -> None:
+    """A rate per layer (tens to hundreds of groups): one legend entry per group covered the
+    plot, and the palette's colours repeated every nine groups."""
+    from selftune.report import _knob_plot
+
+    run = FakeRun(tmp_path / "run", knobs=[("lr", "momentum")] * groups)
+    for group in range(groups):
+        run.decision(10, group, "lr", 0.1, 0.1 * 0.9**group, "a rate per layer")
+    read = read_run(run.folder)
+    fig = _knob_plot(read, knob_series(read), ["lr"], "Learning rate", True, [])
+    assert fig is not None
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert sum(label.startswith("group") for label in labels) == (0 if bar else groups)
+    assert len(fig.axes) == (2 if bar else 1)  # the colour bar's own axes
+    assert "decision" in labels
+    fig.savefig(io.BytesIO(), format="png")  # it renders

@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -398,10 +398,14 @@ def _knob_plot(
     fig = _figure(3.0)
     ax = fig.add_subplot()
     groups = sorted({group for group, _ in curves})
+    colour_of = _group_colours(fig, ax, groups)
+    many = len(groups) > len(GROUP_COLOURS)
     styles = dict(zip(knobs, ("-", "--", ":"), strict=False))
     for (group, knob), curve in sorted(curves.items()):
-        colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+        colour = colour_of(group)
         label = f"group {group}" if len(knobs) == 1 else f"{knob}, group {group}"
+        if many:  # the colour bar names the groups; a knob's line style, one entry each
+            label = knob if group == groups[0] and len(knobs) > 1 else "_nolegend_"
         ax.plot(
             curve.steps,
             curve.values,
@@ -420,7 +424,7 @@ def _knob_plot(
         for group in groups:
             points = [(r["step"], as_float(r["new"])) for r in marks if r["group"] == group]
             if points:
-                colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+                colour = colour_of(group)
                 ax.plot(
                     *zip(*points, strict=True),
                     "o",
@@ -444,8 +448,25 @@ def _knob_plot(
         ax.set_yscale("log")
     _mark_guards(ax, guards)
     _style(ax, title, " / ".join(knobs) if len(knobs) > 1 else knobs[0])
-    ax.legend(loc="best", fontsize=8, framealpha=0.9, ncols=2 if len(curves) > 4 else 1)
+    ncols = 2 if len(ax.get_legend_handles_labels()[1]) > 4 else 1
+    ax.legend(loc="best", fontsize=8, framealpha=0.9, ncols=ncols)
     return fig
+
+
+def _group_colours(fig: Figure, ax: Axes, groups: Sequence[int]) -> Callable[[int], Any]:
+    """Each group's colour: the palette's, one legend entry per group, up to as many groups as
+    it has colours; past that (a rate per layer, tens to hundreds of groups) a colour map over
+    the group index with a colour bar, where a legend entry per group had covered the plot and
+    the palette's colours repeated."""
+    if len(groups) <= len(GROUP_COLOURS):
+        return lambda group: GROUP_COLOURS[group % len(GROUP_COLOURS)]
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    norm, cmap = Normalize(groups[0], groups[-1]), colormaps["viridis"]
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="group", pad=0.01)
+    return lambda group: cmap(float(norm(group)))
 
 
 @dataclass(frozen=True)
