@@ -594,6 +594,16 @@ def test_the_early_level_is_the_recent_median_not_the_lowest_loss() -> None:
     assert _judge_all([228.0, 100.0, 20.0, 18.0, 16.0, 15.0, 14.0, 190.0]) == [8]
 
 
+def test_a_warm_up_spike_names_its_check_not_an_infinite_score() -> None:
+    """Before the guard knows a deviation the jump's check judges, whose score is infinite by
+    design: the reason read "18528 is inf sd above its running level"."""
+    guard = selftune.guard.Guard()
+    found = [guard.check(_signals(t, loss)) for t, loss in enumerate([228.0, 73.0, 18528.0], 1)]
+    trouble = found[-1]
+    assert trouble is not None and "inf" not in trouble.reason, trouble.reason
+    assert "jumped past the warm-up's check (10x its recent median" in trouble.reason
+
+
 def test_a_snapshot_is_not_changed_by_the_training_that_follows_its_restore() -> None:
     """A rollback hands the optimizer copies of the snapshot's tensors, not the tensors
     themselves: the steps after it update momentum buffers and weights in place, and a snapshot

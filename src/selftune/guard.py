@@ -491,7 +491,7 @@ class Guard:
             # (bench-results/pilots/early_swings.py)
             score = self.loss.spike(s.loss, c.z, c.ratio, c.warmup, c.early_ratio, "median")
             if score is not None:
-                why = f"loss spike: {s.loss:.4g} is {score:.1f} sd above its running level"
+                why = _spike_why("loss", s.loss, score, c.early_ratio, "recent median")
                 return Trouble(s.step, "loss", s.loss, why)
         # the norms of the same starts stay within 37x of their lowest (that regression again;
         # the other five workloads within 8.4x), inside the factor of 100 they are given
@@ -499,9 +499,7 @@ class Guard:
             s.grad_norm, c.z, c.grad_ratio, c.warmup, c.early_ratio * 10, "lowest"
         )
         if score is not None:
-            why = (
-                f"gradient-norm spike: {s.grad_norm:.4g} is {score:.1f} sd above its running level"
-            )
+            why = _spike_why("gradient-norm", s.grad_norm, score, c.early_ratio * 10, "lowest")
             return Trouble(s.step, "grad_norm", s.grad_norm, why)
         return None
 
@@ -821,3 +819,14 @@ _SAVED = (
 )
 #: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`
 _KEPT_APART = ("initial", "best", "abandoned")
+
+
+def _spike_why(name: str, value: float, score: float, factor: float, against: str) -> str:
+    """A spike's reason: its z-score, or, in the warm-up, which has no deviation to judge by
+    yet (:meth:`_RunningStats.spike`'s infinite score, which read as "inf sd"), the jump's check."""
+    if math.isinf(score):
+        return (
+            f"{name} spike: {value:.4g} jumped past the warm-up's check ({factor:g}x its "
+            f"{against}, before a deviation is known)"
+        )
+    return f"{name} spike: {value:.4g} is {score:.1f} sd above its running level"
