@@ -31,6 +31,33 @@ def _trace(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize(
+    ("integration", "framework", "cached"),
+    [
+        ("lightning", "lightning", ["lightning.pytorch"]),
+        ("huggingface", "transformers", ["transformers.trainer"]),
+        ("tensorboard", "tensorboard", ["torch.utils.tensorboard"]),
+        ("mlflow", "mlflow", []),
+    ],
+)
+def test_an_integration_without_its_framework_names_it_and_the_extra(
+    integration: str, framework: str, cached: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each integration imported where its framework is missing (None in ``sys.modules``: the
+    import fails as if it were not installed) says which package and which extra."""
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, framework, None)
+    for name in [*cached, f"selftune.integrations.{integration}"]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ModuleNotFoundError) as err:
+        importlib.import_module(f"selftune.integrations.{integration}")
+    assert err.value.name == framework
+    assert f"needs the package '{framework}'" in str(err.value)
+    assert "pip install 'selftune[integrations]'" in str(err.value)
+
+
 # --------------------------------------------------------------------------- Lightning
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -844,10 +871,32 @@ def _plain_loop(opt: selftune.SelfTuned, model: torch.nn.Module, steps: int) -> 
                 opt.observe(torch.nn.functional.cross_entropy(model(x), y))
 
 
-def _tuned(steps: int, *listeners: Any) -> tuple[selftune.SelfTuned, list[selftune.StepEvent]]:
+class _Heads(torch.nn.Module):
+    """A sum of linear heads, each weight and bias a param group of its own: a rate per tensor,
+    as layer-wise rates have one per layer."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 4) for _ in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([h(x) for h in self.heads]).sum(0)
+
+
+def _tuned(
+    steps: int, *listeners: Any, heads: int = 0
+) -> tuple[selftune.SelfTuned, list[selftune.StepEvent]]:
+    """A short run of ``auto`` on AdamW, with ``heads`` heads (a group per tensor) if any."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    if heads:
+        model: torch.nn.Module = _Heads(heads)
+        groups: Any = [{"params": [p]} for p in model.parameters()]
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+        )
+        groups = model.parameters()
+    opt = selftune.wrap(torch.optim.AdamW(groups, lr=1e-3))
     events: list[selftune.StepEvent] = []
     opt.add_listener(events.append)
     for fn in listeners:
@@ -911,12 +960,14 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     import mlflow
     from mlflow import MlflowClient
 
+    from selftune.integrations import mlflow as mlflow_writer
     from selftune.integrations.mlflow import MLflowWriter
 
     uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database otherwise
     mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(mlflow_writer, "PART_ROWS", 7)  # parts of 7 rows, flushed every 5
     writer = MLflowWriter(flush_every=5)  # no active run: the writer starts one and ends it
     _, events = _tuned(30, writer)
     # a guard event of a NaN loss: a bare NaN in the tag and the artifact is not JSON
@@ -938,20 +989,111 @@ def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     assert [m[0] for m in metrics] == [11, 21]
 
     decisions = [d for e in events for d in e.decisions]
-    assert decisions
-    local = client.download_artifacts(writer.run_id, "selftune/decisions.jsonl", str(tmp_path))
-
-    def strict(text: str) -> Any:
-        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-
-    rows = [strict(line) for line in Path(local).read_text().splitlines()]
+    assert len(decisions) > 3 * 7, "the artifact must take several parts to test them"
+    rows = _artifact_rows(client, writer.run_id, tmp_path)
     assert [(r["step"], r["knob"], r["reason"]) for r in rows[:-1]] == [
         (d.step, d.knob, d.reason) for d in decisions
     ]
     assert rows[-1]["value"] == "nan"
     run = client.get_run(writer.run_id)
     assert decisions[-1].reason in run.data.tags["selftune.last_decision"]
-    assert strict(run.data.tags["selftune.last_guard_event"])["value"] == "nan"
+    assert _strict(run.data.tags["selftune.last_guard_event"])["value"] == "nan"
+
+
+def _strict(text: str) -> Any:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def _artifact_rows(client: Any, run_id: str, tmp_path: Path) -> list[Any]:
+    """The rows of the decisions artifact's parts, concatenated in name order."""
+    local = Path(client.download_artifacts(run_id, "selftune/decisions", str(tmp_path)))
+    parts = sorted(local.glob("*.jsonl"))
+    return [_strict(line) for part in parts for line in part.read_text().splitlines()]
+
+
+def _mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def test_the_writers_write_the_knobs_every_every_steps_and_each_decision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``every=10``: the knobs and the loss at steps 10, 20, 30, 40 only, though ``auto``
+    decides at most steps (a condition on decisions wrote them at every step); each decision's
+    text, and MLflow's count of them, at the step it was made."""
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.mlflow import MLflowWriter
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    board, tracker = TensorBoardWriter(tmp_path / "tb", every=10), MLflowWriter(every=10)
+    _, events = _tuned(40, board, tracker)
+    board.close()
+    tracker.close()
+    decided = sorted({d.step for e in events for d in e.decisions})
+    assert len(decided) > 20, "auto decides at most steps: the case where every was ignored"
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    client = MlflowClient(tracking_uri=uri)
+    for name in ("selftune/group0/lr", "selftune/group0/beta1", "selftune/loss"):
+        assert [s.step for s in acc.Scalars(name)] == [10, 20, 30, 40]
+        assert [m.step for m in client.get_metric_history(tracker.run_id, name)] == [10, 20, 30, 40]
+    lrs = [s.value for s in acc.Scalars("selftune/group0/lr")]
+    assert lrs == pytest.approx([events[t - 1].hyperparams[0]["lr"] for t in (10, 20, 30, 40)])
+    texts = acc.Tensors("selftune/decisions/text_summary")
+    assert sorted({t.step for t in texts}) == decided
+    counts = client.get_metric_history(tracker.run_id, "selftune/decisions")
+    assert [m.step for m in counts] == decided
+    assert counts[-1].value == len(_artifact_rows(client, tracker.run_id, tmp_path))
+
+
+def test_mlflow_writer_logs_a_rate_per_layer_in_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """400 param groups of AdamW: 1200 knobs a step (past MLflow's 1000 entities per
+    ``log_batch``, which its client splits), and 400 decisions a step, whose artifact takes
+    parts of :data:`PART_ROWS` rows, each written in full once it is full."""
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import PART_ROWS, MLflowWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    writer = MLflowWriter()
+    _, events = _tuned(6, writer, heads=200)
+    writer.close()
+    assert len(events[-1].hyperparams) == 400
+    client = MlflowClient(tracking_uri=uri)
+    for name in ("selftune/group0/lr", "selftune/group399/beta2", "selftune/loss"):
+        assert [m.step for m in client.get_metric_history(writer.run_id, name)] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+        ]
+    last = client.get_metric_history(writer.run_id, "selftune/group399/lr")[-1].value
+    assert last == pytest.approx(events[-1].hyperparams[399]["lr"])
+    decisions = [d for e in events for d in e.decisions]
+    assert len(decisions) > PART_ROWS
+    rows = _artifact_rows(client, writer.run_id, tmp_path)
+    assert [(r["step"], r["group"], r["knob"]) for r in rows] == [
+        (d.step, d.group, d.knob) for d in decisions
+    ]
+    parts = client.list_artifacts(writer.run_id, "selftune/decisions")
+    assert [Path(f.path).name for f in parts] == ["00000.jsonl", "00001.jsonl"][: len(parts)]
+    assert len(parts) == -(-len(decisions) // PART_ROWS)
 
 
 # --------------------------------------------------------------------------- torch.compile

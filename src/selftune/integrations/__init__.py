@@ -8,7 +8,26 @@ frameworks; import the module you use, e.g. ``from selftune.integrations.lightni
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+
+@contextmanager
+def needs(integration: str) -> Iterator[None]:
+    """Around an integration's imports of its framework: a framework not installed is named,
+    with the extra that installs it, where the bare error named only a module deep in the
+    import (``No module named 'lightning'``) and not how this package gets it."""
+    try:
+        yield
+    except ModuleNotFoundError as err:
+        package = (err.name or "").partition(".")[0]  # lightning, of lightning.pytorch
+        raise ModuleNotFoundError(
+            f"selftune.integrations.{integration} needs the package {package!r}, which is not "
+            "installed: pip install 'selftune[integrations]' installs every integration's "
+            f"framework (or install {package!r} alone)",
+            name=package,
+        ) from err
 
 
 def check_wrap_options(controller: Any, options: dict[str, Any], owner: str) -> None:

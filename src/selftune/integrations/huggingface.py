@@ -45,15 +45,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer import OPTIMIZER_NAME
 
 import selftune
 from selftune.controllers.base import check_flags
-from selftune.integrations import refuse_for_wrapped, wrap_settings_given
+from selftune.integrations import needs, refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import FedSelfTuned, feed_from
 from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned
+
+with needs("huggingface"):
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+    from transformers.trainer import OPTIMIZER_NAME
 
 #: the switch of the evaluation's metric, and what each choice does (see ``check_flags``)
 OBSERVE_EVAL = {"observe_eval": "True (give the optimizer each evaluation's metric) or False"}

@@ -51,17 +51,24 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 import selftune
 from selftune.average import swapped
 from selftune.controllers.base import check_flags
-from selftune.integrations import check_wrap_options, refuse_for_wrapped, wrap_settings_given
+from selftune.integrations import (
+    check_wrap_options,
+    needs,
+    refuse_for_wrapped,
+    wrap_settings_given,
+)
 from selftune.integrations._feed import LossFeed, feed_from
 from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned, StepEvent
+
+with needs("lightning"):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
 
 #: The checkpoint key naming each averaged parameter, per optimizer and param group.
 AVERAGED = "selftune_averaged_parameters"

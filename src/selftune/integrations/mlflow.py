@@ -6,12 +6,13 @@
 ...     train()
 ...     writer.close()
 
-Metrics ``selftune/group{i}/{knob}`` (effective values) and ``selftune/loss`` every step, and
-``selftune/metric`` at each step that read a metric given to ``observe``, in one ``log_batch``
-call per step, plus ``selftune/decisions``, the running count of decisions and guard events
-(the artifact's rows).  The decisions themselves, with their reasons and signals, go to the
-artifact ``selftune/decisions.jsonl`` (rewritten every ``flush_every`` new decisions and at
-:meth:`MLflowWriter.close`), and the latest one to the tag ``selftune.last_decision``.
+Metrics ``selftune/group{i}/{knob}`` (effective values) and ``selftune/loss`` every ``every``
+steps, and ``selftune/metric`` at each step that read a metric given to ``observe``, in one
+``log_batch`` call per step, plus ``selftune/decisions``, the running count of decisions and
+guard events, at each step that had one.  The decisions themselves, with their reasons and
+signals, go to the artifacts ``selftune/decisions/00000.jsonl``, ``00001.jsonl``, ... of
+:data:`PART_ROWS` rows each (concatenated in name order: the run folder's rows, in the MLflow
+run), and the latest one to the tag ``selftune.last_decision``.
 """
 
 from __future__ import annotations
@@ -21,24 +22,33 @@ import math
 import time
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
-
 from selftune.audit import canonical
+from selftune.integrations import needs
+
+with needs("mlflow"):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
 from selftune.integrations.events import check_writer_options, describe, event_metric
 from selftune.tuner import StepEvent, is_rank_zero
+
+#: rows per part of the decisions artifact.  A part is rewritten at each flush while it fills
+#: and never after, so the bytes uploaded grow with the decisions; one file rewritten at each
+#: flush grew with their square, and ``auto`` decides at most steps of a run.
+PART_ROWS = 1000
 
 
 class MLflowWriter:
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
 
     ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the active run (one is
-    started, and ended in :meth:`close`, if none is active).  ``every``: log the knob metrics
-    every this many steps (steps with decisions are always logged).  ``prefix``: the first
-    part of every metric's, tag's and artifact's name.  ``flush_every``: rewrite the decisions
-    artifact after this many new decisions (and at :meth:`close`): a run that dies before
-    ``close`` loses up to that many from the artifact (the run folder's log keeps them all).
+    started, and ended in :meth:`close`, if none is active).  ``every``: log the knobs and the
+    loss every this many steps (the decisions' count and the metric at the steps that have
+    them).  ``prefix``: the first part of every metric's, tag's and artifact's name.
+    ``flush_every``: write the decisions artifact's open part after this many new decisions
+    (and at :meth:`close`): a run that dies before ``close`` loses up to that many from the
+    artifact (the run folder's log keeps them all).  Only the open part is held in memory.
     """
 
     def __init__(
@@ -65,7 +75,10 @@ class MLflowWriter:
         self.run_id: str = run if isinstance(run, str) else run.info.run_id
         self.client = client if client is not None else MlflowClient()
         self.prefix, self.every, self.flush_every = prefix, every, flush_every
-        self.decisions: list[dict[str, Any]] = []
+        #: decisions and guard events so far (the artifact's rows)
+        self.count = 0
+        self._part: list[dict[str, Any]] = []  # the rows of the part still filling
+        self._parts_done = 0  # parts written full, never written again
         self._unflushed = 0
 
     def __call__(self, event: StepEvent) -> None:
@@ -73,7 +86,9 @@ class MLflowWriter:
             return
         now = int(time.time() * 1000)
         metrics: list[Metric] = []
-        if event.step % self.every == 0 or event.decisions:
+        # the knobs every ``every`` steps only: ``auto`` decides at most steps, and a condition
+        # on decisions wrote every step whatever ``every`` was
+        if event.step % self.every == 0:
             for i, knobs in enumerate(event.hyperparams):
                 metrics += [
                     Metric(f"{self.prefix}/group{i}/{name}", float(v), now, event.step)
@@ -84,30 +99,33 @@ class MLflowWriter:
         if (metric := event_metric(event)) is not None:
             metrics.append(Metric(f"{self.prefix}/metric", metric, now, event.step))
         tags: list[RunTag] = []
-        for d in event.decisions:
-            self.decisions.append({**dataclasses.asdict(d), "text": describe(d)})
-            tags = [RunTag(f"{self.prefix}.last_decision", describe(d)[:5000])]
+        rows = [{**dataclasses.asdict(d), "text": describe(d)} for d in event.decisions]
+        if event.decisions:
+            tags = [RunTag(f"{self.prefix}.last_decision", describe(event.decisions[-1])[:5000])]
         if event.guard is not None:
-            record = {"step": event.step, "kind": "guard", **event.guard}
-            self.decisions.append(record)
-            tag = canonical(record).decode()  # a NaN as "nan", as the log holds it: valid JSON
+            rows.append({"step": event.step, "kind": "guard", **event.guard})
+            tag = canonical(rows[-1]).decode()  # a NaN as "nan", as the log holds it: valid JSON
             tags.append(RunTag(f"{self.prefix}.last_guard_event", tag[:5000]))
-        if event.decisions or event.guard is not None:
-            metrics.append(
-                Metric(f"{self.prefix}/decisions", float(len(self.decisions)), now, event.step)
-            )
-            self._unflushed += len(event.decisions) + (event.guard is not None)
-        if metrics or tags:
+        if rows:
+            self.count += len(rows)
+            metrics.append(Metric(f"{self.prefix}/decisions", float(self.count), now, event.step))
+        if metrics or tags:  # MLflow's client splits a batch past its limit (a rate per layer)
             self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
-        if self._unflushed >= self.flush_every:
-            self.flush()
+        for row in rows:  # a row at a time: a part ends at PART_ROWS whatever a step brings
+            self._part.append(row)
+            self._unflushed += 1
+            if len(self._part) == PART_ROWS or self._unflushed >= self.flush_every:
+                self.flush()
 
     def flush(self) -> None:
-        """Write every decision so far to the artifact ``<prefix>/decisions.jsonl``."""
-        if not self.active:
+        """Write the part of the decisions artifact still filling (``<prefix>/decisions/``)."""
+        if not self.active or not self._part:
             return
-        text = "".join(canonical(r).decode() + "\n" for r in self.decisions)
-        self.client.log_text(self.run_id, text, f"{self.prefix}/decisions.jsonl")
+        text = "".join(canonical(r).decode() + "\n" for r in self._part)
+        name = f"{self.prefix}/decisions/{self._parts_done:05d}.jsonl"
+        self.client.log_text(self.run_id, text, name)
+        if len(self._part) == PART_ROWS:
+            self._part, self._parts_done = [], self._parts_done + 1
         self._unflushed = 0
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 >>> opt.add_listener(TensorBoardWriter("runs/tb"))          # or an existing SummaryWriter
 
 Scalars ``selftune/group{i}/{knob}`` (the *effective* values: the learning rate includes
-selftune's scale on top of any scheduler) and ``selftune/loss`` every step, and
+selftune's scale on top of any scheduler) and ``selftune/loss`` every ``every`` steps, and
 ``selftune/metric`` at each step that read a metric given to ``observe``; each decision and
 guard event as text under ``selftune/decisions`` and ``selftune/guard``, with the reason in
 words, at the step it was made.  Uses ``torch.utils.tensorboard``, which needs the
@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
+from selftune.integrations import needs
+
+with needs("tensorboard"):
+    from torch.utils.tensorboard import SummaryWriter
 
 from selftune.integrations.events import (
     check_writer_options,
@@ -31,7 +34,8 @@ class TensorBoardWriter:
 
     ``writer_or_logdir``: a ``SummaryWriter`` (shared with the rest of the training's scalars)
     or a folder for a new one, which this writer then owns and closes in :meth:`close`.
-    ``every``: write scalars every this many steps (decisions are always written).
+    ``every``: write the knobs and the loss every this many steps (each decision's text, the
+    guard's events and the metric at the steps that have them).
     """
 
     def __init__(
@@ -56,7 +60,9 @@ class TensorBoardWriter:
         w, step = self.writer, event.step
         if w is None:
             return
-        if step % self.every == 0 or event.decisions:
+        # every ``every`` steps only: ``auto`` decides at most steps, and a condition on
+        # decisions wrote every step whatever ``every`` was
+        if step % self.every == 0:
             for i, knobs in enumerate(event.hyperparams):
                 for name, value in knobs.items():
                     w.add_scalar(f"{self.prefix}/group{i}/{name}", value, step)
