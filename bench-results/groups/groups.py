@@ -9,12 +9,17 @@ momentum 0.9 (the benchmark's default settings):
 
 - ``one``: every parameter in one group (the benchmark's ``selftune-auto`` row);
 - ``split``: the ``Trainer``'s two groups, at the same settings (the same weight decay in both, so
-  that the arms differ by the split alone).
+  that the arms differ by the split alone);
+- ``layer``: a group per parameter tensor, at the same settings: the finest of the layer-wise
+  rates that fine-tuning scripts set (a rate per layer), where every group runs its own range
+  test on the one loss of the run;
+- ``joint``: the same groups, tuned together (``wrap(..., groups="joint")``).
 
-Measured per run: steps to the workload's target, and the two groups' final effective rates.
-Run from the repository root: ``SELFTUNE_CACHE=.cache PYTHONPATH=src python
-bench-results/groups/groups.py OUT WORKLOAD...`` writes ``OUT.json`` (rows appended as runs end);
-``groups.py --table OUT.json`` prints the table made from it.
+Measured per run: steps to the workload's target, the groups' final effective rates, and the
+guard's events by kind (a range test's restart is one).  Run from the repository root:
+``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/groups/groups.py OUT
+[--arms one,layer] WORKLOAD...`` writes ``OUT.json`` (rows appended as runs end; the arms
+default to ``one,split``); ``groups.py --table OUT.json`` prints the tables made from it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,12 @@ from torch import nn
 from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from probe_grid import run_rows, train_row  # noqa: E402
+from probe_grid import count_guard_events, run_rows, train_row  # noqa: E402
 
 SEEDS = range(3)
+ARMS = ("one", "split", "layer", "joint")
+#: the guard's events of the runs of this process, one counter per wrap (a job wraps once)
+EVENTS: list[Counter[str]] = []
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 
@@ -50,14 +59,17 @@ def build(base: str, arm: str) -> Callable[[nn.Module, Setting], Handle]:
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
 
-        groups: Any = (
-            [{"params": g} for g in split(model) if g] if arm == "split" else model.parameters()
-        )
+        groups: Any = model.parameters()
+        if arm == "split":
+            groups = [{"params": g} for g in split(model) if g]
+        elif arm in ("layer", "joint"):
+            groups = [{"params": [p]} for p in model.parameters()]
         if base == "sgd":
             inner: torch.optim.Optimizer = torch.optim.SGD(groups, **SGD_DEFAULT)
         else:
             inner = torch.optim.AdamW(groups, **ADAMW_DEFAULT)
-        opt = selftune.wrap(inner, seed=s.seed)
+        opt = selftune.wrap(inner, seed=s.seed, groups="joint" if arm == "joint" else "each")
+        EVENTS.append(count_guard_events(opt))
         mode = "max" if s.higher_is_better else "min"
         return Handle(
             opt, pass_loss=True, lr_of=_selftune_lr, metric_to=lambda v: opt.observe(v, mode=mode)
@@ -78,8 +90,9 @@ def one(job: tuple[str, str, str, int]) -> dict[str, Any]:
 
     Handle.step = step  # type: ignore[method-assign]
     key = {"workload": name, "base": base, "arm": arm, "seed": seed}
+    EVENTS.clear()
     row = train_row(name, method, seed, key, ("steps_to_target", "steps_run", "diverged"))
-    return {**row, "final_rates": rates}
+    return {**row, "final_rates": rates, "events": dict(sum(EVENTS, Counter()))}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -120,16 +133,82 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def layer_table(rows: list[dict[str, Any]]) -> str:
+    """Per workload and base: steps to target per seed with one group and with a group per
+    tensor, tuned each on its own (its restarts and the spread of its final rates) and
+    jointly, where measured; then each per-tensor arm against one group."""
+    runs = {(r["workload"], r["base"], r["arm"], r["seed"]): r for r in rows}
+    arms = [a for a in ("layer", "joint") if any(r["arm"] == a for r in rows)]
+    heads = {
+        "layer": "per tensor, each: steps | restarts | rates max / min",
+        "joint": "joint: steps",
+    }
+    lines = [
+        "| workload | base | groups | one group: steps | "
+        + " | ".join(heads[a] for a in arms)
+        + " |",
+        "|---|---|---:|---|"
+        + "|".join("---|---|---" if a == "layer" else "---" for a in arms)
+        + "|",
+    ]
+    ratios: dict[str, list[float]] = {a: [] for a in arms}
+    misses = {a: 0 for a in ("one", *arms)}
+    pairs = dict.fromkeys((r["workload"], r["base"]) for r in rows if r["arm"] in arms)
+    for w, base in pairs:
+        cells: dict[str, list[str]] = {a: [] for a in ("one", *arms)}
+        restarts, spread, count = [], [], 0
+        for seed in SEEDS:
+            one = runs[(w, base, "one", seed)]
+            for arm in ("one", *arms):
+                r = runs[(w, base, arm, seed)]
+                hit = r["steps_to_target"]
+                misses[arm] += hit is None
+                cells[arm].append("-" if hit is None else str(hit))
+                if arm != "one" and one["steps_to_target"] and hit:
+                    ratios[arm].append(hit / one["steps_to_target"])
+                if arm == "layer":
+                    restarts.append(str(r["events"].get("restart", 0)))
+                    spread.append(f"{max(r['final_rates']) / min(r['final_rates']):.2g}")
+                count = len(r["final_rates"])
+        row = [w, base, str(count), " ".join(cells["one"])]
+        for arm in arms:
+            row.append(" ".join(cells[arm]))
+            if arm == "layer":
+                row += [" ".join(restarts), " ".join(spread)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for arm in arms:
+        rs = ratios[arm]
+        gm = math.exp(sum(map(math.log, rs)) / len(rs))
+        lines.append(
+            f"A group per tensor ({'each' if arm == 'layer' else 'joint'}) / one group, steps to "
+            f"target, geometric mean over the {len(rs)} runs that both finished: {gm:.3f} (range "
+            f"{min(rs):.2f}-{max(rs):.2f}; faster {sum(r < 1 for r in rs)}, equal "
+            f"{rs.count(1.0)}, slower {sum(r > 1 for r in rs)}); target missed: one group "
+            f"{misses['one']}, this arm {misses[arm]} of {len(pairs) * len(SEEDS)} runs each."
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     if sys.argv[1] == "--table":
-        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        rows = json.loads(Path(sys.argv[2]).read_text())
+        if any(r["arm"] == "split" for r in rows):
+            print(table(rows))
+        if any(r["arm"] in ("layer", "joint") for r in rows):
+            print(layer_table(rows))
         return
     out = Path(sys.argv[1] + ".json")
+    arms, names = ("one", "split"), sys.argv[2:]
+    if names[0] == "--arms":
+        arms, names = tuple(names[1].split(",")), names[2:]
+    if not set(arms) <= set(ARMS):
+        raise SystemExit(f"--arms: give some of {', '.join(ARMS)}, comma-separated")
     jobs = [
         (w, base, arm, seed)
-        for w in sys.argv[2:]
+        for w in names
         for base in ("adamw", "sgd")
-        for arm in ("one", "split")
+        for arm in arms
         for seed in SEEDS
     ]
     run_rows(one, jobs, out)

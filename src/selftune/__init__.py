@@ -42,6 +42,7 @@ def wrap(
     log_dir: str | Path | None = None,
     seed: int | None = None,
     average: bool | float = False,
+    groups: str = "each",
     **controller_options: Any,
 ) -> SelfTuned:
     """Wrap ``optimizer`` so that it tunes its own learning rate while it trains (and, with the
@@ -59,6 +60,9 @@ def wrap(
     numbers, so it seeds nothing (seed the run's own generators as ever).
     ``average``: keep an exponential moving average of the weights to evaluate in their place
     (``with opt.averaged(): ...``); True means decay 0.9, a float is the decay.
+    ``groups``: ``"each"`` tunes every param group from its own signals; ``"joint"`` tunes
+    them as one, from the signals of all, and keeps their rates in the ratios given (a rate
+    per layer: see :mod:`selftune.controllers.joint`).
     """
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
     return SelfTuned(
@@ -69,6 +73,7 @@ def wrap(
         log_dir=log_dir,
         seed=seed,
         average=average,
+        groups=groups,
         **controller_options,
     )
 

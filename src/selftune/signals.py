@@ -15,6 +15,7 @@ scalars).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class GroupSignals:
     #: highest it had set before (a warm-up's rise, not a cycle's return to its top); 1 when
     #: it did not: the wrapper fills it in, the tracker never sees the rate
     base_rise: float = 1.0
+    buffer_norm: float = math.nan  #: ‖momentum buffer‖, NaN when the optimizer keeps none
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,39 @@ class Signals:
             if value is not None:
                 out[name] = value
         return out
+
+
+def pooled(signals: Signals) -> Signals:
+    """The step's signals with every group's replaced by those of all the groups as one, for
+    the controller of a run whose groups are tuned jointly (``wrap(..., groups="joint")``).
+
+    Norms and dot products add over groups, so the pooled alignments are those of the whole
+    parameter vector: what one group holding every parameter reads.  The momentum buffer's
+    alignment pools the groups that keep a buffer and have a gradient (none: NaN).  Each group
+    keeps its own ``base_rise``, the rise of its own rate.
+    """
+    gs = signals.groups
+    if len(gs) == 1:  # itself, to the bit (a root of a square can differ by an ulp)
+        return signals
+    gg = sum(g.grad_norm**2 for g in gs)
+    dd = sum(g.update_norm**2 for g in gs)
+    gd = sum(g.dot_update for g in gs)
+    with_buffer = [g for g in gs if math.isfinite(g.cos_buffer)]
+    bb = sum(g.buffer_norm**2 for g in with_buffer)
+    gb = sum(g.cos_buffer * g.grad_norm * g.buffer_norm for g in with_buffer)
+    gb_norm = math.sqrt(sum(g.grad_norm**2 for g in with_buffer) * bb)
+    gn, dn = math.sqrt(gg), math.sqrt(dd)
+    pool = GroupSignals(
+        grad_norm=gn,
+        update_norm=dn,
+        cos_update=gd / (gn * dn) if gn * dn > 0 and math.isfinite(gn * dn) else 0.0,
+        dot_update=gd,
+        cos_buffer=gb / gb_norm if gb_norm > 0 else math.nan,
+        buffer_norm=math.sqrt(bb) if with_buffer else math.nan,
+    )
+    return dataclasses.replace(
+        signals, groups=tuple(dataclasses.replace(pool, base_rise=g.base_rise) for g in gs)
+    )
 
 
 class SignalTracker:
@@ -243,6 +278,7 @@ class SignalTracker:
                     cos_update=gd / (gn * dn) if gn * dn > 0 and math.isfinite(gn * dn) else 0.0,
                     dot_update=gd,
                     cos_buffer=gb / (gn * bn) if gn * bn > 0 else math.nan,
+                    buffer_norm=bn,
                 )
             )
         finite = math.isfinite(total_sq) and (loss is None or math.isfinite(loss))

@@ -32,6 +32,7 @@ from selftune import shards
 from selftune.audit import append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
+from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
@@ -41,6 +42,7 @@ from selftune.signals import (
     SignalTracker,
     average_across_ranks,
     check_loss,
+    pooled,
 )
 
 if TYPE_CHECKING:
@@ -98,6 +100,7 @@ class SelfTuned(torch.optim.Optimizer):
         log_dir: str | Path | None = None,
         seed: int | None = None,
         average: bool | float = False,
+        groups: str = "each",
         **controller_options: Any,
     ) -> None:
         if isinstance(optimizer, SelfTuned):
@@ -135,7 +138,16 @@ class SelfTuned(torch.optim.Optimizer):
                 warnings.warn(lost, stacklevel=_outside_frames())
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
+        if groups not in ("each", "joint"):
+            raise ConfigError(
+                f"groups={groups!r}: give 'each' (every param group tuned from its own signals) "
+                "or 'joint' (all groups as one, their rates kept in the ratios given)"
+            )
         self.controller = make_controller(controller, **controller_options)
+        #: whether the controller reads the groups as one (see selftune.controllers.joint)
+        self._joint = groups == "joint"
+        if self._joint:
+            self.controller = JointController(self.controller)
         #: the options the controller was built with off its defaults, for the manifest: a run
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
         #: controller of the user's own says what it likes in its ``options``, if anything)
@@ -525,12 +537,11 @@ class SelfTuned(torch.optim.Optimizer):
         held = self._hold_rollback_rates(t, signals, bases)
         if held:
             forgiven, current = forgiven + held, self.hyperparams()
-        proposals = _checked(self.controller, self.controller.propose(signals, current), current)
+        read = pooled(signals) if self._joint else signals  # what the controller decides on
+        proposals = _checked(self.controller, self.controller.propose(read, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart(proposals)
-        decisions = forgiven + self._decide(
-            t, signals, proposals, current, limited=restarting is None
-        )
+        decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
         if restarting is None:
             decisions += self._hold_ceiling(t, signals, bases)
         restart = None if restarting is None else self._restart(restarting)
