@@ -101,6 +101,24 @@ def test_joint_keeps_the_ratios_of_the_rates_given(tmp_path: Path) -> None:
     assert _rates(selftune.replay(inner, tmp_path / "run"), 150, again) == rates
 
 
+def test_joint_moves_every_groups_momentum_memory_by_one_factor() -> None:
+    """``hypergradient`` tunes momentum: groups at 0.9 and 0.8 keep their memories ``1 - μ``
+    one to two apart while the run's momentum moves."""
+    problem = mlp_regression(seed=5)
+    groups = _per_tensor(problem)
+    for g, momentum in zip(groups, (0.9, 0.9, 0.8, 0.8), strict=True):
+        g["momentum"] = momentum
+    opt = selftune.wrap(
+        torch.optim.SGD(groups, lr=1e-2, momentum=0.9), "hypergradient", groups="joint"
+    )
+    seen: list[list[float]] = []
+    opt.add_listener(lambda e: seen.append([1 - k["momentum"] for k in e.hyperparams]))
+    train(problem, opt, 100)
+    assert max(abs(m[0] - 0.1) for m in seen) > 0.002, "the run's momentum must move"
+    for m in seen:
+        assert m == pytest.approx([m[0], m[0], 2 * m[0], 2 * m[0]], rel=1e-6)
+
+
 def test_joint_resumes_where_it_stopped() -> None:
     """A jointly tuned run's state saved at step 60 and loaded into a fresh wrapper goes on to
     the same rates as the run that never stopped."""
