@@ -1063,15 +1063,25 @@ def test_mlflow_writer_logs_a_rate_per_layer_in_parts(
 ) -> None:
     """400 param groups of AdamW: 1200 knobs a step (past MLflow's 1000 entities per
     ``log_batch``, which its client splits), and 400 decisions a step, whose artifact takes
-    parts of :data:`PART_ROWS` rows, each written in full once it is full."""
+    parts of :data:`PART_ROWS` rows, each written in full once it is full, uploaded at most
+    twice a step."""
     from mlflow import MlflowClient
 
     from selftune.integrations.mlflow import PART_ROWS, MLflowWriter
 
     uri = _mlflow_uri(tmp_path, monkeypatch)
     writer = MLflowWriter()
+    uploads: list[str] = []
+    upload = writer.client.log_text
+    monkeypatch.setattr(
+        writer.client, "log_text", lambda *a, **kw: (uploads.append(a[2]), upload(*a, **kw))
+    )
     _, events = _tuned(6, writer, heads=200)
     writer.close()
+    decided = {e.step for e in events if e.decisions}
+    # a step's rows go up together, past flush_every: once, and once more where a part ends
+    # (one upload per 50 rows before, eight a step here), and the last part again at close
+    assert len(uploads) <= 2 * len(decided) + 1
     assert len(events[-1].hyperparams) == 400
     client = MlflowClient(tracking_uri=uri)
     for name in ("selftune/group0/lr", "selftune/group399/beta2", "selftune/loss"):

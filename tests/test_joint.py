@@ -138,6 +138,101 @@ def test_joint_resumes_where_it_stopped() -> None:
     assert max(r[0] for r in whole) / 1e-3 > 5, "the run's rate must move"
 
 
+def _scheduled(order: list[int], lambdas: list[Any], steps: int) -> dict[int, list[float]]:
+    """A group per tensor at 1e-2, in ``order``, under a ``LambdaLR`` of ``lambdas`` (per
+    tensor), tuned jointly: each tensor's rate at each step, and the full loss at the end."""
+    problem = mlp_regression(seed=6)
+    params = list(problem.model.parameters())
+    inner = torch.optim.SGD([{"params": [params[i]]} for i in order], lr=1e-2, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.LambdaLR(inner, [lambdas[i] for i in order])
+    opt = selftune.wrap(inner, groups="joint")
+    rates: dict[int, list[float]] = {i: [] for i in order}
+    for t in range(1, steps + 1):
+        loss = problem.batch_loss(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        schedule.step()
+        for i, knobs in zip(order, opt.hyperparams(), strict=True):
+            rates[i].append(knobs["lr"])
+    rates[-1] = [problem.full_loss()]
+    return rates
+
+
+def test_joint_reads_a_group_held_at_zero_as_no_reference() -> None:
+    """A scheduler holds the first layer at rate 0 for 30 steps: the second layer's groups are
+    tuned as the run (before, the rate 0 was the reference, and every change spread a rate of
+    0 to them: cut to the floor of 1e-5 within five steps)."""
+    held = [lambda s: 0.0 if s < 30 else 1.0] * 2 + [lambda s: 1.0] * 2
+    rates = _scheduled([0, 1, 2, 3], held, 60)
+    assert rates[0][:29] == [0.0] * 29
+    assert min(rates[2] + rates[3]) >= 1e-2, "the head's range test grows from 1e-2"
+    assert max(rates[2]) > 2e-2
+    assert rates[2] == pytest.approx(rates[3], rel=1e-9)
+
+
+def test_joint_reads_a_warm_up_on_one_group_whatever_the_groups_order() -> None:
+    """A warm-up on one tensor only: the run is the same whether its group comes first or
+    last (before, the first group's rise alone was read, and held every group)."""
+    warm = [lambda s: min(1.0, (s + 1) / 20)] + [lambda s: 1.0] * 3
+    first, last = _scheduled([0, 1, 2, 3], warm, 60), _scheduled([3, 2, 1, 0], warm, 60)
+    for i in range(-1, 4):
+        assert last[i] == pytest.approx(first[i], rel=1e-5)
+    assert max(first[1]) > 2e-2, "the run's rate must move"
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("joint", "each"), ("each", "joint")])
+def test_a_state_of_one_mode_is_refused_by_the_other(saved: str, loaded: str) -> None:
+    """One controller state for all groups, or one per group: loaded into the other mode it
+    read groups as the wrong ones (a joint state's other groups ran a new range test)."""
+    problem = mlp_regression(seed=7)
+    opt = selftune.wrap(torch.optim.AdamW(_per_tensor(problem), lr=1e-3), groups=saved)
+    train(problem, opt, 10)
+    other = selftune.wrap(torch.optim.AdamW(_per_tensor(problem), lr=1e-3), groups=loaded)
+    with pytest.raises(
+        selftune.ConfigError, match=rf"wrapped with groups='{saved}'.*groups='{saved}' to resume"
+    ):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_a_bad_proposal_of_ones_own_controller_is_refused_by_name_when_joint() -> None:
+    """The proposals are checked before they are spread: a proposal for a second group, of a
+    controller that sees one, failed as nothing (it was spread as the first's)."""
+
+    class Stray(OffController):
+        name = "stray"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            return [selftune.Proposal(1, "lr", 0.5, "a group it was not given")]
+
+    problem = mlp_regression(seed=8)
+    opt = selftune.wrap(torch.optim.SGD(_per_tensor(problem), lr=1e-2), Stray(), groups="joint")
+    with pytest.raises(selftune.ConfigError, match=r"controller 'stray': a proposal for group 1"):
+        train(problem, opt, 2)
+
+
+def test_a_group_held_by_its_bound_returns_to_its_ratio() -> None:
+    """A controller doubles the run's rate three times and halves it three times; the head,
+    at 10x, meets an absolute bound of 1.5e-2 on the way up and is back at 10x at the end
+    (spread from the rate each group held, it stayed at 1.5e-2 / 8: 1.9x)."""
+
+    class UpDown(OffController):
+        name = "up-down"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            factor = 2.0 if signals.step <= 3 else 0.5 if signals.step <= 6 else 1.0
+            return [selftune.Proposal(0, "lr", knobs[0]["lr"] * factor, "up, then down")]
+
+    problem = mlp_regression(seed=9)
+    inner = torch.optim.SGD(_per_tensor(problem, [1e-3, 1e-3, 1e-2, 1e-2]), lr=1e-3)
+    opt = selftune.wrap(
+        inner, UpDown(), groups="joint", bounds={"lr": (1e-5, 1.5e-2)}, lr_bounds_absolute=True
+    )
+    rates = _rates(opt, 8, problem)
+    assert rates[2] == pytest.approx([8e-3, 8e-3, 1.5e-2, 1.5e-2])  # the head held
+    assert rates[-1] == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+
+
 def test_groups_takes_each_or_joint() -> None:
     opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
     with pytest.raises(selftune.ConfigError, match=r"groups='all': give 'each' .* or 'joint'"):

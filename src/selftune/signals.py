@@ -93,8 +93,9 @@ def pooled(signals: Signals) -> Signals:
 
     Norms and dot products add over groups, so the pooled alignments are those of the whole
     parameter vector: what one group holding every parameter reads.  The momentum buffer's
-    alignment pools the groups that keep a buffer and have a gradient (none: NaN).  Each group
-    keeps its own ``base_rise``, the rise of its own rate.
+    alignment pools the groups that keep a buffer (none: NaN), a group with no gradient adding
+    its buffer's norm and nothing to the product.  Each group keeps its own ``base_rise``, the
+    rise of its own rate.
     """
     gs = signals.groups
     if len(gs) == 1:  # itself, to the bit (a root of a square can differ by an ulp)
@@ -102,9 +103,13 @@ def pooled(signals: Signals) -> Signals:
     gg = sum(g.grad_norm**2 for g in gs)
     dd = sum(g.update_norm**2 for g in gs)
     gd = sum(g.dot_update for g in gs)
-    with_buffer = [g for g in gs if math.isfinite(g.cos_buffer)]
+    with_buffer = [g for g in gs if math.isfinite(g.buffer_norm)]
     bb = sum(g.buffer_norm**2 for g in with_buffer)
-    gb = sum(g.cos_buffer * g.grad_norm * g.buffer_norm for g in with_buffer)
+    gb = sum(
+        g.cos_buffer * g.grad_norm * g.buffer_norm
+        for g in with_buffer
+        if math.isfinite(g.cos_buffer)  # else no gradient, or no buffer yet: no product
+    )
     gb_norm = math.sqrt(sum(g.grad_norm**2 for g in with_buffer) * bb)
     gn, dn = math.sqrt(gg), math.sqrt(dd)
     pool = GroupSignals(
@@ -278,7 +283,7 @@ class SignalTracker:
                     cos_update=gd / (gn * dn) if gn * dn > 0 and math.isfinite(gn * dn) else 0.0,
                     dot_update=gd,
                     cos_buffer=gb / (gn * bn) if gn * bn > 0 else math.nan,
-                    buffer_norm=bn,
+                    buffer_norm=math.nan if math.isnan(bn) else bn,  # one NaN: records compare
                 )
             )
         finite = math.isfinite(total_sq) and (loss is None or math.isfinite(loss))

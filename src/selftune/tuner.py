@@ -32,6 +32,7 @@ from selftune import shards
 from selftune.audit import append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
+from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
@@ -147,7 +148,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: whether the controller reads the groups as one (see selftune.controllers.joint)
         self._joint = groups == "joint"
         if self._joint:
-            self.controller = JointController(self.controller)
+            self.controller = JointController(self.controller, lambda: self._scales)
         #: the options the controller was built with off its defaults, for the manifest: a run
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
         #: controller of the user's own says what it likes in its ``options``, if anything)
@@ -538,7 +539,7 @@ class SelfTuned(torch.optim.Optimizer):
         if held:
             forgiven, current = forgiven + held, self.hyperparams()
         read = pooled(signals) if self._joint else signals  # what the controller decides on
-        proposals = _checked(self.controller, self.controller.propose(read, current), current)
+        proposals = checked(self.controller, self.controller.propose(read, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart(proposals)
         decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
@@ -586,6 +587,7 @@ class SelfTuned(torch.optim.Optimizer):
             "lowered": [None if w is None else list(w) for w in self._lowered],
             "controller": _clone(self.controller.state_dict()),
             "controller_name": self.controller.name,
+            "groups": "joint" if self._joint else "each",
             "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
@@ -754,6 +756,12 @@ class SelfTuned(torch.optim.Optimizer):
             raise ConfigError(
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
                 f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
+            )
+        mode, ours = own.get("groups", "each"), "joint" if self._joint else "each"
+        if mode != ours:  # one state for all groups, or one per group: the other's reads wrong
+            raise ConfigError(
+                f"the state dict was saved by a run wrapped with groups={mode!r}, this optimizer "
+                f"tunes its groups {ours!r}: wrap with groups={mode!r} to resume it"
             )
         # a checkpoint of another run folder: refused here, before its weights and step load
         if self._log is not None and own.get("log") is not None:
@@ -1531,50 +1539,6 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
-
-
-def _checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Proposal]:
-    """A controller's proposals, refused by name before any is applied where they are not a
-    list of :class:`Proposal` for the knobs of a group there is, each a finite number.
-
-    A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
-    NoneType not iterable), applied a group of -1 to the last group (and the log then failed
-    ``verify``), or stored a tensor as the rate, refused by the log after the step was taken.
-    """
-    name = getattr(controller, "name", type(controller).__name__)
-    if not isinstance(proposals, list | tuple):
-        raise ConfigError(
-            f"controller {name!r}: propose() returned {type(proposals).__name__}; return a list "
-            "of selftune.Proposal (empty for no change)"
-        )
-    for p in proposals:
-        if not isinstance(p, Proposal):
-            raise ConfigError(
-                f"controller {name!r}: propose() returned a {type(p).__name__} in its list; "
-                "return selftune.Proposal(group, knob, value, reason) for each change"
-            )
-        group = p.group
-        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(knobs):
-            raise ConfigError(
-                f"controller {name!r}: a proposal for group {group!r}, and the optimizer has "
-                f"param groups 0 to {len(knobs) - 1}"
-            )
-        if p.knob not in knobs[group]:
-            raise ConfigError(
-                f"controller {name!r}: a proposal for knob {p.knob!r} of group {group}, whose "
-                f"knobs are {sorted(knobs[group])}"
-            )
-        value = p.value
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(
-                f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
-                "finite float (a tensor's .item())"
-            )
-    return list(proposals)
 
 
 def _pending_metric(saved: Any) -> dict[str, Any]:

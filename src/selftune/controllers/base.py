@@ -132,3 +132,47 @@ def options_set(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def is_number(value: object) -> bool:
     """A real number, numpy's scalars too (a value read off a config or a sweep), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Proposal]:
+    """A controller's proposals, refused by name before any is applied where they are not a
+    list of :class:`Proposal` for the knobs of a group there is, each a finite number.
+
+    A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
+    NoneType not iterable), applied a group of -1 to the last group (and the log then failed
+    ``verify``), or stored a tensor as the rate, refused by the log after the step was taken.
+    """
+    name = getattr(controller, "name", type(controller).__name__)
+    if not isinstance(proposals, list | tuple):
+        raise ConfigError(
+            f"controller {name!r}: propose() returned {type(proposals).__name__}; return a list "
+            "of selftune.Proposal (empty for no change)"
+        )
+    for p in proposals:
+        if not isinstance(p, Proposal):
+            raise ConfigError(
+                f"controller {name!r}: propose() returned a {type(p).__name__} in its list; "
+                "return selftune.Proposal(group, knob, value, reason) for each change"
+            )
+        group = p.group
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(knobs):
+            raise ConfigError(
+                f"controller {name!r}: a proposal for group {group!r}, and the optimizer has "
+                f"param groups 0 to {len(knobs) - 1}"
+            )
+        if p.knob not in knobs[group]:
+            raise ConfigError(
+                f"controller {name!r}: a proposal for knob {p.knob!r} of group {group}, whose "
+                f"knobs are {sorted(knobs[group])}"
+            )
+        value = p.value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(
+                f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
+                "finite float (a tensor's .item())"
+            )
+    return list(proposals)

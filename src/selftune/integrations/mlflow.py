@@ -111,22 +111,24 @@ class MLflowWriter:
             metrics.append(Metric(f"{self.prefix}/decisions", float(self.count), now, event.step))
         if metrics or tags:  # MLflow's client splits a batch past its limit (a rate per layer)
             self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
-        for row in rows:  # a row at a time: a part ends at PART_ROWS whatever a step brings
+        for row in rows:  # a part ends at PART_ROWS whatever a step brings (a rate per layer)
             self._part.append(row)
             self._unflushed += 1
-            if len(self._part) == PART_ROWS or self._unflushed >= self.flush_every:
+            if len(self._part) >= PART_ROWS:
                 self.flush()
+        if self._unflushed >= self.flush_every:  # once a step: a step's rows go up together
+            self.flush()
 
     def flush(self) -> None:
         """Write the part of the decisions artifact still filling (``<prefix>/decisions/``)."""
         if not self.active or not self._part:
             return
-        text = "".join(canonical(r).decode() + "\n" for r in self._part)
-        name = f"{self.prefix}/decisions/{self._parts_done:05d}.jsonl"
-        self.client.log_text(self.run_id, text, name)
-        if len(self._part) == PART_ROWS:
-            self._part, self._parts_done = [], self._parts_done + 1
+        part, index = self._part, self._parts_done
+        if len(part) >= PART_ROWS:  # full: the next rows start the next part, even if this
+            self._part, self._parts_done = [], index + 1  # upload fails (the run folder has it)
         self._unflushed = 0
+        text = "".join(canonical(r).decode() + "\n" for r in part)
+        self.client.log_text(self.run_id, text, f"{self.prefix}/decisions/{index:05d}.jsonl")
 
     def close(self) -> None:
         """Flush the decisions; end the run if this writer started it."""
