@@ -147,8 +147,9 @@ class SelfTuned(torch.optim.Optimizer):
         self.controller = make_controller(controller, **controller_options)
         #: whether the controller reads the groups as one (see selftune.controllers.joint)
         self._joint = groups == "joint"
-        if self._joint:
-            self.controller = JointController(self.controller, lambda: self._scales)
+        if self._joint:  # read through a weak reference: a cycle would keep a dropped run's
+            me = weakref.ref(self)  # files open until the collector found it
+            self.controller = JointController(self.controller, lambda: _alive(me)._scales)
         #: the options the controller was built with off its defaults, for the manifest: a run
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
         #: controller of the user's own says what it likes in its ``options``, if anything)
@@ -1539,6 +1540,13 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
+
+
+def _alive(ref: weakref.ref[SelfTuned]) -> SelfTuned:
+    """The wrapper a weak reference of its own holds (it is alive while it steps)."""
+    tuned = ref()
+    assert tuned is not None
+    return tuned
 
 
 def _pending_metric(saved: Any) -> dict[str, Any]:
