@@ -121,7 +121,8 @@ def test_joint_moves_every_groups_momentum_memory_by_one_factor() -> None:
 
 def test_joint_resumes_where_it_stopped() -> None:
     """A jointly tuned run's state saved at step 60 and loaded into a fresh wrapper goes on to
-    the same rates as the run that never stopped."""
+    the same rates as the run that never stopped; so does a state saved by the version before
+    the rates' ratios were kept."""
 
     def wrapped(problem: Problem) -> selftune.SelfTuned:
         return selftune.wrap(torch.optim.AdamW(_per_tensor(problem), lr=1e-3), groups="joint")
@@ -129,12 +130,18 @@ def test_joint_resumes_where_it_stopped() -> None:
     straight = mlp_regression(seed=4)
     whole = _rates(wrapped(straight), 100, straight)
 
-    problem = mlp_regression(seed=4)
-    first = wrapped(problem)
-    train(problem, first, 60)
-    second = wrapped(problem)  # a fresh wrapper of a fresh AdamW on the same model and data
-    second.load_state_dict(first.state_dict())
-    assert _rates(second, 40, problem) == whole[60:]
+    for saved in ("now", "before"):
+        problem = mlp_regression(seed=4)
+        first = wrapped(problem)
+        train(problem, first, 60)
+        state = first.state_dict()
+        joint = state["selftune"]["controller"]
+        if saved == "before":  # as saved before the rates had ratios: the memories' alone
+            joint["memory"] = [{n: r for n, r in m.items() if n != "lr"} for m in joint["ratios"]]
+            del joint["ratios"]
+        second = wrapped(problem)  # a fresh wrapper of a fresh AdamW on the same model and data
+        second.load_state_dict(state)
+        assert _rates(second, 40, problem) == whole[60:]
     assert max(r[0] for r in whole) / 1e-3 > 5, "the run's rate must move"
 
 
@@ -231,6 +238,139 @@ def test_a_group_held_by_its_bound_returns_to_its_ratio() -> None:
     rates = _rates(opt, 8, problem)
     assert rates[2] == pytest.approx([8e-3, 8e-3, 1.5e-2, 1.5e-2])  # the head held
     assert rates[-1] == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+
+
+class _Lengthen(OffController):
+    """Lengthens the run's momentum memory ``1 - μ`` by x0.95 a step for 8 steps, and keeps
+    the knobs it was given."""
+
+    name = "lengthen"
+
+    def __init__(self) -> None:
+        self.given: list[dict[str, float]] = []
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        self.given.append(dict(knobs[0]))
+        if signals.step > 8:
+            return []
+        return [selftune.Proposal(0, "momentum", 1 - (1 - knobs[0]["momentum"]) * 0.95, "up")]
+
+
+def test_a_new_reference_reads_the_run_in_the_units_of_the_first() -> None:
+    """The first layer (rate 1e-2, momentum 0.9) is frozen at step 4 and the second (1e-3,
+    0.8) becomes the reference: the controller reads on the same rate and momentum, and every
+    memory keeps its ratio (read from the reference alone, the rate it read fell 10x and the
+    momenta of 0.9 went to 0.8 at once)."""
+    problem = mlp_regression(seed=10)
+    groups = _per_tensor(problem, [1e-2, 1e-2, 1e-3, 1e-3])
+    for g, momentum in zip(groups, (0.9, 0.9, 0.8, 0.8), strict=True):
+        g["momentum"] = momentum
+    inner = torch.optim.SGD(groups, lr=1e-2)
+    controller = _Lengthen()
+    opt = selftune.wrap(inner, controller, groups="joint")
+    memories: list[list[float]] = []
+    opt.add_listener(lambda e: memories.append([1 - k["momentum"] for k in e.hyperparams]))
+
+    def freeze(t: int) -> None:
+        if t == 3:
+            inner.param_groups[0]["lr"] = inner.param_groups[1]["lr"] = 0.0
+
+    train(problem, opt, 12, on_step=freeze)
+    assert [g["lr"] for g in controller.given] == pytest.approx([1e-2] * 12)
+    assert memories[-1][0] == pytest.approx(0.1 * 0.95**8)
+    for m in memories:
+        assert m == pytest.approx([m[0], m[0], 2 * m[0], 2 * m[0]], rel=1e-9)
+
+
+def test_a_reference_held_by_its_bound_holds_the_run() -> None:
+    """A controller triples the run's rate twice under an absolute bound of 2e-2, which holds
+    the reference (1e-2) at 2x: every group is at 2x (spread from the proposal, the others
+    went on to 9x, and the ratio of 10 became 1.1)."""
+
+    class Triple(OffController):
+        name = "triple"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            up = signals.step in (3, 4)
+            return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 3, "up")] if up else []
+
+    problem = mlp_regression(seed=11)
+    inner = torch.optim.SGD(_per_tensor(problem, [1e-2, 1e-2, 1e-3, 1e-3]), lr=1e-2)
+    opt = selftune.wrap(
+        inner, Triple(), groups="joint", bounds={"lr": (1e-5, 2e-2)}, lr_bounds_absolute=True
+    )
+    rates = _rates(opt, 6, problem)
+    assert rates[-1] == pytest.approx([2e-2, 2e-2, 2e-3, 2e-3])
+
+
+def test_two_changes_of_the_rate_in_one_step_move_every_group_alike() -> None:
+    """A controller of one's own doubles the rate, then triples it, in one step: every group
+    ends at 6x its own rate."""
+
+    class Twice(OffController):
+        name = "twice"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            if signals.step != 2:
+                return []
+            lr = knobs[0]["lr"]
+            return [
+                selftune.Proposal(0, "lr", lr * 2, "x2"),
+                selftune.Proposal(0, "lr", lr * 6, "x3"),
+            ]
+
+    problem = mlp_regression(seed=14)
+    inner = torch.optim.SGD(_per_tensor(problem, [1e-3, 1e-3, 1e-2, 1e-2]), lr=1e-3)
+    opt = selftune.wrap(inner, Twice(), groups="joint", max_change={"lr": 10.0})
+    assert _rates(opt, 3, problem)[-1] == pytest.approx([6e-3, 6e-3, 6e-2, 6e-2])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_joint_tunes_momentum_whichever_group_lacks_it(kind: str) -> None:
+    """A group with no momentum (SGD's 0, Adam's beta1 0), first or last: the others' is
+    tuned alike either way (read from the first group alone, it was never tuned where that
+    group had none)."""
+    knob = "momentum" if kind == "sgd" else "beta1"
+    ends: dict[str, list[float]] = {}
+    for order in ("first", "last"):
+        problem = mlp_regression(seed=12)
+        groups = _per_tensor(problem)
+        none = 0 if order == "first" else 3
+        for i, g in enumerate(groups):
+            if kind == "sgd":
+                g["momentum"] = 0.0 if i == none else 0.9
+            else:
+                g["betas"] = (0.0 if i == none else 0.9, 0.999)
+        inner = (
+            torch.optim.SGD(groups, lr=1e-2) if kind == "sgd" else torch.optim.Adam(groups, lr=1e-3)
+        )
+        opt = selftune.wrap(inner, "hypergradient", groups="joint")
+        train(problem, opt, 60)
+        ends[order] = [k[knob] for i, k in enumerate(opt.hyperparams()) if i != none]
+        assert all(knob not in k for i, k in enumerate(opt.hyperparams()) if i == none)
+    for values in ends.values():
+        assert abs(values[0] - 0.9) > 1e-3, "the momentum must move"
+        assert values == pytest.approx([values[0]] * 3, rel=1e-9)
+
+
+def test_joint_pools_only_the_groups_with_a_rate() -> None:
+    """A scheduler holds the first layer at rate 0: the decisions read the signals of the
+    rest alone (pooled with the held layer's gradient, their cosines were thinned)."""
+    problem = mlp_regression(seed=13)
+    params = list(problem.model.parameters())
+    inner = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, momentum=0.9)
+    torch.optim.lr_scheduler.LambdaLR(inner, [lambda s: 0.0, lambda s: 1.0])
+    opt = selftune.wrap(inner, "hypergradient", groups="joint")
+    pairs: list[tuple[float, float]] = []
+    opt.add_listener(
+        lambda e: pairs.extend(
+            (d.signals["cos_update"], e.signals.groups[1].cos_update) for d in e.decisions
+        )
+    )
+    train(problem, opt, 40)
+    assert len(pairs) > 10
+    assert all(read == own for read, own in pairs)
+    assert any(own != 0 for _, own in pairs)
 
 
 def test_groups_takes_each_or_joint() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +87,10 @@ class Signals:
         return out
 
 
-def pooled(signals: Signals) -> Signals:
-    """The step's signals with every group's replaced by those of all the groups as one, for
-    the controller of a run whose groups are tuned jointly (``wrap(..., groups="joint")``).
+def pooled(signals: Signals, among: Sequence[int] = ()) -> Signals:
+    """The step's signals with every group's replaced by those of the groups ``among`` (empty:
+    all) as one, for the controller of a run whose groups are tuned jointly
+    (``wrap(..., groups="joint")``).
 
     Norms and dot products add over groups, so the pooled alignments are those of the whole
     parameter vector: what one group holding every parameter reads.  The momentum buffer's
@@ -97,9 +98,12 @@ def pooled(signals: Signals) -> Signals:
     its buffer's norm and nothing to the product.  Each group keeps its own ``base_rise``, the
     rise of its own rate.
     """
-    gs = signals.groups
+    gs = [signals.groups[i] for i in among] if among else signals.groups
     if len(gs) == 1:  # itself, to the bit (a root of a square can differ by an ulp)
-        return signals
+        return dataclasses.replace(
+            signals,
+            groups=tuple(dataclasses.replace(gs[0], base_rise=g.base_rise) for g in signals.groups),
+        )
     gg = sum(g.grad_norm**2 for g in gs)
     dd = sum(g.update_norm**2 for g in gs)
     gd = sum(g.dot_update for g in gs)
@@ -121,7 +125,8 @@ def pooled(signals: Signals) -> Signals:
         buffer_norm=math.sqrt(bb) if with_buffer else math.nan,
     )
     return dataclasses.replace(
-        signals, groups=tuple(dataclasses.replace(pool, base_rise=g.base_rise) for g in gs)
+        signals,
+        groups=tuple(dataclasses.replace(pool, base_rise=g.base_rise) for g in signals.groups),
     )
 
 

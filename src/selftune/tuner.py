@@ -145,11 +145,12 @@ class SelfTuned(torch.optim.Optimizer):
                 "or 'joint' (all groups as one, their rates kept in the ratios given)"
             )
         self.controller = make_controller(controller, **controller_options)
-        #: whether the controller reads the groups as one (see selftune.controllers.joint)
-        self._joint = groups == "joint"
-        if self._joint:  # read through a weak reference: a cycle would keep a dropped run's
-            me = weakref.ref(self)  # files open until the collector found it
-            self.controller = JointController(self.controller, lambda: _alive(me)._scales)
+        #: the controller that reads the groups as one, if so (see selftune.controllers.joint)
+        self._joint: JointController | None = None
+        if groups == "joint":  # read through a weak reference: a cycle would keep a dropped
+            me = weakref.ref(self)  # run's files open until the collector found it
+            self._joint = JointController(self.controller, lambda: _alive(me)._scales)
+            self.controller = self._joint
         #: the options the controller was built with off its defaults, for the manifest: a run
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
         #: controller of the user's own says what it likes in its ``options``, if anything)
@@ -539,7 +540,9 @@ class SelfTuned(torch.optim.Optimizer):
         held = self._hold_rollback_rates(t, signals, bases)
         if held:
             forgiven, current = forgiven + held, self.hyperparams()
-        read = pooled(signals) if self._joint else signals  # what the controller decides on
+        read = signals  # what the controller decides on: for joint groups, those with a rate
+        if self._joint is not None:  # as one (a group held at zero would only thin the cosines)
+            read = pooled(signals, [i for i, k in enumerate(current) if k["lr"] > 0])
         proposals = checked(self.controller, self.controller.propose(read, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart(proposals)
@@ -588,7 +591,7 @@ class SelfTuned(torch.optim.Optimizer):
             "lowered": [None if w is None else list(w) for w in self._lowered],
             "controller": _clone(self.controller.state_dict()),
             "controller_name": self.controller.name,
-            "groups": "joint" if self._joint else "each",
+            "groups": "each" if self._joint is None else "joint",
             "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
@@ -758,7 +761,7 @@ class SelfTuned(torch.optim.Optimizer):
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
                 f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
             )
-        mode, ours = own.get("groups", "each"), "joint" if self._joint else "each"
+        mode, ours = own.get("groups", "each"), "each" if self._joint is None else "joint"
         if mode != ours:  # one state for all groups, or one per group: the other's reads wrong
             raise ConfigError(
                 f"the state dict was saved by a run wrapped with groups={mode!r}, this optimizer "
@@ -1152,8 +1155,15 @@ class SelfTuned(torch.optim.Optimizer):
         decisions = []
         for p in proposals:
             decision = self._apply(t, p, current[p.group], signals, "controller", limited)
-            if decision is not None:
-                decisions.append(decision)
+            if decision is None:
+                continue
+            decisions.append(decision)
+            if self._joint is not None:  # the other groups follow the change the policy made
+                d, bases = decision, self._bases()
+                for q in self._joint.spread(d.group, d.knob, d.value, current, bases, p.reason):
+                    follow = self._apply(t, q, current[q.group], signals, "controller", limited)
+                    if follow is not None:
+                        decisions.append(follow)
         return decisions
 
     def _apply(

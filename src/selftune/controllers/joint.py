@@ -10,20 +10,25 @@ benchmark's workloads with a group per tensor (two bases, three seeds), the grou
 24; tuned jointly, the same groups took one group's steps in every run
 (``bench-results/groups/``).
 
-:class:`JointController` gives the controller it wraps one group: the pooled signals of all
-(:func:`~selftune.signals.pooled`: what one group holding every parameter reads) and the knobs
-of the reference group, the first whose rate is not zero (a scheduler may hold a group at 0),
-kept while its rate is not.  Each change it proposes moves every group alike: the rate's scale
-(selftune's factor on each group's own rate, which a scheduler keeps moving) is set to the
-reference's new scale, and a momentum's or a beta's memory ``1 - μ`` is set to the reference's
-new memory times the ratio the two had when the group was first seen.  So the rates' ratios the
-loop set (a head at 10x, a layer-wise decay) are kept, and a group that the policy's bounds or
-step limit held is brought back to them by the next change within its bounds.  A scheduler's
-rise is read as the one every group with a rate shares (the least), whatever the groups' order:
-``auto`` holds the rise of a warm-up on all groups, and lets a rise on some groups only pass.  A
-run whose groups all start at one rate tunes as one group would.  A group added later, or whose
-rate a scheduler held at zero, takes the run's scale at the next change of the rate: its own
-rate, as given, times the factor the run's stands at.
+:class:`JointController` gives the controller it wraps one group: the pooled signals of the
+groups with a rate (:func:`~selftune.signals.pooled`: what one group holding those parameters
+reads; a scheduler may hold a group at 0), and the run's knobs.  The run's rate is read from the
+reference group, the first whose rate is not zero, kept while its rate is not; a momentum or a
+beta from the reference too, else from the first group that has one.  Each is read in the units
+of the first group that had the knob, through the ratio of the two groups' values when first
+seen, so that a new reference changes nothing the controller reads (its rates, stored to cap
+or to return to, stay right).  A change it proposes is made on that group, held by the policy,
+and then made on every other group alike: the rate's scale (selftune's factor on each group's
+own rate, which a scheduler keeps moving) is set to the one the policy let through, and a
+memory ``1 - μ`` to that group's new memory times the ratio first seen.  So the rates' ratios
+the loop set (a head at 10x, a layer-wise decay) are kept: a run held at a bound is held
+whole, and a group that the policy held alone is brought back to them by the next change
+within its bounds.  A scheduler's rise is read as the one every group with a rate shares (the
+least), whatever the groups' order: ``auto`` holds the rise of a warm-up on all groups, and
+lets a rise on some groups only pass.  A run whose groups all start at one rate tunes as one
+group would.  A group added later, or whose rate a scheduler held at zero, takes the run's
+scale at the next change of the rate: its own rate, as given, times the factor the run's
+stands at; a group with no momentum (SGD's 0, Adam's beta1 0) gets none.
 """
 
 from __future__ import annotations
@@ -49,13 +54,13 @@ class JointController:
         #: the inner controller's options, and this mode, for the run's manifest
         self.options = {**getattr(inner, "options", {}), "groups": "joint"}
         self._scales = scales
-        #: per group and knob other than the rate, its memory ``1 - μ`` over the reference's
-        #: when the group was first seen
-        self._memory: list[dict[str, float]] = []
-        self._ref = 0  #: the reference group of the last proposal, for ``before_rollback``
+        #: per group and knob, the group's own value over the run's (see :meth:`_see`)
+        self._ratios: list[dict[str, float]] = []
+        self._ref = 0  #: the reference group: the one the run's rate is read from
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
-        """The inner controller's proposals for the reference group, spread over every group.
+        """The inner controller's proposals for the run, each made one for the group its knob
+        is read from: the wrapper applies it there, then to the rest through :meth:`spread`.
 
         ``signals`` are already pooled (the wrapper pools them once, so that each decision's
         record holds the signals it was made on)."""
@@ -63,43 +68,89 @@ class JointController:
         if not live:
             return []  # every rate held at zero: nothing to scale
         # the reference stays while its rate does: another's would move the rate it reads
-        r = self._ref = self._ref if self._ref in live else live[0]
-        self._see(knobs, r)
+        self._ref = self._ref if self._ref in live else live[0]
+        owns = self._own(knobs)
+        self._see(owns)
+        run, sources = self._view(owns)
         rise = min(signals.groups[i].base_rise for i in live)
         one = dataclasses.replace(
-            signals, groups=(dataclasses.replace(signals.groups[r], base_rise=rise),)
+            signals, groups=(dataclasses.replace(signals.groups[self._ref], base_rise=rise),)
         )
-        proposals = checked(self.inner, self.inner.propose(one, [knobs[r]]), [knobs[r]])
-        scales = self._scales()
-        return [q for p in proposals for q in self._spread(p, knobs, r, scales)]
+        out = []
+        for p in checked(self.inner, self.inner.propose(one, [run]), [run]):
+            s = sources[p.knob]
+            ratio = self._ratios[s][p.knob]
+            value = p.value * ratio if p.knob == "lr" else 1 - ratio * (1 - p.value)
+            out.append(Proposal(s, p.knob, value, p.reason))
+        return out
 
-    def _see(self, knobs: Knobs, r: int) -> None:
-        """Keep the memories' ratios of the groups not seen before (at their first step)."""
-        for k in knobs[len(self._memory) :]:
-            self._memory.append(
-                {
-                    name: (1 - k[name]) / (1 - knobs[r][name])
-                    for name in k
-                    if name != "lr" and name in knobs[r] and knobs[r][name] < 1
-                }
-            )
-
-    def _spread(self, p: Proposal, knobs: Knobs, r: int, scales: list[float]) -> list[Proposal]:
-        """A proposal for the reference group as one for every group that has its knob."""
+    def spread(
+        self, group: int, knob: str, value: float, knobs: Knobs, bases: list[float], reason: str
+    ) -> list[Proposal]:
+        """Proposals that move every other group as ``group``'s ``knob`` was just moved, to the
+        stored ``value`` the policy let through (for the rate, its scale, set on each group's
+        own rate of ``bases``): spread from the value proposed, a rate the policy then held
+        moved the others alone."""
         out = []
         for i, k in enumerate(knobs):
-            if p.knob not in k:
+            if i == group or knob not in k:
                 continue
-            if i == r:
-                value = p.value
-            elif p.knob == "lr":  # the reference's new scale, on this group's own rate
-                value = k["lr"] / scales[i] * scales[r] * p.value / knobs[r]["lr"]
-            elif p.knob in self._memory[i]:
-                value = 1 - self._memory[i][p.knob] * (1 - p.value)
-            else:
-                continue
-            out.append(Proposal(i, p.knob, value, p.reason))
+            if knob == "lr":  # the same scale, on this group's own rate
+                out.append(Proposal(i, knob, bases[i] * value, reason))
+            elif knob in self._ratios[i]:  # the memory in the ratio first seen
+                ratio = self._ratios[i][knob] / self._ratios[group][knob]
+                out.append(Proposal(i, knob, 1 - ratio * (1 - value), reason))
         return out
+
+    def _own(self, knobs: Knobs) -> list[dict[str, float]]:
+        """What the ratios compare, per group and knob: the group's own rate (without
+        selftune's scale), or a memory ``1 - μ``; only where it is above zero."""
+        scales = self._scales()
+        owns = []
+        for k, scale in zip(knobs, scales, strict=True):
+            own = {n: v / scale if n == "lr" else 1 - v for n, v in k.items()}
+            owns.append({n: v for n, v in own.items() if v > 0})
+        return owns
+
+    def _see(self, owns: list[dict[str, float]]) -> None:
+        """Give each group's knobs not seen before their ratio to the run's.
+
+        A knob is first seen where it has a value to read (a rate above zero), as its ratio to
+        the same knob of a group seen before, the reference first: so every ratio is in one
+        unit, that of the first group that had the knob, in which the inner controller reads
+        the run.  Read from the reference alone, a new reference (the old one's rate set to
+        zero) moved every memory by the ratio of the two (momenta of 0.9 and 0.8 went to 0.5
+        and 0.06) and the inner controller's rates by the ratio of their rates.
+        """
+        self._ratios += [{} for _ in range(len(self._ratios), len(owns))]
+        for i in (self._ref, *range(len(owns))):
+            for name, own in owns[i].items():
+                if name not in self._ratios[i]:
+                    s = self._source(owns, name)
+                    self._ratios[i][name] = (
+                        1.0 if s is None else own / owns[s][name] * self._ratios[s][name]
+                    )
+
+    def _source(self, owns: list[dict[str, float]], name: str) -> int | None:
+        """The group the run's ``name`` is read from: the reference, else the first that has
+        the knob seen and a value to read (a reference with no momentum left every other
+        group's momentum untuned)."""
+        for i in (self._ref, *range(len(owns))):
+            if i < len(self._ratios) and name in self._ratios[i] and name in owns[i]:
+                return i
+        return None
+
+    def _view(self, owns: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+        """The run's knobs, in the units of :meth:`_see`, and the group each is read from."""
+        scales = self._scales()
+        run, sources = {}, {}
+        for name in dict.fromkeys(n for own in owns for n in own):
+            s = self._source(owns, name)
+            if s is not None:
+                own = owns[s][name] / self._ratios[s][name]
+                run[name] = own * scales[s] if name == "lr" else 1 - own
+                sources[name] = s
+        return run, sources
 
     def on_backoff(self, step: int) -> None:
         self.inner.on_backoff(step)
@@ -110,13 +161,16 @@ class JointController:
 
     def before_rollback(self, knobs: Knobs) -> None:
         note = getattr(self.inner, "before_rollback", None)
-        if note is not None:
-            note(knobs[self._ref : self._ref + 1])
+        run = self._view(self._own(knobs))[0]  # read as at the last proposal: nothing new seen
+        if note is not None and "lr" in run:
+            note([run])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "memory": self._memory, "ref": self._ref}
+        return {"inner": self.inner.state_dict(), "ratios": self._ratios, "ref": self._ref}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state["inner"])
-        self._memory = [dict(m) for m in state["memory"]]
+        # a state saved before the rates had ratios holds the memories' ("memory"), in the
+        # same unit; the rates' are then taken at the next step
+        self._ratios = [dict(m) for m in state.get("ratios", state.get("memory", []))]
         self._ref = state["ref"]
