@@ -122,7 +122,7 @@ def test_joint_moves_every_groups_momentum_memory_by_one_factor() -> None:
 def test_joint_resumes_where_it_stopped() -> None:
     """A jointly tuned run's state saved at step 60 and loaded into a fresh wrapper goes on to
     the same rates as the run that never stopped; so does a state saved by the version before
-    the rates' ratios were kept."""
+    a new reference was followed."""
 
     def wrapped(problem: Problem) -> selftune.SelfTuned:
         return selftune.wrap(torch.optim.AdamW(_per_tensor(problem), lr=1e-3), groups="joint")
@@ -136,9 +136,8 @@ def test_joint_resumes_where_it_stopped() -> None:
         train(problem, first, 60)
         state = first.state_dict()
         joint = state["selftune"]["controller"]
-        if saved == "before":  # as saved before the rates had ratios: the memories' alone
-            joint["memory"] = [{n: r for n, r in m.items() if n != "lr"} for m in joint["ratios"]]
-            del joint["ratios"]
+        if saved == "before":  # as saved before a new reference was followed
+            del joint["unit"], joint["last"]
         second = wrapped(problem)  # a fresh wrapper of a fresh AdamW on the same model and data
         second.load_state_dict(state)
         assert _rates(second, 40, problem) == whole[60:]
@@ -323,6 +322,138 @@ def test_two_changes_of_the_rate_in_one_step_move_every_group_alike() -> None:
     inner = torch.optim.SGD(_per_tensor(problem, [1e-3, 1e-3, 1e-2, 1e-2]), lr=1e-3)
     opt = selftune.wrap(inner, Twice(), groups="joint", max_change={"lr": 10.0})
     assert _rates(opt, 3, problem)[-1] == pytest.approx([6e-3, 6e-3, 6e-2, 6e-2])
+
+
+class _Grow(OffController):
+    """Doubles the run's rate at each of its first three steps, and keeps the rates it read."""
+
+    name = "grow"
+
+    def __init__(self) -> None:
+        self.read: list[float] = []
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        self.read.append(knobs[0]["lr"])
+        up = signals.step <= 3
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 2, "up")] if up else []
+
+
+def test_a_reference_warmed_up_alone_hands_over_the_rate_it_stood_at() -> None:
+    """The first layer warms up from 0.1x over 10 steps and is frozen at step 20: the second
+    takes over the rate the run stood at (compared by the rates first given, the warm-up's
+    0.1x, it read the run 10x low)."""
+    problem = mlp_regression(seed=15)
+    inner = torch.optim.SGD(_per_tensor(problem), lr=1e-2)
+    warm = [lambda s: 0.0 if s >= 19 else min(1.0, 0.1 + 0.09 * s)] * 2 + [lambda s: 1.0] * 2
+    schedule = torch.optim.lr_scheduler.LambdaLR(inner, warm)
+    controller = _Grow()
+    opt = selftune.wrap(inner, controller, groups="joint")
+    train(problem, opt, 30, on_step=lambda t: schedule.step())
+    assert controller.read[15:] == pytest.approx([8e-2] * 15)
+    assert opt.hyperparams()[2]["lr"] == pytest.approx(8e-2)
+
+
+@pytest.mark.parametrize("arm", ["held", "added"])
+def test_groups_given_a_rate_take_the_run_s_scale_at_once(arm: str) -> None:
+    """The run's rate stands at 8x: the second layer, held at zero until step 10 while the
+    first is frozen there, or a group added at step 10, steps at 8x its own rate from then
+    on, and the controller reads the run's rate on (left at its own until the rate next
+    changed, it stayed at 1x, and one that took over the reference read the run 8x low)."""
+    problem = mlp_regression(seed=16)
+    params = list(problem.model.parameters())
+    controller = _Grow()
+    if arm == "held":
+        inner = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)
+        held = [lambda s: 1.0 if s < 9 else 0.0, lambda s: 0.0 if s < 9 else 1.0]
+        schedule = torch.optim.lr_scheduler.LambdaLR(inner, held)
+        opt = selftune.wrap(inner, controller, groups="joint")
+        train(problem, opt, 20, on_step=lambda t: schedule.step())
+        assert [k["lr"] for k in opt.hyperparams()] == pytest.approx([0.0, 8e-2])
+    else:
+        opt = selftune.wrap(torch.optim.SGD(params[:2], lr=1e-2), controller, groups="joint")
+
+        def add(t: int) -> None:
+            if t == 9:
+                opt.add_param_group({"params": params[2:], "lr": 1e-3})
+
+        train(problem, opt, 20, on_step=add)
+        assert [k["lr"] for k in opt.hyperparams()] == pytest.approx([8e-2, 8e-3])
+    assert controller.read[3:] == pytest.approx([8e-2] * 17)
+
+
+def test_a_join_and_a_change_in_one_step_replay(tmp_path: Path) -> None:
+    """A group added mid-run joins the run's scale in the step ``hypergradient`` moves the
+    rate: both decisions are logged, the log verifies, and the replay takes the run's rates
+    (it read the second decision's rate as a replay that had left the run)."""
+
+    def run(opt: selftune.SelfTuned, problem: Problem) -> list[list[float]]:
+        params = list(problem.model.parameters())
+
+        def add(t: int) -> None:
+            if t == 9:
+                opt.add_param_group({"params": params[2:], "lr": 1e-3, "momentum": 0.8})
+
+        rates: list[list[float]] = []
+        opt.add_listener(lambda e: rates.append([v for k in e.hyperparams for v in k.values()]))
+        train(problem, opt, 20, on_step=add)
+        return rates
+
+    def inner(problem: Problem) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(problem.model.parameters())[:2], lr=1e-2, momentum=0.9)
+
+    problem = mlp_regression(seed=17)
+    opt = selftune.wrap(inner(problem), "hypergradient", groups="joint", log_dir=tmp_path / "r")
+    rates = run(opt, problem)
+    opt.close()
+    records = [json.loads(line) for line in (tmp_path / "r" / "decisions.jsonl").open()]
+    tenth = [(r["group"], r["knob"]) for r in records if r.get("step") == 10]
+    assert tenth.count((1, "lr")) == 2, "a join, then the run's change"
+    assert selftune.verify(tmp_path / "r").records == len(records)
+    again = mlp_regression(seed=17)
+    assert run(selftune.replay(inner(again), tmp_path / "r"), again) == rates
+
+
+def test_a_knob_taken_over_on_one_group_is_tuned_on_the_rest() -> None:
+    """The loop sets the first group's momentum at step 5: it is the loop's from then on, and
+    the others' is tuned on (read from the first group, it stopped on every group)."""
+    problem = mlp_regression(seed=18)
+    inner = torch.optim.SGD(_per_tensor(problem), lr=1e-2, momentum=0.9)
+    opt = selftune.wrap(inner, "hypergradient", groups="joint")
+    seen: list[list[float]] = []
+    opt.add_listener(lambda e: seen.append([k["momentum"] for k in e.hyperparams]))
+
+    def take(t: int) -> None:
+        if t == 5:
+            inner.param_groups[0]["momentum"] = 0.95
+
+    with pytest.warns(UserWarning, match="group 0's momentum was changed outside selftune"):
+        train(problem, opt, 60, on_step=take)
+    assert all(m[0] == 0.95 for m in seen[5:])
+    assert abs(seen[-1][1] - seen[5][1]) > 1e-3, "the others' momentum must move"
+    for m in seen:
+        assert m[1:] == pytest.approx([m[1]] * 3, rel=1e-12)
+
+
+def test_a_failure_before_the_first_proposal_is_told_as_for_one_group() -> None:
+    """A non-finite loss at step 1, before the controller has read the run: ``auto`` holds the
+    rate that failed as it does for one group (it was not told, so a second failure was not
+    read as a repeat)."""
+    states = {}
+    for arm in ("one", "joint"):
+        problem = mlp_regression(seed=19)
+        params: Any = problem.model.parameters() if arm == "one" else _per_tensor(problem)
+        wrapped = torch.optim.SGD(params, lr=3e-2, momentum=0.9)
+        opt = selftune.wrap(wrapped, groups="each" if arm == "one" else "joint")
+        for t in range(1, 31):
+            loss = problem.batch_loss(t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=torch.tensor(math.nan) if t == 1 else loss.detach())
+        state = opt.state_dict()["selftune"]["controller"]
+        states[arm] = state if arm == "one" else state["inner"]
+    assert states["one"]["failed"] == [pytest.approx(3e-2)]
+    assert states["joint"]["failed"] == states["one"]["failed"]
+    assert states["joint"]["phase"] == states["one"]["phase"]
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])

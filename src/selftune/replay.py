@@ -65,6 +65,9 @@ class ReplayController(OffController):
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._step = signals.step
         proposals = list(self._by_step.get(signals.step, []))
+        # a knob's first decision in the step is checked against the knobs in force; a later one
+        # starts where an earlier one left it (a joint group's join, then the run's change)
+        first: set[tuple[int, str]] = set()
         for p, old in zip(proposals, self._olds.get(signals.step, []), strict=True):
             if p.group >= len(knobs):
                 added = self._added.get(p.group)
@@ -74,6 +77,9 @@ class ReplayController(OffController):
                     f"and this optimizer has {len(knobs)} groups{when}: add it with "
                     "add_param_group where the run did"
                 )
+            if (p.group, p.knob) in first:
+                continue
+            first.add((p.group, p.knob))
             now = knobs[p.group].get(p.knob)
             if now != old:  # a knob set otherwise since: a scheduler missing, another one
                 _left(signals.step, f"group {p.group}'s {p.knob} stood at {now!r}, not at {old!r}")

@@ -149,7 +149,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._joint: JointController | None = None
         if groups == "joint":  # read through a weak reference: a cycle would keep a dropped
             me = weakref.ref(self)  # run's files open until the collector found it
-            self._joint = JointController(self.controller, lambda: _alive(me)._scales)
+            self._joint = JointController(
+                self.controller, lambda: _alive(me)._scales, lambda: _alive(me)._outside
+            )
             self.controller = self._joint
         #: the options the controller was built with off its defaults, for the manifest: a run
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
@@ -543,6 +545,14 @@ class SelfTuned(torch.optim.Optimizer):
         read = signals  # what the controller decides on: for joint groups, those with a rate
         if self._joint is not None:  # as one (a group held at zero would only thin the cosines)
             read = pooled(signals, [i for i, k in enumerate(current) if k["lr"] > 0])
+            # a group given a rate since the last step takes the run's scale (bounds only, as
+            joined = [  # a restart's knobs), before the controller reads the knobs
+                d
+                for q in self._joint.join(current)
+                if (d := self._apply(t, q, current[q.group], read, "controller", False))
+            ]
+            if joined:
+                forgiven, current = forgiven + joined, self.hyperparams()
         proposals = checked(self.controller, self.controller.propose(read, current), current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         restarting = self._take_restart(proposals)
