@@ -137,7 +137,7 @@ def test_joint_resumes_where_it_stopped() -> None:
         state = first.state_dict()
         joint = state["selftune"]["controller"]
         if saved == "before":  # as saved before a new reference was followed
-            del joint["unit"], joint["last"]
+            del joint["unit"], joint["live"], joint["own"], joint["scale"]
         second = wrapped(problem)  # a fresh wrapper of a fresh AdamW on the same model and data
         second.load_state_dict(state)
         assert _rates(second, 40, problem) == whole[60:]
@@ -454,6 +454,73 @@ def test_a_failure_before_the_first_proposal_is_told_as_for_one_group() -> None:
     assert states["one"]["failed"] == [pytest.approx(3e-2)]
     assert states["joint"]["failed"] == states["one"]["failed"]
     assert states["joint"]["phase"] == states["one"]["phase"]
+
+
+def _two_layers(problem: Problem, lrs: tuple[float, float], held: list[Any]) -> Any:
+    """SGD on the problem's two layers at ``lrs``, under a ``LambdaLR`` of ``held``."""
+    params = list(problem.model.parameters())
+    groups = [{"params": params[:2], "lr": lrs[0]}, {"params": params[2:], "lr": lrs[1]}]
+    inner = torch.optim.SGD(groups, lr=lrs[0])
+    return inner, torch.optim.lr_scheduler.LambdaLR(inner, held)
+
+
+def test_a_rollback_past_a_new_reference_keeps_the_run_s_units() -> None:
+    """The run at 8x; the first layer (1e-2) frozen at step 20, the second (2e-2) the
+    reference; a spike at step 22 rolls back to the snapshot of step 1, taken before any group
+    was read: the second layer stays at the rate the rollback set and the controller reads it
+    in the first layer's units (read in its own, 2x high; and it went back to the rate that
+    failed, 16x above the rollback's)."""
+    problem = mlp_regression(seed=20)
+    inner, schedule = _two_layers(problem, (1e-2, 2e-2), [lambda s: float(s < 19), lambda s: 1.0])
+    controller = _Grow()
+    opt = selftune.wrap(inner, controller, groups="joint")
+    events: list[Any] = []
+    opt.add_listener(lambda e: events.append(e))
+    for t in range(1, 27):
+        loss = problem.batch_loss(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach() * (1e4 if t == 22 else 1.0))
+        schedule.step()
+    assert events[21].guard is not None and events[21].guard["restored_step"] == 1
+    after = events[21].hyperparams[1]["lr"]
+    assert after < 2e-2
+    assert [e.hyperparams[1]["lr"] for e in events[22:]] == [after] * 4
+    assert controller.read[-4:] == pytest.approx([after / 2] * 4)
+
+
+def test_a_failure_as_the_reference_is_set_to_zero_is_told() -> None:
+    """A scheduler sets the reference's rate to zero and the next step fails: ``auto`` holds
+    the rate that failed, read from the group that takes over (the reference of rate zero told
+    it nothing)."""
+    failed = {}
+    for arm in ("frozen", "none"):
+        problem = mlp_regression(seed=21)
+        held = [lambda s: float(s < 29)] if arm == "frozen" else [lambda s: 1.0]
+        inner, schedule = _two_layers(problem, (1e-2, 1e-2), [*held, lambda s: 1.0])
+        opt = selftune.wrap(inner, groups="joint")
+        for t in range(1, 31):
+            loss = problem.batch_loss(t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach() * (1e4 if t == 30 else 1.0))
+            schedule.step()
+        failed[arm] = opt.state_dict()["selftune"]["controller"]["inner"]["failed"]
+    assert failed["none"][0] is not None
+    assert failed["frozen"] == failed["none"]
+
+
+def test_a_pause_of_every_group_keeps_the_run_s_units() -> None:
+    """Both layers held at zero for two steps, the second (1e-3, the first's rate / 10) back
+    first: the controller reads the run's rate on (it read it 10x low from then on)."""
+    problem = mlp_regression(seed=22)
+    held = [lambda s: float(not 10 <= s < 16), lambda s: float(not 10 <= s < 12)]
+    inner, schedule = _two_layers(problem, (1e-2, 1e-3), held)
+    controller = _Grow()
+    opt = selftune.wrap(inner, controller, groups="joint", guard=False)
+    train(problem, opt, 20, on_step=lambda t: schedule.step())
+    assert controller.read[3:] == pytest.approx([8e-2] * (len(controller.read) - 3))
+    assert [k["lr"] for k in opt.hyperparams()] == pytest.approx([8e-2, 8e-3])
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])

@@ -65,44 +65,63 @@ class JointController:
         self._ref = 0  #: the reference group: the one the run's rate is read from
         #: the factor from the reference's own rate to the run's (in the first reference's units)
         self._unit = 1.0
-        #: each group's own rate (without the scale) at the last step, None where it was zero
-        self._last: list[float | None] = []
+        #: per group, whether it had a rate at the last step, and its last own rate (without the
+        #: scale) above zero (None: none yet)
+        self._live: list[bool] = []
+        self._own: list[float | None] = []
+        self._scale: float | None = None  #: the run's scale, as last set or read
         #: per group and knob other than the rate, its memory ``1 - μ`` over the run's, as
         #: first seen
         self._memory: list[dict[str, float]] = []
 
     def join(self, knobs: Knobs) -> list[Proposal]:
-        """Find the step's reference, and bring the groups given a rate since the last step
-        (added, or held at zero by a scheduler) to the run's scale.
+        """Find the step's reference (:meth:`_pick`), and bring the groups given a rate since
+        the last step (added, or held at zero by a scheduler) to the run's scale, at once: left
+        at their own, a group added mid-run stayed there while the run stood at 8x, and one
+        that took over the reference read the run 8x low."""
+        scales = self._scales()
+        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
+        n = len(owns)
+        was = self._live + [False] * (n - len(self._live))
+        self._own += [None] * (n - len(self._own))
+        self._live = [own > 0 for own in owns]
+        if not any(self._live):
+            return []  # every rate held at zero: the run's reading waits where it stood
+        self._ref, self._unit, run = self._pick(owns, scales, was)
+        self._scale = run
+        self._own = [own if own > 0 else last for own, last in zip(owns, self._own, strict=True)]
+        why = f"joint: joins the run's rate ({run:.4g}x its own)"
+        return [
+            Proposal(i, "lr", own * run, why)
+            for i, own in enumerate(owns)
+            if own > 0 and not was[i] and scales[i] != run
+        ]
+
+    def _pick(
+        self, owns: list[float], scales: list[float], was: list[bool]
+    ) -> tuple[int, float, float]:
+        """The reference, the factor from its own rate to the run's, and the run's scale, for
+        groups whose own rates are ``owns`` (one above zero at least) and which had a rate at
+        the last step where ``was``.
 
         The reference stays while its rate is not zero: another's would move the rate the
         inner controller reads.  When it is, the next is one that had a rate at the last step,
-        else the first with one, and the run's rate goes on where it stood: its factor
-        ``_unit`` takes the ratio of the two groups' own rates at the last step (the one they
-        were first given can be long gone: a warm-up on one group).  A group that comes to a
-        rate takes the run's scale at once (left at its own, a group added mid-run stayed
-        there while the run stood at 27x, and one that took over the reference read the run
-        27x low).
+        else the first with one, and the run's rate goes on where it stood: the factor takes
+        the ratio of the two groups' last own rates (the ones they were first given can be long
+        gone: a warm-up on one group).  The run's scale is that of a group with a rate now and
+        at the last step, else the one last set: the scale of a group held at zero is stale (no
+        change, nor a rollback, moves it).
         """
-        scales = self._scales()
-        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
         live = [i for i, own in enumerate(owns) if own > 0]
-        last = self._last + [None] * (len(owns) - len(self._last))
-        run = scales[self._ref]  # the reference's: kept while a scheduler held its rate at 0
-        if live and self._ref not in live:
-            carried = [i for i in live if last[i] is not None]
-            new = carried[0] if carried else live[0]
-            before = last[self._ref]
+        carried = [i for i in (self._ref, *live) if owns[i] > 0 and was[i]]
+        ref, unit = self._ref, self._unit
+        if ref not in live:
+            ref = carried[0] if carried else live[0]
+            before, after = self._own[self._ref], self._own[ref] or owns[ref]
             if before is not None:
-                self._unit *= before / (last[new] or owns[new])
-            self._ref = new
-        self._last = [own if own > 0 else None for own in owns]
-        why = f"joint: joins the run's rate ({run:.4g}x its own)"
-        return [
-            Proposal(i, "lr", owns[i] * run, why)
-            for i in live
-            if last[i] is None and scales[i] != run
-        ]
+                unit *= before / after
+        last_set = scales[ref] if self._scale is None else self._scale
+        return ref, unit, scales[carried[0]] if carried else last_set
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         """The inner controller's proposals for the run, each made one for the group its knob
@@ -115,7 +134,7 @@ class JointController:
             return []  # every rate held at zero: nothing to scale
         if self._ref not in live:  # called without join: no group joins
             self.join(knobs)
-        run, sources = self._view(knobs)
+        run, sources = self._view(knobs, self._ref, self._unit)
         rise = min(signals.groups[i].base_rise for i in live)
         one = dataclasses.replace(
             signals, groups=(dataclasses.replace(signals.groups[self._ref], base_rise=rise),)
@@ -144,15 +163,16 @@ class JointController:
                 continue
             if knob == "lr":  # the same scale, on this group's own rate
                 out.append(Proposal(i, knob, bases[i] * value, reason))
+                self._scale = value
             elif knob in self._memory[i]:  # the memory in the ratio first seen
                 ratio = self._memory[i][knob] / self._memory[group][knob]
                 out.append(Proposal(i, knob, 1 - ratio * (1 - value), reason))
         return out
 
-    def _view(self, knobs: Knobs) -> tuple[dict[str, float], dict[str, int]]:
+    def _view(self, knobs: Knobs, ref: int, unit: float) -> tuple[dict[str, float], dict[str, int]]:
         """The run's knobs as the inner controller reads them, and the group each is read from.
 
-        The rate is the reference's, times ``_unit``.  A momentum's or a beta's memory
+        The rate is the reference ``ref``'s, times ``unit``.  A momentum's or a beta's memory
         ``1 - μ`` is kept per group as its ratio to the run's when the group was first seen (to
         the reference's, else the first group's that has the knob and holds it), and read from
         the reference, else the first group that has the knob and holds it: read from the
@@ -165,8 +185,8 @@ class JointController:
             for i, k in enumerate(knobs)
         ]
         self._memory += [{} for _ in range(len(self._memory), len(knobs))]
-        run, sources = {"lr": knobs[self._ref]["lr"] * self._unit}, {"lr": self._ref}
-        for i in (self._ref, *range(len(knobs))):
+        run, sources = {"lr": knobs[ref]["lr"] * unit}, {"lr": ref}
+        for i in (ref, *range(len(knobs))):
             for name, memory in mine[i].items():
                 s = sources.get(name)
                 if name not in self._memory[i]:  # first seen: its ratio to the run's
@@ -186,9 +206,17 @@ class JointController:
         return None if take is None else take()
 
     def before_rollback(self, knobs: Knobs) -> None:
+        """Tell the inner controller the run's knobs that failed, read from the reference this
+        step would have had (a reference a scheduler had just set to zero told it nothing)."""
         note = getattr(self.inner, "before_rollback", None)
-        if note is not None and knobs[self._ref]["lr"] > 0:
-            note([self._view(knobs)[0]])
+        scales = self._scales()
+        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
+        if note is None or not any(own > 0 for own in owns):
+            return
+        self._own += [None] * (len(owns) - len(self._own))
+        was = self._live + [False] * (len(owns) - len(self._live))
+        ref, unit, _ = self._pick(owns, scales, was)
+        note([self._view(knobs, ref, unit)[0]])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -196,7 +224,9 @@ class JointController:
             "memory": self._memory,
             "ref": self._ref,
             "unit": self._unit,
-            "last": self._last,
+            "live": self._live,
+            "own": self._own,
+            "scale": self._scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -205,4 +235,12 @@ class JointController:
         self._ref = state["ref"]
         # a state saved before a reference's change was followed: the first reference's units
         self._unit = state.get("unit", 1.0)
-        self._last = list(state.get("last", []))
+        self._live = list(state.get("live", []))
+        self._scale = state.get("scale")
+        # the groups' own rates are the scheduler's, which a rollback leaves as they are: the
+        # latest known stay (a snapshot's, older, put the run in another group's units)
+        saved = list(state.get("own", []))
+        n = max(len(saved), len(self._own))
+        saved += [None] * (n - len(saved))
+        self._own += [None] * (n - len(self._own))
+        self._own = [o if o is not None else was for o, was in zip(self._own, saved, strict=True)]
