@@ -464,6 +464,16 @@ def _two_layers(problem: Problem, lrs: tuple[float, float], held: list[Any]) -> 
     return inner, torch.optim.lr_scheduler.LambdaLR(inner, held)
 
 
+def _spiked(problem: Problem, opt: Any, schedule: Any, steps: int, spike: int) -> None:
+    """Train ``steps`` steps under ``schedule``, the loss passed at step ``spike`` 1e4x."""
+    for t in range(1, steps + 1):
+        loss = problem.batch_loss(t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach() * (1e4 if t == spike else 1.0))
+        schedule.step()
+
+
 def test_a_rollback_past_a_new_reference_keeps_the_run_s_units() -> None:
     """The run at 8x; the first layer (1e-2) frozen at step 20, the second (2e-2) the
     reference; a spike at step 22 rolls back to the snapshot of step 1, taken before any group
@@ -476,12 +486,7 @@ def test_a_rollback_past_a_new_reference_keeps_the_run_s_units() -> None:
     opt = selftune.wrap(inner, controller, groups="joint")
     events: list[Any] = []
     opt.add_listener(lambda e: events.append(e))
-    for t in range(1, 27):
-        loss = problem.batch_loss(t)
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.detach() * (1e4 if t == 22 else 1.0))
-        schedule.step()
+    _spiked(problem, opt, schedule, 26, spike=22)
     assert events[21].guard is not None and events[21].guard["restored_step"] == 1
     after = events[21].hyperparams[1]["lr"]
     assert after < 2e-2
@@ -499,12 +504,7 @@ def test_a_failure_as_the_reference_is_set_to_zero_is_told() -> None:
         held = [lambda s: float(s < 29)] if arm == "frozen" else [lambda s: 1.0]
         inner, schedule = _two_layers(problem, (1e-2, 1e-2), [*held, lambda s: 1.0])
         opt = selftune.wrap(inner, groups="joint")
-        for t in range(1, 31):
-            loss = problem.batch_loss(t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss=loss.detach() * (1e4 if t == 30 else 1.0))
-            schedule.step()
+        _spiked(problem, opt, schedule, 30, spike=30)
         failed[arm] = opt.state_dict()["selftune"]["controller"]["inner"]["failed"]
     assert failed["none"][0] is not None
     assert failed["frozen"] == failed["none"]
