@@ -13,7 +13,10 @@ momentum 0.9 (the benchmark's default settings):
 - ``layer``: a group per parameter tensor, at the same settings: the finest of the layer-wise
   rates that fine-tuning scripts set (a rate per layer), where every group runs its own range
   test on the one loss of the run;
-- ``joint``: the same groups, tuned together (``wrap(..., groups="joint")``).
+- ``joint``: the same groups, tuned together (``wrap(..., groups="joint")``);
+- ``decay-each`` and ``decay-joint``: a group per tensor at layer-wise decayed rates (the base
+  rate on the output layer, times 0.8 per layer below it: a fine-tuning script's layer-wise
+  decay), tuned each on its own and jointly.
 
 Measured per run: steps to the workload's target, the groups' final effective rates, and the
 guard's events by kind (a range test's restart is one).  Run from the repository root:
@@ -41,7 +44,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 from probe_grid import count_guard_events, run_rows, train_row  # noqa: E402
 
 SEEDS = range(3)
-ARMS = ("one", "split", "layer", "joint")
+ARMS = ("one", "split", "layer", "joint", "decay-each", "decay-joint")
+PER_TENSOR = ("layer", "joint", "decay-each", "decay-joint")
+DECAY = 0.8  #: the layer-wise decay of the ``decay-*`` arms' rates, per layer down from the top
 #: the guard's events of the runs of this process, one counter per wrap (a job wraps once)
 EVENTS: list[Counter[str]] = []
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -55,24 +60,40 @@ def split(model: nn.Module) -> list[list[nn.Parameter]]:
     return [decay, [p for p in model.parameters() if id(p) in plain]]
 
 
+def layer_rates(model: nn.Module, top: float) -> list[float]:
+    """Each parameter tensor's rate under a layer-wise decay: ``top`` on the parameters of the
+    last module that holds any, times ``DECAY`` per module above it."""
+    holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    depth = {id(p): len(holders) - 1 - k for k, m in enumerate(holders) for p in m.parameters()}
+    return [top * DECAY ** depth[id(p)] for p in model.parameters()]
+
+
 def build(base: str, arm: str) -> Callable[[nn.Module, Setting], Handle]:
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
 
+        settings = SGD_DEFAULT if base == "sgd" else ADAMW_DEFAULT
         groups: Any = model.parameters()
         if arm == "split":
             groups = [{"params": g} for g in split(model) if g]
         elif arm in ("layer", "joint"):
             groups = [{"params": [p]} for p in model.parameters()]
+        elif arm in ("decay-each", "decay-joint"):
+            rates = zip(model.parameters(), layer_rates(model, settings["lr"]), strict=True)
+            groups = [{"params": [p], "lr": lr} for p, lr in rates]
         if base == "sgd":
-            inner: torch.optim.Optimizer = torch.optim.SGD(groups, **SGD_DEFAULT)
+            inner: torch.optim.Optimizer = torch.optim.SGD(groups, **settings)
         else:
-            inner = torch.optim.AdamW(groups, **ADAMW_DEFAULT)
-        opt = selftune.wrap(inner, seed=s.seed, groups="joint" if arm == "joint" else "each")
+            inner = torch.optim.AdamW(groups, **settings)
+        mode = "joint" if arm.endswith("joint") else "each"
+        opt = selftune.wrap(inner, seed=s.seed, groups=mode)
         EVENTS.append(count_guard_events(opt))
-        mode = "max" if s.higher_is_better else "min"
+        better = "max" if s.higher_is_better else "min"
         return Handle(
-            opt, pass_loss=True, lr_of=_selftune_lr, metric_to=lambda v: opt.observe(v, mode=mode)
+            opt,
+            pass_loss=True,
+            lr_of=_selftune_lr,
+            metric_to=lambda v: opt.observe(v, mode=better),
         )
 
     return make
@@ -138,10 +159,12 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
     tensor, tuned each on its own (its restarts and the spread of its final rates) and
     jointly, where measured; then each per-tensor arm against one group."""
     runs = {(r["workload"], r["base"], r["arm"], r["seed"]): r for r in rows}
-    arms = [a for a in ("layer", "joint") if any(r["arm"] == a for r in rows)]
+    arms = [a for a in PER_TENSOR if any(r["arm"] == a for r in rows)]
     heads = {
         "layer": "per tensor, each: steps | restarts | rates max / min",
         "joint": "joint: steps",
+        "decay-each": "decayed rates, each: steps",
+        "decay-joint": "decayed rates, joint: steps",
     }
     lines = [
         "| workload | base | groups | one group: steps | "
@@ -180,8 +203,14 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
     for arm in arms:
         rs = ratios[arm]
         gm = math.exp(sum(map(math.log, rs)) / len(rs))
+        what = {
+            "layer": "each",
+            "joint": "joint",
+            "decay-each": "decayed rates, each",
+            "decay-joint": "decayed rates, joint",
+        }[arm]
         lines.append(
-            f"A group per tensor ({'each' if arm == 'layer' else 'joint'}) / one group, steps to "
+            f"A group per tensor ({what}) / one group, steps to "
             f"target, geometric mean over the {len(rs)} runs that both finished: {gm:.3f} (range "
             f"{min(rs):.2f}-{max(rs):.2f}; faster {sum(r < 1 for r in rs)}, equal "
             f"{rs.count(1.0)}, slower {sum(r > 1 for r in rs)}); target missed: one group "
@@ -195,7 +224,7 @@ def main() -> None:
         rows = json.loads(Path(sys.argv[2]).read_text())
         if any(r["arm"] == "split" for r in rows):
             print(table(rows))
-        if any(r["arm"] in ("layer", "joint") for r in rows):
+        if any(r["arm"] in PER_TENSOR for r in rows):
             print(layer_table(rows))
         return
     out = Path(sys.argv[1] + ".json")

@@ -62,7 +62,7 @@ def wrap(
     (``with opt.averaged(): ...``); True means decay 0.9, a float is the decay.
     ``groups``: ``"each"`` tunes every param group from its own signals; ``"joint"`` tunes
     them as one, from the signals of all, and keeps their rates in the ratios given (a rate
-    per layer: see :mod:`selftune.controllers.joint`).
+    per layer: see the README's "Runs the defaults were not built for").
     """
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
     return SelfTuned(
