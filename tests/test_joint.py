@@ -93,6 +93,9 @@ def test_joint_keeps_the_ratios_of_the_rates_given(tmp_path: Path) -> None:
     for made in by_step.values():
         assert sorted(d["group"] for d in made) == [0, 1, 2, 3]
         assert len({d["signals"]["cos_update"] for d in made}) == 1  # the pooled one, for all
+        moved, *followed = made  # the group the controller moved, and those that followed it
+        assert all(d["reason"].endswith(f"(joint: as group {moved['group']})") for d in followed)
+        assert "joint: as group" not in moved["reason"]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["controller_options"] == {"groups": "joint"}
     assert selftune.verify(tmp_path / "run").records == len(records)

@@ -1170,7 +1170,8 @@ class SelfTuned(torch.optim.Optimizer):
             decisions.append(decision)
             if self._joint is not None:  # the other groups follow the change the policy made
                 d, bases = decision, self._bases()
-                for q in self._joint.spread(d.group, d.knob, d.value, current, bases, p.reason):
+                why = f"{p.reason} (joint: as group {d.group})"  # which one the controller moved
+                for q in self._joint.spread(d.group, d.knob, d.value, current, bases, why):
                     follow = self._apply(t, q, current[q.group], signals, "controller", limited)
                     if follow is not None:
                         decisions.append(follow)
