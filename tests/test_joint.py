@@ -261,8 +261,9 @@ class _Lengthen(OffController):
 def test_a_new_reference_reads_the_run_in_the_units_of_the_first() -> None:
     """The first layer (rate 1e-2, momentum 0.9) is frozen at step 4 and the second (1e-3,
     0.8) becomes the reference: the controller reads on the same rate and momentum, and every
-    memory keeps its ratio (read from the reference alone, the rate it read fell 10x and the
-    momenta of 0.9 went to 0.8 at once)."""
+    memory keeps its ratio (read from the reference alone, the rate it read fell 10x, the
+    first layer's momenta fell from 0.91 to 0.87 while the controller lengthened them, and the
+    second layer's two, at 0.83, parted: 0.87 and 0.73 by step 12)."""
     problem = mlp_regression(seed=10)
     groups = _per_tensor(problem, [1e-2, 1e-2, 1e-3, 1e-3])
     for g, momentum in zip(groups, (0.9, 0.9, 0.8, 0.8), strict=True):
@@ -287,7 +288,7 @@ def test_a_new_reference_reads_the_run_in_the_units_of_the_first() -> None:
 def test_a_reference_held_by_its_bound_holds_the_run() -> None:
     """A controller triples the run's rate twice under an absolute bound of 2e-2, which holds
     the reference (1e-2) at 2x: every group is at 2x (spread from the proposal, the others
-    went on to 9x, and the ratio of 10 became 1.1)."""
+    went on to 6x, and the ratio of 10 became 3.3)."""
 
     class Triple(OffController):
         name = "triple"

@@ -203,6 +203,9 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
     for arm in arms:
         rs = ratios[arm]
         gm = math.exp(sum(map(math.log, rs)) / len(rs))
+        mine = [r for r in rows if r["arm"] == arm]
+        events = sum((Counter(r["events"]) for r in mine), Counter())
+        apart = max(max(r["final_rates"]) / min(r["final_rates"]) for r in mine)
         what = {
             "layer": "each",
             "joint": "joint",
@@ -214,7 +217,9 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
             f"target, geometric mean over the {len(rs)} runs that both finished: {gm:.3f} (range "
             f"{min(rs):.2f}-{max(rs):.2f}; faster {sum(r < 1 for r in rs)}, equal "
             f"{rs.count(1.0)}, slower {sum(r > 1 for r in rs)}); target missed: one group "
-            f"{misses['one']}, this arm {misses[arm]} of {len(pairs) * len(SEEDS)} runs each."
+            f"{misses['one']}, this arm {misses[arm]} of {len(pairs) * len(SEEDS)} runs each; "
+            f"range-test restarts {events['restart']}, rollbacks {events['rollback']}, final "
+            f"rates at most {apart:.2g}x apart."
         )
     return "\n".join(lines)
 

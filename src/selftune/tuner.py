@@ -1163,13 +1163,14 @@ class SelfTuned(torch.optim.Optimizer):
     ) -> list[Decision]:
         """Apply the controller's proposals to the knobs ``current`` they were made from."""
         decisions = []
+        bases = self._bases() if self._joint is not None and proposals else []  # read once
         for p in proposals:
             decision = self._apply(t, p, current[p.group], signals, "controller", limited)
             if decision is None:
                 continue
             decisions.append(decision)
             if self._joint is not None:  # the other groups follow the change the policy made
-                d, bases = decision, self._bases()
+                d = decision
                 why = f"{p.reason} (joint: as group {d.group})"  # which one the controller moved
                 for q in self._joint.spread(d.group, d.knob, d.value, current, bases, why):
                     follow = self._apply(t, q, current[q.group], signals, "controller", limited)

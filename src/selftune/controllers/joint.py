@@ -79,11 +79,7 @@ class JointController:
         the last step (added, or held at zero by a scheduler) to the run's scale, at once: left
         at their own, a group added mid-run stayed there while the run stood at 8x, and one
         that took over the reference read the run 8x low."""
-        scales = self._scales()
-        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
-        n = len(owns)
-        was = self._live + [False] * (n - len(self._live))
-        self._own += [None] * (n - len(self._own))
+        owns, scales, was = self._rates(knobs)
         self._live = [own > 0 for own in owns]
         if not any(self._live):
             return []  # every rate held at zero: the run's reading waits where it stood
@@ -96,6 +92,14 @@ class JointController:
             for i, own in enumerate(owns)
             if own > 0 and not was[i] and scales[i] != run
         ]
+
+    def _rates(self, knobs: Knobs) -> tuple[list[float], list[float], list[bool]]:
+        """Each group's own rate (without the scale), its scale, and whether it had a rate at
+        the last step (a group added since had none); the groups' records grown to them all."""
+        scales = self._scales()
+        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
+        self._own += [None] * (len(owns) - len(self._own))
+        return owns, scales, self._live + [False] * (len(owns) - len(self._live))
 
     def _pick(
         self, owns: list[float], scales: list[float], was: list[bool]
@@ -132,8 +136,6 @@ class JointController:
         live = [i for i, k in enumerate(knobs) if k["lr"] > 0]
         if not live:
             return []  # every rate held at zero: nothing to scale
-        if self._ref not in live:  # called without join: no group joins
-            self.join(knobs)
         run, sources = self._view(knobs, self._ref, self._unit)
         rise = min(signals.groups[i].base_rise for i in live)
         one = dataclasses.replace(
@@ -156,6 +158,8 @@ class JointController:
         stored ``value`` the policy let through (for the rate, its scale, set on each group's
         own rate of ``bases``): spread from the value proposed, a rate the policy then held
         moved the others alone."""
+        if knob == "lr":
+            self._scale = value
         outside = self._outside()
         out = []
         for i, k in enumerate(knobs):
@@ -163,7 +167,6 @@ class JointController:
                 continue
             if knob == "lr":  # the same scale, on this group's own rate
                 out.append(Proposal(i, knob, bases[i] * value, reason))
-                self._scale = value
             elif knob in self._memory[i]:  # the memory in the ratio first seen
                 ratio = self._memory[i][knob] / self._memory[group][knob]
                 out.append(Proposal(i, knob, 1 - ratio * (1 - value), reason))
@@ -177,7 +180,8 @@ class JointController:
         the reference's, else the first group's that has the knob and holds it), and read from
         the reference, else the first group that has the knob and holds it: read from the
         reference alone, a reference without momentum left every group's untuned, and a new
-        reference moved the momenta by the ratio of the two (0.9 and 0.8 to 0.5 and 0.06).
+        reference moved the momenta by the ratio of the two (a layer's momenta of 0.91 fell to
+        0.87 while the controller lengthened them, and another's two, at 0.83, parted).
         """
         outside = self._outside()
         mine = [
@@ -191,7 +195,7 @@ class JointController:
                 s = sources.get(name)
                 if name not in self._memory[i]:  # first seen: its ratio to the run's
                     self._memory[i][name] = (
-                        1.0 if s is None else memory / mine[s][name] * (self._memory[s][name])
+                        1.0 if s is None else memory / mine[s][name] * self._memory[s][name]
                     )
                 if s is None:
                     sources[name] = i
@@ -209,12 +213,9 @@ class JointController:
         """Tell the inner controller the run's knobs that failed, read from the reference this
         step would have had (a reference a scheduler had just set to zero told it nothing)."""
         note = getattr(self.inner, "before_rollback", None)
-        scales = self._scales()
-        owns = [k["lr"] / scale for k, scale in zip(knobs, scales, strict=True)]
+        owns, scales, was = self._rates(knobs)
         if note is None or not any(own > 0 for own in owns):
             return
-        self._own += [None] * (len(owns) - len(self._own))
-        was = self._live + [False] * (len(owns) - len(self._live))
         ref, unit, _ = self._pick(owns, scales, was)
         note([self._view(knobs, ref, unit)[0]])
 
