@@ -389,6 +389,20 @@ def _refusals(rank: int) -> dict[str, str | None]:
             return str(err)
 
     said["retried"] = once(2)  # that refusal changed nothing: the run goes on
+    # the loss in float64 on rank 0 alone, the model's scalars float32: a stack of another dtype
+    # on each rank, which gloo aborted the processes on
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    try:
+        opt.step(loss=loss.detach().double() if rank == 0 else None)
+        said["loss64"] = None
+    except selftune.ConfigError as err:
+        said["loss64"] = str(err)
+    x, y = batch(2, rank)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step(loss=loss.detach().double() if rank == 0 else loss.detach())
+    said["mixed"] = f"{opt.step_count} {opt.last_signals.loss!r}"
     if rank == 1:  # a step that raises part-way on one rank (an error in its update)
         hook = opt.optimizer.register_step_post_hook(lambda *a: _raise(RuntimeError("lost")))
     said["part_way"] = once(3)

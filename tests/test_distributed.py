@@ -199,7 +199,9 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     """A guard on rank 0 alone let the ranks' weights drift apart with no error (and a log
     that verified); a loss given on one rank only made the ranks' all-reduce differ in size
     (gloo aborts, NCCL waits out its timeout); a metric given as "max" on one rank and "min" on
-    the other was judged each rank's way.  Every rank now raises, naming the difference."""
+    the other was judged each rank's way; a float64 loss on one rank, of a float32 model, made
+    the ranks' stacks differ in dtype (gloo aborted).  Every rank now raises, naming the
+    difference, or reads the loss alike."""
     _, ranks = ddp
     settings = [r["refusals"]["settings"] for r in ranks]
     assert all(
@@ -210,6 +212,12 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert all(s is not None and "given on some ranks and not on others" in s for s in losses)
     modes = [r["refusals"]["modes"] for r in ranks]
     assert all(s is not None and 'mode="max" on some ranks' in s for s in modes), modes
+    # a float64 loss on one rank, the model float32: refused alike (gloo aborted both), and
+    # given on both ranks, one float64, read alike
+    loss64 = [r["refusals"]["loss64"] for r in ranks]
+    assert all(s is not None and "given on some ranks and not on others" in s for s in loss64)
+    mixed = [r["refusals"]["mixed"] for r in ranks]
+    assert mixed[0] == mixed[1] and mixed[0].startswith("2 "), mixed
     # the refused loss changed nothing: the same optimizer steps on (it was taken for broken)
     assert [r["refusals"]["retried"] for r in ranks] == [None, None]
     # a step that raised part-way on rank 1 alone: the next is refused on every rank alike (it

@@ -254,8 +254,10 @@ class SignalTracker:
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
             device = parts[0].device
-            # float32, or float64 where the model's own scalars are (its loss keeps its digits)
-            wide = any(t.dtype == torch.float64 for t in parts)
+            # float32, or float64 where the model's own scalars are (its loss keeps its digits);
+            # across ranks always float64: the all-reduce needs one dtype on every rank, and a
+            # float64 loss on one rank alone (or given on one only) aborted gloo's
+            wide = distributed or any(t.dtype == torch.float64 for t in parts)
             dtype = torch.float64 if wide else torch.float32
             stacked = torch.stack([_as(t, device, dtype) for t in parts])
             if distributed:
