@@ -797,8 +797,6 @@ class _Proposes(OffController):
         ([Proposal(0, "beta1", 0.5, "")], "knob 'beta1' of group 0, whose knobs are"),
         ([Proposal(0, "lr", torch.tensor(0.1), "")], "lr=tensor\\(0.1000\\) .* a finite float"),
         ([Proposal(0, "lr", math.nan, "")], "lr=nan"),
-        # the second went back to the rate in force: dropped, the first left standing
-        ([Proposal(0, "lr", 0.2, ""), Proposal(0, "lr", 0.1, "")], "lr of group 0 twice in one"),
     ],
 )
 def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(

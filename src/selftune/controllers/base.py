@@ -141,9 +141,6 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
     A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
     NoneType not iterable), applied a group of -1 to the last group (and the log then failed
     ``verify``), or stored a tensor as the rate, refused by the log after the step was taken.
-    Two proposals for one knob of one group are refused too: each was applied to the knob as
-    the step found it, so the second's ``old`` was not the value in force, and one that went
-    back to it was dropped with the first left standing.
     """
     name = getattr(controller, "name", type(controller).__name__)
     if not isinstance(proposals, list | tuple):
@@ -151,7 +148,6 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
             f"controller {name!r}: propose() returned {type(proposals).__name__}; return a list "
             "of selftune.Proposal (empty for no change)"
         )
-    seen: set[tuple[int, str]] = set()
     for p in proposals:
         if not isinstance(p, Proposal):
             raise ConfigError(
@@ -179,10 +175,4 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
                 f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
                 "finite float (a tensor's .item())"
             )
-        if (group, p.knob) in seen:
-            raise ConfigError(
-                f"controller {name!r}: proposed {p.knob} of group {group} twice in one step; "
-                "propose one value per knob and group (the last you meant)"
-            )
-        seen.add((group, p.knob))
     return list(proposals)
