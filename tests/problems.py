@@ -60,14 +60,18 @@ def noisy_quadratic(seed: int = 0, dim: int = 20) -> Problem:
     return Problem(model, batch_loss, full_loss)
 
 
-def mlp_regression(seed: int = 0) -> Problem:
-    """A two-layer tanh MLP fitting a smooth function of 8 inputs from minibatches of 32."""
+def mlp_regression(seed: int = 0, depth: int = 1) -> Problem:
+    """A tanh MLP (``depth`` hidden layers) fitting a smooth function of 8 inputs from
+    minibatches of 32."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(512, 8, generator=gen)
     w = torch.randn(8, 1, generator=gen) / 8**0.5
     Y = torch.sin(2 * X @ w) + 0.05 * torch.randn(512, 1, generator=gen)
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    hidden = [torch.nn.Linear(8, 32), torch.nn.Tanh()]
+    for _ in range(depth - 1):
+        hidden += [torch.nn.Linear(32, 32), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*hidden, torch.nn.Linear(32, 1))
     order = torch.Generator().manual_seed(seed + 1)
 
     def batch_loss(t: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -580,3 +581,47 @@ def test_groups_takes_each_or_joint() -> None:
     with pytest.raises(selftune.ConfigError, match=r"groups='all': give 'each' .* or 'joint'"):
         selftune.wrap(opt, groups="all")
     selftune.wrap(opt, groups="joint").close()  # the refused wrap left it free
+
+
+def test_a_joint_change_is_one_row_of_the_watch_and_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A joint run logs a change once per group: with twelve groups the watch's panel of the
+    last eight showed less than one change (a first read took the last 64 lines), and the
+    watch, the report's table and its card counted each record as a decision of its own."""
+    from selftune import cli
+    from selftune.report import write_report
+
+    monkeypatch.setenv("COLUMNS", "250")  # a reason on one line
+    problem = mlp_regression(seed=0, depth=5)  # twelve tensors, a group each
+    folder = tmp_path / "run"
+    opt = selftune.wrap(
+        torch.optim.AdamW(_per_tensor(problem), lr=1e-3), groups="joint", log_dir=folder
+    )
+    train(problem, opt, 300)
+    opt.close()
+    records = [json.loads(line) for line in (folder / "decisions.jsonl").read_text().splitlines()]
+    decisions = [r for r in records if r["kind"] == "decision"]
+    followers = [r for r in decisions if "(joint: as group 0)" in r["reason"]]
+    changes = len(decisions) - len(followers)
+    assert changes > 8 and len(followers) == 11 * changes  # every change made on all 12
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    frame = capsys.readouterr().out
+    assert f"decisions {changes} (+{len(followers)} made alike on other groups)" in frame
+    shown = [
+        r
+        for r in records
+        if r["kind"] in ("decision", "guard", "note")
+        and not ("(joint: as group 0)" in r["reason"] and not r["clipped"])
+    ][-8:]
+    panel = [line for line in frame.splitlines() if re.match(r"│\s+\d+\s", line)]
+    assert [int(line.split()[1]) for line in panel] == [r["step"] for r in shown]
+    for line, r in zip(panel, shown, strict=True):
+        if r["kind"] == "decision":
+            assert f"g0 {r['knob']}, +11 groups " in line
+    page = write_report(folder).read_text()
+    assert f"{changes} decisions and {len(followers)} that made one alike" in page
+    assert f"<b>{changes}</b><span>decisions</span>" in page
+    rows = re.findall(r"<tr class=decision>.*?</tr>", page)
+    assert len(rows) == min(changes, 100)
+    assert all(re.search(r"title='made alike on groups 1, 2, .*, 11'>\+11<", row) for row in rows)

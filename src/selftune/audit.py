@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import platform
+import re
 import sys
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,6 +63,34 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
 }
 GUARD_EVENTS = ("skip", "rollback", "escalate", "restart", "relevel", "forward")
 CHAIN_FIELDS = ("seq", "prev", "hash")
+#: how the reason of a ``groups="joint"`` decision that makes another group's change on its own
+#: group ends (before any note of the policy's); a log of tens of groups holds one per group
+#: for each change, and the watch and the report fold them into the change they follow
+FOLLOWS = " (joint: as group {})"
+_FOLLOWS = re.compile(re.escape(FOLLOWS).replace(re.escape("{}"), r"(\d+)"))
+
+
+def follows(record: Mapping[str, Any]) -> int | None:
+    """The group whose change the decision ``record`` makes alike on its own group (a joint
+    run's follower), else None."""
+    reason = record.get("reason")
+    if record.get("kind") != "decision" or not isinstance(reason, str):
+        return None
+    found = _FOLLOWS.search(reason)
+    return None if found is None else int(found.group(1))
+
+
+def folds_into(record: Mapping[str, Any], leader: Mapping[str, Any]) -> bool:
+    """Whether ``record`` is a follower of the decision ``leader``, written with it, that the
+    policy let through as it did the leader's (one it clipped is worth a row of its own)."""
+    return (
+        follows(record) == leader.get("group")
+        and leader.get("kind") == "decision"
+        and follows(leader) is None
+        and record.get("step") == leader.get("step")
+        and record.get("knob") == leader.get("knob")
+        and not record.get("clipped")
+    )
 
 
 class LogError(SelfTuneError):

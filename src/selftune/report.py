@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from selftune.audit import LogError, read_log, verify
+from selftune.audit import LogError, folds_into, follows, read_log, verify
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -574,9 +574,16 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
         source = record.get("source", "controller")  # who decided, where not the controller
         if source != "controller":
             clipped = f"<span class='tag {_e(source)}'>{_e(source)}</span> {clipped}"
+        alike = record.get("alike") or []
+        group = _e(record["group"]) + (
+            f" <span class=sub title='made alike on groups {_e(', '.join(map(str, alike)))}'>"
+            f"+{len(alike)}</span>"
+            if alike
+            else ""
+        )
         return (
             f"<tr class=decision><td class=num>{_e(record['step'])}</td>"
-            f"<td class=num>{_e(record['group'])}</td><td>{_e(record['knob'])}</td>"
+            f"<td class=num>{group}</td><td>{_e(record['knob'])}</td>"
             f"<td class=num>{_change(record)}</td>"
             f"<td title='{_e(_signals(record))}'>{_e(record['reason'])}</td><td>{clipped}</td></tr>"
         )
@@ -620,17 +627,43 @@ def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[dic
         yield skipped
 
 
+def _folded(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with a joint run's followers folded into the change they follow: its
+    ``alike`` lists their groups (a change on tens of groups was tens of rows alike)."""
+    out: list[dict[str, Any]] = []
+    for record in records:
+        if out and folds_into(record, out[-1]):
+            out[-1]["alike"].append(record["group"])
+        else:
+            out.append({**record, "alike": []} if record.get("kind") == "decision" else record)
+    return out
+
+
+def _changes(run: Run) -> tuple[int, int]:
+    """The controller's changes, and the decisions that made one alike on another group."""
+    followers = sum(follows(r) is not None for r in run.of_kind("decision"))
+    return len(run.of_kind("decision")) - followers, followers
+
+
 def _decisions_table(run: Run, rows: int) -> str:
     numbers = {g["seq"]: n for n, g in enumerate(run.of_kind("guard"), start=1)}
     body = []
-    for item in _shown_records(run.records, rows):
+    records = _folded(run.records)
+    for item in _shown_records(records, rows):
         if isinstance(item, int):
             body.append(f"<tr class=gap><td colspan=6>… {item} decisions not shown …</td></tr>")
         else:
             body.append(_record_row(item, numbers))
-    total = len(run.of_kind("decision"))
+    total = sum(r.get("kind") == "decision" for r in records)  # the rows
     shown = min(total, 2 * rows)
-    count = f"{total} decisions" + (f", first and last {rows} shown" if shown < total else "")
+    changes, followers = _changes(run)
+    count = f"{changes} decisions" + (
+        f" and {followers} that made one alike on another group (joint groups: shown as +N "
+        "on the change they follow)"
+        if followers
+        else ""
+    )
+    count += f", first and last {rows} shown" if shown < total else ""
     return (
         f"<p class=sub id=decision-count>{count}; guard events in red. "
         "Hover over a reason to see the signals behind it.</p>"
@@ -685,7 +718,7 @@ def _cards(run: Run) -> str:
     cards = [
         ("last step", "—" if run.last_step is None else f"{run.last_step:,}", ""),
         ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
-        ("decisions", f"{len(run.of_kind('decision')):,}", ""),
+        ("decisions", f"{_changes(run)[0]:,}", ""),
         ("guard events", f"{guards:,}", " alert" if guards else ""),
         ("param groups", str(len(run.manifest.get("param_groups") or [])), ""),
     ]

@@ -29,7 +29,7 @@ import torch
 
 from selftune import knobs as knobs_io
 from selftune import shards
-from selftune.audit import append_line
+from selftune.audit import FOLLOWS, append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
@@ -1171,7 +1171,7 @@ class SelfTuned(torch.optim.Optimizer):
             decisions.append(decision)
             if self._joint is not None:  # the other groups follow the change the policy made
                 d = decision
-                why = f"{p.reason} (joint: as group {d.group})"  # which one the controller moved
+                why = p.reason + FOLLOWS.format(d.group)  # which one the controller moved
                 for q in self._joint.spread(d.group, d.knob, d.value, current, bases, why):
                     follow = self._apply(t, q, current[q.group], signals, "controller", limited)
                     if follow is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selftune.audit import DECISIONS, MANIFEST
+from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, folds_into, follows
 from selftune.report import TRACE, as_float, blocks_back, lines_back
 
 if TYPE_CHECKING:
@@ -40,8 +40,9 @@ RECENT = 8
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
 #: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
-#: canonical form has no spaces, and a quote inside a string value is escaped)
-KINDS = (b'"kind":"decision"', b'"kind":"guard"')
+#: canonical form has no spaces, and a quote inside a string value is escaped), and the
+#: decisions among them that follow another group's change (``groups="joint"``)
+KINDS = (b'"kind":"decision"', b'"kind":"guard"', FOLLOWS.split("{")[0].encode())
 
 
 class LineTail:
@@ -166,8 +167,12 @@ class WatchState:
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     #: recent learning rates of each param group
     rates: list[deque[float]] = field(default_factory=list)
+    #: each decision shown carries ``alike``: how many groups a joint run made it on besides
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    #: the controller's changes: a joint run's change made alike on the other groups is one
     decisions: int = 0
+    #: a joint run's decisions that make another group's change alike on their own group
+    followers: int = 0
     guards: int = 0
     #: complete lines that were not JSON objects (damage; ``selftune verify`` names them)
     bad_lines: int = 0
@@ -184,18 +189,27 @@ class WatchState:
         """Read what the run appended since the last poll."""
         if self.manifest is None:
             self.manifest, self.manifest_problem = _read_manifest(self.folder / MANIFEST)
+            tail = self._decisions  # a joint run writes a change on every group: as many
+            if self.manifest is not None and tail.offset == 0 and tail.lines is not None:
+                tail.lines = 8 * RECENT * _per_change(self.manifest)  # changes shown
         lines, restarted = self._decisions.read()
         if restarted:
             self.recent.clear()
-            self.decisions = self.guards = 0
-        self.decisions += self._decisions.skipped[KINDS[0]]
-        self.guards += self._decisions.skipped[KINDS[1]]
+            self.decisions = self.guards = self.followers = 0
+        skipped = self._decisions.skipped
+        self.decisions += skipped[KINDS[0]] - skipped[KINDS[2]]
+        self.guards += skipped[KINDS[1]]
+        self.followers += skipped[KINDS[2]]
         for record in self._parse(lines):
             kind = record.get("kind")
-            self.decisions += kind == "decision"
+            follower = follows(record) is not None
+            self.decisions += kind == "decision" and not follower
+            self.followers += follower
             self.guards += kind == "guard"
-            if kind in ("decision", "guard", "note"):
-                self.recent.append(record)
+            if follower and self.recent and folds_into(record, self.recent[-1]):
+                self.recent[-1]["alike"] += 1
+            elif kind in ("decision", "guard", "note"):
+                self.recent.append({**record, "alike": 0})
         lines, restarted = self._trace.read()
         if restarted:
             self.losses.clear()
@@ -236,6 +250,15 @@ class WatchState:
         for rates, group in zip(self.rates, self.hp, strict=False):
             rate = as_float(group.get("lr"))
             rates.append(math.nan if rate is None else rate)
+
+
+def _per_change(manifest: dict[str, Any]) -> int:
+    """How many records one change of the controller writes: one per group in a joint run."""
+    config = manifest.get("config")
+    options = config.get("controller_options") if isinstance(config, dict) else None
+    groups = manifest.get("param_groups")
+    joint = isinstance(options, dict) and options.get("groups") == "joint"
+    return max(1, len(groups)) if joint and isinstance(groups, list) else 1
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -305,6 +328,11 @@ def render(state: WatchState) -> RenderableType:
         ),
         ("   decisions ", "dim"),
         str(state.decisions),
+        *(
+            ((f" (+{state.followers} made alike on other groups)", "dim"),)
+            if state.followers
+            else ()
+        ),
         ("   guard events ", "dim"),
         (str(state.guards), "bold red" if state.guards else ""),
     )
@@ -384,9 +412,10 @@ def _recent_table(state: WatchState) -> RenderableType:
             table.add_row(str(record.get("step", "")), "note", "", str(record.get("reason")))
         else:
             clipped = " (clipped)" if record.get("clipped") else ""
+            alike = f", +{record['alike']} groups" if record.get("alike") else ""
             table.add_row(
                 str(record.get("step")),
-                f"g{record.get('group')} {record.get('knob')}",
+                f"g{record.get('group')} {record.get('knob')}{alike}",
                 f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}",
                 str(record.get("reason")),
             )
