@@ -815,6 +815,57 @@ def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+class _ThereAndBack(OffController):
+    """Moves the rate and the momentum twice in each of steps 3 and 4."""
+
+    name = "there-and-back"
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        lr = knobs[0]["lr"]
+        if signals.step == 3:  # there and back
+            return [
+                Proposal(0, "lr", 2 * lr, "x2"),
+                Proposal(0, "momentum", 0.89, "shorter"),
+                Proposal(0, "lr", lr, "back"),
+                Proposal(0, "momentum", 0.91, "longer"),
+            ]
+        if signals.step == 4:  # 2x, then 8x: past the step's limit of 4x
+            return [Proposal(0, "lr", 2 * lr, "x2"), Proposal(0, "lr", 8 * lr, "x8")]
+        return []
+
+
+def test_a_knob_proposed_twice_in_a_step_ends_at_the_second_and_logs_both(tmp_path: Path) -> None:
+    """The second proposal was applied to the knob as the step found it: one back to that
+    value was dropped with the first left standing (the rate stayed doubled), and one that
+    moved was logged as moving from the step's value, not the one in force.  The policy's
+    limit holds for the step, not for each proposal."""
+    inner, pr = _sgd(lr=0.01)
+    opt = selftune.wrap(inner, _ThereAndBack(), log_dir=tmp_path / "r", max_change={"lr": 4.0})
+    rates: list[dict[str, float]] = []
+    opt.add_listener(lambda e: rates.append(dict(e.hyperparams[0])))
+    train(pr, opt, 4)  # type: ignore[arg-type]
+    opt.close()
+    assert rates[2] == pytest.approx({"lr": 0.01, "momentum": 0.91})
+    assert rates[3]["lr"] == pytest.approx(0.04)
+    changes = [
+        (r["step"], r["knob"], float(f"{r['old']:.9g}"), float(f"{r['new']:.9g}"), r["reason"])
+        for r in audit.read_log(tmp_path / "r").records
+        if r["kind"] == "decision"
+    ]
+    assert changes == [
+        (3, "lr", 0.01, 0.02, "x2"),
+        (3, "momentum", 0.9, 0.89, "shorter"),
+        (3, "lr", 0.02, 0.01, "back"),
+        (3, "momentum", 0.89, 0.91, "longer"),
+        (4, "lr", 0.01, 0.02, "x2"),
+        (4, "lr", 0.02, 0.04, "x8 (clipped: step limited to x4)"),
+    ]
+    again, pr = _sgd(lr=0.01)
+    replayed = selftune.replay(again, tmp_path / "r")
+    train(pr, replayed, 4)  # type: ignore[arg-type]
+    assert replayed.hyperparams()[0]["lr"] == pytest.approx(0.04)
+
+
 def test_a_plain_optimizers_state_sets_the_rate_the_bounds_are_factors_of() -> None:
     inner, pr = _sgd(lr=0.1)
     plain = torch.optim.SGD(pr.model.parameters(), lr=1e-4, momentum=0.9)  # a run gone before

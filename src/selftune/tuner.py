@@ -1161,21 +1161,30 @@ class SelfTuned(torch.optim.Optimizer):
     def _decide(
         self, t: int, signals: Signals, proposals: list[Proposal], current: Knobs, limited: bool
     ) -> list[Decision]:
-        """Apply the controller's proposals to the knobs ``current`` they were made from."""
-        decisions = []
+        """Apply the controller's proposals to the knobs ``current`` they were made from.
+
+        A knob proposed twice in a step (the replay's join, then the run's change; a controller
+        of one's own) is held to the step's limit from ``current``, and logged from the value
+        the one before left it at: the second was logged from the step's value, and one that
+        went back to it was dropped, the first left standing.
+        """
+        decisions: list[Decision] = []
+        now = [dict(k) for k in current]  # the knobs as the decisions so far left them
         bases = self._bases() if self._joint is not None and proposals else []  # read once
+
+        def apply(q: Proposal) -> Decision | None:
+            d = self._apply(t, q, current[q.group], signals, "controller", limited, now[q.group])
+            if d is not None:
+                decisions.append(d)
+                now[d.group][d.knob] = d.new
+            return d
+
         for p in proposals:
-            decision = self._apply(t, p, current[p.group], signals, "controller", limited)
-            if decision is None:
-                continue
-            decisions.append(decision)
-            if self._joint is not None:  # the other groups follow the change the policy made
-                d = decision
-                why = p.reason + FOLLOWS.format(d.group)  # which one the controller moved
-                for q in self._joint.spread(d.group, d.knob, d.value, current, bases, why):
-                    follow = self._apply(t, q, current[q.group], signals, "controller", limited)
-                    if follow is not None:
-                        decisions.append(follow)
+            d = apply(p)
+            if d is not None and self._joint is not None:  # the others follow the change the
+                why = p.reason + FOLLOWS.format(d.group)  # policy made, saying whose it was
+                for q in self._joint.spread(d.group, d.knob, d.value, now, bases, why):
+                    apply(q)
         return decisions
 
     def _apply(
@@ -1186,8 +1195,13 @@ class SelfTuned(torch.optim.Optimizer):
         signals: Signals | None,
         source: str,
         limited: bool = True,
+        now: dict[str, float] | None = None,
     ) -> Decision | None:
         """Clip a proposal by the policy and write it; the returned decision says what happened.
+
+        ``current``: the knobs the step started from, which the policy's limit is of; ``now``:
+        the knobs in force, if an earlier decision of the step moved them (the decision's
+        ``old``, and no decision where the value is the one in force).
 
         ``limited`` False holds a decision to the bounds only, not to the per-step limit, which
         protects a trajectory from one decision's harm: so for what abandons the trajectory, a
@@ -1228,14 +1242,15 @@ class SelfTuned(torch.optim.Optimizer):
                 since = old / rise if rise > 1.0 else None  # the rate the last step took
                 new, note = self.policy.clip(p.knob, old, p.value, start, within, since)
             value = new / base if p.knob == "lr" else new
-        if new == old:
+        held = old if now is None else now[p.knob]
+        if new == held:
             return None
         self._set(p.group, p.knob, value)
         if p.knob == "lr":
             new = self._effective(p.group)
         reason = p.reason if note is None else f"{p.reason} ({note})"
         sig = signals.summary(p.group) if signals is not None else {}
-        return Decision(t, p.group, p.knob, old, new, reason, sig, note is not None, source, value)
+        return Decision(t, p.group, p.knob, held, new, reason, sig, note is not None, source, value)
 
     # -- guard --------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:

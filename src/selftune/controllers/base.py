@@ -34,8 +34,9 @@ class Controller(Protocol):
 
     ``propose`` is called once per optimizer step that will be applied, before the update, with
     the knobs now in force; it returns only the knobs it wants to change.  The policy then clips
-    each proposal.  ``on_backoff`` tells the controller that the guard rolled the run back and cut
-    the rate, so that it does not undo the cut at once.  State must be plain JSON-able values:
+    each proposal (a knob proposed twice ends at the second, held to one step's limit).
+    ``on_backoff`` tells the controller that the guard rolled the run back and cut the rate, so
+    that it does not undo the cut at once.  State must be plain JSON-able values:
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
     A controller may set ``reads_buffer = False`` to spare the step the momentum-buffer
     alignment signal (one more fused pass over the parameters) when it does not read it.
