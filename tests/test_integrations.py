@@ -501,6 +501,32 @@ def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, contr
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_lightning_resume_from_mid_epoch_continues_the_log(tmp_path: Path) -> None:
+    """A ``ModelCheckpoint`` taken mid-epoch resumes as Lightning resumes a plain optimizer (its
+    loop does not continue the uninterrupted run then, AdamW's weights differ too); selftune's
+    steps, trace and log go on from the checkpoint's step as one chain that verifies."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    def run(steps: int, ckpt: Path | None) -> SelfTuneCallback:
+        torch.manual_seed(0)
+        cb = SelfTuneCallback("hypergradient", log_dir=tmp_path / "run")
+        keep = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{steps}", every_n_train_steps=24)
+        _trainer(steps, None, tmp_path, callbacks=[cb, keep]).fit(
+            _TinyModule(), _loader(), ckpt_path=ckpt
+        )
+        return cb
+
+    run(24, None)  # an epoch and a half
+    (ckpt,) = (tmp_path / "ckpt-24").iterdir()
+    resumed = run(40, ckpt)
+    assert resumed.optimizers[0].step_count == 40
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "trace.jsonl").open()]
+    assert steps == list(range(1, 41))
+    assert selftune.verify(tmp_path / "run").records > 0
+
+
 def test_an_optimizer_wrapped_before_its_scheduler_is_fed_the_loss() -> None:
     """A scheduler built on the wrapper (``Trainer(optimizers=(selftune.wrap(opt), sched))``, or
     ``configure_optimizers`` returning both) replaced its ``step`` with one that called
