@@ -503,28 +503,35 @@ def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, contr
 
 def test_lightning_resume_from_mid_epoch_continues_the_log(tmp_path: Path) -> None:
     """A ``ModelCheckpoint`` taken mid-epoch resumes as Lightning resumes a plain optimizer (its
-    loop does not continue the uninterrupted run then, AdamW's weights differ too); selftune's
+    loop does not continue the uninterrupted run then: AdamW's weights differ too); selftune's
     steps, trace and log go on from the checkpoint's step as one chain that verifies."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from selftune.integrations.lightning import SelfTuneCallback
 
-    def run(steps: int, ckpt: Path | None) -> SelfTuneCallback:
+    def run(steps: int, ckpt: Path | None, out: str, tuned: bool = True) -> Any:
         torch.manual_seed(0)
-        cb = SelfTuneCallback("hypergradient", log_dir=tmp_path / "run")
-        keep = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{steps}", every_n_train_steps=24)
-        _trainer(steps, None, tmp_path, callbacks=[cb, keep]).fit(
-            _TinyModule(), _loader(), ckpt_path=ckpt
+        model = _TinyModule()
+        cb = SelfTuneCallback("hypergradient", log_dir=tmp_path / out)
+        keep = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{out}-{steps}", every_n_train_steps=24)
+        callbacks = [cb, keep] if tuned else [keep]
+        _trainer(steps, None, tmp_path / out, callbacks=callbacks).fit(
+            model, _loader(), ckpt_path=ckpt
         )
-        return cb
+        return cb if tuned else model
 
-    run(24, None)  # an epoch and a half
-    (ckpt,) = (tmp_path / "ckpt-24").iterdir()
-    resumed = run(40, ckpt)
+    for out, tuned in (("run", True), ("plain", False)):
+        run(24, None, out, tuned)  # an epoch and a half
+    (ckpt,) = (tmp_path / "ckpt-run-24").iterdir()
+    resumed = run(40, ckpt, "run")
     assert resumed.optimizers[0].step_count == 40
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "trace.jsonl").open()]
     assert steps == list(range(1, 41))
     assert selftune.verify(tmp_path / "run").records > 0
+    (ckpt,) = (tmp_path / "ckpt-plain-24").iterdir()
+    plain, straight = run(40, ckpt, "plain", False), run(40, None, "straight", False)
+    pairs = zip(plain.parameters(), straight.parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_an_optimizer_wrapped_before_its_scheduler_is_fed_the_loss() -> None:
