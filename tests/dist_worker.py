@@ -403,6 +403,10 @@ def _refusals(rank: int) -> dict[str, str | None]:
     loss.backward()
     opt.step(loss=loss.detach().double() if rank == 0 else loss.detach())
     said["mixed"] = f"{opt.step_count} {opt.last_signals.loss!r}"
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step(loss=1.0000000123456789)  # a number with more digits than a float32's
+    said["digits"] = repr(opt.last_signals.loss)
     if rank == 1:  # a step that raises part-way on one rank (an error in its update)
         hook = opt.optimizer.register_step_post_hook(lambda *a: _raise(RuntimeError("lost")))
     said["part_way"] = once(3)

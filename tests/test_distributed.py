@@ -218,6 +218,8 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert all(s is not None and "given on some ranks and not on others" in s for s in loss64)
     mixed = [r["refusals"]["mixed"] for r in ranks]
     assert mixed[0] == mixed[1] and mixed[0].startswith("2 "), mixed
+    # a loss given as a number keeps its digits (it was rounded to float32 alone)
+    assert [r["refusals"]["digits"] for r in ranks] == [repr(1.0000000123456789)] * 2
     # the refused loss changed nothing: the same optimizer steps on (it was taken for broken)
     assert [r["refusals"]["retried"] for r in ranks] == [None, None]
     # a step that raised part-way on rank 1 alone: the next is refused on every rank alike (it

@@ -589,7 +589,7 @@ def test_a_joint_change_is_one_row_of_the_watch_and_the_report(
     """A joint run logs a change once per group: with twelve groups the watch's panel of the
     last eight showed less than one change (a first read took the last 64 lines), and the
     watch, the report's table and its card counted each record as a decision of its own."""
-    from selftune import cli
+    from selftune import cli, watch
     from selftune.report import write_report
 
     monkeypatch.setenv("COLUMNS", "250")  # a reason on one line
@@ -619,9 +619,89 @@ def test_a_joint_change_is_one_row_of_the_watch_and_the_report(
     for line, r in zip(panel, shown, strict=True):
         if r["kind"] == "decision":
             assert f"g0 {r['knob']}, +11 groups " in line
+    # a first read that skips most of the log counts the changes in the part it skips
+    monkeypatch.setattr(watch, "RECENT", 2)
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    frame = capsys.readouterr().out
+    assert f"decisions {changes} (+{len(followers)} made alike on other groups)" in frame
+    panel = [line for line in frame.splitlines() if re.match(r"│\s+\d+\s", line)]
+    assert [int(line.split()[1]) for line in panel] == [r["step"] for r in shown[-2:]]
     page = write_report(folder).read_text()
     assert f"{changes} decisions and {len(followers)} that made one alike" in page
     assert f"<b>{changes}</b><span>decisions</span>" in page
     rows = re.findall(r"<tr class=decision>.*?</tr>", page)
     assert len(rows) == min(changes, 100)
     assert all(re.search(r"title='made alike on groups 1, 2, .*, 11'>\+11<", row) for row in rows)
+
+
+def test_a_follower_the_policy_held_apart_has_a_row_and_the_rest_still_fold(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of four groups, the second's momentum (0.5 where the others' are 0.95) moves by more
+    than the step's limit at each change the controller makes: it keeps a row of its own, and
+    the groups after it fold into the change (they each took a row of their own too)."""
+    from selftune import cli
+    from selftune.report import write_report
+
+    class Shorten(OffController):
+        name = "shorten"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            if signals.step > 6:
+                return []
+            return [selftune.Proposal(0, "momentum", knobs[0]["momentum"] - 0.01, "shorter")]
+
+    monkeypatch.setenv("COLUMNS", "250")
+    problem = mlp_regression(seed=20)
+    groups = _per_tensor(problem)
+    for group, momentum in zip(groups, (0.95, 0.5, 0.95, 0.95), strict=True):
+        group["momentum"] = momentum
+    folder = tmp_path / "run"
+    opt = selftune.wrap(torch.optim.SGD(groups, lr=1e-2), Shorten(), groups="joint", log_dir=folder)
+    train(problem, opt, 8)
+    opt.close()
+    records = [json.loads(line) for line in (folder / "decisions.jsonl").read_text().splitlines()]
+    clipped = [r["group"] for r in records if r["kind"] == "decision" and r["clipped"]]
+    assert clipped == [1] * 6
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    panel = [line for line in capsys.readouterr().out.splitlines() if re.match(r"│\s+\d+", line)]
+    assert [line.split()[1:4] for line in panel] == [
+        [str(step), *row]
+        for step in (3, 4, 5, 6)
+        for row in (["g0", "momentum,"], ["g1", "momentum"])
+    ][-8:]
+    assert all("+2 groups" in line for line in panel if " g0 " in line)
+    page = write_report(folder).read_text()
+    rows = re.findall(r"<tr class=decision>.*?</tr>", page)
+    assert len(rows) == 12 and sum(">+2<" in row for row in rows) == 6
+
+
+def test_a_reason_like_a_followers_folds_nothing_in_a_run_not_joint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold is for joint runs, as the manifest says: a controller of one's own whose reason
+    reads like a follower's was counted as one, and folded into another group's change."""
+    from selftune import cli
+    from selftune.report import write_report
+
+    class Copy(OffController):
+        name = "copy"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            if signals.step != 2:
+                return []
+            return [
+                selftune.Proposal(0, "lr", 2 * knobs[0]["lr"], "double"),
+                selftune.Proposal(1, "lr", 2 * knobs[1]["lr"], "double (joint: as group 0)"),
+            ]
+
+    monkeypatch.setenv("COLUMNS", "250")
+    problem = mlp_regression(seed=21)
+    folder = tmp_path / "run"
+    opt = selftune.wrap(torch.optim.SGD(_per_tensor(problem), lr=1e-2), Copy(), log_dir=folder)
+    train(problem, opt, 3)
+    opt.close()
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    frame = capsys.readouterr().out
+    assert "decisions 2 " in frame and "made alike" not in frame and "+1 groups" not in frame
+    assert "<b>2</b><span>decisions</span>" in write_report(folder).read_text()

@@ -70,9 +70,16 @@ FOLLOWS = " (joint: as group {})"
 _FOLLOWS = re.compile(re.escape(FOLLOWS).replace(re.escape("{}"), r"(\d+)"))
 
 
+def is_joint(manifest: Mapping[str, Any]) -> bool:
+    """Whether the run of ``manifest`` tuned its groups as one (``groups="joint"``)."""
+    config = manifest.get("config")
+    options = config.get("controller_options") if isinstance(config, Mapping) else None
+    return isinstance(options, Mapping) and options.get("groups") == "joint"
+
+
 def follows(record: Mapping[str, Any]) -> int | None:
-    """The group whose change the decision ``record`` makes alike on its own group (a joint
-    run's follower), else None."""
+    """The group whose change the decision ``record`` of a joint run makes alike on its own
+    group (a follower), else None."""
     reason = record.get("reason")
     if record.get("kind") != "decision" or not isinstance(reason, str):
         return None
@@ -80,17 +87,25 @@ def follows(record: Mapping[str, Any]) -> int | None:
     return None if found is None else int(found.group(1))
 
 
-def folds_into(record: Mapping[str, Any], leader: Mapping[str, Any]) -> bool:
-    """Whether ``record`` is a follower of the decision ``leader``, written with it, that the
-    policy let through as it did the leader's (one it clipped is worth a row of its own)."""
-    return (
-        follows(record) == leader.get("group")
-        and leader.get("kind") == "decision"
-        and follows(leader) is None
-        and record.get("step") == leader.get("step")
-        and record.get("knob") == leader.get("knob")
-        and not record.get("clipped")
-    )
+def leader_row(record: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> int | None:
+    """The index in ``rows`` (a joint run's records as shown, each change's followers folded
+    into it) of the change the follower ``record`` folds into, else None.
+
+    A follower the policy clipped keeps a row of its own (its value is not the change's), and
+    the followers after it still fold into the change (they are written together, the change
+    first).
+    """
+    group = follows(record)
+    if group is None or record.get("clipped"):
+        return None
+    for index in range(len(rows) - 1, -1, -1):
+        row = rows[index]
+        same = row.get("step") == record.get("step") and row.get("knob") == record.get("knob")
+        if row.get("kind") != "decision" or not same:
+            return None
+        if follows(row) is None:
+            return index if row.get("group") == group else None
+    return None
 
 
 class LogError(SelfTuneError):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from selftune.audit import LogError, folds_into, follows, read_log, verify
+from selftune.audit import LogError, follows, is_joint, leader_row, read_log, verify
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -627,28 +627,32 @@ def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[dic
         yield skipped
 
 
-def _folded(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records with a joint run's followers folded into the change they follow: its
+def _folded(run: Run) -> list[dict[str, Any]]:
+    """The records, with a joint run's followers folded into the change they follow: its
     ``alike`` lists their groups (a change on tens of groups was tens of rows alike)."""
+    joint = is_joint(run.manifest)
     out: list[dict[str, Any]] = []
-    for record in records:
-        if out and folds_into(record, out[-1]):
-            out[-1]["alike"].append(record["group"])
+    for record in run.records:
+        at = leader_row(record, out) if joint else None
+        if at is not None:
+            out[at]["alike"].append(record["group"])
         else:
             out.append({**record, "alike": []} if record.get("kind") == "decision" else record)
     return out
 
 
 def _changes(run: Run) -> tuple[int, int]:
-    """The controller's changes, and the decisions that made one alike on another group."""
-    followers = sum(follows(r) is not None for r in run.of_kind("decision"))
-    return len(run.of_kind("decision")) - followers, followers
+    """The controller's changes, and a joint run's decisions that made one alike on another
+    group."""
+    decisions = run.of_kind("decision")
+    followers = sum(follows(r) is not None for r in decisions) if is_joint(run.manifest) else 0
+    return len(decisions) - followers, followers
 
 
 def _decisions_table(run: Run, rows: int) -> str:
     numbers = {g["seq"]: n for n, g in enumerate(run.of_kind("guard"), start=1)}
     body = []
-    records = _folded(run.records)
+    records = _folded(run)
     for item in _shown_records(records, rows):
         if isinstance(item, int):
             body.append(f"<tr class=gap><td colspan=6>… {item} decisions not shown …</td></tr>")

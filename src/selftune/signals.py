@@ -242,8 +242,9 @@ class SignalTracker:
                 parts[start:] = _group_sums(parts[start:], layout[-1])
         if distributed:  # every rank stacks a loss and whether it had one (see _ranks_loss)
             had = loss is not None
-            if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is
-                loss = torch.tensor(_maybe_float(loss) if had else 0.0, dtype=torch.float32)
+            if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is,
+                value = _maybe_float(loss) if had else 0.0  # with its digits (float64 here)
+                loss = torch.tensor(value, dtype=torch.float64)
             parts += [
                 loss.detach().reshape(()),
                 torch.tensor(float(had)),

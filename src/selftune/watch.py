@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, folds_into, follows
+from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, follows, is_joint, leader_row
 from selftune.report import TRACE, as_float, blocks_back, lines_back
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ class WatchState:
     manifest_problem: str | None = None
 
     def __post_init__(self) -> None:
+        self._joint = False  # whether the manifest says the groups were tuned as one
         # enough lines for the recent decisions among notes, and the rows of the sparklines
         # back to the last metric (json.dumps writes its key as below)
         self._decisions = LineTail(self.folder / DECISIONS, lines=8 * RECENT, count=KINDS)
@@ -189,25 +190,28 @@ class WatchState:
         """Read what the run appended since the last poll."""
         if self.manifest is None:
             self.manifest, self.manifest_problem = _read_manifest(self.folder / MANIFEST)
+            self._joint = self.manifest is not None and is_joint(self.manifest)
             tail = self._decisions  # a joint run writes a change on every group: as many
-            if self.manifest is not None and tail.offset == 0 and tail.lines is not None:
-                tail.lines = 8 * RECENT * _per_change(self.manifest)  # changes shown
+            if self._joint and tail.offset == 0 and tail.lines is not None:  # changes shown
+                tail.lines *= max(1, len((self.manifest or {}).get("param_groups") or ()))
         lines, restarted = self._decisions.read()
         if restarted:
             self.recent.clear()
             self.decisions = self.guards = self.followers = 0
         skipped = self._decisions.skipped
-        self.decisions += skipped[KINDS[0]] - skipped[KINDS[2]]
+        followers = skipped[KINDS[2]] if self._joint else 0
+        self.decisions += skipped[KINDS[0]] - followers
         self.guards += skipped[KINDS[1]]
-        self.followers += skipped[KINDS[2]]
+        self.followers += followers
         for record in self._parse(lines):
             kind = record.get("kind")
-            follower = follows(record) is not None
+            follower = self._joint and follows(record) is not None
             self.decisions += kind == "decision" and not follower
             self.followers += follower
             self.guards += kind == "guard"
-            if follower and self.recent and folds_into(record, self.recent[-1]):
-                self.recent[-1]["alike"] += 1
+            at = leader_row(record, self.recent) if follower else None
+            if at is not None:
+                self.recent[at]["alike"] += 1
             elif kind in ("decision", "guard", "note"):
                 self.recent.append({**record, "alike": 0})
         lines, restarted = self._trace.read()
@@ -250,15 +254,6 @@ class WatchState:
         for rates, group in zip(self.rates, self.hp, strict=False):
             rate = as_float(group.get("lr"))
             rates.append(math.nan if rate is None else rate)
-
-
-def _per_change(manifest: dict[str, Any]) -> int:
-    """How many records one change of the controller writes: one per group in a joint run."""
-    config = manifest.get("config")
-    options = config.get("controller_options") if isinstance(config, dict) else None
-    groups = manifest.get("param_groups")
-    joint = isinstance(options, dict) and options.get("groups") == "joint"
-    return max(1, len(groups)) if joint and isinstance(groups, list) else 1
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
