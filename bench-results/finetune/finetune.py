@@ -14,6 +14,9 @@ grid (1e-5 to 3e-3): plain; wrapped with ``selftune.wrap`` at its defaults; the 
 accuracy on 200 other examples of B given to ``observe`` every 25 steps; wrapped with the rate
 bounded at 10x its start (``bounds={"lr": (1e-3, 10.0)}``); wrapped with no range test
 (``range_test=False``); and, for what the pretraining is worth, plain from a fresh network.
+Then with discriminative rates, the fine-tuner's usual split (the body at a tenth of the head's
+rate, two param groups): plain; wrapped at its defaults, each group tuned on its own; and
+wrapped with ``groups="joint"``, the two tuned as one with their ratio kept.
 Measured on the rest of B (599 examples): accuracy at the end; and on A's test half, through A's
 own head, how much of A is left (forgetting).  Seeds 0-4 (the pretraining, the split, the noise
 and the order of batches).
@@ -38,9 +41,22 @@ import selftune
 
 HERE = Path(__file__).resolve().parent
 RATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-VARIANTS = ("plain", "auto", "auto-observe", "auto-10x", "auto-no-test", "scratch")
-#: the wrapped variants whose rate at the end the table gives
-FINAL = ("auto", "auto-no-test")
+VARIANTS = (
+    "plain",
+    "auto",
+    "auto-observe",
+    "auto-10x",
+    "auto-no-test",
+    "scratch",
+    "plain-split",
+    "auto-split",
+    "auto-split-joint",
+)
+#: the variants whose body steps at a tenth of the head's rate (the rate of the grid)
+SPLIT = {"plain-split": 0.1, "auto-split": 0.1, "auto-split-joint": 0.1}
+#: the wrapped variants whose rate at the end (the head's) the table gives, and the body's
+FINAL = ("auto", "auto-no-test", "auto-split", "auto-split-joint")
+FINAL_BODY = ("auto-split", "auto-split-joint")
 #: how each wrapped variant calls ``selftune.wrap`` (``auto-10x``: the rate may rise at most
 #: 10x above its start, the bound a user who knows the run fine-tunes can set; ``auto-no-test``:
 #: no range test, the cruise starting at the rate given, for a user who trusts it)
@@ -49,6 +65,8 @@ WRAP: dict[str, dict[str, Any]] = {
     "auto-observe": {},
     "auto-10x": {"bounds": {"lr": (1e-3, 10.0)}},
     "auto-no-test": {"range_test": False},
+    "auto-split": {},
+    "auto-split-joint": {"groups": "joint"},
 }
 SEEDS = range(5)
 PRETRAIN, FINETUNE, BATCH, SHOTS, VALIDATION, EVERY = 600, 300, 20, 10, 200, 25
@@ -110,7 +128,14 @@ def finetune(
         for layer in body:
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
-    inner = torch.optim.AdamW([*body.parameters(), *head.parameters()], lr=rate)
+    if variant in SPLIT:  # the head's group last
+        groups: Any = [
+            {"params": list(body.parameters()), "lr": rate * SPLIT[variant]},
+            {"params": list(head.parameters())},
+        ]
+    else:
+        groups = [*body.parameters(), *head.parameters()]
+    inner = torch.optim.AdamW(groups, lr=rate)
     wrapped = variant in WRAP
     opt: Any = selftune.wrap(inner, seed=seed, **WRAP[variant]) if wrapped else inner
     x, y = data["b_train"]
@@ -134,7 +159,9 @@ def finetune(
         "a_left": accuracy(body, head_a, data["a_test"]),
     }
     if wrapped:
-        row["final_rate"] = opt.hyperparams()[0]["lr"]
+        row["final_rate"] = opt.hyperparams()[-1]["lr"]
+        if variant in SPLIT:
+            row["final_body_rate"] = opt.hyperparams()[0]["lr"]
     return row
 
 
@@ -148,8 +175,9 @@ def table(rows: list[dict[str, Any]], pretrained_a: list[float]) -> str:
         + " | "
         + " | ".join(f"A left: {v}" for v in VARIANTS)
         + "".join(f" | final rate: {v} (median)" for v in FINAL)
+        + "".join(f" | body's final rate: {v} (median)" for v in FINAL_BODY)
         + " |",
-        "|---:|" + "---:|" * (2 * len(VARIANTS) + len(FINAL)),
+        "|---:|" + "---:|" * (2 * len(VARIANTS) + len(FINAL) + len(FINAL_BODY)),
     ]
     for rate in RATES:
 
@@ -164,6 +192,7 @@ def table(rows: list[dict[str, Any]], pretrained_a: list[float]) -> str:
             + " | "
             + " | ".join(f"{med(v, 'a_left'):.3f}" for v in VARIANTS)
             + "".join(f" | {med(v, 'final_rate'):.2g}" for v in FINAL)
+            + "".join(f" | {med(v, 'final_body_rate'):.2g}" for v in FINAL_BODY)
             + " |"
         )
     return "\n".join(lines) + "\n"
