@@ -89,14 +89,14 @@ def follows(record: Mapping[str, Any]) -> int | None:
 
 def leader_row(record: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> int | None:
     """The index in ``rows`` (a joint run's records as shown, each change's followers folded
-    into it) of the change the follower ``record`` folds into, else None.
+    into it) of the change the follower ``record`` makes alike, else None.
 
-    A follower the policy clipped keeps a row of its own (its value is not the change's), and
-    the followers after it still fold into the change (they are written together, the change
-    first).
+    The rows since the change may be followers the policy clipped, where a reader gives them
+    rows of their own (their values are not the change's): the followers after them are the
+    same change's (a change and its followers are written together, the change first).
     """
     group = follows(record)
-    if group is None or record.get("clipped"):
+    if group is None:
         return None
     for index in range(len(rows) - 1, -1, -1):
         row = rows[index]

@@ -633,7 +633,8 @@ def _folded(run: Run) -> list[dict[str, Any]]:
     joint = is_joint(run.manifest)
     out: list[dict[str, Any]] = []
     for record in run.records:
-        at = leader_row(record, out) if joint else None
+        # a follower the policy clipped keeps a row of its own: its value is not the change's
+        at = leader_row(record, out) if joint and not record.get("clipped") else None
         if at is not None:
             out[at]["alike"].append(record["group"])
         else:
@@ -663,7 +664,7 @@ def _decisions_table(run: Run, rows: int) -> str:
     changes, followers = _changes(run)
     count = f"{changes} decisions" + (
         f" and {followers} that made one alike on another group (joint groups: shown as +N "
-        "on the change they follow)"
+        "on the change they follow, or in a row of their own where the policy clipped them)"
         if followers
         else ""
     )

@@ -167,7 +167,8 @@ class WatchState:
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     #: recent learning rates of each param group
     rates: list[deque[float]] = field(default_factory=list)
-    #: each decision shown carries ``alike``: how many groups a joint run made it on besides
+    #: each decision shown carries ``alike``: how many groups a joint run made it on besides,
+    #: and ``clipped_alike``: how many of those the policy clipped
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     #: the controller's changes: a joint run's change made alike on the other groups is one
     decisions: int = 0
@@ -210,10 +211,11 @@ class WatchState:
             self.followers += follower
             self.guards += kind == "guard"
             at = leader_row(record, self.recent) if follower else None
-            if at is not None:
-                self.recent[at]["alike"] += 1
+            if at is not None:  # one the policy clipped too: eight rows are few (it pushed
+                self.recent[at]["alike"] += 1  # the change itself out of them)
+                self.recent[at]["clipped_alike"] += bool(record.get("clipped"))
             elif kind in ("decision", "guard", "note"):
-                self.recent.append({**record, "alike": 0})
+                self.recent.append({**record, "alike": 0, "clipped_alike": 0})
         lines, restarted = self._trace.read()
         if restarted:
             self.losses.clear()
@@ -408,6 +410,8 @@ def _recent_table(state: WatchState) -> RenderableType:
         else:
             clipped = " (clipped)" if record.get("clipped") else ""
             alike = f", +{record['alike']} groups" if record.get("alike") else ""
+            if record.get("clipped_alike"):
+                alike += f" ({record['clipped_alike']} clipped)"
             table.add_row(
                 str(record.get("step")),
                 f"g{record.get('group')} {record.get('knob')}{alike}",
