@@ -631,7 +631,7 @@ def test_a_joint_change_is_one_row_of_the_watch_and_the_report(
     assert f"<b>{changes}</b><span>decisions</span>" in page
     rows = re.findall(r"<tr class=decision>.*?</tr>", page)
     assert len(rows) == min(changes, 100)
-    assert all(re.search(r"title='made alike on groups 1, 2, .*, 11'>\+11<", row) for row in rows)
+    assert all(re.search(r"title='also on groups 1, 2, .*, 11'>\+11<", row) for row in rows)
 
 
 def test_a_follower_the_policy_held_apart_has_a_row_and_the_rest_still_fold(

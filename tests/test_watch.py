@@ -360,3 +360,46 @@ def test_a_note_is_listed_with_the_decisions(tmp_path: Path, capsys: pytest.Capt
     opt.close()
     frame = watch_once(tmp_path / "run", capsys)
     assert re.search(r"2 +note +group 0's momentum was changed outside selftune", frame), frame
+
+
+def test_a_rollback_on_many_groups_is_a_row_per_knob(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A rollback restores every group's knobs, a decision each: with twelve groups it filled
+    the panel of eight with one event's restores of the first groups and left the rest out;
+    the watch and the report now fold the restores with one reason into a row per knob."""
+    from problems import mlp_regression, train
+
+    from selftune.controllers.off import OffController
+    from selftune.report import write_report
+
+    class Shorten(OffController):  # every group's momentum, after the guard's snapshot
+        name = "shorten"
+
+        def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+            if signals.step != 30:
+                return []
+            return [selftune.Proposal(i, "momentum", 0.89, "shorter") for i in range(len(knobs))]
+
+    problem = mlp_regression(seed=0, depth=5)  # twelve tensors, a group each
+    groups = [{"params": [p]} for p in problem.model.parameters()]
+    folder = tmp_path / "run"
+    inner = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
+    opt = selftune.wrap(inner, Shorten(), log_dir=folder)
+    batch_loss = problem.batch_loss
+    problem.batch_loss = lambda t: batch_loss(t) * (math.nan if t == 40 else 1.0)
+    train(problem, opt, 41)
+    opt.close()
+    records = [json.loads(line) for line in (folder / "decisions.jsonl").read_text().splitlines()]
+    restores = [r for r in records if r["kind"] == "decision" and r["source"] == "guard"]
+    assert sorted({r["group"] for r in restores}) == list(range(12))
+    assert [r["knob"] for r in restores] == ["lr", "momentum"] * 12  # group by group
+    assert cli.main(["watch", str(folder), "--once"]) == 0
+    panel = [line for line in capsys.readouterr().out.splitlines() if re.match(r"│\s+\d+\s", line)]
+    assert [line.split()[1:5] for line in panel][-3:] == [
+        ["40", "GUARD", "rollback", "loss"],
+        ["40", "g0", "lr,", "+11"],
+        ["40", "g0", "momentum,", "+11"],
+    ]
+    rows = re.findall(r"<tr class=decision>.*?</tr>", write_report(folder).read_text())
+    assert len(rows) == 12 + 2 and all(">+11<" in row for row in rows[-2:])

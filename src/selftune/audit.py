@@ -87,23 +87,35 @@ def follows(record: Mapping[str, Any]) -> int | None:
     return None if found is None else int(found.group(1))
 
 
-def leader_row(record: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> int | None:
-    """The index in ``rows`` (a joint run's records as shown, each change's followers folded
-    into it) of the change the follower ``record`` makes alike, else None.
+def leader_row(
+    record: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], joint: bool
+) -> int | None:
+    """The index in ``rows`` (the records as shown, each folded into the row it repeats) of the
+    row the decision ``record`` repeats on another group, else None: a joint run's follower
+    (``joint``), the change it makes alike; a guard's decision, the same restore with the same
+    reason on an earlier group (a rollback writes one per group and knob).
 
-    The rows since the change may be followers the policy clipped, where a reader gives them
-    rows of their own (their values are not the change's): the followers after them are the
-    same change's (a change and its followers are written together, the change first).
+    A step writes its decisions together, a joint change before its followers; the rows since
+    the change may be followers the policy clipped, to which a reader gives rows of their own
+    (their values are not the change's), and a rollback's rows alternate the knobs.
     """
-    group = follows(record)
-    if group is None:
+    group = follows(record) if joint else None
+    guard = record.get("kind") == "decision" and record.get("source") == "guard"
+    if group is None and not guard:
         return None
     for index in range(len(rows) - 1, -1, -1):
         row = rows[index]
-        same = row.get("step") == record.get("step") and row.get("knob") == record.get("knob")
-        if row.get("kind") != "decision" or not same:
+        if row.get("kind") != "decision" or row.get("step") != record.get("step"):
             return None
-        if follows(row) is None:
+        same_knob = row.get("knob") == record.get("knob")
+        if guard:
+            if row.get("source") != "guard":
+                return None
+            if same_knob and row.get("reason") == record.get("reason"):
+                return index
+        elif not same_knob:
+            return None
+        elif follows(row) is None:
             return index if row.get("group") == group else None
     return None
 

@@ -576,7 +576,7 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
             clipped = f"<span class='tag {_e(source)}'>{_e(source)}</span> {clipped}"
         alike = record.get("alike") or []
         group = _e(record["group"]) + (
-            f" <span class=sub title='made alike on groups {_e(', '.join(map(str, alike)))}'>"
+            f" <span class=sub title='also on groups {_e(', '.join(map(str, alike)))}'>"
             f"+{len(alike)}</span>"
             if alike
             else ""
@@ -628,13 +628,14 @@ def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[dic
 
 
 def _folded(run: Run) -> list[dict[str, Any]]:
-    """The records, with a joint run's followers folded into the change they follow: its
-    ``alike`` lists their groups (a change on tens of groups was tens of rows alike)."""
+    """The records, with a joint run's followers folded into the change they follow and a
+    rollback's restores into its first group's: a row's ``alike`` lists the other groups (a
+    change on tens of groups was tens of rows alike)."""
     joint = is_joint(run.manifest)
     out: list[dict[str, Any]] = []
     for record in run.records:
         # a follower the policy clipped keeps a row of its own: its value is not the change's
-        at = leader_row(record, out) if joint and not record.get("clipped") else None
+        at = None if record.get("clipped") else leader_row(record, out, joint)
         if at is not None:
             out[at]["alike"].append(record["group"])
         else:

@@ -167,8 +167,9 @@ class WatchState:
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     #: recent learning rates of each param group
     rates: list[deque[float]] = field(default_factory=list)
-    #: each decision shown carries ``alike``: how many groups a joint run made it on besides,
-    #: and ``clipped_alike``: how many of those the policy clipped
+    #: each decision shown carries ``alike``: on how many other groups it was made alike (a
+    #: joint run's followers, a rollback's restores), and ``clipped_alike``: how many of those
+    #: the policy clipped
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
     #: the controller's changes: a joint run's change made alike on the other groups is one
     decisions: int = 0
@@ -210,7 +211,7 @@ class WatchState:
             self.decisions += kind == "decision" and not follower
             self.followers += follower
             self.guards += kind == "guard"
-            at = leader_row(record, self.recent) if follower else None
+            at = leader_row(record, self.recent, self._joint)
             if at is not None:  # one the policy clipped too: eight rows are few (it pushed
                 self.recent[at]["alike"] += 1  # the change itself out of them)
                 self.recent[at]["clipped_alike"] += bool(record.get("clipped"))
