@@ -897,6 +897,26 @@ def test_torch_s_state_dict_hooks_on_the_wrapper_run() -> None:
     assert called == ["save, before", "load, before, mine=1", "load, after"]
 
 
+def test_a_step_hook_on_the_inner_optimizer_runs_only_on_updates_made() -> None:
+    """Torch's step hooks on the wrapper run after each call of ``step``; one on the wrapped
+    optimizer runs only where its update is made: not on the step the guard skipped."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    calls: list[tuple[str, int]] = []
+    opt.register_step_post_hook(lambda *a: calls.append(("wrapper", opt.step_count)))
+    inner.register_step_post_hook(lambda *a: calls.append(("inner", opt.step_count)))
+    for t in range(1, 5):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=torch.tensor(math.nan) if t == 3 else loss.detach())
+    assert calls == [
+        ("inner", 0), ("wrapper", 1), ("inner", 1), ("wrapper", 2),
+        ("wrapper", 3),  # skipped: no update made
+        ("inner", 3), ("wrapper", 4),
+    ]  # fmt: skip
+
+
 def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
     import copy
     import pickle
