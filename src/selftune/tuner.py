@@ -544,11 +544,12 @@ class SelfTuned(torch.optim.Optimizer):
             forgiven, current = forgiven + held, self.hyperparams()
         read = signals  # what the controller decides on: for joint groups, those with a rate
         if self._joint is not None:  # as one (a group held at zero would only thin the cosines)
-            read = pooled(signals, [i for i, k in enumerate(current) if k["lr"] > 0])
+            joins = self._joint.join(current)  # (which finds the groups with a rate)
+            read = pooled(signals, self._joint.live)
             # a group given a rate since the last step takes the run's scale (bounds only, as
             joined = [  # a restart's knobs), before the controller reads the knobs
                 d
-                for q in self._joint.join(current)
+                for q in joins
                 if (d := self._apply(t, q, current[q.group], read, "controller", False))
             ]
             if joined:
@@ -1168,9 +1169,11 @@ class SelfTuned(torch.optim.Optimizer):
         the one before left it at: the second was logged from the step's value, and one that
         went back to it was dropped, the first left standing.
         """
+        if not proposals:
+            return []  # most steps: no copy of every group's knobs
         decisions: list[Decision] = []
         now = [dict(k) for k in current]  # the knobs as the decisions so far left them
-        bases = self._bases() if self._joint is not None and proposals else []  # read once
+        bases = self._bases() if self._joint is not None else []  # read once
 
         def apply(q: Proposal) -> Decision | None:
             d = self._apply(t, q, current[q.group], signals, "controller", limited, now[q.group])

@@ -93,6 +93,11 @@ class JointController:
             if own > 0 and not was[i] and scales[i] != run
         ]
 
+    @property
+    def live(self) -> list[int]:
+        """The groups with a rate at this step, as :meth:`join` found them."""
+        return [i for i, on in enumerate(self._live) if on]
+
     def _rates(self, knobs: Knobs) -> tuple[list[float], list[float], list[bool]]:
         """Each group's own rate (without the scale), its scale, and whether it had a rate at
         the last step (a group added since had none); the groups' records grown to them all."""
@@ -132,8 +137,9 @@ class JointController:
         is read from: the wrapper applies it there, then to the rest through :meth:`spread`.
 
         ``signals`` are already pooled (the wrapper pools them once, so that each decision's
-        record holds the signals it was made on)."""
-        live = [i for i, k in enumerate(knobs) if k["lr"] > 0]
+        record holds the signals it was made on); the groups with a rate are those :meth:`join`
+        found at this step (its joins change scales only)."""
+        live = self.live
         if not live:
             return []  # every rate held at zero: nothing to scale
         run, sources = self._view(knobs, self._ref, self._unit)
@@ -213,8 +219,10 @@ class JointController:
         """Tell the inner controller the run's knobs that failed, read from the reference this
         step would have had (a reference a scheduler had just set to zero told it nothing)."""
         note = getattr(self.inner, "before_rollback", None)
+        if note is None:
+            return
         owns, scales, was = self._rates(knobs)
-        if note is None or not any(own > 0 for own in owns):
+        if not any(own > 0 for own in owns):
             return
         ref, unit, _ = self._pick(owns, scales, was)
         note([self._view(knobs, ref, unit)[0]])
