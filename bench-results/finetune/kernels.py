@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from selftune.bench.runner import read_results
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CAPABILITIES = (None, "avx2", "default")
@@ -51,10 +53,6 @@ def one_run(capability: str | None) -> dict[str, Any]:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def committed_rows() -> dict[str, Any]:
     """Re-run eight committed rows of the full suite; which come out the same to the bit."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -81,8 +79,8 @@ def committed_rows() -> dict[str, Any]:
             ],
             check=True,
         )
-        fresh = _rows(Path(scratch) / "results.jsonl")
-    committed = _rows(ROOT / "bench-results" / "results.jsonl")
+        fresh = read_results(Path(scratch) / "results.jsonl")
+    committed = read_results(ROOT / "bench-results" / "results.jsonl")
 
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["workload"], r["method"], r["seed"], r.get("lr0")
