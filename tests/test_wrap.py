@@ -535,6 +535,45 @@ def test_a_warm_up_built_before_the_wrap_starts_from_the_rate_it_was_given() -> 
     assert floor > 0 and opt.hyperparams()[0]["lr"] == pytest.approx(floor)
 
 
+@pytest.mark.parametrize("scheduler", ["one_cycle", "cyclic"])
+def test_a_scheduler_built_after_the_wrap_bounds_the_rate_as_one_built_before(
+    scheduler: str,
+) -> None:
+    """OneCycleLR and CyclicLR set the rate they start from (``max_lr / div_factor``,
+    ``base_lr``) when built, over the optimizer's own: built after the wrap, the bounds were
+    factors of the rate the optimizer was given, 2.5x and 10x off those of the same script
+    with the scheduler built first.  The start is read at the first step, in either order."""
+
+    def run(first: bool) -> tuple[float, list[float]]:
+        inner, pr = _sgd(lr=0.01)
+
+        def build(o: torch.optim.Optimizer) -> Any:
+            if scheduler == "one_cycle":
+                return torch.optim.lr_scheduler.OneCycleLR(
+                    o, max_lr=0.1, total_steps=100, cycle_momentum=False
+                )
+            return torch.optim.lr_scheduler.CyclicLR(
+                o, base_lr=1e-3, max_lr=1e-2, step_size_up=10, cycle_momentum=False
+            )
+
+        sched = build(inner) if first else None
+        opt = selftune.wrap(inner, _Push("lr", 1.0), bounds={"lr": (0.1, 10.0)}, guard=False)
+        sched = sched or build(opt)
+        rates: list[float] = []
+
+        def after() -> None:
+            sched.step()
+            rates.append(opt.hyperparams()[0]["lr"])
+
+        _steps(pr, opt, range(1, 41), after=after)
+        return opt.state_dict()["selftune"]["start"][0], rates
+
+    (start, rates), (start_after, rates_after) = run(first=True), run(first=False)
+    assert start == (0.004 if scheduler == "one_cycle" else 1e-3)
+    # the push holds the rate at its bound: the same bound, the same rates, in either order
+    assert start_after == start and rates_after == rates
+
+
 def test_a_tensor_rate_is_written_in_place_and_logged_as_stepped() -> None:
     """The rate ``hyperparams()`` (and so the log) gave, and the one ``unwrap`` handed over,
     were the float64 product of the base rate and the scale, which could be a float32 ulp off

@@ -495,6 +495,8 @@ class SelfTuned(torch.optim.Optimizer):
     def _step(self, t: int, loss: Any, inner_closure: Callable[[], Any] | None) -> Any:
         """Step ``t`` from the signals on: what a failure part-way leaves unfinished."""
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
+        if t == 1:
+            self._read_start()
         current = self.hyperparams()
         self._find_outside(t, current)
         if self._loaded:
@@ -712,6 +714,17 @@ class SelfTuned(torch.optim.Optimizer):
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
+
+    def _read_start(self) -> None:
+        """The rates the bounds are factors of, read again as the first step finds them: a
+        scheduler built after the wrap (OneCycleLR's ``max_lr / div_factor``, CyclicLR's
+        ``base_lr``) has written its start over the rate the optimizer was built with, where one
+        built before had already; the same script gives the same bounds in either order.  A rate
+        the loop set to zero since keeps the wrap's start (no bound is a factor of zero)."""
+        for i, group in enumerate(self.param_groups):
+            rate = knobs_io.start_rate(group)
+            if math.isfinite(rate) and rate > 0.0:
+                self._start[i] = rate
 
     def _start_from_plain_state(self) -> None:
         """A plain optimizer's state was loaded: a run continued under selftune starts from its
