@@ -2,7 +2,7 @@
 does at a rate that is right.
 
 Run from the repository root: ``python bench-results/gap-decomposition/run.py [--jobs 2]``
-(``--table`` only prints the tables from the committed results).  Two readings:
+(``--table`` runs nothing and makes ``table.md`` from the committed rows).  Two readings:
 
 1. From ``../results.jsonl`` alone (no runs): per pair, the grid's best *constant* rate against
    the oracle (the best member, constant or cosine over the budget): what knowing the budget's
