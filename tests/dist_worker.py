@@ -21,6 +21,7 @@ rank 0's run folders are ``--out/<run>``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -205,15 +206,17 @@ def _run(
     evaluate: bool = False,
     as_float: bool = False,
     tensorboard: bool = False,
+    listeners: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
     """``tensorboard``: every rank also adds a TensorBoard writer on ``out/<run>-tb``, as a DDP
-    script does; only rank 0's writes."""
+    script does; only rank 0's writes.  ``listeners``: added too, and closed at the end."""
     model, opt, rec = _build(name, out / run, rank)
-    writer = None
+    writers = list(listeners)
     if tensorboard:
         from selftune.integrations.tensorboard import TensorBoardWriter
 
-        writer = TensorBoardWriter(out / f"{run}-tb")
+        writers.append(TensorBoardWriter(out / f"{run}-tb"))
+    for writer in writers:
         opt.add_listener(writer)
     for t in range(1, steps + 1):
         train_step(model, opt, t, rank, nan=t == nan_step and rank == 1, as_float=as_float)
@@ -221,9 +224,26 @@ def _run(
             opt.observe(metric(t, rank))
     torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
     opt.close()
-    if writer is not None:
+    for writer in writers:
         writer.close()
     return rec.json()
+
+
+def _early_writers(out: Path) -> tuple[Any, ...]:
+    """Writers built before the process group exists, as a Lightning callback's are (built
+    before the Trainer starts its processes): each took its process for rank 0 and every rank
+    wrote the run.  The MLflow store is new, as MLflow's default one is on a first run: every
+    rank's client set it up at once, and the setup failed."""
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    writers: list[Any] = [TensorBoardWriter(out / "early-tb")]
+    if importlib.util.find_spec("mlflow") is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
+        os.chdir(out)  # a database store keeps its artifacts in ./mlruns
+        from selftune.integrations.mlflow import MLflowWriter
+
+        writers.append(MLflowWriter())
+    return tuple(writers)
 
 
 def _resumed_run(
@@ -430,6 +450,7 @@ def main() -> None:
     parser.add_argument("--ckpt-step", type=int, default=5)
     parser.add_argument("--crash-step", type=int, default=30)
     args = parser.parse_args()
+    early = _early_writers(args.out)
     # short timeouts: a rank that misses a collective fails the test instead of hanging it
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     rank = dist.get_rank()
@@ -445,6 +466,7 @@ def main() -> None:
     results["float-loss"] = _run(
         args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
     )
+    results["early"] = _run(args.out, "early", "sgd", args.steps, rank, listeners=early)
     results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     results["refusals"] = _refusals(rank)

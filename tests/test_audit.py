@@ -440,6 +440,39 @@ def test_a_folder_of_another_run_is_refused(tmp_path: Path) -> None:
         AuditLog(tmp_path, manifest(param_count=13))
 
 
+def test_a_folder_opened_again_in_this_process_goes_to_the_newest_writer(tmp_path: Path) -> None:
+    """Two members of an ensemble, seeded alike and wrapped before either stepped, passed the
+    manifest's check (the same run, to it) and wrote their records into one chain, which
+    ``verify`` then failed.  Refusing the second wrapper would refuse a run resumed in a new
+    one while the old is still held (a notebook, a second ``Trainer``): the folder goes to the
+    newest, and the older refuses its next step before it moves any weight."""
+
+    def member() -> tuple[torch.nn.Module, selftune.SelfTuned]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        return model, selftune.wrap(torch.optim.AdamW(model.parameters()), log_dir=tmp_path)
+
+    def step(model: torch.nn.Module, opt: selftune.SelfTuned) -> None:
+        loss = model(torch.ones(3, 4)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+    first_model, first = member()
+    second_model, second = member()
+    before = [p.detach().clone() for p in first_model.parameters()]
+    with pytest.raises(selftune.ConfigError, match=r"taken over by an optimizer wrapped on the"):
+        step(first_model, first)
+    assert all(torch.equal(a, b) for a, b in zip(before, first_model.parameters(), strict=True))
+    step(second_model, second)
+    step(second_model, second)
+    first.close()  # writes nothing into the folder now the second's
+    first.unwrap()
+    second.close()
+    verify(tmp_path)  # one writer's chain
+    assert len((tmp_path / "trace.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_log_closed_after_a_chdir_is_no_longer_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

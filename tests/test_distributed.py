@@ -174,6 +174,23 @@ def test_a_writer_every_rank_adds_writes_on_rank_0_only(
     assert events.name.startswith("events.out.tfevents") and events.stat().st_size > 1000
 
 
+def test_writers_built_before_the_process_group_write_on_rank_0_only(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Built before ``init_process_group`` (a Lightning callback's writers), each writer took
+    its process for rank 0: two TensorBoard event files, two MLflow runs of the whole run; and
+    on a new MLflow store every rank's client set it up at once, which failed."""
+    out, _ = ddp
+    (events,) = list((out / "early-tb").iterdir())
+    assert events.name.startswith("events.out.tfevents") and events.stat().st_size > 1000
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs(experiment_ids=["0"])
+    history = client.get_metric_history(run.info.run_id, "selftune/group0/lr")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert run.info.status == "FINISHED"  # ended by the writer's close, which started it
+
+
 def test_every_rank_reads_the_mean_of_the_ranks_metrics(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

@@ -402,6 +402,45 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
     assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
 
 
+def test_lightning_refuses_listeners_several_optimizers_would_share(tmp_path: Path) -> None:
+    """Each listener heard both optimizers' steps and wrote their knobs under one name (the
+    rates of the two zigzagging in one curve); refused when the fit starts, before any step."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    module = _Manual()
+    before = [p.detach().clone() for p in module.parameters()]
+    cb = SelfTuneCallback("off", listeners=[lambda event: None])
+    trainer = _trainer(4, cb, tmp_path, enable_checkpointing=False)
+    with pytest.raises(selftune.ConfigError, match=r"with 2 optimizers: each listener would"):
+        trainer.fit(module, _loader())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def test_lightning_closes_the_listeners_at_the_fit_s_end(tmp_path: Path) -> None:
+    """An MLflowWriter uploads its last decisions, and ends a run it started, in ``close``,
+    which nothing called: a short fit left its decisions out of the MLflow run, which stayed
+    open."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    class Closing:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+            self.closed_after: int | None = None
+
+        def __call__(self, event: selftune.StepEvent) -> None:
+            self.steps.append(event.step)
+
+        def close(self) -> None:
+            self.closed_after = len(self.steps)
+
+    torch.manual_seed(0)
+    listener = Closing()
+    cb = SelfTuneCallback("off", listeners=[listener])
+    _trainer(6, cb, tmp_path, enable_checkpointing=False).fit(_TinyModule(), _loader())
+    assert listener.closed_after == 6 == len(listener.steps)
+
+
 def test_lightning_copies_a_controller_instance_for_each_optimizer(tmp_path: Path) -> None:
     """One instance given to the callback tuned both optimizers from one state (each one's
     signals read into it) and was saved in both checkpoints."""
@@ -1055,6 +1094,33 @@ def _mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close`` ended whichever run was active: with a run of the user's nested inside the
+    one the writer started, it ended the user's and left its own running.  (MLflow's stack of
+    active runs still holds the writer's, ended, under the user's: it is active again once
+    theirs ends, until ``mlflow.end_run()``.)"""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    writer = MLflowWriter()
+    _tuned(3, writer)  # no run was active: the writer started one at the first step
+    with mlflow.start_run(run_name="eval", nested=True) as evaluation:
+        writer.close()
+        active = mlflow.active_run()
+        assert active is not None and active.info.run_id == evaluation.info.run_id
+    client = MlflowClient(tracking_uri=uri)
+    assert writer.run_id is not None and writer.run_id != evaluation.info.run_id
+    assert client.get_run(writer.run_id).info.status == "FINISHED"
+    assert client.get_run(evaluation.info.run_id).info.status == "FINISHED"  # by its with
+    mlflow.end_run()  # the stack's stale entry (see above)
+    assert mlflow.active_run() is None
+
+
 def test_the_writers_write_the_knobs_every_every_steps_and_each_decision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1103,11 +1169,12 @@ def test_mlflow_writer_logs_a_rate_per_layer_in_parts(
     from selftune.integrations.mlflow import PART_ROWS, MLflowWriter
 
     uri = _mlflow_uri(tmp_path, monkeypatch)
-    writer = MLflowWriter()
+    given = MlflowClient(tracking_uri=uri)
+    writer = MLflowWriter(client=given)
     uploads: list[str] = []
-    upload = writer.client.log_text
+    upload = given.log_text
     monkeypatch.setattr(
-        writer.client, "log_text", lambda *a, **kw: (uploads.append(a[2]), upload(*a, **kw))
+        given, "log_text", lambda *a, **kw: (uploads.append(a[2]), upload(*a, **kw))
     )
     _, events = _tuned(6, writer, heads=200)
     writer.close()

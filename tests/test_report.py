@@ -179,6 +179,19 @@ def test_without_a_trace_knobs_are_rebuilt_from_the_decisions(tmp_path: Path) ->
     assert "No trace.jsonl" in text
 
 
+def test_a_trace_with_no_complete_row_is_not_called_missing(tmp_path: Path) -> None:
+    """A trace of damaged bytes with no line's end was reported as no trace.jsonl at all; the
+    trace has no chain, so the page is where its damage shows."""
+    run = FakeRun(tmp_path / "torn-trace")
+    run.decision(10, 0, "lr", 0.1, 0.2, "grow")
+    (run.folder / "trace.jsonl").write_bytes(b'{"step": 1, "lo')
+    text = write_report(run.folder).read_text()
+    assert "trace.jsonl holds 15 bytes and no complete row" in text
+    assert "No trace.jsonl" not in text
+    (run.folder / "trace.jsonl").write_bytes(b"")
+    assert "trace.jsonl holds no row yet" in write_report(run.folder).read_text()
+
+
 def test_torn_final_line_is_reported_not_shown(tmp_path: Path) -> None:
     run = FakeRun(tmp_path / "torn")
     run.trace(0, 1.0, HP)

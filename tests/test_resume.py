@@ -332,7 +332,7 @@ def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_lo
     before = [p.detach().clone() for p in fresh.parameters()]
     params = list(fresh.parameters())
     cases = {
-        "was saved from a AdamW, this optimizer is a SGD": selftune.wrap(
+        "was saved from the optimizer AdamW, this one is SGD": selftune.wrap(
             torch.optim.SGD(params, lr=0.1)
         ),
         "was saved by controller 'auto', this optimizer runs 'off'": selftune.wrap(

@@ -77,6 +77,82 @@ def _steps(
             after()
 
 
+@pytest.mark.parametrize(
+    ("make", "settings", "said"),
+    [
+        (
+            lambda p: torch.optim.Adam(p),
+            {"bounds": {"momentum": (0.5, 0.99)}, "frozen": {"momentum"}},
+            r"bounds and frozen name momentum, a knob no param group of this Adam has "
+            r".*counterpart of momentum is beta1",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+            {"max_change": {"beta1": 0.05}},
+            r"max_change names beta1, a knob no param group of this SGD has",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=1.0),
+            {"bounds": {"lr": (1e-4, 1e-2)}, "lr_bounds_absolute": True},
+            r"group 0 starts its rate at 1, outside the bounds given for it \(0.0001, 0.01\)",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1),
+            {"bounds": {"lr": (0.01, 0.1)}},
+            r"factors of each group's starting rate that leave out the start itself",
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.3),
+            {"bounds": {"momentum": (0.5, 0.99)}},
+            r"starts its momentum at 0.3, outside the bounds",
+        ),
+    ],
+)
+def test_a_setting_the_optimizer_cannot_honour_is_warned_of_at_wrap(
+    make: Callable[[Any], torch.optim.Optimizer], settings: dict[str, Any], said: str
+) -> None:
+    """A bound on a knob the optimizer does not have (Adam's is beta1, not momentum) did
+    nothing, and a start outside the bounds given stayed there (SGD at 1.0 under bounds of
+    1e-4 to 1e-2 still stepped at 0.43 after 120 steps of auto): both without a word."""
+    model = torch.nn.Linear(3, 1)
+    with pytest.warns(UserWarning, match=said):
+        selftune.wrap(make(model.parameters()), **settings)
+
+
+def test_settings_the_optimizer_honours_are_not_warned_of() -> None:
+    """The control: the defaults (beta2 frozen, which SGD has not, also when given), and
+    settings that fit."""
+    model = torch.nn.Linear(3, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), frozen={"beta2"})
+        selftune.wrap(
+            torch.optim.Adam(model.parameters(), lr=1e-3),
+            bounds={"lr": (1e-5, 1e-2), "beta1": (0.8, 0.95)},
+            lr_bounds_absolute=True,
+            max_change={"beta1": 0.05},
+            frozen={"beta2"},
+        )
+
+
+def test_a_listener_that_cannot_take_events_is_refused_when_added() -> None:
+    """A string was accepted and failed the next step with "'str' object is not callable",
+    after that step's update; a writer's class, callable, would have been built once a step."""
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    with pytest.raises(selftune.ConfigError, match="a callable taking one StepEvent, not str"):
+        opt.add_listener("notcallable")  # type: ignore[arg-type]
+    with pytest.raises(selftune.ConfigError, match=r"class TensorBoardWriter.*pass an instance"):
+        opt.add_listener(TensorBoardWriter)  # type: ignore[arg-type]
+    seen: list[int] = []
+    opt.add_listener(lambda event: seen.append(event.step))
+    _steps(pr, opt, range(1, 4))
+    assert seen == [1, 2, 3]
+
+
 def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Path) -> None:
     """It moved the weights and then failed writing its trace (a ValueError from the closed
     file), so the run went on past the end of its log."""

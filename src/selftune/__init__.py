@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,8 @@ from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
-from selftune.policy import Policy
+from selftune.knobs import start_rate
+from selftune.policy import Policy, misfits
 from selftune.replay import replay
 from selftune.tuner import Decision, SelfTuned, StepEvent
 
@@ -65,7 +67,7 @@ def wrap(
     per layer: see the README's "Runs the defaults were not built for").
     """
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
-    return SelfTuned(
+    wrapped = SelfTuned(
         optimizer,
         controller,
         policy=policy,
@@ -76,6 +78,21 @@ def wrap(
         groups=groups,
         **controller_options,
     )
+    # beta2 frozen is the default, given or not: SGD has none, and saying so is no news
+    given = {
+        "bounds": list(bounds or {}),
+        "max_change": list(max_change or {}),
+        "frozen": list(policy.frozen - {"beta2"}),
+    }
+    starts = [
+        {**knobs, "lr": start_rate(group)}
+        for knobs, group in zip(wrapped.hyperparams(), optimizer.param_groups, strict=True)
+    ]
+    for message in misfits(
+        given, dict(bounds or {}), lr_bounds_absolute, type(optimizer).__name__, starts
+    ):
+        warnings.warn(message, stacklevel=2)
+    return wrapped
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -524,8 +525,19 @@ _RESUMED, _TORN = "resumed: dropped", "dropped a torn final line"
 _OPEN_LOGS: weakref.WeakValueDictionary[Path, AuditLog] = weakref.WeakValueDictionary()
 
 
-def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
-    """Write the manifest if the folder has none; otherwise check the folder is this run's.
+def _holder(folder: Path) -> AuditLog | None:
+    """The log this process holds open on ``folder``, if any.  A writer dropped without
+    ``close()`` (a notebook cell run again) stays open until it is collected: it is collected
+    first, and only one still held counts."""
+    key = folder.resolve()
+    if key in _OPEN_LOGS:
+        gc.collect()  # a dropped wrapper in a reference cycle goes only with the collector
+    return _OPEN_LOGS.get(key)
+
+
+def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool) -> str | None:
+    """Write the manifest if the folder has none; otherwise check the folder is this run's
+    (``open_here``: another writer of this process holds its log open).
 
     Returns a note for the log when a resumed run's manifest differs in more than its start time.
     """
@@ -538,7 +550,7 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any]) -> str | None:
     existing = _read_manifest(folder)
     clashes = [key for key in RUN_IDENTITY_KEYS if existing.get(key) != given.get(key)]
     if clashes:
-        if folder.resolve() in _OPEN_LOGS:
+        if open_here:
             advice = "another optimizer in this process logs there: give each its own log_dir"
         else:
             advice = (
@@ -667,6 +679,8 @@ class AuditLog:
         #: the notes written when the log was opened, and the seq of the first of them
         self._opening: list[str] = []
         self._opened_at = 0
+        #: another log was opened on this folder since, in this process: see :meth:`_supersede`
+        self.superseded = False
         if not enabled:
             return
         try:
@@ -676,7 +690,14 @@ class AuditLog:
             if self.path.exists() and not self.path.is_dir():
                 why = "a file has that name; pass the path of a folder (new or a run's) instead"
             raise LogError(f"cannot create the run folder {self.path}: {why}") from None
-        note = _settle_manifest(self.path, manifest) if manifest is not None else None
+        holder = _holder(self.path)
+        note = (
+            _settle_manifest(self.path, manifest, holder is not None)
+            if manifest is not None
+            else None
+        )
+        if holder is not None:
+            holder._supersede()
         torn = 0
         if self._file.exists():
             scan = _scan(self._file)
@@ -819,9 +840,25 @@ class AuditLog:
         return seq, head, size, scan
 
     def _open_fd(self) -> int:
+        if self.superseded:
+            raise LogError(
+                f"the audit log at {self._file} was opened since by another writer in this "
+                "process (an optimizer wrapped later on the same log_dir), which now holds it: "
+                "two writers would interleave one chain"
+            )
         if self._fd is None:
             raise LogError(f"the audit log at {self._file} is closed: open a new AuditLog")
         return self._fd
+
+    def _supersede(self) -> None:
+        """Hand the folder to a log opened on it since in this process: the run resumed in a
+        new wrapper while the old one is still held (a notebook, a second ``Trainer``), or a
+        second optimizer given the same ``log_dir``.  Refusing the newcomer refused the
+        resume; letting both write interleaved two writers in one chain (two members of an
+        ensemble seeded alike passed the manifest's check).  The newest writes; this one
+        refuses every record from now on."""
+        self.close()
+        self.superseded = True
 
     def sync(self) -> None:
         """Force the records appended so far to disk (a checkpoint that points into the log

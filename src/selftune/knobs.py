@@ -104,7 +104,11 @@ def check_group(index: int, group: dict[str, Any]) -> None:
                 f"param group {index}: {name}={value} is not finite; pass a finite value"
             )
     if start_rate(group) <= 0.0:  # zero only where a scheduler's warm-up starts from it
-        raise ConfigError(f"param group {index}: lr={read(group, 'lr')} must be > 0")
+        raise ConfigError(
+            f"param group {index}: lr={read(group, 'lr')} must be > 0 (a rate of zero has "
+            "nothing to scale; to freeze a part of the model, leave its parameters out of the "
+            "optimizer or call requires_grad_(False) on them)"
+        )
 
 
 def eps_lost_in_half(index: int, group: dict[str, Any]) -> str | None:

@@ -173,3 +173,60 @@ class Policy:
             value = min(max(value, lo), hi)
             notes.append(f"bounded to [{lo:.3g}, {hi:.3g}]")
         return value, ("clipped: " + ", ".join(notes)) if notes else None
+
+
+def misfits(
+    given: Mapping[str, Iterable[str]],
+    bounds: Mapping[str, tuple[float, float]],
+    lr_bounds_absolute: bool,
+    optimizer: str,
+    starts: list[dict[str, float]],
+) -> list[str]:
+    """What the settings given to :func:`selftune.wrap` ask that this optimizer cannot do, in
+    words for a warning: a knob no param group has (``momentum`` for Adam, whose is ``beta1``),
+    which the policy would hold and nothing would ever move, and a start outside the bounds
+    given for it, where the run may stay (a bound stops a move and never makes one), though a
+    user who gave the bounds meant the rate inside them.  Both were silent.
+
+    ``given``: the knob names each argument named (``bounds``, ``max_change``, ``frozen`` as
+    given, not the defaults); ``starts``: each group's knobs at the start.
+    """
+    out = []
+    has = {name for group in starts for name in group}
+    twin = {"momentum": "beta1", "beta1": "momentum"}
+    for knob in ALL_KNOBS:
+        args = [arg for arg, names in given.items() if knob in names]
+        if args and knob not in has:
+            hint = (
+                f" ({optimizer}'s counterpart of {knob} is {twin[knob]})"
+                if twin.get(knob) in has
+                else ""
+            )
+            out.append(
+                f"{' and '.join(args)} {'names' if len(args) == 1 else 'name'} {knob}, a knob "
+                f"no param group of this {optimizer} has (its knobs: "
+                f"{', '.join(k for k in ALL_KNOBS if k in has)}): the setting does nothing{hint}"
+            )
+    for i, group in enumerate(starts):
+        for knob, (lo, hi) in bounds.items():
+            if knob not in group:
+                continue
+            start, word = group[knob], "rate" if knob == "lr" else knob
+            if knob == "lr" and not lr_bounds_absolute:
+                if not lo <= 1.0 <= hi:
+                    out.append(
+                        f"the bounds given for lr, ({lo:g}, {hi:g}), are factors of each group's "
+                        "starting rate that leave out the start itself (1): the run may stay at "
+                        "its start, and a controller may take it back there. Give factors "
+                        "around 1, or lr_bounds_absolute=True for bounds that are rates"
+                    )
+                    break
+                continue
+            if not lo <= start <= hi:
+                out.append(
+                    f"param group {i} starts its {word} at {start:.6g}, outside the bounds given "
+                    f"for it ({lo:.6g}, {hi:.6g}): a bound stops a move and never makes one, so "
+                    f"the run may stay at {start:.6g}, and a controller may take it back there. "
+                    f"Give the optimizer a {word} within its bounds"
+                )
+    return out

@@ -179,6 +179,21 @@ class Run:
         return max(steps) if steps else None
 
 
+def _no_rows(path: Path) -> str:
+    """Why a run has no trace rows: no file, an empty one, or bytes with no line's end, which
+    the page had called no file at all (the trace has no hash chain: ``verify`` never reads
+    it, and this is where its damage shows)."""
+    size = path.stat().st_size if path.is_file() else None
+    if size is None:
+        return f"No {path.name} in this run folder"
+    if size == 0:
+        return f"{path.name} holds no row yet"
+    return (
+        f"{path.name} holds {size} bytes and no complete row (a run stopped while writing its "
+        "first, or damage)"
+    )
+
+
 def read_run(run_dir: str | Path) -> Run:
     """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
     folder = Path(run_dir)
@@ -756,8 +771,8 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
         banners.append("The audit log's last line was torn (a crash mid-write); it is not shown.")
     if not run.trace:
         banners.append(
-            f"No {TRACE} in this run folder: knob curves are rebuilt from the decisions and the "
-            "loss is not drawn."
+            f"{_no_rows(run.folder / TRACE)}: knob curves are rebuilt from the "
+            "decisions and the loss is not drawn."
         )
     figures = (
         "".join(

@@ -283,7 +283,21 @@ class SelfTuned(torch.optim.Optimizer):
         return [self._knobs(i) for i in range(len(self.param_groups))]
 
     def add_listener(self, fn: Callable[[StepEvent], None]) -> None:
-        """Call ``fn(event)`` after every step (used by the TensorBoard and MLflow writers)."""
+        """Call ``fn(event)`` after every step (used by the TensorBoard and MLflow writers).
+
+        Checked here: a listener that cannot be called failed only at the next step, after that
+        step's update was made, and a writer's class given for an instance built one per step.
+        """
+        if isinstance(fn, type):
+            raise ConfigError(
+                f"add_listener was given the class {fn.__name__}, not a listener: pass an "
+                f"instance (for the writers, {fn.__name__}(...), built with what it writes to)"
+            )
+        if not callable(fn):
+            raise ConfigError(
+                f"add_listener needs a callable taking one StepEvent, not {type(fn).__name__} "
+                f"{fn!r:.60}"
+            )
         self._listeners.append(fn)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -765,7 +779,8 @@ class SelfTuned(torch.optim.Optimizer):
         if len(own["scales"]) != len(self.param_groups):
             raise ConfigError(
                 f"state dict has {len(own['scales'])} param groups, this optimizer "
-                f"{len(self.param_groups)}; load a state dict saved from the same model setup"
+                f"{len(self.param_groups)}; load a state dict saved from the same model setup "
+                "(a run that added groups mid-run: add them again, add_param_group, first)"
             )
         if own.get("broken_at") is not None:
             raise ConfigError(
@@ -776,7 +791,7 @@ class SelfTuned(torch.optim.Optimizer):
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
-                f"the state dict was saved from a {kind}, this optimizer is a {ours}: "
+                f"the state dict was saved from the optimizer {kind}, this one is {ours}: "
                 f"build a {kind}, wrapped as the run was, to resume it"
             )
         name = own.get("controller_name")
@@ -867,7 +882,15 @@ class SelfTuned(torch.optim.Optimizer):
             )
 
     def _check_open(self, what: str) -> None:
-        """Refuse what would change the run after ``close`` ended its log."""
+        """Refuse what would change the run after ``close`` ended its log, or after another
+        optimizer wrapped since on the same ``log_dir`` took the folder over."""
+        if self._log is not None and self._log.superseded:
+            raise ConfigError(
+                f"this selftune optimizer's run folder {self._log.path} was taken over by an "
+                f"optimizer wrapped on the same log_dir since, in this process: {what} here "
+                "would write into that one's log. Give each optimizer its own log_dir (a run "
+                "resumed in a new wrapper goes on there, not in this one)"
+            )
         if self._closed_after is not None:
             raise ConfigError(
                 f"this selftune optimizer's run folder was closed after step "
@@ -904,7 +927,8 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             knobs_io.write(group, "lr", handed[i]["lr"])
             self._scales[i] = 1.0
-        if self._log is not None and self._closed_after is None:  # a closed log takes no note
+        # a closed log takes no note, nor one another wrapper took over
+        if self._log is not None and self._closed_after is None and not self._log.superseded:
             self._write_added()
             self._log.append(
                 {
@@ -929,7 +953,7 @@ class SelfTuned(torch.optim.Optimizer):
             return
         if self._logged:
             self._closed_after = self.step_count
-        if self._log is not None:
+        if self._log is not None and not self._log.superseded:  # its records: the new one's
             self._write_added()
             self.sync()
             self._log.close()

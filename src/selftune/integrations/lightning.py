@@ -88,8 +88,12 @@ class SelfTuneCallback(Callback):
     (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
     the optimizers after each validation; ``mode``: "min" if lower is better, "max" if higher.
-    ``listeners``: added to every optimizer once it is wrapped (a ``TensorBoardWriter``, an
-    ``MLflowWriter``), since the optimizers exist only when the fit starts.
+    ``listeners``: added to the optimizer once it is wrapped (a ``TensorBoardWriter``, an
+    ``MLflowWriter``), since it exists only when the fit starts, and closed at the fit's end;
+    refused with several optimizers, whose knobs they would write under one name.  With
+    ``log_knobs`` the knobs already reach the Lightning logger: a writer on that logger's own
+    ``SummaryWriter`` or MLflow run writes them twice, a step apart (selftune counts steps
+    from 1, Lightning's logging from 0); give the writer its own folder or run.
     """
 
     def __init__(
@@ -146,6 +150,17 @@ class SelfTuneCallback(Callback):
         if not originals:
             raise selftune.ConfigError(
                 "SelfTuneCallback found no optimizer: configure_optimizers returned none"
+            )
+        if len(originals) > 1 and self.listeners:
+            # checked before anything is wrapped: a refusal leaves the fit as it was
+            raise selftune.ConfigError(
+                f"SelfTuneCallback(listeners=...) with {len(originals)} optimizers: each "
+                "listener would hear every optimizer's steps and write their knobs under the "
+                "same names (one optimizer's rates zigzagging into another's). Leave listeners "
+                "empty and add a writer with its own prefix to each optimizer once the fit has "
+                "wrapped them, e.g. in the module's on_train_start: for k, opt in "
+                "enumerate(callback.optimizers): opt.add_listener(TensorBoardWriter(..., "
+                "prefix=f'selftune/opt{k}'))"
             )
         if len(originals) > 1:
             warnings.warn(
@@ -312,10 +327,17 @@ class SelfTuneCallback(Callback):
         self._averaged.close()  # a validation that failed must not leave the average in place
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The fit's end: the optimizers' run folders are closed, and so are the listeners
+        given (an ``MLflowWriter`` uploads its last decisions and ends a run it started only in
+        ``close``: left open, a fit of 40 steps left no decisions in the MLflow run)."""
         self._averaged.close()
         if stage == "fit":
             for opt in self.optimizers:
                 opt.close()
+            for listener in self.listeners:
+                close = getattr(listener, "close", None)
+                if callable(close):
+                    close()
 
 
 def averaged_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

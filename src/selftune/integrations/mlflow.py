@@ -42,8 +42,9 @@ PART_ROWS = 1000
 class MLflowWriter:
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
 
-    ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the active run (one is
-    started, and ended in :meth:`close`, if none is active).  ``every``: log the knobs and the
+    ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the run active now, else
+    the one active at the first step (one is started then, and ended in :meth:`close`, if none
+    is active).  ``every``: log the knobs and the
     loss every this many steps (the decisions' count and the metric at the steps that have
     them).  ``prefix``: the first part of every metric's, tag's and artifact's name.
     ``flush_every``: write the decisions artifact's open part after this many new decisions
@@ -62,18 +63,16 @@ class MLflowWriter:
     ) -> None:
         check_writer_options(every=every, flush_every=flush_every)
         self._owned = False
-        #: False on a rank other than 0 under torch.distributed, as the run folder is written:
-        #: no run started (one per rank, before), nothing logged
-        self.active = is_rank_zero()
-        if run is None and not self.active:
-            run = ""
-        elif run is None:
-            active = mlflow.active_run()
-            if active is None:
-                active, self._owned = mlflow.start_run(), True
-            run = active
-        self.run_id: str = run if isinstance(run, str) else run.info.run_id
-        self.client = client if client is not None else MlflowClient()
+        #: the run given, else the one active now (no store is touched to read it), else None:
+        #: a run is started at the first event
+        self._run = run if run is not None else mlflow.active_run()
+        self._client = client
+        #: decided at the first event: False on a rank other than 0 under torch.distributed, as
+        #: the run folder is written (no run started, nothing logged, no store touched)
+        self.active: bool | None = None
+        #: the run logged to, and the client, from the first event on rank 0
+        self.run_id: str | None = None
+        self.client: MlflowClient | None = None
         self.prefix, self.every, self.flush_every = prefix, every, flush_every
         #: decisions and guard events so far (the artifact's rows)
         self.count = 0
@@ -81,9 +80,27 @@ class MLflowWriter:
         self._parts_done = 0  # parts written full, never written again
         self._unflushed = 0
 
+    def _start(self) -> bool:
+        """Whether this process logs, decided at the first event, where the run and the client
+        are made too.  Decided when built, a writer built before the process group existed (a
+        Lightning callback's) took every rank for rank 0 and each logged a run of its own; and
+        every rank's client made MLflow's default store at once, whose setup then failed."""
+        if self.active is None:
+            self.active = is_rank_zero()
+            if self.active:
+                run = self._run
+                if run is None:
+                    run = mlflow.active_run()
+                    if run is None:
+                        run, self._owned = mlflow.start_run(), True
+                self.run_id = run if isinstance(run, str) else run.info.run_id
+                self.client = self._client if self._client is not None else MlflowClient()
+        return self.active
+
     def __call__(self, event: StepEvent) -> None:
-        if not self.active:
+        if not self._start():
             return
+        assert self.client is not None and self.run_id is not None
         now = int(time.time() * 1000)
         metrics: list[Metric] = []
         # the knobs every ``every`` steps only: ``auto`` decides at most steps, and a condition
@@ -123,6 +140,7 @@ class MLflowWriter:
         """Write the part of the decisions artifact still filling (``<prefix>/decisions/``)."""
         if not self.active or not self._part:
             return
+        assert self.client is not None and self.run_id is not None
         part, index = self._part, self._parts_done
         if len(part) >= PART_ROWS:  # full: the next rows start the next part, even if this
             self._part, self._parts_done = [], index + 1  # upload fails (the run folder has it)
@@ -131,8 +149,14 @@ class MLflowWriter:
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions/{index:05d}.jsonl")
 
     def close(self) -> None:
-        """Flush the decisions; end the run if this writer started it."""
+        """Flush the decisions; end the run if this writer started it (that run only: one the
+        user started since, nested, is theirs to end)."""
         self.flush()
         if self._owned:
-            mlflow.end_run()
+            assert self.client is not None and self.run_id is not None
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run()
+            else:
+                self.client.set_terminated(self.run_id)
             self._owned = False

@@ -46,18 +46,27 @@ class TensorBoardWriter:
         every: int = 1,
     ) -> None:
         check_writer_options(every=every)
-        # on rank 0 only under torch.distributed, as the run folder is written: a DDP script
-        # adds its writers on every rank, and each wrote the whole run again
+        #: the writer in use: None before the first event, and on ranks other than 0
         self.writer: SummaryWriter | None = None
-        self._owned = False
-        if isinstance(writer_or_logdir, SummaryWriter):
-            self.writer = writer_or_logdir if is_rank_zero() else None
-        elif is_rank_zero():
-            self.writer, self._owned = SummaryWriter(str(writer_or_logdir)), True
+        self._target, self._resolved, self._owned = writer_or_logdir, False, False
         self.prefix, self.every = prefix, every
 
+    def _resolve(self) -> SummaryWriter | None:
+        """The writer, decided at the first event: on rank 0 only under torch.distributed, as
+        the run folder is written (a DDP script adds its writers on every rank, and each wrote
+        the whole run again), and not before, since a writer built before the process group
+        exists (a Lightning callback's, built before the Trainer starts its processes) took
+        every rank for rank 0."""
+        if not self._resolved:
+            self._resolved = True
+            if is_rank_zero() and isinstance(self._target, SummaryWriter):
+                self.writer = self._target
+            elif is_rank_zero():
+                self.writer, self._owned = SummaryWriter(str(self._target)), True
+        return self.writer
+
     def __call__(self, event: StepEvent) -> None:
-        w, step = self.writer, event.step
+        w, step = self._resolve(), event.step
         if w is None:
             return
         # every ``every`` steps only: ``auto`` decides at most steps, and a condition on
