@@ -473,6 +473,17 @@ def test_a_folder_opened_again_in_this_process_goes_to_the_newest_writer(tmp_pat
     assert len((tmp_path / "trace.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_rank_that_writes_nothing_hands_the_folder_over_alike(tmp_path: Path) -> None:
+    """A log of a rank other than 0 (``enabled=False``) kept no account of the folder: rank 0's
+    older wrapper refused its step, the others' went into the step's collectives without it."""
+    first = AuditLog(tmp_path / "run", manifest(), enabled=False)
+    second = AuditLog(tmp_path / "run", manifest(), enabled=False)
+    assert first.superseded and not second.superseded
+    second.close()
+    third = AuditLog(tmp_path / "run", manifest(), enabled=False)
+    assert not third.superseded and not (tmp_path / "run").exists()
+
+
 def test_a_log_closed_after_a_chdir_is_no_longer_open(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -402,6 +402,19 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
     assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
 
 
+def test_lightning_callback_s_trial_of_the_settings_warns_of_nothing() -> None:
+    """The settings are tried on a throwaway SGD when the callback is built, and the wrap's
+    warnings were that SGD's: a bound on beta1 "a knob no param group of this SGD has", an
+    absolute bound "outside" the throwaway's rate; the user's optimizer is warned of at its
+    own wrap."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SelfTuneCallback(bounds={"beta1": (0.8, 0.95)}, max_change={"beta1": 0.05})
+        SelfTuneCallback(bounds={"lr": (1e-5, 5e-4)}, lr_bounds_absolute=True)
+
+
 def test_lightning_refuses_listeners_several_optimizers_would_share(tmp_path: Path) -> None:
     """Each listener heard both optimizers' steps and wrote their knobs under one name (the
     rates of the two zigzagging in one curve); refused when the fit starts, before any step."""

@@ -82,8 +82,8 @@ def _steps(
     [
         (
             lambda p: torch.optim.Adam(p),
-            {"bounds": {"momentum": (0.5, 0.99)}, "frozen": {"momentum"}},
-            r"bounds and frozen name momentum, a knob no param group of this Adam has "
+            {"bounds": {"momentum": (0.5, 0.99)}},
+            r"bounds names momentum, a knob no param group of this Adam has "
             r".*counterpart of momentum is beta1",
         ),
         (
@@ -94,7 +94,8 @@ def _steps(
         (
             lambda p: torch.optim.SGD(p, lr=1.0),
             {"bounds": {"lr": (1e-4, 1e-2)}, "lr_bounds_absolute": True},
-            r"group 0 starts its rate at 1, outside the bounds given for it \(0.0001, 0.01\)",
+            r"group 0 starts its rate at 1 \(as wrap finds it\), outside the bounds given for "
+            r"it \(0.0001, 0.01\)",
         ),
         (
             lambda p: torch.optim.SGD(p, lr=0.1),
@@ -104,7 +105,7 @@ def _steps(
         (
             lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.3),
             {"bounds": {"momentum": (0.5, 0.99)}},
-            r"starts its momentum at 0.3, outside the bounds",
+            r"starts its momentum at 0.3 \(as wrap finds it\), outside the bounds",
         ),
     ],
 )
@@ -119,14 +120,45 @@ def test_a_setting_the_optimizer_cannot_honour_is_warned_of_at_wrap(
         selftune.wrap(make(model.parameters()), **settings)
 
 
+def test_each_misfit_of_several_groups_is_warned_of_once() -> None:
+    """The check of factors that leave out the start ran in the loop over the groups: it was
+    said once per group, and it skipped the group's other knobs (a momentum outside its bounds
+    went unsaid)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": m.parameters()} for m in model]
+    sgd = torch.optim.SGD(groups, lr=0.1, momentum=0.3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        selftune.wrap(sgd, bounds={"lr": (2.0, 10.0), "momentum": (0.5, 0.99)})
+    texts = [str(w.message) for w in said]
+    assert sum("leave out the start itself" in t for t in texts) == 1
+    assert sum("starts its momentum at 0.3" in t for t in texts) == 2  # one per group
+
+
+def test_a_warm_up_the_loop_writes_leaves_the_bounds_on_the_rate_given() -> None:
+    """Read again at the first step, the start took the loop's own first write to ``lr`` (a
+    warm-up by hand from a thousandth of the rate): the bounds, factors of it, fell a
+    thousandfold below the rate the optimizer was built with.  Only a scheduler's record of
+    its start (``initial_lr``) is read there."""
+    inner, pr = _sgd(lr=0.1)
+    opt = selftune.wrap(inner, _Push("lr", 1.0), bounds={"lr": (0.1, 10.0)}, guard=False)
+    for t in range(1, 21):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * t / 1000
+        _steps(pr, opt, range(t, t + 1))
+    assert opt.state_dict()["selftune"]["start"] == [0.1]
+
+
 def test_settings_the_optimizer_honours_are_not_warned_of() -> None:
-    """The control: the defaults (beta2 frozen, which SGD has not, also when given), and
-    settings that fit."""
+    """The control: the defaults, knobs frozen that the optimizer has not (which never move,
+    as asked: "tune the rate only"), and settings that fit."""
     model = torch.nn.Linear(3, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), frozen={"beta2"})
+        selftune.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.1), frozen={"momentum", "beta1", "beta2"}
+        )
         selftune.wrap(
             torch.optim.Adam(model.parameters(), lr=1e-3),
             bounds={"lr": (1e-5, 1e-2), "beta1": (0.8, 0.95)},

@@ -78,12 +78,7 @@ def wrap(
         groups=groups,
         **controller_options,
     )
-    # beta2 frozen is the default, given or not: SGD has none, and saying so is no news
-    given = {
-        "bounds": list(bounds or {}),
-        "max_change": list(max_change or {}),
-        "frozen": list(policy.frozen - {"beta2"}),
-    }
+    given = {"bounds": list(bounds or {}), "max_change": list(max_change or {})}
     starts = [
         {**knobs, "lr": start_rate(group)}
         for knobs, group in zip(wrapped.hyperparams(), optimizer.param_groups, strict=True)

@@ -681,7 +681,15 @@ class AuditLog:
         self._opened_at = 0
         #: another log was opened on this folder since, in this process: see :meth:`_supersede`
         self.superseded = False
+        self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
         if not enabled:
+            # a rank that writes nothing keeps the same account of which wrapper holds the
+            # folder, so that every rank refuses a superseded wrapper's step alike (rank 0
+            # alone refused, and the others went into the step's collectives without it)
+            holder = _holder(self.path)
+            if holder is not None:
+                holder._supersede()
+            _OPEN_LOGS[self._key] = self
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -714,7 +722,6 @@ class AuditLog:
                 f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
                 "folder must be writable (to read a log, use read_log or verify)"
             ) from None
-        self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
         _OPEN_LOGS[self._key] = self
         if torn:
             self._opening.append(f"{_TORN} of {torn} bytes")
@@ -871,8 +878,8 @@ class AuditLog:
         if self._closer is not None:
             self._closer()
             self._fd = self._closer = None
-            if _OPEN_LOGS.get(self._key) is self:
-                del _OPEN_LOGS[self._key]
+        if _OPEN_LOGS.get(self._key) is self:
+            del _OPEN_LOGS[self._key]
 
     def __enter__(self) -> AuditLog:
         return self

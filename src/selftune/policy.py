@@ -188,8 +188,9 @@ def misfits(
     given for it, where the run may stay (a bound stops a move and never makes one), though a
     user who gave the bounds meant the rate inside them.  Both were silent.
 
-    ``given``: the knob names each argument named (``bounds``, ``max_change``, ``frozen`` as
-    given, not the defaults); ``starts``: each group's knobs at the start.
+    ``given``: the knob names each argument named (``bounds``, ``max_change`` as given, not
+    the defaults: ``frozen`` does what it says of a knob the optimizer has not, which never
+    moves); ``starts``: each group's knobs at the start.
     """
     out = []
     has = {name for group in starts for name in group}
@@ -207,26 +208,25 @@ def misfits(
                 f"no param group of this {optimizer} has (its knobs: "
                 f"{', '.join(k for k in ALL_KNOBS if k in has)}): the setting does nothing{hint}"
             )
+    lr = bounds.get("lr")
+    if lr is not None and not lr_bounds_absolute and not lr[0] <= 1.0 <= lr[1]:
+        out.append(
+            f"the bounds given for lr, ({lr[0]:g}, {lr[1]:g}), are factors of each group's "
+            "starting rate that leave out the start itself (1): the run may stay at its start, "
+            "and a controller may take it back there. Give factors around 1, or "
+            "lr_bounds_absolute=True for bounds that are rates"
+        )
     for i, group in enumerate(starts):
         for knob, (lo, hi) in bounds.items():
-            if knob not in group:
-                continue
-            start, word = group[knob], "rate" if knob == "lr" else knob
-            if knob == "lr" and not lr_bounds_absolute:
-                if not lo <= 1.0 <= hi:
-                    out.append(
-                        f"the bounds given for lr, ({lo:g}, {hi:g}), are factors of each group's "
-                        "starting rate that leave out the start itself (1): the run may stay at "
-                        "its start, and a controller may take it back there. Give factors "
-                        "around 1, or lr_bounds_absolute=True for bounds that are rates"
-                    )
-                    break
+            start, word = group.get(knob), "rate" if knob == "lr" else knob
+            if start is None or (knob == "lr" and not lr_bounds_absolute):
                 continue
             if not lo <= start <= hi:
                 out.append(
-                    f"param group {i} starts its {word} at {start:.6g}, outside the bounds given "
-                    f"for it ({lo:.6g}, {hi:.6g}): a bound stops a move and never makes one, so "
-                    f"the run may stay at {start:.6g}, and a controller may take it back there. "
-                    f"Give the optimizer a {word} within its bounds"
+                    f"param group {i} starts its {word} at {start:.6g} (as wrap finds it), "
+                    f"outside the bounds given for it ({lo:.6g}, {hi:.6g}): a bound stops a "
+                    f"move and never makes one, so the run may stay at {start:.6g}, and a "
+                    f"controller may take it back there. Give the optimizer a {word} within "
+                    "its bounds"
                 )
     return out

@@ -730,14 +730,15 @@ class SelfTuned(torch.optim.Optimizer):
                 warnings.warn(why, stacklevel=_outside_frames())
 
     def _read_start(self) -> None:
-        """The rates the bounds are factors of, read again as the first step finds them: a
-        scheduler built after the wrap (OneCycleLR's ``max_lr / div_factor``, CyclicLR's
-        ``base_lr``) has written its start over the rate the optimizer was built with, where one
-        built before had already; the same script gives the same bounds in either order.  A rate
-        the loop set to zero since keeps the wrap's start (no bound is a factor of zero)."""
+        """The rates the bounds are factors of, read again at the first step where a scheduler
+        built after the wrap recorded its start (``initial_lr``: OneCycleLR's ``max_lr /
+        div_factor``, CyclicLR's ``base_lr``) over the rate the optimizer was built with, as
+        one built before had: the same script gives the same bounds in either order.  The
+        loop's own writes to ``lr`` are not read (a warm-up written by hand from a thousandth
+        of the rate made the bounds a thousandth of the user's)."""
         for i, group in enumerate(self.param_groups):
-            rate = knobs_io.start_rate(group)
-            if math.isfinite(rate) and rate > 0.0:
+            rate = knobs_io.start_rate(group) if "initial_lr" in group else math.nan
+            if math.isfinite(rate) and rate > 0.0:  # no bound is a factor of zero
                 self._start[i] = rate
 
     def _start_from_plain_state(self) -> None:

@@ -8,6 +8,7 @@ frameworks; import the module you use, e.g. ``from selftune.integrations.lightni
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,7 +52,11 @@ def check_wrap_options(controller: Any, options: dict[str, Any], owner: str) -> 
         return
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
     try:
-        selftune.wrap(probe, controller, **options).close()
+        # silent: a warning of the throwaway's (a knob this SGD has not, its rate outside
+        # absolute bounds) is not the user's optimizer's, which the real wrap warns of
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            selftune.wrap(probe, controller, **options).close()
     except selftune.ConfigError as err:
         raise selftune.ConfigError(f"{owner}: {err}") from None
 

@@ -160,7 +160,7 @@ class SelfTuneCallback(Callback):
                 "empty and add a writer with its own prefix to each optimizer once the fit has "
                 "wrapped them, e.g. in the module's on_train_start: for k, opt in "
                 "enumerate(callback.optimizers): opt.add_listener(TensorBoardWriter(..., "
-                "prefix=f'selftune/opt{k}'))"
+                "prefix=f'selftune/opt{k}')), and close them in on_train_end"
             )
         if len(originals) > 1:
             warnings.warn(

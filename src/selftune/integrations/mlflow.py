@@ -85,9 +85,8 @@ class MLflowWriter:
         are made too.  Decided when built, a writer built before the process group existed (a
         Lightning callback's) took every rank for rank 0 and each logged a run of its own; and
         every rank's client made MLflow's default store at once, whose setup then failed."""
-        if self.active is None:
-            self.active = is_rank_zero()
-            if self.active:
+        if self.active is None:  # decided once made: a start that failed is tried again
+            if is_rank_zero():
                 run = self._run
                 if run is None:
                     run = mlflow.active_run()
@@ -95,6 +94,7 @@ class MLflowWriter:
                         run, self._owned = mlflow.start_run(), True
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self.client = self._client if self._client is not None else MlflowClient()
+            self.active = is_rank_zero()
         return self.active
 
     def __call__(self, event: StepEvent) -> None:

@@ -57,12 +57,12 @@ class TensorBoardWriter:
         the whole run again), and not before, since a writer built before the process group
         exists (a Lightning callback's, built before the Trainer starts its processes) took
         every rank for rank 0."""
-        if not self._resolved:
-            self._resolved = True
+        if not self._resolved:  # resolved once made: a folder that failed fails again
             if is_rank_zero() and isinstance(self._target, SummaryWriter):
                 self.writer = self._target
             elif is_rank_zero():
                 self.writer, self._owned = SummaryWriter(str(self._target)), True
+            self._resolved = True
         return self.writer
 
     def __call__(self, event: StepEvent) -> None:
