@@ -466,6 +466,11 @@ def test_a_folder_opened_again_in_this_process_goes_to_the_newest_writer(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(before, first_model.parameters(), strict=True))
     step(second_model, second)
     step(second_model, second)
+    first.state_dict()  # read, not written: its pending records are not the folder's now
+    with pytest.raises(selftune.ConfigError, match="taken over"):  # over the second's run
+        selftune.save_checkpoint(
+            tmp_path.parent / f"{tmp_path.name}.pt", model=first_model, optimizer=first, step=0
+        )
     first.close()  # writes nothing into the folder now the second's
     first.unwrap()
     second.close()

@@ -1107,6 +1107,20 @@ def _mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+def test_a_tensorboard_folder_that_cannot_be_made_is_refused_when_built(tmp_path: Path) -> None:
+    """The writer makes its folder at the first step, after that step's update and record: a
+    mistyped path failed there, and the script run again was refused its run folder, which
+    held that step.  Nothing is made when it is built."""
+    pytest.importorskip("tensorboard")
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(selftune.ConfigError, match=r"afile is a file, so no folder can be made"):
+        TensorBoardWriter(tmp_path / "afile" / "tb")
+    TensorBoardWriter(tmp_path / "new" / "tb")
+    assert not (tmp_path / "new").exists()
+
+
 def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

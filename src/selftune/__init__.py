@@ -83,9 +83,7 @@ def wrap(
         {**knobs, "lr": start_rate(group)}
         for knobs, group in zip(wrapped.hyperparams(), optimizer.param_groups, strict=True)
     ]
-    for message in misfits(
-        given, dict(bounds or {}), lr_bounds_absolute, type(optimizer).__name__, starts
-    ):
+    for message in misfits(given, dict(bounds or {}), policy, type(optimizer).__name__, starts):
         warnings.warn(message, stacklevel=2)
     return wrapped
 

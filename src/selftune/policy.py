@@ -178,25 +178,29 @@ class Policy:
 def misfits(
     given: Mapping[str, Iterable[str]],
     bounds: Mapping[str, tuple[float, float]],
-    lr_bounds_absolute: bool,
+    policy: Policy,
     optimizer: str,
     starts: list[dict[str, float]],
 ) -> list[str]:
     """What the settings given to :func:`selftune.wrap` ask that this optimizer cannot do, in
     words for a warning: a knob no param group has (``momentum`` for Adam, whose is ``beta1``),
-    which the policy would hold and nothing would ever move, and a start outside the bounds
-    given for it, where the run may stay (a bound stops a move and never makes one), though a
-    user who gave the bounds meant the rate inside them.  Both were silent.
+    or one the policy freezes (``beta2`` by default), whose bound or limit does nothing; factors
+    for the rate that leave out its start; and a momentum or beta1 that starts outside the
+    bounds given for it, where the run may stay (a bound stops a move and never makes one),
+    though a user who gave the bounds meant it inside them.  All were silent.  (A rate outside
+    absolute bounds is told at the first step, :func:`start_misfits`: a scheduler built after
+    the wrap sets its start then.)
 
     ``given``: the knob names each argument named (``bounds``, ``max_change`` as given, not
     the defaults: ``frozen`` does what it says of a knob the optimizer has not, which never
-    moves); ``starts``: each group's knobs at the start.
+    moves); ``starts``: each group's knobs at the wrap.
     """
     out = []
     has = {name for group in starts for name in group}
     twin = {"momentum": "beta1", "beta1": "momentum"}
     for knob in ALL_KNOBS:
         args = [arg for arg, names in given.items() if knob in names]
+        verb = "names" if len(args) == 1 else "name"
         if args and knob not in has:
             hint = (
                 f" ({optimizer}'s counterpart of {knob} is {twin[knob]})"
@@ -204,12 +208,18 @@ def misfits(
                 else ""
             )
             out.append(
-                f"{' and '.join(args)} {'names' if len(args) == 1 else 'name'} {knob}, a knob "
-                f"no param group of this {optimizer} has (its knobs: "
-                f"{', '.join(k for k in ALL_KNOBS if k in has)}): the setting does nothing{hint}"
+                f"{' and '.join(args)} {verb} {knob}, a knob no param group of this {optimizer} "
+                f"has (its knobs: {', '.join(k for k in ALL_KNOBS if k in has)}): the setting "
+                f"does nothing{hint}"
+            )
+        elif args and knob in policy.frozen:
+            out.append(
+                f"{' and '.join(args)} {verb} {knob}, which the policy freezes (frozen="
+                f"{sorted(policy.frozen)}): it never moves, and the setting does nothing. To "
+                f"tune {knob}, give frozen without it"
             )
     lr = bounds.get("lr")
-    if lr is not None and not lr_bounds_absolute and not lr[0] <= 1.0 <= lr[1]:
+    if lr is not None and not policy.lr_bounds_absolute and not lr[0] <= 1.0 <= lr[1]:
         out.append(
             f"the bounds given for lr, ({lr[0]:g}, {lr[1]:g}), are factors of each group's "
             "starting rate that leave out the start itself (1): the run may stay at its start, "
@@ -218,15 +228,28 @@ def misfits(
         )
     for i, group in enumerate(starts):
         for knob, (lo, hi) in bounds.items():
-            start, word = group.get(knob), "rate" if knob == "lr" else knob
-            if start is None or (knob == "lr" and not lr_bounds_absolute):
+            start = group.get(knob)
+            if start is None or knob == "lr" or knob in policy.frozen:
                 continue
             if not lo <= start <= hi:
                 out.append(
-                    f"param group {i} starts its {word} at {start:.6g} (as wrap finds it), "
-                    f"outside the bounds given for it ({lo:.6g}, {hi:.6g}): a bound stops a "
-                    f"move and never makes one, so the run may stay at {start:.6g}, and a "
-                    f"controller may take it back there. Give the optimizer a {word} within "
-                    "its bounds"
+                    f"param group {i} starts its {knob} at {start:.6g}, outside the bounds "
+                    f"given for it ({lo:.6g}, {hi:.6g}): a bound stops a move and never makes "
+                    f"one, so the run may stay at {start:.6g}, and a controller may take it "
+                    f"back there. Give the optimizer a {knob} within its bounds"
                 )
     return out
+
+
+def start_misfits(bounds: tuple[float, float], starts: list[float]) -> list[str]:
+    """Each group's starting rate outside absolute bounds (``lr_bounds_absolute``), read at the
+    first step where a scheduler recorded it: see :func:`misfits`."""
+    lo, hi = bounds
+    return [
+        f"param group {i} starts its rate at {start:.6g}, outside the bounds given for it "
+        f"({lo:.6g}, {hi:.6g}): a bound stops a move and never makes one, so the run may stay "
+        f"at {start:.6g}, and a controller may take it back there. Give the optimizer (or its "
+        "scheduler) a starting rate within the bounds"
+        for i, start in enumerate(starts)
+        if not lo <= start <= hi
+    ]

@@ -36,7 +36,7 @@ from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
-from selftune.policy import Policy
+from selftune.policy import Policy, start_misfits
 from selftune.signals import (
     RefusedStep,
     Signals,
@@ -607,7 +607,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
-        if self._log is not None:
+        if self._log is not None and not self._log.superseded:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
         sd["selftune"] = {
@@ -740,6 +740,9 @@ class SelfTuned(torch.optim.Optimizer):
             rate = knobs_io.start_rate(group) if "initial_lr" in group else math.nan
             if math.isfinite(rate) and rate > 0.0:  # no bound is a factor of zero
                 self._start[i] = rate
+        if self.policy.lr_bounds_absolute:  # the user's bounds (defaults are factors), checked
+            for message in start_misfits(self.policy.bounds["lr"], self._start):  # at the start
+                warnings.warn(message, stacklevel=_outside_frames())
 
     def _start_from_plain_state(self) -> None:
         """A plain optimizer's state was loaded: a run continued under selftune starts from its
@@ -852,13 +855,18 @@ class SelfTuned(torch.optim.Optimizer):
                 "block, and do this after it"
             )
 
-    def check_whole(self, what: str) -> None:
+    def check_whole(self, what: str, *, own_folder: bool = True) -> None:
         """Refuse ``what`` after a step that raised part-way: the wrapper stands between that
         step's update and its record (a Ctrl-C inside the step, a log write that failed).  A
         state saved there held the step's weights with the step before's count: resumed, it
         ended elsewhere than the run, and the log lacked the step.  ``save_checkpoint`` and
         ``step`` call this; ``state_dict`` saves such a state with a warning (a framework's
-        save on an exception goes on) and loading it is refused."""
+        save on an exception goes on) and loading it is refused.  With ``own_folder``, also
+        refused: ``what`` from a wrapper whose folder an optimizer wrapped since took over (a
+        checkpoint saved from it went over the newer run's, whose next resume then cut that
+        run's records from the log); ``unwrap`` hands the optimizer back all the same."""
+        if own_folder and self._log is not None and self._log.superseded:
+            self._check_open(what)
         if self._broken_at is None:
             return
         where = " (here, or on another rank)" if shards.across_ranks() else ""
@@ -923,7 +931,8 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if self._unwrapped:
             return self.optimizer
-        self.check_whole("unwrap()")  # its note would name the step before, the weights past it
+        # its note would name the step before, the weights past it
+        self.check_whole("unwrap()", own_folder=False)
         handed = self.hyperparams()
         for i, group in enumerate(self.param_groups):
             knobs_io.write(group, "lr", handed[i]["lr"])

@@ -13,6 +13,7 @@ words, at the step it was made.  Uses ``torch.utils.tensorboard``, which needs t
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from selftune.integrations import needs
@@ -20,6 +21,7 @@ from selftune.integrations import needs
 with needs("tensorboard"):
     from torch.utils.tensorboard import SummaryWriter
 
+from selftune.errors import ConfigError
 from selftune.integrations.events import (
     check_writer_options,
     describe,
@@ -27,6 +29,23 @@ from selftune.integrations.events import (
     event_metric,
 )
 from selftune.tuner import StepEvent, is_rank_zero
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be made, now: the writer makes it at the first step, after
+    that step's update and record, and a mistyped path then failed a run whose folder already
+    held its first step (a script run again was refused it).  Nothing is made here, and on no
+    rank (which rank writes is known at the first step)."""
+    nearest = folder.expanduser()
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(
+            f"TensorBoardWriter({str(folder)!r}): {nearest} is a file, so no folder can be made "
+            "there; give the path of a folder"
+        )
+    if not os.access(nearest, os.W_OK):
+        raise ConfigError(f"TensorBoardWriter({str(folder)!r}): {nearest} is not writable")
 
 
 class TensorBoardWriter:
@@ -46,6 +65,8 @@ class TensorBoardWriter:
         every: int = 1,
     ) -> None:
         check_writer_options(every=every)
+        if not isinstance(writer_or_logdir, SummaryWriter):
+            _check_folder(Path(writer_or_logdir))
         #: the writer in use: None before the first event, and on ranks other than 0
         self.writer: SummaryWriter | None = None
         self._target, self._resolved, self._owned = writer_or_logdir, False, False
