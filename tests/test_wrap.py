@@ -175,6 +175,10 @@ def test_settings_the_optimizer_honours_are_not_warned_of() -> None:
         selftune.wrap(
             torch.optim.SGD(model.parameters(), lr=0.1), frozen={"momentum", "beta1", "beta2"}
         )
+        # a frozen rate is still cut by the guard's rollbacks, which its bounds hold
+        selftune.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.1), frozen={"lr"}, bounds={"lr": (0.1, 1)}
+        )
         selftune.wrap(
             torch.optim.Adam(model.parameters(), lr=1e-3),
             bounds={"lr": (1e-5, 1e-2), "beta1": (0.8, 0.95)},

@@ -212,7 +212,8 @@ def misfits(
                 f"has (its knobs: {', '.join(k for k in ALL_KNOBS if k in has)}): the setting "
                 f"does nothing{hint}"
             )
-        elif args and knob in policy.frozen:
+        elif args and knob in policy.frozen and knob != "lr":  # a frozen rate's bounds still
+            # hold the guard's rollbacks
             out.append(
                 f"{' and '.join(args)} {verb} {knob}, which the policy freezes (frozen="
                 f"{sorted(policy.frozen)}): it never moves, and the setting does nothing. To "
