@@ -21,7 +21,6 @@ from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
-from selftune.knobs import start_rate
 from selftune.policy import Policy, misfits
 from selftune.replay import replay
 from selftune.tuner import Decision, SelfTuned, StepEvent
@@ -78,12 +77,8 @@ def wrap(
         groups=groups,
         **controller_options,
     )
-    given = {"bounds": list(bounds or {}), "max_change": list(max_change or {})}
-    starts = [
-        {**knobs, "lr": start_rate(group)}
-        for knobs, group in zip(wrapped.hyperparams(), optimizer.param_groups, strict=True)
-    ]
-    for message in misfits(given, dict(bounds or {}), policy, type(optimizer).__name__, starts):
+    name, starts = type(optimizer).__name__, wrapped.hyperparams()
+    for message in misfits(bounds or {}, max_change or {}, policy, name, starts):
         warnings.warn(message, stacklevel=2)
     return wrapped
 

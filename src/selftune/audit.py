@@ -682,14 +682,12 @@ class AuditLog:
         #: another log was opened on this folder since, in this process: see :meth:`_supersede`
         self.superseded = False
         self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
+        holder = _holder(self.path)
         if not enabled:
             # a rank that writes nothing keeps the same account of which wrapper holds the
             # folder, so that every rank refuses a superseded wrapper's step alike (rank 0
             # alone refused, and the others went into the step's collectives without it)
-            holder = _holder(self.path)
-            if holder is not None:
-                holder._supersede()
-            _OPEN_LOGS[self._key] = self
+            self._take_over(holder)
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -698,14 +696,11 @@ class AuditLog:
             if self.path.exists() and not self.path.is_dir():
                 why = "a file has that name; pass the path of a folder (new or a run's) instead"
             raise LogError(f"cannot create the run folder {self.path}: {why}") from None
-        holder = _holder(self.path)
         note = (
             _settle_manifest(self.path, manifest, holder is not None)
             if manifest is not None
             else None
         )
-        if holder is not None:
-            holder._supersede()
         torn = 0
         if self._file.exists():
             scan = _scan(self._file)
@@ -722,7 +717,7 @@ class AuditLog:
                 f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
                 "folder must be writable (to read a log, use read_log or verify)"
             ) from None
-        _OPEN_LOGS[self._key] = self
+        self._take_over(holder)
         if torn:
             self._opening.append(f"{_TORN} of {torn} bytes")
         if note is not None:
@@ -856,6 +851,12 @@ class AuditLog:
         if self._fd is None:
             raise LogError(f"the audit log at {self._file} is closed: open a new AuditLog")
         return self._fd
+
+    def _take_over(self, holder: AuditLog | None) -> None:
+        """Hold the folder in this process, from ``holder`` if it held it (:meth:`_supersede`)."""
+        if holder is not None:
+            holder._supersede()
+        _OPEN_LOGS[self._key] = self
 
     def _supersede(self) -> None:
         """Hand the folder to a log opened on it since in this process: the run resumed in a

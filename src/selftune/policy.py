@@ -176,8 +176,8 @@ class Policy:
 
 
 def misfits(
-    given: Mapping[str, Iterable[str]],
     bounds: Mapping[str, tuple[float, float]],
+    max_change: Mapping[str, float],
     policy: Policy,
     optimizer: str,
     starts: list[dict[str, float]],
@@ -191,10 +191,10 @@ def misfits(
     absolute bounds is told at the first step, :func:`start_misfits`: a scheduler built after
     the wrap sets its start then.)
 
-    ``given``: the knob names each argument named (``bounds``, ``max_change`` as given, not
-    the defaults: ``frozen`` does what it says of a knob the optimizer has not, which never
-    moves); ``starts``: each group's knobs at the wrap.
+    ``bounds`` and ``max_change`` as given, not the defaults (``frozen`` does what it says of a
+    knob the optimizer has not, which never moves); ``starts``: each group's knobs at the wrap.
     """
+    given = {"bounds": bounds, "max_change": max_change}
     out = []
     has = {name for group in starts for name in group}
     twin = {"momentum": "beta1", "beta1": "momentum"}

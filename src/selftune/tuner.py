@@ -607,7 +607,7 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
-        if self._log is not None and not self._log.superseded:  # the folder is another's now
+        if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
         sd["selftune"] = {
@@ -865,7 +865,7 @@ class SelfTuned(torch.optim.Optimizer):
         refused: ``what`` from a wrapper whose folder an optimizer wrapped since took over (a
         checkpoint saved from it went over the newer run's, whose next resume then cut that
         run's records from the log); ``unwrap`` hands the optimizer back all the same."""
-        if own_folder and self._log is not None and self._log.superseded:
+        if own_folder and self._taken_over:
             self._check_open(what)
         if self._broken_at is None:
             return
@@ -890,10 +890,15 @@ class SelfTuned(torch.optim.Optimizer):
                 "wrap again in a new run folder"
             )
 
+    @property
+    def _taken_over(self) -> bool:
+        """Whether an optimizer wrapped since on the same ``log_dir`` took the folder over."""
+        return self._log is not None and self._log.superseded
+
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log, or after another
         optimizer wrapped since on the same ``log_dir`` took the folder over."""
-        if self._log is not None and self._log.superseded:
+        if self._log is not None and self._taken_over:
             raise ConfigError(
                 f"this selftune optimizer's run folder {self._log.path} was taken over by an "
                 f"optimizer wrapped on the same log_dir since, in this process: {what} here "
@@ -938,7 +943,7 @@ class SelfTuned(torch.optim.Optimizer):
             knobs_io.write(group, "lr", handed[i]["lr"])
             self._scales[i] = 1.0
         # a closed log takes no note, nor one another wrapper took over
-        if self._log is not None and self._closed_after is None and not self._log.superseded:
+        if self._log is not None and self._closed_after is None and not self._taken_over:
             self._write_added()
             self._log.append(
                 {
@@ -963,7 +968,7 @@ class SelfTuned(torch.optim.Optimizer):
             return
         if self._logged:
             self._closed_after = self.step_count
-        if self._log is not None and not self._log.superseded:  # its records: the new one's
+        if self._log is not None and not self._taken_over:  # its records: the new one's
             self._write_added()
             self.sync()
             self._log.close()

@@ -329,7 +329,7 @@ class SelfTuneCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The fit's end: the optimizers' run folders are closed, and so are the listeners
         given (an ``MLflowWriter`` uploads its last decisions and ends a run it started only in
-        ``close``: left open, a fit of 40 steps left no decisions in the MLflow run)."""
+        ``close``: left open, a short fit left no decisions in the MLflow run)."""
         self._averaged.close()
         if stage == "fit":
             for opt in self.optimizers:

@@ -86,7 +86,8 @@ class MLflowWriter:
         Lightning callback's) took every rank for rank 0 and each logged a run of its own; and
         every rank's client made MLflow's default store at once, whose setup then failed."""
         if self.active is None:  # decided once made: a start that failed is tried again
-            if is_rank_zero():
+            active = is_rank_zero()
+            if active:
                 run = self._run
                 if run is None:
                     run = mlflow.active_run()
@@ -94,7 +95,7 @@ class MLflowWriter:
                         run, self._owned = mlflow.start_run(), True
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self.client = self._client if self._client is not None else MlflowClient()
-            self.active = is_rank_zero()
+            self.active = active
         return self.active
 
     def __call__(self, event: StepEvent) -> None:
