@@ -21,11 +21,13 @@ rank 0's run folders are ``--out/<run>``.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
 import os
 import re
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -115,10 +117,12 @@ def train_step(
 
 
 def final_state(model: torch.nn.Module, opt: SelfTuned) -> dict[str, Any]:
-    """Weights and optimizer state, less the run folder's file positions (rank 0's alone)."""
+    """Weights and optimizer state, less the run folder's file positions (rank 0's alone) and
+    a metric observed after the last step (each rank's own, until a step shares it)."""
     module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     sd = opt.state_dict()
     sd["selftune"] = {k: v for k, v in sd["selftune"].items() if k not in ("log", "trace")}
+    sd["selftune"]["metric"].pop("observed")
     return {
         "model": {k: v.clone() for k, v in module.state_dict().items()},
         "optimizer": sd,
@@ -203,12 +207,13 @@ def _run(
     steps: int,
     rank: int,
     nan_step: int | None = None,
-    evaluate: bool = False,
+    evaluate: str | None = None,
     as_float: bool = False,
     tensorboard: bool = False,
     listeners: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
-    """``tensorboard``: every rank also adds a TensorBoard writer on ``out/<run>-tb``, as a DDP
+    """``evaluate``: every rank observes its :func:`metric` ("every"), or rank 0 alone ("rank0").
+    ``tensorboard``: every rank also adds a TensorBoard writer on ``out/<run>-tb``, as a DDP
     script does; only rank 0's writes.  ``listeners``: added too, and closed at the end."""
     model, opt, rec = _build(name, out / run, rank)
     writers = list(listeners)
@@ -220,7 +225,7 @@ def _run(
         opt.add_listener(writer)
     for t in range(1, steps + 1):
         train_step(model, opt, t, rank, nan=t == nan_step and rank == 1, as_float=as_float)
-        if evaluate and t % EVALUATE == 0:
+        if t % EVALUATE == 0 and (evaluate == "every" or (evaluate == "rank0" and rank == 0)):
             opt.observe(metric(t, rank))
     torch.save(final_state(model, opt), out / f"rank{rank}-{run}.pt")
     opt.close()
@@ -376,6 +381,19 @@ def _raise(err: BaseException) -> None:
     raise err
 
 
+def _step_says(model: torch.nn.Module, opt: SelfTuned, step: int, rank: int) -> str | None:
+    """What a training step of ``opt`` raised on this rank (None: it stepped)."""
+    x, y = batch(step, rank)
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    try:
+        opt.step(loss=loss.detach())
+        return None
+    except (selftune.ConfigError, RuntimeError) as err:
+        return str(err)
+
+
 def _refusals(rank: int) -> dict[str, str | None]:
     """What each rank is told when the ranks wrap with different settings, and when one rank
     steps with a loss and the other without: every rank must raise, none hang."""
@@ -398,15 +416,7 @@ def _refusals(rank: int) -> dict[str, str | None]:
         said["loss"] = str(err)
 
     def once(step: int) -> str | None:
-        x, y = batch(step, rank)
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        try:
-            opt.step(loss=loss.detach())
-            return None
-        except (selftune.ConfigError, RuntimeError) as err:
-            return str(err)
+        return _step_says(model, opt, step, rank)
 
     said["retried"] = once(2)  # that refusal changed nothing: the run goes on
     # the loss in float64 on rank 0 alone, the model's scalars float32: a stack of another dtype
@@ -433,11 +443,59 @@ def _refusals(rank: int) -> dict[str, str | None]:
     if rank == 1:
         hook.remove()
     said["after"] = once(4)  # refused on every rank alike, the collectives still paired
-    try:  # each rank would judge the mean metric its own way
-        selftune.wrap(make_inner("sgd", model)).observe(0.5, mode="max" if rank else "min")
-        said["modes"] = None
-    except selftune.ConfigError as err:
-        said["modes"] = str(err)
+    # each rank would judge the mean metric its own way: the step that shares it is refused on
+    # every rank, and the metric dropped, so that the next one (observed alike) steps
+    opt = selftune.wrap(make_inner("sgd", model))
+    opt.observe(0.5, mode="max" if rank else "min")
+    said["modes"] = once(5)
+    opt.observe(0.5, mode="min")
+    said["modes-then"] = once(6)
+    return said
+
+
+def _saved_before_shared(rank: int) -> dict[str, list[str]]:
+    """What a state saved on rank 0 between ``observe`` and the next step warns of there: a
+    resume from it reads rank 0's metric alone, which differs from the ranks' mean the run
+    read where the ranks observed different values, and is that mean where rank 0 alone
+    observed (as where every rank observed the same value)."""
+    said: dict[str, list[str]] = {}
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = make_optimizer("adamw", model, None)
+    _step_says(model, opt, 1, rank)
+    alone = 1.0 if rank == 0 else None
+    for step, (key, value) in enumerate([("alone", alone), ("own", 1.0 + rank)], 2):
+        if value is not None:
+            opt.observe(value)
+        if rank == 0:
+            opt.state_dict()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _step_says(model, opt, step, rank)
+        said[key] = [str(w.message) for w in caught if "holds the metric" in str(w.message)]
+    return said
+
+
+def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
+    """Where rank 0 alone gives a ``log_dir`` (the others None), what only rank 0 sees of its
+    folder (taken over by a wrapper since, holding steps of a run not resumed, closed) refuses
+    the step on every rank alike: rank 0 refused alone, before the step's collective, which
+    the other ranks' step then paired with its next one (gloo aborted the processes)."""
+    said: dict[str, str | None] = {}
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    folder = out / "handed" if rank == 0 else None
+    initial = copy.deepcopy(model.module.state_dict())
+    first = make_optimizer("sgd", model, folder)
+    second = make_optimizer("sgd", model, folder)  # takes the folder over, on rank 0
+    said["taken"] = _step_says(model, first, 1, rank)
+    said["second"] = _step_says(model, second, 1, rank)
+    model.module.load_state_dict(initial)  # the same run, started again over its folder
+    said["unresumed"] = _step_says(model, make_optimizer("sgd", model, folder), 1, rank)
+    closing = make_optimizer("sgd", model, out / "closed" if rank == 0 else None)
+    said["third"] = _step_says(model, closing, 1, rank)
+    if rank == 0:
+        closing.close()
+    said["closed"] = _step_says(model, closing, 2, rank)
+    said["after"] = _step_says(model, make_optimizer("sgd", model, None), 3, rank)
     return said
 
 
@@ -462,7 +520,10 @@ def main() -> None:
             args.out, f"res-{name}", name, args.steps, rank, args.ckpt_step, args.crash_step
         )
     results["nan"] = _run(args.out, "nan", "sgd", args.steps, rank, nan_step=args.nan_step)
-    results["metric"] = _run(args.out, "metric", "adamw", args.steps, rank, evaluate=True)
+    results["metric"] = _run(args.out, "metric", "adamw", args.steps, rank, evaluate="every")
+    results["metric-rank0"] = _run(
+        args.out, "metric-rank0", "adamw", args.steps, rank, evaluate="rank0"
+    )
     results["float-loss"] = _run(
         args.out, "float-loss", "sgd", args.steps, rank, as_float=True, tensorboard=True
     )
@@ -470,6 +531,8 @@ def main() -> None:
     results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     results["refusals"] = _refusals(rank)
+    results["folder-refusals"] = _folder_refusals(args.out, rank)
+    results["saved-before-shared"] = _saved_before_shared(rank)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

@@ -108,7 +108,7 @@ def hyperparams_from_log(run_dir: Path, steps: int) -> list[list[dict[str, float
     return out
 
 
-RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan", "metric", "float-loss"]
+RUNS = [f"ref-{name}" for name in OPTIMIZERS] + ["nan", "metric", "metric-rank0", "float-loss"]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -229,6 +229,7 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert all(s is not None and "given on some ranks and not on others" in s for s in losses)
     modes = [r["refusals"]["modes"] for r in ranks]
     assert all(s is not None and 'mode="max" on some ranks' in s for s in modes), modes
+    assert [r["refusals"]["modes-then"] for r in ranks] == [None, None]  # that metric dropped
     # a float64 loss on one rank, the model float32: refused alike (gloo aborted both), and
     # given on both ranks, one float64, read alike
     loss64 = [r["refusals"]["loss64"] for r in ranks]
@@ -244,6 +245,57 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert [r["refusals"]["part_way"] for r in ranks] == [None, "lost"]
     after = [r["refusals"]["after"] for r in ranks]
     assert all(s is not None and "refused on every rank" in s for s in after), after
+
+
+def test_a_metric_observed_on_rank_0_alone_is_every_ranks(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """A loop that evaluates on rank 0 alone and calls ``observe`` there: the metric was
+    averaged in a collective of its own, which met the other rank's step (gloo aborted both
+    processes).  It now travels in the step's collective, and every rank reads rank 0's."""
+    out, _ = ddp
+    trace = (out / "metric-rank0" / "trace.jsonl").read_text().splitlines()
+    observed = [(row["step"], row["metric"]) for row in map(json.loads, trace) if "metric" in row]
+    assert observed == [(t + 1, metric(t, 0)) for t in range(EVALUATE, STEPS, EVALUATE)]
+    cuts = [
+        r["step"]
+        for r in read_log(out / "metric-rank0").records
+        if r["kind"] == "decision" and r["reason"].startswith("metric plateau")
+    ]
+    assert cuts  # rank 0's metric is flat: it drove a cut, on both ranks alike (see RUNS)
+
+
+def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Rank 0 alone gives a ``log_dir``: its folder taken over by a wrapper since, holding
+    steps of a run not resumed, or closed refused the step on rank 0 before the collective,
+    which rank 1's step then paired with rank 0's next one (gloo aborted both)."""
+    _, ranks = ddp
+    said = [r["folder-refusals"] for r in ranks]
+    for key in ("second", "third", "after"):
+        assert [s[key] for s in said] == [None, None], key
+    for key, words in [
+        ("taken", "was taken over"),
+        ("unresumed", "already holds steps of this run"),
+        ("closed", "was closed after step 1"),
+    ]:
+        assert words in said[0][key], said[0][key]
+        assert "another rank cannot take it" in said[1][key], said[1][key]
+
+
+def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """A state saved on rank 0 between ``observe`` and the next step holds rank 0's metric: a
+    resume from it reads that where the run read the ranks' mean.  The step that shares the
+    metric says so where the two differ, and only there."""
+    _, ranks = ddp
+    said = [r["saved-before-shared"] for r in ranks]
+    assert [s["alone"] for s in said] == [[], []]  # rank 0's metric is the ranks'
+    (warned,) = said[0]["own"]
+    assert "observed (1.0)" in warned and "mean that the run read is 1.5" in warned, warned
+    assert said[1]["own"] == []  # rank 1 saved nothing
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -95,9 +95,9 @@ def test_a_metric_not_yet_read_survives_a_checkpoint(saved_as: str) -> None:
                 opt.observe(task.full_loss())
             if t == split:  # just after an evaluation: its metric is still pending
                 state = opt.state_dict()
-                pending = state["selftune"]["metric"]
+                pending = state["selftune"]["metric"]["observed"]  # no step has shared it yet
                 assert pending["value"] is not None
-                if saved_as == "list":
+                if saved_as == "list":  # a state of before, which held it as the shared one
                     state["selftune"]["metric"] = [pending["value"], pending["mode"]]
                 opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()))
                 opt.load_state_dict(state)

@@ -63,12 +63,12 @@ class Signals:
     grad_norm: float  #: ‖g_t‖ over all groups
     groups: tuple[GroupSignals, ...]  #: one per param group
     #: the evaluation metric given to ``observe`` since the last step, if any (averaged over
-    #: ranks)
+    #: the ranks that observed one)
     metric: float | None = None
     metric_mode: str = "min"  #: "min" if a lower metric is better, "max" if a higher one
     #: whether that metric was measured at the weight average (``observe`` came after an
-    #: ``averaged()`` block, on every rank): the evaluation then sees no noise floor of the last
-    #: iterate's
+    #: ``averaged()`` block, on every rank that observed): the evaluation then sees no noise
+    #: floor of the last iterate's
     metric_at_average: bool = False
 
     def summary(self, group: int) -> dict[str, float]:
@@ -168,7 +168,7 @@ class SignalTracker:
         loss: torch.Tensor | float | None,
         state: dict,
         buffers: bool = True,
-        broken: bool = False,
+        ranks: RankState | None = None,
     ) -> Signals:
         """Compute this step's signals from the gradients now in ``.grad``.
 
@@ -176,9 +176,9 @@ class SignalTracker:
         passes over the parameters and exactly one host sync; the sums over tensors and groups
         are done on the host afterwards.  ``buffers=False`` skips the momentum-buffer alignment
         for controllers that do not read it.  ``loss`` is one passed by :func:`check_loss`,
-        which the wrapper calls before the step starts.  ``broken``: this rank's last step raised
-        part-way; under torch.distributed every rank then refuses this one alike (a rank that
-        refused alone, before the collective, left the others' paired with its next one).
+        which the wrapper calls before the step starts.  ``ranks``: under torch.distributed, what
+        this rank brings to the step's collective besides its signals (see :class:`RankState`),
+        which the metric the ranks share is written back into.
         """
         distributed = across_ranks()
         parts: list[torch.Tensor] = []
@@ -245,11 +245,9 @@ class SignalTracker:
             if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is,
                 value = _maybe_float(loss) if had else 0.0  # with its digits (float64 here)
                 loss = torch.tensor(value, dtype=torch.float64)
-            parts += [
-                loss.detach().reshape(()),
-                torch.tensor(float(had)),
-                torch.tensor(broken * 1.0),
-            ]
+            tail = (ranks or RankState()).tail()
+            parts += [loss.detach().reshape(()), torch.tensor(float(had))]
+            parts += [torch.tensor(x, dtype=torch.float64) for x in tail]
         elif isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
@@ -267,13 +265,16 @@ class SignalTracker:
         else:
             values = []
         if distributed:
-            _ranks_whole(values[-1])
+            at = len(values) - len(RankState().tail())
             try:
-                loss_value = _ranks_loss(values[-3], values[-2])
+                (ranks or RankState()).agree(values[at:])
+                loss_value = _ranks_loss(values[at - 2], values[at - 1])
             except RefusedStep:
                 self._prev = None  # read into above: the next step reads no previous update
                 raise
         else:
+            if ranks is not None:
+                ranks.agree(ranks.tail())
             loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
         return self._assemble(step, loss_value, sums)
@@ -505,12 +506,13 @@ def _from_group_sums(
 
 
 def average_across_ranks(stacked: torch.Tensor) -> None:
-    """Under ``torch.distributed``, average the step's scalars (or a metric) over ranks, in place.
+    """Under ``torch.distributed``, average the step's scalars over ranks, in place.
 
     One collective per step, called on every rank in the same order, so that every rank sees the
     same signals and takes the same decisions even when per-rank losses differ.  With DDP the
     gradients are already averaged, so only the loss (and its statistics) change.  The stacked
-    sizes have to match: every rank stacks a slot for the loss, given or not (:func:`_ranks_loss`).
+    sizes have to match: every rank stacks a slot for the loss, given or not (:func:`_ranks_loss`),
+    and the slots of its :class:`RankState`.
     """
     if across_ranks():
         torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
@@ -522,14 +524,67 @@ class RefusedStep(ConfigError):
     stays whole and goes on from the next call."""
 
 
-def _ranks_whole(share: float) -> None:
-    """Refuse the step on every rank if any rank's last step raised part-way."""
-    if share > 0.0:
-        raise ConfigError(
-            "a step is refused on every rank: a step raised part-way on a rank, and its update "
-            "may have been made without its record. Resume every rank from the last "
-            "checkpoint (selftune.load_checkpoint, or load_state_dict)"
-        )
+@dataclass
+class RankState:
+    """What a rank brings to the step's collective besides its signals, and the metric every
+    rank reads after it.
+
+    Under ``torch.distributed`` every rank must take or refuse a step alike, and read one
+    metric: a rank that refused alone, before the collective (its folder taken over or closed,
+    its last step broken), left the others' paired with its next one, and a metric averaged in
+    a collective of its own, when ``observe`` ran on rank 0 alone (as an evaluation often
+    does), met the other ranks' step.  gloo aborts the processes from its transport thread,
+    past any handler, and NCCL waits out its timeout.  So all of it travels in the step's one
+    all-reduce, as a few numbers more.
+    """
+
+    broken: bool = False  #: this rank's last step raised part-way
+    refusal: ConfigError | None = None  #: why this rank cannot take the step, if it cannot
+    metric: float | None = None  #: a metric observed here since the ranks last shared one
+    at_average: bool = False  #: measured at the weight average
+    high: bool = False  #: higher is better (``mode="max"``)
+    #: after the collective: the mean of the metrics the ranks observed, whether every one
+    #: was measured at the average, and whether higher is better; None where no rank observed
+    shared: tuple[float, bool, bool] | None = None
+
+    def tail(self) -> list[float]:
+        given = self.metric is not None
+        return [
+            self.metric if self.metric is not None else 0.0,
+            float(given),
+            float(given and self.at_average),
+            float(given and self.high),
+            float(self.refusal is not None),
+            float(self.broken),
+        ]
+
+    def agree(self, means: list[float]) -> None:
+        """Read the ranks' means of :meth:`tail` (a single process: its own): refuse the step
+        on every rank where any rank must refuse it, else share the metric over the ranks that
+        observed one (every rank, or rank 0 alone), which the wrapper then holds."""
+        metric, given, at_average, high, refused, broken = means
+        if broken > 0.0:
+            raise ConfigError(
+                "a step is refused on every rank: a step raised part-way on a rank, and its "
+                "update may have been made without its record. Resume every rank from the "
+                "last checkpoint (selftune.load_checkpoint, or load_state_dict)"
+            )
+        if refused > 0.0:
+            raise RefusedStep(
+                str(self.refusal)
+                if self.refusal is not None
+                else "a step is refused on every rank: another rank cannot take it (its error "
+                "says why)"
+            )
+        if given == 0.0:
+            return
+        if high not in (0.0, given):  # each rank would judge the mean its own way
+            self.metric = None  # dropped on every rank: observe again, with one mode
+            raise RefusedStep(
+                'observe() was given mode="max" on some ranks and mode="min" on others: a run '
+                "has one metric; give every rank the same mode"
+            )
+        self.shared = (metric / given, at_average == given, high > 0.0)
 
 
 def _ranks_loss(mean: float, share: float) -> float | None:

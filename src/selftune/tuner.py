@@ -38,10 +38,10 @@ from selftune.errors import ConfigError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy, start_misfits
 from selftune.signals import (
+    RankState,
     RefusedStep,
     Signals,
     SignalTracker,
-    average_across_ranks,
     check_loss,
     pooled,
 )
@@ -225,14 +225,20 @@ class SelfTuned(torch.optim.Optimizer):
         self._trace_bytes = 0  # trace.jsonl's size, kept so that state_dict works after close
         #: ``group`` records of groups added since the last step, written with the next one
         self._added: list[dict[str, Any]] = []
-        #: the metric given to ``observe`` and not yet read by a step, and its mode
+        #: the metric the ranks shared at a step and no step's proposals have read yet, and
+        #: the run's mode (set by the first metric shared)
         self._metric: float | None = None
         self._metric_mode: str | None = None
+        #: a metric given to ``observe`` since, which the next step shares over the ranks
+        self._ranks = RankState()
+        #: under torch.distributed, the metric observed here that a state was saved with
+        #: before a step shared it (see :meth:`_hold_shared_metric`)
+        self._saved_observed: float | None = None
         self._at_average = False  #: whether ``averaged()`` ran since the last step
         #: inside ``averaged()``: the training weights swapped out, by id of their parameter
         self._swapped_out: dict[int, torch.Tensor] = {}
         #: whether the metric held for the next step was measured at the average (``observe``
-        #: after an ``averaged()`` block, on every rank)
+        #: after an ``averaged()`` block, on every rank that observed)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: the step at which the guard raised GuardError: no more steps until a state is loaded
@@ -401,15 +407,18 @@ class SelfTuned(torch.optim.Optimizer):
         evaluations without a new best, a decay read off held-out evidence that the training
         loss cannot give; the other controllers ignore it.  ``mode``: "min" when lower is better
         (a loss), "max" when higher is (an accuracy); it must not change within a run.  The
-        metric reaches the controller with the next step, is recorded with the decisions it
-        drives, and, under ``torch.distributed``, is averaged over the ranks here (one
-        collective): call it on every rank, with each rank's own value or the same one.
+        metric reaches the controller with the next step and is recorded with the decisions it
+        drives.  Under ``torch.distributed`` it is averaged, in that step's collective, over the
+        ranks that observed one since: call it on every rank, with each rank's own value or
+        the same one, or on rank 0 alone, where it evaluates.
         """
         if mode not in ("min", "max"):
             raise ConfigError(f'observe(mode={mode!r}): use "min" (lower is better) or "max"')
-        if self._metric_mode is not None and mode != self._metric_mode:
+        pending = self._ranks.metric is not None
+        run_mode = ("max" if self._ranks.high else "min") if pending else self._metric_mode
+        if run_mode is not None and mode != run_mode:
             raise ConfigError(
-                f"observe(mode={mode!r}) after observe(mode={self._metric_mode!r}): a run has one "
+                f"observe(mode={mode!r}) after observe(mode={run_mode!r}): a run has one "
                 "metric; pass the same mode every time"
             )
         if isinstance(metric, bool):
@@ -437,16 +446,9 @@ class SelfTuned(torch.optim.Optimizer):
                 f"observe() needs one number, got a tensor of shape {tuple(value.shape)}: "
                 "reduce it first (its mean, say)"
             )
-        # with the flag of the weights it came from: every rank must read the same, so that
-        # every rank's controller takes the same decisions
-        flags = torch.tensor([self._at_average, mode == "max"], dtype=torch.float64)
-        metric, share, high = _mean_over_ranks(torch.cat([value.reshape(1), flags]))
-        if high not in (0.0, 1.0):  # each rank would judge the mean its own way
-            raise ConfigError(
-                'observe() was given mode="max" on some ranks and mode="min" on others: a run '
-                "has one metric; give every rank the same mode"
-            )
-        self._metric, self._metric_mode, self._metric_at_average = metric, mode, share == 1.0
+        # with the flag of the weights it came from, for the next step to share
+        self._ranks.metric, self._ranks.high = value.item(), mode == "max"
+        self._ranks.at_average = self._at_average
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -463,7 +465,12 @@ class SelfTuned(torch.optim.Optimizer):
                 f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
-        self._check_open("a step")
+        # under torch.distributed a rank refuses a step in the step's collective, every rank
+        # alike: rank 0 alone may write the folder, and alone see it taken over or not resumed
+        across = shards.across_ranks()
+        refusal = self._not_open("a step")
+        if refusal is not None and not across:
+            raise refusal
         self._check_groups()
         if self._gave_up_at is not None:
             # a step after it went on in the log past the escalate record, and a replay,
@@ -473,7 +480,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "on from here; resume from its last checkpoint (load_checkpoint), with the "
                 "data or the rate seen to, or start again in a new folder"
             )
-        if not shards.across_ranks():  # else every rank refuses alike, in measure
+        if not across:  # else every rank refuses alike, in measure
             self.check_whole("a step")
         self._check_outside_average("a step")
         if closure is not None and not callable(closure):
@@ -489,14 +496,17 @@ class SelfTuned(torch.optim.Optimizer):
             inner_closure = _replay_once(closure, result)
         t = self.step_count + 1
         folder = self.unresumed_folder()
-        if folder is not None:
-            raise ConfigError(
+        if folder is not None and refusal is None:
+            refusal = ConfigError(
                 f"{folder} already holds steps of this run (its trace.jsonl is not empty), and "
                 "this one starts from step 1: to resume it, load its checkpoint "
                 "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
                 "start again, log to a new folder"
             )
+            if not across:
+                raise refusal
         loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
+        self._ranks.refusal = refusal
         try:
             return self._step(t, loss, inner_closure)
         except (GuardError, RefusedStep):
@@ -525,8 +535,9 @@ class SelfTuned(torch.optim.Optimizer):
             if self.guard is not None and not self.guard.snapshots
             else None
         )
-        broken = self._broken_at is not None
-        signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, broken)
+        self._ranks.broken = self._broken_at is not None
+        signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, self._ranks)
+        self._hold_shared_metric()
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         self._note_relevel(t)
@@ -592,6 +603,27 @@ class SelfTuned(torch.optim.Optimizer):
         self._after(t, signals, decisions, None)
         return loss
 
+    def _hold_shared_metric(self) -> None:
+        """Hold the metric the ranks shared in this step's collective, if any observed one,
+        until a step whose proposals are made reads it (a rollback's step does not)."""
+        shared, self._ranks.shared = self._ranks.shared, None
+        if shared is None:
+            return
+        self._metric, self._metric_at_average, high = shared
+        self._metric_mode = "max" if high else "min"
+        self._ranks.metric = None
+        saved, self._saved_observed = self._saved_observed, None
+        if saved is not None and saved != self._metric:
+            # other ranks observed other values: a resume from that state, which holds this
+            # rank's alone, reads it where this run reads the ranks' mean
+            warnings.warn(
+                f"the state saved after step {self.step_count} holds the metric this rank "
+                f"observed ({saved!r}), and the ranks' mean that the run read is "
+                f"{self._metric!r}: a run resumed from it goes on differently. Save after the "
+                "step that follows observe(), or observe the ranks' mean on every rank",
+                stacklevel=_outside_frames(),
+            )
+
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus selftune's own under the key ``"selftune"``.
 
@@ -607,6 +639,8 @@ class SelfTuned(torch.optim.Optimizer):
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
+        if shards.across_ranks():
+            self._saved_observed = self._ranks.metric
         if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
@@ -624,12 +658,20 @@ class SelfTuned(torch.optim.Optimizer):
             "guard": None if self.guard is None else self.guard.state_dict(),
             "log": None if self._log is None else self._log.position(),
             "trace": self._trace_bytes,  # trace.jsonl's size (rank 0's; 0 with no run folder)
-            # an observed metric the next step has yet to read, and where it was measured
+            # a shared metric no step's proposals have read yet, and where it was measured;
+            # one observed here that no step has shared yet
             "metric": {
                 "value": self._metric,
                 "mode": self._metric_mode,
                 "at_average": self._metric_at_average,
                 "evaluating_average": self._at_average,
+                "observed": None
+                if self._ranks.metric is None
+                else {
+                    "value": self._ranks.metric,
+                    "mode": "max" if self._ranks.high else "min",
+                    "at_average": self._ranks.at_average,
+                },
             },
             "average": None if self.average is None else _clone(self.average.state_dict()),
             "left": copy.deepcopy(self._left),
@@ -688,6 +730,12 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric, self._metric_mode = metric["value"], metric["mode"]
         self._metric_at_average = bool(metric["at_average"])
         self._at_average = bool(metric["evaluating_average"])
+        observed = metric.get("observed") or {}
+        self._ranks = RankState(
+            metric=observed.get("value"),
+            at_average=bool(observed.get("at_average")),
+            high=observed.get("mode") == "max",
+        )
         self.controller.load_state_dict(_clone(own["controller"]))
         self._tracker.load_state_dict(own["tracker"])
         if self.guard is not None and own["guard"] is not None:
@@ -758,6 +806,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.controller.load_state_dict(_clone(self._fresh_controller))
         self._tracker = SignalTracker(lambda: self.param_groups)
         self._metric = self._metric_mode = None
+        self._ranks = RankState()
         if self.guard is not None:  # in place: a replay's guard stays the replay's
             self.guard.load_state_dict(Guard(self.guard.config).state_dict())
             self._loaded = self.step_count > 0
@@ -898,21 +947,28 @@ class SelfTuned(torch.optim.Optimizer):
     def _check_open(self, what: str) -> None:
         """Refuse what would change the run after ``close`` ended its log, or after another
         optimizer wrapped since on the same ``log_dir`` took the folder over."""
+        refusal = self._not_open(what)
+        if refusal is not None:
+            raise refusal
+
+    def _not_open(self, what: str) -> ConfigError | None:
+        """Why :meth:`_check_open` refuses ``what``, if it does."""
         if self._log is not None and self._taken_over:
-            raise ConfigError(
+            return ConfigError(
                 f"this selftune optimizer's run folder {self._log.path} was taken over by an "
                 f"optimizer wrapped on the same log_dir since, in this process: {what} here "
                 "would write into that one's log. Give each optimizer its own log_dir (a run "
                 "resumed in a new wrapper goes on there, not in this one)"
             )
         if self._closed_after is not None:
-            raise ConfigError(
+            return ConfigError(
                 f"this selftune optimizer's run folder was closed after step "
                 f"{self._closed_after} (close()): {what} now would change the run with no record "
                 "in its log. To train on, resume a checkpoint in a new wrapper, or take the "
                 "optimizer back at the rates found with unwrap() and step it plainly or wrap it "
                 "again"
             )
+        return None
 
     def unwrap(self) -> torch.optim.Optimizer:
         """Hand the wrapped optimizer back with the rates selftune found written into its param
@@ -1726,20 +1782,6 @@ def _outside_frames() -> int:
     while frame.f_back is not None and str(frame.f_globals.get("__name__")).split(".")[0] in _OURS:
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _mean_over_ranks(value: torch.Tensor) -> list[float]:
-    """``value``'s mean over the ranks under ``torch.distributed``, else itself, as floats.
-
-    A copy goes through the signals' collective; NCCL reduces device tensors only, gloo and MPI
-    host ones.  In float64, so that the mean of equal values is exact.
-    """
-    dist = torch.distributed
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else value.device
-    value = value.to(device=device, copy=True)
-    average_across_ranks(value)
-    return value.reshape(-1).tolist()  # one read from the device for every value
 
 
 def is_rank_zero() -> bool:
