@@ -245,36 +245,33 @@ class SignalTracker:
             if not isinstance(loss, torch.Tensor):  # a number is averaged as a tensor is,
                 value = _maybe_float(loss) if had else 0.0  # with its digits (float64 here)
                 loss = torch.tensor(value, dtype=torch.float64)
-            tail = (ranks or RankState()).tail()
             parts += [loss.detach().reshape(()), torch.tensor(float(had))]
-            parts += [torch.tensor(x, dtype=torch.float64) for x in tail]
         elif isinstance(loss, torch.Tensor):
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
             device = parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits);
-            # across ranks always float64: the all-reduce needs one dtype on every rank, and a
+            # across ranks always float64: the gather needs one dtype on every rank, and a
             # float64 loss on one rank alone (or given on one only) aborted gloo's
             wide = distributed or any(t.dtype == torch.float64 for t in parts)
             dtype = torch.float64 if wide else torch.float32
             stacked = torch.stack([_as(t, device, dtype) for t in parts])
-            if distributed:
-                average_across_ranks(stacked)
-            values = stacked.tolist()  # the one host sync of the step
-        else:
-            values = []
+        ranks = ranks or RankState()
         if distributed:
-            at = len(values) - len(RankState().tail())
+            tail = torch.tensor(ranks.tail(), dtype=torch.float64)  # one copy to the device
+            rows = gather_ranks(torch.cat([stacked, tail.to(device)]))
+            at = len(rows[0]) - len(tail)
+            values = [ranks_mean(column) for column in zip(*rows, strict=True)][:at]
             try:
-                (ranks or RankState()).agree(values[at:])
-                loss_value = _ranks_loss(values[at - 2], values[at - 1])
+                ranks.agree([row[at:] for row in rows])
+                loss_value = _ranks_loss(values[-2], values[-1])
             except RefusedStep:
                 self._prev = None  # read into above: the next step reads no previous update
                 raise
         else:
-            if ranks is not None:
-                ranks.agree(ranks.tail())
+            values = stacked.tolist() if parts else []  # the one host sync of the step
+            ranks.agree([ranks.tail()])
             loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
         return self._assemble(step, loss_value, sums)
@@ -434,10 +431,10 @@ _SUMS = 6
 def _group_sums(
     parts: list[torch.Tensor], layout: tuple[int, int, bool, float]
 ) -> list[torch.Tensor]:
-    """A group's per-tensor scalars as a fixed number of sums, for the ranks' all-reduce.
+    """A group's per-tensor scalars as a fixed number of sums, for the ranks' gather.
 
     Under ``torch.distributed`` every rank must stack as many scalars as every other, or the
-    all-reduce mismatches (gloo aborts the process).  The per-tensor layout does not hold that
+    gather mismatches (gloo aborts the process).  The per-tensor layout does not hold that
     where a rank's parameters lack a gradient another's have: FSDP's empty shards, a branch one
     rank did not use.  So each group gives the sums of squared gradient, update and buffer
     norms, of the two alignments' dot products, and whether it had a buffer.  For
@@ -505,18 +502,31 @@ def _from_group_sums(
     return sums
 
 
-def average_across_ranks(stacked: torch.Tensor) -> None:
-    """Under ``torch.distributed``, average the step's scalars over ranks, in place.
+def gather_ranks(stacked: torch.Tensor) -> list[list[float]]:
+    """Under ``torch.distributed``, every rank's ``stacked`` scalars, in rank order, on the host.
 
     One collective per step, called on every rank in the same order, so that every rank sees the
-    same signals and takes the same decisions even when per-rank losses differ.  With DDP the
-    gradients are already averaged, so only the loss (and its statistics) change.  The stacked
-    sizes have to match: every rank stacks a slot for the loss, given or not (:func:`_ranks_loss`),
-    and the slots of its :class:`RankState`.
+    same signals and takes the same decisions even when per-rank losses differ (see
+    :func:`ranks_mean`).  A gather, not a sum: the ranks' mean of a value every rank holds alike
+    (DDP's gradients, rank 0's metric loaded on every rank) is then that value to the bit, and
+    a refusal or a metric is known by rank.  The stacked sizes have to match: every rank stacks
+    a slot for the loss, given or not (:func:`_ranks_loss`), and the slots of its
+    :class:`RankState`.
     """
-    if across_ranks():
-        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
-        stacked.div_(torch.distributed.get_world_size())
+    every = [torch.empty_like(stacked) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, stacked)
+    rows: list[list[float]] = torch.stack(every).tolist()  # the one host sync of the step
+    return rows
+
+
+def ranks_mean(values: Sequence[float]) -> float:
+    """The ranks' mean of one scalar: a value they all hold is itself (a sum over ``n`` ranks
+    divided by ``n`` can end an ulp off it), else their sum in rank order over ``n``, which
+    every rank computes alike."""
+    first = values[0]
+    if all(v == first for v in values):
+        return first
+    return sum(values) / len(values)
 
 
 class RefusedStep(ConfigError):
@@ -535,7 +545,7 @@ class RankState:
     a collective of its own, when ``observe`` ran on rank 0 alone (as an evaluation often
     does), met the other ranks' step.  gloo aborts the processes from its transport thread,
     past any handler, and NCCL waits out its timeout.  So all of it travels in the step's one
-    all-reduce, as a few numbers more.
+    gather, as a few numbers more.
     """
 
     broken: bool = False  #: this rank's last step raised part-way
@@ -543,6 +553,8 @@ class RankState:
     metric: float | None = None  #: a metric observed here since the ranks last shared one
     at_average: bool = False  #: measured at the weight average
     high: bool = False  #: higher is better (``mode="max"``)
+    #: the metric observed here that a state was saved with before the ranks shared it
+    saved: float | None = None
     #: after the collective: the mean of the metrics the ranks observed, whether every one
     #: was measured at the average, and whether higher is better; None where no rank observed
     shared: tuple[float, bool, bool] | None = None
@@ -558,40 +570,44 @@ class RankState:
             float(self.broken),
         ]
 
-    def agree(self, means: list[float]) -> None:
-        """Read the ranks' means of :meth:`tail` (a single process: its own): refuse the step
-        on every rank where any rank must refuse it, else share the metric over the ranks that
-        observed one (every rank, or rank 0 alone), which the wrapper then holds."""
-        metric, given, at_average, high, refused, broken = means
-        if broken > 0.0:
+    def agree(self, tails: list[list[float]]) -> None:
+        """Read every rank's :meth:`tail`, in rank order (a single process: its own): refuse
+        the step on every rank where any rank must refuse it, else share the metric over the
+        ranks that observed one (every rank, or rank 0 alone), which the wrapper then holds."""
+        self.shared = None
+        broken = [r for r, tail in enumerate(tails) if tail[5]]
+        if broken:
             raise ConfigError(
-                "a step is refused on every rank: a step raised part-way on a rank, and its "
-                "update may have been made without its record. Resume every rank from the "
-                "last checkpoint (selftune.load_checkpoint, or load_state_dict)"
+                f"a step is refused on every rank: a step raised part-way on rank {broken[0]}, "
+                "and its update may have been made without its record. Resume every rank from "
+                "the last checkpoint (selftune.load_checkpoint, or load_state_dict)"
             )
-        if refused > 0.0:
+        refused = [r for r, tail in enumerate(tails) if tail[4]]
+        if refused:
             raise RefusedStep(
                 str(self.refusal)
                 if self.refusal is not None
-                else "a step is refused on every rank: another rank cannot take it (its error "
-                "says why)"
+                else f"a step is refused on every rank: rank {refused[0]} cannot take it (its "
+                "error says why)"
             )
-        if given == 0.0:
+        observed = [tail for tail in tails if tail[1]]
+        if not observed:
             return
-        if high not in (0.0, given):  # each rank would judge the mean its own way
-            self.metric = None  # dropped on every rank: observe again, with one mode
+        if len({tail[3] for tail in observed}) > 1:  # each rank would judge the mean its way
+            self.metric = self.saved = None  # dropped on every rank: observe again, one mode
             raise RefusedStep(
                 'observe() was given mode="max" on some ranks and mode="min" on others: a run '
                 "has one metric; give every rank the same mode"
             )
-        self.shared = (metric / given, at_average == given, high > 0.0)
+        metric = ranks_mean([tail[0] for tail in observed])
+        self.shared = (metric, all(tail[2] for tail in observed), bool(observed[0][3]))
 
 
 def _ranks_loss(mean: float, share: float) -> float | None:
     """The ranks' mean loss from the mean of each rank's loss (zero where it had none) and the
     share of ranks that had one; a loss some ranks gave and others did not is refused, on every
     rank alike.  A fixed pair on every rank: a loss stacked only where given made the ranks'
-    all-reduce differ in size, which gloo aborts on and NCCL waits on until its timeout."""
+    collective differ in size, which gloo aborts on and NCCL waits on until its timeout."""
     if share not in (0.0, 1.0):
         raise RefusedStep(
             "step(loss=...) was given on some ranks and not on others: give each rank's loss on "

@@ -231,9 +231,6 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric_mode: str | None = None
         #: a metric given to ``observe`` since, which the next step shares over the ranks
         self._ranks = RankState()
-        #: under torch.distributed, the metric observed here that a state was saved with
-        #: before a step shared it (see :meth:`_hold_shared_metric`)
-        self._saved_observed: float | None = None
         self._at_average = False  #: whether ``averaged()`` ran since the last step
         #: inside ``averaged()``: the training weights swapped out, by id of their parameter
         self._swapped_out: dict[int, torch.Tensor] = {}
@@ -612,15 +609,17 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric, self._metric_at_average, high = shared
         self._metric_mode = "max" if high else "min"
         self._ranks.metric = None
-        saved, self._saved_observed = self._saved_observed, None
+        saved, self._ranks.saved = self._ranks.saved, None
         if saved is not None and saved != self._metric:
             # other ranks observed other values: a resume from that state, which holds this
             # rank's alone, reads it where this run reads the ranks' mean
             warnings.warn(
                 f"the state saved after step {self.step_count} holds the metric this rank "
                 f"observed ({saved!r}), and the ranks' mean that the run read is "
-                f"{self._metric!r}: a run resumed from it goes on differently. Save after the "
-                "step that follows observe(), or observe the ranks' mean on every rank",
+                f"{self._metric!r}: a run resumed on every rank from that state alone reads "
+                "this rank's and goes on differently (each rank resumed from its own state "
+                "reads the mean). Save after the step that follows observe(), or observe the "
+                "ranks' mean on every rank",
                 stacklevel=_outside_frames(),
             )
 
@@ -640,7 +639,7 @@ class SelfTuned(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
         if shards.across_ranks():
-            self._saved_observed = self._ranks.metric
+            self._ranks.saved = self._ranks.metric
         if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
