@@ -348,7 +348,8 @@ def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
 ) -> None:
     """A replay without the run's scheduler, or one whose loss goes NaN where the run's did
     not, ended on other weights (the latter non-finite ones) with no word; it is stopped at
-    the first step where it and the log disagree, naming what differs."""
+    the first step where it and the run folder disagree, naming what differs (the knobs after
+    step 11, which the trace holds, before the next decision's knob stood elsewhere)."""
     task = make_task()
     opt = selftune.wrap(start("sgd", task.model.parameters()), log_dir=tmp_path)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
@@ -357,7 +358,7 @@ def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
     task = make_task()
     replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
     if change == "scheduler":
-        words = r"group 0's lr stood at .*, not at"
+        words = r"at step 11 the knobs after it are \[\{\"lr\": 0\.0179.*were \[\{\"lr\": 0\.0089"
         with pytest.raises(selftune.SelfTuneError, match=words):
             train(task, replayed, 60, evaluate=False)
     else:
@@ -371,6 +372,43 @@ def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
                 evaluate=False,
                 on_step=lambda t: sched.step(),
             )
+
+
+@pytest.mark.parametrize("controller", ["off", "auto"])
+def test_a_replay_whose_knobs_leave_the_trace_after_the_last_decision_is_stopped(
+    tmp_path: Path, controller: str
+) -> None:
+    """Another scheduler whose rates part from the run's only after its last decision (and
+    under ``off``, which logs none) moved the replay's weights with no word: only the
+    decisions' knobs were checked.  The knobs after every step, as the trace holds them, are
+    now: the replay stops at the first step whose knobs differ."""
+    steps, cut = 60, 50
+
+    def run(opt: selftune.SelfTuned, task: Any, step_size: int) -> None:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.5)
+        train(task, opt, steps, evaluate=False, on_step=lambda t: sched.step())
+
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), controller, log_dir=tmp_path)
+    run(opt, task, cut)
+    opt.close()
+    decided = [r["step"] for r in read_log(tmp_path).records if r["kind"] == "decision"]
+    assert max(decided, default=0) < cut  # the knobs part after the last decision
+    task = make_task()
+    replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
+    with pytest.raises(selftune.SelfTuneError, match=f"at step {cut + 1} the knobs after it"):
+        run(replayed, task, cut + 5)
+
+
+def test_a_damaged_trace_leaves_the_replay_to_the_log(tmp_path: Path) -> None:
+    """The trace has no hash chain: a damaged one is told of, and the replay, checked against
+    the decision log alone, still ends on the run's weights."""
+    weights = logged_run(tmp_path, "sgd", "auto")
+    with (tmp_path / "trace.jsonl").open("ab") as trace:
+        trace.write(b"garbage\n")
+    with pytest.warns(UserWarning, match="checks the logged decisions alone.*not a JSON line"):
+        again = replayed_run(tmp_path, "sgd")
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
 
 
 def test_an_empty_decision_log_is_a_run_without_changes(tmp_path: Path) -> None:

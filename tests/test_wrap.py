@@ -1359,16 +1359,23 @@ def test_a_group_added_mid_run_is_tuned_logged_restored_and_replayed(
 
 
 def test_a_replay_without_the_added_group_names_the_step_that_needs_it(tmp_path: Path) -> None:
-    """It failed with an IndexError from inside the wrapper."""
+    """It failed with an IndexError from inside the wrapper.  The knobs after step 11, which
+    the trace holds, tell it first; without a trace, the step's decision for the group."""
     model, opt = _unfreezing(tmp_path / "run", "hypergradient")
     _train_unfreezing(model, opt, range(1, 21))
     opt.close()
-    model, opt = _unfreezing(tmp_path / "run", replay=True)
-    with pytest.raises(selftune.SelfTuneError, match=r"param group 1.*added it after step 10"):
-        for _ in range(20):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(_X), _Y).backward()
-            opt.step()
+    for trace in ("kept", "removed"):
+        if trace == "removed":
+            (tmp_path / "run" / "trace.jsonl").unlink()
+        model, opt = _unfreezing(tmp_path / "run", replay=True)
+        words = r"run added param group 1 after step 10: add (param group 1|it) with add_param_"
+        with pytest.raises(selftune.SelfTuneError, match=words) as err:
+            for _ in range(20):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(_X), _Y).backward()
+                opt.step()
+        told = "after step 11 the logged run had 2" if trace == "kept" else "holds a decision"
+        assert told in str(err.value)
 
 
 def test_a_group_added_after_a_rollback_is_measured_and_guarded_at_once() -> None:

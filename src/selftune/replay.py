@@ -6,13 +6,22 @@ is logged as well as its effective value, and guard rollbacks are re-executed fr
 on the same schedule, with the same configuration, read back from the manifest.  A run the guard
 gave up on (an "escalate" record) ends the same way: the replay raises the logged
 :class:`~selftune.GuardError` at that step, leaving the weights as the original left them.
+
+A replay that leaves the logged run (another scheduler, a loss that goes NaN where the run's
+did not) is stopped at the first step where it and the run folder disagree: a decision's
+knob that stood elsewhere, a logged rollback that went back elsewhere, or the knobs after a
+step, which the run's ``trace.jsonl`` holds, that differ (a scheduler changed after the last
+decision, or in a run under ``off``, which logs none, moved the weights with no word).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import warnings
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +34,10 @@ from selftune.controllers.off import OffController
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
+from selftune.report import read_trace
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
-from selftune.tuner import SelfTuned, group_options
+from selftune.tuner import SelfTuned, StepEvent, group_options
 
 
 class ReplayController(OffController):
@@ -48,7 +58,7 @@ class ReplayController(OffController):
         }
         self._step = 0
         #: the step after which the logged run added each param group beyond its first ones
-        self._added = {
+        self.added = {
             _number(r, "group", int): _number(r, "step", int)
             for r in records
             if r.get("kind") == "group"
@@ -70,12 +80,10 @@ class ReplayController(OffController):
         first: set[tuple[int, str]] = set()
         for p, old in zip(proposals, self._olds.get(signals.step, []), strict=True):
             if p.group >= len(knobs):
-                added = self._added.get(p.group)
-                when = "" if added is None else f"; the logged run added it after step {added}"
                 raise SelfTuneError(
                     f"replay: step {signals.step} holds a decision for param group {p.group}, "
-                    f"and this optimizer has {len(knobs)} groups{when}: add it with "
-                    "add_param_group where the run did"
+                    f"and this optimizer has {len(knobs)} groups{_when(self.added, p.group)}: "
+                    "add it with add_param_group where the run did"
                 )
             if (p.group, p.knob) in first:
                 continue
@@ -212,7 +220,45 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_options(config.get("options"), options, where)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     tuned.guard = guard if guard is not False else None
+    tuned.add_listener(_FollowsTrace(log_dir, controller.added))
     return tuned
+
+
+class _FollowsTrace:
+    """Stops a replay whose knobs after a step differ from those the run's trace holds."""
+
+    def __init__(self, log_dir: str | os.PathLike[str], added: dict[int, int]) -> None:
+        self._added = added
+        folder = Path(os.path.expanduser(os.fspath(log_dir)))
+        try:
+            rows = read_trace(folder)
+        except audit.LogError as err:  # the trace has no chain: the log alone is the record
+            warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=3)
+            rows = []
+        #: the knobs after each step as the run wrote them, and its number of param groups (a
+        #: resume cut the trace back to its checkpoint, so each step has one row)
+        self._hp = {row["step"]: (json.dumps(row["hp"]), len(row["hp"])) for row in rows}
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.step not in self._hp:  # past the trace's end, or a run folder without one
+            return
+        logged, groups = self._hp[event.step]
+        if len(event.hyperparams) < groups:
+            missing = len(event.hyperparams)
+            raise SelfTuneError(
+                f"replay: after step {event.step} the logged run had {groups} param groups, "
+                f"and this optimizer has {missing}{_when(self._added, missing)}: add param "
+                f"group {missing} with add_param_group where the run did"
+            )
+        now = json.dumps(event.hyperparams)
+        if now != logged:
+            _left(event.step, f"the knobs after it are {now}, the logged run's were {logged}")
+
+
+def _when(added: dict[int, int], group: int) -> str:
+    """Where the logged run added param group ``group``, if its log says."""
+    step = added.get(group)
+    return "" if step is None else f"; the logged run added param group {group} after step {step}"
 
 
 def _left(step: int, what: str) -> None:
