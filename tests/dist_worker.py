@@ -479,7 +479,8 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     """Where rank 0 alone gives a ``log_dir`` (the others None), what only rank 0 sees of its
     folder (taken over by a wrapper since, holding steps of a run not resumed, closed) refuses
     the step on every rank alike: rank 0 refused alone, before the step's collective, which
-    the other ranks' step then paired with its next one (gloo aborted the processes)."""
+    the other ranks' step then paired with its next one (gloo aborted the processes); and a
+    wrap on a folder that holds another run's log, which raised on rank 0 alone."""
     said: dict[str, str | None] = {}
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     folder = out / "handed" if rank == 0 else None
@@ -495,6 +496,11 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     if rank == 0:
         closing.close()
     said["closed"] = _step_says(model, closing, 2, rank)
+    try:  # the weights moved at step 1 of `closing`: another run's folder, which rank 0 alone opens
+        make_optimizer("sgd", model, folder)
+        said["other-run"] = None
+    except selftune.SelfTuneError as err:
+        said["other-run"] = f"{type(err).__name__}: {err}"
     said["after"] = _step_says(model, make_optimizer("sgd", model, None), 3, rank)
     return said
 

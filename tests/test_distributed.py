@@ -272,7 +272,9 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
 ) -> None:
     """Rank 0 alone gives a ``log_dir``: its folder taken over by a wrapper since, holding
     steps of a run not resumed, or closed refused the step on rank 0 before the collective,
-    which rank 1's step then paired with rank 0's next one (gloo aborted both)."""
+    which rank 1's step then paired with rank 0's next one (gloo aborted both); a folder
+    holding another run's log refused the wrap on rank 0 alone, and rank 1 then failed with a
+    closed connection."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
     for key in ("second", "third", "after"):
@@ -284,6 +286,11 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     ]:
         assert words in said[0][key], said[0][key]
         assert "rank 0 cannot take it" in said[1][key], said[1][key]
+    assert (
+        said[0]["other-run"].startswith("LogError: ")
+        and "log of another run" in said[0]["other-run"]
+    )
+    assert said[1]["other-run"].startswith("ConfigError: rank 0 could not open its run folder")
 
 
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(

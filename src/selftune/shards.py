@@ -51,6 +51,19 @@ def any_rank(flag: bool) -> bool:
     return any(_gathered(flag))
 
 
+def refuse_on_every_rank(error: Exception | None, what: str) -> None:
+    """Raise ``error`` where it was raised, and under ``torch.distributed`` an error naming
+    that rank on every other: a rank that raised alone (rank 0, whose folder holds another
+    run's log) left the others at their next collective, which failed with a closed connection
+    and no word of why.  A collective: every rank calls it."""
+    every = _gathered(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, said in enumerate(every):
+        if said is not None:
+            raise ConfigError(f"rank {rank} could not {what} ({said}); it is refused on every rank")
+
+
 def check_same_settings(settings: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` on every rank if any rank's ``settings`` differ from rank 0's.
 

@@ -258,8 +258,13 @@ class SelfTuned(torch.optim.Optimizer):
 
             params = [p for g in self.param_groups for p in g["params"]]
             digest = shards.whole_sha256(audit.params_sha256(params))
+            failed: Exception | None = None
             if log_dir is not None:
-                self._open_log(Path(log_dir).expanduser(), digest)
+                try:
+                    self._open_log(Path(log_dir).expanduser(), digest)
+                except Exception as err:  # raised below, on every rank alike
+                    failed = err
+            shards.refuse_on_every_rank(failed, "open its run folder")
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
