@@ -457,13 +457,14 @@ def _saved_before_shared(rank: int) -> dict[str, list[str]]:
     """What a state saved on rank 0 between ``observe`` and the next step warns of there: a
     resume from it reads rank 0's metric alone, which differs from the ranks' mean the run
     read where the ranks observed different values, and is that mean where rank 0 alone
-    observed (as where every rank observed the same value)."""
+    observed (as where every rank observed the same value, a NaN among them)."""
     said: dict[str, list[str]] = {}
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     opt = make_optimizer("adamw", model, None)
     _step_says(model, opt, 1, rank)
     alone = 1.0 if rank == 0 else None
-    for step, (key, value) in enumerate([("alone", alone), ("own", 1.0 + rank)], 2):
+    cases = [("alone", alone), ("own", 1.0 + rank), ("undefined", math.nan)]
+    for step, (key, value) in enumerate(cases, 2):
         if value is not None:
             opt.observe(value)
         if rank == 0:

@@ -305,6 +305,7 @@ def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_diff
     (warned,) = said[0]["own"]
     assert "observed (1.0)" in warned and "mean that the run read is 1.5" in warned, warned
     assert said[1]["own"] == []  # rank 1 saved nothing
+    assert [s["undefined"] for s in said] == [[], []]  # NaN, as every rank observed it
 
 
 def tail(value: float | None, high: bool = False, at_average: bool = False) -> list[float]:

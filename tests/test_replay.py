@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -400,12 +401,41 @@ def test_a_replay_whose_knobs_leave_the_trace_after_the_last_decision_is_stopped
         run(replayed, task, cut + 5)
 
 
+def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_path: Path) -> None:
+    """A learning-rate finder's loop: 20 steps, the state kept, 4 steps at rates set by hand,
+    the state loaded back into the same optimizer, 35 steps more.  The trace's rows 21-24 are
+    the steps that replaced the thrown-away ones, and the replay, which runs both, was stopped
+    at step 21 as if it had left the run.  The rewind is logged, and rows there go unchecked."""
+
+    def script(wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned]) -> list[torch.Tensor]:
+        task = make_task()
+        opt = wrap(make_optimizer("sgd", task.model.parameters()))
+        train(task, opt, 20, evaluate=False)
+        kept, weights = deepcopy(opt.state_dict()), deepcopy(task.model.state_dict())
+        for rate in (0.02, 0.03, 0.04, 0.05):
+            opt.param_groups[0]["lr"] = rate
+            train(task, opt, 1, evaluate=False)
+        task.model.load_state_dict(weights)
+        opt.load_state_dict(kept)
+        train(task, opt, 35, evaluate=False)
+        return final_weights(task.model)
+
+    weights = script(lambda plain: selftune.wrap(plain, "off", log_dir=tmp_path))
+    notes = [r for r in read_log(tmp_path).records if r["kind"] == "note"]
+    assert [(r["step"], r["rewound_from"]) for r in notes] == [(20, 24)]
+    again = script(lambda plain: selftune.replay(plain, tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
 def test_a_damaged_trace_leaves_the_replay_to_the_log(tmp_path: Path) -> None:
-    """The trace has no hash chain: a damaged one is told of, and the replay, checked against
-    the decision log alone, still ends on the run's weights."""
+    """The trace has no hash chain: a damaged one is told of where the replay reaches the
+    damage, and the replay, checked against the decision log alone from there, still ends on
+    the run's weights."""
     weights = logged_run(tmp_path, "sgd", "auto")
-    with (tmp_path / "trace.jsonl").open("ab") as trace:
-        trace.write(b"garbage\n")
+    trace = tmp_path / "trace.jsonl"
+    rows = trace.read_bytes().split(b"\n")
+    rows[STEPS // 2] = b"garbage"
+    trace.write_bytes(b"\n".join(rows))
     with pytest.warns(UserWarning, match="checks the logged decisions alone.*not a JSON line"):
         again = replayed_run(tmp_path, "sgd")
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))

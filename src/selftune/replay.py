@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from selftune.controllers.off import OffController
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
-from selftune.report import read_trace
+from selftune.report import TRACE, parse_trace_line
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
 from selftune.tuner import SelfTuned, StepEvent, group_options
@@ -220,39 +221,80 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_options(config.get("options"), options, where)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     tuned.guard = guard if guard is not False else None
-    tuned.add_listener(_FollowsTrace(log_dir, controller.added))
+    tuned.add_listener(_FollowsTrace(log_dir, controller.added, run.records))
     return tuned
 
 
 class _FollowsTrace:
-    """Stops a replay whose knobs after a step differ from those the run's trace holds."""
+    """Stops a replay whose knobs after a step differ from those the run's trace holds.
 
-    def __init__(self, log_dir: str | os.PathLike[str], added: dict[int, int]) -> None:
+    The trace is read as the replay goes, one row at a time (a long run's trace held whole
+    took hundreds of megabytes, on every rank): the steps checked only rise, since the steps a
+    rewinding script ran twice are left out (``rewound`` notes in the log).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        added: dict[int, int],
+        records: list[dict[str, Any]],
+    ) -> None:
+        self._path = Path(os.path.expanduser(os.fspath(log_dir))) / TRACE
         self._added = added
-        folder = Path(os.path.expanduser(os.fspath(log_dir)))
-        try:
-            rows = read_trace(folder)
-        except audit.LogError as err:  # the trace has no chain: the log alone is the record
-            warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=3)
-            rows = []
-        #: the knobs after each step as the run wrote them, and its number of param groups (a
-        #: resume cut the trace back to its checkpoint, so each step has one row)
-        self._hp = {row["step"]: (json.dumps(row["hp"]), len(row["hp"])) for row in rows}
+        #: the steps a rewind threw away, whose numbers the trace gives to the steps after it
+        self._rewound = [
+            (_number(r, "step", int), _number(r, "rewound_from", int))
+            for r in records
+            if r.get("kind") == "note" and "rewound_from" in r
+        ]
+        self._rows: Iterator[tuple[int, dict[str, Any]]] | None = None
+        self._row: tuple[int, dict[str, Any]] | None = None  # the last row read
 
     def __call__(self, event: StepEvent) -> None:
-        if event.step not in self._hp:  # past the trace's end, or a run folder without one
+        if any(start < event.step <= end for start, end in self._rewound):
             return
-        logged, groups = self._hp[event.step]
-        if len(event.hyperparams) < groups:
+        row = self._find(event.step)
+        if row is None:  # past the trace's end, a folder without one, or a damaged one
+            return
+        logged = row["hp"]
+        if len(event.hyperparams) < len(logged):
             missing = len(event.hyperparams)
             raise SelfTuneError(
-                f"replay: after step {event.step} the logged run had {groups} param groups, "
-                f"and this optimizer has {missing}{_when(self._added, missing)}: add param "
-                f"group {missing} with add_param_group where the run did"
+                f"replay: after step {event.step} the logged run had {len(logged)} param "
+                f"groups, and this optimizer has {missing}{_when(self._added, missing)}: add "
+                f"param group {missing} with add_param_group where the run did"
             )
-        now = json.dumps(event.hyperparams)
-        if now != logged:
-            _left(event.step, f"the knobs after it are {now}, the logged run's were {logged}")
+        now, then = json.dumps(event.hyperparams), json.dumps(logged)
+        if now != then:
+            _left(event.step, f"the knobs after it are {now}, the logged run's were {then}")
+
+    def _find(self, step: int) -> dict[str, Any] | None:
+        """The trace's row of ``step``, read forward from the last one (again from the start
+        for a step before it: a replay that rewinds where the run did not)."""
+        if self._rows is None or (self._row is not None and step < self._row[0]):
+            self._rows, self._row = self._read(), None
+        while self._row is None or self._row[0] < step:
+            self._row = next(self._rows, None)
+            if self._row is None:
+                self._rows = iter(())  # its end: nothing further to check
+                return None
+        return self._row[1] if self._row[0] == step else None
+
+    def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The trace's complete rows in order; a damaged one is told of, and ends the check
+        (the trace has no chain: the log alone is the record)."""
+        try:
+            with self._path.open("rb") as trace:
+                for number, line in enumerate(trace, start=1):
+                    if not line.endswith(b"\n"):
+                        return  # torn: a crash mid-write
+                    if line.strip():
+                        row = parse_trace_line(line, f"{self._path} line {number}")
+                        yield row["step"], row
+        except FileNotFoundError:
+            return
+        except (audit.LogError, OSError) as err:
+            warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=5)
 
 
 def _when(added: dict[int, int], group: int) -> str:

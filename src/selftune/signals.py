@@ -250,7 +250,9 @@ class SignalTracker:
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
-            device = parts[0].device
+            # across ranks, one device on every rank: NCCL's where it is the backend (a rank
+            # whose first group holds nothing made its sums on the host, where NCCL has none)
+            device = _gather_device() if distributed else parts[0].device
             # float32, or float64 where the model's own scalars are (its loss keeps its digits);
             # across ranks always float64: the gather needs one dtype on every rank, and a
             # float64 loss on one rank alone (or given on one only) aborted gloo's
@@ -261,10 +263,16 @@ class SignalTracker:
         if distributed:
             tail = torch.tensor(ranks.tail(), dtype=torch.float64)  # one copy to the device
             rows = gather_ranks(torch.cat([stacked, tail.to(device)]))
-            at = len(rows[0]) - len(tail)
-            values = [ranks_mean(column) for column in zip(*rows, strict=True)][:at]
+            at, width = stacked.numel(), tail.numel()
+            # the means on the device, each rank alike; then one read of them and the tails
+            first = rows[0, :at]
+            alike = (rows[:, :at] == first).all(0)
+            means = torch.where(alike, first, rows[:, :at].sum(0) / rows.shape[0])
+            host = torch.cat([means, rows[:, at:].reshape(-1)]).tolist()  # the one host sync
+            values = host[:at]
+            tails = [host[at + r * width : at + (r + 1) * width] for r in range(rows.shape[0])]
             try:
-                ranks.agree([row[at:] for row in rows])
+                ranks.agree(tails)
                 loss_value = _ranks_loss(values[-2], values[-1])
             except RefusedStep:
                 self._prev = None  # read into above: the next step reads no previous update
@@ -502,27 +510,33 @@ def _from_group_sums(
     return sums
 
 
-def gather_ranks(stacked: torch.Tensor) -> list[list[float]]:
-    """Under ``torch.distributed``, every rank's ``stacked`` scalars, in rank order, on the host.
+def gather_ranks(stacked: torch.Tensor) -> torch.Tensor:
+    """Under ``torch.distributed``, every rank's ``stacked`` scalars, one row per rank.
 
     One collective per step, called on every rank in the same order, so that every rank sees the
-    same signals and takes the same decisions even when per-rank losses differ (see
-    :func:`ranks_mean`).  A gather, not a sum: the ranks' mean of a value every rank holds alike
-    (DDP's gradients, rank 0's metric loaded on every rank) is then that value to the bit, and
-    a refusal or a metric is known by rank.  The stacked sizes have to match: every rank stacks
-    a slot for the loss, given or not (:func:`_ranks_loss`), and the slots of its
-    :class:`RankState`.
+    same signals and takes the same decisions even when per-rank losses differ.  A gather, not a
+    sum: the ranks' mean of a value every rank holds alike (DDP's gradients, rank 0's metric
+    loaded on every rank) is then that value to the bit (see :func:`ranks_mean`), and a refusal
+    or a metric is known by rank.  The stacked sizes have to match: every rank stacks a slot
+    for the loss, given or not (:func:`_ranks_loss`), and the slots of its :class:`RankState`.
     """
     every = [torch.empty_like(stacked) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(every, stacked)
-    rows: list[list[float]] = torch.stack(every).tolist()  # the one host sync of the step
-    return rows
+    return torch.stack(every)
+
+
+def _gather_device() -> torch.device:
+    """Where the ranks' scalars meet: the current GPU under NCCL (which has no host tensors),
+    else the host; the same on every rank, whatever device its own scalars were made on."""
+    if "nccl" in str(torch.distributed.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def ranks_mean(values: Sequence[float]) -> float:
     """The ranks' mean of one scalar: a value they all hold is itself (a sum over ``n`` ranks
-    divided by ``n`` can end an ulp off it), else their sum in rank order over ``n``, which
-    every rank computes alike."""
+    divided by ``n`` can end an ulp off it), else their sum over ``n``, which every rank
+    computes alike (as :meth:`SignalTracker.measure` does on the device)."""
     first = values[0]
     if all(v == first for v in values):
         return first

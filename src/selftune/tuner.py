@@ -238,6 +238,8 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank that observed)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
+        #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
+        self._furthest = 0
         #: the step at which the guard raised GuardError: no more steps until a state is loaded
         self._gave_up_at: int | None = None
         #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
@@ -615,7 +617,11 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric_mode = "max" if high else "min"
         self._ranks.metric = None
         saved, self._ranks.saved = self._ranks.saved, None
-        if saved is not None and saved != self._metric:
+        # (a NaN metric, an F1 with no positive prediction yet, is no difference from itself)
+        same = saved == self._metric or (
+            saved is not None and math.isnan(saved) and math.isnan(self._metric)
+        )
+        if saved is not None and not same:
             # other ranks observed other values: a resume from that state, which holds this
             # rank's alone, reads it where this run reads the ranks' mean
             warnings.warn(
@@ -701,6 +707,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
         self._gave_up_at = None  # a run resumed from before the guard gave up goes on
         self._broken_at = None  # as does one resumed from before a step that broke off
+        self._furthest = max(self._furthest, self.step_count)
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
@@ -780,6 +787,26 @@ class SelfTuned(torch.optim.Optimizer):
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
+        self._note_rewind()
+
+    def _note_rewind(self) -> None:
+        """Log a state loaded into this wrapper after it had stepped past it: a script that
+        rewinds in its own process (a learning-rate finder's loop) threw those steps away, and
+        its replay runs them again, where the trace holds the rows of the steps that replaced
+        them (a replay checks none there).  A resume in a fresh wrapper rewinds nothing: its
+        replay runs straight on, and its log is the one of a run that never stopped."""
+        if self._log is None or self.step_count >= self._furthest:
+            return
+        self._log.append(
+            {
+                "kind": "note",
+                "step": self.step_count,
+                "reason": f"rewound in this process from step {self._furthest} to step "
+                f"{self.step_count}: steps {self.step_count + 1}-{self._furthest} were thrown "
+                "away, and the rows of the steps that replaced them hold their numbers",
+                "rewound_from": self._furthest,
+            }
+        )
 
     def _read_start(self) -> None:
         """The rates the bounds are factors of, read again at the first step where a scheduler
