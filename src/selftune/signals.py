@@ -250,9 +250,9 @@ class SignalTracker:
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
-            # across ranks, one device on every rank: NCCL's where it is the backend (a rank
-            # whose first group holds nothing made its sums on the host, where NCCL has none)
-            device = _gather_device() if distributed else parts[0].device
+            # stacked where the model's scalars are (a group with no gradient made its sums
+            # on the host), then moved at once to where the ranks gather them (see below)
+            device = next((t.device for t in parts if t.device.type != "cpu"), parts[0].device)
             # float32, or float64 where the model's own scalars are (its loss keeps its digits);
             # across ranks always float64: the gather needs one dtype on every rank, and a
             # float64 loss on one rank alone (or given on one only) aborted gloo's
@@ -261,8 +261,12 @@ class SignalTracker:
             stacked = torch.stack([_as(t, device, dtype) for t in parts])
         ranks = ranks or RankState()
         if distributed:
-            tail = torch.tensor(ranks.tail(), dtype=torch.float64)  # one copy to the device
-            rows = gather_ranks(torch.cat([stacked, tail.to(device)]))
+            # one device on every rank: NCCL's where it is the backend, whatever device this
+            # rank's own scalars were made on (a rank whose first group held nothing made them
+            # on the host, where NCCL has none, or, beside gloo, crossed backends)
+            where = _gather_device()
+            tail = torch.tensor(ranks.tail(), dtype=torch.float64, device=where)
+            rows = gather_ranks(torch.cat([stacked.to(where), tail]))
             at, width = stacked.numel(), tail.numel()
             # the means on the device, each rank alike; then one read of them and the tails
             first = rows[0, :at]
