@@ -773,10 +773,13 @@ def test_huggingface_evaluations_named_otherwise_are_neither_observed_nor_pollut
     observed = [row["metric"] for row in _trace(tmp_path / "run") if "metric" in row]
     evaluated = [r["eval_a_loss"] for r in trainer.state.log_history if "eval_a_loss" in r]
     assert observed == [pytest.approx(evaluated[0])]  # step 11 read step 10's; 20 was the last
-    pending = opt._metric  # step 20's evaluation, which no step read
+    # step 20's evaluation, observed and not yet shared by a step
+    pending = opt.state_dict()["selftune"]["metric"]["observed"]
+    assert pending["value"] == pytest.approx(evaluated[-1])
     metrics = trainer.evaluate(data[:32], metric_key_prefix="test")
     assert not [k for k in metrics if k.startswith("selftune/")]
-    assert opt._metric == pending  # the evaluation after training was not observed
+    # the evaluation after training was not observed
+    assert opt.state_dict()["selftune"]["metric"]["observed"] == pending
     assert [r for r in trainer.state.log_history if "loss" in r and "selftune/group0/lr" in r]
 
 

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from faults import (
 
 import selftune
 from selftune.audit import GENESIS, LogError, canonical, read_log, record_hash
+from selftune.replay import _FollowsTrace
 
 STEPS = 150
 #: a NaN loss and a loss 100x too large: two guard rollbacks inside the replayed run
@@ -425,6 +427,30 @@ def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_pat
     assert [(r["step"], r["rewound_from"]) for r in notes] == [(20, 24)]
     again = script(lambda plain: selftune.replay(plain, tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
+def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
+    """The rows of steps a logged rewind threw away go unchecked until the replay rewinds as
+    the run did; from there they are the replay's own, and checked (they went unchecked on
+    both passes).  A replay that steps past the trace's end and rewinds is checked again (the
+    check had stopped for good at the end)."""
+    rows = [{"step": t, "loss": None, "hp": [{"lr": t / 10}]} for t in range(1, 6)]
+    (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewind = {"kind": "note", "step": 2, "rewound_from": 4, "reason": "rewound"}
+
+    def event(step: int, lr: float) -> Any:
+        return SimpleNamespace(step=step, hyperparams=[{"lr": lr}])
+
+    follows = _FollowsTrace(tmp_path, {}, [rewind])
+    for t, lr in [(1, 0.1), (2, 0.2), (3, 9.0), (4, 9.0), (3, 0.3)]:  # 3-4 thrown away
+        follows(event(t, lr))
+    with pytest.raises(selftune.SelfTuneError, match="at step 4 the knobs after it"):
+        follows(event(4, 9.0))
+    follows = _FollowsTrace(tmp_path, {}, [])
+    for t in range(1, 8):
+        follows(event(t, t / 10))
+    with pytest.raises(selftune.SelfTuneError, match="at step 3 the knobs after it"):
+        follows(event(3, 9.0))
 
 
 def test_a_damaged_trace_leaves_the_replay_to_the_log(tmp_path: Path) -> None:

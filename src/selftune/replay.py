@@ -248,9 +248,16 @@ class _FollowsTrace:
             if r.get("kind") == "note" and "rewound_from" in r
         ]
         self._rows: Iterator[tuple[int, dict[str, Any]]] | None = None
-        self._row: tuple[int, dict[str, Any]] | None = None  # the last row read
+        self._at = 0  # the step of the last row read
+        self._row: dict[str, Any] = {}  # that row
+        self._last = 0  # the last step the replay took
+        self._damaged = False  # a damaged row ends the check, told once
 
     def __call__(self, event: StepEvent) -> None:
+        if event.step <= self._last:  # the replay rewound as the run did: the steps it threw
+            back = event.step - 1  # away are behind it, and the rows ahead are its own
+            self._rewound = [(start, end) for start, end in self._rewound if start < back]
+        self._last = event.step
         if any(start < event.step <= end for start, end in self._rewound):
             return
         row = self._find(event.step)
@@ -270,15 +277,17 @@ class _FollowsTrace:
 
     def _find(self, step: int) -> dict[str, Any] | None:
         """The trace's row of ``step``, read forward from the last one (again from the start
-        for a step before it: a replay that rewinds where the run did not)."""
-        if self._rows is None or (self._row is not None and step < self._row[0]):
-            self._rows, self._row = self._read(), None
-        while self._row is None or self._row[0] < step:
-            self._row = next(self._rows, None)
-            if self._row is None:
-                self._rows = iter(())  # its end: nothing further to check
+        for a step before it: a replay that rewinds)."""
+        if self._damaged:
+            return None
+        if self._rows is None or step < self._at:
+            self._rows, self._at, self._row = self._read(), 0, {}
+        while self._at < step:
+            row = next(self._rows, None)
+            if row is None:  # its end: nothing further to check, until a rewind
                 return None
-        return self._row[1] if self._row[0] == step else None
+            self._at, self._row = row
+        return self._row if self._at == step else None
 
     def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The trace's complete rows in order; a damaged one is told of, and ends the check
@@ -294,6 +303,7 @@ class _FollowsTrace:
         except FileNotFoundError:
             return
         except (audit.LogError, OSError) as err:
+            self._damaged = True
             warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=5)
 
 

@@ -791,19 +791,23 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _note_rewind(self) -> None:
         """Log a state loaded into this wrapper after it had stepped past it: a script that
-        rewinds in its own process (a learning-rate finder's loop) threw those steps away, and
-        its replay runs them again, where the trace holds the rows of the steps that replaced
-        them (a replay checks none there).  A resume in a fresh wrapper rewinds nothing: its
-        replay runs straight on, and its log is the one of a run that never stopped."""
+        rewinds in its own process (a learning-rate finder's loop, a retry after an error)
+        threw those steps away, and its replay runs them again (to the run's weights where they
+        decided nothing: their records were cut), where the trace holds the rows of the steps
+        that replaced them, which the replay checks only once it has rewound too.  The note
+        names the furthest step this wrapper took: a rewind since, to an older state, cut the
+        notes after it.  A resume in a fresh wrapper rewinds nothing: its replay runs straight
+        on, and its log is the one of a run that never stopped."""
         if self._log is None or self.step_count >= self._furthest:
             return
         self._log.append(
             {
                 "kind": "note",
                 "step": self.step_count,
-                "reason": f"rewound in this process from step {self._furthest} to step "
-                f"{self.step_count}: steps {self.step_count + 1}-{self._furthest} were thrown "
-                "away, and the rows of the steps that replaced them hold their numbers",
+                "reason": f"rewound in this process to step {self.step_count}, having gone as "
+                f"far as step {self._furthest}: steps {self.step_count + 1}-{self._furthest} "
+                "were thrown away, and the rows of the steps that replaced them hold their "
+                "numbers",
                 "rewound_from": self._furthest,
             }
         )
