@@ -35,7 +35,7 @@ from selftune.controllers.off import OffController
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
-from selftune.report import TRACE, parse_trace_line
+from selftune.report import iter_trace
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
 from selftune.tuner import SelfTuned, StepEvent, group_options
@@ -239,7 +239,7 @@ class _FollowsTrace:
         added: dict[int, int],
         records: list[dict[str, Any]],
     ) -> None:
-        self._path = Path(os.path.expanduser(os.fspath(log_dir))) / TRACE
+        self._folder = Path(os.path.expanduser(os.fspath(log_dir)))
         self._added = added
         #: the steps a rewind threw away, whose numbers the trace gives to the steps after it
         self._rewound = [
@@ -290,19 +290,12 @@ class _FollowsTrace:
         return self._row if self._at == step else None
 
     def _read(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        """The trace's complete rows in order; a damaged one is told of, and ends the check
-        (the trace has no chain: the log alone is the record)."""
+        """The trace's complete rows in order, by step; a damaged one is told of, and ends the
+        check (the trace has no chain: the log alone is the record)."""
         try:
-            with self._path.open("rb") as trace:
-                for number, line in enumerate(trace, start=1):
-                    if not line.endswith(b"\n"):
-                        return  # torn: a crash mid-write
-                    if line.strip():
-                        row = parse_trace_line(line, f"{self._path} line {number}")
-                        yield row["step"], row
-        except FileNotFoundError:
-            return
-        except (audit.LogError, OSError) as err:
+            for row in iter_trace(self._folder):
+                yield row["step"], row
+        except audit.LogError as err:
             self._damaged = True
             warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=5)
 

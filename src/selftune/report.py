@@ -86,23 +86,29 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
 
 
 def read_trace(folder: Path) -> list[dict[str, Any]]:
-    """Every complete row of ``trace.jsonl`` (empty when the run wrote none).
+    """Every complete row of ``trace.jsonl`` (empty when the run wrote none): see
+    :func:`iter_trace`."""
+    return list(iter_trace(folder))
+
+
+def iter_trace(folder: Path) -> Iterator[dict[str, Any]]:
+    """The complete rows of ``trace.jsonl`` in order, each read as it is asked for (a replay
+    follows a long run's trace without holding it); none when the run wrote none.
 
     A torn final line (a crash mid-write, or a run still writing) is left out, as in the audit log.
     """
     path = folder / TRACE
     try:
-        data = path.read_bytes()
+        with path.open("rb") as trace:
+            for number, line in enumerate(trace, start=1):
+                if not line.endswith(b"\n"):
+                    return  # the piece after the last newline is torn
+                if line.strip():
+                    yield parse_trace_line(line, f"{path} line {number}")
     except FileNotFoundError:
-        return []
+        return
     except OSError as exc:
         raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    return [
-        parse_trace_line(line, f"{path} line {number}")
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
-    ]
 
 
 def blocks_back(file: BinaryIO, end: int, block: int = 1 << 16) -> Iterator[tuple[int, bytes]]:

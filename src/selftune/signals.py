@@ -250,9 +250,10 @@ class SignalTracker:
             scalar = loss.detach()
             parts.append(scalar if scalar.dim() == 0 else scalar.reshape(()))
         if parts:
-            # stacked where the model's scalars are (a group with no gradient made its sums
-            # on the host), then moved at once to where the ranks gather them (see below)
-            device = next((t.device for t in parts if t.device.type != "cpu"), parts[0].device)
+            device = parts[0].device
+            if distributed:  # where the model's sums are (a group with no gradient made its
+                # on the host), then moved at once to where the ranks gather them (see below)
+                device = next((t.device for t in parts if t.device.type != "cpu"), device)
             # float32, or float64 where the model's own scalars are (its loss keeps its digits);
             # across ranks always float64: the gather needs one dtype on every rank, and a
             # float64 loss on one rank alone (or given on one only) aborted gloo's
@@ -283,7 +284,8 @@ class SignalTracker:
                 raise
         else:
             values = stacked.tolist() if parts else []  # the one host sync of the step
-            ranks.agree([ranks.tail()])
+            if ranks.metric is not None:  # a metric observed since: this rank's alone
+                ranks.agree([ranks.tail()])
             loss_value = float(values[-1]) if isinstance(loss, torch.Tensor) else _maybe_float(loss)
         sums = _from_group_sums(values, layout) if distributed else _sum_groups(values, layout)
         return self._assemble(step, loss_value, sums)

@@ -499,16 +499,9 @@ class SelfTuned(torch.optim.Optimizer):
             loss = result if loss is None else loss
             inner_closure = _replay_once(closure, result)
         t = self.step_count + 1
-        folder = self.unresumed_folder()
-        if folder is not None and refusal is None:
-            refusal = ConfigError(
-                f"{folder} already holds steps of this run (its trace.jsonl is not empty), and "
-                "this one starts from step 1: to resume it, load its checkpoint "
-                "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
-                "start again, log to a new folder"
-            )
-            if not across:
-                raise refusal
+        refusal = refusal or self._not_resumed()
+        if refusal is not None and not across:
+            raise refusal
         loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
         self._ranks.refusal = refusal
         try:
@@ -618,21 +611,20 @@ class SelfTuned(torch.optim.Optimizer):
         self._ranks.metric = None
         saved, self._ranks.saved = self._ranks.saved, None
         # (a NaN metric, an F1 with no positive prediction yet, is no difference from itself)
-        same = saved == self._metric or (
-            saved is not None and math.isnan(saved) and math.isnan(self._metric)
+        nan = saved is not None and math.isnan(saved) and math.isnan(self._metric)
+        if saved is None or saved == self._metric or nan:
+            return
+        # other ranks observed other values: a resume from that state, which holds this
+        # rank's alone, reads it where this run reads the ranks' mean
+        warnings.warn(
+            f"the state saved after step {self.step_count} holds the metric this rank "
+            f"observed ({saved!r}), and the ranks' mean that the run read is "
+            f"{self._metric!r}: a run resumed on every rank from that state alone reads "
+            "this rank's and goes on differently (each rank resumed from its own state "
+            "reads the mean). Save after the step that follows observe(), or observe the "
+            "ranks' mean on every rank",
+            stacklevel=_outside_frames(),
         )
-        if saved is not None and not same:
-            # other ranks observed other values: a resume from that state, which holds this
-            # rank's alone, reads it where this run reads the ranks' mean
-            warnings.warn(
-                f"the state saved after step {self.step_count} holds the metric this rank "
-                f"observed ({saved!r}), and the ranks' mean that the run read is "
-                f"{self._metric!r}: a run resumed on every rank from that state alone reads "
-                "this rank's and goes on differently (each rank resumed from its own state "
-                "reads the mean). Save after the step that follows observe(), or observe the "
-                "ranks' mean on every rank",
-                stacklevel=_outside_frames(),
-            )
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus selftune's own under the key ``"selftune"``.
@@ -918,6 +910,18 @@ class SelfTuned(torch.optim.Optimizer):
             return self._log.path
         return None
 
+    def _not_resumed(self) -> ConfigError | None:
+        """Why a first step over a folder that holds this run's steps is refused, if it is."""
+        folder = self.unresumed_folder()
+        if folder is None:
+            return None
+        return ConfigError(
+            f"{folder} already holds steps of this run (its trace.jsonl is not empty), and "
+            "this one starts from step 1: to resume it, load its checkpoint "
+            "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
+            "start again, log to a new folder"
+        )
+
     def sync(self) -> None:
         """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
         does before it writes a checkpoint: the checkpoint holds their positions, and resuming
@@ -950,7 +954,7 @@ class SelfTuned(torch.optim.Optimizer):
         checkpoint saved from it went over the newer run's, whose next resume then cut that
         run's records from the log); ``unwrap`` hands the optimizer back all the same."""
         if own_folder and self._taken_over:
-            self._check_open(what)
+            self._check_open(what)  # raises: the folder was taken over
         if self._broken_at is None:
             return
         where = " (here, or on another rank)" if shards.across_ranks() else ""
@@ -988,7 +992,8 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _not_open(self, what: str) -> ConfigError | None:
         """Why :meth:`_check_open` refuses ``what``, if it does."""
-        if self._log is not None and self._taken_over:
+        if self._taken_over:
+            assert self._log is not None
             return ConfigError(
                 f"this selftune optimizer's run folder {self._log.path} was taken over by an "
                 f"optimizer wrapped on the same log_dir since, in this process: {what} here "
