@@ -27,7 +27,7 @@ from faults import (
 
 import selftune
 from selftune.audit import GENESIS, LogError, canonical, read_log, record_hash
-from selftune.replay import _FollowsTrace
+from selftune.replay import _FollowsTrace, _Passes
 
 STEPS = 150
 #: a NaN loss and a loss 100x too large: two guard rollbacks inside the replayed run
@@ -429,6 +429,66 @@ def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
 
 
+#: a retry after an error, and a retry of a retry that went back further than the first
+RETRIES = {
+    "once": ["train 20", "keep a", "train 10 nan@5", "load a", "train 30"],
+    "further back": [
+        "train 10",
+        "keep a",
+        "train 10",
+        "keep b",
+        "train 10 nan@5",
+        "load b",
+        "train 20",
+        "load a",
+        "train 30",
+    ],
+}
+
+
+@pytest.mark.parametrize("retry", sorted(RETRIES))
+def test_a_rewind_over_steps_that_decided_replays_to_its_weights(
+    tmp_path: Path, retry: str
+) -> None:
+    """Steps of ``auto`` whose rate climbs and whose NaN loss is rolled back, thrown away by
+    loading a state kept before them into the same optimizer.  The load cut their records,
+    and the replay, running them again, met the records of the steps that replaced them
+    (stopped at the first: the NaN where the log held none, or a decision's knob standing
+    elsewhere).  It now decides nothing where the log says the run's steps were thrown away,
+    and is checked again once it has rewound too.  A rewind that a later one, further back,
+    cut from the log (the second plan's to ``b``) is matched by no note and rewinds nothing."""
+    thrown: list[tuple[int, str]] = []
+
+    def script(wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned]) -> list[torch.Tensor]:
+        task = make_task()
+        opt = wrap(start("sgd", task.model.parameters()))
+        opt.add_listener(lambda e: thrown.extend((e.step, d.reason) for d in e.decisions))
+        kept: dict[str, Any] = {}
+        for op in RETRIES[retry]:
+            verb, arg, *fault = op.split()
+            if verb == "train":
+                faults = {int(f.split("@")[1]): "nan_loss" for f in fault}
+                train(task, opt, int(arg), faults=faults, evaluate=False)
+            elif verb == "keep":
+                kept[arg] = deepcopy((opt.state_dict(), task.model.state_dict()))
+            else:
+                task.model.load_state_dict(kept[arg][1])
+                opt.load_state_dict(kept[arg][0])
+                thrown.append((-1, "a rewind"))
+        return final_weights(task.model)
+
+    weights = script(lambda plain: selftune.wrap(plain, "auto", log_dir=tmp_path))
+    # steps 21-30 were thrown away by the first load in both plans
+    decided = [why for t, why in thrown[: thrown.index((-1, "a rewind"))] if t > 20]
+    assert any("guard" not in why for why in decided), decided  # the controller's,
+    assert any("guard" in why for why in decided), decided  # and the rollback's restore
+    notes = [r for r in read_log(tmp_path).records if "rewound_from" in r]
+    expected = {"once": [(20, 30)], "further back": [(10, 40)]}[retry]
+    assert [(r["step"], r["rewound_from"]) for r in notes] == expected
+    again = script(lambda plain: selftune.replay(plain, tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
 def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     """The rows of steps a logged rewind threw away go unchecked until the replay rewinds as
     the run did; from there they are the replay's own, and checked (they went unchecked on
@@ -441,12 +501,15 @@ def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     def event(step: int, lr: float) -> Any:
         return SimpleNamespace(step=step, hyperparams=[{"lr": lr}])
 
-    follows = _FollowsTrace(tmp_path, {}, [rewind])
-    for t, lr in [(1, 0.1), (2, 0.2), (3, 9.0), (4, 9.0), (3, 0.3)]:  # 3-4 thrown away
+    passes = _Passes([rewind])
+    follows = _FollowsTrace(tmp_path, {}, passes)
+    for t, lr in [(1, 0.1), (2, 0.2), (3, 9.0), (4, 9.0)]:  # 3-4 thrown away
         follows(event(t, lr))
+    passes.made.append((2, 4))  # the replay's load, as the run's
+    follows(event(3, 0.3))
     with pytest.raises(selftune.SelfTuneError, match="at step 4 the knobs after it"):
         follows(event(4, 9.0))
-    follows = _FollowsTrace(tmp_path, {}, [])
+    follows = _FollowsTrace(tmp_path, {}, _Passes([]))
     for t in range(1, 8):
         follows(event(t, t / 10))
     with pytest.raises(selftune.SelfTuneError, match="at step 3 the knobs after it"):

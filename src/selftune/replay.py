@@ -50,7 +50,8 @@ class ReplayController(OffController):
 
     name = "replay"
 
-    def __init__(self, records: list[dict[str, Any]]) -> None:
+    def __init__(self, records: list[dict[str, Any]], passes: _Passes) -> None:
+        self._passes = passes
         self._by_step: dict[int, list[Proposal]] = defaultdict(list)
         self._restarts = {
             _number(r, "step", int): f"replay: {r['reason']}"
@@ -75,6 +76,8 @@ class ReplayController(OffController):
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._step = signals.step
+        if self._passes.thrown_away(signals.step):  # the log holds nothing of this pass
+            return []
         proposals = list(self._by_step.get(signals.step, []))
         # a knob's first decision in the step is checked against the knobs in force; a later one
         # starts where an earlier one left it (a joint group's join, then the run's change)
@@ -96,6 +99,8 @@ class ReplayController(OffController):
 
     def take_restart(self) -> str | None:
         """The logged restart of this step, if there was one."""
+        if self._passes.thrown_away(self._step):
+            return None
         return self._restarts.pop(self._step, None)
 
 
@@ -103,8 +108,9 @@ class ReplayGuard(Guard):
     """Declares trouble exactly at the logged skip, rollback and escalate steps, and nowhere
     else."""
 
-    def __init__(self, config: GuardConfig, records: list[dict[str, Any]]) -> None:
+    def __init__(self, config: GuardConfig, records: list[dict[str, Any]], passes: _Passes) -> None:
         super().__init__(config)
+        self._passes = passes
         self._events = {
             _number(r, "step", int): Trouble(
                 _number(r, "step", int),
@@ -137,13 +143,16 @@ class ReplayGuard(Guard):
         }
 
     def begin_step(self, step: int) -> None:
-        if step in self._resets:
+        if step in self._resets and not self._passes.thrown_away(step):
             self.forget_snapshots()
 
     def judge(self, s: Signals) -> Trouble | None:
         # the levels the logged run's guard learnt: its snapshots' levels, and so where its
         # regressions went back to, follow from them
-        found, logged = super().judge(s), self._events.get(s.step)
+        found = super().judge(s)
+        if self._passes.thrown_away(s.step):  # whatever it met there, the log holds none of it
+            return None
+        logged = self._events.get(s.step)
         if found is not None and logged is None and not math.isfinite(found.value):
             # the logged run had no trouble here, and every non-finite value is trouble: a
             # replay that trained on into it ended on non-finite weights without a word
@@ -208,10 +217,11 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
             f"({exc}); "
             "the manifest was damaged or written by another version"
         ) from None
-    controller = ReplayController(run.records)
+    passes = _Passes(run.records)
+    controller = ReplayController(run.records, passes)
     guard: Any = False
     if guard_config is not None:
-        guard = ReplayGuard(guard_config, run.records)
+        guard = ReplayGuard(guard_config, run.records, passes)
     # before the wrap, which marks the optimizer wrapped: one refused, then built right, could
     # not be passed again
     groups = optimizer.param_groups
@@ -221,44 +231,65 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_options(config.get("options"), options, where)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     tuned.guard = guard if guard is not False else None
-    tuned.add_listener(_FollowsTrace(log_dir, controller.added, run.records))
+    passes.made = tuned.rewinds
+    tuned.add_listener(_FollowsTrace(log_dir, controller.added, passes))
     return tuned
+
+
+class _Passes:
+    """Which of the replay's steps the logged run threw away, and left no record of.
+
+    A script that rewinds in its own process (loads a state into the optimizer that stepped
+    past it) runs some steps twice; the load cut the records of the first pass, and the steps
+    after it hold their numbers in the log and the trace.  The run noted each rewind
+    (``rewound_from``); the replay, running the same script, makes the same ones, and until it
+    has made a logged one, the steps that rewind went back over are a pass the log holds
+    nothing of: nothing is decided or checked there.  A rewind of the run that a later one cut
+    from the log is matched by none, so the replay's are matched in order, by step and reach.
+    """
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        #: the run's rewinds, in order: (the step it went back to, the furthest step it took)
+        self._logged = [
+            (_number(r, "step", int), _number(r, "rewound_from", int))
+            for r in records
+            if r.get("kind") == "note" and "rewound_from" in r
+        ]
+        #: the replay's own rewinds so far, in order (its optimizer's, once it is built)
+        self.made: list[tuple[int, int]] = []
+        self._read = 0  # of the replay's rewinds, those already matched or passed over
+        self._matched = 0  # of the run's, those the replay has made too
+
+    def thrown_away(self, step: int) -> bool:
+        """Whether ``step``, in the replay's pass now, is one a logged rewind went back over."""
+        for rewind in self.made[self._read :]:
+            if self._matched < len(self._logged) and rewind == self._logged[self._matched]:
+                self._matched += 1
+        self._read = len(self.made)
+        return any(start < step <= end for start, end in self._logged[self._matched :])
 
 
 class _FollowsTrace:
     """Stops a replay whose knobs after a step differ from those the run's trace holds.
 
     The trace is read as the replay goes, one row at a time (a long run's trace held whole
-    took hundreds of megabytes, on every rank): the steps checked only rise, since the steps a
-    rewinding script ran twice are left out (``rewound`` notes in the log).
+    took hundreds of megabytes, on every rank), and again from its start where the replay
+    rewinds; the steps a logged rewind threw away are left out (:class:`_Passes`).
     """
 
     def __init__(
-        self,
-        log_dir: str | os.PathLike[str],
-        added: dict[int, int],
-        records: list[dict[str, Any]],
+        self, log_dir: str | os.PathLike[str], added: dict[int, int], passes: _Passes
     ) -> None:
         self._folder = Path(os.path.expanduser(os.fspath(log_dir)))
         self._added = added
-        #: the steps a rewind threw away, whose numbers the trace gives to the steps after it
-        self._rewound = [
-            (_number(r, "step", int), _number(r, "rewound_from", int))
-            for r in records
-            if r.get("kind") == "note" and "rewound_from" in r
-        ]
+        self._passes = passes
         self._rows: Iterator[tuple[int, dict[str, Any]]] | None = None
         self._at = 0  # the step of the last row read
         self._row: dict[str, Any] = {}  # that row
-        self._last = 0  # the last step the replay took
         self._damaged = False  # a damaged row ends the check, told once
 
     def __call__(self, event: StepEvent) -> None:
-        if event.step <= self._last:  # the replay rewound as the run did: the steps it threw
-            back = event.step - 1  # away are behind it, and the rows ahead are its own
-            self._rewound = [(start, end) for start, end in self._rewound if start < back]
-        self._last = event.step
-        if any(start < event.step <= end for start, end in self._rewound):
+        if self._passes.thrown_away(event.step):
             return
         row = self._find(event.step)
         if row is None:  # past the trace's end, a folder without one, or a damaged one

@@ -240,6 +240,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
         self._furthest = 0
+        #: each load of a state this wrapper had stepped past, in order: (the state's step, the
+        #: furthest step taken); a replay matches its own with the run's ``rewound_from`` notes
+        self.rewinds: list[tuple[int, int]] = []
         #: the step at which the guard raised GuardError: no more steps until a state is loaded
         self._gave_up_at: int | None = None
         #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
@@ -784,13 +787,16 @@ class SelfTuned(torch.optim.Optimizer):
     def _note_rewind(self) -> None:
         """Log a state loaded into this wrapper after it had stepped past it: a script that
         rewinds in its own process (a learning-rate finder's loop, a retry after an error)
-        threw those steps away, and its replay runs them again (to the run's weights where they
-        decided nothing: their records were cut), where the trace holds the rows of the steps
-        that replaced them, which the replay checks only once it has rewound too.  The note
+        threw those steps away, and its replay runs them again with no record of them (the
+        load cut their records, and the steps that replaced them hold their numbers): it
+        decides nothing there and checks nothing until it has rewound too.  The note
         names the furthest step this wrapper took: a rewind since, to an older state, cut the
         notes after it.  A resume in a fresh wrapper rewinds nothing: its replay runs straight
         on, and its log is the one of a run that never stopped."""
-        if self._log is None or self.step_count >= self._furthest:
+        if self.step_count >= self._furthest:
+            return
+        self.rewinds.append((self.step_count, self._furthest))
+        if self._log is None:
             return
         self._log.append(
             {
