@@ -20,7 +20,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -270,9 +270,7 @@ class SignalTracker:
             rows = gather_ranks(torch.cat([stacked.to(where), tail]))
             at, width = stacked.numel(), tail.numel()
             # the means on the device, each rank alike; then one read of them and the tails
-            first = rows[0, :at]
-            alike = (rows[:, :at] == first).all(0)
-            means = torch.where(alike, first, rows[:, :at].sum(0) / rows.shape[0])
+            means = ranks_mean(rows[:, :at])
             host = torch.cat([means, rows[:, at:].reshape(-1)]).tolist()  # the one host sync
             values = host[:at]
             tails = [host[at + r * width : at + (r + 1) * width] for r in range(rows.shape[0])]
@@ -539,14 +537,12 @@ def _gather_device() -> torch.device:
     return torch.device("cpu")
 
 
-def ranks_mean(values: Sequence[float]) -> float:
-    """The ranks' mean of one scalar: a value they all hold is itself (a sum over ``n`` ranks
-    divided by ``n`` can end an ulp off it), else their sum over ``n``, which every rank
-    computes alike (as :meth:`SignalTracker.measure` does on the device)."""
-    first = values[0]
-    if all(v == first for v in values):
-        return first
-    return sum(values) / len(values)
+def ranks_mean(rows: torch.Tensor) -> torch.Tensor:
+    """The ranks' means of scalars gathered one row per rank: a value they all hold is itself
+    (a sum over ``n`` ranks divided by ``n`` can end an ulp off it), else their sum over ``n``,
+    which every rank computes alike."""
+    first = rows[0]
+    return torch.where((rows == first).all(0), first, rows.sum(0) / rows.shape[0])
 
 
 class RefusedStep(ConfigError):
@@ -580,14 +576,18 @@ class RankState:
     shared: tuple[float, bool, bool] | None = None
 
     def tail(self) -> list[float]:
+        """This rank's part of the step's gather: a :class:`_Tail`, as floats."""
         given = self.metric is not None
         return [
-            self.metric if self.metric is not None else 0.0,
-            float(given),
-            float(given and self.at_average),
-            float(given and self.high),
-            float(self.refusal is not None),
-            float(self.broken),
+            float(v)
+            for v in _Tail(
+                metric=self.metric if self.metric is not None else 0.0,
+                given=given,
+                at_average=given and self.at_average,
+                high=given and self.high,
+                refused=self.refusal is not None,
+                broken=self.broken,
+            )
         ]
 
     def agree(self, tails: list[list[float]]) -> None:
@@ -595,14 +595,15 @@ class RankState:
         the step on every rank where any rank must refuse it, else share the metric over the
         ranks that observed one (every rank, or rank 0 alone), which the wrapper then holds."""
         self.shared = None
-        broken = [r for r, tail in enumerate(tails) if tail[5]]
+        ranks = [_Tail(*tail) for tail in tails]
+        broken = [r for r, tail in enumerate(ranks) if tail.broken]
         if broken:
             raise ConfigError(
                 f"a step is refused on every rank: a step raised part-way on rank {broken[0]}, "
                 "and its update may have been made without its record. Resume every rank from "
                 "the last checkpoint (selftune.load_checkpoint, or load_state_dict)"
             )
-        refused = [r for r, tail in enumerate(tails) if tail[4]]
+        refused = [r for r, tail in enumerate(ranks) if tail.refused]
         if refused:
             raise RefusedStep(
                 str(self.refusal)
@@ -610,17 +611,29 @@ class RankState:
                 else f"a step is refused on every rank: rank {refused[0]} cannot take it (its "
                 "error says why)"
             )
-        observed = [tail for tail in tails if tail[1]]
+        observed = [tail for tail in ranks if tail.given]
         if not observed:
             return
-        if len({tail[3] for tail in observed}) > 1:  # each rank would judge the mean its way
+        if len({tail.high for tail in observed}) > 1:  # each rank would judge the mean its way
             self.metric = self.saved = None  # dropped on every rank: observe again, one mode
             raise RefusedStep(
                 'observe() was given mode="max" on some ranks and mode="min" on others: a run '
                 "has one metric; give every rank the same mode"
             )
-        metric = ranks_mean([tail[0] for tail in observed])
-        self.shared = (metric, all(tail[2] for tail in observed), bool(observed[0][3]))
+        metrics = torch.tensor([[t.metric] for t in observed], dtype=torch.float64)
+        metric = float(ranks_mean(metrics)[0])
+        self.shared = (metric, all(tail.at_average for tail in observed), bool(observed[0].high))
+
+
+class _Tail(NamedTuple):
+    """A rank's :class:`RankState` as the gather carries it (flags as 0.0 or 1.0)."""
+
+    metric: float  #: the metric observed here since the ranks last shared one (0.0: none)
+    given: float  #: whether one was
+    at_average: float
+    high: float
+    refused: float  #: this rank cannot take the step
+    broken: float  #: this rank's last step raised part-way
 
 
 def _ranks_loss(mean: float, share: float) -> float | None:
