@@ -117,11 +117,14 @@ def train_step(
 
 
 def final_state(model: torch.nn.Module, opt: SelfTuned) -> dict[str, Any]:
-    """Weights and optimizer state, less the run folder's file positions (rank 0's alone) and
-    a metric observed after the last step (each rank's own, until a step shares it)."""
+    """Weights and optimizer state, less the run folder's file positions (rank 0's alone), the
+    count of rewinds that numbers the log's notes of them (a run resumed in place made some,
+    one never stopped none) and a metric observed after the last step (each rank's own, until a
+    step shares it)."""
     module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     sd = opt.state_dict()
-    sd["selftune"] = {k: v for k, v in sd["selftune"].items() if k not in ("log", "trace")}
+    history = ("log", "trace", "rewinds")
+    sd["selftune"] = {k: v for k, v in sd["selftune"].items() if k not in history}
     sd["selftune"]["metric"].pop("observed")
     return {
         "model": {k: v.clone() for k, v in module.state_dict().items()},

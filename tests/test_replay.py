@@ -429,7 +429,9 @@ def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
 
 
-#: a retry after an error, and a retry of a retry that went back further than the first
+#: scripts that rewind: a retry after an error, a retry of a retry that went back further than
+#: the first, two retries from one kept state, and a retry after the guard gave up (``nan@3+``:
+#: a NaN loss from the third step on, until the GuardError the script catches)
 RETRIES = {
     "once": ["train 20", "keep a", "train 10 nan@5", "load a", "train 30"],
     "further back": [
@@ -443,7 +445,46 @@ RETRIES = {
         "load a",
         "train 30",
     ],
+    "twice from one state": [
+        "train 20",
+        "keep a",
+        "train 10 nan@5",
+        "load a",
+        "train 5 nan@3",
+        "load a",
+        "train 30",
+    ],
+    "after the guard gave up": ["train 20", "keep a", "train 30 nan@3+", "load a", "train 30"],
 }
+
+
+def retry_script(
+    plan: list[str],
+    wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned],
+    seen: list[tuple[int, str]],
+) -> list[torch.Tensor]:
+    """Run ``plan`` (``RETRIES``); ``seen`` gets each step's decisions and ``(-1, "a
+    rewind")`` at each load; returns the final weights."""
+    task = make_task()
+    opt = wrap(start("sgd", task.model.parameters()))
+    opt.add_listener(lambda e: seen.extend((e.step, d.reason) for d in e.decisions))
+    kept: dict[str, Any] = {}
+    for op in plan:
+        verb, arg, *fault = op.split()
+        if verb == "train":
+            at = [int(f.split("@")[1].rstrip("+")) for f in fault]
+            if fault and fault[0].endswith("+"):
+                with pytest.raises(selftune.GuardError):
+                    train(task, opt, int(arg), fault_from=(at[0], "nan_loss"), evaluate=False)
+            else:
+                train(task, opt, int(arg), faults=dict.fromkeys(at, "nan_loss"), evaluate=False)
+        elif verb == "keep":
+            kept[arg] = deepcopy((opt.state_dict(), task.model.state_dict()))
+        else:
+            task.model.load_state_dict(kept[arg][1])
+            opt.load_state_dict(kept[arg][0])
+            seen.append((-1, "a rewind"))
+    return final_weights(task.model)
 
 
 @pytest.mark.parametrize("retry", sorted(RETRIES))
@@ -456,37 +497,71 @@ def test_a_rewind_over_steps_that_decided_replays_to_its_weights(
     (stopped at the first: the NaN where the log held none, or a decision's knob standing
     elsewhere).  It now decides nothing where the log says the run's steps were thrown away,
     and is checked again once it has rewound too.  A rewind that a later one, further back,
-    cut from the log (the second plan's to ``b``) is matched by no note and rewinds nothing."""
+    cut from the log (the second plan's to ``b``) leaves a gap in the notes' numbers, and two
+    from one state (the third) are told apart by them (the first was matched with the second's
+    note).  The third also went wrong in the run itself: torch's load keeps the dict's tensors
+    as the optimizer's state, so the second load of ``a`` held where the steps thrown away had
+    left its momentum, which the replay could not follow.  Where the guard gave up, the note
+    holds its escalate record, cut with the rest, and the replay raises that GuardError."""
     thrown: list[tuple[int, str]] = []
-
-    def script(wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned]) -> list[torch.Tensor]:
-        task = make_task()
-        opt = wrap(start("sgd", task.model.parameters()))
-        opt.add_listener(lambda e: thrown.extend((e.step, d.reason) for d in e.decisions))
-        kept: dict[str, Any] = {}
-        for op in RETRIES[retry]:
-            verb, arg, *fault = op.split()
-            if verb == "train":
-                faults = {int(f.split("@")[1]): "nan_loss" for f in fault}
-                train(task, opt, int(arg), faults=faults, evaluate=False)
-            elif verb == "keep":
-                kept[arg] = deepcopy((opt.state_dict(), task.model.state_dict()))
-            else:
-                task.model.load_state_dict(kept[arg][1])
-                opt.load_state_dict(kept[arg][0])
-                thrown.append((-1, "a rewind"))
-        return final_weights(task.model)
-
-    weights = script(lambda plain: selftune.wrap(plain, "auto", log_dir=tmp_path))
-    # steps 21-30 were thrown away by the first load in both plans
+    weights = retry_script(
+        RETRIES[retry], lambda p: selftune.wrap(p, "auto", log_dir=tmp_path), thrown
+    )
+    # steps 21-29 were thrown away by the first load in every plan
     decided = [why for t, why in thrown[: thrown.index((-1, "a rewind"))] if t > 20]
-    assert any("guard" not in why for why in decided), decided  # the controller's,
-    assert any("guard" in why for why in decided), decided  # and the rollback's restore
+    if retry != "after the guard gave up":  # (whose NaNs come before the range test's next)
+        assert any("guard" not in why for why in decided), decided  # the controller's,
+    assert any("guard" in why for why in decided), decided  # and the rollbacks' restores
     notes = [r for r in read_log(tmp_path).records if "rewound_from" in r]
-    expected = {"once": [(20, 30)], "further back": [(10, 40)]}[retry]
-    assert [(r["step"], r["rewound_from"]) for r in notes] == expected
-    again = script(lambda plain: selftune.replay(plain, tmp_path))
+    expected = {
+        "once": [(20, 30, 1)],
+        "further back": [(10, 40, 2)],
+        "twice from one state": [(20, 30, 2)],
+        "after the guard gave up": [(20, 29, 1)],
+    }[retry]
+    assert [(r["step"], r["rewound_from"], r["rewind"]) for r in notes] == expected
+    gave_up = [r["gave_up"]["step"] for r in notes if "gave_up" in r]
+    assert gave_up == ([29] if retry == "after the guard gave up" else [])
+    again = retry_script(RETRIES[retry], lambda p: selftune.replay(p, tmp_path), [])
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
+def test_a_replay_that_does_not_rewind_where_the_run_did_is_stopped(tmp_path: Path) -> None:
+    """A replay whose script does not go back where the run's did (an error that does not
+    come again, so no retry) ran on through the steps the log says were thrown away, deciding
+    nothing there, and ended on other weights without a word.  It is stopped at the first step
+    past where the run went back; one that goes back elsewhere, where it goes back."""
+    retry_script(RETRIES["once"], lambda p: selftune.wrap(p, "auto", log_dir=tmp_path), [])
+    with pytest.raises(selftune.SelfTuneError, match="at step 31 the logged run had gone back"):
+        retry_script(["train 60"], lambda p: selftune.replay(p, tmp_path), [])
+    elsewhere = ["train 20", "keep a", "train 5", "load a", "train 30"]
+    with pytest.raises(selftune.SelfTuneError, match=r"replay went back to step 20 \(its rewind 1"):
+        retry_script(elsewhere, lambda p: selftune.replay(p, tmp_path), [])
+
+
+def test_a_state_saved_in_steps_a_rewind_threw_away_is_refused(tmp_path: Path) -> None:
+    """A state kept at step 30, then a rewind to step 20, then that state loaded: its steps
+    21-30 were thrown away, and the log and trace hold the steps that replaced them (the
+    trace's rows of another rate, under ``off``, whose log has no record to tell the two by):
+    the replay stopped on a difference the run had made.  It is refused, naming the rewind,
+    and leaves the run as it stood."""
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    train(task, opt, 20, evaluate=False)
+    a = deepcopy(opt.state_dict())
+    train(task, opt, 10, evaluate=False)
+    b = deepcopy(opt.state_dict())
+    opt.load_state_dict(a)
+    train(task, opt, 15, evaluate=False)
+    knobs, momentum = opt.hyperparams(), deepcopy(opt.optimizer.state_dict()["state"])
+    with pytest.raises(selftune.ConfigError, match="saved at step 30, before a load since took"):
+        opt.load_state_dict(b)
+    assert opt.step_count == 35 and opt.hyperparams() == knobs
+    state = opt.optimizer.state_dict()["state"]
+    assert all(
+        torch.equal(state[i]["momentum_buffer"], momentum[i]["momentum_buffer"]) for i in state
+    )
+    opt.load_state_dict(a)  # a state of the steps the run kept still loads
 
 
 def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
@@ -505,7 +580,7 @@ def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     follows = _FollowsTrace(tmp_path, {}, passes)
     for t, lr in [(1, 0.1), (2, 0.2), (3, 9.0), (4, 9.0)]:  # 3-4 thrown away
         follows(event(t, lr))
-    passes.made.append((2, 4))  # the replay's load, as the run's
+    passes.made.append((1, 2, 4))  # the replay's load, as the run's
     follows(event(3, 0.3))
     with pytest.raises(selftune.SelfTuneError, match="at step 4 the knobs after it"):
         follows(event(4, 9.0))

@@ -151,7 +151,8 @@ class ReplayGuard(Guard):
         # regressions went back to, follow from them
         found = super().judge(s)
         if self._passes.thrown_away(s.step):  # whatever it met there, the log holds none of it
-            return None
+            escalation = self._passes.gave_up(s.step)  # but where the guard gave up
+            return None if escalation is None else escalation[0]
         logged = self._events.get(s.step)
         if found is not None and logged is None and not math.isfinite(found.value):
             # the logged run had no trouble here, and every non-finite value is trouble: a
@@ -165,7 +166,8 @@ class ReplayGuard(Guard):
         The original stopped there; a replay that rolled back instead (or trained on, as when
         only rollbacks were replayed) would go past the end of the run it reproduces.
         """
-        message = self._escalations.get(trouble.step)
+        escalation = self._passes.gave_up(trouble.step)
+        message = self._escalations.get(trouble.step) if escalation is None else escalation[1]
         if message is not None:
             raise GuardError(message)
         snap, factor = super().rollback(trouble)
@@ -242,31 +244,74 @@ class _Passes:
     A script that rewinds in its own process (loads a state into the optimizer that stepped
     past it) runs some steps twice; the load cut the records of the first pass, and the steps
     after it hold their numbers in the log and the trace.  The run noted each rewind
-    (``rewound_from``); the replay, running the same script, makes the same ones, and until it
-    has made a logged one, the steps that rewind went back over are a pass the log holds
-    nothing of: nothing is decided or checked there.  A rewind of the run that a later one cut
-    from the log is matched by none, so the replay's are matched in order, by step and reach.
+    (``rewound_from``), numbered; the replay, running the same script, makes the same ones, and
+    until it has made a logged one, the steps that rewind went back over are a pass the log
+    holds nothing of: nothing is decided or checked there, but where the run's guard gave up
+    (a retry after GuardError), which the replay raises again.  A rewind that a later one cut
+    from the log leaves a gap in the numbers, which the replay's own pass through.
     """
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
-        #: the run's rewinds, in order: (the step it went back to, the furthest step it took)
-        self._logged = [
-            (_number(r, "step", int), _number(r, "rewound_from", int))
-            for r in records
-            if r.get("kind") == "note" and "rewound_from" in r
-        ]
+        notes = [r for r in records if r.get("kind") == "note" and "rewound_from" in r]
+        #: the run's rewinds by number: the step it went back to, the furthest step it took,
+        #: and the guard's giving up at the end of the pass it threw away, if it gave up
+        self._logged: dict[int, tuple[int, int, tuple[Trouble, str] | None]] = {
+            _number(r, "rewind", int) if "rewind" in r else i + 1: (  # (older logs: in order)
+                _number(r, "step", int),
+                _number(r, "rewound_from", int),
+                _escalation(r),
+            )
+            for i, r in enumerate(notes)
+        }
         #: the replay's own rewinds so far, in order (its optimizer's, once it is built)
-        self.made: list[tuple[int, int]] = []
-        self._read = 0  # of the replay's rewinds, those already matched or passed over
-        self._matched = 0  # of the run's, those the replay has made too
+        self.made: list[tuple[int, int, int]] = []
+        self._read = 0  # of the replay's rewinds, those already matched
+        self._done = 0  # the number of its last one
 
     def thrown_away(self, step: int) -> bool:
-        """Whether ``step``, in the replay's pass now, is one a logged rewind went back over."""
-        for rewind in self.made[self._read :]:
-            if self._matched < len(self._logged) and rewind == self._logged[self._matched]:
-                self._matched += 1
+        """Whether ``step``, in the replay's pass now, is one a logged rewind went back over;
+        raises where the replay has stepped past where the run rewound, or rewound elsewhere."""
+        for number, at, furthest in self.made[self._read :]:
+            logged = self._logged.get(number)
+            if logged is not None and logged[:2] != (at, furthest):
+                _left(
+                    furthest,
+                    f"the replay went back to step {at} (its rewind {number}), the logged run "
+                    f"from step {logged[1]} to step {logged[0]}",
+                )
+            self._done = number
         self._read = len(self.made)
-        return any(start < step <= end for start, end in self._logged[self._matched :])
+        pending = [entry for n, entry in sorted(self._logged.items()) if n > self._done]
+        if pending and step > pending[0][1]:
+            _left(
+                step,
+                f"the logged run had gone back from step {pending[0][1]} to step "
+                f"{pending[0][0]} (a state loaded into its optimizer), and the replay has not",
+            )
+        return any(at < step <= furthest for at, furthest, _ in pending)
+
+    def gave_up(self, step: int) -> tuple[Trouble, str] | None:
+        """The trouble and GuardError message where the run's guard gave up at ``step``, in a
+        pass a rewind since threw away (a retry after GuardError)."""
+        if not self.thrown_away(step):
+            return None
+        pending = (entry for n, entry in sorted(self._logged.items()) if n > self._done)
+        return next((e[2] for e in pending if e[2] is not None and e[2][0].step == step), None)
+
+
+def _escalation(note: dict[str, Any]) -> tuple[Trouble, str] | None:
+    """A rewind note's record of the guard giving up (``gave_up``), as the replay raises it."""
+    gave_up = note.get("gave_up")
+    if gave_up is None:
+        return None
+    if not isinstance(gave_up, dict):
+        raise audit.LogError(
+            f"record seq {note.get('seq')}: gave_up is {gave_up!r}, not an object; the log was "
+            "damaged or written by another version"
+        )
+    step, reason = _number(gave_up, "step", int), str(gave_up.get("reason"))
+    value = _number(gave_up, "value", float)
+    return Trouble(step, str(gave_up.get("signal")), value, f"replay: {reason}"), reason
 
 
 class _FollowsTrace:

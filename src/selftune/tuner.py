@@ -240,11 +240,14 @@ class SelfTuned(torch.optim.Optimizer):
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
         self._furthest = 0
-        #: each load of a state this wrapper had stepped past, in order: (the state's step, the
-        #: furthest step taken); a replay matches its own with the run's ``rewound_from`` notes
-        self.rewinds: list[tuple[int, int]] = []
-        #: the step at which the guard raised GuardError: no more steps until a state is loaded
-        self._gave_up_at: int | None = None
+        #: how many loads of a state the run had stepped past it has made (a state saved
+        #: carries it on), and this wrapper's own, in order: (their number, the state's step,
+        #: the furthest step taken); a replay matches its own with the run's notes of them
+        self._rewound = 0
+        self.rewinds: list[tuple[int, int, int]] = []
+        #: the guard's escalate event (step, signal, value, reason) where it raised
+        #: GuardError: no more steps until a state is loaded
+        self._gave_up: dict[str, Any] | None = None
         #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
         #: weights may have moved with no record, so no step or state until a state is loaded
         self._broken_at: int | None = None
@@ -479,12 +482,12 @@ class SelfTuned(torch.optim.Optimizer):
         if refusal is not None and not across:
             raise refusal
         self._check_groups()
-        if self._gave_up_at is not None:
+        if self._gave_up is not None:
             # a step after it went on in the log past the escalate record, and a replay,
             # which raises the GuardError again there, could not follow
             raise GuardError(
-                f"the guard gave up at step {self._gave_up_at} (GuardError): the run cannot go "
-                "on from here; resume from its last checkpoint (load_checkpoint), with the "
+                f"the guard gave up at step {self._gave_up['step']} (GuardError): the run cannot "
+                "go on from here; resume from its last checkpoint (load_checkpoint), with the "
                 "data or the rate seen to, or start again in a new folder"
             )
         if not across:  # else every rank refuses alike, in measure
@@ -684,6 +687,7 @@ class SelfTuned(torch.optim.Optimizer):
             "snapshots_since": self._snapshots_since,
             "outside": [sorted(knobs) for knobs in self._outside],
             "broken_at": self._broken_at,
+            "rewinds": self._rewound,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = post_hook(self, sd) or sd
@@ -700,11 +704,18 @@ class SelfTuned(torch.optim.Optimizer):
         self._check_open("loading a state")  # it would cut back a log that is closed
         self._check_outside_average("loading a state")
         self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
-        self._gave_up_at = None  # a run resumed from before the guard gave up goes on
+        # a run resumed from before the guard gave up goes on (the rewind's note says where)
+        gave_up, self._gave_up = self._gave_up, None
         self._broken_at = None  # as does one resumed from before a step that broke off
         self._furthest = max(self._furthest, self.step_count)
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
+        if own is not None and own["step"] < self._furthest:
+            # a rewind: torch's load keeps the dict's tensors as the optimizer's state, which the
+            # steps after it change in place, so a state kept to go back to twice (a retry of a
+            # retry) held, the second time, where the thrown-away steps had left it; the run's
+            # course hung on steps its log holds nothing of, and its replay could not follow
+            sd, own = _clone(sd), _clone(own)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
         # when it prepares it, before the Hugging Face Trainer loads the checkpoint to resume
         # (a step-0 checkpoint of a run that crashed before its first record has the log's
@@ -782,33 +793,37 @@ class SelfTuned(torch.optim.Optimizer):
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
-        self._note_rewind()
+        self._rewound = max(self._rewound, own.get("rewinds", 0))
+        self._note_rewind(gave_up)
 
-    def _note_rewind(self) -> None:
+    def _note_rewind(self, gave_up: dict[str, Any] | None) -> None:
         """Log a state loaded into this wrapper after it had stepped past it: a script that
         rewinds in its own process (a learning-rate finder's loop, a retry after an error)
         threw those steps away, and its replay runs them again with no record of them (the
         load cut their records, and the steps that replaced them hold their numbers): it
         decides nothing there and checks nothing until it has rewound too.  The note
         names the furthest step this wrapper took: a rewind since, to an older state, cut the
-        notes after it.  A resume in a fresh wrapper rewinds nothing: its replay runs straight
-        on, and its log is the one of a run that never stopped."""
+        notes after it, so each is numbered (``rewind``): the replay's are matched by number.
+        Where the guard gave up (a retry after GuardError), the escalate record was cut too,
+        and the note holds it, for the replay to raise the same GuardError there.  A resume in
+        a fresh wrapper rewinds nothing: its replay runs straight on, and its log is the one
+        of a run that never stopped."""
         if self.step_count >= self._furthest:
             return
-        self.rewinds.append((self.step_count, self._furthest))
+        self._rewound += 1
+        self.rewinds.append((self._rewound, self.step_count, self._furthest))
         if self._log is None:
             return
-        self._log.append(
-            {
-                "kind": "note",
-                "step": self.step_count,
-                "reason": f"rewound in this process to step {self.step_count}, having gone as "
-                f"far as step {self._furthest}: steps {self.step_count + 1}-{self._furthest} "
-                "were thrown away, and the rows of the steps that replaced them hold their "
-                "numbers",
-                "rewound_from": self._furthest,
-            }
-        )
+        note = {
+            "kind": "note",
+            "step": self.step_count,
+            "reason": f"rewound in this process to step {self.step_count}, having gone as "
+            f"far as step {self._furthest}: steps {self.step_count + 1}-{self._furthest} "
+            "were thrown away, and the rows of the steps that replaced them hold their numbers",
+            "rewound_from": self._furthest,
+            "rewind": self._rewound,
+        }
+        self._log.append(note if gave_up is None else {**note, "gave_up": gave_up})
 
     def _read_start(self) -> None:
         """The rates the bounds are factors of, read again at the first step where a scheduler
@@ -874,6 +889,15 @@ class SelfTuned(torch.optim.Optimizer):
                 "update may have been made without its record): resume from a checkpoint "
                 "saved before that step"
             )
+        saved = own.get("rewinds")  # how many rewinds the run had made when it was saved
+        for number, at, _ in self.rewinds:
+            if saved is not None and number > saved and at < own["step"]:
+                raise ConfigError(
+                    f"this state was saved at step {own['step']}, before a load since took the "
+                    f"run back to step {at}: steps {at + 1}-{own['step']} of it were thrown away "
+                    "there, and the log and trace no longer hold them. Load a state saved after "
+                    "that load"
+                )
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
@@ -1433,8 +1457,12 @@ class SelfTuned(torch.optim.Optimizer):
             snap, factor = self.guard.rollback(trouble)
         except GuardError as err:
             event = {"event": "escalate", "signal": trouble.signal, "value": trouble.value}
-            self._gave_up_at = trouble.step  # first: a listener that raises below replaces err
-            self._after(trouble.step, signals, [], {**event, "reason": str(err)})
+            event["reason"] = str(err)
+            # first: a listener that raises below replaces err.  The step was taken, as far as
+            # a rewind's note goes: its record, which a load cuts, was written
+            self._gave_up = {"step": trouble.step, **event}
+            self._furthest = max(self._furthest, trouble.step)
+            self._after(trouble.step, signals, [], event)
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
         if any(self._lowered):  # a rollback's cap no training step has applied yet (trouble
