@@ -1236,6 +1236,65 @@ def test_mlflow_writer_logs_a_rate_per_layer_in_parts(
     assert len(parts) == -(-len(decisions) // PART_ROWS)
 
 
+def test_mlflow_writer_resumed_into_its_run_continues_the_parts_and_the_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run checkpointed at step 6 goes on to step 9 and stops; resumed from that checkpoint
+    into the same MLflow run, it runs to 12.  The resumed writer began at part 0 with a count
+    of 0: its first flush overwrote the rows uploaded before it, and the count restarted at 1.
+    Now it continues: the rows uploaded stay, steps 7 to 9 twice (the run folder cut the first
+    pass's), and the resumed rows follow, in parts of ``PART_ROWS`` named in order."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations import mlflow as mlflow_writer
+    from selftune.integrations.mlflow import MLflowWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    monkeypatch.setattr(mlflow_writer, "PART_ROWS", 4)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    folder, checkpoint = tmp_path / "run", tmp_path / "ckpt.pt"
+
+    def train(first: int, last: int) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 2)
+        opt = selftune.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.1), "hypergradient", log_dir=folder
+        )
+        if first > 1:
+            selftune.load_checkpoint(checkpoint, model=model, optimizer=opt)
+        writer = MLflowWriter(run=run_id)
+        opt.add_listener(writer)
+        for step in range(first, last + 1):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+            if step == 6:
+                selftune.save_checkpoint(checkpoint, model=model, optimizer=opt, step=step)
+        writer.close()
+        opt.close()
+
+    train(1, 9)
+    train(7, 12)
+    client = MlflowClient(tracking_uri=uri)
+    rows = _artifact_rows(client, run_id, tmp_path)
+    steps = [r["step"] for r in rows]
+    assert steps == [*range(2, 10), *range(7, 13)]  # hypergradient decides from step 2 on
+    assert rows[5:8] == rows[8:11]  # steps 7 to 9: the resume redid them bit for bit
+    logged = [r for r in read_log(folder).records if r["kind"] == "decision"]
+    kept = rows[:5] + rows[8:]  # less the first pass's rows past the checkpoint
+    assert [(r["step"], r["new"]) for r in kept] == [(r["step"], r["new"]) for r in logged]
+    parts = client.list_artifacts(run_id, "selftune/decisions")
+    assert [Path(f.path).name for f in parts] == [f"{i:05d}.jsonl" for i in range(4)]
+    counts = client.get_metric_history(run_id, "selftune/decisions")
+    assert sorted((m.step, m.value) for m in counts) == sorted(
+        (t, i + 1.0) for i, t in enumerate(steps)
+    )
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 

@@ -13,13 +13,25 @@ guard events, at each step that had one.  The decisions themselves, with their r
 signals, go to the artifacts ``selftune/decisions/00000.jsonl``, ``00001.jsonl``, ... of
 :data:`PART_ROWS` rows each (concatenated in name order: the run folder's rows, in the MLflow
 run), and the latest one to the tag ``selftune.last_decision``.
+
+A writer given a run that already holds parts (a run resumed from a checkpoint into the same
+MLflow run) continues them: its rows follow the ones uploaded, in the last part or the next
+one, and the count goes on from theirs.  What was uploaded stays, as MLflow keeps every metric
+logged: after a resume from a checkpoint older than the last step uploaded, the rows uploaded
+past the checkpoint stay and the resumed run's rows of the same steps follow them, so those
+steps appear twice (the count counts both) and the steps go back where the resume began.  The
+run folder's ``decisions.jsonl`` cut those rows (a note says how many): it holds the second
+pass's only, and it is the record ``verify`` and ``replay`` read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from selftune.audit import canonical
@@ -38,6 +50,8 @@ from selftune.tuner import StepEvent, is_rank_zero
 #: flush grew with their square, and ``auto`` decides at most steps of a run.
 PART_ROWS = 1000
 
+_PART_NAME = re.compile(r"\d{5}\.jsonl")
+
 
 class MLflowWriter:
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
@@ -50,6 +64,8 @@ class MLflowWriter:
     ``flush_every``: write the decisions artifact's open part after this many new decisions
     (and at :meth:`close`): a run that dies before ``close`` loses up to that many from the
     artifact (the run folder's log keeps them all).  Only the open part is held in memory.
+    A run that already holds decision parts under ``prefix`` is continued (see the module
+    docstring): its last part is read back at the first step.
     """
 
     def __init__(
@@ -76,7 +92,7 @@ class MLflowWriter:
         self.prefix, self.every, self.flush_every = prefix, every, flush_every
         #: decisions and guard events so far (the artifact's rows)
         self.count = 0
-        self._part: list[dict[str, Any]] = []  # the rows of the part still filling
+        self._part: list[str] = []  # the lines of the part still filling, as uploaded
         self._parts_done = 0  # parts written full, never written again
         self._unflushed = 0
 
@@ -95,8 +111,34 @@ class MLflowWriter:
                         run, self._owned = mlflow.start_run(), True
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self.client = self._client if self._client is not None else MlflowClient()
+                self._continue_parts()
             self.active = active
         return self.active
+
+    def _continue_parts(self) -> None:
+        """Go on after the decision parts the run already holds: a resume into the same run
+        started at part 0 with a count of 0, and its first flush overwrote the rows uploaded
+        before it.  Full parts are counted, not read (each holds :data:`PART_ROWS` rows); the
+        last is read back, to be written again with the new rows after its own."""
+        assert self.client is not None and self.run_id is not None
+        folder = f"{self.prefix}/decisions"
+        names = [
+            Path(f.path).name
+            for f in self.client.list_artifacts(self.run_id, folder)
+            if not f.is_dir and _PART_NAME.fullmatch(Path(f.path).name)
+        ]
+        if not names:
+            return
+        last = max(names)
+        with tempfile.TemporaryDirectory() as into:
+            local = self.client.download_artifacts(self.run_id, f"{folder}/{last}", into)
+            lines = [line for line in Path(local).read_text().splitlines() if line]
+        index = int(last[:5])
+        self.count = index * PART_ROWS + len(lines)
+        if len(lines) >= PART_ROWS:
+            self._parts_done = index + 1
+        else:
+            self._parts_done, self._part = index, lines
 
     def __call__(self, event: StepEvent) -> None:
         if not self._start():
@@ -130,7 +172,7 @@ class MLflowWriter:
         if metrics or tags:  # MLflow's client splits a batch past its limit (a rate per layer)
             self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
         for row in rows:  # a part ends at PART_ROWS whatever a step brings (a rate per layer)
-            self._part.append(row)
+            self._part.append(canonical(row).decode())
             self._unflushed += 1
             if len(self._part) >= PART_ROWS:
                 self.flush()
@@ -146,7 +188,7 @@ class MLflowWriter:
         if len(part) >= PART_ROWS:  # full: the next rows start the next part, even if this
             self._part, self._parts_done = [], index + 1  # upload fails (the run folder has it)
         self._unflushed = 0
-        text = "".join(canonical(r).decode() + "\n" for r in part)
+        text = "".join(line + "\n" for line in part)
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions/{index:05d}.jsonl")
 
     def close(self) -> None:
