@@ -618,10 +618,11 @@ def _hf_trainer(
     max_steps: int,
     evaluate: bool = False,
     held_out: Callable[[list[Any]], Any] | None = None,
+    model_init: bool = False,
     **args: Any,
 ) -> Any:
     """A tiny GPT-2 ``Trainer``; ``evaluate``: held out are the first 64 sequences, or what
-    ``held_out`` makes of the data."""
+    ``held_out`` makes of the data; ``model_init``: given a function that builds the model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -660,9 +661,12 @@ def _hf_trainer(
         **settings,
     )
     evaluation = (held_out or (lambda d: d[:64]))(data) if evaluate else None
-    return transformers.Trainer(
-        model=model, args=targs, train_dataset=data, eval_dataset=evaluation
+    built: dict[str, Any] = (
+        {"model_init": lambda: transformers.GPT2LMHeadModel(config)}
+        if model_init
+        else {"model": model}
     )
+    return transformers.Trainer(args=targs, train_dataset=data, eval_dataset=evaluation, **built)
 
 
 def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> None:
@@ -687,6 +691,25 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     assert "lr" in selftune.verify(tmp_path / "run").knobs
     records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
+
+
+def test_huggingface_trainer_given_model_init_is_refused_before_anything_is_built(
+    tmp_path: Path,
+) -> None:
+    """``train()`` rebuilds the model and drops the optimizer when ``model_init`` is set: the
+    wrap was accepted, and ``train()`` failed with "found a AcceleratedOptimizer ... call
+    wrap_trainer_optimizer before train()", leaving a run folder for a model never trained."""
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback, wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 4, save_strategy="no", model_init=True)
+    with pytest.raises(selftune.ConfigError, match=r"model_init: trainer.train\(\) builds a new"):
+        wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert trainer.optimizer is None
+    callbacks = trainer.callback_handler.callbacks
+    assert not any(isinstance(cb, SelfTuneTrainerCallback) for cb in callbacks)
+    trainer.train()  # the Trainer is left as it was: it trains on its own optimizer
+    assert trainer.state.global_step == 4
 
 
 def test_huggingface_logs_the_rate_of_the_step_beside_the_trainer_s(tmp_path: Path) -> None:

@@ -230,9 +230,20 @@ def wrap_trainer_optimizer(
     selftune optimizer is only fed, and :func:`selftune.wrap`'s settings given here are
     refused: they would be ignored, and a ``log_dir`` given for a run that writes none is a
     log lost without a word.  Returns the wrapper, whose ``hyperparams()`` give the knobs in
-    force.
+    force.  A ``Trainer(model_init=...)`` is refused before anything is built: its ``train()``
+    builds a new model and a new optimizer, so the one wrapped here would never step.
     """
     check_flags(OBSERVE_EVAL, {"observe_eval": observe_eval})
+    if getattr(trainer, "model_init", None) is not None:
+        # Refused here, not at train(): there the Trainer had already dropped the wrapper for
+        # a plain optimizer of its new model, the callback could only say it found no selftune
+        # optimizer, and the run folder made by the wrap was left for a model never trained.
+        raise selftune.ConfigError(
+            "wrap_trainer_optimizer cannot tune a Trainer given model_init: trainer.train() "
+            "builds a new model and a new optimizer, so the one wrapped now would never step; "
+            "build the model and pass Trainer(model=...) instead (hyperparameter_search, which "
+            "needs model_init, is not supported)"
+        )
     if find_selftuned(trainer.optimizer) is not None and not isinstance(
         trainer.optimizer, SelfTuned
     ):
