@@ -35,7 +35,12 @@ What the callback does, and when:
   guard, signal and log state under ``"selftune"``; the callback's own state adds the guard's
   in-memory snapshots.  ``trainer.fit(model, ckpt_path=...)`` from a ``ModelCheckpoint``'s
   checkpoint taken at an epoch's end continues bit for bit: the weights, trace and log end as
-  the run's that never stopped (tested).
+  the run's that never stopped (tested without validation).  With ``monitor`` set, that is
+  the default ``ModelCheckpoint``'s, saved after the epoch's validation.  A step-based one
+  (``every_n_train_steps``) whose step is an epoch's last batch is saved in
+  ``on_train_batch_end``, before that validation, and a resume does not run it again: the
+  optimizer never reads its metric, so the trace lacks that row and what ``auto`` decides
+  on metrics may differ.  Without validation either kind qualifies.
   With a ``log_dir`` the run folder recognises its run by the hash of the *initial* weights, and
   Lightning loads the checkpoint's weights before ``on_fit_start``; the callback therefore keeps
   the freshly initialised weights from ``setup`` while resuming and wraps with those in place,
