@@ -455,6 +455,33 @@ RETRIES = {
         "train 30",
     ],
     "after the guard gave up": ["train 20", "keep a", "train 30 nan@3+", "load a", "train 30"],
+    "after the guard gave up in the second try": [
+        "train 20",
+        "keep a",
+        "train 10 nan@5",
+        "load a",
+        "train 10 nan@1+",
+        "load a",
+        "train 30",
+    ],
+    "after the guard gave up, then further back": [
+        "train 10",
+        "keep a",
+        "train 10",
+        "keep b",
+        "train 10 nan@3+",
+        "load b",
+        "train 20",
+        "load a",
+        "train 30",
+    ],
+    "from the state saved after the guard gave up": [
+        "train 20",
+        "train 10 nan@3+",
+        "keep c",
+        "load c",
+        "train 20",
+    ],
 }
 
 
@@ -502,26 +529,37 @@ def test_a_rewind_over_steps_that_decided_replays_to_its_weights(
     note).  The third also went wrong in the run itself: torch's load keeps the dict's tensors
     as the optimizer's state, so the second load of ``a`` held where the steps thrown away had
     left its momentum, which the replay could not follow.  Where the guard gave up, the note
-    holds its escalate record, cut with the rest, and the replay raises that GuardError."""
+    holds its escalate record, cut with the rest, and the replay raises that GuardError, in the
+    pass where the run's guard gave up alone (it raised it in the first try, where the run's
+    only rolled back), also where a later rewind cut that note (its record had gone with it),
+    and where the state saved after the GuardError is loaded (the state's log ended after the
+    escalate record, which stood, and the replay raised it a second time)."""
     thrown: list[tuple[int, str]] = []
     weights = retry_script(
         RETRIES[retry], lambda p: selftune.wrap(p, "auto", log_dir=tmp_path), thrown
     )
     # steps 21-29 were thrown away by the first load in every plan
     decided = [why for t, why in thrown[: thrown.index((-1, "a rewind"))] if t > 20]
-    if retry != "after the guard gave up":  # (whose NaNs come before the range test's next)
+    if "guard gave up" not in retry:  # (whose NaNs come before the range test's next)
         assert any("guard" not in why for why in decided), decided  # the controller's,
     assert any("guard" in why for why in decided), decided  # and the rollbacks' restores
     notes = [r for r in read_log(tmp_path).records if "rewound_from" in r]
+    # each rewind note: (step, rewound_from, its number, [(rewind, step) where it gave up])
     expected = {
-        "once": [(20, 30, 1)],
-        "further back": [(10, 40, 2)],
-        "twice from one state": [(20, 30, 2)],
-        "after the guard gave up": [(20, 29, 1)],
+        "once": [(20, 30, 1, [])],
+        "further back": [(10, 40, 2, [])],
+        "twice from one state": [(20, 30, 2, [])],
+        "after the guard gave up": [(20, 29, 1, [(1, 29)])],
+        "after the guard gave up in the second try": [(20, 30, 2, [(2, 27)])],
+        "after the guard gave up, then further back": [(10, 40, 2, [(1, 29)])],
+        "from the state saved after the guard gave up": [(28, 29, 1, [(1, 29)])],
     }[retry]
-    assert [(r["step"], r["rewound_from"], r["rewind"]) for r in notes] == expected
-    gave_up = [r["gave_up"]["step"] for r in notes if "gave_up" in r]
-    assert gave_up == ([29] if retry == "after the guard gave up" else [])
+    gave_up = [[(e["rewind"], e["step"]) for e in r.get("gave_up", [])] for r in notes]
+    found = [
+        (r["step"], r["rewound_from"], r["rewind"], g) for r, g in zip(notes, gave_up, strict=True)
+    ]
+    assert found == expected
+    assert not [r for r in read_log(tmp_path).records if r.get("event") == "escalate"]
     again = retry_script(RETRIES[retry], lambda p: selftune.replay(p, tmp_path), [])
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
 
@@ -564,6 +602,31 @@ def test_a_state_saved_in_steps_a_rewind_threw_away_is_refused(tmp_path: Path) -
     opt.load_state_dict(a)  # a state of the steps the run kept still loads
 
 
+def test_a_checkpoint_of_steps_a_rewind_threw_away_is_refused_in_a_new_process(
+    tmp_path: Path,
+) -> None:
+    """The same, with the checkpoint loaded by a fresh optimizer over the folder (a new
+    process), which made no rewind of its own: the log's note of the run's tells it, where
+    the checkpoint was taken in a stretch without records (under ``off``) and its place in
+    the log still matched."""
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    train(task, opt, 10, evaluate=False)
+    a = deepcopy(opt.state_dict())
+    train(task, opt, 10, evaluate=False)
+    selftune.save_checkpoint(tmp_path / "c20.pt", model=task.model, optimizer=opt, step=20)
+    train(task, opt, 5, evaluate=False)
+    opt.load_state_dict(a)
+    train(task, opt, 20, evaluate=False)
+    opt.close()
+    log = (tmp_path / "decisions.jsonl").read_bytes()
+    task = make_task()
+    fresh = selftune.wrap(start("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    with pytest.raises(selftune.CheckpointError, match="saved at step 20, before a load since"):
+        selftune.load_checkpoint(tmp_path / "c20.pt", model=task.model, optimizer=fresh)
+    assert fresh.step_count == 0 and (tmp_path / "decisions.jsonl").read_bytes() == log
+
+
 def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     """The rows of steps a logged rewind threw away go unchecked until the replay rewinds as
     the run did; from there they are the replay's own, and checked (they went unchecked on
@@ -571,7 +634,7 @@ def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     check had stopped for good at the end)."""
     rows = [{"step": t, "loss": None, "hp": [{"lr": t / 10}]} for t in range(1, 6)]
     (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rewind = {"kind": "note", "step": 2, "rewound_from": 4, "reason": "rewound"}
+    rewind = {"kind": "note", "step": 2, "rewound_from": 4, "rewind": 1, "reason": "rewound"}
 
     def event(step: int, lr: float) -> Any:
         return SimpleNamespace(step=step, hyperparams=[{"lr": lr}])

@@ -805,12 +805,14 @@ class AuditLog:
             self.append({"kind": "note", "reason": reason})
         return dropped
 
-    def check_position(self, position: Mapping[str, Any]) -> None:
+    def check_position(self, position: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Raise :class:`LogError` where :meth:`truncate_to` would, changing nothing: before a
         checkpoint's model loads (a refused checkpoint of another folder had replaced the
-        weights, the step and the rates already)."""
-        if self.enabled:
-            self._cut(position)
+        weights, the step and the rates already).  Returns the records it would cut."""
+        if not self.enabled:
+            return []
+        seq, _, _, scan = self._cut(position)
+        return scan.records[seq:]
 
     def _cut(self, position: Mapping[str, Any]) -> tuple[int, str, int, _Scan]:
         """Where a checkpoint's position stands in this log, and the log's scan; refused where

@@ -150,9 +150,11 @@ class ReplayGuard(Guard):
         # the levels the logged run's guard learnt: its snapshots' levels, and so where its
         # regressions went back to, follow from them
         found = super().judge(s)
+        escalation = self._passes.gave_up(s.step)  # in a pass a rewind threw away
+        if escalation is not None:
+            return escalation[0]
         if self._passes.thrown_away(s.step):  # whatever it met there, the log holds none of it
-            escalation = self._passes.gave_up(s.step)  # but where the guard gave up
-            return None if escalation is None else escalation[0]
+            return None
         logged = self._events.get(s.step)
         if found is not None and logged is None and not math.isfinite(found.value):
             # the logged run had no trouble here, and every non-finite value is trouble: a
@@ -246,41 +248,36 @@ class _Passes:
     after it hold their numbers in the log and the trace.  The run noted each rewind
     (``rewound_from``), numbered; the replay, running the same script, makes the same ones, and
     until it has made a logged one, the steps that rewind went back over are a pass the log
-    holds nothing of: nothing is decided or checked there, but where the run's guard gave up
-    (a retry after GuardError), which the replay raises again.  A rewind that a later one cut
-    from the log leaves a gap in the numbers, which the replay's own pass through.
+    holds nothing of: nothing is decided or checked there.  A rewind that a later one cut from
+    the log leaves a gap in the numbers, which the replay's own pass through.  Where the run's
+    guard gave up in a pass (a retry after GuardError), the note of the rewind that ended it,
+    or of the one that cut that note, holds the escalate record, and the replay raises the same
+    GuardError there, in the pass of that number alone.
     """
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         notes = [r for r in records if r.get("kind") == "note" and "rewound_from" in r]
-        #: the run's rewinds by number: the step it went back to, the furthest step it took,
-        #: and the guard's giving up at the end of the pass it threw away, if it gave up
-        self._logged: dict[int, tuple[int, int, tuple[Trouble, str] | None]] = {
+        #: the run's rewinds by number: the step it went back to and the furthest step taken
+        self._logged = {
             _number(r, "rewind", int) if "rewind" in r else i + 1: (  # (older logs: in order)
                 _number(r, "step", int),
                 _number(r, "rewound_from", int),
-                _escalation(r),
             )
             for i, r in enumerate(notes)
         }
+        #: where the guard gave up in the pass each numbered rewind ended, as the replay raises it
+        self._escalations = {n: e for r in notes for n, e in _escalations(r)}
         #: the replay's own rewinds so far, in order (its optimizer's, once it is built)
         self.made: list[tuple[int, int, int]] = []
         self._read = 0  # of the replay's rewinds, those already matched
         self._done = 0  # the number of its last one
 
     def thrown_away(self, step: int) -> bool:
-        """Whether ``step``, in the replay's pass now, is one a logged rewind went back over;
-        raises where the replay has stepped past where the run rewound, or rewound elsewhere."""
-        for number, at, furthest in self.made[self._read :]:
-            logged = self._logged.get(number)
-            if logged is not None and logged[:2] != (at, furthest):
-                _left(
-                    furthest,
-                    f"the replay went back to step {at} (its rewind {number}), the logged run "
-                    f"from step {logged[1]} to step {logged[0]}",
-                )
-            self._done = number
-        self._read = len(self.made)
+        """Whether ``step``, in the replay's pass now, is one a logged rewind went back over,
+        or the one where the run's guard gave up in this pass; raises where the replay has
+        stepped past where the run rewound, or rewound elsewhere."""
+        if self.gave_up(step) is not None:
+            return True
         pending = [entry for n, entry in sorted(self._logged.items()) if n > self._done]
         if pending and step > pending[0][1]:
             _left(
@@ -288,30 +285,41 @@ class _Passes:
                 f"the logged run had gone back from step {pending[0][1]} to step "
                 f"{pending[0][0]} (a state loaded into its optimizer), and the replay has not",
             )
-        return any(at < step <= furthest for at, furthest, _ in pending)
+        return any(at < step <= furthest for at, furthest in pending)
 
     def gave_up(self, step: int) -> tuple[Trouble, str] | None:
-        """The trouble and GuardError message where the run's guard gave up at ``step``, in a
-        pass a rewind since threw away (a retry after GuardError)."""
-        if not self.thrown_away(step):
-            return None
-        pending = (entry for n, entry in sorted(self._logged.items()) if n > self._done)
-        return next((e[2] for e in pending if e[2] is not None and e[2][0].step == step), None)
+        """The trouble and GuardError message where the run's guard gave up at ``step`` in the
+        pass the replay is in, which a rewind since threw away."""
+        for number, at, furthest in self.made[self._read :]:
+            logged = self._logged.get(number)
+            if logged is not None and logged != (at, furthest):
+                _left(
+                    furthest,
+                    f"the replay went back to step {at} (its rewind {number}), the logged run "
+                    f"from step {logged[1]} to step {logged[0]}",
+                )
+            self._done = number
+        self._read = len(self.made)
+        escalation = self._escalations.get(self._done + 1)
+        return escalation if escalation is not None and escalation[0].step == step else None
 
 
-def _escalation(note: dict[str, Any]) -> tuple[Trouble, str] | None:
-    """A rewind note's record of the guard giving up (``gave_up``), as the replay raises it."""
-    gave_up = note.get("gave_up")
-    if gave_up is None:
-        return None
-    if not isinstance(gave_up, dict):
+def _escalations(note: dict[str, Any]) -> list[tuple[int, tuple[Trouble, str]]]:
+    """A rewind note's records of the guard giving up (``gave_up``), by the number of the
+    rewind that ended each one's pass, as the replay raises them."""
+    gave_up = note.get("gave_up", [])
+    if not isinstance(gave_up, list) or not all(isinstance(e, dict) for e in gave_up):
         raise audit.LogError(
-            f"record seq {note.get('seq')}: gave_up is {gave_up!r}, not an object; the log was "
-            "damaged or written by another version"
+            f"record seq {note.get('seq')}: gave_up is {gave_up!r}, not a list of objects; the "
+            "log was damaged or written by another version"
         )
-    step, reason = _number(gave_up, "step", int), str(gave_up.get("reason"))
-    value = _number(gave_up, "value", float)
-    return Trouble(step, str(gave_up.get("signal")), value, f"replay: {reason}"), reason
+    found = []
+    for e in gave_up:
+        reason = str(e.get("reason"))
+        step, value = _number(e, "step", int), _number(e, "value", float)
+        trouble = Trouble(step, str(e.get("signal")), value, f"replay: {reason}")
+        found.append((_number(e, "rewind", int), (trouble, reason)))
+    return found
 
 
 class _FollowsTrace:

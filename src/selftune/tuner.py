@@ -246,8 +246,12 @@ class SelfTuned(torch.optim.Optimizer):
         self._rewound = 0
         self.rewinds: list[tuple[int, int, int]] = []
         #: the guard's escalate event (step, signal, value, reason) where it raised
-        #: GuardError: no more steps until a state is loaded
+        #: GuardError: no more steps until a state is loaded; and where the log and trace
+        #: ended before its record, where a state saved after it stands (see :meth:`state_dict`)
         self._gave_up: dict[str, Any] | None = None
+        self._before_escalate: tuple[dict[str, Any] | None, int] = (None, 0)
+        #: the escalate event of each of this wrapper's rewinds that followed one, by number
+        self._gave_ups: dict[int, dict[str, Any]] = {}
         #: the step that raised part-way (an interrupt, a full disk, an optimizer's error): its
         #: weights may have moved with no record, so no step or state until a state is loaded
         self._broken_at: int | None = None
@@ -652,6 +656,8 @@ class SelfTuned(torch.optim.Optimizer):
         if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
+        log = None if self._log is None else self._log.position()
+        log, trace = (log, self._trace_bytes) if self._gave_up is None else self._before_escalate
         sd["selftune"] = {
             "step": self.step_count,
             "scales": list(self._scales),
@@ -664,8 +670,11 @@ class SelfTuned(torch.optim.Optimizer):
             "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
-            "log": None if self._log is None else self._log.position(),
-            "trace": self._trace_bytes,  # trace.jsonl's size (rank 0's; 0 with no run folder)
+            # where the log and trace.jsonl end (rank 0's; None and 0 with no run folder); after
+            # the guard gave up, before its escalate record: the state is of the step before,
+            # and a load of it cuts the record, as a load of any older state does
+            "log": log,
+            "trace": trace,
             # a shared metric no step's proposals have read yet, and where it was measured;
             # one observed here that no step has shared yet
             "metric": {
@@ -793,10 +802,11 @@ class SelfTuned(torch.optim.Optimizer):
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=_outside_frames())
-        self._rewound = max(self._rewound, own.get("rewinds", 0))
-        self._note_rewind(gave_up)
+        saved = own.get("rewinds", 0)
+        self._rewound = max(self._rewound, saved)
+        self._note_rewind(gave_up, saved)
 
-    def _note_rewind(self, gave_up: dict[str, Any] | None) -> None:
+    def _note_rewind(self, gave_up: dict[str, Any] | None, saved: int) -> None:
         """Log a state loaded into this wrapper after it had stepped past it: a script that
         rewinds in its own process (a learning-rate finder's loop, a retry after an error)
         threw those steps away, and its replay runs them again with no record of them (the
@@ -805,15 +815,19 @@ class SelfTuned(torch.optim.Optimizer):
         names the furthest step this wrapper took: a rewind since, to an older state, cut the
         notes after it, so each is numbered (``rewind``): the replay's are matched by number.
         Where the guard gave up (a retry after GuardError), the escalate record was cut too,
-        and the note holds it, for the replay to raise the same GuardError there.  A resume in
-        a fresh wrapper rewinds nothing: its replay runs straight on, and its log is the one
-        of a run that never stopped."""
+        and the note holds it (``gave_up``), for the replay to raise the same GuardError there,
+        with those of the notes this load cut (numbered past the state's ``saved`` count).  A
+        resume in a fresh wrapper rewinds nothing: its replay runs straight on, and its log is
+        the one of a run that never stopped."""
         if self.step_count >= self._furthest:
             return
         self._rewound += 1
         self.rewinds.append((self._rewound, self.step_count, self._furthest))
+        if gave_up is not None:
+            self._gave_ups[self._rewound] = gave_up
         if self._log is None:
             return
+        carried = [{"rewind": n, **e} for n, e in sorted(self._gave_ups.items()) if n > saved]
         note = {
             "kind": "note",
             "step": self.step_count,
@@ -823,7 +837,7 @@ class SelfTuned(torch.optim.Optimizer):
             "rewound_from": self._furthest,
             "rewind": self._rewound,
         }
-        self._log.append(note if gave_up is None else {**note, "gave_up": gave_up})
+        self._log.append({**note, "gave_up": carried} if carried else note)
 
     def _read_start(self) -> None:
         """The rates the bounds are factors of, read again at the first step where a scheduler
@@ -890,14 +904,9 @@ class SelfTuned(torch.optim.Optimizer):
                 "saved before that step"
             )
         saved = own.get("rewinds")  # how many rewinds the run had made when it was saved
-        for number, at, _ in self.rewinds:
-            if saved is not None and number > saved and at < own["step"]:
-                raise ConfigError(
-                    f"this state was saved at step {own['step']}, before a load since took the "
-                    f"run back to step {at}: steps {at + 1}-{own['step']} of it were thrown away "
-                    "there, and the log and trace no longer hold them. Load a state saved after "
-                    "that load"
-                )
+        back = [
+            at for number, at, _ in self.rewinds if saved is not None and number > saved
+        ]  # (every rank's own; rank 0's log below tells a fresh wrapper of the run's)
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
@@ -918,7 +927,16 @@ class SelfTuned(torch.optim.Optimizer):
             )
         # a checkpoint of another run folder: refused here, before its weights and step load
         if self._log is not None and own.get("log") is not None:
-            self._log.check_position(own["log"])
+            after = self._log.check_position(own["log"])
+            back += [r["step"] for r in after if "rewound_from" in r and "step" in r]
+        back = [at for at in back if at < own["step"]]
+        if back:
+            raise ConfigError(
+                f"this state was saved at step {own['step']}, before a load since took the run "
+                f"back to step {min(back)}: steps {min(back) + 1}-{own['step']} of it were thrown "
+                "away there, and the log and trace no longer hold them. Load a state saved "
+                "after that load"
+            )
         # the last update, one tensor per parameter: torch loads the inner state of parameters
         # of other shapes without a word, and the run failed in a later step's arithmetic
         saved = own["tracker"]["prev"] or []
@@ -1462,6 +1480,8 @@ class SelfTuned(torch.optim.Optimizer):
             # a rewind's note goes: its record, which a load cuts, was written
             self._gave_up = {"step": trouble.step, **event}
             self._furthest = max(self._furthest, trouble.step)
+            log = None if self._log is None else self._log.position()
+            self._before_escalate = (log, self._trace_bytes)
             self._after(trouble.step, signals, [], event)
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
