@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -1062,6 +1063,66 @@ def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> N
     written = " ".join(t.tensor_proto.string_val[0].decode() for t in texts)
     for d in decisions:
         assert d.reason in written
+
+
+def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
+    tmp_path: Path,
+) -> None:
+    """A state loaded back to step 10 in the same process, then a checkpoint of step 20
+    resumed by a new optimizer and writer over the same folders: TensorBoard drew steps 11-20
+    twice and went back in step, where the run folder's log and trace cut what was redone.
+    The owned writer now purges from where the steps are redone, and each step reads as the
+    trace holds it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.tensorboard import TensorBoardWriter
+    from selftune.report import read_trace
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    initial = deepcopy(model.state_dict())
+
+    def build() -> tuple[selftune.SelfTuned, TensorBoardWriter]:
+        model.load_state_dict(initial)  # as a new process builds it, before the checkpoint
+        sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+        opt = selftune.wrap(sgd, "hypergradient", log_dir=tmp_path / "run")
+        writer = TensorBoardWriter(tmp_path / "tb")
+        opt.add_listener(writer)
+        return opt, writer
+
+    def steps(opt: selftune.SelfTuned, n: int) -> None:
+        for _ in range(n):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+    opt, writer = build()
+    steps(opt, 10)
+    kept = deepcopy((model.state_dict(), opt.state_dict()))
+    steps(opt, 10)
+    model.load_state_dict(kept[0])
+    opt.load_state_dict(kept[1])
+    steps(opt, 10)
+    kept = deepcopy((model.state_dict(), opt.state_dict()))
+    steps(opt, 5)
+    writer.close()
+    opt.close()
+    opt, writer = build()  # a new process, from the checkpoint of step 20
+    model.load_state_dict(kept[0])
+    opt.load_state_dict(kept[1])
+    steps(opt, 10)
+    writer.close()
+    opt.close()
+    trace = read_trace(tmp_path / "run")
+    assert [r["step"] for r in trace] == list(range(1, 31))
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    drawn = [(s.step, s.value) for s in acc.Scalars("selftune/group0/lr")]
+    assert drawn == [(r["step"], pytest.approx(r["hp"][0]["lr"])) for r in trace]
+    assert len({r["hp"][0]["lr"] for r in trace}) > 10  # the rate moved: the values tell
 
 
 def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(

@@ -8,17 +8,26 @@ selftune's scale on top of any scheduler) and ``selftune/loss`` every ``every`` 
 guard event as text under ``selftune/decisions`` and ``selftune/guard``, with the reason in
 words, at the step it was made.  Uses ``torch.utils.tensorboard``, which needs the
 ``tensorboard`` package.
+
+A writer that owns its folder hides what a resume redoes, as the run folder's log cuts it: one
+made at a step past the first (a run resumed from a checkpoint into the same folder) purges
+the folder's points from that step on, and a step that goes back (a state loaded into the same
+optimizer) purges from there, so TensorBoard draws each step once, the run's own.  A writer
+shared with the rest of the training is left as given: its owner purges its points on a resume
+(``SummaryWriter(purge_step=...)``), since a purge hides every tag of the folder.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from selftune.integrations import needs
 
 with needs("tensorboard"):
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
     from torch.utils.tensorboard import SummaryWriter
 
 from selftune.errors import ConfigError
@@ -71,8 +80,9 @@ class TensorBoardWriter:
         self.writer: SummaryWriter | None = None
         self._target, self._resolved, self._owned = writer_or_logdir, False, False
         self.prefix, self.every = prefix, every
+        self._last = 0  # the last step written
 
-    def _resolve(self) -> SummaryWriter | None:
+    def _resolve(self, step: int) -> SummaryWriter | None:
         """The writer, decided at the first event: on rank 0 only under torch.distributed, as
         the run folder is written (a DDP script adds its writers on every rank, and each wrote
         the whole run again), and not before, since a writer built before the process group
@@ -81,15 +91,22 @@ class TensorBoardWriter:
         if not self._resolved:  # resolved once made: a folder that failed fails again
             if is_rank_zero() and isinstance(self._target, SummaryWriter):
                 self.writer = self._target
-            elif is_rank_zero():
-                self.writer, self._owned = SummaryWriter(str(self._target)), True
+            elif is_rank_zero():  # a resume's first step purges the steps the run redoes
+                purge = step if step > 1 else None
+                self.writer = SummaryWriter(str(self._target), purge_step=purge)
+                self._owned = True
             self._resolved = True
         return self.writer
 
     def __call__(self, event: StepEvent) -> None:
-        w, step = self._resolve(), event.step
+        w, step = self._resolve(event.step), event.step
         if w is None:
             return
+        if self._owned and step <= self._last:  # a rewind: its steps are redone from here
+            start, events = SessionLog(status=SessionLog.START), w.file_writer
+            assert events is not None  # made with the SummaryWriter
+            events.add_event(Event(wall_time=time.time(), step=step, session_log=start))
+        self._last = step
         # every ``every`` steps only: ``auto`` decides at most steps, and a condition on
         # decisions wrote every step whatever ``every`` was
         if step % self.every == 0:
