@@ -1327,7 +1327,8 @@ def test_mlflow_writer_resumed_into_its_run_continues_the_parts_and_the_count(
     into the same MLflow run, it runs to 12.  The resumed writer began at part 0 with a count
     of 0: its first flush overwrote the rows uploaded before it, and the count restarted at 1.
     Now it continues: the rows uploaded stay, steps 7 to 9 twice (the run folder cut the first
-    pass's), and the resumed rows follow, in parts of ``PART_ROWS`` named in order."""
+    pass's), and the resumed rows follow, in parts of ``PART_ROWS`` named in order: the first
+    pass's last part, not full, is filled before the next begins."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -1335,7 +1336,7 @@ def test_mlflow_writer_resumed_into_its_run_continues_the_parts_and_the_count(
     from selftune.integrations.mlflow import MLflowWriter
 
     uri = _mlflow_uri(tmp_path, monkeypatch)
-    monkeypatch.setattr(mlflow_writer, "PART_ROWS", 4)
+    monkeypatch.setattr(mlflow_writer, "PART_ROWS", 3)  # the first pass's 8 rows: 3, 3, 2
     with mlflow.start_run() as run:
         run_id = run.info.run_id
     folder, checkpoint = tmp_path / "run", tmp_path / "ckpt.pt"
@@ -1372,7 +1373,10 @@ def test_mlflow_writer_resumed_into_its_run_continues_the_parts_and_the_count(
     kept = rows[:5] + rows[8:]  # less the first pass's rows past the checkpoint
     assert [(r["step"], r["new"]) for r in kept] == [(r["step"], r["new"]) for r in logged]
     parts = client.list_artifacts(run_id, "selftune/decisions")
-    assert [Path(f.path).name for f in parts] == [f"{i:05d}.jsonl" for i in range(4)]
+    assert [Path(f.path).name for f in parts] == [f"{i:05d}.jsonl" for i in range(5)]
+    local = Path(client.download_artifacts(run_id, "selftune/decisions", str(tmp_path)))
+    sizes = [len((local / Path(f.path).name).read_text().splitlines()) for f in parts]
+    assert sizes == [3, 3, 3, 3, 2]
     counts = client.get_metric_history(run_id, "selftune/decisions")
     assert sorted((m.step, m.value) for m in counts) == sorted(
         (t, i + 1.0) for i, t in enumerate(steps)

@@ -21,7 +21,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,7 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_options(config.get("options"), options, where)
     tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
     tuned.guard = guard if guard is not False else None
-    passes.made = tuned.rewinds
+    passes.made = lambda: tuned.rewinds
     tuned.add_listener(_FollowsTrace(log_dir, controller.added, passes))
     return tuned
 
@@ -249,7 +249,8 @@ class _Passes:
     (``rewound_from``), numbered; the replay, running the same script, makes the same ones, and
     until it has made a logged one, the steps that rewind went back over are a pass the log
     holds nothing of: nothing is decided or checked there.  A rewind that a later one cut from
-    the log leaves a gap in the numbers, which the replay's own pass through.  Where the run's
+    the log leaves a gap in the numbers, which the replay's own pass through (a log written
+    before the notes were numbered is matched in order, by step and reach).  Where the run's
     guard gave up in a pass (a retry after GuardError), the note of the rewind that ended it,
     or of the one that cut that note, holds the escalate record, and the replay raises the same
     GuardError there, in the pass of that number alone.
@@ -257,18 +258,16 @@ class _Passes:
 
     def __init__(self, records: list[dict[str, Any]]) -> None:
         notes = [r for r in records if r.get("kind") == "note" and "rewound_from" in r]
+        reach = [(_number(r, "step", int), _number(r, "rewound_from", int)) for r in notes]
         #: the run's rewinds by number: the step it went back to and the furthest step taken
-        self._logged = {
-            _number(r, "rewind", int) if "rewind" in r else i + 1: (  # (older logs: in order)
-                _number(r, "step", int),
-                _number(r, "rewound_from", int),
-            )
-            for i, r in enumerate(notes)
-        }
+        pairs = list(zip(notes, reach, strict=True))
+        self._logged = {_number(r, "rewind", int): e for r, e in pairs if "rewind" in r}
+        #: those of a log written before they were numbered, in order, until the replay's match
+        self._unnumbered = [e for r, e in pairs if "rewind" not in r]
         #: where the guard gave up in the pass each numbered rewind ended, as the replay raises it
         self._escalations = {n: e for r in notes for n, e in _escalations(r)}
         #: the replay's own rewinds so far, in order (its optimizer's, once it is built)
-        self.made: list[tuple[int, int, int]] = []
+        self.made: Callable[[], Sequence[tuple[int, int, int]]] = tuple
         self._read = 0  # of the replay's rewinds, those already matched
         self._done = 0  # the number of its last one
 
@@ -278,7 +277,8 @@ class _Passes:
         stepped past where the run rewound, or rewound elsewhere."""
         if self.gave_up(step) is not None:
             return True
-        pending = [entry for n, entry in sorted(self._logged.items()) if n > self._done]
+        pending = [e for n, e in sorted(self._logged.items()) if n > self._done]
+        pending += self._unnumbered
         if pending and step > pending[0][1]:
             _left(
                 step,
@@ -290,7 +290,10 @@ class _Passes:
     def gave_up(self, step: int) -> tuple[Trouble, str] | None:
         """The trouble and GuardError message where the run's guard gave up at ``step`` in the
         pass the replay is in, which a rewind since threw away."""
-        for number, at, furthest in self.made[self._read :]:
+        made = self.made()
+        for number, at, furthest in made[self._read :]:
+            if self._unnumbered and self._unnumbered[0] == (at, furthest):
+                self._logged[number] = self._unnumbered.pop(0)
             logged = self._logged.get(number)
             if logged is not None and logged != (at, furthest):
                 _left(
@@ -299,7 +302,7 @@ class _Passes:
                     f"from step {logged[1]} to step {logged[0]}",
                 )
             self._done = number
-        self._read = len(self.made)
+        self._read = len(made)
         escalation = self._escalations.get(self._done + 1)
         return escalation if escalation is not None and escalation[0].step == step else None
 
@@ -314,7 +317,8 @@ def _escalations(note: dict[str, Any]) -> list[tuple[int, tuple[Trouble, str]]]:
             "log was damaged or written by another version"
         )
     found = []
-    for e in gave_up:
+    for entry in gave_up:
+        e = {**entry, "seq": note.get("seq")}  # (an error names the note)
         reason = str(e.get("reason"))
         step, value = _number(e, "step", int), _number(e, "value", float)
         trouble = Trouble(step, str(e.get("signal")), value, f"replay: {reason}")
@@ -456,7 +460,7 @@ def _check_matches(manifest: dict[str, Any], optimizer: torch.optim.Optimizer, w
 
 def _number(record: dict[str, Any], key: str, kind: type[int] | type[float]) -> Any:
     """``record[key]`` as an int or float ("nan" and "inf" are how the log stores those)."""
-    value = record[key]
+    value: Any = record.get(key)  # (missing: None, refused as any other)
     try:
         if isinstance(value, bool) or (kind is int and not isinstance(value, int)):
             raise ValueError

@@ -241,10 +241,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
         self._furthest = 0
         #: how many loads of a state the run had stepped past it has made (a state saved
-        #: carries it on), and this wrapper's own, in order: (their number, the state's step,
-        #: the furthest step taken); a replay matches its own with the run's notes of them
+        #: carries it on), and this wrapper's own (see :attr:`rewinds`)
         self._rewound = 0
-        self.rewinds: list[tuple[int, int, int]] = []
+        self._rewinds: list[tuple[int, int, int]] = []
         #: the guard's escalate event (step, signal, value, reason) where it raised
         #: GuardError: no more steps until a state is loaded; and where the log and trace
         #: ended before its record, where a state saved after it stands (see :meth:`state_dict`)
@@ -719,11 +718,13 @@ class SelfTuned(torch.optim.Optimizer):
         self._furthest = max(self._furthest, self.step_count)
         sd = dict(state_dict)
         own = sd.pop("selftune", None)
-        if own is not None and own["step"] < self._furthest:
-            # a rewind: torch's load keeps the dict's tensors as the optimizer's state, which the
-            # steps after it change in place, so a state kept to go back to twice (a retry of a
-            # retry) held, the second time, where the thrown-away steps had left it; the run's
-            # course hung on steps its log holds nothing of, and its replay could not follow
+        if own is not None and own["step"] <= self._furthest:
+            # a rewind, or a state of the step it stands at (a retry loop's first load of the
+            # state it keeps): torch's load keeps the dict's tensors as the optimizer's state,
+            # which the steps after it change in place, so a state kept to go back to again held,
+            # the next time, where the thrown-away steps had left it; the run's course hung on
+            # steps its log holds nothing of, and its replay could not follow.  (A resume in a
+            # fresh wrapper, from a file, is not copied.)
             sd, own = _clone(sd), _clone(own)
         # this wrapper's own state, as it stands: accelerate loads each optimizer's own state
         # when it prepares it, before the Hugging Face Trainer loads the checkpoint to resume
@@ -822,7 +823,7 @@ class SelfTuned(torch.optim.Optimizer):
         if self.step_count >= self._furthest:
             return
         self._rewound += 1
-        self.rewinds.append((self._rewound, self.step_count, self._furthest))
+        self._rewinds.append((self._rewound, self.step_count, self._furthest))
         if gave_up is not None:
             self._gave_ups[self._rewound] = gave_up
         if self._log is None:
@@ -903,10 +904,10 @@ class SelfTuned(torch.optim.Optimizer):
                 "update may have been made without its record): resume from a checkpoint "
                 "saved before that step"
             )
-        saved = own.get("rewinds")  # how many rewinds the run had made when it was saved
-        back = [
-            at for number, at, _ in self.rewinds if saved is not None and number > saved
-        ]  # (every rank's own; rank 0's log below tells a fresh wrapper of the run's)
+        # the rewinds made since it was saved (every rank's own; rank 0's log below tells a
+        # fresh wrapper of the run's)
+        count = own.get("rewinds")
+        back = [at for n, at, _ in self._rewinds if count is not None and n > count]
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
@@ -1119,6 +1120,13 @@ class SelfTuned(torch.optim.Optimizer):
         if self._trace_closer is not None:
             self._trace_closer()
             self._trace = self._trace_closer = None
+
+    @property
+    def rewinds(self) -> tuple[tuple[int, int, int], ...]:
+        """Each load of a state this optimizer had stepped past (a script that rewinds in its
+        own process), in order: its number in the run, the step loaded, the furthest step
+        taken.  The log notes each; a replay matches its own with them."""
+        return tuple(self._rewinds)
 
     def __repr__(self) -> str:
         return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
