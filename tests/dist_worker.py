@@ -483,8 +483,9 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     """Where rank 0 alone gives a ``log_dir`` (the others None), what only rank 0 sees of its
     folder (taken over by a wrapper since, holding steps of a run not resumed, closed) refuses
     the step on every rank alike: rank 0 refused alone, before the step's collective, which
-    the other ranks' step then paired with its next one (gloo aborted the processes); and a
-    wrap on a folder that holds another run's log, which raised on rank 0 alone."""
+    the other ranks' step then paired with its next one (gloo aborted the processes); a
+    wrap on a folder that holds another run's log, which raised on rank 0 alone; and a state
+    of another run folder, which rank 0 alone refused to load."""
     said: dict[str, str | None] = {}
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     folder = out / "handed" if rank == 0 else None
@@ -506,6 +507,20 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     except selftune.SelfTuneError as err:
         said["other-run"] = f"{type(err).__name__}: {err}"
     said["after"] = _step_says(model, make_optimizer("sgd", model, None), 3, rank)
+    # a state of another run folder, which rank 0 alone tells from its log, loaded on every
+    # rank: rank 0 refused it alone, and the other ranks loaded it
+    source = make_optimizer("sgd", model, out / "source" if rank == 0 else None)
+    other = make_optimizer("sgd", model, out / "another" if rank == 0 else None)
+    for step in range(1, 9):  # the range test's first decisions: records in both logs
+        _step_says(model, source, step, rank)
+        _step_says(model, other, step, rank)
+    foreign = source.state_dict()
+    try:
+        other.load_state_dict(foreign)
+        said["foreign-state"] = None
+    except selftune.SelfTuneError as err:
+        said["foreign-state"] = f"{type(err).__name__}: {err}"
+    said["after-foreign"] = _step_says(model, other, 9, rank)
     return said
 
 

@@ -274,10 +274,12 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     steps of a run not resumed, or closed refused the step on rank 0 before the collective,
     which rank 1's step then paired with rank 0's next one (gloo aborted both); a folder
     holding another run's log refused the wrap on rank 0 alone, and rank 1 then failed with a
-    closed connection."""
+    closed connection; a state of another run folder, which rank 0 alone tells from its log,
+    was refused on rank 0 and loaded on rank 1, whose weights and rates then went their own
+    way with no word.  Each is refused on every rank, and the run goes on whole."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
-    for key in ("second", "third", "after"):
+    for key in ("second", "third", "after", "after-foreign"):
         assert [s[key] for s in said] == [None, None], key
     for key, words in [
         ("taken", "was taken over"),
@@ -291,6 +293,9 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
         and "log of another run" in said[0]["other-run"]
     )
     assert said[1]["other-run"].startswith("ConfigError: rank 0 could not open its run folder")
+    assert said[0]["foreign-state"].startswith("LogError: the checkpoint does not match")
+    refused = "ConfigError: rank 0 could not load this state (LogError: the checkpoint does not"
+    assert said[1]["foreign-state"].startswith(refused)
 
 
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(

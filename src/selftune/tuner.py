@@ -29,7 +29,7 @@ import torch
 
 from selftune import knobs as knobs_io
 from selftune import shards
-from selftune.audit import FOLLOWS, append_line
+from selftune.audit import FOLLOWS, LogError, append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
@@ -879,7 +879,22 @@ class SelfTuned(torch.optim.Optimizer):
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
         another number of param groups, another optimizer class or another controller (older
-        states name neither: only the groups are checked), or if it is no optimizer's state."""
+        states name neither: only the groups are checked), or if it is no optimizer's state;
+        :class:`~selftune.audit.LogError` if it is a state of another run folder.
+
+        Under ``torch.distributed`` a collective, as a load is (every rank loads the run's
+        state): what one rank refuses, every rank refuses, naming it.  Rank 0 alone reads the
+        log, and its refusal of another folder's checkpoint, or of one a rewind threw away,
+        left the other ranks loading it and then waiting at the next step's collective."""
+        failed: Exception | None = None
+        try:
+            self._check_fits_here(state_dict)
+        except (ConfigError, LogError) as err:
+            failed = err
+        shards.refuse_on_every_rank(failed, "load this state")
+
+    def _check_fits_here(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`check_fits` on this rank."""
         keys = {"state", "param_groups"}
         if not isinstance(state_dict, Mapping) or not keys <= state_dict.keys():
             got = type(state_dict).__name__
