@@ -670,8 +670,8 @@ class SelfTuned(torch.optim.Optimizer):
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             # where the log and trace.jsonl end (rank 0's; None and 0 with no run folder); after
-            # the guard gave up, before its escalate record: the state is of the step before,
-            # and a load of it cuts the record, as a load of any older state does
+            # the guard gave up, before its escalate record, whose step the state never took: a
+            # load of it cuts the record, as a load of any older state does
             "log": log,
             "trace": trace,
             # a shared metric no step's proposals have read yet, and where it was measured;
