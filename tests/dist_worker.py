@@ -501,6 +501,12 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     if rank == 0:
         closing.close()
     said["closed"] = _step_says(model, closing, 2, rank)
+    kept = closing.state_dict()
+    try:  # a load, which rank 0 alone refused (closed) before the ranks' check of the state
+        closing.load_state_dict(kept)
+        said["closed-load"] = None
+    except selftune.SelfTuneError as err:
+        said["closed-load"] = f"{type(err).__name__}: {err}"
     try:  # the weights moved at step 1 of `closing`: another run's folder, which rank 0 alone opens
         make_optimizer("sgd", model, folder)
         said["other-run"] = None

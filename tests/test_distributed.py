@@ -276,7 +276,9 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     holding another run's log refused the wrap on rank 0 alone, and rank 1 then failed with a
     closed connection; a state of another run folder, which rank 0 alone tells from its log,
     was refused on rank 0 and loaded on rank 1, whose weights and rates then went their own
-    way with no word.  Each is refused on every rank, and the run goes on whole."""
+    way with no word; and a load into an optimizer closed on rank 0 alone, which rank 0 refused
+    before the ranks' check of the state, where rank 1 waited.  Each is refused on every rank,
+    and the run goes on whole."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
     for key in ("second", "third", "after", "after-foreign"):
@@ -293,6 +295,8 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
         and "log of another run" in said[0]["other-run"]
     )
     assert said[1]["other-run"].startswith("ConfigError: rank 0 could not open its run folder")
+    assert said[0]["closed-load"].startswith("ConfigError: this selftune optimizer's run folder")
+    assert said[1]["closed-load"].startswith("ConfigError: rank 0 could not load this state")
     assert said[0]["foreign-state"].startswith("LogError: the checkpoint does not match")
     refused = "ConfigError: rank 0 could not load this state (LogError: the checkpoint does not"
     assert said[1]["foreign-state"].startswith(refused)

@@ -29,7 +29,7 @@ import torch
 
 from selftune import knobs as knobs_io
 from selftune import shards
-from selftune.audit import FOLLOWS, LogError, append_line
+from selftune.audit import FOLLOWS, append_line
 from selftune.average import WeightAverage, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
@@ -709,9 +709,13 @@ class SelfTuned(torch.optim.Optimizer):
             post_hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_open("loading a state")  # it would cut back a log that is closed
-        self._check_outside_average("loading a state")
-        self.check_fits(state_dict)  # before anything loads: a refused state changes nothing
+        def refused_here() -> None:  # before anything loads: a refused state changes nothing
+            self._check_open("loading a state")  # it would cut back a log that is closed
+            self._check_outside_average("loading a state")
+            self._check_fits_here(state_dict)
+
+        # in one collective with the checks of fit: rank 0 alone may be closed or taken over
+        self._refuse_on_every_rank(refused_here)
         # a run resumed from before the guard gave up goes on (the rewind's note says where)
         gave_up, self._gave_up = self._gave_up, None
         self._broken_at = None  # as does one resumed from before a step that broke off
@@ -886,10 +890,17 @@ class SelfTuned(torch.optim.Optimizer):
         state): what one rank refuses, every rank refuses, naming it.  Rank 0 alone reads the
         log, and its refusal of another folder's checkpoint, or of one a rewind threw away,
         left the other ranks loading it and then waiting at the next step's collective."""
+        self._refuse_on_every_rank(lambda: self._check_fits_here(state_dict))
+
+    @staticmethod
+    def _refuse_on_every_rank(check: Callable[[], None]) -> None:
+        """Run a load's ``check``; what it raises on any rank (whatever the error: a rank that
+        raised alone, before the collective, left the others waiting in it) is raised on every
+        rank, by :func:`shards.refuse_on_every_rank`."""
         failed: Exception | None = None
         try:
-            self._check_fits_here(state_dict)
-        except (ConfigError, LogError) as err:
+            check()
+        except Exception as err:  # raised below, where it was raised and named on the others
             failed = err
         shards.refuse_on_every_rank(failed, "load this state")
 
