@@ -269,7 +269,10 @@ class _Passes:
         #: the replay's own rewinds so far, in order (its optimizer's, once it is built)
         self.made: Callable[[], Sequence[tuple[int, int, int]]] = tuple
         self._read = 0  # of the replay's rewinds, those already matched
-        self._done = 0  # the number of its last one
+        #: what the replay has still to meet: the run's rewinds it has not made, in order, and
+        #: where the guard gave up in the pass it is in; read again after each of its rewinds
+        self._pending = [e for _, e in sorted(self._logged.items())] + self._unnumbered
+        self._escalation = self._escalations.get(1)
 
     def thrown_away(self, step: int) -> bool:
         """Whether ``step``, in the replay's pass now, is one a logged rewind went back over,
@@ -277,8 +280,7 @@ class _Passes:
         stepped past where the run rewound, or rewound elsewhere."""
         if self.gave_up(step) is not None:
             return True
-        pending = [e for n, e in sorted(self._logged.items()) if n > self._done]
-        pending += self._unnumbered
+        pending = self._pending
         if pending and step > pending[0][1]:
             _left(
                 step,
@@ -290,7 +292,15 @@ class _Passes:
     def gave_up(self, step: int) -> tuple[Trouble, str] | None:
         """The trouble and GuardError message where the run's guard gave up at ``step`` in the
         pass the replay is in, which a rewind since threw away."""
+        self._catch_up()
+        escalation = self._escalation
+        return escalation if escalation is not None and escalation[0].step == step else None
+
+    def _catch_up(self) -> None:
+        """Match the rewinds the replay has made since the last call with the run's."""
         made = self.made()
+        if len(made) == self._read:  # (every call but the one after a rewind)
+            return
         for number, at, furthest in made[self._read :]:
             if self._unnumbered and self._unnumbered[0] == (at, furthest):
                 self._logged[number] = self._unnumbered.pop(0)
@@ -301,10 +311,11 @@ class _Passes:
                     f"the replay went back to step {at} (its rewind {number}), the logged run "
                     f"from step {logged[1]} to step {logged[0]}",
                 )
-            self._done = number
+            done = number
         self._read = len(made)
-        escalation = self._escalations.get(self._done + 1)
-        return escalation if escalation is not None and escalation[0].step == step else None
+        self._pending = [e for n, e in sorted(self._logged.items()) if n > done]
+        self._pending += self._unnumbered
+        self._escalation = self._escalations.get(done + 1)
 
 
 def _escalations(note: dict[str, Any]) -> list[tuple[int, tuple[Trouble, str]]]:

@@ -12,6 +12,7 @@ parameter's, and the ranks' hashes are combined (:func:`whole_sha256`) into the 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,11 +52,18 @@ def any_rank(flag: bool) -> bool:
     return any(_gathered(flag))
 
 
-def refuse_on_every_rank(error: Exception | None, what: str) -> None:
-    """Raise ``error`` where it was raised, and under ``torch.distributed`` an error naming
-    that rank on every other: a rank that raised alone (rank 0, whose folder holds another
-    run's log) left the others at their next collective, which failed with a closed connection
-    and no word of why.  A collective: every rank calls it."""
+def refuse_on_every_rank(check: Callable[[], object], what: str) -> None:
+    """Run ``check``; what it raises on any rank (whatever the error) is raised there, and
+    under ``torch.distributed`` an error naming that rank on every other: a rank that raised
+    alone (rank 0, whose folder holds another run's log, or which alone reads the log a state
+    is checked against) left the others at their next collective, which failed with a closed
+    connection or waited out its timeout, and no word of why.  A collective: every rank calls
+    it."""
+    error: Exception | None = None
+    try:
+        check()
+    except Exception as err:  # raised below, where it was raised, and named on the others
+        error = err
     every = _gathered(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error

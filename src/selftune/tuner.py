@@ -269,13 +269,12 @@ class SelfTuned(torch.optim.Optimizer):
 
             params = [p for g in self.param_groups for p in g["params"]]
             digest = shards.whole_sha256(audit.params_sha256(params))
-            failed: Exception | None = None
-            if log_dir is not None:
-                try:
+
+            def open_log() -> None:  # on the ranks given a folder
+                if log_dir is not None:
                     self._open_log(Path(log_dir).expanduser(), digest)
-                except Exception as err:  # raised below, on every rank alike
-                    failed = err
-            shards.refuse_on_every_rank(failed, "open its run folder")
+
+            shards.refuse_on_every_rank(open_log, "open its run folder")
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
@@ -715,7 +714,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._check_fits_here(state_dict)
 
         # in one collective with the checks of fit: rank 0 alone may be closed or taken over
-        self._refuse_on_every_rank(refused_here)
+        shards.refuse_on_every_rank(refused_here, "load this state")
         # a run resumed from before the guard gave up goes on (the rewind's note says where)
         gave_up, self._gave_up = self._gave_up, None
         self._broken_at = None  # as does one resumed from before a step that broke off
@@ -890,19 +889,7 @@ class SelfTuned(torch.optim.Optimizer):
         state): what one rank refuses, every rank refuses, naming it.  Rank 0 alone reads the
         log, and its refusal of another folder's checkpoint, or of one a rewind threw away,
         left the other ranks loading it and then waiting at the next step's collective."""
-        self._refuse_on_every_rank(lambda: self._check_fits_here(state_dict))
-
-    @staticmethod
-    def _refuse_on_every_rank(check: Callable[[], None]) -> None:
-        """Run a load's ``check``; what it raises on any rank (whatever the error: a rank that
-        raised alone, before the collective, left the others waiting in it) is raised on every
-        rank, by :func:`shards.refuse_on_every_rank`."""
-        failed: Exception | None = None
-        try:
-            check()
-        except Exception as err:  # raised below, where it was raised and named on the others
-            failed = err
-        shards.refuse_on_every_rank(failed, "load this state")
+        shards.refuse_on_every_rank(lambda: self._check_fits_here(state_dict), "load this state")
 
     def _check_fits_here(self, state_dict: dict[str, Any]) -> None:
         """:meth:`check_fits` on this rank."""
@@ -930,10 +917,6 @@ class SelfTuned(torch.optim.Optimizer):
                 "update may have been made without its record): resume from a checkpoint "
                 "saved before that step"
             )
-        # the rewinds made since it was saved (every rank's own; rank 0's log below tells a
-        # fresh wrapper of the run's)
-        count = own.get("rewinds")
-        back = [at for n, at, _ in self._rewinds if count is not None and n > count]
         kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
         if kind is not None and kind != ours:
             raise ConfigError(
@@ -952,6 +935,10 @@ class SelfTuned(torch.optim.Optimizer):
                 f"the state dict was saved by a run wrapped with groups={mode!r}, this optimizer "
                 f"tunes its groups {ours!r}: wrap with groups={mode!r} to resume it"
             )
+        # the steps the rewinds made since it was saved went back to: this wrapper's own (on
+        # every rank), and those rank 0's log notes past its place (a fresh wrapper's)
+        count = own.get("rewinds")
+        back = [at for n, at, _ in self._rewinds if count is not None and n > count]
         # a checkpoint of another run folder: refused here, before its weights and step load
         if self._log is not None and own.get("log") is not None:
             after = self._log.check_position(own["log"])
