@@ -527,6 +527,16 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     except selftune.SelfTuneError as err:
         said["foreign-state"] = f"{type(err).__name__}: {err}"
     said["after-foreign"] = _step_says(model, other, 9, rank)
+    # a checkpoint that rank 0 saved where rank 1 cannot read it (not a shared folder): rank 1
+    # refused it alone, and rank 0 waited in the optimizer's check of the state
+    if rank == 0:
+        save_checkpoint(out / "ckpt-rank0.pt", model=model, optimizer=other, step=9)
+    try:
+        load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
+        said["unshared-checkpoint"] = None
+    except selftune.SelfTuneError as err:
+        said["unshared-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["after-unshared"] = _step_says(model, other, 10, rank)
     return said
 
 

@@ -277,11 +277,12 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     closed connection; a state of another run folder, which rank 0 alone tells from its log,
     was refused on rank 0 and loaded on rank 1, whose weights and rates then went their own
     way with no word; and a load into an optimizer closed on rank 0 alone, which rank 0 refused
-    before the ranks' check of the state, where rank 1 waited.  Each is refused on every rank,
-    and the run goes on whole."""
+    before the ranks' check of the state, where rank 1 waited; and a checkpoint rank 1 cannot
+    read (saved on rank 0's node), which rank 1 refused alone while rank 0 waited in the
+    check of the state.  Each is refused on every rank, and the run goes on whole."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
-    for key in ("second", "third", "after", "after-foreign"):
+    for key in ("second", "third", "after", "after-foreign", "after-unshared"):
         assert [s[key] for s in said] == [None, None], key
     for key, words in [
         ("taken", "was taken over"),
@@ -300,6 +301,8 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     assert said[0]["foreign-state"].startswith("LogError: the checkpoint does not match")
     refused = "ConfigError: rank 0 could not load this state (LogError: the checkpoint does not"
     assert said[1]["foreign-state"].startswith(refused)
+    assert said[1]["unshared-checkpoint"].startswith("CheckpointError: no checkpoint at")
+    assert said[0]["unshared-checkpoint"].startswith("CheckpointError: rank 1 could not load")
 
 
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(

@@ -320,6 +320,24 @@ def test_missing_damaged_and_foreign_files_are_named(
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=model, step=3)  # type: ignore[arg-type]
 
 
+def test_a_model_the_checkpoint_does_not_fit_is_refused_before_any_weight_loads(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
+) -> None:
+    """A model whose last layer is wider, loaded with a plain optimizer (whose state the
+    wrapper's check of shapes does not see): refused naming the key and both shapes, and the
+    layers that fit keep their weights (torch's strict load copied them, then raised)."""
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    wider = make_model()
+    wider[2] = torch.nn.Linear(wider[2].in_features, 2)
+    before = copy.deepcopy(wider.state_dict())
+    plain = torch.optim.SGD(wider.parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match=r"shapes: 2.weight saved \(1, \d+\), here \(2, "):
+        load_checkpoint(path, model=wider, optimizer=plain)
+    assert_same_state(before, wider.state_dict())
+    assert plain.state_dict()["state"] == {}
+
+
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

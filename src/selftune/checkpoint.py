@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
+from selftune import shards
 from selftune.audit import LogError
 from selftune.errors import ConfigError, SelfTuneError
 from selftune.tuner import SelfTuned, finish_offload, on_host
@@ -159,12 +161,28 @@ def load_checkpoint(
 
     Returns ``{"step": int, "extra": dict | None}``: continue the loop at ``step + 1``.  Raises
     :class:`CheckpointError` naming the file when it is missing, damaged, not a selftune
-    checkpoint, or saved from a different model.  The file is read with ``weights_only=True``:
-    a checkpoint cannot run code on load.
+    checkpoint, or saved from a different model, before anything loads.  The file is read with
+    ``weights_only=True``: a checkpoint cannot run code on load.  Under ``torch.distributed``,
+    with a selftune optimizer, a collective: what one rank refuses (a file its node lacks),
+    every rank refuses, naming it.
     """
     source = Path(path).expanduser()
-    payload = _read(source, map_location)
-    _check_fits(source, payload["optimizer"], optimizer)  # before the model is overwritten
+    read: dict[str, Any] = {}
+
+    def refused_here() -> None:  # before anything loads: a refused checkpoint changes nothing
+        read.update(_read(source, map_location))
+        _check_model_fits(source, _unwrap(model), read["model"])
+        _check_groups(source, read["optimizer"], optimizer)
+
+    if isinstance(optimizer, SelfTuned):
+        # under torch.distributed in one collective: a file missing on one rank's node, or a
+        # model built otherwise there, was refused on that rank alone, and the others waited in
+        # the optimizer's check of the state
+        shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
+    else:
+        refused_here()
+    payload = read
+    _check_tuning(source, payload["optimizer"], optimizer)
     try:
         _unwrap(model).load_state_dict(payload["model"])
     except RuntimeError as exc:
@@ -260,8 +278,37 @@ def _refuse_unloadable(payload: dict[str, Any], target: Path) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def _check_fits(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse an optimizer state that does not fit ``optimizer``, naming the difference."""
+def _check_model_fits(source: Path, module: torch.nn.Module, saved: Any) -> None:
+    """Refuse weights that do not fit ``module``, naming the keys and shapes that differ, before
+    any is loaded: torch's strict load copies every tensor that fits and only then raises, so a
+    refused checkpoint had overwritten part of the model."""
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{source} holds no model state dict: the checkpoint is damaged")
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in saved]
+    unexpected = [k for k in saved if k not in ours]
+    shapes = [
+        f"{k} saved {tuple(saved[k].shape)}, here {tuple(t.shape)}"
+        for k, t in ours.items()
+        if k in saved
+        and isinstance(saved[k], torch.Tensor)
+        and not is_lazy(t)
+        and saved[k].shape != t.shape
+    ]
+    said = [
+        f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+        for what, keys in [("lacks", missing), ("has more", unexpected), ("shapes", shapes)]
+        if keys
+    ]
+    if said:
+        raise CheckpointError(
+            f"{source} does not fit this model ({'; '.join(said)}): build the model the run "
+            "was saved from"
+        )
+
+
+def _check_groups(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer state for other param groups than ``optimizer``'s, naming them."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list):
         return  # not torch's layout: the optimizer's own load_state_dict judges it
@@ -273,7 +320,12 @@ def _check_fits(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> N
             f"optimizer has {ours}: build the optimizer the run was saved from (and add the "
             "groups a run added mid-way again) before loading"
         )
-    own = saved.get("selftune")
+
+
+def _check_tuning(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse selftune's state that does not fit ``optimizer`` (another controller, another
+    run folder's), naming why; warn where an unwrapped optimizer gets it."""
+    own = saved.get("selftune") if isinstance(saved, dict) else None
     if not isinstance(own, dict):
         return
     if not isinstance(optimizer, SelfTuned):

@@ -52,9 +52,11 @@ def any_rank(flag: bool) -> bool:
     return any(_gathered(flag))
 
 
-def refuse_on_every_rank(check: Callable[[], object], what: str) -> None:
+def refuse_on_every_rank(
+    check: Callable[[], object], what: str, raises: type[Exception] = ConfigError
+) -> None:
     """Run ``check``; what it raises on any rank (whatever the error) is raised there, and
-    under ``torch.distributed`` an error naming that rank on every other: a rank that raised
+    under ``torch.distributed`` a ``raises`` naming that rank on every other: a rank that raised
     alone (rank 0, whose folder holds another run's log, or which alone reads the log a state
     is checked against) left the others at their next collective, which failed with a closed
     connection or waited out its timeout, and no word of why.  A collective: every rank calls
@@ -69,7 +71,7 @@ def refuse_on_every_rank(check: Callable[[], object], what: str) -> None:
         raise error
     for rank, said in enumerate(every):
         if said is not None:
-            raise ConfigError(f"rank {rank} could not {what} ({said}); it is refused on every rank")
+            raise raises(f"rank {rank} could not {what} ({said}); it is refused on every rank")
 
 
 def check_same_settings(settings: dict[str, Any]) -> None:
