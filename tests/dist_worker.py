@@ -537,6 +537,17 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     except selftune.SelfTuneError as err:
         said["unshared-checkpoint"] = f"{type(err).__name__}: {err}"
     said["after-unshared"] = _step_says(model, other, 10, rank)
+    # and a file of each node's own, rank 1's newer: each rank loaded its own, and the ranks
+    # went on from different steps and weights, with no word
+    if rank == 0:
+        save_checkpoint(out / "ckpt-rank1.pt", model=model, optimizer=other, step=10)
+    dist.barrier()  # (rank 1 loads it)
+    try:
+        load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
+        said["older-checkpoint"] = None
+    except selftune.SelfTuneError as err:
+        said["older-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["after-older"] = _step_says(model, other, 11, rank)
     return said
 
 

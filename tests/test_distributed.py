@@ -279,10 +279,11 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     way with no word; and a load into an optimizer closed on rank 0 alone, which rank 0 refused
     before the ranks' check of the state, where rank 1 waited; and a checkpoint rank 1 cannot
     read (saved on rank 0's node), which rank 1 refused alone while rank 0 waited in the
-    check of the state.  Each is refused on every rank, and the run goes on whole."""
+    check of the state, or that is another file there (each node's own, rank 1's newer), which
+    each rank loaded.  Each is refused on every rank, and the run goes on whole."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
-    for key in ("second", "third", "after", "after-foreign", "after-unshared"):
+    for key in ("second", "third", "after", "after-foreign", "after-unshared", "after-older"):
         assert [s[key] for s in said] == [None, None], key
     for key, words in [
         ("taken", "was taken over"),
@@ -303,6 +304,10 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     assert said[1]["foreign-state"].startswith(refused)
     assert said[1]["unshared-checkpoint"].startswith("CheckpointError: no checkpoint at")
     assert said[0]["unshared-checkpoint"].startswith("CheckpointError: rank 1 could not load")
+    for says in said:
+        older = says["older-checkpoint"]
+        assert older.startswith("CheckpointError: rank 1 loads another checkpoint than rank 0")
+        assert "rank 1's saved at step 10, rank 0's at step 9" in older
 
 
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(

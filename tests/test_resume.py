@@ -338,6 +338,99 @@ def test_a_model_the_checkpoint_does_not_fit_is_refused_before_any_weight_loads(
     assert plain.state_dict()["state"] == {}
 
 
+class _Counted(torch.nn.Linear):
+    """Extra state as serialized bytes, whose length grows with the count (as some fp8
+    libraries keep their metadata)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(str(self.calls).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.calls = int(bytes(state.tolist()))
+
+
+class _Amax(torch.nn.Linear):
+    """Extra state that is None until the first forward."""
+
+    amax: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.amax = x.abs().amax()
+        return super().forward(x)
+
+    def get_extra_state(self) -> torch.Tensor | None:
+        return self.amax
+
+    def set_extra_state(self, state: torch.Tensor | None) -> None:
+        self.amax = state
+
+
+def _quantization_aware() -> torch.nn.Module:
+    """Per-channel fake quantization, whose observers' buffers take the saved shapes."""
+    from torch.ao import quantization
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).train()
+    model.qconfig = quantization.get_default_qat_qconfig("x86")
+    return quantization.prepare_qat(model)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: _Counted(8, 1), lambda: _Amax(8, 1), _quantization_aware],
+    ids=["extra-state-grows", "extra-state-from-none", "quantization-aware"],
+)
+def test_a_model_whose_load_takes_the_saved_shapes_resumes(tmp_path: Path, build: Any) -> None:
+    """Modules whose own load takes a buffer's saved shape (a quantization observer's scale, a
+    module's extra state that grows or starts as None) load as torch's load takes them: the
+    check of fit before the load looks at the parameters' shapes alone."""
+    torch.manual_seed(0)
+    model = build()
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01), "off", guard=False)
+    for _ in range(12):
+        loss = model(torch.randn(4, 8)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=12)
+    torch.manual_seed(0)
+    fresh = build()
+    again = selftune.wrap(torch.optim.SGD(fresh.parameters(), lr=0.01), "off", guard=False)
+    assert load_checkpoint(path, model=fresh, optimizer=again)["step"] == 12
+    assert_same_state(model.state_dict(), fresh.state_dict())
+
+
+def test_a_compiled_model_s_checkpoint_loaded_into_a_plain_one_says_so(tmp_path: Path) -> None:
+    """The keys of a ``torch.compile``'d model hold ``_orig_mod.``: the refusal says that the
+    one model was compiled and the other not, not that the model is another."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, None)
+    compiled = torch.compile(model, backend="eager")
+    path = save_checkpoint(tmp_path / "c.pt", model=compiled, optimizer=opt, step=0)
+    with pytest.raises(CheckpointError, match=r"torch\.compile'd and the other not"):
+        load_checkpoint(path, model=model, optimizer=opt)
+
+
+def test_a_lazy_parameter_not_yet_initialized_is_refused_at_save(tmp_path: Path) -> None:
+    """``weights_only`` refuses an uninitialized lazy parameter: the file saved before the
+    first forward was then refused as damaged."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        CheckpointError, match=r"model\['0\.(weight|bias)'\], a lazy module's .* forward"
+    ):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    assert not (tmp_path / "c.pt").exists()
+    model(torch.randn(2, 3))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] == 0
+
+
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

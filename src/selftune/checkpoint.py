@@ -37,6 +37,7 @@ follows it).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import random
@@ -164,7 +165,8 @@ def load_checkpoint(
     checkpoint, or saved from a different model, before anything loads.  The file is read with
     ``weights_only=True``: a checkpoint cannot run code on load.  Under ``torch.distributed``,
     with a selftune optimizer, a collective: what one rank refuses (a file its node lacks),
-    every rank refuses, naming it.
+    every rank refuses, naming it, as it refuses a file that is another on some rank (each
+    node's own disk holding its own checkpoint: the file is hashed once more for this).
     """
     source = Path(path).expanduser()
     read: dict[str, Any] = {}
@@ -174,11 +176,13 @@ def load_checkpoint(
         _check_model_fits(source, _unwrap(model), read["model"])
         _check_groups(source, read["optimizer"], optimizer)
 
-    if isinstance(optimizer, SelfTuned):
-        # under torch.distributed in one collective: a file missing on one rank's node, or a
-        # model built otherwise there, was refused on that rank alone, and the others waited in
-        # the optimizer's check of the state
+    if isinstance(optimizer, SelfTuned) and shards.across_ranks():
+        # in one collective: a file missing on one rank's node, or a model built otherwise
+        # there, was refused on that rank alone, and the others waited in the optimizer's check
+        # of the state; and a file of its own on each node, one of them older, loaded, and the
+        # ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
+        _check_same_file(source, read["step"])
     else:
         refused_here()
     payload = read
@@ -246,6 +250,12 @@ def _refuse_unloadable(payload: dict[str, Any], target: Path) -> None:
     seen: set[int] = set()  # a container met again (shared, or holding itself) is walked once
     while pending:
         where, value = pending.pop()
+        if is_lazy(value):  # a Tensor that weights_only refuses
+            raise CheckpointError(
+                f"cannot save {where}, a lazy module's parameter not yet initialized, in "
+                f"{target}: load_checkpoint could never read it. Run a forward pass first, "
+                "which gives it its shape; the previous checkpoint is kept"
+            )
         if isinstance(value, torch.Tensor) or type(value) in _PLAIN or id(value) in seen:
             continue
         seen.add(id(value))
@@ -287,24 +297,51 @@ def _check_model_fits(source: Path, module: torch.nn.Module, saved: Any) -> None
     ours = module.state_dict()
     missing = [k for k in ours if k not in saved]
     unexpected = [k for k in saved if k not in ours]
+    # the parameters' shapes alone: a buffer's may be the saved one's to take (a per-channel
+    # quantization observer's scale, a module's extra state), which its own load resizes to
     shapes = [
-        f"{k} saved {tuple(saved[k].shape)}, here {tuple(t.shape)}"
-        for k, t in ours.items()
-        if k in saved
-        and isinstance(saved[k], torch.Tensor)
-        and not is_lazy(t)
-        and saved[k].shape != t.shape
+        f"{k} saved {tuple(saved[k].shape)}, here {tuple(p.shape)}"
+        for k, p in module.named_parameters(remove_duplicate=False)
+        if isinstance(saved.get(k), torch.Tensor) and not is_lazy(p) and saved[k].shape != p.shape
     ]
     said = [
         f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-        for what, keys in [("lacks", missing), ("has more", unexpected), ("shapes", shapes)]
+        for what, keys in [
+            ("the checkpoint lacks", missing),
+            ("the checkpoint has more", unexpected),
+            ("shapes", shapes),
+        ]
         if keys
     ]
-    if said:
-        raise CheckpointError(
-            f"{source} does not fit this model ({'; '.join(said)}): build the model the run "
-            "was saved from"
+    if not said:
+        return
+    compiled = "_orig_mod."  # the prefix of a torch.compile'd model's keys
+    if {k.removeprefix(compiled) for k in saved} == {k.removeprefix(compiled) for k in ours}:
+        said.append(
+            "the run's model or this one was torch.compile'd and the other not: compile both, "
+            "or neither"
         )
+    else:
+        said.append("build the model the run was saved from")
+    raise CheckpointError(f"{source} does not fit this model ({'; '.join(said[:-1])}): {said[-1]}")
+
+
+def _check_same_file(source: Path, step: int) -> None:
+    """Refuse, on every rank, a checkpoint that is another file on some rank than on rank 0: a
+    run folder on each node's own disk, one of them holding an older checkpoint, resumed the
+    ranks at different steps and weights, with no word.  Its digest is read again from the
+    file, which the load just read (a collective: every rank calls it)."""
+    with source.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    every = shards.gathered((step, digest))
+    for rank, (theirs, their_digest) in enumerate(every):
+        if their_digest != every[0][1]:
+            raise CheckpointError(
+                f"rank {rank} loads another checkpoint than rank 0 (here {source}; rank "
+                f"{rank}'s saved at step {theirs}, rank 0's at step {every[0][0]}): every rank "
+                "loads the same checkpoint, so save it in a folder every node reads, or copy "
+                "rank 0's to each"
+            )
 
 
 def _check_groups(source: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -344,6 +381,11 @@ def _check_tuning(source: Path, saved: Any, optimizer: torch.optim.Optimizer) ->
 
 def _read(source: Path, map_location: str | torch.device | None) -> dict[str, Any]:
     if not source.exists():
+        if shards.across_ranks():  # the others may have it, on their nodes
+            raise CheckpointError(
+                f"no checkpoint at {source} on this rank's node: every rank loads the "
+                "checkpoint, so save it in a folder every node reads, or copy it to each"
+            )
         raise CheckpointError(
             f"no checkpoint at {source}: pass the path save_checkpoint wrote (a run that crashed "
             "before its first checkpoint starts from the beginning)"

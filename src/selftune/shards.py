@@ -37,7 +37,7 @@ def across_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _gathered(value: Any) -> list[Any]:
+def gathered(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (``[value]`` without torch.distributed): a
     collective, which every rank must call."""
     if not across_ranks():
@@ -49,7 +49,7 @@ def _gathered(value: Any) -> list[Any]:
 
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
-    return any(_gathered(flag))
+    return any(gathered(flag))
 
 
 def refuse_on_every_rank(
@@ -66,7 +66,7 @@ def refuse_on_every_rank(
         check()
     except Exception as err:  # raised below, where it was raised, and named on the others
         error = err
-    every = _gathered(None if error is None else f"{type(error).__name__}: {error}")
+    every = gathered(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     for rank, said in enumerate(every):
@@ -82,7 +82,7 @@ def check_same_settings(settings: dict[str, Any]) -> None:
     guard on rank 0 alone, a controller chosen per rank) drifted apart with no error, and the
     log rank 0 wrote verified.  A collective: every rank calls it, and every rank raises.
     """
-    every = _gathered(settings)
+    every = gathered(settings)
     for rank, theirs in enumerate(every):
         differ = sorted(k for k in settings if theirs.get(k) != every[0].get(k))
         if differ:
@@ -102,7 +102,7 @@ def whole_sha256(digest: str) -> str:
     order, so that a replay checks every shard, not rank 0's alone.  A collective: every rank
     calls it.
     """
-    digests = _gathered(digest)
+    digests = gathered(digest)
     if len(set(digests)) == 1:
         return digest
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
