@@ -431,6 +431,38 @@ def test_a_lazy_parameter_not_yet_initialized_is_refused_at_save(tmp_path: Path)
     assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)["step"] == 0
 
 
+def test_a_lazy_model_wrapped_before_its_dry_run_resumes(tmp_path: Path) -> None:
+    """A wrapper over a lazy module's parameters not yet initialized checks a state's shapes
+    against those the model's load gives them (it raised torch's error from reading a shape
+    there); with a run folder, whose manifest holds the hash of the initial weights, the wrap
+    is refused by name (it raised from hashing them)."""
+
+    def build() -> tuple[torch.nn.Module, SelfTuned]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        return model, selftune.wrap(torch.optim.AdamW(model.parameters(), lr=0.01))
+
+    def steps(model: torch.nn.Module, opt: SelfTuned, ts: range) -> None:
+        for t in ts:
+            x = torch.randn(8, 3, generator=torch.Generator().manual_seed(t))
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+    model, opt = build()
+    steps(model, opt, range(1, 6))
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=5)
+    steps(model, opt, range(6, 11))
+    resumed, again = build()
+    assert load_checkpoint(path, model=resumed, optimizer=again)["step"] == 5
+    steps(resumed, again, range(6, 11))
+    assert_same_state(model.state_dict(), resumed.state_dict())
+    lazy = torch.nn.LazyLinear(4)
+    with pytest.raises(selftune.ConfigError, match=r"lazy module's parameter .* before wrapping"):
+        selftune.wrap(torch.optim.SGD(lazy.parameters(), lr=0.1), log_dir=tmp_path / "run")
+
+
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from selftune import knobs as knobs_io
 from selftune import shards
@@ -268,6 +269,12 @@ class SelfTuned(torch.optim.Optimizer):
             from selftune import audit
 
             params = [p for g in self.param_groups for p in g["params"]]
+            if any(is_lazy(p) for p in params):
+                raise ConfigError(
+                    "the optimizer holds a lazy module's parameter not yet initialized, and the "
+                    "run folder records the hash of the initial weights: run a forward pass "
+                    "(a dry run with one batch) before wrapping"
+                )
             digest = shards.whole_sha256(audit.params_sha256(params))
 
             def open_log() -> None:  # on the ranks given a folder
@@ -953,15 +960,17 @@ class SelfTuned(torch.optim.Optimizer):
             )
         # the last update, one tensor per parameter: torch loads the inner state of parameters
         # of other shapes without a word, and the run failed in a later step's arithmetic
+        # (a lazy module's parameter not yet initialized has none: the model's load gives it)
         saved = own["tracker"]["prev"] or []
         for i, (group, updates) in enumerate(zip(self.param_groups, saved, strict=False)):
-            ps = shards.local_params(group)
             shapes = [tuple(t.shape) for t in updates]
-            if shapes != [tuple(p.shape) for p in ps]:
+            here = [None if is_lazy(p) else tuple(p.shape) for p in shards.local_params(group)]
+            if len(shapes) != len(here) or any(
+                o is not None and o != s for o, s in zip(here, shapes, strict=False)
+            ):
                 raise ConfigError(
                     f"the state dict was saved from parameters of other shapes (group {i}: "
-                    f"{shapes[:4]} against {[tuple(p.shape) for p in ps][:4]}): load it into "
-                    "the model it was saved from"
+                    f"{shapes[:4]} against {here[:4]}): load it into the model it was saved from"
                 )
 
     def unresumed_folder(self) -> Path | None:
