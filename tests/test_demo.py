@@ -65,15 +65,29 @@ def test_demo_refuses_a_seed_past_torch_s_range_before_it_writes(tmp_path: Path)
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_without_matplotlib_says_so_before_it_trains(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("module", ["matplotlib", "rich"])
+def test_demo_without_an_extra_says_so_before_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, module: str
 ) -> None:
-    """It trained both runs and printed the table, and only then failed on the report's
-    plots."""
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    """It trained both runs, and only then failed on the report's plots (matplotlib) or, with
+    ``--no-live``, on the closing table (rich)."""
+    for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if never installed
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, module, None)
     argv = ["demo", "--steps", "5", "--out", str(tmp_path / "demo"), "--no-live"]
     assert cli.main(argv) == 2
-    assert "needs the module 'matplotlib'" in capsys.readouterr().err
+    assert f"needs the module '{module}'" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_into_a_folder_under_the_home_folder_writes_all_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out '~/d'``: the run went to the home folder (wrap expands ``~``) and the summary
+    and the report, drawn without the trace, to ``./~/d``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--steps", "5", "--out", "~/d", "--no-live"]) == 0
+    assert not (tmp_path / "~").exists()
+    out = tmp_path / "home" / "d"
+    assert (out / "summary.json").exists() and (out / "selftune" / "report.html").exists()

@@ -226,15 +226,40 @@ def test_cli_writes_the_page_where_asked(tmp_path: Path, capsys: pytest.CaptureF
     assert (folder / "plots" / "lr.png").exists()
 
 
-def test_a_run_folder_the_plots_cannot_be_written_to_still_gets_its_page(tmp_path: Path) -> None:
+def test_a_run_folder_the_plots_cannot_be_written_to_still_gets_its_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The command says it as it says an error (a Python warning quoted the line of the
+    report module that warned)."""
     folder = tmp_path / "run"
     run = FakeRun(folder)
     run.trace(0, 0.5, HP)
     (folder / "plots").write_text("not a folder")  # as a read-only folder refuses it
     out = tmp_path / "pages" / "mine.html"
     with pytest.warns(UserWarning, match="the plots were not written to"):
-        assert cli.main(["report", str(folder), "--out", str(out)]) == 0
+        write_report(folder, out)
+    assert cli.main(["report", str(folder), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("selftune report: the plots were not written to") and "(" in err
+    assert "write_report(" not in err and "UserWarning" not in err
     assert "data:image/png;base64," in out.read_text(encoding="utf-8")
+
+
+def test_a_page_its_folder_refuses_says_to_write_it_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A read-only run folder: the error was the bare ``[Errno 13]``, naming no way out."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 0.5, HP)
+
+    def refused(self: Path, data: bytes) -> int:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refused)
+    assert cli.main(["report", str(run.folder)]) == 1
+    err = capsys.readouterr().err
+    page = run.folder / "report.html"
+    assert err.startswith(f"selftune report: cannot write {page} (Permission denied): pass --out")
 
 
 @pytest.mark.parametrize(
@@ -346,15 +371,71 @@ def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) 
     assert colours is None or len(colours) > 50  # None: more distinct colours than that
 
 
-def test_damaged_trace_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(tmp_path: Path) -> None:
+    """The trace has no chain (the log, which verify passes, is the record): a damaged row
+    refused the whole page, which now draws the rows before it and names it."""
     run = FakeRun(tmp_path / "run")
     run.trace(0, 1.0, HP)
+    run.trace(1, 0.5, HP)
     with open(run.folder / "trace.jsonl", "a") as file:
-        file.write('{"step": 1, "loss": 1.0}\n')  # no "hp": not a trace row
-    run.trace(2, 1.0, HP)
+        file.write('{"step": 2, "loss": 1.0}\n')  # no "hp": not a trace row
+    run.trace(3, 1.0, HP)
+    assert cli.main(["report", str(run.folder)]) == 0
+    text = (run.folder / "report.html").read_text()
+    named = f"{run.folder / 'trace.jsonl'} line 3: expected"
+    assert named in text and "The loss and knob curves end after step 1." in text
+    assert [row["step"] for row in read_run(run.folder).trace] == [0, 1]
+
+
+def test_a_run_folder_under_the_home_folder_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~`` was taken as a folder's name: the page and its plots went to ``./~/run`` under
+    the current folder, drawn without the trace."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = FakeRun(tmp_path / "home" / "run")
+    run.trace(0, 1.0, HP)
+    run.trace(1, 0.5, HP)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", "~/run", "--out", "~/pages/run.html"]) == 0
+    assert not (tmp_path / "~").exists()
+    text = (tmp_path / "home" / "pages" / "run.html").read_text()
+    assert "No trace" not in text and (run.folder / "plots" / "loss.png").exists()
+
+
+def test_a_page_that_fails_part_way_leaves_the_one_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A write that failed part-way (a full disk) left a cut page, which every later report
+    then refused to write over as no report of selftune's."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 1.0, HP)
+    before = write_report(run.folder).read_bytes()
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:  # half the bytes, then the disk is full
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    run.trace(1, 0.5, HP)
+    monkeypatch.setattr(Path, "write_bytes", full)
     assert cli.main(["report", str(run.folder)]) == 1
-    err = capsys.readouterr().err
-    assert f"{run.folder / 'trace.jsonl'} line 2: expected" in err
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (run.folder / "report.html").read_bytes() == before
+    assert sorted(p.name for p in run.folder.iterdir() if p.name.endswith(".tmp")) == []
+    assert cli.main(["report", str(run.folder)]) == 0
+
+
+def test_a_folder_name_of_bytes_that_are_no_utf8_gets_its_page(tmp_path: Path) -> None:
+    """The name went into the page as it was, whose encoding failed (``surrogates not
+    allowed``) and left an empty page behind."""
+    import os
+
+    run = FakeRun(tmp_path / os.fsdecode(b"bad\xffname"))
+    run.trace(0, 1.0, HP)
+    text = write_report(run.folder).read_text(encoding="utf-8")
+    assert "bad\\udcffname" in text
 
 
 @pytest.mark.parametrize(

@@ -115,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
     import selftune
 
     _check(args)
-    import matplotlib  # noqa: F401  (the report at the end draws with it: missing, say so now)
+    # the report at the end draws with matplotlib, and the closing table is rich's (with
+    # --no-live too): either missing, say so now, not after the whole run
+    import matplotlib  # noqa: F401
+    import rich  # noqa: F401
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     run_dir = _prepare_out(out)
     data = load_data()
     torch.manual_seed(args.seed)

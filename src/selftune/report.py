@@ -21,6 +21,7 @@ import html
 import io
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -174,6 +175,8 @@ class Run:
     #: the audit log's last line was torn by a crash and is not in ``records``
     torn_tail: bool
     trace: list[dict[str, Any]]
+    #: why the trace's rows end before its end (a damaged or unreadable line), if they do
+    trace_damage: str | None = None
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [record for record in self.records if record.get("kind") == kind]
@@ -202,13 +205,19 @@ def _no_rows(path: Path) -> str:
 
 def read_run(run_dir: str | Path) -> Run:
     """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
-    folder = Path(run_dir)
+    folder = Path(run_dir).expanduser()
     # verify first, as replay does: besides the chain it checks every record's fields, which
     # the page reads; a record with an intact chain but a field missing or of the wrong type
     # must be named by its line, not end the report in a KeyError
     verify(folder)
     log = read_log(folder)
-    return Run(folder, log.manifest, log.records, log.torn_tail, read_trace(folder))
+    trace: list[dict[str, Any]] = []
+    try:  # the trace has no chain: the log is the record, and the page shows what it has
+        trace.extend(iter_trace(folder))
+        damage = None
+    except LogError as err:
+        damage = str(err)
+    return Run(folder, log.manifest, log.records, log.torn_tail, trace, damage)
 
 
 # --------------------------------------------------------------------------- series to plot
@@ -775,6 +784,9 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
     banners = []
     if run.torn_tail:
         banners.append("The audit log's last line was torn (a crash mid-write); it is not shown.")
+    if run.trace_damage is not None:
+        shown = f"after step {run.trace[-1]['step']}" if run.trace else "at its first row"
+        banners.append(f"{run.trace_damage}. The loss and knob curves end {shown}.")
     if not run.trace:
         banners.append(
             f"{_no_rows(run.folder / TRACE)}: knob curves are rebuilt from the "
@@ -830,7 +842,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
     """
     if rows < 1:
         raise ValueError(f"rows={rows!r}: pass at least 1 decision to show from each end")
-    if out is not None and Path(out).is_dir():  # before the plots: they take seconds
+    out = None if out is None else Path(out).expanduser()
+    if out is not None and out.is_dir():  # before the plots: they take seconds
         raise ValueError(
             f"{out} is a folder: give the page's file, e.g. {Path(out) / 'report.html'}"
         )
@@ -850,7 +863,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         )
     plots = make_plots(run)
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(render_html(run, plots, rows), encoding="utf-8")
+    # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
+    _write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
     # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be
     # written to (a read-only copy of a CI artefact, with --out elsewhere) costs only them.
     plot_dir = run.folder / PLOTS
@@ -865,6 +879,22 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             stacklevel=2,
         )
     return page
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file renamed over it: a write that fails part-way (a
+    full disk) leaves the page before it, not a cut one that the next report refuses to write
+    over as no report of selftune's."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as err:  # named by the page, not by its temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- command line
@@ -886,11 +916,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``selftune report RUN``: write the page and print its path; 1 with the problem on error."""
+    """``selftune report RUN``: write the page and print its path; 1 with the problem on error.
+    What the page's writing warns of (plots it could not write) is said as the errors are, not
+    as a Python warning that quotes a line of this module."""
     try:
-        page = write_report(args.run, args.out, rows=args.rows)
-    except (LogError, ValueError, OSError) as exc:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            page = write_report(args.run, args.out, rows=args.rows)
+    except OSError as exc:  # the page's folder (reading the run raises LogError)
+        where = f"{exc.filename} " if exc.filename else "the page "
+        print(
+            f"selftune report: cannot write {where}({exc.strerror or exc}): pass --out a file "
+            "in a folder you can write to",
+            file=sys.stderr,
+        )
+        return 1
+    except (LogError, ValueError) as exc:
         print(f"selftune report: {exc}", file=sys.stderr)
         return 1
+    for warning in said:
+        print(f"selftune report: {warning.message}", file=sys.stderr)
     print(page)
     return 0
