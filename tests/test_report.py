@@ -25,7 +25,15 @@ from browser import (
 
 from selftune import cli
 from selftune.audit import LogError
-from selftune.report import ema, knob_series, read_run, trace_size_through, write_report
+from selftune.report import (
+    MOST_POINTS,
+    ema,
+    knob_series,
+    read_run,
+    thinned,
+    trace_size_through,
+    write_report,
+)
 
 HP = [{"lr": 0.1, "momentum": 0.9}]
 
@@ -384,7 +392,7 @@ def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(tmp_path:
     text = (run.folder / "report.html").read_text()
     named = f"{run.folder / 'trace.jsonl'} line 3: expected"
     assert named in text and "The loss and knob curves end after step 1." in text
-    assert [row["step"] for row in read_run(run.folder).trace] == [0, 1]
+    assert list(read_run(run.folder).trace.steps) == [0, 1]
 
 
 def test_a_run_folder_under_the_home_folder_is_expanded(
@@ -511,3 +519,23 @@ def test_many_groups_get_a_colour_bar_not_a_legend_entry_each(
     assert len(fig.axes) == (2 if bar else 1)  # the colour bar's own axes
     assert "decision" in labels
     fig.savefig(io.BytesIO(), format="png")  # it renders
+
+
+def test_a_long_curve_is_drawn_thinned_keeping_its_spikes_dips_and_gaps() -> None:
+    """A run of hundreds of thousands of steps drew every point, each below a pixel: the curve
+    is drawn with at most ``MOST_POINTS``, each run of points keeping its lowest and highest
+    (a spike before a rollback must show), and a run without a finite value its gap."""
+    np = pytest.importorskip("numpy")
+    n = 100_003
+    steps = list(range(1, n + 1))
+    values = [1.0 + 0.001 * (t % 7) for t in steps]
+    values[50_001], values[70_000] = 1e6, -5.0
+    values[20_000:20_400] = [math.nan] * 400
+    x, y = thinned(steps, values)
+    assert len(x) <= MOST_POINTS and list(x) == sorted(x) and set(x) <= set(steps)
+    assert np.nanmax(y) == 1e6 and np.nanmin(y) == -5.0 and {50_002, 70_001} <= set(x)
+    gap = [s for s, v in zip(x, y, strict=True) if math.isnan(v)]
+    assert gap and all(20_000 < s <= 20_400 for s in gap)
+    assert all(values[s - 1] == v for s, v in zip(x, y, strict=True) if not math.isnan(v))
+    short_x, short_y = thinned(steps[:MOST_POINTS], values[:MOST_POINTS])
+    assert list(short_x) == steps[:MOST_POINTS] and list(short_y) == values[:MOST_POINTS]

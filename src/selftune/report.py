@@ -24,8 +24,9 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -165,6 +166,54 @@ def trace_cut(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int | N
 
 
 @dataclass(frozen=True)
+class Series:
+    """One curve: x are optimizer steps; ``stepwise`` curves hold their value until the next x."""
+
+    steps: MutableSequence[int]
+    values: MutableSequence[float]
+    stepwise: bool = False
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The trace's rows as columns of numbers: a long run's rows held as parsed JSON took
+    about 2 kB a step (650 MB for 300,000 steps), columns take tens of bytes."""
+
+    steps: array[int] = field(default_factory=lambda: array("q"))
+    #: each step's loss; NaN where none was given or it was not finite
+    loss: array[float] = field(default_factory=lambda: array("d"))
+    #: the steps whose loss was given and was not finite
+    not_finite: list[int] = field(default_factory=list)
+    metric: Series = field(default_factory=lambda: Series(array("q"), array("d")))
+    #: each (group, knob)'s value after each step that held it
+    knobs: dict[tuple[int, str], Series] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Add one row of ``trace.jsonl``, as :func:`parse_trace_line` returns it."""
+        step = row["step"]
+        self.steps.append(step)
+        loss = as_float(row.get("loss"))
+        self.loss.append(math.nan if loss is None else loss)
+        if loss is not None and not math.isfinite(loss):
+            self.not_finite.append(step)
+        if "metric" in row:
+            value = as_float(row["metric"])
+            self.metric.steps.append(step)
+            self.metric.values.append(math.nan if value is None else value)
+        for group, knobs in enumerate(row["hp"]):
+            for knob, value in knobs.items():
+                number = as_float(value)
+                curve = self.knobs.get((group, knob))
+                if curve is None:
+                    curve = self.knobs[(group, knob)] = Series(array("q"), array("d"))
+                curve.steps.append(step)
+                curve.values.append(math.nan if number is None else number)
+
+
+@dataclass(frozen=True)
 class Run:
     """A run folder as the report sees it."""
 
@@ -174,7 +223,7 @@ class Run:
     records: list[dict[str, Any]]
     #: the audit log's last line was torn by a crash and is not in ``records``
     torn_tail: bool
-    trace: list[dict[str, Any]]
+    trace: Trace
     #: why the trace's rows end before its end (a damaged or unreadable line), if they do
     trace_damage: str | None = None
 
@@ -183,7 +232,7 @@ class Run:
 
     @property
     def last_step(self) -> int | None:
-        steps = [row["step"] for row in self.trace[-1:]]
+        steps = list(self.trace.steps[-1:])
         steps += [r["step"] for r in self.records if isinstance(r.get("step"), int)]
         return max(steps) if steps else None
 
@@ -211,9 +260,10 @@ def read_run(run_dir: str | Path) -> Run:
     # must be named by its line, not end the report in a KeyError
     verify(folder)
     log = read_log(folder)
-    trace: list[dict[str, Any]] = []
+    trace = Trace()
     try:  # the trace has no chain: the log is the record, and the page shows what it has
-        trace.extend(iter_trace(folder))
+        for row in iter_trace(folder):
+            trace.add(row)
         damage = None
     except LogError as err:
         damage = str(err)
@@ -223,34 +273,14 @@ def read_run(run_dir: str | Path) -> Run:
 # --------------------------------------------------------------------------- series to plot
 
 
-@dataclass(frozen=True)
-class Series:
-    """One curve: x are optimizer steps; ``stepwise`` curves hold their value until the next x."""
-
-    steps: list[int]
-    values: list[float]
-    stepwise: bool = False
-
-
 def loss_series(run: Run) -> Series:
     """The loss of every traced step; NaN where the loss was missing or not finite."""
-    steps, values = [], []
-    for row in run.trace:
-        loss = as_float(row.get("loss"))
-        steps.append(row["step"])
-        values.append(math.nan if loss is None else loss)
-    return Series(steps, values)
+    return Series(run.trace.steps, run.trace.loss)
 
 
 def metric_series(run: Run) -> Series:
     """The metric given to ``observe``, at the steps that read it; NaN where it was not finite."""
-    steps, values = [], []
-    for row in run.trace:
-        if "metric" in row:
-            value = as_float(row["metric"])
-            steps.append(row["step"])
-            values.append(math.nan if value is None else value)
-    return Series(steps, values)
+    return run.trace.metric
 
 
 def ema(values: Sequence[float], span: float) -> list[float]:
@@ -271,16 +301,9 @@ def ema(values: Sequence[float], span: float) -> list[float]:
 
 def knob_series(run: Run) -> dict[tuple[int, str], Series]:
     """Each (group, knob)'s value over the steps, from the trace or, without one, the decisions."""
-    series: dict[tuple[int, str], Series] = {}
     if run.trace:
-        for row in run.trace:
-            for group, knobs in enumerate(row["hp"]):
-                for knob, value in knobs.items():
-                    number = as_float(value)
-                    curve = series.setdefault((group, knob), Series([], []))
-                    curve.steps.append(row["step"])
-                    curve.values.append(math.nan if number is None else number)
-        return series
+        return run.trace.knobs
+    series: dict[tuple[int, str], Series] = {}
     first = min((r["step"] for r in run.records if isinstance(r.get("step"), int)), default=0)
     for record in run.of_kind("decision"):
         old, new = as_float(record["old"]), as_float(record["new"])
@@ -337,8 +360,37 @@ def _mark_guards(ax: Axes, guards: Sequence[dict[str, Any]]) -> None:
         ax.plot([], [], color=GUARD_RED, linestyle="--", label="guard event")
 
 
-def _not_finite(value: float | None) -> bool:
-    return value is not None and not math.isfinite(value)
+#: the most points a curve is drawn with: a plot is about a thousand pixels wide
+MOST_POINTS = 4000
+
+
+def thinned(steps: Sequence[int], values: Sequence[float]) -> tuple[Any, Any]:
+    """``steps`` and ``values`` as drawn: past :data:`MOST_POINTS`, each of ``MOST_POINTS / 2``
+    runs of consecutive points keeps its lowest and its highest, in step order, so that a
+    spike or a dip survives where every k-th point would drop it (a run of hundreds of
+    thousands of steps took seconds a curve to draw, each point below a pixel); a run with
+    no finite value keeps one NaN, its gap in the line."""
+    import numpy as np
+
+    x, y = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+    if len(x) <= MOST_POINTS:
+        return x, y
+    width = -(-len(x) // (MOST_POINTS // 2))
+    runs = -(-len(x) // width)  # the last one holds a point at least
+    pad = runs * width - len(x)
+    ys = np.concatenate([y, np.full(pad, np.nan)]).reshape(runs, width)
+    empty = np.isnan(ys).all(axis=1)
+    safe = np.where(empty[:, None], 0.0, ys)  # (nanargmin refuses a row of NaN alone)
+    low = np.where(np.isnan(safe), np.inf, safe).argmin(axis=1)
+    high = np.where(np.isnan(safe), -np.inf, safe).argmax(axis=1)
+    first, second = np.minimum(low, high), np.maximum(low, high)
+    starts = np.arange(runs) * width
+    index = np.stack([starts + first, starts + second], axis=1).ravel()
+    keep = np.stack([np.ones(runs, bool), ~empty & (second != first)], axis=1).ravel()
+    index = index[keep]
+    out = y[index].copy()
+    out[np.repeat(empty, 2)[keep]] = np.nan
+    return x[index], out
 
 
 def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
@@ -349,17 +401,18 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     fig = _figure(3.4)
     ax = fig.add_subplot()
     span = min(max(len(finite) / 30, 10), 200)
-    ax.plot(loss.steps, loss.values, color="#1f77b4", alpha=0.3, linewidth=0.8, label="loss")
     ax.plot(
-        loss.steps,
-        ema(loss.values, span),
+        *thinned(loss.steps, loss.values), color="#1f77b4", alpha=0.3, linewidth=0.8, label="loss"
+    )
+    ax.plot(
+        *thinned(loss.steps, ema(loss.values, span)),
         color="#1f77b4",
         linewidth=2,
         label=f"EMA (span {span:.0f})",
     )
     _log_scale_if_wide(ax, finite)
     # Steps whose loss was given but not finite (a step without a loss is just left blank).
-    bad = [row["step"] for row in run.trace if _not_finite(as_float(row.get("loss")))]
+    bad = run.trace.not_finite
     if bad:
         ax.plot(
             bad,
@@ -437,8 +490,7 @@ def _knob_plot(
         if many:  # the colour bar names the groups; a knob's line style, one entry each
             label = knob if group == groups[0] and len(knobs) > 1 else "_nolegend_"
         ax.plot(
-            curve.steps,
-            curve.values,
+            *thinned(curve.steps, curve.values),
             color=colour,
             linestyle=styles[knob],
             linewidth=1.6,
@@ -785,7 +837,7 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
     if run.torn_tail:
         banners.append("The audit log's last line was torn (a crash mid-write); it is not shown.")
     if run.trace_damage is not None:
-        shown = f"after step {run.trace[-1]['step']}" if run.trace else "at its first row"
+        shown = f"after step {run.trace.steps[-1]}" if run.trace else "at its first row"
         banners.append(f"{run.trace_damage}. The loss and knob curves end {shown}.")
     if not run.trace:
         banners.append(
