@@ -403,3 +403,14 @@ def test_a_rollback_on_many_groups_is_a_row_per_knob(
     ]
     rows = re.findall(r"<tr class=decision>.*?</tr>", write_report(folder).read_text())
     assert len(rows) == 12 + 2 and all(">+11<" in row for row in rows[-2:])
+
+
+def test_a_tilde_in_the_run_folder_is_the_home_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quoted '~/run' reached watch unexpanded: "no run folder", where verify expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = FakeRun(tmp_path / "run")
+    run.trace(4, 0.5, HP)
+    frame = watch_once(Path("~/run"), capsys)
+    assert "step 4 " in frame and str(tmp_path / "run") in frame

@@ -451,8 +451,12 @@ def _run_folders_inside(folder: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input."""
-    folder = Path(args.run)
+    """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input.
+
+    ``~`` in RUN is expanded, as ``verify`` and ``wrap(log_dir=...)`` do: a quoted ``'~/run'``
+    (or one from a config file) reaches here unexpanded by the shell.
+    """
+    folder = Path(args.run).expanduser()
     problem = None
     if not folder.exists():
         problem = f"no run folder at {folder}: pass the log_dir the run was started with"
