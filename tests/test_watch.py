@@ -414,3 +414,35 @@ def test_a_tilde_in_the_run_folder_is_the_home_folder(
     run.trace(4, 0.5, HP)
     frame = watch_once(Path("~/run"), capsys)
     assert "step 4 " in frame and str(tmp_path / "run") in frame
+
+
+def test_logged_strings_are_shown_as_logged_not_as_markup(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The recent table gave rich the logged strings as markup: a custom controller's reason
+    "cut [/] per recipe" raised MarkupError, and "lr [x0.5] cut" or "[bold]x" lost their
+    brackets. Every string from the log, the manifest or the command line is shown as it is."""
+    folder = tmp_path / "[bold]run:thumbs_up:"
+    run = FakeRun(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["controller"] = "[red]mine[/red]"
+    manifest["config"]["optimizer"] = "[i]SGD"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    run.trace(1, 1.0, HP)
+    run.decision(1, 0, "lr", 0.1, 0.05, "lr [x0.5] cut")
+    run.decision(1, 0, "[blink]lr", 0.1, 0.05, "[bold]x")
+    run.guard(2, "[b]skip", "loss[/]", "nan", "cut [/] per recipe :thumbs_up:")
+    run.append({"kind": "note", "step": 3, "reason": r"a \[note] [link=x]here[/link]"})
+    frame = watch_once(folder, capsys)
+    for shown in (
+        str(folder),
+        "[i]SGD · controller [red]mine[/red]",
+        "lr [x0.5] cut",
+        "g0 [blink]lr",
+        "[bold]x",
+        "GUARD [b]skip",
+        "loss[/] = nan",
+        "cut [/] per recipe :thumbs_up:",
+        r"a \[note] [link=x]here[/link]",
+    ):
+        assert shown in frame, (shown, frame)

@@ -385,7 +385,14 @@ def render(state: WatchState) -> RenderableType:
 
 
 def _recent_table(state: WatchState) -> RenderableType:
+    """The latest records, a row each; every cell is a ``Text``, never a ``str``.
+
+    rich reads a ``str`` cell as markup (and ``:name:`` as an emoji): a reason, signal or knob a
+    controller logged as ``"cut [/] per recipe"`` raised MarkupError, and ``"lr [x0.5] cut"``
+    or ``"[bold]x"`` lost their brackets. The frame must show what the log holds, as it is.
+    """
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
     for column, kwargs in (
@@ -400,24 +407,26 @@ def _recent_table(state: WatchState) -> RenderableType:
     for record in state.recent:
         if record.get("kind") == "guard":
             table.add_row(
-                str(record.get("step")),
-                f"GUARD {record.get('event')}",
-                f"{record.get('signal')} = {_fmt(record.get('value'))}",
-                str(record.get("reason")),
+                Text(str(record.get("step"))),
+                Text(f"GUARD {record.get('event')}"),
+                Text(f"{record.get('signal')} = {_fmt(record.get('value'))}"),
+                Text(str(record.get("reason"))),
                 style="bold red",
             )
         elif record.get("kind") == "note":  # a resume's cut, a knob a scheduler took over
-            table.add_row(str(record.get("step", "")), "note", "", str(record.get("reason")))
+            table.add_row(
+                Text(str(record.get("step", ""))), "note", "", Text(str(record.get("reason")))
+            )
         else:
             clipped = " (clipped)" if record.get("clipped") else ""
             alike = f", +{record['alike']} groups" if record.get("alike") else ""
             if record.get("clipped_alike"):
                 alike += f" ({record['clipped_alike']} clipped)"
             table.add_row(
-                str(record.get("step")),
-                f"g{record.get('group')} {record.get('knob')}{alike}",
-                f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}",
-                str(record.get("reason")),
+                Text(str(record.get("step"))),
+                Text(f"g{record.get('group')} {record.get('knob')}{alike}"),
+                Text(f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}"),
+                Text(str(record.get("reason"))),
             )
     return table
 
