@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -446,3 +448,42 @@ def test_logged_strings_are_shown_as_logged_not_as_markup(
         r"a \[note] [link=x]here[/link]",
     ):
         assert shown in frame, (shown, frame)
+
+
+def _make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000, or where that does not stop a read (root), an open that is refused alike."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = open
+
+    def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(watch, "open", refuse, raising=False)
+
+
+@pytest.mark.parametrize("name", ["decisions.jsonl", "trace.jsonl"])
+@pytest.mark.parametrize("live", [False, True])
+def test_an_unreadable_log_is_said_not_a_traceback(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    live: bool,
+) -> None:
+    """A log the watch may not read raised PermissionError from LineTail.read, where verify
+    and report say "cannot read ...": at the first poll, or at a later one of the live view."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(1, 1.0, HP)
+    run.decision(1, 0, "lr", 0.1, 0.05, "cut")
+    path = run.folder / name
+    if live:  # readable for the first frame, refused at the next poll
+        monkeypatch.setattr(watch.time, "sleep", lambda _: _make_unreadable(path, monkeypatch))
+    else:
+        _make_unreadable(path, monkeypatch)
+    assert cli.main(["watch", str(run.folder), *([] if live else ["--once"])]) == 1
+    err = capsys.readouterr().err
+    assert err == f"selftune watch: cannot read {path}: Permission denied\n"

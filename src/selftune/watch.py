@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, follows, is_joint, leader_row
+from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, LogError, follows, is_joint, leader_row
 from selftune.report import TRACE, as_float, blocks_back, lines_back
 
 if TYPE_CHECKING:
@@ -76,11 +76,20 @@ class LineTail:
         again from the start, and the caller drops what it had from it: one that got shorter,
         or one that has grown back past the point read to by the next poll, whose last bytes
         read are no longer those (a resume writes a note where the cut was).
+
+        A file that is there but cannot be read (its permissions) raises LogError, which the
+        command says in one line, as ``verify`` and ``report`` do, instead of a traceback.
         """
         try:
-            size = self.path.stat().st_size
+            return self._read()
         except FileNotFoundError:
-            return [], False
+            return [], False  # not written yet, or removed between its stat and its open
+        except OSError as exc:
+            raise LogError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+    def _read(self) -> tuple[list[bytes], bool]:
+        """``read``, which turns the errors of reaching the file into its answers."""
+        size = self.path.stat().st_size
         with open(self.path, "rb") as file:
             restarted = size < self.offset
             if not restarted and self.last:
@@ -486,16 +495,20 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     state = WatchState(folder)
-    state.poll()
-    if args.once:
-        console.print(render(state))
-        return 0
-    with Live(render(state), console=console, auto_refresh=False) as live:
-        try:
-            while True:
-                time.sleep(args.interval)
-                state.poll()
-                live.update(render(state), refresh=True)
-        except KeyboardInterrupt:
-            pass
+    try:  # a file that cannot be read, at the first poll or a later one, ends the watch
+        state.poll()
+        if args.once:
+            console.print(render(state))
+            return 0
+        with Live(render(state), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(args.interval)
+                    state.poll()
+                    live.update(render(state), refresh=True)
+            except KeyboardInterrupt:
+                pass
+    except LogError as exc:
+        print(f"selftune watch: {exc}", file=sys.stderr)
+        return 1
     return 0
