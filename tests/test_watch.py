@@ -239,6 +239,12 @@ def test_a_folder_of_run_folders_names_them(tmp_path: Path, capsys: pytest.Captu
         (["missing"], "no run folder at"),
         (["file"], "is a file, not a run folder"),
         (["run", "--interval", "0"], "--interval 0.0: pass a number of seconds above 0"),
+        # time.sleep raised OverflowError: refused, as 0 is, not clamped to a view that never
+        # refreshes (--once: were one taken, the test would not sleep on it)
+        (["run", "--once", "--interval", "1e10"], "--interval 10000000000.0: pass a number"),
+        (["run", "--once", "--interval", "86400.5"], "above 0 and at most 86400 (a day)"),
+        (["run", "--once", "--interval", "inf"], "--interval inf: pass a number of seconds"),
+        (["run", "--once", "--interval", "nan"], "--interval nan: pass a number of seconds"),
     ],
 )
 def test_bad_input_is_explained(

@@ -37,6 +37,9 @@ SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 60
 #: how many recent decisions, guard events and notes the frame lists
 RECENT = 8
+#: the longest ``--interval`` taken, in seconds (a day): a longer one is no live view, and is
+#: most likely a slip (``1e10`` for ``1e-1``); ``time.sleep`` raises OverflowError past its limit
+MAX_INTERVAL = 86400.0
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
 #: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
@@ -480,8 +483,11 @@ def run(args: argparse.Namespace) -> int:
         problem = f"no run folder at {folder}: pass the log_dir the run was started with"
     elif not folder.is_dir():
         problem = f"{folder} is a file, not a run folder: pass the run's log_dir"
-    elif not math.isfinite(args.interval) or args.interval <= 0:
-        problem = f"--interval {args.interval!r}: pass a number of seconds above 0, e.g. 0.5"
+    elif not 0 < args.interval <= MAX_INTERVAL:  # refused like 0, not clamped: said, not hidden
+        problem = (
+            f"--interval {args.interval!r}: pass a number of seconds above 0 and at most "
+            f"{MAX_INTERVAL:g} (a day), e.g. 0.5"
+        )
     elif runs := _run_folders_inside(folder):
         problem = (
             f"no {MANIFEST} in {folder}: it holds the run folders {', '.join(runs)} (one per "
