@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -976,3 +977,73 @@ def test_a_checkpoint_of_an_attempt_cut_back_since_says_what_the_trace_lacks(
     assert any("trace.jsonl ends at step 35" in n for n in notes), notes
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "trace.jsonl").open()]
     assert steps == [*range(1, 36), 41, 42]
+
+
+def _closure_run(model: torch.nn.Module, opt: SelfTuned, steps: range, nan_step: int) -> None:
+    """Steps of a closure that recomputes the loss (L-BFGS calls it again in its search);
+    the loss of ``nan_step`` is NaN, which the guard rolls back from."""
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(SEED))
+    y = x.sum(1, keepdim=True) + 0.1
+
+    for t in steps:
+
+        def closure(t: int = t) -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            (loss * math.nan if t == nan_step else loss).backward()
+            return loss * math.nan if t == nan_step else loss
+
+        opt.step(closure)
+
+
+def _batch_run(model: torch.nn.Module, opt: SelfTuned, steps: range, nan_step: int) -> None:
+    """Steps on a batch per step, that of ``nan_step`` with a NaN loss."""
+    for t in steps:
+        gen = torch.Generator().manual_seed(SEED + t)
+        x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        loss = loss * math.nan if t == nan_step else loss
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+
+@pytest.mark.parametrize(
+    ("build", "dtype", "loop"),
+    [
+        (lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=3), torch.float32, _closure_run),
+        (
+            lambda ps: torch.optim.LBFGS(ps, lr=torch.tensor(0.5), max_iter=3),
+            torch.float32,
+            _closure_run,
+        ),
+        (lambda ps: torch.optim.NAdam(ps, lr=0.01), torch.float64, _batch_run),
+        (lambda ps: torch.optim.ASGD(ps, lr=0.01, t0=5), torch.float64, _batch_run),
+    ],
+    ids=["lbfgs", "lbfgs-tensor-rate", "nadam-float64", "asgd-float64"],
+)
+def test_optimizers_with_a_state_of_their_own_kind_resume_bit_for_bit(
+    tmp_path: Path, build: Any, dtype: torch.dtype, loop: Any
+) -> None:
+    """L-BFGS with a tensor rate kept the rate tensor itself as its step length, which the base
+    rate put back after each step overwrote, and a checkpoint saved the two apart; NAdam's
+    float32 ``mu_product`` beside float64 parameters came back from torch's load as float64.
+    Either resumed on another course than the uninterrupted run's.  (ASGD's float32 scalars
+    came back as float64 too, with no change of course: checked alike.)"""
+
+    def run(folder: str, steps: range, at: Path | None = None) -> torch.nn.Module:
+        torch.manual_seed(SEED)
+        model = torch.nn.Linear(4, 1).to(dtype)
+        opt = selftune.wrap(build(model.parameters()), "auto", log_dir=tmp_path / folder)
+        if at is not None:
+            load_checkpoint(at, model=model, optimizer=opt)
+        loop(model, opt, steps, nan_step=3)
+        if at is None and steps.stop < 12:
+            save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=steps.stop - 1)
+        opt.close()
+        return model
+
+    whole = run("whole", range(1, 13))
+    run("resumed", range(1, 7))
+    resumed = run("resumed", range(7, 13), at=tmp_path / "c.pt")
+    assert_same_state(whole.state_dict(), resumed.state_dict())

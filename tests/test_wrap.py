@@ -205,6 +205,31 @@ def test_a_listener_that_cannot_take_events_is_refused_when_added() -> None:
     assert seen == [1, 2, 3]
 
 
+def test_a_step_without_the_closure_l_bfgs_needs_is_refused_and_the_run_goes_on() -> None:
+    """L-BFGS steps only with a closure: torch's TypeError came from inside the step, which
+    then stood broken off and refused every step after it until a checkpoint loaded."""
+    model = torch.nn.Linear(4, 1)
+    opt = selftune.wrap(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    closure()
+    with pytest.raises(
+        selftune.ConfigError, match=r"LBFGS steps only with a closure.*step\(closure\)"
+    ):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.step_count == 0
+    opt.step(closure)
+    assert opt.step_count == 1
+
+
 def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Path) -> None:
     """It moved the weights and then failed writing its trace (a ValueError from the closed
     file), so the run went on past the end of its log."""

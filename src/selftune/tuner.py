@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import numbers
@@ -239,6 +240,8 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank that observed)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
+        #: the inner optimizer steps only with a closure (L-BFGS, whose line search calls it)
+        self._needs_closure = _needs_closure(optimizer)
         #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
         self._furthest = 0
         #: how many loads of a state the run had stepped past it has made (a state saved
@@ -507,6 +510,13 @@ class SelfTuned(torch.optim.Optimizer):
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
                 "pass the loss by name: step(loss=loss)"
             )
+        if closure is None and self._needs_closure:  # torch's TypeError came from inside the
+            # step, which then stood broken off, refusing every step until a load
+            raise ConfigError(
+                f"{type(self.optimizer).__name__} steps only with a closure, which it calls again "
+                "in its line search: step(closure), where the closure zeroes the gradients, "
+                "computes the loss, calls backward and returns the loss"
+            )
         inner_closure = closure
         if closure is not None:
             with torch.enable_grad():
@@ -747,6 +757,7 @@ class SelfTuned(torch.optim.Optimizer):
             and own.get("trace", self._trace_bytes) == self._trace_bytes
         )
         self.optimizer.load_state_dict(sd)
+        _keep_scalar_dtypes(self.optimizer, sd)
         # torch deep-copies the saved groups as one: tensors they shared are shared again
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)
         if own is None:
@@ -1381,9 +1392,21 @@ class SelfTuned(torch.optim.Optimizer):
         finally:
             for group, base in zip(self.param_groups, saved, strict=True):
                 if isinstance(base, torch.Tensor):
+                    self._unalias_rate(group)
                     group["lr"].copy_(base)
                 else:
                     group["lr"] = base
+
+    def _unalias_rate(self, group: dict[str, Any]) -> None:
+        """Give a state that holds ``group``'s rate tensor itself a copy of the rate it stepped
+        with.  L-BFGS keeps the step's rate as its step length (``t = lr``, the same tensor):
+        the base rate put back in place after the step became its step length too, and a
+        checkpoint, which saves the two apart, resumed on another course than the run's."""
+        lr = group["lr"]
+        for p in group["params"]:
+            state = self.optimizer.state.get(p, {})
+            for key in [k for k, value in state.items() if value is lr]:
+                state[key] = lr.clone()
 
     def _decide(
         self, t: int, signals: Signals, proposals: list[Proposal], current: Knobs, limited: bool
@@ -1877,6 +1900,36 @@ def _clone(tree: Any, to: torch.device | None = None) -> Any:
     if tree is None or isinstance(tree, (bool, int, float, str, bytes)):
         return tree
     return copy.deepcopy(tree)
+
+
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes a closure with no default (L-BFGS's)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step with no signature to read: it is not refused
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _keep_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Give the optimizer's scalar states the dtypes they were saved in.
+
+    Torch's load casts every floating state tensor to its parameter's dtype, the step count
+    alone aside: a scalar that an optimizer keeps in float32 beside float64 parameters came
+    back as float64, and where it weighs the update (NAdam's ``mu_product``) the resumed run
+    left the uninterrupted one in the last bits."""
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False):
+        for index, param in zip(saved_group["params"], group["params"], strict=False):
+            state = optimizer.state.get(param, {})
+            for key, value in saved["state"].get(index, {}).items():
+                now = state.get(key)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(now, torch.Tensor)
+                    and value.dim() == 0
+                    and value.dtype != now.dtype
+                ):
+                    state[key] = value.to(device=now.device, copy=True)
 
 
 def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
