@@ -300,12 +300,23 @@ def _sharded_steps(
 
 
 def _checkpoint_says(path: Path, model: torch.nn.Module, opt: selftune.SelfTuned) -> str:
-    """What ``save_checkpoint`` says of a sharded model: its refusal, or "saved"."""
+    """What ``save_checkpoint`` and then ``load_checkpoint`` (of a whole model's checkpoint)
+    say of a sharded model: their refusals, or "saved" and "loaded"."""
+    said = []
     try:
         selftune.save_checkpoint(path, model=model, optimizer=opt, step=0)
+        said.append("saved")
     except selftune.CheckpointError as err:
-        return str(err)
-    return "saved"
+        said.append(str(err))
+    whole = make_model()
+    plain = path.with_name(f"whole-{path.name}")
+    selftune.save_checkpoint(plain, model=whole, optimizer=make_inner("sgd", whole), step=0)
+    try:
+        selftune.load_checkpoint(plain, model=model, optimizer=opt)
+        said.append("loaded")
+    except selftune.CheckpointError as err:
+        said.append(str(err))
+    return " / ".join(said)
 
 
 def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:

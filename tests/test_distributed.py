@@ -412,7 +412,9 @@ def test_fsdp2_trains_rolls_back_averages_and_replays_alike_on_every_rank(
     """FSDP2's parameters are DTensors, whose fused ops selftune now runs on each rank's local
     shard (the first step failed inside a collective): every rank takes the same decisions, a
     NaN on one rank rolls every shard back, the weight average is kept per shard, the log
-    replays to the same shards, and a checkpoint (one file of rank 0's shard) is refused."""
+    replays to the same shards, and a checkpoint (one file of rank 0's shard) is refused, as a
+    load into the shards of a whole model's checkpoint is (whose check of fit gathered the
+    whole model on every rank)."""
     _, ranks = ddp
     zero, one = ranks[0]["fully-sharded"], ranks[1]["fully-sharded"]
     assert zero["hp"] == one["hp"] and len(zero["hp"]) == STEPS
@@ -420,7 +422,12 @@ def test_fsdp2_trains_rolls_back_averages_and_replays_alike_on_every_rank(
     assert zero["hp"][NAN_STEP - 1] < zero["hp"][NAN_STEP - 2]  # the rollback's cut
     for rank in (zero, one):
         assert rank["finite"] and rank["replayed"] and rank["average_differs"]
-        assert "sharded by FSDP" in rank["save"], rank["save"]
+        save, load = rank["save"].split(" / ")
+        assert (
+            "sharded by FSDP" in save
+            and "file from rank 0, which holds only its shard: save" in save
+        )
+        assert "sharded by FSDP" in load and "only its shard: load the model" in load
         # the log's hash is the whole model's: a replay onto other weights of rank 1's shard
         # is refused on every rank (it hashed rank 0's shard, and rank 1's went unchecked)
         assert "initial_params_sha256" in (rank["other_start"] or ""), rank["other_start"]
@@ -444,4 +451,5 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
     assert zero["finite"] and one["finite"]
     assert zero["cos"] == one["cos"]
     for rank in ranks:
-        assert "sharded by FSDP" in rank["fsdp"]["save"], rank["fsdp"]["save"]
+        save, load = rank["fsdp"]["save"].split(" / ")
+        assert "sharded by FSDP" in save and "sharded by FSDP" in load, rank["fsdp"]["save"]

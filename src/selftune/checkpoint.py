@@ -168,6 +168,7 @@ def load_checkpoint(
     every rank refuses, naming it, as it refuses a file that is another on some rank (each
     node's own disk holding its own checkpoint: the file is hashed once more for this).
     """
+    _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
     read: dict[str, Any] = {}
 
@@ -199,10 +200,11 @@ def load_checkpoint(
     return {"step": payload["step"], "extra": payload["extra"]}
 
 
-def _refuse_sharded_model(model: torch.nn.Module) -> None:
+def _refuse_sharded_model(model: torch.nn.Module, doing: str = "save") -> None:
     """A checkpoint is one file written by rank 0, which holds only its shard of a model that
     FSDP shards (``FullyShardedDataParallel``, ``fully_shard``): refuse it by name rather than
-    save a part."""
+    save a part, or load into the shards a file of a whole model (whose check of fit gathered
+    the whole model's state on every rank)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -212,8 +214,8 @@ def _refuse_sharded_model(model: torch.nn.Module) -> None:
         raise CheckpointError(
             "the model is sharded by FSDP (FullyShardedDataParallel or fully_shard), and a "
             "selftune checkpoint is one "
-            "file from rank 0, which holds only its shard: save the model and the optimizer's "
-            "own state with torch.distributed.checkpoint, and each rank's "
+            f"file from rank 0, which holds only its shard: {doing} the model and the "
+            "optimizer's own state with torch.distributed.checkpoint, and each rank's "
             "optimizer.state_dict()['selftune'] (the controller, the guard, the log position, "
             "a weight average of that rank's shard) in a file of that rank"
         )
