@@ -559,6 +559,16 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     except selftune.SelfTuneError as err:
         said["older-checkpoint"] = f"{type(err).__name__}: {err}"
     said["after-older"] = _step_says(model, other, 11, rank)
+    # a file saved by each rank, with its own generators' states (dropout streams per rank):
+    # the same step and weights, loaded on every rank
+    torch.manual_seed(100 + rank)
+    save_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other, step=11)
+    try:
+        load_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other)
+        said["own-checkpoint"] = None
+    except selftune.SelfTuneError as err:
+        said["own-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["after-own"] = _step_says(model, other, 12, rank)
     return said
 
 

@@ -280,10 +280,12 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
     before the ranks' check of the state, where rank 1 waited; and a checkpoint rank 1 cannot
     read (saved on rank 0's node), which rank 1 refused alone while rank 0 waited in the
     check of the state, or that is another file there (each node's own, rank 1's newer), which
-    each rank loaded.  Each is refused on every rank, and the run goes on whole."""
+    each rank loaded.  Each is refused on every rank, and the run goes on whole; a file each
+    rank saved itself, with its own generators' states, loads."""
     _, ranks = ddp
     said = [r["folder-refusals"] for r in ranks]
-    for key in ("second", "third", "after", "after-foreign", "after-unshared", "after-older"):
+    unrefused = ("after-foreign", "after-unshared", "after-older", "own-checkpoint", "after-own")
+    for key in ("second", "third", "after", *unrefused):
         assert [s[key] for s in said] == [None, None], key
     for key, words in [
         ("taken", "was taken over"),

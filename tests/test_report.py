@@ -533,9 +533,47 @@ def test_a_long_curve_is_drawn_thinned_keeping_its_spikes_dips_and_gaps() -> Non
     values[20_000:20_400] = [math.nan] * 400
     x, y = thinned(steps, values)
     assert len(x) <= MOST_POINTS and list(x) == sorted(x) and set(x) <= set(steps)
+    assert x[-1] == n  # the line ends where the run does
     assert np.nanmax(y) == 1e6 and np.nanmin(y) == -5.0 and {50_002, 70_001} <= set(x)
     gap = [s for s, v in zip(x, y, strict=True) if math.isnan(v)]
     assert gap and all(20_000 < s <= 20_400 for s in gap)
     assert all(values[s - 1] == v for s, v in zip(x, y, strict=True) if not math.isnan(v))
     short_x, short_y = thinned(steps[:MOST_POINTS], values[:MOST_POINTS])
     assert list(short_x) == steps[:MOST_POINTS] and list(short_y) == values[:MOST_POINTS]
+
+
+def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path) -> None:
+    """The temporary file had one name for every writer: two reports of a run at once took
+    each other's file away (one failed with "No such file or directory"); and a page that is a
+    link to a file elsewhere became a file of its own, the file it linked left as it was."""
+    import threading
+
+    from selftune.report import _write_whole
+
+    page = tmp_path / "report.html"
+    bodies = [bytes([65 + i]) * (4 << 20) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def write(body: bytes) -> None:
+        try:
+            for _ in range(5):
+                _write_whole(page, body)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and page.read_bytes() in bodies
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    elsewhere = tmp_path / "pages" / "kept.html"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"old")
+    elsewhere.chmod(0o640)
+    link = tmp_path / "linked.html"
+    link.symlink_to(elsewhere)
+    _write_whole(link, b"new")
+    assert link.is_symlink() and elsewhere.read_bytes() == b"new"
+    assert elsewhere.stat().st_mode & 0o777 == 0o640

@@ -464,6 +464,64 @@ def test_a_lazy_model_wrapped_before_its_dry_run_resumes(tmp_path: Path) -> None
         selftune.wrap(torch.optim.SGD(lazy.parameters(), lr=0.1), log_dir=tmp_path / "run")
 
 
+def test_a_layer_renamed_since_with_a_hook_that_maps_its_keys_loads(tmp_path: Path) -> None:
+    """A module's load pre-hook may rename the saved keys (a layer renamed since the run):
+    the check of fit before the load leaves such a model to torch's load, which took it."""
+
+    class Renamed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(4, 1)
+            self._register_load_state_dict_pre_hook(self._old_names)
+
+        @staticmethod
+        def _old_names(state: dict[str, Any], prefix: str, *_: Any) -> None:
+            for key in [k for k in state if k.startswith(f"{prefix}fc.")]:
+                state[key.replace(f"{prefix}fc.", f"{prefix}head.", 1)] = state.pop(key)
+
+    old = torch.nn.Module()
+    old.fc = torch.nn.Linear(4, 1)
+    opt = selftune.wrap(torch.optim.SGD(old.parameters(), lr=0.1), "off")
+    path = save_checkpoint(tmp_path / "c.pt", model=old, optimizer=opt, step=0)
+    new = Renamed()
+    load_checkpoint(
+        path, model=new, optimizer=selftune.wrap(torch.optim.SGD(new.parameters()), "off")
+    )
+    assert torch.equal(new.head.weight, old.fc.weight) and torch.equal(new.head.bias, old.fc.bias)
+
+
+def test_a_scalar_parameter_s_moments_take_its_dtype_when_the_model_s_changes() -> None:
+    """The moments of a parameter that is a scalar itself (a learned temperature) are scalars
+    too: they take the parameter's dtype on load, as torch gives it, where the optimizer's own
+    scalars keep the dtype they were saved in (the update failed on float32 moments beside a
+    float64 parameter)."""
+    for build in (torch.optim.Adam, torch.optim.NAdam, torch.optim.SGD):
+        scale = torch.nn.Parameter(torch.tensor(1.5))
+        model = torch.nn.Linear(3, 1)
+        params = [scale, *model.parameters()]
+        kwargs = {"momentum": 0.9} if build is torch.optim.SGD else {}
+        opt = selftune.wrap(build(params, lr=0.01, **kwargs), "off")
+        for _ in range(2):
+            opt.zero_grad()
+            loss = (model(torch.ones(2, 3)) * scale).pow(2).mean()
+            loss.backward()
+            opt.step(loss=loss.detach())
+        saved = copy.deepcopy(opt.state_dict())
+        with torch.no_grad():
+            scale.data = scale.data.double()
+        model.double()
+        again = selftune.wrap(build(params, lr=0.01, **kwargs), "off")
+        again.load_state_dict(saved)
+        kept = again.optimizer.state[scale]
+        assert all(v.dtype == torch.float64 for k, v in kept.items() if k != "step"), build
+        if build is torch.optim.NAdam:  # its own scalar beside the float64 weights: float32
+            assert again.optimizer.state[model.weight]["mu_product"].dtype == torch.float32
+        again.zero_grad()
+        loss = (model(torch.ones(2, 3, dtype=torch.float64)) * scale).pow(2).mean()
+        loss.backward()
+        again.step(loss=loss.detach())
+
+
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

@@ -37,7 +37,6 @@ follows it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import random
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 from torch.nn.parameter import is_lazy
 
-from selftune import shards
+from selftune import audit, shards
 from selftune.audit import LogError
 from selftune.errors import ConfigError, SelfTuneError
 from selftune.tuner import SelfTuned, finish_offload, on_host
@@ -165,25 +164,30 @@ def load_checkpoint(
     checkpoint, or saved from a different model, before anything loads.  The file is read with
     ``weights_only=True``: a checkpoint cannot run code on load.  Under ``torch.distributed``,
     with a selftune optimizer, a collective: what one rank refuses (a file its node lacks),
-    every rank refuses, naming it, as it refuses a file that is another on some rank (each
-    node's own disk holding its own checkpoint: the file is hashed once more for this).
+    every rank refuses, naming it, as it refuses a file of another step or other weights on
+    some rank (each node's own disk holding its own checkpoint: the weights read are hashed
+    for this).
     """
     _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
     read: dict[str, Any] = {}
 
+    across = isinstance(optimizer, SelfTuned) and shards.across_ranks()
+
     def refused_here() -> None:  # before anything loads: a refused checkpoint changes nothing
         read.update(_read(source, map_location))
         _check_model_fits(source, _unwrap(model), read["model"])
         _check_groups(source, read["optimizer"], optimizer)
+        if across:
+            read["weights"] = _weights_digest(_unwrap(model), read["model"])
 
-    if isinstance(optimizer, SelfTuned) and shards.across_ranks():
+    if across:
         # in one collective: a file missing on one rank's node, or a model built otherwise
         # there, was refused on that rank alone, and the others waited in the optimizer's check
         # of the state; and a file of its own on each node, one of them older, loaded, and the
         # ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
-        _check_same_file(source, read["step"])
+        _check_same_weights(source, read["step"], read.pop("weights"))
     else:
         refused_here()
     payload = read
@@ -296,6 +300,8 @@ def _check_model_fits(source: Path, module: torch.nn.Module, saved: Any) -> None
     refused checkpoint had overwritten part of the model."""
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{source} holds no model state dict: the checkpoint is damaged")
+    if any(m._load_state_dict_pre_hooks for m in module.modules()):
+        return  # a hook may rename the saved keys (a layer renamed since): torch's load judges
     ours = module.state_dict()
     missing = [k for k in ours if k not in saved]
     unexpected = [k for k in saved if k not in ours]
@@ -328,21 +334,30 @@ def _check_model_fits(source: Path, module: torch.nn.Module, saved: Any) -> None
     raise CheckpointError(f"{source} does not fit this model ({'; '.join(said[:-1])}): {said[-1]}")
 
 
-def _check_same_file(source: Path, step: int) -> None:
-    """Refuse, on every rank, a checkpoint that is another file on some rank than on rank 0: a
-    run folder on each node's own disk, one of them holding an older checkpoint, resumed the
-    ranks at different steps and weights, with no word.  Its digest is read again from the
-    file, which the load just read (a collective: every rank calls it)."""
-    with source.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+def _weights_digest(module: torch.nn.Module, saved: Mapping[str, Any]) -> str:
+    """A digest of the parameters ``saved`` holds for ``module``: under DDP every rank holds
+    the same ones, where buffers (batch norm's statistics) and generator states may differ."""
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False) if n in saved]
+    return audit.params_sha256(saved[n] for n in names)
+
+
+def _check_same_weights(source: Path, step: int, digest: str) -> None:
+    """Refuse, on every rank, a checkpoint whose step or parameters are other on some rank than
+    on rank 0: a run folder on each node's own disk, one of them holding an older checkpoint,
+    resumed the ranks at different steps and weights, with no word (files saved per rank, with
+    each rank's generators, are loaded).  A collective: every rank calls it."""
     every = shards.gathered((step, digest))
     for rank, (theirs, their_digest) in enumerate(every):
-        if their_digest != every[0][1]:
+        if (theirs, their_digest) != every[0]:
+            what = (
+                f"rank {rank}'s saved at step {theirs}, rank 0's at step {every[0][0]}"
+                if theirs != every[0][0]
+                else f"both saved at step {theirs}, with other weights"
+            )
             raise CheckpointError(
-                f"rank {rank} loads another checkpoint than rank 0 (here {source}; rank "
-                f"{rank}'s saved at step {theirs}, rank 0's at step {every[0][0]}): every rank "
-                "loads the same checkpoint, so save it in a folder every node reads, or copy "
-                "rank 0's to each"
+                f"rank {rank} loads another checkpoint than rank 0 (here {source}; {what}): "
+                "every rank resumes the same weights, so save the checkpoint in a folder every "
+                "node reads, or copy rank 0's to each"
             )
 
 

@@ -22,7 +22,9 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
+import uuid
 import warnings
 from array import array
 from collections.abc import Callable, Iterator, MutableSequence, Sequence
@@ -72,8 +74,7 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise LogError(
             f"{where}: not a JSON line — the trace was damaged (it has no hash chain: the "
-            "decision log, which verify checks, is the record; a copy of the run folder taken "
-            "before the damage gives the page)"
+            "decision log, which verify checks, is the record)"
         ) from None
     if not (
         isinstance(row, dict)
@@ -368,14 +369,15 @@ def thinned(steps: Sequence[int], values: Sequence[float]) -> tuple[Any, Any]:
     """``steps`` and ``values`` as drawn: past :data:`MOST_POINTS`, each of ``MOST_POINTS / 2``
     runs of consecutive points keeps its lowest and its highest, in step order, so that a
     spike or a dip survives where every k-th point would drop it (a run of hundreds of
-    thousands of steps took seconds a curve to draw, each point below a pixel); a run with
-    no finite value keeps one NaN, its gap in the line."""
+    thousands of steps took seconds a curve to draw, each point below a pixel), and the last
+    point is kept, where the line ends; a run with no finite value keeps one NaN, its gap in
+    the line (a shorter gap is narrower than a pixel, and is not drawn)."""
     import numpy as np
 
     x, y = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
     if len(x) <= MOST_POINTS:
         return x, y
-    width = -(-len(x) // (MOST_POINTS // 2))
+    width = -(-len(x) // ((MOST_POINTS - 1) // 2))  # (and the last point)
     runs = -(-len(x) // width)  # the last one holds a point at least
     pad = runs * width - len(x)
     ys = np.concatenate([y, np.full(pad, np.nan)]).reshape(runs, width)
@@ -387,9 +389,12 @@ def thinned(steps: Sequence[int], values: Sequence[float]) -> tuple[Any, Any]:
     starts = np.arange(runs) * width
     index = np.stack([starts + first, starts + second], axis=1).ravel()
     keep = np.stack([np.ones(runs, bool), ~empty & (second != first)], axis=1).ravel()
+    gap = np.repeat(empty, 2)[keep]
     index = index[keep]
+    if index[-1] != len(x) - 1:  # the last point, where the line ends
+        index, gap = np.append(index, len(x) - 1), np.append(gap, False)
     out = y[index].copy()
-    out[np.repeat(empty, 2)[keep]] = np.nan
+    out[gap] = np.nan
     return x[index], out
 
 
@@ -936,10 +941,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
 def _write_whole(path: Path, data: bytes) -> None:
     """Write ``path`` through a temporary file renamed over it: a write that fails part-way (a
     full disk) leaves the page before it, not a cut one that the next report refuses to write
-    over as no report of selftune's."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    over as no report of selftune's.  The temporary file's name is this writer's own (two
+    reports at once), a link is written through to its file, and a page there keeps its
+    permissions."""
+    path = Path(os.path.realpath(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         tmp.write_bytes(data)
+        if path.exists():
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except OSError as err:  # named by the page, not by its temporary
         tmp.unlink(missing_ok=True)
@@ -973,7 +983,7 @@ def run(args: argparse.Namespace) -> int:
     as a Python warning that quotes a line of this module."""
     try:
         with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
+            warnings.filterwarnings("always", category=UserWarning, module=r"selftune\.")
             page = write_report(args.run, args.out, rows=args.rows)
     except OSError as exc:  # the page's folder (reading the run raises LogError)
         where = f"{exc.filename} " if exc.filename else "the page "

@@ -1399,14 +1399,15 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _unalias_rate(self, group: dict[str, Any]) -> None:
         """Give a state that holds ``group``'s rate tensor itself a copy of the rate it stepped
-        with.  L-BFGS keeps the step's rate as its step length (``t = lr``, the same tensor):
-        the base rate put back in place after the step became its step length too, and a
-        checkpoint, which saves the two apart, resumed on another course than the run's."""
+        with.  L-BFGS keeps the step's rate as its step length (``t = lr``, the same tensor),
+        in the state of its first parameter: the base rate put back in place after the step
+        became its step length too, and a checkpoint, which saves the two apart, resumed on
+        another course than the run's.  (No other torch optimizer keeps the rate in its state,
+        and reading every parameter's took milliseconds a step.)"""
         lr = group["lr"]
-        for p in group["params"]:
-            state = self.optimizer.state.get(p, {})
-            for key in [k for k, value in state.items() if value is lr]:
-                state[key] = lr.clone()
+        state = self.optimizer.state.get(group["params"][0], {}) if group["params"] else {}
+        for key in [k for k, value in state.items() if value is lr]:
+            state[key] = lr.clone()
 
     def _decide(
         self, t: int, signals: Signals, proposals: list[Proposal], current: Knobs, limited: bool
@@ -1912,15 +1913,19 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _keep_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Give the optimizer's scalar states the dtypes they were saved in.
+    """Give the optimizer's own scalars beside a parameter the dtypes they were saved in.
 
     Torch's load casts every floating state tensor to its parameter's dtype, the step count
     alone aside: a scalar that an optimizer keeps in float32 beside float64 parameters came
     back as float64, and where it weighs the update (NAdam's ``mu_product``) the resumed run
-    left the uninterrupted one in the last bits."""
+    left the uninterrupted one in the last bits.  A state of the parameter's own shape (its
+    moments, of a parameter that is a scalar itself) takes the parameter's dtype, as torch
+    gives it: the update needs the two alike."""
     for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False):
         for index, param in zip(saved_group["params"], group["params"], strict=False):
             state = optimizer.state.get(param, {})
+            if param.dim() == 0:
+                continue
             for key, value in saved["state"].get(index, {}).items():
                 now = state.get(key)
                 if (
