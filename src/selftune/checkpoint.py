@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch.nn.parameter import is_lazy
 
-from selftune import audit, shards
+from selftune import shards
 from selftune.audit import LogError
 from selftune.errors import ConfigError, SelfTuneError
 from selftune.tuner import SelfTuned, finish_offload, on_host
@@ -164,9 +164,8 @@ def load_checkpoint(
     checkpoint, or saved from a different model, before anything loads.  The file is read with
     ``weights_only=True``: a checkpoint cannot run code on load.  Under ``torch.distributed``,
     with a selftune optimizer, a collective: what one rank refuses (a file its node lacks),
-    every rank refuses, naming it, as it refuses a file of another step or other weights on
-    some rank (each node's own disk holding its own checkpoint: the weights read are hashed
-    for this).
+    every rank refuses, naming it, as it refuses a file of another step on some rank (each
+    node's own disk holding its own checkpoint, one older).
     """
     _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
@@ -178,8 +177,6 @@ def load_checkpoint(
         read.update(_read(source, map_location))
         _check_model_fits(source, _unwrap(model), read["model"])
         _check_groups(source, read["optimizer"], optimizer)
-        if across:
-            read["weights"] = _weights_digest(_unwrap(model), read["model"])
 
     if across:
         # in one collective: a file missing on one rank's node, or a model built otherwise
@@ -187,7 +184,7 @@ def load_checkpoint(
         # of the state; and a file of its own on each node, one of them older, loaded, and the
         # ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
-        _check_same_weights(source, read["step"], read.pop("weights"))
+        _check_same_step(source, read)
     else:
         refused_here()
     payload = read
@@ -334,30 +331,23 @@ def _check_model_fits(source: Path, module: torch.nn.Module, saved: Any) -> None
     raise CheckpointError(f"{source} does not fit this model ({'; '.join(said[:-1])}): {said[-1]}")
 
 
-def _weights_digest(module: torch.nn.Module, saved: Mapping[str, Any]) -> str:
-    """A digest of the parameters ``saved`` holds for ``module``: under DDP every rank holds
-    the same ones, where buffers (batch norm's statistics) and generator states may differ."""
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False) if n in saved]
-    return audit.params_sha256(saved[n] for n in names)
-
-
-def _check_same_weights(source: Path, step: int, digest: str) -> None:
-    """Refuse, on every rank, a checkpoint whose step or parameters are other on some rank than
-    on rank 0: a run folder on each node's own disk, one of them holding an older checkpoint,
-    resumed the ranks at different steps and weights, with no word (files saved per rank, with
-    each rank's generators, are loaded).  A collective: every rank calls it."""
-    every = shards.gathered((step, digest))
-    for rank, (theirs, their_digest) in enumerate(every):
-        if (theirs, their_digest) != every[0]:
-            what = (
-                f"rank {rank}'s saved at step {theirs}, rank 0's at step {every[0][0]}"
-                if theirs != every[0][0]
-                else f"both saved at step {theirs}, with other weights"
-            )
+def _check_same_step(source: Path, payload: dict[str, Any]) -> None:
+    """Refuse, on every rank, a checkpoint saved at another step on some rank than on rank 0
+    (the loop's step, or the optimizer's own): a run folder on each node's own disk, one of
+    them holding an older checkpoint, resumed the ranks at different steps and weights, with
+    no word.  Files each rank saved itself (its own generators' states, a pipeline stage's
+    weights) load.  A collective: every rank calls it."""
+    own = payload["optimizer"].get("selftune") if isinstance(payload["optimizer"], dict) else None
+    steps = (payload["step"], own.get("step") if isinstance(own, dict) else None)
+    every = shards.gathered(steps)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
             raise CheckpointError(
-                f"rank {rank} loads another checkpoint than rank 0 (here {source}; {what}): "
-                "every rank resumes the same weights, so save the checkpoint in a folder every "
-                "node reads, or copy rank 0's to each"
+                f"rank {rank} loads another checkpoint than rank 0 (here {source}; rank "
+                f"{rank}'s saved at step {theirs[0]}, its optimizer's at {theirs[1]}; rank 0's "
+                f"at step {every[0][0]}, its optimizer's at {every[0][1]}): every rank resumes "
+                "the same step, so save the checkpoint in a folder every node reads, or copy "
+                "rank 0's to each"
             )
 
 
