@@ -577,3 +577,12 @@ def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path)
     _write_whole(link, b"new")
     assert link.is_symlink() and elsewhere.read_bytes() == b"new"
     assert elsewhere.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_command_s_help_speaks_to_its_user(capsys: pytest.CaptureFixture) -> None:
+    """``selftune --help`` showed the module's docstring, reStructuredText marks and all."""
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "tunes its own learning rate" in out
+    assert all(name in out for name in ("demo", "bench", "report", "watch", "verify"))

@@ -24,7 +24,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from selftune import __version__
 
-    parser = argparse.ArgumentParser(prog="selftune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="selftune",
+        description="A training run that tunes its own learning rate and momentum: the demo, "
+        "the benchmark, and the reading of a run folder (its report, a live view, a check of "
+        "its log).",
+    )
     parser.add_argument("--version", action="version", version=f"selftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, _, help_text) in COMMANDS.items():
