@@ -202,21 +202,30 @@ def test_lightning_gradient_accumulation_feeds_the_mean_loss(tmp_path: Path) -> 
     assert seen == pytest.approx(means, rel=1e-5)
 
 
-def test_lightning_an_epoch_s_short_last_window_feeds_its_own_mean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["argument", "scheduler"])
+def test_lightning_an_epoch_s_short_last_window_feeds_its_own_mean(tmp_path: Path, by: str) -> None:
     """Lightning divides every micro-batch's loss by ``accumulate_grad_batches``, also in an
-    epoch's last window when it holds fewer: the sum fed read a fraction of the loss there."""
+    epoch's last window when it holds fewer: the sum fed read a fraction of the loss there.
+    A ``GradientAccumulationScheduler`` sets it at each epoch's start, after the fit's: the
+    window was read once, at the fit's start, and the short one fed half its loss."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
     from selftune.integrations.lightning import SelfTuneCallback
 
     torch.manual_seed(0)
     model = _TinyModule(scheduler=False)
     cb = SelfTuneCallback("off", log_dir=tmp_path / "run")
+    if by == "argument":
+        accumulate: dict[str, Any] = {"accumulate_grad_batches": 4}
+    else:
+        accumulate = {"callbacks": [cb, GradientAccumulationScheduler({0: 4})]}
     trainer = _trainer(
         6,
         cb,
         tmp_path,
         enable_checkpointing=False,
-        accumulate_grad_batches=4,
         limit_train_batches=10,
+        **accumulate,
     )
     trainer.fit(model, _loader())
     seen = [row["loss"] for row in _trace(tmp_path / "run")]
@@ -1030,6 +1039,17 @@ def test_a_writers_count_out_of_range_is_refused_by_name(tmp_path: Path, value: 
     with pytest.raises(selftune.ConfigError, match=r"flush_every=.*\(new decisions between"):
         MLflowWriter(run="unused", flush_every=value)
     assert not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("run", ["runs/mlflow", Path("runs") / "mlflow", "~/mlruns"])
+def test_an_mlflow_writer_given_a_folder_is_refused_naming_the_tracking_uri(run: Any) -> None:
+    """A folder, as ``TensorBoardWriter`` takes, was read as a run id: the first step failed
+    inside MLflow ("Run 'runs' not found"), after that step was recorded."""
+    pytest.importorskip("mlflow")
+    from selftune.integrations.mlflow import MLflowWriter
+
+    with pytest.raises(selftune.ConfigError, match=r"not a folder.*set_tracking_uri"):
+        MLflowWriter(run=run)
 
 
 def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> None:

@@ -1141,6 +1141,14 @@ def _without_rate() -> torch.optim.Optimizer:
     return opt
 
 
+def _relative_step() -> torch.optim.Optimizer:
+    """Hugging Face's Adafactor with ``relative_step=True`` under its ``AdafactorSchedule``,
+    whose rate of 0 was refused as a rate of zero, with advice on freezing layers."""
+    opt, _ = _sgd()
+    opt.param_groups[0].update(lr=0.0, initial_lr=0.0, relative_step=True)
+    return opt
+
+
 def _stepped(loss: Any) -> None:
     opt, pr = _sgd()
     wrapped = selftune.wrap(opt)
@@ -1165,6 +1173,7 @@ def _stepped(loss: Any) -> None:
             lambda: selftune.wrap(torch.optim.Adafactor([torch.nn.Parameter(torch.ones(2))])),
             r"Adafactor steps at min\(lr, 1/sqrt\(step\)\)",
         ),
+        (lambda: selftune.wrap(_relative_step()), "relative_step=True, so the optimizer"),
         (lambda: selftune.wrap(object()), "needs a torch.optim.Optimizer"),  # type: ignore[arg-type]
         (lambda: selftune.wrap(_sgd()[0], bounds={"lr": 5}), r"give a pair \(low, high\)"),
         (lambda: selftune.wrap(_sgd()[0], max_change={"lr": "2"}), "give a number, got '2'"),

@@ -90,6 +90,12 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             f"param group {index} has no 'lr' (keys: {sorted(k for k in group if k != 'params')}); "
             "selftune tunes optimizers whose param groups hold a learning rate"
         )
+    if group.get("relative_step") is True:  # (its schedule's lr of 0 was refused as zero)
+        raise ConfigError(
+            f"param group {index}: relative_step=True, so the optimizer (Hugging Face's "
+            "Adafactor) sets its own step size and ignores lr: selftune has no rate to tune. "
+            "Give it an lr and relative_step=False (and no AdafactorSchedule)"
+        )
     rate = group["lr"]
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real | torch.Tensor):
         raise ConfigError(

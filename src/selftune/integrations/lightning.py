@@ -182,7 +182,6 @@ class SelfTuneCallback(Callback):
                 self._wrap(i, opt, len(originals), log_dir) for i, opt in enumerate(originals)
             ]
         self._initial = None
-        self._feed.window = trainer.accumulate_grad_batches
         self._knobs = [StepKnobs() for _ in wrapped]
         for opt, knobs in zip(wrapped, self._knobs, strict=True):
             opt.add_listener(knobs)
@@ -226,6 +225,8 @@ class SelfTuneCallback(Callback):
         if scaler is not None and scaler.is_enabled():
             # Lightning scales the loss before this hook under 16-bit AMP; undo it (one sync).
             loss = loss.detach() / scaler.get_scale()
+        # read at each micro-batch: a GradientAccumulationScheduler sets it at each epoch's start
+        self._feed.window = trainer.accumulate_grad_batches
         self._feed.add(loss)
 
     def on_before_zero_grad(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tempfile
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.audit import canonical
+from selftune.errors import ConfigError
 from selftune.integrations import needs
 
 with needs("mlflow"):
@@ -78,6 +80,14 @@ class MLflowWriter:
         client: MlflowClient | None = None,
     ) -> None:
         check_writer_options(every=every, flush_every=flush_every)
+        if isinstance(run, os.PathLike) or (isinstance(run, str) and any(c in run for c in "/\\~")):
+            # a folder, as TensorBoardWriter takes: read as a run id, which failed at the first
+            # step, inside MLflow, after that step was recorded
+            raise ConfigError(
+                f"MLflowWriter(run={str(run)!r}): run takes an MLflow run or its id, not a "
+                "folder; the store is MLflow's tracking URI: mlflow.set_tracking_uri(...) "
+                "or MLFLOW_TRACKING_URI, with run left out (a run is started at the first step)"
+            )
         self._owned = False
         #: the run given, else the one active now (no store is touched to read it), else None:
         #: a run is started at the first event
