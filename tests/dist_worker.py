@@ -28,6 +28,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -490,6 +491,15 @@ def _saved_before_shared(rank: int) -> dict[str, list[str]]:
     return said
 
 
+def _says(call: Callable[[], object]) -> str | None:
+    """What ``call`` raised, a selftune error named by its type, or None."""
+    try:
+        call()
+    except selftune.SelfTuneError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     """Where rank 0 alone gives a ``log_dir`` (the others None), what only rank 0 sees of its
     folder (taken over by a wrapper since, holding steps of a run not resumed, closed) refuses
@@ -513,16 +523,10 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
         closing.close()
     said["closed"] = _step_says(model, closing, 2, rank)
     kept = closing.state_dict()
-    try:  # a load, which rank 0 alone refused (closed) before the ranks' check of the state
-        closing.load_state_dict(kept)
-        said["closed-load"] = None
-    except selftune.SelfTuneError as err:
-        said["closed-load"] = f"{type(err).__name__}: {err}"
-    try:  # the weights moved at step 1 of `closing`: another run's folder, which rank 0 alone opens
-        make_optimizer("sgd", model, folder)
-        said["other-run"] = None
-    except selftune.SelfTuneError as err:
-        said["other-run"] = f"{type(err).__name__}: {err}"
+    # a load, which rank 0 alone refused (closed) before the ranks' check of the state
+    said["closed-load"] = _says(lambda: closing.load_state_dict(kept))
+    # the weights moved at step 1 of `closing`: another run's folder, which rank 0 alone opens
+    said["other-run"] = _says(lambda: make_optimizer("sgd", model, folder))
     said["after"] = _step_says(model, make_optimizer("sgd", model, None), 3, rank)
     # a state of another run folder, which rank 0 alone tells from its log, loaded on every
     # rank: rank 0 refused it alone, and the other ranks loaded it
@@ -532,42 +536,32 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
         _step_says(model, source, step, rank)
         _step_says(model, other, step, rank)
     foreign = source.state_dict()
-    try:
-        other.load_state_dict(foreign)
-        said["foreign-state"] = None
-    except selftune.SelfTuneError as err:
-        said["foreign-state"] = f"{type(err).__name__}: {err}"
+    said["foreign-state"] = _says(lambda: other.load_state_dict(foreign))
     said["after-foreign"] = _step_says(model, other, 9, rank)
     # a checkpoint that rank 0 saved where rank 1 cannot read it (not a shared folder): rank 1
     # refused it alone, and rank 0 waited in the optimizer's check of the state
     if rank == 0:
         save_checkpoint(out / "ckpt-rank0.pt", model=model, optimizer=other, step=9)
-    try:
-        load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
-        said["unshared-checkpoint"] = None
-    except selftune.SelfTuneError as err:
-        said["unshared-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["unshared-checkpoint"] = _says(
+        lambda: load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
+    )
     said["after-unshared"] = _step_says(model, other, 10, rank)
     # and a file of each node's own, rank 1's newer: each rank loaded its own, and the ranks
     # went on from different steps and weights, with no word
     if rank == 0:
         save_checkpoint(out / "ckpt-rank1.pt", model=model, optimizer=other, step=10)
     dist.barrier()  # (rank 1 loads it)
-    try:
-        load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
-        said["older-checkpoint"] = None
-    except selftune.SelfTuneError as err:
-        said["older-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["older-checkpoint"] = _says(
+        lambda: load_checkpoint(out / f"ckpt-rank{rank}.pt", model=model, optimizer=other)
+    )
     said["after-older"] = _step_says(model, other, 11, rank)
     # a file saved by each rank, with its own generators' states (dropout streams per rank):
     # the same step and weights, loaded on every rank
     torch.manual_seed(100 + rank)
     save_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other, step=11)
-    try:
-        load_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other)
-        said["own-checkpoint"] = None
-    except selftune.SelfTuneError as err:
-        said["own-checkpoint"] = f"{type(err).__name__}: {err}"
+    said["own-checkpoint"] = _says(
+        lambda: load_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other)
+    )
     said["after-own"] = _step_says(model, other, 12, rank)
     return said
 
