@@ -412,6 +412,44 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
     assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
 
 
+class _ManualScheduled(_Manual):
+    """:class:`_Manual` with a scheduler on each optimizer, stepped by hand after them."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step(loss=loss.detach())
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        opts = super().configure_optimizers()
+        return opts, [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in opts]
+
+
+def test_lightning_s_schedulers_of_several_optimizers_see_the_step_they_watch(
+    tmp_path: Path,
+) -> None:
+    """Each scheduler, handed the wrapper, warned that ``optimizer.step()`` had been overridden
+    after it was built (the mark it puts on the step it watches was on the inner optimizer's
+    alone), as the same module without selftune does not."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    cb = SelfTuneCallback("off")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_ManualScheduled(), _loader())
+    assert not [w for w in said if "overridden" in str(w.message)]
+    # Lightning's 4 steps count both optimizers': 2 batches; each StepLR halved the rate once
+    assert [opt.step_count for opt in cb.optimizers] == [2, 2]  # type: ignore[union-attr]
+    assert cb.optimizers[0].hyperparams()[0]["lr"] == pytest.approx(1e-3 / 2)  # type: ignore[union-attr]
+
+
 def test_lightning_callback_s_trial_of_the_settings_warns_of_nothing() -> None:
     """The settings are tried on a throwaway SGD when the callback is built, and the wrap's
     warnings were that SGD's: a bound on beta1 "a knob no param group of this SGD has", an

@@ -90,29 +90,30 @@ def feed_from(optimizer: SelfTuned, feed: LossFeed | None = None) -> FedSelfTune
     fed: FedSelfTuned = optimizer  # type: ignore[assignment]
     if feed is not None or not hasattr(fed, "loss_feed"):
         fed.loss_feed = feed if feed is not None else LossFeed()
-    _keep_scheduler_mark(fed)
+    keep_scheduler_mark(fed)
     return fed
 
 
-def _keep_scheduler_mark(fed: FedSelfTuned) -> None:
-    """Keep the mark torch's LR schedulers put on the step of the optimizer they watch, on a
-    ``step`` that takes the feed.
+def keep_scheduler_mark(opt: SelfTuned) -> SelfTuned:
+    """Keep the mark torch's LR schedulers put on the step of the optimizer they watch, on the
+    wrapper's ``step`` (its class's: a fed one takes the feed); returns ``opt``.
 
     A scheduler built on the wrapper replaced its ``step`` with one that calls the method it
     found, ``SelfTuned.step``, which knows no feed: the loss never reached the tuning.  One
     built on the inner optimizer marked that one's ``step``; without the mark on the wrapper it
-    warns that ``optimizer.step()`` was overridden.
+    warns that ``optimizer.step()`` was overridden (Lightning hands the scheduler the wrapper).
     """
-    patched = getattr(fed.__dict__.get("step"), "_wrapped_by_lr_sched", False)
-    if not patched and not getattr(fed.optimizer.step, "_wrapped_by_lr_sched", False):
-        return
-    ref = weakref.ref(fed)  # as torch's own patch: no cycle through the instance
+    patched = getattr(opt.__dict__.get("step"), "_wrapped_by_lr_sched", False)
+    if not patched and not getattr(opt.optimizer.step, "_wrapped_by_lr_sched", False):
+        return opt
+    ref = weakref.ref(opt)  # as torch's own patch: no cycle through the instance
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        opt = ref()
-        assert opt is not None
-        opt._opt_called = True  # type: ignore[attr-defined]  # what the scheduler checks
-        return FedSelfTuned.step(opt, *args, **kwargs)
+        wrapper = ref()
+        assert wrapper is not None
+        wrapper._opt_called = True  # type: ignore[attr-defined]  # what the scheduler checks
+        return type(wrapper).step(wrapper, *args, **kwargs)
 
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    fed.step = step  # type: ignore[method-assign]
+    opt.step = step  # type: ignore[method-assign]
+    return opt

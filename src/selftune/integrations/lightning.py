@@ -67,7 +67,7 @@ from selftune.integrations import (
     refuse_for_wrapped,
     wrap_settings_given,
 )
-from selftune.integrations._feed import LossFeed, feed_from
+from selftune.integrations._feed import LossFeed, feed_from, keep_scheduler_mark
 from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned, StepEvent
 
@@ -215,7 +215,7 @@ class SelfTuneCallback(Callback):
             if not isinstance(controller, str):
                 controller = copy.deepcopy(controller)
             opt = selftune.wrap(optimizer, controller, log_dir=log_dir, **self.wrap_kwargs)
-        return feed_from(opt, self._feed) if count == 1 else opt
+        return feed_from(opt, self._feed) if count == 1 else keep_scheduler_mark(opt)
 
     # -- the loss -----------------------------------------------------------------------------
     def on_before_backward(
