@@ -390,6 +390,10 @@ class _Manual(_TinyModule):
         for opt in self.optimizers():
             opt.zero_grad()
         self.manual_backward(loss)
+        self.step_all(loss)
+
+    def step_all(self, loss: torch.Tensor) -> None:
+        """Step each optimizer, with no loss: a backward does not say whose it is."""
         for opt in self.optimizers():
             opt.step()
 
@@ -415,12 +419,7 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
 class _ManualScheduled(_Manual):
     """:class:`_Manual` with a scheduler on each optimizer, stepped by hand after them."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self.net(x), y)
-        for opt in self.optimizers():
-            opt.zero_grad()
-        self.manual_backward(loss)
+    def step_all(self, loss: torch.Tensor) -> None:
         for opt in self.optimizers():
             opt.step(loss=loss.detach())
         for scheduler in self.lr_schedulers():
@@ -1135,7 +1134,7 @@ def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from selftune.integrations.tensorboard import TensorBoardWriter
-    from selftune.report import read_trace
+    from selftune.report import iter_trace
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -1174,7 +1173,7 @@ def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
     steps(opt, 10)
     writer.close()
     opt.close()
-    trace = read_trace(tmp_path / "run")
+    trace = list(iter_trace(tmp_path / "run"))
     assert [r["step"] for r in trace] == list(range(1, 31))
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -169,25 +169,22 @@ def load_checkpoint(
     """
     _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
-    read: dict[str, Any] = {}
-
-    across = isinstance(optimizer, SelfTuned) and shards.across_ranks()
+    payload: dict[str, Any] = {}
 
     def refused_here() -> None:  # before anything loads: a refused checkpoint changes nothing
-        read.update(_read(source, map_location))
-        _check_model_fits(source, _unwrap(model), read["model"])
-        _check_groups(source, read["optimizer"], optimizer)
+        payload.update(_read(source, map_location))
+        _check_model_fits(source, _unwrap(model), payload["model"])
+        _check_groups(source, payload["optimizer"], optimizer)
 
-    if across:
+    if isinstance(optimizer, SelfTuned) and shards.across_ranks():
         # in one collective: a file missing on one rank's node, or a model built otherwise
         # there, was refused on that rank alone, and the others waited in the optimizer's check
         # of the state; and a file of its own on each node, one of them older, loaded, and the
         # ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
-        _check_same_step(source, read)
+        _check_same_step(source, payload)
     else:
         refused_here()
-    payload = read
     _check_tuning(source, payload["optimizer"], optimizer)
     try:
         _unwrap(model).load_state_dict(payload["model"])

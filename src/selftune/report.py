@@ -88,12 +88,6 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
     return row
 
 
-def read_trace(folder: Path) -> list[dict[str, Any]]:
-    """Every complete row of ``trace.jsonl`` (empty when the run wrote none): see
-    :func:`iter_trace`."""
-    return list(iter_trace(folder))
-
-
 def iter_trace(folder: Path) -> Iterator[dict[str, Any]]:
     """The complete rows of ``trace.jsonl`` in order, each read as it is asked for (a replay
     follows a long run's trace without holding it); none when the run wrote none.
@@ -177,8 +171,8 @@ class Series:
 
 @dataclass(frozen=True)
 class Trace:
-    """The trace's rows as columns of numbers: a long run's rows held as parsed JSON took
-    about 2 kB a step (650 MB for 300,000 steps), columns take tens of bytes."""
+    """The trace's rows as columns of numbers: a long run's rows, held as parsed JSON, took
+    a dict per step and one per group in it, where columns take a few numbers a step."""
 
     steps: array[int] = field(default_factory=lambda: array("q"))
     #: each step's loss; NaN where none was given or it was not finite

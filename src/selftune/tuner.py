@@ -671,8 +671,7 @@ class SelfTuned(torch.optim.Optimizer):
         if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
-        log = None if self._log is None else self._log.position()
-        log, trace = (log, self._trace_bytes) if self._gave_up is None else self._before_escalate
+        log, trace = self._before_escalate if self._gave_up is not None else self._log_end()
         sd["selftune"] = {
             "step": self.step_count,
             "scales": list(self._scales),
@@ -1154,6 +1153,10 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace_closer()
             self._trace = self._trace_closer = None
 
+    def _log_end(self) -> tuple[dict[str, Any] | None, int]:
+        """Where the log (its position; None with no run folder) and trace.jsonl end now."""
+        return None if self._log is None else self._log.position(), self._trace_bytes
+
     @property
     def rewinds(self) -> tuple[tuple[int, int, int], ...]:
         """Each load of a state this optimizer had stepped past (a script that rewinds in its
@@ -1534,8 +1537,7 @@ class SelfTuned(torch.optim.Optimizer):
             # a rewind's note goes: its record, which a load cuts, was written
             self._gave_up = {"step": trouble.step, **event}
             self._furthest = max(self._furthest, trouble.step)
-            log = None if self._log is None else self._log.position()
-            self._before_escalate = (log, self._trace_bytes)
+            self._before_escalate = self._log_end()
             self._after(trouble.step, signals, [], event)
             raise
         failed = self.hyperparams()  # the knobs in force, before the restore lowers any rate
@@ -1923,9 +1925,9 @@ def _keep_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any])
     gives it: the update needs the two alike."""
     for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False):
         for index, param in zip(saved_group["params"], group["params"], strict=False):
-            state = optimizer.state.get(param, {})
             if param.dim() == 0:
                 continue
+            state = optimizer.state.get(param, {})
             for key, value in saved["state"].get(index, {}).items():
                 now = state.get(key)
                 if (
