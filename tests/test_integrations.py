@@ -600,6 +600,25 @@ def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, contr
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_lightning_rerun_over_its_folder_is_told_lightning_s_way_to_resume(tmp_path: Path) -> None:
+    """A fit started again over the folder of one that ran (or crashed part-way) is refused at
+    its first step, before any update, with Lightning's way to resume: the advice for plain
+    loops, to call load_state_dict, left a Lightning user no loop to call it in."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    def fit() -> None:
+        torch.manual_seed(0)
+        cb = SelfTuneCallback("hypergradient", log_dir=tmp_path / "run")
+        _trainer(8, cb, tmp_path).fit(_TinyModule(), _loader())
+
+    fit()
+    rows = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    with pytest.raises(selftune.ConfigError, match=r"already holds steps.*ckpt_path=") as told:
+        fit()
+    assert "load_state_dict" not in str(told.value)
+    assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
+
+
 def test_lightning_resume_from_mid_epoch_continues_the_log(tmp_path: Path) -> None:
     """A ``ModelCheckpoint`` taken mid-epoch resumes as Lightning resumes a plain optimizer (its
     loop does not continue the uninterrupted run then: AdamW's weights differ too); selftune's
@@ -980,6 +999,25 @@ def test_huggingface_checkpoint_resume_continues_bit_for_bit(tmp_path: Path) -> 
     trace = (tmp_path / "run" / "trace.jsonl").read_bytes()
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()
     assert log_body(tmp_path / "run") == log_body(tmp_path / "ref")
+
+
+def test_huggingface_rerun_over_its_folder_is_told_the_trainer_s_way_to_resume(
+    tmp_path: Path,
+) -> None:
+    """A train() started again over the folder of one that ran is refused at its first step
+    with the ``Trainer``'s way to resume, not the plain loop's call of load_state_dict."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    for attempt in range(2):
+        trainer = _hf_trainer(tmp_path / "out", 6, save_strategy="no")
+        wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+        if attempt == 0:
+            trainer.train()
+            rows = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    with pytest.raises(selftune.ConfigError, match="resume_from_checkpoint=") as told:
+        trainer.train()
+    assert "load_state_dict" not in str(told.value)
+    assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
 
 
 def test_huggingface_resume_with_the_same_trainer_after_an_interrupt(tmp_path: Path) -> None:

@@ -190,6 +190,10 @@ class SelfTuned(torch.optim.Optimizer):
         self.policy = policy if policy is not None else Policy()
         self.guard: Guard | None = None if config is None else Guard(config)
         self.step_count = 0
+        #: how this run is resumed, said when a first step over a folder that holds its steps
+        #: is refused: an integration names its framework's way (a Lightning user told to call
+        #: load_state_dict had no loop of their own to call it in)
+        self._resume_how = "load its checkpoint (selftune.load_checkpoint, or load_state_dict)"
         self._scales = [1.0] * len(self.param_groups)
         #: each group's knobs, fixed when it joins: a momentum clipped to zero stays a knob
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
@@ -998,9 +1002,8 @@ class SelfTuned(torch.optim.Optimizer):
             return None
         return ConfigError(
             f"{folder} already holds steps of this run (its trace.jsonl is not empty), and "
-            "this one starts from step 1: to resume it, load its checkpoint "
-            "(selftune.load_checkpoint, or load_state_dict) before the first step; to "
-            "start again, log to a new folder"
+            f"this one starts from step 1: to resume it, {self._resume_how} before the first "
+            "step; to start again, log to a new folder"
         )
 
     def sync(self) -> None:

@@ -263,6 +263,10 @@ def wrap_trainer_optimizer(
     else:
         chosen = "auto" if controller is None else controller
         opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **wrap_kwargs))
+    opt._resume_how = (
+        "pass the checkpoint the Trainer saved to trainer.train(resume_from_checkpoint=...) "
+        "(True: the last one in output_dir), which loads selftune's state with the optimizer's"
+    )
     trainer.optimizer = opt
     if getattr(trainer.training_step, "_selftune_feed", None) is None:
         trainer.training_step = _feeding(trainer.training_step, opt)  # type: ignore[method-assign]

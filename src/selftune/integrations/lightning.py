@@ -215,6 +215,10 @@ class SelfTuneCallback(Callback):
             if not isinstance(controller, str):
                 controller = copy.deepcopy(controller)
             opt = selftune.wrap(optimizer, controller, log_dir=log_dir, **self.wrap_kwargs)
+        opt._resume_how = (
+            "pass the checkpoint Lightning saved to trainer.fit(..., ckpt_path=...), which "
+            "loads selftune's state with the optimizer's"
+        )
         return feed_from(opt, self._feed) if count == 1 else keep_scheduler_mark(opt)
 
     # -- the loss -----------------------------------------------------------------------------
