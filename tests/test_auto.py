@@ -891,6 +891,28 @@ def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None
     assert opt.hyperparams()[0]["lr"] > 0.5 * 0.01
 
 
+def test_a_decay_s_cut_during_the_range_test_is_no_bound_on_its_growth() -> None:
+    """A ``StepLR`` halving the rate every 4 steps while the range test grew it 1.2x a step:
+    the test compared the rate in force with the one it had grown, read the cut as the policy's
+    bound stopping its growth, and cruised from the 5th step, far below the edge.  The cut is
+    the scheduler's: the test grows on, and a real bound still ends it."""
+
+    def run(high: float) -> list[str]:
+        """Each step's phase of the range test under the schedule, the rate's bounds
+        (0.1, ``high``) times the start."""
+        pr = noisy_quadratic(seed=0)
+        inner = torch.optim.SGD(pr.model.parameters(), lr=1e-4, momentum=0.9)
+        opt = selftune.wrap(inner, "auto", bounds={"lr": (0.1, high)})
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        phases: list[str] = []
+        opt.add_listener(lambda _e: phases.append(opt.controller.state_dict()["phase"][0]))
+        train(pr, opt, 30, on_step=lambda _t: sched.step())
+        return phases
+
+    assert run(100.0)[4:] == ["ramp"] * 26  # the scale grew on through every cut
+    assert run(1.0)[4:6] == ["cruise"] * 2  # its first growth held by the bound
+
+
 def _reported_loss_run(
     controller: str, loss: Callable[[torch.Tensor, int], torch.Tensor], adam: bool = False
 ) -> tuple[list[dict[str, float]], list[Any]]:

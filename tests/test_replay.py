@@ -345,23 +345,29 @@ def test_keys_no_setting_of_the_optimizer_s_own_need_not_match(tmp_path: Path) -
     train(task, selftune.replay(plain, tmp_path), 30, evaluate=False)
 
 
-@pytest.mark.parametrize("change", ["scheduler", "nan"])
+@pytest.mark.parametrize("change", ["scheduler", "scheduler-off", "nan"])
 def test_a_replay_that_leaves_the_logged_run_is_stopped_where_it_does(
     tmp_path: Path, change: str
 ) -> None:
     """A replay without the run's scheduler, or one whose loss goes NaN where the run's did
     not, ended on other weights (the latter non-finite ones) with no word; it is stopped at
-    the first step where it and the run folder disagree, naming what differs (the knobs after
-    step 11, which the trace holds, before the next decision's knob stood elsewhere)."""
+    the first step where it and the run folder disagree, naming what differs: the knob a
+    decision of that step found in force, or, at a step with none (the ``off`` controller
+    decides nothing), the knobs after it, which the trace holds."""
+    controller = "off" if change == "scheduler-off" else "auto"
     task = make_task()
-    opt = selftune.wrap(start("sgd", task.model.parameters()), log_dir=tmp_path)
+    opt = selftune.wrap(start("sgd", task.model.parameters()), controller, log_dir=tmp_path)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
     train(task, opt, 60, evaluate=False, on_step=lambda t: sched.step())
     opt.close()
     task = make_task()
     replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
-    if change == "scheduler":
-        words = r"at step 11 the knobs after it are \[\{\"lr\": 0\.0179.*were \[\{\"lr\": 0\.0089"
+    if change.startswith("scheduler"):
+        words = {
+            "scheduler": r"at step 11 group 0's lr stood at 0\.0179\d*, not at 0\.0089",
+            "scheduler-off": r"at step 11 the knobs after it are \[\{\"lr\": 0\.005, .*were "
+            r"\[\{\"lr\": 0\.0025,",
+        }[change]
         with pytest.raises(selftune.SelfTuneError, match=words):
             train(task, replayed, 60, evaluate=False)
     else:

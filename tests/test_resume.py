@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +116,24 @@ def test_crashed_after_a_checkpoint_and_resumed_redoes_the_lost_steps(
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
 
 
-def test_a_run_resumed_mid_warm_up_holds_the_same_rises(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "schedule",
+    [lambda t: min(1.0, (t + 1) / 30), lambda t: 0.5 ** (t // 4)],
+    ids=["warm-up", "step-decay"],
+)
+def test_a_run_resumed_mid_warm_up_holds_the_same_rises(
+    tmp_path: Path, schedule: Callable[[int], float]
+) -> None:
     """``auto`` holds a warm-up's rises above the highest rate the scheduler had set (here its
     range test grows from the rate held): that highest rate is in the checkpoint, or the
-    resumed run reads no rise at its first step and grows from another rate."""
+    resumed run reads no rise at its first step and grows from another rate.  Likewise the
+    rate its last step read, which a decay's cut is read against (the range test grows on
+    through it)."""
 
     def run(folder: Path, steps: range, ckpt: Path | None = None) -> dict[str, Any]:
         model = make_model()
         opt = make_optimizer("adamw", model, folder)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 30))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         if ckpt is not None:
             sched.load_state_dict(load_checkpoint(ckpt, model=model, optimizer=opt)["extra"])
         for t in steps:

@@ -47,6 +47,10 @@ class GroupSignals:
     #: highest it had set before (a warm-up's rise, not a cycle's return to its top); 1 when
     #: it did not: the wrapper fills it in, the tracker never sees the rate
     base_rise: float = 1.0
+    #: how far a scheduler (or the loop) cut the group's rate since the last step (its rate now
+    #: over the one the last step read, when lower; 1 when it is not): a decay's cut is no
+    #: move of the controller's, nor a bound on it.  The wrapper fills it in too
+    base_fall: float = 1.0
     buffer_norm: float = math.nan  #: ‖momentum buffer‖, NaN when the optimizer keeps none
 
 
@@ -95,14 +99,13 @@ def pooled(signals: Signals, among: Sequence[int] = ()) -> Signals:
     Norms and dot products add over groups, so the pooled alignments are those of the whole
     parameter vector: what one group holding every parameter reads.  The momentum buffer's
     alignment pools the groups that keep a buffer (none: NaN), a group with no gradient adding
-    its buffer's norm and nothing to the product.  Each group keeps its own ``base_rise``, the
-    rise of its own rate.
+    its buffer's norm and nothing to the product.  Each group keeps its own ``base_rise`` and
+    ``base_fall``, the moves of its own rate.
     """
     gs = [signals.groups[i] for i in among] if among else signals.groups
     if len(gs) == 1:  # itself, to the bit (a root of a square can differ by an ulp)
         return dataclasses.replace(
-            signals,
-            groups=tuple(dataclasses.replace(gs[0], base_rise=g.base_rise) for g in signals.groups),
+            signals, groups=tuple(_own_rate(gs[0], g) for g in signals.groups)
         )
     gg = sum(g.grad_norm**2 for g in gs)
     dd = sum(g.update_norm**2 for g in gs)
@@ -124,10 +127,12 @@ def pooled(signals: Signals, among: Sequence[int] = ()) -> Signals:
         cos_buffer=gb / gb_norm if gb_norm > 0 else math.nan,
         buffer_norm=math.sqrt(bb) if with_buffer else math.nan,
     )
-    return dataclasses.replace(
-        signals,
-        groups=tuple(dataclasses.replace(pool, base_rise=g.base_rise) for g in signals.groups),
-    )
+    return dataclasses.replace(signals, groups=tuple(_own_rate(pool, g) for g in signals.groups))
+
+
+def _own_rate(pool: GroupSignals, group: GroupSignals) -> GroupSignals:
+    """The pooled signals with the moves of ``group``'s own rate."""
+    return dataclasses.replace(pool, base_rise=group.base_rise, base_fall=group.base_fall)
 
 
 class SignalTracker:

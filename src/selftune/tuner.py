@@ -201,6 +201,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: per group, the highest rate a scheduler (or the loop) had set before the last step
         #: the controller read, None before a positive one: see :meth:`_read_rises`
         self._peaks: list[float | None] = [None] * len(self.param_groups)
+        #: per group, the rate a scheduler (or the loop) had set at the last step the
+        #: controller read, None before a positive one: see :meth:`_read_rates`
+        self._taken: list[float | None] = [None] * len(self.param_groups)
         #: per group, after a rollback that lowered its base rate to the snapshot's, until the
         #: next step that trains: see :meth:`_hold_rollback_rates`
         self._lowered: list[tuple[float, float, float] | None] = [None] * len(self.param_groups)
@@ -360,6 +363,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
         self._peaks.append(None)
+        self._taken.append(None)
         self._lowered.append(None)
         self._outside.append(set())
         self._tracker.group_added()
@@ -591,7 +595,7 @@ class SelfTuned(torch.optim.Optimizer):
         if self.guard is not None and self.guard.wants_snapshot(t):
             self.guard.keep(t, self._capture())
         bases = self._bases()  # one read of the rates a step: the rises, the holds, the ceiling
-        signals = self.last_signals = self._read_rises(signals, bases)
+        signals = self.last_signals = self._read_rates(signals, bases)
         held = self._hold_rollback_rates(t, signals, bases)
         if held:
             forgiven, current = forgiven + held, self.hyperparams()
@@ -681,6 +685,7 @@ class SelfTuned(torch.optim.Optimizer):
             "scales": list(self._scales),
             "start": list(self._start),
             "peaks": list(self._peaks),
+            "taken": list(self._taken),
             "lowered": [None if w is None else list(w) for w in self._lowered],
             "controller": _clone(self.controller.state_dict()),
             "controller_name": self.controller.name,
@@ -770,6 +775,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._scales, self._start = list(own["scales"]), list(own["start"])
         # a state saved before the peaks: the rates now (no rise is read at the next step)
         self._peaks = list(own.get("peaks", self._bases()))
+        self._taken = list(own.get("taken", self._bases()))  # (a state saved before them)
         lowered = own.get("lowered", [None] * len(self._scales))
         # (a two-value entry, of a state saved by an earlier version, holds nothing)
         self._lowered = [None if w is None or len(w) != 3 else (w[0], w[1], w[2]) for w in lowered]
@@ -888,6 +894,7 @@ class SelfTuned(torch.optim.Optimizer):
         does."""
         n = len(self.param_groups)
         self._scales, self._peaks, self._lowered = [1.0] * n, [None] * n, [None] * n
+        self._taken = [None] * n
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
         self._left = None  # its knobs were loaded, not changed by a scheduler
         self.controller.load_state_dict(_clone(self._fresh_controller))
@@ -1242,10 +1249,11 @@ class SelfTuned(torch.optim.Optimizer):
         """The rate each group holds now: a scheduler's (or the loop's), without the scale."""
         return [knobs_io.read(g, "lr") for g in self.param_groups]
 
-    def _read_rises(self, signals: Signals, bases: list[float]) -> Signals:
-        """``signals`` with each group's rise of its rate above the highest set before, which
-        this step's rate then becomes (one read of the rates a step, on the path where the
-        controller proposes: a rise met in a rollback is read at the next step).
+    def _read_rates(self, signals: Signals, bases: list[float]) -> Signals:
+        """``signals`` with each group's rise of its rate above the highest set before, and its
+        fall below the one the last step read, which this step's rates then become (one read
+        of the rates a step, on the path where the controller proposes: a rate met in a
+        rollback is read at the next step).
 
         selftune's scale composes with a scheduler's rate, which suits a decay (a controller
         that lacks one gains it) but not a rise: a warm-up still climbing after ``auto``'s range
@@ -1253,19 +1261,33 @@ class SelfTuned(torch.optim.Optimizer):
         (``bench-results/schedules/``).  A return to a rate set before (a cycle's, a warm
         restart's) is no rise: the controller has seen the run at that rate.  Ranks hold the
         same schedule, so every rank reads the same rises.  ``bases``: :meth:`_bases`.
+
+        A fall is read for a controller that compares the rate in force with its own last
+        move: ``auto``'s range test took a decay's cut, a ``StepLR`` halving the rate while it
+        grew 1.2x a step, for the policy's bound stopping its growth, and cruised from there,
+        a hundred times below the edge it was looking for.
         """
         rises = [
             base / peak if peak is not None and base > peak else 1.0
             for peak, base in zip(self._peaks, bases, strict=True)
         ]
+        falls = [
+            base / taken if taken is not None and 0.0 < base < taken else 1.0
+            for taken, base in zip(self._taken, bases, strict=True)
+        ]
         self._peaks = [
             peak if base <= 0.0 else max(base, peak or 0.0)
             for peak, base in zip(self._peaks, bases, strict=True)
         ]
-        if all(r == 1.0 for r in rises):
+        self._taken = [
+            taken if base <= 0.0 else base for taken, base in zip(self._taken, bases, strict=True)
+        ]
+        if all(r == 1.0 for r in rises) and all(f == 1.0 for f in falls):
             return signals
-        pairs = zip(signals.groups, rises, strict=True)
-        groups = tuple(dataclasses.replace(g, base_rise=r) for g, r in pairs)
+        groups = tuple(
+            dataclasses.replace(g, base_rise=r, base_fall=f)
+            for g, r, f in zip(signals.groups, rises, falls, strict=True)
+        )
         return dataclasses.replace(signals, groups=groups)
 
     def _hold_rollback_rates(self, t: int, signals: Signals, bases: list[float]) -> list[Decision]:

@@ -618,7 +618,10 @@ class AutoController:
                 why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
                 return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
         last = self._last_lr[i]
-        bound = last is not None and lr <= last  # the policy's bound stopped the growth
+        # the policy's bound stopped the growth; a scheduler's cut of the rate since is none,
+        # and the rate it leaves of the last one is a product, rounded
+        fall = s.groups[i].base_fall
+        bound = last is not None and lr <= (last if fall == 1.0 else last * fall * (1 + _ROUNDING))
         cap = self._cap[i]
         if cap is not None and lr * self.ramp > cap:
             why = f"the re-test reached the rate the first test found, {cap:.3g}"
