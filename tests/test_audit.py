@@ -700,3 +700,18 @@ def test_build_manifest_describes_the_run(tmp_path: Path) -> None:
             param_groups=[{"index": 0, "knobs": "lr", "num_params": 3}],
             initial_params_sha256=None,
         )
+
+
+@pytest.mark.usefixtures("verify_only")
+def test_cli_prints_control_characters_of_the_log_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary names the knobs the decisions changed, as the manifest spells them: a knob
+    ``"lr\\x1b[2J"`` cleared the screen of whoever checked the log."""
+    groups = [{"index": 0, "knobs": ["lr\x1b[2J", "momentum\r"], "num_params": 12}]
+    with AuditLog(tmp_path, manifest(param_groups=groups)) as log:
+        log.append(decision(0, "lr\x1b[2J", group=0))
+        log.append(decision(1, "momentum\r", group=0))
+    assert cli.main(["verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "knobs lr\\x1b[2J momentum\\r, 0 guard events" in out and "\x1b" not in out

@@ -586,3 +586,21 @@ def test_the_command_s_help_speaks_to_its_user(capsys: pytest.CaptureFixture) ->
     out = capsys.readouterr().out
     assert "``" not in out and "tunes its own learning rate" in out
     assert all(name in out for name in ("demo", "bench", "report", "watch", "verify"))
+
+
+def test_control_characters_in_what_the_command_prints_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The page's path and the errors name the run's folders, which a log handed to you names:
+    a folder ``"run\\x1b[2J"`` cleared the screen when the command printed it."""
+    folder = tmp_path / "run\x1b]0;title\x07"
+    run = FakeRun(folder)
+    run.trace(0, 0.5, HP)
+    assert cli.main(["report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{tmp_path}/run\\x1b]0;title\\x07/report.html\n"
+    (folder / "manifest.json").write_text("[]")
+    assert cli.main(["report", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"selftune report: {tmp_path}/run\\x1b]0;title\\x07/manifest.json ")
+    assert "\x1b" not in err and "\x07" not in err

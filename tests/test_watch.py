@@ -493,3 +493,42 @@ def test_an_unreadable_log_is_said_not_a_traceback(
     assert cli.main(["watch", str(run.folder), *([] if live else ["--once"])]) == 1
     err = capsys.readouterr().err
     assert err == f"selftune watch: cannot read {path}: Permission denied\n"
+
+
+def test_control_characters_in_the_log_are_shown_escaped_not_obeyed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """rich passed ESC and the C1 codes of a logged string on to the terminal, which obeyed
+    them: a reason ``"\\x1b[2J"`` cleared the screen, a controller's name could set the window's
+    title. A log is a file anyone may hand you: every string from it is shown, escaped."""
+    folder = tmp_path / "run\x1b[1m"
+    run = FakeRun(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["controller"] = "mine\x1b]0;title\x07"
+    manifest["config"]["optimizer"] = "SGD\x9b2J"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    run.trace(1, 1.0, HP)
+    run.decision(1, 0, "lr\x1b[8m", 0.1, 0.05, "cut\x1b[2J\rgrow é σ")
+    run.guard(2, "skip\x1b[5m", "loss\x08", "nan", "spike\u202eevil")
+    run.append({"kind": "note", "step": "3\x1b[A", "reason": "one\ntwo"})
+    frame = watch_once(folder, capsys)
+    assert not [c for c in frame if not c.isprintable() and c != "\n"], frame
+    for shown in (
+        "run\\x1b[1m",
+        "SGD\\x9b2J · controller mine\\x1b]0;title\\x07",
+        "g0 lr\\x1b[8m",
+        "cut\\x1b[2J\\rgrow é σ",
+        "GUARD skip\\x1b[5m",
+        "loss\\x08 = nan",
+        "spike\\u202eevil",
+        "3\\x1b[A",
+        "one\\ntwo",
+    ):
+        assert shown in frame, (shown, frame)
+    (folder / "manifest.json").write_text("[]")  # the lines that name the folder, and errors
+    (folder / "trace.jsonl").write_text("not json\n")
+    frame = watch_once(folder, capsys)
+    assert "\x1b" not in frame and "run\\x1b[1m/manifest.json is damaged" in frame
+    assert "(`selftune verify " in frame and "run\\x1b[1m` checks" in frame
+    assert cli.main(["watch", str(folder / "gone\x1b[2J")]) == 1
+    assert "gone\\x1b[2J" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from selftune.errors import SelfTuneError
+from selftune.terminal import printable
 
 if TYPE_CHECKING:
     import torch
@@ -437,14 +438,16 @@ class VerifyResult:
     torn_bytes: int = 0
 
     def summary(self) -> str:
-        """One line for a terminal or a CI log."""
+        """One line for a terminal or a CI log, :func:`~selftune.terminal.printable`: the knobs'
+        names and the path are the log's, and a control character among them is shown escaped
+        (``\\x1b``), not obeyed."""
         knobs = " ".join(self.knobs) if self.knobs else "none"
         tail = (
             f"torn tail of {self.torn_bytes} bytes (a crash mid-write; dropped)"
             if self.torn_tail
             else "no torn tail"
         )
-        return (
+        return printable(
             f"{self.path}: OK, {self.records} records, knobs {knobs}, "
             f"{self.guard_events} guard events, {tail}"
         )
@@ -1001,7 +1004,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = verify(args.run)
     except LogError as exc:
-        print(f"selftune verify: {exc}", file=sys.stderr)
+        print(f"selftune verify: {printable(exc)}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from selftune.terminal import printable
+
 #: sub-command -> (module, the extras its optional dependencies come in, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("selftune.demo", "cli,bench", "train MNIST-1D plain and self-tuned, side by side"),
@@ -66,7 +68,7 @@ def _missing(command: str, err: ImportError) -> int:
         what = f"needs the module {err.name.partition('.')[0]!r}, which is not installed"
     else:  # installed, but not importable as it is (a version too old, a broken install)
         what = f"cannot import what it needs ({err})"
-    print(f"selftune {command} {what}: {fix}", file=sys.stderr)
+    print(printable(f"selftune {command} {what}: {fix}"), file=sys.stderr)
     return 2
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from selftune.audit import LogError, follows, is_joint, leader_row, read_log, verify
+from selftune.terminal import printable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -974,23 +975,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``selftune report RUN``: write the page and print its path; 1 with the problem on error.
     What the page's writing warns of (plots it could not write) is said as the errors are, not
-    as a Python warning that quotes a line of this module."""
+    as a Python warning that quotes a line of this module; every line printed is
+    :func:`~selftune.terminal.printable` (a message names the log's folders and records)."""
     try:
         with warnings.catch_warnings(record=True) as said:
             warnings.filterwarnings("always", category=UserWarning, module=r"selftune\.")
             page = write_report(args.run, args.out, rows=args.rows)
     except OSError as exc:  # the page's folder (reading the run raises LogError)
         where = f"{exc.filename} " if exc.filename else "the page "
-        print(
-            f"selftune report: cannot write {where}({exc.strerror or exc}): pass --out a file "
-            "in a folder you can write to",
-            file=sys.stderr,
+        problem = (
+            f"cannot write {where}({exc.strerror or exc}): pass --out a file in a folder you "
+            "can write to"
         )
+        print(f"selftune report: {printable(problem)}", file=sys.stderr)
         return 1
     except (LogError, ValueError) as exc:
-        print(f"selftune report: {exc}", file=sys.stderr)
+        print(f"selftune report: {printable(exc)}", file=sys.stderr)
         return 1
     for warning in said:
-        print(f"selftune report: {warning.message}", file=sys.stderr)
-    print(page)
+        print(f"selftune report: {printable(warning.message)}", file=sys.stderr)
+    print(printable(page))
     return 0

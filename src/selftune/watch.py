@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, LogError, follows, is_joint, leader_row
 from selftune.report import TRACE, as_float, blocks_back, lines_back
+from selftune.terminal import printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -325,14 +326,18 @@ def render(state: WatchState) -> RenderableType:
     manifest = state.manifest or {}
     optimizer = (manifest.get("config") or {}).get("optimizer", "")
     header = Text.assemble(
-        (f"{state.folder} ", "bold"),
-        f"{optimizer} · controller {manifest.get('controller', '?')}   ",
+        (f"{printable(state.folder)} ", "bold"),
+        printable(f"{optimizer} · controller {manifest.get('controller', '?')}") + "   ",
         ("step ", "dim"),
-        (str(state.step) if state.step is not None else "—", "bold"),
+        (printable(state.step) if state.step is not None else "—", "bold"),
         ("   loss ", "dim"),
         (_fmt(state.loss), "bold"),
         *(
-            (("   metric ", "dim"), (_fmt(state.metric), "bold"), f" (step {state.metric_step})")
+            (
+                ("   metric ", "dim"),
+                (_fmt(state.metric), "bold"),
+                f" (step {printable(state.metric_step)})",
+            )
             if state.metric_step is not None
             else ()
         ),
@@ -379,17 +384,21 @@ def render(state: WatchState) -> RenderableType:
     if state.manifest_problem:
         parts.append(
             Text(
-                f"{state.folder / MANIFEST} is damaged ({state.manifest_problem}), so the run's "
-                "settings are not shown: restore it from a copy of the run folder, or start the "
-                "run again in a new log_dir",
+                printable(
+                    f"{state.folder / MANIFEST} is damaged ({state.manifest_problem}), so the "
+                    "run's settings are not shown: restore it from a copy of the run folder, or "
+                    "start the run again in a new log_dir"
+                ),
                 style="yellow",
             )
         )
     if state.bad_lines:
         parts.append(
             Text(
-                f"{state.bad_lines} damaged lines skipped (`selftune verify {state.folder}` "
-                "checks the decision log; trace.jsonl, the per-step rows, has no chain)",
+                printable(
+                    f"{state.bad_lines} damaged lines skipped (`selftune verify {state.folder}` "
+                    "checks the decision log; trace.jsonl, the per-step rows, has no chain)"
+                ),
                 style="yellow",
             )
         )
@@ -397,14 +406,19 @@ def render(state: WatchState) -> RenderableType:
 
 
 def _recent_table(state: WatchState) -> RenderableType:
-    """The latest records, a row each; every cell is a ``Text``, never a ``str``.
+    """The latest records, a row each; every cell is a ``Text`` of :func:`printable` text.
 
     rich reads a ``str`` cell as markup (and ``:name:`` as an emoji): a reason, signal or knob a
     controller logged as ``"cut [/] per recipe"`` raised MarkupError, and ``"lr [x0.5] cut"``
-    or ``"[bold]x"`` lost their brackets. The frame must show what the log holds, as it is.
+    or ``"[bold]x"`` lost their brackets; and it passes a control character on to the terminal,
+    which obeys it (``"\\x1b[2J"`` cleared the screen). The frame must show what the log holds,
+    as it is.
     """
     from rich.table import Table
     from rich.text import Text
+
+    def cell(value: object) -> Text:
+        return Text(printable(value))
 
     table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
     for column, kwargs in (
@@ -419,26 +433,24 @@ def _recent_table(state: WatchState) -> RenderableType:
     for record in state.recent:
         if record.get("kind") == "guard":
             table.add_row(
-                Text(str(record.get("step"))),
-                Text(f"GUARD {record.get('event')}"),
-                Text(f"{record.get('signal')} = {_fmt(record.get('value'))}"),
-                Text(str(record.get("reason"))),
+                cell(record.get("step")),
+                cell(f"GUARD {record.get('event')}"),
+                cell(f"{record.get('signal')} = {_fmt(record.get('value'))}"),
+                cell(record.get("reason")),
                 style="bold red",
             )
         elif record.get("kind") == "note":  # a resume's cut, a knob a scheduler took over
-            table.add_row(
-                Text(str(record.get("step", ""))), "note", "", Text(str(record.get("reason")))
-            )
+            table.add_row(cell(record.get("step", "")), "note", "", cell(record.get("reason")))
         else:
             clipped = " (clipped)" if record.get("clipped") else ""
             alike = f", +{record['alike']} groups" if record.get("alike") else ""
             if record.get("clipped_alike"):
                 alike += f" ({record['clipped_alike']} clipped)"
             table.add_row(
-                Text(str(record.get("step"))),
-                Text(f"g{record.get('group')} {record.get('knob')}{alike}"),
-                Text(f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}"),
-                Text(str(record.get("reason"))),
+                cell(record.get("step")),
+                cell(f"g{record.get('group')} {record.get('knob')}{alike}"),
+                cell(f"{_fmt(record.get('old'))} → {_fmt(record.get('new'))}{clipped}"),
+                cell(record.get("reason")),
             )
     return table
 
@@ -494,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
             f"optimizer): watch one of them, e.g. {folder / runs[0]}"
         )
     if problem:
-        print(f"selftune watch: {problem}", file=sys.stderr)
+        print(f"selftune watch: {printable(problem)}", file=sys.stderr)
         return 1
     from rich.console import Console
     from rich.live import Live
@@ -515,6 +527,6 @@ def run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 pass
     except LogError as exc:
-        print(f"selftune watch: {exc}", file=sys.stderr)
+        print(f"selftune watch: {printable(exc)}", file=sys.stderr)
         return 1
     return 0
