@@ -604,3 +604,50 @@ def test_control_characters_in_what_the_command_prints_are_escaped(
     err = capsys.readouterr().err
     assert err.startswith(f"selftune report: {tmp_path}/run\\x1b]0;title\\x07/manifest.json ")
     assert "\x1b" not in err and "\x07" not in err
+
+
+def _png_of_the_user_s_own() -> bytes:
+    """A plot the user drew with matplotlib and saved as ``RUN/plots/loss.png``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([1, 2, 3])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["matplotlib", "text", "link to nothing"])
+def test_cli_writes_no_plot_over_a_file_of_the_user_s_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture, kind: str
+) -> None:
+    """The PNGs were written over whatever ``RUN/plots`` held by their names, the user's own
+    files included; a report's own plots (it marks them) are still written over."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 0.5, HP)
+    plots = run.folder / "plots"
+    plots.mkdir()
+    mine = plots / "loss.png"
+    if kind == "link to nothing":  # writing through it would create the file it names
+        mine.symlink_to(tmp_path / "elsewhere.png")
+    else:
+        mine.write_bytes(_png_of_the_user_s_own() if kind == "matplotlib" else b"my notes")
+    kept = mine.read_bytes() if mine.exists() else None
+    for out in ([], ["--out", str(tmp_path / "page.html")]):  # the plots go to RUN/plots alike
+        assert cli.main(["report", str(run.folder), *out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"selftune report: {mine} exists and is no plot of selftune report's: it is not "
+            f"written over; move it out of {plots}, where the report writes its plots (loss.png,"
+        ), err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert (mine.read_bytes() if mine.exists() else None) == kept
+    assert not (tmp_path / "elsewhere.png").exists()
+    assert not (run.folder / "report.html").exists() and not (tmp_path / "page.html").exists()
+    assert sorted(path.name for path in plots.iterdir()) == ["loss.png"]
+    mine.unlink()
+    assert cli.main(["report", str(run.folder)]) == 0  # and again, over its own plots
+    first = {path.name: path.read_bytes() for path in plots.iterdir()}
+    (plots / "lr.png").write_bytes(first["lr.png"][:-100])  # cut short: still its own
+    assert cli.main(["report", str(run.folder)]) == 0
+    assert {path.name: path.read_bytes() for path in plots.iterdir()} == first

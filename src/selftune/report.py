@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 TRACE = "trace.jsonl"
 PLOTS = "plots"
+#: the Software text every plot's PNG carries: a later report writes over a file of its plots'
+#: names in ``RUN/plots`` only when it bears this, and so is one of its own
+PLOT_MARK = "selftune report"
 #: knobs drawn on the second knob plot, in legend order; "lr" has a plot of its own
 MOMENTUM_KNOBS = ("momentum", "beta1", "beta2")
 GUARD_RED = "#d62728"
@@ -592,7 +595,7 @@ def make_plots(run: Run) -> list[Plot]:
     for name, caption, fig in figures:
         if fig is not None:
             buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
+            fig.savefig(buffer, format="png", metadata={"Software": PLOT_MARK})
             plots.append(Plot(name, caption, buffer.getvalue()))
     return plots
 
@@ -872,22 +875,45 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
 HTML = (".html", ".htm")
 
 
-def _is_report(path: Path) -> bool:
-    """Whether ``path`` holds a page :func:`write_report` wrote (its title says so)."""
-    if path.suffix.lower() not in HTML:
-        return False
+def _head(path: Path) -> bytes:
+    """The first bytes of ``path``, where a file :func:`write_report` wrote says so; none when
+    it cannot be read (a folder, a link to nothing)."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(4096)
+            return handle.read(4096)
     except OSError:
-        return False
-    return b"<title>selftune report: " in head
+        return b""
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a page :func:`write_report` wrote (its title says so)."""
+    return path.suffix.lower() in HTML and b"<title>selftune report: " in _head(path)
+
+
+def _is_plot(path: Path) -> bool:
+    """Whether ``path`` holds a plot :func:`write_report` wrote: a PNG whose Software text, in
+    the chunks before its pixels, is :data:`PLOT_MARK`."""
+    head = _head(path)
+    mark = b"tEXtSoftware\x00" + PLOT_MARK.encode()
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and mark in head
+
+
+def _foreign_plot(plot_dir: Path, plots: Sequence[Plot]) -> Path | None:
+    """The first file in ``plot_dir`` that a plot would be written over and that is no plot of a
+    report's: a file of the user's own (``RUN/plots`` is a name a user may well have used)."""
+    for plot in plots:
+        path = plot_dir / f"{plot.name}.png"
+        if os.path.lexists(path) and not _is_plot(path):  # (a link to nothing would be followed)
+            return path
+    return None
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
 
-    PNGs that cannot be written (the run folder is read-only) are only warned about.
+    PNGs that cannot be written (the run folder is read-only) are only warned about. Neither the
+    page nor a plot is written over a file that an earlier report did not write (a plot's PNG
+    carries :data:`PLOT_MARK`): ValueError names the file, and nothing is written.
 
     ``rows``: how many decisions to list from each end of a long log (guard events are all shown).
     Raises :class:`selftune.audit.LogError` when the folder is not a readable run folder.
@@ -914,12 +940,19 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             "--out a file of its own"
         )
     plots = make_plots(run)
+    plot_dir = run.folder / PLOTS
+    foreign = _foreign_plot(plot_dir, plots)
+    if foreign is not None:  # before the page: nothing written, the command can be run again
+        raise ValueError(
+            f"{foreign} exists and is no plot of selftune report's: it is not written over; "
+            f"move it out of {plot_dir}, where the report writes its plots "
+            f"({', '.join(f'{plot.name}.png' for plot in plots)}), and run the report again"
+        )
     page.parent.mkdir(parents=True, exist_ok=True)
     # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
     _write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
     # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be
     # written to (a read-only copy of a CI artefact, with --out elsewhere) costs only them.
-    plot_dir = run.folder / PLOTS
     try:
         plot_dir.mkdir(exist_ok=True)
         for plot in plots:
