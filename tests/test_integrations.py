@@ -1220,6 +1220,38 @@ def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
     assert len({r["hp"][0]["lr"] for r in trace}) > 10  # the rate moved: the values tell
 
 
+def test_a_tensorboard_writer_follows_one_optimizer_and_refuses_a_second(tmp_path: Path) -> None:
+    """A writer added to a second optimizer, beside the first or after it closed, read that
+    one's step 1 as a rewind of the first: the first's points were purged, and the two drew
+    their knobs under the same names (after ``close`` the rewind failed on the closed file).
+    The second is refused when added, before its first step; the first's points stay, its own
+    rewind after ``close`` still purges, and a writer of its own with its own prefix draws the
+    second's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    first, events = _tuned(5, writer)
+    writer.close()
+    for second in (_tuned(0)[0], first):  # another run, and the same optimizer added twice
+        with pytest.raises(selftune.ConfigError, match=r"already added to an optimizer.*opt\{k\}"):
+            second.add_listener(writer)
+    # the first's state of step 2 loaded back after close: its step 3 is redone
+    writer(selftune.StepEvent(3, None, [{**events[2].hyperparams[0], "lr": 0.5}], [], None, None))
+    writer.close()
+    own = TensorBoardWriter(tmp_path / "tb", prefix="selftune/opt1")
+    _tuned(3, own)
+    own.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    drawn = [(s.step, s.value) for s in acc.Scalars("selftune/group0/lr")]
+    kept = [(t, pytest.approx(e.hyperparams[0]["lr"])) for t, e in enumerate(events[:2], 1)]
+    assert drawn == [*kept, (3, 0.5)]
+    assert [s.step for s in acc.Scalars("selftune/opt1/group0/lr")] == [1, 2, 3]
+
+
 def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

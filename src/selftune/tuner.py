@@ -322,6 +322,8 @@ class SelfTuned(torch.optim.Optimizer):
 
         Checked here: a listener that cannot be called failed only at the next step, after that
         step's update was made, and a writer's class given for an instance built one per step.
+        A listener with an ``added_to(optimizer)`` method is told here, and may refuse, before
+        any step: a ``TensorBoardWriter`` follows one optimizer and refuses a second.
         """
         if isinstance(fn, type):
             raise ConfigError(
@@ -333,6 +335,9 @@ class SelfTuned(torch.optim.Optimizer):
                 f"add_listener needs a callable taking one StepEvent, not {type(fn).__name__} "
                 f"{fn!r:.60}"
             )
+        added_to = getattr(fn, "added_to", None)
+        if callable(added_to):
+            added_to(self)
         self._listeners.append(fn)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -15,6 +15,13 @@ the folder's points from that step on, and a step that goes back (a state loaded
 optimizer) purges from there, so TensorBoard draws each step once, the run's own.  A writer
 shared with the rest of the training is left as given: its owner purges its points on a resume
 (``SummaryWriter(purge_step=...)``), since a purge hides every tag of the folder.
+
+A writer follows one optimizer, as it reads a step that goes back as a rewind of that one:
+added to a second (another optimizer of the model, or a new run after the first closed) it
+is refused there, before the second's first step.  That one's steps, from 1 again, were
+drawn under the same names and purged the first's points.  Each optimizer gets a writer of
+its own, with its own ``prefix`` or folder, and a run resumed in a new process a new writer
+over the same folder, which purges the steps it redoes.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from selftune.integrations.events import (
     describe_guard,
     event_metric,
 )
-from selftune.tuner import StepEvent, is_rank_zero
+from selftune.tuner import SelfTuned, StepEvent, is_rank_zero
 
 
 def _check_folder(folder: Path) -> None:
@@ -81,6 +88,23 @@ class TensorBoardWriter:
         self._target, self._resolved, self._owned = writer_or_logdir, False, False
         self.prefix, self.every = prefix, every
         self._last = 0  # the last step written
+        self._added = False  # to an optimizer: it follows that one alone
+
+    def added_to(self, optimizer: SelfTuned) -> None:
+        """Called by ``optimizer.add_listener``: refuse a second optimizer, whose step 1 (or any
+        step it shares with the first) the writer would read as a rewind, purging the first's
+        points, and whose knobs it would draw under the same names (the module docstring)."""
+        if self._added:
+            target = self._target
+            folder = target.log_dir if isinstance(target, SummaryWriter) else str(target)
+            raise ConfigError(
+                f"this TensorBoardWriter (of {folder!r}) was already added to an optimizer: a "
+                "writer draws one optimizer's steps, and another's, from step 1 again, would "
+                "purge its points and be drawn under the same names. Give each optimizer (and "
+                "each run) a writer of its own, with its own prefix (prefix=f'selftune/opt{k}') "
+                "or folder; a resumed run takes a new writer over the same folder"
+            )
+        self._added = True
 
     def _resolve(self, step: int) -> SummaryWriter | None:
         """The writer, decided at the first event: on rank 0 only under torch.distributed, as
@@ -103,8 +127,8 @@ class TensorBoardWriter:
         if w is None:
             return
         if self._owned and step <= self._last:  # a rewind: its steps are redone from here
-            start, events = SessionLog(status=SessionLog.START), w.file_writer
-            assert events is not None  # made with the SummaryWriter
+            # (the file writer as add_scalar gets it: made again after close)
+            start, events = SessionLog(status=SessionLog.START), w._get_file_writer()
             events.add_event(Event(wall_time=time.time(), step=step, session_log=start))
         self._last = step
         # every ``every`` steps only: ``auto`` decides at most steps, and a condition on
