@@ -566,6 +566,31 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     return said
 
 
+def _plain_loads(out: Path, rank: int) -> dict[str, str | None]:
+    """A DDP model with a plain optimizer (tuning off): a checkpoint rank 0 saved where rank 1
+    cannot read it was refused on rank 1 alone, and rank 0 loaded it and went on to DDP's next
+    all-reduce, where it waited; and rank 0 alone loads a checkpoint into the module DDP
+    wraps, to evaluate it, with no collective."""
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    plain = make_inner("sgd", model)
+    if rank == 0:
+        save_checkpoint(out / "plain-rank0.pt", model=model, optimizer=plain, step=1)
+    dist.barrier()  # (saved before rank 1 looks)
+    said = {
+        "unshared": _says(
+            lambda: load_checkpoint(out / f"plain-rank{rank}.pt", model=model, optimizer=plain)
+        )
+    }
+    if rank == 0:
+        evaluated = make_inner("sgd", model.module)
+        said["alone"] = _says(
+            lambda: load_checkpoint(out / "plain-rank0.pt", model=model.module, optimizer=evaluated)
+        )
+    x, y = batch(2, rank)  # both ranks go on to DDP's next all-reduce together
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    return said
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -599,6 +624,7 @@ def main() -> None:
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     results["refusals"] = _refusals(rank)
     results["folder-refusals"] = _folder_refusals(args.out, rank)
+    results["plain-loads"] = _plain_loads(args.out, rank)
     results["saved-before-shared"] = _saved_before_shared(rank)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()

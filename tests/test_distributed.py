@@ -312,6 +312,21 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
         assert "rank 1's saved at step 10, its optimizer's at 10; rank 0's at step 9" in older
 
 
+def test_a_checkpoint_one_rank_cannot_read_is_refused_on_every_rank_with_a_plain_optimizer(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """A DDP model with a plain optimizer: a checkpoint rank 1 cannot read (saved on rank 0's
+    node) was refused on rank 1 alone, and rank 0 loaded it and went on to DDP's next
+    all-reduce, where it waited (a load of a selftune optimizer was already refused on every
+    rank).  Refused on every rank now; and rank 0 alone still loads into the module DDP wraps,
+    as an evaluation does, with no collective that the other rank would miss."""
+    _, ranks = ddp
+    said = [r["plain-loads"] for r in ranks]
+    assert said[1]["unshared"].startswith("CheckpointError: no checkpoint at"), said[1]
+    assert str(said[0]["unshared"]).startswith("CheckpointError: rank 1 could not load"), said[0]
+    assert said[0]["alone"] is None and "alone" not in said[1]
+
+
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

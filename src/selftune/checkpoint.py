@@ -163,9 +163,12 @@ def load_checkpoint(
     :class:`CheckpointError` naming the file when it is missing, damaged, not a selftune
     checkpoint, or saved from a different model, before anything loads.  The file is read with
     ``weights_only=True``: a checkpoint cannot run code on load.  Under ``torch.distributed``,
-    with a selftune optimizer, a collective: what one rank refuses (a file its node lacks),
-    every rank refuses, naming it, as it refuses a file of another step on some rank (each
-    node's own disk holding its own checkpoint, one older).
+    with a selftune optimizer or into a ``DistributedDataParallel`` model, a collective: what
+    one rank refuses (a file its node lacks), every rank refuses, naming it, as it refuses a
+    file of another step on some rank (each node's own disk holding its own checkpoint, one
+    older).  A plain module with a plain optimizer loads on the calling rank alone, so that
+    rank 0 may load a checkpoint by itself (into ``model.module`` or a model of its own, to
+    evaluate it); a refusal there is that rank's.
     """
     _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
@@ -176,11 +179,12 @@ def load_checkpoint(
         _check_model_fits(source, _unwrap(model), payload["model"])
         _check_groups(source, payload["optimizer"], optimizer)
 
-    if isinstance(optimizer, SelfTuned) and shards.across_ranks():
+    # a selftune optimizer's load is a collective already (its check of the state)
+    if shards.across_ranks() and (isinstance(optimizer, SelfTuned) or _loaded_on_every_rank(model)):
         # in one collective: a file missing on one rank's node, or a model built otherwise
         # there, was refused on that rank alone, and the others waited in the optimizer's check
-        # of the state; and a file of its own on each node, one of them older, loaded, and the
-        # ranks went their own ways
+        # of the state or in DDP's next all-reduce; and a file of its own on each node, one of
+        # them older, loaded, and the ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
         _check_same_step(source, payload)
     else:
@@ -217,6 +221,16 @@ def _refuse_sharded_model(model: torch.nn.Module, doing: str = "save") -> None:
             "optimizer.state_dict()['selftune'] (the controller, the guard, the log position, "
             "a weight average of that rank's shard) in a file of that rank"
         )
+
+
+def _loaded_on_every_rank(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is one every rank loads, as DDP's is: its backward is a collective,
+    and it syncs gradients, never weights, so a rank that loaded alone would train on other
+    weights.  A plain optimizer's load was on the calling rank alone, and a file missing on
+    one rank's node raised there while the others went on to DDP's next all-reduce and
+    waited."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return any(isinstance(m, ddp) for m in model.modules())
 
 
 def _model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
