@@ -891,11 +891,14 @@ def test_a_warm_up_is_held_to_the_rate_auto_chose_and_a_decay_composes() -> None
     assert opt.hyperparams()[0]["lr"] > 0.5 * 0.01
 
 
-def test_a_decay_s_cut_during_the_range_test_is_no_bound_on_its_growth() -> None:
+@pytest.mark.parametrize("case", ["step", "step-no-gradient", "cosine-to-zero"])
+def test_a_decay_s_cut_during_the_range_test_is_no_bound_on_its_growth(case: str) -> None:
     """A ``StepLR`` halving the rate every 4 steps while the range test grew it 1.2x a step:
     the test compared the rate in force with the one it had grown, read the cut as the policy's
     bound stopping its growth, and cruised from the 5th step, far below the edge.  The cut is
-    the scheduler's: the test grows on, and a real bound still ends it."""
+    the scheduler's: the test grows on, through a cut read at a step whose parameters had no
+    gradient (which the test skips) and through a cosine's rate of zero, and a real bound
+    still ends it."""
 
     def run(high: float) -> list[str]:
         """Each step's phase of the range test under the schedule, the rate's bounds
@@ -903,14 +906,25 @@ def test_a_decay_s_cut_during_the_range_test_is_no_bound_on_its_growth() -> None
         pr = noisy_quadratic(seed=0)
         inner = torch.optim.SGD(pr.model.parameters(), lr=1e-4, momentum=0.9)
         opt = selftune.wrap(inner, "auto", bounds={"lr": (0.1, high)})
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        sched: torch.optim.lr_scheduler.LRScheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)  # zero at step 9
+            if case == "cosine-to-zero"
+            else torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)  # cuts at 5, 9
+        )
         phases: list[str] = []
         opt.add_listener(lambda _e: phases.append(opt.controller.state_dict()["phase"][0]))
-        train(pr, opt, 30, on_step=lambda _t: sched.step())
+        for t in range(1, 31):
+            loss = pr.batch_loss(t)
+            opt.zero_grad()
+            if case != "step-no-gradient" or t != 9:
+                loss.backward()
+            opt.step(loss=loss.detach())
+            sched.step()
         return phases
 
     assert run(100.0)[4:] == ["ramp"] * 26  # the scale grew on through every cut
-    assert run(1.0)[4:6] == ["cruise"] * 2  # its first growth held by the bound
+    if case == "step":
+        assert run(1.0)[4:6] == ["cruise"] * 2  # its first growth held by the bound
 
 
 def _reported_loss_run(

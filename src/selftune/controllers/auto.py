@@ -227,7 +227,9 @@ class AutoController:
         #: a sign change is read as the crossing only once there was a sign to change from
         self._evidence: list[SignTest] = []
         self._informed: list[bool] = []
-        self._last_lr: list[float | None] = []  # the rate at the last growth step of the ramp
+        #: per group, the rate at the last growth step of the ramp, times the scheduler's cuts
+        #: since (read at every step, those that skip the group too): the rate the test holds
+        self._last_lr: list[float | None] = []
         self._best_loss = math.inf
         #: the first smoothed loss and the highest since: a probe whose loss rose above where
         #: the run started did harm, not just little good, and is worth a restart
@@ -325,6 +327,9 @@ class AutoController:
                 and g.cos_update < REVERSAL
                 and self._evidence[i].sign(self.clear) > 0
             )
+            grown = self._last_lr[i]
+            if grown is not None:
+                self._last_lr[i] = grown * g.base_fall
             if g.update_norm:
                 rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
                 self._evidence[i].update(g.cos_update)
@@ -575,7 +580,13 @@ class AutoController:
         until ρ turns positive and then ramps again, so that both directions end at the same
         crossing.  A ramp with no clear sign either way ends on the loss instead (see the module
         docstring).
+
+        A scheduler's cut of the rate while the test grows it is no bound on the growth (see
+        ``_last_lr``), and a step it holds the rate at zero (a cosine's end, a warm-up's start)
+        is none of the test's: with no rate to read, it read as the bound, and the test ended.
         """
+        if k["lr"] <= 0.0:
+            return []
         self._ramp_steps[i] += 1
         n, lr, phase = self._ramp_steps[i], k["lr"], self._phase[i]
 
@@ -618,10 +629,9 @@ class AutoController:
                 why = f"steps overshoot from the start (cos {rho:+.3f}); shrink"
                 return [Proposal(i, "lr", lr * self.shrink, f"range test: {why}")]
         last = self._last_lr[i]
-        # the policy's bound stopped the growth; a scheduler's cut of the rate since is none,
-        # and the rate it leaves of the last one is a product, rounded
-        fall = s.groups[i].base_fall
-        bound = last is not None and lr <= (last if fall == 1.0 else last * fall * (1 + _ROUNDING))
+        # the policy's bound stopped the growth (``last`` holds a scheduler's cuts since, which
+        # are none, to a product's rounding)
+        bound = last is not None and lr <= last * (1 + _ROUNDING)
         cap = self._cap[i]
         if cap is not None and lr * self.ramp > cap:
             why = f"the re-test reached the rate the first test found, {cap:.3g}"
