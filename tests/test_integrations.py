@@ -1001,21 +1001,37 @@ def test_huggingface_checkpoint_resume_continues_bit_for_bit(tmp_path: Path) -> 
     assert log_body(tmp_path / "run") == log_body(tmp_path / "ref")
 
 
+@pytest.mark.parametrize("how", ["wrap_trainer_optimizer", "given"])
 def test_huggingface_rerun_over_its_folder_is_told_the_trainer_s_way_to_resume(
-    tmp_path: Path,
+    tmp_path: Path, how: str
 ) -> None:
     """A train() started again over the folder of one that ran is refused at its first step
-    with the ``Trainer``'s way to resume, not the plain loop's call of load_state_dict."""
-    from selftune.integrations.huggingface import wrap_trainer_optimizer
+    with the ``Trainer``'s way to resume, not the plain loop's call of load_state_dict: with
+    the optimizer wrapped by ``wrap_trainer_optimizer``, or wrapped by the user and given to
+    the ``Trainer`` with ``SelfTuneTrainerCallback``."""
+    import transformers
 
-    for attempt in range(2):
-        trainer = _hf_trainer(tmp_path / "out", 6, save_strategy="no")
-        wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
-        if attempt == 0:
-            trainer.train()
-            rows = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback, wrap_trainer_optimizer
+
+    def trainer() -> Any:
+        made = _hf_trainer(tmp_path / "out", 6, save_strategy="no")
+        if how == "wrap_trainer_optimizer":
+            wrap_trainer_optimizer(made, log_dir=tmp_path / "run")
+            return made
+        params = made.model.parameters()
+        opt = selftune.wrap(torch.optim.AdamW(params, lr=1e-3), log_dir=tmp_path / "run")
+        return transformers.Trainer(
+            model=made.model,
+            args=made.args,
+            train_dataset=made.train_dataset,
+            optimizers=(opt, None),
+            callbacks=[SelfTuneTrainerCallback()],
+        )
+
+    trainer().train()
+    rows = (tmp_path / "run" / "trace.jsonl").read_bytes()
     with pytest.raises(selftune.ConfigError, match="resume_from_checkpoint=") as told:
-        trainer.train()
+        trainer().train()
     assert "load_state_dict" not in str(told.value)
     assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
 

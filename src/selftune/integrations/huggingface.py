@@ -65,6 +65,11 @@ with needs("huggingface"):
 
 #: the switch of the evaluation's metric, and what each choice does (see ``check_flags``)
 OBSERVE_EVAL = {"observe_eval": "True (give the optimizer each evaluation's metric) or False"}
+#: how a run the Trainer steps is resumed, said when one is started again over its run folder
+RESUME = (
+    "pass the checkpoint the Trainer saved to trainer.train(resume_from_checkpoint=...) (True: "
+    "the last one in output_dir), which loads selftune's state with the optimizer's"
+)
 
 
 def find_selftuned(optimizer: Any) -> SelfTuned | None:
@@ -111,6 +116,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 "optimizer: call selftune.integrations.huggingface.wrap_trainer_optimizer(trainer) "
                 "before trainer.train()"
             )
+        self.optimizer._resume_how = RESUME  # (one given to the Trainer wrapped)
         if isinstance(self.optimizer, FedSelfTuned):
             # the losses of a step an interrupt cut short before its optimizer step: a resume
             # with the same Trainer added them to its first step's
@@ -263,10 +269,7 @@ def wrap_trainer_optimizer(
     else:
         chosen = "auto" if controller is None else controller
         opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **wrap_kwargs))
-    opt._resume_how = (
-        "pass the checkpoint the Trainer saved to trainer.train(resume_from_checkpoint=...) "
-        "(True: the last one in output_dir), which loads selftune's state with the optimizer's"
-    )
+    opt._resume_how = RESUME
     trainer.optimizer = opt
     if getattr(trainer.training_step, "_selftune_feed", None) is None:
         trainer.training_step = _feeding(trainer.training_step, opt)  # type: ignore[method-assign]
