@@ -517,15 +517,27 @@ def test_lightning_copies_a_controller_instance_for_each_optimizer(tmp_path: Pat
 
 def test_lightning_fast_dev_run_writes_no_run_folder(tmp_path: Path) -> None:
     """Lightning writes no logs under ``fast_dev_run``; a run folder written then made the real
-    run with the same callback refuse its first step (the folder held steps of a run)."""
+    run with the same callback refuse its first step (the folder held steps of a run), and a
+    ``TensorBoardWriter`` given to the callback, which follows one optimizer, refused the real
+    fit's (after its run folder was made).  A fit after the real one, whose writer is taken,
+    is refused before anything is wrapped."""
+    pytest.importorskip("tensorboard")
     from selftune.integrations.lightning import SelfTuneCallback
+    from selftune.integrations.tensorboard import TensorBoardWriter
 
     torch.manual_seed(0)
-    cb = SelfTuneCallback(log_dir=tmp_path / "run")
+    cb = SelfTuneCallback(log_dir=tmp_path / "run", listeners=[TensorBoardWriter(tmp_path / "tb")])
     _trainer(4, cb, tmp_path, fast_dev_run=True).fit(_TinyModule(), _loader())
     assert cb.optimizers[0].step_count == 1 and not (tmp_path / "run").exists()
+    assert not (tmp_path / "tb").exists()
     _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_TinyModule(), _loader())
-    assert len(_trace(tmp_path / "run")) == 4
+    assert len(_trace(tmp_path / "run")) == 4 and (tmp_path / "tb").exists()
+    trace = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    with pytest.raises(selftune.ConfigError, match="anew for each fit"):
+        _trainer(4, cb, tmp_path / "again", enable_checkpointing=False).fit(
+            _TinyModule(), _loader()
+        )
+    assert (tmp_path / "run" / "trace.jsonl").read_bytes() == trace
 
 
 def test_lightning_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(tmp_path: Path) -> None:

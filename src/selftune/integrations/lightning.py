@@ -175,8 +175,22 @@ class SelfTuneCallback(Callback):
                 stacklevel=2,
             )
         # a fast_dev_run writes no run folder, as Lightning writes no logs or checkpoints then:
-        # a folder it wrote made the real run that followed refuse its first step
-        log_dir = None if getattr(trainer, "fast_dev_run", False) else self.log_dir
+        # a folder it wrote made the real run that followed refuse its first step; nor does it
+        # give the listeners its steps (a TensorBoardWriter's points, before the real run's)
+        trial = bool(getattr(trainer, "fast_dev_run", False))
+        log_dir = None if trial else self.log_dir
+        listeners = [] if trial else self.listeners
+        for listener in listeners:  # before anything is wrapped: a refusal leaves no folder
+            check = getattr(listener, "check_unused", None)
+            if callable(check):
+                try:
+                    check()
+                except selftune.ConfigError as exc:
+                    raise selftune.ConfigError(
+                        f"SelfTuneCallback: a listener given it follows the optimizer of a fit "
+                        f"before this one: build the callback and its writers anew for each "
+                        f"fit ({exc})"
+                    ) from None
         with _weights_swapped(list(pl_module.parameters()), self._initial):
             wrapped = [
                 self._wrap(i, opt, len(originals), log_dir) for i, opt in enumerate(originals)
@@ -185,7 +199,7 @@ class SelfTuneCallback(Callback):
         self._knobs = [StepKnobs() for _ in wrapped]
         for opt, knobs in zip(wrapped, self._knobs, strict=True):
             opt.add_listener(knobs)
-            for listener in self.listeners:
+            for listener in listeners:
                 opt.add_listener(listener)
         strategy.optimizers = list(wrapped)  # the setter also rebuilds the LightningOptimizers
         for config in strategy.lr_scheduler_configs:

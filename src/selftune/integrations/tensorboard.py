@@ -94,6 +94,14 @@ class TensorBoardWriter:
         """Called by ``optimizer.add_listener``: refuse a second optimizer, whose step 1 (or any
         step it shares with the first) the writer would read as a rewind, purging the first's
         points, and whose knobs it would draw under the same names (the module docstring)."""
+        self.check_unused()
+        self._added = True
+
+    def check_unused(self) -> None:
+        """Raise :class:`~selftune.ConfigError` if the writer was added to an optimizer: what
+        builds the optimizers it is meant for asks before it builds them (Lightning's
+        ``SelfTuneCallback`` before it wraps a fit's, which made a run folder of the refused
+        fit)."""
         if self._added:
             target = self._target
             folder = target.log_dir if isinstance(target, SummaryWriter) else str(target)
@@ -104,7 +112,6 @@ class TensorBoardWriter:
                 "each run) a writer of its own, with its own prefix (prefix=f'selftune/opt{k}') "
                 "or folder; a resumed run takes a new writer over the same folder"
             )
-        self._added = True
 
     def _resolve(self, step: int) -> SummaryWriter | None:
         """The writer, decided at the first event: on rank 0 only under torch.distributed, as
