@@ -946,7 +946,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         raise ValueError(
             f"{foreign} exists and is no plot of selftune report's: it is not written over; "
             f"move it out of {plot_dir}, where the report writes its plots "
-            f"({', '.join(f'{plot.name}.png' for plot in plots)}), and run the report again"
+            f"({', '.join(f'{plot.name}.png' for plot in plots)}), and run the report again "
+            "(a plot by a selftune from before its plots were marked bears no mark: delete it)"
         )
     page.parent.mkdir(parents=True, exist_ok=True)
     # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
