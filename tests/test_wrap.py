@@ -1306,6 +1306,13 @@ def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) ->
         selftune.wrap(_sgd()[0], "auto", range_test=value)
 
 
+def test_a_policy_given_to_wrap_is_refused_naming_its_parts() -> None:
+    """``Policy`` is public, and ``wrap(opt, policy=Policy(...))`` raised torch's TypeError of
+    a keyword given twice, from inside ``wrap``: it builds its policy from the parts."""
+    with pytest.raises(selftune.ConfigError, match=r"from bounds=, max_change=, frozen="):
+        selftune.wrap(_sgd()[0], policy=selftune.Policy(bounds={"lr": (0.5, 2.0)}))
+
+
 def test_a_refused_wrap_leaves_the_optimizer_free_to_wrap() -> None:
     """Every argument is checked before the optimizer is marked as wrapped: a typo, a bad guard
     setting or a run folder of another run, once corrected, wraps."""

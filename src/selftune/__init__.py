@@ -65,6 +65,12 @@ def wrap(
     them as one, from the signals of all, and keeps their rates in the ratios given (a rate
     per layer: see the README's "Runs the defaults were not built for").
     """
+    if "policy" in controller_options:  # else torch's TypeError, from SelfTuned's arguments
+        raise ConfigError(
+            "wrap builds its Policy from bounds=, max_change=, frozen= and "
+            "lr_bounds_absolute=: pass those (selftune.SelfTuned(optimizer, controller, "
+            "policy=...) takes a Policy built beforehand)"
+        )
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
     wrapped = SelfTuned(
         optimizer,
