@@ -1306,6 +1306,26 @@ def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) ->
         selftune.wrap(_sgd()[0], "auto", range_test=value)
 
 
+def test_a_step_with_no_gradient_is_warned_of_once() -> None:
+    """``zero_grad()`` between the backward and the step (or no backward) leaves every
+    ``.grad`` None: torch steps without a word and nothing trains, though the wrapper reads
+    every gradient.  It says so once; a loop in the right order hears nothing."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train(pr, opt, 3)
+        assert not [w for w in said if "gradient" in str(w.message)]
+        for t in range(4, 7):
+            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+            loss.backward()
+            opt.zero_grad()
+            opt.step(loss=loss.detach())
+    told = [w for w in said if "no parameter has a gradient" in str(w.message)]
+    assert len(told) == 1 and "step 4:" in str(told[0].message)
+    assert told[0].filename == __file__
+
+
 def test_a_policy_given_to_wrap_is_refused_naming_its_parts() -> None:
     """``Policy`` is public, and ``wrap(opt, policy=Policy(...))`` raised torch's TypeError of
     a keyword given twice, from inside ``wrap``: it builds its policy from the parts."""

@@ -165,6 +165,15 @@ class SignalTracker:
     def _groups(self) -> list[dict[str, Any]]:
         return self._param_groups()
 
+    @property
+    def no_gradient(self) -> bool:
+        """Whether no parameter held a gradient at the last :meth:`measure`: a step that moves
+        nothing, which torch takes without a word (``zero_grad()`` between the backward and the
+        step, or no backward at all)."""
+        return bool(self._stepping) and all(
+            held is not None and not any(held) for held in self._stepping
+        )
+
     # -- per step ---------------------------------------------------------------------------
     @torch.no_grad()
     def measure(

@@ -190,6 +190,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.policy = policy if policy is not None else Policy()
         self.guard: Guard | None = None if config is None else Guard(config)
         self.step_count = 0
+        self._told_no_gradient = False  # a step with no gradient at all: warned of once
         #: how this run is resumed, said when a first step over a folder that holds its steps
         #: is refused: an integration names its framework's way (a Lightning user told to call
         #: load_state_dict had no loop of their own to call it in)
@@ -572,6 +573,14 @@ class SelfTuned(torch.optim.Optimizer):
         )
         self._ranks.broken = self._broken_at is not None
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, self._ranks)
+        if self._tracker.no_gradient and not self._told_no_gradient:
+            self._told_no_gradient = True
+            warnings.warn(
+                f"step {t}: no parameter has a gradient (every .grad is None), so the step moves "
+                "no weight: call loss.backward() before opt.step(), and opt.zero_grad() before "
+                "the backward, not between it and the step (said once)",
+                stacklevel=_outside_frames(),
+            )
         self._hold_shared_metric()
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
