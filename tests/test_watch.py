@@ -210,6 +210,25 @@ def test_sparkline_scales_to_the_range_shown() -> None:
     assert sparkline([]) == ""
 
 
+def test_the_lr_sparkline_shows_the_newest_steps_at_80_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rich cut the lr column's sparkline at its end ("…") at 80 columns: with Adam's three
+    knobs beside it, the newest 20 of its 60 steps were hidden, a rate halved at the last
+    steps with them. It now drops the oldest steps that do not fit."""
+    monkeypatch.setenv("COLUMNS", "80")
+    run = FakeRun(tmp_path / "run", knobs=[("lr", "beta1", "beta2")] * 2)
+    for step in range(1, 71):
+        lr = 1e-3 if step <= 67 else 5e-4  # halved at the last three steps
+        run.trace(step, 1.0, [{"lr": lr, "beta1": 0.9, "beta2": 0.999}] * 2)
+    frame = watch_once(run.folder, capsys)
+    assert "…" not in frame, frame
+    rows = re.findall(r"^ +[01] +0\.0005 +0\.9 +0\.999 +(\S+) *$", frame, re.MULTILINE)
+    assert len(rows) == 2, frame
+    for spark in rows:  # as many steps as fit, the newest last
+        assert re.fullmatch("█{30,}▁▁▁", spark), frame
+
+
 def _three_steps(model: torch.nn.Module, opt: selftune.SelfTuned) -> None:
     """Train ``model`` three real steps with the wrapped ``opt``, then close its run folder."""
     for _ in range(3):

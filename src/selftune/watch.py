@@ -31,7 +31,8 @@ from selftune.report import TRACE, as_float, blocks_back, lines_back
 from selftune.terminal import printable
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.measure import Measurement
 
 SPARK = "▁▂▃▄▅▆▇█"
 #: how many recent steps the sparklines cover
@@ -311,6 +312,29 @@ def sparkline(values: Iterable[float], log: bool = False) -> str:
     )
 
 
+class Sparkline:
+    """The :func:`sparkline` of the newest ``values`` that fit the width rich gives it.
+
+    A table cell's text too wide for its column is cut at its end, with "…": at 80 columns,
+    with Adam's three knobs beside it, the lr column lost its newest 20 steps, the ones a live
+    view is for (a rate halved at the last steps did not show). This drops the oldest instead.
+    """
+
+    def __init__(self, values: Iterable[float], log: bool = False, style: str = "") -> None:
+        self.values, self.log, self.style = list(values), log, style
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        from rich.measure import Measurement
+
+        return Measurement(min(1, len(self.values)), len(self.values))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.text import Text
+
+        newest = self.values[max(0, len(self.values) - options.max_width) :]
+        yield Text(sparkline(newest, log=self.log), style=self.style)
+
+
 def _fmt(value: Any) -> str:
     number = as_float(value)
     return "—" if number is None else f"{number:.4g}"
@@ -368,7 +392,7 @@ def render(state: WatchState) -> RenderableType:
             knobs.add_row(
                 str(index),
                 *(_fmt(group.get(name)) for name in names),
-                Text(sparkline(rates, log=True), style="cyan"),
+                Sparkline(rates, log=True, style="cyan"),
             )
         parts.append(knobs)
         parts.append(
