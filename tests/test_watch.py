@@ -252,10 +252,75 @@ def test_a_folder_of_run_folders_names_them(tmp_path: Path, capsys: pytest.Captu
     assert watch_once(tmp_path / "gan" / "opt0", capsys).count("step 3 ") == 1
 
 
+def _training_script(monkeypatch: pytest.MonkeyPatch, *acts: Any) -> None:
+    """Do ``acts`` one at a time between the live view's refreshes, then press Ctrl-C; draw
+    every refresh (rich draws only the last one where the output is no terminal)."""
+    from rich.console import Console
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    monkeypatch.setenv("COLUMNS", "1000")  # a message is never folded in two
+    pending = iter(acts)
+
+    def sleep(_: float) -> None:
+        act = next(pending, None)
+        if act is None:
+            raise KeyboardInterrupt
+        act()
+
+    monkeypatch.setattr(watch.time, "sleep", sleep)
+
+
+def test_a_run_folder_not_made_yet_is_waited_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live view started before the training script made its folder exited at once ("no run
+    folder"), backwards for a live view; it now waits, and says what for, as the script makes
+    the folder and then writes the run in it."""
+    folder = tmp_path / "runs" / "live"
+    _training_script(
+        monkeypatch,
+        lambda: folder.mkdir(parents=True),
+        lambda: FakeRun(folder).trace(1, 0.5, HP),
+        lambda: None,
+    )
+    assert cli.main(["watch", str(folder)]) == 0
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().out)  # a terminal's codes
+    missing = out.index(f"no run folder at {folder} (yet); waiting for it to be made…")
+    empty = out.index(f"no selftune run in {folder} (yet): none of manifest.json, ", missing)
+    assert out.index("waiting for the run to start…", empty) < out.index("step 1 ", empty)
+
+
+def test_a_folder_of_run_folders_made_while_waited_for_names_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting will not mend a log_dir that holds a run folder per optimizer: it is said, as
+    it is when the folder is there from the start."""
+    folder = tmp_path / "gan"
+    _training_script(monkeypatch, lambda: FakeRun(folder / "opt0"))
+    assert cli.main(["watch", str(folder)]) == 1
+    assert "it holds the run folders opt0 (one per optimizer)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("contents", [(), ("pyproject.toml", "README.md")])
+def test_watch_once_of_a_folder_without_a_run_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture, contents: tuple[str, ...]
+) -> None:
+    """``--once`` on /etc, a project root or an empty folder printed "waiting for the first
+    step…" and exited 0: there is no run to show, and nothing to wait for under --once."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).write_text("x")
+    assert cli.main(["watch", str(folder), "--once"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"selftune watch: no selftune run in {folder} (yet): none of ")
+    assert "leave out --once to wait for the run to start" in err
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["missing"], "no run folder at"),
+        (["missing", "--once"], "no run folder at"),
         (["file"], "is a file, not a run folder"),
         (["run", "--interval", "0"], "--interval 0.0: pass a number of seconds above 0"),
         # time.sleep raised OverflowError: refused, as 0 is, not clamped to a view that never
@@ -549,5 +614,5 @@ def test_control_characters_in_the_log_are_shown_escaped_not_obeyed(
     frame = watch_once(folder, capsys)
     assert "\x1b" not in frame and "run\\x1b[1m/manifest.json is damaged" in frame
     assert "(`selftune verify " in frame and "run\\x1b[1m` checks" in frame
-    assert cli.main(["watch", str(folder / "gone\x1b[2J")]) == 1
+    assert cli.main(["watch", str(folder / "gone\x1b[2J"), "--once"]) == 1
     assert "gone\\x1b[2J" in capsys.readouterr().err

@@ -11,6 +11,9 @@ does not check the hash chain (``selftune verify`` does that). The first read of
 near the end of each file, at the rows the frame shows (the decisions before them are counted,
 not parsed): parsing a long run's files whole took seconds and a memory the size of several
 copies of them before the first frame. rich is imported only to draw.
+
+A folder not made yet, or one that holds no run yet, is waited for, with a line that says so: a
+live view is often started beside the training script, before the script gets that far.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from selftune.terminal import printable
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.live import Live
     from rich.measure import Measurement
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -42,6 +46,8 @@ RECENT = 8
 #: the longest ``--interval`` taken, in seconds (a day): a longer one is no live view, and is
 #: most likely a slip (``1e10`` for ``1e-1``); ``time.sleep`` raises OverflowError past its limit
 MAX_INTERVAL = 86400.0
+#: the files of a run folder: a folder with none of them holds no run (yet)
+RUN_FILES = (MANIFEST, DECISIONS, TRACE)
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
 #: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
@@ -495,62 +501,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_folders_inside(folder: Path) -> list[str]:
-    """The run folders one level down, when ``folder`` is not a run folder itself.
+def _no_run(folder: Path) -> tuple[str, str | None] | None:
+    """None when ``folder`` shows a run; else why it does not, and what the live view waits for
+    (None where waiting would not mend it).
 
-    With several optimizers each logs to a folder of its own inside ``log_dir`` (``opt0``,
-    ``opt1``, ...): watching ``log_dir`` would wait forever for a first step. A folder with
-    nothing in it yet may be a run about to start, and is watched.
+    A live view is often started beside the training script, before the script has made its
+    log_dir or written a file in it: it waits, and says what for (a folder not made yet was
+    refused, and one that holds no run, ``/etc`` too, waited for a first step without a word).
+    Waiting mends neither a file nor a folder of run folders: with several optimizers each logs
+    to a folder of its own inside ``log_dir`` (``opt0``, ``opt1``, ...), to be watched one by one.
     """
-    if (folder / MANIFEST).exists() or (folder / DECISIONS).exists():
-        return []
-    return sorted(path.parent.name for path in folder.glob(f"*/{MANIFEST}"))
+    if not folder.exists():
+        return f"no run folder at {folder} (yet)", "it to be made"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a run folder: pass the run's log_dir", None
+    if any((folder / name).exists() for name in RUN_FILES):
+        return None
+    if runs := sorted(path.parent.name for path in folder.glob(f"*/{MANIFEST}")):
+        return (
+            f"no {MANIFEST} in {folder}: it holds the run folders {', '.join(runs)} (one per "
+            f"optimizer): watch one of them, e.g. {folder / runs[0]}"
+        ), None
+    none_of = ", ".join(RUN_FILES)
+    return f"no selftune run in {folder} (yet): none of {none_of} is in it", "the run to start"
+
+
+def _wait_for_run(folder: Path, interval: float, live: Live) -> str | None:
+    """Say what the live view waits for until ``folder`` shows a run; why it never will, if so."""
+    from rich.text import Text
+
+    while (no_run := _no_run(folder)) is not None:
+        problem, to_come = no_run
+        if to_come is None:
+            return problem
+        waiting = f"{problem}; waiting for {to_come}… (Ctrl-C to stop)"
+        live.update(Text(printable(waiting), style="dim"), refresh=True)
+        time.sleep(interval)
+    return None
+
+
+def _refuse(problem: str) -> int:
+    """Say why the watch cannot go on, in one line, and return the command's exit status."""
+    print(f"selftune watch: {printable(problem)}", file=sys.stderr)
+    return 1
 
 
 def run(args: argparse.Namespace) -> int:
     """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input.
 
-    ``~`` in RUN is expanded, as ``verify`` and ``wrap(log_dir=...)`` do: a quoted ``'~/run'``
-    (or one from a config file) reaches here unexpanded by the shell.
+    A RUN not made yet, or that holds no run yet, is waited for; ``--once`` has nothing to wait
+    for, and says so. ``~`` in RUN is expanded, as ``verify`` and ``wrap(log_dir=...)`` do: a
+    quoted ``'~/run'`` (or one from a config file) reaches here unexpanded by the shell.
     """
     folder = Path(args.run).expanduser()
-    problem = None
-    if not folder.exists():
-        problem = f"no run folder at {folder}: pass the log_dir the run was started with"
-    elif not folder.is_dir():
-        problem = f"{folder} is a file, not a run folder: pass the run's log_dir"
-    elif not 0 < args.interval <= MAX_INTERVAL:  # refused like 0, not clamped: said, not hidden
-        problem = (
+    if not 0 < args.interval <= MAX_INTERVAL:  # refused like 0, not clamped: said, not hidden
+        return _refuse(
             f"--interval {args.interval!r}: pass a number of seconds above 0 and at most "
             f"{MAX_INTERVAL:g} (a day), e.g. 0.5"
         )
-    elif runs := _run_folders_inside(folder):
-        problem = (
-            f"no {MANIFEST} in {folder}: it holds the run folders {', '.join(runs)} (one per "
-            f"optimizer): watch one of them, e.g. {folder / runs[0]}"
-        )
-    if problem:
-        print(f"selftune watch: {printable(problem)}", file=sys.stderr)
-        return 1
+    no_run = _no_run(folder)
+    if no_run is not None and (args.once or no_run[1] is None):
+        why, to_come = no_run
+        if to_come is not None:
+            why += f"; pass the run's log_dir, or leave out --once to wait for {to_come}"
+        return _refuse(why)
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     state = WatchState(folder)
+    problem: str | None = None  # why the watch ended, if not by Ctrl-C
     try:  # a file that cannot be read, at the first poll or a later one, ends the watch
-        state.poll()
         if args.once:
+            state.poll()
             console.print(render(state))
             return 0
-        with Live(render(state), console=console, auto_refresh=False) as live:
+        with Live(console=console, auto_refresh=False) as live:
             try:
-                while True:
-                    time.sleep(args.interval)
+                problem = _wait_for_run(folder, args.interval, live)
+                while problem is None:
                     state.poll()
                     live.update(render(state), refresh=True)
+                    time.sleep(args.interval)
             except KeyboardInterrupt:
                 pass
     except LogError as exc:
-        print(f"selftune watch: {printable(exc)}", file=sys.stderr)
-        return 1
-    return 0
+        problem = str(exc)
+    return 0 if problem is None else _refuse(problem)
