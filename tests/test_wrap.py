@@ -1326,6 +1326,26 @@ def test_a_step_with_no_gradient_is_warned_of_once() -> None:
     assert told[0].filename == __file__
 
 
+def test_a_run_folder_reopened_with_another_optimizer_names_the_optimizer(
+    tmp_path: Path,
+) -> None:
+    """The same model, seeded alike, wrapped with Adam over the folder of a run of SGD with
+    momentum: the refusal told the user to build the model with the run's initial weights,
+    which it had; it names the knobs that differ, and the parameters' grouping."""
+    inner, pr = _sgd()
+    train(pr, selftune.wrap(inner, log_dir=tmp_path / "run"), 3)
+    params = list(_sgd()[1].model.parameters())  # type: ignore[attr-defined]
+    for other, what in (
+        (torch.optim.Adam(params), r"knobs were \[\['lr', 'momentum'\]\].*'beta1'"),
+        (torch.optim.SGD([{"params": params[:0]}, {"params": params}], lr=0.002, momentum=0.9),
+         r"it had 1 param groups, this optimizer has 2"),
+    ):  # fmt: skip
+        with pytest.raises(selftune.SelfTuneError, match=what) as told:
+            selftune.wrap(other, log_dir=tmp_path / "run")
+        assert "the weights are that run's" in str(told.value)
+        assert "seed" not in str(told.value)
+
+
 def test_a_policy_given_to_wrap_is_refused_naming_its_parts() -> None:
     """``Policy`` is public, and ``wrap(opt, policy=Policy(...))`` raised torch's TypeError of
     a keyword given twice, from inside ``wrap``: it builds its policy from the parts."""

@@ -538,6 +538,25 @@ def _holder(folder: Path) -> AuditLog | None:
     return _OPEN_LOGS.get(key)
 
 
+def _other_optimizer(logged: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> str:
+    """What to do about a folder whose run had these weights (their count and hash agree) in
+    other param groups: the optimizer differs, not the model, which the advice to seed the
+    weights' initialisation said."""
+    knobs = [[g.get("knobs") for g in groups] for groups in (logged, now)]
+    sizes = [[g.get("num_params") for g in groups] for groups in (logged, now)]
+    if len(logged) != len(now):
+        what = f"it had {len(logged)} param groups, this optimizer has {len(now)}"
+    elif knobs[0] != knobs[1]:
+        what = f"its groups' knobs were {knobs[0]}, this optimizer's are {knobs[1]}"
+    else:
+        what = f"its groups held {sizes[0]} parameters, this optimizer's hold {sizes[1]}"
+    return (
+        f"the weights are that run's, the optimizer is not ({what}): to resume that run, wrap "
+        "an optimizer of the class and settings it ran with, its parameters grouped as they "
+        "were; to start another, pass a new log_dir"
+    )
+
+
 def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool) -> str | None:
     """Write the manifest if the folder has none; otherwise check the folder is this run's
     (``open_here``: another writer of this process holds its log open).
@@ -555,6 +574,8 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool)
     if clashes:
         if open_here:
             advice = "another optimizer in this process logs there: give each its own log_dir"
+        elif clashes == ["param_groups"]:
+            advice = _other_optimizer(existing["param_groups"], given["param_groups"])
         else:
             advice = (
                 "to resume that run, build its model with the run's initial weights (seed their "
