@@ -310,6 +310,8 @@ def test_missing_damaged_and_foreign_files_are_named(
         "torn.pt": (good[: len(good) // 2], "is damaged or is not a checkpoint"),
         "junk.pt": (b"\x80\x02junk", "is damaged or is not a checkpoint"),
         "empty.pt": (b"", "is damaged or is not a checkpoint"),
+        # what torch's unpickler raised, named with its kind: "(101)" alone said nothing
+        "text.pt": (b"hello world\n", r"is damaged or is not a checkpoint \(\w+Error: "),
     }
     for name, (data, words) in cases.items():
         if data is not None:

@@ -413,9 +413,11 @@ def _read(source: Path, map_location: str | torch.device | None) -> dict[str, An
     try:
         payload = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # a damaged file fails deep in the unpickler, in many ways
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # named with its kind: a text file's is a KeyError whose message is a number, "101"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        what = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
         raise CheckpointError(
-            f"{source} is damaged or is not a checkpoint ({first[:200]}); resume from an older "
+            f"{source} is damaged or is not a checkpoint ({what}); resume from an older "
             "checkpoint or start over"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
