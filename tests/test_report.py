@@ -311,6 +311,7 @@ def test_a_command_whose_extra_is_missing_says_which_to_install(
     err = capsys.readouterr().err
     assert err.startswith(f"selftune {command} needs the module '{module}', which is not")
     assert "pip install 'selftune[cli]'" in err
+    assert "from a checkout, pip install '.[cli]'" in err  # the README installs from one
 
 
 def test_cli_refuses_rows_below_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -63,7 +63,12 @@ def _missing(command: str, err: ImportError) -> int:
     """Say which module a command lacks and the extra that installs it, instead of a traceback
     from deep inside the command."""
     extras = COMMANDS[command][1]
-    fix = f"pip install 'selftune[{extras}]' installs what it uses" if extras else "reinstall it"
+    fix = (
+        f"pip install 'selftune[{extras}]' (from a checkout, pip install '.[{extras}]') installs "
+        "what it uses"
+        if extras
+        else "reinstall it"
+    )
     if isinstance(err, ModuleNotFoundError) and err.name:
         what = f"needs the module {err.name.partition('.')[0]!r}, which is not installed"
     else:  # installed, but not importable as it is (a version too old, a broken install)
