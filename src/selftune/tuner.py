@@ -200,7 +200,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
         #: per group, the highest rate a scheduler (or the loop) had set before the last step
-        #: the controller read, None before a positive one: see :meth:`_read_rises`
+        #: the controller read, None before a positive one: see :meth:`_read_rates`
         self._peaks: list[float | None] = [None] * len(self.param_groups)
         #: per group, the rate a scheduler (or the loop) had set at the last step the
         #: controller read, None before a positive one: see :meth:`_read_rates`
