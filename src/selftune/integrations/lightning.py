@@ -187,8 +187,8 @@ class SelfTuneCallback(Callback):
                     check()
                 except selftune.ConfigError as exc:
                     raise selftune.ConfigError(
-                        f"SelfTuneCallback: a listener given it follows the optimizer of a fit "
-                        f"before this one: build the callback and its writers anew for each "
+                        "SelfTuneCallback: a listener given it follows the optimizer of a fit "
+                        "before this one: build the callback and its writers anew for each "
                         f"fit ({exc})"
                     ) from None
         with _weights_swapped(list(pl_module.parameters()), self._initial):
