@@ -508,6 +508,17 @@ def test_a_tilde_in_the_run_folder_is_the_home_folder(
     assert "step 4 " in frame and str(tmp_path / "run") in frame
 
 
+def _named_run(folder: Path, controller: str, optimizer: str) -> FakeRun:
+    """A run of one step whose manifest names its controller and optimizer as given."""
+    run = FakeRun(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["controller"] = controller
+    manifest["config"]["optimizer"] = optimizer
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    run.trace(1, 1.0, HP)
+    return run
+
+
 def test_logged_strings_are_shown_as_logged_not_as_markup(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -515,12 +526,7 @@ def test_logged_strings_are_shown_as_logged_not_as_markup(
     "cut [/] per recipe" raised MarkupError, and "lr [x0.5] cut" or "[bold]x" lost their
     brackets. Every string from the log, the manifest or the command line is shown as it is."""
     folder = tmp_path / "[bold]run:thumbs_up:"
-    run = FakeRun(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["controller"] = "[red]mine[/red]"
-    manifest["config"]["optimizer"] = "[i]SGD"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    run.trace(1, 1.0, HP)
+    run = _named_run(folder, "[red]mine[/red]", "[i]SGD")
     run.decision(1, 0, "lr", 0.1, 0.05, "lr [x0.5] cut")
     run.decision(1, 0, "[blink]lr", 0.1, 0.05, "[bold]x")
     run.guard(2, "[b]skip", "loss[/]", "nan", "cut [/] per recipe :thumbs_up:")
@@ -586,12 +592,7 @@ def test_control_characters_in_the_log_are_shown_escaped_not_obeyed(
     them: a reason ``"\\x1b[2J"`` cleared the screen, a controller's name could set the window's
     title. A log is a file anyone may hand you: every string from it is shown, escaped."""
     folder = tmp_path / "run\x1b[1m"
-    run = FakeRun(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["controller"] = "mine\x1b]0;title\x07"
-    manifest["config"]["optimizer"] = "SGD\x9b2J"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    run.trace(1, 1.0, HP)
+    run = _named_run(folder, "mine\x1b]0;title\x07", "SGD\x9b2J")
     run.decision(1, 0, "lr\x1b[8m", 0.1, 0.05, "cut\x1b[2J\rgrow é σ")
     run.guard(2, "skip\x1b[5m", "loss\x08", "nan", "spike\u202eevil")
     run.append({"kind": "note", "step": "3\x1b[A", "reason": "one\ntwo"})
