@@ -1280,6 +1280,23 @@ def test_a_tensorboard_writer_follows_one_optimizer_and_refuses_a_second(tmp_pat
     assert [s.step for s in acc.Scalars("selftune/opt1/group0/lr")] == [1, 2, 3]
 
 
+def test_an_mlflow_writer_follows_one_optimizer_and_refuses_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``MLflowWriter`` added to a second optimizer wrote both optimizers' knobs and
+    decisions under the same names, one run's artifact rows interleaving the two; refused
+    when added, naming the run, as a ``TensorBoardWriter`` is."""
+    pytest.importorskip("mlflow")
+    from selftune.integrations.mlflow import MLflowWriter
+
+    _mlflow_uri(tmp_path, monkeypatch)
+    writer = MLflowWriter()
+    _tuned(2, writer)
+    with pytest.raises(selftune.ConfigError, match=r"MLflowWriter \(of run '\w+', prefix"):
+        _tuned(0)[0].add_listener(writer)
+    writer.close()
+
+
 def test_mlflow_writer_logs_metrics_and_a_decisions_artifact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

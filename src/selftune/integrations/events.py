@@ -10,7 +10,8 @@ import math
 from typing import Any
 
 from selftune.controllers.base import Option, check_options
-from selftune.tuner import Decision, StepEvent
+from selftune.errors import ConfigError
+from selftune.tuner import Decision, SelfTuned, StepEvent
 
 #: the range of each writer's counts of steps and decisions (see ``check_options``)
 WRITER_OPTIONS = {
@@ -25,6 +26,41 @@ def check_writer_options(**values: Any) -> None:
     """Refuse a writer's count out of range, naming it (a ``"10"`` read off a config file once
     failed as a comparison of a str with an int)."""
     check_options({name: WRITER_OPTIONS[name] for name in values}, values)
+
+
+class FollowsOne:
+    """A writer that draws one optimizer's steps, and refuses a second when added to it.
+
+    A second optimizer's steps start again at 1 and its knobs have the same names: a
+    ``TensorBoardWriter`` read its step 1 as a rewind of the first and purged the first's
+    points, an ``MLflowWriter`` mixed the two optimizers' knobs and decisions under one name.
+    Each optimizer (and each run) takes a writer of its own, with its own prefix or place.
+    """
+
+    _added = False  # to an optimizer: the writer follows that one alone
+
+    def _place(self) -> str:
+        """Where the writer writes, to name in its refusal."""
+        raise NotImplementedError
+
+    def added_to(self, optimizer: SelfTuned) -> None:
+        """Called by ``optimizer.add_listener``: refuse it if the writer follows another."""
+        self.check_unused()
+        self._added = True
+
+    def check_unused(self) -> None:
+        """Raise :class:`~selftune.ConfigError` if the writer was added to an optimizer: what
+        builds the optimizers it is meant for asks before it builds them (Lightning's
+        ``SelfTuneCallback`` before it wraps a fit's, which made a run folder of the refused
+        fit)."""
+        if self._added:
+            raise ConfigError(
+                f"this {type(self).__name__} (of {self._place()}) was already added to an "
+                "optimizer: a writer draws one optimizer's steps, and another's, from step 1 "
+                "again, would be drawn under the same names. Give each optimizer (and each "
+                "run) a writer of its own, with its own prefix (prefix=f'selftune/opt{k}') or "
+                "place; a resumed run takes a new writer over the same place"
+            )
 
 
 def describe(decision: Decision) -> str:

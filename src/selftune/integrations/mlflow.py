@@ -44,7 +44,12 @@ with needs("mlflow"):
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-from selftune.integrations.events import check_writer_options, describe, event_metric
+from selftune.integrations.events import (
+    FollowsOne,
+    check_writer_options,
+    describe,
+    event_metric,
+)
 from selftune.tuner import StepEvent, is_rank_zero
 
 #: rows per part of the decisions artifact.  A part is rewritten at each flush while it fills
@@ -55,7 +60,7 @@ PART_ROWS = 1000
 _PART_NAME = re.compile(r"\d{5}\.jsonl")
 
 
-class MLflowWriter:
+class MLflowWriter(FollowsOne):
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
 
     ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the run active now, else
@@ -105,6 +110,11 @@ class MLflowWriter:
         self._part: list[str] = []  # the lines of the part still filling, as uploaded
         self._parts_done = 0  # parts written full, never written again
         self._unflushed = 0
+
+    def _place(self) -> str:
+        run = self._run
+        given = run if run is None or isinstance(run, str) else run.info.run_id
+        return f"run {self.run_id or given or 'to be started'!r}, prefix {self.prefix!r}"
 
     def _start(self) -> bool:
         """Whether this process logs, decided at the first event, where the run and the client

@@ -39,12 +39,13 @@ with needs("tensorboard"):
 
 from selftune.errors import ConfigError
 from selftune.integrations.events import (
+    FollowsOne,
     check_writer_options,
     describe,
     describe_guard,
     event_metric,
 )
-from selftune.tuner import SelfTuned, StepEvent, is_rank_zero
+from selftune.tuner import StepEvent, is_rank_zero
 
 
 def _check_folder(folder: Path) -> None:
@@ -64,7 +65,7 @@ def _check_folder(folder: Path) -> None:
         raise ConfigError(f"TensorBoardWriter({str(folder)!r}): {nearest} is not writable")
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(FollowsOne):
     """A listener that writes every step's knobs and loss, and every decision, to TensorBoard.
 
     ``writer_or_logdir``: a ``SummaryWriter`` (shared with the rest of the training's scalars)
@@ -88,30 +89,10 @@ class TensorBoardWriter:
         self._target, self._resolved, self._owned = writer_or_logdir, False, False
         self.prefix, self.every = prefix, every
         self._last = 0  # the last step written
-        self._added = False  # to an optimizer: it follows that one alone
 
-    def added_to(self, optimizer: SelfTuned) -> None:
-        """Called by ``optimizer.add_listener``: refuse a second optimizer, whose step 1 (or any
-        step it shares with the first) the writer would read as a rewind, purging the first's
-        points, and whose knobs it would draw under the same names (the module docstring)."""
-        self.check_unused()
-        self._added = True
-
-    def check_unused(self) -> None:
-        """Raise :class:`~selftune.ConfigError` if the writer was added to an optimizer: what
-        builds the optimizers it is meant for asks before it builds them (Lightning's
-        ``SelfTuneCallback`` before it wraps a fit's, which made a run folder of the refused
-        fit)."""
-        if self._added:
-            target = self._target
-            folder = target.log_dir if isinstance(target, SummaryWriter) else str(target)
-            raise ConfigError(
-                f"this TensorBoardWriter (of {folder!r}) was already added to an optimizer: a "
-                "writer draws one optimizer's steps, and another's, from step 1 again, would "
-                "purge its points and be drawn under the same names. Give each optimizer (and "
-                "each run) a writer of its own, with its own prefix (prefix=f'selftune/opt{k}') "
-                "or folder; a resumed run takes a new writer over the same folder"
-            )
+    def _place(self) -> str:
+        target = self._target
+        return repr(target.log_dir if isinstance(target, SummaryWriter) else str(target))
 
     def _resolve(self, step: int) -> SummaryWriter | None:
         """The writer, decided at the first event: on rank 0 only under torch.distributed, as
