@@ -589,6 +589,18 @@ def test_the_command_s_help_speaks_to_its_user(capsys: pytest.CaptureFixture) ->
     assert all(name in out for name in ("demo", "bench", "report", "watch", "verify"))
 
 
+def test_a_decision_s_text_signal_is_shown_once_escaped(tmp_path: Path) -> None:
+    """The signals a decision was made on show in its row's tooltip, escaped once by the
+    attribute: a text signal escaped before it too showed "&lt;b&gt;" where the log held
+    "<b>", and the page held no markup of the log's either way."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(1, 1.0, HP)
+    run.decision(1, 0, "lr", 0.1, 0.05, "cut", cos_update=-0.25, note="<i>x & y</i>")
+    page = write_report(run.folder).read_text()
+    assert "title='cos_update -0.25, note &lt;i&gt;x &amp; y&lt;/i&gt;'" in page
+    assert "<i>x" not in page
+
+
 def test_control_characters_in_what_the_command_prints_are_escaped(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -634,9 +634,14 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: Any) -> str:
+def _shown(value: Any) -> str:
+    """A logged value as text: a number to four digits, anything else as it is."""
     number = as_float(value)
-    return _e(value) if number is None else f"{number:.4g}"
+    return str(value) if number is None else f"{number:.4g}"
+
+
+def _num(value: Any) -> str:
+    return _e(_shown(value))
 
 
 def _change(record: dict[str, Any]) -> str:
@@ -649,7 +654,9 @@ def _change(record: dict[str, Any]) -> str:
 
 def _signals(record: dict[str, Any]) -> str:
     signals = record.get("signals") or {}
-    return ", ".join(f"{key} {_num(value)}" for key, value in sorted(signals.items()))
+    # plain text: the title attribute it goes into escapes it (a text escaped here too showed
+    # "&lt;b&gt;" where the log held "<b>")
+    return ", ".join(f"{key} {_shown(value)}" for key, value in sorted(signals.items()))
 
 
 def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
