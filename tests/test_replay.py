@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from copy import deepcopy
 from pathlib import Path
@@ -343,6 +344,28 @@ def test_keys_no_setting_of_the_optimizer_s_own_need_not_match(tmp_path: Path) -
     task = make_task()
     plain = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     train(task, selftune.replay(plain, tmp_path), 30, evaluate=False)
+
+
+def test_a_replay_on_other_data_says_once_where_its_loss_first_differs(tmp_path: Path) -> None:
+    """The knobs replay as logged whatever the data, so a replay on data scaled by 1.5 ran to
+    its end on other weights with no word; it is told, once, at the first step whose loss is
+    not the logged one, and a replay of the run's own data hears nothing."""
+
+    def replay(scale: float) -> list[str]:
+        task = make_task()
+        task.x.mul_(scale)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            train(task, selftune.replay(start("sgd", task.model.parameters()), tmp_path), 30)
+        return [str(w.message) for w in said if "the loss is" in str(w.message)]
+
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), log_dir=tmp_path)
+    train(task, opt, 30)
+    opt.close()
+    assert replay(1.0) == []
+    (told,) = replay(1.5)
+    assert told.startswith("replay: at step 1 the loss is ") and "the data" in told
 
 
 @pytest.mark.parametrize("change", ["scheduler", "scheduler-off", "nan"])

@@ -11,7 +11,8 @@ A replay that leaves the logged run (another scheduler, a loss that goes NaN whe
 did not) is stopped at the first step where it and the run folder disagree: a decision's
 knob that stood elsewhere, a logged rollback that went back elsewhere, or the knobs after a
 step, which the run's ``trace.jsonl`` holds, that differ (a scheduler changed after the last
-decision, or in a run under ``off``, which logs none, moved the weights with no word).
+decision, or in a run under ``off``, which logs none, moved the weights with no word).  A
+loss that differs from the logged one is told once, not refused (see :class:`_FollowsTrace`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from selftune.policy import Policy
 from selftune.report import iter_trace
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
-from selftune.tuner import SelfTuned, StepEvent, group_options
+from selftune.tuner import SelfTuned, StepEvent, group_options, outside_frames
 
 
 class ReplayController(OffController):
@@ -338,7 +339,12 @@ def _escalations(note: dict[str, Any]) -> list[tuple[int, tuple[Trouble, str]]]:
 
 
 class _FollowsTrace:
-    """Stops a replay whose knobs after a step differ from those the run's trace holds.
+    """Stops a replay whose knobs after a step differ from those the run's trace holds, and
+    says once where its loss first differs from the logged one.
+
+    The loss is told, not refused: the knobs replay as logged whatever the data, so a replay
+    on other data (or on a machine whose kernels round otherwise) ran to its end on other
+    weights with no word; a loss the same to the bit is the check the knobs cannot give.
 
     The trace is read as the replay goes, one row at a time (a long run's trace held whole
     took hundreds of megabytes, on every rank), and again from its start where the replay
@@ -355,6 +361,7 @@ class _FollowsTrace:
         self._at = 0  # the step of the last row read
         self._row: dict[str, Any] = {}  # that row
         self._damaged = False  # a damaged row ends the check, told once
+        self._loss_told = False  # the first loss that differs from the logged one, told once
 
     def __call__(self, event: StepEvent) -> None:
         if self._passes.thrown_away(event.step):
@@ -373,6 +380,16 @@ class _FollowsTrace:
         now, then = json.dumps(event.hyperparams), json.dumps(logged)
         if now != then:
             _left(event.step, f"the knobs after it are {now}, the logged run's were {then}")
+        was = row.get("loss")
+        if not self._loss_told and not _same_loss(event.loss, was):
+            self._loss_told = True
+            warnings.warn(
+                f"replay: at step {event.step} the loss is {event.loss!r}, the logged run's was "
+                f"{was!r}: the data, the model or the machine (its kernels' rounding) differ, "
+                "so the weights will not be the run's to the bit; the logged decisions are "
+                "applied on (said once)",
+                stacklevel=outside_frames(),
+            )
 
     def _find(self, step: int) -> dict[str, Any] | None:
         """The trace's row of ``step``, read forward from the last one (again from the start
@@ -397,6 +414,18 @@ class _FollowsTrace:
         except audit.LogError as err:
             self._damaged = True
             warnings.warn(f"replay checks the logged decisions alone: {err}", stacklevel=5)
+
+
+def _same_loss(loss: float | None, logged: Any) -> bool:
+    """Whether a step's loss is the logged one (a non-finite one is logged as its text); one
+    not given on either side is no difference: a replay may step without it."""
+    if loss is None or logged is None:
+        return True
+    try:
+        was = float(logged)
+    except (TypeError, ValueError):
+        return True  # a trace's own damage is not the replay's to judge
+    return loss == was or (math.isnan(loss) and math.isnan(was))
 
 
 def _when(added: dict[int, int], group: int) -> str:

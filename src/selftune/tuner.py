@@ -138,7 +138,7 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(optimizer.param_groups):
             lost = knobs_io.eps_lost_in_half(i, group)
             if lost is not None:
-                warnings.warn(lost, stacklevel=_outside_frames())
+                warnings.warn(lost, stacklevel=outside_frames())
         # every argument is checked before the optimizer is touched: a refused wrap leaves it
         # as it was, free to be wrapped again
         if groups not in ("each", "joint"):
@@ -579,7 +579,7 @@ class SelfTuned(torch.optim.Optimizer):
                 f"step {t}: no parameter has a gradient (every .grad is None), so the step moves "
                 "no weight: call loss.backward() before opt.step(), and opt.zero_grad() before "
                 "the backward, not between it and the step (said once)",
-                stacklevel=_outside_frames(),
+                stacklevel=outside_frames(),
             )
         self._hold_shared_metric()
         self.last_signals = signals
@@ -670,7 +670,7 @@ class SelfTuned(torch.optim.Optimizer):
             "this rank's and goes on differently (each rank resumed from its own state "
             "reads the mean). Save after the step that follows observe(), or observe the "
             "ranks' mean on every rank",
-            stacklevel=_outside_frames(),
+            stacklevel=outside_frames(),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -684,7 +684,7 @@ class SelfTuned(torch.optim.Optimizer):
             warnings.warn(  # but refused where it would load
                 f"the state saved after step {self._broken_at} raised part-way will not load: "
                 "resume from a checkpoint saved before it",
-                stacklevel=_outside_frames(),
+                stacklevel=outside_frames(),
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)  # torch's hooks registered on the wrapper, run as Optimizer's own are
@@ -822,7 +822,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "the state loaded holds a weight average, and this optimizer was wrapped "
                 "without one (average=...): the average is dropped, and the run goes on "
                 "without it. Wrap with the run's average to keep it",
-                stacklevel=_outside_frames(),
+                stacklevel=outside_frames(),
             )
         # At the log's own end there is nothing to drop: no note, so a run stopped at a checkpoint
         # and resumed writes the same log as one that never stopped.
@@ -846,7 +846,7 @@ class SelfTuned(torch.optim.Optimizer):
                     "are whole"
                 )
                 self._notes.append({"reason": why})
-                warnings.warn(why, stacklevel=_outside_frames())
+                warnings.warn(why, stacklevel=outside_frames())
         saved = own.get("rewinds", 0)
         self._rewound = max(self._rewound, saved)
         self._note_rewind(gave_up, saved)
@@ -897,7 +897,7 @@ class SelfTuned(torch.optim.Optimizer):
                 self._start[i] = rate
         if self.policy.lr_bounds_absolute:  # the user's bounds (defaults are factors), checked
             for message in start_misfits(self.policy.bounds["lr"], self._start):  # at the start
-                warnings.warn(message, stacklevel=_outside_frames())
+                warnings.warn(message, stacklevel=outside_frames())
 
     def _start_from_plain_state(self) -> None:
         """A plain optimizer's state was loaded: a run continued under selftune starts from its
@@ -1257,7 +1257,7 @@ class SelfTuned(torch.optim.Optimizer):
                     "a rollback"
                 )
                 self._notes.append({"reason": why})
-                warnings.warn(why, stacklevel=_outside_frames())
+                warnings.warn(why, stacklevel=outside_frames())
 
     def _bases(self) -> list[float]:
         """The rate each group holds now: a scheduler's (or the loop's), without the scale."""
@@ -1998,7 +1998,7 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 _OURS = ("selftune", "torch")
 
 
-def _outside_frames() -> int:
+def outside_frames() -> int:
     """The ``stacklevel`` of the training loop's call: past selftune and the wrappers torch
     puts around ``step()`` (no_grad, the optimizer's hooks, each scheduler's counter)."""
     frame, level = sys._getframe(1), 1
