@@ -46,9 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps")
+    parser.add_argument("--target", type=float, default=0.9,
+                        help="test accuracy to reach (default 0.9)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="examples per training step (default 64)")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=25,
+                        help="evaluate every N steps (default 25)")  # fmt: skip
     parser.add_argument("--no-live", action="store_true", help="no live display, table only")
 
 
