@@ -700,7 +700,7 @@ def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
     rewind = {"kind": "note", "step": 2, "rewound_from": 4, "rewind": 1, "reason": "rewound"}
 
     def event(step: int, lr: float) -> Any:
-        return SimpleNamespace(step=step, hyperparams=[{"lr": lr}])
+        return SimpleNamespace(step=step, hyperparams=[{"lr": lr}], loss=None)
 
     passes, made = _Passes([rewind]), []
     passes.made = lambda: made
