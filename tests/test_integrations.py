@@ -515,6 +515,24 @@ def test_lightning_copies_a_controller_instance_for_each_optimizer(tmp_path: Pat
     assert first is not second and given not in (first, second)
 
 
+def test_lightning_s_skipped_batch_is_not_warned_of_as_a_missing_backward(tmp_path: Path) -> None:
+    """A ``training_step`` that returns None is Lightning's documented skip of a batch: its
+    closure skips the backward and returns None, and the step has no gradient.  The wrapper's
+    warning of a step with no gradient told the user to call ``loss.backward()``, which they
+    never call, and being said once, it was then spent for a real mistake."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    class Skips(_TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _trainer(4, SelfTuneCallback("off"), tmp_path).fit(Skips(), _loader())
+    assert not [w for w in said if "no parameter has a gradient" in str(w.message)]
+
+
 def test_lightning_fast_dev_run_writes_no_run_folder(tmp_path: Path) -> None:
     """Lightning writes no logs under ``fast_dev_run``; a run folder written then made the real
     run with the same callback refuse its first step (the folder held steps of a run), and a

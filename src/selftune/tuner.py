@@ -532,11 +532,15 @@ class SelfTuned(torch.optim.Optimizer):
                 "computes the loss, calls backward and returns the loss"
             )
         inner_closure = closure
+        #: a closure that returned nothing chose to skip its backward (Lightning's, for a
+        #: training_step that returned None, its documented skip of a batch)
+        skipped = False
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
             loss = result if loss is None else loss
             inner_closure = _replay_once(closure, result)
+            skipped = result is None
         t = self.step_count + 1
         refusal = refusal or self._not_resumed()
         if refusal is not None and not across:
@@ -544,7 +548,7 @@ class SelfTuned(torch.optim.Optimizer):
         loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
         self._ranks.refusal = refusal
         try:
-            return self._step(t, loss, inner_closure)
+            return self._step(t, loss, inner_closure, skipped)
         except (GuardError, RefusedStep):
             raise  # the guard gave up, and said so in the log; or nothing changed
         except BaseException:
@@ -552,8 +556,11 @@ class SelfTuned(torch.optim.Optimizer):
                 self._broken_at = t
             raise
 
-    def _step(self, t: int, loss: Any, inner_closure: Callable[[], Any] | None) -> Any:
-        """Step ``t`` from the signals on: what a failure part-way leaves unfinished."""
+    def _step(
+        self, t: int, loss: Any, inner_closure: Callable[[], Any] | None, skipped: bool
+    ) -> Any:
+        """Step ``t`` from the signals on: what a failure part-way leaves unfinished.
+        ``skipped``: the closure returned nothing, its backward skipped by choice."""
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
         if t == 1:
             self._read_start()
@@ -573,7 +580,7 @@ class SelfTuned(torch.optim.Optimizer):
         )
         self._ranks.broken = self._broken_at is not None
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, self._ranks)
-        if self._tracker.no_gradient and not self._told_no_gradient:
+        if self._tracker.no_gradient and not skipped and not self._told_no_gradient:
             self._told_no_gradient = True
             warnings.warn(
                 f"step {t}: no parameter has a gradient (every .grad is None), so the step moves "
