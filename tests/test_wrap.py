@@ -1331,18 +1331,28 @@ def test_a_run_folder_reopened_with_another_optimizer_names_the_optimizer(
 ) -> None:
     """The same model, seeded alike, wrapped with Adam over the folder of a run of SGD with
     momentum: the refusal told the user to build the model with the run's initial weights,
-    which it had; it names the knobs that differ, and the parameters' grouping."""
-    inner, pr = _sgd()
-    train(pr, selftune.wrap(inner, log_dir=tmp_path / "run"), 3)
-    params = list(_sgd()[1].model.parameters())  # type: ignore[attr-defined]
+    which it had; it names the knobs that differ, the groups' count, and the groups' order
+    (the weights' hash is taken in that order, so it read as other weights too)."""
+
+    def model() -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        return list(torch.nn.Linear(4, 3).parameters())  # a weight of 12, a bias of 3
+
+    def sgd(groups: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        return torch.optim.SGD([{"params": g} for g in groups], lr=0.002, momentum=0.9)
+
+    weight, bias = model()
+    selftune.wrap(sgd([[weight], [bias]]), log_dir=tmp_path / "run").close()
     for other, what in (
-        (torch.optim.Adam(params), r"knobs were \[\['lr', 'momentum'\]\].*'beta1'"),
-        (torch.optim.SGD([{"params": params[:0]}, {"params": params}], lr=0.002, momentum=0.9),
-         r"it had 1 param groups, this optimizer has 2"),
+        (torch.optim.Adam(model()), r"it had 2 param groups, this optimizer has 1"),
+        (torch.optim.Adam([{"params": [p]} for p in model()]),
+         r"knobs were \[\['lr', 'momentum'\], \['lr', 'momentum'\]\].*'beta1'"),
+        (sgd([model()[1:], model()[:1]]),
+         r"held \[12, 3\] parameters, this optimizer's hold \[3, 12\]"),
     ):  # fmt: skip
         with pytest.raises(selftune.SelfTuneError, match=what) as told:
             selftune.wrap(other, log_dir=tmp_path / "run")
-        assert "the weights are that run's" in str(told.value)
+        assert "param groups are not the run's" in str(told.value)
         assert "seed" not in str(told.value)
 
 

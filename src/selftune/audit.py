@@ -538,10 +538,21 @@ def _holder(folder: Path) -> AuditLog | None:
     return _OPEN_LOGS.get(key)
 
 
-def _other_optimizer(logged: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> str:
-    """What to do about a folder whose run had these weights (their count and hash agree) in
-    other param groups: the optimizer differs, not the model, which the advice to seed the
-    weights' initialisation said."""
+def _group_list(groups: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """A run's param groups as (size, knobs) pairs, in order, comparable however they sort."""
+    return [(repr(g.get("num_params")), repr(g.get("knobs"))) for g in groups]
+
+
+def _other_groups(existing: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
+    """What to do about a folder whose run had as many weights in other param groups, if its
+    weights may be these (their hash agrees, or the groups are the run's in another order,
+    which the hash, taken in the groups' order, reads as other weights): the optimizer
+    differs, not the model, which the advice to seed the weights' initialisation said."""
+    logged, now = existing.get("param_groups") or [], given.get("param_groups") or []
+    same_hash = existing.get("initial_params_sha256") == given.get("initial_params_sha256")
+    reordered = sorted(_group_list(logged)) == sorted(_group_list(now))
+    if existing.get("param_count") != given.get("param_count") or not (same_hash or reordered):
+        return None
     knobs = [[g.get("knobs") for g in groups] for groups in (logged, now)]
     sizes = [[g.get("num_params") for g in groups] for groups in (logged, now)]
     if len(logged) != len(now):
@@ -551,9 +562,9 @@ def _other_optimizer(logged: Sequence[Mapping[str, Any]], now: Sequence[Mapping[
     else:
         what = f"its groups held {sizes[0]} parameters, this optimizer's hold {sizes[1]}"
     return (
-        f"the weights are that run's, the optimizer is not ({what}): to resume that run, wrap "
+        f"this optimizer's param groups are not the run's ({what}): to resume that run, wrap "
         "an optimizer of the class and settings it ran with, its parameters grouped as they "
-        "were; to start another, pass a new log_dir"
+        "were, in that order; to start another, pass a new log_dir"
     )
 
 
@@ -574,8 +585,8 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool)
     if clashes:
         if open_here:
             advice = "another optimizer in this process logs there: give each its own log_dir"
-        elif clashes == ["param_groups"]:
-            advice = _other_optimizer(existing["param_groups"], given["param_groups"])
+        elif (groups := _other_groups(existing, given)) is not None:
+            advice = groups
         else:
             advice = (
                 "to resume that run, build its model with the run's initial weights (seed their "
