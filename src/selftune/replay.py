@@ -36,7 +36,7 @@ from selftune.controllers.off import OffController
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
-from selftune.report import iter_trace
+from selftune.report import as_float, iter_trace
 from selftune.shards import whole_sha256
 from selftune.signals import Signals
 from selftune.tuner import SelfTuned, StepEvent, group_options, outside_frames
@@ -419,12 +419,9 @@ class _FollowsTrace:
 def _same_loss(loss: float | None, logged: Any) -> bool:
     """Whether a step's loss is the logged one (a non-finite one is logged as its text); one
     not given on either side is no difference: a replay may step without it."""
-    if loss is None or logged is None:
+    was = as_float(logged)  # (None too for a trace's own damage: not the replay's to judge)
+    if loss is None or was is None:
         return True
-    try:
-        was = float(logged)
-    except (TypeError, ValueError):
-        return True  # a trace's own damage is not the replay's to judge
     return loss == was or (math.isnan(loss) and math.isnan(was))
 
 
