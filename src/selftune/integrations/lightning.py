@@ -68,7 +68,7 @@ from selftune.integrations import (
     wrap_settings_given,
 )
 from selftune.integrations._feed import LossFeed, feed_from, keep_scheduler_mark
-from selftune.integrations.events import StepKnobs
+from selftune.integrations.events import FollowsOne, StepKnobs
 from selftune.tuner import SelfTuned, StepEvent
 
 with needs("lightning"):
@@ -181,10 +181,9 @@ class SelfTuneCallback(Callback):
         log_dir = None if trial else self.log_dir
         listeners = [] if trial else self.listeners
         for listener in listeners:  # before anything is wrapped: a refusal leaves no folder
-            check = getattr(listener, "check_unused", None)
-            if callable(check):
+            if isinstance(listener, FollowsOne):
                 try:
-                    check()
+                    listener.check_unused()
                 except selftune.ConfigError as exc:
                     raise selftune.ConfigError(
                         "SelfTuneCallback: a listener given it follows the optimizer of a fit "
