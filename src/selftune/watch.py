@@ -322,7 +322,7 @@ class Sparkline:
     """The :func:`sparkline` of the newest ``values`` that fit the width rich gives it.
 
     A table cell's text too wide for its column is cut at its end, with "…": at 80 columns,
-    with Adam's three knobs beside it, the lr column lost its newest 20 steps, the ones a live
+    with Adam's three knobs beside it, the lr column lost its newest steps, the ones a live
     view is for (a rate halved at the last steps did not show). This drops the oldest instead.
     """
 
