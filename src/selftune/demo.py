@@ -41,17 +41,31 @@ class Trainee:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
-                        help="adamw (lr 1e-3) or sgd (momentum 0.9, lr 0.01)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--target", type=float, default=0.9,
-                        help="test accuracy to reach (default 0.9)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="examples per training step (default 64)")  # fmt: skip
-    parser.add_argument("--eval-every", type=int, default=25,
-                        help="evaluate every N steps (default 25)")  # fmt: skip
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="adamw (lr 1e-3) or sgd (momentum 0.9, lr 0.01); default %(default)s",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=1500, help="training steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for weights and batches (default %(default)s)"
+    )
+    parser.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+    parser.add_argument(
+        "--target", type=float, default=0.9, help="test accuracy to reach (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="examples per training step (default %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=25, help="evaluate every N steps (default %(default)s)"
+    )
     parser.add_argument("--no-live", action="store_true", help="no live display, table only")
 
 
@@ -264,8 +278,10 @@ def _print_table(trainees: list[Trainee], args: argparse.Namespace, summary: dic
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"MNIST-1D 1-D CNN, {args.steps} steps, target test accuracy "
-                        f"{args.target:.0%} (seed {args.seed})")  # fmt: skip
+    table = Table(
+        title=f"MNIST-1D 1-D CNN, {args.steps} steps, target test accuracy "
+        f"{args.target:.0%} (seed {args.seed})"
+    )
     for name in ("optimizer", "steps to target", "seconds to target", "final accuracy"):
         table.add_column(name, justify="left" if name == "optimizer" else "right")
     for t in trainees:
@@ -295,7 +311,10 @@ def _report(run_dir: Path) -> None:
     try:
         from selftune.report import write_report
     except ImportError as err:
-        print(f"no HTML report: selftune.report is not available ({err}); the run folder is "
-              f"{run_dir}", file=sys.stderr)  # fmt: skip
+        print(
+            f"no HTML report: selftune.report is not available ({err}); the run folder is "
+            f"{run_dir}",
+            file=sys.stderr,
+        )
         return
     print(f"report: {write_report(run_dir)}")
