@@ -540,6 +540,33 @@ def test_float16_parameters_under_an_eps_that_rounds_to_zero_are_warned_of_at_wr
     assert wrap_here(torch.optim.AdamW(half, fused=True))[1] == []  # fused: float32 inside
 
 
+def test_float16_gradients_of_finite_entries_past_its_largest_number_are_read_finite() -> None:
+    """float16's largest number is 65504: a gradient of 4096 entries of 2048 has a norm of
+    131072, which a norm taken in float16 made infinite, so the guard rolled a sound run of
+    plain SGD back six times and raised ``GuardError``; the momentum buffer's inner product
+    with it overflowed too, and ``hypergradient`` left the momentum where it stood.  Norms and
+    products of narrow tensors are accumulated in float32."""
+
+    def run(controller: str) -> tuple[selftune.SelfTuned, torch.Tensor]:
+        w = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))
+        inner = torch.optim.SGD([w], lr=1e-6, momentum=0.9)
+        opt = selftune.wrap(inner, controller) if controller else inner
+        for _ in range(8):
+            loss = (w.float() * 2048).sum()  # every entry's gradient is 2048, in float16
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach()) if controller else opt.step()
+        return opt, w.detach()  # type: ignore[return-value]
+
+    plain = run("")[1]
+    off, weights = run("off")
+    assert torch.equal(weights, plain)  # no rollback: the run is plain SGD's
+    assert off.last_signals.groups[0].grad_norm == 2048 * 64
+    tuned = run("hypergradient")[0]
+    assert tuned.last_signals.groups[0].cos_buffer == pytest.approx(1.0)
+    assert tuned.hyperparams()[0]["momentum"] != 0.9
+
+
 def test_a_scheduler_at_zero_holds_the_rate_there_and_a_rollback_survives_it() -> None:
     """A warm-up from zero, a decay to zero: the rate is the scheduler's to hold at zero, and no
     decision divides by it (a ZeroDivisionError in every controller's step at the zero, and in
@@ -1332,7 +1359,9 @@ def test_a_run_folder_reopened_with_another_optimizer_names_the_optimizer(
     """The same model, seeded alike, wrapped with Adam over the folder of a run of SGD with
     momentum: the refusal told the user to build the model with the run's initial weights,
     which it had; it names the knobs that differ, the groups' count, and the groups' order
-    (the weights' hash is taken in that order, so it read as other weights too)."""
+    (the weights' hash is taken in that order, so it read as other weights too).  The run's own
+    optimizer over other initial weights is still told to seed them (the groups' check read
+    groups in the same order as reordered ones, and blamed the optimizer)."""
 
     def model() -> list[torch.nn.Parameter]:
         torch.manual_seed(0)
@@ -1354,6 +1383,11 @@ def test_a_run_folder_reopened_with_another_optimizer_names_the_optimizer(
             selftune.wrap(other, log_dir=tmp_path / "run")
         assert "param groups are not the run's" in str(told.value)
         assert "seed" not in str(told.value)
+    torch.manual_seed(1)  # the run's optimizer over other initial weights: the model differs
+    other_weights = list(torch.nn.Linear(4, 3).parameters())
+    with pytest.raises(selftune.SelfTuneError, match=r"seed their initialisation") as told:
+        selftune.wrap(sgd([other_weights[:1], other_weights[1:]]), log_dir=tmp_path / "run")
+    assert "param groups" not in str(told.value)
 
 
 def test_a_policy_given_to_wrap_is_refused_naming_its_parts() -> None:

@@ -550,7 +550,10 @@ def _other_groups(existing: Mapping[str, Any], given: Mapping[str, Any]) -> str 
     differs, not the model, which the advice to seed the weights' initialisation said."""
     logged, now = existing.get("param_groups") or [], given.get("param_groups") or []
     same_hash = existing.get("initial_params_sha256") == given.get("initial_params_sha256")
-    reordered = sorted(_group_list(logged)) == sorted(_group_list(now))
+    ordered = [_group_list(logged), _group_list(now)]
+    if ordered[0] == ordered[1]:  # the optimizer is the run's: the weights differ, if anything
+        return None
+    reordered = sorted(ordered[0]) == sorted(ordered[1])
     if existing.get("param_count") != given.get("param_count") or not (same_hash or reordered):
         return None
     knobs = [[g.get("knobs") for g in groups] for groups in (logged, now)]

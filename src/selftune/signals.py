@@ -216,7 +216,7 @@ class SignalTracker:
                 continue
             # sparse gradients (nn.Embedding(sparse=True)) have no fused kernels: per tensor
             sparse = any(g.is_sparse for g in grads)
-            parts.extend([_norm(g) for g in grads] if sparse else torch._foreach_norm(grads))
+            parts.extend(_norms(grads, sparse))
             # complex parameters: the products are read over real views (see _real)
             dots_of = _real if not sparse and any(g.is_complex() for g in grads) else _same
             n_prev = 0
@@ -232,7 +232,9 @@ class SignalTracker:
                     read = read or list(range(len(with_grad)))
                     prev = [self._prev[gi][with_grad[k]] for k in read]
                     against = [grads[k] for k in read]
-                flat = self._flat[gi] if every and not sparse else None
+                # float16 products of finite entries overflow: per tensor, widened (_dots)
+                whole = every and not sparse and not _narrow(grads)
+                flat = self._flat[gi] if whole else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
                 if flat is not None:  # one reduction each over the whole group
                     (flat,) = dots_of([flat])
@@ -243,13 +245,13 @@ class SignalTracker:
                     parts.append(flat.sum(dtype=acc))
                     n_prev = 1
                 else:
-                    parts.extend(torch._foreach_norm(prev))
+                    parts.extend(_norms(prev, sparse))
                     parts.extend(_dots(dots_of(prev), dots_of(against), sparse, in_place=True))
                     n_prev = len(against)
             bufs = _buffers([params[i] for i in with_grad], state) if buffers else None
             if bufs is not None:
                 # SGD's momentum buffer of a sparse gradient is sparse too
-                parts.extend([_norm(b) for b in bufs] if sparse else torch._foreach_norm(bufs))
+                parts.extend(_norms(bufs, sparse))
                 parts.extend(_dots(dots_of(bufs), dots_of(grads), sparse, in_place=False))
             layout.append((len(grads), n_prev, bufs is not None, sign))
             if distributed:
@@ -704,9 +706,41 @@ def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | No
     return out
 
 
+#: the dtypes whose norms and inner products are accumulated in float32: float16's largest
+#: number is 65504, so a gradient of finite entries (a million of 0.07) had an infinite norm,
+#: which the guard took for a non-finite gradient, and its buffer an infinite inner product,
+#: which left the hypergradient's momentum where it stood
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def _narrow(tensors: list[torch.Tensor]) -> bool:
+    return any(t.dtype in _NARROW for t in tensors)
+
+
+def _norms(tensors: list[torch.Tensor], sparse: bool) -> list[torch.Tensor]:
+    """The 2-norm of each tensor: one fused kernel, or one at a time where a tensor is sparse
+    or narrow (``_foreach_norm`` takes one ``dtype`` for all, which would narrow a float64)."""
+    if sparse or _narrow(tensors):
+        return [_norm(t) for t in tensors]
+    return list(torch._foreach_norm(tensors))
+
+
 def _norm(g: torch.Tensor) -> torch.Tensor:
-    """The 2-norm of a gradient, dense or sparse (the norm of its coalesced values)."""
-    return torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g)
+    """The 2-norm of a tensor, dense or sparse (the norm of its coalesced values), in float32 if
+    it is narrower."""
+    values = g.coalesce().values() if g.is_sparse else g
+    return torch.linalg.vector_norm(values, dtype=_wide(values.dtype))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype | None:
+    """float32 for a narrow dtype; None (the tensor's own) for the rest."""
+    return torch.float32 if dtype in _NARROW else None
+
+
+def _widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Narrow tensors as float32 copies (scratch, whatever ``in_place`` says), the rest as they
+    are."""
+    return [t.float() if t.dtype in _NARROW else t for t in tensors]
 
 
 def _dots(
@@ -714,7 +748,9 @@ def _dots(
 ) -> list[torch.Tensor]:
     """⟨t, g⟩ per tensor: one fused multiply when all are dense (``in_place``: into ``tensors``,
     whose contents are not needed after), else one product at a time over a sparse one's
-    entries."""
+    entries.  Narrow tensors are multiplied and summed in float32 (see ``_NARROW``)."""
+    if _narrow(tensors) or _narrow(grads):
+        tensors, grads = _widened(tensors), _widened(grads)
     if sparse:
         return [_dot(t, g) for t, g in zip(tensors, grads, strict=True)]
     if in_place:
