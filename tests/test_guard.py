@@ -1192,3 +1192,28 @@ def test_a_loss_that_keeps_most_of_its_fall_has_not_regressed(
 ) -> None:
     trouble, _ = _fall_then_rise(low, after, **config)
     assert trouble is None, trouble
+
+
+def test_a_state_saved_after_the_guard_gave_up_loads_with_its_rollbacks_back(
+    tmp_path: Path,
+) -> None:
+    """GuardError's advice is to resume from a checkpoint with the data or the rate seen to, and
+    a state saved after it loads (the log's place before the escalate record).  It held the
+    guard's spent count of rollbacks, so the first bad batch after the load raised GuardError at
+    once ("7 rollbacks did not help"), with none made.  A load of it is a new try: one bad batch
+    is rolled back, and trouble that keeps coming is given up on after as many rollbacks as at
+    first."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters()), "off", log_dir=tmp_path)
+    train(task, opt, 20, evaluate=False)
+    with pytest.raises(selftune.GuardError, match="6 rollbacks did not help"):
+        train(task, opt, 30, fault_from=(3, "nan_loss"), evaluate=False)
+    saved = copy.deepcopy((opt.state_dict(), task.model.state_dict()))
+    task.model.load_state_dict(saved[1])
+    opt.load_state_dict(saved[0])
+    train(task, opt, 10, faults={5: "nan_loss"}, evaluate=False)
+    rollbacks = [r for r in guard_records(tmp_path) if r["event"] == "rollback"]
+    assert rollbacks[-1]["step"] == opt.step_count - 5
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    with pytest.raises(selftune.GuardError, match="6 rollbacks did not help"):
+        train(task, opt, 30, fault_from=(3, "nan_loss"), evaluate=False)

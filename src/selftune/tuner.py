@@ -713,7 +713,7 @@ class SelfTuned(torch.optim.Optimizer):
             "groups": "each" if self._joint is None else "joint",
             "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
-            "guard": None if self.guard is None else self.guard.state_dict(),
+            "guard": self._guard_state(),
             # where the log and trace.jsonl end (rank 0's; None and 0 with no run folder); after
             # the guard gave up, before its escalate record, whose step the state never took: a
             # load of it cuts the record, as a load of any older state does
@@ -1569,6 +1569,18 @@ class SelfTuned(torch.optim.Optimizer):
             "guard": None if self.guard is None else self.guard.statistics(),
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
+
+    def _guard_state(self) -> dict[str, Any] | None:
+        """The guard's state for :meth:`state_dict`.  After the guard gave up, a load of the
+        state is a new try (GuardError's advice: the data or the rate seen to), so its count
+        of rollbacks starts again: the spent count made the first bad batch after the load
+        raise GuardError at once, with no rollback made."""
+        if self.guard is None:
+            return None
+        state = self.guard.state_dict()
+        if self._gave_up is not None:
+            state["retries"] = 0
+        return state
 
     def _roll_back(
         self, trouble: Trouble, signals: Signals, unread: dict[str, Any] | None
