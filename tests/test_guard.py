@@ -1217,3 +1217,120 @@ def test_a_state_saved_after_the_guard_gave_up_loads_with_its_rollbacks_back(
     assert all(torch.isfinite(p).all() for p in task.model.parameters())
     with pytest.raises(selftune.GuardError, match="6 rollbacks did not help"):
         train(task, opt, 30, fault_from=(3, "nan_loss"), evaluate=False)
+
+
+def _batch_norm_run(
+    log_dir: Path,
+    model_given: bool,
+    steps: int,
+    *,
+    bad_at: int = 30,
+    start: int = 1,
+    net: torch.nn.Module | None = None,
+    opt: Any = None,
+    replay: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """SGD on a network with BatchNorm, one example of one batch infinite at ``bad_at``: its
+    forward writes NaN into the running statistics, and the guard rolls the step back."""
+    if net is None:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+        )
+    if opt is None:
+        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        given = {"model": net} if model_given else {}
+        if replay:
+            opt = selftune.replay(inner, log_dir, **given)
+        else:
+            opt = selftune.wrap(inner, "auto", log_dir=log_dir, **given)
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(t)
+        x, noise = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+        if t == bad_at:
+            x[0, 0] = math.inf
+        loss = torch.nn.functional.mse_loss(net(x), x[:, :1] * 2 + 0.1 * noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    return net, opt
+
+
+def test_a_rollback_puts_back_the_buffers_of_the_model_given_to_wrap(tmp_path: Path) -> None:
+    """A batch with one infinite example writes NaN into BatchNorm's running statistics in its
+    forward pass; the guard rolled back the weights and left the statistics NaN, so that every
+    evaluation after was NaN (and every checkpoint held them).  With ``model=`` the snapshots
+    hold the buffers, and the rollback puts them back; without, the limitation stands, as the
+    docs say."""
+    for given in (True, False):
+        net, _ = _batch_norm_run(tmp_path / str(given), given, 40)
+        assert [r["step"] for r in guard_records(tmp_path / str(given))] == [30]
+        bn = net[1]
+        assert isinstance(bn, torch.nn.BatchNorm1d) and bn.running_mean is not None
+        assert bool(bn.running_mean.isfinite().all()) is given
+        net.eval()
+        with torch.no_grad():
+            assert bool(net(torch.randn(8, 4)).isfinite().all()) is given
+
+
+def test_a_run_with_its_model_resumes_and_replays_to_the_bit(tmp_path: Path) -> None:
+    """The buffers travel in the checkpoint's snapshots: a run resumed before the bad batch
+    rolls its statistics back as the run that never stopped did.  The replay is given the
+    model too, and refused without it (it would roll back the weights alone), or with one
+    where the run had none."""
+    whole, _ = _batch_norm_run(tmp_path / "whole", True, 40)
+    net, opt = _batch_norm_run(tmp_path / "resumed", True, 20)
+    selftune.save_checkpoint(tmp_path / "ckpt.pt", model=net, optimizer=opt, step=20)
+    opt.close()
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
+    again = selftune.wrap(
+        torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9),
+        "auto",
+        log_dir=tmp_path / "resumed",
+        model=fresh,
+    )
+    selftune.load_checkpoint(tmp_path / "ckpt.pt", model=fresh, optimizer=again)
+    _batch_norm_run(tmp_path / "resumed", True, 20, start=21, net=fresh, opt=again)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(whole.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+    again.close()
+    replayed, _ = _batch_norm_run(tmp_path / "whole", True, 40, replay=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(whole.state_dict().values(), replayed.state_dict().values(), strict=True)
+    )
+    with pytest.raises(selftune.ConfigError, match=r"wrapped with its model .*model=model"):
+        _batch_norm_run(tmp_path / "whole", False, 1, replay=True)
+    _batch_norm_run(tmp_path / "plain", False, 2)
+    with pytest.raises(selftune.ConfigError, match="wrapped without a model"):
+        _batch_norm_run(tmp_path / "plain", True, 1, replay=True)
+
+
+def test_spectral_norm_s_vectors_are_rolled_back_with_the_weights(tmp_path: Path) -> None:
+    """A weight made infinite after a step turns spectral norm's power-iteration vectors (its
+    buffers) NaN in the next forward; the guard restored the weights, every forward after was
+    NaN still, and the run ended in GuardError blaming the data or the rate."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        spectral_norm(torch.nn.Linear(8, 16)), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    )
+    opt = selftune.wrap(torch.optim.SGD(net.parameters(), lr=0.05), "off", model=net)
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 60):
+        x = torch.randn(32, 8, generator=g)
+        loss = torch.nn.functional.mse_loss(net(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        if t == 30:
+            with torch.no_grad():
+                net[0].parametrizations.weight.original[0, 0] = math.inf
+    assert all(b.isfinite().all() for b in net.buffers())
+    assert all(p.isfinite().all() for p in net.parameters())

@@ -124,6 +124,9 @@ def test_lightning_callback_tunes_feeds_the_loss_and_logs(tmp_path: Path) -> Non
     assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3, rel=1e-3)
     result = selftune.verify(tmp_path / "run")  # raises LogError on any damage
     assert "lr" in result.knobs and not result.torn_tail
+    # wrapped with the module: its rollbacks put the module's buffers back with the weights
+    config = read_log(tmp_path / "run").manifest["config"]
+    assert config["model_buffers"] == len(list(model.buffers()))
     assert any(
         r["kind"] == "decision" and r["knob"] == "lr" for r in read_log(tmp_path / "run").records
     )
@@ -414,6 +417,8 @@ def test_lightning_feeds_no_loss_to_several_optimizers_and_says_so(tmp_path: Pat
     with pytest.warns(UserWarning, match="with 2 optimizers a backward does not say"):
         _trainer(4, cb, tmp_path, enable_checkpointing=False).fit(_Manual(), _loader())
     assert [opt.last_signals.loss for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
+    # each network rolls back alone: no optimizer's rollback rewinds the module's buffers
+    assert [opt._model for opt in cb.optimizers] == [None, None]  # type: ignore[union-attr]
 
 
 class _ManualScheduled(_Manual):
@@ -785,6 +790,8 @@ def test_huggingface_trainer_tunes_with_the_training_loss(tmp_path: Path) -> Non
     knobs = opt.hyperparams()[0]
     assert knobs["lr"] != pytest.approx(1e-3, rel=1e-3)
     assert "lr" in selftune.verify(tmp_path / "run").knobs
+    config = read_log(tmp_path / "run").manifest["config"]  # the model's buffers roll back too
+    assert config["model_buffers"] == len(list(trainer.model.buffers()))
     records = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
     assert records and records[-1]["selftune/group0/lr"] == pytest.approx(knobs["lr"])
 

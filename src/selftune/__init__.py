@@ -44,6 +44,7 @@ def wrap(
     seed: int | None = None,
     average: bool | float = False,
     groups: str = "each",
+    model: torch.nn.Module | None = None,
     **controller_options: Any,
 ) -> SelfTuned:
     """Wrap ``optimizer`` so that it tunes its own learning rate while it trains (and, with the
@@ -64,6 +65,10 @@ def wrap(
     ``groups``: ``"each"`` tunes every param group from its own signals; ``"joint"`` tunes
     them as one, from the signals of all, and keeps their rates in the ratios given (a rate
     per layer: see the README's "Runs the defaults were not built for").
+    ``model``: the module whose parameters ``optimizer`` trains; the guard's snapshots then
+    hold its buffers too (BatchNorm's running statistics), and a rollback or restart puts them
+    back with the weights.  Without it only the parameters and optimizer state roll back: a
+    batch that made a running statistic non-finite leaves it so, and every evaluation NaN.
     """
     if "policy" in controller_options:  # else torch's TypeError, from SelfTuned's arguments
         raise ConfigError(
@@ -81,6 +86,7 @@ def wrap(
         seed=seed,
         average=average,
         groups=groups,
+        model=model,
         **controller_options,
     )
     name, starts = type(optimizer).__name__, wrapped.hyperparams()

@@ -180,11 +180,19 @@ class ReplayGuard(Guard):
         return snap, factor
 
 
-def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) -> SelfTuned:
+def replay(
+    optimizer: torch.optim.Optimizer,
+    log_dir: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module | None = None,
+) -> SelfTuned:
     """An optimizer that re-applies the run logged in ``log_dir`` to ``optimizer``.
 
-    Refuses (with :class:`~selftune.audit.LogError` or :class:`~selftune.SelfTuneError`) a log
-    whose chain is broken or whose manifest does not match ``optimizer``'s param groups and knobs.
+    ``model``: the model, where the run was wrapped with one (``wrap(..., model=)``): its
+    rollbacks put the model's buffers back, and so must the replay's.  Refuses (with
+    :class:`~selftune.audit.LogError` or :class:`~selftune.SelfTuneError`) a log whose chain is
+    broken or whose manifest does not match ``optimizer``'s param groups and knobs, or the model
+    given (or not) with it.
     """
     if isinstance(optimizer, SelfTuned):
         raise ConfigError(
@@ -234,11 +242,37 @@ def replay(optimizer: torch.optim.Optimizer, log_dir: str | os.PathLike[str]) ->
     _check_start(config.get("start"), knobs, where)
     options = [group_options(g, optimizer.defaults) for g in groups]
     _check_options(config.get("options"), options, where)
-    tuned = SelfTuned(optimizer, controller, policy=policy, guard=False, average=average or False)
+    _check_model(config.get("model_buffers"), model, where)
+    tuned = SelfTuned(
+        optimizer, controller, policy=policy, guard=False, average=average or False, model=model
+    )
     tuned.guard = guard if guard is not False else None
     passes.made = lambda: tuned.rewinds
     tuned.add_listener(_FollowsTrace(log_dir, controller.added, passes))
     return tuned
+
+
+def _check_model(logged: Any, model: torch.nn.Module | None, where: str) -> None:
+    """The model is given where the run had one, with as many buffers: its rollbacks put them
+    back, and a replay that did not would go on from other running statistics."""
+    if logged is None and model is not None:
+        raise ConfigError(
+            f"{where}: the logged run was wrapped without a model (its rollbacks left the "
+            "model's buffers as they were), so pass none to replay"
+        )
+    if logged is None:
+        return
+    if model is None:
+        raise ConfigError(
+            f"{where}: the logged run was wrapped with its model (its rollbacks put the model's "
+            f"{logged} buffers back): pass it, replay(optimizer, log_dir, model=model)"
+        )
+    count = len(list(model.buffers()))
+    if count != logged:
+        raise SelfTuneError(
+            f"{where}: the logged run's model had {logged} buffers, this one has {count}: "
+            "replay needs the model built as in the logged run"
+        )
 
 
 class _Passes:

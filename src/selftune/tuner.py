@@ -104,6 +104,7 @@ class SelfTuned(torch.optim.Optimizer):
         seed: int | None = None,
         average: bool | float = False,
         groups: str = "each",
+        model: torch.nn.Module | None = None,
         **controller_options: Any,
     ) -> None:
         if isinstance(optimizer, SelfTuned):
@@ -178,6 +179,15 @@ class SelfTuned(torch.optim.Optimizer):
             )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ConfigError(f"seed={seed!r}: give a whole number (it is recorded in the log)")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"model={type(model).__name__}: give the torch.nn.Module whose parameters the "
+                "optimizer trains (its buffers are rolled back with them), or None"
+            )
+        #: the model whose buffers (BatchNorm's running statistics, spectral norm's vectors) the
+        #: guard's snapshots hold beside the weights: a batch that made them non-finite left
+        #: them so after the rollback, and every evaluation after it NaN
+        self._model = model
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -1560,6 +1570,7 @@ class SelfTuned(torch.optim.Optimizer):
         to = torch.device("cpu") if self.guard.config.offload else None
         return {
             "params": [[_clone(p, to) for p in g["params"]] for g in self.param_groups],
+            "buffers": None if self._model is None else _clone(list(self._model.buffers()), to),
             "optimizer": _clone(self.optimizer.state_dict(), to),
             "controller": _clone(self.controller.state_dict()),
             # the loss statistics, but not the previous update: after a rollback there is none
@@ -1733,6 +1744,8 @@ class SelfTuned(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, payload["params"], strict=True):
             for p, kept in zip(group["params"], saved, strict=True):
                 p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
+        if self._model is not None and payload.get("buffers") is not None:
+            self._restore_buffers(self._model, payload["buffers"], snap.step)
         # torch's load_state_dict moves the state to each parameter's device; it also puts back
         # the groups' settings as they were.  The settings in force now stay instead (the caller
         # sets the knobs the snapshot held): the base rate is the LR scheduler's, and a chained
@@ -1758,6 +1771,21 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
         return lowered
+
+    @staticmethod
+    def _restore_buffers(model: torch.nn.Module, kept: list[torch.Tensor], step: int) -> None:
+        """Copy a snapshot's buffers back into ``model``'s, which must be as many, and alike."""
+        now = list(model.buffers())
+        shapes = [(tuple(b.shape), b.dtype) for b in now]
+        if shapes != [(tuple(b.shape), b.dtype) for b in kept]:
+            raise ConfigError(
+                f"the model's buffers changed since the snapshot of step {step} (their shapes "
+                "or dtypes, or how many): a rollback cannot put them back. Register every "
+                "buffer before the first step, or wrap with model=None"
+            )
+        with torch.no_grad():
+            for buffer, saved in zip(now, kept, strict=True):
+                buffer.copy_(saved)
 
     def _take_restart(self, proposals: list[Proposal]) -> str | None:
         """The controller's reason to restart at this step, if it asked and a snapshot can serve.
@@ -1836,6 +1864,8 @@ class SelfTuned(torch.optim.Optimizer):
             "guard": None if self.guard is None else vars(self.guard.config),
             "average": None if self.average is None else self.average.decay,
             "controller_options": self._controller_options,
+            # only where given: the manifest of a run without one reads as before
+            **({} if self._model is None else {"model_buffers": len(list(self._model.buffers()))}),
         }
 
     def _write_added(self) -> None:

@@ -268,7 +268,9 @@ def wrap_trainer_optimizer(
         opt = feed_from(trainer.optimizer)
     else:
         chosen = "auto" if controller is None else controller
-        opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **wrap_kwargs))
+        # the model's buffers are rolled back with its weights (wrap's model=)
+        given = {"model": trainer.model, **wrap_kwargs}
+        opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **given))
     opt._resume_how = RESUME
     trainer.optimizer = opt
     if getattr(trainer.training_step, "_selftune_feed", None) is None:

@@ -192,7 +192,8 @@ class SelfTuneCallback(Callback):
                     ) from None
         with _weights_swapped(list(pl_module.parameters()), self._initial):
             wrapped = [
-                self._wrap(i, opt, len(originals), log_dir) for i, opt in enumerate(originals)
+                self._wrap(i, opt, len(originals), log_dir, pl_module)
+                for i, opt in enumerate(originals)
             ]
         self._initial = None
         self._knobs = [StepKnobs() for _ in wrapped]
@@ -209,7 +210,12 @@ class SelfTuneCallback(Callback):
         self.optimizers = wrapped
 
     def _wrap(
-        self, index: int, optimizer: torch.optim.Optimizer, count: int, log_dir: Path | None
+        self,
+        index: int,
+        optimizer: torch.optim.Optimizer,
+        count: int,
+        log_dir: Path | None,
+        module: torch.nn.Module,
     ) -> SelfTuned:
         opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
         if isinstance(opt, SelfTuned):
@@ -227,7 +233,13 @@ class SelfTuneCallback(Callback):
             controller = self.controller
             if not isinstance(controller, str):
                 controller = copy.deepcopy(controller)
-            opt = selftune.wrap(optimizer, controller, log_dir=log_dir, **self.wrap_kwargs)
+            # one optimizer trains the module: its rollbacks put the module's buffers back
+            # too; of several (a GAN's), each rolls back alone, and one's rollback must not
+            # rewind the statistics of the other's network
+            kwargs = {"model": module} if count == 1 else {}
+            opt = selftune.wrap(
+                optimizer, controller, log_dir=log_dir, **{**kwargs, **self.wrap_kwargs}
+            )
         opt._resume_how = (
             "pass the checkpoint Lightning saved to trainer.fit(..., ckpt_path=...), which "
             "loads selftune's state with the optimizer's"
