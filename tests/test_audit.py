@@ -508,9 +508,43 @@ def test_a_resumed_run_may_change_its_config_and_says_so(tmp_path: Path) -> None
     AuditLog(tmp_path, manifest(created="later")).close()
     assert verify(tmp_path).records == 1  # a new start time alone is not worth a note
     AuditLog(tmp_path, manifest(config={"max_step": 3.0})).close()
-    note = read_log(tmp_path).records[-1]
+    assert verify(tmp_path).records == 1  # a run that wrote nothing continued nothing
+    log = AuditLog(tmp_path, manifest(config={"max_step": 3.0}))
+    log.append({"kind": "note", "reason": "the resumed run's first record"})
+    log.close()
+    note = read_log(tmp_path).records[-2]  # written before the run's first record
     assert note["kind"] == "note" and "(config: max_step)" in note["reason"]
     assert read_log(tmp_path).manifest == manifest()
+
+
+def test_a_run_refused_over_another_run_s_folder_writes_nothing_into_its_log(
+    tmp_path: Path,
+) -> None:
+    """A run started again over a finished run's folder with another rate, and no checkpoint
+    loaded, is refused at its first step; it had already written a note of a resume with a
+    changed manifest into the run's chain, which ``verify`` passed, and which the real run's
+    resume later counted among the records it dropped."""
+
+    def start(lr: float) -> tuple[torch.nn.Module, selftune.SelfTuned]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        return model, selftune.wrap(torch.optim.SGD(model.parameters(), lr=lr), log_dir=tmp_path)
+
+    model, opt = start(0.05)
+    for _ in range(3):
+        loss = model(torch.ones(3, 4)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    before = (tmp_path / "decisions.jsonl").read_bytes()
+    model, opt = start(0.03)
+    loss = model(torch.ones(3, 4)).square().mean()
+    loss.backward()
+    with pytest.raises(selftune.ConfigError, match="already holds steps of this run"):
+        opt.step(loss=loss.detach())
+    opt.close()
+    assert (tmp_path / "decisions.jsonl").read_bytes() == before
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")

@@ -717,6 +717,8 @@ class AuditLog:
         #: the notes written when the log was opened, and the seq of the first of them
         self._opening: list[str] = []
         self._opened_at = 0
+        #: the torn tail's size, and whether it was cut and the opening notes written
+        self._torn, self._settled = 0, True
         #: another log was opened on this folder since, in this process: see :meth:`_supersede`
         self.superseded = False
         self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
@@ -747,8 +749,6 @@ class AuditLog:
             self._head = scan.records[-1]["hash"] if scan.records else GENESIS
             self._bytes = scan.valid_bytes
         try:
-            if torn:
-                os.truncate(self._file, self._bytes)
             self._fd, self._closer = open_append(self._file, self)
         except OSError as exc:  # a read-only run folder, a full disk
             raise LogError(
@@ -760,6 +760,20 @@ class AuditLog:
             self._opening.append(f"{_TORN} of {torn} bytes")
         if note is not None:
             self._opening.append(note)
+        # the torn tail is cut and the notes written at the first record, cut or position the
+        # run asks for, not here: a run refused at its first step (started over the folder of
+        # a run it did not resume) wrote a note of a changed manifest into that run's log, a
+        # resume that never was
+        self._torn = torn
+        self._settled = False
+
+    def _settle(self, fd: int) -> None:
+        """Cut the torn tail and write the opening notes, once, before anything else."""
+        if self._settled:
+            return
+        self._settled = True
+        if self._torn:
+            os.ftruncate(fd, self._bytes)
         self._opened_at = self._seq
         for reason in self._opening:
             self.append({"kind": "note", "reason": reason})
@@ -769,6 +783,7 @@ class AuditLog:
         if not self.enabled:
             return dict(record)
         fd = self._open_fd()
+        self._settle(fd)
         reserved = [name for name in CHAIN_FIELDS if name in record]
         if reserved:
             raise LogError(
@@ -795,6 +810,8 @@ class AuditLog:
 
     def position(self) -> dict[str, Any]:
         """Where the log ends now, for a checkpoint: next seq, last hash, file size in bytes."""
+        if not self._settled and self._fd is not None and not self.superseded:
+            self._settle(self._fd)  # open and the folder's: a closed log writes nothing more
         return {"seq": self._seq, "head": self._head, "bytes": self._bytes}
 
     def truncate_to(self, position: Mapping[str, Any]) -> int:
@@ -809,6 +826,7 @@ class AuditLog:
         if not self.enabled:
             return 0
         fd = self._open_fd()
+        self._settle(fd)
         seq, head, size, scan = self._cut(position)
         if seq and not scan.records:
             # A new folder for a run that continues from another folder's checkpoint.
