@@ -801,3 +801,26 @@ def test_an_unwrapped_run_goes_on_at_the_rate_it_found_and_replays_to_the_same_w
     plain.load_state_dict(back.state_dict())  # a state dict of it carries the rate found
     assert plain.param_groups[0]["lr"] == found[0]["lr"]
     selftune.wrap(back)  # handed back whole: it can be wrapped again
+
+
+def test_a_replay_under_other_versions_says_which(tmp_path: Path) -> None:
+    """The manifest records the versions of selftune, torch and Python the run ran under; a
+    replay under others said nothing of them (another torch's kernels may round otherwise), and
+    where the losses happened to agree, nothing at all.  It names them, once, when it is built;
+    under the run's own it says nothing."""
+    logged_run(tmp_path, "sgd", "off")
+    task = make_task()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        selftune.replay(start("sgd", task.model.parameters()), tmp_path).close()
+    assert not [w for w in said if "ran under" in str(w.message)]
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(torch="2.1.0+cu118", python="3.10.4")
+    path.write_text(json.dumps(manifest))
+    task = make_task()
+    with pytest.warns(UserWarning, match=r"ran under torch 2\.1\.0\+cu118, python 3\.10\.4, "
+                      r"this replay under torch .*, python ") as told:  # fmt: skip
+        selftune.replay(start("sgd", task.model.parameters()), tmp_path).close()
+    assert len([w for w in told if "ran under" in str(w.message)]) == 1
+    assert told[0].filename == __file__

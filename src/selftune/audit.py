@@ -985,6 +985,17 @@ def params_sha256(params: Iterable[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def running_versions() -> dict[str, str]:
+    """The versions of selftune, torch and Python running now, as a manifest records them."""
+    import torch
+
+    return {
+        "selftune": _selftune_version(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
+
+
 def _selftune_version() -> str:
     from importlib import metadata
 
@@ -1024,14 +1035,11 @@ def build_manifest(
     ``initial_params_sha256`` comes from :func:`params_sha256` (None when the weights cannot be
     read yet); both identify the run when a folder is reopened.
     """
-    import torch
 
     groups = [_checked_group(i, group) for i, group in enumerate(param_groups)]
     manifest = {
         "format": FORMAT,
-        "selftune": _selftune_version(),
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
+        **running_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "controller": controller,
         "config": dict(config),

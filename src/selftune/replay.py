@@ -209,6 +209,7 @@ def replay(
     audit.verify(log_dir)
     run = audit.read_log(log_dir)
     _check_matches(run.manifest, optimizer, log_dir)
+    _warn_of_versions(run.manifest)
     config = run.manifest["config"]
     where = os.path.join(os.path.expanduser(os.fspath(log_dir)), audit.MANIFEST)
     if not isinstance(config, dict):
@@ -250,6 +251,22 @@ def replay(
     passes.made = lambda: tuned.rewinds
     tuned.add_listener(_FollowsTrace(log_dir, controller.added, passes))
     return tuned
+
+
+def _warn_of_versions(manifest: dict[str, Any]) -> None:
+    """Say, once, which versions the logged run ran under that this replay does not: another
+    torch's kernels may round otherwise, and the weights then differ from the run's in the last
+    bits (the knobs are the log's all the same, checked at every step)."""
+    running = audit.running_versions()
+    differ = [k for k, v in running.items() if k in manifest and manifest[k] != v]
+    if differ:
+        then = ", ".join(f"{k} {manifest[k]}" for k in differ)
+        now = ", ".join(f"{k} {running[k]}" for k in differ)
+        warnings.warn(
+            f"replay: the logged run ran under {then}, this replay under {now}: their kernels "
+            "may round otherwise, and the weights then not be the run's to the bit",
+            stacklevel=outside_frames(),
+        )
 
 
 def _check_model(logged: Any, model: torch.nn.Module | None, where: str) -> None:
