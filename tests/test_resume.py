@@ -1117,3 +1117,28 @@ def test_optimizers_with_a_state_of_their_own_kind_resume_bit_for_bit(
     run("resumed", range(1, 7))
     resumed = run("resumed", range(7, 13), at=tmp_path / "c.pt")
     assert_same_state(whole.state_dict(), resumed.state_dict())
+
+
+def test_a_checkpoint_of_steps_a_resume_cut_away_is_named_so(tmp_path: Path) -> None:
+    """Checkpoints at steps 10 and 30, a resume from the one at 10 (the log cut back to it and
+    written anew), then a load of the one at 30: refused, rightly, since the log no longer holds
+    its steps, but as a checkpoint of another run folder, which sent the user looking for one.
+    The refusal names the cut."""
+    run = tmp_path / "run"
+    model = make_model()
+    opt = make_optimizer(OPTIMIZERS[0], model, run)
+    for t in range(1, 31):
+        train_step(model, opt, t, rank=0, nan=False)
+        if t in (10, 30):
+            save_checkpoint(tmp_path / f"at{t}.ckpt", model=model, optimizer=opt, step=t)
+    opt.close()
+    model = make_model()
+    opt = make_optimizer(OPTIMIZERS[0], model, run)
+    load_checkpoint(tmp_path / "at10.ckpt", model=model, optimizer=opt)
+    train(model, opt, range(11, 41))
+    opt.close()
+    model = make_model()
+    opt = make_optimizer(OPTIMIZERS[0], model, run)
+    with pytest.raises(CheckpointError, match=r"cut away \(the log notes that cut at seq \d+\)"):
+        load_checkpoint(tmp_path / "at30.ckpt", model=model, optimizer=opt)
+    opt.close()

@@ -538,6 +538,22 @@ def _holder(folder: Path) -> AuditLog | None:
     return _OPEN_LOGS.get(key)
 
 
+def _cut_before(records: Sequence[Mapping[str, Any]], seq: int) -> str:
+    """What else a checkpoint this log does not hold may be: one of this run's, saved in steps
+    that a resume from an older checkpoint cut away, where the log notes such a cut before it."""
+    cuts = [
+        r["seq"]
+        for r in records[:seq]
+        if r.get("kind") == "note" and str(r.get("reason", "")).startswith(_RESUMED)
+    ]
+    if not cuts:
+        return ""
+    return (
+        f", or to steps of this run that a resume from an older checkpoint cut away (the log "
+        f"notes that cut at seq {cuts[-1]}): resume from a checkpoint saved since that resume"
+    )
+
+
 def _group_list(groups: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """A run's param groups as (size, knobs) pairs, in order, comparable however they sort."""
     return [(repr(g.get("num_params")), repr(g.get("knobs"))) for g in groups]
@@ -888,6 +904,7 @@ class AuditLog:
             raise LogError(
                 f"the checkpoint is ahead of {self._file}: it expects {seq} records, the log has "
                 f"{len(scan.records)} — the log was cut short or belongs to another run"
+                f"{_cut_before(scan.records, seq)}"
             )
         end = scan.ends[seq - 1] if seq else 0
         hash_there = scan.records[seq - 1]["hash"] if seq else GENESIS
@@ -896,6 +913,7 @@ class AuditLog:
                 f"the checkpoint does not match {self._file}: record seq {seq - 1} there ends at "
                 f"byte {end} with hash {hash_there[:12]}…, the checkpoint says byte {size} and "
                 f"{head[:12]}… — the checkpoint belongs to another run folder"
+                f"{_cut_before(scan.records, seq)}"
             )
         return seq, head, size, scan
 
