@@ -35,7 +35,7 @@ from dist_worker import (
 )
 
 import selftune
-from selftune import checkpoint
+from selftune import audit, checkpoint
 from selftune.audit import read_log
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.tuner import SelfTuned
@@ -1142,3 +1142,22 @@ def test_a_checkpoint_of_steps_a_resume_cut_away_is_named_so(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match=r"cut away \(the log notes that cut at seq \d+\)"):
         load_checkpoint(tmp_path / "at30.ckpt", model=model, optimizer=opt)
     opt.close()
+
+
+def test_a_resume_reads_the_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pass over the log reads and hashes every record of the run, hundreds of thousands
+    in a long run's; a resume made four (the open, two checks of the checkpoint's place, the
+    cut), where the file had not changed in between.  It makes one, and the resumed run ends
+    as the run that never stopped."""
+    ref = reference(OPTIMIZERS[0], tmp_path / "ref")
+    passes: list[Path] = []
+    scan = audit._scan
+
+    def counted(path: Path) -> Any:
+        passes.append(path)
+        return scan(path)
+
+    monkeypatch.setattr(audit, "_scan", counted)
+    res = interrupted(OPTIMIZERS[0], tmp_path / "res", ckpt_step=20, stop_step=30)
+    assert_same_state(ref, res)
+    assert len(passes) == 1  # the fresh wrapper's open, over the crashed run's folder

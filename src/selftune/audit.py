@@ -735,6 +735,8 @@ class AuditLog:
         self._opened_at = 0
         #: the torn tail's size, and whether it was cut and the opening notes written
         self._torn, self._settled = 0, True
+        #: the file's last scan and the (inode, size, mtime) it was of, until a record is written
+        self._scanned: tuple[tuple[int, int, int], _Scan] | None = None
         #: another log was opened on this folder since, in this process: see :meth:`_supersede`
         self.superseded = False
         self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
@@ -759,7 +761,7 @@ class AuditLog:
         )
         torn = 0
         if self._file.exists():
-            scan = _scan(self._file)
+            scan = self._scan_file()
             torn = scan.torn_bytes
             self._seq = len(scan.records)
             self._head = scan.records[-1]["hash"] if scan.records else GENESIS
@@ -809,6 +811,7 @@ class AuditLog:
         problem = _schema_problem(record)
         if problem is not None:
             raise LogError(f"cannot append to {self._file}: {problem}")
+        self._scanned = None  # its records are held no longer than the resume that read them
         stored: dict[str, Any] = _plain(record, "")
         stored["seq"] = self._seq
         stored["prev"] = self._head
@@ -891,7 +894,7 @@ class AuditLog:
         it does not stand in it (a checkpoint past the start of an empty log is another
         folder's, which a new folder may continue)."""
         seq, head, size = _parse_position(position)
-        scan = _scan(self._file)  # the file is the truth, and this proves its chain is intact
+        scan = self._scan_file()  # the file is the truth, and this proves its chain is intact
         if seq and not scan.records:
             return seq, head, size, scan
         continued = _continued_note(seq, head)
@@ -916,6 +919,16 @@ class AuditLog:
                 f"{_cut_before(scan.records, seq)}"
             )
         return seq, head, size, scan
+
+    def _scan_file(self) -> _Scan:
+        """The log file's scan, read and hashed again only where the file changed since the
+        last: a resume scanned it four times (at the open, twice to check the checkpoint's
+        position, at the cut), each a pass over every record of the run."""
+        st = os.stat(self._file)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._scanned is None or self._scanned[0] != key:
+            self._scanned = (key, _scan(self._file))
+        return self._scanned[1]
 
     def _open_fd(self) -> int:
         if self.superseded:
