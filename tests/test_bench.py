@@ -648,6 +648,91 @@ def test_command_line_reports_bad_filters_and_empty_results(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "results.jsonl"]
 
 
+def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
+    """A run's record as a hand edit or a bad merge leaves it."""
+    damaged = {**record, "curves": dict(record["curves"])}
+    if change.startswith("no "):
+        del damaged[change[3:]]
+    elif change == "curves cut":
+        damaged["curves"]["metric"] = damaged["curves"]["metric"][:1]
+    else:
+        key, value = change.split("=")
+        damaged[key] = json.loads(value)
+    return damaged
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["no family", "no versions", "no curves", "target=null", "curves cut",
+     'steps_to_target="abc"', "seed=[0]", 'steps_budget="60"', 'higher_is_better="yes"'],
+)  # fmt: skip
+def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    """A record missing a field or holding one of another type made a traceback (KeyError,
+    TypeError: unhashable type on a resume or --list, zip's "argument 2 is shorter"), a message
+    naming no file ("could not convert string to float"), or a contradiction ("a budget of 60
+    steps, and these have 60")."""
+    from selftune.cli import main
+
+    good = {**_record("sgd-default", "default", 50), "workload": "digits-mlp"}
+    lines = [json.dumps(good), json.dumps(_damage({**good, "seed": 1}, change))]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    smoke = ["--suite", "smoke", "--workloads", "digits-mlp", "--methods", "sgd-default"]
+    field = change.removeprefix("no ").split("=")[0].split()[0]  # "curves cut": curves
+    says = f"(it has no {field})" if change.startswith("no ") else f"(its {field} is "
+    for argv in (["--report-only"], [*smoke, "--list"], smoke):
+        assert main(["bench", "--out", str(tmp_path), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"results.jsonl:2 is no run's record {says}" in err, err
+        assert err.endswith("remove or fix that line and rerun\n") and err.count("\n") == 1
+    assert not (tmp_path / "docs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"x": 1}', "holds no list of measurements"),
+        ('[{"x": 1}]', "measurement 1 is no overhead row (it has no workload, base"),
+        ('[{"workload": "w", "base": "sgd", "steps": 2, "plain_ms": 1, "selftune_ms": "1", '
+         '"ratio": 1}]', "measurement 1 is no overhead row (its selftune_ms is \"1\""),
+        ("ratio 1.02", "is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_damaged_overhead_file_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, says: str
+) -> None:
+    """overhead.json that was not a list of measurements made a traceback in the report (or in
+    the next measurement, after its minutes of measuring), and one that was not JSON a message
+    of JSON's own that named no file."""
+    from selftune.bench import overhead
+    from selftune.cli import main
+
+    path = tmp_path / "overhead.json"
+    path.write_text(content, encoding="utf-8")
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}" in err and says in err and "measure again" in err, err
+    with pytest.raises(ValueError, match=says.replace("(", r"\(")):  # before measuring anything
+        overhead.run_overhead(tmp_path, 2, ["no-such-workload"])
+
+
+def test_a_results_file_that_is_a_folder_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """results.jsonl or overhead.json a folder made a traceback (IsADirectoryError)."""
+    from selftune.cli import main
+
+    for name in ("results.jsonl", "overhead.json"):
+        (tmp_path / name).mkdir()
+        for argv in (["--report-only"], ["--suite", "smoke", "--list"]):
+            if name == "overhead.json" and "--list" in argv:
+                continue  # a plan reads no overhead file
+            assert main(["bench", "--out", str(tmp_path), *argv]) == 2
+            assert f"{tmp_path / name} cannot be read" in capsys.readouterr().err
+        (tmp_path / name).rmdir()
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from selftune.bench.fields import NUMBER, TEXT, WHOLE, Kind, fault, read_text
 from selftune.bench.runner import one_thread
 from selftune.bench.workloads import WORKLOADS, Task, Workload
 from selftune.guard import GuardConfig
@@ -166,17 +167,48 @@ def run_overhead(
     """Measure each overhead workload with SGD and AdamW; write ``out/overhead.json``.
 
     The rows of workloads not measured now stay as the file held them: measuring one workload
-    again once rewrote the file with its rows alone, and the others' were lost.
+    again once rewrote the file with its rows alone, and the others' were lost.  They are read
+    first, so that a damaged file is refused before the minutes of measuring, not after.
     """
     names = workloads if workloads is not None else list(OVERHEAD_WORKLOADS)
+    path = out / OVERHEAD
+    kept = [r for r in read_overhead(path) if r["workload"] not in names]
     rows = [measure(name, base, steps, small=small) for name in names for base in ("sgd", "adamw")]
     out.mkdir(parents=True, exist_ok=True)
-    path = out / OVERHEAD
-    if path.is_file():
-        kept = [
-            r for r in json.loads(path.read_text(encoding="utf-8")) if r["workload"] not in names
-        ]
-        order = {name: i for i, name in enumerate(OVERHEAD_WORKLOADS)}
-        rows = sorted(kept + rows, key=lambda r: order.get(r["workload"], len(order)))
+    order = {name: i for i, name in enumerate(OVERHEAD_WORKLOADS)}
+    rows = sorted(kept + rows, key=lambda r: order.get(r["workload"], len(order)))
     path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+#: every field of an overhead row that the report and a new measurement read, and what it must be
+_ROW: dict[str, Kind] = {
+    "workload": TEXT,
+    "base": TEXT,
+    "steps": WHOLE,
+    "plain_ms": NUMBER,
+    "selftune_ms": NUMBER,
+    "ratio": NUMBER,
+}
+#: the optimizer step timed apart, which rows measured before it was lack
+_ROW_OPTIONAL: dict[str, Kind] = {"plain_step_ms": NUMBER, "selftune_step_ms": NUMBER}
+
+
+def read_overhead(path: Path) -> list[dict[str, Any]]:
+    """The rows of an overhead file, none where there is no file; a file that is not a list of
+    :data:`_ROW` is an error naming it (it was a traceback, or JSON's own message naming no
+    file)."""
+    if not path.exists():
+        return []
+    fix = "fix it, or remove it and measure again (selftune bench --suite overhead)"
+    try:
+        rows = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds no list of measurements; {fix}")
+    for number, row in enumerate(rows, start=1):
+        problem = fault(row, _ROW, _ROW_OPTIONAL)
+        if problem is not None:
+            raise ValueError(f"{path}: measurement {number} is no overhead row ({problem}); {fix}")
+    return rows

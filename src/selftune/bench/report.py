@@ -11,7 +11,6 @@ only when at least half the seeds (for an even count, more than half) reached th
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.average import DEFAULT_DECAY
-from selftune.bench.overhead import OVERHEAD
+from selftune.bench.overhead import OVERHEAD, read_overhead
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 from selftune.bench.workloads import WORKLOADS
 
@@ -595,7 +594,9 @@ def _curves_png(w: Workload, rows: list[Row], title: str, path: Path) -> None:
 
 
 def _step_alone(o: dict[str, Any]) -> str:
-    if "plain_step_ms" not in o:  # measured before the step was timed apart
+    """The optimizer step's milliseconds alone, plain → selftune; "–" for a row measured before
+    the step was timed apart, or an edited one that holds one of the two (a KeyError before)."""
+    if not o.keys() >= {"plain_step_ms", "selftune_step_ms"}:
         return "–"
     return f"{o['plain_step_ms']:.2f} → {o['selftune_step_ms']:.2f}"
 
@@ -746,10 +747,7 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
 def write_report(results_dir: Path, report_dir: Path) -> Path:
     """Write ``report_dir/benchmarks.md`` and ``report_dir/bench/*.png`` from ``results_dir``."""
     records = read_results(results_dir / RESULTS)
-    overhead_path = results_dir / OVERHEAD
-    overhead = (
-        json.loads(overhead_path.read_text(encoding="utf-8")) if overhead_path.exists() else []
-    )
+    overhead = read_overhead(results_dir / OVERHEAD)
     if not records and not overhead:
         raise ValueError(
             f"{results_dir} holds no runs ({RESULTS}) and no {OVERHEAD}; run `selftune bench` "

@@ -27,6 +27,16 @@ from typing import Any
 
 import torch
 
+from selftune.bench.fields import (
+    FLAG,
+    NUMBER,
+    TEXT,
+    WHOLE,
+    Kind,
+    fault,
+    or_null,
+    read_text,
+)
 from selftune.bench.methods import Method, Setting, methods
 from selftune.bench.workloads import WORKLOADS, Task, Workload
 
@@ -197,17 +207,13 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The records in a results file; a torn last line (an interrupted write) is skipped.
 
-    A damaged line anywhere else is an error naming the line: silently dropping a run would bias
-    the medians.
+    A damaged line anywhere else, or a record whose fields are not what the runner writes (see
+    :data:`_RECORD`), is an error naming the line: silently dropping a run would bias the
+    medians, and a field of another type made a traceback in the report or the resume.
     """
     if not path.exists():
         return []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {exc.start}): it was damaged; restore it from a copy"
-        ) from None
+    lines = read_text(path).split("\n")
     last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     records = []
     for number, line in enumerate(lines, start=1):
@@ -222,20 +228,66 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             raise ValueError(
                 f"{path}:{number} is not valid JSON ({exc}); remove or fix that line and rerun"
             ) from exc
-        if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
-            keys = ", ".join(sorted(_RECORD_KEYS))
+        problem = fault(record, _RECORD, _RECORD_OPTIONAL)
+        if problem is not None:
             raise ValueError(
-                f"{path}:{number} is no run's record (a run's has {keys}); remove or fix that "
-                "line and rerun"
+                f"{path}:{number} is no run's record ({problem}); remove or fix that line and rerun"
             )
         records.append(record)
     return records
 
 
-#: what every run's record holds, and what resuming and the report read first
-_RECORD_KEYS = frozenset(
-    ("workload", "method", "seed", "steps_budget", "target", "eval_every", "metric_name")
-)
+def _curves(value: object) -> bool:
+    """Whether ``value`` is a run's curves: a step and three values at each evaluation (a
+    shorter list made the report's plots stop with "zip() argument 2 is shorter")."""
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), list) for k in CURVES):
+        return False
+    steps = value["step"]
+    # json.loads makes exactly these types (true is a bool, no int): a set of them is quick to
+    # take over the committed results' million values
+    return {type(x) for x in steps} <= {int, float} and all(
+        len(value[k]) == len(steps) and {type(x) for x in value[k]} <= {int, float, type(None)}
+        for k in CURVES[1:]
+    )
+
+
+#: the lists of a run's ``curves``, one entry per evaluation
+CURVES = ("step", "metric", "loss_ema", "lr")
+#: every field of a run's record that resuming and the report read, and what it must be
+_RECORD: dict[str, Kind] = {
+    "workload": TEXT,
+    "method": TEXT,
+    "seed": WHOLE,
+    "steps_budget": WHOLE,
+    "target": NUMBER,
+    "eval_every": WHOLE,
+    "metric_name": TEXT,
+    "higher_is_better": FLAG,
+    "family": TEXT,
+    "base": TEXT,
+    "steps_to_target": or_null(NUMBER),
+    "seconds_to_target": or_null(NUMBER),
+    "final_metric": or_null(NUMBER),
+    "ms_per_step": or_null(NUMBER),
+    "diverged": FLAG,
+    "curves": (
+        "four lists of one length (step, metric, loss_ema, lr) of numbers, null but in step",
+        _curves,
+    ),
+    "versions": (
+        "the selftune and torch versions",
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("selftune", "torch"))
+        ),
+    ),
+}
+#: the fields the report reads with a default where a record lacks them
+_RECORD_OPTIONAL: dict[str, Kind] = {
+    "lr0": or_null(NUMBER),
+    "held_out": FLAG,
+    "error": or_null(TEXT),
+    "suite": TEXT,
+}
 
 
 def check_budgets(specs: list[RunSpec], out: Path) -> None:
