@@ -733,6 +733,21 @@ def test_a_results_file_that_is_a_folder_is_named(
         (tmp_path / name).rmdir()
 
 
+def test_a_pattern_that_matches_nothing_is_refused_beside_one_that_matches() -> None:
+    """A typo in a list of patterns was dropped without a word when another pattern matched:
+    --workloads mnist1d-cnn,digts-mlp planned mnist1d-cnn alone, and a smoke run given a method
+    outside the smoke suite ran the others."""
+    with pytest.raises(ValueError, match="no workload matches 'digts-mlp'; choose from mnist1d"):
+        suites.plan("full", ["mnist1d-cnn", "digts-mlp"])
+    with pytest.raises(ValueError, match="no method matches 'adamw-defualt', 'hd-\\*x'; names"):
+        suites.plan("full", ["digits-mlp"], ["adamw-default", "adamw-defualt", "hd-*x"])
+    with pytest.raises(ValueError, match="no smoke-suite method matches 'adamw-grid-cos-1e-2'"):
+        suites.plan("smoke", ["digits-mlp"], ["adamw-default", "adamw-grid-cos-1e-2"])
+    assert len(suites.plan("smoke", ["digits-*"], ["adamw-default", "hd-*"])) == 3 * len(
+        [w for w in WORKLOADS if w.startswith("digits-")]
+    )
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

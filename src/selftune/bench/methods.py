@@ -16,7 +16,6 @@ needs the model, which is why a builder is given the model rather than its param
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from selftune.average import DEFAULT_DECAY, WeightAverage, swapped
+from selftune.bench.workloads import by_glob
 from selftune.tuner import SelfTuned
 
 #: Learning-rate grids, 3x apart, meant to hold the best member inside; the report names any
@@ -396,13 +396,8 @@ def methods() -> dict[str, Method]:
 
 def select(patterns: list[str] | None) -> list[Method]:
     """The methods whose names match any of the glob ``patterns`` (all when none are given)."""
-    every = methods()
-    if not patterns:
-        return list(every.values())
-    chosen = [m for m in every.values() if any(fnmatch.fnmatch(m.name, p) for p in patterns)]
-    if not chosen:
-        raise ValueError(
-            f"no method matches {', '.join(map(repr, patterns))}; names look like "
-            f"'adamw-default', 'sgd-grid-cos-1e-1', 'selftune-auto-*' (see docs/benchmarks.md)"
-        )
-    return chosen
+    hint = (
+        "names look like 'adamw-default', 'sgd-grid-cos-1e-1', 'selftune-auto-*' (see "
+        "docs/benchmarks.md, or selftune bench --list)"
+    )
+    return by_glob(methods(), patterns, "method", hint)

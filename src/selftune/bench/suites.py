@@ -71,16 +71,15 @@ def plan(
     """The runs of ``suite`` that pass the filters, workload by workload."""
     if suite not in ("smoke", "full"):
         raise ValueError(f"suite {suite!r} has no training runs; use 'smoke' or 'full'")
-    chosen = methods_mod.select(method_patterns)
+    chosen = methods_mod.select(method_patterns)  # every pattern names a method
     smoke_steps = None
-    if suite == "smoke":
-        chosen = [m for m in chosen if any(fnmatch.fnmatch(m.name, p) for p in SMOKE_METHODS)]
+    if suite == "smoke":  # and, in the smoke suite, one of its methods
+        smoke = {
+            m.name: m for m in chosen if any(fnmatch.fnmatch(m.name, p) for p in SMOKE_METHODS)
+        }
+        runs = f"the smoke suite runs {', '.join(SMOKE_METHODS)}"
+        chosen = workloads_mod.by_glob(smoke, method_patterns, "smoke-suite method", runs)
         smoke_steps = SMOKE_STEPS
-        if not chosen:
-            raise ValueError(
-                f"no smoke-suite method matches {method_patterns!r}; the smoke suite runs "
-                f"{', '.join(SMOKE_METHODS)}"
-            )
     specs = []
     for w in workloads_mod.select(workload_patterns):
         for m in chosen:

@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -529,14 +529,24 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+T = TypeVar("T")
+
+
 def select(patterns: list[str] | None) -> list[Workload]:
     """The workloads whose names match any of the glob ``patterns`` (all when none are given)."""
+    return by_glob(WORKLOADS, patterns, "workload", f"choose from {', '.join(WORKLOADS)}")
+
+
+def by_glob(items: dict[str, T], patterns: list[str] | None, what: str, hint: str) -> list[T]:
+    """The ``items`` whose names match any of the glob ``patterns`` (all when none are given).
+
+    Every pattern must match one: a typo beside a pattern that matched was dropped without a
+    word (``--workloads mnist1d-cnn,digts-mlp`` planned mnist1d-cnn alone), and the suite ran
+    without the runs it was asked for.  ``what`` names an item, ``hint`` the valid names.
+    """
     if not patterns:
-        return list(WORKLOADS.values())
-    chosen = [w for w in WORKLOADS.values() if any(fnmatch.fnmatch(w.name, p) for p in patterns)]
-    if not chosen:
-        raise ValueError(
-            f"no workload matches {', '.join(map(repr, patterns))}; "
-            f"choose from {', '.join(WORKLOADS)}"
-        )
-    return chosen
+        return list(items.values())
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatch(name, p) for name in items)]
+    if unmatched:
+        raise ValueError(f"no {what} matches {', '.join(map(repr, unmatched))}; {hint}")
+    return [item for name, item in items.items() if any(fnmatch.fnmatch(name, p) for p in patterns)]
