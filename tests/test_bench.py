@@ -648,6 +648,28 @@ def test_command_line_reports_bad_filters_and_empty_results(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "results.jsonl"]
 
 
+def test_text_from_a_results_file_reaches_the_terminal_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record's workload and method went into bench's error messages as the file held them: a
+    name holding "\x1b[2J" cleared the terminal, one holding "\r" wrote over the message."""
+    from selftune.cli import main
+
+    record = {**_record("sgd-default\x1b[2J\rFAKE", "default", 50), "workload": "w\x1b]0;t\x07"}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2  # a seed twice
+    err = capsys.readouterr().err
+    assert "in the results twice" in err and "sgd-default\\x1b[2J\\rFAKE" in err
+    assert not any(char in err for char in "\x1b\r\x07")
+    record.update(workload="digits-mlp", steps_budget="\x1b[2J")
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    argv = ["--workloads", "digits-mlp", "--methods", "sgd-default"]  # the budgets' check
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "results.jsonl:1" in err and not any(char in err for char in "\x1b\r\x07")
+
+
 def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
     """A run's record as a hand edit or a bad merge leaves it."""
     damaged = {**record, "curves": dict(record["curves"])}

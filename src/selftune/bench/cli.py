@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selftune.terminal import printable
+
 if TYPE_CHECKING:
     from selftune.bench.runner import RunSpec
     from selftune.bench.workloads import Workload
@@ -84,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 RESULTS_DIR, DOCS = Path("bench-results"), Path("docs")
 
 
+def _fail(message: object) -> int:
+    """Print why ``bench`` stops, as the terminal shows text and never obeys it (a message may
+    quote a results file: a method named ``"\\x1b[2J"`` cleared the screen), and return its exit
+    status."""
+    print(printable(f"selftune bench: {message}"), file=sys.stderr)
+    return 2
+
+
 def _patterns(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
@@ -93,14 +103,12 @@ def run(args: argparse.Namespace) -> int:
     from selftune.bench.runner import check_budgets, run_all
 
     if args.no_report and args.report_only:
-        print("--no-report and --report-only exclude each other; pick one", file=sys.stderr)
-        return 2
+        return _fail("--no-report and --report-only exclude each other; pick one")
     out: Path = args.out
     report_dir: Path = args.report_dir or (DOCS if out == RESULTS_DIR else out / "docs")
     for name, folder in (("--out", out), ("--report-dir", report_dir)):
         if folder.exists() and not folder.is_dir():
-            print(f"selftune bench: {name} {folder} is a file; give a folder", file=sys.stderr)
-            return 2
+            return _fail(f"{name} {folder} is a file; give a folder")
     if not args.report_only:
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
         try:
@@ -138,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
                     )
             print(f"{args.suite} suite took {time.perf_counter() - start:.0f} s")
         except ValueError as exc:
-            print(f"selftune bench: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc)
     if args.no_report:
         return 0
     try:
@@ -152,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             print(f"headline table: {args.readme}")
     except ValueError as exc:
-        print(f"selftune bench: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     print(f"report: {path}")
     return 0
 
