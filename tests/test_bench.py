@@ -770,6 +770,24 @@ def test_a_pattern_that_matches_nothing_is_refused_beside_one_that_matches() -> 
     )
 
 
+def test_the_smoke_suites_list_shows_its_overhead_measurement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--suite smoke --list stopped after the runs, though a smoke run also measures the
+    per-step overhead."""
+    from selftune.cli import main
+
+    argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--list", "--workloads"]
+    assert main([*argv, "mnist1d-cnn,digits-mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist1d-cnn: " in out and "digits-mlp: " in out
+    assert out.endswith(f"overhead: mnist1d-cnn, 40 steps a side, into {tmp_path}\n")
+    assert main([*argv, "digits-mlp"]) == 0  # no overhead workload: nothing else, no report
+    out = capsys.readouterr().out
+    assert "digits-mlp: " in out and "overhead" not in out and "report" not in out
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

@@ -122,28 +122,29 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             if args.suite in ("smoke", "full"):
                 specs = suites.plan(args.suite, workloads, _patterns(args.methods), seeds)
-                if args.list:
+                if args.list:  # the smoke suite's overhead measurement is listed below
                     _print_plan(specs, out)
-                    return 0
-                check_budgets(specs, out)  # a smoke run into a full folder, before it writes
-                done = run_all(specs, out, jobs=jobs, progress=not args.quiet)
-                print(
-                    f"{args.suite}: {done.ran} runs done, {done.skipped} already in "
-                    f"{out / 'results.jsonl'}, {len(specs)} planned"
-                )
+                else:
+                    check_budgets(specs, out)  # a smoke run into a full folder, before it writes
+                    done = run_all(specs, out, jobs=jobs, progress=not args.quiet)
+                    print(
+                        f"{args.suite}: {done.ran} runs done, {done.skipped} already in "
+                        f"{out / 'results.jsonl'}, {len(specs)} planned"
+                    )
             if args.suite in ("smoke", "overhead"):
                 names = [w.name for w in _overhead_workloads(workloads)]
-                if names and args.list:
-                    print(f"overhead: {', '.join(names)}, {steps} steps a side, into {out}")
-                    return 0
-                if names:
-                    path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
-                    print(f"overhead: {path}")
-                elif args.suite == "overhead":  # the smoke suite's runs were the point
+                if not names and args.suite == "overhead":  # the smoke suite's runs were the point
                     measured = ", ".join(overhead.OVERHEAD_WORKLOADS)
                     raise ValueError(
                         f"no workload to measure: the overhead suite measures {measured}"
                     )
+                if names and args.list:
+                    print(f"overhead: {', '.join(names)}, {steps} steps a side, into {out}")
+                elif names:
+                    path = overhead.run_overhead(out, steps, names, small=args.suite == "smoke")
+                    print(f"overhead: {path}")
+            if args.list:
+                return 0
             print(f"{args.suite} suite took {time.perf_counter() - start:.0f} s")
         except ValueError as exc:
             return _fail(exc)
