@@ -788,6 +788,27 @@ def test_the_smoke_suites_list_shows_its_overhead_measurement(
     assert not list(tmp_path.iterdir())
 
 
+def test_a_tilde_in_bench_paths_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench took --out '~/runs' (quoted, so no shell expanded it) as a folder named "~" in the
+    working directory, where the other commands read the home folder."""
+    from selftune.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "res").mkdir()
+    record = json.dumps(_record("adamw-default", "default", 50))
+    (tmp_path / "res" / "results.jsonl").write_text(record + "\n", encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n", encoding="utf-8")
+    argv = ["bench", "--report-only", "--out", "~/res", "--report-dir", "~/pages"]
+    assert main([*argv, "--readme", "~/README.md"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "pages" / "benchmarks.md").is_file()
+    assert "| w | adamw |" in readme.read_text(encoding="utf-8")
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

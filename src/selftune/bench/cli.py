@@ -30,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=RESULTS_DIR,
         help="results folder (results.jsonl, overhead.json); default %(default)s",
     )
     parser.add_argument(
         "--report-dir",
-        type=Path,
+        type=_path,
         default=None,
         help="where benchmarks.md and bench/*.png go; default docs for the default --out, "
         "else OUT/docs (a run into a folder of its own left the checkout's page alone)",
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--readme",
-        type=Path,
+        type=_path,
         default=None,
         help="also rewrite this file's headline block (between bench-headline markers), e.g. "
         "README.md (make bench does)",
@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: the results folder and report folder of the committed benchmark (``make bench``)
 RESULTS_DIR, DOCS = Path("bench-results"), Path("docs")
+
+
+def _path(text: str) -> Path:
+    """A folder or file given on the command line, ``~`` expanded as the other commands do (a
+    quoted ``--out '~/runs'`` made a folder named ``~`` in the working directory)."""
+    return Path(text).expanduser()
 
 
 def _fail(message: object) -> int:
