@@ -809,6 +809,23 @@ def test_a_tilde_in_bench_paths_is_the_home_folder(
     assert not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_jobs_below_one_is_refused_by_the_option_before_planning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], jobs: str
+) -> None:
+    """--jobs 0 was accepted with --list and refused only after planning, as "jobs=0", the name
+    of a Python parameter the command line has not got."""
+    from selftune.cli import main
+
+    argv = ["bench", "--suite", "smoke", "--out", str(tmp_path), "--jobs", jobs]
+    for extra in (["--list"], ["--workloads", "digits-mlp", "--methods", "sgd-default"]):
+        assert main([*argv, *extra]) == 2
+        captured = capsys.readouterr()
+        assert f"--jobs {jobs}: give 1 or more" in captured.err and "jobs=" not in captured.err
+        assert not captured.out
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_report and args.report_only:
         return _fail("--no-report and --report-only exclude each other; pick one")
+    if args.jobs is not None and args.jobs < 1:  # before planning, and with --list too
+        return _fail(f"--jobs {args.jobs}: give 1 or more parallel runs")
     out: Path = args.out
     report_dir: Path = args.report_dir or (DOCS if out == RESULTS_DIR else out / "docs")
     for name, folder in (("--out", out), ("--report-dir", report_dir)):
