@@ -2,5 +2,6 @@
 
 Data flows ``data`` → ``workloads`` (with ``models``) → ``methods`` (with ``hd``) → ``runner`` →
 ``results.jsonl`` → ``report``; ``suites`` says which runs make a suite, ``overhead`` measures the
-per-step cost of wrapping, and ``cli`` is ``selftune bench``.  The core never imports this package.
+per-step cost of wrapping, ``fields`` checks what is read back from the results folder, and
+``cli`` is ``selftune bench``.  The core never imports this package.
 """
