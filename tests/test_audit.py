@@ -7,6 +7,8 @@ import gc
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -669,6 +671,15 @@ def test_cli_says_its_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"selftune {selftune.__version__}"
+
+
+def test_python_dash_m_selftune_is_the_command() -> None:
+    """``python -m selftune`` failed ("No module named selftune.__main__"): the way to reach
+    the command from an environment whose scripts are not on PATH."""
+    done = subprocess.run(
+        [sys.executable, "-m", "selftune", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, f"selftune {selftune.__version__}")
 
 
 @pytest.mark.usefixtures("verify_only")
