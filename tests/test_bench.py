@@ -547,6 +547,36 @@ def test_a_sweep_start_slower_than_1_5x_the_oracle_is_a_shortfall(
         assert any("starting rate" in m for m in met)
 
 
+def test_ctrl_c_keeps_the_finished_runs_and_says_the_command_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C, the way to stop an hour-long suite, printed a traceback and no word of the runs
+    kept; the same command then runs only what did not finish."""
+    from selftune.bench import runner
+    from selftune.cli import main
+
+    argv = ["bench", "--suite", "full", "--out", str(tmp_path), "--no-report", "--jobs", "1",
+            "--workloads", "digits-mlp", "--methods", "adamw-default",
+            "--seeds", "0,1"]  # fmt: skip
+    real = runner.run_spec
+
+    def interrupted_second(spec: RunSpec) -> dict[str, Any]:
+        if spec.seed == 1:
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(runner, "run_spec", interrupted_second)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        "selftune bench: interrupted; the finished runs are kept, and the same command resumes "
+        "from them\n"
+    )
+    assert [r["seed"] for r in read_results(tmp_path / "results.jsonl")] == [0]
+    monkeypatch.setattr(runner, "run_spec", real)
+    assert main(argv) == 0
+    assert "full: 1 runs done, 1 already in" in capsys.readouterr().out
+
+
 def test_report_from_real_runs_has_ratio_columns_and_plots(tmp_path: Path) -> None:
     # A target every row below reaches within the budget, so each ratio cell has a number.
     workload = replace(WORKLOADS["digits-mlp"].smoke(120), target=0.9)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,21 @@ def test_demo_into_a_folder_under_the_home_folder_writes_all_there(
     assert not (tmp_path / "~").exists()
     out = tmp_path / "home" / "d"
     assert (out / "summary.json").exists() and (out / "selftune" / "report.html").exists()
+
+
+def test_ctrl_c_stops_the_demo_in_one_line(tmp_path: Path) -> None:
+    """Ctrl-C, the way to stop a demo early, printed a traceback from inside torch; the run's
+    log is closed as it stands, and the exit status is the shell's for SIGINT."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "100000", "--out", str(out), "--no-live"]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "selftune", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    trace = out / "selftune" / "trace.jsonl"
+    deadline = time.monotonic() + 120
+    while not (trace.exists() and trace.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    demo.send_signal(signal.SIGINT)
+    _, err = demo.communicate(timeout=60)
+    assert (demo.returncode, err.decode()) == (130, "selftune demo: interrupted\n")
+    assert selftune.verify(out / "selftune").records >= 0  # the log as it stood, intact

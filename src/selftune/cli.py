@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "watch": ("selftune.watch", "cli", "follow a run folder live in the terminal"),
     "verify": ("selftune.audit", "", "check a run's audit log and manifest"),
 }
+#: what an interrupted command adds to its one line, where there is more to say than that
+ON_INTERRUPT = {"bench": "the finished runs are kept, and the same command resumes from them"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command ``argv`` names and return its exit status.
+
+    Ctrl-C is said in one line, not a traceback from wherever the command was (it is how a
+    demo or a benchmark is stopped early); exit status 130, as a shell gives a command that
+    SIGINT ended.
+    """
+    name = ""  # the command's, once parsed
+    try:
+        args = build_parser().parse_args(argv)
+        name = args.command
+        return _run(args)
+    except KeyboardInterrupt:
+        said = "; ".join(filter(None, ("interrupted", ON_INTERRUPT.get(name))))
+        print(printable(f"selftune {name}".rstrip() + f": {said}"), file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command ``args`` parsed to; say which extra a missing module comes in."""
     if getattr(args, "unavailable", None) is not None:
         return _missing(args.command, args.unavailable)
     module = importlib.import_module(COMMANDS[args.command][0])
