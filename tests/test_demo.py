@@ -45,26 +45,49 @@ def test_demo_runs_prints_the_table_and_writes_a_verifiable_run(
     assert "SGD" in capsys.readouterr().out
 
 
-def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+def test_demo_refuses_a_folder_it_did_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "selftune").mkdir()
-    with pytest.raises(SystemExit, match="not written by a demo"):
-        cli.main(["demo", "--steps", "5", "--out", str(tmp_path), "--no-live"])
+    assert cli.main(["demo", "--steps", "5", "--out", str(tmp_path), "--no-live"]) == 2
+    assert "not written by a demo" in capsys.readouterr().err
 
 
-def test_demo_refuses_a_file_for_its_folder(tmp_path: Path) -> None:
+def test_demo_refuses_a_file_for_its_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """It failed with a FileExistsError from deep inside pathlib."""
     (tmp_path / "notes.txt").write_text("kept")
-    with pytest.raises(SystemExit, match=r"notes\.txt is a file: pass a folder"):
-        cli.main(["demo", "--steps", "5", "--out", str(tmp_path / "notes.txt"), "--no-live"])
+    argv = ["demo", "--steps", "5", "--out", str(tmp_path / "notes.txt"), "--no-live"]
+    assert cli.main(argv) == 2
+    assert "notes.txt is a file: pass a folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "kept"
 
 
-def test_demo_refuses_a_seed_past_torch_s_range_before_it_writes(tmp_path: Path) -> None:
-    """It failed after wrap had made the run folder and before the demo's marker: every later
-    demo into that folder was refused as "not written by a demo"."""
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--steps", "0", "--steps 0: pass at least 1"),
+        ("--target", "1.5", "--target 1.5: pass an accuracy in (0, 1]"),
+        ("--eval-every", "0", "--eval-every 0: pass at least 1"),
+        ("--batch-size", "-1", "--batch-size -1: pass at least 1"),
+        # it failed after wrap had made the run folder and before the demo's marker: every
+        # later demo into that folder was refused as "not written by a demo"
+        (
+            "--seed",
+            str(2**64 - 1),
+            "--seed 18446744073709551615: pass one from -2**63 to 2**64 - 2",
+        ),
+    ],
+)
+def test_demo_refuses_a_bad_option_value_as_a_usage_error_before_it_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, expected: str
+) -> None:
+    """A bad value exited 1, as a failed run does, where argparse's own refusals exit 2; the
+    last two were refused together, "--eval-every and --batch-size", whichever was wrong."""
     argv = ["demo", "--steps", "5", "--out", str(tmp_path / "d"), "--no-live"]
-    with pytest.raises(SystemExit, match=r"--seed 18446744073709551615: pass one from"):
-        cli.main([*argv, "--seed", str(2**64 - 1)])
+    assert cli.main([*argv, option, value]) == 2
+    assert capsys.readouterr().err == f"selftune demo: {expected}\n"
     assert not (tmp_path / "d").exists()
 
 

@@ -318,25 +318,27 @@ def test_watch_once_of_a_folder_without_a_run_says_so(
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "status", "expected"),
     [
-        (["missing", "--once"], "no run folder at"),
-        (["file"], "is a file, not a run folder"),
-        (["run", "--interval", "0"], "--interval 0.0: pass a number of seconds above 0"),
+        (["missing", "--once"], 1, "no run folder at"),
+        (["file"], 1, "is a file, not a run folder"),
+        # a usage error: 2, as argparse's own (it was 1, as for a folder that holds no run)
+        (["run", "--interval", "0"], 2, "--interval 0.0: pass a number of seconds above 0"),
+        (["run", "--interval", "-1"], 2, "--interval -1.0: pass a number of seconds above 0"),
         # time.sleep raised OverflowError: refused, as 0 is, not clamped to a view that never
         # refreshes (--once: were one taken, the test would not sleep on it)
-        (["run", "--once", "--interval", "1e10"], "--interval 10000000000.0: pass a number"),
-        (["run", "--once", "--interval", "86400.5"], "above 0 and at most 86400 (a day)"),
-        (["run", "--once", "--interval", "inf"], "--interval inf: pass a number of seconds"),
-        (["run", "--once", "--interval", "nan"], "--interval nan: pass a number of seconds"),
+        (["run", "--once", "--interval", "1e10"], 2, "--interval 10000000000.0: pass a number"),
+        (["run", "--once", "--interval", "86400.5"], 2, "above 0 and at most 86400 (a day)"),
+        (["run", "--once", "--interval", "inf"], 2, "--interval inf: pass a number of seconds"),
+        (["run", "--once", "--interval", "nan"], 2, "--interval nan: pass a number of seconds"),
     ],
 )
 def test_bad_input_is_explained(
-    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], expected: str
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], status: int, expected: str
 ) -> None:
     FakeRun(tmp_path / "run")
     (tmp_path / "file").write_text("x")
-    assert cli.main(["watch", str(tmp_path / args[0]), *args[1:]]) == 1
+    assert cli.main(["watch", str(tmp_path / args[0]), *args[1:]]) == status
     err = capsys.readouterr().err
     assert err.startswith("selftune watch: ") and expected in err
 

@@ -3,6 +3,10 @@
 Each sub-command lives in the module that owns its job and exposes two functions,
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them, so the core
 never imports the command line's optional dependencies.
+
+The exit status is the same in every command: 0 done, 1 a failure or damage found (a log that
+fails its check, a file that cannot be read or written), 2 a usage error (an option's value out
+of range, argparse's own refusals, a missing extra), 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 #: what an interrupted command adds to its one line, where there is more to say than that
 ON_INTERRUPT = {"bench": "the finished runs are kept, and the same command resumes from them"}
+
+
+class UsageError(Exception):
+    """An option's value that the command refuses before it starts: said in one line, naming the
+    option, with the exit status 2 that argparse gives its own refusals (a ``SystemExit`` of the
+    text exited 1, as a failure does)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         name = args.command
         return _run(args)
+    except UsageError as err:
+        said = str(err)
+        status = 2
     except KeyboardInterrupt:
         said = "; ".join(filter(None, ("interrupted", ON_INTERRUPT.get(name))))
-        print(printable(f"selftune {name}".rstrip() + f": {said}"), file=sys.stderr)
-        return 130
+        status = 130
+    print(printable(f"selftune {name}".rstrip() + f": {said}"), file=sys.stderr)
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from selftune.cli import UsageError
+
 _MARKER = "demo.json"  #: written into --out, so a later demo may replace the folder it made
 
 
@@ -103,25 +105,27 @@ def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Refuse an option's value before anything is loaded or written (UsageError: exit 2)."""
     if args.steps < 1:
-        raise SystemExit(f"selftune demo: --steps {args.steps}: pass at least 1")
+        raise UsageError(f"--steps {args.steps}: pass at least 1")
     if not 0.0 < args.target <= 1.0:
-        raise SystemExit(f"selftune demo: --target {args.target}: pass an accuracy in (0, 1]")
-    if args.eval_every < 1 or args.batch_size < 1:
-        raise SystemExit("selftune demo: --eval-every and --batch-size must be at least 1")
+        raise UsageError(f"--target {args.target}: pass an accuracy in (0, 1]")
+    for option, value in (("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{option} {value}: pass at least 1")
     if not -(2**63) <= args.seed <= 2**64 - 2:  # torch's range; a generator takes seed + 1
-        raise SystemExit(f"selftune demo: --seed {args.seed}: pass one from -2**63 to 2**64 - 2")
+        raise UsageError(f"--seed {args.seed}: pass one from -2**63 to 2**64 - 2")
 
 
 def _prepare_out(out: Path) -> Path:
     """The run folder ``<out>/selftune``, emptied if an earlier demo made it (never otherwise)."""
     run = out / "selftune"
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"selftune demo: --out {out} is a file: pass a folder for the demo's runs")
+        raise UsageError(f"--out {out} is a file: pass a folder for the demo's runs")
     if run.exists():
         if not (out / _MARKER).exists():
-            raise SystemExit(
-                f"selftune demo: {run} exists and was not written by a demo; pass another --out"
+            raise UsageError(
+                f"--out {out}: {run} exists and was not written by a demo; pass another"
             )
         shutil.rmtree(run)
     out.mkdir(parents=True, exist_ok=True)

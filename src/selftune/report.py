@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from selftune.audit import LogError, follows, is_joint, leader_row, read_log, verify
+from selftune.cli import UsageError
 from selftune.terminal import printable
 
 if TYPE_CHECKING:
@@ -1017,7 +1018,11 @@ def run(args: argparse.Namespace) -> int:
     """``selftune report RUN``: write the page and print its path; 1 with the problem on error.
     What the page's writing warns of (plots it could not write) is said as the errors are, not
     as a Python warning that quotes a line of this module; every line printed is
-    :func:`~selftune.terminal.printable` (a message names the log's folders and records)."""
+    :func:`~selftune.terminal.printable` (a message names the log's folders and records).
+    ``--rows`` out of range is a UsageError (exit 2), named as the option, before the run is
+    read."""
+    if args.rows < 1:
+        raise UsageError(f"--rows {args.rows}: pass at least 1 decision to show from each end")
     try:
         with warnings.catch_warnings(record=True) as said:
             warnings.filterwarnings("always", category=UserWarning, module=r"selftune\.")

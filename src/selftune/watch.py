@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, LogError, follows, is_joint, leader_row
+from selftune.cli import UsageError
 from selftune.report import TRACE, as_float, blocks_back, lines_back
 from selftune.terminal import printable
 
@@ -547,7 +548,8 @@ def _refuse(problem: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on bad input.
+    """``selftune watch RUN``: redraw until Ctrl-C (or once, with ``--once``); 1 on a folder
+    that shows no run or a file that cannot be read, UsageError (exit 2) on a bad option.
 
     A RUN not made yet, or that holds no run yet, is waited for; ``--once`` has nothing to wait
     for, and says so. ``~`` in RUN is expanded, as ``verify`` and ``wrap(log_dir=...)`` do: a
@@ -555,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
     """
     folder = Path(args.run).expanduser()
     if not 0 < args.interval <= MAX_INTERVAL:  # refused like 0, not clamped: said, not hidden
-        return _refuse(
+        raise UsageError(
             f"--interval {args.interval!r}: pass a number of seconds above 0 and at most "
             f"{MAX_INTERVAL:g} (a day), e.g. 0.5"
         )
