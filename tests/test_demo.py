@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import selftune
-from selftune import cli
+from selftune import cli, demo
 
 pytest.importorskip("mnist1d")
 pytest.importorskip("rich")
@@ -45,12 +46,86 @@ def test_demo_runs_prints_the_table_and_writes_a_verifiable_run(
     assert "SGD" in capsys.readouterr().out
 
 
-def test_demo_refuses_a_folder_it_did_not_make(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "files", [("selftune/",), ("notes.txt", "summary.json"), ("demo.json",), ("a", "b", "c")]
+)
+def test_demo_refuses_a_folder_of_files_it_did_not_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: tuple[str, ...]
 ) -> None:
-    (tmp_path / "selftune").mkdir()
-    assert cli.main(["demo", "--steps", "5", "--out", str(tmp_path), "--no-live"]) == 2
-    assert "not written by a demo" in capsys.readouterr().err
+    """Only a folder named ``selftune`` in it was refused: the demo wrote its summary.json and
+    demo.json into any other folder, over a user's own files of those names (a demo.json of
+    the user's is no marker of a demo's)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in files:
+        if name.endswith("/"):
+            (out / name).mkdir()
+        else:
+            (out / name).write_text("kept")
+    before = {path: path.is_dir() or path.read_text() for path in out.iterdir()}
+    assert cli.main(["demo", "--steps", "5", "--out", str(out), "--no-live"]) == 2
+    err = capsys.readouterr().err
+    names = ", ".join(sorted(name.rstrip("/") for name in files))
+    assert err == (
+        f"selftune demo: --out {out} holds files no demo made ({names}): pass a new or empty "
+        "folder, or the folder of an earlier demo, which this one replaces\n"
+    )
+    assert {path: path.is_dir() or path.read_text() for path in out.iterdir()} == before
+
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  #: whom a folder's permissions do not stop
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "under a file",
+        pytest.param("read-only", marks=pytest.mark.skipif(ROOT, reason="root writes anywhere")),
+        pytest.param("earlier run", marks=pytest.mark.skipif(ROOT, reason="root writes anywhere")),
+    ],
+)
+def test_a_folder_the_demo_cannot_write_in_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """``--out`` in a folder of another user's, a read-only one, or one under a file ended in a
+    traceback of PermissionError, LogError or NotADirectoryError."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "5", "--out", str(out), "--no-live"]
+    if where == "under a file":
+        (tmp_path / "afile").touch()
+        out = tmp_path / "afile" / "demo"
+        argv[4], said = str(out), f"cannot write {out} (Not a directory)"
+    elif where == "read-only":
+        out.mkdir(mode=0o555)
+        said = f"cannot write {out / 'demo.json'} (Permission denied)"
+    else:  # an earlier demo's, whose run folder another user made
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        (out / "selftune").chmod(0o555)
+        said = f"cannot write {out / 'selftune'}"
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"selftune demo: {said}") and err.count("\n") == 1
+    assert err.endswith(": pass --out a folder you can write to\n")
+
+
+def test_a_demo_stopped_before_it_starts_keeps_the_previous_demo_s_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The previous demo's run was deleted before the data loaded: Ctrl-C while MNIST-1D was
+    generated (minutes, the first time) lost it, with no new run in its place."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "5", "--out", str(out), "--no-live"]
+    assert cli.main(argv) == 0
+    kept = {name: (out / name).read_bytes() for name in ("summary.json", "selftune/trace.jsonl")}
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "load_data", interrupted)
+    assert cli.main(argv) == 130
+    assert selftune.verify(out / "selftune").records >= 1
+    assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
 def test_demo_refuses_a_file_for_its_folder(

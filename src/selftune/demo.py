@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from selftune.audit import LogError
 from selftune.cli import UsageError
+from selftune.terminal import printable
 
 _MARKER = "demo.json"  #: written into --out, so a later demo may replace the folder it made
 
@@ -117,24 +119,51 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed {args.seed}: pass one from -2**63 to 2**64 - 2")
 
 
-def _prepare_out(out: Path) -> Path:
-    """The run folder ``<out>/selftune``, emptied if an earlier demo made it (never otherwise)."""
-    run = out / "selftune"
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder that holds files no demo made: the demo
+    writes its own files there (``summary.json``, ``demo.json``) and replaces its run folder,
+    and a user's file of one of those names was written over."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: pass a folder for the demo's runs")
-    if run.exists():
-        if not (out / _MARKER).exists():
-            raise UsageError(
-                f"--out {out}: {run} exists and was not written by a demo; pass another"
-            )
-        shutil.rmtree(run)
-    out.mkdir(parents=True, exist_ok=True)
-    return run
+    if out.is_dir() and any(out.iterdir()) and not _made_by_demo(out):
+        names = sorted(path.name for path in out.iterdir())
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise UsageError(
+            f"--out {out} holds files no demo made ({listed}): pass a new or empty folder, or "
+            "the folder of an earlier demo, which this one replaces"
+        )
+
+
+def _made_by_demo(out: Path) -> bool:
+    """Whether ``out`` holds an earlier demo's marker, the demo's arguments (``"command"`` is
+    argparse's name of the sub-command): a ``demo.json`` of the user's own is not one."""
+    try:
+        marker = json.loads((out / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("command") == "demo"
+
+
+def _unwritable(out: Path, exc: OSError | LogError) -> str:
+    """What to say when a file of the demo's cannot be written (a folder of another user's, a
+    read-only one), instead of the traceback of PermissionError or LogError from deep inside."""
+    if isinstance(exc, LogError):  # the run's log: its text names the file and why
+        return f"{exc}: pass --out a folder you can write to"
+    where = Path(exc.filename) if exc.filename else out
+    said = f"cannot write {where} ({exc.strerror or exc})"
+    # (an OSError elsewhere, in the data's cache folder, is no fault of --out's)
+    return (
+        f"{said}: pass --out a folder you can write to" if out in (where, *where.parents) else said
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    import selftune
+    """``selftune demo``: 0 done; 1 when a file cannot be written; UsageError on a bad option.
 
+    The previous demo's run in ``--out`` is removed only once the data is loaded, when this
+    one can start: a demo stopped before (Ctrl-C while MNIST-1D is generated, the first time)
+    keeps it.
+    """
     _check(args)
     # the report at the end draws with matplotlib, and the closing table is rich's (with
     # --no-live too): either missing, say so now, not after the whole run
@@ -142,8 +171,38 @@ def run(args: argparse.Namespace) -> int:
     import rich  # noqa: F401
 
     out = Path(args.out).expanduser()
-    run_dir = _prepare_out(out)
-    data = load_data()
+    _check_out(out)
+    try:
+        # the marker first: a folder the demo wrote in is one a later demo may replace, and
+        # one it cannot write in is said before the data loads
+        out.mkdir(parents=True, exist_ok=True)
+        (out / _MARKER).write_text(json.dumps(vars(args)) + "\n")
+        data = load_data()
+        run_dir = _remove_run(out / "selftune")
+        _demo(args, out, run_dir, data)
+    except (OSError, LogError) as exc:
+        print(printable(f"selftune demo: {_unwritable(out, exc)}"), file=sys.stderr)
+        return 1
+    _report(run_dir)
+    return 0
+
+
+def _remove_run(run_dir: Path) -> Path:
+    """Remove the previous demo's run folder, if any; an OSError names the folder (rmtree's
+    names a file by its name alone, ``plots``)."""
+    try:
+        shutil.rmtree(run_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(run_dir)) from None
+    return run_dir
+
+
+def _demo(args: argparse.Namespace, out: Path, run_dir: Path, data: Any) -> None:
+    """Train both, then write ``summary.json`` and print the table."""
+    import selftune
+
     torch.manual_seed(args.seed)
     plain_model = build_model()
     tuned_model = build_model()
@@ -156,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
         Trainee(label, plain_model, _optimizer(args.optimizer, plain_model), _gen(args.seed)),
         Trainee(f"selftune({label})", tuned_model, tuned_opt, _gen(args.seed)),
     ]
-    (out / _MARKER).write_text(json.dumps({"command": "selftune demo", **vars(args)}) + "\n")
     # One thread: the two trainings are stepped in turn, and on a small shared machine extra
     # threads per matmul mostly wait for each other.
     threads = torch.get_num_threads()
@@ -169,8 +227,6 @@ def run(args: argparse.Namespace) -> int:
     summary = _summary(trainees, tuned_opt, args)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(trainees, args, summary)
-    _report(run_dir)
-    return 0
 
 
 def _gen(seed: int) -> torch.Generator:
