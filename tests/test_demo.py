@@ -146,6 +146,12 @@ def test_demo_refuses_a_file_for_its_folder(
         ("--target", "1.5", "--target 1.5: pass an accuracy in (0, 1]"),
         ("--eval-every", "0", "--eval-every 0: pass at least 1"),
         ("--batch-size", "-1", "--batch-size -1: pass at least 1"),
+        # a batch larger than the data set, drawn with replacement, trained on repeats
+        (
+            "--batch-size",
+            "8001",
+            "--batch-size 8001: pass at most 8000, the size of MNIST-1D's training set",
+        ),
         # it failed after wrap had made the run folder and before the demo's marker: every
         # later demo into that folder was refused as "not written by a demo"
         (

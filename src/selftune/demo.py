@@ -27,6 +27,8 @@ from selftune.cli import UsageError
 from selftune.terminal import printable
 
 _MARKER = "demo.json"  #: written into --out, so a later demo may replace the folder it made
+SAMPLES = 10_000  #: the MNIST-1D examples the demo generates
+TRAIN_EXAMPLES = SAMPLES * 4 // 5  #: those the package's 80/20 split keeps for training
 
 
 @dataclass
@@ -77,7 +79,7 @@ def load_data() -> Any:
     """MNIST-1D as the benchmark uses it (generated offline by ``mnist1d``, cached as .npz)."""
     from selftune.bench.data import mnist1d
 
-    return mnist1d(10_000)
+    return mnist1d(SAMPLES)
 
 
 def build_model() -> torch.nn.Module:
@@ -115,6 +117,11 @@ def _check(args: argparse.Namespace) -> None:
     for option, value in (("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{option} {value}: pass at least 1")
+    if args.batch_size > TRAIN_EXAMPLES:  # drawn with replacement: a batch of repeats
+        raise UsageError(
+            f"--batch-size {args.batch_size}: pass at most {TRAIN_EXAMPLES}, the size of "
+            "MNIST-1D's training set"
+        )
     if not -(2**63) <= args.seed <= 2**64 - 2:  # torch's range; a generator takes seed + 1
         raise UsageError(f"--seed {args.seed}: pass one from -2**63 to 2**64 - 2")
 
