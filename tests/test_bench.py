@@ -143,6 +143,22 @@ def test_mnist1d_is_generated_deterministically_and_cached(cache: Path) -> None:
     assert not torch.equal(first.x_train, other.x_train)
 
 
+@pytest.mark.parametrize("damage", ["junk", "cut"])
+def test_a_damaged_mnist1d_cache_is_named_with_what_to_do(cache: Path, damage: str) -> None:
+    """A cached file cut short or written over raised numpy's ValueError or zipfile's
+    BadZipFile, naming neither the file nor the fix."""
+    data.mnist1d.__wrapped__(num_samples=200, seed=3)
+    (path,) = cache.glob("mnist1d-200-seed3.npz")
+    whole = path.read_bytes()
+    path.write_bytes(b"junk\n" if damage == "junk" else whole[: len(whole) // 2])
+    with pytest.raises(data.DataUnavailable) as raised:
+        data.mnist1d.__wrapped__(num_samples=200, seed=3)
+    assert str(raised.value).startswith(f"the cached MNIST-1D data {path} cannot be read (")
+    assert str(raised.value).endswith("delete it, and the next run generates it again")
+    path.unlink()
+    assert data.mnist1d.__wrapped__(num_samples=200, seed=3).x_test.shape == (40, 1, 40)
+
+
 def test_mnist1d_rejects_a_sample_count_it_cannot_split_by_class(cache: Path) -> None:
     with pytest.raises(ValueError, match="num_samples=205"):
         data.mnist1d.__wrapped__(num_samples=205)

@@ -73,6 +73,30 @@ def test_demo_refuses_a_folder_of_files_it_did_not_make(
     assert {path: path.is_dir() or path.read_text() for path in out.iterdir()} == before
 
 
+def test_a_damaged_data_cache_is_named_and_the_previous_run_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged MNIST-1D cache file ended the demo in numpy's traceback, which named neither
+    the file nor what to do, after the previous demo's run had been deleted."""
+    from selftune.bench import data
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "5", "--out", str(out), "--no-live"]
+    assert cli.main(argv) == 0
+    trace = (out / "selftune" / "trace.jsonl").read_bytes()
+    cached = tmp_path / "cache" / "mnist1d-10000-seed42.npz"
+    cached.parent.mkdir()
+    cached.write_bytes(b"junk\n")
+    monkeypatch.setenv("SELFTUNE_CACHE", str(cached.parent))
+    data.mnist1d.cache_clear()  # read the file, not the copy an earlier test loaded
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"selftune demo: the cached MNIST-1D data {cached} cannot be read (")
+    assert err.endswith("delete it, and the next run generates it again\n")
+    assert (out / "selftune" / "trace.jsonl").read_bytes() == trace
+
+
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  #: whom a folder's permissions do not stop
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from selftune.audit import LogError
+from selftune.bench.data import DataUnavailable
 from selftune.cli import UsageError
 from selftune.terminal import printable
 
@@ -165,7 +166,8 @@ def _unwritable(out: Path, exc: OSError | LogError) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``selftune demo``: 0 done; 1 when a file cannot be written; UsageError on a bad option.
+    """``selftune demo``: 0 done; 1 when a file cannot be written or the data read; UsageError
+    on a bad option.
 
     The previous demo's run in ``--out`` is removed only once the data is loaded, when this
     one can start: a demo stopped before (Ctrl-C while MNIST-1D is generated, the first time)
@@ -187,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         data = load_data()
         run_dir = _remove_run(out / "selftune")
         _demo(args, out, run_dir, data)
+    except DataUnavailable as exc:  # its message names the file and what to do
+        print(printable(f"selftune demo: {exc}"), file=sys.stderr)
+        return 1
     except (OSError, LogError) as exc:
         print(printable(f"selftune demo: {_unwritable(out, exc)}"), file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +31,8 @@ _FOLIO = "_f.txt"
 
 
 class DataUnavailable(RuntimeError):
-    """A dataset's source could not be reached; the message says what to do."""
+    """A dataset's source could not be reached, or its cached copy read; the message says what
+    to do."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,20 @@ def mnist1d(num_samples: int = 10_000, seed: int = 42) -> Supervised:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, x=ds["x"], y=ds["y"], x_test=ds["x_test"], y_test=ds["y_test"])
         tmp.replace(path)  # atomic: a parallel worker never reads a half-written file
-    with np.load(path) as arrays:
-        return Supervised(
-            x_train=torch.from_numpy(arrays["x"]).float().unsqueeze(1),
-            y_train=torch.from_numpy(arrays["y"]).long(),
-            x_test=torch.from_numpy(arrays["x_test"]).float().unsqueeze(1),
-            y_test=torch.from_numpy(arrays["y_test"]).long(),
-        )
+    try:
+        with np.load(path) as arrays:
+            return Supervised(
+                x_train=torch.from_numpy(arrays["x"]).float().unsqueeze(1),
+                y_train=torch.from_numpy(arrays["y"]).long(),
+                x_test=torch.from_numpy(arrays["x_test"]).float().unsqueeze(1),
+                y_test=torch.from_numpy(arrays["y_test"]).long(),
+            )
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        # a cut copy, a disk's damage: numpy's own error named neither the file nor the fix
+        raise DataUnavailable(
+            f"the cached MNIST-1D data {path} cannot be read ({type(exc).__name__}: the file "
+            "is damaged): delete it, and the next run generates it again"
+        ) from None
 
 
 @lru_cache(maxsize=2)
