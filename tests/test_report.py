@@ -399,6 +399,26 @@ def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(tmp_path:
     assert list(read_run(run.folder).trace.steps) == [0, 1]
 
 
+def test_the_command_says_where_a_damaged_trace_cuts_the_curves(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A trace damaged mid-file was said on the page alone: the command printed the page's
+    path, and nothing else, with exit status 0, for curves that end early."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(0, 1.0, HP)
+    with open(run.folder / "trace.jsonl", "a") as file:
+        file.write("not json {\n")
+    run.trace(2, 1.0, HP)
+    assert cli.main(["report", str(run.folder)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{run.folder / 'report.html'}\n"
+    assert err == (
+        f"selftune report: {run.folder / 'trace.jsonl'} line 2: not a JSON line — the trace was "
+        "damaged (it has no hash chain: the decision log, which verify checks, is the record). "
+        "The loss and knob curves end after step 0.\n"
+    )
+
+
 def test_a_run_folder_under_the_home_folder_is_expanded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -847,9 +847,8 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
     banners = []
     if run.torn_tail:
         banners.append("The audit log's last line was torn (a crash mid-write); it is not shown.")
-    if run.trace_damage is not None:
-        shown = f"after step {run.trace.steps[-1]}" if run.trace else "at its first row"
-        banners.append(f"{run.trace_damage}. The loss and knob curves end {shown}.")
+    if (cut := _trace_cut(run)) is not None:
+        banners.append(cut)
     if not run.trace:
         banners.append(
             f"{_no_rows(run.folder / TRACE)}: knob curves are rebuilt from the "
@@ -916,12 +915,22 @@ def _foreign_plot(plot_dir: Path, plots: Sequence[Plot]) -> Path | None:
     return None
 
 
+def _trace_cut(run: Run) -> str | None:
+    """Where the trace's damage cuts the curves short, if it does: said on the page, and warned
+    of by :func:`write_report` (the command printed nothing, with exit status 0)."""
+    if run.trace_damage is None:
+        return None
+    shown = f"after step {run.trace.steps[-1]}" if run.trace else "at its first row"
+    return f"{run.trace_damage}. The loss and knob curves end {shown}."
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
 
-    PNGs that cannot be written (the run folder is read-only) are only warned about. Neither the
-    page nor a plot is written over a file that an earlier report did not write (a plot's PNG
-    carries :data:`PLOT_MARK`): ValueError names the file, and nothing is written.
+    PNGs that cannot be written (the run folder is read-only), and a damaged trace whose rows
+    the page draws only up to the damage, are only warned about. Neither the page nor a plot is
+    written over a file that an earlier report did not write (a plot's PNG carries
+    :data:`PLOT_MARK`): ValueError names the file, and nothing is written.
 
     ``rows``: how many decisions to list from each end of a long log (guard events are all shown).
     Raises :class:`selftune.audit.LogError` when the folder is not a readable run folder.
@@ -957,6 +966,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             f"({', '.join(f'{plot.name}.png' for plot in plots)}), and run the report again "
             "(a plot by a selftune from before its plots were marked bears no mark: delete it)"
         )
+    if (cut := _trace_cut(run)) is not None:
+        warnings.warn(cut, stacklevel=2)
     page.parent.mkdir(parents=True, exist_ok=True)
     # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
     _write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
