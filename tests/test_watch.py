@@ -348,7 +348,13 @@ def test_bad_input_is_explained(
     [
         (b"\xff\xfe not text", "it is not UTF-8 text"),
         (b"[1, 2]", "it holds a JSON list, not an object"),
-        (b'{"controller": "auto", "config": "SGD"}', "its 'config' is a str, not an object"),
+        (
+            b'{"format": "selftune-audit/1", "controller": "auto", "config": "SGD"}',
+            "its 'config' is a str, not an object",
+        ),
+        # taken for a manifest being written, and shown as "controller ?" with no word: the
+        # manifest is written whole, by a rename, as verify, which calls it damage, knows
+        (b'{"controller": "auto", "con', "it is not valid JSON (Unterminated string"),
     ],
 )
 def test_a_damaged_manifest_is_explained_not_fatal(
@@ -365,6 +371,23 @@ def test_a_damaged_manifest_is_explained_not_fatal(
     assert "manifest.json is damaged" in frame and expected in frame
     assert "restore it from a copy of the run folder" in frame
     assert frame.count("step 3 ") == 1  # the trace is still shown
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_another_program_s_manifest_is_no_run_to_wait_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, once: bool
+) -> None:
+    """A web app's manifest.json made its folder a run "waiting for the first step…", forever
+    in the live view and with exit status 0 under --once."""
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"name": "My App", "version": "1.0", "icons": []}')
+    _training_script(monkeypatch)  # Ctrl-C at the first wait
+    assert cli.main(["watch", str(folder), *(["--once"] if once else [])]) == 1
+    assert capsys.readouterr().err == (
+        f"selftune watch: {folder} is not a selftune run folder: its manifest.json is another "
+        'program\'s (it has no "format": "selftune-audit/1"); pass the run\'s log_dir\n'
+    )
 
 
 def _frame_state(state: WatchState) -> tuple:

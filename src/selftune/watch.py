@@ -13,7 +13,8 @@ not parsed): parsing a long run's files whole took seconds and a memory the size
 copies of them before the first frame. rich is imported only to draw.
 
 A folder not made yet, or one that holds no run yet, is waited for, with a line that says so: a
-live view is often started beside the training script, before the script gets that far.
+live view is often started beside the training script, before the script gets that far. A
+folder whose ``manifest.json`` is another program's is refused: no run will come to it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selftune.audit import DECISIONS, FOLLOWS, MANIFEST, LogError, follows, is_joint, leader_row
+from selftune.audit import (
+    DECISIONS,
+    FOLLOWS,
+    FORMAT,
+    MANIFEST,
+    LogError,
+    follows,
+    is_joint,
+    leader_row,
+)
 from selftune.cli import UsageError
 from selftune.report import TRACE, as_float, blocks_back, lines_back
 from selftune.terminal import printable
@@ -281,17 +291,22 @@ class WatchState:
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The manifest, or None and why it cannot be used (None when it may just not be there yet).
+    """The manifest, or None and why it cannot be used (None when it is not there yet: it is
+    written whole, by a rename, so one that is no JSON is damaged, not being written).
 
     A damaged manifest must not stop the watch (the trace and decisions are still worth seeing),
     nor reach ``render`` in a shape it cannot read: it is set aside, and the frame says so.
     """
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None, None  # not written yet, or being written: try again next time
+    except FileNotFoundError:
+        return None, None  # not written yet: try again next time
     except UnicodeDecodeError:
         return None, "it is not UTF-8 text"
+    except json.JSONDecodeError as exc:  # damage: the manifest is written whole, by a rename
+        return None, f"it is not valid JSON ({exc.msg} at line {exc.lineno})"
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits, deep nesting
+        return None, f"it is no manifest ({type(exc).__name__})"
     except OSError as exc:
         return None, f"it cannot be read: {exc.strerror or exc}"
     if not isinstance(manifest, dict):
@@ -510,12 +525,19 @@ def _no_run(folder: Path) -> tuple[str, str | None] | None:
     log_dir or written a file in it: it waits, and says what for (a folder not made yet was
     refused, and one that holds no run, ``/etc`` too, waited for a first step without a word).
     Waiting mends neither a file nor a folder of run folders: with several optimizers each logs
-    to a folder of its own inside ``log_dir`` (``opt0``, ``opt1``, ...), to be watched one by one.
+    to a folder of its own inside ``log_dir`` (``opt0``, ``opt1``, ...), to be watched one by one;
+    nor a folder whose ``manifest.json`` is another program's.
     """
     if not folder.exists():
         return f"no run folder at {folder} (yet)", "it to be made"
     if not folder.is_dir():
         return f"{folder} is a file, not a run folder: pass the run's log_dir", None
+    manifest, _ = _read_manifest(folder / MANIFEST)
+    if manifest is not None and not _selftune_s(manifest):  # a web app's, a package's
+        return (
+            f"{folder} is not a selftune run folder: its {MANIFEST} is another program's (it "
+            f'has no "format": "{FORMAT}"); pass the run\'s log_dir'
+        ), None
     if any((folder / name).exists() for name in RUN_FILES):
         return None
     if runs := sorted(path.parent.name for path in folder.glob(f"*/{MANIFEST}")):
@@ -525,6 +547,16 @@ def _no_run(folder: Path) -> tuple[str, str | None] | None:
         ), None
     none_of = ", ".join(RUN_FILES)
     return f"no selftune run in {folder} (yet): none of {none_of} is in it", "the run to start"
+
+
+def _selftune_s(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest is selftune's: its format is, or, with none (written by hand, which
+    ``verify`` reads), it names a selftune version. Another program's ``manifest.json`` was
+    watched as a run "waiting for the first step" that would never come."""
+    form = manifest.get("format")
+    if form is None:
+        return "selftune" in manifest
+    return isinstance(form, str) and form.startswith(FORMAT.partition("/")[0] + "/")
 
 
 def _wait_for_run(folder: Path, interval: float, live: Live) -> str | None:
