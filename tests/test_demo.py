@@ -229,8 +229,12 @@ def test_ctrl_c_stops_the_demo_in_one_line(tmp_path: Path) -> None:
     log is closed as it stands, and the exit status is the shell's for SIGINT."""
     out = tmp_path / "demo"
     argv = ["demo", "--steps", "100000", "--out", str(out), "--no-live"]
+    # a shell runs a background job with SIGINT ignored, and the child would inherit that
     demo = subprocess.Popen(
-        [sys.executable, "-m", "selftune", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "selftune", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     trace = out / "selftune" / "trace.jsonl"
     deadline = time.monotonic() + 120
