@@ -233,7 +233,7 @@ class SignalTracker:
                     prev = [self._prev[gi][with_grad[k]] for k in read]
                     against = [grads[k] for k in read]
                 # float16 products of finite entries overflow: per tensor, widened (_dots)
-                whole = every and not sparse and not _narrow(grads)
+                whole = every and not sparse and not _has_half(grads)
                 flat = self._flat[gi] if whole else None
                 # prev holds −Δθ, so ⟨−g, Δθ⟩ = ⟨g, prev⟩; it is overwritten before the update
                 if flat is not None:  # one reduction each over the whole group
@@ -706,41 +706,32 @@ def _buffers(params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | No
     return out
 
 
-#: the dtypes whose norms and inner products are accumulated in float32: float16's largest
-#: number is 65504, so a gradient of finite entries (a million of 0.07) had an infinite norm,
-#: which the guard took for a non-finite gradient, and its buffer an infinite inner product,
-#: which left the hypergradient's momentum where it stood
-_NARROW = (torch.float16, torch.bfloat16)
+#: float16, whose largest number is 65504: a gradient of finite entries (a million of 0.07)
+#: had an infinite norm, which the guard took for a non-finite gradient, and its buffer an
+#: infinite inner product, which left the hypergradient's momentum where it stood.  Its norms
+#: and products are taken in float32.  (bfloat16 has float32's range, and torch's reductions
+#: accumulate it in float32 already; float32 copies of its tensors cost memory for no gain.)
+_HALF = torch.float16
 
 
-def _narrow(tensors: list[torch.Tensor]) -> bool:
-    return any(t.dtype in _NARROW for t in tensors)
+def _has_half(tensors: list[torch.Tensor]) -> bool:
+    return any(t.dtype == _HALF for t in tensors)
 
 
 def _norms(tensors: list[torch.Tensor], sparse: bool) -> list[torch.Tensor]:
     """The 2-norm of each tensor: one fused kernel, or one at a time where a tensor is sparse
-    or narrow (``_foreach_norm`` takes one ``dtype`` for all, which would narrow a float64)."""
-    if sparse or _narrow(tensors):
+    or float16 (``_foreach_norm`` takes one ``dtype`` for all, and copies every tensor to it
+    at once)."""
+    if sparse or _has_half(tensors):
         return [_norm(t) for t in tensors]
     return list(torch._foreach_norm(tensors))
 
 
 def _norm(g: torch.Tensor) -> torch.Tensor:
-    """The 2-norm of a tensor, dense or sparse (the norm of its coalesced values), in float32 if
-    it is narrower."""
+    """The 2-norm of a tensor, dense or sparse (the norm of its coalesced values), in float32
+    if it is float16."""
     values = g.coalesce().values() if g.is_sparse else g
-    return torch.linalg.vector_norm(values, dtype=_wide(values.dtype))
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype | None:
-    """float32 for a narrow dtype; None (the tensor's own) for the rest."""
-    return torch.float32 if dtype in _NARROW else None
-
-
-def _widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Narrow tensors as float32 copies (scratch, whatever ``in_place`` says), the rest as they
-    are."""
-    return [t.float() if t.dtype in _NARROW else t for t in tensors]
+    return torch.linalg.vector_norm(values, dtype=torch.float32 if values.dtype == _HALF else None)
 
 
 def _dots(
@@ -748,17 +739,23 @@ def _dots(
 ) -> list[torch.Tensor]:
     """⟨t, g⟩ per tensor: one fused multiply when all are dense (``in_place``: into ``tensors``,
     whose contents are not needed after), else one product at a time over a sparse one's
-    entries.  Narrow tensors are multiplied and summed in float32 (see ``_NARROW``)."""
-    if _narrow(tensors) or _narrow(grads):
-        tensors, grads = _widened(tensors), _widened(grads)
-    if sparse:
-        return [_dot(t, g) for t, g in zip(tensors, grads, strict=True)]
+    entries, or a float16 pair's as float32 copies that live for that product (see
+    ``_HALF``)."""
+    if sparse or _has_half(tensors) or _has_half(grads):
+        return [_dot(*_wide_pair(t, g)) for t, g in zip(tensors, grads, strict=True)]
     if in_place:
         torch._foreach_mul_(tensors, grads)
         products = tensors
     else:
         products = list(torch._foreach_mul(tensors, grads))
     return [t.sum() for t in products]
+
+
+def _wide_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair as float32 copies if either is float16, else as it is."""
+    if _HALF in (a.dtype, b.dtype):
+        return a.float(), b.float()
+    return a, b
 
 
 def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
