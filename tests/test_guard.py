@@ -1334,3 +1334,67 @@ def test_spectral_norm_s_vectors_are_rolled_back_with_the_weights(tmp_path: Path
                 net[0].parametrizations.weight.original[0, 0] = math.inf
     assert all(b.isfinite().all() for b in net.buffers())
     assert all(p.isfinite().all() for p in net.parameters())
+
+
+def test_a_buffer_that_grew_since_the_snapshot_is_left_as_it_is(tmp_path: Path) -> None:
+    """A cache registered as a buffer that grows for a longer batch (as some rotary
+    embeddings' do) no longer fits the snapshot's: the rollback refused it, part-way through the
+    restore, and the run stopped, where without ``model=`` it had survived.  Such a buffer is
+    left as it is, said once; the rest are put back."""
+
+    class Cached(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+            self.norm = torch.nn.BatchNorm1d(4)
+            self.register_buffer("cache", torch.zeros(8), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > self.cache.numel():
+                self.cache = torch.zeros(x.shape[0])
+            return self.lin(self.norm(x))
+
+    torch.manual_seed(0)
+    net = Cached()
+    opt = selftune.wrap(
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), "off", log_dir=tmp_path,
+        model=net,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"buffers cache changed shape .* said once") as said:
+        for t in range(1, 60):
+            x = torch.randn(8 if t < 40 else 16, 4, generator=torch.Generator().manual_seed(t))
+            if t in (45, 50):
+                x[0, 0] = math.inf  # NaN in the running statistics, and the loss
+            loss = torch.nn.functional.mse_loss(net(x), x[:, :1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+    assert len([w for w in said if "buffers cache" in str(w.message)]) == 1
+    assert [r["step"] for r in guard_records(tmp_path)] == [45, 50]
+    assert net.cache.numel() == 16 and opt.step_count == 59
+    assert all(b.isfinite().all() for b in net.norm.buffers())  # the rest were put back
+
+
+def test_a_replay_of_a_run_resumed_with_its_model_says_so(tmp_path: Path) -> None:
+    """A run begun without ``model=`` and resumed with it (a Lightning or Trainer run begun
+    before the integrations passed the model): the manifest keeps the first settings, which the
+    replay follows, and its rollbacks after the resume put back no buffers where the run's did;
+    it diverged without a word.  It says so when it is built."""
+    net, opt = _batch_norm_run(tmp_path / "run", False, 20)
+    selftune.save_checkpoint(tmp_path / "ckpt.pt", model=net, optimizer=opt, step=20)
+    opt.close()
+    torch.manual_seed(0)
+    fresh = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
+    again = selftune.wrap(
+        torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9),
+        "auto",
+        log_dir=tmp_path / "run",
+        model=fresh,
+    )
+    selftune.load_checkpoint(tmp_path / "ckpt.pt", model=fresh, optimizer=again)
+    _batch_norm_run(tmp_path / "run", True, 20, start=21, net=fresh, opt=again)
+    again.close()
+    with pytest.warns(UserWarning, match=r"resumed with model= changed"):
+        _batch_norm_run(tmp_path / "run", False, 1, replay=True)

@@ -522,6 +522,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 #: how the notes about the log itself begin, which a later cut past them carries forward
 _RESUMED, _TORN = "resumed: dropped", "dropped a torn final line"
+#: the start of the note a run resumed with other settings gets (the manifest keeps the first)
+CHANGED_MANIFEST = "resumed with a changed manifest"
 
 #: the run folders whose logs this process holds open: a clash with one of them is a second
 #: optimizer pointed at the folder (a GAN's other player), not a run to resume or start over
@@ -628,7 +630,7 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool)
     if "config" in changed and isinstance(was, dict) and isinstance(now, dict):
         keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
         changed[changed.index("config")] = f"config: {', '.join(keys)}"
-    return f"resumed with a changed manifest ({', '.join(changed)}); {MANIFEST} keeps the first"
+    return f"{CHANGED_MANIFEST} ({', '.join(changed)}); {MANIFEST} keeps the first"
 
 
 def _continued_note(seq: int, head: str) -> str:

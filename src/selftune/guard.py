@@ -796,6 +796,11 @@ class Guard:
         defaults = {f.name: f.default for f in fields(self) if f.name in _SAVED}
         for name, default in defaults.items():  # a state saved by an older version lacks some
             setattr(self, name, copy.deepcopy(state.get(name, default)))
+        if self.retries > self.config.max_retries:
+            # saved after the guard gave up: a load of it is a new try (GuardError's advice:
+            # the data or the rate seen to), and the spent count made the first bad batch after
+            # it raise GuardError at once, with no rollback made
+            self.retries = 0
         self.snapshots = []  # snapshots live in memory only; a fresh one is taken at once
         for name in _KEPT_APART:
             setattr(self, name, None)

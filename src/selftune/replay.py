@@ -244,6 +244,7 @@ def replay(
     options = [group_options(g, optimizer.defaults) for g in groups]
     _check_options(config.get("options"), options, where)
     _check_model(config.get("model_buffers"), model, where)
+    _warn_of_model_changed(run.records)
     tuned = SelfTuned(
         optimizer, controller, policy=policy, guard=False, average=average or False, model=model
     )
@@ -267,6 +268,24 @@ def _warn_of_versions(manifest: dict[str, Any]) -> None:
             "may round otherwise, and the weights then not be the run's to the bit",
             stacklevel=outside_frames(),
         )
+
+
+def _warn_of_model_changed(records: list[dict[str, Any]]) -> None:
+    """Say where the run was resumed with ``model=`` given where its start had none, or none
+    where it had one: the replay follows the first manifest, and its rollbacks after that
+    step may put back other buffers than the run's (a Lightning or Trainer run begun before
+    the integrations passed the model, resumed after)."""
+    for record in records:
+        reason = str(record.get("reason", "")) if record.get("kind") == "note" else ""
+        if audit.CHANGED_MANIFEST in reason and "model_buffers" in reason:
+            warnings.warn(
+                f"replay: the logged run was resumed with model= changed (the log's note at "
+                f"seq {record.get('seq')}): the replay puts the model's buffers back as the "
+                "run's first wrap did, so after that resume a rollback's buffers may not be "
+                "the run's",
+                stacklevel=outside_frames(),
+            )
+            return
 
 
 def _check_model(logged: Any, model: torch.nn.Module | None, where: str) -> None:

@@ -188,6 +188,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: guard's snapshots hold beside the weights: a batch that made them non-finite left
         #: them so after the rollback, and every evaluation after it NaN
         self._model = model
+        self._told_buffers = False  # a buffer a rollback could not put back: warned of once
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -723,7 +724,7 @@ class SelfTuned(torch.optim.Optimizer):
             "groups": "each" if self._joint is None else "joint",
             "optimizer_type": type(self.optimizer).__name__,
             "tracker": self._tracker.state_dict(),
-            "guard": self._guard_state(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
             # where the log and trace.jsonl end (rank 0's; None and 0 with no run folder); after
             # the guard gave up, before its escalate record, whose step the state never took: a
             # load of it cuts the record, as a load of any older state does
@@ -1568,9 +1569,10 @@ class SelfTuned(torch.optim.Optimizer):
     def _capture(self) -> dict[str, Any]:
         assert self.guard is not None
         to = torch.device("cpu") if self.guard.config.offload else None
+        buffers = None if self._model is None else dict(self._model.named_buffers())
         return {
             "params": [[_clone(p, to) for p in g["params"]] for g in self.param_groups],
-            "buffers": None if self._model is None else _clone(list(self._model.buffers()), to),
+            "buffers": _clone(buffers, to),
             "optimizer": _clone(self.optimizer.state_dict(), to),
             "controller": _clone(self.controller.state_dict()),
             # the loss statistics, but not the previous update: after a rollback there is none
@@ -1580,18 +1582,6 @@ class SelfTuned(torch.optim.Optimizer):
             "guard": None if self.guard is None else self.guard.statistics(),
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
-
-    def _guard_state(self) -> dict[str, Any] | None:
-        """The guard's state for :meth:`state_dict`.  After the guard gave up, a load of the
-        state is a new try (GuardError's advice: the data or the rate seen to), so its count
-        of rollbacks starts again: the spent count made the first bad batch after the load
-        raise GuardError at once, with no rollback made."""
-        if self.guard is None:
-            return None
-        state = self.guard.state_dict()
-        if self._gave_up is not None:
-            state["retries"] = 0
-        return state
 
     def _roll_back(
         self, trouble: Trouble, signals: Signals, unread: dict[str, Any] | None
@@ -1745,7 +1735,15 @@ class SelfTuned(torch.optim.Optimizer):
             for p, kept in zip(group["params"], saved, strict=True):
                 p.data.copy_(kept)  # from the host too, when the snapshot was offloaded
         if self._model is not None and payload.get("buffers") is not None:
-            self._restore_buffers(self._model, payload["buffers"], snap.step)
+            left = _restore_buffers(self._model, payload["buffers"])
+            if left and not self._told_buffers:
+                self._told_buffers = True
+                warnings.warn(
+                    f"the model's buffers {', '.join(left[:4])} changed shape or dtype, or came, "
+                    f"since the snapshot of step {snap.step}: the rollback left them as they are "
+                    "(a cache that grows is best so; said once)",
+                    stacklevel=outside_frames(),
+                )
         # torch's load_state_dict moves the state to each parameter's device; it also puts back
         # the groups' settings as they were.  The settings in force now stay instead (the caller
         # sets the knobs the snapshot held): the base rate is the LR scheduler's, and a chained
@@ -1771,21 +1769,6 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.load_state_dict(payload["average"])
         self.optimizer.zero_grad(set_to_none=True)
         return lowered
-
-    @staticmethod
-    def _restore_buffers(model: torch.nn.Module, kept: list[torch.Tensor], step: int) -> None:
-        """Copy a snapshot's buffers back into ``model``'s, which must be as many, and alike."""
-        now = list(model.buffers())
-        shapes = [(tuple(b.shape), b.dtype) for b in now]
-        if shapes != [(tuple(b.shape), b.dtype) for b in kept]:
-            raise ConfigError(
-                f"the model's buffers changed since the snapshot of step {step} (their shapes "
-                "or dtypes, or how many): a rollback cannot put them back. Register every "
-                "buffer before the first step, or wrap with model=None"
-            )
-        with torch.no_grad():
-            for buffer, saved in zip(now, kept, strict=True):
-                buffer.copy_(saved)
 
     def _take_restart(self, proposals: list[Proposal]) -> str | None:
         """The controller's reason to restart at this step, if it asked and a snapshot can serve.
@@ -1965,6 +1948,22 @@ def on_host(tree: Any) -> Any:
     out = _clone(tree, torch.device("cpu"))
     finish_offload()  # the copies from a device were queued, not waited for
     return out
+
+
+def _restore_buffers(model: torch.nn.Module, kept: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a snapshot's buffers back into ``model``'s of the same name, shape and dtype;
+    return the names of those left as they are (one that grew since, a cache of a longer
+    sequence, or came since: a rollback that refused them stopped a run that had survived it).
+    """
+    left = []
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            saved = kept.get(name)
+            if saved is None or saved.shape != buffer.shape or saved.dtype != buffer.dtype:
+                left.append(name)
+            else:
+                buffer.copy_(saved)
+    return left
 
 
 def _clone(tree: Any, to: torch.device | None = None) -> Any:
