@@ -704,14 +704,14 @@ def test_text_from_a_results_file_reaches_the_terminal_escaped(
     record = {**_record("sgd-default\x1b[2J\rFAKE", "default", 50), "workload": "w\x1b]0;t\x07"}
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
-    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2  # a seed twice
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 1  # a seed twice
     err = capsys.readouterr().err
     assert "in the results twice" in err and "sgd-default\\x1b[2J\\rFAKE" in err
     assert not any(char in err for char in "\x1b\r\x07")
     record.update(workload="digits-mlp", steps_budget="\x1b[2J")
     path.write_text(json.dumps(record) + "\n", encoding="utf-8")
     argv = ["--workloads", "digits-mlp", "--methods", "sgd-default"]  # the budgets' check
-    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), *argv]) == 2
+    assert main(["bench", "--suite", "smoke", "--out", str(tmp_path), *argv]) == 1
     err = capsys.readouterr().err
     assert "results.jsonl:1" in err and not any(char in err for char in "\x1b\r\x07")
 
@@ -750,7 +750,7 @@ def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     field = change.removeprefix("no ").split("=")[0].split()[0]  # "curves cut": curves
     says = f"(it has no {field})" if change.startswith("no ") else f"(its {field} is "
     for argv in (["--report-only"], [*smoke, "--list"], smoke):
-        assert main(["bench", "--out", str(tmp_path), *argv]) == 2, argv
+        assert main(["bench", "--out", str(tmp_path), *argv]) == 1, argv
         err = capsys.readouterr().err
         assert f"results.jsonl:2 is no run's record {says}" in err, err
         assert err.endswith("remove or fix that line and rerun\n") and err.count("\n") == 1
@@ -778,7 +778,7 @@ def test_a_damaged_overhead_file_is_named_with_what_to_do(
 
     path = tmp_path / "overhead.json"
     path.write_text(content, encoding="utf-8")
-    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}" in err and says in err and "measure again" in err, err
     with pytest.raises(ValueError, match=says.replace("(", r"\(")):  # before measuring anything
@@ -796,7 +796,7 @@ def test_a_results_file_that_is_a_folder_is_named(
         for argv in (["--report-only"], ["--suite", "smoke", "--list"]):
             if name == "overhead.json" and "--list" in argv:
                 continue  # a plan reads no overhead file
-            assert main(["bench", "--out", str(tmp_path), *argv]) == 2
+            assert main(["bench", "--out", str(tmp_path), *argv]) == 1
             assert f"{tmp_path / name} cannot be read" in capsys.readouterr().err
         (tmp_path / name).rmdir()
 

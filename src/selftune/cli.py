@@ -6,7 +6,8 @@ never imports the command line's optional dependencies.
 
 The exit status is the same in every command: 0 done, 1 a failure or damage found (a log that
 fails its check, a file that cannot be read or written), 2 a usage error (an option's value out
-of range, argparse's own refusals, a missing extra), 130 interrupted by Ctrl-C.
+of range, argparse's own refusals, a missing extra), 130 interrupted by Ctrl-C (``watch``, which
+Ctrl-C ends as it is meant to, 0).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from selftune.bench.fields import Damaged
 from selftune.terminal import printable
 
 if TYPE_CHECKING:
@@ -95,9 +96,10 @@ def _path(text: str) -> Path:
 def _fail(message: object) -> int:
     """Print why ``bench`` stops, as the terminal shows text and never obeys it (a message may
     quote a results file: a method named ``"\\x1b[2J"`` cleared the screen), and return its exit
-    status."""
+    status: 1 for a damaged results folder (:class:`Damaged`), as ``verify``'s for a damaged
+    log, 2 for the command line's usage."""
     print(printable(f"selftune bench: {message}"), file=sys.stderr)
-    return 2
+    return 1 if isinstance(message, Damaged) else 2
 
 
 def _patterns(text: str | None) -> list[str] | None:

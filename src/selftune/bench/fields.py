@@ -14,6 +14,13 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+
+class Damaged(ValueError):
+    """A file of the results folder that is not what ``bench`` wrote: exit status 1, a failure
+    found, as ``verify``'s of a damaged log (a ``ValueError`` otherwise is the command line's
+    usage, status 2)."""
+
+
 #: what a field must be, in words, and the test of a value
 Kind = tuple[str, Callable[[object], bool]]
 
@@ -63,11 +70,11 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise Damaged(
             f"{path} is not UTF-8 text (byte {exc.start}): it was damaged; restore it from a copy"
         ) from None
     except OSError as exc:  # a folder where the file goes, say
-        raise ValueError(
+        raise Damaged(
             f"{path} cannot be read ({exc.strerror or exc}); make it a file bench can read, or "
             "move it out of the way"
         ) from None

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from selftune.bench.fields import NUMBER, TEXT, WHOLE, Kind, fault, read_text
+from selftune.bench.fields import NUMBER, TEXT, WHOLE, Damaged, Kind, fault, read_text
 from selftune.bench.runner import one_thread
 from selftune.bench.workloads import WORKLOADS, Task, Workload
 from selftune.guard import GuardConfig
@@ -204,11 +204,11 @@ def read_overhead(path: Path) -> list[dict[str, Any]]:
     try:
         rows = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+        raise Damaged(f"{path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path} holds no list of measurements; {fix}")
+        raise Damaged(f"{path} holds no list of measurements; {fix}")
     for number, row in enumerate(rows, start=1):
         problem = fault(row, _ROW, _ROW_OPTIONAL)
         if problem is not None:
-            raise ValueError(f"{path}: measurement {number} is no overhead row ({problem}); {fix}")
+            raise Damaged(f"{path}: measurement {number} is no overhead row ({problem}); {fix}")
     return rows

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.average import DEFAULT_DECAY
+from selftune.bench.fields import Damaged
 from selftune.bench.overhead import OVERHEAD, read_overhead
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 from selftune.bench.workloads import WORKLOADS
@@ -190,7 +191,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
         rules = (("steps_budget", "budgets", w.steps), ("target", "targets", w.target))
         for key, what, first in (*rules, ("eval_every", "evaluation intervals", w.eval_every)):
             if r[key] != first:  # steps to target would not compare across the two
-                raise ValueError(
+                raise Damaged(
                     f"{r['workload']} has runs with {what} {first} and {r[key]} in one results "
                     "folder (smoke and full mixed, or a workload changed?); give each suite its "
                     "own --out, and run a changed workload again"
@@ -199,7 +200,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
             r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
         )
         if any(other["seed"] == r["seed"] for other in row.records):
-            raise ValueError(
+            raise Damaged(
                 f"{r['workload']}: {r['method']} seed {r['seed']} is in the results twice (two "
                 "runs into one --out at once?); remove one of the two lines"
             )

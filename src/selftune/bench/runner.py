@@ -32,6 +32,7 @@ from selftune.bench.fields import (
     NUMBER,
     TEXT,
     WHOLE,
+    Damaged,
     Kind,
     fault,
     or_null,
@@ -225,12 +226,12 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             if number == last:  # the last non-empty line: a torn tail
                 print(f"{path}:{number}: skipping a torn last line", file=sys.stderr)
                 continue
-            raise ValueError(
+            raise Damaged(
                 f"{path}:{number} is not valid JSON ({exc}); remove or fix that line and rerun"
             ) from exc
         problem = fault(record, _RECORD, _RECORD_OPTIONAL)
         if problem is not None:
-            raise ValueError(
+            raise Damaged(
                 f"{path}:{number} is no run's record ({problem}); remove or fix that line and rerun"
             )
         records.append(record)
