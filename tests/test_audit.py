@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,24 @@ def test_a_cut_at_every_byte_is_read_and_then_repaired_by_the_writer(tmp_path: P
             assert note["reason"] == f"dropped a torn final line of {result.torn_bytes} bytes"
 
 
+def test_verify_holds_a_record_of_the_log_not_the_log(tmp_path: Path) -> None:
+    """``verify`` reads a long log a line at a time and keeps no record: it had read the file
+    whole and parsed every record first, some nine times the log's size in memory. Counted by
+    tracemalloc, which sees every allocation and no other process."""
+    with AuditLog(tmp_path, manifest()) as log:
+        for step in range(12_000):
+            log.append(decision(step, "lr" if step % 2 else "momentum"))
+    size = (tmp_path / audit.DECISIONS).stat().st_size
+    tracemalloc.start()
+    try:
+        result = verify(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.records == 12_000
+    assert peak < size / 20, (peak, size)
+
+
 def test_nul_bytes_after_a_power_cut_count_as_a_torn_tail(tmp_path: Path) -> None:
     write_run(tmp_path, 2)
     set_lines(tmp_path, [*lines(tmp_path), b"\0" * 40])
@@ -377,6 +396,8 @@ def test_records_that_do_not_fit_the_manifest_are_named(
     set_lines(tmp_path, [*lines(tmp_path), audit.canonical(stored) + b"\n"])
     with pytest.raises(LogError, match=rf"line 3 \(seq 2\): {words}"):
         verify(tmp_path)
+    with pytest.raises(LogError, match=rf"line 3 \(seq 2\): {words}"):
+        read_log(tmp_path)  # the reader checks as verify does, in the same pass
 
 
 @pytest.mark.parametrize(
@@ -517,6 +538,29 @@ def test_a_resumed_run_may_change_its_config_and_says_so(tmp_path: Path) -> None
     note = read_log(tmp_path).records[-2]  # written before the run's first record
     assert note["kind"] == "note" and "(config: max_step)" in note["reason"]
     assert read_log(tmp_path).manifest == manifest()
+
+
+def test_opening_notes_that_a_full_disk_refused_are_written_at_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resumed run's note of a changed manifest failed to write (a full disk); the run
+    caught the error and stepped on, and its log went on without the note."""
+    write_run(tmp_path, 1)
+    log = AuditLog(tmp_path, manifest(config={"max_step": 3.0}))
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(LogError, match="No space left on device"):
+        log.append(decision(1))
+    monkeypatch.setattr(os, "write", real_write)
+    log.append(decision(1))
+    log.close()
+    note, first = read_log(tmp_path).records[1:]
+    assert note["kind"] == "note" and "(config: max_step)" in note["reason"]
+    assert first["kind"] == "decision" and first["step"] == 1
 
 
 def test_a_run_refused_over_another_run_s_folder_writes_nothing_into_its_log(

@@ -25,7 +25,7 @@ import platform
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,41 +281,58 @@ def _check_link(record: dict[str, Any], line: bytes, lineno: int, prev: str, whe
         )
 
 
+class _Chain:
+    """The records of ``decisions.jsonl`` one at a time, each checked against its own hash and
+    the record before it, with the byte offset just past its newline.
+
+    The file is read a line at a time, so :func:`verify` holds one record whatever the log's
+    length (it had read the whole file and parsed every record into memory first: a long run's
+    log took some nine times its size). After the iteration, ``torn_bytes`` is the length of a
+    torn final line, the only damage a reader accepts.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.torn_bytes = 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int]]:
+        path = self.path
+        try:
+            with path.open("rb") as handle:
+                prev, offset = GENESIS, 0
+                for lineno, line in enumerate(handle, start=1):
+                    where = f"{path} line {lineno}"
+                    if not line.endswith(b"\n"):
+                        if not _looks_torn(line):
+                            raise LogError(
+                                f"{where}: not a record (it does not start with '{{') — the "
+                                "file is damaged or is not a selftune audit log"
+                            )
+                        self.torn_bytes = len(line)
+                        return
+                    record = _parse_line(line[:-1], where)
+                    _check_link(record, line[:-1], lineno, prev, where)
+                    prev = record["hash"]
+                    offset += len(line)
+                    yield record, offset
+        except FileNotFoundError:
+            raise LogError(
+                f"no {DECISIONS} in {path.parent}: the folder is not a selftune run folder (a "
+                f"run with no decisions still has an empty {DECISIONS})"
+            ) from None
+        except OSError as exc:
+            raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _scan(path: Path) -> _Scan:
     """Read ``decisions.jsonl`` and check its chain, accepting only a torn final line."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LogError(
-            f"no {DECISIONS} in {path.parent}: the folder is not a selftune run folder (a run "
-            f"with no decisions still has an empty {DECISIONS})"
-        ) from None
-    except OSError as exc:
-        raise LogError(f"cannot read {path}: {exc.strerror or exc}") from None
+    chain = _Chain(path)
     records: list[dict[str, Any]] = []
     ends: list[int] = []
-    prev = GENESIS
-    start = 0
-    while start < len(data):
-        lineno = len(records) + 1
-        where = f"{path} line {lineno}"
-        newline = data.find(b"\n", start)
-        if newline == -1:
-            tail = data[start:]
-            if _looks_torn(tail):
-                return _Scan(records, ends, len(tail))
-            raise LogError(
-                f"{where}: not a record (it does not start with '{{') — the file is damaged or "
-                "is not a selftune audit log"
-            )
-        line = data[start:newline]
-        record = _parse_line(line, where)
-        _check_link(record, line, lineno, prev, where)
+    for record, end in chain:
         records.append(record)
-        prev = record["hash"]
-        start = newline + 1
-        ends.append(start)
-    return _Scan(records, ends, 0)
+        ends.append(end)
+    return _Scan(records, ends, chain.torn_bytes)
 
 
 def _run_folder(log_dir: str | os.PathLike[str]) -> Path:
@@ -371,11 +388,17 @@ class RunLog:
 
 
 def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
-    """Read a run folder, checking the whole chain; raise :class:`LogError` naming any damage."""
+    """Read a run folder, checking the whole chain and every record's fields, as :func:`verify`
+    does; raise :class:`LogError` naming any damage.
+
+    One pass over the file: a reader that needs the records and the check (the report, replay)
+    had called :func:`verify` and then this, reading and hashing the log twice.
+    """
     folder = _run_folder(log_dir)
-    manifest = _read_manifest(folder)
-    scan = _scan(folder / DECISIONS)
-    return RunLog(manifest, scan.records, scan.torn_bytes > 0, scan.torn_bytes)
+    check = _RecordCheck(folder, _read_manifest(folder))
+    chain = _Chain(folder / DECISIONS)
+    records = [check(record) for record, _ in chain]
+    return RunLog(check.manifest, records, chain.torn_bytes > 0, chain.torn_bytes)
 
 
 # --------------------------------------------------------------------------- verify
@@ -453,20 +476,26 @@ class VerifyResult:
         )
 
 
-def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
-    """Check a run folder's manifest, hash chain and records; raise :class:`LogError` on damage.
+class _RecordCheck:
+    """Checks each record of a log against the manifest and the records before it: its kind and
+    fields, each decision's group and knob (a group record adds a group at the next index).
 
-    A torn final line is accepted and reported (``torn_tail``); anything else that is wrong is an
-    error naming the file, the line and the record.
+    Called on the records in log order, it returns each and keeps only what the checks need
+    and :class:`VerifyResult` reports, so :func:`verify` holds one record at a time.
     """
-    run = read_log(log_dir)
-    folder = Path(log_dir).expanduser()
-    group_knobs = _group_knobs(run.manifest, folder / MANIFEST)
-    knobs: set[str] = set()
-    guard_events = 0
-    for lineno, record in enumerate(run.records, start=1):
-        where = f"{folder / DECISIONS} line {lineno} (seq {record['seq']})"
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self.group_knobs = _group_knobs(manifest, folder / MANIFEST)
+        self.where = folder / DECISIONS
+        self.records = 0
+        self.knobs: set[str] = set()
+        self.guard_events = 0
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.records += 1
         problem = _schema_problem(record)
+        group_knobs = self.group_knobs
         if problem is None and record["kind"] == "group":
             if record["group"] != len(group_knobs) or not isinstance(record["knobs"], list):
                 problem = (
@@ -481,17 +510,32 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
                 problem = f"group {group!r} is not one of the manifest's {len(group_knobs)} groups"
             elif not isinstance(knob, str) or knob not in group_knobs[group]:
                 problem = f"knob {knob!r} is not a knob of group {group} in the manifest"
-            knobs.add(str(knob))
+            self.knobs.add(str(knob))
         if problem is not None:
-            raise LogError(f"{where}: {problem}")
-        guard_events += record["kind"] == "guard"
+            raise LogError(f"{self.where} line {self.records} (seq {record['seq']}): {problem}")
+        self.guard_events += record["kind"] == "guard"
+        return record
+
+
+def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
+    """Check a run folder's manifest, hash chain and records; raise :class:`LogError` on damage.
+
+    A torn final line is accepted and reported (``torn_tail``); anything else that is wrong is an
+    error naming the file, the line and the record. The log is read a block at a time and no
+    record is kept, so a log of any length is checked in a few megabytes.
+    """
+    folder = _run_folder(log_dir)
+    check = _RecordCheck(folder, _read_manifest(folder))
+    chain = _Chain(folder / DECISIONS)
+    for record, _ in chain:
+        check(record)
     return VerifyResult(
         path=str(log_dir),
-        records=len(run.records),
-        knobs=sorted(knobs),
-        guard_events=guard_events,
-        torn_tail=run.torn_tail,
-        torn_bytes=run.torn_bytes,
+        records=check.records,
+        knobs=sorted(check.knobs),
+        guard_events=check.guard_events,
+        torn_tail=chain.torn_bytes > 0,
+        torn_bytes=chain.torn_bytes,
     )
 
 
@@ -735,6 +779,8 @@ class AuditLog:
         #: the notes written when the log was opened, and the seq of the first of them
         self._opening: list[str] = []
         self._opened_at = 0
+        #: how many of the opening notes are in the log
+        self._noted = 0
         #: the torn tail's size, and whether it was cut and the opening notes written
         self._torn, self._settled = 0, True
         #: the file's last scan and the (inode, size, mtime) it was of, until a record is written
@@ -788,15 +834,27 @@ class AuditLog:
         self._settled = False
 
     def _settle(self, fd: int) -> None:
-        """Cut the torn tail and write the opening notes, once, before anything else."""
+        """Cut the torn tail and write the opening notes, once, before anything else.
+
+        A write that fails (a full disk) leaves the notes not yet written to the next append:
+        a run that caught the error, freed space and stepped on had lost them, and its log no
+        longer said that its manifest had changed or that a torn line was cut.
+        """
         if self._settled:
             return
-        self._settled = True
-        if self._torn:
-            os.ftruncate(fd, self._bytes)
-        self._opened_at = self._seq
-        for reason in self._opening:
-            self.append({"kind": "note", "reason": reason})
+        self._settled = True  # the notes' own appends come back here
+        try:
+            if self._torn:
+                os.ftruncate(fd, self._bytes)
+                self._torn = 0
+            if self._noted == 0:
+                self._opened_at = self._seq
+            for reason in self._opening[self._noted :]:
+                self.append({"kind": "note", "reason": reason})
+                self._noted += 1
+        except BaseException:
+            self._settled = False
+            raise
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Chain ``record`` to the log and write it; return it as stored (with seq, prev, hash)."""

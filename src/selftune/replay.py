@@ -204,9 +204,8 @@ def replay(
             f"replay needs a torch.optim.Optimizer, got {type(optimizer).__name__}: build the "
             "optimizer as the logged run did, over the model's parameters"
         )
-    # verify first: besides the chain it checks the manifest's keys and every record's fields,
-    # which replay reads below; a damaged log must be refused as such, not fail as a KeyError
-    audit.verify(log_dir)
+    # read_log checks the manifest's keys and every record's fields besides the chain, as
+    # verify does: a damaged log is refused as such, not failed below as a KeyError
     run = audit.read_log(log_dir)
     _check_matches(run.manifest, optimizer, log_dir)
     _warn_of_versions(run.manifest)

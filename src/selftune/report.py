@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from selftune.audit import LogError, follows, is_joint, leader_row, read_log, verify
+from selftune.audit import LogError, follows, is_joint, leader_row, read_log
 from selftune.cli import UsageError
 from selftune.terminal import printable
 
@@ -255,10 +255,9 @@ def _no_rows(path: Path) -> str:
 def read_run(run_dir: str | Path) -> Run:
     """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
     folder = Path(run_dir).expanduser()
-    # verify first, as replay does: besides the chain it checks every record's fields, which
-    # the page reads; a record with an intact chain but a field missing or of the wrong type
-    # must be named by its line, not end the report in a KeyError
-    verify(folder)
+    # read_log checks every record's fields besides the chain, as verify does: a record with
+    # an intact chain but a field missing or of the wrong type is named by its line, not left
+    # to end the report in a KeyError
     log = read_log(folder)
     trace = Trace()
     try:  # the trace has no chain: the log is the record, and the page shows what it has
