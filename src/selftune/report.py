@@ -659,14 +659,14 @@ def _signals(record: dict[str, Any]) -> str:
     return ", ".join(f"{key} {_shown(value)}" for key, value in sorted(signals.items()))
 
 
-def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
+def _record_row(record: dict[str, Any], alike: Sequence[int], guard_numbers: dict[int, int]) -> str:
+    """One row of the table: ``alike``, the other groups a decision was made alike on."""
     kind = record.get("kind")
     if kind == "decision":
         clipped = "<span class='tag clip'>clipped</span>" if record["clipped"] else ""
         source = record.get("source", "controller")  # who decided, where not the controller
         if source != "controller":
             clipped = f"<span class='tag {_e(source)}'>{_e(source)}</span> {clipped}"
-        alike = record.get("alike") or []
         group = _e(record["group"]) + (
             f" <span class=sub title='also on groups {_e(', '.join(map(str, alike)))}'>"
             f"+{len(alike)}</span>"
@@ -699,40 +699,45 @@ def _record_row(record: dict[str, Any], guard_numbers: dict[int, int]) -> str:
     )
 
 
-def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[dict[str, Any] | int]:
-    """The records the table shows, with the number of decisions left out where they were.
+def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[int]:
+    """The indices of the records the table shows, with minus the number of decisions left out
+    where they were.
 
     Every guard event and note is shown; of the decisions, the first and the last ``rows``.
     """
     decisions = [i for i, r in enumerate(records) if r.get("kind") == "decision"]
     hidden = set(decisions[rows:-rows]) if len(decisions) > 2 * rows else set()
     skipped = 0
-    for index, record in enumerate(records):
+    for index in range(len(records)):
         if index in hidden:
             skipped += 1
             continue
         if skipped:
-            yield skipped
+            yield -skipped
             skipped = 0
-        yield record
+        yield index
     if skipped:
-        yield skipped
+        yield -skipped
 
 
-def _folded(run: Run) -> list[dict[str, Any]]:
+def _folded(run: Run) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
     """The records, with a joint run's followers folded into the change they follow and a
-    rollback's restores into its first group's: a row's ``alike`` lists the other groups (a
-    change on tens of groups was tens of rows alike)."""
+    rollback's restores into its first group's (a change on tens of groups was tens of rows
+    alike), and for each row that folded others in, the other groups, by the row's index.
+
+    The rows are the log's own records, not copies: a long run's report held each decision twice.
+    """
     joint = is_joint(run.manifest)
     out: list[dict[str, Any]] = []
+    alike: dict[int, list[int]] = {}
     for record in run.records:
         # a follower the policy clipped keeps a row of its own: its value is not the change's
         at = None if record.get("clipped") else leader_row(record, out, joint)
         if at is not None:
-            out[at]["alike"].append(record["group"])
+            alike.setdefault(at, []).append(record["group"])
         else:
-            out.append({**record, "alike": []} if record.get("kind") == "decision" else record)
-    return out
+            out.append(record)
+    return out, alike
 
 
 def _changes(run: Run) -> tuple[int, int]:
@@ -746,12 +751,12 @@ def _changes(run: Run) -> tuple[int, int]:
 def _decisions_table(run: Run, rows: int) -> str:
     numbers = {g["seq"]: n for n, g in enumerate(run.of_kind("guard"), start=1)}
     body = []
-    records = _folded(run)
-    for item in _shown_records(records, rows):
-        if isinstance(item, int):
-            body.append(f"<tr class=gap><td colspan=6>… {item} decisions not shown …</td></tr>")
+    records, alike = _folded(run)
+    for index in _shown_records(records, rows):
+        if index < 0:
+            body.append(f"<tr class=gap><td colspan=6>… {-index} decisions not shown …</td></tr>")
         else:
-            body.append(_record_row(item, numbers))
+            body.append(_record_row(records[index], alike.get(index, ()), numbers))
     total = sum(r.get("kind") == "decision" for r in records)  # the rows
     shown = min(total, 2 * rows)
     changes, followers = _changes(run)
