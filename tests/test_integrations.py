@@ -119,7 +119,8 @@ def test_lightning_callback_tunes_feeds_the_loss_and_logs(tmp_path: Path) -> Non
 
     (opt,) = cb.optimizers
     assert trainer.strategy.optimizers[0] is opt
-    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
+    # the scheduler watches the optimizer the wrapper wraps (LearningRateMonitor's name)
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt.optimizer
     assert opt.step_count == 60
     assert opt.hyperparams()[0]["lr"] != pytest.approx(1e-3, rel=1e-3)
     result = selftune.verify(tmp_path / "run")  # raises LogError on any damage
@@ -259,6 +260,50 @@ def test_lightning_logs_the_rate_of_the_step_not_the_next(tmp_path: Path) -> Non
     assert used == pytest.approx(0.01 / 2**4)
     assert cb.optimizers[0].hyperparams()[0]["lr"] == pytest.approx(used / 2)
     assert float(trainer.callback_metrics["selftune/group0/lr"]) == pytest.approx(used)
+
+
+class _WrappedScheduledModule(_TinyModule):
+    """Wraps its own optimizer in ``configure_optimizers`` and builds its scheduler on it."""
+
+    def configure_optimizers(self) -> Any:
+        opt = selftune.wrap(torch.optim.AdamW(self.parameters(), lr=self.lr), "off")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("module", [_TinyModule, _WrappedScheduledModule])
+def test_lightning_s_lr_monitor_names_the_optimizer_once_as_without_selftune(
+    tmp_path: Path, module: type[Any]
+) -> None:
+    """Lightning's ``LearningRateMonitor`` names a scheduled rate after the class of the
+    scheduler's optimizer, which the callback had pointed at the wrapper: it logged
+    ``lr-FedSelfTuned`` (an internal class), and the optimizer a second time as ``lr-AdamW``
+    (it unwraps ``trainer.optimizers``, and found the inner one unseen).  Now ``lr-AdamW``
+    alone, the name the same module logs without selftune, and no scheduler warns."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor, SelfTuneCallback()],
+    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.fit(module(), _loader())
+    assert not [w for w in said if "optimizer.step()" in str(w.message)], said  # torch's two
+    assert sorted(monitor.lrs) == ["lr-AdamW"]
+    assert monitor.lrs["lr-AdamW"] == pytest.approx([1e-3] * 3)
 
 
 class _ValidatedModule(_TinyModule):

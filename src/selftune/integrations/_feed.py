@@ -117,3 +117,31 @@ def keep_scheduler_mark(opt: SelfTuned) -> SelfTuned:
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     opt.step = step  # type: ignore[method-assign]
     return opt
+
+
+def mark_inner_step(opt: SelfTuned) -> torch.optim.Optimizer:
+    """The optimizer ``opt`` wraps, its ``step`` carrying the mark of torch's LR schedulers, for a
+    scheduler to watch it in the wrapper's place; returns it.
+
+    A scheduler checks that the optimizer it watches was stepped before it steps (and warns
+    that ``optimizer.step()`` was overridden where its mark is gone).  One built on the inner
+    optimizer marked that one's ``step`` already, which the wrapper's step calls; one built on
+    the wrapper marked the wrapper's, so the inner one is marked here as torch marks it.
+    """
+    inner = opt.optimizer
+    if getattr(inner.step, "_wrapped_by_lr_sched", False):
+        return inner
+    found = inner.__dict__.get("step")  # a step patched on the instance, kept
+    ref = weakref.ref(inner)  # as torch's own patch: no cycle through the instance
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        assert target is not None
+        target._opt_called = True  # type: ignore[attr-defined]  # what the scheduler checks
+        if found is not None:
+            return found(*args, **kwargs)
+        return type(target).step(target, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    inner.step = step  # type: ignore[method-assign]
+    return inner

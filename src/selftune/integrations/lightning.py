@@ -8,8 +8,10 @@ What the callback does, and when:
 * ``on_fit_start`` (after Lightning built the optimizers and schedulers): wraps every optimizer
   with :func:`selftune.wrap` (an optimizer that ``configure_optimizers`` already wrapped is kept),
   puts the wrapper in ``trainer.strategy.optimizers`` and points every LR scheduler's
-  ``scheduler.optimizer`` at it.  Schedulers keep writing ``param_groups[i]["lr"]``; selftune's
-  adjustment is a scale on top of it, so both compose.
+  ``scheduler.optimizer`` at the optimizer it wraps (``LearningRateMonitor`` names the rate
+  after that one's class, ``lr-AdamW``, as without selftune).  Schedulers keep writing
+  ``param_groups[i]["lr"]``, which the wrapper shares; selftune's adjustment is a scale on top
+  of it, so both compose.
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
   path where Lightning calls ``scaler.step(optimizer)`` without a closure; ``on_before_zero_grad``
@@ -67,7 +69,12 @@ from selftune.integrations import (
     refuse_for_wrapped,
     wrap_settings_given,
 )
-from selftune.integrations._feed import LossFeed, feed_from, keep_scheduler_mark
+from selftune.integrations._feed import (
+    LossFeed,
+    feed_from,
+    keep_scheduler_mark,
+    mark_inner_step,
+)
 from selftune.integrations.events import FollowsOne, StepKnobs
 from selftune.tuner import SelfTuned, StepEvent
 
@@ -202,11 +209,16 @@ class SelfTuneCallback(Callback):
             for listener in listeners:
                 opt.add_listener(listener)
         strategy.optimizers = list(wrapped)  # the setter also rebuilds the LightningOptimizers
+        # Each scheduler watches the optimizer the wrapper wraps (whose param_groups it shares),
+        # also one built on a wrapper configure_optimizers returned: LearningRateMonitor names
+        # a scheduled rate after its optimizer's class, and pointed at the wrapper it logged
+        # ``lr-FedSelfTuned``, and the optimizer again as ``lr-AdamW`` (it unwraps
+        # trainer.optimizers, and found the inner one unwatched).
         for config in strategy.lr_scheduler_configs:
             target = getattr(config.scheduler, "optimizer", None)
             for original, new in zip(originals, wrapped, strict=True):
-                if target is original or target is new.optimizer:
-                    config.scheduler.optimizer = new
+                if target is original or target is new or target is new.optimizer:
+                    config.scheduler.optimizer = mark_inner_step(new)
         self.optimizers = wrapped
 
     def _wrap(
