@@ -1477,6 +1477,41 @@ def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
     assert mlflow.active_run() is None
 
 
+def test_mlflow_writer_built_in_a_parent_run_logs_into_the_nested_run_it_trains_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer built while a parent run was active took that run at once, and logged the
+    knobs into the parent while the training, and the metrics it logged itself, ran in a nested
+    run started since (a sweep's trial, the Hugging Face Trainer's ``MLFLOW_NESTED_RUN``).  It
+    logs into the run active at its first step now, and ends neither: the user started both.
+    A run given, or the one active when built where none is active at the first step, is
+    still the one logged to."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    client = MlflowClient(tracking_uri=uri)
+    with mlflow.start_run(run_name="sweep") as parent:
+        writer, given = MLflowWriter(), MLflowWriter(run=parent.info.run_id)
+        with mlflow.start_run(run_name="trial", nested=True) as trial:
+            _tuned(3, writer, given)
+            mlflow.log_metric("val_loss", 1.0)
+            writer.close()
+            given.close()
+            active = mlflow.active_run()
+            assert active is not None and active.info.run_id == trial.info.run_id
+        assert client.get_metric_history(trial.info.run_id, "selftune/group0/lr")
+        assert not client.get_metric_history(parent.info.run_id, "val_loss")
+        assert writer.run_id == trial.info.run_id and given.run_id == parent.info.run_id
+        kept = MLflowWriter()
+    _tuned(2, kept)  # no run active at its first step: the one it was built in
+    kept.close()
+    assert kept.run_id == parent.info.run_id and mlflow.active_run() is None
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
 def test_the_writers_write_the_knobs_every_every_steps_and_each_decision(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

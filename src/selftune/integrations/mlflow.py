@@ -63,9 +63,10 @@ _PART_NAME = re.compile(r"\d{5}\.jsonl")
 class MLflowWriter(FollowsOne):
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
 
-    ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the run active now, else
-    the one active at the first step (one is started then, and ended in :meth:`close`, if none
-    is active).  ``every``: log the knobs and the
+    ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the run active at the first
+    step (the innermost: a nested run the training runs in, not its parent), else the one
+    active when the writer was built, else one started then and ended in :meth:`close`.
+    ``every``: log the knobs and the
     loss every this many steps (the decisions' count and the metric at the steps that have
     them).  ``prefix``: the first part of every metric's, tag's and artifact's name.
     ``flush_every``: write the decisions artifact's open part after this many new decisions
@@ -94,9 +95,12 @@ class MLflowWriter(FollowsOne):
                 "or MLFLOW_TRACKING_URI, with run left out (a run is started at the first step)"
             )
         self._owned = False
-        #: the run given, else the one active now (no store is touched to read it), else None:
-        #: a run is started at the first event
-        self._run = run if run is not None else mlflow.active_run()
+        #: the run given, else None: the run active at the first event is taken then
+        self._run = run
+        #: the run active now (no store is touched to read it), taken at the first event if no
+        #: run is active then (a process the training was handed to, as Lightning's
+        #: ddp_spawn's, has no active run of its own)
+        self._built_in = None if run is not None else mlflow.active_run()
         self._client = client
         #: decided at the first event: False on a rank other than 0 under torch.distributed, as
         #: the run folder is written (no run started, nothing logged, no store touched)
@@ -112,7 +116,7 @@ class MLflowWriter(FollowsOne):
         self._unflushed = 0
 
     def _place(self) -> str:
-        run = self._run
+        run = self._run if self._run is not None else self._built_in
         given = run if run is None or isinstance(run, str) else run.info.run_id
         return f"run {self.run_id or given or 'to be started'!r}, prefix {self.prefix!r}"
 
@@ -124,11 +128,14 @@ class MLflowWriter(FollowsOne):
         if self.active is None:  # decided once made: a start that failed is tried again
             active = is_rank_zero()
             if active:
+                # the run active at the first step before the one active when built: a writer
+                # built in a parent run logged into the parent while the training, and the
+                # metrics it logged, ran in a nested run started since
                 run = self._run
                 if run is None:
-                    run = mlflow.active_run()
-                    if run is None:
-                        run, self._owned = mlflow.start_run(), True
+                    run = mlflow.active_run() or self._built_in
+                if run is None:
+                    run, self._owned = mlflow.start_run(), True
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self.client = self._client if self._client is not None else MlflowClient()
                 self._continue_parts()
