@@ -570,7 +570,8 @@ def _plain_loads(out: Path, rank: int) -> dict[str, str | None]:
     """A DDP model with a plain optimizer (tuning off): a checkpoint rank 0 saved where rank 1
     cannot read it was refused on rank 1 alone, and rank 0 loaded it and went on to DDP's next
     all-reduce, where it waited; and rank 0 alone loads a checkpoint into the module DDP
-    wraps, to evaluate it, with no collective."""
+    wraps, to evaluate it, with no collective.  A plain module's load on every rank, given
+    ``every_rank=True``, is refused on every rank alike."""
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     plain = make_inner("sgd", model)
     if rank == 0:
@@ -588,6 +589,17 @@ def _plain_loads(out: Path, rank: int) -> dict[str, str | None]:
         )
     x, y = batch(2, rank)  # both ranks go on to DDP's next all-reduce together
     torch.nn.functional.mse_loss(model(x), y).backward()
+    # a plain module with a plain optimizer, which every rank trains (gradients synced by
+    # hand): its load is the calling rank's alone, and rank 1 refused the file it lacked
+    # while rank 0 resumed from it; a loop that starts afresh where no checkpoint loads then
+    # trained from two steps.  every_rank=True refuses it on every rank alike
+    module = make_model()
+    own = make_inner("sgd", module)
+    path = out / f"plain-rank{rank}.pt"
+    said["module-alone"] = _says(lambda: load_checkpoint(path, model=module, optimizer=own))
+    said["module-every"] = _says(
+        lambda: load_checkpoint(path, model=module, optimizer=own, every_rank=True)
+    )
     return said
 
 

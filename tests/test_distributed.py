@@ -327,6 +327,25 @@ def test_a_checkpoint_one_rank_cannot_read_is_refused_on_every_rank_with_a_plain
     assert said[0]["alone"] is None and "alone" not in said[1]
 
 
+def test_a_plain_module_s_load_given_every_rank_is_refused_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """A plain module with a plain optimizer (no DDP: gradients synced by hand, tuning off):
+    its load is the calling rank's alone, and a checkpoint rank 1 could not read was refused
+    on rank 1 while rank 0 resumed from it (a loop that starts afresh where none loads trained
+    on from two steps), with nothing to say that the other rank went on.  The refusal names
+    ``every_rank=True`` now, with which every rank refuses what one refuses."""
+    _, ranks = ddp
+    said = [r["plain-loads"] for r in ranks]
+    assert said[0]["module-alone"] is None  # rank 0 alone may load: an evaluation's load
+    assert said[1]["module-alone"].startswith("CheckpointError: no checkpoint at")
+    assert "no other rank was told: where every rank loads, pass every_rank=True" in str(
+        said[1]["module-alone"]
+    )
+    assert said[1]["module-every"].startswith("CheckpointError: no checkpoint at")
+    assert said[0]["module-every"].startswith("CheckpointError: rank 1 could not load")
+
+
 def test_a_state_saved_before_the_ranks_shared_their_metrics_warns_where_it_differs(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

@@ -331,6 +331,9 @@ def test_missing_damaged_and_foreign_files_are_named(
     kind = type(model).__name__
     with pytest.raises(CheckpointError, match=rf"optimizer= takes the optimizer .* {kind}"):
         save_checkpoint(tmp_path / "c.pt", model=model, optimizer=model, step=3)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match=r"every_rank='yes': True \(every rank calls"):
+        load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, every_rank="yes")  # type: ignore[arg-type]
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, every_rank=True)  # alone
 
 
 def test_a_model_the_checkpoint_does_not_fit_is_refused_before_any_weight_loads(

@@ -156,6 +156,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     map_location: str | torch.device | None = "cpu",
+    every_rank: bool = False,
 ) -> dict[str, Any]:
     """Restore ``model``, ``optimizer`` and the random generators from ``path``.
 
@@ -168,8 +169,16 @@ def load_checkpoint(
     file of another step on some rank (each node's own disk holding its own checkpoint, one
     older).  A plain module with a plain optimizer loads on the calling rank alone, so that
     rank 0 may load a checkpoint by itself (into ``model.module`` or a model of its own, to
-    evaluate it); a refusal there is that rank's.
+    evaluate it); a refusal there is that rank's.  ``every_rank=True`` makes that load a
+    collective too, for a plain module and optimizer that every rank trains (gradients synced
+    by hand, a run with tuning off): a file one rank lacked was refused there alone, and a loop
+    that starts afresh when no checkpoint loads resumed on one rank and started over on the
+    other.
     """
+    if not isinstance(every_rank, bool):
+        raise CheckpointError(
+            f"every_rank={every_rank!r}: True (every rank calls this load, a collective) or False"
+        )
     _refuse_sharded_model(model, "load")  # (every rank holds a shard alike)
     source = Path(path).expanduser()
     payload: dict[str, Any] = {}
@@ -180,13 +189,23 @@ def load_checkpoint(
         _check_groups(source, payload["optimizer"], optimizer)
 
     # a selftune optimizer's load is a collective already (its check of the state)
-    if shards.across_ranks() and (isinstance(optimizer, SelfTuned) or _loaded_on_every_rank(model)):
+    collective = every_rank or isinstance(optimizer, SelfTuned) or _loaded_on_every_rank(model)
+    if shards.across_ranks() and collective:
         # in one collective: a file missing on one rank's node, or a model built otherwise
         # there, was refused on that rank alone, and the others waited in the optimizer's check
         # of the state or in DDP's next all-reduce; and a file of its own on each node, one of
         # them older, loaded, and the ranks went their own ways
         shards.refuse_on_every_rank(refused_here, f"load {source}", raises=CheckpointError)
         _check_same_step(source, payload)
+    elif shards.across_ranks():
+        try:
+            refused_here()
+        except CheckpointError as err:  # the other ranks were not told: say so, and how
+            raise CheckpointError(
+                f"{err} (this rank loaded alone, a plain module with a plain optimizer, and no "
+                "other rank was told: where every rank loads, pass every_rank=True, and every "
+                "rank refuses what one refuses)"
+            ) from None
     else:
         refused_here()
     _check_tuning(source, payload["optimizer"], optimizer)
