@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -723,6 +724,8 @@ def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
         del damaged[change[3:]]
     elif change == "curves cut":
         damaged["curves"]["metric"] = damaged["curves"]["metric"][:1]
+    elif change == "curves nan":
+        damaged["curves"]["metric"] = [math.nan, *damaged["curves"]["metric"][1:]]
     else:
         key, value = change.split("=")
         damaged[key] = json.loads(value)
@@ -732,7 +735,9 @@ def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "change",
     ["no family", "no versions", "no curves", "target=null", "curves cut",
-     'steps_to_target="abc"', "seed=[0]", 'steps_budget="60"', 'higher_is_better="yes"'],
+     'steps_to_target="abc"', "seed=[0]", 'steps_budget="60"', 'higher_is_better="yes"',
+     "steps_to_target=NaN", "seconds_to_target=Infinity", "target=-Infinity",
+     "final_metric=NaN", "ms_per_step=1e999", "curves nan"],
 )  # fmt: skip
 def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
@@ -740,7 +745,9 @@ def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     """A record missing a field or holding one of another type made a traceback (KeyError,
     TypeError: unhashable type on a resume or --list, zip's "argument 2 is shorter"), a message
     naming no file ("could not convert string to float"), or a contradiction ("a budget of 60
-    steps, and these have 60")."""
+    steps, and these have 60").  NaN and infinity, which the runner never writes (a miss is
+    null), made figures instead: a NaN steps to target counted as a hit and its median as
+    anything, an infinite one a hit whose steps were a miss."""
     from selftune.cli import main
 
     good = {**_record("sgd-default", "default", 50), "workload": "digits-mlp"}
@@ -764,6 +771,8 @@ def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
         ('[{"x": 1}]', "measurement 1 is no overhead row (it has no workload, base"),
         ('[{"workload": "w", "base": "sgd", "steps": 2, "plain_ms": 1, "selftune_ms": "1", '
          '"ratio": 1}]', "measurement 1 is no overhead row (its selftune_ms is \"1\""),
+        ('[{"workload": "w", "base": "sgd", "steps": 2, "plain_ms": 1, "selftune_ms": 1, '
+         '"ratio": NaN}]', "measurement 1 is no overhead row (its ratio is NaN, not a finite"),
         ("ratio 1.02", "is not valid JSON"),
     ],
 )  # fmt: skip

@@ -11,6 +11,7 @@ file and line and the rest of the code may trust the types.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -26,12 +27,20 @@ Kind = tuple[str, Callable[[object], bool]]
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON's true is no 1
+    """Whether ``value`` is a finite number as JSON reads it.
+
+    NaN and infinity are damage: ``json.loads`` reads ``NaN``, ``Infinity`` and ``1e999`` as
+    floats, but ``bench`` never writes them (a run that misses its target records null, a value
+    that is not finite is recorded as null), and the report counted a NaN steps to target as a
+    hit with a median of anything, an infinite one as a hit whose median was a miss."""
+    if isinstance(value, bool):  # JSON's true is no 1
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 TEXT: Kind = ("text", lambda value: isinstance(value, str))
 WHOLE: Kind = ("a whole number", lambda value: isinstance(value, int) and is_number(value))
-NUMBER: Kind = ("a number", is_number)
+NUMBER: Kind = ("a finite number", is_number)
 FLAG: Kind = ("true or false", lambda value: isinstance(value, bool))
 
 

@@ -239,16 +239,21 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _curves(value: object) -> bool:
-    """Whether ``value`` is a run's curves: a step and three values at each evaluation (a
-    shorter list made the report's plots stop with "zip() argument 2 is shorter")."""
+    """Whether ``value`` is a run's curves: a step and three finite values at each evaluation (a
+    shorter list made the report's plots stop with "zip() argument 2 is shorter"; the runner
+    records a value that is not finite as null, so NaN or infinity is damage, as in a field)."""
     if not isinstance(value, dict) or not all(isinstance(value.get(k), list) for k in CURVES):
         return False
     steps = value["step"]
     # json.loads makes exactly these types (true is a bool, no int): a set of them is quick to
     # take over the committed results' million values
-    return {type(x) for x in steps} <= {int, float} and all(
-        len(value[k]) == len(steps) and {type(x) for x in value[k]} <= {int, float, type(None)}
-        for k in CURVES[1:]
+    return (
+        {type(x) for x in steps} <= {int, float}
+        and all(
+            len(value[k]) == len(steps) and {type(x) for x in value[k]} <= {int, float, type(None)}
+            for k in CURVES[1:]
+        )
+        and all(math.isfinite(x) for k in CURVES for x in value[k] if x is not None)
     )
 
 
@@ -272,7 +277,7 @@ _RECORD: dict[str, Kind] = {
     "ms_per_step": or_null(NUMBER),
     "diverged": FLAG,
     "curves": (
-        "four lists of one length (step, metric, loss_ema, lr) of numbers, null but in step",
+        "four lists of one length (step, metric, loss_ema, lr) of finite numbers, null but in step",
         _curves,
     ),
     "versions": (
