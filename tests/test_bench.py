@@ -279,6 +279,32 @@ def test_a_failed_run_in_parallel_keeps_the_runs_that_finished(
     assert kept and kept <= {0, 1, 2}  # what finished before or beside it, none lost
 
 
+def test_ctrl_c_in_parallel_runs_no_more_and_keeps_every_run_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C reaches the parent while it waits for the workers: it left the pool, which ran
+    every queued run to its end (an hour of a suite) and then threw their results away."""
+    from concurrent.futures import Future, as_completed
+
+    from selftune.bench import runner
+
+    waited: list[Future[dict[str, Any]]] = []
+
+    def interrupted(futures: Any) -> Iterator[Future[dict[str, Any]]]:
+        waited.extend(futures)
+        yield next(as_completed(futures))  # the first run to finish
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "as_completed", interrupted)
+    specs = [_spec("adamw-default", seed) for seed in range(12)]
+    with pytest.raises(KeyboardInterrupt):
+        run_all(specs, tmp_path, jobs=2, progress=False)
+    finished = {f for f in waited if f.done() and not f.cancelled() and f.exception() is None}
+    kept = [r["seed"] for r in read_results(tmp_path / "results.jsonl")]
+    assert sorted(kept) == sorted(f.result()["seed"] for f in finished)  # none lost
+    assert any(f.cancelled() for f in waited)  # the queued runs were not started
+
+
 def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:
     def huge_rate(model: torch.nn.Module, setting: Setting) -> Handle:
         return Handle(torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9))

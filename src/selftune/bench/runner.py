@@ -388,20 +388,24 @@ def run_all(specs: list[RunSpec], out: Path, jobs: int = 1, progress: bool = Tru
                 pool.submit(run_spec, s): s for s in todo
             }
             kept: set[Future[dict[str, Any]]] = set()
-            for future in as_completed(futures):
-                spec = futures[future]
-                try:
-                    record = future.result()
-                except DataUnavailable as exc:
-                    _mark_unavailable(outcome, spec.workload, str(exc))
-                    continue
-                except BaseException:
-                    _keep_finished(pool, futures, kept, path)
-                    raise
-                _append(path, record)
-                kept.add(future)
-                outcome.ran += 1
-                advance(spec)
+            # around the wait too: Ctrl-C lands there, mostly, and leaving the pool then ran
+            # every queued run to its end (a terminal's Ctrl-C reaches the workers, which go on
+            # to the next run) before the results of all of them were thrown away
+            try:
+                for future in as_completed(futures):
+                    spec = futures[future]
+                    try:
+                        record = future.result()
+                    except DataUnavailable as exc:
+                        _mark_unavailable(outcome, spec.workload, str(exc))
+                        continue
+                    _append(path, record)
+                    kept.add(future)
+                    outcome.ran += 1
+                    advance(spec)
+            except BaseException:
+                _keep_finished(pool, futures, kept, path)
+                raise
     return outcome
 
 
@@ -411,9 +415,9 @@ def _keep_finished(
     kept: set[Future[dict[str, Any]]],
     path: Path,
 ) -> None:
-    """A run failed: start no more, let those under way finish, and record every run that
-    did, as a resume expects.  Leaving the pool ran every queued run to its end and then threw
-    all their results away with the error."""
+    """A run failed, or the suite was interrupted: start no more, let those under way finish,
+    and record every run that did, as a resume expects.  Leaving the pool ran every queued run
+    to its end and then threw all their results away with the error."""
     pool.shutdown(wait=True, cancel_futures=True)
     for future in futures:
         if future in kept or future.cancelled() or future.exception() is not None:
