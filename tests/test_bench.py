@@ -763,7 +763,8 @@ def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
     ["no family", "no versions", "no curves", "target=null", "curves cut",
      'steps_to_target="abc"', "seed=[0]", 'steps_budget="60"', 'higher_is_better="yes"',
      "steps_to_target=NaN", "seconds_to_target=Infinity", "target=-Infinity",
-     "final_metric=NaN", "ms_per_step=1e999", "curves nan"],
+     "final_metric=NaN", "ms_per_step=1e999", "curves nan", "steps_to_target=0",
+     "steps_to_target=101", "steps_to_target=null", "seconds_to_target=null"],
 )  # fmt: skip
 def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
@@ -773,7 +774,9 @@ def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     naming no file ("could not convert string to float"), or a contradiction ("a budget of 60
     steps, and these have 60").  NaN and infinity, which the runner never writes (a miss is
     null), made figures instead: a NaN steps to target counted as a hit and its median as
-    anything, an infinite one a hit whose steps were a miss."""
+    anything, an infinite one a hit whose steps were a miss.  A steps to target of 0 (no run
+    reaches its target before its first step) stopped the report with a ZeroDivisionError, and
+    one without its seconds with "max() arg is an empty sequence"."""
     from selftune.cli import main
 
     good = {**_record("sgd-default", "default", 50), "workload": "digits-mlp"}

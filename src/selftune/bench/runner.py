@@ -229,13 +229,32 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             raise Damaged(
                 f"{path}:{number} is not valid JSON ({exc}); remove or fix that line and rerun"
             ) from exc
-        problem = fault(record, _RECORD, _RECORD_OPTIONAL)
+        problem = fault(record, _RECORD, _RECORD_OPTIONAL) or _contradiction(record)
         if problem is not None:
             raise Damaged(
                 f"{path}:{number} is no run's record ({problem}); remove or fix that line and rerun"
             )
         records.append(record)
     return records
+
+
+def _contradiction(record: dict[str, Any]) -> str | None:
+    """What in a record of well-typed fields no run writes, in words; None when nothing is.
+
+    A run reaches its target at a step from 1 to its budget and records both its steps and its
+    seconds to it, or, when it misses, neither: a steps to target of 0 stopped the report with a
+    ZeroDivisionError, and one without its seconds with "max() arg is an empty sequence"."""
+    steps, seconds = record["steps_to_target"], record["seconds_to_target"]
+    if (steps is None) != (seconds is None):
+        null, other = ("steps", seconds) if steps is None else ("seconds", steps)
+        return (
+            f"its {null}_to_target is null, and the other {json.dumps(other)}: a run that "
+            "reached its target records both, one that missed neither"
+        )
+    budget = record["steps_budget"]
+    if steps is not None and not (isinstance(steps, int) and 1 <= steps <= budget):
+        return f"its steps_to_target is {steps}, not a whole number from 1 to its budget {budget}"
+    return None
 
 
 def _curves(value: object) -> bool:
