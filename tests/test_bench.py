@@ -590,6 +590,23 @@ def test_a_sweep_start_slower_than_1_5x_the_oracle_is_a_shortfall(
         assert any("starting rate" in m for m in met)
 
 
+def test_a_sweep_with_no_grid_beside_it_is_not_counted_as_within_1_5x_of_an_oracle() -> None:
+    """With no grid run (the smoke suite has no averaged AdamW grid), every start that hit
+    was counted as meeting "at most 1.5x the oracle's median steps", at 10x auto's steps; a
+    start that missed still misses the bar."""
+    averaged = "selftune-auto-adamw-lr1e-5-avg"
+    records = [
+        *(_record("selftune-auto-adamw", "selftune", 50, i) for i in range(2)),
+        *(_record("selftune-auto-adamw-lr1e-5", "sweep", 500, i) for i in range(2)),
+        *(_record(averaged, "sweep-avg", s, i) for i, s in enumerate([90, None])),
+    ]
+    short, met = report.shortfalls(report.summarise(records), [])
+    counts = report.tally(short, met)
+    assert counts[report.BARS["sweep"]] == (0, 0)
+    assert counts[report.BARS["sweep-avg"]] == (0, 1)
+    assert any("missed: selftune-auto-adamw-lr1e-5-avg 1/2" in s for s in short)
+
+
 def test_ctrl_c_keeps_the_finished_runs_and_says_the_command_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
