@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import io
 import json
 import math
 import os
@@ -528,13 +529,63 @@ def test_a_scalar_parameter_s_moments_take_its_dtype_when_the_model_s_changes() 
         again = selftune.wrap(build(params, lr=0.01, **kwargs), "off")
         again.load_state_dict(saved)
         kept = again.optimizer.state[scale]
-        assert all(v.dtype == torch.float64 for k, v in kept.items() if k != "step"), build
-        if build is torch.optim.NAdam:  # its own scalar beside the float64 weights: float32
+        own = ("step", "mu_product")  # NAdam's own scalar, beside every parameter: float32
+        assert all(v.dtype == torch.float64 for k, v in kept.items() if k not in own), build
+        if build is torch.optim.NAdam:
             assert again.optimizer.state[model.weight]["mu_product"].dtype == torch.float32
+            assert kept["mu_product"].dtype == torch.float32
         again.zero_grad()
         loss = (model(torch.ones(2, 3, dtype=torch.float64)) * scale).pow(2).mean()
         loss.backward()
         again.step(loss=loss.detach())
+
+
+def test_a_float64_scalar_parameter_s_run_resumes_bit_for_bit() -> None:
+    """A float64 model with a parameter that is a scalar itself (a learned temperature): the
+    optimizer's own scalar beside it (NAdam's float32 ``mu_product``) came back from torch's
+    load as float64, since every state of a scalar parameter is a scalar, and the resumed
+    run left the uninterrupted one (the moments beside it take its dtype, as before)."""
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def build() -> tuple[list[torch.nn.Parameter], SelfTuned]:
+        torch.manual_seed(SEED)
+        params = [
+            torch.nn.Parameter(torch.randn(4, 1, dtype=torch.float64)),
+            torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64)),
+        ]
+        opt = selftune.wrap(torch.optim.NAdam(params, lr=0.01), "hypergradient", guard=False)
+        return params, opt
+
+    def train(params: list[torch.nn.Parameter], opt: SelfTuned, steps: range) -> None:
+        for _ in steps:
+            loss = (x @ params[0] * params[1] - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+    whole, opt = build()
+    train(whole, opt, range(40))
+    first, opt = build()
+    train(first, opt, range(20))
+    saved = [p.detach().clone() for p in first], _load_weights_only(opt.state_dict())
+    resumed, opt = build()
+    with torch.no_grad():
+        for p, kept in zip(resumed, saved[0], strict=True):
+            p.copy_(kept)
+    opt.load_state_dict(saved[1])
+    assert opt.optimizer.state[resumed[1]]["mu_product"].dtype == torch.float32
+    assert opt.optimizer.state[resumed[1]]["exp_avg"].dtype == torch.float64
+    train(resumed, opt, range(20, 40))
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
+
+
+def _load_weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=True)
+    return loaded
 
 
 def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_loads(

@@ -2009,21 +2009,34 @@ def _keep_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any])
     back as float64, and where it weighs the update (NAdam's ``mu_product``) the resumed run
     left the uninterrupted one in the last bits.  A state of the parameter's own shape (its
     moments, of a parameter that is a scalar itself) takes the parameter's dtype, as torch
-    gives it: the update needs the two alike."""
-    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False):
-        for index, param in zip(saved_group["params"], group["params"], strict=False):
-            if param.dim() == 0:
-                continue
-            state = optimizer.state.get(param, {})
-            for key, value in saved["state"].get(index, {}).items():
-                now = state.get(key)
-                if (
-                    isinstance(value, torch.Tensor)
-                    and isinstance(now, torch.Tensor)
-                    and value.dim() == 0
-                    and value.dtype != now.dtype
-                ):
-                    state[key] = value.to(device=now.device, copy=True)
+    gives it: the update needs the two alike.  Beside a parameter that is a scalar itself,
+    where every state is a scalar, the optimizer's own are told by their keys: those it keeps
+    as scalars beside a parameter that is none (a float64 learned temperature's
+    ``mu_product`` came back as float64, and the resumed run left the uninterrupted one)."""
+    pairs = [
+        (param, saved["state"].get(index, {}))
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False)
+        for index, param in zip(saved_group["params"], group["params"], strict=False)
+    ]
+    own = {
+        key
+        for param, kept in pairs
+        if param.dim() > 0
+        for key, value in kept.items()
+        if isinstance(value, torch.Tensor) and value.dim() == 0
+    }
+    for param, kept in pairs:
+        state = optimizer.state.get(param, {})
+        for key, value in kept.items():
+            now = state.get(key)
+            if (
+                isinstance(value, torch.Tensor)
+                and isinstance(now, torch.Tensor)
+                and value.dim() == 0
+                and (param.dim() > 0 or key in own)
+                and value.dtype != now.dtype
+            ):
+                state[key] = value.to(device=now.device, copy=True)
 
 
 def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
