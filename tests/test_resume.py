@@ -757,6 +757,37 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
     finish_from_checkpoint(ref, model, opt, tmp_path)  # loaded in place
 
 
+def test_a_state_of_other_param_groups_is_refused_before_a_broken_step_is_cleared() -> None:
+    """A step broken off by a Ctrl-C, then a load of a state for other param groups (a plain
+    state saved before any step, whose update selftune holds none of to check): torch's load
+    refused it, but only after the load had cleared the broken step, and the wrapper took
+    steps again past an update it had not recorded.  It is refused by name first, and the
+    wrapper still refuses steps."""
+    model = torch.nn.Linear(3, 1)
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), "off")
+    other = torch.optim.SGD(torch.nn.Linear(3, 1, bias=False).parameters(), lr=0.1)
+
+    def step() -> None:
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+    def interrupt(optimizer: Any, args: Any, kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    step()
+    hook = opt.optimizer.register_step_post_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        step()
+    hook.remove()
+    for state in (other.state_dict(), selftune.wrap(other, "off").state_dict()):
+        with pytest.raises(selftune.ConfigError, match=r"param groups of \[1\] parameters"):
+            opt.load_state_dict(state)
+        with pytest.raises(selftune.ConfigError, match="step 2 raised part-way"):
+            step()
+
+
 def test_a_refused_loss_or_a_listener_s_error_leaves_the_run_whole(tmp_path: Path) -> None:
     """A loss refused by name changes nothing, and a listener that raises (a writer's error, a
     user's early stop) does so after the step is written: neither is a step broken off, and

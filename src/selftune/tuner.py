@@ -940,9 +940,11 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.restart(self.param_groups)
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
-        """Raise :class:`ConfigError` if selftune's part of ``state_dict`` was saved from
-        another number of param groups, another optimizer class or another controller (older
-        states name neither: only the groups are checked), or if it is no optimizer's state;
+        """Raise :class:`ConfigError` if ``state_dict`` holds param groups of other sizes than
+        this optimizer's (a plain optimizer's state too), if selftune's part of it was saved
+        from another number of param groups, another optimizer class or another controller
+        (older states name neither: only the groups are checked), or if it is no optimizer's
+        state;
         :class:`~selftune.audit.LogError` if it is a state of another run folder.
 
         Under ``torch.distributed`` a collective, as a load is (every rank loads the run's
@@ -963,14 +965,29 @@ class SelfTuned(torch.optim.Optimizer):
                 f"'param_groups', as opt.state_dict() returns), got {got}"
             )
         own = state_dict.get("selftune")
-        if own is None:
-            return
-        if len(own["scales"]) != len(self.param_groups):
+        if own is not None and len(own["scales"]) != len(self.param_groups):
             raise ConfigError(
                 f"state dict has {len(own['scales'])} param groups, this optimizer "
                 f"{len(self.param_groups)}; load a state dict saved from the same model setup "
                 "(a run that added groups mid-run: add them again, add_param_group, first)"
             )
+        # refused here, not by torch's load: that came after the load had cleared a step that
+        # raised part-way (or the guard's GuardError), and the wrapper took steps again
+        saved_groups = state_dict["param_groups"]
+        counts = [len(g["params"]) for g in self.param_groups]
+        sizes = (
+            [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in saved_groups]
+            if isinstance(saved_groups, list)
+            else saved_groups
+        )
+        if sizes != counts:
+            raise ConfigError(
+                f"the state dict holds param groups of {sizes} parameters, this optimizer "
+                f"{counts}: load a state dict saved from the same model setup (a run that added "
+                "groups mid-run: add them again, add_param_group, first)"
+            )
+        if own is None:
+            return
         if own.get("broken_at") is not None:
             raise ConfigError(
                 f"this state was saved after step {own['broken_at']} raised part-way (its "
