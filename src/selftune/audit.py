@@ -521,8 +521,8 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
     """Check a run folder's manifest, hash chain and records; raise :class:`LogError` on damage.
 
     A torn final line is accepted and reported (``torn_tail``); anything else that is wrong is an
-    error naming the file, the line and the record. The log is read a block at a time and no
-    record is kept, so a log of any length is checked in a few megabytes.
+    error naming the file, the line and the record. The log is read a line at a time and no
+    record is kept, so a log of any length is checked in the memory of one line.
     """
     folder = _run_folder(log_dir)
     check = _RecordCheck(folder, _read_manifest(folder))
