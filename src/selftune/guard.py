@@ -135,7 +135,8 @@ class GuardConfig:
     #: no measure of this optimizer's own progress, such as a GAN player's, which rises when
     #: the other player gets better and which no rollback of this player's state brings back,
     #: or a policy gradient's surrogate (the default guard cost plain Adam modes of the data
-    #: in ``bench-results/gan/`` and slowed two seeds of five in ``policy-gradient/``)
+    #: in ``bench-results/gan/`` and slowed one seed of five in ``policy-gradient/``, two
+    #: before it judged a loss below zero on its own scale)
     nonfinite_only: bool = False
 
     def __post_init__(self) -> None:
