@@ -379,6 +379,30 @@ def test_garbage_decisions_are_rejected_at_line_1(tmp_path: Path, garbage: bytes
         ({"kind": "surprise", "reason": "x"}, "kind is 'surprise'"),
         (decision(0, knob="beta2"), "knob 'beta2' is not a knob of group 0"),
         (decision(0, group=5), "group 5 is not one of the manifest's 2 groups"),
+        # JSON's true is no index (Python's True == 1 let it through as group 1)
+        (decision(0, group=True), "group True is not one of the manifest's 2 groups"),
+        (
+            {
+                "kind": "group",
+                "step": 1,
+                "group": 2.0,
+                "knobs": ["lr"],
+                "num_params": 3,
+                "reason": "x",
+            },
+            r"group 2\.0 added, but the run had 2 groups",
+        ),
+        (
+            {
+                "kind": "group",
+                "step": 1,
+                "group": 2,
+                "knobs": [{"lr": 1}],
+                "num_params": 3,
+                "reason": "x",
+            },
+            "group 2 added, but the run had 2 groups .* a list of knob names",
+        ),
         # a list or object where a name goes: a TypeError (unhashable) escaped verify
         ({**decision(0), "kind": ["decision"]}, r"kind is \['decision'\]; expected one of"),
         (decision(0, knob=["lr"]), r"knob \['lr'\] is not a knob of group 0"),

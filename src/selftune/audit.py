@@ -476,6 +476,11 @@ class VerifyResult:
         )
 
 
+def _is_index(value: Any) -> bool:
+    """Whether ``value`` is a whole number as JSON writes one (``true`` is no group index)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class _RecordCheck:
     """Checks each record of a log against the manifest and the records before it: its kind and
     fields, each decision's group and knob (a group record adds a group at the next index).
@@ -497,16 +502,24 @@ class _RecordCheck:
         problem = _schema_problem(record)
         group_knobs = self.group_knobs
         if problem is None and record["kind"] == "group":
-            if record["group"] != len(group_knobs) or not isinstance(record["knobs"], list):
+            added, knobs = record["group"], record["knobs"]
+            # an index is a whole number, not a bool or a float equal to one (a decision's
+            # group false passed as group 0, and the watch showed it as "gFalse")
+            if (
+                not _is_index(added)
+                or added != len(group_knobs)
+                or not isinstance(knobs, list)
+                or not all(isinstance(knob, str) for knob in knobs)
+            ):
                 problem = (
-                    f"group {record['group']!r} added, but the run had {len(group_knobs)} groups "
-                    "(a group is added at the next index, with a list of knobs)"
+                    f"group {added!r} added, but the run had {len(group_knobs)} groups "
+                    "(a group is added at the next index, with a list of knob names)"
                 )
             else:
-                group_knobs.append({str(knob) for knob in record["knobs"]})
+                group_knobs.append(set(knobs))
         if problem is None and record["kind"] == "decision":
             group, knob = record["group"], record["knob"]
-            if not isinstance(group, int) or not 0 <= group < len(group_knobs):
+            if not _is_index(group) or not 0 <= group < len(group_knobs):
                 problem = f"group {group!r} is not one of the manifest's {len(group_knobs)} groups"
             elif not isinstance(knob, str) or knob not in group_knobs[group]:
                 problem = f"knob {knob!r} is not a knob of group {group} in the manifest"
