@@ -1398,3 +1398,31 @@ def test_a_replay_of_a_run_resumed_with_its_model_says_so(tmp_path: Path) -> Non
     again.close()
     with pytest.warns(UserWarning, match=r"resumed with model= changed"):
         _batch_norm_run(tmp_path / "run", False, 1, replay=True)
+
+
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_a_rollback_restores_the_optimizer_s_own_scalars_in_their_dtype(
+    name: str, tmp_path: Path
+) -> None:
+    """Torch's load casts every floating state tensor to its parameter's dtype: a float64
+    model's NAdam ``mu_product`` and ASGD's ``eta`` and ``mu``, kept in float32, came back from
+    a rollback in float64, and the state restored was not the snapshot's (a resume keeps them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    inner = getattr(torch.optim, name)(model.parameters(), lr=0.01)
+    opt = selftune.wrap(inner, "off", log_dir=tmp_path)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    for step in range(62):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if step == 60 else 1.0)
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    assert [r["event"] for r in read_log(tmp_path).records if r["kind"] == "guard"] == ["rollback"]
+    scalars = {
+        key: value.dtype
+        for state in opt.optimizer.state.values()
+        for key, value in state.items()
+        if key != "step" and isinstance(value, torch.Tensor) and value.dim() == 0
+    }
+    assert scalars and set(scalars.values()) == {torch.float32}, scalars

@@ -1772,6 +1772,7 @@ class SelfTuned(torch.optim.Optimizer):
         # rolled back goes on from the lower rate, below its schedule by that factor.
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
+        _keep_scalar_dtypes(self.optimizer, payload["optimizer"])  # (as a resume keeps them)
         lowered = {}
         for i, (group, kept) in enumerate(zip(self.param_groups, settings, strict=True)):
             then = knobs_io.read(group, "lr")
