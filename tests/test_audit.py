@@ -408,6 +408,13 @@ def test_garbage_decisions_are_rejected_at_line_1(tmp_path: Path, garbage: bytes
         (decision(0, knob=["lr"]), r"knob \['lr'\] is not a knob of group 0"),
         ({**decision(0), "step": None}, "step is None, not a whole number >= 0"),
         (decision(0, signals=[1.0]), r"signals is \[1.0\], not an object"),
+        # what the wrapper never writes, which the report and the watch showed as found
+        (decision(0, reason={"why": "up"}), r"reason is \{'why': 'up'\}, not text"),
+        ({**guard(0), "reason": None}, "reason is None, not text"),
+        (decision(0, old="high"), "old is 'high', not a number"),
+        (decision(0, new=[1, 2]), r"new is \[1, 2\], not a number"),
+        (decision(0, value=True), "value is True, not a number"),
+        (decision(0, clipped="yes"), "clipped is 'yes', not true or false"),
     ],
 )
 def test_records_that_do_not_fit_the_manifest_are_named(

@@ -404,12 +404,22 @@ def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
 # --------------------------------------------------------------------------- verify
 
 
+def _is_number(value: Any) -> bool:
+    """A number as the log stores one: NaN and the infinities by name (see ``_finite_or_name``)."""
+    if isinstance(value, str):
+        return value in ("nan", "inf", "-inf")
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _schema_problem(record: Mapping[str, Any]) -> str | None:
     """Say what is wrong with a record's kind or fields, or return None when it is complete.
 
     Besides the fields' presence it checks the types that readers index, sort and compare by
     (``kind``, ``step``, ``signals``): a record whose chain is intact but whose step is text
-    must be named here, not end ``verify`` or ``selftune report`` in a TypeError.
+    must be named here, not end ``verify`` or ``selftune report`` in a TypeError. A reason that
+    is not text and a decision's values that are not numbers are named too: the wrapper writes
+    neither, and the report and the watch showed them as found (an object as its ``repr``, a
+    rate as "—").
     """
     kind = record.get("kind")
     if not isinstance(kind, str) or kind not in RECORD_FIELDS:
@@ -420,8 +430,16 @@ def _schema_problem(record: Mapping[str, Any]) -> str | None:
     step = record.get("step", 0)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         return f"step is {step!r}, not a whole number >= 0"
-    if kind == "decision" and not isinstance(record["signals"], Mapping):
-        return f"signals is {record['signals']!r}, not an object"
+    if not isinstance(record["reason"], str):
+        return f"reason is {record['reason']!r}, not text"
+    if kind == "decision":
+        if not isinstance(record["signals"], Mapping):
+            return f"signals is {record['signals']!r}, not an object"
+        for name in ("old", "new", "value"):
+            if not _is_number(record[name]):
+                return f"{name} is {record[name]!r}, not a number"
+        if not isinstance(record["clipped"], bool):
+            return f"clipped is {record['clipped']!r}, not true or false"
     if kind == "guard" and record["event"] not in GUARD_EVENTS:
         return f"guard event is {record['event']!r}; expected one of {', '.join(GUARD_EVENTS)}"
     return None

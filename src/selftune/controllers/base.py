@@ -141,7 +141,8 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
 
     A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
     NoneType not iterable), applied a group of -1 to the last group (and the log then failed
-    ``verify``), or stored a tensor as the rate, refused by the log after the step was taken.
+    ``verify``), or stored a tensor as the rate or an object as the reason, refused by the log after
+    the step was taken.
     """
     name = getattr(controller, "name", type(controller).__name__)
     if not isinstance(proposals, list | tuple):
@@ -175,5 +176,10 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
             raise ConfigError(
                 f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
                 "finite float (a tensor's .item())"
+            )
+        if not isinstance(p.reason, str):
+            raise ConfigError(
+                f"controller {name!r}: a proposal for {p.knob} of group {group} gave the reason "
+                f"{p.reason!r}; give the reason in words, a str"
             )
     return list(proposals)
