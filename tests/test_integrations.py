@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from copy import deepcopy
@@ -1455,8 +1457,8 @@ def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
 ) -> None:
     """``close`` ended whichever run was active: with a run of the user's nested inside the
     one the writer started, it ended the user's and left its own running.  (MLflow's stack of
-    active runs still holds the writer's, ended, under the user's: it is active again once
-    theirs ends, until ``mlflow.end_run()``.)"""
+    active runs then held the writer's, ended, under the user's, active again once theirs
+    ended; the writer's run is never on it now.)"""
     import mlflow
     from mlflow import MlflowClient
 
@@ -1473,7 +1475,6 @@ def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
     assert writer.run_id is not None and writer.run_id != evaluation.info.run_id
     assert client.get_run(writer.run_id).info.status == "FINISHED"
     assert client.get_run(evaluation.info.run_id).info.status == "FINISHED"  # by its with
-    mlflow.end_run()  # the stack's stale entry (see above)
     assert mlflow.active_run() is None
 
 
@@ -1510,6 +1511,141 @@ def test_mlflow_writer_built_in_a_parent_run_logs_into_the_nested_run_it_trains_
     kept.close()
     assert kept.run_id == parent.info.run_id and mlflow.active_run() is None
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_mlflow_writer_keeps_its_own_run_off_mlflow_s_stack_of_active_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer given no run, with none active, started one at its first step with
+    ``mlflow.start_run`` and left it active until ``close``: the user's ``mlflow.start_run()``
+    beside it failed ("Run ... is already active"), and their ``mlflow.log_metric`` with no
+    run of theirs landed in the writer's run.  The writer creates its run through its client
+    now, in the experiment and with the tags ``start_run`` gives, and never makes it active:
+    each run the user starts mid-training is theirs alone, and the stack theirs at every step."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    uri = _mlflow_uri(tmp_path, monkeypatch)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("tuning")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)  # as start_run reads it
+    theirs: list[str] = []
+    active: list[str | None] = []  # the active run at each step, after the writer's turn
+
+    def user(event: selftune.StepEvent) -> None:
+        if event.step == 2:
+            theirs.append(mlflow.start_run(run_name="eval").info.run_id)
+        if event.step == 4:
+            mlflow.log_metric("val_loss", 1.0, step=4)
+            mlflow.end_run()
+        if event.step == 5:
+            mlflow.log_metric("after", 1.0)  # no run active: MLflow starts one of the user's
+            theirs.append(mlflow.active_run().info.run_id)  # type: ignore[union-attr]
+            mlflow.end_run()
+        run = mlflow.active_run()
+        active.append(run.info.run_id if run is not None else None)
+
+    writer = MLflowWriter()
+    _tuned(6, writer, user)
+    writer.close()
+    assert active == [None, theirs[0], theirs[0], None, None, None]
+    assert mlflow.active_run() is None and writer.run_id not in theirs
+    own = client.get_run(writer.run_id)
+    assert own.info.experiment_id == experiment and own.info.status == "FINISHED"
+    assert own.data.tags["mlflow.runName"] and own.data.tags["mlflow.source.type"] == "LOCAL"
+    assert not {"val_loss", "after"} & own.data.metrics.keys()
+    steps = [m.step for m in client.get_metric_history(writer.run_id, "selftune/group0/lr")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for run_id, name in zip(theirs, ("val_loss", "after"), strict=True):
+        run = client.get_run(run_id)
+        assert set(run.data.metrics) == {name} and "mlflow.parentRunId" not in run.data.tags
+
+
+def test_mlflow_writer_whose_first_step_failed_keeps_the_run_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first step that failed after the writer made its run (the store unreachable as it
+    read the run's parts back) is tried again at the next: into that run, not a second."""
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    given = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    listing, failing = given.list_artifacts, [OSError("store unreachable")]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failing:
+            raise failing.pop()
+        return listing(*args, **kwargs)
+
+    monkeypatch.setattr(given, "list_artifacts", flaky)
+    writer = MLflowWriter(client=given)
+    event = selftune.StepEvent(1, 0.5, [{"lr": 0.1}], [], None, None)
+    with pytest.raises(OSError, match="store unreachable"):
+        writer(event)
+    writer(event)
+    writer.close()
+    assert [r.info.run_id for r in given.search_runs(["0"])] == [writer.run_id]
+    assert [m.value for m in given.get_metric_history(writer.run_id, "selftune/loss")] == [0.5]
+
+
+def test_mlflow_writer_never_closed_ends_its_run_at_exit_with_its_decisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow ends the runs ``mlflow.start_run`` left active when the interpreter exits; the
+    writer's run, never active now, is ended then by the writer's ``close``, which uploads the
+    decisions too (fewer than ``flush_every``: none were uploaded before)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    monkeypatch.setenv("PYTHONPATH", str(Path(selftune.__file__).parents[1]))  # this selftune
+    script = (
+        "import torch, selftune\n"
+        "from selftune.integrations.mlflow import MLflowWriter\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))\n"
+        "writer = MLflowWriter()\n"
+        "opt.add_listener(writer)\n"
+        "for _ in range(6):\n"
+        "    loss = model(torch.randn(8, 4)).pow(2).mean()\n"
+        "    opt.zero_grad()\n"
+        "    loss.backward()\n"
+        "    opt.step(loss=loss.detach())\n"
+        "print(writer.run_id, writer.count)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    run_id, count = done.stdout.split()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert 0 < len(_artifact_rows(client, run_id, tmp_path)) == int(count) < 50
+
+
+def test_mlflow_writer_logs_into_the_run_mlflow_run_id_names_and_leaves_it_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mlflow run`` names its run in ``MLFLOW_RUN_ID``, which ``mlflow.start_run()`` takes:
+    the writer logs into it, leaves it running and the variable set, for the user's own
+    ``start_run()`` and for ``mlflow run``, which ends it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    named = client.create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", named)
+    writer = MLflowWriter()
+    _tuned(3, writer)
+    writer.close()
+    assert writer.run_id == named and client.get_metric_history(named, "selftune/loss")
+    assert client.get_run(named).info.status == "RUNNING" and mlflow.active_run() is None
+    with mlflow.start_run() as mine:
+        assert mine.info.run_id == named
 
 
 def test_the_writers_write_the_knobs_every_every_steps_and_each_decision(

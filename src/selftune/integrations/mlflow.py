@@ -14,6 +14,12 @@ signals, go to the artifacts ``selftune/decisions/00000.jsonl``, ``00001.jsonl``
 :data:`PART_ROWS` rows each (concatenated in name order: the run folder's rows, in the MLflow
 run), and the latest one to the tag ``selftune.last_decision``.
 
+The writer logs by run id through an ``MlflowClient`` and never touches MLflow's stack of
+active runs: a run it starts is not made active, so ``mlflow.start_run()`` beside it starts
+the user's own run, and ``mlflow.log_metric`` goes to the user's run, never to the writer's
+(:attr:`MLflowWriter.run_id` names that one).  A run the user has active stays theirs: the
+writer logs into it and leaves it active, and the stack is as the user left it throughout.
+
 A writer given a run that already holds parts (a run resumed from a checkpoint into the same
 MLflow run) continues them: its rows follow the ones uploaded, in the last part or the next
 one, and the count goes on from theirs.  What was uploaded stays, as MLflow keeps every metric
@@ -26,6 +32,7 @@ pass's only, and it is the record ``verify`` and ``replay`` read.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
@@ -43,6 +50,8 @@ with needs("mlflow"):
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.tracking.fluent import _get_experiment_id
 
 from selftune.integrations.events import (
     FollowsOne,
@@ -65,7 +74,11 @@ class MLflowWriter(FollowsOne):
 
     ``run``: a run id, an ``mlflow.entities.Run``, or ``None`` for the run active at the first
     step (the innermost: a nested run the training runs in, not its parent), else the one
-    active when the writer was built, else one started then and ended in :meth:`close`.
+    active when the writer was built, else the one ``MLFLOW_RUN_ID`` names (as
+    ``mlflow.start_run()`` takes it: ``mlflow run`` sets it), else one started then, in the
+    experiment and with the tags ``mlflow.start_run()`` gives, but never made active, and
+    ended in :meth:`close` (or at the interpreter's exit, as MLflow ends its active runs).
+    Only a run the writer started is ended by it.
     ``every``: log the knobs and the
     loss every this many steps (the decisions' count and the metric at the steps that have
     them).  ``prefix``: the first part of every metric's, tag's and artifact's name.
@@ -131,13 +144,20 @@ class MLflowWriter(FollowsOne):
                 # the run active at the first step before the one active when built: a writer
                 # built in a parent run logged into the parent while the training, and the
                 # metrics it logged, ran in a nested run started since
-                run = self._run
+                run = self.run_id if self._owned else self._run  # made by a try that failed
                 if run is None:
-                    run = mlflow.active_run() or self._built_in
-                if run is None:
-                    run, self._owned = mlflow.start_run(), True
-                self.run_id = run if isinstance(run, str) else run.info.run_id
+                    run = mlflow.active_run() or self._built_in or os.environ.get("MLFLOW_RUN_ID")
                 self.client = self._client if self._client is not None else MlflowClient()
+                if not run:
+                    # not mlflow.start_run(): the run it starts stays active until ended, and the
+                    # user's own start_run() beside the writer failed ("already active").  Its
+                    # experiment (set_experiment's, MLFLOW_EXPERIMENT_NAME's...) has no public
+                    # reader but the private one start_run reads.
+                    tags = resolve_tags()  # as start_run's: source, user, git commit
+                    run = self.client.create_run(_get_experiment_id() or "0", tags=tags)
+                    self._owned = True
+                    atexit.register(self.close)  # as MLflow ends the runs start_run left active
+                self.run_id = run if isinstance(run, str) else run.info.run_id
                 self._continue_parts()
             self.active = active
         return self.active
@@ -219,14 +239,11 @@ class MLflowWriter(FollowsOne):
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions/{index:05d}.jsonl")
 
     def close(self) -> None:
-        """Flush the decisions; end the run if this writer started it (that run only: one the
-        user started since, nested, is theirs to end)."""
+        """Flush the decisions; end the run if this writer started it (a run of the user's,
+        active or not, is theirs to end, and MLflow's stack of active runs is left as is)."""
         self.flush()
         if self._owned:
             assert self.client is not None and self.run_id is not None
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                mlflow.end_run()
-            else:
-                self.client.set_terminated(self.run_id)
+            self.client.set_terminated(self.run_id)
             self._owned = False
+            atexit.unregister(self.close)
