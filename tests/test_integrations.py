@@ -1563,6 +1563,26 @@ def test_mlflow_writer_keeps_its_own_run_off_mlflow_s_stack_of_active_runs(
         assert set(run.data.metrics) == {name} and "mlflow.parentRunId" not in run.data.tags
 
 
+def test_mlflow_writer_without_mlflow_s_private_reader_takes_the_environment_s_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experiment ``start_run`` would choose has only a private reader in MLflow; one
+    without it gets the experiment ``MLFLOW_EXPERIMENT_NAME`` names, not an ImportError."""
+    from mlflow import MlflowClient
+    from mlflow.tracking import fluent
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    experiment = client.create_experiment("named")
+    monkeypatch.delattr(fluent, "_get_experiment_id")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "named")
+    writer = MLflowWriter()
+    _tuned(2, writer)
+    writer.close()
+    assert client.get_run(writer.run_id).info.experiment_id == experiment
+
+
 def test_mlflow_writer_whose_first_step_failed_keeps_the_run_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,8 +50,8 @@ with needs("mlflow"):
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import fluent
     from mlflow.tracking.context.registry import resolve_tags
-    from mlflow.tracking.fluent import _get_experiment_id
 
 from selftune.integrations.events import (
     FollowsOne,
@@ -67,6 +67,21 @@ from selftune.tuner import StepEvent, is_rank_zero
 PART_ROWS = 1000
 
 _PART_NAME = re.compile(r"\d{5}\.jsonl")
+
+
+def _experiment_id() -> str:
+    """The experiment ``mlflow.start_run()`` would start a run in: ``set_experiment``'s, else
+    ``MLFLOW_EXPERIMENT_ID``'s or ``MLFLOW_EXPERIMENT_NAME``'s, else the default one.
+
+    MLflow reads the first with a private function alone; an MLflow without it still gets the
+    environment's choice rather than an ImportError of the whole integration.
+    """
+    private = getattr(fluent, "_get_experiment_id", None)
+    if private is not None:
+        return str(private() or "0")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    found = mlflow.get_experiment_by_name(name) if name else None
+    return found.experiment_id if found else os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
 
 
 class MLflowWriter(FollowsOne):
@@ -154,7 +169,7 @@ class MLflowWriter(FollowsOne):
                     # experiment (set_experiment's, MLFLOW_EXPERIMENT_NAME's...) has no public
                     # reader but the private one start_run reads.
                     tags = resolve_tags()  # as start_run's: source, user, git commit
-                    run = self.client.create_run(_get_experiment_id() or "0", tags=tags)
+                    run = self.client.create_run(_experiment_id(), tags=tags)
                     self._owned = True
                     atexit.register(self.close)  # as MLflow ends the runs start_run left active
                 self.run_id = run if isinstance(run, str) else run.info.run_id
