@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -241,3 +242,51 @@ def test_sparse_gradients_give_the_signals_their_dense_equivalents_give(make: An
         if not math.isnan(want.cos_buffer):
             assert got.cos_buffer == pytest.approx(want.cos_buffer, rel=1e-4, abs=1e-6)
     assert any(s.cos_update != 0.0 for s in runs[0]), "the alignment was never measured"
+
+
+def _backbone_run(
+    controller: str, used: Callable[[int], bool], steps: int = 200
+) -> tuple[dict[str, float], list[selftune.Decision]]:
+    """A head trained on a backbone whose group (its own rate, 1e-3) has a gradient only at
+    the steps ``used`` says: frozen (``requires_grad`` off) where it never has one, else its
+    output detached at the others (each ``.grad`` then None).  The backbone's knobs at the
+    end, and the decisions made for it at steps it had no gradient."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    backbone, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    if not any(used(t) for t in range(1, steps + 1)):
+        backbone.requires_grad_(False)
+    groups = [{"params": head.parameters()}, {"params": backbone.parameters(), "lr": 1e-3}]
+    opt = selftune.wrap(torch.optim.SGD(groups, lr=0.01, momentum=0.9), controller)
+    unused: list[selftune.Decision] = []
+    opt.add_listener(
+        lambda e: unused.extend(d for d in e.decisions if d.group == 1 and not used(d.step))
+    )
+    for t in range(1, steps + 1):
+        x = torch.randn(32, 4, generator=gen)
+        y = x.sum(1, keepdim=True) + 0.1 * torch.randn(32, 1, generator=gen)
+        features = backbone(x) if used(t) else backbone(x).detach()
+        loss = torch.nn.functional.mse_loss(head(features.tanh()), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    return opt.hyperparams()[1], unused
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_a_frozen_group_keeps_its_knobs(controller: str) -> None:
+    """A frozen backbone's group, in the optimizer for a later unfreezing, has no gradient,
+    and no controller moves its knobs: ``stability`` read its cosine, 0 by convention, as a
+    calm step and grew its rate from 1e-3 to 1.29 in 200 steps, the rate it would have been
+    unfrozen at."""
+    knobs, unused = _backbone_run(controller, lambda t: False)
+    assert knobs == {"lr": 1e-3, "momentum": 0.9}, unused[-1:]
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_a_group_without_gradients_at_some_steps_keeps_its_knobs_there(controller: str) -> None:
+    """A backbone trained in stretches of 10 steps, its output detached in between: no
+    controller moves its knobs at a step it has no gradient (``stability`` grew its rate at
+    70 such steps of 100)."""
+    _, unused = _backbone_run(controller, lambda t: t // 10 % 2 == 0)
+    assert unused == []

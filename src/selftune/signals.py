@@ -39,7 +39,9 @@ class GroupSignals:
     grad_norm: float  #: ‖g_t‖ over the group's parameters
     update_norm: float  #: ‖Δθ_{t-1}‖, 0 before the first update
     #: cos(−g_t, Δθ_{t-1}): > 0 the last step was too short, < 0 it overshot.  ``g_t`` is the
-    #: gradient of what the optimizer lowers: with ``maximize=True``, minus the one in ``.grad``
+    #: gradient of what the optimizer lowers: with ``maximize=True``, minus the one in ``.grad``.
+    #: 0 where either is 0: before the first update, and where the group has no gradient (see
+    #: ``has_gradient``), a 0 that was not measured
     cos_update: float
     dot_update: float  #: ⟨−g_t, Δθ_{t-1}⟩, the unnormalised form (= −lr·∂L/∂lr)
     cos_buffer: float  #: cos(g_t, momentum buffer), NaN when the optimizer keeps none
@@ -52,6 +54,17 @@ class GroupSignals:
     #: move of the controller's, nor a bound on it.  The wrapper fills it in too
     base_fall: float = 1.0
     buffer_norm: float = math.nan  #: ‖momentum buffer‖, NaN when the optimizer keeps none
+
+    @property
+    def has_gradient(self) -> bool:
+        """Whether the group holds a gradient at this step with an entry other than zero.
+
+        Without one (a frozen group, whose ``.grad`` is None; a branch the batch did not take; a
+        loss multiplied by 0) ``cos_update`` is 0 by convention, not measured, and says nothing
+        of the group's rate: a controller that reads it as a step neither short nor
+        overshooting moves a rate on no evidence (``stability`` grew a frozen group's at every
+        step)."""
+        return self.grad_norm != 0.0  # a non-finite norm is a gradient: the guard's to judge
 
 
 @dataclass(frozen=True)

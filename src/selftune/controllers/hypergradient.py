@@ -74,7 +74,7 @@ class HypergradientController:
         for i, k in enumerate(knobs):
             rho, rho_m = self.evidence(signals, i)
             g = signals.groups[i]
-            if g.update_norm == 0.0 or g.grad_norm == 0.0:
+            if g.update_norm == 0.0 or not g.has_gradient:
                 # no previous update yet, or no gradient (a loss multiplied by 0): no evidence,
                 # and the averages, which skip such a step, would move the rate again on the
                 # last one's at every step while momentum alone moves the weights

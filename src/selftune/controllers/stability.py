@@ -115,9 +115,19 @@ class StabilityController:
         return Proposal(group, "lr", lr * self.cut, f"{kind}: {why}; cut x{self.cut:g}")
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
+        """Cut each group's rate on trouble, grow it when calm.
+
+        A group without a gradient at this step (a frozen backbone's, one the batch did not use:
+        :attr:`~selftune.signals.GroupSignals.has_gradient`) keeps its rate.  Its cosine, 0 by
+        convention, read as calm, and a group frozen for 200 steps went from 1e-3 to 1.29, the
+        rate it would have been unfrozen at.  The loss's trouble is that of the groups that
+        trained, which are cut for it.  Its trackers still follow the loss, as in ``auto``.
+        """
         out = []
         for i, k in enumerate(knobs):
             trouble = self.trouble(signals, i)
+            if not signals.groups[i].has_gradient:
+                continue
             if trouble is not None:
                 out.append(self.cut_proposal(i, k["lr"], trouble, signals.step))
             elif signals.step >= self.warmup and self.calm(signals, i):
