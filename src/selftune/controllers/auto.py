@@ -330,12 +330,17 @@ class AutoController:
             grown = self._last_lr[i]
             if grown is not None:
                 self._last_lr[i] = grown * g.base_fall
-            if g.update_norm:
+            # no previous update, or no gradient (GroupSignals.has_gradient): the cosine, 0, was
+            # not measured, and the group keeps its knobs.  A group's zeroed gradients (a loop
+            # whose zero_grad keeps them) fed the range test's average 0s, and its rate grew
+            # 6.2x in 10 steps as that average decayed from +0.52 to +0.02
+            measured = g.update_norm != 0.0 and g.has_gradient
+            if measured:
                 rho_fast = self._ramp_ema[i].update(g.cos_update, 1.0)
                 self._evidence[i].update(g.cos_update)
             rho, _ = self.hyper.evidence(signals, i)  # every average stays current
             trouble = self.stability.trouble(signals, i)
-            if g.update_norm == 0.0:
+            if not measured:
                 continue
             if self._phase[i] != "cruise":
                 out.extend(self._range_test(signals, i, k, rho_fast))
