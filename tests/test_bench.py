@@ -942,6 +942,37 @@ def test_report_refuses_a_folder_that_mixes_rules(key: str, value: float, says: 
         report.summarise([_record("adamw-default", "default", 50), other])
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("held_out", True, "w has runs with held-out marks false and true"),
+        ("metric_name", "loss", 'w has runs with metrics "acc" and "loss"'),
+        ("higher_is_better", False, "w has runs with directions (higher is better) true and"),
+        ("family", "grid", 'w: adamw-default has runs with families "default" and "grid"'),
+        ("base", "sgd", 'w: adamw-default has runs with base optimizers "adamw" and "sgd"'),
+        ("lr0", 0.01, "w: adamw-default has runs with starting rates null and 0.01"),
+    ],
+)
+def test_report_refuses_runs_of_a_workload_or_method_that_disagree_on_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: object, says: str
+) -> None:
+    """Runs of two versions of a workload (one held out, one not) or of a method (another
+    family, base or starting rate) were mixed on the page, which said what the first run did."""
+    from selftune.cli import main
+
+    runs = [_record("adamw-default", "default", 50)]
+    runs += [{**_record("adamw-default", "default", 60, seed=1), key: value}]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs), encoding="utf-8")
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 1  # damage, as others
+    err = capsys.readouterr().err
+    assert (
+        says in err
+        and f"in {path} ({key} of adamw-default seed 0 and of adamw-default seed 1:" in err
+    )
+    assert "remove the stale runs' lines" in err and not (tmp_path / "docs").exists()
+
+
 def test_every_registered_method_trains_and_reports_its_starting_rate() -> None:
     workload = WORKLOADS["digits-mlp"].smoke(6)
     with one_thread():

@@ -11,6 +11,7 @@ only when at least half the seeds (for an even count, more than half) reached th
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -171,10 +172,56 @@ def _fastest(rows: list[Row]) -> Row:
     return min(rows, key=rank)
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
-    """Group records by workload and method (the first record of a workload sets its rules;
-    one with another budget, target or evaluation interval is refused)."""
+#: What every run of one workload must agree on, each field with its name in a message: the
+#: race's rules (steps to target would not compare across two) and what the page says of it (runs
+#: of two versions of a workload, one held out and one not, were mixed, and the page said what the
+#: first run did).
+WORKLOAD_FIELDS = {
+    "steps_budget": "budgets",
+    "target": "targets",
+    "eval_every": "evaluation intervals",
+    "metric_name": "metrics",
+    "higher_is_better": "directions (higher is better)",
+    "held_out": "held-out marks",
+}
+#: What every run of one method on a workload must agree on: its row's family, base optimizer and
+#: starting rate, which the row took from its first run.
+METHOD_FIELDS = {"family": "families", "base": "base optimizers", "lr0": "starting rates"}
+
+
+def _field(record: dict[str, Any], key: str) -> Any:
+    """``record[key]``, an optional field absent read as the report reads it (not held out, no
+    starting rate)."""
+    value = record.get(key)
+    return bool(value) if key == "held_out" else value
+
+
+def _agree(
+    first: dict[str, Any], r: dict[str, Any], fields: dict[str, str], who: str, source: str
+) -> None:
+    """Refuse ``r`` where it differs from ``first`` on one of ``fields``, naming both runs."""
+    for key, what in fields.items():
+        if _field(r, key) != _field(first, key):
+            a, b = (json.dumps(_field(x, key)) for x in (first, r))
+            runs = " and of ".join(f"{x['method']} seed {x['seed']}" for x in (first, r))
+            raise Damaged(
+                f"{who} has runs with {what} {a} and {b} in {source} ({key} of {runs}: smoke "
+                "and full mixed, or runs from before and after a change?); give each suite its "
+                "own --out, and run what changed again into a fresh --out, or remove the stale "
+                "runs' lines"
+            )
+
+
+def summarise(records: list[dict[str, Any]], source: Path | None = None) -> dict[str, Workload]:
+    """Group records by workload and method (``source``: their file, for the messages).
+
+    The first record of a workload sets its rules and marks, and the first of a method its row's;
+    a later one that disagrees on any of :data:`WORKLOAD_FIELDS` or :data:`METHOD_FIELDS` is
+    refused, never mixed in: the page would say what the first said, of runs some of which were
+    not that."""
     out: dict[str, Workload] = {}
+    first: dict[tuple[str, ...], dict[str, Any]] = {}
+    where = str(source) if source is not None else "one results folder"
     for r in records:
         w = out.setdefault(
             r["workload"],
@@ -185,17 +232,12 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Workload]:
                 r["higher_is_better"],
                 r["steps_budget"],
                 r["eval_every"],
-                bool(r.get("held_out")),
+                _field(r, "held_out"),
             ),
         )
-        rules = (("steps_budget", "budgets", w.steps), ("target", "targets", w.target))
-        for key, what, first in (*rules, ("eval_every", "evaluation intervals", w.eval_every)):
-            if r[key] != first:  # steps to target would not compare across the two
-                raise Damaged(
-                    f"{r['workload']} has runs with {what} {first} and {r[key]} in one results "
-                    "folder (smoke and full mixed, or a workload changed?); give each suite its "
-                    "own --out, and run a changed workload again"
-                )
+        method = f"{r['workload']}: {r['method']}"
+        _agree(first.setdefault((r["workload"],), r), r, WORKLOAD_FIELDS, r["workload"], where)
+        _agree(first.setdefault((r["workload"], r["method"]), r), r, METHOD_FIELDS, method, where)
         row = w.rows.setdefault(
             r["method"], Row(r["workload"], r["method"], r["family"], r["base"], r.get("lr0"))
         )
@@ -729,7 +771,7 @@ def _averaged_section(workloads: dict[str, Workload]) -> list[str]:
 
 def headline_block(results_dir: Path) -> list[str]:
     """The headline tables of the results in ``results_dir``, as README.md embeds them."""
-    workloads = summarise(read_results(results_dir / RESULTS))
+    workloads = summarise(read_results(results_dir / RESULTS), results_dir / RESULTS)
     lines = [*_headline(workloads), "", *_averaged_section(workloads)]
     while not lines[-1]:
         lines.pop()
@@ -764,7 +806,7 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
             f"{results_dir} holds no runs ({RESULTS}) and no {OVERHEAD}; run `selftune bench` "
             "(without --report-only) first, or point --out at a folder that holds results"
         )
-    workloads = summarise(records)
+    workloads = summarise(records, results_dir / RESULTS)
     fig_dir = report_dir / "bench"
     fig_dir.mkdir(parents=True, exist_ok=True)
     short, met = shortfalls(workloads, overhead)
