@@ -840,6 +840,32 @@ def test_a_damaged_overhead_file_is_named_with_what_to_do(
         overhead.run_overhead(tmp_path, 2, ["no-such-workload"])
 
 
+def test_an_overhead_file_cut_off_as_it_is_written_keeps_the_measurements_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """overhead.json was written over in place: a write cut off part-way (a full disk here; a
+    crash or Ctrl-C alike) left half a file, and every measurement it held was lost."""
+    resource = pytest.importorskip("resource")  # a file-size limit cuts the write, as a disk does
+    from selftune.bench import overhead
+
+    path = tmp_path / "overhead.json"
+    before = [{"workload": "shakespeare-char", "base": base, "steps": 400, "plain_ms": 30.0,
+               "selftune_ms": 31.0, "ratio": 1.03} for base in ("sgd", "adamw")]  # fmt: skip
+    path.write_text(json.dumps(before, indent=2) + "\n", encoding="utf-8")
+    monkeypatch.setattr(  # a new measurement, larger than the limit below
+        overhead, "measure", lambda name, base, steps, small: {**before[0], "pad": "x" * 8192}
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 100, hard))
+    try:
+        with pytest.raises(OSError):  # File too large
+            overhead.run_overhead(tmp_path, 2, ["mnist1d-cnn"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert overhead.read_overhead(path) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["overhead.json"]  # no temporary left
+
+
 def test_a_results_file_that_is_a_folder_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

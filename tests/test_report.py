@@ -572,7 +572,7 @@ def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path)
     link to a file elsewhere became a file of its own, the file it linked left as it was."""
     import threading
 
-    from selftune.report import _write_whole
+    from selftune.report import write_whole
 
     page = tmp_path / "report.html"
     bodies = [bytes([65 + i]) * (4 << 20) for i in range(2)]
@@ -581,7 +581,7 @@ def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path)
     def write(body: bytes) -> None:
         try:
             for _ in range(5):
-                _write_whole(page, body)
+                write_whole(page, body)
         except BaseException as err:
             errors.append(err)
 
@@ -598,7 +598,7 @@ def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path)
     elsewhere.chmod(0o640)
     link = tmp_path / "linked.html"
     link.symlink_to(elsewhere)
-    _write_whole(link, b"new")
+    write_whole(link, b"new")
     assert link.is_symlink() and elsewhere.read_bytes() == b"new"
     assert elsewhere.stat().st_mode & 0o777 == 0o640
 

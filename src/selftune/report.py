@@ -974,7 +974,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         warnings.warn(cut, stacklevel=2)
     page.parent.mkdir(parents=True, exist_ok=True)
     # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
-    _write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
+    write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
     # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be
     # written to (a read-only copy of a CI artefact, with --out elsewhere) costs only them.
     try:
@@ -990,20 +990,28 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
     return page
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file renamed over it: a write that fails part-way (a
-    full disk) leaves the page before it, not a cut one that the next report refuses to write
-    over as no report of selftune's.  The temporary file's name is this writer's own (two
-    reports at once), a link is written through to its file, and a page there keeps its
-    permissions."""
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file, on disk before it is renamed over it: a write
+    that fails or is stopped part-way (a full disk, a crash, Ctrl-C) leaves the file before it,
+    not a cut one (a page the next report refuses to write over as no report of selftune's, or a
+    benchmark's ``overhead.json`` that lost every measurement it held).  The temporary file's
+    name is this writer's own (two reports at once), a link is written through to its file, and
+    a file there keeps its permissions."""
     path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         tmp.write_bytes(data)
+        # on disk before the rename: after a power cut the rename may be kept and the data not,
+        # an empty file in the old one's place
+        synced = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(synced)
+        finally:
+            os.close(synced)
         if path.exists():
             shutil.copymode(path, tmp)
         os.replace(tmp, path)
-    except OSError as err:  # named by the page, not by its temporary
+    except OSError as err:  # named by the file, not by its temporary
         tmp.unlink(missing_ok=True)
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     except BaseException:

@@ -32,6 +32,7 @@ from selftune.bench.fields import NUMBER, TEXT, WHOLE, Damaged, Kind, fault, rea
 from selftune.bench.runner import one_thread
 from selftune.bench.workloads import WORKLOADS, Task, Workload
 from selftune.guard import GuardConfig
+from selftune.report import write_whole
 
 OVERHEAD = "overhead.json"
 #: The CNN and the transformer: the two architectures whose step costs differ most.
@@ -168,7 +169,9 @@ def run_overhead(
 
     The rows of workloads not measured now stay as the file held them: measuring one workload
     again once rewrote the file with its rows alone, and the others' were lost.  They are read
-    first, so that a damaged file is refused before the minutes of measuring, not after.
+    first, so that a damaged file is refused before the minutes of measuring, not after.  The
+    file is replaced whole (:func:`~selftune.report.write_whole`): written over in place, one
+    cut off by a crash or Ctrl-C lost them all.
     """
     names = workloads if workloads is not None else list(OVERHEAD_WORKLOADS)
     path = out / OVERHEAD
@@ -177,7 +180,7 @@ def run_overhead(
     out.mkdir(parents=True, exist_ok=True)
     order = {name: i for i, name in enumerate(OVERHEAD_WORKLOADS)}
     rows = sorted(kept + rows, key=lambda r: order.get(r["workload"], len(order)))
-    path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    write_whole(path, (json.dumps(rows, indent=2) + "\n").encode("utf-8"))
     return path
 
 
