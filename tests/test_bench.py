@@ -279,11 +279,15 @@ def test_a_failed_run_in_parallel_keeps_the_runs_that_finished(
     assert kept and kept <= {0, 1, 2}  # what finished before or beside it, none lost
 
 
+@pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_in_parallel_runs_no_more_and_keeps_every_run_that_finished(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, presses: int
 ) -> None:
     """Ctrl-C reaches the parent while it waits for the workers: it left the pool, which ran
-    every queued run to its end (an hour of a suite) and then threw their results away."""
+    every queued run to its end (an hour of a suite) and then threw their results away.  A
+    second Ctrl-C, as the runs under way were waited for, threw away every one that finished."""
+    import signal
+    import threading
     from concurrent.futures import Future, as_completed
 
     from selftune.bench import runner
@@ -296,13 +300,26 @@ def test_ctrl_c_in_parallel_runs_no_more_and_keeps_every_run_that_finished(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "as_completed", interrupted)
+    pressed = [1]
+    join = threading.Thread.join
+
+    def interrupted_join(thread: threading.Thread, timeout: float | None = None) -> None:
+        if threading.current_thread() is threading.main_thread() and len(pressed) < presses:
+            pressed.append(1)  # the pool's wait for its workers, the main thread's only join
+            signal.raise_signal(signal.SIGINT)
+        join(thread, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
     specs = [_spec("adamw-default", seed) for seed in range(12)]
     with pytest.raises(KeyboardInterrupt):
         run_all(specs, tmp_path, jobs=2, progress=False)
+    monkeypatch.undo()
+    assert len(pressed) == presses
     finished = {f for f in waited if f.done() and not f.cancelled() and f.exception() is None}
     kept = [r["seed"] for r in read_results(tmp_path / "results.jsonl")]
     assert sorted(kept) == sorted(f.result()["seed"] for f in finished)  # none lost
     assert any(f.cancelled() for f in waited)  # the queued runs were not started
+    assert len(finished) > 1  # the runs under way when Ctrl-C came finished, and are kept
 
 
 def test_divergence_is_detected_and_the_hopeless_run_stops_early() -> None:

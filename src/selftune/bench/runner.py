@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -436,12 +438,40 @@ def _keep_finished(
 ) -> None:
     """A run failed, or the suite was interrupted: start no more, let those under way finish,
     and record every run that did, as a resume expects.  Leaving the pool ran every queued run
-    to its end and then threw all their results away with the error."""
-    pool.shutdown(wait=True, cancel_futures=True)
-    for future in futures:
-        if future in kept or future.cancelled() or future.exception() is not None:
-            continue
-        _append(path, future.result())
+    to its end and then threw all their results away with the error; so did a second Ctrl-C
+    during the wait, which is held until the finished runs are recorded."""
+    with _ctrl_c_held():
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:
+            if future in kept or future.cancelled() or future.exception() is not None:
+                continue
+            _append(path, future.result())
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends, then raise it (a KeyboardInterrupt).
+
+    For a block that must not be cut short: raised in the wait for the workers, it left the
+    finished runs unrecorded; caught there and the wait begun again, it broke the pool on Python
+    3.11 (an interrupted join marks the thread it waits for as ended, though it runs on, and the
+    pool closed its queues under it).  A terminal's Ctrl-C still reaches the workers and ends
+    the runs under way, so the wait is short.  Held only where it would raise (the main thread,
+    Python's own handler)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _drop_unavailable(todo: list[RunSpec], outcome: Outcome) -> list[RunSpec]:
