@@ -140,9 +140,10 @@ def save_checkpoint(
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError):  # a full disk, a read-only folder: named, not a temporary
+        cause = _os_error(exc)
+        if cause is not None:  # a full disk, a read-only folder: named, not a temporary
             raise CheckpointError(
-                f"cannot write the checkpoint {target} ({exc.strerror or exc}); a checkpoint "
+                f"cannot write the checkpoint {target} ({cause.strerror or cause}); a checkpoint "
                 "already there is kept as it was: free space or pass a writable path"
             ) from exc
         raise
@@ -540,3 +541,18 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is or came from, if any.  torch.save meets a full disk in its
+    zip writer's write, then raises a RuntimeError of its own as the writer closes ("unexpected
+    pos 704 vs 598"), the OSError only its context: the user saw torch's message, which names
+    neither the disk nor the checkpoint."""
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        if isinstance(found, OSError):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
