@@ -7,6 +7,7 @@ at random moments is in ``test_crash.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import io
@@ -67,11 +68,13 @@ def interrupted(
     stop_step: int,
     nan_step: int | None = None,
     round_trip: bool = False,
+    crashed: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Checkpoint at ``ckpt_step``, go on to ``stop_step`` and drop everything (a crash), then
     resume from the checkpoint with fresh objects and the same folder and finish the run.
     ``round_trip``: first load the fresh optimizer's own state into it, as accelerate's
-    optimizer wrapper does when the Hugging Face ``Trainer`` prepares it for a resume."""
+    optimizer wrapper does when the Hugging Face ``Trainer`` prepares it for a resume.
+    ``crashed``: called with the run folder after the crash, to leave what a crash leaves."""
     ckpt = log_dir.parent / f"{log_dir.name}.ckpt"
     model = make_model()
     opt = make_optimizer(name, model, log_dir)
@@ -80,6 +83,8 @@ def interrupted(
         if t == ckpt_step:
             save_checkpoint(ckpt, model=model, optimizer=opt, step=t)
     opt.close()
+    if crashed is not None:
+        crashed(log_dir)
     torch.manual_seed(999)  # the resumed run must not depend on the generator it finds
     model = make_model()
     opt = make_optimizer(name, model, log_dir)
@@ -115,6 +120,32 @@ def test_crashed_after_a_checkpoint_and_resumed_redoes_the_lost_steps(
     assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
     trace = (tmp_path / "res" / "trace.jsonl").read_bytes()
     assert trace == (tmp_path / "ref" / "trace.jsonl").read_bytes()  # no step twice
+
+
+@pytest.mark.parametrize("damaged", [range(22, 25), range(19, 22)], ids=["past", "through"])
+def test_a_trace_damaged_past_the_checkpoint_is_cut_with_the_steps_redone(
+    tmp_path: Path, damaged: range
+) -> None:
+    """A power cut may leave the blocks of the trace's rows past the last checkpoint as NULs
+    (the checkpoint forced the rows before it to disk, not those after).  The resume was
+    refused over them as a damaged trace, after it had cut the log back and loaded the
+    optimizer, and so was every later resume from that checkpoint.  Rows damaged through the
+    checkpoint's step are cut too, and said to be."""
+
+    def power_cut(log_dir: Path) -> None:
+        rows = (log_dir / "trace.jsonl").read_bytes().split(b"\n")
+        lost = slice(damaged.start - 1, damaged.stop - 1)
+        rows[lost] = [bytes(len(b"\n".join(rows[lost])))]
+        (log_dir / "trace.jsonl").write_bytes(b"\n".join(rows))
+
+    ref = reference("sgd", tmp_path / "ref")
+    told = r"rows of steps 19-20 were lost to damage \(1 rows"
+    with pytest.warns(UserWarning, match=told) if damaged.start < 20 else contextlib.nullcontext():
+        res = interrupted("sgd", tmp_path / "res", ckpt_step=20, stop_step=30, crashed=power_cut)
+    assert_same_state(ref, res)
+    assert log_body(tmp_path / "res") == log_body(tmp_path / "ref")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "trace.jsonl").open()]
+    assert steps == [t for t in range(1, STEPS + 1) if not (t in damaged and t <= 20)]
 
 
 @pytest.mark.parametrize(

@@ -155,14 +155,25 @@ def trace_size_through(path: Path, step: int, block: int = 1 << 16) -> int:
     return trace_cut(path, step, block)[0]
 
 
-def trace_cut(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int | None]:
-    """:func:`trace_size_through`, and the step of the last row it keeps (None: no row)."""
+def trace_cut(path: Path, step: int, block: int = 1 << 16) -> tuple[int, int | None, int]:
+    """:func:`trace_size_through`, the step of the last row it keeps (None: no row), and how
+    many rows that do not parse it passed over on the way there.
+
+    Such rows (blocks a power cut left as NULs, an edit) lie past the row kept and go with the
+    rows the cut drops: a resume refused over them had cut the log back and loaded the
+    optimizer already, and every later resume from that checkpoint met them again.
+    """
+    damaged = 0
     with open(path, "rb") as f:
         for start, line in lines_back(f, f.seek(0, io.SEEK_END), block):
-            row = parse_trace_line(line, f"{path} at byte {start}")
+            try:
+                row = parse_trace_line(line, f"{path} at byte {start}")
+            except LogError:
+                damaged += 1
+                continue
             if row["step"] <= step:
-                return start + len(line) + 1, row["step"]
-    return 0, None
+                return start + len(line) + 1, row["step"], damaged
+    return 0, None, damaged
 
 
 @dataclass(frozen=True)

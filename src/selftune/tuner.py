@@ -852,16 +852,21 @@ class SelfTuned(torch.optim.Optimizer):
         if self._trace is not None and not unmoved:
             from selftune.report import trace_cut
 
-            self._trace_bytes, last = trace_cut(self._trace_file, self.step_count)
+            self._trace_bytes, last, damaged = trace_cut(self._trace_file, self.step_count)
             os.ftruncate(self._trace, self._trace_bytes)
             if last is not None and last < self.step_count:
                 # a checkpoint of an attempt that a resume from an older one has since cut back
-                # (its log position still matched: no record between the two): said, not hidden
+                # (its log position still matched: no record between the two), or rows damaged
+                # since: said, not hidden
+                cause = (
+                    f"lost to damage ({damaged} rows that did not read as rows were cut)"
+                    if damaged
+                    else "cut by a resume from an older checkpoint since"
+                )
                 why = (
                     f"trace.jsonl ends at step {last}, before this checkpoint's step "
-                    f"{self.step_count}: the rows of steps {last + 1}-{self.step_count} were cut "
-                    "by a resume from an older checkpoint since; the audit log and the weights "
-                    "are whole"
+                    f"{self.step_count}: the rows of steps {last + 1}-{self.step_count} were "
+                    f"{cause}; the audit log and the weights are whole"
                 )
                 self._notes.append({"reason": why})
                 warnings.warn(why, stacklevel=outside_frames())
