@@ -313,6 +313,34 @@ def test_random_generators_and_extra_come_back(
     assert np.array_equal(np.random.rand(3), expected[2])
 
 
+def test_generators_of_more_cuda_devices_than_here_restore_those_here(
+    tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of a machine with two GPUs, resumed on one: torch's set_rng_state_all set
+    device 1's generator, which is no device here, and raised an IndexError from inside torch
+    (``default_generators[1]``) after the model and optimizer had loaded.  Here the machine's
+    one device is torch's as far as selftune sees it: its count and its generator's setter."""
+    model, opt = trained
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    payload = torch.load(path, weights_only=True)
+    payload["rng"]["cuda"] = [torch.get_rng_state(), torch.get_rng_state()]
+    torch.save(payload, path)
+    restored: list[int] = []
+
+    def set_rng_state(state: torch.Tensor, device: int) -> None:
+        if device >= 1:  # as torch's default_generators[device] does, with one device
+            raise IndexError("tuple index out of range")
+        restored.append(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    with pytest.warns(UserWarning, match=r"states of 2 CUDA devices, this machine has 1: those"):
+        assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 3
+    assert restored == [0]
+
+
 def test_a_checkpoint_of_another_run_folder_is_refused_before_anything_loads(
     tmp_path: Path,
 ) -> None:

@@ -507,12 +507,32 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     python = states["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        _set_cuda_rng_states(states["cuda"])
     np = _numpy()
     saved = states.get("numpy")
     if np is not None and saved is not None:
         key = saved["key"].numpy().astype(np.uint32)
         np.random.set_state((saved["name"], key, saved["pos"], saved["has_gauss"], saved["gauss"]))
+
+
+def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Give each CUDA device here the generator state of the saved device of its index.
+
+    A checkpoint of a machine with more devices (eight GPUs, resumed on one) set generators of
+    devices that do not exist here: torch raised an IndexError from inside its generators (or,
+    before CUDA's first use, at that use), after the model and the optimizer had loaded.  The
+    states of the devices missing here are dropped, and said to be.
+    """
+    count = torch.cuda.device_count()
+    for i, state in enumerate(saved[:count]):
+        torch.cuda.set_rng_state(state, i)
+    if len(saved) > count:
+        warnings.warn(
+            f"the checkpoint holds the random generator states of {len(saved)} CUDA devices, "
+            f"this machine has {count}: those of devices {count}-{len(saved) - 1} are not "
+            "restored, so what is drawn there is not what the run drew",
+            stacklevel=4,
+        )
 
 
 def _numpy() -> Any:
