@@ -681,6 +681,37 @@ def test_an_optimizer_the_checkpoint_does_not_fit_is_refused_before_the_model_lo
         other.load_state_dict(opt.state_dict())
 
 
+def test_an_optimizer_that_takes_no_state_now_is_refused_before_the_model_loads(
+    tmp_path: Path,
+) -> None:
+    """A load inside ``averaged()``, or into an optimizer closed since, is refused: it was,
+    by the optimizer's load, after the model had loaded (inside the block, its buffers stayed
+    the checkpoint's and the weights went back to the run's at the block's end; after close,
+    the weights were the checkpoint's and the optimizer's state the run's)."""
+    torch.manual_seed(SEED)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = selftune.wrap(sgd, average=True, model=model, log_dir=tmp_path / "run")
+    for t in range(1, 11):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if t == 5:
+            path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=t)
+
+    def refused(words: str) -> None:
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(CheckpointError, match=words):
+            load_checkpoint(path, model=model, optimizer=opt)
+        assert_same_state(before, model.state_dict())
+
+    with opt.averaged():
+        refused("loading a state inside an averaged")
+    opt.close()
+    refused(r"closed after step 10 \(close\(\)\)")
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary(
     tmp_path: Path, trained: tuple[torch.nn.Module, SelfTuned]
 ) -> None:

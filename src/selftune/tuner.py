@@ -765,13 +765,8 @@ class SelfTuned(torch.optim.Optimizer):
             post_hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        def refused_here() -> None:  # before anything loads: a refused state changes nothing
-            self._check_open("loading a state")  # it would cut back a log that is closed
-            self._check_outside_average("loading a state")
-            self._check_fits_here(state_dict)
-
         # in one collective with the checks of fit: rank 0 alone may be closed or taken over
-        shards.refuse_on_every_rank(refused_here, "load this state")
+        shards.refuse_on_every_rank(lambda: self._check_fits_here(state_dict), "load this state")
         # a run resumed from before the guard gave up goes on (the rewind's note says where)
         gave_up, self._gave_up = self._gave_up, None
         self._broken_at = None  # as does one resumed from before a step that broke off
@@ -948,8 +943,10 @@ class SelfTuned(torch.optim.Optimizer):
         """Raise :class:`ConfigError` if ``state_dict`` holds param groups of other sizes than
         this optimizer's (a plain optimizer's state too), if selftune's part of it was saved
         from another number of param groups, another optimizer class or another controller
-        (older states name neither: only the groups are checked), or if it is no optimizer's
-        state;
+        (older states name neither: only the groups are checked), if it is no optimizer's
+        state, or if this optimizer takes no state now (closed, taken over, or inside
+        ``averaged()``: ``load_checkpoint`` asks before the model loads, and a checkpoint
+        refused there for that had replaced the weights or the buffers all the same);
         :class:`~selftune.audit.LogError` if it is a state of another run folder.
 
         Under ``torch.distributed`` a collective, as a load is (every rank loads the run's
@@ -959,7 +956,10 @@ class SelfTuned(torch.optim.Optimizer):
         shards.refuse_on_every_rank(lambda: self._check_fits_here(state_dict), "load this state")
 
     def _check_fits_here(self, state_dict: dict[str, Any]) -> None:
-        """:meth:`check_fits` on this rank."""
+        """:meth:`check_fits` on this rank: before anything loads, a refused state changes
+        nothing."""
+        self._check_open("loading a state")  # it would cut back a log that is closed
+        self._check_outside_average("loading a state")
         keys = {"state", "param_groups"}
         if not isinstance(state_dict, Mapping) or not keys <= state_dict.keys():
             got = type(state_dict).__name__
