@@ -116,9 +116,7 @@ def save_checkpoint(
             f"again, log to a new folder. Nothing was written to {target}"
         )
     finish_offload()  # the guard's last snapshot may still be on its way to the host
-    optimizer_state = optimizer.state_dict()
-    if isinstance(optimizer, SelfTuned):  # the log on disk before a checkpoint that points in it
-        optimizer.sync()
+    optimizer_state = optimizer.state_dict()  # (a selftune one forces its log to disk)
     payload = {
         "format": FORMAT,
         "step": step,

@@ -696,7 +696,10 @@ class SelfTuned(torch.optim.Optimizer):
 
         The records of groups added since the last step are written first: the log's position
         saved here then counts them, as the state counts their groups (a resumed run adds the
-        groups again and drops their records, since the log holds them).
+        groups again and drops their records, since the log holds them).  The log and the trace
+        are then forced to disk (:meth:`sync`), as a checkpoint that points into them needs:
+        Lightning and the Hugging Face Trainer save this state in checkpoints of their own, and
+        after a power cut one could point past the log's end, which a resume refuses.
         """
         if self._broken_at is not None:  # saved (a framework's save on an exception goes on),
             warnings.warn(  # but refused where it would load
@@ -712,6 +715,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._write_added()
         sd = self.optimizer.state_dict()
         log, trace = self._before_escalate if self._gave_up is not None else self._log_end()
+        self.sync()  # (after the log's position, whose first call may write the opening notes)
         sd["selftune"] = {
             "step": self.step_count,
             "scales": list(self._scales),
@@ -1068,8 +1072,8 @@ class SelfTuned(torch.optim.Optimizer):
         )
 
     def sync(self) -> None:
-        """Force the run folder's log and trace to disk, as :func:`selftune.save_checkpoint`
-        does before it writes a checkpoint: the checkpoint holds their positions, and resuming
+        """Force the run folder's log and trace to disk, as :meth:`state_dict` does (and so
+        :func:`selftune.save_checkpoint`): a checkpoint holds their positions, and resuming
         refuses a log that ends before the position its checkpoint holds.  (``close`` syncs
         them last: a checkpoint saved after it has nothing left to force.)"""
         if self._log is not None:
