@@ -1423,6 +1423,20 @@ def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
         selftune.wrap(opt)
 
 
+def test_a_nan_momentum_or_beta1_is_refused_at_wrap_and_in_an_added_group() -> None:
+    """A NaN momentum or beta1 is not above zero, so the group was read as one without it and
+    the value went unchecked: torch's SGD takes momentum=nan, whose steps turned the weights
+    NaN, and the guard gave up at step 21, pointing at the data."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(selftune.ConfigError, match="param group 0: momentum=nan is not finite"):
+        selftune.wrap(torch.optim.SGD(params[:1], lr=0.01, momentum=math.nan))
+    opt = selftune.wrap(torch.optim.Adam(params[:1], lr=0.01))
+    with pytest.raises(selftune.ConfigError, match="param group 1: beta1=nan is not finite"):
+        opt.add_param_group({"params": params[1:], "betas": (math.nan, 0.999)})
+    opt.add_param_group({"params": params[1:]})  # the refused group left nothing behind
+    assert len(opt.hyperparams()) == 2
+
+
 #: the unfreezing runs' data, fixed apart from the global generator
 _GEN = torch.Generator().manual_seed(1)
 _X, _Y = torch.randn(64, 4, generator=_GEN), torch.randn(64, 1, generator=_GEN)

@@ -103,8 +103,7 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             "optimizer holds (an optimizer that sets its own, as Adafactor with lr=None and "
             "relative_step=True, has none to tune: give it an lr, relative_step=False)"
         )
-    for name in knob_names(group):
-        value = read(group, name)
+    for name, value in _knob_values(group):
         if not math.isfinite(value):
             raise ConfigError(
                 f"param group {index}: {name}={value} is not finite; pass a finite value"
@@ -115,6 +114,20 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             "nothing to scale; to freeze a part of the model, leave its parameters out of the "
             "optimizer or call requires_grad_(False) on them)"
         )
+
+
+def _knob_values(group: dict[str, Any]) -> list[tuple[str, float]]:
+    """Every knob value the group holds, whether or not :func:`knob_names` counts it a knob:
+    a NaN momentum or beta1 is not above zero, so the group read as one without momentum, the
+    value went unchecked (torch's SGD takes momentum=nan), and the guard gave up on the NaN
+    weights some twenty steps later, blaming the data."""
+    values = [("lr", read(group, "lr"))]
+    if group.get("momentum") is not None:
+        values.append(("momentum", read(group, "momentum")))
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        values += [("beta1", read(group, "beta1")), ("beta2", read(group, "beta2"))]
+    return values
 
 
 def eps_lost_in_half(index: int, group: dict[str, Any]) -> str | None:
