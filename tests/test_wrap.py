@@ -937,6 +937,36 @@ def test_a_closure_supplies_the_loss() -> None:
     assert opt.last_signals is not None and opt.last_signals.loss is not None
 
 
+def test_a_closure_that_returns_no_one_number_is_refused_naming_the_closure() -> None:
+    """What a closure returns is read as the loss: one that returned its loss with its
+    outputs, or unreduced, was refused as ``step(loss=...)``, which the loop never passed."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    before = [p.detach().clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
+
+    def closure(returned: Callable[[torch.Tensor], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            opt.zero_grad()
+            loss = pr.batch_loss(0)  # type: ignore[attr-defined]
+            loss.backward()
+            return returned(loss)
+
+        return run
+
+    for returned, match in (
+        (lambda loss: (loss, None), r"got tuple \(or pass the loss by name"),
+        (lambda loss: loss.expand(3), r"got a tensor of shape \(3,\)"),
+    ):
+        with pytest.raises(selftune.ConfigError, match=r"step\(closure\) reads what the closure"):
+            opt.step(closure(returned))
+        with pytest.raises(selftune.ConfigError, match=match):
+            opt.step(closure(returned))
+    params = pr.model.parameters()  # type: ignore[attr-defined]
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # nothing moved
+    opt.step(closure(lambda loss: (loss, None)), loss=pr.batch_loss(0).detach())  # type: ignore[attr-defined]
+    assert opt.step_count == 1
+
+
 def test_a_loss_passed_where_a_closure_goes_is_refused_by_name() -> None:
     inner, pr = _sgd()
     opt = selftune.wrap(inner)

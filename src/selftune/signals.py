@@ -678,25 +678,33 @@ def _ranks_loss(mean: float, share: float) -> float | None:
     return mean if share == 1.0 else None
 
 
-def check_loss(loss: Any) -> Any:
+def check_loss(loss: Any, *, returned: bool = False) -> Any:
     """Refuse a loss that is not one number, by name (an unreduced loss failed in a reshape);
-    return it, a one-element NumPy array as its number."""
+    return it, a one-element NumPy array as its number.  ``returned``: the loss is what the
+    closure given to ``step`` returned, which the refusal names (it named ``step(loss=...)``,
+    which the loop never passed, for a closure that returned its loss with its outputs)."""
+    what = (
+        "step(closure) reads what the closure returns as the loss, which"
+        if returned
+        else "step(loss=...)"
+    )
+    fix = " (or pass the loss by name: step(closure, loss=loss))" if returned else ""
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ConfigError(
-                f"step(loss=...) needs one number, got a tensor of shape {tuple(loss.shape)}: "
-                "reduce it first (its mean, say)"
+                f"{what} needs one number, got a tensor of shape {tuple(loss.shape)}: "
+                f"reduce it first (its mean, say){fix}"
             )
         if loss.is_complex() or loss.dtype == torch.bool:
-            raise ConfigError(f"step(loss=...) needs a real number, got a {loss.dtype} tensor")
+            raise ConfigError(f"{what} needs a real number, got a {loss.dtype} tensor{fix}")
     elif _one_numpy_number(loss):
         value = loss.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"step(loss=...) needs a real number, got a {loss.dtype} array")
+            raise ConfigError(f"{what} needs a real number, got a {loss.dtype} array{fix}")
         return value
     elif loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
         raise ConfigError(
-            f"step(loss=...) needs a number or a one-element tensor, got {type(loss).__name__}"
+            f"{what} needs a number or a one-element tensor, got {type(loss).__name__}{fix}"
         )
     return loss
 

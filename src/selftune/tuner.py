@@ -505,7 +505,8 @@ class SelfTuned(torch.optim.Optimizer):
         """Read the signals, let the controller and guard act, then step the wrapped optimizer.
 
         ``loss``: what the optimizer lowers, lower being better (for an optimizer built with
-        ``maximize=True``, the negated objective it raises).
+        ``maximize=True``, the negated objective it raises).  Without it, what ``closure``
+        returns is read as the loss, and must be one number too.
         """
         if self._unwrapped:
             raise ConfigError(
@@ -546,6 +547,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: a closure that returned nothing chose to skip its backward (Lightning's, for a
         #: training_step that returned None, its documented skip of a batch)
         skipped = False
+        returned = closure is not None and loss is None  # the loss is the closure's
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
@@ -556,7 +558,8 @@ class SelfTuned(torch.optim.Optimizer):
         refusal = refusal or self._not_resumed()
         if refusal is not None and not across:
             raise refusal
-        loss = check_loss(loss)  # a refused loss changes nothing: refused before the step starts
+        # a refused loss changes nothing: refused before the step starts
+        loss = check_loss(loss, returned=returned)
         self._ranks.refusal = refusal
         try:
             return self._step(t, loss, inner_closure, skipped)
