@@ -306,3 +306,17 @@ def test_a_param_group_with_no_params_is_stepped_rolled_back_saved_and_averaged(
         inside = [p.detach().clone() for group in fresh.param_groups for p in group["params"]]
     for got, want in zip(inside, average_of(opt), strict=True):
         assert torch.equal(got, want)
+
+
+def test_averaged_with_no_parameters_yet_is_an_empty_block() -> None:
+    """An optimizer built of an empty group, its parameters added later (add_param_group),
+    raised torch's "Tensor list must have at least one tensor" in ``averaged()`` before the
+    first group was added."""
+    opt = selftune.wrap(torch.optim.SGD([{"params": []}], lr=0.1), average=True)
+    opt.step()
+    with opt.averaged():
+        assert opt.training_weights() == {}
+    weight = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [weight]})
+    with opt.averaged():
+        assert torch.equal(weight, torch.ones(2))

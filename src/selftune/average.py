@@ -57,6 +57,9 @@ def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[
     flattened view) keeps seeing it.  Costs one copy of the weights while the block runs: the
     block gets that copy (the weights it swapped out), in the order of ``params``.
     """
+    if not params:  # an optimizer whose groups are all empty yet: torch's fused copy refuses
+        yield []  # empty lists
+        return
     with torch.no_grad():
         kept = [p.detach().clone() for p in params]
         torch._foreach_copy_(params, values)
