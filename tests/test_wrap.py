@@ -1428,6 +1428,21 @@ def test_a_policy_given_to_wrap_is_refused_naming_its_parts() -> None:
         selftune.wrap(_sgd()[0], policy=selftune.Policy(bounds={"lr": (0.5, 2.0)}))
 
 
+def test_a_policy_built_by_hand_checks_its_arguments_as_wrap_does() -> None:
+    """``Policy`` is public, for ``SelfTuned(policy=...)``: built by hand, frozen="lr" froze
+    the knobs "l" and "r" (refused as unknown), bounds=5 raised dict()'s TypeError, and
+    lr_bounds_absolute="yes" was taken as true."""
+    assert selftune.Policy(frozen="lr").frozen == frozenset({"lr"})
+    for kwargs, match in (
+        ({"bounds": 5}, r"bounds=5: give a mapping"),
+        ({"max_change": [("lr", 2.0)]}, r"max_change=\[\('lr', 2.0\)\]: give a mapping"),
+        ({"frozen": 5}, r"frozen=5: give knob names"),
+        ({"lr_bounds_absolute": "yes"}, r"lr_bounds_absolute='yes': give True or False"),
+    ):
+        with pytest.raises(selftune.ConfigError, match=match):
+            selftune.Policy(**kwargs)
+
+
 def test_a_refused_wrap_leaves_the_optimizer_free_to_wrap() -> None:
     """Every argument is checked before the optimizer is marked as wrapped: a typo, a bad guard
     setting or a run folder of another run, once corrected, wraps."""

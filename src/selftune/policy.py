@@ -46,10 +46,26 @@ class Policy:
 
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
     max_change: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_CHANGE))
-    frozen: frozenset[str] = frozenset({"beta2"})
+    #: knob names, kept as a frozenset (one name given as a str is one knob)
+    frozen: Iterable[str] = frozenset({"beta2"})
     lr_bounds_absolute: bool = False
 
     def __post_init__(self) -> None:
+        # checked here, not only in build: a Policy built by hand for SelfTuned(policy=...)
+        # took frozen="lr" for the knobs "l" and "r", and a bounds of 5 raised dict()'s TypeError
+        for arg, given, example in (
+            ("bounds", self.bounds, '{"lr": (1e-3, 1e5)}'),
+            ("max_change", self.max_change, '{"lr": 2.0}'),
+        ):
+            if not isinstance(given, Mapping):
+                raise ConfigError(
+                    f"{arg}={given!r}: give a mapping from knob to value, e.g. {arg}={example}"
+                )
+        frozen = self.frozen
+        if not isinstance(frozen, str | Iterable):
+            raise ConfigError(f"frozen={frozen!r}: give knob names, e.g. frozen={{'beta2'}}")
+        if not isinstance(self.lr_bounds_absolute, bool):
+            raise ConfigError(f"lr_bounds_absolute={self.lr_bounds_absolute!r}: give True or False")
         for name, pair in dict(self.bounds).items():
             if not (
                 isinstance(pair, tuple | list) and len(pair) == 2 and all(map(is_number, pair))
@@ -62,7 +78,10 @@ class Policy:
         max_change = {**DEFAULT_MAX_CHANGE, **dict(self.max_change)}
         object.__setattr__(self, "bounds", bounds)
         object.__setattr__(self, "max_change", max_change)
-        object.__setattr__(self, "frozen", frozenset(self.frozen))
+        # one name is one knob, not the letters of one
+        object.__setattr__(
+            self, "frozen", frozenset([frozen] if isinstance(frozen, str) else frozen)
+        )
         for name in [*bounds, *max_change, *self.frozen]:
             if name not in ALL_KNOBS:
                 raise ConfigError(f"unknown knob {name!r} in policy; knobs are {list(ALL_KNOBS)}")
@@ -95,33 +114,19 @@ class Policy:
         lr_bounds_absolute: bool = False,
     ) -> Policy:
         """The policy :func:`selftune.wrap` builds from its keyword arguments."""
-        for name, given, example in (
-            ("bounds", bounds, '{"lr": (1e-3, 1e5)}'),
-            ("max_change", max_change, '{"lr": 2.0}'),
-        ):
-            if given is not None and not isinstance(given, Mapping):
-                raise ConfigError(
-                    f"{name}={given!r}: give a mapping from knob to value, e.g. {name}={example}"
-                )
-        if frozen is not None and not isinstance(frozen, str | Iterable):
-            raise ConfigError(f"frozen={frozen!r}: give knob names, e.g. frozen={{'beta2'}}")
-        if not isinstance(lr_bounds_absolute, bool):
-            raise ConfigError(f"lr_bounds_absolute={lr_bounds_absolute!r}: give True or False")
+        policy = cls(
+            bounds={} if bounds is None else bounds,
+            max_change={} if max_change is None else max_change,
+            frozen={"beta2"} if frozen is None else frozen,
+            lr_bounds_absolute=lr_bounds_absolute,
+        )
         if lr_bounds_absolute and "lr" not in (bounds or {}):
             # the default factors read as rates: (1e-3, 1e5) put the floor above most starts
             raise ConfigError(
                 'lr_bounds_absolute=True needs bounds={"lr": (low, high)}, the rates it makes '
                 "absolute; without it the rate's bounds are factors of its start"
             )
-        return cls(
-            bounds=dict(bounds or {}),
-            max_change=dict(max_change or {}),
-            # one name is one knob, not the letters of one
-            frozen=frozenset(
-                {"beta2"} if frozen is None else [frozen] if isinstance(frozen, str) else frozen
-            ),
-            lr_bounds_absolute=lr_bounds_absolute,
-        )
+        return policy
 
     def limits(self, knob: str, start: float, within: Iterable[float] = ()) -> tuple[float, float]:
         """The absolute bounds of ``knob`` for a group whose starting value was ``start``,
