@@ -1443,6 +1443,16 @@ def test_a_policy_built_by_hand_checks_its_arguments_as_wrap_does() -> None:
             selftune.Policy(**kwargs)
 
 
+def test_a_policy_that_is_not_a_policy_is_refused_and_the_optimizer_left_free() -> None:
+    """``SelfTuned(opt, policy={"lr": ...})`` raised an AttributeError from the settings it
+    read after the optimizer's groups were re-registered."""
+    inner, _ = _sgd()
+    with pytest.raises(selftune.ConfigError, match=r"policy=\{'lr': \(0.5, 2.0\)\}: give a"):
+        selftune.SelfTuned(inner, policy={"lr": (0.5, 2.0)})  # type: ignore[arg-type]
+    opt = selftune.SelfTuned(inner, policy=selftune.Policy(bounds={"lr": (0.5, 2.0)}))
+    assert opt.policy.bounds["lr"] == (0.5, 2.0)
+
+
 def test_a_refused_wrap_leaves_the_optimizer_free_to_wrap() -> None:
     """Every argument is checked before the optimizer is marked as wrapped: a typo, a bad guard
     setting or a run folder of another run, once corrected, wraps."""

@@ -177,6 +177,11 @@ class SelfTuned(torch.optim.Optimizer):
                 f"guard={guard!r}: pass True (the defaults), False (no guard) or a "
                 "selftune.GuardConfig(...) instance"
             )
+        if policy is not None and not isinstance(policy, Policy):  # else an AttributeError
+            raise ConfigError(  # from the settings read further on, the optimizer touched
+                f"policy={policy!r:.60}: give a selftune.Policy(bounds=..., max_change=..., "
+                "frozen=...), or None for the defaults"
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ConfigError(f"seed={seed!r}: give a whole number (it is recorded in the log)")
         if model is not None and not isinstance(model, torch.nn.Module):
