@@ -387,18 +387,54 @@ class RunLog:
     torn_bytes: int = 0
 
 
+class LogStream:
+    """A run folder's records one at a time, in log order, each checked as :func:`verify` checks
+    it; made by :func:`iter_log`.
+
+    A reader that needs a little of each record (the report's plots and counts, replay's
+    proposals) keeps that and not the record: the records of a long run, held all at once
+    as :func:`read_log` holds them, take some 2 KB of memory a decision.  The manifest is read
+    and checked when the stream is made; ``torn_bytes`` is known once the records have all
+    been read.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+        self.folder = _run_folder(log_dir)
+        self.manifest = _read_manifest(self.folder)
+        self._check = _RecordCheck(self.folder, self.manifest)  # the manifest's check, now
+        #: the length of a torn final line (a crash mid-write; not among the records), 0 for none
+        self.torn_bytes = 0
+
+    @property
+    def torn_tail(self) -> bool:
+        """Whether the final line was torn by a crash mid-write."""
+        return self.torn_bytes > 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # each pass checks the records from the manifest's groups again
+        check = self._check = _RecordCheck(self.folder, self.manifest)
+        chain = _Chain(self.folder / DECISIONS)
+        for record, _ in chain:
+            yield check(record)
+        self.torn_bytes = chain.torn_bytes
+
+
+def iter_log(log_dir: str | os.PathLike[str]) -> LogStream:
+    """A run folder's records as a :class:`LogStream`: read a line at a time and checked as
+    :func:`read_log` checks them, raising :class:`LogError` at the first damage, so a log of any
+    length is read in the memory of one record and of what the reader keeps of each."""
+    return LogStream(log_dir)
+
+
 def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
     """Read a run folder, checking the whole chain and every record's fields, as :func:`verify`
     does; raise :class:`LogError` naming any damage.
 
-    One pass over the file: a reader that needs the records and the check (the report, replay)
-    had called :func:`verify` and then this, reading and hashing the log twice.
+    One pass over the file, holding every record (:func:`iter_log` gives them one at a time).
     """
-    folder = _run_folder(log_dir)
-    check = _RecordCheck(folder, _read_manifest(folder))
-    chain = _Chain(folder / DECISIONS)
-    records = [check(record) for record, _ in chain]
-    return RunLog(check.manifest, records, chain.torn_bytes > 0, chain.torn_bytes)
+    log = iter_log(log_dir)
+    records = list(log)
+    return RunLog(log.manifest, records, log.torn_tail, log.torn_bytes)
 
 
 # --------------------------------------------------------------------------- verify
@@ -555,18 +591,17 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
     error naming the file, the line and the record. The log is read a line at a time and no
     record is kept, so a log of any length is checked in the memory of one line.
     """
-    folder = _run_folder(log_dir)
-    check = _RecordCheck(folder, _read_manifest(folder))
-    chain = _Chain(folder / DECISIONS)
-    for record, _ in chain:
-        check(record)
+    log = iter_log(log_dir)
+    for _ in log:
+        pass
+    check = log._check
     return VerifyResult(
         path=str(log_dir),
         records=check.records,
         knobs=sorted(check.knobs),
         guard_events=check.guard_events,
-        torn_tail=chain.torn_bytes > 0,
-        torn_bytes=chain.torn_bytes,
+        torn_tail=log.torn_tail,
+        torn_bytes=log.torn_bytes,
     )
 
 

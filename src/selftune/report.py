@@ -5,7 +5,7 @@ decision and guard event marked, a table of the decisions with their reasons, an
 Plots are PNGs embedded as base64 data URIs and the CSS is inline, so the file can be mailed,
 attached to a CI run or opened offline; the same PNGs are also written to ``RUN/plots/``.
 
-Decisions come from the audit log (:func:`selftune.audit.read_log`, which checks the hash chain);
+Decisions come from the audit log (:func:`selftune.audit.iter_log`, which checks the hash chain);
 the per-step loss and knobs come from ``trace.jsonl`` when the run wrote one. Without a trace the
 knob curves are rebuilt from the decisions as step functions and no loss is drawn.
 
@@ -27,12 +27,13 @@ import sys
 import uuid
 import warnings
 from array import array
-from collections.abc import Callable, Iterator, MutableSequence, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from selftune.audit import LogError, follows, is_joint, leader_row, read_log
+from selftune.audit import LogError, follows, is_joint, iter_log, leader_row
 from selftune.cli import UsageError
 from selftune.terminal import printable
 
@@ -225,26 +226,118 @@ class Trace:
 
 
 @dataclass(frozen=True)
+class Decisions:
+    """Every decision as the plots draw it, in log order, in columns of numbers: its curve (an
+    index in ``curves``), its step, its new value, whether the policy clipped it.  A record
+    held whole took some 2 KB, where these take some 20 bytes."""
+
+    #: each (group, knob) decided on, by index, in the order of its first decision
+    curves: dict[tuple[int, str], int] = field(default_factory=dict)
+    #: each curve's value before its first decision, by index
+    olds: list[float] = field(default_factory=list)
+    curve: array[int] = field(default_factory=lambda: array("I"))
+    steps: array[int] = field(default_factory=lambda: array("q"))
+    new: array[float] = field(default_factory=lambda: array("d"))
+    clipped: array[int] = field(default_factory=lambda: array("b"))
+    #: the steps of the decisions that read the metric given to ``observe``
+    metric_steps: array[int] = field(default_factory=lambda: array("q"))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Add one decision record (checked as :func:`~selftune.audit.read_log` checks them)."""
+        index = self.curves.setdefault((int(record["group"]), str(record["knob"])), len(self.olds))
+        if index == len(self.olds):
+            self.olds.append(_nan_if_none(as_float(record["old"])))
+        self.curve.append(index)
+        self.steps.append(int(record["step"]))
+        self.new.append(_nan_if_none(as_float(record["new"])))
+        self.clipped.append(bool(record["clipped"]))
+        if "metric" in record.get("signals", {}):
+            self.metric_steps.append(int(record["step"]))
+
+    def where(self, curves: Iterable[int], clipped: bool | None = None) -> Any:
+        """A mask of the decisions on ``curves``, those the policy clipped or not (None: both)."""
+        import numpy as np
+
+        mask = np.isin(as_numpy(self.curve), list(curves))
+        if clipped is not None:
+            mask &= as_numpy(self.clipped) == clipped
+        return mask
+
+    def points(self, mask: Any) -> tuple[Any, Any]:
+        """The steps and new values of the decisions in ``mask``, as numpy arrays."""
+        return as_numpy(self.steps)[mask], as_numpy(self.new)[mask]
+
+
+def as_numpy(column: array[Any]) -> Any:
+    """``column`` as a numpy array over its memory (numpy reads the array's type code)."""
+    import numpy as np
+
+    return np.frombuffer(column, column.typecode)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+class LogSummary:
+    """What the page shows of the audit log, gathered record by record in one pass over it: the
+    guard events whole, each decision as a few numbers (:class:`Decisions`), the rows of the
+    decisions table (:class:`DecisionRows`), counts and the first and last step.
+
+    The report had held every record of the log, some 2 KB a decision: a run of a million
+    steps could not be reported on an ordinary machine.
+    """
+
+    def __init__(self, joint: bool, rows: int) -> None:
+        self.joint = joint
+        self.guards: list[dict[str, Any]] = []
+        self.decisions = Decisions()
+        self.table = DecisionRows(joint, rows)
+        #: a joint run's decisions that made the change of another group alike on their own
+        self.followers = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Take in the log's next record."""
+        step = record.get("step")
+        if isinstance(step, int):
+            self.first_step = step if self.first_step is None else min(self.first_step, step)
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+        if record.get("kind") == "guard":
+            self.guards.append(record)
+        elif record.get("kind") == "decision":
+            self.decisions.add(record)
+            self.followers += self.joint and follows(record) is not None
+        self.table.add(record)
+
+    @property
+    def changes(self) -> int:
+        """The controller's changes: the decisions but a joint run's followers."""
+        return len(self.decisions) - self.followers
+
+
+@dataclass(frozen=True)
 class Run:
     """A run folder as the report sees it."""
 
     folder: Path
     manifest: dict[str, Any]
-    #: every audit record (decisions, guard events, notes) in log order
-    records: list[dict[str, Any]]
-    #: the audit log's last line was torn by a crash and is not in ``records``
+    #: what the page shows of the audit log's records
+    log: LogSummary
+    #: the audit log's last line was torn by a crash and is not shown
     torn_tail: bool
     trace: Trace
     #: why the trace's rows end before its end (a damaged or unreadable line), if they do
     trace_damage: str | None = None
 
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [record for record in self.records if record.get("kind") == kind]
-
     @property
     def last_step(self) -> int | None:
         steps = list(self.trace.steps[-1:])
-        steps += [r["step"] for r in self.records if isinstance(r.get("step"), int)]
+        steps += [] if self.log.last_step is None else [self.log.last_step]
         return max(steps) if steps else None
 
 
@@ -263,13 +356,20 @@ def _no_rows(path: Path) -> str:
     )
 
 
-def read_run(run_dir: str | Path) -> Run:
-    """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged."""
+def read_run(run_dir: str | Path, rows: int = 50) -> Run:
+    """Read and check a run folder; raise :class:`LogError` saying what is missing or damaged.
+
+    ``rows`` (at least 1): how many decisions the table lists from each end of the log; the
+    others are counted as the log is read, and let go.
+    """
     folder = Path(run_dir).expanduser()
-    # read_log checks every record's fields besides the chain, as verify does: a record with
+    # iter_log checks every record's fields besides the chain, as verify does: a record with
     # an intact chain but a field missing or of the wrong type is named by its line, not left
     # to end the report in a KeyError
-    log = read_log(folder)
+    records = iter_log(folder)
+    log = LogSummary(is_joint(records.manifest), rows)
+    for record in records:
+        log.add(record)
     trace = Trace()
     try:  # the trace has no chain: the log is the record, and the page shows what it has
         for row in iter_trace(folder):
@@ -277,7 +377,7 @@ def read_run(run_dir: str | Path) -> Run:
         damage = None
     except LogError as err:
         damage = str(err)
-    return Run(folder, log.manifest, log.records, log.torn_tail, trace, damage)
+    return Run(folder, records.manifest, log, records.torn_tail, trace, damage)
 
 
 # --------------------------------------------------------------------------- series to plot
@@ -314,14 +414,16 @@ def knob_series(run: Run) -> dict[tuple[int, str], Series]:
     if run.trace:
         return run.trace.knobs
     series: dict[tuple[int, str], Series] = {}
-    first = min((r["step"] for r in run.records if isinstance(r.get("step"), int)), default=0)
-    for record in run.of_kind("decision"):
-        old, new = as_float(record["old"]), as_float(record["new"])
-        key = (int(record["group"]), str(record["knob"]))
-        if key not in series:  # the value before the first change held from the first step
-            series[key] = Series([first], [math.nan if old is None else old], stepwise=True)
-        series[key].steps.append(int(record["step"]))
-        series[key].values.append(math.nan if new is None else new)
+    first = 0 if run.log.first_step is None else run.log.first_step
+    decided = run.log.decisions
+    for key, index in decided.curves.items():
+        steps, values = decided.points(decided.where([index]))
+        # the value before the first change held from the first step
+        series[key] = Series(
+            array("q", [first]) + array("q", steps.tobytes()),
+            array("d", [decided.olds[index]]) + array("d", values.tobytes()),
+            stepwise=True,
+        )
     last = run.last_step
     for curve in series.values():  # hold the last value to the end of the run
         if last is not None and curve.steps[-1] < last:
@@ -408,6 +510,8 @@ def thinned(steps: Sequence[int], values: Sequence[float]) -> tuple[Any, Any]:
 
 
 def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
+    import numpy as np
+
     loss = loss_series(run)
     finite = [v for v in loss.values if math.isfinite(v)]
     if not finite:
@@ -436,8 +540,8 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
             transform=ax.get_xaxis_transform(),
             label="loss not finite",
         )
-    decision_steps = sorted({r["step"] for r in run.of_kind("decision")})
-    if decision_steps:  # a rug along the bottom: where the controller acted
+    decision_steps = np.unique(as_numpy(run.log.decisions.steps))
+    if len(decision_steps):  # a rug along the bottom: where the controller acted
         ax.plot(
             decision_steps,
             [0.02] * len(decision_steps),
@@ -470,7 +574,7 @@ def _metric_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
     ax = fig.add_subplot()
     ax.plot(metric.steps, metric.values, "o-", color="#2ca02c", markersize=3, label="metric")
     _log_scale_if_wide(ax, [v for v in metric.values if math.isfinite(v)])
-    read = sorted({r["step"] for r in run.of_kind("decision") if "metric" in r.get("signals", {})})
+    read = sorted(set(run.log.decisions.metric_steps))
     for step in read:
         ax.axvline(step, color="#555", alpha=0.4, linewidth=1)
     if read:
@@ -511,18 +615,16 @@ def _knob_plot(
             label=label,
             drawstyle="steps-post" if curve.stepwise else "default",
         )
+    decided = run.log.decisions
     for clipped in (False, True):  # decisions on their curves; the policy's clips drawn hollow
-        marks = [
-            r
-            for r in run.of_kind("decision")
-            if r["knob"] in knobs and bool(r["clipped"]) is clipped and r["group"] in groups
-        ]
         for group in groups:
-            points = [(r["step"], as_float(r["new"])) for r in marks if r["group"] == group]
-            if points:
+            on = [i for (g, knob), i in decided.curves.items() if g == group and knob in knobs]
+            steps, values = decided.points(decided.where(on, clipped))
+            if len(steps):
                 colour = colour_of(group)
                 ax.plot(
-                    *zip(*points, strict=True),
+                    steps,
+                    values,
                     "o",
                     markersize=3.5,
                     color=colour,
@@ -530,7 +632,8 @@ def _knob_plot(
                     linestyle="none",
                 )
     ax.plot([], [], "o", color="#555", markersize=3.5, label="decision")
-    if any(r["clipped"] for r in run.of_kind("decision") if r["knob"] in knobs):
+    on = [i for (_, knob), i in decided.curves.items() if knob in knobs]
+    if decided.where(on, True).any():
         ax.plot(
             [],
             [],
@@ -574,7 +677,7 @@ class Plot:
 
 def make_plots(run: Run) -> list[Plot]:
     """Render the run's plots as PNG bytes (a plot with nothing to draw is left out)."""
-    guards = run.of_kind("guard")
+    guards = run.log.guards
     series = knob_series(run)
     momentum_knobs = [k for k in MOMENTUM_KNOBS if any(k == key[1] for key in series)]
     figures = [
@@ -710,67 +813,85 @@ def _record_row(record: dict[str, Any], alike: Sequence[int], guard_numbers: dic
     )
 
 
-def _shown_records(records: Sequence[dict[str, Any]], rows: int) -> Iterator[int]:
-    """The indices of the records the table shows, with minus the number of decisions left out
-    where they were.
+class DecisionRows:
+    """The rows of the decisions table, chosen as the log is read: every guard event, note and
+    group record, and the first and last ``rows`` decisions, with the number of those left out
+    between them.  A joint run's followers and a rollback's restores are folded into the row
+    they repeat (a change on tens of groups was tens of rows alike), which keeps the other
+    groups folded into it.
 
-    Every guard event and note is shown; of the decisions, the first and the last ``rows``.
+    :func:`~selftune.audit.leader_row` looks back over the rows of the step being read alone,
+    so those are all kept to fold into, and a decision is let go once ``rows`` later ones show
+    it is neither among the first nor among the last (the table had held every record).
     """
-    decisions = [i for i, r in enumerate(records) if r.get("kind") == "decision"]
-    hidden = set(decisions[rows:-rows]) if len(decisions) > 2 * rows else set()
-    skipped = 0
-    for index in range(len(records)):
-        if index in hidden:
-            skipped += 1
-            continue
-        if skipped:
-            yield -skipped
-            skipped = 0
-        yield index
-    if skipped:
-        yield -skipped
 
+    def __init__(self, joint: bool, rows: int) -> None:
+        self.joint, self.rows = joint, rows
+        #: the decisions' rows, all of them (the table's count)
+        self.decisions = 0
+        #: the rows settled as shown, each with the groups folded into it, and before a row
+        #: the number of decisions left out there
+        self._settled: list[tuple[dict[str, Any], list[int]] | int] = []
+        #: the rows after them: the last ``rows`` decisions and the other rows among them
+        self._pending: deque[tuple[dict[str, Any], list[int]]] = deque()
+        self._waiting = 0  # the decisions among them
+        self._passed = 0  # the decisions settled
+        self._skipped = 0  # the decisions left out since the last row settled as shown
+        #: the decision rows of the step being read, and the groups folded into each
+        self._step: list[dict[str, Any]] = []
+        self._alike: list[list[int]] = []
 
-def _folded(run: Run) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
-    """The records, with a joint run's followers folded into the change they follow and a
-    rollback's restores into its first group's (a change on tens of groups was tens of rows
-    alike), and for each row that folded others in, the other groups, by the row's index.
-
-    The rows are the log's own records, not copies: a long run's report held each decision twice.
-    """
-    joint = is_joint(run.manifest)
-    out: list[dict[str, Any]] = []
-    alike: dict[int, list[int]] = {}
-    for record in run.records:
+    def add(self, record: dict[str, Any]) -> None:
+        """Take in the log's next record."""
         # a follower the policy clipped keeps a row of its own: its value is not the change's
-        at = None if record.get("clipped") else leader_row(record, out, joint)
+        at = None if record.get("clipped") else leader_row(record, self._step, self.joint)
         if at is not None:
-            alike.setdefault(at, []).append(record["group"])
+            self._alike[at].append(record["group"])
+            return
+        row: tuple[dict[str, Any], list[int]] = (record, [])
+        decision = record.get("kind") == "decision"
+        if decision and self._step and self._step[-1].get("step") == record.get("step"):
+            self._step.append(record)
+            self._alike.append(row[1])
         else:
-            out.append(record)
-    return out, alike
+            self._step, self._alike = ([record], [row[1]]) if decision else ([], [])
+        self._pending.append(row)
+        self.decisions += decision
+        self._waiting += decision
+        while self._waiting > self.rows:  # settle the rows up to a decision that is not last
+            settled = self._pending.popleft()
+            if settled[0].get("kind") == "decision":
+                self._waiting -= 1
+                self._passed += 1
+                if self._passed > self.rows:  # not among the first either
+                    self._skipped += 1
+                    continue
+            if self._skipped:
+                self._settled.append(self._skipped)
+                self._skipped = 0
+            self._settled.append(settled)
+
+    def shown(self) -> Iterator[tuple[dict[str, Any], list[int]] | int]:
+        """The rows shown, in log order, each with the groups folded into it, and where
+        decisions were left out, their number."""
+        yield from self._settled
+        if self._skipped:
+            yield self._skipped
+        yield from self._pending
 
 
-def _changes(run: Run) -> tuple[int, int]:
-    """The controller's changes, and a joint run's decisions that made one alike on another
-    group."""
-    decisions = run.of_kind("decision")
-    followers = sum(follows(r) is not None for r in decisions) if is_joint(run.manifest) else 0
-    return len(decisions) - followers, followers
-
-
-def _decisions_table(run: Run, rows: int) -> str:
-    numbers = {g["seq"]: n for n, g in enumerate(run.of_kind("guard"), start=1)}
+def _decisions_table(run: Run) -> str:
+    numbers = {g["seq"]: n for n, g in enumerate(run.log.guards, start=1)}
+    table = run.log.table
     body = []
-    records, alike = _folded(run)
-    for index in _shown_records(records, rows):
-        if index < 0:
-            body.append(f"<tr class=gap><td colspan=6>… {-index} decisions not shown …</td></tr>")
+    for row in table.shown():
+        if isinstance(row, int):
+            body.append(f"<tr class=gap><td colspan=6>… {row} decisions not shown …</td></tr>")
         else:
-            body.append(_record_row(records[index], alike.get(index, ()), numbers))
-    total = sum(r.get("kind") == "decision" for r in records)  # the rows
+            body.append(_record_row(*row, numbers))
+    total, rows = table.decisions, table.rows  # the rows
     shown = min(total, 2 * rows)
-    changes, followers = _changes(run)
+    changes, followers = run.log.changes, run.log.followers
     count = f"{changes} decisions" + (
         f" and {followers} that made one alike on another group (joint groups: shown as +N "
         "on the change they follow, or in a row of their own where the policy clipped them)"
@@ -789,7 +910,7 @@ def _decisions_table(run: Run, rows: int) -> str:
 
 
 def _guard_table(run: Run) -> str:
-    guards = run.of_kind("guard")
+    guards = run.log.guards
     if not guards:
         return "<p class=sub>No guard events: no step was skipped or rolled back.</p>"
     rows = "".join(
@@ -828,11 +949,11 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
 
 def _cards(run: Run) -> str:
     losses = [v for v in loss_series(run).values if math.isfinite(v)]
-    guards = len(run.of_kind("guard"))
+    guards = len(run.log.guards)
     cards = [
         ("last step", "—" if run.last_step is None else f"{run.last_step:,}", ""),
         ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
-        ("decisions", f"{_changes(run)[0]:,}", ""),
+        ("decisions", f"{run.log.changes:,}", ""),
         ("guard events", f"{guards:,}", " alert" if guards else ""),
         ("param groups", str(len(run.manifest.get("param_groups") or [])), ""),
     ]
@@ -846,8 +967,9 @@ def _cards(run: Run) -> str:
     )
 
 
-def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
-    """The whole page as one string: inline CSS, plots as data URIs, no external resources."""
+def render_html(run: Run, plots: Sequence[Plot]) -> str:
+    """The whole page as one string: inline CSS, plots as data URIs, no external resources; the
+    decisions table lists the rows :func:`read_run` was asked for."""
     m = run.manifest
     config = m.get("config") or {}
     optimizer = config.get("optimizer", "optimizer")
@@ -887,7 +1009,7 @@ def render_html(run: Run, plots: Sequence[Plot], rows: int = 50) -> str:
         + "".join(f"<div class=banner>{_e(text)}</div>" for text in banners)
         + f"<h2>Guard events</h2>{_guard_table(run)}"
         f"<h2>Trajectories</h2>{figures}"
-        f"<h2>Decisions</h2>{_decisions_table(run, rows)}"
+        f"<h2>Decisions</h2>{_decisions_table(run)}"
         f"<h2>Manifest</h2>{_manifest_table(m)}"
         "</main></body></html>\n"
     )
@@ -964,7 +1086,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             f"{out} exists and is no selftune report: the page is not written over it; give "
             "a file of its own, e.g. report.html"
         )
-    run = read_run(run_dir)
+    run = read_run(run_dir, rows)
     page = Path(out) if out is not None else run.folder / "report.html"
     if out is None and page.exists() and not _is_report(page):
         raise ValueError(
@@ -985,7 +1107,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         warnings.warn(cut, stacklevel=2)
     page.parent.mkdir(parents=True, exist_ok=True)
     # (a folder name of bytes that are no UTF-8 is shown escaped, not refused)
-    write_whole(page, render_html(run, plots, rows).encode("utf-8", "backslashreplace"))
+    write_whole(page, render_html(run, plots).encode("utf-8", "backslashreplace"))
     # The page holds the plots itself; the PNGs are a copy, so a run folder they cannot be
     # written to (a read-only copy of a CI artefact, with --out elsewhere) costs only them.
     try:
