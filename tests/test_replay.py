@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
 from copy import deepcopy
@@ -27,8 +28,8 @@ from faults import (
 )
 
 import selftune
-from selftune.audit import GENESIS, LogError, canonical, read_log, record_hash
-from selftune.replay import _FollowsTrace, _Passes
+from selftune.audit import GENESIS, AuditLog, LogError, canonical, read_log, record_hash
+from selftune.replay import Decided, _FollowsTrace, _Passes
 
 STEPS = 150
 #: a NaN loss and a loss 100x too large: two guard rollbacks inside the replayed run
@@ -124,6 +125,63 @@ def test_replay_is_bit_identical_through_a_skipped_first_step(tmp_path: Path) ->
     replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path)
     train(task, replayed, STEPS, faults={1: "nan_loss"}, evaluate=False)
     assert all(torch.equal(a, b) for a, b in zip(original, final_weights(task.model), strict=True))
+
+
+def test_replay_holds_its_proposals_not_the_log(tmp_path: Path) -> None:
+    """``replay`` reads the log in one pass and keeps of each decision the proposal it makes
+    again, not the record: it had held every record of the log, some 2 KB a decision (a long
+    run's log took more memory than a machine has). Counted by tracemalloc, which sees every
+    allocation and no other process."""
+    task = make_task()
+    selftune.wrap(make_optimizer("sgd", task.model.parameters()), log_dir=tmp_path).close()
+    signals = {"loss": 0.5, "loss_ema": 0.6, "grad_norm": 2.5, "cos_update": 0.25}
+    with AuditLog(tmp_path) as log:
+        for step in range(1, 6_001):
+            cos = step % 100 / 100  # a controller's reasons repeat: its signals, rounded
+            for knob, old in (("lr", LR["sgd"]), ("momentum", 0.9)):
+                log.append(
+                    dict(
+                        kind="decision",
+                        step=step,
+                        group=0,
+                        knob=knob,
+                        old=old,
+                        new=old,
+                        value=old,
+                        signals={**signals, "loss": 1 / step},
+                        reason=f"raise (averaged cos {cos:+.3f})",
+                        clipped=False,
+                        source="controller",
+                    )
+                )
+    size = (tmp_path / DECISIONS).stat().st_size
+    optimizer = make_optimizer("sgd", task.model.parameters())
+    tracemalloc.start()
+    try:
+        selftune.replay(optimizer, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 2, (peak, size)
+
+
+def test_a_step_proposes_its_decisions_in_log_order_wherever_they_lie() -> None:
+    """The decisions are kept in columns looked up by step: a log whose steps go back (written
+    by hand) has each step's decisions, in log order, and a guard's decision is left out."""
+    decided = Decided()
+    for seq, (step, knob) in enumerate([(3, "lr"), (1, "lr"), (3, "momentum"), (2, "lr")]):
+        decided.add(
+            {"step": step, "group": 0, "knob": knob, "old": seq, "value": seq, "reason": f"r{seq}"}
+        )
+    decided.add({"step": 3, "group": 0, "knob": "lr", "old": 0, "value": 0, "source": "guard"})
+    proposals, olds = decided.at(3)
+    assert [(p.knob, p.value, p.reason, p.raw) for p in proposals] == [
+        ("lr", 0.0, "replay: r0", True),
+        ("momentum", 2.0, "replay: r2", True),
+    ]
+    assert olds == [0.0, 2.0]
+    assert [p.reason for p in decided.at(1)[0]] == ["replay: r1"]
+    assert decided.at(4) == ([], [])
 
 
 # --------------------------------------------------------------------------- refusals

@@ -20,8 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
-from collections import defaultdict
+from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,18 +44,70 @@ from selftune.signals import Signals
 from selftune.tuner import SelfTuned, StepEvent, group_options, outside_frames
 
 
-class ReplayController(OffController):
-    """Proposes, at each step, exactly the controller decisions the log holds for that step.
+class Decided:
+    """The controller's decisions of a log, as the proposals a replay makes again at each step,
+    each beside the knob's value before it: all a replay keeps of a decision, in columns, some
+    50 bytes a decision (the records, held all at once, took some 2 KB a decision, and the
+    proposals built for every step at once some 400 bytes).
 
-    The proposals are built when the log is read, so that a record whose step or value is not a
-    number is refused up front, naming the record, not halfway through the replayed run.
+    They are taken in as the log is read (:func:`~selftune.audit.iter_log`), so that a record
+    whose step or value is not a number is refused up front, naming the record, not halfway
+    through the replayed run.  A guard's or a bound's decision is the replay's own to make
+    again, and is left out.
     """
+
+    def __init__(self) -> None:
+        self._steps, self._groups = array("q"), array("q")
+        self._values, self._olds = array("d"), array("d")
+        #: each decision's knob and reason: one string for each that recurs (a controller's
+        #: reasons repeat: a hypergradient run's 12,000 decisions give some 800)
+        self._knobs: list[str] = []
+        self._reasons: list[str] = []
+        #: whether the steps never go back, as a log's do (they are sorted before a look-up
+        #: otherwise, each step's decisions kept in log order)
+        self._ordered = True
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Take in one decision record of the log."""
+        if record.get("source", "controller") != "controller":
+            return
+        step = _number(record, "step", int)
+        self._ordered &= not self._steps or self._steps[-1] <= step
+        self._steps.append(step)
+        self._groups.append(record["group"])
+        self._values.append(_number(record, "value", float))
+        self._olds.append(_number(record, "old", float))
+        self._knobs.append(sys.intern(record["knob"]))
+        self._reasons.append(sys.intern(f"replay: {record['reason']}"))
+
+    def at(self, step: int) -> tuple[list[Proposal], list[float]]:
+        """The proposals of ``step``, in log order, and the knob's value before each."""
+        if not self._ordered:
+            order = sorted(range(len(self._steps)), key=self._steps.__getitem__)  # (stable)
+            self._steps = array("q", (self._steps[i] for i in order))
+            self._groups = array("q", (self._groups[i] for i in order))
+            self._values = array("d", (self._values[i] for i in order))
+            self._olds = array("d", (self._olds[i] for i in order))
+            self._knobs = [self._knobs[i] for i in order]
+            self._reasons = [self._reasons[i] for i in order]
+            self._ordered = True
+        lo, hi = bisect_left(self._steps, step), bisect_right(self._steps, step)
+        proposals = [
+            Proposal(self._groups[i], self._knobs[i], self._values[i], self._reasons[i], raw=True)
+            for i in range(lo, hi)
+        ]
+        return proposals, list(self._olds[lo:hi])
+
+
+class ReplayController(OffController):
+    """Proposes, at each step, exactly the controller decisions the log holds for that step
+    (``decided``); ``records``: the log's other records (guard events, notes, added groups)."""
 
     name = "replay"
 
-    def __init__(self, records: list[dict[str, Any]], passes: _Passes) -> None:
+    def __init__(self, records: list[dict[str, Any]], decided: Decided, passes: _Passes) -> None:
         self._passes = passes
-        self._by_step: dict[int, list[Proposal]] = defaultdict(list)
+        self._decided = decided
         self._restarts = {
             _number(r, "step", int): f"replay: {r['reason']}"
             for r in records
@@ -66,24 +120,16 @@ class ReplayController(OffController):
             for r in records
             if r.get("kind") == "group"
         }
-        #: each logged decision's knob as it stood before it, beside its proposal
-        self._olds: dict[int, list[float]] = defaultdict(list)
-        for r in records:
-            if r.get("kind") == "decision" and r.get("source", "controller") == "controller":
-                step, value = _number(r, "step", int), _number(r, "value", float)
-                why = f"replay: {r['reason']}"
-                self._by_step[step].append(Proposal(r["group"], r["knob"], value, why, raw=True))
-                self._olds[step].append(_number(r, "old", float))
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
         self._step = signals.step
         if self._passes.thrown_away(signals.step):  # the log holds nothing of this pass
             return []
-        proposals = list(self._by_step.get(signals.step, []))
+        proposals, olds = self._decided.at(signals.step)
         # a knob's first decision in the step is checked against the knobs in force; a later one
         # starts where an earlier one left it (a joint group's join, then the run's change)
         first: set[tuple[int, str]] = set()
-        for p, old in zip(proposals, self._olds.get(signals.step, []), strict=True):
+        for p, old in zip(proposals, olds, strict=True):
             if p.group >= len(knobs):
                 raise SelfTuneError(
                     f"replay: step {signals.step} holds a decision for param group {p.group}, "
@@ -204,12 +250,19 @@ def replay(
             f"replay needs a torch.optim.Optimizer, got {type(optimizer).__name__}: build the "
             "optimizer as the logged run did, over the model's parameters"
         )
-    # read_log checks the manifest's keys and every record's fields besides the chain, as
+    # iter_log checks the manifest's keys and every record's fields besides the chain, as
     # verify does: a damaged log is refused as such, not failed below as a KeyError
-    run = audit.read_log(log_dir)
-    _check_matches(run.manifest, optimizer, log_dir)
-    _warn_of_versions(run.manifest)
-    config = run.manifest["config"]
+    log = audit.iter_log(log_dir)
+    decided = Decided()
+    records: list[dict[str, Any]] = []  # guard events, notes and added groups: few, kept whole
+    for record in log:
+        if record["kind"] == "decision":
+            decided.add(record)
+        else:
+            records.append(record)
+    _check_matches(log.manifest, optimizer, log_dir)
+    _warn_of_versions(log.manifest)
+    config = log.manifest["config"]
     where = os.path.join(os.path.expanduser(os.fspath(log_dir)), audit.MANIFEST)
     if not isinstance(config, dict):
         raise audit.LogError(f"{where}: 'config' is a {type(config).__name__}, not an object")
@@ -230,11 +283,11 @@ def replay(
             f"({exc}); "
             "the manifest was damaged or written by another version"
         ) from None
-    passes = _Passes(run.records)
-    controller = ReplayController(run.records, passes)
+    passes = _Passes(records)
+    controller = ReplayController(records, decided, passes)
     guard: Any = False
     if guard_config is not None:
-        guard = ReplayGuard(guard_config, run.records, passes)
+        guard = ReplayGuard(guard_config, records, passes)
     # before the wrap, which marks the optimizer wrapped: one refused, then built right, could
     # not be passed again
     groups = optimizer.param_groups
@@ -243,7 +296,7 @@ def replay(
     options = [group_options(g, optimizer.defaults) for g in groups]
     _check_options(config.get("options"), options, where)
     _check_model(config.get("model_buffers"), model, where)
-    _warn_of_model_changed(run.records)
+    _warn_of_model_changed(records)
     tuned = SelfTuned(
         optimizer, controller, policy=policy, guard=False, average=average or False, model=model
     )
