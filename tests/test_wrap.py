@@ -1167,6 +1167,42 @@ def test_a_step_hook_on_the_inner_optimizer_runs_only_on_updates_made() -> None:
     ]  # fmt: skip
 
 
+def test_torch_s_global_step_hooks_run_once_a_step_given_the_wrapper() -> None:
+    """Hooks registered for every optimizer (a profiler's step counter, a memory tracker, an
+    EMA) ran twice a step, around the wrapper's ``step`` and again around the inner one's:
+    6 calls for 3 steps.  They run once a call of ``step``, given the wrapper and the call's
+    arguments, as its own hooks are; a hook on the wrapped optimizer still runs at its update."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    inner, pr = _sgd()
+    calls: list[tuple[str, Any, Any]] = []
+    inner.register_step_post_hook(lambda o, a, k: calls.append(("inner", o, k)))
+    opt = selftune.wrap(inner)
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", o, k))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", o, k))),
+    ]
+    try:
+        for t in range(1, 5):
+            loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=torch.tensor(math.nan) if t == 3 else loss.detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [(name, o is opt) for name, o, _ in calls] == [
+        ("pre", True), ("inner", False), ("post", True),
+        ("pre", True), ("inner", False), ("post", True),
+        ("pre", True), ("post", True),  # skipped by the guard: no update made
+        ("pre", True), ("inner", False), ("post", True),
+    ]  # fmt: skip
+    assert all("loss" in kwargs for name, _, kwargs in calls if name != "inner")
+
+
 def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
     import copy
     import pickle

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parameter import is_lazy
+from torch.optim import optimizer as torch_optimizer
 
 from selftune import knobs as knobs_io
 from selftune import shards
@@ -664,7 +665,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(t, signals, decisions, restart)
             return loss
         self._tracker.before_update()
-        with self._effective_lr():
+        with self._effective_lr(), _global_step_hooks_held():
             self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
         self._tracker.after_update()
         if self.average is not None:
@@ -2088,6 +2089,39 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
+
+
+#: torch's registries of the step hooks registered for every optimizer, by their names in
+#: ``torch.optim.optimizer``, whose wrapper around each optimizer's ``step`` reads them there
+_GLOBAL_STEP_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+
+
+@contextmanager
+def _global_step_hooks_held() -> Iterator[None]:
+    """Hold back the step hooks registered for every optimizer (torch's
+    ``register_optimizer_step_pre_hook`` and ``register_optimizer_step_post_hook``) while the
+    wrapped optimizer steps.
+
+    They run around the wrapper's ``step``, given the wrapper and the arguments of the call, as
+    its own hooks are; run again around the inner step, a profiler's step counter counted two
+    steps a call, and an EMA's hook averaged twice.  The wrapped optimizer's own hooks still run
+    at its update.  The registries are swapped for empty ones and put back: a hook registered
+    meanwhile (by a closure L-BFGS calls again) is dropped, and another thread's optimizer that
+    steps meanwhile runs without them.  Were torch to rename them, its hooks would run twice
+    again, and nothing else would change.
+    """
+    held = {
+        name: getattr(torch_optimizer, name)
+        for name in _GLOBAL_STEP_HOOKS
+        if hasattr(torch_optimizer, name)
+    }
+    for name, hooks in held.items():
+        setattr(torch_optimizer, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(torch_optimizer, name, hooks)
 
 
 #: the packages whose frames stand between a warning and the training loop's call
