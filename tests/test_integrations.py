@@ -758,6 +758,27 @@ def test_an_optimizer_wrapped_before_its_scheduler_is_fed_the_loss() -> None:
         assert fed.last_signals is not None and fed.last_signals.loss == loss.item()
 
 
+def test_a_fed_step_with_a_closure_returns_the_closure_s_result() -> None:
+    """The loss fed by the framework is the one read; ``step(closure)`` returns what the closure
+    returned, as torch's optimizers do (it returned the fed loss in its place)."""
+    from selftune.integrations._feed import feed_from
+
+    model = torch.nn.Linear(16, 4)
+    fed = feed_from(selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01)))
+    x, y = _data(32)
+    returned: list[torch.Tensor] = []
+
+    def closure() -> torch.Tensor:
+        fed.zero_grad()
+        returned.append(torch.nn.functional.cross_entropy(model(x), y))
+        returned[-1].backward()
+        fed.loss_feed.add(2 * returned[-1])
+        return returned[-1]
+
+    assert fed.step(closure) is returned[-1]
+    assert fed.last_signals is not None and fed.last_signals.loss == 2 * returned[-1].item()
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 

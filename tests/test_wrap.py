@@ -937,6 +937,38 @@ def test_a_closure_supplies_the_loss() -> None:
     assert opt.last_signals is not None and opt.last_signals.loss is not None
 
 
+def test_step_returns_what_the_closure_returned_as_torch_s_optimizers_do() -> None:
+    """``step(closure)`` returns the closure's result, as torch's optimizers do: given the loss
+    by name too, it returned that loss, and a one-element NumPy array came back as a float.
+    A step the guard skipped returns it too; one without a closure returns None."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    plain = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+    def closure(returned: Callable[[torch.Tensor], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            opt.zero_grad()
+            loss = pr.batch_loss(opt.step_count)  # type: ignore[attr-defined]
+            loss.backward()
+            results.append(returned(loss))
+            return results[-1]
+
+        return run
+
+    results: list[Any] = []
+    for returned, by_name in (
+        (lambda loss: loss, None),
+        (lambda loss: (loss, "outputs"), torch.tensor(1.0)),
+        (lambda loss: np.array([loss.item()]), None),
+        (lambda loss: torch.tensor(math.nan), None),  # the guard skips the step
+    ):
+        assert opt.step(closure(returned), loss=by_name) is results[-1]
+        assert plain.step(closure(returned)) is results[-1]
+    assert opt.step_count == 4
+    pr.batch_loss(0).backward()  # type: ignore[attr-defined]
+    assert opt.step(loss=torch.tensor(1.0)) is None is plain.step()
+
+
 def test_a_closure_that_returns_no_one_number_is_refused_naming_the_closure() -> None:
     """What a closure returns is read as the loss: one that returned its loss with its
     outputs, or unreduced, was refused as ``step(loss=...)``, which the loop never passed."""

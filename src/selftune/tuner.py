@@ -513,6 +513,10 @@ class SelfTuned(torch.optim.Optimizer):
         ``loss``: what the optimizer lowers, lower being better (for an optimizer built with
         ``maximize=True``, the negated objective it raises).  Without it, what ``closure``
         returns is read as the loss, and must be one number too.
+
+        Returns what ``closure`` returned, as it was, and None without one, as torch's optimizers
+        do: a loop or a framework that reads the result of ``step(closure)`` gets its own
+        closure's, on a step the guard skipped too, whatever the loss given by name.
         """
         if self._unwrapped:
             raise ConfigError(
@@ -550,6 +554,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "computes the loss, calls backward and returns the loss"
             )
         inner_closure = closure
+        result = None  # the closure's, which the step returns
         #: a closure that returned nothing chose to skip its backward (Lightning's, for a
         #: training_step that returned None, its documented skip of a batch)
         skipped = False
@@ -568,17 +573,18 @@ class SelfTuned(torch.optim.Optimizer):
         loss = check_loss(loss, returned=returned)
         self._ranks.refusal = refusal
         try:
-            return self._step(t, loss, inner_closure, skipped)
+            self._step(t, loss, inner_closure, skipped)
         except (GuardError, RefusedStep):
             raise  # the guard gave up, and said so in the log; or nothing changed
         except BaseException:
             if self._recorded != t and self._broken_at is None:  # not a listener's error
                 self._broken_at = t
             raise
+        return result
 
     def _step(
         self, t: int, loss: Any, inner_closure: Callable[[], Any] | None, skipped: bool
-    ) -> Any:
+    ) -> None:
         """Step ``t`` from the signals on: what a failure part-way leaves unfinished.
         ``skipped``: the closure returned nothing, its backward skipped by choice."""
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
@@ -625,7 +631,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
-            return loss
+            return
         if self._metric is not None:  # held until a step whose proposals are made reads it
             signals = self.last_signals = dataclasses.replace(
                 signals,
@@ -663,7 +669,7 @@ class SelfTuned(torch.optim.Optimizer):
         if restart is not None:
             self.step_count = t
             self._after(t, signals, decisions, restart)
-            return loss
+            return
         self._tracker.before_update()
         with self._effective_lr(), _global_step_hooks_held():
             self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
@@ -672,7 +678,6 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.update(self.param_groups)
         self.step_count = t
         self._after(t, signals, decisions, None)
-        return loss
 
     def _hold_shared_metric(self) -> None:
         """Hold the metric the ranks shared in this step's collective, if any observed one,

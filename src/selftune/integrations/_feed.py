@@ -67,15 +67,17 @@ class FedSelfTuned(SelfTuned):
         if closure is None:
             return super().step(loss=self.loss_feed.take())
         feed = self.loss_feed
+        results: list[Any] = []  # the closure's own, which the step returns as torch's do
 
         # The closure runs the forward and backward passes, which is when the framework's hooks
         # add the loss; SelfTuned takes the closure's result as the loss, so return the fed sum.
         def fed_closure() -> Any:
-            result = closure()
+            results.append(closure())
             total = feed.take()
-            return result if total is None else total
+            return results[-1] if total is None else total
 
-        return super().step(fed_closure)
+        super().step(fed_closure)
+        return results[0]
 
 
 def feed_from(optimizer: SelfTuned, feed: LossFeed | None = None) -> FedSelfTuned:
