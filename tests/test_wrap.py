@@ -1235,6 +1235,39 @@ def test_torch_s_global_step_hooks_run_once_a_step_given_the_wrapper() -> None:
     assert all("loss" in kwargs for name, _, kwargs in calls if name != "inner")
 
 
+def test_wrapped_optimizers_stepping_in_threads_keep_torch_s_global_step_hooks() -> None:
+    """Each inner step swaps torch's registries of global hooks for empty ones and back: two
+    threads stepping at once put back each other's empty ones, and every global hook was lost
+    for good (0 left of 1 after four threads' 300 steps).  The last step to end puts them back."""
+    import threading
+
+    from torch.optim import optimizer as torch_optimizer
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def train(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(32, 32)
+        opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        for _ in range(300):
+            loss = model(torch.randn(16, 32)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+
+    calls: list[str] = []
+    handle = register_optimizer_step_post_hook(lambda o, a, k: calls.append(type(o).__name__))
+    try:
+        threads = [threading.Thread(target=train, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert handle.id in torch_optimizer._global_optimizer_post_hooks
+        assert set(calls) == {"SelfTuned"}
+    finally:
+        handle.remove()
+
+
 def test_copying_or_pickling_says_to_save_the_state_dict() -> None:
     import copy
     import pickle

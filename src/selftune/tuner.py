@@ -18,13 +18,14 @@ import math
 import numbers
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -2101,6 +2102,17 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 _GLOBAL_STEP_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
 
 
+class _HeldHooks:
+    """The registries :func:`_global_step_hooks_held` took out, and how many inner steps hold
+    them: the first to start takes them out and the last to end puts them back, so wrapped
+    optimizers stepping at once in two threads (or one inside another's closure) cannot put
+    back each other's empty ones, which lost every global hook for good."""
+
+    lock = threading.Lock()
+    holders = 0
+    saved: ClassVar[dict[str, Any]] = {}
+
+
 @contextmanager
 def _global_step_hooks_held() -> Iterator[None]:
     """Hold back the step hooks registered for every optimizer (torch's
@@ -2115,18 +2127,24 @@ def _global_step_hooks_held() -> Iterator[None]:
     steps meanwhile runs without them.  Were torch to rename them, its hooks would run twice
     again, and nothing else would change.
     """
-    held = {
-        name: getattr(torch_optimizer, name)
-        for name in _GLOBAL_STEP_HOOKS
-        if hasattr(torch_optimizer, name)
-    }
-    for name, hooks in held.items():
-        setattr(torch_optimizer, name, type(hooks)())
+    with _HeldHooks.lock:
+        if _HeldHooks.holders == 0:
+            _HeldHooks.saved = {
+                name: getattr(torch_optimizer, name)
+                for name in _GLOBAL_STEP_HOOKS
+                if hasattr(torch_optimizer, name)
+            }
+            for name, hooks in _HeldHooks.saved.items():
+                setattr(torch_optimizer, name, type(hooks)())
+        _HeldHooks.holders += 1
     try:
         yield
     finally:
-        for name, hooks in held.items():
-            setattr(torch_optimizer, name, hooks)
+        with _HeldHooks.lock:
+            _HeldHooks.holders -= 1
+            if _HeldHooks.holders == 0:
+                for name, hooks in _HeldHooks.saved.items():
+                    setattr(torch_optimizer, name, hooks)
 
 
 #: the packages whose frames stand between a warning and the training loop's call
