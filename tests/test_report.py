@@ -598,7 +598,7 @@ def test_two_reports_at_once_and_a_linked_page_are_written_whole(tmp_path: Path)
     link to a file elsewhere became a file of its own, the file it linked left as it was."""
     import threading
 
-    from selftune.report import write_whole
+    from selftune.files import write_whole
 
     page = tmp_path / "report.html"
     bodies = [bytes([65 + i]) * (4 << 20) for i in range(2)]

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from selftune.errors import SelfTuneError
+from selftune.files import write_whole
 from selftune.terminal import printable
 
 if TYPE_CHECKING:
@@ -610,24 +611,10 @@ def verify(log_dir: str | os.PathLike[str]) -> VerifyResult:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old one or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_whole(path, data)
     except OSError as exc:  # a full disk, a read-only folder: no temporary left behind
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise LogError(f"cannot write {path}: {exc.strerror or exc}") from None
-    # The rename itself is only durable once the folder is synced; not every platform allows it.
-    with contextlib.suppress(OSError):
-        folder_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
 
 
 #: how the notes about the log itself begin, which a later cut past them carries forward

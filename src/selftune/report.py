@@ -22,9 +22,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import uuid
 import warnings
 from array import array
 from collections import deque
@@ -35,6 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from selftune.audit import LogError, follows, is_joint, iter_log, leader_row
 from selftune.cli import UsageError
+from selftune.files import write_whole
 from selftune.terminal import printable
 
 if TYPE_CHECKING:
@@ -1121,35 +1120,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
             stacklevel=2,
         )
     return page
-
-
-def write_whole(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file, on disk before it is renamed over it: a write
-    that fails or is stopped part-way (a full disk, a crash, Ctrl-C) leaves the file before it,
-    not a cut one (a page the next report refuses to write over as no report of selftune's, or a
-    benchmark's ``overhead.json`` that lost every measurement it held).  The temporary file's
-    name is this writer's own (two reports at once), a link is written through to its file, and
-    a file there keeps its permissions."""
-    path = Path(os.path.realpath(path))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        # on disk before the rename: after a power cut the rename may be kept and the data not,
-        # an empty file in the old one's place
-        synced = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(synced)
-        finally:
-            os.close(synced)
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # named by the file, not by its temporary
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- command line

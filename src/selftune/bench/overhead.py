@@ -31,8 +31,8 @@ import torch
 from selftune.bench.fields import NUMBER, TEXT, WHOLE, Damaged, Kind, fault, read_text
 from selftune.bench.runner import one_thread
 from selftune.bench.workloads import WORKLOADS, Task, Workload
+from selftune.files import write_whole
 from selftune.guard import GuardConfig
-from selftune.report import write_whole
 
 OVERHEAD = "overhead.json"
 #: The CNN and the transformer: the two architectures whose step costs differ most.
@@ -170,7 +170,7 @@ def run_overhead(
     The rows of workloads not measured now stay as the file held them: measuring one workload
     again once rewrote the file with its rows alone, and the others' were lost.  They are read
     first, so that a damaged file is refused before the minutes of measuring, not after.  The
-    file is replaced whole (:func:`~selftune.report.write_whole`): written over in place, one
+    file is replaced whole (:func:`~selftune.files.write_whole`): written over in place, one
     cut off by a crash or Ctrl-C lost them all.
     """
     names = workloads if workloads is not None else list(OVERHEAD_WORKLOADS)
