@@ -108,16 +108,7 @@ def keep_scheduler_mark(opt: SelfTuned) -> SelfTuned:
     patched = getattr(opt.__dict__.get("step"), "_wrapped_by_lr_sched", False)
     if not patched and not getattr(opt.optimizer.step, "_wrapped_by_lr_sched", False):
         return opt
-    ref = weakref.ref(opt)  # as torch's own patch: no cycle through the instance
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        wrapper = ref()
-        assert wrapper is not None
-        wrapper._opt_called = True  # type: ignore[attr-defined]  # what the scheduler checks
-        return type(wrapper).step(wrapper, *args, **kwargs)
-
-    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    opt.step = step  # type: ignore[method-assign]
+    _mark_step(opt, None)
     return opt
 
 
@@ -133,8 +124,14 @@ def mark_inner_step(opt: SelfTuned) -> torch.optim.Optimizer:
     inner = opt.optimizer
     if getattr(inner.step, "_wrapped_by_lr_sched", False):
         return inner
-    found = inner.__dict__.get("step")  # a step patched on the instance, kept
-    ref = weakref.ref(inner)  # as torch's own patch: no cycle through the instance
+    _mark_step(inner, inner.__dict__.get("step"))  # a step patched on the instance, kept
+    return inner
+
+
+def _mark_step(opt: torch.optim.Optimizer, found: Callable[..., Any] | None) -> None:
+    """Give ``opt`` a ``step`` as torch's LR schedulers patch it: one that sets the flag they
+    check and calls ``found`` (else the step of ``opt``'s class), marked as theirs."""
+    ref = weakref.ref(opt)  # as torch's own patch: no cycle through the instance
 
     def step(*args: Any, **kwargs: Any) -> Any:
         target = ref()
@@ -145,5 +142,4 @@ def mark_inner_step(opt: SelfTuned) -> torch.optim.Optimizer:
         return type(target).step(target, *args, **kwargs)
 
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    inner.step = step  # type: ignore[method-assign]
-    return inner
+    opt.step = step  # type: ignore[method-assign]
