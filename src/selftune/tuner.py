@@ -2099,7 +2099,11 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
 
 #: torch's registries of the step hooks registered for every optimizer, by their names in
 #: ``torch.optim.optimizer``, whose wrapper around each optimizer's ``step`` reads them there
-_GLOBAL_STEP_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+_GLOBAL_STEP_HOOKS = tuple(
+    name
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+    if hasattr(torch_optimizer, name)
+)
 
 
 class _HeldHooks:
@@ -2128,15 +2132,19 @@ def _global_step_hooks_held() -> Iterator[None]:
     again, and nothing else would change.
     """
     with _HeldHooks.lock:
-        if _HeldHooks.holders == 0:
-            _HeldHooks.saved = {
-                name: getattr(torch_optimizer, name)
-                for name in _GLOBAL_STEP_HOOKS
-                if hasattr(torch_optimizer, name)
-            }
-            for name, hooks in _HeldHooks.saved.items():
-                setattr(torch_optimizer, name, type(hooks)())
-        _HeldHooks.holders += 1
+        registered = [getattr(torch_optimizer, name) for name in _GLOBAL_STEP_HOOKS]
+        if _HeldHooks.holders == 0 and not any(registered):
+            idle = True  # none registered, none held: the common step, nothing to swap
+        else:
+            idle = False
+            if _HeldHooks.holders == 0:
+                _HeldHooks.saved = dict(zip(_GLOBAL_STEP_HOOKS, registered, strict=True))
+                for name, hooks in _HeldHooks.saved.items():
+                    setattr(torch_optimizer, name, type(hooks)())
+            _HeldHooks.holders += 1
+    if idle:
+        yield
+        return
     try:
         yield
     finally:
