@@ -1051,6 +1051,43 @@ def test_the_readme_headline_table_is_the_one_the_committed_results_make(tmp_pat
     assert copy.read_text(encoding="utf-8") == readme
 
 
+def test_a_write_of_the_readme_or_page_stopped_part_way_leaves_them_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's block and the benchmark page were written in place: a full disk or Ctrl-C
+    part-way left the user's README cut at that point, the rest of it lost."""
+    import errno
+    import os
+
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace(block, "\nstale\n"), encoding="utf-8")
+    before = copy.read_bytes()
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text("the last page\n", encoding="utf-8")
+    real_write = Path.write_bytes
+
+    def full(path: Path, data: Any, *args: Any, **kwargs: Any) -> int:
+        if isinstance(data, str):  # write_text and write_bytes alike: 10 bytes, then no space
+            data = data.encode("utf-8")
+        real_write(path, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        report.update_readme(copy, root / "bench-results")
+    with pytest.raises(OSError, match="No space left on device"):
+        report.write_report(root / "bench-results", tmp_path / "docs")
+    monkeypatch.undo()
+    assert copy.read_bytes() == before
+    assert page.read_text(encoding="utf-8") == "the last page\n"
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary left
+
+
 def test_the_headline_does_not_depend_on_the_order_of_the_records(tmp_path: Path) -> None:
     """Parallel and resumed runs write records in the order runs finish: a tie between grid
     members went to the first record, and the committed results, shuffled, made other rows."""

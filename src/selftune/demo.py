@@ -25,6 +25,7 @@ import torch
 from selftune.audit import LogError
 from selftune.bench.data import DataUnavailable
 from selftune.cli import UsageError
+from selftune.files import write_whole
 from selftune.terminal import printable
 
 _MARKER = "demo.json"  #: written into --out, so a later demo may replace the folder it made
@@ -237,7 +238,7 @@ def _demo(args: argparse.Namespace, out: Path, run_dir: Path, data: Any) -> None
         torch.set_num_threads(threads)
         tuned_opt.close()
     summary = _summary(trainees, tuned_opt, args)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_whole(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(trainees, args, summary)
 
 

@@ -25,6 +25,7 @@ from selftune.bench.fields import Damaged
 from selftune.bench.overhead import OVERHEAD, read_overhead
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 from selftune.bench.workloads import WORKLOADS
+from selftune.files import write_whole
 
 INF = math.inf
 #: The families whose rows are the published self-tuning methods selftune is measured against
@@ -793,7 +794,9 @@ def update_readme(readme: Path, results_dir: Path) -> bool:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     block = "\n".join(["", *headline_block(results_dir), ""])
-    readme.write_text(f"{head}{README_START}{block}\n{README_END}{tail}", encoding="utf-8")
+    # whole or not at all: the README is the user's, and a write cut by Ctrl-C or a full disk
+    # would lose all of it past the cut
+    write_whole(readme, f"{head}{README_START}{block}\n{README_END}{tail}".encode())
     return True
 
 
@@ -910,5 +913,5 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         ]
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "benchmarks.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_whole(path, "\n".join(lines).encode("utf-8"))
     return path
