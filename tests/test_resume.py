@@ -1348,3 +1348,42 @@ def test_a_resume_reads_the_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     res = interrupted(OPTIMIZERS[0], tmp_path / "res", ckpt_step=20, stop_step=30)
     assert_same_state(ref, res)
     assert len(passes) == 1  # the fresh wrapper's open, over the crashed run's folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda own: own["controller"].pop("phase"), r"KeyError: 'phase'"),
+        (lambda own: own.pop("scales"), r"KeyError: 'scales'"),
+        (lambda own: own["tracker"].pop("var"), r"KeyError: 'tracker'"),
+        (lambda own: own["guard"].update(loss="?"), r"TypeError"),
+        (lambda own: own["average"]["tensors"][0].pop(), r"average does not fit"),
+    ],
+)
+def test_a_selftune_state_that_does_not_read_is_refused_before_anything_loads(
+    damage: Callable[[dict[str, Any]], Any], match: str
+) -> None:
+    """A state damaged, edited or saved by another version stopped with a bare ``KeyError``
+    from deep inside (and an average of other shapes with its ``ConfigError``) after the
+    wrapped optimizer's state, the step count and the rates had loaded: the run went on from
+    that mix.  Now it is refused, named, with the wrapper as it was."""
+    model = make_model()
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=2e-3), average=True)
+    train(model, opt, range(1, 31))
+    saved = copy.deepcopy(opt.state_dict())
+    train(model, opt, range(31, 41))
+    before = copy.deepcopy(opt.state_dict())
+    damage(saved["selftune"])
+    with pytest.raises(selftune.ConfigError, match=match) as refused:
+        opt.load_state_dict(saved)
+    assert "damaged, or was saved by another version" in str(refused.value) or "average" in match
+    after = opt.state_dict()
+    assert (
+        after["selftune"]["step"] == 40
+        and after["selftune"]["scales"] == before["selftune"]["scales"]
+    )
+    assert all(
+        torch.equal(after["state"][k]["exp_avg"], before["state"][k]["exp_avg"])
+        for k in before["state"]
+    )
+    train(model, opt, range(41, 43))  # and it goes on

@@ -171,19 +171,24 @@ class WeightAverage:
         decay is not in it: it is the wrapper's setting (and the manifest's, for replay)."""
         return {"updates": self.updates, "tensors": self.tensors}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved average of other shapes: called before anything of a state loads,
+        so that a refused state leaves the wrapper as it was."""
+        shapes = [[tuple(t.shape) for t in g] for g in state["tensors"]]
+        if shapes != [[tuple(t.shape) for t in g] for g in self.tensors]:
+            raise ConfigError(
+                "the saved weight average does not fit this optimizer's parameters; load a "
+                "state dict saved from the same model setup"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy a saved average into this one (the tensors stay where the parameters are).
 
         A run resumed with another ``average=`` goes on with the decay it asks for, from the
         average it had.
         """
+        self.check_fits(state)
         saved = state["tensors"]
-        shapes = [[tuple(t.shape) for t in g] for g in saved]
-        if shapes != [[tuple(t.shape) for t in g] for g in self.tensors]:
-            raise ConfigError(
-                "the saved weight average does not fit this optimizer's parameters; load a "
-                "state dict saved from the same model setup"
-            )
         with torch.no_grad():
             for mine, theirs in zip(self.tensors, saved, strict=True):
                 if mine:  # a group with no params: torch's fused ops refuse empty lists

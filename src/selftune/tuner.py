@@ -989,6 +989,10 @@ class SelfTuned(torch.optim.Optimizer):
                 f"'param_groups', as opt.state_dict() returns), got {got}"
             )
         own = state_dict.get("selftune")
+        if own is not None and (not isinstance(own, Mapping) or not own.keys() >= _OWN_KEYS):
+            if not isinstance(own, Mapping):
+                raise _unreadable(TypeError(f"a {type(own).__name__}, not a dict"))
+            raise _unreadable(KeyError(", ".join(sorted(_OWN_KEYS - own.keys()))))
         if own is not None and len(own["scales"]) != len(self.param_groups):
             raise ConfigError(
                 f"state dict has {len(own['scales'])} param groups, this optimizer "
@@ -1052,6 +1056,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "away there, and the log and trace no longer hold them. Load a state saved "
                 "after that load"
             )
+        self._check_own_reads(own)
         # the last update, one tensor per parameter: torch loads the inner state of parameters
         # of other shapes without a word, and the run failed in a later step's arithmetic
         # (a lazy module's parameter not yet initialized has none: the model's load gives it)
@@ -1066,6 +1071,25 @@ class SelfTuned(torch.optim.Optimizer):
                     f"the state dict was saved from parameters of other shapes (group {i}: "
                     f"{shapes[:4]} against {here[:4]}): load it into the model it was saved from"
                 )
+
+    def _check_own_reads(self, own: Mapping[str, Any]) -> None:
+        """Refuse selftune's part of a state that does not read (damaged, edited, or saved by
+        another version of selftune; its keys were checked first): its parts are loaded here
+        into copies of the controller and the guard, which hold no tensors, before anything of
+        the wrapper's own loads.  Loaded as it was, it stopped with a bare ``KeyError`` from
+        deep inside, after the wrapped optimizer's state, the step count and the rates had
+        loaded, and the run went on from that mix."""
+        try:
+            copy.deepcopy(self.controller).load_state_dict(_clone(own["controller"]))
+            tracker = own["tracker"]
+            if not isinstance(tracker, Mapping) or not tracker.keys() >= _TRACKER_KEYS:
+                raise KeyError("tracker")
+            if self.guard is not None and own["guard"] is not None:
+                Guard(self.guard.config).load_state_dict(own["guard"])
+            if self.average is not None and own.get("average") is not None:
+                self.average.check_fits(own["average"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise _unreadable(exc) from None
 
     def unresumed_folder(self) -> Path | None:
         """The run folder, if its trace holds steps and this optimizer has taken none: a run
@@ -1958,6 +1982,23 @@ def _alive(ref: weakref.ref[SelfTuned]) -> SelfTuned:
     tuned = ref()
     assert tuned is not None
     return tuned
+
+
+#: what every state this version of selftune saves holds, and a load reads without a default
+_OWN_KEYS = frozenset({"step", "scales", "start", "controller", "tracker", "guard", "log"})
+#: what the signal tracker's load reads without a default
+_TRACKER_KEYS = frozenset({"prev", "n", "fast", "slow", "var"})
+
+
+def _unreadable(exc: Exception) -> ConfigError:
+    """The error of a state whose selftune part does not read, naming what did not."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return ConfigError(
+        f"the state dict's selftune part does not read ({what}): it is damaged, or was saved "
+        "by another version of selftune. Load a checkpoint this version saved; or, to go on "
+        "from the weights with none of selftune's memory of the run, load the optimizer's own "
+        "part (the state dict without its 'selftune' key)"
+    )
 
 
 def _pending_metric(saved: Any) -> dict[str, Any]:
