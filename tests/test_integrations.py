@@ -701,6 +701,52 @@ def test_lightning_rerun_over_its_folder_is_told_lightning_s_way_to_resume(tmp_p
     assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
 
 
+class _LoggedWrappedModule(_TinyModule):
+    """Wraps its own optimizer in ``configure_optimizers``, with a run folder, or returns it
+    plain (``wrap=False``)."""
+
+    def __init__(self, log_dir: Path, wrap: bool = True) -> None:
+        super().__init__(scheduler=False)
+        self.log_dir, self.wrap = log_dir, wrap
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return selftune.wrap(opt, log_dir=self.log_dir) if self.wrap else opt
+
+
+def test_lightning_resume_of_an_optimizer_wrapped_in_configure_optimizers_says_how(
+    tmp_path: Path,
+) -> None:
+    """Lightning loads a checkpoint's weights before it calls ``configure_optimizers``, so a
+    wrap there with a ``log_dir`` hashed the checkpoint's weights, not the run's initial ones,
+    and the resume was refused as another run's, with advice (wrap before loading any weights)
+    that no Lightning module can follow.  The refusal now says Lightning's way, and that way
+    resumes the run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    def fit(steps: int, callback: SelfTuneCallback, wrap: bool, ckpt: Path | None) -> None:
+        torch.manual_seed(0)
+        keep = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=16)
+        trainer = _trainer(steps, None, tmp_path, callbacks=[callback, keep])
+        trainer.fit(_LoggedWrappedModule(tmp_path / "run", wrap), _loader(), ckpt_path=ckpt)
+
+    fit(16, SelfTuneCallback(), True, None)  # an epoch
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    with pytest.raises(selftune.LogError, match="initial_params_sha256") as told:
+        fit(24, SelfTuneCallback(), True, ckpt)
+    (note,) = told.value.__notes__
+    assert "before it calls configure_optimizers" in note
+    assert "SelfTuneCallback(log_dir=" in note
+    # the advice: the plain optimizer, wrapped by the callback over the same folder
+    callback = SelfTuneCallback(log_dir=tmp_path / "run")
+    fit(24, callback, False, ckpt)
+    assert callback.optimizers[0].step_count == 24
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "trace.jsonl").open()]
+    assert steps == list(range(1, 25))
+
+
 def test_lightning_resume_from_mid_epoch_continues_the_log(tmp_path: Path) -> None:
     """A ``ModelCheckpoint`` taken mid-epoch resumes as Lightning resumes a plain optimizer (its
     loop does not continue the uninterrupted run then: AdamW's weights differ too); selftune's

@@ -47,6 +47,9 @@ What the callback does, and when:
   Lightning loads the checkpoint's weights before ``on_fit_start``; the callback therefore keeps
   the freshly initialised weights from ``setup`` while resuming and wraps with those in place,
   which requires the resumed module to be built the same way (same seed) as the first one.
+  An optimizer that ``configure_optimizers`` wraps with a ``log_dir`` cannot resume so:
+  Lightning calls it after loading the checkpoint's weights, and the refusal of its folder then
+  says to give the ``log_dir`` to the callback instead (``on_exception``).
 """
 
 from __future__ import annotations
@@ -372,6 +375,8 @@ class SelfTuneCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._averaged.close()  # a validation that failed must not leave the average in place
+        if self.log_dir is None and trainer.state.fn == "fit" and trainer.ckpt_path is not None:
+            _say_how_to_resume(exception)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The fit's end: the optimizers' run folders are closed, and so are the listeners
@@ -443,6 +448,28 @@ def _weights_swapped(
         )
     with swapped(params, initial):
         yield
+
+
+def _say_how_to_resume(exception: BaseException) -> None:
+    """Add Lightning's way to resume to a refusal of a resumed fit's run folder as another run's.
+
+    Given no ``log_dir``, the callback wraps nothing with a folder: such a refusal comes from
+    an optimizer wrapped in ``configure_optimizers``, which Lightning calls after it loaded the
+    checkpoint's weights (before ``on_fit_start``), so that wrap hashed them, not the run's
+    initial weights.  The refusal's own advice, to wrap before loading any weights, is what no
+    module can do there; the callback can (see the module docstring).
+    """
+    from selftune.audit import LogError
+
+    if isinstance(exception, LogError) and "initial_params_sha256" in str(exception):
+        exception.add_note(
+            "SelfTuneCallback: Lightning loads a checkpoint's weights before it calls "
+            "configure_optimizers, so an optimizer wrapped there with a log_dir cannot resume "
+            "its run folder. Return the plain optimizer from configure_optimizers and give "
+            "log_dir and the other wrap settings to SelfTuneCallback(log_dir=..., ...), which "
+            "wraps it at the run's initial weights; the run's folder resumes so, with the "
+            "settings it ran with"
+        )
 
 
 def _holds_a_run(log_dir: Path) -> bool:
