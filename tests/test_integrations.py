@@ -636,6 +636,41 @@ def test_lightning_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(tmp_pat
     assert max(s for s in seen if s is not None) < 1.1 * max(model.losses)
 
 
+def test_lightning_manual_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """In manual optimization Lightning calls no ``on_before_zero_grad``: the loss of each
+    step the scaler skipped stayed in the feed, and the first step it applied read the sum
+    of its own and the skipped ones' (three batches' losses, a spike to the guard)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    class ManualOne(_TinyModule):
+        def __init__(self) -> None:
+            super().__init__(scheduler=False)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    torch.manual_seed(0)
+    model = ManualOne()
+    seen: list[float | None] = []
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # far too high: it backs off
+    precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    cb = SelfTuneCallback("off", listeners=[lambda event: seen.append(event.loss)])
+    _trainer(16, cb, tmp_path, enable_checkpointing=False, plugins=[precision]).fit(
+        model, _loader()
+    )
+    assert 0 < len(seen) < len(model.losses)  # some steps were skipped
+    assert all(s is not None and any(abs(s - m) < 0.02 * m for m in model.losses) for s in seen)
+
+
 @pytest.mark.parametrize("controller", ["auto", "hypergradient"])
 def test_lightning_checkpoint_resume_continues_bit_for_bit(tmp_path: Path, controller: str) -> None:
     """A run resumed from Lightning's checkpoint ends with the weights, trace and decision log

@@ -14,10 +14,12 @@ What the callback does, and when:
   of it, so both compose.
 * ``on_before_backward``: adds each micro-batch's loss to the optimizer's feed, so ``step`` sees
   the mean loss of the whole optimizer step (gradient accumulation included), also on the AMP
-  path where Lightning calls ``scaler.step(optimizer)`` without a closure; ``on_before_zero_grad``
-  drops what a step the scaler skipped left there.  With several optimizers (manual
-  optimization) a backward does not say whose loss it is: none is fed (a warning says so), and
-  ``training_step`` may pass each its own, ``opt.step(loss=loss.detach())``.
+  path where Lightning calls ``scaler.step(optimizer)`` without a closure; the first backward
+  after a step was tried (``on_before_optimizer_step``) drops what a step the scaler skipped
+  left there, in manual optimization too, as ``on_before_zero_grad`` does in automatic.  With
+  several optimizers (manual optimization) a backward does not say whose loss it is: none is
+  fed (a warning says so), and ``training_step`` may pass each its own,
+  ``opt.step(loss=loss.detach())``.
 * ``on_validation_start``/``on_validation_end``: with ``average=True`` (a ``wrap`` keyword), the
   module is validated at each optimizer's weight average (:meth:`~selftune.SelfTuned.averaged`)
   and its training weights come back afterwards.
@@ -145,6 +147,8 @@ class SelfTuneCallback(Callback):
         self.optimizers: list[SelfTuned] = []
         self._knobs: list[StepKnobs] = []  #: each optimizer's knobs at its last step
         self._feed = LossFeed()
+        #: an optimizer step was tried since the last backward (``on_before_optimizer_step``)
+        self._step_tried = False
         self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
         self._initial: list[torch.Tensor] | None = None
         #: the weight averages swapped in for the validation under way
@@ -269,14 +273,27 @@ class SelfTuneCallback(Callback):
         if scaler is not None and scaler.is_enabled():
             # Lightning scales the loss before this hook under 16-bit AMP; undo it (one sync).
             loss = loss.detach() / scaler.get_scale()
+        if self._step_tried:
+            # the first backward since an optimizer step was tried: what the feed still holds
+            # is that step's, which the scaler skipped (or a loss passed to it explicitly won)
+            self._feed.clear()
+            self._step_tried = False
         # read at each micro-batch: a GradientAccumulationScheduler sets it at each epoch's start
         self._feed.window = trainer.accumulate_grad_batches
         self._feed.add(loss)
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        # Every step Lightning tries, in automatic and manual optimization alike, before the
+        # AMP scaler decides whether to make it: the losses fed so far are this step's.
+        self._step_tried = True
+
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        # Before each step's first backward (or after a step, in manual optimization): a loss
+        # Before each step's first backward in automatic optimization (manual optimization
+        # calls no such hook: on_before_backward drops what a skipped step left there): a loss
         # still in the feed belongs to a step the AMP scaler skipped, not to the next one.
         self._feed.clear()
 
