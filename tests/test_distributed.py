@@ -489,3 +489,20 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
     for rank in ranks:
         save, load = rank["fsdp"]["save"].split(" / ")
         assert "sharded by FSDP" in save and "sharded by FSDP" in load, rank["fsdp"]["save"]
+
+
+def test_lightning_s_checkpoint_under_ddp_holds_the_metric_the_run_read(tmp_path: Path) -> None:
+    """Under Lightning's DDP each rank logs its own ``val_loss`` (without ``sync_dist``), and
+    ``ModelCheckpoint`` saves after the validation, before the step that shares the metric: the
+    checkpoint held rank 0's own value, which a resume read in place of the ranks' mean that the
+    run read, and every rank warned of it at every validation with a plain loop's advice.  The
+    callback now gives every rank the ranks' mean, the one the run reads."""
+    pytest.importorskip("lightning.pytorch")
+    torchrun(WORKER.with_name("lightning_ddp_worker.py"), f"--out={tmp_path}")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [rank["warnings"] for rank in ranks] == [[], []]
+    trace = [json.loads(line) for line in (tmp_path / "run" / "trace.jsonl").open()]
+    read = [row["metric"] for row in trace if "metric" in row]  # the first epoch's, at step 5
+    saved = [rank["saved"] for rank in ranks]
+    assert len(read) == 1 and saved[0] == saved[1] and len(saved[0]) == 2
+    assert saved[0][0]["value"] == read[0]

@@ -34,7 +34,9 @@ What the callback does, and when:
   weights to a module loaded without a trainer.  A weights-only checkpoint holds no average.
 * ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
-  halves the rate once it has gone more than three validations without a new best.
+  halves the rate once it has gone more than three validations without a new best.  Under DDP
+  every rank gives the ranks' mean (each logs its own without ``sync_dist``), which the run
+  reads and the checkpoint saved after the validation holds.
 * Checkpoints: Lightning saves ``optimizer.state_dict()``, which carries selftune's controller,
   guard, signal and log state under ``"selftune"``; the callback's own state adds the guard's
   in-memory snapshots.  ``trainer.fit(model, ckpt_path=...)`` from a ``ModelCheckpoint``'s
@@ -81,6 +83,7 @@ from selftune.integrations._feed import (
     mark_inner_step,
 )
 from selftune.integrations.events import FollowsOne, StepKnobs
+from selftune.signals import ranks_mean
 from selftune.tuner import SelfTuned, StepEvent
 
 with needs("lightning"):
@@ -334,8 +337,9 @@ class SelfTuneCallback(Callback):
                 f"SelfTuneCallback(monitor={self.monitor!r}) found no such metric after "
                 f"validation (logged: {logged}); log it with self.log in validation_step"
             )
+        shared = _ranks_mean(trainer, value)
         for opt in self.optimizers:
-            opt.observe(value, mode=self.mode)
+            opt.observe(shared, mode=self.mode)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._averaged.close()
@@ -465,6 +469,24 @@ def _weights_swapped(
         )
     with swapped(params, initial):
         yield
+
+
+def _ranks_mean(trainer: pl.Trainer, value: torch.Tensor | float) -> torch.Tensor | float:
+    """The ranks' mean of the metric each rank logged, on every rank (``value`` itself in one
+    process).
+
+    A metric logged without ``sync_dist`` is each rank's own.  The optimizers' step shares
+    the mean of what the ranks observed, but a checkpoint saved before that step (Lightning's
+    ``ModelCheckpoint`` saves after the validation) held rank 0's own, which a resume read in
+    the mean's place, and each rank warned of it at every validation.  Every rank validates, so
+    this collective meets its peers; the mean is the step's own (:func:`ranks_mean`), which a
+    value every rank holds (``sync_dist=True``) passes to the bit.
+    """
+    if trainer.world_size <= 1:
+        return value
+    mine = torch.tensor(float(value), dtype=torch.float64, device=trainer.strategy.root_device)
+    rows = trainer.strategy.all_gather(mine).reshape(-1, 1)
+    return float(ranks_mean(rows)[0])
 
 
 def _say_how_to_resume(exception: BaseException) -> None:
