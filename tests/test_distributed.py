@@ -491,18 +491,43 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
         assert "sharded by FSDP" in save and "sharded by FSDP" in load, rank["fsdp"]["save"]
 
 
-def test_lightning_s_checkpoint_under_ddp_holds_the_metric_the_run_read(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lightning_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """The Lightning scenarios of ``tests/lightning_ddp_worker.py``, run once under torchrun."""
+    pytest.importorskip("lightning.pytorch")
+    out = tmp_path_factory.mktemp("lightning-ddp")
+    torchrun(WORKER.with_name("lightning_ddp_worker.py"), f"--out={out}")
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_lightning_s_checkpoint_under_ddp_holds_the_metric_the_run_read(
+    lightning_ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
     """Under Lightning's DDP each rank logs its own ``val_loss`` (without ``sync_dist``), and
     ``ModelCheckpoint`` saves after the validation, before the step that shares the metric: the
     checkpoint held rank 0's own value, which a resume read in place of the ranks' mean that the
     run read, and every rank warned of it at every validation with a plain loop's advice.  The
     callback now gives every rank the ranks' mean, the one the run reads."""
-    pytest.importorskip("lightning.pytorch")
-    torchrun(WORKER.with_name("lightning_ddp_worker.py"), f"--out={tmp_path}")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [rank["warnings"] for rank in ranks] == [[], []]
-    trace = [json.loads(line) for line in (tmp_path / "run" / "trace.jsonl").open()]
+    out, ranks = lightning_ddp
+    assert [rank["metric"]["warnings"] for rank in ranks] == [[], []]
+    trace = [json.loads(line) for line in (out / "metric" / "run" / "trace.jsonl").open()]
     read = [row["metric"] for row in trace if "metric" in row]  # the first epoch's, at step 5
-    saved = [rank["saved"] for rank in ranks]
+    saved = [rank["metric"]["saved"] for rank in ranks]
     assert len(read) == 1 and saved[0] == saved[1] and len(saved[0]) == 2
     assert saved[0][0]["value"] == read[0]
+
+
+def test_lightning_resumes_under_ddp_a_folder_given_on_rank_0_alone(
+    lightning_ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """The callback wraps at the run's initial weights where its folder holds a run, which
+    rank 0 alone could see (its folder given there alone, or on its node alone): rank 1 wrapped
+    at the checkpoint's, the wrap's hash of every rank's weights was another run's, and the
+    resume was refused on every rank."""
+    out, ranks = lightning_ddp
+    assert [rank["rank0-folder"].get("steps") for rank in ranks] == [8, 8], ranks
+    trace = [json.loads(line) for line in (out / "rank0-folder" / "run" / "trace.jsonl").open()]
+    assert [row["step"] for row in trace] == list(range(1, 9))
+    assert verify(out / "rank0-folder" / "run").records == len(
+        read_log(out / "rank0-folder" / "run").records
+    )

@@ -49,8 +49,9 @@ What the callback does, and when:
   on metrics may differ.  Without validation either kind qualifies.
   With a ``log_dir`` the run folder recognises its run by the hash of the *initial* weights, and
   Lightning loads the checkpoint's weights before ``on_fit_start``; the callback therefore keeps
-  the freshly initialised weights from ``setup`` while resuming and wraps with those in place,
-  which requires the resumed module to be built the same way (same seed) as the first one.
+  the freshly initialised weights from ``setup`` while resuming and wraps with those in place
+  (on every rank under DDP, also where the folder is rank 0's alone), which requires the
+  resumed module to be built the same way (same seed) as the first one.
   An optimizer that ``configure_optimizers`` wraps with a ``log_dir`` cannot resume so:
   Lightning calls it after loading the checkpoint's weights, and the refusal of its folder then
   says to give the ``log_dir`` to the callback instead (``on_exception``).
@@ -68,6 +69,7 @@ from typing import Any
 import torch
 
 import selftune
+from selftune import shards
 from selftune.average import swapped
 from selftune.controllers.base import check_flags
 from selftune.integrations import (
@@ -162,8 +164,11 @@ class SelfTuneCallback(Callback):
         # Runs before Lightning restores a checkpoint's weights (``trainer.ckpt_path`` is not
         # known yet): when the log folder already holds a run, this may be its resumption, so
         # keep the initial weights for the folder to recognise its run (module docstring).
-        # That costs one copy of the weights, until on_fit_start.
-        if stage == "fit" and self.log_dir is not None and _holds_a_run(self.log_dir):
+        # That costs one copy of the weights, until on_fit_start.  Under DDP every rank keeps
+        # them where rank 0 does: the wrap hashes every rank's weights, and a rank not given the
+        # folder (or on a node without it) wrapped the checkpoint's, refused as another run's.
+        holds = self.log_dir is not None and _holds_a_run(self.log_dir)
+        if stage == "fit" and shards.any_rank(holds):
             self._initial = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
