@@ -610,6 +610,29 @@ def test_lightning_fast_dev_run_writes_no_run_folder(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "trace.jsonl").read_bytes() == trace
 
 
+def test_lightning_fast_dev_run_of_an_optimizer_wrapped_with_a_folder_warns(
+    tmp_path: Path,
+) -> None:
+    """An optimizer that ``configure_optimizers`` wrapped with a ``log_dir`` writes its folder
+    whatever the callback does, also in a ``fast_dev_run``: the real fit of the same module
+    after it was refused as another run's (its weights had moved by the trial's step), with
+    advice about initial weights that said nothing of the trial.  The trial now warns."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    module = _LoggedWrappedModule(tmp_path / "run")
+    trainer = _trainer(4, SelfTuneCallback(), tmp_path, fast_dev_run=True)
+    with pytest.warns(UserWarning, match=r"fast_dev_run.*SelfTuneCallback\(log_dir=") as said:
+        trainer.fit(module, _loader())
+    assert str(tmp_path / "run") in str(said[0].message)
+    with warnings.catch_warnings():  # the callback's own folder: the trial writes none
+        warnings.filterwarnings("error", message=".*fast_dev_run")
+        callback = SelfTuneCallback(log_dir=tmp_path / "own")
+        plain = _LoggedWrappedModule(tmp_path / "own", wrap=False)
+        _trainer(4, callback, tmp_path, fast_dev_run=True).fit(plain, _loader())
+    assert not (tmp_path / "own").exists()
+
+
 def test_lightning_amp_step_the_scaler_skips_leaves_no_loss_for_the_next(tmp_path: Path) -> None:
     """The scaler skips the first steps of 16-bit training as it backs off; a skipped step's
     loss stayed in the feed and was added to the next step's."""

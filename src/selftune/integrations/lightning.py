@@ -105,7 +105,8 @@ class SelfTuneCallback(Callback):
     ``configure_optimizers`` already wrapped is only fed, and those settings are then refused
     (they would be ignored, a ``log_dir`` without a word).  A controller given as an instance
     is copied for each optimizer it wraps.  Under ``fast_dev_run`` no run folder is written, as
-    Lightning writes no logs.  ``log_knobs``: log the effective knobs of each step
+    Lightning writes no logs (an optimizer ``configure_optimizers`` wrapped with a ``log_dir``
+    writes its own, which a warning says).  ``log_knobs``: log the effective knobs of each step
     (``selftune/group{g}/lr`` ...) through ``pl_module.log``, for the Lightning logger
     (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
@@ -214,7 +215,7 @@ class SelfTuneCallback(Callback):
                     ) from None
         with _weights_swapped(list(pl_module.parameters()), self._initial):
             wrapped = [
-                self._wrap(i, opt, len(originals), log_dir, pl_module)
+                self._wrap(i, opt, len(originals), log_dir, pl_module, trial)
                 for i, opt in enumerate(originals)
             ]
         self._initial = None
@@ -243,6 +244,7 @@ class SelfTuneCallback(Callback):
         count: int,
         log_dir: Path | None,
         module: torch.nn.Module,
+        trial: bool,
     ) -> SelfTuned:
         opt = optimizer  # already wrapped in configure_optimizers, or wrapped here
         if isinstance(opt, SelfTuned):
@@ -252,6 +254,19 @@ class SelfTuneCallback(Callback):
                 "SelfTuneCallback",
                 "pass them to selftune.wrap there, or return the plain optimizer",
             )
+            if trial and opt._log is not None:
+                # its wrap made the folder, which the trial's step writes to: the real fit of
+                # the module it moved was then refused as another run's, its advice silent on
+                # the trial
+                warnings.warn(
+                    f"SelfTuneCallback: this fast_dev_run steps an optimizer that "
+                    f"configure_optimizers wrapped with log_dir {str(opt._log.path)!r}, which "
+                    "writes the step there, and a fit over that folder after it is refused as "
+                    "another run's. Return the plain optimizer and give log_dir and the other "
+                    "wrap settings to SelfTuneCallback(log_dir=..., ...), which writes no "
+                    "folder in a fast_dev_run",
+                    stacklevel=2,
+                )
         if not isinstance(opt, SelfTuned):
             if log_dir is not None and count > 1:
                 log_dir = log_dir / f"opt{index}"
