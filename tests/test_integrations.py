@@ -553,6 +553,37 @@ def test_lightning_closes_the_listeners_at_the_fit_s_end(tmp_path: Path) -> None
     assert listener.closed_after == 6 == len(listener.steps)
 
 
+def test_lightning_closes_the_listeners_of_a_fit_that_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning calls no ``teardown`` hook when the fit raises (a ``GuardError``, a Ctrl-C),
+    only ``on_exception``: an ``MLflowWriter`` given to the callback never uploaded its last
+    decisions, those that led to the error, and a run it started stayed open for as long as
+    the process lived (a sweep that catches each run's error)."""
+    from mlflow import MlflowClient
+
+    from selftune.integrations.lightning import SelfTuneCallback
+    from selftune.integrations.mlflow import MLflowWriter
+
+    class Fails(_TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 12:
+                raise RuntimeError("the data broke")
+            return super().training_step(batch, batch_idx)
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    torch.manual_seed(0)
+    writer = MLflowWriter(flush_every=1000)
+    trainer = _trainer(40, SelfTuneCallback(listeners=[writer]), tmp_path)
+    with pytest.raises(RuntimeError, match="the data broke"):
+        trainer.fit(Fails(), _loader())
+    assert writer.run_id is not None and writer.count > 0
+    assert client.get_run(writer.run_id).info.status == "FINISHED"
+    (part,) = client.list_artifacts(writer.run_id, "selftune/decisions")
+    local = client.download_artifacts(writer.run_id, part.path, str(tmp_path))
+    assert len(Path(local).read_text().splitlines()) == writer.count
+
+
 def test_lightning_copies_a_controller_instance_for_each_optimizer(tmp_path: Path) -> None:
     """One instance given to the callback tuned both optimizers from one state (each one's
     signals read into it) and was saved in both checkpoints."""

@@ -418,19 +418,29 @@ class SelfTuneCallback(Callback):
         self._averaged.close()  # a validation that failed must not leave the average in place
         if self.log_dir is None and trainer.state.fn == "fit" and trainer.ckpt_path is not None:
             _say_how_to_resume(exception)
+        if trainer.state.fn == "fit":
+            # Lightning calls no teardown hook after an exception: without this, the writers'
+            # last decisions (those that led to the error) were never uploaded, and a run the
+            # MLflow writer started stayed open as long as the process lived
+            self._close_listeners()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """The fit's end: the optimizers' run folders are closed, and so are the listeners
         given (an ``MLflowWriter`` uploads its last decisions and ends a run it started only in
-        ``close``: left open, a short fit left no decisions in the MLflow run)."""
+        ``close``: left open, a short fit left no decisions in the MLflow run).  A fit that
+        raised gets no teardown from Lightning: ``on_exception`` closes the listeners."""
         self._averaged.close()
         if stage == "fit":
             for opt in self.optimizers:
                 opt.close()
-            for listener in self.listeners:
-                close = getattr(listener, "close", None)
-                if callable(close):
-                    close()
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """Close each listener given that has a ``close`` (the writers; each closes once)."""
+        for listener in self.listeners:
+            close = getattr(listener, "close", None)
+            if callable(close):
+                close()
 
 
 def averaged_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
