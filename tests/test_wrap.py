@@ -1721,6 +1721,41 @@ def test_a_group_removed_behind_the_wrapper_is_refused_before_the_step(tmp_path:
     selftune.verify(tmp_path / "run")
 
 
+def test_a_parameter_added_to_a_group_behind_the_wrapper_is_refused_before_the_step(
+    tmp_path: Path,
+) -> None:
+    """``param_groups[0]["params"].extend(...)``, which torch's optimizers take: the step
+    failed deep inside the signals' read ("Tensor lists must have the same number of tensors",
+    the previous update held the group's old parameters), and the wrapper then stood broken,
+    refusing every step until a checkpoint was loaded."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = selftune.wrap(
+        torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9), log_dir=tmp_path / "run"
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(_X), _Y).backward()
+        opt.step()
+    opt.param_groups[0]["params"].extend(model[0].parameters())
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(_X), _Y).backward()
+    before = [p.clone() for p in model.parameters()]
+    for refused in (opt.step, opt.hyperparams):
+        with pytest.raises(
+            selftune.ConfigError,
+            match=r"param group 0 holds 4 parameters where selftune tracks 2: .*add_param_group",
+        ):
+            refused()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    del opt.param_groups[0]["params"][2:]  # put back as it was: the run goes on, unbroken
+    opt.step()
+    opt.add_param_group({"params": list(model[0].parameters())})  # the way to add them
+    opt.step()
+    opt.close()
+    selftune.verify(tmp_path / "run")
+
+
 def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:
     """Stopped at a checkpoint after the body's group was added, and resumed the documented way
     (build the optimizer, add the group again, load the checkpoint): the weights and the audit

@@ -214,6 +214,8 @@ class SelfTuned(torch.optim.Optimizer):
         #: load_state_dict had no loop of their own to call it in)
         self._resume_how = "load its checkpoint (selftune.load_checkpoint, or load_state_dict)"
         self._scales = [1.0] * len(self.param_groups)
+        #: each group's number of parameters, fixed when it joins (see :meth:`_check_groups`)
+        self._counts = [len(g["params"]) for g in self.param_groups]
         #: each group's knobs, fixed when it joins: a momentum clipped to zero stays a knob
         self._names = [knobs_io.knob_names(g) for g in self.param_groups]
         self._start = [knobs_io.start_rate(g) for g in self.param_groups]
@@ -384,6 +386,7 @@ class SelfTuned(torch.optim.Optimizer):
             raise
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)  # it took the defaults
         self._scales.append(1.0)
+        self._counts.append(len(self.param_groups[i]["params"]))
         self._names.append(knobs_io.knob_names(self.param_groups[i]))
         self._start.append(knobs_io.start_rate(self.param_groups[i]))
         self._peaks.append(None)
@@ -1155,7 +1158,11 @@ class SelfTuned(torch.optim.Optimizer):
     def _check_groups(self) -> None:
         """Refuse param groups removed behind selftune's back (``param_groups.pop``): its
         per-group scales, start rates and previous updates would be read against the wrong
-        groups, a silently wrong rate and then a shape error deep inside a step."""
+        groups, a silently wrong rate and then a shape error deep inside a step.  So are
+        parameters added to or removed from a group's ``params`` (torch's optimizers take
+        that): the previous update, the weight average and the snapshots hold the group's
+        parameters as it joined, and the step failed inside the signals' read, leaving the
+        wrapper broken until a load."""
         now, known = len(self.param_groups), len(self._scales)
         if now != known:
             raise ConfigError(
@@ -1165,6 +1172,16 @@ class SelfTuned(torch.optim.Optimizer):
                 "mid-run stops training), add new ones with add_param_group, or unwrap() and "
                 "wrap again in a new run folder"
             )
+        for i, (group, count) in enumerate(zip(self.param_groups, self._counts, strict=True)):
+            if len(group["params"]) != count:
+                raise ConfigError(
+                    f"param group {i} holds {len(group['params'])} parameters where selftune "
+                    f"tracks {count}: parameters were added to or removed from its 'params' "
+                    "behind selftune's back, and its previous update, weight average and "
+                    "snapshots no longer fit them. Put the group back as it was and add new "
+                    "parameters as a group of their own (add_param_group), or unwrap() and "
+                    "wrap again in a new run folder"
+                )
 
     @property
     def _taken_over(self) -> bool:
