@@ -775,6 +775,26 @@ def test_a_tensor_rate_is_written_in_place_and_logged_as_stepped() -> None:
     assert float(opt.unwrap().param_groups[0]["lr"]) == stepped[-1]
 
 
+def test_a_tensor_knob_that_cannot_hold_a_tuned_value_is_refused_by_name() -> None:
+    """torch takes ``lr=torch.tensor(1)``: the first step failed inside the step's scaling of
+    the rate ("result type Float can't be cast to the desired output type Long"), leaving the
+    wrapper broken; a rate written into it would have been cut to a whole number (0.5 to 0).
+    A rate of two entries, which ``add_param_group`` takes, failed in ``item()``."""
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(selftune.ConfigError, match=r"param group 0: lr is a torch.int64 tensor"):
+        selftune.wrap(torch.optim.SGD(params[:1], lr=torch.tensor(1)))
+    opt = selftune.wrap(torch.optim.Adam(params[:1], lr=torch.tensor(0.01)))
+    betas = (torch.tensor(0.9), torch.tensor(True))
+    with pytest.raises(selftune.ConfigError, match=r"param group 1: beta2 is a torch.bool tensor"):
+        opt.add_param_group({"params": params[1:], "betas": betas})
+    with pytest.raises(selftune.ConfigError, match=r"param group 1: lr is a .* of shape \(2,\)"):
+        opt.add_param_group({"params": params[1:], "lr": torch.tensor([0.01, 0.02])})
+    opt.add_param_group({"params": params[1:], "lr": torch.tensor([0.02])})  # one entry: taken
+    params[0].grad, params[1].grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert len(opt.hyperparams()) == 2
+
+
 def _tensor_knob_run(shared: bool, how: str) -> tuple[Any, ...]:
     """Adam on two groups with tensor knobs, given once as the optimizer's defaults (which
     torch hands every group as the same tensor objects) or to each group as its own; ``how``

@@ -103,6 +103,15 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             "optimizer holds (an optimizer that sets its own, as Adafactor with lr=None and "
             "relative_step=True, has none to tune: give it an lr, relative_step=False)"
         )
+    for name, held in _stored_knobs(group):
+        if isinstance(held, torch.Tensor) and (not held.is_floating_point() or held.numel() != 1):
+            raise ConfigError(
+                f"param group {index}: {name} is a {held.dtype} tensor of shape "
+                f"{tuple(held.shape)}: selftune writes the value it tunes into a tensor knob in "
+                "place, which needs one floating-point number (an integer tensor would cut a "
+                "rate of 0.5 to 0); give a float, or a float tensor of one entry "
+                "(torch.tensor(1.0), not torch.tensor(1))"
+            )
     for name, value in _knob_values(group):
         if not math.isfinite(value):
             raise ConfigError(
@@ -116,18 +125,23 @@ def check_group(index: int, group: dict[str, Any]) -> None:
         )
 
 
-def _knob_values(group: dict[str, Any]) -> list[tuple[str, float]]:
-    """Every knob value the group holds, whether or not :func:`knob_names` counts it a knob:
-    a NaN momentum or beta1 is not above zero, so the group read as one without momentum, the
-    value went unchecked (torch's SGD takes momentum=nan), and the guard gave up on the NaN
-    weights some twenty steps later, blaming the data."""
-    values = [("lr", read(group, "lr"))]
+def _stored_knobs(group: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every knob the group holds, as stored (float or tensor), whether or not
+    :func:`knob_names` counts it a knob: a NaN momentum or beta1 is not above zero, so the group
+    read as one without momentum, the value went unchecked (torch's SGD takes momentum=nan),
+    and the guard gave up on the NaN weights some twenty steps later, blaming the data."""
+    stored = [("lr", raw(group, "lr"))]
     if group.get("momentum") is not None:
-        values.append(("momentum", read(group, "momentum")))
+        stored.append(("momentum", raw(group, "momentum")))
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and len(betas) == 2:
-        values += [("beta1", read(group, "beta1")), ("beta2", read(group, "beta2"))]
-    return values
+        stored += [("beta1", raw(group, "beta1")), ("beta2", raw(group, "beta2"))]
+    return stored
+
+
+def _knob_values(group: dict[str, Any]) -> list[tuple[str, float]]:
+    """The values of :func:`_stored_knobs`, as floats."""
+    return [(name, _as_float(held)) for name, held in _stored_knobs(group)]
 
 
 def eps_lost_in_half(index: int, group: dict[str, Any]) -> str | None:
