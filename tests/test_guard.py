@@ -631,6 +631,28 @@ def test_a_snapshot_is_not_changed_by_the_training_that_follows_its_restore() ->
     assert all(torch.equal(a, b) for a, b in zip(now, then, strict=True))
 
 
+def test_a_rollback_keeps_the_param_groups_and_state_the_loop_holds() -> None:
+    """torch's ``load_state_dict``, which a rollback's restore calls, builds new group dicts
+    and a new ``state``: a loop that held a group (``head = opt.param_groups[1]``, to set its
+    rate later) wrote its rate after the rollback into a dict no optimizer read any more, and
+    the write was lost without a word.  The restore puts the snapshot's state into the
+    containers in force."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters(), lr=0.03), "off")
+    groups, group, state = opt.param_groups, opt.param_groups[0], opt.state
+    train(task, opt, 30, evaluate=False)
+    momentum = {p: s["momentum_buffer"].clone() for p, s in state.items()}
+    train(task, opt, 1, faults={1: "nan_loss"}, evaluate=False)  # rolls back to step 25's
+    assert opt.guard is not None and opt.guard.snapshots[-1].step == 25
+    assert opt.param_groups is groups and opt.param_groups[0] is group and opt.state is state
+    assert any(not torch.equal(s["momentum_buffer"], momentum[p]) for p, s in state.items())
+    group["lr"] = 0.0  # the loop's write to the group it holds is the optimizer's rate
+    assert opt.hyperparams()[0]["lr"] == 0.0
+    before = [p.detach().clone() for p in task.model.parameters()]
+    train(task, opt, 1, evaluate=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, task.model.parameters(), strict=True))
+
+
 def _classes(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """256 points in 10 dimensions, labelled by the largest of three random projections."""
     gen = torch.Generator().manual_seed(seed)

@@ -1835,13 +1835,18 @@ class SelfTuned(torch.optim.Optimizer):
         # snapshot may be what failed (a scheduler or user code gone wrong; the guard's fault
         # tests write 1e3), and a guard errs on the low side.  The price: a chained warm-up
         # rolled back goes on from the lower rate, below its schedule by that factor.
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        # The load builds new group dicts and a new ``state``; the ones in force are kept, the
+        # snapshot's state put into them: a loop that held a group (to set its rate later)
+        # wrote into a dict no optimizer read any more after a rollback, and lost the write.
+        groups, state = self.optimizer.param_groups, self.optimizer.state
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         _keep_scalar_dtypes(self.optimizer, payload["optimizer"])  # (as a resume keeps them)
+        rates = [knobs_io.read(g, "lr") for g in self.optimizer.param_groups]  # the snapshot's
+        state.clear()
+        state.update(self.optimizer.state)
+        self.optimizer.param_groups, self.optimizer.state = groups, state
         lowered = {}
-        for i, (group, kept) in enumerate(zip(self.param_groups, settings, strict=True)):
-            then = knobs_io.read(group, "lr")
-            group.update(kept)
+        for i, (group, then) in enumerate(zip(groups, rates, strict=True)):
             if lower_rates and 0.0 < then < (now := knobs_io.read(group, "lr")):
                 knobs_io.write(group, "lr", then)
                 lowered[i] = now
