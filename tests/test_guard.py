@@ -636,15 +636,17 @@ def test_a_rollback_keeps_the_param_groups_and_state_the_loop_holds() -> None:
     and a new ``state``: a loop that held a group (``head = opt.param_groups[1]``, to set its
     rate later) wrote its rate after the rollback into a dict no optimizer read any more, and
     the write was lost without a word.  The restore puts the snapshot's state into the
-    containers in force."""
+    containers and tensors in force (a compiled step guards on their identity)."""
     task = make_task()
     opt = selftune.wrap(make_optimizer("sgd", task.model.parameters(), lr=0.03), "off")
     groups, group, state = opt.param_groups, opt.param_groups[0], opt.state
     train(task, opt, 30, evaluate=False)
-    momentum = {p: s["momentum_buffer"].clone() for p, s in state.items()}
+    buffers = {p: s["momentum_buffer"] for p, s in state.items()}
+    momentum = {p: b.clone() for p, b in buffers.items()}
     train(task, opt, 1, faults={1: "nan_loss"}, evaluate=False)  # rolls back to step 25's
     assert opt.guard is not None and opt.guard.snapshots[-1].step == 25
     assert opt.param_groups is groups and opt.param_groups[0] is group and opt.state is state
+    assert all(s["momentum_buffer"] is buffers[p] for p, s in state.items())
     assert any(not torch.equal(s["momentum_buffer"], momentum[p]) for p, s in state.items())
     group["lr"] = 0.0  # the loop's write to the group it holds is the optimizer's rate
     assert opt.hyperparams()[0]["lr"] == 0.0

@@ -1999,6 +1999,30 @@ def test_compiled_inner_step_does_not_recompile_when_selftune_changes_the_rate()
     assert graphs <= 2  # the first step's graph (state init) and the steady one, nothing more
 
 
+def test_a_rollback_does_not_recompile_the_compiled_inner_step() -> None:
+    """A rollback's restore (torch's ``load_state_dict``) gave the optimizer new state tensors,
+    on whose identity a compiled step guards: it recompiled at every rollback, until dynamo's
+    limit of recompiles left it uncompiled for the rest of the run."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    inner = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), foreach=False)
+    opt = selftune.wrap(inner, "off")
+    inner.step = torch.compile(inner.step, backend="eager")  # type: ignore[method-assign]
+    events: list[str] = []
+    opt.add_listener(lambda e: events.append(e.guard["event"]) if e.guard else None)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(1, 71):  # (a rollback to step 1's snapshot would start the state anew)
+            loss = torch.nn.functional.mse_loss(model(x), y) * (math.nan if t in (30, 60) else 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+    assert events == ["rollback", "rollback"]
+
+
 # --------------------------------------------------------------------------- AMP, accumulation
 
 

@@ -1842,8 +1842,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         _keep_scalar_dtypes(self.optimizer, payload["optimizer"])  # (as a resume keeps them)
         rates = [knobs_io.read(g, "lr") for g in self.optimizer.param_groups]  # the snapshot's
-        state.clear()
-        state.update(self.optimizer.state)
+        _refill(state, self.optimizer.state)
         self.optimizer.param_groups, self.optimizer.state = groups, state
         lowered = {}
         for i, (group, then) in enumerate(zip(groups, rates, strict=True)):
@@ -2069,6 +2068,34 @@ def _restore_buffers(model: torch.nn.Module, kept: dict[str, torch.Tensor]) -> l
             else:
                 buffer.copy_(saved)
     return left
+
+
+def _refill(state: dict[Any, Any], loaded: dict[Any, Any]) -> None:
+    """Make ``state`` (an optimizer's, in force) hold ``loaded`` (the state torch's load built
+    from a snapshot), keeping its containers and its tensors where they still fit: each tensor
+    loaded is copied into the one it replaces where that has its shape, dtype, device and a
+    dense layout.  A step compiled with ``torch.compile`` guards on the identity of its state
+    tensors: new ones recompiled it at every rollback, until dynamo's limit of recompiles left
+    it uncompiled for the rest of the run."""
+    for param, entries in loaded.items():
+        held = state.get(param)
+        if held is None:
+            continue
+        for key, value in entries.items():
+            old = held.get(key)
+            if (
+                isinstance(value, torch.Tensor)
+                and isinstance(old, torch.Tensor)
+                and value.layout == old.layout == torch.strided
+                and (value.shape, value.dtype, value.device) == (old.shape, old.dtype, old.device)
+            ):
+                old.copy_(value)
+                entries[key] = old
+        held.clear()
+        held.update(entries)
+        loaded[param] = held
+    state.clear()
+    state.update(loaded)
 
 
 def _clone(tree: Any, to: torch.device | None = None) -> Any:
