@@ -540,6 +540,20 @@ def test_float16_parameters_under_an_eps_that_rounds_to_zero_are_warned_of_at_wr
     assert wrap_here(torch.optim.AdamW(half, fused=True))[1] == []  # fused: float32 inside
 
 
+def test_float16_parameters_added_under_an_eps_that_rounds_to_zero_are_warned_of() -> None:
+    """A group of float16 parameters added mid-run (a half-precision body unfrozen) under the
+    optimizer's eps=1e-8 steps to non-finite weights as one given at wrap does: wrap warned,
+    add_param_group said nothing, and the guard cut the rate in vain."""
+    body = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]
+    opt = selftune.wrap(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]), "off")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.add_param_group({"params": body})
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})  # float32: none
+    messages = [str(w.message) for w in caught if w.filename == __file__]
+    assert len(messages) == 1 and messages[0].startswith("param group 1: eps=1e-08 is zero in")
+
+
 def test_float16_gradients_of_finite_entries_past_its_largest_number_are_read_finite() -> None:
     """float16's largest number is 65504: a gradient of 4096 entries of 2048 has a norm of
     131072, which a norm taken in float16 made infinite, so the guard rolled a sound run of

@@ -384,6 +384,9 @@ class SelfTuned(torch.optim.Optimizer):
         except ConfigError:
             self.param_groups.pop()
             raise
+        lost = knobs_io.eps_lost_in_half(i, self.param_groups[i])  # said as at wrap
+        if lost is not None:
+            warnings.warn(lost, stacklevel=outside_frames())
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)  # it took the defaults
         self._scales.append(1.0)
         self._counts.append(len(self.param_groups[i]["params"]))
