@@ -1790,6 +1790,35 @@ def test_a_parameter_added_to_a_group_behind_the_wrapper_is_refused_before_the_s
     selftune.verify(tmp_path / "run")
 
 
+def test_a_lazy_parameter_not_yet_initialized_is_refused_where_its_values_are_needed() -> None:
+    """A wrapper over a lazy module's parameters takes them before the dry run, as torch's
+    optimizers do; but a group of them added mid-run failed in torch's ValueError from
+    allocating its previous update, after its group and half of selftune's records of it were
+    in, and the next step failed deep inside; and ``average=True`` failed in the same error
+    from copying them, after the optimizer's groups were re-registered."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 4), torch.nn.LazyLinear(1)
+    with pytest.raises(selftune.ConfigError, match=r"lazy module's parameter .* \(average=True\)"):
+        selftune.wrap(torch.optim.SGD(head.parameters(), lr=0.1), average=True)
+    opt = selftune.wrap(torch.optim.SGD(body.parameters(), lr=0.05, momentum=0.9))
+
+    def step() -> None:
+        opt.zero_grad()
+        x = body(_X)
+        loss = torch.nn.functional.mse_loss(head(x) if len(opt.param_groups) > 1 else x, _Y)
+        loss.backward()
+        opt.step(loss=loss.detach())
+
+    step()
+    with pytest.raises(selftune.ConfigError, match=r"lazy module's parameter .* add_param_group"):
+        opt.add_param_group({"params": list(head.parameters())})
+    step()  # nothing of the refused group was left behind
+    head(body(_X))  # the dry run
+    opt.add_param_group({"params": list(head.parameters())})
+    step()
+    assert len(opt.hyperparams()) == 2 and head.weight.grad is not None
+
+
 def test_a_run_with_an_added_group_resumes_to_the_same_weights_and_log(tmp_path: Path) -> None:
     """Stopped at a checkpoint after the body's group was added, and resumed the documented way
     (build the optimizer, add the group again, load the checkpoint): the weights and the audit

@@ -138,6 +138,10 @@ class SelfTuned(torch.optim.Optimizer):
         for i, group in enumerate(optimizer.param_groups):
             knobs_io.check_group(i, group)
         decay = check_decay(average)
+        if decay is not None:
+            _refuse_lazy(
+                optimizer.param_groups, f"the weight average (average={average!r}) starts from them"
+            )
         for i, group in enumerate(optimizer.param_groups):
             lost = knobs_io.eps_lost_in_half(i, group)
             if lost is not None:
@@ -299,13 +303,10 @@ class SelfTuned(torch.optim.Optimizer):
         if self._logged:
             from selftune import audit
 
+            _refuse_lazy(
+                self.param_groups, "the run folder records the hash of the initial weights"
+            )
             params = [p for g in self.param_groups for p in g["params"]]
-            if any(is_lazy(p) for p in params):
-                raise ConfigError(
-                    "the optimizer holds a lazy module's parameter not yet initialized, and the "
-                    "run folder records the hash of the initial weights: run a forward pass "
-                    "(a dry run with one batch) before wrapping"
-                )
             digest = shards.whole_sha256(audit.params_sha256(params))
 
             def open_log() -> None:  # on the ranks given a folder
@@ -381,6 +382,9 @@ class SelfTuned(torch.optim.Optimizer):
         i = len(self.param_groups) - 1
         try:
             knobs_io.check_group(i, self.param_groups[i])
+            # (a wrap takes them: its previous update and snapshots wait for the first step)
+            why = "a group added mid-run is measured and snapshotted at once"
+            _refuse_lazy(self.param_groups[i:], why, "add_param_group")
         except ConfigError:
             self.param_groups.pop()
             raise
@@ -1999,6 +2003,17 @@ class SelfTuned(torch.optim.Optimizer):
             event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
             for fn in self._listeners:
                 fn(event)
+
+
+def _refuse_lazy(groups: list[dict[str, Any]], why: str, before: str = "wrapping") -> None:
+    """Refuse a lazy module's parameter not yet initialized among ``groups`` where its values
+    are read at once (``why``), naming the dry run that gives them: torch's ValueError came
+    from inside, after the optimizer was touched."""
+    if any(is_lazy(p) for group in groups for p in group["params"]):
+        raise ConfigError(
+            f"the optimizer holds a lazy module's parameter not yet initialized, and {why}: "
+            f"run a forward pass (a dry run with one batch) before {before}"
+        )
 
 
 def _alive(ref: weakref.ref[SelfTuned]) -> SelfTuned:
