@@ -655,6 +655,27 @@ def test_a_rollback_keeps_the_param_groups_and_state_the_loop_holds() -> None:
     assert all(torch.equal(a, p) for a, p in zip(before, task.model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("steps", [0, 30], ids=["skip", "rollback"])
+def test_a_step_the_guard_refused_leaves_the_gradients_tensors(steps: int) -> None:
+    """torch's ``step`` never touches ``.grad``; the guard's skip and rollback set every
+    gradient to None, so a loop that read them after the step (a logger of the gradient's
+    norm) failed there on NoneType, hours into a run, and one that zeroes in place
+    (``zero_grad(set_to_none=False)``, static gradient buffers) lost its tensors.  They are
+    zeroed in place: the refused batch's non-finite values cannot be stepped on later."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("sgd", task.model.parameters(), lr=0.03), "off")
+    events: list[str] = []
+    opt.add_listener(lambda e: events.append(e.guard["event"]) if e.guard else None)
+    train(task, opt, steps, evaluate=False)
+    opt.zero_grad(set_to_none=False)
+    (task.batch_loss() * math.nan).backward()
+    grads = [p.grad for p in task.model.parameters()]
+    opt.step(loss=torch.tensor(math.nan))
+    assert events == ["skip" if steps == 0 else "rollback"]
+    assert all(p.grad is g for p, g in zip(task.model.parameters(), grads, strict=True))
+    assert all(not g.any() for g in grads)
+
+
 def _classes(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """256 points in 10 dimensions, labelled by the largest of three random projections."""
     gen = torch.Generator().manual_seed(seed)

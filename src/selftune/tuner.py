@@ -1704,7 +1704,7 @@ class SelfTuned(torch.optim.Optimizer):
             reason = f"guard: {trouble.reason}; no snapshot held yet, step skipped"
             assert unread is not None  # taken whenever no snapshot is held
             self._tracker.load_state_dict(unread)  # as a snapshot's: no previous update
-            self.optimizer.zero_grad(set_to_none=True)
+            _zero_grads_in_place(self.optimizer)
         else:
             payload = snap.payload
             lowered = self._restore(snap, lower_rates=True)
@@ -1861,7 +1861,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.guard.load_statistics(payload["guard"], snap.step)
         if self.average is not None and payload.get("average") is not None:
             self.average.load_state_dict(payload["average"])
-        self.optimizer.zero_grad(set_to_none=True)
+        _zero_grads_in_place(self.optimizer)
         return lowered
 
     def _take_restart(self, proposals: list[Proposal]) -> str | None:
@@ -2086,6 +2086,14 @@ def _restore_buffers(model: torch.nn.Module, kept: dict[str, torch.Tensor]) -> l
             else:
                 buffer.copy_(saved)
     return left
+
+
+def _zero_grads_in_place(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the gradients of a step the guard refused, in place: its non-finite values cannot
+    be stepped on later, and ``.grad`` stays the tensor it was, as torch's ``step`` leaves it
+    (set to None, a loop that read it after the step, to log its norm, failed on NoneType,
+    and one that zeroes in place, ``zero_grad(set_to_none=False)``, lost its buffers)."""
+    optimizer.zero_grad(set_to_none=False)
 
 
 def _refill(state: dict[Any, Any], loaded: dict[Any, Any]) -> None:
