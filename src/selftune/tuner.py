@@ -2099,8 +2099,9 @@ def _zero_grads_in_place(optimizer: torch.optim.Optimizer) -> None:
 def _refill(state: dict[Any, Any], loaded: dict[Any, Any]) -> None:
     """Make ``state`` (an optimizer's, in force) hold ``loaded`` (the state torch's load built
     from a snapshot), keeping its containers and its tensors where they still fit: each tensor
-    loaded is copied into the one it replaces where that has its shape, dtype, device and a
-    dense layout.  A step compiled with ``torch.compile`` guards on the identity of its state
+    loaded is copied into the one it replaces where both are plain dense tensors (a subclass's,
+    a sharded or quantized state's, is replaced, as torch's load left it) of one shape, dtype
+    and device.  A step compiled with ``torch.compile`` guards on the identity of its state
     tensors: new ones recompiled it at every rollback, until dynamo's limit of recompiles left
     it uncompiled for the rest of the run."""
     for param, entries in loaded.items():
@@ -2110,8 +2111,8 @@ def _refill(state: dict[Any, Any], loaded: dict[Any, Any]) -> None:
         for key, value in entries.items():
             old = held.get(key)
             if (
-                isinstance(value, torch.Tensor)
-                and isinstance(old, torch.Tensor)
+                type(value) is torch.Tensor
+                and type(old) is torch.Tensor
                 and value.layout == old.layout == torch.strided
                 and (value.shape, value.dtype, value.device) == (old.shape, old.dtype, old.device)
             ):
