@@ -1743,15 +1743,20 @@ def test_a_group_removed_behind_the_wrapper_is_refused_before_the_step(tmp_path:
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(_X), _Y).backward()
         opt.step()
-    opt.param_groups.pop(0)
+    removed = opt.param_groups.pop(0)
     before = [p.clone() for p in model.parameters()]
-    for refused in (opt.step, opt.hyperparams):
+    # (its advice was to unwrap(), which this refused too: unwrap hands back the rates it
+    # tuned, one per group, and cannot tell which is which either)
+    for refused in (opt.step, opt.hyperparams, opt.unwrap):
         with pytest.raises(
-            selftune.ConfigError, match="holds 1 param groups where selftune tunes 2"
+            selftune.ConfigError,
+            match=r"holds 1 param groups where selftune tunes 2: .* Put the groups back",
         ):
             refused()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-    opt.close()
+    opt.param_groups.insert(0, removed)
+    rates = [knobs["lr"] for knobs in opt.hyperparams()]
+    assert [g["lr"] for g in opt.unwrap().param_groups] == rates
     selftune.verify(tmp_path / "run")
 
 
@@ -1786,7 +1791,10 @@ def test_a_parameter_added_to_a_group_behind_the_wrapper_is_refused_before_the_s
     opt.step()
     opt.add_param_group({"params": list(model[0].parameters())})  # the way to add them
     opt.step()
-    opt.close()
+    rates = [knobs["lr"] for knobs in opt.hyperparams()]
+    opt.param_groups[1]["params"].append(torch.nn.Parameter(torch.zeros(2)))
+    inner = opt.unwrap()  # as the refusal says: unwrap reads none of what no longer fits
+    assert [g["lr"] for g in inner.param_groups] == rates
     selftune.verify(tmp_path / "run")
 
 

@@ -1162,23 +1162,26 @@ class SelfTuned(torch.optim.Optimizer):
             "(selftune.load_checkpoint, or load_state_dict), which cuts the log back to it"
         )
 
-    def _check_groups(self) -> None:
+    def _check_groups(self, *, members: bool = True) -> None:
         """Refuse param groups removed behind selftune's back (``param_groups.pop``): its
         per-group scales, start rates and previous updates would be read against the wrong
-        groups, a silently wrong rate and then a shape error deep inside a step.  So are
-        parameters added to or removed from a group's ``params`` (torch's optimizers take
-        that): the previous update, the weight average and the snapshots hold the group's
-        parameters as it joined, and the step failed inside the signals' read, leaving the
-        wrapper broken until a load."""
+        groups, a silently wrong rate and then a shape error deep inside a step.  With
+        ``members``, so are parameters added to or removed from a group's ``params`` (torch's
+        optimizers take that): the previous update, the weight average and the snapshots hold
+        the group's parameters as it joined, and the step failed inside the signals' read,
+        leaving the wrapper broken until a load.  (``unwrap`` reads none of those, and hands
+        such an optimizer back.)"""
         now, known = len(self.param_groups), len(self._scales)
         if now != known:
-            raise ConfigError(
+            raise ConfigError(  # (unwrap() too needs the groups it tuned, to hand their rates)
                 f"the wrapped optimizer holds {now} param groups where selftune tunes {known}: "
                 "a group was removed, or added to the wrapped optimizer itself, and selftune "
-                "cannot tell which group is which. Keep the groups (a group set to lr 0 "
-                "mid-run stops training), add new ones with add_param_group, or unwrap() and "
-                "wrap again in a new run folder"
+                "cannot tell which group is which. Put the groups back as they were (a group "
+                "set to lr 0 mid-run stops training) and add new ones with add_param_group; "
+                "or, with the groups back, unwrap() and wrap again in a new run folder"
             )
+        if not members:
+            return
         for i, (group, count) in enumerate(zip(self.param_groups, self._counts, strict=True)):
             if len(group["params"]) != count:
                 raise ConfigError(
@@ -1246,7 +1249,8 @@ class SelfTuned(torch.optim.Optimizer):
             return self.optimizer
         # its note would name the step before, the weights past it
         self.check_whole("unwrap()", own_folder=False)
-        handed = self.hyperparams()
+        self._check_groups(members=False)  # (parameters added to a group change no rate)
+        handed = [self._knobs(i) for i in range(len(self.param_groups))]
         for i, group in enumerate(self.param_groups):
             knobs_io.write(group, "lr", handed[i]["lr"])
             self._scales[i] = 1.0
