@@ -12,8 +12,10 @@ order and, run twice, bit-identical results (replay depends on that).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +199,23 @@ def write_garbage(path: Path, seed: int = 0, size: int = 300) -> None:
     path.write_bytes(bytes(torch.randint(0, 256, (size,), generator=gen).tolist()))
 
 
+def make_unsearchable(folder: Path, monkeypatch: Any) -> None:
+    """Make ``folder`` one whose entries may not be reached, as ``chmod 000`` does (a run
+    folder inside another user's): where that does not stop a look (root), ``Path.stat`` of a
+    path inside it is refused alike."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        folder.chmod(0)
+        return
+    real_stat = Path.stat
+
+    def refuse(path: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        if folder in path.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_stat(path, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", refuse)
+
+
 __all__ = [
     "DECISIONS",
     "FAULTS",
@@ -210,6 +229,7 @@ __all__ = [
     "guard_records",
     "make_optimizer",
     "make_task",
+    "make_unsearchable",
     "tear_tail",
     "train",
     "write_garbage",

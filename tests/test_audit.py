@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from faults import make_unsearchable
 
 import selftune
 from selftune import audit, cli
@@ -775,6 +777,21 @@ def test_cli_reports_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert err.startswith("selftune verify: ") and "line 2 (seq 2)" in err
     assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
     assert "no run folder at" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("verify_only")
+def test_a_run_folder_inside_one_that_may_not_be_searched_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder inside a folder of another user's (``chmod 700``): Path.exists raised
+    PermissionError, and verify (report too) ended in its traceback, not a LogError."""
+    run = tmp_path / "locked" / "run"
+    write_run(run)
+    make_unsearchable(run.parent, monkeypatch)
+    with pytest.raises(LogError, match=f"cannot read {re.escape(str(run))}: Permission denied"):
+        verify(run)
+    assert cli.main(["verify", str(run)]) == 1
+    assert capsys.readouterr().err == f"selftune verify: cannot read {run}: Permission denied\n"
 
 
 # --------------------------------------------------------------------------- manifest helpers

@@ -23,6 +23,7 @@ from browser import (
     guard_record,
     realistic_run,
 )
+from faults import make_unsearchable
 
 from selftune import cli
 from selftune.report import (
@@ -314,6 +315,19 @@ def test_cli_explains_a_folder_that_is_not_a_run(
     err = capsys.readouterr().err
     assert err.startswith("selftune report: ") and expected in err and str(path) in err
     assert not (path / "report.html").exists()
+
+
+def test_cli_says_a_run_folder_it_may_not_reach_cannot_be_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder inside one of another user's: Path.exists raised PermissionError, said as
+    "cannot write" the run folder with advice to pass --out (or a traceback past it)."""
+    run = FakeRun(tmp_path / "locked" / "run")
+    run.trace(1, 1.0, HP)
+    make_unsearchable(run.folder.parent, monkeypatch)
+    assert cli.main(["report", str(run.folder), "--out", str(tmp_path / "page.html")]) == 1
+    said = f"selftune report: cannot read {run.folder}: Permission denied\n"
+    assert capsys.readouterr().err == said
 
 
 @pytest.mark.parametrize(("command", "module"), [("report", "matplotlib"), ("watch", "rich")])

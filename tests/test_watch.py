@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from browser import FakeRun, decision_record, guard_record
+from faults import make_unsearchable
 
 import selftune
 from selftune import cli, watch
@@ -608,6 +609,26 @@ def test_an_unreadable_log_is_said_not_a_traceback(
     assert cli.main(["watch", str(run.folder), *([] if live else ["--once"])]) == 1
     err = capsys.readouterr().err
     assert err == f"selftune watch: cannot read {path}: Permission denied\n"
+
+
+@pytest.mark.parametrize("locked", ["the run folder", "the folder above it"])
+@pytest.mark.parametrize("once", [True, False])
+def test_a_folder_that_may_not_be_searched_is_said_not_a_traceback(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    locked: str,
+    once: bool,
+) -> None:
+    """A run folder of another user's, or one inside such a folder: Path.exists raised
+    PermissionError from the look for a run, before the first frame, in a traceback."""
+    run = FakeRun(tmp_path / "home" / "run")
+    run.trace(1, 1.0, HP)
+    folder = run.folder if locked == "the run folder" else run.folder.parent
+    make_unsearchable(folder, monkeypatch)
+    assert cli.main(["watch", str(run.folder), *(["--once"] if once else [])]) == 1
+    refused = run.folder / "manifest.json" if folder == run.folder else run.folder
+    assert capsys.readouterr().err == f"selftune watch: cannot read {refused}: Permission denied\n"
 
 
 def test_control_characters_in_the_log_are_shown_escaped_not_obeyed(

@@ -337,10 +337,20 @@ def _scan(path: Path) -> _Scan:
 
 
 def _run_folder(log_dir: str | os.PathLike[str]) -> Path:
+    """``log_dir`` as a folder that exists, else a :class:`LogError` that says why it is none.
+
+    A folder above it that may not be searched (a run of another user's, ``chmod 700``) makes
+    ``Path.exists`` raise PermissionError, not answer: said as a folder that cannot be read, as
+    a log that cannot be read is (it ended ``verify`` and ``report`` in a traceback).
+    """
     folder = Path(log_dir).expanduser()
-    if not folder.exists():
+    try:
+        exists, is_dir = folder.exists(), folder.is_dir()
+    except OSError as exc:
+        raise LogError(f"cannot read {folder}: {exc.strerror or exc}") from None
+    if not exists:
         raise LogError(f"no run folder at {folder}: pass the log_dir the run was started with")
-    if not folder.is_dir():
+    if not is_dir:
         raise LogError(f"{folder} is a file, not a run folder: pass the run's log_dir")
     return folder
 

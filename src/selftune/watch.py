@@ -526,8 +526,18 @@ def _no_run(folder: Path) -> tuple[str, str | None] | None:
     refused, and one that holds no run, ``/etc`` too, waited for a first step without a word).
     Waiting mends neither a file nor a folder of run folders: with several optimizers each logs
     to a folder of its own inside ``log_dir`` (``opt0``, ``opt1``, ...), to be watched one by one;
-    nor a folder whose ``manifest.json`` is another program's.
+    nor a folder whose ``manifest.json`` is another program's.  Nor does it mend a folder that
+    may not be read, or one inside a folder that may not be searched: ``Path.exists`` raises
+    PermissionError there, not answers, and the watch ended in a traceback.
     """
+    try:
+        return _why_no_run(folder)
+    except OSError as exc:
+        return f"cannot read {exc.filename or folder}: {exc.strerror or exc}", None
+
+
+def _why_no_run(folder: Path) -> tuple[str, str | None] | None:
+    """:func:`_no_run`'s look at ``folder``, which raises OSError where it cannot look."""
     if not folder.exists():
         return f"no run folder at {folder} (yet)", "it to be made"
     if not folder.is_dir():
