@@ -490,30 +490,63 @@ def test_a_replay_whose_knobs_leave_the_trace_after_the_last_decision_is_stopped
         run(replayed, task, cut + 5)
 
 
-def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_path: Path) -> None:
-    """A learning-rate finder's loop: 20 steps, the state kept, 4 steps at rates set by hand,
-    the state loaded back into the same optimizer, 35 steps more.  The trace's rows 21-24 are
-    the steps that replaced the thrown-away ones, and the replay, which runs both, was stopped
-    at step 21 as if it had left the run.  The rewind is logged, and rows there go unchecked."""
-
-    def script(wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned]) -> list[torch.Tensor]:
-        task = make_task()
-        opt = wrap(make_optimizer("sgd", task.model.parameters()))
-        train(task, opt, 20, evaluate=False)
-        kept, weights = deepcopy(opt.state_dict()), deepcopy(task.model.state_dict())
-        for rate in (0.02, 0.03, 0.04, 0.05):
-            opt.param_groups[0]["lr"] = rate
-            train(task, opt, 1, evaluate=False)
+def finder_script(
+    wrap: Callable[[torch.optim.Optimizer], selftune.SelfTuned], tried: int = 4, after: int = 35
+) -> list[torch.Tensor]:
+    """A learning-rate finder's loop: 20 steps, the state kept, ``tried`` steps at rates set by
+    hand, then (``after`` > 0) the state loaded back into the same optimizer and ``after`` steps
+    more; the optimizer closed at its end.  Returns the final weights."""
+    task = make_task()
+    opt = wrap(make_optimizer("sgd", task.model.parameters()))
+    train(task, opt, 20, evaluate=False)
+    kept, weights = deepcopy(opt.state_dict()), deepcopy(task.model.state_dict())
+    for rate in (0.02, 0.03, 0.04, 0.05)[:tried]:
+        opt.param_groups[0]["lr"] = rate
+        train(task, opt, 1, evaluate=False)
+    if after:
         task.model.load_state_dict(weights)
         opt.load_state_dict(kept)
-        train(task, opt, 35, evaluate=False)
-        return final_weights(task.model)
+        train(task, opt, after, evaluate=False)
+    opt.close()
+    return final_weights(task.model)
 
-    weights = script(lambda plain: selftune.wrap(plain, "off", log_dir=tmp_path))
+
+def test_a_script_that_rewinds_in_its_own_process_replays_to_its_weights(tmp_path: Path) -> None:
+    """:func:`finder_script`: the trace's rows 21-24 are the steps that replaced the thrown-away
+    ones, and the replay, which runs both, was stopped at step 21 as if it had left the run.
+    The rewind is logged, and rows there go unchecked."""
+    weights = finder_script(lambda plain: selftune.wrap(plain, "off", log_dir=tmp_path))
     notes = [r for r in read_log(tmp_path).records if r["kind"] == "note"]
     assert [(r["step"], r["rewound_from"]) for r in notes] == [(20, 24)]
-    again = script(lambda plain: selftune.replay(plain, tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # closed past the rewind: nothing to tell
+        again = finder_script(lambda plain: selftune.replay(plain, tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
+@pytest.mark.parametrize(("tried", "told"), [(2, True), (4, True), (0, False)])
+def test_a_replay_closed_inside_steps_the_run_threw_away_says_so(
+    tmp_path: Path, tried: int, told: bool
+) -> None:
+    """A replay of :func:`finder_script` whose own script stops in the steps the run threw
+    away (steps 21-24), before its rewind: the log holds nothing of them (``auto`` decided
+    there, and the load cut it), so the weights it ends on are none the run had, and it was
+    closed on them without a word.  Closed at step 20, before them, it ends on the run's."""
+    finder_script(lambda plain: selftune.wrap(plain, "auto", log_dir=tmp_path))
+    replay = lambda plain: selftune.replay(plain, tmp_path)  # noqa: E731
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        finder_script(replay, tried=tried, after=0)
+    inside = [w for w in said if "threw away" in str(w.message)]
+    if not told:
+        assert inside == []
+        return
+    assert [str(w.message) for w in inside] == [
+        f"replay: closed at step {20 + tried}, inside steps 21-24 that the logged run threw "
+        "away (it went back from step 24 to step 20): the log holds nothing of them, so these "
+        "weights may not be any the run had; run the replay on past that rewind, as the run did"
+    ]
+    assert inside[0].filename == __file__  # the script's close(), not a line of selftune
 
 
 #: scripts that rewind: a retry after an error, a retry of a retry that went back further than

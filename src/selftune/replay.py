@@ -302,8 +302,28 @@ def replay(
     )
     tuned.guard = guard if guard is not False else None
     passes.made = lambda: tuned.rewinds
+    tuned._at_close.append(lambda: _tell_end(passes, tuned.step_count))
     tuned.add_listener(_FollowsTrace(log_dir, controller.added, passes))
     return tuned
+
+
+def _tell_end(passes: _Passes, step: int) -> None:
+    """Say where a replay is closed at ``step``, inside steps its logged run threw away by a
+    rewind the replay has not made (its script stopped early): the log holds nothing of those
+    steps (the run's decisions and rollbacks there went with the load that cut them), so the
+    replay decided nothing there, and its weights may be none the run had.  A replay closed
+    anywhere else ends on the run's weights at that step, and is told nothing."""
+    inside = passes.ended_inside(step)
+    if inside is None:
+        return
+    at, furthest = inside
+    steps = f"step {furthest}" if furthest == at + 1 else f"steps {at + 1}-{furthest}"
+    warnings.warn(
+        f"replay: closed at step {step}, inside {steps} that the logged run threw away (it went "
+        f"back from step {furthest} to step {at}): the log holds nothing of them, so these "
+        "weights may not be any the run had; run the replay on past that rewind, as the run did",
+        stacklevel=outside_frames(),
+    )
 
 
 def _warn_of_versions(manifest: dict[str, Any]) -> None:
@@ -411,6 +431,12 @@ class _Passes:
                 f"{pending[0][0]} (a state loaded into its optimizer), and the replay has not",
             )
         return any(at < step <= furthest for at, furthest in pending)
+
+    def ended_inside(self, step: int) -> tuple[int, int] | None:
+        """The run's rewind (the step it went back to, the furthest step it had taken) whose
+        thrown-away steps hold ``step``, where the replay ends there without having made it."""
+        self._catch_up()
+        return next(((at, far) for at, far in self._pending if at < step <= far), None)
 
     def gave_up(self, step: int) -> tuple[Trouble, str] | None:
         """The trouble and GuardError message where the run's guard gave up at ``step`` in the

@@ -298,6 +298,9 @@ class SelfTuned(torch.optim.Optimizer):
         shards.check_same_settings(self._settings())
         self._logged = shards.any_rank(log_dir is not None)
         self._closed_after: int | None = None
+        #: what ``close`` calls first: the end of the optimizer's steps is known there alone (a
+        #: replay's says whether it ends on steps its logged run threw away)
+        self._at_close: list[Callable[[], None]] = []
         # the hash of the initial weights is the whole model's, from every rank's shard: each
         # rank hashes if any rank logs (a loop may give the folder to rank 0 alone)
         if self._logged:
@@ -1275,9 +1278,13 @@ class SelfTuned(torch.optim.Optimizer):
 
         The run's log ends here: in a run that logs (on any rank) a later ``step`` is refused,
         since it would change the weights with no record (``unwrap`` still hands the optimizer
-        back); without a run folder, ``close`` does nothing."""
+        back); without a run folder, ``close`` does nothing.  A replay's ``close`` warns where
+        it ends inside steps its logged run threw away by a rewind it has not made (the log
+        holds nothing of them, so its weights there may be none the run had)."""
         if self._closed_after is not None or self._unwrapped:
             return
+        for at_close in self._at_close:
+            at_close()
         if self._logged:
             self._closed_after = self.step_count
         if self._log is not None and not self._taken_over:  # its records: the new one's
