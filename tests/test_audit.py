@@ -408,12 +408,16 @@ def test_garbage_decisions_are_rejected_at_line_1(tmp_path: Path, garbage: bytes
         # a list or object where a name goes: a TypeError (unhashable) escaped verify
         ({**decision(0), "kind": ["decision"]}, r"kind is \['decision'\]; expected one of"),
         (decision(0, knob=["lr"]), r"knob \['lr'\] is not a knob of group 0"),
-        ({**decision(0), "step": None}, "step is None, not a whole number >= 0"),
+        ({**decision(0), "step": None}, "step is None, not a whole number from 0 to"),
+        # past a signed 64-bit column, or a float's range: report and replay raised OverflowError
+        (decision(2**63), f"step is {2**63}, not a whole number from 0 to {2**63 - 1}$"),
+        (decision(0, old=10**400), "old is 1000.*, not a number a float holds"),
+        (decision(0, new=-(10**400)), "new is -1000.*, not a number a float holds"),
         (decision(0, signals=[1.0]), r"signals is \[1.0\], not an object"),
         # what the wrapper never writes, which the report and the watch showed as found
         (decision(0, reason={"why": "up"}), r"reason is \{'why': 'up'\}, not text"),
         ({**guard(0), "reason": None}, "reason is None, not text"),
-        (decision(0, old="high"), "old is 'high', not a number"),
+        (decision(0, old="high"), "old is 'high', not a number a float holds"),
         (decision(0, new=[1, 2]), r"new is \[1, 2\], not a number"),
         (decision(0, value=True), "value is True, not a number"),
         (decision(0, clipped="yes"), "clipped is 'yes', not true or false"),

@@ -328,6 +328,49 @@ def test_refuses_a_chained_record_with_missing_fields(tmp_path: Path) -> None:
         assert "lacks" in message and "value" in message
 
 
+#: a whole number past a float's range, which JSON reads exactly and float() refuses
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"step": 2**63}, f"step is {2**63}, not a whole number from 0 to {2**63 - 1}"),
+        ({"value": HUGE}, "value is 1000.*, not a number a float holds"),
+        ({"kind": "guard", "event": "rollback", "signal": "loss", "value": HUGE}, "value is 1000"),
+    ],
+    ids=["step", "decision value", "guard value"],
+)
+def test_refuses_a_chained_number_past_what_a_reader_holds(
+    tmp_path: Path, change: dict[str, Any], words: str
+) -> None:
+    """A chained record (edited and rehashed, or written by another tool) whose step is past a
+    signed 64-bit column's, or whose number is past a float's range: the replay ended in an
+    OverflowError from its columns or from float(), not a LogError naming the record."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), log_dir=tmp_path)
+    opt.close()
+    record = {
+        "kind": "decision",
+        "step": 3,
+        "group": 0,
+        "knob": "lr",
+        "old": 0.01,
+        "new": 0.02,
+        "value": 2.0,
+        "signals": {},
+        "reason": "grow",
+        "clipped": False,
+        **change,
+        "seq": 0,
+        "prev": GENESIS,
+    }
+    record["hash"] = record_hash(record)
+    (tmp_path / DECISIONS).write_bytes(canonical(record) + b"\n")
+    with pytest.raises(LogError, match=words):
+        selftune.replay(make_optimizer("adamw", task.model.parameters()), tmp_path)
+
+
 def test_refuses_a_log_of_a_different_model(run_dir: Path) -> None:
     with pytest.raises(selftune.SelfTuneError, match="param group 0 does not match") as info:
         selftune.replay(adamw(hidden=20), run_dir)

@@ -438,6 +438,26 @@ def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(tmp_path:
     assert list(read_run(run.folder).trace.steps) == [0, 1]
 
 
+def test_numbers_past_what_the_page_holds_are_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The trace has no chain, and JSON reads a whole number of any size exactly: a row's step
+    past a signed 64-bit column, a loss, metric or rate past a float's range, or a chained
+    decision's signal of that size, ended the report in an OverflowError.  The step is a
+    damaged row, named; the others are the infinity of their sign, as JSON's 1e400 reads."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(1, 1.0, HP)
+    with open(run.folder / "trace.jsonl", "a") as file:
+        huge = {"step": 2, "loss": 10**400, "metric": -(10**400), "hp": [{"lr": 10**400}]}
+        file.write(json.dumps(huge) + "\n")
+        file.write(json.dumps({"step": 2**64, "loss": 1.0, "hp": HP}) + "\n")
+    run.append({**decision_record(2, 0, "lr", 0.1, 0.2, "grow"), "signals": {"g": 10**400}})
+    assert cli.main(["report", str(run.folder)]) == 0
+    assert "trace.jsonl line 3: expected" in capsys.readouterr().err
+    trace = read_run(run.folder).trace
+    assert list(trace.steps) == [1, 2] and trace.loss[1] == math.inf
+
+
 def test_the_command_says_where_a_damaged_trace_cuts_the_curves(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -514,7 +534,10 @@ def test_a_folder_name_of_bytes_that_are_no_utf8_gets_its_page(tmp_path: Path) -
     [
         ({"clipped": None}, "the decision record lacks clipped"),
         ({"signals": [0.5]}, r"signals is \[0.5\], not an object"),
-        ({"step": "12"}, "step is '12', not a whole number >= 0"),
+        ({"step": "12"}, "step is '12', not a whole number from 0 to"),
+        # past the page's signed 64-bit columns and a float's range: OverflowError tracebacks
+        ({"step": 2**63}, f"step is {2**63}, not a whole number from 0 to"),
+        ({"new": 10**400}, "new is 1000.*, not a number a float holds"),
     ],
 )
 def test_a_chained_record_the_page_cannot_show_is_named(

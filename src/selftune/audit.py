@@ -451,11 +451,34 @@ def read_log(log_dir: str | os.PathLike[str]) -> RunLog:
 # --------------------------------------------------------------------------- verify
 
 
+#: the largest step a record or a trace row may hold: readers keep steps in signed 64-bit
+#: columns, and a larger one (which no run reaches) ended report and replay in an OverflowError
+MAX_STEP = 2**63 - 1
+
+
+def is_step(value: Any) -> bool:
+    """Whether ``value`` is a step as the log and the trace store one: a whole number from 0 to
+    :data:`MAX_STEP` (JSON's ``true`` is none)."""
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and 0 <= int(value) <= MAX_STEP
+    )
+
+
 def _is_number(value: Any) -> bool:
-    """A number as the log stores one: NaN and the infinities by name (see ``_finite_or_name``)."""
+    """A number as the log stores one: NaN and the infinities by name (see ``_finite_or_name``),
+    and no whole number past a float's range (the writer writes floats; JSON reads such an
+    integer exactly, and report and replay ended in float()'s OverflowError)."""
     if isinstance(value, str):
         return value in ("nan", "inf", "-inf")
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _schema_problem(record: Mapping[str, Any]) -> str | None:
@@ -475,8 +498,8 @@ def _schema_problem(record: Mapping[str, Any]) -> str | None:
     if missing:
         return f"the {kind} record lacks {', '.join(missing)}"
     step = record.get("step", 0)
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        return f"step is {step!r}, not a whole number >= 0"
+    if not is_step(step):
+        return f"step is {step!r}, not a whole number from 0 to {MAX_STEP}"
     if not isinstance(record["reason"], str):
         return f"reason is {record['reason']!r}, not text"
     if kind == "decision":
@@ -484,7 +507,7 @@ def _schema_problem(record: Mapping[str, Any]) -> str | None:
             return f"signals is {record['signals']!r}, not an object"
         for name in ("old", "new", "value"):
             if not _is_number(record[name]):
-                return f"{name} is {record[name]!r}, not a number"
+                return f"{name} is {record[name]!r:.60}, not a number a float holds"
         if not isinstance(record["clipped"], bool):
             return f"clipped is {record['clipped']!r}, not true or false"
     if kind == "guard" and record["event"] not in GUARD_EVENTS:

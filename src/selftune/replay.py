@@ -650,7 +650,7 @@ def _number(record: dict[str, Any], key: str, kind: type[int] | type[float]) -> 
         if isinstance(value, bool) or (kind is int and not isinstance(value, int)):
             raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (a whole number past a float's range)
         raise audit.LogError(
             f"record seq {record.get('seq')}: {key} is {value!r}, not a number; the log was "
             "damaged or written by another version"

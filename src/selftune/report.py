@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from selftune.audit import LogError, follows, is_joint, iter_log, leader_row
+from selftune.audit import LogError, follows, is_joint, is_step, iter_log, leader_row
 from selftune.cli import UsageError
 from selftune.files import write_whole
 from selftune.terminal import printable
@@ -59,11 +59,19 @@ GROUP_COLOURS = (
 
 
 def as_float(value: Any) -> float | None:
-    """A logged number as a float: the log writes NaN and infinities as "nan", "inf", "-inf"."""
+    """A logged number as a float: the log writes NaN and infinities as "nan", "inf", "-inf".
+
+    A whole number past a float's range (JSON reads one exactly; the writers write none) is
+    the infinity of its sign, as JSON's own ``1e400`` reads: float() raised OverflowError,
+    which ended the report and the watch in a traceback on a trace row or a signal.
+    """
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value)
@@ -83,7 +91,7 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
         ) from None
     if not (
         isinstance(row, dict)
-        and isinstance(row.get("step"), int)
+        and is_step(row.get("step"))  # (one past a signed 64-bit column ended the report)
         and isinstance(row.get("hp"), list)
         and all(isinstance(group, dict) for group in row["hp"])
     ):
