@@ -198,8 +198,13 @@ def test_damaged_lines_are_counted_not_fatal(tmp_path: Path, capsys: pytest.Capt
     run.trace(0, "nan", HP)
     with open(run.folder / "decisions.jsonl", "a") as file:
         file.write("not json\n[1, 2]\n")
+        # a number of thousands of digits and deep nesting: json.loads raised ValueError and
+        # RecursionError, not JSONDecodeError, past the watch
+        file.write('{"step": ' + "9" * 5000 + "}\n" + "[" * 100_000 + "\n")
+    with open(run.folder / "trace.jsonl", "a") as file:
+        file.write('{"step": ' + "9" * 5000 + "}\n")
     frame = watch_once(run.folder, capsys)
-    assert "2 damaged lines skipped" in frame and "selftune verify" in frame
+    assert "5 damaged lines skipped" in frame and "selftune verify" in frame
     assert "loss nan" in frame and "step 0 " in frame
 
 

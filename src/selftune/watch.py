@@ -264,8 +264,8 @@ class WatchState:
         for line in lines:
             try:
                 row = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                row = None
+            except (ValueError, RecursionError):  # (a number of thousands of digits, deep
+                row = None  # nesting: as damaged as no JSON, and they ended the watch)
             if isinstance(row, dict):
                 rows.append(row)
             else:
