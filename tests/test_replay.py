@@ -852,14 +852,21 @@ def test_the_trace_check_follows_a_replay_that_rewinds(tmp_path: Path) -> None:
         follows(event(3, 9.0))
 
 
-def test_a_damaged_trace_leaves_the_replay_to_the_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    # a number of thousands of digits and deep nesting: json.loads raised ValueError and
+    # RecursionError, not JSONDecodeError, out of the replay's step
+    [b"garbage", b'{"step": ' + b"9" * 5000 + b"}", b"[" * 100_000],
+    ids=["garbage", "thousands of digits", "deep nesting"],
+)
+def test_a_damaged_trace_leaves_the_replay_to_the_log(tmp_path: Path, damage: bytes) -> None:
     """The trace has no hash chain: a damaged one is told of where the replay reaches the
     damage, and the replay, checked against the decision log alone from there, still ends on
     the run's weights."""
     weights = logged_run(tmp_path, "sgd", "auto")
     trace = tmp_path / "trace.jsonl"
     rows = trace.read_bytes().split(b"\n")
-    rows[STEPS // 2] = b"garbage"
+    rows[STEPS // 2] = damage
     trace.write_bytes(b"\n".join(rows))
     with pytest.warns(UserWarning, match="checks the logged decisions alone.*not a JSON line"):
         again = replayed_run(tmp_path, "sgd")

@@ -422,18 +422,31 @@ def test_page_renders_in_chromium(realistic: tuple[Path, Path], tmp_path: Path) 
     assert colours is None or len(colours) > 50  # None: more distinct colours than that
 
 
-def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        '{"step": 2, "loss": 1.0}',  # no "hp": not a trace row
+        # json.loads raised ValueError and RecursionError, not JSONDecodeError: the command
+        # said "Exceeds the limit (4300 digits) ..." alone, or ended in a traceback
+        '{"step": ' + "9" * 5000 + "}",
+        "[" * 100_000,
+    ],
+    ids=["no hp", "thousands of digits", "deep nesting"],
+)
+def test_a_damaged_trace_line_is_named_on_a_page_of_the_rows_before_it(
+    tmp_path: Path, damage: str
+) -> None:
     """The trace has no chain (the log, which verify passes, is the record): a damaged row
     refused the whole page, which now draws the rows before it and names it."""
     run = FakeRun(tmp_path / "run")
     run.trace(0, 1.0, HP)
     run.trace(1, 0.5, HP)
     with open(run.folder / "trace.jsonl", "a") as file:
-        file.write('{"step": 2, "loss": 1.0}\n')  # no "hp": not a trace row
+        file.write(damage + "\n")
     run.trace(3, 1.0, HP)
     assert cli.main(["report", str(run.folder)]) == 0
     text = (run.folder / "report.html").read_text()
-    named = f"{run.folder / 'trace.jsonl'} line 3: expected"
+    named = f"{run.folder / 'trace.jsonl'} line 3: "
     assert named in text and "The loss and knob curves end after step 1." in text
     assert list(read_run(run.folder).trace.steps) == [0, 1]
 

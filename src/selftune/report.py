@@ -84,7 +84,7 @@ def parse_trace_line(line: bytes, where: str) -> dict[str, Any]:
     """Parse one ``trace.jsonl`` row: ``{"step": int, "loss": float|null, "hp": [{...}, ...]}``."""
     try:
         row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # (no UTF-8 or JSON; thousands of digits, deep nesting)
         raise LogError(
             f"{where}: not a JSON line — the trace was damaged (it has no hash chain: the "
             "decision log, which verify checks, is the record)"
