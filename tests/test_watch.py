@@ -636,6 +636,30 @@ def test_a_folder_that_may_not_be_searched_is_said_not_a_traceback(
     assert capsys.readouterr().err == f"selftune watch: cannot read {refused}: Permission denied\n"
 
 
+def test_a_manifest_the_watch_may_not_read_is_not_called_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest of another user's (``chmod 600``) was called damaged, with the advice to
+    restore it from a copy of the run folder or to start the run again: neither mends it."""
+    run = FakeRun(tmp_path / "run")
+    run.trace(1, 1.0, HP)
+    path = run.folder / "manifest.json"
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        path.chmod(0)
+    else:
+        real = Path.read_text
+
+        def refuse(self: Path, *args: Any, **kwargs: Any) -> str:
+            if self == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", refuse)
+    frame = " ".join(watch_once(run.folder, capsys).split())  # unfold wrapped lines
+    said = f"cannot read {path} (Permission denied), so the run's settings are not shown"
+    assert said in frame and "damaged" not in frame and "step 1 " in frame
+
+
 def test_control_characters_in_the_log_are_shown_escaped_not_obeyed(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -59,6 +59,8 @@ RECENT = 8
 MAX_INTERVAL = 86400.0
 #: the files of a run folder: a folder with none of them holds no run (yet)
 RUN_FILES = (MANIFEST, DECISIONS, TRACE)
+#: how a manifest the watch may not read is told from a damaged one (see :func:`render`)
+UNREADABLE = "it cannot be read"
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
 #: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
@@ -308,7 +310,7 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     except (ValueError, RecursionError) as exc:  # a number of thousands of digits, deep nesting
         return None, f"it is no manifest ({type(exc).__name__})"
     except OSError as exc:
-        return None, f"it cannot be read: {exc.strerror or exc}"
+        return None, f"{UNREADABLE}: {exc.strerror or exc}"
     if not isinstance(manifest, dict):
         return None, f"it holds a JSON {type(manifest).__name__}, not an object"
     config = manifest.get("config")
@@ -428,16 +430,16 @@ def render(state: WatchState) -> RenderableType:
         )
     )
     if state.manifest_problem:
-        parts.append(
-            Text(
-                printable(
-                    f"{state.folder / MANIFEST} is damaged ({state.manifest_problem}), so the "
-                    "run's settings are not shown: restore it from a copy of the run folder, or "
-                    "start the run again in a new log_dir"
-                ),
-                style="yellow",
-            )
+        path, problem = state.folder / MANIFEST, state.manifest_problem
+        said = (
+            # not damage: a copy would not mend a file this user may not read
+            f"cannot read {path} ({problem.removeprefix(UNREADABLE + ': ')}), so the run's "
+            "settings are not shown"
+            if problem.startswith(UNREADABLE)
+            else f"{path} is damaged ({problem}), so the run's settings are not shown: restore "
+            "it from a copy of the run folder, or start the run again in a new log_dir"
         )
+        parts.append(Text(printable(said), style="yellow"))
     if state.bad_lines:
         parts.append(
             Text(
