@@ -304,15 +304,38 @@ def test_refuses_a_manifest_with_wrong_types(copy: Path, key: str, value: Any, n
 
 @pytest.mark.parametrize(
     ("key", "value", "named"),
-    [("guard", {"interval": 25, "unknown": 1}, "unknown"), ("average", 2.0, "average=2.0")],
+    [
+        ("guard", {"interval": 25, "unknown": 1}, "unknown"),
+        ("average", 2.0, "average=2.0"),
+        # an IndexError and OverflowErrors (JSON reads a whole number of any size exactly)
+        ("policy.bounds.lr", [], "list index out of range"),
+        ("guard.z", 10**400, "int too large to convert to float"),
+        ("average", 10**400, "int too large to convert to float"),
+    ],
+    ids=["unknown guard setting", "average", "bound", "huge guard setting", "huge average"],
 )
 def test_refuses_unreadable_guard_or_average_settings(
     copy: Path, key: str, value: Any, named: str
 ) -> None:
     manifest = json.loads((copy / MANIFEST).read_text())
-    manifest["config"][key] = value
+    *path, last = ["config", *key.split(".")]
+    node = manifest
+    for name in path:
+        node = node[name]
+    node[last] = value
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(LogError, match=f"settings in 'config' cannot be read back.*{named}"):
+        selftune.replay(adamw(), copy)
+
+
+@pytest.mark.parametrize("options", [[1], [None]])
+def test_refuses_group_settings_that_are_not_objects(copy: Path, options: list[Any]) -> None:
+    """An edited manifest's 'options' (each group's weight decay, eps, ...) that is a list of
+    something else ended the replay in an AttributeError from its comparison."""
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["config"]["options"] = options
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LogError, match=r"'config\.options' is .*, not a list of objects"):
         selftune.replay(adamw(), copy)
 
 

@@ -277,7 +277,9 @@ def replay(
         guard_cfg = config.get("guard")
         guard_config = None if guard_cfg is None else GuardConfig(**guard_cfg)
         average = check_decay(config.get("average"))  # absent in logs from before averages
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    # (LookupError: a bound that is no pair; ArithmeticError: a whole number past a float's
+    # range, which JSON reads exactly: an edited manifest ended the replay in their tracebacks)
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
         raise audit.LogError(
             f"{where}: the policy, guard or average settings in 'config' cannot be read back "
             f"({exc}); "
@@ -601,9 +603,16 @@ def _check_start(logged: Any, own: list[dict[str, float]], where: str) -> None:
 
 def _check_options(logged: Any, own: list[dict[str, Any]], where: str) -> None:
     """Refuse an optimizer built with other settings than the logged run's (weight decay, eps,
-    nesterov, ...; logs that record none are not checked): it ends on other weights, silently."""
+    nesterov, ...; logs that record none are not checked): it ends on other weights, silently.
+    A list that holds something else than objects is a damaged manifest (it ended the replay
+    in an AttributeError)."""
     if not isinstance(logged, list) or logged == own:
         return
+    if not all(isinstance(then, dict) for then in logged):
+        raise audit.LogError(
+            f"{where}: 'config.options' is {logged!r:.80}, not a list of objects (one a param "
+            "group): the manifest was damaged or written by another version"
+        )
     for i, (then, now) in enumerate(zip(logged, own, strict=False)):
         # keys both torch versions have: a setting a newer torch added is no difference
         differ = sorted(k for k in then.keys() & now.keys() if then[k] != now[k])
