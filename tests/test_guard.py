@@ -279,6 +279,12 @@ def test_repeated_trouble_escalates_with_a_clear_error(tmp_path: Path) -> None:
     # which raises the error again there, could not follow
     with pytest.raises(selftune.GuardError, match=f"gave up at step {escalated}"):
         train(task, opt, 1)
+    # nor a group added: it dropped the snapshots and took a group the checkpoint to resume
+    # from lacks, which then no longer loaded
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(selftune.GuardError, match=f"gave up at step {escalated}"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 1
     assert read_log(tmp_path).records[-1] == last
 
 

@@ -842,6 +842,9 @@ def test_a_step_that_raised_part_way_refuses_steps_and_saves_until_a_checkpoint_
         train(model, opt, range(23, 24))
     with pytest.raises(selftune.ConfigError, match="unwrap"):
         opt.unwrap()  # its note would name step 22, the weights past it
+    with pytest.raises(selftune.ConfigError, match="a param group added is refused: step 23"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})  # (c21.pt lacks it)
+    assert len(opt.param_groups) == 1
     load_checkpoint(tmp_path / "c21.pt", model=model, optimizer=opt)
     hook = opt.optimizer.register_step_post_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):  # step 22, the last one recorded before the load:

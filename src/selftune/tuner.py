@@ -375,12 +375,17 @@ class SelfTuned(torch.optim.Optimizer):
         group's decisions.  The record is written with the next step, not here: a run resumed
         from a checkpoint adds its groups again before loading it, and a checkpoint that
         already holds a group drops its record, so the resumed log is the uninterrupted one.
+        Refused after :class:`GuardError` or a step that raised part-way, as a step is: the
+        checkpoint the run resumes from lacks the group, and would no longer load.
         """
         if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
             super().add_param_group(param_group)
             return
         self._check_open("a param group added")
         self._check_outside_average("a param group added")
+        # the checkpoint to resume from lacks the group: added here, it would not load
+        self._check_not_given_up()
+        self.check_whole("a param group added")
         self.optimizer.add_param_group(param_group)
         i = len(self.param_groups) - 1
         try:
@@ -544,14 +549,9 @@ class SelfTuned(torch.optim.Optimizer):
         if refusal is not None and not across:
             raise refusal
         self._check_groups()
-        if self._gave_up is not None:
-            # a step after it went on in the log past the escalate record, and a replay,
-            # which raises the GuardError again there, could not follow
-            raise GuardError(
-                f"the guard gave up at step {self._gave_up['step']} (GuardError): the run cannot "
-                "go on from here; resume from its last checkpoint (load_checkpoint), with the "
-                "data or the rate seen to, or start again in a new folder"
-            )
+        # a step after it went on in the log past the escalate record, and a replay, which
+        # raises the GuardError again there, could not follow
+        self._check_not_given_up()
         if not across:  # else every rank refuses alike, in measure
             self.check_whole("a step")
         self._check_outside_average("a step")
@@ -1142,6 +1142,16 @@ class SelfTuned(torch.optim.Optimizer):
                 f"{what} inside an averaged() block: the parameters hold the average there, and "
                 "the block's end puts the training weights back over them; evaluate inside the "
                 "block, and do this after it"
+            )
+
+    def _check_not_given_up(self) -> None:
+        """Refuse to go on after the guard gave up (:class:`GuardError`): the run resumes from
+        its last checkpoint, which a step or a group added here would not fit."""
+        if self._gave_up is not None:
+            raise GuardError(
+                f"the guard gave up at step {self._gave_up['step']} (GuardError): the run cannot "
+                "go on from here; resume from its last checkpoint (load_checkpoint), with the "
+                "data or the rate seen to, or start again in a new folder"
             )
 
     def check_whole(self, what: str, *, own_folder: bool = True) -> None:
