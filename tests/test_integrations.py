@@ -344,6 +344,12 @@ def test_lightning_gives_the_monitored_metric_after_each_validation(tmp_path: Pa
     trainer = _trainer(32, misnamed, tmp_path, enable_checkpointing=False)
     with pytest.raises(selftune.ConfigError, match=r"monitor='val_acc'.*logged: .*val_loss"):
         trainer.fit(_ValidatedModule(), _loader(), _loader())
+    # a fit in which no validation runs gave it nothing, without a word (Lightning's own
+    # ModelCheckpoint and EarlyStopping refuse a monitor they never find)
+    unvalidated = SelfTuneCallback(monitor="val_loss")
+    trainer = _trainer(32, unvalidated, tmp_path, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"monitor='val_loss'\) observed nothing in this fit"):
+        trainer.fit(_ValidatedModule(), _loader())
 
 
 class _AveragedModule(_ValidatedModule):

@@ -110,7 +110,8 @@ class SelfTuneCallback(Callback):
     (``selftune/group{g}/lr`` ...) through ``pl_module.log``, for the Lightning logger
     (Lightning's ``LearningRateMonitor`` shows the scheduler's rate, not the effective one).
     ``monitor``: the name of a metric the module logs in validation (``"val_loss"``), given to
-    the optimizers after each validation; ``mode``: "min" if lower is better, "max" if higher.
+    the optimizers after each validation (a fit in which no validation ran warns at its end,
+    as it gave them nothing); ``mode``: "min" if lower is better, "max" if higher.
     ``listeners``: added to the optimizer once it is wrapped (a ``TensorBoardWriter``, an
     ``MLflowWriter``), since it exists only when the fit starts, and closed at the fit's end;
     refused with several optimizers, whose knobs they would write under one name.  With
@@ -153,6 +154,8 @@ class SelfTuneCallback(Callback):
         self.optimizers: list[SelfTuned] = []
         self._knobs: list[StepKnobs] = []  #: each optimizer's knobs at its last step
         self._feed = LossFeed()
+        #: a validation of this fit gave the monitored metric to the optimizers
+        self._observed = False
         #: an optimizer step was tried since the last backward (``on_before_optimizer_step``)
         self._step_tried = False
         self._pending_snapshots: list[list[dict[str, Any]] | None] | None = None
@@ -236,6 +239,7 @@ class SelfTuneCallback(Callback):
                 if target is original or target is new or target is new.optimizer:
                     config.scheduler.optimizer = mark_inner_step(new)
         self.optimizers = wrapped
+        self._observed = trial  # (a trial of a step: nothing to say)
 
     def _wrap(
         self,
@@ -360,9 +364,21 @@ class SelfTuneCallback(Callback):
         shared = _ranks_mean(trainer, value)
         for opt in self.optimizers:
             opt.observe(shared, mode=self.mode)
+        self._observed = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._averaged.close()
+        if self.monitor is not None and self.optimizers and not self._observed:
+            # Lightning's own ModelCheckpoint and EarlyStopping refuse a monitor they never
+            # find; a fit with no validation (limit_val_batches=0, no val dataloader, no
+            # validation_step, fewer steps than an epoch) gave it nothing, without a word
+            warnings.warn(
+                f"SelfTuneCallback(monitor={self.monitor!r}) observed nothing in this fit: no "
+                "validation ran, so the optimizers never read the metric (auto's cut on its "
+                "plateau never acted). Give the fit a validation that runs (val dataloader, "
+                "validation_step, val_check_interval), or leave monitor unset",
+                stacklevel=2,
+            )
         for opt in self.optimizers:
             if opt.average is not None:  # end at the weights the validations measured
                 opt.average.copy_into(opt.param_groups)
