@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 import selftune
-from selftune.audit import read_log
+from selftune.audit import read_log, verify
 from selftune.checkpoint import load_checkpoint, save_checkpoint
 from selftune.tuner import SelfTuned, StepEvent
 
@@ -369,6 +369,66 @@ def _fully_sharded(out: Path, rank: int, steps: int, nan_step: int) -> dict[str,
     }
 
 
+def _dcp_resumed(out: Path, rank: int, steps: int) -> dict[str, Any]:
+    """An FSDP2 run checkpointed as the guide says (the model and the wrapped optimizer's own
+    state by ``torch.distributed.checkpoint``, each rank's ``state_dict()["selftune"]`` in a file
+    of that rank), stopped five steps past it, and resumed over its folder: the rates of every
+    step, whether the shards end where an uninterrupted run's do, and whether the log verifies."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+    from torch.distributed.fsdp import fully_shard
+
+    half = steps // 2
+
+    def build(folder: Path) -> tuple[torch.nn.Module, selftune.SelfTuned]:
+        model = _sharded_mlp()
+        fully_shard(model)
+        return model, selftune.wrap(torch.optim.AdamW(model.parameters()), log_dir=folder)
+
+    def run(model: torch.nn.Module, opt: selftune.SelfTuned, span: range) -> list[float]:
+        gen, hp = torch.Generator().manual_seed(rank), []
+        for t in range(1, span.stop):
+            x = torch.randn(32, 16, generator=gen)  # (drawn for every step: the same batches)
+            if t in span:
+                loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step(loss=loss.detach())
+                hp.append(opt.hyperparams()[0]["lr"])
+        return hp
+
+    def states(model: torch.nn.Module, opt: selftune.SelfTuned) -> dict[str, Any]:
+        # the wrapped optimizer's own: DCP's helpers drop the wrapper's "selftune" key
+        return {
+            "model": dcp_sd.get_model_state_dict(model),
+            "optim": dcp_sd.get_optimizer_state_dict(model, opt.optimizer),
+        }
+
+    model, opt = build(out / "dcp-ref")
+    ref_hp = run(model, opt, range(1, steps + 1))
+    opt.close()
+    ref = [p.to_local().clone() for p in model.parameters()]
+    folder, ckpt = out / "dcp", out / "dcp-ckpt"
+    model, opt = build(folder)
+    hp = run(model, opt, range(1, half + 1))
+    dcp.save(states(model, opt), checkpoint_id=ckpt)
+    torch.save(opt.state_dict()["selftune"], ckpt / f"selftune-rank{rank}.pt")
+    run(model, opt, range(half + 1, half + 6))  # the steps a crash loses
+    opt.close()
+    model, opt = build(folder)  # a new process's: wrapped at the initial weights, then loaded
+    loaded = states(model, opt)
+    dcp.load(loaded, checkpoint_id=ckpt)
+    dcp_sd.set_model_state_dict(model, loaded["model"])
+    dcp_sd.set_optimizer_state_dict(model, opt.optimizer, loaded["optim"])
+    own = torch.load(ckpt / f"selftune-rank{rank}.pt", weights_only=True)
+    opt.load_state_dict({**opt.optimizer.state_dict(), "selftune": own})
+    hp += run(model, opt, range(half + 1, steps + 1))
+    opt.close()
+    same = all(torch.equal(p.to_local(), r) for p, r in zip(model.parameters(), ref, strict=True))
+    dist.barrier()
+    return {"hp": hp, "ref_hp": ref_hp, "same": same, "verified": _says(lambda: verify(folder))}
+
+
 def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     """``auto`` on a FullyShardedDataParallel model whose flat shard leaves rank 0 three empty
     parameters (no gradient there): the ranks stacked unequal numbers of scalars, and the
@@ -634,6 +694,7 @@ def main() -> None:
     results["early"] = _run(args.out, "early", "sgd", args.steps, rank, listeners=early)
     results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
+    results["dcp"] = _dcp_resumed(args.out, rank, args.steps)
     results["refusals"] = _refusals(rank)
     results["folder-refusals"] = _folder_refusals(args.out, rank)
     results["plain-loads"] = _plain_loads(args.out, rank)

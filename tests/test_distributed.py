@@ -491,6 +491,21 @@ def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
         assert "sharded by FSDP" in save and "sharded by FSDP" in load, rank["fsdp"]["save"]
 
 
+def test_fsdp2_resumed_through_torch_distributed_checkpoint_ends_as_a_run_never_stopped(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """The guide's way for a sharded model, untested before: the model and the wrapped
+    optimizer's own state by ``torch.distributed.checkpoint``, selftune's part in a file of each
+    rank, loaded into a wrapper built over the run's folder after a crash five steps past the
+    checkpoint: every rate and every shard as a run never stopped, and a log that verifies."""
+    _, ranks = ddp
+    for rank in ranks:
+        dcp = rank["dcp"]
+        assert dcp["hp"] == dcp["ref_hp"] and len(dcp["hp"]) == STEPS
+        assert len(set(dcp["hp"])) > 1  # auto moved the rate
+        assert dcp["same"] and dcp["verified"] is None, dcp["verified"]
+
+
 @pytest.fixture(scope="module")
 def lightning_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """The Lightning scenarios of ``tests/lightning_ddp_worker.py``, run once under torchrun."""
