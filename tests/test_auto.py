@@ -967,3 +967,21 @@ def test_hypergradient_moves_nothing_without_a_gradient() -> None:
     knobs, _ = _reported_loss_run("hypergradient", lambda true, t: true * (0.0 if t > 60 else 1))
     assert knobs[58] != knobs[59]  # tuned while there was a gradient
     assert all(k == knobs[60] for k in knobs[60:]), (knobs[60], knobs[-1])
+
+
+def test_a_float64_loss_past_1e154_is_read_without_overflow() -> None:
+    """A float64 regression on minibatches whose targets are of scale 1e100, its mean squared
+    error near 1e200: the start's level squared its losses' deviations, past float64's range,
+    and Python's OverflowError ended the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    x = torch.randn(1024, 4, dtype=torch.float64)
+    y = torch.randn(1024, 1, dtype=torch.float64) * 1e100
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters()), "auto")
+    for _ in range(20):
+        batch = torch.randint(0, 1024, (64,))
+        loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())

@@ -12,6 +12,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from selftune.signals import square
+
 
 @dataclass
 class RatioEMA:
@@ -159,13 +161,15 @@ class SignTest:
         """The samples' standard deviation (infinite below two samples).
 
         In plain floats: ``statistics.stdev`` computes exactly, in fractions, far slower than a
-        float sum, and this runs several times a step.
+        float sum, and this runs several times a step.  Each square is :func:`square`'s, infinite
+        past float64's range: ``auto`` keeps the losses' starting level here, and a loss past
+        1e154 (a sum of large terms, in float64) raised Python's OverflowError from the step.
         """
         n = len(self.samples)
         if n < 2:
             return math.inf
         mean = self.mean
-        return math.sqrt(math.fsum((x - mean) ** 2 for x in self.samples) / (n - 1))
+        return math.sqrt(math.fsum(square(x - mean) for x in self.samples) / (n - 1))
 
     @property
     def error(self) -> float:
