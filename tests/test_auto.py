@@ -985,3 +985,22 @@ def test_a_float64_loss_past_1e154_is_read_without_overflow() -> None:
         loss.backward()
         opt.step(loss=loss.detach())
     assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())
+
+
+def test_a_loss_near_float64_s_largest_is_read_without_overflow() -> None:
+    """A loop reporting losses near 1e308: the sum of the start's level overflowed in
+    ``statistics.fmean``, and finite squared deviations overflowed in their sum, each raising
+    Python's OverflowError from the step."""
+    level = SignTest(samples=[0.0, 1.3e154] * 4)  # squares of 4.2e307, summing past the range
+    assert level.deviation == pytest.approx(statistics.stdev(level.samples))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(1024, 4), torch.randn(1024, 1)
+    opt = selftune.wrap(torch.optim.AdamW(model.parameters()), "auto")
+    for _ in range(20):
+        batch = torch.randint(0, 1024, (64,))
+        loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.item() * 6e307)
+    assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())

@@ -154,22 +154,41 @@ class SignTest:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.samples) if self.samples else 0.0
+        """The samples' mean (0 without any).
+
+        A sum past float64's range (``auto``'s losses near 1e308) is taken over the samples
+        divided first: ``fmean`` raised OverflowError from the step.
+        """
+        if not self.samples:
+            return 0.0
+        try:
+            return statistics.fmean(self.samples)
+        except OverflowError:
+            n = len(self.samples)
+            return math.fsum(x / n for x in self.samples)
 
     @property
     def deviation(self) -> float:
         """The samples' standard deviation (infinite below two samples).
 
         In plain floats: ``statistics.stdev`` computes exactly, in fractions, far slower than a
-        float sum, and this runs several times a step.  Each square is :func:`square`'s, infinite
-        past float64's range: ``auto`` keeps the losses' starting level here, and a loss past
-        1e154 (a sum of large terms, in float64) raised Python's OverflowError from the step.
+        float sum, and this runs several times a step.  Each square is :func:`square`'s,
+        infinite past float64's range, and finite squares whose sum is past it are summed scaled
+        down by the largest deviation: ``auto`` keeps the losses' starting level here, and a
+        loss past 1e154 (a sum of large terms, in float64) raised Python's OverflowError from
+        the step.
         """
         n = len(self.samples)
         if n < 2:
             return math.inf
         mean = self.mean
-        return math.sqrt(math.fsum(square(x - mean) for x in self.samples) / (n - 1))
+        try:
+            return math.sqrt(math.fsum(square(x - mean) for x in self.samples) / (n - 1))
+        except OverflowError:
+            scale = max(abs(x - mean) for x in self.samples)
+            return scale * math.sqrt(
+                math.fsum(square((x - mean) / scale) for x in self.samples) / (n - 1)
+            )
 
     @property
     def error(self) -> float:
