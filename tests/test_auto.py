@@ -9,6 +9,7 @@ past the crossing that the re-test was made for, on the benchmark's transformer.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -1004,3 +1005,24 @@ def test_a_loss_near_float64_s_largest_is_read_without_overflow() -> None:
         loss.backward()
         opt.step(loss=loss.item() * 6e307)
     assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())
+
+
+def test_a_hypergradient_gain_past_exp_s_range_moves_within_the_step_limit() -> None:
+    """A gain the options allow, whose step ``gain · ρ`` is past 709.8: ``math.exp`` raised
+    OverflowError from the step.  The move is now the policy's per-step limit."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = selftune.wrap(inner, "hypergradient", guard=False, gain=1000.0)
+    knobs = [opt.hyperparams()[0]]
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        knobs.append(opt.hyperparams()[0])
+    for before, after in itertools.pairwise(knobs):
+        assert 0.01 * 1e-3 <= after["lr"] <= 0.01 * 1e5
+        assert before["lr"] / 4.0 <= after["lr"] <= before["lr"] * 4.0 * (1 + 1e-12)
+        assert abs(after["momentum"] - before["momentum"]) <= 0.02 + 1e-12

@@ -28,6 +28,8 @@ from selftune.signals import Signals
 
 #: an instantaneous cosine below this means the last step jumped across a valley
 REVERSAL = -0.9
+#: the largest exponent of a hypergradient step's factor (see :func:`step_factor`)
+MAX_EXPONENT = 700.0
 
 #: the range of each option (:func:`~selftune.controllers.base.check_options`)
 OPTIONS = {
@@ -106,7 +108,7 @@ class HypergradientController:
         return Proposal(
             group,
             "lr",
-            lr * math.exp(gain * rho),
+            lr * step_factor(gain * rho),
             f"hypergradient: {verb} (averaged cos {rho:+.3f})",
         )
 
@@ -124,6 +126,17 @@ class HypergradientController:
 
 def momentum_proposal(group: int, name: str, value: float, rho: float, gain: float) -> Proposal:
     """Move ``1 − μ`` multiplicatively: agreement with the buffer lengthens the memory."""
-    new = 1.0 - (1.0 - value) * math.exp(-gain * rho)
+    new = 1.0 - (1.0 - value) * step_factor(-gain * rho)
     verb = "lengthen" if rho > 0 else "shorten"
     return Proposal(group, name, new, f"buffer alignment: {verb} memory (averaged cos {rho:+.3f})")
+
+
+def step_factor(exponent: float) -> float:
+    """``exp(exponent)``, the exponent held to :data:`MAX_EXPONENT`.
+
+    A gain the options allow (any finite one) can make ``gain · ρ`` past 709.8, where
+    ``math.exp`` raised OverflowError from the step (``hypergradient`` with gain=1000).  A factor
+    of e**700 (1e304) is past any per-step limit a run sets in practice, to which the policy
+    then holds the move; below the cap the factor is ``math.exp``'s own, to the bit.
+    """
+    return math.exp(min(exponent, MAX_EXPONENT))
