@@ -978,13 +978,21 @@ def test_a_float64_loss_past_1e154_is_read_without_overflow() -> None:
     model = torch.nn.Linear(4, 1).double()
     x = torch.randn(1024, 4, dtype=torch.float64)
     y = torch.randn(1024, 1, dtype=torch.float64) * 1e100
+    _assert_minibatch_steps_tune_finite(model, x, y, lambda loss: loss.detach())
+
+
+def _assert_minibatch_steps_tune_finite(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reported: Callable[[Any], Any]
+) -> None:
+    """Twenty minibatch steps of ``auto`` over AdamW, each given ``reported(loss)``: every
+    knob after them is finite."""
     opt = selftune.wrap(torch.optim.AdamW(model.parameters()), "auto")
     for _ in range(20):
         batch = torch.randint(0, 1024, (64,))
         loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
         opt.zero_grad()
         loss.backward()
-        opt.step(loss=loss.detach())
+        opt.step(loss=reported(loss))
     assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())
 
 
@@ -997,14 +1005,7 @@ def test_a_loss_near_float64_s_largest_is_read_without_overflow() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     x, y = torch.randn(1024, 4), torch.randn(1024, 1)
-    opt = selftune.wrap(torch.optim.AdamW(model.parameters()), "auto")
-    for _ in range(20):
-        batch = torch.randint(0, 1024, (64,))
-        loss = torch.nn.functional.mse_loss(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss=loss.item() * 6e307)
-    assert all(math.isfinite(v) for v in opt.hyperparams()[0].values())
+    _assert_minibatch_steps_tune_finite(model, x, y, lambda loss: loss.item() * 6e307)
 
 
 def test_a_hypergradient_gain_past_exp_s_range_moves_within_the_step_limit() -> None:
