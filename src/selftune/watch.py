@@ -59,8 +59,6 @@ RECENT = 8
 MAX_INTERVAL = 86400.0
 #: the files of a run folder: a folder with none of them holds no run (yet)
 RUN_FILES = (MANIFEST, DECISIONS, TRACE)
-#: how a manifest the watch may not read is told from a damaged one (see :func:`render`)
-UNREADABLE = "it cannot be read"
 #: how far a backward scan reads at a time
 BLOCK = 1 << 16
 #: the records a first read counts in the part of ``decisions.jsonl`` it skips (the log's
@@ -211,7 +209,7 @@ class WatchState:
     guards: int = 0
     #: complete lines that were not JSON objects (damage; ``selftune verify`` names them)
     bad_lines: int = 0
-    #: why the manifest could not be used (damage), while it cannot
+    #: what the frame says of a manifest that could not be used (damaged, unreadable), while so
     manifest_problem: str | None = None
 
     def __post_init__(self) -> None:
@@ -293,12 +291,29 @@ class WatchState:
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The manifest, or None and why it cannot be used (None when it is not there yet: it is
-    written whole, by a rename, so one that is no JSON is damaged, not being written).
+    """The manifest, or None and what the frame says of it (None when it is not there yet: it
+    is written whole, by a rename, so one that is no JSON is damaged, not being written).
 
     A damaged manifest must not stop the watch (the trace and decisions are still worth seeing),
     nor reach ``render`` in a shape it cannot read: it is set aside, and the frame says so.
+    One this user may not read is not called damaged: a copy would not mend it.
     """
+    try:
+        manifest, damage = _parse_manifest(path)
+    except OSError as exc:
+        why = exc.strerror or exc
+        return None, f"cannot read {path} ({why}), so the run's settings are not shown"
+    if damage is None:
+        return manifest, None
+    return None, (
+        f"{path} is damaged ({damage}), so the run's settings are not shown: restore it from a "
+        "copy of the run folder, or start the run again in a new log_dir"
+    )
+
+
+def _parse_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """:func:`_read_manifest`'s read: the manifest, or None and the damage found (None when
+    it is not there yet); raises OSError where it cannot be read."""
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -309,8 +324,6 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"it is not valid JSON ({exc.msg} at line {exc.lineno})"
     except (ValueError, RecursionError) as exc:  # a number of thousands of digits, deep nesting
         return None, f"it is no manifest ({type(exc).__name__})"
-    except OSError as exc:
-        return None, f"{UNREADABLE}: {exc.strerror or exc}"
     if not isinstance(manifest, dict):
         return None, f"it holds a JSON {type(manifest).__name__}, not an object"
     config = manifest.get("config")
@@ -430,16 +443,7 @@ def render(state: WatchState) -> RenderableType:
         )
     )
     if state.manifest_problem:
-        path, problem = state.folder / MANIFEST, state.manifest_problem
-        said = (
-            # not damage: a copy would not mend a file this user may not read
-            f"cannot read {path} ({problem.removeprefix(UNREADABLE + ': ')}), so the run's "
-            "settings are not shown"
-            if problem.startswith(UNREADABLE)
-            else f"{path} is damaged ({problem}), so the run's settings are not shown: restore "
-            "it from a copy of the run folder, or start the run again in a new log_dir"
-        )
-        parts.append(Text(printable(said), style="yellow"))
+        parts.append(Text(printable(state.manifest_problem), style="yellow"))
     if state.bad_lines:
         parts.append(
             Text(
