@@ -432,11 +432,12 @@ class _Passes:
                 f"the logged run had gone back from step {pending[0][1]} to step "
                 f"{pending[0][0]} (a state loaded into its optimizer), and the replay has not",
             )
-        return any(at < step <= furthest for at, furthest in pending)
+        return self.ended_inside(step) is not None
 
     def ended_inside(self, step: int) -> tuple[int, int] | None:
         """The run's rewind (the step it went back to, the furthest step it had taken) whose
-        thrown-away steps hold ``step``, where the replay ends there without having made it."""
+        thrown-away steps hold ``step``, in the replay's pass now (it has not made that rewind):
+        where it steps there, and where it is closed there."""
         self._catch_up()
         return next(((at, far) for at, far in self._pending if at < step <= far), None)
 
