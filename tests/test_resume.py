@@ -1102,6 +1102,42 @@ def test_a_run_that_loads_a_plain_state_mid_way_replays_exactly(tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(logged, replayed, strict=True))
 
 
+def test_a_knob_a_plain_state_switched_off_stays_off_through_a_resume_and_a_replay(
+    tmp_path: Path,
+) -> None:
+    """AdamW wrapped with β1 0.9 under ``hypergradient``, which tunes β1, loads the state of a
+    run that kept no first moment (β1 0): the knob stays off, as in AdamW wrapped with β1 0
+    (it rose to 0.013 in 60 steps), through a resume in a fresh wrapper and in the replay."""
+    run = tmp_path / "run"
+
+    def script(make: Any) -> tuple[list[torch.Tensor], SelfTuned]:
+        model = make_model()
+        plain = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.0, 0.99))
+        opt = make(make_inner("adamw", model))
+        opt.load_state_dict(copy.deepcopy(plain.state_dict()))
+        train(model, opt, range(1, 31))
+        saved, weights = copy.deepcopy((opt.state_dict(), model.state_dict()))
+        opt.close()
+        model = make_model()
+        opt = make(make_inner("adamw", model))
+        model.load_state_dict(weights)
+        opt.load_state_dict(saved)
+        train(model, opt, range(31, 61))
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    logged, opt = script(
+        lambda inner: selftune.wrap(inner, controller="hypergradient", log_dir=run)
+    )
+    assert opt.hyperparams()[0]["beta1"] == 0.0
+    assert opt.hyperparams()[0]["lr"] != 2e-3  # the rate is tuned still
+    opt.close()
+    (note,) = [r for r in read_log(run).records if "beta1 is 0" in str(r.get("reason"))]
+    assert note["kind"] == "note" and "leaves it off" in note["reason"]
+    assert "beta1" not in audit.verify(run).knobs  # raises where the log does not verify
+    replayed, _ = script(lambda inner: selftune.replay(inner, run))
+    assert all(torch.equal(a, b) for a, b in zip(logged, replayed, strict=True))
+
+
 def test_a_state_of_parameters_of_other_shapes_is_refused_before_anything_loads() -> None:
     """Saved from a model of as many parameters of other shapes: torch loads the inner state
     without a word, and the run failed in the signals' arithmetic with the state half loaded."""

@@ -841,6 +841,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._left = copy.deepcopy(own.get("left"))
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
+        self._hand_over_switched_off()
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         metric = _pending_metric(own.get("metric"))
         self._metric, self._metric_mode = metric["value"], metric["mode"]
@@ -970,6 +971,32 @@ class SelfTuned(torch.optim.Optimizer):
             self._loaded = self.step_count > 0
         if self.average is not None:  # and its weights (the model loads first) start it
             self.average.restart(self.param_groups)
+        self._hand_over_switched_off()
+
+    def _hand_over_switched_off(self) -> None:
+        """Leave alone a knob the loaded state switched off: momentum 0, or β1 0 (a run that
+        kept no buffer, or no first moment), where this optimizer was built with it on.
+
+        selftune tunes no knob that is off when it wraps an optimizer (:func:`~selftune.knobs.
+        knob_names`: turning it on changes the algorithm, not its setting); one tuned from the
+        wrap went on being tuned after such a load, and ``hypergradient`` raised the loaded
+        β1 of 0 to 0.013 in 60 steps.  It is handed over as a knob a scheduler moves is (see
+        :meth:`_find_outside`), with a note: neither tuned nor restored on a rollback, kept
+        through a resume, and still reported, so the log's knobs stay those of its manifest.
+        """
+        for i, group in enumerate(self.param_groups):
+            on = knobs_io.knob_names(group)
+            for knob in self._names[i]:
+                if knob in on or knob in self._outside[i]:
+                    continue
+                self._outside[i].add(knob)
+                why = (
+                    f"group {i}'s {knob} is 0 in the state loaded before step "
+                    f"{self.step_count + 1}, which this optimizer was built with on: selftune "
+                    "leaves it off, as it does in an optimizer wrapped with it off, and neither "
+                    "tunes it nor restores it on a rollback"
+                )
+                self._notes.append({"reason": why})
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if ``state_dict`` holds param groups of other sizes than
