@@ -1138,6 +1138,40 @@ def test_a_knob_a_plain_state_switched_off_stays_off_through_a_resume_and_a_repl
     assert all(torch.equal(a, b) for a, b in zip(logged, replayed, strict=True))
 
 
+def test_dcp_s_optimizer_helpers_given_the_wrapper_warn_and_take_no_step_of_the_run(
+    tmp_path: Path,
+) -> None:
+    """``torch.distributed.checkpoint``'s helpers keep only ``state`` and ``param_groups`` and
+    fill an empty state by a step with the rates zeroed: given the wrapper (the guide says to
+    give them ``opt.optimizer``), that step was the run's step 1, logged, and selftune's part
+    went without a word.  Now each says so, and the filling step is the wrapped optimizer's
+    alone, as it is given ``opt.optimizer``."""
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    model = make_model()
+    opt = selftune.wrap(make_inner("adamw", model), log_dir=tmp_path / "run")
+    plain_model = make_model()
+    plain = make_inner("adamw", plain_model)
+    with pytest.warns(UserWarning, match=r"Give them opt\.optimizer"):
+        filled = dcp_sd.get_optimizer_state_dict(model, opt)
+    assert opt.step_count == 0 and opt.hyperparams()[0]["lr"] == 2e-3
+    as_plain = dcp_sd.get_optimizer_state_dict(plain_model, plain)
+    torch.testing.assert_close(filled["state"], as_plain["state"])
+    assert filled["param_groups"] == as_plain["param_groups"]
+    train(model, opt, range(1, 11))
+    with pytest.warns(UserWarning, match="dropping selftune's part"):
+        saved = dcp_sd.get_optimizer_state_dict(model, opt)
+    assert "selftune" not in saved and opt.step_count == 10
+    opt.close()
+    rows = (tmp_path / "run" / "trace.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == list(range(1, 11))
+    other_model = make_model()
+    other = selftune.wrap(make_inner("adamw", other_model))
+    with pytest.warns(UserWarning, match="dropping selftune's part"):
+        dcp_sd.set_optimizer_state_dict(other_model, other, saved)
+    assert other.step_count == 0
+
+
 def test_a_state_of_parameters_of_other_shapes_is_refused_before_anything_loads() -> None:
     """Saved from a model of as many parameters of other shapes: torch loads the inner state
     without a word, and the run failed in the signals' arithmetic with the state half loaded."""

@@ -12,7 +12,9 @@ parameter's, and the ranks' hashes are combined (:func:`whole_sha256`) into the 
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -29,6 +31,37 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def local_params(group: dict[str, Any]) -> list[torch.Tensor]:
     """The local tensors of a param group's parameters."""
     return [local(p) for p in group["params"]]
+
+
+#: the module of torch.distributed.checkpoint's optimizer helpers (``get_optimizer_state_dict``,
+#: ``set_optimizer_state_dict``), and how many callers up a wrapper's method looks for it: its
+#: own decorators and torch's step wrapper stand between
+_DCP_HELPERS, _DCP_DEPTH = "torch.distributed.checkpoint.state_dict", 8
+
+#: what those helpers do given the wrapper, and what to give them
+DCP_ADVICE = (
+    "torch.distributed.checkpoint's get_optimizer_state_dict and set_optimizer_state_dict were "
+    "given the selftune wrapper: they keep only 'state' and 'param_groups' of its state dict, "
+    "dropping selftune's part (a run resumed from it starts afresh, and a folder that holds "
+    "its steps refuses it), and fill an empty state by a step. Give them opt.optimizer, and "
+    "save opt.state_dict()['selftune'] in a file of each rank beside the checkpoint "
+    "(docs/guide.md, under 'torch.distributed')"
+)
+
+
+def called_by_dcp() -> bool:
+    """Whether torch.distributed.checkpoint's optimizer helpers called the wrapper's method
+    that asks.  Read off the callers' modules: the helpers call ``state_dict``,
+    ``load_state_dict`` and, to fill an empty state, ``step`` with every rate set to zero, as
+    any caller may, and only the caller tells them apart."""
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(_DCP_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") == _DCP_HELPERS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def across_ranks() -> bool:

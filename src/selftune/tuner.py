@@ -542,6 +542,8 @@ class SelfTuned(torch.optim.Optimizer):
                 f"this selftune optimizer was unwrapped after step {self.step_count}: step the "
                 f"{type(self.optimizer).__name__} that unwrap() returned"
             )
+        if closure is None and loss is None and self._filled_for_dcp():
+            return None
         # under torch.distributed a rank refuses a step in the step's collective, every rank
         # alike: rank 0 alone may write the folder, and alone see it taken over or not resumed
         across = shards.across_ranks()
@@ -693,6 +695,20 @@ class SelfTuned(torch.optim.Optimizer):
         self.step_count = t
         self._after(t, signals, decisions, None)
 
+    def _filled_for_dcp(self) -> bool:
+        """Let the wrapped optimizer take the step by which torch.distributed.checkpoint's
+        helpers fill an empty state (every rate set to zero, every gradient zeros), and warn:
+        on the wrapper it was a step of the run, logged and counted, and Adam's step count
+        then differed from that of a run that saved no checkpoint there."""
+        if self.optimizer.state or any(knobs_io.read(g, "lr") != 0.0 for g in self.param_groups):
+            return False
+        if not shards.called_by_dcp():
+            return False
+        warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
+        with _global_step_hooks_held():
+            self.optimizer.step()
+        return True
+
     def _hold_shared_metric(self) -> None:
         """Hold the metric the ranks shared in this step's collective, if any observed one,
         until a step whose proposals are made reads it (a rollback's step does not)."""
@@ -729,6 +745,8 @@ class SelfTuned(torch.optim.Optimizer):
         Lightning and the Hugging Face Trainer save this state in checkpoints of their own, and
         after a power cut one could point past the log's end, which a resume refuses.
         """
+        if shards.called_by_dcp():
+            warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
         if self._broken_at is not None:  # saved (a framework's save on an exception goes on),
             warnings.warn(  # but refused where it would load
                 f"the state saved after step {self._broken_at} raised part-way will not load: "
@@ -790,6 +808,8 @@ class SelfTuned(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if shards.called_by_dcp():
+            warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict  # as Optimizer runs them
         self._load_state_dict(state_dict)
