@@ -1172,6 +1172,27 @@ def test_dcp_s_optimizer_helpers_given_the_wrapper_warn_and_take_no_step_of_the_
     assert other.step_count == 0
 
 
+@pytest.mark.parametrize(
+    ("knob", "value", "says"),
+    [("betas", (math.nan, 0.999), "beta1=nan is not finite"), ("lr", 0.0, "lr=0.0 must be > 0")],
+)
+def test_a_state_of_knobs_a_wrap_refuses_is_refused_before_anything_loads(
+    knob: str, value: Any, says: str
+) -> None:
+    """A NaN β1 or a zero rate in a checkpoint's param groups: refused at the wrap, they loaded
+    without a word, and the guard gave up on the NaN weights some steps later."""
+    model = make_model()
+    opt = make_optimizer("adamw", model, None)
+    train(model, opt, range(1, 11))
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][knob] = value
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(selftune.ConfigError, match=f"the state dict's param group 0: {says}"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"] and opt.step_count == 10
+
+
 def test_a_state_of_parameters_of_other_shapes_is_refused_before_anything_loads() -> None:
     """Saved from a model of as many parameters of other shapes: torch loads the inner state
     without a word, and the run failed in the signals' arithmetic with the state half loaded."""

@@ -1074,6 +1074,15 @@ class SelfTuned(torch.optim.Optimizer):
                 f"{counts}: load a state dict saved from the same model setup (a run that added "
                 "groups mid-run: add them again, add_param_group, first)"
             )
+        for i, group in enumerate(saved_groups):
+            try:  # as at the wrap: torch loads a NaN or a zero rate or β1 without a word, and
+                # the guard gave up on the NaN weights steps later, blaming the data
+                knobs_io.check_group(i, group)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"the state dict's {err} (a checkpoint's knobs edited or damaged: resume "
+                    "from another checkpoint, or mend its param_groups)"
+                ) from None
         if own is None:
             return
         if own.get("broken_at") is not None:
