@@ -1024,6 +1024,33 @@ def test_huggingface_trainer_given_model_init_is_refused_before_anything_is_buil
     assert trainer.state.global_step == 4
 
 
+def test_huggingface_optimizer_replaced_by_create_optimizer_is_named_as_the_cause(
+    tmp_path: Path,
+) -> None:
+    """A ``create_optimizer`` override that builds an optimizer even when one is set replaces
+    the wrapper at ``train()``: the refusal said to call ``wrap_trainer_optimizer``, which had
+    been called, and named accelerate's wrapper rather than the optimizer found."""
+    transformers = pytest.importorskip("transformers")
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback, wrap_trainer_optimizer
+
+    class Rebuilding(transformers.Trainer):  # type: ignore[misc]
+        def create_optimizer(self, model: Any = None) -> Any:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.args.learning_rate)
+            return self.optimizer
+
+    made = _hf_trainer(tmp_path / "out", 4, save_strategy="no")
+    kept = {"model": made.model, "args": made.args, "train_dataset": made.train_dataset}
+    trainer = Rebuilding(**kept)
+    wrap_trainer_optimizer(trainer, "off")
+    with pytest.raises(selftune.ConfigError, match="trains with a SGD, not the selftune") as told:
+        trainer.train()
+    assert "create_optimizer override" in str(told.value)
+    # given the callback alone, the optimizer found is named, not accelerate's wrapper
+    alone = transformers.Trainer(**kept, callbacks=[SelfTuneTrainerCallback()])
+    with pytest.raises(selftune.ConfigError, match="found a AdamW, not a selftune optimizer"):
+        alone.train()
+
+
 def test_huggingface_logs_the_rate_of_the_step_beside_the_trainer_s(tmp_path: Path) -> None:
     """The Trainer logs after its scheduler stepped: ``hyperparams()`` then gives the next
     step's rate, logged beside the Trainer's own ``learning_rate`` of the step."""

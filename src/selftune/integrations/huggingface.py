@@ -72,14 +72,18 @@ RESUME = (
 )
 
 
+def _nested(optimizer: Any) -> list[Any]:
+    """``optimizer`` and the ones it wraps, outermost first (accelerate wraps the Trainer's)."""
+    found: list[Any] = []
+    while optimizer is not None and len(found) < 8:
+        found.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return found
+
+
 def find_selftuned(optimizer: Any) -> SelfTuned | None:
     """The :class:`SelfTuned` inside ``optimizer`` (accelerate wraps it), or ``None``."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, SelfTuned):
-            return optimizer
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return None
+    return next((opt for opt in _nested(optimizer) if isinstance(opt, SelfTuned)), None)
 
 
 class SelfTuneTrainerCallback(TrainerCallback):
@@ -97,6 +101,8 @@ class SelfTuneTrainerCallback(TrainerCallback):
         self._training = False  #: between on_train_begin and on_train_end
         self._missing: set[str] = set()  #: metric keys an evaluation lacked (warned once)
         self._knobs = StepKnobs()  #: the knobs at the optimizer's last step, for ``on_log``
+        #: the optimizer :func:`wrap_trainer_optimizer` made, to tell a replaced one from none
+        self._wrapped: SelfTuned | None = None
 
     def on_train_begin(
         self,
@@ -111,11 +117,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
         if self.optimizer is not None and self._knobs not in self.optimizer._listeners:
             self.optimizer.add_listener(self._knobs)
         if self.optimizer is None:
-            raise selftune.ConfigError(
-                f"SelfTuneTrainerCallback found a {type(optimizer).__name__}, not a selftune "
-                "optimizer: call selftune.integrations.huggingface.wrap_trainer_optimizer(trainer) "
-                "before trainer.train()"
-            )
+            raise selftune.ConfigError(self._refusal(optimizer))
         self.optimizer._resume_how = RESUME  # (one given to the Trainer wrapped)
         if isinstance(self.optimizer, FedSelfTuned):
             # the losses of a step an interrupt cut short before its optimizer step: a resume
@@ -127,6 +129,28 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 "signals alone; wrap_trainer_optimizer(trainer) also feeds it the training loss",
                 stacklevel=2,
             )
+
+    def _refusal(self, optimizer: Any) -> str:
+        """Why training cannot start on ``optimizer``, which holds no selftune optimizer.
+
+        A ``create_optimizer`` override that builds an optimizer even when ``trainer.optimizer``
+        is set (``Trainer.create_optimizer`` builds one only when it is ``None``) replaced the
+        wrapper at ``train()``: the refusal said to call ``wrap_trainer_optimizer``, which the
+        script had done.
+        """
+        found = type(_nested(optimizer)[-1]).__name__ if optimizer is not None else "None"
+        if self._wrapped is None:
+            return (
+                f"SelfTuneTrainerCallback found a {found}, not a selftune optimizer: call "
+                "selftune.integrations.huggingface.wrap_trainer_optimizer(trainer) before "
+                "trainer.train()"
+            )
+        return (
+            f"the Trainer trains with a {found}, not the selftune optimizer that "
+            "wrap_trainer_optimizer gave it: something replaced that one since, such as a "
+            "create_optimizer override that builds an optimizer even when self.optimizer is set; "
+            "build one only when self.optimizer is None, as Trainer.create_optimizer does"
+        )
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -283,11 +307,11 @@ def wrap_trainer_optimizer(
         trainer.evaluate._selftune_average[0] = opt  # type: ignore[attr-defined]
     callbacks = trainer.callback_handler.callbacks
     ours = [cb for cb in callbacks if isinstance(cb, SelfTuneTrainerCallback)]
-    if ours:
-        ours[0].observe_eval = observe_eval
-    else:
+    if not ours:
         # First in line, so that the reporters called after it log the knobs it adds.
-        callbacks.insert(0, SelfTuneTrainerCallback(observe_eval))
+        ours = [SelfTuneTrainerCallback(observe_eval)]
+        callbacks.insert(0, ours[0])
+    ours[0].observe_eval, ours[0]._wrapped = observe_eval, opt
     return opt
 
 
