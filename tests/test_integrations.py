@@ -1641,6 +1641,24 @@ def test_a_tensorboard_folder_that_cannot_be_made_is_refused_when_built(tmp_path
     assert not (tmp_path / "new").exists()
 
 
+def test_a_tensorboard_folder_under_the_home_folder_is_written_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``"~/tb"`` was checked under the home folder and written to a folder named ``~`` in the
+    working directory, where ``selftune.wrap(log_dir="~/run")`` writes under the home folder."""
+    pytest.importorskip("tensorboard")
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    writer = TensorBoardWriter("~/tb")
+    _tuned(3, writer)
+    writer.close()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == []
+    assert list((tmp_path / "home" / "tb").glob("events.out.tfevents.*"))
+
+
 def test_mlflow_writer_ends_its_own_run_and_leaves_the_user_s(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

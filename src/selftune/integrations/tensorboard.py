@@ -53,7 +53,7 @@ def _check_folder(folder: Path) -> None:
     that step's update and record, and a mistyped path then failed a run whose folder already
     held its first step (a script run again was refused it).  Nothing is made here, and on no
     rank (which rank writes is known at the first step)."""
-    nearest = folder.expanduser()
+    nearest = folder
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
@@ -83,7 +83,10 @@ class TensorBoardWriter(FollowsOne):
     ) -> None:
         check_writer_options(every=every)
         if not isinstance(writer_or_logdir, SummaryWriter):
-            _check_folder(Path(writer_or_logdir))
+            # "~" expanded, as selftune.wrap's log_dir: SummaryWriter makes a folder named "~"
+            # under the working directory, beside the home folder checked here
+            writer_or_logdir = Path(writer_or_logdir).expanduser()
+            _check_folder(writer_or_logdir)
         #: the writer in use: None before the first event, and on ranks other than 0
         self.writer: SummaryWriter | None = None
         self._target, self._resolved, self._owned = writer_or_logdir, False, False
