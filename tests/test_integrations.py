@@ -1145,6 +1145,31 @@ def test_huggingface_evaluations_named_otherwise_are_neither_observed_nor_pollut
     assert [r for r in trainer.state.log_history if "loss" in r and "selftune/group0/lr" in r]
 
 
+def test_huggingface_callback_given_observe_eval_false_keeps_it_through_the_wrap(
+    tmp_path: Path,
+) -> None:
+    """A ``Trainer`` given ``SelfTuneTrainerCallback(observe_eval=False)``, then wrapped for
+    its loss: the wrap's default turned the callback's choice back to True, and each
+    evaluation's loss went to the optimizer."""
+    transformers = pytest.importorskip("transformers")
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback, wrap_trainer_optimizer
+
+    made = _hf_evaluating_trainer(tmp_path)
+    trainer = transformers.Trainer(
+        model=made.model,
+        args=made.args,
+        train_dataset=made.train_dataset,
+        eval_dataset=made.eval_dataset,
+        callbacks=[SelfTuneTrainerCallback(observe_eval=False)],
+    )
+    wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
+    trainer.train()
+    assert [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert not [row for row in _trace(tmp_path / "run") if "metric" in row]
+    with pytest.raises(selftune.ConfigError, match="observe_eval='yes': give True"):
+        wrap_trainer_optimizer(trainer, observe_eval="yes")
+
+
 def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> None:
     from selftune.integrations.huggingface import wrap_trainer_optimizer
 

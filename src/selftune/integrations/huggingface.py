@@ -248,14 +248,15 @@ def wrap_trainer_optimizer(
     controller: str | selftune.Controller | None = None,
     log_dir: str | Path | None = None,
     *,
-    observe_eval: bool = True,
+    observe_eval: bool | None = None,
     **wrap_kwargs: Any,
 ) -> SelfTuned:
     """Wrap ``trainer``'s optimizer with selftune and feed it the loss; call before ``train()``.
 
     ``controller`` (default ``"auto"``), ``log_dir`` and any other keyword go to
     :func:`selftune.wrap`; ``observe_eval``: give the optimizer each evaluation's metric (see
-    the module docstring).  An optimizer passed to the ``Trainer`` is wrapped as it is;
+    the module docstring; default: yes, or what a ``SelfTuneTrainerCallback`` the ``Trainer``
+    was given says).  An optimizer passed to the ``Trainer`` is wrapped as it is;
     otherwise the one the ``TrainingArguments`` describe is built first.  One that is already a
     selftune optimizer is only fed, and :func:`selftune.wrap`'s settings given here are
     refused: they would be ignored, and a ``log_dir`` given for a run that writes none is a
@@ -263,7 +264,8 @@ def wrap_trainer_optimizer(
     force.  A ``Trainer(model_init=...)`` is refused before anything is built: its ``train()``
     builds a new model and a new optimizer, so the one wrapped here would never step.
     """
-    check_flags(OBSERVE_EVAL, {"observe_eval": observe_eval})
+    if observe_eval is not None:
+        check_flags(OBSERVE_EVAL, {"observe_eval": observe_eval})
     if getattr(trainer, "model_init", None) is not None:
         # Refused here, not at train(): there the Trainer had already dropped the wrapper for
         # a plain optimizer of its new model, the callback could only say it found no selftune
@@ -309,9 +311,11 @@ def wrap_trainer_optimizer(
     ours = [cb for cb in callbacks if isinstance(cb, SelfTuneTrainerCallback)]
     if not ours:
         # First in line, so that the reporters called after it log the knobs it adds.
-        ours = [SelfTuneTrainerCallback(observe_eval)]
+        ours = [SelfTuneTrainerCallback()]
         callbacks.insert(0, ours[0])
-    ours[0].observe_eval, ours[0]._wrapped = observe_eval, opt
+    if observe_eval is not None:  # else the callback's own: one given observe_eval=False keeps it
+        ours[0].observe_eval = observe_eval
+    ours[0]._wrapped = opt
     return opt
 
 
