@@ -12,7 +12,8 @@ steps, and ``selftune/metric`` at each step that read a metric given to ``observ
 guard events, at each step that had one.  The decisions themselves, with their reasons and
 signals, go to the artifacts ``selftune/decisions/00000.jsonl``, ``00001.jsonl``, ... of
 :data:`PART_ROWS` rows each (concatenated in name order: the run folder's rows, in the MLflow
-run), and the latest one to the tag ``selftune.last_decision``.
+run), the latest decision to the tag ``selftune.last_decision`` and the latest guard event to
+``selftune.last_guard_event``.
 
 The writer logs by run id through an ``MlflowClient`` and never touches MLflow's stack of
 active runs: a run it starts is not made active, so ``mlflow.start_run()`` beside it starts
