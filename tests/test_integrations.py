@@ -1051,6 +1051,30 @@ def test_huggingface_optimizer_replaced_by_create_optimizer_is_named_as_the_caus
         alone.train()
 
 
+def test_huggingface_trainer_that_trained_before_is_wrapped_at_its_own_optimizer(
+    tmp_path: Path,
+) -> None:
+    """A ``Trainer`` that trained once holds its optimizer inside accelerate's wrapper: the
+    wrap took that one, its checkpoints named ``AcceleratedOptimizer``, and a resume, which
+    wraps the Trainer's own ``AdamW``, was refused them; wrapped again after its selftune
+    training, it was told to call ``wrap_trainer_optimizer`` before ``train()``."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 4, save_strategy="steps", save_steps=2)
+    trainer.train()  # without selftune
+    opt = wrap_trainer_optimizer(trainer, "off", log_dir=tmp_path / "run")
+    assert type(opt.optimizer) is torch.optim.AdamW
+    trainer.train()  # with it, saving over the first train()'s checkpoints
+    assert opt.step_count == 4
+    with pytest.raises(selftune.ConfigError, match="log_dir given to wrap_trainer_optimizer"):
+        wrap_trainer_optimizer(trainer, log_dir=tmp_path / "other")
+    assert wrap_trainer_optimizer(trainer) is opt  # fed again, for another train()
+    resumed = _hf_trainer(tmp_path / "out", 4, save_strategy="no")
+    again = wrap_trainer_optimizer(resumed, "off")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert again.step_count == 4
+
+
 def test_huggingface_logs_the_rate_of_the_step_beside_the_trainer_s(tmp_path: Path) -> None:
     """The Trainer logs after its scheduler stepped: ``hyperparams()`` then gives the next
     step's rate, logged beside the Trainer's own ``learning_rate`` of the step."""

@@ -54,6 +54,7 @@ from selftune.integrations.events import StepKnobs
 from selftune.tuner import SelfTuned
 
 with needs("huggingface"):
+    from accelerate.optimizer import AcceleratedOptimizer
     from transformers import (
         Trainer,
         TrainerCallback,
@@ -276,10 +277,12 @@ def wrap_trainer_optimizer(
             "build the model and pass Trainer(model=...) instead (hyperparameter_search, which "
             "needs model_init, is not supported)"
         )
-    if find_selftuned(trainer.optimizer) is not None and not isinstance(
-        trainer.optimizer, SelfTuned
-    ):
-        raise selftune.ConfigError("call wrap_trainer_optimizer(trainer) before trainer.train()")
+    # A train() left the optimizer inside accelerate's wrapper, which the next train() prepares
+    # again.  Wrapped, it named accelerate's class in the checkpoints, and a resume, which wraps
+    # the Trainer's own optimizer, was refused them; a selftune one in it was refused, told to
+    # call wrap_trainer_optimizer before train(), which had been done.
+    while isinstance(trainer.optimizer, AcceleratedOptimizer):
+        trainer.optimizer = trainer.optimizer.optimizer
     if trainer.optimizer is None:
         trainer.create_optimizer()
     if trainer.optimizer is None:
