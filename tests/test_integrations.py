@@ -1498,14 +1498,17 @@ def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> N
         assert d.reason in written
 
 
+@pytest.mark.parametrize("optimizers", [1, 2])
 def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
-    tmp_path: Path,
+    tmp_path: Path, optimizers: int
 ) -> None:
     """A state loaded back to step 10 in the same process, then a checkpoint of step 20
     resumed by a new optimizer and writer over the same folders: TensorBoard drew steps 11-20
     twice and went back in step, where the run folder's log and trace cut what was redone.
     The owned writer now purges from where the steps are redone, and each step reads as the
-    trace holds it."""
+    trace holds it.  Two optimizers' writers over one folder, each with its prefix, each
+    purged at the resume's first step, and the second's purge hid the first's points since:
+    the first's resumed steps were not drawn."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1513,49 +1516,64 @@ def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
     from selftune.report import iter_trace
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
+    models = [torch.nn.Linear(4, 1) for _ in range(optimizers)]
     x, y = torch.randn(64, 4), torch.randn(64, 1)
-    initial = deepcopy(model.state_dict())
+    initial = deepcopy([model.state_dict() for model in models])
 
-    def build() -> tuple[selftune.SelfTuned, TensorBoardWriter]:
-        model.load_state_dict(initial)  # as a new process builds it, before the checkpoint
-        sgd = torch.optim.SGD(model.parameters(), lr=0.01)
-        opt = selftune.wrap(sgd, "hypergradient", log_dir=tmp_path / "run")
-        writer = TensorBoardWriter(tmp_path / "tb")
-        opt.add_listener(writer)
-        return opt, writer
+    def build() -> list[tuple[selftune.SelfTuned, TensorBoardWriter]]:
+        built = []
+        for k, model in enumerate(models):
+            model.load_state_dict(initial[k])  # as a new process builds it, before the checkpoint
+            sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+            opt = selftune.wrap(sgd, "hypergradient", log_dir=tmp_path / f"run{k}")
+            writer = TensorBoardWriter(tmp_path / "tb", prefix=f"selftune/opt{k}")
+            opt.add_listener(writer)
+            built.append((opt, writer))
+        return built
 
-    def steps(opt: selftune.SelfTuned, n: int) -> None:
+    def steps(built: list[tuple[selftune.SelfTuned, TensorBoardWriter]], n: int) -> None:
         for _ in range(n):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss=loss.detach())
+            for model, (opt, _) in zip(models, built, strict=True):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step(loss=loss.detach())
 
-    opt, writer = build()
-    steps(opt, 10)
-    kept = deepcopy((model.state_dict(), opt.state_dict()))
-    steps(opt, 10)
-    model.load_state_dict(kept[0])
-    opt.load_state_dict(kept[1])
-    steps(opt, 10)
-    kept = deepcopy((model.state_dict(), opt.state_dict()))
-    steps(opt, 5)
-    writer.close()
-    opt.close()
-    opt, writer = build()  # a new process, from the checkpoint of step 20
-    model.load_state_dict(kept[0])
-    opt.load_state_dict(kept[1])
-    steps(opt, 10)
-    writer.close()
-    opt.close()
-    trace = list(iter_trace(tmp_path / "run"))
-    assert [r["step"] for r in trace] == list(range(1, 31))
+    def save(built: list[tuple[selftune.SelfTuned, TensorBoardWriter]]) -> Any:
+        pairs = zip(models, built, strict=True)
+        return deepcopy([(model.state_dict(), opt.state_dict()) for model, (opt, _) in pairs])
+
+    def load(built: list[tuple[selftune.SelfTuned, TensorBoardWriter]], kept: Any) -> None:
+        for model, (opt, _), (weights, state) in zip(models, built, kept, strict=True):
+            model.load_state_dict(weights)
+            opt.load_state_dict(state)
+
+    def close(built: list[tuple[selftune.SelfTuned, TensorBoardWriter]]) -> None:
+        for opt, writer in built:
+            writer.close()
+            opt.close()
+
+    built = build()
+    steps(built, 10)
+    kept = save(built)
+    steps(built, 10)
+    load(built, kept)
+    steps(built, 10)
+    kept = save(built)
+    steps(built, 5)
+    close(built)
+    built = build()  # a new process, from the checkpoint of step 20
+    load(built, kept)
+    steps(built, 10)
+    close(built)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    drawn = [(s.step, s.value) for s in acc.Scalars("selftune/group0/lr")]
-    assert drawn == [(r["step"], pytest.approx(r["hp"][0]["lr"])) for r in trace]
-    assert len({r["hp"][0]["lr"] for r in trace}) > 10  # the rate moved: the values tell
+    for k in range(optimizers):
+        trace = list(iter_trace(tmp_path / f"run{k}"))
+        assert [r["step"] for r in trace] == list(range(1, 31))
+        drawn = [(s.step, s.value) for s in acc.Scalars(f"selftune/opt{k}/group0/lr")]
+        assert drawn == [(r["step"], pytest.approx(r["hp"][0]["lr"])) for r in trace]
+        assert len({r["hp"][0]["lr"] for r in trace}) > 10  # the rate moved: the values tell
 
 
 def test_a_tensorboard_writer_follows_one_optimizer_and_refuses_a_second(tmp_path: Path) -> None:

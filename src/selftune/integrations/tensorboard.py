@@ -14,7 +14,11 @@ made at a step past the first (a run resumed from a checkpoint into the same fol
 the folder's points from that step on, and a step that goes back (a state loaded into the same
 optimizer) purges from there, so TensorBoard draws each step once, the run's own.  A writer
 shared with the rest of the training is left as given: its owner purges its points on a resume
-(``SummaryWriter(purge_step=...)``), since a purge hides every tag of the folder.
+(``SummaryWriter(purge_step=...)``), since a purge hides every tag of the folder.  For that
+reason the writers of a process that own one folder (several optimizers', each with its
+``prefix``) share one ``SummaryWriter``, and one purges only where no purge since its last point
+hid the steps it redoes: each purging at a resume's first step, the second hid the first's
+points since, and that optimizer's resumed steps were not drawn.
 
 A writer follows one optimizer, as it reads a step that goes back as a rewind of that one:
 added to a second (another optimizer of the model, or a new run after the first closed) it
@@ -65,11 +69,37 @@ def _check_folder(folder: Path) -> None:
         raise ConfigError(f"TensorBoardWriter({str(folder)!r}): {nearest} is not writable")
 
 
+class _Folder:
+    """The ``SummaryWriter`` of a folder, shared by the writers of this process that own it,
+    and the steps purged from in it, in order (see the module docstring)."""
+
+    def __init__(self, path: Path, purge: int | None) -> None:
+        self.path, self.writer = path, SummaryWriter(str(path), purge_step=purge)
+        self.purges: list[int] = [] if purge is None else [purge]
+        self.users = 0
+
+    def purge(self, step: int, seen: int) -> None:
+        """Hide the folder's points from ``step`` on, unless a purge after the first ``seen``
+        (those before a writer's last point) already hid that writer's points there."""
+        if min(self.purges[seen:], default=step + 1) <= step:
+            return
+        # (the file writer as add_scalar gets it: made again after close)
+        start = SessionLog(status=SessionLog.START)
+        event = Event(wall_time=time.time(), step=step, session_log=start)
+        self.writer._get_file_writer().add_event(event)
+        self.purges.append(step)
+
+
+#: the folders the writers of this process own, by their absolute path
+_FOLDERS: dict[Path, _Folder] = {}
+
+
 class TensorBoardWriter(FollowsOne):
     """A listener that writes every step's knobs and loss, and every decision, to TensorBoard.
 
     ``writer_or_logdir``: a ``SummaryWriter`` (shared with the rest of the training's scalars)
-    or a folder for a new one, which this writer then owns and closes in :meth:`close`.
+    or a folder for a new one, which this writer then owns, with the other writers of this
+    process over that folder, and closes in :meth:`close` (the last of them to close does).
     ``every``: write the knobs and the loss every this many steps (each decision's text, the
     guard's events and the metric at the steps that have them).
     """
@@ -89,7 +119,10 @@ class TensorBoardWriter(FollowsOne):
             _check_folder(writer_or_logdir)
         #: the writer in use: None before the first event, and on ranks other than 0
         self.writer: SummaryWriter | None = None
-        self._target, self._resolved, self._owned = writer_or_logdir, False, False
+        self._target, self._resolved = writer_or_logdir, False
+        self._folder: _Folder | None = None  # the folder's, if this writer owns one
+        self._seen = 0  # the folder's purges made before this writer's last point
+        self._released = False  # by close: the folder's writer is closed with its last user
         self.prefix, self.every = prefix, every
         self._last = 0  # the last step written
 
@@ -107,9 +140,13 @@ class TensorBoardWriter(FollowsOne):
             if is_rank_zero() and isinstance(self._target, SummaryWriter):
                 self.writer = self._target
             elif is_rank_zero():  # a resume's first step purges the steps the run redoes
-                purge = step if step > 1 else None
-                self.writer = SummaryWriter(str(self._target), purge_step=purge)
-                self._owned = True
+                assert isinstance(self._target, Path)
+                key = self._target.resolve()
+                if key not in _FOLDERS:
+                    _FOLDERS[key] = _Folder(key, step if step > 1 else None)
+                self._folder = _FOLDERS[key]
+                self._folder.users += 1
+                self.writer = self._folder.writer
             self._resolved = True
         return self.writer
 
@@ -117,10 +154,9 @@ class TensorBoardWriter(FollowsOne):
         w, step = self._resolve(event.step), event.step
         if w is None:
             return
-        if self._owned and step <= self._last:  # a rewind: its steps are redone from here
-            # (the file writer as add_scalar gets it: made again after close)
-            start, events = SessionLog(status=SessionLog.START), w._get_file_writer()
-            events.add_event(Event(wall_time=time.time(), step=step, session_log=start))
+        redone = step <= self._last or (self._last == 0 and step > 1)  # a rewind, a resume
+        if self._folder is not None and redone:
+            self._folder.purge(step, self._seen)
         self._last = step
         # every ``every`` steps only: ``auto`` decides at most steps, and a condition on
         # decisions wrote every step whatever ``every`` was
@@ -138,15 +174,22 @@ class TensorBoardWriter(FollowsOne):
             )
         if event.guard is not None:
             w.add_text(f"{self.prefix}/guard", describe_guard(step, event.guard), step)
+        if self._folder is not None:
+            self._seen = len(self._folder.purges)
 
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush; close the ``SummaryWriter`` too if this writer made it."""
+        """Flush; close the ``SummaryWriter`` too if this writer made it (with the last writer
+        of this process that owns its folder)."""
         if self.writer is None:
             return
         self.writer.flush()
-        if self._owned:
-            self.writer.close()
+        if self._folder is not None and not self._released:
+            self._released, self._folder.users = True, self._folder.users - 1
+            if self._folder.users == 0:
+                self.writer.close()
+                if _FOLDERS.get(self._folder.path) is self._folder:
+                    del _FOLDERS[self._folder.path]
