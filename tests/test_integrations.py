@@ -1194,6 +1194,36 @@ def test_huggingface_callback_given_observe_eval_false_keeps_it_through_the_wrap
         wrap_trainer_optimizer(trainer, observe_eval="yes")
 
 
+def test_huggingface_callback_given_to_the_trainer_gives_its_knobs_to_the_reporters(
+    tmp_path: Path,
+) -> None:
+    """A ``SelfTuneTrainerCallback`` given to the ``Trainer`` comes after the reporters of
+    ``report_to``: the knobs it added reached ``log_history`` but not TensorBoard."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.huggingface import SelfTuneTrainerCallback, wrap_trainer_optimizer
+
+    made = _hf_trainer(tmp_path / "out", 10, save_strategy="no")
+    made.args.report_to = ["tensorboard"]  # its SummaryWriter writes under output_dir/runs
+    trainer = transformers.Trainer(
+        model=made.model,
+        args=made.args,
+        train_dataset=made.train_dataset,
+        callbacks=[SelfTuneTrainerCallback()],
+    )
+    wrap_trainer_optimizer(trainer, "off")
+    trainer.train()
+    (events,) = (tmp_path / "out").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    drawn = [(s.step, s.value) for s in acc.Scalars("train/selftune/group0/lr")]
+    logged = [r for r in trainer.state.log_history if "selftune/group0/lr" in r]
+    assert drawn == [(r["step"], pytest.approx(r["selftune/group0/lr"])) for r in logged]
+    assert [step for step, _ in drawn] == [5, 10]
+
+
 def test_huggingface_trainer_evaluates_at_the_weight_average(tmp_path: Path) -> None:
     from selftune.integrations.huggingface import wrap_trainer_optimizer
 

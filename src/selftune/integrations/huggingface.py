@@ -34,7 +34,9 @@ The guard's in-memory snapshots are not saved: after resuming, a rollback can on
 snapshot taken since (trouble before the first is skipped, with the rate cut), and the first
 guard record after the resume says where they started again, for a replay.  An optimizer
 passed as ``Trainer(optimizers=(selftune.wrap(opt), None))`` works with the callback too, but
-steps on gradient signals alone: no loss reaches it.
+steps on gradient signals alone: no loss reaches it.  And a callback given to the ``Trainer``
+comes after the reporters of ``report_to``, which then log no knobs:
+``wrap_trainer_optimizer(trainer)`` feeds that optimizer and puts the callback first.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class SelfTuneTrainerCallback(TrainerCallback):
         else:
             warnings.warn(
                 "the Trainer steps its selftune optimizer without a loss, so it tunes on gradient "
-                "signals alone; wrap_trainer_optimizer(trainer) also feeds it the training loss",
+                "signals alone; wrap_trainer_optimizer(trainer) also feeds it the training loss "
+                "(and puts this callback before the reporters, which log the knobs it adds)",
                 stacklevel=2,
             )
 
@@ -312,13 +315,15 @@ def wrap_trainer_optimizer(
         trainer.evaluate._selftune_average[0] = opt  # type: ignore[attr-defined]
     callbacks = trainer.callback_handler.callbacks
     ours = [cb for cb in callbacks if isinstance(cb, SelfTuneTrainerCallback)]
-    if not ours:
-        # First in line, so that the reporters called after it log the knobs it adds.
-        ours = [SelfTuneTrainerCallback()]
-        callbacks.insert(0, ours[0])
+    callback = ours[0] if ours else SelfTuneTrainerCallback()
+    if ours:
+        callbacks.remove(callback)
+    # First in line, so that the reporters called after it log the knobs it adds: one given to
+    # the Trainer came after those of report_to, and TensorBoard or MLflow got none.
+    callbacks.insert(0, callback)
     if observe_eval is not None:  # else the callback's own: one given observe_eval=False keeps it
-        ours[0].observe_eval = observe_eval
-    ours[0]._wrapped = opt
+        callback.observe_eval = observe_eval
+    callback._wrapped = opt
     return opt
 
 
