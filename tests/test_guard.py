@@ -1426,6 +1426,44 @@ def test_a_buffer_that_grew_since_the_snapshot_is_left_as_it_is(tmp_path: Path) 
     assert all(b.isfinite().all() for b in net.norm.buffers())  # the rest were put back
 
 
+@pytest.mark.parametrize("change", ["dtype", "came"])
+def test_a_buffer_of_another_dtype_or_one_that_came_since_is_left_as_it_is(
+    tmp_path: Path, change: str
+) -> None:
+    """The other two of what no snapshot fits: a buffer converted to another dtype since the
+    snapshot (copied back, it would take the snapshot's values, cast), and one registered
+    since (the snapshot has none to put back).  Each is left as the run holds it, said once;
+    BatchNorm's statistics are put back."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    net.register_buffer("cache", torch.zeros(3))
+    opt = selftune.wrap(
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), "off", log_dir=tmp_path,
+        model=net,
+    )  # fmt: skip
+    name = "cache" if change == "dtype" else "extra"
+    told = rf"buffers {name} changed shape or dtype, or came"
+    with pytest.warns(UserWarning, match=told) as said:
+        for t in range(1, 45):
+            if t == 30:  # after the snapshot of step 25
+                if change == "dtype":
+                    net.cache = torch.full((3,), 7.0, dtype=torch.float64)
+                else:
+                    net.register_buffer("extra", torch.full((3,), 7.0))
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(t))
+            if t in (35, 40):
+                x[0, 0] = math.inf  # NaN in the running statistics, and the loss
+            loss = torch.nn.functional.mse_loss(net(x), x[:, :1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+    assert len([w for w in said if f"buffers {name}" in str(w.message)]) == 1
+    assert [r["step"] for r in guard_records(tmp_path)] == [35, 40]
+    kept = net.get_buffer(name)
+    assert torch.equal(kept, torch.full((3,), 7.0, dtype=kept.dtype)), kept
+    assert all(b.isfinite().all() for b in net[0].buffers())  # the rest were put back
+
+
 def test_a_replay_of_a_run_resumed_with_its_model_says_so(tmp_path: Path) -> None:
     """A run begun without ``model=`` and resumed with it (a Lightning or Trainer run begun
     before the integrations passed the model): the manifest keeps the first settings, which the
