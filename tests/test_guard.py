@@ -752,7 +752,9 @@ def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     """Gradual unfreezing (``add_param_group``) raises the gradient norm for good; the guard
     called every step after it a spike and rolled back to the snapshot taken with the new
     group, until the run stopped (6 of these 8 runs).  The restored weights show the spike
-    too, and the guard learns the new level: a ``relevel`` event."""
+    too, and the guard learns the new level: a ``relevel`` event, which the listeners (the
+    TensorBoard and MLflow writers) hear as they hear every guard event the log holds (they
+    heard none of it: it was logged as the guard judged the step, and never reached them)."""
     relevels = 0
     for seed in range(4):
         x, y = _classes(seed)
@@ -770,6 +772,8 @@ def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
             else torch.optim.AdamW(net[4].parameters(), lr=1e-3)
         )
         opt = selftune.wrap(inner, log_dir=tmp_path / str(seed))
+        heard: list[tuple[int, str]] = []
+        opt.add_listener(lambda e, h=heard: h.append((e.step, e.guard["event"])) if e.guard else 0)
         for step in range(120):
             if step == 50:
                 net[2].requires_grad_(True)
@@ -782,6 +786,7 @@ def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
         assert opt.step_count == 120 and math.isfinite(float(loss.detach()))
         events = [(r["step"], r["event"]) for r in guard_records(tmp_path / str(seed))]
         assert not events or events[:2] == [(51, "rollback"), (52, "relevel")], events
+        assert heard == events
         relevels += len(events) > 0
     assert relevels >= 3  # the spike came in most runs: the test keeps its power
 

@@ -239,6 +239,9 @@ class SelfTuned(torch.optim.Optimizer):
         self._outside: list[set[str]] = [set() for _ in self.param_groups]
         #: notes for the log's next step (a knob found set outside selftune)
         self._notes: list[dict[str, Any]] = []
+        #: the guard's relevel of this step, logged when it was made: the listeners' guard event
+        #: where the step has no other
+        self._relevel: dict[str, Any] | None = None
         #: a state dict was loaded mid-run: its next step sees whether snapshots came with it
         self._loaded = False
         #: the step where the guard's snapshots started again after a state dict loaded without
@@ -1405,17 +1408,16 @@ class SelfTuned(torch.optim.Optimizer):
         """Log the trouble the guard answered this step by learning a new level (a new task,
         a layer unfrozen): a guard record, though nothing was rolled back."""
         relevel = None if self.guard is None else self.guard.relevelled
-        if relevel is not None and self._log is not None:
-            self._log.append(
-                {
-                    "kind": "guard",
-                    "step": t,
-                    "event": "relevel",
-                    "signal": relevel.signal,
-                    "value": relevel.value,
-                    "reason": relevel.reason,
-                }
-            )
+        self._relevel = None
+        if relevel is not None:
+            self._relevel = {
+                "event": "relevel",
+                "signal": relevel.signal,
+                "value": relevel.value,
+                "reason": relevel.reason,
+            }
+            if self._log is not None:
+                self._log.append({"kind": "guard", "step": t, **self._relevel})
 
     def _find_outside(self, t: int, current: Knobs) -> None:
         """Hand a knob other than the rate to whoever changed it since the last step.
@@ -2032,6 +2034,7 @@ class SelfTuned(torch.optim.Optimizer):
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
         notes, self._notes = self._notes, []
+        relevel, self._relevel = self._relevel, None
         since = None
         if guard is not None:  # the first guard event since the snapshots started again
             since, self._snapshots_since = self._snapshots_since, None
@@ -2077,7 +2080,9 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace_bytes += len(line)
         self._recorded = t
         if self._listeners:
-            event = StepEvent(t, signals.loss, hp, decisions, guard, signals)
+            # a relevel is logged as the guard judges the step; its listeners hear of it here
+            heard = guard if guard is not None else relevel
+            event = StepEvent(t, signals.loss, hp, decisions, heard, signals)
             for fn in self._listeners:
                 fn(event)
 
