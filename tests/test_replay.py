@@ -440,6 +440,8 @@ def test_refuses_an_optimizer_built_with_other_settings(run_dir: Path) -> None:
     other = torch.optim.AdamW(params, lr=LR["adamw"], weight_decay=0.5)
     with pytest.raises(selftune.SelfTuneError, match=r"group 0 .*weight_decay 0.01 -> 0.5"):
         selftune.replay(other, run_dir)
+    with pytest.raises(selftune.SelfTuneError, match=r"group 0 .*eps 1e-08 -> 1e-06"):
+        selftune.replay(torch.optim.AdamW(params, lr=LR["adamw"], eps=1e-6), run_dir)
     with pytest.raises(selftune.SelfTuneError, match=r"started with"):
         selftune.replay(torch.optim.AdamW(params, lr=1.0), run_dir)
     other.param_groups[0]["weight_decay"] = 0.01
