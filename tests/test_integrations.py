@@ -584,7 +584,7 @@ def test_lightning_closes_the_listeners_of_a_fit_that_raised(
     with pytest.raises(RuntimeError, match="the data broke"):
         trainer.fit(Fails(), _loader())
     assert writer.run_id is not None and writer.count > 0
-    assert client.get_run(writer.run_id).info.status == "FINISHED"
+    assert client.get_run(writer.run_id).info.status == "FAILED"  # as MLflow's with block's
     (part,) = client.list_artifacts(writer.run_id, "selftune/decisions")
     local = client.download_artifacts(writer.run_id, part.path, str(tmp_path))
     assert len(Path(local).read_text().splitlines()) == writer.count
@@ -1915,12 +1915,14 @@ def test_mlflow_writer_whose_first_step_failed_keeps_the_run_it_made(
     assert [m.value for m in given.get_metric_history(writer.run_id, "selftune/loss")] == [0.5]
 
 
+@pytest.mark.parametrize(("last_line", "status"), [("", "FINISHED"), ("1 / 0\n", "FAILED")])
 def test_mlflow_writer_never_closed_ends_its_run_at_exit_with_its_decisions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, last_line: str, status: str
 ) -> None:
     """MLflow ends the runs ``mlflow.start_run`` left active when the interpreter exits; the
     writer's run, never active now, is ended then by the writer's ``close``, which uploads the
-    decisions too (fewer than ``flush_every``: none were uploaded before)."""
+    decisions too (fewer than ``flush_every``: none were uploaded before), FAILED where an
+    error ended the script (it showed FINISHED)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
@@ -1938,14 +1940,15 @@ def test_mlflow_writer_never_closed_ends_its_run_at_exit_with_its_decisions(
         "    opt.zero_grad()\n"
         "    loss.backward()\n"
         "    opt.step(loss=loss.detach())\n"
-        "print(writer.run_id, writer.count)\n"
+        "print(writer.run_id, writer.count, flush=True)\n" + last_line
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == (1 if last_line else 0), done.stderr
+    assert done.stderr.count("Traceback") == (1 if last_line else 0), done.stderr
     run_id, count = done.stdout.split()
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).info.status == status
     assert 0 < len(_artifact_rows(client, run_id, tmp_path)) == int(count) < 50
 
 

@@ -38,6 +38,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,7 +173,8 @@ class MLflowWriter(FollowsOne):
                     tags = resolve_tags()  # as start_run's: source, user, git commit
                     run = self.client.create_run(_experiment_id(), tags=tags)
                     self._owned = True
-                    atexit.register(self.close)  # as MLflow ends the runs start_run left active
+                    # as MLflow ends the runs start_run left active
+                    atexit.register(self._close_at_exit)
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self._continue_parts()
             self.active = active
@@ -256,10 +258,25 @@ class MLflowWriter(FollowsOne):
 
     def close(self) -> None:
         """Flush the decisions; end the run if this writer started it (a run of the user's,
-        active or not, is theirs to end, and MLflow's stack of active runs is left as is)."""
+        active or not, is theirs to end, and MLflow's stack of active runs is left as is).
+
+        Closed while an exception is handled (Lightning's ``on_exception``, a ``with`` block
+        an error leaves), the run ends FAILED (KILLED for Ctrl-C), as a ``with
+        mlflow.start_run()`` block ends its run: a run that crashed showed FINISHED."""
+        self._end(sys.exc_info()[0])
+
+    def _close_at_exit(self) -> None:
+        """:meth:`close` as the interpreter exits, FAILED where an exception nobody handled
+        ended the script (Python keeps its type as ``sys.last_type`` then)."""
+        self._end(getattr(sys, "last_type", None))
+
+    def _end(self, raised: type[BaseException] | None) -> None:
         self.flush()
         if self._owned:
             assert self.client is not None and self.run_id is not None
-            self.client.set_terminated(self.run_id)
+            status = "FINISHED"
+            if raised is not None:
+                status = "KILLED" if issubclass(raised, KeyboardInterrupt) else "FAILED"
+            self.client.set_terminated(self.run_id, status=status)
             self._owned = False
-            atexit.unregister(self.close)
+            atexit.unregister(self._close_at_exit)
