@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 from browser import (
     IMAGES_JS,
     FakeRun,
@@ -25,6 +26,7 @@ from browser import (
 )
 from faults import make_unsearchable
 
+import selftune
 from selftune import cli
 from selftune.report import (
     MOST_POINTS,
@@ -578,6 +580,32 @@ def test_a_run_without_losses_or_steps_still_gets_a_page(tmp_path: Path) -> None
     page = Page(write_report(run.folder).read_text())
     assert len(page.images) == 2
     assert sorted(p.name for p in (run.folder / "plots").iterdir()) == ["lr.png", "momentum.png"]
+
+
+def card(text: str, label: str) -> str:
+    """The value a card at the page's top shows under ``label``."""
+    found = re.search(rf"<b>([^<]*)</b><span>{re.escape(label)}</span>", text)
+    assert found is not None, label
+    return found.group(1)
+
+
+def test_the_groups_card_counts_a_group_added_mid_run(tmp_path: Path, one_thread: None) -> None:
+    """A run that added a param group (gradual unfreezing) was said to have the manifest's
+    one group, above plots and a table of two."""
+    body, head = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt = selftune.wrap(torch.optim.SGD(body.parameters(), lr=0.1), log_dir=tmp_path / "run")
+    for step in range(6):
+        if step == 3:
+            opt.add_param_group({"params": head.parameters(), "lr": 0.01})
+        opt.zero_grad()
+        loss = (body(torch.ones(4, 3)) + head(torch.ones(4, 3))).pow(2).mean()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    text = write_report(tmp_path / "run").read_text()
+    assert len(records(tmp_path / "run", "group")) == 1
+    assert card(text, "param groups") == "2"
+    assert "group added" in text
 
 
 @pytest.mark.parametrize("block", [7, 64, 1 << 16])

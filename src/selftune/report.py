@@ -305,6 +305,8 @@ class LogSummary:
         self.table = DecisionRows(joint, rows)
         #: a joint run's decisions that made the change of another group alike on their own
         self.followers = 0
+        #: the param groups added mid-run (``add_param_group``), which the manifest lacks
+        self.groups_added = 0
         self.first_step: int | None = None
         self.last_step: int | None = None
 
@@ -319,6 +321,8 @@ class LogSummary:
         elif record.get("kind") == "decision":
             self.decisions.add(record)
             self.followers += self.joint and follows(record) is not None
+        elif record.get("kind") == "group":
+            self.groups_added += 1
         self.table.add(record)
 
     @property
@@ -340,6 +344,12 @@ class Run:
     trace: Trace
     #: why the trace's rows end before its end (a damaged or unreadable line), if they do
     trace_damage: str | None = None
+
+    @property
+    def groups(self) -> int:
+        """The param groups the run ended with: the manifest's, and those added mid-run (the
+        page said the manifest's alone, 1 beside the plots of 2 groups)."""
+        return len(self.manifest.get("param_groups") or []) + self.log.groups_added
 
     @property
     def last_step(self) -> int | None:
@@ -962,7 +972,7 @@ def _cards(run: Run) -> str:
         ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
         ("decisions", f"{run.log.changes:,}", ""),
         ("guard events", f"{guards:,}", " alert" if guards else ""),
-        ("param groups", str(len(run.manifest.get("param_groups") or [])), ""),
+        ("param groups", str(run.groups), ""),
     ]
     return (
         "<div class=cards>"
