@@ -371,6 +371,21 @@ def test_cli_refuses_a_folder_for_the_page(tmp_path: Path, capsys: pytest.Captur
     assert f"{tmp_path} is a folder: give the page's file, e.g." in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["report.txt", "report"])
+def test_cli_refuses_a_page_name_it_would_not_write_over_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    """``--out report.txt`` wrote the page, and the same command again refused it as a file
+    that "exists and is no selftune report": the page's name must say it is one."""
+    FakeRun(tmp_path / "run")
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / name)]) == 1
+    assert capsys.readouterr().err == (
+        f"selftune report: {tmp_path / name}: give the page a file name ending .html or .htm, "
+        "e.g. report.html\n"
+    )
+    assert not (tmp_path / name).exists() and not (tmp_path / "run" / "plots").exists()
+
+
 @pytest.mark.parametrize(
     "name", ["manifest.json", "decisions.jsonl", "checkpoint.pt", "index.html"]
 )

@@ -1079,7 +1079,8 @@ def _trace_cut(run: Run) -> str | None:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: int = 50) -> Path:
-    """Write ``RUN/report.html`` (or ``out``) and ``RUN/plots/*.png``; return the page's path.
+    """Write ``RUN/report.html`` (or ``out``, a name ending .html or .htm) and
+    ``RUN/plots/*.png``; return the page's path.
 
     PNGs that cannot be written (the run folder is read-only), and a damaged trace whose rows
     the page draws only up to the damage, are only warned about. Neither the page nor a plot is
@@ -1102,6 +1103,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, rows: in
         raise ValueError(
             f"{out} exists and is no selftune report: the page is not written over it; give "
             "a file of its own, e.g. report.html"
+        )
+    if out is not None and out.suffix.lower() not in HTML:
+        # a later report writes over a page only where its name says it is one: a page
+        # written to "report.txt" was refused as "no selftune report" by the next run
+        raise ValueError(
+            f"{out}: give the page a file name ending {' or '.join(HTML)}, e.g. "
+            f"{out.with_suffix('.html').name}"
         )
     run = read_run(run_dir, rows)
     page = Path(out) if out is not None else run.folder / "report.html"
