@@ -875,13 +875,21 @@ class DecisionRows:
         self._pending.append(row)
         self.decisions += decision
         self._waiting += decision
-        while self._waiting > self.rows:  # settle the rows up to a decision that is not last
+        self._settle(len(self._step))
+
+    def _settle(self, keep: int) -> None:
+        """Settle the rows up to a decision that is not among the last, but the last ``keep``
+        (the rows of the step being read, which a guard's restore may yet fold into): a row
+        left out counts the decisions folded into it, a rollback's restores on other groups
+        (a joint run's followers are counted apart), which the gaps' counts had left out."""
+        while self._waiting > self.rows and len(self._pending) > keep:
             settled = self._pending.popleft()
-            if settled[0].get("kind") == "decision":
+            record, alike = settled
+            if record.get("kind") == "decision":
                 self._waiting -= 1
                 self._passed += 1
                 if self._passed > self.rows:  # not among the first either
-                    self._skipped += 1
+                    self._skipped += 1 + (len(alike) if record.get("source") == "guard" else 0)
                     continue
             if self._skipped:
                 self._settled.append(self._skipped)
@@ -890,7 +898,9 @@ class DecisionRows:
 
     def shown(self) -> Iterator[tuple[dict[str, Any], list[int]] | int]:
         """The rows shown, in log order, each with the groups folded into it, and where
-        decisions were left out, their number."""
+        decisions were left out, their number (once the log is read: the rows of its last
+        step are settled here)."""
+        self._settle(0)
         yield from self._settled
         if self._skipped:
             yield self._skipped
