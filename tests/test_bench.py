@@ -971,6 +971,33 @@ def test_jobs_below_one_is_refused_by_the_option_before_planning(
 
 
 @pytest.mark.parametrize(
+    ("readme", "extra", "says"),
+    [
+        ("READNE.md", [], "READNE.md: no such file; give the README to update"),
+        ("", [], ": a folder; give the README to update"),
+        ("README.md", [], "README.md has no headline block to rewrite (the lines <!-- bench-"),
+        ("README.md", ["--no-report"], "--readme is rewritten with the report, which --no-rep"),
+    ],
+)
+def test_a_readme_that_cannot_take_the_headline_is_refused_before_the_suite_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], readme: str, extra: list[str], says: str
+) -> None:
+    """A misspelt --readme, or one without the block's markers, was refused only after the
+    suite had run and its page was written (hours into ``make bench``), and with --no-report
+    it was never written, without a word."""
+    from selftune.cli import main
+
+    out = tmp_path / "res"
+    (tmp_path / "README.md").write_text("# a README without the block\n", encoding="utf-8")
+    argv = ["bench", "--suite", "smoke", "--out", str(out), "--workloads", "digits-mlp"]
+    argv += ["--methods", "sgd-default", "--quiet", "--readme", str(tmp_path / readme), *extra]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("selftune bench: ") and says in captured.err, captured.err
+    assert not captured.out and not out.exists()
+
+
+@pytest.mark.parametrize(
     ("key", "value", "says"),
     [
         ("steps_budget", 60, "budgets 100 and 60"),
@@ -1047,7 +1074,7 @@ def test_the_readme_headline_table_is_the_one_the_committed_results_make(tmp_pat
     # and update_readme writes exactly that block, leaving the rest of the file alone
     copy = tmp_path / "README.md"
     copy.write_text(readme.replace(block, "\nstale\n"), encoding="utf-8")
-    assert report.update_readme(copy, root / "bench-results")
+    report.update_readme(copy, root / "bench-results")
     assert copy.read_text(encoding="utf-8") == readme
 
 

@@ -119,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
     for name, folder in (("--out", out), ("--report-dir", report_dir)):
         if folder.exists() and not folder.is_dir():
             return _fail(f"{name} {folder} is a file; give a folder")
+    if args.readme is not None:  # before the suite, which may take hours
+        if args.no_report:
+            return _fail(
+                "--readme is rewritten with the report, which --no-report leaves; pick one"
+            )
+        if (problem := report.readme_problem(args.readme)) is not None:
+            return _fail(problem)
     if not args.report_only:
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
         try:
@@ -163,11 +170,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = report.write_report(out, report_dir)
         if args.readme is not None:
-            if not report.update_readme(args.readme, out):
-                raise ValueError(
-                    f"--readme {args.readme} has no headline block to rewrite (the lines "
-                    f"{report.README_START} and {report.README_END}); add them where it goes"
-                )
+            report.update_readme(args.readme, out)
             print(f"headline table: {args.readme}")
     except ValueError as exc:
         return _fail(exc)

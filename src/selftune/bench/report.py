@@ -779,25 +779,40 @@ def headline_block(results_dir: Path) -> list[str]:
     return lines
 
 
-def update_readme(readme: Path, results_dir: Path) -> bool:
-    """Rewrite the headline block of ``readme`` from the results; False if it has no block.
+def readme_problem(readme: Path) -> str | None:
+    """Why ``readme`` cannot take the headline block, or None: asked before a suite runs, where
+    a misspelt ``--readme`` was refused only once the suite and its page were done (hours
+    into ``make bench``)."""
+    if not readme.is_file():
+        what = "a folder" if readme.is_dir() else "no such file"
+        return f"--readme {readme}: {what}; give the README to update"
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return (
+            f"--readme {readme} has no headline block to rewrite (the lines {README_START} and "
+            f"{README_END}); add them where it goes"
+        )
+    if text.index(README_START) > text.index(README_END):
+        return f"--readme {readme}: its bench-headline markers are in the wrong order"
+    return None
+
+
+def update_readme(readme: Path, results_dir: Path) -> None:
+    """Rewrite the headline block of ``readme`` from the results; ValueError saying why
+    (:func:`readme_problem`) where it cannot.
 
     So that the figures the README quotes are generated from the committed results, never typed.
     """
-    if not readme.is_file():
-        raise ValueError(f"--readme {readme}: no such file; give the README to update")
+    problem = readme_problem(readme)
+    if problem is not None:
+        raise ValueError(problem)
     text = readme.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
-        return False
-    if text.index(README_START) > text.index(README_END):
-        raise ValueError(f"--readme {readme}: its bench-headline markers are in the wrong order")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     block = "\n".join(["", *headline_block(results_dir), ""])
     # whole or not at all: the README is the user's, and a write cut by Ctrl-C or a full disk
     # would lose all of it past the cut
     write_whole(readme, f"{head}{README_START}{block}\n{README_END}{tail}".encode())
-    return True
 
 
 def write_report(results_dir: Path, report_dir: Path) -> Path:
