@@ -630,6 +630,28 @@ def card(text: str, label: str) -> str:
     return found.group(1)
 
 
+def test_the_final_loss_card_reads_the_moving_average_the_loss_plot_draws(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """The card read an average of span 10 whatever the run's length, beside the plot's line
+    of span 30 here (200 on a long run): two final losses on one page."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.05), "off", log_dir=tmp_path)
+    x = torch.randn(900, 8, 3)
+    for batch in x:
+        opt.zero_grad()
+        loss = (model(batch) - batch.sum(dim=1, keepdim=True)).pow(2).mean() + batch[0, 0] ** 2
+        loss.backward()
+        opt.step(loss=loss.detach())
+    opt.close()
+    text = write_report(tmp_path).read_text()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "trace.jsonl").open()]
+    assert len(losses) == 900
+    assert card(text, "final loss (EMA, span 30)") == f"{ema(losses, 30)[-1]:.4g}"
+    assert f"{ema(losses, 10)[-1]:.4g}" != f"{ema(losses, 30)[-1]:.4g}"
+
+
 def test_the_groups_card_counts_a_group_added_mid_run(tmp_path: Path, one_thread: None) -> None:
     """A run that added a param group (gradual unfreezing) was said to have the manifest's
     one group, above plots and a table of two."""

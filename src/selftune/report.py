@@ -410,6 +410,13 @@ def metric_series(run: Run) -> Series:
     return run.trace.metric
 
 
+def loss_span(finite: int) -> float:
+    """The span of the loss's moving average, from the number of its ``finite`` values: the
+    plot's line and the page's "final loss" card read the same average (the card's span of 10
+    stood beside a line of span 200 on a long run)."""
+    return min(max(finite / 30, 10), 200)
+
+
 def ema(values: Sequence[float], span: float) -> list[float]:
     """Bias-corrected exponential moving average that steps over NaN and infinities.
 
@@ -535,7 +542,7 @@ def _loss_plot(run: Run, guards: Sequence[dict[str, Any]]) -> Figure | None:
         return None
     fig = _figure(3.4)
     ax = fig.add_subplot()
-    span = min(max(len(finite) / 30, 10), 200)
+    span = loss_span(len(finite))
     ax.plot(
         *thinned(loss.steps, loss.values), color="#1f77b4", alpha=0.3, linewidth=0.8, label="loss"
     )
@@ -976,10 +983,13 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
 
 def _cards(run: Run) -> str:
     losses = [v for v in loss_series(run).values if math.isfinite(v)]
+    span = loss_span(len(losses))
     guards = len(run.log.guards)
     cards = [
         ("last step", "—" if run.last_step is None else f"{run.last_step:,}", ""),
-        ("final loss (EMA)", f"{ema(losses, 10)[-1]:.4g}" if losses else "—", ""),
+        (f"final loss (EMA, span {span:.0f})", f"{ema(losses, span)[-1]:.4g}", "")
+        if losses
+        else ("final loss (EMA)", "—", ""),
         ("decisions", f"{run.log.changes:,}", ""),
         ("guard events", f"{guards:,}", " alert" if guards else ""),
         ("param groups", str(run.groups), ""),
