@@ -712,6 +712,28 @@ def test_many_groups_get_a_colour_bar_not_a_legend_entry_each(
     fig.savefig(io.BytesIO(), format="png")  # it renders
 
 
+def test_a_knob_plot_without_decisions_has_no_legend_for_their_dots(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """Under ``off`` (and on the momentum plot of a run that tunes only the rate) the legend
+    named dots for decisions where none were drawn."""
+    from selftune.report import _knob_plot
+
+    model = torch.nn.Linear(3, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = selftune.wrap(inner, "off", log_dir=tmp_path)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).pow(2).mean().backward()
+        opt.step()
+    opt.close()
+    run = read_run(tmp_path)
+    for knob in ("lr", "momentum"):
+        fig = _knob_plot(run, knob_series(run), [knob], knob, False, [])
+        assert fig is not None
+        assert fig.axes[0].get_legend_handles_labels()[1] == ["group 0"]
+
+
 def test_a_long_curve_is_drawn_thinned_keeping_its_spikes_dips_and_gaps() -> None:
     """A run of hundreds of thousands of steps drew every point, each below a pixel: the curve
     is drawn with at most ``MOST_POINTS``, each run of points keeping its lowest and highest

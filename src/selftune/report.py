@@ -655,8 +655,9 @@ def _knob_plot(
                     markerfacecolor="white" if clipped else colour,
                     linestyle="none",
                 )
-    ax.plot([], [], "o", color="#555", markersize=3.5, label="decision")
     on = [i for (_, knob), i in decided.curves.items() if knob in knobs]
+    if decided.where(on, False).any():  # (a legend of dots where none is drawn: a run
+        ax.plot([], [], "o", color="#555", markersize=3.5, label="decision")  # under off)
     if decided.where(on, True).any():
         ax.plot(
             [],
