@@ -971,6 +971,37 @@ def test_jobs_below_one_is_refused_by_the_option_before_planning(
 
 
 @pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            ["--report-only", "--list"],
+            "--report-only writes the page of every run in --out; --list",
+        ),
+        (
+            ["--report-only", "--workloads", "w", "--seeds", "2"],
+            "--report-only writes the page of every run in --out; --seeds and --workloads",
+        ),
+        (["--suite", "full", "--overhead-steps", "9", "--list"], "--suite full measures no over"),
+        (["--suite", "overhead", "--methods", "sgd-*", "--list"], "--suite overhead measures the"),
+    ],
+)
+def test_options_an_invocation_never_reads_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    """``--report-only --list`` wrote the page and listed nothing, ``--report-only --workloads
+    w`` wrote the page of every workload, and the full suite ran with the --overhead-steps it
+    never measures, each without a word."""
+    from selftune.cli import main
+
+    (tmp_path / "results.jsonl").write_text(json.dumps(_record("adamw-default", "default", 50)))
+    assert main(["bench", "--out", str(tmp_path), "--quiet", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"selftune bench: {said}"), captured.err
+    assert captured.err.endswith(" do nothing there: leave them out\n")
+    assert not captured.out and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+@pytest.mark.parametrize(
     ("readme", "extra", "says"),
     [
         ("READNE.md", [], "READNE.md: no such file; give the README to update"),

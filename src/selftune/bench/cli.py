@@ -102,6 +102,30 @@ def _fail(message: object) -> int:
     return 1 if isinstance(message, Damaged) else 2
 
 
+#: the options each kind of invocation never reads, and what it does instead
+UNREAD = {
+    "--report-only": (
+        ("--seeds", "--workloads", "--methods", "--overhead-steps", "--list"),
+        "writes the page of every run in --out",
+    ),
+    "--suite full": (("--overhead-steps",), "measures no overhead"),
+    "--suite overhead": (("--seeds", "--methods"), "measures the overhead alone"),
+}
+
+
+def _unread(args: argparse.Namespace) -> str | None:
+    """Why options given are never read in this invocation, or None: an option silently
+    dropped (``--report-only --list`` wrote the page and listed nothing) misleads."""
+    for invocation, (options, does) in UNREAD.items():
+        flag, _, suite = invocation.partition(" ")
+        if not (args.report_only if flag == "--report-only" else args.suite == suite):
+            continue
+        given = [o for o in options if getattr(args, o[2:].replace("-", "_")) not in (None, False)]
+        if given:
+            return f"{invocation} {does}; {' and '.join(given)} do nothing there: leave them out"
+    return None
+
+
 def _patterns(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
@@ -112,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_report and args.report_only:
         return _fail("--no-report and --report-only exclude each other; pick one")
+    if (unread := _unread(args)) is not None:
+        return _fail(unread)
     if args.jobs is not None and args.jobs < 1:  # before planning, and with --list too
         return _fail(f"--jobs {args.jobs}: give 1 or more parallel runs")
     out: Path = args.out
