@@ -245,6 +245,28 @@ def _three_steps(model: torch.nn.Module, opt: selftune.SelfTuned) -> None:
     opt.close()
 
 
+def test_a_group_added_mid_run_has_its_newest_rate_under_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The sparkline of a group added mid-run (gradual unfreezing) was drawn from the start of
+    its column, its newest rate under the others' rates of steps before."""
+    body, head = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt = selftune.wrap(torch.optim.SGD(body.parameters(), lr=0.1), log_dir=tmp_path / "run")
+    for step in range(12):
+        if step == 6:
+            opt.add_param_group({"params": head.parameters(), "lr": 0.01})
+        opt.zero_grad()
+        (body(torch.ones(4, 3)) + head(torch.ones(4, 3))).pow(2).mean().backward()
+        opt.step()
+    opt.close()
+    frame = watch_once(tmp_path / "run", capsys)
+    rows = [line.rstrip() for line in frame.splitlines() if re.match(r"\s+[01]\s+0\.", line)]
+    assert len(rows) == 2
+    sparks = [re.findall(r"[▁-█]+", row) for row in rows]
+    assert [len(spark[0]) for spark in sparks] == [12, 6], rows
+    assert len(rows[0]) == len(rows[1])  # each line ends at its newest rate: one column
+
+
 def test_a_folder_of_run_folders_names_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Two optimizers log to ``log_dir/opt0`` and ``log_dir/opt1`` (the Lightning callback):
     watching ``log_dir`` itself waited for a first step that never came, with exit 0."""

@@ -424,12 +424,15 @@ def render(state: WatchState) -> RenderableType:
         ]
         for column in ("group", *names, "lr, recent steps"):
             knobs.add_column(column)
+        # a group added mid-run has fewer rates: padded before them with gaps, its newest
+        # rate stands under the others' (it stood at the start of the line, as if older)
+        longest = max(map(len, state.rates), default=0)
         for index, group in enumerate(state.hp):
-            rates = state.rates[index] if index < len(state.rates) else ()
+            rates = list(state.rates[index]) if index < len(state.rates) else []
             knobs.add_row(
                 str(index),
                 *(_fmt(group.get(name)) for name in names),
-                Sparkline(rates, log=True, style="cyan"),
+                Sparkline([math.nan] * (longest - len(rates)) + rates, log=True, style="cyan"),
             )
         parts.append(knobs)
         parts.append(
