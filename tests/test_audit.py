@@ -754,6 +754,14 @@ def test_cli_says_its_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"selftune {selftune.__version__}"
 
 
+def test_cli_says_where_replay_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The guide's replay is a function a script calls: argparse's bare "invalid choice" left
+    its reader looking for the command."""
+    assert cli.main(["replay", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "selftune.replay(optimizer, RUN)" in err and "selftune verify RUN" in err
+
+
 def test_python_dash_m_selftune_is_the_command() -> None:
     """``python -m selftune`` failed ("No module named selftune.__main__"): the way to reach
     the command from an environment whose scripts are not on PATH."""

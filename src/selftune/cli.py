@@ -26,6 +26,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "watch": ("selftune.watch", "cli", "follow a run folder live in the terminal"),
     "verify": ("selftune.audit", "", "check a run's audit log and manifest"),
 }
+#: what the docs name that is no command, and where it is: a bare "invalid choice" from argparse
+#: left a reader of the guide's replay looking for the command
+NOT_COMMANDS = {
+    "replay": "replay is no command but a function: your training script replays a run by "
+    "wrapping its optimizer with selftune.replay(optimizer, RUN) in place of selftune.wrap "
+    "(docs/guide.md, 'Replay'); `selftune verify RUN` checks a run's log",
+}
 #: what an interrupted command adds to its one line, where there is more to say than that
 ON_INTERRUPT = {"bench": "the finished runs are kept, and the same command resumes from them"}
 
@@ -65,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     SIGINT ended.
     """
     name = ""  # the command's, once parsed
+    given = sys.argv[1:] if argv is None else argv
     try:
+        if given and given[0] in NOT_COMMANDS:
+            raise UsageError(NOT_COMMANDS[given[0]])
         args = build_parser().parse_args(argv)
         name = args.command
         return _run(args)
