@@ -725,6 +725,45 @@ def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     assert "relevel" in events and "escalate" not in events
 
 
+def test_a_new_task_right_after_loading_a_plain_state_dict_is_learnt(tmp_path: Path) -> None:
+    """Loaded from ``opt.state_dict()`` (what Lightning and the Trainer save), the guard holds
+    no snapshot until a healthy step, so trouble there skips the step and leaves the weights as
+    they were.  Trained on another task from the load (a fine-tune of a saved run on new data),
+    each next step read those weights on that data again: six skips halved a rate that moved
+    no weight, and the run stopped with a GuardError.  A spike that the weights the skip left
+    show again is the new task's level, learnt as after a rollback."""
+    (x1, y1), (x2, y2) = _classes(100), _classes(200)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    order = torch.Generator().manual_seed(0)
+
+    def train(opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+        for _ in range(80):
+            i = torch.randint(0, 256, (32,), generator=order)
+            loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())  # raised GuardError at the second task's seventh step
+
+    def sgd() -> torch.optim.Optimizer:
+        return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+    first = selftune.wrap(sgd(), "off")
+    train(first, x1, y1)
+    opt = selftune.wrap(sgd(), "off", log_dir=tmp_path)
+    opt.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        start = float(torch.nn.functional.cross_entropy(net(x2), y2))
+    train(opt, x2, y2)
+    opt.close()
+    with torch.no_grad():
+        assert float(torch.nn.functional.cross_entropy(net(x2), y2)) < 0.5 * start
+    assert [(r["step"], r["event"]) for r in guard_records(tmp_path)] == [
+        (81, "skip"),
+        (82, "relevel"),
+    ]
+
+
 def test_after_a_new_task_the_lowest_level_held_is_the_new_task_s() -> None:
     """A regression goes back to the snapshot of the lowest loss level held beside the newest
     two.  After the task switch of :func:`_switching_run` that place went to a snapshot of the

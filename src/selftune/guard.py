@@ -408,8 +408,11 @@ class Guard:
         first step after a rollback reads the restored weights, which were healthy when kept:
         a spike they show too comes from the data or the objective (a new task, a layer just
         unfrozen), which no rollback mends and rolling back again would only repeat until the
-        run stops.  The guard then learns the new level instead (:attr:`relevelled` says so);
-        so it does when a regression would go back to the snapshot the last one restored.
+        run stops.  So does one that the first step after a skip shows on the weights the skip
+        left as they were (a state dict loaded before a new task), which skipping again would
+        only repeat, cutting a rate that moves no weight.  The guard then learns the new level
+        instead (:attr:`relevelled` says so); so it does when a regression would go back to the
+        snapshot the last one restored.
         """
         c = self.config
         fresh, self.fresh, self.relevelled, self.mistaken = self.fresh, False, None, None
@@ -420,7 +423,8 @@ class Guard:
         if trouble is not None:
             if not (fresh and math.isfinite(trouble.value)):
                 return trouble
-            self._relevel(trouble, "the restored weights show it too")
+            shown = "the restored weights" if self.restored is not None else "the weights kept"
+            self._relevel(trouble, f"{shown} show it too")
             self._forgive()
         if s.loss is not None:
             self._note_jump(s)
@@ -688,7 +692,9 @@ class Guard:
                 f"rate cut to {cut:.3g}x the rate its snapshot held. {_advice(trouble, cut)}"
             )
         if not self.snapshots:
-            self.healthy_since = trouble.step
+            # the weights stay as they were, and the next step reads them again: trouble it
+            # shows too is the data's, as on weights a rollback restored (see :meth:`judge`)
+            self.healthy_since, self.fresh, self.restored = trouble.step, True, None
             return None, self.config.backoff**self.retries
         if trouble.signal == DAMAGE and jump is not None and (before := self._before(jump)):
             snap = self._back_on_trial(before, trouble.step, 0.0)
