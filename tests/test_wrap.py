@@ -1613,6 +1613,41 @@ def test_non_finite_settings_and_double_wrapping_are_refused() -> None:
         selftune.wrap(opt)
 
 
+@pytest.mark.parametrize("controller", ["auto", "off"])
+@pytest.mark.parametrize(
+    ("rate", "words"),
+    [
+        (math.nan, "lr=nan was written"),
+        (math.inf, "lr=inf was written"),
+        (-0.002, "lr=-0.002 was written"),
+        (None, "lr=None is not a number"),
+    ],
+)
+def test_a_rate_written_mid_run_that_no_step_can_take_is_refused_before_the_step(
+    controller: str, rate: float | None, words: str
+) -> None:
+    """A scheduler or the loop that writes a rate no step can take mid-run (a ``LambdaLR``
+    whose linear decay runs past its end goes below zero): ``auto`` raised a ConfigError that
+    blamed its own proposal ("controller 'auto': proposed lr=nan"), a rate of None a TypeError
+    from inside the wrapper, and either left every later step refused as one broken part-way,
+    the rate put right or not; ``off`` stepped the weights to NaN for the guard to roll back;
+    a negative rate was tuned as a rate, the weights climbing the loss.  The step is refused
+    by name before anything changes, and the run goes on once the rate is put right."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, controller)
+    train(pr, opt, 5)
+    before = [p.clone() for p in pr.model.parameters()]
+    opt.param_groups[0]["lr"] = rate
+    pr.batch_loss(6).backward()
+    with pytest.raises(selftune.ConfigError, match=rf"param group 0: {words}.*step 6 was refused"):
+        opt.step()
+    assert opt.step_count == 5
+    assert all(torch.equal(a, p) for a, p in zip(before, pr.model.parameters(), strict=True))
+    opt.param_groups[0]["lr"] = 0.002
+    train(pr, opt, 5)
+    assert opt.step_count == 10 and math.isfinite(pr.full_loss())
+
+
 def test_a_nan_momentum_or_beta1_is_refused_at_wrap_and_in_an_added_group() -> None:
     """A NaN momentum or beta1 is not above zero, so the group was read as one without it and
     the value went unchecked: torch's SGD takes momentum=nan, whose steps turned the weights

@@ -96,6 +96,24 @@ def check_group(index: int, group: dict[str, Any]) -> None:
             "Adafactor) sets its own step size and ignores lr: selftune has no rate to tune. "
             "Give it an lr and relative_step=False (and no AdafactorSchedule)"
         )
+    check_kinds(index, group)
+    for name, value in _knob_values(group):
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"param group {index}: {name}={value} is not finite; pass a finite value"
+            )
+    if start_rate(group) <= 0.0:  # zero only where a scheduler's warm-up starts from it
+        raise ConfigError(
+            f"param group {index}: lr={read(group, 'lr')} must be > 0 (a rate of zero has "
+            "nothing to scale; to freeze a part of the model, leave its parameters out of the "
+            "optimizer or call requires_grad_(False) on them)"
+        )
+
+
+def check_kinds(index: int, group: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if a param group's knobs are not numbers selftune can read
+    and write: a rate that is no number, a tensor knob of other than one floating-point entry.
+    Reads no tensor's value (no host sync): a step checks it too, for what the loop wrote."""
     rate = group["lr"]
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real | torch.Tensor):
         raise ConfigError(
@@ -112,17 +130,6 @@ def check_group(index: int, group: dict[str, Any]) -> None:
                 "rate of 0.5 to 0); give a float, or a float tensor of one entry "
                 "(torch.tensor(1.0), not torch.tensor(1))"
             )
-    for name, value in _knob_values(group):
-        if not math.isfinite(value):
-            raise ConfigError(
-                f"param group {index}: {name}={value} is not finite; pass a finite value"
-            )
-    if start_rate(group) <= 0.0:  # zero only where a scheduler's warm-up starts from it
-        raise ConfigError(
-            f"param group {index}: lr={read(group, 'lr')} must be > 0 (a rate of zero has "
-            "nothing to scale; to freeze a part of the model, leave its parameters out of the "
-            "optimizer or call requires_grad_(False) on them)"
-        )
 
 
 def _stored_knobs(group: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -609,7 +609,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
         if t == 1:
             self._read_start()
-        current = self.hyperparams()
+        current = self._usable_knobs(t)
         self._find_outside(t, current)
         if self._loaded:
             self._note_lost_snapshots(t)
@@ -1418,6 +1418,35 @@ class SelfTuned(torch.optim.Optimizer):
             }
             if self._log is not None:
                 self._log.append({"kind": "guard", "step": t, **self._relevel})
+
+    def _usable_knobs(self, t: int) -> Knobs:
+        """The knobs in force at step ``t``, the step refused before anything changes where a
+        scheduler or the loop wrote one since the last step that no step can take: a rate that
+        is no number, is not finite or is below zero (a ``LambdaLR`` whose linear decay runs
+        past its end), a momentum or beta that is not finite.  ``auto`` blamed its own proposal
+        for a NaN rate, a rate of None failed inside the wrapper, and either left every later
+        step refused as one broken part-way; under ``off`` the weights went NaN; a negative
+        rate was tuned as a rate, the weights climbing the loss.  The values are checked as
+        read (a scale is finite and above zero, so the effective rate is usable where the
+        written one is): no more reads of a tensor knob than the step makes anyway."""
+        written = "written since the last step by a scheduler or the training loop"
+        fix = f"step {t} was refused and nothing changed: write a usable value and step again"
+        for i, group in enumerate(self.param_groups):
+            try:
+                knobs_io.check_kinds(i, group)
+            except ConfigError as err:
+                raise RefusedStep(f"{err}; {written}: {fix}") from None
+        current = self.hyperparams()
+        for i, knobs in enumerate(current):
+            for knob, value in knobs.items():
+                if math.isfinite(value) and (knob != "lr" or value >= 0.0):
+                    continue
+                need = "a finite number of at least 0" if knob == "lr" else "a finite number"
+                raise RefusedStep(
+                    f"param group {i}: {knob}={knobs_io.read(self.param_groups[i], knob):g} was "
+                    f"{written}; it must be {need}: {fix}"
+                )
+        return current
 
     def _find_outside(self, t: int, current: Knobs) -> None:
         """Hand a knob other than the rate to whoever changed it since the last step.
