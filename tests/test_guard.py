@@ -725,43 +725,88 @@ def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     assert "relevel" in events and "escalate" not in events
 
 
-def test_a_new_task_right_after_loading_a_plain_state_dict_is_learnt(tmp_path: Path) -> None:
-    """Loaded from ``opt.state_dict()`` (what Lightning and the Trainer save), the guard holds
-    no snapshot until a healthy step, so trouble there skips the step and leaves the weights as
-    they were.  Trained on another task from the load (a fine-tune of a saved run on new data),
-    each next step read those weights on that data again: six skips halved a rate that moved
-    no weight, and the run stopped with a GuardError.  A spike that the weights the skip left
-    show again is the new task's level, learnt as after a rollback."""
+def _new_task_after_a_plain_load(
+    log_dir: Path, checkpoint: Path | None = None
+) -> tuple[SelfTuned, float, float]:
+    """80 steps of SGD under ``off`` on one task, its ``opt.state_dict()`` (what Lightning and
+    the Trainer save) loaded into a fresh wrapper, then 80 steps on another task (a fine-tune
+    of a saved run on new data); the wrapper, and the new task's loss at the load and at the
+    end, over all its data.  ``checkpoint``: saved there after the new task's first step, and
+    the run resumed from it in a fresh wrapper."""
     (x1, y1), (x2, y2) = _classes(100), _classes(200)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
     order = torch.Generator().manual_seed(0)
 
-    def train(opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-        for _ in range(80):
+    def train(opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+        for _ in range(steps):
             i = torch.randint(0, 256, (32,), generator=order)
             loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
             opt.zero_grad()
             loss.backward()
-            opt.step(loss=loss.detach())  # raised GuardError at the second task's seventh step
+            opt.step(loss=loss.detach())
+
+    def new_task_loss() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(net(x2), y2))
 
     def sgd() -> torch.optim.Optimizer:
         return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
 
     first = selftune.wrap(sgd(), "off")
-    train(first, x1, y1)
-    opt = selftune.wrap(sgd(), "off", log_dir=tmp_path)
+    train(first, x1, y1, 80)
+    wrapped_at = copy.deepcopy(net.state_dict())
+    opt = selftune.wrap(sgd(), "off", log_dir=log_dir)
     opt.load_state_dict(first.state_dict())
-    with torch.no_grad():
-        start = float(torch.nn.functional.cross_entropy(net(x2), y2))
-    train(opt, x2, y2)
+    start = new_task_loss()
+    if checkpoint is not None:
+        train(opt, x2, y2, 1)
+        selftune.save_checkpoint(checkpoint, model=net, optimizer=opt, step=opt.step_count)
+        opt.close()
+        net.load_state_dict(wrapped_at)  # the weights the run folder was started with
+        opt = selftune.wrap(sgd(), "off", log_dir=log_dir)
+        selftune.load_checkpoint(checkpoint, model=net, optimizer=opt)
+    train(opt, x2, y2, 160 - opt.step_count)  # to step 160
     opt.close()
-    with torch.no_grad():
-        assert float(torch.nn.functional.cross_entropy(net(x2), y2)) < 0.5 * start
+    return opt, start, new_task_loss()
+
+
+def test_a_new_task_right_after_loading_a_plain_state_dict_is_learnt(tmp_path: Path) -> None:
+    """Loaded from a plain state dict, the guard holds no snapshot until a healthy step, so
+    trouble there skips the step and leaves the weights as they were.  On a new task each next
+    step read those weights on that data again: six skips halved a rate that moved no weight,
+    and the run stopped with a GuardError at the new task's seventh step.  A spike that the
+    weights the skip left show again is the new task's level, learnt as after a rollback."""
+    _, start, end = _new_task_after_a_plain_load(tmp_path)
+    assert end < 0.5 * start
     assert [(r["step"], r["event"]) for r in guard_records(tmp_path)] == [
         (81, "skip"),
         (82, "relevel"),
     ]
+
+
+def test_the_relevel_after_a_skip_undoes_the_skip_s_rate_cut(tmp_path: Path) -> None:
+    """As a relevel undoes the cut of the rollback it found needless, it undoes a skip's: the
+    rate stayed halved for the rest of the run, for a change of the data, and ``auto``
+    remembered the rate it had stood at as one that failed."""
+    opt, _, _ = _new_task_after_a_plain_load(tmp_path)
+    assert opt.hyperparams()[0]["lr"] == 0.05
+    (undone,) = [r for r in read_log(tmp_path).records if r["kind"] == "decision"][-1:]
+    assert (undone["step"], undone["old"], undone["new"]) == (82, 0.025, 0.05)
+    assert "the skip's rate cut is undone" in undone["reason"]
+
+
+def test_a_checkpoint_saved_between_a_skip_and_its_relevel_resumes_as_the_run(
+    tmp_path: Path,
+) -> None:
+    """The knobs and controller state a skip cut travel in the checkpoint's snapshots: resumed
+    from one saved between the skip and the relevel, the run undoes the cut as the run that
+    never stopped does, to the same weights."""
+    run, _, end = _new_task_after_a_plain_load(tmp_path / "run")
+    resumed, _, resumed_end = _new_task_after_a_plain_load(tmp_path / "res", tmp_path / "c.pt")
+    assert resumed.hyperparams() == run.hyperparams() and resumed_end == end
+    weights = [[p for g in o.param_groups for p in g["params"]] for o in (run, resumed)]
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
 
 def test_after_a_new_task_the_lowest_level_held_is_the_new_task_s() -> None:

@@ -48,7 +48,8 @@ of the lowest loss level held (kept beside the newest two for that), once per sn
 a jump never recovered from to the newest snapshot taken before the jump.  A
 spike on the first step after a rollback, on weights that were healthy when kept, comes from
 the data or the objective (a new task, a layer unfrozen): the guard learns the new level
-instead of rolling back until the run stops, and the rollback's cut is undone.
+instead of rolling back until the run stops, and the rollback's cut is undone.  So it does for
+a spike on the first step after a skip, on the weights the skip left as they were.
 
 Snapshots are taken every ``interval`` healthy steps (default 25), of a state whose loss the guard
 has just checked, and the newest two are kept; the first one is also kept for ``keep_initial``
@@ -378,6 +379,9 @@ class Guard:
     #: this step: the snapshot whose rollback the restored weights proved needless, whose
     #: knobs and controller state the wrapper puts back without the rollback's cut
     mistaken: Snapshot | None = None
+    #: the knobs and controller state before the last step's skip (no weights: a skip changes
+    #: none), set by the wrapper, for a relevel at the next step to put back (see :meth:`judge`)
+    skipped: Snapshot | None = None
     #: whether the controller restarted from the first snapshot (its probe harmed the weights):
     #: trouble before the loss improves on it goes back there (see :meth:`rollback`)
     restarted: bool = False
@@ -416,7 +420,7 @@ class Guard:
         """
         c = self.config
         fresh, self.fresh, self.relevelled, self.mistaken = self.fresh, False, None, None
-        self.forward = None
+        skipped, self.skipped, self.forward = self.skipped, None, None
         if s.loss is not None and -math.inf < s.loss < 0 and not self.loss.signed:
             self._to_own_scale(s.step)
         trouble = self._spike(s)
@@ -425,7 +429,7 @@ class Guard:
                 return trouble
             shown = "the restored weights" if self.restored is not None else "the weights kept"
             self._relevel(trouble, f"{shown} show it too")
-            self._forgive()
+            self._forgive(skipped)
         if s.loss is not None:
             self._note_jump(s)
             self.loss.learn(s.loss)
@@ -613,16 +617,20 @@ class Guard:
         """Make ``snap`` the newest snapshot held, beside the one before it."""
         self.snapshots = [*[s for s in self.snapshots if s.step < snap.step][-1:], snap]
 
-    def _forgive(self) -> None:
+    def _forgive(self, skipped: Snapshot | None) -> None:
         """Mark the rollback just made as needless: the trouble came from the data, and the
         rate cut and the controller's reaction to a failure (``auto`` remembers the rate that
         failed and may retreat far below it) would hold the rest of the run back for nothing.
         The steps back to the snapshot stay lost: the weights left are not kept.  Once per
         snapshot, so trouble that keeps coming back from one snapshot is cut as before, and
-        the count of rollbacks in a row starts again: they were the data's."""
-        if self.restored is None or self.restored == self.forgiven:
+        the count of rollbacks in a row starts again: they were the data's.  After a skip
+        (no snapshot restored) the cut undone is the skip's: ``skipped`` holds what it cut."""
+        if self.restored is None:
+            snap = skipped
+        elif self.restored == self.forgiven:
             return
-        snap = next((s for s in self._held() if s.step == self.restored), None)
+        else:
+            snap = next((s for s in self._held() if s.step == self.restored), None)
         if snap is not None:
             self.mistaken, self.forgiven, self.retries = snap, snap.step, 0
 
@@ -830,7 +838,7 @@ _SAVED = (
     "jump",
 )
 #: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`
-_KEPT_APART = ("initial", "best", "abandoned")
+_KEPT_APART = ("initial", "best", "abandoned", "skipped")
 
 
 def _spike_why(name: str, value: float, score: float, factor: float, against: str) -> str:

@@ -1771,19 +1771,27 @@ class SelfTuned(torch.optim.Optimizer):
             "params": [[_clone(p, to) for p in g["params"]] for g in self.param_groups],
             "buffers": _clone(buffers, to),
             "optimizer": _clone(self.optimizer.state_dict(), to),
-            "controller": _clone(self.controller.state_dict()),
+            **self._tuning(),
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": self._tracker.state_dict(include_update=False),
-            "knobs": self.hyperparams(),
-            "scales": list(self._scales),
             "guard": None if self.guard is None else self.guard.statistics(),
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
+        }
+
+    def _tuning(self) -> dict[str, Any]:
+        """The controller's state, the knobs and the scales: what a snapshot holds of the
+        tuning, and all that a skip's cut changes."""
+        return {
+            "controller": _clone(self.controller.state_dict()),
+            "knobs": self.hyperparams(),
+            "scales": list(self._scales),
         }
 
     def _roll_back(
         self, trouble: Trouble, signals: Signals, unread: dict[str, Any] | None
     ) -> tuple[list[Decision], dict]:
         assert self.guard is not None
+        tuning = self._tuning() if not self.guard.snapshots else None  # what a skip would cut
         try:
             snap, factor = self.guard.rollback(trouble)
         except GuardError as err:
@@ -1807,6 +1815,8 @@ class SelfTuned(torch.optim.Optimizer):
             note_failure(failed)
         lowered: dict[int, float] = {}
         if snap is None:  # nothing held yet: the step's update was never made, only skip it
+            assert tuning is not None  # (no snapshot held before the rollback either)
+            self.guard.skipped = Snapshot(trouble.step, tuning)
             saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
             scales: list[float] | None = None
             reason = f"guard: {trouble.reason}; no snapshot held yet, step skipped"
@@ -1916,9 +1926,14 @@ class SelfTuned(torch.optim.Optimizer):
         snap = None if self.guard is None else self.guard.mistaken
         if snap is None:
             return []
+        weights, cut = (
+            (f"the weights of step {snap.step}", "the rollback's")
+            if "params" in snap.payload
+            else (f"the weights the skip of step {snap.step} left", "the skip's")
+        )
         reason = (
-            f"guard: the weights of step {snap.step} show the trouble too, so the data or the "
-            "objective changed, not the run: the rollback's rate cut is undone"
+            f"guard: {weights} show the trouble too, so the data or the objective changed, "
+            f"not the run: {cut} rate cut is undone"
         )
         return self._as_kept(t, snap, reason)
 
