@@ -726,13 +726,14 @@ def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
 
 
 def _new_task_after_a_plain_load(
-    log_dir: Path, checkpoint: Path | None = None
+    log_dir: Path, checkpoint: Path | None = None, replay: bool = False
 ) -> tuple[SelfTuned, float, float]:
     """80 steps of SGD under ``off`` on one task, its ``opt.state_dict()`` (what Lightning and
     the Trainer save) loaded into a fresh wrapper, then 80 steps on another task (a fine-tune
     of a saved run on new data); the wrapper, and the new task's loss at the load and at the
     end, over all its data.  ``checkpoint``: saved there after the new task's first step, and
-    the run resumed from it in a fresh wrapper."""
+    the run resumed from it in a fresh wrapper.  ``replay``: the second wrapper replays the run
+    that ``log_dir`` holds."""
     (x1, y1), (x2, y2) = _classes(100), _classes(200)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
@@ -756,7 +757,9 @@ def _new_task_after_a_plain_load(
     first = selftune.wrap(sgd(), "off")
     train(first, x1, y1, 80)
     wrapped_at = copy.deepcopy(net.state_dict())
-    opt = selftune.wrap(sgd(), "off", log_dir=log_dir)
+    opt = (
+        selftune.replay(sgd(), log_dir) if replay else selftune.wrap(sgd(), "off", log_dir=log_dir)
+    )
     opt.load_state_dict(first.state_dict())
     start = new_task_loss()
     if checkpoint is not None:
@@ -807,6 +810,9 @@ def test_a_checkpoint_saved_between_a_skip_and_its_relevel_resumes_as_the_run(
     assert resumed.hyperparams() == run.hyperparams() and resumed_end == end
     weights = [[p for g in o.param_groups for p in g["params"]] for o in (run, resumed)]
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+    # and the replay of the run undoes the skip's cut where the run did, to the same weights
+    replayed, _, replayed_end = _new_task_after_a_plain_load(tmp_path / "run", replay=True)
+    assert replayed.hyperparams() == run.hyperparams() and replayed_end == end
 
 
 def test_after_a_new_task_the_lowest_level_held_is_the_new_task_s() -> None:

@@ -810,6 +810,31 @@ def test_a_state_saved_in_steps_a_rewind_threw_away_is_refused(tmp_path: Path) -
     opt.load_state_dict(a)  # a state of the steps the run kept still loads
 
 
+def test_a_script_resumed_from_the_run_s_checkpoint_replays_from_it(tmp_path: Path) -> None:
+    """A script that resumes from a checkpoint of the run, saved under the run's controller,
+    replays: the load was refused as another controller's state (``auto``'s, where the replay
+    runs ``replay``), so the same script could not run under the replay.  From the checkpoint
+    on, the replay ends on the run's weights to the bit, through its later rollback too."""
+    task = make_task()
+    opt = selftune.wrap(start("sgd", task.model.parameters()), "auto", log_dir=tmp_path / "run")
+    train(task, opt, 45, faults=FAULTS, evaluate=False)
+    order = task.order.get_state()
+    selftune.save_checkpoint(
+        tmp_path / "c.pt", model=task.model, optimizer=opt, step=45, extra={"order": order}
+    )
+    later = {t - 45: kind for t, kind in FAULTS.items() if t > 45}
+    train(task, opt, STEPS - 45, faults=later, evaluate=False)
+    opt.close()
+    assert [r["step"] for r in guard_records(tmp_path / "run")][-1] > 45  # a rollback after
+    logged = final_weights(task.model)
+    task = make_task()
+    replayed = selftune.replay(start("sgd", task.model.parameters()), tmp_path / "run")
+    saved = selftune.load_checkpoint(tmp_path / "c.pt", model=task.model, optimizer=replayed)
+    task.order.set_state(saved["extra"]["order"])
+    train(task, replayed, STEPS - 45, faults=later, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(logged, final_weights(task.model), strict=True))
+
+
 def test_a_checkpoint_of_steps_a_rewind_threw_away_is_refused_in_a_new_process(
     tmp_path: Path,
 ) -> None:

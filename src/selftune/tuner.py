@@ -1101,7 +1101,8 @@ class SelfTuned(torch.optim.Optimizer):
                 f"build a {kind}, wrapped as the run was, to resume it"
             )
         name = own.get("controller_name")
-        if name is not None and name != self.controller.name:
+        takes_any = getattr(self.controller, "takes_any_state", False)
+        if name is not None and name != self.controller.name and not takes_any:
             raise ConfigError(
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
                 f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
