@@ -2298,9 +2298,11 @@ def _keep_scalar_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any])
     gives it: the update needs the two alike.  Beside a parameter that is a scalar itself,
     where every state is a scalar, the optimizer's own are told by their keys: those it keeps
     as scalars beside a parameter that is none (a float64 learned temperature's
-    ``mu_product`` came back as float64, and the resumed run left the uninterrupted one)."""
+    ``mu_product`` came back as float64, and the resumed run left the uninterrupted one).
+    A parameter's saved state may be None: ``ZeroRedundancyOptimizer``'s load writes that in
+    place of the state of the parameters other ranks hold (every rank's resume raised here)."""
     pairs = [
-        (param, saved["state"].get(index, {}))
+        (param, saved["state"].get(index) or {})
         for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=False)
         for index, param in zip(saved_group["params"], group["params"], strict=False)
     ]
