@@ -564,3 +564,13 @@ def test_zero_redundancy_optimizer_resumes_from_its_consolidated_state(
         assert said["load"] is None
         assert said["ref"][0]["lr"] != 1e-2, "no decision: the test lost its power"
         assert said["same"] and said["res"] == said["ref"]
+
+
+def test_zero_redundancy_optimizer_under_the_guard_is_refused_by_name(
+    zero: list[dict[str, Any]],
+) -> None:
+    """The guard's snapshot needs its state_dict, which it refuses before consolidation: the
+    first step raised torch's RuntimeError after its update, on every rank."""
+    for said in zero:
+        assert said["guard"].startswith("ConfigError: the guard cannot snapshot a Zero")
+        assert "guard=False" in said["guard"] and "consolidate_state_dict" in said["guard"]

@@ -2,8 +2,9 @@
 
 Its state is sharded: each rank holds the moments of its own parameters, and its
 ``state_dict()`` is the whole state only after ``consolidate_state_dict()`` on every rank.  Each
-rank writes ``rank<r>.json`` into ``--out``: whether a run checkpointed at ``CKPT_STEP``
-(consolidated to rank 0, saved there, loaded on every rank) ends as the run never stopped.
+rank writes ``rank<r>.json`` into ``--out``: what ``wrap`` with the guard said, and whether a run
+checkpointed at ``CKPT_STEP`` (consolidated to rank 0, saved there, loaded on every rank) ends as
+the run never stopped.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    said: dict[str, Any] = {}
+    said: dict[str, Any] = {"guard": _says(lambda: selftune.wrap(_build()[1]))}
 
     def wrapped(run: str) -> tuple[torch.nn.Module, ZeroRedundancyOptimizer, selftune.SelfTuned]:
         model, zero = _build()

@@ -49,6 +49,25 @@ DCP_ADVICE = (
 )
 
 
+#: why the guard cannot run over ZeroRedundancyOptimizer, and what to do
+ZERO_GUARD_ADVICE = (
+    "the guard cannot snapshot a ZeroRedundancyOptimizer: each rank holds its shard of the "
+    "optimizer's state, and its state_dict() is refused until consolidate_state_dict() has run "
+    "on every rank (the first step raised inside torch, after its update). Wrap it with "
+    "guard=False; to checkpoint, call consolidate_state_dict(to=0) on every rank, then save "
+    "on rank 0 and load on every rank"
+)
+
+
+def zero_redundancy(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's ``ZeroRedundancyOptimizer``, whose state is sharded."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
 def called_by_dcp() -> bool:
     """Whether torch.distributed.checkpoint's optimizer helpers called the wrapper's method
     that asks.  Read off the callers' modules: the helpers call ``state_dict``,

@@ -183,6 +183,8 @@ class SelfTuned(torch.optim.Optimizer):
                 f"guard={guard!r}: pass True (the defaults), False (no guard) or a "
                 "selftune.GuardConfig(...) instance"
             )
+        if config is not None and shards.zero_redundancy(optimizer):
+            raise ConfigError(shards.ZERO_GUARD_ADVICE)
         if policy is not None and not isinstance(policy, Policy):  # else an AttributeError
             raise ConfigError(  # from the settings read further on, the optimizer touched
                 f"policy={policy!r:.60}: give a selftune.Policy(bounds=..., max_change=..., "
