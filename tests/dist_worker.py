@@ -623,6 +623,11 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
         lambda: load_checkpoint(out / f"own-rank{rank}.pt", model=model, optimizer=other)
     )
     said["after-own"] = _step_says(model, other, 12, rank)
+    # a folder given on rank 1 alone: rank 0, which alone writes the run folder, had none, and
+    # the run went on with no log, with no word
+    said["rank1-folder"] = _says(
+        lambda: make_optimizer("sgd", model, out / "rank1-only" if rank == 1 else None)
+    )
     return said
 
 

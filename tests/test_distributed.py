@@ -312,6 +312,18 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
         assert "rank 1's saved at step 10, its optimizer's at 10; rank 0's at step 9" in older
 
 
+def test_a_folder_given_on_a_rank_but_rank_0_is_refused_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Rank 0 alone writes the run folder: one given on rank 1 alone was never written, and the
+    run went on with no log and no word."""
+    out, ranks = ddp
+    for r in ranks:
+        said = r["folder-refusals"]["rank1-folder"]
+        assert said.startswith("ConfigError: log_dir was given on rank 1 but not on rank 0"), said
+    assert not (out / "rank1-only").exists()
+
+
 def test_a_checkpoint_one_rank_cannot_read_is_refused_on_every_rank_with_a_plain_optimizer(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

@@ -301,7 +301,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
         shards.check_same_settings(self._settings())
-        self._logged = shards.any_rank(log_dir is not None)
+        self._logged = _logged_on_rank_zero(log_dir)
         self._closed_after: int | None = None
         #: what ``close`` calls first: the end of the optimizer's steps is known there alone (a
         #: replay's says whether it ends on steps its logged run threw away)
@@ -2414,6 +2414,21 @@ def outside_frames() -> int:
     while frame.f_back is not None and str(frame.f_globals.get("__name__")).split(".")[0] in _OURS:
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _logged_on_rank_zero(log_dir: str | Path | None) -> bool:
+    """Whether any rank was given a run folder; a collective, which raises :class:`ConfigError`
+    on every rank where one was but rank 0, which alone writes it, was given none: a folder given
+    on the other ranks alone was never written, with no word, and the run had no log."""
+    given = shards.gathered(log_dir is not None)
+    if any(given) and not given[0]:
+        ranks = [str(rank) for rank, folder in enumerate(given) if folder]
+        named = f"rank{'s' * (len(ranks) > 1)} {', '.join(ranks)}"
+        raise ConfigError(
+            f"log_dir was given on {named} but not on rank 0, which alone writes the run folder: "
+            "give rank 0 the folder (the other ranks may have it too, or None)"
+        )
+    return any(given)
 
 
 def is_rank_zero() -> bool:
