@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join
 
 import selftune
 from selftune.audit import read_log, verify
@@ -525,6 +526,11 @@ def _refusals(rank: int) -> dict[str, str | None]:
     said["modes"] = once(5)
     opt.observe(0.5, mode="min")
     said["modes-then"] = once(6)
+    try:  # torch's uneven inputs: a rank that ran out left the others waiting in the step
+        Join([model, opt])
+        said["join"] = None
+    except Exception as err:  # (an AttributeError, the wrapper having no join hook)
+        said["join"] = f"{type(err).__name__}: {err}"
     return said
 
 

@@ -249,6 +249,18 @@ def test_ranks_wrapped_differently_or_stepped_with_a_loss_on_one_are_refused_on_
     assert all(s is not None and "part-way on rank 1" in s for s in after), after
 
 
+def test_join_for_uneven_inputs_is_refused_by_name_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """``Join([model, opt])`` raised an AttributeError (no ``join_hook``); a rank that ran out
+    of inputs would leave the others waiting in the step's collective."""
+    _, ranks = ddp
+    for r in ranks:
+        said = r["refusals"]["join"]
+        assert said.startswith("ConfigError: selftune cannot step under torch.distributed"), said
+        assert "DistributedSampler(drop_last=True)" in said
+
+
 def test_a_metric_observed_on_rank_0_alone_is_every_ranks(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:

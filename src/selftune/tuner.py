@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -529,6 +529,20 @@ class SelfTuned(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def join_hook(self, **kwargs: Any) -> NoReturn:
+        """Refuse ``torch.distributed.algorithms.join.Join``, which asks for this hook first.
+
+        Under ``torch.distributed`` each step is one collective of every rank, which a rank that
+        has run out of inputs no longer makes: the others' steps waited in it until the process
+        group's timeout (with ``Join([model])`` alone, not told here, they still do)."""
+        raise ConfigError(
+            "selftune cannot step under torch.distributed.algorithms.join.Join: each step is "
+            "one collective of every rank, which a rank that ran out of inputs no longer makes, "
+            "and the other ranks would wait in it until the process group's timeout. Give every "
+            "rank as many steps: DistributedSampler(drop_last=True), or stop every rank at the "
+            "fewest batches any rank has"
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
