@@ -598,3 +598,13 @@ def test_zero_redundancy_optimizer_under_the_guard_is_refused_by_name(
     for said in zero:
         assert said["guard"].startswith("ConfigError: the guard cannot snapshot a Zero")
         assert "guard=False" in said["guard"] and "consolidate_state_dict" in said["guard"]
+
+
+def test_zero_redundancy_optimizer_state_consolidated_before_a_step_is_refused(
+    zero: list[dict[str, Any]],
+) -> None:
+    """Its state_dict() returns what the last consolidation gathered: a checkpoint saved steps
+    later held those steps' older moments beside newer weights, and resumed to another run."""
+    said = zero[0]["stale"]
+    assert said.startswith("ConfigError: the ZeroRedundancyOptimizer's state_dict() is the"), said
+    assert "consolidate_state_dict(to=0) on every rank again" in said

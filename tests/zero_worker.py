@@ -2,9 +2,9 @@
 
 Its state is sharded: each rank holds the moments of its own parameters, and its
 ``state_dict()`` is the whole state only after ``consolidate_state_dict()`` on every rank.  Each
-rank writes ``rank<r>.json`` into ``--out``: what ``wrap`` with the guard said, and whether a run
+rank writes ``rank<r>.json`` into ``--out``: what ``wrap`` with the guard said, whether a run
 checkpointed at ``CKPT_STEP`` (consolidated to rank 0, saved there, loaded on every rank) ends as
-the run never stopped.
+the run never stopped, and what a save steps after that consolidation said.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def main() -> None:
         save_checkpoint(ckpt, model=model, optimizer=opt, step=CKPT_STEP)
     dist.barrier()
     _train(model, opt, range(CKPT_STEP + 1, CKPT_STEP + 3))  # the steps a crash loses
+    if rank == 0:  # a state consolidated before those steps
+        said["stale"] = _says(opt.state_dict)
     model, _, opt = wrapped("res")
     said["load"] = _says(lambda: load_checkpoint(ckpt, model=model, optimizer=opt))
     if said["load"] is None:

@@ -68,6 +68,25 @@ def zero_redundancy(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
+def consolidation(optimizer: torch.optim.Optimizer) -> object | None:
+    """What a ``ZeroRedundancyOptimizer``'s last ``consolidate_state_dict()`` gathered (each call
+    makes a new list, which its ``state_dict()`` returns the state of); None for any other."""
+    return getattr(optimizer, "_all_state_dicts", None) if zero_redundancy(optimizer) else None
+
+
+def check_consolidated(optimizer: torch.optim.Optimizer, before: object | None) -> None:
+    """Raise :class:`ConfigError` where a ``ZeroRedundancyOptimizer``'s state was consolidated
+    ``before`` its last step or load (:func:`consolidation` then): its ``state_dict()`` returns
+    that state, steps since or not, so a checkpoint saved steps later held the moments of then
+    beside this step's weights and selftune's state, and resumed to another run with no word."""
+    if before is not None and consolidation(optimizer) is before:
+        raise ConfigError(
+            "the ZeroRedundancyOptimizer's state_dict() is the state consolidated before its "
+            "last step, not its state now: call consolidate_state_dict(to=0) on every rank "
+            "again just before saving"
+        )
+
+
 def called_by_dcp() -> bool:
     """Whether torch.distributed.checkpoint's optimizer helpers called the wrapper's method
     that asks.  Read off the callers' modules: the helpers call ``state_dict``,

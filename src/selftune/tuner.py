@@ -202,6 +202,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: them so after the rollback, and every evaluation after it NaN
         self._model = model
         self._told_buffers = False  # a buffer a rollback could not put back: warned of once
+        #: a ZeroRedundancyOptimizer's consolidated state as the last step or load found it,
+        #: which its state_dict() would return stale (see shards.check_consolidated)
+        self._consolidated_before: object | None = None
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -615,6 +618,7 @@ class SelfTuned(torch.optim.Optimizer):
             if self._recorded != t and self._broken_at is None:  # not a listener's error
                 self._broken_at = t
             raise
+        self._consolidated_before = shards.consolidation(self.optimizer)
         return result
 
     def _step(
@@ -779,6 +783,7 @@ class SelfTuned(torch.optim.Optimizer):
         if self._log is not None and not self._taken_over:  # the folder is another's now
             self._write_added()
         sd = self.optimizer.state_dict()
+        shards.check_consolidated(self.optimizer, self._consolidated_before)
         log, trace = self._before_escalate if self._gave_up is not None else self._log_end()
         self.sync()  # (after the log's position, whose first call may write the opening notes)
         sd["selftune"] = {
@@ -864,6 +869,7 @@ class SelfTuned(torch.optim.Optimizer):
         )
         self.optimizer.load_state_dict(sd)
         _keep_scalar_dtypes(self.optimizer, sd)
+        self._consolidated_before = shards.consolidation(self.optimizer)
         # torch deep-copies the saved groups as one: tensors they shared are shared again
         knobs_io.unshare(self.optimizer.defaults, self.param_groups)
         if own is None:
