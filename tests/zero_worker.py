@@ -10,6 +10,7 @@ the run never stopped, and what a save steps after that consolidation said.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from datetime import timedelta
@@ -42,13 +43,8 @@ def _train(model: torch.nn.Module, opt: selftune.SelfTuned, steps: range) -> Non
         opt.step(loss=loss.detach())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
+def _runs(out: Path, rank: int) -> dict[str, Any]:
+    """What this rank saw of the runs the module's docstring lists."""
     said: dict[str, Any] = {"guard": _says(lambda: selftune.wrap(_build()[1]))}
 
     def wrapped(run: str) -> tuple[torch.nn.Module, ZeroRedundancyOptimizer, selftune.SelfTuned]:
@@ -76,6 +72,18 @@ def main() -> None:
         _train(model, opt, range(CKPT_STEP + 1, STEPS + 1))
         said["res"] = opt.hyperparams()
         said["same"] = all(torch.equal(a, b) for a, b in zip(ref, model.parameters(), strict=True))
+    return said
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    out = parser.parse_args().out
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    said = _runs(out, rank)  # its models and optimizers gone before the group: one alive at
+    gc.collect()  # destroy_process_group aborted the process at its exit now and then
     (out / f"rank{rank}.json").write_text(json.dumps(said))
     dist.barrier()
     dist.destroy_process_group()
