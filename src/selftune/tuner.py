@@ -205,6 +205,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: a ZeroRedundancyOptimizer's consolidated state as the last step or load found it,
         #: which its state_dict() would return stale (see shards.check_consolidated)
         self._consolidated_before: object | None = None
+        self._zero = shards.zero_redundancy(optimizer)  # read once: the step asks each time
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -618,7 +619,8 @@ class SelfTuned(torch.optim.Optimizer):
             if self._recorded != t and self._broken_at is None:  # not a listener's error
                 self._broken_at = t
             raise
-        self._consolidated_before = shards.consolidation(self.optimizer)
+        if self._zero:
+            self._consolidated_before = shards.consolidation(self.optimizer)
         return result
 
     def _step(
