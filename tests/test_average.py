@@ -320,3 +320,19 @@ def test_averaged_with_no_parameters_yet_is_an_empty_block() -> None:
     opt.add_param_group({"params": [weight]})
     with opt.averaged():
         assert torch.equal(weight, torch.ones(2))
+
+
+def test_averaged_refuses_a_group_whose_params_changed_behind_its_back() -> None:
+    """A parameter appended to a group's ``params`` (torch's optimizers take that) fits no
+    average: ``averaged()`` raised torch's "Tensor lists must have the same number of tensors"
+    from inside the swap, where the next step names the change and what to do."""
+    task = make_task()
+    opt = selftune.wrap(make_optimizer("adamw", task.model.parameters()), average=True)
+    train(task, opt, 5, evaluate=False)
+    weights = [p.detach().clone() for p in task.model.parameters()]
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(selftune.ConfigError, match="param group 0 holds 5"), opt.averaged():
+        pass
+    assert not opt.training_weights()
+    for p, w in zip(task.model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)

@@ -462,6 +462,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "averaged() after unwrap(): the average stopped at the step unwrap handed the "
                 "optimizer back; evaluate or copy it before unwrapping"
             )
+        self._check_groups()  # the average holds the groups as they joined: swapped, it must fit
         self._at_average = True
         if self._swapped_out:  # a block inside a block (an evaluate() of its own): at it already
             yield
