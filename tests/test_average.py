@@ -245,6 +245,28 @@ def test_the_average_follows_a_model_converted_after_wrap(when: int) -> None:
         assert torch.equal(w, average.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_average_follows_one_parameter_converted_alone(dtype: torch.dtype) -> None:
+    """One submodule converted after ``wrap`` (``model.head.to(...)``), not the group's first
+    parameter: the update looked at the first alone, mixed dtypes in its fused op and raised
+    after the step had moved the weights, and every later step was refused."""
+    first, second = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = selftune.wrap(torch.optim.SGD([first, second], lr=1.0), "off", average=0.5)
+    for t in range(1, 11):
+        if t == 6:
+            second.data = second.data.to(dtype)  # what second's module.to(dtype) does
+        opt.zero_grad()
+        first.grad, second.grad = torch.full_like(first, -1.0), torch.full_like(second, -1.0)
+        opt.step()
+    assert opt.average is not None and opt.step_count == 10
+    ((_, average),) = opt.average.tensors
+    assert second.dtype == dtype
+    assert average.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # kept wide
+    assert average.tolist() == pytest.approx([10.0] * 4, abs=2e-3)  # the ema: 1 step behind
+    with opt.averaged():
+        assert torch.equal(second, average.to(dtype))
+
+
 def test_a_group_added_mid_run_joins_the_average_from_its_own_weights() -> None:
     task = make_task()
     first, _, second = task.model.children()

@@ -117,26 +117,29 @@ class WeightAverage:
     @torch.no_grad()
     def follow(self, groups: list[dict[str, Any]]) -> None:
         """Bring each group's average to its parameters' device and dtype where a model moved
-        or converted after ``wrap`` (``model.to(torch.bfloat16)`` before the first step, which
-        plain torch's optimizers allow) left them apart: the fused update mixes neither, and
-        raised after the step had moved the weights.
+        or converted after ``wrap`` left them apart: ``model.to(torch.bfloat16)`` before the
+        first step, which plain torch's optimizers allow, or one submodule converted alone
+        (``model.head.to(torch.float64)``).  The fused update mixes neither, and raised after
+        the step had moved the weights, which left every later step refused.
 
-        One look per group, at its first parameter (``model.to`` moves and converts every
-        one): a look at every parameter would be a Python loop over them at every step.
+        A look at every parameter, one comparison each beside the list of them that each
+        update builds anyway: a look at each group's first parameter alone missed a submodule
+        converted after it.
         """
         for i, (group, avg) in enumerate(zip(groups, self.tensors, strict=True)):
             params = local_params(group)
-            if not avg:
-                continue
-            first, kept = params[0], avg[0]
-            wide_path = self.widened[i] or first.dtype not in _HALF  # the update a half takes
-            if kept.device == first.device and kept.dtype == _wide(first.dtype) and wide_path:
+            half = any(p.dtype in _HALF for p in params)  # the update a half takes: the wide one
+            fits = all(
+                a.device == p.device and a.dtype == _wide(p.dtype)
+                for a, p in zip(avg, params, strict=True)
+            )
+            if fits and (self.widened[i] or not half):
                 continue
             self.tensors[i] = [
                 a.to(device=p.device, dtype=_wide(p.dtype))
                 for a, p in zip(avg, params, strict=True)
             ]
-            self.widened[i] = any(p.dtype in _HALF for p in params)
+            self.widened[i] = half
 
     @torch.no_grad()
     def update(self, groups: list[dict[str, Any]]) -> None:
