@@ -433,6 +433,45 @@ def test_lightning_evaluates_a_best_checkpoint_at_the_average_that_chose_it(
         averaged_state_dict(torch.load(weights, weights_only=False))
 
 
+class _TiedModule(_ValidatedModule):
+    """The validated module with two layers sharing one weight, as a language model's input
+    embedding and output layer do: its state dict holds that weight under both names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 16),
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 16),
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 4),
+        )
+        self.net[2].weight = self.net[0].weight
+
+
+def test_lightning_averaged_state_dict_puts_the_average_under_every_tied_name(
+    tmp_path: Path,
+) -> None:
+    """A tied weight's average went under its first name only: the second kept the training
+    weight, which ``load_state_dict`` loads last, so a module loaded by hand held the training
+    weights there, unlike the average its checkpoint was chosen by."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from selftune.integrations.lightning import SelfTuneCallback, averaged_state_dict
+
+    torch.manual_seed(0)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    cb = SelfTuneCallback("off", average=True)
+    trainer = _trainer(32, cb, tmp_path, callbacks=[cb, every])  # 2 epochs of 16 steps
+    trainer.fit(_TiedModule(), _loader(), _loader())
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=16.ckpt", weights_only=False)
+    (average, *_), *_ = saved["optimizer_states"][0]["selftune"]["average"]["tensors"]
+    assert not torch.equal(average, saved["state_dict"]["net.0.weight"])  # not the training one
+    fresh = _TiedModule()
+    fresh.load_state_dict(averaged_state_dict(saved))
+    assert torch.equal(fresh.net[2].weight, average)
+
+
 class _Manual(_TinyModule):
     """Two optimizers, stepped by hand (manual optimization)."""
 

@@ -482,20 +482,26 @@ def averaged_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
             continue
         tensors = state["selftune"]["average"]["tensors"]
         for group_names, group in zip(opt_names, tensors, strict=True):
-            out.update((n, t) for n, t in zip(group_names, group, strict=True) if n is not None)
+            for held, average in zip(group_names, group, strict=True):
+                # one name or None in a checkpoint saved before every tied name was listed
+                out.update((n, average) for n in ([held] if isinstance(held, str) else held or []))
     return out
 
 
 def _averaged_names(
     module: torch.nn.Module, optimizers: list[SelfTuned]
-) -> list[list[list[str | None]] | None]:
-    """Per optimizer that keeps an average (else None), per group, each parameter's name in the
-    module's state dict (None for one the module does not hold)."""
-    names = {id(p): name for name, p in module.named_parameters()}
+) -> list[list[list[list[str]]] | None]:
+    """Per optimizer that keeps an average (else None), per group, each parameter's names in the
+    module's state dict: every one of a tied parameter (an embedding shared with the output
+    layer), whose state dict holds it under each, and loads the last; none for one the module
+    does not hold."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
     return [
         None
         if opt.average is None
-        else [[names.get(id(p)) for p in group["params"]] for group in opt.param_groups]
+        else [[names.get(id(p), []) for p in group["params"]] for group in opt.param_groups]
         for opt in optimizers
     ]
 
