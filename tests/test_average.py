@@ -101,6 +101,25 @@ def test_bad_settings_are_named() -> None:
             selftune.wrap(make_optimizer("sgd", make_task().model.parameters()), average=bad)
 
 
+def test_an_integer_parameter_is_refused_at_the_wrap_and_when_its_group_is_added() -> None:
+    """An integer parameter (``requires_grad=False``: torch's optimizers take it, and never step
+    it) has no average: its update raised after the first step had moved the weights, and every
+    later step was refused as broken part-way."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    index = torch.nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+    with pytest.raises(selftune.ConfigError, match=r"torch\.int64 parameter"):
+        selftune.wrap(torch.optim.SGD([weight, index], lr=0.1), average=True)
+    opt = selftune.wrap(torch.optim.SGD([weight], lr=0.1), average=True)
+    with pytest.raises(selftune.ConfigError, match=r"param group 1 holds a torch\.int64"):
+        opt.add_param_group({"params": [index]})
+    assert len(opt.param_groups) == 1
+    for _ in range(3):  # the run goes on, the refused group left out
+        opt.zero_grad()
+        (weight**2).sum().backward()
+        opt.step()
+    assert opt.step_count == 3
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_average_of_a_noisy_descent_is_closer_to_the_minimum_than_its_last_iterate(
     seed: int,

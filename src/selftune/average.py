@@ -49,6 +49,21 @@ def check_decay(average: bool | float | None) -> float | None:
     return float(average)
 
 
+def check_averageable(groups: list[dict[str, Any]], first: int = 0) -> None:
+    """Refuse a parameter no average can hold: an integer or bool one (``requires_grad=False``,
+    which torch's optimizers take and never step), whose update raised after the step had
+    moved the weights, and left every later step refused.  ``first``: the index of
+    ``groups[0]`` among the optimizer's groups, for the message."""
+    for i, group in enumerate(groups, start=first):
+        for j, p in enumerate(local_params(group)):
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ConfigError(
+                    f"param group {i} holds a {p.dtype} parameter (its parameter {j}), which a "
+                    "weight average cannot hold: keep it out of the optimizer (as a buffer, "
+                    "register_buffer, if it is state), or wrap without average="
+                )
+
+
 @contextmanager
 def swapped(params: list[torch.Tensor], values: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """Copy ``values`` into ``params``, and the weights back when the block ends, even on error.

@@ -34,7 +34,7 @@ from torch.optim import optimizer as torch_optimizer
 from selftune import knobs as knobs_io
 from selftune import shards
 from selftune.audit import FOLLOWS, append_line
-from selftune.average import WeightAverage, check_decay
+from selftune.average import WeightAverage, check_averageable, check_decay
 from selftune.controllers import Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
@@ -142,6 +142,7 @@ class SelfTuned(torch.optim.Optimizer):
             _refuse_lazy(
                 optimizer.param_groups, f"the weight average (average={average!r}) starts from them"
             )
+            check_averageable(optimizer.param_groups)
         for i, group in enumerate(optimizer.param_groups):
             lost = knobs_io.eps_lost_in_half(i, group)
             if lost is not None:
@@ -402,6 +403,8 @@ class SelfTuned(torch.optim.Optimizer):
             # (a wrap takes them: its previous update and snapshots wait for the first step)
             why = "a group added mid-run is measured and snapshotted at once"
             _refuse_lazy(self.param_groups[i:], why, "add_param_group")
+            if self.average is not None:
+                check_averageable(self.param_groups[i:], first=i)
         except ConfigError:
             self.param_groups.pop()
             raise
