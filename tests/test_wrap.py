@@ -1081,6 +1081,31 @@ def test_a_restart_moves_no_frozen_knob() -> None:
     assert opt.hyperparams()[0] == {"lr": 0.002, "momentum": 0.9 / 4}  # momentum was free
 
 
+class _RestartsWithNoWords(_RestartsAt):
+    """Asks to restart with a number where the reason in words goes."""
+
+    def take_restart(self) -> Any:
+        return 5 if self.t == self.at else None
+
+
+def test_a_restart_asked_for_without_a_reason_in_words_is_refused_before_the_step(
+    tmp_path: Path,
+) -> None:
+    """The log refused the restart's record after the restart was made, with a LogError that
+    left the run broken part-way."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _RestartsWithNoWords(10), log_dir=tmp_path / "r")
+    train(pr, opt, 9)  # type: ignore[arg-type]
+    before = [p.clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
+    with pytest.raises(selftune.ConfigError, match=r"take_restart\(\) returned 5; return .* a str"):
+        train(pr, opt, 1)  # type: ignore[arg-type]
+    assert opt.step_count == 9
+    after = list(pr.model.parameters())  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    opt.close()
+    audit.verify(tmp_path / "r")
+
+
 class _Halves(OffController):
     """Proposes half the rate at every step."""
 

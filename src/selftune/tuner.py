@@ -2026,6 +2026,13 @@ class SelfTuned(torch.optim.Optimizer):
         """
         take = getattr(self.controller, "take_restart", None)
         reason = take() if take is not None else None
+        if reason is not None and not isinstance(reason, str):  # the log's restart record
+            # refused it after the restart had been made, the run left broken part-way
+            name = getattr(self.controller, "name", type(self.controller).__name__)
+            raise ConfigError(
+                f"controller {name!r}: take_restart() returned {reason!r}; return the reason "
+                "to restart in words, a str, or None for no restart"
+            )
         guard = self.guard
         if reason is None or guard is None or guard.restart_point is None:
             return None
