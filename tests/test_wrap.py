@@ -1516,6 +1516,21 @@ def test_the_manifest_records_the_options_a_controller_was_built_with(
     }
 
 
+class _ListsItsOptions(_Halves):
+    """Gives its options as a list of pairs."""
+
+    def __init__(self) -> None:
+        self.options = [("patience", 50)]
+
+
+@pytest.mark.parametrize("groups", ["each", "joint"])
+def test_a_controllers_options_that_are_no_dict_are_refused_by_name(groups: str) -> None:
+    """The protocol asks for a dict: a list of pairs went into the manifest of one run, and
+    raised a TypeError from inside the wrap of a joint one ('list' object is not a mapping)."""
+    with pytest.raises(selftune.ConfigError, match=r"'halves': its options are \[\('patience'"):
+        selftune.wrap(_sgd()[0], _ListsItsOptions(), groups=groups)
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) -> None:
     """A string "False" read off a config is truthy: taken as given it would run the range test

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from selftune.controllers.auto import AutoController
@@ -34,6 +34,12 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
                 raise ConfigError(
                     f"controller options {sorted(kwargs)} go with a controller's name; an "
                     f"instance is built with its own: {type(name).__name__}(...)"
+                )
+            options = getattr(name, "options", {})
+            if not isinstance(options, Mapping):  # dict() of it raised from inside the wrap
+                raise ConfigError(
+                    f"controller {name.name!r}: its options are {options!r}; give a dict of "
+                    "how it was built, e.g. {'patience': 50}, which goes into the run's manifest"
                 )
             return name
         members = ("name", "propose", "on_backoff", "state_dict", "load_state_dict")
