@@ -1531,6 +1531,16 @@ def test_a_controllers_options_that_are_no_dict_are_refused_by_name(groups: str)
         selftune.wrap(_sgd()[0], _ListsItsOptions(), groups=groups)
 
 
+@pytest.mark.parametrize("name", [None, "", 5])
+def test_a_controller_whose_name_is_no_words_is_refused_by_name(name: Any) -> None:
+    """The manifest recorded it as given, and a state saved under a name of None loaded into
+    a run of any other controller, the check of whose it was skipped."""
+    controller = _Halves()
+    controller.name = name
+    with pytest.raises(selftune.ConfigError, match=r"_Halves: its name is .*; give it a name"):
+        selftune.wrap(_sgd()[0], controller)
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_a_switch_that_is_not_a_bool_is_refused_with_both_choices(value: Any) -> None:
     """A string "False" read off a config is truthy: taken as given it would run the range test

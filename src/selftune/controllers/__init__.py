@@ -35,6 +35,12 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
                     f"controller options {sorted(kwargs)} go with a controller's name; an "
                     f"instance is built with its own: {type(name).__name__}(...)"
                 )
+            if not isinstance(name.name, str) or not name.name:  # the log, a state dict and
+                # a resume tell controllers apart by it: one of None took any other's state
+                raise ConfigError(
+                    f"controller {type(name).__name__}: its name is {name.name!r}; give it a "
+                    "name in words, a non-empty str (the run's manifest records it)"
+                )
             options = getattr(name, "options", {})
             if not isinstance(options, Mapping):  # dict() of it raised from inside the wrap
                 raise ConfigError(
