@@ -1531,6 +1531,21 @@ def test_a_controllers_options_that_are_no_dict_are_refused_by_name(groups: str)
         selftune.wrap(_sgd()[0], _ListsItsOptions(), groups=groups)
 
 
+def test_a_state_of_another_controller_says_how_to_wrap_the_one_it_was_saved_by() -> None:
+    """A state saved by a controller of one's own said to wrap with controller='halves',
+    a name wrap refuses as unknown: such a controller is given as an instance."""
+    saved = {}
+    for controller in ("off", _Halves()):
+        inner, pr = _sgd()
+        opt = selftune.wrap(inner, controller)
+        train(pr, opt, 2)  # type: ignore[arg-type]
+        saved[opt.controller.name] = opt.state_dict()
+    with pytest.raises(selftune.ConfigError, match=r"named 'halves', an instance of it as the"):
+        selftune.wrap(_sgd()[0], "off").load_state_dict(saved["halves"])
+    with pytest.raises(selftune.ConfigError, match=r"wrap with controller='off' to resume it"):
+        selftune.wrap(_sgd()[0], _Halves()).load_state_dict(saved["off"])
+
+
 @pytest.mark.parametrize("name", [None, "", 5])
 def test_a_controller_whose_name_is_no_words_is_refused_by_name(name: Any) -> None:
     """The manifest recorded it as given, and a state saved under a name of None loaded into

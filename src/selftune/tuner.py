@@ -35,7 +35,7 @@ from selftune import knobs as knobs_io
 from selftune import shards
 from selftune.audit import FOLLOWS, append_line
 from selftune.average import WeightAverage, check_averageable, check_decay
-from selftune.controllers import Controller, Knobs, Proposal, make_controller
+from selftune.controllers import CONTROLLERS, Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, GuardError
@@ -1131,9 +1131,14 @@ class SelfTuned(torch.optim.Optimizer):
         name = own.get("controller_name")
         takes_any = getattr(self.controller, "takes_any_state", False)
         if name is not None and name != self.controller.name and not takes_any:
+            how = (  # a controller of one's own is no name wrap knows: it is given built
+                f"controller={name!r}"
+                if name in CONTROLLERS
+                else f"the controller named {name!r}, an instance of it as the run was"
+            )
             raise ConfigError(
                 f"the state dict was saved by controller {name!r}, this optimizer runs "
-                f"{self.controller.name!r}: wrap with controller={name!r} to resume it"
+                f"{self.controller.name!r}: wrap with {how} to resume it"
             )
         mode, ours = own.get("groups", "each"), "each" if self._joint is None else "joint"
         if mode != ours:  # one state for all groups, or one per group: the other's reads wrong
