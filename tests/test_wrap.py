@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -1544,6 +1545,28 @@ def test_a_state_of_another_controller_says_how_to_wrap_the_one_it_was_saved_by(
         selftune.wrap(_sgd()[0], "off").load_state_dict(saved["halves"])
     with pytest.raises(selftune.ConfigError, match=r"wrap with controller='off' to resume it"):
         selftune.wrap(_sgd()[0], _Halves()).load_state_dict(saved["off"])
+
+
+def test_one_controller_instance_stepped_by_two_optimizers_in_turn_is_refused() -> None:
+    """Two wrappers given one instance (a GAN's two players) stepped it in turn, its state
+    following both runs and each proposing from the other's signals, with no word.  One that
+    goes on with an instance another has finished with is not refused."""
+    shared = _Halves()
+    (a, pa), (b, pb) = _sgd(), _sgd()
+    first, second = selftune.wrap(a, shared), selftune.wrap(b, shared)
+    train(pa, first, 3)  # type: ignore[arg-type]
+    train(pb, second, 3)  # type: ignore[arg-type]  # the first is done with it: goes on
+    before = [p.clone() for p in pa.model.parameters()]  # type: ignore[attr-defined]
+    with pytest.raises(selftune.ConfigError, match=r"'halves': another optimizer's wrapper"):
+        train(pa, first, 1)  # type: ignore[arg-type]
+    after = list(pa.model.parameters())  # type: ignore[attr-defined]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    (a, pa), (b, pb) = _sgd(), _sgd()
+    first, second = selftune.wrap(a, shared), selftune.wrap(b, copy.deepcopy(shared))
+    for _ in range(3):  # each its own: in turn, as a GAN's players step
+        train(pa, first, 1)  # type: ignore[arg-type]
+        train(pb, second, 1)  # type: ignore[arg-type]
+    assert first.step_count == second.step_count == 3
 
 
 @pytest.mark.parametrize("name", [None, "", 5])

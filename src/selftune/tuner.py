@@ -155,6 +155,10 @@ class SelfTuned(torch.optim.Optimizer):
                 "or 'joint' (all groups as one, their rates kept in the ratios given)"
             )
         self.controller = make_controller(controller, **controller_options)
+        #: the id of the instance given, if one was, and whether this wrapper has stepped with
+        #: it: see :meth:`_check_own_controller`
+        self._given = None if isinstance(controller, str) else id(controller)
+        self._stepped_with = False
         #: the controller that reads the groups as one, if so (see selftune.controllers.joint)
         self._joint: JointController | None = None
         if groups == "joint":  # read through a weak reference: a cycle would keep a dropped
@@ -584,6 +588,7 @@ class SelfTuned(torch.optim.Optimizer):
         if not across:  # else every rank refuses alike, in measure
             self.check_whole("a step")
         self._check_outside_average("a step")
+        self._check_own_controller()
         if closure is not None and not callable(closure):
             raise ConfigError(
                 f"step() got a {type(closure).__name__} where torch's optimizers take a closure; "
@@ -626,6 +631,28 @@ class SelfTuned(torch.optim.Optimizer):
         if self._zero:
             self._consolidated_before = shards.consolidation(self.optimizer)
         return result
+
+    def _check_own_controller(self) -> None:
+        """Refuse a step with a controller instance that another wrapper stepped with since
+        this one last did, before anything changes.
+
+        One instance given to two wrappers (a GAN's two optimizers given one
+        ``AutoController``) read the signals of both into one state, proposed for each from
+        the other's, and a rollback of either restored the state of both, with no word.  A
+        wrapper that goes on with an instance another has finished with is no such sharing.
+        """
+        if self._given is None:
+            return
+        last = _STEPPED.get(self._given)
+        if last is not None and last is not self and self._stepped_with:
+            raise ConfigError(
+                f"controller {self.controller.name!r}: another optimizer's wrapper was given "
+                "the same instance and stepped with it since this one's last step, and one "
+                "controller's state would follow both runs. Give each optimizer its own, "
+                "built anew or copy.deepcopy(controller), before either steps"
+            )
+        _STEPPED[self._given] = self
+        self._stepped_with = True
 
     def _step(
         self, t: int, loss: Any, inner_closure: Callable[[], Any] | None, skipped: bool
@@ -2290,6 +2317,12 @@ def _refill(state: dict[Any, Any], loaded: dict[Any, Any]) -> None:
         loaded[param] = held
     state.clear()
     state.update(loaded)
+
+
+#: the wrapper that stepped last with each controller instance given to one, by the instance's
+#: id (the entry goes with the wrapper, and the instance lives as long as it: no other object
+#: takes the id meanwhile)
+_STEPPED: weakref.WeakValueDictionary[int, SelfTuned] = weakref.WeakValueDictionary()
 
 
 def _clone(tree: Any, to: torch.device | None = None) -> Any:
