@@ -27,6 +27,7 @@ from selftune.controllers.hypergradient import HypergradientController
 from selftune.controllers.off import OffController
 from selftune.controllers.stability import OPTIONS as stability_options
 from selftune.controllers.stability import StabilityController
+from selftune.policy import DEFAULT_BOUNDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -342,6 +343,13 @@ def test_lr_bounds_absolute_without_bounds_is_refused() -> None:
     rollback could cut it."""
     with pytest.raises(selftune.ConfigError, match=r"needs bounds=\{\"lr\""):
         selftune.wrap(_sgd()[0], lr_bounds_absolute=True)
+    for policy in (  # a Policy built by hand for SelfTuned passed with them as the rates
+        lambda: selftune.Policy(lr_bounds_absolute=True),
+        lambda: selftune.Policy(bounds={"momentum": (0.5, 0.9)}, lr_bounds_absolute=True),
+    ):
+        with pytest.raises(selftune.ConfigError, match=r"needs bounds=\{\"lr\""):
+            policy()
+    assert selftune.Policy().bounds == selftune.Policy.build().bounds == DEFAULT_BOUNDS
 
 
 def test_a_rollback_restores_a_momentum_the_user_set_outside_the_bounds() -> None:

@@ -44,7 +44,8 @@ class Policy:
     frozen by default: changing Adam's second-moment horizon mid-run rescales every past step size.
     """
 
-    bounds: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
+    #: the knobs given, each other knob at its default (so that one given by hand is known)
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     max_change: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_CHANGE))
     #: knob names, kept as a frozenset (one name given as a str is one knob)
     frozen: Iterable[str] = frozenset({"beta2"})
@@ -66,6 +67,12 @@ class Policy:
             raise ConfigError(f"frozen={frozen!r}: give knob names, e.g. frozen={{'beta2'}}")
         if not isinstance(self.lr_bounds_absolute, bool):
             raise ConfigError(f"lr_bounds_absolute={self.lr_bounds_absolute!r}: give True or False")
+        if self.lr_bounds_absolute and "lr" not in self.bounds:
+            # the default factors read as rates: (1e-3, 1e5) put the floor above most starts
+            raise ConfigError(
+                'lr_bounds_absolute=True needs bounds={"lr": (low, high)}, the rates it makes '
+                "absolute; without it the rate's bounds are factors of its start"
+            )
         for name, pair in dict(self.bounds).items():
             if not (
                 isinstance(pair, tuple | list) and len(pair) == 2 and all(map(is_number, pair))
@@ -114,19 +121,12 @@ class Policy:
         lr_bounds_absolute: bool = False,
     ) -> Policy:
         """The policy :func:`selftune.wrap` builds from its keyword arguments."""
-        policy = cls(
+        return cls(
             bounds={} if bounds is None else bounds,
             max_change={} if max_change is None else max_change,
             frozen={"beta2"} if frozen is None else frozen,
             lr_bounds_absolute=lr_bounds_absolute,
         )
-        if lr_bounds_absolute and "lr" not in (bounds or {}):
-            # the default factors read as rates: (1e-3, 1e5) put the floor above most starts
-            raise ConfigError(
-                'lr_bounds_absolute=True needs bounds={"lr": (low, high)}, the rates it makes '
-                "absolute; without it the rate's bounds are factors of its start"
-            )
-        return policy
 
     def limits(self, knob: str, start: float, within: Iterable[float] = ()) -> tuple[float, float]:
         """The absolute bounds of ``knob`` for a group whose starting value was ``start``,
