@@ -1147,6 +1147,7 @@ class _Proposes(OffController):
         ([Proposal(0, "lr", torch.tensor(0.1), "")], "lr=tensor\\(0.1000\\) .* a finite float"),
         ([Proposal(0, "lr", math.nan, "")], "lr=nan"),
         ([Proposal(0, "lr", 0.1, {"why": "up"})], "gave the reason \\{'why': 'up'\\}; .* a str"),
+        ([Proposal(0, "lr", 1e6, "up", raw=True)], "raw=True, which only replay sets"),
     ],
 )
 def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(

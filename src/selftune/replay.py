@@ -108,6 +108,8 @@ class ReplayController(OffController):
     #: checkpoint, a fine-tune from a saved run), loads into the replay too, whose decisions
     #: are the log's: refused as another controller's, the same script could not replay it
     takes_any_state = True
+    #: its proposals are the log's values, which the policy passed in the run (``raw``)
+    replays_log = True
 
     def __init__(self, records: list[dict[str, Any]], decided: Decided, passes: _Passes) -> None:
         self._passes = passes

@@ -177,6 +177,13 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
                 f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
                 "finite float (a tensor's .item())"
             )
+        if p.raw and not getattr(controller, "replays_log", False):  # it passed no bound,
+            # limit or frozen knob, and was taken as the rate's scale, not the rate
+            raise ConfigError(
+                f"controller {name!r}: a proposal for {p.knob} of group {group} with raw=True, "
+                "which only replay sets (a value the policy passed when it was logged); leave "
+                "raw at False and propose the knob's value, which the policy holds to its bounds"
+            )
         if not isinstance(p.reason, str):
             raise ConfigError(
                 f"controller {name!r}: a proposal for {p.knob} of group {group} gave the reason "
