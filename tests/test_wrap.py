@@ -1166,6 +1166,30 @@ def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_a_controllers_numpy_group_and_value_are_taken_as_plain_numbers(tmp_path: Path) -> None:
+    """A group index or a value read off a numpy array: the index was refused as no group
+    ('group np.int64(0), and the optimizer has param groups 0 to 0'), and a float32 value
+    stopped the run with the log's TypeError (not JSON serializable)."""
+    proposals = [
+        Proposal(np.int64(0), "lr", np.float32(0.004), "numpy"),  # type: ignore[arg-type]
+        Proposal(0, "momentum", np.float32(0.85), "numpy"),  # type: ignore[arg-type]
+    ]
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _Proposes(proposals), log_dir=tmp_path / "r")
+    train(pr, opt, 3)  # type: ignore[arg-type]
+    opt.close()
+    audit.verify(tmp_path / "r")
+    assert opt.hyperparams()[0] == {
+        "lr": float(np.float32(0.004)),
+        "momentum": float(np.float32(0.85)),
+    }
+    again, pa = _sgd()
+    replayed = selftune.replay(again, tmp_path / "r")
+    train(pa, replayed, 3)  # type: ignore[arg-type]
+    pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
 class _ThereAndBack(OffController):
     """Moves the rate and the momentum twice in each of steps 3 and 4."""
 

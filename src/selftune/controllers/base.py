@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from selftune.errors import ConfigError
@@ -157,7 +157,8 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
                 "return selftune.Proposal(group, knob, value, reason) for each change"
             )
         group = p.group
-        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(knobs):
+        whole = isinstance(group, numbers.Integral) and not isinstance(group, bool)
+        if not whole or not 0 <= group < len(knobs):
             raise ConfigError(
                 f"controller {name!r}: a proposal for group {group!r}, and the optimizer has "
                 f"param groups 0 to {len(knobs) - 1}"
@@ -189,4 +190,6 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
                 f"controller {name!r}: a proposal for {p.knob} of group {group} gave the reason "
                 f"{p.reason!r}; give the reason in words, a str"
             )
-    return list(proposals)
+    # as plain numbers: numpy's (an index or a value read off an array) are refused by the
+    # log's JSON, a float32 after the step was taken
+    return [replace(p, group=int(p.group), value=float(p.value)) for p in proposals]
