@@ -49,6 +49,8 @@ class Controller(Protocol):
     broke the run) would otherwise be lost with the restore; ``on_backoff`` follows.
     And a dict ``options``, if it has one, of how it was built (the built-in ones: their
     options set off the defaults, :func:`options_set`) goes into the run's manifest.
+    An instance tunes one optimizer: its state follows that run, so two wrappers that step
+    one instance in turn are refused (give each optimizer its own, ``copy.deepcopy``).
     """
 
     name: str
