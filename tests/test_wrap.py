@@ -1565,6 +1565,25 @@ def test_a_controllers_options_that_are_no_dict_are_refused_by_name(groups: str)
         selftune.wrap(_sgd()[0], _ListsItsOptions(), groups=groups)
 
 
+class _BacksOffWithoutTheStep(_Halves):
+    """Defines on_backoff without the step the wrapper passes."""
+
+    def on_backoff(self) -> None:  # type: ignore[override]
+        pass
+
+
+def test_a_controller_method_that_cannot_take_the_wrappers_arguments_is_refused_at_wrap(
+    tmp_path: Path,
+) -> None:
+    """on_backoff(self) was taken, and raised a TypeError from inside the guard at the first
+    rollback, hours into a run, the step broken part-way."""
+    inner, _ = _sgd()
+    with pytest.raises(
+        selftune.ConfigError, match=r"'halves': on_backoff .* define it as on_backoff\(self, step\)"
+    ):
+        selftune.wrap(inner, _BacksOffWithoutTheStep(), log_dir=tmp_path / "r")
+
+
 def test_a_state_of_another_controller_says_how_to_wrap_the_one_it_was_saved_by() -> None:
     """A state saved by a controller of one's own said to wrap with controller='halves',
     a name wrap refuses as unknown: such a controller is given as an instance."""

@@ -41,6 +41,7 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
                     f"controller {type(name).__name__}: its name is {name.name!r}; give it a "
                     "name in words, a non-empty str (the run's manifest records it)"
                 )
+            _check_methods(name)
             options = getattr(name, "options", {})
             if not isinstance(options, Mapping):  # dict() of it raised from inside the wrap
                 raise ConfigError(
@@ -70,6 +71,38 @@ def make_controller(name: str | Controller, **kwargs: Any) -> Controller:
             f"not take itself ({', '.join(wraps)}) to the controller, which takes "
             + (", ".join(takes) if takes else "none")
         ) from None
+
+
+#: the arguments the wrapper calls each method of a controller with, and a signature for words
+_CALLS: dict[str, tuple[int, str]] = {
+    "propose": (2, "propose(self, signals, knobs)"),
+    "on_backoff": (1, "on_backoff(self, step)"),
+    "state_dict": (0, "state_dict(self)"),
+    "load_state_dict": (1, "load_state_dict(self, state)"),
+    "take_restart": (0, "take_restart(self)"),
+    "before_rollback": (1, "before_rollback(self, knobs)"),
+}
+
+
+def _check_methods(controller: Controller) -> None:
+    """Refuse a controller whose method cannot take the arguments the wrapper calls it with.
+
+    ``on_backoff(self)`` without its step raised a TypeError from inside the guard at the
+    first rollback, hours into a run, and left the step broken part-way.
+    """
+    for method, (count, signature) in _CALLS.items():
+        call = getattr(controller, method, None)
+        if call is None:  # take_restart and before_rollback are optional
+            continue
+        try:
+            inspect.signature(call).bind(*[None] * count)
+        except ValueError:  # no signature to read (a builtin): it is taken on trust
+            continue
+        except TypeError:
+            raise ConfigError(
+                f"controller {controller.name!r}: {method} cannot be called as the wrapper "
+                f"calls it; define it as {signature}"
+            ) from None
 
 
 __all__ = ["CONTROLLERS", "Controller", "Knobs", "Proposal", "make_controller"]
