@@ -104,11 +104,10 @@ class ReplayController(OffController):
     (``decided``); ``records``: the log's other records (guard events, notes, added groups)."""
 
     name = "replay"
-    #: a state the run's script loads, saved under the run's controller (a resume from its
-    #: checkpoint, a fine-tune from a saved run), loads into the replay too, whose decisions
-    #: are the log's: refused as another controller's, the same script could not replay it
-    takes_any_state = True
-    #: its proposals are the log's values, which the policy passed in the run (``raw``)
+    #: its proposals are the log's values, which the policy passed in the run (``raw``); and a
+    #: state the run's script loads, saved under the run's controller (a resume from its
+    #: checkpoint, a fine-tune from a saved run), loads into it, since its decisions are the
+    #: log's: refused as another controller's, the same script could not replay
     replays_log = True
 
     def __init__(self, records: list[dict[str, Any]], decided: Decided, passes: _Passes) -> None:

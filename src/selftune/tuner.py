@@ -1156,8 +1156,8 @@ class SelfTuned(torch.optim.Optimizer):
                 f"build a {kind}, wrapped as the run was, to resume it"
             )
         name = own.get("controller_name")
-        takes_any = getattr(self.controller, "takes_any_state", False)
-        if name is not None and name != self.controller.name and not takes_any:
+        replays = getattr(self.controller, "replays_log", False)  # any run's state: the log's
+        if name is not None and name != self.controller.name and not replays:
             how = (  # a controller of one's own is no name wrap knows: it is given built
                 f"controller={name!r}"
                 if name in CONTROLLERS
