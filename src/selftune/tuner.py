@@ -1058,7 +1058,7 @@ class SelfTuned(torch.optim.Optimizer):
         selftune tunes no knob that is off when it wraps an optimizer (:func:`~selftune.knobs.
         knob_names`: turning it on changes the algorithm, not its setting); one tuned from the
         wrap went on being tuned after such a load, and ``hypergradient`` raised the loaded
-        β1 of 0 to 0.013 in 60 steps.  It is handed over as a knob a scheduler moves is (see
+        β1 of 0 to 0.45 in 60 steps.  It is handed over as a knob a scheduler moves is (see
         :meth:`_find_outside`), with a note: neither tuned nor restored on a rollback, kept
         through a resume, and still reported, so the log's knobs stay those of its manifest.
         """
