@@ -755,10 +755,12 @@ class SelfTuned(torch.optim.Optimizer):
         """Let the wrapped optimizer take the step by which torch.distributed.checkpoint's
         helpers fill an empty state (every rate set to zero, every gradient zeros), and warn:
         on the wrapper it was a step of the run, logged and counted, and Adam's step count
-        then differed from that of a run that saved no checkpoint there."""
-        if self.optimizer.state or any(knobs_io.read(g, "lr") != 0.0 for g in self.param_groups):
+        then differed from that of a run that saved no checkpoint there.  The caller is asked
+        before the rates are read: a stateless optimizer (SGD without momentum) comes here at
+        every step, and reading a tensor rate on a device is a host sync."""
+        if self.optimizer.state or not shards.called_by_dcp():
             return False
-        if not shards.called_by_dcp():
+        if any(knobs_io.read(g, "lr") != 0.0 for g in self.param_groups):
             return False
         warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
         with _global_step_hooks_held():
