@@ -194,4 +194,9 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
             )
     # as plain numbers: numpy's (an index or a value read off an array) are refused by the
     # log's JSON, a float32 after the step was taken
-    return [replace(p, group=int(p.group), value=float(p.value)) for p in proposals]
+    return [
+        p
+        if type(p.group) is int and type(p.value) is float  # the usual case: no copy a step
+        else replace(p, group=int(p.group), value=float(p.value))
+        for p in proposals
+    ]
