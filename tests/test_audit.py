@@ -471,7 +471,7 @@ def test_a_full_disk_or_read_only_folder_at_the_start_is_a_log_error(
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(LogError, match=r"manifest.json: No space left on device"):
         AuditLog(tmp_path / "a", manifest())
-    assert list((tmp_path / "a").iterdir()) == []
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name != audit.WRITER_LOCK] == []
     monkeypatch.setattr(os, "fsync", real_fsync)
     write_run(tmp_path / "b", 2)
 
@@ -840,7 +840,9 @@ def test_build_manifest_describes_the_run(tmp_path: Path) -> None:
     assert built["config"] == {"bounds": [1e-5, "inf"]}
     AuditLog(tmp_path, built).close()
     assert verify(tmp_path).records == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([audit.MANIFEST, audit.DECISIONS])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [audit.MANIFEST, audit.DECISIONS, audit.WRITER_LOCK]
+    )
     with pytest.raises(LogError, match="param group 0 is described as"):
         audit.build_manifest(
             controller="auto",
@@ -864,3 +866,89 @@ def test_cli_prints_control_characters_of_the_log_escaped(
     assert cli.main(["verify", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "knobs lr\\x1b[2J momentum\\r, 0 guard events" in out and "\x1b" not in out
+
+
+#: another process opening the run folder in argv[1] as its writer; argv[2] "hold" keeps it
+_WRITER = """
+import sys, time
+from selftune.audit import AuditLog, LogError
+try:
+    log = AuditLog(sys.argv[1])
+except LogError as exc:
+    print(exc, flush=True)
+    sys.exit(3)
+print("opened", flush=True)
+if sys.argv[2] == "hold":
+    time.sleep(600)
+"""
+
+
+def _other_writer(folder: Path, hold: bool = False) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(folder), "hold" if hold else "once"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _opens(folder: Path) -> str:
+    """What another process opening ``folder`` as its writer says."""
+    out, _ = _other_writer(folder).communicate(timeout=120)
+    return out.strip()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+def test_a_second_process_is_refused_the_folder_a_killed_one_is_not(tmp_path: Path) -> None:
+    """Two processes writing one folder (a launcher killed and started again, resuming while
+    its workers ran on) interleaved the trace's steps, and ``verify`` passed the folder. A
+    killed writer must leave no stale lock behind."""
+    holder = _other_writer(tmp_path, hold=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "opened"
+        with pytest.raises(LogError, match=rf"another process \(pid {holder.pid} on .*Stop it"):
+            AuditLog(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    AuditLog(tmp_path).close()  # the kernel dropped the killed writer's lock
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+def test_the_folders_lock_passes_with_it_and_goes_with_the_writer(tmp_path: Path) -> None:
+    """A writer that takes the folder over in this process takes the lock with it (released
+    and taken again, another process could slip in); a child forked while it was held (a
+    DataLoader's persistent worker) does not keep it after the writer closes."""
+    import multiprocessing
+
+    first = AuditLog(tmp_path)
+    second = AuditLog(tmp_path)  # the run wrapped again in a notebook cell
+    assert first.superseded
+    assert _opens(tmp_path).startswith("another process")
+    first.close()  # the superseded writer's close lets go of nothing it no longer holds
+    assert _opens(tmp_path).startswith("another process")
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=time_sleep, args=(600,), daemon=True)
+    child.start()
+    try:
+        second.close()
+        assert _opens(tmp_path) == "opened"
+    finally:
+        child.kill()
+        child.join(timeout=60)
+
+
+def time_sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_a_writer_refused_its_folder_lets_go_of_the_lock(tmp_path: Path) -> None:
+    """Refused at the manifest (another run's folder), a writer held the folder's lock until
+    it was collected, and its traceback kept it (a notebook keeps the last one): the run's own
+    process was then refused its folder."""
+    AuditLog(tmp_path, manifest()).close()
+    with pytest.raises(LogError, match="another run") as refused:
+        AuditLog(tmp_path, manifest(seed=1, initial_params_sha256="cd" * 32))
+    assert refused.tb is not None  # held here as a notebook holds it
+    assert _opens(tmp_path) == "opened"

@@ -133,6 +133,7 @@ def test_every_rank_holds_the_hyperparameters_rank0_logged(
         "manifest.json",
         "decisions.jsonl",
         "trace.jsonl",
+        "writer.lock",
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 DECISIONS = "decisions.jsonl"
+#: the file whose lock a run folder's writer holds while its log is open (see _lock_folder)
+WRITER_LOCK = "writer.lock"
 #: ``prev`` of the first record: there is nothing before it.
 GENESIS = "0" * 64
 #: Written into every manifest so that a later reader can tell which rules the log follows.
@@ -822,6 +825,57 @@ def open_append(file: Path, owner: object) -> tuple[int, weakref.finalize]:
     return fd, weakref.finalize(owner, os.close, fd)
 
 
+def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
+    """Lock ``folder`` for this process's writer; return the finalizer that releases the lock
+    (call it to release), or None where the OS or the filesystem has no locks.
+
+    Two processes writing one folder (a launcher killed and its command started again, resuming
+    from the run's checkpoint while the old workers ran on) interleaved the trace's steps, and
+    ``verify`` passed the folder.  A POSIX record lock, not
+    ``flock``: it is the process's, so a DataLoader worker forked while it is held does not keep
+    it after the writer closes (the run wrapped again in a notebook would be refused while
+    persistent workers lived), and the kernel drops it with the process, so a killed run leaves
+    no stale lock.  Its catch, that closing any descriptor of the file drops the process's lock,
+    is why it is a file of its own that nothing else opens; a writer of this process that takes
+    the folder over takes this lock with it (:meth:`AuditLog._take_over`).  The holder writes
+    its process id into the file, for the message of the one refused.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no record locks through fcntl; the folder goes unlocked
+        return None
+    file = folder / WRITER_LOCK
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LogError(f"cannot open {file}: {exc.strerror or exc}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            return None  # a filesystem without locks (some network mounts): as before, unlocked
+        raise LogError(
+            f"another process{_lock_holder(file)} is writing the run folder {folder} (a run "
+            "still going, or the workers of a launcher stopped while they ran on): two writers "
+            "would interleave one log. Stop it, or pass another log_dir; to follow the run "
+            "while it goes, use `selftune watch`"
+        ) from None
+    with contextlib.suppress(OSError):  # only the message of a refused writer reads it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+    return weakref.finalize(owner, os.close, fd)
+
+
+def _lock_holder(file: Path) -> str:
+    """`` (pid N on host)``, as the holder of the lock on ``file`` wrote it, else nothing."""
+    try:
+        pid, _, host = file.read_text(encoding="utf-8", errors="replace").strip().partition(" ")
+    except OSError:
+        return ""
+    return f" (pid {pid} on {printable(host)})" if pid.isdigit() else ""
+
+
 #: how a resume's note carries the notes of earlier cuts it dropped
 _AMONG = " (among them notes that said: "
 
@@ -859,6 +913,8 @@ class AuditLog:
         self._file = self.path / DECISIONS
         self._fd: int | None = None
         self._closer: weakref.finalize | None = None
+        #: releases the run folder's lock, which this writer holds while open (_lock_folder)
+        self._unlock: weakref.finalize | None = None
         self._seq = 0
         self._head = GENESIS
         self._bytes = 0
@@ -888,11 +944,29 @@ class AuditLog:
             if self.path.exists() and not self.path.is_dir():
                 why = "a file has that name; pass the path of a folder (new or a run's) instead"
             raise LogError(f"cannot create the run folder {self.path}: {why}") from None
-        note = (
-            _settle_manifest(self.path, manifest, holder is not None)
-            if manifest is not None
-            else None
-        )
+        if holder is None:  # else this process holds the lock, and it comes with the folder
+            self._unlock = _lock_folder(self.path, self)
+        try:
+            torn, note = self._open(manifest, holder is not None)
+        except BaseException:
+            self.close()  # a refused writer lets go of the folder's lock at once
+            raise
+        self._take_over(holder)
+        if torn:
+            self._opening.append(f"{_TORN} of {torn} bytes")
+        if note is not None:
+            self._opening.append(note)
+        # the torn tail is cut and the notes written at the first record, cut or position the
+        # run asks for, not here: a run refused at its first step (started over the folder of
+        # a run it did not resume) wrote a note of a changed manifest into that run's log, a
+        # resume that never was
+        self._torn = torn
+        self._settled = False
+
+    def _open(self, manifest: Mapping[str, Any] | None, open_here: bool) -> tuple[int, str | None]:
+        """Settle the manifest, read where the log ends and open it to append; return the torn
+        tail's size and the note of a changed manifest, if any."""
+        note = _settle_manifest(self.path, manifest, open_here) if manifest is not None else None
         torn = 0
         if self._file.exists():
             scan = self._scan_file()
@@ -907,17 +981,7 @@ class AuditLog:
                 f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
                 "folder must be writable (to read a log, use read_log or verify)"
             ) from None
-        self._take_over(holder)
-        if torn:
-            self._opening.append(f"{_TORN} of {torn} bytes")
-        if note is not None:
-            self._opening.append(note)
-        # the torn tail is cut and the notes written at the first record, cut or position the
-        # run asks for, not here: a run refused at its first step (started over the folder of
-        # a run it did not resume) wrote a note of a changed manifest into that run's log, a
-        # resume that never was
-        self._torn = torn
-        self._settled = False
+        return torn, note
 
     def _settle(self, fd: int) -> None:
         """Cut the torn tail and write the opening notes, once, before anything else.
@@ -1088,8 +1152,13 @@ class AuditLog:
         return self._fd
 
     def _take_over(self, holder: AuditLog | None) -> None:
-        """Hold the folder in this process, from ``holder`` if it held it (:meth:`_supersede`)."""
+        """Hold the folder in this process, from ``holder`` if it held it (:meth:`_supersede`),
+        with its lock: released and taken again, another process could slip in between."""
         if holder is not None:
+            handed = None if holder._unlock is None else holder._unlock.detach()
+            if handed is not None:
+                _, close, args, _ = handed
+                self._unlock = weakref.finalize(self, close, *args)
             holder._supersede()
         _OPEN_LOGS[self._key] = self
 
@@ -1114,6 +1183,9 @@ class AuditLog:
         if self._closer is not None:
             self._closer()
             self._fd = self._closer = None
+        if self._unlock is not None:
+            self._unlock()
+            self._unlock = None
         if _OPEN_LOGS.get(self._key) is self:
             del _OPEN_LOGS[self._key]
 
