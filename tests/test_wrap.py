@@ -1097,22 +1097,24 @@ class _RestartsWithNoWords(_RestartsAt):
         return 5 if self.t == self.at else None
 
 
-def test_a_restart_asked_for_without_a_reason_in_words_is_refused_before_the_step(
+def test_a_restart_asked_for_without_a_reason_in_words_is_refused_and_its_step_taken_without_it(
     tmp_path: Path,
 ) -> None:
     """The log refused the restart's record after the restart was made, with a LogError that
-    left the run broken part-way."""
+    left the run broken part-way.  The step is taken at the knobs in force, without the
+    controller's proposals or its restart, and the run goes on."""
     inner, pr = _sgd()
     opt = selftune.wrap(inner, _RestartsWithNoWords(10), log_dir=tmp_path / "r")
     train(pr, opt, 9)  # type: ignore[arg-type]
-    before = [p.clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
-    with pytest.raises(selftune.ConfigError, match=r"take_restart\(\) returned 5; return .* a str"):
+    words = r"take_restart\(\) returned 5; return .* a str"
+    with pytest.raises(selftune.ControllerError, match=words):
         train(pr, opt, 1)  # type: ignore[arg-type]
-    assert opt.step_count == 9
-    after = list(pr.model.parameters())  # type: ignore[attr-defined]
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert opt.step_count == 10 and opt.hyperparams() == [{"lr": 0.002, "momentum": 0.9}]
+    train(pr, opt, 2)  # type: ignore[arg-type]
     opt.close()
+    assert opt.step_count == 12
     audit.verify(tmp_path / "r")
+    assert not [r for r in audit.read_log(tmp_path / "r").records if r["kind"] == "guard"]
 
 
 class _Halves(OffController):
@@ -1150,20 +1152,78 @@ class _Proposes(OffController):
         ([Proposal(0, "lr", 1e6, "up", raw=True)], "raw=True, which only replay sets"),
     ],
 )
-def test_a_controllers_bad_proposal_is_refused_by_name_before_the_step(
+def test_a_controllers_bad_proposal_is_refused_by_name_and_its_step_taken_without_it(
     proposals: Any, words: str, tmp_path: Path
 ) -> None:
     """A controller of one's own that erred failed deep inside the wrapper, applied group -1 to
     the last group (a log that then failed ``verify``), or stored a tensor as the rate that the
-    log refused after the weights had moved."""
+    log refused after the weights had moved.  The refusal came from inside the step, which then
+    stood broken off: every later step was refused until a checkpoint loaded."""
     inner, pr = _sgd()
-    before = [p.clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
+    plain, pp = _sgd()
     opt = selftune.wrap(inner, _Proposes(proposals), log_dir=tmp_path)
-    with pytest.raises(selftune.ConfigError, match=words):
+    with pytest.raises(selftune.ControllerError, match=words) as refused:
         train(pr, opt, 1)  # type: ignore[arg-type]
-    assert opt.step_count == 0
-    after = list(pr.model.parameters())  # type: ignore[attr-defined]
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert isinstance(refused.value.__cause__, selftune.ConfigError)
+    train(pp, plain, 1, pass_loss=False)  # the step as taken with no proposal
+    assert opt.step_count == 1 and opt.hyperparams() == [{"lr": 0.002, "momentum": 0.9}]
+    pairs = zip(inner.param_groups[0]["params"], plain.param_groups[0]["params"], strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    opt.controller.proposals = []  # type: ignore[attr-defined]
+    train(pr, opt, 1)  # type: ignore[arg-type]
+    opt.close()
+    assert opt.step_count == 2
+    audit.verify(tmp_path)
+
+
+class _RaisesAt(OffController):
+    """Lowers the rate by a tenth at every step, and raises at step ``at`` before proposing."""
+
+    name = "raises"
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        if signals.step == self.at:
+            raise ZeroDivisionError("no rate")
+        return [Proposal(0, "lr", knobs[0]["lr"] * 0.9, "lower")]
+
+
+def test_a_controller_that_raises_has_its_step_taken_without_it_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    """An exception from a controller's propose left the step broken off: the wrapper refused
+    every later step until a checkpoint loaded.  The step is taken at the knobs in force, its
+    log records say why no decision was made there, and the run replays to the bit."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _RaisesAt(3), log_dir=tmp_path / "r")
+    for t in range(1, 7):
+        loss = pr.batch_loss(t)  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss.backward()
+        if t != 3:
+            opt.step(loss=loss.detach())
+            continue
+        knobs = opt.hyperparams()
+        with pytest.raises(selftune.ControllerError, match=r"propose\(\) raised ZeroDiv") as e:
+            opt.step(loss=loss.detach())
+        assert "controller 'raises'" in str(e.value) and "Step 3 was taken" in str(e.value)
+        assert isinstance(e.value.__cause__, ZeroDivisionError)
+        assert opt.step_count == 3 and opt.hyperparams() == knobs
+    opt.close()
+    assert opt.step_count == 6
+    assert opt.hyperparams()[0]["lr"] == pytest.approx(0.002 * 0.9**5)
+    audit.verify(tmp_path / "r")
+    records = audit.read_log(tmp_path / "r").records
+    assert [r["step"] for r in records if r["kind"] == "decision"] == [1, 2, 4, 5, 6]
+    (note,) = [r for r in records if r["kind"] == "note" and r.get("step") == 3]
+    assert "propose() raised ZeroDivisionError: no rate" in note["reason"]
+    again, pa = _sgd()
+    replayed = selftune.replay(again, tmp_path / "r")
+    train(pa, replayed, 6)  # type: ignore[arg-type]
+    pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_a_controllers_numpy_group_and_value_are_taken_as_plain_numbers(tmp_path: Path) -> None:

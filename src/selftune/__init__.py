@@ -19,7 +19,7 @@ import torch
 from selftune.audit import LogError, verify
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.controllers import CONTROLLERS, Controller, Proposal
-from selftune.errors import ConfigError, GuardError, SelfTuneError
+from selftune.errors import ConfigError, ControllerError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
 from selftune.policy import Policy, misfits
 from selftune.replay import replay
@@ -100,6 +100,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Controller",
+    "ControllerError",
     "Decision",
     "GuardConfig",
     "GuardError",

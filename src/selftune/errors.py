@@ -11,6 +11,15 @@ class ConfigError(SelfTuneError):
     """An argument to :func:`selftune.wrap` (or a policy, or a controller) is out of range."""
 
 
+class ControllerError(ConfigError):
+    """A controller's ``propose`` (or ``take_restart``) raised, or returned what the wrapper
+    refuses (a group there is not): raised by ``step`` once the step has been taken at the
+    knobs in force, without the controller's proposals, and recorded so.  The run is whole and
+    goes on from the next step; the controller's own exception, or the wrapper's refusal, is
+    the ``__cause__``.
+    """
+
+
 class GuardError(RuntimeError):
     """The guard saw trouble repeat after rolling back and backing off; the run cannot go on.
 

@@ -38,7 +38,7 @@ from selftune.average import WeightAverage, check_averageable, check_decay
 from selftune.controllers import CONTROLLERS, Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
-from selftune.errors import ConfigError, GuardError
+from selftune.errors import ConfigError, ControllerError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy, start_misfits
 from selftune.signals import (
@@ -621,7 +621,7 @@ class SelfTuned(torch.optim.Optimizer):
         loss = check_loss(loss, returned=returned)
         self._ranks.refusal = refusal
         try:
-            self._step(t, loss, inner_closure, skipped)
+            failed = self._step(t, loss, inner_closure, skipped)
         except (GuardError, RefusedStep):
             raise  # the guard gave up, and said so in the log; or nothing changed
         except BaseException:
@@ -630,6 +630,8 @@ class SelfTuned(torch.optim.Optimizer):
             raise
         if self._zero:
             self._consolidated_before = shards.consolidation(self.optimizer)
+        if failed is not None:  # the step is whole and recorded: the run goes on
+            raise failed
         return result
 
     def _check_own_controller(self) -> None:
@@ -656,9 +658,11 @@ class SelfTuned(torch.optim.Optimizer):
 
     def _step(
         self, t: int, loss: Any, inner_closure: Callable[[], Any] | None, skipped: bool
-    ) -> None:
+    ) -> ControllerError | None:
         """Step ``t`` from the signals on: what a failure part-way leaves unfinished.
-        ``skipped``: the closure returned nothing, its backward skipped by choice."""
+        ``skipped``: the closure returned nothing, its backward skipped by choice.  Returns the
+        controller's error, for ``step`` to raise: the step was taken without its proposals
+        (:meth:`_consult`)."""
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
         if t == 1:
             self._read_start()
@@ -703,7 +707,7 @@ class SelfTuned(torch.optim.Optimizer):
             self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
-            return
+            return None
         if self._metric is not None:  # held until a step whose proposals are made reads it
             signals = self.last_signals = dataclasses.replace(
                 signals,
@@ -730,9 +734,8 @@ class SelfTuned(torch.optim.Optimizer):
             ]
             if joined:
                 forgiven, current = forgiven + joined, self.hyperparams()
-        proposals = checked(self.controller, self.controller.propose(read, current), current)
+        proposals, restarting, failed = self._consult(t, read, current)
         self._metric, self._at_average, self._metric_at_average = None, False, False
-        restarting = self._take_restart(proposals)
         decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
         if restarting is None:
             decisions += self._hold_ceiling(t, signals, bases)
@@ -741,7 +744,7 @@ class SelfTuned(torch.optim.Optimizer):
         if restart is not None:
             self.step_count = t
             self._after(t, signals, decisions, restart)
-            return
+            return None
         self._tracker.before_update()
         with self._effective_lr(), _global_step_hooks_held():
             self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
@@ -750,6 +753,49 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.update(self.param_groups)
         self.step_count = t
         self._after(t, signals, decisions, None)
+        return failed
+
+    def _consult(
+        self, t: int, signals: Signals, knobs: Knobs
+    ) -> tuple[list[Proposal], str | None, ControllerError | None]:
+        """The controller's checked proposals at step ``t`` and its reason to restart; where it
+        raised, or returned what :func:`checked` refuses, none, and the error for ``step`` to
+        raise once the step is recorded, the original as its ``__cause__``.
+
+        Raised from inside the step, the error left it broken off: the signals had been read,
+        the guard had judged them, a rate held, and every later step was refused until a
+        checkpoint loaded.  The step is taken instead as under a controller that proposed
+        nothing (the guard's and the holds' decisions stand), not left untaken: undoing what
+        it changed would cost a copy of that at every step, and a step the loop caught and
+        went on from would leave a batch out of the run that a replay, stepping on the loop's
+        batches, takes.  Taken, the log holds the whole step, with a note of why no decision
+        came, and replays to the bit.  The controller's state is as its error left it.  The
+        replay's own controller is not so handled: its refusal is where the replay leaves the
+        logged run, and stops it.  Nor is an interrupt (a Ctrl-C), no error of the controller's.
+        """
+        controller = self.controller
+        stage = "propose()"
+        try:
+            made = controller.propose(signals, knobs)
+            stage = "take_restart()"
+            take = getattr(controller, "take_restart", None)
+            reason = take() if take is not None else None
+            stage = ""  # the wrapper's checks, whose refusals name the controller
+            proposals = checked(controller, made, knobs)
+            return proposals, self._take_restart(proposals, reason), None
+        except Exception as exc:
+            if getattr(controller, "replays_log", False):
+                raise
+            name = getattr(controller, "name", type(controller).__name__)
+            raised = f"controller {name!r}: {stage} raised {type(exc).__name__}: {exc}"
+            why = raised if stage else str(exc)
+            self._notes.append({"reason": f"{why}; the step was taken without its proposals"})
+            error = ControllerError(
+                f"{why}. Step {t} was taken at the knobs in force, without the controller's "
+                "proposals, and logged so: the run goes on from the next step"
+            )
+            error.__cause__ = exc
+            return [], None, error
 
     def _filled_for_dcp(self) -> bool:
         """Let the wrapped optimizer take the step by which torch.distributed.checkpoint's
@@ -2050,16 +2096,15 @@ class SelfTuned(torch.optim.Optimizer):
         _zero_grads_in_place(self.optimizer)
         return lowered
 
-    def _take_restart(self, proposals: list[Proposal]) -> str | None:
-        """The controller's reason to restart at this step, if it asked and a snapshot can serve.
+    def _take_restart(self, proposals: list[Proposal], reason: Any) -> str | None:
+        """The controller's ``reason`` to restart at this step (what its ``take_restart``
+        returned), if it asked and a snapshot can serve.
 
         A controller asks when its own probing damaged the run (``auto``'s range test found the
         starting rate past the edge of stability).  Without a guard there are no snapshots, and
         the request is ignored; so is one with the rate frozen whose ``proposals`` set no knob
         the policy leaves free.
         """
-        take = getattr(self.controller, "take_restart", None)
-        reason = take() if take is not None else None
         if reason is not None and not isinstance(reason, str):  # the log's restart record
             # refused it after the restart had been made, the run left broken part-way
             name = getattr(self.controller, "name", type(self.controller).__name__)

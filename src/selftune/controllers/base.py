@@ -34,7 +34,12 @@ class Controller(Protocol):
 
     ``propose`` is called once per optimizer step that will be applied, before the update, with
     the knobs now in force; it returns only the knobs it wants to change.  The policy then clips
-    each proposal (a knob proposed twice ends at the second, held to one step's limit).
+    each proposal (a knob proposed twice ends at the second, held to one step's limit).  What
+    the wrapper cannot take (no finite number, no group there is) it refuses
+    (:func:`~selftune.controllers.base.checked`).  Where ``propose`` raises, or a proposal is
+    refused, the step is taken without the controller's proposals, logged with a note of why,
+    and ``step`` then raises :class:`ControllerError` (the original as its ``__cause__``): the
+    run goes on from the next step, and replays.
     ``on_backoff`` tells the controller that the guard rolled the run back and cut the rate, so
     that it does not undo the cut at once.  State must be plain JSON-able values:
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
