@@ -732,7 +732,8 @@ def test_a_warm_up_built_before_the_wrap_starts_from_the_rate_it_was_given() -> 
     inner, pr = _sgd(lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: min(1.0, s / 5))
     assert inner.param_groups[0]["lr"] == 0.0
-    opt = selftune.wrap(inner, _Push("lr", -1.0), guard=False)
+    down = _Proposes([Proposal(0, "lr", 1e-12, "down")])  # below any bound
+    opt = selftune.wrap(inner, down, guard=False)
     _steps(pr, opt, range(1, 61), after=sched.step)
     floor, _ = opt.policy.limits("lr", 0.01)
     assert floor > 0 and opt.hyperparams()[0]["lr"] == pytest.approx(floor)
@@ -1150,15 +1151,18 @@ class _Proposes(OffController):
         ([Proposal(0, "lr", math.nan, "")], "lr=nan"),
         ([Proposal(0, "lr", 0.1, {"why": "up"})], "gave the reason \\{'why': 'up'\\}; .* a str"),
         ([Proposal(0, "lr", 1e6, "up", raw=True)], "raw=True, which only replay sets"),
+        ([Proposal(0, "lr", -0.001, "")], "lr=-0.001 for group 0, a negative rate"),
+        ([Proposal(0, "lr", -math.inf, "")], "lr=-inf"),
     ],
 )
 def test_a_controllers_bad_proposal_is_refused_by_name_and_its_step_taken_without_it(
     proposals: Any, words: str, tmp_path: Path
 ) -> None:
     """A controller of one's own that erred failed deep inside the wrapper, applied group -1 to
-    the last group (a log that then failed ``verify``), or stored a tensor as the rate that the
-    log refused after the weights had moved.  The refusal came from inside the step, which then
-    stood broken off: every later step was refused until a checkpoint loaded."""
+    the last group (a log that then failed ``verify``), stored a tensor as the rate that the
+    log refused after the weights had moved, or had a negative rate clipped to the bounds with
+    no word.  The refusal came from inside the step, which then stood broken off: every later
+    step was refused until a checkpoint loaded."""
     inner, pr = _sgd()
     plain, pp = _sgd()
     opt = selftune.wrap(inner, _Proposes(proposals), log_dir=tmp_path)

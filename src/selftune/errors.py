@@ -13,10 +13,10 @@ class ConfigError(SelfTuneError):
 
 class ControllerError(ConfigError):
     """A controller's ``propose`` (or ``take_restart``) raised, or returned what the wrapper
-    refuses (a group there is not): raised by ``step`` once the step has been taken at the
-    knobs in force, without the controller's proposals, and recorded so.  The run is whole and
-    goes on from the next step; the controller's own exception, or the wrapper's refusal, is
-    the ``__cause__``.
+    refuses (a negative rate, a group there is not): raised by ``step`` once the step has been
+    taken at the knobs in force, without the controller's proposals, and recorded so.  The run
+    is whole and goes on from the next step; the controller's own exception, or the wrapper's
+    refusal, is the ``__cause__``.
     """
 
 

@@ -35,7 +35,7 @@ class Controller(Protocol):
     ``propose`` is called once per optimizer step that will be applied, before the update, with
     the knobs now in force; it returns only the knobs it wants to change.  The policy then clips
     each proposal (a knob proposed twice ends at the second, held to one step's limit).  What
-    the wrapper cannot take (no finite number, no group there is) it refuses
+    the wrapper cannot take (no finite number, no group there is, a negative rate) it refuses
     (:func:`~selftune.controllers.base.checked`).  Where ``propose`` raises, or a proposal is
     refused, the step is taken without the controller's proposals, logged with a note of why,
     and ``step`` then raises :class:`ControllerError` (the original as its ``__cause__``): the
@@ -144,12 +144,17 @@ def is_number(value: object) -> bool:
 
 def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Proposal]:
     """A controller's proposals, refused by name before any is applied where they are not a
-    list of :class:`Proposal` for the knobs of a group there is, each a finite number.
+    list of :class:`Proposal` for the knobs of a group there is, each a finite number, and a
+    rate not below zero.
 
     A controller of one's own that erred failed deep inside the wrapper (an IndexError, a
     NoneType not iterable), applied a group of -1 to the last group (and the log then failed
     ``verify``), or stored a tensor as the rate or an object as the reason, refused by the log after
-    the step was taken.
+    the step was taken.  A negative rate was clipped to the policy's bounds with no word, though
+    it is no rate to tune towards: no built-in controller proposes one (each moves the rate in
+    force, never below zero, by a positive factor), so it is a bug of the controller.  A rate
+    above zero past the bounds is clipped as before, and so is a momentum or beta below zero,
+    which ``hypergradient`` with a large ``momentum_gain`` can propose.
     """
     name = getattr(controller, "name", type(controller).__name__)
     if not isinstance(proposals, list | tuple):
@@ -184,6 +189,12 @@ def checked(controller: Controller, proposals: Any, knobs: Knobs) -> list[Propos
             raise ConfigError(
                 f"controller {name!r}: proposed {p.knob}={value!r} for group {group}; give a "
                 "finite float (a tensor's .item())"
+            )
+        if p.knob == "lr" and value < 0:  # no built-in proposes one: a bug, not a wish
+            raise ConfigError(
+                f"controller {name!r}: proposed lr={value!r} for group {group}, a negative "
+                "rate, which climbs the loss; propose a rate of at least 0 (the policy holds "
+                "it to its bounds), or no proposal to keep the rate"
             )
         if p.raw and not getattr(controller, "replays_log", False):  # it passed no bound,
             # limit or frozen knob, and was taken as the rate's scale, not the rate
