@@ -30,11 +30,14 @@ from dist_worker import (
     metric,
 )
 
+from selftune import cli
 from selftune.audit import read_log, verify
 from selftune.errors import ConfigError
+from selftune.report import read_run, render_html
 from selftune.signals import RankState, RefusedStep
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+WORLD_WORKER = WORKER.with_name("world_worker.py")
 STEPS, NAN_STEP, CKPT_STEP, CRASH_STEP = 60, 40, 5, 30
 TIMEOUT_S = 180  # the ranks' own gloo timeout is 30 s; this catches a hang anywhere else
 
@@ -609,3 +612,82 @@ def test_zero_redundancy_optimizer_state_consolidated_before_a_step_is_refused(
     said = zero[0]["stale"]
     assert said.startswith("ConfigError: the ZeroRedundancyOptimizer's state_dict() is the"), said
     assert "consolidate_state_dict(to=0) on every rank again" in said
+
+
+@pytest.fixture(scope="module")
+def reranked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """An SGD run saved by a single process at step 4, resumed on 2 ranks to step 8 and by a
+    single process again to step 12 (run folder ``ddp``); and a ``ZeroRedundancyOptimizer``
+    run consolidated and saved on 2 ranks at step 4, resumed on 1 rank to step 8 (``zero``).
+    Returns the folder and what each segment said (``<run>@<ranks>``, rank 0's)."""
+    from world_worker import segment
+
+    out = tmp_path_factory.mktemp("reranked")
+    said = {"ddp@1": segment(out / "ddp", load=None, save=out / "c4.pt", steps=range(1, 5))}
+
+    def on_ranks(nproc: int, plan: dict[str, dict[str, Any]]) -> None:
+        torchrun(WORLD_WORKER, f"--out={out}", f"--plan={json.dumps(plan)}", nproc=nproc)
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+        for run in plan:
+            assert all(r[run] == ranks[0][run] for r in ranks), f"the ranks of {run} differ"
+            said[f"{run}@{nproc}"] = ranks[0][run]
+
+    def seg(load: str | None, save: str, first: int, zero: bool) -> dict[str, Any]:
+        return {"load": load, "save": save, "first": first, "last": first + 3, "zero": zero}
+
+    ckpt = {name: str(out / name) for name in ("c4.pt", "c8.pt", "z4.pt", "z8.pt")}
+    on_ranks(
+        2,
+        {
+            "ddp": seg(ckpt["c4.pt"], ckpt["c8.pt"], 5, False),
+            "zero": seg(None, ckpt["z4.pt"], 1, True),
+        },
+    )
+    on_ranks(1, {"zero": seg(ckpt["z4.pt"], ckpt["z8.pt"], 5, True)})
+    said["ddp@1 again"] = segment(
+        out / "ddp", load=out / "c8.pt", save=out / "c12.pt", steps=range(9, 13)
+    )
+    return out, said
+
+
+def _rank_notes(run_dir: Path) -> list[tuple[int, int | None, int | None]]:
+    """The log's notes of a resume on another number of ranks: (step, saved on, resumed on)."""
+    return [
+        (r["step"], r.get("saved_world_size"), r.get("world_size"))
+        for r in read_log(run_dir).records
+        if r["kind"] == "note" and "ranks" in r["reason"]
+    ]
+
+
+def test_a_run_resumed_on_another_number_of_ranks_says_so_in_its_log(
+    reranked: tuple[Path, dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The log read as one run, the effective batch size changed twice with no word; the
+    report and the watch list the notes."""
+    out, said = reranked
+    assert [s["load"] for s in said.values()] == [None] * 5
+    assert _rank_notes(out / "ddp") == [(5, 1, 2), (9, 2, 1)]
+    notes = [r["reason"] for r in read_log(out / "ddp").records if r["kind"] == "note"]
+    assert notes[0].startswith("resumed on 2 ranks from a checkpoint saved on 1 (a single process)")
+    assert "effective batch size" in notes[0]
+    assert read_log(out / "ddp").manifest["world_size"] == 1  # the run's start
+    assert verify(out / "ddp").records == len(read_log(out / "ddp").records)
+    shown = "resumed on 1 rank (a single process) from a checkpoint saved on 2"
+    assert shown in render_html(read_run(out / "ddp"), [])
+    monkeypatch.setenv("COLUMNS", "400")  # (rich folds a row to the terminal's width)
+    assert cli.main(["watch", str(out / "ddp"), "--once"]) == 0
+    assert shown in capsys.readouterr().out
+
+
+def test_zero_redundancy_optimizer_s_consolidated_state_resumes_on_another_number_of_ranks(
+    reranked: tuple[Path, dict[str, Any]],
+) -> None:
+    """Its load gives each rank the moments of the parameters it owns in the new partition:
+    the state consolidated on 2 ranks loads whole on 1, and the log says so."""
+    out, said = reranked
+    assert said["zero@1"]["load"] is None and said["zero@1"]["same_moments"] is True
+    assert said["zero@1"]["hp"] != said["zero@2"]["hp"], "no decision: the test lost its power"
+    assert _rank_notes(out / "zero") == [(5, 2, 1)]
+    assert verify(out / "zero").records == len(read_log(out / "zero").records)

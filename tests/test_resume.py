@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1481,3 +1482,79 @@ def test_a_selftune_state_that_does_not_read_is_refused_before_anything_loads(
         for k in before["state"]
     )
     train(model, opt, range(41, 43))  # and it goes on
+
+
+def _saved_on(ckpt: Path, world_size: int | None, to: Path) -> None:
+    """Write to ``to`` the checkpoint ``ckpt`` as if saved on ``world_size`` ranks (None: by a
+    version that kept no number)."""
+    payload = torch.load(ckpt, weights_only=True)
+    own = payload["optimizer"]["selftune"]
+    assert own.pop("world_size") == 1  # a single process saved it
+    if world_size is not None:
+        own["world_size"] = world_size
+    torch.save(payload, to)
+
+
+def _notes(folder: Path) -> list[dict[str, Any]]:
+    return [r for r in read_log(folder).records if r["kind"] == "note"]
+
+
+def test_a_checkpoint_of_more_ranks_resumed_here_is_noted_once_at_the_next_step(
+    tmp_path: Path,
+) -> None:
+    """The log read as one run where the effective batch size changed (the 2-rank runs are in
+    test_distributed.py); a load retried from the same checkpoint notes it once, and one of
+    this number of ranks loaded after it not at all."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "run")
+    train(model, opt, range(1, 6))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=5)
+    opt.close()
+    _saved_on(tmp_path / "c.pt", 4, to=tmp_path / "c4.pt")
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    resumed = {}
+    for folder, loads in [("run", ["c4.pt", "c4.pt"]), ("again", ["c4.pt", "c.pt"])]:
+        resumed[folder] = model = make_model()
+        opt = make_optimizer("sgd", model, tmp_path / folder)
+        for name in loads:
+            load_checkpoint(tmp_path / name, model=model, optimizer=opt)
+        train(model, opt, range(6, 8))
+        opt.close()
+    assert _notes(tmp_path / "again") == []
+    [note] = _notes(tmp_path / "run")
+    assert (note["step"], note["saved_world_size"], note["world_size"]) == (6, 4, 1)
+    assert note["reason"].startswith(
+        "resumed on 1 rank (a single process) from a checkpoint saved on 4: the effective batch "
+        "size changed"
+    )
+    assert audit.verify(tmp_path / "run").records == len(read_log(tmp_path / "run").records)
+    from selftune.report import read_run, render_html
+
+    assert "resumed on 1 rank (a single process)" in render_html(read_run(tmp_path / "run"), [])
+    replayed_model = make_model()  # and the replay runs past the note
+    replayed = selftune.replay(make_inner("sgd", replayed_model), tmp_path / "run")
+    train(replayed_model, replayed, range(1, 8))
+    for a, b in zip(resumed["run"].parameters(), replayed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_and_a_folder_that_kept_no_world_size_resume_with_no_note(
+    tmp_path: Path,
+) -> None:
+    """Those of the version before: nothing tells their number of ranks, so nothing is noted,
+    and a manifest without one is no changed manifest."""
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "run")
+    train(model, opt, range(1, 6))
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=5)
+    opt.close()
+    _saved_on(tmp_path / "c.pt", None, to=tmp_path / "c.pt")
+    manifest = json.loads((tmp_path / "run" / audit.MANIFEST).read_text())
+    assert manifest.pop("world_size") == 1
+    (tmp_path / "run" / audit.MANIFEST).write_text(json.dumps(manifest))
+    model = make_model()
+    opt = make_optimizer("sgd", model, tmp_path / "run")
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    train(model, opt, range(6, 8))
+    opt.close()
+    assert _notes(tmp_path / "run") == []

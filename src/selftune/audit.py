@@ -657,6 +657,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 _RESUMED, _TORN = "resumed: dropped", "dropped a torn final line"
 #: the start of the note a run resumed with other settings gets (the manifest keeps the first)
 CHANGED_MANIFEST = "resumed with a changed manifest"
+#: manifest keys of the start alone, which a resume may change with no note of a changed
+#: manifest: when it began, and on how many ranks (the load of a checkpoint saved on another
+#: number notes that at its own step, which a manifest of the start cannot tell: a run resumed
+#: on other ranks and back again has the start's number, and one begun before it was kept none)
+_UNCOMPARED = ("created", "world_size")
 
 #: the run folders whose logs this process holds open: a clash with one of them is a second
 #: optimizer pointed at the folder (a GAN's other player), not a run to resume or start over
@@ -754,7 +759,7 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool)
     changed = sorted(
         key
         for key in existing.keys() | given.keys()
-        if key != "created" and existing.get(key) != given.get(key)
+        if key not in _UNCOMPARED and existing.get(key) != given.get(key)
     )
     if not changed:
         return None
@@ -1277,12 +1282,15 @@ def build_manifest(
     seed: int | None,
     param_groups: Sequence[Mapping[str, Any]],
     initial_params_sha256: str | None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Describe a run for ``manifest.json``: versions, controller, config, seed and model size.
 
     ``param_groups`` holds ``{"index": i, "knobs": [...], "num_params": n}`` per group, and
     ``initial_params_sha256`` comes from :func:`params_sha256` (None when the weights cannot be
-    read yet); both identify the run when a folder is reopened.
+    read yet); both identify the run when a folder is reopened.  ``world_size`` is how many
+    ranks the run starts on (each rank's batch adds to the step's); a resume on another number
+    is noted in the log where it happens, not as a changed manifest.
     """
 
     groups = [_checked_group(i, group) for i, group in enumerate(param_groups)]
@@ -1296,6 +1304,7 @@ def build_manifest(
         "param_count": sum(group["num_params"] for group in groups),
         "param_groups": groups,
         "initial_params_sha256": initial_params_sha256,
+        "world_size": world_size,
     }
     result: dict[str, Any] = _plain(manifest, "manifest")  # refuse what JSON cannot hold, now
     return result

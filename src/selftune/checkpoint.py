@@ -15,7 +15,9 @@ leaves either the previous checkpoint or the new one, never a mix.  One writer p
 ``torch.distributed`` save on rank 0 only (every rank holds the same weights and optimizer state)
 and load on every rank.  Every rank then gets rank 0's random generator states: draw per-rank
 randomness (data order, dropout) from generators seeded by ``(seed, step, rank)``, or keep it in
-``extra`` per rank.
+``extra`` per rank.  A checkpoint loads on another number of ranks than saved it too (a single
+process's under ``torchrun``, or the reverse), and the log notes that the run went on at another
+effective batch size.
 
 **Resuming after a crash** is loading the last checkpoint into a freshly built model and a freshly
 wrapped optimizer with the *same* ``log_dir``: the optimizer's ``load_state_dict`` cuts

@@ -108,6 +108,16 @@ def across_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """How many ranks train the run: ``torch.distributed``'s world size, 1 without it.
+
+    Each rank's batch adds to the step's, so a run resumed on another number of ranks than
+    saved it goes on at another effective batch size (its log notes that), with one process
+    counted as one rank, whether or not it started a process group."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gathered(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (``[value]`` without torch.distributed): a
     collective, which every rank must call."""

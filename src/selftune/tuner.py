@@ -907,6 +907,8 @@ class SelfTuned(torch.optim.Optimizer):
             "outside": [sorted(knobs) for knobs in self._outside],
             "broken_at": self._broken_at,
             "rewinds": self._rewound,
+            # how many ranks took the steps saved: a resume on another number notes it
+            "world_size": shards.world_size(),
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             sd = post_hook(self, sd) or sd
@@ -968,6 +970,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._snapshots_since = own.get("snapshots_since")
         self._outside = [set(k) for k in own.get("outside", [[] for _ in own["scales"]])]
         self._hand_over_switched_off()
+        self._note_world_size(own.get("world_size"))  # (None: saved before it was kept)
         self._added = [r for r in self._added if r["group"] >= len(own["scales"])]
         metric = _pending_metric(own.get("metric"))
         self._metric, self._metric_mode = metric["value"], metric["mode"]
@@ -1123,6 +1126,27 @@ class SelfTuned(torch.optim.Optimizer):
                     "tunes it nor restores it on a rollback"
                 )
                 self._notes.append({"reason": why})
+
+    def _note_world_size(self, saved: Any) -> None:
+        """Note, before the next step's records, a state saved on another number of ranks than
+        this run has (``saved``; one process is one rank): each rank's batch adds to the step's,
+        so the run goes on at another effective batch size, and the gradient noise the
+        controller reads and the spread of the loss the guard judges change with it, where its
+        log read as one run.  Nothing else changes: the controller's and the guard's state go on
+        as saved and follow the new noise as they follow any other change of the data."""
+        # one note, of the state loaded last (a retry loads the same checkpoint again)
+        self._notes = [n for n in self._notes if "saved_world_size" not in n]
+        now = shards.world_size()
+        if isinstance(saved, bool) or not isinstance(saved, int) or saved == now:
+            return
+        alone = " (a single process)"
+        why = (
+            f"resumed on {'1 rank' + alone if now == 1 else f'{now} ranks'} from a checkpoint "
+            f"saved on {saved}{alone * (saved == 1)}: the effective batch size changed with the "
+            "number of ranks (unless each rank's batch changed to match), and with it the "
+            "gradient noise the controller reads and the spread of the loss the guard judges"
+        )
+        self._notes.append({"reason": why, "saved_world_size": saved, "world_size": now})
 
     def check_fits(self, state_dict: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` if ``state_dict`` holds param groups of other sizes than
@@ -2161,6 +2185,7 @@ class SelfTuned(torch.optim.Optimizer):
             seed=self._seed,
             param_groups=groups,
             initial_params_sha256=initial_sha256,
+            world_size=shards.world_size(),
         )
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
