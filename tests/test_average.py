@@ -243,6 +243,25 @@ def test_a_half_precision_average_is_kept_in_float32() -> None:
     assert w.tolist() == [4.0] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_average_copied_into_the_weights_is_held_until_they_change(dtype: torch.dtype) -> None:
+    """``held_by`` tells whether the weights still hold the average ``copy_into`` put there (a
+    float32 one read at the bfloat16 weights' dtype): what the Hugging Face integration asks
+    before it puts back the training weights for the next ``train()``."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = selftune.wrap(torch.optim.SGD([w], lr=0.1), "off", guard=False, average=True)
+    for _ in range(3):
+        opt.zero_grad()
+        w.grad = torch.full_like(w, -1.0)
+        opt.step()
+    assert opt.average is not None and not opt.average.held_by(opt.param_groups)
+    opt.average.copy_into(opt.param_groups)
+    assert opt.average.held_by(opt.param_groups)
+    with torch.no_grad():
+        w[0] += 1.0
+    assert not opt.average.held_by(opt.param_groups)
+
+
 @pytest.mark.parametrize("when", [0, 5])
 def test_the_average_follows_a_model_converted_after_wrap(when: int) -> None:
     """``model.to(torch.bfloat16)`` after ``wrap`` (before the first step, which plain torch's

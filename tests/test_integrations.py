@@ -34,6 +34,10 @@ def _trace(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
 
 
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.parametrize(
     ("integration", "framework", "cached"),
     [
@@ -1344,6 +1348,107 @@ def test_huggingface_trainer_ends_at_the_average_it_evaluated(
     assert all(torch.equal(p, w) for p, w in zip(params, wanted, strict=True))
     scores = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
     assert scores[0] != pytest.approx(scores[3])  # the first and the last differ
+
+
+def _hf_weights(opt: Any) -> list[torch.Tensor]:
+    """A copy of the weights ``opt`` trains."""
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
+def _hf_saved(model: Any, opt: Any, checkpoint: Path) -> list[torch.Tensor]:
+    """The weights the ``Trainer``'s ``checkpoint`` holds of those ``opt`` trains, in its order."""
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [saved[names[id(p)]] for g in opt.param_groups for p in g["params"]]
+
+
+def _hf_weights_probe(trainer: Any, opt: Any) -> Any:
+    """A callback added to ``trainer`` that records the weights ``opt`` trains at each
+    ``train()``'s start (``at_start``, after selftune's callback, which comes first) and after
+    the last optimizer step (``stepped``)."""
+    transformers = pytest.importorskip("transformers")
+
+    class Probe(transformers.TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.at_start: list[list[torch.Tensor]] = []
+            self.stepped: list[torch.Tensor] = []
+
+        def on_train_begin(self, *args: Any, **kw: Any) -> None:
+            self.at_start.append(_hf_weights(opt))
+
+        def on_step_end(self, *args: Any, **kw: Any) -> None:
+            self.stepped = _hf_weights(opt)
+
+    probe = Probe()
+    trainer.add_callback(probe)
+    return probe
+
+
+@pytest.mark.parametrize("load_best", [False, True])
+def test_huggingface_train_again_goes_on_from_the_training_weights(
+    tmp_path: Path, load_best: bool
+) -> None:
+    """``train()``, evaluate, ``train()`` again with ``average=True``: the first ``train()``
+    left the model at the average, and the second trained on from there, while the optimizer's
+    momentum and average were those of the training weights.  Each ``train()`` now goes on from
+    the training weights the ``Trainer`` ended with (the best checkpoint's with
+    ``load_best_model_at_end``) and leaves the model at the average it evaluated."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    # The loss counted as "greater is better" makes the first checkpoint the best: not the last
+    trainer = _hf_checkpointing_trainer(
+        tmp_path, 10, load_best, metric_for_best_model="loss", greater_is_better=True
+    )
+    opt = wrap_trainer_optimizer(trainer, "off", average=True)
+    probe = _hf_weights_probe(trainer, opt)
+
+    def train() -> list[torch.Tensor]:
+        """``train()``, which leaves the model at the average that ``evaluate()`` measures."""
+        trainer.train()
+        left = _hf_weights(opt)
+        assert _same(left, [a for g in opt.average.tensors for a in g])
+        score = trainer.evaluate()["eval_loss"]
+        with opt.averaged():
+            assert score == pytest.approx(trainer.evaluate.__wrapped__()["eval_loss"], rel=1e-6)
+        return left
+
+    left = train()
+    # the training weights the Trainer ended with, read before the next train() saves over them
+    best = tmp_path / "out" / "checkpoint-5"
+    trained = _hf_saved(trainer.model, opt, best) if load_best else probe.stepped
+    assert not _same(trained, left)
+    train()
+    assert opt.step_count == 20
+    assert _same(probe.at_start[1], trained)  # the second train() went on from the first's
+
+
+def test_huggingface_train_again_from_a_checkpoint_keeps_its_weights(tmp_path: Path) -> None:
+    """A second ``train()`` that resumes a checkpoint trains on from the checkpoint's weights,
+    not from those the first ``train()`` ended with.  The checkpoint saved at the last step
+    holds the training weights, with the average in its optimizer state, and the run resumed
+    from it ends where one that never stopped does."""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 10, save_strategy="steps", save_steps=5)
+    opt = wrap_trainer_optimizer(trainer, "off", average=True)
+    probe = _hf_weights_probe(trainer, opt)
+    trainer.train()
+    last = tmp_path / "out" / "checkpoint-10"
+    assert _same(_hf_saved(trainer.model, opt, last), probe.stepped)
+    saved = torch.load(last / "optimizer.pt", weights_only=True)["selftune"]["average"]
+    assert _same([a for g in saved["tensors"] for a in g], _hf_weights(opt))  # the average
+    five = _hf_saved(trainer.model, opt, tmp_path / "out" / "checkpoint-5")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
+    assert _same(probe.at_start[1], five)
+    trainer.args.max_steps = 20
+    trainer.train(resume_from_checkpoint=str(last))
+    straight = _hf_trainer(tmp_path / "straight", 20, save_strategy="no")
+    wrap_trainer_optimizer(straight, "off", average=True)
+    straight.train()
+    mine, theirs = trainer.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
 def test_huggingface_best_checkpoint_without_an_optimizer_state_warns(tmp_path: Path) -> None:

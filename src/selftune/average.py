@@ -177,6 +177,17 @@ class WeightAverage:
             if avg:
                 torch._foreach_copy_(local_params(group), avg)
 
+    @torch.no_grad()
+    def held_by(self, groups: list[dict[str, Any]]) -> bool:
+        """Whether the parameters still hold the average as :meth:`copy_into` put it there (a
+        wider average read at its parameter's dtype): no step and no weights loaded since.  One
+        comparison per parameter; a parameter moved to another device since is not held."""
+        return all(
+            a.device == p.device and torch.equal(p, a.to(p.dtype))
+            for group, avg in zip(groups, self.tensors, strict=True)
+            for p, a in zip(local_params(group), avg, strict=True)
+        )
+
     def swapped_in(
         self, groups: list[dict[str, Any]]
     ) -> AbstractContextManager[list[torch.Tensor]]:

@@ -22,7 +22,11 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
   is left holding the weights the evaluations measured: the average of the best checkpoint's
   optimizer state when ``load_best_model_at_end`` (the ``Trainer`` itself would load that
   checkpoint's training weights, which were never evaluated), else the last average, as
-  ``torch.optim.swa_utils`` users end with theirs; ``trainer.save_model()`` then saves it;
+  ``torch.optim.swa_utils`` users end with theirs; ``trainer.save_model()`` then saves it.
+  A later ``trainer.train()`` goes on from the training weights the last one ended with (the
+  best checkpoint's with ``load_best_model_at_end``, as the ``Trainer``'s own would), whose
+  momentum and average the optimizer holds; they are kept in CPU memory in between.  Weights
+  loaded into the model since are kept instead: ``resume_from_checkpoint`` loads its own;
 * adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record
   and gives the optimizer each evaluation's metric (:meth:`~selftune.SelfTuned.observe`): the
   one the ``Trainer`` picks its best model by, ``metric_for_best_model`` (default: the
@@ -53,6 +57,7 @@ from selftune.controllers.base import check_flags
 from selftune.integrations import needs, refuse_for_wrapped, wrap_settings_given
 from selftune.integrations._feed import FedSelfTuned, feed_from
 from selftune.integrations.events import StepKnobs
+from selftune.shards import local_params
 from selftune.tuner import SelfTuned
 
 with needs("huggingface"):
@@ -106,6 +111,9 @@ class SelfTuneTrainerCallback(TrainerCallback):
         self._knobs = StepKnobs()  #: the knobs at the optimizer's last step, for ``on_log``
         #: the optimizer :func:`wrap_trainer_optimizer` made, to tell a replaced one from none
         self._wrapped: SelfTuned | None = None
+        #: with a weight average: the optimizer, and the training weights (in CPU memory) that
+        #: the last ``train()``'s end put its average in place of, for the next one to go on from
+        self._trained: tuple[SelfTuned, list[torch.Tensor]] | None = None
 
     def on_train_begin(
         self,
@@ -121,6 +129,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
             self.optimizer.add_listener(self._knobs)
         if self.optimizer is None:
             raise selftune.ConfigError(self._refusal(optimizer))
+        self._go_on_from_trained()
         self.optimizer._resume_how = RESUME  # (one given to the Trainer wrapped)
         if isinstance(self.optimizer, FedSelfTuned):
             # the losses of a step an interrupt cut short before its optimizer step: a resume
@@ -133,6 +142,24 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 "(and puts this callback before the reporters, which log the knobs it adds)",
                 stacklevel=2,
             )
+
+    def _go_on_from_trained(self) -> None:
+        """Put back the training weights that the last ``train()``'s end put the average in
+        place of (``on_train_end``): the optimizer's momentum and average are theirs, and a
+        ``train()`` that went on from the average stepped it with the state of other weights.
+        Only while the model still holds that average: a checkpoint resumed
+        (``resume_from_checkpoint``), or weights loaded by hand, are the ones to go on from."""
+        kept, self._trained = self._trained, None
+        if kept is None or kept[0] is not self.optimizer:
+            return
+        opt, trained = kept
+        params = _weights(opt)
+        if opt.average is None or len(params) != len(trained):
+            return  # (a group added since: the weights kept are not all of them)
+        if opt.average.held_by(opt.param_groups):
+            with torch.no_grad():
+                for p, t in zip(params, trained, strict=True):
+                    p.copy_(t)
 
     def _refusal(self, optimizer: Any) -> str:
         """Why training cannot start on ``optimizer``, which holds no selftune optimizer.
@@ -197,7 +224,9 @@ class SelfTuneTrainerCallback(TrainerCallback):
         """With a weight average, leave the model at the weights the evaluations measured (see
         the module docstring).  After ``load_best_model_at_end`` the ``Trainer`` has loaded the
         best checkpoint's *training* weights, chosen by the metric of its average; that average
-        is in the checkpoint's optimizer state, so it is read back from there."""
+        is in the checkpoint's optimizer state, so it is read back from there.  The training
+        weights are kept, in CPU memory, for a later ``train()`` to go on from
+        (:meth:`_go_on_from_trained`)."""
         self._training = False
         opt = self.optimizer
         if opt is None or opt.average is None:
@@ -218,6 +247,7 @@ class SelfTuneTrainerCallback(TrainerCallback):
                 )
                 return
             opt.average.load_state_dict(average)
+        self._trained = (opt, [p.detach().to("cpu", copy=True) for p in _weights(opt)])
         opt.average.copy_into(opt.param_groups)
 
     def on_log(
@@ -325,6 +355,11 @@ def wrap_trainer_optimizer(
         callback.observe_eval = observe_eval
     callback._wrapped = opt
     return opt
+
+
+def _weights(opt: SelfTuned) -> list[torch.Tensor]:
+    """The (local) tensors of the parameters ``opt`` trains, in the order of its groups."""
+    return [p for group in opt.param_groups for p in local_params(group)]
 
 
 def _feeding(training_step: Any, opt: FedSelfTuned) -> Any:
