@@ -397,6 +397,31 @@ def test_lightning_validates_at_the_weight_average_and_trains_on(tmp_path: Path)
     assert not all(torch.equal(a, t) for a, t in zip(average, model.trained, strict=True))
 
 
+def test_lightning_fit_again_starts_new_optimizers_at_the_average(tmp_path: Path) -> None:
+    """A second ``fit`` of the module builds its optimizers anew (Lightning calls
+    ``configure_optimizers`` again): no momentum or average of the training weights carries
+    over, and the new ones start from the module as the first fit left it, at the average."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _AveragedModule()
+    cb = SelfTuneCallback(average=True)
+    _trainer(16, cb, tmp_path, enable_checkpointing=False).fit(model, _loader(), _loader())
+    (first,) = cb.optimizers
+    left = [p.detach().clone() for p in model.parameters()]
+    started: list[list[torch.Tensor]] = []
+
+    class Start(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            started.append([p.detach().clone() for p in module.parameters()])
+
+    again = _trainer(16, cb, tmp_path, callbacks=[cb, Start()], enable_checkpointing=False)
+    again.fit(model, _loader(), _loader())
+    (second,) = cb.optimizers
+    assert second.optimizer is not first.optimizer and second.step_count == 16
+    assert _same(started[0], left)
+
+
 def test_lightning_evaluates_a_best_checkpoint_at_the_average_that_chose_it(
     tmp_path: Path,
 ) -> None:
