@@ -76,6 +76,7 @@ def segment(
     if rank == 0:
         save_checkpoint(save, model=model, optimizer=opt, step=steps[-1])
     said["hp"] = opt.hyperparams()
+    opt.close()  # the run folder's lock goes with it: the next segment may be another process
     return said
 
 

@@ -863,8 +863,8 @@ def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
         raise LogError(
             f"another process{_lock_holder(file)} is writing the run folder {folder} (a run "
             "still going, or the workers of a launcher stopped while they ran on): two writers "
-            "would interleave one log. Stop it, or pass another log_dir; to follow the run "
-            "while it goes, use `selftune watch`"
+            "would interleave one log. Stop it (or close() the optimizer it wrapped), or pass "
+            "another log_dir; to follow the run while it goes, use `selftune watch`"
         ) from None
     with contextlib.suppress(OSError):  # only the message of a refused writer reads it
         os.ftruncate(fd, 0)
