@@ -1173,6 +1173,22 @@ def test_dcp_s_optimizer_helpers_given_the_wrapper_warn_and_take_no_step_of_the_
     assert other.step_count == 0
 
 
+def test_dcp_s_helpers_given_the_wrapped_optimizer_fill_its_state_past_the_wrapper() -> None:
+    """The guide gives torch.distributed.checkpoint's helpers ``opt.optimizer``, whose empty
+    state they fill by a step of it with the rates zeroed: the one step of the wrapped
+    optimizer, not made by the wrapper, that is no step of the run and is let through."""
+    from torch.distributed.checkpoint import state_dict as dcp_sd
+
+    model, plain_model = make_model(), make_model()
+    opt = selftune.wrap(make_inner("adamw", model))
+    filled = dcp_sd.get_optimizer_state_dict(model, opt.optimizer)
+    as_plain = dcp_sd.get_optimizer_state_dict(plain_model, make_inner("adamw", plain_model))
+    torch.testing.assert_close(filled["state"], as_plain["state"])
+    assert opt.step_count == 0 and opt.hyperparams()[0]["lr"] == 2e-3
+    train(model, opt, range(1, 3))
+    assert opt.step_count == 2
+
+
 @pytest.mark.parametrize(
     ("knob", "value", "says"),
     [("betas", (math.nan, 0.999), "beta1=nan is not finite"), ("lr", 0.0, "lr=0.0 must be > 0")],

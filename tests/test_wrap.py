@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
+import io
 import itertools
 import math
+import pickle
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,6 +234,82 @@ def test_a_step_without_the_closure_l_bfgs_needs_is_refused_and_the_run_goes_on(
     assert opt.step_count == 0
     opt.step(closure)
     assert opt.step_count == 1
+
+
+def test_a_step_of_the_wrapped_optimizer_itself_is_refused_before_it_moves_a_weight(
+    tmp_path: Path,
+) -> None:
+    """The optimizer given to ``wrap``, stepped itself (a reference the loop kept, or
+    ``opt.optimizer``): that step had no guard, no record in the log or the trace, and the
+    run could no longer be replayed, with no word.  Now it is refused before the update, and
+    what steps it for the wrapper goes through: the wrapper's step, its closure, the guard's
+    rollback, a scheduler built on the wrapped optimizer, a GradScaler given the wrapper."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, log_dir=tmp_path / "run")
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=2, gamma=0.5)
+    _steps(pr, opt, range(1, 4), nan_at=2, after=sched.step)
+    loss = pr.batch_loss(4)  # type: ignore[attr-defined]
+    opt.zero_grad()
+    loss.backward()
+    weights = [p.detach().clone() for p in pr.model.parameters()]  # type: ignore[attr-defined]
+    moments = copy.deepcopy(inner.state_dict()["state"])
+    for bypass in (inner.step, opt.optimizer.step, lambda: inner.step(lambda: loss)):
+        with pytest.raises(
+            selftune.ConfigError,
+            match=r"the SGD that selftune\.wrap wraps.*"
+            r"step the wrapper",
+        ):
+            bypass()
+    assert all(torch.equal(a, b) for a, b in zip(weights, pr.model.parameters(), strict=True))
+    torch.testing.assert_close(inner.state_dict()["state"], moments)
+    assert opt.step_count == 3
+    scaler = torch.amp.GradScaler("cpu")
+    opt.zero_grad()
+    scaler.scale(pr.batch_loss(4)).backward()  # type: ignore[attr-defined]
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = pr.batch_loss(5)  # type: ignore[attr-defined]
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.step_count == 5
+    opt.close()
+    assert (tmp_path / "run" / "trace.jsonl").read_text().count("\n") == 5
+    selftune.verify(tmp_path / "run")
+    assert opt.unwrap() is inner
+    inner.step()  # handed back: its steps are its own
+
+
+def test_the_step_gate_holds_its_wrapper_weakly_and_no_copy_of_the_optimizer_carries_it() -> None:
+    """The refusal of a step past the wrapper is a hook on the wrapped optimizer, which the
+    loop holds: held strongly, it kept a dropped wrapper (its log files, its snapshots) alive
+    for as long as the optimizer.  A copy or a pickle of the optimizer is no wrapped one, and
+    steps as any; its state dict and the wrapper's save as before."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner)
+    _steps(pr, opt, range(1, 3))
+
+    class KeepsItsHooks(torch.optim.SGD):  # copies all it holds, the gate among its hooks
+        def __getstate__(self) -> dict[str, Any]:
+            return self.__dict__
+
+    pr_keeps = noisy_quadratic(seed=1)
+    keeps = KeepsItsHooks(pr_keeps.model.parameters(), lr=0.002, momentum=0.9)
+    keeping = selftune.wrap(keeps)
+    _steps(pr_keeps, keeping, range(1, 3))
+    for copied in (copy.deepcopy(inner), pickle.loads(pickle.dumps(inner)), copy.deepcopy(keeps)):
+        copied.step()
+    torch.save({"inner": inner.state_dict(), "opt": opt.state_dict()}, io.BytesIO())
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    inner.step()  # nothing tunes it any more: its step is its own
 
 
 def test_a_step_after_close_is_refused_before_it_moves_the_weights(tmp_path: Path) -> None:

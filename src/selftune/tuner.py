@@ -93,6 +93,11 @@ class SelfTuned(torch.optim.Optimizer):
     Build it with :func:`selftune.wrap`.  ``param_groups`` and ``state`` are the wrapped
     optimizer's own objects, so schedulers, gradient clipping and checkpoint code that reach into
     them keep working.  Call ``step(loss=loss.detach())``; the loss is optional.
+
+    Step the wrapper, not the optimizer it wraps: a step of that one itself (a reference kept
+    to it, ``opt.optimizer.step()``, ``scaler.step(opt.optimizer)``) is refused by name before
+    it moves a weight, as it would escape the guard, the log and the replay; ``unwrap`` hands
+    it back to step plainly.
     """
 
     def __init__(
@@ -286,6 +291,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: after an ``averaged()`` block, on every rank that observed)
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
+        #: whether this wrapper is stepping the wrapped optimizer now, the one step that
+        #: optimizer's :class:`_StepGate` lets through (see :meth:`_step_inner`)
+        self._stepping_inner = False
         #: the inner optimizer steps only with a closure (L-BFGS, whose line search calls it)
         self._needs_closure = _needs_closure(optimizer)
         #: the furthest step this wrapper took before its last load (see :meth:`_note_rewind`)
@@ -332,6 +340,7 @@ class SelfTuned(torch.optim.Optimizer):
 
             shards.refuse_on_every_rank(open_log, "open its run folder")
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
+        self._gate = optimizer.register_step_pre_hook(_StepGate(self))
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
     @property
@@ -746,8 +755,8 @@ class SelfTuned(torch.optim.Optimizer):
             self._after(t, signals, decisions, restart)
             return None
         self._tracker.before_update()
-        with self._effective_lr(), _global_step_hooks_held():
-            self.optimizer.step(inner_closure) if inner_closure else self.optimizer.step()
+        with self._effective_lr():
+            self._step_inner(inner_closure)
         self._tracker.after_update()
         if self.average is not None:
             self.average.update(self.param_groups)
@@ -809,9 +818,19 @@ class SelfTuned(torch.optim.Optimizer):
         if any(knobs_io.read(g, "lr") != 0.0 for g in self.param_groups):
             return False
         warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
-        with _global_step_hooks_held():
-            self.optimizer.step()
+        self._step_inner()
         return True
+
+    def _step_inner(self, closure: Callable[[], Any] | None = None) -> None:
+        """Step the wrapped optimizer: the one way its :class:`_StepGate` lets a step through
+        while it is wrapped, torch's global step hooks held back (they ran around this
+        wrapper's step)."""
+        self._stepping_inner = True
+        try:
+            with _global_step_hooks_held():
+                self.optimizer.step(closure) if closure else self.optimizer.step()
+        finally:
+            self._stepping_inner = False
 
     def _hold_shared_metric(self) -> None:
         """Hold the metric the ranks shared in this step's collective, if any observed one,
@@ -1440,8 +1459,9 @@ class SelfTuned(torch.optim.Optimizer):
         carries what it found; ``unwrap`` writes the effective rate (``hyperparams()``) into each
         group, leaves momentum and the betas as they are, notes the hand-over in the run
         folder's log and closes it.  This wrapper refuses further steps; the returned optimizer
-        can be wrapped again.  A scheduler that multiplies the rate it finds (StepLR,
-        ExponentialLR, CosineAnnealingLR) goes on from the rate handed over; one that sets it
+        steps plainly (no longer refused as a step past the wrapper) and can be wrapped again.
+        A scheduler that multiplies the rate it finds (StepLR, ExponentialLR,
+        CosineAnnealingLR) goes on from the rate handed over; one that sets it
         from its base rates (LambdaLR, OneCycleLR) writes over it.  A weight average is not
         put into the weights: evaluate or copy it (``averaged()``) before.
         """
@@ -1473,6 +1493,7 @@ class SelfTuned(torch.optim.Optimizer):
         self.close()
         self._unwrapped = True
         delattr(self.optimizer, _WRAPPED)
+        self._gate.remove()  # its steps are its own again
         return self.optimizer
 
     def close(self) -> None:
@@ -2544,6 +2565,46 @@ def _global_step_hooks_held() -> Iterator[None]:
             if _HeldHooks.holders == 0:
                 for name, hooks in _HeldHooks.saved.items():
                     setattr(torch_optimizer, name, hooks)
+
+
+class _StepGate:
+    """The step pre-hook a wrapper registers on the optimizer it wraps: refuses a step of that
+    optimizer not made by the wrapper (a reference the loop kept, ``opt.optimizer.step()``, a
+    GradScaler or framework given it), before the update.
+
+    Such a step moved the weights with no guard and no record in the log or the trace, and
+    the run could no longer be replayed, with no word.  Let through: the wrapper's own step
+    (:meth:`SelfTuned._step_inner`, its closure and L-BFGS's calls of it inside), and the step
+    by which torch.distributed.checkpoint's helpers, given ``opt.optimizer`` as the guide
+    says, fill an empty state with every rate zeroed (asked only of a step refused otherwise:
+    the wrapper's step costs one weak reference and one flag).  The wrapper is held weakly:
+    the loop holds the optimizer, which would keep a dropped wrapper, its snapshots and open
+    files alive; once it is gone, the gate lets every step through (``unwrap`` removes it).
+    A copy or a pickle of the gate (an optimizer whose ``__getstate__`` keeps its hooks) is
+    one that lets every step through: the optimizer copied is no wrapped one.
+    """
+
+    __slots__ = ("_wrapper",)
+
+    def __init__(self, wrapper: SelfTuned | None) -> None:
+        self._wrapper = None if wrapper is None else weakref.ref(wrapper)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        wrapper = None if self._wrapper is None else self._wrapper()
+        if wrapper is None or wrapper._stepping_inner or shards.called_by_dcp():
+            return
+        raise ConfigError(
+            f"the {type(optimizer).__name__} that selftune.wrap wraps was stepped itself, "
+            f"past the wrapper ({wrapper.step_count} steps in; a reference kept to it, "
+            "opt.optimizer.step(), a GradScaler or a framework given it): that step would move "
+            "the weights with no guard and no record in the run's log or trace, and the run "
+            "could no longer be replayed. Refused before the update: step the wrapper in its "
+            "place (opt.step(loss=loss.detach()), scaler.step(opt)), or to train on untuned, "
+            "take the optimizer back with opt.unwrap()"
+        )
+
+    def __reduce__(self) -> tuple[type[_StepGate], tuple[None]]:
+        return _StepGate, (None,)
 
 
 #: the packages whose frames stand between a warning and the training loop's call
