@@ -1875,9 +1875,9 @@ def _strict(text: str) -> Any:
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
 
 
-def _artifact_rows(client: Any, run_id: str, tmp_path: Path) -> list[Any]:
+def _artifact_rows(client: Any, run_id: str, tmp_path: Path, prefix: str = "selftune") -> list[Any]:
     """The rows of the decisions artifact's parts, concatenated in name order."""
-    local = Path(client.download_artifacts(run_id, "selftune/decisions", str(tmp_path)))
+    local = Path(client.download_artifacts(run_id, f"{prefix}/decisions", str(tmp_path)))
     parts = sorted(local.glob("*.jsonl"))
     return [_strict(line) for part in parts for line in part.read_text().splitlines()]
 
@@ -2056,6 +2056,67 @@ def test_mlflow_writer_without_mlflow_s_private_reader_takes_the_environment_s_e
     assert client.get_run(writer.run_id).info.experiment_id == experiment
 
 
+def test_mlflow_writers_of_one_process_share_the_run_the_first_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GAN's two optimizers, each with a writer and its prefix, no run given and none active:
+    each writer started a run of its own, and one training was split across two runs, while
+    with a run active both logged into it.  The second shares the run the first started now,
+    never active, ended by the last of them to close; writers made once both closed (a
+    notebook's next training) start a run of their own."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    gen, disc = MLflowWriter(prefix="gen"), MLflowWriter(prefix="disc")
+    _tuned(8, gen)
+    _tuned(6, disc)
+    assert gen.run_id is not None and gen.run_id == disc.run_id and mlflow.active_run() is None
+    gen.close()
+    assert client.get_run(gen.run_id).info.status == "RUNNING"  # disc logs into it still
+    disc.close()
+    assert client.get_run(gen.run_id).info.status == "FINISHED"
+    for writer, steps in ((gen, 8), (disc, 6)):
+        history = client.get_metric_history(gen.run_id, f"{writer.prefix}/group0/lr")
+        assert [m.step for m in history] == list(range(1, steps + 1))
+        rows = _artifact_rows(client, gen.run_id, tmp_path, writer.prefix)
+        assert 0 < len(rows) == writer.count
+    later = MLflowWriter(prefix="gen")
+    _tuned(2, later)
+    later.close()
+    assert later.run_id not in {gen.run_id, None}
+    assert len(client.search_runs(["0"])) == 2
+
+
+def test_mlflow_writers_of_one_prefix_keep_to_runs_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two open writers with one prefix would write one name twice in a shared run (each
+    optimizer's step 1 again): the second starts a run of its own, as every writer did, and
+    the next writer of another prefix shares that one.  A run shared ends FAILED if any of its
+    writers closed while an error was handled, whichever closed last."""
+    from mlflow import MlflowClient
+
+    from selftune.integrations.mlflow import MLflowWriter
+
+    client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
+    first, second, third = MLflowWriter(), MLflowWriter(), MLflowWriter(prefix="disc")
+    _tuned(2, first)
+    _tuned(2, second)
+    _tuned(2, third)
+    assert first.run_id != second.run_id == third.run_id
+    try:
+        raise RuntimeError("the discriminator broke")
+    except RuntimeError:
+        third.close()
+    second.close()
+    first.close()
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert client.get_run(second.run_id).info.status == "FAILED"
+
+
 def test_mlflow_writer_whose_first_step_failed_keeps_the_run_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2091,7 +2152,8 @@ def test_mlflow_writer_never_closed_ends_its_run_at_exit_with_its_decisions(
     """MLflow ends the runs ``mlflow.start_run`` left active when the interpreter exits; the
     writer's run, never active now, is ended then by the writer's ``close``, which uploads the
     decisions too (fewer than ``flush_every``: none were uploaded before), FAILED where an
-    error ended the script (it showed FINISHED)."""
+    error ended the script (it showed FINISHED).  Two writers sharing the run (two prefixes)
+    each upload theirs, and the last ends it."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=_mlflow_uri(tmp_path, monkeypatch))
@@ -2102,23 +2164,25 @@ def test_mlflow_writer_never_closed_ends_its_run_at_exit_with_its_decisions(
         "torch.manual_seed(0)\n"
         "model = torch.nn.Linear(4, 1)\n"
         "opt = selftune.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3))\n"
-        "writer = MLflowWriter()\n"
+        "writer, other = MLflowWriter(), MLflowWriter(prefix='other')\n"
         "opt.add_listener(writer)\n"
+        "opt.add_listener(other)\n"
         "for _ in range(6):\n"
         "    loss = model(torch.randn(8, 4)).pow(2).mean()\n"
         "    opt.zero_grad()\n"
         "    loss.backward()\n"
         "    opt.step(loss=loss.detach())\n"
-        "print(writer.run_id, writer.count, flush=True)\n" + last_line
+        "print(writer.run_id, other.run_id, writer.count, flush=True)\n" + last_line
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == (1 if last_line else 0), done.stderr
     assert done.stderr.count("Traceback") == (1 if last_line else 0), done.stderr
-    run_id, count = done.stdout.split()
-    assert client.get_run(run_id).info.status == status
-    assert 0 < len(_artifact_rows(client, run_id, tmp_path)) == int(count) < 50
+    run_id, other, count = done.stdout.split()
+    assert client.get_run(run_id).info.status == status and other == run_id
+    for prefix in ("selftune", "other"):
+        assert 0 < len(_artifact_rows(client, run_id, tmp_path, prefix)) == int(count) < 50
 
 
 def test_mlflow_writer_logs_into_the_run_mlflow_run_id_names_and_leaves_it_running(

@@ -21,6 +21,16 @@ the user's own run, and ``mlflow.log_metric`` goes to the user's run, never to t
 (:attr:`MLflowWriter.run_id` names that one).  A run the user has active stays theirs: the
 writer logs into it and leaves it active, and the stack is as the user left it throughout.
 
+The writers of a process given no run that find none active (a GAN's generator's and
+discriminator's, each with its ``prefix``) share the run the first of them started, as they
+share a run the user has active; each started a run of its own, and one training was split
+across two runs.  The last of them to close ends it, FAILED (KILLED) if any of them closed
+while an error was handled.  Sharing ends with the run: writers made once all of its writers
+closed (a notebook's next training) start a run of their own.  So does a writer whose
+``prefix`` one of the run's writers took, and the writers after it share that run: the two
+would write the same names into one run (each optimizer's step 1 again), and the run is
+chosen at the first step, too late to refuse the writer without breaking off the training.
+
 A writer given a run that already holds parts (a run resumed from a checkpoint into the same
 MLflow run) continues them: its rows follow the ones uploaded, in the last part or the next
 one, and the count goes on from theirs.  What was uploaded stays, as MLflow keeps every metric
@@ -86,6 +96,24 @@ def _experiment_id() -> str:
     return found.experiment_id if found else os.environ.get("MLFLOW_EXPERIMENT_ID", "0")
 
 
+class _Started:
+    """A run the writers of this process started, shared by those of them given no run that
+    find none active, each under its prefix (see the module docstring), and ended by the
+    last of them to close."""
+
+    def __init__(self, key: tuple[str, str], run_id: str) -> None:
+        self.key, self.run_id = key, run_id
+        #: of every writer that logged into it, closed or not: a closed writer's points stay
+        self.prefixes: set[str] = set()
+        self.users = 0  # the writers using it that have not closed
+        self.status = "FINISHED"  # FAILED (KILLED) once a writer closed while an error was handled
+
+
+#: the run the writers of this process started last, by tracking URI and experiment, while one
+#: of its writers is open (a writer given another store or experiment gets a run there)
+_STARTED: dict[tuple[str, str], _Started] = {}
+
+
 class MLflowWriter(FollowsOne):
     """A listener that logs selftune's knobs, loss and decisions to an MLflow run.
 
@@ -95,7 +123,9 @@ class MLflowWriter(FollowsOne):
     ``mlflow.start_run()`` takes it: ``mlflow run`` sets it), else one started then, in the
     experiment and with the tags ``mlflow.start_run()`` gives, but never made active, and
     ended in :meth:`close` (or at the interpreter's exit, as MLflow ends its active runs).
-    Only a run the writer started is ended by it.
+    The writers of this process that find no run share the run the first of them started, one
+    ``prefix`` each, and the last of them to close ends it (see the module docstring).  Only a
+    run the writers started is ended by them.
     ``every``: log the knobs and the
     loss every this many steps (the decisions' count and the metric at the steps that have
     them).  ``prefix``: the first part of every metric's, tag's and artifact's name.
@@ -124,7 +154,8 @@ class MLflowWriter(FollowsOne):
                 "folder; the store is MLflow's tracking URI: mlflow.set_tracking_uri(...) "
                 "or MLFLOW_TRACKING_URI, with run left out (a run is started at the first step)"
             )
-        self._owned = False
+        #: the run the writers started that this one logs into, until it closes
+        self._started: _Started | None = None
         #: the run given, else None: the run active at the first event is taken then
         self._run = run
         #: the run active now (no store is touched to read it), taken at the first event if no
@@ -161,24 +192,38 @@ class MLflowWriter(FollowsOne):
                 # the run active at the first step before the one active when built: a writer
                 # built in a parent run logged into the parent while the training, and the
                 # metrics it logged, ran in a nested run started since
-                run = self.run_id if self._owned else self._run  # made by a try that failed
+                run = self._run
+                if self._started is not None:  # joined by a try that failed
+                    run = self._started.run_id
                 if run is None:
                     run = mlflow.active_run() or self._built_in or os.environ.get("MLFLOW_RUN_ID")
                 self.client = self._client if self._client is not None else MlflowClient()
                 if not run:
-                    # not mlflow.start_run(): the run it starts stays active until ended, and the
-                    # user's own start_run() beside the writer failed ("already active").  Its
-                    # experiment (set_experiment's, MLFLOW_EXPERIMENT_NAME's...) has no public
-                    # reader but the private one start_run reads.
-                    tags = resolve_tags()  # as start_run's: source, user, git commit
-                    run = self.client.create_run(_experiment_id(), tags=tags)
-                    self._owned = True
-                    # as MLflow ends the runs start_run left active
-                    atexit.register(self._close_at_exit)
+                    run = self._join().run_id
                 self.run_id = run if isinstance(run, str) else run.info.run_id
                 self._continue_parts()
             self.active = active
         return self.active
+
+    def _join(self) -> _Started:
+        """Take the run the writers of this process started, if open and this writer's prefix
+        is free in it, else start one: not with mlflow.start_run(), whose run stays active
+        until ended, and the user's own start_run() beside the writer failed ("already
+        active")."""
+        assert self.client is not None
+        # set_experiment's, MLFLOW_EXPERIMENT_NAME's...: no public reader but start_run's
+        experiment = _experiment_id()
+        key = (self.client.tracking_uri, experiment)
+        started = _STARTED.get(key)
+        if started is None or self.prefix in started.prefixes:
+            tags = resolve_tags()  # as start_run's: source, user, git commit
+            run = self.client.create_run(experiment, tags=tags)
+            started = _STARTED[key] = _Started(key, run.info.run_id)
+        started.prefixes.add(self.prefix)
+        started.users += 1
+        self._started = started
+        atexit.register(self._close_at_exit)  # as MLflow ends the runs start_run left active
+        return started
 
     def _continue_parts(self) -> None:
         """Go on after the decision parts the run already holds: a resume into the same run
@@ -257,12 +302,14 @@ class MLflowWriter(FollowsOne):
         self.client.log_text(self.run_id, text, f"{self.prefix}/decisions/{index:05d}.jsonl")
 
     def close(self) -> None:
-        """Flush the decisions; end the run if this writer started it (a run of the user's,
-        active or not, is theirs to end, and MLflow's stack of active runs is left as is).
+        """Flush the decisions; end the run if the writers started it and this is the last of
+        them open (a run of the user's, active or not, is theirs to end, and MLflow's stack of
+        active runs is left as is).
 
         Closed while an exception is handled (Lightning's ``on_exception``, a ``with`` block
         an error leaves), the run ends FAILED (KILLED for Ctrl-C), as a ``with
-        mlflow.start_run()`` block ends its run: a run that crashed showed FINISHED."""
+        mlflow.start_run()`` block ends its run: a run that crashed showed FINISHED.  A run the
+        writers share ends FAILED if any of them closed so."""
         self._end(sys.exc_info()[0])
 
     def _close_at_exit(self) -> None:
@@ -271,12 +318,20 @@ class MLflowWriter(FollowsOne):
         self._end(getattr(sys, "last_type", None))
 
     def _end(self, raised: type[BaseException] | None) -> None:
+        """Leave the run the writers started, if this one uses one, and end it with the last
+        of them; left only once ended, so that a close that failed to end it can be tried
+        again."""
         self.flush()
-        if self._owned:
-            assert self.client is not None and self.run_id is not None
-            status = "FINISHED"
-            if raised is not None:
-                status = "KILLED" if issubclass(raised, KeyboardInterrupt) else "FAILED"
-            self.client.set_terminated(self.run_id, status=status)
-            self._owned = False
-            atexit.unregister(self._close_at_exit)
+        started = self._started
+        if started is None:
+            return
+        assert self.client is not None
+        if raised is not None and started.status == "FINISHED":
+            started.status = "KILLED" if issubclass(raised, KeyboardInterrupt) else "FAILED"
+        if started.users == 1:
+            self.client.set_terminated(started.run_id, status=started.status)
+            if _STARTED.get(started.key) is started:
+                del _STARTED[started.key]
+        started.users -= 1
+        self._started = None
+        atexit.unregister(self._close_at_exit)
