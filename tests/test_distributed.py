@@ -604,6 +604,17 @@ def test_zero_redundancy_optimizer_under_the_guard_is_refused_by_name(
         assert "guard=False" in said["guard"] and "consolidate_state_dict" in said["guard"]
 
 
+def test_zero_redundancy_optimizer_stepping_inside_ddp_s_hook_is_refused_by_name(
+    zero: list[dict[str, Any]],
+) -> None:
+    """Built with ``overlap_with_ddp=True`` it steps inside DDP's communication hook, on its
+    shard's own optimizer, past any wrapper; its param groups are empty until that hook builds
+    them, and the wrap refused it as a group with no rate, which said nothing of why."""
+    for said in zero:
+        assert said["overlap"].startswith("ConfigError: a ZeroRedundancyOptimizer built with")
+        assert "overlap_with_ddp=False" in said["overlap"]
+
+
 def test_zero_redundancy_optimizer_state_consolidated_before_a_step_is_refused(
     zero: list[dict[str, Any]],
 ) -> None:

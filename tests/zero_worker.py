@@ -2,9 +2,10 @@
 
 Its state is sharded: each rank holds the moments of its own parameters, and its
 ``state_dict()`` is the whole state only after ``consolidate_state_dict()`` on every rank.  Each
-rank writes ``rank<r>.json`` into ``--out``: what ``wrap`` with the guard said, whether a run
-checkpointed at ``CKPT_STEP`` (consolidated to rank 0, saved there, loaded on every rank) ends as
-the run never stopped, and what a save steps after that consolidation said.
+rank writes ``rank<r>.json`` into ``--out``: what ``wrap`` said with the guard, and of one built
+with ``overlap_with_ddp=True``, whether a run checkpointed at ``CKPT_STEP`` (consolidated to
+rank 0, saved there, loaded on every rank) ends as the run never stopped, and what a save steps
+after that consolidation said.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def _train(model: torch.nn.Module, opt: selftune.SelfTuned, steps: range) -> Non
 def _runs(out: Path, rank: int) -> dict[str, Any]:
     """What this rank saw of the runs the module's docstring lists."""
     said: dict[str, Any] = {"guard": _says(lambda: selftune.wrap(_build()[1]))}
+    overlapping = ZeroRedundancyOptimizer(
+        make_model().parameters(), optimizer_class=torch.optim.AdamW, overlap_with_ddp=True
+    )
+    said["overlap"] = _says(lambda: selftune.wrap(overlapping, guard=False))
 
     def wrapped(run: str) -> tuple[torch.nn.Module, ZeroRedundancyOptimizer, selftune.SelfTuned]:
         model, zero = _build()

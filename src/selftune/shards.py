@@ -59,6 +59,15 @@ ZERO_GUARD_ADVICE = (
 )
 
 
+#: why a ZeroRedundancyOptimizer that steps inside DDP's communication hook cannot be wrapped
+ZERO_OVERLAP_ADVICE = (
+    "a ZeroRedundancyOptimizer built with overlap_with_ddp=True takes its steps inside DDP's "
+    "communication hook (hook_with_zero_step), on its own shard's optimizer: they would move "
+    "the weights past the wrapper, with no guard, no tuning and no record in the run's log. "
+    "Build it with overlap_with_ddp=False (the default) to wrap it"
+)
+
+
 def zero_redundancy(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` is torch's ``ZeroRedundancyOptimizer``, whose state is sharded."""
     if not torch.distributed.is_available():

@@ -135,6 +135,10 @@ class SelfTuned(torch.optim.Optimizer):
                 "logged and change only the weight decay. Wrap another optimizer (AdamW, ...), "
                 "or use Adafactor unwrapped"
             )
+        if shards.zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
+            # (torch's own attribute) its groups are empty until DDP's hook builds them: it was
+            # refused as a group with no rate, which said nothing of why
+            raise ConfigError(shards.ZERO_OVERLAP_ADVICE)
         if getattr(optimizer, _WRAPPED, False):
             raise ConfigError(
                 f"this {type(optimizer).__name__} was already passed to selftune.wrap; "
