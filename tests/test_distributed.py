@@ -702,3 +702,66 @@ def test_zero_redundancy_optimizer_s_consolidated_state_resumes_on_another_numbe
     assert said["zero@1"]["hp"] != said["zero@2"]["hp"], "no decision: the test lost its power"
     assert _rank_notes(out / "zero") == [(5, 2, 1)]
     assert verify(out / "zero").records == len(read_log(out / "zero").records)
+
+
+CONTROLLER_WORKER = WORKER.with_name("controller_worker.py")
+
+
+@pytest.fixture(scope="module")
+def raised_on_one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Any]]:
+    out = tmp_path_factory.mktemp("controller")
+    torchrun(CONTROLLER_WORKER, f"--out={out}")
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "taken"), [("propose", "was taken at"), ("on_backoff", "took the guard's")]
+)
+def test_a_controller_that_raises_on_one_rank_fails_its_step_alike_on_every_rank(
+    raised_on_one_rank: tuple[Path, list[Any]], stage: str, taken: str
+) -> None:
+    """A controller of one's own that raised on rank 1 alone had that rank take the step
+    without its proposals while rank 0 applied them, and the knobs and weights drifted apart
+    with no word (in ``propose``), or left rank 1's step broken part-way, which every rank
+    then refused, until a load (in ``on_backoff``, at a rollback).  Every rank now takes the
+    step alike, without the controller's proposals (the rollback as the guard made it), and
+    raises ControllerError: rank 1 with its controller's error, rank 0 naming rank 1."""
+    out, ranks = raised_on_one_rank
+    at = 3
+    mine, theirs = ranks[1][stage]["said"][at - 1], ranks[0][stage]["said"][at - 1]
+    assert mine.startswith("ControllerError") and f"{stage}() raised ZeroDivisionError" in mine
+    assert theirs.startswith("ControllerError") and "on rank 1" in theirs
+    assert f"Step {at} {taken}" in theirs and "on every rank" in theirs
+    for rank in ranks:
+        said = rank[stage]["said"]
+        assert said[: at - 1] == [None] * (at - 1) and said[at:] == [None] * (len(said) - at)
+        assert rank[stage]["step"] == len(said)
+    assert ranks[0][stage]["knobs"] == ranks[1][stage]["knobs"]
+    assert ranks[0][stage]["weights"] == ranks[1][stage]["weights"]
+    if stage == "propose":  # lowered by a tenth at every step but the third
+        lrs = [k[0]["lr"] for k in ranks[0][stage]["knobs"]]
+        assert lrs[at - 1] == lrs[at - 2] and lrs[at] == pytest.approx(lrs[at - 1] * 0.9)
+    verify(out / stage)
+    notes = [r for r in read_log(out / stage).records if r["kind"] == "note"]
+    assert [n["step"] for n in notes if "rank 1" in n["reason"]] == [at]
+
+
+def test_a_step_under_a_controller_of_selftunes_own_makes_one_collective(
+    raised_on_one_rank: tuple[Path, list[Any]],
+) -> None:
+    """Its proposals are a function of what every rank holds alike (the shared signals, the
+    knobs, its state), so no gather asks whether it failed on another rank."""
+    _, ranks = raised_on_one_rank
+    assert all(rank["builtin"]["collectives"] == [1] * 6 for rank in ranks)
+
+
+def test_ranks_wrapped_with_controllers_of_two_classes_under_one_name_are_refused(
+    raised_on_one_rank: tuple[Path, list[Any]],
+) -> None:
+    """Only the one of its own would have shared its failures, in a gather the other rank
+    never made, and the two would have proposed apart."""
+    _, ranks = raised_on_one_rank
+    for rank in ranks:
+        said = rank["two-classes"]["wrap"]
+        assert said is not None and "rank 1 wrapped its optimizer with other settings" in said
+        assert "controller_class: 'selftune.controllers.off.OffController'" in said

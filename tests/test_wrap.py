@@ -2286,3 +2286,65 @@ def test_a_tensor_beta_selftune_tuned_is_not_taken_for_a_scheduler_s() -> None:
     train(pr, opt, 40)
     assert opt.hyperparams()[0]["beta1"] != pytest.approx(0.9), "beta1 was never tuned"
     assert opt.state_dict()["selftune"]["outside"] == [[]]
+
+
+class _RaisesAtRollback(OffController):
+    """Lowers the rate by a hundredth at every step; raises in ``stage``, one of the methods
+    the guard's rollback calls (None: in none)."""
+
+    name = "raises-at-rollback"
+
+    def __init__(self, stage: str | None) -> None:
+        self.stage = stage
+
+    def _maybe_raise(self, stage: str) -> None:
+        if stage == self.stage:
+            raise ZeroDivisionError(f"no {stage}")
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        return [Proposal(0, "lr", knobs[0]["lr"] * 0.99, "lower")]
+
+    def before_rollback(self, knobs: Any) -> None:
+        self._maybe_raise("before_rollback")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._maybe_raise("load_state_dict")
+
+    def on_backoff(self, step: int) -> None:
+        self._maybe_raise("on_backoff")
+
+
+@pytest.mark.parametrize("stage", ["before_rollback", "load_state_dict", "on_backoff"])
+def test_a_controller_that_raises_at_a_rollback_has_it_taken_and_the_run_goes_on(
+    stage: str, tmp_path: Path
+) -> None:
+    """An exception from a controller's method that the guard's rollback calls left the step
+    broken part-way (the guard had given up its snapshot, the weights not yet restored): every
+    later step was refused until a checkpoint loaded.  The rollback is taken as the guard made
+    it, logged with a note of why, step() raises ControllerError, and the run goes on, to the
+    weights of a run whose controller did not raise, and replays to the bit."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _RaisesAtRollback(stage), log_dir=tmp_path / "r")
+    plain, pp = _sgd()
+    reference = selftune.wrap(plain, _RaisesAtRollback(None))
+    _steps(pp, reference, range(1, 36), nan_at=30)
+    _steps(pr, opt, range(1, 30))
+    with pytest.raises(selftune.ControllerError, match=rf"{stage}\(\) raised ZeroDiv") as e:
+        _steps(pr, opt, range(30, 31), nan_at=30)
+    assert "Step 30 took the guard's rollback" in str(e.value)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    _steps(pr, opt, range(31, 36))
+    opt.close()
+    assert opt.step_count == 35 and opt.hyperparams() == reference.hyperparams()
+    pairs = zip(pr.model.parameters(), pp.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)
+    audit.verify(tmp_path / "r")
+    records = audit.read_log(tmp_path / "r").records
+    assert [r["event"] for r in records if r["kind"] == "guard"] == ["rollback"]
+    (note,) = [r for r in records if r["kind"] == "note" and r.get("step") == 30]
+    assert f"{stage}() raised ZeroDivisionError" in note["reason"]
+    again, pa = _sgd()
+    replayed = selftune.replay(again, tmp_path / "r")
+    _steps(pa, replayed, range(1, 36), nan_at=30)
+    pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)

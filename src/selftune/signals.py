@@ -558,6 +558,13 @@ def gather_ranks(stacked: torch.Tensor) -> torch.Tensor:
     return torch.stack(every)
 
 
+def flagged_ranks(flag: bool) -> list[int]:
+    """The ranks on which ``flag`` holds, in rank order: one number per rank gathered where
+    the step's gather meets (:func:`gather_ranks`).  A collective: every rank calls it."""
+    here = torch.tensor([float(flag)], dtype=torch.float64, device=_gather_device())
+    return [rank for rank, held in enumerate(gather_ranks(here)[:, 0].tolist()) if held]
+
+
 def _gather_device() -> torch.device:
     """Where the ranks' scalars meet: the current GPU under NCCL (which has no host tensors),
     else the host; the same on every rank, whatever device its own scalars were made on."""

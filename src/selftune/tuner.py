@@ -47,6 +47,7 @@ from selftune.signals import (
     Signals,
     SignalTracker,
     check_loss,
+    flagged_ranks,
     pooled,
 )
 
@@ -180,6 +181,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: of ``auto`` with no range test is not the default's, and its log should say so (a
         #: controller of the user's own says what it likes in its ``options``, if anything)
         self._controller_options = dict(getattr(self.controller, "options", {}))
+        #: the controller may fail on one rank alone: its failures are shared across ranks
+        #: (see :meth:`_controller_error`)
+        self._shares_failures = not _decides_alike(self.controller)
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
@@ -319,9 +323,12 @@ class SelfTuned(torch.optim.Optimizer):
         #: the last step whose log and trace are written (a listener's error after that leaves
         #: nothing half-done)
         self._recorded = 0
+        # and one controller class: a rank that shares its controller's failures pairs its
+        # gathers with the others' only where every rank does
+        kind = _class(self.controller)
+        shards.check_same_settings({**self._settings(), "controller_class": kind})
         #: whether any rank logs to a run folder, and the step after which ``close`` closed it:
         #: a step after that would move the weights with no record, so every rank refuses it
-        shards.check_same_settings(self._settings())
         self._logged = _logged_on_rank_zero(log_dir)
         self._closed_after: int | None = None
         #: what ``close`` calls first: the end of the optimizer's steps is known there alone (a
@@ -675,7 +682,8 @@ class SelfTuned(torch.optim.Optimizer):
         """Step ``t`` from the signals on: what a failure part-way leaves unfinished.
         ``skipped``: the closure returned nothing, its backward skipped by choice.  Returns the
         controller's error, for ``step`` to raise: the step was taken without its proposals
-        (:meth:`_consult`)."""
+        (:meth:`_consult`), or the guard's rollback taken without what the controller's methods
+        there would have done (:meth:`_roll_back`)."""
         self._recorded = self.step_count  # this step is not: a stale count read as recorded
         if t == 1:
             self._read_start()
@@ -712,15 +720,18 @@ class SelfTuned(torch.optim.Optimizer):
             current = self.hyperparams()
             self._lowered = [None] * len(self._lowered)
         if trouble is not None or (self.guard is not None and self.guard.forward is not None):
+            failures: list[tuple[str, Exception]] = []
+            failed = None
             if trouble is not None:
-                decisions, event = self._roll_back(trouble, signals, unread)
+                decisions, event = self._roll_back(trouble, signals, unread, failures)
+                failed = self._controller_error(t, failures, f"took the guard's {event['event']}")
             else:
                 decisions, event = self._go_forward(t)
             decisions = forgiven + decisions
             self._leave(current, decisions)
             self.step_count = t
             self._after(t, signals, decisions, event)
-            return None
+            return failed
         if self._metric is not None:  # held until a step whose proposals are made reads it
             signals = self.last_signals = dataclasses.replace(
                 signals,
@@ -773,7 +784,8 @@ class SelfTuned(torch.optim.Optimizer):
     ) -> tuple[list[Proposal], str | None, ControllerError | None]:
         """The controller's checked proposals at step ``t`` and its reason to restart; where it
         raised, or returned what :func:`checked` refuses, none, and the error for ``step`` to
-        raise once the step is recorded, the original as its ``__cause__``.
+        raise once the step is recorded, the original as its ``__cause__``; none on every rank
+        where it failed on any (:meth:`_controller_error`).
 
         Raised from inside the step, the error left it broken off: the signals had been read,
         the guard had judged them, a rate held, and every later step was refused until a
@@ -788,6 +800,9 @@ class SelfTuned(torch.optim.Optimizer):
         """
         controller = self.controller
         stage = "propose()"
+        proposals: list[Proposal] = []
+        restarting: str | None = None
+        failures: list[tuple[str, Exception]] = []
         try:
             made = controller.propose(signals, knobs)
             stage = "take_restart()"
@@ -795,20 +810,59 @@ class SelfTuned(torch.optim.Optimizer):
             reason = take() if take is not None else None
             stage = ""  # the wrapper's checks, whose refusals name the controller
             proposals = checked(controller, made, knobs)
-            return proposals, self._take_restart(proposals, reason), None
+            restarting = self._take_restart(proposals, reason)
         except Exception as exc:
-            if getattr(controller, "replays_log", False):
-                raise
-            name = getattr(controller, "name", type(controller).__name__)
-            raised = f"controller {name!r}: {stage} raised {type(exc).__name__}: {exc}"
-            why = raised if stage else str(exc)
-            self._notes.append({"reason": f"{why}; the step was taken without its proposals"})
-            error = ControllerError(
-                f"{why}. Step {t} was taken at the knobs in force, without the controller's "
-                "proposals, and logged so: the run goes on from the next step"
-            )
-            error.__cause__ = exc
-            return [], None, error
+            failures.append(self._failure(stage, exc))
+        done = "was taken at the knobs in force, without the controller's proposals"
+        error = self._controller_error(t, failures, done)
+        return ([], None, error) if error is not None else (proposals, restarting, None)
+
+    def _failure(self, stage: str, exc: Exception) -> tuple[str, Exception]:
+        """Why the controller failed, its method ``stage`` having raised ``exc`` (``""``: the
+        wrapper refused what it returned, in words that name it), with ``exc``.  The replay's
+        own controller's error is raised: its refusal is where the replay leaves the logged
+        run, and stops it."""
+        if getattr(self.controller, "replays_log", False):
+            raise exc
+        if not stage:
+            return str(exc), exc
+        name = getattr(self.controller, "name", type(self.controller).__name__)
+        return f"controller {name!r}: {stage} raised {type(exc).__name__}: {exc}", exc
+
+    def _controller_error(
+        self, t: int, failures: list[tuple[str, Exception]], done: str
+    ) -> ControllerError | None:
+        """The error for ``step`` to raise where the controller failed at step ``t`` (the first
+        of this rank's ``failures``, from :meth:`_failure`) or, under torch.distributed, on
+        another rank, with the log's note of it; None where it failed on no rank.  ``done``:
+        what the step did instead, the same on every rank.
+
+        Every rank must take the same decisions, and a controller of one's own may fail on one
+        rank alone (it read the rank, a file, random numbers of its own): that rank took its
+        step without the proposals the others applied, and the knobs and weights drifted apart
+        with no word.  Its failure is shared in a gather of a flag per rank, after which every
+        rank drops the proposals alike and raises, naming the rank that failed where it was
+        another.  The controllers selftune ships, and a replay's, decide from what every rank
+        holds alike (:func:`_decides_alike`): their steps make no gather but the step's one
+        (the ranks' controllers are checked to be of one class at the wrap).
+        """
+        distributed = self._shares_failures and shards.across_ranks()
+        failed_on = flagged_ranks(bool(failures)) if distributed else [0] if failures else []
+        if not failed_on:
+            return None
+        if failures:
+            why, cause = failures[0]
+        else:
+            name = getattr(self.controller, "name", type(self.controller).__name__)
+            why = f"controller {name!r} failed on rank {failed_on[0]} (its error there says why)"
+            cause = None
+        everywhere = ", on every rank" if distributed else ""
+        self._notes.append({"reason": f"{why}; the step {done}{everywhere}"})
+        error = ControllerError(
+            f"{why}. Step {t} {done}{everywhere}, and logged so: the run goes on from the next step"
+        )
+        error.__cause__ = cause
+        return error
 
     def _filled_for_dcp(self) -> bool:
         """Let the wrapped optimizer take the step by which torch.distributed.checkpoint's
@@ -1946,8 +2000,15 @@ class SelfTuned(torch.optim.Optimizer):
         }
 
     def _roll_back(
-        self, trouble: Trouble, signals: Signals, unread: dict[str, Any] | None
+        self,
+        trouble: Trouble,
+        signals: Signals,
+        unread: dict[str, Any] | None,
+        failures: list[tuple[str, Exception]],
     ) -> tuple[list[Decision], dict]:
+        """The guard's rollback (or skip) of the step ``trouble`` found, its decisions and
+        event.  What the controller's methods called here raise is kept in ``failures``, and
+        the rollback taken whole without them (:meth:`_tell`)."""
         assert self.guard is not None
         tuning = self._tuning() if not self.guard.snapshots else None  # what a skip would cut
         try:
@@ -1970,7 +2031,7 @@ class SelfTuned(torch.optim.Optimizer):
                     failed[i]["lr"] = allowed
         note_failure = getattr(self.controller, "before_rollback", None)
         if note_failure is not None:  # what failed, before the restore erases it
-            note_failure(failed)
+            self._tell(failures, "before_rollback()", note_failure, failed)
         lowered: dict[int, float] = {}
         if snap is None:  # nothing held yet: the step's update was never made, only skip it
             assert tuning is not None  # (no snapshot held before the rollback either)
@@ -1984,12 +2045,13 @@ class SelfTuned(torch.optim.Optimizer):
         else:
             payload = snap.payload
             lowered = self._restore(snap, lower_rates=True)
-            self.controller.load_state_dict(_clone(payload["controller"]))
+            state = _clone(payload["controller"])
+            self._tell(failures, "load_state_dict()", self.controller.load_state_dict, state)
             # selftune's scale as it was, on the rate a scheduler set now (older snapshots
             # hold no scales: the rate as it was)
             saved_knobs, scales = payload["knobs"], payload.get("scales")
             reason = f"guard: {trouble.reason}; rolled back to step {snap.step}"
-        self.controller.on_backoff(trouble.step)
+        self._tell(failures, "on_backoff()", self.controller.on_backoff, trouble.step)
         decisions = self._put_knobs(
             trouble.step, saved_knobs, scales, factor, reason, failed=failed
         )
@@ -2007,6 +2069,28 @@ class SelfTuned(torch.optim.Optimizer):
             "lr_factor": factor,
         }
         return decisions, event
+
+    def _tell(
+        self,
+        failures: list[tuple[str, Exception]],
+        stage: str,
+        method: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        """Call the controller's ``method`` (named ``stage``) at the guard's rollback, what it
+        raises kept in ``failures``.
+
+        Raised from inside the rollback, it left the step broken off, the guard's snapshot
+        given up and the weights not yet restored, and every later step was refused until a
+        checkpoint loaded.  The rollback's decisions are the guard's, none of the
+        controller's: taken whole without the method (the controller's state as its error
+        left it), the step is recorded, replays, and is the same on every rank, and ``step``
+        raises :class:`ControllerError` as a refused proposal's step does (:meth:`_consult`).
+        """
+        try:
+            method(*args)
+        except Exception as exc:
+            failures.append(self._failure(stage, exc))
 
     def _go_forward(self, t: int) -> tuple[list[Decision], dict]:
         """Restore the snapshot a regression's rollback (or a jump's) left, at the knobs and
@@ -2622,6 +2706,27 @@ def outside_frames() -> int:
     while frame.f_back is not None and str(frame.f_globals.get("__name__")).split(".")[0] in _OURS:
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _inner(controller: Controller) -> Controller:
+    """The controller that decides: a joint one's inner, else ``controller``."""
+    return controller.inner if isinstance(controller, JointController) else controller
+
+
+def _decides_alike(controller: Controller) -> bool:
+    """Whether the controller that decides is one of selftune's own, as registered (no
+    subclass), or a replay's: one whose proposals are a function of what every rank holds
+    alike (the signals the ranks share, the knobs, its state; the log), and so fail on every
+    rank or on none."""
+    inner = _inner(controller)
+    own = type(inner) is CONTROLLERS.get(inner.name)
+    return own or bool(getattr(inner, "replays_log", False))
+
+
+def _class(controller: Controller) -> str:
+    """The qualified class name of the controller that decides."""
+    kind = type(_inner(controller))
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _logged_on_rank_zero(log_dir: str | Path | None) -> bool:

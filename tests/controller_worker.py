@@ -1,0 +1,134 @@
+"""A controller of one's own that raises on one rank alone, as a script under
+``torchrun --nproc_per_node=2`` (gloo, CPU, the model in DDP).
+
+Each run trains :data:`STEPS` steps with :class:`RaisesOnRank`, which raises on rank 1 alone in
+one of its methods at one step (``propose`` at :data:`AT`; ``on_backoff`` at the rollback a NaN
+loss on rank 1 makes there).  Each rank writes into ``--out/rank<r>.json``, per run, its knobs
+after every step, what each step raised (a selftune error, by its type) and its final weights;
+rank 0's run folders are ``--out/<run>``.  The ``builtin`` run counts the step's collectives
+under a controller of selftune's own; ``two-classes`` wraps with ranks' controllers of two
+classes under one name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from dist_worker import make_inner, make_model, train_step
+
+import selftune
+from selftune.controllers.off import OffController
+
+STEPS, AT = 6, 3
+
+
+class RaisesOnRank(OffController):
+    """Lowers the rate by a tenth at every step; raises on rank 1 alone in ``stage`` (its
+    ``propose`` or ``on_backoff``) at step :data:`AT`."""
+
+    name = "raises-on-rank"
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def _maybe_raise(self, stage: str, step: int) -> None:
+        if stage == self.stage and step == AT and dist.get_rank() == 1:
+            raise ZeroDivisionError(f"{stage} on rank 1")
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        self._maybe_raise("propose", signals.step)
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 0.9, "lower")]
+
+    def on_backoff(self, step: int) -> None:
+        self._maybe_raise("on_backoff", step)
+
+
+def says(model: torch.nn.Module, opt: selftune.SelfTuned, t: int, nan: bool) -> str | None:
+    """What training step ``t`` raised on this rank, by its type (None: it stepped)."""
+    try:
+        train_step(model, opt, t, dist.get_rank(), nan=nan)
+    except Exception as err:  # the controller's own, where it broke the step (it did)
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+class OffOfOnesOwn(OffController):
+    """Proposes nothing, under the name of selftune's ``off``."""
+
+
+def wrapped_with_two_classes() -> str | None:
+    """What wrap raises where rank 0 gives ``off`` and rank 1 a class of its own of that name,
+    whose steps would share its failures in a gather that rank 0 never makes."""
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    controller = "off" if dist.get_rank() == 0 else OffOfOnesOwn()
+    try:
+        selftune.wrap(make_inner("sgd", model), controller=controller)
+    except selftune.ConfigError as err:
+        return str(err)
+    return None
+
+
+def run(out: Path, name: str, controller: Any) -> dict[str, Any]:
+    """Train :data:`STEPS` steps with ``controller`` (a NaN loss on rank 1 at :data:`AT` where
+    it raises in ``on_backoff``); what this rank saw."""
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    folder = out / name if rank == 0 else None
+    opt = selftune.wrap(make_inner("sgd", model), controller=controller, log_dir=folder)
+    nan = getattr(controller, "stage", None) == "on_backoff"
+    knobs, said = [], []
+    for t in range(1, STEPS + 1):
+        said.append(says(model, opt, t, nan and t == AT))
+        knobs.append(opt.hyperparams())
+    opt.close()
+    if folder is not None:
+        selftune.verify(folder)
+    weights = [p.tolist() for p in model.parameters()]
+    return {"knobs": knobs, "said": said, "weights": weights, "step": opt.step_count}
+
+
+def collectives_per_step(controller: str) -> list[int]:
+    """How many gathers each of :data:`STEPS` steps makes under ``controller``."""
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = selftune.wrap(make_inner("sgd", model), controller=controller)
+    counts, gather = [], dist.all_gather
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts[-1] += 1
+        return gather(*args, **kwargs)
+
+    dist.all_gather = counted  # type: ignore[assignment]
+    try:
+        for t in range(1, STEPS + 1):
+            counts.append(0)
+            train_step(model, opt, t, rank)
+    finally:
+        dist.all_gather = gather
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    said = {stage: run(args.out, stage, RaisesOnRank(stage)) for stage in ("propose", "on_backoff")}
+    said["builtin"] = {"collectives": collectives_per_step("auto")}
+    said["two-classes"] = {"wrap": wrapped_with_two_classes()}
+    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(said))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
