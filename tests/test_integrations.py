@@ -1697,6 +1697,84 @@ def test_tensorboard_writer_writes_knobs_loss_and_decisions(tmp_path: Path) -> N
         assert d.reason in written
 
 
+class _RestartsAt:
+    """A controller that proposes nothing and asks the wrapper to restart at ``step``."""
+
+    name = "restarts-at"
+
+    def __init__(self, step: int) -> None:
+        self.step, self.seen = step, 0
+
+    def propose(self, signals: Any, knobs: Any) -> list[Any]:
+        self.seen = signals.step
+        return []
+
+    def take_restart(self) -> str | None:
+        return "asked by the test" if self.seen == self.step else None
+
+    def on_backoff(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = state["seen"]
+
+
+def test_listeners_hear_every_guard_record_of_a_step_in_the_log_s_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gradient-norm spike rolls step 28 back; at 29 the restored weights show it too, and
+    the guard relevels, while the controller asks for a restart: two guard records at one step.
+    The listeners heard the restart alone (``event.guard``), so the TensorBoard and MLflow
+    writers held one guard event fewer than the log.  They hear both now, in the log's order,
+    and ``event.guard`` is still the step's last."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selftune.integrations.mlflow import MLflowWriter
+    from selftune.integrations.tensorboard import TensorBoardWriter
+
+    _mlflow_uri(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    opt = selftune.wrap(
+        torch.optim.SGD(net.parameters(), lr=1e-3), _RestartsAt(29), log_dir=tmp_path / "run"
+    )
+    events: list[selftune.StepEvent] = []
+    tensorboard, mlflow = TensorBoardWriter(tmp_path / "tb"), MLflowWriter()
+    for listener in (events.append, tensorboard, mlflow):
+        opt.add_listener(listener)
+    for t in range(1, 32):
+        for p in net.parameters():  # a steady gradient, but for the spike at steps 28 and 29
+            p.grad = torch.full_like(p, 1e6 if t in (28, 29) else 1.0)
+        opt.step(loss=torch.tensor(1.0 if t < 4 else 5.0))
+    opt.close()
+    tensorboard.close()
+    mlflow.close()
+
+    records = [r for r in read_log(tmp_path / "run").records if r["kind"] in ("guard", "decision")]
+    guards = [r for r in records if r["kind"] == "guard"]
+    assert [(r["step"], r["event"]) for r in guards] == [
+        (28, "rollback"),
+        (29, "relevel"),
+        (29, "restart"),
+    ]
+    assert mlflow.count == len(records)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = {
+        t.step: t.tensor_proto.string_val[0].decode()
+        for t in acc.Tensors("selftune/guard/text_summary")
+    }
+    assert "guard relevel" in texts[29] and "guard restart" in texts[29]
+    heard = [(e.step, g["event"]) for e in events for g in e.guard_events]
+    assert heard == [(r["step"], r["event"]) for r in guards]
+    (at_29,) = [e for e in events if e.step == 29]
+    assert at_29.guard is at_29.guard_events[-1]  # as before: the restart
+
+
 @pytest.mark.parametrize("optimizers", [1, 2])
 def test_tensorboard_writer_draws_each_step_once_through_a_rewind_and_a_resume(
     tmp_path: Path, optimizers: int

@@ -78,7 +78,15 @@ class Decision:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What listeners receive after every optimizer step (applied or skipped)."""
+    """What listeners receive after every optimizer step (applied or skipped).
+
+    ``guard_events``: every guard record the step's log holds (``"kind": "guard"``), in the
+    log's order; a step may hold two, a ``relevel`` as the guard judged it and then a
+    ``restart`` the controller asked for.  ``guard`` is the last of them (the step's own guard
+    event where there is one), or None: a listener that read ``guard`` alone heard one record
+    of such a step, and a writer counting them fell behind the log.  An event built with
+    ``guard`` and no ``guard_events`` lists ``guard``.
+    """
 
     step: int
     loss: float | None
@@ -86,6 +94,11 @@ class StepEvent:
     decisions: list[Decision]
     guard: dict[str, Any] | None
     signals: Signals | None
+    guard_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.guard_events and self.guard is not None:
+            object.__setattr__(self, "guard_events", [self.guard])
 
 
 class SelfTuned(torch.optim.Optimizer):
@@ -2373,9 +2386,11 @@ class SelfTuned(torch.optim.Optimizer):
             self._trace_bytes += len(line)
         self._recorded = t
         if self._listeners:
-            # a relevel is logged as the guard judges the step; its listeners hear of it here
-            heard = guard if guard is not None else relevel
-            event = StepEvent(t, signals.loss, hp, decisions, heard, signals)
+            # a relevel is logged as the guard judges the step, before the step's own guard
+            # event: its listeners hear of both here, in that order
+            heard = [g for g in (relevel, guard) if g is not None]
+            latest = heard[-1] if heard else None
+            event = StepEvent(t, signals.loss, hp, decisions, latest, signals, heard)
             for fn in self._listeners:
                 fn(event)
 

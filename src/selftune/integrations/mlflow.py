@@ -272,8 +272,8 @@ class MLflowWriter(FollowsOne):
         rows = [{**dataclasses.asdict(d), "text": describe(d)} for d in event.decisions]
         if event.decisions:
             tags = [RunTag(f"{self.prefix}.last_decision", describe(event.decisions[-1])[:5000])]
-        if event.guard is not None:
-            rows.append({"step": event.step, "kind": "guard", **event.guard})
+        if event.guard_events:  # each of the step's guard records, as the log holds them
+            rows += [{"step": event.step, "kind": "guard", **g} for g in event.guard_events]
             tag = canonical(rows[-1]).decode()  # a NaN as "nan", as the log holds it: valid JSON
             tags.append(RunTag(f"{self.prefix}.last_guard_event", tag[:5000]))
         if rows:

@@ -172,8 +172,9 @@ class TensorBoardWriter(FollowsOne):
             w.add_text(
                 f"{self.prefix}/decisions", "  \n".join(describe(d) for d in event.decisions), step
             )
-        if event.guard is not None:
-            w.add_text(f"{self.prefix}/guard", describe_guard(step, event.guard), step)
+        if event.guard_events:  # each of the step's guard records (a relevel, then a restart)
+            said = "  \n".join(describe_guard(step, g) for g in event.guard_events)
+            w.add_text(f"{self.prefix}/guard", said, step)
         if self._folder is not None:
             self._seen = len(self._folder.purges)
 
