@@ -864,6 +864,34 @@ def test_lightning_rerun_over_its_folder_is_told_lightning_s_way_to_resume(tmp_p
     assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
 
 
+def test_lightning_fit_again_over_the_callback_s_folder_is_told_a_folder_per_fit(
+    tmp_path: Path,
+) -> None:
+    """A second ``fit`` of the module is a run of its own (its optimizers built anew, from the
+    weights the first left), refused the first's folder.  The refusal said to build the model
+    with the run's initial weights and wrap before loading any, which a Lightning user who
+    called fit twice cannot act on; it says Lightning's ways now, and a folder naming the fit
+    takes the second fit."""
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    torch.manual_seed(0)
+    model = _TinyModule()
+    callback = SelfTuneCallback(log_dir=tmp_path / "run")
+    _trainer(8, callback, tmp_path, enable_checkpointing=False).fit(model, _loader())
+    rows = (tmp_path / "run" / "trace.jsonl").read_bytes()
+    again = _trainer(8, callback, tmp_path, enable_checkpointing=False)
+    with pytest.raises(selftune.LogError, match="another run") as told:
+        again.fit(model, _loader())
+    said = str(told.value)
+    assert "a log_dir of its own" in said and "ckpt_path=" in said
+    assert "before loading any weights" not in said
+    assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
+    second = SelfTuneCallback(log_dir=tmp_path / "run" / "fit2")  # the advice
+    _trainer(8, second, tmp_path, enable_checkpointing=False).fit(model, _loader())
+    assert second.optimizers[0].step_count == 8
+    assert len(_trace(tmp_path / "run" / "fit2")) == 8
+
+
 class _LoggedWrappedModule(_TinyModule):
     """Wraps its own optimizer in ``configure_optimizers``, with a run folder, or returns it
     plain (``wrap=False``)."""
@@ -1555,6 +1583,37 @@ def test_huggingface_rerun_over_its_folder_is_told_the_trainer_s_way_to_resume(
         trainer().train()
     assert "load_state_dict" not in str(told.value)
     assert (tmp_path / "run" / "trace.jsonl").read_bytes() == rows
+
+
+def test_huggingface_new_trainer_over_the_folder_is_told_a_folder_per_trainer(
+    tmp_path: Path,
+) -> None:
+    """A new ``Trainer`` of a model that trained is a run of its own, from the weights the last
+    one left, refused that one's folder.  The refusal said to build the model with the run's
+    initial weights and wrap before loading any; it says the ``Trainer``'s ways now (another
+    ``train()`` of the same Trainer goes on with its run), and a folder of its own takes it."""
+    import transformers
+
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    first = _hf_trainer(tmp_path / "out", 6, save_strategy="no")
+    wrap_trainer_optimizer(first, log_dir=tmp_path / "run")
+    first.train()
+
+    def trainer() -> Any:
+        return transformers.Trainer(
+            model=first.model, args=first.args, train_dataset=first.train_dataset
+        )
+
+    with pytest.raises(selftune.LogError, match="another run") as told:
+        wrap_trainer_optimizer(trainer(), log_dir=tmp_path / "run")
+    said = str(told.value)
+    assert "a log_dir of its own" in said and "resume_from_checkpoint=" in said
+    assert "before loading any weights" not in said
+    second = trainer()
+    wrap_trainer_optimizer(second, log_dir=tmp_path / "run2")  # the advice
+    second.train()
+    assert len(_trace(tmp_path / "run2")) == 6
 
 
 def test_huggingface_resume_with_the_same_trainer_after_an_interrupt(tmp_path: Path) -> None:

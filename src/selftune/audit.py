@@ -129,6 +129,11 @@ def leader_row(
 class LogError(SelfTuneError):
     """A run folder or its audit log is missing, damaged or does not belong to this run."""
 
+    #: where the folder holds another run's log, from other weights or open in this process:
+    #: what clashed, for an integration to follow with its framework's way (the advice of a
+    #: plain loop, to wrap before loading any weights, is a step a framework takes itself)
+    another_run: str | None = None
+
 
 # --------------------------------------------------------------------------- canonical JSON
 
@@ -742,20 +747,24 @@ def _settle_manifest(folder: Path, manifest: Mapping[str, Any], open_here: bool)
     existing = _read_manifest(folder)
     clashes = [key for key in RUN_IDENTITY_KEYS if existing.get(key) != given.get(key)]
     if clashes:
+        head = (
+            f"{folder} already holds the log of another run (its {', '.join(clashes)} differ "
+            "from this run's)"
+        )
+        groups = None if open_here else _other_groups(existing, given)
+        if groups is not None:
+            raise LogError(f"{head}: {groups}")
         if open_here:
             advice = "another optimizer in this process logs there: give each its own log_dir"
-        elif (groups := _other_groups(existing, given)) is not None:
-            advice = groups
         else:
             advice = (
                 "to resume that run, build its model with the run's initial weights (seed their "
                 "initialisation) and wrap its optimizer before loading any weights; to start "
                 "another, pass a new log_dir"
             )
-        raise LogError(
-            f"{folder} already holds the log of another run (its {', '.join(clashes)} differ "
-            f"from this run's): {advice}"
-        )
+        refusal = LogError(f"{head}: {advice}")
+        refusal.another_run = head  # the groups' advice above holds for every framework
+        raise refusal
     changed = sorted(
         key
         for key in existing.keys() | given.keys()

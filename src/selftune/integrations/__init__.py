@@ -31,6 +31,27 @@ def needs(integration: str) -> Iterator[None]:
         ) from err
 
 
+@contextmanager
+def another_run_told(how: str) -> Iterator[None]:
+    """Around an integration's wrap with a ``log_dir``: a refusal of the folder as another run's
+    log, whose advice is a plain loop's (build the model with the run's initial weights and
+    wrap before loading any, or give each optimizer of the process its own folder), is raised
+    again with ``how``, the framework's ways, after what clashed.
+
+    A later fit or a new ``Trainer`` of a model that trained starts from the weights it was
+    left at, another run: the refusal is right, but its advice named steps the framework takes
+    for its user, none the user can take (a folder per fit, a checkpoint to resume from).
+    """
+    from selftune.audit import LogError
+
+    try:
+        yield
+    except LogError as err:
+        if err.another_run is None:
+            raise
+        raise LogError(f"{err.another_run}: {how}") from None
+
+
 def check_wrap_options(controller: Any, options: dict[str, Any], owner: str) -> None:
     """Refuse options that :func:`selftune.wrap` would refuse, when an integration is built.
 

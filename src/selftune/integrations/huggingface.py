@@ -26,7 +26,9 @@ The ``Trainer`` builds its optimizer and a ``LambdaLR`` schedule itself and call
   A later ``trainer.train()`` goes on from the training weights the last one ended with (the
   best checkpoint's with ``load_best_model_at_end``, as the ``Trainer``'s own would), whose
   momentum and average the optimizer holds; they are kept in CPU memory in between.  Weights
-  loaded into the model since are kept instead: ``resume_from_checkpoint`` loads its own;
+  loaded into the model since are kept instead: ``resume_from_checkpoint`` loads its own.  A
+  new ``Trainer`` of the model is another run, refused the last one's ``log_dir``
+  (:data:`NEW_TRAINER` says what to do);
 * adds :class:`SelfTuneTrainerCallback`, which puts the effective knobs into every log record
   and gives the optimizer each evaluation's metric (:meth:`~selftune.SelfTuned.observe`): the
   one the ``Trainer`` picks its best model by, ``metric_for_best_model`` (default: the
@@ -54,7 +56,12 @@ import torch
 
 import selftune
 from selftune.controllers.base import check_flags
-from selftune.integrations import needs, refuse_for_wrapped, wrap_settings_given
+from selftune.integrations import (
+    another_run_told,
+    needs,
+    refuse_for_wrapped,
+    wrap_settings_given,
+)
 from selftune.integrations._feed import FedSelfTuned, feed_from
 from selftune.integrations.events import StepKnobs
 from selftune.shards import local_params
@@ -77,6 +84,17 @@ OBSERVE_EVAL = {"observe_eval": "True (give the optimizer each evaluation's metr
 RESUME = (
     "pass the checkpoint the Trainer saved to trainer.train(resume_from_checkpoint=...) (True: "
     "the last one in output_dir), which loads selftune's state with the optimizer's"
+)
+
+#: what a refusal of the run folder as another run's says here (a new Trainer of a model that
+#: trained, the optimizer of an earlier one still logging there), in place of a plain loop's
+NEW_TRAINER = (
+    "this Trainer's run is another. The optimizer wrapped now starts from the model's weights "
+    "as they are (where an earlier Trainer's training left them), and the folder is one run's. "
+    "Give each Trainer a log_dir of its own. To go on with the folder's run instead, call "
+    "train() again on the Trainer that ran it, or build the model as that run did (same seed), "
+    "call wrap_trainer_optimizer on a Trainer of it with this log_dir and pass a checkpoint "
+    "that run saved: trainer.train(resume_from_checkpoint=...)"
 )
 
 
@@ -332,7 +350,8 @@ def wrap_trainer_optimizer(
         chosen = "auto" if controller is None else controller
         # the model's buffers are rolled back with its weights (wrap's model=)
         given = {"model": trainer.model, **wrap_kwargs}
-        opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **given))
+        with another_run_told(NEW_TRAINER):
+            opt = feed_from(selftune.wrap(trainer.optimizer, chosen, log_dir=log_dir, **given))
     opt._resume_how = RESUME
     trainer.optimizer = opt
     if getattr(trainer.training_step, "_selftune_feed", None) is None:

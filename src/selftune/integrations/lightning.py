@@ -28,9 +28,11 @@ What the callback does, and when:
   those weights.  A later ``fit`` of the module builds its optimizers anew (Lightning calls
   ``configure_optimizers`` again: no momentum, average or tuned rate carries over) and starts
   them from the module as it is, at the average; ``fit(..., ckpt_path=...)`` goes on from a
-  checkpoint's training weights and state.  Checkpoints saved during the run hold the
-  training weights (what a resume needs) with the average in the optimizer state, and the
-  callback names each averaged parameter in them (``on_save_checkpoint``).  So
+  checkpoint's training weights and state.  With a ``log_dir`` any later fit is another
+  run, refused the folder of the last (:data:`FIT` says what to do): give each fit its own.
+  Checkpoints saved during the run hold the training weights (what a resume needs) with the
+  average in the optimizer state, and the callback names each averaged parameter in them
+  (``on_save_checkpoint``).  So
   ``trainer.test(ckpt_path="best")`` (or ``validate``, ``predict``) through a trainer with the
   callback evaluates the average of the checkpoint that ``ModelCheckpoint`` chose by that
   average's metric, not training weights no validation measured (``on_load_checkpoint``), and
@@ -77,6 +79,7 @@ from selftune import shards
 from selftune.average import swapped
 from selftune.controllers.base import check_flags
 from selftune.integrations import (
+    another_run_told,
     check_wrap_options,
     needs,
     refuse_for_wrapped,
@@ -98,6 +101,17 @@ with needs("lightning"):
 
 #: The checkpoint key naming each averaged parameter, per optimizer and param group.
 AVERAGED = "selftune_averaged_parameters"
+#: what a refusal of the run folder as another run's says in a fit (a later fit of the module,
+#: see the module docstring), in place of a plain loop's advice, to wrap before loading any
+#: weights, which the callback does itself
+FIT = (
+    "this fit is another run. Lightning builds a fit's optimizers anew, from the module's "
+    "weights as they are (where an earlier fit of it left them), and the folder is one run's. "
+    "Give each fit a log_dir of its own: a SelfTuneCallback(log_dir=...) per fit, or a log_dir "
+    "that names the fit (runs/a/fit2). To go on with the folder's run instead, build the "
+    "module as its first fit did (same seed) and pass a checkpoint that run saved: "
+    "trainer.fit(model, ckpt_path=...)"
+)
 
 
 class SelfTuneCallback(Callback):
@@ -220,7 +234,7 @@ class SelfTuneCallback(Callback):
                         "before this one: build the callback and its writers anew for each "
                         f"fit ({exc})"
                     ) from None
-        with _weights_swapped(list(pl_module.parameters()), self._initial):
+        with _weights_swapped(list(pl_module.parameters()), self._initial), another_run_told(FIT):
             wrapped = [
                 self._wrap(i, opt, len(originals), log_dir, pl_module, trial)
                 for i, opt in enumerate(originals)
