@@ -952,3 +952,25 @@ def test_a_writer_refused_its_folder_lets_go_of_the_lock(tmp_path: Path) -> None
         AuditLog(tmp_path, manifest(seed=1, initial_params_sha256="cd" * 32))
     assert refused.tb is not None  # held here as a notebook holds it
     assert _opens(tmp_path) == "opened"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+def test_a_forked_child_is_refused_the_folder_its_parent_holds(tmp_path: Path) -> None:
+    """A child forked while its parent's writer held the folder (a training function started
+    with multiprocessing's fork on the same ``log_dir``) found that writer in its copy of this
+    process's open logs, took it over there with a lock it does not hold (POSIX locks are not
+    inherited), and wrote the folder while the parent went on writing it."""
+    log = AuditLog(tmp_path)
+    pid = os.fork()
+    if pid == 0:  # the child: 3 refused, as another process is
+        code = 1
+        try:
+            AuditLog(tmp_path)
+        except LogError as exc:
+            code = 3 if f"pid {os.getppid()}" in str(exc) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 3
+    assert not log.superseded
+    log.close()

@@ -680,7 +680,11 @@ def _holder(folder: Path) -> AuditLog | None:
     key = folder.resolve()
     if key in _OPEN_LOGS:
         gc.collect()  # a dropped wrapper in a reference cycle goes only with the collector
-    return _OPEN_LOGS.get(key)
+    found = _OPEN_LOGS.get(key)
+    # a child forked while its parent held the folder holds neither its log nor its lock (the
+    # kernel does not pass a record lock on): it found the parent's writer in its copy of this
+    # table, took the folder over with no lock, and wrote it while the parent went on writing
+    return found if found is not None and found._pid == os.getpid() else None
 
 
 def _cut_before(records: Sequence[Mapping[str, Any]], seq: int) -> str:
@@ -944,6 +948,7 @@ class AuditLog:
         #: another log was opened on this folder since, in this process: see :meth:`_supersede`
         self.superseded = False
         self._key = self.path.resolve()  # resolved now: a chdir before close moves "runs/x"
+        self._pid = os.getpid()  # the process whose writer this is (a forked child's is not)
         holder = _holder(self.path)
         if not enabled:
             # a rank that writes nothing keeps the same account of which wrapper holds the
