@@ -974,3 +974,23 @@ def test_a_forked_child_is_refused_the_folder_its_parent_holds(tmp_path: Path) -
     assert os.WEXITSTATUS(status) == 3
     assert not log.superseded
     log.close()
+
+
+def test_a_read_only_run_folder_is_told_to_read_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder on a read-only mount, opened as a writer: the folder's lock, opened first,
+    said only "cannot open writer.lock: Read-only file system", without what the log's own
+    file said, that a run folder must be writable and how to read its log instead."""
+    write_run(tmp_path / "b", 2)
+    (tmp_path / "b" / audit.WRITER_LOCK).unlink()  # as a run of the version before left it
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if Path(path).parent == tmp_path / "b" and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(LogError, match=r"Read-only file system; a run folder must be writable"):
+        AuditLog(tmp_path / "b", manifest())

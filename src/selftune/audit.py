@@ -843,6 +843,10 @@ def open_append(file: Path, owner: object) -> tuple[int, weakref.finalize]:
     return fd, weakref.finalize(owner, os.close, fd)
 
 
+#: what a writer refused a folder it cannot write is told (a read-only mount, another user's)
+_WRITABLE = "a run folder must be writable (to read a log, use read_log or verify)"
+
+
 def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
     """Lock ``folder`` for this process's writer; return the finalizer that releases the lock
     (call it to release), or None where the OS or the filesystem has no locks.
@@ -866,7 +870,7 @@ def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
     try:
         fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LogError(f"cannot open {file}: {exc.strerror or exc}") from None
+        raise LogError(f"cannot open {file}: {exc.strerror or exc}; {_WRITABLE}") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -997,8 +1001,7 @@ class AuditLog:
             self._fd, self._closer = open_append(self._file, self)
         except OSError as exc:  # a read-only run folder, a full disk
             raise LogError(
-                f"cannot open {self._file} to append to it: {exc.strerror or exc}; a run "
-                "folder must be writable (to read a log, use read_log or verify)"
+                f"cannot open {self._file} to append to it: {exc.strerror or exc}; {_WRITABLE}"
             ) from None
         return torn, note
 
