@@ -994,3 +994,19 @@ def test_a_read_only_run_folder_is_told_to_read_its_log(
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(LogError, match=r"Read-only file system; a run folder must be writable"):
         AuditLog(tmp_path / "b", manifest())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+def test_a_wrap_refused_its_trace_lets_go_of_the_folder(tmp_path: Path) -> None:
+    """A wrap whose log opened and whose trace could not (``trace.jsonl`` a folder, or another
+    user's file) raised with the log still open: its traceback, which a notebook keeps, held
+    the folder's lock and refused the run's next process."""
+    torch = pytest.importorskip("torch")
+    import selftune
+
+    (tmp_path / "trace.jsonl").mkdir()
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(OSError) as refused:
+        selftune.wrap(torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path)
+    assert refused.tb is not None  # held here as a notebook holds it
+    assert _opens(tmp_path) == "opened"

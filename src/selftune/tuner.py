@@ -2312,7 +2312,13 @@ class SelfTuned(torch.optim.Optimizer):
         self._log = audit.AuditLog(log_dir, manifest, enabled=enabled)
         if enabled:
             self._trace_file = log_dir / "trace.jsonl"
-            self._trace, self._trace_closer = audit.open_append(self._trace_file, self)
+            try:
+                self._trace, self._trace_closer = audit.open_append(self._trace_file, self)
+            except BaseException:
+                # the wrap is refused: its traceback (a notebook keeps the last) held the log
+                # open, and the folder's lock with it, refusing the run's next process
+                self._log.close()
+                raise
             self._trace_bytes = os.fstat(self._trace).st_size
 
     def _settings(self) -> dict[str, Any]:
