@@ -726,14 +726,19 @@ def test_a_new_task_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
 
 
 def _new_task_after_a_plain_load(
-    log_dir: Path, checkpoint: Path | None = None, replay: bool = False
+    log_dir: Path,
+    checkpoint: Path | None = None,
+    replay: bool = False,
+    controller: Any = lambda: "off",
+    raised: list[int] | None = None,
 ) -> tuple[SelfTuned, float, float]:
     """80 steps of SGD under ``off`` on one task, its ``opt.state_dict()`` (what Lightning and
     the Trainer save) loaded into a fresh wrapper, then 80 steps on another task (a fine-tune
     of a saved run on new data); the wrapper, and the new task's loss at the load and at the
     end, over all its data.  ``checkpoint``: saved there after the new task's first step, and
     the run resumed from it in a fresh wrapper.  ``replay``: the second wrapper replays the run
-    that ``log_dir`` holds."""
+    that ``log_dir`` holds.  ``controller``: makes each wrapper's controller in place of
+    ``off``.  ``raised``: the steps whose ``step()`` raised ControllerError, caught."""
     (x1, y1), (x2, y2) = _classes(100), _classes(200)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
@@ -745,7 +750,12 @@ def _new_task_after_a_plain_load(
             loss = torch.nn.functional.cross_entropy(net(x[i]), y[i])
             opt.zero_grad()
             loss.backward()
-            opt.step(loss=loss.detach())
+            try:
+                opt.step(loss=loss.detach())
+            except selftune.ControllerError:
+                if raised is None:
+                    raise
+                raised.append(opt.step_count)
 
     def new_task_loss() -> float:
         with torch.no_grad():
@@ -754,11 +764,13 @@ def _new_task_after_a_plain_load(
     def sgd() -> torch.optim.Optimizer:
         return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
 
-    first = selftune.wrap(sgd(), "off")
+    first = selftune.wrap(sgd(), controller())
     train(first, x1, y1, 80)
     wrapped_at = copy.deepcopy(net.state_dict())
     opt = (
-        selftune.replay(sgd(), log_dir) if replay else selftune.wrap(sgd(), "off", log_dir=log_dir)
+        selftune.replay(sgd(), log_dir)
+        if replay
+        else selftune.wrap(sgd(), controller(), log_dir=log_dir)
     )
     opt.load_state_dict(first.state_dict())
     start = new_task_loss()
@@ -767,7 +779,7 @@ def _new_task_after_a_plain_load(
         selftune.save_checkpoint(checkpoint, model=net, optimizer=opt, step=opt.step_count)
         opt.close()
         net.load_state_dict(wrapped_at)  # the weights the run folder was started with
-        opt = selftune.wrap(sgd(), "off", log_dir=log_dir)
+        opt = selftune.wrap(sgd(), controller(), log_dir=log_dir)
         selftune.load_checkpoint(checkpoint, model=net, optimizer=opt)
     train(opt, x2, y2, 160 - opt.step_count)  # to step 160
     opt.close()
@@ -786,6 +798,38 @@ def test_a_new_task_right_after_loading_a_plain_state_dict_is_learnt(tmp_path: P
         (81, "skip"),
         (82, "relevel"),
     ]
+
+
+class _RefusesToGoBack(selftune.controllers.off.OffController):
+    """Takes the state it is loaded with once (the plain load), and raises at every later load."""
+
+    name = "refuses-to-go-back"
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loads += 1
+        if self.loads > 1:
+            raise ValueError("no going back")
+
+
+def test_a_controller_that_raises_at_a_relevel_has_it_taken_as_the_guard_made_it(
+    tmp_path: Path,
+) -> None:
+    """A relevel (a regression's trial gone forward, likewise) puts the snapshot's controller
+    state back as a rollback does; a ``load_state_dict`` that raised there, unlike at the
+    rollback, broke the step off, and every later step was refused until a checkpoint loaded.
+    The relevel is taken whole, noted, ``step()`` raises ControllerError, and the run goes on."""
+    raised: list[int] = []
+    opt, start, end = _new_task_after_a_plain_load(
+        tmp_path, controller=_RefusesToGoBack, raised=raised
+    )
+    assert raised == [82] and opt.step_count == 160 and end < 0.5 * start
+    assert opt.hyperparams()[0]["lr"] == 0.05  # the skip's cut undone
+    selftune.audit.verify(tmp_path)
+    (note,) = [r for r in read_log(tmp_path).records if r["kind"] == "note" and r["step"] == 82]
+    assert "load_state_dict() raised ValueError: no going back" in note["reason"]
 
 
 def test_the_relevel_after_a_skip_undoes_the_skip_s_rate_cut(tmp_path: Path) -> None:

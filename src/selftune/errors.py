@@ -17,8 +17,9 @@ class ControllerError(ConfigError):
     taken at the knobs in force, without the controller's proposals, and recorded so.  The run
     is whole and goes on from the next step; the controller's own exception, or the wrapper's
     refusal, is the ``__cause__``.  Raised too where its ``before_rollback``,
-    ``load_state_dict`` or ``on_backoff`` raised at the guard's rollback, once the rollback has
-    been taken as the guard made it.  Under ``torch.distributed`` every rank raises where the
+    ``load_state_dict`` or ``on_backoff`` raised at the guard's rollback (its
+    ``load_state_dict`` at a relevel, or a trial gone forward), once the guard's step has been
+    taken as the guard made it.  Under ``torch.distributed`` every rank raises where the
     controller failed on any, having taken the step alike; a rank whose own did not fail names
     the rank whose did, and has no ``__cause__``.
     """

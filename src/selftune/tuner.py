@@ -728,18 +728,18 @@ class SelfTuned(torch.optim.Optimizer):
         self.last_signals = signals
         trouble = self.guard.check(signals) if self.guard is not None else None
         self._note_relevel(t)
-        forgiven = self._forgive(t)
+        #: what the controller's methods raised in this step (:meth:`_tell`, :meth:`_consult`)
+        failures: list[tuple[str, Exception]] = []
+        forgiven = self._forgive(t, failures)
         if forgiven:
             current = self.hyperparams()
             self._lowered = [None] * len(self._lowered)
         if trouble is not None or (self.guard is not None and self.guard.forward is not None):
-            failures: list[tuple[str, Exception]] = []
-            failed = None
             if trouble is not None:
                 decisions, event = self._roll_back(trouble, signals, unread, failures)
-                failed = self._controller_error(t, failures, f"took the guard's {event['event']}")
             else:
-                decisions, event = self._go_forward(t)
+                decisions, event = self._go_forward(t, failures)
+            failed = self._controller_error(t, failures, f"took the guard's {event['event']}")
             decisions = forgiven + decisions
             self._leave(current, decisions)
             self.step_count = t
@@ -771,7 +771,7 @@ class SelfTuned(torch.optim.Optimizer):
             ]
             if joined:
                 forgiven, current = forgiven + joined, self.hyperparams()
-        proposals, restarting, failed = self._consult(t, read, current)
+        proposals, restarting, failed = self._consult(t, read, current, failures)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
         if restarting is None:
@@ -793,10 +793,11 @@ class SelfTuned(torch.optim.Optimizer):
         return failed
 
     def _consult(
-        self, t: int, signals: Signals, knobs: Knobs
+        self, t: int, signals: Signals, knobs: Knobs, failures: list[tuple[str, Exception]]
     ) -> tuple[list[Proposal], str | None, ControllerError | None]:
         """The controller's checked proposals at step ``t`` and its reason to restart; where it
-        raised, or returned what :func:`checked` refuses, none, and the error for ``step`` to
+        raised, or returned what :func:`checked` refuses, or raised earlier in the step (its
+        ``failures``: at a relevel, :meth:`_forgive`), none, and the error for ``step`` to
         raise once the step is recorded, the original as its ``__cause__``; none on every rank
         where it failed on any (:meth:`_controller_error`).
 
@@ -815,7 +816,6 @@ class SelfTuned(torch.optim.Optimizer):
         stage = "propose()"
         proposals: list[Proposal] = []
         restarting: str | None = None
-        failures: list[tuple[str, Exception]] = []
         try:
             made = controller.propose(signals, knobs)
             stage = "take_restart()"
@@ -2090,8 +2090,9 @@ class SelfTuned(torch.optim.Optimizer):
         method: Callable[..., object],
         *args: Any,
     ) -> None:
-        """Call the controller's ``method`` (named ``stage``) at the guard's rollback, what it
-        raises kept in ``failures``.
+        """Call the controller's ``method`` (named ``stage``) at the guard's rollback, or where
+        it puts a snapshot's controller state back (a relevel, a trial gone forward:
+        :meth:`_as_kept`), what it raises kept in ``failures``.
 
         Raised from inside the rollback, it left the step broken off, the guard's snapshot
         given up and the weights not yet restored, and every later step was refused until a
@@ -2105,7 +2106,9 @@ class SelfTuned(torch.optim.Optimizer):
         except Exception as exc:
             failures.append(self._failure(stage, exc))
 
-    def _go_forward(self, t: int) -> tuple[list[Decision], dict]:
+    def _go_forward(
+        self, t: int, failures: list[tuple[str, Exception]]
+    ) -> tuple[list[Decision], dict]:
         """Restore the snapshot a regression's rollback (or a jump's) left, at the knobs and
         controller state it held, after the rollback's trial found the older weights no better
         on the data of now (:meth:`selftune.guard.Guard._judge_trial`); this step's gradient,
@@ -2126,11 +2129,16 @@ class SelfTuned(torch.optim.Optimizer):
             "reason": f"{reason}; back to step {snap.step}",
             "restored_step": snap.step,
         }
-        return self._as_kept(t, snap, reason), event
+        return self._as_kept(t, snap, reason, failures), event
 
-    def _as_kept(self, t: int, snap: Snapshot, reason: str) -> list[Decision]:
-        """The controller state and knobs ``snap`` holds, with no rollback's cut."""
-        self.controller.load_state_dict(_clone(snap.payload["controller"]))
+    def _as_kept(
+        self, t: int, snap: Snapshot, reason: str, failures: list[tuple[str, Exception]]
+    ) -> list[Decision]:
+        """The controller state and knobs ``snap`` holds, with no rollback's cut; what the
+        controller's ``load_state_dict`` raises kept in ``failures``, as at a rollback
+        (:meth:`_tell`)."""
+        state = _clone(snap.payload["controller"])
+        self._tell(failures, "load_state_dict()", self.controller.load_state_dict, state)
         return self._put_knobs(t, snap.payload["knobs"], snap.payload.get("scales"), 1.0, reason)
 
     def _put_knobs(
@@ -2174,7 +2182,7 @@ class SelfTuned(torch.optim.Optimizer):
                     decisions.append(decision)
         return decisions
 
-    def _forgive(self, t: int) -> list[Decision]:
+    def _forgive(self, t: int, failures: list[tuple[str, Exception]]) -> list[Decision]:
         """Undo the rate cut of a rollback that the guard found needless (the weights it
         restored show the trouble too: the data changed, not the run), and the controller's
         reaction to it: the knobs and controller state of the restored snapshot, as kept."""
@@ -2190,7 +2198,7 @@ class SelfTuned(torch.optim.Optimizer):
             f"guard: {weights} show the trouble too, so the data or the objective changed, "
             f"not the run: {cut} rate cut is undone"
         )
-        return self._as_kept(t, snap, reason)
+        return self._as_kept(t, snap, reason, failures)
 
     def _restore(self, snap: Snapshot, lower_rates: bool) -> dict[int, float]:
         """Put the parameters, optimizer state, loss statistics and weight average of a snapshot

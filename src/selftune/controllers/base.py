@@ -40,9 +40,10 @@ class Controller(Protocol):
     refused, the step is taken without the controller's proposals, logged with a note of why,
     and ``step`` then raises :class:`ControllerError` (the original as its ``__cause__``): the
     run goes on from the next step, and replays.  So too where ``before_rollback``,
-    ``load_state_dict`` or ``on_backoff`` raises at the guard's rollback: the rollback is taken
-    as the guard made it.  Under ``torch.distributed`` a controller of one's own that fails on
-    one rank fails the step on every rank alike (a gather of one flag more, at its steps).
+    ``load_state_dict`` or ``on_backoff`` raises at the guard's rollback (``load_state_dict`` at
+    a relevel, or a trial gone forward): the guard's step is taken as the guard made it.
+    Under ``torch.distributed`` a controller of one's own that fails on one rank fails the step
+    on every rank alike (a gather of one flag more, at its steps).
     ``on_backoff`` tells the controller that the guard rolled the run back and cut the rate, so
     that it does not undo the cut at once.  State must be plain JSON-able values:
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
