@@ -897,7 +897,7 @@ def _opens(folder: Path) -> str:
     return out.strip()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is flock's")
 def test_a_second_process_is_refused_the_folder_a_killed_one_is_not(tmp_path: Path) -> None:
     """Two processes writing one folder (a launcher killed and started again, resuming while
     its workers ran on) interleaved the trace's steps, and ``verify`` passed the folder. A
@@ -913,7 +913,7 @@ def test_a_second_process_is_refused_the_folder_a_killed_one_is_not(tmp_path: Pa
     AuditLog(tmp_path).close()  # the kernel dropped the killed writer's lock
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is flock's")
 def test_the_folders_lock_passes_with_it_and_goes_with_the_writer(tmp_path: Path) -> None:
     """A writer that takes the folder over in this process takes the lock with it (released
     and taken again, another process could slip in); a child forked while it was held (a
@@ -937,6 +937,20 @@ def test_the_folders_lock_passes_with_it_and_goes_with_the_writer(tmp_path: Path
         child.join(timeout=60)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is flock's")
+def test_a_copy_of_the_folder_made_by_its_writer_leaves_it_locked(tmp_path: Path) -> None:
+    """A POSIX record lock is dropped when its process closes any descriptor of the file: a
+    copy of the run folder made by the training process (``shutil.copytree``, an upload of
+    its artifacts) left the folder unlocked for the rest of the run."""
+    import shutil
+
+    log = AuditLog(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert _opens(tmp_path / "run").startswith("another process")
+    log.close()
+    assert _opens(tmp_path / "run") == "opened"
+
+
 def time_sleep(seconds: float) -> None:
     import time
 
@@ -954,12 +968,12 @@ def test_a_writer_refused_its_folder_lets_go_of_the_lock(tmp_path: Path) -> None
     assert _opens(tmp_path) == "opened"
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is flock's")
 def test_a_forked_child_is_refused_the_folder_its_parent_holds(tmp_path: Path) -> None:
     """A child forked while its parent's writer held the folder (a training function started
     with multiprocessing's fork on the same ``log_dir``) found that writer in its copy of this
-    process's open logs, took it over there with a lock it does not hold (POSIX locks are not
-    inherited), and wrote the folder while the parent went on writing it."""
+    process's open logs, took it over there with a lock it does not hold (it closes its copy
+    of the lock's descriptor), and wrote the folder while the parent went on writing it."""
     log = AuditLog(tmp_path)
     pid = os.fork()
     if pid == 0:  # the child: 3 refused, as another process is
@@ -996,7 +1010,7 @@ def test_a_read_only_run_folder_is_told_to_read_its_log(
         AuditLog(tmp_path / "b", manifest())
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is a POSIX record lock")
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder's lock is flock's")
 def test_a_wrap_refused_its_trace_lets_go_of_the_folder(tmp_path: Path) -> None:
     """A wrap whose log opened and whose trace could not (``trace.jsonl`` a folder, or another
     user's file) raised with the log still open: its traceback, which a notebook keeps, held

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from copy import deepcopy
@@ -1933,6 +1934,11 @@ def test_a_tensorboard_writer_follows_one_optimizer_and_refuses_a_second(tmp_pat
     # the first's state of step 2 loaded back after close: its step 3 is redone
     writer(selftune.StepEvent(3, None, [{**events[2].hyperparams[0], "lr": 0.5}], [], None, None))
     writer.close()
+    # TensorBoard reads a folder's event files in the order of their names, which begin with
+    # the second each was made in and end with a counter of the process's files ("...10" before
+    # "...9"): made in the same second, the own writer's file was read first now and then, and
+    # the first's rewind, a purge of its step 3 onward, took its step 3 too
+    time.sleep(1 - time.time() % 1)
     own = TensorBoardWriter(tmp_path / "tb", prefix="selftune/opt1")
     _tuned(3, own)
     own.close()

@@ -681,9 +681,10 @@ def _holder(folder: Path) -> AuditLog | None:
     if key in _OPEN_LOGS:
         gc.collect()  # a dropped wrapper in a reference cycle goes only with the collector
     found = _OPEN_LOGS.get(key)
-    # a child forked while its parent held the folder holds neither its log nor its lock (the
-    # kernel does not pass a record lock on): it found the parent's writer in its copy of this
-    # table, took the folder over with no lock, and wrote it while the parent went on writing
+    # a child forked while its parent held the folder holds neither its log nor its lock (it
+    # closes its copy of the lock's descriptor at the fork): it found the parent's writer in its
+    # copy of this table, took the folder over with no lock, and wrote it while the parent went
+    # on writing
     return found if found is not None and found._pid == os.getpid() else None
 
 
@@ -853,18 +854,20 @@ def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
 
     Two processes writing one folder (a launcher killed and its command started again, resuming
     from the run's checkpoint while the old workers ran on) interleaved the trace's steps, and
-    ``verify`` passed the folder.  A POSIX record lock, not
-    ``flock``: it is the process's, so a DataLoader worker forked while it is held does not keep
-    it after the writer closes (the run wrapped again in a notebook would be refused while
-    persistent workers lived), and the kernel drops it with the process, so a killed run leaves
-    no stale lock.  Its catch, that closing any descriptor of the file drops the process's lock,
-    is why it is a file of its own that nothing else opens; a writer of this process that takes
-    the folder over takes this lock with it (:meth:`AuditLog._take_over`).  The holder writes
-    its process id into the file, for the message of the one refused.
+    ``verify`` passed the folder.  ``flock``, the lock of the open file: the kernel drops it
+    with a killed process, so a killed run leaves no stale lock.  Not a POSIX record lock
+    (``lockf``), which the kernel drops when its process closes any descriptor of the file: a
+    copy of the run folder made by the training process (``shutil.copytree``,
+    ``mlflow.log_artifacts``) left the folder unlocked for the rest of the run.  A child forked
+    while it is held (a DataLoader's worker) closes its copy of the descriptor at once
+    (:func:`_let_go_in_child`): it kept the lock after the writer closed, and the run wrapped
+    again in that process was refused while persistent workers lived.  A writer of this process
+    that takes the folder over takes this lock with it (:meth:`AuditLog._take_over`).  The
+    holder writes its process id into the file, for the message of the one refused.
     """
     try:
         import fcntl
-    except ImportError:  # Windows: no record locks through fcntl; the folder goes unlocked
+    except ImportError:  # Windows: no flock; the folder goes unlocked
         return None
     file = folder / WRITER_LOCK
     try:
@@ -872,10 +875,10 @@ def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
     except OSError as exc:
         raise LogError(f"cannot open {file}: {exc.strerror or exc}; {_WRITABLE}") from None
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
-        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+        if exc.errno not in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK):
             return None  # a filesystem without locks (some network mounts): as before, unlocked
         raise LogError(
             f"another process{_lock_holder(file)} is writing the run folder {folder} (a run "
@@ -887,6 +890,22 @@ def _lock_folder(folder: Path, owner: object) -> weakref.finalize | None:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
     return weakref.finalize(owner, os.close, fd)
+
+
+def _let_go_in_child() -> None:
+    """In a child just forked, close the copies of the folders' lock descriptors it inherited,
+    leaving the locks with the parent, which still holds them: a copy the child kept (a
+    DataLoader's persistent worker) held a folder's lock after its writer closed."""
+    for log in list(_OPEN_LOGS.values()):
+        handed = None if log._unlock is None else log._unlock.detach()
+        log._unlock = None
+        if handed is not None:
+            with contextlib.suppress(OSError):
+                os.close(handed[2][0])
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _lock_holder(file: Path) -> str:

@@ -32,12 +32,11 @@ What the callback does, and when:
   run, refused the folder of the last (:data:`FIT` says what to do): give each fit its own.
   Checkpoints saved during the run hold the training weights (what a resume needs) with the
   average in the optimizer state, and the callback names each averaged parameter in them
-  (``on_save_checkpoint``).  So
-  ``trainer.test(ckpt_path="best")`` (or ``validate``, ``predict``) through a trainer with the
-  callback evaluates the average of the checkpoint that ``ModelCheckpoint`` chose by that
-  average's metric, not training weights no validation measured (``on_load_checkpoint``), and
-  :func:`averaged_state_dict` gives the same weights to a module loaded without a trainer.  A
-  weights-only checkpoint holds no average.
+  (``on_save_checkpoint``).  So ``trainer.test(ckpt_path="best")`` (or ``validate``,
+  ``predict``) through a trainer with the callback evaluates the average of the checkpoint
+  that ``ModelCheckpoint`` chose by that average's metric, not training weights no validation
+  measured (``on_load_checkpoint``), and :func:`averaged_state_dict` gives the same weights to
+  a module loaded without a trainer.  A weights-only checkpoint holds no average.
 * ``on_validation_end``, with ``monitor`` set: gives every optimizer the monitored metric
   (:meth:`~selftune.SelfTuned.observe`), as ``ReduceLROnPlateau`` would be given it; ``auto``
   halves the rate once it has gone more than three validations without a new best.  Under DDP
