@@ -13,7 +13,6 @@ classes under one name.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_worker import make_inner, make_model, train_step
+from dist_worker import finish, make_inner, make_model, train_step
 
 import selftune
 from selftune.controllers.off import OffController
@@ -124,9 +123,7 @@ def main() -> None:
     said = {stage: run(args.out, stage, RaisesOnRank(stage)) for stage in ("propose", "on_backoff")}
     said["builtin"] = {"collectives": collectives_per_step("auto")}
     said["two-classes"] = {"wrap": wrapped_with_two_classes()}
-    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(said))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, said)
 
 
 if __name__ == "__main__":

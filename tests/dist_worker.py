@@ -557,6 +557,14 @@ def _saved_before_shared(rank: int) -> dict[str, list[str]]:
     return said
 
 
+def finish(out: Path, said: dict[str, Any]) -> None:
+    """Write what this rank ``said`` into ``out/rank<r>.json``, and leave the process group
+    once every rank has written: the workers' common end."""
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(said))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _says(call: Callable[[], object]) -> str | None:
     """What ``call`` raised, a selftune error named by its type, or None."""
     try:
@@ -710,9 +718,7 @@ def main() -> None:
     results["folder-refusals"] = _folder_refusals(args.out, rank)
     results["plain-loads"] = _plain_loads(args.out, rank)
     results["saved-before-shared"] = _saved_before_shared(rank)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_worker import _says, make_model, make_optimizer, train_step
+from dist_worker import _says, finish, make_model, make_optimizer, train_step
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import selftune
@@ -102,9 +102,7 @@ def main() -> None:
             zero=seg["zero"],
         )
         gc.collect()  # its model and optimizer gone before the group (see zero_worker.py)
-    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(said))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, said)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dist_worker import _says, batch, make_model
+from dist_worker import _says, batch, finish, make_model
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import selftune
@@ -89,9 +88,7 @@ def main() -> None:
     torch.set_num_threads(1)
     said = _runs(out, rank)  # its models and optimizers gone before the group: one alive at
     gc.collect()  # destroy_process_group aborted the process at its exit now and then
-    (out / f"rank{rank}.json").write_text(json.dumps(said))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out, said)
 
 
 if __name__ == "__main__":
