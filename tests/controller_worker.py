@@ -3,11 +3,11 @@
 
 Each run trains :data:`STEPS` steps with :class:`RaisesOnRank`, which raises on rank 1 alone in
 one of its methods at one step (``propose`` at :data:`AT`; ``on_backoff`` at the rollback a NaN
-loss on rank 1 makes there).  Each rank writes into ``--out/rank<r>.json``, per run, its knobs
-after every step, what each step raised (a selftune error, by its type) and its final weights;
-rank 0's run folders are ``--out/<run>``.  The ``builtin`` run counts the step's collectives
-under a controller of selftune's own; ``two-classes`` wraps with ranks' controllers of two
-classes under one name.
+loss on rank 1 makes there; ``state_dict`` at step 1's snapshot, before that rollback).  Each
+rank writes into ``--out/rank<r>.json``, per run, its knobs after every step, what each step
+raised (a selftune error, by its type) and its final weights; rank 0's run folders are
+``--out/<run>``.  The ``builtin`` run counts the step's collectives under a controller of
+selftune's own; ``two-classes`` wraps with ranks' controllers of two classes under one name.
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ STEPS, AT = 6, 3
 
 class RaisesOnRank(OffController):
     """Lowers the rate by a tenth at every step; raises on rank 1 alone in ``stage`` (its
-    ``propose`` or ``on_backoff``) at step :data:`AT`."""
+    ``propose`` or ``on_backoff``) at step :data:`AT`, or its ``state_dict`` at step 1's
+    snapshot (its second call, the wrap's the first)."""
 
     name = "raises-on-rank"
 
     def __init__(self, stage: str) -> None:
-        self.stage = stage
+        self.stage, self.calls = stage, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        self.calls += 1
+        self._maybe_raise("state_dict", AT if self.calls == 2 else 0)
+        return {}
 
     def _maybe_raise(self, stage: str, step: int) -> None:
         if stage == self.stage and step == AT and dist.get_rank() == 1:
@@ -76,12 +82,12 @@ def wrapped_with_two_classes() -> str | None:
 
 def run(out: Path, name: str, controller: Any) -> dict[str, Any]:
     """Train :data:`STEPS` steps with ``controller`` (a NaN loss on rank 1 at :data:`AT` where
-    it raises in ``on_backoff``); what this rank saw."""
+    it raises in ``on_backoff`` or ``state_dict``); what this rank saw."""
     rank = dist.get_rank()
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     folder = out / name if rank == 0 else None
     opt = selftune.wrap(make_inner("sgd", model), controller=controller, log_dir=folder)
-    nan = getattr(controller, "stage", None) == "on_backoff"
+    nan = getattr(controller, "stage", None) in ("on_backoff", "state_dict")
     knobs, said = [], []
     for t in range(1, STEPS + 1):
         said.append(says(model, opt, t, nan and t == AT))
@@ -120,7 +126,10 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     torch.set_num_threads(1)
-    said = {stage: run(args.out, stage, RaisesOnRank(stage)) for stage in ("propose", "on_backoff")}
+    said = {
+        stage: run(args.out, stage, RaisesOnRank(stage))
+        for stage in ("propose", "on_backoff", "state_dict")
+    }
     said["builtin"] = {"collectives": collectives_per_step("auto")}
     said["two-classes"] = {"wrap": wrapped_with_two_classes()}
     finish(args.out, said)

@@ -746,6 +746,28 @@ def test_a_controller_that_raises_on_one_rank_fails_its_step_alike_on_every_rank
     assert [n["step"] for n in notes if "rank 1" in n["reason"]] == [at]
 
 
+def test_a_controller_whose_state_dict_raises_on_one_rank_keeps_no_snapshot_on_any(
+    raised_on_one_rank: tuple[Path, list[Any]],
+) -> None:
+    """A controller's state_dict that raised on rank 1 alone at step 1's snapshot broke that
+    rank's step off, rank 0 keeping the snapshot.  Every rank now takes the step without it
+    and raises ControllerError; each takes its snapshot at step 2 instead, and the rollback
+    at step 3 goes back there on both, to the same knobs and weights."""
+    out, ranks = raised_on_one_rank
+    mine, theirs = ranks[1]["state_dict"]["said"][0], ranks[0]["state_dict"]["said"][0]
+    assert mine.startswith("ControllerError") and "state_dict() raised ZeroDivisionError" in mine
+    assert theirs.startswith("ControllerError") and "on rank 1" in theirs
+    for rank in ranks:
+        assert rank["state_dict"]["said"][1:] == [None] * 5 and rank["state_dict"]["step"] == 6
+    assert ranks[0]["state_dict"]["knobs"] == ranks[1]["state_dict"]["knobs"]
+    assert ranks[0]["state_dict"]["weights"] == ranks[1]["state_dict"]["weights"]
+    verify(out / "state_dict")
+    records = read_log(out / "state_dict").records
+    assert [r.get("unkept") for r in records if r["kind"] == "note"][-1] == 1
+    (rollback,) = [r for r in records if r["kind"] == "guard"]
+    assert rollback["step"] == 3 and rollback["restored_step"] == 2
+
+
 def test_a_step_under_a_controller_of_selftunes_own_makes_one_collective(
     raised_on_one_rank: tuple[Path, list[Any]],
 ) -> None:

@@ -2348,3 +2348,109 @@ def test_a_controller_that_raises_at_a_rollback_has_it_taken_and_the_run_goes_on
     _steps(pa, replayed, range(1, 36), nan_at=30)
     pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+class _StateRaises(OffController):
+    """Lowers the rate by a hundredth at every step and counts its proposals; its
+    ``state_dict`` raises at its ``at``-th call (the wrap's is the first)."""
+
+    name = "state-raises"
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls, self.seen = at, 0, 0
+
+    def propose(self, signals: Any, knobs: Any) -> list[Proposal]:
+        self.seen += 1
+        return [Proposal(0, "lr", knobs[0]["lr"] * 0.99, "lower")]
+
+    def state_dict(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == self.at:
+            raise ZeroDivisionError("no state")
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = state["seen"]
+
+
+def test_a_controller_whose_state_dict_raises_at_a_snapshot_has_the_step_taken_without_it(
+    tmp_path: Path,
+) -> None:
+    """An exception from the controller's state_dict where the guard takes a snapshot left the
+    step broken off: every later step was refused until a checkpoint loaded.  The step is taken
+    without that snapshot (the guard keeps the one before), noted, step() raises
+    ControllerError, and a later rollback goes back to the older snapshot, whose weights, knobs
+    and controller state are all of one step; the run replays to the bit."""
+    inner, pr = _sgd()
+    controller = _StateRaises(at=3)  # the wrap's, step 1's snapshot, step 25's
+    opt = selftune.wrap(inner, controller, log_dir=tmp_path / "r")
+    _steps(pr, opt, range(1, 25))
+    with pytest.raises(selftune.ControllerError, match=r"state_dict\(\) raised ZeroDiv") as e:
+        _steps(pr, opt, range(25, 26))
+    assert "controller 'state-raises'" in str(e.value)
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    assert opt.step_count == 25 and opt.guard is not None
+    assert [s.step for s in opt.guard.snapshots] == [1]
+    _steps(pr, opt, range(26, 36), nan_at=30)
+    assert [s.step for s in opt.guard.snapshots] == [1]
+    assert controller.seen == 0 + 5  # step 1's state (no proposal yet), then steps 31 to 35
+    opt.close()
+    audit.verify(tmp_path / "r")
+    records = audit.read_log(tmp_path / "r").records
+    (rollback,) = [r for r in records if r["kind"] == "guard"]
+    assert rollback["step"] == 30 and rollback["restored_step"] == 1
+    notes = [r for r in records if r["kind"] == "note" and r.get("step") == 25]
+    assert [n.get("unkept") for n in notes] == [None, 25]
+    assert "state_dict() raised ZeroDivisionError: no state" in notes[0]["reason"]
+    again, pa = _sgd()
+    replayed = selftune.replay(again, tmp_path / "r")
+    _steps(pa, replayed, range(1, 36), nan_at=30)
+    pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert replayed.hyperparams() == opt.hyperparams()
+
+
+def test_a_controller_whose_state_dict_raises_at_a_skip_has_the_skip_taken(
+    tmp_path: Path,
+) -> None:
+    """Trouble with no snapshot held (the first step) skips the step, keeping the controller's
+    state for a relevel to undo the cut: its state_dict raising there broke the step off.  The
+    skip is taken, its cut kept for good, noted, and step() raises ControllerError."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _StateRaises(at=2), log_dir=tmp_path / "r")
+    with pytest.raises(selftune.ControllerError, match=r"state_dict\(\) raised ZeroDiv") as e:
+        _steps(pr, opt, range(1, 2), nan_at=1)
+    assert "Step 1 took the guard's skip" in str(e.value)
+    assert opt.guard is not None and opt.guard.skipped is None
+    _steps(pr, opt, range(2, 8))
+    opt.close()
+    assert opt.step_count == 7
+    audit.verify(tmp_path / "r")
+    records = audit.read_log(tmp_path / "r").records
+    assert [r["event"] for r in records if r["kind"] == "guard"] == ["skip"]
+    assert [r.get("unkept") for r in records if r["kind"] == "note"][-1] == 1
+    again, pa = _sgd()
+    replayed = selftune.replay(again, tmp_path / "r")
+    _steps(pa, replayed, range(1, 8), nan_at=1)
+    pairs = zip(pr.model.parameters(), pa.model.parameters(), strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_a_controller_whose_state_dict_raises_at_a_checkpoint_saves_none_and_steps_on(
+    tmp_path: Path,
+) -> None:
+    """opt.state_dict() with a controller whose state_dict raised stopped part-way with the
+    controller's own error.  It raises ControllerError naming the controller, before anything
+    is written; the run steps on, and the next state_dict saves and loads."""
+    inner, pr = _sgd()
+    opt = selftune.wrap(inner, _StateRaises(at=3), log_dir=tmp_path / "r")
+    _steps(pr, opt, range(1, 4))
+    with pytest.raises(selftune.ControllerError, match=r"'state-raises': state_dict\(\) raised"):
+        opt.state_dict()
+    _steps(pr, opt, range(4, 6))
+    saved = opt.state_dict()
+    assert saved["selftune"]["controller"] == {"seen": 5} and saved["selftune"]["step"] == 5
+    opt.load_state_dict(saved)
+    _steps(pr, opt, range(6, 8))
+    opt.close()
+    audit.verify(tmp_path / "r")

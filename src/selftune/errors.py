@@ -19,9 +19,12 @@ class ControllerError(ConfigError):
     refusal, is the ``__cause__``.  Raised too where its ``before_rollback``,
     ``load_state_dict`` or ``on_backoff`` raised at the guard's rollback (its
     ``load_state_dict`` at a relevel, or a trial gone forward), once the guard's step has been
-    taken as the guard made it.  Under ``torch.distributed`` every rank raises where the
-    controller failed on any, having taken the step alike; a rank whose own did not fail names
-    the rank whose did, and has no ``__cause__``.
+    taken as the guard made it; and where its ``state_dict`` raised as the guard took a
+    snapshot (the step is taken without that snapshot, the guard keeping its older one), or as
+    ``opt.state_dict()`` saved (no state is returned; the run steps on).  Under
+    ``torch.distributed`` every rank raises where the controller failed on any, having taken
+    the step alike; a rank whose own did not fail names the rank whose did, and has no
+    ``__cause__``.
     """
 
 

@@ -181,6 +181,12 @@ class ReplayGuard(Guard):
             for r in records
             if r.get("kind") == "guard" and "snapshots_since" in r
         }
+        #: the steps whose snapshot (or skip's cut) the logged run's guard did not keep, its
+        #: controller having failed there: the replay's, whose controller does not, drops its
+        #: own there, so that its rollbacks and relevels go where the logged run's did
+        self._unkept = {
+            _number(r, "unkept", int) for r in records if r.get("kind") == "note" and "unkept" in r
+        }
         #: the snapshot each logged rollback went back to
         self._restored = {
             _number(r, "step", int): _number(r, "restored_step", int)
@@ -197,6 +203,15 @@ class ReplayGuard(Guard):
     def begin_step(self, step: int) -> None:
         if step in self._resets and not self._passes.thrown_away(step):
             self.forget_snapshots()
+
+    def keep(self, step: int, payload: dict[str, Any]) -> None:
+        if step not in self._unkept or self._passes.thrown_away(step):
+            super().keep(step, payload)
+
+    def _forgive(self, skipped: Snapshot | None) -> None:
+        if skipped is not None and skipped.step in self._unkept:
+            skipped = None if not self._passes.thrown_away(skipped.step) else skipped
+        super()._forgive(skipped)
 
     def judge(self, s: Signals) -> Trouble | None:
         # the levels the logged run's guard learnt: its snapshots' levels, and so where its

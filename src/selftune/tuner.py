@@ -462,7 +462,9 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.group_added(self.param_groups[i])
         if self.guard is not None:  # a fresh one, at once: trouble in the next step has one
             self.guard.forget_snapshots()
-            self.guard.keep(self.step_count, self._capture())
+            payload = self._capture()  # (no failures given: none, it raises)
+            assert payload is not None
+            self.guard.keep(self.step_count, payload)
         if self._log is not None:
             knobs = self._knobs(i)
             self._added.append(
@@ -740,6 +742,10 @@ class SelfTuned(torch.optim.Optimizer):
             else:
                 decisions, event = self._go_forward(t, failures)
             failed = self._controller_error(t, failures, f"took the guard's {event['event']}")
+            guard = self.guard
+            assert guard is not None
+            if event["event"] == "skip" and not self._kept(t, guard.skipped is None, failed, True):
+                guard.skipped = None
             decisions = forgiven + decisions
             self._leave(current, decisions)
             self.step_count = t
@@ -752,8 +758,9 @@ class SelfTuned(torch.optim.Optimizer):
                 metric_mode=self._metric_mode or "min",
                 metric_at_average=self._metric_at_average,
             )
-        if self.guard is not None and self.guard.wants_snapshot(t):
-            self.guard.keep(t, self._capture())
+        due = self.guard is not None and self.guard.wants_snapshot(t)
+        # kept once the step's proposals are made, where the controller failed on no rank
+        snapshot = self._capture(failures) if due else None
         bases = self._bases()  # one read of the rates a step: the rises, the holds, the ceiling
         signals = self.last_signals = self._read_rates(signals, bases)
         held = self._hold_rollback_rates(t, signals, bases)
@@ -772,6 +779,9 @@ class SelfTuned(torch.optim.Optimizer):
             if joined:
                 forgiven, current = forgiven + joined, self.hyperparams()
         proposals, restarting, failed = self._consult(t, read, current, failures)
+        if due and self._kept(t, snapshot is None, failed):
+            assert self.guard is not None and snapshot is not None
+            self.guard.keep(t, snapshot)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
         if restarting is None:
@@ -877,6 +887,39 @@ class SelfTuned(torch.optim.Optimizer):
         error.__cause__ = cause
         return error
 
+    def _kept(self, t: int, lost: bool, failed: ControllerError | None, skip: bool = False) -> bool:
+        """Whether the guard keeps the snapshot of step ``t`` (or, at a skip, what the skip
+        cut, for a relevel to undo); ``lost``: the controller's ``state_dict`` raised on this
+        rank, and there is none; ``failed``: the step's :meth:`_controller_error`.
+
+        The controller's ``state_dict``, raising from inside the step, left it broken off, and
+        every later step was refused until a checkpoint loaded.  The snapshot is not kept
+        instead, and the guard keeps the one before (a rollback goes back further, to weights,
+        knobs and a controller state that all belong to one step; at a skip, its rate cut
+        stands): the run goes on from the next step, with a note, and ``step`` raises
+        :class:`ControllerError`.  Nor is it kept without the controller's state: a rollback to
+        it would put the weights and knobs of that step back under the controller's state of
+        later (the one that saw the trouble), which would then propose for other weights than
+        those restored, with no word.  With no snapshot held at all, the next step takes one
+        (``wants_snapshot``).  Under ``torch.distributed`` a rank cannot tell which method
+        failed on another (one flag a rank, :meth:`_controller_error`): no rank keeps it where
+        the controller failed on any, so that every rank holds the same snapshots (and no gather
+        is added).  The note names the step (``unkept``), for the replay's guard, whose
+        controller does not fail, to drop its own there too.
+        """
+        distributed = self._shares_failures and shards.across_ranks()
+        if not lost and (failed is None or not distributed):
+            return True
+        why = (
+            f"guard: what the skip of step {t} cut is not kept, the controller having failed "
+            "there: a relevel leaves its rate cut"
+            if skip
+            else f"guard: no snapshot of step {t} kept, the controller having failed there: a "
+            "rollback goes back to an older one"
+        )
+        self._notes.append({"reason": why, "unkept": t})
+        return False
+
     def _filled_for_dcp(self) -> bool:
         """Let the wrapped optimizer take the step by which torch.distributed.checkpoint's
         helpers fill an empty state (every rate set to zero, every gradient zeros), and warn:
@@ -938,7 +981,12 @@ class SelfTuned(torch.optim.Optimizer):
         are then forced to disk (:meth:`sync`), as a checkpoint that points into them needs:
         Lightning and the Hugging Face Trainer save this state in checkpoints of their own, and
         after a power cut one could point past the log's end, which a resume refuses.
+
+        Where the controller's ``state_dict`` raises, :class:`ControllerError` names it, before
+        anything is written: a checkpoint without the controller's state would resume another
+        run than this one, with no word.  The wrapper is as it was, and steps on.
         """
+        controller = self._checkpoint_controller()
         if shards.called_by_dcp():
             warnings.warn(shards.DCP_ADVICE, stacklevel=outside_frames())
         if self._broken_at is not None:  # saved (a framework's save on an exception goes on),
@@ -964,7 +1012,7 @@ class SelfTuned(torch.optim.Optimizer):
             "peaks": list(self._peaks),
             "taken": list(self._taken),
             "lowered": [None if w is None else list(w) for w in self._lowered],
-            "controller": _clone(self.controller.state_dict()),
+            "controller": controller,
             "controller_name": self.controller.name,
             "groups": "each" if self._joint is None else "joint",
             "optimizer_type": type(self.optimizer).__name__,
@@ -1988,26 +2036,42 @@ class SelfTuned(torch.optim.Optimizer):
         return Decision(t, p.group, p.knob, held, new, reason, sig, note is not None, source, value)
 
     # -- guard --------------------------------------------------------------------------------
-    def _capture(self) -> dict[str, Any]:
+    def _capture(
+        self, failures: list[tuple[str, Exception]] | None = None
+    ) -> dict[str, Any] | None:
+        """A snapshot's payload; None where the controller's ``state_dict`` raised, kept in
+        ``failures`` (:meth:`_tuning`)."""
         assert self.guard is not None
+        tuning = self._tuning(failures)
+        if tuning is None:
+            return None
         to = torch.device("cpu") if self.guard.config.offload else None
         buffers = None if self._model is None else dict(self._model.named_buffers())
         return {
             "params": [[_clone(p, to) for p in g["params"]] for g in self.param_groups],
             "buffers": _clone(buffers, to),
             "optimizer": _clone(self.optimizer.state_dict(), to),
-            **self._tuning(),
+            **tuning,
             # the loss statistics, but not the previous update: after a rollback there is none
             "tracker": self._tracker.state_dict(include_update=False),
             "guard": None if self.guard is None else self.guard.statistics(),
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
 
-    def _tuning(self) -> dict[str, Any]:
+    def _tuning(self, failures: list[tuple[str, Exception]] | None = None) -> dict[str, Any] | None:
         """The controller's state, the knobs and the scales: what a snapshot holds of the
-        tuning, and all that a skip's cut changes."""
+        tuning, and all that a skip's cut changes.  Inside a step (``failures`` given) what the
+        controller's ``state_dict`` raises is kept there, as at a rollback (:meth:`_tell`), and
+        there is none: the step goes on without this snapshot (:meth:`_kept`)."""
+        if failures is None:
+            state = _clone(self.controller.state_dict())
+        else:
+            held = len(failures)
+            state = self._tell(failures, "state_dict()", self._controller_state)
+            if len(failures) > held:
+                return None
         return {
-            "controller": _clone(self.controller.state_dict()),
+            "controller": state,
             "knobs": self.hyperparams(),
             "scales": list(self._scales),
         }
@@ -2023,7 +2087,8 @@ class SelfTuned(torch.optim.Optimizer):
         event.  What the controller's methods called here raise is kept in ``failures``, and
         the rollback taken whole without them (:meth:`_tell`)."""
         assert self.guard is not None
-        tuning = self._tuning() if not self.guard.snapshots else None  # what a skip would cut
+        # what a skip would cut
+        tuning = self._tuning(failures) if not self.guard.snapshots else None
         try:
             snap, factor = self.guard.rollback(trouble)
         except GuardError as err:
@@ -2047,8 +2112,9 @@ class SelfTuned(torch.optim.Optimizer):
             self._tell(failures, "before_rollback()", note_failure, failed)
         lowered: dict[int, float] = {}
         if snap is None:  # nothing held yet: the step's update was never made, only skip it
-            assert tuning is not None  # (no snapshot held before the rollback either)
-            self.guard.skipped = Snapshot(trouble.step, tuning)
+            # (no snapshot held before the rollback either); none where the controller's
+            # state_dict raised: the skip's cut is then never undone (:meth:`_kept`)
+            self.guard.skipped = None if tuning is None else Snapshot(trouble.step, tuning)
             saved_knobs = [{"lr": self._effective(i)} for i in range(len(self.param_groups))]
             scales: list[float] | None = None
             reason = f"guard: {trouble.reason}; no snapshot held yet, step skipped"
@@ -2087,12 +2153,13 @@ class SelfTuned(torch.optim.Optimizer):
         self,
         failures: list[tuple[str, Exception]],
         stage: str,
-        method: Callable[..., object],
+        method: Callable[..., Any],
         *args: Any,
-    ) -> None:
-        """Call the controller's ``method`` (named ``stage``) at the guard's rollback, or where
-        it puts a snapshot's controller state back (a relevel, a trial gone forward:
-        :meth:`_as_kept`), what it raises kept in ``failures``.
+    ) -> Any:
+        """Call the controller's ``method`` (named ``stage``) at the guard's rollback, where it
+        puts a snapshot's controller state back (a relevel, a trial gone forward:
+        :meth:`_as_kept`), or where it takes one (:meth:`_tuning`), what it raises kept in
+        ``failures``.
 
         Raised from inside the rollback, it left the step broken off, the guard's snapshot
         given up and the weights not yet restored, and every later step was refused until a
@@ -2100,11 +2167,31 @@ class SelfTuned(torch.optim.Optimizer):
         controller's: taken whole without the method (the controller's state as its error
         left it), the step is recorded, replays, and is the same on every rank, and ``step``
         raises :class:`ControllerError` as a refused proposal's step does (:meth:`_consult`).
+        Returns what ``method`` returned, None where it raised.
         """
         try:
-            method(*args)
+            return method(*args)
         except Exception as exc:
             failures.append(self._failure(stage, exc))
+            return None
+
+    def _checkpoint_controller(self) -> Any:
+        """The controller's state for :meth:`state_dict`; :class:`ControllerError` where its
+        ``state_dict`` raised (:meth:`_failure`).  No gather: each rank saves its own."""
+        failures: list[tuple[str, Exception]] = []
+        state = self._tell(failures, "state_dict()", self._controller_state)
+        if not failures:
+            return state
+        why, cause = failures[0]
+        error = ControllerError(
+            f"{why}. No state was saved (a checkpoint without the controller's state would "
+            "resume another run): the run is whole and steps on; save again once it gives one"
+        )
+        raise error from cause
+
+    def _controller_state(self) -> Any:
+        """The controller's ``state_dict()``, a copy of its own."""
+        return _clone(self.controller.state_dict())
 
     def _go_forward(
         self, t: int, failures: list[tuple[str, Exception]]

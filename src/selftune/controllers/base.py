@@ -41,7 +41,10 @@ class Controller(Protocol):
     and ``step`` then raises :class:`ControllerError` (the original as its ``__cause__``): the
     run goes on from the next step, and replays.  So too where ``before_rollback``,
     ``load_state_dict`` or ``on_backoff`` raises at the guard's rollback (``load_state_dict`` at
-    a relevel, or a trial gone forward): the guard's step is taken as the guard made it.
+    a relevel, or a trial gone forward): the guard's step is taken as the guard made it.  Where
+    ``state_dict`` raises as the guard takes a snapshot, the step is taken without that
+    snapshot (the guard keeps its older one); as ``opt.state_dict()`` saves, it raises
+    :class:`ControllerError` and saves nothing, and the run steps on.
     Under ``torch.distributed`` a controller of one's own that fails on one rank fails the step
     on every rank alike (a gather of one flag more, at its steps).
     ``on_backoff`` tells the controller that the guard rolled the run back and cut the rate, so
