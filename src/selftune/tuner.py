@@ -759,8 +759,13 @@ class SelfTuned(torch.optim.Optimizer):
                 metric_at_average=self._metric_at_average,
             )
         due = self.guard is not None and self.guard.wants_snapshot(t)
-        # kept once the step's proposals are made, where the controller failed on no rank
         snapshot = self._capture(failures) if due else None
+        if due and not self._shares_failures_now():  # kept here, before the proposals: a
+            # restart asked for at this step goes back to the oldest snapshot held once it is
+            if self._kept(t, snapshot is None, None):
+                assert self.guard is not None and snapshot is not None
+                self.guard.keep(t, snapshot)
+            due = False  # (else kept once the proposals are made, where no rank failed)
         bases = self._bases()  # one read of the rates a step: the rises, the holds, the ceiling
         signals = self.last_signals = self._read_rates(signals, bases)
         held = self._hold_rollback_rates(t, signals, bases)
@@ -869,7 +874,7 @@ class SelfTuned(torch.optim.Optimizer):
         holds alike (:func:`_decides_alike`): their steps make no gather but the step's one
         (the ranks' controllers are checked to be of one class at the wrap).
         """
-        distributed = self._shares_failures and shards.across_ranks()
+        distributed = self._shares_failures_now()
         failed_on = flagged_ranks(bool(failures)) if distributed else [0] if failures else []
         if not failed_on:
             return None
@@ -886,6 +891,11 @@ class SelfTuned(torch.optim.Optimizer):
         )
         error.__cause__ = cause
         return error
+
+    def _shares_failures_now(self) -> bool:
+        """Whether the controller's failures are shared across ranks at this step: a controller
+        of one's own under torch.distributed (:meth:`_controller_error`)."""
+        return self._shares_failures and shards.across_ranks()
 
     def _kept(self, t: int, lost: bool, failed: ControllerError | None, skip: bool = False) -> bool:
         """Whether the guard keeps the snapshot of step ``t`` (or, at a skip, what the skip
@@ -907,8 +917,7 @@ class SelfTuned(torch.optim.Optimizer):
         is added).  The note names the step (``unkept``), for the replay's guard, whose
         controller does not fail, to drop its own there too.
         """
-        distributed = self._shares_failures and shards.across_ranks()
-        if not lost and (failed is None or not distributed):
+        if not lost and (failed is None or not self._shares_failures_now()):
             return True
         why = (
             f"guard: what the skip of step {t} cut is not kept, the controller having failed "
