@@ -149,7 +149,8 @@ class SelfTuned(torch.optim.Optimizer):
                 "logged and change only the weight decay. Wrap another optimizer (AdamW, ...), "
                 "or use Adafactor unwrapped"
             )
-        if shards.zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
+        zero = shards.zero_redundancy(optimizer)
+        if zero and getattr(optimizer, "_overlap_with_ddp", False):
             # (torch's own attribute) its groups are empty until DDP's hook builds them: it was
             # refused as a group with no rate, which said nothing of why
             raise ConfigError(shards.ZERO_OVERLAP_ADVICE)
@@ -214,7 +215,7 @@ class SelfTuned(torch.optim.Optimizer):
                 f"guard={guard!r}: pass True (the defaults), False (no guard) or a "
                 "selftune.GuardConfig(...) instance"
             )
-        if config is not None and shards.zero_redundancy(optimizer):
+        if config is not None and zero:
             raise ConfigError(shards.ZERO_GUARD_ADVICE)
         if policy is not None and not isinstance(policy, Policy):  # else an AttributeError
             raise ConfigError(  # from the settings read further on, the optimizer touched
@@ -236,7 +237,7 @@ class SelfTuned(torch.optim.Optimizer):
         #: a ZeroRedundancyOptimizer's consolidated state as the last step or load found it,
         #: which its state_dict() would return stale (see shards.check_consolidated)
         self._consolidated_before: object | None = None
-        self._zero = shards.zero_redundancy(optimizer)  # read once: the step asks each time
+        self._zero = zero  # read once: the step asks each time
         self.optimizer = optimizer
         saved_state = optimizer.state
         # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
@@ -760,12 +761,12 @@ class SelfTuned(torch.optim.Optimizer):
             )
         due = self.guard is not None and self.guard.wants_snapshot(t)
         snapshot = self._capture(failures) if due else None
-        if due and not self._shares_failures_now():  # kept here, before the proposals: a
-            # restart asked for at this step goes back to the oldest snapshot held once it is
-            if self._kept(t, snapshot is None, None):
-                assert self.guard is not None and snapshot is not None
-                self.guard.keep(t, snapshot)
-            due = False  # (else kept once the proposals are made, where no rank failed)
+        # kept here, before the proposals (a restart asked for at this step goes back to the
+        # oldest snapshot held once it is), unless the ranks share the controller's failures:
+        # then once the proposals are made, where no rank failed
+        deferred = due and self._shares_failures_now()
+        if due and not deferred:
+            self._keep_snapshot(t, snapshot, None)
         bases = self._bases()  # one read of the rates a step: the rises, the holds, the ceiling
         signals = self.last_signals = self._read_rates(signals, bases)
         held = self._hold_rollback_rates(t, signals, bases)
@@ -784,9 +785,8 @@ class SelfTuned(torch.optim.Optimizer):
             if joined:
                 forgiven, current = forgiven + joined, self.hyperparams()
         proposals, restarting, failed = self._consult(t, read, current, failures)
-        if due and self._kept(t, snapshot is None, failed):
-            assert self.guard is not None and snapshot is not None
-            self.guard.keep(t, snapshot)
+        if deferred:
+            self._keep_snapshot(t, snapshot, failed)
         self._metric, self._at_average, self._metric_at_average = None, False, False
         decisions = forgiven + self._decide(t, read, proposals, current, limited=restarting is None)
         if restarting is None:
@@ -854,7 +854,7 @@ class SelfTuned(torch.optim.Optimizer):
             raise exc
         if not stage:
             return str(exc), exc
-        name = getattr(self.controller, "name", type(self.controller).__name__)
+        name = self.controller.name  # (a non-empty str: make_controller checks it)
         return f"controller {name!r}: {stage} raised {type(exc).__name__}: {exc}", exc
 
     def _controller_error(
@@ -881,7 +881,7 @@ class SelfTuned(torch.optim.Optimizer):
         if failures:
             why, cause = failures[0]
         else:
-            name = getattr(self.controller, "name", type(self.controller).__name__)
+            name = self.controller.name
             why = f"controller {name!r} failed on rank {failed_on[0]} (its error there says why)"
             cause = None
         everywhere = ", on every rank" if distributed else ""
@@ -896,6 +896,15 @@ class SelfTuned(torch.optim.Optimizer):
         """Whether the controller's failures are shared across ranks at this step: a controller
         of one's own under torch.distributed (:meth:`_controller_error`)."""
         return self._shares_failures and shards.across_ranks()
+
+    def _keep_snapshot(
+        self, t: int, snapshot: dict[str, Any] | None, failed: ControllerError | None
+    ) -> None:
+        """Hand the guard the ``snapshot`` of step ``t`` (None: the controller's ``state_dict``
+        raised) where it is kept (:meth:`_kept`)."""
+        if self._kept(t, snapshot is None, failed):
+            assert self.guard is not None and snapshot is not None
+            self.guard.keep(t, snapshot)
 
     def _kept(self, t: int, lost: bool, failed: ControllerError | None, skip: bool = False) -> bool:
         """Whether the guard keeps the snapshot of step ``t`` (or, at a skip, what the skip
@@ -2357,10 +2366,9 @@ class SelfTuned(torch.optim.Optimizer):
         """
         if reason is not None and not isinstance(reason, str):  # the log's restart record
             # refused it after the restart had been made, the run left broken part-way
-            name = getattr(self.controller, "name", type(self.controller).__name__)
             raise ConfigError(
-                f"controller {name!r}: take_restart() returned {reason!r}; return the reason "
-                "to restart in words, a str, or None for no restart"
+                f"controller {self.controller.name!r}: take_restart() returned {reason!r}; "
+                "return the reason to restart in words, a str, or None for no restart"
             )
         guard = self.guard
         if reason is None or guard is None or guard.restart_point is None:
