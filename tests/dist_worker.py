@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
 import math
@@ -559,7 +560,10 @@ def _saved_before_shared(rank: int) -> dict[str, list[str]]:
 
 def finish(out: Path, said: dict[str, Any]) -> None:
     """Write what this rank ``said`` into ``out/rank<r>.json``, and leave the process group
-    once every rank has written: the workers' common end."""
+    once every rank has written: the workers' common end.  The models and optimizers of the
+    runs go first (a collection): one alive at ``destroy_process_group`` aborted the process
+    at its exit now and then ("terminate called without an active exception")."""
+    gc.collect()
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(said))
     dist.barrier()
     dist.destroy_process_group()

@@ -11,7 +11,6 @@ process group.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 from datetime import timedelta
@@ -101,8 +100,7 @@ def main() -> None:
             steps=range(seg["first"], seg["last"] + 1),
             zero=seg["zero"],
         )
-        gc.collect()  # its model and optimizer gone before the group (see zero_worker.py)
-    finish(args.out, said)
+    finish(args.out, said)  # (its models and optimizers gone before the group)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ after that consolidation said.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -86,9 +85,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    said = _runs(out, rank)  # its models and optimizers gone before the group: one alive at
-    gc.collect()  # destroy_process_group aborted the process at its exit now and then
-    finish(out, said)
+    finish(out, _runs(out, rank))  # (its models and optimizers gone before the group)
 
 
 if __name__ == "__main__":
