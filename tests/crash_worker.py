@@ -15,7 +15,10 @@ To put a kill inside a particular moment, a ``Window`` makes the worker announce
   on disk, as in a torn write);
 - ``checkpoint``: inside the first checkpoint save at or after ``at_step``: ``nth`` 0 halfway
   through writing the file, 1 at its fsync (written, not yet renamed), 2 at the folder's fsync
-  (renamed, not yet durable).
+  (renamed, not yet durable);
+- ``rewind``: after step ``at_step`` the run goes back in its own process to its last checkpoint
+  (a retry), and is killed inside that load, after the log and trace were cut back to the
+  checkpoint and before the note of the rewind was written.
 
 ``widen`` (seconds) makes every such moment last that long without announcing it, so that kills at
 random times land in them more often.  Run it directly to train to the end:
@@ -48,7 +51,7 @@ NAN_STEPS = (45, 80)
 
 @dataclass(frozen=True)
 class Window:
-    kind: str  #: "step", "append" or "checkpoint"
+    kind: str  #: "step", "append", "checkpoint" or "rewind"
     at_step: int
     nth: int = 1  #: where in the checkpoint save: 0 mid-write, 1 and 2 its two fsyncs
 
@@ -91,6 +94,7 @@ def run(
     model = make_model()
     opt = make_optimizer(model, log_dir)
     _patch_inner_step(opt, lambda: hold("step") if due("step") else time.sleep(widen))
+    _patch_rewind_note(opt, lambda: hold("rewind"))
     start = 1
     if ckpt.exists():
         start = load_checkpoint(ckpt, model=model, optimizer=opt)["step"] + 1
@@ -98,11 +102,15 @@ def run(
         _save(ckpt, model, opt, 0, progress)
     if conn is not None:
         conn.send(("ready", start))
-    for t in range(start, steps + 1):
+    t = start
+    while t <= steps:
         progress["step"] = t
         train_step(model, opt, t, rank=0, nan=t in NAN_STEPS)
         if t % EVERY == 0 or t == steps:
             _save(ckpt, model, opt, t, progress)
+        if window is not None and window.kind == "rewind" and t == window.at_step:
+            t = load_checkpoint(ckpt, model=model, optimizer=opt)["step"]  # a retry
+        t += 1
     opt.close()
     if conn is not None:
         conn.send(("done", start))
@@ -188,6 +196,19 @@ def _patch_inner_step(opt: SelfTuned, inside: Callable[[], None]) -> None:
         return result
 
     inner.step = step  # type: ignore[method-assign]
+
+
+def _patch_rewind_note(opt: SelfTuned, inside: Callable[[], None]) -> None:
+    """Call ``inside()`` in a load that rewinds ``opt`` (its step count behind the furthest it
+    took), after the log and trace were cut back and before the rewind's note is written."""
+    real = opt._note_rewind
+
+    def note(*args: Any, **kwargs: Any) -> None:
+        if opt.step_count < opt._furthest:
+            inside()
+        real(*args, **kwargs)
+
+    opt._note_rewind = note  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

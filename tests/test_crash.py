@@ -1,6 +1,6 @@
 """Kill a training run with SIGKILL at 20 moments, resume it each time, and finish it: the log
 verifies after every kill, and the final weights, optimizer state and log records equal those of a
-run that was never killed.
+run that was never killed.  A second test kills a run inside a rewind in its own process.
 
 The moments are drawn from a fixed seed: inside an optimizer step, in the middle of a log append,
 inside a checkpoint save (before and after its rename), and at random times while every such moment
@@ -26,9 +26,10 @@ import crash_worker
 import pytest
 import torch
 from crash_worker import EVERY, STEPS, Window
-from dist_worker import assert_same_state, dropped_on_resume, log_body
+from dist_worker import assert_same_state, dropped_on_resume, log_body, make_model, train_step
 
-from selftune.audit import verify
+import selftune
+from selftune.audit import read_log, verify
 
 FAULTS = 20
 KINDS = ("step", "append", "checkpoint", "random")
@@ -141,6 +142,53 @@ def test_killed_at_20_moments_the_run_resumes_to_the_same_end(
     fault_counts["faults injected"] += FAULTS
     fault_counts["runs survived"] += survived
     fault_counts["records lost"] += lost
+
+
+def test_killed_inside_a_rewind_after_the_log_was_cut_the_run_resumes_whole(
+    tmp_path: Path, fault_counts: dict[str, int]
+) -> None:
+    """A script that goes back to its checkpoint in its own process (a retry) and is killed
+    inside that load, after the log and trace were cut back to the checkpoint and before the
+    note of the rewind: the folder is one of a run stopped at that checkpoint.  It verifies,
+    resumes from it with no record dropped, ends as a run never killed nor rewound does, and
+    replays to the same weights (the note is the in-process rewind's alone: a resume in a
+    fresh process needs none)."""
+    ctx = context()
+    assert finish(ctx, tmp_path / "ref") == 1
+    run_dir = tmp_path / "crashed"
+    proc, conn, first = start(ctx, run_dir, Window("rewind", EVERY * 3 + 5))
+    try:
+        assert first == 1
+        assert expect(conn, proc, "window")[1:] == ("rewind", EVERY * 3 + 5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(TIMEOUT_S)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == -signal.SIGKILL
+    result = verify(run_dir / "log")
+    assert not result.torn_tail
+    records = read_log(run_dir / "log").records
+    assert max(r.get("step", 0) for r in records) <= EVERY * 3  # cut back to the checkpoint
+    notes = [r for r in records if r["kind"] == "note"]
+    assert notes and not [r for r in notes if "rewind" in r]  # the cut's note, not the rewind's
+    assert finish(ctx, run_dir) == EVERY * 3 + 1
+    assert_same_state(_final(tmp_path / "ref"), _final(run_dir))
+    assert log_body(run_dir / "log") == log_body(tmp_path / "ref" / "log")
+    # the records of steps 31-35 went with the cut; the resume found none left to drop
+    (dropped,) = dropped_on_resume(run_dir / "log")
+    assert dropped > 0
+    trace = (run_dir / "log" / "trace.jsonl").read_bytes()
+    assert trace == (tmp_path / "ref" / "log" / "trace.jsonl").read_bytes()
+    model = make_model()
+    replayed = selftune.replay(
+        torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9), run_dir / "log"
+    )
+    for t in range(1, STEPS + 1):
+        train_step(model, replayed, t, rank=0, nan=t in crash_worker.NAN_STEPS)
+    assert_same_state(_final(run_dir)["model"], model.state_dict())
+    fault_counts["faults injected"] += 1
+    fault_counts["runs survived"] += 1
 
 
 def _multiset(records: list[dict[str, Any]]) -> Counter[str]:
