@@ -3,7 +3,8 @@
 
 Each run trains :data:`STEPS` steps with :class:`RaisesOnRank`, which raises on rank 1 alone in
 one of its methods at one step (``propose`` at :data:`AT`; ``on_backoff`` at the rollback a NaN
-loss on rank 1 makes there; ``state_dict`` at step 1's snapshot, before that rollback).  Each
+loss on rank 1 makes there; ``state_dict`` at step 1's snapshot, before that rollback), and the
+``drifts`` run with :class:`DriftsOnRank`, whose error there leaves its state apart on rank 1.  Each
 rank writes into ``--out/rank<r>.json``, per run, its knobs after every step, what each step
 raised (a selftune error, by its type) and its final weights; rank 0's run folders are
 ``--out/<run>``.  The ``builtin`` run counts the step's collectives under a controller of
@@ -53,6 +54,23 @@ class RaisesOnRank(OffController):
 
     def on_backoff(self, step: int) -> None:
         self._maybe_raise("on_backoff", step)
+
+
+class DriftsOnRank(OffController):
+    """Lowers the rate by a tenth at every step; at step :data:`AT`, on rank 1 alone, halves
+    its factor and then raises in ``propose``: its state after its own error differs there,
+    and so do its later proposals (the rate by a half on rank 1, by a tenth on rank 0)."""
+
+    name = "drifts-on-rank"
+
+    def __init__(self) -> None:
+        self.factor = 0.9
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        if signals.step == AT and dist.get_rank() == 1:
+            self.factor = 0.5
+            raise ZeroDivisionError("propose on rank 1")
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * self.factor, "lower")]
 
 
 def says(model: torch.nn.Module, opt: selftune.SelfTuned, t: int, nan: bool) -> str | None:
@@ -130,6 +148,7 @@ def main() -> None:
         stage: run(args.out, stage, RaisesOnRank(stage))
         for stage in ("propose", "on_backoff", "state_dict")
     }
+    said["drifts"] = run(args.out, "drifts", DriftsOnRank())
     said["builtin"] = {"collectives": collectives_per_step("auto")}
     said["two-classes"] = {"wrap": wrapped_with_two_classes()}
     finish(args.out, said)

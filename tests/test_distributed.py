@@ -746,6 +746,34 @@ def test_a_controller_that_raises_on_one_rank_fails_its_step_alike_on_every_rank
     assert [n["step"] for n in notes if "rank 1" in n["reason"]] == [at]
 
 
+def test_a_controller_whose_state_its_error_left_apart_on_one_rank_fails_every_step_after(
+    raised_on_one_rank: tuple[Path, list[Any]],
+) -> None:
+    """A controller of one's own that changed its state and then raised on rank 1 alone (at
+    step 3) proposed other knobs there from then on (the rate halved on rank 1, lowered by a
+    tenth on rank 0), and the ranks' knobs and weights drifted apart with no word.  The ranks'
+    proposals are now compared in the gather that shares its failures: every later step is
+    taken alike on every rank, at the knobs in force, and raises ControllerError naming
+    rank 1 and the fix, and the log notes each."""
+    out, ranks = raised_on_one_rank
+    at = 3
+    for rank in ranks:
+        said = rank["drifts"]["said"]
+        assert said[: at - 1] == [None] * (at - 1) and rank["drifts"]["step"] == len(said)
+        for later in said[at:]:
+            assert later is not None and later.startswith("ControllerError")
+            assert "proposed other knobs on rank 1 than on rank 0" in later
+            assert "on every rank" in later and "load one checkpoint on every rank" in later
+    assert ranks[0]["drifts"]["knobs"] == ranks[1]["drifts"]["knobs"]
+    assert ranks[0]["drifts"]["weights"] == ranks[1]["drifts"]["weights"]
+    lrs = [k[0]["lr"] for k in ranks[0]["drifts"]["knobs"]]
+    assert lrs[at - 1 :] == [lrs[at - 2]] * (len(lrs) - at + 1)  # no proposal applied since
+    verify(out / "drifts")
+    notes = [r for r in read_log(out / "drifts").records if r["kind"] == "note"]
+    steps = [n["step"] for n in notes if "proposed other knobs on rank 1" in n["reason"]]
+    assert steps == list(range(at + 1, len(lrs) + 1))
+
+
 def test_a_controller_whose_state_dict_raises_on_one_rank_keeps_no_snapshot_on_any(
     raised_on_one_rank: tuple[Path, list[Any]],
 ) -> None:

@@ -24,7 +24,8 @@ class ControllerError(ConfigError):
     ``opt.state_dict()`` saved (no state is returned; the run steps on).  Under
     ``torch.distributed`` every rank raises where the controller failed on any, having taken
     the step alike; a rank whose own did not fail names the rank whose did, and has no
-    ``__cause__``.
+    ``__cause__``.  So too, on every rank, where a controller of one's own proposed otherwise
+    on some rank than on rank 0, naming those ranks: the step is taken without the proposals.
     """
 
 

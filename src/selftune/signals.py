@@ -558,11 +558,16 @@ def gather_ranks(stacked: torch.Tensor) -> torch.Tensor:
     return torch.stack(every)
 
 
-def flagged_ranks(flag: bool) -> list[int]:
-    """The ranks on which ``flag`` holds, in rank order: one number per rank gathered where
-    the step's gather meets (:func:`gather_ranks`).  A collective: every rank calls it."""
-    here = torch.tensor([float(flag)], dtype=torch.float64, device=_gather_device())
-    return [rank for rank, held in enumerate(gather_ranks(here)[:, 0].tolist()) if held]
+def flagged_ranks(flag: bool, digest: float = 0.0) -> tuple[list[int], list[float]]:
+    """The ranks on which ``flag`` holds, in rank order, and every rank's ``digest``, by rank:
+    two numbers per rank gathered where the step's gather meets (:func:`gather_ranks`).  A
+    collective: every rank calls it.  ``digest`` rides in the same gather, so that what one
+    rank alone decided is found without a collective more; a whole number below 2**53, which
+    a float64 holds exactly."""
+    values = [float(flag), float(digest)]
+    here = torch.tensor(values, dtype=torch.float64, device=_gather_device())
+    rows: list[list[float]] = gather_ranks(here).tolist()
+    return [rank for rank, (held, _) in enumerate(rows) if held], [d for _, d in rows]
 
 
 def _gather_device() -> torch.device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -831,6 +832,7 @@ class SelfTuned(torch.optim.Optimizer):
         stage = "propose()"
         proposals: list[Proposal] = []
         restarting: str | None = None
+        digest = 0.0  # of the proposals, where the ranks share the controller's failures
         try:
             made = controller.propose(signals, knobs)
             stage = "take_restart()"
@@ -839,10 +841,12 @@ class SelfTuned(torch.optim.Optimizer):
             stage = ""  # the wrapper's checks, whose refusals name the controller
             proposals = checked(controller, made, knobs)
             restarting = self._take_restart(proposals, reason)
+            if self._shares_failures_now():
+                digest = _proposals_digest(proposals, restarting is not None)
         except Exception as exc:
             failures.append(self._failure(stage, exc))
         done = "was taken at the knobs in force, without the controller's proposals"
-        error = self._controller_error(t, failures, done)
+        error = self._controller_error(t, failures, done, digest)
         return ([], None, error) if error is not None else (proposals, restarting, None)
 
     def _failure(self, stage: str, exc: Exception) -> tuple[str, Exception]:
@@ -858,31 +862,58 @@ class SelfTuned(torch.optim.Optimizer):
         return f"controller {name!r}: {stage} raised {type(exc).__name__}: {exc}", exc
 
     def _controller_error(
-        self, t: int, failures: list[tuple[str, Exception]], done: str
+        self, t: int, failures: list[tuple[str, Exception]], done: str, digest: float = 0.0
     ) -> ControllerError | None:
         """The error for ``step`` to raise where the controller failed at step ``t`` (the first
         of this rank's ``failures``, from :meth:`_failure`) or, under torch.distributed, on
-        another rank, with the log's note of it; None where it failed on no rank.  ``done``:
-        what the step did instead, the same on every rank.
+        another rank, or proposed otherwise on some rank than on rank 0 (the ranks' ``digest``
+        of its proposals differ, :func:`_proposals_digest`), with the log's note of it; None
+        where it failed on no rank and proposed alike on all.  ``done``: what the step did
+        instead, the same on every rank.
 
         Every rank must take the same decisions, and a controller of one's own may fail on one
         rank alone (it read the rank, a file, random numbers of its own): that rank took its
         step without the proposals the others applied, and the knobs and weights drifted apart
         with no word.  Its failure is shared in a gather of a flag per rank, after which every
         rank drops the proposals alike and raises, naming the rank that failed where it was
-        another.  The controllers selftune ships, and a replay's, decide from what every rank
-        holds alike (:func:`_decides_alike`): their steps make no gather but the step's one
-        (the ranks' controllers are checked to be of one class at the wrap).
+        another.  Nor may it propose apart: one whose state its own error left otherwise on one
+        rank than on the others (what it had changed before it raised there), or that reads what
+        a rank holds alone, proposed other knobs there from then on, and the ranks drifted apart
+        with no word.  A digest of each rank's proposals rides in the same gather as the flag,
+        and where one differs from rank 0's every rank drops the proposals alike and raises,
+        naming the ranks and the fix.  The proposals are compared, not the knobs they set: they
+        come before anything is applied, so the step is taken as after a failure, with nothing
+        to undo, and from the same knobs in force the same proposals set the same knobs.  The
+        controllers selftune ships, and a replay's, decide from what every rank holds alike
+        (:func:`_decides_alike`): their steps make no gather but the step's one (the ranks'
+        controllers are checked to be of one class at the wrap).
         """
         distributed = self._shares_failures_now()
-        failed_on = flagged_ranks(bool(failures)) if distributed else [0] if failures else []
-        if not failed_on:
+        apart: list[int] = []  # the ranks that proposed otherwise than rank 0
+        if distributed:
+            failed_on, digests = flagged_ranks(bool(failures), digest)
+            if not failed_on:  # (a rank that failed proposed nothing: its digest says nothing)
+                apart = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        else:
+            failed_on = [0] if failures else []
+        if not failed_on and not apart:
             return None
+        name = self.controller.name
         if failures:
             why, cause = failures[0]
-        else:
-            name = self.controller.name
+        elif failed_on:
             why = f"controller {name!r} failed on rank {failed_on[0]} (its error there says why)"
+            cause = None
+        else:
+            ranks = ", ".join(str(rank) for rank in apart)
+            why = (
+                f"controller {name!r} proposed other knobs on rank{'s' if len(apart) > 1 else ''} "
+                f"{ranks} than on rank 0, where every rank must take the same decisions: its "
+                "state, or what it read, differs across the ranks (its own earlier error may have "
+                "left it so on one). Make propose() a function of what every rank holds alike "
+                "(the signals, the knobs, its state) and give every rank the same state (load one "
+                "checkpoint on every rank)"
+            )
             cause = None
         everywhere = ", on every rank" if distributed else ""
         self._notes.append({"reason": f"{why}; the step {done}{everywhere}"})
@@ -2854,6 +2885,16 @@ def _decides_alike(controller: Controller) -> bool:
     inner = _inner(controller)
     own = type(inner) is CONTROLLERS.get(inner.name)
     return own or bool(getattr(inner, "replays_log", False))
+
+
+def _proposals_digest(proposals: list[Proposal], restarts: bool) -> float:
+    """What a rank's controller decided at a step, as a whole number below 2**48 (a float64
+    holds it exactly, for the gather of :func:`~selftune.signals.flagged_ranks`): a hash of
+    each proposal's group, knob, value (to the bit) and whether it restarts.  The reasons are
+    left out: only rank 0's are logged, and words that name the rank change no knob."""
+    said = [(int(p.group), p.knob, float(p.value).hex(), bool(p.raw)) for p in proposals]
+    hashed = hashlib.blake2b(repr((said, restarts)).encode(), digest_size=6).digest()
+    return float(int.from_bytes(hashed, "big"))
 
 
 def _class(controller: Controller) -> str:

@@ -46,7 +46,9 @@ class Controller(Protocol):
     snapshot (the guard keeps its older one); as ``opt.state_dict()`` saves, it raises
     :class:`ControllerError` and saves nothing, and the run steps on.
     Under ``torch.distributed`` a controller of one's own that fails on one rank fails the step
-    on every rank alike (a gather of one flag more, at its steps).
+    on every rank alike, and so does one that proposes otherwise on some rank than on rank 0
+    (its state, or what it read, differs there): a gather of a flag and a digest of the
+    proposals more, at its steps.
     ``on_backoff`` tells the controller that the guard rolled the run back and cut the rate, so
     that it does not undo the cut at once.  State must be plain JSON-able values:
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
