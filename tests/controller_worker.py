@@ -4,7 +4,8 @@
 Each run trains :data:`STEPS` steps with :class:`RaisesOnRank`, which raises on rank 1 alone in
 one of its methods at one step (``propose`` at :data:`AT`; ``on_backoff`` at the rollback a NaN
 loss on rank 1 makes there; ``state_dict`` at step 1's snapshot, before that rollback), and the
-``drifts`` run with :class:`DriftsOnRank`, whose error there leaves its state apart on rank 1.  Each
+``drifts`` run with :class:`DriftsOnRank`, whose error there leaves its state apart on rank 1;
+the ``restart`` run with :class:`RestartsAtFirst`, replayed on every rank.  Each
 rank writes into ``--out/rank<r>.json``, per run, its knobs after every step, what each step
 raised (a selftune error, by its type) and its final weights; rank 0's run folders are
 ``--out/<run>``.  The ``builtin`` run counts the step's collectives under a controller of
@@ -73,6 +74,29 @@ class DriftsOnRank(OffController):
         return [selftune.Proposal(0, "lr", knobs[0]["lr"] * self.factor, "lower")]
 
 
+class RestartsAtFirst(OffController):
+    """Lowers the rate by a tenth at every step, and asks for a restart at step 1, where the
+    guard takes its first snapshot."""
+
+    name = "restarts-at-first"
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        self.step = signals.step
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 0.9, "lower")]
+
+    def take_restart(self) -> str | None:
+        return "probed" if self.step == 1 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+
+
 def says(model: torch.nn.Module, opt: selftune.SelfTuned, t: int, nan: bool) -> str | None:
     """What training step ``t`` raised on this rank, by its type (None: it stepped)."""
     try:
@@ -117,6 +141,19 @@ def run(out: Path, name: str, controller: Any) -> dict[str, Any]:
     return {"knobs": knobs, "said": said, "weights": weights, "step": opt.step_count}
 
 
+def replayed(out: Path, name: str) -> dict[str, Any]:
+    """Replay rank 0's run folder ``out/name`` on every rank, over :data:`STEPS` steps: this
+    rank's knobs after every step and its final weights."""
+    dist.barrier()  # the log is whole before any rank reads it
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    opt = selftune.replay(make_inner("sgd", model), out / name)
+    knobs = []
+    for t in range(1, STEPS + 1):
+        train_step(model, opt, t, dist.get_rank())
+        knobs.append(opt.hyperparams())
+    return {"knobs": knobs, "weights": [p.tolist() for p in model.parameters()]}
+
+
 def collectives_per_step(controller: str) -> list[int]:
     """How many gathers each of :data:`STEPS` steps makes under ``controller``."""
     rank = dist.get_rank()
@@ -149,6 +186,8 @@ def main() -> None:
         for stage in ("propose", "on_backoff", "state_dict")
     }
     said["drifts"] = run(args.out, "drifts", DriftsOnRank())
+    said["restart"] = run(args.out, "restart", RestartsAtFirst())
+    said["restart"]["replay"] = replayed(args.out, "restart")
     said["builtin"] = {"collectives": collectives_per_step("auto")}
     said["two-classes"] = {"wrap": wrapped_with_two_classes()}
     finish(args.out, said)

@@ -774,6 +774,37 @@ def test_a_controller_whose_state_its_error_left_apart_on_one_rank_fails_every_s
     assert steps == list(range(at + 1, len(lrs) + 1))
 
 
+def test_a_restart_asked_at_the_first_snapshot_is_taken_alike_with_ranks_and_alone(
+    raised_on_one_rank: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
+    """Under torch.distributed a controller of one's own has its step's snapshot kept once its
+    proposals are made (where no rank failed), and its restart asked at step 1, where no
+    snapshot was held before that step's, was ignored, where alone (and with the controllers
+    selftune ships, whose snapshot is kept before) it restarts from that snapshot.  Both now
+    restart there alike, and the replay on the ranks follows the run to the bit."""
+    from controller_worker import RestartsAtFirst
+    from dist_worker import make_inner, make_model, train_step
+
+    import selftune
+
+    out, ranks = raised_on_one_rank
+    restarts = [r for r in read_log(out / "restart").records if r["kind"] == "guard"]
+    assert [(r["step"], r["event"], r["restored_step"]) for r in restarts] == [(1, "restart", 1)]
+    verify(out / "restart")
+    for rank in ranks:
+        said = rank["restart"]
+        assert said["said"] == [None] * len(said["said"])
+        assert said["replay"] == {"knobs": said["knobs"], "weights": said["weights"]}
+    assert ranks[0]["restart"]["weights"] == ranks[1]["restart"]["weights"]
+    model = make_model()
+    opt = selftune.wrap(make_inner("sgd", model), controller=RestartsAtFirst(), log_dir=tmp_path)
+    train_step(model, opt, 1, 0)
+    train_step(model, opt, 2, 0)
+    opt.close()
+    alone = [r for r in read_log(tmp_path).records if r["kind"] == "guard"]
+    assert [(r["step"], r["event"], r["restored_step"]) for r in alone] == [(1, "restart", 1)]
+
+
 def test_a_controller_whose_state_dict_raises_on_one_rank_keeps_no_snapshot_on_any(
     raised_on_one_rank: tuple[Path, list[Any]],
 ) -> None:

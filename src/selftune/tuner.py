@@ -785,7 +785,7 @@ class SelfTuned(torch.optim.Optimizer):
             ]
             if joined:
                 forgiven, current = forgiven + joined, self.hyperparams()
-        proposals, restarting, failed = self._consult(t, read, current, failures)
+        proposals, restarting, failed = self._consult(t, read, current, failures, deferred)
         if deferred:
             self._keep_snapshot(t, snapshot, failed)
         self._metric, self._at_average, self._metric_at_average = None, False, False
@@ -809,13 +809,19 @@ class SelfTuned(torch.optim.Optimizer):
         return failed
 
     def _consult(
-        self, t: int, signals: Signals, knobs: Knobs, failures: list[tuple[str, Exception]]
+        self,
+        t: int,
+        signals: Signals,
+        knobs: Knobs,
+        failures: list[tuple[str, Exception]],
+        deferred: bool = False,
     ) -> tuple[list[Proposal], str | None, ControllerError | None]:
         """The controller's checked proposals at step ``t`` and its reason to restart; where it
         raised, or returned what :func:`checked` refuses, or raised earlier in the step (its
         ``failures``: at a relevel, :meth:`_forgive`), none, and the error for ``step`` to
         raise once the step is recorded, the original as its ``__cause__``; none on every rank
-        where it failed on any (:meth:`_controller_error`).
+        where it failed on any (:meth:`_controller_error`).  ``deferred``: the step's snapshot
+        is kept once the proposals are made (:meth:`_take_restart`).
 
         Raised from inside the step, the error left it broken off: the signals had been read,
         the guard had judged them, a rate held, and every later step was refused until a
@@ -840,7 +846,7 @@ class SelfTuned(torch.optim.Optimizer):
             reason = take() if take is not None else None
             stage = ""  # the wrapper's checks, whose refusals name the controller
             proposals = checked(controller, made, knobs)
-            restarting = self._take_restart(proposals, reason)
+            restarting = self._take_restart(proposals, reason, deferred)
             if self._shares_failures_now():
                 digest = _proposals_digest(proposals, restarting is not None)
         except Exception as exc:
@@ -2386,9 +2392,19 @@ class SelfTuned(torch.optim.Optimizer):
         _zero_grads_in_place(self.optimizer)
         return lowered
 
-    def _take_restart(self, proposals: list[Proposal], reason: Any) -> str | None:
+    def _take_restart(
+        self, proposals: list[Proposal], reason: Any, deferred: bool = False
+    ) -> str | None:
         """The controller's ``reason`` to restart at this step (what its ``take_restart``
-        returned), if it asked and a snapshot can serve.
+        returned), if it asked and a snapshot can serve; ``deferred``: the step's own snapshot
+        is yet to be kept, once the proposals are made (a controller of one's own under
+        torch.distributed), and serves then.
+
+        The restart goes back to the oldest snapshot held once the step's is kept: asked where
+        none was held before it (the first step, the first after a load), the restart was
+        ignored under torch.distributed, where alone (and under any controller selftune ships)
+        it went back to that snapshot.  A restart that stands is made only where no rank failed,
+        and so where the step's snapshot is kept.
 
         A controller asks when its own probing damaged the run (``auto``'s range test found the
         starting rate past the edge of stability).  Without a guard there are no snapshots, and
@@ -2402,7 +2418,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "return the reason to restart in words, a str, or None for no restart"
             )
         guard = self.guard
-        if reason is None or guard is None or guard.restart_point is None:
+        if reason is None or guard is None or (guard.restart_point is None and not deferred):
             return None
         frozen = self.policy.frozen
         if "lr" in frozen and all(p.knob in frozen for p in proposals):
