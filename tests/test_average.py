@@ -262,6 +262,37 @@ def test_the_average_copied_into_the_weights_is_held_until_they_change(dtype: to
     assert not opt.average.held_by(opt.param_groups)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "moved_to"),
+    [
+        (torch.bfloat16, torch.float32),  # a float32 average, written bfloat16-rounded
+        (torch.bfloat16, torch.float16),
+        (torch.float32, torch.float64),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_the_average_copied_into_the_weights_is_held_across_a_conversion(
+    dtype: torch.dtype, moved_to: torch.dtype
+) -> None:
+    """Weights converted since ``copy_into`` (``model.to(dtype)``, or to another device, which
+    the same comparison follows) still hold the average: it is read at the dtype it was
+    written at, then converted as they were.  Read at their new dtype alone, the float32
+    average of bfloat16 weights was not found in them once widened to float32."""
+    w = torch.nn.Parameter(torch.linspace(0.1, 0.9, 7, dtype=dtype))
+    opt = selftune.wrap(torch.optim.SGD([w], lr=0.1), "off", guard=False, average=True)
+    for _ in range(3):
+        opt.zero_grad()
+        w.grad = torch.linspace(-1.0, 1.0, 7).to(dtype)
+        opt.step()
+    assert opt.average is not None
+    opt.average.copy_into(opt.param_groups)
+    w.data = w.data.to(moved_to)
+    assert opt.average.held_by(opt.param_groups)
+    with torch.no_grad():
+        w[0] += 1.0
+    assert not opt.average.held_by(opt.param_groups)
+
+
 @pytest.mark.parametrize("when", [0, 5])
 def test_the_average_follows_a_model_converted_after_wrap(when: int) -> None:
     """``model.to(torch.bfloat16)`` after ``wrap`` (before the first step, which plain torch's

@@ -1478,6 +1478,31 @@ def test_huggingface_train_again_goes_on_from_the_training_weights(
     assert _same(probe.at_start[1], trained)  # the second train() went on from the first's
 
 
+def test_huggingface_train_again_after_a_move_goes_on_from_the_training_weights(
+    tmp_path: Path,
+) -> None:
+    """A model converted between two ``train()`` calls (here from bfloat16, whose average is
+    kept in float32, to float32) still holds the average the first left in it, converted.  The
+    check compared it with the float32 average itself, not with the bfloat16 one written into
+    the model, found it not held, and the second ``train()`` trained on from the average
+    instead of the training weights.  (SGD: torch's AdamW keeps its moments at the dtype they
+    were made at, and refuses a step of weights converted since, selftune or not.)"""
+    from selftune.integrations.huggingface import wrap_trainer_optimizer
+
+    trainer = _hf_trainer(tmp_path / "out", 10, save_strategy="no", optim="sgd")
+    trainer.model.to(torch.bfloat16)
+    opt = wrap_trainer_optimizer(trainer, "off", average=True)
+    probe = _hf_weights_probe(trainer, opt)
+    trainer.train()
+    trained = probe.stepped
+    assert not _same(trained, _hf_weights(opt))  # the model holds the average, not these
+    trainer.model.to(torch.float32)
+    trainer.train()
+    assert opt.step_count == 20
+    assert _same(probe.at_start[1], [t.to(torch.float32) for t in trained])
+    assert all(p.dtype == torch.float32 for p in _hf_weights(opt))
+
+
 def test_huggingface_train_again_from_a_checkpoint_keeps_its_weights(tmp_path: Path) -> None:
     """A second ``train()`` that resumes a checkpoint trains on from the checkpoint's weights,
     not from those the first ``train()`` ended with.  The checkpoint saved at the last step

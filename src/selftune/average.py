@@ -111,12 +111,16 @@ class WeightAverage:
         self.tensors: list[list[torch.Tensor]] = []
         #: per group, whether some average is kept wider than its parameter (see _wide_copy)
         self.widened: list[bool] = []
+        #: the dtypes :meth:`copy_into` wrote the average at, per group and parameter, for
+        #: :meth:`held_by` to follow a conversion since; None once the average changed
+        self.copied_at: list[list[torch.dtype]] | None = None
         for group in groups:
             self.group_added(group)
 
     def group_added(self, group: dict[str, Any]) -> None:
         """A param group joined the optimizer: its average starts at its current weights."""
         params = local_params(group)
+        self.copied_at = None
         self.tensors.append([_wide_copy(p) for p in params])
         self.widened.append(any(p.dtype in _HALF for p in params))
 
@@ -128,6 +132,7 @@ class WeightAverage:
             if avg:
                 torch._foreach_copy_(avg, local_params(group))
         self.updates = 0
+        self.copied_at = None
 
     @torch.no_grad()
     def follow(self, groups: list[dict[str, Any]]) -> None:
@@ -160,6 +165,7 @@ class WeightAverage:
     def update(self, groups: list[dict[str, Any]]) -> None:
         """Fold the weights after an applied step into the average (one fused op per group)."""
         self.follow(groups)
+        self.copied_at = None
         self.updates += 1
         weight = max(1.0 - self.decay, 1.0 / (self.updates + 1))
         for group, avg, wide in zip(groups, self.tensors, self.widened, strict=True):
@@ -176,17 +182,34 @@ class WeightAverage:
         for group, avg in zip(groups, self.tensors, strict=True):
             if avg:
                 torch._foreach_copy_(local_params(group), avg)
+        self.copied_at = [[p.dtype for p in local_params(group)] for group in groups]
 
     @torch.no_grad()
     def held_by(self, groups: list[dict[str, Any]]) -> bool:
         """Whether the parameters still hold the average as :meth:`copy_into` put it there (a
-        wider average read at its parameter's dtype): no step and no weights loaded since.  One
-        comparison per parameter; a parameter moved to another device since is not held."""
-        return all(
-            a.device == p.device and torch.equal(p, a.to(p.dtype))
-            for group, avg in zip(groups, self.tensors, strict=True)
-            for p, a in zip(local_params(group), avg, strict=True)
-        )
+        wider average read at its parameter's dtype): no step and no weights loaded since.
+
+        A model moved to another device or converted to another dtype since (``model.to``)
+        holds it converted: the average is read at the dtype ``copy_into`` wrote it at, then
+        converted as the parameter was, which a conversion rounds the same way wherever it runs.
+        Compared at the parameter's new dtype alone, the average was not found in a model
+        converted to float64, nor in a bfloat16 one widened to float32 (its average is float32,
+        the weights it left bfloat16-rounded), and the caller took it for weights loaded since.
+        One comparison per parameter, and one converted copy of it at a time.
+        """
+        written = self.copied_at
+        if written is None or len(written) != len(groups):
+            written = [[p.dtype for p in local_params(group)] for group in groups]
+        for group, avg, dtypes in zip(groups, self.tensors, written, strict=True):
+            params = local_params(group)
+            if len(params) != len(avg) or len(dtypes) != len(avg):
+                return False
+            for p, a, dtype in zip(params, avg, dtypes, strict=True):
+                if p.shape != a.shape:
+                    return False
+                if not torch.equal(p, a.to(dtype).to(device=p.device, dtype=p.dtype)):
+                    return False
+        return True
 
     def swapped_in(
         self, groups: list[dict[str, Any]]
@@ -217,6 +240,7 @@ class WeightAverage:
         average it had.
         """
         self.check_fits(state)
+        self.copied_at = None
         saved = state["tensors"]
         with torch.no_grad():
             for mine, theirs in zip(self.tensors, saved, strict=True):

@@ -166,7 +166,9 @@ class SelfTuneTrainerCallback(TrainerCallback):
         place of (``on_train_end``): the optimizer's momentum and average are theirs, and a
         ``train()`` that went on from the average stepped it with the state of other weights.
         Only while the model still holds that average: a checkpoint resumed
-        (``resume_from_checkpoint``), or weights loaded by hand, are the ones to go on from."""
+        (``resume_from_checkpoint``), or weights loaded by hand, are the ones to go on from.  A
+        model moved or converted since (``model.to``) still holds it (``held_by`` follows the
+        conversion), and the training weights are copied in at its new device and dtype."""
         kept, self._trained = self._trained, None
         if kept is None or kept[0] is not self.optimizer:
             return
