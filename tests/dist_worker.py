@@ -41,6 +41,7 @@ from torch.distributed.algorithms.join import Join
 import selftune
 from selftune.audit import read_log, verify
 from selftune.checkpoint import load_checkpoint, save_checkpoint
+from selftune.integrations import another_run_told
 from selftune.tuner import SelfTuned, StepEvent
 
 SEED = 1234
@@ -578,6 +579,17 @@ def _says(call: Callable[[], object]) -> str | None:
     return None
 
 
+def _told(call: Callable[[], object]) -> object:
+    """``call`` inside an integration's wrap, whose refusal of a folder as another run's
+    says the framework's way (here a stand-in) instead of the plain loop's."""
+    with another_run_told(FRAMEWORKS_WAY):
+        return call()
+
+
+#: the advice :func:`_told` gives, which every rank's refusal must end with
+FRAMEWORKS_WAY = "the framework's way"
+
+
 def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     """Where rank 0 alone gives a ``log_dir`` (the others None), what only rank 0 sees of its
     folder (taken over by a wrapper since, holding steps of a run not resumed, closed) refuses
@@ -605,6 +617,9 @@ def _folder_refusals(out: Path, rank: int) -> dict[str, str | None]:
     said["closed-load"] = _says(lambda: closing.load_state_dict(kept))
     # the weights moved at step 1 of `closing`: another run's folder, which rank 0 alone opens
     said["other-run"] = _says(lambda: make_optimizer("sgd", model, folder))
+    # the same inside an integration's wrap, which follows the refusal with its framework's
+    # advice: rank 1 heard the plain loop's, which rank 0's refusal had dropped
+    said["other-run-told"] = _says(lambda: _told(lambda: make_optimizer("sgd", model, folder)))
     said["after"] = _step_says(model, make_optimizer("sgd", model, None), 3, rank)
     # a state of another run folder, which rank 0 alone tells from its log, loaded on every
     # rank: rank 0 refused it alone, and the other ranks loaded it

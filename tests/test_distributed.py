@@ -23,6 +23,7 @@ import pytest
 import torch
 from dist_worker import (
     EVALUATE,
+    FRAMEWORKS_WAY,
     OPTIMIZERS,
     assert_same_state,
     dropped_on_resume,
@@ -314,7 +315,13 @@ def test_what_rank_0_alone_sees_of_its_folder_refuses_the_step_on_every_rank(
         said[0]["other-run"].startswith("LogError: ")
         and "log of another run" in said[0]["other-run"]
     )
-    assert said[1]["other-run"].startswith("ConfigError: rank 0 could not open its run folder")
+    assert said[1]["other-run"].startswith("LogError: rank 0 could not open its run folder")
+    # inside an integration's wrap every rank hears the framework's advice, not the plain
+    # loop's: rank 1 heard the plain loop's, which rank 0's refusal had dropped
+    for told in (s["other-run-told"] for s in said):
+        assert told.startswith("LogError: ") and "log of another run" in told, told
+        assert told.endswith(f": {FRAMEWORKS_WAY}") and "before loading any" not in told, told
+    assert said[1]["other-run-told"].startswith("LogError: rank 0 could not open its run folder")
     assert said[0]["closed-load"].startswith("ConfigError: this selftune optimizer's run folder")
     assert said[1]["closed-load"].startswith("ConfigError: rank 0 could not load this state")
     assert said[0]["foreign-state"].startswith("LogError: the checkpoint does not match")

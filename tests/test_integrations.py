@@ -1642,6 +1642,45 @@ def test_huggingface_new_trainer_over_the_folder_is_told_a_folder_per_trainer(
     assert len(_trace(tmp_path / "run2")) == 6
 
 
+@pytest.mark.parametrize("framework", ["lightning", "huggingface"])
+def test_a_rank_other_than_0_refused_another_run_s_folder_hears_the_framework_s_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, framework: str
+) -> None:
+    """Under ``torch.distributed`` rank 0 alone opens the run folder, and the other ranks
+    hear of its refusal in the gather of ``refuse_on_every_rank``: a ``ConfigError`` that
+    carried the plain loop's advice (wrap before loading any weights) inside the fit's or
+    ``Trainer``'s, which follows a ``LogError`` of another run alone.  Rank 1 is set up as the
+    code reads it: its own check passes, and the gather brings what rank 0 handed it (recorded
+    from rank 0's side of the same call, refused as a wrap on another run's folder refuses)."""
+    from selftune import shards
+    from selftune.integrations import another_run_told
+
+    if framework == "lightning":
+        from selftune.integrations.lightning import FIT as how
+    else:
+        from selftune.integrations.huggingface import NEW_TRAINER as how
+    w = torch.nn.Parameter(torch.zeros(3))
+    selftune.wrap(torch.optim.SGD([w], lr=0.1), log_dir=tmp_path / "run").close()
+    with torch.no_grad():
+        w += 1.0  # other initial weights: another run
+    with pytest.raises(selftune.LogError, match="before loading any weights") as refused:
+        selftune.wrap(torch.optim.SGD([w], lr=0.1), log_dir=tmp_path / "run")
+
+    def on_rank_0() -> None:
+        raise refused.value
+
+    handed: list[Any] = []
+    monkeypatch.setattr(shards, "gathered", lambda value: handed.append(value) or [value])
+    with pytest.raises(selftune.LogError):
+        shards.refuse_on_every_rank(on_rank_0, "open its run folder")
+    monkeypatch.setattr(shards, "gathered", lambda value: [handed[0], value])  # on rank 1
+    with pytest.raises(selftune.LogError) as told, another_run_told(how):
+        shards.refuse_on_every_rank(lambda: None, "open its run folder")
+    said = str(told.value)
+    assert said.startswith("rank 0 could not open its run folder: ") and "another run" in said
+    assert said.endswith(f": {how}") and "before loading any weights" not in said
+
+
 def test_huggingface_resume_with_the_same_trainer_after_an_interrupt(tmp_path: Path) -> None:
     """An interrupt after a step's loss was fed and before its optimizer step, then a resume
     with the same ``Trainer``: the fed loss stayed, and the first resumed step's loss held

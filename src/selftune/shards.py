@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from selftune.audit import LogError
 from selftune.errors import ConfigError
 
 
@@ -150,18 +151,36 @@ def refuse_on_every_rank(
     alone (rank 0, whose folder holds another run's log, or which alone reads the log a state
     is checked against) left the others at their next collective, which failed with a closed
     connection or waited out its timeout, and no word of why.  A collective: every rank calls
-    it."""
+    it.
+
+    A refusal of a run folder as another run's (a :class:`~selftune.audit.LogError` whose
+    ``another_run`` says what clashed) is a ``LogError`` on the other ranks too, with its own
+    ``another_run``: an integration follows that with its framework's advice
+    (:func:`selftune.integrations.another_run_told`), which the other ranks' ``raises`` did not
+    carry, so they heard the plain loop's advice that rank 0's refusal had dropped.
+    """
     error: Exception | None = None
     try:
         check()
     except Exception as err:  # raised below, where it was raised, and named on the others
         error = err
-    every = gathered(None if error is None else f"{type(error).__name__}: {error}")
+    every = gathered(
+        None
+        if error is None
+        else (f"{type(error).__name__}: {error}", getattr(error, "another_run", None))
+    )
     if error is not None:
         raise error
     for rank, said in enumerate(every):
-        if said is not None:
-            raise raises(f"rank {rank} could not {what} ({said}); it is refused on every rank")
+        if said is None:
+            continue
+        text, clash = said
+        message = f"rank {rank} could not {what} ({text}); it is refused on every rank"
+        if clash is None:
+            raise raises(message)
+        refusal = LogError(message)
+        refusal.another_run = f"rank {rank} could not {what}: {clash}"
+        raise refusal
 
 
 def check_same_settings(settings: dict[str, Any]) -> None:
