@@ -20,8 +20,10 @@ class ControllerError(ConfigError):
     ``load_state_dict`` or ``on_backoff`` raised at the guard's rollback (its
     ``load_state_dict`` at a relevel, or a trial gone forward), once the guard's step has been
     taken as the guard made it; and where its ``state_dict`` raised as the guard took a
-    snapshot (the step is taken without that snapshot, the guard keeping its older one), or as
-    ``opt.state_dict()`` saved (no state is returned; the run steps on).  Under
+    snapshot (the step is taken without that snapshot, the guard keeping its older one), as
+    ``opt.state_dict()`` saved (no state is returned; the run steps on), or as
+    ``opt.add_param_group`` took the guard's snapshot of the run with the group (no group is
+    added; the run steps on as it was).  Under
     ``torch.distributed`` every rank raises where the controller failed on any, having taken
     the step alike; a rank whose own did not fail names the rank whose did, and has no
     ``__cause__``.  So too, on every rank, where a controller of one's own proposed otherwise

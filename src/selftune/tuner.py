@@ -425,7 +425,10 @@ class SelfTuned(torch.optim.Optimizer):
         from a checkpoint adds its groups again before loading it, and a checkpoint that
         already holds a group drops its record, so the resumed log is the uninterrupted one.
         Refused after :class:`GuardError` or a step that raised part-way, as a step is: the
-        checkpoint the run resumes from lacks the group, and would no longer load.
+        checkpoint the run resumes from lacks the group, and would no longer load.  Where the
+        controller's ``state_dict`` raises (the guard's snapshot holds its state), no group is
+        added: :class:`ControllerError` names the controller, its error the ``__cause__``, and
+        the run steps on as it was.
         """
         if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
             super().add_param_group(param_group)
@@ -435,6 +438,20 @@ class SelfTuned(torch.optim.Optimizer):
         # the checkpoint to resume from lacks the group: added here, it would not load
         self._check_not_given_up()
         self.check_whole("a param group added")
+        # The controller's state for the guard's snapshot of the run with the group, taken
+        # before anything changes: its state_dict raising as the snapshot was taken escaped
+        # raw, after the group had joined the wrapped optimizer and the guard had dropped its
+        # snapshots, with selftune's per-group lists half grown (every later step failed).
+        taken = None
+        if self.guard is not None:
+            taken = (
+                self._controller_state_or_refuse(
+                    "The param group was not added (the guard's snapshot of the run with it, "
+                    "taken at once, holds the controller's state): the run is as it was and "
+                    "steps on; add the group again once state_dict gives one, or wrap with "
+                    "guard=False, which takes no snapshots"
+                ),
+            )
         self.optimizer.add_param_group(param_group)
         i = len(self.param_groups) - 1
         try:
@@ -464,7 +481,7 @@ class SelfTuned(torch.optim.Optimizer):
             self.average.group_added(self.param_groups[i])
         if self.guard is not None:  # a fresh one, at once: trouble in the next step has one
             self.guard.forget_snapshots()
-            payload = self._capture()  # (no failures given: none, it raises)
+            payload = self._capture(taken=taken)  # (the controller's state is taken)
             assert payload is not None
             self.guard.keep(self.step_count, payload)
         if self._log is not None:
@@ -2092,12 +2109,15 @@ class SelfTuned(torch.optim.Optimizer):
 
     # -- guard --------------------------------------------------------------------------------
     def _capture(
-        self, failures: list[tuple[str, Exception]] | None = None
+        self,
+        failures: list[tuple[str, Exception]] | None = None,
+        taken: tuple[Any] | None = None,
     ) -> dict[str, Any] | None:
         """A snapshot's payload; None where the controller's ``state_dict`` raised, kept in
-        ``failures`` (:meth:`_tuning`)."""
+        ``failures`` (:meth:`_tuning`).  ``taken``: the controller's state taken already, in a
+        one-tuple (a state may be None), which the snapshot holds instead of asking again."""
         assert self.guard is not None
-        tuning = self._tuning(failures)
+        tuning = self._tuning(failures, taken)
         if tuning is None:
             return None
         to = torch.device("cpu") if self.guard.config.offload else None
@@ -2113,12 +2133,17 @@ class SelfTuned(torch.optim.Optimizer):
             "average": None if self.average is None else _clone(self.average.state_dict(), to),
         }
 
-    def _tuning(self, failures: list[tuple[str, Exception]] | None = None) -> dict[str, Any] | None:
+    def _tuning(
+        self, failures: list[tuple[str, Exception]] | None = None, taken: tuple[Any] | None = None
+    ) -> dict[str, Any] | None:
         """The controller's state, the knobs and the scales: what a snapshot holds of the
         tuning, and all that a skip's cut changes.  Inside a step (``failures`` given) what the
         controller's ``state_dict`` raises is kept there, as at a rollback (:meth:`_tell`), and
-        there is none: the step goes on without this snapshot (:meth:`_kept`)."""
-        if failures is None:
+        there is none: the step goes on without this snapshot (:meth:`_kept`).  ``taken``: the
+        controller's state taken already (:meth:`_capture`)."""
+        if taken is not None:
+            (state,) = taken
+        elif failures is None:
             state = _clone(self.controller.state_dict())
         else:
             held = len(failures)
@@ -2233,16 +2258,23 @@ class SelfTuned(torch.optim.Optimizer):
     def _checkpoint_controller(self) -> Any:
         """The controller's state for :meth:`state_dict`; :class:`ControllerError` where its
         ``state_dict`` raised (:meth:`_failure`).  No gather: each rank saves its own."""
+        return self._controller_state_or_refuse(
+            "No state was saved (a checkpoint without the controller's state would resume "
+            "another run): the run is whole and steps on; save again once it gives one"
+        )
+
+    def _controller_state_or_refuse(self, refused: str) -> Any:
+        """The controller's state (a copy of its own), or :class:`ControllerError` naming the
+        controller and its error (the ``__cause__``), followed by ``refused``: what was not
+        done and what to do.  Asked before anything of the operation changes (a state saved,
+        a group added), so that a refusal leaves the wrapper as it was, to step on; no note
+        in the log, which nothing changed.  No gather: each rank asks its own."""
         failures: list[tuple[str, Exception]] = []
         state = self._tell(failures, "state_dict()", self._controller_state)
         if not failures:
             return state
         why, cause = failures[0]
-        error = ControllerError(
-            f"{why}. No state was saved (a checkpoint without the controller's state would "
-            "resume another run): the run is whole and steps on; save again once it gives one"
-        )
-        raise error from cause
+        raise ControllerError(f"{why}. {refused}") from cause
 
     def _controller_state(self) -> Any:
         """The controller's ``state_dict()``, a copy of its own."""
