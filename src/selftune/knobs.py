@@ -172,6 +172,33 @@ def eps_lost_in_half(index: int, group: dict[str, Any]) -> str | None:
     )
 
 
+def rate_lost_in_dtype(index: int, group: dict[str, Any], floor: float) -> str | None:
+    """Why a group's tensor rate cannot hold the lowest rate selftune may set it to, ``floor``
+    (the policy's bound for it: the controller's moves and the guard's cuts stop there), or
+    None.  selftune writes a tensor rate in place at the tensor's dtype, and scales it in place
+    for each step there too: below that dtype's smallest normal number (float32's 1.2e-38,
+    float16's 6.1e-5) a rate keeps fewer digits, the step's rate then differs from the one
+    decided and logged by more than rounding, and below its smallest subnormal (1.4e-45,
+    6e-8) it is zero, steps that train nothing, with no word.  A float32 rate reaches there
+    only under bounds some thirty decades below its start (the default floor is a thousandth
+    of it, and float32 holds 1e-12 to seven digits); a float16 one within the defaults.  Said
+    once, where the bounds are known (the first step, a group added), at no cost per step."""
+    held = group.get("lr")
+    if not isinstance(held, torch.Tensor):
+        return None  # a Python float is a double: no rate a bound allows is lost in it
+    info = torch.finfo(held.dtype)
+    if floor >= info.tiny:
+        return None
+    zero = info.tiny * info.eps  # the smallest subnormal
+    return (
+        f"param group {index}: lr is a {held.dtype} tensor, and the bounds let selftune lower "
+        f"the rate to {floor:.3g}, below {info.tiny:.3g}, the smallest {held.dtype} number "
+        f"held to full precision: a rate there keeps fewer digits, and one below {zero:.3g} is "
+        "zero, a step that trains nothing. Give bounds={'lr': (low, high)} a floor above it, "
+        "or the rate as a float32 tensor (or a float, held as a double)"
+    )
+
+
 def _as_float(value: Any) -> float:
     # A tensor knob on an accelerator makes this a host sync; knobs are read once per step.
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -498,6 +498,9 @@ class SelfTuned(torch.optim.Optimizer):
                     + "); the guard's older snapshots were dropped",
                 }
             )
+        # last: a warning made an error (-W error) leaves the group added whole
+        if self.step_count > 0:  # (else the first step says it, of every group)
+            self._warn_rate_lost(i)
 
     @contextmanager
     def averaged(self) -> Iterator[None]:
@@ -1285,9 +1288,21 @@ class SelfTuned(torch.optim.Optimizer):
             rate = knobs_io.start_rate(group) if "initial_lr" in group else math.nan
             if math.isfinite(rate) and rate > 0.0:  # no bound is a factor of zero
                 self._start[i] = rate
+        for i in range(len(self.param_groups)):
+            self._warn_rate_lost(i)
         if self.policy.lr_bounds_absolute:  # the user's bounds (defaults are factors), checked
             for message in start_misfits(self.policy.bounds["lr"], self._start):  # at the start
                 warnings.warn(message, stacklevel=outside_frames())
+
+    def _warn_rate_lost(self, i: int) -> None:
+        """Warn where group ``i``'s tensor rate cannot hold the lowest rate the policy lets
+        selftune set (:func:`selftune.knobs.rate_lost_in_dtype`), unless the rate is frozen."""
+        if "lr" in self.policy.frozen:
+            return
+        floor, _ = self.policy.limits("lr", self._start[i])
+        lost = knobs_io.rate_lost_in_dtype(i, self.param_groups[i], floor)
+        if lost is not None:
+            warnings.warn(lost, stacklevel=outside_frames())
 
     def _start_from_plain_state(self) -> None:
         """A plain optimizer's state was loaded: a run continued under selftune starts from its
