@@ -34,7 +34,6 @@ from selftune import audit
 from selftune import knobs as knobs_io
 from selftune.average import check_decay
 from selftune.controllers.base import Knobs, Proposal
-from selftune.controllers.off import OffController
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.policy import Policy
@@ -99,11 +98,13 @@ class Decided:
         return proposals, list(self._olds[lo:hi])
 
 
-class ReplayController(OffController):
+class ReplayController:
     """Proposes, at each step, exactly the controller decisions the log holds for that step
-    (``decided``); ``records``: the log's other records (guard events, notes, added groups)."""
+    (``decided``); ``records``: the log's other records (guard events, notes, added groups).
+    It keeps no state of its own: the log's decisions are its state."""
 
     name = "replay"
+    reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
     #: its proposals are the log's values, which the policy passed in the run (``raw``); and a
     #: state the run's script loads, saved under the run's controller (a resume from its
     #: checkpoint, a fine-tune from a saved run), loads into it, since its decisions are the
@@ -154,6 +155,17 @@ class ReplayController(OffController):
         if self._passes.thrown_away(self._step):
             return None
         return self._restarts.pop(self._step, None)
+
+    def on_backoff(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads nothing: a state saved under the run's controller holds what made its
+        decisions, and the log holds the decisions."""
+        return None
 
 
 class ReplayGuard(Guard):
