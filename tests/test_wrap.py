@@ -451,7 +451,7 @@ def test_a_rollback_keeps_the_decay_a_scheduler_made_since_its_snapshot() -> Non
     rate the scheduler has set since: put back from before a chained scheduler's decay, the
     rate stayed 10x too high for the rest of the run."""
     inner, pr = _sgd(lr=0.01)
-    opt = selftune.wrap(inner, "off")
+    opt = selftune.wrap(inner, "off", regain_after=0)  # the cut kept to the end, to be read
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
     events = []
     opt.add_listener(lambda e: events.append(e.guard) if e.guard else None)
