@@ -81,6 +81,8 @@ class OffController:
         self.regain_after = regain_after
 
     def propose(self, signals: Signals, knobs: Knobs) -> list[Proposal]:
+        if not self.regain_after:  # every cut stands: nothing to follow
+            return []
         out = []
         self._cuts = [*self._cuts, *(_Cut() for _ in range(len(knobs) - len(self._cuts)))]
         for i, (cut, k) in enumerate(zip(self._cuts, knobs, strict=False)):
@@ -110,6 +112,8 @@ class OffController:
 
     def before_rollback(self, knobs: Knobs) -> None:
         """Keep each group's trial as the trouble found it, and the rate that failed."""
+        if not self.regain_after:
+            return
         cuts = [*self._cuts, *(_Cut() for _ in range(len(knobs) - len(self._cuts)))]
         self._failing = [
             _Cut(stands=c.stands or c.regained, ceiling=k["lr"])
