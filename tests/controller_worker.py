@@ -9,7 +9,8 @@ the ``restart`` run with :class:`RestartsAtFirst`, replayed on every rank.  Each
 rank writes into ``--out/rank<r>.json``, per run, its knobs after every step, what each step
 raised (a selftune error, by its type) and its final weights; rank 0's run folders are
 ``--out/<run>``.  The ``builtin`` run counts the step's collectives under a controller of
-selftune's own; ``two-classes`` wraps with ranks' controllers of two classes under one name.
+selftune's own; ``two-classes`` wraps with ranks' controllers of two classes under one name;
+``add_group`` adds a param group while :class:`RaisesOnAdd`'s ``state_dict`` raises on rank 1.
 """
 
 from __future__ import annotations
@@ -106,6 +107,89 @@ def says(model: torch.nn.Module, opt: selftune.SelfTuned, t: int, nan: bool) -> 
     return None
 
 
+class RaisesOnAdd(OffController):
+    """Lowers the rate by a tenth at every step; its ``state_dict`` raises on rank 1 alone
+    while ``raising`` holds (set around an ``add_param_group``)."""
+
+    name = "raises-on-add"
+
+    def __init__(self) -> None:
+        self.raising = False
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.raising and dist.get_rank() == 1:
+            raise ZeroDivisionError("state_dict on rank 1")
+        return {}
+
+    def propose(self, signals: Any, knobs: Any) -> list[selftune.Proposal]:
+        return [selftune.Proposal(0, "lr", knobs[0]["lr"] * 0.9, "lower")]
+
+
+def counted_gathers(call: Any) -> tuple[int, Any]:
+    """How many gathers ``call()`` made, and what it raised (a selftune error, by its type and
+    cause) or None."""
+    count, gather = [0], dist.all_gather
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return gather(*args, **kwargs)
+
+    dist.all_gather = counted  # type: ignore[assignment]
+    try:
+        call()
+    except selftune.SelfTuneError as err:
+        cause = type(err.__cause__).__name__ if err.__cause__ is not None else None
+        return count[0], {"error": f"{type(err).__name__}: {err}", "cause": cause}
+    finally:
+        dist.all_gather = gather
+    return count[0], None
+
+
+def group_refused(out: Path) -> dict[str, Any]:
+    """Train to :data:`AT`, add a group while :class:`RaisesOnAdd`'s ``state_dict`` raises on
+    rank 1, train on to :data:`STEPS`, then add the group again (it gives its state now) and
+    take one step more; what this rank saw, and the gathers an add makes under ``auto``."""
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    folder = out / "add_group" if rank == 0 else None
+    controller = RaisesOnAdd()
+    opt = selftune.wrap(make_inner("sgd", model), controller=controller, log_dir=folder)
+    said = [says(model, opt, t, False) for t in range(1, AT)]
+    extra = torch.nn.Parameter(torch.zeros(3))
+    groups = [len(opt.param_groups)]
+    controller.raising = True
+    gathers, added = counted_gathers(lambda: opt.add_param_group({"params": [extra], "lr": 0.01}))
+    controller.raising = False
+    groups.append(len(opt.param_groups))
+    knobs = []
+    for t in range(AT, STEPS + 1):
+        said.append(says(model, opt, t, False))
+        knobs.append(opt.hyperparams())
+    weights = [p.tolist() for p in model.parameters()]
+    opt.add_param_group({"params": [extra], "lr": 0.01})
+    said.append(says(model, opt, STEPS + 1, False))
+    groups.append(len(opt.param_groups))
+    opt.close()
+    if folder is not None:
+        selftune.verify(folder)
+    builtin_model = torch.nn.parallel.DistributedDataParallel(make_model())
+    builtin = selftune.wrap(make_inner("sgd", builtin_model), controller="auto")
+    train_step(builtin_model, builtin, 1, rank)
+    builtin_extra = torch.nn.Parameter(torch.zeros(3))
+    builtin_gathers, _ = counted_gathers(
+        lambda: builtin.add_param_group({"params": [builtin_extra], "lr": 0.01})
+    )
+    return {
+        "added": added,
+        "gathers": gathers,
+        "groups": groups,
+        "said": said,
+        "knobs": knobs,
+        "weights": weights,
+        "builtin_gathers": builtin_gathers,
+    }
+
+
 class OffOfOnesOwn(OffController):
     """Proposes nothing, under the name of selftune's ``off``."""
 
@@ -190,6 +274,7 @@ def main() -> None:
     said["restart"]["replay"] = replayed(args.out, "restart")
     said["builtin"] = {"collectives": collectives_per_step("auto")}
     said["two-classes"] = {"wrap": wrapped_with_two_classes()}
+    said["add_group"] = group_refused(args.out)
     finish(args.out, said)
 
 

@@ -853,3 +853,34 @@ def test_ranks_wrapped_with_controllers_of_two_classes_under_one_name_are_refuse
         said = rank["two-classes"]["wrap"]
         assert said is not None and "rank 1 wrapped its optimizer with other settings" in said
         assert "controller_class: 'selftune.controllers.off.OffController'" in said
+
+
+def test_a_controller_whose_state_dict_raises_on_one_rank_adds_a_group_on_none(
+    raised_on_one_rank: tuple[Path, list[Any]],
+) -> None:
+    """add_param_group asks the controller's state_dict for the guard's snapshot before
+    anything changes, and refuses the group where it raises: where it raised on rank 1 alone,
+    rank 1 refused the group while rank 0 added it, and the ranks' groups differed from then
+    on.  Every rank now adds no group and raises ControllerError (rank 1 with its controller's
+    error, rank 0 naming rank 1), in one gather that a controller of selftune's own never
+    makes; the run steps on alike, and the group added again joins on both."""
+    out, ranks = raised_on_one_rank
+    mine, theirs = ranks[1]["add_group"]["added"], ranks[0]["add_group"]["added"]
+    assert mine["error"].startswith("ControllerError") and mine["cause"] == "ZeroDivisionError"
+    assert "state_dict() raised ZeroDivisionError" in mine["error"]
+    assert theirs["error"].startswith("ControllerError") and theirs["cause"] is None
+    assert "raised on rank 1" in theirs["error"]
+    for said in (mine["error"], theirs["error"]):
+        assert "param group was not added" in said and "on every rank" in said
+    for rank in ranks:
+        group = rank["add_group"]
+        assert group["groups"] == [1, 1, 2]
+        assert group["said"] == [None] * len(group["said"])
+        assert group["gathers"] == 1 and group["builtin_gathers"] == 0
+    assert ranks[0]["add_group"]["knobs"] == ranks[1]["add_group"]["knobs"]
+    assert ranks[0]["add_group"]["weights"] == ranks[1]["add_group"]["weights"]
+    lrs = [k[0]["lr"] for k in ranks[0]["add_group"]["knobs"]]
+    assert lrs[-1] < lrs[0], "no decision: the test lost its power"
+    verify(out / "add_group")
+    records = read_log(out / "add_group").records
+    assert [r["step"] for r in records if r["kind"] == "group"] == [6]

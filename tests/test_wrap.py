@@ -2436,6 +2436,42 @@ def test_a_controller_whose_state_dict_raises_at_a_skip_has_the_skip_taken(
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+def test_a_controller_whose_state_dict_raises_as_a_group_is_added_adds_none(
+    tmp_path: Path,
+) -> None:
+    """``add_param_group`` takes the guard's snapshot of the run with the new group at once,
+    which holds the controller's state: its state_dict raising there escaped raw from deep
+    inside, the group already in the wrapped optimizer and the guard's snapshots dropped, with
+    selftune's per-group lists half grown.  It raises ControllerError naming the controller,
+    the original its cause, and adds no group: the run steps on as it was, and the group added
+    again once state_dict gives one joins whole, logged and verified."""
+    inner, pr = _sgd()
+    controller = _StateRaises(at=0)
+    opt = selftune.wrap(inner, controller, log_dir=tmp_path / "r")
+    _steps(pr, opt, range(1, 4))
+    assert opt.guard is not None
+    held = [s.step for s in opt.guard.snapshots]
+    groups = len(inner.param_groups)
+    extra = torch.nn.Parameter(torch.ones(3))
+    controller.at = controller.calls + 1  # the next call raises
+    said = r"'state-raises': state_dict\(\) raised"
+    with pytest.raises(selftune.ControllerError, match=said) as e:
+        opt.add_param_group({"params": [extra], "lr": 0.01})
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    assert "param group was not added" in str(e.value)
+    assert len(inner.param_groups) == groups and [s.step for s in opt.guard.snapshots] == held
+    _steps(pr, opt, range(4, 6))  # as it was
+    opt.add_param_group({"params": [extra], "lr": 0.01})
+    assert len(inner.param_groups) == groups + 1
+    assert [s.step for s in opt.guard.snapshots] == [5]
+    assert opt.guard.snapshots[0].payload["controller"] == {"seen": 5}
+    _steps(pr, opt, range(6, 8))
+    opt.close()
+    audit.verify(tmp_path / "r")
+    records = audit.read_log(tmp_path / "r").records
+    assert [r["step"] for r in records if r["kind"] == "group"] == [5]
+
+
 def test_a_controller_whose_state_dict_raises_at_a_checkpoint_saves_none_and_steps_on(
     tmp_path: Path,
 ) -> None:

@@ -428,7 +428,9 @@ class SelfTuned(torch.optim.Optimizer):
         checkpoint the run resumes from lacks the group, and would no longer load.  Where the
         controller's ``state_dict`` raises (the guard's snapshot holds its state), no group is
         added: :class:`ControllerError` names the controller, its error the ``__cause__``, and
-        the run steps on as it was.
+        the run steps on as it was.  Under ``torch.distributed`` a controller of one's own whose
+        ``state_dict`` raised on one rank alone has every rank add no group and raise, the
+        others naming that rank: one rank without the group parted the ranks' groups for good.
         """
         if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
             super().add_param_group(param_group)
@@ -449,7 +451,8 @@ class SelfTuned(torch.optim.Optimizer):
                     "The param group was not added (the guard's snapshot of the run with it, "
                     "taken at once, holds the controller's state): the run is as it was and "
                     "steps on; add the group again once state_dict gives one, or wrap with "
-                    "guard=False, which takes no snapshots"
+                    "guard=False, which takes no snapshots",
+                    alike=True,
                 ),
             )
         self.optimizer.add_param_group(param_group)
@@ -2278,18 +2281,38 @@ class SelfTuned(torch.optim.Optimizer):
             "another run): the run is whole and steps on; save again once it gives one"
         )
 
-    def _controller_state_or_refuse(self, refused: str) -> Any:
+    def _controller_state_or_refuse(self, refused: str, alike: bool = False) -> Any:
         """The controller's state (a copy of its own), or :class:`ControllerError` naming the
         controller and its error (the ``__cause__``), followed by ``refused``: what was not
         done and what to do.  Asked before anything of the operation changes (a state saved,
         a group added), so that a refusal leaves the wrapper as it was, to step on; no note
-        in the log, which nothing changed.  No gather: each rank asks its own."""
+        in the log, which nothing changed.  No gather where each rank asks its own (a save).
+
+        ``alike``: the operation must be taken or refused alike on every rank (a group added:
+        a rank without it parts the ranks' groups, and the next step's gather mismatches or the
+        runs drift apart).  A controller of one's own may raise on one rank alone, so where its
+        failures are shared (:meth:`_shares_failures_now`) one gather of a flag per rank says
+        where it raised, and every rank refuses where it raised on any, a rank whose own did not
+        raise naming the first that did, with no ``__cause__`` (as :meth:`_controller_error`).
+        The controllers selftune ships fail on every rank or none: no gather."""
         failures: list[tuple[str, Exception]] = []
         state = self._tell(failures, "state_dict()", self._controller_state)
-        if not failures:
+        distributed = alike and self._shares_failures_now()
+        if distributed:
+            failed_on, _ = flagged_ranks(bool(failures))
+        else:
+            failed_on = [0] if failures else []
+        if not failed_on:
             return state
-        why, cause = failures[0]
-        raise ControllerError(f"{why}. {refused}") from cause
+        everywhere = " (refused on every rank)" if distributed else ""
+        if failures:
+            why, cause = failures[0]
+            raise ControllerError(f"{why}{everywhere}. {refused}") from cause
+        name = self.controller.name
+        raise ControllerError(
+            f"controller {name!r}: state_dict() raised on rank {failed_on[0]} (its error there "
+            f"says why){everywhere}. {refused}"
+        )
 
     def _controller_state(self) -> Any:
         """The controller's ``state_dict()``, a copy of its own."""
