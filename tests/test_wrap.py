@@ -879,6 +879,40 @@ def test_a_tensor_rate_is_written_in_place_and_logged_as_stepped() -> None:
     assert float(opt.unwrap().param_groups[0]["lr"]) == stepped[-1]
 
 
+@pytest.mark.parametrize(
+    ("dtype", "bounds", "warned"),
+    [
+        (torch.float32, None, False),  # the default floor: a thousandth of the start, 1e-6
+        (torch.float32, {"lr": (1e-9, 1e5)}, False),  # 1e-12, which float32 holds to 7 digits
+        (torch.float32, {"lr": (1e-40, 1e5)}, True),  # 1e-43: subnormal, three digits
+        (torch.float16, None, True),  # 1e-6: below float16's normal numbers (6.1e-5)
+        (None, {"lr": (1e-40, 1e5)}, False),  # a float is a double
+    ],
+)
+def test_a_tensor_rate_whose_dtype_cannot_hold_the_floor_is_warned_of_once(
+    dtype: torch.dtype | None, bounds: dict[str, tuple[float, float]] | None, warned: bool
+) -> None:
+    """selftune writes and scales a tensor rate in place at the tensor's dtype: where the
+    bounds let it lower the rate below that dtype's normal numbers, the step's rate kept fewer
+    digits than the one decided, or was zero, with no word.  It is said once, at the first step
+    (and for a group added later, of that group), where the bounds allow such a rate."""
+    pr = noisy_quadratic(seed=1)
+    lr: float | torch.Tensor = 1e-3 if dtype is None else torch.tensor(1e-3, dtype=dtype)
+    opt = selftune.wrap(torch.optim.SGD(pr.model.parameters(), lr=lr), bounds=bounds)
+    added = torch.nn.Parameter(torch.zeros(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(pr, opt, 3)
+        opt.add_param_group({"params": [added], "lr": lr if dtype is None else lr.clone()})
+        train(pr, opt, 2)
+    said = [str(w.message) for w in caught if "held to full precision" in str(w.message)]
+    if not warned:
+        assert said == []
+        return
+    assert [s.split(":")[0] for s in said] == ["param group 0", "param group 1"]
+    assert f"lr is a {dtype} tensor" in said[0] and "bounds={'lr': (low, high)}" in said[0]
+
+
 def test_a_tensor_knob_that_cannot_hold_a_tuned_value_is_refused_by_name() -> None:
     """torch takes ``lr=torch.tensor(1)``: the first step failed inside the step's scaling of
     the rate ("result type Float can't be cast to the desired output type Long"), leaving the
