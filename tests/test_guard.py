@@ -59,7 +59,8 @@ SUMMARY: list[dict[str, Any]] = []
 
 _RATE_NOT_REGAINED = (
     "after a one-off fault the guard's lr cut (x0.5) is kept for the rest of the run; "
-    "off never grows it back and hypergradient too slowly: the target is missed by a few steps"
+    "off never grows it back at its default (regain_after=0) and hypergradient too slowly: the "
+    "target is missed by a few steps"
 )
 #: combinations that miss the slack for a known defect; strict, so a fix shows as XPASS
 KNOWN: dict[tuple[str, str, str], str] = {
