@@ -14,7 +14,9 @@ and seeds 0-2:
 Measured per run: steps to the target, the final metric, whether it diverged (the benchmark's
 rule), the rate at the end and the guard's events.  Run from the repository root:
 ``PYTHONPATH=src python bench-results/too-high/run.py`` (about a quarter of an hour on two
-cores); writes ``results.json`` and ``table.md`` next to this file.
+cores); writes ``results.json`` and ``table.md`` next to this file.  ``run.py --summary``
+prints, from the committed ``results.json``, the runs of each kind that reach the target and
+those that miss it with no guard event.
 """
 
 from __future__ import annotations
@@ -106,7 +108,23 @@ COLUMNS: list[Column] = [
 ]
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Per kind, its runs, how many reached the target, and how many missed it with no guard
+    event: the counts the README quotes."""
+    lines = []
+    for kind in KINDS:
+        mine = [r for r in rows if r["variant"].endswith(f":{kind}")]
+        reached = sum(r["steps_to_target"] is not None for r in mine)
+        silent = sum(r["steps_to_target"] is None and not r["events"] for r in mine)
+        lines.append(f"{kind}: {len(mine)} runs, {reached} reach the target, {silent} miss it "
+                     "with no guard event")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--summary"]:  # of the committed results.json, training nothing
+        sys.stdout.write(summary(json.loads((HERE / "results.json").read_text())))
+        return
     run_grid(run, VARIANTS, SEEDS, COLUMNS, HERE)
 
 

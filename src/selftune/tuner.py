@@ -918,21 +918,15 @@ class SelfTuned(torch.optim.Optimizer):
         controllers are checked to be of one class at the wrap).
         """
         distributed = self._shares_failures_now()
+        failed_on, digests = self._failed_ranks(failures, distributed, digest)
         apart: list[int] = []  # the ranks that proposed otherwise than rank 0
-        if distributed:
-            failed_on, digests = flagged_ranks(bool(failures), digest)
-            if not failed_on:  # (a rank that failed proposed nothing: its digest says nothing)
-                apart = [rank for rank, d in enumerate(digests) if d != digests[0]]
-        else:
-            failed_on = [0] if failures else []
+        if distributed and not failed_on:  # (a rank that failed proposed nothing)
+            apart = [rank for rank, d in enumerate(digests) if d != digests[0]]
         if not failed_on and not apart:
             return None
         name = self.controller.name
-        if failures:
-            why, cause = failures[0]
-        elif failed_on:
-            why = f"controller {name!r} failed on rank {failed_on[0]} (its error there says why)"
-            cause = None
+        if failed_on:
+            why, cause = self._why_failed(failures, failed_on, " failed")
         else:
             ranks = ", ".join(str(rank) for rank in apart)
             why = (
@@ -951,6 +945,28 @@ class SelfTuned(torch.optim.Optimizer):
         )
         error.__cause__ = cause
         return error
+
+    def _failed_ranks(
+        self, failures: list[tuple[str, Exception]], shared: bool, digest: float = 0.0
+    ) -> tuple[list[int], list[float]]:
+        """The ranks where the controller failed (this rank's ``failures``), and every rank's
+        ``digest``: one gather where the ranks ``shared`` their failures
+        (:func:`~selftune.signals.flagged_ranks`), else this process alone, as rank 0."""
+        if shared:
+            return flagged_ranks(bool(failures), digest)
+        return ([0] if failures else []), [digest]
+
+    def _why_failed(
+        self, failures: list[tuple[str, Exception]], failed_on: list[int], what: str
+    ) -> tuple[str, Exception | None]:
+        """Why the controller failed, and the error that is the ``__cause__``: this rank's first
+        of ``failures``, or, where it failed on another rank alone, that rank named (its error
+        there says why) and no cause; ``what`` it did there (`` failed``, ``: state_dict()
+        raised``)."""
+        if failures:
+            return failures[0]
+        name = self.controller.name
+        return f"controller {name!r}{what} on rank {failed_on[0]} (its error there says why)", None
 
     def _shares_failures_now(self) -> bool:
         """Whether the controller's failures are shared across ranks at this step: a controller
@@ -2162,7 +2178,7 @@ class SelfTuned(torch.optim.Optimizer):
         if taken is not None:
             (state,) = taken
         elif failures is None:
-            state = _clone(self.controller.state_dict())
+            state = self._controller_state()
         else:
             held = len(failures)
             state = self._tell(failures, "state_dict()", self._controller_state)
@@ -2298,21 +2314,12 @@ class SelfTuned(torch.optim.Optimizer):
         failures: list[tuple[str, Exception]] = []
         state = self._tell(failures, "state_dict()", self._controller_state)
         distributed = alike and self._shares_failures_now()
-        if distributed:
-            failed_on, _ = flagged_ranks(bool(failures))
-        else:
-            failed_on = [0] if failures else []
+        failed_on, _ = self._failed_ranks(failures, distributed)
         if not failed_on:
             return state
         everywhere = " (refused on every rank)" if distributed else ""
-        if failures:
-            why, cause = failures[0]
-            raise ControllerError(f"{why}{everywhere}. {refused}") from cause
-        name = self.controller.name
-        raise ControllerError(
-            f"controller {name!r}: state_dict() raised on rank {failed_on[0]} (its error there "
-            f"says why){everywhere}. {refused}"
-        )
+        why, cause = self._why_failed(failures, failed_on, ": state_dict() raised")
+        raise ControllerError(f"{why}{everywhere}. {refused}") from cause
 
     def _controller_state(self) -> Any:
         """The controller's ``state_dict()``, a copy of its own."""
