@@ -18,6 +18,7 @@ import torch
 
 from selftune.audit import LogError, verify
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selftune.combined import Combined, Optimizers, as_one
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, ControllerError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
@@ -32,7 +33,7 @@ except metadata.PackageNotFoundError:  # running from a source tree
 
 
 def wrap(
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     controller: str | Controller = "auto",
     *,
     bounds: Mapping[str, tuple[float, float]] | None = None,
@@ -49,6 +50,10 @@ def wrap(
 ) -> SelfTuned:
     """Wrap ``optimizer`` so that it tunes its own learning rate while it trains (and, with the
     ``hypergradient`` controller, momentum or β1).
+
+    ``optimizer``: one, or a list of several over parameters of their own (torch's ``Muon``
+    for the 2-D weights and an ``AdamW`` for the rest), stepped as one :class:`Combined`: one
+    guard rolls them all back together, one log holds every decision.
 
     ``controller``: one of :data:`CONTROLLERS` (``"auto"``, ``"hypergradient"``, ``"stability"``,
     ``"off"``) or a :class:`Controller` instance; ``controller_options`` go to its constructor.
@@ -76,6 +81,7 @@ def wrap(
             "lr_bounds_absolute=: pass those (selftune.SelfTuned(optimizer, controller, "
             "policy=...) takes a Policy built beforehand)"
         )
+    optimizer = as_one(optimizer)
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
     wrapped = SelfTuned(
         optimizer,
@@ -98,6 +104,7 @@ def wrap(
 __all__ = [
     "CONTROLLERS",
     "CheckpointError",
+    "Combined",
     "ConfigError",
     "Controller",
     "ControllerError",

@@ -33,6 +33,7 @@ import torch
 from selftune import audit
 from selftune import knobs as knobs_io
 from selftune.average import check_decay
+from selftune.combined import Optimizers, as_one
 from selftune.controllers.base import Knobs, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
@@ -259,12 +260,13 @@ class ReplayGuard(Guard):
 
 
 def replay(
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     log_dir: str | os.PathLike[str],
     *,
     model: torch.nn.Module | None = None,
 ) -> SelfTuned:
-    """An optimizer that re-applies the run logged in ``log_dir`` to ``optimizer``.
+    """An optimizer that re-applies the run logged in ``log_dir`` to ``optimizer`` (a list of
+    optimizers, for a run that wrapped one: they are combined as it combined them).
 
     ``model``: the model, where the run was wrapped with one (``wrap(..., model=)``): its
     rollbacks put the model's buffers back, and so must the replay's.  Refuses (with
@@ -272,6 +274,7 @@ def replay(
     broken or whose manifest does not match ``optimizer``'s param groups and knobs, or the model
     given (or not) with it.
     """
+    optimizer = as_one(optimizer)
     if isinstance(optimizer, SelfTuned):
         raise ConfigError(
             "replay got a selftune optimizer: pass the plain one it wraps (replay wraps it "
@@ -327,7 +330,7 @@ def replay(
     groups = optimizer.param_groups
     knobs = [{n: knobs_io.read(g, n) for n in knobs_io.knob_names(g)} for g in groups]
     _check_start(config.get("start"), knobs, where)
-    options = [group_options(g, optimizer.defaults) for g in groups]
+    options = [group_options(g, optimizer) for g in groups]
     _check_options(config.get("options"), options, where)
     _check_model(config.get("model_buffers"), model, where)
     _warn_of_model_changed(records)

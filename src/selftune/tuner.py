@@ -19,28 +19,28 @@ import math
 import numbers
 import os
 import sys
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch.nn.parameter import is_lazy
-from torch.optim import optimizer as torch_optimizer
 
 from selftune import knobs as knobs_io
 from selftune import shards
 from selftune.audit import FOLLOWS, append_line
 from selftune.average import WeightAverage, check_averageable, check_decay
+from selftune.combined import defaults_of, held_state, in_combined, parts
 from selftune.controllers import CONTROLLERS, Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, ControllerError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
+from selftune.hooks import global_step_hooks_held
 from selftune.policy import Policy, start_misfits
 from selftune.signals import (
     RankState,
@@ -137,13 +137,14 @@ class SelfTuned(torch.optim.Optimizer):
             raise ConfigError(
                 f"selftune.wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if isinstance(optimizer, torch.optim.Rprop):
+        if any(isinstance(part, torch.optim.Rprop) for part in parts(optimizer)):
             raise ConfigError(
                 "Rprop keeps a step size per parameter and reads lr only to start them, on its "
                 "first step: a rate selftune set later would be logged and change nothing. Wrap "
                 "another optimizer (SGD, Adam, ...), or use Rprop unwrapped"
             )
-        if isinstance(optimizer, getattr(torch.optim, "Adafactor", ())):
+        adafactor = getattr(torch.optim, "Adafactor", ())
+        if any(isinstance(part, adafactor) for part in parts(optimizer)):
             raise ConfigError(
                 "torch's Adafactor steps at min(lr, 1/sqrt(step)): a rate selftune set above "
                 "1/sqrt(step) (past step 10,000 its default lr of 0.01 already is) would be "
@@ -155,6 +156,11 @@ class SelfTuned(torch.optim.Optimizer):
             # (torch's own attribute) its groups are empty until DDP's hook builds them: it was
             # refused as a group with no rate, which said nothing of why
             raise ConfigError(shards.ZERO_OVERLAP_ADVICE)
+        if in_combined(optimizer):
+            raise ConfigError(
+                f"this {type(optimizer).__name__} is one of a Combined's optimizers, which steps "
+                "it: wrap the Combined (or give wrap the list of optimizers, which combines them)"
+            )
         if getattr(optimizer, _WRAPPED, False):
             raise ConfigError(
                 f"this {type(optimizer).__name__} was already passed to selftune.wrap; "
@@ -240,11 +246,12 @@ class SelfTuned(torch.optim.Optimizer):
         self._consolidated_before: object | None = None
         self._zero = zero  # read once: the step asks each time
         self.optimizer = optimizer
-        saved_state = optimizer.state
-        # Optimizer.__init__ sets up hooks and re-registers the groups through the properties
-        # below, i.e. into the wrapped optimizer itself; it also resets ``state``, put back after.
-        super().__init__(list(optimizer.param_groups), optimizer.defaults)
-        optimizer.state = saved_state
+        # torch's __setstate__ sets up the hook registries and patches ``step`` for them, as
+        # Optimizer.__init__ would, with no groups or state of its own: those are the wrapped
+        # optimizer's, through the properties below.  (__init__ re-registered its groups
+        # through them, which a Combined, whose groups are its optimizers', cannot take.)
+        super().__setstate__({"defaults": dict(optimizer.defaults)})
+        self.defaults = optimizer.defaults  # (one object, as __init__ kept it)
         # one scale per group needs one rate per group (torch shares a default tensor's)
         knobs_io.unshare(optimizer.defaults, self.param_groups)
 
@@ -432,9 +439,6 @@ class SelfTuned(torch.optim.Optimizer):
         ``state_dict`` raised on one rank alone has every rank add no group and raise, the
         others naming that rank: one rank without the group parted the ranks' groups for good.
         """
-        if not hasattr(self, "_tracker"):  # Optimizer.__init__ re-registering the inner groups
-            super().add_param_group(param_group)
-            return
         self._check_open("a param group added")
         self._check_outside_average("a param group added")
         # the checkpoint to resume from lacks the group: added here, it would not load
@@ -1035,7 +1039,7 @@ class SelfTuned(torch.optim.Optimizer):
         wrapper's step)."""
         self._stepping_inner = True
         try:
-            with _global_step_hooks_held():
+            with global_step_hooks_held():
                 self.optimizer.step(closure) if closure else self.optimizer.step()
         finally:
             self._stepping_inner = False
@@ -2450,7 +2454,7 @@ class SelfTuned(torch.optim.Optimizer):
         # The load builds new group dicts and a new ``state``; the ones in force are kept, the
         # snapshot's state put into them: a loop that held a group (to set its rate later)
         # wrote into a dict no optimizer read any more after a rollback, and lost the write.
-        groups, state = self.optimizer.param_groups, self.optimizer.state
+        groups, state = self.optimizer.param_groups, held_state(self.optimizer)
         self.optimizer.load_state_dict(_clone(payload["optimizer"]))
         _keep_scalar_dtypes(self.optimizer, payload["optimizer"])  # (as a resume keeps them)
         rates = [knobs_io.read(g, "lr") for g in self.optimizer.param_groups]  # the snapshot's
@@ -2563,7 +2567,7 @@ class SelfTuned(torch.optim.Optimizer):
             "controller": self.controller.name,
             "optimizer": type(self.optimizer).__name__,
             "start": self.hyperparams(),
-            "options": [group_options(g, self.optimizer.defaults) for g in self.param_groups],
+            "options": [group_options(g, self.optimizer) for g in self.param_groups],
             "policy": _policy_json(self.policy),
             "guard": None if self.guard is None else vars(self.guard.config),
             "average": None if self.average is None else self.average.decay,
@@ -2854,64 +2858,6 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
     return wrapped
 
 
-#: torch's registries of the step hooks registered for every optimizer, by their names in
-#: ``torch.optim.optimizer``, whose wrapper around each optimizer's ``step`` reads them there
-_GLOBAL_STEP_HOOKS = tuple(
-    name
-    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
-    if hasattr(torch_optimizer, name)
-)
-
-
-class _HeldHooks:
-    """The registries :func:`_global_step_hooks_held` took out, and how many inner steps hold
-    them: the first to start takes them out and the last to end puts them back, so wrapped
-    optimizers stepping at once in two threads (or one inside another's closure) cannot put
-    back each other's empty ones, which lost every global hook for good."""
-
-    lock = threading.Lock()
-    holders = 0
-    saved: ClassVar[dict[str, Any]] = {}
-
-
-@contextmanager
-def _global_step_hooks_held() -> Iterator[None]:
-    """Hold back the step hooks registered for every optimizer (torch's
-    ``register_optimizer_step_pre_hook`` and ``register_optimizer_step_post_hook``) while the
-    wrapped optimizer steps.
-
-    They run around the wrapper's ``step``, given the wrapper and the arguments of the call, as
-    its own hooks are; run again around the inner step, a profiler's step counter counted two
-    steps a call, and an EMA's hook averaged twice.  The wrapped optimizer's own hooks still run
-    at its update.  The registries are swapped for empty ones and put back: a hook registered
-    meanwhile (by a closure L-BFGS calls again) is dropped, and another thread's optimizer that
-    steps meanwhile runs without them.  Were torch to rename them, its hooks would run twice
-    again, and nothing else would change.
-    """
-    with _HeldHooks.lock:
-        registered = [getattr(torch_optimizer, name) for name in _GLOBAL_STEP_HOOKS]
-        if _HeldHooks.holders == 0 and not any(registered):
-            idle = True  # none registered, none held: the common step, nothing to swap
-        else:
-            idle = False
-            if _HeldHooks.holders == 0:
-                _HeldHooks.saved = dict(zip(_GLOBAL_STEP_HOOKS, registered, strict=True))
-                for name, hooks in _HeldHooks.saved.items():
-                    setattr(torch_optimizer, name, type(hooks)())
-            _HeldHooks.holders += 1
-    if idle:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with _HeldHooks.lock:
-            _HeldHooks.holders -= 1
-            if _HeldHooks.holders == 0:
-                for name, hooks in _HeldHooks.saved.items():
-                    setattr(torch_optimizer, name, hooks)
-
-
 class _StepGate:
     """The step pre-hook a wrapper registers on the optimizer it wraps: refuses a step of that
     optimizer not made by the wrapper (a reference the loop kept, ``opt.optimizer.step()``, a
@@ -3018,12 +2964,13 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def group_options(group: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+def group_options(group: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A param group's settings of the optimizer's own (the keys of its ``defaults``: weight
     decay, eps, nesterov, amsgrad, foreach, ...) other than the knobs ``start`` records, as
     plain JSON values: a replay through an optimizer built with another weight decay ended on
     other weights, silently.  Keys a scheduler adds (``initial_lr``) or parameter names are
     no setting, and may differ in a replay that ends on the same weights."""
+    defaults = defaults_of(optimizer, group)  # (a Combined's group: its optimizer's)
     plain = (bool, int, float, str, type(None))
     options: dict[str, Any] = {}
     for key in defaults:
