@@ -263,3 +263,36 @@ def test_wrap_refuses_what_it_could_not_tune_in_a_combination() -> None:
     assert len(opt.param_groups) == 2
     train_step(model, opt, 2)  # the run steps on as it was
     assert opt.step_count == 2
+
+
+def test_joint_groups_keep_the_optimizers_rates_in_their_ratio() -> None:
+    model = make_model()
+    opt = selftune.wrap(make_optimizers(model), groups="joint")
+    for step in range(1, 31):
+        train_step(model, opt, step)
+    rates = [k["lr"] for k in opt.hyperparams()]
+    assert rates[0] != 0.02
+    assert rates[0] / rates[1] == pytest.approx(0.02 / 1e-3)
+
+
+def test_a_sparse_embedding_under_sparse_adam_beside_a_dense_optimizer() -> None:
+    """The other pairing a model needs two optimizers for: SparseAdam's sparse gradients are
+    read and tuned beside the dense part's."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 8, sparse=True)
+    head = torch.nn.Linear(8, 1)
+    opt = selftune.wrap(
+        [torch.optim.SparseAdam(embedding.parameters()), torch.optim.AdamW(head.parameters())]
+    )
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(50, generator=gen)
+    losses = []
+    for _ in range(60):
+        ids = torch.randint(0, 50, (16,), generator=gen)
+        loss = torch.nn.functional.mse_loss(head(embedding(ids)).squeeze(1), target[ids])
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert opt.hyperparams()[0]["lr"] != 1e-3

@@ -1,0 +1,134 @@
+"""`auto` over torch's Muon and an AdamW, stepped as one (``selftune.wrap([muon, adamw])``):
+a base optimizer none of `auto`'s constants were chosen on.
+
+Muon (``torch.optim.Muon``) orthogonalizes the updates of 2-D weights, and its authors train the
+rest (biases, and the input and output layers' weights) with AdamW.  Here Muon takes every 2-D
+weight but the output layer's, and AdamW the output layer and the biases, on four of the
+benchmark's MLP workloads (``digits-mlp``, ``digits-autoencoder``, ``friedman-mlp`` and the held-out
+``moons-deep-tanh``), seeds 0-2, with the benchmark's loop, targets and budgets
+(:func:`selftune.bench.runner.train`). Rows:
+
+- ``muon-default``: torch's Muon at its default rate (1e-3) beside AdamW at its own (1e-3);
+- ``muon-grid-<lr>``: Muon at a constant rate from 1e-3 to 3e-1 (3x apart; its authors' 0.02 lies
+  between two), AdamW at 1e-3: the least median steps of these is the oracle;
+- ``selftune-auto-muon``: both defaults wrapped as one (``selftune.wrap([muon, adamw])``), given
+  the loss at every step and the metric after every evaluation, as the benchmark's `auto` rows.
+
+Measured: steps to target, whether the guard gave up or the run diverged, and each group's
+effective rate at the end.  Run from the repository root (about ten minutes on two cores):
+``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/muon/muon.py``; writes
+``results.json`` (rows appended as runs end) and ``table.md`` next to this file;
+``muon.py --table`` remakes the table from ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selftune.bench.methods import Handle, Method, Setting
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+from probe_grid import run_rows, train_row  # noqa: E402
+
+WORKLOADS = ("digits-mlp", "digits-autoencoder", "friedman-mlp", "moons-deep-tanh")
+SEEDS = range(3)
+GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEFAULT = 1e-3  #: torch's Muon's default rate, and AdamW's
+ROWS = ("muon-default", *(f"muon-grid-{lr:g}" for lr in GRID), "selftune-auto-muon")
+
+
+def split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Muon's parameters (the 2-D weights but the last, the output layer's) and AdamW's."""
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    hidden = {id(p) for p in matrices[:-1]}
+    return [p for p in matrices if id(p) in hidden], [
+        p for p in model.parameters() if id(p) not in hidden
+    ]
+
+
+def build(row: str) -> Method:
+    lr = DEFAULT if not row.startswith("muon-grid-") else float(row.removeprefix("muon-grid-"))
+
+    def make(model: nn.Module, s: Setting) -> Handle:
+        import selftune
+
+        muon, rest = split(model)
+        parts = [torch.optim.Muon(muon, lr=lr), torch.optim.AdamW(rest, lr=DEFAULT)]
+        if row != "selftune-auto-muon":
+            return Handle(selftune.Combined(parts))
+        opt = selftune.wrap(parts, seed=s.seed)
+        mode = "max" if s.higher_is_better else "min"
+        return Handle(
+            opt,
+            pass_loss=True,
+            lr_of=lambda o: o.hyperparams()[0]["lr"],
+            metric_to=lambda value: opt.observe(value, mode=mode),
+        )
+
+    return Method(row, "probe", "muon", make, len(SEEDS), lr)
+
+
+def run(job: tuple[str, str, int]) -> dict[str, Any]:
+    workload, row, seed = job
+    key = {"workload": workload, "row": row, "seed": seed}
+    fields = ("steps_to_target", "steps_budget", "diverged", "error", "curves")
+    record = train_row(workload, build(row), seed, key, fields)
+    record["final_lr"] = record.pop("curves")["lr"][-1]
+    return record
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Median steps to target per row and workload (hits of seeds), and each against the grid's
+    best median (the oracle)."""
+
+    def median(workload: str, row: str) -> tuple[float | None, int, int]:
+        mine = [r for r in rows if r["workload"] == workload and r["row"] == row]
+        steps = [r["steps_to_target"] for r in mine]
+        hits = sum(s is not None for s in steps)
+        if hits * 2 <= len(steps) or not steps:
+            return None, hits, len(steps)
+        inf = float("inf")
+        return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
+
+    lines = [
+        "| workload | " + " | ".join(ROWS) + " |",
+        "|---|" + "---:|" * len(ROWS),
+    ]
+    ratios = []
+    for w in WORKLOADS:
+        grid = [m for lr in GRID if (m := median(w, f"muon-grid-{lr:g}")[0]) is not None]
+        oracle = min(grid) if grid else None
+        cells = []
+        for row in ROWS:
+            value, hits, n = median(w, row)
+            cell = "miss" if value is None else f"{value:g}"
+            if value is not None and oracle is not None and row == "selftune-auto-muon":
+                ratios.append(f"{w}: {value / oracle:.2f}x")
+                cell += f" ({value / oracle:.2f}x)"
+            cells.append(f"{cell} [{hits}/{n}]")
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("`selftune-auto-muon` against the oracle: " + ", ".join(ratios))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    out = HERE / "results.json"
+    if sys.argv[1:] != ["--table"]:
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in ROWS]
+        run_rows(run, jobs, out)
+    text = table(json.loads(out.read_text(encoding="utf-8")))
+    (HERE / "table.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
