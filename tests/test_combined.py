@@ -296,3 +296,53 @@ def test_a_sparse_embedding_under_sparse_adam_beside_a_dense_optimizer() -> None
         losses.append(loss.item())
     assert sum(losses[-10:]) < sum(losses[:10])
     assert opt.hyperparams()[0]["lr"] != 1e-3
+
+
+def test_a_combination_that_already_stepped_keeps_its_state_when_wrapped() -> None:
+    """The optimizers' momentum and moments survive the wrap, as a single optimizer's do."""
+    model = make_model()
+    combined = Combined(make_optimizers(model))
+    for step in range(1, 4):
+        train_step(model, combined, step)
+    held = {id(p): dict(combined.state[p]) for p in model.parameters()}
+    opt = selftune.wrap(combined)
+    for p in model.parameters():
+        assert opt.state[p].keys() == held[id(p)].keys()
+        for key, value in held[id(p)].items():
+            assert opt.state[p][key] is value
+    train_step(model, opt, 4)
+
+
+def test_lightning_steps_a_combination_as_its_one_optimizer(tmp_path: Path) -> None:
+    """Lightning steps one optimizer in automatic optimization: ``configure_optimizers``
+    returns the Combined, and the callback wraps it as one."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from selftune.integrations.lightning import SelfTuneCallback
+
+    class Module(pl.LightningModule):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Combined:
+            return Combined(make_optimizers(self.net))
+
+    x, y = batch(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(
+        max_epochs=5,
+        callbacks=[SelfTuneCallback(log_dir=tmp_path / "run")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), data)
+    (opt,) = trainer.optimizers
+    assert isinstance(opt, selftune.SelfTuned) and isinstance(opt.optimizer, Combined)
+    assert opt.step_count == 20
+    assert selftune.verify(tmp_path / "run").records > 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -46,11 +46,14 @@ class Combined(torch.optim.Optimizer):
     before combining.
     """
 
-    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, *optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+    ) -> None:
+        given: tuple[Any, ...] = optimizers
         if len(optimizers) == 1 and isinstance(optimizers[0], list | tuple):
-            optimizers = tuple(optimizers[0])
-        _check_parts(optimizers)
-        self._setup(tuple(optimizers))
+            given = tuple(optimizers[0])
+        _check_parts(given)
+        self._setup(given)
 
     def _setup(self, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
         """Hold ``optimizers``: at the build, and in a copy, around the copied ones."""
