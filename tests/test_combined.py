@@ -346,3 +346,17 @@ def test_lightning_steps_a_combination_as_its_one_optimizer(tmp_path: Path) -> N
     assert isinstance(opt, selftune.SelfTuned) and isinstance(opt.optimizer, Combined)
     assert opt.step_count == 20
     assert selftune.verify(tmp_path / "run").records > 0
+
+
+def test_replay_refuses_an_optimizer_of_the_combination_built_otherwise(tmp_path: Path) -> None:
+    """Each group's own optimizer's settings are recorded (Muon's nesterov among them, which
+    AdamW has not): a replay through a Muon built without it is refused before any step."""
+    model = make_model()
+    opt = selftune.wrap(make_optimizers(model), log_dir=tmp_path / "run")
+    train_step(model, opt, 1)
+    opt.close()
+    again = make_model()
+    muon, adamw = make_optimizers(again)
+    muon.param_groups[0]["nesterov"] = False
+    with pytest.raises(selftune.SelfTuneError, match="nesterov"):
+        selftune.replay([muon, adamw], tmp_path / "run")

@@ -168,20 +168,14 @@ class Combined(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"Combined({', '.join(type(o).__name__ for o in self.optimizers)})"
 
-    def defaults_of(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The defaults of the optimizer that holds ``group``: the settings a log records of
-        it (the merged :attr:`defaults` are only those every optimizer shares)."""
-        for o in self.optimizers:
-            if any(g is group for g in o.param_groups):
-                return o.defaults
-        return self.defaults
-
 
 def defaults_of(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> Mapping[str, Any]:
     """The defaults that ``group``'s settings are read against (:func:`~selftune.tuner.
-    group_options`): its own optimizer's, inside a :class:`Combined`."""
-    if isinstance(optimizer, Combined):
-        return optimizer.defaults_of(group)
+    group_options`): inside a :class:`Combined`, those of the optimizer that holds it (the
+    Combined's own are only those every optimizer shares)."""
+    for part in parts(optimizer):
+        if any(g is group for g in part.param_groups):
+            return part.defaults
     return optimizer.defaults
 
 
