@@ -455,6 +455,26 @@ def _fsdp(out: Path, rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     }
 
 
+def _combined(rank: int, steps: int, nan_step: int) -> dict[str, Any]:
+    """``wrap([muon, adamw])`` on a DDP model: Muon on the hidden weights, AdamW on the rest,
+    per-rank batches, a NaN loss on rank 1 at ``nan_step``.  Both groups' rates at every step,
+    and the weights at the end."""
+    model = torch.nn.parallel.DistributedDataParallel(_sharded_mlp())
+    hidden = model.module[0].weight
+    rest = [p for p in model.parameters() if p is not hidden]
+    opt = selftune.wrap([torch.optim.Muon([hidden], lr=0.02), torch.optim.AdamW(rest)])
+    gen, hp = torch.Generator().manual_seed(rank), []
+    for t in range(1, steps + 1):
+        x = torch.randn(32, 16, generator=gen)
+        loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        bad = math.nan if t == nan_step and rank == 1 else 1.0
+        opt.step(loss=loss.detach() * bad)
+        hp.append([k["lr"] for k in opt.hyperparams()])
+    return {"hp": hp, "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
+
+
 def _raise(err: BaseException) -> None:
     raise err
 
@@ -733,6 +753,7 @@ def main() -> None:
     results["fully-sharded"] = _fully_sharded(args.out, rank, args.steps, args.nan_step)
     results["fsdp"] = _fsdp(args.out, rank, args.steps, args.nan_step)
     results["dcp"] = _dcp_resumed(args.out, rank, args.steps)
+    results["combined"] = _combined(rank, args.steps, args.nan_step)
     results["refusals"] = _refusals(rank)
     results["folder-refusals"] = _folder_refusals(args.out, rank)
     results["plain-loads"] = _plain_loads(args.out, rank)

@@ -504,6 +504,21 @@ def test_fsdp2_trains_rolls_back_averages_and_replays_alike_on_every_rank(
         assert "initial_params_sha256" in (rank["other_start"] or ""), rank["other_start"]
 
 
+def test_a_combination_of_optimizers_takes_the_same_decisions_on_every_rank(
+    ddp: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Muon beside AdamW, wrapped as one under DDP: every rank tunes both groups alike, a NaN
+    on one rank rolls both optimizers back on every rank, and the ranks end on one model."""
+    _, ranks = ddp
+    zero, one = ranks[0]["combined"], ranks[1]["combined"]
+    assert zero["hp"] == one["hp"] and len(zero["hp"]) == STEPS
+    assert len({rates[0] for rates in zero["hp"]}) > 1  # auto moved Muon's rate
+    before, after = zero["hp"][NAN_STEP - 2], zero["hp"][NAN_STEP - 1]
+    assert after[0] < before[0] and after[1] < before[1]  # the rollback cut both
+    assert zero["weights"] == one["weights"]
+    assert all(math.isfinite(v) for w in zero["weights"] for v in w)
+
+
 def test_fsdp_with_empty_shards_takes_the_same_decisions_on_every_rank(
     ddp: tuple[Path, list[dict[str, Any]]],
 ) -> None:
