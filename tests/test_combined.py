@@ -403,3 +403,37 @@ def test_the_hugging_face_trainer_steps_a_combination_it_was_given(tmp_path: Pat
     wrapped = [trainer.optimizer, getattr(trainer.optimizer, "optimizer", None)]
     opt = next(o for o in wrapped if isinstance(o, selftune.SelfTuned))
     assert opt.optimizer is combined and opt.step_count == 12
+
+
+def test_the_log_names_the_combination_and_a_replay_in_another_order_is_refused(
+    tmp_path: Path,
+) -> None:
+    model = make_model()
+    opt = selftune.wrap(make_optimizers(model), log_dir=tmp_path / "run")
+    assert repr(opt) == "SelfTuned(Combined(Muon, AdamW), controller='auto')"
+    train_step(model, opt, 1)
+    opt.close()
+    again = make_model()
+    muon, adamw = make_optimizers(again)
+    with pytest.raises(selftune.SelfTuneError, match="param group 0 does not match the log"):
+        selftune.replay([adamw, muon], tmp_path / "run")
+    # the same groups and knobs under another optimizer: refused by the combination's name
+    sgd = torch.optim.SGD(matrices(again), lr=0.02, momentum=0.95)
+    with pytest.raises(
+        selftune.SelfTuneError,
+        match=r"stepped a Combined\(Muon, AdamW\), .* Combined\(SGD, AdamW\)",
+    ):
+        selftune.replay([sgd, adamw], tmp_path / "run")
+
+
+def test_a_refused_wrap_of_a_list_leaves_its_optimizers_free() -> None:
+    """wrap builds the Combined before its other checks: refused, it takes it apart again, so
+    the list given again, mended, is wrapped (it was refused as already combined)."""
+    model = make_model()
+    muon, adamw = make_optimizers(model)
+    with pytest.raises(ConfigError, match="groups="):
+        selftune.wrap([muon, adamw], groups="some")
+    muon.step()  # no gate left: it steps alone, as before the wrap
+    opt = selftune.wrap([muon, adamw])
+    train_step(model, opt, 1)
+    assert opt.step_count == 1

@@ -18,7 +18,7 @@ import torch
 
 from selftune.audit import LogError, verify
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from selftune.combined import Combined, Optimizers, as_one
+from selftune.combined import Combined, Optimizers, as_one, optimizer_name
 from selftune.controllers import CONTROLLERS, Controller, Proposal
 from selftune.errors import ConfigError, ControllerError, GuardError, SelfTuneError
 from selftune.guard import GuardConfig
@@ -81,21 +81,21 @@ def wrap(
             "lr_bounds_absolute=: pass those (selftune.SelfTuned(optimizer, controller, "
             "policy=...) takes a Policy built beforehand)"
         )
-    optimizer = as_one(optimizer)
     policy = Policy.build(bounds, max_change, frozen, lr_bounds_absolute=lr_bounds_absolute)
-    wrapped = SelfTuned(
-        optimizer,
-        controller,
-        policy=policy,
-        guard=guard,
-        log_dir=log_dir,
-        seed=seed,
-        average=average,
-        groups=groups,
-        model=model,
-        **controller_options,
-    )
-    name, starts = type(optimizer).__name__, wrapped.hyperparams()
+    with as_one(optimizer) as inner:
+        wrapped = SelfTuned(
+            inner,
+            controller,
+            policy=policy,
+            guard=guard,
+            log_dir=log_dir,
+            seed=seed,
+            average=average,
+            groups=groups,
+            model=model,
+            **controller_options,
+        )
+    name, starts = optimizer_name(wrapped.optimizer), wrapped.hyperparams()
     for message in misfits(bounds or {}, max_change or {}, policy, name, starts):
         warnings.warn(message, stacklevel=2)
     return wrapped

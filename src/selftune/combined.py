@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,9 +73,19 @@ class Combined(torch.optim.Optimizer):
         self.defaults = defaults  # (torch's adds "differentiable", which not every group has)
         self._stepping = False
         me = weakref.ref(self)
+        self._gates = [o.register_step_pre_hook(_PartGate(me)) for o in optimizers]
         for o in optimizers:
-            o.register_step_pre_hook(_PartGate(me))
             setattr(o, _COMBINED, True)
+
+    def _take_apart(self) -> None:
+        """Hand the optimizers back as they were given (no gate, no mark), for a combination
+        that ``wrap`` or ``replay`` built from a list and then refused: the list given again,
+        mended, was refused as already combined."""
+        for gate in self._gates:
+            gate.remove()
+        for o in self.optimizers:
+            if in_combined(o):
+                delattr(o, _COMBINED)
 
     # -- the optimizers' containers, shared rather than copied --------------------------------
     @property
@@ -183,9 +194,27 @@ def defaults_of(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> M
 Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...]
 
 
-def as_one(optimizer: Optimizers) -> torch.optim.Optimizer:
-    """``optimizer``, or the :class:`Combined` of a list or tuple of them."""
-    return Combined(*optimizer) if isinstance(optimizer, list | tuple) else optimizer
+@contextmanager
+def as_one(optimizer: Optimizers) -> Iterator[torch.optim.Optimizer]:
+    """``optimizer``, or the :class:`Combined` of a list or tuple of them, taken apart again
+    where what is built on it inside the block is refused (a refused wrap leaves the
+    optimizers as they were, free to be wrapped again)."""
+    if not isinstance(optimizer, list | tuple):
+        yield optimizer
+        return
+    combined = Combined(*optimizer)
+    try:
+        yield combined
+    except BaseException:
+        combined._take_apart()
+        raise
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What a run's manifest and state dict name its optimizer by, and a resume or replay
+    checks: its class, or for a :class:`Combined` its optimizers' in order
+    (``Combined(Muon, AdamW)``), which a replay through them in another order would not be."""
+    return repr(optimizer) if isinstance(optimizer, Combined) else type(optimizer).__name__
 
 
 def in_combined(optimizer: torch.optim.Optimizer) -> bool:

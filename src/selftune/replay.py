@@ -33,7 +33,7 @@ import torch
 from selftune import audit
 from selftune import knobs as knobs_io
 from selftune.average import check_decay
-from selftune.combined import Optimizers, as_one
+from selftune.combined import Optimizers, as_one, optimizer_name
 from selftune.controllers.base import Knobs, Proposal
 from selftune.errors import ConfigError, GuardError, SelfTuneError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
@@ -274,7 +274,16 @@ def replay(
     broken or whose manifest does not match ``optimizer``'s param groups and knobs, or the model
     given (or not) with it.
     """
-    optimizer = as_one(optimizer)
+    with as_one(optimizer) as inner:
+        return _replay(inner, log_dir, model)
+
+
+def _replay(
+    optimizer: torch.optim.Optimizer,
+    log_dir: str | os.PathLike[str],
+    model: torch.nn.Module | None,
+) -> SelfTuned:
+    """:func:`replay` of one optimizer (a list given is combined first)."""
     if isinstance(optimizer, SelfTuned):
         raise ConfigError(
             "replay got a selftune optimizer: pass the plain one it wraps (replay wraps it "
@@ -301,7 +310,7 @@ def replay(
     where = os.path.join(os.path.expanduser(os.fspath(log_dir)), audit.MANIFEST)
     if not isinstance(config, dict):
         raise audit.LogError(f"{where}: 'config' is a {type(config).__name__}, not an object")
-    kind, ours = config.get("optimizer"), type(optimizer).__name__
+    kind, ours = config.get("optimizer"), optimizer_name(optimizer)
     if kind is not None and kind != ours:
         raise SelfTuneError(
             f"{where}: the logged run stepped a {kind}, this optimizer is a {ours}: replay needs "

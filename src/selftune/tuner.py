@@ -34,7 +34,7 @@ from selftune import knobs as knobs_io
 from selftune import shards
 from selftune.audit import FOLLOWS, append_line
 from selftune.average import WeightAverage, check_averageable, check_decay
-from selftune.combined import defaults_of, held_state, in_combined, parts
+from selftune.combined import defaults_of, held_state, in_combined, optimizer_name, parts
 from selftune.controllers import CONTROLLERS, Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
@@ -1113,7 +1113,7 @@ class SelfTuned(torch.optim.Optimizer):
             "controller": controller,
             "controller_name": self.controller.name,
             "groups": "each" if self._joint is None else "joint",
-            "optimizer_type": type(self.optimizer).__name__,
+            "optimizer_type": optimizer_name(self.optimizer),
             "tracker": self._tracker.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             # where the log and trace.jsonl end (rank 0's; None and 0 with no run folder); after
@@ -1469,7 +1469,7 @@ class SelfTuned(torch.optim.Optimizer):
                 "update may have been made without its record): resume from a checkpoint "
                 "saved before that step"
             )
-        kind, ours = own.get("optimizer_type"), type(self.optimizer).__name__
+        kind, ours = own.get("optimizer_type"), optimizer_name(self.optimizer)
         if kind is not None and kind != ours:
             raise ConfigError(
                 f"the state dict was saved from the optimizer {kind}, this one is {ours}: "
@@ -1759,7 +1759,7 @@ class SelfTuned(torch.optim.Optimizer):
         return tuple(self._rewinds)
 
     def __repr__(self) -> str:
-        return f"SelfTuned({type(self.optimizer).__name__}, controller={self.controller.name!r})"
+        return f"SelfTuned({optimizer_name(self.optimizer)}, controller={self.controller.name!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's own keeps only defaults, state and param_groups: a copy would lack the wrapped
@@ -2565,7 +2565,7 @@ class SelfTuned(torch.optim.Optimizer):
         """What the run was wrapped with: the manifest's record, and what every rank must share."""
         return {
             "controller": self.controller.name,
-            "optimizer": type(self.optimizer).__name__,
+            "optimizer": optimizer_name(self.optimizer),
             "start": self.hyperparams(),
             "options": [group_options(g, self.optimizer) for g in self.param_groups],
             "policy": _policy_json(self.policy),
