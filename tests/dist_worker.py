@@ -288,9 +288,15 @@ def _sharded_mlp() -> torch.nn.Module:
 
 
 def _sharded_steps(
-    model: torch.nn.Module, opt: selftune.SelfTuned, rank: int, steps: int, nan_step: int
-) -> list[float]:
-    """Train on per-rank batches, a NaN loss on rank 1 at ``nan_step``; the rate of every step."""
+    model: torch.nn.Module,
+    opt: selftune.SelfTuned,
+    rank: int,
+    steps: int,
+    nan_step: int,
+    read: Callable[[selftune.SelfTuned], Any] = lambda opt: opt.hyperparams()[0]["lr"],
+) -> list[Any]:
+    """Train on per-rank batches, a NaN loss on rank 1 at ``nan_step``; what ``read`` reads of
+    the optimizer after every step (the first group's rate)."""
     gen, hp = torch.Generator().manual_seed(rank), []
     for t in range(1, steps + 1):
         x = torch.randn(32, 16, generator=gen)
@@ -299,7 +305,7 @@ def _sharded_steps(
         loss.backward()
         bad = math.nan if t == nan_step and rank == 1 else 1.0
         opt.step(loss=loss.detach() * bad)
-        hp.append(opt.hyperparams()[0]["lr"])
+        hp.append(read(opt))
     return hp
 
 
@@ -463,15 +469,9 @@ def _combined(rank: int, steps: int, nan_step: int) -> dict[str, Any]:
     hidden = model.module[0].weight
     rest = [p for p in model.parameters() if p is not hidden]
     opt = selftune.wrap([torch.optim.Muon([hidden], lr=0.02), torch.optim.AdamW(rest)])
-    gen, hp = torch.Generator().manual_seed(rank), []
-    for t in range(1, steps + 1):
-        x = torch.randn(32, 16, generator=gen)
-        loss = (model(x) - x[:, :1] * x[:, 1:2]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        bad = math.nan if t == nan_step and rank == 1 else 1.0
-        opt.step(loss=loss.detach() * bad)
-        hp.append([k["lr"] for k in opt.hyperparams()])
+    hp = _sharded_steps(
+        model, opt, rank, steps, nan_step, read=lambda o: [k["lr"] for k in o.hyperparams()]
+    )
     return {"hp": hp, "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
 
 

@@ -365,44 +365,22 @@ def test_replay_refuses_an_optimizer_of_the_combination_built_otherwise(tmp_path
 def test_the_hugging_face_trainer_steps_a_combination_it_was_given(tmp_path: Path) -> None:
     """``Trainer(optimizers=(Combined(muon, adamw), None))``: its scheduler drives both
     optimizers' rates, and ``wrap_trainer_optimizer`` wraps the combination as one."""
-    transformers = pytest.importorskip("transformers")
-    from selftune.integrations.huggingface import wrap_trainer_optimizer
+    pytest.importorskip("transformers")
+    from test_integrations import _hf_trainer
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        vocab_size=64,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    ids = torch.randint(0, 64, (64, 4), generator=torch.Generator().manual_seed(0)).repeat(1, 4)
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n]
-    rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
-    combined = Combined(torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=16,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        save_strategy="no",
-    )
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data, optimizers=(combined, None)
-    )
+    from selftune.integrations.huggingface import find_selftuned, wrap_trainer_optimizer
+
+    def muon_and_adamw(model: torch.nn.Module) -> tuple[Combined, None]:
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".h." in n]
+        rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+        return Combined(torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest)), None
+
+    trainer = _hf_trainer(tmp_path / "out", 12, save_strategy="no", optimizers=muon_and_adamw)
     wrap_trainer_optimizer(trainer, log_dir=tmp_path / "run")
     trainer.train()
+    opt = find_selftuned(trainer.optimizer)
+    assert isinstance(opt.optimizer, Combined) and opt.step_count == 12
     assert selftune.verify(tmp_path / "run").records > 0
-    wrapped = [trainer.optimizer, getattr(trainer.optimizer, "optimizer", None)]
-    opt = next(o for o in wrapped if isinstance(o, selftune.SelfTuned))
-    assert opt.optimizer is combined and opt.step_count == 12
 
 
 def test_the_log_names_the_combination_and_a_replay_in_another_order_is_refused(

@@ -1026,10 +1026,12 @@ def _hf_trainer(
     evaluate: bool = False,
     held_out: Callable[[list[Any]], Any] | None = None,
     model_init: bool = False,
+    optimizers: Callable[[Any], Any] | None = None,
     **args: Any,
 ) -> Any:
     """A tiny GPT-2 ``Trainer``; ``evaluate``: held out are the first 64 sequences, or what
-    ``held_out`` makes of the data; ``model_init``: given a function that builds the model."""
+    ``held_out`` makes of the data; ``model_init``: given a function that builds the model;
+    ``optimizers``: what builds the Trainer's ``optimizers`` pair from the model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -1073,6 +1075,8 @@ def _hf_trainer(
         if model_init
         else {"model": model}
     )
+    if optimizers is not None:
+        built["optimizers"] = optimizers(model)
     return transformers.Trainer(args=targs, train_dataset=data, eval_dataset=evaluation, **built)
 
 
