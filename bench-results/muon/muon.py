@@ -43,6 +43,7 @@ SEEDS = range(3)
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 DEFAULT = 1e-3  #: torch's Muon's default rate, and AdamW's
 ROWS = ("muon-default", *(f"muon-grid-{lr:g}" for lr in GRID), "selftune-auto-muon")
+ADAMW_ROWS = ("muon-grid-0.1", "muon-grid-0.1-adamw-0.01", "muon-grid-0.1-adamw-0.1")
 
 
 def split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -55,13 +56,17 @@ def split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 
 
 def build(row: str) -> Method:
-    lr = DEFAULT if not row.startswith("muon-grid-") else float(row.removeprefix("muon-grid-"))
+    """A row's method: ``muon-grid-<lr>`` (``-adamw-<lr>``: AdamW at that rate, not 1e-3)."""
+    lr, rest_lr = DEFAULT, DEFAULT
+    if row.startswith("muon-grid-"):
+        muon_lr, _, adamw_lr = row.removeprefix("muon-grid-").partition("-adamw-")
+        lr, rest_lr = float(muon_lr), float(adamw_lr or DEFAULT)
 
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
 
         muon, rest = split(model)
-        parts = [torch.optim.Muon(muon, lr=lr), torch.optim.AdamW(rest, lr=DEFAULT)]
+        parts = [torch.optim.Muon(muon, lr=lr), torch.optim.AdamW(rest, lr=rest_lr)]
         if row != "selftune-auto-muon":
             return Handle(selftune.Combined(parts))
         opt = selftune.wrap(parts, seed=s.seed)
@@ -85,7 +90,7 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     return record
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ROWS) -> str:
     """Median steps to target per row and workload (hits of seeds), and each against the grid's
     best median (the oracle)."""
 
@@ -99,15 +104,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
 
     lines = [
-        "| workload | " + " | ".join(ROWS) + " |",
-        "|---|" + "---:|" * len(ROWS),
+        "| workload | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     ratios = []
     for w in WORKLOADS:
         grid = [m for lr in GRID if (m := median(w, f"muon-grid-{lr:g}")[0]) is not None]
         oracle = min(grid) if grid else None
         cells = []
-        for row in ROWS:
+        for row in columns:
             value, hits, n = median(w, row)
             cell = "miss" if value is None else f"{value:g}"
             if value is not None and oracle is not None and row == "selftune-auto-muon":
@@ -115,18 +120,25 @@ def table(rows: list[dict[str, Any]]) -> str:
                 cell += f" ({value / oracle:.2f}x)"
             cells.append(f"{cell} [{hits}/{n}]")
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("`selftune-auto-muon` against the oracle: " + ", ".join(ratios))
+    if ratios:
+        lines.append("")
+        lines.append("`selftune-auto-muon` against the oracle: " + ", ".join(ratios))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    out = HERE / "results.json"
+    """The probe's rows (``--table``: the table alone, from ``results.json``), or with
+    ``--adamw``, Muon at 0.1 beside AdamW at 1e-2 and 1e-1, the rates `auto` raised AdamW's
+    to, into ``adamw-rate.json`` and ``adamw-rate.md``."""
+    rows, name = ROWS, "results"
+    if sys.argv[1:] == ["--adamw"]:
+        rows, name = ADAMW_ROWS, "adamw-rate"
+    out = HERE / f"{name}.json"
     if sys.argv[1:] != ["--table"]:
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in ROWS]
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows]
         run_rows(run, jobs, out)
-    text = table(json.loads(out.read_text(encoding="utf-8")))
-    (HERE / "table.md").write_text(text, encoding="utf-8")
+    text = table(json.loads(out.read_text(encoding="utf-8")), rows)
+    (HERE / ("table.md" if name == "results" else f"{name}.md")).write_text(text, encoding="utf-8")
     print(text)
 
 
