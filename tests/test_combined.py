@@ -415,3 +415,25 @@ def test_a_refused_wrap_of_a_list_leaves_its_optimizers_free() -> None:
     opt = selftune.wrap([muon, adamw])
     train_step(model, opt, 1)
     assert opt.step_count == 1
+
+
+def test_global_step_hooks_run_once_a_step_of_the_combination() -> None:
+    """torch's hooks for every optimizer run around the Combined's step, not again around each
+    optimizer's (a profiler's step counter counted three steps a call); an optimizer's own
+    hooks still run at its update."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model = make_model()
+    muon, adamw = make_optimizers(model)
+    combined = Combined(muon, adamw)
+    seen: list[str] = []
+    own: list[str] = []
+    handle = register_optimizer_step_post_hook(lambda opt, *_: seen.append(type(opt).__name__))
+    adamw.register_step_post_hook(lambda opt, *_: own.append(type(opt).__name__))
+    try:
+        train_step(model, combined, 1)
+        train_step(model, selftune.wrap(combined), 2)
+    finally:
+        handle.remove()
+    assert seen == ["Combined", "SelfTuned"]
+    assert own == ["AdamW", "AdamW"]
