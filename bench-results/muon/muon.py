@@ -44,6 +44,12 @@ GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 DEFAULT = 1e-3  #: torch's Muon's default rate, and AdamW's
 ROWS = ("muon-default", *(f"muon-grid-{lr:g}" for lr in GRID), "selftune-auto-muon")
 ADAMW_ROWS = ("muon-grid-0.1", "muon-grid-0.1-adamw-0.01", "muon-grid-0.1-adamw-0.1")
+AUTHORS = 0.02  #: the rate Muon's authors train hidden weights at
+START_ROWS = (
+    "selftune-auto-muon",
+    "selftune-auto-muon-from-authors",
+    "selftune-auto-muon-from-authors-joint",
+)
 
 
 def split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -56,20 +62,25 @@ def split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 
 
 def build(row: str) -> Method:
-    """A row's method: ``muon-grid-<lr>`` (``-adamw-<lr>``: AdamW at that rate, not 1e-3)."""
+    """A row's method: ``muon-grid-<lr>`` (``-adamw-<lr>``: AdamW at that rate, not 1e-3);
+    ``selftune-auto-muon`` (``-from-authors``: from Muon at 0.02; ``-joint``: the groups tuned
+    as one, keeping their rates' ratio)."""
     lr, rest_lr = DEFAULT, DEFAULT
     if row.startswith("muon-grid-"):
         muon_lr, _, adamw_lr = row.removeprefix("muon-grid-").partition("-adamw-")
         lr, rest_lr = float(muon_lr), float(adamw_lr or DEFAULT)
+    if "-from-authors" in row:
+        lr = AUTHORS
 
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
 
         muon, rest = split(model)
         parts = [torch.optim.Muon(muon, lr=lr), torch.optim.AdamW(rest, lr=rest_lr)]
-        if row != "selftune-auto-muon":
+        if not row.startswith("selftune-auto-muon"):
             return Handle(selftune.Combined(parts))
-        opt = selftune.wrap(parts, seed=s.seed)
+        groups = "joint" if row.endswith("-joint") else "each"
+        opt = selftune.wrap(parts, seed=s.seed, groups=groups)
         mode = "max" if s.higher_is_better else "min"
         return Handle(
             opt,
@@ -127,12 +138,15 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ROWS) -> str:
 
 
 def main() -> None:
-    """The probe's rows (``--table``: the table alone, from ``results.json``), or with
+    """The probe's rows (``--table``: the table alone, from ``results.json``); with
     ``--adamw``, Muon at 0.1 beside AdamW at 1e-2 and 1e-1, the rates `auto` raised AdamW's
-    to, into ``adamw-rate.json`` and ``adamw-rate.md``."""
+    to, into ``adamw-rate.json`` and ``adamw-rate.md``; with ``--starts``, `auto` from Muon's
+    authors' rate, each group on its own and jointly, into ``starts.json`` and ``starts.md``."""
     rows, name = ROWS, "results"
     if sys.argv[1:] == ["--adamw"]:
         rows, name = ADAMW_ROWS, "adamw-rate"
+    if sys.argv[1:] == ["--starts"]:
+        rows, name = START_ROWS, "starts"
     out = HERE / f"{name}.json"
     if sys.argv[1:] != ["--table"]:
         jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows]
