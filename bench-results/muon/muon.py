@@ -14,11 +14,12 @@ benchmark's MLP workloads (``digits-mlp``, ``digits-autoencoder``, ``friedman-ml
 - ``selftune-auto-muon``: both defaults wrapped as one (``selftune.wrap([muon, adamw])``), given
   the loss at every step and the metric after every evaluation, as the benchmark's `auto` rows.
 
-Measured: steps to target, whether the guard gave up or the run diverged, and each group's
-effective rate at the end.  Run from the repository root (about ten minutes on two cores):
+Measured: steps to target, whether the guard gave up or the run diverged, and Muon's
+effective rate at the end.  Run from the repository root (a few minutes on two cores):
 ``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/muon/muon.py``; writes
 ``results.json`` (rows appended as runs end) and ``table.md`` next to this file;
-``muon.py --table`` remakes the table from ``results.json``.
+``muon.py --table`` remakes the table from ``results.json``, and ``--adamw`` and ``--starts``
+run the two follow-ups of the README (:func:`main`).
 """
 
 from __future__ import annotations
