@@ -19,7 +19,6 @@ saves and loads it unchanged.
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ import torch
 
 from selftune import shards
 from selftune.errors import ConfigError
-from selftune.hooks import global_step_hooks_held
+from selftune.hooks import StepGate, stepping_inside
 
 #: an attribute set on each optimizer a :class:`Combined` holds (two would both step it)
 _COMBINED = "_selftune_combined"
@@ -71,9 +70,8 @@ class Combined(torch.optim.Optimizer):
         defaults = {k: v for k, v in optimizers[0].defaults.items() if k in shared}
         super().__setstate__({"defaults": dict(defaults)})
         self.defaults = defaults  # (torch's adds "differentiable", which not every group has)
-        self._stepping = False
-        me = weakref.ref(self)
-        self._gates = [o.register_step_pre_hook(_PartGate(me)) for o in optimizers]
+        self._stepping_inner = False  #: stepping its optimizers now (``hooks.stepping_inside``)
+        self._gates = [o.register_step_pre_hook(StepGate(self)) for o in optimizers]
         for o in optimizers:
             setattr(o, _COMBINED, True)
 
@@ -140,15 +138,19 @@ class Combined(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
-        self._stepping = True
-        try:
-            # the global step hooks ran around this step: not again around each optimizer's
-            with global_step_hooks_held():
-                for o in self.optimizers:
-                    o.step()
-        finally:
-            self._stepping = False
+        with stepping_inside(self):
+            for o in self.optimizers:
+                o.step()
         return result
+
+    def _stepped_past(self, optimizer: torch.optim.Optimizer) -> str:
+        """Why its :class:`~selftune.hooks.StepGate` refuses a step of one of its optimizers
+        made past it: their groups and state are its own."""
+        return (
+            f"this {type(optimizer).__name__} is one of a {self!r}'s optimizers and was "
+            "stepped alone, past it: step the Combined (or the selftune wrapper around it), "
+            "which steps every optimizer it holds"
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
@@ -274,33 +276,6 @@ class _MergedState(MutableMapping[torch.Tensor, Any]):
     def clear(self) -> None:
         for o in self._combined.optimizers:
             o.state.clear()
-
-
-class _PartGate:
-    """The step pre-hook a :class:`Combined` registers on each of its optimizers: refuses a
-    step of one made past it, whose groups and state the :class:`Combined` holds (and a
-    selftune wrapper around it reads, rolls back and logs), before the update.  Let through:
-    the :class:`Combined`'s own step, and the step by which torch.distributed.checkpoint's
-    helpers fill an empty state.  Held weakly, as selftune's own gate holds its wrapper; a
-    copy lets every step through."""
-
-    __slots__ = ("_combined",)
-
-    def __init__(self, combined: weakref.ref[Combined] | None) -> None:
-        self._combined = combined
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        combined = None if self._combined is None else self._combined()
-        if combined is None or combined._stepping or shards.called_by_dcp():
-            return
-        raise ConfigError(
-            f"this {type(optimizer).__name__} is one of a {combined!r}'s optimizers and was "
-            "stepped alone, past it: step the Combined (or the selftune wrapper around it), "
-            "which steps every optimizer it holds"
-        )
-
-    def __reduce__(self) -> tuple[type[_PartGate], tuple[None]]:
-        return _PartGate, (None,)
 
 
 def _check_parts(optimizers: tuple[Any, ...]) -> None:

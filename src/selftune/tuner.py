@@ -40,7 +40,7 @@ from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
 from selftune.errors import ConfigError, ControllerError, GuardError
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
-from selftune.hooks import global_step_hooks_held
+from selftune.hooks import StepGate, stepping_inside
 from selftune.policy import Policy, start_misfits
 from selftune.signals import (
     RankState,
@@ -322,7 +322,7 @@ class SelfTuned(torch.optim.Optimizer):
         self._metric_at_average = False
         self._unwrapped = False  #: ``unwrap`` handed the optimizer back: no more steps here
         #: whether this wrapper is stepping the wrapped optimizer now, the one step that
-        #: optimizer's :class:`_StepGate` lets through (see :meth:`_step_inner`)
+        #: optimizer's :class:`~selftune.hooks.StepGate` lets through (see :meth:`_step_inner`)
         self._stepping_inner = False
         #: the inner optimizer steps only with a closure (L-BFGS, whose line search calls it)
         self._needs_closure = _needs_closure(optimizer)
@@ -373,7 +373,7 @@ class SelfTuned(torch.optim.Optimizer):
 
             shards.refuse_on_every_rank(open_log, "open its run folder")
         setattr(optimizer, _WRAPPED, True)  # last: a wrap refused above leaves no mark
-        self._gate = optimizer.register_step_pre_hook(_StepGate(self))
+        self._gate = optimizer.register_step_pre_hook(StepGate(self))
 
     # -- the wrapped optimizer's containers, shared rather than copied -----------------------
     @property
@@ -1034,15 +1034,24 @@ class SelfTuned(torch.optim.Optimizer):
         return True
 
     def _step_inner(self, closure: Callable[[], Any] | None = None) -> None:
-        """Step the wrapped optimizer: the one way its :class:`_StepGate` lets a step through
-        while it is wrapped, torch's global step hooks held back (they ran around this
-        wrapper's step)."""
-        self._stepping_inner = True
-        try:
-            with global_step_hooks_held():
-                self.optimizer.step(closure) if closure else self.optimizer.step()
-        finally:
-            self._stepping_inner = False
+        """Step the wrapped optimizer: the one way its :class:`~selftune.hooks.StepGate` lets
+        a step through while it is wrapped, torch's global step hooks held back (they ran
+        around this wrapper's step)."""
+        with stepping_inside(self):
+            self.optimizer.step(closure) if closure else self.optimizer.step()
+
+    def _stepped_past(self, optimizer: torch.optim.Optimizer) -> str:
+        """Why its :class:`~selftune.hooks.StepGate` refuses a step of the wrapped optimizer
+        made past the wrapper."""
+        return (
+            f"the {type(optimizer).__name__} that selftune.wrap wraps was stepped itself, "
+            f"past the wrapper ({self.step_count} steps in; a reference kept to it, "
+            "opt.optimizer.step(), a GradScaler or a framework given it): that step would move "
+            "the weights with no guard and no record in the run's log or trace, and the run "
+            "could no longer be replayed. Refused before the update: step the wrapper in its "
+            "place (opt.step(loss=loss.detach()), scaler.step(opt)), or to train on untuned, "
+            "take the optimizer back with opt.unwrap()"
+        )
 
     def _hold_shared_metric(self) -> None:
         """Hold the metric the ranks shared in this step's collective, if any observed one,
@@ -2856,46 +2865,6 @@ def _replay_once(closure: Callable[[], Any], result: Any) -> Callable[[], Any]:
             return closure()
 
     return wrapped
-
-
-class _StepGate:
-    """The step pre-hook a wrapper registers on the optimizer it wraps: refuses a step of that
-    optimizer not made by the wrapper (a reference the loop kept, ``opt.optimizer.step()``, a
-    GradScaler or framework given it), before the update.
-
-    Such a step moved the weights with no guard and no record in the log or the trace, and
-    the run could no longer be replayed, with no word.  Let through: the wrapper's own step
-    (:meth:`SelfTuned._step_inner`, its closure and L-BFGS's calls of it inside), and the step
-    by which torch.distributed.checkpoint's helpers, given ``opt.optimizer`` as the guide
-    says, fill an empty state with every rate zeroed (asked only of a step refused otherwise:
-    the wrapper's step costs one weak reference and one flag).  The wrapper is held weakly:
-    the loop holds the optimizer, which would keep a dropped wrapper, its snapshots and open
-    files alive; once it is gone, the gate lets every step through (``unwrap`` removes it).
-    A copy or a pickle of the gate (an optimizer whose ``__getstate__`` keeps its hooks) is
-    one that lets every step through: the optimizer copied is no wrapped one.
-    """
-
-    __slots__ = ("_wrapper",)
-
-    def __init__(self, wrapper: SelfTuned | None) -> None:
-        self._wrapper = None if wrapper is None else weakref.ref(wrapper)
-
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        wrapper = None if self._wrapper is None else self._wrapper()
-        if wrapper is None or wrapper._stepping_inner or shards.called_by_dcp():
-            return
-        raise ConfigError(
-            f"the {type(optimizer).__name__} that selftune.wrap wraps was stepped itself, "
-            f"past the wrapper ({wrapper.step_count} steps in; a reference kept to it, "
-            "opt.optimizer.step(), a GradScaler or a framework given it): that step would move "
-            "the weights with no guard and no record in the run's log or trace, and the run "
-            "could no longer be replayed. Refused before the update: step the wrapper in its "
-            "place (opt.step(loss=loss.detach()), scaler.step(opt)), or to train on untuned, "
-            "take the optimizer back with opt.unwrap()"
-        )
-
-    def __reduce__(self) -> tuple[type[_StepGate], tuple[None]]:
-        return _StepGate, (None,)
 
 
 #: the packages whose frames stand between a warning and the training loop's call
