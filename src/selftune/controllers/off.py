@@ -90,7 +90,7 @@ class OffController:
             if ceiling is not None:  # the first step after the cut: what it took off (a rate
                 # held at zero has nothing to double back)
                 cut.owed = ceiling / k["lr"] if ceiling > k["lr"] > 0.0 else 1.0
-            if cut.stands or self.regain_after == 0 or (cut.owed <= 1.0 and not cut.regained):
+            if cut.stands or (cut.owed <= 1.0 and not cut.regained):
                 continue
             cut.healthy += 1
             if cut.healthy < self.regain_after:
