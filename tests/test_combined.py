@@ -437,3 +437,27 @@ def test_global_step_hooks_run_once_a_step_of_the_combination() -> None:
         handle.remove()
     assert seen == ["Combined", "SelfTuned"]
     assert own == ["AdamW", "AdamW"]
+
+
+def test_wrapped_one_by_one_only_the_spiking_optimizers_guard_rolls_back() -> None:
+    """Why the combination: the same spike in Muon's gradients with each optimizer wrapped on
+    its own rolls back Muon's half of the model alone, AdamW's guard seeing nothing there."""
+    model = make_model()
+    wrapped = [selftune.wrap(o) for o in make_optimizers(model)]
+    heard: list[list[tuple[int, str]]] = [[], []]
+    for opt, events in zip(wrapped, heard, strict=True):
+        opt.add_listener(lambda e, got=events: e.guard and got.append((e.step, e.guard["event"])))
+    for step in range(1, SPIKE + 1):
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        for opt in wrapped:
+            opt.zero_grad()
+        loss.backward()
+        if step == SPIKE:
+            for p in matrices(model):
+                assert p.grad is not None
+                p.grad.mul_(1e4)
+        for opt in wrapped:
+            opt.step(loss=loss.detach())
+    assert (SPIKE, "rollback") in heard[0]
+    assert all(at != SPIKE for at, _ in heard[1])
