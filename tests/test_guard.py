@@ -65,7 +65,12 @@ _RATE_NOT_REGAINED = (
 #: combinations that miss the slack for a known defect; strict, so a fix shows as XPASS
 KNOWN: dict[tuple[str, str, str], str] = {
     ("sgd", "off", "lr_1e3"): _RATE_NOT_REGAINED,
-    **{("adamw", "hypergradient", f): _RATE_NOT_REGAINED for f in FAULTS},
+    # the faulty batch's update is held back and never made, nothing else changes: the run
+    # goes on one batch along the stream.  That alone (no fault, no guard event, a batch left
+    # out at step 53, 54, 55, 56 or 57) takes stability's SGD here from 78 steps to 153, 153,
+    # 133, 85 or 85: its rate is at its edge, and the clean run's 78 is its batch order's luck
+    ("sgd", "stability", "loss_x100"): "the clean run's steps are one batch order's luck",
+    **{("adamw", "hypergradient", f): _RATE_NOT_REGAINED for f in FAULTS if f != "loss_x100"},
 }
 
 
@@ -187,15 +192,18 @@ def test_fault_is_caught_logged_and_survived(
         assert at < first["step"] <= at + 2, first
     else:
         assert first["step"] == at, first
-    assert first["event"] == "rollback"
     assert first["signal"] in SIGNALS[fault], first
-    assert first["restored_step"] < at
+    # a spike is held, and the weights it came from show it again at the next step; a fault
+    # of one batch's loss is not there at the next step: its update was never made
+    spike = fault in ("loss_x100", "lr_1e3")
+    assert first["event"] == ("hold" if spike else "rollback"), first
+    rolled = events[1] if spike and fault == "lr_1e3" else first
     if fault == "nan_loss":
         assert math.isnan(float(first["value"]))
     if fault == "inf_grad":
         assert float(first["value"]) == math.inf
-    # one trouble, one rollback: the guard did not go on to fire again
-    assert len(events) == 1, events
+    # one trouble, one rollback (after its hold): the guard did not go on to fire again
+    assert len(events) == (2 if fault == "lr_1e3" else 1), events
     cuts = [
         r
         for r in read_log(tmp_path).records
@@ -204,9 +212,14 @@ def test_fault_is_caught_logged_and_survived(
         and r["knob"] == "lr"
         and r["step"] >= at
     ]
-    assert [r["step"] for r in cuts] == [first["step"]]
-    if fault != "lr_1e3":  # there ``old`` is the restored base rate times the wild scale
-        assert cuts[0]["new"] < cuts[0]["old"]
+    if fault == "loss_x100":
+        assert not cuts, cuts  # nothing restored, nothing cut
+    else:
+        assert rolled["event"] == "rollback" and rolled["restored_step"] < at, rolled
+        assert rolled["step"] == first["step"] + (fault == "lr_1e3"), rolled
+        assert [r["step"] for r in cuts] == [rolled["step"]]
+    if fault in ("nan_loss", "inf_grad"):  # at lr_1e3 ``old`` is the restored base rate
+        assert cuts[0]["new"] < cuts[0]["old"]  # times the wild scale
     assert run.hit is not None, (
         f"{fault} at step {at}: the target {TARGET} was not reached within {limit} steps "
         f"({SLACK}x the clean run's {clean}); full-data loss at the end {run.final:.4f}"
@@ -355,8 +368,9 @@ def test_a_rollback_logs_the_rate_it_cut_from(tmp_path: Path) -> None:
     train(task, opt, 60, faults={40: "lr_1e3"}, evaluate=False)
     opt.close()
     records = read_log(tmp_path).records
-    # the step at 1e3 is taken; the next one's loss is the spike
-    (cut,) = [r for r in records if r["kind"] == "decision" and r["step"] == 41]
+    # the step at 1e3 is taken; the next one's loss is the spike, held, and the one after,
+    # on the same weights, confirms it
+    (cut,) = [r for r in records if r["kind"] == "decision" and r["step"] == 42]
     assert cut["source"] == "guard" and cut["knob"] == "lr"
     assert (cut["old"], cut["new"]) == (1e3, pytest.approx(0.05 * 0.5))
 
@@ -977,7 +991,9 @@ def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
             opt.step(loss=loss.detach())  # raised GuardError before
         assert opt.step_count == 120 and math.isfinite(float(loss.detach()))
         events = [(r["step"], r["event"]) for r in guard_records(tmp_path / str(seed))]
-        assert not events or events[:2] == [(51, "rollback"), (52, "relevel")], events
+        # held, confirmed on the same weights, then the restored weights show it too
+        hold = [(51, "hold"), (52, "rollback"), (53, "relevel")]
+        assert not events or events[:3] == hold, events
         assert heard == events
         relevels += len(events) > 0
     assert relevels >= 3  # the spike came in most runs: the test keeps its power
@@ -1173,8 +1189,8 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
     runs of these eight, was called a regression 34-39 steps later in three (one of which went
     forward again, as a loss that rises by design) and a spike at once in two; the rate
     raised 30x was caught at once in one run of eight, 30-45 steps later in the others.  Now a
-    loss below zero moves them to the loss's own scale: each fault is a spike at once, and
-    clean runs raise nothing."""
+    loss below zero moves them to the loss's own scale: each fault is a spike at once (held,
+    and rolled back where the next step spikes too), and clean runs raise nothing."""
     fault_at, steps = 200, 250
     for seed in range(4):
         ends = []
@@ -1203,7 +1219,11 @@ def test_a_loss_that_goes_below_zero_is_judged_on_its_own_scale(
                 # the rate fault is in the snapshot of step 200 too: a second rollback may
                 # go back one further
                 first, kinds = got[0][0], {g[1:] for g in got}
-                assert kinds == {("rollback", "loss")}, (seed, fault, got)
+                held, rolled = ("hold", "loss"), ("rollback", "loss")
+                assert kinds <= {held, rolled}, (seed, fault, got)
+                # the weights moved stay moved, and the next step confirms the spike; a rate
+                # raised 30x may leave weights whose spike one batch alone shows
+                assert fault == "rate" or rolled in kinds, (seed, fault, got)
                 assert fault_at <= first <= fault_at + (0 if fault == "mean" else 2), got
         assert max(ends[1:]) < ends[0] + 0.1, (seed, ends)  # survived: trained on as clean
 
@@ -1718,3 +1738,88 @@ def test_a_rollback_restores_the_optimizer_s_own_scalars_in_their_dtype(
         if key != "step" and isinstance(value, torch.Tensor) and value.dim() == 0
     }
     assert scalars and set(scalars.values()) == {torch.float32}, scalars
+
+
+def _held_run(after: list[float], config: Any = None) -> list[Any]:
+    """A guard fed 60 steps of a loss about 1.0 with a 2% wobble, snapshots kept as the
+    wrapper keeps them, then a spike of 10x at step 61 and the losses ``after`` it; what it
+    called each step from 61 on."""
+    guard = selftune.guard.Guard(config or selftune.GuardConfig())
+    calls = []
+    for step, loss in enumerate([1.0 + 0.02 * (-1) ** t for t in range(60)] + [10.0, *after], 1):
+        trouble = guard.check(_signals(step, loss))
+        if trouble is None and guard.wants_snapshot(step):
+            guard.keep(step, {"step": step})
+        if step > 60:
+            calls.append(trouble)
+    return calls
+
+
+def test_a_spike_is_held_and_the_next_step_judges_it() -> None:
+    """A spike after the warm-up is held (``Trouble.hold``: the wrapper makes no update and
+    restores nothing); a healthy step after it goes on, one more spike than a batch's own, or
+    a step still over half the spike's deviations, is trouble, named after the held one."""
+    held, *rest = _held_run([1.0, 1.0])
+    assert held is not None and held.hold and held.signal == "loss" and held.step == 61
+    assert rest == [None, None]
+    for after in (10.0, 1.2):  # a spike, or 1.2: some 6 sd above a level with 2% of noise
+        held, confirmed, _ = _held_run([after, 1.0])
+        assert held.hold and confirmed is not None and not confirmed.hold
+        assert confirmed.signal == "loss" and "whose step 61 spiked too" in confirmed.reason
+    # off, the first spike is trouble at once, as before the hold
+    (at_once, _) = _held_run([1.0], selftune.GuardConfig(confirm=False))
+    assert at_once is not None and not at_once.hold
+
+
+def test_spikes_that_keep_coming_are_not_held() -> None:
+    """A second spike within ``interval`` steps of a held one is trouble at once: a batch's own
+    spike is rare, and two tasks by turns, whose losses stand 100x apart, had every other
+    step held (the second task never trained); ``interval`` steps later a spike is held
+    again.  Nor is a jump of the warm-up held, a start past the rate's edge."""
+    calls = _held_run([1.0, 1.0, 1.0, 10.0] + [1.0] * 30 + [10.0])
+    called = [(c.step, c.hold) for c in calls if c is not None]
+    assert called == [(61, True), (65, False), (96, True)]
+    guard = selftune.guard.Guard()
+    guard.keep(1, {"step": 1})
+    for step, loss in enumerate([2.3, 2.2, 2.1, 30.0], 1):
+        trouble = guard.check(_signals(step, loss))
+    assert trouble is not None and trouble.step == 4 and not trouble.hold
+
+
+def _ragged_epochs(seed: int, confirm: bool, epochs: int = 100) -> tuple[list[Any], float]:
+    """A run of ``bench-results/ragged-batch/epochs.py``: the benchmark's digits MLP under
+    plain AdamW through the guard alone, on a shuffled ``DataLoader`` whose epochs of 1,438
+    examples in batches of 179 end on a batch of 6; the guard's events and the rate at the
+    end."""
+    from selftune.bench.data import digits
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    guard = selftune.GuardConfig(confirm=confirm)
+    opt = selftune.wrap(torch.optim.AdamW(net.parameters(), lr=1e-3), "off", guard=guard)
+    events: list[Any] = []
+    opt.add_listener(lambda e: events.append((e.step, e.guard["event"])) if e.guard else None)
+    data = digits()
+    dataset = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+    order = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=179, shuffle=True, generator=order)
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+    return events, opt.hyperparams()[0]["lr"]
+
+
+def test_the_ragged_last_batch_of_an_epoch_is_held_not_rolled_back() -> None:
+    """Late in a run the batch of six that ends an epoch spikes the gradient norm (its noise
+    is some five times a full batch's): the guard that acts at once rolled the run back and
+    halved its rate for good, where the hold loses that batch's update alone and the rate
+    stays the run's own."""
+    at_once, cut = _ragged_epochs(2, confirm=False)
+    (step, event), *_ = at_once
+    assert event == "rollback" and cut == pytest.approx(5e-4), at_once
+    held, rate = _ragged_epochs(2, confirm=True)
+    assert held == [(step, "hold")] and rate == 1e-3, held
+    assert step % 9 == 0  # eight batches of 179 and one of 6 an epoch: the sixth's step

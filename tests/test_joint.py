@@ -469,8 +469,14 @@ def _two_layers(problem: Problem, lrs: tuple[float, float], held: list[Any]) -> 
     return inner, torch.optim.lr_scheduler.LambdaLR(inner, held)
 
 
+#: a guard that rolls back at the first spike
+AT_ONCE = selftune.GuardConfig(confirm=False)
+
+
 def _spiked(problem: Problem, opt: Any, schedule: Any, steps: int, spike: int) -> None:
-    """Train ``steps`` steps under ``schedule``, the loss passed at step ``spike`` 1e4x."""
+    """Train ``steps`` steps under ``schedule``, the loss passed at step ``spike`` 1e4x.  The
+    wrapper's guard is to act at that spike (``GuardConfig(confirm=False)``): the tests are of
+    the rollback at that step, not of a hold before it."""
     for t in range(1, steps + 1):
         loss = problem.batch_loss(t)
         opt.zero_grad()
@@ -488,7 +494,7 @@ def test_a_rollback_past_a_new_reference_keeps_the_run_s_units() -> None:
     problem = mlp_regression(seed=20)
     inner, schedule = _two_layers(problem, (1e-2, 2e-2), [lambda s: float(s < 19), lambda s: 1.0])
     controller = _Grow()
-    opt = selftune.wrap(inner, controller, groups="joint")
+    opt = selftune.wrap(inner, controller, groups="joint", guard=AT_ONCE)
     events: list[Any] = []
     opt.add_listener(lambda e: events.append(e))
     _spiked(problem, opt, schedule, 26, spike=22)
@@ -508,7 +514,7 @@ def test_a_failure_as_the_reference_is_set_to_zero_is_told() -> None:
         problem = mlp_regression(seed=21)
         held = [lambda s: float(s < 29)] if arm == "frozen" else [lambda s: 1.0]
         inner, schedule = _two_layers(problem, (1e-2, 1e-2), [*held, lambda s: 1.0])
-        opt = selftune.wrap(inner, groups="joint")
+        opt = selftune.wrap(inner, groups="joint", guard=AT_ONCE)
         _spiked(problem, opt, schedule, 30, spike=30)
         failed[arm] = opt.state_dict()["selftune"]["controller"]["inner"]["failed"]
     assert failed["none"][0] is not None

@@ -67,7 +67,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "group": ("step", "group", "knobs", "num_params", "reason"),
     "note": ("reason",),
 }
-GUARD_EVENTS = ("skip", "rollback", "escalate", "restart", "relevel", "forward")
+GUARD_EVENTS = ("hold", "skip", "rollback", "escalate", "restart", "relevel", "forward")
 CHAIN_FIELDS = ("seq", "prev", "hash")
 #: how the reason of a ``groups="joint"`` decision that makes another group's change on its own
 #: group ends (before any note of the policy's); a log of tens of groups holds one per group

@@ -170,8 +170,8 @@ class ReplayController:
 
 
 class ReplayGuard(Guard):
-    """Declares trouble exactly at the logged skip, rollback and escalate steps, and nowhere
-    else."""
+    """Declares trouble exactly at the logged hold, skip, rollback and escalate steps, and
+    nowhere else."""
 
     def __init__(self, config: GuardConfig, records: list[dict[str, Any]], passes: _Passes) -> None:
         super().__init__(config)
@@ -182,9 +182,11 @@ class ReplayGuard(Guard):
                 str(r["signal"]),
                 _number(r, "value", float),
                 f"replay: {r['reason']}",
+                hold=r["event"] == "hold",
             )
             for r in records
-            if r.get("kind") == "guard" and r.get("event") in ("skip", "rollback", "escalate")
+            if r.get("kind") == "guard"
+            and r.get("event") in ("hold", "skip", "rollback", "escalate")
         }
         #: the steps where the logged run's guard started its snapshots again after a state
         #: dict loaded without them: the replay drops its own there, so that its rollbacks and
@@ -229,6 +231,7 @@ class ReplayGuard(Guard):
     def judge(self, s: Signals) -> Trouble | None:
         # the levels the logged run's guard learnt: its snapshots' levels, and so where its
         # regressions went back to, follow from them
+        last_hold = self.last_hold
         found = super().judge(s)
         escalation = self._passes.gave_up(s.step)  # in a pass a rewind threw away
         if escalation is not None:
@@ -236,6 +239,9 @@ class ReplayGuard(Guard):
         if self._passes.thrown_away(s.step):  # whatever it met there, the log holds none of it
             return None
         logged = self._events.get(s.step)
+        # the next steps judge by the logged run's holds, not this guard's own
+        self.held = s.step if logged is not None and logged.hold else None
+        self.last_hold = last_hold if self.held is None else self.held
         if found is not None and logged is None and not math.isfinite(found.value):
             # the logged run had no trouble here, and every non-finite value is trouble: a
             # replay that trained on into it ended on non-finite weights without a word

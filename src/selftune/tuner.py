@@ -738,13 +738,10 @@ class SelfTuned(torch.optim.Optimizer):
         reads_buffer = getattr(self.controller, "reads_buffer", True)
         if self.guard is not None:
             self.guard.begin_step(t)
-        # with no snapshot held, trouble can only skip the step, and no snapshot then restores
-        # what reading it changed: the loss statistics, and the previous update it multiplies
-        unread = (
-            self._tracker.state_dict(include_update=False)
-            if self.guard is not None and not self.guard.snapshots
-            else None
-        )
+        # trouble that only skips the step (no snapshot held yet, or a spike held for the next
+        # step to judge) has no snapshot to restore what reading it changed: the loss
+        # statistics, and the previous update it multiplies (a few numbers, no tensor)
+        unread = self._tracker.state_dict(include_update=False) if self.guard is not None else None
         self._ranks.broken = self._broken_at is not None
         signals = self._tracker.measure(t, loss, self.optimizer.state, reads_buffer, self._ranks)
         if self._tracker.no_gradient and not skipped and not self._told_no_gradient:
@@ -766,7 +763,10 @@ class SelfTuned(torch.optim.Optimizer):
             current = self.hyperparams()
             self._lowered = [None] * len(self._lowered)
         if trouble is not None or (self.guard is not None and self.guard.forward is not None):
-            if trouble is not None:
+            decisions: list[Decision]
+            if trouble is not None and trouble.hold:
+                decisions, event = [], self._hold(trouble, unread)
+            elif trouble is not None:
                 decisions, event = self._roll_back(trouble, signals, unread, failures)
             else:
                 decisions, event = self._go_forward(t, failures)
@@ -2275,6 +2275,23 @@ class SelfTuned(torch.optim.Optimizer):
             "lr_factor": factor,
         }
         return decisions, event
+
+    def _hold(self, trouble: Trouble, unread: dict[str, Any] | None) -> dict[str, Any]:
+        """The guard's hold of a spike (:meth:`selftune.guard.Guard._confirmed`), its event:
+        the step's update is not made and nothing else changes, so that the next step judges
+        the same weights on another batch.  The signals' reading of the step is undone as a
+        skip's is: the spike stays out of the loss statistics the controller reads, and the
+        next step reads no previous update (none was made)."""
+        assert unread is not None  # taken whenever the guard is on
+        self._tracker.load_state_dict(unread)
+        _zero_grads_in_place(self.optimizer)
+        return {
+            "event": "hold",
+            "signal": trouble.signal,
+            "value": trouble.value,
+            "reason": f"{trouble.reason}; update held back: the next step, on the same "
+            "weights, shows whether they or this batch spiked",
+        }
 
     def _tell(
         self,
