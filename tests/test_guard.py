@@ -1823,3 +1823,48 @@ def test_the_ragged_last_batch_of_an_epoch_is_held_not_rolled_back() -> None:
     held, rate = _ragged_epochs(2, confirm=True)
     assert held == [(step, "hold")] and rate == 1e-3, held
     assert step % 9 == 0  # eight batches of 179 and one of 6 an epoch: the sixth's step
+
+
+def _held_and_resumed(folder: Path, faults: set[int], stop: int | None = None) -> Any:
+    """Plain SGD through the guard on the fault task, the loss passed 100x at the steps of
+    ``faults``; stopped with a checkpoint after step ``stop``, or resumed from that checkpoint
+    where one is in ``folder``'s parent.  The weights at step 80."""
+    task = make_task()
+    opt = wrapped(task, "sgd", "off", log_dir=folder)
+    checkpoint, first = folder.parent / "held.pt", 1
+    if stop is None and checkpoint.exists():
+        saved = selftune.load_checkpoint(checkpoint, model=task.model, optimizer=opt)
+        task.order.set_state(saved["extra"]["order"])
+        first = saved["step"] + 1
+    for t in range(first, 81):
+        loss = task.batch_loss() * (100.0 if t in faults else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        if t == stop:
+            extra = {"order": task.order.get_state()}
+            selftune.save_checkpoint(
+                checkpoint, model=task.model, optimizer=opt, step=t, extra=extra
+            )
+            break
+    opt.close()
+    return final_weights(task.model)
+
+
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_a_checkpoint_saved_on_a_held_spike_resumes_as_the_run(
+    confirmed: bool, tmp_path: Path
+) -> None:
+    """The held spike travels in the checkpoint: resumed from one saved right after the hold,
+    the next step rolls back (the spike again) or goes on (a healthy batch) as the run that
+    never stopped does, to the same weights and the same log."""
+    faults = {60, 61} if confirmed else {60}
+    whole = _held_and_resumed(tmp_path / "whole" / "run", faults)
+    events = [(r["step"], r["event"]) for r in guard_records(tmp_path / "whole" / "run")]
+    assert events == [(60, "hold"), (61, "rollback")] if confirmed else [(60, "hold")], events
+    part = tmp_path / "part" / "run"
+    _held_and_resumed(part, faults, stop=60)
+    resumed = _held_and_resumed(part, faults)
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
+    hashes = [[r["hash"] for r in read_log(d).records] for d in (tmp_path / "whole" / "run", part)]
+    assert hashes[0] == hashes[1]
