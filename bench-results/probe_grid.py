@@ -9,6 +9,7 @@ than one of them has."""
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -84,6 +85,19 @@ def count_guard_events(opt: Any, key: Callable[[dict[str, Any]], str] | None = N
     name = key or (lambda guard: guard["event"])
     opt.add_listener(lambda e: events.update([name(e.guard)]) if e.guard else None)
     return events
+
+
+def accuracy_columns() -> list[Column]:
+    """The columns of a probe whose runs end on a test accuracy (``accuracy``) and may stop
+    with ``GuardError`` (``stopped``): the accuracy per seed and its median, the runs stopped,
+    the rate at the end and the guard's events."""
+    return [
+        ("test accuracy per seed", "---", lambda m: per_seed(m, lambda r: f"{r['accuracy']:.3f}")),
+        ("median", "---:", lambda m: f"{statistics.median(r['accuracy'] for r in m):.3f}"),
+        ("stopped by GuardError", "---:", lambda m: str(sum(r["stopped"] is not None for r in m))),
+        ("rate at the end", "---", rates),
+        ("guard events (all seeds)", "---", events_total),
+    ]
 
 
 def of_variant(rows: list[Row], variant: str) -> list[Row]:

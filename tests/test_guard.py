@@ -1765,7 +1765,7 @@ def test_a_spike_is_held_and_the_next_step_judges_it() -> None:
     for after in (10.0, 1.2):  # a spike, or 1.2: some 6 sd above a level with 2% of noise
         held, confirmed, _ = _held_run([after, 1.0])
         assert held.hold and confirmed is not None and not confirmed.hold
-        assert confirmed.signal == "loss" and "whose step 61 spiked too" in confirmed.reason
+        assert confirmed.signal == "loss" and "whose spike at step 61 was held" in confirmed.reason
     # off, the first spike is trouble at once, as before the hold
     (at_once, _) = _held_run([1.0], selftune.GuardConfig(confirm=False))
     assert at_once is not None and not at_once.hold

@@ -3,9 +3,10 @@
 ``DataLoader(drop_last=False)``, torch's default, ends each epoch on the examples left over: with
 1,438 training examples of scikit-learn's digits (``selftune.bench.data.digits``) and batches of
 110, 179 or 205, that last batch holds 8, 6 or 3 examples, and its mean loss strays from the
-others' about four to eight times as far (the square root of the ratio of their sizes).  This trains the benchmark's digits MLP shape (64-64-10,
-ReLU) for 100 epochs, shuffled, with SGD (momentum 0.9, 0.01) and AdamW (1e-3) at fixed rates,
-seeds 0-4, each batch size with the ragged batch kept and dropped (``-drop``), under:
+others' about four to eight times as far (the square root of the ratio of their sizes).
+This trains the benchmark's digits MLP shape (64-64-10, ReLU) for 100 epochs, shuffled, with
+SGD (momentum 0.9, 0.01) and AdamW (1e-3) at fixed rates, seeds 0-4, each batch size with the
+ragged batch kept and dropped (``-drop``), under:
 
 - ``guard-only``: ``controller="off"`` with the default guard (a spike held for the next step
   to confirm: ``GuardConfig(confirm=True)``);
@@ -14,14 +15,13 @@ seeds 0-4, each batch size with the ragged batch kept and dropped (``-drop``), u
 - ``auto`` and ``auto-at-once``: ``selftune.wrap(optimizer)`` with the same two guards.
 
 Measured: test accuracy at the end, whether the run stopped with ``GuardError``, the rate at
-the end and the guard's events.  Run from the
-repository root: ``PYTHONPATH=src python bench-results/ragged-batch/epochs.py`` (about five
-minutes on two cores); writes ``results.json`` and ``table.md`` next to this file.
+the end and the guard's events.  Run from the repository root:
+``PYTHONPATH=src python bench-results/ragged-batch/epochs.py`` (about ten minutes on two
+cores); writes ``results.json`` and ``table.md`` next to this file.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,7 @@ from selftune.bench.data import digits
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import (  # noqa: E402
-    Column,
-    count_guard_events,
-    events_total,
-    per_seed,
-    rates,
-    run_grid,
-)
+from probe_grid import accuracy_columns, count_guard_events, run_grid  # noqa: E402
 
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
@@ -104,13 +97,7 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     }
 
 
-COLUMNS: list[Column] = [
-    ("test accuracy per seed", "---", lambda m: per_seed(m, lambda r: f"{r['accuracy']:.3f}")),
-    ("median", "---:", lambda m: f"{statistics.median(r['accuracy'] for r in m):.3f}"),
-    ("stopped by GuardError", "---:", lambda m: str(sum(r["stopped"] is not None for r in m))),
-    ("rate at the end", "---", rates),
-    ("guard events (all seeds)", "---", events_total),
-]
+COLUMNS = accuracy_columns()
 
 
 def main() -> None:

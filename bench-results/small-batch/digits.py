@@ -22,7 +22,6 @@ two cores); writes ``results.json`` and ``table.md`` next to this file.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,14 +36,7 @@ from selftune.tuner import StepEvent
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import (  # noqa: E402
-    Column,
-    count_guard_events,
-    events_total,
-    per_seed,
-    rates,
-    run_grid,
-)
+from probe_grid import accuracy_columns, count_guard_events, run_grid  # noqa: E402
 
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
@@ -99,13 +91,7 @@ def run(
     }
 
 
-COLUMNS: list[Column] = [
-    ("test accuracy per seed", "---", lambda m: per_seed(m, lambda r: f"{r['accuracy']:.3f}")),
-    ("median", "---:", lambda m: f"{statistics.median(r['accuracy'] for r in m):.3f}"),
-    ("stopped by GuardError", "---:", lambda m: str(sum(r["stopped"] is not None for r in m))),
-    ("rate at the end", "---", rates),
-    ("guard events (all seeds)", "---", events_total),
-]
+COLUMNS = accuracy_columns()
 
 
 def main() -> None:

@@ -37,8 +37,9 @@ improves, and rolling back one player's state does not bring it back).
 
 A spike (not a non-finite value) is first only *held* (a ``hold`` event): the step's update is
 not made, nothing is restored and no rate is cut, and the next step, on the same weights and a
-new batch, judges it.  A spike there too is the weights': the rollback below, one step later
-and with no update made between.  A spike the next batch does not show was its own batch's (the
+new batch, judges it.  A spike there too, or a loss or gradient norm more than half ``z``
+deviations above its level, is the weights': the rollback below, one step later and with no
+update made between.  A spike the next batch does not show was its own batch's (the
 ragged last batch of an epoch, a handful of examples where the others have a hundred, whose
 mean loss strays far more; a batch of hard examples): the run goes on, having lost that one
 batch's update, where a rollback would have lost up to ``interval`` steps and halved the rate
@@ -149,9 +150,10 @@ class GuardConfig:
     #: before it judged a loss below zero on its own scale)
     nonfinite_only: bool = False
     #: hold back the update of a step whose loss or gradient norm spikes, and roll back only
-    #: if the next step, on the same weights, spikes too: a spike the next batch does not
-    #: show was its own batch's (a ragged last batch of an epoch, a batch of hard examples),
-    #: and a rollback there cost up to ``interval`` steps and halved the rate for nothing
+    #: if the next step, on the same weights, spikes too or stands high: a spike the next
+    #: batch does not show was its own batch's (a ragged last batch of an epoch, a batch of
+    #: hard examples), and a rollback there cost up to ``interval`` steps and halved the rate
+    #: for nothing
     confirm: bool = True
 
     def __post_init__(self) -> None:
@@ -194,7 +196,8 @@ GUARD_FLAGS = {
     "this optimizer's own progress, a GAN player's, a policy gradient's surrogate) or False "
     "(also judge spikes and regressions, the default)",
     "confirm": "True (a spike's update is held back, and rolled back from only if the next "
-    "step spikes too, the default) or False (roll back at the first spike)",
+    "step, on the same weights, spikes too or stands high, the default) or False (roll back "
+    "at the first spike)",
 }
 
 
@@ -519,8 +522,8 @@ class Guard:
         (``tests/test_core.py``'s starts at 10x the rate then missed their bar in all five
         runs that met such a jump)."""
         if pending is not None:
-            why = f"{trouble.reason}, on the weights whose step {pending} spiked too"
-            return replace(trouble, reason=f"{why} (its update held back)")
+            why = f"{trouble.reason}, on the weights whose spike at step {pending} was held"
+            return replace(trouble, reason=why)
         last, c = self.last_hold, self.config
         recent = last is not None and trouble.step - last < c.interval
         stats = self.grad if trouble.signal == "grad_norm" else self.loss

@@ -947,7 +947,7 @@ def _decisions_table(run: Run) -> str:
 def _guard_table(run: Run) -> str:
     guards = run.log.guards
     if not guards:
-        return "<p class=sub>No guard events: no step was skipped or rolled back.</p>"
+        return "<p class=sub>No guard events: no step was held, skipped or rolled back.</p>"
     rows = "".join(
         f"<tr class=guard><td><span class='tag guard'>G{n}</span></td>"
         f"<td class=num>{_e(g['step'])}</td><td>{_e(g['event'])}</td><td>{_e(g['signal'])}</td>"

@@ -82,7 +82,7 @@ def event_metric(event: StepEvent) -> float | None:
 
 
 def describe_guard(step: int, guard: dict[str, Any]) -> str:
-    """One line for a guard event (skip, roll back, escalate) and its reason."""
+    """One line for a guard event (hold, skip, roll back, escalate, ...) and its reason."""
     return f"step {step}: guard {guard.get('event', '?')}: {guard.get('reason', '')}"
 
 
