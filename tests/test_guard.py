@@ -1757,8 +1757,9 @@ def _held_run(after: list[float], config: Any = None) -> list[Any]:
 
 def test_a_spike_is_held_and_the_next_step_judges_it() -> None:
     """A spike after the warm-up is held (``Trouble.hold``: the wrapper makes no update and
-    restores nothing); a healthy step after it goes on, one more spike than a batch's own, or
-    a step still over half the spike's deviations, is trouble, named after the held one."""
+    restores nothing); after a healthy step the run goes on, and another spike, or a step
+    more than half the deviations a spike needs above the level, is trouble named after the
+    held one."""
     held, *rest = _held_run([1.0, 1.0])
     assert held is not None and held.hold and held.signal == "loss" and held.step == 61
     assert rest == [None, None]
@@ -1822,7 +1823,7 @@ def test_the_ragged_last_batch_of_an_epoch_is_held_not_rolled_back() -> None:
     assert event == "rollback" and cut == pytest.approx(5e-4), at_once
     held, rate = _ragged_epochs(2, confirm=True)
     assert held == [(step, "hold")] and rate == 1e-3, held
-    assert step % 9 == 0  # eight batches of 179 and one of 6 an epoch: the sixth's step
+    assert step % 9 == 0  # an epoch is eight batches of 179 and one of 6: the step of the 6
 
 
 def _held_and_resumed(folder: Path, faults: set[int], stop: int | None = None) -> Any:
@@ -1861,7 +1862,8 @@ def test_a_checkpoint_saved_on_a_held_spike_resumes_as_the_run(
     faults = {60, 61} if confirmed else {60}
     whole = _held_and_resumed(tmp_path / "whole" / "run", faults)
     events = [(r["step"], r["event"]) for r in guard_records(tmp_path / "whole" / "run")]
-    assert events == [(60, "hold"), (61, "rollback")] if confirmed else [(60, "hold")], events
+    expected = [(60, "hold"), (61, "rollback")] if confirmed else [(60, "hold")]
+    assert events == expected, events
     part = tmp_path / "part" / "run"
     _held_and_resumed(part, faults, stop=60)
     resumed = _held_and_resumed(part, faults)

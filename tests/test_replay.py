@@ -32,7 +32,6 @@ from selftune.audit import GENESIS, AuditLog, LogError, canonical, read_log, rec
 from selftune.replay import Decided, _FollowsTrace, _Passes
 
 STEPS = 150
-#: a NaN loss and a loss 100x too large: two guard rollbacks inside the replayed run
 #: a non-finite loss (rolled back at once), a spike of one batch (held, and gone on from), and
 #: a spike that the next step shows too (held, then rolled back)
 FAULTS = {40: "nan_loss", 90: "loss_x100", 120: "loss_x100", 121: "loss_x100"}
