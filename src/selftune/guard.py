@@ -415,9 +415,8 @@ class Guard:
     #: a jump of the warm-up too small for its check: its step and the loss's log level before
     #: it, until the level gets back below that (see :meth:`_damaged`)
     jump: dict[str, float] | None = None
-    #: the step of the last step's spike, whose update was held back: a spike now confirms it
-    held: int | None = None
-    #: the step of the last spike held, confirmed or not
+    #: the step of the last spike held, confirmed or not: one of the step before is pending,
+    #: and this step confirms it or not
     last_hold: int | None = None
 
     @property
@@ -452,7 +451,7 @@ class Guard:
         c = self.config
         fresh, self.fresh, self.relevelled, self.mistaken = self.fresh, False, None, None
         skipped, self.skipped, self.forward = self.skipped, None, None
-        pending, self.held = self.held, None
+        pending = self.last_hold if self.last_hold == s.step - 1 else None
         if s.loss is not None and -math.inf < s.loss < 0 and not self.loss.signed:
             self._to_own_scale(s.step)
         trouble = self._spike(s)
@@ -488,10 +487,10 @@ class Guard:
         """Trouble when the loss or the gradient norm of the step after a held spike, on the
         same weights, stands more than half ``z`` deviations above its level, short of a spike
         of its own: the weights were harmed, if less than that one batch showed.  A rate raised
-        30x spiked a Gaussian NLL's loss 7.3 deviations above its level, and the next batch,
-        at 4.2, passed as healthy: the run went on at that rate, and ended at 3x the clean
-        run's loss (``tests/test_guard.py``).  Under normal noise a batch stands that high
-        about once in a thousand."""
+        30x on a Gaussian NLL spiked its loss once, and the next batch, high but short of a
+        spike, passed as healthy: the run went on at that rate, and ended at 3x the clean
+        run's loss (``tests/test_guard.py``).  Under normal noise a batch stands 3 deviations
+        high about once in a thousand."""
         c = self.config
         bar = c.z / 2
         read = [("loss", s.loss, self.loss), ("grad_norm", s.grad_norm, self.grad)]
@@ -507,7 +506,7 @@ class Guard:
 
     def _confirmed(self, trouble: Trouble, pending: int | None) -> Trouble:
         """``trouble`` as the wrapper acts on it: a finite spike after a healthy step is held
-        (its update held back, nothing restored, nothing cut: :attr:`held`), and the next
+        (its update held back, nothing restored, nothing cut: :attr:`last_hold`), and the next
         step judges it.  The weights stay as they were, so a spike there too is theirs, and
         the rollback comes one step later than it would have, with no update made between;
         a spike the next batch does not show was its own batch's.  A non-finite value is
@@ -530,7 +529,7 @@ class Guard:
         early = stats.n < c.warmup
         if recent or early or not (c.confirm and self.snapshots and math.isfinite(trouble.value)):
             return trouble
-        self.held = self.last_hold = trouble.step
+        self.last_hold = trouble.step
         return replace(trouble, hold=True)
 
     def _regression(self, step: int) -> Trouble:
@@ -919,7 +918,6 @@ _SAVED = (
     "rises",
     "restarted",
     "jump",
-    "held",
     "last_hold",
 )
 #: the snapshots held beside the newest two, saved with them by :meth:`Guard.snapshots_state`

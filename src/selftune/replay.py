@@ -240,8 +240,7 @@ class ReplayGuard(Guard):
             return None
         logged = self._events.get(s.step)
         # the next steps judge by the logged run's holds, not this guard's own
-        self.held = s.step if logged is not None and logged.hold else None
-        self.last_hold = last_hold if self.held is None else self.held
+        self.last_hold = s.step if logged is not None and logged.hold else last_hold
         if found is not None and logged is None and not math.isfinite(found.value):
             # the logged run had no trouble here, and every non-finite value is trouble: a
             # replay that trained on into it ended on non-finite weights without a word
