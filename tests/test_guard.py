@@ -999,6 +999,38 @@ def test_a_layer_unfrozen_mid_run_is_learnt_not_rolled_back_until_the_run_stops(
     assert relevels >= 3  # the spike came in most runs: the test keeps its power
 
 
+def test_a_new_task_s_gradients_are_judged_against_its_own_level(tmp_path: Path) -> None:
+    """Two regressions on a shared trunk by turns of 100 steps, their losses 100x apart
+    (``bench-results/multi-task/``): at the first change of task the loss spikes, is held,
+    rolled back from, and the restored weights show it too, so the guard learns its new level.
+    The gradient norm's level was left as the old task's, and the new task's gradients spiked
+    against it one and four steps later (seeds 2 and 4), whose rollbacks' cuts stood.  The
+    loss's relevel learns the gradient norm's level afresh too."""
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(2000, 8, generator=gen)
+        w_a, w_b = torch.randn(8, 1, generator=gen), torch.randn(8, 1, generator=gen)
+        targets = (torch.sin(x @ w_a), 10 * torch.tanh(x @ w_b))
+        torch.manual_seed(seed)
+        trunk = torch.nn.Sequential(
+            torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh()
+        )
+        heads = torch.nn.ModuleList([torch.nn.Linear(64, 1), torch.nn.Linear(64, 1)])
+        inner = torch.optim.AdamW([*trunk.parameters(), *heads.parameters()], lr=1e-3)
+        opt = selftune.wrap(inner, "off", log_dir=tmp_path / str(seed))
+        for step in range(120):
+            task = step // 100
+            i = torch.randint(0, len(x), (32,), generator=gen)
+            loss = torch.nn.functional.mse_loss(heads[task](trunk(x[i])), targets[task][i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss.detach())
+        opt.close()
+        events = [(r["step"], r["event"]) for r in guard_records(tmp_path / str(seed))]
+        assert events == [(101, "hold"), (102, "rollback"), (103, "relevel")], (seed, events)
+        assert opt.hyperparams()[0]["lr"] == pytest.approx(1e-3)  # the relevel undid the cut
+
+
 def _switch_and_replay(seed: int, folder: Path) -> tuple[float, float, bool | None]:
     """:func:`_switching_run` under ``auto``, logged to ``folder``; with its losses, whether a
     replay of the log ended on the same weights (None: no regression's rollback to replay)."""

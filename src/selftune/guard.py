@@ -717,7 +717,13 @@ class Guard:
             self.mistaken, self.forgiven, self.retries = snap, snap.step, 0
 
     def _relevel(self, trouble: Trouble, why: str) -> None:
-        """Learn the troubled signal's level afresh instead of rolling back."""
+        """Learn the troubled signal's level afresh instead of rolling back.  A loss that
+        spiked on weights that were healthy marks new data or a new objective, whose gradients
+        are of another size too: the gradient norm's level is learnt afresh with it.  Kept,
+        it judged the new task's gradients against the old one's (two tasks by turns, whose
+        losses stand 100x apart: the norm spiked a few steps after the loss's relevel, and its
+        rollback's cut stood; ``bench-results/multi-task/``).  A gradient norm's own spike
+        (a layer unfrozen) leaves the loss's level as it was."""
         if trouble.signal == "grad_norm":
             self.grad, self.grad_since = _RunningStats(), trouble.step
         else:
@@ -725,6 +731,7 @@ class Guard:
                 self.loss.best, self.above = self.loss.mean, 0
             else:
                 self.loss = _RunningStats(signed=self.loss.signed)
+                self.grad, self.grad_since = _RunningStats(), trouble.step
             self.loss_since, self.jump = trouble.step, None
             if self.best is not None and self.best.step < trouble.step:
                 self.best = None
