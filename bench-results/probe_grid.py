@@ -1,7 +1,9 @@
 """What the probes of kinds of run selftune was not built for share (``gan/gan.py``,
 ``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
 ``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
-``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`): every
+``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`, and
+``muon/muon.py`` and ``rmsprop/rmsprop.py`` race a grid with :func:`steps_row`,
+:func:`tuned_handle` and :func:`oracle_table`, and trace a run with :func:`trace`): every
 variant on every seed, on two processes, the results written next to the probe's script as
 ``results.json`` and ``table.md``, and the pieces of a run's row and of the table that more
 than one of them has."""
@@ -121,3 +123,127 @@ def events_total(rows: list[Row]) -> str:
     for r in rows:
         total.update(r["events"])
     return ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"
+
+
+def oracle_table(
+    rows: list[Row],
+    workloads: Sequence[str],
+    columns: Sequence[str],
+    grid: Sequence[str],
+    tuned: str,
+) -> str:
+    """Median steps to target per row (``columns``) and workload, with the hits of the seeds;
+    a median only where more than half the seeds hit.  The least median of the ``grid`` rows
+    is the oracle, and the ``tuned`` row's median is also given against it (``muon/muon.py``,
+    ``rmsprop/rmsprop.py``)."""
+
+    def median(workload: str, row: str) -> tuple[float | None, int, int]:
+        mine = [r for r in rows if r["workload"] == workload and r["row"] == row]
+        steps = [r["steps_to_target"] for r in mine]
+        hits = sum(s is not None for s in steps)
+        if hits * 2 <= len(steps) or not steps:
+            return None, hits, len(steps)
+        inf = float("inf")
+        return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
+
+    lines = [
+        "| workload | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    ratios = []
+    for w in workloads:
+        medians = [m for row in grid if (m := median(w, row)[0]) is not None]
+        oracle = min(medians) if medians else None
+        cells = []
+        for row in columns:
+            value, hits, n = median(w, row)
+            cell = "miss" if value is None else f"{value:g}"
+            if value is not None and oracle is not None and row == tuned:
+                ratios.append(f"{w}: {value / oracle:.2f}x")
+                cell += f" ({value / oracle:.2f}x)"
+            cells.append(f"{cell} [{hits}/{n}]")
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    if ratios:
+        lines.append("")
+        lines.append(f"`{tuned}` against the oracle: " + ", ".join(ratios))
+    return "\n".join(lines) + "\n"
+
+
+def trace(workload: str, method: Any, seed: int, out: Path) -> None:
+    """Train ``method`` on ``workload`` from ``seed`` as the benchmark does, its ``selftune.wrap``
+    given a log folder; print the steps to target and every decision of the log (the range
+    test's growth folded into its first and last step), and write the same to ``out``
+    (``muon/trace.py``, ``rmsprop.py --trace``)."""
+    import tempfile
+
+    import selftune
+    from selftune.bench import workloads
+    from selftune.bench.runner import one_thread, train
+
+    folder = Path(tempfile.mkdtemp()) / "run"
+    wrap = selftune.wrap
+
+    def logged(*args: Any, **kwargs: Any) -> selftune.SelfTuned:
+        return wrap(*args, **kwargs, log_dir=folder)
+
+    selftune.wrap = logged  # the probe's own row, with a log
+    try:
+        (chosen,) = workloads.select([workload])
+        with one_thread():
+            record = train(chosen, method, seed)
+    finally:
+        selftune.wrap = wrap
+    lines = [f"{workload} seed {seed}: steps to target {record['steps_to_target']}"]
+    ramp: list[dict[str, Any]] = []
+    for line in (folder / "decisions.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("kind") not in ("decision", "guard"):
+            continue
+        if r.get("kind") == "decision" and str(r["reason"]).startswith("range test: steps not"):
+            ramp.append(r)
+            continue
+        lines.extend(_ramp(ramp))
+        ramp = []
+        what = r.get("event") if r["kind"] == "guard" else f"{r['old']:.4g} -> {r['new']:.4g}"
+        lines.append(f"step {r['step']} group {r.get('group', '-')} {what}: {r.get('reason')}")
+    lines.extend(_ramp(ramp))
+    text = "\n".join(lines) + "\n"
+    out.write_text(text, encoding="utf-8")
+    print(text, end="")
+
+
+def _ramp(ramp: list[dict[str, Any]]) -> list[str]:
+    """The range test's growth, one line per group: from its first step to its last."""
+    out = []
+    for group in sorted({r["group"] for r in ramp}):
+        mine = [r for r in ramp if r["group"] == group]
+        out.append(
+            f"steps {mine[0]['step']}-{mine[-1]['step']} group {group} "
+            f"{mine[0]['old']:.4g} -> {mine[-1]['new']:.4g}: range test, growing"
+        )
+    return out
+
+
+def tuned_handle(opt: Any, s: Any) -> Any:
+    """The benchmark's handle of a wrapped optimizer, as its `auto` rows have it: told the loss at
+    every step and the metric after every evaluation, its rate read from ``hyperparams``."""
+    from selftune.bench.methods import Handle
+
+    mode = "max" if s.higher_is_better else "min"
+    return Handle(
+        opt,
+        pass_loss=True,
+        lr_of=lambda o: o.hyperparams()[0]["lr"],
+        metric_to=lambda value: opt.observe(value, mode=mode),
+    )
+
+
+def steps_row(method: Any, job: tuple[str, str, int]) -> Row:
+    """One run of a probe raced against a grid (``job``: workload, row, seed): its steps to
+    target, budget, divergence and error, and its rate at the end."""
+    workload, row, seed = job
+    key = {"workload": workload, "row": row, "seed": seed}
+    fields = ("steps_to_target", "steps_budget", "diverged", "error", "curves")
+    record = train_row(workload, method, seed, key, fields)
+    record["final_lr"] = record.pop("curves")["lr"][-1]
+    return record

@@ -25,7 +25,6 @@ run the two follow-ups of the README (:func:`main`).
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from selftune.bench.methods import Handle, Method, Setting
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import run_rows, train_row  # noqa: E402
+from probe_grid import oracle_table, run_rows, steps_row, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "digits-autoencoder", "friedman-mlp", "moons-deep-tanh")
 SEEDS = range(3)
@@ -82,60 +81,20 @@ def build(row: str) -> Method:
             return Handle(selftune.Combined(parts))
         groups = "joint" if row.endswith("-joint") else "each"
         opt = selftune.wrap(parts, seed=s.seed, groups=groups)
-        mode = "max" if s.higher_is_better else "min"
-        return Handle(
-            opt,
-            pass_loss=True,
-            lr_of=lambda o: o.hyperparams()[0]["lr"],
-            metric_to=lambda value: opt.observe(value, mode=mode),
-        )
+        return tuned_handle(opt, s)
 
     return Method(row, "probe", "muon", make, len(SEEDS), lr)
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
-    workload, row, seed = job
-    key = {"workload": workload, "row": row, "seed": seed}
-    fields = ("steps_to_target", "steps_budget", "diverged", "error", "curves")
-    record = train_row(workload, build(row), seed, key, fields)
-    record["final_lr"] = record.pop("curves")["lr"][-1]
-    return record
+    return steps_row(build(job[1]), job)
 
 
 def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = ROWS) -> str:
-    """Median steps to target per row and workload (hits of seeds), and each against the grid's
-    best median (the oracle)."""
-
-    def median(workload: str, row: str) -> tuple[float | None, int, int]:
-        mine = [r for r in rows if r["workload"] == workload and r["row"] == row]
-        steps = [r["steps_to_target"] for r in mine]
-        hits = sum(s is not None for s in steps)
-        if hits * 2 <= len(steps) or not steps:
-            return None, hits, len(steps)
-        inf = float("inf")
-        return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
-
-    lines = [
-        "| workload | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    ratios = []
-    for w in WORKLOADS:
-        grid = [m for lr in GRID if (m := median(w, f"muon-grid-{lr:g}")[0]) is not None]
-        oracle = min(grid) if grid else None
-        cells = []
-        for row in columns:
-            value, hits, n = median(w, row)
-            cell = "miss" if value is None else f"{value:g}"
-            if value is not None and oracle is not None and row == "selftune-auto-muon":
-                ratios.append(f"{w}: {value / oracle:.2f}x")
-                cell += f" ({value / oracle:.2f}x)"
-            cells.append(f"{cell} [{hits}/{n}]")
-        lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    if ratios:
-        lines.append("")
-        lines.append("`selftune-auto-muon` against the oracle: " + ", ".join(ratios))
-    return "\n".join(lines) + "\n"
+    """Median steps to target per row and workload (hits of seeds), and `auto`'s against the
+    grid's best median (the oracle)."""
+    grid = [f"muon-grid-{lr:g}" for lr in GRID]
+    return oracle_table(rows, WORKLOADS, columns, grid, "selftune-auto-muon")
 
 
 def main() -> None:

@@ -1,0 +1,98 @@
+"""`auto` over torch's RMSprop: a base optimizer none of `auto`'s constants were chosen on.
+
+RMSprop divides each step by a running root mean square of the gradients, with no first moment
+unless given ``momentum``, and, unlike Adam, no bias correction: its average starts at zero, so
+its first steps are up to ``1/sqrt(1 - alpha) = 10x`` the rate in every coordinate.  Four of the
+benchmark's workloads (``digits-mlp``, ``friedman-mlp``, ``mnist1d-cnn`` and the held-out
+``moons-deep-tanh``), seeds 0-2, with the benchmark's loop, targets and budgets
+(:func:`selftune.bench.runner.train`). Rows:
+
+- ``rmsprop-grid-<lr>``: RMSprop at a constant rate from 1e-4 to 1e-2 (torch's default, 3x
+  apart): the least median steps of these is the oracle;
+- ``selftune-auto-rmsprop``: RMSprop at torch's default rate wrapped with ``selftune.wrap``,
+  given the loss at every step and the metric after every evaluation, as the benchmark's `auto`
+  rows are; ``-lr1e-3``: started at 1e-3;
+- ``selftune-auto-rmsprop-no-range-test``: from torch's default, ``range_test=False``.
+
+Measured: steps to target, whether the guard gave up or the run diverged, and the rate at the
+end.  Run from the repository root (about ten minutes on two cores):
+``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/rmsprop/rmsprop.py``; writes
+``results.json`` (rows appended as runs end) and ``table.md`` next to this file;
+``rmsprop.py --table`` remakes the table from ``results.json``, and ``rmsprop.py --trace
+WORKLOAD ROW SEED`` prints one `auto` run's decisions and writes them to
+``trace-WORKLOAD-ROW-SEED.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selftune.bench.methods import Handle, Method, Setting
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+from probe_grid import oracle_table, run_rows, steps_row, trace, tuned_handle  # noqa: E402
+
+WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
+SEEDS = range(3)
+GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT = 1e-2  #: torch's RMSprop's default rate
+TUNED = "selftune-auto-rmsprop"
+ROWS = (
+    *(f"rmsprop-grid-{lr:g}" for lr in GRID),
+    TUNED,
+    f"{TUNED}-lr1e-3",
+    f"{TUNED}-no-range-test",
+)
+
+
+def build(row: str) -> Method:
+    """A row's method: ``rmsprop-grid-<lr>``, or `auto` over RMSprop (``-lr1e-3``: from that
+    rate; ``-no-range-test``: the cruise from the start)."""
+    lr = float(row.removeprefix("rmsprop-grid-")) if row.startswith("rmsprop-grid-") else DEFAULT
+    if row.endswith("-lr1e-3"):
+        lr = 1e-3
+
+    def make(model: nn.Module, s: Setting) -> Handle:
+        import selftune
+        from selftune.controllers.auto import AutoController
+
+        opt = torch.optim.RMSprop(model.parameters(), lr=lr)
+        if not row.startswith(TUNED):
+            return Handle(opt)
+        controller = AutoController(range_test=not row.endswith("-no-range-test"))
+        tuned = selftune.wrap(opt, controller, seed=s.seed)
+        return tuned_handle(tuned, s)
+
+    return Method(row, "probe", "rmsprop", make, len(SEEDS), lr)
+
+
+def run(job: tuple[str, str, int]) -> dict[str, Any]:
+    return steps_row(build(job[1]), job)
+
+
+def main() -> None:
+    """The probe's rows (``--table``: the table alone, from ``results.json``; ``--trace``: one
+    run's decisions)."""
+    if sys.argv[1:2] == ["--trace"]:
+        workload, row, seed = sys.argv[2:]
+        trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
+        return
+    out = HERE / "results.json"
+    if sys.argv[1:] != ["--table"]:
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in ROWS]
+        run_rows(run, jobs, out)
+    grid = [f"rmsprop-grid-{lr:g}" for lr in GRID]
+    text = oracle_table(json.loads(out.read_text(encoding="utf-8")), WORKLOADS, ROWS, grid, TUNED)
+    (HERE / "table.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
