@@ -12,7 +12,10 @@ benchmark's workloads (``digits-mlp``, ``friedman-mlp``, ``mnist1d-cnn`` and the
 - ``selftune-auto-rmsprop``: RMSprop at torch's default rate wrapped with ``selftune.wrap``,
   given the loss at every step and the metric after every evaluation, as the benchmark's `auto`
   rows are; ``-lr1e-3``: started at 1e-3;
-- ``selftune-auto-rmsprop-no-range-test``: from torch's default, ``range_test=False``.
+- ``selftune-auto-rmsprop-no-range-test``: from torch's default, ``range_test=False``;
+- ``selftune-off-rmsprop``: torch's default wrapped with ``controller="off"`` (the guard alone);
+  ``-regain``: with ``regain_after=25`` (a cut of the guard's doubles back after 25 healthy
+  steps).
 
 Measured: steps to target, whether the guard gave up or the run diverged, and the rate at the
 end.  Run from the repository root (about ten minutes on two cores):
@@ -44,17 +47,21 @@ SEEDS = range(3)
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT = 1e-2  #: torch's RMSprop's default rate
 TUNED = "selftune-auto-rmsprop"
+OFF = "selftune-off-rmsprop"  #: the guard alone, the rate as given
+REGAIN = f"{OFF}-regain"  #: the guard alone, its cuts on trial
 ROWS = (
     *(f"rmsprop-grid-{lr:g}" for lr in GRID),
     TUNED,
     f"{TUNED}-lr1e-3",
     f"{TUNED}-no-range-test",
+    OFF,
+    REGAIN,
 )
 
 
 def build(row: str) -> Method:
-    """A row's method: ``rmsprop-grid-<lr>``, or `auto` over RMSprop (``-lr1e-3``: from that
-    rate; ``-no-range-test``: the cruise from the start)."""
+    """A row's method: ``rmsprop-grid-<lr>``, `auto` over RMSprop (``-lr1e-3``: from that
+    rate; ``-no-range-test``: the cruise from the start), or the guard alone over it."""
     lr = float(row.removeprefix("rmsprop-grid-")) if row.startswith("rmsprop-grid-") else DEFAULT
     if row.endswith("-lr1e-3"):
         lr = 1e-3
@@ -64,9 +71,12 @@ def build(row: str) -> Method:
         from selftune.controllers.auto import AutoController
 
         opt = torch.optim.RMSprop(model.parameters(), lr=lr)
-        if not row.startswith(TUNED):
+        if not row.startswith("selftune-"):
             return Handle(opt)
         controller = AutoController(range_test=not row.endswith("-no-range-test"))
+        if row.startswith(OFF):
+            regain = 25 if row == REGAIN else 0
+            return tuned_handle(selftune.wrap(opt, "off", regain_after=regain, seed=s.seed), s)
         tuned = selftune.wrap(opt, controller, seed=s.seed)
         return tuned_handle(tuned, s)
 
