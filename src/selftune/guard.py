@@ -724,14 +724,14 @@ class Guard:
         losses stand 100x apart: the norm spiked a few steps after the loss's relevel, and its
         rollback's cut stood; ``bench-results/multi-task/``).  A gradient norm's own spike
         (a layer unfrozen) leaves the loss's level as it was."""
-        if trouble.signal == "grad_norm":
+        spike = trouble.signal != REGRESSION
+        if spike:  # of either signal: the gradient norm's level is learnt afresh
             self.grad, self.grad_since = _RunningStats(), trouble.step
-        else:
-            if trouble.signal == REGRESSION:
-                self.loss.best, self.above = self.loss.mean, 0
-            else:
+        if trouble.signal != "grad_norm":
+            if spike:
                 self.loss = _RunningStats(signed=self.loss.signed)
-                self.grad, self.grad_since = _RunningStats(), trouble.step
+            else:
+                self.loss.best, self.above = self.loss.mean, 0
             self.loss_since, self.jump = trouble.step, None
             if self.best is not None and self.best.step < trouble.step:
                 self.best = None
