@@ -224,17 +224,19 @@ def _ramp(ramp: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def tuned_handle(opt: Any, s: Any) -> Any:
+def tuned_handle(opt: Any, s: Any, **handle: Any) -> Any:
     """The benchmark's handle of a wrapped optimizer, as its `auto` rows have it: told the loss at
-    every step and the metric after every evaluation, its rate read from ``hyperparams``."""
-    from selftune.bench.methods import Handle
+    every step and the metric after every evaluation, its rate read from ``hyperparams``;
+    ``handle``: the rest of the handle (a scheduler)."""
+    from selftune.bench.methods import Handle, _selftune_lr
 
     mode = "max" if s.higher_is_better else "min"
     return Handle(
         opt,
         pass_loss=True,
-        lr_of=lambda o: o.hyperparams()[0]["lr"],
+        lr_of=_selftune_lr,
         metric_to=lambda value: opt.observe(value, mode=mode),
+        **handle,
     )
 
 

@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
+from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from probe_grid import count_guard_events, run_rows, train_row  # noqa: E402
+from probe_grid import count_guard_events, run_rows, train_row, tuned_handle  # noqa: E402
 
 SEEDS = range(3)
 ARMS = ("one", "split", "layer", "joint", "decay-each", "decay-joint")
@@ -88,13 +88,7 @@ def build(base: str, arm: str) -> Callable[[nn.Module, Setting], Handle]:
         mode = "joint" if arm.endswith("joint") else "each"
         opt = selftune.wrap(inner, seed=s.seed, groups=mode)
         EVENTS.append(count_guard_events(opt))
-        better = "max" if s.higher_is_better else "min"
-        return Handle(
-            opt,
-            pass_loss=True,
-            lr_of=_selftune_lr,
-            metric_to=lambda v: opt.observe(v, mode=better),
-        )
+        return tuned_handle(opt, s)
 
     return make
 

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting, _selftune_lr
+from selftune.bench.methods import ADAMW_DEFAULT, SGD_DEFAULT, Handle, Method, Setting
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from probe_grid import run_rows, train_row  # noqa: E402
+from probe_grid import run_rows, train_row, tuned_handle  # noqa: E402
 
 SEEDS = range(3)
 SCHEDULES = ("constant", "linear", "warmup-cosine", "onecycle")
@@ -83,15 +83,7 @@ def build(base: str, schedule: str, how: str) -> Callable[[nn.Module, Setting], 
         if how == "plain":
             return Handle(inner, scheduler=scheduler(inner, schedule, s.steps, lr))
         opt = selftune.wrap(inner, seed=s.seed)
-        sched = scheduler(opt, schedule, s.steps, lr)
-        mode = "max" if s.higher_is_better else "min"
-        return Handle(
-            opt,
-            scheduler=sched,
-            pass_loss=True,
-            lr_of=_selftune_lr,
-            metric_to=lambda v: opt.observe(v, mode=mode),
-        )
+        return tuned_handle(opt, s, scheduler=scheduler(opt, schedule, s.steps, lr))
 
     return make
 
