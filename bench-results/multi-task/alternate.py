@@ -48,7 +48,8 @@ VARIANTS = tuple(f"block{b}-{k}" for b in BLOCKS for k in KINDS)
 SEEDS, STEPS = range(5), 2000
 
 
-def run(variant: str, seed: int) -> dict[str, Any]:
+def run(variant: str, seed: int, log_dir: Path | None = None) -> dict[str, Any]:
+    """One run; ``log_dir``: where a wrapped run writes its decision log (for a trace)."""
     torch.set_num_threads(1)
     block, kind = int(variant.split("-", 1)[0][5:]), variant.split("-", 1)[1]
     gen = torch.Generator().manual_seed(seed)
@@ -62,7 +63,9 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     events: dict[str, int] = {}
     if kind != "plain":
         guard = selftune.GuardConfig(nonfinite_only=True) if kind == "auto-nonfinite" else True
-        opt = selftune.wrap(opt, "off" if kind == "guard-only" else "auto", guard=guard)
+        opt = selftune.wrap(
+            opt, "off" if kind == "guard-only" else "auto", guard=guard, log_dir=log_dir
+        )
         events = count_guard_events(opt)
     stopped = None
     for t in range(STEPS):
