@@ -30,16 +30,19 @@ from selftune.audit import DECISIONS, MANIFEST, read_log
 FAULTS = ("nan_loss", "inf_grad", "loss_x100", "lr_1e3")
 
 #: starting rates at which the plain optimizers train :func:`make_task` well
-LR = {"sgd": 0.05, "adamw": 0.01}
+LR = {"sgd": 0.05, "adamw": 0.01, "rmsprop": 0.01}
 
 
 def make_optimizer(name: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9, or AdamW at its defaults; ``lr`` defaults to :data:`LR`."""
+    """SGD with momentum 0.9, or AdamW or RMSprop at their defaults; ``lr`` defaults to
+    :data:`LR`."""
     rate = LR[name] if lr is None else lr
     if name == "sgd":
         return torch.optim.SGD(params, lr=rate, momentum=0.9)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=rate)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=rate)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(LR)}")
 
 

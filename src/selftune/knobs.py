@@ -204,6 +204,30 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def rmsprop_warmup(group: dict[str, Any], state: Any) -> float:
+    """The factor that makes an RMSprop group's next step the size of its rate:
+    ``sqrt(1 - alpha^t)`` for its ``t``-th step, 1 for any other optimizer's group.
+
+    RMSprop's running average of squared gradients starts at zero and, unlike Adam's, is not
+    corrected for it, so its ``t``-th step is ``1/sqrt(1 - alpha^t)`` times the rate in every
+    coordinate: 10x at the first step with torch's ``alpha=0.99``, still 1.9x at the 27th.
+    A controller that reads the rate as the step's size (``auto``'s range test and guard)
+    misread those steps: over RMSprop at torch's default rate the guard rolled back its first
+    step, and the range test took the inflated steps for overshoot and settled up to 9x below
+    the grid's best rate (bench-results/rmsprop).  Multiplying the rate by this factor is
+    Adam's correction of the average's bias, applied to the step.  The group's ``t`` is read
+    off its first parameter with a step count (a frozen one has none), so that a rollback,
+    which restores the optimizer's state, restores the factor with it.
+    """
+    if "alpha" not in group or "centered" not in group:  # RMSprop's signature keys
+        return 1.0
+    alpha = _as_float(group["alpha"])
+    if not 0.0 < alpha < 1.0:  # no average (0), or one that never moves off zero (1)
+        return 1.0
+    taken = next((s["step"] for p in group["params"] if "step" in (s := state.get(p, ()))), 0)
+    return math.sqrt(1.0 - alpha ** (_as_float(taken) + 1.0))
+
+
 def read(group: dict[str, Any], name: str) -> float:
     """The current value of knob ``name`` in ``group`` as a float."""
     if name in ("beta1", "beta2"):

@@ -106,6 +106,7 @@ class ReplayController:
 
     name = "replay"
     reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
+    corrects_rmsprop_warmup = False  #: as the logged run did: set from its manifest
     #: its proposals are the log's values, which the policy passed in the run (``raw``); and a
     #: state the run's script loads, saved under the run's controller (a resume from its
     #: checkpoint, a fine-tune from a saved run), loads into it, since its decisions are the
@@ -336,6 +337,9 @@ def _replay(
         ) from None
     passes = _Passes(records)
     controller = ReplayController(records, decided, passes)
+    # the logged run's steps were RMSprop's warm-up corrected if its manifest says so (a run
+    # logged before the correction existed was not)
+    controller.corrects_rmsprop_warmup = config.get("rmsprop_warmup") is True
     guard: Any = False
     if guard_config is not None:
         guard = ReplayGuard(guard_config, records, passes)

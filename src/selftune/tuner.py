@@ -205,6 +205,9 @@ class SelfTuned(torch.optim.Optimizer):
         #: the controller may fail on one rank alone: its failures are shared across ranks
         #: (see :meth:`_controller_error`)
         self._shares_failures = not _decides_alike(self.controller)
+        #: whether RMSprop's uncorrected warm-up is divided out of its steps (the controller's
+        #: call; see selftune.knobs.rmsprop_warmup)
+        self._rmsprop_warmup = bool(getattr(self.controller, "corrects_rmsprop_warmup", False))
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
@@ -2026,9 +2029,16 @@ class SelfTuned(torch.optim.Optimizer):
 
     @contextmanager
     def _effective_lr(self) -> Iterator[None]:
-        """Apply the scales for the duration of the wrapped step, then put the base rates back."""
+        """Apply the scales for the duration of the wrapped step, then put the base rates back.
+
+        An RMSprop group's scale carries its warm-up's correction too, where the controller
+        asks for it (see :func:`selftune.knobs.rmsprop_warmup`): applied here, at the step, the
+        rate the run reports and logs stays the step's size, with no decision at every step of
+        the warm-up, and a replay, which steps through here, applies it alike."""
         saved = []
         for group, scale in zip(self.param_groups, self._scales, strict=True):
+            if self._rmsprop_warmup:
+                scale *= knobs_io.rmsprop_warmup(group, self.optimizer.state)
             lr = group["lr"]
             if isinstance(lr, torch.Tensor):
                 saved.append(lr.clone())
@@ -2599,6 +2609,7 @@ class SelfTuned(torch.optim.Optimizer):
             "average": None if self.average is None else self.average.decay,
             "controller_options": self._controller_options,
             # only where given: the manifest of a run without one reads as before
+            **({"rmsprop_warmup": True} if self._rmsprop_warmup else {}),
             **({} if self._model is None else {"model_buffers": len(list(self._model.buffers()))}),
         }
 

@@ -190,6 +190,9 @@ class AutoController:
 
     name = "auto"
     reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
+    #: the rate is the step's size: RMSprop's uncorrected warm-up is divided out (see
+    #: selftune.knobs.rmsprop_warmup)
+    corrects_rmsprop_warmup = True
 
     def __init__(
         self,

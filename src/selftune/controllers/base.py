@@ -54,6 +54,9 @@ class Controller(Protocol):
     ``load_state_dict(state_dict())`` on a fresh instance must reproduce every future proposal.
     A controller may set ``reads_buffer = False`` to spare the step the momentum-buffer
     alignment signal (one more fused pass over the parameters) when it does not read it.
+    One that reads the rate as the step's size may set ``corrects_rmsprop_warmup = True``
+    (``auto`` does): an RMSprop group then steps at its rate times
+    :func:`selftune.knobs.rmsprop_warmup`, the run's manifest says so and a replay does so too.
     A controller may also define ``take_restart() -> str | None``, asked once per applied step
     after ``propose``: a reason asks the wrapper to restart from the oldest guard snapshot with
     the knobs just proposed, held to the policy's bounds but not to its per-step limit (``auto``

@@ -59,6 +59,7 @@ class JointController:
         self.inner = inner
         self.name = inner.name
         self.reads_buffer = getattr(inner, "reads_buffer", True)
+        self.corrects_rmsprop_warmup = getattr(inner, "corrects_rmsprop_warmup", False)
         #: the inner controller's options, and this mode, for the run's manifest
         self.options = {**getattr(inner, "options", {}), "groups": "joint"}
         self._scales, self._outside = scales, outside
