@@ -2,9 +2,9 @@
 
 Run from the repository root: ``python bench-results/probe_diff.py OLD.json NEW.json`` (e.g. a
 committed ``results.json`` against a re-run, ``git show REV:PATH > OLD.json`` for an old one).
-Rows are matched by variant and seed; each one whose fields differ is printed with the fields
-that changed, then how many changed per variant, and, where rows give ``steps_to_target``, how
-many reached the target in each.
+Rows are matched by variant (or workload and row) and seed; each one whose fields differ is
+printed with the fields that changed, then how many changed per variant, and, where rows give
+``steps_to_target``, how many reached the target in each.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from typing import Any
 
 
 def rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(r["variant"], r["seed"]): r for r in json.loads(path.read_text(encoding="utf-8"))}
+    """A probe's rows by variant and seed (a probe over several workloads, whose rows name the
+    workload and the row instead, by ``workload/row``)."""
+    return {(_variant(r), r["seed"]): r for r in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def _variant(row: dict[str, Any]) -> str:
+    return row["variant"] if "variant" in row else f"{row['workload']}/{row['row']}"
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ RMSprop divides each step by a running root mean square of the gradients, with n
 unless given ``momentum``, and, unlike Adam, no bias correction: its average starts at zero, so
 its first steps are up to ``1/sqrt(1 - alpha) = 10x`` the rate in every coordinate.  Four of the
 benchmark's workloads (``digits-mlp``, ``friedman-mlp``, ``mnist1d-cnn`` and the held-out
-``moons-deep-tanh``), seeds 0-2, with the benchmark's loop, targets and budgets
+``moons-deep-tanh``), seeds 0-9, with the benchmark's loop, targets and budgets
 (:func:`selftune.bench.runner.train`). Rows:
 
 - ``rmsprop-grid-<lr>``: RMSprop at a constant rate from 1e-4 to 1e-2 (torch's default, 3x
@@ -18,12 +18,14 @@ benchmark's workloads (``digits-mlp``, ``friedman-mlp``, ``mnist1d-cnn`` and the
   steps).
 
 Measured: steps to target, whether the guard gave up or the run diverged, and the rate at the
-end.  Run from the repository root (about ten minutes on two cores):
+end.  Run from the repository root (about five minutes on two cores):
 ``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/rmsprop/rmsprop.py``; writes
 ``results.json`` (rows appended as runs end) and ``table.md`` next to this file;
 ``rmsprop.py --table`` remakes the table from ``results.json``, and ``rmsprop.py --trace
 WORKLOAD ROW SEED`` prints one `auto` run's decisions and writes them to
-``trace-WORKLOAD-ROW-SEED.txt``.
+``trace-WORKLOAD-ROW-SEED.txt``.  ``rmsprop.py --before``, with ``PYTHONPATH`` at the code
+before RMSprop's warm-up was corrected (``git archive 26f55c0 src | tar -x -C /tmp/before``),
+writes the `auto` rows of that code to ``results-before.json``.
 """
 
 from __future__ import annotations
@@ -43,20 +45,14 @@ sys.path[:0] = [str(HERE.parent)]
 from probe_grid import oracle_table, run_rows, steps_row, trace, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
-SEEDS = range(3)
+SEEDS = range(10)
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT = 1e-2  #: torch's RMSprop's default rate
 TUNED = "selftune-auto-rmsprop"
 OFF = "selftune-off-rmsprop"  #: the guard alone, the rate as given
 REGAIN = f"{OFF}-regain"  #: the guard alone, its cuts on trial
-ROWS = (
-    *(f"rmsprop-grid-{lr:g}" for lr in GRID),
-    TUNED,
-    f"{TUNED}-lr1e-3",
-    f"{TUNED}-no-range-test",
-    OFF,
-    REGAIN,
-)
+AUTO_ROWS = (TUNED, f"{TUNED}-lr1e-3", f"{TUNED}-no-range-test")
+ROWS = (*(f"rmsprop-grid-{lr:g}" for lr in GRID), *AUTO_ROWS, OFF, REGAIN)
 
 
 def build(row: str) -> Method:
@@ -94,12 +90,27 @@ def main() -> None:
         workload, row, seed = sys.argv[2:]
         trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
         return
+    if sys.argv[1:] == ["--before"]:  # the `auto` rows alone, run on the code given
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in AUTO_ROWS]
+        run_rows(run, jobs, HERE / "results-before.json")
+        return
     out = HERE / "results.json"
     if sys.argv[1:] != ["--table"]:
         jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in ROWS]
         run_rows(run, jobs, out)
     grid = [f"rmsprop-grid-{lr:g}" for lr in GRID]
-    text = oracle_table(json.loads(out.read_text(encoding="utf-8")), WORKLOADS, ROWS, grid, TUNED)
+    rows = json.loads(out.read_text(encoding="utf-8"))
+    text = oracle_table(rows, WORKLOADS, ROWS, grid, TUNED)
+    before = HERE / "results-before.json"
+    if before.exists():  # the same grid against the `auto` rows of the code before
+        runs = json.loads(before.read_text(encoding="utf-8"))
+        old = [{**r, "row": f"{r['row']} (before)"} for r in runs]
+        columns = [f"{row} (before)" for row in AUTO_ROWS]
+        text += (
+            "\nThe `auto` rows of the code before RMSprop's warm-up was corrected "
+            "(`results-before.json`), against the same grid:\n\n"
+            + oracle_table(rows + old, WORKLOADS, columns, grid, columns[0])
+        )
     (HERE / "table.md").write_text(text, encoding="utf-8")
     print(text)
 
