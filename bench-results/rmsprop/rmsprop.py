@@ -25,7 +25,10 @@ end.  Run from the repository root (about five minutes on two cores):
 WORKLOAD ROW SEED`` prints one `auto` run's decisions and writes them to
 ``trace-WORKLOAD-ROW-SEED.txt``.  ``rmsprop.py --before``, with ``PYTHONPATH`` at the code
 before RMSprop's warm-up was corrected (``git archive 26f55c0 src | tar -x -C /tmp/before``),
-writes the `auto` rows of that code to ``results-before.json``.
+writes the `auto` rows of that code to ``results-before.json``.  ``--momentum`` (with or
+without ``--before``) runs the grid and the `auto` rows with ``momentum=0.9`` instead, a form
+of RMSprop the correction was not first measured on, into ``results-momentum.json``,
+``results-momentum-before.json`` and ``table-momentum.md``.
 """
 
 from __future__ import annotations
@@ -51,27 +54,32 @@ DEFAULT = 1e-2  #: torch's RMSprop's default rate
 TUNED = "selftune-auto-rmsprop"
 OFF = "selftune-off-rmsprop"  #: the guard alone, the rate as given
 REGAIN = f"{OFF}-regain"  #: the guard alone, its cuts on trial
+MOMENTUM = 0.9  #: the momentum of the ``--momentum`` rows
+M = "momentum-"  #: the prefix of a row run with it
 AUTO_ROWS = (TUNED, f"{TUNED}-lr1e-3", f"{TUNED}-no-range-test")
 ROWS = (*(f"rmsprop-grid-{lr:g}" for lr in GRID), *AUTO_ROWS, OFF, REGAIN)
 
 
 def build(row: str) -> Method:
     """A row's method: ``rmsprop-grid-<lr>``, `auto` over RMSprop (``-lr1e-3``: from that
-    rate; ``-no-range-test``: the cruise from the start), or the guard alone over it."""
-    lr = float(row.removeprefix("rmsprop-grid-")) if row.startswith("rmsprop-grid-") else DEFAULT
-    if row.endswith("-lr1e-3"):
+    rate; ``-no-range-test``: the cruise from the start), or the guard alone over it; each
+    with ``momentum=0.9`` under the prefix ``momentum-``."""
+    momentum = MOMENTUM if row.startswith(M) else 0.0
+    name = row.removeprefix(M)
+    lr = float(name.removeprefix("rmsprop-grid-")) if name.startswith("rmsprop-grid-") else DEFAULT
+    if name.endswith("-lr1e-3"):
         lr = 1e-3
 
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
         from selftune.controllers.auto import AutoController
 
-        opt = torch.optim.RMSprop(model.parameters(), lr=lr)
-        if not row.startswith("selftune-"):
+        opt = torch.optim.RMSprop(model.parameters(), lr=lr, momentum=momentum)
+        if not name.startswith("selftune-"):
             return Handle(opt)
-        controller = AutoController(range_test=not row.endswith("-no-range-test"))
-        if row.startswith(OFF):
-            regain = 25 if row == REGAIN else 0
+        controller = AutoController(range_test=not name.endswith("-no-range-test"))
+        if name.startswith(OFF):
+            regain = 25 if name == REGAIN else 0
             return tuned_handle(selftune.wrap(opt, "off", regain_after=regain, seed=s.seed), s)
         tuned = selftune.wrap(opt, controller, seed=s.seed)
         return tuned_handle(tuned, s)
@@ -85,33 +93,40 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
 
 def main() -> None:
     """The probe's rows (``--table``: the table alone, from ``results.json``; ``--trace``: one
-    run's decisions)."""
-    if sys.argv[1:2] == ["--trace"]:
-        workload, row, seed = sys.argv[2:]
+    run's decisions; ``--before``: the `auto` rows alone; ``--momentum``: the grid's and the
+    `auto` rows with ``momentum=0.9``, in files of their own)."""
+    args = sys.argv[1:]
+    momentum = "--momentum" in args
+    args = [a for a in args if a != "--momentum"]
+    prefix, tag = (M, "-momentum") if momentum else ("", "")
+    if args[:1] == ["--trace"]:
+        workload, row, seed = args[1:]
         trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
         return
-    if sys.argv[1:] == ["--before"]:  # the `auto` rows alone, run on the code given
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in AUTO_ROWS]
-        run_rows(run, jobs, HERE / "results-before.json")
+    tuned = [prefix + row for row in AUTO_ROWS]
+    if args == ["--before"]:  # the `auto` rows alone, run on the code given
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in tuned]
+        run_rows(run, jobs, HERE / f"results{tag}-before.json")
         return
-    out = HERE / "results.json"
-    if sys.argv[1:] != ["--table"]:
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in ROWS]
+    grid = [f"{prefix}rmsprop-grid-{lr:g}" for lr in GRID]
+    columns = [*grid, *tuned] if momentum else list(ROWS)
+    out = HERE / f"results{tag}.json"
+    if args != ["--table"]:
+        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in columns]
         run_rows(run, jobs, out)
-    grid = [f"rmsprop-grid-{lr:g}" for lr in GRID]
     rows = json.loads(out.read_text(encoding="utf-8"))
-    text = oracle_table(rows, WORKLOADS, ROWS, grid, TUNED)
-    before = HERE / "results-before.json"
+    text = oracle_table(rows, WORKLOADS, columns, grid, tuned[0])
+    before = HERE / f"results{tag}-before.json"
     if before.exists():  # the same grid against the `auto` rows of the code before
         runs = json.loads(before.read_text(encoding="utf-8"))
         old = [{**r, "row": f"{r['row']} (before)"} for r in runs]
-        columns = [f"{row} (before)" for row in AUTO_ROWS]
+        columns = [f"{row} (before)" for row in tuned]
         text += (
             "\nThe `auto` rows of the code before RMSprop's warm-up was corrected "
-            "(`results-before.json`), against the same grid:\n\n"
+            f"(`{before.name}`), against the same grid:\n\n"
             + oracle_table(rows + old, WORKLOADS, columns, grid, columns[0])
         )
-    (HERE / "table.md").write_text(text, encoding="utf-8")
+    (HERE / f"table{tag}.md").write_text(text, encoding="utf-8")
     print(text)
 
 
