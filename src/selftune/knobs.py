@@ -210,11 +210,11 @@ def rmsprop_warmup(group: dict[str, Any], state: Any) -> float:
 
     RMSprop's running average of squared gradients starts at zero and, unlike Adam's, is not
     corrected for it, so its ``t``-th step is ``1/sqrt(1 - alpha^t)`` times the rate in every
-    coordinate: 10x at the first step with torch's ``alpha=0.99``, still 1.9x at the 27th.
-    A controller that reads the rate as the step's size (``auto``'s range test and guard)
-    misread those steps: over RMSprop at torch's default rate the guard rolled back its first
-    step, and the range test took the inflated steps for overshoot and settled up to 9x below
-    the grid's best rate (bench-results/rmsprop).  Multiplying the rate by this factor is
+    coordinate: 10x at the first step with torch's ``alpha=0.99``, still 2x at the 27th.
+    ``auto``'s range test reads the rate as the step's size, and misread those steps: over
+    RMSprop at torch's default rate the guard rolled back its first step, and the range test
+    took the inflated steps for overshoot and settled up to 9x below the grid's best rate
+    (bench-results/rmsprop).  Multiplying the rate by this factor is
     Adam's correction of the average's bias, applied to the step.  The group's ``t`` is read
     off its first parameter with a step count (a frozen one has none), so that a rollback,
     which restores the optimizer's state, restores the factor with it.
