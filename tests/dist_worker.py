@@ -46,7 +46,7 @@ from selftune.tuner import SelfTuned, StepEvent
 
 SEED = 1234
 DIM, HIDDEN, BATCH = 8, 16, 32
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "rmsprop")  # RMSprop: its warm-up corrected under `auto`
 EVALUATE = 5  #: the ``metric`` run evaluates every this many steps
 
 
@@ -76,6 +76,8 @@ def make_inner(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=2e-3)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=1e-3)
     raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
 
 
