@@ -28,7 +28,10 @@ before RMSprop's warm-up was corrected (``git archive 26f55c0 src | tar -x -C /t
 writes the `auto` rows of that code to ``results-before.json``.  ``--momentum`` (with or
 without ``--before``) runs the grid and the `auto` rows with ``momentum=0.9`` instead, a form
 of RMSprop the correction was not first measured on, into ``results-momentum.json``,
-``results-momentum-before.json`` and ``table-momentum.md``.
+``results-momentum-before.json`` and ``table-momentum.md``.  ``--wide`` (with or without
+``--before``) runs the grid and `auto` from torch's default on the benchmark's ten other
+workloads, seeds 0-2, into ``results-wide.json``, ``results-wide-before.json`` and
+``table-wide.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +51,19 @@ sys.path[:0] = [str(HERE.parent)]
 from probe_grid import oracle_table, run_rows, steps_row, trace, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
+#: the benchmark's other workloads, which ``--wide`` runs: none of them was read for the correction
+WIDE = (
+    "digits-autoencoder",
+    "digits-resnet",
+    "digits-vae",
+    "hypercube-logreg",
+    "image-fourier-mlp",
+    "mnist1d-conv-autoencoder",
+    "mnist1d-gru",
+    "poisson-pinn",
+    "ratings-factorization",
+    "shakespeare-char",
+)
 SEEDS = range(10)
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT = 1e-2  #: torch's RMSprop's default rate
@@ -91,32 +107,50 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     return steps_row(build(job[1]), job)
 
 
+class Mode(NamedTuple):
+    """What one invocation runs: the rows' prefix, the files' tag, the workloads and seeds, the
+    `auto` rows (run again by ``--before``) and the rows besides the grid and those."""
+
+    prefix: str
+    tag: str
+    workloads: tuple[str, ...]
+    seeds: range
+    tuned: tuple[str, ...]
+    others: tuple[str, ...] = ()
+
+
+MODES = {
+    "": Mode("", "", WORKLOADS, SEEDS, AUTO_ROWS, (OFF, REGAIN)),
+    "--momentum": Mode(M, "-momentum", WORKLOADS, SEEDS, AUTO_ROWS),
+    "--wide": Mode("", "-wide", WIDE, range(3), (TUNED,)),
+}
+
+
 def main() -> None:
-    """The probe's rows (``--table``: the table alone, from ``results.json``; ``--trace``: one
-    run's decisions; ``--before``: the `auto` rows alone; ``--momentum``: the grid's and the
-    `auto` rows with ``momentum=0.9``, in files of their own)."""
+    """The probe's rows (``--table``: the table alone, from the results; ``--trace``: one run's
+    decisions; ``--before``: the `auto` rows alone; ``--momentum``, ``--wide``: see the module's
+    docstring)."""
     args = sys.argv[1:]
-    momentum = "--momentum" in args
-    args = [a for a in args if a != "--momentum"]
-    prefix, tag = (M, "-momentum") if momentum else ("", "")
+    mode = MODES[next((a for a in args if a in MODES), "")]
+    args = [a for a in args if a not in MODES]
     if args[:1] == ["--trace"]:
         workload, row, seed = args[1:]
         trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
         return
-    tuned = [prefix + row for row in AUTO_ROWS]
+    tuned = [mode.prefix + row for row in mode.tuned]
+    jobs = [(w, seed) for w in mode.workloads for seed in mode.seeds]
     if args == ["--before"]:  # the `auto` rows alone, run on the code given
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in tuned]
-        run_rows(run, jobs, HERE / f"results{tag}-before.json")
+        before = [(w, row, seed) for w, seed in jobs for row in tuned]
+        run_rows(run, before, HERE / f"results{mode.tag}-before.json")
         return
-    grid = [f"{prefix}rmsprop-grid-{lr:g}" for lr in GRID]
-    columns = [*grid, *tuned] if momentum else list(ROWS)
-    out = HERE / f"results{tag}.json"
+    grid = [f"{mode.prefix}rmsprop-grid-{lr:g}" for lr in GRID]
+    columns = [*grid, *tuned, *mode.others]
+    out = HERE / f"results{mode.tag}.json"
     if args != ["--table"]:
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in columns]
-        run_rows(run, jobs, out)
+        run_rows(run, [(w, row, seed) for w, seed in jobs for row in columns], out)
     rows = json.loads(out.read_text(encoding="utf-8"))
-    text = oracle_table(rows, WORKLOADS, columns, grid, tuned[0])
-    before = HERE / f"results{tag}-before.json"
+    text = oracle_table(rows, mode.workloads, columns, grid, tuned[0])
+    before = HERE / f"results{mode.tag}-before.json"
     if before.exists():  # the same grid against the `auto` rows of the code before
         runs = json.loads(before.read_text(encoding="utf-8"))
         old = [{**r, "row": f"{r['row']} (before)"} for r in runs]
@@ -124,9 +158,9 @@ def main() -> None:
         text += (
             "\nThe `auto` rows of the code before RMSprop's warm-up was corrected "
             f"(`{before.name}`), against the same grid:\n\n"
-            + oracle_table(rows + old, WORKLOADS, columns, grid, columns[0])
+            + oracle_table(rows + old, mode.workloads, columns, grid, columns[0])
         )
-    (HERE / f"table{tag}.md").write_text(text, encoding="utf-8")
+    (HERE / f"table{mode.tag}.md").write_text(text, encoding="utf-8")
     print(text)
 
 
