@@ -31,7 +31,9 @@ of RMSprop the correction was not first measured on, into ``results-momentum.jso
 ``results-momentum-before.json`` and ``table-momentum.md``.  ``--wide`` (with or without
 ``--before``) runs the grid and `auto` from torch's default on the benchmark's ten other
 workloads, seeds 0-2, into ``results-wide.json``, ``results-wide-before.json`` and
-``table-wide.md``.
+``table-wide.md``.  ``--controllers`` runs the grid and the other built-in controllers that
+tune the rate, ``hypergradient`` and ``stability``, from torch's default, seeds 0-9, into
+``results-controllers.json`` (``-before``) and ``table-controllers.md``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ OFF = "selftune-off-rmsprop"  #: the guard alone, the rate as given
 REGAIN = f"{OFF}-regain"  #: the guard alone, its cuts on trial
 MOMENTUM = 0.9  #: the momentum of the ``--momentum`` rows
 M = "momentum-"  #: the prefix of a row run with it
+OTHERS = ("selftune-hypergradient-rmsprop", "selftune-stability-rmsprop")  #: ``--controllers``
 AUTO_ROWS = (TUNED, f"{TUNED}-lr1e-3", f"{TUNED}-no-range-test")
 ROWS = (*(f"rmsprop-grid-{lr:g}" for lr in GRID), *AUTO_ROWS, OFF, REGAIN)
 
@@ -94,6 +97,8 @@ def build(row: str) -> Method:
         if not name.startswith("selftune-"):
             return Handle(opt)
         controller = AutoController(range_test=not name.endswith("-no-range-test"))
+        if name in OTHERS:  # another of the built-in controllers, by name
+            return tuned_handle(selftune.wrap(opt, name.split("-")[1], seed=s.seed), s)
         if name.startswith(OFF):
             regain = 25 if name == REGAIN else 0
             return tuned_handle(selftune.wrap(opt, "off", regain_after=regain, seed=s.seed), s)
@@ -123,6 +128,7 @@ MODES = {
     "": Mode("", "", WORKLOADS, SEEDS, AUTO_ROWS, (OFF, REGAIN)),
     "--momentum": Mode(M, "-momentum", WORKLOADS, SEEDS, AUTO_ROWS),
     "--wide": Mode("", "-wide", WIDE, range(3), (TUNED,)),
+    "--controllers": Mode("", "-controllers", WORKLOADS, SEEDS, OTHERS),
 }
 
 
@@ -156,7 +162,7 @@ def main() -> None:
         old = [{**r, "row": f"{r['row']} (before)"} for r in runs]
         columns = [f"{row} (before)" for row in tuned]
         text += (
-            "\nThe `auto` rows of the code before RMSprop's warm-up was corrected "
+            "\nThe tuned rows of the code before RMSprop's warm-up was corrected "
             f"(`{before.name}`), against the same grid:\n\n"
             + oracle_table(rows + old, mode.workloads, columns, grid, columns[0])
         )

@@ -55,7 +55,7 @@ class Controller(Protocol):
     A controller may set ``reads_buffer = False`` to spare the step the momentum-buffer
     alignment signal (one more fused pass over the parameters) when it does not read it.
     One that reads the rate as the step's size may set ``corrects_rmsprop_warmup = True``
-    (``auto`` does): an RMSprop group then steps at its rate times
+    (the built-in ones that tune the rate do): an RMSprop group then steps at its rate times
     :func:`selftune.knobs.rmsprop_warmup`, the run's manifest says so and a replay does so too.
     A controller may also define ``take_restart() -> str | None``, asked once per applied step
     after ``propose``: a reason asks the wrapper to restart from the oldest guard snapshot with

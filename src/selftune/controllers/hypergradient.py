@@ -49,6 +49,8 @@ class HypergradientController:
 
     name = "hypergradient"
     reads_buffer = True  #: whether it needs the momentum-buffer alignment signal
+    #: RMSprop's uncorrected warm-up is divided out (see selftune.knobs.rmsprop_warmup)
+    corrects_rmsprop_warmup = True
 
     def __init__(self, gain: float = 0.1, momentum_gain: float = 0.02, decay: float = 0.9) -> None:
         check_options(OPTIONS, locals())

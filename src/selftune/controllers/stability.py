@@ -56,6 +56,8 @@ class StabilityController:
 
     name = "stability"
     reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
+    #: RMSprop's uncorrected warm-up is divided out (see selftune.knobs.rmsprop_warmup)
+    corrects_rmsprop_warmup = True
 
     def __init__(
         self,
