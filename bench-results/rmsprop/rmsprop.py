@@ -81,8 +81,9 @@ ROWS = (*(f"rmsprop-grid-{lr:g}" for lr in GRID), *AUTO_ROWS, OFF, REGAIN)
 
 def build(row: str) -> Method:
     """A row's method: ``rmsprop-grid-<lr>``, `auto` over RMSprop (``-lr1e-3``: from that
-    rate; ``-no-range-test``: the cruise from the start), or the guard alone over it; each
-    with ``momentum=0.9`` under the prefix ``momentum-``."""
+    rate; ``-no-range-test``: the cruise from the start), another controller over it
+    (:data:`OTHERS`), or the guard alone over it; each with ``momentum=0.9`` under the prefix
+    ``momentum-``."""
     momentum = MOMENTUM if row.startswith(M) else 0.0
     name = row.removeprefix(M)
     lr = float(name.removeprefix("rmsprop-grid-")) if name.startswith("rmsprop-grid-") else DEFAULT
@@ -91,19 +92,17 @@ def build(row: str) -> Method:
 
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
-        from selftune.controllers.auto import AutoController
 
         opt = torch.optim.RMSprop(model.parameters(), lr=lr, momentum=momentum)
         if not name.startswith("selftune-"):
             return Handle(opt)
-        controller = AutoController(range_test=not name.endswith("-no-range-test"))
         if name in OTHERS:  # another of the built-in controllers, by name
             return tuned_handle(selftune.wrap(opt, name.split("-")[1], seed=s.seed), s)
         if name.startswith(OFF):
             regain = 25 if name == REGAIN else 0
             return tuned_handle(selftune.wrap(opt, "off", regain_after=regain, seed=s.seed), s)
-        tuned = selftune.wrap(opt, controller, seed=s.seed)
-        return tuned_handle(tuned, s)
+        range_test = not name.endswith("-no-range-test")
+        return tuned_handle(selftune.wrap(opt, "auto", range_test=range_test, seed=s.seed), s)
 
     return Method(row, "probe", "rmsprop", make, len(SEEDS), lr)
 
