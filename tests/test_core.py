@@ -8,9 +8,11 @@ reaches in the same number of steps (half the best loss the plain run ever saw).
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -323,3 +325,24 @@ def test_rmsprop_steps_the_size_of_its_rate_under_a_controller_that_tunes_it(
         size = 1e-2 if controller != "off" else 1e-2 / math.sqrt(1 - 0.99**t)
         moved = (w.detach() - before).abs()
         torch.testing.assert_close(moved, torch.full((8,), size), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "controller", "said"),
+    [(torch.optim.RMSprop, "auto", True), (torch.optim.RMSprop, "off", False)]
+    + [(torch.optim.AdamW, c, False) for c in CONTROLLERS],
+)
+def test_the_manifest_says_rmsprop_s_steps_are_corrected_only_where_they_are(
+    tmp_path: Path, optimizer: Callable[..., torch.optim.Optimizer], controller: str, said: bool
+) -> None:
+    """A run whose steps are corrected says so, for its replay; another optimizer's manifest
+    reads as before the correction existed (a folder of it resumed is no changed manifest)."""
+    w = torch.nn.Parameter(torch.zeros(8))
+    opt = selftune.wrap(optimizer([w], lr=1e-2), controller, log_dir=tmp_path)
+    opt.zero_grad()
+    loss = (w * torch.linspace(-1.0, 1.0, 8)).sum()
+    loss.backward()
+    opt.step(loss=loss.detach())
+    opt.close()
+    config = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))["config"]
+    assert config.get("rmsprop_warmup", False) is said

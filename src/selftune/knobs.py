@@ -204,6 +204,12 @@ def _as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def is_rmsprop(group: dict[str, Any]) -> bool:
+    """Whether ``group`` is an RMSprop's (its signature keys), whose warm-up
+    :func:`rmsprop_warmup` corrects."""
+    return "alpha" in group and "centered" in group
+
+
 def rmsprop_warmup(group: dict[str, Any], state: Any) -> float:
     """The factor that makes an RMSprop group's next step the size of its rate:
     ``sqrt(1 - alpha^t)`` for its ``t``-th step, 1 for any other optimizer's group.
@@ -219,7 +225,7 @@ def rmsprop_warmup(group: dict[str, Any], state: Any) -> float:
     off its first parameter with a step count (a frozen one has none), so that a rollback,
     which restores the optimizer's state, restores the factor with it.
     """
-    if "alpha" not in group or "centered" not in group:  # RMSprop's signature keys
+    if not is_rmsprop(group):
         return 1.0
     alpha = _as_float(group["alpha"])
     if not 0.0 < alpha < 1.0:  # no average (0), or one that never moves off zero (1)

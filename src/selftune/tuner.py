@@ -206,8 +206,12 @@ class SelfTuned(torch.optim.Optimizer):
         #: (see :meth:`_controller_error`)
         self._shares_failures = not _decides_alike(self.controller)
         #: whether RMSprop's uncorrected warm-up is divided out of its steps (the controller's
-        #: call; see selftune.knobs.rmsprop_warmup)
-        self._rmsprop_warmup = bool(getattr(self.controller, "corrects_rmsprop_warmup", False))
+        #: call; see selftune.knobs.rmsprop_warmup): only where a group is RMSprop's, so that
+        #: another optimizer's steps skip the check and its manifest reads as before (a folder
+        #: of such a run resumed here noted a changed manifest for a correction of nothing)
+        self._rmsprop_warmup = bool(
+            getattr(self.controller, "corrects_rmsprop_warmup", False)
+        ) and any(knobs_io.is_rmsprop(g) for g in optimizer.param_groups)
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise ConfigError(
                 f"log_dir={log_dir!r}: give a folder path (a str or a pathlib.Path), or None"
