@@ -44,10 +44,17 @@ def run_grid(
     return rows
 
 
-def run_rows(run: Callable[[Any], Row], jobs: list[Any], out: Path, workers: int = 2) -> list[Row]:
+def run_rows(
+    run: Callable[[Any], Row],
+    jobs: list[Any],
+    out: Path,
+    workers: int = 2,
+    kept: Sequence[Row] = (),
+) -> list[Row]:
     """``run(job)`` for each job on ``workers`` processes; each row is printed and ``out``
-    rewritten as it comes, so a probe of many minutes keeps the runs it finished."""
-    rows: list[Row] = []
+    rewritten as it comes, after the rows ``kept`` (an earlier run's), so a probe of many
+    minutes keeps the runs it finished."""
+    rows: list[Row] = list(kept)
     with ProcessPoolExecutor(workers) as pool:
         for row in pool.map(run, jobs):
             rows.append(row)

@@ -15,6 +15,9 @@ defaults, ``sgd`` with momentum 0.9), rows:
 - ``selftune-auto-<opt>-clip``: the optimizer at the benchmark's default rate (AdamW 1e-3, SGD
   1e-2) wrapped with ``selftune.wrap(opt, "auto")`` as the benchmark's `auto` rows are, the
   gradient clipped to norm 1 before each step;
+- ``selftune-auto-<opt>-clip-inside``: the same, the gradient clipped after selftune has read it
+  (by a step pre-hook on the wrapped optimizer), so that its signals and its guard read the
+  gradient as the loss gave it and the optimizer steps with the clipped one;
 - ``selftune-auto-<opt>``: the same without clipping, for reference.
 
 Each row also records the share of its steps whose gradient norm was above the clip's
@@ -60,6 +63,7 @@ def rows() -> Iterator[str]:
     for base in GRIDS:
         yield from grid(base)
         yield f"selftune-auto-{base}-clip"
+        yield f"selftune-auto-{base}-clip-inside"
         yield f"selftune-auto-{base}"
 
 
@@ -70,16 +74,23 @@ def optimizer(base: str, params: Any, lr: float) -> torch.optim.Optimizer:
 
 
 def build(row: str) -> Method:
-    """A row's method: ``<opt>-clip-grid-<lr>``, ``selftune-auto-<opt>[-clip]``."""
+    """A row's method: ``<opt>-clip-grid-<lr>``, ``selftune-auto-<opt>[-clip[-inside]]``."""
     base = row.removeprefix("selftune-auto-").split("-")[0]
     lr = float(row.split("-grid-")[1]) if "-grid-" in row else DEFAULT_LR[base]
     clip = row.endswith("-clip") or "-clip-grid-" in row
+    inside = row.endswith("-clip-inside")
 
     def make(model: nn.Module, s: Setting) -> Handle:
         import selftune
 
         params = list(model.parameters())
         opt = optimizer(base, params, lr)
+        if inside:  # after selftune's own pre-hook, which refuses steps not its own
+
+            def clip_inside(*_: Any) -> None:
+                torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+
+            opt.register_step_pre_hook(clip_inside)
         handle = (
             tuned_handle(selftune.wrap(opt, "auto", seed=s.seed), s)
             if row.startswith("selftune-")
@@ -113,14 +124,15 @@ def main() -> None:
         trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
         return
     out = HERE / "results.json"
-    if sys.argv[1:] != ["--table"]:
+    runs = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
+    if sys.argv[1:] != ["--table"]:  # the runs not yet in results.json
+        done = {(r["workload"], r["row"], r["seed"]) for r in runs}
         jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
-        run_rows(run, jobs, out)
-    runs = json.loads(out.read_text(encoding="utf-8"))
+        runs = run_rows(run, [j for j in jobs if j not in done], out, kept=runs)
     tables = []
     for base in GRIDS:
         tuned = f"selftune-auto-{base}-clip"
-        columns = [*grid(base), tuned, f"selftune-auto-{base}"]
+        columns = [*grid(base), tuned, f"{tuned}-inside", f"selftune-auto-{base}"]
         tables.append(oracle_table(runs, WORKLOADS, columns, grid(base), tuned))
         tables.append(clip_shares(runs, base))
     text = "\n".join(tables)
@@ -142,9 +154,7 @@ def clip_shares(runs: list[dict[str, Any]], base: str) -> str:
             continue
         share = [statistics.median(r["clipped"] for r in m) for m in mine]
         norm = [statistics.median(r["median_norm"] for r in m) for m in mine]
-        lines.append(
-            f"| {w} | {share[0]:.2f} | {share[1]:.2f} | {norm[0]:.3g}, {norm[1]:.3g} |"
-        )
+        lines.append(f"| {w} | {share[0]:.2f} | {share[1]:.2f} | {norm[0]:.3g}, {norm[1]:.3g} |")
     return "\n".join(lines) + "\n"
 
 
