@@ -2,8 +2,9 @@
 ``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
 ``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
 ``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`, and
-``muon/muon.py``, ``rmsprop/rmsprop.py`` and ``bases/bases.py`` race a grid with :func:`steps_row`,
-:func:`tuned_handle` and :func:`oracle_table`, and trace a run with :func:`trace`): every
+``muon/muon.py``, ``rmsprop/rmsprop.py``, ``bases/bases.py`` and ``clipping/clipping.py`` race
+a grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, and trace a run
+with :func:`trace`): every
 variant on every seed, on two processes, the results written next to the probe's script as
 ``results.json`` and ``table.md``, and the pieces of a run's row and of the table that more
 than one of them has."""
