@@ -64,6 +64,16 @@ def run_rows(
     return rows
 
 
+def run_missing(
+    run: Callable[[Any], Row], jobs: list[tuple[str, str, int]], out: Path
+) -> list[Row]:
+    """The rows already in ``out`` and, after them, ``run(job)`` for each job (workload, row,
+    seed) not among them (:func:`run_rows`): a probe given more rows runs those alone."""
+    kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
+    done = {(r["workload"], r["row"], r["seed"]) for r in kept}
+    return run_rows(run, [j for j in jobs if j not in done], out, kept=kept)
+
+
 def train_row(name: str, method: Any, seed: int, key: Row, fields: Sequence[str]) -> Row:
     """Train ``method`` on the workload ``name`` from ``seed`` on one thread, as the benchmark
     does; the row is ``key`` and the run record's ``fields``."""

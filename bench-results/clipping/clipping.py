@@ -45,7 +45,7 @@ from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Met
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import oracle_table, run_rows, steps_row, trace, tuned_handle  # noqa: E402
+from probe_grid import oracle_table, run_missing, steps_row, trace, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "shakespeare-char", "moons-deep-tanh")
 SEEDS = range(5)
@@ -124,11 +124,10 @@ def main() -> None:
         trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
         return
     out = HERE / "results.json"
-    runs = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
-    if sys.argv[1:] != ["--table"]:  # the runs not yet in results.json
-        done = {(r["workload"], r["row"], r["seed"]) for r in runs}
+    if sys.argv[1:] != ["--table"]:
         jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
-        runs = run_rows(run, [j for j in jobs if j not in done], out, kept=runs)
+        run_missing(run, jobs, out)
+    runs = json.loads(out.read_text(encoding="utf-8"))
     tables = []
     for base in GRIDS:
         tuned = f"selftune-auto-{base}-clip"
