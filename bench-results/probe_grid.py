@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -72,6 +73,27 @@ def run_missing(
     kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
     done = {(r["workload"], r["row"], r["seed"]) for r in kept}
     return run_rows(run, [j for j in jobs if j not in done], out, kept=kept)
+
+
+def command(
+    run: Callable[[Any], Row],
+    jobs: list[tuple[str, str, int]],
+    here: Path,
+    build: Callable[[str], Any] | None = None,
+) -> list[Row] | None:
+    """A probe's command line: ``--trace WORKLOAD ROW SEED`` traces one run of ``build(ROW)``
+    (:func:`trace`) and returns None; ``--table`` returns the rows of ``here/results.json``;
+    with no argument the jobs not yet there are run first (:func:`run_missing`)."""
+    if sys.argv[1:2] == ["--trace"] and build is not None:
+        workload, row, seed = sys.argv[2:]
+        trace(workload, build(row), int(seed), here / f"trace-{workload}-{row}-{seed}.txt")
+        return None
+    out = here / "results.json"
+    if sys.argv[1:] not in ([], ["--table"]):
+        raise SystemExit(f"usage: {sys.argv[0]} [--table | --trace WORKLOAD ROW SEED]")
+    if not sys.argv[1:]:
+        run_missing(run, jobs, out)
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 def train_row(name: str, method: Any, seed: int, key: Row, fields: Sequence[str]) -> Row:

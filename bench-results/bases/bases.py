@@ -25,7 +25,6 @@ and writes them to ``trace-WORKLOAD-ROW-SEED.txt``.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -39,7 +38,7 @@ from selftune.bench.methods import SGD_GRID, Handle, Method, Setting
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import oracle_table, run_missing, steps_row, trace, tuned_handle  # noqa: E402
+from probe_grid import command, oracle_table, steps_row, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
@@ -90,15 +89,10 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
 
 def main() -> None:
     """The probe's rows (``--table``: the table alone; ``--trace``: one run's decisions)."""
-    if sys.argv[1:2] == ["--trace"]:
-        workload, row, seed = sys.argv[2:]
-        trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
+    jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
+    runs = command(run, jobs, HERE, build)
+    if runs is None:
         return
-    out = HERE / "results.json"
-    if sys.argv[1:] != ["--table"]:
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
-        run_missing(run, jobs, out)
-    runs = json.loads(out.read_text(encoding="utf-8"))
     tables = []
     for base in BASES:
         tuned = f"selftune-auto-{base}"

@@ -31,7 +31,6 @@ and writes them to ``trace-WORKLOAD-ROW-SEED.txt``.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Met
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import oracle_table, run_missing, steps_row, trace, tuned_handle  # noqa: E402
+from probe_grid import command, oracle_table, steps_row, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "shakespeare-char", "moons-deep-tanh")
 SEEDS = range(5)
@@ -119,15 +118,10 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
 
 def main() -> None:
     """The probe's rows (``--table``: the table alone; ``--trace``: one run's decisions)."""
-    if sys.argv[1:2] == ["--trace"]:
-        workload, row, seed = sys.argv[2:]
-        trace(workload, build(row), int(seed), HERE / f"trace-{workload}-{row}-{seed}.txt")
+    jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
+    runs = command(run, jobs, HERE, build)
+    if runs is None:
         return
-    out = HERE / "results.json"
-    if sys.argv[1:] != ["--table"]:
-        jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows()]
-        run_missing(run, jobs, out)
-    runs = json.loads(out.read_text(encoding="utf-8"))
     tables = []
     for base in GRIDS:
         tuned = f"selftune-auto-{base}-clip"
