@@ -209,8 +209,9 @@ def oracle_table(
     return "\n".join(lines) + "\n"
 
 
-def trace(workload: str, method: Any, seed: int, out: Path) -> None:
-    """Train ``method`` on ``workload`` from ``seed`` as the benchmark does, its ``selftune.wrap``
+def trace(workload: Any, method: Any, seed: int, out: Path) -> None:
+    """Train ``method`` on ``workload`` (a name, or a changed :class:`Workload`, named in the
+    output by its label) from ``seed`` as the benchmark does, its ``selftune.wrap``
     given a log folder; print the steps to target and every decision of the log (the range
     test's growth folded into its first and last step), and write the same to ``out``
     (``muon/trace.py``, ``rmsprop.py --trace``)."""
@@ -228,12 +229,15 @@ def trace(workload: str, method: Any, seed: int, out: Path) -> None:
 
     selftune.wrap = logged  # the probe's own row, with a log
     try:
-        (chosen,) = workloads.select([workload])
+        (chosen,) = workloads.select([workload]) if isinstance(workload, str) else (workload,)
         with one_thread():
             record = train(chosen, method, seed)
     finally:
         selftune.wrap = wrap
-    lines = [f"{workload} seed {seed}: steps to target {record['steps_to_target']}"]
+    label = (
+        workload if isinstance(workload, str) else f"{workload.name} batch {workload.batch_size}"
+    )
+    lines = [f"{label} seed {seed}: steps to target {record['steps_to_target']}"]
     ramp: list[dict[str, Any]] = []
     for line in (folder / "decisions.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
