@@ -6,12 +6,12 @@ No constant of selftune's was chosen on batches other than the benchmark's.
 
 Three of the benchmark's workloads (``digits-mlp``, ``friedman-mlp``, ``mnist1d-cnn``), each at
 its own batch size and at 4x and 16x it (the CNN at 1x and 4x: 16x is hours on two cores), seeds
-0-2, with the benchmark's loop, targets and budgets (:func:`selftune.bench.runner.train`) and
+0-4, with the benchmark's loop, targets and budgets (:func:`selftune.bench.runner.train`) and
 its own rows: the AdamW and SGD grids of constant rates (``adamw-grid-const-*``,
 ``sgd-grid-const-*``), whose least median steps is the oracle, and ``selftune-auto-adamw`` and
 ``selftune-auto-sgd`` from the default rates.  A workload's label is ``<name> x<factor>``.
 
-Run from the repository root (about half an hour on two cores):
+Run from the repository root (about a quarter of an hour on two cores):
 ``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/batch-size/batch.py``; writes
 ``results.json`` (rows as runs end; the runs already there are kept) and ``table.md`` next to
 this file; ``batch.py --table`` remakes the table, ``batch.py --trace LABEL ROW SEED`` prints
@@ -32,7 +32,7 @@ from probe_grid import command, oracle_table, trace  # noqa: E402
 
 FACTORS = {"digits-mlp": (1, 4, 16), "friedman-mlp": (1, 4, 16), "mnist1d-cnn": (1, 4)}
 LABELS = [f"{w} x{f}" for w, factors in FACTORS.items() for f in factors]
-SEEDS = range(3)
+SEEDS = range(5)
 BASES = ("adamw", "sgd")
 
 
