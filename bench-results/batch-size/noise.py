@@ -1,0 +1,118 @@
+"""The gradient-noise scale of three of the benchmark's workloads, measured from two batch sizes
+at one point, against how their best constant rate moved with the batch (``batch.py``).
+
+McCandlish et al. (2018) put the best rate at a batch ``B`` at ``ε_max / (1 + B_noise / B)``,
+with ``B_noise = tr(Σ) / |G|²`` (the per-example gradient's variance over the squared true
+gradient), so that the best rate at 4x the batch is ``(1 + B_noise / B) / (1 + B_noise / 4B)``
+times that at ``B``: near 4 where the batch is small against the noise scale, near 1 where it is
+large.  ``batch.py`` measured the ratio: 3 (one step of the grid) on the digits MLP and the CNN,
+1 on the Friedman regression, with SGD and AdamW alike.  A wrapper sees one minibatch gradient a
+step and cannot make this estimate; one that saw two batch sizes at one point (per-rank
+gradients before DDP's all-reduce) could.  This script makes it, to say whether it would have
+told those workloads apart.
+
+For each workload and seed 0-2, SGD with momentum 0.9 at the grid's best rate for the
+benchmark's batch trains from the benchmark's initialisation on its batches; after 25 steps
+(where `auto`'s range test ends), 100 and 300, the weights are held and ``DRAWS`` pairs of
+gradients are taken, of a batch of the benchmark's size ``b`` and of one 16 times larger ``B``,
+drawn with a generator of their own (BatchNorm's buffers restored after).  With ``E|g_b|² = |G|²
++ tr(Σ)/b``, the unbiased estimates are ``|G|² = (B E|g_B|² - b E|g_b|²) / (B - b)`` and
+``tr(Σ) = (E|g_b|² - E|g_B|²) / (1/b - 1/B)``, averaged over the draws before the ratio is
+taken, as McCandlish et al. advise.  Run from the repository root (a few minutes):
+``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/batch-size/noise.py``; writes
+``noise.json`` and ``noise.md`` next to this file.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+#: the SGD grid's best constant rate at the benchmark's batch (``table.md``)
+RATES = {"digits-mlp": 0.1, "friedman-mlp": 3e-3, "mnist1d-cnn": 0.1}
+#: the best rate at 4x the batch over that at the benchmark's, SGD (``table.md``)
+MEASURED = {"digits-mlp": 3.0, "friedman-mlp": 1.0, "mnist1d-cnn": 3.0}
+POINTS = (25, 100, 300)
+SEEDS = range(3)
+DRAWS = 256
+BIG = 16
+
+
+def squared_norm(model: torch.nn.Module, loss: torch.Tensor) -> float:
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return float(sum(g.pow(2).sum() for g in grads))
+
+
+def noise_scale(task: Any, model: torch.nn.Module, b: int, gen: torch.Generator) -> float:
+    """``B_noise`` at the model's weights, from ``DRAWS`` pairs of batches of ``b`` and
+    ``BIG * b`` examples."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    small = statistics.fmean(
+        squared_norm(model, task.loss(model, task.batch(b, gen))) for _ in range(DRAWS)
+    )
+    big = statistics.fmean(
+        squared_norm(model, task.loss(model, task.batch(BIG * b, gen))) for _ in range(DRAWS)
+    )
+    model.load_state_dict(buffers, strict=False)
+    true = (BIG * b * big - b * small) / (BIG * b - b)
+    trace = (small - big) / (1 / b - 1 / (BIG * b))
+    return trace / true
+
+
+def measure(name: str, seed: int) -> dict[str, Any]:
+    from selftune.bench import workloads
+    from selftune.bench.runner import fresh_run, one_thread
+
+    (workload,) = workloads.select([name])
+    task, model, gen = fresh_run(workload, seed)
+    draws = torch.Generator().manual_seed(1000 + seed)
+    opt = torch.optim.SGD(model.parameters(), lr=RATES[name], momentum=0.9)
+    b = workload.batch_size
+    scales = {}
+    with one_thread():
+        for step in range(1, max(POINTS) + 1):
+            loss = task.loss(model, task.batch(b, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in POINTS:
+                scales[step] = noise_scale(task, model, b, draws)
+    return {"workload": name, "seed": seed, "batch": b, "noise_scale": scales}
+
+
+def predicted(scale: float, b: int) -> float:
+    """The best rate at ``4b`` over that at ``b`` that the noise scale predicts."""
+    return (1 + scale / b) / (1 + scale / (4 * b))
+
+
+def main() -> None:
+    runs = [measure(name, seed) for name in RATES for seed in SEEDS]
+    (HERE / "noise.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
+    head = " | ".join(f"`B_noise` at step {p} (seeds 0-2)" for p in POINTS)
+    lines = [
+        f"| workload (batch) | {head} | predicted best-rate ratio at 4x the batch, median "
+        "(steps " + ", ".join(map(str, POINTS)) + ") | measured (`table.md`) |",
+        "|---|" + "---:|" * (len(POINTS) + 2),
+    ]
+    for name in RATES:
+        mine = [r for r in runs if r["workload"] == name]
+        b = mine[0]["batch"]
+        cells = [", ".join(f"{r['noise_scale'][p]:.0f}" for r in mine) for p in POINTS]
+        ratio = [predicted(statistics.median(r["noise_scale"][p] for r in mine), b) for p in POINTS]
+        lines.append(
+            f"| {name} ({b}) | "
+            + " | ".join(cells)
+            + f" | {', '.join(f'{x:.2f}' for x in ratio)} | {MEASURED[name]:g} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (HERE / "noise.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
