@@ -3,9 +3,9 @@
 ``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
 ``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`, and
 ``muon/muon.py``, ``rmsprop/rmsprop.py``, ``bases/bases.py`` and ``clipping/clipping.py`` race
-a grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, and trace a run
-with :func:`trace`): every
-variant on every seed, on two processes, the results written next to the probe's script as
+a grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, as
+``batch-size/batch.py`` races the benchmark's own, the last three from :func:`command`'s
+command line, and trace a run with :func:`trace`): every variant on every seed, on two processes, the results written next to the probe's script as
 ``results.json`` and ``table.md``, and the pieces of a run's row and of the table that more
 than one of them has."""
 
@@ -211,7 +211,7 @@ def oracle_table(
 
 def trace(workload: Any, method: Any, seed: int, out: Path) -> None:
     """Train ``method`` on ``workload`` (a name, or a changed :class:`Workload`, named in the
-    output by its label) from ``seed`` as the benchmark does, its ``selftune.wrap``
+    output by its name and batch size) from ``seed`` as the benchmark does, its ``selftune.wrap``
     given a log folder; print the steps to target and every decision of the log (the range
     test's growth folded into its first and last step), and write the same to ``out``
     (``muon/trace.py``, ``rmsprop.py --trace``)."""
