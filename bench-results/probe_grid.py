@@ -2,12 +2,12 @@
 ``policy-gradient/cartpole.py``, ``full-batch/fit.py``, ``small-batch/digits.py``,
 ``multi-task/alternate.py``, ``label-noise/digits.py``; ``groups/groups.py`` and
 ``schedules/schedules.py`` run their jobs with :func:`run_rows` and :func:`train_row`, and
-``muon/muon.py``, ``rmsprop/rmsprop.py``, ``bases/bases.py`` and ``clipping/clipping.py`` race
-a grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, as
-``batch-size/batch.py`` races the benchmark's own, the last three from :func:`command`'s
-command line, and trace a run with :func:`trace`): every variant on every seed, on two processes, the results written next to the probe's script as
-``results.json`` and ``table.md``, and the pieces of a run's row and of the table that more
-than one of them has."""
+``muon/muon.py``, ``rmsprop/rmsprop.py``, ``bases/bases.py`` and ``clipping/clipping.py`` race a
+grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, as
+``batch-size/batch.py`` races the benchmark's own, the last three from :func:`command`'s command
+line, and trace a run with :func:`trace`): every variant on every seed, on two processes, the
+results written next to the probe's script as ``results.json`` and ``table.md``, and the pieces
+of a run's row and of the table that more than one of them has."""
 
 from __future__ import annotations
 
@@ -165,6 +165,17 @@ def events_total(rows: list[Row]) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(total.items())) or "-"
 
 
+def median_steps(rows: list[Row], workload: str, row: str) -> tuple[float | None, int, int]:
+    """The median steps to target of a row's runs on a workload (None unless more than half the
+    seeds hit, a miss counting as more steps than any hit), its hits and its runs."""
+    steps = [r["steps_to_target"] for r in rows if r["workload"] == workload and r["row"] == row]
+    hits = sum(s is not None for s in steps)
+    if hits * 2 <= len(steps) or not steps:
+        return None, hits, len(steps)
+    inf = float("inf")
+    return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
+
+
 def oracle_table(
     rows: list[Row],
     workloads: Sequence[str],
@@ -178,13 +189,7 @@ def oracle_table(
     ``rmsprop/rmsprop.py``)."""
 
     def median(workload: str, row: str) -> tuple[float | None, int, int]:
-        mine = [r for r in rows if r["workload"] == workload and r["row"] == row]
-        steps = [r["steps_to_target"] for r in mine]
-        hits = sum(s is not None for s in steps)
-        if hits * 2 <= len(steps) or not steps:
-            return None, hits, len(steps)
-        inf = float("inf")
-        return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
+        return median_steps(rows, workload, row)
 
     lines = [
         "| workload | " + " | ".join(columns) + " |",

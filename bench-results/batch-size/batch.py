@@ -28,7 +28,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, oracle_table, trace  # noqa: E402
+from probe_grid import command, median_steps, oracle_table, trace  # noqa: E402
 
 FACTORS = {"digits-mlp": (1, 4, 16), "friedman-mlp": (1, 4, 16), "mnist1d-cnn": (1, 4)}
 LABELS = [f"{w} x{f}" for w, factors in FACTORS.items() for f in factors]
@@ -77,23 +77,19 @@ def best_rates(runs: list[dict[str, Any]], base: str) -> str:
         f"| workload | {base} grid's best rate | `auto`'s rate at the end (median) | ratio |",
         "|---|---:|---:|---:|",
     ]
+    from selftune.bench.methods import methods
+
     for label in LABELS:
-        medians = {}
-        for row in grid(base):
-            steps = [
-                r["steps_to_target"] for r in runs if r["workload"] == label and r["row"] == row
-            ]
-            if steps and sum(s is not None for s in steps) * 2 > len(steps):
-                medians[row] = statistics.median(s or float("inf") for s in steps)
+        medians = {row: median_steps(runs, label, row)[0] for row in grid(base)}
+        reached = {row: m for row, m in medians.items() if m is not None}
         tuned = [
             r["final_lr"]
             for r in runs
             if r["workload"] == label and r["row"] == f"selftune-auto-{base}"
         ]
-        if not medians or not tuned:
+        if not reached or not tuned:
             continue
-        best = min(medians, key=lambda row: medians[row])
-        rate = next(r["final_lr"] for r in runs if r["row"] == best)
+        rate = methods()[min(reached, key=lambda row: reached[row])].lr0
         end = statistics.median(tuned)
         lines.append(f"| {label} | {rate:g} | {end:.3g} | {end / rate:.2f}x |")
     return "\n".join(lines) + "\n"

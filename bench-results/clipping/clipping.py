@@ -134,8 +134,8 @@ def main() -> None:
 
 
 def clip_shares(runs: list[dict[str, Any]], base: str) -> str:
-    """The median share of steps whose norm was above the clip's, per workload, for the
-    default rate's plain-sized rows: `auto` clipped and not."""
+    """Per workload, the median share of steps whose gradient norm was above the clip's, and
+    the median norm, of `auto` from the default rate clipped and not clipped."""
     tuned = (f"selftune-auto-{base}-clip", f"selftune-auto-{base}")
     lines = [
         f"| workload | share clipped, `{tuned[0]}` | would be, `{tuned[1]}` | median norm, each |",
