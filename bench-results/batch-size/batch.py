@@ -70,6 +70,16 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     return {**key, **{f: record[f] for f in fields}, "final_lr": record["curves"]["lr"][-1]}
 
 
+def best_rate(runs: list[dict[str, Any]], label: str, base: str) -> float | None:
+    """The rate of the ``base`` grid's member with the least median steps on the workload of
+    ``label`` (None where none reached the target in more than half its seeds)."""
+    from selftune.bench.methods import methods
+
+    medians = {row: median_steps(runs, label, row)[0] for row in grid(base)}
+    reached = {row: m for row, m in medians.items() if m is not None}
+    return methods()[min(reached, key=lambda row: reached[row])].lr0 if reached else None
+
+
 def best_rates(runs: list[dict[str, Any]], base: str) -> str:
     """Per workload label: the grid's best rate (the least median steps) and `auto`'s median
     rate at the end, the two side by side as the batch grows."""
@@ -77,19 +87,15 @@ def best_rates(runs: list[dict[str, Any]], base: str) -> str:
         f"| workload | {base} grid's best rate | `auto`'s rate at the end (median) | ratio |",
         "|---|---:|---:|---:|",
     ]
-    from selftune.bench.methods import methods
-
     for label in LABELS:
-        medians = {row: median_steps(runs, label, row)[0] for row in grid(base)}
-        reached = {row: m for row, m in medians.items() if m is not None}
+        rate = best_rate(runs, label, base)
         tuned = [
             r["final_lr"]
             for r in runs
             if r["workload"] == label and r["row"] == f"selftune-auto-{base}"
         ]
-        if not reached or not tuned:
+        if rate is None or not tuned:
             continue
-        rate = methods()[min(reached, key=lambda row: reached[row])].lr0
         end = statistics.median(tuned)
         lines.append(f"| {label} | {rate:g} | {end:.3g} | {end / rate:.2f}x |")
     return "\n".join(lines) + "\n"

@@ -12,31 +12,33 @@ gradients before DDP's all-reduce) could.  This script makes it, to say whether 
 told those workloads apart.
 
 For each workload and seed 0-2, SGD with momentum 0.9 at the grid's best rate for the
-benchmark's batch trains from the benchmark's initialisation on its batches; after 25 steps
-(where `auto`'s range test ends), 100 and 300, the weights are held and ``DRAWS`` pairs of
-gradients are taken, of a batch of the benchmark's size ``b`` and of one 16 times larger ``B``,
-drawn with a generator of their own (BatchNorm's buffers restored after).  With ``E|g_b|² = |G|²
-+ tr(Σ)/b``, the unbiased estimates are ``|G|² = (B E|g_B|² - b E|g_b|²) / (B - b)`` and
-``tr(Σ) = (E|g_b|² - E|g_B|²) / (1/b - 1/B)``, averaged over the draws before the ratio is
-taken, as McCandlish et al. advise.  Run from the repository root (a few minutes):
-``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/batch-size/noise.py``; writes
-``noise.json`` and ``noise.md`` next to this file.
+benchmark's batch (read off ``results.json``, as the best rate at 4x the batch is) trains from
+the benchmark's initialisation on its batches; after 25 steps (where `auto`'s range test ends),
+100 and 300, the weights are held and ``DRAWS`` pairs of gradients are taken, of a batch of the
+benchmark's size ``b`` and of one 16 times larger ``B``, drawn with a generator of their own
+(BatchNorm's buffers restored after). With ``E|g_b|² = |G|² + tr(Σ)/b``, the unbiased estimates
+are ``|G|² = (B E|g_B|² - b E|g_b|²) / (B - b)`` and ``tr(Σ) = (E|g_b|² - E|g_B|²) / (1/b -
+1/B)``, averaged over the draws before the ratio is taken, as McCandlish et al. advise. Run from
+the repository root (a few minutes): ``SELFTUNE_CACHE=.cache PYTHONPATH=src python
+bench-results/batch-size/noise.py``; writes ``noise.json`` and ``noise.md`` next to this file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-#: the SGD grid's best constant rate at the benchmark's batch (``table.md``)
-RATES = {"digits-mlp": 0.1, "friedman-mlp": 3e-3, "mnist1d-cnn": 0.1}
-#: the best rate at 4x the batch over that at the benchmark's, SGD (``table.md``)
-MEASURED = {"digits-mlp": 3.0, "friedman-mlp": 1.0, "mnist1d-cnn": 3.0}
+sys.path[:0] = [str(HERE)]
+from batch import best_rate  # noqa: E402
+
+WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn")
 POINTS = (25, 100, 300)
 SEEDS = range(3)
 DRAWS = 256
@@ -64,14 +66,14 @@ def noise_scale(task: Any, model: torch.nn.Module, b: int, gen: torch.Generator)
     return trace / true
 
 
-def measure(name: str, seed: int) -> dict[str, Any]:
+def measure(name: str, seed: int, rate: float) -> dict[str, Any]:
     from selftune.bench import workloads
     from selftune.bench.runner import fresh_run, one_thread
 
     (workload,) = workloads.select([name])
     task, model, gen = fresh_run(workload, seed)
     draws = torch.Generator().manual_seed(1000 + seed)
-    opt = torch.optim.SGD(model.parameters(), lr=RATES[name], momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=rate, momentum=0.9)
     b = workload.batch_size
     scales = {}
     with one_thread():
@@ -91,7 +93,13 @@ def predicted(scale: float, b: int) -> float:
 
 
 def main() -> None:
-    runs = [measure(name, seed) for name in RATES for seed in SEEDS]
+    """Measure at the SGD grid's best rate at the benchmark's batch, and set the prediction
+    beside the best rate's move at 4x the batch, both read off ``batch.py``'s runs."""
+    grid = json.loads((HERE / "results.json").read_text(encoding="utf-8"))
+    rates = {
+        w: [best_rate(grid, f"{w} x{f}", "sgd") or math.nan for f in (1, 4)] for w in WORKLOADS
+    }
+    runs = [measure(name, seed, rates[name][0]) for name in WORKLOADS for seed in SEEDS]
     (HERE / "noise.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
     head = " | ".join(f"`B_noise` at step {p} (seeds 0-2)" for p in POINTS)
     lines = [
@@ -99,7 +107,7 @@ def main() -> None:
         "(steps " + ", ".join(map(str, POINTS)) + ") | measured (`table.md`) |",
         "|---|" + "---:|" * (len(POINTS) + 2),
     ]
-    for name in RATES:
+    for name in WORKLOADS:
         mine = [r for r in runs if r["workload"] == name]
         b = mine[0]["batch"]
         cells = [", ".join(f"{r['noise_scale'][p]:.0f}" for r in mine) for p in POINTS]
@@ -107,7 +115,7 @@ def main() -> None:
         lines.append(
             f"| {name} ({b}) | "
             + " | ".join(cells)
-            + f" | {', '.join(f'{x:.2f}' for x in ratio)} | {MEASURED[name]:g} |"
+            + f" | {', '.join(f'{x:.2f}' for x in ratio)} | {rates[name][1] / rates[name][0]:g} |"
         )
     text = "\n".join(lines) + "\n"
     (HERE / "noise.md").write_text(text, encoding="utf-8")
