@@ -106,14 +106,22 @@ class ReplayController:
 
     name = "replay"
     reads_buffer = False  #: whether it needs the momentum-buffer alignment signal
-    corrects_rmsprop_warmup = False  #: as the logged run did: set from its manifest
     #: its proposals are the log's values, which the policy passed in the run (``raw``); and a
     #: state the run's script loads, saved under the run's controller (a resume from its
     #: checkpoint, a fine-tune from a saved run), loads into it, since its decisions are the
     #: log's: refused as another controller's, the same script could not replay
     replays_log = True
 
-    def __init__(self, records: list[dict[str, Any]], decided: Decided, passes: _Passes) -> None:
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        decided: Decided,
+        passes: _Passes,
+        corrects_rmsprop_warmup: bool = False,
+    ) -> None:
+        #: as the logged run did, which its manifest says (a run logged before the correction
+        #: existed was not corrected)
+        self.corrects_rmsprop_warmup = corrects_rmsprop_warmup
         self._passes = passes
         self._decided = decided
         self._restarts = {
@@ -336,10 +344,9 @@ def _replay(
             "the manifest was damaged or written by another version"
         ) from None
     passes = _Passes(records)
-    controller = ReplayController(records, decided, passes)
-    # the logged run's steps were RMSprop's warm-up corrected if its manifest says so (a run
-    # logged before the correction existed was not)
-    controller.corrects_rmsprop_warmup = config.get("rmsprop_warmup") is True
+    controller = ReplayController(
+        records, decided, passes, corrects_rmsprop_warmup=config.get("rmsprop_warmup") is True
+    )
     guard: Any = False
     if guard_config is not None:
         guard = ReplayGuard(guard_config, records, passes)
