@@ -50,15 +50,17 @@ def squared_norm(model: torch.nn.Module, loss: torch.Tensor) -> float:
     return float(sum(g.pow(2).sum() for g in grads))
 
 
-def noise_scale(task: Any, model: torch.nn.Module, b: int, gen: torch.Generator) -> float:
-    """``B_noise`` at the model's weights, from ``DRAWS`` pairs of batches of ``b`` and
+def noise_scale(
+    task: Any, model: torch.nn.Module, b: int, gen: torch.Generator, draws: int = DRAWS
+) -> float:
+    """``B_noise`` at the model's weights, from ``draws`` pairs of batches of ``b`` and
     ``BIG * b`` examples."""
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     small = statistics.fmean(
-        squared_norm(model, task.loss(model, task.batch(b, gen))) for _ in range(DRAWS)
+        squared_norm(model, task.loss(model, task.batch(b, gen))) for _ in range(draws)
     )
     big = statistics.fmean(
-        squared_norm(model, task.loss(model, task.batch(BIG * b, gen))) for _ in range(DRAWS)
+        squared_norm(model, task.loss(model, task.batch(BIG * b, gen))) for _ in range(draws)
     )
     model.load_state_dict(buffers, strict=False)
     true = (BIG * b * big - b * small) / (BIG * b - b)
@@ -66,24 +68,34 @@ def noise_scale(task: Any, model: torch.nn.Module, b: int, gen: torch.Generator)
     return trace / true
 
 
-def measure(name: str, seed: int, rate: float) -> dict[str, Any]:
+def measure(
+    name: str,
+    seed: int,
+    rate: float,
+    base: str = "sgd",
+    points: tuple[int, ...] = POINTS,
+    draws: int = DRAWS,
+) -> dict[str, Any]:
+    """``B_noise`` at each of ``points`` along a run of the benchmark's ``base`` optimizer (SGD
+    with momentum 0.9, or AdamW) at ``rate`` on the workload ``name`` from ``seed``."""
     from selftune.bench import workloads
+    from selftune.bench.methods import _base
     from selftune.bench.runner import fresh_run, one_thread
 
     (workload,) = workloads.select([name])
     task, model, gen = fresh_run(workload, seed)
-    draws = torch.Generator().manual_seed(1000 + seed)
-    opt = torch.optim.SGD(model.parameters(), lr=rate, momentum=0.9)
+    pairs = torch.Generator().manual_seed(1000 + seed)
+    opt = _base(base, rate)(model.parameters())
     b = workload.batch_size
     scales = {}
     with one_thread():
-        for step in range(1, max(POINTS) + 1):
+        for step in range(1, max(points) + 1):
             loss = task.loss(model, task.batch(b, gen))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if step in POINTS:
-                scales[step] = noise_scale(task, model, b, draws)
+            if step in points:
+                scales[step] = noise_scale(task, model, b, pairs, draws)
     return {"workload": name, "seed": seed, "batch": b, "noise_scale": scales}
 
 
