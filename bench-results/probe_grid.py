@@ -181,12 +181,13 @@ def oracle_table(
     workloads: Sequence[str],
     columns: Sequence[str],
     grid: Sequence[str],
-    tuned: str,
+    tuned: str | Sequence[str],
 ) -> str:
     """Median steps to target per row (``columns``) and workload, with the hits of the seeds;
     a median only where more than half the seeds hit.  The least median of the ``grid`` rows
-    is the oracle, and the ``tuned`` row's median is also given against it (``muon/muon.py``,
+    is the oracle, and each ``tuned`` row's median is also given against it (``muon/muon.py``,
     ``rmsprop/rmsprop.py``)."""
+    tuned = [tuned] if isinstance(tuned, str) else list(tuned)
 
     def median(workload: str, row: str) -> tuple[float | None, int, int]:
         return median_steps(rows, workload, row)
@@ -195,7 +196,7 @@ def oracle_table(
         "| workload | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    ratios = []
+    ratios: dict[str, list[str]] = {row: [] for row in tuned}
     for w in workloads:
         medians = [m for row in grid if (m := median(w, row)[0]) is not None]
         oracle = min(medians) if medians else None
@@ -203,14 +204,14 @@ def oracle_table(
         for row in columns:
             value, hits, n = median(w, row)
             cell = "miss" if value is None else f"{value:g}"
-            if value is not None and oracle is not None and row == tuned:
-                ratios.append(f"{w}: {value / oracle:.2f}x")
+            if value is not None and oracle is not None and row in ratios:
+                ratios[row].append(f"{w}: {value / oracle:.2f}x")
                 cell += f" ({value / oracle:.2f}x)"
             cells.append(f"{cell} [{hits}/{n}]")
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    if ratios:
-        lines.append("")
-        lines.append(f"`{tuned}` against the oracle: " + ", ".join(ratios))
+    for row, theirs in ratios.items():
+        if theirs:
+            lines += ["", f"`{row}` against the oracle: " + ", ".join(theirs)]
     return "\n".join(lines) + "\n"
 
 
