@@ -29,16 +29,16 @@ import json
 import math
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent / "batch-size")]
+sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
 
 from finder import HALF_STEP  # noqa: E402
 from noise import measure  # noqa: E402
+from probe_grid import run_rows  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
 from selftune.bench.report import summarise  # noqa: E402
@@ -52,17 +52,6 @@ OUT = HERE / "noise_share.json"
 def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
     name, base, rate, seed = job
     return {"base": base, **measure(name, seed, rate, base, POINTS, DRAWS)}
-
-
-def run_missing(jobs: list[tuple[str, str, float, int]]) -> None:
-    """Add to ``OUT`` the rows of the jobs not yet there, two processes at a time."""
-    rows = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
-    done = {(r["workload"], r["base"], r["seed"]) for r in rows}
-    with ProcessPoolExecutor(2) as pool:
-        for row in pool.map(one, [j for j in jobs if (j[0], j[1], j[3]) not in done]):
-            rows.append(row)
-            OUT.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-            print(row, flush=True)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -154,7 +143,10 @@ def main() -> None:
     if sys.argv[1:] not in ([], ["--table"]):
         raise SystemExit(f"usage: {sys.argv[0]} [--table]")
     if not sys.argv[1:]:
-        run_missing([(n, b, lr, s) for n, b, lr in found for s in SEEDS])
+        kept = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
+        done = {(r["workload"], r["base"], r["seed"]) for r in kept}
+        jobs = [(n, b, lr, s) for n, b, lr in found for s in SEEDS if (n, b, s) not in done]
+        run_rows(one, jobs, OUT, kept=kept)
     text = table(json.loads(OUT.read_text(encoding="utf-8")), found)
     (HERE / "noise_share.md").write_text(text, encoding="utf-8")
     print(text)
