@@ -48,7 +48,7 @@ def method(row: str) -> Any:
 
     if row != VARIANT:
         return m.methods()[row]
-    build = m._selftune("sgd", m.DEFAULT_LR["sgd"], AutoController(retreat=0.5))  # type: ignore[arg-type]
+    build = m._selftune("sgd", m.DEFAULT_LR["sgd"], AutoController(retreat=0.5))
     return m.Method(VARIANT, "selftune", "sgd", build, len(SEEDS), m.DEFAULT_LR["sgd"])
 
 

@@ -26,6 +26,7 @@ import torch
 
 from selftune.average import DEFAULT_DECAY, WeightAverage, swapped
 from selftune.bench.workloads import by_glob
+from selftune.controllers.base import Controller
 from selftune.tuner import SelfTuned
 
 #: Learning-rate grids, 3x apart, meant to hold the best member inside; the report names any
@@ -269,11 +270,16 @@ def _hd_adam(model: torch.nn.Module, s: Setting) -> Handle:
 
 
 def _selftune(
-    base: str, lr: float, controller: str, metric: bool = True, average: bool = False
+    base: str,
+    lr: float,
+    controller: str | Controller,
+    metric: bool = True,
+    average: bool = False,
 ) -> Builder:
     """selftune given the loss at every step and, unless ``metric`` is False, the evaluation
     metric after every evaluation (``observe``), as a loop that evaluates can give it;
-    ``average``: evaluated at its weight average (the metric it reads being the average's)."""
+    ``average``: evaluated at its weight average (the metric it reads being the average's).
+    A controller instance (the probes' variants) serves one run: build one per run."""
     make = _base(base, lr)
 
     def build(model: torch.nn.Module, s: Setting) -> Handle:
