@@ -5,10 +5,12 @@ best rate at larger batches?
 (a gradient-norm spike at 0.55-0.66 on the digits MLP and the CNN) and retreats to ``retreat``
 (0.25) of it, while the grid's best rate moved from about a fifth of that edge at the
 benchmark's batch to about half at 4x and 16x it. Half the edge is where a rate stops being
-limited by the gradient's noise: on a quadratic, steps along the sharpest direction converge
-without overshoot up to ``1/λ``, half the stability limit ``2/λ``, so the best rate of a batch
-large against the noise scale sits near half the edge, and a smaller batch's best lower
-(McCandlish et al. 2018). ``retreat=0.5`` is that bound, not a value fitted to the probe.
+limited by the gradient's noise: on a quadratic under plain gradient descent, steps along the
+sharpest direction converge without overshoot up to ``1/λ``, half the stability limit ``2/λ``,
+so the best rate of a batch large against the noise scale sits near half the edge, and a
+smaller batch's best lower (McCandlish et al. 2018); heavy-ball momentum moves both bounds, so
+the half is the argument's form, not an exact value. ``retreat=0.5`` is that bound, not a value
+fitted to the probe.
 
 Rows: ``selftune-auto-sgd-retreat-half`` (``AutoController(retreat=0.5)``, SGD with momentum
 0.9 from the default rate) on ``../batch-size/``'s eight workload labels, against that probe's
