@@ -1,23 +1,25 @@
 """Does the gradient's noise share say where the best rate lies against the range test's crossing?
 
-The range test's crossing lands from 0.1x to 7.4x the grid's best constant rate ``lr*``
-(``later.md``, "auto after 0"), and the bar needs it within half a grid step. McCandlish et al.
-(2018) put the best rate at a batch ``b`` at ``ε_max / (1 + B_noise / b)``: if the crossing read
-``ε_max`` (or a fixed multiple of it), the pairs whose batch is small against their noise scale
-would be those whose crossing stands far above ``lr*``, and ``crossing / (1 + B_noise / b)``
-would be a fixed multiple of ``lr*``. This script measures ``B_noise`` on the eighteen pairs of
-``run.py`` to say whether that holds: a settle that read the noise scale in the run (it would
-need two batch sizes at one point: per-rank gradients before DDP's all-reduce, or the
-micro-batches of gradient accumulation) is worth building only if it does.
+The range test's crossing (``auto``'s rate after 50 steps from the default rate, ``later.md``'s
+"auto after 0") lands from 0.15x to 11x the grid's best constant rate ``lr*``, and the bar needs
+it within half a grid step. McCandlish et al. (2018) put the best rate at a batch ``b`` at
+``ε_max / (1 + B_noise / b)``: if the crossing read ``ε_max`` (or a fixed multiple of it), the
+pairs whose batch is small against their noise scale would be those whose crossing stands far
+above ``lr*``, and ``crossing / (1 + B_noise / b)`` would be a fixed multiple of ``lr*``. This
+script measures ``B_noise`` on the eighteen pairs of ``run.py`` to say whether that holds: a
+settle that read the noise scale in the run (it would need two batch sizes at one point:
+per-rank gradients before DDP's all-reduce, or the micro-batches of gradient accumulation) is
+worth building only if it does.  The seven pairs with an oracle of the held-out workloads are
+read too, with the factors chosen on the eighteen.
 
 For each pair and seed 0-2, the plain base optimizer at ``lr*`` trains from the benchmark's
 initialisation on its batches, and at steps 25 (where the range test ends) and 200 (the run's
 middle stretch) ``B_noise`` is measured as ``../batch-size/noise.py`` measures it (``DRAWS``
 pairs of gradients of the benchmark's batch and of one 16x larger, at the held weights). The
-crossing is ``auto``'s rate after 50 steps from the default rate, read off ``later.json``. No
-rule of ``auto`` is made from it.
+crossing is read off ``later.json``, and for the held-out pairs (which ``later.py`` did not
+run) measured here as ``later.py`` measures it.  No rule of ``auto`` is made from it.
 
-Run from the repository root (about 17 minutes on two cores):
+Run from the repository root (about 21 minutes on two cores):
 ``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/noise_share.py``; writes
 ``noise_share.json`` (rows as runs end; those already there are kept) and ``noise_share.md``
 next to this file; ``--table`` remakes the table only.
@@ -37,12 +39,14 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
 
 from finder import HALF_STEP  # noqa: E402
+from later import auto_rate  # noqa: E402
 from noise import measure  # noqa: E402
 from probe_grid import run_rows  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
 from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import read_results  # noqa: E402
+from selftune.bench.runner import one_thread, read_results  # noqa: E402
+from selftune.bench.workloads import WORKLOADS  # noqa: E402
 
 POINTS = (25, 200)
 DRAWS = 128  #: half ``noise.py``'s: the transformer's 16x batch takes most of the time
@@ -50,8 +54,15 @@ OUT = HERE / "noise_share.json"
 
 
 def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
+    """``B_noise`` along the pair's run at ``lr*``; for a held-out pair (not in ``later.json``)
+    also the crossing: ``auto``'s rate after 50 steps from the default rate, as ``later.py``
+    reads it."""
     name, base, rate, seed = job
-    return {"base": base, **measure(name, seed, rate, base, POINTS, DRAWS)}
+    row = {"base": base, **measure(name, seed, rate, base, POINTS, DRAWS)}
+    if WORKLOADS[name].held_out:
+        with one_thread():
+            row["crossing"] = auto_rate(name, base, seed, 0)
+    return row
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -68,86 +79,119 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(ranks(xs), ranks(ys))
 
 
-def table(rows: list[dict[str, Any]], found: list[tuple[str, str, float]]) -> str:
-    """Per pair: ``B_noise`` at each point (median over seeds), the crossing as a multiple of
-    ``lr*``, and the crossing over ``1 + B_noise / b`` (``B_noise`` below zero read as zero) as
-    a multiple of ``lr*`` over its median across pairs, the fixed factor a settle would need (an
-    in-sample choice: the most this reading could give); then the counts, with a second
-    in-sample reading that also fits the power of the share (a least-squares line of
-    log(crossing / lr*) on log(1 + B_noise / b))."""
+Cell = tuple[str, str, float, int, dict[int, float], float]
+
+
+def cells_of(rows: list[dict[str, Any]], found: list[tuple[str, str, float]]) -> list[Cell]:
+    """Per pair measured: name, base, ``lr*``, batch, ``B_noise`` at each point and the crossing
+    over ``lr*`` (medians over seeds); the crossing read off ``later.json`` where it has the
+    pair, else off the rows' own ``crossing`` (the held-out pairs, measured here)."""
     later = json.loads((HERE / "later.json").read_text(encoding="utf-8"))
     crossing = {
         (r["workload"], r["base"]): statistics.median(r["rates"])
         for r in later
         if r["warm"] == 0 and r["kind"] == "auto"
     }
-    cells: list[tuple[str, str, float, int, dict[int, float], float]] = []
+    cells = []
     for name, base, best in found:
         mine = [r for r in rows if (r["workload"], r["base"]) == (name, base)]
         if not mine:
             continue
         scale = {p: statistics.median(r["noise_scale"][str(p)] for r in mine) for p in POINTS}
-        cells.append((name, base, best, mine[0]["batch"], scale, crossing[name, base] / best))
+        rate = crossing.get((name, base)) or statistics.median(r["crossing"] for r in mine)
+        cells.append((name, base, best, mine[0]["batch"], scale, rate / best))
+    return cells
+
+
+def share(cell: Cell, p: int) -> float:
+    """``1 + B_noise / b`` at step ``p`` (``B_noise`` below zero read as zero)."""
+    return 1 + max(cell[4][p], 0.0) / cell[3]
+
+
+def within(values: list[float]) -> int:
+    """How many of ``values`` (multiples of ``lr*``) lie within half a grid step of 1."""
+    return sum(1 / HALF_STEP <= v <= HALF_STEP for v in values)
+
+
+def table(
+    rows: list[dict[str, Any]],
+    found: list[tuple[str, str, float]],
+    held: list[tuple[str, str, float]],
+) -> str:
+    """Per pair: ``B_noise`` at each point (median over seeds), the crossing as a multiple of
+    ``lr*``, and the crossing over the noise share as a multiple of ``lr*`` over its median across
+    the pairs not held out, the fixed factor a settle would need (chosen on those pairs: on them
+    the most this reading could give); then the counts, with a second reading that also fits the
+    power of the share (a least-squares line of log(crossing / lr*) on log(1 + B_noise / b)).
+    The held-out pairs are read with the factors and lines chosen on the others."""
+    tuning, others = cells_of(rows, found), cells_of(rows, held)
+    raw = statistics.median(c[5] for c in tuning)
+    centre = {p: statistics.median(c[5] / share(c, p) for c in tuning) for p in POINTS}
+    ys = [math.log(c[5]) for c in tuning]
+    xs = {p: [math.log(share(c, p)) for c in tuning] for p in POINTS}
+    fit = {p: statistics.linear_regression(xs[p], ys) for p in POINTS}
+
+    def fixed(c: Cell, p: int) -> float:  # the crossing over the share, over its factor
+        return c[5] / share(c, p) / centre[p]
+
+    def line(c: Cell, p: int) -> float:  # the crossing over the fitted power of the share
+        return c[5] / math.exp(fit[p].slope * math.log(share(c, p)) + fit[p].intercept)
+
     heads = " | ".join(f"`B_noise` at {p}" for p in POINTS)
-    fixed = " | ".join(f"crossing / (1 + B_noise/b) at {p}, over its median" for p in POINTS)
+    over = " | ".join(f"crossing / (1 + B_noise/b) at {p}, over its median" for p in POINTS)
     lines = [
-        f"| workload | base | lr* | b | {heads} | crossing / lr* | {fixed} |",
+        f"| workload | base | lr* | b | {heads} | crossing / lr* | {over} |",
         "|---|---|---|---|" + "---|" * (2 * len(POINTS) + 1),
     ]
-    share = {p: [1 + max(c[4][p], 0.0) / c[3] for c in cells] for p in POINTS}
-    read = {p: [c[5] / s for c, s in zip(cells, share[p], strict=True)] for p in POINTS}
-    centre = {p: statistics.median(read[p]) for p in POINTS}
-    for i, (name, base, best, b, scale, ratio) in enumerate(cells):
-        noise = " | ".join(f"{scale[p]:.0f}" for p in POINTS)
-        placed = " | ".join(f"{read[p][i] / centre[p]:.2g}x" for p in POINTS)
-        lines.append(f"| {name} | {base} | {best:g} | {b} | {noise} | {ratio:.2g}x | {placed} |")
-
-    def within(values: list[float]) -> int:
-        return sum(1 / HALF_STEP <= v <= HALF_STEP for v in values)
-
-    def spread(values: list[float]) -> float:
-        return max(values) / min(values)
-
-    ratios = [c[5] for c in cells]
-    raw = statistics.median(ratios)
-    ys = [math.log(r) for r in ratios]
-    xs = {p: [math.log(s) for s in share[p]] for p in POINTS}
-    rho = {p: spearman(ys, xs[p]) for p in POINTS}
-    fit = {p: statistics.linear_regression(xs[p], ys) for p in POINTS}
-    line = {  # the crossing over the least-squares power of the share, over lr*
-        p: [
-            math.exp(y - fit[p].slope * x - fit[p].intercept)
-            for x, y in zip(xs[p], ys, strict=True)
-        ]
-        for p in POINTS
-    }
+    for c in tuning + others:
+        name = f"{c[0]} (held out)" if c in others else c[0]
+        noise = " | ".join(f"{c[4][p]:.0f}" for p in POINTS)
+        placed = " | ".join(f"{fixed(c, p):.2g}x" for p in POINTS)
+        lines.append(f"| {name} | {c[1]} | {c[2]:g} | {c[3]} | {noise} | {c[5]:.2g}x | {placed} |")
+    ratios = [c[5] for c in tuning]
     lines += [
         "",
-        f"Of {len(cells)} pairs, the crossing over its own median across pairs lands within half"
-        f" a grid step of lr* on {within([r / raw for r in ratios])} (spread {spread(ratios):.0f}x,"
-        " the most to the least)."
+        f"Of {len(tuning)} pairs not held out, the crossing over its own median across them lands"
+        f" within half a grid step of lr* on {within([r / raw for r in ratios])} (as shipped:"
+        f" {within(ratios)}; spread {max(ratios) / min(ratios):.0f}x, the most to the least)."
         + "".join(
-            f" Divided by the noise share at step {p}: {within([v / centre[p] for v in read[p]])}"
-            f" (spread {spread(read[p]):.0f}x); Spearman's correlation of log(crossing / lr*)"
-            f" with log(1 + B_noise/b) {rho[p]:+.2f}; by the least-squares power of the share"
-            f" (fitted here: {fit[p].slope:.2f}, where McCandlish et al.'s form gives 1):"
-            f" {within(line[p])}."
+            f" Divided by the noise share at step {p}: {within([fixed(c, p) for c in tuning])}"
+            f" (spread {max(r := [c[5] / share(c, p) for c in tuning]) / min(r):.0f}x);"
+            f" Spearman's correlation of log(crossing / lr*) with log(1 + B_noise/b)"
+            f" {spearman(ys, xs[p]):+.2f}; by the least-squares power of the share (fitted here:"
+            f" {fit[p].slope:.2f}, where McCandlish et al.'s form gives 1):"
+            f" {within([line(c, p) for c in tuning])}."
             for p in POINTS
         ),
     ]
+    if others:
+        lines += [
+            "",
+            f"Of {len(others)} held-out pairs, with the factors and lines chosen on the others: the"
+            f" crossing as shipped {within([c[5] for c in others])}, over its median"
+            f" {within([c[5] / raw for c in others])}"
+            + "".join(
+                f"; over the share at step {p} {within([fixed(c, p) for c in others])}, over its"
+                f" fitted power {within([line(c, p) for c in others])}"
+                for p in POINTS
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    found = pairs(summarise(read_results(ROOT / "bench-results" / "results.jsonl")))
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    found, held = pairs(workloads), pairs(workloads, held_out=True)
     if sys.argv[1:] not in ([], ["--table"]):
         raise SystemExit(f"usage: {sys.argv[0]} [--table]")
     if not sys.argv[1:]:
         kept = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
         done = {(r["workload"], r["base"], r["seed"]) for r in kept}
-        jobs = [(n, b, lr, s) for n, b, lr in found for s in SEEDS if (n, b, s) not in done]
+        every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
+        jobs = [j for j in every if (j[0], j[1], j[3]) not in done]
         run_rows(one, jobs, OUT, kept=kept)
-    text = table(json.loads(OUT.read_text(encoding="utf-8")), found)
+    text = table(json.loads(OUT.read_text(encoding="utf-8")), found, held)
     (HERE / "noise_share.md").write_text(text, encoding="utf-8")
     print(text)
 

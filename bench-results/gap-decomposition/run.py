@@ -66,13 +66,14 @@ def best_of(w: Workload, base: str, schedule: str) -> Row | None:
     return _fastest(rows) if rows else None
 
 
-def pairs(workloads: dict[str, Workload]) -> list[tuple[str, str, float]]:
-    """(workload, base, lr*) for every pair of a workload not held out that has an oracle."""
+def pairs(workloads: dict[str, Workload], held_out: bool = False) -> list[tuple[str, str, float]]:
+    """(workload, base, lr*) for every pair that has an oracle, of the workloads not held out
+    (or, ``held_out``, of those held out)."""
     out = []
     for w in workloads.values():
         for base in ("sgd", "adamw"):
             const = best_of(w, base, "const")
-            if not w.held_out and const is not None and const.lr0 is not None:
+            if w.held_out == held_out and const is not None and const.lr0 is not None:
                 out.append((w.name, base, const.lr0))
     return out
 
