@@ -29,6 +29,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,38 @@ def noise_scale(
     return trace / true
 
 
+def along(
+    name: str,
+    seed: int,
+    rate: float,
+    base: str,
+    points: tuple[int, ...],
+    read: Callable[[Any, torch.nn.Module, torch.optim.Optimizer, int, torch.Generator], Any],
+) -> dict[int, Any]:
+    """``read(task, model, optimizer, batch, generator)`` at each of ``points`` along a run of
+    the benchmark's ``base`` optimizer (SGD with momentum 0.9, or AdamW) at ``rate`` on the
+    workload ``name`` from ``seed``; the generator (its own, seeded from ``seed``) draws the
+    reading's batches, so that they leave the run's own untouched."""
+    from selftune.bench import workloads
+    from selftune.bench.methods import _base
+    from selftune.bench.runner import fresh_run, one_thread
+
+    (workload,) = workloads.select([name])
+    task, model, gen = fresh_run(workload, seed)
+    draws = torch.Generator().manual_seed(1000 + seed)
+    opt = _base(base, rate)(model.parameters())
+    readings = {}
+    with one_thread():
+        for step in range(1, max(points) + 1):
+            loss = task.loss(model, task.batch(workload.batch_size, gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step in points:
+                readings[step] = read(task, model, opt, workload.batch_size, draws)
+    return readings
+
+
 def measure(
     name: str,
     seed: int,
@@ -76,27 +109,15 @@ def measure(
     points: tuple[int, ...] = POINTS,
     draws: int = DRAWS,
 ) -> dict[str, Any]:
-    """``B_noise`` at each of ``points`` along a run of the benchmark's ``base`` optimizer (SGD
-    with momentum 0.9, or AdamW) at ``rate`` on the workload ``name`` from ``seed``."""
+    """``B_noise`` at each of ``points`` along a run of ``base`` at ``rate`` (:func:`along`)."""
     from selftune.bench import workloads
-    from selftune.bench.methods import _base
-    from selftune.bench.runner import fresh_run, one_thread
 
-    (workload,) = workloads.select([name])
-    task, model, gen = fresh_run(workload, seed)
-    pairs = torch.Generator().manual_seed(1000 + seed)
-    opt = _base(base, rate)(model.parameters())
-    b = workload.batch_size
-    scales = {}
-    with one_thread():
-        for step in range(1, max(points) + 1):
-            loss = task.loss(model, task.batch(b, gen))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step in points:
-                scales[step] = noise_scale(task, model, b, pairs, draws)
-    return {"workload": name, "seed": seed, "batch": b, "noise_scale": scales}
+    def read(task: Any, model: torch.nn.Module, _: Any, b: int, gen: torch.Generator) -> float:
+        return noise_scale(task, model, b, gen, draws)
+
+    scales = along(name, seed, rate, base, points, read)
+    batch = workloads.select([name])[0].batch_size
+    return {"workload": name, "seed": seed, "batch": batch, "noise_scale": scales}
 
 
 def predicted(scale: float, b: int) -> float:

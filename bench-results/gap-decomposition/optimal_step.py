@@ -1,0 +1,183 @@
+"""Does McCandlish et al.'s model of the best step, measured from curvature and noise, predict
+the grid's best constant rate?
+
+McCandlish et al. (2018) derive the best step along the expected gradient ``G`` from a
+quadratic model of the loss: ``ε_max = GᵀG / GᵀHG`` without noise, and ``ε_max / (1 + B_noise /
+b)`` at a batch ``b`` (``B_noise`` measured by ``noise_share.py``). Each half was tried alone
+here and failed: the sharpest curvature (``../pilots/curvature.py``: ``lr·λ_max`` at the best
+rate was 0.09-0.22 of the limit, and barely moved at a rate 3x too high) and the noise scale
+(``noise_share.md``: it ranks the range test's error but leaves a 30x spread). Together, with
+the curvature taken along the gradient rather than at its sharpest, they make a prediction
+with no constant to fit: with heavy-ball momentum ``μ`` the steady step is ``lr / (1 - μ)``
+times the gradient, so SGD's predicted rate is ``(1 - μ) ε_max / (1 + B_noise / b)``; Adam's
+step is its preconditioner ``P = 1 / (√v̂ + eps)`` times the gradient's average, so its
+``ε_max`` is ``GᵀPG / (PG)ᵀH(PG)`` and its predicted rate that over ``1 + B_noise / b`` (the
+noise scale left unweighted by ``P``: an approximation). If the prediction lands within half a
+grid step of ``lr*`` on most pairs, a settle read from two such measurements in the run (a
+Hessian-vector product, two batch sizes) would be worth building; if not, the model itself does
+not place the best constant rate on these workloads.
+
+For each pair (the 18 of ``run.py`` and the 7 held-out ones) and seed 0-2, the plain base
+optimizer trains at ``lr*`` as ``noise_share.py`` has it do, and at steps 25 and 200 ``G`` is
+the gradient of a batch ``BIG`` times the benchmark's (its noise ``1/BIG`` of the minibatch's),
+``HG`` (or ``H PG``) a Hessian-vector product on the same batch; the two quotients' terms are
+averaged over ``DRAWS`` such batches before the ratio is taken. ``B_noise`` is the median over
+seeds of ``noise_share.json``'s at the same step. No rule of ``auto`` is made from it.
+
+Run from the repository root (about ten minutes on two cores):
+``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/optimal_step.py``; writes
+``optimal_step.json`` (rows as runs end; those already there are kept) and ``optimal_step.md``
+next to this file; ``--table`` remakes the table only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
+
+from noise import along  # noqa: E402
+from noise_share import POINTS, cells_of, within  # noqa: E402
+from probe_grid import run_rows  # noqa: E402
+from run import SEEDS, pairs  # noqa: E402
+
+from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
+from selftune.bench.report import summarise  # noqa: E402
+from selftune.bench.runner import read_results  # noqa: E402
+
+BIG = 16  #: the measuring batch over the benchmark's
+DRAWS = 4
+OUT = HERE / "optimal_step.json"
+
+
+def preconditioner(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | float:
+    """Adam's ``1 / (√v̂ + eps)`` for ``p`` (bias-corrected as AdamW's step is); 1 for SGD."""
+    if not isinstance(opt, torch.optim.AdamW):
+        return 1.0
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state = opt.state[p]
+    second = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+    return 1.0 / (second.sqrt() + group["eps"])
+
+
+def step_size(
+    task: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, b: int, gen: torch.Generator
+) -> dict[str, float]:
+    """The terms of ``ε_max`` at the model's weights: ``GᵀPG`` and ``(PG)ᵀH(PG)``, each the mean
+    over ``DRAWS`` batches of ``BIG * b`` examples (BatchNorm's buffers restored after)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    slope, curve = [], []
+    for _ in range(DRAWS):
+        # the fused attention kernels have no second derivative on the CPU
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            loss = task.loss(model, task.batch(BIG * b, gen))
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+        direction = [
+            (preconditioner(opt, p) * g).detach() for p, g in zip(params, grads, strict=True)
+        ]
+        along_dir = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+        hvp = torch.autograd.grad(along_dir, params, allow_unused=True)
+        slope.append(float(along_dir.detach()))
+        curve.append(
+            float(sum((h * d).sum() for h, d in zip(hvp, direction, strict=True) if h is not None))
+        )
+    model.load_state_dict(buffers, strict=False)
+    return {"slope": statistics.fmean(slope), "curve": statistics.fmean(curve)}
+
+
+def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
+    name, base, rate, seed = job
+    terms = along(name, seed, rate, base, POINTS, step_size)
+    return {"workload": name, "base": base, "seed": seed, "terms": terms}
+
+
+def predicted(rows: list[dict[str, Any]], cell: Any, p: int, noisy: bool) -> float | None:
+    """The predicted rate over ``lr*`` at step ``p``, with the noise term or (``noisy`` False)
+    without it; None where the curvature along the step was not positive in the median seed."""
+    name, base, best, b, scale = cell[:5]
+    terms = [r["terms"][str(p)] for r in rows if (r["workload"], r["base"]) == (name, base)]
+    eps_max = statistics.median(
+        t["slope"] / t["curve"] if t["curve"] > 0 else math.inf for t in terms
+    )
+    if eps_max == math.inf:
+        return None
+    momentum = 1 - SGD_DEFAULT["momentum"] if base == "sgd" else 1.0
+    noise = 1 + max(scale[p], 0.0) / b if noisy else 1.0
+    return momentum * eps_max / noise / best
+
+
+def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, held: Any) -> str:
+    """Per pair: the predicted rate over ``lr*`` at each step without and with the noise term,
+    beside the crossing's; then, per reading, how many land within half a grid step of ``lr*``
+    as they are and over a fixed factor (the median over the pairs not held out, chosen on them:
+    on them the most a constant could give), the held-out pairs read with that same factor."""
+    tuning, others = cells_of(noise, found), cells_of(noise, held)
+    readings = [(p, noisy) for p in POINTS for noisy in (False, True)]
+    got = {
+        (p, noisy): [predicted(rows, c, p, noisy) for c in tuning + others] for p, noisy in readings
+    }
+
+    def show(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2g}x"
+
+    def name(p: int, noisy: bool) -> str:
+        return f"ε_max{' / (1 + B_noise/b)' if noisy else ''} at {p}"
+
+    lines = [
+        "| workload | base | lr* | crossing / lr* | "
+        + " | ".join(f"{name(p, n)}, over lr*" for p, n in readings)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(readings),
+    ]
+    for i, c in enumerate(tuning + others):
+        label = f"{c[0]} (held out)" if i >= len(tuning) else c[0]
+        cells = " | ".join(show(got[r][i]) for r in readings)
+        lines.append(f"| {label} | {c[1]} | {c[2]:g} | {c[5]:.2g}x | {cells} |")
+    lines += [
+        "",
+        f"Within half a grid step of lr*, of the {len(tuning)} pairs not held out and (after the"
+        f" slash) the {len(others)} held-out ones: the crossing {within([c[5] for c in tuning])}"
+        f" / {within([c[5] for c in others])}.",
+    ]
+    for r in readings:
+        mine = [v for v in got[r][: len(tuning)] if v is not None]
+        theirs = [v for v in got[r][len(tuning) :] if v is not None]
+        factor = statistics.median(mine)
+        lines.append(
+            f"- {name(*r)}: as it is {within(mine)} / {within(theirs)}; over its median on the"
+            f" pairs not held out ({factor:.3g}) {within([v / factor for v in mine])} /"
+            f" {within([v / factor for v in theirs])}; spread on those {max(mine) / min(mine):.0f}x"
+            f" ({len(tuning) - len(mine) + len(others) - len(theirs)} pairs with no positive"
+            " curvature along the step left out)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    found, held = pairs(workloads), pairs(workloads, held_out=True)
+    if sys.argv[1:] not in ([], ["--table"]):
+        raise SystemExit(f"usage: {sys.argv[0]} [--table]")
+    if not sys.argv[1:]:
+        kept = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
+        done = {(r["workload"], r["base"], r["seed"]) for r in kept}
+        every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
+        run_rows(one, [j for j in every if (j[0], j[1], j[3]) not in done], OUT, kept=kept)
+    noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
+    text = table(json.loads(OUT.read_text(encoding="utf-8")), noise, found, held)
+    (HERE / "optimal_step.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
