@@ -76,11 +76,14 @@ def along(
     base: str,
     points: tuple[int, ...],
     read: Callable[[Any, torch.nn.Module, torch.optim.Optimizer, int, torch.Generator], Any],
+    tuned: bool = False,
 ) -> dict[int, Any]:
     """``read(task, model, optimizer, batch, generator)`` at each of ``points`` along a run of
     the benchmark's ``base`` optimizer (SGD with momentum 0.9, or AdamW) at ``rate`` on the
-    workload ``name`` from ``seed``; the generator (its own, seeded from ``seed``) draws the
-    reading's batches, so that they leave the run's own untouched."""
+    workload ``name`` from ``seed`` (``tuned``: wrapped by ``selftune.wrap`` from that rate and
+    given each loss, the wrapper passed to ``read``); the generator (its own, seeded from
+    ``seed``) draws the reading's batches, so that they leave the run's own untouched."""
+    import selftune
     from selftune.bench import workloads
     from selftune.bench.methods import _base
     from selftune.bench.runner import fresh_run, one_thread
@@ -89,13 +92,18 @@ def along(
     task, model, gen = fresh_run(workload, seed)
     draws = torch.Generator().manual_seed(1000 + seed)
     opt = _base(base, rate)(model.parameters())
+    if tuned:
+        opt = selftune.wrap(opt, seed=seed)
     readings = {}
     with one_thread():
         for step in range(1, max(points) + 1):
             loss = task.loss(model, task.batch(workload.batch_size, gen))
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            if tuned:
+                opt.step(loss=loss.detach())
+            else:
+                opt.step()
             if step in points:
                 readings[step] = read(task, model, opt, workload.batch_size, draws)
     return readings

@@ -24,10 +24,15 @@ the gradient of a batch ``BIG`` times the benchmark's (its noise ``1/BIG`` of th
 averaged over ``DRAWS`` such batches before the ratio is taken. ``B_noise`` is the median over
 seeds of ``noise_share.json``'s at the same step. No rule of ``auto`` is made from it.
 
-Run from the repository root (about ten minutes on two cores):
+The weights of a run at ``lr*`` are not those a run still looking for its rate holds, so the
+same reading is then made along ``auto``'s own run from the default rate (``B_noise`` from
+``TUNED_DRAWS`` pairs there), set over the factor chosen at ``lr*``'s weights, beside the rate
+``auto`` held at that step: what a reading made inside the run would have given.
+
+Run from the repository root (about half an hour on two cores):
 ``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/optimal_step.py``; writes
-``optimal_step.json`` (rows as runs end; those already there are kept) and ``optimal_step.md``
-next to this file; ``--table`` remakes the table only.
+``optimal_step.json`` and ``optimal_step_auto.json`` (rows as runs end; those already there are
+kept) and ``optimal_step.md`` next to this file; ``--table`` remakes the table only.
 """
 
 from __future__ import annotations
@@ -45,22 +50,26 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
 
-from noise import along  # noqa: E402
+from noise import along, noise_scale  # noqa: E402
 from noise_share import POINTS, cells_of, within  # noqa: E402
 from probe_grid import run_rows  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
-from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
+from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import read_results  # noqa: E402
 
 BIG = 16  #: the measuring batch over the benchmark's
 DRAWS = 4
+TUNED_DRAWS = 64  #: pairs of batches for ``B_noise`` along ``auto``'s runs (``noise_share``: 128)
 OUT = HERE / "optimal_step.json"
+TUNED_OUT = HERE / "optimal_step_auto.json"
 
 
 def preconditioner(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | float:
-    """Adam's ``1 / (√v̂ + eps)`` for ``p`` (bias-corrected as AdamW's step is); 1 for SGD."""
+    """Adam's ``1 / (√v̂ + eps)`` for ``p`` (bias-corrected as AdamW's step is); 1 for SGD.
+    ``opt`` may be selftune's wrapper, whose wrapped optimizer holds the state."""
+    opt = getattr(opt, "optimizer", opt)
     if not isinstance(opt, torch.optim.AdamW):
         return 1.0
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
@@ -96,24 +105,94 @@ def step_size(
 
 
 def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
+    """The terms along the plain optimizer's run at ``lr*``."""
     name, base, rate, seed = job
     terms = along(name, seed, rate, base, POINTS, step_size)
     return {"workload": name, "base": base, "seed": seed, "terms": terms}
 
 
-def predicted(rows: list[dict[str, Any]], cell: Any, p: int, noisy: bool) -> float | None:
-    """The predicted rate over ``lr*`` at step ``p``, with the noise term or (``noisy`` False)
-    without it; None where the curvature along the step was not positive in the median seed."""
-    name, base, best, b, scale = cell[:5]
-    terms = [r["terms"][str(p)] for r in rows if (r["workload"], r["base"]) == (name, base)]
+def tuned(job: tuple[str, str, float, int]) -> dict[str, Any]:
+    """The terms, ``B_noise`` (from ``TUNED_DRAWS`` pairs) and the rate held, along ``auto``'s
+    run from the default rate: what a reading inside that run would see."""
+    name, base, _, seed = job
+
+    def read(task: Any, model: Any, opt: Any, b: int, gen: torch.Generator) -> dict[str, float]:
+        terms = step_size(task, model, opt, b, gen)
+        scale = noise_scale(task, model, b, gen, TUNED_DRAWS)
+        return {**terms, "noise_scale": scale, "lr": opt.hyperparams()[0]["lr"]}
+
+    terms = along(name, seed, DEFAULT_LR[base], base, POINTS, read, tuned=True)
+    return {"workload": name, "base": base, "seed": seed, "terms": terms, "walk": "auto"}
+
+
+def rate_of(terms: list[dict[str, float]], scale: float, base: str, b: int) -> float | None:
+    """The model's rate from the seeds' terms (median ``ε_max``) and ``B_noise`` ``scale``
+    (``math.nan``: without the noise term); None where the curvature along the step was not
+    positive in the median seed."""
     eps_max = statistics.median(
         t["slope"] / t["curve"] if t["curve"] > 0 else math.inf for t in terms
     )
     if eps_max == math.inf:
         return None
     momentum = 1 - SGD_DEFAULT["momentum"] if base == "sgd" else 1.0
-    noise = 1 + max(scale[p], 0.0) / b if noisy else 1.0
-    return momentum * eps_max / noise / best
+    return momentum * eps_max / (1 + max(scale, 0.0) / b if not math.isnan(scale) else 1.0)
+
+
+def predicted(rows: list[dict[str, Any]], cell: Any, p: int, noisy: bool) -> float | None:
+    """The predicted rate over ``lr*`` at step ``p`` at the weights of the run at ``lr*``, with
+    the noise term or (``noisy`` False) without it."""
+    name, base, best, b, scale = cell[:5]
+    terms = [r["terms"][str(p)] for r in rows if (r["workload"], r["base"]) == (name, base)]
+    rate = rate_of(terms, scale[p] if noisy else math.nan, base, b)
+    return None if rate is None else rate / best
+
+
+def tuned_table(
+    auto: list[dict[str, Any]], rows: list[dict[str, Any]], tuning: list[Any], others: list[Any]
+) -> str:
+    """The same reading at ``auto``'s own weights (its run from the default rate), over the
+    factor chosen at ``lr*``'s weights on the pairs not held out, beside ``auto``'s own rate at
+    that step: what a reading made inside the run would have given."""
+    lines = [
+        "| workload | base | lr* | "
+        + " | ".join(
+            f"`auto`'s rate at {p} / lr* | the reading at {p}, over the factor" for p in POINTS
+        )
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(POINTS)),
+    ]
+    factor = {
+        p: statistics.median(v for c in tuning if (v := predicted(rows, c, p, True)) is not None)
+        for p in POINTS
+    }
+    got: dict[tuple[int, str], list[float | None]] = {}
+    for c in tuning + others:
+        name, base, best, b = c[:4]
+        mine = [r["terms"] for r in auto if (r["workload"], r["base"]) == (name, base)]
+        cells = []
+        for p in POINTS:
+            scale = statistics.median(t[str(p)]["noise_scale"] for t in mine)
+            rate = rate_of([t[str(p)] for t in mine], scale, base, b)
+            held = statistics.median(t[str(p)]["lr"] for t in mine) / best
+            reading = None if rate is None else rate / best / factor[p]
+            got.setdefault((p, "held"), []).append(held)
+            got.setdefault((p, "reading"), []).append(reading)
+            cells += [f"{held:.2g}x", "–" if reading is None else f"{reading:.2g}x"]
+        label = f"{name} (held out)" if c in others else name
+        lines.append(f"| {label} | {base} | {best:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in POINTS:
+        for kind, what in (("held", "`auto`'s rate"), ("reading", "the reading over the factor")):
+            values = got[p, kind]
+            near = [
+                within([v for v in part if v is not None])
+                for part in (values[: len(tuning)], values[len(tuning) :])
+            ]
+            lines.append(
+                f"At step {p}, {what} within half a grid step of lr*: {near[0]} of"
+                f" {len(tuning)} pairs not held out, {near[1]} of {len(others)} held out."
+            )
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, held: Any) -> str:
@@ -131,7 +210,7 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
         return "–" if value is None else f"{value:.2g}x"
 
     def name(p: int, noisy: bool) -> str:
-        return f"ε_max{' / (1 + B_noise/b)' if noisy else ''} at {p}"
+        return f"the model's rate from ε_max{' / (1 + B_noise/b)' if noisy else ''} at {p}"
 
     lines = [
         "| workload | base | lr* | crossing / lr* | "
@@ -168,13 +247,18 @@ def main() -> None:
     found, held = pairs(workloads), pairs(workloads, held_out=True)
     if sys.argv[1:] not in ([], ["--table"]):
         raise SystemExit(f"usage: {sys.argv[0]} [--table]")
-    if not sys.argv[1:]:
-        kept = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
-        done = {(r["workload"], r["base"], r["seed"]) for r in kept}
-        every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
-        run_rows(one, [j for j in every if (j[0], j[1], j[3]) not in done], OUT, kept=kept)
+    every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
+    for out, run in ((OUT, one), (TUNED_OUT, tuned)):
+        if not sys.argv[1:]:
+            kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
+            done = {(r["workload"], r["base"], r["seed"]) for r in kept}
+            run_rows(run, [j for j in every if (j[0], j[1], j[3]) not in done], out, kept=kept)
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
-    text = table(json.loads(OUT.read_text(encoding="utf-8")), noise, found, held)
+    rows = json.loads(OUT.read_text(encoding="utf-8"))
+    text = table(rows, noise, found, held)
+    if TUNED_OUT.exists():
+        auto = json.loads(TUNED_OUT.read_text(encoding="utf-8"))
+        text += "\n" + tuned_table(auto, rows, cells_of(noise, found), cells_of(noise, held))
     (HERE / "optimal_step.md").write_text(text, encoding="utf-8")
     print(text)
 
