@@ -31,6 +31,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,10 @@ from selftune.bench.workloads import WORKLOADS  # noqa: E402
 POINTS = (25, 200)
 DRAWS = 128  #: half ``noise.py``'s: the transformer's 16x batch takes most of the time
 OUT = HERE / "noise_share.json"
+Job = tuple[str, str, float, int]  #: workload, base, lr*, seed
 
 
-def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
+def one(job: Job) -> dict[str, Any]:
     """``B_noise`` along the pair's run at ``lr*``; for a held-out pair (not in ``later.json``)
     also the crossing: ``auto``'s rate after 50 steps from the default rate, as ``later.py``
     reads it."""
@@ -77,6 +79,14 @@ def spearman(xs: list[float], ys: list[float]) -> float:
         return out
 
     return statistics.correlation(ranks(xs), ranks(ys))
+
+
+def run_pairs(run: Callable[[Job], dict[str, Any]], out: Path, jobs: list[Job]) -> None:
+    """Add to ``out`` the rows of ``run`` for the jobs whose (workload, base, seed) it lacks,
+    two processes at a time, each row written as it comes (:func:`probe_grid.run_rows`)."""
+    kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
+    done = {(r["workload"], r["base"], r["seed"]) for r in kept}
+    run_rows(run, [j for j in jobs if (j[0], j[1], j[3]) not in done], out, kept=kept)
 
 
 Cell = tuple[str, str, float, int, dict[int, float], float]
@@ -180,17 +190,20 @@ def table(
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def command_line() -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]], list[Job]]:
+    """The pairs not held out and the held-out ones, (workload, base, ``lr*``), and the jobs to
+    run over seeds 0-2: none with ``--table``, which remakes the table alone."""
     workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
     found, held = pairs(workloads), pairs(workloads, held_out=True)
     if sys.argv[1:] not in ([], ["--table"]):
         raise SystemExit(f"usage: {sys.argv[0]} [--table]")
-    if not sys.argv[1:]:
-        kept = json.loads(OUT.read_text(encoding="utf-8")) if OUT.exists() else []
-        done = {(r["workload"], r["base"], r["seed"]) for r in kept}
-        every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
-        jobs = [j for j in every if (j[0], j[1], j[3]) not in done]
-        run_rows(one, jobs, OUT, kept=kept)
+    jobs = [] if sys.argv[1:] else [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
+    return found, held, jobs
+
+
+def main() -> None:
+    found, held, jobs = command_line()
+    run_pairs(one, OUT, jobs)
     text = table(json.loads(OUT.read_text(encoding="utf-8")), found, held)
     (HERE / "noise_share.md").write_text(text, encoding="utf-8")
     print(text)

@@ -51,13 +51,9 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
 
 from noise import along, noise_scale  # noqa: E402
-from noise_share import POINTS, cells_of, within  # noqa: E402
-from probe_grid import run_rows  # noqa: E402
-from run import SEEDS, pairs  # noqa: E402
+from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 
 from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
-from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import read_results  # noqa: E402
 
 BIG = 16  #: the measuring batch over the benchmark's
 DRAWS = 4
@@ -104,14 +100,14 @@ def step_size(
     return {"slope": statistics.fmean(slope), "curve": statistics.fmean(curve)}
 
 
-def one(job: tuple[str, str, float, int]) -> dict[str, Any]:
+def one(job: Job) -> dict[str, Any]:
     """The terms along the plain optimizer's run at ``lr*``."""
     name, base, rate, seed = job
     terms = along(name, seed, rate, base, POINTS, step_size)
     return {"workload": name, "base": base, "seed": seed, "terms": terms}
 
 
-def tuned(job: tuple[str, str, float, int]) -> dict[str, Any]:
+def tuned(job: Job) -> dict[str, Any]:
     """The terms, ``B_noise`` (from ``TUNED_DRAWS`` pairs) and the rate held, along ``auto``'s
     run from the default rate: what a reading inside that run would see."""
     name, base, _, seed = job
@@ -243,16 +239,9 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
 
 
 def main() -> None:
-    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
-    found, held = pairs(workloads), pairs(workloads, held_out=True)
-    if sys.argv[1:] not in ([], ["--table"]):
-        raise SystemExit(f"usage: {sys.argv[0]} [--table]")
-    every = [(n, b, lr, s) for n, b, lr in found + held for s in SEEDS]
-    for out, run in ((OUT, one), (TUNED_OUT, tuned)):
-        if not sys.argv[1:]:
-            kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
-            done = {(r["workload"], r["base"], r["seed"]) for r in kept}
-            run_rows(run, [j for j in every if (j[0], j[1], j[3]) not in done], out, kept=kept)
+    found, held, jobs = command_line()
+    run_pairs(one, OUT, jobs)
+    run_pairs(tuned, TUNED_OUT, jobs)
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
     rows = json.loads(OUT.read_text(encoding="utf-8"))
     text = table(rows, noise, found, held)
