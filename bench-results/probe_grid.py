@@ -26,6 +26,25 @@ Row = dict[str, Any]
 Column = tuple[str, str, Callable[[list[Row]], str]]
 
 
+def train_steps(task: Any, model: Any, opt: Any, gen: Any, batch: int, n: int) -> list[float]:
+    """``n`` training steps on batches of ``batch`` drawn with ``gen``; the minibatch losses.
+    selftune's wrapper is given each loss, as a loop that has it would give it
+    (``gap-decomposition/later.py``, ``batch-size/noise.py``)."""
+    import selftune
+
+    losses = []
+    for _ in range(n):
+        loss = task.loss(model, task.batch(batch, gen))
+        opt.zero_grad()
+        loss.backward()
+        if isinstance(opt, selftune.SelfTuned):
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def run_grid(
     run: Callable[[str, int], Row],
     variants: Sequence[str],

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE)]
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from batch import best_rate  # noqa: E402
+from probe_grid import train_steps  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn")
 POINTS = (25, 100, 300)
@@ -94,18 +95,12 @@ def along(
     opt = _base(base, rate)(model.parameters())
     if tuned:
         opt = selftune.wrap(opt, seed=seed)
-    readings = {}
+    readings, done = {}, 0
     with one_thread():
-        for step in range(1, max(points) + 1):
-            loss = task.loss(model, task.batch(workload.batch_size, gen))
-            opt.zero_grad()
-            loss.backward()
-            if tuned:
-                opt.step(loss=loss.detach())
-            else:
-                opt.step()
-            if step in points:
-                readings[step] = read(task, model, opt, workload.batch_size, draws)
+        for point in sorted(points):
+            train_steps(task, model, opt, gen, workload.batch_size, point - done)
+            done = point
+            readings[point] = read(task, model, opt, workload.batch_size, draws)
     return readings
 
 

@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 from finder import HALF_STEP, readings, sweep  # noqa: E402
+from probe_grid import train_steps  # noqa: E402
 from run import SEEDS, pairs  # noqa: E402
 
 import selftune  # noqa: E402
@@ -43,25 +43,12 @@ WARM = (0, 25, 50, 100, 200)  #: steps at the default rate before the probe
 AUTO_STEPS = 50  #: steps of ``auto`` whose rate is read
 
 
-def _steps(task: Any, model: Any, opt: Any, gen: torch.Generator, n: int, w: Any) -> list[float]:
-    """``n`` training steps; the minibatch losses (``auto`` is given each)."""
-    losses = []
-    for _ in range(n):
-        loss = task.loss(model, task.batch(w.batch_size, gen))
-        opt.zero_grad()
-        loss.backward()
-        if isinstance(opt, selftune.SelfTuned):
-            opt.step(loss=loss.detach())
-        else:
-            opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def _warmed(workload: str, base: str, seed: int, warm: int) -> tuple[Any, Any, Any, Any]:
     w = WORKLOADS[workload]
     task, model, gen = fresh_run(w, seed)
-    _steps(task, model, optimizer(base, DEFAULT_LR[base])(model.parameters()), gen, warm, w)
+    train_steps(
+        task, model, optimizer(base, DEFAULT_LR[base])(model.parameters()), gen, w.batch_size, warm
+    )
     return w, task, model, gen
 
 
@@ -69,7 +56,7 @@ def auto_rate(workload: str, base: str, seed: int, warm: int) -> float:
     """``auto``'s rate after its first ``AUTO_STEPS`` steps, started on the warmed weights."""
     w, task, model, gen = _warmed(workload, base, seed, warm)
     opt = selftune.wrap(optimizer(base, DEFAULT_LR[base])(model.parameters()), seed=seed)
-    _steps(task, model, opt, gen, AUTO_STEPS, w)
+    train_steps(task, model, opt, gen, w.batch_size, AUTO_STEPS)
     return float(opt.hyperparams()[0]["lr"])
 
 

@@ -71,12 +71,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     """Spearman's rank correlation (ties given their mean rank)."""
 
     def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        out = [0.0] * len(v)
-        for i in order:
-            tied = [j for j in order if v[j] == v[i]]
-            out[i] = statistics.fmean(order.index(j) for j in tied)
-        return out
+        ordered = sorted(v)
+        return [(ordered.index(x) + len(v) - 1 - ordered[::-1].index(x)) / 2 for x in v]
 
     return statistics.correlation(ranks(xs), ranks(ys))
 

@@ -121,17 +121,17 @@ def tuned(job: Job) -> dict[str, Any]:
     return {"workload": name, "base": base, "seed": seed, "terms": terms, "walk": "auto"}
 
 
-def rate_of(terms: list[dict[str, float]], scale: float, base: str, b: int) -> float | None:
+def rate_of(terms: list[dict[str, float]], scale: float | None, base: str, b: int) -> float | None:
     """The model's rate from the seeds' terms (median ``ε_max``) and ``B_noise`` ``scale``
-    (``math.nan``: without the noise term); None where the curvature along the step was not
-    positive in the median seed."""
+    (None: without the noise term); None where the curvature along the step was not positive
+    in the median seed."""
     eps_max = statistics.median(
         t["slope"] / t["curve"] if t["curve"] > 0 else math.inf for t in terms
     )
     if eps_max == math.inf:
         return None
     momentum = 1 - SGD_DEFAULT["momentum"] if base == "sgd" else 1.0
-    return momentum * eps_max / (1 + max(scale, 0.0) / b if not math.isnan(scale) else 1.0)
+    return momentum * eps_max / (1.0 if scale is None else 1 + max(scale, 0.0) / b)
 
 
 def predicted(rows: list[dict[str, Any]], cell: Any, p: int, noisy: bool) -> float | None:
@@ -139,7 +139,7 @@ def predicted(rows: list[dict[str, Any]], cell: Any, p: int, noisy: bool) -> flo
     the noise term or (``noisy`` False) without it."""
     name, base, best, b, scale = cell[:5]
     terms = [r["terms"][str(p)] for r in rows if (r["workload"], r["base"]) == (name, base)]
-    rate = rate_of(terms, scale[p] if noisy else math.nan, base, b)
+    rate = rate_of(terms, scale[p] if noisy else None, base, b)
     return None if rate is None else rate / best
 
 
