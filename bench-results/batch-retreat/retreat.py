@@ -66,6 +66,17 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
             "final_lr": record["curves"]["lr"][-1]}  # fmt: skip
 
 
+def same_runs(runs: list[dict[str, Any]], labels: list[str]) -> str:
+    """How many of the variant's runs on ``labels`` are ``auto``'s own (the same steps to the
+    target and the same final rate: a range test that never retreated from a rollback)."""
+    key = ("steps_to_target", "final_lr")
+    mine = {(r["workload"], r["seed"]): [r[k] for k in key] for r in runs if r["row"] == VARIANT}
+    theirs = {(r["workload"], r["seed"]): [r[k] for k in key] for r in runs if r["row"] == TUNED}
+    pairs = [k for k in mine if k[0] in labels and k in theirs]
+    same = sum(mine[k] == theirs[k] for k in pairs)
+    return f"On {', '.join(labels)}: the variant ran as `{TUNED}` in {same} of {len(pairs)} runs.\n"
+
+
 def main() -> None:
     jobs = [(w, VARIANT, s) for w in LABELS for s in SEEDS]
     jobs += [(w, row, s) for w in NEW for s in SEEDS for row in (*grid("sgd"), TUNED, VARIANT)]
@@ -85,6 +96,7 @@ def main() -> None:
         oracle_table(runs, labels, columns, grid("sgd"), (TUNED, VARIANT))
         for labels in (LABELS, NEW)
     )
+    text += "\n" + same_runs(runs, NEW)
     (HERE / "table.md").write_text(text, encoding="utf-8")
     print(text)
 
