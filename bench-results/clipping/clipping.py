@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Method, Setting
+from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Method, Setting, _base
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
@@ -66,12 +66,6 @@ def rows() -> Iterator[str]:
         yield f"selftune-auto-{base}"
 
 
-def optimizer(base: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    if base == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(params, lr=lr)
-
-
 def build(row: str) -> Method:
     """A row's method: ``<opt>-clip-grid-<lr>``, ``selftune-auto-<opt>[-clip[-inside]]``."""
     base = row.removeprefix("selftune-auto-").split("-")[0]
@@ -83,7 +77,7 @@ def build(row: str) -> Method:
         import selftune
 
         params = list(model.parameters())
-        opt = optimizer(base, params, lr)
+        opt = _base(base, lr)(params)
         if inside:  # after selftune's own pre-hook, which refuses steps not its own
 
             def clip_inside(*_: Any) -> None:
