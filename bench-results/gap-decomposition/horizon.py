@@ -1,0 +1,265 @@
+"""Does the noisy quadratic model, run over the run's own horizon, place the grid's best constant
+rate?
+
+``optimal_step.py`` found McCandlish et al.'s best step ``ε_max / (1 + B_noise / b)`` about
+twelve times short of the best constant rate ``lr*`` on the tuned workloads, a factor that moved
+on the held-out ones. That step is greedy: it is best for the next step alone, and the gap is
+the short-horizon bias Wu et al. (2018) describe. Their model, the noisy quadratic model (NQM;
+Zhang et al., 2019), also gives the best constant rate over a horizon of ``T`` steps, from the
+curvature spectrum, the gradient's share in each direction and the gradient noise: a larger
+rate gains progress along the flat directions until the sharp ones grow unstable or the noise
+floor it raises outweighs the gain. If that rate, with ``T`` the oracle's own steps, lands near
+``lr*``, the factor is the horizon and a controller could compute it from measurements it can
+make; if it lands near only with a horizon fitted pair by pair, the model does not place
+``lr*`` either.
+
+Measured, for each pair (the 18 of ``run.py`` and the 7 held-out ones) and seeds 0-2, at steps
+25 and 200 of the plain base optimizer's run at ``lr*`` (``along``), in the coordinates of the
+optimizer's preconditioner ``P`` (Adam's ``1 / (√v̂ + eps)``, 1 for SGD; ``optimal_step.py``)
+so that both optimizers are heavy-ball on ``H' = √P H √P``:
+
+- the gradient's spectral measure: ``K`` Lanczos steps on ``H'`` (Hessian-vector products on one
+  batch of ``BIG`` times the benchmark's) from ``√P G``, ``G`` that batch's gradient; the Ritz
+  values and the gradient's squared norm in each (its noise ``1/BIG`` of the minibatch's taken
+  off);
+- the spectral density of ``H'``: ``K`` Lanczos steps from a random sign vector (stochastic
+  Lanczos quadrature), the Ritz values and their weights;
+- the minibatch's noise ``tr(Σ'_b) = E|√P (g_b - G)|² / (1 + 1/BIG)`` from ``NOISE_DRAWS``
+  minibatch gradients ``g_b``.
+
+The model then runs in closed form per eigen-direction (:func:`nqm_loss`): heavy-ball with
+PyTorch's SGD momentum 0.9 at rate ``α`` (AdamW: ``β1`` and ``α (1 - β1)``, its step being an
+average of the gradients), from zero momentum; the noise in each direction proportional to its
+curvature (``Σ' ∝ H'``, the NQM's assumption), directions of negative curvature left out. The
+predicted rate is the ``α`` on a grid of quarter-octaves whose expected loss, averaged over the
+last tenth of ``T`` steps (to smooth momentum's oscillation), is least. No rule of ``auto`` is
+made from it.
+
+Run from the repository root (about an hour on two cores):
+``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/horizon.py``; writes
+``horizon.json`` (rows as runs end; those already there are kept) and ``horizon.md`` next to
+this file; ``--table`` remakes the table only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent / "batch-size")]
+
+from noise import along  # noqa: E402
+from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
+from optimal_step import BIG, preconditioner  # noqa: E402
+from run import best_of  # noqa: E402
+
+from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
+from selftune.bench.report import summarise  # noqa: E402
+from selftune.bench.runner import read_results  # noqa: E402
+
+K = 12  #: Lanczos steps per measure
+NOISE_DRAWS = 32
+OUT = HERE / "horizon.json"
+#: the rates the model is solved over, as multiples of ``lr*``: quarter-octaves from 1/1024 to 64
+RATES = 2.0 ** (np.arange(-40, 25) / 4)
+#: the horizons the model is run over, as multiples of the oracle's steps to the target
+HORIZONS = (0.25, 1.0, 4.0)
+
+
+def flat(tensors: Any) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def lanczos(op: Any, start: torch.Tensor, k: int) -> tuple[list[float], list[float]]:
+    """Ritz values of the operator ``op`` after ``k`` Lanczos steps from ``start`` (fully
+    reorthogonalised), and the squared norm of ``start`` that falls on each."""
+    basis = [start / start.norm()]
+    diagonal: list[float] = []
+    off: list[float] = []
+    for j in range(k):
+        w = op(basis[-1])
+        diagonal.append(float(w @ basis[-1]))
+        for q in basis:
+            w = w - (w @ q) * q
+        norm = float(w.norm())
+        if j == k - 1 or norm < 1e-6 * max(abs(d) for d in diagonal):
+            break
+        off.append(norm)
+        basis.append(w / norm)
+    tri = np.diag(diagonal) + np.diag(off, 1) + np.diag(off, -1)
+    values, vectors = np.linalg.eigh(tri)
+    weights = vectors[0] ** 2 * float(start @ start)
+    return values.tolist(), weights.tolist()
+
+
+def measure(
+    task: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, b: int, gen: torch.Generator
+) -> dict[str, Any]:
+    """The gradient's spectral measure, the density of ``H'`` and the minibatch noise at the
+    model's weights (BatchNorm's buffers restored after)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    root = flat(
+        torch.as_tensor(preconditioner(opt, p)).sqrt().expand_as(p).detach() for p in params
+    )
+    # the fused attention kernels have no second derivative on the CPU
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        loss = task.loss(model, task.batch(BIG * b, gen))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        big = flat(grads).detach()
+
+        def op(v: torch.Tensor) -> torch.Tensor:
+            dot = flat(grads) @ (root * v)
+            return root * flat(torch.autograd.grad(dot, params, retain_graph=True))
+
+        gradient = lanczos(op, root * big, K)
+        signs = torch.randint(0, 2, big.shape, generator=gen).to(big) * 2 - 1
+        density = lanczos(op, signs, K)
+    noise = []
+    for _ in range(NOISE_DRAWS):
+        small = torch.autograd.grad(task.loss(model, task.batch(b, gen)), params)
+        noise.append(float((root * (flat(small) - big)).pow(2).sum()))
+    model.load_state_dict(buffers, strict=False)
+    trace = statistics.fmean(noise) / (1 + 1 / BIG)
+    values, weights = gradient
+    scale = max(sum(weights) - trace / BIG, 0.0) / sum(weights)
+    return {
+        "gradient": [values, [w * scale for w in weights]],
+        "density": [density[0], [w / len(big) for w in density[1]]],
+        "noise": trace,
+    }
+
+
+def one(job: Job) -> dict[str, Any]:
+    """The measures along the plain optimizer's run at ``lr*``."""
+    name, base, rate, seed = job
+    return {
+        "workload": name,
+        "base": base,
+        "seed": seed,
+        "measures": along(name, seed, rate, base, POINTS, measure),
+    }
+
+
+def heavy_ball(base: str) -> tuple[float, float]:
+    """Momentum and the rate's factor that make ``base``'s step heavy-ball: PyTorch's SGD
+    momentum as it is; Adam's average of gradients as ``β1`` with the rate times ``1 - β1``."""
+    if base == "sgd":
+        return SGD_DEFAULT["momentum"], 1.0
+    beta = 0.9
+    return beta, 1 - beta
+
+
+def nqm_loss(m: dict[str, Any], base: str, rates: np.ndarray, steps: int) -> np.ndarray:
+    """The model's expected loss change over ``steps`` steps at each of ``rates``, averaged over
+    the last tenth of them: the gradient's measure decays (or grows) under heavy-ball; the noise,
+    spread over ``H'``'s density in proportion to curvature, builds up from none."""
+    mu, factor = heavy_ball(base)
+    eta = factor * rates[:, None]
+    values, weights = (np.array(x) for x in m["gradient"])
+    keep = values > 0
+    curv, energy = values[keep], weights[keep]
+    nu, tau = (np.array(x) for x in m["density"])
+    nu, tau = nu[nu > 0], tau[nu > 0]
+    c = m["noise"] * nu / float(tau @ nu)  # noise variance per unit of multiplicity
+    a, a_prev = np.ones_like(eta * curv), np.ones_like(eta * curv)
+    c11, c12, c22 = (np.zeros_like(eta * nu) for _ in range(3))
+    tail, mean_part, noise_part = max(steps // 10, 1), 0.0, 0.0
+    p, q = 1 + mu - eta * curv, 1 + mu - eta * nu
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(steps):
+            a, a_prev = p * a - mu * a_prev, a
+            c11, c12, c22 = (
+                q * q * c11 - 2 * q * mu * c12 + mu * mu * c22 + eta * eta * c,
+                q * c11 - mu * c12,
+                c11,
+            )
+            if t >= steps - tail:
+                mean_part = mean_part + (a * a - 1) @ (energy / (2 * curv)) / tail
+                noise_part = noise_part + (c11 * nu / 2) @ tau / tail
+    total = mean_part + noise_part
+    return np.where(np.isfinite(total), total, np.inf)
+
+
+def best_rate(m: dict[str, Any], base: str, best: float, steps: int, noisy: bool) -> float:
+    """The rate, over ``lr*``, whose model loss after ``steps`` steps is least, with the
+    measured noise or (``noisy`` False) none."""
+    measures = m if noisy else {**m, "noise": 0.0}
+    return float(RATES[int(np.argmin(nqm_loss(measures, base, best * RATES, steps)))])
+
+
+def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, held: Any) -> str:
+    """Per pair: the model's rate over ``lr*`` (median over seeds) at each step read, for one
+    step and for horizons of the oracle's steps times ``HORIZONS``, beside the crossing's; then,
+    per reading, how many land within half a grid step of ``lr*`` as they are and over a fixed
+    factor (the median over the pairs not held out, chosen on them), the held-out pairs read
+    with that same factor."""
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    tuning, others = cells_of(noise, found), cells_of(noise, held)
+    horizons = [(p, h, True) for p in POINTS for h in (None, *HORIZONS)]
+    horizons += [(p, 1.0, False) for p in POINTS]
+
+    def steps(name: str, base: str, h: float | None) -> int:
+        oracle = best_of(workloads[name], base, "const")
+        return 1 if h is None or oracle is None else max(round(h * oracle.steps), 1)
+
+    def rate(c: Any, p: int, h: float | None, noisy: bool) -> float:
+        mine = [r for r in rows if (r["workload"], r["base"]) == c[:2]]
+        return statistics.median(
+            best_rate(r["measures"][str(p)], c[1], c[2], steps(*c[:2], h), noisy) for r in mine
+        )
+
+    def name(p: int, h: float | None, noisy: bool) -> str:
+        over = "one step" if h is None else f"{h:g} T*"
+        return f"at {p}, {over}" + ("" if noisy else " without noise")
+
+    got = {r: [rate(c, *r) for c in tuning + others] for r in horizons}
+    lines = [
+        "| workload | base | lr* | T* | crossing / lr* | "
+        + " | ".join(f"{name(*r)}, over lr*" for r in horizons)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(horizons),
+    ]
+    for i, c in enumerate(tuning + others):
+        label = f"{c[0]} (held out)" if i >= len(tuning) else c[0]
+        cells = " | ".join(f"{got[r][i]:.2g}x" for r in horizons)
+        lines.append(
+            f"| {label} | {c[1]} | {c[2]:g} | {steps(c[0], c[1], 1.0)} | {c[5]:.2g}x | {cells} |"
+        )
+    lines += [
+        "",
+        f"Within half a grid step of lr*, of the {len(tuning)} pairs not held out and (after the"
+        f" slash) the {len(others)} held-out ones: the crossing {within([c[5] for c in tuning])}"
+        f" / {within([c[5] for c in others])}.",
+    ]
+    for r in horizons:
+        mine, theirs = got[r][: len(tuning)], got[r][len(tuning) :]
+        factor = statistics.median(mine)
+        lines.append(
+            f"- the model's rate {name(*r)}: as it is {within(mine)} / {within(theirs)}; over"
+            f" its median on the pairs not held out ({factor:.3g}) "
+            f"{within([v / factor for v in mine])} / {within([v / factor for v in theirs])};"
+            f" spread on those {max(mine) / min(mine):.0f}x."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    found, held, jobs = command_line()
+    run_pairs(one, OUT, jobs)
+    noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
+    text = table(json.loads(OUT.read_text(encoding="utf-8")), noise, found, held)
+    (HERE / "horizon.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
