@@ -78,12 +78,15 @@ def along(
     points: tuple[int, ...],
     read: Callable[[Any, torch.nn.Module, torch.optim.Optimizer, int, torch.Generator], Any],
     tuned: bool = False,
+    build: Callable[[Any], torch.optim.Optimizer] | None = None,
 ) -> dict[int, Any]:
     """``read(task, model, optimizer, batch, generator)`` at each of ``points`` along a run of
     the benchmark's ``base`` optimizer (SGD with momentum 0.9, or AdamW) at ``rate`` on the
     workload ``name`` from ``seed`` (``tuned``: wrapped by ``selftune.wrap`` from that rate and
-    given each loss, the wrapper passed to ``read``); the generator (its own, seeded from
-    ``seed``) draws the reading's batches, so that they leave the run's own untouched."""
+    given each loss, the wrapper passed to ``read``; ``build``: an optimizer of the model's
+    parameters built so instead, ``base`` and ``rate`` then naming it only); the generator (its
+    own, seeded from ``seed``) draws the reading's batches, so that they leave the run's own
+    untouched."""
     import selftune
     from selftune.bench import workloads
     from selftune.bench.methods import _base
@@ -92,7 +95,7 @@ def along(
     (workload,) = workloads.select([name])
     task, model, gen = fresh_run(workload, seed)
     draws = torch.Generator().manual_seed(1000 + seed)
-    opt = _base(base, rate)(model.parameters())
+    opt = (build or _base(base, rate))(model.parameters())
     if tuned:
         opt = selftune.wrap(opt, seed=seed)
     readings, done = {}, 0

@@ -35,10 +35,15 @@ predicted rate is the ``α`` on a grid of quarter-octaves whose expected loss, a
 last tenth of ``T`` steps (to smooth momentum's oscillation), is least. No rule of ``auto`` is
 made from it.
 
-Run from the repository root (about an hour on two cores):
+The single step from rest (``T`` one) is the greedy step taken as heavy-ball's first step. To
+tell whether the factor between it and ``lr*`` is momentum's, the same measures are made along
+momentum-free SGD at its own ``lr*`` (``bases.py``'s grid, on its four workloads), where the step
+from rest is the steady step.
+
+Run from the repository root (about five minutes on two cores):
 ``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/horizon.py``; writes
-``horizon.json`` (rows as runs end; those already there are kept) and ``horizon.md`` next to
-this file; ``--table`` remakes the table only.
+``horizon.json`` and ``horizon_sgd0.json`` (rows as runs end; those already there are kept)
+and ``horizon.md`` next to this file; ``--table`` remakes the table only.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent 
 from noise import along  # noqa: E402
 from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 from optimal_step import BIG, preconditioner  # noqa: E402
-from run import best_of  # noqa: E402
+from probe_grid import median_steps  # noqa: E402
+from run import SEEDS, best_of  # noqa: E402
 
 from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
@@ -68,6 +74,9 @@ from selftune.bench.runner import read_results  # noqa: E402
 K = 12  #: Lanczos steps per measure
 NOISE_DRAWS = 32
 OUT = HERE / "horizon.json"
+#: ``bases.py``'s workloads, whose grid of momentum-free SGD (``sgd0``) gives its ``lr*``
+FREE = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
+FREE_OUT = HERE / "horizon_sgd0.json"
 #: the rates the model is solved over, as multiples of ``lr*``: quarter-octaves from 1/1024 to 64
 RATES = 2.0 ** (np.arange(-40, 25) / 4)
 #: the horizons the model is run over, as multiples of the oracle's steps to the target
@@ -149,11 +158,41 @@ def one(job: Job) -> dict[str, Any]:
     }
 
 
+def free(job: Job) -> dict[str, Any]:
+    """The measures along momentum-free SGD's run at its own ``lr*`` (base ``sgd0``)."""
+    name, base, rate, seed = job
+
+    def build(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=rate)
+
+    measures = along(name, seed, rate, base, POINTS, measure, build=build)
+    return {"workload": name, "base": base, "seed": seed, "measures": measures}
+
+
+def free_rates() -> dict[str, float]:
+    """Momentum-free SGD's ``lr*`` on each of ``FREE``: the member of ``bases.py``'s grid with
+    the least median steps to the target."""
+    rows = json.loads((HERE.parent / "bases" / "results.json").read_text(encoding="utf-8"))
+    grid = sorted({r["row"] for r in rows if r["row"].startswith("sgd0-grid-")})
+    rates = {}
+    for name in FREE:
+        medians = [
+            (m, float(row.split("-grid-")[1]))
+            for row in grid
+            if (m := median_steps(rows, name, row)[0]) is not None
+        ]
+        rates[name] = min(medians)[1]
+    return rates
+
+
 def heavy_ball(base: str) -> tuple[float, float]:
     """Momentum and the rate's factor that make ``base``'s step heavy-ball: PyTorch's SGD
-    momentum as it is; Adam's average of gradients as ``β1`` with the rate times ``1 - β1``."""
+    momentum as it is (none for ``sgd0``); Adam's average of gradients as ``β1`` with the rate
+    times ``1 - β1``."""
     if base == "sgd":
         return SGD_DEFAULT["momentum"], 1.0
+    if base == "sgd0":
+        return 0.0, 1.0
     beta = 0.9
     return beta, 1 - beta
 
@@ -196,6 +235,39 @@ def best_rate(m: dict[str, Any], base: str, best: float, steps: int, noisy: bool
     return float(RATES[int(np.argmin(nqm_loss(measures, base, best * RATES, steps)))])
 
 
+def model_rate(
+    rows: list[dict[str, Any]], name: str, base: str, best: float, p: int, steps: int, noisy: bool
+) -> float:
+    """The model's rate over ``lr*`` (``best``) for the pair at step ``p``, median over seeds."""
+    mine = [r for r in rows if (r["workload"], r["base"]) == (name, base)]
+    return statistics.median(
+        best_rate(r["measures"][str(p)], base, best, steps, noisy) for r in mine
+    )
+
+
+def free_table(rows: list[dict[str, Any]], free_rows: list[dict[str, Any]], found: Any) -> str:
+    """The single step from rest over ``lr*`` with momentum 0.9 (the benchmark's SGD) and with
+    none (``sgd0``), each at its own ``lr*``: the step from rest is the greedy step, so if the
+    greedy step's factor were momentum's, it would vanish without momentum."""
+    best = {name: lr for name, base, lr in found if base == "sgd"}
+    lines = [
+        "| workload | lr*, momentum 0.9 | lr*, none | "
+        + " | ".join(
+            f"one step at {p}, momentum {m}, over its lr*" for m in ("0.9", "none") for p in POINTS
+        )
+        + " |",
+        "|---|---|---|" + "---|" * 2 * len(POINTS),
+    ]
+    for name, rate in free_rates().items():
+        cells = [
+            f"{model_rate(mine, name, base, lr, p, 1, True):.2g}x"
+            for base, mine, lr in (("sgd", rows, best[name]), ("sgd0", free_rows, rate))
+            for p in POINTS
+        ]
+        lines.append(f"| {name} | {best[name]:g} | {rate:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, held: Any) -> str:
     """Per pair: the model's rate over ``lr*`` (median over seeds) at each step read, for one
     step and for horizons of the oracle's steps times ``HORIZONS``, beside the crossing's; then,
@@ -212,10 +284,7 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
         return 1 if h is None or oracle is None else max(round(h * oracle.steps), 1)
 
     def rate(c: Any, p: int, h: float | None, noisy: bool) -> float:
-        mine = [r for r in rows if (r["workload"], r["base"]) == c[:2]]
-        return statistics.median(
-            best_rate(r["measures"][str(p)], c[1], c[2], steps(*c[:2], h), noisy) for r in mine
-        )
+        return model_rate(rows, *c[:3], p, steps(*c[:2], h), noisy)
 
     def name(p: int, h: float | None, noisy: bool) -> str:
         over = "one step" if h is None else f"{h:g} T*"
@@ -255,8 +324,15 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
 def main() -> None:
     found, held, jobs = command_line()
     run_pairs(one, OUT, jobs)
+    rates = free_rates()
+    run_pairs(
+        free, FREE_OUT, [(n, "sgd0", rates[n], s) for n in FREE for s in SEEDS] if jobs else []
+    )
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
-    text = table(json.loads(OUT.read_text(encoding="utf-8")), noise, found, held)
+    rows = json.loads(OUT.read_text(encoding="utf-8"))
+    text = table(rows, noise, found, held)
+    free_rows = json.loads(FREE_OUT.read_text(encoding="utf-8"))
+    text += "\n" + free_table(rows, free_rows, found + held)
     (HERE / "horizon.md").write_text(text, encoding="utf-8")
     print(text)
 
