@@ -38,12 +38,14 @@ made from it.
 The single step from rest (``T`` one) is the greedy step taken as heavy-ball's first step. To
 tell whether the factor between it and ``lr*`` is momentum's, the same measures are made along
 momentum-free SGD at its own ``lr*`` (``bases.py``'s grid, on its four workloads), where the step
-from rest is the steady step.
+from rest is the steady step. And since read along ``auto``'s own run the greedy step followed
+the rate the run held (``optimal_step.py``), it is read also along the plain optimizer at its
+default rate at steps ``EARLY``: what a controller could read before it first moves the rate.
 
-Run from the repository root (about five minutes on two cores):
+Run from the repository root (about ten minutes on two cores):
 ``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/horizon.py``; writes
-``horizon.json`` and ``horizon_sgd0.json`` (rows as runs end; those already there are kept)
-and ``horizon.md`` next to this file; ``--table`` remakes the table only.
+``horizon.json``, ``horizon_sgd0.json`` and ``horizon_default.json`` (rows as runs end; those
+already there are kept) and ``horizon.md`` next to this file; ``--table`` remakes the table only.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from optimal_step import BIG, preconditioner  # noqa: E402
 from probe_grid import median_steps  # noqa: E402
 from run import SEEDS, best_of  # noqa: E402
 
-from selftune.bench.methods import SGD_DEFAULT  # noqa: E402
+from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
 from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import read_results  # noqa: E402
 
@@ -77,6 +79,9 @@ OUT = HERE / "horizon.json"
 #: ``bases.py``'s workloads, whose grid of momentum-free SGD (``sgd0``) gives its ``lr*``
 FREE = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 FREE_OUT = HERE / "horizon_sgd0.json"
+#: where the step from rest is read along the plain optimizer at its default rate
+EARLY = (5, 25, 50)
+DEFAULT_OUT = HERE / "horizon_default.json"
 #: the rates the model is solved over, as multiples of ``lr*``: quarter-octaves from 1/1024 to 64
 RATES = 2.0 ** (np.arange(-40, 25) / 4)
 #: the horizons the model is run over, as multiples of the oracle's steps to the target
@@ -156,6 +161,14 @@ def one(job: Job) -> dict[str, Any]:
         "seed": seed,
         "measures": along(name, seed, rate, base, POINTS, measure),
     }
+
+
+def plain(job: Job) -> dict[str, Any]:
+    """The measures along the plain optimizer's run at its default rate, at ``EARLY``: what a
+    controller could read before it moves the rate."""
+    name, base, _, seed = job
+    measures = along(name, seed, DEFAULT_LR[base], base, EARLY, measure)
+    return {"workload": name, "base": base, "seed": seed, "measures": measures}
 
 
 def free(job: Job) -> dict[str, Any]:
@@ -245,6 +258,30 @@ def model_rate(
     )
 
 
+def early_table(rows: list[dict[str, Any]], found: Any, held: Any) -> str:
+    """The single step from rest over ``lr*`` read along the plain optimizer at its default
+    rate, at each of ``EARLY``, and how many land within half a grid step of ``lr*``."""
+    lines = [
+        "| workload | base | lr* | "
+        + " | ".join(f"one step at {p} of the default rate's run, over lr*" for p in EARLY)
+        + " |",
+        "|---|---|---|" + "---|" * len(EARLY),
+    ]
+    got = {p: [model_rate(rows, *c, p, 1, True) for c in found + held] for p in EARLY}
+    for i, (name, base, best) in enumerate(found + held):
+        label = f"{name} (held out)" if i >= len(found) else name
+        cells = " | ".join(f"{got[p][i]:.2g}x" for p in EARLY)
+        lines.append(f"| {label} | {base} | {best:g} | {cells} |")
+    lines.append("")
+    lines += [
+        f"At step {p}, within half a grid step of lr*: {within(got[p][: len(found)])} of"
+        f" {len(found)} pairs not held out, {within(got[p][len(found) :])} of {len(held)} held"
+        " out."
+        for p in EARLY
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def free_table(rows: list[dict[str, Any]], free_rows: list[dict[str, Any]], found: Any) -> str:
     """The single step from rest over ``lr*`` with momentum 0.9 (the benchmark's SGD) and with
     none (``sgd0``), each at its own ``lr*``: the step from rest is the greedy step, so if the
@@ -328,11 +365,14 @@ def main() -> None:
     run_pairs(
         free, FREE_OUT, [(n, "sgd0", rates[n], s) for n in FREE for s in SEEDS] if jobs else []
     )
+    run_pairs(plain, DEFAULT_OUT, jobs)
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
     rows = json.loads(OUT.read_text(encoding="utf-8"))
     text = table(rows, noise, found, held)
     free_rows = json.loads(FREE_OUT.read_text(encoding="utf-8"))
     text += "\n" + free_table(rows, free_rows, found + held)
+    early = json.loads(DEFAULT_OUT.read_text(encoding="utf-8"))
+    text += "\n" + early_table(early, found, held)
     (HERE / "horizon.md").write_text(text, encoding="utf-8")
     print(text)
 
