@@ -1,0 +1,128 @@
+"""Does the best constant rate follow the weight of the newest gradient in the step, or the
+step's steady size?
+
+``../gap-decomposition/horizon.py`` found the greedy step of a quadratic model, taken as the
+first step from rest, within half a grid step of the best constant rate ``lr*`` on 10 of 18
+pairs, where the same step taken as the steady step (``optimal_step.py``) stood about 12x short;
+and without momentum, on ``../bases/``'s grid, the greedy step read 0.42x-0.71x ``lr*``. With
+heavy-ball momentum ``μ`` the newest gradient enters the step with weight ``lr`` and the steady
+step is ``lr / (1 - μ)``; with Adam's average the newest gradient's weight is ``lr (1 - β1)`` and
+the steady step ``lr``. The two readings make opposite predictions when the momentum changes:
+
+- if ``lr*`` sets the newest gradient's weight, SGD's ``lr*`` barely moves with ``μ`` and Adam's
+  falls as ``β1`` falls (``1 - β1`` from 0.1 to 0.5: 5x);
+- if it sets the steady step, SGD's ``lr*`` rises as ``μ`` falls (``1 - μ`` from 0.1 to 0.5: 5x)
+  and Adam's barely moves.
+
+The benchmark's two optimizers, both at 0.9, cannot tell them apart. This probe runs the grid of
+constant rates (the benchmark's, ``SGD_GRID`` and ``ADAMW_GRID``) of SGD with momentum 0.9, 0.5
+and none, and of AdamW with ``β1`` 0.9 and 0.5, on ``../bases/``'s four workloads, seeds 0-4, with
+the benchmark's loop, targets and budgets; the least median steps of each grid is its ``lr*``.
+
+Run from the repository root (about fifteen minutes on two cores; the runs already in
+``results.json`` are kept): ``SELFTUNE_CACHE=.cache PYTHONPATH=src python
+bench-results/momentum-factor/grid.py``; writes ``results.json`` (rows as runs end) and
+``table.md`` next to this file; ``--table`` remakes the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selftune.bench.methods import ADAMW_GRID, SGD_GRID, Handle, Method, Setting
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]
+from probe_grid import command, median_steps, oracle_table, steps_row  # noqa: E402
+
+WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
+SEEDS = range(5)
+#: each variant: its optimizer, its momentum (``μ`` or ``β1``) and its grid
+VARIANTS: dict[str, tuple[Callable[..., torch.optim.Optimizer], float, tuple[float, ...]]] = {
+    "sgd-m0.9": (partial(torch.optim.SGD, momentum=0.9), 0.9, SGD_GRID),
+    "sgd-m0.5": (partial(torch.optim.SGD, momentum=0.5), 0.5, SGD_GRID),
+    "sgd-m0": (torch.optim.SGD, 0.0, SGD_GRID),
+    "adamw-b0.9": (torch.optim.AdamW, 0.9, ADAMW_GRID),
+    "adamw-b0.5": (partial(torch.optim.AdamW, betas=(0.5, 0.999)), 0.5, ADAMW_GRID),
+}
+
+
+def grid(variant: str) -> list[str]:
+    return [f"{variant}-grid-{lr:g}" for lr in VARIANTS[variant][2]]
+
+
+def build(row: str) -> Method:
+    """A row's method: ``<variant>-grid-<lr>``, the plain optimizer at that constant rate."""
+    variant, lr = row.split("-grid-")
+    make_opt = VARIANTS[variant][0]
+
+    def make(model: nn.Module, s: Setting) -> Handle:
+        return Handle(make_opt(model.parameters(), lr=float(lr)))
+
+    return Method(row, "probe", variant, make, len(SEEDS), float(lr))
+
+
+def run(job: tuple[str, str, int]) -> dict[str, Any]:
+    return steps_row(build(job[1]), job)
+
+
+def best_rate(runs: list[dict[str, Any]], workload: str, variant: str) -> float | None:
+    """The grid member with the least median steps (the lower rate on a tie); None if none
+    reaches the target in more than half the seeds."""
+    found = [
+        (m, float(row.split("-grid-")[1]))
+        for row in grid(variant)
+        if (m := median_steps(runs, workload, row)[0]) is not None
+    ]
+    return min(found)[1] if found else None
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per workload: each variant's ``lr*``, its steady step (SGD's ``lr* / (1 - μ)``, Adam's
+    ``lr*``) and, against the variant at 0.9 of its kind, the move
+    of ``lr*`` each reading predicts (the newest gradient's weight held: SGD 1, Adam ``(1 -
+    0.9) / (1 - β1)``; the steady step held: SGD ``(1 - μ) / (1 - 0.9)``, Adam 1) beside the move
+    measured."""
+    lines = [
+        "| workload | variant | lr* | its steady step | lr* over the 0.9 variant's |"
+        " newest weight held predicts | steady step held predicts |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in WORKLOADS:
+        for variant, (_, mu, _) in VARIANTS.items():
+            kind = variant.split("-")[0]
+            ref = best_rate(runs, w, f"{kind}-{'m' if kind == 'sgd' else 'b'}0.9")
+            mine = best_rate(runs, w, variant)
+            if mine is None or ref is None:
+                lines.append(f"| {w} | {variant} | miss | – | – | – | – |")
+                continue
+            newest = 1.0 if kind == "sgd" else 0.1 / (1 - mu)
+            steady = (1 - mu) / 0.1 if kind == "sgd" else 1.0
+            step = mine / (1 - mu) if kind == "sgd" else mine
+            cells = f"{mine:g} | {step:.3g} | {mine / ref:.3g}x | {newest:.3g}x | {steady:.3g}x"
+            lines.append(f"| {w} | {variant} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    jobs = [
+        (w, row, seed) for w in WORKLOADS for seed in SEEDS for v in VARIANTS for row in grid(v)
+    ]
+    runs = command(run, jobs, HERE, build)
+    if runs is None:
+        return
+    tables = [oracle_table(runs, WORKLOADS, grid(v), grid(v), []) for v in VARIANTS]
+    text = "\n".join(tables) + "\n" + summary(runs)
+    (HERE / "table.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
