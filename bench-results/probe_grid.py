@@ -195,6 +195,17 @@ def median_steps(rows: list[Row], workload: str, row: str) -> tuple[float | None
     return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
 
 
+def fastest(rows: list[Row], workload: str, grid: Sequence[str]) -> float | None:
+    """The rate of the ``grid`` row (named ``...-grid-<rate>``) with the least median steps on
+    ``workload`` (the lower rate on a tie); None if none hits in more than half its seeds."""
+    found = [
+        (m, float(row.split("-grid-")[1]))
+        for row in grid
+        if (m := median_steps(rows, workload, row)[0]) is not None
+    ]
+    return min(found)[1] if found else None
+
+
 def oracle_table(
     rows: list[Row],
     workloads: Sequence[str],

@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent 
 from noise import along  # noqa: E402
 from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 from optimal_step import BIG, preconditioner  # noqa: E402
-from probe_grid import median_steps  # noqa: E402
+from probe_grid import fastest  # noqa: E402
 from run import SEEDS, best_of  # noqa: E402
 
 from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
@@ -152,34 +153,27 @@ def measure(
     }
 
 
+def walk(job: Job, rate: float, points: tuple[int, ...], build: Any = None) -> dict[str, Any]:
+    """The measures at ``points`` along the job's plain optimizer (or ``build``'s) at ``rate``."""
+    name, base, _, seed = job
+    measures = along(name, seed, rate, base, points, measure, build=build)
+    return {"workload": name, "base": base, "seed": seed, "measures": measures}
+
+
 def one(job: Job) -> dict[str, Any]:
     """The measures along the plain optimizer's run at ``lr*``."""
-    name, base, rate, seed = job
-    return {
-        "workload": name,
-        "base": base,
-        "seed": seed,
-        "measures": along(name, seed, rate, base, POINTS, measure),
-    }
+    return walk(job, job[2], POINTS)
 
 
 def plain(job: Job) -> dict[str, Any]:
     """The measures along the plain optimizer's run at its default rate, at ``EARLY``: what a
     controller could read before it moves the rate."""
-    name, base, _, seed = job
-    measures = along(name, seed, DEFAULT_LR[base], base, EARLY, measure)
-    return {"workload": name, "base": base, "seed": seed, "measures": measures}
+    return walk(job, DEFAULT_LR[job[1]], EARLY)
 
 
 def free(job: Job) -> dict[str, Any]:
     """The measures along momentum-free SGD's run at its own ``lr*`` (base ``sgd0``)."""
-    name, base, rate, seed = job
-
-    def build(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=rate)
-
-    measures = along(name, seed, rate, base, POINTS, measure, build=build)
-    return {"workload": name, "base": base, "seed": seed, "measures": measures}
+    return walk(job, job[2], POINTS, partial(torch.optim.SGD, lr=job[2]))
 
 
 def free_rates() -> dict[str, float]:
@@ -187,15 +181,7 @@ def free_rates() -> dict[str, float]:
     the least median steps to the target."""
     rows = json.loads((HERE.parent / "bases" / "results.json").read_text(encoding="utf-8"))
     grid = sorted({r["row"] for r in rows if r["row"].startswith("sgd0-grid-")})
-    rates = {}
-    for name in FREE:
-        medians = [
-            (m, float(row.split("-grid-")[1]))
-            for row in grid
-            if (m := median_steps(rows, name, row)[0]) is not None
-        ]
-        rates[name] = min(medians)[1]
-    return rates
+    return {name: rate for name in FREE if (rate := fastest(rows, name, grid)) is not None}
 
 
 def heavy_ball(base: str) -> tuple[float, float]:

@@ -40,7 +40,7 @@ from selftune.bench.methods import ADAMW_GRID, SGD_GRID, Handle, Method, Setting
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, median_steps, oracle_table, steps_row  # noqa: E402
+from probe_grid import command, fastest, oracle_table, steps_row  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
@@ -73,17 +73,6 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     return steps_row(build(job[1]), job)
 
 
-def best_rate(runs: list[dict[str, Any]], workload: str, variant: str) -> float | None:
-    """The grid member with the least median steps (the lower rate on a tie); None if none
-    reaches the target in more than half the seeds."""
-    found = [
-        (m, float(row.split("-grid-")[1]))
-        for row in grid(variant)
-        if (m := median_steps(runs, workload, row)[0]) is not None
-    ]
-    return min(found)[1] if found else None
-
-
 def summary(runs: list[dict[str, Any]]) -> str:
     """Per workload: each variant's ``lr*``, its steady step (SGD's ``lr* / (1 - μ)``, Adam's
     ``lr*``) and, against the variant at 0.9 of its kind, the move
@@ -98,8 +87,8 @@ def summary(runs: list[dict[str, Any]]) -> str:
     for w in WORKLOADS:
         for variant, (_, mu, _) in VARIANTS.items():
             kind = variant.split("-")[0]
-            ref = best_rate(runs, w, f"{kind}-{'m' if kind == 'sgd' else 'b'}0.9")
-            mine = best_rate(runs, w, variant)
+            ref = fastest(runs, w, grid(f"{kind}-{'m' if kind == 'sgd' else 'b'}0.9"))
+            mine = fastest(runs, w, grid(variant))
             if mine is None or ref is None:
                 lines.append(f"| {w} | {variant} | miss | – | – | – | – |")
                 continue
