@@ -18,6 +18,9 @@ The benchmark's two optimizers, both at 0.9, cannot tell them apart. This probe 
 constant rates (the benchmark's, ``SGD_GRID`` and ``ADAMW_GRID``) of SGD with momentum 0.9, 0.5
 and none, and of AdamW with ``β1`` 0.9 and 0.5, on ``../bases/``'s four workloads, seeds 0-4, with
 the benchmark's loop, targets and budgets; the least median steps of each grid is its ``lr*``.
+And since no constant of ``auto`` was chosen on these momenta, ``selftune-auto-<variant>`` rows
+wrap the two at 0.5 from the benchmark's default rates (SGD 1e-2, AdamW 1e-3) as the benchmark's
+`auto` rows are wrapped: the figures as they came.
 
 Run from the repository root (about fifteen minutes on two cores; the runs already in
 ``results.json`` are kept): ``SELFTUNE_CACHE=.cache PYTHONPATH=src python
@@ -36,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from selftune.bench.methods import ADAMW_GRID, SGD_GRID, Handle, Method, Setting
+from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Method, Setting
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, fastest, oracle_table, steps_row  # noqa: E402
+from probe_grid import command, fastest, oracle_table, steps_row, tuned_handle  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
@@ -58,15 +61,30 @@ def grid(variant: str) -> list[str]:
     return [f"{variant}-grid-{lr:g}" for lr in VARIANTS[variant][2]]
 
 
+#: the variants whose ``auto`` rows run, none of whose momenta ``auto`` was tuned at
+TUNED = ("sgd-m0.5", "adamw-b0.5")
+
+
 def build(row: str) -> Method:
-    """A row's method: ``<variant>-grid-<lr>``, the plain optimizer at that constant rate."""
-    variant, lr = row.split("-grid-")
+    """A row's method: ``<variant>-grid-<lr>``, the plain optimizer at that constant rate, or
+    ``selftune-auto-<variant>``, it wrapped by ``auto`` from the benchmark's default rate."""
+    if row.startswith("selftune-auto-"):
+        variant = row.removeprefix("selftune-auto-")
+        lr = DEFAULT_LR[variant.split("-")[0]]
+    else:
+        variant, rate = row.split("-grid-")
+        lr = float(rate)
     make_opt = VARIANTS[variant][0]
 
     def make(model: nn.Module, s: Setting) -> Handle:
-        return Handle(make_opt(model.parameters(), lr=float(lr)))
+        import selftune
 
-    return Method(row, "probe", variant, make, len(SEEDS), float(lr))
+        opt = make_opt(model.parameters(), lr=lr)
+        if not row.startswith("selftune-"):
+            return Handle(opt)
+        return tuned_handle(selftune.wrap(opt, "auto", seed=s.seed), s)
+
+    return Method(row, "probe", variant, make, len(SEEDS), lr)
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
@@ -101,13 +119,15 @@ def summary(runs: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    jobs = [
-        (w, row, seed) for w in WORKLOADS for seed in SEEDS for v in VARIANTS for row in grid(v)
-    ]
+    rows = [row for v in VARIANTS for row in grid(v)] + [f"selftune-auto-{v}" for v in TUNED]
+    jobs = [(w, row, seed) for w in WORKLOADS for seed in SEEDS for row in rows]
     runs = command(run, jobs, HERE, build)
     if runs is None:
         return
-    tables = [oracle_table(runs, WORKLOADS, grid(v), grid(v), []) for v in VARIANTS]
+    tables = []
+    for v in VARIANTS:
+        tuned = [f"selftune-auto-{v}"] if v in TUNED else []
+        tables.append(oracle_table(runs, WORKLOADS, grid(v) + tuned, grid(v), tuned))
     text = "\n".join(tables) + "\n" + summary(runs)
     (HERE / "table.md").write_text(text, encoding="utf-8")
     print(text)
