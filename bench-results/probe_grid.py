@@ -195,6 +195,25 @@ def median_steps(rows: list[Row], workload: str, row: str) -> tuple[float | None
     return statistics.median(s if s is not None else inf for s in steps), hits, len(steps)
 
 
+def optimizer_method(
+    row: str, base: str, make_opt: Callable[..., Any], lr: float, seeds: int
+) -> Any:
+    """The method of a probe's ``row`` over the optimizer ``make_opt(params, lr=lr)``: the plain
+    optimizer, or, for a row named ``selftune-...``, it wrapped by ``auto`` as the benchmark's
+    `auto` rows are (:func:`tuned_handle`); ``base`` names it in the run's record."""
+    from selftune.bench.methods import Handle, Method
+
+    def make(model: Any, s: Any) -> Any:
+        import selftune
+
+        opt = make_opt(model.parameters(), lr=lr)
+        if not row.startswith("selftune-"):
+            return Handle(opt)
+        return tuned_handle(selftune.wrap(opt, "auto", seed=s.seed), s)
+
+    return Method(row, "probe", base, make, seeds, lr)
+
+
 def fastest(rows: list[Row], workload: str, grid: Sequence[str]) -> float | None:
     """The rate of the ``grid`` row (named ``...-grid-<rate>``) with the least median steps on
     ``workload`` (the lower rate on a tie); None if none hits in more than half its seeds."""

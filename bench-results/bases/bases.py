@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from selftune.bench.methods import SGD_GRID, Handle, Method, Setting
+from selftune.bench.methods import SGD_GRID, Method
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, oracle_table, steps_row, tuned_handle  # noqa: E402
+from probe_grid import command, optimizer_method, oracle_table, steps_row  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
@@ -72,15 +71,7 @@ def build(row: str) -> Method:
     if "-grid-" in row:
         lr = float(row.split("-grid-")[1])
 
-    def make(model: nn.Module, s: Setting) -> Handle:
-        import selftune
-
-        opt = make_opt(model.parameters(), lr=lr)
-        if not row.startswith("selftune-"):
-            return Handle(opt)
-        return tuned_handle(selftune.wrap(opt, "auto", seed=s.seed), s)
-
-    return Method(row, "probe", base, make, len(SEEDS), lr)
+    return optimizer_method(row, base, make_opt, lr, len(SEEDS))
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:

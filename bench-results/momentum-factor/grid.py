@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Handle, Method, Setting
+from selftune.bench.methods import ADAMW_GRID, DEFAULT_LR, SGD_GRID, Method
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, fastest, oracle_table, steps_row, tuned_handle  # noqa: E402
+from probe_grid import command, fastest, optimizer_method, oracle_table, steps_row  # noqa: E402
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
@@ -74,17 +73,7 @@ def build(row: str) -> Method:
     else:
         variant, rate = row.split("-grid-")
         lr = float(rate)
-    make_opt = VARIANTS[variant][0]
-
-    def make(model: nn.Module, s: Setting) -> Handle:
-        import selftune
-
-        opt = make_opt(model.parameters(), lr=lr)
-        if not row.startswith("selftune-"):
-            return Handle(opt)
-        return tuned_handle(selftune.wrap(opt, "auto", seed=s.seed), s)
-
-    return Method(row, "probe", variant, make, len(SEEDS), lr)
+    return optimizer_method(row, variant, VARIANTS[variant][0], lr, len(SEEDS))
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
@@ -93,10 +82,9 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
 
 def summary(runs: list[dict[str, Any]]) -> str:
     """Per workload: each variant's ``lr*``, its steady step (SGD's ``lr* / (1 - μ)``, Adam's
-    ``lr*``) and, against the variant at 0.9 of its kind, the move
-    of ``lr*`` each reading predicts (the newest gradient's weight held: SGD 1, Adam ``(1 -
-    0.9) / (1 - β1)``; the steady step held: SGD ``(1 - μ) / (1 - 0.9)``, Adam 1) beside the move
-    measured."""
+    ``lr*``), and its ``lr*`` over that of its kind at 0.9 beside the move each reading predicts
+    (the newest gradient's weight held: SGD 1, Adam ``(1 - 0.9) / (1 - β1)``; the steady step
+    held: SGD ``(1 - μ) / (1 - 0.9)``, Adam 1)."""
     lines = [
         "| workload | variant | lr* | its steady step | lr* over the 0.9 variant's |"
         " newest weight held predicts | steady step held predicts |",
