@@ -5,7 +5,9 @@
 ``muon/muon.py``, ``rmsprop/rmsprop.py``, ``bases/bases.py`` and ``clipping/clipping.py`` race a
 grid with :func:`steps_row`, :func:`tuned_handle` and :func:`oracle_table`, as
 ``batch-size/batch.py`` races the benchmark's own, the last three from :func:`command`'s command
-line, and trace a run with :func:`trace`): every variant on every seed, on two processes, the
+line, and trace a run with :func:`trace`; ``momentum-factor/grid.py`` races several grids so,
+its rows and ``bases.py``'s built by :func:`optimizer_method`, each grid's best read by
+:func:`fastest`): every variant on every seed, on two processes, the
 results written next to the probe's script as ``results.json`` and ``table.md``, and the pieces
 of a run's row and of the table that more than one of them has."""
 
