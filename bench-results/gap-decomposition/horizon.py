@@ -41,11 +41,14 @@ momentum-free SGD at its own ``lr*`` (``bases.py``'s grid, on its four workloads
 from rest is the steady step. And since read along ``auto``'s own run the greedy step followed
 the rate the run held (``optimal_step.py``), it is read also along the plain optimizer at its
 default rate at steps ``EARLY``: what a controller could read before it first moves the rate.
+And since the model over a horizon turns on the flat end of the spectrum, which ``K`` Lanczos
+steps may not resolve, five pairs (``CHECK``) are measured again with each of ``LANCZOS`` steps.
 
-Run from the repository root (about ten minutes on two cores):
+Run from the repository root (about twenty minutes on two cores):
 ``SELFTUNE_CACHE=.cache python bench-results/gap-decomposition/horizon.py``; writes
-``horizon.json``, ``horizon_sgd0.json`` and ``horizon_default.json`` (rows as runs end; those
-already there are kept) and ``horizon.md`` next to this file; ``--table`` remakes the table only.
+``horizon.json``, ``horizon_sgd0.json``, ``horizon_default.json`` and ``horizon_lanczos.json``
+(rows as runs end; those already there are kept) and ``horizon.md`` next to this file;
+``--table`` remakes the tables only.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent 
 from noise import along  # noqa: E402
 from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 from optimal_step import BIG, preconditioner  # noqa: E402
-from probe_grid import fastest  # noqa: E402
+from probe_grid import fastest, run_rows  # noqa: E402
 from run import SEEDS, best_of  # noqa: E402
 
 from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
@@ -75,6 +78,17 @@ from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import read_results  # noqa: E402
 
 K = 12  #: Lanczos steps per measure
+#: the check of the measures' resolution: more Lanczos steps on five pairs of kinds apart
+#: (workload, base, lr*, taken from the pairs above), seeds 0-2
+LANCZOS = (12, 30, 60)
+CHECK = (
+    ("digits-mlp", "sgd"),
+    ("friedman-mlp", "sgd"),
+    ("mnist1d-cnn", "adamw"),
+    ("digits-autoencoder", "adamw"),
+    ("hypercube-logreg", "sgd"),
+)
+LANCZOS_OUT = HERE / "horizon_lanczos.json"
 NOISE_DRAWS = 32
 OUT = HERE / "horizon.json"
 #: ``bases.py``'s workloads, whose grid of momentum-free SGD (``sgd0``) gives its ``lr*``
@@ -116,10 +130,15 @@ def lanczos(op: Any, start: torch.Tensor, k: int) -> tuple[list[float], list[flo
 
 
 def measure(
-    task: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, b: int, gen: torch.Generator
+    task: Any,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    b: int,
+    gen: torch.Generator,
+    k: int = K,
 ) -> dict[str, Any]:
-    """The gradient's spectral measure, the density of ``H'`` and the minibatch noise at the
-    model's weights (BatchNorm's buffers restored after)."""
+    """The gradient's spectral measure, the density of ``H'`` (``k`` Lanczos steps each) and the
+    minibatch noise at the model's weights (BatchNorm's buffers restored after)."""
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     root = flat(
@@ -135,9 +154,9 @@ def measure(
             dot = flat(grads) @ (root * v)
             return root * flat(torch.autograd.grad(dot, params, retain_graph=True))
 
-        gradient = lanczos(op, root * big, K)
+        gradient = lanczos(op, root * big, k)
         signs = torch.randint(0, 2, big.shape, generator=gen).to(big) * 2 - 1
-        density = lanczos(op, signs, K)
+        density = lanczos(op, signs, k)
     noise = []
     for _ in range(NOISE_DRAWS):
         small = torch.autograd.grad(task.loss(model, task.batch(b, gen)), params)
@@ -153,11 +172,21 @@ def measure(
     }
 
 
-def walk(job: Job, rate: float, points: tuple[int, ...], build: Any = None) -> dict[str, Any]:
-    """The measures at ``points`` along the job's plain optimizer (or ``build``'s) at ``rate``."""
+def walk(
+    job: Job, rate: float, points: tuple[int, ...], build: Any = None, k: int = K
+) -> dict[str, Any]:
+    """The measures (``k`` Lanczos steps) at ``points`` along the job's plain optimizer (or
+    ``build``'s) at ``rate``."""
     name, base, _, seed = job
-    measures = along(name, seed, rate, base, points, measure, build=build)
+    measures = along(name, seed, rate, base, points, partial(measure, k=k), build=build)
     return {"workload": name, "base": base, "seed": seed, "measures": measures}
+
+
+def resolved(job: tuple[str, str, float, int, int]) -> dict[str, Any]:
+    """The measures along the plain optimizer at ``lr*`` with the job's count of Lanczos steps
+    (its last entry)."""
+    *pair, k = job
+    return {**walk(tuple(pair), pair[2], POINTS, k=k), "lanczos": k}
 
 
 def one(job: Job) -> dict[str, Any]:
@@ -344,6 +373,42 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
     return "\n".join(lines) + "\n"
 
 
+def lanczos_table(rows: list[dict[str, Any]], pairs: Any) -> str:
+    """For each pair of ``CHECK``, the model's rate over ``lr*`` for one step and over the
+    oracle's steps ``T*`` at each step read, with each count of Lanczos steps; then, per count,
+    how many of the readings over ``T*`` land within half a grid step of ``lr*``."""
+    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    best = {(name, base): lr for name, base, lr in pairs}
+    readings = [(p, h) for p in POINTS for h in ("one step", "T*")]
+    lines = [
+        "| workload | base | Lanczos steps | "
+        + " | ".join(f"at {p}, {h}, over lr*" for p, h in readings)
+        + " |",
+        "|---|---|---:|" + "---:|" * len(readings),
+    ]
+    over_horizon: dict[int, list[float]] = {k: [] for k in LANCZOS}
+    for name, base in CHECK:
+        oracle = best_of(workloads[name], base, "const")
+        assert oracle is not None
+        for k in LANCZOS:
+            mine = [r for r in rows if r["lanczos"] == k]
+            cells = []
+            for p, h in readings:
+                steps = 1 if h == "one step" else round(oracle.steps)
+                cells.append(model_rate(mine, name, base, best[name, base], p, steps, True))
+                if h == "T*":
+                    over_horizon[k].append(cells[-1])
+            shown = " | ".join(f"{c:.2g}x" for c in cells)
+            lines.append(f"| {name} | {base} | {k} | {shown} |")
+    lines.append("")
+    lines += [
+        f"With {k} Lanczos steps, the readings over T* within half a grid step of lr*:"
+        f" {within(values)} of {len(values)}."
+        for k, values in over_horizon.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     found, held, jobs = command_line()
     run_pairs(one, OUT, jobs)
@@ -352,6 +417,12 @@ def main() -> None:
         free, FREE_OUT, [(n, "sgd0", rates[n], s) for n in FREE for s in SEEDS] if jobs else []
     )
     run_pairs(plain, DEFAULT_OUT, jobs)
+    best = {(name, base): lr for name, base, lr in found + held}
+    checks = [(*pair, best[pair], seed, k) for pair in CHECK for seed in SEEDS for k in LANCZOS]
+    kept = json.loads(LANCZOS_OUT.read_text(encoding="utf-8")) if LANCZOS_OUT.exists() else []
+    done = {(r["workload"], r["base"], r["seed"], r["lanczos"]) for r in kept}
+    todo = [j for j in checks if (j[0], j[1], j[3], j[4]) not in done] if jobs else []
+    run_rows(resolved, todo, LANCZOS_OUT, kept=kept)
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
     rows = json.loads(OUT.read_text(encoding="utf-8"))
     text = table(rows, noise, found, held)
@@ -359,6 +430,8 @@ def main() -> None:
     text += "\n" + free_table(rows, free_rows, found + held)
     early = json.loads(DEFAULT_OUT.read_text(encoding="utf-8"))
     text += "\n" + early_table(early, found, held)
+    checked = json.loads(LANCZOS_OUT.read_text(encoding="utf-8"))
+    text += "\n" + lanczos_table(checked, found + held)
     (HERE / "horizon.md").write_text(text, encoding="utf-8")
     print(text)
 
