@@ -80,7 +80,7 @@ from selftune.bench.runner import read_results  # noqa: E402
 K = 12  #: Lanczos steps per measure
 #: the check of the measures' resolution: more Lanczos steps on five pairs of kinds apart
 #: (workload, base, lr*, taken from the pairs above), seeds 0-2
-LANCZOS = (12, 30, 60)
+LANCZOS = (12, 30, 60, 100)
 CHECK = (
     ("digits-mlp", "sgd"),
     ("friedman-mlp", "sgd"),
