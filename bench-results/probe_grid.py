@@ -117,13 +117,14 @@ def command(
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def train_row(name: str, method: Any, seed: int, key: Row, fields: Sequence[str]) -> Row:
-    """Train ``method`` on the workload ``name`` from ``seed`` on one thread, as the benchmark
-    does; the row is ``key`` and the run record's ``fields``."""
+def train_row(name: Any, method: Any, seed: int, key: Row, fields: Sequence[str]) -> Row:
+    """Train ``method`` on the workload ``name`` (or a changed :class:`Workload`, given as it
+    is) from ``seed`` on one thread, as the benchmark does; the row is ``key`` and the run
+    record's ``fields``."""
     from selftune.bench import workloads
     from selftune.bench.runner import one_thread, train
 
-    (workload,) = workloads.select([name])
+    (workload,) = workloads.select([name]) if isinstance(name, str) else (name,)
     with one_thread():
         record = train(workload, method, seed)
     return {**key, **{field: record[field] for field in fields}}
@@ -216,13 +217,18 @@ def optimizer_method(
     return Method(row, "probe", base, make, seeds, lr)
 
 
-def fastest(rows: list[Row], workload: str, grid: Sequence[str]) -> float | None:
-    """The rate of the ``grid`` row (named ``...-grid-<rate>``) with the least median steps on
-    ``workload`` (the lower rate on a tie); None if none hits in more than half its seeds."""
+def grid_rate(row: str) -> float:
+    """The rate of a probe's grid row, named ``...-grid-<rate>``."""
+    return float(row.split("-grid-")[1])
+
+
+def fastest(
+    rows: list[Row], workload: str, grid: Sequence[str], rate: Callable[[str], float] = grid_rate
+) -> float | None:
+    """The ``rate`` of the ``grid`` row with the least median steps on ``workload`` (the lower
+    rate on a tie); None if none hits in more than half its seeds."""
     found = [
-        (m, float(row.split("-grid-")[1]))
-        for row in grid
-        if (m := median_steps(rows, workload, row)[0]) is not None
+        (m, rate(row)) for row in grid if (m := median_steps(rows, workload, row)[0]) is not None
     ]
     return min(found)[1] if found else None
 
@@ -341,12 +347,14 @@ def tuned_handle(opt: Any, s: Any, **handle: Any) -> Any:
     )
 
 
-def steps_row(method: Any, job: tuple[str, str, int]) -> Row:
+def steps_row(method: Any, job: tuple[str, str, int], workload: Any = None) -> Row:
     """One run of a probe raced against a grid (``job``: workload, row, seed): its steps to
-    target, budget, divergence and error, and its rate at the end."""
-    workload, row, seed = job
-    key = {"workload": workload, "row": row, "seed": seed}
+    target, budget, divergence and error, and its rate at the end. ``workload``: a changed
+    :class:`Workload` to train on instead of the one ``job`` names (``batch-size/batch.py``'s
+    larger batches), ``job``'s name then labelling the row."""
+    label, row, seed = job
+    key = {"workload": label, "row": row, "seed": seed}
     fields = ("steps_to_target", "steps_budget", "diverged", "error", "curves")
-    record = train_row(workload, method, seed, key, fields)
+    record = train_row(workload or label, method, seed, key, fields)
     record["final_lr"] = record.pop("curves")["lr"][-1]
     return record

@@ -36,7 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "batch-size")]
 from batch import LABELS, SEEDS, grid, workload_of  # noqa: E402
-from probe_grid import command, oracle_table  # noqa: E402
+from probe_grid import command, oracle_table, steps_row  # noqa: E402
 
 VARIANT = "selftune-auto-sgd-retreat-half"
 TUNED = "selftune-auto-sgd"
@@ -56,14 +56,7 @@ def method(row: str) -> Any:
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
     """One run of row ``job[1]`` on the workload of label ``job[0]`` (``<name> x<factor>``)."""
-    from selftune.bench.runner import one_thread, train
-
-    label, row, seed = job
-    with one_thread():
-        record = train(workload_of(label), method(row), seed)
-    fields = ("steps_to_target", "steps_budget", "diverged", "error")
-    return {"workload": label, "row": row, "seed": seed, **{f: record[f] for f in fields},
-            "final_lr": record["curves"]["lr"][-1]}  # fmt: skip
+    return steps_row(method(job[1]), job, workload_of(job[0]))
 
 
 def same_runs(runs: list[dict[str, Any]], labels: list[str]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-from probe_grid import command, median_steps, oracle_table, trace  # noqa: E402
+from probe_grid import command, fastest, oracle_table, steps_row, trace  # noqa: E402
 
 FACTORS = {"digits-mlp": (1, 4, 16), "friedman-mlp": (1, 4, 16), "mnist1d-cnn": (1, 4)}
 LABELS = [f"{w} x{f}" for w, factors in FACTORS.items() for f in factors]
@@ -60,14 +60,8 @@ def workload_of(label: str) -> Any:
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
     """One run of the benchmark's row ``job[1]`` on the workload of label ``job[0]``."""
     from selftune.bench import methods
-    from selftune.bench.runner import one_thread, train
 
-    label, row, seed = job
-    with one_thread():
-        record = train(workload_of(label), methods.methods()[row], seed)
-    key = {"workload": label, "row": row, "seed": seed}
-    fields = ("steps_to_target", "steps_budget", "diverged", "error")
-    return {**key, **{f: record[f] for f in fields}, "final_lr": record["curves"]["lr"][-1]}
+    return steps_row(methods.methods()[job[1]], job, workload_of(job[0]))
 
 
 def best_rate(runs: list[dict[str, Any]], label: str, base: str) -> float | None:
@@ -75,9 +69,7 @@ def best_rate(runs: list[dict[str, Any]], label: str, base: str) -> float | None
     ``label`` (None where none reached the target in more than half its seeds)."""
     from selftune.bench.methods import methods
 
-    medians = {row: median_steps(runs, label, row)[0] for row in grid(base)}
-    reached = {row: m for row, m in medians.items() if m is not None}
-    return methods()[min(reached, key=lambda row: reached[row])].lr0 if reached else None
+    return fastest(runs, label, grid(base), lambda row: methods()[row].lr0)
 
 
 def best_rates(runs: list[dict[str, Any]], base: str) -> str:
