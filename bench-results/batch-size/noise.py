@@ -29,7 +29,8 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +53,28 @@ def squared_norm(model: torch.nn.Module, loss: torch.Tensor) -> float:
     return float(sum(g.pow(2).sum() for g in grads))
 
 
+@contextmanager
+def buffers_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Restore the model's BatchNorm running statistics after the block: a reading's forward
+    passes in training mode would otherwise move them, and the run read would differ."""
+    kept = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    try:
+        yield
+    finally:
+        model.load_state_dict(kept, strict=False)
+
+
 def noise_scale(
     task: Any, model: torch.nn.Module, b: int, gen: torch.Generator, draws: int = DRAWS
 ) -> float:
     """``B_noise`` at the model's weights, from ``draws`` pairs of batches of ``b`` and
     ``BIG * b`` examples."""
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     small = statistics.fmean(
         squared_norm(model, task.loss(model, task.batch(b, gen))) for _ in range(draws)
     )
     big = statistics.fmean(
         squared_norm(model, task.loss(model, task.batch(BIG * b, gen))) for _ in range(draws)
     )
-    model.load_state_dict(buffers, strict=False)
     true = (BIG * b * big - b * small) / (BIG * b - b)
     trace = (small - big) / (1 / b - 1 / (BIG * b))
     return trace / true
@@ -86,7 +96,7 @@ def along(
     given each loss, the wrapper passed to ``read``; ``build``: an optimizer of the model's
     parameters built so instead, ``base`` and ``rate`` then naming it only); the generator (its
     own, seeded from ``seed``) draws the reading's batches, so that they leave the run's own
-    untouched."""
+    untouched, and BatchNorm's running statistics are restored after each reading."""
     import selftune
     from selftune.bench import workloads
     from selftune.bench.methods import _base
@@ -103,7 +113,8 @@ def along(
         for point in sorted(points):
             train_steps(task, model, opt, gen, workload.batch_size, point - done)
             done = point
-            readings[point] = read(task, model, opt, workload.batch_size, draws)
+            with buffers_kept(model):
+                readings[point] = read(task, model, opt, workload.batch_size, draws)
     return readings
 
 

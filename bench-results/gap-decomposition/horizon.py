@@ -138,9 +138,8 @@ def measure(
     k: int = K,
 ) -> dict[str, Any]:
     """The gradient's spectral measure, the density of ``H'`` (``k`` Lanczos steps each) and the
-    minibatch noise at the model's weights (BatchNorm's buffers restored after)."""
+    minibatch noise at the model's weights."""
     params = [p for p in model.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     root = flat(
         torch.as_tensor(preconditioner(opt, p)).sqrt().expand_as(p).detach() for p in params
     )
@@ -161,7 +160,6 @@ def measure(
     for _ in range(NOISE_DRAWS):
         small = torch.autograd.grad(task.loss(model, task.batch(b, gen)), params)
         noise.append(float((root * (flat(small) - big)).pow(2).sum()))
-    model.load_state_dict(buffers, strict=False)
     trace = statistics.fmean(noise) / (1 + 1 / BIG)
     values, weights = gradient
     scale = max(sum(weights) - trace / BIG, 0.0) / sum(weights)

@@ -78,9 +78,8 @@ def step_size(
     task: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, b: int, gen: torch.Generator
 ) -> dict[str, float]:
     """The terms of ``ε_max`` at the model's weights: ``GᵀPG`` and ``(PG)ᵀH(PG)``, each the mean
-    over ``DRAWS`` batches of ``BIG * b`` examples (BatchNorm's buffers restored after)."""
+    over ``DRAWS`` batches of ``BIG * b`` examples."""
     params = [p for p in model.parameters() if p.requires_grad]
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     slope, curve = [], []
     for _ in range(DRAWS):
         # the fused attention kernels have no second derivative on the CPU
@@ -96,7 +95,6 @@ def step_size(
         curve.append(
             float(sum((h * d).sum() for h, d in zip(hvp, direction, strict=True) if h is not None))
         )
-    model.load_state_dict(buffers, strict=False)
     return {"slope": statistics.fmean(slope), "curve": statistics.fmean(curve)}
 
 
