@@ -70,7 +70,7 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE), str(HERE.parent), str(HERE.parent 
 from noise import along  # noqa: E402
 from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 from optimal_step import BIG, preconditioner  # noqa: E402
-from probe_grid import fastest, run_rows  # noqa: E402
+from probe_grid import fastest  # noqa: E402
 from run import SEEDS, best_of  # noqa: E402
 
 from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
@@ -417,10 +417,7 @@ def main() -> None:
     run_pairs(plain, DEFAULT_OUT, jobs)
     best = {(name, base): lr for name, base, lr in found + held}
     checks = [(*pair, best[pair], seed, k) for pair in CHECK for seed in SEEDS for k in LANCZOS]
-    kept = json.loads(LANCZOS_OUT.read_text(encoding="utf-8")) if LANCZOS_OUT.exists() else []
-    done = {(r["workload"], r["base"], r["seed"], r["lanczos"]) for r in kept}
-    todo = [j for j in checks if (j[0], j[1], j[3], j[4]) not in done] if jobs else []
-    run_rows(resolved, todo, LANCZOS_OUT, kept=kept)
+    run_pairs(resolved, LANCZOS_OUT, checks if jobs else [], extra="lanczos")
     noise = json.loads((HERE / "noise_share.json").read_text(encoding="utf-8"))
     rows = json.loads(OUT.read_text(encoding="utf-8"))
     text = table(rows, noise, found, held)

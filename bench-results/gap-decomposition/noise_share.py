@@ -77,12 +77,17 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(ranks(xs), ranks(ys))
 
 
-def run_pairs(run: Callable[[Job], dict[str, Any]], out: Path, jobs: list[Job]) -> None:
-    """Add to ``out`` the rows of ``run`` for the jobs whose (workload, base, seed) it lacks,
-    two processes at a time, each row written as it comes (:func:`probe_grid.run_rows`)."""
+def run_pairs(
+    run: Callable[[Any], dict[str, Any]], out: Path, jobs: list[Any], extra: str | None = None
+) -> None:
+    """Add to ``out`` the rows of ``run`` for the jobs (workload, base, ``lr*``, seed) whose
+    (workload, base, seed) it lacks, two processes at a time, each row written as it comes
+    (:func:`probe_grid.run_rows`); ``extra``: a field of the rows that a fifth entry of each
+    job sets, telling apart rows of one pair and seed."""
     kept = json.loads(out.read_text(encoding="utf-8")) if out.exists() else []
-    done = {(r["workload"], r["base"], r["seed"]) for r in kept}
-    run_rows(run, [j for j in jobs if (j[0], j[1], j[3]) not in done], out, kept=kept)
+    done = {(r["workload"], r["base"], r["seed"], r.get(extra)) for r in kept}
+    todo = [j for j in jobs if (j[0], j[1], j[3], j[4] if extra else None) not in done]
+    run_rows(run, todo, out, kept=kept)
 
 
 Cell = tuple[str, str, float, int, dict[int, float], float]
