@@ -46,14 +46,24 @@ from probe_grid import command, fastest, optimizer_method, oracle_table, steps_r
 
 WORKLOADS = ("digits-mlp", "friedman-mlp", "mnist1d-cnn", "moons-deep-tanh")
 SEEDS = range(5)
-#: each variant: its optimizer, its momentum (``μ`` or ``β1``) and its grid
-VARIANTS: dict[str, tuple[Callable[..., torch.optim.Optimizer], float, tuple[float, ...]]] = {
-    "sgd-m0.9": (partial(torch.optim.SGD, momentum=0.9), 0.9, SGD_GRID),
-    "sgd-m0.5": (partial(torch.optim.SGD, momentum=0.5), 0.5, SGD_GRID),
-    "sgd-m0": (torch.optim.SGD, 0.0, SGD_GRID),
-    "adamw-b0.9": (torch.optim.AdamW, 0.9, ADAMW_GRID),
-    "adamw-b0.5": (partial(torch.optim.AdamW, betas=(0.5, 0.999)), 0.5, ADAMW_GRID),
+#: each variant: its kind (``sgd`` or ``adamw``) and its momentum (``μ`` or ``β1``)
+VARIANTS: dict[str, tuple[str, float]] = {
+    "sgd-m0.9": ("sgd", 0.9),
+    "sgd-m0.5": ("sgd", 0.5),
+    "sgd-m0": ("sgd", 0.0),
+    "adamw-b0.9": ("adamw", 0.9),
+    "adamw-b0.5": ("adamw", 0.5),
 }
+GRIDS = {"sgd": SGD_GRID, "adamw": ADAMW_GRID}
+
+
+def optimizer(variant: str) -> Callable[..., torch.optim.Optimizer]:
+    """The variant's optimizer: torch's SGD with its momentum, or AdamW with its ``β1`` (and
+    torch's ``β2``)."""
+    kind, mu = VARIANTS[variant]
+    if kind == "sgd":
+        return partial(torch.optim.SGD, momentum=mu)
+    return partial(torch.optim.AdamW, betas=(mu, 0.999))
 
 
 #: the momentum the benchmark runs both optimizers at, against which the others are read
@@ -61,7 +71,7 @@ REFERENCE = 0.9
 
 
 def grid(variant: str) -> list[str]:
-    return [f"{variant}-grid-{lr:g}" for lr in VARIANTS[variant][2]]
+    return [f"{variant}-grid-{lr:g}" for lr in GRIDS[VARIANTS[variant][0]]]
 
 
 #: the variants whose ``auto`` rows run, none of whose momenta ``auto`` was tuned at
@@ -73,11 +83,11 @@ def build(row: str) -> Method:
     ``selftune-auto-<variant>``, it wrapped by ``auto`` from the benchmark's default rate."""
     if row.startswith("selftune-auto-"):
         variant = row.removeprefix("selftune-auto-")
-        lr = DEFAULT_LR[variant.split("-")[0]]
+        lr = DEFAULT_LR[VARIANTS[variant][0]]
     else:
         variant, rate = row.split("-grid-")
         lr = float(rate)
-    return optimizer_method(row, variant, VARIANTS[variant][0], lr, len(SEEDS))
+    return optimizer_method(row, variant, optimizer(variant), lr, len(SEEDS))
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
@@ -95,8 +105,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for w in WORKLOADS:
-        for variant, (_, mu, _) in VARIANTS.items():
-            kind = variant.split("-")[0]
+        for variant, (kind, mu) in VARIANTS.items():
             ref = fastest(runs, w, grid(f"{kind}-{'m' if kind == 'sgd' else 'b'}{REFERENCE}"))
             mine = fastest(runs, w, grid(variant))
             if mine is None or ref is None:
