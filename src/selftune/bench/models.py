@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -219,3 +220,29 @@ class Vae(nn.Module):
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)
         return recon + kl
+
+
+class Denoiser(nn.Module):
+    """A diffusion model's noise predictor for points in ``dim`` dimensions: the noised point and
+    sinusoidal features of its diffusion step (the positional encoding of Vaswani et al. 2017,
+    which Ho et al. 2020 use for the step) into an MLP with SiLU units.
+
+    Its input is the point with the step index as a last column, so that the benchmark's tasks
+    hand it one tensor; the step enters only through the features, at ``frequencies``
+    geometrically spaced rates from one radian per step down to ``1/period``.
+    """
+
+    rates: torch.Tensor
+
+    def __init__(
+        self, dim: int = 2, frequencies: int = 8, width: int = 128, period: float = 1000.0
+    ) -> None:
+        super().__init__()
+        rates = torch.exp(-math.log(period) * torch.arange(frequencies) / frequencies)
+        self.register_buffer("rates", rates)
+        self.net = mlp([dim + 2 * frequencies, width, width, width, dim], activation=nn.SiLU)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        point, step = inputs[:, :-1], inputs[:, -1:]
+        angles = step * self.rates
+        return self.net(torch.cat([point, angles.sin(), angles.cos()], dim=1))
