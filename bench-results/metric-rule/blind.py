@@ -48,6 +48,10 @@ def _against(row: report.Row, oracle: report.Row | None) -> str:
     return "–" if ratio is None or ratio == report.INF else f"{ratio:.2f}x"
 
 
+def _count(tally: tuple[int, int]) -> str:
+    return f"{tally[0]} of {tally[1]}"
+
+
 def _blind(workloads: dict[str, report.Workload]) -> dict[str, report.Workload]:
     """The workloads with each `selftune-auto-<base>` row's runs replaced by the blind row's."""
     out = copy.deepcopy(workloads)
@@ -86,7 +90,7 @@ def main() -> None:
         page, blind = _tallies(part), _tallies(_blind(part))
         for bar in BARS:
             words = report.BARS[bar]
-            print(f"| {words} | {label} | {'%d of %d' % page[words]} | {'%d of %d' % blind[words]} |")
+            print(f"| {words} | {label} | {_count(page[words])} | {_count(blind[words])} |")
 
 
 if __name__ == "__main__":
