@@ -229,7 +229,8 @@ class Denoiser(nn.Module):
 
     Its input is the point with the step index as a last column, so that the benchmark's tasks
     hand it one tensor; the step enters only through the features, at ``frequencies``
-    geometrically spaced rates from one radian per step down to ``1/period``.
+    geometrically spaced rates ``period ** (-k / frequencies)`` radians per step, from one down
+    towards ``1/period`` (the transformer's spacing).
     """
 
     rates: torch.Tensor
