@@ -38,10 +38,9 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
-from run import SEEDS, pairs, rate_after  # noqa: E402
+from run import SEEDS, page, pairs, rate_after  # noqa: E402
 
 from selftune.bench.methods import _base as optimizer  # noqa: E402
-from selftune.bench.report import summarise  # noqa: E402
 from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
 from selftune.bench.workloads import WORKLOADS, Task, Workload  # noqa: E402
 
@@ -123,7 +122,7 @@ def auto_settle(records: list[dict[str, Any]], workload: str, base: str) -> list
 
 def main() -> None:
     records = read_results(ROOT / "bench-results" / "results.jsonl")
-    workloads = summarise(records)
+    workloads = page()
     probes, lines = (
         [],
         [

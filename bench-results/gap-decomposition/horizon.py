@@ -71,11 +71,9 @@ from noise import along  # noqa: E402
 from noise_share import POINTS, Job, cells_of, command_line, run_pairs, within  # noqa: E402
 from optimal_step import BIG, preconditioner  # noqa: E402
 from probe_grid import fastest  # noqa: E402
-from run import SEEDS, best_of  # noqa: E402
+from run import SEEDS, best_of, page  # noqa: E402
 
 from selftune.bench.methods import DEFAULT_LR, SGD_DEFAULT  # noqa: E402
-from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import read_results  # noqa: E402
 
 K = 12  #: Lanczos steps per measure
 #: the check of the measures' resolution: more Lanczos steps on five pairs of kinds apart
@@ -324,7 +322,7 @@ def table(rows: list[dict[str, Any]], noise: list[dict[str, Any]], found: Any, h
     per reading, how many land within half a grid step of ``lr*`` as they are and over a fixed
     factor (the median over the pairs not held out, chosen on them), the held-out pairs read
     with that same factor."""
-    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    workloads = page()
     tuning, others = cells_of(noise, found), cells_of(noise, held)
     horizons = [(p, h, True) for p in POINTS for h in (None, *HORIZONS)]
     horizons += [(p, 1.0, False) for p in POINTS]
@@ -375,7 +373,7 @@ def lanczos_table(rows: list[dict[str, Any]], pairs: Any) -> str:
     """For each pair of ``CHECK``, the model's rate over ``lr*`` for one step and over the
     oracle's steps ``T*`` at each step read, with each count of Lanczos steps; then, per count,
     how many of the readings over ``T*`` land within half a grid step of ``lr*``."""
-    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    workloads = page()
     best = {(name, base): lr for name, base, lr in pairs}
     readings = [(p, h) for p in POINTS for h in ("one step", "T*")]
     lines = [

@@ -30,13 +30,12 @@ sys.path.insert(0, str(HERE.parent))
 
 from finder import HALF_STEP, readings, sweep  # noqa: E402
 from probe_grid import train_steps  # noqa: E402
-from run import SEEDS, pairs  # noqa: E402
+from run import SEEDS, page, pairs  # noqa: E402
 
 import selftune  # noqa: E402
 from selftune.bench.methods import DEFAULT_LR  # noqa: E402
 from selftune.bench.methods import _base as optimizer  # noqa: E402
-from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import fresh_run, one_thread, read_results  # noqa: E402
+from selftune.bench.runner import fresh_run, one_thread  # noqa: E402
 from selftune.bench.workloads import WORKLOADS  # noqa: E402
 
 WARM = (0, 25, 50, 100, 200)  #: steps at the default rate before the probe
@@ -67,7 +66,7 @@ def finder_rate(workload: str, base: str, seed: int, warm: int) -> float:
 
 
 def main() -> None:
-    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    workloads = page()
     heads = [f"{kind} after {warm}" for warm in WARM for kind in ("auto", "min/10")]
     lines = [
         "| workload | base | lr* | " + " | ".join(heads) + " |",

@@ -43,10 +43,9 @@ from finder import HALF_STEP  # noqa: E402
 from later import auto_rate  # noqa: E402
 from noise import measure  # noqa: E402
 from probe_grid import run_rows  # noqa: E402
-from run import SEEDS, pairs  # noqa: E402
+from run import SEEDS, page, pairs  # noqa: E402
 
-from selftune.bench.report import summarise  # noqa: E402
-from selftune.bench.runner import one_thread, read_results  # noqa: E402
+from selftune.bench.runner import one_thread  # noqa: E402
 from selftune.bench.workloads import WORKLOADS  # noqa: E402
 
 POINTS = (25, 200)
@@ -194,7 +193,7 @@ def table(
 def command_line() -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]], list[Job]]:
     """The pairs not held out and the held-out ones, (workload, base, ``lr*``), and the jobs to
     run over seeds 0-2: none with ``--table``, which remakes the table alone."""
-    workloads = summarise(read_results(ROOT / "bench-results" / "results.jsonl"))
+    workloads = page()
     found, held = pairs(workloads), pairs(workloads, held_out=True)
     if sys.argv[1:] not in ([], ["--table"]):
         raise SystemExit(f"usage: {sys.argv[0]} [--table]")
