@@ -19,17 +19,15 @@ tell rates apart (the output says how many evaluations the oracle took to each).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
-from selftune.bench.report import INF, Row, Workload, summarise
+from run import page
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench-results" / "results.jsonl"
+from selftune.bench.report import INF, Row, Workload
+
 #: how far along the way from the starting metric to the benchmark's target each level lies (a
 #: quarter of the way is reached at the first evaluation or two, too coarse to tell rates apart)
 FRACTIONS = (0.5, 0.75, 0.9, 1.0)
@@ -136,8 +134,7 @@ def table(workloads: dict[str, Workload]) -> tuple[str, str, str, dict[str, Any]
 
 
 def main() -> int:
-    records = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()]
-    workloads = summarise([r for r in records if r.get("suite", "full") == "full"])
+    workloads = page()
     rates, swaps, ratios, counts = table(workloads)
     print("The grid's best constant rates for each level (a fraction of the way to the target):")
     print(f"\n{rates}\n")
