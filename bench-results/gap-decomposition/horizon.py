@@ -144,11 +144,11 @@ def measure(
     # the fused attention kernels have no second derivative on the CPU
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         loss = task.loss(model, task.batch(BIG * b, gen))
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        big = flat(grads).detach()
+        grads = flat(torch.autograd.grad(loss, params, create_graph=True))
+        big = grads.detach()
 
         def op(v: torch.Tensor) -> torch.Tensor:
-            dot = flat(grads) @ (root * v)
+            dot = grads @ (root * v)
             return root * flat(torch.autograd.grad(dot, params, retain_graph=True))
 
         gradient = lanczos(op, root * big, k)
@@ -233,10 +233,10 @@ def nqm_loss(m: dict[str, Any], base: str, rates: np.ndarray, steps: int) -> np.
     nu, tau = (np.array(x) for x in m["density"])
     nu, tau = nu[nu > 0], tau[nu > 0]
     c = m["noise"] * nu / float(tau @ nu)  # noise variance per unit of multiplicity
-    a, a_prev = np.ones_like(eta * curv), np.ones_like(eta * curv)
-    c11, c12, c22 = (np.zeros_like(eta * nu) for _ in range(3))
-    tail, mean_part, noise_part = max(steps // 10, 1), 0.0, 0.0
     p, q = 1 + mu - eta * curv, 1 + mu - eta * nu
+    a, a_prev = np.ones_like(p), np.ones_like(p)
+    c11, c12, c22 = (np.zeros_like(q) for _ in range(3))
+    tail, mean_part, noise_part = max(steps // 10, 1), 0.0, 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(steps):
             a, a_prev = p * a - mu * a_prev, a
