@@ -104,9 +104,11 @@ def summary(runs: list[dict[str, Any]]) -> str:
         " newest weight held predicts | steady step held predicts |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
+    references = {v: kind for v, (kind, mu) in VARIANTS.items() if mu == REFERENCE}
     for w in WORKLOADS:
+        refs = {kind: fastest(runs, w, grid(v)) for v, kind in references.items()}
         for variant, (kind, mu) in VARIANTS.items():
-            ref = fastest(runs, w, grid(f"{kind}-{'m' if kind == 'sgd' else 'b'}{REFERENCE}"))
+            ref = refs[kind]
             mine = fastest(runs, w, grid(variant))
             if mine is None or ref is None:
                 lines.append(f"| {w} | {variant} | miss | – | – | – | – |")
