@@ -10,9 +10,9 @@ regression at momentum 0.5 the cosines read -0.5 to -0.7 at a rate the grid foun
 decay ``d = 1 - 0.1 / (1 - μ)`` (0.8 at momentum 0.5, 0.9 at none, 0 at 0.9), so that update and
 average together remember gradients as momentum 0.9 does, should give back the missed runs.
 
-The variant replaces, for this probe only, the tracker's record of the last update
-(:meth:`selftune.signals.SignalTracker.before_update`) by that average, for param groups with a
-``momentum`` and no ``betas``; nothing else changes. Rows: ``grid.py``'s
+The variant turns, for this probe only, the tracker's record of the last update
+(:meth:`selftune.signals.SignalTracker.before_update`, wrapped) into that average, for param
+groups with a ``momentum`` and no ``betas``; nothing else changes. Rows: ``grid.py``'s
 ``selftune-auto-sgd-m0.5`` and ``../bases/``'s ``selftune-auto-sgd0``, seeds 0-4, on the same
 four workloads. Run from the repository root (about five minutes on two cores):
 ``SELFTUNE_CACHE=.cache PYTHONPATH=src python bench-results/momentum-factor/filtered.py``;
@@ -54,23 +54,24 @@ def memory(group: dict[str, Any]) -> float:
     return max(0.0, 1 - 0.1 / (1 - mu))
 
 
+ORIGINAL = signals.SignalTracker.before_update
+
+
 def before_update(self: signals.SignalTracker) -> None:
-    """The tracker's own, but for the decay: ``prev`` becomes ``d·prev + θ_t``, so that after
-    the update (``prev -= θ_{t+1}``) it holds the average of the negated updates."""
+    """The tracker's own, then the decay added back: ``prev`` becomes ``θ_t + d·prev``, so that
+    after the update (``prev -= θ_{t+1}``) it holds the average of the negated updates."""
     if self._prev is None:
-        self._allocate()
-    assert self._prev is not None
-    self._moving = []
-    self._moved = list(self._stepping)
-    for prev, group, has_grad in zip(self._prev, self._groups, self._moved, strict=True):
-        ps = signals.local_params(group)
+        return ORIGINAL(self)
+    kept = [[t.clone() for t in prev] for prev in self._prev]
+    ORIGINAL(self)
+    for old, group, has_grad, (prev, _) in zip(
+        kept, self._groups, self._moved, self._moving, strict=True
+    ):
         if has_grad is not None:
-            prev = [t for t, h in zip(prev, has_grad, strict=True) if h]
-            ps = [p for p, h in zip(ps, has_grad, strict=True) if h]
-        self._moving.append((prev, ps))
+            old = [t for t, h in zip(old, has_grad, strict=True) if h]
         if prev:
-            torch._foreach_mul_(prev, memory(group))
-            torch._foreach_add_(prev, ps)
+            torch._foreach_mul_(old, memory(group))
+            torch._foreach_add_(prev, old)
 
 
 def run(job: tuple[str, str, int]) -> dict[str, Any]:
