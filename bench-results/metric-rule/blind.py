@@ -17,11 +17,11 @@ place, over the eight and over the seven. Run from the repository root:
 
 from __future__ import annotations
 
-import copy
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from selftune.bench import report
+from selftune.bench.runner import read_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "results.jsonl"
 #: the workloads added after the metric's rule was adopted (pilot 45), in the order they came
@@ -54,12 +54,14 @@ def _count(tally: tuple[int, int]) -> str:
 
 def _blind(workloads: dict[str, report.Workload]) -> dict[str, report.Workload]:
     """The workloads with each `selftune-auto-<base>` row's runs replaced by the blind row's."""
-    out = copy.deepcopy(workloads)
-    for w in out.values():
+    out = {}
+    for name, w in workloads.items():
+        rows = dict(w.rows)
         for base in ("sgd", "adamw"):
             auto, blind = f"selftune-auto-{base}", f"selftune-auto-blind-{base}"
-            if auto in w.rows and blind in w.rows:
-                w.rows[auto].records = w.rows[blind].records
+            if auto in rows and blind in rows:
+                rows[auto] = replace(rows[auto], records=rows[blind].records)
+        out[name] = replace(w, rows=rows)
     return out
 
 
@@ -69,8 +71,7 @@ def _tallies(workloads: dict[str, report.Workload]) -> dict[str, tuple[int, int]
 
 
 def main() -> None:
-    lines = RESULTS.read_text(encoding="utf-8").splitlines()
-    workloads = report.summarise([json.loads(line) for line in lines], RESULTS)
+    workloads = report.summarise(read_results(RESULTS), RESULTS)
     print("| workload | base | auto: median [hits] | × oracle | blind: median [hits] | × oracle |")
     print("|---|---|---:|---:|---:|---:|")
     for w in workloads.values():
