@@ -27,8 +27,6 @@ from pathlib import Path
 
 from same_batch import best_constant_rates
 
-from selftune.bench.workloads import WORKLOADS
-
 RESULTS = Path(__file__).parents[1] / "results.jsonl"
 JSON = Path(__file__).with_name("rate_estimators.json")
 ESTIMATORS = {
@@ -37,6 +35,21 @@ ESTIMATORS = {
 }
 STEPS = (50, 200)  #: read at the first evaluation from this step on
 LEFT_OUT = ("mnist1d-gru",)
+#: the workloads this was read on: those added since are left out, so the committed table stays
+#: the one this script makes
+READ_ON = (
+    "digits-autoencoder",
+    "digits-mlp",
+    "digits-resnet",
+    "friedman-mlp",
+    "hypercube-logreg",
+    "image-fourier-mlp",
+    "mnist1d-cnn",
+    "mnist1d-conv-autoencoder",
+    "mnist1d-gru",
+    "moons-deep-tanh",
+    "shakespeare-char",
+)
 
 
 def _rate_at(record: dict, step: int) -> float | None:
@@ -49,7 +62,7 @@ def measure() -> dict:
     """Per step, estimator and workload: the median ratio and its seeds; per estimator, the
     summary the module docstring describes."""
     records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    best = best_constant_rates(tuple(WORKLOADS))
+    best = best_constant_rates(READ_ON)
     out: dict = {"steps": {}}
     for step in STEPS:
         ratios: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
