@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from faults import final_weights, make_optimizer, make_task, train
+from faults import LR, final_weights, make_optimizer, make_task, train
 
 import selftune
 from selftune import cli
@@ -160,3 +161,56 @@ def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
     train(task, opt, 320, evaluate=False, on_step=on_step)
     assert min(cuts) > 160, cuts  # the first number came at step 160: no cut before it
     assert any(t > 250 for t in cuts), cuts  # NaNs after a best count as misses
+
+
+def _floor_run(folder: Path, metric: Callable[[Any], float]) -> list[warnings.WarningMessage]:
+    """SGD under ``auto`` with its floor at a tenth of its start, given ``metric`` of the task
+    every ``EVERY`` steps; the warnings the run made."""
+    task = make_task()
+    opt = selftune.wrap(
+        make_optimizer("sgd", task.model.parameters()), log_dir=folder, bounds={"lr": (0.1, 1e5)}
+    )
+
+    def on_step(t: int) -> None:
+        if t % EVERY == 0:
+            opt.observe(metric(task))
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train(task, opt, STEPS, evaluate=False, on_step=on_step)
+    opt.close()
+    return [w for w in said if w.category is selftune.RateFloorWarning]
+
+
+def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(tmp_path: Path) -> None:
+    """A metric that never improves (an accuracy stuck at one level) has the metric's rule
+    halve the rate until the floor stops it: the user is told once, with what to do, and the
+    log notes it at the step of the cut that got there (nothing said so before)."""
+    said = _floor_run(tmp_path, lambda task: 1.0)
+    assert len(said) == 1, [str(w.message) for w in said]
+    message = str(said[0].message)
+    assert Path(said[0].filename).name == "faults.py"  # the loop's call of step(), not selftune
+    start = LR["sgd"]
+    floor = 0.1 * start
+    assert f"floor, {floor:.3g}" in message and "bounds={'lr'" in message, message
+    log = read_log(tmp_path).records
+    notes = [r for r in log if r["kind"] == "note" and "floor" in r]
+    assert len(notes) == 1 and notes[0]["group"] == 0, notes
+    assert notes[0]["floor"] == pytest.approx(floor) and notes[0]["reason"] == message
+    cut = [
+        r
+        for r in log
+        if r["kind"] == "decision" and r["step"] == notes[0]["step"] and r["knob"] == "lr"
+    ]
+    assert len(cut) == 1 and cut[0]["new"] == pytest.approx(floor) and cut[0]["clipped"], cut
+    assert cut[0]["old"] > floor
+    # later halvings are held at the floor: no decision takes the rate below it
+    rates = [r["new"] for r in log if r["kind"] == "decision" and r["knob"] == "lr"]
+    assert min(rates) == pytest.approx(floor)
+
+
+def test_a_metric_that_improves_takes_no_rate_to_its_floor(tmp_path: Path) -> None:
+    """The same run given its full-data loss, which falls: no cut reaches the floor, and no
+    warning or note says one did."""
+    assert _floor_run(tmp_path, lambda task: task.full_loss()) == []
+    assert not [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floor" in r]

@@ -20,7 +20,13 @@ from selftune.audit import LogError, verify
 from selftune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from selftune.combined import Combined, Optimizers, as_one, optimizer_name
 from selftune.controllers import CONTROLLERS, Controller, Proposal
-from selftune.errors import ConfigError, ControllerError, GuardError, SelfTuneError
+from selftune.errors import (
+    ConfigError,
+    ControllerError,
+    GuardError,
+    RateFloorWarning,
+    SelfTuneError,
+)
 from selftune.guard import GuardConfig
 from selftune.policy import Policy, misfits
 from selftune.replay import replay
@@ -114,6 +120,7 @@ __all__ = [
     "LogError",
     "Policy",
     "Proposal",
+    "RateFloorWarning",
     "SelfTuneError",
     "SelfTuned",
     "StepEvent",

@@ -38,7 +38,7 @@ from selftune.combined import defaults_of, held_state, in_combined, optimizer_na
 from selftune.controllers import CONTROLLERS, Controller, Knobs, Proposal, make_controller
 from selftune.controllers.base import checked
 from selftune.controllers.joint import JointController
-from selftune.errors import ConfigError, ControllerError, GuardError
+from selftune.errors import ConfigError, ControllerError, GuardError, RateFloorWarning
 from selftune.guard import Guard, GuardConfig, Snapshot, Trouble
 from selftune.hooks import StepGate, stepping_inside
 from selftune.policy import Policy, start_misfits
@@ -292,6 +292,8 @@ class SelfTuned(torch.optim.Optimizer):
         self._outside: list[set[str]] = [set() for _ in self.param_groups]
         #: notes for the log's next step (a knob found set outside selftune)
         self._notes: list[dict[str, Any]] = []
+        #: the groups whose rate was cut to its floor, warned of once (:meth:`_note_floor`)
+        self._floored: set[int] = set()
         #: the guard's relevel of this step, logged when it was made: the listeners' guard event
         #: where the step has no other
         self._relevel: dict[str, Any] | None = None
@@ -2158,6 +2160,8 @@ class SelfTuned(torch.optim.Optimizer):
                 since = old / rise if rise > 1.0 else None  # the rate the last step took
                 new, note = self.policy.clip(p.knob, old, p.value, start, within, since)
             value = new / base if p.knob == "lr" else new
+            if p.knob == "lr" and new < old:
+                self._note_floor(t, p.group, new, start, source)
         held = old if now is None else now[p.knob]
         if new == held:
             return None
@@ -2167,6 +2171,31 @@ class SelfTuned(torch.optim.Optimizer):
         reason = p.reason if note is None else f"{p.reason} ({note})"
         sig = signals.summary(p.group) if signals is not None else {}
         return Decision(t, p.group, p.knob, held, new, reason, sig, note is not None, source, value)
+
+    def _note_floor(self, t: int, group: int, new: float, start: float, by: str) -> None:
+        """Warn, once per group, and note in the log, where a cut takes the rate to its floor.
+
+        A rate held there trains little, and nothing in the run said so but the rate's curve:
+        every miss of ``auto``'s on the benchmark's diffusion model ended at the floor, and the
+        most on the matrix factorization and the variational autoencoder, cut on a saddle or a
+        slow descent that read as a noise floor (``bench-results/pilots/floor_runs.py``).
+        """
+        low = self.policy.bounds["lr"][0]
+        floor = low if self.policy.lr_bounds_absolute else low * start
+        if new > floor or group in self._floored:
+            return
+        self._floored.add(group)
+        what = "" if self.policy.lr_bounds_absolute else f" times its starting rate {start:.3g}"
+        why = (
+            f"group {group}'s learning rate was cut to its floor, {floor:.3g} (bounds['lr'] "
+            f"low end {low:g}{what}), by the {by} at step {t}: it can "
+            "be cut no further, and the run may train little more. Where the loss or the metric "
+            "still has far to go, the cuts read a slow descent or a saddle as a noise floor: give "
+            "bounds={'lr': (low, high)} a higher floor, or start at a rate you trust with "
+            "range_test=False"
+        )
+        self._notes.append({"reason": why, "group": group, "floor": floor})
+        warnings.warn(why, RateFloorWarning, stacklevel=outside_frames())
 
     # -- guard --------------------------------------------------------------------------------
     def _capture(
