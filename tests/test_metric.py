@@ -163,12 +163,24 @@ def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
     assert any(t > 250 for t in cuts), cuts  # NaNs after a best count as misses
 
 
-def _floor_run(folder: Path, metric: Callable[[Any], float]) -> list[warnings.WarningMessage]:
+def _floor_run(
+    folder: Path, metric: Callable[[Any], float], joint: bool = False
+) -> list[warnings.WarningMessage]:
     """SGD under ``auto`` with its floor at a tenth of its start, given ``metric`` of the task
-    every ``EVERY`` steps; the warnings the run made."""
+    every ``EVERY`` steps; the warnings the run made.  ``joint``: each layer a param group of
+    its own, tuned as one (``groups="joint"``), the second at half the first's rate."""
     task = make_task()
+    layers = [list(m.parameters()) for m in task.model.modules() if list(m.parameters(False))]
+    params: Any = (
+        [{"params": p, "lr": LR["sgd"] / (1 + i)} for i, p in enumerate(layers)]
+        if joint
+        else task.model.parameters()
+    )
     opt = selftune.wrap(
-        make_optimizer("sgd", task.model.parameters()), log_dir=folder, bounds={"lr": (0.1, 1e5)}
+        make_optimizer("sgd", params),
+        log_dir=folder,
+        bounds={"lr": (0.1, 1e5)},
+        groups="joint" if joint else "each",
     )
 
     def on_step(t: int) -> None:
@@ -194,9 +206,9 @@ def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(tmp_path: P
     floor = 0.1 * start
     assert f"floor, {floor:.3g}" in message and "bounds={'lr'" in message, message
     log = read_log(tmp_path).records
-    notes = [r for r in log if r["kind"] == "note" and "floor" in r]
-    assert len(notes) == 1 and notes[0]["group"] == 0, notes
-    assert notes[0]["floor"] == pytest.approx(floor) and notes[0]["reason"] == message
+    notes = [r for r in log if r["kind"] == "note" and "floors" in r]
+    assert len(notes) == 1 and notes[0]["groups"] == [0], notes
+    assert notes[0]["floors"] == [pytest.approx(floor)] and notes[0]["reason"] == message
     cut = [
         r
         for r in log
@@ -213,4 +225,15 @@ def test_a_metric_that_improves_takes_no_rate_to_its_floor(tmp_path: Path) -> No
     """The same run given its full-data loss, which falls: no cut reaches the floor, and no
     warning or note says one did."""
     assert _floor_run(tmp_path, lambda task: task.full_loss()) == []
-    assert not [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floor" in r]
+    assert not [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floors" in r]
+
+
+def test_a_joint_run_cut_to_its_floor_is_warned_of_once_for_all_its_groups(tmp_path: Path) -> None:
+    """Tuned as one, every group reaches its floor at the same cut: one warning names them all
+    (a warning per group was as many warnings alike as the model has groups)."""
+    said = _floor_run(tmp_path, lambda task: 1.0, joint=True)
+    assert len(said) == 1, [str(w.message) for w in said]
+    notes = [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floors" in r]
+    assert len(notes) == 1 and notes[0]["groups"] == [0, 1], notes
+    assert notes[0]["floors"] == [pytest.approx(0.1 * LR["sgd"]), pytest.approx(0.05 * LR["sgd"])]
+    assert "groups 0, 1" in str(said[0].message)

@@ -34,11 +34,11 @@ class ControllerError(ConfigError):
 class RateFloorWarning(UserWarning):
     """A param group's learning rate was cut to the lowest its bounds allow (by default a
     thousandth of its start): no cut can take it further, and at such a rate the run may train
-    little more.  Warned once per group and run, and noted in the run's log.  Half the misses
-    of ``auto``'s runs on the benchmark ended there (``bench-results/pilots/floor_runs.py``),
-    cut on a slow descent or a saddle that read as a noise floor; where the cuts are meant
-    (noisy labels, whose memorising they stop), filter it:
-    ``warnings.filterwarnings("ignore", category=RateFloorWarning)``.
+    little more.  Warned once per group and run (in one warning for the groups one step took
+    there), and noted in the run's log.  About half the misses of ``auto``'s runs on the benchmark
+    ended there (``bench-results/pilots/floor_runs.py``), cut on a slow descent or a saddle that
+    read as a noise floor; where the cuts are meant (noisy labels, whose memorising they stop),
+    filter it: ``warnings.filterwarnings("ignore", category=RateFloorWarning)``.
     """
 
 

@@ -292,8 +292,10 @@ class SelfTuned(torch.optim.Optimizer):
         self._outside: list[set[str]] = [set() for _ in self.param_groups]
         #: notes for the log's next step (a knob found set outside selftune)
         self._notes: list[dict[str, Any]] = []
-        #: the groups whose rate was cut to its floor, warned of once (:meth:`_note_floor`)
+        #: the groups whose rate was cut to its floor, warned of once, and this step's such cuts
+        #: (group, floor, by whom) for :meth:`_warn_floor`
         self._floored: set[int] = set()
+        self._floor_cuts: list[tuple[int, float, str]] = []
         #: the guard's relevel of this step, logged when it was made: the listeners' guard event
         #: where the step has no other
         self._relevel: dict[str, Any] | None = None
@@ -2173,7 +2175,8 @@ class SelfTuned(torch.optim.Optimizer):
         return Decision(t, p.group, p.knob, held, new, reason, sig, note is not None, source, value)
 
     def _note_floor(self, t: int, group: int, new: float, start: float, by: str) -> None:
-        """Warn, once per group, and note in the log, where a cut takes the rate to its floor.
+        """Keep, once per group, a cut that took the rate to its floor, for :meth:`_warn_floor`
+        at the step's end.
 
         A rate held there trains little, and nothing in the run said so but the rate's curve:
         every miss of ``auto``'s on the benchmark's diffusion model ended at the floor, and the
@@ -2182,19 +2185,35 @@ class SelfTuned(torch.optim.Optimizer):
         """
         low = self.policy.bounds["lr"][0]
         floor = low if self.policy.lr_bounds_absolute else low * start
-        if new > floor or group in self._floored:
+        if new <= floor and group not in self._floored:
+            self._floored.add(group)
+            self._floor_cuts.append((group, floor, by))
+
+    def _warn_floor(self, t: int) -> None:
+        """Warn of the step's cuts to the floor, and note them in the log: one warning for all
+        the groups, which a joint run's one cut takes there together (tens of warnings alike)."""
+        if not self._floor_cuts:
             return
-        self._floored.add(group)
-        what = "" if self.policy.lr_bounds_absolute else f" times its starting rate {start:.3g}"
+        cuts, self._floor_cuts = self._floor_cuts, []
+        groups = [g for g, _, _ in cuts]
+        floors = [f for _, f, _ in cuts]
+        by = " and the ".join(sorted({b for _, _, b in cuts}))
+        low = self.policy.bounds["lr"][0]
+        each = "" if self.policy.lr_bounds_absolute else " times the starting rate"
+        whose = (
+            f"group {groups[0]}'s learning rate was cut to its floor, {floors[0]:.3g}"
+            if len(cuts) == 1
+            else f"the learning rates of groups {', '.join(map(str, groups))} were cut to their "
+            f"floors, {', '.join(f'{f:.3g}' for f in floors)}"
+        )
         why = (
-            f"group {group}'s learning rate was cut to its floor, {floor:.3g} (bounds['lr'] "
-            f"low end {low:g}{what}), by the {by} at step {t}: it can "
-            "be cut no further, and the run may train little more. Where the loss or the metric "
+            f"{whose} (bounds['lr'] low end {low:g}{each}), by the {by} at step {t}: no cut "
+            "takes it further, and the run may train little more. Where the loss or the metric "
             "still has far to go, the cuts read a slow descent or a saddle as a noise floor: give "
             "bounds={'lr': (low, high)} a higher floor, or start at a rate you trust with "
             "range_test=False"
         )
-        self._notes.append({"reason": why, "group": group, "floor": floor})
+        self._notes.append({"reason": why, "groups": groups, "floors": floors})
         warnings.warn(why, RateFloorWarning, stacklevel=outside_frames())
 
     # -- guard --------------------------------------------------------------------------------
@@ -2655,6 +2674,7 @@ class SelfTuned(torch.optim.Optimizer):
     def _after(
         self, t: int, signals: Signals, decisions: list[Decision], guard: dict[str, Any] | None
     ) -> None:
+        self._warn_floor(t)
         notes, self._notes = self._notes, []
         relevel, self._relevel = self._relevel, None
         since = None
