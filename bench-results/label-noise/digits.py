@@ -60,6 +60,8 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def run(variant: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     base, noise, kind = variant.split("-", 2)
+    kind, _, floor = kind.partition("-floor-")  # (``../floor-room/``: the rate's floor raised)
+    bounds = {"lr": (float(floor), 1e5)} if floor else None
     data, gen = digits(), torch.Generator().manual_seed(seed)
     held = len(data.y_train) // 5
     x_val, y_val = data.x_train[-held:], data.y_train[-held:]
@@ -71,7 +73,8 @@ def run(variant: str, seed: int) -> dict[str, Any]:
     opt: Any = BASES[base](net.parameters())
     events: dict[str, int] = {}
     if kind != "plain":
-        opt = selftune.wrap(opt, controller="off" if kind == "guard-only" else "auto")
+        controller = "off" if kind == "guard-only" else "auto"
+        opt = selftune.wrap(opt, controller=controller, bounds=bounds)
         events = count_guard_events(opt)
     for t in range(1, STEPS + 1):
         i = torch.randint(0, len(y), (32,), generator=gen)

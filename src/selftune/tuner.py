@@ -2163,7 +2163,7 @@ class SelfTuned(torch.optim.Optimizer):
                 new, note = self.policy.clip(p.knob, old, p.value, start, within, since)
             value = new / base if p.knob == "lr" else new
             if p.knob == "lr" and new < old:
-                self._note_floor(t, p.group, new, start, source)
+                self._note_floor(p.group, new, start, source)
         held = old if now is None else now[p.knob]
         if new == held:
             return None
@@ -2174,14 +2174,17 @@ class SelfTuned(torch.optim.Optimizer):
         sig = signals.summary(p.group) if signals is not None else {}
         return Decision(t, p.group, p.knob, held, new, reason, sig, note is not None, source, value)
 
-    def _note_floor(self, t: int, group: int, new: float, start: float, by: str) -> None:
+    def _note_floor(self, group: int, new: float, start: float, by: str) -> None:
         """Keep, once per group, a cut that took the rate to its floor, for :meth:`_warn_floor`
         at the step's end.
 
         A rate held there trains little, and nothing in the run said so but the rate's curve:
         every miss of ``auto``'s on the benchmark's diffusion model ended at the floor, and the
         most on the matrix factorization and the variational autoencoder, cut on a saddle or a
-        slow descent that read as a noise floor (``bench-results/pilots/floor_runs.py``).
+        slow descent that read as a noise floor (``bench-results/pilots/floor_runs.py``).  The
+        warning's advice is what was measured: a floor raised 10x or 100x mended almost none
+        of those runs (``bench-results/floor-room/``), a run not told the metric hit in every
+        seed of the diffusion model (``bench-results/metric-rule/``).
         """
         low = self.policy.bounds["lr"][0]
         floor = low if self.policy.lr_bounds_absolute else low * start
@@ -2209,9 +2212,10 @@ class SelfTuned(torch.optim.Optimizer):
         why = (
             f"{whose} (bounds['lr'] low end {low:g}{each}), by the {by} at step {t}: no cut "
             "takes it further, and the run may train little more. Where the loss or the metric "
-            "still has far to go, the cuts read a slow descent or a saddle as a noise floor: give "
-            "bounds={'lr': (low, high)} a higher floor, or start at a rate you trust with "
-            "range_test=False"
+            "still has far to go, the cuts read a slow descent or a saddle as a noise floor, and "
+            "a higher floor does not mend that (the cuts go on to it). If they were the metric's "
+            "('metric plateau' in the log's reasons) on a metric that still creeps, train "
+            "without observe(): the training loss's own cuts are undone where they do not help"
         )
         self._notes.append({"reason": why, "groups": groups, "floors": floors})
         warnings.warn(why, RateFloorWarning, stacklevel=outside_frames())

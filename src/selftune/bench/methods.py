@@ -275,18 +275,24 @@ def _selftune(
     controller: str | Controller,
     metric: bool = True,
     average: bool = False,
+    bounds: dict[str, tuple[float, float]] | None = None,
 ) -> Builder:
     """selftune given the loss at every step and, unless ``metric`` is False, the evaluation
     metric after every evaluation (``observe``), as a loop that evaluates can give it;
     ``average``: evaluated at its weight average (the metric it reads being the average's).
-    A controller instance (the probes' variants) serves one run: build one per run."""
+    A controller instance (the probes' variants) serves one run: build one per run.
+    ``bounds``: the policy's, for a probe's variant (the benchmark's rows keep the defaults)."""
     make = _base(base, lr)
 
     def build(model: torch.nn.Module, s: Setting) -> Handle:
         import selftune
 
         opt = selftune.wrap(
-            make(model.parameters()), controller=controller, seed=s.seed, average=average
+            make(model.parameters()),
+            controller=controller,
+            seed=s.seed,
+            average=average,
+            bounds=bounds,
         )
         mode = "max" if s.higher_is_better else "min"
         to = (lambda value: opt.observe(value, mode=mode)) if metric else None
