@@ -165,10 +165,11 @@ def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
 
 def _floor_run(
     folder: Path, metric: Callable[[Any], float], joint: bool = False
-) -> list[warnings.WarningMessage]:
+) -> tuple[list[warnings.WarningMessage], list[torch.Tensor]]:
     """SGD under ``auto`` with its floor at a tenth of its start, given ``metric`` of the task
-    every ``EVERY`` steps; the warnings the run made.  ``joint``: each layer a param group of
-    its own, tuned as one (``groups="joint"``), the second at half the first's rate."""
+    every ``EVERY`` steps; the floor's warnings the run made, and its final weights.
+    ``joint``: each layer a param group of its own, tuned as one (``groups="joint"``), the
+    second at half the first's rate."""
     task = make_task()
     layers = [list(m.parameters()) for m in task.model.modules() if list(m.parameters(False))]
     params: Any = (
@@ -191,14 +192,14 @@ def _floor_run(
         warnings.simplefilter("always")
         train(task, opt, STEPS, evaluate=False, on_step=on_step)
     opt.close()
-    return [w for w in said if w.category is selftune.RateFloorWarning]
+    return [w for w in said if w.category is selftune.RateFloorWarning], final_weights(task.model)
 
 
 def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(tmp_path: Path) -> None:
     """A metric that never improves (an accuracy stuck at one level) has the metric's rule
     halve the rate until the floor stops it: the user is told once, with what to do, and the
     log notes it at the step of the cut that got there (nothing said so before)."""
-    said = _floor_run(tmp_path, lambda task: 1.0)
+    said, weights = _floor_run(tmp_path, lambda task: 1.0)
     assert len(said) == 1, [str(w.message) for w in said]
     message = str(said[0].message)
     assert Path(said[0].filename).name == "faults.py"  # the loop's call of step(), not selftune
@@ -219,19 +220,24 @@ def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(tmp_path: P
     # later halvings are held at the floor: no decision takes the rate below it
     rates = [r["new"] for r in log if r["kind"] == "decision" and r["knob"] == "lr"]
     assert min(rates) == pytest.approx(floor)
+    # the note decides nothing: the run replays to the same weights
+    task = make_task()
+    replayed = selftune.replay(make_optimizer("sgd", task.model.parameters()), tmp_path)
+    train(task, replayed, STEPS, evaluate=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, final_weights(task.model), strict=True))
 
 
 def test_a_metric_that_improves_takes_no_rate_to_its_floor(tmp_path: Path) -> None:
     """The same run given its full-data loss, which falls: no cut reaches the floor, and no
     warning or note says one did."""
-    assert _floor_run(tmp_path, lambda task: task.full_loss()) == []
+    assert _floor_run(tmp_path, lambda task: task.full_loss())[0] == []
     assert not [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floors" in r]
 
 
 def test_a_joint_run_cut_to_its_floor_is_warned_of_once_for_all_its_groups(tmp_path: Path) -> None:
     """Tuned as one, every group reaches its floor at the same cut: one warning names them all
     (a warning per group was as many warnings alike as the model has groups)."""
-    said = _floor_run(tmp_path, lambda task: 1.0, joint=True)
+    said, _ = _floor_run(tmp_path, lambda task: 1.0, joint=True)
     assert len(said) == 1, [str(w.message) for w in said]
     notes = [r for r in read_log(tmp_path).records if r["kind"] == "note" and "floors" in r]
     assert len(notes) == 1 and notes[0]["groups"] == [0, 1], notes
