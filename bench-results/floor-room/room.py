@@ -90,7 +90,8 @@ def steps_table(runs: list[dict[str, Any]]) -> str:
     """Median steps to target [hits] per workload, base and row, against the page's oracle;
     then, per variant against the baseline, the runs faster, slower and alike, the hits, and
     the misses at the floor; and how many baseline runs here took the page's own steps."""
-    page = summarise(read_results(HERE.parent / "results.jsonl"))
+    records = read_results(HERE.parent / "results.jsonl")
+    page = summarise(records)
     lines = [
         "| workload | base | oracle (page) | "
         + " | ".join(r.removeprefix("selftune-auto-sgd") or "auto" for r in rows_of("sgd"))
@@ -127,15 +128,12 @@ def steps_table(runs: list[dict[str, Any]]) -> str:
             steps = [(a["steps_to_target"] or inf, b["steps_to_target"] or inf) for a, b in pairs]
             theirs = [b for _, b in pairs]
             lines.append(
-                f"- `{variant}`: {sum(b < a for a, b in steps)} runs faster, "
-                f"{sum(b > a for a, b in steps)} slower, {sum(a == b for a, b in steps)} alike; "
+                f"- `{variant}`: runs faster {sum(b < a for a, b in steps)}, "
+                f"slower {sum(b > a for a, b in steps)}, alike {sum(a == b for a, b in steps)}; "
                 f"{sum(r['steps_to_target'] is not None for r in theirs)} of {len(theirs)} hit, "
                 f"{sum(map(at_floor, theirs))} misses at the floor"
             )
-    committed = {
-        (r["workload"], r["method"], r["seed"]): r["steps_to_target"]
-        for r in read_results(HERE.parent / "results.jsonl")
-    }
+    committed = {(r["workload"], r["method"], r["seed"]): r["steps_to_target"] for r in records}
     base_runs = [r for r in runs if "-floor-" not in r["row"]]
     apart = Counter(
         r["workload"]
