@@ -164,12 +164,13 @@ def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
 
 
 def _floor_run(
-    folder: Path, metric: Callable[[Any], float], joint: bool = False
+    folder: Path, metric: Callable[[Any], float], joint: bool = False, absolute: bool = False
 ) -> tuple[list[warnings.WarningMessage], list[torch.Tensor]]:
     """SGD under ``auto`` with its floor at a tenth of its start, given ``metric`` of the task
     every ``EVERY`` steps; the floor's warnings the run made, and its final weights.
     ``joint``: each layer a param group of its own, tuned as one (``groups="joint"``), the
-    second at half the first's rate."""
+    second at half the first's rate.  ``absolute``: the floor given as a rate
+    (``lr_bounds_absolute``), not as a factor of the start."""
     task = make_task()
     layers = [list(m.parameters()) for m in task.model.modules() if list(m.parameters(False))]
     params: Any = (
@@ -180,7 +181,8 @@ def _floor_run(
     opt = selftune.wrap(
         make_optimizer("sgd", params),
         log_dir=folder,
-        bounds={"lr": (0.1, 1e5)},
+        bounds={"lr": (0.1 * LR["sgd"], 10.0) if absolute else (0.1, 1e5)},
+        lr_bounds_absolute=absolute,
         groups="joint" if joint else "each",
     )
 
@@ -195,11 +197,15 @@ def _floor_run(
     return [w for w in said if w.category is selftune.RateFloorWarning], final_weights(task.model)
 
 
-def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(
+    tmp_path: Path, absolute: bool
+) -> None:
     """A metric that never improves (an accuracy stuck at one level) has the metric's rule
     halve the rate until the floor stops it: the user is told once, with what to do, and the
-    log notes it at the step of the cut that got there (nothing said so before)."""
-    said, weights = _floor_run(tmp_path, lambda task: 1.0)
+    log notes it at the step of the cut that got there (nothing said so before); the floor
+    given as a factor of the start or as a rate alike."""
+    said, weights = _floor_run(tmp_path, lambda task: 1.0, absolute=absolute)
     assert len(said) == 1, [str(w.message) for w in said]
     message = str(said[0].message)
     assert Path(said[0].filename).name == "faults.py"  # the loop's call of step(), not selftune

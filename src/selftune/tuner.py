@@ -2186,8 +2186,7 @@ class SelfTuned(torch.optim.Optimizer):
         of those runs (``bench-results/floor-room/``), a run not told the metric hit in every
         seed of the diffusion model (``bench-results/metric-rule/``).
         """
-        low = self.policy.bounds["lr"][0]
-        floor = low if self.policy.lr_bounds_absolute else low * start
+        floor, _ = self.policy.limits("lr", start)  # (a start below absolute bounds is its own)
         if new <= floor and group not in self._floored:
             self._floored.add(group)
             self._floor_cuts.append((group, floor, by))
@@ -2202,7 +2201,11 @@ class SelfTuned(torch.optim.Optimizer):
         floors = [f for _, f, _ in cuts]
         by = " and the ".join(sorted({b for _, _, b in cuts}))
         low = self.policy.bounds["lr"][0]
-        each = "" if self.policy.lr_bounds_absolute else " times the starting rate"
+        each = (
+            ", or the starting rate where that is lower"
+            if self.policy.lr_bounds_absolute
+            else " times the starting rate"
+        )
         whose = (
             f"group {groups[0]}'s learning rate was cut to its floor, {floors[0]:.3g}"
             if len(cuts) == 1
