@@ -164,12 +164,12 @@ def test_a_metric_undefined_at_first_counts_from_its_first_value() -> None:
 
 
 def _floor_run(
-    folder: Path, metric: Callable[[Any], float], joint: bool = False, absolute: bool = False
+    folder: Path, metric: Callable[[Any], float], joint: bool = False, low: float | None = None
 ) -> tuple[list[warnings.WarningMessage], list[torch.Tensor]]:
     """SGD under ``auto`` with its floor at a tenth of its start, given ``metric`` of the task
     every ``EVERY`` steps; the floor's warnings the run made, and its final weights.
     ``joint``: each layer a param group of its own, tuned as one (``groups="joint"``), the
-    second at half the first's rate.  ``absolute``: the floor given as a rate
+    second at half the first's rate.  ``low``: the lower bound given as a rate
     (``lr_bounds_absolute``), not as a factor of the start."""
     task = make_task()
     layers = [list(m.parameters()) for m in task.model.modules() if list(m.parameters(False))]
@@ -181,8 +181,8 @@ def _floor_run(
     opt = selftune.wrap(
         make_optimizer("sgd", params),
         log_dir=folder,
-        bounds={"lr": (0.1 * LR["sgd"], 10.0) if absolute else (0.1, 1e5)},
-        lr_bounds_absolute=absolute,
+        bounds={"lr": (0.1, 1e5) if low is None else (low, 10.0)},
+        lr_bounds_absolute=low is not None,
         groups="joint" if joint else "each",
     )
 
@@ -197,20 +197,21 @@ def _floor_run(
     return [w for w in said if w.category is selftune.RateFloorWarning], final_weights(task.model)
 
 
-@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("low", [None, 0.1 * LR["sgd"], 2 * LR["sgd"]])
 def test_a_rate_cut_to_its_floor_is_warned_once_and_noted_in_the_log(
-    tmp_path: Path, absolute: bool
+    tmp_path: Path, low: float | None
 ) -> None:
     """A metric that never improves (an accuracy stuck at one level) has the metric's rule
     halve the rate until the floor stops it: the user is told once, with what to do, and the
     log notes it at the step of the cut that got there (nothing said so before); the floor
-    given as a factor of the start or as a rate alike."""
-    said, weights = _floor_run(tmp_path, lambda task: 1.0, absolute=absolute)
+    given as a factor of the start or as a rate alike, and a start below the rate given is
+    the floor (a bound stops a move, never makes one: the cuts may go on to the start)."""
+    said, weights = _floor_run(tmp_path, lambda task: 1.0, low=low)
     assert len(said) == 1, [str(w.message) for w in said]
     message = str(said[0].message)
     assert Path(said[0].filename).name == "faults.py"  # the loop's call of step(), not selftune
     start = LR["sgd"]
-    floor = 0.1 * start
+    floor = 0.1 * start if low is None else min(low, start)
     assert f"floor, {floor:.3g}" in message and "without observe()" in message, message
     log = read_log(tmp_path).records
     notes = [r for r in log if r["kind"] == "note" and "floors" in r]
