@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selftune.bench.report import INF, summarise, write_report
+from selftune.bench.report import INF, Row, summarise, write_report
 from selftune.bench.runner import read_results
 
 HERE = Path(__file__).resolve().parent
@@ -43,22 +43,20 @@ def tallies(page_md: str) -> dict[str, str]:
     return {m[1]: m[2] for line in section.splitlines() if (m := TALLY.match(line))}
 
 
-def medians(records: list[dict]) -> dict[tuple[str, str], str]:
-    """``auto``'s median steps to the target [hits/runs] per workload and base."""
-    out = {}
-    for name, w in summarise(records).items():
-        for base in ("sgd", "adamw"):
-            row = w.rows.get(f"selftune-auto-{base}")
-            if row is not None:
-                steps = "miss" if row.steps == INF else f"{row.steps:g}"
-                out[(name, base)] = f"{steps} [{row.hits}/{row.seeds}]"
-    return out
+def autos(records: list[dict]) -> dict[tuple[str, str], Row]:
+    """``auto``'s row at the default rate per workload and base."""
+    return {
+        (name, base): row
+        for name, w in summarise(records).items()
+        for base in ("sgd", "adamw")
+        if (row := w.rows.get(f"selftune-auto-{base}")) is not None
+    }
 
 
-def _steps(cell: str) -> float:
-    """The median of a cell of :func:`medians` (a miss as more than any)."""
-    head = cell.split()[0]
-    return INF if head == "miss" else float(head)
+def _cell(row: Row) -> str:
+    """Median steps to the target [hits/runs]."""
+    steps = "miss" if row.steps == INF else f"{row.steps:g}"
+    return f"{steps} [{row.hits}/{row.seeds}]"
 
 
 def main() -> None:
@@ -74,7 +72,7 @@ def main() -> None:
     lines = ["| bar | the page | the nine workloads' rows run again |", "|---|---:|---:|"]
     lines += [f"| {bar} | {count} | {new.get(bar, '–')} |" for bar, count in old.items()]
     redone = {r["workload"] for r in rerun}
-    before, after = medians(page), medians(both)
+    before, after = autos(page), autos(both)
     lines += [
         "",
         f"{len(rerun)} runs again; `auto` at the default rates, median steps [hits]:",
@@ -83,8 +81,8 @@ def main() -> None:
         "|---|---|---:|---:|",
     ]
     pairs = [(w, b) for (w, b) in before if w in redone]
-    lines += [f"| {w} | {b} | {before[(w, b)]} | {after[(w, b)]} |" for (w, b) in pairs]
-    steps = [(_steps(before[p]), _steps(after[p])) for p in pairs]
+    lines += [f"| {w} | {b} | {_cell(before[(w, b)])} | {_cell(after[(w, b)])} |" for w, b in pairs]
+    steps = [(before[p].steps, after[p].steps) for p in pairs]
     lines += [
         "",
         f"- medians moved on {sum(a != b for a, b in steps)} of {len(pairs)}: "
