@@ -2186,8 +2186,10 @@ class SelfTuned(torch.optim.Optimizer):
         of those runs (``bench-results/floor-room/``), a run not told the metric hit in every
         seed of the diffusion model (``bench-results/metric-rule/``).
         """
+        if group in self._floored:
+            return  # warned of already
         floor, _ = self.policy.limits("lr", start)  # (a start below absolute bounds is its own)
-        if new <= floor and group not in self._floored:
+        if new <= floor:
             self._floored.add(group)
             self._floor_cuts.append((group, floor, by))
 
