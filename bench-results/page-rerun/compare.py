@@ -1,17 +1,23 @@
-"""The benchmark page's tallies with the nine older workloads' ``selftune-*`` rows run again.
+"""The benchmark page's ``selftune-*`` rows, every one run again with one code on one machine.
 
-The page's ``selftune-*`` rows of the nine workloads before the held-out ones were last run at
-``a52e094``, before the guard's later rules and on another machine (pilot 64): at the default rates
-114 of their 150 runs took the page's steps when run here with the code of the stop that found it
-(``../floor-room/``).  ``results.jsonl`` here holds those rows run again, by the benchmark's own
-command (in the README), with every other run of the page left as it is.  This script puts them in
-the page's place in a scratch folder, writes the page from it there with the benchmark's own
-report (``selftune.bench.report``), and writes ``table.md`` next to itself: each bar of "Where
-selftune falls short" as the committed page counts it and as the merged one does, then, per
-workload and base, ``auto``'s median steps to the target [hits] on the page and here.
+Until this folder's stop the page's ``selftune-*`` rows came from several stops: those of the
+nine workloads before the held-out ones were last run at ``a52e094``, before the guard's later
+rules and on another machine (pilot 64); at the default rates 114 of the page's 150 ``auto``
+runs took the page's steps when run here with the code of the stop that found it
+(``../floor-room/``).  ``results.jsonl`` here holds every ``selftune-*`` run of the page's
+fifteen workloads made again here, by the benchmark's own command (in the README); the grids,
+the plain optimizers and the published methods were not run again.
+
+``--write`` puts those runs in the page's place (``bench-results/results.jsonl``, every other
+line kept as it is).  Without it, this script reads the page as it stood before
+(``git show BEFORE:bench-results/results.jsonl``), checks that the page now is that page with
+these runs in it, writes the page of each from the benchmark's own report
+(``selftune.bench.report``) in a scratch folder, and writes ``table.md`` next to itself: each
+bar of "Where selftune falls short" before and now, ``auto``'s median steps to the target
+[hits] at the default rates per workload and base, and how many runs took the steps they had.
 
 Run from the repository root: ``PYTHONPATH=src python bench-results/page-rerun/compare.py``
-(a minute: the report draws its figures, in the scratch folder).
+(a minute or two: the report draws its figures, twice, in the scratch folder).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,19 +34,46 @@ from selftune.bench.report import INF, Row, summarise, write_report
 from selftune.bench.runner import read_results
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 PAGE = HERE.parent / "results.jsonl"
+BEFORE = "aedcad7"  # the last commit whose page held the older rows
 BARS = "## Where selftune falls short"
 TALLY = re.compile(r"^- (.*) — (\d+ of \d+)$")
 
 
+def key(record: dict) -> tuple[str, str, int]:
+    """A run's identity: its workload, method and seed."""
+    return record["workload"], record["method"], record["seed"]
+
+
 def merged(page: list[dict], rerun: list[dict]) -> list[dict]:
     """The page's records, each run that ``rerun`` holds again replaced by its new record."""
-    again = {(r["workload"], r["method"], r["seed"]): r for r in rerun}
-    return [again.get((r["workload"], r["method"], r["seed"]), r) for r in page]
+    again = {key(r): r for r in rerun}
+    return [again.get(key(r), r) for r in page]
 
 
-def tallies(page_md: str) -> dict[str, str]:
+def write(records: list[dict], path: Path) -> None:
+    """Records one per line, as the benchmark's runner writes them."""
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def before() -> list[dict]:
+    """The page as it stood at ``BEFORE``, from the repository's history."""
+    text = subprocess.run(
+        ["git", "show", f"{BEFORE}:bench-results/results.jsonl"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def tallies(records: list[dict]) -> dict[str, str]:
     """Each bar of the page's "Where selftune falls short" and its count ("N of M")."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        write(records, folder / "results.jsonl")
+        shutil.copy(HERE.parent / "overhead.json", folder / "overhead.json")
+        page_md = write_report(folder, folder / "docs").read_text(encoding="utf-8")
     section = page_md.split(BARS, 1)[1].split("\nMisses", 1)[0]
     return {m[1]: m[2] for line in section.splitlines() if (m := TALLY.match(line))}
 
@@ -59,36 +94,39 @@ def _cell(row: Row) -> str:
     return f"{steps} [{row.hits}/{row.seeds}]"
 
 
-def main() -> None:
-    page, rerun = read_results(PAGE), read_results(HERE / "results.jsonl")
-    both = merged(page, rerun)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        with (folder / "results.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in both)
-        shutil.copy(HERE.parent / "overhead.json", folder / "overhead.json")
-        new = tallies(write_report(folder, folder / "docs").read_text(encoding="utf-8"))
-    old = tallies((HERE.parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8"))
-    lines = ["| bar | the page | the nine workloads' rows run again |", "|---|---:|---:|"]
-    lines += [f"| {bar} | {count} | {new.get(bar, '–')} |" for bar, count in old.items()]
-    redone = {r["workload"] for r in rerun}
-    before, after = autos(page), autos(both)
+def table(old: list[dict], new: list[dict], rerun: list[dict]) -> str:
+    """The bars, ``auto``'s default-rate medians and the runs' steps, before and now."""
+    was, now = tallies(old), tallies(new)
+    lines = ["| bar | before | now |", "|---|---:|---:|"]
+    lines += [f"| {bar} | {count} | {now.get(bar, '–')} |" for bar, count in was.items()]
+    first = {key(r): r["steps_to_target"] for r in old}
+    same = sum(first[key(r)] == r["steps_to_target"] for r in rerun)
+    a, b = autos(old), autos(new)
+    steps = [(a[p].steps, b[p].steps) for p in a]
     lines += [
         "",
-        f"{len(rerun)} runs again; `auto` at the default rates, median steps [hits]:",
+        f"{len(rerun)} runs again, {same} of them to the target in the steps they took before "
+        "(or missing it as before); `auto` at the default rates, median steps [hits]:",
         "",
-        "| workload | base | the page | run again |",
+        "| workload | base | before | now |",
         "|---|---|---:|---:|",
-    ]
-    pairs = [(w, b) for (w, b) in before if w in redone]
-    lines += [f"| {w} | {b} | {_cell(before[(w, b)])} | {_cell(after[(w, b)])} |" for w, b in pairs]
-    steps = [(before[p].steps, after[p].steps) for p in pairs]
-    lines += [
+        *(f"| {w} | {base} | {_cell(a[(w, base)])} | {_cell(b[(w, base)])} |" for w, base in a),
         "",
-        f"- medians moved on {sum(a != b for a, b in steps)} of {len(pairs)}: "
-        f"{sum(b < a for a, b in steps)} fewer steps, {sum(b > a for a, b in steps)} more",
+        f"- medians moved on {sum(x != y for x, y in steps)} of {len(steps)}: "
+        f"{sum(y < x for x, y in steps)} fewer steps, {sum(y > x for x, y in steps)} more",
     ]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    rerun = read_results(HERE / "results.jsonl")
+    if sys.argv[1:] == ["--write"]:
+        write(merged(read_results(PAGE), rerun), PAGE)
+        return
+    old, page = before(), read_results(PAGE)
+    if merged(old, rerun) != page:
+        sys.exit(f"{PAGE} is not the page of {BEFORE} with these runs in it; run --write first")
+    text = table(old, page, rerun)
     (HERE / "table.md").write_text(text, encoding="utf-8")
     print(text)
 
