@@ -143,7 +143,7 @@ def steps_table(runs: list[dict[str, Any]]) -> str:
     lines.append(
         f"- the baseline's runs here that took the page's own steps: "
         f"{len(base_runs) - sum(apart.values())} of {len(base_runs)}; those that did not, by "
-        "workload: " + ", ".join(f"{w} {n}" for w, n in apart.items())
+        "workload: " + (", ".join(f"{w} {n}" for w, n in apart.items()) or "none")
     )
     return "\n".join(lines) + "\n"
 
