@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from torch.backends.cpu import get_cpu_capability as cpu_capability
 
 from selftune.bench import data, report, suites
 from selftune.bench.hd import SGDHD, AdamHD
 from selftune.bench.methods import Handle, Method, Setting, methods, select
+from selftune.bench.provenance import source
 from selftune.bench.runner import RunSpec, one_thread, read_results, run_all, run_spec, train
 from selftune.bench.workloads import WORKLOADS, DenoiseTask, PoissonTask
 
@@ -231,6 +233,32 @@ def test_a_run_is_a_function_of_its_seed(method: str) -> None:
     assert a["curves"]["step"][-1] == 30 and len(a["curves"]["lr"]) == len(a["curves"]["step"])
     c = run_spec(_spec(method, seed=1))
     assert c["curves"]["loss_ema"] != a["curves"]["loss_ema"]
+
+
+def test_a_run_names_where_it_was_made_and_the_page_counts_the_runs_by_it(tmp_path: Path) -> None:
+    """Rows of several codes and two machines once stood on the page side by side, and only a
+    README said so: each record now names its commit and CPU kernels, and the page counts them."""
+    made = run_spec(_spec("adamw-default", steps=10))
+    assert made["source"] == source() and made["source"]["cpu"] == cpu_capability()
+    other = {**made, "seed": 1, "source": {"commit": "f" * 40, "changed": True, "cpu": "AVX2"}}
+    older = {k: v for k, v in {**made, "seed": 2}.items() if k != "source"}
+    lines = [json.dumps(r) for r in (made, other, older, {**older, "seed": 3})]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [r.get("source") for r in read_results(tmp_path / "results.jsonl")][:2] == [
+        made["source"],
+        other["source"],
+    ]
+    text = report.write_report(tmp_path, tmp_path / "docs").read_text(encoding="utf-8")
+    ours = (
+        "outside a git checkout" if source()["commit"] is None else f"at {source()['commit'][:7]}"
+    )
+    ours += " (with changes)" if source()["changed"] else ""
+    line = next(x for x in text.splitlines() if x.startswith("Where the runs were made"))
+    counts = line.split(": ", 1)[1].split(". Runs agree")[0].split("; ")
+    assert counts[0] == "2 runs not recorded"  # the most first; ties in the order of their names
+    assert sorted(counts[1:]) == sorted(
+        ["1 run at fffffff (with changes) on AVX2", f"1 run {ours} on {cpu_capability()}"]
+    )
 
 
 def test_schedule_free_is_back_in_train_mode_after_an_evaluation_that_raised() -> None:
@@ -831,7 +859,8 @@ def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
      'steps_to_target="abc"', "seed=[0]", 'steps_budget="60"', 'higher_is_better="yes"',
      "steps_to_target=NaN", "seconds_to_target=Infinity", "target=-Infinity",
      "final_metric=NaN", "ms_per_step=1e999", "curves nan", "steps_to_target=0",
-     "steps_to_target=101", "steps_to_target=null", "seconds_to_target=null"],
+     "steps_to_target=101", "steps_to_target=null", "seconds_to_target=null",
+     'source={"commit": 5, "changed": false, "cpu": "AVX2"}', 'source={"commit": null}'],
 )  # fmt: skip
 def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str

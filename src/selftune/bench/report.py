@@ -23,6 +23,7 @@ from typing import Any
 from selftune.average import DEFAULT_DECAY
 from selftune.bench.fields import Damaged
 from selftune.bench.overhead import OVERHEAD, read_overhead
+from selftune.bench.provenance import describe
 from selftune.bench.runner import DIVERGE_FACTOR, RESULTS, read_results
 from selftune.bench.workloads import WORKLOADS
 from selftune.files import write_whole
@@ -832,6 +833,12 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         {f"selftune {r['versions']['selftune']}, torch {r['versions']['torch']}" for r in records}
     )
     suites = sorted({r.get("suite", "?") for r in records})
+    made = [
+        "Where the runs were made (the code's commit, torch's CPU kernels): "
+        f"{describe(records)}. Runs agree to the bit on one code and one machine, not across "
+        "them: compare rows made alike.",
+        "",
+    ]
     lines = [
         "# Benchmarks",
         "",
@@ -839,6 +846,7 @@ def write_report(results_dir: Path, report_dir: Path) -> Path:
         + (f", suite {', '.join(suites)}; {'; '.join(versions)}" if records else "")
         + f"). Regenerate with `selftune bench --report-only --out {results_dir}`.",
         "",
+        *(made if records else []),
         "Each run trains one method on one workload from one seed, on one CPU thread, and "
         "evaluates the held-out metric every few steps on a fixed set. *Steps to target* is the "
         "first evaluation step at which the metric meets the workload's target; a run that never "

@@ -42,6 +42,7 @@ from selftune.bench.fields import (
     read_text,
 )
 from selftune.bench.methods import Method, Setting, methods
+from selftune.bench.provenance import SOURCE_KIND, source
 from selftune.bench.workloads import WORKLOADS, Task, Workload
 from selftune.errors import RateFloorWarning
 
@@ -106,7 +107,8 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
     ``diverged`` (a non-finite loss, a loss above 10x the first, or the guard giving up);
     ``error`` (what stopped a run early, if anything); ``steps_run``, ``train_seconds``,
     ``ms_per_step`` (median); ``curves`` (at every evaluation: ``step``, ``metric``, the
-    training-loss EMA ``loss_ema`` and the effective ``lr``); ``versions``.
+    training-loss EMA ``loss_ema`` and the effective ``lr``); ``versions``; ``source`` (the
+    commit and CPU kernels that made it, :mod:`selftune.bench.provenance`).
     """
     import selftune
 
@@ -193,6 +195,7 @@ def train(workload: Workload, method: Method, seed: int) -> dict[str, Any]:
         "ms_per_step": statistics.median(step_ms) if step_ms else None,
         "curves": curves,
         "versions": {"selftune": selftune.__version__, "torch": torch.__version__},
+        "source": source(),
     }
 
 
@@ -321,6 +324,7 @@ _RECORD_OPTIONAL: dict[str, Kind] = {
     "held_out": FLAG,
     "error": or_null(TEXT),
     "suite": TEXT,
+    "source": SOURCE_KIND,
 }
 
 
