@@ -9,11 +9,12 @@ fifteen workloads made again here, by the benchmark's own command (in the README
 the plain optimizers and the published methods were not run again.
 
 ``--write`` puts those runs in the page's place (``bench-results/results.jsonl``, every other
-line kept as it is).  Without it, this script reads the page as it stood before
-(``git show BEFORE:bench-results/results.jsonl``), checks that the page now is that page with
-these runs in it, writes the page of each from the benchmark's own report
-(``selftune.bench.report``) in a scratch folder, and writes ``table.md`` next to itself: each
-bar of "Where selftune falls short" before and now, ``auto``'s median steps to the target
+line kept as it is). Without it, this script reads the page as it stood before (``git show
+BEFORE:bench-results/results.jsonl``), checks that the page now is that page with these runs in
+it, counts the runs that are, field by field, the runs of the first re-run (``FIRST``, made in
+two parts before records named their source), writes the page of each from the benchmark's own
+report (``selftune.bench.report``) in a scratch folder, and writes ``table.md`` next to itself:
+each bar of "Where selftune falls short" before and now, ``auto``'s median steps to the target
 [hits] at the default rates per workload and base, and how many runs took the steps they had.
 
 Run from the repository root: ``PYTHONPATH=src python bench-results/page-rerun/compare.py``
@@ -37,6 +38,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PAGE = HERE.parent / "results.jsonl"
 BEFORE = "aedcad7"  # the last commit whose page held the older rows
+FIRST = "9895527"  # the commit whose results.jsonl here held the first re-run, made in two parts
+#: the fields a second run of the same code on the same machine may change, and the first lacked
+TIMING = {"train_seconds", "ms_per_step", "seconds_to_target", "source"}
 BARS = "## Where selftune falls short"
 TALLY = re.compile(r"^- (.*) — (\d+ of \d+)$")
 
@@ -58,13 +62,19 @@ def write(records: list[dict], path: Path) -> None:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
-def before() -> list[dict]:
-    """The page as it stood at ``BEFORE``, from the repository's history."""
+def committed(commit: str, path: str) -> list[dict]:
+    """A results file as it stood at ``commit``, from the repository's history."""
     text = subprocess.run(
-        ["git", "show", f"{BEFORE}:bench-results/results.jsonl"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        ["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def alike(a: dict, b: dict) -> bool:
+    """Two records of one run the same, field by field, the timings and ``source`` aside."""
+    return {k: v for k, v in a.items() if k not in TIMING} == {
+        k: v for k, v in b.items() if k not in TIMING
+    }
 
 
 def tallies(records: list[dict]) -> dict[str, str]:
@@ -94,15 +104,17 @@ def _cell(row: Row) -> str:
     return f"{steps} [{row.hits}/{row.seeds}]"
 
 
-def table(old: list[dict], new: list[dict], rerun: list[dict]) -> str:
+def table(old: list[dict], new: list[dict], rerun: list[dict], first: list[dict]) -> str:
     """The bars, ``auto``'s default-rate medians and the runs' steps, before and now."""
     was, now = tallies(old), tallies(new)
     lines = ["| bar | before | now |", "|---|---:|---:|"]
     lines += [f"| {bar} | {count} | {now.get(bar, '–')} |" for bar, count in was.items()]
-    first = {key(r): r["steps_to_target"] for r in old}
-    same = sum(first[key(r)] == r["steps_to_target"] for r in rerun)
+    steps = {key(r): r["steps_to_target"] for r in old}
+    same = sum(steps[key(r)] == r["steps_to_target"] for r in rerun)
+    earlier = {key(r): r for r in first}
+    twice = sum(key(r) in earlier and alike(earlier[key(r)], r) for r in rerun)
     a, b = autos(old), autos(new)
-    steps = [(a[p].steps, b[p].steps) for p in a]
+    medians = [(a[p].steps, b[p].steps) for p in a]
     lines += [
         "",
         f"{len(rerun)} runs again, {same} of them to the target in the steps they took before "
@@ -112,8 +124,10 @@ def table(old: list[dict], new: list[dict], rerun: list[dict]) -> str:
         "|---|---|---:|---:|",
         *(f"| {w} | {base} | {_cell(a[(w, base)])} | {_cell(b[(w, base)])} |" for w, base in a),
         "",
-        f"- medians moved on {sum(x != y for x, y in steps)} of {len(steps)}: "
-        f"{sum(y < x for x, y in steps)} fewer steps, {sum(y > x for x, y in steps)} more",
+        f"- medians moved on {sum(x != y for x, y in medians)} of {len(medians)}: "
+        f"{sum(y < x for x, y in medians)} fewer steps, {sum(y > x for x, y in medians)} more",
+        f"- records the same as the first re-run's ({FIRST}), field by field, timings aside: "
+        f"{twice} of {len(rerun)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -123,10 +137,10 @@ def main() -> None:
     if sys.argv[1:] == ["--write"]:
         write(merged(read_results(PAGE), rerun), PAGE)
         return
-    old, page = before(), read_results(PAGE)
+    old, page = committed(BEFORE, "bench-results/results.jsonl"), read_results(PAGE)
     if merged(old, rerun) != page:
         sys.exit(f"{PAGE} is not the page of {BEFORE} with these runs in it; run --write first")
-    text = table(old, page, rerun)
+    text = table(old, page, rerun, committed(FIRST, "bench-results/page-rerun/results.jsonl"))
     (HERE / "table.md").write_text(text, encoding="utf-8")
     print(text)
 
