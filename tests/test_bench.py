@@ -860,7 +860,8 @@ def _damage(record: dict[str, Any], change: str) -> dict[str, Any]:
      "steps_to_target=NaN", "seconds_to_target=Infinity", "target=-Infinity",
      "final_metric=NaN", "ms_per_step=1e999", "curves nan", "steps_to_target=0",
      "steps_to_target=101", "steps_to_target=null", "seconds_to_target=null",
-     'source={"commit": 5, "changed": false, "cpu": "AVX2"}', 'source={"commit": null}'],
+     'source={"commit": 5, "changed": false, "cpu": "AVX2"}', 'source={"commit": null}',
+     'source={"commit": null, "changed": 0, "cpu": "AVX2"}'],
 )  # fmt: skip
 def test_a_damaged_record_is_named_by_its_line_in_the_report_and_the_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str

@@ -29,7 +29,7 @@ SOURCE_KIND: Kind = (
         isinstance(v, dict)
         and isinstance(v.get("cpu"), str)
         and (v.get("commit") is None or isinstance(v["commit"], str))
-        and v.get("changed", None) in (None, True, False)
+        and (v.get("changed") is None or isinstance(v["changed"], bool))
     ),
 )
 
