@@ -105,7 +105,8 @@ def _cell(row: Row) -> str:
 
 
 def table(old: list[dict], new: list[dict], rerun: list[dict], first: list[dict]) -> str:
-    """The bars, ``auto``'s default-rate medians and the runs' steps, before and now."""
+    """The bars, ``auto``'s default-rate medians and the runs' steps, before and now; and the
+    runs that came out as the first re-run's."""
     was, now = tallies(old), tallies(new)
     lines = ["| bar | before | now |", "|---|---:|---:|"]
     lines += [f"| {bar} | {count} | {now.get(bar, '–')} |" for bar, count in was.items()]
