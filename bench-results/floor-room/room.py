@@ -1,8 +1,8 @@
 """Does a higher floor for the rate mend the runs whose cuts ended at it?
 
-``selftune.RateFloorWarning`` tells a run whose rate was cut to its floor (the lower end of
+``selftune.RateFloorWarning`` told a run whose rate was cut to its floor (the lower end of
 ``bounds["lr"]``, by default a thousandth of the starting rate) that, where the loss or the
-metric still has far to go, the floor wants room.  About half of ``auto``'s misses on the
+metric still has far to go, the floor wants room (after this measurement it no longer does).  About half of ``auto``'s misses on the
 benchmark ended at the floor (``../pilots/floor_runs.py``).  This measures the advice as a user
 would take it, before the run, on every run:
 
@@ -27,12 +27,14 @@ import json
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "label-noise")]
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "label-noise"), str(HERE.parent / "pilots")]
 import digits as noisy  # noqa: E402
+from floor_runs import ends_at_floor  # noqa: E402
 from probe_grid import command, median_steps, run_rows, steps_row, table  # noqa: E402
 
 from selftune.bench import methods as m  # noqa: E402
@@ -68,22 +70,25 @@ def method(row: str) -> m.Method:
     return m.Method(row, "selftune", base, build, len(SEEDS), m.DEFAULT_LR[base])
 
 
-def run(job: tuple[str, str, int]) -> dict[str, Any]:
-    with warnings.catch_warnings():  # (counted from the rows instead: ``at_floor``)
+def quiet(train: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """One run without the floor's warning (counted from the rows instead: ``at_floor``)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RateFloorWarning)
-        return steps_row(method(job[1]), job)
+        return train(*args)
+
+
+def run(job: tuple[str, str, int]) -> dict[str, Any]:
+    return quiet(steps_row, method(job[1]), job)
 
 
 def run_noisy(job: tuple[str, int]) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RateFloorWarning)
-        return noisy.run(*job)
+    return quiet(noisy.run, *job)
 
 
 def at_floor(r: dict[str, Any]) -> bool:
     """A miss whose last rate stands within 2x of its floor (``floor_runs.py``'s reading)."""
     start = m.DEFAULT_LR[r["row"].split("-")[2]]
-    return r["steps_to_target"] is None and r["final_lr"] <= 2 * floor_of(r["row"]) * start
+    return r["steps_to_target"] is None and ends_at_floor(r["final_lr"], start, floor_of(r["row"]))
 
 
 def steps_table(runs: list[dict[str, Any]]) -> str:

@@ -21,6 +21,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "results.jsonl"
 FLOOR = DEFAULT_BOUNDS["lr"][0]  #: the policy's default lower bound, a fraction of the start
 
 
+def ends_at_floor(last_rate: float, start: float, floor: float = FLOOR) -> bool:
+    """A run's last rate within 2x of its floor, ``floor`` times its starting rate."""
+    return last_rate <= 2 * floor * start
+
+
 def main() -> None:
     runs: Counter[str] = Counter()
     missed: Counter[str] = Counter()
@@ -34,7 +39,7 @@ def main() -> None:
         runs[name] += 1
         if r["steps_to_target"] is None:
             missed[name] += 1
-            at_floor[name] += bool(rates) and rates[-1] <= 2 * FLOOR * r["lr0"]
+            at_floor[name] += bool(rates) and ends_at_floor(rates[-1], r["lr0"])
     print("workload: auto runs, misses, misses ending at the rate's floor")
     for name in runs:
         print(f"{name}: {runs[name]}, {missed[name]}, {at_floor[name]}")

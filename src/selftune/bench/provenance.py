@@ -51,13 +51,14 @@ def source_of(package: Path) -> dict[str, Any]:
     applied, an edit not committed), both None where no checkout tracks it (an installed wheel,
     or a copy inside an ignored folder of some repository, whose commit would not be its own);
     and the CPU kernels torch dispatches to."""
-    commit = changed = None
-    if _git(package, "ls-files", "--", "__init__.py") == "__init__.py":
-        commit = _git(package, "rev-parse", "HEAD")
-        status = None if commit is None else _git(package, "status", "--porcelain", "--", ".")
-        changed = None if status is None else status != ""
-        commit = commit if changed is not None else None
-    return {"commit": commit, "changed": changed, "cpu": torch.backends.cpu.get_cpu_capability()}
+    cpu = torch.backends.cpu.get_cpu_capability()
+    if _git(package, "ls-files", "--", "__init__.py") != "__init__.py":
+        return {"commit": None, "changed": None, "cpu": cpu}
+    commit = _git(package, "rev-parse", "HEAD")
+    status = _git(package, "status", "--porcelain", "--", ".")
+    if commit is None or status is None:
+        return {"commit": None, "changed": None, "cpu": cpu}
+    return {"commit": commit, "changed": status != "", "cpu": cpu}
 
 
 @functools.cache
