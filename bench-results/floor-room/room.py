@@ -2,9 +2,9 @@
 
 ``selftune.RateFloorWarning`` told a run whose rate was cut to its floor (the lower end of
 ``bounds["lr"]``, by default a thousandth of the starting rate) that, where the loss or the
-metric still has far to go, the floor wants room (after this measurement it no longer does).  About half of ``auto``'s misses on the
-benchmark ended at the floor (``../pilots/floor_runs.py``).  This measures the advice as a user
-would take it, before the run, on every run:
+metric still has far to go, the floor wants room (after this measurement it no longer does).
+About half of ``auto``'s misses on the benchmark ended at the floor (``../pilots/floor_runs.py``).
+This measures the advice as a user would take it, before the run, on every run:
 
 - on every workload of the benchmark, both bases, seeds 0-4, from the default rates, the
   benchmark's ``selftune-auto-<base>`` row (run here, the baseline) and the same with the
